@@ -1,0 +1,25 @@
+"""Fused ops: one public function per op. Models call these and nothing below them.
+
+Each op module holds the public function, its fp32 ``*_reference`` and its eager path; the
+backend (eager / triton / cuda) is chosen in ``fastdiff.ops.backend``.
+"""
+
+from fastdiff.ops.attention import attention, attention_reference
+from fastdiff.ops.backend import BACKENDS, select_backend, use_backend
+from fastdiff.ops.geglu import geglu, geglu_reference
+from fastdiff.ops.group_norm import group_norm, group_norm_reference
+from fastdiff.ops.layer_norm import layer_norm, layer_norm_reference
+
+__all__ = [
+    "BACKENDS",
+    "attention",
+    "attention_reference",
+    "geglu",
+    "geglu_reference",
+    "group_norm",
+    "group_norm_reference",
+    "layer_norm",
+    "layer_norm_reference",
+    "select_backend",
+    "use_backend",
+]

@@ -1,0 +1,106 @@
+"""The one place that decides which implementation runs an op.
+
+Backends:
+  eager  - plain PyTorch in the input dtype (the path every machine has)
+  triton - our Triton kernels (kernels/), the default on CUDA tensors
+  cuda   - the optional CUDA C++ extension (csrc/), selectable explicitly
+
+``FASTDIFF_BACKEND=eager|triton|cuda`` overrides the default for the whole process;
+``use_backend(name)`` overrides it inside a ``with`` block (tests and benchmarks use it).
+Under ``TRITON_INTERPRET=1`` the triton backend also runs on CPU tensors (slowly), which is how
+CI exercises the kernels without a GPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import threading
+from collections.abc import Iterator
+
+import torch
+
+BACKENDS = ("eager", "triton", "cuda")
+
+_override = threading.local()
+
+
+def validate_backend(name: str) -> str:
+    if name not in BACKENDS:
+        raise ValueError(f"unknown fastdiff backend {name!r}; allowed values: {', '.join(BACKENDS)}")
+    return name
+
+
+def requested_backend() -> str | None:
+    """The backend asked for by ``use_backend`` or ``FASTDIFF_BACKEND``, or None for the default."""
+    forced = getattr(_override, "name", None)
+    if forced is not None:
+        return forced
+    env = os.environ.get("FASTDIFF_BACKEND", "").strip().lower()
+    if not env:
+        return None
+    try:
+        return validate_backend(env)
+    except ValueError as error:
+        raise ValueError(f"FASTDIFF_BACKEND: {error}") from None
+
+
+@contextlib.contextmanager
+def use_backend(name: str | None) -> Iterator[None]:
+    """Force a backend (or restore the default with None) inside a ``with`` block."""
+    if name is not None:
+        validate_backend(name)
+    previous = getattr(_override, "name", None)
+    _override.name = name
+    try:
+        yield
+    finally:
+        _override.name = previous
+
+
+def triton_interpreter() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@functools.lru_cache(maxsize=1)
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def triton_can_run(tensor: torch.Tensor) -> bool:
+    """True when a Triton kernel can run on this tensor's device."""
+    if not triton_available():
+        return False
+    if tensor.is_cuda:
+        return True
+    return tensor.device.type == "cpu" and triton_interpreter()
+
+
+def select_backend(tensor: torch.Tensor) -> str:
+    """Backend for an op on ``tensor``: the requested one, else triton on CUDA, else eager.
+
+    A requested backend that cannot run on this device falls back to eager: CPU tensors under a
+    process-wide ``FASTDIFF_BACKEND=triton`` without the interpreter, for example. Each op also
+    checks its own input constraints (dtype, layout, head dim) and uses the reference for inputs its
+    kernel does not support.
+    """
+    requested = requested_backend()
+    if requested == "eager":
+        return "eager"
+    if requested == "cuda":
+        from fastdiff.ops import cuda_extension
+
+        if tensor.is_cuda and cuda_extension.available():
+            return "cuda"
+        return "triton" if triton_can_run(tensor) else "eager"
+    if requested == "triton":
+        return "triton" if triton_can_run(tensor) else "eager"
+    # Default: kernels on CUDA; the interpreter is opt-in through use_backend/FASTDIFF_BACKEND.
+    if tensor.is_cuda and triton_available():
+        return "triton"
+    return "eager"
