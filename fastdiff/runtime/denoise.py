@@ -1,0 +1,240 @@
+"""The denoising loop on static buffers, captured as CUDA graphs.
+
+One body implements a sampler step for every sampler, because every sampler is a ``SamplingPlan``
+(see notes/PLAN_INTERFACE.md): the plan row and the timestep are read from device tensors at a
+step index that is itself a device tensor, incremented inside the body. The same body therefore
+
+* unrolled ``S`` times in one capture gives the whole-loop graph (few-step generation: one launch
+  for all steps), and
+* captured once and replayed ``S`` times gives the step graph (long runs: one launch per step),
+
+and both stay correct for any plan of the right length, guidance scale, prompt or seed, since all
+of those are copied into the buffers before a replay. The sampler state is kept in float32 and
+cast to the model's dtype only for the U-Net input.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from fastdiff.runtime.graphs import EagerReplay, GraphCache, GraphEntry, GraphKey
+from fastdiff.runtime.plan_step import apply_plan_step
+
+# Plan rows held by step-graph buffers: any plan up to this many steps reuses the same graph.
+STEP_GRAPH_CAPACITY = 1000
+
+
+@dataclass
+class DenoiseBuffers:
+    """Static device tensors read and written by a captured denoising body."""
+
+    x: torch.Tensor  # [B, C, H, W] float32 sampler state; holds the clean sample at the end
+    x0_prev: torch.Tensor  # [B, C, H, W] float32, previous step's x0 estimate (dpmpp_2m)
+    coefficients: torch.Tensor  # [rows, 7] float32 plan coefficients
+    timesteps: torch.Tensor  # [rows] int64 model timesteps
+    step: torch.Tensor  # [1] int64, index of the next step; the body increments it
+    guidance_scale: torch.Tensor  # [1] float32
+    context: torch.Tensor  # [B or 2B, L, D] encoder hidden states, [uncond; cond] with guidance
+    added_cond: dict[str, torch.Tensor] = field(default_factory=dict)  # SDXL text_embeds/time_ids
+    noise: torch.Tensor | None = None  # [rows or 1, B, C, H, W] float32 for stochastic samplers
+
+
+@dataclass
+class DenoiseCall:
+    """What one generation asks of the loop (host-side values, copied into the buffers)."""
+
+    x_T: torch.Tensor
+    timesteps: torch.Tensor
+    coefficients: torch.Tensor
+    init_noise_scale: float
+    context: torch.Tensor
+    guidance_scale: float | None
+    added_cond: dict[str, torch.Tensor]
+    noise: torch.Tensor | None  # [S, B, C, H, W], rows for steps without noise may be zero
+
+    @property
+    def steps(self) -> int:
+        return int(self.timesteps.shape[0])
+
+
+def denoise_body(
+    unet: Callable,
+    buffers: DenoiseBuffers,
+    model_dtype: torch.dtype,
+    channels_last: bool,
+    guidance: bool,
+    noise_per_step: bool,
+) -> None:
+    """One sampler step on ``buffers``: U-Net (batched [uncond; cond]), CFG, plan update.
+
+    No host synchronisation: plan row, timestep and noise row are selected on the device.
+    """
+    step = buffers.step
+    x_in = buffers.x * buffers.coefficients.index_select(0, step)[0, 0]
+    model_in = x_in.to(model_dtype)
+    if guidance:
+        model_in = torch.cat([model_in, model_in])
+    if channels_last:
+        model_in = model_in.contiguous(memory_format=torch.channels_last)
+    timestep = buffers.timesteps.index_select(0, step).expand(model_in.shape[0])
+    kwargs = {"added_cond_kwargs": buffers.added_cond} if buffers.added_cond else {}
+    model_out = unet(model_in, timestep, buffers.context, **kwargs)
+    noise = None
+    if buffers.noise is not None:
+        row = step if noise_per_step else torch.zeros_like(step)
+        noise = buffers.noise.index_select(0, row)[0]
+    apply_plan_step(
+        buffers.x,
+        model_out,
+        buffers.x0_prev,
+        buffers.coefficients,
+        step,
+        buffers.guidance_scale if guidance else None,
+        noise,
+    )
+    step.add_(1)
+
+
+def allocate_buffers(call: DenoiseCall, rows: int, noise_rows: int, device) -> DenoiseBuffers:
+    shape = tuple(call.x_T.shape)
+    return DenoiseBuffers(
+        x=torch.zeros(shape, dtype=torch.float32, device=device),
+        x0_prev=torch.zeros(shape, dtype=torch.float32, device=device),
+        coefficients=torch.zeros((rows, 7), dtype=torch.float32, device=device),
+        timesteps=torch.zeros((rows,), dtype=torch.long, device=device),
+        step=torch.zeros((1,), dtype=torch.long, device=device),
+        guidance_scale=torch.ones((1,), dtype=torch.float32, device=device),
+        context=torch.zeros_like(call.context, device=device),
+        added_cond={k: torch.zeros_like(v, device=device) for k, v in call.added_cond.items()},
+        noise=(
+            None
+            if call.noise is None
+            else torch.zeros((noise_rows, *shape), dtype=torch.float32, device=device)
+        ),
+    )
+
+
+def load_buffers(buffers: DenoiseBuffers, call: DenoiseCall, whole_loop: bool) -> None:
+    """Copy one generation's inputs into the static buffers (ordinary kernels, before replay)."""
+    steps = call.steps
+    buffers.x.copy_(call.x_T.float() * call.init_noise_scale)
+    buffers.x0_prev.zero_()
+    buffers.coefficients[:steps].copy_(call.coefficients.to(torch.float32))
+    buffers.timesteps[:steps].copy_(call.timesteps)
+    buffers.step.zero_()
+    buffers.guidance_scale.fill_(1.0 if call.guidance_scale is None else call.guidance_scale)
+    buffers.context.copy_(call.context)
+    for name, value in call.added_cond.items():
+        buffers.added_cond[name].copy_(value)
+    if buffers.noise is not None and whole_loop:
+        buffers.noise.copy_(call.noise)
+
+
+class GraphedDenoiser:
+    """Runs ``DenoiseCall``s through cached captured graphs (or eagerly when capture fails).
+
+    Plans of at most ``max_loop_steps`` steps get a whole-loop graph (key includes the step count
+    and sampler); longer plans share one step graph per shape that is replayed once per step.
+    """
+
+    def __init__(
+        self,
+        unet: Callable,
+        cache: GraphCache,
+        model_dtype: torch.dtype,
+        channels_last: bool = False,
+        max_loop_steps: int = 8,
+        key_extra: tuple = (),
+    ):
+        self.unet = unet
+        self.cache = cache
+        self.model_dtype = model_dtype
+        self.channels_last = channels_last
+        self.max_loop_steps = max_loop_steps
+        self.key_extra = key_extra
+        self.eager_fallbacks: dict[GraphKey, str] = {}
+
+    def key_for(self, call: DenoiseCall, sampler: str = "") -> GraphKey:
+        batch, channels, height, width = call.x_T.shape
+        whole_loop = call.steps <= self.max_loop_steps
+        added = tuple(sorted((k, tuple(v.shape)) for k, v in call.added_cond.items()))
+        return GraphKey(
+            kind="loop" if whole_loop else "step",
+            batch=int(batch),
+            height=int(height),
+            width=int(width),
+            dtype=self.model_dtype,
+            guidance=call.guidance_scale is not None,
+            steps=call.steps if whole_loop else 1,
+            sampler=sampler if whole_loop else "",
+            extra=(
+                int(channels),
+                tuple(call.context.shape),
+                added,
+                call.noise is not None,
+                *self.key_extra,
+            ),
+        )
+
+    def build(self, call: DenoiseCall, key: GraphKey, device):
+        whole_loop = key.kind == "loop"
+        rows = call.steps if whole_loop else STEP_GRAPH_CAPACITY
+        if call.steps > rows:
+            raise ValueError(f"steps={call.steps} exceeds the step graph's {rows} plan rows")
+        buffers = allocate_buffers(call, rows, call.steps if whole_loop else 1, device)
+        repeats = call.steps if whole_loop else 1
+
+        def body() -> None:
+            for _ in range(repeats):
+                denoise_body(
+                    self.unet,
+                    buffers,
+                    self.model_dtype,
+                    self.channels_last,
+                    key.guidance,
+                    noise_per_step=whole_loop,
+                )
+
+        def prepare() -> None:
+            load_buffers(buffers, call, whole_loop)
+
+        return buffers, body, prepare
+
+    def entry_for(self, call: DenoiseCall, sampler: str = "") -> GraphEntry:
+        key = self.key_for(call, sampler)
+        if key in self.eager_fallbacks:
+            return self.eager_entry(call, key)
+        try:
+            return self.cache.get(key, lambda: self.build(call, key, call.x_T.device))
+        except Exception as error:  # capture failed: keep generating, eagerly, and say why
+            reason = f"{type(error).__name__}: {error}"
+            self.eager_fallbacks[key] = reason
+            print(f"fastdiff.runtime: graph capture failed for {key.describe()} ({reason}); "
+                  "running this shape eagerly")
+            return self.eager_entry(call, key)
+
+    def eager_entry(self, call: DenoiseCall, key: GraphKey) -> GraphEntry:
+        buffers, body, _ = self.build(call, key, call.x_T.device)
+        return GraphEntry(key, EagerReplay(body), buffers, 0.0, 0)
+
+    def __call__(self, call: DenoiseCall, sampler: str = "") -> torch.Tensor:
+        """Final latents (float32, [B, C, H, W]) of the plan in ``call``."""
+        if call.noise is not None and call.noise.shape[0] != call.steps:
+            raise ValueError(
+                f"noise must have one row per step: got {call.noise.shape[0]} rows for "
+                f"{call.steps} steps"
+            )
+        entry = self.entry_for(call, sampler)
+        whole_loop = entry.key.kind == "loop"
+        load_buffers(entry.buffers, call, whole_loop)
+        if whole_loop:
+            entry.replay()
+        else:
+            for index in range(call.steps):
+                if entry.buffers.noise is not None:
+                    entry.buffers.noise[0].copy_(call.noise[index])
+                entry.replay()
+        return entry.buffers.x.clone()

@@ -1,0 +1,243 @@
+"""CUDA-graph capture and a bounded cache of captured graphs, one per shape key.
+
+A captured graph replays a fixed sequence of kernels on fixed memory, so everything that changes
+between calls (latents, embeddings, timesteps, plan coefficients, the step index) lives in static
+device buffers that are refilled before a replay; see ``fastdiff.runtime.denoise``.
+
+Capture is abstracted behind ``GraphBackend`` so the cache logic (keys, LRU bound, memory
+accounting) and the static-buffer bodies are tested on CPU with ``EagerGraphBackend``, which
+"replays" by calling the body again.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+
+
+@dataclass(frozen=True)
+class GraphKey:
+    """Everything that fixes a captured graph's kernels and buffer shapes.
+
+    ``kind`` names the body ("loop": the whole denoising loop, "step": one denoising step replayed
+    per step, "vae": VAE decode). ``steps`` is the number of unrolled steps for "loop" graphs and 1
+    otherwise; ``sampler`` is part of the key for loop graphs because it decides whether noise
+    buffers and the previous-x0 term exist. ``extra`` holds model-specific conditioning shapes.
+    """
+
+    kind: str
+    batch: int
+    height: int
+    width: int
+    dtype: torch.dtype
+    guidance: bool = False
+    steps: int = 1
+    sampler: str = ""
+    extra: tuple = ()
+
+    def describe(self) -> str:
+        parts = [self.kind, f"b{self.batch}", f"{self.height}x{self.width}", str(self.dtype)]
+        parts[-1] = parts[-1].replace("torch.", "")
+        if self.kind != "vae":
+            parts.append("cfg" if self.guidance else "nocfg")
+            parts.append(f"{self.steps}step")
+        if self.sampler:
+            parts.append(self.sampler)
+        return "/".join(parts)
+
+
+class Replayable(Protocol):
+    def replay(self) -> None: ...
+
+
+class GraphBackend(Protocol):
+    """Turns a body (a no-argument callable writing into static buffers) into a Replayable."""
+
+    def capture(
+        self, body: Callable[[], None], prepare: Callable[[], None]
+    ) -> tuple[Replayable, int]:
+        """Capture ``body``; return the replayable and the bytes its capture added (graph pool)."""
+        ...
+
+
+class EagerReplay:
+    """A "graph" that runs its body again on every replay: the CPU stand-in for a CUDA graph."""
+
+    def __init__(self, body: Callable[[], None]):
+        self.body = body
+
+    def replay(self) -> None:
+        self.body()
+
+
+class EagerGraphBackend:
+    """Runs bodies eagerly; used without CUDA and in tests of the cache and the buffer logic."""
+
+    def capture(
+        self, body: Callable[[], None], prepare: Callable[[], None]
+    ) -> tuple[EagerReplay, int]:
+        return EagerReplay(body), 0
+
+
+class CudaGraphBackend:
+    """Captures bodies into ``torch.cuda.CUDAGraph`` objects, each with its own memory pool.
+
+    Before capture the body runs ``warmup_runs`` times on a side stream: this lets cuDNN
+    (``benchmark=True``) and Triton's autotuner pick their algorithms and allocates cuBLAS/cuDNN
+    workspaces outside the capture, as PyTorch's CUDA-graph notes require. ``prepare`` resets the
+    static inputs before each warm-up run (the body mutates them, e.g. the step index, and an index
+    past the end of the plan would read out of bounds).
+    """
+
+    def __init__(self, warmup_runs: int = 2, device: torch.device | str | None = None):
+        self.warmup_runs = warmup_runs
+        self.device = torch.device(device if device is not None else "cuda")
+
+    def capture(
+        self, body: Callable[[], None], prepare: Callable[[], None]
+    ) -> tuple[torch.cuda.CUDAGraph, int]:
+        side = torch.cuda.Stream(device=self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side), torch.no_grad():
+            for _ in range(self.warmup_runs):
+                prepare()
+                body()
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        torch.cuda.synchronize(self.device)
+        # Return the warm-up's cached blocks first so the reserved-memory difference below is the
+        # graph's own private pool, not allocator cache that any later call could reuse.
+        torch.cuda.empty_cache()
+        before = torch.cuda.memory_reserved(self.device)
+        prepare()
+        graph = torch.cuda.CUDAGraph()
+        with torch.no_grad(), torch.cuda.graph(graph):
+            body()
+        torch.cuda.synchronize(self.device)
+        return graph, max(0, int(torch.cuda.memory_reserved(self.device)) - int(before))
+
+
+def tensor_bytes(obj: Any) -> int:
+    """Bytes held by the tensors in ``obj`` (a tensor, or a dataclass/dict/list/tuple of them)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(tensor_bytes(value) for value in obj.values())
+    if isinstance(obj, list | tuple):
+        return sum(tensor_bytes(value) for value in obj)
+    if hasattr(obj, "__dataclass_fields__"):
+        return sum(tensor_bytes(getattr(obj, name)) for name in obj.__dataclass_fields__)
+    return 0
+
+
+@dataclass
+class GraphEntry:
+    """One captured graph with the buffers it reads and writes and what capturing it cost."""
+
+    key: GraphKey
+    graph: Replayable
+    buffers: Any
+    capture_seconds: float
+    memory_bytes: int
+    replays: int = 0
+
+    def replay(self) -> None:
+        self.graph.replay()
+        self.replays += 1
+
+
+@dataclass
+class CacheStats:
+    captures: int = 0
+    hits: int = 0
+    evictions: int = 0
+    failures: int = 0
+    capture_seconds: float = 0.0
+    failed_keys: dict = field(default_factory=dict)
+
+
+class GraphCache:
+    """Least-recently-used cache of captured graphs, at most ``max_graphs`` of them.
+
+    ``get(key, build)`` returns the entry for ``key``, capturing it on a miss: ``build()`` returns
+    ``(buffers, body, prepare)``. A new shape therefore captures a new graph; beyond the bound the
+    least recently used graph is dropped, which frees its private memory pool. Keys whose capture
+    failed are remembered so callers fall back to eager execution without retrying every call.
+    """
+
+    def __init__(self, backend: GraphBackend, max_graphs: int = 8):
+        if max_graphs < 1:
+            raise ValueError(f"max_graphs must be at least 1, got {max_graphs}")
+        self.backend = backend
+        self.max_graphs = max_graphs
+        self.entries: OrderedDict[GraphKey, GraphEntry] = OrderedDict()
+        self.stats = CacheStats()
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def __contains__(self, key: GraphKey) -> bool:
+        return key in self.entries
+
+    def failed(self, key: GraphKey) -> str | None:
+        """The error message of a failed capture of ``key``, or None."""
+        return self.stats.failed_keys.get(key)
+
+    def get(self, key: GraphKey, build: Callable[[], tuple[Any, Callable, Callable]]) -> GraphEntry:
+        entry = self.entries.get(key)
+        if entry is not None:
+            self.entries.move_to_end(key)
+            self.stats.hits += 1
+            return entry
+        while len(self.entries) >= self.max_graphs:
+            self.evict_oldest()
+        start = time.perf_counter()
+        try:
+            buffers, body, prepare = build()
+            graph, pool_bytes = self.backend.capture(body, prepare)
+        except Exception as error:
+            self.stats.failures += 1
+            self.stats.failed_keys[key] = f"{type(error).__name__}: {error}"
+            raise
+        seconds = time.perf_counter() - start
+        entry = GraphEntry(
+            key=key,
+            graph=graph,
+            buffers=buffers,
+            capture_seconds=seconds,
+            memory_bytes=pool_bytes + tensor_bytes(buffers),
+        )
+        self.entries[key] = entry
+        self.stats.captures += 1
+        self.stats.capture_seconds += seconds
+        return entry
+
+    def evict_oldest(self) -> GraphKey:
+        key, entry = self.entries.popitem(last=False)
+        del entry
+        self.stats.evictions += 1
+        return key
+
+    def clear(self) -> None:
+        while self.entries:
+            self.evict_oldest()
+
+    def memory_bytes(self) -> int:
+        """Static buffers plus graph pools of the live graphs: what the cache holds on device."""
+        return sum(entry.memory_bytes for entry in self.entries.values())
+
+    def report(self) -> list[dict]:
+        """One row per live graph: key, capture time, memory, replay count (most recent last)."""
+        return [
+            {
+                "graph": entry.key.describe(),
+                "capture_s": round(entry.capture_seconds, 3),
+                "memory_mib": round(entry.memory_bytes / 2**20, 1),
+                "replays": entry.replays,
+            }
+            for entry in self.entries.values()
+        ]

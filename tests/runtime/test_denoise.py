@@ -1,0 +1,141 @@
+"""The static-buffer denoising loop (whole-loop and step graphs) against a plain loop of the
+PLAN_INTERFACE formulas, run on CPU through the eager graph backend."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from fastdiff.runtime.denoise import DenoiseCall, GraphedDenoiser
+from fastdiff.runtime.graphs import EagerGraphBackend, GraphCache
+
+
+class ToyUNet(nn.Module):
+    """A nonlinear stand-in with the U-Net call signature (timestep and context both matter)."""
+
+    def __init__(self, channels=4, context_dim=8, text_time=False):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+        self.context_proj = nn.Linear(context_dim, channels)
+        self.text_time = nn.Linear(6, channels) if text_time else None
+        self.calls = 0
+
+    def forward(self, sample, timestep, encoder_hidden_states, added_cond_kwargs=None):
+        self.calls += 1
+        assert timestep.shape == (sample.shape[0],)
+        t = (timestep.float() / 1000.0)[:, None, None, None]
+        ctx = self.context_proj(encoder_hidden_states.mean(1))[:, :, None, None]
+        out = torch.tanh(self.conv(sample)) * (1 + t) + ctx
+        if self.text_time is not None:
+            out = out + self.text_time(added_cond_kwargs["time_ids"])[:, :, None, None]
+        return out.to(sample.dtype)
+
+
+def random_plan(steps: int, noise: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    coefficients = torch.rand(steps, 7, dtype=torch.float64) * 0.5 + 0.5
+    if not noise:
+        coefficients[:, 6] = 0
+    timesteps = torch.randint(0, 1000, (steps,))
+    return coefficients, timesteps
+
+
+def reference_loop(unet, call: DenoiseCall) -> torch.Tensor:
+    """Straight from notes/PLAN_INTERFACE.md, with Python-float coefficients."""
+    x = call.x_T.double() * call.init_noise_scale
+    x0_prev = torch.zeros_like(x)
+    for i in range(call.steps):
+        c = call.coefficients[i].tolist()
+        x_in = c[0] * x
+        batch = x.shape[0]
+        model_in = x_in.float()
+        if call.guidance_scale is not None:
+            model_in = torch.cat([model_in, model_in])
+        t = torch.full((model_in.shape[0],), int(call.timesteps[i]))
+        kwargs = {"added_cond_kwargs": call.added_cond} if call.added_cond else {}
+        out = unet(model_in, t, call.context, **kwargs).double()
+        if call.guidance_scale is not None:
+            out = out[:batch] + call.guidance_scale * (out[batch:] - out[:batch])
+        x0 = c[1] * x_in + c[2] * out
+        x_next = c[3] * x + c[4] * x0 + c[5] * x0_prev
+        if call.noise is not None:
+            x_next = x_next + c[6] * call.noise[i].double()
+        x, x0_prev = x_next, x0
+    return x.float()
+
+
+def make_call(steps, guidance=7.5, noise=False, batch=1, size=8, text_time=False):
+    coefficients, timesteps = random_plan(steps, noise)
+    rows = 2 * batch if guidance is not None else batch
+    return DenoiseCall(
+        x_T=torch.randn(batch, 4, size, size),
+        timesteps=timesteps,
+        coefficients=coefficients,
+        init_noise_scale=1.3,
+        context=torch.randn(rows, 5, 8),
+        guidance_scale=guidance,
+        added_cond={"time_ids": torch.randn(rows, 6)} if text_time else {},
+        noise=torch.randn(steps, batch, 4, size, size) if noise else None,
+    )
+
+
+@pytest.mark.parametrize(
+    "steps, guidance, noise, text_time",
+    [
+        (4, 7.5, False, False),  # whole-loop graph, CFG
+        (4, None, False, False),  # whole-loop graph, no guidance
+        (3, 5.0, True, True),  # whole loop, stochastic sampler, SDXL-style added cond
+        (11, 7.5, False, False),  # step graph replayed per step
+        (10, 3.0, True, False),  # step graph with per-step noise
+    ],
+    ids=["loop-cfg", "loop-nocfg", "loop-noise-texttime", "step-cfg", "step-noise"],
+)
+def test_graphed_loop_equals_reference(steps, guidance, noise, text_time):
+    unet = ToyUNet(text_time=text_time)
+    denoiser = GraphedDenoiser(unet, GraphCache(EagerGraphBackend()), torch.float32,
+                               max_loop_steps=8)
+    call = make_call(steps, guidance, noise, batch=2, text_time=text_time)
+    with torch.no_grad():
+        got = denoiser(call)
+        want = reference_loop(unet, call)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    (entry,) = denoiser.cache.entries.values()
+    assert entry.key.kind == ("loop" if steps <= 8 else "step")
+
+
+def test_replays_with_new_inputs_reuse_the_graph_and_stay_correct():
+    unet = ToyUNet()
+    cache = GraphCache(EagerGraphBackend())
+    denoiser = GraphedDenoiser(unet, cache, torch.float32, max_loop_steps=8)
+    with torch.no_grad():
+        for steps in (4, 4, 12, 20):  # same loop graph twice; one step graph for 12 and 20
+            call = make_call(steps, guidance=float(steps))
+            torch.testing.assert_close(denoiser(call), reference_loop(unet, call),
+                                       rtol=1e-4, atol=1e-4)
+    assert cache.stats.captures == 2 and cache.stats.hits == 2
+
+
+def test_second_shape_captures_second_graph():
+    cache = GraphCache(EagerGraphBackend())
+    denoiser = GraphedDenoiser(ToyUNet(), cache, torch.float32)
+    with torch.no_grad():
+        denoiser(make_call(4, size=8))
+        denoiser(make_call(4, size=16))
+        denoiser(make_call(4, size=8))
+    assert cache.stats.captures == 2 and cache.stats.hits == 1
+
+
+def test_whole_loop_calls_model_once_per_step():
+    unet = ToyUNet()
+    denoiser = GraphedDenoiser(unet, GraphCache(EagerGraphBackend()), torch.float32)
+    with torch.no_grad():
+        denoiser(make_call(4))
+    assert unet.calls == 4
+
+
+def test_noise_rows_must_match_steps():
+    denoiser = GraphedDenoiser(ToyUNet(), GraphCache(EagerGraphBackend()), torch.float32)
+    call = make_call(4, noise=True)
+    call.noise = call.noise[:3]
+    with pytest.raises(ValueError, match="one row per step"):
+        denoiser(call)
