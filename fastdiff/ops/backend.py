@@ -17,7 +17,9 @@ import contextlib
 import functools
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from types import ModuleType
+from typing import Any
 
 import torch
 
@@ -28,7 +30,9 @@ _override = threading.local()
 
 def validate_backend(name: str) -> str:
     if name not in BACKENDS:
-        raise ValueError(f"unknown fastdiff backend {name!r}; allowed values: {', '.join(BACKENDS)}")
+        raise ValueError(
+            f"unknown fastdiff backend {name!r}; allowed values: {', '.join(BACKENDS)}"
+        )
     return name
 
 
@@ -93,9 +97,8 @@ def select_backend(tensor: torch.Tensor) -> str:
     if requested == "eager":
         return "eager"
     if requested == "cuda":
-        from fastdiff.ops import cuda_extension
-
-        if tensor.is_cuda and cuda_extension.available():
+        module = cuda_extension_module()
+        if tensor.is_cuda and module is not None and module.available():
             return "cuda"
         return "triton" if triton_can_run(tensor) else "eager"
     if requested == "triton":
@@ -104,3 +107,38 @@ def select_backend(tensor: torch.Tensor) -> str:
     if tensor.is_cuda and triton_available():
         return "triton"
     return "eager"
+
+
+def cuda_extension_module() -> ModuleType | None:
+    """``fastdiff.ops.cuda_extension`` (the CUDA C++ layer), or None where it is not shipped."""
+    try:
+        from fastdiff.ops import cuda_extension
+    except ImportError:
+        return None
+    return cuda_extension
+
+
+def cuda_extension_op(op: str, *args: Any) -> Callable[..., Any] | None:
+    """The CUDA C++ implementation of ``op`` when the extension is built and accepts ``args``.
+
+    The extension exposes ``<op>(*args)`` and, optionally, ``supports_<op>(*args) -> bool``; the
+    op calls it with the same arguments. None means: run the triton kernel instead.
+    """
+    module = cuda_extension_module()
+    if module is None or not module.available():
+        return None
+    function = getattr(module, op, None)
+    supports = getattr(module, f"supports_{op}", None)
+    if function is None or (supports is not None and not supports(*args)):
+        return None
+    return function
+
+
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def kernel_dtype_supported(tensor: torch.Tensor) -> bool:
+    """fp16/bf16/fp32 on a GPU; the CPU interpreter (numpy) has no bfloat16."""
+    if tensor.dtype not in KERNEL_DTYPES:
+        return False
+    return tensor.is_cuda or tensor.dtype != torch.bfloat16

@@ -1,11 +1,16 @@
-"""GroupNorm with an optional fused SiLU: the most frequent op in a U-Net's ResNet blocks."""
+"""GroupNorm with an optional fused SiLU: the most frequent op in a U-Net's ResNet blocks.
 
-from __future__ import annotations
+Layers: ``kernels/group_norm.py`` (Triton launcher) -> custom op ``fastdiff::group_norm`` (with a
+fake kernel, so torch.compile and CUDA graphs trace through it) -> ``group_norm`` (checks the
+arguments, picks the backend, sends unsupported inputs to the eager path).
+"""
 
 import torch
 import torch.nn.functional as F
 
-from fastdiff.ops.backend import select_backend
+from fastdiff.ops.backend import cuda_extension_op, kernel_dtype_supported, select_backend
+
+MAX_CHANNELS_PER_GROUP = 8192  # the finalize kernel holds one group's channels in registers
 
 
 def group_norm_reference(
@@ -50,6 +55,36 @@ def check_group_norm_args(x: torch.Tensor, num_groups: int, weight, bias) -> Non
             )
 
 
+@torch.library.custom_op("fastdiff::group_norm", mutates_args=())
+def group_norm_triton(
+    x: torch.Tensor,
+    num_groups: int,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    eps: float,
+    silu: bool,
+) -> torch.Tensor:
+    from fastdiff.kernels.group_norm import group_norm_forward
+
+    return group_norm_forward(x, num_groups, weight, bias, eps, silu)
+
+
+@group_norm_triton.register_fake
+def _group_norm_fake(x, num_groups, weight, bias, eps, silu):
+    return torch.empty_like(x)
+
+
+def group_norm_triton_supports(x: torch.Tensor, num_groups: int, weight, bias) -> bool:
+    """Inputs the Triton kernels handle; everything else runs eagerly (never wrong numbers)."""
+    from fastdiff.kernels.group_norm import flat_strides
+
+    if not kernel_dtype_supported(x):
+        return False
+    if x.shape[1] // num_groups > MAX_CHANNELS_PER_GROUP or flat_strides(x) is None:
+        return False
+    return all(p is None or (p.device == x.device and p.stride(0) == 1) for p in (weight, bias))
+
+
 def group_norm(
     x: torch.Tensor,
     num_groups: int,
@@ -58,7 +93,18 @@ def group_norm(
     eps: float = 1e-5,
     silu: bool = False,
 ) -> torch.Tensor:
-    """GroupNorm over (N, C, *) input, NCHW or channels-last, optionally followed by SiLU."""
+    """GroupNorm over (N, C, *) input, NCHW or channels-last, optionally followed by SiLU.
+
+    Statistics are computed in fp32 whatever the input dtype; the output has the input's dtype and
+    memory format.
+    """
     check_group_norm_args(x, num_groups, weight, bias)
-    select_backend(x)  # validates FASTDIFF_BACKEND; kernels are wired in by the kernels work
+    backend = select_backend(x)
+    if backend == "cuda":
+        native = cuda_extension_op("group_norm", x, num_groups, weight, bias, eps, silu)
+        if native is not None:
+            return native(x, num_groups, weight, bias, eps, silu)
+        backend = "triton"
+    if backend == "triton" and group_norm_triton_supports(x, num_groups, weight, bias):
+        return group_norm_triton(x, num_groups, weight, bias, float(eps), bool(silu))
     return group_norm_eager(x, num_groups, weight, bias, eps, silu)

@@ -1,0 +1,67 @@
+"""Shared test helpers for the ops: device choice and the tolerance rule from STYLE.md."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+# Per-dtype floor, relative to the reference's largest magnitude (at least 1).
+FLOOR = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 8e-3}
+
+needs_triton = pytest.mark.skipif(
+    not (INTERPRET or torch.cuda.is_available()),
+    reason="triton kernels need a GPU or TRITON_INTERPRET=1",
+)
+
+
+def kernel_dtypes() -> list:
+    """fp32, fp16 and (not under the numpy interpreter) bf16, as pytest params."""
+    skip_bf16 = pytest.mark.skipif(INTERPRET, reason="the Triton interpreter has no bfloat16")
+    return [
+        pytest.param(torch.float32, id="fp32"),
+        pytest.param(torch.float16, id="fp16"),
+        pytest.param(torch.bfloat16, id="bf16", marks=skip_bf16),
+    ]
+
+
+def max_error(out: torch.Tensor, reference: torch.Tensor) -> float:
+    return (out.float() - reference.float()).abs().max().item()
+
+
+def assert_within_tolerance(
+    out: torch.Tensor, reference: torch.Tensor, eager: torch.Tensor, what: str = ""
+) -> None:
+    """Kernel error <= 2 x the same-dtype eager error + a per-dtype floor (flash-attention's rule).
+
+    ``reference`` is the fp32 reference result, ``eager`` the plain PyTorch result in the input
+    dtype; all three are compared in fp32.
+    """
+    assert out.shape == reference.shape, f"{what}: shape {out.shape} != {reference.shape}"
+    assert out.dtype == eager.dtype, f"{what}: dtype {out.dtype} != eager's {eager.dtype}"
+    assert torch.isfinite(out.float()).all(), f"{what}: non-finite values"
+    scale = max(1.0, reference.float().abs().max().item())
+    floor = FLOOR[out.dtype] * scale
+    error = max_error(out, reference)
+    eager_error = max_error(eager, reference)
+    assert error <= 2 * eager_error + floor, (
+        f"{what}: kernel error {error:.3g} > 2 x eager error {eager_error:.3g} + floor {floor:.3g}"
+    )
+
+
+class CallCounter:
+    """Wraps a launcher so a test can assert the kernel path ran (not a silent fallback)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, module: object, name: str) -> None:
+        self.calls = 0
+        original = getattr(module, name)
+
+        def wrapper(*args, **kwargs):
+            self.calls += 1
+            return original(*args, **kwargs)
+
+        monkeypatch.setattr(module, name, wrapper)

@@ -1,0 +1,182 @@
+"""GroupNorm(+SiLU) Triton kernel against the fp32 reference (tolerance rule in helpers.py)."""
+
+from __future__ import annotations
+
+import fastdiff.kernels.group_norm as group_norm_kernels
+import pytest
+import torch
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
+
+from fastdiff.ops import group_norm, group_norm_reference, use_backend
+from fastdiff.ops.group_norm import group_norm_eager, group_norm_triton
+from tests.ops.helpers import DEVICE, CallCounter, assert_within_tolerance, kernel_dtypes
+
+EDGE_CASES = [
+    pytest.param((2, 32, 8, 8), 8, id="sd-like"),
+    pytest.param((1, 15, 5, 7), 5, id="odd-channels"),
+    pytest.param((2, 6, 4, 4), 1, id="groups-1"),
+    pytest.param((2, 6, 4, 4), 6, id="groups-C"),
+    pytest.param((1, 8, 7, 9), 4, id="hw-not-pow2"),
+    pytest.param((1, 4, 40, 40), 2, id="several-spatial-tiles"),
+    pytest.param((2, 8, 11), 2, id="3d-input"),
+    pytest.param((4, 8), 4, id="2d-input"),
+    pytest.param((1, 4, 3, 3, 3), 2, id="5d-input"),
+]
+
+
+def make_inputs(shape, dtype, channels_last=False, affine=True, offset=0.0):
+    x = (torch.randn(shape, device=DEVICE) * 2 + offset).to(dtype)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    channels = shape[1]
+    weight = torch.randn(channels, device=DEVICE).to(dtype) if affine else None
+    bias = torch.randn(channels, device=DEVICE).to(dtype) if affine else None
+    return x, weight, bias
+
+
+def check(x, groups, weight, bias, silu, eps=1e-5, what=""):
+    out = group_norm(x, groups, weight, bias, eps, silu)
+    reference = group_norm_reference(x, groups, weight, bias, eps, silu)
+    eager = group_norm_eager(x, groups, weight, bias, eps, silu)
+    assert_within_tolerance(out, reference, eager, what)
+    assert out.stride() == x.stride(), "output must keep the input's memory format"
+    return out
+
+
+@pytest.mark.parametrize("dtype", kernel_dtypes())
+@pytest.mark.parametrize(("shape", "groups"), EDGE_CASES)
+def test_edge_shapes_nchw(triton_backend, monkeypatch, shape, groups, dtype):
+    counter = CallCounter(monkeypatch, group_norm_kernels, "group_norm_forward")
+    x, weight, bias = make_inputs(shape, dtype)
+    check(x, groups, weight, bias, silu=True, what=f"{shape} g={groups}")
+    assert counter.calls == 1
+
+
+@pytest.mark.parametrize("dtype", kernel_dtypes())
+@pytest.mark.parametrize(
+    ("shape", "groups"),
+    [
+        pytest.param((2, 32, 8, 8), 8, id="sd-like"),
+        pytest.param((1, 15, 5, 7), 5, id="odd-channels"),
+        pytest.param((2, 6, 3, 5), 1, id="groups-1"),
+        pytest.param((2, 6, 4, 4), 6, id="groups-C"),
+        pytest.param((1, 160, 4, 4), 32, id="wide-channels"),
+    ],
+)
+def test_channels_last(triton_backend, monkeypatch, shape, groups, dtype):
+    counter = CallCounter(monkeypatch, group_norm_kernels, "group_norm_forward")
+    x, weight, bias = make_inputs(shape, dtype, channels_last=True)
+    out = check(x, groups, weight, bias, silu=True, what=f"NHWC {shape}")
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    assert counter.calls == 1
+
+
+@pytest.mark.parametrize("silu", [False, True], ids=["plain", "silu"])
+@pytest.mark.parametrize("affine", [False, True], ids=["no-affine", "affine"])
+def test_affine_and_silu_variants(triton_backend, affine, silu):
+    x, weight, bias = make_inputs((2, 12, 5, 6), torch.float32, affine=affine)
+    check(x, 3, weight, bias, silu=silu, eps=1e-6)
+
+
+def test_weight_without_bias(triton_backend):
+    x, weight, _ = make_inputs((2, 12, 5, 6), torch.float32)
+    check(x, 4, weight, None, silu=False)
+
+
+def test_large_mean_keeps_fp32_statistics_accurate(triton_backend):
+    # |mean| >> std: a naive E[x^2] - E[x]^2 in fp32 loses the variance; shifted sums must not.
+    # Here the fp32 reference itself rounds, so measure both against a float64 computation.
+    x, weight, bias = make_inputs((2, 8, 16, 16), torch.float32, offset=3000.0)
+    out = group_norm(x, 2, weight, bias)
+    truth = torch.nn.functional.group_norm(x.double(), 2, weight.double(), bias.double())
+    eager = group_norm_eager(x, 2, weight, bias)
+    error = (out.double() - truth).abs().max().item()
+    eager_error = (eager.double() - truth).abs().max().item()
+    assert error <= 2 * eager_error + 1e-5 * truth.abs().max().item()
+
+
+@settings(max_examples=8, deadline=None)
+@given(
+    batch=st.integers(1, 3),
+    groups=st.integers(1, 4),
+    channels_per_group=st.integers(1, 5),
+    height=st.integers(1, 9),
+    width=st.integers(1, 9),
+    channels_last=st.booleans(),
+    silu=st.booleans(),
+)
+def test_random_shapes_property(
+    batch, groups, channels_per_group, height, width, channels_last, silu
+):
+    assume(channels_per_group * height * width > 1)  # PyTorch rejects one value per group
+    shape = (batch, groups * channels_per_group, height, width)
+    x, weight, bias = make_inputs(shape, torch.float32, channels_last=channels_last)
+    with use_backend("triton"):
+        check(x, groups, weight, bias, silu=silu, what=f"{shape} g={groups}")
+
+
+test_random_shapes_property = pytest.mark.usefixtures("triton_backend")(
+    test_random_shapes_property
+)
+
+
+def test_unsupported_dtype_falls_back_to_eager(triton_backend, monkeypatch):
+    counter = CallCounter(monkeypatch, group_norm_kernels, "group_norm_forward")
+    x = torch.randn(2, 8, 4, 4, dtype=torch.float64, device=DEVICE)
+    out = group_norm(x, 4)
+    torch.testing.assert_close(out, group_norm_eager(x, 4, None, None))
+    assert counter.calls == 0
+
+
+def test_unflattenable_layout_falls_back_to_eager(triton_backend, monkeypatch):
+    counter = CallCounter(monkeypatch, group_norm_kernels, "group_norm_forward")
+    x = torch.randn(2, 8, 5, 6, device=DEVICE).transpose(2, 3)  # spatial strides (1, W)
+    out = group_norm(x, 4, silu=True)
+    torch.testing.assert_close(out, group_norm_eager(x, 4, None, None, silu=True))
+    assert counter.calls == 0
+
+
+def test_default_backend_on_cpu_is_eager(monkeypatch):
+    monkeypatch.delenv("FASTDIFF_BACKEND", raising=False)
+    counter = CallCounter(monkeypatch, group_norm_kernels, "group_norm_forward")
+    group_norm(torch.randn(2, 8, 4, 4), 4)
+    assert counter.calls == (1 if torch.cuda.is_available() and DEVICE == "cuda" else 0)
+
+
+@pytest.mark.parametrize("bad", [3, 0])
+def test_bad_group_count_raises(bad):
+    with pytest.raises(ValueError, match="num_groups"):
+        group_norm(torch.randn(1, 8, 2, 2), bad)
+
+
+def test_bad_backend_name_raises(monkeypatch):
+    monkeypatch.setenv("FASTDIFF_BACKEND", "tensorrt")
+    with pytest.raises(ValueError, match="FASTDIFF_BACKEND.*allowed values"):
+        group_norm(torch.randn(1, 8, 2, 2), 4)
+    with pytest.raises(ValueError, match="allowed values"):
+        with use_backend("tensorrt"):
+            pass
+
+
+def test_fake_kernel_matches_real_output(triton_backend):
+    x, weight, bias = make_inputs((2, 8, 3, 5), torch.float16, channels_last=True)
+    torch.library.opcheck(
+        group_norm_triton,
+        (x, 4, weight, bias, 1e-5, True),
+        test_utils=("test_schema", "test_faketensor"),
+    )
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize(
+    "shape",
+    [(2, 320, 64, 64), (2, 640, 32, 32), (2, 1280, 16, 16), (2, 1280, 8, 8), (1, 512, 128, 128)],
+    ids=lambda shape: "x".join(map(str, shape)),
+)
+def test_sd_shapes_on_gpu(shape, channels_last, dtype):
+    x, weight, bias = make_inputs(shape, dtype, channels_last=channels_last)
+    with use_backend("triton"):
+        check(x, 32, weight, bias, silu=True, eps=1e-6, what=f"{shape}")
