@@ -1,0 +1,145 @@
+"""Reading a diffusers ``scheduler_config.json`` dict into :class:`NoiseSchedule` keyword arguments.
+
+Every key diffusers' DDPM-family schedulers write is classified here, in one place:
+
+* schedule keys we implement (passed through to ``NoiseSchedule``);
+* keys whose non-default values change the math in ways we do not implement (clipping,
+  thresholding, Karras/exponential/beta/flow sigmas, other solver variants ...): accepted only at
+  the value our samplers implement, otherwise ``ValueError`` naming the key and the allowed value;
+* keys that have no effect given the above (e.g. ``clip_sample_range`` while ``clip_sample`` is
+  false, PNDM's ``skip_prk_steps``) and diffusers metadata (``_class_name``, ``_diffusers_version``
+  and every other ``_``-prefixed key): ignored.
+
+Any other key raises, so a config from a scheduler we do not know cannot be silently misread.
+A key missing from the file takes the default of the scheduler class named by ``_class_name``
+(as diffusers does): e.g. DDIM's ``clip_sample`` defaults to true (and therefore raises), Euler's
+and DPM-Solver's ``timestep_spacing`` default to ``linspace``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+SCHEDULE_KEYS = (
+    "num_train_timesteps",
+    "beta_start",
+    "beta_end",
+    "beta_schedule",
+    "trained_betas",
+    "prediction_type",
+    "timestep_spacing",
+    "steps_offset",
+    "set_alpha_to_one",
+    "rescale_betas_zero_snr",
+)
+
+# key -> the values our samplers implement (a config with any other value is refused).
+REQUIRED_VALUES: dict[str, tuple[Any, ...]] = {
+    "clip_sample": (False,),
+    "thresholding": (False,),
+    "use_karras_sigmas": (False, None),
+    "use_exponential_sigmas": (False, None),
+    "use_beta_sigmas": (False, None),
+    "use_lu_lambdas": (False,),
+    "use_flow_sigmas": (False,),
+    "use_dynamic_shifting": (False,),
+    "interpolation_type": ("linear",),
+    "timestep_type": ("discrete",),
+    "final_sigmas_type": ("zero",),
+    "euler_at_final": (False,),
+    "lambda_min_clipped": (-math.inf, None),
+    "variance_type": (None, "fixed_small"),
+    "algorithm_type": ("dpmsolver++",),
+    "solver_order": (2,),
+    "solver_type": ("midpoint",),
+    "shift_terminal": (None,),
+}
+
+# Keys with no effect once the REQUIRED_VALUES hold (they only parameterise disabled features),
+# or that configure a sampler loop we do not use the timesteps of (PNDM's PRK warm-up).
+IGNORED_KEYS = frozenset(
+    {
+        "clip_sample_range",
+        "dynamic_thresholding_ratio",
+        "sample_max_value",
+        "sigma_min",
+        "sigma_max",
+        "flow_shift",
+        "time_shift_type",
+        "skip_prk_steps",
+        # With final_sigmas_type == "zero" the last DPM-Solver step is always first order and
+        # the second-to-last flag only matters for third order, so this cannot change results.
+        "lower_order_final",
+    }
+)
+
+# Defaults of the scheduler classes whose configs we read, for keys the file may omit.
+_COMMON_DEFAULTS: dict[str, Any] = {
+    "num_train_timesteps": 1000,
+    "beta_start": 0.0001,
+    "beta_end": 0.02,
+    "beta_schedule": "linear",
+    "trained_betas": None,
+    "prediction_type": "epsilon",
+    "steps_offset": 0,
+    "rescale_betas_zero_snr": False,
+    "timestep_spacing": "linspace",
+    "set_alpha_to_one": True,
+}
+CLASS_DEFAULTS: dict[str, dict[str, Any]] = {
+    "DDIMScheduler": {"timestep_spacing": "leading", "clip_sample": True},
+    "DDPMScheduler": {"timestep_spacing": "leading", "clip_sample": True},
+    "PNDMScheduler": {"timestep_spacing": "leading", "set_alpha_to_one": False},
+    "EulerDiscreteScheduler": {},
+    "EulerAncestralDiscreteScheduler": {},
+    "DPMSolverMultistepScheduler": {},
+    "LMSDiscreteScheduler": {},
+    "HeunDiscreteScheduler": {"beta_start": 0.00085, "beta_end": 0.012},
+}
+
+
+def _same(value: Any, allowed: Any) -> bool:
+    # Compare JSON values strictly enough that False is not mistaken for 0 or None.
+    if value is None or allowed is None:
+        return value is allowed
+    if isinstance(value, bool) or isinstance(allowed, bool):
+        return value is allowed
+    return value == allowed
+
+
+def schedule_kwargs_from_config(config: dict[str, Any]) -> dict[str, Any]:
+    """Validate a diffusers scheduler config dict and return ``NoiseSchedule`` kwargs."""
+    if not isinstance(config, dict):
+        raise ValueError(f"scheduler config must be a dict, got {type(config).__name__}")
+    class_name = config.get("_class_name")
+    defaults = dict(_COMMON_DEFAULTS)
+    if class_name in CLASS_DEFAULTS:
+        defaults.update(CLASS_DEFAULTS[class_name])
+    elif class_name is not None:
+        raise ValueError(
+            f"scheduler config _class_name {class_name!r} is not a DDPM-family scheduler we can "
+            f"read; known: {sorted(CLASS_DEFAULTS)}"
+        )
+    merged = {**defaults, **config}
+
+    kwargs: dict[str, Any] = {}
+    for key, value in merged.items():
+        if key.startswith("_") or key in IGNORED_KEYS:
+            continue
+        if key in SCHEDULE_KEYS:
+            kwargs[key] = value
+        elif key in REQUIRED_VALUES:
+            allowed = REQUIRED_VALUES[key]
+            if not any(_same(value, option) for option in allowed):
+                raise ValueError(
+                    f"scheduler config key {key!r} = {value!r} is not supported; fastdiff "
+                    f"implements only {key} in {list(allowed)}"
+                )
+        else:
+            raise ValueError(
+                f"unknown scheduler config key {key!r}; supported keys: {sorted(SCHEDULE_KEYS)}, "
+                f"accepted at fixed values: {sorted(REQUIRED_VALUES)}, ignored: "
+                f"{sorted(IGNORED_KEYS)}"
+            )
+    return kwargs

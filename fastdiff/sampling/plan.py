@@ -1,0 +1,271 @@
+"""Samplers compiled ahead of time into a :class:`SamplingPlan` (see notes/PLAN_INTERFACE.md).
+
+Every sampler we ship is, step by step, linear in the state x, the model output m, the previous
+step's x0 estimate and Gaussian noise z. Row i of ``plan.coefficients`` holds
+
+    x_in   = c0 * x                                         (model input, VP scale)
+    x0     = c1 * x_in + c2 * m                             (m in the schedule's prediction type)
+    x_next = c3 * x + c4 * x0 + c5 * x0_prev + c6 * z       (z ~ N(0, I) only where c6 != 0)
+
+so the eager loop (:func:`fastdiff.sampling.sample`), the fused step kernel and the CUDA-graph
+runtime all apply the same numbers. :func:`plan_step` is the one reference implementation of a
+row. After the last row the state x is the clean sample in VP scale.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from fastdiff.sampling.schedule import NoiseSchedule
+
+INPUT_SCALE = 0
+X0_FROM_INPUT = 1
+X0_FROM_OUTPUT = 2
+NEXT_FROM_X = 3
+NEXT_FROM_X0 = 4
+NEXT_FROM_PREV_X0 = 5
+NOISE_STD = 6
+NUM_COEFFICIENTS = 7
+
+SAMPLERS = ("ddpm", "ddim", "euler", "dpmpp_2m")
+
+
+@dataclass(frozen=True, eq=False)
+class SamplingPlan:
+    """Timesteps (LongTensor [S], call order), float64 coefficients [S, 7] and the factor that
+    turns x_T ~ N(0, I) into the initial state."""
+
+    sampler: str
+    timesteps: torch.Tensor
+    coefficients: torch.Tensor
+    init_noise_scale: float
+    eta: float = 0.0
+
+    def __len__(self) -> int:
+        return int(self.timesteps.shape[0])
+
+    @property
+    def stochastic(self) -> bool:
+        """True when some step draws noise (ddpm, ddim with eta > 0)."""
+        return bool((self.coefficients[:, NOISE_STD] != 0).any())
+
+
+def _x0_coefficients(alpha_bar: float, prediction_type: str, timestep: int) -> tuple[float, float]:
+    """(c1, c2) with x0 = c1 x_t + c2 m for a VP input x_t at noise level alpha_bar."""
+    signal, sigma = math.sqrt(alpha_bar), math.sqrt(1.0 - alpha_bar)
+    if prediction_type == "sample":
+        return 0.0, 1.0
+    if prediction_type == "v_prediction":
+        return signal, -sigma
+    if alpha_bar == 0.0:
+        raise ValueError(
+            f"an epsilon-prediction model cannot be sampled from timestep {timestep}: alphā is 0 "
+            "there (zero terminal SNR), so x0 = (x - eps) / 0 is undefined; use v_prediction, "
+            "'leading' timestep_spacing, or the euler / dpmpp_2m samplers (which clamp alphā)"
+        )
+    return 1.0 / signal, -sigma / signal
+
+
+def _vp_row(
+    alpha_bar: float, alpha_bar_next: float, noise_std: float, prediction_type: str, t: int
+) -> list[float]:
+    """DDIM-form update (Song et al. 2021, Eq. 12):
+    x_next = sqrt(ā') x0 + sqrt(1 - ā' - s^2) eps + s z with eps = (x - sqrt(ā) x0)/sqrt(1 - ā)."""
+    c1, c2 = _x0_coefficients(alpha_bar, prediction_type, t)
+    direction = math.sqrt(max(1.0 - alpha_bar_next - noise_std**2, 0.0)) / math.sqrt(
+        1.0 - alpha_bar
+    )
+    c4 = math.sqrt(alpha_bar_next) - direction * math.sqrt(alpha_bar)
+    return [1.0, c1, c2, direction, c4, 0.0, noise_std]
+
+
+def _ddim_rows(schedule: NoiseSchedule, timesteps: list[int], eta: float) -> list[list[float]]:
+    """DDIM (Song et al. 2021, Eq. 12 and 16). As in diffusers' DDIMScheduler the previous
+    timestep is t - num_train_timesteps // steps (not necessarily the next visited timestep), and
+    past t = 0 alphā is 1 (``set_alpha_to_one``) or alphā_0."""
+    alphas_cumprod = schedule.alphas_cumprod.tolist()
+    final = 1.0 if schedule.set_alpha_to_one else alphas_cumprod[0]
+    jump = schedule.num_train_timesteps // len(timesteps)
+    rows = []
+    for t in timesteps:
+        alpha_bar = alphas_cumprod[t]
+        alpha_bar_next = alphas_cumprod[t - jump] if t - jump >= 0 else final
+        variance = (1 - alpha_bar_next) / (1 - alpha_bar) * (1 - alpha_bar / alpha_bar_next)
+        rows.append(
+            _vp_row(
+                alpha_bar, alpha_bar_next, eta * math.sqrt(variance), schedule.prediction_type, t
+            )
+        )
+    return rows
+
+
+def _ddpm_rows(schedule: NoiseSchedule, timesteps: list[int]) -> list[list[float]]:
+    """Ancestral DDPM (Ho et al. 2020, Eq. 6-7, fixed-small variance beta~): sample the posterior
+    q(x_{t'} | x_t, x0) with x0 predicted, over the visited timesteps t -> t' (t' = next visited
+    timestep, alphā = 1 after the last, as diffusers' DDPMScheduler does)."""
+    alphas_cumprod = schedule.alphas_cumprod.tolist()
+    rows = []
+    for index, t in enumerate(timesteps):
+        alpha_bar = alphas_cumprod[t]
+        is_last = index + 1 == len(timesteps)
+        alpha_bar_next = 1.0 if is_last else alphas_cumprod[timesteps[index + 1]]
+        beta = 1.0 - alpha_bar / alpha_bar_next  # effective beta of the (possibly skipped) step
+        c1, c2 = _x0_coefficients(alpha_bar, schedule.prediction_type, t)
+        from_x0 = math.sqrt(alpha_bar_next) * beta / (1.0 - alpha_bar)
+        from_x = math.sqrt(1.0 - beta) * (1.0 - alpha_bar_next) / (1.0 - alpha_bar)
+        variance = (1.0 - alpha_bar_next) / (1.0 - alpha_bar) * beta
+        rows.append([1.0, c1, c2, from_x, from_x0, 0.0, math.sqrt(max(variance, 0.0))])
+    return rows
+
+
+def _karras_sigmas(schedule: NoiseSchedule, timesteps: list[int]) -> list[float]:
+    """sigma_t = sqrt((1 - alphā_t) / alphā_t) at the visited timesteps, then 0. With zero
+    terminal SNR the last alphā is clamped to 2**-24 (sigma ~ 4096), as diffusers' Euler and
+    DPM-Solver schedulers do, so the first state and step stay finite."""
+    alphas_cumprod = schedule.alphas_cumprod.clone()
+    if schedule.rescale_betas_zero_snr:
+        alphas_cumprod[-1] = 2.0**-24
+    values = alphas_cumprod[torch.tensor(timesteps)]
+    return (((1 - values) / values).sqrt()).tolist() + [0.0]
+
+
+def _euler_rows(schedule: NoiseSchedule, timesteps: list[int]) -> tuple[list[list[float]], float]:
+    """Euler's method on the probability-flow ODE dx/dsigma = (x - D(x; sigma)) / sigma
+    (Karras et al. 2022, Algorithm 1 with gamma = 0; diffusers' EulerDiscreteScheduler defaults).
+    The state is x = x_vp * sqrt(sigma^2 + 1); the model sees x / sqrt(sigma^2 + 1)."""
+    sigmas = _karras_sigmas(schedule, timesteps)
+    rows = []
+    for index, t in enumerate(timesteps):
+        sigma, sigma_next = sigmas[index], sigmas[index + 1]
+        c1, c2 = _x0_coefficients(1.0 / (sigma**2 + 1.0), schedule.prediction_type, t)
+        ratio = sigma_next / sigma
+        rows.append([1.0 / math.sqrt(sigma**2 + 1.0), c1, c2, ratio, 1.0 - ratio, 0.0, 0.0])
+    return rows, math.sqrt(sigmas[0] ** 2 + 1.0)
+
+
+def _dpmpp_2m_rows(schedule: NoiseSchedule, timesteps: list[int]) -> list[list[float]]:
+    """DPM-Solver++(2M) (Lu et al. 2022, "DPM-Solver++", Algorithm 2, midpoint form as in
+    diffusers' DPMSolverMultistepScheduler with solver_order=2): in lambda = log(alpha/sigma),
+    x_next = (s_t/s_s) x + alpha_t (1 - e^-h) (D0 + D1 / (2 r)), D0 = x0, D1 = x0 - x0_prev,
+    r = h_prev / h. The first step and the last step (final sigma 0) are first order."""
+    sigmas = _karras_sigmas(schedule, timesteps)
+    count = len(timesteps)
+    rows = []
+    for index, t in enumerate(timesteps):
+        sigma, sigma_next = sigmas[index], sigmas[index + 1]
+        alpha_next = 1.0 / math.sqrt(sigma_next**2 + 1.0)
+        noise_scale_ratio = (sigma_next * alpha_next) * math.sqrt(sigma**2 + 1.0) / sigma
+        # alpha_t (1 - e^{-h}) with e^{-h} = sigma_t / sigma_s, since lambda = -log(sigma).
+        gain = alpha_next * (1.0 - sigma_next / sigma)
+        c1, c2 = _x0_coefficients(1.0 / (sigma**2 + 1.0), schedule.prediction_type, t)
+        if index == 0 or index == count - 1:
+            from_x0, from_prev = gain, 0.0
+        else:
+            step = math.log(sigma / sigma_next)
+            previous_step = math.log(sigmas[index - 1] / sigma)
+            half_inverse_ratio = 0.5 * step / previous_step
+            from_x0, from_prev = gain * (1.0 + half_inverse_ratio), -gain * half_inverse_ratio
+        rows.append([1.0, c1, c2, noise_scale_ratio, from_x0, from_prev, 0.0])
+    return rows
+
+
+def make_plan(
+    schedule: NoiseSchedule, sampler: str = "ddim", steps: int = 50, eta: float = 0.0
+) -> SamplingPlan:
+    """Compile ``sampler`` over ``steps`` timesteps of ``schedule`` into a :class:`SamplingPlan`.
+
+    ``eta`` (Song et al. 2021, Eq. 16) is the DDIM noise level: 0 deterministic, 1 DDPM-like; the
+    other samplers have fixed noise and accept only ``eta=0``.
+    """
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r}; allowed: {list(SAMPLERS)}")
+    eta = float(eta)
+    if not 0.0 <= eta <= 1.0:
+        # Above 1 the DDIM direction term sqrt(1 - ā' - s^2) can become imaginary.
+        raise ValueError(f"eta must lie in [0, 1], got {eta}")
+    if eta != 0 and sampler != "ddim":
+        raise ValueError(f"eta applies to the 'ddim' sampler only; {sampler!r} needs eta=0")
+    timesteps = schedule.timesteps(steps, sampler)
+    visited = timesteps.tolist()
+    init_noise_scale = 1.0
+    if sampler == "ddim":
+        rows = _ddim_rows(schedule, visited, eta)
+    elif sampler == "ddpm":
+        rows = _ddpm_rows(schedule, visited)
+    elif sampler == "euler":
+        rows, init_noise_scale = _euler_rows(schedule, visited)
+    else:
+        rows = _dpmpp_2m_rows(schedule, visited)
+    coefficients = torch.tensor(rows, dtype=torch.float64)
+    if not bool(torch.isfinite(coefficients).all()):
+        raise ValueError(f"{sampler} plan has non-finite coefficients for this schedule")
+    return SamplingPlan(sampler, timesteps, coefficients, float(init_noise_scale), eta)
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    # Half precision states are updated in fp32; fp32 and fp64 keep their own precision.
+    return torch.promote_types(dtype, torch.float32)
+
+
+def apply_plan_row(
+    row: Sequence[float] | torch.Tensor,
+    x: torch.Tensor,
+    model_output: torch.Tensor,
+    x0_prev: torch.Tensor | None = None,
+    noise: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One step from a coefficient row (7 floats, or a [7] tensor): returns (x_next, x0).
+
+    ``model_output`` is the (already guided) model output at input ``row[0] * x``; ``x0_prev`` is
+    the previous step's x0 (None or zeros at step 0); ``noise`` is required iff ``row[6] != 0``.
+    Arithmetic is in fp32 (fp64 for fp64 inputs); results are returned in x's dtype.
+    """
+    if model_output.shape != x.shape:
+        raise ValueError(
+            f"model output shape {tuple(model_output.shape)} != sample shape {tuple(x.shape)}"
+        )
+    if isinstance(row, torch.Tensor):
+        row = row.detach().to("cpu", torch.float64).tolist()
+    if len(row) != NUM_COEFFICIENTS:
+        raise ValueError(f"a plan row has {NUM_COEFFICIENTS} coefficients, got {len(row)}")
+    c0, c1, c2, c3, c4, c5, c6 = (float(value) for value in row)
+    dtype = _compute_dtype(x.dtype)
+    state = x.to(dtype)
+    x0 = c1 * (c0 * state) + c2 * model_output.to(dtype)
+    x_next = c3 * state + c4 * x0
+    if c5 != 0 and x0_prev is not None:
+        x_next = x_next + c5 * x0_prev.to(dtype)
+    if c6 != 0:
+        if noise is None:
+            raise ValueError("this plan step adds noise (NOISE_STD != 0) but noise is None")
+        if noise.shape != x.shape:
+            raise ValueError(f"noise shape {tuple(noise.shape)} != sample shape {tuple(x.shape)}")
+        x_next = x_next + c6 * noise.to(dtype)
+    return x_next.to(x.dtype), x0.to(x.dtype)
+
+
+def plan_step(
+    plan: SamplingPlan,
+    index: int,
+    x: torch.Tensor,
+    model_output: torch.Tensor,
+    x0_prev: torch.Tensor | None = None,
+    noise: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Apply row ``index`` of ``plan`` eagerly: returns (x_next, x0). The reference for the fused
+    sampler-step kernel (which also folds in guidance: pass ``combine_guidance(...)`` here)."""
+    if not 0 <= index < len(plan):
+        raise ValueError(f"step index {index} out of range for a {len(plan)}-step plan")
+    return apply_plan_row(plan.coefficients[index].tolist(), x, model_output, x0_prev, noise)
+
+
+def model_input(plan: SamplingPlan, index: int, x: torch.Tensor) -> torch.Tensor:
+    """The model's input at step ``index``: c0 * x in x's dtype (VP scale)."""
+    scale = float(plan.coefficients[index, INPUT_SCALE])
+    if scale == 1.0:
+        return x
+    return (x.to(_compute_dtype(x.dtype)) * scale).to(x.dtype)

@@ -1,0 +1,83 @@
+"""The eager sampling loop: one implementation for every sampler, applying a :class:`SamplingPlan`.
+
+Samplers (see ``fastdiff.sampling.plan`` for the formulas and papers):
+``ddpm`` ancestral DDPM (Ho et al. 2020), ``ddim`` (Song et al. 2021, any eta in [0, 1]),
+``euler`` (Karras et al. 2022, Algorithm 1, as diffusers' EulerDiscreteScheduler) and
+``dpmpp_2m`` (DPM-Solver++(2M), Lu et al. 2022).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from fastdiff.sampling.plan import NOISE_STD, SamplingPlan, make_plan, model_input, plan_step
+from fastdiff.sampling.schedule import NoiseSchedule
+
+ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+Callback = Callable[[int, int, torch.Tensor], None]
+
+
+def run_plan(
+    model_fn: ModelFn,
+    x_T: torch.Tensor,
+    plan: SamplingPlan,
+    generator: torch.Generator | None = None,
+    callback: Callback | None = None,
+) -> torch.Tensor:
+    """Run a compiled plan from ``x_T`` ~ N(0, I) (see :func:`sample` for the arguments)."""
+    if not isinstance(x_T, torch.Tensor) or not x_T.is_floating_point():
+        raise ValueError("x_T must be a floating-point tensor")
+    if x_T.dim() < 1 or x_T.shape[0] < 1:
+        raise ValueError(f"x_T must have a batch dimension, got shape {tuple(x_T.shape)}")
+    batch = x_T.shape[0]
+    x = x_T * plan.init_noise_scale if plan.init_noise_scale != 1.0 else x_T
+    x0_prev = None
+    for index, timestep in enumerate(plan.timesteps.tolist()):
+        t = torch.full((batch,), timestep, dtype=torch.long, device=x.device)
+        output = model_fn(model_input(plan, index, x), t)
+        if not isinstance(output, torch.Tensor) or output.shape != x.shape:
+            shape = tuple(output.shape) if isinstance(output, torch.Tensor) else type(output)
+            raise ValueError(
+                f"model output shape {shape} != sample shape {tuple(x.shape)} "
+                f"at step {index} (t={timestep})"
+            )
+        if not bool(torch.isfinite(output).all()):
+            raise RuntimeError(
+                f"model output contains NaN or inf at step {index} (timestep {timestep}) "
+                f"of {len(plan)}"
+            )
+        noise = None
+        if float(plan.coefficients[index, NOISE_STD]) != 0.0:
+            noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        x, x0_prev = plan_step(plan, index, x, output.to(x.dtype), x0_prev, noise)
+        if callback is not None:
+            callback(index, timestep, x)
+    return x
+
+
+def sample(
+    model_fn: ModelFn,
+    x_T: torch.Tensor,
+    schedule: NoiseSchedule,
+    sampler: str = "ddim",
+    steps: int = 50,
+    eta: float = 0.0,
+    generator: torch.Generator | None = None,
+    callback: Callback | None = None,
+) -> torch.Tensor:
+    """Draw samples by running ``sampler`` for ``steps`` steps from ``x_T`` ~ N(0, I).
+
+    ``model_fn(x_t, t)`` gets ``x_t`` in the variance-preserving scale the model was trained on and
+    ``t``, a LongTensor [batch] on x_T's device, and returns the model output in
+    ``schedule.prediction_type`` with x_t's shape (wrap with
+    :func:`fastdiff.sampling.classifier_free_guidance` for CFG). The result has x_T's dtype (fp64
+    included) and is the clean sample in VP scale. ``callback(step_index, t, x)`` runs after each
+    step with the sampler state. Noise (ddpm, ddim with eta > 0) is drawn with ``generator``.
+    A non-finite model output raises ``RuntimeError`` naming the step index and timestep.
+    """
+    if not isinstance(schedule, NoiseSchedule):
+        raise ValueError(f"schedule must be a NoiseSchedule, got {type(schedule).__name__}")
+    plan = make_plan(schedule, sampler, steps, eta)
+    return run_plan(model_fn, x_T, plan, generator=generator, callback=callback)

@@ -1,0 +1,266 @@
+"""The discrete-time variance-preserving noise schedule: betas, alphā, SNR, the closed-form forward
+process q(x_t | x_0) and conversions between the three model parameterisations.
+
+Notation: alphā_t = prod_{s<=t} (1 - beta_s) (Ho et al. 2020, Eq. 4), x_t = sqrt(alphā_t) x_0 +
+sqrt(1 - alphā_t) eps, SNR(t) = alphā_t / (1 - alphā_t) (Kingma et al. 2021), and the velocity
+v = sqrt(alphā_t) eps - sqrt(1 - alphā_t) x_0 (Salimans & Ho 2022, Sec. 4).
+The tables are built in float32 exactly as diffusers builds them (so they are bit-identical to
+the tables diffusers-trained and diffusers-sampled checkpoints use; the last alphā of the cosine
+schedule is ~2e-9 and sampling from it is sensitive to its last bits) and stored as float64 on the
+CPU; functions that take tensors return the tensors' dtype/device.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from fastdiff.sampling.spacing import SPACINGS, spaced_timesteps
+
+BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+
+
+def _cosine_betas(num_train_timesteps: int, max_beta: float = 0.999) -> torch.Tensor:
+    """Nichol & Dhariwal 2021, Eq. 17: alphā(t) = cos^2((t/T + s) / (1 + s) * pi/2), s = 0.008;
+    beta_t = 1 - alphā(t+1)/alphā(t), clipped at 0.999 so the last steps stay invertible."""
+
+    def alpha_bar(fraction: float) -> float:
+        return math.cos((fraction + 0.008) / 1.008 * math.pi / 2) ** 2
+
+    betas = []
+    for index in range(num_train_timesteps):
+        start = alpha_bar(index / num_train_timesteps)
+        end = alpha_bar((index + 1) / num_train_timesteps)
+        betas.append(min(1.0 - end / start, max_beta))
+    return torch.tensor(betas, dtype=torch.float32)
+
+
+def _rescale_zero_terminal_snr(betas: torch.Tensor) -> torch.Tensor:
+    """Lin et al. 2023, Algorithm 1: shift and scale sqrt(alphā) so that the last step has
+    sqrt(alphā_T) = 0 (zero SNR: pure noise) while the first step keeps its value."""
+    sqrt_alpha_bar = torch.cumprod(1.0 - betas, dim=0).sqrt()
+    first, last = sqrt_alpha_bar[0].clone(), sqrt_alpha_bar[-1].clone()
+    sqrt_alpha_bar = (sqrt_alpha_bar - last) * (first / (first - last))
+    alpha_bar = sqrt_alpha_bar**2
+    alphas = torch.cat([alpha_bar[:1], alpha_bar[1:] / alpha_bar[:-1]])
+    return 1.0 - alphas
+
+
+@dataclass(frozen=True, eq=False)
+class NoiseSchedule:
+    """A diffusers-compatible DDPM noise schedule (keyword names as in scheduler_config.json).
+
+    ``betas``, ``alphas`` and ``alphas_cumprod`` are float64 tensors of length
+    ``num_train_timesteps``. ``timestep_spacing``, ``steps_offset`` and ``set_alpha_to_one``
+    describe how samplers sub-sample it (see :func:`fastdiff.sampling.make_plan`).
+    """
+
+    num_train_timesteps: int = 1000
+    beta_start: float = 0.0001
+    beta_end: float = 0.02
+    beta_schedule: str = "linear"
+    trained_betas: Any = None
+    prediction_type: str = "epsilon"
+    timestep_spacing: str = "leading"
+    steps_offset: int = 0
+    set_alpha_to_one: bool = True
+    rescale_betas_zero_snr: bool = False
+    betas: torch.Tensor = field(init=False, repr=False)
+    alphas: torch.Tensor = field(init=False, repr=False)
+    alphas_cumprod: torch.Tensor = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.beta_schedule not in BETA_SCHEDULES:
+            raise ValueError(
+                f"unknown beta_schedule {self.beta_schedule!r}; allowed: {list(BETA_SCHEDULES)}"
+            )
+        if self.prediction_type not in PREDICTION_TYPES:
+            raise ValueError(
+                f"unknown prediction_type {self.prediction_type!r}; "
+                f"allowed: {list(PREDICTION_TYPES)}"
+            )
+        if self.timestep_spacing not in SPACINGS:
+            raise ValueError(
+                f"unknown timestep_spacing {self.timestep_spacing!r}; allowed: {list(SPACINGS)}"
+            )
+        if (
+            int(self.num_train_timesteps) != self.num_train_timesteps
+            or self.num_train_timesteps < 2
+        ):
+            raise ValueError(
+                f"num_train_timesteps must be an integer >= 2, got {self.num_train_timesteps!r}"
+            )
+        if int(self.steps_offset) != self.steps_offset or self.steps_offset < 0:
+            raise ValueError(
+                f"steps_offset must be a non-negative integer, got {self.steps_offset}"
+            )
+        total = int(self.num_train_timesteps)
+        object.__setattr__(self, "num_train_timesteps", total)
+        object.__setattr__(self, "steps_offset", int(self.steps_offset))
+
+        if self.trained_betas is not None:
+            betas = torch.as_tensor(self.trained_betas, dtype=torch.float32).flatten().clone()
+            if betas.numel() != total:
+                raise ValueError(
+                    f"trained_betas has {betas.numel()} values, num_train_timesteps is {total}"
+                )
+        elif self.beta_schedule == "linear":
+            betas = torch.linspace(self.beta_start, self.beta_end, total, dtype=torch.float32)
+        elif self.beta_schedule == "scaled_linear":
+            # Latent diffusion's schedule: linear in sqrt(beta).
+            betas = (
+                torch.linspace(self.beta_start**0.5, self.beta_end**0.5, total, dtype=torch.float32)
+                ** 2
+            )
+        else:
+            betas = _cosine_betas(total)
+        if not bool(((betas > 0) & (betas < 1)).all()):
+            raise ValueError("betas must lie in (0, 1); check beta_start/beta_end/trained_betas")
+        if self.rescale_betas_zero_snr:
+            betas = _rescale_zero_terminal_snr(betas)
+        alphas = 1.0 - betas
+        object.__setattr__(self, "betas", betas.double())
+        object.__setattr__(self, "alphas", alphas.double())
+        object.__setattr__(self, "alphas_cumprod", torch.cumprod(alphas, dim=0).double())
+
+    # ----------------------------------------------------------------------------- construction
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> NoiseSchedule:
+        """Build from a diffusers ``scheduler_config.json`` dict (DDIM, DDPM, PNDM, Euler,
+        DPM-Solver, LMS ... configs). Keys that would change the math in a way we do not
+        implement raise ``ValueError``; cosmetic keys are ignored (``fastdiff.sampling.config``).
+        """
+        from fastdiff.sampling.config import schedule_kwargs_from_config
+
+        return cls(**schedule_kwargs_from_config(config))
+
+    def to_config(self) -> dict[str, Any]:
+        """The keyword arguments that rebuild this schedule (diffusers key names)."""
+        trained = self.trained_betas
+        if isinstance(trained, torch.Tensor):
+            trained = trained.tolist()
+        return {
+            "num_train_timesteps": self.num_train_timesteps,
+            "beta_start": self.beta_start,
+            "beta_end": self.beta_end,
+            "beta_schedule": self.beta_schedule,
+            "trained_betas": trained,
+            "prediction_type": self.prediction_type,
+            "timestep_spacing": self.timestep_spacing,
+            "steps_offset": self.steps_offset,
+            "set_alpha_to_one": self.set_alpha_to_one,
+            "rescale_betas_zero_snr": self.rescale_betas_zero_snr,
+        }
+
+    # ----------------------------------------------------------------------------- tables
+    def timesteps(self, steps: int, sampler: str = "ddim") -> torch.Tensor:
+        """Model timesteps (LongTensor [steps], descending) ``sampler`` visits with this
+        schedule's ``timestep_spacing`` and ``steps_offset`` (see ``fastdiff.sampling.spacing``)."""
+        return spaced_timesteps(
+            self.num_train_timesteps, steps, self.timestep_spacing, self.steps_offset, sampler
+        )
+
+    def snr(self, t: int | torch.Tensor) -> torch.Tensor:
+        """SNR alphā_t / (1 - alphā_t), float64 (0 at a zero-SNR terminal step)."""
+        alpha_bar = self._lookup(t)
+        return alpha_bar / (1.0 - alpha_bar)
+
+    def log_snr(self, t: int | torch.Tensor) -> torch.Tensor:
+        """log alphā_t - log(1 - alphā_t), float64 (-inf at a zero-SNR terminal step)."""
+        alpha_bar = self._lookup(t)
+        return torch.log(alpha_bar) - torch.log1p(-alpha_bar)
+
+    def _lookup(self, t: int | torch.Tensor) -> torch.Tensor:
+        index = torch.as_tensor(t)
+        if index.dtype.is_floating_point or index.dtype == torch.bool:
+            raise ValueError(f"timesteps must be integers, got dtype {index.dtype}")
+        index = index.to("cpu", torch.long)
+        if index.numel() and (index.min() < 0 or index.max() >= self.num_train_timesteps):
+            raise ValueError(
+                f"timesteps must lie in [0, {self.num_train_timesteps - 1}], "
+                f"got min {int(index.min())} max {int(index.max())}"
+            )
+        return self.alphas_cumprod[index]
+
+    def _coefficients(self, t: int | torch.Tensor, like: torch.Tensor):
+        """sqrt(alphā_t), sqrt(1 - alphā_t) shaped [B, 1, ...] to broadcast against ``like``."""
+        alpha_bar = self._lookup(t)
+        if alpha_bar.dim() > 1:
+            raise ValueError(
+                f"t must be a scalar or a 1-D tensor, got shape {tuple(alpha_bar.shape)}"
+            )
+        if alpha_bar.dim() == 1:
+            if alpha_bar.shape[0] not in (1, like.shape[0]):
+                raise ValueError(
+                    f"t has {alpha_bar.shape[0]} entries but the batch has {like.shape[0]}"
+                )
+            alpha_bar = alpha_bar.reshape(-1, *([1] * (like.dim() - 1)))
+        signal = alpha_bar.sqrt().to(like.device, like.dtype)
+        noise = (1.0 - alpha_bar).sqrt().to(like.device, like.dtype)
+        return signal, noise
+
+    # ----------------------------------------------------------------------------- forward process
+    def add_noise(
+        self, x0: torch.Tensor, noise: torch.Tensor, t: int | torch.Tensor
+    ) -> torch.Tensor:
+        """Sample q(x_t | x_0) in closed form (Ho et al. 2020, Eq. 4):
+        x_t = sqrt(alphā_t) x_0 + sqrt(1 - alphā_t) noise, with t an int or a [batch] tensor."""
+        if x0.shape != noise.shape:
+            raise ValueError(f"x0 shape {tuple(x0.shape)} != noise shape {tuple(noise.shape)}")
+        signal, sigma = self._coefficients(t, x0)
+        return signal * x0 + sigma * noise
+
+    def velocity(
+        self, x0: torch.Tensor, noise: torch.Tensor, t: int | torch.Tensor
+    ) -> torch.Tensor:
+        """v = sqrt(alphā_t) noise - sqrt(1 - alphā_t) x_0 (Salimans & Ho 2022)."""
+        signal, sigma = self._coefficients(t, x0)
+        return signal * noise - sigma * x0
+
+    def training_target(
+        self, x0: torch.Tensor, noise: torch.Tensor, t: int | torch.Tensor
+    ) -> torch.Tensor:
+        """What a model of this schedule's ``prediction_type`` is trained to output."""
+        if self.prediction_type == "epsilon":
+            return noise
+        if self.prediction_type == "sample":
+            return x0
+        return self.velocity(x0, noise, t)
+
+    # ----------------------------------------------------------------------------- conversions
+    def predict_x0(
+        self, x_t: torch.Tensor, model_output: torch.Tensor, t: int | torch.Tensor
+    ) -> torch.Tensor:
+        """x_0 estimate from a model output in this schedule's prediction type."""
+        signal, sigma = self._coefficients(t, x_t)
+        if self.prediction_type == "epsilon":
+            return (x_t - sigma * model_output) / signal
+        if self.prediction_type == "sample":
+            return model_output
+        return signal * x_t - sigma * model_output
+
+    def predict_epsilon(
+        self, x_t: torch.Tensor, model_output: torch.Tensor, t: int | torch.Tensor
+    ) -> torch.Tensor:
+        """Noise estimate from a model output in this schedule's prediction type."""
+        signal, sigma = self._coefficients(t, x_t)
+        if self.prediction_type == "epsilon":
+            return model_output
+        if self.prediction_type == "sample":
+            return (x_t - signal * model_output) / sigma
+        return signal * model_output + sigma * x_t
+
+    def predict_velocity(
+        self, x_t: torch.Tensor, model_output: torch.Tensor, t: int | torch.Tensor
+    ) -> torch.Tensor:
+        """Velocity estimate from a model output in this schedule's prediction type."""
+        if self.prediction_type == "v_prediction":
+            return model_output
+        signal, sigma = self._coefficients(t, x_t)
+        x0 = self.predict_x0(x_t, model_output, t)
+        epsilon = self.predict_epsilon(x_t, model_output, t)
+        return signal * epsilon - sigma * x0
