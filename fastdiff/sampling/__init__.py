@@ -2,6 +2,7 @@
 the training loss. Never imports models (the layer above) or diffusers."""
 
 from fastdiff.sampling.guidance import classifier_free_guidance, combine_guidance
+from fastdiff.sampling.loss import diffusion_loss, min_snr_weights
 from fastdiff.sampling.plan import (
     INPUT_SCALE,
     NEXT_FROM_PREV_X0,
@@ -40,7 +41,9 @@ __all__ = [
     "apply_plan_row",
     "classifier_free_guidance",
     "combine_guidance",
+    "diffusion_loss",
     "make_plan",
+    "min_snr_weights",
     "model_input",
     "plan_step",
     "run_plan",
