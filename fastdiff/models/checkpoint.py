@@ -1,0 +1,155 @@
+"""Reading and writing diffusers component folders: config.json + safetensors weights.
+
+Layouts read: ``diffusion_pytorch_model.safetensors``, the ``.fp16`` variant
+(``diffusion_pytorch_model.fp16.safetensors``), and the sharded form
+(``diffusion_pytorch_model[.fp16].safetensors.index[.fp16].json`` naming the shard files).
+Every failure names the file it concerns.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+WEIGHTS_NAME = "diffusion_pytorch_model"
+CONFIG_NAME = "config.json"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint folder that cannot be loaded: bad file, bad config or mismatched weights."""
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: file not found")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise CheckpointError(f"{path}: not valid JSON ({error})") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+def weight_candidates(folder: Path, variant: str | None) -> list[Path]:
+    """Files that can hold the weights, in order of preference."""
+
+    def names(tag: str | None) -> list[str]:
+        suffix = f".{tag}" if tag else ""
+        return [
+            f"{WEIGHTS_NAME}{suffix}.safetensors",
+            f"{WEIGHTS_NAME}.safetensors.index{suffix}.json",
+            f"{WEIGHTS_NAME}{suffix}.safetensors.index.json",
+        ]
+
+    if variant is not None:
+        return [folder / name for name in names(variant)]
+    # No variant asked for: the default weights, else an fp16 variant when it is all there is.
+    return [folder / name for name in names(None) + names("fp16")]
+
+
+def find_weights(folder: Path, variant: str | None = None) -> Path:
+    for candidate in weight_candidates(folder, variant):
+        if candidate.is_file():
+            return candidate
+    looked = ", ".join(path.name for path in weight_candidates(folder, variant))
+    raise FileNotFoundError(f"{folder}: no weights file found (looked for {looked})")
+
+
+def read_safetensors(path: Path, keys: list[str] | None = None) -> dict[str, torch.Tensor]:
+    """All tensors (or ``keys``) of one safetensors file on the CPU; a bad file raises naming it."""
+    from safetensors import safe_open
+
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: file not found")
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as handle:
+            available = set(handle.keys())
+            wanted = list(available) if keys is None else keys
+            absent = [key for key in wanted if key not in available]
+            if absent:
+                raise CheckpointError(
+                    f"{path}: the index lists {len(absent)} tensors this file lacks: "
+                    f"{format_keys(absent)}"
+                )
+            return {key: handle.get_tensor(key) for key in wanted}
+    except CheckpointError:
+        raise
+    except Exception as error:  # safetensors raises its own error types for corrupt files
+        raise CheckpointError(
+            f"{path}: cannot read safetensors file, truncated or corrupt? ({error})"
+        ) from None
+
+
+def read_weights(path: Path) -> dict[str, torch.Tensor]:
+    """The full state dict from a single safetensors file or a sharded index."""
+    if path.name.endswith(".json"):
+        index = read_json(path)
+        weight_map = index.get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise CheckpointError(f"{path}: index has no 'weight_map' object")
+        by_shard: dict[str, list[str]] = {}
+        for key, shard in weight_map.items():
+            by_shard.setdefault(shard, []).append(key)
+        tensors: dict[str, torch.Tensor] = {}
+        for shard, keys in sorted(by_shard.items()):
+            tensors.update(read_safetensors(path.parent / shard, keys))
+        return tensors
+    return read_safetensors(path)
+
+
+def format_keys(keys: list[str], limit: int = 8) -> str:
+    shown = ", ".join(keys[:limit])
+    return shown + (f", ... ({len(keys) - limit} more)" if len(keys) > limit else "")
+
+
+def atomic_write(path: Path, write) -> None:
+    """Call ``write(temp_path)`` then move the temp file onto ``path`` (same directory)."""
+    handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(handle)
+    try:
+        write(temp)
+        with open(temp, "rb") as written:
+            os.fsync(written.fileno())
+        os.replace(temp, path)
+    except BaseException:
+        if os.path.exists(temp):
+            os.unlink(temp)
+        raise
+
+
+def write_component(
+    folder: str | os.PathLike,
+    config: dict[str, Any],
+    state_dict: dict[str, torch.Tensor],
+    variant: str | None = None,
+) -> Path:
+    """Write ``config.json`` and ``diffusion_pytorch_model[.variant].safetensors`` atomically.
+
+    The weights are written first and the config last, each through a temp file and a rename, so
+    a reader never sees a partially written file.
+    """
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    # Own, contiguous CPU copies: safetensors refuses tensors that share storage (fused splits).
+    tensors = {
+        key: value.detach().to("cpu").contiguous().clone() for key, value in state_dict.items()
+    }
+    suffix = f".{variant}" if variant else ""
+    weights = folder / f"{WEIGHTS_NAME}{suffix}.safetensors"
+    atomic_write(weights, lambda temp: save_file(tensors, temp, metadata={"format": "pt"}))
+
+    def write_config(temp: str) -> None:
+        with open(temp, "w", encoding="utf-8") as out:
+            json.dump(config, out, indent=2, sort_keys=True)
+            out.write("\n")
+
+    atomic_write(folder / CONFIG_NAME, write_config)
+    return folder

@@ -1,0 +1,57 @@
+"""Timestep embeddings: sinusoidal features (Vaswani et al. 2017, sec. 3.5) and their MLP.
+
+DDPM (Ho et al. 2020, appendix B) feeds the diffusion timestep to every ResNet block through a
+sinusoidal embedding followed by a two-layer MLP; SD and SDXL use the same construction for the
+timestep and for SDXL's micro-conditioning ``time_ids``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def timestep_embedding(
+    timesteps: torch.Tensor,
+    dim: int,
+    flip_sin_to_cos: bool = True,
+    freq_shift: float = 0.0,
+    max_period: float = 10000.0,
+) -> torch.Tensor:
+    """Sinusoidal features of a 1-D tensor of (possibly fractional) timesteps: (N,) -> (N, dim).
+
+    Frequency ``i`` is ``max_period ** (-i / (dim/2 - freq_shift))``; the output is
+    ``[sin | cos]`` or, with ``flip_sin_to_cos``, ``[cos | sin]`` (the SD convention), zero-padded
+    by one column when ``dim`` is odd. Always float32: fp16 cannot represent ``t * freq`` for
+    t near 1000 precisely enough.
+    """
+    if timesteps.dim() != 1:
+        raise ValueError(
+            f"timestep_embedding expects a 1-D tensor, got shape {tuple(timesteps.shape)}"
+        )
+    half = dim // 2
+    exponent = torch.arange(half, dtype=torch.float32, device=timesteps.device)
+    exponent = exponent * (-math.log(max_period) / (half - freq_shift))
+    angles = timesteps.float()[:, None] * torch.exp(exponent)[None, :]
+    if flip_sin_to_cos:
+        features = torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1)
+    else:
+        features = torch.cat([torch.sin(angles), torch.cos(angles)], dim=-1)
+    if dim % 2 == 1:
+        features = F.pad(features, (0, 1))
+    return features
+
+
+class TimestepEmbedding(nn.Module):
+    """Two linear layers with a SiLU between them (keys ``linear_1``, ``linear_2``)."""
+
+    def __init__(self, in_features: int, out_features: int) -> None:
+        super().__init__()
+        self.linear_1 = nn.Linear(in_features, out_features)
+        self.linear_2 = nn.Linear(out_features, out_features)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.linear_2(F.silu(self.linear_1(features)))

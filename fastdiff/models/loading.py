@@ -1,0 +1,149 @@
+"""``load_unet`` / ``load_vae`` and ``save_pretrained``: diffusers component folders in and out.
+
+Loading builds the model on the meta device (no memory, no random init), reads and checks every
+tensor against the model's expected keys and shapes, and only then assigns them: a checkpoint
+either loads completely or raises, never leaving a half-loaded model.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from fastdiff.models.attention import LEGACY_ATTENTION_NAMES
+from fastdiff.models.checkpoint import (
+    CONFIG_NAME,
+    CheckpointError,
+    find_weights,
+    format_keys,
+    read_json,
+    read_weights,
+    write_component,
+)
+from fastdiff.models.config import UNetConfig, VAEConfig
+from fastdiff.models.module import ModelBase
+from fastdiff.models.unet import UNet2DConditionModel
+from fastdiff.models.vae import AutoencoderKL
+
+
+def rename_legacy_keys(
+    state_dict: dict[str, torch.Tensor], expected: dict[str, torch.Size]
+) -> dict[str, torch.Tensor]:
+    """Map old VAE attention names (query/key/value/proj_attn) onto the current ones."""
+    renamed = {}
+    for key, tensor in state_dict.items():
+        prefix, _, param = key.rpartition(".")
+        module_path, _, name = prefix.rpartition(".")
+        if key not in expected and name in LEGACY_ATTENTION_NAMES:
+            new_key = f"{module_path}.{LEGACY_ATTENTION_NAMES[name]}.{param}"
+            if new_key in expected:
+                if tensor.dim() == 4 and len(expected[new_key]) == 2:
+                    tensor = tensor[:, :, 0, 0]  # 1x1-conv form of a linear weight
+                key = new_key
+        renamed[key] = tensor
+    return renamed
+
+
+def check_state_dict(
+    state_dict: dict[str, torch.Tensor], expected: dict[str, torch.Size], source: Path
+) -> None:
+    """Raise one ``CheckpointError`` listing missing, unexpected and mis-shaped keys."""
+    missing = sorted(set(expected) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(expected))
+    misshaped = sorted(
+        f"{key} (checkpoint {tuple(state_dict[key].shape)}, model {tuple(expected[key])})"
+        for key in set(expected) & set(state_dict)
+        if tuple(state_dict[key].shape) != tuple(expected[key])
+    )
+    problems = []
+    for label, keys in (
+        ("missing keys", missing),
+        ("unexpected keys", unexpected),
+        ("mis-shaped keys", misshaped),
+    ):
+        if keys:
+            problems.append(f"{len(keys)} {label}: {format_keys(keys)}")
+    if problems:
+        raise CheckpointError(f"{source}: weights do not match the config: " + "; ".join(problems))
+
+
+def build_from_folder(
+    model_class: type[ModelBase],
+    config_class,
+    path: str | os.PathLike,
+    dtype: torch.dtype | None,
+    device: str | torch.device | None,
+    variant: str | None,
+) -> ModelBase:
+    folder = Path(path)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder}: not a directory")
+    config_path = folder / CONFIG_NAME
+    try:
+        config = config_class.from_dict(read_json(config_path))
+    except CheckpointError:
+        raise
+    except ValueError as error:
+        raise ValueError(f"{config_path}: {error}") from None
+    weights_path = find_weights(folder, variant)
+    with torch.device("meta"):
+        model = model_class(config)
+    expected = {key: value.shape for key, value in model.state_dict().items()}
+    state_dict = rename_legacy_keys(read_weights(weights_path), expected)
+    check_state_dict(state_dict, expected, weights_path)
+    dtype = dtype or torch.float32
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    state_dict = {
+        key: value.to(device=device, dtype=dtype if value.is_floating_point() else value.dtype)
+        for key, value in state_dict.items()
+    }
+    model.load_state_dict(state_dict, strict=True, assign=True)
+    return model.eval()
+
+
+def load_unet(
+    path: str | os.PathLike,
+    dtype: torch.dtype | None = None,
+    device: str | torch.device | None = None,
+    variant: str | None = None,
+) -> UNet2DConditionModel:
+    """Load a diffusers ``UNet2DConditionModel`` folder (float32 on the CPU unless asked)."""
+    return build_from_folder(UNet2DConditionModel, UNetConfig, path, dtype, device, variant)
+
+
+def load_vae(
+    path: str | os.PathLike,
+    dtype: torch.dtype | None = None,
+    device: str | torch.device | None = None,
+    variant: str | None = None,
+) -> AutoencoderKL:
+    """Load a diffusers ``AutoencoderKL`` folder (float32 on the CPU unless asked)."""
+    return build_from_folder(AutoencoderKL, VAEConfig, path, dtype, device, variant)
+
+
+def save_pretrained(
+    model: nn.Module,
+    folder: str | os.PathLike,
+    dtype: torch.dtype | None = None,
+    variant: str | None = None,
+) -> Path:
+    """Write ``model`` as a diffusers component folder that load_unet/load_vae and diffusers read.
+
+    Fused projections are written as diffusers' separate to_q/to_k/to_v keys. ``dtype`` casts the
+    floating-point weights (e.g. ``torch.float16`` with ``variant="fp16"``).
+    """
+    if not isinstance(model, (UNet2DConditionModel, AutoencoderKL)):
+        raise ValueError(
+            f"save_pretrained expects a fastdiff UNet2DConditionModel or AutoencoderKL, got "
+            f"{type(model).__name__}"
+        )
+    state_dict = model.state_dict()
+    if dtype is not None:
+        state_dict = {
+            key: value.to(dtype) if value.is_floating_point() else value
+            for key, value in state_dict.items()
+        }
+    return write_component(folder, model.config.to_dict(), state_dict, variant)

@@ -1,0 +1,119 @@
+"""The spatial transformer of the Stable Diffusion U-Net (Rombach et al. 2022, sec. 3.3).
+
+``Transformer2DModel`` flattens a feature map to tokens, runs ``BasicTransformerBlock``s
+(self-attention, cross-attention to the text tokens, GEGLU feed-forward (Shazeer 2020), each
+pre-LayerNorm and residual), and adds the result back to the input. ``proj_in``/``proj_out`` are
+1x1 convolutions (SD 1.x) or linear layers (``use_linear_projection``, SD 2.x / SDXL).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from fastdiff import ops
+from fastdiff.models.attention import Attention
+from fastdiff.models.resnet import GroupNorm
+
+
+class LayerNorm(nn.LayerNorm):
+    """``nn.LayerNorm`` parameters, computed by ``fastdiff.ops.layer_norm``."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return ops.layer_norm(x, self.weight, self.bias, self.eps)
+
+
+class GEGLU(nn.Module):
+    """Linear to ``2 * inner`` features (key ``proj``), then ``fastdiff.ops.geglu``."""
+
+    def __init__(self, dim: int, inner: int) -> None:
+        super().__init__()
+        self.proj = nn.Linear(dim, inner * 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return ops.geglu(self.proj(x))
+
+
+class FeedForward(nn.Module):
+    """GEGLU feed-forward with 4x expansion; keys ``net.0.proj`` and ``net.2`` as in diffusers."""
+
+    def __init__(self, dim: int, mult: int = 4) -> None:
+        super().__init__()
+        inner = dim * mult
+        self.net = nn.ModuleList([GEGLU(dim, inner), nn.Dropout(0.0), nn.Linear(inner, dim)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.net:
+            x = layer(x)
+        return x
+
+
+class BasicTransformerBlock(nn.Module):
+    """Pre-norm self-attention, cross-attention and feed-forward, each with a residual."""
+
+    def __init__(self, dim: int, heads: int, dim_head: int, cross_attention_dim: int) -> None:
+        super().__init__()
+        self.norm1 = LayerNorm(dim)
+        self.attn1 = Attention(dim, heads, dim_head)
+        self.norm2 = LayerNorm(dim)
+        self.attn2 = Attention(dim, heads, dim_head, cross_attention_dim=cross_attention_dim)
+        self.norm3 = LayerNorm(dim)
+        self.ff = FeedForward(dim)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None) -> torch.Tensor:
+        x = self.attn1(self.norm1(x)) + x
+        x = self.attn2(self.norm2(x), context) + x
+        return self.ff(self.norm3(x)) + x
+
+
+class Transformer2DModel(nn.Module):
+    """GroupNorm -> proj_in -> transformer blocks over H*W tokens -> proj_out, plus the input."""
+
+    def __init__(
+        self,
+        heads: int,
+        dim_head: int,
+        in_channels: int,
+        num_layers: int,
+        cross_attention_dim: int,
+        norm_groups: int,
+        use_linear_projection: bool,
+    ) -> None:
+        super().__init__()
+        inner = heads * dim_head
+        self.use_linear_projection = use_linear_projection
+        self.norm = GroupNorm(norm_groups, in_channels, eps=1e-6)
+        if use_linear_projection:
+            self.proj_in = nn.Linear(in_channels, inner)
+            self.proj_out = nn.Linear(inner, in_channels)
+        else:
+            self.proj_in = nn.Conv2d(in_channels, inner, 1)
+            self.proj_out = nn.Conv2d(inner, in_channels, 1)
+        self.transformer_blocks = nn.ModuleList(
+            BasicTransformerBlock(inner, heads, dim_head, cross_attention_dim)
+            for _ in range(num_layers)
+        )
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None) -> torch.Tensor:
+        batch, _, height, width = x.shape
+        hidden = self.norm(x)
+        if not self.use_linear_projection:
+            hidden = self.proj_in(hidden)
+        # (B, C, H, W) -> (B, H*W, C): a view when the input is channels-last.
+        tokens = hidden.permute(0, 2, 3, 1).reshape(batch, height * width, hidden.shape[1])
+        if self.use_linear_projection:
+            tokens = self.proj_in(tokens)
+        for block in self.transformer_blocks:
+            tokens = block(tokens, context)
+        if self.use_linear_projection:
+            tokens = self.proj_out(tokens)
+        hidden = tokens.reshape(batch, height, width, tokens.shape[-1]).permute(0, 3, 1, 2)
+        if not self.use_linear_projection:
+            hidden = self.proj_out(hidden)
+        # Keep the caller's memory format so the following convolutions see one layout.
+        layout = (
+            torch.channels_last
+            if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+            else torch.contiguous_format
+        )
+        return hidden.contiguous(memory_format=layout) + x

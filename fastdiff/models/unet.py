@@ -1,0 +1,255 @@
+"""The latent-diffusion noise predictor: a ``UNet2DConditionModel``-compatible U-Net.
+
+Architecture of Rombach et al. 2022 (LDM, sec. 3.3) on the DDPM U-Net (Ho et al. 2020): a
+timestep embedding (+ optional class embedding, + SDXL's text/size "text_time" embedding, Podell
+et al. 2023, sec. 2.2) conditions every ResNet block; transformer blocks cross-attend to
+``encoder_hidden_states``. Built from the diffusers config dict; parameter names equal diffusers'
+so its safetensors load unchanged.
+
+The forward pass never reads tensor values on the host (no ``.item()``, no value-dependent
+branches or shapes) so it can be captured in a CUDA graph.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from fastdiff.models.config import UNetConfig
+from fastdiff.models.embeddings import TimestepEmbedding, timestep_embedding
+from fastdiff.models.module import ModelBase
+from fastdiff.models.resnet import GroupNorm
+from fastdiff.models.unet_blocks import (
+    BlockSpec,
+    CrossAttentionSpec,
+    DownBlock,
+    MidBlock,
+    MidBlockCrossAttention,
+    UpBlock,
+)
+
+
+def cross_attention_spec(config: UNetConfig, heads: Any, depth: int, context_dim: Any):
+    if heads is None or context_dim is None:
+        raise ValueError(
+            "cross-attention blocks need attention_head_dim and cross_attention_dim values, got "
+            f"attention_head_dim={heads!r} cross_attention_dim={context_dim!r}"
+        )
+    return CrossAttentionSpec(heads, depth, context_dim, config.use_linear_projection)
+
+
+class UNet2DConditionModel(ModelBase):
+    """``unet(sample, timestep, encoder_hidden_states, added_cond_kwargs, class_labels)``."""
+
+    def __init__(self, config: UNetConfig | dict[str, Any]) -> None:
+        super().__init__()
+        config = UNetConfig.from_dict(config) if isinstance(config, dict) else config
+        self.config = config
+        channels = list(config.block_out_channels)
+        blocks = len(channels)
+        time_dim = config.time_embed_dim
+        spec = BlockSpec(
+            time_dim,
+            config.norm_num_groups,
+            config.norm_eps,
+            config.dropout,
+            config.resnet_out_scale_factor,
+        )
+        heads = config.blocks_heads()
+        depths = config.blocks_transformer_layers()
+        context_dims = config.blocks_cross_attention_dim()
+        layers = config.blocks_layers_per_block()
+
+        self.conv_in = nn.Conv2d(
+            config.in_channels,
+            channels[0],
+            config.conv_in_kernel,
+            padding=config.conv_in_kernel // 2,
+        )
+        self.time_embedding = TimestepEmbedding(channels[0], time_dim)
+        self.class_embedding = (
+            nn.Embedding(config.num_class_embeds, time_dim)
+            if config.num_class_embeds is not None
+            else None
+        )
+        self.add_embedding = (
+            TimestepEmbedding(config.projection_class_embeddings_input_dim, time_dim)
+            if config.addition_embed_type == "text_time"
+            else None
+        )
+
+        self.down_blocks = nn.ModuleList()
+        out_channels = channels[0]
+        for i, block_type in enumerate(config.down_block_types):
+            in_channels, out_channels = out_channels, channels[i]
+            attention = None
+            if block_type == "CrossAttnDownBlock2D":
+                attention = cross_attention_spec(config, heads[i], depths[i], context_dims[i])
+            self.down_blocks.append(
+                DownBlock(
+                    in_channels,
+                    out_channels,
+                    layers[i],
+                    spec,
+                    i < blocks - 1,
+                    config.downsample_padding,
+                    attention,
+                )
+            )
+
+        mid_spec = BlockSpec(
+            time_dim,
+            config.norm_num_groups,
+            config.norm_eps,
+            config.dropout,
+            config.mid_block_scale_factor,
+        )
+        if config.mid_block_type == "UNetMidBlock2DCrossAttn":
+            self.mid_block = MidBlockCrossAttention(
+                channels[-1],
+                mid_spec,
+                cross_attention_spec(config, heads[-1], depths[-1], context_dims[-1]),
+            )
+        elif config.mid_block_type == "UNetMidBlock2D":
+            self.mid_block = MidBlock(channels[-1], mid_spec, num_layers=0, add_attention=False)
+        else:
+            self.mid_block = None
+
+        self.up_blocks = nn.ModuleList()
+        reversed_channels = channels[::-1]
+        out_channels = reversed_channels[0]
+        for i, block_type in enumerate(config.up_block_types):
+            prev_output, out_channels = out_channels, reversed_channels[i]
+            in_channels = reversed_channels[min(i + 1, blocks - 1)]
+            attention = None
+            if block_type == "CrossAttnUpBlock2D":
+                j = blocks - 1 - i  # the matching down stage
+                attention = cross_attention_spec(config, heads[j], depths[j], context_dims[j])
+            self.up_blocks.append(
+                UpBlock(
+                    in_channels,
+                    prev_output,
+                    out_channels,
+                    layers[blocks - 1 - i] + 1,
+                    spec,
+                    i < blocks - 1,
+                    attention,
+                )
+            )
+
+        self.conv_norm_out = GroupNorm(config.norm_num_groups, channels[0], eps=config.norm_eps)
+        self.conv_out = nn.Conv2d(
+            channels[0],
+            config.out_channels,
+            config.conv_out_kernel,
+            padding=config.conv_out_kernel // 2,
+        )
+        self.needs_context = any(
+            block.has_cross_attention
+            for block in [*self.down_blocks, *self.up_blocks, self.mid_block]
+            if block is not None
+        )
+
+    def timesteps_for(self, sample: torch.Tensor, timestep: Any) -> torch.Tensor:
+        """Timesteps as a float/long tensor of shape (B,) on the sample's device."""
+        batch = sample.shape[0]
+        if not torch.is_tensor(timestep):
+            dtype = torch.float32 if isinstance(timestep, float) else torch.long
+            return torch.full((batch,), timestep, dtype=dtype, device=sample.device)
+        if timestep.dim() == 0:
+            timestep = timestep[None]
+        if timestep.dim() != 1 or timestep.shape[0] not in (1, batch):
+            raise ValueError(
+                f"timestep must be a number, a 0-d tensor or a tensor of shape (1,) or ({batch},), "
+                f"got shape {tuple(timestep.shape)}"
+            )
+        return timestep.to(sample.device).expand(batch)
+
+    def embed(
+        self,
+        sample: torch.Tensor,
+        timestep: Any,
+        added_cond_kwargs: dict[str, torch.Tensor] | None,
+        class_labels: torch.Tensor | None,
+    ) -> torch.Tensor:
+        config = self.config
+        features = timestep_embedding(
+            self.timesteps_for(sample, timestep),
+            config.block_out_channels[0],
+            config.flip_sin_to_cos,
+            config.freq_shift,
+        )
+        emb = self.time_embedding(features.to(sample.dtype))
+        if self.class_embedding is not None:
+            if class_labels is None:
+                raise ValueError(
+                    "this U-Net is class-conditional (num_class_embeds="
+                    f"{config.num_class_embeds}): pass class_labels"
+                )
+            if not torch.is_tensor(class_labels):
+                class_labels = torch.as_tensor(class_labels, device=sample.device)
+            emb = emb + self.class_embedding(class_labels).to(sample.dtype)
+        if self.add_embedding is not None:
+            missing = [
+                key for key in ("text_embeds", "time_ids") if key not in (added_cond_kwargs or {})
+            ]
+            if missing:
+                raise ValueError(
+                    "addition_embed_type='text_time' needs added_cond_kwargs with keys "
+                    f"'text_embeds' and 'time_ids'; missing {missing}"
+                )
+            text_embeds = added_cond_kwargs["text_embeds"]
+            time_ids = added_cond_kwargs["time_ids"]
+            time_features = timestep_embedding(
+                time_ids.flatten(),
+                config.addition_time_embed_dim,
+                config.flip_sin_to_cos,
+                config.freq_shift,
+            ).reshape(text_embeds.shape[0], -1)
+            extra = torch.cat([text_embeds, time_features], dim=-1).to(emb.dtype)
+            emb = emb + self.add_embedding(extra)
+        return emb
+
+    @classmethod
+    def from_pretrained(cls, path, dtype=None, device=None, variant=None):
+        """Same as ``fastdiff.models.load_unet``."""
+        from fastdiff.models.loading import load_unet
+
+        return load_unet(path, dtype=dtype, device=device, variant=variant)
+
+    def forward(
+        self,
+        sample: torch.Tensor,
+        timestep: torch.Tensor | float | int,
+        encoder_hidden_states: torch.Tensor | None = None,
+        added_cond_kwargs: dict[str, torch.Tensor] | None = None,
+        class_labels: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Predict the model output (noise, v or x0, per the training target) for ``sample``."""
+        if sample.dim() != 4 or sample.shape[1] != self.config.in_channels:
+            raise ValueError(
+                f"sample must be (B, {self.config.in_channels}, H, W), got {tuple(sample.shape)}"
+            )
+        if self.needs_context and encoder_hidden_states is None:
+            raise ValueError("this U-Net has cross-attention blocks: pass encoder_hidden_states")
+        if self.config.center_input_sample:
+            sample = 2 * sample - 1.0
+        emb = self.embed(sample, timestep, added_cond_kwargs, class_labels)
+        context = encoder_hidden_states
+
+        x = self.conv_in(sample)
+        skips = [x]
+        for block in self.down_blocks:
+            x, block_skips = block(x, emb, context)
+            skips.extend(block_skips)
+        if self.mid_block is not None:
+            x = self.mid_block(x, emb, context)
+        for block in self.up_blocks:
+            count = len(block.resnets)
+            block_skips, skips = skips[-count:], skips[:-count]
+            upsample_size = tuple(skips[-1].shape[2:]) if skips else None
+            x = block(x, block_skips, emb, context, upsample_size)
+        x = self.conv_norm_out(x, silu=True)
+        return self.conv_out(x)

@@ -1,0 +1,160 @@
+"""fastdiff's U-Net against diffusers' UNet2DConditionModel on the same saved checkpoints."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fastdiff.models import UNet2DConditionModel, UNetConfig, load_unet
+from tests.models.reference import UNET_CONFIGS, unet_inputs
+
+TOLERANCE = 1e-4
+NAMES = list(UNET_CONFIGS)
+
+
+def reference_output(model, inputs: dict) -> torch.Tensor:
+    with torch.no_grad():
+        return model(**inputs).sample
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_matches_diffusers(checkpoints, name):
+    reference, folder = checkpoints.unet(name)
+    inputs = unet_inputs(name)
+    expected = reference_output(reference, inputs)
+    with torch.no_grad():
+        actual = load_unet(folder)(**inputs)
+    assert actual.shape == expected.shape == inputs["sample"].shape
+    assert expected.abs().max() > 0.1  # a real output, not a degenerate zero map
+    torch.testing.assert_close(actual, expected, atol=TOLERANCE, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "timestep",
+    [7, 7.5, torch.tensor(7), torch.tensor(7.5), torch.tensor([7]), torch.tensor([7.0, 980.0])],
+    ids=["int", "float", "0d-long", "0d-float", "1-element", "per-sample-float"],
+)
+def test_timestep_forms(checkpoints, timestep):
+    reference, folder = checkpoints.unet("sd1")
+    inputs = {**unet_inputs("sd1"), "timestep": timestep}
+    expected = reference_output(reference, inputs)
+    with torch.no_grad():
+        actual = load_unet(folder)(**inputs)
+    torch.testing.assert_close(actual, expected, atol=TOLERANCE, rtol=0)
+
+
+def test_timestep_shape_mismatch_raises(checkpoints):
+    _, folder = checkpoints.unet("sd1")
+    inputs = {**unet_inputs("sd1", batch=2), "timestep": torch.tensor([1, 2, 3])}
+    with pytest.raises(ValueError, match="timestep"):
+        load_unet(folder)(**inputs)
+
+
+@pytest.mark.parametrize("name", ["sd1", "sdxl"])
+def test_fused_projections_same_output(checkpoints, name):
+    _, folder = checkpoints.unet(name)
+    model = load_unet(folder)
+    inputs = unet_inputs(name)
+    with torch.no_grad():
+        expected = model(**inputs)
+    state_before = model.state_dict()
+    fused = model.fuse_qkv_projections()
+    assert fused == len(model.attention_modules()) > 0
+    assert all(hasattr(m, "to_qkv") != m.is_cross_attention for m in model.attention_modules())
+    with torch.no_grad():
+        actual = model(**inputs)
+    torch.testing.assert_close(actual, expected, atol=1e-5, rtol=0)
+    # state_dict() still speaks diffusers' key names with the same tensors.
+    state_after = model.state_dict()
+    assert state_after.keys() == state_before.keys()
+    for key, value in state_before.items():
+        assert torch.equal(state_after[key], value), key
+
+
+@pytest.mark.parametrize("name", ["sd1", "sd2", "sdxl", "class_conditional"])
+def test_channels_last_same_output(checkpoints, name):
+    _, folder = checkpoints.unet(name)
+    model = load_unet(folder)
+    inputs = unet_inputs(name)
+    with torch.no_grad():
+        expected = model(**inputs)
+        model = model.to(memory_format=torch.channels_last)
+        inputs["sample"] = inputs["sample"].to(memory_format=torch.channels_last)
+        actual = model(**inputs)
+    torch.testing.assert_close(actual, expected, atol=1e-5, rtol=0)
+
+
+def test_class_labels_condition_the_output(checkpoints):
+    _, folder = checkpoints.unet("class_conditional")
+    model = load_unet(folder)
+    inputs = unet_inputs("class_conditional")
+    with torch.no_grad():
+        first = model(**inputs)
+        other = model(**{**inputs, "class_labels": inputs["class_labels"] + 1})
+    assert (first - other).abs().max() > 1e-3
+    with pytest.raises(ValueError, match="class_labels"):
+        model(inputs["sample"], inputs["timestep"])
+
+
+def test_cross_attention_model_needs_context(checkpoints):
+    _, folder = checkpoints.unet("sd1")
+    inputs = unet_inputs("sd1")
+    with pytest.raises(ValueError, match="encoder_hidden_states"):
+        load_unet(folder)(inputs["sample"], inputs["timestep"])
+
+
+def test_text_time_needs_added_cond_kwargs(checkpoints):
+    _, folder = checkpoints.unet("sdxl")
+    inputs = unet_inputs("sdxl")
+    inputs["added_cond_kwargs"] = {"text_embeds": inputs["added_cond_kwargs"]["text_embeds"]}
+    with pytest.raises(ValueError, match="time_ids"):
+        load_unet(folder)(**inputs)
+
+
+def test_odd_latent_size_matches_diffusers(checkpoints):
+    # 10x10 latents: the upsampler must restore the skip connection's 5x5 size, not 2x of it.
+    reference, folder = checkpoints.unet("class_conditional")
+    inputs = unet_inputs("class_conditional", size=10)
+    inputs["sample"] = inputs["sample"][:, :, :9, :9]
+    expected = reference_output(reference, inputs)
+    with torch.no_grad():
+        actual = load_unet(folder)(**inputs)
+    torch.testing.assert_close(actual, expected, atol=TOLERANCE, rtol=0)
+
+
+@pytest.mark.parametrize("name", ["sdxl", "class_conditional"])
+def test_forward_reads_no_tensor_values(name):
+    """Runs entirely on the meta device: any .item(), value-dependent branch or data-dependent
+    shape would fail there. That is what CUDA-graph capture requires of the forward pass."""
+    with torch.device("meta"):
+        model = UNet2DConditionModel(UNET_CONFIGS[name])
+    inputs = unet_inputs(name)
+    meta_inputs = {
+        key: (
+            {k: v.to("meta") for k, v in value.items()} if isinstance(value, dict)
+            else value.to("meta")
+        )
+        for key, value in inputs.items()
+        if value is not None
+    }
+    out = model(**meta_inputs)
+    assert out.device.type == "meta" and out.shape == inputs["sample"].shape
+
+
+def test_model_conveniences(checkpoints):
+    _, folder = checkpoints.unet("sd1")
+    model = load_unet(folder, dtype=torch.float64)
+    assert model.dtype == torch.float64
+    assert model.device == torch.device("cpu")
+    assert isinstance(model.config, UNetConfig)
+    assert model.config.in_channels == model.config["in_channels"] == 4
+    assert not model.training
+
+
+def test_sd2_heads_follow_diffusers_attention_head_dim_semantics():
+    # attention_head_dim=[2, 4] with block widths (32, 64): 2 and 4 heads of 16 features.
+    model = UNet2DConditionModel(UNET_CONFIGS["sd2"])
+    first = model.down_blocks[0].attentions[0].transformer_blocks[0].attn1
+    second = model.down_blocks[1].attentions[0].transformer_blocks[0].attn1
+    assert (first.heads, first.dim_head) == (2, 16)
+    assert (second.heads, second.dim_head) == (4, 16)
