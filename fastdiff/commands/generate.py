@@ -1,0 +1,211 @@
+"""``fastdiff generate``: images from a pipeline folder, one output file or, with ``--prompts``, a
+folder of images (one per prompt, sharded over ranks when started by torchrun)."""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from fastdiff import parallel
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """ "HxW" or "N" (square) -> (height, width)."""
+    match = re.fullmatch(r"\s*(\d+)\s*(?:[xX]\s*(\d+)\s*)?", text)
+    if not match:
+        raise argparse.ArgumentTypeError(
+            f"size must be HxW or N (e.g. 512x768 or 512), got {text!r}"
+        )
+    height = int(match.group(1))
+    width = int(match.group(2) or height)
+    if height <= 0 or width <= 0:
+        raise argparse.ArgumentTypeError(f"size must be positive, got {text!r}")
+    return height, width
+
+
+def add_parser(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "generate",
+        help="generate images from a diffusers-format pipeline folder",
+        description="Generate images with a text- or class-conditional pipeline folder. With "
+        "--prompts, run under torchrun to shard the prompts over processes/GPUs.",
+    )
+    parser.add_argument("--model", required=True, help="pipeline folder (model_index.json, ...)")
+    what = parser.add_mutually_exclusive_group(required=True)
+    what.add_argument("--prompt", help="text prompt")
+    what.add_argument("--class-label", type=int, help="class label of a class-conditional model")
+    what.add_argument(
+        "--prompts",
+        type=Path,
+        help="file with one prompt per line (a class label per line for class-conditional "
+        "models); blank lines and lines starting with '#' are skipped",
+    )
+    parser.add_argument("--negative-prompt", default=None, help="negative prompt (text models)")
+    parser.add_argument("--steps", type=int, default=20, help="sampling steps (default 20)")
+    parser.add_argument("--guidance", type=float, default=7.5, help="CFG scale; <= 1 disables it")
+    parser.add_argument("--guidance-rescale", type=float, default=0.0)
+    parser.add_argument("--sampler", default="ddim", help="ddim, ddpm, euler or dpmpp_2m")
+    parser.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0 = deterministic)")
+    parser.add_argument(
+        "--seed", type=int, default=0, help="seed; prompt i of --prompts uses seed+i"
+    )
+    parser.add_argument("--size", type=parse_size, default=None, help="HxW or N (default: model's)")
+    parser.add_argument("--num-images", type=int, default=1, help="images per prompt (a grid)")
+    parser.add_argument("--out", type=Path, help="output image file (single prompt/label)")
+    parser.add_argument("--out-dir", type=Path, help="output folder (with --prompts)")
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    parser.add_argument(
+        "--dtype",
+        choices=sorted(DTYPES),
+        default=None,
+        help="weights dtype (default: fp16 on CUDA, fp32 on CPU)",
+    )
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    parser.set_defaults(handler=run)
+
+
+@dataclass
+class Job:
+    """One line of a --prompts file, or the single --prompt/--class-label."""
+
+    index: int
+    text: str
+
+
+def load_pipeline(args, device: torch.device):
+    from fastdiff.pipeline import Pipeline
+
+    dtype = (
+        DTYPES[args.dtype]
+        if args.dtype
+        else (torch.float16 if device.type == "cuda" else torch.float32)
+    )
+    return Pipeline.from_pretrained(args.model, device=device, dtype=dtype)
+
+
+def generate_one(pipe, args, job: Job, seed: int):
+    """Run the pipeline for one job and return the image (a grid for several)."""
+    from fastdiff.pipeline.images import make_grid
+
+    height, width = args.size if args.size else (None, None)
+    inputs = {}
+    if pipe.is_text_conditional:
+        if args.class_label is not None:
+            raise ValueError("this model takes text prompts, not --class-label")
+        inputs["prompt"] = job.text
+        inputs["negative_prompt"] = args.negative_prompt
+    else:
+        try:
+            inputs["class_labels"] = int(job.text)
+        except ValueError:
+            raise ValueError(
+                f"this model is class-conditional: expected a class label, got {job.text!r}"
+            ) from None
+    images = pipe(
+        **inputs,
+        num_inference_steps=args.steps,
+        guidance_scale=args.guidance,
+        guidance_rescale=args.guidance_rescale,
+        sampler=args.sampler,
+        eta=args.eta,
+        height=height,
+        width=width,
+        num_images=args.num_images,
+        seed=seed,
+        progress=not args.no_progress,
+    )
+    return images[0] if len(images) == 1 else make_grid(images)
+
+
+def check_args(args) -> None:
+    if args.prompts is None:
+        if args.out is None:
+            raise ValueError("--out FILE.png is required")
+        if args.out_dir is not None:
+            raise ValueError("--out-dir is only used with --prompts")
+    else:
+        if args.out_dir is None:
+            raise ValueError("--prompts needs --out-dir DIR")
+        if args.out is not None:
+            raise ValueError("--out is not used with --prompts; images go to --out-dir")
+    if args.num_images < 1:
+        raise ValueError(f"--num-images must be at least 1, got {args.num_images}")
+    if args.steps < 1:
+        raise ValueError(f"--steps must be at least 1, got {args.steps}")
+
+
+def run(args) -> int:
+    check_args(args)
+    if args.prompts is not None:
+        return run_prompts_file(args)
+    from fastdiff.pipeline.images import save_image_atomic
+
+    context = parallel.init_distributed(args.device)
+    pipe = load_pipeline(args, context.device)
+    text = args.prompt if args.prompt is not None else str(args.class_label)
+    started = time.perf_counter()
+    image = generate_one(pipe, args, Job(0, text), args.seed)
+    path = save_image_atomic(image, args.out)
+    print(f"wrote {path} ({time.perf_counter() - started:.1f} s)")
+    return 0
+
+
+def read_prompts(path: Path) -> list[str]:
+    if not path.is_file():
+        raise FileNotFoundError(f"prompts file not found: {path}")
+    lines = [line.strip() for line in path.read_text().splitlines()]
+    prompts = [line for line in lines if line and not line.startswith("#")]
+    if not prompts:
+        raise ValueError(f"{path} has no prompts")
+    return prompts
+
+
+def run_prompts_file(args) -> int:
+    """Each rank generates its share of the prompts, writing each image atomically as soon as it
+    is done; a failing prompt is recorded (prompt, rank, error) and the rank moves on. Rank 0
+    prints a summary; the exit code is 1 when any prompt failed on any rank."""
+    from fastdiff.pipeline.images import save_image_atomic
+
+    prompts = read_prompts(args.prompts)
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    context = parallel.init_distributed(args.device)
+    written, failures = [], []
+    mine = parallel.shard(prompts, context.rank, context.world_size)
+    started = time.perf_counter()
+    try:
+        pipe = load_pipeline(args, context.device)
+    except Exception as error:  # this rank cannot work at all: report all of its prompts
+        pipe = None
+        failures = [(index, context.rank, f"loading the model: {error}") for index, _ in mine]
+    for index, text in mine if pipe is not None else []:
+        try:
+            image = generate_one(pipe, args, Job(index, text), args.seed + index)
+            path = save_image_atomic(image, args.out_dir / f"prompt-{index:05d}.png")
+            written.append((index, str(path)))
+        except Exception as error:
+            failures.append((index, context.rank, f"{type(error).__name__}: {error}"))
+            print(f"rank {context.rank}: prompt {index} failed: {error}", file=sys.stderr)
+    gathered = parallel.gather_to_main(context, (written, failures))
+    parallel.shutdown(context)
+    if not context.is_main:
+        # Rank 0 reports every rank's failures and sets the exit code; a non-zero exit here
+        # could make torchrun stop rank 0 before its summary is printed.
+        return 0
+    all_written = sorted(item for rank_written, _ in gathered for item in rank_written)
+    all_failures = sorted(item for _, rank_failures in gathered for item in rank_failures)
+    elapsed = time.perf_counter() - started
+    print(
+        f"generated {len(all_written)}/{len(prompts)} prompts on {context.world_size} "
+        f"rank(s) in {elapsed:.1f} s into {args.out_dir}"
+    )
+    for index, rank, message in all_failures:
+        print(f"FAILED prompt {index} ({prompts[index]!r}) on rank {rank}: {message}")
+    return 1 if all_failures else 0

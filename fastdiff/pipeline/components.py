@@ -1,0 +1,137 @@
+"""Reading a diffusers-format pipeline folder: ``model_index.json`` says which components exist,
+each lives in its own subfolder (``unet/``, ``vae/``, ``scheduler/``, ``text_encoder/`` ...).
+
+fastdiff extensions to ``model_index.json`` (diffusers ignores unknown keys):
+- ``null_class_label`` (int): the class label a class-conditional U-Net was trained with as the
+  "no condition" input for classifier-free guidance. Default: the last class index,
+  ``num_class_embeds - 1`` (a model with K real classes has ``num_class_embeds = K + 1``).
+- ``class_names`` (list of str, optional): display names of the real classes 0..K-1.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fastdiff.pipeline.text_encoding import (
+    SUPPORTED_TEXT_ENCODERS,
+    SUPPORTED_TOKENIZERS,
+    PromptEncoder,
+    load_text_component,
+)
+
+# (text encoder, tokenizer) subfolder pairs in the order their embeddings are concatenated.
+TEXT_COMPONENTS = (("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2"))
+SCHEDULER_CONFIG = Path("scheduler") / "scheduler_config.json"
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise FileNotFoundError(f"missing file: {path}")
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path} is not valid JSON: {error}") from error
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} must hold a JSON object, found {type(data).__name__}")
+    return data
+
+
+def listed_class(index: dict[str, Any], name: str) -> str | None:
+    """The class name model_index.json gives for component ``name``, or None when absent/null."""
+    entry = index.get(name)
+    if isinstance(entry, (list, tuple)) and len(entry) == 2 and entry[1] is not None:
+        return str(entry[1])
+    return None
+
+
+@dataclass
+class PipelineComponents:
+    """Everything ``Pipeline`` needs, loaded from a folder."""
+
+    unet: Any
+    vae: Any
+    scheduler_config: dict[str, Any]
+    prompt_encoder: PromptEncoder | None = None
+    null_class_label: int | None = None
+    class_names: list[str] | None = None
+    force_zeros_for_empty_prompt: bool = False
+    source: Path | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def null_class_label_for(unet_config: dict[str, Any], index: dict[str, Any], where: Path) -> int:
+    num_class_embeds = unet_config.get("num_class_embeds")
+    label = index.get("null_class_label", num_class_embeds - 1)
+    if not isinstance(label, int) or not 0 <= label < num_class_embeds:
+        raise ValueError(
+            f"{where}: null_class_label must be an int in [0, {num_class_embeds}), got {label!r}"
+        )
+    return label
+
+
+def load_components(
+    folder, device=None, dtype=None, variant: str | None = None
+) -> PipelineComponents:
+    """Load the U-Net, VAE, scheduler config and (when listed) the CLIP text encoders of a
+    diffusers pipeline folder; every missing piece raises an error that names its path."""
+    from fastdiff.models import load_unet, load_vae  # models sit below the pipeline
+
+    root = Path(folder)
+    if not root.is_dir():
+        raise FileNotFoundError(f"pipeline folder not found: {root}")
+    index_path = root / "model_index.json"
+    index = read_json(index_path)
+    for required in ("unet", "vae", "scheduler"):
+        if listed_class(index, required) is None:
+            raise ValueError(f"{index_path} does not list a {required!r} component")
+        if not (root / required).is_dir():
+            raise FileNotFoundError(
+                f"model_index.json lists {required!r} but the folder {root / required} is missing"
+            )
+    scheduler_config = read_json(root / SCHEDULER_CONFIG)
+    unet = load_unet(root / "unet", dtype=dtype, device=device, variant=variant)
+    vae = load_vae(root / "vae", dtype=dtype, device=device, variant=variant)
+
+    pairs = []
+    for encoder_name, tokenizer_name in TEXT_COMPONENTS:
+        encoder_class = listed_class(index, encoder_name)
+        tokenizer_class = listed_class(index, tokenizer_name)
+        if encoder_class is None and tokenizer_class is None:
+            continue
+        if encoder_class is None or tokenizer_class is None:
+            raise ValueError(
+                f"{index_path}: {encoder_name!r} and {tokenizer_name!r} must be listed together"
+            )
+        tokenizer = load_text_component(
+            root / tokenizer_name, tokenizer_class, SUPPORTED_TOKENIZERS, device, dtype
+        )
+        encoder = load_text_component(
+            root / encoder_name, encoder_class, SUPPORTED_TEXT_ENCODERS, device, dtype
+        )
+        pairs.append((tokenizer, encoder))
+
+    unet_config = unet.config
+    text_time = unet_config.get("addition_embed_type") == "text_time"
+    prompt_encoder = PromptEncoder(pairs, penultimate=text_time) if pairs else None
+    null_label = None
+    if unet_config.get("num_class_embeds") is not None:
+        null_label = null_class_label_for(unet_config, index, index_path)
+    class_names = index.get("class_names")
+    if class_names is not None and (
+        not isinstance(class_names, list) or not all(isinstance(n, str) for n in class_names)
+    ):
+        raise ValueError(f"{index_path}: class_names must be a list of strings")
+    return PipelineComponents(
+        unet=unet,
+        vae=vae,
+        scheduler_config=scheduler_config,
+        prompt_encoder=prompt_encoder,
+        null_class_label=null_label,
+        class_names=class_names,
+        # SDXL folders set this: with no negative prompt the unconditional input is all zeros.
+        force_zeros_for_empty_prompt=bool(index.get("force_zeros_for_empty_prompt", False)),
+        source=root,
+    )

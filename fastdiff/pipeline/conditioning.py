@@ -1,0 +1,166 @@
+"""Turning user inputs (prompts, prompt embeddings, class labels) into U-Net keyword inputs.
+
+A condition is a dict of batched tensors whose keys are U-Net inputs: ``encoder_hidden_states``
+(text), ``text_embeds`` and ``time_ids`` (SDXL's added conditions), ``class_labels``. Keeping it a
+flat dict lets classifier-free guidance concatenate [uncond; cond] key by key in one forward.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from fastdiff.pipeline.text_encoding import PromptEncoder
+
+Condition = dict[str, torch.Tensor]
+
+
+@dataclass
+class Conditioning:
+    """The conditional inputs and, when classifier-free guidance is on, the unconditional ones
+    (same keys and shapes)."""
+
+    cond: Condition
+    uncond: Condition | None
+
+    @property
+    def batch_size(self) -> int:
+        return next(iter(self.cond.values())).shape[0]
+
+
+def as_list(value, name: str) -> list:
+    if isinstance(value, (str, int)):
+        return [value]
+    if isinstance(value, torch.Tensor):
+        if value.ndim > 1:
+            raise ValueError(
+                f"{name} must be a scalar or 1-D tensor, got shape {tuple(value.shape)}"
+            )
+        return value.reshape(-1).tolist()
+    if isinstance(value, Sequence) and len(value) > 0:
+        return list(value)
+    raise ValueError(f"{name} must be a value or a non-empty list, got {value!r}")
+
+
+def class_conditioning(
+    class_labels, num_class_embeds: int, null_label: int, num_images: int, guided: bool, device
+) -> Conditioning:
+    """Class labels, each repeated ``num_images`` times; unconditional input: the null label."""
+    labels = as_list(class_labels, "class_labels")
+    valid = [label for label in range(num_class_embeds) if label != null_label]
+    for label in labels:
+        if isinstance(label, bool) or not isinstance(label, int) or label not in valid:
+            raise ValueError(
+                f"class label {label!r} out of range: this model has {len(valid)} classes "
+                f"({valid[0]}..{valid[-1]}); label {null_label} is the null class used for guidance"
+                if valid
+                else f"class label {label!r}: this model has no classes besides the null class"
+            )
+    tensor = torch.tensor(labels, dtype=torch.long, device=device).repeat_interleave(num_images)
+    cond = {"class_labels": tensor}
+    uncond = {"class_labels": torch.full_like(tensor, null_label)} if guided else None
+    return Conditioning(cond, uncond)
+
+
+def check_embeddings(name: str, tensor: torch.Tensor, ndim: int, like: torch.Tensor | None) -> None:
+    if not isinstance(tensor, torch.Tensor) or tensor.ndim != ndim:
+        shape = tuple(tensor.shape) if isinstance(tensor, torch.Tensor) else type(tensor).__name__
+        raise ValueError(f"{name} must be a {ndim}-D tensor, got {shape}")
+    if like is not None and tensor.shape != like.shape:
+        raise ValueError(
+            f"{name} has shape {tuple(tensor.shape)} but the prompt embeddings have "
+            f"{tuple(like.shape)}"
+        )
+
+
+def text_conditioning(
+    encoder: PromptEncoder | None,
+    prompt,
+    negative_prompt,
+    prompt_embeds: torch.Tensor | None,
+    negative_prompt_embeds: torch.Tensor | None,
+    pooled_prompt_embeds: torch.Tensor | None,
+    negative_pooled_prompt_embeds: torch.Tensor | None,
+    needs_pooled: bool,
+    zeros_for_empty_negative: bool,
+    num_images: int,
+    guided: bool,
+    device,
+    dtype,
+) -> Conditioning:
+    """Prompt (or given embeddings) -> encoder_hidden_states (and SDXL's text_embeds)."""
+    if (prompt is None) == (prompt_embeds is None):
+        raise ValueError("pass exactly one of prompt and prompt_embeds")
+    pooled = pooled_prompt_embeds
+    if prompt is not None:
+        if encoder is None:
+            raise ValueError("this pipeline has no text encoder: pass prompt_embeds instead")
+        prompts = as_list(prompt, "prompt")
+        encoded = encoder.encode(prompts)
+        prompt_embeds, pooled = encoded.tokens, encoded.pooled
+    check_embeddings("prompt_embeds", prompt_embeds, 3, None)
+    batch, length = prompt_embeds.shape[:2]
+    if needs_pooled:
+        if pooled is None:
+            raise ValueError("this U-Net (SDXL text_time) needs pooled_prompt_embeds")
+        check_embeddings("pooled_prompt_embeds", pooled, 2, None)
+        if pooled.shape[0] != batch:
+            raise ValueError(
+                f"pooled_prompt_embeds has batch {pooled.shape[0]}, prompt_embeds {batch}"
+            )
+
+    negative_pooled = negative_pooled_prompt_embeds
+    if guided and negative_prompt_embeds is None:
+        if negative_prompt is None and zeros_for_empty_negative:
+            negative_prompt_embeds = torch.zeros_like(prompt_embeds)
+            negative_pooled = torch.zeros_like(pooled) if needs_pooled else None
+        else:
+            if encoder is None:
+                raise ValueError(
+                    "guidance needs negative_prompt_embeds when the pipeline has no text encoder"
+                )
+            negatives = (
+                [""] * batch
+                if negative_prompt is None
+                else as_list(negative_prompt, "negative_prompt")
+            )
+            if len(negatives) == 1 and batch > 1:
+                negatives = negatives * batch
+            if len(negatives) != batch:
+                raise ValueError(
+                    f"negative_prompt has {len(negatives)} entries but there are {batch} prompts"
+                )
+            encoded = encoder.encode(negatives, max_length=length)
+            negative_prompt_embeds, negative_pooled = encoded.tokens, encoded.pooled
+    if guided:
+        check_embeddings("negative_prompt_embeds", negative_prompt_embeds, 3, prompt_embeds)
+        if needs_pooled:
+            if negative_pooled is None:
+                raise ValueError("guidance on this U-Net needs negative_pooled_prompt_embeds")
+            check_embeddings("negative_pooled_prompt_embeds", negative_pooled, 2, pooled)
+
+    def expand(tensor: torch.Tensor) -> torch.Tensor:
+        # Each prompt's copies stay adjacent, as diffusers' num_images_per_prompt orders them.
+        return tensor.to(device=device, dtype=dtype).repeat_interleave(num_images, dim=0)
+
+    cond = {"encoder_hidden_states": expand(prompt_embeds)}
+    uncond = {"encoder_hidden_states": expand(negative_prompt_embeds)} if guided else None
+    if needs_pooled:
+        cond["text_embeds"] = expand(pooled)
+        if guided:
+            uncond["text_embeds"] = expand(negative_pooled)
+    return Conditioning(cond, uncond)
+
+
+def add_time_ids(conditioning: Conditioning, height: int, width: int, dtype) -> None:
+    """SDXL micro-conditioning: (original size, crop top-left, target size) per sample; fastdiff
+    always generates uncropped at the requested size, so this is (H, W, 0, 0, H, W)."""
+    batch = conditioning.batch_size
+    reference = conditioning.cond["encoder_hidden_states"]
+    time_ids = torch.tensor([[height, width, 0, 0, height, width]], dtype=dtype)
+    time_ids = time_ids.to(reference.device).expand(batch, 6).contiguous()
+    conditioning.cond["time_ids"] = time_ids
+    if conditioning.uncond is not None:
+        conditioning.uncond["time_ids"] = time_ids.clone()

@@ -1,0 +1,97 @@
+"""The pipeline's denoising loop: a sampling plan run by ``fastdiff.sampling.run_plan``, starting
+from pure noise (text/class-to-image) or part-way down the schedule (img2img).
+
+img2img is SDEdit (Meng et al. 2022): encode the init image, diffuse it with the closed-form
+forward process q(x_t | x_0) to the timestep of plan step ``start_step``, and run the plan's
+remaining steps. It needs no sampler of its own: the remaining rows of the full plan are a valid
+plan, given two adjustments made here:
+- the first state must be in the sampler's own scale: x = x_vp / c0 (c0 = INPUT_SCALE of that
+  row; 1 for the VP samplers, 1/sqrt(sigma^2 + 1) for Euler), which ``init_noise_scale`` applies;
+- a multistep solver has no previous x0 estimate at its first step, so that step runs first
+  order, as diffusers' multistep schedulers do after ``set_begin_index``: x0_prev := x0, i.e.
+  the NEXT_FROM_PREV_X0 coefficient is folded into NEXT_FROM_X0.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from tqdm.auto import tqdm
+
+from fastdiff.sampling import NoiseSchedule, make_plan, run_plan
+from fastdiff.sampling.plan import INPUT_SCALE, NEXT_FROM_PREV_X0, NEXT_FROM_X0, SamplingPlan
+
+
+def img2img_start_step(steps: int, strength: float) -> int:
+    """First plan step of an img2img run: ``int(steps * strength)`` steps are left to run
+    (strength 1 runs them all, from nearly pure noise)."""
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"num_inference_steps must be a positive int, got {steps!r}")
+    if not 0.0 < float(strength) <= 1.0:
+        raise ValueError(f"strength must lie in (0, 1], got {strength!r}")
+    remaining = min(int(steps * strength), steps)
+    if remaining < 1:
+        raise ValueError(
+            f"strength={strength} with {steps} steps leaves no step to run; "
+            f"use strength >= {1 / steps:.3g} or more steps"
+        )
+    return steps - remaining
+
+
+def plan_from_step(plan: SamplingPlan, start_step: int) -> SamplingPlan:
+    """The rows ``start_step:`` of ``plan`` as a plan of their own whose initial state is
+    ``init_noise_scale * x_vp`` for a VP-scale x at that step (see the module docstring)."""
+    if not 0 <= start_step < len(plan):
+        raise ValueError(f"start_step {start_step} out of range for a {len(plan)}-step plan")
+    if start_step == 0:
+        return plan
+    coefficients = plan.coefficients[start_step:].clone()
+    coefficients[0, NEXT_FROM_X0] += coefficients[0, NEXT_FROM_PREV_X0]
+    coefficients[0, NEXT_FROM_PREV_X0] = 0.0
+    return SamplingPlan(
+        plan.sampler,
+        plan.timesteps[start_step:].clone(),
+        coefficients,
+        1.0 / float(plan.coefficients[start_step, INPUT_SCALE]),
+        plan.eta,
+    )
+
+
+def run_sampler(
+    model_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    noise: torch.Tensor,
+    schedule: NoiseSchedule,
+    *,
+    sampler: str = "ddim",
+    steps: int = 20,
+    eta: float = 0.0,
+    generator: torch.Generator | None = None,
+    init_latents: torch.Tensor | None = None,
+    start_step: int = 0,
+    progress: bool = True,
+) -> torch.Tensor:
+    """Sample from unit-variance ``noise``; with ``init_latents`` (img2img) start at plan step
+    ``start_step`` from the forward-diffused init latents instead. Returns the final latents."""
+    plan = make_plan(schedule, sampler=sampler, steps=steps, eta=eta)
+    x_start = noise
+    if init_latents is not None:
+        if init_latents.shape != noise.shape:
+            raise ValueError(
+                f"init latents shape {tuple(init_latents.shape)} != noise shape "
+                f"{tuple(noise.shape)}"
+            )
+        plan = plan_from_step(plan, start_step)
+        t_start = plan.timesteps[:1].expand(noise.shape[0]).to(noise.device)
+        x_start = schedule.add_noise(init_latents, noise, t_start)
+    elif start_step != 0:
+        raise ValueError("start_step needs init_latents (img2img)")
+    if plan.stochastic and generator is not None and generator.device != noise.device:
+        raise ValueError(
+            f"sampler {sampler!r} draws noise on {noise.device} but the generator is on "
+            f"{generator.device}; create it with torch.Generator(device={str(noise.device)!r})"
+        )
+    with tqdm(total=len(plan), desc="sampling", disable=not progress, leave=False) as bar:
+        return run_plan(
+            model_fn, x_start, plan, generator=generator, callback=lambda *_: bar.update(1)
+        )

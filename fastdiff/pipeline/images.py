@@ -1,0 +1,113 @@
+"""Image conversions at the pipeline's edges: VAE output to [0, 1] tensors and PIL images, PIL or
+tensor inputs to the VAE's [-1, 1] range, image grids, and atomic PNG writes."""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+
+def vae_output_to_unit_range(decoded: torch.Tensor) -> torch.Tensor:
+    """Map a VAE decoder output (nominally in [-1, 1]) to float32 images in [0, 1]."""
+    return (decoded.float() / 2 + 0.5).clamp(0, 1)
+
+
+def tensor_to_pil(images: torch.Tensor) -> list[Image.Image]:
+    """(B, 3, H, W) float images in [0, 1] -> list of RGB PIL images (rounded to 8 bits)."""
+    if images.ndim != 4 or images.shape[1] not in (1, 3):
+        raise ValueError(f"expected images of shape (B, 3, H, W), got {tuple(images.shape)}")
+    array = (images.detach().float().cpu().permute(0, 2, 3, 1).numpy() * 255).round()
+    array = array.clip(0, 255).astype(np.uint8)
+    if array.shape[-1] == 1:
+        return [Image.fromarray(item[..., 0], mode="L").convert("RGB") for item in array]
+    return [Image.fromarray(item) for item in array]
+
+
+def image_to_tensor(
+    image: Image.Image | Sequence[Image.Image] | torch.Tensor,
+    height: int | None = None,
+    width: int | None = None,
+) -> torch.Tensor:
+    """An init image for img2img -> float32 (B, 3, H, W) tensor in [-1, 1] (the VAE's input range).
+
+    Accepts one PIL image, a list of PIL images (resized to ``width`` x ``height`` when given) or a
+    float tensor (3, H, W) / (B, 3, H, W) with values in [0, 1].
+    """
+    if isinstance(image, torch.Tensor):
+        tensor = image.detach().float()
+        if tensor.ndim == 3:
+            tensor = tensor.unsqueeze(0)
+        if tensor.ndim != 4 or tensor.shape[1] != 3:
+            raise ValueError(
+                f"image tensor must have shape (3, H, W) or (B, 3, H, W), got {tuple(image.shape)}"
+            )
+        if tensor.numel() and (tensor.min() < 0 or tensor.max() > 1):
+            raise ValueError("image tensor values must lie in [0, 1]")
+        if (height is not None and tensor.shape[2] != height) or (
+            width is not None and tensor.shape[3] != width
+        ):
+            raise ValueError(
+                f"image tensor is {tensor.shape[2]}x{tensor.shape[3]} but height x width "
+                f"{height}x{width} was requested; resize it first or leave height/width unset"
+            )
+        return tensor * 2 - 1
+    images = [image] if isinstance(image, Image.Image) else list(image)
+    if not images or not all(isinstance(item, Image.Image) for item in images):
+        raise ValueError("image must be a PIL image, a list of PIL images or a float tensor")
+    size = (width or images[0].width, height or images[0].height)
+    arrays = []
+    for item in images:
+        item = item.convert("RGB")
+        if item.size != size:
+            item = item.resize(size, resample=Image.Resampling.LANCZOS)
+        arrays.append(np.asarray(item, dtype=np.float32) / 255.0)
+    tensor = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+    return tensor * 2 - 1
+
+
+def make_grid(images: Sequence[Image.Image], columns: int | None = None) -> Image.Image:
+    """Tile equally sized images row by row; ``columns`` defaults to a near-square layout."""
+    if not images:
+        raise ValueError("make_grid needs at least one image")
+    width, height = images[0].size
+    if any(item.size != (width, height) for item in images):
+        raise ValueError("all images of a grid must have the same size")
+    columns = columns or math.ceil(math.sqrt(len(images)))
+    rows = math.ceil(len(images) / columns)
+    grid = Image.new("RGB", (columns * width, rows * height))
+    for index, item in enumerate(images):
+        grid.paste(item, ((index % columns) * width, (index // columns) * height))
+    return grid
+
+
+def save_image_atomic(image: Image.Image, path: str | os.PathLike) -> Path:
+    """Write ``image`` to ``path`` so that a reader never sees a partial file: encode into a
+    temporary file in the same directory, then ``os.replace`` it over the target. On failure the
+    temporary file is removed and an existing file at ``path`` is left untouched."""
+    target = Path(path)
+    if target.parent and not target.parent.exists():
+        raise FileNotFoundError(f"output directory does not exist: {target.parent}")
+    image_format = Image.registered_extensions().get(target.suffix.lower())
+    if image_format is None:
+        raise ValueError(f"cannot tell the image format from the file name {str(target)!r}")
+    handle, temporary = tempfile.mkstemp(
+        prefix=f".{target.name}.", suffix=".tmp", dir=target.parent or "."
+    )
+    try:
+        with os.fdopen(handle, "wb") as stream:
+            image.save(stream, format=image_format)
+            stream.flush()
+            os.fsync(stream.fileno())
+        os.replace(temporary, target)
+    except BaseException:
+        if os.path.exists(temporary):
+            os.unlink(temporary)
+        raise
+    return target

@@ -1,0 +1,387 @@
+"""``Pipeline``: conditioning -> sampler over the U-Net -> VAE decode -> images.
+
+The stages are separate methods so that a faster runtime can replace one without touching the
+others: ``encode_conditioning`` (text or class inputs), ``unet_forward`` (one U-Net call on a
+condition dict), ``build_model_fn`` (the guided model function a sampler calls), ``denoise`` (the
+sampling loop), ``decode_latents`` / ``encode_image`` (the VAE).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fastdiff.pipeline import images as image_utils
+from fastdiff.pipeline.components import PipelineComponents, load_components
+from fastdiff.pipeline.conditioning import (
+    Condition,
+    Conditioning,
+    add_time_ids,
+    class_conditioning,
+    text_conditioning,
+)
+from fastdiff.pipeline.denoising import img2img_start_step, run_sampler
+from fastdiff.pipeline.text_encoding import PromptEncoder
+from fastdiff.sampling import SAMPLERS, NoiseSchedule, classifier_free_guidance
+
+OUTPUT_TYPES = ("pil", "tensor", "latent")
+
+
+class Pipeline:
+    """Text- or class-conditional latent diffusion on fastdiff's own U-Net, VAE and samplers."""
+
+    def __init__(
+        self,
+        unet: torch.nn.Module,
+        vae: torch.nn.Module,
+        schedule: NoiseSchedule,
+        prompt_encoder: PromptEncoder | None = None,
+        null_class_label: int | None = None,
+        class_names: list[str] | None = None,
+        force_zeros_for_empty_prompt: bool = False,
+    ) -> None:
+        self.unet = unet
+        self.vae = vae
+        self.schedule = schedule
+        self.prompt_encoder = prompt_encoder
+        self.class_names = class_names
+        self.force_zeros_for_empty_prompt = force_zeros_for_empty_prompt
+        self.vae_scale_factor = 2 ** (len(vae.config["block_out_channels"]) - 1)
+        num_class_embeds = unet.config.get("num_class_embeds")
+        if num_class_embeds is not None and null_class_label is None:
+            null_class_label = num_class_embeds - 1  # fastdiff's convention: the last label
+        self.null_class_label = null_class_label
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        folder: str | Path,
+        device=None,
+        dtype: torch.dtype | None = None,
+        variant: str | None = None,
+    ) -> Pipeline:
+        """Load a diffusers-format pipeline folder (model_index.json, unet/, vae/, scheduler/, and
+        text_encoder/ + tokenizer/ [+ text_encoder_2/ + tokenizer_2/] when present)."""
+        parts: PipelineComponents = load_components(
+            folder, device=device, dtype=dtype, variant=variant
+        )
+        schedule = NoiseSchedule.from_config(parts.scheduler_config)
+        return cls(
+            parts.unet,
+            parts.vae,
+            schedule,
+            prompt_encoder=parts.prompt_encoder,
+            null_class_label=parts.null_class_label,
+            class_names=parts.class_names,
+            force_zeros_for_empty_prompt=parts.force_zeros_for_empty_prompt,
+        )
+
+    # -- properties -------------------------------------------------------------------------
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.unet.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.unet.parameters()).dtype
+
+    @property
+    def is_class_conditional(self) -> bool:
+        return self.unet.config.get("num_class_embeds") is not None
+
+    @property
+    def is_text_conditional(self) -> bool:
+        return self.prompt_encoder is not None or not self.is_class_conditional
+
+    @property
+    def num_classes(self) -> int:
+        """Real classes of a class-conditional model (the null class excluded), else 0."""
+        return self.unet.config["num_class_embeds"] - 1 if self.is_class_conditional else 0
+
+    @property
+    def default_size(self) -> int:
+        return int(self.unet.config["sample_size"]) * self.vae_scale_factor
+
+    # -- stages -----------------------------------------------------------------------------
+
+    def encode_conditioning(self, guided: bool, num_images: int, **inputs: Any) -> Conditioning:
+        """Text and/or class inputs -> U-Net keyword inputs for the conditional (and, when guided,
+        the unconditional) batch, each input repeated ``num_images`` times."""
+        text_inputs = ("prompt", "prompt_embeds")
+        if self.is_text_conditional:
+            if all(inputs.get(name) is None for name in text_inputs):
+                raise ValueError("this is a text-to-image model: pass prompt or prompt_embeds")
+            conditioning = text_conditioning(
+                self.prompt_encoder,
+                inputs.get("prompt"),
+                inputs.get("negative_prompt"),
+                inputs.get("prompt_embeds"),
+                inputs.get("negative_prompt_embeds"),
+                inputs.get("pooled_prompt_embeds"),
+                inputs.get("negative_pooled_prompt_embeds"),
+                needs_pooled=self.unet.config.get("addition_embed_type") == "text_time",
+                zeros_for_empty_negative=self.force_zeros_for_empty_prompt,
+                num_images=num_images,
+                guided=guided,
+                device=self.device,
+                dtype=self.dtype,
+            )
+        elif any(inputs.get(name) is not None for name in text_inputs + ("negative_prompt",)):
+            raise ValueError(
+                "this model is class-conditional and has no text encoder: pass class_labels "
+                "instead of a prompt"
+            )
+        if not self.is_class_conditional:
+            if inputs.get("class_labels") is not None:
+                raise ValueError("this model is not class-conditional: class_labels is not used")
+            return conditioning
+        if inputs.get("class_labels") is None:
+            raise ValueError(
+                f"this model is class-conditional: pass class_labels (0..{self.num_classes - 1})"
+            )
+        classes = class_conditioning(
+            inputs["class_labels"],
+            self.unet.config["num_class_embeds"],
+            self.null_class_label,
+            num_images,
+            guided,
+            self.device,
+        )
+        if not self.is_text_conditional:
+            return classes
+        if classes.batch_size != conditioning.batch_size:
+            raise ValueError(
+                f"{classes.batch_size // num_images} class labels for "
+                f"{conditioning.batch_size // num_images} prompts"
+            )
+        conditioning.cond.update(classes.cond)
+        if guided:
+            conditioning.uncond.update(classes.uncond)
+        return conditioning
+
+    def unet_forward(self, x: torch.Tensor, t: torch.Tensor, cond: Condition) -> torch.Tensor:
+        """One U-Net call on a condition dict (see ``fastdiff.pipeline.conditioning``)."""
+        added = {key: cond[key] for key in ("text_embeds", "time_ids") if key in cond}
+        return self.unet(
+            x,
+            t,
+            encoder_hidden_states=cond.get("encoder_hidden_states"),
+            added_cond_kwargs=added or None,
+            class_labels=cond.get("class_labels"),
+        )
+
+    def build_model_fn(
+        self, conditioning: Conditioning, guidance_scale: float, guidance_rescale: float = 0.0
+    ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+        """The function a sampler calls: ``model_fn(x_t, t)`` -> U-Net output, guided when the
+        conditioning carries an unconditional half (one batched forward over [uncond; cond])."""
+        if conditioning.uncond is None:
+            cond = conditioning.cond
+            return lambda x, t: self.unet_forward(x, t, cond)
+        return classifier_free_guidance(
+            self.unet_forward,
+            conditioning.cond,
+            conditioning.uncond,
+            guidance_scale,
+            guidance_rescale=guidance_rescale,
+        )
+
+    def denoise(
+        self,
+        conditioning: Conditioning,
+        noise: torch.Tensor,
+        *,
+        guidance_scale: float,
+        guidance_rescale: float = 0.0,
+        sampler: str = "ddim",
+        steps: int = 20,
+        eta: float = 0.0,
+        generator: torch.Generator | None = None,
+        init_latents: torch.Tensor | None = None,
+        start_step: int = 0,
+        progress: bool = True,
+    ) -> torch.Tensor:
+        """The denoising loop: unit-variance ``noise`` (or, for img2img, ``init_latents`` noised
+        to ``start_step``) -> final latents. A faster runtime replaces this method as a whole; it
+        receives the conditioning as U-Net keyword dicts, [uncond; cond] batched when guided."""
+        model_fn = self.build_model_fn(conditioning, guidance_scale, guidance_rescale)
+        return run_sampler(
+            model_fn,
+            noise,
+            self.schedule,
+            sampler=sampler,
+            steps=steps,
+            eta=eta,
+            generator=generator,
+            init_latents=init_latents,
+            start_step=start_step,
+            progress=progress,
+        )
+
+    @torch.no_grad()
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """Scaled latents -> float32 images (B, 3, H, W) in [0, 1]."""
+        config = self.vae.config
+        vae_dtype = next(self.vae.parameters()).dtype
+        latents = latents.to(vae_dtype) / config["scaling_factor"]
+        if config.get("shift_factor") is not None:
+            latents = latents + config["shift_factor"]
+        return image_utils.vae_output_to_unit_range(self.vae.decode(latents))
+
+    @torch.no_grad()
+    def encode_image(self, pixels: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        """Images in [-1, 1] -> scaled latents, sampled from the encoder's Gaussian."""
+        vae_dtype = next(self.vae.parameters()).dtype
+        posterior = self.vae.encode(pixels.to(device=self.device, dtype=vae_dtype))
+        latents = posterior.sample(generator)
+        config = self.vae.config
+        if config.get("shift_factor") is not None:
+            latents = latents - config["shift_factor"]
+        return latents * config["scaling_factor"]
+
+    # -- the call ---------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | list[str] | None = None,
+        negative_prompt: str | list[str] | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        class_labels: int | list[int] | torch.Tensor | None = None,
+        num_inference_steps: int = 20,
+        guidance_scale: float = 7.5,
+        guidance_rescale: float = 0.0,
+        sampler: str = "ddim",
+        eta: float = 0.0,
+        height: int | None = None,
+        width: int | None = None,
+        num_images: int = 1,
+        seed: int | None = None,
+        generator: torch.Generator | None = None,
+        latents: torch.Tensor | None = None,
+        output_type: str = "pil",
+        progress: bool = True,
+        image=None,
+        strength: float = 0.8,
+        pooled_prompt_embeds: torch.Tensor | None = None,
+        negative_pooled_prompt_embeds: torch.Tensor | None = None,
+    ):
+        """Generate images. Returns a list of PIL images (``output_type="pil"``), a float32 tensor
+        (B, 3, H, W) in [0, 1] (``"tensor"``) or the final scaled latents (``"latent"``).
+
+        ``guidance_scale <= 1`` disables classifier-free guidance (a single forward per step).
+        With ``image`` (img2img, SDEdit: Meng et al. 2022) the image is encoded, noised by the
+        forward process to the step that ``strength`` selects, and only the remaining
+        ``int(num_inference_steps * strength)`` steps are sampled.
+        """
+        if sampler not in SAMPLERS:
+            raise ValueError(f"unknown sampler {sampler!r}; allowed values: {', '.join(SAMPLERS)}")
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(
+                f"unknown output_type {output_type!r}; allowed values: {', '.join(OUTPUT_TYPES)}"
+            )
+        if isinstance(num_images, bool) or not isinstance(num_images, int) or num_images < 1:
+            raise ValueError(f"num_images must be a positive int, got {num_images!r}")
+        if seed is not None and generator is not None:
+            raise ValueError("pass seed or generator, not both")
+        if seed is not None:
+            generator = torch.Generator(device=self.device).manual_seed(int(seed))
+        guided = guidance_scale > 1.0
+        conditioning = self.encode_conditioning(
+            guided,
+            num_images,
+            prompt=prompt,
+            negative_prompt=negative_prompt,
+            prompt_embeds=prompt_embeds,
+            negative_prompt_embeds=negative_prompt_embeds,
+            pooled_prompt_embeds=pooled_prompt_embeds,
+            negative_pooled_prompt_embeds=negative_pooled_prompt_embeds,
+            class_labels=class_labels,
+        )
+        batch = conditioning.batch_size
+
+        init_latents, start_step = None, 0
+        if image is not None:
+            if latents is not None:
+                raise ValueError("pass image (img2img) or latents, not both")
+            start_step = img2img_start_step(num_inference_steps, strength)
+            pixels = image_utils.image_to_tensor(image, height, width)
+            height, width = pixels.shape[2], pixels.shape[3]
+        height = self.default_size if height is None else height
+        width = self.default_size if width is None else width
+        self.check_size(height, width)
+        if self.unet.config.get("addition_embed_type") == "text_time":
+            add_time_ids(conditioning, height, width, self.dtype)
+        if image is not None:
+            pixels = self.match_batch(pixels, batch // num_images, num_images)
+            init_latents = self.encode_image(pixels, generator).to(self.dtype)
+
+        shape = (
+            batch,
+            self.unet.config["in_channels"],
+            height // self.vae_scale_factor,
+            width // self.vae_scale_factor,
+        )
+        if latents is not None:
+            if tuple(latents.shape) != shape:
+                raise ValueError(
+                    f"latents must have shape {shape} (batch x channels x height/"
+                    f"{self.vae_scale_factor} x width/{self.vae_scale_factor}), "
+                    f"got {tuple(latents.shape)}"
+                )
+            noise = latents.to(device=self.device, dtype=self.dtype)
+        else:
+            # Drawn in float32 on the generator's device so a seed gives the same noise for
+            # every weights dtype.
+            gen_device = generator.device if generator is not None else "cpu"
+            noise = torch.randn(shape, generator=generator, device=gen_device)
+            noise = noise.to(device=self.device, dtype=self.dtype)
+
+        result = self.denoise(
+            conditioning,
+            noise,
+            guidance_scale=guidance_scale,
+            guidance_rescale=guidance_rescale,
+            sampler=sampler,
+            steps=num_inference_steps,
+            eta=eta,
+            generator=generator,
+            init_latents=init_latents,
+            start_step=start_step,
+            progress=progress,
+        )
+        if output_type == "latent":
+            return result
+        pixels = self.decode_latents(result)
+        if output_type == "tensor":
+            return pixels
+        return image_utils.tensor_to_pil(pixels)
+
+    # -- validation helpers -----------------------------------------------------------------
+
+    def check_size(self, height: int, width: int) -> None:
+        factor = self.vae_scale_factor
+        for name, value in (("height", height), ("width", width)):
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+            if value % factor:
+                raise ValueError(
+                    f"{name}={value} is not a multiple of the VAE downsampling factor {factor}"
+                )
+
+    @staticmethod
+    def match_batch(pixels: torch.Tensor, prompts: int, num_images: int) -> torch.Tensor:
+        """One init image for every prompt, or one per prompt; then ``num_images`` copies each."""
+        if pixels.shape[0] == 1:
+            return pixels.expand(prompts * num_images, -1, -1, -1)
+        if pixels.shape[0] != prompts:
+            raise ValueError(
+                f"got {pixels.shape[0]} init images for {prompts} prompts/labels: pass one image "
+                "or one per prompt"
+            )
+        return pixels.repeat_interleave(num_images, dim=0)

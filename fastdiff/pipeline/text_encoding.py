@@ -1,0 +1,117 @@
+"""Prompt encoding with the CLIP text encoders of a Stable Diffusion folder.
+
+fastdiff does not reimplement CLIP: text encoders and tokenizers are read with transformers, which
+is imported only when a folder actually has a text encoder (``pip install fastdiff[text]``).
+
+Two conventions, chosen by the U-Net:
+- SD 1.x / 2.x: the last hidden state of one CLIP text encoder (after its final layer norm).
+- SDXL (``addition_embed_type="text_time"``): the penultimate hidden states of both encoders,
+  concatenated on the channel axis, plus the pooled, projected embedding of the second encoder,
+  which the U-Net receives with the size/crop "time ids" (Podell et al. 2023, SDXL, section 2.2).
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+SUPPORTED_TEXT_ENCODERS = ("CLIPTextModel", "CLIPTextModelWithProjection")
+SUPPORTED_TOKENIZERS = ("CLIPTokenizer", "CLIPTokenizerFast")
+
+
+def import_transformers() -> Any:
+    try:
+        return importlib.import_module("transformers")
+    except ImportError as error:
+        raise RuntimeError(
+            "this pipeline folder has a CLIP text encoder, which fastdiff reads with the "
+            "'transformers' package; install it with: pip install 'fastdiff[text]'"
+        ) from error
+
+
+def load_text_component(
+    folder: Path, class_name: str, supported: Sequence[str], device, dtype
+) -> Any:
+    """Load one transformers text encoder or tokenizer from ``folder`` (a pipeline subfolder)."""
+    if class_name not in supported:
+        raise ValueError(
+            f"{folder}: unsupported class {class_name!r} in model_index.json; "
+            f"supported: {', '.join(supported)}"
+        )
+    if not folder.is_dir():
+        raise FileNotFoundError(f"model_index.json lists {folder.name!r} but {folder} is missing")
+    transformers = import_transformers()
+    component_class = getattr(transformers, class_name, None)
+    if component_class is None:  # transformers 5 folded the *Fast tokenizers into one class
+        component_class = transformers.CLIPTokenizer
+    try:
+        component = component_class.from_pretrained(str(folder))
+    except OSError as error:
+        raise FileNotFoundError(f"cannot load {class_name} from {folder}: {error}") from error
+    if isinstance(component, torch.nn.Module):
+        component = component.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    return component
+
+
+@dataclass
+class PromptEmbeddings:
+    """Per-token embeddings (B, L, D) and, for SDXL, pooled embeddings (B, P)."""
+
+    tokens: torch.Tensor
+    pooled: torch.Tensor | None = None
+
+
+class PromptEncoder:
+    """Tokenize and encode prompts with one (SD 1/2) or two (SDXL) CLIP text encoders.
+
+    ``encoders`` is a list of (tokenizer, text_encoder) pairs in pipeline order; ``penultimate``
+    selects SDXL's penultimate-hidden-state convention.
+    """
+
+    def __init__(self, encoders: Sequence[tuple[Any, torch.nn.Module]], penultimate: bool) -> None:
+        if not encoders:
+            raise ValueError("PromptEncoder needs at least one (tokenizer, text encoder) pair")
+        self.encoders = list(encoders)
+        self.penultimate = penultimate
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.encoders[0][1].parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.encoders[0][1].parameters()).dtype
+
+    @torch.no_grad()
+    def encode(self, prompts: Sequence[str], max_length: int | None = None) -> PromptEmbeddings:
+        """Encode a batch of prompts, padded (or truncated) to the tokenizer's maximum length."""
+        prompts = list(prompts)
+        if not all(isinstance(prompt, str) for prompt in prompts):
+            raise ValueError("prompts must be strings")
+        per_encoder, pooled = [], None
+        for tokenizer, encoder in self.encoders:
+            tokens = tokenizer(
+                prompts,
+                padding="max_length",
+                max_length=max_length or tokenizer.model_max_length,
+                truncation=True,
+                return_tensors="pt",
+            )
+            input_ids = tokens.input_ids.to(self.device)
+            if self.penultimate:
+                output = encoder(input_ids, output_hidden_states=True)
+                # The projected pooled embedding is the 2-D first output of the encoder
+                # *WithProjection; the plain encoder's first output is its 3-D last hidden state.
+                if pooled is None and output[0].ndim == 2:
+                    pooled = output[0]
+                per_encoder.append(output.hidden_states[-2])
+            else:
+                use_mask = getattr(encoder.config, "use_attention_mask", False)
+                mask = tokens.attention_mask.to(self.device) if use_mask else None
+                per_encoder.append(encoder(input_ids, attention_mask=mask)[0])
+        return PromptEmbeddings(torch.cat(per_encoder, dim=-1), pooled)

@@ -1,0 +1,176 @@
+"""Tiny random-weight pipeline folders for the pipeline and CLI tests, written by diffusers' own
+``save_pretrained`` (diffusers and transformers are test-only references). Nothing is downloaded:
+the CLIP tokenizer gets a small hand-written vocabulary (letters, a few whole words)."""
+
+from __future__ import annotations
+
+import json
+import string
+from pathlib import Path
+
+TOKENIZER_LENGTH = 16
+WORDS = ("cat", "dog", "red", "blue", "a", "photo", "of")
+SCHEDULER = dict(
+    num_train_timesteps=1000,
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    clip_sample=False,
+    set_alpha_to_one=False,
+    steps_offset=1,
+)
+UNET_BLOCKS = dict(
+    block_out_channels=(16, 32),
+    layers_per_block=1,
+    norm_num_groups=8,
+    sample_size=8,
+)
+VAE = dict(
+    in_channels=3,
+    out_channels=3,
+    down_block_types=("DownEncoderBlock2D",) * 2,
+    up_block_types=("UpDecoderBlock2D",) * 2,
+    block_out_channels=(8, 16),
+    latent_channels=4,
+    norm_num_groups=4,
+    layers_per_block=1,
+    sample_size=16,
+)
+
+
+def tiny_tokenizer():
+    """A CLIP BPE tokenizer over single letters plus whole-word merges for a few words."""
+    from transformers import CLIPTokenizer
+
+    vocab = ["<|startoftext|>", "<|endoftext|>"]
+    vocab += list(string.ascii_lowercase) + [c + "</w>" for c in string.ascii_lowercase]
+    merges = []
+    for word in WORDS:
+        # Merge left to right: c+a -> ca, ca+t</w> -> cat</w>.
+        pieces = list(word[:-1]) + [word[-1] + "</w>"]
+        while len(pieces) > 1:
+            merges.append((pieces[0], pieces[1]))
+            pieces = [pieces[0] + pieces[1]] + pieces[2:]
+            if pieces[0] not in vocab:
+                vocab.append(pieces[0])
+    return CLIPTokenizer(
+        vocab={token: index for index, token in enumerate(vocab)},
+        merges=merges,
+        model_max_length=TOKENIZER_LENGTH,
+    )
+
+
+def tiny_text_encoder(vocab_size: int, hidden_size: int = 32, with_projection: bool = False):
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    config = CLIPTextConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=TOKENIZER_LENGTH,
+        projection_dim=hidden_size,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=1,
+    )
+    model_class = CLIPTextModelWithProjection if with_projection else CLIPTextModel
+    return model_class(config).eval()
+
+
+def tiny_vae():
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(**VAE).eval()
+
+
+def make_sd_folder(path: Path, prediction_type: str = "epsilon") -> Path:
+    """An SD1-like text-to-image folder: CLIP text encoder, cross-attention U-Net, DDIM."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+
+    tokenizer = tiny_tokenizer()
+    unet = UNet2DConditionModel(
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=8,
+        **UNET_BLOCKS,
+    ).eval()
+    pipe = StableDiffusionPipeline(
+        unet=unet,
+        vae=tiny_vae(),
+        text_encoder=tiny_text_encoder(len(tokenizer)),
+        tokenizer=tokenizer,
+        scheduler=DDIMScheduler(prediction_type=prediction_type, **SCHEDULER),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.save_pretrained(path)
+    return path
+
+
+def make_sdxl_folder(path: Path) -> Path:
+    """An SDXL-like folder: two text encoders (the second with projection), text_time U-Net."""
+    from diffusers import DDIMScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+
+    tokenizer = tiny_tokenizer()
+    time_embed_dim = 8
+    unet = UNet2DConditionModel(
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=64,  # 32 + 32: both encoders' hidden states concatenated
+        attention_head_dim=(4, 8),
+        transformer_layers_per_block=(1, 2),
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=time_embed_dim,
+        projection_class_embeddings_input_dim=32 + 6 * time_embed_dim,
+        **UNET_BLOCKS,
+    ).eval()
+    pipe = StableDiffusionXLPipeline(
+        unet=unet,
+        vae=tiny_vae(),
+        text_encoder=tiny_text_encoder(len(tokenizer)),
+        text_encoder_2=tiny_text_encoder(len(tokenizer), with_projection=True),
+        tokenizer=tokenizer,
+        tokenizer_2=tiny_tokenizer(),
+        scheduler=DDIMScheduler(**SCHEDULER),
+    )
+    pipe.save_pretrained(path)
+    return path
+
+
+def make_class_folder(path: Path, num_classes: int = 3) -> Path:
+    """A class-conditional latent model as fastdiff's trainer ships it: no text encoder,
+    num_class_embeds = classes + 1 with the last label as the null (unconditional) class."""
+    from diffusers import DDIMScheduler, UNet2DConditionModel
+
+    unet = UNet2DConditionModel(
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D"),
+        mid_block_type="UNetMidBlock2D",
+        num_class_embeds=num_classes + 1,
+        **UNET_BLOCKS,
+    ).eval()
+    path.mkdir(parents=True, exist_ok=True)
+    unet.save_pretrained(path / "unet")
+    tiny_vae().save_pretrained(path / "vae")
+    DDIMScheduler(**SCHEDULER).save_pretrained(path / "scheduler")
+    index = {
+        "_class_name": "FastdiffClassConditionalPipeline",
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+        "scheduler": ["diffusers", "DDIMScheduler"],
+        "null_class_label": num_classes,
+        "class_names": [f"class-{index}" for index in range(num_classes)],
+    }
+    (path / "model_index.json").write_text(json.dumps(index, indent=2))
+    return path

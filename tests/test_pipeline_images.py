@@ -1,0 +1,69 @@
+"""Image helpers of the pipeline: range conversions, grids, atomic writes that never clobber."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from fastdiff.pipeline import images
+
+
+def test_vae_output_and_pil_round_trip():
+    decoded = torch.tensor([-1.5, -1.0, 0.0, 0.5, 1.0, 2.0]).reshape(1, 1, 2, 3).repeat(1, 3, 1, 1)
+    unit = images.vae_output_to_unit_range(decoded)
+    assert torch.equal(unit[0, 0], torch.tensor([[0.0, 0.0, 0.5], [0.75, 1.0, 1.0]]))
+    (pil,) = images.tensor_to_pil(unit)
+    assert pil.size == (3, 2) and pil.mode == "RGB"
+    assert np.asarray(pil)[:, :, 0].tolist() == [[0, 0, 128], [191, 255, 255]]
+    back = images.image_to_tensor(pil)
+    assert back.shape == (1, 3, 2, 3)
+    assert torch.allclose(back, unit.round(decimals=2) * 2 - 1, atol=0.01)
+
+
+def test_image_to_tensor_checks_and_resizes():
+    pil = Image.new("RGB", (12, 8), (255, 0, 0))
+    resized = images.image_to_tensor([pil, pil], height=16, width=24)
+    assert resized.shape == (2, 3, 16, 24)
+    assert torch.allclose(resized[:, 0], torch.ones(2, 16, 24)) and resized[:, 1].max() == -1
+    with pytest.raises(ValueError, match=r"values must lie in \[0, 1\]"):
+        images.image_to_tensor(torch.full((1, 3, 4, 4), 2.0))
+    with pytest.raises(ValueError, match="shape"):
+        images.image_to_tensor(torch.zeros(1, 4, 4, 4))
+    with pytest.raises(ValueError, match="4x4 but height x width 8x8"):
+        images.image_to_tensor(torch.zeros(3, 4, 4), height=8, width=8)
+    with pytest.raises(ValueError, match="PIL image"):
+        images.image_to_tensor(["not an image"])
+
+
+def test_make_grid_layout():
+    tiles = [Image.new("RGB", (2, 3), (10 * i, 0, 0)) for i in range(5)]
+    grid = images.make_grid(tiles)
+    assert grid.size == (3 * 2, 2 * 3)  # 5 tiles -> 3 columns, 2 rows
+    pixels = np.asarray(grid)[:, :, 0]
+    assert pixels[0, 0] == 0 and pixels[0, 4] == 20 and pixels[3, 2] == 40 and pixels[3, 4] == 0
+    with pytest.raises(ValueError, match="same size"):
+        images.make_grid([Image.new("RGB", (2, 2)), Image.new("RGB", (3, 2))])
+
+
+def test_save_image_atomic_writes_and_never_clobbers(tmp_path, monkeypatch):
+    target = tmp_path / "out.png"
+    images.save_image_atomic(Image.new("RGB", (4, 4), (1, 2, 3)), target)
+    assert Image.open(target).getpixel((0, 0)) == (1, 2, 3)
+    before = target.read_bytes()
+
+    def failing_save(self, *args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(Image.Image, "save", failing_save)
+    with pytest.raises(OSError, match="disk full"):
+        images.save_image_atomic(Image.new("RGB", (4, 4)), target)
+    assert target.read_bytes() == before
+    assert os.listdir(tmp_path) == ["out.png"]  # no temporary file left behind
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        images.save_image_atomic(Image.new("RGB", (4, 4)), tmp_path / "missing" / "x.png")
+    with pytest.raises(ValueError, match="image format"):
+        images.save_image_atomic(Image.new("RGB", (4, 4)), tmp_path / "x.unknown")
