@@ -1,13 +1,17 @@
-"""Scaled dot-product attention over (B, H, N, D) tensors: self- and cross-attention."""
+"""Scaled dot-product attention over (B, H, N, D) tensors: self- and cross-attention.
 
-from __future__ import annotations
+Layers: ``kernels/attention.py`` (flash-attention forward) -> custom op ``fastdiff::attention``
+(with a fake kernel) -> ``attention`` (checks, backend choice, eager path for unsupported inputs).
+"""
 
 import math
 
 import torch
 import torch.nn.functional as F
 
-from fastdiff.ops.backend import select_backend
+from fastdiff.ops.backend import cuda_extension_op, kernel_dtype_supported, select_backend
+
+MAX_KERNEL_HEAD_DIM = 256
 
 
 def check_attention_args(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -39,10 +43,48 @@ def attention_eager(q, k, v, scale: float | None = None) -> torch.Tensor:
     return F.scaled_dot_product_attention(q, k, v, scale=scale)
 
 
+@torch.library.custom_op("fastdiff::attention", mutates_args=())
+def attention_triton(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
+) -> torch.Tensor:
+    from fastdiff.kernels.attention import attention_forward
+
+    return attention_forward(q, k, v, scale)
+
+
+@attention_triton.register_fake
+def _attention_fake(q, k, v, scale):
+    batch, heads, queries, _ = q.shape
+    return q.new_empty((batch, queries, heads, v.shape[-1])).transpose(1, 2)
+
+
+def attention_triton_supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale) -> bool:
+    """Inputs the flash kernel handles; the rest runs eagerly (never wrong numbers)."""
+    if not kernel_dtype_supported(q) or not (q.dtype == k.dtype == v.dtype):
+        return False
+    if q.shape[-1] > MAX_KERNEL_HEAD_DIM or v.shape[-1] != q.shape[-1] or k.shape[2] == 0:
+        return False
+    if not (q.device == k.device == v.device):
+        return False
+    return scale is None or scale > 0  # the kernel's running max assumes a positive scale
+
+
 def attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None
 ) -> torch.Tensor:
-    """softmax(q kᵀ · scale) v for q (B, H, N, D), k and v (B, H, M, D); scale defaults to D^-1/2."""
+    """softmax(q kᵀ · scale) v for q (B, H, N, D), k and v (B, H, M, D); scale defaults to D^-1/2.
+
+    Any strides are accepted (views of a fused QKV projection are read in place). The triton
+    output is a (B, H, N, D) view of (B, N, H, D) memory, as PyTorch's flash backend returns.
+    """
     check_attention_args(q, k, v)
-    select_backend(q)
+    backend = select_backend(q)
+    if backend == "cuda":
+        native = cuda_extension_op("attention", q, k, v, scale)
+        if native is not None:
+            return native(q, k, v, scale)
+        backend = "triton"
+    if backend == "triton" and attention_triton_supports(q, k, v, scale):
+        scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+        return attention_triton(q, k, v, scale)
     return attention_eager(q, k, v, scale)

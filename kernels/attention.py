@@ -1,0 +1,224 @@
+"""Flash-attention forward (Dao et al. 2022, "FlashAttention", Algorithm 1 with the online softmax
+of Milakov & Gimelshein 2018): softmax(q k^T * scale) v without ever holding the N x M scores.
+
+Each program owns BLOCK_M query rows of one (batch, head) and streams the keys and values in blocks
+of BLOCK_N, keeping a running row maximum ``m``, row sum ``l`` and unnormalised output ``acc`` in
+fp32. The softmax uses exp2 with log2(e) folded into the scale. Inputs are (B, H, N, D) tensors
+with any strides (views of a fused QKV projection need no copy); head dims that are not a power of
+two are padded to BLOCK_D with masked loads.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2_E = 1.4426950408889634
+MAX_HEAD_DIM = 256
+
+# (BLOCK_M, BLOCK_N, num_warps, num_stages): the Hopper-friendly shapes of Triton's fused-attention
+# tutorial; the pruning below keeps the ones that fit a head dim and key length.
+_GPU_SHAPES = [
+    (128, 128, 8, 3),
+    (128, 64, 8, 3),
+    (128, 64, 4, 3),
+    (128, 32, 4, 3),
+    (64, 64, 4, 3),
+    (64, 32, 4, 2),
+    (128, 128, 8, 2),
+    (128, 64, 4, 4),
+]
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _configs() -> list[triton.Config]:
+    if _interpreting():  # one small config: the numpy interpreter is slow and never autotunes
+        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=4, num_stages=1)]
+    return [
+        triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
+        for m, n, w, s in _GPU_SHAPES
+    ]
+
+
+def heuristic_shape(block_d: int, keys: int) -> tuple[int, int, int, int]:
+    """The default (BLOCK_M, BLOCK_N, num_warps, num_stages) when autotuning is off."""
+    if block_d >= 256:
+        return (64, 32, 4, 2)
+    if keys <= 64:
+        return (128, 64, 4, 3)
+    return (128, 64, 8, 3) if block_d >= 128 else (128, 128, 8, 3)
+
+
+def _prune(configs, named_args, **kwargs):
+    block_d = kwargs.get("BLOCK_D", named_args.get("BLOCK_D"))
+    keys = named_args["N_KEYS"]
+    queries = named_args["N_QUERIES"]
+    if len(configs) == 1:
+        return configs
+    kept = []
+    for config in configs:
+        m, n = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"]
+        if block_d >= 256 and (n > 64 or (m == 128 and config.num_warps == 4)):
+            continue  # registers: a 128x256 fp32 accumulator needs 8 warps, a 256-wide K block
+        if n > max(32, triton.next_power_of_2(keys)):
+            continue  # key blocks much longer than the keys only compute padding
+        if m > max(64, triton.next_power_of_2(queries)):
+            continue
+        kept.append(config)
+    if os.environ.get("FASTDIFF_AUTOTUNE", "1") == "0" or not kept:
+        wanted = heuristic_shape(block_d, keys)
+        chosen = [
+            c
+            for c in configs
+            if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) == wanted
+        ]
+        return chosen or configs[:1]
+    return kept
+
+
+@triton.jit
+def _attend_key_blocks(
+    acc,
+    row_sum,
+    row_max,
+    q,
+    k_ptrs,
+    v_ptrs,
+    stride_kn,
+    stride_vn,
+    start,
+    end,
+    n_keys,
+    qk_scale,
+    offs_n,
+    mask_d,
+    BLOCK_N: tl.constexpr,
+    MASK_KEYS: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    for start_n in range(start, end, BLOCK_N):
+        if MASK_KEYS:
+            mask_n = (start_n + offs_n) < n_keys
+            kv_mask = mask_n[:, None] & mask_d[None, :]
+        else:
+            kv_mask = mask_d[None, :]
+        k = tl.load(k_ptrs + start_n * stride_kn, mask=kv_mask, other=0.0)
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+        if MASK_KEYS:
+            qk = tl.where(mask_n[None, :], qk, float("-inf"))
+        # qk_scale > 0 (checked by the op), so max(qk) * scale is the max of the scaled scores.
+        new_max = tl.maximum(row_max, tl.max(qk, 1) * qk_scale)
+        p = tl.math.exp2(qk * qk_scale - new_max[:, None])
+        correction = tl.math.exp2(row_max - new_max)
+        row_sum = row_sum * correction + tl.sum(p, 1)
+        acc = acc * correction[:, None]
+        v = tl.load(v_ptrs + start_n * stride_vn, mask=kv_mask, other=0.0)
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
+        row_max = new_max
+    return acc, row_sum, row_max
+
+
+@triton.autotune(
+    configs=_configs(),
+    key=["N_QUERIES", "N_KEYS", "HEAD_DIM"],
+    prune_configs_by={"early_config_prune": _prune},
+)
+@triton.heuristics({"EVEN_KEYS": lambda args: args["N_KEYS"] % args["BLOCK_N"] == 0})
+@triton.jit
+def attention_forward_kernel(
+    q_ptr,  # queries (B, H, N, D), any strides
+    k_ptr,  # keys (B, H, M, D), any strides
+    v_ptr,  # values (B, H, M, D), any strides
+    out_ptr,  # output (B, H, N, D), any strides
+    qk_scale,  # softmax scale * log2(e)
+    num_heads,
+    stride_qb, stride_qh, stride_qn, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_ob, stride_oh, stride_on, stride_od,
+    N_QUERIES,
+    N_KEYS,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    EVEN_KEYS: tl.constexpr,
+):
+    block_m = tl.program_id(0)
+    batch_head = tl.program_id(1)
+    batch = batch_head // num_heads
+    head = batch_head % num_heads
+    offs_m = block_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_d = offs_d < HEAD_DIM
+    mask_m = offs_m < N_QUERIES
+
+    q_base = q_ptr + batch.to(tl.int64) * stride_qb + head.to(tl.int64) * stride_qh
+    k_base = k_ptr + batch.to(tl.int64) * stride_kb + head.to(tl.int64) * stride_kh
+    v_base = v_ptr + batch.to(tl.int64) * stride_vb + head.to(tl.int64) * stride_vh
+    q_ptrs = q_base + offs_m[:, None] * stride_qn + offs_d[None, :] * stride_qd
+    k_ptrs = k_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd
+    v_ptrs = v_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd
+    q = tl.load(q_ptrs, mask=mask_m[:, None] & mask_d[None, :], other=0.0)
+
+    row_max = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    row_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    # Full key blocks without key masks, then (when M is not a multiple of BLOCK_N) the tail.
+    full_end = (N_KEYS // BLOCK_N) * BLOCK_N
+    acc, row_sum, row_max = _attend_key_blocks(
+        acc, row_sum, row_max, q, k_ptrs, v_ptrs, stride_kn, stride_vn, 0, full_end, N_KEYS,
+        qk_scale, offs_n, mask_d, BLOCK_N, False, DOT_PRECISION,
+    )
+    if not EVEN_KEYS:
+        acc, row_sum, row_max = _attend_key_blocks(
+            acc, row_sum, row_max, q, k_ptrs, v_ptrs, stride_kn, stride_vn, full_end, N_KEYS,
+            N_KEYS, qk_scale, offs_n, mask_d, BLOCK_N, True, DOT_PRECISION,
+        )
+    out = acc / row_sum[:, None]
+    o_base = out_ptr + batch.to(tl.int64) * stride_ob + head.to(tl.int64) * stride_oh
+    o_ptrs = o_base + offs_m[:, None] * stride_on + offs_d[None, :] * stride_od
+    tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_d[None, :])
+
+
+def empty_attention_output(q: torch.Tensor, head_dim_v: int) -> torch.Tensor:
+    """(B, H, N, Dv) output stored as (B, N, H, Dv): merging the heads after is a free view."""
+    batch, heads, queries, _ = q.shape
+    return q.new_empty((batch, queries, heads, head_dim_v)).transpose(1, 2)
+
+
+def attention_forward(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None
+) -> torch.Tensor:
+    """Launch the kernel. q (B, H, N, D), k and v (B, H, M, D), D <= 256; scale > 0."""
+    batch, heads, queries, head_dim = q.shape
+    keys = k.shape[2]
+    if head_dim > MAX_HEAD_DIM:
+        raise ValueError(f"attention kernel: head dim {head_dim} > {MAX_HEAD_DIM}")
+    scale = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
+    out = empty_attention_output(q, head_dim)
+    if out.numel() == 0:
+        return out
+    block_d = max(16, triton.next_power_of_2(head_dim))  # tl.dot needs >= 16 along K
+
+    def grid(meta):
+        return (triton.cdiv(queries, meta["BLOCK_M"]), batch * heads)
+
+    attention_forward_kernel[grid](
+        q, k, v, out, scale * LOG2_E, heads,
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+        queries, keys,
+        HEAD_DIM=head_dim,
+        BLOCK_D=block_d,
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+    )
+    return out

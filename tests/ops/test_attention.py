@@ -1,0 +1,168 @@
+"""Flash-attention Triton kernel against the fp32 reference (tolerance rule in helpers.py)."""
+
+from __future__ import annotations
+
+import fastdiff.kernels.attention as attention_kernels
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fastdiff.ops import attention, attention_reference, use_backend
+from fastdiff.ops.attention import attention_eager, attention_triton
+from tests.ops.helpers import DEVICE, CallCounter, assert_within_tolerance, kernel_dtypes
+
+# (batch, heads, queries, keys, head_dim); the interpreter runs 16x16 blocks, so these lengths
+# cover several blocks, a partial tail block, and keys fewer than one block.
+EDGE_CASES = [
+    pytest.param((1, 2, 32, 32, 40), id="self-d40-even"),
+    pytest.param((1, 1, 33, 77, 40), id="cross-77-keys-d40"),
+    pytest.param((2, 1, 20, 19, 64), id="not-block-multiple-d64"),
+    pytest.param((1, 1, 17, 24, 80), id="d80"),
+    pytest.param((1, 1, 9, 21, 160), id="d160"),
+    pytest.param((1, 1, 16, 5, 256), id="d256-few-keys"),
+    pytest.param((1, 3, 7, 3, 8), id="tiny-d8"),
+]
+
+
+def make_qkv(batch, heads, queries, keys, head_dim, dtype):
+    q = torch.randn(batch, heads, queries, head_dim, device=DEVICE).to(dtype)
+    k = torch.randn(batch, heads, keys, head_dim, device=DEVICE).to(dtype)
+    v = torch.randn(batch, heads, keys, head_dim, device=DEVICE).to(dtype)
+    return q, k, v
+
+
+def check(q, k, v, scale=None, what=""):
+    out = attention(q, k, v, scale)
+    assert_within_tolerance(
+        out, attention_reference(q, k, v, scale), attention_eager(q, k, v, scale), what
+    )
+    return out
+
+
+@pytest.mark.parametrize("dtype", kernel_dtypes())
+@pytest.mark.parametrize("dims", EDGE_CASES)
+def test_edge_shapes(triton_backend, monkeypatch, dims, dtype):
+    counter = CallCounter(monkeypatch, attention_kernels, "attention_forward")
+    check(*make_qkv(*dims, dtype), what=str(dims))
+    assert counter.calls == 1
+
+
+def test_output_is_heads_last_view(triton_backend):
+    out = check(*make_qkv(1, 2, 18, 18, 40, torch.float32))
+    # (B, H, N, D) view of (B, N, H, D) memory: merging heads afterwards needs no copy.
+    assert out.transpose(1, 2).is_contiguous()
+
+
+def test_explicit_scale(triton_backend):
+    check(*make_qkv(1, 2, 18, 30, 64, torch.float32), scale=0.3)
+
+
+def test_large_scores_stay_finite(triton_backend):
+    q, k, v = make_qkv(1, 1, 20, 40, 64, torch.float32)
+    check(q * 5, k * 5, v, what="scores of std ~25: peaked softmax, running max matters")
+
+
+@pytest.mark.parametrize("dtype", kernel_dtypes())
+def test_strided_views_of_fused_qkv(triton_backend, monkeypatch, dtype):
+    counter = CallCounter(monkeypatch, attention_kernels, "attention_forward")
+    batch, tokens, heads, head_dim = 2, 21, 2, 40
+    qkv = torch.randn(batch, tokens, 3, heads, head_dim, device=DEVICE).to(dtype)
+    q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))
+    assert not q.is_contiguous()
+    check(q, k, v, what="fused QKV views")
+    # Cross-attention: K and V from one fused projection of a 77-token context.
+    kv = torch.randn(batch, 77, 2, heads, head_dim, device=DEVICE).to(dtype)
+    check(q, kv[:, :, 0].transpose(1, 2), kv[:, :, 1].transpose(1, 2), what="fused KV views")
+    assert counter.calls == 2
+
+
+@settings(max_examples=6, deadline=None)
+@given(
+    batch=st.integers(1, 2),
+    heads=st.integers(1, 2),
+    queries=st.integers(1, 40),
+    keys=st.integers(1, 40),
+    head_dim=st.sampled_from([8, 16, 24, 40, 64, 72]),
+)
+def test_random_shapes_property(batch, heads, queries, keys, head_dim):
+    with use_backend("triton"):
+        check(*make_qkv(batch, heads, queries, keys, head_dim, torch.float32))
+
+
+test_random_shapes_property = pytest.mark.usefixtures("triton_backend")(
+    test_random_shapes_property
+)
+
+
+def with_changed(change):
+    return change(*make_qkv(1, 1, 4, 4, 16, torch.float32))
+
+
+@pytest.mark.parametrize(
+    ("case", "make"),
+    [
+        ("head-dim-288", lambda: make_qkv(1, 1, 4, 4, 288, torch.float32)),
+        ("float64", lambda: make_qkv(1, 1, 4, 4, 16, torch.float64)),
+        ("mixed-dtypes", lambda: with_changed(lambda q, k, v: (q, k.half(), v))),
+        ("value-dim-differs", lambda: with_changed(lambda q, k, v: (q, k, v[..., :8]))),
+    ],
+)
+def test_unsupported_inputs_fall_back_to_eager(triton_backend, monkeypatch, case, make):
+    counter = CallCounter(monkeypatch, attention_kernels, "attention_forward")
+    q, k, v = make()
+    if q.dtype != k.dtype:
+        with pytest.raises(RuntimeError):  # PyTorch's own error for mixed dtypes
+            attention(q, k, v)
+    else:
+        torch.testing.assert_close(attention(q, k, v), attention_eager(q, k, v))
+    assert counter.calls == 0
+
+
+def test_negative_scale_falls_back_to_eager(triton_backend, monkeypatch):
+    counter = CallCounter(monkeypatch, attention_kernels, "attention_forward")
+    q, k, v = make_qkv(1, 1, 6, 6, 16, torch.float32)
+    torch.testing.assert_close(attention(q, k, v, -0.5), attention_reference(q, k, v, -0.5))
+    assert counter.calls == 0
+
+
+def test_bad_shapes_raise():
+    q, k, v = make_qkv(1, 2, 4, 4, 16, torch.float32)
+    with pytest.raises(ValueError, match="head dims differ"):
+        attention(q, k[..., :8], v)
+    with pytest.raises(ValueError, match=r"\(B, H, N, D\)"):
+        attention(q[0], k, v)
+
+
+def test_fake_kernel_matches_real_output(triton_backend):
+    q, k, v = make_qkv(1, 2, 18, 7, 40, torch.float32)
+    torch.library.opcheck(
+        attention_triton, (q, k, v, 0.25), test_utils=("test_schema", "test_faketensor")
+    )
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize(
+    "dims",
+    [
+        (2, 8, 4096, 4096, 40),
+        (2, 8, 4096, 77, 40),
+        (2, 8, 1024, 1024, 80),
+        (2, 8, 256, 77, 160),
+        (2, 10, 4096, 4096, 64),
+        (2, 20, 1024, 77, 64),
+        (1, 4, 300, 333, 96),
+    ],
+    ids=lambda dims: "-".join(map(str, dims)),
+)
+def test_sd_shapes_on_gpu(dims, dtype):
+    with use_backend("triton"):
+        check(*make_qkv(*dims, dtype), what=str(dims))
+
+
+@pytest.mark.gpu
+def test_fp32_on_gpu_uses_full_precision_dots():
+    # tf32 dots would miss the fp32 floor; the kernel asks for ieee precision on fp32 inputs.
+    with use_backend("triton"):
+        check(*make_qkv(1, 2, 300, 77, 64, torch.float32))
