@@ -138,3 +138,16 @@ def model_config(name: str) -> dict:
     if name not in MODELS:
         raise ValueError(f"unknown model config {name!r}; allowed values: {', '.join(MODELS)}")
     return copy.deepcopy(MODELS[name])
+
+# The SD1.5 scheduler_config.json (DDIM-compatible; PNDM was the published default scheduler).
+SD_SCHEDULER: dict = {
+    "num_train_timesteps": 1000,
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "prediction_type": "epsilon",
+    "timestep_spacing": "leading",
+    "steps_offset": 1,
+    "set_alpha_to_one": False,
+    "clip_sample": False,
+}

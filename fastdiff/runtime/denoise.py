@@ -37,8 +37,9 @@ class DenoiseBuffers:
     timesteps: torch.Tensor  # [rows] int64 model timesteps
     step: torch.Tensor  # [1] int64, index of the next step; the body increments it
     guidance_scale: torch.Tensor  # [1] float32
-    context: torch.Tensor  # [B or 2B, L, D] encoder hidden states, [uncond; cond] with guidance
-    added_cond: dict[str, torch.Tensor] = field(default_factory=dict)  # SDXL text_embeds/time_ids
+    # U-Net inputs by name (encoder_hidden_states, text_embeds, time_ids, class_labels), batched
+    # [uncond; cond] when guided: the pipeline's condition dict.
+    cond: dict[str, torch.Tensor] = field(default_factory=dict)
     noise: torch.Tensor | None = None  # [rows or 1, B, C, H, W] float32 for stochastic samplers
 
 
@@ -50,9 +51,8 @@ class DenoiseCall:
     timesteps: torch.Tensor
     coefficients: torch.Tensor
     init_noise_scale: float
-    context: torch.Tensor
+    cond: dict[str, torch.Tensor]  # batched [uncond; cond] when guidance_scale is not None
     guidance_scale: float | None
-    added_cond: dict[str, torch.Tensor]
     noise: torch.Tensor | None  # [S, B, C, H, W], rows for steps without noise may be zero
 
     @property
@@ -60,8 +60,11 @@ class DenoiseCall:
         return int(self.timesteps.shape[0])
 
 
+UNetForward = Callable[[torch.Tensor, torch.Tensor, dict], torch.Tensor]
+
+
 def denoise_body(
-    unet: Callable,
+    unet_forward: UNetForward,
     buffers: DenoiseBuffers,
     model_dtype: torch.dtype,
     channels_last: bool,
@@ -80,8 +83,7 @@ def denoise_body(
     if channels_last:
         model_in = model_in.contiguous(memory_format=torch.channels_last)
     timestep = buffers.timesteps.index_select(0, step).expand(model_in.shape[0])
-    kwargs = {"added_cond_kwargs": buffers.added_cond} if buffers.added_cond else {}
-    model_out = unet(model_in, timestep, buffers.context, **kwargs)
+    model_out = unet_forward(model_in, timestep, buffers.cond)
     noise = None
     if buffers.noise is not None:
         row = step if noise_per_step else torch.zeros_like(step)
@@ -107,8 +109,7 @@ def allocate_buffers(call: DenoiseCall, rows: int, noise_rows: int, device) -> D
         timesteps=torch.zeros((rows,), dtype=torch.long, device=device),
         step=torch.zeros((1,), dtype=torch.long, device=device),
         guidance_scale=torch.ones((1,), dtype=torch.float32, device=device),
-        context=torch.zeros_like(call.context, device=device),
-        added_cond={k: torch.zeros_like(v, device=device) for k, v in call.added_cond.items()},
+        cond={k: torch.zeros_like(v, device=device) for k, v in call.cond.items()},
         noise=(
             None
             if call.noise is None
@@ -126,9 +127,8 @@ def load_buffers(buffers: DenoiseBuffers, call: DenoiseCall, whole_loop: bool) -
     buffers.timesteps[:steps].copy_(call.timesteps)
     buffers.step.zero_()
     buffers.guidance_scale.fill_(1.0 if call.guidance_scale is None else call.guidance_scale)
-    buffers.context.copy_(call.context)
-    for name, value in call.added_cond.items():
-        buffers.added_cond[name].copy_(value)
+    for name, value in call.cond.items():
+        buffers.cond[name].copy_(value)
     if buffers.noise is not None and whole_loop:
         buffers.noise.copy_(call.noise)
 
@@ -142,14 +142,14 @@ class GraphedDenoiser:
 
     def __init__(
         self,
-        unet: Callable,
+        unet_forward: UNetForward,
         cache: GraphCache,
         model_dtype: torch.dtype,
         channels_last: bool = False,
         max_loop_steps: int = 8,
         key_extra: tuple = (),
     ):
-        self.unet = unet
+        self.unet_forward = unet_forward
         self.cache = cache
         self.model_dtype = model_dtype
         self.channels_last = channels_last
@@ -160,7 +160,7 @@ class GraphedDenoiser:
     def key_for(self, call: DenoiseCall, sampler: str = "") -> GraphKey:
         batch, channels, height, width = call.x_T.shape
         whole_loop = call.steps <= self.max_loop_steps
-        added = tuple(sorted((k, tuple(v.shape)) for k, v in call.added_cond.items()))
+        cond = tuple(sorted((k, tuple(v.shape), str(v.dtype)) for k, v in call.cond.items()))
         return GraphKey(
             kind="loop" if whole_loop else "step",
             batch=int(batch),
@@ -172,8 +172,7 @@ class GraphedDenoiser:
             sampler=sampler if whole_loop else "",
             extra=(
                 int(channels),
-                tuple(call.context.shape),
-                added,
+                cond,
                 call.noise is not None,
                 *self.key_extra,
             ),
@@ -190,7 +189,7 @@ class GraphedDenoiser:
         def body() -> None:
             for _ in range(repeats):
                 denoise_body(
-                    self.unet,
+                    self.unet_forward,
                     buffers,
                     self.model_dtype,
                     self.channels_last,

@@ -21,14 +21,14 @@ class ToyUNet(nn.Module):
         self.text_time = nn.Linear(6, channels) if text_time else None
         self.calls = 0
 
-    def forward(self, sample, timestep, encoder_hidden_states, added_cond_kwargs=None):
+    def forward(self, sample, timestep, cond):
         self.calls += 1
         assert timestep.shape == (sample.shape[0],)
         t = (timestep.float() / 1000.0)[:, None, None, None]
-        ctx = self.context_proj(encoder_hidden_states.mean(1))[:, :, None, None]
+        ctx = self.context_proj(cond["encoder_hidden_states"].mean(1))[:, :, None, None]
         out = torch.tanh(self.conv(sample)) * (1 + t) + ctx
         if self.text_time is not None:
-            out = out + self.text_time(added_cond_kwargs["time_ids"])[:, :, None, None]
+            out = out + self.text_time(cond["time_ids"])[:, :, None, None]
         return out.to(sample.dtype)
 
 
@@ -52,8 +52,7 @@ def reference_loop(unet, call: DenoiseCall) -> torch.Tensor:
         if call.guidance_scale is not None:
             model_in = torch.cat([model_in, model_in])
         t = torch.full((model_in.shape[0],), int(call.timesteps[i]))
-        kwargs = {"added_cond_kwargs": call.added_cond} if call.added_cond else {}
-        out = unet(model_in, t, call.context, **kwargs).double()
+        out = unet(model_in, t, call.cond).double()
         if call.guidance_scale is not None:
             out = out[:batch] + call.guidance_scale * (out[batch:] - out[:batch])
         x0 = c[1] * x_in + c[2] * out
@@ -72,9 +71,9 @@ def make_call(steps, guidance=7.5, noise=False, batch=1, size=8, text_time=False
         timesteps=timesteps,
         coefficients=coefficients,
         init_noise_scale=1.3,
-        context=torch.randn(rows, 5, 8),
+        cond={"encoder_hidden_states": torch.randn(rows, 5, 8)}
+        | ({"time_ids": torch.randn(rows, 6)} if text_time else {}),
         guidance_scale=guidance,
-        added_cond={"time_ids": torch.randn(rows, 6)} if text_time else {},
         noise=torch.randn(steps, batch, 4, size, size) if noise else None,
     )
 

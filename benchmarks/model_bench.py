@@ -1,0 +1,217 @@
+"""Shared harness of the whole-model benchmarks (bench_unet, bench_vae, bench_pipeline).
+
+A benchmark is a list of ``Case``s (workload x provider). Each case builds its callable, is timed
+(CUDA events on GPU, median of ``iters`` after ``warmup`` calls; the first call is timed on its
+own and reported as warm-up: graph capture, autotuning, cuDNN algorithm search), and produces one
+``Result`` row with ms, TFLOP/s from a FLOP count, images/s and peak memory. A case that raises is
+reported with its traceback and the rest go on, so one broken provider never hides the others.
+Rows go to ``benchmarks/results/<gpu>.csv``.
+"""
+
+from __future__ import annotations
+
+import csv
+import gc
+import statistics
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+CSV_FIELDS = (
+    "timestamp", "device", "benchmark", "workload", "provider", "ms", "tflops", "images_per_s",
+    "speedup", "warmup_s", "peak_mib", "gflop", "note",
+)
+
+
+@dataclass
+class Result:
+    benchmark: str
+    workload: str
+    provider: str
+    ms: float | None = None
+    tflops: float | None = None
+    images_per_s: float | None = None
+    speedup: float | None = None  # against the workload's reference provider
+    warmup_s: float | None = None
+    peak_mib: float | None = None
+    gflop: float | None = None
+    note: str = ""
+    device: str = field(default_factory=lambda: device_name())
+
+
+@dataclass
+class Case:
+    """One timed callable. ``setup()`` builds everything and returns the no-argument callable."""
+
+    benchmark: str
+    workload: str
+    provider: str
+    setup: Callable[[], Callable[[], object]]
+    images: int = 1  # images produced by one call (for images/s)
+    flop: float | None = None
+    note: str = ""
+
+
+def device_name() -> str:
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+
+
+def results_path(name: str | None = None) -> Path:
+    slug = (name or device_name()).lower().replace(" ", "-").replace("/", "-")
+    return RESULTS_DIR / f"{slug}.csv"
+
+
+def synchronize() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def time_ms(fn: Callable[[], object], warmup: int, iters: int) -> float:
+    """Median milliseconds per call. CUDA events around each call on GPU, wall clock on CPU."""
+    for _ in range(warmup):
+        fn()
+    synchronize()
+    samples = []
+    if torch.cuda.is_available():
+        for _ in range(iters):
+            start = torch.cuda.Event(enable_timing=True)
+            end = torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            samples.append(start.elapsed_time(end))
+    else:
+        for _ in range(iters):
+            begin = time.perf_counter()
+            fn()
+            samples.append((time.perf_counter() - begin) * 1e3)
+    return statistics.median(samples)
+
+
+def free_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def run_case(case: Case, warmup: int, iters: int) -> Result:
+    result = Result(case.benchmark, case.workload, case.provider, note=case.note)
+    free_memory()
+    try:
+        with torch.no_grad():
+            fn = case.setup()
+            synchronize()
+            begin = time.perf_counter()
+            fn()
+            synchronize()
+            result.warmup_s = time.perf_counter() - begin
+            result.ms = time_ms(fn, warmup, iters)
+        if torch.cuda.is_available():
+            result.peak_mib = torch.cuda.max_memory_allocated() / 2**20
+        if case.flop:
+            result.gflop = case.flop / 1e9
+            result.tflops = case.flop / (result.ms * 1e-3) / 1e12
+        result.images_per_s = case.images / (result.ms * 1e-3)
+    except Exception as error:  # report and go on: one failure must not stop the others
+        traceback.print_exc()
+        result.note = f"FAILED {type(error).__name__}: {str(error)[:160]}"
+    finally:
+        fn = None
+        free_memory()
+    return result
+
+
+def add_speedups(results: list[Result], reference: str) -> None:
+    """speedup = reference provider's ms / this row's ms, per workload."""
+    base = {r.workload: r.ms for r in results if r.provider == reference and r.ms}
+    for row in results:
+        if row.ms and base.get(row.workload):
+            row.speedup = base[row.workload] / row.ms
+
+
+def run_cases(
+    cases: list[Case], warmup: int, iters: int, reference: str, verbose: bool = True
+) -> list[Result]:
+    results = []
+    for case in cases:
+        if verbose:
+            print(f"-- {case.benchmark} {case.workload} [{case.provider}]", flush=True)
+        results.append(run_case(case, warmup, iters))
+        if verbose:
+            print(format_table(results[-1:], header=False), flush=True)
+    add_speedups(results, reference)
+    return results
+
+
+def _fmt(value, digits: int) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def format_table(results: list[Result], header: bool = True) -> str:
+    lines = []
+    if header:
+        lines.append(
+            f"{'workload':<22} {'provider':<20} {'ms':>9} {'TFLOP/s':>8} {'img/s':>8} "
+            f"{'speedup':>7} {'warmup s':>8} {'peak MiB':>9}  note"
+        )
+    for r in results:
+        lines.append(
+            f"{r.workload:<22} {r.provider:<20} {_fmt(r.ms, 3):>9} {_fmt(r.tflops, 1):>8} "
+            f"{_fmt(r.images_per_s, 2):>8} {_fmt(r.speedup, 2):>7} {_fmt(r.warmup_s, 2):>8} "
+            f"{_fmt(r.peak_mib, 0):>9}  {r.note}"
+        )
+    return "\n".join(lines)
+
+
+def append_csv(results: list[Result], path: Path | None = None) -> Path:
+    """Append rows to benchmarks/results/<gpu>.csv (header written when the file is new)."""
+    path = path or results_path()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    new = not path.exists() or path.stat().st_size == 0
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%S")
+    with path.open("a", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=CSV_FIELDS, extrasaction="ignore")
+        if new:
+            writer.writeheader()
+        for row in results:
+            values = {
+                k: (round(v, 4) if isinstance(v, float) else v) for k, v in asdict(row).items()
+            }
+            writer.writerow({"timestamp": stamp, **values})
+    return path
+
+
+def count_flops(fn: Callable[[], object]) -> float | None:
+    """FLOP of one call of ``fn`` (2 per multiply-add) from torch.utils.flop_counter."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from fastdiff.ops import use_backend
+
+    try:
+        # The eager backend runs attention as aten SDPA, which the counter knows; custom kernels
+        # would be invisible to it.
+        with use_backend("eager"), torch.no_grad(), FlopCounterMode(display=False) as counter:
+            fn()
+        return float(counter.get_total_flops())
+    except Exception:
+        traceback.print_exc()
+        return None
+
+
+def diffusers_available() -> bool:
+    try:
+        import diffusers  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def on_gpu() -> bool:
+    return torch.cuda.is_available()

@@ -1,0 +1,36 @@
+"""Tiny fastdiff pipelines (random weights, real block structure) shared by the runtime tests."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
+if str(BENCHMARKS) not in sys.path:
+    sys.path.insert(0, str(BENCHMARKS))
+
+
+def tiny_pipeline(unet_config: str = "tiny_sd15_unet", device: str = "cpu", dtype=torch.float32):
+    from model_configs import SD_SCHEDULER, model_config
+
+    from fastdiff.models import AutoencoderKL, UNet2DConditionModel
+    from fastdiff.pipeline import Pipeline
+    from fastdiff.sampling import NoiseSchedule
+
+    torch.manual_seed(1234)
+    unet = UNet2DConditionModel(model_config(unet_config)).to(device=device, dtype=dtype).eval()
+    vae = AutoencoderKL(model_config("tiny_vae")).to(device=device, dtype=dtype).eval()
+    return Pipeline(unet, vae, NoiseSchedule.from_config(SD_SCHEDULER))
+
+
+@pytest.fixture
+def pipe():
+    return tiny_pipeline()
+
+
+@pytest.fixture
+def sdxl_pipe():
+    return tiny_pipeline("tiny_sdxl_unet")

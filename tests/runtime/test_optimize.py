@@ -1,0 +1,115 @@
+"""optimize() on CPU: the reference path is kept, and the static-buffer loop that CUDA graphs
+capture (run here without capture) gives the eager pipeline's results."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fastdiff.runtime as runtime
+from fastdiff.pipeline.conditioning import Conditioning
+from fastdiff.sampling import make_plan, run_plan
+
+
+def text_conditioning(batch=1, tokens=7, width=32, guided=True, text_time=False):
+    def part():
+        cond = {"encoder_hidden_states": torch.randn(batch, tokens, width)}
+        if text_time:
+            cond["text_embeds"] = torch.randn(batch, 32)
+            cond["time_ids"] = torch.tensor([[64.0, 64, 0, 0, 64, 64]]).repeat(batch, 1)
+        return cond
+
+    return Conditioning(part(), part() if guided else None)
+
+
+def eager_latents(pipe, conditioning, x_T, sampler, steps, eta=0.0, guidance=7.5, seed=3):
+    plan = make_plan(pipe.schedule, sampler, steps, eta)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        return run_plan(pipe.build_model_fn(conditioning, guidance), x_T, plan, generator=generator)
+
+
+def test_without_cuda_optimize_keeps_the_eager_path(pipe, capsys):
+    eager_denoise = pipe.denoise
+    result = runtime.optimize(pipe)
+    assert result is None
+    assert pipe.denoise == eager_denoise  # not replaced
+    assert pipe.unet.dtype == torch.float32
+    report = pipe.optimize_report
+    assert "CUDA graphs" in report.skipped and "no CUDA" in report.skipped["CUDA graphs"]
+    assert any("fused QKV" in item for item in report.applied)
+    assert "skipped: CUDA graphs (no CUDA" in capsys.readouterr().out
+    assert all(module.fused for module in pipe.unet.attention_modules())
+
+
+def test_fused_qkv_keeps_unet_output(pipe):
+    x = torch.randn(2, 4, 8, 8)
+    t = torch.tensor([999, 500])
+    context = torch.randn(2, 7, 32)
+    with torch.no_grad():
+        before = pipe.unet(x, t, context)
+        runtime.optimize(pipe, verbose=False)
+        after = pipe.unet(x, t, context)
+    torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "sampler, steps, eta",
+    [("ddim", 4, 0.0), ("euler", 3, 0.0), ("dpmpp_2m", 9, 0.0), ("ddim", 4, 0.6),
+     ("ddpm", 10, 0.0)],
+    ids=["ddim4-loop", "euler3-loop", "dpmpp9-step", "ddim-eta-loop", "ddpm10-step"],
+)
+def test_static_buffer_loop_equals_eager_sampler(pipe, sampler, steps, eta):
+    conditioning = text_conditioning()
+    x_T = torch.randn(1, 4, 8, 8)
+    want = eager_latents(pipe, conditioning, x_T, sampler, steps, eta)
+    rt = runtime.optimize(pipe, backend=runtime.EagerGraphBackend(), verbose=False)
+    got = pipe.denoise(conditioning, x_T, guidance_scale=7.5, sampler=sampler, steps=steps,
+                       eta=eta, generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    (entry,) = rt.cache.entries.values()
+    assert entry.key.kind == ("loop" if steps <= 8 else "step")
+    assert entry.key.guidance
+
+
+def test_unguided_and_text_time_conditioning(sdxl_pipe):
+    conditioning = text_conditioning(batch=2, guided=False, text_time=True)
+    x_T = torch.randn(2, 4, 8, 8)
+    want = eager_latents(sdxl_pipe, conditioning, x_T, "dpmpp_2m", 6, guidance=1.0)
+    runtime.optimize(sdxl_pipe, backend=runtime.EagerGraphBackend(), verbose=False)
+    got = sdxl_pipe.denoise(conditioning, x_T, guidance_scale=1.0, sampler="dpmpp_2m", steps=6)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    (key,) = sdxl_pipe.runtime.cache.entries
+    assert not key.guidance and key.batch == 2
+
+
+def test_guidance_rescale_falls_back_to_eager(pipe, capsys):
+    conditioning = text_conditioning()
+    x_T = torch.randn(1, 4, 8, 8)
+    with torch.no_grad():
+        want = pipe.denoise(conditioning, x_T, guidance_scale=5.0, guidance_rescale=0.7,
+                            steps=3, progress=False)
+    rt = runtime.optimize(pipe, backend=runtime.EagerGraphBackend(), verbose=False)
+    got = pipe.denoise(conditioning, x_T, guidance_scale=5.0, guidance_rescale=0.7, steps=3,
+                       progress=False)
+    torch.testing.assert_close(got, want)
+    assert len(rt.cache) == 0
+    assert "guidance_rescale" in capsys.readouterr().out
+
+
+def test_decode_latents_through_graphed_call(pipe):
+    latents = torch.randn(1, 4, 8, 8)
+    want = pipe.decode_latents(latents)
+    rt = runtime.optimize(pipe, backend=runtime.EagerGraphBackend(), verbose=False)
+    got = pipe.decode_latents(latents)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    again = pipe.decode_latents(latents * 0.5)
+    assert not torch.allclose(again, got)  # new input copied into the static buffer
+    assert rt.cache.stats.captures == 1 and rt.cache.stats.hits == 1
+
+
+def test_bad_arguments_raise(pipe):
+    with pytest.raises(ValueError, match="dtype"):
+        runtime.optimize(pipe, dtype=torch.int8)
+    with pytest.raises(ValueError, match="max_graphs"):
+        runtime.optimize(pipe, backend=runtime.EagerGraphBackend(), max_graphs=0)
