@@ -1,7 +1,8 @@
 """Fused ops: one public function per op. Models call these and nothing below them.
 
 Each op module holds the public function, its fp32 ``*_reference`` and its eager path; the
-backend (eager / triton / cuda) is chosen in ``fastdiff.ops.backend``.
+backend (eager / triton / cuda) is chosen in ``fastdiff.ops.backend``. The sampler step's
+reference is the sampling layer's ``apply_plan_row`` (ops sit below sampling).
 """
 
 from fastdiff.ops.attention import attention, attention_reference
@@ -9,6 +10,7 @@ from fastdiff.ops.backend import BACKENDS, select_backend, use_backend
 from fastdiff.ops.geglu import geglu, geglu_reference
 from fastdiff.ops.group_norm import group_norm, group_norm_reference
 from fastdiff.ops.layer_norm import layer_norm, layer_norm_reference
+from fastdiff.ops.sampler_step import sampler_step, sampler_step_eager
 
 __all__ = [
     "BACKENDS",
@@ -20,6 +22,8 @@ __all__ = [
     "group_norm_reference",
     "layer_norm",
     "layer_norm_reference",
+    "sampler_step",
+    "sampler_step_eager",
     "select_backend",
     "use_backend",
 ]

@@ -1,0 +1,163 @@
+"""Fused classifier-free guidance + one sampling-plan step (notes/PLAN_INTERFACE.md).
+
+Layers: ``kernels/sampler_step.py`` (Triton launcher) -> custom op ``fastdiff::sampler_step``
+(with a fake kernel) -> ``sampler_step`` (checks, backend choice, eager path).
+
+The reference is the sampling layer's own step, ``fastdiff.sampling.apply_plan_row`` applied to
+``fastdiff.sampling.combine_guidance(uncond, cond, w)``; the tests compare against it. This module
+cannot import it (ops sit below sampling), and its eager path differs on purpose: it reads the
+coefficients and guidance from tensors without a host sync, so it is CUDA-graph safe as well.
+"""
+
+import torch
+
+from fastdiff.ops.backend import cuda_extension_op, kernel_dtype_supported, select_backend
+
+NUM_COEFFICIENTS = 7  # c0..c6, the columns of SamplingPlan.coefficients
+
+
+def sampler_step_eager(
+    x: torch.Tensor,
+    model_output: torch.Tensor,
+    coefficients: torch.Tensor,
+    step: torch.Tensor | None = None,
+    x0_prev: torch.Tensor | None = None,
+    guidance_scale: float | torch.Tensor = 1.0,
+    noise: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same step as a sequence of PyTorch ops in fp32 (fp64 for fp64 states)."""
+    dtype = torch.promote_types(x.dtype, torch.float32)
+    row = coefficients[step] if step is not None else coefficients
+    c0, c1, c2, c3, c4, c5, c6 = row.to(dtype).unbind(-1)
+    state = x.to(dtype)
+    batch = x.shape[0]
+    if model_output.shape[0] == 2 * batch:
+        uncond, cond = model_output.to(dtype).chunk(2)
+        guidance = guidance_scale
+        if isinstance(guidance, torch.Tensor):
+            guidance = guidance.to(dtype)
+        model = uncond + guidance * (cond - uncond)
+    else:
+        model = model_output.to(dtype)
+    x0 = c1 * (c0 * state) + c2 * model
+    x_next = c3 * state + c4 * x0
+    if x0_prev is not None:
+        x_next = x_next + c5 * x0_prev.to(dtype)
+    if noise is not None:
+        x_next = x_next + c6 * noise.to(dtype)
+    return x_next.to(x.dtype), x0.to(x.dtype)
+
+
+@torch.library.custom_op("fastdiff::sampler_step", mutates_args=())
+def sampler_step_triton(
+    x: torch.Tensor,
+    model_output: torch.Tensor,
+    coefficients: torch.Tensor,
+    step: torch.Tensor | None,
+    x0_prev: torch.Tensor | None,
+    guidance: torch.Tensor | None,
+    guidance_value: float,
+    noise: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    from fastdiff.kernels.sampler_step import sampler_step_forward
+
+    return sampler_step_forward(
+        x, model_output, coefficients, step, x0_prev, guidance, guidance_value, noise
+    )
+
+
+@sampler_step_triton.register_fake
+def _sampler_step_fake(x, model_output, coefficients, step, x0_prev, guidance, value, noise):
+    return torch.empty_like(x), torch.empty_like(x)
+
+
+def check_sampler_step_args(x, model_output, coefficients, step, x0_prev, noise) -> None:
+    batch = x.shape[0] if x.dim() > 0 else 0
+    if x.dim() == 0 or model_output.shape[1:] != x.shape[1:] or model_output.shape[0] not in (
+        batch,
+        2 * batch,
+    ):
+        raise ValueError(
+            f"sampler_step: model_output shape {tuple(model_output.shape)} must be x's "
+            f"{tuple(x.shape)} or [uncond; cond] with twice its batch"
+        )
+    for name, tensor in (("x0_prev", x0_prev), ("noise", noise)):
+        if tensor is not None and tensor.shape != x.shape:
+            raise ValueError(
+                f"sampler_step: {name} shape {tuple(tensor.shape)} != x shape {tuple(x.shape)}"
+            )
+    if coefficients.shape[-1] != NUM_COEFFICIENTS or coefficients.dim() not in (1, 2):
+        raise ValueError(
+            f"sampler_step: coefficients must be a [S, {NUM_COEFFICIENTS}] plan table or one "
+            f"[{NUM_COEFFICIENTS}] row, got shape {tuple(coefficients.shape)}"
+        )
+    if (coefficients.dim() == 2) != (step is not None):
+        raise ValueError(
+            "sampler_step: pass step (an integer tensor) with a [S, 7] coefficient table, and "
+            "no step with a single [7] row"
+        )
+    if step is not None and (step.numel() != 1 or step.dtype.is_floating_point):
+        raise ValueError(f"sampler_step: step must be one integer, got {step.dtype} {step.shape}")
+
+
+def _same_dense_layout(x: torch.Tensor, *others: torch.Tensor) -> bool:
+    """True when element i of every tensor is the same sample position (flat kernel indexing)."""
+    tensors = (x, *others)
+    if all(t.is_contiguous() for t in tensors):
+        return True
+    return x.dim() == 4 and all(
+        t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last) for t in tensors
+    )
+
+
+def sampler_step_triton_supports(x, model_output, coefficients, step, x0_prev, guidance, noise):
+    samples = [t for t in (model_output, x0_prev, noise) if t is not None]
+    if not kernel_dtype_supported(x) or not all(kernel_dtype_supported(t) for t in samples):
+        return False
+    if not _same_dense_layout(x, *samples) or coefficients.stride(-1) != 1:
+        return False
+    if coefficients.dtype not in (torch.float32, torch.float64):
+        return False
+    if step is not None and step.dtype != torch.int64:
+        return False
+    device_tensors = [coefficients, *samples] + [t for t in (step, guidance) if t is not None]
+    return all(t.device == x.device for t in device_tensors)
+
+
+def sampler_step(
+    x: torch.Tensor,
+    model_output: torch.Tensor,
+    coefficients: torch.Tensor,
+    step: torch.Tensor | int | None = None,
+    x0_prev: torch.Tensor | None = None,
+    guidance_scale: float | torch.Tensor = 1.0,
+    noise: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One fused step of a sampling plan with classifier-free guidance; returns (x_next, x0).
+
+    x: state [B, ...]. model_output: [2B, ...] = [uncond; cond] (guided with ``guidance_scale``,
+    Ho & Salimans 2022) or [B, ...] (used as is). coefficients: the plan table [S, 7] on x's device
+    with ``step`` an int64 scalar tensor (or int), or a single [7] row with ``step=None``.
+    x0_prev: the previous step's x0 (None counts as zeros). noise: z for stochastic plans (None
+    counts as zeros: pass it whenever the row's NOISE_STD is non-zero). guidance_scale: float or a
+    scalar tensor. For a CUDA graph replayed across steps, pass ``step`` and ``guidance_scale`` as
+    device tensors (updated in place between replays), never as Python numbers.
+    Guidance rescale is not fused: use ``fastdiff.sampling.combine_guidance`` then this op.
+    """
+    if isinstance(step, int):
+        step = torch.tensor(step, dtype=torch.int64, device=coefficients.device)
+    check_sampler_step_args(x, model_output, coefficients, step, x0_prev, noise)
+    guidance = guidance_scale if isinstance(guidance_scale, torch.Tensor) else None
+    guidance_value = 1.0 if guidance is not None else float(guidance_scale)
+    backend = select_backend(x)
+    args = (x, model_output, coefficients, step, x0_prev, guidance, guidance_value, noise)
+    if backend == "cuda":
+        native = cuda_extension_op("sampler_step", *args)
+        if native is not None:
+            return native(*args)
+        backend = "triton"
+    if backend == "triton" and sampler_step_triton_supports(
+        x, model_output, coefficients, step, x0_prev, guidance, noise
+    ):
+        return sampler_step_triton(*args)
+    return sampler_step_eager(x, model_output, coefficients, step, x0_prev, guidance_scale, noise)

@@ -1,0 +1,224 @@
+"""Fused CFG + sampler-step kernel against the sampling layer's own step (apply_plan_row)."""
+
+from __future__ import annotations
+
+import fastdiff.kernels.sampler_step as sampler_step_kernels
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fastdiff.ops import sampler_step, use_backend
+from fastdiff.ops.sampler_step import sampler_step_eager, sampler_step_triton
+from fastdiff.sampling import NoiseSchedule, apply_plan_row, combine_guidance, make_plan
+from tests.ops.helpers import DEVICE, CallCounter, assert_within_tolerance, kernel_dtypes
+
+PLANS = [
+    pytest.param(("ddim", 0.0), id="ddim"),
+    pytest.param(("ddim", 1.0), id="ddim-eta1"),
+    pytest.param(("ddpm", 0.0), id="ddpm"),
+    pytest.param(("euler", 0.0), id="euler"),
+    pytest.param(("dpmpp_2m", 0.0), id="dpmpp_2m"),
+]
+
+
+def reference_step(row, x, model_output, guidance, x0_prev, noise, compute_dtype=torch.float32):
+    """apply_plan_row(combine_guidance(...)) with inputs in ``compute_dtype``, cast back to x's."""
+    cast = (lambda t: None if t is None else t.to(compute_dtype))
+    model = cast(model_output)
+    if model.shape[0] == 2 * x.shape[0]:
+        model = combine_guidance(*model.chunk(2), float(guidance))
+    x_next, x0 = apply_plan_row(row, cast(x), model, cast(x0_prev), cast(noise))
+    return x_next.to(x.dtype), x0.to(x.dtype)
+
+
+def check_step(out, row, x, model_output, guidance, x0_prev, noise, what=""):
+    reference = reference_step(row, x, model_output, guidance, x0_prev, noise)
+    eager = reference_step(row, x, model_output, guidance, x0_prev, noise, x.dtype)
+    for name, got, want, base in zip(("x_next", "x0"), out, reference, eager, strict=True):
+        assert_within_tolerance(got, want, base, f"{what} {name}")
+
+
+def device_plan(sampler, eta, steps=4, prediction_type="epsilon"):
+    schedule = NoiseSchedule(beta_schedule="scaled_linear", prediction_type=prediction_type)
+    plan = make_plan(schedule, sampler, steps=steps, eta=eta)
+    return plan, plan.coefficients.to(DEVICE)
+
+
+@pytest.mark.parametrize("dtype", kernel_dtypes())
+@pytest.mark.parametrize("plan_args", PLANS)
+def test_whole_plan_matches_reference_steps(triton_backend, monkeypatch, plan_args, dtype):
+    counter = CallCounter(monkeypatch, sampler_step_kernels, "sampler_step_forward")
+    plan, table = device_plan(*plan_args)
+    shape = (2, 4, 6, 5)
+    x = (torch.randn(shape, device=DEVICE) * plan.init_noise_scale).to(dtype)
+    x0_prev = torch.zeros_like(x)
+    guidance = torch.tensor(7.5, device=DEVICE)
+    for index in range(len(plan)):
+        model_output = torch.randn((4, *shape[1:]), device=DEVICE).to(dtype)
+        noise = torch.randn(shape, device=DEVICE).to(dtype)
+        step = torch.tensor(index, device=DEVICE)
+        out = sampler_step(x, model_output, table, step, x0_prev, guidance, noise)
+        row = plan.coefficients[index].tolist()
+        check_step(out, row, x, model_output, 7.5, x0_prev, noise, f"{plan.sampler} step {index}")
+        x, x0_prev = out
+    assert counter.calls == len(plan)
+
+
+@pytest.mark.parametrize("prediction_type", ["v_prediction", "sample"])
+def test_other_prediction_types(triton_backend, prediction_type):
+    plan, table = device_plan("ddim", 0.0, prediction_type=prediction_type)
+    x = torch.randn(1, 4, 5, 5, device=DEVICE)
+    model_output = torch.randn(2, 4, 5, 5, device=DEVICE)
+    out = sampler_step(x, model_output, table, 1, None, 3.0)
+    check_step(out, plan.coefficients[1].tolist(), x, model_output, 3.0, None, None)
+
+
+def test_without_guidance_and_with_a_single_row(triton_backend, monkeypatch):
+    counter = CallCounter(monkeypatch, sampler_step_kernels, "sampler_step_forward")
+    plan, table = device_plan("dpmpp_2m", 0.0)
+    x, x0_prev = torch.randn(2, 3, 7, 9, device=DEVICE), torch.randn(2, 3, 7, 9, device=DEVICE)
+    model_output = torch.randn(2, 3, 7, 9, device=DEVICE)  # [B]: no CFG, guidance unused
+    out = sampler_step(x, model_output, table[2], None, x0_prev, 5.0)
+    check_step(out, plan.coefficients[2].tolist(), x, model_output, 5.0, x0_prev, None)
+    assert counter.calls == 1
+
+
+def test_float_guidance_equals_tensor_guidance(triton_backend):
+    _, table = device_plan("ddim", 0.0)
+    x = torch.randn(2, 4, 3, 3, device=DEVICE)
+    model_output = torch.randn(4, 4, 3, 3, device=DEVICE)
+    by_float = sampler_step(x, model_output, table, 1, None, 4.0)
+    by_tensor = sampler_step(x, model_output, table, 1, None, torch.tensor(4.0, device=DEVICE))
+    for a, b in zip(by_float, by_tensor, strict=True):
+        torch.testing.assert_close(a, b)
+
+
+def test_channels_last_latents(triton_backend, monkeypatch):
+    counter = CallCounter(monkeypatch, sampler_step_kernels, "sampler_step_forward")
+    plan, table = device_plan("ddim", 0.0)
+    channels_last = torch.channels_last
+    x = torch.randn(2, 4, 5, 6, device=DEVICE).to(memory_format=channels_last)
+    model_output = torch.randn(4, 4, 5, 6, device=DEVICE).to(memory_format=channels_last)
+    out = sampler_step(x, model_output, table, 0, None, 7.5)
+    check_step(out, plan.coefficients[0].tolist(), x, model_output, 7.5, None, None)
+    assert out[0].is_contiguous(memory_format=channels_last)
+    assert counter.calls == 1
+
+
+@settings(max_examples=6, deadline=None)
+@given(
+    batch=st.integers(1, 3),
+    numel=st.integers(1, 2500),
+    guided=st.booleans(),
+    index=st.integers(0, 3),
+    guidance=st.floats(0.0, 12.0),
+)
+def test_random_sizes_property(batch, numel, guided, index, guidance):
+    plan, table = device_plan("ddim", 0.5)
+    x = torch.randn(batch, numel, device=DEVICE)
+    model_output = torch.randn((2 * batch if guided else batch), numel, device=DEVICE)
+    x0_prev, noise = torch.randn_like(x), torch.randn_like(x)
+    with use_backend("triton"):
+        out = sampler_step(x, model_output, table, index, x0_prev, guidance, noise)
+    check_step(out, plan.coefficients[index].tolist(), x, model_output, guidance, x0_prev, noise)
+
+
+test_random_sizes_property = pytest.mark.usefixtures("triton_backend")(test_random_sizes_property)
+
+
+def test_mixed_layouts_fall_back_to_eager(triton_backend, monkeypatch):
+    counter = CallCounter(monkeypatch, sampler_step_kernels, "sampler_step_forward")
+    plan, table = device_plan("ddim", 0.0)
+    x = torch.randn(2, 4, 5, 6, device=DEVICE)
+    model_output = torch.randn(4, 4, 5, 6, device=DEVICE).to(memory_format=torch.channels_last)
+    out = sampler_step(x, model_output, table, 0, None, 7.5)
+    check_step(out, plan.coefficients[0].tolist(), x, model_output, 7.5, None, None)
+    torch.testing.assert_close(out, sampler_step_eager(x, model_output, table, 0, None, 7.5))
+    assert counter.calls == 0
+
+
+def test_float64_state_falls_back_to_eager(triton_backend, monkeypatch):
+    counter = CallCounter(monkeypatch, sampler_step_kernels, "sampler_step_forward")
+    plan, table = device_plan("ddim", 0.0)
+    x = torch.randn(1, 4, 3, 3, device=DEVICE, dtype=torch.float64)
+    model_output = torch.randn(2, 4, 3, 3, device=DEVICE, dtype=torch.float64)
+    out = sampler_step(x, model_output, table, 3, None, 2.0)
+    want = reference_step(plan.coefficients[3].tolist(), x, model_output, 2.0, None, None,
+                          torch.float64)
+    for a, b in zip(out, want, strict=True):
+        torch.testing.assert_close(a, b)
+    assert counter.calls == 0
+
+
+def test_bad_arguments_raise():
+    _, table = device_plan("ddim", 0.0)
+    x = torch.randn(2, 4, 3, 3)
+    with pytest.raises(ValueError, match="model_output shape"):
+        sampler_step(x, torch.randn(3, 4, 3, 3), table, 0)
+    with pytest.raises(ValueError, match="pass step"):
+        sampler_step(x, torch.randn(2, 4, 3, 3), table)
+    with pytest.raises(ValueError, match="coefficients must be"):
+        sampler_step(x, torch.randn(2, 4, 3, 3), table[:, :5], 0)
+    with pytest.raises(ValueError, match="noise shape"):
+        sampler_step(x, torch.randn(2, 4, 3, 3), table, 0, noise=torch.randn(2, 4))
+
+
+def test_fake_kernel_matches_real_output(triton_backend):
+    _, table = device_plan("ddim", 0.0)
+    x = torch.randn(2, 4, 3, 3, device=DEVICE)
+    args = (x, torch.randn(4, 4, 3, 3, device=DEVICE), table, torch.tensor(1, device=DEVICE),
+            torch.randn_like(x), torch.tensor(7.5, device=DEVICE), 1.0, torch.randn_like(x))
+    torch.library.opcheck(sampler_step_triton, args, test_utils=("test_schema", "test_faketensor"))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("shape", [(2, 4, 64, 64), (1, 4, 128, 128)], ids=["sd15", "sdxl"])
+def test_sd_latents_on_gpu(shape, dtype):
+    plan, table = device_plan("ddim", 1.0, steps=10)
+    x = torch.randn(shape, device=DEVICE).to(dtype)
+    model_output = torch.randn((2 * shape[0], *shape[1:]), device=DEVICE).to(dtype)
+    x0_prev, noise = torch.randn_like(x), torch.randn_like(x)
+    with use_backend("triton"):
+        out = sampler_step(x, model_output, table, 4, x0_prev, 7.5, noise)
+    check_step(out, plan.coefficients[4].tolist(), x, model_output, 7.5, x0_prev, noise)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("sampler", ["ddim", "dpmpp_2m", "ddpm"])
+def test_cuda_graph_replay_for_every_step(sampler):
+    """Capture one step, then replay it for each step with new inputs copied into static buffers:
+    the step index and guidance live on the device, so every replay must use its own row."""
+    plan, table = device_plan(sampler, 0.0, steps=6)
+    shape = (2, 4, 32, 32)
+    static_x = torch.randn(shape, device="cuda", dtype=torch.float16)
+    static_model = torch.randn((4, *shape[1:]), device="cuda", dtype=torch.float16)
+    static_prev = torch.zeros_like(static_x)
+    static_noise = torch.randn_like(static_x)
+    static_step = torch.zeros((), dtype=torch.int64, device="cuda")
+    static_guidance = torch.tensor(7.5, device="cuda")
+    with use_backend("triton"):
+        args = (static_x, static_model, table, static_step, static_prev, static_guidance,
+                static_noise)
+        sampler_step(*args)  # compile before capture
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_next, static_x0 = sampler_step(*args)
+    x = torch.randn(shape, device="cuda", dtype=torch.float16)
+    x0_prev = torch.zeros_like(x)
+    for index in range(len(plan)):
+        model_output = torch.randn((4, *shape[1:]), device="cuda", dtype=torch.float16)
+        noise = torch.randn_like(x)
+        guidance = 5.0 + index
+        for static, value in ((static_x, x), (static_model, model_output),
+                              (static_prev, x0_prev), (static_noise, noise)):
+            static.copy_(value)
+        static_step.fill_(index)
+        static_guidance.fill_(guidance)
+        graph.replay()
+        out = (static_next.clone(), static_x0.clone())
+        row = plan.coefficients[index].tolist()
+        check_step(out, row, x, model_output, guidance, x0_prev, noise, f"replay {index}")
+        x, x0_prev = out
