@@ -142,3 +142,15 @@ def kernel_dtype_supported(tensor: torch.Tensor) -> bool:
     if tensor.dtype not in KERNEL_DTYPES:
         return False
     return tensor.is_cuda or tensor.dtype != torch.bfloat16
+
+
+def rows_are_viewable(x: torch.Tensor) -> bool:
+    """True when ``x`` (..., D) can be viewed as (R, D) rows with a unit column stride, the
+    layout the row-wise kernels (layer_norm, geglu) read without a copy."""
+    if x.dim() == 0 or (x.stride(-1) != 1 and x.shape[-1] > 1):
+        return False
+    try:
+        x.view(-1, x.shape[-1])
+    except RuntimeError:
+        return False
+    return True

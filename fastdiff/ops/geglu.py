@@ -3,19 +3,26 @@
 Input is the output of the block's ``proj`` linear layer, (..., 2*D): the first half is the
 value, the second half the gate. Output is ``value * gelu(gate)`` with shape (..., D), the same
 split diffusers' ``GEGLU`` uses, so its weights load unchanged.
-"""
 
-from __future__ import annotations
+Layers: ``kernels/geglu.py`` -> custom op ``fastdiff::geglu`` (with a fake kernel) -> ``geglu``.
+"""
 
 import torch
 import torch.nn.functional as F
 
-from fastdiff.ops.backend import select_backend
+from fastdiff.ops.backend import (
+    cuda_extension_op,
+    kernel_dtype_supported,
+    rows_are_viewable,
+    select_backend,
+)
 
 
 def _check(x: torch.Tensor) -> None:
-    if x.shape[-1] % 2 != 0:
-        raise ValueError(f"geglu: last dimension must be even (value|gate), got shape {tuple(x.shape)}")
+    if x.dim() == 0 or x.shape[-1] % 2 != 0:
+        raise ValueError(
+            f"geglu: last dimension must be even (value|gate), got shape {tuple(x.shape)}"
+        )
 
 
 def geglu_reference(x: torch.Tensor) -> torch.Tensor:
@@ -28,8 +35,27 @@ def geglu_eager(x: torch.Tensor) -> torch.Tensor:
     return value * F.gelu(gate)
 
 
+@torch.library.custom_op("fastdiff::geglu", mutates_args=())
+def geglu_triton(x: torch.Tensor) -> torch.Tensor:
+    from fastdiff.kernels.geglu import geglu_forward
+
+    return geglu_forward(x)
+
+
+@geglu_triton.register_fake
+def _geglu_fake(x):
+    return x.new_empty((*x.shape[:-1], x.shape[-1] // 2))
+
+
 def geglu(x: torch.Tensor) -> torch.Tensor:
-    """``value * gelu(gate)`` for ``x = [value | gate]`` along the last dimension (exact-erf GELU)."""
+    """``value * gelu(gate)`` for ``x = [value | gate]`` on the last dimension (exact-erf GELU)."""
     _check(x)
-    select_backend(x)
+    backend = select_backend(x)
+    if backend == "cuda":
+        native = cuda_extension_op("geglu", x)
+        if native is not None:
+            return native(x)
+        backend = "triton"
+    if backend == "triton" and kernel_dtype_supported(x) and rows_are_viewable(x):
+        return geglu_triton(x)
     return geglu_eager(x)

@@ -1,11 +1,18 @@
-"""LayerNorm over the last dimension (transformer blocks)."""
+"""LayerNorm over the last dimension (transformer blocks).
 
-from __future__ import annotations
+Layers: ``kernels/layer_norm.py`` -> custom op ``fastdiff::layer_norm`` (with a fake kernel) ->
+``layer_norm`` (checks, backend choice, eager path for unsupported inputs).
+"""
 
 import torch
 import torch.nn.functional as F
 
-from fastdiff.ops.backend import select_backend
+from fastdiff.ops.backend import (
+    cuda_extension_op,
+    kernel_dtype_supported,
+    rows_are_viewable,
+    select_backend,
+)
 
 
 def layer_norm_reference(x, weight, bias, eps: float = 1e-5) -> torch.Tensor:
@@ -25,17 +32,46 @@ def layer_norm_eager(x, weight, bias, eps: float = 1e-5) -> torch.Tensor:
     return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
 
 
+@torch.library.custom_op("fastdiff::layer_norm", mutates_args=())
+def layer_norm_triton(
+    x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float
+) -> torch.Tensor:
+    from fastdiff.kernels.layer_norm import layer_norm_forward
+
+    return layer_norm_forward(x, weight, bias, eps)
+
+
+@layer_norm_triton.register_fake
+def _layer_norm_fake(x, weight, bias, eps):
+    return x.new_empty(x.shape)
+
+
+def layer_norm_triton_supports(x: torch.Tensor, weight, bias) -> bool:
+    from fastdiff.kernels.layer_norm import MAX_ROW
+
+    if not kernel_dtype_supported(x) or x.shape[-1] > MAX_ROW or not rows_are_viewable(x):
+        return False
+    return all(p is None or (p.device == x.device and p.stride(0) == 1) for p in (weight, bias))
+
+
 def layer_norm(
     x: torch.Tensor,
     weight: torch.Tensor | None = None,
     bias: torch.Tensor | None = None,
     eps: float = 1e-5,
 ) -> torch.Tensor:
-    """LayerNorm over the last dimension of ``x`` with optional affine parameters."""
+    """LayerNorm over the last dimension of ``x`` with optional affine parameters (fp32 math)."""
     for name, param in (("weight", weight), ("bias", bias)):
         if param is not None and tuple(param.shape) != (x.shape[-1],):
             raise ValueError(
                 f"layer_norm: {name} has shape {tuple(param.shape)}, expected ({x.shape[-1]},)"
             )
-    select_backend(x)
+    backend = select_backend(x)
+    if backend == "cuda":
+        native = cuda_extension_op("layer_norm", x, weight, bias, eps)
+        if native is not None:
+            return native(x, weight, bias, eps)
+        backend = "triton"
+    if backend == "triton" and layer_norm_triton_supports(x, weight, bias):
+        return layer_norm_triton(x, weight, bias, float(eps))
     return layer_norm_eager(x, weight, bias, eps)

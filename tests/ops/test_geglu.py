@@ -1,0 +1,84 @@
+"""GEGLU Triton kernel against the fp32 reference (tolerance rule in helpers.py)."""
+
+from __future__ import annotations
+
+import fastdiff.kernels.geglu as geglu_kernels
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fastdiff.ops import geglu, geglu_reference, use_backend
+from fastdiff.ops.geglu import geglu_eager, geglu_triton
+from tests.ops.helpers import DEVICE, CallCounter, assert_within_tolerance, kernel_dtypes
+
+EDGE_CASES = [
+    pytest.param((2, 16, 2 * 320), id="sd-width-320"),
+    pytest.param((1, 77, 2 * 40), id="77-tokens"),
+    pytest.param((5, 2 * 33), id="odd-width"),
+    pytest.param((3, 2), id="width-1"),
+    pytest.param((2, 2, 3, 2 * 1100), id="wider-than-a-block"),
+]
+
+
+def check(x, what=""):
+    out = geglu(x)
+    assert_within_tolerance(out, geglu_reference(x), geglu_eager(x), what)
+    return out
+
+
+@pytest.mark.parametrize("dtype", kernel_dtypes())
+@pytest.mark.parametrize("shape", EDGE_CASES)
+def test_edge_shapes(triton_backend, monkeypatch, shape, dtype):
+    counter = CallCounter(monkeypatch, geglu_kernels, "geglu_forward")
+    x = (torch.randn(shape, device=DEVICE) * 3).to(dtype)
+    out = check(x, what=str(shape))
+    assert out.shape == (*shape[:-1], shape[-1] // 2)
+    assert counter.calls == 1
+
+
+def test_strided_rows_are_read_in_place(triton_backend, monkeypatch):
+    counter = CallCounter(monkeypatch, geglu_kernels, "geglu_forward")
+    x = torch.randn(4, 3, 64, device=DEVICE)[:, 1]
+    check(x)
+    assert counter.calls == 1
+
+
+def test_transposed_input_falls_back_to_eager(triton_backend, monkeypatch):
+    counter = CallCounter(monkeypatch, geglu_kernels, "geglu_forward")
+    x = torch.randn(8, 6, device=DEVICE).t()
+    torch.testing.assert_close(geglu(x), geglu_eager(x))
+    assert counter.calls == 0
+
+
+def test_odd_last_dimension_raises():
+    with pytest.raises(ValueError, match="must be even"):
+        geglu(torch.randn(2, 5))
+
+
+@settings(max_examples=6, deadline=None)
+@given(rows=st.integers(1, 30), width=st.integers(1, 300))
+def test_random_shapes_property(rows, width):
+    with use_backend("triton"):
+        check(torch.randn(rows, 2 * width, device=DEVICE) * 3)
+
+
+test_random_shapes_property = pytest.mark.usefixtures("triton_backend")(
+    test_random_shapes_property
+)
+
+
+def test_fake_kernel_matches_real_output(triton_backend):
+    x = torch.randn(3, 5, 48, device=DEVICE)
+    torch.library.opcheck(geglu_triton, (x,), test_utils=("test_schema", "test_faketensor"))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize(
+    "shape", [(2, 4096, 2 * 1280), (2, 1024, 2 * 2560), (2, 4096, 2 * 2560)],
+    ids=lambda shape: "x".join(map(str, shape)),
+)
+def test_sd_shapes_on_gpu(shape, dtype):
+    with use_backend("triton"):
+        check((torch.randn(shape, device=DEVICE) * 3).to(dtype), what=str(shape))

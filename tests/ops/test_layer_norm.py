@@ -1,0 +1,106 @@
+"""LayerNorm Triton kernel against the fp32 reference (tolerance rule in helpers.py)."""
+
+from __future__ import annotations
+
+import fastdiff.kernels.layer_norm as layer_norm_kernels
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fastdiff.ops import layer_norm, layer_norm_reference, use_backend
+from fastdiff.ops.layer_norm import layer_norm_eager, layer_norm_triton
+from tests.ops.helpers import DEVICE, CallCounter, assert_within_tolerance, kernel_dtypes
+
+EDGE_CASES = [
+    pytest.param((2, 16, 320), id="sd-width-320"),
+    pytest.param((3, 77, 40), id="77-tokens"),
+    pytest.param((5, 33), id="odd-width"),
+    pytest.param((1, 1, 1), id="width-1"),
+    pytest.param((2, 3, 4, 96), id="4d-input"),
+]
+
+
+def check(x, weight, bias, eps=1e-5, what=""):
+    out = layer_norm(x, weight, bias, eps)
+    reference = layer_norm_reference(x, weight, bias, eps)
+    assert_within_tolerance(out, reference, layer_norm_eager(x, weight, bias, eps), what)
+    return out
+
+
+def make(shape, dtype, affine=True, offset=0.0):
+    x = (torch.randn(shape, device=DEVICE) + offset).to(dtype)
+    width = shape[-1]
+    weight = torch.randn(width, device=DEVICE).to(dtype) if affine else None
+    bias = torch.randn(width, device=DEVICE).to(dtype) if affine else None
+    return x, weight, bias
+
+
+@pytest.mark.parametrize("dtype", kernel_dtypes())
+@pytest.mark.parametrize("shape", EDGE_CASES)
+def test_edge_shapes(triton_backend, monkeypatch, shape, dtype):
+    counter = CallCounter(monkeypatch, layer_norm_kernels, "layer_norm_forward")
+    check(*make(shape, dtype), what=str(shape))
+    assert counter.calls == 1
+
+
+@pytest.mark.parametrize("affine", [False, True], ids=["no-affine", "affine"])
+def test_without_affine_and_large_mean(triton_backend, affine):
+    check(*make((4, 64), torch.float32, affine=affine, offset=100.0), eps=1e-6)
+
+
+def test_strided_rows_are_read_in_place(triton_backend, monkeypatch):
+    counter = CallCounter(monkeypatch, layer_norm_kernels, "layer_norm_forward")
+    base = torch.randn(6, 2, 48, device=DEVICE)
+    x = base[:, 1]  # rows with stride 96: a view, no copy
+    check(x, None, None)
+    assert counter.calls == 1
+
+
+def test_transposed_input_falls_back_to_eager(triton_backend, monkeypatch):
+    counter = CallCounter(monkeypatch, layer_norm_kernels, "layer_norm_forward")
+    x = torch.randn(16, 8, device=DEVICE).t()  # column stride 8
+    torch.testing.assert_close(layer_norm(x), layer_norm_eager(x, None, None))
+    assert counter.calls == 0
+
+
+def test_float64_falls_back_to_eager(triton_backend, monkeypatch):
+    counter = CallCounter(monkeypatch, layer_norm_kernels, "layer_norm_forward")
+    x = torch.randn(4, 8, device=DEVICE, dtype=torch.float64)
+    torch.testing.assert_close(layer_norm(x), layer_norm_eager(x, None, None))
+    assert counter.calls == 0
+
+
+def test_bad_weight_shape_raises():
+    with pytest.raises(ValueError, match="weight has shape"):
+        layer_norm(torch.randn(2, 8), torch.randn(4))
+
+
+@settings(max_examples=6, deadline=None)
+@given(rows=st.integers(1, 20), width=st.integers(2, 200), affine=st.booleans())
+def test_random_shapes_property(rows, width, affine):
+    with use_backend("triton"):
+        check(*make((rows, width), torch.float32, affine=affine))
+
+
+test_random_shapes_property = pytest.mark.usefixtures("triton_backend")(
+    test_random_shapes_property
+)
+
+
+def test_fake_kernel_matches_real_output(triton_backend):
+    x, weight, bias = make((3, 5, 24), torch.float32)
+    torch.library.opcheck(
+        layer_norm_triton, (x, weight, bias, 1e-5), test_utils=("test_schema", "test_faketensor")
+    )
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize(
+    "shape", [(2, 4096, 320), (2, 1024, 640), (2, 4096, 640), (2, 1024, 1280), (2, 77, 2048)],
+    ids=lambda shape: "x".join(map(str, shape)),
+)
+def test_sd_shapes_on_gpu(shape, dtype):
+    with use_backend("triton"):
+        check(*make(shape, dtype), what=str(shape))
