@@ -131,7 +131,8 @@ def test_forward_reads_no_tensor_values(name):
     inputs = unet_inputs(name)
     meta_inputs = {
         key: (
-            {k: v.to("meta") for k, v in value.items()} if isinstance(value, dict)
+            {k: v.to("meta") for k, v in value.items()}
+            if isinstance(value, dict)
             else value.to("meta")
         )
         for key, value in inputs.items()

@@ -1,0 +1,157 @@
+"""fastdiff's AutoencoderKL against diffusers', the Gaussian posterior, legacy keys and tiling."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from fastdiff.models import AutoencoderKL, DiagonalGaussian, load_vae
+from fastdiff.models.tiling import tiled_decode
+from tests.models.reference import VAE_CONFIG
+
+TOLERANCE = 1e-4
+
+
+def images(batch: int = 2, size: int = 16) -> torch.Tensor:
+    return torch.rand(batch, 3, size, size, generator=torch.Generator().manual_seed(3)) * 2 - 1
+
+
+@pytest.mark.parametrize(
+    "name, overrides",
+    [
+        ("vae", {}),
+        ("vae_no_quant", {"use_quant_conv": False, "use_post_quant_conv": False}),
+        ("vae_no_mid_attention", {"mid_block_add_attention": False, "shift_factor": 0.1}),
+    ],
+)
+def test_encode_decode_match_diffusers(checkpoints, name, overrides):
+    reference, folder = checkpoints.vae(name, **overrides)
+    model = load_vae(folder)
+    x = images()
+    with torch.no_grad():
+        expected = reference.encode(x).latent_dist
+        posterior = model.encode(x)
+        assert isinstance(posterior, DiagonalGaussian)
+        torch.testing.assert_close(posterior.mean, expected.mean, atol=TOLERANCE, rtol=0)
+        torch.testing.assert_close(posterior.std, expected.std, atol=TOLERANCE, rtol=0)
+        torch.testing.assert_close(posterior.mode(), expected.mode(), atol=TOLERANCE, rtol=0)
+        torch.testing.assert_close(posterior.kl(), expected.kl(), atol=TOLERANCE, rtol=1e-5)
+        decoded = model.decode(posterior.mean)
+        torch.testing.assert_close(
+            decoded, reference.decode(expected.mean).sample, atol=TOLERANCE, rtol=0
+        )
+    assert decoded.shape == x.shape
+    assert model.config.shift_factor == overrides.get("shift_factor")
+    assert (model.quant_conv is None) == (not overrides.get("use_quant_conv", True))
+
+
+def test_posterior_sample_is_mean_plus_std_noise():
+    moments = torch.randn(2, 8, 16, 16)
+    posterior = DiagonalGaussian(moments)
+    first = posterior.sample(torch.Generator().manual_seed(5))
+    again = posterior.sample(torch.Generator().manual_seed(5))
+    other = posterior.sample(torch.Generator().manual_seed(6))
+    assert torch.equal(first, again) and not torch.equal(first, other)
+    noise = (first - posterior.mean) / posterior.std
+    assert abs(noise.mean().item()) < 0.05 and abs(noise.std().item() - 1) < 0.05
+    torch.testing.assert_close(posterior.mean, moments[:, :4])
+    torch.testing.assert_close(posterior.std, torch.exp(0.5 * moments[:, 4:]))
+    with pytest.raises(ValueError, match="even channel count"):
+        DiagonalGaussian(torch.randn(1, 7, 2, 2))
+
+
+def test_legacy_attention_key_names_load(checkpoints, tmp_path):
+    reference, folder = checkpoints.vae()
+    state = load_file(folder / "diffusion_pytorch_model.safetensors")
+    legacy = {"to_q": "query", "to_k": "key", "to_v": "value", "to_out.0": "proj_attn"}
+    renamed = {}
+    for key, value in state.items():
+        for new, old in legacy.items():
+            marker = f".attentions.0.{new}."
+            if marker in key:
+                key = key.replace(marker, f".attentions.0.{old}.")
+                if value.dim() == 2 and old == "query":
+                    value = value[:, :, None, None]  # the old 1x1-conv form
+        renamed[key] = value.contiguous()
+    assert any(".proj_attn." in key for key in renamed)
+    (tmp_path / "config.json").write_text((folder / "config.json").read_text())
+    save_file(renamed, tmp_path / "diffusion_pytorch_model.safetensors")
+    model = load_vae(tmp_path)
+    z = torch.randn(1, 4, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            model.decode(z), reference.decode(z).sample, atol=TOLERANCE, rtol=0
+        )
+
+
+def local_decoder(latent: torch.Tensor) -> torch.Tensor:
+    """A decoder whose output pixel depends only on its own latent pixel."""
+    return torch.tanh(F.interpolate(latent, scale_factor=4, mode="nearest")[:, :3] * 2 + 1)
+
+
+@pytest.mark.parametrize(
+    "size, tile, overlap", [((13, 21), 6, 2), ((16, 16), 8, 4), ((9, 5), 4, 1)]
+)
+def test_tiled_decode_blends_to_the_untiled_result_for_a_local_decoder(size, tile, overlap):
+    latent = torch.randn(2, 4, *size)
+    tiled = tiled_decode(local_decoder, latent, tile, overlap, scale=4)
+    torch.testing.assert_close(tiled, local_decoder(latent), atol=1e-6, rtol=0)
+
+
+def test_tiled_decode_rejects_bad_tiles():
+    with pytest.raises(ValueError, match="overlap"):
+        tiled_decode(local_decoder, torch.randn(1, 4, 8, 8), 4, 4, scale=4)
+
+
+def test_tiled_vae_decode(checkpoints):
+    _, folder = checkpoints.vae()
+    model = load_vae(folder)
+    assert model.default_tile() == (8, 2)  # sample_size 16 / downscale 2, quarter overlap
+    z = torch.randn(1, 4, 8, 8)
+    with torch.no_grad():
+        # One tile covering the latent is exactly the untiled decode.
+        torch.testing.assert_close(model.decode(z, tiled=True), model.decode(z), atol=0, rtol=0)
+        big = torch.randn(1, 4, 40, 28)  # 5x / 3.5x the training size
+        tiled = model.decode(big, tiled=True, tile_size=8, overlap=2)
+        assert tiled.shape == (1, 3, 80, 56) and torch.isfinite(tiled).all()
+        model.enable_tiling(tile_size=8, overlap=2)
+        torch.testing.assert_close(model.decode(big), tiled, atol=0, rtol=0)
+        model.disable_tiling()
+        untiled = model.decode(big)
+    # Tiles see their own GroupNorm statistics and borders, so a random-weight model is only
+    # roughly reproduced; seams are blended, not exact.
+    assert (tiled - untiled).abs().mean() < untiled.std()
+
+
+def test_vae_config_and_conveniences(checkpoints):
+    _, folder = checkpoints.vae()
+    model = load_vae(folder)
+    config = json.loads((folder / "config.json").read_text())
+    assert model.scaling_factor == config["scaling_factor"]
+    assert model.downscale_factor == 2
+    assert model.dtype == torch.float32
+    x = images(1)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), model.decode(model.encode(x).mode()))
+
+
+def test_vae_fused_projections_same_output(checkpoints):
+    _, folder = checkpoints.vae()
+    model = load_vae(folder)
+    x = images(1)
+    with torch.no_grad():
+        expected = model(x)
+        assert model.fuse_qkv_projections() == 2  # encoder and decoder mid-block attention
+        torch.testing.assert_close(model(x), expected, atol=1e-5, rtol=0)
+
+
+def test_vae_bad_input_shapes():
+    model = AutoencoderKL(VAE_CONFIG)
+    with pytest.raises(ValueError, match="latents"):
+        model.decode(torch.randn(1, 3, 4, 4))
+    with pytest.raises(ValueError, match="images"):
+        model.encode(torch.randn(1, 4, 8, 8))
