@@ -4,9 +4,12 @@ the CLIP tokenizer gets a small hand-written vocabulary (letters, a few whole wo
 
 from __future__ import annotations
 
+import contextlib
 import json
 import string
 from pathlib import Path
+
+import torch
 
 TOKENIZER_LENGTH = 16
 WORDS = ("cat", "dog", "red", "blue", "a", "photo", "of")
@@ -174,3 +177,29 @@ def make_class_folder(path: Path, num_classes: int = 3) -> Path:
     }
     (path / "model_index.json").write_text(json.dumps(index, indent=2))
     return path
+
+
+@contextlib.contextmanager
+def single_thread():
+    """Run torch on one thread: the tiny models here are dominated by thread overhead, and CI
+    shares its cores between test processes."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+class UNetCallCounter:
+    """Wraps a pipeline's U-Net to record the batch size of every forward."""
+
+    def __init__(self, pipe) -> None:
+        self.batches: list[int] = []
+        self.original = pipe.unet.forward
+
+        def counting_forward(sample, *args, **kwargs):
+            self.batches.append(sample.shape[0])
+            return self.original(sample, *args, **kwargs)
+
+        pipe.unet.forward = counting_forward

@@ -7,6 +7,7 @@ flat dict lets classifier-free guidance concatenate [uncond; cond] key by key in
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -31,17 +32,18 @@ class Conditioning:
 
 
 def as_list(value, name: str) -> list:
-    if isinstance(value, (str, int)):
-        return [value]
+    """A single value or a sequence/1-D tensor of values -> a non-empty list."""
     if isinstance(value, torch.Tensor):
         if value.ndim > 1:
             raise ValueError(
                 f"{name} must be a scalar or 1-D tensor, got shape {tuple(value.shape)}"
             )
-        return value.reshape(-1).tolist()
-    if isinstance(value, Sequence) and len(value) > 0:
-        return list(value)
-    raise ValueError(f"{name} must be a value or a non-empty list, got {value!r}")
+        value = value.reshape(-1).tolist()
+    elif isinstance(value, str) or not isinstance(value, Sequence):
+        return [value]
+    if len(value) == 0:
+        raise ValueError(f"{name} must not be empty")
+    return list(value)
 
 
 def class_conditioning(
@@ -51,13 +53,16 @@ def class_conditioning(
     labels = as_list(class_labels, "class_labels")
     valid = [label for label in range(num_class_embeds) if label != null_label]
     for label in labels:
-        if isinstance(label, bool) or not isinstance(label, int) or label not in valid:
+        if isinstance(label, bool) or not isinstance(label, numbers.Integral):
+            raise ValueError(f"class labels must be ints, got {label!r}")
+        if label not in valid:
             raise ValueError(
                 f"class label {label!r} out of range: this model has {len(valid)} classes "
                 f"({valid[0]}..{valid[-1]}); label {null_label} is the null class used for guidance"
                 if valid
                 else f"class label {label!r}: this model has no classes besides the null class"
             )
+    labels = [int(label) for label in labels]
     tensor = torch.tensor(labels, dtype=torch.long, device=device).repeat_interleave(num_images)
     cond = {"class_labels": tensor}
     uncond = {"class_labels": torch.full_like(tensor, null_label)} if guided else None

@@ -318,8 +318,9 @@ class Pipeline:
         if self.unet.config.get("addition_embed_type") == "text_time":
             add_time_ids(conditioning, height, width, self.dtype)
         if image is not None:
-            pixels = self.match_batch(pixels, batch // num_images, num_images)
+            # Encode each given image once (as diffusers does), then pair latents with prompts.
             init_latents = self.encode_image(pixels, generator).to(self.dtype)
+            init_latents = self.match_batch(init_latents, batch // num_images, num_images)
 
         shape = (
             batch,
@@ -375,13 +376,13 @@ class Pipeline:
                 )
 
     @staticmethod
-    def match_batch(pixels: torch.Tensor, prompts: int, num_images: int) -> torch.Tensor:
+    def match_batch(latents: torch.Tensor, prompts: int, num_images: int) -> torch.Tensor:
         """One init image for every prompt, or one per prompt; then ``num_images`` copies each."""
-        if pixels.shape[0] == 1:
-            return pixels.expand(prompts * num_images, -1, -1, -1)
-        if pixels.shape[0] != prompts:
+        if latents.shape[0] == 1:
+            return latents.expand(prompts * num_images, -1, -1, -1).contiguous()
+        if latents.shape[0] != prompts:
             raise ValueError(
-                f"got {pixels.shape[0]} init images for {prompts} prompts/labels: pass one image "
+                f"got {latents.shape[0]} init images for {prompts} prompts/labels: pass one image "
                 "or one per prompt"
             )
-        return pixels.repeat_interleave(num_images, dim=0)
+        return latents.repeat_interleave(num_images, dim=0)

@@ -1,0 +1,187 @@
+"""Text-to-image Pipeline against diffusers' StableDiffusionPipeline on a tiny random-weight
+SD1-like folder (written by diffusers' save_pretrained), plus the pipeline's input checks."""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from fastdiff.pipeline import Pipeline
+from tests.pipeline_folders import UNetCallCounter, make_sd_folder, single_thread
+
+diffusers = pytest.importorskip("diffusers")
+pytest.importorskip("transformers")
+
+STEPS = 4
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    with single_thread():
+        yield
+
+
+@pytest.fixture(scope="module")
+def sd_folder(tmp_path_factory):
+    return make_sd_folder(tmp_path_factory.mktemp("sd") / "pipe")
+
+
+@pytest.fixture(scope="module")
+def pipe(sd_folder):
+    return Pipeline.from_pretrained(sd_folder)
+
+
+@pytest.fixture(scope="module")
+def reference(sd_folder):
+    reference = diffusers.StableDiffusionPipeline.from_pretrained(sd_folder, safety_checker=None)
+    reference.set_progress_bar_config(disable=True)
+    return reference
+
+
+def test_loads_components(pipe):
+    assert pipe.prompt_encoder is not None and not pipe.is_class_conditional
+    assert pipe.vae_scale_factor == 2 and pipe.default_size == 16
+    assert pipe.schedule.beta_schedule == "scaled_linear" and pipe.schedule.steps_offset == 1
+
+
+def test_prompt_embeddings_call_equals_diffusers(pipe, reference):
+    latents = torch.randn(2, 4, 8, 8)
+    embeds, negative = torch.randn(2, 16, 32), torch.randn(2, 16, 32)
+    ours = pipe(
+        prompt_embeds=embeds,
+        negative_prompt_embeds=negative,
+        latents=latents,
+        num_inference_steps=STEPS,
+        guidance_scale=7.5,
+        output_type="tensor",
+        progress=False,
+    )
+    theirs = reference(
+        prompt_embeds=embeds,
+        negative_prompt_embeds=negative,
+        latents=latents,
+        num_inference_steps=STEPS,
+        guidance_scale=7.5,
+        output_type="pt",
+    ).images
+    assert ours.shape == (2, 3, 16, 16) and ours.dtype == torch.float32
+    assert 0 <= ours.min() and ours.max() <= 1 and ours.std() > 0.05
+    torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=0)
+
+
+def test_prompts_through_text_encoder_equal_diffusers(pipe, reference):
+    """Tokenizer + CLIP text encoder, negative prompts, two images per prompt, guidance rescale."""
+    latents = torch.randn(4, 4, 8, 8)
+    kwargs = dict(
+        prompt=["a photo of a cat", "red dog"],
+        negative_prompt=["blue", "cat"],
+        latents=latents,
+        num_inference_steps=STEPS,
+        guidance_scale=5.0,
+        guidance_rescale=0.7,
+    )
+    ours = pipe(**kwargs, num_images=2, output_type="tensor", progress=False)
+    theirs = reference(**kwargs, num_images_per_prompt=2, output_type="pt").images
+    torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=0)
+    # The prompt matters: the same noise under another prompt gives another image.
+    other = pipe(
+        **{**kwargs, "prompt": ["blue cat", "a dog"]},
+        num_images=2,
+        output_type="tensor",
+        progress=False,
+    )
+    assert (other - ours).abs().max() > 1e-3
+
+
+def test_guidance_scale_one_runs_single_forward_and_equals_diffusers(pipe, reference):
+    counter = UNetCallCounter(pipe)
+    latents = torch.randn(1, 4, 8, 8)
+    try:
+        ours = pipe(
+            "a cat",
+            latents=latents,
+            num_inference_steps=STEPS,
+            guidance_scale=1.0,
+            output_type="tensor",
+            progress=False,
+        )
+    finally:
+        pipe.unet.forward = counter.original
+    assert counter.batches == [1] * STEPS
+    theirs = reference(
+        "a cat", latents=latents, num_inference_steps=STEPS, guidance_scale=1.0, output_type="pt"
+    ).images
+    torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=0)
+
+
+def test_output_types_seed_and_size(pipe):
+    common = dict(prompt="a cat", num_inference_steps=2, progress=False)
+    images = pipe(**common, seed=3, num_images=2, height=24, width=16)
+    assert len(images) == 2 and all(isinstance(image, Image.Image) for image in images)
+    assert images[0].size == (16, 24)
+    latents = pipe(**common, seed=3, output_type="latent")
+    assert latents.shape == (1, 4, 8, 8)
+    torch.testing.assert_close(pipe(**common, seed=3, output_type="latent"), latents)
+    assert (pipe(**common, seed=4, output_type="latent") - latents).abs().max() > 1e-3
+    # PIL output is the tensor output rounded to 8 bits.
+    tensor = pipe(**common, seed=3, output_type="tensor")
+    (pil,) = pipe(**common, seed=3)
+    pixels = torch.from_numpy(np.array(pil)).permute(2, 0, 1).float() / 255
+    assert (pixels - tensor[0]).abs().max() <= 0.5 / 255 + 1e-6
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        (dict(prompt="a cat", height=15), "height=15 is not a multiple of the VAE"),
+        (dict(prompt="a cat", width=0), "width must be a positive int"),
+        (dict(prompt="a cat", sampler="heun"), "unknown sampler 'heun'; allowed values: ddpm"),
+        (dict(prompt="a cat", output_type="np"), "unknown output_type 'np'"),
+        (dict(), "pass prompt or prompt_embeds"),
+        (dict(prompt="a", prompt_embeds=torch.zeros(1, 16, 32)), "exactly one of prompt"),
+        (dict(prompt="a cat", class_labels=1), "not class-conditional"),
+        (dict(prompt="a cat", latents=torch.zeros(1, 4, 4, 4)), r"latents must have shape \(1,"),
+        (dict(prompt="a cat", num_images=0), "num_images must be a positive int"),
+        (dict(prompt="a cat", seed=1, generator=torch.Generator()), "seed or generator"),
+        (dict(prompt_embeds=torch.zeros(1, 16)), "prompt_embeds must be a 3-D tensor"),
+        (
+            dict(
+                prompt_embeds=torch.zeros(1, 16, 32), negative_prompt_embeds=torch.zeros(2, 16, 32)
+            ),
+            r"negative_prompt_embeds has shape \(2, 16, 32\)",
+        ),
+        (dict(prompt=["a", "b"], negative_prompt=["a", "b", "c"]), "3 entries but there are 2"),
+        (dict(prompt="a cat", eta=0.5, sampler="euler"), "eta applies to the 'ddim' sampler"),
+    ],
+)
+def test_bad_inputs_raise_clear_errors(pipe, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        pipe(**kwargs, num_inference_steps=2, progress=False)
+
+
+def test_folder_errors_name_the_path(sd_folder, tmp_path, monkeypatch):
+    with pytest.raises(FileNotFoundError, match="pipeline folder not found"):
+        Pipeline.from_pretrained(tmp_path / "nowhere")
+    with pytest.raises(FileNotFoundError, match="model_index.json"):
+        Pipeline.from_pretrained(tmp_path)
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "model_index.json").write_text((sd_folder / "model_index.json").read_text())
+    with pytest.raises(FileNotFoundError, match=r"lists 'unet' but the folder .*broken/unet"):
+        Pipeline.from_pretrained(broken)
+    for name in ("unet", "vae", "scheduler"):
+        (broken / name).symlink_to(sd_folder / name)
+    (broken / "model_index.json").write_text("{not json")
+    with pytest.raises(ValueError, match="model_index.json is not valid JSON"):
+        Pipeline.from_pretrained(broken)
+    (broken / "model_index.json").write_text((sd_folder / "model_index.json").read_text())
+    with pytest.raises(FileNotFoundError, match=r"lists 'tokenizer' but .*broken/tokenizer"):
+        Pipeline.from_pretrained(broken)
+
+    monkeypatch.setitem(sys.modules, "transformers", None)  # as if it were not installed
+    with pytest.raises(RuntimeError, match=r"pip install 'fastdiff\[text\]'"):
+        Pipeline.from_pretrained(sd_folder)

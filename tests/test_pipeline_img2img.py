@@ -1,0 +1,126 @@
+"""img2img (SDEdit through the forward process) against diffusers' StableDiffusionImg2ImgPipeline,
+for a single-step sampler (DDIM), a sigma-scale one (Euler) and a multistep solver (DPM-Solver++
+2M, whose first step after a mid-schedule start must be first order)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from fastdiff.pipeline import Pipeline
+from fastdiff.pipeline.denoising import img2img_start_step
+from tests.pipeline_folders import UNetCallCounter, make_sd_folder, single_thread
+
+diffusers = pytest.importorskip("diffusers")
+pytest.importorskip("transformers")
+
+SCHEDULERS = {
+    "ddim": "DDIMScheduler",
+    "euler": "EulerDiscreteScheduler",
+    "dpmpp_2m": "DPMSolverMultistepScheduler",
+}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    with single_thread():
+        yield
+
+
+@pytest.fixture(scope="module")
+def sd_folder(tmp_path_factory):
+    return make_sd_folder(tmp_path_factory.mktemp("sd") / "pipe")
+
+
+@pytest.fixture(scope="module")
+def pipe(sd_folder):
+    return Pipeline.from_pretrained(sd_folder)
+
+
+@pytest.fixture(scope="module")
+def init_image():
+    ramp = np.broadcast_to(np.linspace(0, 255, 16)[:, None], (16, 16))
+    array = np.stack([ramp, ramp.T, 255 - ramp], axis=-1)
+    return Image.fromarray(array.astype(np.uint8))
+
+
+@pytest.mark.parametrize("sampler", sorted(SCHEDULERS))
+def test_img2img_equals_diffusers(sd_folder, pipe, init_image, sampler):
+    reference = diffusers.StableDiffusionImg2ImgPipeline.from_pretrained(
+        sd_folder, safety_checker=None
+    )
+    scheduler_class = getattr(diffusers, SCHEDULERS[sampler])
+    reference.scheduler = scheduler_class.from_config(reference.scheduler.config)
+    reference.set_progress_bar_config(disable=True)
+    kwargs = dict(
+        prompt="a photo of a cat", num_inference_steps=5, strength=0.6, guidance_scale=4.0
+    )
+    ours = pipe(
+        **kwargs, image=init_image, sampler=sampler, seed=7, output_type="tensor", progress=False
+    )
+    theirs = reference(
+        **kwargs, image=init_image, output_type="pt", generator=torch.Generator().manual_seed(7)
+    ).images
+    assert ours.shape == (1, 3, 16, 16)
+    torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("strength,expected_steps", [(1.0, 5), (0.6, 3), (0.2, 1)])
+def test_strength_sets_the_number_of_steps(pipe, init_image, strength, expected_steps):
+    assert img2img_start_step(5, strength) == 5 - expected_steps
+    counter = UNetCallCounter(pipe)
+    try:
+        images = pipe(
+            ["a cat", "a dog"],
+            image=[init_image, init_image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)],
+            strength=strength,
+            num_images=1,
+            num_inference_steps=5,
+            seed=0,
+            output_type="tensor",
+            progress=False,
+        )
+    finally:
+        pipe.unet.forward = counter.original
+    assert images.shape == (2, 3, 16, 16)
+    assert counter.batches == [4] * expected_steps  # [uncond; cond] for 2 images
+
+
+def test_lower_strength_stays_closer_to_the_init_image(pipe, init_image):
+    """At strength s only the last s fraction of the schedule runs, so the init latents keep
+    more weight: x_t = sqrt(alpha_bar) x0 + ... with alpha_bar near 1 for small s."""
+    init = pipe.encode_image(
+        torch.from_numpy(np.array(init_image)).permute(2, 0, 1)[None].float() / 127.5 - 1, None
+    )
+    distances = []
+    for strength in (0.2, 1.0):
+        latents = pipe(
+            prompt="a cat",
+            image=init_image,
+            strength=strength,
+            num_inference_steps=10,
+            guidance_scale=1.0,
+            seed=0,
+            output_type="latent",
+            progress=False,
+        )
+        distances.append(float((latents - init).pow(2).mean()))
+    assert distances[0] < 0.5 * distances[1]
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        (dict(strength=0.0), r"strength must lie in \(0, 1\]"),
+        (dict(strength=1.5), r"strength must lie in \(0, 1\]"),
+        (dict(strength=0.1, num_inference_steps=5), "leaves no step to run"),
+        (dict(latents=torch.zeros(1, 4, 8, 8)), "image .img2img. or latents, not both"),
+        (dict(image=Image.new("RGB", (15, 16))), "width=15 is not a multiple"),
+    ],
+)
+def test_img2img_bad_inputs(pipe, init_image, kwargs, message):
+    kwargs = {"image": init_image, "num_inference_steps": 4, **kwargs}
+    with pytest.raises(ValueError, match=message):
+        pipe("a cat", progress=False, **kwargs)

@@ -1,0 +1,82 @@
+"""SDXL-like pipeline (two CLIP text encoders, pooled embeddings and size "time ids" through the
+U-Net's text_time embedding) against diffusers' StableDiffusionXLPipeline."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fastdiff.pipeline import Pipeline
+from tests.pipeline_folders import make_sdxl_folder, single_thread
+
+diffusers = pytest.importorskip("diffusers")
+pytest.importorskip("transformers")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    with single_thread():
+        yield
+
+
+@pytest.fixture(scope="module")
+def sdxl_folder(tmp_path_factory):
+    return make_sdxl_folder(tmp_path_factory.mktemp("sdxl") / "pipe")
+
+
+@pytest.fixture(scope="module")
+def pipe(sdxl_folder):
+    return Pipeline.from_pretrained(sdxl_folder)
+
+
+@pytest.fixture(scope="module")
+def reference(sdxl_folder):
+    reference = diffusers.StableDiffusionXLPipeline.from_pretrained(sdxl_folder)
+    reference.set_progress_bar_config(disable=True)
+    return reference
+
+
+@pytest.mark.parametrize("negative_prompt", [None, "blue dog"], ids=["zeros", "negative"])
+def test_sdxl_prompts_equal_diffusers(pipe, reference, negative_prompt):
+    """Without a negative prompt SDXL folders use all-zero unconditional embeddings
+    (force_zeros_for_empty_prompt); with one, both encoders encode it."""
+    assert pipe.force_zeros_for_empty_prompt and len(pipe.prompt_encoder.encoders) == 2
+    latents = torch.randn(1, 4, 8, 12)
+    kwargs = dict(
+        prompt="a photo of a red cat",
+        negative_prompt=negative_prompt,
+        latents=latents,
+        height=16,
+        width=24,
+        num_inference_steps=3,
+        guidance_scale=6.0,
+    )
+    ours = pipe(**kwargs, output_type="tensor", progress=False)
+    theirs = reference(**kwargs, output_type="pt").images
+    assert ours.shape == (1, 3, 16, 24)
+    torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=0)
+
+
+def test_sdxl_given_embeddings_need_pooled(pipe, reference):
+    embeds, pooled = reference.encode_prompt("a cat", do_classifier_free_guidance=False)[::2]
+    latents = torch.randn(1, 4, 8, 8)
+    with pytest.raises(ValueError, match="needs pooled_prompt_embeds"):
+        pipe(prompt_embeds=embeds, latents=latents, num_inference_steps=1, progress=False)
+    ours = pipe(
+        prompt_embeds=embeds,
+        pooled_prompt_embeds=pooled,
+        latents=latents,
+        guidance_scale=1.0,
+        num_inference_steps=2,
+        output_type="tensor",
+        progress=False,
+    )
+    theirs = pipe(
+        "a cat",
+        latents=latents,
+        guidance_scale=1.0,
+        num_inference_steps=2,
+        output_type="tensor",
+        progress=False,
+    )
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=0)
