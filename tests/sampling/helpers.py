@@ -1,0 +1,39 @@
+"""Shared pieces of the sampling tests: a deterministic stand-in model and a diffusers loop."""
+
+from __future__ import annotations
+
+import torch
+
+SD_BETAS = {"beta_start": 0.00085, "beta_end": 0.012}
+
+
+def toy_model(x: torch.Tensor, t: torch.Tensor | float) -> torch.Tensor:
+    """A fixed nonlinear function of x and t (any t dtype), standing in for a denoiser."""
+    t = torch.as_tensor(t, dtype=torch.float64, device=x.device)
+    if t.dim() == 1:
+        t = t.reshape(-1, *([1] * (x.dim() - 1)))
+    t = t.to(x.dtype)
+    return torch.tanh(x * (0.5 + t / 1000.0) + 0.3 * torch.sin(t / 97.0)) * 0.9 + 0.1 * torch.cos(x)
+
+
+def run_diffusers(scheduler, x_start: torch.Tensor, generator=None, **step_kwargs):
+    """Run a configured diffusers scheduler with ``toy_model``; return per-step states, per-step
+    x0 estimates and the largest magnitude seen so far at each step (initial state included)."""
+    states, estimates, peaks = [], [], []
+    x = x_start
+    peak = float(x_start.abs().max())
+    for t in scheduler.timesteps:
+        model_in = scheduler.scale_model_input(x, t)
+        output = toy_model(model_in, t)
+        if generator is not None:
+            step_kwargs["generator"] = generator
+        result = scheduler.step(output, t, x, **step_kwargs)
+        x = result.prev_sample
+        x0 = getattr(result, "pred_original_sample", None)
+        if x0 is None:  # DPM-Solver keeps its converted (x0) outputs instead
+            x0 = scheduler.model_outputs[-1]
+        peak = max(peak, float(x.abs().max()), float(x0.abs().max()))
+        states.append(x.clone())
+        estimates.append(x0.clone())
+        peaks.append(peak)
+    return states, estimates, peaks

@@ -1,0 +1,156 @@
+"""NoiseSchedule.from_config: real checkpoint configs load, math-changing options are refused."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from diffusers import (
+    DDIMScheduler,
+    DPMSolverMultistepScheduler,
+    EulerDiscreteScheduler,
+    PNDMScheduler,
+)
+
+from fastdiff.sampling import NoiseSchedule
+
+SD15_PNDM = {
+    "_class_name": "PNDMScheduler",
+    "_diffusers_version": "0.6.0",
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "beta_start": 0.00085,
+    "num_train_timesteps": 1000,
+    "set_alpha_to_one": False,
+    "skip_prk_steps": True,
+    "steps_offset": 1,
+    "trained_betas": None,
+    "clip_sample": False,
+}
+SD21_DDIM = {
+    "_class_name": "DDIMScheduler",
+    "_diffusers_version": "0.8.0",
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "beta_start": 0.00085,
+    "clip_sample": False,
+    "num_train_timesteps": 1000,
+    "prediction_type": "v_prediction",
+    "set_alpha_to_one": False,
+    "skip_prk_steps": True,
+    "steps_offset": 1,
+    "trained_betas": None,
+}
+SDXL_EULER = {
+    "_class_name": "EulerDiscreteScheduler",
+    "_diffusers_version": "0.19.0.dev0",
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "beta_start": 0.00085,
+    "clip_sample": False,
+    "interpolation_type": "linear",
+    "num_train_timesteps": 1000,
+    "prediction_type": "epsilon",
+    "sample_max_value": 1.0,
+    "set_alpha_to_one": False,
+    "skip_prk_steps": True,
+    "steps_offset": 1,
+    "timestep_spacing": "leading",
+    "trained_betas": None,
+    "use_karras_sigmas": False,
+}
+SD_DPM = {
+    "_class_name": "DPMSolverMultistepScheduler",
+    "_diffusers_version": "0.21.0",
+    "algorithm_type": "dpmsolver++",
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "beta_start": 0.00085,
+    "dynamic_thresholding_ratio": 0.995,
+    "lambda_min_clipped": -math.inf,
+    "lower_order_final": True,
+    "num_train_timesteps": 1000,
+    "prediction_type": "epsilon",
+    "sample_max_value": 1.0,
+    "solver_order": 2,
+    "solver_type": "midpoint",
+    "steps_offset": 1,
+    "thresholding": False,
+    "timestep_spacing": "linspace",
+    "trained_betas": None,
+    "use_karras_sigmas": False,
+    "variance_type": None,
+}
+
+
+@pytest.mark.parametrize("config", [SD15_PNDM, SD21_DDIM, SDXL_EULER, SD_DPM])
+def test_checkpoint_configs_load(config):
+    # Through JSON, as read from scheduler_config.json (-inf becomes -Infinity and back).
+    schedule = NoiseSchedule.from_config(json.loads(json.dumps(config)))
+    assert schedule.beta_schedule == "scaled_linear"
+    assert schedule.steps_offset == 1
+    assert schedule.prediction_type == config.get("prediction_type", "epsilon")
+    assert schedule.set_alpha_to_one is config.get("set_alpha_to_one", True)
+
+
+@pytest.mark.parametrize(
+    "cls", [DDIMScheduler, EulerDiscreteScheduler, DPMSolverMultistepScheduler, PNDMScheduler]
+)
+def test_configs_saved_by_diffusers_load(cls, tmp_path):
+    kwargs = {"clip_sample": False} if cls is DDIMScheduler else {}
+    cls(beta_schedule="scaled_linear", prediction_type="v_prediction", **kwargs).save_config(
+        tmp_path
+    )
+    config = json.loads((tmp_path / "scheduler_config.json").read_text())
+    schedule = NoiseSchedule.from_config(config)
+    assert schedule.prediction_type == "v_prediction"
+    assert schedule.timestep_spacing == config["timestep_spacing"]
+    reference = cls.from_config(config)
+    assert torch.allclose(schedule.alphas_cumprod, reference.alphas_cumprod.double(), atol=1e-6)
+
+
+def test_missing_keys_take_the_class_defaults():
+    euler = NoiseSchedule.from_config({"_class_name": "EulerDiscreteScheduler"})
+    assert euler.timestep_spacing == "linspace"
+    pndm = NoiseSchedule.from_config({"_class_name": "PNDMScheduler"})
+    assert pndm.timestep_spacing == "leading" and pndm.set_alpha_to_one is False
+    with pytest.raises(ValueError, match="clip_sample"):  # DDIM's default is clip_sample=True
+        NoiseSchedule.from_config({"_class_name": "DDIMScheduler"})
+
+
+@pytest.mark.parametrize(
+    "key,value",
+    [
+        ("clip_sample", True),
+        ("thresholding", True),
+        ("use_karras_sigmas", True),
+        ("solver_order", 3),
+        ("algorithm_type", "sde-dpmsolver++"),
+        ("final_sigmas_type", "sigma_min"),
+        ("interpolation_type", "log_linear"),
+        ("timestep_type", "continuous"),
+        ("variance_type", "learned_range"),
+        ("lambda_min_clipped", -5.1),
+    ],
+)
+def test_math_changing_values_are_refused(key, value):
+    with pytest.raises(ValueError, match=key):
+        NoiseSchedule.from_config({**SD_DPM, key: value})
+
+
+def test_unknown_keys_and_classes_are_refused():
+    with pytest.raises(ValueError, match="unknown scheduler config key 'shift'"):
+        NoiseSchedule.from_config({**SDXL_EULER, "shift": 3.0})
+    with pytest.raises(ValueError, match="LCMScheduler"):
+        NoiseSchedule.from_config({"_class_name": "LCMScheduler"})
+    with pytest.raises(ValueError, match="trailing"):
+        NoiseSchedule.from_config({**SDXL_EULER, "timestep_spacing": "karras"})
+
+
+def test_round_trip_through_to_config():
+    schedule = NoiseSchedule.from_config(SD21_DDIM)
+    again = NoiseSchedule.from_config(schedule.to_config())
+    assert torch.equal(again.alphas_cumprod, schedule.alphas_cumprod)
+    assert again.to_config() == schedule.to_config()

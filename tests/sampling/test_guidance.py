@@ -1,0 +1,94 @@
+"""Classifier-free guidance: the combination, guidance rescale and the one batched call."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
+
+from fastdiff.sampling import classifier_free_guidance, combine_guidance
+
+
+def test_combination_and_rescale_against_direct_formula():
+    uncond, cond = torch.randn(3, 4, 5, 5), torch.randn(3, 4, 5, 5) * 2
+    guided = combine_guidance(uncond, cond, 7.5)
+    assert torch.allclose(guided, uncond + 7.5 * (cond - uncond))
+    rescaled = combine_guidance(uncond, cond, 7.5, guidance_rescale=0.7)
+    # Lin et al. 2023 Eq. 15-16 written out per sample.
+    for index in range(3):
+        g = guided[index]
+        expected = 0.7 * g * (cond[index].std() / g.std()) + 0.3 * g
+        assert torch.allclose(rescaled[index], expected, atol=1e-6)
+    assert torch.allclose(
+        rescaled, rescale_noise_cfg(guided, cond, guidance_rescale=0.7), atol=1e-6
+    )
+    assert torch.allclose(
+        combine_guidance(uncond, cond, 7.5, 1.0).std(dim=(1, 2, 3)), cond.std(dim=(1, 2, 3))
+    )
+
+
+def test_combination_validation():
+    with pytest.raises(ValueError, match="shape"):
+        combine_guidance(torch.zeros(2, 3), torch.zeros(2, 4), 3.0)
+    with pytest.raises(ValueError, match="guidance_rescale"):
+        combine_guidance(torch.zeros(2, 3), torch.zeros(2, 3), 3.0, guidance_rescale=1.5)
+
+
+class RecordingModel:
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, x, t, condition):
+        self.calls.append((x.clone(), t.clone(), condition))
+        scale = (
+            condition["text"].mean(dim=(1, 2))
+            if isinstance(condition, dict)
+            else (
+                condition.float().mean(dim=tuple(range(1, condition.dim())))
+                if condition is not None
+                else torch.ones(x.shape[0])
+            )
+        )
+        return x * scale.reshape(-1, *([1] * (x.dim() - 1))) + t.reshape(-1, 1, 1, 1) / 1000
+
+
+def test_wrapper_makes_one_batched_call_with_uncond_first():
+    model = RecordingModel()
+    cond, uncond = torch.randn(2, 7, 8), torch.randn(2, 7, 8)
+    guided = classifier_free_guidance(model, cond, uncond, guidance_scale=5.0)
+    x, t = torch.randn(2, 4, 3, 3), torch.tensor([500, 500])
+    output = guided(x, t)
+    assert len(model.calls) == 1
+    batch_x, batch_t, batch_cond = model.calls[0]
+    assert torch.equal(batch_x, torch.cat([x, x])) and torch.equal(batch_t, torch.cat([t, t]))
+    assert torch.equal(batch_cond, torch.cat([uncond, cond]))
+    out_uncond = RecordingModel()(x, t, uncond)
+    out_cond = RecordingModel()(x, t, cond)
+    assert torch.allclose(output, out_uncond + 5.0 * (out_cond - out_uncond), atol=1e-6)
+
+
+def test_wrapper_concatenates_dict_conditions_per_key():
+    model = RecordingModel()
+    cond = {"text": torch.randn(2, 3, 4), "time_ids": torch.ones(2, 6)}
+    uncond = {"text": torch.zeros(2, 3, 4), "time_ids": torch.ones(2, 6) * 2}
+    classifier_free_guidance(model, cond, uncond, 3.0, guidance_rescale=0.5)(
+        torch.randn(2, 4, 2, 2), torch.tensor([10, 10])
+    )
+    ((_, _, batched),) = model.calls
+    assert set(batched) == {"text", "time_ids"}
+    assert torch.equal(batched["time_ids"], torch.cat([uncond["time_ids"], cond["time_ids"]]))
+    with pytest.raises(ValueError, match="keys"):
+        classifier_free_guidance(model, cond, {"text": uncond["text"]}, 3.0)(
+            torch.randn(2, 4, 2, 2), torch.tensor([10, 10])
+        )
+
+
+def test_wrapper_with_no_condition_and_bad_batch():
+    model = RecordingModel()
+    x = torch.randn(3, 1, 2, 2)
+    output = classifier_free_guidance(model, None, None, 4.0)(x, torch.tensor([1, 1, 1]))
+    assert len(model.calls) == 1 and model.calls[0][2] is None and output.shape == x.shape
+    with pytest.raises(ValueError, match="batch size 3"):
+        classifier_free_guidance(model, torch.randn(2, 5), torch.randn(2, 5), 4.0)(
+            x, torch.tensor([1, 1, 1])
+        )

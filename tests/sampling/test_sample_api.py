@@ -1,0 +1,147 @@
+"""sample(), make_plan() and plan_step(): validation, dtypes, callbacks, the plan contract."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fastdiff
+from fastdiff.sampling import (
+    INPUT_SCALE,
+    NEXT_FROM_PREV_X0,
+    NOISE_STD,
+    SAMPLERS,
+    NoiseSchedule,
+    apply_plan_row,
+    make_plan,
+    plan_step,
+    sample,
+)
+from tests.sampling.helpers import SD_BETAS, toy_model
+
+SCHEDULE = NoiseSchedule(**SD_BETAS, beta_schedule="scaled_linear", steps_offset=1)
+
+
+def test_top_level_exports():
+    assert fastdiff.sample is sample
+    assert fastdiff.NoiseSchedule is NoiseSchedule
+    assert callable(fastdiff.classifier_free_guidance) and callable(fastdiff.diffusion_loss)
+
+
+@pytest.mark.parametrize("sampler", SAMPLERS)
+def test_plan_shapes_and_contract(sampler):
+    plan = make_plan(SCHEDULE, sampler, 12)
+    assert plan.timesteps.dtype == torch.long and plan.timesteps.shape == (12,)
+    assert plan.coefficients.dtype == torch.float64 and plan.coefficients.shape == (12, 7)
+    assert bool((plan.timesteps.diff() < 0).all())
+    assert plan.stochastic == (sampler == "ddpm")
+    assert (plan.coefficients[:, NEXT_FROM_PREV_X0] != 0).any() == (sampler == "dpmpp_2m")
+    if sampler == "euler":
+        assert plan.init_noise_scale > 5 and (plan.coefficients[:, INPUT_SCALE] < 1).all()
+    else:
+        assert plan.init_noise_scale == 1.0 and (plan.coefficients[:, INPUT_SCALE] == 1).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("sampler", SAMPLERS)
+def test_dtype_callback_and_timestep_type(sampler, dtype):
+    seen = []
+
+    def model(x, t):
+        assert x.dtype == dtype and t.dtype == torch.long and t.shape == (3,)
+        return toy_model(x, t)
+
+    x_T = torch.randn(3, 2, 5, dtype=dtype)
+    result = sample(
+        model,
+        x_T,
+        SCHEDULE,
+        sampler,
+        6,
+        generator=torch.Generator().manual_seed(0),
+        callback=lambda i, t, x: seen.append((i, t, x.dtype)),
+    )
+    assert result.dtype == dtype and result.shape == x_T.shape
+    plan = make_plan(SCHEDULE, sampler, 6)
+    assert seen == [(i, t, dtype) for i, t in enumerate(plan.timesteps.tolist())]
+
+
+def test_stochastic_sampling_is_reproducible_with_a_generator():
+    x_T = torch.randn(2, 4)
+    first = sample(toy_model, x_T, SCHEDULE, "ddpm", 5, generator=torch.Generator().manual_seed(1))
+    again = sample(toy_model, x_T, SCHEDULE, "ddpm", 5, generator=torch.Generator().manual_seed(1))
+    other = sample(toy_model, x_T, SCHEDULE, "ddpm", 5, generator=torch.Generator().manual_seed(2))
+    assert torch.equal(first, again) and not torch.allclose(first, other)
+
+
+def test_unknown_names_list_the_allowed_values():
+    with pytest.raises(ValueError, match=r"allowed: \['ddpm', 'ddim', 'euler', 'dpmpp_2m'\]"):
+        sample(toy_model, torch.randn(1, 2), SCHEDULE, "heun", 5)
+    with pytest.raises(ValueError, match="allowed"):
+        NoiseSchedule(timestep_spacing="even")
+    with pytest.raises(ValueError, match="allowed"):
+        NoiseSchedule(beta_schedule="sigmoid")
+
+
+@pytest.mark.parametrize("steps", [0, -1, 1001])
+def test_step_count_is_checked(steps):
+    with pytest.raises(ValueError, match="steps must be in"):
+        sample(toy_model, torch.randn(1, 2), SCHEDULE, "ddim", steps)
+
+
+def test_eta_is_checked():
+    with pytest.raises(ValueError, match="ddim"):
+        make_plan(SCHEDULE, "euler", 5, eta=0.5)
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        make_plan(SCHEDULE, "ddim", 5, eta=1.5)
+
+
+def test_model_output_shape_is_checked():
+    with pytest.raises(ValueError, match=r"\(2, 3\).*\(2, 4\)"):
+        sample(lambda x, t: torch.zeros(2, 3), torch.randn(2, 4), SCHEDULE, "ddim", 5)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_model_output_names_the_step(bad):
+    plan = make_plan(SCHEDULE, "dpmpp_2m", 5)
+
+    def model(x, t):
+        output = toy_model(x, t)
+        if int(t[0]) == int(plan.timesteps[3]):
+            output[0, 1] = bad
+        return output
+
+    with pytest.raises(RuntimeError, match=rf"step 3 \(timestep {int(plan.timesteps[3])}\)"):
+        sample(model, torch.randn(2, 4), SCHEDULE, "dpmpp_2m", 5)
+
+
+def test_x_T_is_checked():
+    with pytest.raises(ValueError, match="floating-point"):
+        sample(toy_model, torch.ones(2, 3, dtype=torch.long), SCHEDULE, "ddim", 5)
+
+
+def test_plan_step_formulas_and_noise():
+    plan = make_plan(SCHEDULE, "ddpm", 4)
+    x, m, x0_prev = torch.randn(2, 3), torch.randn(2, 3), torch.randn(2, 3)
+    noise = torch.randn(2, 3)
+    c = plan.coefficients[1].tolist()
+    x_next, x0 = plan_step(plan, 1, x, m, x0_prev, noise)
+    expected_x0 = c[1] * (c[0] * x) + c[2] * m
+    assert torch.allclose(x0, expected_x0)
+    assert torch.allclose(x_next, c[3] * x + c[4] * expected_x0 + c[5] * x0_prev + c[6] * noise)
+    with pytest.raises(ValueError, match="noise"):
+        plan_step(plan, 1, x, m, x0_prev)
+    with pytest.raises(ValueError, match="out of range"):
+        plan_step(plan, 4, x, m, x0_prev, noise)
+    # A [7] tensor row (e.g. read from a device tensor) gives the same numbers.
+    assert torch.equal(apply_plan_row(plan.coefficients[1], x, m, x0_prev, noise)[0], x_next)
+    assert plan.coefficients[-1, NOISE_STD] == 0  # no noise into the final sample
+
+
+def test_plan_step_keeps_half_precision_inputs_in_their_dtype():
+    plan = make_plan(SCHEDULE, "dpmpp_2m", 4)
+    x, m = torch.randn(2, 3), torch.randn(2, 3)
+    x_next, x0 = plan_step(plan, 2, x.half(), m.half(), m.half())
+    reference, _ = plan_step(plan, 2, x.half().float(), m.half().float(), m.half().float())
+    assert x_next.dtype == torch.float16 and x0.dtype == torch.float16
+    assert torch.allclose(x_next.float(), reference, atol=2e-3)

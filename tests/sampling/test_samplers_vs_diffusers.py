@@ -1,0 +1,151 @@
+"""Each deterministic sampler against its diffusers counterpart, step by step, for every beta
+schedule x timestep spacing x prediction type, zero terminal SNR on and off.
+
+Tolerance: 1e-5 relative to the largest magnitude in play so far (states and x0 estimates of
+the diffusers run, initial state included), i.e. max|ours - diffusers| <= 1e-5 * max(1, peak).
+For ordinary cases (peak ~ 1-100) this is 1e-5 to 1e-3 absolute; it only widens where fp32 itself
+cannot do better: an epsilon model at sigma ~ 4096 (zero-SNR, clamped alphā 2**-24) or
+alphā ~ 2e-9 (last cosine step) makes x0 = (x - sigma eps) a cancellation of values ~1e4.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
+
+from fastdiff.sampling import BETA_SCHEDULES, PREDICTION_TYPES, NoiseSchedule, make_plan, sample
+from tests.sampling.helpers import SD_BETAS, run_diffusers, toy_model
+
+REFERENCE = {
+    "ddim": lambda **kw: DDIMScheduler(**kw, clip_sample=False),
+    "euler": lambda **kw: EulerDiscreteScheduler(**kw),
+    "dpmpp_2m": lambda **kw: DPMSolverMultistepScheduler(
+        **kw, algorithm_type="dpmsolver++", solver_order=2
+    ),
+}
+SPACINGS = ("leading", "linspace", "trailing")
+CASES = list(
+    itertools.product(REFERENCE, BETA_SCHEDULES, SPACINGS, PREDICTION_TYPES, (False, True))
+)
+
+
+def _config(beta_schedule, spacing, prediction_type, zero_snr):
+    return dict(
+        SD_BETAS,
+        beta_schedule=beta_schedule,
+        timestep_spacing=spacing,
+        steps_offset=1 if spacing == "leading" else 0,
+        prediction_type=prediction_type,
+        rescale_betas_zero_snr=zero_snr,
+    )
+
+
+def _assert_trajectories_match(ours, theirs, peaks, label):
+    assert len(ours) == len(theirs)
+    for index, (mine, reference, peak) in enumerate(zip(ours, theirs, peaks, strict=True)):
+        error = float((mine - reference).abs().max())
+        assert error <= 1e-5 * max(1.0, peak), f"{label}: step {index} error {error:.3g}"
+
+
+@pytest.mark.parametrize("sampler,beta_schedule,spacing,prediction_type,zero_snr", CASES)
+def test_sampler_matches_diffusers(sampler, beta_schedule, spacing, prediction_type, zero_snr):
+    config = _config(beta_schedule, spacing, prediction_type, zero_snr)
+    schedule = NoiseSchedule(**config, set_alpha_to_one=False)
+    extra = {"set_alpha_to_one": False} if sampler == "ddim" else {}
+    reference = REFERENCE[sampler](**config, **extra)
+    steps = 10  # linspace gives integral Euler timesteps for 10 steps (999 / 9 = 111)
+    reference.set_timesteps(steps)
+    x_T = torch.randn(2, 3, 4, 4)
+
+    if sampler == "ddim" and zero_snr and prediction_type == "epsilon" and spacing != "leading":
+        # alphā is exactly 0 at t = 999: diffusers divides by zero, we refuse up front.
+        states, _, _ = run_diffusers(reference, x_T)
+        assert not bool(torch.isfinite(states[0]).all())
+        with pytest.raises(ValueError, match="zero terminal SNR"):
+            make_plan(schedule, sampler, steps)
+        return
+
+    plan = make_plan(schedule, sampler, steps)
+    assert torch.equal(plan.timesteps, reference.timesteps.round().long())
+    assert torch.equal(reference.timesteps.float(), plan.timesteps.float())  # integral
+    if sampler == "euler" and spacing != "leading":
+        # diffusers starts Euler at sigma_max * x_T for these spacings; the VP-consistent start
+        # (and the plan contract) is sqrt(sigma_max^2 + 1) * x_T. Same everywhere else.
+        sigma_max = float(reference.init_noise_sigma)
+        assert plan.init_noise_scale == pytest.approx(math.sqrt(sigma_max**2 + 1), rel=1e-6)
+    else:
+        assert plan.init_noise_scale == pytest.approx(float(reference.init_noise_sigma), rel=1e-6)
+
+    ours = []
+    result = sample(
+        toy_model, x_T, schedule, sampler, steps, callback=lambda i, t, x: ours.append(x)
+    )
+    theirs, _, peaks = run_diffusers(reference, x_T * plan.init_noise_scale)
+    _assert_trajectories_match(ours, theirs, peaks, f"{sampler}/{beta_schedule}/{spacing}")
+    assert torch.equal(result, ours[-1])
+    assert result.dtype == torch.float32
+
+
+@pytest.mark.parametrize("spacing", ["leading", "trailing"])
+def test_ddim_set_alpha_to_one_and_uneven_steps(spacing):
+    # 7 steps: 1000 / 7 is not integral, so DDIM's "previous timestep" t - 1000 // 7 differs from
+    # the next visited timestep for trailing spacing; we follow diffusers there.
+    config = _config("scaled_linear", spacing, "epsilon", False)
+    schedule = NoiseSchedule(**config, set_alpha_to_one=True)
+    reference = DDIMScheduler(**config, set_alpha_to_one=True, clip_sample=False)
+    reference.set_timesteps(7)
+    x_T = torch.randn(3, 5)
+    ours = []
+    sample(toy_model, x_T, schedule, "ddim", 7, callback=lambda i, t, x: ours.append(x))
+    theirs, _, peaks = run_diffusers(reference, x_T)
+    _assert_trajectories_match(ours, theirs, peaks, f"ddim/{spacing}/7")
+
+
+@pytest.mark.parametrize("prediction_type", PREDICTION_TYPES)
+def test_euler_fractional_linspace_is_rounded(prediction_type):
+    # With 20 steps diffusers' Euler linspace timesteps are fractional (999 * k / 19). Our model
+    # takes integer t, so we round and use sigma at the rounded t: identical to diffusers run on
+    # those integer timesteps, and within rounding distance of its own fractional timesteps.
+    config = _config("scaled_linear", "linspace", prediction_type, False)
+    schedule = NoiseSchedule(**config)
+    plan = make_plan(schedule, "euler", 20)
+    fractional = EulerDiscreteScheduler(**config)
+    fractional.set_timesteps(20)
+    assert not torch.equal(fractional.timesteps, fractional.timesteps.round())
+    assert float((plan.timesteps - fractional.timesteps).abs().max()) <= 0.5
+
+    reference = EulerDiscreteScheduler(**config)
+    reference.set_timesteps(timesteps=plan.timesteps.tolist())
+    x_T = torch.randn(2, 4, 3)
+    ours = []
+    sample(toy_model, x_T, schedule, "euler", 20, callback=lambda i, t, x: ours.append(x))
+    theirs, _, peaks = run_diffusers(reference, x_T * plan.init_noise_scale)
+    _assert_trajectories_match(ours, theirs, peaks, "euler/linspace/20")
+
+
+@pytest.mark.parametrize("steps", [1, 2, 3, 25])
+def test_dpmpp_2m_step_counts(steps):
+    # 1 step: only the final first-order step; 2: first-order start and end; 25 >= 15 steps.
+    config = _config("scaled_linear", "trailing", "v_prediction", True)
+    schedule = NoiseSchedule(**config)
+    reference = DPMSolverMultistepScheduler(**config, algorithm_type="dpmsolver++", solver_order=2)
+    reference.set_timesteps(steps)
+    x_T = torch.randn(2, 6)
+    ours = []
+    sample(toy_model, x_T, schedule, "dpmpp_2m", steps, callback=lambda i, t, x: ours.append(x))
+    theirs, _, peaks = run_diffusers(reference, x_T)
+    _assert_trajectories_match(ours, theirs, peaks, f"dpmpp_2m/{steps}")
+
+
+def test_float64_sampling_agrees_with_float32():
+    schedule = NoiseSchedule(**SD_BETAS, beta_schedule="scaled_linear", prediction_type="epsilon")
+    x_T = torch.randn(2, 3, 4, dtype=torch.float64)
+    for sampler in ("ddim", "euler", "dpmpp_2m"):
+        result64 = sample(toy_model, x_T, schedule, sampler, 8)
+        result32 = sample(toy_model, x_T.float(), schedule, sampler, 8)
+        assert result64.dtype == torch.float64
+        assert torch.allclose(result64.float(), result32, atol=1e-5)

@@ -1,0 +1,153 @@
+"""NoiseSchedule against diffusers: tables, timesteps, forward process, config loading."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+from diffusers import (
+    DDIMScheduler,
+    DDPMScheduler,
+    DPMSolverMultistepScheduler,
+    EulerDiscreteScheduler,
+)
+from diffusers.schedulers.scheduling_ddim import rescale_zero_terminal_snr
+
+from fastdiff.sampling import BETA_SCHEDULES, NoiseSchedule
+from tests.sampling.helpers import SD_BETAS
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+
+
+@pytest.mark.parametrize("beta_schedule,zero_snr", itertools.product(BETA_SCHEDULES, [False, True]))
+def test_tables_match_diffusers(beta_schedule, zero_snr):
+    config = dict(SD_BETAS, beta_schedule=beta_schedule, rescale_betas_zero_snr=zero_snr)
+    ours, theirs = NoiseSchedule(**config), DDIMScheduler(**config)
+    assert ours.betas.dtype == ours.alphas_cumprod.dtype == torch.float64
+    assert torch.allclose(ours.betas, theirs.betas.double(), atol=1e-6, rtol=0)
+    assert torch.allclose(ours.alphas_cumprod, theirs.alphas_cumprod.double(), atol=1e-6, rtol=0)
+    if zero_snr:
+        assert float(ours.alphas_cumprod[-1]) == 0.0
+        assert float(ours.snr(999)) == 0.0 and float(ours.log_snr(999)) == -math.inf
+        # Lin et al. Algorithm 1 keeps the first alphā.
+        plain = NoiseSchedule(**dict(config, rescale_betas_zero_snr=False))
+        assert float(ours.alphas_cumprod[0]) == pytest.approx(float(plain.alphas_cumprod[0]))
+
+
+def test_zero_snr_rescale_against_float64_algorithm():
+    # Independent of float32 rounding: the same algorithm run in float64 by diffusers' function.
+    ours = NoiseSchedule(**SD_BETAS, beta_schedule="scaled_linear", rescale_betas_zero_snr=True)
+    base = NoiseSchedule(**SD_BETAS, beta_schedule="scaled_linear").betas
+    expected = rescale_zero_terminal_snr(base.clone())
+    assert torch.allclose(ours.betas, expected, atol=2e-5, rtol=0)
+    assert torch.allclose(ours.alphas_cumprod, torch.cumprod(1 - expected, 0), atol=1e-6, rtol=0)
+
+
+def test_cosine_schedule_clips_betas():
+    schedule = NoiseSchedule(beta_schedule="squaredcos_cap_v2")
+    assert float(schedule.betas.max()) == pytest.approx(0.999, abs=1e-6)
+    assert float(schedule.betas[0]) < 1e-4
+
+
+def test_snr_and_log_snr():
+    schedule = NoiseSchedule(**SD_BETAS, beta_schedule="scaled_linear")
+    t = torch.tensor([0, 10, 500, 999])
+    alpha_bar = schedule.alphas_cumprod[t]
+    assert torch.allclose(schedule.snr(t), alpha_bar / (1 - alpha_bar))
+    assert torch.allclose(schedule.log_snr(t), torch.log(alpha_bar / (1 - alpha_bar)))
+    assert bool((schedule.log_snr(torch.arange(1000)).diff() < 0).all())
+    with pytest.raises(ValueError, match="integers"):
+        schedule.snr(torch.tensor([1.5]))
+    with pytest.raises(ValueError, match=r"\[0, 999\]"):
+        schedule.snr(1000)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_add_noise_matches_diffusers(dtype):
+    schedule = NoiseSchedule(**SD_BETAS, beta_schedule="scaled_linear")
+    reference = DDPMScheduler(**SD_BETAS, beta_schedule="scaled_linear")
+    x0, noise = torch.randn(4, 3, 5, dtype=dtype), torch.randn(4, 3, 5, dtype=dtype)
+    t = torch.tensor([0, 250, 700, 999])
+    ours = schedule.add_noise(x0, noise, t)
+    assert ours.dtype == dtype
+    assert torch.allclose(ours, reference.add_noise(x0, noise, t).to(dtype), atol=1e-6)
+    assert torch.allclose(
+        schedule.velocity(x0, noise, t), reference.get_velocity(x0, noise, t).to(dtype), atol=1e-6
+    )
+    scalar = schedule.add_noise(x0, noise, 400)
+    assert torch.allclose(scalar, schedule.add_noise(x0, noise, torch.full((4,), 400)))
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
+def test_prediction_conversions_round_trip(prediction_type):
+    schedule = NoiseSchedule(prediction_type=prediction_type)
+    x0, noise = torch.randn(3, 8, dtype=torch.float64), torch.randn(3, 8, dtype=torch.float64)
+    t = torch.tensor([5, 400, 990])
+    x_t = schedule.add_noise(x0, noise, t)
+    output = schedule.training_target(x0, noise, t)
+    assert torch.allclose(schedule.predict_x0(x_t, output, t), x0, atol=1e-9)
+    assert torch.allclose(schedule.predict_epsilon(x_t, output, t), noise, atol=1e-9)
+    assert torch.allclose(
+        schedule.predict_velocity(x_t, output, t), schedule.velocity(x0, noise, t), atol=1e-9
+    )
+
+
+REFERENCE_TIMESTEPS = {
+    "ddim": lambda **kw: DDIMScheduler(**kw),
+    "ddpm": lambda **kw: DDPMScheduler(**kw),
+    "euler": lambda **kw: EulerDiscreteScheduler(**kw),
+    "dpmpp_2m": lambda **kw: DPMSolverMultistepScheduler(**kw),
+}
+
+
+@pytest.mark.parametrize(
+    "sampler,spacing", itertools.product(REFERENCE_TIMESTEPS, ["leading", "linspace", "trailing"])
+)
+def test_timesteps_match_diffusers(sampler, spacing):
+    for steps, offset in [(1, 0), (4, 1), (7, 0), (20, 1), (50, 1), (999, 0)]:
+        config = dict(timestep_spacing=spacing, steps_offset=offset)
+        reference = REFERENCE_TIMESTEPS[sampler](**config)
+        reference.set_timesteps(steps)
+        ours = NoiseSchedule(**config).timesteps(steps, sampler)
+        assert ours.dtype == torch.long
+        expected = reference.timesteps.double()
+        if sampler == "euler":  # fractional for linspace: we round (see spacing.py)
+            assert float((ours - expected).abs().max()) <= 0.5
+            expected = expected.round()
+        assert torch.equal(ours.double(), expected), (steps, offset)
+
+
+def test_timestep_validation():
+    schedule = NoiseSchedule(timestep_spacing="leading", steps_offset=1)
+    for bad in (0, -3, 1001):
+        with pytest.raises(ValueError, match=r"steps must be in \[1, num_train_timesteps=1000\]"):
+            schedule.timesteps(bad)
+    with pytest.raises(ValueError, match="outside"):  # 999 * 1 + offset 1 = 1000
+        schedule.timesteps(1000)
+    with pytest.raises(ValueError, match="allowed"):
+        schedule.timesteps(10, "heun")
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"beta_schedule": "cosine"}, "linear"),
+        ({"prediction_type": "flow"}, "v_prediction"),
+        ({"timestep_spacing": "uniform"}, "trailing"),
+        ({"trained_betas": [0.1, 0.2]}, "num_train_timesteps"),
+        ({"beta_end": 1.5}, r"\(0, 1\)"),
+    ],
+)
+def test_bad_schedule_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        NoiseSchedule(**kwargs)
+
+
+def test_trained_betas():
+    betas = torch.linspace(1e-4, 0.02, 1000)
+    assert torch.allclose(
+        NoiseSchedule(trained_betas=betas.tolist()).alphas_cumprod,
+        NoiseSchedule().alphas_cumprod,
+    )
