@@ -10,6 +10,7 @@ Rows go to ``benchmarks/results/<gpu>.csv``.
 
 from __future__ import annotations
 
+import argparse
 import csv
 import gc
 import statistics
@@ -55,6 +56,7 @@ class Case:
     images: int = 1  # images produced by one call (for images/s)
     flop: float | None = None
     note: str = ""
+    teardown: Callable[[], None] | None = None  # frees what setup built (after the last case)
 
 
 def device_name() -> str:
@@ -124,6 +126,8 @@ def run_case(case: Case, warmup: int, iters: int) -> Result:
         result.note = f"FAILED {type(error).__name__}: {str(error)[:160]}"
     finally:
         fn = None
+        if case.teardown is not None:
+            case.teardown()
         free_memory()
     return result
 
@@ -215,3 +219,53 @@ def diffusers_available() -> bool:
 
 def on_gpu() -> bool:
     return torch.cuda.is_available()
+
+
+def graph_cache(max_graphs: int = 4):
+    """A graph cache that captures CUDA graphs on GPU and runs eagerly elsewhere."""
+    from fastdiff.runtime import CudaGraphBackend, EagerGraphBackend, GraphCache
+
+    backend = CudaGraphBackend() if on_gpu() else EagerGraphBackend()
+    return GraphCache(backend, max_graphs=max_graphs)
+
+
+def argument_parser(doc: str | None, providers: tuple[str, ...]) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=(doc or "").split("\n")[0])
+    add_common_arguments(parser, providers)
+    return parser
+
+
+def add_common_arguments(parser: argparse.ArgumentParser, providers: tuple[str, ...]) -> None:
+    parser.add_argument("--quick", action="store_true", help="fewer workloads and iterations")
+    parser.add_argument("--compile", action="store_true",
+                        help="add the torch.compile provider (compiles for about a minute)")
+    parser.add_argument("--providers", type=lambda text: text.split(","),
+                        help=f"comma-separated subset of: {', '.join(providers)}")
+    parser.add_argument("--warmup", type=int, default=None, help="untimed calls (default 3)")
+    parser.add_argument("--iters", type=int, default=None, help="timed calls (default 10)")
+    parser.add_argument("--csv", type=Path, default=None,
+                        help="CSV to append to (default benchmarks/results/<gpu>.csv)")
+    parser.add_argument("--no-csv", action="store_true", help="print only")
+
+
+def iterations(args: argparse.Namespace) -> tuple[int, int]:
+    """(warmup, iters): 3 and 10 on GPU as in BASELINES.md; fewer for --quick and on CPU."""
+    warmup, iters = (3, 10) if on_gpu() else (1, 3)
+    if args.quick:
+        warmup, iters = min(warmup, 2), min(iters, 5)
+    return (args.warmup if args.warmup is not None else warmup,
+            args.iters if args.iters is not None else iters)
+
+
+def run_and_report(cases: list[Case], args: argparse.Namespace, reference: str) -> int:
+    """Run, print the table, append the CSV; exit code 1 when any case failed."""
+    warmup, iters = iterations(args)
+    if not on_gpu():
+        print("no CUDA: toy configs on the CPU eager path (numbers are not GPU figures)")
+    results = run_cases(cases, warmup, iters, reference)
+    print()
+    print(format_table(results))
+    if not args.no_csv:
+        path = append_csv(results, args.csv)
+        print(f"appended {len(results)} rows to {path}")
+    return 1 if any(r.note.startswith("FAILED") for r in results) else 0

@@ -1,0 +1,227 @@
+"""U-Net step benchmark: one forward at the SD1.5 (batch 2 and 1) and SDXL (batch 2) shapes.
+
+Random weights at the real architectures (benchmarks/model_configs.py), fp16 on GPU. Providers:
+  fastdiff           optimize(): fp16, channels-last, fused QKV, Triton kernels, CUDA graph
+  fastdiff-nograph   the same without the CUDA graph (what graphs buy)
+  fastdiff-eager     fastdiff's model in fp16, NCHW, plain PyTorch ops (FASTDIFF_BACKEND=eager)
+  diffusers          diffusers' UNet2DConditionModel, fp16, eager (when diffusers is installed)
+  diffusers-graph    the same under one CUDA graph (BASELINES.md "eager + CUDA graph")
+  diffusers-compile  torch.compile(default) of diffusers' U-Net (only with --compile: ~1 min)
+On CPU the toy configs run in float32 on the eager path, in seconds, and the table says so.
+
+    python benchmarks/bench_unet.py [--quick] [--compile] [--workloads sd15_b2,sdxl_b2]
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import model_bench as mb  # noqa: E402
+from model_configs import TEXT_EMBED_DIM, model_config  # noqa: E402
+
+PROVIDERS = (
+    "fastdiff", "fastdiff-nograph", "fastdiff-eager", "diffusers", "diffusers-graph",
+    "diffusers-compile",
+)
+
+
+@dataclass(frozen=True)
+class UNetWorkload:
+    name: str
+    config: str
+    batch: int
+    size: int  # latent height = width
+    tokens: int
+    context_dim: int
+
+
+GPU_WORKLOADS = {
+    "sd15_b2": UNetWorkload("sd15_b2", "sd15_unet", 2, 64, 77, 768),
+    "sd15_b1": UNetWorkload("sd15_b1", "sd15_unet", 1, 64, 77, 768),
+    "sdxl_b2": UNetWorkload("sdxl_b2", "sdxl_unet", 2, 128, 77, 2048),
+}
+CPU_WORKLOADS = {
+    "sd15_b2": UNetWorkload("tiny_sd15_b2", "tiny_sd15_unet", 2, 8, 77, 32),
+    "sdxl_b2": UNetWorkload("tiny_sdxl_b2", "tiny_sdxl_unet", 2, 8, 77, 32),
+}
+
+
+def unet_inputs(work: UNetWorkload, device, dtype) -> dict:
+    """sample, timestep, encoder_hidden_states and (SDXL) added_cond_kwargs."""
+    generator = torch.Generator(device="cpu").manual_seed(0)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=generator).to(device=device, dtype=dtype)
+
+    inputs = {
+        "sample": randn(work.batch, 4, work.size, work.size),
+        "timestep": torch.full((work.batch,), 500, dtype=torch.long, device=device),
+        "encoder_hidden_states": randn(work.batch, work.tokens, work.context_dim),
+    }
+    if work.config in TEXT_EMBED_DIM:
+        pixels = float(work.size * 8)
+        time_ids = torch.tensor([[pixels, pixels, 0.0, 0.0, pixels, pixels]], device=device)
+        inputs["added_cond_kwargs"] = {
+            "text_embeds": randn(work.batch, TEXT_EMBED_DIM[work.config]),
+            "time_ids": time_ids.repeat(work.batch, 1).to(dtype),
+        }
+    return inputs
+
+
+def unet_flops(work: UNetWorkload) -> float | None:
+    """FLOP of one forward, counted on the meta device (no memory, no compute)."""
+    from fastdiff.models import UNet2DConditionModel
+
+    try:
+        with torch.device("meta"):
+            model = UNet2DConditionModel(model_config(work.config))
+        inputs = unet_inputs(work, "meta", torch.float32)
+        return mb.count_flops(lambda: model(**inputs))
+    except Exception as error:
+        print(f"FLOP count on meta failed ({error}); TFLOP/s column left empty")
+        return None
+
+
+class ModelHolder:
+    """Builds each model once per workload; providers that share weights share the model."""
+
+    def __init__(self, work: UNetWorkload, device, dtype):
+        self.work, self.device, self.dtype = work, device, dtype
+        self.fastdiff = None
+        self.fastdiff_prepared = False
+        self.diffusers = None
+
+    def release(self) -> None:
+        self.fastdiff = self.diffusers = None
+
+    def fastdiff_model(self, prepared: bool):
+        from fastdiff.models import UNet2DConditionModel
+        from fastdiff.runtime import OptimizeReport, prepare_module
+
+        if self.fastdiff is None or (self.fastdiff_prepared and not prepared):
+            self.diffusers = None
+            mb.free_memory()
+            with torch.device(self.device):
+                model = UNet2DConditionModel(model_config(self.work.config))
+            self.fastdiff = model.to(self.dtype).eval().requires_grad_(False)
+            self.fastdiff_prepared = False
+        if prepared and not self.fastdiff_prepared:
+            report = OptimizeReport(device=str(self.device))
+            channels_last = self.device.type == "cuda"
+            prepare_module(self.fastdiff, "unet", report, None, channels_last, fuse_qkv=True)
+            self.fastdiff_prepared = True
+        return self.fastdiff
+
+    def diffusers_model(self):
+        from diffusers import UNet2DConditionModel
+
+        if self.diffusers is None:
+            self.fastdiff = None
+            mb.free_memory()
+            with torch.device(self.device):
+                model = UNet2DConditionModel(**model_config(self.work.config))
+            self.diffusers = model.to(self.dtype).eval().requires_grad_(False)
+        return self.diffusers
+
+
+def provider_setup(provider: str, holder: ModelHolder) -> Callable[[], Callable[[], object]]:
+    from fastdiff.ops import use_backend
+    from fastdiff.runtime import GraphedCall
+
+    work, device, dtype = holder.work, holder.device, holder.dtype
+
+    def setup():
+        inputs = unet_inputs(work, device, dtype)
+        if provider == "fastdiff-eager":
+            model = holder.fastdiff_model(prepared=False)
+
+            def run():
+                with use_backend("eager"):
+                    return model(**inputs)
+
+            return run
+        if provider in ("fastdiff", "fastdiff-nograph"):
+            model = holder.fastdiff_model(prepared=True)
+            if device.type == "cuda":
+                inputs["sample"] = inputs["sample"].contiguous(memory_format=torch.channels_last)
+            if provider == "fastdiff-nograph" or device.type != "cuda":
+                return lambda: model(**inputs)
+            graphed = GraphedCall(model, mb.graph_cache(), kind="unet")
+            return lambda: graphed(**inputs)
+        model = holder.diffusers_model()
+
+        def forward(**kw):
+            return model(**kw, return_dict=False)[0]
+
+        if provider == "diffusers":
+            return lambda: forward(**inputs)
+        if provider == "diffusers-graph":
+            graphed = GraphedCall(forward, mb.graph_cache(), kind="unet")
+            return lambda: graphed(**inputs)
+        if provider == "diffusers-compile":
+            compiled = torch.compile(model)
+            return lambda: compiled(**inputs, return_dict=False)[0]
+        raise ValueError(f"unknown provider {provider!r}; allowed values: {', '.join(PROVIDERS)}")
+
+    return setup
+
+
+def default_providers(compile_: bool) -> list[str]:
+    providers = ["fastdiff-eager", "fastdiff-nograph", "fastdiff"]
+    if mb.diffusers_available():
+        providers += ["diffusers", "diffusers-graph"] if mb.on_gpu() else ["diffusers"]
+        if compile_:
+            providers.append("diffusers-compile")
+    if not mb.on_gpu():
+        providers.remove("fastdiff-nograph")  # identical to fastdiff without CUDA
+    return providers
+
+
+def cases(workloads: list[str] | None = None, providers: list[str] | None = None,
+          compile_: bool = False) -> list[mb.Case]:
+    table = GPU_WORKLOADS if mb.on_gpu() else CPU_WORKLOADS
+    names = workloads or list(table)
+    unknown = [name for name in names if name not in table]
+    if unknown:
+        raise ValueError(f"unknown U-Net workloads {unknown}; allowed values: {', '.join(table)}")
+    providers = providers or default_providers(compile_)
+    device = torch.device("cuda" if mb.on_gpu() else "cpu")
+    dtype = torch.float16 if mb.on_gpu() else torch.float32
+    note = "" if mb.on_gpu() else "CPU: toy config, float32, eager reference path"
+    result = []
+    for name in names:
+        work = table[name]
+        holder = ModelHolder(work, device, dtype)
+        flop = unet_flops(work)
+        for index, provider in enumerate(providers):
+            # One image per call: batch 2 is one guided image, batch 1 one unguided image.
+            case = mb.Case("unet", work.name, provider, provider_setup(provider, holder),
+                           images=1, flop=flop, note=note)
+            if index == len(providers) - 1:
+                case.teardown = holder.release
+            result.append(case)
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = mb.argument_parser(__doc__, PROVIDERS)
+    parser.add_argument("--workloads", help="comma-separated: sd15_b2,sd15_b1,sdxl_b2")
+    args = parser.parse_args(argv)
+    workloads = args.workloads.split(",") if args.workloads else None
+    if args.quick and workloads is None:
+        workloads = ["sd15_b2"]
+    return mb.run_and_report(cases(workloads, args.providers, args.compile), args,
+                             reference="diffusers" if mb.diffusers_available() else
+                             "fastdiff-eager")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+

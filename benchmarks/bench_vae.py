@@ -1,0 +1,163 @@
+"""VAE decode benchmark: SD AutoencoderKL, latents 1x4x64x64 -> a 512x512 image.
+
+Random weights at the real architecture, fp16 on GPU. Providers as in bench_unet.py:
+fastdiff (fp16, channels-last, fused QKV, Triton kernels, CUDA graph), fastdiff-nograph,
+fastdiff-eager (plain PyTorch ops, NCHW), diffusers, diffusers-graph, diffusers-compile
+(--compile). On CPU a toy VAE runs in float32 on the eager path.
+
+    python benchmarks/bench_vae.py [--quick] [--compile]
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import model_bench as mb  # noqa: E402
+from model_configs import model_config  # noqa: E402
+
+PROVIDERS = (
+    "fastdiff", "fastdiff-nograph", "fastdiff-eager", "diffusers", "diffusers-graph",
+    "diffusers-compile",
+)
+
+
+def workload() -> tuple[str, str, int]:
+    """(name, config, latent size)."""
+    return ("vae_decode_512", "sd_vae", 64) if mb.on_gpu() else ("tiny_vae_decode", "tiny_vae", 8)
+
+
+def vae_flops(config: str, size: int) -> float | None:
+    from fastdiff.models import AutoencoderKL
+
+    try:
+        with torch.device("meta"):
+            model = AutoencoderKL(model_config(config))
+            latents = torch.empty(1, 4, size, size)
+        return mb.count_flops(lambda: model.decode(latents))
+    except Exception as error:
+        print(f"FLOP count on meta failed ({error}); TFLOP/s column left empty")
+        return None
+
+
+class VAEHolder:
+    def __init__(self, config: str, device, dtype):
+        self.config, self.device, self.dtype = config, device, dtype
+        self.fastdiff = self.diffusers = None
+        self.prepared = False
+
+    def release(self) -> None:
+        self.fastdiff = self.diffusers = None
+
+    def fastdiff_model(self, prepared: bool):
+        from fastdiff.models import AutoencoderKL
+        from fastdiff.runtime import OptimizeReport, prepare_module
+
+        if self.fastdiff is None or (self.prepared and not prepared):
+            self.diffusers = None
+            mb.free_memory()
+            with torch.device(self.device):
+                model = AutoencoderKL(model_config(self.config))
+            self.fastdiff = model.to(self.dtype).eval().requires_grad_(False)
+            self.prepared = False
+        if prepared and not self.prepared:
+            report = OptimizeReport(device=str(self.device))
+            prepare_module(self.fastdiff, "vae", report, None, self.device.type == "cuda", True)
+            self.prepared = True
+        return self.fastdiff
+
+    def diffusers_model(self):
+        from diffusers import AutoencoderKL
+
+        if self.diffusers is None:
+            self.fastdiff = None
+            mb.free_memory()
+            with torch.device(self.device):
+                model = AutoencoderKL(**model_config(self.config))
+            self.diffusers = model.to(self.dtype).eval().requires_grad_(False)
+        return self.diffusers
+
+
+def provider_setup(provider: str, holder: VAEHolder, size: int):
+    from fastdiff.ops import use_backend
+    from fastdiff.runtime import GraphedCall
+
+    def setup():
+        generator = torch.Generator().manual_seed(0)
+        latents = torch.randn(1, 4, size, size, generator=generator)
+        latents = latents.to(device=holder.device, dtype=holder.dtype)
+        on_cuda = holder.device.type == "cuda"
+        if provider == "fastdiff-eager":
+            model = holder.fastdiff_model(prepared=False)
+
+            def run():
+                with use_backend("eager"):
+                    return model.decode(latents)
+
+            return run
+        if provider in ("fastdiff", "fastdiff-nograph"):
+            model = holder.fastdiff_model(prepared=True)
+            if on_cuda:
+                latents = latents.contiguous(memory_format=torch.channels_last)
+            if provider == "fastdiff-nograph" or not on_cuda:
+                return lambda: model.decode(latents)
+            graphed = GraphedCall(model.decode, mb.graph_cache(), kind="vae")
+            return lambda: graphed(latents)
+        model = holder.diffusers_model()
+
+        def decode(z):
+            return model.decode(z, return_dict=False)[0]
+
+        if provider == "diffusers":
+            return lambda: decode(latents)
+        if provider == "diffusers-graph":
+            graphed = GraphedCall(decode, mb.graph_cache(), kind="vae")
+            return lambda: graphed(latents)
+        if provider == "diffusers-compile":
+            compiled = torch.compile(decode)
+            return lambda: compiled(latents)
+        raise ValueError(f"unknown provider {provider!r}; allowed values: {', '.join(PROVIDERS)}")
+
+    return setup
+
+
+def default_providers(compile_: bool) -> list[str]:
+    providers = ["fastdiff-eager", "fastdiff-nograph", "fastdiff"] if mb.on_gpu() else [
+        "fastdiff-eager", "fastdiff"]
+    if mb.diffusers_available():
+        providers += ["diffusers", "diffusers-graph"] if mb.on_gpu() else ["diffusers"]
+        if compile_:
+            providers.append("diffusers-compile")
+    return providers
+
+
+def cases(providers: list[str] | None = None, compile_: bool = False) -> list[mb.Case]:
+    name, config, size = workload()
+    device = torch.device("cuda" if mb.on_gpu() else "cpu")
+    dtype = torch.float16 if mb.on_gpu() else torch.float32
+    note = "" if mb.on_gpu() else "CPU: toy config, float32, eager reference path"
+    holder = VAEHolder(config, device, dtype)
+    flop = vae_flops(config, size)
+    providers = providers or default_providers(compile_)
+    result = []
+    for index, provider in enumerate(providers):
+        case = mb.Case("vae", name, provider, provider_setup(provider, holder, size), images=1,
+                       flop=flop, note=note)
+        if index == len(providers) - 1:
+            case.teardown = holder.release
+        result.append(case)
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = mb.argument_parser(__doc__, PROVIDERS).parse_args(argv)
+    reference = "diffusers" if mb.diffusers_available() else "fastdiff-eager"
+    return mb.run_and_report(cases(args.providers, args.compile), args, reference)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
