@@ -88,6 +88,8 @@ def denoise_body(
     if buffers.noise is not None:
         row = step if noise_per_step else torch.zeros_like(step)
         noise = buffers.noise.index_select(0, row)[0]
+        if channels_last:  # index_select returns NCHW; the fused step wants one layout
+            noise = noise.contiguous(memory_format=torch.channels_last)
     apply_plan_step(
         buffers.x,
         model_out,
@@ -100,21 +102,30 @@ def denoise_body(
     step.add_(1)
 
 
-def allocate_buffers(call: DenoiseCall, rows: int, noise_rows: int, device) -> DenoiseBuffers:
+def allocate_buffers(
+    call: DenoiseCall, rows: int, noise_rows: int, device, channels_last: bool = False
+) -> DenoiseBuffers:
+    """Zeroed buffers. With channels-last models the latents are NHWC too, so the U-Net output,
+    the state and the noise share one layout and the fused step kernel reads them flat."""
     shape = tuple(call.x_T.shape)
+    def latent_buffer(*leading: int) -> torch.Tensor:
+        if not channels_last:
+            return torch.zeros((*leading, *shape), dtype=torch.float32, device=device)
+        # [..., B, H, W, C] storage viewed as [..., B, C, H, W]: each latent is NHWC.
+        batch, channels, height, width = shape
+        storage = torch.zeros((*leading, batch, height, width, channels), dtype=torch.float32,
+                              device=device)
+        return storage.movedim(-1, -3)
+
     return DenoiseBuffers(
-        x=torch.zeros(shape, dtype=torch.float32, device=device),
-        x0_prev=torch.zeros(shape, dtype=torch.float32, device=device),
+        x=latent_buffer(),
+        x0_prev=latent_buffer(),
         coefficients=torch.zeros((rows, 7), dtype=torch.float32, device=device),
         timesteps=torch.zeros((rows,), dtype=torch.long, device=device),
         step=torch.zeros((1,), dtype=torch.long, device=device),
         guidance_scale=torch.ones((1,), dtype=torch.float32, device=device),
         cond={k: torch.zeros_like(v, device=device) for k, v in call.cond.items()},
-        noise=(
-            None
-            if call.noise is None
-            else torch.zeros((noise_rows, *shape), dtype=torch.float32, device=device)
-        ),
+        noise=None if call.noise is None else latent_buffer(noise_rows),
     )
 
 
@@ -183,7 +194,9 @@ class GraphedDenoiser:
         rows = call.steps if whole_loop else STEP_GRAPH_CAPACITY
         if call.steps > rows:
             raise ValueError(f"steps={call.steps} exceeds the step graph's {rows} plan rows")
-        buffers = allocate_buffers(call, rows, call.steps if whole_loop else 1, device)
+        buffers = allocate_buffers(
+            call, rows, call.steps if whole_loop else 1, device, self.channels_last
+        )
         repeats = call.steps if whole_loop else 1
 
         def body() -> None:

@@ -89,10 +89,11 @@ def make_call(steps, guidance=7.5, noise=False, batch=1, size=8, text_time=False
     ],
     ids=["loop-cfg", "loop-nocfg", "loop-noise-texttime", "step-cfg", "step-noise"],
 )
-def test_graphed_loop_equals_reference(steps, guidance, noise, text_time):
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_graphed_loop_equals_reference(steps, guidance, noise, text_time, channels_last):
     unet = ToyUNet(text_time=text_time)
     denoiser = GraphedDenoiser(unet, GraphCache(EagerGraphBackend()), torch.float32,
-                               max_loop_steps=8)
+                               channels_last=channels_last, max_loop_steps=8)
     call = make_call(steps, guidance, noise, batch=2, text_time=text_time)
     with torch.no_grad():
         got = denoiser(call)
@@ -100,6 +101,8 @@ def test_graphed_loop_equals_reference(steps, guidance, noise, text_time):
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
     (entry,) = denoiser.cache.entries.values()
     assert entry.key.kind == ("loop" if steps <= 8 else "step")
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    assert entry.buffers.x.is_contiguous(memory_format=layout)
 
 
 def test_replays_with_new_inputs_reuse_the_graph_and_stay_correct():
