@@ -43,12 +43,20 @@ def launched_by_torchrun() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
-def init_distributed(device: str | None = None) -> DistributedContext:
-    """Join the process group torchrun set up (nccl on CUDA, gloo on CPU); a plain single-process
-    run gets a trivial context. ``device``: "cpu", "cuda" or None (CUDA when available)."""
-    use_cuda = torch.cuda.is_available() if device is None else device.startswith("cuda")
+def wants_cuda(device: str | None) -> bool:
+    """``device``: "cpu", "cuda" or None (CUDA when available)."""
+    if device is not None and device not in ("cpu", "cuda"):
+        raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
+    use_cuda = torch.cuda.is_available() if device is None else device == "cuda"
     if use_cuda and not torch.cuda.is_available():
-        raise RuntimeError("--device cuda was requested but CUDA is not available")
+        raise RuntimeError("device 'cuda' was requested but CUDA is not available")
+    return use_cuda
+
+
+def init_distributed(device: str | None = None) -> DistributedContext:
+    """Join the process group torchrun set up (nccl on CUDA, gloo on CPU), each rank on GPU
+    LOCAL_RANK; a plain single-process run gets a trivial context."""
+    use_cuda = wants_cuda(device)
     if not launched_by_torchrun():
         return DistributedContext(device=torch.device("cuda" if use_cuda else "cpu"))
     rank = int(os.environ["RANK"])

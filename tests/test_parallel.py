@@ -35,3 +35,9 @@ def test_single_process_context_without_torchrun(monkeypatch):
     assert context.is_main and context.device.type == "cpu"
     assert parallel.gather_to_main(context, ("written", "failed")) == [("written", "failed")]
     parallel.shutdown(context)  # a no-op without a process group
+
+
+def test_device_choice_is_checked():
+    with pytest.raises(ValueError, match="device must be 'cpu' or 'cuda', got 'tpu'"):
+        parallel.init_distributed("tpu")
+    assert parallel.wants_cuda("cpu") is False

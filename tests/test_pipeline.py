@@ -185,3 +185,24 @@ def test_folder_errors_name_the_path(sd_folder, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "transformers", None)  # as if it were not installed
     with pytest.raises(RuntimeError, match=r"pip install 'fastdiff\[text\]'"):
         Pipeline.from_pretrained(sd_folder)
+
+
+def test_fp16_variant_folder_loads_every_component(pipe, reference, tmp_path):
+    """A folder holding only ``*.fp16.safetensors`` files (diffusers' variant naming) loads with
+    variant="fp16" for the U-Net, VAE and text encoder alike, and gives the same images."""
+    folder = tmp_path / "variant"
+    reference.save_pretrained(folder, variant="fp16")
+    assert (folder / "text_encoder" / "model.fp16.safetensors").is_file()
+    assert not (folder / "unet" / "diffusion_pytorch_model.safetensors").exists()
+    loaded = Pipeline.from_pretrained(folder, variant="fp16")
+    common = dict(
+        prompt="a cat", num_inference_steps=2, seed=0, output_type="tensor", progress=False
+    )
+    torch.testing.assert_close(loaded(**common), pipe(**common), atol=1e-6, rtol=0)
+
+
+def test_progress_bar_can_be_turned_off(pipe, capsys):
+    pipe("a cat", num_inference_steps=3, seed=0, output_type="latent", progress=True)
+    assert "sampling" in capsys.readouterr().err
+    pipe("a cat", num_inference_steps=3, seed=0, output_type="latent", progress=False)
+    assert "sampling" not in capsys.readouterr().err

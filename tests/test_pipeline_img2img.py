@@ -118,6 +118,7 @@ def test_lower_strength_stays_closer_to_the_init_image(pipe, init_image):
         (dict(strength=0.1, num_inference_steps=5), "leaves no step to run"),
         (dict(latents=torch.zeros(1, 4, 8, 8)), "image .img2img. or latents, not both"),
         (dict(image=Image.new("RGB", (15, 16))), "width=15 is not a multiple"),
+        (dict(image=[Image.new("RGB", (16, 16))] * 3), "got 3 init images for 1 prompts"),
     ],
 )
 def test_img2img_bad_inputs(pipe, init_image, kwargs, message):

@@ -4,6 +4,7 @@ folder of images (one per prompt, sharded over ranks when started by torchrun)."
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import sys
 import time
@@ -61,7 +62,9 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--num-images", type=int, default=1, help="images per prompt (a grid)")
     parser.add_argument("--out", type=Path, help="output image file (single prompt/label)")
     parser.add_argument("--out-dir", type=Path, help="output folder (with --prompts)")
-    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    parser.add_argument(
+        "--device", choices=("cpu", "cuda"), default=None, help="default: cuda if available"
+    )
     parser.add_argument(
         "--dtype",
         choices=sorted(DTYPES),
@@ -148,8 +151,10 @@ def run(args) -> int:
         return run_prompts_file(args)
     from fastdiff.pipeline.images import save_image_atomic
 
-    context = parallel.init_distributed(args.device)
-    pipe = load_pipeline(args, context.device)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ValueError("--prompt/--class-label make one image; under torchrun use --prompts FILE")
+    device = torch.device("cuda" if parallel.wants_cuda(args.device) else "cpu")
+    pipe = load_pipeline(args, device)
     text = args.prompt if args.prompt is not None else str(args.class_label)
     started = time.perf_counter()
     image = generate_one(pipe, args, Job(0, text), args.seed)

@@ -109,7 +109,7 @@ def load_components(
             root / tokenizer_name, tokenizer_class, SUPPORTED_TOKENIZERS, device, dtype
         )
         encoder = load_text_component(
-            root / encoder_name, encoder_class, SUPPORTED_TEXT_ENCODERS, device, dtype
+            root / encoder_name, encoder_class, SUPPORTED_TEXT_ENCODERS, device, dtype, variant
         )
         pairs.append((tokenizer, encoder))
 

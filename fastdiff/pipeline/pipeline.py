@@ -243,6 +243,13 @@ class Pipeline:
             latents = latents - config["shift_factor"]
         return latents * config["scaling_factor"]
 
+    def optimize(self, **options: Any):
+        """Prepare this pipeline for speed in place (fp16, channels-last, fused QKV, Triton
+        kernels, CUDA graphs); returns the runtime. See ``fastdiff.runtime.optimize``."""
+        from fastdiff.runtime import optimize  # the runtime sits below the pipeline, loaded late
+
+        return optimize(self, **options)
+
     # -- the call ---------------------------------------------------------------------------
 
     @torch.no_grad()

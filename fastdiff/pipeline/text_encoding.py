@@ -35,9 +35,15 @@ def import_transformers() -> Any:
 
 
 def load_text_component(
-    folder: Path, class_name: str, supported: Sequence[str], device, dtype
+    folder: Path,
+    class_name: str,
+    supported: Sequence[str],
+    device,
+    dtype,
+    variant: str | None = None,
 ) -> Any:
-    """Load one transformers text encoder or tokenizer from ``folder`` (a pipeline subfolder)."""
+    """Load one transformers text encoder or tokenizer from ``folder`` (a pipeline subfolder);
+    ``variant`` ("fp16") selects ``model.<variant>.safetensors`` for encoders."""
     if class_name not in supported:
         raise ValueError(
             f"{folder}: unsupported class {class_name!r} in model_index.json; "
@@ -49,8 +55,9 @@ def load_text_component(
     component_class = getattr(transformers, class_name, None)
     if component_class is None:  # transformers 5 folded the *Fast tokenizers into one class
         component_class = transformers.CLIPTokenizer
+    options = {"variant": variant} if variant and "Tokenizer" not in class_name else {}
     try:
-        component = component_class.from_pretrained(str(folder))
+        component = component_class.from_pretrained(str(folder), **options)
     except OSError as error:
         raise FileNotFoundError(f"cannot load {class_name} from {folder}: {error}") from error
     if isinstance(component, torch.nn.Module):
