@@ -217,13 +217,25 @@ def apply_plan_row(
     model_output: torch.Tensor,
     x0_prev: torch.Tensor | None = None,
     noise: torch.Tensor | None = None,
+    guidance_scale: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One step from a coefficient row (7 floats, or a [7] tensor): returns (x_next, x0).
 
-    ``model_output`` is the (already guided) model output at input ``row[0] * x``; ``x0_prev`` is
-    the previous step's x0 (None or zeros at step 0); ``noise`` is required iff ``row[6] != 0``.
-    Arithmetic is in fp32 (fp64 for fp64 inputs); results are returned in x's dtype.
+    ``model_output`` is the model output at input ``row[0] * x``: shaped like x, or, with
+    ``guidance_scale`` w given, the [2B, ...] batch [uncond; cond] combined here as
+    uncond + w (cond - uncond) (the fused kernel's inputs). ``x0_prev`` is the previous step's x0
+    (None or zeros at step 0); ``noise`` is required iff ``row[6] != 0``. Arithmetic is in fp32
+    (fp64 for fp64 inputs); results are returned in x's dtype.
     """
+    dtype = _compute_dtype(x.dtype)
+    if guidance_scale is not None:
+        if model_output.shape[0] != 2 * x.shape[0] or model_output.shape[1:] != x.shape[1:]:
+            raise ValueError(
+                f"guided model output shape {tuple(model_output.shape)} must be [uncond; cond] "
+                f"with twice the batch of the sample shape {tuple(x.shape)}"
+            )
+        uncond, cond = model_output.to(dtype).chunk(2)
+        model_output = uncond + float(guidance_scale) * (cond - uncond)
     if model_output.shape != x.shape:
         raise ValueError(
             f"model output shape {tuple(model_output.shape)} != sample shape {tuple(x.shape)}"
@@ -233,7 +245,6 @@ def apply_plan_row(
     if len(row) != NUM_COEFFICIENTS:
         raise ValueError(f"a plan row has {NUM_COEFFICIENTS} coefficients, got {len(row)}")
     c0, c1, c2, c3, c4, c5, c6 = (float(value) for value in row)
-    dtype = _compute_dtype(x.dtype)
     state = x.to(dtype)
     x0 = c1 * (c0 * state) + c2 * model_output.to(dtype)
     x_next = c3 * state + c4 * x0
@@ -255,12 +266,15 @@ def plan_step(
     model_output: torch.Tensor,
     x0_prev: torch.Tensor | None = None,
     noise: torch.Tensor | None = None,
+    guidance_scale: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Apply row ``index`` of ``plan`` eagerly: returns (x_next, x0). The reference for the fused
-    sampler-step kernel (which also folds in guidance: pass ``combine_guidance(...)`` here)."""
+    sampler-step kernel; see :func:`apply_plan_row` for the arguments (``guidance_scale`` takes
+    an unguided [uncond; cond] model output; guidance rescale needs ``combine_guidance`` first)."""
     if not 0 <= index < len(plan):
         raise ValueError(f"step index {index} out of range for a {len(plan)}-step plan")
-    return apply_plan_row(plan.coefficients[index].tolist(), x, model_output, x0_prev, noise)
+    row = plan.coefficients[index].tolist()
+    return apply_plan_row(row, x, model_output, x0_prev, noise, guidance_scale)
 
 
 def model_input(plan: SamplingPlan, index: int, x: torch.Tensor) -> torch.Tensor:

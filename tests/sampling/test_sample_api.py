@@ -145,3 +145,17 @@ def test_plan_step_keeps_half_precision_inputs_in_their_dtype():
     reference, _ = plan_step(plan, 2, x.half().float(), m.half().float(), m.half().float())
     assert x_next.dtype == torch.float16 and x0.dtype == torch.float16
     assert torch.allclose(x_next.float(), reference, atol=2e-3)
+
+
+def test_plan_step_folds_in_guidance_like_the_fused_kernel():
+    from fastdiff.sampling import combine_guidance
+
+    plan = make_plan(SCHEDULE, "dpmpp_2m", 6)
+    x, x0_prev = torch.randn(2, 4, 3), torch.randn(2, 4, 3)
+    uncond, cond = torch.randn(2, 4, 3), torch.randn(2, 4, 3)
+    guided = plan_step(plan, 3, x, torch.cat([uncond, cond]), x0_prev, guidance_scale=6.0)
+    combined = plan_step(plan, 3, x, combine_guidance(uncond, cond, 6.0), x0_prev)
+    for mine, reference in zip(guided, combined, strict=True):
+        assert torch.allclose(mine, reference, atol=1e-6)
+    with pytest.raises(ValueError, match=r"\[uncond; cond\]"):
+        plan_step(plan, 3, x, torch.cat([uncond, cond, cond]), x0_prev, guidance_scale=6.0)
