@@ -88,8 +88,9 @@ def tiny_vae():
     return AutoencoderKL(**VAE).eval()
 
 
-def make_sd_folder(path: Path, prediction_type: str = "epsilon") -> Path:
-    """An SD1-like text-to-image folder: CLIP text encoder, cross-attention U-Net, DDIM."""
+def make_sd_folder(path: Path, sd2: bool = False) -> Path:
+    """An SD1-like text-to-image folder: CLIP text encoder, cross-attention U-Net, DDIM. With
+    ``sd2``: SD 2.x-like, linear transformer projections and v-prediction."""
     from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 
     tokenizer = tiny_tokenizer()
@@ -100,8 +101,10 @@ def make_sd_folder(path: Path, prediction_type: str = "epsilon") -> Path:
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
         cross_attention_dim=32,
         attention_head_dim=8,
+        use_linear_projection=sd2,
         **UNET_BLOCKS,
     ).eval()
+    prediction_type = "v_prediction" if sd2 else "epsilon"
     pipe = StableDiffusionPipeline(
         unet=unet,
         vae=tiny_vae(),

@@ -206,3 +206,15 @@ def test_progress_bar_can_be_turned_off(pipe, capsys):
     assert "sampling" in capsys.readouterr().err
     pipe("a cat", num_inference_steps=3, seed=0, output_type="latent", progress=False)
     assert "sampling" not in capsys.readouterr().err
+
+
+def test_sd2_like_v_prediction_equals_diffusers(tmp_path):
+    folder = make_sd_folder(tmp_path / "sd2", sd2=True)
+    reference = diffusers.StableDiffusionPipeline.from_pretrained(folder, safety_checker=None)
+    reference.set_progress_bar_config(disable=True)
+    pipe = Pipeline.from_pretrained(folder)
+    assert pipe.schedule.prediction_type == "v_prediction"
+    kwargs = dict(prompt="a red cat", latents=torch.randn(1, 4, 8, 8), num_inference_steps=STEPS)
+    ours = pipe(**kwargs, output_type="tensor", progress=False)
+    theirs = reference(**kwargs, output_type="pt").images
+    torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=0)
