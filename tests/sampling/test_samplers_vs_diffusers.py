@@ -20,6 +20,8 @@ from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteS
 from fastdiff.sampling import BETA_SCHEDULES, PREDICTION_TYPES, NoiseSchedule, make_plan, sample
 from tests.sampling.helpers import SD_BETAS, run_diffusers, toy_model
 
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # diffusers + numpy 2
+
 REFERENCE = {
     "ddim": lambda **kw: DDIMScheduler(**kw, clip_sample=False),
     "euler": lambda **kw: EulerDiscreteScheduler(**kw),

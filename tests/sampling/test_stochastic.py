@@ -20,6 +20,8 @@ from diffusers import DDIMScheduler, DDPMScheduler
 from fastdiff.sampling import NoiseSchedule, make_plan, sample
 from tests.sampling.helpers import SD_BETAS, run_diffusers, toy_model
 
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # diffusers + numpy 2
+
 SAMPLES = 40_000
 
 
