@@ -1,0 +1,93 @@
+"""Attention forward at the SD1.5 / SDXL shapes: fastdiff flash kernel vs PyTorch SDPA backends.
+
+TFLOP/s counts 4·B·H·N·M·D (two matmuls, 2 FLOP per multiply-add), as torch's flop counter does.
+Providers: fastdiff, eager (SDPA's default choice), sdpa-flash / sdpa-cudnn / sdpa-efficient
+(each backend forced), torch.compile.
+Run: python benchmarks/bench_attention.py [--quick] [--out DIR]
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import Workload, on_gpu, parse_args, run_benchmark, standard_providers  # noqa: E402
+
+from fastdiff.ops import attention  # noqa: E402
+from fastdiff.ops.attention import attention_eager  # noqa: E402
+
+# (batch, heads, queries, keys, head_dim)
+SHAPES = [
+    ("sd15 self 64x64", (2, 8, 4096, 4096, 40)),
+    ("sd15 cross 64x64", (2, 8, 4096, 77, 40)),
+    ("sd15 self 32x32", (2, 8, 1024, 1024, 80)),
+    ("sd15 self 16x16", (2, 8, 256, 256, 160)),
+    ("sd2 self 64x64", (2, 10, 4096, 4096, 64)),
+    ("sdxl self 32x32", (2, 20, 1024, 1024, 64)),
+    ("sdxl cross 32x32", (2, 20, 1024, 77, 64)),
+    ("sdxl self 64x64", (2, 10, 4096, 4096, 64)),
+]
+QUICK = {"sd15 self 64x64", "sd15 cross 64x64", "sd2 self 64x64", "sdxl self 32x32"}
+
+
+def workload(name, dims, dtype, fused_qkv: bool = False) -> Workload:
+    def make(reduced: bool):
+        batch, heads, queries, keys, head_dim = dims
+        if reduced:
+            queries, keys = min(queries, 256), min(keys, 256)
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        if fused_qkv and queries == keys:
+            # Views of one (B, N, 3, H, D) projection, as the runtime's fused QKV passes them.
+            qkv = torch.randn(batch, queries, 3, heads, head_dim, device=device, dtype=dtype)
+            return tuple(qkv[:, :, i].transpose(1, 2) for i in range(3)) + (None,)
+        q = torch.randn(batch, heads, queries, head_dim, device=device, dtype=dtype)
+        k = torch.randn(batch, heads, keys, head_dim, device=device, dtype=dtype)
+        v = torch.randn(batch, heads, keys, head_dim, device=device, dtype=dtype)
+        return (q, k, v, None)
+
+    def flop(inputs) -> float:
+        q, k = inputs[0], inputs[1]
+        return 4.0 * q.shape[0] * q.shape[1] * q.shape[2] * k.shape[2] * q.shape[3]
+
+    suffix = " (fused-qkv views)" if fused_qkv else ""
+    return Workload(f"{name}{suffix}", dtype, make, flop=flop)
+
+
+def sdpa_backend_provider(backend_name: str):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    backend = getattr(SDPBackend, backend_name)
+
+    def build(inputs):
+        def call():
+            with sdpa_kernel(backend):
+                return attention_eager(*inputs)
+
+        return call
+
+    return build
+
+
+def main() -> None:
+    args = parse_args(__doc__)
+    shapes = [(n, d) for n, d in SHAPES if not args.quick or n in QUICK]
+    workloads = [workload(n, d, torch.float16) for n, d in shapes]
+    workloads.append(workload(*SHAPES[0], torch.float16, fused_qkv=True))
+    if not args.quick:
+        workloads.append(workload(*SHAPES[0], torch.bfloat16))
+    providers = standard_providers(attention_eager, attention, "attention")
+    if on_gpu():
+        for label, backend in (
+            ("sdpa-flash", "FLASH_ATTENTION"),
+            ("sdpa-cudnn", "CUDNN_ATTENTION"),
+            ("sdpa-efficient", "EFFICIENT_ATTENTION"),
+        ):
+            providers[label] = sdpa_backend_provider(backend)
+    run_benchmark("attention", workloads, providers, args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,66 @@
+"""GroupNorm(32) + SiLU at the SD1.5 / SDXL U-Net and VAE shapes: fastdiff vs eager vs compile.
+
+GB/s counts one read and one write of the activation (as BASELINES.md does).
+Run: python benchmarks/bench_group_norm.py [--quick] [--out DIR]
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import Workload, parse_args, run_benchmark, standard_providers  # noqa: E402
+
+from fastdiff.ops import group_norm  # noqa: E402
+from fastdiff.ops.group_norm import group_norm_eager  # noqa: E402
+
+# (batch, channels, height, width): SD1.5 U-Net at 64x64 latents (BASELINES.md), SDXL at 128x128,
+# and the VAE decoder's largest GroupNorm (512 channels at 128x128).
+SHAPES = [
+    (2, 320, 64, 64),
+    (2, 640, 32, 32),
+    (2, 1280, 16, 16),
+    (2, 1280, 8, 8),
+    (2, 320, 128, 128),
+    (2, 640, 64, 64),
+    (2, 1280, 32, 32),
+    (1, 512, 128, 128),
+]
+QUICK_SHAPES = SHAPES[:4]
+
+
+def workload(shape, dtype, channels_last: bool) -> Workload:
+    def make(reduced: bool):
+        size = (shape[0], shape[1], 8, 8) if reduced else shape
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        x = torch.randn(size, device=device, dtype=dtype)
+        if channels_last:
+            x = x.to(memory_format=torch.channels_last)
+        weight = torch.randn(shape[1], device=device, dtype=dtype)
+        bias = torch.randn(shape[1], device=device, dtype=dtype)
+        return (x, 32, weight, bias, 1e-5, True)
+
+    layout = "nhwc" if channels_last else "nchw"
+    name = f"{'x'.join(map(str, shape))} {layout}"
+    return Workload(name, dtype, make, bytes_moved=activation_bytes)
+
+
+def activation_bytes(inputs) -> float:
+    return 2 * inputs[0].numel() * inputs[0].element_size()
+
+
+def main() -> None:
+    args = parse_args(__doc__)
+    shapes = QUICK_SHAPES if args.quick else SHAPES
+    workloads = [workload(s, torch.float16, cl) for cl in (False, True) for s in shapes]
+    if not args.quick:
+        workloads.append(workload(SHAPES[0], torch.bfloat16, False))
+    providers = standard_providers(group_norm_eager, group_norm, "group_norm")
+    run_benchmark("group_norm_silu", workloads, providers, args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,54 @@
+"""LayerNorm over the last dim at the SD1.5 / SDXL transformer shapes: fastdiff vs eager vs compile.
+
+GB/s counts one read and one write of the activation.
+Run: python benchmarks/bench_layer_norm.py [--quick] [--out DIR]
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import Workload, parse_args, run_benchmark, standard_providers  # noqa: E402
+
+from fastdiff.ops import layer_norm  # noqa: E402
+from fastdiff.ops.layer_norm import layer_norm_eager  # noqa: E402
+
+# (batch, tokens, width): transformer blocks at each U-Net resolution.
+SHAPES = [
+    ("sd15 64x64", (2, 4096, 320)),
+    ("sd15 32x32", (2, 1024, 640)),
+    ("sd15 16x16", (2, 256, 1280)),
+    ("sdxl 64x64", (2, 4096, 640)),
+    ("sdxl 32x32", (2, 1024, 1280)),
+]
+
+
+def workload(name, shape, dtype) -> Workload:
+    def make(reduced: bool):
+        size = (shape[0], min(shape[1], 256), shape[2]) if reduced else shape
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        x = torch.randn(size, device=device, dtype=dtype)
+        weight = torch.randn(shape[2], device=device, dtype=dtype)
+        bias = torch.randn(shape[2], device=device, dtype=dtype)
+        return (x, weight, bias, 1e-5)
+
+    def bytes_moved(inputs) -> float:
+        return 2 * inputs[0].numel() * inputs[0].element_size()
+
+    return Workload(f"{name} {'x'.join(map(str, shape))}", dtype, make, bytes_moved=bytes_moved)
+
+
+def main() -> None:
+    args = parse_args(__doc__)
+    shapes = SHAPES[:2] if args.quick else SHAPES
+    workloads = [workload(n, s, torch.float16) for n, s in shapes]
+    providers = standard_providers(layer_norm_eager, layer_norm, "layer_norm")
+    run_benchmark("layer_norm", workloads, providers, args)
+
+
+if __name__ == "__main__":
+    main()
