@@ -140,8 +140,16 @@ def test_unflattenable_layout_falls_back_to_eager(triton_backend, monkeypatch):
 def test_default_backend_on_cpu_is_eager(monkeypatch):
     monkeypatch.delenv("FASTDIFF_BACKEND", raising=False)
     counter = CallCounter(monkeypatch, group_norm_kernels, "group_norm_forward")
-    group_norm(torch.randn(2, 8, 4, 4), 4)
-    assert counter.calls == (1 if torch.cuda.is_available() and DEVICE == "cuda" else 0)
+    group_norm(torch.randn(2, 8, 4, 4), 4)  # even under TRITON_INTERPRET=1: opt-in only
+    assert counter.calls == 0
+
+
+@pytest.mark.gpu
+def test_default_backend_on_cuda_is_triton(monkeypatch):
+    monkeypatch.delenv("FASTDIFF_BACKEND", raising=False)
+    counter = CallCounter(monkeypatch, group_norm_kernels, "group_norm_forward")
+    group_norm(torch.randn(2, 8, 4, 4, device="cuda"), 4)
+    assert counter.calls == 1
 
 
 @pytest.mark.parametrize("bad", [3, 0])
