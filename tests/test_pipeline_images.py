@@ -67,3 +67,22 @@ def test_save_image_atomic_writes_and_never_clobbers(tmp_path, monkeypatch):
         images.save_image_atomic(Image.new("RGB", (4, 4)), tmp_path / "missing" / "x.png")
     with pytest.raises(ValueError, match="image format"):
         images.save_image_atomic(Image.new("RGB", (4, 4)), tmp_path / "x.unknown")
+
+
+def test_latent_scaling_round_trips_and_matches_formulas():
+    from fastdiff.pipeline.vae_scaling import from_vae_latents, to_vae_latents
+
+    latents = torch.randn(2, 4, 3, 3)
+    plain = {"scaling_factor": 0.5}
+    torch.testing.assert_close(to_vae_latents(latents, plain), latents / 0.5)
+    shifted = {"scaling_factor": 0.5, "shift_factor": 0.25}
+    torch.testing.assert_close(to_vae_latents(latents, shifted), latents / 0.5 + 0.25)
+    per_channel = {"scaling_factor": 0.5, "latents_mean": [0, 1, 2, 3], "latents_std": [1, 2, 3, 4]}
+    decoded = to_vae_latents(latents, per_channel)
+    torch.testing.assert_close(decoded[:, 3], latents[:, 3] * 4 / 0.5 + 3)
+    for config in (plain, shifted, per_channel):
+        torch.testing.assert_close(
+            from_vae_latents(to_vae_latents(latents, config), config), latents
+        )
+    with pytest.raises(ValueError, match="one value per latent channel"):
+        to_vae_latents(latents, {**per_channel, "latents_std": [1, 2]})

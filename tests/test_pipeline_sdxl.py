@@ -80,3 +80,12 @@ def test_sdxl_given_embeddings_need_pooled(pipe, reference):
         progress=False,
     )
     torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=0)
+
+
+def test_sdxl_vae_stays_fp32_when_loaded_in_fp16(sdxl_folder):
+    """The SDXL VAE overflows in fp16, and its config says force_upcast: the U-Net and text
+    encoders load in fp16, the VAE in fp32."""
+    pipe = Pipeline.from_pretrained(sdxl_folder, dtype=torch.float16)
+    assert pipe.dtype == torch.float16
+    assert next(pipe.vae.parameters()).dtype == torch.float32
+    assert pipe.prompt_encoder.dtype == torch.float16

@@ -159,13 +159,21 @@ def text_conditioning(
     return Conditioning(cond, uncond)
 
 
-def add_time_ids(conditioning: Conditioning, height: int, width: int, dtype) -> None:
+def add_time_ids(conditioning: Conditioning, height: int, width: int, unet_config) -> None:
     """SDXL micro-conditioning: (original size, crop top-left, target size) per sample; fastdiff
     always generates uncropped at the requested size, so this is (H, W, 0, 0, H, W)."""
-    batch = conditioning.batch_size
+    pooled_dim = conditioning.cond["text_embeds"].shape[-1]
+    expected = unet_config.get("projection_class_embeddings_input_dim")
+    provided = pooled_dim + 6 * unet_config.get("addition_time_embed_dim")
+    if expected != provided:
+        raise ValueError(
+            f"this U-Net expects {expected} added-condition features, but the pooled text "
+            f"embeddings ({pooled_dim}) and 6 size ids give {provided}; refiner-style "
+            "aesthetic-score conditioning is not supported"
+        )
     reference = conditioning.cond["encoder_hidden_states"]
-    time_ids = torch.tensor([[height, width, 0, 0, height, width]], dtype=dtype)
-    time_ids = time_ids.to(reference.device).expand(batch, 6).contiguous()
+    time_ids = torch.tensor([[height, width, 0, 0, height, width]], dtype=reference.dtype)
+    time_ids = time_ids.to(reference.device).expand(conditioning.batch_size, 6).contiguous()
     conditioning.cond["time_ids"] = time_ids
     if conditioning.uncond is not None:
         conditioning.uncond["time_ids"] = time_ids.clone()

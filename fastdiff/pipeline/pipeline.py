@@ -25,6 +25,7 @@ from fastdiff.pipeline.conditioning import (
 )
 from fastdiff.pipeline.denoising import img2img_start_step, run_sampler
 from fastdiff.pipeline.text_encoding import PromptEncoder
+from fastdiff.pipeline.vae_scaling import from_vae_latents, to_vae_latents
 from fastdiff.sampling import SAMPLERS, NoiseSchedule, classifier_free_guidance
 
 OUTPUT_TYPES = ("pil", "tensor", "latent")
@@ -50,6 +51,13 @@ class Pipeline:
         self.class_names = class_names
         self.force_zeros_for_empty_prompt = force_zeros_for_empty_prompt
         self.vae_scale_factor = 2 ** (len(vae.config["block_out_channels"]) - 1)
+        if (
+            unet.config.get("addition_embed_type") == "text_time"
+            and vae.config.get("force_upcast", False)
+            and next(vae.parameters()).dtype == torch.float16
+        ):
+            # The SDXL VAE overflows in fp16 (its config says force_upcast): run it in fp32.
+            vae.to(torch.float32)
         num_class_embeds = unet.config.get("num_class_embeds")
         if num_class_embeds is not None and null_class_label is None:
             null_class_label = num_class_embeds - 1  # fastdiff's convention: the last label
@@ -224,24 +232,17 @@ class Pipeline:
 
     @torch.no_grad()
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
-        """Scaled latents -> float32 images (B, 3, H, W) in [0, 1]."""
-        config = self.vae.config
+        """Diffusion latents -> float32 images (B, 3, H, W) in [0, 1]."""
         vae_dtype = next(self.vae.parameters()).dtype
-        latents = latents.to(vae_dtype) / config["scaling_factor"]
-        if config.get("shift_factor") is not None:
-            latents = latents + config["shift_factor"]
-        return image_utils.vae_output_to_unit_range(self.vae.decode(latents))
+        decoded = self.vae.decode(to_vae_latents(latents.to(vae_dtype), self.vae.config))
+        return image_utils.vae_output_to_unit_range(decoded)
 
     @torch.no_grad()
     def encode_image(self, pixels: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-        """Images in [-1, 1] -> scaled latents, sampled from the encoder's Gaussian."""
+        """Images in [-1, 1] -> diffusion latents, sampled from the encoder's Gaussian."""
         vae_dtype = next(self.vae.parameters()).dtype
         posterior = self.vae.encode(pixels.to(device=self.device, dtype=vae_dtype))
-        latents = posterior.sample(generator)
-        config = self.vae.config
-        if config.get("shift_factor") is not None:
-            latents = latents - config["shift_factor"]
-        return latents * config["scaling_factor"]
+        return from_vae_latents(posterior.sample(generator), self.vae.config)
 
     def optimize(self, **options: Any):
         """Prepare this pipeline for speed in place (fp16, channels-last, fused QKV, Triton
@@ -323,7 +324,7 @@ class Pipeline:
         width = self.default_size if width is None else width
         self.check_size(height, width)
         if self.unet.config.get("addition_embed_type") == "text_time":
-            add_time_ids(conditioning, height, width, self.dtype)
+            add_time_ids(conditioning, height, width, self.unet.config)
         if image is not None:
             # Encode each given image once (as diffusers does), then pair latents with prompts.
             init_latents = self.encode_image(pixels, generator).to(self.dtype)
