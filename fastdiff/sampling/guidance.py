@@ -34,7 +34,20 @@ def combine_guidance(
     return guidance_rescale * rescaled + (1.0 - guidance_rescale) * guided
 
 
-def _batch_conditions(uncond: Condition, cond: Condition, batch: int) -> Condition:
+def _batch_size(condition: Condition) -> int | None:
+    if isinstance(condition, dict):
+        sizes = {_batch_size(value) for value in condition.values()} - {None}
+        if len(sizes) > 1:
+            raise ValueError(f"condition dict entries disagree on the batch size: {sorted(sizes)}")
+        return sizes.pop() if sizes else None
+    if isinstance(condition, torch.Tensor):
+        if condition.dim() == 0:
+            raise ValueError("a condition tensor needs a batch dimension")
+        return condition.shape[0]
+    return None
+
+
+def _batch_conditions(uncond: Condition, cond: Condition) -> Condition:
     """[uncond; cond] along dim 0 for a tensor, a dict of tensors (per key), or None."""
     if cond is None and uncond is None:
         return None
@@ -43,7 +56,7 @@ def _batch_conditions(uncond: Condition, cond: Condition, batch: int) -> Conditi
             raise ValueError("cond and uncond must both be dicts when one is")
         if set(cond) != set(uncond):
             raise ValueError(f"cond keys {sorted(cond)} differ from uncond keys {sorted(uncond)}")
-        return {key: _batch_conditions(uncond[key], cond[key], batch) for key in cond}
+        return {key: _batch_conditions(uncond[key], cond[key]) for key in cond}
     if not (isinstance(cond, torch.Tensor) and isinstance(uncond, torch.Tensor)):
         raise ValueError(
             "cond and uncond must both be tensors, both dicts of tensors, or both None; got "
@@ -51,8 +64,6 @@ def _batch_conditions(uncond: Condition, cond: Condition, batch: int) -> Conditi
         )
     if cond.shape != uncond.shape:
         raise ValueError(f"cond shape {tuple(cond.shape)} != uncond shape {tuple(uncond.shape)}")
-    if cond.dim() == 0 or cond.shape[0] != batch:
-        raise ValueError(f"condition shape {tuple(cond.shape)} must have batch size {batch} first")
     return torch.cat([uncond, cond], dim=0)
 
 
@@ -67,11 +78,19 @@ def classifier_free_guidance(
     :func:`fastdiff.sample`: each call runs ONE batched forward
     ``model_fn(cat[x, x], cat[t, t], cat[uncond, cond])`` and combines the halves with
     :func:`combine_guidance`. ``cond``/``uncond`` are tensors, dicts of tensors (e.g. SDXL's
-    ``added_cond_kwargs``; concatenated per key) or both None, each with the batch first."""
+    ``added_cond_kwargs``; concatenated per key) or both None, each with the batch first. The
+    conditions are concatenated once, here, not at every step."""
+    conditions = _batch_conditions(uncond, cond)
+    cond_batch = _batch_size(cond)
+    if not 0.0 <= guidance_rescale <= 1.0:
+        raise ValueError(f"guidance_rescale must lie in [0, 1], got {guidance_rescale}")
 
     def guided(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         batch = x_t.shape[0]
-        conditions = _batch_conditions(uncond, cond, batch)
+        if cond_batch is not None and cond_batch != batch:
+            raise ValueError(
+                f"the condition has batch size {cond_batch} but x_t has batch size {batch}"
+            )
         output = model_fn(torch.cat([x_t, x_t]), torch.cat([t, t]), conditions)
         if output.shape[0] != 2 * batch:
             raise ValueError(
