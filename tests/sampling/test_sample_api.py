@@ -159,3 +159,21 @@ def test_plan_step_folds_in_guidance_like_the_fused_kernel():
         assert torch.allclose(mine, reference, atol=1e-6)
     with pytest.raises(ValueError, match=r"\[uncond; cond\]"):
         plan_step(plan, 3, x, torch.cat([uncond, cond, cond]), x0_prev, guidance_scale=6.0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("sampler", SAMPLERS)
+def test_cuda_sampling_matches_cpu(sampler):
+    seen_devices = []
+
+    def model(x, t):
+        seen_devices.append((x.device.type, t.device.type))
+        return toy_model(x, t)
+
+    x_T = torch.randn(2, 4, 8, 8)
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    on_gpu = sample(model, x_T.cuda(), SCHEDULE, sampler, 8, generator=generator)
+    assert on_gpu.device.type == "cuda" and set(seen_devices) == {("cuda", "cuda")}
+    if sampler != "ddpm":  # deterministic samplers: same numbers as on the CPU
+        on_cpu = sample(toy_model, x_T, SCHEDULE, sampler, 8)
+        assert torch.allclose(on_gpu.cpu(), on_cpu, atol=1e-4)
