@@ -57,7 +57,22 @@ def test_writes_one_image_and_a_grid(class_folder, tmp_path, capsys):
     )
     assert code == 0
     assert Image.open(grid).size == (2 * 16, 2 * 24)  # 3 images: 2 columns x 2 rows of 16x24
-    assert sorted(os.listdir(tmp_path)) == ["grid.png", "one.png"]  # no temporary files left
+    edited = tmp_path / "edited.png"
+    code = generate(
+        "--model",
+        class_folder,
+        "--class-label",
+        0,
+        "--init-image",
+        out,
+        "--strength",
+        "0.5",
+        "--out",
+        edited,
+    )
+    assert code == 0 and Image.open(edited).size == (16, 16)
+    # no temporary files left behind
+    assert sorted(os.listdir(tmp_path)) == ["edited.png", "grid.png", "one.png"]
 
 
 def test_text_model_prompt(tmp_path):
@@ -107,6 +122,19 @@ def test_errors_are_clean_and_never_clobber(class_folder, tmp_path, capsys, monk
             "unknown sampler 'heun'",
         ),
         (("--model", class_folder, "--class-label", 0), "--out FILE.png is required"),
+        (
+            (
+                "--model",
+                class_folder,
+                "--class-label",
+                0,
+                "--init-image",
+                tmp_path / "no.png",
+                "--out",
+                out,
+            ),
+            "init image not found",
+        ),
         (
             ("--model", class_folder, "--prompts", tmp_path / "none.txt", "--out-dir", tmp_path),
             "prompts file not found",

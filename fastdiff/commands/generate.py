@@ -60,6 +60,10 @@ def add_parser(subparsers) -> None:
     )
     parser.add_argument("--size", type=parse_size, default=None, help="HxW or N (default: model's)")
     parser.add_argument("--num-images", type=int, default=1, help="images per prompt (a grid)")
+    parser.add_argument("--init-image", type=Path, help="img2img: start from this image")
+    parser.add_argument(
+        "--strength", type=float, default=0.8, help="img2img: share of the steps to run (0, 1]"
+    )
     parser.add_argument("--out", type=Path, help="output image file (single prompt/label)")
     parser.add_argument("--out-dir", type=Path, help="output folder (with --prompts)")
     parser.add_argument(
@@ -112,6 +116,14 @@ def generate_one(pipe, args, job: Job, seed: int):
             raise ValueError(
                 f"this model is class-conditional: expected a class label, got {job.text!r}"
             ) from None
+    if args.init_image is not None:
+        if not args.init_image.is_file():
+            raise FileNotFoundError(f"init image not found: {args.init_image}")
+        from PIL import Image
+
+        with Image.open(args.init_image) as image:
+            inputs["image"] = image.convert("RGB")
+        inputs["strength"] = args.strength
     images = pipe(
         **inputs,
         num_inference_steps=args.steps,
