@@ -15,6 +15,7 @@ _LAZY = {
     "diffusion_loss": "fastdiff.sampling",
     "sample": "fastdiff.sampling",
     "classifier_free_guidance": "fastdiff.sampling",
+    "combine_guidance": "fastdiff.sampling",
     "Pipeline": "fastdiff.pipeline",
 }
 

@@ -13,6 +13,7 @@ from fastdiff.sampling import (
     SAMPLERS,
     NoiseSchedule,
     apply_plan_row,
+    combine_guidance,
     make_plan,
     plan_step,
     sample,
@@ -26,6 +27,7 @@ def test_top_level_exports():
     assert fastdiff.sample is sample
     assert fastdiff.NoiseSchedule is NoiseSchedule
     assert callable(fastdiff.classifier_free_guidance) and callable(fastdiff.diffusion_loss)
+    assert fastdiff.combine_guidance is combine_guidance
 
 
 @pytest.mark.parametrize("sampler", SAMPLERS)
@@ -148,8 +150,6 @@ def test_plan_step_keeps_half_precision_inputs_in_their_dtype():
 
 
 def test_plan_step_folds_in_guidance_like_the_fused_kernel():
-    from fastdiff.sampling import combine_guidance
-
     plan = make_plan(SCHEDULE, "dpmpp_2m", 6)
     x, x0_prev = torch.randn(2, 4, 3), torch.randn(2, 4, 3)
     uncond, cond = torch.randn(2, 4, 3), torch.randn(2, 4, 3)
