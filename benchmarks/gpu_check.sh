@@ -3,6 +3,7 @@
 # kernel benchmark; logs and CSVs go to OUTDIR (argument, else $OUT, else benchmarks/results).
 #   bash benchmarks/gpu_check.sh [OUTDIR]          # ~5 minutes on an H100/H200 (--quick benches)
 #   FULL=1 bash benchmarks/gpu_check.sh [OUTDIR]   # all benchmark shapes (longer)
+#   TESTS=tests/ops bash benchmarks/gpu_check.sh    # only these GPU tests (default: tests)
 # One failing part never stops the others; the exit code is non-zero if any part failed.
 # Without a GPU the tests skip and the benchmarks run their CPU mode, so the script can be tried
 # anywhere. Files written: gpu_check.log (everything), <gpu>.csv, <gpu>-kernels.png.
@@ -48,7 +49,7 @@ triton.__version__, \"cuda\", torch.version.cuda); \
 print(\"gpu\", torch.cuda.get_device_name() if torch.cuda.is_available() else None)'"
 
 # GPU tests. Autotuning is off here (the heuristic config); the benchmarks autotune.
-run gpu-tests 300 env FASTDIFF_AUTOTUNE=0 "$PY" -m pytest -m gpu tests -q -p no:cacheprovider \
+run gpu-tests 300 env FASTDIFF_AUTOTUNE=0 "$PY" -m pytest -m gpu ${TESTS:-tests} -q -p no:cacheprovider \
     --continue-on-collection-errors -o addopts="" -ra
 
 for bench in group_norm attention sampler_step layer_norm geglu; do
