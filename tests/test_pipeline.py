@@ -71,6 +71,11 @@ def test_prompt_embeddings_call_equals_diffusers(pipe, reference):
     assert ours.shape == (2, 3, 16, 16) and ours.dtype == torch.float32
     assert 0 <= ours.min() and ours.max() <= 1 and ours.std() > 0.05
     torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=0)
+    # Without negative embeddings the unconditional input is the encoded empty prompt.
+    common = dict(prompt_embeds=embeds, latents=latents, num_inference_steps=STEPS)
+    ours = pipe(**common, output_type="tensor", progress=False)
+    theirs = reference(**common, output_type="pt").images
+    torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=0)
 
 
 def test_prompts_through_text_encoder_equal_diffusers(pipe, reference):
