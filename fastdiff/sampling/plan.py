@@ -122,7 +122,7 @@ def _ddpm_rows(schedule: NoiseSchedule, timesteps: list[int]) -> list[list[float
     return rows
 
 
-def _karras_sigmas(schedule: NoiseSchedule, timesteps: list[int]) -> list[float]:
+def _sigmas_at(schedule: NoiseSchedule, timesteps: list[int]) -> list[float]:
     """sigma_t = sqrt((1 - alphā_t) / alphā_t) at the visited timesteps, then 0. With zero
     terminal SNR the last alphā is clamped to 2**-24 (sigma ~ 4096), as diffusers' Euler and
     DPM-Solver schedulers do, so the first state and step stay finite."""
@@ -136,8 +136,10 @@ def _karras_sigmas(schedule: NoiseSchedule, timesteps: list[int]) -> list[float]
 def _euler_rows(schedule: NoiseSchedule, timesteps: list[int]) -> tuple[list[list[float]], float]:
     """Euler's method on the probability-flow ODE dx/dsigma = (x - D(x; sigma)) / sigma
     (Karras et al. 2022, Algorithm 1 with gamma = 0; diffusers' EulerDiscreteScheduler defaults).
-    The state is x = x_vp * sqrt(sigma^2 + 1); the model sees x / sqrt(sigma^2 + 1)."""
-    sigmas = _karras_sigmas(schedule, timesteps)
+    The state is x = x_vp * sqrt(sigma^2 + 1); the model sees x / sqrt(sigma^2 + 1). The start
+    state is sqrt(sigma_max^2 + 1) * x_T (x_T ~ N(0, I) in VP scale); diffusers' init_noise_sigma
+    equals it for ``leading`` but is sigma_max for ``linspace``/``trailing`` (0.2% less for SD)."""
+    sigmas = _sigmas_at(schedule, timesteps)
     rows = []
     for index, t in enumerate(timesteps):
         sigma, sigma_next = sigmas[index], sigmas[index + 1]
@@ -152,7 +154,7 @@ def _dpmpp_2m_rows(schedule: NoiseSchedule, timesteps: list[int]) -> list[list[f
     diffusers' DPMSolverMultistepScheduler with solver_order=2): in lambda = log(alpha/sigma),
     x_next = (s_t/s_s) x + alpha_t (1 - e^-h) (D0 + D1 / (2 r)), D0 = x0, D1 = x0 - x0_prev,
     r = h_prev / h. The first step and the last step (final sigma 0) are first order."""
-    sigmas = _karras_sigmas(schedule, timesteps)
+    sigmas = _sigmas_at(schedule, timesteps)
     count = len(timesteps)
     rows = []
     for index, t in enumerate(timesteps):
