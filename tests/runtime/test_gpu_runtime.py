@@ -1,0 +1,141 @@
+"""CUDA-graph runtime on a GPU: captured graphs against the eager fastdiff path.
+
+Tolerance rule (STYLE.md): the optimized fp16 path's max error against the fp32 eager reference
+must be at most 2x the error of the eager fp16 path plus a small floor.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fastdiff.runtime as runtime
+from fastdiff.ops import use_backend
+from fastdiff.pipeline.conditioning import Conditioning
+from tests.runtime.conftest import tiny_pipeline
+
+pytestmark = pytest.mark.gpu
+FP16_FLOOR = 2e-3
+
+
+@pytest.fixture(autouse=True)
+def _exact_fp32():
+    # TF32 convolutions/matmuls would make the fp32 references themselves approximate.
+    previous = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = previous
+
+
+def conditioning(batch=1, guided=True, device="cuda", dtype=torch.float32):
+    def part():
+        return {"encoder_hidden_states": torch.randn(batch, 77, 32, device=device, dtype=dtype)}
+
+    return Conditioning(part(), part() if guided else None)
+
+
+def max_error(value: torch.Tensor, reference: torch.Tensor) -> float:
+    return (value.float() - reference.float()).abs().max().item()
+
+
+def test_optimized_unet_within_tolerance_of_eager_fp16():
+    pipe = tiny_pipeline(device="cuda")
+    x = torch.randn(2, 4, 16, 16, device="cuda")
+    t = torch.tensor([999, 10], device="cuda")
+    context = torch.randn(2, 77, 32, device="cuda")
+    with torch.no_grad(), use_backend("eager"):
+        reference = pipe.unet(x, t, context)
+        eager_fp16 = pipe.unet.half()(x.half(), t, context.half())
+    runtime.prepare_module(pipe.unet, "unet", runtime.OptimizeReport("cuda"), torch.float16,
+                           channels_last=True, fuse_qkv=True)
+    cache = runtime.GraphCache(runtime.CudaGraphBackend())
+    graphed = runtime.GraphedCall(pipe.unet, cache, kind="unet")
+    x_nhwc = x.half().contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        first = graphed(x_nhwc, t, context.half())
+        second = graphed(x_nhwc * 0.5, t, context.half())
+        direct = pipe.unet(x_nhwc * 0.5, t, context.half())
+    bound = 2 * max_error(eager_fp16, reference) + FP16_FLOOR
+    assert max_error(first, reference) <= bound
+    assert max_error(second, direct) <= FP16_FLOOR  # replay saw the new input
+    assert cache.stats.captures == 1 and cache.memory_bytes() > 0
+
+
+@pytest.mark.parametrize("sampler, steps", [("ddim", 4), ("dpmpp_2m", 4), ("euler", 12)])
+def test_graphs_equal_eager_loop_fp32(sampler, steps):
+    """Graphs with the eager ops in fp32: only graph mechanics differ from the eager loop."""
+    pipe = tiny_pipeline(device="cuda")
+    cond = conditioning()
+    x_T = torch.randn(1, 4, 16, 16, device="cuda")
+    with torch.no_grad():
+        want = pipe.denoise(cond, x_T, guidance_scale=6.0, sampler=sampler, steps=steps,
+                            progress=False)
+    rt = runtime.optimize(pipe, dtype=None, channels_last=False, kernels=False, verbose=False)
+    got = pipe.denoise(cond, x_T, guidance_scale=6.0, sampler=sampler, steps=steps)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    (entry,) = rt.cache.entries.values()
+    if steps <= 8:  # the whole loop is one graph launch
+        assert entry.key.kind == "loop" and entry.replays == 1
+    else:
+        assert entry.key.kind == "step" and entry.replays == steps
+
+
+def test_full_optimize_fp16_generation_within_tolerance():
+    pipe = tiny_pipeline(device="cuda")
+    cond = conditioning()
+    x_T = torch.randn(1, 4, 16, 16, device="cuda")
+    kwargs = dict(guidance_scale=7.5, sampler="ddim", steps=4)
+    with torch.no_grad(), use_backend("eager"):
+        reference = pipe.denoise(cond, x_T, progress=False, **kwargs)
+        pipe.unet.half()
+        half = {k: v.half() for k, v in cond.cond.items()}
+        half_cond = Conditioning(half, {k: v.half() for k, v in cond.uncond.items()})
+        eager_fp16 = pipe.denoise(half_cond, x_T.half(), progress=False, **kwargs)
+    pipe.unet.float()
+    runtime.optimize(pipe, dtype=torch.float16, verbose=False)
+    got = pipe.denoise(half_cond, x_T.half(), **kwargs)
+    assert torch.isfinite(got).all()
+    assert max_error(got, reference) <= 2 * max_error(eager_fp16, reference) + 1e-2
+
+
+def test_new_shapes_and_step_counts_capture_and_replay_correctly():
+    pipe = tiny_pipeline(device="cuda")
+    eager = {}
+    cases = [(16, 4), (24, 4), (16, 6), (16, 20), (16, 4), (16, 30)]
+    for size, steps in cases:
+        torch.manual_seed(size * 100 + steps)
+        cond, x_T = conditioning(), torch.randn(1, 4, size, size, device="cuda")
+        with torch.no_grad():
+            eager[(size, steps)] = (cond, x_T, pipe.denoise(cond, x_T, guidance_scale=5.0,
+                                                          steps=steps, progress=False))
+    rt = runtime.optimize(pipe, dtype=None, channels_last=False, kernels=False, verbose=False)
+    for size, steps in cases:
+        cond, x_T, want = eager[(size, steps)]
+        got = pipe.denoise(cond, x_T, guidance_scale=5.0, steps=steps)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    # loops: 16/4, 24/4, 16/6; one step graph shared by 20 and 30 steps
+    assert rt.cache.stats.captures == 4 and rt.cache.stats.hits == 2
+
+
+def test_stochastic_ddim_matches_eager_with_cuda_generator():
+    pipe = tiny_pipeline(device="cuda")
+    cond, x_T = conditioning(), torch.randn(1, 4, 16, 16, device="cuda")
+    kwargs = dict(guidance_scale=5.0, sampler="ddim", steps=5, eta=0.7)
+    with torch.no_grad():
+        want = pipe.denoise(cond, x_T, generator=torch.Generator("cuda").manual_seed(7),
+                            progress=False, **kwargs)
+    runtime.optimize(pipe, dtype=None, channels_last=False, kernels=False, verbose=False)
+    got = pipe.denoise(cond, x_T, generator=torch.Generator("cuda").manual_seed(7), **kwargs)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_lru_bound_on_gpu_evicts_and_reports_memory():
+    pipe = tiny_pipeline(device="cuda")
+    rt = runtime.optimize(pipe, max_graphs=1, verbose=False)
+    for size in (16, 24):
+        pipe(prompt_embeds=torch.randn(1, 77, 32, device="cuda"), num_inference_steps=3,
+             guidance_scale=1.0, height=size * 2, width=size * 2, output_type="latent",
+             progress=False)
+    # one loop graph per size (latent output: no decode graph); a bound of 1 keeps the last
+    assert len(rt.cache) == 1 and rt.cache.stats.evictions == 1
+    assert "MiB" in rt.graph_report()
