@@ -9,6 +9,9 @@ import numpy as np
 import pytest
 import torch
 
+# CI runs two pytest workers on two cores: more threads per worker only oversubscribe them.
+torch.set_num_threads(1)
+
 
 @pytest.fixture(autouse=True)
 def _seed_everything():
