@@ -223,3 +223,28 @@ def test_sd2_like_v_prediction_equals_diffusers(tmp_path):
     ours = pipe(**kwargs, output_type="tensor", progress=False)
     theirs = reference(**kwargs, output_type="pt").images
     torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=0)
+
+
+@pytest.mark.gpu
+def test_cuda_fp16_pipeline_matches_cpu_fp32(sd_folder, pipe):
+    """On a GPU: weights in fp16, a CUDA generator for a stochastic sampler, the same images as
+    the fp32 CPU pipeline up to fp16 rounding when given the same latents."""
+    gpu = Pipeline.from_pretrained(sd_folder, device="cuda", dtype=torch.float16)
+    assert gpu.device.type == "cuda" and gpu.dtype == torch.float16
+    latents = torch.randn(2, 4, 8, 8)
+    common = dict(
+        prompt="a cat",
+        num_images=2,
+        latents=latents,
+        num_inference_steps=STEPS,
+        output_type="tensor",
+        progress=False,
+    )
+    torch.testing.assert_close(gpu(**common).cpu(), pipe(**common), atol=2e-2, rtol=0)
+    first = gpu(
+        "a cat", sampler="ddpm", seed=1, num_inference_steps=2, output_type="latent", progress=False
+    )
+    again = gpu(
+        "a cat", sampler="ddpm", seed=1, num_inference_steps=2, output_type="latent", progress=False
+    )
+    assert first.device.type == "cuda" and torch.equal(first, again)
