@@ -8,7 +8,6 @@ import os
 import re
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -79,14 +78,6 @@ def add_parser(subparsers) -> None:
     parser.set_defaults(handler=run)
 
 
-@dataclass
-class Job:
-    """One line of a --prompts file, or the single --prompt/--class-label."""
-
-    index: int
-    text: str
-
-
 def load_pipeline(args, device: torch.device):
     from fastdiff.pipeline import Pipeline
 
@@ -98,8 +89,9 @@ def load_pipeline(args, device: torch.device):
     return Pipeline.from_pretrained(args.model, device=device, dtype=dtype)
 
 
-def generate_one(pipe, args, job: Job, seed: int):
-    """Run the pipeline for one job and return the image (a grid for several)."""
+def generate_one(pipe, args, text: str, seed: int):
+    """Run the pipeline for one prompt (or class label, as text) and return the image (a grid
+    for several)."""
     from fastdiff.pipeline.images import make_grid
 
     height, width = args.size if args.size else (None, None)
@@ -107,14 +99,14 @@ def generate_one(pipe, args, job: Job, seed: int):
     if pipe.is_text_conditional:
         if args.class_label is not None:
             raise ValueError("this model takes text prompts, not --class-label")
-        inputs["prompt"] = job.text
+        inputs["prompt"] = text
         inputs["negative_prompt"] = args.negative_prompt
     else:
         try:
-            inputs["class_labels"] = int(job.text)
+            inputs["class_labels"] = int(text)
         except ValueError:
             raise ValueError(
-                f"this model is class-conditional: expected a class label, got {job.text!r}"
+                f"this model is class-conditional: expected a class label, got {text!r}"
             ) from None
     if args.init_image is not None:
         if not args.init_image.is_file():
@@ -169,7 +161,7 @@ def run(args) -> int:
     pipe = load_pipeline(args, device)
     text = args.prompt if args.prompt is not None else str(args.class_label)
     started = time.perf_counter()
-    image = generate_one(pipe, args, Job(0, text), args.seed)
+    image = generate_one(pipe, args, text, args.seed)
     path = save_image_atomic(image, args.out)
     print(f"wrote {path} ({time.perf_counter() - started:.1f} s)")
     return 0
@@ -185,31 +177,36 @@ def read_prompts(path: Path) -> list[str]:
     return prompts
 
 
-def run_prompts_file(args) -> int:
-    """Each rank generates its share of the prompts, writing each image atomically as soon as it
-    is done; a failing prompt is recorded (prompt, rank, error) and the rank moves on. Rank 0
-    prints a summary; the exit code is 1 when any prompt failed on any rank."""
+def generate_shard(args, mine: list[tuple[int, str]], context) -> tuple[list, list]:
+    """This rank's prompts -> ([(index, path)], [(index, rank, error)]); never raises."""
     from fastdiff.pipeline.images import save_image_atomic
 
-    prompts = read_prompts(args.prompts)
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    context = parallel.init_distributed(args.device)
-    written, failures = [], []
-    mine = parallel.shard(prompts, context.rank, context.world_size)
-    started = time.perf_counter()
     try:
         pipe = load_pipeline(args, context.device)
     except Exception as error:  # this rank cannot work at all: report all of its prompts
-        pipe = None
-        failures = [(index, context.rank, f"loading the model: {error}") for index, _ in mine]
-    for index, text in mine if pipe is not None else []:
+        return [], [(index, context.rank, f"loading the model: {error}") for index, _ in mine]
+    written, failures = [], []
+    for index, text in mine:
         try:
-            image = generate_one(pipe, args, Job(index, text), args.seed + index)
+            image = generate_one(pipe, args, text, args.seed + index)
             path = save_image_atomic(image, args.out_dir / f"prompt-{index:05d}.png")
             written.append((index, str(path)))
         except Exception as error:
             failures.append((index, context.rank, f"{type(error).__name__}: {error}"))
             print(f"rank {context.rank}: prompt {index} failed: {error}", file=sys.stderr)
+    return written, failures
+
+
+def run_prompts_file(args) -> int:
+    """Each rank generates its share of the prompts, writing each image atomically as soon as it
+    is done; a failing prompt is recorded (prompt, rank, error) and the rank moves on. Rank 0
+    prints a summary; the exit code is 1 when any prompt failed on any rank."""
+    prompts = read_prompts(args.prompts)
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    context = parallel.init_distributed(args.device)
+    mine = parallel.shard(prompts, context.rank, context.world_size)
+    started = time.perf_counter()
+    written, failures = generate_shard(args, mine, context)
     gathered = parallel.gather_to_main(context, (written, failures))
     parallel.shutdown(context)
     if not context.is_main:
