@@ -1,0 +1,185 @@
+"""``fastdiff profile``: where one U-Net step spends its time, eager against fastdiff optimized.
+
+torch.profiler records a few U-Net calls for each path and the command prints the kernels by
+device time (CPU ops on a machine without CUDA), grouped into categories (convolution, layout
+conversion, attention, GroupNorm, GEMM, elementwise). The optimized path is profiled without its
+CUDA graph so each kernel stays visible; the graph's replay time is printed beside it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+import time
+from collections import defaultdict
+
+import torch
+
+MODELS = ("sd15", "sdxl", "tiny")
+CATEGORIES = (  # first match wins: cuDNN conv kernels often contain "gemm" in their names
+    ("layout conversion", r"nchwToNhwc|nhwcToNchw|convert.*layout|permute|transpose"),
+    ("convolution", r"conv|fprop|dgrad|implicit|cudnn|winograd|xmma"),
+    ("attention", r"attn|attention|flash|fmha|sdpa|softmax"),
+    ("group norm", r"group_?norm"),
+    ("layer norm", r"layer_?norm"),
+    ("sampler step", r"sampler_step"),
+    ("gemm", r"gemm|cutlass|cublas|matmul|addmm|\bmm\b|linear|sm90"),
+    ("elementwise", r"elementwise|vectorized|silu|gelu|geglu|add|mul|copy|cat|fill|where"),
+)
+
+
+def unet_config(model: str) -> tuple[dict, int, int, int, int]:
+    """(config, latent size, tokens, context width, pooled text width) from the checkout's
+    benchmarks/model_configs.py, the one place the real architectures are written down."""
+    import importlib
+
+    from fastdiff.commands.bench import benchmarks_dir
+
+    folder = str(benchmarks_dir())
+    if folder not in sys.path:
+        sys.path.insert(0, folder)
+    configs = importlib.import_module("model_configs")
+    name = {"sd15": "sd15_unet", "sdxl": "sdxl_unet", "tiny": "tiny_sd15_unet"}[model]
+    config = configs.model_config(name)
+    size = {"sd15": 64, "sdxl": 128, "tiny": 8}[model]
+    return config, size, 77, config["cross_attention_dim"], configs.TEXT_EMBED_DIM.get(name, 0)
+
+
+def category(name: str) -> str:
+    lowered = name.lower()
+    for label, pattern in CATEGORIES:
+        if re.search(pattern, lowered):
+            return label
+    return "other"
+
+
+def device_time(event) -> float:
+    """Self device time in microseconds (the attribute was renamed across torch versions)."""
+    for attribute in ("self_device_time_total", "self_cuda_time_total"):
+        value = getattr(event, attribute, None)
+        if value is not None:
+            return float(value)
+    return 0.0
+
+
+def profile_calls(fn, calls: int, on_cuda: bool) -> list[tuple[str, int, float]]:
+    """(name, calls, microseconds per U-Net call) of kernels (GPU) or aten ops (CPU)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_cuda else [])
+    fn()  # warm-up outside the trace (cuDNN/Triton autotuning)
+    if on_cuda:
+        torch.cuda.synchronize()
+    with profile(activities=activities) as trace:
+        for _ in range(calls):
+            fn()
+        if on_cuda:
+            torch.cuda.synchronize()
+    rows = []
+    for event in trace.key_averages():
+        if on_cuda:
+            is_kernel = str(getattr(event, "device_type", "")).endswith("CUDA")
+            micros = device_time(event)
+            if not is_kernel or micros <= 0:
+                continue
+        else:
+            micros = float(event.self_cpu_time_total)
+            if not event.key.startswith("aten::") or micros <= 0:
+                continue
+        rows.append((event.key, int(event.count) // calls, micros / calls))
+    return sorted(rows, key=lambda row: -row[2])
+
+
+def print_breakdown(title: str, rows: list[tuple[str, int, float]], top: int, unit: str) -> None:
+    total = sum(micros for _, _, micros in rows) or 1.0
+    print(f"\n== {title}: {total / 1e3:.3f} ms of {unit} time per U-Net call")
+    by_category: dict[str, float] = defaultdict(float)
+    for name, _, micros in rows:
+        by_category[category(name)] += micros
+    for label, micros in sorted(by_category.items(), key=lambda item: -item[1]):
+        print(f"  {label:<18} {micros / 1e3:9.3f} ms  {100 * micros / total:5.1f} %")
+    print(f"  {'kernel / op':<70} {'calls':>5} {'ms':>8} {'%':>6}")
+    for name, count, micros in rows[:top]:
+        short = name if len(name) <= 70 else name[:67] + "..."
+        print(f"  {short:<70} {count:>5} {micros / 1e3:8.3f} {100 * micros / total:6.1f}")
+
+
+def add_parser(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "profile",
+        help="per-kernel time breakdown of one U-Net step, eager vs fastdiff optimized",
+        description="Profile one U-Net forward (random weights at the chosen architecture) with "
+        "torch.profiler, eager PyTorch ops against fastdiff's optimized path (fp16, "
+        "channels-last, fused QKV, Triton kernels), and print the kernels by time.",
+    )
+    parser.add_argument("--model", choices=MODELS, default=None,
+                        help="architecture (default: sd15 on GPU, tiny on CPU)")
+    parser.add_argument("--batch", type=int, default=2, help="U-Net batch (2 = one CFG image)")
+    parser.add_argument("--calls", type=int, default=3, help="profiled calls per path")
+    parser.add_argument("--top", type=int, default=15, help="kernels listed per path")
+    parser.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from fastdiff.models import UNet2DConditionModel
+    from fastdiff.ops import use_backend
+    from fastdiff.runtime import (
+        CudaGraphBackend,
+        GraphCache,
+        GraphedCall,
+        OptimizeReport,
+        prepare_module,
+    )
+
+    if args.batch < 1 or args.calls < 1 or args.top < 1:
+        raise ValueError("--batch, --calls and --top must be positive")
+    on_cuda = torch.cuda.is_available()
+    model = args.model or ("sd15" if on_cuda else "tiny")
+    device = torch.device("cuda" if on_cuda else "cpu")
+    dtype = torch.float16 if on_cuda else torch.float32
+    config, size, tokens, width, pooled = unet_config(model)
+    if not on_cuda:
+        print("no CUDA: profiling CPU ops of the eager reference path (toy shapes unless --model)")
+    with torch.device(device):
+        unet = UNet2DConditionModel(config).to(dtype).eval().requires_grad_(False)
+        sample = torch.randn(args.batch, 4, size, size, dtype=dtype)
+        timestep = torch.full((args.batch,), 500, dtype=torch.long)
+        context = torch.randn(args.batch, tokens, width, dtype=dtype)
+        kwargs = {}
+        if config.get("addition_embed_type") == "text_time":
+            kwargs["added_cond_kwargs"] = {
+                "text_embeds": torch.randn(args.batch, pooled, dtype=dtype),
+                "time_ids": torch.tensor([[1024.0, 1024, 0, 0, 1024, 1024]] * args.batch,
+                                         dtype=dtype),
+            }
+
+    def eager():
+        with use_backend("eager"), torch.no_grad():
+            return unet(sample, timestep, context, **kwargs)
+
+    print(f"U-Net {model}, batch {args.batch}, {size}x{size} latents, {str(dtype)[6:]}, {device}")
+    unit = "GPU kernel" if on_cuda else "CPU op"
+    print_breakdown("eager (PyTorch ops, NCHW)", profile_calls(eager, args.calls, on_cuda),
+                    args.top, unit)
+    prepare_module(unet, "unet", OptimizeReport(str(device)), None, on_cuda, True)
+    fast_sample = sample.contiguous(memory_format=torch.channels_last) if on_cuda else sample
+
+    def optimized():
+        with torch.no_grad():
+            return unet(fast_sample, timestep, context, **kwargs)
+
+    print_breakdown("fastdiff optimized, graph off (kernels, channels-last, fused QKV)",
+                    profile_calls(optimized, args.calls, on_cuda), args.top, unit)
+    if on_cuda:
+        graphed = GraphedCall(unet, GraphCache(CudaGraphBackend()), kind="unet")
+        with torch.no_grad():
+            graphed(fast_sample, timestep, context, **kwargs)
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            for _ in range(10):
+                graphed(fast_sample, timestep, context, **kwargs)
+            torch.cuda.synchronize()
+        print(f"\nfastdiff optimized with its CUDA graph: "
+              f"{(time.perf_counter() - start) * 100:.3f} ms per call (wall clock, 10 replays)")
+    return 0
