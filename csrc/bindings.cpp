@@ -111,8 +111,8 @@ at::Tensor group_norm(const at::Tensor& x, int64_t num_groups,
   }
   TORCH_CHECK_VALUE(eps >= 0.0, kGroupNorm, ": eps must be >= 0, got ", eps);
   const c10::cuda::CUDAGuard guard(x.device());
-  at::Tensor out = at::empty_like(x, args.channels_last ? at::MemoryFormat::ChannelsLast
-                                                        : at::MemoryFormat::Contiguous);
+  // Preserve x's strides exactly (they can differ from the canonical ones in size-1 dims).
+  at::Tensor out = at::empty_like(x);
   args.out = out.data_ptr();
   args.weight = weight.has_value() ? weight->data_ptr() : nullptr;
   args.bias = bias.has_value() ? bias->data_ptr() : nullptr;

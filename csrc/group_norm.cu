@@ -85,6 +85,10 @@ __global__ void __launch_bounds__(kMaxThreads)
     my_packs = remaining > 0 ? (remaining + blockDim.x - 1) / blockDim.x : 0;
   }
 
+  // The sum is taken around the group's first element: with data far from zero (a large mean,
+  // a small spread) the shifted values keep the digits that a plain fp32 sum would round away.
+  const float pivot = to_float(x[0]);
+
   // Load the thread's share of the group once; it stays in registers until the store.
   Pack<T, VEC> packs[MAX_LOADS];
   float local_sum = 0.0f;
@@ -94,12 +98,12 @@ __global__ void __launch_bounds__(kMaxThreads)
       packs[i] = *reinterpret_cast<const Pack<T, VEC>*>(x + start + i * stride);
 #pragma unroll
       for (int j = 0; j < VEC; ++j) {
-        local_sum += to_float(packs[i].values[j]);
+        local_sum += to_float(packs[i].values[j]) - pivot;
       }
     }
   }
   const float count = static_cast<float>(p.total_packs) * VEC;
-  const float mean = block_sum(local_sum, mean_scratch) / count;
+  const float mean = pivot + block_sum(local_sum, mean_scratch) / count;
 
   float local_squares = 0.0f;
 #pragma unroll
