@@ -1,0 +1,107 @@
+"""GPU checks of the models: CUDA equals CPU, fp16 + channels-last + fused QKV stays close to
+fp32, and the U-Net forward can be captured in a CUDA graph (no host syncs)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fastdiff.models import AutoencoderKL, UNet2DConditionModel
+from tests.models.reference import UNET_CONFIGS, VAE_CONFIG, unet_inputs
+
+pytestmark = pytest.mark.gpu
+
+SD15_CONFIG = dict(
+    block_out_channels=(320, 640, 1280, 1280),
+    layers_per_block=2,
+    cross_attention_dim=768,
+    attention_head_dim=8,
+    sample_size=64,
+)
+
+
+def to_device(inputs: dict, device: str, dtype: torch.dtype | None = None) -> dict:
+    def move(value):
+        if isinstance(value, dict):
+            return {key: move(item) for key, item in value.items()}
+        if not torch.is_tensor(value):
+            return value
+        if dtype is not None and value.is_floating_point():
+            value = value.to(dtype)
+        return value.to(device)
+
+    return {key: move(value) for key, value in inputs.items()}
+
+
+@pytest.fixture(autouse=True)
+def _exact_fp32():
+    # TF32 would make "CUDA equals CPU" a 1e-3 statement; these tests compare fp32 to fp32.
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+@pytest.mark.parametrize("name", list(UNET_CONFIGS))
+def test_unet_cuda_matches_cpu(name):
+    model = UNet2DConditionModel(UNET_CONFIGS[name]).eval()
+    inputs = unet_inputs(name)
+    with torch.no_grad():
+        expected = model(**inputs)
+        actual = model.cuda()(**to_device(inputs, "cuda"))
+    torch.testing.assert_close(actual.cpu(), expected, atol=1e-4, rtol=1e-4)
+
+
+def test_vae_cuda_matches_cpu():
+    model = AutoencoderKL(VAE_CONFIG).eval()
+    x = torch.rand(1, 3, 16, 16) * 2 - 1
+    with torch.no_grad():
+        expected = model(x)
+        actual = model.cuda()(x.cuda())
+    torch.testing.assert_close(actual.cpu(), expected, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_sd15_shaped_unet_half_channels_last_fused_close_to_fp32(dtype):
+    with torch.device("cuda"):
+        model = UNet2DConditionModel(SD15_CONFIG).eval()
+    sample = torch.randn(2, 4, 64, 64, device="cuda")
+    context = torch.randn(2, 77, 768, device="cuda")
+    timestep = torch.tensor([981, 981], device="cuda")
+    with torch.no_grad():
+        expected = model(sample, timestep, context)
+        model = model.to(dtype).to(memory_format=torch.channels_last)
+        model.fuse_qkv_projections()
+        actual = model(
+            sample.to(dtype).to(memory_format=torch.channels_last), timestep, context.to(dtype)
+        )
+    assert actual.dtype == dtype and torch.isfinite(actual).all()
+    relative = (actual.float() - expected).norm() / expected.norm()
+    assert relative < (2e-2 if dtype == torch.bfloat16 else 5e-3)
+
+
+@pytest.mark.parametrize("name", ["sd1", "sdxl", "class_conditional"])
+def test_unet_forward_captures_in_a_cuda_graph(name):
+    model = UNet2DConditionModel(UNET_CONFIGS[name]).eval().cuda().half()
+    model = model.to(memory_format=torch.channels_last)
+    model.fuse_qkv_projections()
+    static = to_device(unet_inputs(name), "cuda", torch.float16)
+    static["timestep"] = static["timestep"].float()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.no_grad(), torch.cuda.stream(stream):
+        for _ in range(2):  # warm-up outside the graph (cuDNN/cuBLAS handles, autotuning)
+            model(**static)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.no_grad(), torch.cuda.graph(graph):
+        static_out = model(**static)
+    fresh = to_device(unet_inputs(name), "cuda", torch.float16)
+    fresh["sample"] = torch.randn_like(fresh["sample"])
+    fresh["timestep"] = torch.tensor([500.0, 20.0], device="cuda")
+    for key in ("sample", "timestep"):
+        static[key].copy_(fresh[key])
+    graph.replay()
+    with torch.no_grad():
+        expected = model(**fresh)
+    torch.testing.assert_close(static_out, expected, atol=2e-3, rtol=2e-3)
