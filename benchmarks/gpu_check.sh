@@ -4,6 +4,7 @@
 #   bash benchmarks/gpu_check.sh [OUTDIR]          # ~5 minutes on an H100/H200 (--quick benches)
 #   FULL=1 bash benchmarks/gpu_check.sh [OUTDIR]   # all benchmark shapes (longer)
 #   TESTS=tests/ops bash benchmarks/gpu_check.sh    # only these GPU tests (default: tests)
+#   BENCH_ARGS="--providers fastdiff,eager" ...      # extra arguments for every kernel benchmark
 # One failing part never stops the others; the exit code is non-zero if any part failed.
 # Without a GPU the tests skip and the benchmarks run their CPU mode, so the script can be tried
 # anywhere. Files written: gpu_check.log (everything), <gpu>.csv, <gpu>-kernels.png.
@@ -53,7 +54,7 @@ run gpu-tests 300 env FASTDIFF_AUTOTUNE=0 "$PY" -m pytest -m gpu ${TESTS:-tests}
     --continue-on-collection-errors -o addopts="" -ra
 
 for bench in group_norm attention sampler_step layer_norm geglu; do
-    run "bench_$bench" 240 "$PY" "benchmarks/bench_$bench.py" $QUICK --out "$OUTDIR"
+    run "bench_$bench" 240 "$PY" "benchmarks/bench_$bench.py" $QUICK --out "$OUTDIR" ${BENCH_ARGS:-}
 done
 
 for csv_file in "$OUTDIR"/*.csv; do
