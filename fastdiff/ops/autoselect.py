@@ -1,0 +1,137 @@
+"""Per-op, per-shape backend choice from measured timings (cuda vs triton).
+
+The table is a small JSON file written by ``benchmarks/bench_cuda_backend.py`` on a GPU:
+
+    {"device": "NVIDIA H200", "entries": [
+        {"op": "group_norm", "key": "2x640x32x32|fp16|nhwc",
+         "ms": {"eager": 0.061, "triton": 0.012, "cuda": 0.008}}, ...]}
+
+It is read from ``$FASTDIFF_BACKEND_TABLE`` when set, else from the packaged
+``fastdiff/assets/backend_table.json`` when present. ``preferred_backend(op, key)`` answers:
+  1. the fastest measured backend for that exact key, among the candidates;
+  2. else the fastest for the nearest measured key of the same op, dtype and layout when its
+     element count is within 4x (the kernels' relative speed changes slowly with size);
+  3. else ``DEFAULT_BACKEND`` (triton: the default kernel backend, tested everywhere).
+A measured winner is only a preference: the op still checks that the chosen backend supports the
+input (``supports_<op>``) and falls back explicitly when it does not.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+DEFAULT_BACKEND = "triton"
+PACKAGED_TABLE = Path(__file__).resolve().parents[1] / "assets" / "backend_table.json"
+NEAREST_SIZE_RATIO = 4.0
+DTYPE_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+
+
+def _layout(x: torch.Tensor) -> str:
+    if (
+        x.dim() == 4
+        and not x.is_contiguous()
+        and x.is_contiguous(memory_format=torch.channels_last)
+    ):
+        return "nhwc"
+    return "nchw"
+
+
+def group_norm_key(x: torch.Tensor) -> str:
+    """Key of a group_norm input: shape, dtype and memory layout."""
+    shape = "x".join(str(size) for size in x.shape)
+    return f"{shape}|{DTYPE_NAMES.get(x.dtype, str(x.dtype))}|{_layout(x)}"
+
+
+def sampler_step_key(x: torch.Tensor, model_output: torch.Tensor) -> str:
+    """Key of a sampler_step input: state shape, dtype, layout and whether CFG is fused."""
+    guided = "cfg" if model_output.shape[0] == 2 * x.shape[0] else "plain"
+    return f"{group_norm_key(x)}|{guided}"
+
+
+def _validate(table: object, source: str) -> dict[str, dict[str, float]]:
+    """{op|key: {backend: ms}} from a table file, with errors that name the file and field."""
+    if not isinstance(table, dict) or not isinstance(table.get("entries"), list):
+        raise ValueError(f"backend table {source}: expected an object with an 'entries' list")
+    timings: dict[str, dict[str, float]] = {}
+    for index, entry in enumerate(table["entries"]):
+        if not isinstance(entry, dict) or not {"op", "key", "ms"} <= entry.keys():
+            raise ValueError(f"backend table {source}: entry {index} needs 'op', 'key' and 'ms'")
+        measured = {
+            backend: float(ms)
+            for backend, ms in entry["ms"].items()
+            if ms is not None and math.isfinite(float(ms)) and float(ms) > 0
+        }
+        timings[f"{entry['op']}|{entry['key']}"] = measured
+    return timings
+
+
+@functools.lru_cache(maxsize=1)
+def load_table() -> dict[str, dict[str, float]]:
+    """The measured timings ({} when no table exists); cached, ``reload()`` re-reads."""
+    explicit = os.environ.get("FASTDIFF_BACKEND_TABLE")
+    path = Path(explicit) if explicit else PACKAGED_TABLE
+    if not path.exists():
+        if explicit:
+            raise FileNotFoundError(f"FASTDIFF_BACKEND_TABLE: no such file {path}")
+        return {}
+    return _validate(json.loads(path.read_text()), str(path))
+
+
+def reload() -> None:
+    load_table.cache_clear()
+
+
+def _numel(key: str) -> int:
+    return math.prod(int(size) for size in key.split("|")[0].split("x"))
+
+
+def _fastest(timings: dict[str, float], candidates: Sequence[str]) -> str | None:
+    measured = [(ms, backend) for backend, ms in timings.items() if backend in candidates]
+    return min(measured)[1] if measured else None
+
+
+def preferred_backend(
+    op: str, key: str, candidates: Sequence[str] = ("cuda", "triton"), table=None
+) -> str:
+    """The backend to use for ``op`` at ``key`` (see the module docstring for the rule)."""
+    timings = load_table() if table is None else table
+    exact = timings.get(f"{op}|{key}")
+    if exact:
+        choice = _fastest(exact, candidates)
+        if choice is not None:
+            return choice
+    rest = key.partition("|")[2]
+    size = _numel(key)
+    nearest: tuple[float, str] | None = None
+    for full_key, measured in timings.items():
+        other_op, _, other_key = full_key.partition("|")
+        if other_op != op or other_key.partition("|")[2] != rest:
+            continue
+        distance = abs(math.log(_numel(other_key) / size)) if size > 0 else math.inf
+        choice = _fastest(measured, candidates)
+        if choice is not None and distance <= math.log(NEAREST_SIZE_RATIO):
+            if nearest is None or distance < nearest[0]:
+                nearest = (distance, choice)
+    if nearest is not None:
+        return nearest[1]
+    return DEFAULT_BACKEND if DEFAULT_BACKEND in candidates else candidates[0]
+
+
+def table_from_rows(device: str, rows: Sequence[tuple[str, str, str, float | None]]) -> dict:
+    """A JSON-ready table from (op, key, backend, ms) rows; failed measurements (None) left out."""
+    entries: dict[tuple[str, str], dict[str, float]] = {}
+    for op, key, backend, ms in rows:
+        if ms is not None:
+            entries.setdefault((op, key), {})[backend] = round(float(ms), 6)
+    return {
+        "device": device,
+        "source": "benchmarks/bench_cuda_backend.py",
+        "entries": [{"op": op, "key": key, "ms": ms} for (op, key), ms in entries.items()],
+    }

@@ -1,0 +1,93 @@
+"""Backend choice per op and shape from measured timings (fastdiff.ops.autoselect)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from fastdiff.ops import autoselect
+
+ROWS = [
+    ("group_norm", "2x640x32x32|fp16|nhwc", "triton", 0.020),
+    ("group_norm", "2x640x32x32|fp16|nhwc", "cuda", 0.010),
+    ("group_norm", "2x640x32x32|fp16|nhwc", "eager", 0.060),
+    ("group_norm", "2x320x64x64|fp16|nhwc", "triton", 0.030),
+    ("group_norm", "2x320x64x64|fp16|nhwc", "cuda", None),  # unsupported: not measured
+    ("sampler_step", "2x4x64x64|fp16|nchw|cfg", "triton", 0.006),
+    ("sampler_step", "2x4x64x64|fp16|nchw|cfg", "cuda", 0.007),
+]
+
+
+@pytest.fixture
+def table():
+    return autoselect._validate(autoselect.table_from_rows("test gpu", ROWS), "test")
+
+
+def test_keys_name_shape_dtype_layout_and_guidance():
+    x = torch.empty(2, 640, 32, 32, dtype=torch.float16).to(memory_format=torch.channels_last)
+    assert autoselect.group_norm_key(x) == "2x640x32x32|fp16|nhwc"
+    latents = torch.empty(2, 4, 64, 64, dtype=torch.float16)
+    assert autoselect.sampler_step_key(latents, torch.empty(4, 4, 64, 64)) == (
+        "2x4x64x64|fp16|nchw|cfg"
+    )
+    assert autoselect.sampler_step_key(latents, latents).endswith("|plain")
+
+
+def test_exact_key_picks_the_fastest_candidate(table):
+    assert (
+        autoselect.preferred_backend("group_norm", "2x640x32x32|fp16|nhwc", table=table) == "cuda"
+    )
+    assert (
+        autoselect.preferred_backend("sampler_step", "2x4x64x64|fp16|nchw|cfg", table=table)
+        == "triton"
+    )
+    # Only the candidates compete: without cuda, triton beats eager.
+    only = autoselect.preferred_backend(
+        "group_norm", "2x640x32x32|fp16|nhwc", candidates=("eager", "triton"), table=table
+    )
+    assert only == "triton"
+
+
+def test_unmeasured_backend_is_never_chosen(table):
+    assert autoselect.preferred_backend("group_norm", "2x320x64x64|fp16|nhwc", table=table) == (
+        "triton"
+    )
+
+
+def test_nearest_measured_shape_of_the_same_dtype_and_layout(table):
+    # 2x640x16x16 is 4x smaller than the measured 2x640x32x32 and twice 2x1280x8x8 (unmeasured).
+    assert autoselect.preferred_backend("group_norm", "2x640x16x16|fp16|nhwc", table=table) == (
+        "cuda"
+    )
+    # Another layout, a far size, or another op: the documented default.
+    assert autoselect.preferred_backend("group_norm", "2x640x32x32|fp16|nchw", table=table) == (
+        autoselect.DEFAULT_BACKEND
+    )
+    assert autoselect.preferred_backend("group_norm", "2x640x4x4|fp16|nhwc", table=table) == (
+        autoselect.DEFAULT_BACKEND
+    )
+    assert autoselect.preferred_backend("attention", "2x640x32x32|fp16|nhwc", table=table) == (
+        autoselect.DEFAULT_BACKEND
+    )
+
+
+def test_table_file_from_environment(tmp_path, monkeypatch):
+    path = tmp_path / "table.json"
+    path.write_text(json.dumps(autoselect.table_from_rows("gpu", ROWS)))
+    monkeypatch.setenv("FASTDIFF_BACKEND_TABLE", str(path))
+    autoselect.reload()
+    try:
+        assert autoselect.preferred_backend("group_norm", "2x640x32x32|fp16|nhwc") == "cuda"
+        path.write_text(json.dumps({"entries": [{"op": "group_norm", "key": "1x1x1x1|fp16|nchw"}]}))
+        autoselect.reload()
+        with pytest.raises(ValueError, match="entry 0 needs 'op', 'key' and 'ms'"):
+            autoselect.load_table()
+        monkeypatch.setenv("FASTDIFF_BACKEND_TABLE", str(tmp_path / "missing.json"))
+        autoselect.reload()
+        with pytest.raises(FileNotFoundError, match="FASTDIFF_BACKEND_TABLE"):
+            autoselect.load_table()
+    finally:
+        monkeypatch.delenv("FASTDIFF_BACKEND_TABLE")
+        autoselect.reload()
