@@ -138,9 +138,15 @@ class UNetConfig(ConfigBase):
     def __post_init__(self) -> None:
         blocks = len(self.down_block_types)
         for block in self.down_block_types:
-            require_choice("down_block_types", block, ("CrossAttnDownBlock2D", "DownBlock2D"))
+            require_choice(
+                "down_block_types",
+                block,
+                ("CrossAttnDownBlock2D", "DownBlock2D", "AttnDownBlock2D"),
+            )
         for block in self.up_block_types:
-            require_choice("up_block_types", block, ("CrossAttnUpBlock2D", "UpBlock2D"))
+            require_choice(
+                "up_block_types", block, ("CrossAttnUpBlock2D", "UpBlock2D", "AttnUpBlock2D")
+            )
         require_choice(
             "mid_block_type",
             self.mid_block_type,
@@ -227,7 +233,8 @@ class UNetConfig(ConfigBase):
         )
 
     def blocks_heads(self) -> list[int]:
-        """Heads per down block: diffusers reads ``attention_head_dim`` as the head count."""
+        """``attention_head_dim`` per block, read as diffusers reads it: the number of heads in
+        cross-attention blocks, the width of one head in ``AttnDownBlock2D``/``AttnUpBlock2D``."""
         return per_block("attention_head_dim", self.attention_head_dim, len(self.down_block_types))
 
     def blocks_cross_attention_dim(self) -> list[int | None]:

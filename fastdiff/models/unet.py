@@ -27,6 +27,7 @@ from fastdiff.models.unet_blocks import (
     DownBlock,
     MidBlock,
     MidBlockCrossAttention,
+    SelfAttentionSpec,
     UpBlock,
 )
 
@@ -87,6 +88,8 @@ class UNet2DConditionModel(ModelBase):
             attention = None
             if block_type == "CrossAttnDownBlock2D":
                 attention = cross_attention_spec(config, heads[i], depths[i], context_dims[i])
+            elif block_type == "AttnDownBlock2D":
+                attention = SelfAttentionSpec(heads[i] or out_channels)
             self.down_blocks.append(
                 DownBlock(
                     in_channels,
@@ -127,6 +130,9 @@ class UNet2DConditionModel(ModelBase):
             if block_type == "CrossAttnUpBlock2D":
                 j = blocks - 1 - i  # the matching down stage
                 attention = cross_attention_spec(config, heads[j], depths[j], context_dims[j])
+            elif block_type == "AttnUpBlock2D":
+                # diffusers indexes attention_head_dim by the up block's own (unreversed) index.
+                attention = SelfAttentionSpec(heads[i] or out_channels)
             self.up_blocks.append(
                 UpBlock(
                     in_channels,

@@ -49,7 +49,7 @@ class CrossAttentionSpec:
     cross_attention_dim: int
     use_linear_projection: bool
 
-    def transformer(self, channels: int, groups: int) -> Transformer2DModel:
+    def build(self, channels: int, spec: BlockSpec) -> Transformer2DModel:
         if channels % self.heads != 0:
             raise ValueError(
                 f"attention_head_dim={self.heads} heads do not divide the {channels} channels of "
@@ -61,13 +61,38 @@ class CrossAttentionSpec:
             channels,
             self.depth,
             self.cross_attention_dim,
-            groups,
+            spec.groups,
             self.use_linear_projection,
         )
 
 
+@dataclass
+class SelfAttentionSpec:
+    """Spatial self-attention of ``AttnDownBlock2D``/``AttnUpBlock2D``: heads of ``head_dim``.
+
+    (In these blocks diffusers reads ``attention_head_dim`` as the per-head width.)
+    """
+
+    head_dim: int
+
+    def build(self, channels: int, spec: BlockSpec) -> Attention:
+        if channels % self.head_dim != 0:
+            raise ValueError(
+                f"attention_head_dim={self.head_dim} does not divide the {channels} channels of "
+                "this self-attention block"
+            )
+        return Attention(
+            channels,
+            channels // self.head_dim,
+            self.head_dim,
+            qkv_bias=True,
+            norm_groups=spec.groups,
+            norm_eps=spec.eps,
+        )
+
+
 class DownBlock(nn.Module):
-    """``DownBlock2D`` (``attention=None``) or ``CrossAttnDownBlock2D``."""
+    """``DownBlock2D`` (``attention=None``), ``CrossAttnDownBlock2D`` or ``AttnDownBlock2D``."""
 
     def __init__(
         self,
@@ -77,18 +102,19 @@ class DownBlock(nn.Module):
         spec: BlockSpec,
         add_downsample: bool,
         downsample_padding: int = 1,
-        attention: CrossAttentionSpec | None = None,
+        attention: CrossAttentionSpec | SelfAttentionSpec | None = None,
     ) -> None:
         super().__init__()
         self.resnets = nn.ModuleList(
             spec.resnet(in_channels if i == 0 else out_channels, out_channels)
             for i in range(num_layers)
         )
-        self.has_cross_attention = attention is not None
-        if attention is not None:
-            self.attentions = nn.ModuleList(
-                attention.transformer(out_channels, spec.groups) for _ in range(num_layers)
-            )
+        self.has_cross_attention = isinstance(attention, CrossAttentionSpec)
+        self.attentions = (
+            nn.ModuleList(attention.build(out_channels, spec) for _ in range(num_layers))
+            if attention is not None
+            else None
+        )
         self.downsamplers = (
             nn.ModuleList([Downsample2D(out_channels, downsample_padding)])
             if add_downsample
@@ -101,7 +127,7 @@ class DownBlock(nn.Module):
         skips = []
         for i, resnet in enumerate(self.resnets):
             x = resnet(x, temb)
-            if self.has_cross_attention:
+            if self.attentions is not None:
                 x = self.attentions[i](x, context)
             skips.append(x)
         if self.downsamplers is not None:
@@ -111,7 +137,7 @@ class DownBlock(nn.Module):
 
 
 class UpBlock(nn.Module):
-    """``UpBlock2D`` (``attention=None``) or ``CrossAttnUpBlock2D``.
+    """``UpBlock2D`` (``attention=None``), ``CrossAttnUpBlock2D`` or ``AttnUpBlock2D``.
 
     ResNet ``i`` sees the running features concatenated with one skip: the block's own width
     for all but the last, whose skip comes from the previous (narrower) down stage.
@@ -125,7 +151,7 @@ class UpBlock(nn.Module):
         num_layers: int,
         spec: BlockSpec,
         add_upsample: bool,
-        attention: CrossAttentionSpec | None = None,
+        attention: CrossAttentionSpec | SelfAttentionSpec | None = None,
     ) -> None:
         super().__init__()
         resnets = []
@@ -134,11 +160,12 @@ class UpBlock(nn.Module):
             running_channels = prev_output_channel if i == 0 else out_channels
             resnets.append(spec.resnet(running_channels + skip_channels, out_channels))
         self.resnets = nn.ModuleList(resnets)
-        self.has_cross_attention = attention is not None
-        if attention is not None:
-            self.attentions = nn.ModuleList(
-                attention.transformer(out_channels, spec.groups) for _ in range(num_layers)
-            )
+        self.has_cross_attention = isinstance(attention, CrossAttentionSpec)
+        self.attentions = (
+            nn.ModuleList(attention.build(out_channels, spec) for _ in range(num_layers))
+            if attention is not None
+            else None
+        )
         self.upsamplers = nn.ModuleList([Upsample2D(out_channels)]) if add_upsample else None
 
     def forward(
@@ -151,7 +178,7 @@ class UpBlock(nn.Module):
     ) -> torch.Tensor:
         for i, resnet in enumerate(self.resnets):
             x = resnet(torch.cat([x, skips[-1 - i]], dim=1), temb)
-            if self.has_cross_attention:
+            if self.attentions is not None:
                 x = self.attentions[i](x, context)
         if self.upsamplers is not None:
             x = self.upsamplers[0](x, upsample_size)
@@ -168,7 +195,7 @@ class MidBlockCrossAttention(nn.Module):
         self.resnets = nn.ModuleList(
             [spec.resnet(channels, channels), spec.resnet(channels, channels)]
         )
-        self.attentions = nn.ModuleList([attention.transformer(channels, spec.groups)])
+        self.attentions = nn.ModuleList([attention.build(channels, spec)])
 
     def forward(
         self, x: torch.Tensor, temb: torch.Tensor | None, context: torch.Tensor | None = None

@@ -54,6 +54,16 @@ UNET_CONFIGS = {
         mid_block_type="UNetMidBlock2D",
         num_class_embeds=5,
     ),
+    # Class-conditional with spatial self-attention blocks (attention_head_dim = head width here,
+    # and diffusers indexes it unreversed for the up blocks).
+    "class_conditional_attention": dict(
+        BASE,
+        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+        mid_block_type="UNetMidBlock2D",
+        attention_head_dim=[8, 16],
+        num_class_embeds=5,
+    ),
 }
 
 VAE_CONFIG = dict(

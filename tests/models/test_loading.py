@@ -124,7 +124,7 @@ def test_truncated_and_corrupt_safetensors(checkpoints, tmp_path):
     "key, value, supported",
     [
         ("resnet_time_scale_shift", "scale_shift", "'default'"),
-        ("down_block_types", ["AttnDownBlock2D", "DownBlock2D"], "'CrossAttnDownBlock2D'"),
+        ("down_block_types", ["SimpleCrossAttnDownBlock2D", "DownBlock2D"], "'DownBlock2D'"),
         ("class_embed_type", "projection", "None"),
         ("num_attention_heads", 8, "None"),
         ("attention_head_dim", [4, 4, 4], "3 entries"),

@@ -50,7 +50,7 @@ def test_timestep_shape_mismatch_raises(checkpoints):
         load_unet(folder)(**inputs)
 
 
-@pytest.mark.parametrize("name", ["sd1", "sdxl"])
+@pytest.mark.parametrize("name", ["sd1", "sdxl", "class_conditional_attention"])
 def test_fused_projections_same_output(checkpoints, name):
     _, folder = checkpoints.unet(name)
     model = load_unet(folder)
@@ -71,7 +71,7 @@ def test_fused_projections_same_output(checkpoints, name):
         assert torch.equal(state_after[key], value), key
 
 
-@pytest.mark.parametrize("name", ["sd1", "sd2", "sdxl", "class_conditional"])
+@pytest.mark.parametrize("name", NAMES)
 def test_channels_last_same_output(checkpoints, name):
     _, folder = checkpoints.unet(name)
     model = load_unet(folder)
@@ -150,6 +150,15 @@ def test_model_conveniences(checkpoints):
     assert isinstance(model.config, UNetConfig)
     assert model.config.in_channels == model.config["in_channels"] == 4
     assert not model.training
+
+
+def test_self_attention_blocks_read_attention_head_dim_as_head_width():
+    model = UNet2DConditionModel(UNET_CONFIGS["class_conditional_attention"])
+    down = model.down_blocks[1].attentions[0]
+    up = model.up_blocks[0].attentions[0]
+    assert (down.heads, down.dim_head) == (4, 16)  # 64 channels / attention_head_dim[1]
+    assert (up.heads, up.dim_head) == (8, 8)  # diffusers uses attention_head_dim[0] here
+    assert not model.needs_context
 
 
 def test_sd2_heads_follow_diffusers_attention_head_dim_semantics():

@@ -155,3 +155,14 @@ def test_vae_bad_input_shapes():
         model.decode(torch.randn(1, 3, 4, 4))
     with pytest.raises(ValueError, match="images"):
         model.encode(torch.randn(1, 4, 8, 8))
+
+
+def test_vae_channels_last_same_output(checkpoints):
+    _, folder = checkpoints.vae()
+    model = load_vae(folder)
+    x = images(1)
+    with torch.no_grad():
+        expected = model(x)
+        model = model.to(memory_format=torch.channels_last)
+        actual = model(x.to(memory_format=torch.channels_last))
+    torch.testing.assert_close(actual, expected, atol=1e-5, rtol=0)
