@@ -36,11 +36,16 @@ class DiagonalGaussian:
         self.var = torch.exp(self.logvar)
 
     def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
-        """mean + std * eps, eps ~ N(0, I) drawn from ``generator`` (on the mean's device)."""
+        """mean + std * eps, eps ~ N(0, I) drawn from ``generator``.
+
+        A generator on another device (a CPU generator for CUDA latents, so that a seed gives the
+        same latents everywhere) draws there and the noise is moved to the mean's device.
+        """
+        device = generator.device if generator is not None else self.mean.device
         noise = torch.randn(
-            self.mean.shape, generator=generator, device=self.mean.device, dtype=self.mean.dtype
+            self.mean.shape, generator=generator, device=device, dtype=self.mean.dtype
         )
-        return self.mean + self.std * noise
+        return self.mean + self.std * noise.to(self.mean.device)
 
     def mode(self) -> torch.Tensor:
         return self.mean

@@ -105,3 +105,13 @@ def test_unet_forward_captures_in_a_cuda_graph(name):
     with torch.no_grad():
         expected = model(**fresh)
     torch.testing.assert_close(static_out, expected, atol=2e-3, rtol=2e-3)
+
+
+def test_posterior_sample_with_cpu_generator_on_cuda_latents():
+    from fastdiff.models import DiagonalGaussian
+
+    moments = torch.randn(1, 8, 4, 4)
+    on_cpu = DiagonalGaussian(moments).sample(torch.Generator().manual_seed(3))
+    on_cuda = DiagonalGaussian(moments.cuda()).sample(torch.Generator().manual_seed(3))
+    assert on_cuda.device.type == "cuda"
+    torch.testing.assert_close(on_cuda.cpu(), on_cpu)
