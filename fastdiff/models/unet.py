@@ -56,7 +56,9 @@ class UNet2DConditionModel(ModelBase):
             config.norm_num_groups,
             config.norm_eps,
             config.dropout,
-            config.resnet_out_scale_factor,
+            # diffusers hands resnet_out_scale_factor only to block types fastdiff does not
+            # build; its down/up blocks here always divide by 1.
+            1.0,
         )
         heads = config.blocks_heads()
         depths = config.blocks_transformer_layers()

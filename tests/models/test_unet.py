@@ -168,3 +168,29 @@ def test_sd2_heads_follow_diffusers_attention_head_dim_semantics():
     second = model.down_blocks[1].attentions[0].transformer_blocks[0].attn1
     assert (first.heads, first.dim_head) == (2, 16)
     assert (second.heads, second.dim_head) == (4, 16)
+
+
+def test_non_default_scalar_options_match_diffusers():
+    from diffusers import UNet2DConditionModel as DiffusersUNet
+
+    from tests.models.reference import perturb
+
+    config = dict(
+        UNET_CONFIGS["sd1"],
+        resnet_out_scale_factor=2.0,  # diffusers ignores it for these block types
+        mid_block_scale_factor=1.5,
+        time_embedding_dim=48,
+        center_input_sample=True,
+        downsample_padding=0,
+        conv_in_kernel=1,
+        conv_out_kernel=5,
+        cross_attention_dim=[32, 32],
+        norm_eps=1e-3,
+    )
+    reference = perturb(DiffusersUNet(**config), seed=7)
+    model = UNet2DConditionModel(config).eval()
+    model.load_state_dict(reference.state_dict())
+    inputs = unet_inputs("sd1")
+    torch.testing.assert_close(
+        model(**inputs).detach(), reference_output(reference, inputs), atol=TOLERANCE, rtol=0
+    )
