@@ -151,7 +151,7 @@ def cases(steps_list: list[int] | None = None, providers: list[str] | None = Non
     unet_work = (GPU_WORKLOADS if mb.on_gpu() else CPU_WORKLOADS)["sd15_b2"]
     unet_config, vae_config, size, _ = setting()
     per_step, decode = unet_flops(unet_work), vae_flops(vae_config, size)
-    providers = providers or default_providers(compile_)
+    providers = mb.available_providers(providers or default_providers(compile_))
     result = []
     for steps in steps_list:
         holder = PipelineHolder(device, dtype)

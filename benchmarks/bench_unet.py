@@ -49,6 +49,7 @@ GPU_WORKLOADS = {
 }
 CPU_WORKLOADS = {
     "sd15_b2": UNetWorkload("tiny_sd15_b2", "tiny_sd15_unet", 2, 8, 77, 32),
+    "sd15_b1": UNetWorkload("tiny_sd15_b1", "tiny_sd15_unet", 1, 8, 77, 32),
     "sdxl_b2": UNetWorkload("tiny_sdxl_b2", "tiny_sdxl_unet", 2, 8, 77, 32),
 }
 
@@ -187,11 +188,11 @@ def default_providers(compile_: bool) -> list[str]:
 def cases(workloads: list[str] | None = None, providers: list[str] | None = None,
           compile_: bool = False) -> list[mb.Case]:
     table = GPU_WORKLOADS if mb.on_gpu() else CPU_WORKLOADS
-    names = workloads or list(table)
+    names = workloads or [name for name in table if mb.on_gpu() or name != "sd15_b1"]
     unknown = [name for name in names if name not in table]
     if unknown:
         raise ValueError(f"unknown U-Net workloads {unknown}; allowed values: {', '.join(table)}")
-    providers = providers or default_providers(compile_)
+    providers = mb.available_providers(providers or default_providers(compile_))
     device = torch.device("cuda" if mb.on_gpu() else "cpu")
     dtype = torch.float16 if mb.on_gpu() else torch.float32
     note = "" if mb.on_gpu() else "CPU: toy config, float32, eager reference path"

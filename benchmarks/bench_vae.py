@@ -142,7 +142,7 @@ def cases(providers: list[str] | None = None, compile_: bool = False) -> list[mb
     note = "" if mb.on_gpu() else "CPU: toy config, float32, eager reference path"
     holder = VAEHolder(config, device, dtype)
     flop = vae_flops(config, size)
-    providers = providers or default_providers(compile_)
+    providers = mb.available_providers(providers or default_providers(compile_))
     result = []
     for index, provider in enumerate(providers):
         case = mb.Case("vae", name, provider, provider_setup(provider, holder, size), images=1,

@@ -221,6 +221,16 @@ def on_gpu() -> bool:
     return torch.cuda.is_available()
 
 
+def available_providers(providers: list[str]) -> list[str]:
+    """Drop the diffusers providers (saying so) when diffusers cannot be imported."""
+    if diffusers_available():
+        return providers
+    dropped = [p for p in providers if p.startswith("diffusers")]
+    if dropped:
+        print(f"diffusers is not importable: skipping providers {', '.join(dropped)}")
+    return [p for p in providers if not p.startswith("diffusers")]
+
+
 def graph_cache(max_graphs: int = 4):
     """A graph cache that captures CUDA graphs on GPU and runs eagerly elsewhere."""
     from fastdiff.runtime import CudaGraphBackend, EagerGraphBackend, GraphCache

@@ -1,0 +1,84 @@
+#!/usr/bin/env bash
+# Model benchmarks on a GPU machine: runtime GPU tests, SD1.5 U-Net (batch 2 and 1), SDXL U-Net
+# (batch 2), VAE decode 512x512, full 512x512 generation (20 and 4 DDIM steps), and the profile of
+# one U-Net step. About 3-4 minutes on an H100/H200. Each step has its own time limit and a failure
+# is logged and skipped, so one broken benchmark never hides the others.
+#
+#   bash benchmarks/gpu_check_models.sh [OUTDIR]        (default: $OUT, else ./gpu_check_out)
+#   COMPILE=1 bash benchmarks/gpu_check_models.sh ...   also diffusers + torch.compile (slow)
+#   STEPS="gpu_tests vae" bash benchmarks/gpu_check_models.sh ...   only the named steps
+#
+# diffusers providers run only when diffusers imports; wheels in .whl/ (diffusers and its missing
+# dependencies) are installed to /tmp/fastdiff-site first when present.
+# Writes OUTDIR/models.csv (all rows), OUTDIR/models_<step>.log, OUTDIR/models_summary.txt.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUTDIR="${1:-${OUT:-gpu_check_out}}"
+mkdir -p "$OUTDIR"
+CSV="$OUTDIR/models.csv"
+SUMMARY="$OUTDIR/models_summary.txt"
+export PYTHONUNBUFFERED=1
+COMPILE_FLAG=""
+[[ "${COMPILE:-0}" == "1" ]] && COMPILE_FLAG="--compile"
+start_all=$(date +%s)
+
+log() { echo "[gpu_check_models $(date +%H:%M:%S)] $*" | tee -a "$SUMMARY"; }
+
+# fastdiff.kernels is the top-level kernels/ folder, importable only once the package is installed.
+if ! python3 -c "import fastdiff.kernels" 2>/dev/null; then
+    log "installing fastdiff (editable, no deps)"
+    python3 -m pip install -q --no-deps --no-build-isolation -e . >"$OUTDIR/models_install.log" 2>&1 \
+        || log "pip install -e . failed (see models_install.log)"
+fi
+if ! python3 -c "import diffusers" 2>/dev/null && ls .whl/*.whl >/dev/null 2>&1; then
+    log "installing carried wheels from .whl/"
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target /tmp/fastdiff-site .whl/*.whl >>"$OUTDIR/models_install.log" 2>&1 \
+        && export PYTHONPATH="/tmp/fastdiff-site${PYTHONPATH:+:$PYTHONPATH}"
+fi
+python3 - <<'EOF' 2>&1 | tee -a "$SUMMARY"
+import torch, triton
+print("torch", torch.__version__, "triton", triton.__version__, "cuda", torch.cuda.is_available(),
+      torch.cuda.get_device_name() if torch.cuda.is_available() else "")
+try:
+    import diffusers
+    print("diffusers", diffusers.__version__)
+except Exception as error:
+    print("diffusers not importable:", error)
+EOF
+
+# run NAME SECONDS COMMAND...: time-limited, logged, never fatal.
+run() {
+    local name="$1" limit="$2"
+    shift 2
+    if [[ -n "${STEPS:-}" && " $STEPS " != *" $name "* ]]; then
+        return 0
+    fi
+    local begin=$(date +%s)
+    timeout --kill-after=10 "$limit" "$@" >"$OUTDIR/models_$name.log" 2>&1
+    local status=$?
+    local took=$(( $(date +%s) - begin ))
+    if [[ $status -eq 0 ]]; then
+        log "$name: ok (${took}s)"
+    elif [[ $status -eq 124 || $status -eq 137 ]]; then
+        log "$name: TIMED OUT after ${limit}s (partial log kept)"
+    else
+        log "$name: FAILED with status $status (${took}s), tail of its log:"
+        tail -n 15 "$OUTDIR/models_$name.log" | sed 's/^/    /' | tee -a "$SUMMARY" >/dev/null
+    fi
+    # the final table: the lines after its last header
+    awk '/^workload +provider/ {n = NR; delete rows} n && NR > n && NF {rows[NR] = $0}
+         END {for (i = n + 1; i <= NR; i++) if (i in rows) print rows[i]}' \
+        "$OUTDIR/models_$name.log" | grep -v "^appended" >>"$SUMMARY" || true
+}
+
+run gpu_tests 90 python3 -m pytest -q -x -p no:cacheprovider tests/runtime/test_gpu_runtime.py
+run unet_sd15_b2 75 python3 benchmarks/bench_unet.py --workloads sd15_b2 --csv "$CSV" $COMPILE_FLAG
+run vae 60 python3 benchmarks/bench_vae.py --csv "$CSV" $COMPILE_FLAG
+run pipeline 100 python3 benchmarks/bench_pipeline.py --steps 20,4 --csv "$CSV" $COMPILE_FLAG
+run unet_sdxl_b2 75 python3 benchmarks/bench_unet.py --workloads sdxl_b2 --csv "$CSV" $COMPILE_FLAG
+run unet_sd15_b1 45 python3 benchmarks/bench_unet.py --workloads sd15_b1 --csv "$CSV" \
+    --providers fastdiff,fastdiff-eager,diffusers,diffusers-graph
+run profile 45 python3 -m fastdiff profile --model sd15 --top 12
+
+log "total $(( $(date +%s) - start_all ))s; rows in $CSV"
