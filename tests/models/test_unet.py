@@ -69,6 +69,12 @@ def test_fused_projections_same_output(checkpoints, name):
     assert state_after.keys() == state_before.keys()
     for key, value in state_before.items():
         assert torch.equal(state_after[key], value), key
+    # ...and a fused model accepts diffusers' unfused keys.
+    fresh = UNet2DConditionModel(UNET_CONFIGS[name]).eval()
+    fresh.fuse_qkv_projections()
+    fresh.load_state_dict(state_before)
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(**inputs), actual, atol=0, rtol=0)
 
 
 @pytest.mark.parametrize("name", NAMES)

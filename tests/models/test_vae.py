@@ -81,11 +81,14 @@ def test_legacy_attention_key_names_load(checkpoints, tmp_path):
     (tmp_path / "config.json").write_text((folder / "config.json").read_text())
     save_file(renamed, tmp_path / "diffusion_pytorch_model.safetensors")
     model = load_vae(tmp_path)
+    direct = AutoencoderKL(VAE_CONFIG).eval()
+    direct.load_state_dict(renamed)  # the module's own load_state_dict renames as well
     z = torch.randn(1, 4, 8, 8)
     with torch.no_grad():
         torch.testing.assert_close(
             model.decode(z), reference.decode(z).sample, atol=TOLERANCE, rtol=0
         )
+        torch.testing.assert_close(direct.decode(z), model.decode(z), atol=0, rtol=0)
 
 
 def local_decoder(latent: torch.Tensor) -> torch.Tensor:
