@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # CI compile check for the CUDA extension: no GPU needed, nothing is run.
-#   1. every .cu file is compiled with `nvcc -arch=sm_90 -c` (syntax, templates, ptxas for Hopper);
+#   1. every .cu file is compiled with `nvcc -arch=sm_90 -c` and torch's nvcc flags (syntax,
+#      templates, ptxas for Hopper);
 #   2. the binding .cpp files are syntax-checked with g++ against the installed torch headers,
 #      when torch is importable (a CPU wheel ships the headers; its one missing CUDA-build header,
 #      c10/cuda/impl/cuda_cmake_macros.h, is stood in for by a one-line file in a temp folder).
@@ -32,9 +33,14 @@ if (( ${#cuda_sources[@]} == 0 )); then
     exit 1
 fi
 
+# The flags torch.utils.cpp_extension passes to nvcc (its COMMON_NVCC_FLAGS) and ours, so the
+# check sees what the real build sees (e.g. no implicit half <-> float conversions).
+nvcc_flags=(-arch=sm_90 -std=c++17 -O3 --use_fast_math --expt-relaxed-constexpr
+    -D__CUDA_NO_HALF_OPERATORS__ -D__CUDA_NO_HALF_CONVERSIONS__
+    -D__CUDA_NO_BFLOAT16_CONVERSIONS__ -D__CUDA_NO_HALF2_OPERATORS__)
 for source in "${cuda_sources[@]}"; do
     name="$(basename "$source")"
-    if "$nvcc" -arch=sm_90 -std=c++17 -O3 -c "$source" -o "$work/${name%.cu}.o" \
+    if "$nvcc" "${nvcc_flags[@]}" -c "$source" -o "$work/${name%.cu}.o" \
         >"$work/$name.log" 2>&1; then
         echo "check_compile: ok      $name"
     else

@@ -168,6 +168,9 @@ def run_check_script(*args: str, env: dict[str, str]) -> subprocess.CompletedPro
     )
 
 
+@pytest.mark.skipif(
+    shutil.which("nvcc", path="/usr/bin:/bin") is not None, reason="nvcc is in /usr/bin here"
+)
 def test_check_compile_skips_without_nvcc(tmp_path):
     env = {"PATH": "/usr/bin:/bin", "HOME": os.environ.get("HOME", "/tmp")}
     result = run_check_script(str(tmp_path), env=env)

@@ -69,6 +69,10 @@ def check_group_norm(x, groups, weight, bias, silu, eps=1e-5, what=""):
 @pytest.mark.parametrize(("shape", "groups"), SHAPES)
 def test_group_norm_edge_shapes(shape, groups, channels_last, dtype):
     x, weight, bias = make_inputs(shape, dtype, channels_last)
+    if dtype == torch.float32 and shape[1] // groups * x[0, 0].numel() > 16384:
+        # fp32 fits half as many elements per thread as fp16: 1024 threads x 16.
+        assert not cuda_extension.supports_group_norm(x, groups, weight, bias)
+        return
     for silu in (False, True):
         check_group_norm(x, groups, weight, bias, silu, what=f"{shape} g={groups} silu={silu}")
 
