@@ -63,10 +63,25 @@ class ConfigBase:
         return out
 
     def __getitem__(self, key: str) -> Any:
-        return getattr(self, key)
+        """Dict-style access to any key, the unknown ones kept in ``extra`` included."""
+        if key != "extra" and key in {field.name for field in dataclasses.fields(self)}:
+            return getattr(self, key)
+        if key in self.extra:
+            return self.extra[key]
+        raise KeyError(key)
+
+    def __contains__(self, key: object) -> bool:
+        try:
+            self[key]  # type: ignore[index]
+        except KeyError:
+            return False
+        return True
 
     def get(self, key: str, default: Any = None) -> Any:
-        return getattr(self, key, default)
+        try:
+            return self[key]
+        except KeyError:
+            return default
 
 
 @dataclasses.dataclass
