@@ -1,0 +1,139 @@
+"""Training configuration: JSON files mapped onto dataclasses, read in this one place.
+
+A config file holds the top-level ``TrainConfig`` fields; each stage (``classifier``, ``vae``,
+``unet``) has its own section. Missing keys take the defaults below; unknown keys raise, naming the
+key and the allowed ones, so a typo never silently trains the wrong model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+STAGES = ("classifier", "vae", "unet")
+
+
+@dataclass
+class OptimConfig:
+    """Fields every stage shares: optimisation, batching and checkpoint cadence."""
+
+    steps: int = 1000
+    batch_size: int = 64  # global batch; split evenly over the data-parallel ranks
+    learning_rate: float = 1e-3
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    cosine_decay: bool = True  # decay the learning rate to 10 % along a cosine after warm-up
+    grad_clip: float = 1.0
+    checkpoint_every: int = 500
+    log_every: int = 1
+
+
+@dataclass
+class ClassifierConfig(OptimConfig):
+    width: int = 32
+    noise_std: float = 0.08  # augmentation so generated (slightly noisy) samples score fairly
+
+
+@dataclass
+class VAEConfig(OptimConfig):
+    block_out_channels: list[int] = field(default_factory=lambda: [32, 64, 64])
+    layers_per_block: int = 1
+    latent_channels: int = 4
+    norm_num_groups: int = 16
+    kl_weight: float = 1e-6
+
+
+@dataclass
+class UNetConfig(OptimConfig):
+    block_out_channels: list[int] = field(default_factory=lambda: [64, 128])
+    layers_per_block: int = 2
+    norm_num_groups: int = 32
+    attention_head_dim: int = 32
+    beta_schedule: str = "squaredcos_cap_v2"
+    num_train_timesteps: int = 1000
+    prediction_type: str = "epsilon"
+    cond_drop_prob: float = 0.1
+    min_snr_gamma: float | None = 5.0
+    ema_decay: float = 0.999
+
+
+@dataclass
+class DataConfig:
+    num_images: int = 16384  # the fixed training set (the VAE and U-Net see the same images)
+    held_out_images: int = 512  # rendered from a different seed, never trained on
+    seed: int = 0
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str = "runs/shapes"
+    seed: int = 0
+    stages: list[str] = field(default_factory=lambda: list(STAGES))
+    device: str = "auto"  # auto = cuda when available, else cpu
+    progress: bool = True
+    export_dtype: str = (
+        "float16"  # weights in the exported pipeline folder (float16 halves its size)
+    )
+    data: DataConfig = field(default_factory=DataConfig)
+    classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
+    vae: VAEConfig = field(default_factory=VAEConfig)
+    unet: UNetConfig = field(default_factory=UNetConfig)
+
+    def __post_init__(self) -> None:
+        for stage in self.stages:
+            if stage not in STAGES:
+                raise ValueError(f"stages: unknown stage {stage!r}; allowed values: {STAGES}")
+        for name in ("classifier", "vae", "unet"):
+            section = getattr(self, name)
+            if section.steps < 1 or section.batch_size < 1 or section.checkpoint_every < 1:
+                raise ValueError(f"{name}: steps, batch_size and checkpoint_every must be >= 1")
+        if self.export_dtype not in ("float16", "float32"):
+            raise ValueError(
+                f"export_dtype: unknown value {self.export_dtype!r}; "
+                "allowed values: float16, float32"
+            )
+        if self.data.num_images < 1 or self.data.held_out_images < 1:
+            raise ValueError("data: num_images and held_out_images must be >= 1")
+
+
+def _build(cls: type, values: dict[str, Any], where: str):
+    if not isinstance(values, dict):
+        raise ValueError(
+            f"{where or 'config'}: expected a JSON object, got {type(values).__name__}"
+        )
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        raise ValueError(
+            f"{where or 'config'}: unknown key(s) {unknown}; allowed keys: {sorted(fields)}"
+        )
+    kwargs = {}
+    for name, value in values.items():
+        default = fields[name].default_factory() if callable(fields[name].default_factory) else None
+        if dataclasses.is_dataclass(default):
+            kwargs[name] = _build(type(default), value, f"{where}{name}.")
+        else:
+            kwargs[name] = value
+    return cls(**kwargs)
+
+
+def config_from_dict(values: dict[str, Any]) -> TrainConfig:
+    """Build a ``TrainConfig`` from a (JSON) dict, rejecting unknown keys."""
+    return _build(TrainConfig, values, "")
+
+
+def load_config(path: str | os.PathLike) -> TrainConfig:
+    """Read a JSON training config file."""
+    with open(path, encoding="utf-8") as handle:
+        try:
+            values = json.load(handle)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path}: not valid JSON ({error})") from None
+    return config_from_dict(values)
+
+
+def config_to_dict(config: TrainConfig) -> dict[str, Any]:
+    return dataclasses.asdict(config)
