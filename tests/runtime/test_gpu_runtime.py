@@ -67,7 +67,7 @@ def test_graphs_equal_eager_loop_fp32(sampler, steps):
     pipe = tiny_pipeline(device="cuda")
     cond = conditioning()
     x_T = torch.randn(1, 4, 16, 16, device="cuda")
-    with torch.no_grad():
+    with torch.no_grad(), use_backend("eager"):
         want = pipe.denoise(cond, x_T, guidance_scale=6.0, sampler=sampler, steps=steps,
                             progress=False)
     rt = runtime.optimize(pipe, dtype=None, channels_last=False, kernels=False, verbose=False)
@@ -105,7 +105,7 @@ def test_new_shapes_and_step_counts_capture_and_replay_correctly():
     for size, steps in cases:
         torch.manual_seed(size * 100 + steps)
         cond, x_T = conditioning(), torch.randn(1, 4, size, size, device="cuda")
-        with torch.no_grad():
+        with torch.no_grad(), use_backend("eager"):
             eager[(size, steps)] = (cond, x_T, pipe.denoise(cond, x_T, guidance_scale=5.0,
                                                           steps=steps, progress=False))
     rt = runtime.optimize(pipe, dtype=None, channels_last=False, kernels=False, verbose=False)
@@ -121,7 +121,7 @@ def test_stochastic_ddim_matches_eager_with_cuda_generator():
     pipe = tiny_pipeline(device="cuda")
     cond, x_T = conditioning(), torch.randn(1, 4, 16, 16, device="cuda")
     kwargs = dict(guidance_scale=5.0, sampler="ddim", steps=5, eta=0.7)
-    with torch.no_grad():
+    with torch.no_grad(), use_backend("eager"):
         want = pipe.denoise(cond, x_T, generator=torch.Generator("cuda").manual_seed(7),
                             progress=False, **kwargs)
     runtime.optimize(pipe, dtype=None, channels_last=False, kernels=False, verbose=False)
