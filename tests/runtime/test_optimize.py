@@ -113,3 +113,14 @@ def test_bad_arguments_raise(pipe):
         runtime.optimize(pipe, dtype=torch.int8)
     with pytest.raises(ValueError, match="max_graphs"):
         runtime.optimize(pipe, backend=runtime.EagerGraphBackend(), max_graphs=0)
+
+
+def test_pipeline_optimize_keeps_full_generation(pipe):
+    kwargs = dict(prompt_embeds=torch.randn(1, 7, 32), negative_prompt_embeds=torch.randn(1, 7, 32),
+                  num_inference_steps=3, output_type="tensor", progress=False)
+    want = pipe(seed=5, **kwargs)
+    rt = pipe.optimize(backend=runtime.EagerGraphBackend(), verbose=False)
+    got = pipe(seed=5, **kwargs)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    kinds = sorted(key.kind for key in rt.cache.entries)
+    assert kinds == ["loop", "vae"]  # whole 3-step loop + the decoder
