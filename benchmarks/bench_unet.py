@@ -152,8 +152,9 @@ def provider_setup(provider: str, holder: ModelHolder) -> Callable[[], Callable[
             model = holder.fastdiff_model(prepared=True)
             if device.type == "cuda":
                 inputs["sample"] = inputs["sample"].contiguous(memory_format=torch.channels_last)
-            if provider == "fastdiff-nograph" or device.type != "cuda":
+            if provider == "fastdiff-nograph":
                 return lambda: model(**inputs)
+            # On CPU the cache replays eagerly: the same code path, without capture.
             graphed = GraphedCall(model, mb.graph_cache(), kind="unet")
             return lambda: graphed(**inputs)
         model = holder.diffusers_model()
@@ -177,7 +178,7 @@ def provider_setup(provider: str, holder: ModelHolder) -> Callable[[], Callable[
 def default_providers(compile_: bool) -> list[str]:
     providers = ["fastdiff-eager", "fastdiff-nograph", "fastdiff"]
     if mb.diffusers_available():
-        providers += ["diffusers", "diffusers-graph"] if mb.on_gpu() else ["diffusers"]
+        providers += ["diffusers", "diffusers-graph"]
         if compile_:
             providers.append("diffusers-compile")
     if not mb.on_gpu():

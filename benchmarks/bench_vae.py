@@ -103,7 +103,7 @@ def provider_setup(provider: str, holder: VAEHolder, size: int):
             model = holder.fastdiff_model(prepared=True)
             if on_cuda:
                 latents = latents.contiguous(memory_format=torch.channels_last)
-            if provider == "fastdiff-nograph" or not on_cuda:
+            if provider == "fastdiff-nograph":
                 return lambda: model.decode(latents)
             graphed = GraphedCall(model.decode, mb.graph_cache(), kind="vae")
             return lambda: graphed(latents)
@@ -129,7 +129,7 @@ def default_providers(compile_: bool) -> list[str]:
     providers = ["fastdiff-eager", "fastdiff-nograph", "fastdiff"] if mb.on_gpu() else [
         "fastdiff-eager", "fastdiff"]
     if mb.diffusers_available():
-        providers += ["diffusers", "diffusers-graph"] if mb.on_gpu() else ["diffusers"]
+        providers += ["diffusers", "diffusers-graph"]
         if compile_:
             providers.append("diffusers-compile")
     return providers

@@ -21,12 +21,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
-CSV_FIELDS = (
-    "timestamp", "device", "benchmark", "workload", "provider", "ms", "tflops", "images_per_s",
-    "speedup", "warmup_s", "peak_mib", "gflop", "note",
-)
+from common import CSV_FIELDS, RESULTS_DIR  # one CSV schema for kernel and model benchmarks
 
 
 @dataclass
@@ -43,6 +38,7 @@ class Result:
     gflop: float | None = None
     note: str = ""
     device: str = field(default_factory=lambda: device_name())
+    dtype: str = field(default_factory=lambda: "fp16" if torch.cuda.is_available() else "fp32")
 
 
 @dataclass
@@ -179,9 +175,13 @@ def append_csv(results: list[Result], path: Path | None = None) -> Path:
     path = path or results_path()
     path.parent.mkdir(parents=True, exist_ok=True)
     new = not path.exists() or path.stat().st_size == 0
+    header = list(CSV_FIELDS)
+    if not new:  # keep the existing file's columns (the kernel benchmarks share this file)
+        with path.open(newline="") as handle:
+            header = next(csv.reader(handle), header)
     stamp = time.strftime("%Y-%m-%dT%H:%M:%S")
     with path.open("a", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=CSV_FIELDS, extrasaction="ignore")
+        writer = csv.DictWriter(handle, fieldnames=header, extrasaction="ignore")
         if new:
             writer.writeheader()
         for row in results:

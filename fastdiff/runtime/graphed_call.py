@@ -57,7 +57,10 @@ class GraphedCall:
         self.eager_fallbacks: dict[GraphKey, str] = {}
 
     def key_for(self, args: tuple, kwargs: dict) -> GraphKey:
-        first = args[0]
+        tensors = [v for v in (*args, *kwargs.values()) if isinstance(v, torch.Tensor)]
+        if not tensors:
+            raise ValueError("GraphedCall needs at least one tensor argument")
+        first = tensors[0]
         return GraphKey(
             kind=self.kind,
             batch=int(first.shape[0]),
