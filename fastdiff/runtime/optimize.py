@@ -106,6 +106,7 @@ class OptimizedRuntime:
         )
         self.decoder = GraphedCall(self.eager_decode_latents, self.cache, kind="vae")
         self.fallback_reasons: set[str] = set()
+        self.plans: dict[tuple, tuple] = {}
         self.last_call_seconds: float | None = None
 
     def ops_backend(self):
@@ -143,15 +144,33 @@ class OptimizedRuntime:
         if init_latents is not None or start_step != 0:
             self.fallback("img2img starts part-way down the plan")
             return self.eager_denoise(conditioning, noise, **eager_args)
-        from fastdiff.sampling import make_plan
-
-        plan = make_plan(self.pipe.schedule, sampler=sampler, steps=steps, eta=eta)
+        plan, timesteps, coefficients = self.device_plan(sampler, steps, eta, noise.device)
         call = build_call(plan, conditioning, noise, guidance_scale, generator)
+        call.timesteps, call.coefficients = timesteps, coefficients
         start = time.perf_counter()
         with self.ops_backend(), torch.no_grad():
             latents = self.denoiser(call, sampler=sampler)
         self.last_call_seconds = time.perf_counter() - start
         return latents.to(noise.dtype)
+
+    def device_plan(self, sampler: str, steps: int, eta: float, device):
+        """The plan and its timesteps/coefficients already on ``device`` (float32), cached so a
+        repeated generation copies them device-to-device instead of from the host."""
+        from fastdiff.sampling import make_plan
+
+        key = (id(self.pipe.schedule), sampler, int(steps), float(eta), str(device))
+        cached = self.plans.pop(key, None)
+        if cached is None:
+            plan = make_plan(self.pipe.schedule, sampler=sampler, steps=steps, eta=eta)
+            cached = (
+                plan,
+                plan.timesteps.to(device),
+                plan.coefficients.to(device=device, dtype=torch.float32),
+            )
+        self.plans[key] = cached  # most recent last
+        while len(self.plans) > 16:
+            self.plans.pop(next(iter(self.plans)))
+        return cached
 
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
         with self.ops_backend(), torch.no_grad():
@@ -220,17 +239,26 @@ def optimize(
     max_loop_steps: int = 8,
     backend: GraphBackend | None = None,
     verbose: bool = True,
+    vae_dtype: torch.dtype | None = None,
 ) -> OptimizedRuntime | None:
     """Prepare ``pipe`` (a ``fastdiff.Pipeline``) for speed, in place; returns its runtime.
 
-    ``dtype``: weights' dtype (None keeps it). ``max_graphs`` bounds the graph cache (LRU);
-    plans of at most ``max_loop_steps`` steps are captured whole. ``backend`` overrides how
-    graphs are captured (``EagerGraphBackend()`` runs the same static-buffer loop without
-    capture, which is how it is tested on CPU). Without CUDA and without ``backend`` nothing but
-    QKV fusion is applied (float32 kept) and the pipeline's eager path stays in use.
+    ``dtype``: weights' dtype (None keeps it); ``vae_dtype`` overrides it for the VAE (SDXL's
+    VAE overflows in fp16: pass torch.float32 or bfloat16 there). ``max_graphs`` bounds the
+    graph cache (LRU); plans of at most ``max_loop_steps`` steps are captured whole.
+    ``backend`` overrides how graphs are captured (``EagerGraphBackend()`` runs the same
+    static-buffer loop without capture, which is how it is tested on CPU). Without CUDA and
+    without ``backend`` nothing but QKV fusion is applied (float32 kept) and the pipeline's
+    eager path stays in use.
+
+    Graphs hold the addresses of the weights: call ``optimize`` after loading, and after moving or
+    re-casting a model call ``pipe.runtime.cache.clear()`` so the next call captures again.
     """
-    if dtype is not None and dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {[str(d) for d in DTYPES]} or None, got {dtype}")
+    for name, value in (("dtype", dtype), ("vae_dtype", vae_dtype)):
+        if value is not None and value not in DTYPES:
+            raise ValueError(
+                f"{name} must be one of {[str(d) for d in DTYPES]} or None, got {value}"
+            )
     if max_graphs < 1:
         raise ValueError(f"max_graphs must be at least 1, got {max_graphs}")
     if max_loop_steps < 0:
@@ -241,7 +269,7 @@ def optimize(
     if not on_cuda:
         if dtype not in (None, torch.float32):
             report.skipped[f"{dtype} weights"] = "no CUDA: the CPU reference path runs in float32"
-        dtype = None
+        dtype = vae_dtype = None
         if channels_last:
             report.skipped["channels-last"] = "no CUDA"
         channels_last = False
@@ -249,7 +277,7 @@ def optimize(
         torch.backends.cudnn.benchmark = True  # pick the fastest NHWC conv algorithm per shape
         report.applied.append("cudnn.benchmark = True")
     prepare_module(pipe.unet, "unet", report, dtype, channels_last, fuse_qkv)
-    prepare_module(pipe.vae, "vae", report, dtype, channels_last, fuse_qkv)
+    prepare_module(pipe.vae, "vae", report, vae_dtype or dtype, channels_last, fuse_qkv)
     if on_cuda and kernels:
         report.applied.append("fastdiff Triton kernels (ops backend: triton)")
     elif on_cuda:
