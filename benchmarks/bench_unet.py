@@ -6,6 +6,7 @@ Random weights at the real architectures (benchmarks/model_configs.py), fp16 on 
   fastdiff-eager     fastdiff's model in fp16, NCHW, plain PyTorch ops (FASTDIFF_BACKEND=eager)
   diffusers          diffusers' UNet2DConditionModel, fp16, eager (when diffusers is installed)
   diffusers-graph    the same under one CUDA graph (BASELINES.md "eager + CUDA graph")
+  fastdiff-compile   fastdiff + torch.compile of the U-Net blocks, under the CUDA graph (--compile)
   diffusers-compile  torch.compile(default) of diffusers' U-Net (only with --compile: ~1 min)
 On CPU the toy configs run in float32 on the eager path, in seconds, and the table says so.
 
@@ -27,8 +28,8 @@ import model_bench as mb  # noqa: E402
 from model_configs import TEXT_EMBED_DIM, model_config  # noqa: E402
 
 PROVIDERS = (
-    "fastdiff", "fastdiff-nograph", "fastdiff-eager", "diffusers", "diffusers-graph",
-    "diffusers-compile",
+    "fastdiff", "fastdiff-nograph", "fastdiff-eager", "fastdiff-compile", "diffusers",
+    "diffusers-graph", "diffusers-compile",
 )
 
 
@@ -148,8 +149,12 @@ def provider_setup(provider: str, holder: ModelHolder) -> Callable[[], Callable[
                     return model(**inputs)
 
             return run
-        if provider in ("fastdiff", "fastdiff-nograph"):
+        if provider in ("fastdiff", "fastdiff-nograph", "fastdiff-compile"):
             model = holder.fastdiff_model(prepared=True)
+            if provider == "fastdiff-compile":
+                from fastdiff.runtime.optimize import compile_blocks
+
+                compile_blocks(model, "default")
             if device.type == "cuda":
                 inputs["sample"] = inputs["sample"].contiguous(memory_format=torch.channels_last)
             if provider == "fastdiff-nograph":
@@ -181,6 +186,8 @@ def default_providers(compile_: bool) -> list[str]:
         providers += ["diffusers", "diffusers-graph"]
         if compile_:
             providers.append("diffusers-compile")
+    if compile_:
+        providers.append("fastdiff-compile")
     if not mb.on_gpu():
         providers.remove("fastdiff-nograph")  # identical to fastdiff without CUDA
     return providers

@@ -124,3 +124,19 @@ def test_pipeline_optimize_keeps_full_generation(pipe):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     kinds = sorted(key.kind for key in rt.cache.entries)
     assert kinds == ["loop", "vae"]  # whole 3-step loop + the decoder
+
+
+def test_compiled_blocks_keep_outputs(pipe):
+    """torch.compile of the U-Net blocks (dynamo tracing through fastdiff's ops; the 'eager'
+    compile backend keeps this fast on CPU) leaves the generation unchanged."""
+    conditioning = text_conditioning()
+    x_T = torch.randn(1, 4, 8, 8)
+    want = eager_latents(pipe, conditioning, x_T, "ddim", 2)
+    torch._dynamo.reset()
+    report_runtime = runtime.optimize(pipe, backend=runtime.EagerGraphBackend(), verbose=False,
+                                      compile_mode="default", compile_backend="eager")
+    got = pipe.denoise(conditioning, x_T, guidance_scale=7.5, sampler="ddim", steps=2)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert any("torch.compile" in item for item in report_runtime.report.applied)
+    assert pipe.unet.down_blocks[0]._compiled_call_impl is not None
+    torch._dynamo.reset()
