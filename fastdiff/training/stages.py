@@ -29,6 +29,9 @@ def train_classifier(
     config: TrainConfig, data: ShapesData, context: DistContext, stop_after_step: int | None = None
 ) -> ClassifierOutcome:
     section = config.classifier
+    # Each stage seeds its own initialisation, so the weights do not depend on which other
+    # stages ran earlier in the same process (a resumed run may start at any stage).
+    torch.manual_seed(config.seed)
     model = ShapeClassifier(width=section.width)
 
     def loss_fn(module: nn.Module, indices: torch.Tensor, generator: torch.Generator):
@@ -101,6 +104,7 @@ def train_vae(
     config: TrainConfig, data: ShapesData, context: DistContext, stop_after_step: int | None = None
 ) -> VAEOutcome:
     section = config.vae
+    torch.manual_seed(config.seed + 1)
     vae = build_vae(section)
 
     def loss_fn(module: nn.Module, indices: torch.Tensor, generator: torch.Generator):

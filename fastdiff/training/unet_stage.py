@@ -68,6 +68,7 @@ def train_unet(
     section = config.unet
     if latents.shape[0] != labels.shape[0]:
         raise ValueError(f"{latents.shape[0]} latents but {labels.shape[0]} labels")
+    torch.manual_seed(config.seed + 2)  # initialisation independent of the stages run before
     unet = build_unet(section, config.vae)
     schedule = noise_schedule(section)
     latents = latents.to(context.device)

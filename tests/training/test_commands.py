@@ -1,0 +1,86 @@
+"""``fastdiff demo`` and ``fastdiff train`` from the command line."""
+
+import json
+
+import pytest
+from PIL import Image
+
+from fastdiff.cli import main
+from fastdiff.training.grid import grid_image
+
+
+def test_demo_writes_a_labelled_png(tmp_path, capsys):
+    out = tmp_path / "grid.png"
+    assert main(["demo", "--out", str(out), "--per-class", "2", "--steps", "5"]) == 0
+    printed = capsys.readouterr().out
+    assert "backend: eager" in printed and "time:" in printed and "classifier accuracy" in printed
+    image = Image.open(out)
+    assert image.format == "PNG"
+    # 12 rows of 2x-scaled 32-pixel samples under a header; 2 samples on each side.
+    assert image.size == (104 + 2 * 2 * 66 + 12, 22 + 12 * 66)
+    assert [p.name for p in tmp_path.iterdir()] == ["grid.png"]  # no temporary file left
+
+
+def test_demo_rejects_bad_arguments(tmp_path, capsys):
+    assert main(["demo", "--out", str(tmp_path / "grid.jpg")]) == 2
+    assert "--out must name a .png file" in capsys.readouterr().err
+    assert main(["demo", "--out", str(tmp_path / "g.png"), "--steps", "0"]) == 2
+    assert (
+        main(["demo", "--model", str(tmp_path / "nowhere"), "--out", str(tmp_path / "g.png")]) == 2
+    )
+    assert "not found" in capsys.readouterr().err
+
+
+def test_grid_checks_its_inputs():
+    import torch
+
+    with pytest.raises(ValueError, match="left has 3 images, expected 2 rows x 2"):
+        grid_image(torch.zeros(3, 3, 32, 32), torch.zeros(4, 3, 32, 32), ["a", "b"], 2, "l", "r")
+
+
+def test_train_help_and_config_errors(tmp_path, capsys, tiny_config_dict):
+    with pytest.raises(SystemExit) as exited:
+        main(["train", "--help"])
+    assert exited.value.code == 0
+    assert "--config" in capsys.readouterr().out
+
+    assert main(["train", "--print-config", "--stages", "vae", "--device", "cpu"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["stages"] == ["vae"] and printed["device"] == "cpu"
+
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"vae": {"stepz": 3}}))
+    assert main(["train", "--config", str(bad)]) == 2
+    assert "unknown key(s) ['stepz']" in capsys.readouterr().err
+
+    # The U-Net stage alone needs a VAE trained first: a clear error, not a traceback.
+    alone = tmp_path / "alone.json"
+    alone.write_text(json.dumps({**tiny_config_dict, "stages": ["unet"]}))
+    assert main(["train", "--config", str(alone)]) == 2
+    assert "run the vae stage first" in capsys.readouterr().err
+
+
+def test_train_cli_builds_a_loadable_pipeline(tmp_path, tiny_config_dict):
+    from fastdiff.pipeline import Pipeline
+    from fastdiff.training.evaluate import load_pipeline_classifier
+
+    path = tmp_path / "tiny.json"
+    path.write_text(json.dumps(tiny_config_dict))
+    assert main(["train", "--config", str(path)]) == 0
+    folder = tmp_path / "run" / "pipeline"
+    pipe = Pipeline.from_pretrained(folder)
+    assert pipe.num_classes == 12 and pipe.null_class_label == 12
+    assert pipe.class_names[0] == "red circle"
+    images = pipe(
+        class_labels=[0, 5],
+        guidance_scale=3.0,
+        num_inference_steps=2,
+        seed=0,
+        output_type="tensor",
+        progress=False,
+    )
+    assert images.shape == (2, 3, 32, 32)
+    assert load_pipeline_classifier(folder).num_classes == 12
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert set(metrics) >= {"classifier", "vae", "unet", "config"}
+    assert metrics["vae"]["scaling_factor"] == pytest.approx(pipe.vae.config["scaling_factor"])

@@ -1,0 +1,45 @@
+"""EMA and classifier persistence."""
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from fastdiff.training.classifier import ShapeClassifier, load_classifier, save_classifier
+from fastdiff.training.ema import EMA
+
+
+def test_ema_follows_the_warmed_up_decay():
+    model = torch.nn.Linear(3, 2)
+    ema = EMA(model, decay=0.99)
+    start = ema.model.weight.detach().clone()
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    ema.update(model)  # first update: decay min(0.99, 1/10) = 0.1
+    expected = 0.1 * start + 0.9 * model.weight.detach()
+    torch.testing.assert_close(ema.model.weight, expected)
+    for _ in range(2000):
+        ema.update(model)
+    assert ema.current_decay() == 0.99
+    torch.testing.assert_close(ema.model.weight, model.weight.detach())
+    restored = EMA(torch.nn.Linear(3, 2), decay=0.5)
+    restored.load_state_dict(ema.state_dict())
+    assert restored.num_updates == 2001 and restored.decay == 0.99
+    with pytest.raises(ValueError, match="ema_decay"):
+        EMA(model, decay=1.0)
+
+
+def test_classifier_round_trip_and_errors(tmp_path):
+    model = ShapeClassifier(width=8).eval()
+    save_classifier(model, tmp_path / "clf")
+    loaded = load_classifier(tmp_path / "clf")
+    images = torch.rand(2, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(images), model(images))
+    with pytest.raises(ValueError, match=r"expects images of shape \[N, 3, 32, 32\]"):
+        model(torch.zeros(1, 3, 16, 16))
+    weights = {k: v for k, v in model.state_dict().items() if k != "head.bias"}
+    save_file(weights, str(tmp_path / "clf" / "model.safetensors"))
+    with pytest.raises(ValueError, match=r"missing \['head.bias'\]"):
+        load_classifier(tmp_path / "clf")
+    with pytest.raises(FileNotFoundError, match="no classifier config"):
+        load_classifier(tmp_path / "nothing")
