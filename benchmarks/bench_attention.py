@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import Workload, on_gpu, parse_args, run_benchmark, standard_providers  # noqa: E402
+from common import Workload, on_gpu, parse_args, random, run_benchmark, standard_providers  # noqa: E402
 
 from fastdiff.ops import attention  # noqa: E402
 from fastdiff.ops.attention import attention_eager  # noqa: E402
@@ -38,14 +38,13 @@ def workload(name, dims, dtype, fused_qkv: bool = False) -> Workload:
         batch, heads, queries, keys, head_dim = dims
         if reduced:
             queries, keys = min(queries, 256), min(keys, 256)
-        device = "cuda" if torch.cuda.is_available() else "cpu"
         if fused_qkv and queries == keys:
             # Views of one (B, N, 3, H, D) projection, as the runtime's fused QKV passes them.
-            qkv = torch.randn(batch, queries, 3, heads, head_dim, device=device, dtype=dtype)
+            qkv = random((batch, queries, 3, heads, head_dim), dtype)
             return tuple(qkv[:, :, i].transpose(1, 2) for i in range(3)) + (None,)
-        q = torch.randn(batch, heads, queries, head_dim, device=device, dtype=dtype)
-        k = torch.randn(batch, heads, keys, head_dim, device=device, dtype=dtype)
-        v = torch.randn(batch, heads, keys, head_dim, device=device, dtype=dtype)
+        q = random((batch, heads, queries, head_dim), dtype)
+        k = random((batch, heads, keys, head_dim), dtype)
+        v = random((batch, heads, keys, head_dim), dtype)
         return (q, k, v, None)
 
     def flop(inputs) -> float:

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import Workload, parse_args, run_benchmark, standard_providers  # noqa: E402
+from common import Workload, parse_args, random, run_benchmark, standard_providers  # noqa: E402
 
 from fastdiff.ops import geglu  # noqa: E402
 from fastdiff.ops.geglu import geglu_eager  # noqa: E402
@@ -30,8 +30,7 @@ SHAPES = [
 def workload(name, shape, dtype) -> Workload:
     def make(reduced: bool):
         size = (shape[0], min(shape[1], 128), shape[2]) if reduced else shape
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        return (torch.randn(size, device=device, dtype=dtype),)
+        return (random(size, dtype),)
 
     def bytes_moved(inputs) -> float:
         return 1.5 * inputs[0].numel() * inputs[0].element_size()

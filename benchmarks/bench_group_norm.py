@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import Workload, parse_args, run_benchmark, standard_providers  # noqa: E402
+from common import Workload, parse_args, random, run_benchmark, standard_providers  # noqa: E402
 
 from fastdiff.ops import group_norm  # noqa: E402
 from fastdiff.ops.group_norm import group_norm_eager  # noqa: E402
@@ -35,12 +35,11 @@ QUICK_SHAPES = SHAPES[:4]
 def workload(shape, dtype, channels_last: bool) -> Workload:
     def make(reduced: bool):
         size = (shape[0], shape[1], 8, 8) if reduced else shape
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        x = torch.randn(size, device=device, dtype=dtype)
+        x = random(size, dtype)
         if channels_last:
             x = x.to(memory_format=torch.channels_last)
-        weight = torch.randn(shape[1], device=device, dtype=dtype)
-        bias = torch.randn(shape[1], device=device, dtype=dtype)
+        weight = random(shape[1], dtype)
+        bias = random(shape[1], dtype)
         return (x, 32, weight, bias, 1e-5, True)
 
     layout = "nhwc" if channels_last else "nchw"

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import Workload, parse_args, run_benchmark, standard_providers  # noqa: E402
+from common import Workload, parse_args, random, run_benchmark, standard_providers  # noqa: E402
 
 from fastdiff.ops import layer_norm  # noqa: E402
 from fastdiff.ops.layer_norm import layer_norm_eager  # noqa: E402
@@ -30,10 +30,9 @@ SHAPES = [
 def workload(name, shape, dtype) -> Workload:
     def make(reduced: bool):
         size = (shape[0], min(shape[1], 256), shape[2]) if reduced else shape
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        x = torch.randn(size, device=device, dtype=dtype)
-        weight = torch.randn(shape[2], device=device, dtype=dtype)
-        bias = torch.randn(shape[2], device=device, dtype=dtype)
+        x = random(size, dtype)
+        weight = random(shape[2], dtype)
+        bias = random(shape[2], dtype)
         return (x, weight, bias, 1e-5)
 
     def bytes_moved(inputs) -> float:

@@ -16,7 +16,14 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import Workload, parse_args, run_benchmark, standard_providers  # noqa: E402
+from common import (  # noqa: E402
+    Workload,
+    host_synchronising,
+    parse_args,
+    random,
+    run_benchmark,
+    standard_providers,
+)
 
 from fastdiff.ops import sampler_step, sampler_step_eager  # noqa: E402
 from fastdiff.sampling import NoiseSchedule, combine_guidance, make_plan, plan_step  # noqa: E402
@@ -35,9 +42,9 @@ def workload(name, shape, dtype, sampler: str) -> Workload:
     def make(reduced: bool):
         size = (shape[0], shape[1], 16, 16) if reduced else shape
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        x = torch.randn(size, device=device, dtype=dtype)
-        model_output = torch.randn((2 * size[0], *size[1:]), device=device, dtype=dtype)
-        x0_prev = torch.randn_like(x) if sampler == "dpmpp_2m" else None
+        x = random(size, dtype)
+        model_output = random((2 * size[0], *size[1:]), dtype)
+        x0_prev = random(x.shape, dtype) if sampler == "dpmpp_2m" else None
         table = plan.coefficients.to(device)
         step = torch.tensor(STEPS // 2, device=device)
         guidance = torch.tensor(7.5, device=device)
@@ -54,6 +61,7 @@ def workload(name, shape, dtype, sampler: str) -> Workload:
 def plan_step_provider(sampler: str):
     plan = plan_for(sampler)
 
+    @host_synchronising
     def build(inputs):
         x, model_output, _, step, x0_prev, guidance, noise = inputs
         index, scale = int(step), float(guidance)

@@ -7,8 +7,9 @@ CUDA-graph runtime the ops are built for. Several input sets are rotated so that
 L2 are not all re-read from it. ``launch_ms`` in the note is the plain per-call event time
 (host overhead included) for comparison. The first call is timed on its own and reported as
 ``warmup_s`` (Triton JIT and autotuning, torch.compile), apart from steady state. ``peak_mib`` is
-the peak extra memory of one call. On CPU the benchmarks run the eager path at reduced shapes
-with wall-clock timing and say so in the note: the numbers only prove the scripts run.
+the peak extra memory of one steady-state call. On CPU the benchmarks run the eager path at
+reduced shapes with wall-clock timing and say so in the note: the numbers only prove the scripts
+run.
 
 CSV: rows append to ``<out>/<gpu>.csv`` (default benchmarks/results); the columns are the model
 benchmarks' (benchmarks/model_bench.py) followed by ``dtype`` and ``gbps``. When the file already
@@ -66,6 +67,19 @@ class Row:
     peak_mib: float | None = None
     gflop: float | None = None
     notes: list[str] = field(default_factory=list)
+
+
+def random(shape, dtype: torch.dtype) -> torch.Tensor:
+    """Standard normal values drawn on the CPU, moved to the benchmark device. The CUDA generator
+    is left alone: a failed graph capture can leave it unusable for the rest of the process."""
+    values = torch.randn(shape, dtype=torch.float32).to(dtype)
+    return values.to("cuda") if on_gpu() else values
+
+
+def host_synchronising(build: Builder) -> Builder:
+    """Mark a provider that syncs with the host (cannot be captured): timed per call."""
+    build.graph_safe = False  # type: ignore[attr-defined]
+    return build
 
 
 def on_gpu() -> bool:
@@ -132,6 +146,29 @@ def _wall_ms(fn: Callable[[], object], iters: int) -> float:
     return statistics.median(samples)
 
 
+def _gpu_ms(
+    workload: Workload, build: Builder, fn: Callable[[], object], inputs: Inputs,
+    notes: list[str], quick: bool,
+) -> float:
+    """Device ms per call: CUDA-graph replays over rotated input sets, else per-call events."""
+    launch_ms = _event_ms(fn, 10 if quick else 30)
+    if not getattr(build, "graph_safe", True):
+        notes.append("syncs with the host: per-call events, no CUDA graph")
+        return launch_ms
+    per_set = sum(t.numel() * t.element_size() for t in inputs if torch.is_tensor(t))
+    sets = max(1, min(MAX_INPUT_SETS, ROTATE_BYTES // max(per_set, 1)))
+    calls = [fn] + [build(workload.make(False)) for _ in range(sets - 1)]
+    try:
+        for call in calls[1:]:
+            call()  # compile or autotune outside the capture (same shapes: cached)
+        graph_ms = _graph_ms(calls, repeats=2 if quick else 5, iters=5 if quick else 15)
+    except Exception as error:  # not capturable: report the plain event time
+        notes.append(f"no CUDA graph ({type(error).__name__}): per-call events")
+        return launch_ms
+    notes.append(f"launch_ms={launch_ms:.4f} graph of {len(calls)} input sets")
+    return graph_ms
+
+
 def measure(
     benchmark: str, workload: Workload, provider: str, build: Builder, quick: bool
 ) -> Row:
@@ -142,28 +179,19 @@ def measure(
         with torch.no_grad():
             inputs = workload.make(not on_gpu())
             fn = build(inputs)
-            if on_gpu():
-                torch.cuda.empty_cache()
-                torch.cuda.reset_peak_memory_stats()
-                base = torch.cuda.memory_allocated()
             begin = time.perf_counter()
             fn()
             _synchronize()
             row.warmup_s = time.perf_counter() - begin
             if on_gpu():
+                # Peak of a steady-state call (the first one may hold autotuning buffers).
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats()
+                base = torch.cuda.memory_allocated()
+                fn()
+                _synchronize()
                 row.peak_mib = (torch.cuda.max_memory_allocated() - base) / 2**20
-                per_set = sum(t.numel() * t.element_size() for t in inputs if torch.is_tensor(t))
-                sets = max(1, min(MAX_INPUT_SETS, ROTATE_BYTES // max(per_set, 1)))
-                calls = [fn] + [build(workload.make(False)) for _ in range(sets - 1)]
-                for call in calls[1:]:
-                    call()  # compile or autotune outside the capture (same shapes: cached)
-                launch_ms = _event_ms(fn, 10 if quick else 30)
-                try:
-                    row.ms = _graph_ms(calls, repeats=2 if quick else 5, iters=5 if quick else 15)
-                    row.notes.append(f"launch_ms={launch_ms:.4f} graph of {len(calls)} input sets")
-                except Exception as error:  # not capturable: report the plain event time
-                    row.ms = launch_ms
-                    row.notes.append(f"no CUDA graph ({type(error).__name__}): per-call events")
+                row.ms = _gpu_ms(workload, build, fn, inputs, row.notes, quick)
             else:
                 row.ms = _wall_ms(fn, 3 if quick else 10)
                 row.notes.append("cpu: eager path at reduced shapes, wall clock")

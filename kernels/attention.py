@@ -139,12 +139,14 @@ def attention_forward_kernel(
     out_ptr,  # output (B, H, N, D), any strides
     qk_scale,  # softmax scale * log2(e)
     num_heads,
+    # batch / head / row strides in units of STRIDE_UNIT elements; the head-dim strides in elements
     stride_qb, stride_qh, stride_qn, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_ob, stride_oh, stride_on, stride_od,
     N_QUERIES,
     N_KEYS,
+    STRIDE_UNIT: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
@@ -152,6 +154,21 @@ def attention_forward_kernel(
     BLOCK_N: tl.constexpr,
     EVEN_KEYS: tl.constexpr,
 ):
+    # Multiplying by the constexpr unit tells the compiler every row starts on a STRIDE_UNIT
+    # boundary (e.g. 8 halfs = 16 bytes for D = 40, whose strides Triton cannot specialise):
+    # without it the loads of such rows fall back to narrow, unvectorised accesses.
+    stride_qb = stride_qb * STRIDE_UNIT
+    stride_qh = stride_qh * STRIDE_UNIT
+    stride_qn = stride_qn * STRIDE_UNIT
+    stride_kb = stride_kb * STRIDE_UNIT
+    stride_kh = stride_kh * STRIDE_UNIT
+    stride_kn = stride_kn * STRIDE_UNIT
+    stride_vb = stride_vb * STRIDE_UNIT
+    stride_vh = stride_vh * STRIDE_UNIT
+    stride_vn = stride_vn * STRIDE_UNIT
+    stride_ob = stride_ob * STRIDE_UNIT
+    stride_oh = stride_oh * STRIDE_UNIT
+    stride_on = stride_on * STRIDE_UNIT
     block_m = tl.program_id(0)
     batch_head = tl.program_id(1)
     batch = batch_head // num_heads
@@ -190,6 +207,24 @@ def attention_forward_kernel(
     tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_d[None, :])
 
 
+def scaled_strides(t: torch.Tensor, unit: int) -> tuple[int, int, int, int]:
+    """(B, H, N) strides in units of ``unit`` (0 for size-1 dims, never indexed) and D's stride."""
+    outer = tuple(t.stride(d) // unit if t.shape[d] > 1 else 0 for d in range(3))
+    return (*outer, t.stride(3))
+
+
+def stride_unit(*tensors: torch.Tensor) -> int:
+    """Largest power of two (<= 16) dividing every batch / head / row stride that is indexed."""
+    divisor = 0
+    for t in tensors:
+        for d in range(3):
+            if t.shape[d] > 1:
+                divisor = math.gcd(divisor, t.stride(d))
+    if divisor == 0:
+        return 16
+    return min(divisor & -divisor, 16)
+
+
 def empty_attention_output(q: torch.Tensor, head_dim_v: int) -> torch.Tensor:
     """(B, H, N, Dv) output stored as (B, N, H, Dv): merging the heads after is a free view."""
     batch, heads, queries, _ = q.shape
@@ -210,13 +245,16 @@ def attention_forward(
         return out
     block_d = max(16, triton.next_power_of_2(head_dim))  # tl.dot needs >= 16 along K
 
+    unit = stride_unit(q, k, v, out)
+
     def grid(meta):
         return (triton.cdiv(queries, meta["BLOCK_M"]), batch * heads)
 
     attention_forward_kernel[grid](
         q, k, v, out, scale * LOG2_E, heads,
-        *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+        *(value for t in (q, k, v, out) for value in scaled_strides(t, unit)),
         queries, keys,
+        STRIDE_UNIT=unit,
         HEAD_DIM=head_dim,
         BLOCK_D=block_d,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",

@@ -20,14 +20,19 @@ def sampler_step_eager(
     x: torch.Tensor,
     model_output: torch.Tensor,
     coefficients: torch.Tensor,
-    step: torch.Tensor | None = None,
+    step: torch.Tensor | int | None = None,
     x0_prev: torch.Tensor | None = None,
     guidance_scale: float | torch.Tensor = 1.0,
     noise: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The same step as a sequence of PyTorch ops in fp32 (fp64 for fp64 states)."""
+    """The same step as a sequence of PyTorch ops in fp32 (fp64 for fp64 states); no host sync,
+    so it can be captured in a CUDA graph too."""
     dtype = torch.promote_types(x.dtype, torch.float32)
-    row = coefficients[step] if step is not None else coefficients
+    if isinstance(step, int):
+        step = torch.tensor(step, dtype=torch.int64, device=coefficients.device)
+    # index_select, not coefficients[step]: indexing with a tensor syncs with the host, which
+    # CUDA-graph capture forbids.
+    row = coefficients if step is None else coefficients.index_select(0, step.reshape(1))[0]
     c0, c1, c2, c3, c4, c5, c6 = row.to(dtype).unbind(-1)
     state = x.to(dtype)
     batch = x.shape[0]

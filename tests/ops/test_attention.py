@@ -166,3 +166,14 @@ def test_fp32_on_gpu_uses_full_precision_dots():
     # tf32 dots would miss the fp32 floor; the kernel asks for ieee precision on fp32 inputs.
     with use_backend("triton"):
         check(*make_qkv(1, 2, 300, 77, 64, torch.float32))
+
+
+def test_stride_unit_is_the_alignment_of_indexed_strides():
+    q = torch.empty(2, 8, 64, 40)
+    assert attention_kernels.stride_unit(q) == 8  # D = 40: rows start every 80 bytes in fp16
+    assert attention_kernels.stride_unit(torch.empty(2, 8, 64, 64)) == 16
+    assert attention_kernels.stride_unit(torch.empty(1, 1, 5, 7)) == 1
+    qkv = torch.empty(2, 16, 3, 4, 40)  # fused QKV view: head stride 40, row stride 480
+    view = qkv[:, :, 0].transpose(1, 2)
+    assert attention_kernels.stride_unit(view) == 8
+    assert attention_kernels.scaled_strides(view, 8) == (16 * 480 // 8, 40 // 8, 480 // 8, 1)

@@ -222,3 +222,25 @@ def test_cuda_graph_replay_for_every_step(sampler):
         row = plan.coefficients[index].tolist()
         check_step(out, row, x, model_output, guidance, x0_prev, noise, f"replay {index}")
         x, x0_prev = out
+
+
+@pytest.mark.gpu
+def test_eager_path_is_capturable_in_a_cuda_graph():
+    """The eager fallback reads the plan row by index_select (no host sync), so it can be
+    captured too; each replay must still pick its own row."""
+    plan, table = device_plan("ddim", 0.0, steps=4)
+    x = torch.randn(1, 4, 8, 8, device="cuda")
+    model_output = torch.randn(2, 4, 8, 8, device="cuda")
+    step = torch.zeros((), dtype=torch.int64, device="cuda")
+    guidance = torch.tensor(6.0, device="cuda")
+    with use_backend("eager"):
+        sampler_step(x, model_output, table, step, None, guidance)
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            x_next, x0 = sampler_step(x, model_output, table, step, None, guidance)
+    for index in range(len(plan)):
+        step.fill_(index)
+        graph.replay()
+        row = plan.coefficients[index].tolist()
+        check_step((x_next, x0), row, x, model_output, 6.0, None, None, f"eager replay {index}")
