@@ -3,6 +3,7 @@
 Random weights at the real architectures (benchmarks/model_configs.py), fp16 on GPU. Providers:
   fastdiff           optimize(): fp16, channels-last, fused QKV, Triton kernels, CUDA graph
   fastdiff-nograph   the same without the CUDA graph (what graphs buy)
+  fastdiff-nchw      fastdiff with NCHW activations (what channels-last buys)
   fastdiff-eager     fastdiff's model in fp16, NCHW, plain PyTorch ops (FASTDIFF_BACKEND=eager)
   diffusers          diffusers' UNet2DConditionModel, fp16, eager (when diffusers is installed)
   diffusers-graph    the same under one CUDA graph (BASELINES.md "eager + CUDA graph")
@@ -28,8 +29,8 @@ import model_bench as mb  # noqa: E402
 from model_configs import TEXT_EMBED_DIM, model_config  # noqa: E402
 
 PROVIDERS = (
-    "fastdiff", "fastdiff-nograph", "fastdiff-eager", "fastdiff-compile", "diffusers",
-    "diffusers-graph", "diffusers-compile",
+    "fastdiff", "fastdiff-nograph", "fastdiff-nchw", "fastdiff-eager", "fastdiff-compile",
+    "diffusers", "diffusers-graph", "diffusers-compile",
 )
 
 
@@ -103,7 +104,7 @@ class ModelHolder:
     def release(self) -> None:
         self.fastdiff = self.diffusers = None
 
-    def fastdiff_model(self, prepared: bool):
+    def fastdiff_model(self, prepared: bool, channels_last: bool = True):
         from fastdiff.models import UNet2DConditionModel
         from fastdiff.runtime import OptimizeReport, prepare_module
 
@@ -116,9 +117,12 @@ class ModelHolder:
             self.fastdiff_prepared = False
         if prepared and not self.fastdiff_prepared:
             report = OptimizeReport(device=str(self.device))
-            channels_last = self.device.type == "cuda"
-            prepare_module(self.fastdiff, "unet", report, None, channels_last, fuse_qkv=True)
+            prepare_module(self.fastdiff, "unet", report, None, False, fuse_qkv=True)
             self.fastdiff_prepared = True
+        if prepared:  # the layout is reversible, QKV fusion is not
+            nhwc = channels_last and self.device.type == "cuda"
+            layout = torch.channels_last if nhwc else torch.contiguous_format
+            self.fastdiff.to(memory_format=layout)
         return self.fastdiff
 
     def diffusers_model(self):
@@ -149,13 +153,14 @@ def provider_setup(provider: str, holder: ModelHolder) -> Callable[[], Callable[
                     return model(**inputs)
 
             return run
-        if provider in ("fastdiff", "fastdiff-nograph", "fastdiff-compile"):
-            model = holder.fastdiff_model(prepared=True)
+        if provider in ("fastdiff", "fastdiff-nograph", "fastdiff-nchw", "fastdiff-compile"):
+            nhwc = provider != "fastdiff-nchw"
+            model = holder.fastdiff_model(prepared=True, channels_last=nhwc)
             if provider == "fastdiff-compile":
                 from fastdiff.runtime.optimize import compile_blocks
 
                 compile_blocks(model, "default")
-            if device.type == "cuda":
+            if device.type == "cuda" and nhwc:
                 inputs["sample"] = inputs["sample"].contiguous(memory_format=torch.channels_last)
             if provider == "fastdiff-nograph":
                 return lambda: model(**inputs)
@@ -181,15 +186,16 @@ def provider_setup(provider: str, holder: ModelHolder) -> Callable[[], Callable[
 
 
 def default_providers(compile_: bool) -> list[str]:
-    providers = ["fastdiff-eager", "fastdiff-nograph", "fastdiff"]
+    providers = ["fastdiff-eager", "fastdiff-nchw", "fastdiff-nograph", "fastdiff"]
     if mb.diffusers_available():
         providers += ["diffusers", "diffusers-graph"]
         if compile_:
             providers.append("diffusers-compile")
     if compile_:
         providers.append("fastdiff-compile")
-    if not mb.on_gpu():
-        providers.remove("fastdiff-nograph")  # identical to fastdiff without CUDA
+    if not mb.on_gpu():  # without CUDA these equal fastdiff
+        providers.remove("fastdiff-nograph")
+        providers.remove("fastdiff-nchw")
     return providers
 
 

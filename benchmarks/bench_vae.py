@@ -2,8 +2,8 @@
 
 Random weights at the real architecture, fp16 on GPU. Providers as in bench_unet.py:
 fastdiff (fp16, channels-last, fused QKV, Triton kernels, CUDA graph), fastdiff-nograph,
-fastdiff-eager (plain PyTorch ops, NCHW), diffusers, diffusers-graph, diffusers-compile
-(--compile). On CPU a toy VAE runs in float32 on the eager path.
+fastdiff-nchw (NCHW activations), fastdiff-eager (plain PyTorch ops, NCHW), diffusers,
+diffusers-graph, diffusers-compile (--compile). On CPU a toy VAE runs in float32 on the eager path.
 
     python benchmarks/bench_vae.py [--quick] [--compile]
 """
@@ -21,8 +21,8 @@ import model_bench as mb  # noqa: E402
 from model_configs import model_config  # noqa: E402
 
 PROVIDERS = (
-    "fastdiff", "fastdiff-nograph", "fastdiff-eager", "diffusers", "diffusers-graph",
-    "diffusers-compile",
+    "fastdiff", "fastdiff-nograph", "fastdiff-nchw", "fastdiff-eager", "diffusers",
+    "diffusers-graph", "diffusers-compile",
 )
 
 
@@ -53,7 +53,7 @@ class VAEHolder:
     def release(self) -> None:
         self.fastdiff = self.diffusers = None
 
-    def fastdiff_model(self, prepared: bool):
+    def fastdiff_model(self, prepared: bool, channels_last: bool = True):
         from fastdiff.models import AutoencoderKL
         from fastdiff.runtime import OptimizeReport, prepare_module
 
@@ -66,8 +66,11 @@ class VAEHolder:
             self.prepared = False
         if prepared and not self.prepared:
             report = OptimizeReport(device=str(self.device))
-            prepare_module(self.fastdiff, "vae", report, None, self.device.type == "cuda", True)
+            prepare_module(self.fastdiff, "vae", report, None, False, True)
             self.prepared = True
+        if prepared:  # the layout is reversible, QKV fusion is not
+            nhwc = channels_last and self.device.type == "cuda"
+            self.fastdiff.to(memory_format=torch.channels_last if nhwc else torch.contiguous_format)
         return self.fastdiff
 
     def diffusers_model(self):
@@ -99,9 +102,10 @@ def provider_setup(provider: str, holder: VAEHolder, size: int):
                     return model.decode(latents)
 
             return run
-        if provider in ("fastdiff", "fastdiff-nograph"):
-            model = holder.fastdiff_model(prepared=True)
-            if on_cuda:
+        if provider in ("fastdiff", "fastdiff-nograph", "fastdiff-nchw"):
+            nhwc = provider != "fastdiff-nchw"
+            model = holder.fastdiff_model(prepared=True, channels_last=nhwc)
+            if on_cuda and nhwc:
                 latents = latents.contiguous(memory_format=torch.channels_last)
             if provider == "fastdiff-nograph":
                 return lambda: model.decode(latents)
@@ -126,8 +130,9 @@ def provider_setup(provider: str, holder: VAEHolder, size: int):
 
 
 def default_providers(compile_: bool) -> list[str]:
-    providers = ["fastdiff-eager", "fastdiff-nograph", "fastdiff"] if mb.on_gpu() else [
-        "fastdiff-eager", "fastdiff"]
+    providers = ["fastdiff-eager", "fastdiff"]
+    if mb.on_gpu():
+        providers[1:1] = ["fastdiff-nchw", "fastdiff-nograph"]
     if mb.diffusers_available():
         providers += ["diffusers", "diffusers-graph"]
         if compile_:

@@ -263,6 +263,7 @@ def optimize(
     vae_dtype: torch.dtype | None = None,
     compile_mode: str | None = None,
     compile_backend: str = "inductor",
+    vae_channels_last: bool | None = None,
 ) -> OptimizedRuntime | None:
     """Prepare ``pipe`` (a ``fastdiff.Pipeline``) for speed, in place; returns its runtime.
 
@@ -274,6 +275,8 @@ def optimize(
     without ``backend`` nothing but QKV fusion is applied (float32 kept) and the pipeline's
     eager path stays in use.
 
+    ``vae_channels_last`` overrides ``channels_last`` for the VAE (None: the same; the
+    benchmarks' fastdiff-nchw provider shows which layout is faster for a GPU).
     ``compile_mode`` (e.g. "default" or "max-autotune-no-cudagraphs"; None = off) also
     torch.compiles the U-Net's blocks: an option, since compiling takes a minute where the
     default path warms up in seconds.
@@ -304,7 +307,8 @@ def optimize(
         torch.backends.cudnn.benchmark = True  # pick the fastest NHWC conv algorithm per shape
         report.applied.append("cudnn.benchmark = True")
     prepare_module(pipe.unet, "unet", report, dtype, channels_last, fuse_qkv)
-    prepare_module(pipe.vae, "vae", report, vae_dtype or dtype, channels_last, fuse_qkv)
+    vae_nhwc = channels_last if vae_channels_last is None else (vae_channels_last and on_cuda)
+    prepare_module(pipe.vae, "vae", report, vae_dtype or dtype, vae_nhwc, fuse_qkv)
     if compile_mode is not None:
         count = compile_blocks(pipe.unet, compile_mode, compile_backend)
         report.applied.append(f"unet: torch.compile({compile_mode!r}) of {count} blocks "
