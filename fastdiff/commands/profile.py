@@ -141,6 +141,8 @@ def run(args: argparse.Namespace) -> int:
     config, size, tokens, width, pooled = unet_config(model)
     if not on_cuda:
         print("no CUDA: profiling CPU ops of the eager reference path (toy shapes unless --model)")
+    else:
+        torch.backends.cudnn.benchmark = True  # both paths get cuDNN's fastest algorithms
     with torch.device(device):
         unet = UNet2DConditionModel(config).to(dtype).eval().requires_grad_(False)
         sample = torch.randn(args.batch, 4, size, size, dtype=dtype)
