@@ -43,3 +43,16 @@ def test_classifier_round_trip_and_errors(tmp_path):
         load_classifier(tmp_path / "clf")
     with pytest.raises(FileNotFoundError, match="no classifier config"):
         load_classifier(tmp_path / "nothing")
+
+
+def test_loss_plot_from_run_logs(tmp_path):
+    pytest.importorskip("matplotlib")
+    from fastdiff.training.plot import plot_losses, smooth
+
+    assert smooth([1.0, 3.0, 5.0, 7.0], 2) == [1.0, 2.0, 4.0, 6.0]
+    with pytest.raises(FileNotFoundError, match="no <stage>_log.csv"):
+        plot_losses(tmp_path, tmp_path / "loss.png")
+    rows = "\n".join(f"{step},{1.0 / step:.6f},0.001,0.0" for step in range(1, 101))
+    (tmp_path / "unet_log.csv").write_text("step,loss,learning_rate,seconds\n" + rows + "\n")
+    assert plot_losses(tmp_path, tmp_path / "loss.png") == ["unet"]
+    assert (tmp_path / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
