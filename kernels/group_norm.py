@@ -1,4 +1,5 @@
-"""GroupNorm (+ optional SiLU) as a split reduction: partial statistics, finalize, normalize.
+"""GroupNorm (+ optional SiLU): a single-pass kernel for small groups, and for large groups a split
+reduction (partial statistics, finalize, normalize).
 
 The input is seen as (N, C, S) through strides, S being the flattened spatial dims, so NCHW
 (stride_s == 1) and channels-last (stride_c == 1) run the same kernels; Triton specialises the
@@ -12,6 +13,10 @@ stride equal to 1 and vectorises along that axis.
    mean, rstd * weight and bias per (sample, channel).
 3. ``group_norm_apply_kernel``: y = (x - mean) * scale + bias, then SiLU if asked; one read and
    one write.
+
+Small groups (the U-Net's low resolutions) take ``group_norm_single_pass_kernel`` instead: one
+program per (sample, group) that accumulates shifted sums, then normalizes in a second loop over
+the same (now L2-resident) data, in a single launch.
 """
 
 from __future__ import annotations
@@ -21,6 +26,9 @@ import functools
 import torch
 import triton
 import triton.language as tl
+
+# Largest group (channels per group x spatial size) for the single-program-per-group kernel.
+SINGLE_PASS_MAX_GROUP = 32768
 
 
 @triton.jit
@@ -167,6 +175,72 @@ def group_norm_apply_kernel(
     tl.store(y_ptrs + offs_s[None, :] * out_stride_s, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
+@triton.jit
+def group_norm_single_pass_kernel(
+    x_ptr,  # input (N, C, S) through strides
+    y_ptr,  # output (N, C, S) through its own strides
+    weight_ptr,  # [C] affine weight (read only when HAS_WEIGHT)
+    bias_ptr,  # [C] affine bias (read only when HAS_BIAS)
+    spatial,
+    num_groups,
+    stride_n,
+    stride_c,
+    stride_s,
+    out_stride_n,
+    out_stride_c,
+    out_stride_s,
+    eps,
+    CHANNELS_PER_GROUP: tl.constexpr,
+    BLOCK_CG: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    SILU: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    sample = pid // num_groups
+    group = pid % num_groups
+    offs_cg = tl.arange(0, BLOCK_CG)
+    mask_c = offs_cg < CHANNELS_PER_GROUP
+    chan = group * CHANNELS_PER_GROUP + offs_cg
+    base = x_ptr + sample.to(tl.int64) * stride_n + chan[:, None] * stride_c
+    # Shifted sums around the group's first element keep the one-pass variance accurate.
+    shift = tl.load(x_ptr + sample.to(tl.int64) * stride_n + group * CHANNELS_PER_GROUP * stride_c)
+    shift = shift.to(tl.float32)
+    acc_sum = tl.zeros([BLOCK_CG, BLOCK_S], dtype=tl.float32)
+    acc_sq = tl.zeros([BLOCK_CG, BLOCK_S], dtype=tl.float32)
+    for s0 in range(0, spatial, BLOCK_S):
+        offs_s = s0 + tl.arange(0, BLOCK_S)
+        mask = mask_c[:, None] & (offs_s < spatial)[None, :]
+        values = tl.load(base + offs_s[None, :] * stride_s, mask=mask, other=0.0).to(tl.float32)
+        centred = tl.where(mask, values - shift, 0.0)
+        acc_sum += centred
+        acc_sq += centred * centred
+    count = spatial * CHANNELS_PER_GROUP * 1.0
+    mean_shifted = tl.sum(tl.sum(acc_sum, axis=1), axis=0) / count
+    mean_square = tl.sum(tl.sum(acc_sq, axis=1), axis=0) / count
+    var = tl.maximum(mean_square - mean_shifted * mean_shifted, 0.0)
+    mean = shift + mean_shifted
+    rstd = 1.0 / tl.sqrt(var + eps)
+    if HAS_WEIGHT:
+        scale = tl.load(weight_ptr + chan, mask=mask_c, other=0.0).to(tl.float32) * rstd
+    else:
+        scale = tl.zeros([BLOCK_CG], dtype=tl.float32) + rstd
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + chan, mask=mask_c, other=0.0).to(tl.float32)
+    else:
+        bias = tl.zeros([BLOCK_CG], dtype=tl.float32)
+    out_base = y_ptr + sample.to(tl.int64) * out_stride_n + chan[:, None] * out_stride_c
+    for s0 in range(0, spatial, BLOCK_S):  # second read: the group was just read, mostly from L2
+        offs_s = s0 + tl.arange(0, BLOCK_S)
+        mask = mask_c[:, None] & (offs_s < spatial)[None, :]
+        values = tl.load(base + offs_s[None, :] * stride_s, mask=mask, other=0.0).to(tl.float32)
+        y = (values - mean) * scale[:, None] + bias[:, None]
+        if SILU:
+            y = y / (1.0 + tl.exp(-y))
+        tl.store(out_base + offs_s[None, :] * out_stride_s, y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
 def flat_strides(x: torch.Tensor) -> tuple[int, int, int] | None:
     """(stride_n, stride_c, stride_s) of ``x`` seen as (N, C, S), or None when the spatial dims
     cannot be flattened into one stride (a permuted or sliced spatial layout)."""
@@ -207,7 +281,10 @@ def group_norm_forward(
     eps: float,
     silu: bool,
 ) -> torch.Tensor:
-    """Launch the three kernels; the output keeps the input's memory format (NCHW or NHWC)."""
+    """Launch the kernels; the output keeps the input's memory format (NCHW or NHWC).
+
+    Groups of at most SINGLE_PASS_MAX_GROUP elements take the one-launch single-pass kernel,
+    larger ones the three-kernel split reduction (many programs per group)."""
     strides = flat_strides(x)
     if strides is None:
         raise ValueError(f"group_norm kernel: spatial dims of stride {x.stride()} do not flatten")
@@ -219,6 +296,20 @@ def group_norm_forward(
         y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
         out_strides = flat_strides(y)
     if x.numel() == 0:
+        return y
+    per_group = channels // num_groups
+    if per_group * spatial <= SINGLE_PASS_MAX_GROUP and per_group <= 1024:
+        # Small groups: one program per group, one launch (the three-kernel path is launch-bound
+        # there).
+        block_cg = max(2, triton.next_power_of_2(per_group))
+        block_s = max(2, min(triton.next_power_of_2(spatial), max(16, 4096 // block_cg)))
+        group_norm_single_pass_kernel[(num_samples * num_groups,)](
+            x, y, weight if weight is not None else y, bias if bias is not None else y,
+            spatial, num_groups, *strides, *out_strides, float(eps),
+            CHANNELS_PER_GROUP=per_group, BLOCK_CG=block_cg, BLOCK_S=block_s,
+            HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, SILU=bool(silu),
+            num_warps=8,
+        )
         return y
     channel_contiguous = strides[1] == 1 and strides[2] != 1
     block_c, block_s = _tile(channels, spatial, channel_contiguous)
@@ -234,7 +325,6 @@ def group_norm_forward(
         x, partial, num_samples, channels, spatial, *strides, splits, tiles_per_split,
         BLOCK_C=block_c, BLOCK_S=block_s,
     )
-    per_group = channels // num_groups
     block_cg = max(2, triton.next_power_of_2(per_group))
     block_split = max(2, min(triton.next_power_of_2(splits), max(2, 4096 // block_cg)))
     folded = torch.empty(3 * num_samples * channels, dtype=torch.float32, device=x.device)

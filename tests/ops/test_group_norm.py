@@ -25,6 +25,15 @@ EDGE_CASES = [
 ]
 
 
+@pytest.fixture(params=["default", "split"])
+def kernel_path(request, monkeypatch):
+    """Run a test through both launch paths: the default choice (the single-pass kernel for the
+    small groups of the CPU tests) and the three-kernel split reduction (forced)."""
+    if request.param == "split":
+        monkeypatch.setattr(group_norm_kernels, "SINGLE_PASS_MAX_GROUP", 0)
+    return request.param
+
+
 def make_inputs(shape, dtype, channels_last=False, affine=True, offset=0.0):
     x = (torch.randn(shape, device=DEVICE) * 2 + offset).to(dtype)
     if channels_last:
@@ -46,7 +55,7 @@ def check(x, groups, weight, bias, silu, eps=1e-5, what=""):
 
 @pytest.mark.parametrize("dtype", kernel_dtypes())
 @pytest.mark.parametrize(("shape", "groups"), EDGE_CASES)
-def test_edge_shapes_nchw(triton_backend, monkeypatch, shape, groups, dtype):
+def test_edge_shapes_nchw(triton_backend, kernel_path, monkeypatch, shape, groups, dtype):
     counter = CallCounter(monkeypatch, group_norm_kernels, "group_norm_forward")
     x, weight, bias = make_inputs(shape, dtype)
     check(x, groups, weight, bias, silu=True, what=f"{shape} g={groups}")
@@ -64,7 +73,7 @@ def test_edge_shapes_nchw(triton_backend, monkeypatch, shape, groups, dtype):
         pytest.param((1, 160, 4, 4), 32, id="wide-channels"),
     ],
 )
-def test_channels_last(triton_backend, monkeypatch, shape, groups, dtype):
+def test_channels_last(triton_backend, kernel_path, monkeypatch, shape, groups, dtype):
     counter = CallCounter(monkeypatch, group_norm_kernels, "group_norm_forward")
     x, weight, bias = make_inputs(shape, dtype, channels_last=True)
     out = check(x, groups, weight, bias, silu=True, what=f"NHWC {shape}")
@@ -74,17 +83,17 @@ def test_channels_last(triton_backend, monkeypatch, shape, groups, dtype):
 
 @pytest.mark.parametrize("silu", [False, True], ids=["plain", "silu"])
 @pytest.mark.parametrize("affine", [False, True], ids=["no-affine", "affine"])
-def test_affine_and_silu_variants(triton_backend, affine, silu):
+def test_affine_and_silu_variants(triton_backend, kernel_path, affine, silu):
     x, weight, bias = make_inputs((2, 12, 5, 6), torch.float32, affine=affine)
     check(x, 3, weight, bias, silu=silu, eps=1e-6)
 
 
-def test_weight_without_bias(triton_backend):
+def test_weight_without_bias(triton_backend, kernel_path):
     x, weight, _ = make_inputs((2, 12, 5, 6), torch.float32)
     check(x, 4, weight, None, silu=False)
 
 
-def test_large_mean_keeps_fp32_statistics_accurate(triton_backend):
+def test_large_mean_keeps_fp32_statistics_accurate(triton_backend, kernel_path):
     # |mean| >> std: a naive E[x^2] - E[x]^2 in fp32 loses the variance; shifted sums must not.
     # Here the fp32 reference itself rounds, so measure both against a float64 computation.
     x, weight, bias = make_inputs((2, 8, 16, 16), torch.float32, offset=3000.0)
@@ -184,7 +193,7 @@ def test_fake_kernel_matches_real_output(triton_backend):
     [(2, 320, 64, 64), (2, 640, 32, 32), (2, 1280, 16, 16), (2, 1280, 8, 8), (1, 512, 128, 128)],
     ids=lambda shape: "x".join(map(str, shape)),
 )
-def test_sd_shapes_on_gpu(shape, channels_last, dtype):
+def test_sd_shapes_on_gpu(kernel_path, shape, channels_last, dtype):
     x, weight, bias = make_inputs(shape, dtype, channels_last=channels_last)
     with use_backend("triton"):
         check(x, 32, weight, bias, silu=True, eps=1e-6, what=f"{shape}")
