@@ -59,9 +59,12 @@ print(f'build+load: {time.perf_counter() - begin:.1f} s;', ext.origin() if ok el
 sys.exit(0 if ok else 1)
 "
 
-part gpu-tests 180 env FASTDIFF_REQUIRE_CUDA_EXTENSION=1 "$PY" -m pytest -q -p no:cacheprovider \
-    -o addopts="" -ra tests/ops/test_cuda_extension.py tests/ops/test_cuda_autoselect.py \
-    tests/ops/test_cuda_group_norm.py tests/ops/test_cuda_sampler_step.py
+# One pytest process per file, so that a crash in one cannot hide the others' results.
+for test_file in test_cuda_extension test_cuda_autoselect test_cuda_group_norm \
+    test_cuda_sampler_step; do
+    part "$test_file" 150 env FASTDIFF_REQUIRE_CUDA_EXTENSION=1 "$PY" -m pytest -q \
+        -p no:cacheprovider -o addopts="" -rfEs --tb=short "tests/ops/$test_file.py"
+done
 
 part bench 150 "$PY" benchmarks/bench_cuda_backend.py --quick --out "$OUTDIR" \
     --table "$OUTDIR/backend_table.json"

@@ -98,6 +98,21 @@ void check_affine(const std::optional<at::Tensor>& param, const at::Tensor& x, c
   TORCH_CHECK(p.is_contiguous(), kGroupNorm, ": ", name, " must be contiguous");
 }
 
+// The launch plan with the output assumed as aligned as x (the caching allocator's blocks are):
+// the same decision the launcher makes once the output exists.
+fastdiff::GroupNormLaunch plan_for_input(fastdiff::GroupNormArgs args) {
+  args.out = const_cast<void*>(args.x);
+  return fastdiff::group_norm_plan(args);
+}
+
+void check_group_fits(const fastdiff::GroupNormArgs& args, const at::Tensor& x,
+                      int64_t num_groups) {
+  TORCH_CHECK(plan_for_input(args).supported, kGroupNorm, ": a group of ", args.spatial, " x ",
+              args.channels / num_groups, " elements (x shape ", x.sizes(),
+              ", num_groups=", num_groups, ") does not fit the register-resident kernel; ",
+              "use the triton backend for it (fastdiff.ops.cuda_extension.supports_group_norm)");
+}
+
 at::Tensor group_norm(const at::Tensor& x, int64_t num_groups,
                       const std::optional<at::Tensor>& weight,
                       const std::optional<at::Tensor>& bias, double eps, bool silu) {
@@ -110,6 +125,8 @@ at::Tensor group_norm(const at::Tensor& x, int64_t num_groups,
                 ") must have the same dtype");
   }
   TORCH_CHECK_VALUE(eps >= 0.0, kGroupNorm, ": eps must be >= 0, got ", eps);
+  check_group_fits(args, x, num_groups);
+  // Every check above runs before anything is allocated or the device is switched.
   const c10::cuda::CUDAGuard guard(x.device());
   // Preserve x's strides exactly (they can differ from the canonical ones in size-1 dims).
   at::Tensor out = at::empty_like(x);
@@ -122,11 +139,6 @@ at::Tensor group_norm(const at::Tensor& x, int64_t num_groups,
   args.param_dtype = to_dtype(param_type, kGroupNorm, "weight");
   args.eps = static_cast<float>(eps);
   args.silu = silu;
-  const fastdiff::GroupNormLaunch launch = fastdiff::group_norm_plan(args);
-  TORCH_CHECK(launch.supported, kGroupNorm, ": a group of ", args.spatial, " x ",
-              args.channels / num_groups, " elements (x shape ", x.sizes(),
-              ", num_groups=", num_groups, ") does not fit the register-resident kernel; ",
-              "use the triton backend for it (fastdiff.ops.cuda_extension.supports_group_norm)");
   check_launch(fastdiff::group_norm_launch(args, c10::cuda::getCurrentCUDAStream().stream()),
                kGroupNorm);
   return out;
@@ -135,9 +147,7 @@ at::Tensor group_norm(const at::Tensor& x, int64_t num_groups,
 // [supported, vec, threads, loads]: lets tests check the Python-side support rule against the
 // launcher's own decision, and benchmarks report the configuration they measured.
 std::vector<int64_t> group_norm_plan(const at::Tensor& x, int64_t num_groups) {
-  fastdiff::GroupNormArgs args = group_norm_args(x, num_groups);
-  args.out = const_cast<void*>(args.x);  // an output from the caching allocator is at least as aligned as x
-  const fastdiff::GroupNormLaunch launch = fastdiff::group_norm_plan(args);
+  const fastdiff::GroupNormLaunch launch = plan_for_input(group_norm_args(x, num_groups));
   return {launch.supported ? 1 : 0, launch.vec, launch.threads, launch.loads};
 }
 

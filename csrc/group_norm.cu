@@ -243,11 +243,14 @@ GroupNormLaunch group_norm_plan(const GroupNormArgs& args) {
 
 cudaError_t group_norm_launch(const GroupNormArgs& args, cudaStream_t stream) {
   const GroupNormLaunch launch = group_norm_plan(args);
-  if (!launch.supported || args.x == nullptr || args.out == nullptr) {
+  if (!launch.supported) {
     return cudaErrorInvalidValue;
   }
   if (args.batch == 0 || args.spatial == 0) {
-    return cudaSuccess;
+    return cudaSuccess;  // before the pointer check: an empty tensor's data pointer is null
+  }
+  if (args.x == nullptr || args.out == nullptr) {
+    return cudaErrorInvalidValue;
   }
   GroupNormParams params{};
   params.x = args.x;

@@ -180,13 +180,15 @@ bool is_float_or_double(DType dtype) {
 }  // namespace
 
 cudaError_t sampler_step_launch(const SamplerStepArgs& a, cudaStream_t stream) {
-  if (a.numel < 0 || a.x == nullptr || a.model_out == nullptr || a.x_next == nullptr ||
-      a.x0 == nullptr || a.coefficients == nullptr || a.num_steps < 1 ||
+  if (a.numel < 0 || a.coefficients == nullptr || a.num_steps < 1 ||
       !is_float_or_double(a.coefficient_dtype)) {
     return cudaErrorInvalidValue;
   }
   if (a.numel == 0) {
-    return cudaSuccess;
+    return cudaSuccess;  // before the pointer checks: an empty tensor's data pointer is null
+  }
+  if (a.x == nullptr || a.model_out == nullptr || a.x_next == nullptr || a.x0 == nullptr) {
+    return cudaErrorInvalidValue;
   }
   switch (a.state_dtype) {
     case DType::Float32:

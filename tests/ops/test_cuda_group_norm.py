@@ -16,6 +16,7 @@ import fastdiff.ops.cuda_extension as cuda_extension
 from fastdiff.ops import group_norm, group_norm_reference, use_backend
 from fastdiff.ops.cuda_support import group_norm_launch_plan
 from fastdiff.ops.group_norm import group_norm_eager
+from tests.ops.cuda_errors import assert_errors, run_error_cases
 from tests.ops.helpers import assert_within_tolerance, kernel_dtypes
 
 pytestmark = pytest.mark.gpu
@@ -83,23 +84,29 @@ def test_group_norm_other_ranks(shape):
     check_group_norm(x, 2 if shape[1] % 2 == 0 else 1, weight, bias, True, what=str(shape))
 
 
-def test_group_norm_large_mean_small_spread():
+def test_group_norm_large_mean():
     # Statistics around a pivot, then the centred second moment: accurate where E[x^2] - E[x]^2
-    # in fp32 would lose most digits (variance 1e-4 under a mean of 50). Judged against an fp64
+    # in fp32 loses about 1e-3 of a unit variance under a mean of 300. Judged against an fp64
     # reference, since in fp32 the eager result is the reference.
-    x, weight, bias = make_inputs((2, 64, 16, 16), torch.float32, True, scale=0.01, offset=50.0)
+    x, weight, bias = make_inputs((2, 64, 16, 16), torch.float32, True, scale=1.0, offset=300.0)
     out = cuda_extension.group_norm(x, 8, weight, bias)
     exact = group_norm_reference(x.double(), 8, weight.double(), bias.double())
-    assert_within_tolerance(out, exact, group_norm_eager(x, 8, weight, bias), "offset 50")
+    assert_within_tolerance(out, exact, group_norm_eager(x, 8, weight, bias), "offset 300")
 
 
 def test_group_norm_without_affine_and_fp32_params_on_fp16():
     x, _, _ = make_inputs((2, 320, 16, 16), torch.float16, True, affine=False)
     check_group_norm(x, 32, None, None, True, what="no affine")
+    check_group_norm(x, 32, torch.randn(320, device="cuda").half(), None, False, what="no bias")
+    # fp32 parameters on fp16 input: eager PyTorch on CUDA wants one dtype, so its error is
+    # measured with the parameters rounded to fp16 (what an fp16 model holds).
     weight = torch.randn(320, device="cuda")
     bias = torch.randn(320, device="cuda")
-    check_group_norm(x, 32, weight, bias, True, what="fp32 weight on fp16 x")
-    check_group_norm(x, 32, weight, None, False, what="weight only")
+    assert cuda_extension.supports_group_norm(x, 32, weight, bias)
+    out = cuda_extension.group_norm(x, 32, weight, bias, 1e-5, True)
+    reference = group_norm_reference(x, 32, weight, bias, 1e-5, True)
+    eager = group_norm_eager(x, 32, weight.half(), bias.half(), 1e-5, True)
+    assert_within_tolerance(out, reference, eager, "fp32 weight on fp16 x")
 
 
 def test_group_norm_misaligned_input_uses_the_scalar_path():
@@ -144,8 +151,6 @@ def test_python_support_rule_matches_the_launcher():
 def test_group_norm_too_large_group_is_refused_and_dispatch_falls_back(monkeypatch):
     x, weight, bias = make_inputs((2, 1280, 32, 32), torch.float16, False)
     assert not cuda_extension.supports_group_norm(x, 32, weight, bias)
-    with pytest.raises(RuntimeError, match="does not fit the register-resident kernel"):
-        cuda_extension.group_norm(x, 32, weight, bias)
     calls = []
     monkeypatch.setattr(
         cuda_extension, "group_norm", lambda *a: calls.append(a) or pytest.fail("not supported")
@@ -174,20 +179,36 @@ def test_backend_cuda_routes_group_norm_to_the_extension(monkeypatch):
     assert_within_tolerance(out, reference, group_norm_eager(x, 32, weight, bias, 1e-5, True))
 
 
+ERROR_CASES = """
+x = torch.randn(2, 8, 4, 4, device="cuda").half()
+weight, bias = torch.randn(8, device="cuda").half(), torch.randn(8, device="cuda").half()
+big = torch.randn(2, 1280, 32, 32, device="cuda").half()
+op = cuda_extension.group_norm
+check("cpu", lambda: op(x.cpu(), 4, weight.cpu(), bias.cpu()))
+check("double", lambda: op(x.double(), 4, weight, bias))
+check("groups", lambda: op(x, 3, weight, bias))
+check("weight shape", lambda: op(x, 4, weight[:4], bias))
+check("bias device", lambda: op(x, 4, weight, bias.cpu()))
+check("layout", lambda: op(x.transpose(2, 3), 4, weight, bias))
+check("param dtypes", lambda: op(x, 4, weight.float(), bias))
+check("too large", lambda: op(big, 32))
+"""
+
+
 def test_group_norm_argument_errors_name_the_argument():
-    x, weight, bias = make_inputs((2, 8, 4, 4), torch.float16, False)
-    op = cuda_extension.group_norm
-    with pytest.raises(RuntimeError, match="x must be a CUDA tensor"):
-        op(x.cpu(), 4, weight.cpu(), bias.cpu())
-    with pytest.raises(RuntimeError, match="x has dtype Double"):
-        op(x.double(), 4, weight, bias)
-    with pytest.raises(ValueError, match="num_groups=3 must divide the 8 channels"):
-        op(x, 3, weight, bias)
-    with pytest.raises(ValueError, match=r"weight has shape \[4\], expected \(8,\)"):
-        op(x, 4, weight[:4], bias)
-    with pytest.raises(RuntimeError, match="bias must be a CUDA tensor"):
-        op(x, 4, weight, bias.cpu())
-    with pytest.raises(RuntimeError, match="contiguous .NCHW. or channels_last"):
-        op(x.transpose(2, 3), 4, weight, bias)
-    with pytest.raises(RuntimeError, match="weight .* and bias .* must have the same dtype"):
-        op(x, 4, weight.float(), bias)
+    assert_errors(
+        run_error_cases(ERROR_CASES),
+        {
+            "cpu": ("RuntimeError", "x must be a CUDA tensor, got device cpu"),
+            "double": ("RuntimeError", "x has dtype Double; allowed: float32, float16, bfloat16"),
+            "groups": ("ValueError", "num_groups=3 must divide the 8 channels of x"),
+            "weight shape": ("ValueError", "weight has shape [4], expected (8,)"),
+            "bias device": ("RuntimeError", "bias must be a CUDA tensor, got device cpu"),
+            "layout": ("RuntimeError", "x must be contiguous (NCHW) or channels_last (NHWC)"),
+            "param dtypes": (
+                "RuntimeError",
+                "weight (Float) and bias (Half) must have the same dtype",
+            ),
+            "too large": ("RuntimeError", "does not fit the register-resident kernel"),
+        },
+    )

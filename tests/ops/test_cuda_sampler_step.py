@@ -13,6 +13,7 @@ import torch
 import fastdiff.ops.cuda_extension as cuda_extension
 from fastdiff.ops import sampler_step, use_backend
 from fastdiff.sampling import NoiseSchedule, apply_plan_row, combine_guidance, make_plan
+from tests.ops.cuda_errors import assert_errors, run_error_cases
 from tests.ops.helpers import assert_within_tolerance, kernel_dtypes
 
 pytestmark = pytest.mark.gpu
@@ -178,32 +179,46 @@ def test_captured_graph_replays_every_step(sampler):
         x0_prev.copy_(out[1])
 
 
+ERROR_CASES = """
+from fastdiff.sampling import NoiseSchedule, make_plan
+
+plan = make_plan(NoiseSchedule(beta_schedule="scaled_linear"), "ddim", steps=4)
+table = plan.coefficients.to("cuda")
+x = torch.randn(2, 4, 4, 4, device="cuda")
+model_output = torch.randn(4, 4, 4, 4, device="cuda")
+step = torch.tensor(0, device="cuda")
+
+
+def op(x=x, model_output=model_output, table=table, step=step, x0_prev=None, noise=None):
+    return cuda_extension.sampler_step(x, model_output, table, step, x0_prev, None, 2.0, noise)
+
+
+check("cpu", lambda: op(x=x.cpu()))
+check("double", lambda: op(x=x.double()))
+check("model shape", lambda: op(model_output=model_output[:3]))
+check("model layout", lambda: op(model_output=model_output.to(memory_format=torch.channels_last)))
+check("x0_prev dtype", lambda: op(x0_prev=x.half()))
+check("noise shape", lambda: op(noise=x[:1]))
+check("table shape", lambda: op(table=table[:, :6]))
+check("no step", lambda: op(step=None))
+check("int32 step", lambda: op(step=step.int()))
+check("cpu table", lambda: op(table=table.cpu()))
+"""
+
+
 def test_argument_errors_name_the_argument():
-    _, table = plan_table("ddim", 0.0)
-    x = torch.randn(2, 4, 4, 4, device="cuda")
-    model_output = torch.randn(4, 4, 4, 4, device="cuda")
-    step = torch.tensor(0, device="cuda")
-
-    def op(*, x=x, model_output=model_output, table=table, step=step, x0_prev=None, noise=None):
-        return cuda_extension.sampler_step(x, model_output, table, step, x0_prev, None, 2.0, noise)
-
-    with pytest.raises(RuntimeError, match="x must be a CUDA tensor"):
-        op(x=x.cpu())
-    with pytest.raises(RuntimeError, match="x has dtype Double"):
-        op(x=x.double())
-    with pytest.raises(ValueError, match="model_output has shape"):
-        op(model_output=model_output[:3])
-    with pytest.raises(RuntimeError, match="model_output must share x's dense layout"):
-        op(model_output=model_output.to(memory_format=torch.channels_last))
-    with pytest.raises(RuntimeError, match="x0_prev has dtype Half but x has dtype Float"):
-        op(x0_prev=x.half())
-    with pytest.raises(ValueError, match="noise has shape"):
-        op(noise=x[:1])
-    with pytest.raises(ValueError, match=r"coefficients must be a \[S, 7\] table"):
-        op(table=table[:, :6])
-    with pytest.raises(ValueError, match="pass step with a"):
-        op(step=None)
-    with pytest.raises(RuntimeError, match="step must be one int64 element"):
-        op(step=step.int())
-    with pytest.raises(RuntimeError, match="coefficients must be a CUDA tensor"):
-        op(table=table.cpu())
+    assert_errors(
+        run_error_cases(ERROR_CASES),
+        {
+            "cpu": ("RuntimeError", "x must be a CUDA tensor"),
+            "double": ("RuntimeError", "x has dtype Double"),
+            "model shape": ("ValueError", "model_output has shape [3, 4, 4, 4]"),
+            "model layout": ("RuntimeError", "model_output must share x's dense layout"),
+            "x0_prev dtype": ("RuntimeError", "x0_prev has dtype Half but x has dtype Float"),
+            "noise shape": ("ValueError", "noise has shape [1, 4, 4, 4]"),
+            "table shape": ("ValueError", "coefficients must be a [S, 7] table or one [7] row"),
+            "no step": ("ValueError", "pass step with a [S, 7] coefficient table"),
+            "int32 step": ("RuntimeError", "step must be one int64 element, got Int"),
+            "cpu table": ("RuntimeError", "coefficients must be a CUDA tensor"),
+        },
+    )
