@@ -12,7 +12,8 @@
 #
 # diffusers providers run only when diffusers imports; wheels in .whl/ (diffusers and its missing
 # dependencies) are installed to /tmp/fastdiff-site first when present.
-# Writes OUTDIR/models.csv (all rows), OUTDIR/models_<step>.log, OUTDIR/models_summary.txt.
+# Writes OUTDIR/models.csv (all rows), models.png... (models-models.png), models_<step>.log and
+# models_summary.txt (step status and each step's final table).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUTDIR="${1:-${OUT:-gpu_check_out}}"
@@ -90,4 +91,8 @@ run unet_sd15_b1 45 python3 benchmarks/bench_unet.py --workloads sd15_b1 --csv "
     --providers fastdiff,fastdiff-eager,diffusers,diffusers-graph
 run profile 45 python3 -m fastdiff profile --model sd15 --top 12
 
+if [[ -s "$CSV" ]]; then
+    timeout 60 python3 benchmarks/plot_models.py "$CSV" --out "$OUTDIR" >>"$SUMMARY" 2>&1 \
+        || log "plot failed"
+fi
 log "total $(( $(date +%s) - start_all ))s; rows in $CSV"
