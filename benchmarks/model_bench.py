@@ -260,7 +260,8 @@ def add_common_arguments(parser: argparse.ArgumentParser, providers: tuple[str, 
 
 def iterations(args: argparse.Namespace) -> tuple[int, int]:
     """(warmup, iters): 3 and 10 on GPU as in BASELINES.md; fewer for --quick and on CPU."""
-    warmup, iters = (3, 10) if on_gpu() else (1, 3)
+    # CPU: oneDNN builds its conv primitives over the first calls, so warm up as long as on GPU.
+    warmup, iters = (3, 10) if on_gpu() else (3, 3)
     if args.quick:
         warmup, iters = min(warmup, 2), min(iters, 5)
     return (args.warmup if args.warmup is not None else warmup,
