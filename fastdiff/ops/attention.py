@@ -9,7 +9,12 @@ import math
 import torch
 import torch.nn.functional as F
 
-from fastdiff.ops.backend import cuda_extension_op, kernel_dtype_supported, select_backend
+from fastdiff.ops.backend import (
+    cuda_extension_op,
+    kernel_dtype_supported,
+    needs_autograd,
+    select_backend,
+)
 
 MAX_KERNEL_HEAD_DIM = 256
 
@@ -79,6 +84,8 @@ def attention(
     """
     check_attention_args(q, k, v)
     backend = select_backend(q)
+    if needs_autograd(q, k, v):
+        backend = "eager"
     if backend == "cuda":
         native = cuda_extension_op("attention", q, k, v, scale)
         if native is not None:

@@ -154,3 +154,11 @@ def rows_are_viewable(x: torch.Tensor) -> bool:
     except RuntimeError:
         return False
     return True
+
+
+def needs_autograd(*tensors: torch.Tensor | None) -> bool:
+    """True when a gradient must flow through these inputs. The kernels are forward-only, so the
+    ops send such calls (training) to the eager path, which autograd differentiates."""
+    if not torch.is_grad_enabled():
+        return False
+    return any(t is not None and t.requires_grad for t in tensors)

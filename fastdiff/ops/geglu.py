@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from fastdiff.ops.backend import (
     cuda_extension_op,
     kernel_dtype_supported,
+    needs_autograd,
     rows_are_viewable,
     select_backend,
 )
@@ -51,6 +52,8 @@ def geglu(x: torch.Tensor) -> torch.Tensor:
     """``value * gelu(gate)`` for ``x = [value | gate]`` on the last dimension (exact-erf GELU)."""
     _check(x)
     backend = select_backend(x)
+    if needs_autograd(x):
+        backend = "eager"
     if backend == "cuda":
         native = cuda_extension_op("geglu", x)
         if native is not None:

@@ -8,7 +8,12 @@ arguments, picks the backend, sends unsupported inputs to the eager path).
 import torch
 import torch.nn.functional as F
 
-from fastdiff.ops.backend import cuda_extension_op, kernel_dtype_supported, select_backend
+from fastdiff.ops.backend import (
+    cuda_extension_op,
+    kernel_dtype_supported,
+    needs_autograd,
+    select_backend,
+)
 
 MAX_CHANNELS_PER_GROUP = 8192  # the finalize kernel holds one group's channels in registers
 
@@ -100,6 +105,8 @@ def group_norm(
     """
     check_group_norm_args(x, num_groups, weight, bias)
     backend = select_backend(x)
+    if needs_autograd(x, weight, bias):
+        backend = "eager"
     if backend == "cuda":
         native = cuda_extension_op("group_norm", x, num_groups, weight, bias, eps, silu)
         if native is not None:

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from fastdiff.ops.backend import (
     cuda_extension_op,
     kernel_dtype_supported,
+    needs_autograd,
     rows_are_viewable,
     select_backend,
 )
@@ -67,6 +68,8 @@ def layer_norm(
                 f"layer_norm: {name} has shape {tuple(param.shape)}, expected ({x.shape[-1]},)"
             )
     backend = select_backend(x)
+    if needs_autograd(x, weight, bias):
+        backend = "eager"
     if backend == "cuda":
         native = cuda_extension_op("layer_norm", x, weight, bias, eps)
         if native is not None:

@@ -11,7 +11,12 @@ coefficients and guidance from tensors without a host sync, so it is CUDA-graph 
 
 import torch
 
-from fastdiff.ops.backend import cuda_extension_op, kernel_dtype_supported, select_backend
+from fastdiff.ops.backend import (
+    cuda_extension_op,
+    kernel_dtype_supported,
+    needs_autograd,
+    select_backend,
+)
 
 NUM_COEFFICIENTS = 7  # c0..c6, the columns of SamplingPlan.coefficients
 
@@ -155,6 +160,8 @@ def sampler_step(
     guidance = guidance_scale if isinstance(guidance_scale, torch.Tensor) else None
     guidance_value = 1.0 if guidance is not None else float(guidance_scale)
     backend = select_backend(x)
+    if needs_autograd(x, model_output, x0_prev, noise):
+        backend = "eager"
     args = (x, model_output, coefficients, step, x0_prev, guidance, guidance_value, noise)
     if backend == "cuda":
         native = cuda_extension_op("sampler_step", *args)

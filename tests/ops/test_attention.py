@@ -177,3 +177,10 @@ def test_stride_unit_is_the_alignment_of_indexed_strides():
     view = qkv[:, :, 0].transpose(1, 2)
     assert attention_kernels.stride_unit(view) == 8
     assert attention_kernels.scaled_strides(view, 8) == (16 * 480 // 8, 40 // 8, 480 // 8, 1)
+
+
+def test_inputs_needing_gradients_take_the_differentiable_eager_path(triton_backend, monkeypatch):
+    counter = CallCounter(monkeypatch, attention_kernels, "attention_forward")
+    q, k, v = (t.requires_grad_(True) for t in make_qkv(1, 2, 8, 8, 16, torch.float32))
+    attention(q, k, v).sum().backward()
+    assert counter.calls == 0 and q.grad is not None

@@ -197,3 +197,14 @@ def test_sd_shapes_on_gpu(kernel_path, shape, channels_last, dtype):
     x, weight, bias = make_inputs(shape, dtype, channels_last=channels_last)
     with use_backend("triton"):
         check(x, 32, weight, bias, silu=True, eps=1e-6, what=f"{shape}")
+
+
+def test_inputs_needing_gradients_take_the_differentiable_eager_path(triton_backend, monkeypatch):
+    counter = CallCounter(monkeypatch, group_norm_kernels, "group_norm_forward")
+    x, weight, bias = make_inputs((2, 8, 4, 4), torch.float32)
+    weight.requires_grad_(True)
+    group_norm(x, 4, weight, bias, silu=True).sum().backward()
+    assert counter.calls == 0 and weight.grad is not None
+    with torch.no_grad():  # inference with trainable parameters still runs the kernel
+        group_norm(x, 4, weight, bias, silu=True)
+    assert counter.calls == 1
