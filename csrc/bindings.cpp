@@ -15,6 +15,7 @@
 #include <torch/library.h>
 
 #include <optional>
+#include <string>
 #include <vector>
 
 #include "fastdiff_kernels.h"
@@ -36,20 +37,31 @@ DType to_dtype(at::ScalarType type, const char* op, const char* name) {
     default:
       break;
   }
-  TORCH_CHECK(false, op, ": ", name, " has dtype ", type, "; allowed: float32, float16, bfloat16");
+  TORCH_CHECK(false, op, ": ", name, " has dtype ", c10::toString(type),
+              "; allowed: float32, float16, bfloat16");
   return DType::Float32;  // unreachable: TORCH_CHECK(false) throws
+}
+
+// "[2, 4, 64, 64]": shapes and strides in messages are formatted here, with std::to_string only,
+// keeping the error path free of stream operators.
+std::string dims(at::IntArrayRef sizes) {
+  std::string text = "[";
+  for (size_t i = 0; i < sizes.size(); ++i) {
+    text += (i == 0 ? "" : ", ") + std::to_string(sizes[i]);
+  }
+  return text + "]";
 }
 
 void check_storage_dtype(const at::Tensor& t, const char* op, const char* name) {
   const auto type = t.scalar_type();
   TORCH_CHECK(type == at::kFloat || type == at::kHalf || type == at::kBFloat16, op, ": ", name,
-              " has dtype ", type, "; allowed: float32, float16, bfloat16");
+              " has dtype ", c10::toString(type), "; allowed: float32, float16, bfloat16");
 }
 
 void check_cuda(const at::Tensor& t, const at::Tensor& x, const char* op, const char* name) {
-  TORCH_CHECK(t.is_cuda(), op, ": ", name, " must be a CUDA tensor, got device ", t.device());
+  TORCH_CHECK(t.is_cuda(), op, ": ", name, " must be a CUDA tensor, got device ", t.device().str());
   TORCH_CHECK(t.device() == x.device(), op, ": ", name, " is on ", t.device(), " but x is on ",
-              x.device());
+              x.device().str());
 }
 
 void check_launch(cudaError_t status, const char* op) {
@@ -61,19 +73,19 @@ void check_launch(cudaError_t status, const char* op) {
 constexpr const char* kGroupNorm = "fastdiff_cuda::group_norm";
 
 fastdiff::GroupNormArgs group_norm_args(const at::Tensor& x, int64_t num_groups) {
-  TORCH_CHECK(x.is_cuda(), kGroupNorm, ": x must be a CUDA tensor, got device ", x.device());
+  TORCH_CHECK(x.is_cuda(), kGroupNorm, ": x must be a CUDA tensor, got device ", x.device().str());
   check_storage_dtype(x, kGroupNorm, "x");
-  TORCH_CHECK_VALUE(x.dim() >= 2, kGroupNorm, ": x must be (N, C, *), got shape ", x.sizes());
+  TORCH_CHECK_VALUE(x.dim() >= 2, kGroupNorm, ": x must be (N, C, *), got shape ", dims(x.sizes()));
   const int64_t channels = x.size(1);
   TORCH_CHECK_VALUE(num_groups >= 1 && channels % num_groups == 0, kGroupNorm,
                     ": num_groups=", num_groups, " must divide the ", channels,
-                    " channels of x (shape ", x.sizes(), ")");
+                    " channels of x (shape ", dims(x.sizes()), ")");
   const bool contiguous = x.is_contiguous();
   const bool channels_last = !contiguous && x.dim() == 4 &&
                              x.is_contiguous(at::MemoryFormat::ChannelsLast);
   TORCH_CHECK(contiguous || channels_last, kGroupNorm,
-              ": x must be contiguous (NCHW) or channels_last (NHWC), got shape ", x.sizes(),
-              " with strides ", x.strides());
+              ": x must be contiguous (NCHW) or channels_last (NHWC), got shape ",
+              dims(x.sizes()), " with strides ", dims(x.strides()));
   fastdiff::GroupNormArgs args{};
   args.x = x.data_ptr();
   args.batch = x.size(0);
@@ -94,7 +106,7 @@ void check_affine(const std::optional<at::Tensor>& param, const at::Tensor& x, c
   check_cuda(p, x, kGroupNorm, name);
   check_storage_dtype(p, kGroupNorm, name);
   TORCH_CHECK_VALUE(p.dim() == 1 && p.size(0) == x.size(1), kGroupNorm, ": ", name,
-                    " has shape ", p.sizes(), ", expected (", x.size(1), ",)");
+                    " has shape ", dims(p.sizes()), ", expected (", x.size(1), ",)");
   TORCH_CHECK(p.is_contiguous(), kGroupNorm, ": ", name, " must be contiguous");
 }
 
@@ -108,7 +120,7 @@ fastdiff::GroupNormLaunch plan_for_input(fastdiff::GroupNormArgs args) {
 void check_group_fits(const fastdiff::GroupNormArgs& args, const at::Tensor& x,
                       int64_t num_groups) {
   TORCH_CHECK(plan_for_input(args).supported, kGroupNorm, ": a group of ", args.spatial, " x ",
-              args.channels / num_groups, " elements (x shape ", x.sizes(),
+              args.channels / num_groups, " elements (x shape ", dims(x.sizes()),
               ", num_groups=", num_groups, ") does not fit the register-resident kernel; ",
               "use the triton backend for it (fastdiff.ops.cuda_extension.supports_group_norm)");
 }
@@ -121,7 +133,8 @@ at::Tensor group_norm(const at::Tensor& x, int64_t num_groups,
   check_affine(bias, x, "bias");
   if (weight.has_value() && bias.has_value()) {
     TORCH_CHECK(weight->scalar_type() == bias->scalar_type(), kGroupNorm,
-                ": weight (", weight->scalar_type(), ") and bias (", bias->scalar_type(),
+                ": weight (", c10::toString(weight->scalar_type()), ") and bias (",
+                c10::toString(bias->scalar_type()),
                 ") must have the same dtype");
   }
   TORCH_CHECK_VALUE(eps >= 0.0, kGroupNorm, ": eps must be >= 0, got ", eps);
@@ -169,10 +182,11 @@ void check_sample_tensor(const std::optional<at::Tensor>& t, const at::Tensor& x
     return;
   }
   check_cuda(*t, x, kSamplerStep, name);
-  TORCH_CHECK_VALUE(t->sizes() == x.sizes(), kSamplerStep, ": ", name, " has shape ", t->sizes(),
-                    " but x has shape ", x.sizes());
+  TORCH_CHECK_VALUE(t->sizes() == x.sizes(), kSamplerStep, ": ", name, " has shape ",
+                    dims(t->sizes()), " but x has shape ", dims(x.sizes()));
   TORCH_CHECK(t->scalar_type() == x.scalar_type(), kSamplerStep, ": ", name, " has dtype ",
-              t->scalar_type(), " but x has dtype ", x.scalar_type());
+              c10::toString(t->scalar_type()), " but x has dtype ",
+              c10::toString(x.scalar_type()));
   TORCH_CHECK(same_dense_layout(x, *t), kSamplerStep, ": ", name,
               " must share x's dense layout (both contiguous or both channels_last)");
 }
@@ -182,7 +196,7 @@ std::tuple<at::Tensor, at::Tensor> sampler_step(
     const std::optional<at::Tensor>& step, const std::optional<at::Tensor>& x0_prev,
     const std::optional<at::Tensor>& guidance, double guidance_value,
     const std::optional<at::Tensor>& noise) {
-  TORCH_CHECK(x.is_cuda(), kSamplerStep, ": x must be a CUDA tensor, got device ", x.device());
+  TORCH_CHECK(x.is_cuda(), kSamplerStep, ": x must be a CUDA tensor, got device ", x.device().str());
   check_storage_dtype(x, kSamplerStep, "x");
   TORCH_CHECK_VALUE(x.dim() >= 1, kSamplerStep, ": x must have a batch dimension");
   check_cuda(model_output, x, kSamplerStep, "model_output");
@@ -191,8 +205,8 @@ std::tuple<at::Tensor, at::Tensor> sampler_step(
   const bool shape_ok = model_output.dim() == x.dim() &&
                         model_output.sizes().slice(1) == x.sizes().slice(1) &&
                         (model_output.size(0) == batch || model_output.size(0) == 2 * batch);
-  TORCH_CHECK_VALUE(shape_ok, kSamplerStep, ": model_output has shape ", model_output.sizes(),
-                    "; expected x's shape ", x.sizes(), " or [uncond; cond] with batch ",
+  TORCH_CHECK_VALUE(shape_ok, kSamplerStep, ": model_output has shape ",
+                    dims(model_output.sizes()), "; expected x's shape ", dims(x.sizes()), " or [uncond; cond] with batch ",
                     2 * batch);
   TORCH_CHECK(same_dense_layout(x, model_output), kSamplerStep,
               ": model_output must share x's dense layout (both contiguous or both channels_last)");
@@ -202,26 +216,27 @@ std::tuple<at::Tensor, at::Tensor> sampler_step(
   check_cuda(coefficients, x, kSamplerStep, "coefficients");
   const auto coefficient_type = coefficients.scalar_type();
   TORCH_CHECK(coefficient_type == at::kFloat || coefficient_type == at::kDouble, kSamplerStep,
-              ": coefficients has dtype ", coefficient_type, "; allowed: float32, float64");
+              ": coefficients has dtype ", c10::toString(coefficient_type), "; allowed: float32, float64");
   TORCH_CHECK_VALUE((coefficients.dim() == 1 || coefficients.dim() == 2) &&
                         coefficients.size(-1) == 7 && coefficients.numel() > 0,
                     kSamplerStep, ": coefficients must be a [S, 7] table or one [7] row, got ",
-                    coefficients.sizes());
+                    dims(coefficients.sizes()));
   TORCH_CHECK(coefficients.stride(-1) == 1, kSamplerStep,
-              ": coefficients must have unit-stride columns, got strides ", coefficients.strides());
+              ": coefficients must have unit-stride columns, got strides ",
+              dims(coefficients.strides()));
   TORCH_CHECK_VALUE((coefficients.dim() == 2) == step.has_value(), kSamplerStep,
                     ": pass step with a [S, 7] coefficient table and no step with one [7] row");
   if (step.has_value()) {
     check_cuda(*step, x, kSamplerStep, "step");
     TORCH_CHECK(step->scalar_type() == at::kLong && step->numel() == 1, kSamplerStep,
-                ": step must be one int64 element, got ", step->scalar_type(), " of shape ",
-                step->sizes());
+                ": step must be one int64 element, got ", c10::toString(step->scalar_type()),
+                " of shape ", dims(step->sizes()));
   }
   if (guidance.has_value()) {
     check_cuda(*guidance, x, kSamplerStep, "guidance");
     TORCH_CHECK(guidance->numel() == 1 && at::isFloatingType(guidance->scalar_type()),
                 kSamplerStep, ": guidance must be one floating-point element, got ",
-                guidance->scalar_type(), " of shape ", guidance->sizes());
+                c10::toString(guidance->scalar_type()), " of shape ", dims(guidance->sizes()));
   }
 
   const c10::cuda::CUDAGuard device_guard(x.device());
