@@ -89,6 +89,11 @@ def _run_stages(
 
     def record(stage: str, values: dict[str, Any], started: float) -> None:
         values["seconds"] = round(time.perf_counter() - started, 1)
+        previous = metrics.get(stage) or {}
+        if values.get("final_loss") is None and "final_loss" in previous:
+            # Re-running a finished stage trains nothing: keep the loss of the run that did.
+            values["final_loss"] = previous["final_loss"]
+            values["seconds"] = previous.get("seconds", values["seconds"])
         metrics[stage] = values
         if context.is_main:
             write_json(metrics_path, metrics)

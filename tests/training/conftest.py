@@ -37,3 +37,13 @@ def tiny_config_dict(tmp_path):
     values = copy.deepcopy(TINY)
     values["output_dir"] = str(tmp_path / "run")
     return values
+
+
+@pytest.fixture(autouse=True)
+def _eager_ops():
+    """These tests measure training and the model, not the kernels (tests/ops covers those): run
+    the reference ops even under TRITON_INTERPRET=1, where interpreted kernels take minutes."""
+    from fastdiff.ops import use_backend
+
+    with use_backend("eager"):
+        yield
