@@ -15,8 +15,8 @@ stride equal to 1 and vectorises along that axis.
    one write.
 
 Small groups (the U-Net's low resolutions) take ``group_norm_single_pass_kernel`` instead: one
-program per (sample, group) that accumulates shifted sums, then normalizes in a second loop over
-the same (now L2-resident) data, in a single launch.
+program per (sample, group) that accumulates shifted sums, then normalizes the tile it still holds
+in registers (or, for a few tiles, re-reads them from L2), in a single launch.
 """
 
 from __future__ import annotations
@@ -27,8 +27,9 @@ import torch
 import triton
 import triton.language as tl
 
-# Largest group (channels per group x spatial size) for the single-program-per-group kernel.
-SINGLE_PASS_MAX_GROUP = 32768
+# Largest group (channels per group x spatial size) for the single-program-per-group kernel: a
+# few of its 8192-element tiles at most, whose loads wait on each other (no software pipelining).
+SINGLE_PASS_MAX_GROUP = 16384
 
 
 @triton.jit
@@ -196,6 +197,7 @@ def group_norm_single_pass_kernel(
     HAS_WEIGHT: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     SILU: tl.constexpr,
+    SINGLE_TILE: tl.constexpr,
 ):
     pid = tl.program_id(0)
     sample = pid // num_groups
@@ -207,15 +209,22 @@ def group_norm_single_pass_kernel(
     # Shifted sums around the group's first element keep the one-pass variance accurate.
     shift = tl.load(x_ptr + sample.to(tl.int64) * stride_n + group * CHANNELS_PER_GROUP * stride_c)
     shift = shift.to(tl.float32)
-    acc_sum = tl.zeros([BLOCK_CG, BLOCK_S], dtype=tl.float32)
-    acc_sq = tl.zeros([BLOCK_CG, BLOCK_S], dtype=tl.float32)
-    for s0 in range(0, spatial, BLOCK_S):
-        offs_s = s0 + tl.arange(0, BLOCK_S)
+    if SINGLE_TILE:  # the whole group fits one tile: read it once, keep it in registers
+        offs_s = tl.arange(0, BLOCK_S)
         mask = mask_c[:, None] & (offs_s < spatial)[None, :]
         values = tl.load(base + offs_s[None, :] * stride_s, mask=mask, other=0.0).to(tl.float32)
-        centred = tl.where(mask, values - shift, 0.0)
-        acc_sum += centred
-        acc_sq += centred * centred
+        acc_sum = tl.where(mask, values - shift, 0.0)
+        acc_sq = acc_sum * acc_sum
+    else:
+        acc_sum = tl.zeros([BLOCK_CG, BLOCK_S], dtype=tl.float32)
+        acc_sq = tl.zeros([BLOCK_CG, BLOCK_S], dtype=tl.float32)
+        for s0 in range(0, spatial, BLOCK_S):
+            offs = s0 + tl.arange(0, BLOCK_S)
+            tile_mask = mask_c[:, None] & (offs < spatial)[None, :]
+            tile = tl.load(base + offs[None, :] * stride_s, mask=tile_mask, other=0.0)
+            centred = tl.where(tile_mask, tile.to(tl.float32) - shift, 0.0)
+            acc_sum += centred
+            acc_sq += centred * centred
     count = spatial * CHANNELS_PER_GROUP * 1.0
     mean_shifted = tl.sum(tl.sum(acc_sum, axis=1), axis=0) / count
     mean_square = tl.sum(tl.sum(acc_sq, axis=1), axis=0) / count
@@ -231,15 +240,24 @@ def group_norm_single_pass_kernel(
     else:
         bias = tl.zeros([BLOCK_CG], dtype=tl.float32)
     out_base = y_ptr + sample.to(tl.int64) * out_stride_n + chan[:, None] * out_stride_c
-    for s0 in range(0, spatial, BLOCK_S):  # second read: the group was just read, mostly from L2
-        offs_s = s0 + tl.arange(0, BLOCK_S)
-        mask = mask_c[:, None] & (offs_s < spatial)[None, :]
-        values = tl.load(base + offs_s[None, :] * stride_s, mask=mask, other=0.0).to(tl.float32)
-        y = (values - mean) * scale[:, None] + bias[:, None]
-        if SILU:
-            y = y / (1.0 + tl.exp(-y))
-        tl.store(out_base + offs_s[None, :] * out_stride_s, y.to(y_ptr.dtype.element_ty), mask=mask)
+    if SINGLE_TILE:
+        _normalize_store(values, mean, scale, bias, out_base + offs_s[None, :] * out_stride_s,
+                         mask, SILU)
+    else:
+        for s0 in range(0, spatial, BLOCK_S):  # second read: the group is mostly still in L2
+            offs = s0 + tl.arange(0, BLOCK_S)
+            tile_mask = mask_c[:, None] & (offs < spatial)[None, :]
+            tile = tl.load(base + offs[None, :] * stride_s, mask=tile_mask, other=0.0)
+            _normalize_store(tile.to(tl.float32), mean, scale, bias,
+                             out_base + offs[None, :] * out_stride_s, tile_mask, SILU)
 
+
+@triton.jit
+def _normalize_store(values, mean, scale, bias, out_ptrs, mask, SILU: tl.constexpr):
+    y = (values - mean) * scale[:, None] + bias[:, None]
+    if SILU:
+        y = y / (1.0 + tl.exp(-y))
+    tl.store(out_ptrs, y.to(out_ptrs.dtype.element_ty), mask=mask)
 
 def flat_strides(x: torch.Tensor) -> tuple[int, int, int] | None:
     """(stride_n, stride_c, stride_s) of ``x`` seen as (N, C, S), or None when the spatial dims
@@ -283,7 +301,8 @@ def group_norm_forward(
 ) -> torch.Tensor:
     """Launch the kernels; the output keeps the input's memory format (NCHW or NHWC).
 
-    Groups of at most SINGLE_PASS_MAX_GROUP elements take the one-launch single-pass kernel,
+    Groups of at most SINGLE_PASS_MAX_GROUP elements take the one-launch single-pass kernel (a
+    few 8192-element tiles at most, so its unpipelined loop stays short),
     larger ones the three-kernel split reduction (many programs per group)."""
     strides = flat_strides(x)
     if strides is None:
@@ -298,17 +317,17 @@ def group_norm_forward(
     if x.numel() == 0:
         return y
     per_group = channels // num_groups
-    if per_group * spatial <= SINGLE_PASS_MAX_GROUP and per_group <= 1024:
+    if per_group * spatial <= SINGLE_PASS_MAX_GROUP and per_group <= 512:
         # Small groups: one program per group, one launch (the three-kernel path is launch-bound
         # there).
         block_cg = max(2, triton.next_power_of_2(per_group))
-        block_s = max(2, min(triton.next_power_of_2(spatial), max(16, 4096 // block_cg)))
+        block_s = max(2, min(triton.next_power_of_2(spatial), max(16, 8192 // block_cg)))
         group_norm_single_pass_kernel[(num_samples * num_groups,)](
             x, y, weight if weight is not None else y, bias if bias is not None else y,
             spatial, num_groups, *strides, *out_strides, float(eps),
             CHANNELS_PER_GROUP=per_group, BLOCK_CG=block_cg, BLOCK_S=block_s,
             HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, SILU=bool(silu),
-            num_warps=8,
+            SINGLE_TILE=block_s >= spatial, num_warps=8,
         )
         return y
     channel_contiguous = strides[1] == 1 and strides[2] != 1

@@ -19,6 +19,7 @@ EDGE_CASES = [
     pytest.param((2, 6, 4, 4), 6, id="groups-C"),
     pytest.param((1, 8, 7, 9), 4, id="hw-not-pow2"),
     pytest.param((1, 4, 40, 40), 2, id="several-spatial-tiles"),
+    pytest.param((1, 4, 64, 64), 1, id="single-pass-two-tiles"),
     pytest.param((2, 8, 11), 2, id="3d-input"),
     pytest.param((4, 8), 4, id="2d-input"),
     pytest.param((1, 4, 3, 3, 3), 2, id="5d-input"),
