@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fastdiff.training.checkpoint import load_checkpoint, save_checkpoint
+from fastdiff.training.checkpoint import atomic_write, load_checkpoint, save_checkpoint
 from fastdiff.training.config import OptimConfig, config_from_dict
 from fastdiff.training.distributed import DistContext
 from fastdiff.training.loop import global_batch_indices, learning_rate_at
@@ -95,6 +95,20 @@ def test_checkpoint_is_atomic_and_damage_is_reported(tmp_path):
     path.write_bytes(path.read_bytes()[:50])
     with pytest.raises(RuntimeError, match="cannot be read"):
         load_checkpoint(path)
+
+
+def test_interrupted_write_keeps_the_previous_checkpoint(tmp_path):
+    path = tmp_path / "ckpt.pt"
+    save_checkpoint(path, {"step": 1})
+
+    def killed_mid_write(tmp: str) -> None:
+        Path(tmp).write_bytes(b"half a checkpoint")
+        raise KeyboardInterrupt  # e.g. Ctrl-C while torch.save is writing
+
+    with pytest.raises(KeyboardInterrupt):
+        atomic_write(path, killed_mid_write)
+    assert load_checkpoint(path)["step"] == 1
+    assert os.listdir(tmp_path) == ["ckpt.pt"]
 
 
 def test_batches_walk_through_seeded_epoch_permutations():
