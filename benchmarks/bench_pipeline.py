@@ -43,12 +43,20 @@ class PipelineHolder:
         self.fastdiff = self.optimized = self.diffusers = None
 
     def release(self) -> None:
+        self.print_graph_report()
         self.fastdiff = self.optimized = self.diffusers = None
+
+    def print_graph_report(self) -> None:
+        """The optimized pipeline's graphs: capture time and memory of each (once)."""
+        runtime = getattr(self.fastdiff, "runtime", None)
+        if runtime is not None and not getattr(runtime, "reported", False):
+            print(runtime.graph_report(), flush=True)
+            runtime.reported = True
 
     def fastdiff_pipeline(self, optimized: bool):
         from fastdiff.models import AutoencoderKL, UNet2DConditionModel
         from fastdiff.pipeline import Pipeline
-        from fastdiff.runtime import optimize
+        from fastdiff.runtime import EagerGraphBackend, optimize
         from fastdiff.sampling import NoiseSchedule
 
         if self.fastdiff is None or (self.optimized and not optimized):
@@ -63,7 +71,10 @@ class PipelineHolder:
             self.fastdiff = Pipeline(unet, vae, NoiseSchedule.from_config(SD_SCHEDULER))
             self.optimized = False
         if optimized and not self.optimized:
-            optimize(self.fastdiff, dtype=self.dtype if self.device.type == "cuda" else None)
+            on_cuda = self.device.type == "cuda"
+            # On CPU the static-buffer loop runs without capture: the same code path as on GPU.
+            optimize(self.fastdiff, dtype=self.dtype if on_cuda else None,
+                     backend=None if on_cuda else EagerGraphBackend())
             self.optimized = True
         return self.fastdiff
 
@@ -160,6 +171,8 @@ def cases(steps_list: list[int] | None = None, providers: list[str] | None = Non
         for index, provider in enumerate(providers):
             case = mb.Case("pipeline", name, provider, provider_setup(provider, holder, steps),
                            images=1, flop=flop, note=note)
+            if provider == "fastdiff":
+                case.teardown = holder.print_graph_report
             if index == len(providers) - 1:
                 case.teardown = holder.release
             result.append(case)
