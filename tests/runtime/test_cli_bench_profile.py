@@ -1,0 +1,28 @@
+"""`fastdiff bench` and `fastdiff profile` on CPU (toy models): they run and print their tables."""
+
+from __future__ import annotations
+
+from fastdiff.cli import main
+
+
+def test_bench_prints_table(capsys):
+    assert main(["bench", "--which", "vae", "--no-csv", "--warmup", "0", "--iters", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "no CUDA" in out
+    header = next(line for line in out.splitlines() if line.startswith("workload"))
+    assert "TFLOP/s" in header and "warmup s" in header
+    assert "tiny_vae_decode" in out and "fastdiff-eager" in out
+
+
+def test_bench_rejects_unknown_provider(capsys):
+    assert main(["bench", "--providers", "nope", "--no-csv"]) == 2
+    assert "allowed values" in capsys.readouterr().err
+
+
+def test_profile_prints_breakdowns(capsys):
+    assert main(["profile", "--calls", "1", "--top", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "== eager (PyTorch ops, NCHW)" in out
+    assert "== fastdiff optimized" in out
+    assert "convolution" in out  # the category table
+    assert "aten::" in out  # the per-op rows
