@@ -4,14 +4,16 @@ of Milakov & Gimelshein 2018): softmax(q k^T * scale) v without ever holding the
 Each program owns BLOCK_M query rows of one (batch, head) and streams the keys and values in blocks
 of BLOCK_N, keeping a running row maximum ``m``, row sum ``l`` and unnormalised output ``acc`` in
 fp32. The softmax uses exp2 with log2(e) folded into the scale. Inputs are (B, H, N, D) tensors
-with any strides (views of a fused QKV projection need no copy); head dims that are not a power of
-two are padded to BLOCK_D with masked loads.
+with any strides (views of a fused QKV projection need no copy). A head dim that is not a power of
+two runs as a power-of-two block plus a narrower masked tail (40 = 32 + 16, 80 = 64 + 16,
+160 = 128 + 32), which wastes fewer tensor-core columns than padding to the next power of two.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import warnings
 
 import torch
 import triton
@@ -19,6 +21,8 @@ import triton.language as tl
 
 LOG2_E = 1.4426950408889634
 MAX_HEAD_DIM = 256
+# Cleared (with a warning) if the split head-dim variant ever fails to compile on this machine.
+_split_head_dim_works = True
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages): the Hopper-friendly shapes of Triton's fused-attention
 # tutorial; the pruning below keeps the ones that fit a head dim and key length.
@@ -47,33 +51,33 @@ def _configs() -> list[triton.Config]:
     ]
 
 
-def heuristic_shape(block_d: int, keys: int) -> tuple[int, int, int, int]:
-    """The default (BLOCK_M, BLOCK_N, num_warps, num_stages) when autotuning is off."""
-    if block_d >= 256:
+def heuristic_shape(width: int, keys: int) -> tuple[int, int, int, int]:
+    """The default (BLOCK_M, BLOCK_N, num_warps, num_stages) for a padded head width."""
+    if width > 128:
         return (64, 32, 4, 2)
     if keys <= 64:
         return (128, 64, 4, 3)
-    return (128, 64, 8, 3) if block_d >= 128 else (128, 128, 8, 3)
+    return (128, 64, 8, 3) if width > 64 else (128, 128, 8, 3)
 
 
 def _prune(configs, named_args, **kwargs):
-    block_d = kwargs.get("BLOCK_D", named_args.get("BLOCK_D"))
-    keys = named_args["N_KEYS"]
-    queries = named_args["N_QUERIES"]
     if len(configs) == 1:
         return configs
+    width = kwargs["BLOCK_D"] + kwargs["BLOCK_DT"]
+    keys = named_args["N_KEYS"]
+    queries = named_args["N_QUERIES"]
     kept = []
     for config in configs:
         m, n = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"]
-        if block_d >= 256 and (n > 64 or (m == 128 and config.num_warps == 4)):
-            continue  # registers: a 128x256 fp32 accumulator needs 8 warps, a 256-wide K block
+        if width > 128 and (n > 64 or (m == 128 and config.num_warps == 4)):
+            continue  # registers: a 128 x (>128) fp32 accumulator needs 8 warps, short K blocks
         if n > max(32, triton.next_power_of_2(keys)):
             continue  # key blocks much longer than the keys only compute padding
         if m > max(64, triton.next_power_of_2(queries)):
             continue
         kept.append(config)
     if os.environ.get("FASTDIFF_AUTOTUNE", "1") == "0" or not kept:
-        wanted = heuristic_shape(block_d, keys)
+        wanted = heuristic_shape(width, keys)
         chosen = [
             c
             for c in configs
@@ -81,48 +85,6 @@ def _prune(configs, named_args, **kwargs):
         ]
         return chosen or configs[:1]
     return kept
-
-
-@triton.jit
-def _attend_key_blocks(
-    acc,
-    row_sum,
-    row_max,
-    q,
-    k_ptrs,
-    v_ptrs,
-    stride_kn,
-    stride_vn,
-    start,
-    end,
-    n_keys,
-    qk_scale,
-    offs_n,
-    mask_d,
-    BLOCK_N: tl.constexpr,
-    MASK_KEYS: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-):
-    for start_n in range(start, end, BLOCK_N):
-        if MASK_KEYS:
-            mask_n = (start_n + offs_n) < n_keys
-            kv_mask = mask_n[:, None] & mask_d[None, :]
-        else:
-            kv_mask = mask_d[None, :]
-        k = tl.load(k_ptrs + start_n * stride_kn, mask=kv_mask, other=0.0)
-        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
-        if MASK_KEYS:
-            qk = tl.where(mask_n[None, :], qk, float("-inf"))
-        # qk_scale > 0 (checked by the op), so max(qk) * scale is the max of the scaled scores.
-        new_max = tl.maximum(row_max, tl.max(qk, 1) * qk_scale)
-        p = tl.math.exp2(qk * qk_scale - new_max[:, None])
-        correction = tl.math.exp2(row_max - new_max)
-        row_sum = row_sum * correction + tl.sum(p, 1)
-        acc = acc * correction[:, None]
-        v = tl.load(v_ptrs + start_n * stride_vn, mask=kv_mask, other=0.0)
-        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
-        row_max = new_max
-    return acc, row_sum, row_max
 
 
 @triton.autotune(
@@ -148,7 +110,8 @@ def attention_forward_kernel(
     N_KEYS,
     STRIDE_UNIT: tl.constexpr,
     HEAD_DIM: tl.constexpr,
-    BLOCK_D: tl.constexpr,
+    BLOCK_D: tl.constexpr,  # head-dim columns [0, BLOCK_D)
+    BLOCK_DT: tl.constexpr,  # tail columns [BLOCK_D, BLOCK_D + BLOCK_DT), 0 for none
     DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -182,29 +145,77 @@ def attention_forward_kernel(
     q_base = q_ptr + batch.to(tl.int64) * stride_qb + head.to(tl.int64) * stride_qh
     k_base = k_ptr + batch.to(tl.int64) * stride_kb + head.to(tl.int64) * stride_kh
     v_base = v_ptr + batch.to(tl.int64) * stride_vb + head.to(tl.int64) * stride_vh
-    q_ptrs = q_base + offs_m[:, None] * stride_qn + offs_d[None, :] * stride_qd
-    k_ptrs = k_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd
-    v_ptrs = v_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd
-    q = tl.load(q_ptrs, mask=mask_m[:, None] & mask_d[None, :], other=0.0)
-
+    o_base = out_ptr + batch.to(tl.int64) * stride_ob + head.to(tl.int64) * stride_oh
+    q_rows = q_base + offs_m[:, None] * stride_qn
+    k_rows = k_base + offs_n[:, None] * stride_kn
+    v_rows = v_base + offs_n[:, None] * stride_vn
+    q = tl.load(q_rows + offs_d[None, :] * stride_qd, mask=mask_m[:, None] & mask_d[None, :],
+                other=0.0)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    if BLOCK_DT > 0:
+        # Head dims such as 40 = 32 + 8 run as a 32-wide and a 16-wide slice (48 columns of
+        # work) rather than one 64-wide padded block.
+        offs_t = BLOCK_D + tl.arange(0, BLOCK_DT)
+        mask_t = offs_t < HEAD_DIM
+        q_t = tl.load(q_rows + offs_t[None, :] * stride_qd,
+                      mask=mask_m[:, None] & mask_t[None, :], other=0.0)
+        acc_t = tl.zeros([BLOCK_M, BLOCK_DT], dtype=tl.float32)
     row_max = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     row_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    # Full key blocks without key masks, then (when M is not a multiple of BLOCK_N) the tail.
-    full_end = (N_KEYS // BLOCK_N) * BLOCK_N
-    acc, row_sum, row_max = _attend_key_blocks(
-        acc, row_sum, row_max, q, k_ptrs, v_ptrs, stride_kn, stride_vn, 0, full_end, N_KEYS,
-        qk_scale, offs_n, mask_d, BLOCK_N, False, DOT_PRECISION,
-    )
-    if not EVEN_KEYS:
-        acc, row_sum, row_max = _attend_key_blocks(
-            acc, row_sum, row_max, q, k_ptrs, v_ptrs, stride_kn, stride_vn, full_end, N_KEYS,
-            N_KEYS, qk_scale, offs_n, mask_d, BLOCK_N, True, DOT_PRECISION,
-        )
-    out = acc / row_sum[:, None]
-    o_base = out_ptr + batch.to(tl.int64) * stride_ob + head.to(tl.int64) * stride_oh
-    o_ptrs = o_base + offs_m[:, None] * stride_on + offs_d[None, :] * stride_od
-    tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_d[None, :])
+
+    for start_n in range(0, N_KEYS, BLOCK_N):
+        if EVEN_KEYS:
+            kv_mask = mask_d[None, :]
+        else:
+            mask_n = (start_n + offs_n) < N_KEYS
+            kv_mask = mask_n[:, None] & mask_d[None, :]
+        k = tl.load(k_rows + start_n * stride_kn + offs_d[None, :] * stride_kd, mask=kv_mask,
+                    other=0.0)
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+        if BLOCK_DT > 0:
+            if EVEN_KEYS:
+                tail_mask = mask_t[None, :]
+            else:
+                tail_mask = mask_n[:, None] & mask_t[None, :]
+            k_t = tl.load(k_rows + start_n * stride_kn + offs_t[None, :] * stride_kd,
+                          mask=tail_mask, other=0.0)
+            qk = tl.dot(q_t, tl.trans(k_t), qk, input_precision=DOT_PRECISION)
+        if not EVEN_KEYS:
+            qk = tl.where(mask_n[None, :], qk, float("-inf"))
+        # qk_scale > 0 (checked by the op), so max(qk) * scale is the max of the scaled scores.
+        new_max = tl.maximum(row_max, tl.max(qk, 1) * qk_scale)
+        p = tl.math.exp2(qk * qk_scale - new_max[:, None])
+        correction = tl.math.exp2(row_max - new_max)
+        row_sum = row_sum * correction + tl.sum(p, 1)
+        v = tl.load(v_rows + start_n * stride_vn + offs_d[None, :] * stride_vd, mask=kv_mask,
+                    other=0.0)
+        p = p.to(v.dtype)
+        acc = tl.dot(p, v, acc * correction[:, None], input_precision=DOT_PRECISION)
+        if BLOCK_DT > 0:
+            v_t = tl.load(v_rows + start_n * stride_vn + offs_t[None, :] * stride_vd,
+                          mask=tail_mask, other=0.0)
+            acc_t = tl.dot(p, v_t, acc_t * correction[:, None], input_precision=DOT_PRECISION)
+        row_max = new_max
+
+    o_rows = o_base + offs_m[:, None] * stride_on
+    tl.store(o_rows + offs_d[None, :] * stride_od,
+             (acc / row_sum[:, None]).to(out_ptr.dtype.element_ty),
+             mask=mask_m[:, None] & mask_d[None, :])
+    if BLOCK_DT > 0:
+        tl.store(o_rows + offs_t[None, :] * stride_od,
+                 (acc_t / row_sum[:, None]).to(out_ptr.dtype.element_ty),
+                 mask=mask_m[:, None] & mask_t[None, :])
+
+
+def head_blocks(head_dim: int, split: bool = True) -> tuple[int, int]:
+    """(BLOCK_D, BLOCK_DT): a power-of-two block plus a power-of-two tail (>= 16, as tl.dot
+    needs) when that pads less than one block of next_power_of_2(head_dim); else (pow2, 0)."""
+    padded = max(16, triton.next_power_of_2(head_dim))
+    main = 1 << (head_dim.bit_length() - 1)  # largest power of two <= head_dim
+    if not split or main < 16 or main == head_dim:
+        return padded, 0
+    tail = max(16, triton.next_power_of_2(head_dim - main))
+    return (main, tail) if main + tail < padded else (padded, 0)
 
 
 def scaled_strides(t: torch.Tensor, unit: int) -> tuple[int, int, int, int]:
@@ -243,20 +254,36 @@ def attention_forward(
     out = empty_attention_output(q, head_dim)
     if out.numel() == 0:
         return out
-    block_d = max(16, triton.next_power_of_2(head_dim))  # tl.dot needs >= 16 along K
-
     unit = stride_unit(q, k, v, out)
 
     def grid(meta):
         return (triton.cdiv(queries, meta["BLOCK_M"]), batch * heads)
 
-    attention_forward_kernel[grid](
-        q, k, v, out, scale * LOG2_E, heads,
-        *(value for t in (q, k, v, out) for value in scaled_strides(t, unit)),
-        queries, keys,
-        STRIDE_UNIT=unit,
-        HEAD_DIM=head_dim,
-        BLOCK_D=block_d,
-        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-    )
+    def launch(split: bool) -> None:
+        block_d, block_dt = head_blocks(head_dim, split)
+        attention_forward_kernel[grid](
+            q, k, v, out, scale * LOG2_E, heads,
+            *(value for t in (q, k, v, out) for value in scaled_strides(t, unit)),
+            queries, keys,
+            STRIDE_UNIT=unit,
+            HEAD_DIM=head_dim,
+            BLOCK_D=block_d,
+            BLOCK_DT=block_dt,
+            DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        )
+
+    global _split_head_dim_works
+    if _split_head_dim_works and head_blocks(head_dim)[1] > 0:
+        try:
+            launch(split=True)
+            return out
+        except Exception as error:  # a compiler that rejects the split: keep the padded kernel
+            _split_head_dim_works = False
+            warnings.warn(
+                f"attention kernel: split head dim failed to compile ({type(error).__name__}: "
+                f"{str(error)[:200]}); using power-of-two padded head dims from now on",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+    launch(split=False)
     return out

@@ -12,6 +12,9 @@ from fastdiff.ops import attention, attention_reference, use_backend
 from fastdiff.ops.attention import attention_eager, attention_triton
 from tests.ops.helpers import DEVICE, CallCounter, assert_within_tolerance, kernel_dtypes
 
+# A split head dim that silently fell back to padding would hide a compile failure: fail instead.
+pytestmark = pytest.mark.filterwarnings("error::RuntimeWarning")
+
 # (batch, heads, queries, keys, head_dim); the interpreter runs 16x16 blocks, so these lengths
 # cover several blocks, a partial tail block, and keys fewer than one block.
 EDGE_CASES = [
@@ -184,3 +187,20 @@ def test_inputs_needing_gradients_take_the_differentiable_eager_path(triton_back
     q, k, v = (t.requires_grad_(True) for t in make_qkv(1, 2, 8, 8, 16, torch.float32))
     attention(q, k, v).sum().backward()
     assert counter.calls == 0 and q.grad is not None
+
+
+@pytest.mark.parametrize(
+    ("head_dim", "blocks"),
+    [(40, (32, 16)), (48, (32, 16)), (80, (64, 16)), (160, (128, 32)), (64, (64, 0)),
+     (8, (16, 0)), (24, (32, 0)), (100, (128, 0)), (256, (256, 0))],
+)
+def test_head_blocks_split_only_when_it_saves_columns(head_dim, blocks):
+    assert attention_kernels.head_blocks(head_dim) == blocks
+    assert attention_kernels.head_blocks(head_dim, split=False)[1] == 0
+
+
+@pytest.mark.parametrize("head_dim", [40, 80, 160])
+def test_padded_head_dim_fallback_matches_reference(triton_backend, monkeypatch, head_dim):
+    # The kernel used when the split variant is unavailable: one power-of-two padded block.
+    monkeypatch.setattr(attention_kernels, "_split_head_dim_works", False)
+    check(*make_qkv(1, 2, 19, 21, head_dim, torch.float32), what=f"padded d{head_dim}")
