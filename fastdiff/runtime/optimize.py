@@ -294,6 +294,12 @@ def optimize(
     if max_loop_steps < 0:
         raise ValueError(f"max_loop_steps must be >= 0, got {max_loop_steps}")
     start = time.perf_counter()
+    previous = getattr(pipe, "runtime", None)
+    if previous is not None:  # optimizing again: start from the pipeline's own stages
+        previous.cache.clear()
+        for name in ("denoise", "decode_latents"):
+            pipe.__dict__.pop(name, None)
+        pipe.runtime = None
     on_cuda = pipe.device.type == "cuda"
     report = OptimizeReport(device=str(pipe.device))
     if not on_cuda:

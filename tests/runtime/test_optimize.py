@@ -140,3 +140,12 @@ def test_compiled_blocks_keep_outputs(pipe):
     assert any("torch.compile" in item for item in report_runtime.report.applied)
     assert pipe.unet.down_blocks[0]._compiled_call_impl is not None
     torch._dynamo.reset()
+
+
+def test_optimizing_twice_wraps_the_pipeline_stages_once(pipe):
+    first = runtime.optimize(pipe, backend=runtime.EagerGraphBackend(), verbose=False)
+    second = runtime.optimize(pipe, backend=runtime.EagerGraphBackend(), max_graphs=2,
+                              verbose=False)
+    assert pipe.runtime is second and len(first.cache) == 0
+    assert second.eager_denoise.__func__ is type(pipe).denoise
+    assert second.eager_decode_latents.__func__ is type(pipe).decode_latents
