@@ -284,6 +284,9 @@ def _tile(channels: int, spatial: int, channel_contiguous: bool) -> tuple[int, i
     """(BLOCK_C, BLOCK_S) of about 4096 elements, long along the contiguous axis."""
     if channel_contiguous:
         block_c = min(triton.next_power_of_2(channels), 128)
+        divides = channels & -channels  # largest power of two dividing the channel count
+        if channels % block_c and divides >= 32:
+            block_c = divides  # e.g. 320 channels: 5 blocks of 64 rather than 3 of 128
         block_s = max(2, min(4096 // block_c, triton.next_power_of_2(spatial)))
     else:
         block_s = max(2, min(triton.next_power_of_2(spatial), 1024))
