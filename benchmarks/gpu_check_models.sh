@@ -12,33 +12,38 @@
 #
 # diffusers providers run only when diffusers imports; wheels in .whl/ (diffusers and its missing
 # dependencies) are installed to /tmp/fastdiff-site first when present.
-# Writes OUTDIR/models.csv (all rows), models.png... (models-models.png), models_<step>.log and
-# models_summary.txt (step status and each step's final table).
+# Writes four files to OUTDIR: models.csv (all rows), models-models.png, models_summary.txt (step
+# status and each step's final table) and models_all.log (every step's full output).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUTDIR="${1:-${OUT:-gpu_check_out}}"
 mkdir -p "$OUTDIR"
 CSV="$OUTDIR/models.csv"
 SUMMARY="$OUTDIR/models_summary.txt"
+ALL_LOGS="$OUTDIR/models_all.log"  # every step's full output, one after the other
+LOGDIR="$(mktemp -d)"              # per-step logs (kept out of OUTDIR: few files to fetch)
 export PYTHONUNBUFFERED=1
 COMPILE_FLAG=""
 [[ "${COMPILE:-0}" == "1" ]] && COMPILE_FLAG="--compile"
 start_all=$(date +%s)
+: >"$SUMMARY"
+: >"$ALL_LOGS"
 
 log() { echo "[gpu_check_models $(date +%H:%M:%S)] $*" | tee -a "$SUMMARY"; }
 
 # fastdiff.kernels is the top-level kernels/ folder, importable only once the package is installed.
 if ! python3 -c "import fastdiff.kernels" 2>/dev/null; then
     log "installing fastdiff (editable, no deps)"
-    python3 -m pip install -q --no-deps --no-build-isolation -e . >"$OUTDIR/models_install.log" 2>&1 \
-        || log "pip install -e . failed (see models_install.log)"
+    python3 -m pip install -q --no-deps --no-build-isolation -e . >"$LOGDIR/install.log" 2>&1 \
+        || log "pip install -e . failed (see models_all.log)"
 fi
 if ! python3 -c "import diffusers" 2>/dev/null && ls .whl/*.whl >/dev/null 2>&1; then
     log "installing carried wheels from .whl/"
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-        --target /tmp/fastdiff-site .whl/*.whl >>"$OUTDIR/models_install.log" 2>&1 \
+        --target /tmp/fastdiff-site .whl/*.whl >>"$LOGDIR/install.log" 2>&1 \
         && export PYTHONPATH="/tmp/fastdiff-site${PYTHONPATH:+:$PYTHONPATH}"
 fi
+[[ -f "$LOGDIR/install.log" ]] && { echo "===== install"; cat "$LOGDIR/install.log"; } >>"$ALL_LOGS"
 python3 - <<'EOF' 2>&1 | tee -a "$SUMMARY"
 import torch, triton
 print("torch", torch.__version__, "triton", triton.__version__, "cuda", torch.cuda.is_available(),
@@ -64,7 +69,7 @@ run() {
     fi
     (( limit > left )) && limit=$left
     local begin=$(date +%s)
-    timeout --kill-after=10 "$limit" "$@" >"$OUTDIR/models_$name.log" 2>&1
+    timeout --kill-after=10 "$limit" "$@" >"$LOGDIR/$name.log" 2>&1
     local status=$?
     local took=$(( $(date +%s) - begin ))
     if [[ $status -eq 0 ]]; then
@@ -73,12 +78,15 @@ run() {
         log "$name: TIMED OUT after ${limit}s (partial log kept)"
     else
         log "$name: FAILED with status $status (${took}s), tail of its log:"
-        tail -n 15 "$OUTDIR/models_$name.log" | sed 's/^/    /' | tee -a "$SUMMARY" >/dev/null
+        tail -n 15 "$LOGDIR/$name.log" | sed 's/^/    /' | tee -a "$SUMMARY" >/dev/null
     fi
-    # the final table: the lines after its last header
+    # pytest's tally, and a benchmark's final table (the lines after its last header)
+    grep -E "^[0-9]+ (passed|failed|skipped)|^=+ .*(passed|failed|error)" "$LOGDIR/$name.log" \
+        | tail -n 1 >>"$SUMMARY" || true
     awk '/^workload +provider/ {n = NR; delete rows} n && NR > n && NF {rows[NR] = $0}
          END {for (i = n + 1; i <= NR; i++) if (i in rows) print rows[i]}' \
-        "$OUTDIR/models_$name.log" | grep -v "^appended" >>"$SUMMARY" || true
+        "$LOGDIR/$name.log" | grep -v "^appended" >>"$SUMMARY" || true
+    { echo "===== $name (status $status, ${took}s): $*"; cat "$LOGDIR/$name.log"; } >>"$ALL_LOGS"
 }
 
 # Most important first: the budget cuts from the end.
