@@ -63,9 +63,9 @@ def heuristic_shape(width: int, keys: int) -> tuple[int, int, int, int]:
 def _prune(configs, named_args, **kwargs):
     if len(configs) == 1:
         return configs
-    width = kwargs["BLOCK_D"] + kwargs["BLOCK_DT"]
-    keys = named_args["N_KEYS"]
-    queries = named_args["N_QUERIES"]
+    args = {**named_args, **kwargs}  # constexprs arrive as kwargs in some Triton versions
+    width = args["BLOCK_D"] + args["BLOCK_DT"]
+    keys, queries = args["N_KEYS"], args["N_QUERIES"]
     kept = []
     for config in configs:
         m, n = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"]
