@@ -22,6 +22,7 @@ in registers (or, for a few tiles, re-reads them from L2), in a single launch.
 from __future__ import annotations
 
 import functools
+import warnings
 
 import torch
 import triton
@@ -30,6 +31,8 @@ import triton.language as tl
 # Largest group (channels per group x spatial size) for the single-program-per-group kernel: a
 # few of its 8192-element tiles at most, whose loads wait on each other (no software pipelining).
 SINGLE_PASS_MAX_GROUP = 16384
+# "untried" -> "works" after its first launch, or "failed" (with a warning) if that launch raised.
+_single_pass_state = "untried"
 
 
 @triton.jit
@@ -320,19 +323,33 @@ def group_norm_forward(
     if x.numel() == 0:
         return y
     per_group = channels // num_groups
-    if per_group * spatial <= SINGLE_PASS_MAX_GROUP and per_group <= 512:
+    global _single_pass_state
+    small = per_group * spatial <= SINGLE_PASS_MAX_GROUP and per_group <= 512
+    if small and _single_pass_state != "failed":
         # Small groups: one program per group, one launch (the three-kernel path is launch-bound
         # there).
         block_cg = max(2, triton.next_power_of_2(per_group))
         block_s = max(2, min(triton.next_power_of_2(spatial), max(16, 8192 // block_cg)))
-        group_norm_single_pass_kernel[(num_samples * num_groups,)](
-            x, y, weight if weight is not None else y, bias if bias is not None else y,
-            spatial, num_groups, *strides, *out_strides, float(eps),
-            CHANNELS_PER_GROUP=per_group, BLOCK_CG=block_cg, BLOCK_S=block_s,
-            HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, SILU=bool(silu),
-            SINGLE_TILE=block_s >= spatial, num_warps=8,
-        )
-        return y
+        try:
+            group_norm_single_pass_kernel[(num_samples * num_groups,)](
+                x, y, weight if weight is not None else y, bias if bias is not None else y,
+                spatial, num_groups, *strides, *out_strides, float(eps),
+                CHANNELS_PER_GROUP=per_group, BLOCK_CG=block_cg, BLOCK_S=block_s,
+                HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, SILU=bool(silu),
+                SINGLE_TILE=block_s >= spatial, num_warps=8,
+            )
+            _single_pass_state = "works"
+            return y
+        except Exception as error:
+            if _single_pass_state == "works":
+                raise  # it compiled and ran before: a real error, not a compiler refusal
+            _single_pass_state = "failed"
+            warnings.warn(
+                f"group_norm: the single-pass kernel failed on first use ({type(error).__name__}: "
+                f"{str(error)[:200]}); using the split-reduction kernels from now on",
+                RuntimeWarning,
+                stacklevel=2,
+            )
     channel_contiguous = strides[1] == 1 and strides[2] != 1
     block_c, block_s = _tile(channels, spatial, channel_contiguous)
     channel_blocks = triton.cdiv(channels, block_c)

@@ -9,6 +9,8 @@ cannot import it (ops sit below sampling), and its eager path differs on purpose
 coefficients and guidance from tensors without a host sync, so it is CUDA-graph safe as well.
 """
 
+import warnings
+
 import torch
 
 from fastdiff.ops.backend import (
@@ -19,6 +21,8 @@ from fastdiff.ops.backend import (
 )
 
 NUM_COEFFICIENTS = 7  # c0..c6, the columns of SamplingPlan.coefficients
+# "untried" -> "works" after the kernel's first launch, or "failed" (warned) if that launch raised.
+_kernel_state = "untried"
 
 
 def sampler_step_eager(
@@ -168,8 +172,27 @@ def sampler_step(
         if native is not None:
             return native(*args)
         backend = "triton"
-    if backend == "triton" and sampler_step_triton_supports(
-        x, model_output, coefficients, step, x0_prev, guidance, noise
+    global _kernel_state
+    if (
+        backend == "triton"
+        and _kernel_state != "failed"
+        and sampler_step_triton_supports(
+            x, model_output, coefficients, step, x0_prev, guidance, noise
+        )
     ):
-        return sampler_step_triton(*args)
+        try:
+            result = sampler_step_triton(*args)
+        except Exception as error:
+            if _kernel_state == "works":
+                raise  # it compiled and ran before: a real error, not a compiler refusal
+            _kernel_state = "failed"
+            warnings.warn(
+                f"sampler_step: the Triton kernel failed on first use ({type(error).__name__}: "
+                f"{str(error)[:200]}); using the eager path from now on",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        else:
+            _kernel_state = "works"
+            return result
     return sampler_step_eager(x, model_output, coefficients, step, x0_prev, guidance_scale, noise)

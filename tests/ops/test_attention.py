@@ -13,7 +13,7 @@ from fastdiff.ops.attention import attention_eager, attention_triton
 from tests.ops.helpers import DEVICE, CallCounter, assert_within_tolerance, kernel_dtypes
 
 # A split head dim that silently fell back to padding would hide a compile failure: fail instead.
-pytestmark = pytest.mark.filterwarnings("error::RuntimeWarning")
+pytestmark = pytest.mark.filterwarnings("error:.*split head dim failed:RuntimeWarning")
 
 # (batch, heads, queries, keys, head_dim); the interpreter runs 16x16 blocks, so these lengths
 # cover several blocks, a partial tail block, and keys fewer than one block.

@@ -25,6 +25,9 @@ EDGE_CASES = [
     pytest.param((1, 4, 3, 3, 3), 2, id="5d-input"),
 ]
 
+# A kernel that fell back after failing on first use would hide the failure: fail instead.
+pytestmark = pytest.mark.filterwarnings("error:.*failed on first use:RuntimeWarning")
+
 
 @pytest.fixture(params=["default", "split"])
 def kernel_path(request, monkeypatch):

@@ -21,6 +21,9 @@ PLANS = [
     pytest.param(("dpmpp_2m", 0.0), id="dpmpp_2m"),
 ]
 
+# A kernel that fell back after failing on first use would hide the failure: fail instead.
+pytestmark = pytest.mark.filterwarnings("error:.*failed on first use:RuntimeWarning")
+
 
 def reference_step(row, x, model_output, guidance, x0_prev, noise, compute_dtype=torch.float32):
     """apply_plan_row(combine_guidance(...)) with inputs in ``compute_dtype``, cast back to x's."""
