@@ -212,3 +212,34 @@ def test_inputs_needing_gradients_take_the_differentiable_eager_path(triton_back
     with torch.no_grad():  # inference with trainable parameters still runs the kernel
         group_norm(x, 4, weight, bias, silu=True)
     assert counter.calls == 1
+
+
+def test_single_pass_failure_on_first_use_falls_back_to_split(triton_backend, monkeypatch):
+    class FailingKernel:  # stands in for a kernel the installed compiler rejects
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                raise RuntimeError("simulated compile failure")
+
+            return launch
+
+    monkeypatch.setattr(group_norm_kernels, "group_norm_single_pass_kernel", FailingKernel())
+    monkeypatch.setattr(group_norm_kernels, "_single_pass_state", "untried")
+    x, weight, bias = make_inputs((2, 8, 4, 4), torch.float32)
+    with pytest.warns(RuntimeWarning, match="failed on first use"):
+        check(x, 4, weight, bias, silu=True)
+    assert group_norm_kernels._single_pass_state == "failed"
+    check(x, 4, weight, bias, silu=True)  # later calls go straight to the split path
+
+
+def test_single_pass_errors_after_a_successful_launch_propagate(triton_backend, monkeypatch):
+    class FailingKernel:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                raise RuntimeError("out of memory")
+
+            return launch
+
+    monkeypatch.setattr(group_norm_kernels, "group_norm_single_pass_kernel", FailingKernel())
+    monkeypatch.setattr(group_norm_kernels, "_single_pass_state", "works")
+    with pytest.raises(RuntimeError, match="out of memory"):
+        group_norm(torch.randn(2, 8, 4, 4, device=DEVICE), 4)
