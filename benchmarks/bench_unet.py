@@ -4,6 +4,7 @@ Random weights at the real architectures (benchmarks/model_configs.py), fp16 on 
   fastdiff           optimize(): fp16, channels-last, fused QKV, Triton kernels, CUDA graph
   fastdiff-nograph   the same without the CUDA graph (what graphs buy)
   fastdiff-nchw      fastdiff with NCHW activations (what channels-last buys)
+  fastdiff-nokernels fastdiff with PyTorch's ops instead of ours (what the kernels buy)
   fastdiff-eager     fastdiff's model in fp16, NCHW, plain PyTorch ops (FASTDIFF_BACKEND=eager)
   diffusers          diffusers' UNet2DConditionModel, fp16, eager (when diffusers is installed)
   diffusers-graph    the same under one CUDA graph (BASELINES.md "eager + CUDA graph")
@@ -29,8 +30,8 @@ import model_bench as mb  # noqa: E402
 from model_configs import TEXT_EMBED_DIM, model_config  # noqa: E402
 
 PROVIDERS = (
-    "fastdiff", "fastdiff-nograph", "fastdiff-nchw", "fastdiff-eager", "fastdiff-compile",
-    "diffusers", "diffusers-graph", "diffusers-compile",
+    "fastdiff", "fastdiff-nograph", "fastdiff-nchw", "fastdiff-nokernels", "fastdiff-eager",
+    "fastdiff-compile", "diffusers", "diffusers-graph", "diffusers-compile",
 )
 
 
@@ -153,7 +154,8 @@ def provider_setup(provider: str, holder: ModelHolder) -> Callable[[], Callable[
                     return model(**inputs)
 
             return run
-        if provider in ("fastdiff", "fastdiff-nograph", "fastdiff-nchw", "fastdiff-compile"):
+        if provider in ("fastdiff", "fastdiff-nograph", "fastdiff-nchw", "fastdiff-nokernels",
+                        "fastdiff-compile"):
             nhwc = provider != "fastdiff-nchw"
             model = holder.fastdiff_model(prepared=True, channels_last=nhwc)
             if provider == "fastdiff-compile":
@@ -166,7 +168,13 @@ def provider_setup(provider: str, holder: ModelHolder) -> Callable[[], Callable[
                 return lambda: model(**inputs)
             # On CPU the cache replays eagerly: the same code path, without capture.
             graphed = GraphedCall(model, mb.graph_cache(), kind="unet")
-            return lambda: graphed(**inputs)
+            ops = "eager" if provider == "fastdiff-nokernels" else None  # chosen at capture
+
+            def run_graphed():
+                with use_backend(ops):
+                    return graphed(**inputs)
+
+            return run_graphed
         model = holder.diffusers_model()
 
         def forward(**kw):
@@ -186,7 +194,8 @@ def provider_setup(provider: str, holder: ModelHolder) -> Callable[[], Callable[
 
 
 def default_providers(compile_: bool) -> list[str]:
-    providers = ["fastdiff-eager", "fastdiff-nchw", "fastdiff-nograph", "fastdiff"]
+    providers = ["fastdiff-eager", "fastdiff-nokernels", "fastdiff-nchw", "fastdiff-nograph",
+                 "fastdiff"]
     if mb.diffusers_available():
         providers += ["diffusers", "diffusers-graph"]
         if compile_:
@@ -196,6 +205,7 @@ def default_providers(compile_: bool) -> list[str]:
     if not mb.on_gpu():  # without CUDA these equal fastdiff
         providers.remove("fastdiff-nograph")
         providers.remove("fastdiff-nchw")
+        providers.remove("fastdiff-nokernels")
     return providers
 
 

@@ -2,8 +2,9 @@
 
 Random weights at the real architecture, fp16 on GPU. Providers as in bench_unet.py:
 fastdiff (fp16, channels-last, fused QKV, Triton kernels, CUDA graph), fastdiff-nograph,
-fastdiff-nchw (NCHW activations), fastdiff-eager (plain PyTorch ops, NCHW), diffusers,
-diffusers-graph, diffusers-compile (--compile). On CPU a toy VAE runs in float32 on the eager path.
+fastdiff-nchw (NCHW activations), fastdiff-nokernels (PyTorch ops), fastdiff-eager (plain
+PyTorch ops, NCHW), diffusers, diffusers-graph, diffusers-compile (--compile). On CPU a toy VAE
+runs in float32 on the eager path.
 
     python benchmarks/bench_vae.py [--quick] [--compile]
 """
@@ -21,8 +22,8 @@ import model_bench as mb  # noqa: E402
 from model_configs import model_config  # noqa: E402
 
 PROVIDERS = (
-    "fastdiff", "fastdiff-nograph", "fastdiff-nchw", "fastdiff-eager", "diffusers",
-    "diffusers-graph", "diffusers-compile",
+    "fastdiff", "fastdiff-nograph", "fastdiff-nchw", "fastdiff-nokernels", "fastdiff-eager",
+    "diffusers", "diffusers-graph", "diffusers-compile",
 )
 
 
@@ -102,7 +103,7 @@ def provider_setup(provider: str, holder: VAEHolder, size: int):
                     return model.decode(latents)
 
             return run
-        if provider in ("fastdiff", "fastdiff-nograph", "fastdiff-nchw"):
+        if provider in ("fastdiff", "fastdiff-nograph", "fastdiff-nchw", "fastdiff-nokernels"):
             nhwc = provider != "fastdiff-nchw"
             model = holder.fastdiff_model(prepared=True, channels_last=nhwc)
             if on_cuda and nhwc:
@@ -110,7 +111,13 @@ def provider_setup(provider: str, holder: VAEHolder, size: int):
             if provider == "fastdiff-nograph":
                 return lambda: model.decode(latents)
             graphed = GraphedCall(model.decode, mb.graph_cache(), kind="vae")
-            return lambda: graphed(latents)
+            ops = "eager" if provider == "fastdiff-nokernels" else None  # chosen at capture
+
+            def run_graphed():
+                with use_backend(ops):
+                    return graphed(latents)
+
+            return run_graphed
         model = holder.diffusers_model()
 
         def decode(z):
@@ -132,7 +139,7 @@ def provider_setup(provider: str, holder: VAEHolder, size: int):
 def default_providers(compile_: bool) -> list[str]:
     providers = ["fastdiff-eager", "fastdiff"]
     if mb.on_gpu():
-        providers[1:1] = ["fastdiff-nchw", "fastdiff-nograph"]
+        providers[1:1] = ["fastdiff-nokernels", "fastdiff-nchw", "fastdiff-nograph"]
     if mb.diffusers_available():
         providers += ["diffusers", "diffusers-graph"]
         if compile_:
