@@ -115,10 +115,36 @@ class CudaGraphBackend:
         before = torch.cuda.memory_reserved(self.device)
         prepare()
         graph = torch.cuda.CUDAGraph()
-        with torch.no_grad(), torch.cuda.graph(graph):
-            body()
+        try:
+            with torch.no_grad(), torch.cuda.graph(graph):
+                body()
+        except Exception:
+            recover_from_failed_capture(self.device)
+            raise
         torch.cuda.synchronize(self.device)
         return graph, max(0, int(torch.cuda.memory_reserved(self.device)) - int(before))
+
+
+def recover_from_failed_capture(device: torch.device) -> None:
+    """Undo what a failed capture leaves behind, so eager work can go on.
+
+    When ``cudaStreamEndCapture`` reports an invalidated capture, PyTorch raises before it tells
+    the CUDA RNG that capture is over, and every later ``torch.randn`` on the GPU then fails with
+    "Offset increment outside graph capture encountered unexpectedly" (seen on our first H200
+    run). A trivial capture that succeeds runs the missing epilogue.
+    """
+    try:
+        torch.cuda.synchronize(device)
+    except Exception:  # the error may be reported again here; the reset below is what matters
+        pass
+    try:
+        scratch = torch.zeros(1, device=device)
+        reset = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(reset):
+            scratch.add_(1)
+        torch.cuda.synchronize(device)
+    except Exception as error:
+        print(f"fastdiff.runtime: could not reset CUDA state after a failed capture ({error})")
 
 
 def tensor_bytes(obj: Any) -> int:

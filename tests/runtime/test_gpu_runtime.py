@@ -139,3 +139,17 @@ def test_lru_bound_on_gpu_evicts_and_reports_memory():
     # one loop graph per size (latent output: no decode graph); a bound of 1 keeps the last
     assert len(rt.cache) == 1 and rt.cache.stats.evictions == 1
     assert "MiB" in rt.graph_report()
+
+
+def test_failed_capture_falls_back_and_leaves_cuda_usable():
+    def reads_host(x):
+        return x * float(x.sum())  # a host read: allowed eagerly, illegal inside a capture
+
+    cache = runtime.GraphCache(runtime.CudaGraphBackend())
+    graphed = runtime.GraphedCall(reads_host, cache, kind="host-read")
+    x = torch.randn(8, device="cuda")
+    torch.testing.assert_close(graphed(x), reads_host(x))
+    assert graphed.eager_fallbacks and cache.stats.failures == 1 and len(cache) == 0
+    torch.randn(4, device="cuda")  # the CUDA RNG works again after the failed capture
+    torch.testing.assert_close(graphed(x + 1), reads_host(x + 1))  # stays eager, no retry
+    assert cache.stats.failures == 1
