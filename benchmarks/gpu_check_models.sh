@@ -12,7 +12,7 @@
 #
 # diffusers providers run only when diffusers imports; wheels in .whl/ (diffusers and its missing
 # dependencies) are installed to /tmp/fastdiff-site first when present.
-# Writes four files to OUTDIR: models.csv (all rows), models-models.png, models_summary.txt (step
+# Exit status 1 when a step failed or timed out. Writes four files to OUTDIR: models.csv (all rows), models-models.png, models_summary.txt (step
 # status and each step's final table) and models_all.log (every step's full output).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -26,6 +26,7 @@ export PYTHONUNBUFFERED=1
 COMPILE_FLAG=""
 [[ "${COMPILE:-0}" == "1" ]] && COMPILE_FLAG="--compile"
 start_all=$(date +%s)
+FAILED=""
 : >"$SUMMARY"
 : >"$ALL_LOGS"
 
@@ -72,6 +73,7 @@ run() {
     timeout --kill-after=10 "$limit" "$@" >"$LOGDIR/$name.log" 2>&1
     local status=$?
     local took=$(( $(date +%s) - begin ))
+    [[ $status -ne 0 ]] && FAILED="$FAILED $name"
     if [[ $status -eq 0 ]]; then
         log "$name: ok (${took}s)"
     elif [[ $status -eq 124 || $status -eq 137 ]]; then
@@ -103,4 +105,5 @@ if [[ -s "$CSV" ]]; then
     timeout 60 python3 benchmarks/plot_models.py "$CSV" --out "$OUTDIR" >>"$SUMMARY" 2>&1 \
         || log "plot failed"
 fi
-log "total $(( $(date +%s) - start_all ))s; rows in $CSV"
+log "total $(( $(date +%s) - start_all ))s; rows in $CSV${FAILED:+; FAILED:$FAILED}"
+[[ -z "$FAILED" ]]
