@@ -10,10 +10,11 @@
 #   BUDGET=400 bash benchmarks/gpu_check_models.sh ...  seconds for all steps (default 270): each
 #       step's limit is cut to what is left, and steps are skipped once it is spent
 #
-# diffusers providers run only when diffusers imports; wheels in .whl/ (diffusers and its missing
-# dependencies) are installed to /tmp/fastdiff-site first when present.
-# Exit status 1 when a step failed or timed out. Writes four files to OUTDIR: models.csv (all rows), models-models.png, models_summary.txt (step
-# status and each step's final table) and models_all.log (every step's full output).
+# diffusers providers run only when diffusers imports; the diffusers and importlib_metadata wheels
+# in .whl/ (carry .whl) are installed to /tmp/fastdiff-site first when present.
+# Exit status 1 when a step failed or timed out. Writes four files to OUTDIR: models.csv (all
+# rows), models-models.png, models_summary.txt (step status and each step's final table) and
+# models_all.log (every step's full output).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUTDIR="${1:-${OUT:-gpu_check_out}}"
@@ -38,10 +39,12 @@ if ! python3 -c "import fastdiff.kernels" 2>/dev/null; then
     python3 -m pip install -q --no-deps --no-build-isolation -e . >"$LOGDIR/install.log" 2>&1 \
         || log "pip install -e . failed (see models_all.log)"
 fi
-if ! python3 -c "import diffusers" 2>/dev/null && ls .whl/*.whl >/dev/null 2>&1; then
-    log "installing carried wheels from .whl/"
+# Only these two wheels: anything else in .whl/ (torch, numpy...) must not shadow the machine's.
+WHEELS=$(ls .whl/diffusers-*.whl .whl/importlib_metadata-*.whl 2>/dev/null)
+if ! python3 -c "import diffusers" 2>/dev/null && [[ -n "$WHEELS" ]]; then
+    log "installing carried wheels: $(echo $WHEELS)"
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-        --target /tmp/fastdiff-site .whl/*.whl >>"$LOGDIR/install.log" 2>&1 \
+        --target /tmp/fastdiff-site $WHEELS >>"$LOGDIR/install.log" 2>&1 \
         && export PYTHONPATH="/tmp/fastdiff-site${PYTHONPATH:+:$PYTHONPATH}"
 fi
 [[ -f "$LOGDIR/install.log" ]] && { echo "===== install"; cat "$LOGDIR/install.log"; } >>"$ALL_LOGS"
@@ -92,7 +95,8 @@ run() {
 }
 
 # Most important first: the budget cuts from the end.
-run gpu_tests 60 env FASTDIFF_AUTOTUNE=0 python3 -m pytest -q -p no:cacheprovider tests/runtime/test_gpu_runtime.py
+run gpu_tests 60 env FASTDIFF_AUTOTUNE=0 python3 -m pytest -q -p no:cacheprovider \
+    tests/runtime/test_gpu_runtime.py
 run unet_sd15_b2 90 python3 benchmarks/bench_unet.py --workloads sd15_b2 --csv "$CSV" $COMPILE_FLAG
 run pipeline 90 python3 benchmarks/bench_pipeline.py --steps 20,4 --csv "$CSV" $COMPILE_FLAG
 run vae 60 python3 benchmarks/bench_vae.py --csv "$CSV" $COMPILE_FLAG
