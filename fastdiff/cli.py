@@ -1,5 +1,7 @@
-"""The ``fastdiff`` command line. Each subcommand lives in ``fastdiff/commands/<name>.py`` and
-exposes ``add_parser(subparsers)`` (which sets ``handler``) and is imported only when listed here."""
+"""The ``fastdiff`` command line.
+
+Each subcommand lives in ``fastdiff/commands/<name>.py`` and exposes ``add_parser(subparsers)``,
+which registers its parser and sets ``handler``; it is imported only when listed here."""
 
 from __future__ import annotations
 
