@@ -102,6 +102,8 @@ class OptimizedRuntime:
     (guidance rescale, img2img starts) and say so once.
     """
 
+    attached: bool = False  # True once the pipeline's stages call this runtime
+
     def __init__(
         self,
         pipe: Any,
@@ -264,8 +266,10 @@ def optimize(
     compile_mode: str | None = None,
     compile_backend: str = "inductor",
     vae_channels_last: bool | None = None,
-) -> OptimizedRuntime | None:
-    """Prepare ``pipe`` (a ``fastdiff.Pipeline``) for speed, in place; returns its runtime.
+) -> OptimizedRuntime:
+    """Prepare ``pipe`` (a ``fastdiff.Pipeline``) for speed, in place; returns its runtime
+    (``runtime.report`` says what was applied; ``runtime.attached`` whether the pipeline now
+    runs through it).
 
     ``dtype``: weights' dtype (None keeps it); ``vae_dtype`` overrides it for the VAE (SDXL's
     VAE overflows in fp16: pass torch.float32 or bfloat16 there). ``max_graphs`` bounds the
@@ -324,16 +328,17 @@ def optimize(
     elif on_cuda:
         report.skipped["Triton kernels"] = "kernels=False: ops run the eager PyTorch backend"
 
-    runtime = None
-    if backend is None and cuda_graphs and on_cuda:
-        backend = CudaGraphBackend(device=pipe.device)
-    if backend is not None:
-        runtime = OptimizedRuntime(
-            pipe, backend, max_graphs, max_loop_steps, channels_last, kernels, report
-        )
+    attach = backend is not None or (cuda_graphs and on_cuda)
+    if backend is None:
+        backend = CudaGraphBackend(device=pipe.device) if attach else EagerGraphBackend()
+    runtime = OptimizedRuntime(
+        pipe, backend, max_graphs, max_loop_steps, channels_last, kernels, report
+    )
+    runtime.attached = attach
+    pipe.runtime = runtime
+    if attach:
         pipe.denoise = runtime.denoise
         pipe.decode_latents = runtime.decode_latents
-        pipe.runtime = runtime
         kind = "CUDA graphs" if isinstance(backend, CudaGraphBackend) else "static-buffer loop"
         if isinstance(backend, EagerGraphBackend):
             kind += " without capture"

@@ -32,7 +32,7 @@ def eager_latents(pipe, conditioning, x_T, sampler, steps, eta=0.0, guidance=7.5
 def test_without_cuda_optimize_keeps_the_eager_path(pipe, capsys):
     eager_denoise = pipe.denoise
     result = runtime.optimize(pipe)
-    assert result is None
+    assert not result.attached and result.report is pipe.optimize_report
     assert pipe.denoise == eager_denoise  # not replaced
     assert pipe.unet.dtype == torch.float32
     report = pipe.optimize_report
