@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import csv
 import gc
+import signal
 import statistics
 import time
 import traceback
@@ -136,10 +137,21 @@ def add_speedups(results: list[Result], reference: str) -> None:
             row.speedup = base[row.workload] / row.ms
 
 
+class Interrupted(BaseException):
+    """SIGTERM (e.g. from ``timeout``): stop, but report the rows measured so far. A
+    BaseException so that the per-case ``except Exception`` does not swallow it."""
+
+
+def _raise_interrupted(signum, frame):
+    raise Interrupted(f"signal {signum}")
+
+
 def run_cases(
-    cases: list[Case], warmup: int, iters: int, reference: str, verbose: bool = True
+    cases: list[Case], warmup: int, iters: int, reference: str, verbose: bool = True,
+    results: list[Result] | None = None,
 ) -> list[Result]:
-    results = []
+    """Run every case (appending to ``results`` as they finish); speedups against ``reference``."""
+    results = [] if results is None else results
     for case in cases:
         if verbose:
             print(f"-- {case.benchmark} {case.workload} [{case.provider}]", flush=True)
@@ -273,10 +285,21 @@ def run_and_report(cases: list[Case], args: argparse.Namespace, reference: str) 
     warmup, iters = iterations(args)
     if not on_gpu():
         print("no CUDA: toy configs on the CPU eager path (numbers are not GPU figures)")
-    results = run_cases(cases, warmup, iters, reference)
+    results: list[Result] = []
+    interrupted = False
+    previous = signal.signal(signal.SIGTERM, _raise_interrupted)
+    try:
+        run_cases(cases, warmup, iters, reference, results=results)
+    except Interrupted:
+        interrupted = True
+        print(f"\ninterrupted after {len(results)} of {len(cases)} cases: reporting those")
+        add_speedups(results, reference)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     print()
     print(format_table(results))
-    if not args.no_csv:
+    if not args.no_csv and results:
         path = append_csv(results, args.csv)
         print(f"appended {len(results)} rows to {path}")
-    return 1 if any(r.note.startswith("FAILED") for r in results) else 0
+    failed = any(r.note.startswith("FAILED") for r in results)
+    return 1 if failed or interrupted else 0
