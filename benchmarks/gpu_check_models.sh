@@ -97,7 +97,7 @@ run() {
 # Most important first: the budget cuts from the end.
 run gpu_tests 60 env FASTDIFF_AUTOTUNE=0 python3 -m pytest -q -p no:cacheprovider \
     tests/runtime/test_gpu_runtime.py
-run unet_sd15_b2 90 python3 benchmarks/bench_unet.py --workloads sd15_b2 --csv "$CSV" $COMPILE_FLAG
+run unet_sd15_b2 120 python3 benchmarks/bench_unet.py --workloads sd15_b2 --csv "$CSV" $COMPILE_FLAG
 run pipeline 90 python3 benchmarks/bench_pipeline.py --steps 20,4 --csv "$CSV" $COMPILE_FLAG
 run vae 60 python3 benchmarks/bench_vae.py --csv "$CSV" $COMPILE_FLAG
 run unet_sdxl_b2 75 python3 benchmarks/bench_unet.py --workloads sdxl_b2 --csv "$CSV" $COMPILE_FLAG
