@@ -4,8 +4,11 @@ Backends:
   eager  - plain PyTorch in the input dtype (the path every machine has)
   triton - our Triton kernels (kernels/), the default on CUDA tensors
   cuda   - the optional CUDA C++ extension (csrc/), selectable explicitly
+  auto   - per op and shape, the faster of cuda and triton according to the measured table read
+           by ``fastdiff.ops.autoselect`` (triton where nothing was measured or the extension is
+           not available); what ``fastdiff.runtime.optimize`` uses
 
-``FASTDIFF_BACKEND=eager|triton|cuda`` overrides the default for the whole process;
+``FASTDIFF_BACKEND=eager|triton|cuda|auto`` overrides the default for the whole process;
 ``use_backend(name)`` overrides it inside a ``with`` block (tests and benchmarks use it).
 Under ``TRITON_INTERPRET=1`` the triton backend also runs on CPU tensors (slowly), which is how
 CI exercises the kernels without a GPU.
@@ -23,7 +26,7 @@ from typing import Any
 
 import torch
 
-BACKENDS = ("eager", "triton", "cuda")
+BACKENDS = ("eager", "triton", "cuda", "auto")
 
 _override = threading.local()
 
@@ -85,8 +88,14 @@ def triton_can_run(tensor: torch.Tensor) -> bool:
     return tensor.device.type == "cpu" and triton_interpreter()
 
 
-def select_backend(tensor: torch.Tensor) -> str:
+def select_backend(
+    tensor: torch.Tensor, op: str | None = None, key: Callable[[], str] | None = None
+) -> str:
     """Backend for an op on ``tensor``: the requested one, else triton on CUDA, else eager.
+
+    ``op`` and ``key`` (a callable giving the autoselect key of the input, called only when
+    needed) let the ``auto`` backend look the op and shape up in the measured table; ops with a
+    single kernel backend leave them out and ``auto`` means triton for them.
 
     A requested backend that cannot run on this device falls back to eager: CPU tensors under a
     process-wide ``FASTDIFF_BACKEND=triton`` without the interpreter, for example. Each op also
@@ -103,6 +112,19 @@ def select_backend(tensor: torch.Tensor) -> str:
         return "triton" if triton_can_run(tensor) else "eager"
     if requested == "triton":
         return "triton" if triton_can_run(tensor) else "eager"
+    if requested == "auto":
+        # Like the default on CPU (eager; the interpreter is only for explicit triton requests).
+        if not (tensor.is_cuda and triton_available()):
+            return "eager"
+        if op is None or key is None:
+            return "triton"
+        from fastdiff.ops import autoselect
+
+        if autoselect.preferred_backend(op, key()) == "cuda":
+            module = cuda_extension_module()
+            if module is not None and module.available():
+                return "cuda"
+        return "triton"
     # Default: kernels on CUDA; the interpreter is opt-in through use_backend/FASTDIFF_BACKEND.
     if tensor.is_cuda and triton_available():
         return "triton"

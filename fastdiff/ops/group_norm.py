@@ -8,6 +8,7 @@ arguments, picks the backend, sends unsupported inputs to the eager path).
 import torch
 import torch.nn.functional as F
 
+from fastdiff.ops.autoselect import group_norm_key
 from fastdiff.ops.backend import (
     cuda_extension_op,
     kernel_dtype_supported,
@@ -104,7 +105,7 @@ def group_norm(
     memory format.
     """
     check_group_norm_args(x, num_groups, weight, bias)
-    backend = select_backend(x)
+    backend = select_backend(x, "group_norm", lambda: group_norm_key(x))
     if needs_autograd(x, weight, bias):
         backend = "eager"
     if backend == "cuda":

@@ -13,6 +13,7 @@ import warnings
 
 import torch
 
+from fastdiff.ops.autoselect import sampler_step_key
 from fastdiff.ops.backend import (
     cuda_extension_op,
     kernel_dtype_supported,
@@ -163,7 +164,7 @@ def sampler_step(
     check_sampler_step_args(x, model_output, coefficients, step, x0_prev, noise)
     guidance = guidance_scale if isinstance(guidance_scale, torch.Tensor) else None
     guidance_value = 1.0 if guidance is not None else float(guidance_scale)
-    backend = select_backend(x)
+    backend = select_backend(x, "sampler_step", lambda: sampler_step_key(x, model_output))
     if needs_autograd(x, model_output, x0_prev, noise):
         backend = "eager"
     args = (x, model_output, coefficients, step, x0_prev, guidance, guidance_value, noise)

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from fastdiff.ops import use_backend
+from fastdiff.ops.backend import requested_backend
 from fastdiff.runtime.denoise import DenoiseCall, GraphedDenoiser
 from fastdiff.runtime.graphed_call import GraphedCall
 from fastdiff.runtime.graphs import CudaGraphBackend, EagerGraphBackend, GraphBackend, GraphCache
@@ -133,7 +134,11 @@ class OptimizedRuntime:
         self.last_call_seconds: float | None = None
 
     def ops_backend(self):
-        return contextlib.nullcontext() if self.kernels else use_backend("eager")
+        """Kernels on: the ``auto`` backend (per op and shape, the faster of the CUDA extension
+        and Triton by the measured table) unless the user forced one; kernels off: eager."""
+        if not self.kernels:
+            return use_backend("eager")
+        return contextlib.nullcontext() if requested_backend() else use_backend("auto")
 
     def fallback(self, reason: str) -> None:
         if reason not in self.fallback_reasons:
@@ -324,7 +329,12 @@ def optimize(
         report.applied.append(f"unet: torch.compile({compile_mode!r}) of {count} blocks "
                               "(compiles on the first call)")
     if on_cuda and kernels:
-        report.applied.append("fastdiff Triton kernels (ops backend: triton)")
+        forced = requested_backend()
+        report.applied.append(
+            f"fastdiff kernels (ops backend: {forced})" if forced else
+            "fastdiff kernels (ops backend: auto: per op and shape the faster of the CUDA "
+            "extension and Triton by the measured table, Triton where none was measured)"
+        )
     elif on_cuda:
         report.skipped["Triton kernels"] = "kernels=False: ops run the eager PyTorch backend"
 
