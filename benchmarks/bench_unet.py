@@ -141,6 +141,7 @@ class ModelHolder:
 def provider_setup(provider: str, holder: ModelHolder) -> Callable[[], Callable[[], object]]:
     from fastdiff.ops import use_backend
     from fastdiff.runtime import GraphedCall
+    from fastdiff.runtime.optimize import ops_backend
 
     work, device, dtype = holder.work, holder.device, holder.dtype
 
@@ -165,13 +166,17 @@ def provider_setup(provider: str, holder: ModelHolder) -> Callable[[], Callable[
             if device.type == "cuda" and nhwc:
                 inputs["sample"] = inputs["sample"].contiguous(memory_format=torch.channels_last)
             if provider == "fastdiff-nograph":
-                return lambda: model(**inputs)
+                def run_nograph():
+                    with ops_backend(kernels=True):  # what optimize() selects
+                        return model(**inputs)
+
+                return run_nograph
             # On CPU the cache replays eagerly: the same code path, without capture.
             graphed = GraphedCall(model, mb.graph_cache(), kind="unet")
-            ops = "eager" if provider == "fastdiff-nokernels" else None  # chosen at capture
+            kernels = provider != "fastdiff-nokernels"
 
             def run_graphed():
-                with use_backend(ops):
+                with ops_backend(kernels):  # chosen at capture, as optimize() does
                     return graphed(**inputs)
 
             return run_graphed

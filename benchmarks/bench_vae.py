@@ -89,6 +89,7 @@ class VAEHolder:
 def provider_setup(provider: str, holder: VAEHolder, size: int):
     from fastdiff.ops import use_backend
     from fastdiff.runtime import GraphedCall
+    from fastdiff.runtime.optimize import ops_backend
 
     def setup():
         generator = torch.Generator().manual_seed(0)
@@ -109,12 +110,16 @@ def provider_setup(provider: str, holder: VAEHolder, size: int):
             if on_cuda and nhwc:
                 latents = latents.contiguous(memory_format=torch.channels_last)
             if provider == "fastdiff-nograph":
-                return lambda: model.decode(latents)
+                def run_nograph():
+                    with ops_backend(kernels=True):  # what optimize() selects
+                        return model.decode(latents)
+
+                return run_nograph
             graphed = GraphedCall(model.decode, mb.graph_cache(), kind="vae")
-            ops = "eager" if provider == "fastdiff-nokernels" else None  # chosen at capture
+            kernels = provider != "fastdiff-nokernels"
 
             def run_graphed():
-                with use_backend(ops):
+                with ops_backend(kernels):  # chosen at capture, as optimize() does
                     return graphed(latents)
 
             return run_graphed

@@ -96,6 +96,15 @@ def prepare_module(
         report.applied.append(f"{name}: channels-last convolutions")
 
 
+def ops_backend(kernels: bool = True):
+    """The ops backend of the optimized path, as a context manager. Kernels on: the ``auto``
+    backend (per op and shape, the faster of the CUDA extension and Triton by the measured table)
+    unless the user forced one; kernels off: eager PyTorch ops."""
+    if not kernels:
+        return use_backend("eager")
+    return contextlib.nullcontext() if requested_backend() else use_backend("auto")
+
+
 class OptimizedRuntime:
     """The fast stages attached to a pipeline: ``denoise`` and ``decode_latents`` replacements.
 
@@ -134,11 +143,7 @@ class OptimizedRuntime:
         self.last_call_seconds: float | None = None
 
     def ops_backend(self):
-        """Kernels on: the ``auto`` backend (per op and shape, the faster of the CUDA extension
-        and Triton by the measured table) unless the user forced one; kernels off: eager."""
-        if not self.kernels:
-            return use_backend("eager")
-        return contextlib.nullcontext() if requested_backend() else use_backend("auto")
+        return ops_backend(self.kernels)
 
     def fallback(self, reason: str) -> None:
         if reason not in self.fallback_reasons:
