@@ -131,6 +131,7 @@ def run(args: argparse.Namespace) -> int:
         OptimizeReport,
         prepare_module,
     )
+    from fastdiff.runtime.optimize import ops_backend
 
     if args.batch < 1 or args.calls < 1 or args.top < 1:
         raise ValueError("--batch, --calls and --top must be positive")
@@ -168,14 +169,14 @@ def run(args: argparse.Namespace) -> int:
     fast_sample = sample.contiguous(memory_format=torch.channels_last) if on_cuda else sample
 
     def optimized():
-        with torch.no_grad():
+        with torch.no_grad(), ops_backend(kernels=True):  # the backend optimize() selects
             return unet(fast_sample, timestep, context, **kwargs)
 
     print_breakdown("fastdiff optimized, graph off (kernels, channels-last, fused QKV)",
                     profile_calls(optimized, args.calls, on_cuda), args.top, unit)
     if on_cuda:
         graphed = GraphedCall(unet, GraphCache(CudaGraphBackend()), kind="unet")
-        with torch.no_grad():
+        with torch.no_grad(), ops_backend(kernels=True):
             graphed(fast_sample, timestep, context, **kwargs)
             torch.cuda.synchronize()
             start = time.perf_counter()
