@@ -50,7 +50,12 @@ def run_plan(
             )
         noise = None
         if float(plan.coefficients[index, NOISE_STD]) != 0.0:
-            noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+            # Drawn where the generator lives (a CPU generator also drives CUDA sampling, so a
+            # seed gives the same images on every device), then moved to the state's device.
+            noise_device = x.device if generator is None else generator.device
+            noise = torch.randn(
+                x.shape, generator=generator, device=noise_device, dtype=x.dtype
+            ).to(x.device)
         x, x0_prev = plan_step(plan, index, x, output.to(x.dtype), x0_prev, noise)
         if callback is not None:
             callback(index, timestep, x)
