@@ -15,9 +15,7 @@ if os.environ.get("FASTDIFF_BUILD_CUDA") == "1":
     from torch.utils.cpp_extension import BuildExtension, CUDAExtension
 
     sources = sorted(
-        os.path.join("csrc", name)
-        for name in os.listdir("csrc")
-        if name.endswith((".cu", ".cpp"))
+        os.path.join("csrc", name) for name in os.listdir("csrc") if name.endswith((".cu", ".cpp"))
     )
     ext_modules.append(
         CUDAExtension(

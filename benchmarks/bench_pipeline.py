@@ -73,8 +73,11 @@ class PipelineHolder:
         if optimized and not self.optimized:
             on_cuda = self.device.type == "cuda"
             # On CPU the static-buffer loop runs without capture: the same code path as on GPU.
-            optimize(self.fastdiff, dtype=self.dtype if on_cuda else None,
-                     backend=None if on_cuda else EagerGraphBackend())
+            optimize(
+                self.fastdiff,
+                dtype=self.dtype if on_cuda else None,
+                backend=None if on_cuda else EagerGraphBackend(),
+            )
             self.optimized = True
         return self.fastdiff
 
@@ -90,9 +93,14 @@ class PipelineHolder:
                 unet = DiffusersUNet(**model_config(unet_config))
                 vae = AutoencoderKL(**model_config(vae_config))
             pipe = StableDiffusionPipeline(
-                vae=vae, text_encoder=None, tokenizer=None, unet=unet,
-                scheduler=DDIMScheduler(**SD_SCHEDULER), safety_checker=None,
-                feature_extractor=None, requires_safety_checker=False,
+                vae=vae,
+                text_encoder=None,
+                tokenizer=None,
+                unet=unet,
+                scheduler=DDIMScheduler(**SD_SCHEDULER),
+                safety_checker=None,
+                feature_extractor=None,
+                requires_safety_checker=False,
             )
             pipe.to(self.device, self.dtype)
             pipe.set_progress_bar_config(disable=True)
@@ -119,9 +127,15 @@ def provider_setup(provider: str, holder: PipelineHolder, steps: int):
             def run():
                 with use_backend("eager" if provider == "fastdiff-eager" else None):
                     return pipe(
-                        prompt_embeds=embeds, negative_prompt_embeds=negative,
-                        num_inference_steps=steps, guidance_scale=GUIDANCE, sampler="ddim",
-                        height=pixels, width=pixels, latents=latents, output_type="tensor",
+                        prompt_embeds=embeds,
+                        negative_prompt_embeds=negative,
+                        num_inference_steps=steps,
+                        guidance_scale=GUIDANCE,
+                        sampler="ddim",
+                        height=pixels,
+                        width=pixels,
+                        latents=latents,
+                        output_type="tensor",
                         progress=False,
                     )
 
@@ -134,9 +148,14 @@ def provider_setup(provider: str, holder: PipelineHolder, steps: int):
 
         def run_diffusers():
             return pipe(
-                prompt_embeds=embeds, negative_prompt_embeds=negative,
-                num_inference_steps=steps, guidance_scale=GUIDANCE, height=pixels, width=pixels,
-                latents=latents, output_type="pt",
+                prompt_embeds=embeds,
+                negative_prompt_embeds=negative,
+                num_inference_steps=steps,
+                guidance_scale=GUIDANCE,
+                height=pixels,
+                width=pixels,
+                latents=latents,
+                output_type="pt",
             ).images
 
         return run_diffusers
@@ -153,8 +172,9 @@ def default_providers(compile_: bool) -> list[str]:
     return providers
 
 
-def cases(steps_list: list[int] | None = None, providers: list[str] | None = None,
-          compile_: bool = False) -> list[mb.Case]:
+def cases(
+    steps_list: list[int] | None = None, providers: list[str] | None = None, compile_: bool = False
+) -> list[mb.Case]:
     steps_list = steps_list or [20, 4]
     device = torch.device("cuda" if mb.on_gpu() else "cpu")
     dtype = torch.float16 if mb.on_gpu() else torch.float32
@@ -169,8 +189,15 @@ def cases(steps_list: list[int] | None = None, providers: list[str] | None = Non
         flop = per_step * steps + decode if per_step and decode else None
         name = f"{'sd15' if mb.on_gpu() else 'tiny'}_{steps}step_cfg"
         for index, provider in enumerate(providers):
-            case = mb.Case("pipeline", name, provider, provider_setup(provider, holder, steps),
-                           images=1, flop=flop, note=note)
+            case = mb.Case(
+                "pipeline",
+                name,
+                provider,
+                provider_setup(provider, holder, steps),
+                images=1,
+                flop=flop,
+                note=note,
+            )
             if provider == "fastdiff":
                 case.teardown = holder.print_graph_report
             if index == len(providers) - 1:
@@ -181,8 +208,11 @@ def cases(steps_list: list[int] | None = None, providers: list[str] | None = Non
 
 def main(argv: list[str] | None = None) -> int:
     parser = mb.argument_parser(__doc__, PROVIDERS)
-    parser.add_argument("--steps", type=lambda text: [int(s) for s in text.split(",")],
-                        help="comma-separated step counts (default 20,4)")
+    parser.add_argument(
+        "--steps",
+        type=lambda text: [int(s) for s in text.split(",")],
+        help="comma-separated step counts (default 20,4)",
+    )
     args = parser.parse_args(argv)
     steps = args.steps or ([4] if args.quick else None)
     reference = "diffusers" if mb.diffusers_available() else "fastdiff-eager"

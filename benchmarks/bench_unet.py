@@ -30,8 +30,15 @@ import model_bench as mb  # noqa: E402
 from model_configs import TEXT_EMBED_DIM, model_config  # noqa: E402
 
 PROVIDERS = (
-    "fastdiff", "fastdiff-nograph", "fastdiff-nchw", "fastdiff-nokernels", "fastdiff-eager",
-    "fastdiff-compile", "diffusers", "diffusers-graph", "diffusers-compile",
+    "fastdiff",
+    "fastdiff-nograph",
+    "fastdiff-nchw",
+    "fastdiff-nokernels",
+    "fastdiff-eager",
+    "fastdiff-compile",
+    "diffusers",
+    "diffusers-graph",
+    "diffusers-compile",
 )
 
 
@@ -155,8 +162,13 @@ def provider_setup(provider: str, holder: ModelHolder) -> Callable[[], Callable[
                     return model(**inputs)
 
             return run
-        if provider in ("fastdiff", "fastdiff-nograph", "fastdiff-nchw", "fastdiff-nokernels",
-                        "fastdiff-compile"):
+        if provider in (
+            "fastdiff",
+            "fastdiff-nograph",
+            "fastdiff-nchw",
+            "fastdiff-nokernels",
+            "fastdiff-compile",
+        ):
             nhwc = provider != "fastdiff-nchw"
             model = holder.fastdiff_model(prepared=True, channels_last=nhwc)
             if provider == "fastdiff-compile":
@@ -166,6 +178,7 @@ def provider_setup(provider: str, holder: ModelHolder) -> Callable[[], Callable[
             if device.type == "cuda" and nhwc:
                 inputs["sample"] = inputs["sample"].contiguous(memory_format=torch.channels_last)
             if provider == "fastdiff-nograph":
+
                 def run_nograph():
                     with ops_backend(kernels=True):  # what optimize() selects
                         return model(**inputs)
@@ -212,8 +225,9 @@ def default_providers(compile_: bool) -> list[str]:
     return providers
 
 
-def cases(workloads: list[str] | None = None, providers: list[str] | None = None,
-          compile_: bool = False) -> list[mb.Case]:
+def cases(
+    workloads: list[str] | None = None, providers: list[str] | None = None, compile_: bool = False
+) -> list[mb.Case]:
     table = GPU_WORKLOADS if mb.on_gpu() else CPU_WORKLOADS
     names = workloads or [name for name in table if mb.on_gpu() or name != "sd15_b1"]
     unknown = [name for name in names if name not in table]
@@ -230,8 +244,15 @@ def cases(workloads: list[str] | None = None, providers: list[str] | None = None
         flop = unet_flops(work)
         for index, provider in enumerate(providers):
             # One image per call: batch 2 is one guided image, batch 1 one unguided image.
-            case = mb.Case("unet", work.name, provider, provider_setup(provider, holder),
-                           images=1, flop=flop, note=note)
+            case = mb.Case(
+                "unet",
+                work.name,
+                provider,
+                provider_setup(provider, holder),
+                images=1,
+                flop=flop,
+                note=note,
+            )
             if index == len(providers) - 1:
                 case.teardown = holder.release
             result.append(case)
@@ -245,11 +266,12 @@ def main(argv: list[str] | None = None) -> int:
     workloads = args.workloads.split(",") if args.workloads else None
     if args.quick and workloads is None:
         workloads = ["sd15_b2"]
-    return mb.run_and_report(cases(workloads, args.providers, args.compile), args,
-                             reference="diffusers" if mb.diffusers_available() else
-                             "fastdiff-eager")
+    return mb.run_and_report(
+        cases(workloads, args.providers, args.compile),
+        args,
+        reference="diffusers" if mb.diffusers_available() else "fastdiff-eager",
+    )
 
 
 if __name__ == "__main__":
     sys.exit(main())
-

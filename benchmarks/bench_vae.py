@@ -22,8 +22,14 @@ import model_bench as mb  # noqa: E402
 from model_configs import model_config  # noqa: E402
 
 PROVIDERS = (
-    "fastdiff", "fastdiff-nograph", "fastdiff-nchw", "fastdiff-nokernels", "fastdiff-eager",
-    "diffusers", "diffusers-graph", "diffusers-compile",
+    "fastdiff",
+    "fastdiff-nograph",
+    "fastdiff-nchw",
+    "fastdiff-nokernels",
+    "fastdiff-eager",
+    "diffusers",
+    "diffusers-graph",
+    "diffusers-compile",
 )
 
 
@@ -110,6 +116,7 @@ def provider_setup(provider: str, holder: VAEHolder, size: int):
             if on_cuda and nhwc:
                 latents = latents.contiguous(memory_format=torch.channels_last)
             if provider == "fastdiff-nograph":
+
                 def run_nograph():
                     with ops_backend(kernels=True):  # what optimize() selects
                         return model.decode(latents)
@@ -163,8 +170,15 @@ def cases(providers: list[str] | None = None, compile_: bool = False) -> list[mb
     providers = mb.available_providers(providers or default_providers(compile_))
     result = []
     for index, provider in enumerate(providers):
-        case = mb.Case("vae", name, provider, provider_setup(provider, holder, size), images=1,
-                       flop=flop, note=note)
+        case = mb.Case(
+            "vae",
+            name,
+            provider,
+            provider_setup(provider, holder, size),
+            images=1,
+            flop=flop,
+            note=note,
+        )
         if index == len(providers) - 1:
             case.teardown = holder.release
         result.append(case)

@@ -32,8 +32,21 @@ import torch
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 CSV_FIELDS = (
-    "timestamp", "device", "benchmark", "workload", "provider", "ms", "tflops", "images_per_s",
-    "speedup", "warmup_s", "peak_mib", "gflop", "note", "dtype", "gbps",
+    "timestamp",
+    "device",
+    "benchmark",
+    "workload",
+    "provider",
+    "ms",
+    "tflops",
+    "images_per_s",
+    "speedup",
+    "warmup_s",
+    "peak_mib",
+    "gflop",
+    "note",
+    "dtype",
+    "gbps",
 )
 ROTATE_BYTES = 128 * 2**20  # rotate input sets until this much data is touched (> L2)
 MAX_INPUT_SETS = 8
@@ -147,8 +160,12 @@ def _wall_ms(fn: Callable[[], object], iters: int) -> float:
 
 
 def _gpu_ms(
-    workload: Workload, build: Builder, fn: Callable[[], object], inputs: Inputs,
-    notes: list[str], quick: bool,
+    workload: Workload,
+    build: Builder,
+    fn: Callable[[], object],
+    inputs: Inputs,
+    notes: list[str],
+    quick: bool,
 ) -> float:
     """Device ms per call: CUDA-graph replays over rotated input sets, else per-call events."""
     launch_ms = _event_ms(fn, 10 if quick else 30)
@@ -169,9 +186,7 @@ def _gpu_ms(
     return graph_ms
 
 
-def measure(
-    benchmark: str, workload: Workload, provider: str, build: Builder, quick: bool
-) -> Row:
+def measure(benchmark: str, workload: Workload, provider: str, build: Builder, quick: bool) -> Row:
     """Time one (workload, provider); failures are reported in the row, never raised."""
     row = Row(benchmark, workload.name, provider, dtype_name(workload.dtype))
     gc.collect()
@@ -230,16 +245,25 @@ def append_csv(rows: list[Row], path: Path) -> Path:
             writer.writeheader()
         for row in rows:
             values = {
-                "timestamp": stamp, "device": device_name(), "benchmark": row.benchmark,
-                "workload": row.workload, "provider": row.provider, "ms": row.ms,
-                "tflops": row.tflops, "speedup": row.speedup, "warmup_s": row.warmup_s,
-                "peak_mib": row.peak_mib, "gflop": row.gflop, "dtype": row.dtype,
+                "timestamp": stamp,
+                "device": device_name(),
+                "benchmark": row.benchmark,
+                "workload": row.workload,
+                "provider": row.provider,
+                "ms": row.ms,
+                "tflops": row.tflops,
+                "speedup": row.speedup,
+                "warmup_s": row.warmup_s,
+                "peak_mib": row.peak_mib,
+                "gflop": row.gflop,
+                "dtype": row.dtype,
                 "gbps": row.gbps,
             }
             extra = [f"{k}={v}" for k in ("dtype", "gbps") if k not in header for v in [values[k]]]
             values["note"] = "; ".join(row.notes + extra)
-            writer.writerow({k: (round(v, 5) if isinstance(v, float) else v)
-                             for k, v in values.items()})
+            writer.writerow(
+                {k: (round(v, 5) if isinstance(v, float) else v) for k, v in values.items()}
+            )
     return path
 
 
@@ -295,7 +319,7 @@ def standard_providers(
         return lambda: compiled["fn"](*inputs)
 
     providers: dict[str, Builder] = {
-        "eager": lambda inputs: (lambda: eager(*inputs)),
+        "eager": lambda inputs: lambda: eager(*inputs),
         "fastdiff": with_backend("triton"),
     }
     if on_gpu():
@@ -308,11 +332,16 @@ def standard_providers(
 def parse_args(doc: str | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=(doc or "").strip().split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer workloads and iterations")
-    parser.add_argument("--out", type=Path, default=None,
-                        help="folder for <gpu>.csv (default benchmarks/results)")
+    parser.add_argument(
+        "--out", type=Path, default=None, help="folder for <gpu>.csv (default benchmarks/results)"
+    )
     parser.add_argument("--no-csv", action="store_true", help="print only")
-    parser.add_argument("--providers", type=lambda text: text.split(","), default=None,
-                        help="comma-separated subset of the providers")
+    parser.add_argument(
+        "--providers",
+        type=lambda text: text.split(","),
+        default=None,
+        help="comma-separated subset of the providers",
+    )
     return parser.parse_args()
 
 

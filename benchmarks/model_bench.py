@@ -147,7 +147,11 @@ def _raise_interrupted(signum, frame):
 
 
 def run_cases(
-    cases: list[Case], warmup: int, iters: int, reference: str, verbose: bool = True,
+    cases: list[Case],
+    warmup: int,
+    iters: int,
+    reference: str,
+    verbose: bool = True,
     results: list[Result] | None = None,
 ) -> list[Result]:
     """Run every case (appending to ``results`` as they finish); speedups against ``reference``."""
@@ -259,14 +263,24 @@ def argument_parser(doc: str | None, providers: tuple[str, ...]) -> argparse.Arg
 
 def add_common_arguments(parser: argparse.ArgumentParser, providers: tuple[str, ...]) -> None:
     parser.add_argument("--quick", action="store_true", help="fewer workloads and iterations")
-    parser.add_argument("--compile", action="store_true",
-                        help="add the torch.compile provider (compiles for about a minute)")
-    parser.add_argument("--providers", type=lambda text: text.split(","),
-                        help=f"comma-separated subset of: {', '.join(providers)}")
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="add the torch.compile provider (compiles for about a minute)",
+    )
+    parser.add_argument(
+        "--providers",
+        type=lambda text: text.split(","),
+        help=f"comma-separated subset of: {', '.join(providers)}",
+    )
     parser.add_argument("--warmup", type=int, default=None, help="untimed calls (default 3)")
     parser.add_argument("--iters", type=int, default=None, help="timed calls (default 10)")
-    parser.add_argument("--csv", type=Path, default=None,
-                        help="CSV to append to (default benchmarks/results/<gpu>.csv)")
+    parser.add_argument(
+        "--csv",
+        type=Path,
+        default=None,
+        help="CSV to append to (default benchmarks/results/<gpu>.csv)",
+    )
     parser.add_argument("--no-csv", action="store_true", help="print only")
 
 
@@ -276,8 +290,10 @@ def iterations(args: argparse.Namespace) -> tuple[int, int]:
     warmup, iters = (3, 10) if on_gpu() else (3, 3)
     if args.quick:
         warmup, iters = min(warmup, 2), min(iters, 5)
-    return (args.warmup if args.warmup is not None else warmup,
-            args.iters if args.iters is not None else iters)
+    return (
+        args.warmup if args.warmup is not None else warmup,
+        args.iters if args.iters is not None else iters,
+    )
 
 
 def run_and_report(cases: list[Case], args: argparse.Namespace, reference: str) -> int:

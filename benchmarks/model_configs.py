@@ -139,6 +139,7 @@ def model_config(name: str) -> dict:
         raise ValueError(f"unknown model config {name!r}; allowed values: {', '.join(MODELS)}")
     return copy.deepcopy(MODELS[name])
 
+
 # The SD1.5 scheduler_config.json (DDIM-compatible; PNDM was the published default scheduler).
 SD_SCHEDULER: dict = {
     "num_train_timesteps": 1000,

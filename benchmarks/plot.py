@@ -66,8 +66,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("csv", type=Path)
     parser.add_argument("--out", type=Path, default=None, help="folder for the PNG")
-    parser.add_argument("--benchmarks", type=lambda s: tuple(s.split(",")),
-                        default=KERNEL_BENCHMARKS)
+    parser.add_argument(
+        "--benchmarks", type=lambda s: tuple(s.split(",")), default=KERNEL_BENCHMARKS
+    )
     args = parser.parse_args()
     table = load(args.csv, args.benchmarks)
     out = (args.out or args.csv.parent) / f"{args.csv.stem}-kernels.png"

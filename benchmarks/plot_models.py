@@ -41,8 +41,7 @@ def plot(table: dict[str, dict[tuple[str, str], float]], title: str, out: Path) 
         width = 0.8 / len(providers)
         for index, provider in enumerate(providers):
             xs = [i + index * width for i in range(len(workloads))]
-            axis.bar(xs, [values.get((w, provider), 0.0) for w in workloads], width,
-                     label=provider)
+            axis.bar(xs, [values.get((w, provider), 0.0) for w in workloads], width, label=provider)
         axis.set_xticks([i + 0.4 - width / 2 for i in range(len(workloads))])
         axis.set_xticklabels(workloads, fontsize=8)
         axis.set_yscale("log")

@@ -32,8 +32,9 @@ def all_cases():
 CASES = all_cases()
 
 
-@pytest.mark.parametrize("case", CASES, ids=[f"{c.benchmark}-{c.workload}-{c.provider}"
-                                             for c in CASES])
+@pytest.mark.parametrize(
+    "case", CASES, ids=[f"{c.benchmark}-{c.workload}-{c.provider}" for c in CASES]
+)
 def test_model_benchmark(benchmark, case):
     with torch.no_grad():
         fn = case.setup()
@@ -45,10 +46,10 @@ def test_model_benchmark(benchmark, case):
                 torch.cuda.synchronize()
 
         try:
-            benchmark.pedantic(call, rounds=10 if torch.cuda.is_available() else 3,
-                               warmup_rounds=2)
+            benchmark.pedantic(call, rounds=10 if torch.cuda.is_available() else 3, warmup_rounds=2)
         finally:
             if case.teardown is not None:
                 case.teardown()
-    benchmark.extra_info.update(workload=case.workload, provider=case.provider,
-                                gflop=(case.flop or 0) / 1e9)
+    benchmark.extra_info.update(
+        workload=case.workload, provider=case.provider, gflop=(case.flop or 0) / 1e9
+    )

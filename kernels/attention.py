@@ -102,10 +102,22 @@ def attention_forward_kernel(
     qk_scale,  # softmax scale * log2(e)
     num_heads,
     # batch / head / row strides in units of STRIDE_UNIT elements; the head-dim strides in elements
-    stride_qb, stride_qh, stride_qn, stride_qd,
-    stride_kb, stride_kh, stride_kn, stride_kd,
-    stride_vb, stride_vh, stride_vn, stride_vd,
-    stride_ob, stride_oh, stride_on, stride_od,
+    stride_qb,
+    stride_qh,
+    stride_qn,
+    stride_qd,
+    stride_kb,
+    stride_kh,
+    stride_kn,
+    stride_kd,
+    stride_vb,
+    stride_vh,
+    stride_vn,
+    stride_vd,
+    stride_ob,
+    stride_oh,
+    stride_on,
+    stride_od,
     N_QUERIES,
     N_KEYS,
     STRIDE_UNIT: tl.constexpr,
@@ -149,16 +161,18 @@ def attention_forward_kernel(
     q_rows = q_base + offs_m[:, None] * stride_qn
     k_rows = k_base + offs_n[:, None] * stride_kn
     v_rows = v_base + offs_n[:, None] * stride_vn
-    q = tl.load(q_rows + offs_d[None, :] * stride_qd, mask=mask_m[:, None] & mask_d[None, :],
-                other=0.0)
+    q = tl.load(
+        q_rows + offs_d[None, :] * stride_qd, mask=mask_m[:, None] & mask_d[None, :], other=0.0
+    )
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     if BLOCK_DT > 0:
         # Head dims such as 40 = 32 + 8 run as a 32-wide and a 16-wide slice (48 columns of
         # work) rather than one 64-wide padded block.
         offs_t = BLOCK_D + tl.arange(0, BLOCK_DT)
         mask_t = offs_t < HEAD_DIM
-        q_t = tl.load(q_rows + offs_t[None, :] * stride_qd,
-                      mask=mask_m[:, None] & mask_t[None, :], other=0.0)
+        q_t = tl.load(
+            q_rows + offs_t[None, :] * stride_qd, mask=mask_m[:, None] & mask_t[None, :], other=0.0
+        )
         acc_t = tl.zeros([BLOCK_M, BLOCK_DT], dtype=tl.float32)
     row_max = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     row_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -169,16 +183,20 @@ def attention_forward_kernel(
         else:
             mask_n = (start_n + offs_n) < N_KEYS
             kv_mask = mask_n[:, None] & mask_d[None, :]
-        k = tl.load(k_rows + start_n * stride_kn + offs_d[None, :] * stride_kd, mask=kv_mask,
-                    other=0.0)
+        k = tl.load(
+            k_rows + start_n * stride_kn + offs_d[None, :] * stride_kd, mask=kv_mask, other=0.0
+        )
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
         if BLOCK_DT > 0:
             if EVEN_KEYS:
                 tail_mask = mask_t[None, :]
             else:
                 tail_mask = mask_n[:, None] & mask_t[None, :]
-            k_t = tl.load(k_rows + start_n * stride_kn + offs_t[None, :] * stride_kd,
-                          mask=tail_mask, other=0.0)
+            k_t = tl.load(
+                k_rows + start_n * stride_kn + offs_t[None, :] * stride_kd,
+                mask=tail_mask,
+                other=0.0,
+            )
             qk = tl.dot(q_t, tl.trans(k_t), qk, input_precision=DOT_PRECISION)
         if not EVEN_KEYS:
             qk = tl.where(mask_n[None, :], qk, float("-inf"))
@@ -187,24 +205,32 @@ def attention_forward_kernel(
         p = tl.math.exp2(qk * qk_scale - new_max[:, None])
         correction = tl.math.exp2(row_max - new_max)
         row_sum = row_sum * correction + tl.sum(p, 1)
-        v = tl.load(v_rows + start_n * stride_vn + offs_d[None, :] * stride_vd, mask=kv_mask,
-                    other=0.0)
+        v = tl.load(
+            v_rows + start_n * stride_vn + offs_d[None, :] * stride_vd, mask=kv_mask, other=0.0
+        )
         p = p.to(v.dtype)
         acc = tl.dot(p, v, acc * correction[:, None], input_precision=DOT_PRECISION)
         if BLOCK_DT > 0:
-            v_t = tl.load(v_rows + start_n * stride_vn + offs_t[None, :] * stride_vd,
-                          mask=tail_mask, other=0.0)
+            v_t = tl.load(
+                v_rows + start_n * stride_vn + offs_t[None, :] * stride_vd,
+                mask=tail_mask,
+                other=0.0,
+            )
             acc_t = tl.dot(p, v_t, acc_t * correction[:, None], input_precision=DOT_PRECISION)
         row_max = new_max
 
     o_rows = o_base + offs_m[:, None] * stride_on
-    tl.store(o_rows + offs_d[None, :] * stride_od,
-             (acc / row_sum[:, None]).to(out_ptr.dtype.element_ty),
-             mask=mask_m[:, None] & mask_d[None, :])
+    tl.store(
+        o_rows + offs_d[None, :] * stride_od,
+        (acc / row_sum[:, None]).to(out_ptr.dtype.element_ty),
+        mask=mask_m[:, None] & mask_d[None, :],
+    )
     if BLOCK_DT > 0:
-        tl.store(o_rows + offs_t[None, :] * stride_od,
-                 (acc_t / row_sum[:, None]).to(out_ptr.dtype.element_ty),
-                 mask=mask_m[:, None] & mask_t[None, :])
+        tl.store(
+            o_rows + offs_t[None, :] * stride_od,
+            (acc_t / row_sum[:, None]).to(out_ptr.dtype.element_ty),
+            mask=mask_m[:, None] & mask_t[None, :],
+        )
 
 
 def head_blocks(head_dim: int, split: bool = True) -> tuple[int, int]:
@@ -262,9 +288,15 @@ def attention_forward(
     def launch(split: bool) -> None:
         block_d, block_dt = head_blocks(head_dim, split)
         attention_forward_kernel[grid](
-            q, k, v, out, scale * LOG2_E, heads,
+            q,
+            k,
+            v,
+            out,
+            scale * LOG2_E,
+            heads,
             *(value for t in (q, k, v, out) for value in scaled_strides(t, unit)),
-            queries, keys,
+            queries,
+            keys,
             STRIDE_UNIT=unit,
             HEAD_DIM=head_dim,
             BLOCK_D=block_d,

@@ -244,15 +244,23 @@ def group_norm_single_pass_kernel(
         bias = tl.zeros([BLOCK_CG], dtype=tl.float32)
     out_base = y_ptr + sample.to(tl.int64) * out_stride_n + chan[:, None] * out_stride_c
     if SINGLE_TILE:
-        _normalize_store(values, mean, scale, bias, out_base + offs_s[None, :] * out_stride_s,
-                         mask, SILU)
+        _normalize_store(
+            values, mean, scale, bias, out_base + offs_s[None, :] * out_stride_s, mask, SILU
+        )
     else:
         for s0 in range(0, spatial, BLOCK_S):  # second read: the group is mostly still in L2
             offs = s0 + tl.arange(0, BLOCK_S)
             tile_mask = mask_c[:, None] & (offs < spatial)[None, :]
             tile = tl.load(base + offs[None, :] * stride_s, mask=tile_mask, other=0.0)
-            _normalize_store(tile.to(tl.float32), mean, scale, bias,
-                             out_base + offs[None, :] * out_stride_s, tile_mask, SILU)
+            _normalize_store(
+                tile.to(tl.float32),
+                mean,
+                scale,
+                bias,
+                out_base + offs[None, :] * out_stride_s,
+                tile_mask,
+                SILU,
+            )
 
 
 @triton.jit
@@ -261,6 +269,7 @@ def _normalize_store(values, mean, scale, bias, out_ptrs, mask, SILU: tl.constex
     if SILU:
         y = y / (1.0 + tl.exp(-y))
     tl.store(out_ptrs, y.to(out_ptrs.dtype.element_ty), mask=mask)
+
 
 def flat_strides(x: torch.Tensor) -> tuple[int, int, int] | None:
     """(stride_n, stride_c, stride_s) of ``x`` seen as (N, C, S), or None when the spatial dims
@@ -332,11 +341,23 @@ def group_norm_forward(
         block_s = max(2, min(triton.next_power_of_2(spatial), max(16, 8192 // block_cg)))
         try:
             group_norm_single_pass_kernel[(num_samples * num_groups,)](
-                x, y, weight if weight is not None else y, bias if bias is not None else y,
-                spatial, num_groups, *strides, *out_strides, float(eps),
-                CHANNELS_PER_GROUP=per_group, BLOCK_CG=block_cg, BLOCK_S=block_s,
-                HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, SILU=bool(silu),
-                SINGLE_TILE=block_s >= spatial, num_warps=8,
+                x,
+                y,
+                weight if weight is not None else y,
+                bias if bias is not None else y,
+                spatial,
+                num_groups,
+                *strides,
+                *out_strides,
+                float(eps),
+                CHANNELS_PER_GROUP=per_group,
+                BLOCK_CG=block_cg,
+                BLOCK_S=block_s,
+                HAS_WEIGHT=weight is not None,
+                HAS_BIAS=bias is not None,
+                SILU=bool(silu),
+                SINGLE_TILE=block_s >= spatial,
+                num_warps=8,
             )
             _single_pass_state = "works"
             return y
@@ -361,22 +382,51 @@ def group_norm_forward(
 
     partial = torch.empty(2 * num_samples * splits * channels, dtype=torch.float32, device=x.device)
     group_norm_partial_stats_kernel[(splits, channel_blocks, num_samples)](
-        x, partial, num_samples, channels, spatial, *strides, splits, tiles_per_split,
-        BLOCK_C=block_c, BLOCK_S=block_s,
+        x,
+        partial,
+        num_samples,
+        channels,
+        spatial,
+        *strides,
+        splits,
+        tiles_per_split,
+        BLOCK_C=block_c,
+        BLOCK_S=block_s,
     )
     block_cg = max(2, triton.next_power_of_2(per_group))
     block_split = max(2, min(triton.next_power_of_2(splits), max(2, 4096 // block_cg)))
     folded = torch.empty(3 * num_samples * channels, dtype=torch.float32, device=x.device)
     group_norm_finalize_kernel[(num_samples * num_groups,)](
-        x, partial,
-        weight if weight is not None else folded, bias if bias is not None else folded,
-        folded, num_samples, channels, spatial, num_groups, strides[0], strides[1],
-        splits, float(eps),
-        CHANNELS_PER_GROUP=per_group, BLOCK_CG=block_cg, BLOCK_SPLIT=block_split,
-        HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
+        x,
+        partial,
+        weight if weight is not None else folded,
+        bias if bias is not None else folded,
+        folded,
+        num_samples,
+        channels,
+        spatial,
+        num_groups,
+        strides[0],
+        strides[1],
+        splits,
+        float(eps),
+        CHANNELS_PER_GROUP=per_group,
+        BLOCK_CG=block_cg,
+        BLOCK_SPLIT=block_split,
+        HAS_WEIGHT=weight is not None,
+        HAS_BIAS=bias is not None,
     )
     group_norm_apply_kernel[(spatial_tiles, channel_blocks, num_samples)](
-        x, y, folded, num_samples, channels, spatial, *strides, *out_strides,
-        BLOCK_C=block_c, BLOCK_S=block_s, SILU=bool(silu),
+        x,
+        y,
+        folded,
+        num_samples,
+        channels,
+        spatial,
+        *strides,
+        *out_strides,
+        BLOCK_C=block_c,
+        BLOCK_S=block_s,
+        SILU=bool(silu),
     )
     return y

@@ -58,10 +58,18 @@ def layer_norm_forward(
     block_d = max(2, triton.next_power_of_2(width))
     block_r = max(1, min(4096 // block_d, triton.next_power_of_2(rows)))
     layer_norm_kernel[(triton.cdiv(rows, block_r),)](
-        x2d, y, weight if weight is not None else y, bias if bias is not None else y,
-        rows, width, x2d.stride(0), float(eps),
-        BLOCK_R=block_r, BLOCK_D=block_d,
-        HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
+        x2d,
+        y,
+        weight if weight is not None else y,
+        bias if bias is not None else y,
+        rows,
+        width,
+        x2d.stride(0),
+        float(eps),
+        BLOCK_R=block_r,
+        BLOCK_D=block_d,
+        HAS_WEIGHT=weight is not None,
+        HAS_BIAS=bias is not None,
         num_warps=4 if block_d <= 1024 else 8,
     )
     return y

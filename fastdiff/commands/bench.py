@@ -46,12 +46,21 @@ def add_parser(subparsers) -> None:
         "per call, TFLOP/s, images/s, speedup over diffusers, warm-up seconds, peak memory.",
     )
     parser.add_argument("--which", choices=WHICH, default="all", help="which benchmark (all)")
-    parser.add_argument("--quick", action="store_true",
-                        help="SD1.5 b2 U-Net, VAE and the 4-step generation, fewer iterations")
-    parser.add_argument("--compile", action="store_true",
-                        help="add diffusers + torch.compile (compiles for about a minute each)")
-    parser.add_argument("--providers", type=lambda text: text.split(","),
-                        help="comma-separated providers, e.g. fastdiff,diffusers")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="SD1.5 b2 U-Net, VAE and the 4-step generation, fewer iterations",
+    )
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="add diffusers + torch.compile (compiles for about a minute each)",
+    )
+    parser.add_argument(
+        "--providers",
+        type=lambda text: text.split(","),
+        help="comma-separated providers, e.g. fastdiff,diffusers",
+    )
     parser.add_argument("--warmup", type=int, default=None, help="untimed calls per case")
     parser.add_argument("--iters", type=int, default=None, help="timed calls per case")
     parser.add_argument("--csv", type=Path, default=None, help="CSV file to append rows to")

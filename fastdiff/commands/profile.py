@@ -113,8 +113,12 @@ def add_parser(subparsers) -> None:
         "torch.profiler, eager PyTorch ops against fastdiff's optimized path (fp16, "
         "channels-last, fused QKV, Triton kernels), and print the kernels by time.",
     )
-    parser.add_argument("--model", choices=MODELS, default=None,
-                        help="architecture (default: sd15 on GPU, tiny on CPU)")
+    parser.add_argument(
+        "--model",
+        choices=MODELS,
+        default=None,
+        help="architecture (default: sd15 on GPU, tiny on CPU)",
+    )
     parser.add_argument("--batch", type=int, default=2, help="U-Net batch (2 = one CFG image)")
     parser.add_argument("--calls", type=int, default=3, help="profiled calls per path")
     parser.add_argument("--top", type=int, default=15, help="kernels listed per path")
@@ -153,8 +157,9 @@ def run(args: argparse.Namespace) -> int:
         if config.get("addition_embed_type") == "text_time":
             kwargs["added_cond_kwargs"] = {
                 "text_embeds": torch.randn(args.batch, pooled, dtype=dtype),
-                "time_ids": torch.tensor([[1024.0, 1024, 0, 0, 1024, 1024]] * args.batch,
-                                         dtype=dtype),
+                "time_ids": torch.tensor(
+                    [[1024.0, 1024, 0, 0, 1024, 1024]] * args.batch, dtype=dtype
+                ),
             }
 
     def eager():
@@ -163,8 +168,9 @@ def run(args: argparse.Namespace) -> int:
 
     print(f"U-Net {model}, batch {args.batch}, {size}x{size} latents, {str(dtype)[6:]}, {device}")
     unit = "GPU kernel" if on_cuda else "CPU op"
-    print_breakdown("eager (PyTorch ops, NCHW)", profile_calls(eager, args.calls, on_cuda),
-                    args.top, unit)
+    print_breakdown(
+        "eager (PyTorch ops, NCHW)", profile_calls(eager, args.calls, on_cuda), args.top, unit
+    )
     prepare_module(unet, "unet", OptimizeReport(str(device)), None, on_cuda, True)
     fast_sample = sample.contiguous(memory_format=torch.channels_last) if on_cuda else sample
 
@@ -172,8 +178,12 @@ def run(args: argparse.Namespace) -> int:
         with torch.no_grad(), ops_backend(kernels=True):  # the backend optimize() selects
             return unet(fast_sample, timestep, context, **kwargs)
 
-    print_breakdown("fastdiff optimized, graph off (kernels, channels-last, fused QKV)",
-                    profile_calls(optimized, args.calls, on_cuda), args.top, unit)
+    print_breakdown(
+        "fastdiff optimized, graph off (kernels, channels-last, fused QKV)",
+        profile_calls(optimized, args.calls, on_cuda),
+        args.top,
+        unit,
+    )
     if on_cuda:
         graphed = GraphedCall(unet, GraphCache(CudaGraphBackend()), kind="unet")
         with torch.no_grad(), ops_backend(kernels=True):
@@ -183,6 +193,8 @@ def run(args: argparse.Namespace) -> int:
             for _ in range(10):
                 graphed(fast_sample, timestep, context, **kwargs)
             torch.cuda.synchronize()
-        print(f"\nfastdiff optimized with its CUDA graph: "
-              f"{(time.perf_counter() - start) * 100:.3f} ms per call (wall clock, 10 replays)")
+        print(
+            f"\nfastdiff optimized with its CUDA graph: "
+            f"{(time.perf_counter() - start) * 100:.3f} ms per call (wall clock, 10 replays)"
+        )
     return 0

@@ -31,9 +31,7 @@ def check_attention_args(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> N
             f"v={tuple(v.shape)}"
         )
     if q.shape[-1] != k.shape[-1]:
-        raise ValueError(
-            f"attention: q and k head dims differ ({q.shape[-1]} vs {k.shape[-1]})"
-        )
+        raise ValueError(f"attention: q and k head dims differ ({q.shape[-1]} vs {k.shape[-1]})")
 
 
 def attention_reference(q, k, v, scale: float | None = None) -> torch.Tensor:

@@ -88,9 +88,14 @@ def _sampler_step_fake(x, model_output, coefficients, step, x0_prev, guidance, v
 
 def check_sampler_step_args(x, model_output, coefficients, step, x0_prev, noise) -> None:
     batch = x.shape[0] if x.dim() > 0 else 0
-    if x.dim() == 0 or model_output.shape[1:] != x.shape[1:] or model_output.shape[0] not in (
-        batch,
-        2 * batch,
+    if (
+        x.dim() == 0
+        or model_output.shape[1:] != x.shape[1:]
+        or model_output.shape[0]
+        not in (
+            batch,
+            2 * batch,
+        )
     ):
         raise ValueError(
             f"sampler_step: model_output shape {tuple(model_output.shape)} must be x's "

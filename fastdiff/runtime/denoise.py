@@ -108,13 +108,15 @@ def allocate_buffers(
     """Zeroed buffers. With channels-last models the latents are NHWC too, so the U-Net output,
     the state and the noise share one layout and the fused step kernel reads them flat."""
     shape = tuple(call.x_T.shape)
+
     def latent_buffer(*leading: int) -> torch.Tensor:
         if not channels_last:
             return torch.zeros((*leading, *shape), dtype=torch.float32, device=device)
         # [..., B, H, W, C] storage viewed as [..., B, C, H, W]: each latent is NHWC.
         batch, channels, height, width = shape
-        storage = torch.zeros((*leading, batch, height, width, channels), dtype=torch.float32,
-                              device=device)
+        storage = torch.zeros(
+            (*leading, batch, height, width, channels), dtype=torch.float32, device=device
+        )
         return storage.movedim(-1, -3)
 
     return DenoiseBuffers(
@@ -224,8 +226,10 @@ class GraphedDenoiser:
         except Exception as error:  # capture failed: keep generating, eagerly, and say why
             reason = f"{type(error).__name__}: {error}"
             self.eager_fallbacks[key] = reason
-            print(f"fastdiff.runtime: graph capture failed for {key.describe()} ({reason}); "
-                  "running this shape eagerly")
+            print(
+                f"fastdiff.runtime: graph capture failed for {key.describe()} ({reason}); "
+                "running this shape eagerly"
+            )
             return self.eager_entry(call, key)
 
     def eager_entry(self, call: DenoiseCall, key: GraphKey) -> GraphEntry:

@@ -101,8 +101,10 @@ class GraphedCall:
         except Exception as error:
             reason = f"{type(error).__name__}: {error}"
             self.eager_fallbacks[key] = reason
-            print(f"fastdiff.runtime: graph capture failed for {key.describe()} ({reason}); "
-                  "calling it eagerly")
+            print(
+                f"fastdiff.runtime: graph capture failed for {key.describe()} ({reason}); "
+                "calling it eagerly"
+            )
             with torch.no_grad():
                 return self.fn(*args, **kwargs)
         for static, value in zip(entry.buffers.args, args, strict=True):

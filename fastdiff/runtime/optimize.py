@@ -167,9 +167,15 @@ class OptimizedRuntime:
     ) -> torch.Tensor:
         """Same contract as ``Pipeline.denoise``; runs the plan through captured graphs."""
         eager_args = dict(
-            guidance_scale=guidance_scale, guidance_rescale=guidance_rescale, sampler=sampler,
-            steps=steps, eta=eta, generator=generator, init_latents=init_latents,
-            start_step=start_step, progress=progress,
+            guidance_scale=guidance_scale,
+            guidance_rescale=guidance_rescale,
+            sampler=sampler,
+            steps=steps,
+            eta=eta,
+            generator=generator,
+            init_latents=init_latents,
+            start_step=start_step,
+            progress=progress,
         )
         if guidance_rescale != 0.0:
             self.fallback("guidance_rescale != 0 needs a per-sample std (not in the fused step)")
@@ -246,8 +252,9 @@ def build_call(plan, conditioning, noise: torch.Tensor, guidance_scale: float, g
         for std in plan.coefficients[:, 6].tolist():
             draw = torch.zeros(noise.shape, dtype=noise.dtype, device=noise.device)
             if std != 0.0:
-                draw = torch.randn(noise.shape, generator=generator, device=device,
-                                   dtype=noise.dtype).to(noise.device)
+                draw = torch.randn(
+                    noise.shape, generator=generator, device=device, dtype=noise.dtype
+                ).to(noise.device)
             rows.append(draw)
         step_noise = torch.stack(rows)
     return DenoiseCall(
@@ -331,13 +338,15 @@ def optimize(
     prepare_module(pipe.vae, "vae", report, vae_dtype or dtype, vae_nhwc, fuse_qkv)
     if compile_mode is not None:
         count = compile_blocks(pipe.unet, compile_mode, compile_backend)
-        report.applied.append(f"unet: torch.compile({compile_mode!r}) of {count} blocks "
-                              "(compiles on the first call)")
+        report.applied.append(
+            f"unet: torch.compile({compile_mode!r}) of {count} blocks (compiles on the first call)"
+        )
     if on_cuda and kernels:
         forced = requested_backend()
         report.applied.append(
-            f"fastdiff kernels (ops backend: {forced})" if forced else
-            "fastdiff kernels (ops backend: auto: per op and shape the faster of the CUDA "
+            f"fastdiff kernels (ops backend: {forced})"
+            if forced
+            else "fastdiff kernels (ops backend: auto: per op and shape the faster of the CUDA "
             "extension and Triton by the measured table, Triton where none was measured)"
         )
     elif on_cuda:

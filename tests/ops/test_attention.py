@@ -93,9 +93,7 @@ def test_random_shapes_property(batch, heads, queries, keys, head_dim):
         check(*make_qkv(batch, heads, queries, keys, head_dim, torch.float32))
 
 
-test_random_shapes_property = pytest.mark.usefixtures("triton_backend")(
-    test_random_shapes_property
-)
+test_random_shapes_property = pytest.mark.usefixtures("triton_backend")(test_random_shapes_property)
 
 
 def with_changed(change):
@@ -191,8 +189,17 @@ def test_inputs_needing_gradients_take_the_differentiable_eager_path(triton_back
 
 @pytest.mark.parametrize(
     ("head_dim", "blocks"),
-    [(40, (32, 16)), (48, (32, 16)), (80, (64, 16)), (160, (128, 32)), (64, (64, 0)),
-     (8, (16, 0)), (24, (32, 0)), (100, (128, 0)), (256, (256, 0))],
+    [
+        (40, (32, 16)),
+        (48, (32, 16)),
+        (80, (64, 16)),
+        (160, (128, 32)),
+        (64, (64, 0)),
+        (8, (16, 0)),
+        (24, (32, 0)),
+        (100, (128, 0)),
+        (256, (256, 0)),
+    ],
 )
 def test_head_blocks_split_only_when_it_saves_columns(head_dim, blocks):
     assert attention_kernels.head_blocks(head_dim) == blocks

@@ -63,9 +63,7 @@ def test_random_shapes_property(rows, width):
         check(torch.randn(rows, 2 * width, device=DEVICE) * 3)
 
 
-test_random_shapes_property = pytest.mark.usefixtures("triton_backend")(
-    test_random_shapes_property
-)
+test_random_shapes_property = pytest.mark.usefixtures("triton_backend")(test_random_shapes_property)
 
 
 def test_fake_kernel_matches_real_output(triton_backend):
@@ -76,7 +74,8 @@ def test_fake_kernel_matches_real_output(triton_backend):
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 @pytest.mark.parametrize(
-    "shape", [(2, 4096, 2 * 1280), (2, 1024, 2 * 2560), (2, 4096, 2 * 2560)],
+    "shape",
+    [(2, 4096, 2 * 1280), (2, 1024, 2 * 2560), (2, 4096, 2 * 2560)],
     ids=lambda shape: "x".join(map(str, shape)),
 )
 def test_sd_shapes_on_gpu(shape, dtype):

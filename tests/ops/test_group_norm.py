@@ -129,9 +129,7 @@ def test_random_shapes_property(
         check(x, groups, weight, bias, silu=silu, what=f"{shape} g={groups}")
 
 
-test_random_shapes_property = pytest.mark.usefixtures("triton_backend")(
-    test_random_shapes_property
-)
+test_random_shapes_property = pytest.mark.usefixtures("triton_backend")(test_random_shapes_property)
 
 
 def test_unsupported_dtype_falls_back_to_eager(triton_backend, monkeypatch):

@@ -83,9 +83,7 @@ def test_random_shapes_property(rows, width, affine):
         check(*make((rows, width), torch.float32, affine=affine))
 
 
-test_random_shapes_property = pytest.mark.usefixtures("triton_backend")(
-    test_random_shapes_property
-)
+test_random_shapes_property = pytest.mark.usefixtures("triton_backend")(test_random_shapes_property)
 
 
 def test_fake_kernel_matches_real_output(triton_backend):
@@ -98,7 +96,8 @@ def test_fake_kernel_matches_real_output(triton_backend):
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 @pytest.mark.parametrize(
-    "shape", [(2, 4096, 320), (2, 1024, 640), (2, 4096, 640), (2, 1024, 1280), (2, 77, 2048)],
+    "shape",
+    [(2, 4096, 320), (2, 1024, 640), (2, 4096, 640), (2, 1024, 1280), (2, 77, 2048)],
     ids=lambda shape: "x".join(map(str, shape)),
 )
 def test_sd_shapes_on_gpu(shape, dtype):

@@ -27,7 +27,7 @@ pytestmark = pytest.mark.filterwarnings("error:.*failed on first use:RuntimeWarn
 
 def reference_step(row, x, model_output, guidance, x0_prev, noise, compute_dtype=torch.float32):
     """apply_plan_row(combine_guidance(...)) with inputs in ``compute_dtype``, cast back to x's."""
-    cast = (lambda t: None if t is None else t.to(compute_dtype))
+    cast = lambda t: None if t is None else t.to(compute_dtype)
     model = cast(model_output)
     if model.shape[0] == 2 * x.shape[0]:
         model = combine_guidance(*model.chunk(2), float(guidance))
@@ -147,8 +147,9 @@ def test_float64_state_falls_back_to_eager(triton_backend, monkeypatch):
     x = torch.randn(1, 4, 3, 3, device=DEVICE, dtype=torch.float64)
     model_output = torch.randn(2, 4, 3, 3, device=DEVICE, dtype=torch.float64)
     out = sampler_step(x, model_output, table, 3, None, 2.0)
-    want = reference_step(plan.coefficients[3].tolist(), x, model_output, 2.0, None, None,
-                          torch.float64)
+    want = reference_step(
+        plan.coefficients[3].tolist(), x, model_output, 2.0, None, None, torch.float64
+    )
     for a, b in zip(out, want, strict=True):
         torch.testing.assert_close(a, b)
     assert counter.calls == 0
@@ -170,8 +171,16 @@ def test_bad_arguments_raise():
 def test_fake_kernel_matches_real_output(triton_backend):
     _, table = device_plan("ddim", 0.0)
     x = torch.randn(2, 4, 3, 3, device=DEVICE)
-    args = (x, torch.randn(4, 4, 3, 3, device=DEVICE), table, torch.tensor(1, device=DEVICE),
-            torch.randn_like(x), torch.tensor(7.5, device=DEVICE), 1.0, torch.randn_like(x))
+    args = (
+        x,
+        torch.randn(4, 4, 3, 3, device=DEVICE),
+        table,
+        torch.tensor(1, device=DEVICE),
+        torch.randn_like(x),
+        torch.tensor(7.5, device=DEVICE),
+        1.0,
+        torch.randn_like(x),
+    )
     torch.library.opcheck(sampler_step_triton, args, test_utils=("test_schema", "test_faketensor"))
 
 
@@ -202,8 +211,15 @@ def test_cuda_graph_replay_for_every_step(sampler):
     static_step = torch.zeros((), dtype=torch.int64, device="cuda")
     static_guidance = torch.tensor(7.5, device="cuda")
     with use_backend("triton"):
-        args = (static_x, static_model, table, static_step, static_prev, static_guidance,
-                static_noise)
+        args = (
+            static_x,
+            static_model,
+            table,
+            static_step,
+            static_prev,
+            static_guidance,
+            static_noise,
+        )
         sampler_step(*args)  # compile before capture
         torch.cuda.synchronize()
         graph = torch.cuda.CUDAGraph()
@@ -215,8 +231,12 @@ def test_cuda_graph_replay_for_every_step(sampler):
         model_output = torch.randn((4, *shape[1:]), device="cuda", dtype=torch.float16)
         noise = torch.randn_like(x)
         guidance = 5.0 + index
-        for static, value in ((static_x, x), (static_model, model_output),
-                              (static_prev, x0_prev), (static_noise, noise)):
+        for static, value in (
+            (static_x, x),
+            (static_model, model_output),
+            (static_prev, x0_prev),
+            (static_noise, noise),
+        ):
             static.copy_(value)
         static_step.fill_(index)
         static_guidance.fill_(guidance)

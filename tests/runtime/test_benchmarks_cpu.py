@@ -23,8 +23,9 @@ def test_benchmark_cases_run(make_cases, tmp_path):
     cases = make_cases()
     providers = {case.provider for case in cases}
     assert {"fastdiff", "fastdiff-eager"} <= providers
-    results = model_bench.run_cases(cases, warmup=0, iters=1, reference="fastdiff-eager",
-                                    verbose=False)
+    results = model_bench.run_cases(
+        cases, warmup=0, iters=1, reference="fastdiff-eager", verbose=False
+    )
     failed = [(r.workload, r.provider, r.note) for r in results if r.note.startswith("FAILED")]
     assert not failed
     assert all(r.ms is not None and r.ms > 0 and r.gflop and r.gflop > 0 for r in results)

@@ -59,13 +59,21 @@ def test_checker_catches_item():
         backend.capture(lambda: x.add_(float(x.sum())), lambda: None)
 
 
-@pytest.mark.parametrize("steps, eta", [(3, 0.0), (10, 0.0), (3, 0.5)],
-                         ids=["loop", "step", "loop-noise"])
+@pytest.mark.parametrize(
+    "steps, eta", [(3, 0.0), (10, 0.0), (3, 0.5)], ids=["loop", "step", "loop-noise"]
+)
 def test_pipeline_bodies_have_no_host_reads(pipe, steps, eta):
     backend = CaptureCheckingBackend()
     pipe.optimize(backend=backend, verbose=False)
-    images = pipe(prompt_embeds=torch.randn(1, 7, 32), negative_prompt_embeds=torch.randn(1, 7, 32),
-                  num_inference_steps=steps, eta=eta, seed=1, output_type="tensor", progress=False)
+    images = pipe(
+        prompt_embeds=torch.randn(1, 7, 32),
+        negative_prompt_embeds=torch.randn(1, 7, 32),
+        num_inference_steps=steps,
+        eta=eta,
+        seed=1,
+        output_type="tensor",
+        progress=False,
+    )
     assert images.shape == (1, 3, 16, 16)
     assert backend.captures == 2  # the denoising graph and the decoder graph
 
@@ -73,8 +81,13 @@ def test_pipeline_bodies_have_no_host_reads(pipe, steps, eta):
 def test_sdxl_text_time_body_has_no_host_reads(sdxl_pipe):
     backend = CaptureCheckingBackend()
     runtime.optimize(sdxl_pipe, backend=backend, verbose=False)
-    sdxl_pipe(prompt_embeds=torch.randn(1, 7, 32), negative_prompt_embeds=torch.randn(1, 7, 32),
-              pooled_prompt_embeds=torch.randn(1, 32),
-              negative_pooled_prompt_embeds=torch.randn(1, 32), num_inference_steps=2,
-              output_type="latent", progress=False)
+    sdxl_pipe(
+        prompt_embeds=torch.randn(1, 7, 32),
+        negative_prompt_embeds=torch.randn(1, 7, 32),
+        pooled_prompt_embeds=torch.randn(1, 32),
+        negative_pooled_prompt_embeds=torch.randn(1, 32),
+        num_inference_steps=2,
+        output_type="latent",
+        progress=False,
+    )
     assert backend.captures == 1

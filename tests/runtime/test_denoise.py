@@ -92,8 +92,13 @@ def make_call(steps, guidance=7.5, noise=False, batch=1, size=8, text_time=False
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
 def test_graphed_loop_equals_reference(steps, guidance, noise, text_time, channels_last):
     unet = ToyUNet(text_time=text_time)
-    denoiser = GraphedDenoiser(unet, GraphCache(EagerGraphBackend()), torch.float32,
-                               channels_last=channels_last, max_loop_steps=8)
+    denoiser = GraphedDenoiser(
+        unet,
+        GraphCache(EagerGraphBackend()),
+        torch.float32,
+        channels_last=channels_last,
+        max_loop_steps=8,
+    )
     call = make_call(steps, guidance, noise, batch=2, text_time=text_time)
     with torch.no_grad():
         got = denoiser(call)
@@ -112,8 +117,9 @@ def test_replays_with_new_inputs_reuse_the_graph_and_stay_correct():
     with torch.no_grad():
         for steps in (4, 4, 12, 20):  # same loop graph twice; one step graph for 12 and 20
             call = make_call(steps, guidance=float(steps))
-            torch.testing.assert_close(denoiser(call), reference_loop(unet, call),
-                                       rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(
+                denoiser(call), reference_loop(unet, call), rtol=1e-4, atol=1e-4
+            )
     assert cache.stats.captures == 2 and cache.stats.hits == 2
 
 

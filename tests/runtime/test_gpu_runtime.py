@@ -46,8 +46,14 @@ def test_optimized_unet_within_tolerance_of_eager_fp16():
     with torch.no_grad(), use_backend("eager"):
         reference = pipe.unet(x, t, context)
         eager_fp16 = pipe.unet.half()(x.half(), t, context.half())
-    runtime.prepare_module(pipe.unet, "unet", runtime.OptimizeReport("cuda"), torch.float16,
-                           channels_last=True, fuse_qkv=True)
+    runtime.prepare_module(
+        pipe.unet,
+        "unet",
+        runtime.OptimizeReport("cuda"),
+        torch.float16,
+        channels_last=True,
+        fuse_qkv=True,
+    )
     cache = runtime.GraphCache(runtime.CudaGraphBackend())
     graphed = runtime.GraphedCall(pipe.unet, cache, kind="unet")
     x_nhwc = x.half().contiguous(memory_format=torch.channels_last)
@@ -68,8 +74,9 @@ def test_graphs_equal_eager_loop_fp32(sampler, steps):
     cond = conditioning()
     x_T = torch.randn(1, 4, 16, 16, device="cuda")
     with torch.no_grad(), use_backend("eager"):
-        want = pipe.denoise(cond, x_T, guidance_scale=6.0, sampler=sampler, steps=steps,
-                            progress=False)
+        want = pipe.denoise(
+            cond, x_T, guidance_scale=6.0, sampler=sampler, steps=steps, progress=False
+        )
     rt = runtime.optimize(pipe, dtype=None, channels_last=False, kernels=False, verbose=False)
     got = pipe.denoise(cond, x_T, guidance_scale=6.0, sampler=sampler, steps=steps)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
@@ -106,8 +113,11 @@ def test_new_shapes_and_step_counts_capture_and_replay_correctly():
         torch.manual_seed(size * 100 + steps)
         cond, x_T = conditioning(), torch.randn(1, 4, size, size, device="cuda")
         with torch.no_grad(), use_backend("eager"):
-            eager[(size, steps)] = (cond, x_T, pipe.denoise(cond, x_T, guidance_scale=5.0,
-                                                          steps=steps, progress=False))
+            eager[(size, steps)] = (
+                cond,
+                x_T,
+                pipe.denoise(cond, x_T, guidance_scale=5.0, steps=steps, progress=False),
+            )
     rt = runtime.optimize(pipe, dtype=None, channels_last=False, kernels=False, verbose=False)
     for size, steps in cases:
         cond, x_T, want = eager[(size, steps)]
@@ -122,8 +132,9 @@ def test_stochastic_ddim_matches_eager_with_cuda_generator():
     cond, x_T = conditioning(), torch.randn(1, 4, 16, 16, device="cuda")
     kwargs = dict(guidance_scale=5.0, sampler="ddim", steps=5, eta=0.7)
     with torch.no_grad(), use_backend("eager"):
-        want = pipe.denoise(cond, x_T, generator=torch.Generator("cuda").manual_seed(7),
-                            progress=False, **kwargs)
+        want = pipe.denoise(
+            cond, x_T, generator=torch.Generator("cuda").manual_seed(7), progress=False, **kwargs
+        )
     runtime.optimize(pipe, dtype=None, channels_last=False, kernels=False, verbose=False)
     got = pipe.denoise(cond, x_T, generator=torch.Generator("cuda").manual_seed(7), **kwargs)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
@@ -133,9 +144,15 @@ def test_lru_bound_on_gpu_evicts_and_reports_memory():
     pipe = tiny_pipeline(device="cuda")
     rt = runtime.optimize(pipe, max_graphs=1, verbose=False)
     for size in (16, 24):
-        pipe(prompt_embeds=torch.randn(1, 77, 32, device="cuda"), num_inference_steps=3,
-             guidance_scale=1.0, height=size * 2, width=size * 2, output_type="latent",
-             progress=False)
+        pipe(
+            prompt_embeds=torch.randn(1, 77, 32, device="cuda"),
+            num_inference_steps=3,
+            guidance_scale=1.0,
+            height=size * 2,
+            width=size * 2,
+            output_type="latent",
+            progress=False,
+        )
     # one loop graph per size (latent output: no decode graph); a bound of 1 keeps the last
     assert len(rt.cache) == 1 and rt.cache.stats.evictions == 1
     assert "MiB" in rt.graph_report()

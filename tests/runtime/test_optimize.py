@@ -55,8 +55,13 @@ def test_fused_qkv_keeps_unet_output(pipe):
 
 @pytest.mark.parametrize(
     "sampler, steps, eta",
-    [("ddim", 4, 0.0), ("euler", 3, 0.0), ("dpmpp_2m", 9, 0.0), ("ddim", 4, 0.6),
-     ("ddpm", 10, 0.0)],
+    [
+        ("ddim", 4, 0.0),
+        ("euler", 3, 0.0),
+        ("dpmpp_2m", 9, 0.0),
+        ("ddim", 4, 0.6),
+        ("ddpm", 10, 0.0),
+    ],
     ids=["ddim4-loop", "euler3-loop", "dpmpp9-step", "ddim-eta-loop", "ddpm10-step"],
 )
 def test_static_buffer_loop_equals_eager_sampler(pipe, sampler, steps, eta):
@@ -64,8 +69,15 @@ def test_static_buffer_loop_equals_eager_sampler(pipe, sampler, steps, eta):
     x_T = torch.randn(1, 4, 8, 8)
     want = eager_latents(pipe, conditioning, x_T, sampler, steps, eta)
     rt = runtime.optimize(pipe, backend=runtime.EagerGraphBackend(), verbose=False)
-    got = pipe.denoise(conditioning, x_T, guidance_scale=7.5, sampler=sampler, steps=steps,
-                       eta=eta, generator=torch.Generator().manual_seed(3))
+    got = pipe.denoise(
+        conditioning,
+        x_T,
+        guidance_scale=7.5,
+        sampler=sampler,
+        steps=steps,
+        eta=eta,
+        generator=torch.Generator().manual_seed(3),
+    )
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     (entry,) = rt.cache.entries.values()
     assert entry.key.kind == ("loop" if steps <= 8 else "step")
@@ -87,11 +99,13 @@ def test_guidance_rescale_falls_back_to_eager(pipe, capsys):
     conditioning = text_conditioning()
     x_T = torch.randn(1, 4, 8, 8)
     with torch.no_grad():
-        want = pipe.denoise(conditioning, x_T, guidance_scale=5.0, guidance_rescale=0.7,
-                            steps=3, progress=False)
+        want = pipe.denoise(
+            conditioning, x_T, guidance_scale=5.0, guidance_rescale=0.7, steps=3, progress=False
+        )
     rt = runtime.optimize(pipe, backend=runtime.EagerGraphBackend(), verbose=False)
-    got = pipe.denoise(conditioning, x_T, guidance_scale=5.0, guidance_rescale=0.7, steps=3,
-                       progress=False)
+    got = pipe.denoise(
+        conditioning, x_T, guidance_scale=5.0, guidance_rescale=0.7, steps=3, progress=False
+    )
     torch.testing.assert_close(got, want)
     assert len(rt.cache) == 0
     assert "guidance_rescale" in capsys.readouterr().out
@@ -116,8 +130,13 @@ def test_bad_arguments_raise(pipe):
 
 
 def test_pipeline_optimize_keeps_full_generation(pipe):
-    kwargs = dict(prompt_embeds=torch.randn(1, 7, 32), negative_prompt_embeds=torch.randn(1, 7, 32),
-                  num_inference_steps=3, output_type="tensor", progress=False)
+    kwargs = dict(
+        prompt_embeds=torch.randn(1, 7, 32),
+        negative_prompt_embeds=torch.randn(1, 7, 32),
+        num_inference_steps=3,
+        output_type="tensor",
+        progress=False,
+    )
     want = pipe(seed=5, **kwargs)
     rt = pipe.optimize(backend=runtime.EagerGraphBackend(), verbose=False)
     got = pipe(seed=5, **kwargs)
@@ -133,8 +152,13 @@ def test_compiled_blocks_keep_outputs(pipe):
     x_T = torch.randn(1, 4, 8, 8)
     want = eager_latents(pipe, conditioning, x_T, "ddim", 2)
     torch._dynamo.reset()
-    report_runtime = runtime.optimize(pipe, backend=runtime.EagerGraphBackend(), verbose=False,
-                                      compile_mode="default", compile_backend="eager")
+    report_runtime = runtime.optimize(
+        pipe,
+        backend=runtime.EagerGraphBackend(),
+        verbose=False,
+        compile_mode="default",
+        compile_backend="eager",
+    )
     got = pipe.denoise(conditioning, x_T, guidance_scale=7.5, sampler="ddim", steps=2)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     assert any("torch.compile" in item for item in report_runtime.report.applied)
@@ -144,8 +168,9 @@ def test_compiled_blocks_keep_outputs(pipe):
 
 def test_optimizing_twice_wraps_the_pipeline_stages_once(pipe):
     first = runtime.optimize(pipe, backend=runtime.EagerGraphBackend(), verbose=False)
-    second = runtime.optimize(pipe, backend=runtime.EagerGraphBackend(), max_graphs=2,
-                              verbose=False)
+    second = runtime.optimize(
+        pipe, backend=runtime.EagerGraphBackend(), max_graphs=2, verbose=False
+    )
     assert pipe.runtime is second and len(first.cache) == 0
     assert second.eager_denoise.__func__ is type(pipe).denoise
     assert second.eager_decode_latents.__func__ is type(pipe).decode_latents

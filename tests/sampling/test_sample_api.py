@@ -184,9 +184,17 @@ def test_cuda_sampling_matches_cpu(sampler):
 def test_cpu_generator_drives_cuda_sampling_with_the_same_noise(sampler):
     x_T = torch.randn(2, 4, 8, 8)
     eta = 1.0 if sampler == "ddim" else 0.0
-    on_cpu = sample(toy_model, x_T, SCHEDULE, sampler, 8, eta=eta,
-                    generator=torch.Generator().manual_seed(3))
-    on_gpu = sample(toy_model, x_T.cuda(), SCHEDULE, sampler, 8, eta=eta,
-                    generator=torch.Generator().manual_seed(3))
+    on_cpu = sample(
+        toy_model, x_T, SCHEDULE, sampler, 8, eta=eta, generator=torch.Generator().manual_seed(3)
+    )
+    on_gpu = sample(
+        toy_model,
+        x_T.cuda(),
+        SCHEDULE,
+        sampler,
+        8,
+        eta=eta,
+        generator=torch.Generator().manual_seed(3),
+    )
     assert on_gpu.device.type == "cuda"
     assert torch.allclose(on_gpu.cpu(), on_cpu, atol=1e-4)
