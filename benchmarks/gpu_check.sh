@@ -65,6 +65,14 @@ for csv_file in "$OUTDIR"/*.csv; do
     [ -e "$csv_file" ] && run plot 60 "$PY" benchmarks/plot.py "$csv_file" --out "$OUTDIR"
 done
 
+# The auto backend's table (per op and shape, the fastest backend) from this run's kernel rows;
+# copy it to fastdiff/assets/backend_table.json to ship it.
+for csv_file in "$OUTDIR"/*.csv; do
+    case "$csv_file" in */models.csv) continue ;; esac
+    [ -e "$csv_file" ] && run backend_table 60 "$PY" benchmarks/backend_table.py "$csv_file" \
+        --out "$OUTDIR/backend_table.json"
+done
+
 # ---- model benchmarks (runtime): append below this line --------------------------------------
 # U-Net (SD1.5 b2/b1, SDXL b2), VAE decode, full generation, profile; tests/runtime ran above.
 run models 240 env STEPS="cuda_ext unet_sd15_b2 pipeline vae unet_sdxl_b2 unet_sd15_b1 profile" \

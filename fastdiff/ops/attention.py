@@ -9,6 +9,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from fastdiff.ops.autoselect import attention_key
 from fastdiff.ops.backend import (
     cuda_extension_op,
     kernel_dtype_supported,
@@ -81,7 +82,7 @@ def attention(
     output is a (B, H, N, D) view of (B, N, H, D) memory, as PyTorch's flash backend returns.
     """
     check_attention_args(q, k, v)
-    backend = select_backend(q)
+    backend = select_backend(q, "attention", lambda: attention_key(q, k))
     if needs_autograd(q, k, v):
         backend = "eager"
     if backend == "cuda":

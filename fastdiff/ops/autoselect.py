@@ -7,7 +7,8 @@ The table is a small JSON file written by ``benchmarks/bench_cuda_backend.py`` o
          "ms": {"eager": 0.061, "triton": 0.012, "cuda": 0.008}}, ...]}
 
 It is read from ``$FASTDIFF_BACKEND_TABLE`` when set, else from the packaged
-``fastdiff/assets/backend_table.json`` when present. ``preferred_backend(op, key)`` answers:
+``fastdiff/assets/backend_table.json`` when present (``benchmarks/backend_table.py`` builds it
+from a results CSV). ``preferred_backend(op, key)`` answers, among the op's ``CANDIDATES``:
   1. the fastest measured backend for that exact key, among the candidates;
   2. else the fastest for the nearest measured key of the same op, dtype and layout when its
      element count is within 4x (the kernels' relative speed changes slowly with size);
@@ -55,6 +56,21 @@ def sampler_step_key(x: torch.Tensor, model_output: torch.Tensor) -> str:
     return f"{group_norm_key(x)}|{guided}"
 
 
+def attention_key(q: torch.Tensor, k: torch.Tensor) -> str:
+    """Key of an attention input: query shape B x H x N x D, dtype and the number of keys."""
+    shape = "x".join(str(size) for size in q.shape)
+    return f"{shape}|{DTYPE_NAMES.get(q.dtype, str(q.dtype))}|keys{k.shape[-2]}"
+
+
+# Backends each op may be routed to by ``auto``. Attention has one kernel of ours and PyTorch's
+# SDPA (cuDNN / flash) as the eager path, which is itself fast: the table decides between them.
+CANDIDATES = {
+    "group_norm": ("cuda", "triton"),
+    "sampler_step": ("cuda", "triton"),
+    "attention": ("triton", "eager"),
+}
+
+
 def _validate(table: object, source: str) -> dict[str, dict[str, float]]:
     """{op|key: {backend: ms}} from a table file, with errors that name the file and field."""
     if not isinstance(table, dict) or not isinstance(table.get("entries"), list):
@@ -98,9 +114,12 @@ def _fastest(timings: dict[str, float], candidates: Sequence[str]) -> str | None
 
 
 def preferred_backend(
-    op: str, key: str, candidates: Sequence[str] = ("cuda", "triton"), table=None
+    op: str, key: str, candidates: Sequence[str] | None = None, table=None
 ) -> str:
-    """The backend to use for ``op`` at ``key`` (see the module docstring for the rule)."""
+    """The backend to use for ``op`` at ``key`` (see the module docstring for the rule);
+    ``candidates`` defaults to the op's entry in ``CANDIDATES``."""
+    if candidates is None:
+        candidates = CANDIDATES.get(op, ("cuda", "triton"))
     timings = load_table() if table is None else table
     exact = timings.get(f"{op}|{key}")
     if exact:

@@ -4,9 +4,10 @@ Backends:
   eager  - plain PyTorch in the input dtype (the path every machine has)
   triton - our Triton kernels (kernels/), the default on CUDA tensors
   cuda   - the optional CUDA C++ extension (csrc/), selectable explicitly
-  auto   - per op and shape, the faster of cuda and triton according to the measured table read
-           by ``fastdiff.ops.autoselect`` (triton where nothing was measured or the extension is
-           not available); what ``fastdiff.runtime.optimize`` uses
+  auto   - per op and shape, the fastest of the op's candidates (cuda / triton, or triton / eager
+           for attention) in the measured table read by ``fastdiff.ops.autoselect``; triton where
+           nothing was measured or the extension is not available; what
+           ``fastdiff.runtime.optimize`` uses
 
 ``FASTDIFF_BACKEND=eager|triton|cuda|auto`` overrides the default for the whole process;
 ``use_backend(name)`` overrides it inside a ``with`` block (tests and benchmarks use it).
@@ -120,7 +121,10 @@ def select_backend(
             return "triton"
         from fastdiff.ops import autoselect
 
-        if autoselect.preferred_backend(op, key()) == "cuda":
+        choice = autoselect.preferred_backend(op, key())
+        if choice == "eager":  # measured faster than our kernel at this shape (attention)
+            return "eager"
+        if choice == "cuda":
             module = cuda_extension_module()
             if module is not None and module.available():
                 return "cuda"

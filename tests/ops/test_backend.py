@@ -43,6 +43,10 @@ def gpu_world(monkeypatch):
                 ("group_norm", "2x640x32x32|fp16|nhwc", "cuda", 0.007),
                 ("group_norm", "2x320x64x64|fp16|nchw", "triton", 0.011),
                 ("group_norm", "2x320x64x64|fp16|nchw", "cuda", 0.019),
+                ("attention", "2x8x4096x40|fp16|keys4096", "triton", 0.41),
+                ("attention", "2x8x4096x40|fp16|keys4096", "eager", 0.16),
+                ("attention", "2x20x1024x64|fp16|keys1024", "triton", 0.030),
+                ("attention", "2x20x1024x64|fp16|keys1024", "eager", 0.034),
             ],
         ),
         "test",
@@ -60,8 +64,15 @@ def test_auto_follows_the_measured_winner_per_shape(gpu_world):
         assert select_backend(GPU_TENSOR, "group_norm", lambda: "2x320x64x64|fp16|nchw") == "triton"
         # not measured at all (other layout): the default kernel backend
         assert select_backend(GPU_TENSOR, "group_norm", lambda: "2x8x4x4|fp32|nhwc") == "triton"
-        # ops with one kernel backend: triton, and their key is never computed
-        assert select_backend(GPU_TENSOR, "attention", None) == "triton"
+        # attention: our kernel or PyTorch's SDPA, whichever was measured faster at the shape
+        assert select_backend(GPU_TENSOR, "attention", lambda: "2x8x4096x40|fp16|keys4096") == (
+            "eager"
+        )
+        assert select_backend(GPU_TENSOR, "attention", lambda: "2x20x1024x64|fp16|keys1024") == (
+            "triton"
+        )
+        # no op name: triton, and no key is computed
+        assert select_backend(GPU_TENSOR, None, None) == "triton"
 
 
 def test_auto_uses_triton_when_the_extension_is_not_available(gpu_world):

@@ -1,0 +1,81 @@
+"""Build the ``auto`` backend's table (fastdiff/ops/autoselect.py) from a benchmark results CSV.
+
+Reads the GroupNorm+SiLU and attention rows that bench_group_norm.py and bench_attention.py
+append to ``benchmarks/results/<gpu>.csv`` and writes, per op and input key, the measured ms of
+each backend (provider fastdiff = triton, eager = PyTorch, cuda = the CUDA extension). The latest
+row wins when a case was measured more than once; failed rows (no ms) are left out.
+
+  python benchmarks/backend_table.py benchmarks/results/nvidia-h200.csv \\
+      --out fastdiff/assets/backend_table.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_attention import SHAPES as ATTENTION_SHAPES  # noqa: E402
+
+from fastdiff.ops.autoselect import table_from_rows  # noqa: E402
+
+PROVIDER_BACKENDS = {"fastdiff": "triton", "eager": "eager", "cuda": "cuda"}
+ATTENTION_DIMS = dict(ATTENTION_SHAPES)  # name -> (batch, heads, queries, keys, head_dim)
+
+
+def row_key(row: dict[str, str]) -> tuple[str, str] | None:
+    """(op, autoselect key) of a results row, or None for rows the table does not use."""
+    dtype = row.get("dtype", "")
+    if row["benchmark"] == "group_norm_silu":
+        shape, _, layout = row["workload"].partition(" ")
+        if layout in ("nchw", "nhwc"):
+            return "group_norm", f"{shape}|{dtype}|{layout}"
+    if row["benchmark"] == "attention" and row["workload"] in ATTENTION_DIMS:
+        batch, heads, queries, keys, head_dim = ATTENTION_DIMS[row["workload"]]
+        return "attention", f"{batch}x{heads}x{queries}x{head_dim}|{dtype}|keys{keys}"
+    return None
+
+
+def build_table(csv_path: Path) -> dict:
+    latest: dict[tuple[str, str, str], tuple[str, float]] = {}
+    device = "unknown"
+    with csv_path.open(newline="") as handle:
+        for row in csv.DictReader(handle):
+            backend = PROVIDER_BACKENDS.get(row.get("provider", ""))
+            key = row_key(row)
+            if backend is None or key is None or not row.get("ms"):
+                continue
+            device = row.get("device") or device
+            stamp = row.get("timestamp", "")
+            slot = (*key, backend)
+            if slot not in latest or stamp >= latest[slot][0]:
+                latest[slot] = (stamp, float(row["ms"]))
+    rows = [(op, key, backend, ms) for (op, key, backend), (_, ms) in sorted(latest.items())]
+    table = table_from_rows(device, rows)
+    table["source"] = f"benchmarks/backend_table.py from {csv_path.name}"
+    return table
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.strip().split("\n")[0])
+    parser.add_argument("csv", type=Path, help="a results CSV (benchmarks/results/<gpu>.csv)")
+    parser.add_argument("--out", type=Path, help="JSON to write (default: print)")
+    args = parser.parse_args()
+    table = build_table(args.csv)
+    if not table["entries"]:
+        raise SystemExit(f"{args.csv}: no group_norm_silu or attention rows with timings")
+    text = json.dumps(table, indent=1) + "\n"
+    if args.out is None:
+        print(text, end="")
+        return
+    temporary = args.out.with_suffix(".tmp")
+    temporary.write_text(text)
+    temporary.replace(args.out)
+    print(f"wrote {args.out}: {len(table['entries'])} entries from {table['source']}")
+
+
+if __name__ == "__main__":
+    main()

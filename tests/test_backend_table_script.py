@@ -1,0 +1,90 @@
+"""benchmarks/backend_table.py: the auto backend's table built from a results CSV."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fastdiff.ops import autoselect
+
+ROOT = Path(__file__).resolve().parents[1]
+COLUMNS = ["timestamp", "device", "benchmark", "workload", "provider", "ms", "dtype"]
+ROWS = [
+    (
+        "2026-01-01T00:00:00",
+        "GPU X",
+        "group_norm_silu",
+        "2x640x32x32 nhwc",
+        "eager",
+        "0.03",
+        "fp16",
+    ),
+    (
+        "2026-01-01T00:00:00",
+        "GPU X",
+        "group_norm_silu",
+        "2x640x32x32 nhwc",
+        "fastdiff",
+        "0.02",
+        "fp16",
+    ),
+    ("2026-01-01T00:00:00", "GPU X", "group_norm_silu", "2x640x32x32 nhwc", "cuda", "0.01", "fp16"),
+    # measured again later: the later row wins
+    ("2026-01-02T00:00:00", "GPU X", "group_norm_silu", "2x640x32x32 nhwc", "cuda", "0.05", "fp16"),
+    ("2026-01-01T00:00:00", "GPU X", "attention", "sd15 self 64x64", "eager", "0.16", "fp16"),
+    ("2026-01-01T00:00:00", "GPU X", "attention", "sd15 self 64x64", "fastdiff", "0.41", "fp16"),
+    ("2026-01-01T00:00:00", "GPU X", "attention", "sd15 self 64x64", "sdpa-flash", "0.27", "fp16"),
+    (
+        "2026-01-01T00:00:00",
+        "GPU X",
+        "sampler_step",
+        "sd15 2x4x64x64 ddim cfg",
+        "fastdiff",
+        "",
+        "fp16",
+    ),
+]
+
+
+@pytest.fixture
+def results_csv(tmp_path):
+    path = tmp_path / "gpu-x.csv"
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(COLUMNS)
+        writer.writerows(ROWS)
+    return path
+
+
+def test_table_from_csv_keys_backends_and_latest_rows(results_csv, tmp_path):
+    out = tmp_path / "table.json"
+    subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "backend_table.py"),
+            str(results_csv),
+            "--out",
+            str(out),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    table = json.loads(out.read_text())
+    assert table["device"] == "GPU X"
+    entries = {(e["op"], e["key"]): e["ms"] for e in table["entries"]}
+    assert entries == {
+        ("group_norm", "2x640x32x32|fp16|nhwc"): {"eager": 0.03, "triton": 0.02, "cuda": 0.05},
+        ("attention", "2x8x4096x40|fp16|keys4096"): {"eager": 0.16, "triton": 0.41},
+    }
+    timings = autoselect._validate(table, "test")
+    assert autoselect.preferred_backend("group_norm", "2x640x32x32|fp16|nhwc", table=timings) == (
+        "triton"
+    )
+    assert autoselect.preferred_backend(
+        "attention", "2x8x4096x40|fp16|keys4096", table=timings
+    ) == ("eager")
