@@ -100,57 +100,14 @@ def unet_flops(work: UNetWorkload) -> float | None:
         return None
 
 
-class ModelHolder:
-    """Builds each model once per workload; providers that share weights share the model."""
-
-    def __init__(self, work: UNetWorkload, device, dtype):
-        self.work, self.device, self.dtype = work, device, dtype
-        self.fastdiff = None
-        self.fastdiff_prepared = False
-        self.diffusers = None
-
-    def release(self) -> None:
-        self.fastdiff = self.diffusers = None
-
-    def fastdiff_model(self, prepared: bool, channels_last: bool = True):
-        from fastdiff.models import UNet2DConditionModel
-        from fastdiff.runtime import OptimizeReport, prepare_module
-
-        if self.fastdiff is None or (self.fastdiff_prepared and not prepared):
-            self.diffusers = None
-            mb.free_memory()
-            with torch.device(self.device):
-                model = UNet2DConditionModel(model_config(self.work.config))
-            self.fastdiff = model.to(self.dtype).eval().requires_grad_(False)
-            self.fastdiff_prepared = False
-        if prepared and not self.fastdiff_prepared:
-            report = OptimizeReport(device=str(self.device))
-            prepare_module(self.fastdiff, "unet", report, None, False, fuse_qkv=True)
-            self.fastdiff_prepared = True
-        if prepared:  # the layout is reversible, QKV fusion is not
-            nhwc = channels_last and self.device.type == "cuda"
-            layout = torch.channels_last if nhwc else torch.contiguous_format
-            self.fastdiff.to(memory_format=layout)
-        return self.fastdiff
-
-    def diffusers_model(self):
-        from diffusers import UNet2DConditionModel
-
-        if self.diffusers is None:
-            self.fastdiff = None
-            mb.free_memory()
-            with torch.device(self.device):
-                model = UNet2DConditionModel(**model_config(self.work.config))
-            self.diffusers = model.to(self.dtype).eval().requires_grad_(False)
-        return self.diffusers
-
-
-def provider_setup(provider: str, holder: ModelHolder) -> Callable[[], Callable[[], object]]:
+def provider_setup(
+    provider: str, work: UNetWorkload, holder: mb.ModelHolder
+) -> Callable[[], Callable[[], object]]:
     from fastdiff.ops import use_backend
     from fastdiff.runtime import GraphedCall
     from fastdiff.runtime.optimize import ops_backend
 
-    work, device, dtype = holder.work, holder.device, holder.dtype
+    device, dtype = holder.device, holder.dtype
 
     def setup():
         inputs = unet_inputs(work, device, dtype)
@@ -240,7 +197,7 @@ def cases(
     result = []
     for name in names:
         work = table[name]
-        holder = ModelHolder(work, device, dtype)
+        holder = mb.ModelHolder("unet", work.config, device, dtype)
         flop = unet_flops(work)
         for index, provider in enumerate(providers):
             # One image per call: batch 2 is one guided image, batch 1 one unguided image.
@@ -248,7 +205,7 @@ def cases(
                 "unet",
                 work.name,
                 provider,
-                provider_setup(provider, holder),
+                provider_setup(provider, work, holder),
                 images=1,
                 flop=flop,
                 note=note,

@@ -51,48 +51,7 @@ def vae_flops(config: str, size: int) -> float | None:
         return None
 
 
-class VAEHolder:
-    def __init__(self, config: str, device, dtype):
-        self.config, self.device, self.dtype = config, device, dtype
-        self.fastdiff = self.diffusers = None
-        self.prepared = False
-
-    def release(self) -> None:
-        self.fastdiff = self.diffusers = None
-
-    def fastdiff_model(self, prepared: bool, channels_last: bool = True):
-        from fastdiff.models import AutoencoderKL
-        from fastdiff.runtime import OptimizeReport, prepare_module
-
-        if self.fastdiff is None or (self.prepared and not prepared):
-            self.diffusers = None
-            mb.free_memory()
-            with torch.device(self.device):
-                model = AutoencoderKL(model_config(self.config))
-            self.fastdiff = model.to(self.dtype).eval().requires_grad_(False)
-            self.prepared = False
-        if prepared and not self.prepared:
-            report = OptimizeReport(device=str(self.device))
-            prepare_module(self.fastdiff, "vae", report, None, False, True)
-            self.prepared = True
-        if prepared:  # the layout is reversible, QKV fusion is not
-            nhwc = channels_last and self.device.type == "cuda"
-            self.fastdiff.to(memory_format=torch.channels_last if nhwc else torch.contiguous_format)
-        return self.fastdiff
-
-    def diffusers_model(self):
-        from diffusers import AutoencoderKL
-
-        if self.diffusers is None:
-            self.fastdiff = None
-            mb.free_memory()
-            with torch.device(self.device):
-                model = AutoencoderKL(**model_config(self.config))
-            self.diffusers = model.to(self.dtype).eval().requires_grad_(False)
-        return self.diffusers
-
-
-def provider_setup(provider: str, holder: VAEHolder, size: int):
+def provider_setup(provider: str, holder: mb.ModelHolder, size: int):
     from fastdiff.ops import use_backend
     from fastdiff.runtime import GraphedCall
     from fastdiff.runtime.optimize import ops_backend
@@ -165,7 +124,7 @@ def cases(providers: list[str] | None = None, compile_: bool = False) -> list[mb
     device = torch.device("cuda" if mb.on_gpu() else "cpu")
     dtype = torch.float16 if mb.on_gpu() else torch.float32
     note = "" if mb.on_gpu() else "CPU: toy config, float32, eager reference path"
-    holder = VAEHolder(config, device, dtype)
+    holder = mb.ModelHolder("vae", config, device, dtype)
     flop = vae_flops(config, size)
     providers = mb.available_providers(providers or default_providers(compile_))
     result = []

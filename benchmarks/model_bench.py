@@ -100,6 +100,60 @@ def free_memory() -> None:
         torch.cuda.reset_peak_memory_stats()
 
 
+class ModelHolder:
+    """Builds one model (fastdiff's or diffusers', never both at once, to bound memory) per
+    workload; providers that share weights share the model.
+
+    ``kind`` is "unet" or "vae": it names the fastdiff class, the diffusers class and the module
+    name ``prepare_module`` reports under; ``config`` names an entry of model_configs.
+    """
+
+    CLASSES = {"unet": "UNet2DConditionModel", "vae": "AutoencoderKL"}
+
+    def __init__(self, kind: str, config: str, device: torch.device, dtype: torch.dtype):
+        self.kind, self.config, self.device, self.dtype = kind, config, device, dtype
+        self.fastdiff = self.diffusers = None
+        self.prepared = False
+
+    def release(self) -> None:
+        self.fastdiff = self.diffusers = None
+
+    def _build(self, module, as_kwargs: bool):
+        from model_configs import model_config
+
+        self.release()
+        free_memory()
+        config = model_config(self.config)
+        cls = getattr(module, self.CLASSES[self.kind])
+        with torch.device(self.device):
+            model = cls(**config) if as_kwargs else cls(config)
+        return model.to(self.dtype).eval().requires_grad_(False)
+
+    def fastdiff_model(self, prepared: bool, channels_last: bool = True):
+        """fastdiff's model; ``prepared``: with fused QKV and the chosen memory layout."""
+        import fastdiff.models
+        from fastdiff.runtime import OptimizeReport, prepare_module
+
+        if self.fastdiff is None or (self.prepared and not prepared):
+            self.fastdiff = self._build(fastdiff.models, as_kwargs=False)
+            self.prepared = False
+        if prepared and not self.prepared:
+            report = OptimizeReport(device=str(self.device))
+            prepare_module(self.fastdiff, self.kind, report, None, False, fuse_qkv=True)
+            self.prepared = True
+        if prepared:  # the layout is reversible, QKV fusion is not
+            nhwc = channels_last and self.device.type == "cuda"
+            self.fastdiff.to(memory_format=torch.channels_last if nhwc else torch.contiguous_format)
+        return self.fastdiff
+
+    def diffusers_model(self):
+        import diffusers
+
+        if self.diffusers is None:
+            self.diffusers = self._build(diffusers, as_kwargs=True)
+        return self.diffusers
+
+
 def run_case(case: Case, warmup: int, iters: int) -> Result:
     result = Result(case.benchmark, case.workload, case.provider, note=case.note)
     free_memory()
