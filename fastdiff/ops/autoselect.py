@@ -102,6 +102,14 @@ def load_table() -> dict[str, dict[str, float]]:
 
 def reload() -> None:
     load_table.cache_clear()
+    cached_preference.cache_clear()
+
+
+@functools.lru_cache(maxsize=4096)
+def cached_preference(op: str, key: str) -> str:
+    """``preferred_backend`` against the loaded table, memoised: ops ask once per call, and the
+    answer only changes when the table does (``reload``)."""
+    return preferred_backend(op, key)
 
 
 def _numel(key: str) -> int:

@@ -121,7 +121,7 @@ def select_backend(
             return "triton"
         from fastdiff.ops import autoselect
 
-        choice = autoselect.preferred_backend(op, key())
+        choice = autoselect.cached_preference(op, key())
         if choice == "eager":  # measured faster than our kernel at this shape (attention)
             return "eager"
         if choice == "cuda":

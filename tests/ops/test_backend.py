@@ -52,10 +52,12 @@ def gpu_world(monkeypatch):
         "test",
     )
     monkeypatch.setattr(autoselect, "load_table", lambda: table)
+    autoselect.cached_preference.cache_clear()  # answers memoised against another table
     monkeypatch.setattr(backend, "triton_available", lambda: True)
     extension = SimpleNamespace(available=lambda: True)
     monkeypatch.setattr(backend, "cuda_extension_module", lambda: extension)
-    return extension
+    yield extension
+    autoselect.cached_preference.cache_clear()
 
 
 def test_auto_follows_the_measured_winner_per_shape(gpu_world):
