@@ -5,8 +5,8 @@
 // torch.compile (fakes are registered from Python) and CUDA-graph capture (work is enqueued on the
 // current stream and outputs come from the caching allocator).
 //
-// Error classes: TORCH_CHECK -> RuntimeError (device, dtype, layout, unsupported size),
-// TORCH_CHECK_VALUE -> ValueError (shapes and argument values).
+// Error classes: FASTDIFF_CHECK -> RuntimeError (device, dtype, layout, unsupported size),
+// FASTDIFF_CHECK_VALUE -> ValueError (shapes and argument values).
 #include <Python.h>
 
 #include <ATen/ATen.h>
@@ -16,6 +16,7 @@
 
 #include <optional>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "fastdiff_kernels.h"
@@ -23,6 +24,30 @@
 namespace {
 
 using fastdiff::DType;
+
+// Error messages are assembled here into one std::string (numbers through std::to_string) and
+// handed to TORCH_CHECK as its only argument, which c10::str passes through untouched: the error
+// path then runs no std::ostream code (no ostringstream, no locale num_put facet), the one thing
+// that the message which segfaulted on the H200 did and the message that raised cleanly did not.
+template <typename Part>
+void append(std::string& text, const Part& part) {
+  if constexpr (std::is_arithmetic_v<Part>) {
+    text += std::to_string(part);
+  } else {
+    text += part;  // const char*, char arrays and std::string
+  }
+}
+
+template <typename... Parts>
+std::string message(const Parts&... parts) {
+  std::string text;
+  (append(text, parts), ...);
+  return text;
+}
+
+// The message is only built when the check fails.
+#define FASTDIFF_CHECK(cond, ...) TORCH_CHECK(cond, message(__VA_ARGS__))
+#define FASTDIFF_CHECK_VALUE(cond, ...) TORCH_CHECK_VALUE(cond, message(__VA_ARGS__))
 
 DType to_dtype(at::ScalarType type, const char* op, const char* name) {
   switch (type) {
@@ -37,9 +62,9 @@ DType to_dtype(at::ScalarType type, const char* op, const char* name) {
     default:
       break;
   }
-  TORCH_CHECK(false, op, ": ", name, " has dtype ", c10::toString(type),
-              "; allowed: float32, float16, bfloat16");
-  return DType::Float32;  // unreachable: TORCH_CHECK(false) throws
+  FASTDIFF_CHECK(false, op, ": ", name, " has dtype ", c10::toString(type),
+                 "; allowed: float32, float16, bfloat16");
+  return DType::Float32;  // unreachable: FASTDIFF_CHECK(false) throws
 }
 
 // "[2, 4, 64, 64]": shapes and strides in messages are formatted here, with std::to_string only,
@@ -54,18 +79,20 @@ std::string dims(at::IntArrayRef sizes) {
 
 void check_storage_dtype(const at::Tensor& t, const char* op, const char* name) {
   const auto type = t.scalar_type();
-  TORCH_CHECK(type == at::kFloat || type == at::kHalf || type == at::kBFloat16, op, ": ", name,
-              " has dtype ", c10::toString(type), "; allowed: float32, float16, bfloat16");
+  FASTDIFF_CHECK(type == at::kFloat || type == at::kHalf || type == at::kBFloat16, op, ": ", name,
+                 " has dtype ", c10::toString(type), "; allowed: float32, float16, bfloat16");
 }
 
 void check_cuda(const at::Tensor& t, const at::Tensor& x, const char* op, const char* name) {
-  TORCH_CHECK(t.is_cuda(), op, ": ", name, " must be a CUDA tensor, got device ", t.device().str());
-  TORCH_CHECK(t.device() == x.device(), op, ": ", name, " is on ", t.device(), " but x is on ",
-              x.device().str());
+  FASTDIFF_CHECK(t.is_cuda(), op, ": ", name, " must be a CUDA tensor, got device ",
+                 t.device().str());
+  FASTDIFF_CHECK(t.device() == x.device(), op, ": ", name, " is on ", t.device().str(),
+                 " but x is on ", x.device().str());
 }
 
 void check_launch(cudaError_t status, const char* op) {
-  TORCH_CHECK(status == cudaSuccess, op, ": kernel launch failed: ", cudaGetErrorString(status));
+  FASTDIFF_CHECK(status == cudaSuccess, op, ": kernel launch failed: ",
+                 cudaGetErrorString(status));
 }
 
 // ----------------------------------------------------------------------------------- group_norm
@@ -73,19 +100,21 @@ void check_launch(cudaError_t status, const char* op) {
 constexpr const char* kGroupNorm = "fastdiff_cuda::group_norm";
 
 fastdiff::GroupNormArgs group_norm_args(const at::Tensor& x, int64_t num_groups) {
-  TORCH_CHECK(x.is_cuda(), kGroupNorm, ": x must be a CUDA tensor, got device ", x.device().str());
+  FASTDIFF_CHECK(x.is_cuda(), kGroupNorm, ": x must be a CUDA tensor, got device ",
+                 x.device().str());
   check_storage_dtype(x, kGroupNorm, "x");
-  TORCH_CHECK_VALUE(x.dim() >= 2, kGroupNorm, ": x must be (N, C, *), got shape ", dims(x.sizes()));
+  FASTDIFF_CHECK_VALUE(x.dim() >= 2, kGroupNorm, ": x must be (N, C, *), got shape ",
+                       dims(x.sizes()));
   const int64_t channels = x.size(1);
-  TORCH_CHECK_VALUE(num_groups >= 1 && channels % num_groups == 0, kGroupNorm,
-                    ": num_groups=", num_groups, " must divide the ", channels,
-                    " channels of x (shape ", dims(x.sizes()), ")");
+  FASTDIFF_CHECK_VALUE(num_groups >= 1 && channels % num_groups == 0, kGroupNorm,
+                       ": num_groups=", num_groups, " must divide the ", channels,
+                       " channels of x (shape ", dims(x.sizes()), ")");
   const bool contiguous = x.is_contiguous();
   const bool channels_last = !contiguous && x.dim() == 4 &&
                              x.is_contiguous(at::MemoryFormat::ChannelsLast);
-  TORCH_CHECK(contiguous || channels_last, kGroupNorm,
-              ": x must be contiguous (NCHW) or channels_last (NHWC), got shape ",
-              dims(x.sizes()), " with strides ", dims(x.strides()));
+  FASTDIFF_CHECK(contiguous || channels_last, kGroupNorm,
+                 ": x must be contiguous (NCHW) or channels_last (NHWC), got shape ",
+                 dims(x.sizes()), " with strides ", dims(x.strides()));
   fastdiff::GroupNormArgs args{};
   args.x = x.data_ptr();
   args.batch = x.size(0);
@@ -105,9 +134,9 @@ void check_affine(const std::optional<at::Tensor>& param, const at::Tensor& x, c
   const at::Tensor& p = *param;
   check_cuda(p, x, kGroupNorm, name);
   check_storage_dtype(p, kGroupNorm, name);
-  TORCH_CHECK_VALUE(p.dim() == 1 && p.size(0) == x.size(1), kGroupNorm, ": ", name,
-                    " has shape ", dims(p.sizes()), ", expected (", x.size(1), ",)");
-  TORCH_CHECK(p.is_contiguous(), kGroupNorm, ": ", name, " must be contiguous");
+  FASTDIFF_CHECK_VALUE(p.dim() == 1 && p.size(0) == x.size(1), kGroupNorm, ": ", name,
+                       " has shape ", dims(p.sizes()), ", expected (", x.size(1), ",)");
+  FASTDIFF_CHECK(p.is_contiguous(), kGroupNorm, ": ", name, " must be contiguous");
 }
 
 // The launch plan with the output assumed as aligned as x (the caching allocator's blocks are):
@@ -119,10 +148,10 @@ fastdiff::GroupNormLaunch plan_for_input(fastdiff::GroupNormArgs args) {
 
 void check_group_fits(const fastdiff::GroupNormArgs& args, const at::Tensor& x,
                       int64_t num_groups) {
-  TORCH_CHECK(plan_for_input(args).supported, kGroupNorm, ": a group of ", args.spatial, " x ",
-              args.channels / num_groups, " elements (x shape ", dims(x.sizes()),
-              ", num_groups=", num_groups, ") does not fit the register-resident kernel; ",
-              "use the triton backend for it (fastdiff.ops.cuda_extension.supports_group_norm)");
+  FASTDIFF_CHECK(plan_for_input(args).supported, kGroupNorm, ": a group of ", args.spatial, " x ",
+                 args.channels / num_groups, " elements (x shape ", dims(x.sizes()),
+                 ", num_groups=", num_groups, ") does not fit the register-resident kernel; ",
+                 "use the triton backend for it (fastdiff.ops.cuda_extension.supports_group_norm)");
 }
 
 at::Tensor group_norm(const at::Tensor& x, int64_t num_groups,
@@ -132,12 +161,12 @@ at::Tensor group_norm(const at::Tensor& x, int64_t num_groups,
   check_affine(weight, x, "weight");
   check_affine(bias, x, "bias");
   if (weight.has_value() && bias.has_value()) {
-    TORCH_CHECK(weight->scalar_type() == bias->scalar_type(), kGroupNorm,
-                ": weight (", c10::toString(weight->scalar_type()), ") and bias (",
-                c10::toString(bias->scalar_type()),
-                ") must have the same dtype");
+    FASTDIFF_CHECK(weight->scalar_type() == bias->scalar_type(), kGroupNorm,
+                   ": weight (", c10::toString(weight->scalar_type()), ") and bias (",
+                   c10::toString(bias->scalar_type()),
+                   ") must have the same dtype");
   }
-  TORCH_CHECK_VALUE(eps >= 0.0, kGroupNorm, ": eps must be >= 0, got ", eps);
+  FASTDIFF_CHECK_VALUE(eps >= 0.0, kGroupNorm, ": eps must be >= 0, got ", eps);
   check_group_fits(args, x, num_groups);
   // Every check above runs before anything is allocated or the device is switched.
   const c10::cuda::CUDAGuard guard(x.device());
@@ -182,13 +211,13 @@ void check_sample_tensor(const std::optional<at::Tensor>& t, const at::Tensor& x
     return;
   }
   check_cuda(*t, x, kSamplerStep, name);
-  TORCH_CHECK_VALUE(t->sizes() == x.sizes(), kSamplerStep, ": ", name, " has shape ",
-                    dims(t->sizes()), " but x has shape ", dims(x.sizes()));
-  TORCH_CHECK(t->scalar_type() == x.scalar_type(), kSamplerStep, ": ", name, " has dtype ",
-              c10::toString(t->scalar_type()), " but x has dtype ",
-              c10::toString(x.scalar_type()));
-  TORCH_CHECK(same_dense_layout(x, *t), kSamplerStep, ": ", name,
-              " must share x's dense layout (both contiguous or both channels_last)");
+  FASTDIFF_CHECK_VALUE(t->sizes() == x.sizes(), kSamplerStep, ": ", name, " has shape ",
+                       dims(t->sizes()), " but x has shape ", dims(x.sizes()));
+  FASTDIFF_CHECK(t->scalar_type() == x.scalar_type(), kSamplerStep, ": ", name, " has dtype ",
+                 c10::toString(t->scalar_type()), " but x has dtype ",
+                 c10::toString(x.scalar_type()));
+  FASTDIFF_CHECK(same_dense_layout(x, *t), kSamplerStep, ": ", name,
+                 " must share x's dense layout (both contiguous or both channels_last)");
 }
 
 std::tuple<at::Tensor, at::Tensor> sampler_step(
@@ -196,47 +225,54 @@ std::tuple<at::Tensor, at::Tensor> sampler_step(
     const std::optional<at::Tensor>& step, const std::optional<at::Tensor>& x0_prev,
     const std::optional<at::Tensor>& guidance, double guidance_value,
     const std::optional<at::Tensor>& noise) {
-  TORCH_CHECK(x.is_cuda(), kSamplerStep, ": x must be a CUDA tensor, got device ", x.device().str());
+  FASTDIFF_CHECK(x.is_cuda(), kSamplerStep, ": x must be a CUDA tensor, got device ",
+                 x.device().str());
   check_storage_dtype(x, kSamplerStep, "x");
-  TORCH_CHECK_VALUE(x.dim() >= 1, kSamplerStep, ": x must have a batch dimension");
+  FASTDIFF_CHECK_VALUE(x.dim() >= 1, kSamplerStep, ": x must have a batch dimension");
   check_cuda(model_output, x, kSamplerStep, "model_output");
   check_storage_dtype(model_output, kSamplerStep, "model_output");
   const int64_t batch = x.size(0);
   const bool shape_ok = model_output.dim() == x.dim() &&
                         model_output.sizes().slice(1) == x.sizes().slice(1) &&
                         (model_output.size(0) == batch || model_output.size(0) == 2 * batch);
-  TORCH_CHECK_VALUE(shape_ok, kSamplerStep, ": model_output has shape ",
-                    dims(model_output.sizes()), "; expected x's shape ", dims(x.sizes()), " or [uncond; cond] with batch ",
-                    2 * batch);
-  TORCH_CHECK(same_dense_layout(x, model_output), kSamplerStep,
-              ": model_output must share x's dense layout (both contiguous or both channels_last)");
+  FASTDIFF_CHECK_VALUE(shape_ok, kSamplerStep, ": model_output has shape ",
+                       dims(model_output.sizes()), "; expected x's shape ", dims(x.sizes()),
+                       " or [uncond; cond] with batch ", 2 * batch);
+  FASTDIFF_CHECK(same_dense_layout(x, model_output), kSamplerStep,
+                 ": model_output must share x's dense layout ",
+                 "(both contiguous or both channels_last)");
   check_sample_tensor(x0_prev, x, "x0_prev");
   check_sample_tensor(noise, x, "noise");
 
   check_cuda(coefficients, x, kSamplerStep, "coefficients");
   const auto coefficient_type = coefficients.scalar_type();
-  TORCH_CHECK(coefficient_type == at::kFloat || coefficient_type == at::kDouble, kSamplerStep,
-              ": coefficients has dtype ", c10::toString(coefficient_type), "; allowed: float32, float64");
-  TORCH_CHECK_VALUE((coefficients.dim() == 1 || coefficients.dim() == 2) &&
-                        coefficients.size(-1) == 7 && coefficients.numel() > 0,
-                    kSamplerStep, ": coefficients must be a [S, 7] table or one [7] row, got ",
-                    dims(coefficients.sizes()));
-  TORCH_CHECK(coefficients.stride(-1) == 1, kSamplerStep,
-              ": coefficients must have unit-stride columns, got strides ",
-              dims(coefficients.strides()));
-  TORCH_CHECK_VALUE((coefficients.dim() == 2) == step.has_value(), kSamplerStep,
-                    ": pass step with a [S, 7] coefficient table and no step with one [7] row");
+  FASTDIFF_CHECK(coefficient_type == at::kFloat || coefficient_type == at::kDouble, kSamplerStep,
+                 ": coefficients has dtype ", c10::toString(coefficient_type),
+                 "; allowed: float32, float64");
+  FASTDIFF_CHECK_VALUE((coefficients.dim() == 1 || coefficients.dim() == 2) &&
+                           coefficients.size(-1) == 7 && coefficients.numel() > 0,
+                       kSamplerStep, ": coefficients must be a [S, 7] table or one [7] row, got ",
+                       dims(coefficients.sizes()));
+  FASTDIFF_CHECK(coefficients.stride(-1) == 1, kSamplerStep,
+                 ": coefficients must have unit-stride columns, got strides ",
+                 dims(coefficients.strides()));
+  FASTDIFF_CHECK_VALUE((coefficients.dim() == 2) == step.has_value(), kSamplerStep,
+                       ": pass step with a [S, 7] coefficient table and no step with one [7] row");
   if (step.has_value()) {
     check_cuda(*step, x, kSamplerStep, "step");
-    TORCH_CHECK(step->scalar_type() == at::kLong && step->numel() == 1, kSamplerStep,
-                ": step must be one int64 element, got ", c10::toString(step->scalar_type()),
-                " of shape ", dims(step->sizes()));
+    FASTDIFF_CHECK(step->scalar_type() == at::kLong && step->numel() == 1, kSamplerStep,
+                   ": step must be one int64 element, got ", c10::toString(step->scalar_type()),
+                   " of shape ", dims(step->sizes()));
   }
   if (guidance.has_value()) {
     check_cuda(*guidance, x, kSamplerStep, "guidance");
-    TORCH_CHECK(guidance->numel() == 1 && at::isFloatingType(guidance->scalar_type()),
-                kSamplerStep, ": guidance must be one floating-point element, got ",
-                c10::toString(guidance->scalar_type()), " of shape ", dims(guidance->sizes()));
+    const auto guidance_type = guidance->scalar_type();
+    FASTDIFF_CHECK(guidance->numel() == 1 &&
+                       (guidance_type == at::kFloat || guidance_type == at::kDouble ||
+                        guidance_type == at::kHalf || guidance_type == at::kBFloat16),
+                   kSamplerStep,
+                   ": guidance must be one float32/float64/float16/bfloat16 element, got ",
+                   c10::toString(guidance_type), " of shape ", dims(guidance->sizes()));
   }
 
   const c10::cuda::CUDAGuard device_guard(x.device());

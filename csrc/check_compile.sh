@@ -65,7 +65,7 @@ if (( ${#cpp_sources[@]} > 0 )); then
     if [[ -z "$torch_includes" ]]; then
         echo "check_compile: skipped the binding syntax check - torch is not importable"
     else
-        flags=(-std=c++20 -fsyntax-only -Wall -Wextra -DTORCH_EXTENSION_NAME=_C)
+        flags=(-std=c++17 -fsyntax-only -Wall -Wextra -DTORCH_EXTENSION_NAME=_C)
         # The CUDA runtime headers: next to nvcc, or where CUDA_HOME or the default install says
         # (nvcc may be a wrapper script in another folder, as in /usr/local/bin).
         for cuda_root in "$(dirname "$(dirname "$(readlink -f "$nvcc")")")" "${CUDA_HOME:-}" \

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 import warnings
 from pathlib import Path
 
@@ -29,6 +30,9 @@ SOURCE_DIR = Path(__file__).resolve().parents[2] / "csrc"
 NVCC_FLAGS = ["-O3", "--use_fast_math"]  # the same flags as setup.py's ahead-of-time build
 CXX_FLAGS = ["-O3"]
 ERROR_LINES = 12  # lines of a build error kept in unavailable_reason()
+# torch's build lock (FileBaton) is waited on with no timeout; a build takes well under a minute,
+# so a lock older than this was left by a killed build and would hang every later load.
+STALE_LOCK_SECONDS = 600
 
 _lock = threading.Lock()
 _state: dict[str, object] = {}  # "reason": None when loaded, else why not; "origin": how loaded
@@ -82,6 +86,7 @@ def _jit_build() -> None:
 
     directory = build_directory()
     directory.mkdir(parents=True, exist_ok=True)
+    _remove_stale_lock(directory)
     sources = sorted(str(p) for p in SOURCE_DIR.iterdir() if p.suffix in (".cu", ".cpp"))
     cpp_extension.load(
         name=EXTENSION_NAME,
@@ -92,6 +97,16 @@ def _jit_build() -> None:
         is_python_module=False,  # the library registers torch ops when loaded
         verbose=os.environ.get("FASTDIFF_CUDA_VERBOSE", "0") == "1",
     )
+
+
+def _remove_stale_lock(directory: Path) -> None:
+    lock = directory / "lock"
+    try:
+        age = time.time() - lock.stat().st_mtime
+    except FileNotFoundError:
+        return
+    if age > STALE_LOCK_SECONDS:
+        lock.unlink(missing_ok=True)
 
 
 def _first_lines(error: BaseException) -> str:

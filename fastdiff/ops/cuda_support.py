@@ -110,7 +110,8 @@ def sampler_step_supported(
     """The CUDA sampler-step kernel's input rules (the binding enforces the same with errors):
     CUDA tensors on one device; x and model_output fp32/fp16/bf16 (they may differ);
     x0_prev and noise in x's dtype; one dense layout for all sample tensors; coefficients
-    fp32/fp64 with unit-stride columns; step an int64 scalar; guidance a floating scalar."""
+    fp32/fp64 with unit-stride columns; step an int64 scalar; guidance an fp32/fp64/fp16/bf16
+    scalar (the dtypes the kernel reads; no float8)."""
     if not x.is_cuda or x.dim() == 0:
         return False
     if x.dtype not in KERNEL_DTYPES or model_output.dtype not in KERNEL_DTYPES:
@@ -129,7 +130,9 @@ def sampler_step_supported(
     ):
         return False
     if guidance is not None and (
-        guidance.device != x.device or not guidance.dtype.is_floating_point or guidance.numel() != 1
+        guidance.device != x.device
+        or guidance.dtype not in (*KERNEL_DTYPES, torch.float64)
+        or guidance.numel() != 1
     ):
         return False
     return True

@@ -34,7 +34,11 @@ def run_error_cases(body: str) -> dict[str, tuple[str, str]]:
     {name: (exception type name, message)}."""
     script = PRELUDE + textwrap.dedent(body)
     result = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO, timeout=300
+        [sys.executable, "-X", "faulthandler", "-c", script],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=300,
     )
     cases = {}
     for line in result.stdout.splitlines():

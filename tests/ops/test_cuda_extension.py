@@ -191,3 +191,17 @@ def test_check_compile_fails_on_a_broken_kernel_and_passes_a_good_one(tmp_path):
     result = run_check_script(str(tmp_path), env=env)
     assert result.returncode == 1
     assert "FAILED  broken.cu" in result.stdout and "undefined_name" in result.stdout
+
+
+def test_stale_build_lock_is_removed_and_a_fresh_one_kept(tmp_path):
+    """torch waits on its build lock with no timeout: a lock left by a killed build would hang
+    every later load, while a live build's lock must stay."""
+    lock = tmp_path / "lock"
+    cuda_extension._remove_stale_lock(tmp_path)  # no lock: nothing to do
+    lock.touch()
+    cuda_extension._remove_stale_lock(tmp_path)
+    assert lock.exists()
+    old = lock.stat().st_mtime - cuda_extension.STALE_LOCK_SECONDS - 60
+    os.utime(lock, (old, old))
+    cuda_extension._remove_stale_lock(tmp_path)
+    assert not lock.exists()
