@@ -101,6 +101,11 @@ run gpu_tests 60 env FASTDIFF_AUTOTUNE=0 python3 -m pytest -q -p no:cacheprovide
 # the cached build of) the extension here, not inside a timed benchmark's warm-up.
 run cuda_ext 150 python3 -c "from fastdiff.ops import cuda_extension as ext; \
 print('CUDA extension available:', ext.available(), ext.unavailable_reason())"
+# Which C++ runtime the built extension links (a libstdc++ mismatch between the build compiler and
+# torch's is the suspected cause of the one segfault seen in an error path).
+run cuda_ext_libs 20 bash -c 'for so in $(python3 -c "from fastdiff.ops import cuda_extension as e; \
+print(e.build_directory())")/*.so; do echo "$so"; ldd "$so" | grep -E "stdc|gcc_s|cudart"; done; \
+gcc --version | head -1; g++ --version | head -1; echo "CC=${CC:-} CXX=${CXX:-}"'
 run unet_sd15_b2 120 python3 benchmarks/bench_unet.py --workloads sd15_b2 --csv "$CSV" $COMPILE_FLAG
 run pipeline 90 python3 benchmarks/bench_pipeline.py --steps 20,4 --csv "$CSV" $COMPILE_FLAG
 run vae 60 python3 benchmarks/bench_vae.py --csv "$CSV" $COMPILE_FLAG
