@@ -101,28 +101,54 @@ class CudaGraphBackend:
     def capture(
         self, body: Callable[[], None], prepare: Callable[[], None]
     ) -> tuple[torch.cuda.CUDAGraph, int]:
-        side = torch.cuda.Stream(device=self.device)
-        side.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(side), torch.no_grad():
-            for _ in range(self.warmup_runs):
-                prepare()
-                body()
-        torch.cuda.current_stream(self.device).wait_stream(side)
-        torch.cuda.synchronize(self.device)
-        # Return the warm-up's cached blocks first so the reserved-memory difference below is the
-        # graph's own private pool, not allocator cache that any later call could reuse.
-        torch.cuda.empty_cache()
-        before = torch.cuda.memory_reserved(self.device)
-        prepare()
-        graph = torch.cuda.CUDAGraph()
-        try:
-            with torch.no_grad(), torch.cuda.graph(graph):
-                body()
-        except Exception:
-            recover_from_failed_capture(self.device)
-            raise
-        torch.cuda.synchronize(self.device)
-        return graph, max(0, int(torch.cuda.memory_reserved(self.device)) - int(before))
+        # Everything on self.device and one side stream of it: warm-up and capture. An op runs on
+        # the current stream of its tensors' device, so capturing on torch.cuda.graph's default
+        # stream (created once, on whichever device was current then) would leave a pipeline on
+        # another device out of the graph; Triton launches on the current device.
+        with torch.cuda.device(self.device):
+            side = torch.cuda.Stream(device=self.device)
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(side), torch.no_grad():
+                for _ in range(self.warmup_runs):
+                    prepare()
+                    body()
+            torch.cuda.current_stream(self.device).wait_stream(side)
+            torch.cuda.synchronize(self.device)
+            # Return the warm-up's cached blocks first so the reserved-memory difference below is
+            # the graph's own private pool, not allocator cache that any later call could reuse.
+            torch.cuda.empty_cache()
+            before = torch.cuda.memory_reserved(self.device)
+            prepare()
+            graph = torch.cuda.CUDAGraph()
+            try:
+                # The outer stream context restores the caller's stream even when
+                # torch.cuda.graph.__exit__ raises (it ends the capture before restoring).
+                with torch.cuda.stream(side), torch.no_grad(), torch.cuda.graph(graph, stream=side):
+                    body()
+            except Exception as error:
+                recover_from_failed_capture(self.device)
+                raise GraphCaptureError(first_error(error)) from error
+            torch.cuda.synchronize(self.device)
+            return graph, max(0, int(torch.cuda.memory_reserved(self.device)) - int(before))
+
+
+class GraphCaptureError(RuntimeError):
+    """A capture failed; the message names the error that broke it."""
+
+
+def first_error(error: BaseException) -> str:
+    """What broke a capture. When the body raises, torch.cuda.graph.__exit__ still ends the
+    capture, and cudaStreamEndCapture's "operation failed due to a previous error during capture"
+    replaces the body's own exception (left as its ``__context__``): name that one first."""
+
+    def line(exception: BaseException) -> str:
+        text = str(exception).strip().splitlines()
+        return f"{type(exception).__name__}: {text[0] if text else ''}"
+
+    body_error = error.__context__
+    if body_error is None:
+        return line(error)
+    return f"{line(body_error)} (then, ending the capture: {line(error)})"
 
 
 def recover_from_failed_capture(device: torch.device) -> None:
@@ -138,10 +164,13 @@ def recover_from_failed_capture(device: torch.device) -> None:
     except Exception:  # the error may be reported again here; the reset below is what matters
         pass
     try:
-        scratch = torch.zeros(1, device=device)
-        reset = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(reset):
-            scratch.add_(1)
+        # On a stream of ``device``: the default capture stream may belong to another GPU, and
+        # the generator whose epilogue is missing is ``device``'s.
+        with torch.cuda.device(device):
+            scratch = torch.zeros(1, device=device)
+            reset = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(reset, stream=torch.cuda.Stream(device=device)):
+                scratch.add_(1)
         torch.cuda.synchronize(device)
     except Exception as error:
         print(f"fastdiff.runtime: could not reset CUDA state after a failed capture ({error})")

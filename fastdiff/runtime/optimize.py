@@ -145,6 +145,14 @@ class OptimizedRuntime:
     def ops_backend(self):
         return ops_backend(self.kernels)
 
+    @staticmethod
+    def on_device(device: torch.device):
+        """Make ``device`` current: Triton launches its kernels on the current device (not the
+        tensors'), and eager fallbacks run outside CudaGraphBackend's own device context."""
+        if device.type != "cuda":
+            return contextlib.nullcontext()
+        return torch.cuda.device(device)
+
     def fallback(self, reason: str) -> None:
         if reason not in self.fallback_reasons:
             self.fallback_reasons.add(reason)
@@ -187,7 +195,7 @@ class OptimizedRuntime:
         call = build_call(plan, conditioning, noise, guidance_scale, generator)
         call.timesteps, call.coefficients = timesteps, coefficients
         start = time.perf_counter()
-        with self.ops_backend(), torch.no_grad():
+        with self.on_device(noise.device), self.ops_backend(), torch.no_grad():
             latents = self.denoiser(call, sampler=sampler)
         self.last_call_seconds = time.perf_counter() - start
         return latents.to(noise.dtype)
@@ -197,11 +205,15 @@ class OptimizedRuntime:
         repeated generation copies them device-to-device instead of from the host."""
         from fastdiff.sampling import make_plan
 
-        key = (id(self.pipe.schedule), sampler, int(steps), float(eta), str(device))
+        schedule = self.pipe.schedule
+        key = (id(schedule), sampler, int(steps), float(eta), str(device))
         cached = self.plans.pop(key, None)
-        if cached is None:
-            plan = make_plan(self.pipe.schedule, sampler=sampler, steps=steps, eta=eta)
+        # The entry keeps its schedule alive: an id is only unique among live objects, and a
+        # later schedule at a freed one's address would otherwise get that schedule's plan.
+        if cached is None or cached[0] is not schedule:
+            plan = make_plan(schedule, sampler=sampler, steps=steps, eta=eta)
             cached = (
+                schedule,
                 plan,
                 plan.timesteps.to(device),
                 plan.coefficients.to(device=device, dtype=torch.float32),
@@ -209,10 +221,10 @@ class OptimizedRuntime:
         self.plans[key] = cached  # most recent last
         while len(self.plans) > 16:
             self.plans.pop(next(iter(self.plans)))
-        return cached
+        return cached[1:]
 
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
-        with self.ops_backend(), torch.no_grad():
+        with self.on_device(latents.device), self.ops_backend(), torch.no_grad():
             return self.decoder(latents)
 
     def graph_report(self) -> str:

@@ -1,0 +1,162 @@
+"""CudaGraphBackend's stream and device handling, on CPU, against a model of torch.cuda.
+
+The model reproduces what matters of PyTorch (torch/cuda/__init__.py StreamContext,
+torch/cuda/graphs.py graph): an op runs on the current stream *of its tensor's device*; only
+launches on the capturing stream enter the graph; ``torch.cuda.graph`` creates its default capture
+stream once, on the device current at that moment; and its ``__exit__`` ends the capture before it
+restores the stream, so when the body raised, capture_end's own error replaces the body's and the
+capture stream stays current.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+
+import fastdiff.runtime.graphs as graphs
+
+
+class FakeCuda:
+    def __init__(self, devices: int = 2):
+        self.device = 0
+        self.defaults = {index: FakeStream(self, index) for index in range(devices)}
+        self.current = dict(self.defaults)
+        self.capturing = None
+        self.invalidated = False
+        self.captured: list[int] = []
+        self.missed: list[int] = []  # launches during a capture that did not enter the graph
+
+    def index(self, device) -> int:
+        if device is None:
+            return self.device
+        device = torch.device(device) if not isinstance(device, int) else device
+        return device if isinstance(device, int) else (device.index or 0)
+
+    # what an op on a tensor of ``device`` does
+    def launch(self, device: int) -> None:
+        if self.capturing is not None:
+            into = self.captured if self.current[device] is self.capturing else self.missed
+            into.append(device)
+
+    def host_read(self) -> None:
+        if self.capturing is not None:
+            self.invalidated = True
+            raise RuntimeError("CUDA error: operation not permitted when stream is capturing")
+
+    def set_stream(self, stream) -> None:
+        self.current[stream.device] = stream
+        self.device = stream.device
+
+
+class FakeStream:
+    def __init__(self, cuda: FakeCuda, device: int):
+        self.cuda, self.device = cuda, device
+
+    def wait_stream(self, other) -> None:
+        pass
+
+
+class FakeStreamContext:  # torch.cuda.StreamContext
+    def __init__(self, cuda: FakeCuda, stream):
+        self.cuda, self.stream = cuda, stream
+
+    def __enter__(self):
+        self.src_prev = self.cuda.current[self.cuda.device]
+        if self.src_prev.device != self.stream.device:
+            self.dst_prev = self.cuda.current[self.stream.device]
+        self.cuda.set_stream(self.stream)
+
+    def __exit__(self, *args):
+        if self.src_prev.device != self.stream.device:
+            self.cuda.set_stream(self.dst_prev)
+        self.cuda.set_stream(self.src_prev)
+
+
+def install(monkeypatch, cuda: FakeCuda) -> None:
+    class CUDAGraph:
+        def capture_begin(self, stream):
+            cuda.capturing = stream
+
+        def capture_end(self):
+            cuda.capturing = None
+            if cuda.invalidated:
+                cuda.invalidated = False
+                raise RuntimeError(
+                    "CUDA error: operation failed due to a previous error during capture"
+                )
+
+        def replay(self):
+            pass
+
+    class graph:  # torch.cuda.graph
+        default_capture_stream = None
+
+        def __init__(self, cuda_graph, pool=None, stream=None, capture_error_mode="global"):
+            if stream is None and graph.default_capture_stream is None:
+                graph.default_capture_stream = FakeStream(cuda, cuda.device)
+            self.capture_stream = stream if stream is not None else graph.default_capture_stream
+            self.stream_ctx = FakeStreamContext(cuda, self.capture_stream)
+            self.cuda_graph = cuda_graph
+
+        def __enter__(self):
+            self.stream_ctx.__enter__()
+            self.cuda_graph.capture_begin(self.capture_stream)
+
+        def __exit__(self, *args):
+            self.cuda_graph.capture_end()
+            self.stream_ctx.__exit__(*args)
+
+    @contextlib.contextmanager
+    def device(value):
+        previous, cuda.device = cuda.device, cuda.index(value)
+        try:
+            yield
+        finally:
+            cuda.device = previous
+
+    patches = {
+        "Stream": lambda device=None: FakeStream(cuda, cuda.index(device)),
+        "current_stream": lambda device=None: cuda.current[cuda.index(device)],
+        "stream": lambda stream: FakeStreamContext(cuda, stream),
+        "device": device,
+        "synchronize": lambda device=None: None,
+        "empty_cache": lambda: None,
+        "memory_reserved": lambda device=None: 0,
+        "CUDAGraph": CUDAGraph,
+        "graph": graph,
+    }
+    for name, value in patches.items():
+        monkeypatch.setattr(torch.cuda, name, value)
+    monkeypatch.setattr(graphs, "recover_from_failed_capture", lambda device: None)
+
+
+def test_capture_on_a_pipeline_device_that_is_not_the_current_one(monkeypatch):
+    """A pipeline on cuda:1 while cuda:0 is current (or after an earlier capture created
+    torch.cuda.graph's default capture stream on cuda:0): every kernel must enter the graph."""
+    cuda = FakeCuda()
+    install(monkeypatch, cuda)
+    backend = graphs.CudaGraphBackend(device="cuda:1")
+    backend.capture(lambda: cuda.launch(1), lambda: None)
+    assert cuda.captured == [1] and cuda.missed == []
+    assert cuda.current == cuda.defaults and cuda.device == 0
+
+
+def test_failed_capture_names_the_first_error_and_restores_the_stream(monkeypatch):
+    cuda = FakeCuda()
+    install(monkeypatch, cuda)
+    cache = graphs.GraphCache(graphs.CudaGraphBackend(device="cuda:0"))
+    key = graphs.GraphKey("step", 1, 8, 8, torch.float16)
+
+    def build():
+        def body():
+            cuda.launch(0)
+            cuda.host_read()
+
+        return None, body, lambda: None
+
+    with pytest.raises(RuntimeError):
+        cache.get(key, build)
+    assert "not permitted when stream is capturing" in cache.failed(key)
+    assert cuda.current == cuda.defaults and cuda.device == 0  # eager work goes on as before
