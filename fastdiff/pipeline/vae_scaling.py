@@ -7,19 +7,33 @@ normalise per channel (``latents_mean`` / ``latents_std``). All three are read f
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
 
 
+@functools.cache
+def _device_stats(values: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    # Built once per (values, dtype, device) and never freed: the decoder runs inside a captured
+    # CUDA graph, where building it from host data is an illegal H2D copy, and the graph keeps
+    # reading this tensor's address on every replay. Not an inference tensor, so training's
+    # from_vae_latents can use it after an inference-mode generation.
+    with torch.inference_mode(False):
+        return torch.tensor(values, dtype=dtype, device=device)
+
+
 def _per_channel(values: Any, like: torch.Tensor) -> torch.Tensor:
-    tensor = torch.as_tensor(values, dtype=like.dtype, device=like.device)
-    if tensor.ndim != 1 or tensor.shape[0] != like.shape[1]:
+    try:  # host values only: nothing here may touch the device (see _device_stats)
+        flat = tuple(float(v) for v in values)
+    except (TypeError, ValueError):
+        flat = None
+    if flat is None or len(flat) != like.shape[1]:
         raise ValueError(
             f"latents_mean/latents_std must list one value per latent channel ({like.shape[1]}), "
-            f"got shape {tuple(tensor.shape)}"
+            f"got {values!r}"
         )
-    return tensor.view(1, -1, 1, 1)
+    return _device_stats(flat, like.dtype, like.device).view(1, -1, 1, 1)
 
 
 def _per_channel_stats(config) -> tuple[Any, Any] | None:

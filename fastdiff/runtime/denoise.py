@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from fastdiff.ops.backend import requested_backend
 from fastdiff.runtime.graphs import EagerReplay, GraphCache, GraphEntry, GraphKey
 from fastdiff.runtime.plan_step import apply_plan_step
 
@@ -187,6 +188,7 @@ class GraphedDenoiser:
                 int(channels),
                 cond,
                 call.noise is not None,
+                requested_backend(),  # a graph replays the kernels chosen when it was captured
                 *self.key_extra,
             ),
         )

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from fastdiff.ops.backend import requested_backend
 from fastdiff.runtime.graphs import GraphCache, GraphKey
 
 
@@ -70,6 +71,7 @@ class GraphedCall:
             extra=(
                 tuple(_signature(a) for a in args),
                 tuple(sorted((k, _signature(v)) for k, v in kwargs.items())),
+                requested_backend(),  # a graph replays the kernels chosen when it was captured
             ),
         )
 

@@ -91,3 +91,22 @@ def test_sdxl_text_time_body_has_no_host_reads(sdxl_pipe):
         progress=False,
     )
     assert backend.captures == 1
+
+
+def test_vae_decode_with_per_channel_latent_stats_has_no_host_copies(pipe):
+    """latents_mean/latents_std VAEs (SDXL derivatives): the per-channel tensors must not be
+    built from the host config inside the decoder graph (an H2D copy is illegal in a capture)."""
+    pipe.vae.config.latents_mean = [0.1, -0.2, 0.3, 0.0]
+    pipe.vae.config.latents_std = [1.1, 0.9, 1.2, 1.0]
+    backend = CaptureCheckingBackend()
+    rt = pipe.optimize(backend=backend, verbose=False)
+    pipe(
+        prompt_embeds=torch.randn(1, 7, 32),
+        negative_prompt_embeds=torch.randn(1, 7, 32),
+        num_inference_steps=2,
+        seed=1,
+        output_type="tensor",
+        progress=False,
+    )
+    assert not rt.decoder.eager_fallbacks
+    assert backend.captures == 2

@@ -1,0 +1,55 @@
+"""The runtime under a graph-faithful CPU stand-in (tests/runtime/fake_graph.py): replays run only
+the recorded aten calls, so host-side decisions are frozen at capture as on a GPU."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fastdiff.runtime as runtime
+from fastdiff.ops import use_backend
+from fastdiff.pipeline.conditioning import Conditioning
+from fastdiff.runtime.denoise import GraphedDenoiser
+from fastdiff.runtime.graphs import GraphCache
+from tests.runtime.fake_graph import RecordingGraphBackend
+from tests.runtime.test_denoise import ToyUNet, make_call
+
+
+def conditioning(guided: bool) -> Conditioning:
+    def part():
+        return {"encoder_hidden_states": torch.randn(1, 7, 32)}
+
+    return Conditioning(part(), part() if guided else None)
+
+
+CASES = [("ddim", 4, 0.0, 6.0), ("dpmpp_2m", 4, 0.0, 6.0), ("euler", 10, 0.0, 6.0),
+         ("ddim", 3, 0.5, 6.0), ("ddpm", 10, 0.0, 1.0)]  # fmt: skip
+
+
+def test_replayed_graphs_equal_the_eager_loop_for_new_inputs(pipe):
+    wanted = []
+    for index, (sampler, steps, eta, guidance) in enumerate(CASES):
+        torch.manual_seed(index)
+        cond, x_T = conditioning(guidance > 1), torch.randn(1, 4, 8, 8)
+        kwargs = dict(guidance_scale=guidance, sampler=sampler, steps=steps, eta=eta)
+        with torch.no_grad():
+            want = pipe.denoise(
+                cond, x_T, generator=torch.Generator().manual_seed(5), progress=False, **kwargs
+            )
+        wanted.append((cond, x_T, kwargs, want))
+    rt = runtime.optimize(pipe, backend=RecordingGraphBackend(), verbose=False)
+    for _ in range(2):  # the second round only replays
+        for cond, x_T, kwargs, want in wanted:
+            got = pipe.denoise(cond, x_T, generator=torch.Generator().manual_seed(5), **kwargs)
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert rt.cache.stats.captures == 5 and rt.cache.stats.hits == 5
+
+
+@pytest.mark.parametrize("other", ["eager", "triton"])
+def test_ops_backend_is_part_of_the_graph_key(other):
+    denoiser = GraphedDenoiser(ToyUNet(), GraphCache(RecordingGraphBackend()), torch.float32)
+    call = make_call(4)
+    with use_backend("auto"):
+        captured = denoiser.key_for(call)
+    with use_backend(other):
+        assert denoiser.key_for(call) != captured
