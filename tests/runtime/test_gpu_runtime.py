@@ -170,3 +170,71 @@ def test_failed_capture_falls_back_and_leaves_cuda_usable():
     torch.randn(4, device="cuda")  # the CUDA RNG works again after the failed capture
     torch.testing.assert_close(graphed(x + 1), reads_host(x + 1))  # stays eager, no retry
     assert cache.stats.failures == 1
+
+
+def half_conditioning(cond: Conditioning) -> Conditioning:
+    def half(part):
+        return None if part is None else {k: v.half() for k, v in part.items()}
+
+    return Conditioning(half(cond.cond), half(cond.uncond))
+
+
+@pytest.mark.parametrize(
+    "sampler, steps, eta",
+    [("ddim", 12, 0.0), ("dpmpp_2m", 6, 0.0), ("euler", 10, 0.0), ("ddpm", 10, 0.0),
+     ("ddim", 10, 0.8)],
+)  # fmt: skip
+def test_default_optimize_loop_and_step_graphs_within_tolerance(sampler, steps, eta):
+    """optimize() as users call it (fp16, channels-last, fused QKV, auto kernels): whole-loop
+    graphs (<= 8 steps) and step graphs, deterministic and stochastic plans."""
+    pipe = tiny_pipeline(device="cuda")
+    cond, x_T = conditioning(), torch.randn(1, 4, 16, 16, device="cuda")
+    kwargs = dict(guidance_scale=6.0, sampler=sampler, steps=steps, eta=eta)
+
+    def generator():
+        return torch.Generator("cuda").manual_seed(11)
+
+    with torch.no_grad(), use_backend("eager"):
+        reference = pipe.denoise(cond, x_T, generator=generator(), progress=False, **kwargs)
+        pipe.unet.half()
+        eager_fp16 = pipe.denoise(
+            half_conditioning(cond), x_T.half(), generator=generator(), progress=False, **kwargs
+        )
+    pipe.unet.float()
+    rt = runtime.optimize(pipe, dtype=torch.float16, verbose=False)
+    for _ in range(2):  # capture, then a pure replay
+        got = pipe.denoise(half_conditioning(cond), x_T.half(), generator=generator(), **kwargs)
+        assert torch.isfinite(got).all()
+        assert max_error(got, reference) <= 2 * max_error(eager_fp16, reference) + 1e-2
+    assert not rt.denoiser.eager_fallbacks
+    (entry,) = rt.cache.entries.values()
+    assert entry.key.kind == ("loop" if steps <= 8 else "step")
+
+
+def test_default_optimize_vae_decode_graph_within_tolerance():
+    pipe = tiny_pipeline(device="cuda")
+    latents = [torch.randn(1, 4, 16, 16, device="cuda") for _ in range(2)]
+    # References first: the captured graph holds the optimized weights' addresses, so the model
+    # must not be converted again once it is captured.
+    with torch.no_grad(), use_backend("eager"):
+        references = [pipe.decode_latents(z) for z in latents]
+        pipe.vae.half()
+        eager_fp16 = [pipe.decode_latents(z.half()) for z in latents]
+    pipe.vae.float()
+    rt = runtime.optimize(pipe, dtype=torch.float16, verbose=False)
+    for z, reference, half in zip(latents, references, eager_fp16, strict=True):
+        got = pipe.decode_latents(z.half())  # capture, then a replay on new values
+        assert max_error(got, reference) <= 2 * max_error(half, reference) + 1e-2
+    assert not rt.decoder.eager_fallbacks
+    assert rt.cache.stats.captures == 1 and rt.cache.stats.hits == 1
+
+
+def test_failed_capture_message_names_the_op_that_broke_it():
+    def reads_host(x):
+        return x * float(x.sum())
+
+    cache = runtime.GraphCache(runtime.CudaGraphBackend())
+    runtime.GraphedCall(reads_host, cache, kind="host-read")(torch.randn(8, device="cuda"))
+    (message,) = cache.stats.failed_keys.values()
+    # the body's own error first, not only "operation failed due to a previous error"
+    assert "previous error" not in message.split("(then")[0], message
