@@ -149,6 +149,7 @@ def provider_setup(
                 with ops_backend(kernels):  # chosen at capture, as optimize() does
                     return graphed(**inputs)
 
+            run_graphed.graphed = graphed  # read by model_bench.run_case
             return run_graphed
         model = holder.diffusers_model()
 
@@ -159,7 +160,12 @@ def provider_setup(
             return lambda: forward(**inputs)
         if provider == "diffusers-graph":
             graphed = GraphedCall(forward, mb.graph_cache(), kind="unet")
-            return lambda: graphed(**inputs)
+
+            def run_diffusers_graph():
+                return graphed(**inputs)
+
+            run_diffusers_graph.graphed = graphed
+            return run_diffusers_graph
         if provider == "diffusers-compile":
             compiled = torch.compile(model)
             return lambda: compiled(**inputs, return_dict=False)[0]

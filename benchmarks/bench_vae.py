@@ -88,6 +88,7 @@ def provider_setup(provider: str, holder: mb.ModelHolder, size: int):
                 with ops_backend(kernels):  # chosen at capture, as optimize() does
                     return graphed(latents)
 
+            run_graphed.graphed = graphed  # read by model_bench.run_case
             return run_graphed
         model = holder.diffusers_model()
 
@@ -98,7 +99,12 @@ def provider_setup(provider: str, holder: mb.ModelHolder, size: int):
             return lambda: decode(latents)
         if provider == "diffusers-graph":
             graphed = GraphedCall(decode, mb.graph_cache(), kind="vae")
-            return lambda: graphed(latents)
+
+            def run_diffusers_graph():
+                return graphed(latents)
+
+            run_diffusers_graph.graphed = graphed
+            return run_diffusers_graph
         if provider == "diffusers-compile":
             compiled = torch.compile(decode)
             return lambda: compiled(latents)

@@ -75,7 +75,7 @@ done
 
 # ---- model benchmarks (runtime): append below this line --------------------------------------
 # U-Net (SD1.5 b2/b1, SDXL b2), VAE decode, full generation, profile; tests/runtime ran above.
-run models 240 env STEPS="cuda_ext cuda_ext_libs unet_sd15_b2 pipeline vae unet_sdxl_b2 unet_sd15_b1 profile" \
+run models 240 env STEPS="cuda_ext cuda_ext_libs unet_sd15_b2 vae pipeline unet_sdxl_b2 profile" \
     BUDGET=210 bash benchmarks/gpu_check_models.sh "$OUTDIR"
 # ---- end of model benchmarks ------------------------------------------------------------------
 

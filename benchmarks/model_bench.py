@@ -165,9 +165,21 @@ def run_case(case: Case, warmup: int, iters: int) -> Result:
             fn()
             synchronize()
             result.warmup_s = time.perf_counter() - begin
+            if torch.cuda.is_available():
+                # Steady state only: not the model's float32 construction nor the warm-up's
+                # autotuning and capture transients. Reserved, not allocated, bytes: a CUDA
+                # graph's activations live in its private pool, which the allocated count misses.
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats()
             result.ms = time_ms(fn, warmup, iters)
+        # A GraphedCall whose capture failed runs eagerly: say so, or the row passes for a graph.
+        fallbacks = getattr(getattr(fn, "graphed", None), "eager_fallbacks", None)
+        if fallbacks:
+            reason = next(iter(fallbacks.values()))
+            result.note = f"{result.note}; " if result.note else ""
+            result.note += f"NO GRAPH (capture failed, ran eagerly: {reason[:120]})"
         if torch.cuda.is_available():
-            result.peak_mib = torch.cuda.max_memory_allocated() / 2**20
+            result.peak_mib = torch.cuda.max_memory_reserved() / 2**20
         if case.flop:
             result.gflop = case.flop / 1e9
             result.tflops = case.flop / (result.ms * 1e-3) / 1e12
@@ -353,7 +365,12 @@ def iterations(args: argparse.Namespace) -> tuple[int, int]:
 def run_and_report(cases: list[Case], args: argparse.Namespace, reference: str) -> int:
     """Run, print the table, append the CSV; exit code 1 when any case failed."""
     warmup, iters = iterations(args)
-    if not on_gpu():
+    if on_gpu():
+        # As optimize() and `fastdiff profile` do, for every provider alike: the fastdiff
+        # providers here call prepare_module(), not optimize(), and bench_pipeline's optimize()
+        # would otherwise switch it on half-way through the run (after fastdiff-eager).
+        torch.backends.cudnn.benchmark = True
+    else:
         print("no CUDA: toy configs on the CPU eager path (numbers are not GPU figures)")
     results: list[Result] = []
     interrupted = False
