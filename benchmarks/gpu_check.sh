@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # GPU check: install fastdiff without network, print versions, run the GPU tests, then every
 # kernel benchmark; logs and CSVs go to OUTDIR (argument, else $OUT, else benchmarks/results).
-#   bash benchmarks/gpu_check.sh [OUTDIR]          # ~5 minutes on an H100/H200 (--quick benches)
+#   bash benchmarks/gpu_check.sh [OUTDIR]          # ~8 minutes on an H100/H200 (--quick benches)
+#   TEST_JOBS=1 bash benchmarks/gpu_check.sh ...   # GPU test files one at a time (default 4)
 #   FULL=1 bash benchmarks/gpu_check.sh [OUTDIR]   # all benchmark shapes (longer)
 #   TESTS=tests/ops bash benchmarks/gpu_check.sh    # only these GPU tests (default: tests)
 #   BENCH_ARGS="--providers fastdiff,eager" ...      # extra arguments for every kernel benchmark
@@ -44,18 +45,51 @@ if ! "$PY" -c "import fastdiff.kernels" 2>/dev/null; then
     FAILED="$FAILED install"
 fi
 
+# diffusers (a test and benchmark reference) from the carried wheels when the machine lacks it:
+# only these two, so nothing shadows the machine's torch or numpy.
+WHEELS=$(ls .whl/diffusers-*.whl .whl/importlib_metadata-*.whl 2>/dev/null)
+if ! "$PY" -c "import diffusers" 2>/dev/null && [ -n "$WHEELS" ]; then
+    run wheels 120 "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
+        --upgrade --target /tmp/fastdiff-site $WHEELS \
+        && export PYTHONPATH="/tmp/fastdiff-site${PYTHONPATH:+:$PYTHONPATH}"
+fi
+
 run versions 60 bash -c "nvidia-smi || true; $PY -c 'import sys, torch, triton; \
 print(\"python\", sys.version.split()[0], \"torch\", torch.__version__, \"triton\", \
 triton.__version__, \"cuda\", torch.version.cuda); \
 print(\"gpu\", torch.cuda.get_device_name() if torch.cuda.is_available() else None)'"
 
 # GPU tests, one pytest process per file that has any, so a crash (a segfault in native code)
-# in one file cannot hide the others. Autotuning is off here (heuristic configs); benchmarks tune.
-for test_file in $(grep -rl --include='test_*.py' "mark.gpu" ${TESTS:-tests} | sort); do
-    run "gpu-tests $test_file" 240 bash -c 'FASTDIFF_AUTOTUNE=0 "$0" -m pytest -m gpu "$1" -q \
-        -p no:cacheprovider -o addopts="" -ra; rc=$?; [ $rc -eq 5 ] && rc=0; exit $rc' \
-        "$PY" "$test_file"  # exit 5 = no GPU test selected in that file: not a failure
+# in one file cannot hide the others; TEST_JOBS (4) files at a time, as most of their time is
+# Python start-up and Triton compilation on the CPU. Autotuning is off here (heuristic configs);
+# the benchmarks tune. Each file's output goes to the log in file order once all have finished.
+TEST_LOGS="$(mktemp -d)"
+test_files=$(grep -rl --include='test_*.py' "mark.gpu" ${TESTS:-tests} | sort)
+tests_begin=$SECONDS
+for test_file in $test_files; do
+    while (( $(jobs -rp | wc -l) >= ${TEST_JOBS:-4} )); do sleep 0.2; done
+    name="${test_file//\//_}"
+    (
+        FASTDIFF_AUTOTUNE=0 timeout --kill-after=10 240 "$PY" -m pytest -m gpu "$test_file" -q \
+            -p no:cacheprovider -o addopts="" -ra >"$TEST_LOGS/$name.log" 2>&1
+        echo $? >"$TEST_LOGS/$name.rc"
+    ) &
 done
+wait
+for test_file in $test_files; do
+    name="${test_file//\//_}"
+    rc=$(cat "$TEST_LOGS/$name.rc" 2>/dev/null || echo 1)
+    [ "$rc" -eq 5 ] && rc=0  # exit 5 = no GPU test selected in that file: not a failure
+    echo "=== [gpu-tests $test_file]" | tee -a "$LOG"
+    tee -a "$LOG" <"$TEST_LOGS/$name.log"
+    if [ "$rc" -eq 0 ]; then
+        echo "=== [gpu-tests $test_file] ok" | tee -a "$LOG"
+    else
+        echo "=== [gpu-tests $test_file] FAILED (exit $rc)" | tee -a "$LOG"
+        FAILED="$FAILED gpu-tests:$test_file"
+    fi
+done
+echo "=== [gpu-tests] all files in $((SECONDS - tests_begin)) s" | tee -a "$LOG"
 
 for bench in group_norm attention sampler_step layer_norm geglu; do
     run "bench_$bench" 240 "$PY" "benchmarks/bench_$bench.py" $QUICK --out "$OUTDIR" ${BENCH_ARGS:-}

@@ -125,7 +125,7 @@ run unet_sdxl_b2 75 python3 benchmarks/bench_unet.py --workloads sdxl_b2 --csv "
 # fastdiff-eager before fastdiff: the unprepared model is built once, then prepared in place.
 run unet_sd15_b1 45 python3 benchmarks/bench_unet.py --workloads sd15_b1 --csv "$CSV" \
     --providers fastdiff-eager,fastdiff,diffusers,diffusers-graph
-run profile 45 python3 -m fastdiff profile --model sd15 --top 12
+run profile 45 python3 -m fastdiff profile --top 12  # sd15 on a GPU, tiny on CPU
 
 if [[ -s "$CSV" ]]; then
     timeout 60 python3 benchmarks/plot_models.py "$CSV" --out "$OUTDIR" >>"$SUMMARY" 2>&1 \
