@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from fastdiff.models import AutoencoderKL, UNet2DConditionModel
+from fastdiff.ops import use_backend
 from tests.models.reference import UNET_CONFIGS, VAE_CONFIG, unet_inputs
 
 pytestmark = pytest.mark.gpu
@@ -72,12 +73,22 @@ def test_sd15_shaped_unet_half_channels_last_fused_close_to_fp32(dtype):
         expected = model(sample, timestep, context)
         model = model.to(dtype).to(memory_format=torch.channels_last)
         model.fuse_qkv_projections()
-        actual = model(
-            sample.to(dtype).to(memory_format=torch.channels_last), timestep, context.to(dtype)
+        half_inputs = (
+            sample.to(dtype).to(memory_format=torch.channels_last),
+            timestep,
+            context.to(dtype),
         )
+        actual = model(*half_inputs)
+        with use_backend("eager"):
+            eager = model(*half_inputs)
     assert actual.dtype == dtype and torch.isfinite(actual).all()
-    relative = (actual.float() - expected).norm() / expected.norm()
-    assert relative < (2e-2 if dtype == torch.bfloat16 else 5e-3)
+
+    def relative(value):
+        return ((value.float() - expected).norm() / expected.norm()).item()
+
+    # Tolerance rule (STYLE.md) on the norm: at most 2x the same-dtype eager error plus a floor
+    # (bf16 eager measured ~1.2e-2 on CPU: a fixed 2e-2 left too little margin).
+    assert relative(actual) <= 2 * relative(eager) + 1e-3, (relative(actual), relative(eager))
 
 
 @pytest.mark.parametrize("name", ["sd1", "sdxl", "class_conditional"])

@@ -157,16 +157,20 @@ def test_fake_kernel_matches_real_output(triton_backend):
     ],
     ids=lambda dims: "-".join(map(str, dims)),
 )
-def test_sd_shapes_on_gpu(dims, dtype):
+def test_sd_shapes_on_gpu(monkeypatch, dims, dtype):
+    counter = CallCounter(monkeypatch, attention_kernels, "attention_forward")
     with use_backend("triton"):
         check(*make_qkv(*dims, dtype), what=str(dims))
+    assert counter.calls == 1  # the kernel ran, not a silent eager fallback
 
 
 @pytest.mark.gpu
-def test_fp32_on_gpu_uses_full_precision_dots():
+def test_fp32_on_gpu_uses_full_precision_dots(monkeypatch):
     # tf32 dots would miss the fp32 floor; the kernel asks for ieee precision on fp32 inputs.
+    counter = CallCounter(monkeypatch, attention_kernels, "attention_forward")
     with use_backend("triton"):
         check(*make_qkv(1, 2, 300, 77, 64, torch.float32))
+    assert counter.calls == 1
 
 
 def test_stride_unit_is_the_alignment_of_indexed_strides():

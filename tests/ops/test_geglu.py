@@ -78,6 +78,8 @@ def test_fake_kernel_matches_real_output(triton_backend):
     [(2, 4096, 2 * 1280), (2, 1024, 2 * 2560), (2, 4096, 2 * 2560)],
     ids=lambda shape: "x".join(map(str, shape)),
 )
-def test_sd_shapes_on_gpu(shape, dtype):
+def test_sd_shapes_on_gpu(monkeypatch, shape, dtype):
+    counter = CallCounter(monkeypatch, geglu_kernels, "geglu_forward")
     with use_backend("triton"):
         check((torch.randn(shape, device=DEVICE) * 3).to(dtype), what=str(shape))
+    assert counter.calls == 1  # the kernel ran, not a silent eager fallback

@@ -195,10 +195,12 @@ def test_fake_kernel_matches_real_output(triton_backend):
     [(2, 320, 64, 64), (2, 640, 32, 32), (2, 1280, 16, 16), (2, 1280, 8, 8), (1, 512, 128, 128)],
     ids=lambda shape: "x".join(map(str, shape)),
 )
-def test_sd_shapes_on_gpu(kernel_path, shape, channels_last, dtype):
+def test_sd_shapes_on_gpu(kernel_path, monkeypatch, shape, channels_last, dtype):
+    counter = CallCounter(monkeypatch, group_norm_kernels, "group_norm_forward")
     x, weight, bias = make_inputs(shape, dtype, channels_last=channels_last)
     with use_backend("triton"):
         check(x, 32, weight, bias, silu=True, eps=1e-6, what=f"{shape}")
+    assert counter.calls == 1  # the kernel ran, not a silent eager fallback
 
 
 def test_inputs_needing_gradients_take_the_differentiable_eager_path(triton_backend, monkeypatch):

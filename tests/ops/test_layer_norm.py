@@ -100,6 +100,8 @@ def test_fake_kernel_matches_real_output(triton_backend):
     [(2, 4096, 320), (2, 1024, 640), (2, 4096, 640), (2, 1024, 1280), (2, 77, 2048)],
     ids=lambda shape: "x".join(map(str, shape)),
 )
-def test_sd_shapes_on_gpu(shape, dtype):
+def test_sd_shapes_on_gpu(monkeypatch, shape, dtype):
+    counter = CallCounter(monkeypatch, layer_norm_kernels, "layer_norm_forward")
     with use_backend("triton"):
         check(*make(shape, dtype), what=str(shape))
+    assert counter.calls == 1  # the kernel ran, not a silent eager fallback

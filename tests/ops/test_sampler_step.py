@@ -187,7 +187,8 @@ def test_fake_kernel_matches_real_output(triton_backend):
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("shape", [(2, 4, 64, 64), (1, 4, 128, 128)], ids=["sd15", "sdxl"])
-def test_sd_latents_on_gpu(shape, dtype):
+def test_sd_latents_on_gpu(monkeypatch, shape, dtype):
+    counter = CallCounter(monkeypatch, sampler_step_kernels, "sampler_step_forward")
     plan, table = device_plan("ddim", 1.0, steps=10)
     x = torch.randn(shape, device=DEVICE).to(dtype)
     model_output = torch.randn((2 * shape[0], *shape[1:]), device=DEVICE).to(dtype)
@@ -195,13 +196,15 @@ def test_sd_latents_on_gpu(shape, dtype):
     with use_backend("triton"):
         out = sampler_step(x, model_output, table, 4, x0_prev, 7.5, noise)
     check_step(out, plan.coefficients[4].tolist(), x, model_output, 7.5, x0_prev, noise)
+    assert counter.calls == 1  # the kernel ran, not a silent eager fallback
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("sampler", ["ddim", "dpmpp_2m", "ddpm"])
-def test_cuda_graph_replay_for_every_step(sampler):
+def test_cuda_graph_replay_for_every_step(monkeypatch, sampler):
     """Capture one step, then replay it for each step with new inputs copied into static buffers:
     the step index and guidance live on the device, so every replay must use its own row."""
+    counter = CallCounter(monkeypatch, sampler_step_kernels, "sampler_step_forward")
     plan, table = device_plan(sampler, 0.0, steps=6)
     shape = (2, 4, 32, 32)
     static_x = torch.randn(shape, device="cuda", dtype=torch.float16)
@@ -225,6 +228,7 @@ def test_cuda_graph_replay_for_every_step(sampler):
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             static_next, static_x0 = sampler_step(*args)
+    assert counter.calls == 2  # warm-up and capture both launched the kernel (no eager fallback)
     x = torch.randn(shape, device="cuda", dtype=torch.float16)
     x0_prev = torch.zeros_like(x)
     for index in range(len(plan)):

@@ -40,8 +40,14 @@ def compare_backends(name: str, device: str, dtype: torch.dtype, monkeypatch) ->
     ]
     model = UNet2DConditionModel(UNET_CONFIGS[name]).eval().to(device)
     inputs = unet_inputs(name)
-    with torch.no_grad(), use_backend("eager"):
-        reference = model(**cast(inputs, device, torch.float32))
+    # cuDNN runs fp32 convolutions in TF32 by default: the reference must be true fp32.
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        with torch.no_grad(), use_backend("eager"):
+            reference = model(**cast(inputs, device, torch.float32))
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
     model = model.to(dtype)
     with torch.no_grad():
         with use_backend("eager"):

@@ -21,10 +21,15 @@ FP16_FLOOR = 2e-3
 @pytest.fixture(autouse=True)
 def _exact_fp32():
     # TF32 convolutions/matmuls would make the fp32 references themselves approximate.
-    previous = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    # optimize() turns cudnn.benchmark on for the process: on from the start, the eager
+    # references and the graphs choose their convolution algorithms the same way whatever the
+    # test order, and the flag is restored afterwards.
+    backends = torch.backends
+    previous = backends.cudnn.allow_tf32, backends.cuda.matmul.allow_tf32, backends.cudnn.benchmark
+    backends.cudnn.allow_tf32 = backends.cuda.matmul.allow_tf32 = False
+    backends.cudnn.benchmark = True
     yield
-    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = previous
+    backends.cudnn.allow_tf32, backends.cuda.matmul.allow_tf32, backends.cudnn.benchmark = previous
 
 
 def conditioning(batch=1, guided=True, device="cuda", dtype=torch.float32):
