@@ -36,6 +36,10 @@ _GPU_SHAPES = [
     (128, 128, 8, 2),
     (128, 64, 4, 4),
 ]
+# fp32 inputs take the FMA path (ieee dots, no tensor cores) and keep twice the bytes per element
+# in registers: the shapes above spill there (1.4-25 KB per thread with sm_90's ptxas, measured by
+# benchmarks/triton_sm90.py); these two are spill-free for head dims up to 64 and 256.
+_FP32_SHAPES = [(64, 32, 8, 2), (32, 32, 8, 2)]
 
 
 def _interpreting() -> bool:
@@ -47,12 +51,14 @@ def _configs() -> list[triton.Config]:
         return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=4, num_stages=1)]
     return [
         triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
-        for m, n, w, s in _GPU_SHAPES
+        for m, n, w, s in _GPU_SHAPES + _FP32_SHAPES
     ]
 
 
-def heuristic_shape(width: int, keys: int) -> tuple[int, int, int, int]:
+def heuristic_shape(width: int, keys: int, fp32: bool = False) -> tuple[int, int, int, int]:
     """The default (BLOCK_M, BLOCK_N, num_warps, num_stages) for a padded head width."""
+    if fp32:
+        return _FP32_SHAPES[0] if width <= 64 else _FP32_SHAPES[1]
     if width > 128:
         return (64, 32, 4, 2)
     if keys <= 64:
@@ -66,9 +72,17 @@ def _prune(configs, named_args, **kwargs):
     args = {**named_args, **kwargs}  # constexprs arrive as kwargs in some Triton versions
     width = args["BLOCK_D"] + args["BLOCK_DT"]
     keys, queries = args["N_KEYS"], args["N_QUERIES"]
+    fp32 = args["q_ptr"].dtype == torch.float32
     kept = []
     for config in configs:
         m, n = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"]
+        shape = (m, n, config.num_warps, config.num_stages)
+        if fp32:  # only the spill-free fp32 shape for this width (see _FP32_SHAPES)
+            if shape == heuristic_shape(width, keys, fp32=True):
+                kept.append(config)
+            continue
+        if shape in _FP32_SHAPES:
+            continue
         if width > 128 and (n > 64 or (m == 128 and config.num_warps == 4)):
             continue  # registers: a 128 x (>128) fp32 accumulator needs 8 warps, short K blocks
         if n > max(32, triton.next_power_of_2(keys)):
@@ -77,7 +91,7 @@ def _prune(configs, named_args, **kwargs):
             continue
         kept.append(config)
     if os.environ.get("FASTDIFF_AUTOTUNE", "1") == "0" or not kept:
-        wanted = heuristic_shape(width, keys)
+        wanted = heuristic_shape(width, keys, fp32)
         chosen = [
             c
             for c in configs

@@ -222,6 +222,9 @@ def split_reduction(
         tiles_per_split,
         BLOCK_C=block_c,
         BLOCK_S=block_s,
+        # Two fp32 accumulators of a 4096-element tile: at 4 warps (64 values per thread) the NCHW
+        # fp16 variant spilled 8 bytes with sm_90's ptxas (benchmarks/triton_sm90.py).
+        num_warps=8,
     )
     block_cg = max(2, triton.next_power_of_2(per_group))
     block_split = max(2, min(triton.next_power_of_2(splits), max(2, 4096 // block_cg)))

@@ -1,0 +1,315 @@
+"""Compile every Triton kernel for an H100/H200 (sm_90) on a machine without a GPU, and report
+what the compiler says about each: registers, spills, shared memory, and the matrix instructions.
+
+The launchers in ``kernels/`` run as they would on a GPU, on CPU tensors of the real shapes and
+dtypes, with Triton's driver replaced by one that names an sm_90 target: Triton specialises and
+compiles each launch exactly as it would there (tensor alignment, integer divisibility,
+constexprs, the heuristic configs), and the launch itself is skipped. ``ptxas -v`` (shipped with
+Triton) gives the resource figures and ``cuobjdump -sass`` the instruction mix: a dot kernel whose
+SASS has no ``HGMMA`` (wgmma) runs on Hopper's slower ``HMMA`` path.
+
+This is the Triton counterpart of ``csrc/check_compile.sh``: it catches kernels that the CPU
+interpreter runs but the GPU compiler rejects (bfloat16 above all, which the interpreter cannot
+run), before a GPU session spends device time on them. The Triton here may be newer than the GPU
+machine's, so a pass is strong evidence, not proof.
+
+    python benchmarks/triton_sm90.py            # every SD shape, all dtypes (a few minutes)
+    python benchmarks/triton_sm90.py --quick    # one shape per kernel family (CI)
+    python benchmarks/triton_sm90.py --all-configs   # also every attention autotune config
+
+Exit status 1 when a kernel fails to compile (or a launcher falls back to a slower kernel).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+if os.environ.get("TRITON_INTERPRET", "0") == "1":
+    # Kernels decorated under the interpreter are not compiled: start over without it.
+    os.execve(
+        sys.executable,
+        [sys.executable, *sys.argv],
+        {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"},
+    )
+os.environ["FASTDIFF_AUTOTUNE"] = "0"  # the heuristic config, as gpu_check's tests use
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.runtime import driver  # noqa: E402
+from triton.runtime.jit import JITFunction  # noqa: E402
+
+TARGET = GPUTarget("cuda", 90, 32)
+TOOLS = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+class Sm90Driver:
+    """Just enough of Triton's driver for compilation: the target, a device and a stream id."""
+
+    def get_current_target(self) -> GPUTarget:
+        return TARGET
+
+    def get_current_device(self) -> int:
+        return 0
+
+    def get_current_stream(self, device: int | None = None) -> int:
+        return 0
+
+    def get_active_torch_device(self) -> torch.device:
+        return torch.device("cpu")
+
+
+@dataclass
+class Compiled:
+    case: str
+    kernel: str
+    num_warps: int
+    num_stages: int
+    shared: int
+    registers: int | None = None
+    spilled: int | None = None  # bytes of spill stores
+    hgmma: int | None = None  # wgmma instructions in the SASS (dot kernels only)
+
+
+@contextlib.contextmanager
+def compile_only() -> Iterator[list]:
+    """Inside: Triton launches compile for sm_90 and return without running; yields the list of
+    (kernel name, CompiledKernel) they produced."""
+    produced: list = []
+    original = JITFunction.run
+
+    def run(self, *args, grid, warmup, **kwargs):
+        kernel = original(self, *args, grid=grid, warmup=True, **kwargs)
+        produced.append((self.fn.__name__, kernel))
+        return kernel
+
+    previous = driver._active  # reset_active() would look for a real GPU driver
+    driver.set_active(Sm90Driver())
+    JITFunction.run = run
+    try:
+        yield produced
+    finally:
+        JITFunction.run = original
+        driver._active = previous
+
+
+def ptxas() -> str:
+    """The ptxas Triton itself uses for sm_90 (its bundled one may be too old for its PTX)."""
+    try:
+        from triton.backends.nvidia.compiler import get_ptxas
+
+        return get_ptxas(TARGET.arch).path
+    except Exception:  # another Triton version's API: the bundled binary
+        return str(TOOLS / "ptxas")
+
+
+def resources(kernel) -> tuple[int | None, int | None, int | None]:
+    """(registers, spill-store bytes, HGMMA count) from ptxas -v and cuobjdump -sass."""
+    with tempfile.TemporaryDirectory() as folder:
+        ptx, cubin = Path(folder) / "k.ptx", Path(folder) / "k.cubin"
+        ptx.write_text(kernel.asm["ptx"])
+        cubin.write_bytes(kernel.asm["cubin"])
+        arch = re.search(r"^\.target\s+(\S+)", kernel.asm["ptx"], re.M)
+        info = subprocess.run(
+            [ptxas(), f"-arch={arch.group(1) if arch else 'sm_90a'}", "-v"]
+            + [str(ptx), "-o", str(Path(folder) / "v.cubin")],
+            capture_output=True,
+            text=True,
+        ).stderr
+        sass = subprocess.run(
+            [str(TOOLS / "cuobjdump"), "-sass", str(cubin)], capture_output=True, text=True
+        ).stdout
+    registers = re.search(r"Used (\d+) registers", info)
+    spilled = re.search(r"(\d+) bytes spill stores", info)
+    return (
+        int(registers.group(1)) if registers else None,
+        int(spilled.group(1)) if spilled else None,
+        sass.count("HGMMA") if sass else None,
+    )
+
+
+# ------------------------------------------------------------------------------ the cases
+def group_norm_cases(quick: bool) -> list[tuple[str, Callable[[], object]]]:
+    from fastdiff.kernels.group_norm import group_norm_forward
+
+    shapes = [(2, 1280, 8, 8), (2, 320, 64, 64)]  # the single-pass kernel, the split reduction
+    if not quick:
+        shapes += [(2, 640, 32, 32), (2, 1280, 16, 16), (1, 512, 128, 128), (2, 960, 32, 32)]
+    cases = []
+    for shape in shapes:
+        for name, dtype in DTYPES.items():
+            for nhwc in (False, True):
+                if quick and nhwc and dtype != torch.float16:
+                    continue
+
+                def launch(shape=shape, dtype=dtype, nhwc=nhwc):
+                    x = torch.empty(shape, dtype=dtype)
+                    if nhwc:
+                        x = x.contiguous(memory_format=torch.channels_last)
+                    weight = torch.empty(shape[1], dtype=dtype)
+                    return group_norm_forward(x, 32, weight, weight, 1e-6, True)
+
+                layout = "nhwc" if nhwc else "nchw"
+                cases.append((f"group_norm {'x'.join(map(str, shape))} {layout} {name}", launch))
+    return cases
+
+
+def attention_cases(quick: bool) -> list[tuple[str, Callable[[], object]]]:
+    from fastdiff.kernels.attention import attention_forward
+
+    # (B, H, N, M, D): SD1.5 self at each level and cross (77 keys), SD2/SDXL head dim 64
+    shapes = [(2, 8, 4096, 4096, 40), (2, 8, 4096, 77, 40)]
+    if not quick:
+        shapes += [(2, 8, 1024, 1024, 80), (2, 8, 256, 256, 160), (2, 10, 4096, 4096, 64)]
+        shapes += [(2, 20, 1024, 77, 64), (1, 1, 4096, 4096, 256)]
+    cases = []
+    for batch, heads, queries, keys, dim in shapes:
+        for name, dtype in DTYPES.items():
+            if quick and dtype == torch.float32 and queries != keys:
+                continue
+
+            def launch(b=batch, h=heads, n=queries, m=keys, d=dim, dtype=dtype):
+                q = torch.empty(b, h, n, d, dtype=dtype)
+                k = torch.empty(b, h, m, d, dtype=dtype)
+                return attention_forward(q, k, torch.empty_like(k))
+
+            label = f"attention B{batch} H{heads} N{queries} M{keys} D{dim} {name}"
+            cases.append((label, launch))
+    return cases
+
+
+def row_cases(quick: bool) -> list[tuple[str, Callable[[], object]]]:
+    from fastdiff.kernels.geglu import geglu_forward
+    from fastdiff.kernels.layer_norm import layer_norm_forward
+
+    widths = [320] if quick else [320, 640, 1280, 2048]
+    cases = []
+    for width in widths:
+        for name, dtype in DTYPES.items():
+
+            def norm(width=width, dtype=dtype):
+                x = torch.empty(2, 1024, width, dtype=dtype)
+                weight = torch.empty(width, dtype=dtype)
+                return layer_norm_forward(x, weight, weight, 1e-5)
+
+            def gate(width=width, dtype=dtype):
+                return geglu_forward(torch.empty(2, 1024, 2 * 4 * width, dtype=dtype))
+
+            cases += [(f"layer_norm 2x1024x{width} {name}", norm)]
+            cases += [(f"geglu 2x1024x{2 * 4 * width} {name}", gate)]
+    return cases
+
+
+def sampler_step_cases(quick: bool) -> list[tuple[str, Callable[[], object]]]:
+    from fastdiff.kernels.sampler_step import sampler_step_forward
+
+    cases = []
+    for name, dtype in DTYPES.items():
+        variants = [(True, True, True)] if quick else [(c, s, n) for c in (0, 1) for s in (0, 1)
+                                                       for n in (0, 1)]  # fmt: skip
+        for cfg, on_device, noise in variants:
+
+            def launch(dtype=dtype, cfg=cfg, on_device=on_device, noise=noise):
+                x = torch.empty(2, 4, 64, 64, dtype=dtype)
+                model = torch.empty(4 if cfg else 2, 4, 64, 64, dtype=dtype)
+                table = torch.empty(20, 7, dtype=torch.float32)
+                step = torch.zeros((), dtype=torch.int64) if on_device else None
+                guidance = torch.empty((), dtype=torch.float32) if on_device else None
+                return sampler_step_forward(
+                    x,
+                    model,
+                    table if on_device else table[0],
+                    step,
+                    torch.empty_like(x),
+                    guidance,
+                    7.5,
+                    torch.empty_like(x) if noise else None,
+                )
+
+            label = f"sampler_step {name} cfg={int(cfg)} device_row={int(on_device)}"
+            cases.append((f"{label} noise={int(noise)}", launch))
+    return cases
+
+
+def all_config_cases() -> list[tuple[str, Callable[[], object]]]:
+    """Every attention autotune config at SD self-attention shapes (the autotuner compiles all
+    of them on the GPU, so each must compile), fp16 and fp32."""
+    import fastdiff.kernels.attention as attention
+
+    cases = []
+    half, full = torch.float16, torch.float32
+    for dim, dtype in ((40, half), (64, half), (160, half), (64, full), (160, full)):
+        shapes = attention._FP32_SHAPES if dtype == full else attention._GPU_SHAPES
+        for shape in shapes:
+
+            def launch(shape=shape, dim=dim, dtype=dtype):
+                saved = attention.heuristic_shape
+                attention.heuristic_shape = lambda *args, **kwargs: shape
+                attention.attention_forward_kernel.cache.clear()  # the per-key config choice
+                try:
+                    q = torch.empty(2, 8, 4096, dim, dtype=dtype)
+                    return attention.attention_forward(q, q, q)
+                finally:
+                    attention.heuristic_shape = saved
+                    attention.attention_forward_kernel.cache.clear()
+
+            name = "fp32" if dtype == torch.float32 else "fp16"
+            cases.append((f"attention D{dim} {name} config {shape}", launch))
+    return cases
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="one shape per kernel family")
+    parser.add_argument("--all-configs", action="store_true", help="every attention config")
+    args = parser.parse_args(argv)
+    cases = group_norm_cases(args.quick) + attention_cases(args.quick)
+    cases += row_cases(args.quick) + sampler_step_cases(args.quick)
+    if args.all_configs:
+        cases += all_config_cases()
+    rows: list[Compiled] = []
+    failures: list[str] = []
+    print(f"triton {triton.__version__}, target sm_{TARGET.arch}")
+    for label, launch in cases:
+        with compile_only() as produced, warnings.catch_warnings():
+            # A launcher that falls back to another kernel after a compile error warns: a failure.
+            warnings.simplefilter("error", RuntimeWarning)
+            try:
+                launch()
+            except Exception as error:  # report every case, then fail
+                failures.append(f"{label}: {type(error).__name__}: {str(error)[:300]}")
+                continue
+        for name, kernel in produced:
+            meta = kernel.metadata
+            row = Compiled(label, name, meta.num_warps, meta.num_stages, meta.shared)
+            row.registers, row.spilled, hgmma = resources(kernel)
+            row.hgmma = hgmma if "attention" in name else None
+            rows.append(row)
+    header = f"{'case':58} {'kernel':34} {'warps':>5} {'stages':>6} {'regs':>5} {'spill B':>7}"
+    print(header + f" {'smem B':>7} {'HGMMA':>5}")
+    for row in rows:
+        print(
+            f"{row.case:58} {row.kernel:34} {row.num_warps:5d} {row.num_stages:6d} "
+            f"{row.registers if row.registers is not None else '?':>5} "
+            f"{row.spilled if row.spilled is not None else '?':>7} {row.shared:7d} "
+            f"{'' if row.hgmma is None else row.hgmma:>5}"
+        )
+    for failure in failures:
+        print("FAILED", failure)
+    print(f"{len(rows)} kernels compiled for sm_90, {len(failures)} cases failed")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
