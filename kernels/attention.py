@@ -11,6 +11,7 @@ two runs as a power-of-two block plus a narrower masked tail (40 = 32 + 16, 80 =
 
 from __future__ import annotations
 
+import inspect
 import math
 import os
 import warnings
@@ -101,10 +102,20 @@ def _prune(configs, named_args, **kwargs):
     return kept
 
 
+def _disk_cache() -> dict:
+    """Keep autotuning results on disk where this Triton can (``cache_results``): the first
+    process on a machine pays the ~5-10 s per new shape measured on an H200, later ones read the
+    winner back (the key covers the GPU target, the kernel source and the pruned configs)."""
+    if "cache_results" in inspect.signature(triton.autotune).parameters:
+        return {"cache_results": True}
+    return {}
+
+
 @triton.autotune(
     configs=_configs(),
     key=["N_QUERIES", "N_KEYS", "HEAD_DIM"],
     prune_configs_by={"early_config_prune": _prune},
+    **_disk_cache(),
 )
 @triton.heuristics({"EVEN_KEYS": lambda args: args["N_KEYS"] % args["BLOCK_N"] == 0})
 @triton.jit
