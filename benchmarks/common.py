@@ -342,6 +342,12 @@ def parse_args(doc: str | None) -> argparse.Namespace:
         default=None,
         help="comma-separated subset of the providers",
     )
+    parser.add_argument(
+        "--skip",
+        type=lambda text: text.split(","),
+        default=(),
+        help="comma-separated providers to leave out (e.g. torch.compile: it compiles per shape)",
+    )
     return parser.parse_args()
 
 
@@ -356,6 +362,7 @@ def run_benchmark(
     if not on_gpu():
         print("   no GPU: eager path only, at reduced shapes (numbers are not kernel timings)")
     chosen = {k: v for k, v in providers.items() if args.providers is None or k in args.providers}
+    chosen = {k: v for k, v in chosen.items() if k not in getattr(args, "skip", ())}
     if not on_gpu():
         chosen = {k: v for k, v in chosen.items() if k in ("eager", "fastdiff")}
     rows = []
