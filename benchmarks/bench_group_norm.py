@@ -12,9 +12,17 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import Workload, parse_args, random, run_benchmark, standard_providers  # noqa: E402
+import fastdiff.kernels.group_norm as group_norm_kernels  # noqa: E402
+from common import (  # noqa: E402
+    Workload,
+    on_gpu,
+    parse_args,
+    random,
+    run_benchmark,
+    standard_providers,
+)
 
-from fastdiff.ops import group_norm  # noqa: E402
+from fastdiff.ops import group_norm, use_backend  # noqa: E402
 from fastdiff.ops.group_norm import group_norm_eager  # noqa: E402
 
 # (batch, channels, height, width): SD1.5 U-Net at 64x64 latents (BASELINES.md), SDXL at 128x128,
@@ -51,6 +59,27 @@ def activation_bytes(inputs) -> float:
     return 2 * inputs[0].numel() * inputs[0].element_size()
 
 
+def forced_kernel(max_group: int):
+    """A provider that runs the triton backend with the single-pass threshold set to
+    ``max_group`` elements: 0 forces the three-launch split reduction, a huge value the one-launch
+    single-pass kernel wherever a group's channels fit it. The default threshold
+    (SINGLE_PASS_MAX_GROUP) was set without a GPU: these two rows show where it should be."""
+
+    def build(inputs):
+        def call():
+            saved = group_norm_kernels.SINGLE_PASS_MAX_GROUP
+            group_norm_kernels.SINGLE_PASS_MAX_GROUP = max_group
+            try:
+                with use_backend("triton"):
+                    return group_norm(*inputs)
+            finally:
+                group_norm_kernels.SINGLE_PASS_MAX_GROUP = saved
+
+        return call
+
+    return build
+
+
 def main() -> None:
     args = parse_args(__doc__)
     shapes = QUICK_SHAPES if args.quick else SHAPES
@@ -58,6 +87,9 @@ def main() -> None:
     if not args.quick:
         workloads.append(workload(SHAPES[0], torch.bfloat16, False))
     providers = standard_providers(group_norm_eager, group_norm, "group_norm")
+    if on_gpu():
+        providers["fastdiff-split"] = forced_kernel(0)
+        providers["fastdiff-single"] = forced_kernel(1 << 40)
     run_benchmark("group_norm_silu", workloads, providers, args)
 
 
