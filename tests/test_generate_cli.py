@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import subprocess
 import sys
@@ -207,3 +208,34 @@ def test_prompts_file_sharded_over_two_gloo_ranks(class_folder, tmp_path):
     )
     written = np.asarray(Image.open(out_dir / "prompt-00003.png"), dtype=np.int16)
     assert np.abs(written - np.asarray(expected, dtype=np.int16)).max() <= 1
+
+
+class _FakeCudaPipeline:
+    device = "cuda"
+
+    def __init__(self):
+        self.optimized = []
+
+    def optimize(self, **options):
+        self.optimized.append(options)
+
+
+@pytest.mark.parametrize("flag, wanted", [((), True), (("--no-optimize",), False)])
+def test_cuda_pipelines_are_optimized_unless_asked_not_to(monkeypatch, flag, wanted):
+    """Without CUDA graphs each Triton launch costs more host time than the eager op it replaces:
+    on CUDA the CLI optimizes the pipeline (in the dtype asked for) unless --no-optimize."""
+    import torch
+
+    from fastdiff.commands import generate as generate_command
+
+    fake = _FakeCudaPipeline()
+    monkeypatch.setattr(Pipeline, "from_pretrained", staticmethod(lambda *a, **k: fake))
+    parser = argparse.ArgumentParser()
+    generate_command.add_parser(parser.add_subparsers())
+    argv = ["generate", "--model", "m", "--prompt", "p", "--dtype", "bf16", *flag]
+    args = parser.parse_args(argv)
+    assert generate_command.load_pipeline(args, torch.device("cuda")) is fake
+    assert fake.optimized == ([{"dtype": torch.bfloat16, "verbose": True}] if wanted else [])
+    fake.optimized.clear()
+    generate_command.load_pipeline(args, torch.device("cpu"))  # no CUDA: nothing to optimize
+    assert fake.optimized == []

@@ -74,11 +74,20 @@ def add_parser(subparsers) -> None:
         default=None,
         help="weights dtype (default: fp16 on CUDA, fp32 on CPU)",
     )
+    parser.add_argument(
+        "--no-optimize",
+        dest="optimize",
+        action="store_false",
+        help="on CUDA, skip pipe.optimize() (CUDA graphs, channels-last, fused QKV, kernels; its "
+        "warm-up is seconds once Triton's caches are warm): run the plain eager pipeline",
+    )
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     parser.set_defaults(handler=run)
 
 
-def load_pipeline(args, device: torch.device):
+def load_pipeline(args, device: torch.device, verbose: bool = True):
+    """The pipeline in the chosen dtype; on CUDA optimized (unless --no-optimize): without CUDA
+    graphs each Triton kernel launch costs more host time than the eager op it replaces."""
     from fastdiff.pipeline import Pipeline
 
     dtype = (
@@ -86,7 +95,10 @@ def load_pipeline(args, device: torch.device):
         if args.dtype
         else (torch.float16 if device.type == "cuda" else torch.float32)
     )
-    return Pipeline.from_pretrained(args.model, device=device, dtype=dtype)
+    pipe = Pipeline.from_pretrained(args.model, device=device, dtype=dtype)
+    if device.type == "cuda" and getattr(args, "optimize", True):
+        pipe.optimize(dtype=dtype, verbose=verbose)
+    return pipe
 
 
 def generate_one(pipe, args, text: str, seed: int):
@@ -182,7 +194,7 @@ def generate_shard(args, mine: list[tuple[int, str]], context) -> tuple[list, li
     from fastdiff.pipeline.images import save_image_atomic
 
     try:
-        pipe = load_pipeline(args, context.device)
+        pipe = load_pipeline(args, context.device, verbose=context.is_main)
     except Exception as error:  # this rank cannot work at all: report all of its prompts
         return [], [(index, context.rank, f"loading the model: {error}") for index, _ in mine]
     written, failures = [], []
