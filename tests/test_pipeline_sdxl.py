@@ -89,3 +89,27 @@ def test_sdxl_vae_stays_fp32_when_loaded_in_fp16(sdxl_folder):
     assert pipe.dtype == torch.float16
     assert next(pipe.vae.parameters()).dtype == torch.float32
     assert pipe.prompt_encoder.dtype == torch.float16
+
+
+def test_sdxl_optimize_keeps_the_vae_fp32(sdxl_folder, monkeypatch):
+    """optimize() casts the models to fp16 on CUDA (fastdiff generate calls it): the SDXL VAE
+    must stay fp32 there too, or real SDXL images decode to NaN (black)."""
+    import importlib
+
+    runtime_optimize = importlib.import_module("fastdiff.runtime.optimize")  # the module
+    casts = []
+    monkeypatch.setattr(
+        runtime_optimize,
+        "prepare_module",
+        lambda module, name, report, dtype, *args: casts.append((name, dtype)),
+    )
+    pipe = Pipeline.from_pretrained(sdxl_folder)
+    monkeypatch.setattr(type(pipe), "device", property(lambda self: torch.device("cuda")))
+    for options in ({}, {"dtype": torch.bfloat16}, {"vae_dtype": torch.bfloat16}):
+        casts.clear()
+        runtime_optimize.optimize(pipe, verbose=False, cuda_graphs=False, kernels=False, **options)
+        unet_dtype = options.get("dtype", torch.float16)
+        vae_dtype = options.get("vae_dtype", torch.float32 if unet_dtype == torch.float16 else None)
+        assert casts == [("unet", unet_dtype), ("vae", vae_dtype or unet_dtype)]
+    assert pipe.vae_dtype_for(torch.float16) == torch.float32
+    assert pipe.vae_dtype_for(torch.bfloat16) == torch.bfloat16

@@ -25,7 +25,7 @@ from fastdiff.pipeline.conditioning import (
 )
 from fastdiff.pipeline.denoising import img2img_start_step, run_sampler
 from fastdiff.pipeline.text_encoding import PromptEncoder
-from fastdiff.pipeline.vae_scaling import from_vae_latents, to_vae_latents
+from fastdiff.pipeline.vae_scaling import from_vae_latents, to_vae_latents, vae_run_dtype
 from fastdiff.sampling import SAMPLERS, NoiseSchedule, classifier_free_guidance
 
 OUTPUT_TYPES = ("pil", "tensor", "latent")
@@ -51,12 +51,8 @@ class Pipeline:
         self.class_names = class_names
         self.force_zeros_for_empty_prompt = force_zeros_for_empty_prompt
         self.vae_scale_factor = 2 ** (len(vae.config["block_out_channels"]) - 1)
-        if (
-            unet.config.get("addition_embed_type") == "text_time"
-            and vae.config.get("force_upcast", False)
-            and next(vae.parameters()).dtype == torch.float16
-        ):
-            # The SDXL VAE overflows in fp16 (its config says force_upcast): run it in fp32.
+        vae_dtype = next(vae.parameters()).dtype
+        if self.vae_dtype_for(vae_dtype) != vae_dtype:
             vae.to(torch.float32)
         num_class_embeds = unet.config.get("num_class_embeds")
         if num_class_embeds is not None and null_class_label is None:
@@ -243,6 +239,11 @@ class Pipeline:
         vae_dtype = next(self.vae.parameters()).dtype
         posterior = self.vae.encode(pixels.to(device=self.device, dtype=vae_dtype))
         return from_vae_latents(posterior.sample(generator), self.vae.config)
+
+    def vae_dtype_for(self, dtype: torch.dtype | None) -> torch.dtype | None:
+        """The dtype the VAE runs in when the models are cast to ``dtype`` (float32 for the
+        SDXL VAE instead of float16: see ``vae_run_dtype``)."""
+        return vae_run_dtype(self.unet.config, self.vae.config, dtype)
 
     def optimize(self, **options: Any):
         """Prepare this pipeline for speed in place (fp16, channels-last, fused QKV, Triton

@@ -13,6 +13,19 @@ from typing import Any
 import torch
 
 
+def vae_run_dtype(unet_config, vae_config, dtype: torch.dtype | None) -> torch.dtype | None:
+    """The dtype the VAE runs in when the models are cast to ``dtype``: float32 instead of
+    float16 for SDXL, whose VAE overflows in fp16 (its config says ``force_upcast``), as diffusers'
+    StableDiffusionXLPipeline upcasts it."""
+    if (
+        dtype == torch.float16
+        and unet_config.get("addition_embed_type") == "text_time"
+        and vae_config.get("force_upcast", False)
+    ):
+        return torch.float32
+    return dtype
+
+
 @functools.cache
 def _device_stats(values: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     # Built once per (values, dtype, device) and never freed: the decoder runs inside a captured

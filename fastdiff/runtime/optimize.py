@@ -345,6 +345,12 @@ def optimize(
     else:
         torch.backends.cudnn.benchmark = True  # pick the fastest NHWC conv algorithm per shape
         report.applied.append("cudnn.benchmark = True")
+    vae_dtype_for = getattr(pipe, "vae_dtype_for", None)
+    if vae_dtype is None and dtype is not None and vae_dtype_for is not None:
+        # The SDXL VAE overflows in fp16 (force_upcast in its config): keep it in float32.
+        vae_dtype = vae_dtype_for(dtype)
+        if vae_dtype != dtype:
+            report.applied.append(f"vae: {str(vae_dtype).replace('torch.', '')} (force_upcast)")
     prepare_module(pipe.unet, "unet", report, dtype, channels_last, fuse_qkv)
     vae_nhwc = channels_last if vae_channels_last is None else (vae_channels_last and on_cuda)
     prepare_module(pipe.vae, "vae", report, vae_dtype or dtype, vae_nhwc, fuse_qkv)
