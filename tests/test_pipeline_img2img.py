@@ -125,3 +125,29 @@ def test_img2img_bad_inputs(pipe, init_image, kwargs, message):
     kwargs = {"image": init_image, "num_inference_steps": 4, **kwargs}
     with pytest.raises(ValueError, match=message):
         pipe("a cat", progress=False, **kwargs)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("sampler,eta", [("ddpm", 0.0), ("ddim", 1.0)])
+def test_cpu_generator_drives_stochastic_samplers_on_cuda(sd_folder, init_image, sampler, eta):
+    """A CPU generator (diffusers' reproducibility idiom) with CUDA latents: the eager loop draws
+    the step noise on the generator's device, for text-to-image and for img2img alike."""
+    pipe = Pipeline.from_pretrained(sd_folder, device="cuda")
+    for image in (None, init_image):
+        outputs = [
+            pipe(
+                prompt="a red cat",
+                image=image,
+                num_inference_steps=4,
+                sampler=sampler,
+                eta=eta,
+                generator=torch.Generator().manual_seed(seed),
+                output_type="latent",
+                progress=False,
+            )
+            for seed in (0, 0, 1)
+        ]
+        assert outputs[0].device.type == "cuda"
+        torch.testing.assert_close(outputs[0], outputs[1], atol=0, rtol=0)
+        assert not torch.equal(outputs[0], outputs[2])

@@ -86,11 +86,8 @@ def run_sampler(
         x_start = schedule.add_noise(init_latents, noise, t_start)
     elif start_step != 0:
         raise ValueError("start_step needs init_latents (img2img)")
-    if plan.stochastic and generator is not None and generator.device != noise.device:
-        raise ValueError(
-            f"sampler {sampler!r} draws noise on {noise.device} but the generator is on "
-            f"{generator.device}; create it with torch.Generator(device={str(noise.device)!r})"
-        )
+    # A generator on another device is fine: run_plan draws the step noise where the generator
+    # lives and moves it (a CPU generator gives the same images on every device).
     with tqdm(total=len(plan), desc="sampling", disable=not progress, leave=False) as bar:
         return run_plan(
             model_fn, x_start, plan, generator=generator, callback=lambda *_: bar.update(1)
