@@ -11,12 +11,19 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
 
 T = TypeVar("T")
+
+# How long a rank waits in the final gather for the others. torch's default (30 min for gloo) is
+# shorter than a large prompt file takes: a rank that failed to load the model, or got the last,
+# shorter share, would time out there, exit non-zero, and torchrun would stop the ranks still
+# generating. The gather is the only collective, so a long wait blocks nothing else.
+GATHER_TIMEOUT = timedelta(days=7)
 
 
 @dataclass
@@ -69,8 +76,10 @@ def init_distributed(device: str | None = None) -> DistributedContext:
         run_device = torch.device("cpu")
     backend = "nccl" if use_cuda else "gloo"
     if not dist.is_initialized():
-        dist.init_process_group(backend=backend, rank=rank, world_size=world_size)
-    object_group = dist.new_group(backend="gloo") if backend != "gloo" else None
+        dist.init_process_group(
+            backend=backend, rank=rank, world_size=world_size, timeout=GATHER_TIMEOUT
+        )
+    object_group = dist.new_group(backend="gloo", timeout=GATHER_TIMEOUT)
     return DistributedContext(rank, world_size, local_rank, run_device, backend, object_group)
 
 

@@ -41,3 +41,32 @@ def test_device_choice_is_checked():
     with pytest.raises(ValueError, match="device must be 'cpu' or 'cuda', got 'tpu'"):
         parallel.init_distributed("tpu")
     assert parallel.wants_cuda("cpu") is False
+
+
+def test_nccl_context_binds_local_rank_and_gathers_over_gloo_without_a_short_timeout(monkeypatch):
+    """The nccl path (never run on CPU otherwise): GPU LOCAL_RANK is made current before the
+    group starts, objects travel over a gloo group, and neither group keeps torch's 30-minute
+    default, which a rank that finished (or failed) early would hit waiting for the others."""
+    from datetime import timedelta
+
+    import torch
+
+    calls = {}
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda index: calls.setdefault("device", index))
+    monkeypatch.setattr(parallel.dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(
+        parallel.dist, "init_process_group", lambda **kwargs: calls.setdefault("init", kwargs)
+    )
+    monkeypatch.setattr(
+        parallel.dist, "new_group", lambda **kwargs: calls.setdefault("group", kwargs)
+    )
+    context = parallel.init_distributed()
+    assert calls["device"] == 1 and context.device == torch.device("cuda", 1)
+    assert (context.rank, context.world_size, context.backend) == (3, 4, "nccl")
+    assert calls["init"]["backend"] == "nccl" and calls["group"]["backend"] == "gloo"
+    assert calls["init"]["timeout"] >= timedelta(hours=24)
+    assert calls["group"]["timeout"] >= timedelta(hours=24)
