@@ -248,3 +248,21 @@ def test_cuda_fp16_pipeline_matches_cpu_fp32(sd_folder, pipe):
         "a cat", sampler="ddpm", seed=1, num_inference_steps=2, output_type="latent", progress=False
     )
     assert first.device.type == "cuda" and torch.equal(first, again)
+
+
+def test_fp16_text_encoder_file_loads_float32_without_a_dtype(sd_folder, tmp_path):
+    """Many SD folders store fp16 weights under the default file names, and transformers 5 loads
+    a model in its file's dtype: with no dtype asked for, the text encoder must still be float32
+    like the U-Net and VAE (fp16 CLIP on the CPU is slow and its embeddings differ)."""
+    import shutil
+
+    import transformers
+
+    folder = tmp_path / "fp16-files"
+    shutil.copytree(sd_folder, folder)
+    encoder = transformers.CLIPTextModel.from_pretrained(folder / "text_encoder")
+    encoder.half().save_pretrained(folder / "text_encoder")
+    loaded = Pipeline.from_pretrained(folder)
+    assert loaded.dtype == torch.float32 and loaded.prompt_encoder.dtype == torch.float32
+    half = Pipeline.from_pretrained(folder, dtype=torch.float16)
+    assert half.prompt_encoder.dtype == torch.float16

@@ -61,6 +61,9 @@ def load_text_component(
     except OSError as error:
         raise FileNotFoundError(f"cannot load {class_name} from {folder}: {error}") from error
     if isinstance(component, torch.nn.Module):
+        # transformers 5 loads in the file's dtype ("auto"); with no dtype asked for, float32
+        # like the U-Net and VAE, not fp16 because the folder happens to store fp16 weights.
+        dtype = dtype or torch.float32
         component = component.to(device=device, dtype=dtype).eval().requires_grad_(False)
     return component
 
