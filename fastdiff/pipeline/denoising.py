@@ -58,6 +58,28 @@ def plan_from_step(plan: SamplingPlan, start_step: int) -> SamplingPlan:
     )
 
 
+def start_state(
+    plan: SamplingPlan,
+    schedule: NoiseSchedule,
+    noise: torch.Tensor,
+    init_latents: torch.Tensor | None,
+    start_step: int,
+) -> tuple[SamplingPlan, torch.Tensor]:
+    """(plan, initial state): the whole plan from ``noise``, or for img2img the rows from
+    ``start_step`` on, starting from ``init_latents`` forward-diffused to that step."""
+    if init_latents is None:
+        if start_step != 0:
+            raise ValueError("start_step needs init_latents (img2img)")
+        return plan, noise
+    if init_latents.shape != noise.shape:
+        raise ValueError(
+            f"init latents shape {tuple(init_latents.shape)} != noise shape {tuple(noise.shape)}"
+        )
+    plan = plan_from_step(plan, start_step)
+    t_start = plan.timesteps[:1].expand(noise.shape[0]).to(noise.device)
+    return plan, schedule.add_noise(init_latents, noise, t_start)
+
+
 def run_sampler(
     model_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     noise: torch.Tensor,
@@ -74,18 +96,7 @@ def run_sampler(
     """Sample from unit-variance ``noise``; with ``init_latents`` (img2img) start at plan step
     ``start_step`` from the forward-diffused init latents instead. Returns the final latents."""
     plan = make_plan(schedule, sampler=sampler, steps=steps, eta=eta)
-    x_start = noise
-    if init_latents is not None:
-        if init_latents.shape != noise.shape:
-            raise ValueError(
-                f"init latents shape {tuple(init_latents.shape)} != noise shape "
-                f"{tuple(noise.shape)}"
-            )
-        plan = plan_from_step(plan, start_step)
-        t_start = plan.timesteps[:1].expand(noise.shape[0]).to(noise.device)
-        x_start = schedule.add_noise(init_latents, noise, t_start)
-    elif start_step != 0:
-        raise ValueError("start_step needs init_latents (img2img)")
+    plan, x_start = start_state(plan, schedule, noise, init_latents, start_step)
     # A generator on another device is fine: run_plan draws the step noise where the generator
     # lives and moves it (a CPU generator gives the same images on every device).
     with tqdm(total=len(plan), desc="sampling", disable=not progress, leave=False) as bar:

@@ -109,7 +109,7 @@ class OptimizedRuntime:
     """The fast stages attached to a pipeline: ``denoise`` and ``decode_latents`` replacements.
 
     Stages fall back to the pipeline's own eager methods for what graphs do not cover
-    (guidance rescale, img2img starts) and say so once.
+    (guidance rescale) and say so once; img2img runs the plan's remaining rows in the graphs.
     """
 
     attached: bool = False  # True once the pipeline's stages call this runtime
@@ -188,11 +188,17 @@ class OptimizedRuntime:
         if guidance_rescale != 0.0:
             self.fallback("guidance_rescale != 0 needs a per-sample std (not in the fused step)")
             return self.eager_denoise(conditioning, noise, **eager_args)
-        if init_latents is not None or start_step != 0:
-            self.fallback("img2img starts part-way down the plan")
-            return self.eager_denoise(conditioning, noise, **eager_args)
         plan, timesteps, coefficients = self.device_plan(sampler, steps, eta, noise.device)
-        call = build_call(plan, conditioning, noise, guidance_scale, generator)
+        x_start = noise
+        if init_latents is not None or start_step != 0:
+            from fastdiff.pipeline.denoising import start_state  # the eager loop's own rule
+
+            # img2img: the plan's rows from start_step on, from the noised init latents. The
+            # coefficients live in device buffers, so the same graphs replay them.
+            plan, x_start = start_state(plan, self.pipe.schedule, noise, init_latents, start_step)
+            timesteps = plan.timesteps.to(noise.device)
+            coefficients = plan.coefficients.to(device=noise.device, dtype=torch.float32)
+        call = build_call(plan, conditioning, x_start, guidance_scale, generator)
         call.timesteps, call.coefficients = timesteps, coefficients
         start = time.perf_counter()
         with self.on_device(noise.device), self.ops_backend(), torch.no_grad():

@@ -216,6 +216,26 @@ def test_default_optimize_loop_and_step_graphs_within_tolerance(sampler, steps, 
     assert entry.key.kind == ("loop" if steps <= 8 else "step")
 
 
+@pytest.mark.parametrize("sampler, steps, start_step", [("ddim", 10, 4), ("euler", 14, 3)])
+def test_default_optimize_img2img_within_tolerance(sampler, steps, start_step):
+    """img2img through the graphs: the plan's remaining rows from the noised init latents."""
+    pipe = tiny_pipeline(device="cuda")
+    cond, x_T = conditioning(), torch.randn(1, 4, 16, 16, device="cuda")
+    init = torch.randn(1, 4, 16, 16, device="cuda")
+    kwargs = dict(guidance_scale=6.0, sampler=sampler, steps=steps, start_step=start_step)
+    with torch.no_grad(), use_backend("eager"):
+        reference = pipe.denoise(cond, x_T, init_latents=init, progress=False, **kwargs)
+        pipe.unet.half()
+        eager_fp16 = pipe.denoise(
+            half_conditioning(cond), x_T.half(), init_latents=init.half(), progress=False, **kwargs
+        )
+    pipe.unet.float()
+    rt = runtime.optimize(pipe, dtype=torch.float16, verbose=False)
+    got = pipe.denoise(half_conditioning(cond), x_T.half(), init_latents=init.half(), **kwargs)
+    assert torch.isfinite(got).all() and not rt.fallback_reasons
+    assert max_error(got, reference) <= 2 * max_error(eager_fp16, reference) + 1e-2
+
+
 def test_default_optimize_vae_decode_graph_within_tolerance():
     pipe = tiny_pipeline(device="cuda")
     latents = [torch.randn(1, 4, 16, 16, device="cuda") for _ in range(2)]

@@ -53,3 +53,27 @@ def test_ops_backend_is_part_of_the_graph_key(other):
         captured = denoiser.key_for(call)
     with use_backend(other):
         assert denoiser.key_for(call) != captured
+
+
+@pytest.mark.parametrize(
+    "sampler, steps, start_step, eta",
+    [("ddim", 6, 2, 0.0), ("dpmpp_2m", 6, 3, 0.0), ("euler", 14, 4, 0.0), ("ddpm", 10, 5, 0.0)],
+)
+def test_img2img_runs_the_remaining_rows_in_graphs(pipe, sampler, steps, start_step, eta):
+    """img2img starts part-way down the plan: the runtime replays the remaining rows (loop graph
+    for short remainders, step graph for long ones) and equals the eager loop."""
+    cond, x_T = conditioning(True), torch.randn(1, 4, 8, 8)
+    init = torch.randn(1, 4, 8, 8)
+    kwargs = dict(guidance_scale=5.0, sampler=sampler, steps=steps, eta=eta)
+    kwargs.update(init_latents=init, start_step=start_step)
+    with torch.no_grad():
+        want = pipe.denoise(
+            cond, x_T, generator=torch.Generator().manual_seed(3), progress=False, **kwargs
+        )
+    rt = runtime.optimize(pipe, backend=RecordingGraphBackend(), verbose=False)
+    for _ in range(2):  # capture, then a pure replay
+        got = pipe.denoise(cond, x_T, generator=torch.Generator().manual_seed(3), **kwargs)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert not rt.fallback_reasons and rt.cache.stats.captures == 1
+    (entry,) = rt.cache.entries.values()
+    assert entry.key.kind == ("loop" if steps - start_step <= 8 else "step")
