@@ -23,6 +23,7 @@ import torch
 from fastdiff.ops.backend import requested_backend
 from fastdiff.runtime.graphs import EagerReplay, GraphCache, GraphEntry, GraphKey
 from fastdiff.runtime.plan_step import apply_plan_step
+from fastdiff.sampling.guidance import combine_guidance
 
 # Plan rows held by step-graph buffers: any plan up to this many steps reuses the same graph.
 STEP_GRAPH_CAPACITY = 1000
@@ -55,6 +56,7 @@ class DenoiseCall:
     cond: dict[str, torch.Tensor]  # batched [uncond; cond] when guidance_scale is not None
     guidance_scale: float | None
     noise: torch.Tensor | None  # [S, B, C, H, W], rows for steps without noise may be zero
+    guidance_rescale: float = 0.0  # phi of Lin et al. 2023 (guided calls only); part of the key
 
     @property
     def steps(self) -> int:
@@ -71,10 +73,13 @@ def denoise_body(
     channels_last: bool,
     guidance: bool,
     noise_per_step: bool,
+    guidance_rescale: float = 0.0,
 ) -> None:
     """One sampler step on ``buffers``: U-Net (batched [uncond; cond]), CFG, plan update.
 
-    No host synchronisation: plan row, timestep and noise row are selected on the device.
+    No host synchronisation: plan row, timestep and noise row are selected on the device. With
+    ``guidance_rescale`` the CFG combine and rescale (per-sample std, on the device) run before
+    the fused step, which then takes the guided output as an unguided model output.
     """
     step = buffers.step
     x_in = buffers.x * buffers.coefficients.index_select(0, step)[0, 0]
@@ -91,13 +96,18 @@ def denoise_body(
         noise = buffers.noise.index_select(0, row)[0]
         if channels_last:  # index_select returns NCHW; the fused step wants one layout
             noise = noise.contiguous(memory_format=torch.channels_last)
+    guidance_scale = buffers.guidance_scale if guidance else None
+    if guidance and guidance_rescale > 0.0:
+        uncond, cond = model_out.float().chunk(2)
+        model_out = combine_guidance(uncond, cond, buffers.guidance_scale, guidance_rescale)
+        guidance_scale = None
     apply_plan_step(
         buffers.x,
         model_out,
         buffers.x0_prev,
         buffers.coefficients,
         step,
-        buffers.guidance_scale if guidance else None,
+        guidance_scale,
         noise,
     )
     step.add_(1)
@@ -188,6 +198,7 @@ class GraphedDenoiser:
                 int(channels),
                 cond,
                 call.noise is not None,
+                call.guidance_rescale if call.guidance_scale is not None else 0.0,
                 requested_backend(),  # a graph replays the kernels chosen when it was captured
                 *self.key_extra,
             ),
@@ -212,6 +223,7 @@ class GraphedDenoiser:
                     self.channels_last,
                     key.guidance,
                     noise_per_step=whole_loop,
+                    guidance_rescale=call.guidance_rescale if key.guidance else 0.0,
                 )
 
         def prepare() -> None:

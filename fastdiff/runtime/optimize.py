@@ -108,8 +108,9 @@ def ops_backend(kernels: bool = True):
 class OptimizedRuntime:
     """The fast stages attached to a pipeline: ``denoise`` and ``decode_latents`` replacements.
 
-    Stages fall back to the pipeline's own eager methods for what graphs do not cover
-    (guidance rescale) and say so once; img2img runs the plan's remaining rows in the graphs.
+    Every denoising call runs in the graphs: text-to-image, img2img (the plan's remaining rows)
+    and guidance rescale (combined on the device before the fused step). A shape whose capture
+    fails runs eagerly, and the runtime says so once (``graph_report``).
     """
 
     attached: bool = False  # True once the pipeline's stages call this runtime
@@ -138,7 +139,6 @@ class OptimizedRuntime:
             max_loop_steps=max_loop_steps,
         )
         self.decoder = GraphedCall(self.eager_decode_latents, self.cache, kind="vae")
-        self.fallback_reasons: set[str] = set()
         self.plans: dict[tuple, tuple] = {}
         self.last_call_seconds: float | None = None
 
@@ -152,11 +152,6 @@ class OptimizedRuntime:
         if device.type != "cuda":
             return contextlib.nullcontext()
         return torch.cuda.device(device)
-
-    def fallback(self, reason: str) -> None:
-        if reason not in self.fallback_reasons:
-            self.fallback_reasons.add(reason)
-            print(f"fastdiff.runtime: {reason}: using the eager denoising loop")
 
     def denoise(
         self,
@@ -174,20 +169,8 @@ class OptimizedRuntime:
         progress: bool = True,
     ) -> torch.Tensor:
         """Same contract as ``Pipeline.denoise``; runs the plan through captured graphs."""
-        eager_args = dict(
-            guidance_scale=guidance_scale,
-            guidance_rescale=guidance_rescale,
-            sampler=sampler,
-            steps=steps,
-            eta=eta,
-            generator=generator,
-            init_latents=init_latents,
-            start_step=start_step,
-            progress=progress,
-        )
-        if guidance_rescale != 0.0:
-            self.fallback("guidance_rescale != 0 needs a per-sample std (not in the fused step)")
-            return self.eager_denoise(conditioning, noise, **eager_args)
+        if not 0.0 <= guidance_rescale <= 1.0:
+            raise ValueError(f"guidance_rescale must lie in [0, 1], got {guidance_rescale}")
         plan, timesteps, coefficients = self.device_plan(sampler, steps, eta, noise.device)
         x_start = noise
         if init_latents is not None or start_step != 0:
@@ -199,6 +182,7 @@ class OptimizedRuntime:
             timesteps = plan.timesteps.to(noise.device)
             coefficients = plan.coefficients.to(device=noise.device, dtype=torch.float32)
         call = build_call(plan, conditioning, x_start, guidance_scale, generator)
+        call.guidance_rescale = float(guidance_rescale)
         call.timesteps, call.coefficients = timesteps, coefficients
         start = time.perf_counter()
         with self.on_device(noise.device), self.ops_backend(), torch.no_grad():

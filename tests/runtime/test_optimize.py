@@ -9,6 +9,7 @@ import torch
 import fastdiff.runtime as runtime
 from fastdiff.pipeline.conditioning import Conditioning
 from fastdiff.sampling import make_plan, run_plan
+from tests.runtime.fake_graph import RecordingGraphBackend
 
 
 def text_conditioning(batch=1, tokens=7, width=32, guided=True, text_time=False):
@@ -95,20 +96,23 @@ def test_unguided_and_text_time_conditioning(sdxl_pipe):
     assert not key.guidance and key.batch == 2
 
 
-def test_guidance_rescale_falls_back_to_eager(pipe, capsys):
+@pytest.mark.parametrize("steps", [3, 12])  # whole-loop graph, step graph
+def test_guidance_rescale_runs_in_the_graphs(pipe, steps):
+    """Lin et al. 2023's rescale needs per-sample stds: computed on the device in the graph body,
+    before the fused step, and equal to the eager loop; phi is part of the graph key."""
     conditioning = text_conditioning()
     x_T = torch.randn(1, 4, 8, 8)
+    kwargs = dict(guidance_scale=5.0, steps=steps, progress=False)
     with torch.no_grad():
-        want = pipe.denoise(
-            conditioning, x_T, guidance_scale=5.0, guidance_rescale=0.7, steps=3, progress=False
-        )
-    rt = runtime.optimize(pipe, backend=runtime.EagerGraphBackend(), verbose=False)
-    got = pipe.denoise(
-        conditioning, x_T, guidance_scale=5.0, guidance_rescale=0.7, steps=3, progress=False
-    )
-    torch.testing.assert_close(got, want)
-    assert len(rt.cache) == 0
-    assert "guidance_rescale" in capsys.readouterr().out
+        want = {phi: pipe.denoise(conditioning, x_T, guidance_rescale=phi, **kwargs)
+                for phi in (0.7, 0.3)}  # fmt: skip
+    rt = runtime.optimize(pipe, backend=RecordingGraphBackend(), verbose=False)
+    for phi in (0.7, 0.3, 0.7):
+        got = pipe.denoise(conditioning, x_T, guidance_rescale=phi, **kwargs)
+        torch.testing.assert_close(got, want[phi], rtol=1e-5, atol=1e-5)
+    assert rt.cache.stats.captures == 2 and not rt.denoiser.eager_fallbacks
+    with pytest.raises(ValueError, match="guidance_rescale must lie in"):
+        pipe.denoise(conditioning, x_T, guidance_rescale=1.5, **kwargs)
 
 
 def test_decode_latents_through_graphed_call(pipe):
