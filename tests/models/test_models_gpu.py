@@ -62,8 +62,9 @@ def test_vae_cuda_matches_cpu():
     torch.testing.assert_close(actual.cpu(), expected, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("backend", [None, "auto"])  # the default (triton); optimize()'s choice
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_sd15_shaped_unet_half_channels_last_fused_close_to_fp32(dtype):
+def test_sd15_shaped_unet_half_channels_last_fused_close_to_fp32(dtype, backend):
     with torch.device("cuda"):
         model = UNet2DConditionModel(SD15_CONFIG).eval()
     sample = torch.randn(2, 4, 64, 64, device="cuda")
@@ -78,7 +79,8 @@ def test_sd15_shaped_unet_half_channels_last_fused_close_to_fp32(dtype):
             timestep,
             context.to(dtype),
         )
-        actual = model(*half_inputs)
+        with use_backend(backend):  # auto: per shape the CUDA extension, Triton or SDPA
+            actual = model(*half_inputs)
         with use_backend("eager"):
             eager = model(*half_inputs)
     assert actual.dtype == dtype and torch.isfinite(actual).all()
