@@ -111,3 +111,26 @@ def save_image_atomic(image: Image.Image, path: str | os.PathLike) -> Path:
             os.unlink(temporary)
         raise
     return target
+
+
+def check_size(height: int, width: int, factor: int) -> None:
+    """Image height and width: positive ints, multiples of the VAE's downsampling ``factor``."""
+    for name, value in (("height", height), ("width", width)):
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if value % factor:
+            raise ValueError(
+                f"{name}={value} is not a multiple of the VAE downsampling factor {factor}"
+            )
+
+
+def match_batch(latents: torch.Tensor, prompts: int, num_images: int) -> torch.Tensor:
+    """One init image for every prompt, or one per prompt; then ``num_images`` copies each."""
+    if latents.shape[0] == 1:
+        return latents.expand(prompts * num_images, -1, -1, -1).contiguous()
+    if latents.shape[0] != prompts:
+        raise ValueError(
+            f"got {latents.shape[0]} init images for {prompts} prompts/labels: pass one image "
+            "or one per prompt"
+        )
+    return latents.repeat_interleave(num_images, dim=0)

@@ -3,7 +3,7 @@
 The stages are separate methods so that a faster runtime can replace one without touching the
 others: ``encode_conditioning`` (text or class inputs), ``unet_forward`` (one U-Net call on a
 condition dict), ``build_model_fn`` (the guided model function a sampler calls), ``denoise`` (the
-sampling loop), ``decode_latents`` / ``encode_image`` (the VAE).
+sampling loop), ``decode_latents`` / ``encode_moments`` (the VAE).
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from fastdiff.models.vae import DiagonalGaussian
 from fastdiff.pipeline import images as image_utils
 from fastdiff.pipeline.components import PipelineComponents, load_components
 from fastdiff.pipeline.conditioning import (
@@ -234,10 +235,16 @@ class Pipeline:
         return image_utils.vae_output_to_unit_range(decoded)
 
     @torch.no_grad()
+    def encode_moments(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Images in [-1, 1] -> the encoder's posterior [mean | logvar] (deterministic: the
+        part a faster runtime replaces)."""
+        vae_dtype = next(self.vae.parameters()).dtype
+        return self.vae.encode(pixels.to(device=self.device, dtype=vae_dtype)).parameters
+
+    @torch.no_grad()
     def encode_image(self, pixels: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
         """Images in [-1, 1] -> diffusion latents, sampled from the encoder's Gaussian."""
-        vae_dtype = next(self.vae.parameters()).dtype
-        posterior = self.vae.encode(pixels.to(device=self.device, dtype=vae_dtype))
+        posterior = DiagonalGaussian(self.encode_moments(pixels))
         return from_vae_latents(posterior.sample(generator), self.vae.config)
 
     def vae_dtype_for(self, dtype: torch.dtype | None) -> torch.dtype | None:
@@ -323,13 +330,13 @@ class Pipeline:
             height, width = pixels.shape[2], pixels.shape[3]
         height = self.default_size if height is None else height
         width = self.default_size if width is None else width
-        self.check_size(height, width)
+        image_utils.check_size(height, width, self.vae_scale_factor)
         if self.unet.config.get("addition_embed_type") == "text_time":
             add_time_ids(conditioning, height, width, self.unet.config)
         if image is not None:
             # Encode each given image once (as diffusers does), then pair latents with prompts.
             init_latents = self.encode_image(pixels, generator).to(self.dtype)
-            init_latents = self.match_batch(init_latents, batch // num_images, num_images)
+            init_latents = image_utils.match_batch(init_latents, batch // num_images, num_images)
 
         shape = (
             batch,
@@ -371,27 +378,3 @@ class Pipeline:
         if output_type == "tensor":
             return pixels
         return image_utils.tensor_to_pil(pixels)
-
-    # -- validation helpers -----------------------------------------------------------------
-
-    def check_size(self, height: int, width: int) -> None:
-        factor = self.vae_scale_factor
-        for name, value in (("height", height), ("width", width)):
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
-            if value % factor:
-                raise ValueError(
-                    f"{name}={value} is not a multiple of the VAE downsampling factor {factor}"
-                )
-
-    @staticmethod
-    def match_batch(latents: torch.Tensor, prompts: int, num_images: int) -> torch.Tensor:
-        """One init image for every prompt, or one per prompt; then ``num_images`` copies each."""
-        if latents.shape[0] == 1:
-            return latents.expand(prompts * num_images, -1, -1, -1).contiguous()
-        if latents.shape[0] != prompts:
-            raise ValueError(
-                f"got {latents.shape[0]} init images for {prompts} prompts/labels: pass one image "
-                "or one per prompt"
-            )
-        return latents.repeat_interleave(num_images, dim=0)

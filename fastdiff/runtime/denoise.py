@@ -268,3 +268,36 @@ class GraphedDenoiser:
                     entry.buffers.noise[0].copy_(call.noise[index])
                 entry.replay()
         return entry.buffers.x.clone()
+
+
+def build_call(plan, conditioning, noise: torch.Tensor, guidance_scale: float, generator):
+    """The pipeline's conditioning and noise as a ``DenoiseCall`` ([uncond; cond] batched).
+
+    Noise for stochastic plans is drawn up front in the order, dtype and device the eager loop
+    (``fastdiff.sampling.run_plan``) uses, so a seed gives the same image on both paths.
+    """
+    guided = conditioning.uncond is not None
+    cond = dict(conditioning.cond)
+    if guided:
+        cond = {key: torch.cat([conditioning.uncond[key], value]) for key, value in cond.items()}
+    step_noise = None
+    if plan.stochastic:
+        device = generator.device if generator is not None else noise.device
+        rows = []
+        for std in plan.coefficients[:, 6].tolist():
+            draw = torch.zeros(noise.shape, dtype=noise.dtype, device=noise.device)
+            if std != 0.0:
+                draw = torch.randn(
+                    noise.shape, generator=generator, device=device, dtype=noise.dtype
+                ).to(noise.device)
+            rows.append(draw)
+        step_noise = torch.stack(rows)
+    return DenoiseCall(
+        x_T=noise,
+        timesteps=plan.timesteps,
+        coefficients=plan.coefficients,
+        init_noise_scale=plan.init_noise_scale,
+        cond=cond,
+        guidance_scale=guidance_scale if guided else None,
+        noise=step_noise,
+    )

@@ -26,7 +26,7 @@ import torch
 
 from fastdiff.ops import use_backend
 from fastdiff.ops.backend import requested_backend
-from fastdiff.runtime.denoise import DenoiseCall, GraphedDenoiser
+from fastdiff.runtime.denoise import GraphedDenoiser, build_call
 from fastdiff.runtime.graphed_call import GraphedCall
 from fastdiff.runtime.graphs import CudaGraphBackend, EagerGraphBackend, GraphBackend, GraphCache
 from fastdiff.runtime.memory import format_mib, memory_snapshot
@@ -106,7 +106,8 @@ def ops_backend(kernels: bool = True):
 
 
 class OptimizedRuntime:
-    """The fast stages attached to a pipeline: ``denoise`` and ``decode_latents`` replacements.
+    """The fast stages attached to a pipeline: ``denoise``, ``decode_latents`` and
+    ``encode_moments`` (img2img's encoder) replacements.
 
     Every denoising call runs in the graphs: text-to-image, img2img (the plan's remaining rows)
     and guidance rescale (combined on the device before the fused step). A shape whose capture
@@ -139,6 +140,8 @@ class OptimizedRuntime:
             max_loop_steps=max_loop_steps,
         )
         self.decoder = GraphedCall(self.eager_decode_latents, self.cache, kind="vae")
+        self.eager_encode_moments = pipe.encode_moments
+        self.encoder = GraphedCall(self.eager_encode_moments, self.cache, kind="vae-encode")
         self.plans: dict[tuple, tuple] = {}
         self.last_call_seconds: float | None = None
 
@@ -217,6 +220,15 @@ class OptimizedRuntime:
         with self.on_device(latents.device), self.ops_backend(), torch.no_grad():
             return self.decoder(latents)
 
+    def encode_moments(self, pixels: torch.Tensor) -> torch.Tensor:
+        """img2img's VAE encoder in a graph; the posterior sample stays outside (a seed's
+        draw differs per call)."""
+        vae_dtype = next(self.pipe.vae.parameters()).dtype
+        # Moved outside the graph: a host-to-device copy cannot be captured.
+        pixels = pixels.to(device=self.pipe.device, dtype=vae_dtype)
+        with self.on_device(pixels.device), self.ops_backend(), torch.no_grad():
+            return self.encoder(pixels)
+
     def graph_report(self) -> str:
         rows = self.cache.report()
         stats = self.cache.stats
@@ -230,44 +242,15 @@ class OptimizedRuntime:
             f"{row['replays']} replays"
             for row in rows
         ]
-        failures = {**self.denoiser.eager_fallbacks, **self.decoder.eager_fallbacks}
+        failures = {
+            **self.denoiser.eager_fallbacks,
+            **self.decoder.eager_fallbacks,
+            **self.encoder.eager_fallbacks,
+        }
         lines += [
             f"  eager (capture failed) {key.describe()}: {why}" for key, why in failures.items()
         ]
         return "\n".join(lines)
-
-
-def build_call(plan, conditioning, noise: torch.Tensor, guidance_scale: float, generator):
-    """The pipeline's conditioning and noise as a ``DenoiseCall`` ([uncond; cond] batched).
-
-    Noise for stochastic plans is drawn up front in the order, dtype and device the eager loop
-    (``fastdiff.sampling.run_plan``) uses, so a seed gives the same image on both paths.
-    """
-    guided = conditioning.uncond is not None
-    cond = dict(conditioning.cond)
-    if guided:
-        cond = {key: torch.cat([conditioning.uncond[key], value]) for key, value in cond.items()}
-    step_noise = None
-    if plan.stochastic:
-        device = generator.device if generator is not None else noise.device
-        rows = []
-        for std in plan.coefficients[:, 6].tolist():
-            draw = torch.zeros(noise.shape, dtype=noise.dtype, device=noise.device)
-            if std != 0.0:
-                draw = torch.randn(
-                    noise.shape, generator=generator, device=device, dtype=noise.dtype
-                ).to(noise.device)
-            rows.append(draw)
-        step_noise = torch.stack(rows)
-    return DenoiseCall(
-        x_T=noise,
-        timesteps=plan.timesteps,
-        coefficients=plan.coefficients,
-        init_noise_scale=plan.init_noise_scale,
-        cond=cond,
-        guidance_scale=guidance_scale if guided else None,
-        noise=step_noise,
-    )
 
 
 def optimize(
@@ -320,7 +303,7 @@ def optimize(
     previous = getattr(pipe, "runtime", None)
     if previous is not None:  # optimizing again: start from the pipeline's own stages
         previous.cache.clear()
-        for name in ("denoise", "decode_latents"):
+        for name in ("denoise", "decode_latents", "encode_moments"):
             pipe.__dict__.pop(name, None)
         pipe.runtime = None
     on_cuda = pipe.device.type == "cuda"
@@ -371,6 +354,7 @@ def optimize(
     if attach:
         pipe.denoise = runtime.denoise
         pipe.decode_latents = runtime.decode_latents
+        pipe.encode_moments = runtime.encode_moments
         kind = "CUDA graphs" if isinstance(backend, CudaGraphBackend) else "static-buffer loop"
         if isinstance(backend, EagerGraphBackend):
             kind += " without capture"

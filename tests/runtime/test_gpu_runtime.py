@@ -253,6 +253,23 @@ def test_default_optimize_guidance_rescale_within_tolerance(steps):
     assert max_error(got, reference) <= 2 * max_error(eager_fp16, reference) + 1e-2
 
 
+def test_default_optimize_vae_encoder_graph_within_tolerance():
+    """img2img's encoder (posterior moments) through its graph, fp16 channels-last."""
+    pipe = tiny_pipeline(device="cuda")
+    images = [torch.rand(1, 3, 32, 32, device="cuda") * 2 - 1 for _ in range(2)]
+    with torch.no_grad(), use_backend("eager"):
+        references = [pipe.encode_moments(x) for x in images]
+        pipe.vae.half()
+        eager_fp16 = [pipe.encode_moments(x) for x in images]
+    pipe.vae.float()
+    rt = runtime.optimize(pipe, dtype=torch.float16, verbose=False)
+    for x, reference, half in zip(images, references, eager_fp16, strict=True):
+        got = pipe.encode_moments(x)  # capture, then a replay on new values
+        assert max_error(got, reference) <= 2 * max_error(half, reference) + 1e-2
+    assert not rt.encoder.eager_fallbacks
+    assert rt.cache.stats.captures == 1 and rt.cache.stats.hits == 1
+
+
 def test_default_optimize_vae_decode_graph_within_tolerance():
     pipe = tiny_pipeline(device="cuda")
     latents = [torch.randn(1, 4, 16, 16, device="cuda") for _ in range(2)]
