@@ -113,8 +113,9 @@ for csv_file in "$OUTDIR"/*.csv; do
 done
 
 # ---- model benchmarks (runtime): append below this line --------------------------------------
-# U-Net (SD1.5 b2/b1, SDXL b2), VAE decode, full generation, profile; tests/runtime ran above.
-run models 240 env STEPS="cuda_ext cuda_ext_libs unet_sd15_b2 vae pipeline unet_sdxl_b2 profile" \
+# U-Net (SD1.5 b2, SDXL b2), VAE decode, full generation, profile (SD1.5 b1: run gpu_check_models
+# with STEPS=unet_sd15_b1); tests/runtime ran above. Outer limit: the 210 s budget + plot + kill.
+run models 300 env STEPS="cuda_ext cuda_ext_libs unet_sd15_b2 vae pipeline unet_sdxl_b2 profile" \
     BUDGET=210 bash benchmarks/gpu_check_models.sh "$OUTDIR"
 # ---- end of model benchmarks ------------------------------------------------------------------
 

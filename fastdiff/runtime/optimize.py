@@ -273,9 +273,10 @@ def optimize(
     (``runtime.report`` says what was applied; ``runtime.attached`` whether the pipeline now
     runs through it).
 
-    ``dtype``: weights' dtype (None keeps it); ``vae_dtype`` overrides it for the VAE (SDXL's
-    VAE overflows in fp16: pass torch.float32 or bfloat16 there). ``max_graphs`` bounds the
-    graph cache (LRU); plans of at most ``max_loop_steps`` steps are captured whole.
+    ``dtype``: weights' dtype (None keeps it); ``vae_dtype`` overrides it for the VAE (None:
+    ``dtype``, except float32 for the SDXL VAE under fp16, which overflows there: see
+    ``vae_run_dtype``). ``max_graphs`` bounds the graph cache (LRU); plans of at most
+    ``max_loop_steps`` steps are captured whole.
     ``backend`` overrides how graphs are captured (``EagerGraphBackend()`` runs the same
     static-buffer loop without capture, which is how it is tested on CPU). Without CUDA and
     without ``backend`` nothing but QKV fusion is applied (float32 kept) and the pipeline's
