@@ -69,6 +69,7 @@ run() {
     local left=$(( ${BUDGET:-270} - ($(date +%s) - start_all) ))
     if (( left < 20 )); then
         log "$name: SKIPPED (time budget spent)"
+        FAILED="$FAILED $name(skipped)"
         return 0
     fi
     (( limit > left )) && limit=$left
