@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # GPU check: install fastdiff without network, print versions, run the GPU tests, then every
 # kernel benchmark; logs and CSVs go to OUTDIR (argument, else $OUT, else benchmarks/results).
-#   bash benchmarks/gpu_check.sh [OUTDIR]          # ~8 minutes on an H100/H200 (--quick benches)
+#   bash benchmarks/gpu_check.sh [OUTDIR]          # ~8 minutes, never past TOTAL (570 s)
 #   TEST_JOBS=1 bash benchmarks/gpu_check.sh ...   # GPU test files one at a time (default 4)
 #   TOTAL=900 bash benchmarks/gpu_check.sh ...      # seconds for everything (default 570)
 #   FULL=1 bash benchmarks/gpu_check.sh [OUTDIR]   # all benchmark shapes (longer)
