@@ -12,7 +12,9 @@ from a results CSV). ``preferred_backend(op, key)`` answers, among the op's ``CA
   1. the fastest measured backend for that exact key, among the candidates;
   2. else the fastest for the nearest measured key of the same op, dtype and layout when its
      element count is within 4x (the kernels' relative speed changes slowly with size);
-  3. else ``DEFAULT_BACKEND`` (triton: the default kernel backend, tested everywhere).
+  3. else, for the ops in ``MAJORITY_OPS``, the backend fastest at most of the op's measured
+     keys in that dtype;
+  4. else ``DEFAULT_BACKEND`` (triton: the default kernel backend, tested everywhere).
 A measured winner is only a preference: the op still checks that the chosen backend supports the
 input (``supports_<op>``) and falls back explicitly when it does not.
 """
@@ -61,6 +63,11 @@ def attention_key(q: torch.Tensor, k: torch.Tensor) -> str:
     shape = "x".join(str(size) for size in q.shape)
     return f"{shape}|{DTYPE_NAMES.get(q.dtype, str(q.dtype))}|keys{k.shape[-2]}"
 
+
+# Ops whose shapes with no measurement near them go to the backend that won most of the op's
+# measured shapes (same dtype) rather than to DEFAULT_BACKEND. Attention: both candidates are fast
+# kernels (ours and PyTorch's SDPA), and ours autotunes for seconds at each new shape.
+MAJORITY_OPS = ("attention",)
 
 # Backends each op may be routed to by ``auto``. Attention has one kernel of ours and PyTorch's
 # SDPA (cuDNN / flash) as the eager path, which is itself fast: the table decides between them.
@@ -148,7 +155,27 @@ def preferred_backend(
                 nearest = (distance, choice)
     if nearest is not None:
         return nearest[1]
+    if op in MAJORITY_OPS:
+        winner = _majority(timings, op, key.split("|")[1], candidates)
+        if winner is not None:
+            return winner
     return DEFAULT_BACKEND if DEFAULT_BACKEND in candidates else candidates[0]
+
+
+def _majority(timings, op: str, dtype: str, candidates: Sequence[str]) -> str | None:
+    """The candidate fastest at most measured keys of ``op`` in ``dtype``; None on a tie."""
+    wins: dict[str, int] = {}
+    for full_key, measured in timings.items():
+        parts = full_key.split("|")
+        if parts[0] != op or parts[2] != dtype:
+            continue
+        choice = _fastest(measured, candidates)
+        if choice is not None:
+            wins[choice] = wins.get(choice, 0) + 1
+    ranked = sorted(wins.items(), key=lambda item: -item[1])
+    if not ranked or (len(ranked) > 1 and ranked[0][1] == ranked[1][1]):
+        return None
+    return ranked[0][0]
 
 
 def table_from_rows(device: str, rows: Sequence[tuple[str, str, str, float | None]]) -> dict:

@@ -73,6 +73,35 @@ def test_nearest_measured_shape_of_the_same_dtype_and_layout(table):
     )
 
 
+def test_unmeasured_attention_shapes_follow_the_measured_majority():
+    rows = [
+        ("attention", "2x8x4096x40|fp16|keys4096", "eager", 0.16),
+        ("attention", "2x8x4096x40|fp16|keys4096", "triton", 0.41),
+        ("attention", "2x8x4096x40|fp16|keys77", "eager", 0.015),
+        ("attention", "2x8x4096x40|fp16|keys77", "triton", 0.019),
+        ("attention", "2x20x1024x64|fp16|keys1024", "eager", 0.0342),
+        ("attention", "2x20x1024x64|fp16|keys1024", "triton", 0.0340),
+        ("attention", "2x8x64x64|bf16|keys64", "triton", 0.01),
+    ]
+    table = autoselect._validate(autoselect.table_from_rows("gpu", rows), "test")
+    # D160 at 16x16: no measured key of its own or within 4x; SDPA won 2 of 3 fp16 keys
+    assert autoselect.preferred_backend("attention", "2x8x256x160|fp16|keys256", table=table) == (
+        "eager"
+    )
+    # another dtype has its own majority; a dtype with none measured keeps the default
+    assert autoselect.preferred_backend("attention", "2x8x256x160|bf16|keys256", table=table) == (
+        "triton"
+    )
+    assert autoselect.preferred_backend("attention", "2x8x256x160|fp32|keys256", table=table) == (
+        autoselect.DEFAULT_BACKEND
+    )
+    # a tie is no majority; group_norm is not a majority op
+    tied = autoselect._validate(autoselect.table_from_rows("gpu", rows[2:6]), "test")
+    assert autoselect.preferred_backend("attention", "2x8x256x160|fp16|keys256", table=tied) == (
+        autoselect.DEFAULT_BACKEND
+    )
+
+
 def test_table_file_from_environment(tmp_path, monkeypatch):
     path = tmp_path / "table.json"
     path.write_text(json.dumps(autoselect.table_from_rows("gpu", ROWS)))
