@@ -65,3 +65,31 @@ class CallCounter:
             return original(*args, **kwargs)
 
         monkeypatch.setattr(module, name, wrapper)
+
+
+def sampler_step_reference(row, x, model_output, guidance, x0_prev, noise, dtype=torch.float32):
+    """The sampling layer's own step, apply_plan_row(combine_guidance(...)), with the inputs in
+    ``dtype``, returned in x's dtype: the reference of every fused sampler-step kernel."""
+    from fastdiff.sampling import apply_plan_row, combine_guidance
+
+    def cast(t):
+        return None if t is None else t.to(dtype)
+
+    model = cast(model_output)
+    if model.shape[0] == 2 * x.shape[0]:
+        model = combine_guidance(*model.chunk(2), float(guidance))
+    x_next, x0 = apply_plan_row(row, cast(x), model, cast(x0_prev), cast(noise))
+    return x_next.to(x.dtype), x0.to(x.dtype)
+
+
+def check_sampler_step(
+    out, row, x, model_output, guidance, x0_prev, noise, what="", same_layout=False
+):
+    """Both outputs of a fused step within the tolerance rule of the fp32 reference (the eager
+    error being the reference computed in x's dtype); ``same_layout``: also x's strides."""
+    reference = sampler_step_reference(row, x, model_output, guidance, x0_prev, noise)
+    eager = sampler_step_reference(row, x, model_output, guidance, x0_prev, noise, x.dtype)
+    for name, got, want, base in zip(("x_next", "x0"), out, reference, eager, strict=True):
+        assert_within_tolerance(got, want, base, f"{what} {name}")
+        if same_layout:
+            assert got.stride() == x.stride(), f"{what} {name}: layout changed"

@@ -5,6 +5,7 @@ test_cuda_group_norm.py)."""
 
 from __future__ import annotations
 
+import functools
 import os
 
 import pytest
@@ -12,9 +13,9 @@ import torch
 
 import fastdiff.ops.cuda_extension as cuda_extension
 from fastdiff.ops import sampler_step, use_backend
-from fastdiff.sampling import NoiseSchedule, apply_plan_row, combine_guidance, make_plan
+from fastdiff.sampling import NoiseSchedule, make_plan
 from tests.ops.cuda_errors import assert_errors, run_error_cases
-from tests.ops.helpers import assert_within_tolerance, kernel_dtypes
+from tests.ops.helpers import check_sampler_step, kernel_dtypes
 
 pytestmark = pytest.mark.gpu
 
@@ -43,22 +44,7 @@ def plan_table(sampler, eta, steps=4, dtype=torch.float64):
     return plan, plan.coefficients.to("cuda", dtype)
 
 
-def reference_step(row, x, model_output, guidance, x0_prev, noise, compute_dtype=torch.float32):
-    """The sampling layer's step with inputs in ``compute_dtype``, returned in x's dtype."""
-    cast = lambda t: None if t is None else t.to(compute_dtype)
-    model = cast(model_output)
-    if model.shape[0] == 2 * x.shape[0]:
-        model = combine_guidance(*model.chunk(2), float(guidance))
-    x_next, x0 = apply_plan_row(row, cast(x), model, cast(x0_prev), cast(noise))
-    return x_next.to(x.dtype), x0.to(x.dtype)
-
-
-def check_step(out, row, x, model_output, guidance, x0_prev, noise, what=""):
-    reference = reference_step(row, x, model_output, guidance, x0_prev, noise)
-    eager = reference_step(row, x, model_output, guidance, x0_prev, noise, x.dtype)
-    for name, got, want, base in zip(("x_next", "x0"), out, reference, eager, strict=True):
-        assert_within_tolerance(got, want, base, f"{what} {name}")
-        assert got.stride() == x.stride(), f"{what} {name}: layout changed"
+check_step = functools.partial(check_sampler_step, same_layout=True)
 
 
 def run_op(x, model_output, table, step, x0_prev, guidance, noise):

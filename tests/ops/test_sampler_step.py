@@ -10,8 +10,14 @@ from hypothesis import strategies as st
 
 from fastdiff.ops import sampler_step, use_backend
 from fastdiff.ops.sampler_step import sampler_step_eager, sampler_step_triton
-from fastdiff.sampling import NoiseSchedule, apply_plan_row, combine_guidance, make_plan
-from tests.ops.helpers import DEVICE, CallCounter, assert_within_tolerance, kernel_dtypes
+from fastdiff.sampling import NoiseSchedule, make_plan
+from tests.ops.helpers import (
+    DEVICE,
+    CallCounter,
+    check_sampler_step,
+    kernel_dtypes,
+    sampler_step_reference,
+)
 
 PLANS = [
     pytest.param(("ddim", 0.0), id="ddim"),
@@ -25,21 +31,7 @@ PLANS = [
 pytestmark = pytest.mark.filterwarnings("error:.*failed on first use:RuntimeWarning")
 
 
-def reference_step(row, x, model_output, guidance, x0_prev, noise, compute_dtype=torch.float32):
-    """apply_plan_row(combine_guidance(...)) with inputs in ``compute_dtype``, cast back to x's."""
-    cast = lambda t: None if t is None else t.to(compute_dtype)
-    model = cast(model_output)
-    if model.shape[0] == 2 * x.shape[0]:
-        model = combine_guidance(*model.chunk(2), float(guidance))
-    x_next, x0 = apply_plan_row(row, cast(x), model, cast(x0_prev), cast(noise))
-    return x_next.to(x.dtype), x0.to(x.dtype)
-
-
-def check_step(out, row, x, model_output, guidance, x0_prev, noise, what=""):
-    reference = reference_step(row, x, model_output, guidance, x0_prev, noise)
-    eager = reference_step(row, x, model_output, guidance, x0_prev, noise, x.dtype)
-    for name, got, want, base in zip(("x_next", "x0"), out, reference, eager, strict=True):
-        assert_within_tolerance(got, want, base, f"{what} {name}")
+check_step = check_sampler_step
 
 
 def device_plan(sampler, eta, steps=4, prediction_type="epsilon"):
@@ -147,7 +139,7 @@ def test_float64_state_falls_back_to_eager(triton_backend, monkeypatch):
     x = torch.randn(1, 4, 3, 3, device=DEVICE, dtype=torch.float64)
     model_output = torch.randn(2, 4, 3, 3, device=DEVICE, dtype=torch.float64)
     out = sampler_step(x, model_output, table, 3, None, 2.0)
-    want = reference_step(
+    want = sampler_step_reference(
         plan.coefficients[3].tolist(), x, model_output, 2.0, None, None, torch.float64
     )
     for a, b in zip(out, want, strict=True):
