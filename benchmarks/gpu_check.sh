@@ -59,14 +59,9 @@ if ! "$PY" -c "import fastdiff.kernels" 2>/dev/null; then
     FAILED="$FAILED install"
 fi
 
-# diffusers (a test and benchmark reference) from the carried wheels when the machine lacks it:
-# only these two, so nothing shadows the machine's torch or numpy.
-WHEELS=$(ls .whl/diffusers-*.whl .whl/importlib_metadata-*.whl 2>/dev/null)
-if ! "$PY" -c "import diffusers" 2>/dev/null && [ -n "$WHEELS" ]; then
-    run wheels 120 "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
-        --upgrade --target /tmp/fastdiff-site $WHEELS \
-        && export PYTHONPATH="/tmp/fastdiff-site${PYTHONPATH:+:$PYTHONPATH}"
-fi
+# diffusers from the carried wheels when the machine lacks it (test_pipeline compares with it).
+source benchmarks/carried_wheels.sh
+install_carried_wheels "$PY" >>"$LOG" 2>&1 || FAILED="$FAILED wheels"
 
 run versions 60 bash -c "nvidia-smi || true; $PY -c 'import sys, torch, triton; \
 print(\"python\", sys.version.split()[0], \"torch\", torch.__version__, \"triton\", \

@@ -39,14 +39,8 @@ if ! python3 -c "import fastdiff.kernels" 2>/dev/null; then
     python3 -m pip install -q --no-deps --no-build-isolation -e . >"$LOGDIR/install.log" 2>&1 \
         || log "pip install -e . failed (see models_all.log)"
 fi
-# Only these two wheels: anything else in .whl/ (torch, numpy...) must not shadow the machine's.
-WHEELS=$(ls .whl/diffusers-*.whl .whl/importlib_metadata-*.whl 2>/dev/null)
-if ! python3 -c "import diffusers" 2>/dev/null && [[ -n "$WHEELS" ]]; then
-    log "installing carried wheels: $(echo $WHEELS)"
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-        --target /tmp/fastdiff-site $WHEELS >>"$LOGDIR/install.log" 2>&1 \
-        && export PYTHONPATH="/tmp/fastdiff-site${PYTHONPATH:+:$PYTHONPATH}"
-fi
+source benchmarks/carried_wheels.sh
+install_carried_wheels python3 >>"$LOGDIR/install.log" 2>&1 || log "carried wheels failed to install"
 [[ -f "$LOGDIR/install.log" ]] && { echo "===== install"; cat "$LOGDIR/install.log"; } >>"$ALL_LOGS"
 python3 - <<'EOF' 2>&1 | tee -a "$SUMMARY"
 import torch, triton
