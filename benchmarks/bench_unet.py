@@ -204,21 +204,16 @@ def cases(
     for name in names:
         work = table[name]
         holder = mb.ModelHolder("unet", work.config, device, dtype)
-        flop = unet_flops(work)
-        for index, provider in enumerate(providers):
-            # One image per call: batch 2 is one guided image, batch 1 one unguided image.
-            case = mb.Case(
-                "unet",
-                work.name,
-                provider,
-                provider_setup(provider, work, holder),
-                images=1,
-                flop=flop,
-                note=note,
-            )
-            if index == len(providers) - 1:
-                case.teardown = holder.release
-            result.append(case)
+        # One image per call: batch 2 is one guided image, batch 1 one unguided image.
+        result += mb.model_cases(
+            "unet",
+            work.name,
+            providers,
+            lambda provider, work=work, holder=holder: provider_setup(provider, work, holder),
+            holder,
+            unet_flops(work),
+            note,
+        )
     return result
 
 

@@ -11,6 +11,7 @@ runs in float32 on the eager path.
 
 from __future__ import annotations
 
+import functools
 import sys
 from pathlib import Path
 
@@ -133,21 +134,8 @@ def cases(providers: list[str] | None = None, compile_: bool = False) -> list[mb
     holder = mb.ModelHolder("vae", config, device, dtype)
     flop = vae_flops(config, size)
     providers = mb.available_providers(providers or default_providers(compile_))
-    result = []
-    for index, provider in enumerate(providers):
-        case = mb.Case(
-            "vae",
-            name,
-            provider,
-            provider_setup(provider, holder, size),
-            images=1,
-            flop=flop,
-            note=note,
-        )
-        if index == len(providers) - 1:
-            case.teardown = holder.release
-        result.append(case)
-    return result
+    setup_for = functools.partial(provider_setup, holder=holder, size=size)
+    return mb.model_cases("vae", name, providers, setup_for, holder, flop, note)
 
 
 def main(argv: list[str] | None = None) -> int:

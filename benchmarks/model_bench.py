@@ -56,6 +56,25 @@ class Case:
     teardown: Callable[[], None] | None = None  # frees what setup built (after the last case)
 
 
+def model_cases(
+    benchmark: str,
+    workload: str,
+    providers: list[str],
+    setup_for: Callable[[str], Callable[[], Callable[[], object]]],
+    holder: ModelHolder,
+    flop: float | None,
+    note: str,
+) -> list[Case]:
+    """One Case per provider on one shared model (one image per call); the last frees it."""
+    cases = [
+        Case(benchmark, workload, provider, setup_for(provider), images=1, flop=flop, note=note)
+        for provider in providers
+    ]
+    if cases:
+        cases[-1].teardown = holder.release
+    return cases
+
+
 def device_name() -> str:
     return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
 
