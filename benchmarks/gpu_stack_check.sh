@@ -1,0 +1,124 @@
+#!/usr/bin/env bash
+# The GPU machine's software on a CPU machine: before a GPU session spends device time, check the
+# project against the torch and Triton versions installed there (torch 2.11 + cu130, Triton 3.6;
+# CI and the developers' machines have newer ones). No GPU is needed; nothing here is timed.
+#
+#   bash benchmarks/gpu_stack_check.sh [OUT_DIR]      (default: runs/gpu_stack)
+#
+# Steps, each reported ok/FAILED (exit status 1 when any failed):
+#   venv      a virtual environment with torch==$TORCH, triton==$TRITON and the test dependencies
+#             from PyPI (about 3 GB the first time; kept in $VENV and reused);
+#   tests     the CPU test suite under TRITON_INTERPRET=1, as CI runs it;
+#   sm90      benchmarks/triton_sm90.py --all-configs: every Triton kernel compiled for sm_90 by
+#             this Triton (the report is written to OUT_DIR/triton_sm90-triton$TRITON.txt);
+#   csrc      csrc/check_compile.sh against this torch's headers (needs nvcc; skipped without);
+#   cuda-ext  the CUDA extension built and linked the way fastdiff builds it on first use, loaded,
+#             and its host-side argument errors raised on CPU tensors (needs nvcc).
+# The Triton 3.6 interpreter fails with numpy >= 2.4 ("only 0-dimensional arrays can be
+# converted to Python scalars"), so the environment pins numpy below 2.4; the GPU path does not
+# use the interpreter.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+REPO="$(pwd)"
+TORCH="${TORCH:-2.11.0}"
+TRITON="${TRITON:-3.6.0}"
+VENV="${VENV:-$HOME/.cache/fastdiff/venv-torch$TORCH-triton$TRITON}"
+OUTDIR="${1:-runs/gpu_stack}"
+mkdir -p "$OUTDIR"
+OUTDIR="$(cd "$OUTDIR" && pwd)"
+PY="$VENV/bin/python"
+failed=()
+
+run() {  # run NAME COMMAND...: log to OUT_DIR/NAME.log, report ok/FAILED with the time taken
+    local name="$1"
+    shift
+    local begin=$SECONDS
+    if "$@" >"$OUTDIR/$name.log" 2>&1; then
+        echo "== [$name] ok in $((SECONDS - begin)) s"
+    else
+        echo "== [$name] FAILED in $((SECONDS - begin)) s (log: $OUTDIR/$name.log)"
+        tail -n 25 "$OUTDIR/$name.log"
+        failed+=("$name")
+    fi
+}
+
+make_venv() {
+    [ -x "$PY" ] || python3 -m venv "$VENV" || return 1
+    "$PY" -m pip install -q "torch==$TORCH" "triton==$TRITON" "numpy<2.4" ninja wheel \
+        "setuptools>=64" || return 1
+    "$PY" -m pip install -q safetensors pillow tqdm "pytest>=8" pytest-xdist hypothesis \
+        "diffusers==0.42.1" "transformers>=4.40" pytest-benchmark matplotlib || return 1
+    # The repository itself, editable, into this environment only.
+    "$PY" -m pip install -q --no-deps --no-build-isolation -e "$REPO" || return 1
+    "$PY" -c "import torch, triton, fastdiff.kernels; print('torch', torch.__version__, \
+'triton', triton.__version__, 'fastdiff from', fastdiff.kernels.__file__)"
+}
+
+cuda_home() {  # the toolkit folder (nvcc may be a wrapper script in /usr/local/bin)
+    local nvcc
+    nvcc="$(command -v nvcc || true)"
+    for candidate in "${CUDA_HOME:-}" /usr/local/cuda "$(dirname "$(dirname "$nvcc")")"; do
+        if [ -n "$candidate" ] && [ -x "$candidate/bin/nvcc" ] && [ -d "$candidate/include" ]; then
+            echo "$candidate"
+            return
+        fi
+    done
+}
+
+cuda_extension_on_cpu() {
+    local build
+    build="$(mktemp -d)"
+    CUDA_HOME="$(cuda_home)" TORCH_CUDA_ARCH_LIST=9.0a FASTDIFF_CUDA_BUILD_DIR="$build" \
+        "$PY" - <<'EOF'
+import torch
+
+import fastdiff.ops.cuda_extension as ext
+
+# available() needs a GPU; the build and the load do not.
+ext._jit_build()
+assert ext._ops_registered(), "built, but torch.ops.fastdiff_cuda was not registered"
+ext._register_fakes()
+cases = {
+    "group_norm": lambda: torch.ops.fastdiff_cuda.group_norm(
+        torch.randn(2, 1280, 32, 32, dtype=torch.float16), 32, None, None, 1e-5, True
+    ),
+    "group_norm_plan": lambda: torch.ops.fastdiff_cuda.group_norm_plan(
+        torch.randn(2, 64, 8, 8), 32
+    ),
+    "sampler_step": lambda: torch.ops.fastdiff_cuda.sampler_step(
+        torch.randn(1, 4, 8, 8), torch.randn(2, 4, 8, 8), torch.zeros(1, 8), None, None, None,
+        7.5, None
+    ),
+}
+for name, call in cases.items():
+    try:
+        call()
+    except RuntimeError as error:
+        message = str(error).splitlines()[0]
+        assert "must be a CUDA tensor" in message, f"{name}: unexpected error: {message}"
+        print(f"{name}: raised as expected: {message}")
+    else:
+        raise AssertionError(f"{name} accepted CPU tensors")
+x = torch.empty(2, 4, 8, 8, device="meta")
+print("fake group_norm:", tuple(torch.ops.fastdiff_cuda.group_norm(x, 2, None, None, 1e-5, True).shape))
+EOF
+    local status=$?
+    rm -rf "$build"
+    return $status
+}
+
+run venv make_venv || { echo "gpu_stack_check: no environment, nothing else ran"; exit 1; }
+run tests env TRITON_INTERPRET=1 "$PY" -m pytest -n 2 -q -p no:cacheprovider tests
+run sm90 bash -c "'$PY' benchmarks/triton_sm90.py --all-configs > '$OUTDIR/triton_sm90-triton$TRITON.txt'"
+if [ -n "$(cuda_home)" ]; then
+    run csrc env PATH="$VENV/bin:$PATH" CUDA_HOME="$(cuda_home)" bash csrc/check_compile.sh
+    run cuda-ext cuda_extension_on_cpu
+else
+    echo "== [csrc, cuda-ext] skipped: no nvcc (set CUDA_HOME)"
+fi
+
+if ((${#failed[@]})); then
+    echo "gpu_stack_check: FAILED: ${failed[*]} (torch $TORCH, triton $TRITON)"
+    exit 1
+fi
+echo "gpu_stack_check: all passed (torch $TORCH, triton $TRITON); logs in $OUTDIR"
