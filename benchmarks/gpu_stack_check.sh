@@ -12,8 +12,10 @@
 #   sm90      benchmarks/triton_sm90.py --all-configs: every Triton kernel compiled for sm_90 by
 #             this Triton (the report is written to OUT_DIR/triton_sm90-triton$TRITON.txt);
 #   csrc      csrc/check_compile.sh against this torch's headers (needs nvcc; skipped without);
-#   cuda-ext  the CUDA extension built and linked the way fastdiff builds it on first use, loaded,
-#             and its host-side argument errors raised on CPU tensors (needs nvcc).
+#   cuda-jit  the CUDA extension built and linked the way fastdiff builds it on first use, loaded,
+#             and its host-side argument errors raised on CPU tensors (needs nvcc);
+#   cuda-aot  the same for the ahead-of-time build (FASTDIFF_BUILD_CUDA=1, setup.py build_ext) of a
+#             copy of the working tree: fastdiff._C imported, errors raised (needs nvcc).
 # The Triton 3.6 interpreter fails with numpy >= 2.4 ("only 0-dimensional arrays can be
 # converted to Python scalars"), so the environment pins numpy below 2.4; the GPU path does not
 # use the interpreter.
@@ -65,17 +67,30 @@ cuda_home() {  # the toolkit folder (nvcc may be a wrapper script in /usr/local/
     done
 }
 
-cuda_extension_on_cpu() {
-    local build
+cuda_extension_on_cpu() {  # cuda_extension_on_cpu jit|aot
+    local build status
     build="$(mktemp -d)"
-    CUDA_HOME="$(cuda_home)" TORCH_CUDA_ARCH_LIST=9.0a FASTDIFF_CUDA_BUILD_DIR="$build" \
-        "$PY" - <<'EOF'
+    if [ "$1" = aot ]; then
+        # A copy of the tracked files as they are now; the build writes into the copy only.
+        git ls-files -z | tar --null -T - -cf - | tar -xf - -C "$build" || return 1
+        (cd "$build" && CUDA_HOME="$(cuda_home)" TORCH_CUDA_ARCH_LIST=9.0 FASTDIFF_BUILD_CUDA=1 \
+            "$PY" setup.py -q build_ext --inplace) || { rm -rf "$build"; return 1; }
+    fi
+    (cd "$build" && CUDA_HOME="$(cuda_home)" TORCH_CUDA_ARCH_LIST=9.0a \
+        FASTDIFF_CUDA_BUILD_DIR="$build/jit" MODE="$1" "$PY" - <<'EOF'
+import os
+
 import torch
 
 import fastdiff.ops.cuda_extension as ext
 
 # available() needs a GPU; the build and the load do not.
-ext._jit_build()
+if os.environ["MODE"] == "aot":
+    import fastdiff._C
+
+    print("imported", fastdiff._C.__file__)
+else:
+    ext._jit_build()
 assert ext._ops_registered(), "built, but torch.ops.fastdiff_cuda was not registered"
 ext._register_fakes()
 cases = {
@@ -102,7 +117,8 @@ for name, call in cases.items():
 x = torch.empty(2, 4, 8, 8, device="meta")
 print("fake group_norm:", tuple(torch.ops.fastdiff_cuda.group_norm(x, 2, None, None, 1e-5, True).shape))
 EOF
-    local status=$?
+    )
+    status=$?
     rm -rf "$build"
     return $status
 }
@@ -112,9 +128,10 @@ run tests env TRITON_INTERPRET=1 "$PY" -m pytest -n 2 -q -p no:cacheprovider tes
 run sm90 bash -c "'$PY' benchmarks/triton_sm90.py --all-configs > '$OUTDIR/triton_sm90-triton$TRITON.txt'"
 if [ -n "$(cuda_home)" ]; then
     run csrc env PATH="$VENV/bin:$PATH" CUDA_HOME="$(cuda_home)" bash csrc/check_compile.sh
-    run cuda-ext cuda_extension_on_cpu
+    run cuda-jit cuda_extension_on_cpu jit
+    run cuda-aot cuda_extension_on_cpu aot
 else
-    echo "== [csrc, cuda-ext] skipped: no nvcc (set CUDA_HOME)"
+    echo "== [csrc, cuda-jit, cuda-aot] skipped: no nvcc (set CUDA_HOME)"
 fi
 
 if ((${#failed[@]})); then
