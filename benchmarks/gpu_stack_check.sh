@@ -4,6 +4,7 @@
 # CI and the developers' machines have newer ones). No GPU is needed; nothing here is timed.
 #
 #   bash benchmarks/gpu_stack_check.sh [OUT_DIR]      (default: runs/gpu_stack)
+#   PYTHON=python3.12 bash benchmarks/gpu_stack_check.sh   (the GPU machine's Python)
 #
 # Steps, each reported ok/FAILED (exit status 1 when any failed):
 #   venv      a virtual environment with torch==$TORCH, triton==$TRITON and the test dependencies
@@ -24,7 +25,9 @@ cd "$(dirname "$0")/.."
 REPO="$(pwd)"
 TORCH="${TORCH:-2.11.0}"
 TRITON="${TRITON:-3.6.0}"
-VENV="${VENV:-$HOME/.cache/fastdiff/venv-torch$TORCH-triton$TRITON}"
+PYTHON="${PYTHON:-python3}"  # the GPU machine runs Python 3.12
+PY_VERSION="$("$PYTHON" -c 'import sys; print("%d.%d" % sys.version_info[:2])')"
+VENV="${VENV:-$HOME/.cache/fastdiff/venv-py$PY_VERSION-torch$TORCH-triton$TRITON}"
 OUTDIR="${1:-runs/gpu_stack}"
 mkdir -p "$OUTDIR"
 OUTDIR="$(cd "$OUTDIR" && pwd)"
@@ -45,7 +48,7 @@ run() {  # run NAME COMMAND...: log to OUT_DIR/NAME.log, report ok/FAILED with t
 }
 
 make_venv() {
-    [ -x "$PY" ] || python3 -m venv "$VENV" || return 1
+    [ -x "$PY" ] || "$PYTHON" -m venv "$VENV" || return 1
     "$PY" -m pip install -q "torch==$TORCH" "triton==$TRITON" "numpy<2.4" ninja wheel \
         "setuptools>=64" || return 1
     "$PY" -m pip install -q safetensors pillow tqdm "pytest>=8" pytest-xdist hypothesis \
