@@ -293,6 +293,22 @@ def empty_attention_output(q: torch.Tensor, head_dim_v: int) -> torch.Tensor:
     return q.new_empty((batch, queries, heads, head_dim_v)).transpose(1, 2)
 
 
+def lone_config(
+    q: torch.Tensor, queries: int, keys: int, block_d: int, block_dt: int
+) -> tuple[object, dict]:
+    """(kernel, launch options): the autotuner with none when it has configs to choose between
+    for this shape, else the kernel under it with the one config the pruning keeps (fp32, or
+    ``FASTDIFF_AUTOTUNE=0``). Triton 3.6's autotuner times even a lone config, about 0.1 s of
+    benchmarking per new shape for nothing; launched directly, the config only compiles."""
+    args = {"q_ptr": q, "N_QUERIES": queries, "N_KEYS": keys}
+    kept = _prune(attention_forward_kernel.configs, args, BLOCK_D=block_d, BLOCK_DT=block_dt)
+    if len(kept) != 1:
+        return attention_forward_kernel, {}
+    config = kept[0]
+    options = {**config.kwargs, "num_warps": config.num_warps, "num_stages": config.num_stages}
+    return attention_forward_kernel.fn, options
+
+
 def attention_forward(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None
 ) -> torch.Tensor:
@@ -312,7 +328,8 @@ def attention_forward(
 
     def launch(split: bool) -> None:
         block_d, block_dt = head_blocks(head_dim, split)
-        attention_forward_kernel[grid](
+        kernel, config = lone_config(q, queries, keys, block_d, block_dt)
+        kernel[grid](
             q,
             k,
             v,
@@ -327,6 +344,7 @@ def attention_forward(
             BLOCK_D=block_d,
             BLOCK_DT=block_dt,
             DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+            **config,
         )
 
     global _split_head_dim_works

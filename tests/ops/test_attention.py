@@ -5,6 +5,7 @@ from __future__ import annotations
 import fastdiff.kernels.attention as attention_kernels
 import pytest
 import torch
+import triton
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -215,3 +216,34 @@ def test_padded_head_dim_fallback_matches_reference(triton_backend, monkeypatch,
     # The kernel used when the split variant is unavailable: one power-of-two padded block.
     monkeypatch.setattr(attention_kernels, "_split_head_dim_works", False)
     check(*make_qkv(1, 2, 19, 21, head_dim, torch.float32), what=f"padded d{head_dim}")
+
+
+GPU_CONFIGS = [
+    triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
+    for m, n, w, s in attention_kernels._GPU_SHAPES + attention_kernels._FP32_SHAPES
+]
+
+
+@pytest.mark.parametrize(
+    ("dtype", "autotune", "tuned"),
+    [
+        pytest.param(torch.float16, "1", True, id="fp16-autotuned"),
+        pytest.param(torch.float16, "0", False, id="fp16-autotune-off"),
+        pytest.param(torch.float32, "1", False, id="fp32-one-spill-free-config"),
+    ],
+)
+def test_a_lone_pruned_config_is_launched_without_the_autotuner(
+    monkeypatch, dtype, autotune, tuned
+):
+    """Triton 3.6's autotuner would time a lone config at each new shape: launch it directly."""
+    monkeypatch.setattr(attention_kernels.attention_forward_kernel, "configs", GPU_CONFIGS)
+    monkeypatch.setenv("FASTDIFF_AUTOTUNE", autotune)
+    q = torch.empty(2, 8, 4096, 64, dtype=dtype)
+    kernel, options = attention_kernels.lone_config(q, 4096, 4096, 64, 0)
+    if tuned:
+        assert kernel is attention_kernels.attention_forward_kernel and options == {}
+        return
+    assert kernel is attention_kernels.attention_forward_kernel.fn
+    wanted = attention_kernels.heuristic_shape(64, 4096, fp32=dtype == torch.float32)
+    got = (options["BLOCK_M"], options["BLOCK_N"], options["num_warps"], options["num_stages"])
+    assert got == wanted
