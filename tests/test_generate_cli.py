@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import subprocess
 import sys
 
@@ -154,6 +155,28 @@ def test_errors_are_clean_and_never_clobber(class_folder, tmp_path, capsys, monk
     with pytest.raises(SystemExit):
         generate("--model", class_folder, "--class-label", 0, "--size", "big", "--out", out)
     assert "size must be HxW or N" in capsys.readouterr().err
+
+
+def test_variant_selects_the_variant_weights(class_folder, tmp_path, capsys):
+    """--variant ema reads diffusion_pytorch_model.ema.safetensors, as diffusers' variant= does;
+    a variant the folder lacks is an error naming the file looked for."""
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path / "pipe"
+    shutil.copytree(class_folder, folder)
+    for component, scale in (("unet", 0.5), ("vae", 1.0)):
+        weights = load_file(folder / component / "diffusion_pytorch_model.safetensors")
+        scaled = {name: tensor * scale for name, tensor in weights.items()}
+        save_file(scaled, folder / component / "diffusion_pytorch_model.ema.safetensors")
+    plain, ema = tmp_path / "plain.png", tmp_path / "ema.png"
+    assert generate("--model", folder, "--class-label", 1, "--out", plain) == 0
+    assert generate("--model", folder, "--class-label", 1, "--variant", "ema", "--out", ema) == 0
+    assert not np.array_equal(np.asarray(Image.open(plain)), np.asarray(Image.open(ema)))
+    capsys.readouterr()
+    missing = tmp_path / "missing.png"
+    code = generate("--model", folder, "--class-label", 1, "--variant", "fp8", "--out", missing)
+    assert code == 2 and not missing.exists()
+    assert "diffusion_pytorch_model.fp8.safetensors" in capsys.readouterr().err
 
 
 def test_prompts_file_sharded_over_two_gloo_ranks(class_folder, tmp_path):

@@ -75,6 +75,12 @@ def add_parser(subparsers) -> None:
         help="weights dtype (default: fp16 on CUDA, fp32 on CPU)",
     )
     parser.add_argument(
+        "--variant",
+        default=None,
+        help="weights variant, as diffusers names it: e.g. fp16 reads "
+        "diffusion_pytorch_model.fp16.safetensors (default: the plain files, else fp16 ones)",
+    )
+    parser.add_argument(
         "--no-optimize",
         dest="optimize",
         action="store_false",
@@ -95,7 +101,9 @@ def load_pipeline(args, device: torch.device, verbose: bool = True):
         if args.dtype
         else (torch.float16 if device.type == "cuda" else torch.float32)
     )
-    pipe = Pipeline.from_pretrained(args.model, device=device, dtype=dtype)
+    pipe = Pipeline.from_pretrained(
+        args.model, device=device, dtype=dtype, variant=getattr(args, "variant", None)
+    )
     if device.type == "cuda" and getattr(args, "optimize", True):
         pipe.optimize(dtype=dtype, verbose=verbose)
     return pipe
