@@ -152,6 +152,10 @@ def test_output_types_seed_and_size(pipe):
         (dict(prompt="a cat", latents=torch.zeros(1, 4, 4, 4)), r"latents must have shape \(1,"),
         (dict(prompt="a cat", num_images=0), "num_images must be a positive int"),
         (dict(prompt="a cat", seed=1, generator=torch.Generator()), "seed or generator"),
+        (
+            dict(prompt="a cat", generator=[torch.Generator()]),
+            "generator must be one torch.Generator",
+        ),
         (dict(prompt_embeds=torch.zeros(1, 16)), "prompt_embeds must be a 3-D tensor"),
         (
             dict(
@@ -219,6 +223,29 @@ def test_sd2_like_v_prediction_equals_diffusers(tmp_path):
     reference.set_progress_bar_config(disable=True)
     pipe = Pipeline.from_pretrained(folder)
     assert pipe.schedule.prediction_type == "v_prediction"
+    kwargs = dict(prompt="a red cat", latents=torch.randn(1, 4, 8, 8), num_inference_steps=STEPS)
+    ours = pipe(**kwargs, output_type="tensor", progress=False)
+    theirs = reference(**kwargs, output_type="pt").images
+    torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "outdated", [{"steps_offset": 0}, {"clip_sample": True}], ids=["steps_offset", "clip_sample"]
+)
+def test_outdated_scheduler_config_is_sampled_as_diffusers_does(sd_folder, tmp_path, outdated):
+    """diffusers' StableDiffusionPipeline samples an SD folder whose scheduler config has
+    steps_offset != 1 or clip_sample = true with steps_offset=1 and clip_sample=False."""
+    import json
+    import shutil
+
+    folder = tmp_path / "outdated"
+    shutil.copytree(sd_folder, folder)
+    config_path = folder / "scheduler" / "scheduler_config.json"
+    config_path.write_text(json.dumps({**json.loads(config_path.read_text()), **outdated}))
+    reference = diffusers.StableDiffusionPipeline.from_pretrained(folder, safety_checker=None)
+    reference.set_progress_bar_config(disable=True)
+    pipe = Pipeline.from_pretrained(folder)
+    assert pipe.schedule.steps_offset == 1
     kwargs = dict(prompt="a red cat", latents=torch.randn(1, 4, 8, 8), num_inference_steps=STEPS)
     ours = pipe(**kwargs, output_type="tensor", progress=False)
     theirs = reference(**kwargs, output_type="pt").images

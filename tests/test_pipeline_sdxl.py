@@ -57,6 +57,34 @@ def test_sdxl_prompts_equal_diffusers(pipe, reference, negative_prompt):
     torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=0)
 
 
+def test_sdxl_without_force_zeros_key_uses_the_diffusers_default(sdxl_folder, tmp_path):
+    """A model_index.json without force_zeros_for_empty_prompt gets the default of diffusers'
+    StableDiffusionXLPipeline (true): all-zero unconditional embeddings."""
+    import json
+    import shutil
+
+    folder = tmp_path / "no_key"
+    shutil.copytree(sdxl_folder, folder)
+    index = json.loads((folder / "model_index.json").read_text())
+    del index["force_zeros_for_empty_prompt"]
+    (folder / "model_index.json").write_text(json.dumps(index))
+    reference = diffusers.StableDiffusionXLPipeline.from_pretrained(folder)
+    reference.set_progress_bar_config(disable=True)
+    pipe = Pipeline.from_pretrained(folder)
+    assert pipe.force_zeros_for_empty_prompt
+    kwargs = dict(
+        prompt="a red cat",
+        latents=torch.randn(1, 4, 8, 8),
+        num_inference_steps=3,
+        guidance_scale=6.0,
+        height=16,
+        width=16,
+    )
+    ours = pipe(**kwargs, output_type="tensor", progress=False)
+    theirs = reference(**kwargs, output_type="pt").images
+    torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=0)
+
+
 def test_sdxl_given_embeddings_need_pooled(pipe, reference):
     embeds, pooled = reference.encode_prompt("a cat", do_classifier_free_guidance=False)[::2]
     latents = torch.randn(1, 4, 8, 8)

@@ -25,6 +25,15 @@ from fastdiff.pipeline.text_encoding import (
 # (text encoder, tokenizer) subfolder pairs in the order their embeddings are concatenated.
 TEXT_COMPONENTS = (("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2"))
 SCHEDULER_CONFIG = Path("scheduler") / "scheduler_config.json"
+# diffusers' SD 1.x/2.x pipelines treat a scheduler config with steps_offset != 1 or
+# clip_sample = true as outdated and sample with steps_offset=1, clip_sample=False instead
+# (StableDiffusionPipeline.__init__); the SDXL pipelines take the config as written.
+OUTDATED_SCHEDULER_FIXES = {"steps_offset": 1, "clip_sample": False}
+SD_PIPELINES = (
+    "StableDiffusionPipeline",
+    "StableDiffusionImg2ImgPipeline",
+    "StableDiffusionInpaintPipeline",
+)
 
 
 def read_json(path: Path) -> dict[str, Any]:
@@ -72,6 +81,21 @@ def null_class_label_for(unet_config: dict[str, Any], index: dict[str, Any], whe
     return label
 
 
+def pipeline_scheduler_config(index: dict[str, Any], config: dict[str, Any]) -> dict[str, Any]:
+    """The scheduler config the folder's diffusers pipeline class samples with."""
+    if index.get("_class_name") in SD_PIPELINES:
+        return {**config, **OUTDATED_SCHEDULER_FIXES}
+    return config
+
+
+def force_zeros_for_empty_prompt(index: dict[str, Any]) -> bool:
+    """``force_zeros_for_empty_prompt`` from model_index.json; when absent, the default of the
+    diffusers class it names: true for the StableDiffusionXL* pipelines, else false."""
+    if "force_zeros_for_empty_prompt" in index:
+        return bool(index["force_zeros_for_empty_prompt"])
+    return str(index.get("_class_name", "")).startswith("StableDiffusionXL")
+
+
 def load_components(
     folder, device=None, dtype=None, variant: str | None = None
 ) -> PipelineComponents:
@@ -91,7 +115,7 @@ def load_components(
             raise FileNotFoundError(
                 f"model_index.json lists {required!r} but the folder {root / required} is missing"
             )
-    scheduler_config = read_json(root / SCHEDULER_CONFIG)
+    scheduler_config = pipeline_scheduler_config(index, read_json(root / SCHEDULER_CONFIG))
     unet = load_unet(root / "unet", dtype=dtype, device=device, variant=variant)
     vae = load_vae(root / "vae", dtype=dtype, device=device, variant=variant)
 
@@ -131,7 +155,7 @@ def load_components(
         prompt_encoder=prompt_encoder,
         null_class_label=null_label,
         class_names=class_names,
-        # SDXL folders set this: with no negative prompt the unconditional input is all zeros.
-        force_zeros_for_empty_prompt=bool(index.get("force_zeros_for_empty_prompt", False)),
+        # SDXL: with no negative prompt the unconditional input is all zeros.
+        force_zeros_for_empty_prompt=force_zeros_for_empty_prompt(index),
         source=root,
     )

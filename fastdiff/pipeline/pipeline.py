@@ -305,6 +305,11 @@ class Pipeline:
             raise ValueError(f"num_images must be a positive int, got {num_images!r}")
         if seed is not None and generator is not None:
             raise ValueError("pass seed or generator, not both")
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise ValueError(
+                "generator must be one torch.Generator (a list of per-image generators, as "
+                f"diffusers accepts, is not supported), got {type(generator).__name__}"
+            )
         if seed is not None:
             generator = torch.Generator(device=self.device).manual_seed(int(seed))
         guided = guidance_scale > 1.0
