@@ -375,6 +375,10 @@ def iterations(args: argparse.Namespace) -> tuple[int, int]:
     warmup, iters = (3, 10) if on_gpu() else (3, 3)
     if args.quick:
         warmup, iters = min(warmup, 2), min(iters, 5)
+    if args.iters is not None and args.iters < 1:
+        raise ValueError(f"--iters must be at least 1, got {args.iters}")
+    if args.warmup is not None and args.warmup < 0:
+        raise ValueError(f"--warmup must be >= 0, got {args.warmup}")
     return (
         args.warmup if args.warmup is not None else warmup,
         args.iters if args.iters is not None else iters,

@@ -179,6 +179,89 @@ def test_variant_selects_the_variant_weights(class_folder, tmp_path, capsys):
     assert "diffusion_pytorch_model.fp8.safetensors" in capsys.readouterr().err
 
 
+def test_bad_arguments_fail_cleanly_and_before_loading(class_folder, tmp_path, capsys):
+    """Output paths are checked before the model loads (the model path here does not exist, so
+    a check made after loading would report that instead); nothing is silently ignored."""
+    nowhere = tmp_path / "no-model"
+    (tmp_path / "folder.png").mkdir()
+    not_an_image = tmp_path / "notes.txt"
+    not_an_image.write_text("hello")
+    truncated = tmp_path / "truncated.png"
+    Image.new("RGB", (64, 64), (200, 10, 10)).save(truncated)
+    truncated.write_bytes(truncated.read_bytes()[:60])
+    a_file = tmp_path / "a-file"
+    a_file.write_text("keep me")
+    latin1 = tmp_path / "latin1.txt"
+    latin1.write_bytes("caf\xe9\n".encode("latin-1"))
+    out = tmp_path / "out.png"
+    cases = [
+        (("--model", nowhere, "--class-label", 0, "--out", tmp_path / "folder.png"), "is a dir"),
+        (("--model", nowhere, "--class-label", 0, "--out", tmp_path / "x" / "o.png"), "not exist"),
+        (("--model", nowhere, "--class-label", 0, "--out", tmp_path / "o.tiffx"), "image format"),
+        (("--model", class_folder, "--class-label", 0, "--strength", 0.5, "--out", out), "--str"),
+        (("--model", class_folder, "--class-label", 0, "--guidance", "nan", "--out", out), "fini"),
+        (
+            ("--model", class_folder, "--class-label", 0, "--negative-prompt", "x", "--out", out),
+            "--negative-prompt is not used",
+        ),
+        (
+            (
+                "--model",
+                class_folder,
+                "--class-label",
+                0,
+                "--init-image",
+                not_an_image,
+                "--out",
+                out,
+            ),
+            "cannot read init image",
+        ),
+        (
+            ("--model", class_folder, "--class-label", 0, "--init-image", truncated, "--out", out),
+            "cannot read init image",
+        ),
+        (("--model", class_folder, "--prompts", latin1, "--out-dir", a_file), "not a directory"),
+        (("--model", class_folder, "--prompts", latin1, "--out-dir", tmp_path), "not UTF-8 text"),
+    ]
+    for args, message in cases:
+        assert generate(*args) == 2, message
+        error = capsys.readouterr().err
+        assert error.startswith("fastdiff generate: error:") and message in error, error
+        assert "Traceback" not in error
+    assert not out.exists() and a_file.read_text() == "keep me"
+
+
+def test_prompts_file_with_byte_order_mark(class_folder, tmp_path):
+    prompts = tmp_path / "labels.txt"
+    prompts.write_bytes("1\n2\n".encode("utf-8-sig"))  # as Windows editors save UTF-8
+    assert generate("--model", class_folder, "--prompts", prompts, "--out-dir", tmp_path / "o") == 0
+    assert sorted(os.listdir(tmp_path / "o")) == ["prompt-00000.png", "prompt-00001.png"]
+
+
+def test_sixteen_bit_init_image_is_scaled_not_clipped(class_folder, tmp_path):
+    """The same picture as 8-bit and 16-bit grayscale gives the same image: the CLI used to
+    convert("RGB") first, which clips 16-bit values to 255 (a white init image)."""
+    values = np.linspace(0, 255, 16 * 16).round().astype(np.uint8).reshape(16, 16)
+    Image.fromarray(values).save(tmp_path / "gray8.png")
+    Image.fromarray(values.astype(np.uint16) * 257).save(tmp_path / "gray16.png")
+    assert Image.open(tmp_path / "gray16.png").mode.startswith("I")
+    outputs = []
+    for name in ("gray8", "gray16"):
+        out = tmp_path / f"{name}-out.png"
+        args = (
+            "--model",
+            class_folder,
+            "--class-label",
+            1,
+            "--init-image",
+            tmp_path / f"{name}.png",
+        )
+        assert generate(*args, "--strength", 0.5, "--out", out) == 0
+        outputs.append(np.asarray(Image.open(out), dtype=np.int16))
+    assert np.abs(outputs[0] - outputs[1]).max() <= 1
+
+
 def test_prompts_file_sharded_over_two_gloo_ranks(class_folder, tmp_path):
     """Two CPU processes under torchrun: each writes its prompts' images; the bad line (class 7)
     fails on rank 1 only, is reported by rank 0 with its index and rank, and loses nothing else."""

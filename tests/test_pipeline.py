@@ -3,6 +3,7 @@ SD1-like folder (written by diffusers' save_pretrained), plus the pipeline's inp
 
 from __future__ import annotations
 
+import shutil
 import sys
 
 import numpy as np
@@ -165,6 +166,17 @@ def test_output_types_seed_and_size(pipe):
         ),
         (dict(prompt=["a", "b"], negative_prompt=["a", "b", "c"]), "3 entries but there are 2"),
         (dict(prompt="a cat", eta=0.5, sampler="euler"), "eta applies to the 'ddim' sampler"),
+        # NaN compares false with 1: it used to switch guidance off and return an image.
+        (dict(prompt="a cat", guidance_scale=float("nan")), "guidance_scale must be a finite"),
+        (dict(prompt="a cat", guidance_scale="7.5"), "guidance_scale must be a finite"),
+        (dict(prompt="a cat", seed="0"), "seed must be an int, got '0'"),
+        (dict(prompt="a cat", seed=2**70), r"seed must lie in \[-2\*\*63, 2\*\*64\)"),
+        (dict(prompt="a cat", latents=[[0.0]]), "latents must be a floating-point tensor"),
+        (dict(prompt="a cat", latents=torch.full((1, 4, 8, 8), float("nan"))), "NaN or inf"),
+        (
+            dict(prompt_embeds=torch.zeros(1, 16, 48), guidance_scale=1.0),
+            "48 features but the U-Net's cross_attention_dim is 32",
+        ),
     ],
 )
 def test_bad_inputs_raise_clear_errors(pipe, kwargs, message):
@@ -194,6 +206,24 @@ def test_folder_errors_name_the_path(sd_folder, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "transformers", None)  # as if it were not installed
     with pytest.raises(RuntimeError, match=r"pip install 'fastdiff\[text\]'"):
         Pipeline.from_pretrained(sd_folder)
+
+
+def test_broken_text_components_name_their_folder(sd_folder, tmp_path):
+    folder = tmp_path / "broken-text"
+    folder.mkdir()
+    for item in sd_folder.iterdir():
+        if item.name not in ("tokenizer", "text_encoder"):
+            (folder / item.name).symlink_to(item)
+    (folder / "tokenizer").mkdir()  # empty: transformers still builds a 2-token tokenizer
+    shutil.copytree(sd_folder / "text_encoder", folder / "text_encoder")
+    with pytest.raises(ValueError, match=r"broken-text/tokenizer: the tokenizer has no vocab"):
+        Pipeline.from_pretrained(folder)
+    shutil.rmtree(folder / "tokenizer")
+    (folder / "tokenizer").symlink_to(sd_folder / "tokenizer")
+    weights = folder / "text_encoder" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])  # truncated
+    with pytest.raises(ValueError, match=r"cannot load CLIPTextModel from .*broken-text/text_enc"):
+        Pipeline.from_pretrained(folder)
 
 
 def test_fp16_variant_folder_loads_every_component(pipe, reference, tmp_path):

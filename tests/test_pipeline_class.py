@@ -4,6 +4,7 @@ guidance) against a DDIM loop written with diffusers' U-Net, VAE and DDIMSchedul
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -102,6 +103,35 @@ def test_null_class_label_comes_from_model_index(class_folder, tmp_path):
     (folder / "model_index.json").write_text(json.dumps({**index, "null_class_label": 4}))
     with pytest.raises(ValueError, match=r"null_class_label must be an int in \[0, 4\)"):
         Pipeline.from_pretrained(folder)
+    # JSON true is a Python bool, an int subclass: it used to make class 1 the null class.
+    (folder / "model_index.json").write_text(json.dumps({**index, "null_class_label": True}))
+    with pytest.raises(ValueError, match=r"null_class_label must be an int .*got True"):
+        Pipeline.from_pretrained(folder)
+    (folder / "model_index.json").write_text(json.dumps({**index, "class_names": ["a", "b"]}))
+    with pytest.raises(ValueError, match="class_names has 2 names but the U-Net has 3 classes"):
+        Pipeline.from_pretrained(folder)
+
+
+def test_missing_sample_size_asks_for_height_and_width(class_folder, tmp_path):
+    folder = tmp_path / "no-sample-size"
+    folder.mkdir()
+    for name in ("vae", "scheduler", "model_index.json"):
+        (folder / name).symlink_to(class_folder / name)
+    shutil.copytree(class_folder / "unet", folder / "unet")
+    config = json.loads((folder / "unet" / "config.json").read_text())
+    (folder / "unet" / "config.json").write_text(json.dumps({**config, "sample_size": None}))
+    pipe = Pipeline.from_pretrained(folder)
+    with pytest.raises(ValueError, match="sample_size is None.*pass height and width"):
+        pipe(class_labels=0, num_inference_steps=1, progress=False)
+    latents = pipe(
+        class_labels=0,
+        height=8,
+        width=8,
+        num_inference_steps=1,
+        output_type="latent",
+        progress=False,
+    )
+    assert latents.shape == (1, 4, 4, 4)
 
 
 @pytest.mark.parametrize(

@@ -86,3 +86,32 @@ def test_latent_scaling_round_trips_and_matches_formulas():
         )
     with pytest.raises(ValueError, match="one value per latent channel"):
         to_vae_latents(latents, {**per_channel, "latents_std": [1, 2]})
+
+
+def test_sixteen_bit_and_float_init_images():
+    """Pillow's convert("RGB") clips 16-bit pixels to 255 (an almost white image): scale them."""
+    values = np.array([[0, 16384], [32768, 65535]], dtype=np.uint16)
+    gray16 = Image.fromarray(values)
+    assert gray16.mode == "I;16"
+    expected = torch.from_numpy(values.astype(np.float32) / 65535 * 2 - 1)
+    tensor = images.image_to_tensor(gray16)
+    assert tensor.shape == (1, 3, 2, 2)
+    assert torch.allclose(tensor, expected.expand(1, 3, 2, 2), atol=1e-6)
+    assert images.image_to_tensor(gray16, height=4, width=4).shape == (1, 3, 4, 4)
+    as_int32 = Image.fromarray(values.astype(np.int32))  # mode "I": older Pillow's 16-bit PNGs
+    assert torch.allclose(images.image_to_tensor(as_int32), tensor, atol=1e-6)
+    with pytest.raises(ValueError, match="outside the 16-bit range"):
+        images.image_to_tensor(Image.fromarray(np.full((2, 2), 70000, dtype=np.int32)))
+    with pytest.raises(ValueError, match="mode 'F'"):
+        images.image_to_tensor(Image.fromarray(np.zeros((2, 2), dtype=np.float32)))
+    with pytest.raises(ValueError, match="NaN or inf"):
+        images.image_to_tensor(torch.full((3, 2, 2), float("nan")))
+
+
+def test_save_image_atomic_refuses_a_directory_and_writes_readable_files(tmp_path):
+    (tmp_path / "folder.png").mkdir()
+    with pytest.raises(ValueError, match="is a directory"):
+        images.save_image_atomic(Image.new("RGB", (2, 2)), tmp_path / "folder.png")
+    assert list((tmp_path / "folder.png").iterdir()) == []
+    written = images.save_image_atomic(Image.new("RGB", (2, 2)), tmp_path / "out.png")
+    assert written.stat().st_mode & 0o777 == 0o644  # not mkstemp's 0600

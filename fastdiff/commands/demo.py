@@ -51,6 +51,14 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--per-class must be >= 1, got {args.per_class}")
     if not str(args.out).lower().endswith(".png"):
         raise ValueError(f"--out must name a .png file, got {args.out!r}")
+    if Path(args.out).is_dir():
+        raise ValueError(f"--out {args.out} is a directory; give a .png file name")
+    try:
+        device = torch.device(args.device)
+    except RuntimeError as error:
+        raise ValueError(f"--device {args.device!r} is not a torch device: {error}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"--device {args.device} was requested but CUDA is not available")
     folder = Path(args.model) if args.model else default_model_path()
     started = time.perf_counter()
     pipe = Pipeline.from_pretrained(folder, device=args.device, dtype=torch.float32)

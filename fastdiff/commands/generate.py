@@ -61,7 +61,10 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--num-images", type=int, default=1, help="images per prompt (a grid)")
     parser.add_argument("--init-image", type=Path, help="img2img: start from this image")
     parser.add_argument(
-        "--strength", type=float, default=0.8, help="img2img: share of the steps to run (0, 1]"
+        "--strength",
+        type=float,
+        default=None,
+        help="img2img: share of the steps to run (0, 1] (default 0.8)",
     )
     parser.add_argument("--out", type=Path, help="output image file (single prompt/label)")
     parser.add_argument("--out-dir", type=Path, help="output folder (with --prompts)")
@@ -122,6 +125,8 @@ def generate_one(pipe, args, text: str, seed: int):
         inputs["prompt"] = text
         inputs["negative_prompt"] = args.negative_prompt
     else:
+        if args.negative_prompt is not None:
+            raise ValueError("this model is class-conditional: --negative-prompt is not used")
         try:
             inputs["class_labels"] = int(text)
         except ValueError:
@@ -131,11 +136,8 @@ def generate_one(pipe, args, text: str, seed: int):
     if args.init_image is not None:
         if not args.init_image.is_file():
             raise FileNotFoundError(f"init image not found: {args.init_image}")
-        from PIL import Image
-
-        with Image.open(args.init_image) as image:
-            inputs["image"] = image.convert("RGB")
-        inputs["strength"] = args.strength
+        inputs["image"] = read_init_image(args.init_image)
+        inputs["strength"] = 0.8 if args.strength is None else args.strength
     images = pipe(
         **inputs,
         num_inference_steps=args.steps,
@@ -152,17 +154,47 @@ def generate_one(pipe, args, text: str, seed: int):
     return images[0] if len(images) == 1 else make_grid(images)
 
 
+def read_init_image(path: Path):
+    """The init image, fully decoded (first frame); a file PIL cannot read raises ValueError."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return image.copy()  # the pipeline converts the mode (16-bit grayscale included)
+    except (UnidentifiedImageError, OSError, SyntaxError) as error:
+        raise ValueError(f"cannot read init image {path}: {error}") from None
+
+
+def check_output_file(path: Path) -> None:
+    """Fail before the model is loaded, not after the images are made: a folder that does not
+    exist, a folder where the file should go, or a file name without an image format."""
+    from PIL import Image
+
+    if path.is_dir():
+        raise ValueError(f"--out {path} is a directory; give an image file name such as out.png")
+    if not path.parent.is_dir():
+        raise FileNotFoundError(f"output directory does not exist: {path.parent}")
+    if Image.registered_extensions().get(path.suffix.lower()) is None:
+        raise ValueError(f"cannot tell the image format from the file name {str(path)!r}")
+
+
 def check_args(args) -> None:
     if args.prompts is None:
         if args.out is None:
             raise ValueError("--out FILE.png is required")
         if args.out_dir is not None:
             raise ValueError("--out-dir is only used with --prompts")
+        check_output_file(args.out)
     else:
         if args.out_dir is None:
             raise ValueError("--prompts needs --out-dir DIR")
         if args.out is not None:
             raise ValueError("--out is not used with --prompts; images go to --out-dir")
+        if args.out_dir.exists() and not args.out_dir.is_dir():
+            raise ValueError(f"--out-dir {args.out_dir} exists and is not a directory")
+    if args.strength is not None and args.init_image is None:
+        raise ValueError("--strength is only used with --init-image (img2img)")
     if args.num_images < 1:
         raise ValueError(f"--num-images must be at least 1, got {args.num_images}")
     if args.steps < 1:
@@ -190,7 +222,11 @@ def run(args) -> int:
 def read_prompts(path: Path) -> list[str]:
     if not path.is_file():
         raise FileNotFoundError(f"prompts file not found: {path}")
-    lines = [line.strip() for line in path.read_text().splitlines()]
+    try:  # UTF-8 whatever the locale; utf-8-sig drops the byte-order mark some editors write
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as error:
+        raise ValueError(f"prompts file {path} is not UTF-8 text: {error}") from None
+    lines = [line.strip() for line in text.splitlines()]
     prompts = [line for line in lines if line and not line.startswith("#")]
     if not prompts:
         raise ValueError(f"{path} has no prompts")

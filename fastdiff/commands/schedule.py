@@ -103,6 +103,8 @@ def write_plot(variants: list[tuple[str, NoiseSchedule]], path: Path) -> None:
     directory = path.parent if str(path.parent) else Path(".")
     if not directory.is_dir():
         raise FileNotFoundError(f"directory for --plot does not exist: {directory}")
+    if path.is_dir():
+        raise ValueError(f"--plot {path} is a directory; give a .png file name")
     # Write next to the target, then rename: a reader never sees a half-written PNG.
     handle, temporary = tempfile.mkstemp(dir=directory, prefix=f".{path.name}.", suffix=".png")
     os.close(handle)

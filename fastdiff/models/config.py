@@ -10,6 +10,7 @@ kept and ignored, as diffusers does.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -302,6 +303,21 @@ class VAEConfig(ConfigBase):
                 f"{len(self.block_out_channels)}"
             )
         require_choice("act_fn", self.act_fn, ("silu", "swish"))
+        # 0, NaN or a string here would turn every decoded image into NaN or a TypeError.
+        for key in ("scaling_factor", "shift_factor"):
+            value = getattr(self, key)
+            if value is None and key == "shift_factor":
+                continue
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, (int, float))
+                or not math.isfinite(value)
+                or (key == "scaling_factor" and value <= 0)
+            ):
+                wanted = "a positive number" if key == "scaling_factor" else "a number or null"
+                raise ValueError(
+                    f"unsupported config value {key}={value!r}; supported values: {wanted}"
+                )
         if not isinstance(self.layers_per_block, int) or self.layers_per_block < 1:
             raise ValueError(
                 f"unsupported config value layers_per_block={self.layers_per_block!r}; "

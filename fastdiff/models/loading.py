@@ -79,6 +79,14 @@ def build_from_folder(
     variant: str | None,
 ) -> ModelBase:
     folder = Path(path)
+    if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
+        raise ValueError(f"dtype must be a floating-point torch.dtype or None, got {dtype!r}")
+    try:
+        device = torch.device(device) if device is not None else torch.device("cpu")
+    except RuntimeError as error:
+        raise ValueError(f"device {device!r} is not a torch device: {error}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"device {str(device)!r} was requested but CUDA is not available")
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder}: not a directory")
     config_path = folder / CONFIG_NAME
@@ -91,11 +99,23 @@ def build_from_folder(
     weights_path = find_weights(folder, variant)
     with torch.device("meta"):
         model = model_class(config)
-    expected = {key: value.shape for key, value in model.state_dict().items()}
+    model_state = model.state_dict()
+    expected = {key: value.shape for key, value in model_state.items()}
     state_dict = rename_legacy_keys(read_weights(weights_path), expected)
     check_state_dict(state_dict, expected, weights_path)
+    # Only floating-point tensors are cast below; an integer or bool one would fail inside
+    # load_state_dict with a message that does not name the file.
+    not_float = sorted(
+        f"{key} ({state_dict[key].dtype})"
+        for key, value in model_state.items()
+        if value.is_floating_point() and not state_dict[key].is_floating_point()
+    )
+    if not_float:
+        raise CheckpointError(
+            f"{weights_path}: {len(not_float)} weights are not floating-point tensors: "
+            f"{format_keys(not_float)}"
+        )
     dtype = dtype or torch.float32
-    device = torch.device(device) if device is not None else torch.device("cpu")
     state_dict = {
         key: value.to(device=device, dtype=dtype if value.is_floating_point() else value.dtype)
         for key, value in state_dict.items()

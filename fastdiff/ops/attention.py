@@ -20,7 +20,17 @@ from fastdiff.ops.backend import (
 MAX_KERNEL_HEAD_DIM = 256
 
 
-def check_attention_args(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+def check_attention_args(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None
+) -> None:
+    if not all(isinstance(item, torch.Tensor) for item in (q, k, v)):
+        names = [type(item).__name__ for item in (q, k, v)]
+        raise ValueError(f"attention expects tensors q, k, v, got {names}")
+    # SDPA reads a NaN scale as something else and returns finite, wrong numbers.
+    if scale is not None and (
+        isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale)
+    ):
+        raise ValueError(f"attention: scale must be a finite number or None, got {scale!r}")
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError(
             "attention expects (B, H, N, D) tensors, got shapes "
@@ -66,7 +76,7 @@ def attention_triton_supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     """Inputs the flash kernel handles; the rest runs eagerly (never wrong numbers)."""
     if not kernel_dtype_supported(q) or not (q.dtype == k.dtype == v.dtype):
         return False
-    if q.shape[-1] > MAX_KERNEL_HEAD_DIM or v.shape[-1] != q.shape[-1] or k.shape[2] == 0:
+    if not 0 < q.shape[-1] <= MAX_KERNEL_HEAD_DIM or v.shape[-1] != q.shape[-1] or k.shape[2] == 0:
         return False
     if not (q.device == k.device == v.device):
         return False
@@ -81,7 +91,7 @@ def attention(
     Any strides are accepted (views of a fused QKV projection are read in place). The triton
     output is a (B, H, N, D) view of (B, N, H, D) memory, as PyTorch's flash backend returns.
     """
-    check_attention_args(q, k, v)
+    check_attention_args(q, k, v, scale)
     backend = select_backend(q, "attention", lambda: attention_key(q, k))
     if needs_autograd(q, k, v):
         backend = "eager"

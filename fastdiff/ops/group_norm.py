@@ -5,6 +5,8 @@ fake kernel, so torch.compile and CUDA graphs trace through it) -> ``group_norm`
 arguments, picks the backend, sends unsupported inputs to the eager path).
 """
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -46,10 +48,18 @@ def group_norm_eager(x, num_groups, weight, bias, eps=1e-5, silu=False):
     return F.silu(out) if silu else out
 
 
-def check_group_norm_args(x: torch.Tensor, num_groups: int, weight, bias) -> None:
-    if x.dim() < 2:
-        raise ValueError(f"group_norm expects (N, C, *) input, got shape {tuple(x.shape)}")
+def check_group_norm_args(
+    x: torch.Tensor, num_groups: int, weight, bias, eps: float = 1e-5
+) -> None:
+    if not isinstance(x, torch.Tensor) or x.dim() < 2:
+        shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ValueError(f"group_norm expects an (N, C, *) tensor, got {shape}")
     channels = x.shape[1]
+    if isinstance(num_groups, bool) or not isinstance(num_groups, int):
+        raise ValueError(f"group_norm: num_groups must be an int, got {num_groups!r}")
+    # A negative or NaN eps gives NaN wherever a group's variance is small, silently.
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 <= eps < math.inf:
+        raise ValueError(f"group_norm: eps must be a finite number >= 0, got {eps!r}")
     if num_groups < 1 or channels % num_groups != 0:
         raise ValueError(
             f"group_norm: num_groups={num_groups} must divide the {channels} channels of x"
@@ -104,7 +114,7 @@ def group_norm(
     Statistics are computed in fp32 whatever the input dtype; the output has the input's dtype and
     memory format.
     """
-    check_group_norm_args(x, num_groups, weight, bias)
+    check_group_norm_args(x, num_groups, weight, bias, eps)
     backend = select_backend(x, "group_norm", lambda: group_norm_key(x))
     if needs_autograd(x, weight, bias):
         backend = "eager"

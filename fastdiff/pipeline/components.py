@@ -74,7 +74,7 @@ class PipelineComponents:
 def null_class_label_for(unet_config: dict[str, Any], index: dict[str, Any], where: Path) -> int:
     num_class_embeds = unet_config.get("num_class_embeds")
     label = index.get("null_class_label", num_class_embeds - 1)
-    if not isinstance(label, int) or not 0 <= label < num_class_embeds:
+    if isinstance(label, bool) or not isinstance(label, int) or not 0 <= label < num_class_embeds:
         raise ValueError(
             f"{where}: null_class_label must be an int in [0, {num_class_embeds}), got {label!r}"
         )
@@ -148,6 +148,14 @@ def load_components(
         not isinstance(class_names, list) or not all(isinstance(n, str) for n in class_names)
     ):
         raise ValueError(f"{index_path}: class_names must be a list of strings")
+    num_class_embeds = unet_config.get("num_class_embeds")
+    if class_names is not None and num_class_embeds is not None:
+        if len(class_names) != num_class_embeds - 1:
+            raise ValueError(
+                f"{index_path}: class_names has {len(class_names)} names but the U-Net has "
+                f"{num_class_embeds - 1} classes (num_class_embeds {num_class_embeds}, one of "
+                "them the null class)"
+            )
     return PipelineComponents(
         unet=unet,
         vae=vae,

@@ -14,6 +14,7 @@ plan, given two adjustments made here:
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Callable
 
 import torch
@@ -28,6 +29,9 @@ def img2img_start_step(steps: int, strength: float) -> int:
     (strength 1 runs them all, from nearly pure noise)."""
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"num_inference_steps must be a positive int, got {steps!r}")
+    # A string would pass float() and then repeat itself in steps * strength.
+    if isinstance(strength, (bool, str)) or not isinstance(strength, numbers.Real):
+        raise ValueError(f"strength must be a number in (0, 1], got {strength!r}")
     if not 0.0 < float(strength) <= 1.0:
         raise ValueError(f"strength must lie in (0, 1], got {strength!r}")
     remaining = min(int(steps * strength), steps)

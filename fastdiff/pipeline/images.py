@@ -30,6 +30,35 @@ def tensor_to_pil(images: torch.Tensor) -> list[Image.Image]:
     return [Image.fromarray(item) for item in array]
 
 
+# 16-bit grayscale (PNG, TIFF). Pillow's convert("RGB") clips these to 0..255 instead of scaling,
+# which turns almost every pixel white; "I" is how older Pillow versions open 16-bit PNGs.
+HIGH_BIT_DEPTH_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+
+def pil_to_unit_rgb(image: Image.Image, size: tuple[int, int]) -> np.ndarray:
+    """A PIL image of any common mode -> float32 (H, W, 3) in [0, 1] at ``size`` (width, height)."""
+    if image.mode == "F":
+        raise ValueError(
+            "float images (PIL mode 'F') have no fixed value range: convert the init image to "
+            "8-bit RGB first"
+        )
+    if image.mode in HIGH_BIT_DEPTH_MODES:
+        values = np.asarray(image).astype(np.float32)
+        if values.size and (values.min() < 0 or values.max() > 65535):
+            raise ValueError(
+                f"init image of mode {image.mode!r} has values outside the 16-bit range "
+                f"0..65535 (min {values.min():g}, max {values.max():g})"
+            )
+        gray = Image.fromarray((values / 65535.0).astype(np.float32))  # mode "F"
+        if gray.size != size:
+            gray = gray.resize(size, resample=Image.Resampling.LANCZOS)
+        return np.repeat(np.asarray(gray, dtype=np.float32).clip(0, 1)[..., None], 3, axis=-1)
+    rgb = image.convert("RGB")
+    if rgb.size != size:
+        rgb = rgb.resize(size, resample=Image.Resampling.LANCZOS)
+    return np.asarray(rgb, dtype=np.float32) / 255.0
+
+
 def image_to_tensor(
     image: Image.Image | Sequence[Image.Image] | torch.Tensor,
     height: int | None = None,
@@ -48,6 +77,8 @@ def image_to_tensor(
             raise ValueError(
                 f"image tensor must have shape (3, H, W) or (B, 3, H, W), got {tuple(image.shape)}"
             )
+        if not bool(torch.isfinite(tensor).all()):
+            raise ValueError("image tensor contains NaN or inf")
         if tensor.numel() and (tensor.min() < 0 or tensor.max() > 1):
             raise ValueError("image tensor values must lie in [0, 1]")
         if (height is not None and tensor.shape[2] != height) or (
@@ -62,12 +93,7 @@ def image_to_tensor(
     if not images or not all(isinstance(item, Image.Image) for item in images):
         raise ValueError("image must be a PIL image, a list of PIL images or a float tensor")
     size = (width or images[0].width, height or images[0].height)
-    arrays = []
-    for item in images:
-        item = item.convert("RGB")
-        if item.size != size:
-            item = item.resize(size, resample=Image.Resampling.LANCZOS)
-        arrays.append(np.asarray(item, dtype=np.float32) / 255.0)
+    arrays = [pil_to_unit_rgb(item, size) for item in images]
     tensor = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
     return tensor * 2 - 1
 
@@ -94,6 +120,8 @@ def save_image_atomic(image: Image.Image, path: str | os.PathLike) -> Path:
     target = Path(path)
     if target.parent and not target.parent.exists():
         raise FileNotFoundError(f"output directory does not exist: {target.parent}")
+    if target.is_dir():
+        raise ValueError(f"output path {target} is a directory, not an image file name")
     image_format = Image.registered_extensions().get(target.suffix.lower())
     if image_format is None:
         raise ValueError(f"cannot tell the image format from the file name {str(target)!r}")
@@ -105,6 +133,7 @@ def save_image_atomic(image: Image.Image, path: str | os.PathLike) -> Path:
             image.save(stream, format=image_format)
             stream.flush()
             os.fsync(stream.fileno())
+        os.chmod(temporary, 0o644)  # mkstemp makes 0600 files; an image is meant to be shared
         os.replace(temporary, target)
     except BaseException:
         if os.path.exists(temporary):

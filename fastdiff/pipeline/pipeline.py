@@ -8,6 +8,8 @@ sampling loop), ``decode_latents`` / ``encode_moments`` (the VAE).
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -109,7 +111,14 @@ class Pipeline:
 
     @property
     def default_size(self) -> int:
-        return int(self.unet.config["sample_size"]) * self.vae_scale_factor
+        """Image side used when height/width are not given: the U-Net's ``sample_size``."""
+        sample_size = self.unet.config.get("sample_size")
+        if isinstance(sample_size, bool) or not isinstance(sample_size, int) or sample_size < 1:
+            raise ValueError(
+                f"the U-Net config's sample_size is {sample_size!r}, not a positive int, so "
+                "there is no default image size: pass height and width"
+            )
+        return sample_size * self.vae_scale_factor
 
     # -- stages -----------------------------------------------------------------------------
 
@@ -135,6 +144,7 @@ class Pipeline:
                 device=self.device,
                 dtype=self.dtype,
             )
+            self.check_text_width(conditioning.cond["encoder_hidden_states"].shape[-1])
         elif any(inputs.get(name) is not None for name in text_inputs + ("negative_prompt",)):
             raise ValueError(
                 "this model is class-conditional and has no text encoder: pass class_labels "
@@ -167,6 +177,18 @@ class Pipeline:
         if guided:
             conditioning.uncond.update(classes.uncond)
         return conditioning
+
+    def check_text_width(self, width: int) -> None:
+        """The text embeddings' feature size must be the U-Net's ``cross_attention_dim``; else
+        the first cross-attention fails deep inside a matmul."""
+        expected = self.unet.config.get("cross_attention_dim")
+        if isinstance(expected, (list, tuple)):
+            expected = expected[0] if len(set(expected)) == 1 else None
+        if isinstance(expected, int) and width != expected:
+            raise ValueError(
+                f"the text embeddings have {width} features but the U-Net's cross_attention_dim "
+                f"is {expected}: prompt_embeds or the text encoder(s) do not belong to this U-Net"
+            )
 
     def unet_forward(self, x: torch.Tensor, t: torch.Tensor, cond: Condition) -> torch.Tensor:
         """One U-Net call on a condition dict (see ``fastdiff.pipeline.conditioning``)."""
@@ -311,7 +333,27 @@ class Pipeline:
                 f"diffusers accepts, is not supported), got {type(generator).__name__}"
             )
         if seed is not None:
+            if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+                raise ValueError(f"seed must be an int, got {seed!r}")
+            if not -(2**63) <= seed < 2**64:
+                raise ValueError(f"seed must lie in [-2**63, 2**64), got {seed}")
             generator = torch.Generator(device=self.device).manual_seed(int(seed))
+        # NaN compares false with everything: unchecked, it would silently disable guidance.
+        if not isinstance(guidance_scale, (bool, str)):
+            try:
+                guidance_scale = float(guidance_scale)
+            except (TypeError, ValueError, RuntimeError):
+                pass
+        if not isinstance(guidance_scale, float) or not math.isfinite(guidance_scale):
+            raise ValueError(f"guidance_scale must be a finite number, got {guidance_scale!r}")
+        if latents is not None:
+            if not isinstance(latents, torch.Tensor) or not latents.is_floating_point():
+                what = (
+                    latents.dtype if isinstance(latents, torch.Tensor) else type(latents).__name__
+                )
+                raise ValueError(f"latents must be a floating-point tensor, got {what}")
+            if not bool(torch.isfinite(latents).all()):
+                raise ValueError("latents contain NaN or inf")
         guided = guidance_scale > 1.0
         conditioning = self.encode_conditioning(
             guided,

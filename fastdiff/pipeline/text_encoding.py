@@ -60,6 +60,19 @@ def load_text_component(
         component = component_class.from_pretrained(str(folder), **options)
     except OSError as error:
         raise FileNotFoundError(f"cannot load {class_name} from {folder}: {error}") from error
+    except Exception as error:  # e.g. a truncated safetensors file: name the folder
+        raise ValueError(
+            f"cannot load {class_name} from {folder}: {type(error).__name__}: {error}"
+        ) from error
+    # transformers builds a tokenizer even from an empty folder: two special tokens and no
+    # maximum length, which fails only at the first prompt (OverflowError in padding).
+    if "Tokenizer" in class_name and (
+        len(component) <= 2 or not 0 < component.model_max_length <= 1_000_000
+    ):
+        raise ValueError(
+            f"{folder}: the tokenizer has no vocabulary or no model_max_length; are its files "
+            "(tokenizer.json, or vocab.json + merges.txt, and tokenizer_config.json) missing?"
+        )
     if isinstance(component, torch.nn.Module):
         # transformers 5 loads in the file's dtype ("auto"); with no dtype asked for, float32
         # like the U-Net and VAE, not fp16 because the folder happens to store fp16 weights.

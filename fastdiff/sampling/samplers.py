@@ -31,6 +31,9 @@ def run_plan(
         raise ValueError("x_T must be a floating-point tensor")
     if x_T.dim() < 1 or x_T.shape[0] < 1:
         raise ValueError(f"x_T must have a batch dimension, got shape {tuple(x_T.shape)}")
+    if not bool(torch.isfinite(x_T).all()):
+        # Otherwise reported as a bad model output, or not at all when the model ignores x.
+        raise ValueError("x_T (the starting noise / latents) contains NaN or inf")
     batch = x_T.shape[0]
     x = x_T * plan.init_noise_scale if plan.init_noise_scale != 1.0 else x_T
     x0_prev = None

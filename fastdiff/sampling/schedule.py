@@ -13,6 +13,7 @@ CPU; functions that take tensors return the tensors' dtype/device.
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -102,6 +103,16 @@ class NoiseSchedule:
         object.__setattr__(self, "num_train_timesteps", total)
         object.__setattr__(self, "steps_offset", int(self.steps_offset))
 
+        if self.trained_betas is None and self.beta_schedule != "squaredcos_cap_v2":
+            # Checked first: a negative value would reach sqrt() in scaled_linear (complex dtype).
+            for key in ("beta_start", "beta_end"):
+                value = getattr(self, key)
+                if (
+                    isinstance(value, bool)
+                    or not isinstance(value, numbers.Real)
+                    or not 0.0 < value < 1.0
+                ):
+                    raise ValueError(f"{key} must be a number in (0, 1), got {value!r}")
         if self.trained_betas is not None:
             betas = torch.as_tensor(self.trained_betas, dtype=torch.float32).flatten().clone()
             if betas.numel() != total:

@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any
+
+from fastdiff.sampling.schedule import BETA_SCHEDULES, PREDICTION_TYPES
 
 STAGES = ("classifier", "vae", "unet")
 
@@ -88,8 +91,35 @@ class TrainConfig:
                 raise ValueError(f"stages: unknown stage {stage!r}; allowed values: {STAGES}")
         for name in ("classifier", "vae", "unet"):
             section = getattr(self, name)
+            check_number_types(section, name)
             if section.steps < 1 or section.batch_size < 1 or section.checkpoint_every < 1:
                 raise ValueError(f"{name}: steps, batch_size and checkpoint_every must be >= 1")
+            if section.learning_rate <= 0:
+                raise ValueError(f"{name}.learning_rate must be > 0, got {section.learning_rate}")
+        check_number_types(self.data, "data")
+        # Checked here, not when the U-Net stage starts after the classifier and VAE have trained.
+        if self.unet.prediction_type not in PREDICTION_TYPES:
+            raise ValueError(
+                f"unet.prediction_type: unknown value {self.unet.prediction_type!r}; "
+                f"allowed values: {', '.join(PREDICTION_TYPES)}"
+            )
+        if self.unet.beta_schedule not in BETA_SCHEDULES:
+            raise ValueError(
+                f"unet.beta_schedule: unknown value {self.unet.beta_schedule!r}; "
+                f"allowed values: {', '.join(BETA_SCHEDULES)}"
+            )
+        if not 0.0 <= self.unet.cond_drop_prob <= 1.0:
+            raise ValueError(
+                f"unet.cond_drop_prob must lie in [0, 1], got {self.unet.cond_drop_prob}"
+            )
+        for name in ("vae", "unet"):
+            section = getattr(self, name)
+            for channels in section.block_out_channels:
+                if not isinstance(channels, int) or channels % section.norm_num_groups:
+                    raise ValueError(
+                        f"{name}.norm_num_groups={section.norm_num_groups} must divide every "
+                        f"entry of {name}.block_out_channels {section.block_out_channels}"
+                    )
         if self.export_dtype not in ("float16", "float32"):
             raise ValueError(
                 f"export_dtype: unknown value {self.export_dtype!r}; "
@@ -97,6 +127,25 @@ class TrainConfig:
             )
         if self.data.num_images < 1 or self.data.held_out_images < 1:
             raise ValueError("data: num_images and held_out_images must be >= 1")
+
+
+def check_number_types(section: Any, where: str) -> None:
+    """Each int/float field of a config section holds a number of that kind (JSON "1e-3" or
+    true would otherwise fail, or train wrongly, deep inside a stage)."""
+    for item in dataclasses.fields(section):
+        value = getattr(section, item.name)
+        if item.type in ("int", int):
+            ok = isinstance(value, int) and not isinstance(value, bool)
+        elif item.type in ("float", float, "float | None"):
+            ok = (value is None and "None" in str(item.type)) or (
+                isinstance(value, (int, float))
+                and not isinstance(value, bool)
+                and math.isfinite(value)
+            )
+        else:
+            continue
+        if not ok:
+            raise ValueError(f"{where}.{item.name} must be {item.type}, got {value!r}")
 
 
 def _build(cls: type, values: dict[str, Any], where: str):

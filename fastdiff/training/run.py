@@ -79,6 +79,8 @@ def _run_stages(
 ) -> dict[str, Any]:
     torch.manual_seed(config.seed)
     output = Path(config.output_dir)
+    if output.exists() and not output.is_dir():
+        raise ValueError(f"output_dir {output} exists and is not a directory")
     pipeline = output / PIPELINE_DIR
     metrics_path = output / "metrics.json"
     metrics: dict[str, Any] = {}

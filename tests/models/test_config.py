@@ -58,6 +58,10 @@ def test_unet_config_rejects_unsupported_values(overrides, message):
         ({"down_block_types": ["AttnDownEncoderBlock2D", "DownEncoderBlock2D"]}, "supported"),
         ({"block_out_channels": [16]}, "same length"),
         ({"layers_per_block": 0}, "layers_per_block"),
+        # 0 used to decode every image to NaN; a string failed in the decoder with a TypeError.
+        ({"scaling_factor": 0}, "scaling_factor=0; supported values: a positive number"),
+        ({"scaling_factor": "0.18"}, "scaling_factor='0.18'; supported values: a positive"),
+        ({"shift_factor": float("nan")}, "shift_factor=nan"),
     ],
 )
 def test_vae_config_rejects_unsupported_values(overrides, message):

@@ -82,8 +82,12 @@ def test_sharded_errors_name_the_file(checkpoints, tmp_path):
             lambda s: s.update({"conv_out.bias": torch.zeros(5)}),
             r"1 mis-shaped keys: conv_out.bias \(checkpoint \(5,\), model \(4,\)\)",
         ),
+        (  # used to fail inside load_state_dict without naming the file
+            lambda s: s.update({"conv_out.bias": torch.zeros(4, dtype=torch.int32)}),
+            r"1 weights are not floating-point tensors: conv_out.bias \(torch.int32\)",
+        ),
     ],
-    ids=["missing", "unexpected", "mis-shaped"],
+    ids=["missing", "unexpected", "mis-shaped", "integer"],
 )
 def test_mismatched_weights_raise_naming_keys(checkpoints, tmp_path, edit, message):
     _, folder = checkpoints.unet("class_conditional")
@@ -149,6 +153,19 @@ def test_missing_files(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"_class_name": "AutoencoderKL"}))
     with pytest.raises(FileNotFoundError, match=WEIGHTS):
         load_vae(tmp_path)
+
+
+def test_bad_dtype_and_device_are_named(tmp_path):
+    # These used to fail in Tensor.to() or load_state_dict (or with an AssertionError).
+    with pytest.raises(ValueError, match="dtype must be a floating-point torch.dtype.*'fp16'"):
+        load_unet(tmp_path, dtype="fp16")
+    with pytest.raises(ValueError, match="floating-point torch.dtype or None, got torch.int8"):
+        load_unet(tmp_path, dtype=torch.int8)
+    with pytest.raises(ValueError, match="device 'gpu' is not a torch device"):
+        load_vae(tmp_path, device="gpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="'cuda' was requested but CUDA is not available"):
+            load_vae(tmp_path, device="cuda")
 
 
 def test_failed_load_assigns_nothing(checkpoints, tmp_path, monkeypatch):

@@ -128,8 +128,19 @@ def test_negative_scale_falls_back_to_eager(triton_backend, monkeypatch):
     assert counter.calls == 0
 
 
+def test_zero_head_dim_runs_eagerly(triton_backend):
+    # The default scale D^-1/2 used to raise ZeroDivisionError on the triton path.
+    q = torch.zeros(1, 2, 3, 0)
+    assert attention(q, q, q).shape == (1, 2, 3, 0)
+
+
 def test_bad_shapes_raise():
     q, k, v = make_qkv(1, 2, 4, 4, 16, torch.float32)
+    # SDPA returned finite numbers for a NaN scale, different from the reference's NaN.
+    with pytest.raises(ValueError, match="scale must be a finite number or None, got nan"):
+        attention(q, k, v, float("nan"))
+    with pytest.raises(ValueError, match="expects tensors q, k, v"):
+        attention(q.tolist(), k, v)
     with pytest.raises(ValueError, match="head dims differ"):
         attention(q, k[..., :8], v)
     with pytest.raises(ValueError, match=r"\(B, H, N, D\)"):

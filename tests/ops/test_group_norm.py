@@ -169,6 +169,21 @@ def test_bad_group_count_raises(bad):
         group_norm(torch.randn(1, 8, 2, 2), bad)
 
 
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        (dict(num_groups=4.0), "num_groups must be an int, got 4.0"),
+        (dict(num_groups=True), "num_groups must be an int, got True"),
+        (dict(eps=-1.0), "eps must be a finite number >= 0, got -1.0"),  # used to give NaN
+        (dict(eps=float("nan")), "eps must be a finite number >= 0, got nan"),
+    ],
+)
+def test_bad_group_count_type_and_eps_raise(kwargs, message):
+    x = torch.ones(1, 8, 2, 2)  # zero variance: a negative eps would give NaN
+    with pytest.raises(ValueError, match=message):
+        group_norm(x, **{"num_groups": 4, **kwargs})
+
+
 def test_bad_backend_name_raises(monkeypatch):
     monkeypatch.setenv("FASTDIFF_BACKEND", "tensorrt")
     with pytest.raises(ValueError, match="FASTDIFF_BACKEND.*allowed values"):

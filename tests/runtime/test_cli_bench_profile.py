@@ -19,6 +19,14 @@ def test_bench_rejects_unknown_provider(capsys):
     assert "allowed values" in capsys.readouterr().err
 
 
+def test_bench_rejects_bad_iteration_counts(capsys):
+    # --iters 0 used to run every case and fail each one with "no median for empty data".
+    assert main(["bench", "--which", "vae", "--no-csv", "--iters", "0"]) == 2
+    assert "--iters must be at least 1, got 0" in capsys.readouterr().err
+    assert main(["bench", "--which", "vae", "--no-csv", "--warmup", "-1"]) == 2
+    assert "--warmup must be >= 0, got -1" in capsys.readouterr().err
+
+
 def test_profile_prints_breakdowns(capsys):
     assert main(["profile", "--calls", "1", "--top", "3"]) == 0
     out = capsys.readouterr().out

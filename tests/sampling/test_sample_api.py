@@ -120,6 +120,11 @@ def test_non_finite_model_output_names_the_step(bad):
 def test_x_T_is_checked():
     with pytest.raises(ValueError, match="floating-point"):
         sample(toy_model, torch.ones(2, 3, dtype=torch.long), SCHEDULE, "ddim", 5)
+    # A model that ignores x (or an x0 model) used to hand the NaN back as the sample.
+    start = torch.randn(2, 3)
+    start[1, 2] = float("nan")
+    with pytest.raises(ValueError, match="x_T .* contains NaN or inf"):
+        sample(lambda x, t: torch.zeros_like(x), start, SCHEDULE, "ddim", 5)
 
 
 def test_plan_step_formulas_and_noise():

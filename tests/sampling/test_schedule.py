@@ -119,6 +119,22 @@ def test_timesteps_match_diffusers(sampler, spacing):
         assert torch.equal(ours.double(), expected), (steps, offset)
 
 
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(beta_schedule="scaled_linear", beta_start=-0.1),  # used to hit sqrt() -> complex
+        dict(beta_schedule="linear", beta_end="0.02"),
+        dict(beta_schedule="scaled_linear", beta_end=float("nan")),
+    ],
+)
+def test_beta_range_is_checked_by_name(kwargs):
+    (key,) = [name for name in kwargs if name.startswith("beta_") and name != "beta_schedule"]
+    with pytest.raises(ValueError, match=rf"{key} must be a number in \(0, 1\)"):
+        NoiseSchedule(**kwargs)
+    # The cosine schedule does not read them.
+    NoiseSchedule(beta_schedule="squaredcos_cap_v2", **{key: kwargs[key]})
+
+
 def test_timestep_validation():
     schedule = NoiseSchedule(timestep_spacing="leading", steps_offset=1)
     for bad in (0, -3, 1001):

@@ -35,6 +35,10 @@ def test_bad_arguments(tmp_path, capsys):
     assert "--steps" in capsys.readouterr().err
     assert main(["schedule", "--plot", str(tmp_path / "missing" / "x.png")]) == 2
     assert "does not exist" in capsys.readouterr().err
+    (tmp_path / "folder.png").mkdir()  # used to end in an IsADirectoryError traceback
+    assert main(["schedule", "--steps", "2", "--plot", str(tmp_path / "folder.png")]) == 2
+    assert "is a directory" in capsys.readouterr().err
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["folder.png"]  # no temp left
     with pytest.raises(SystemExit) as exit_info:
         main(["schedule", "--help"])
     assert exit_info.value.code == 0

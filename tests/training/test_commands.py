@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 from PIL import Image
 
 from fastdiff.cli import main
@@ -29,11 +30,18 @@ def test_demo_rejects_bad_arguments(tmp_path, capsys):
         main(["demo", "--model", str(tmp_path / "nowhere"), "--out", str(tmp_path / "g.png")]) == 2
     )
     assert "not found" in capsys.readouterr().err
+    # These used to end in a traceback (a directory as --out: after sampling the whole grid).
+    if not torch.cuda.is_available():
+        assert main(["demo", "--out", str(tmp_path / "g.png"), "--device", "cuda:0"]) == 2
+        assert "CUDA is not available" in capsys.readouterr().err
+    (tmp_path / "folder.png").mkdir()
+    assert main(["demo", "--out", str(tmp_path / "folder.png"), "--steps", "1"]) == 2
+    assert "is a directory" in capsys.readouterr().err
+    assert main(["demo", "--out", str(tmp_path / "g.png"), "--device", "gpu"]) == 2
+    assert "--device 'gpu' is not a torch device" in capsys.readouterr().err
 
 
 def test_grid_checks_its_inputs():
-    import torch
-
     with pytest.raises(ValueError, match="left has 3 images, expected 2 rows x 2"):
         grid_image(torch.zeros(3, 3, 32, 32), torch.zeros(4, 3, 32, 32), ["a", "b"], 2, "l", "r")
 
@@ -58,6 +66,12 @@ def test_train_help_and_config_errors(tmp_path, capsys, tiny_config_dict):
     alone.write_text(json.dumps({**tiny_config_dict, "stages": ["unet"]}))
     assert main(["train", "--config", str(alone)]) == 2
     assert "run the vae stage first" in capsys.readouterr().err
+
+    not_a_folder = tmp_path / "a-file"
+    not_a_folder.write_text("keep me")
+    assert main(["train", "--config", str(alone), "--output-dir", str(not_a_folder)]) == 2
+    assert "exists and is not a directory" in capsys.readouterr().err
+    assert not_a_folder.read_text() == "keep me"
 
 
 def test_train_cli_builds_a_loadable_pipeline(tmp_path, tiny_config_dict):

@@ -37,6 +37,30 @@ def test_bad_values_raise():
         config_from_dict({"vae": [1, 2]})
 
 
+@pytest.mark.parametrize(
+    "values,message",
+    [
+        # Each of these used to pass here and fail only when its stage started, after the
+        # stages before it had trained (or, for the learning rate, deep in the optimizer).
+        ({"unet": {"learning_rate": "1e-3"}}, "unet.learning_rate must be float, got '1e-3'"),
+        ({"unet": {"learning_rate": -1.0}}, "unet.learning_rate must be > 0"),
+        ({"vae": {"steps": 1.5}}, "vae.steps must be int, got 1.5"),
+        ({"classifier": {"batch_size": True}}, "classifier.batch_size must be int, got True"),
+        ({"unet": {"prediction_type": "x0"}}, "unet.prediction_type: unknown value 'x0'"),
+        ({"unet": {"beta_schedule": "cosine"}}, "unet.beta_schedule: unknown value 'cosine'"),
+        ({"unet": {"cond_drop_prob": 2}}, r"unet.cond_drop_prob must lie in \[0, 1\]"),
+        (
+            {"unet": {"block_out_channels": [64, 100], "norm_num_groups": 32}},
+            "unet.norm_num_groups=32 must divide every entry",
+        ),
+    ],
+)
+def test_stage_values_are_checked_before_training(values, message):
+    with pytest.raises(ValueError, match=message):
+        config_from_dict(values)
+    assert config_from_dict({"unet": {"min_snr_gamma": None}}).unet.min_snr_gamma is None
+
+
 def test_load_config_file(tmp_path, tiny_config_dict):
     path = tmp_path / "config.json"
     path.write_text(json.dumps(tiny_config_dict))
