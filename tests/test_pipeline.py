@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import shutil
 import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -177,11 +178,26 @@ def test_output_types_seed_and_size(pipe):
             dict(prompt_embeds=torch.zeros(1, 16, 48), guidance_scale=1.0),
             "48 features but the U-Net's cross_attention_dim is 32",
         ),
+        # Only SDXL's U-Net reads a pooled embedding: here it used to be dropped silently.
+        (
+            dict(prompt="a cat", pooled_prompt_embeds=torch.zeros(1, 32)),
+            "pooled_prompt_embeds given, but this U-Net takes no pooled text embedding",
+        ),
     ],
 )
 def test_bad_inputs_raise_clear_errors(pipe, kwargs, message):
     with pytest.raises(ValueError, match=message):
         pipe(**kwargs, num_inference_steps=2, progress=False)
+
+
+def test_a_prompt_longer_than_the_encoder_reads_warns_with_the_dropped_words(pipe):
+    limit = pipe.prompt_encoder.encoders[0][0].model_max_length
+    prompt = " ".join(["cat"] * limit + ["zebra"])
+    with pytest.warns(UserWarning, match=r"prompt truncated to .* dropped: '.*zebra'"):
+        pipe(prompt, num_inference_steps=1, guidance_scale=1.0, progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        pipe("a cat", num_inference_steps=1, guidance_scale=1.0, progress=False)
 
 
 def test_folder_errors_name_the_path(sd_folder, tmp_path, monkeypatch):

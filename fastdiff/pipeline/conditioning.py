@@ -107,6 +107,20 @@ def text_conditioning(
         prompt_embeds, pooled = encoded.tokens, encoded.pooled
     check_embeddings("prompt_embeds", prompt_embeds, 3, None)
     batch, length = prompt_embeds.shape[:2]
+    if not needs_pooled:
+        given = [
+            name
+            for name, value in (
+                ("pooled_prompt_embeds", pooled_prompt_embeds),
+                ("negative_pooled_prompt_embeds", negative_pooled_prompt_embeds),
+            )
+            if value is not None
+        ]
+        if given:
+            raise ValueError(
+                f"{' and '.join(given)} given, but this U-Net takes no pooled text embedding "
+                "(only SDXL's addition_embed_type 'text_time' does)"
+            )
     if needs_pooled:
         if pooled is None:
             raise ValueError("this U-Net (SDXL text_time) needs pooled_prompt_embeds")

@@ -13,6 +13,7 @@ Two conventions, chosen by the U-Net:
 from __future__ import annotations
 
 import importlib
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -89,6 +90,22 @@ class PromptEmbeddings:
     pooled: torch.Tensor | None = None
 
 
+def warn_if_truncated(tokenizer: Any, prompts: Sequence[str], limit: int) -> None:
+    """Warn, naming the words dropped, when a prompt has more tokens than the encoder reads (as
+    diffusers does: the end of a long prompt has no effect on the image)."""
+    for prompt in prompts:
+        ids = tokenizer(prompt, truncation=False).input_ids
+        if len(ids) > limit:
+            # Keep the end-of-text token out of the dropped part: it is re-added at the cut.
+            dropped = tokenizer.decode(ids[limit - 1 : -1], skip_special_tokens=True)
+            warnings.warn(
+                f"prompt truncated to the text encoder's {limit} tokens ({len(ids)} given); "
+                f"dropped: {dropped!r}",
+                UserWarning,
+                stacklevel=2,
+            )
+
+
 class PromptEncoder:
     """Tokenize and encode prompts with one (SD 1/2) or two (SDXL) CLIP text encoders.
 
@@ -117,14 +134,17 @@ class PromptEncoder:
         if not all(isinstance(prompt, str) for prompt in prompts):
             raise ValueError("prompts must be strings")
         per_encoder, pooled = [], None
-        for tokenizer, encoder in self.encoders:
+        for index, (tokenizer, encoder) in enumerate(self.encoders):
+            limit = max_length or tokenizer.model_max_length
             tokens = tokenizer(
                 prompts,
                 padding="max_length",
-                max_length=max_length or tokenizer.model_max_length,
+                max_length=limit,
                 truncation=True,
                 return_tensors="pt",
             )
+            if index == 0:
+                warn_if_truncated(tokenizer, prompts, limit)
             input_ids = tokens.input_ids.to(self.device)
             if self.penultimate:
                 output = encoder(input_ids, output_hidden_states=True)
