@@ -8,8 +8,6 @@ sampling loop), ``decode_latents`` / ``encode_moments`` (the VAE).
 
 from __future__ import annotations
 
-import math
-import numbers
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -18,6 +16,12 @@ import torch
 
 from fastdiff.models.vae import DiagonalGaussian
 from fastdiff.pipeline import images as image_utils
+from fastdiff.pipeline.call_arguments import (
+    check_choices,
+    check_latents,
+    guidance_scale_value,
+    make_generator,
+)
 from fastdiff.pipeline.components import PipelineComponents, load_components
 from fastdiff.pipeline.conditioning import (
     Condition,
@@ -29,9 +33,7 @@ from fastdiff.pipeline.conditioning import (
 from fastdiff.pipeline.denoising import img2img_start_step, run_sampler
 from fastdiff.pipeline.text_encoding import PromptEncoder
 from fastdiff.pipeline.vae_scaling import from_vae_latents, to_vae_latents, vae_run_dtype
-from fastdiff.sampling import SAMPLERS, NoiseSchedule, classifier_free_guidance
-
-OUTPUT_TYPES = ("pil", "tensor", "latent")
+from fastdiff.sampling import NoiseSchedule, classifier_free_guidance
 
 
 class Pipeline:
@@ -317,43 +319,10 @@ class Pipeline:
         forward process to the step that ``strength`` selects, and only the remaining
         ``int(num_inference_steps * strength)`` steps are sampled.
         """
-        if sampler not in SAMPLERS:
-            raise ValueError(f"unknown sampler {sampler!r}; allowed values: {', '.join(SAMPLERS)}")
-        if output_type not in OUTPUT_TYPES:
-            raise ValueError(
-                f"unknown output_type {output_type!r}; allowed values: {', '.join(OUTPUT_TYPES)}"
-            )
-        if isinstance(num_images, bool) or not isinstance(num_images, int) or num_images < 1:
-            raise ValueError(f"num_images must be a positive int, got {num_images!r}")
-        if seed is not None and generator is not None:
-            raise ValueError("pass seed or generator, not both")
-        if generator is not None and not isinstance(generator, torch.Generator):
-            raise ValueError(
-                "generator must be one torch.Generator (a list of per-image generators, as "
-                f"diffusers accepts, is not supported), got {type(generator).__name__}"
-            )
-        if seed is not None:
-            if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
-                raise ValueError(f"seed must be an int, got {seed!r}")
-            if not -(2**63) <= seed < 2**64:
-                raise ValueError(f"seed must lie in [-2**63, 2**64), got {seed}")
-            generator = torch.Generator(device=self.device).manual_seed(int(seed))
-        # NaN compares false with everything: unchecked, it would silently disable guidance.
-        if not isinstance(guidance_scale, (bool, str)):
-            try:
-                guidance_scale = float(guidance_scale)
-            except (TypeError, ValueError, RuntimeError):
-                pass
-        if not isinstance(guidance_scale, float) or not math.isfinite(guidance_scale):
-            raise ValueError(f"guidance_scale must be a finite number, got {guidance_scale!r}")
-        if latents is not None:
-            if not isinstance(latents, torch.Tensor) or not latents.is_floating_point():
-                what = (
-                    latents.dtype if isinstance(latents, torch.Tensor) else type(latents).__name__
-                )
-                raise ValueError(f"latents must be a floating-point tensor, got {what}")
-            if not bool(torch.isfinite(latents).all()):
-                raise ValueError("latents contain NaN or inf")
+        check_choices(sampler, output_type, num_images)
+        generator = make_generator(seed, generator, self.device)
+        guidance_scale = guidance_scale_value(guidance_scale)
+        check_latents(latents)
         guided = guidance_scale > 1.0
         conditioning = self.encode_conditioning(
             guided,

@@ -1,0 +1,70 @@
+"""Checks of ``Pipeline.__call__``'s plain arguments, each failing with a message that names the
+argument and what it accepts (the conditioning inputs are checked in ``conditioning.py``)."""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+import torch
+
+from fastdiff.sampling import SAMPLERS
+
+OUTPUT_TYPES = ("pil", "tensor", "latent")
+
+
+def check_choices(sampler: str, output_type: str, num_images: int) -> None:
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r}; allowed values: {', '.join(SAMPLERS)}")
+    if output_type not in OUTPUT_TYPES:
+        raise ValueError(
+            f"unknown output_type {output_type!r}; allowed values: {', '.join(OUTPUT_TYPES)}"
+        )
+    if isinstance(num_images, bool) or not isinstance(num_images, int) or num_images < 1:
+        raise ValueError(f"num_images must be a positive int, got {num_images!r}")
+
+
+def make_generator(
+    seed: int | None, generator: torch.Generator | None, device: torch.device
+) -> torch.Generator | None:
+    """The generator the call draws its noise with: ``generator``, or a new one seeded with
+    ``seed`` on ``device``, or None (torch's global generator)."""
+    if seed is not None and generator is not None:
+        raise ValueError("pass seed or generator, not both")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise ValueError(
+            "generator must be one torch.Generator (a list of per-image generators, as "
+            f"diffusers accepts, is not supported), got {type(generator).__name__}"
+        )
+    if seed is None:
+        return generator
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+        raise ValueError(f"seed must be an int, got {seed!r}")
+    if not -(2**63) <= seed < 2**64:
+        raise ValueError(f"seed must lie in [-2**63, 2**64), got {seed}")
+    return torch.Generator(device=device).manual_seed(int(seed))
+
+
+def guidance_scale_value(guidance_scale) -> float:
+    """``guidance_scale`` as a finite float (a 0-d tensor or numpy scalar is accepted)."""
+    # NaN compares false with everything: unchecked, it would silently disable guidance.
+    if not isinstance(guidance_scale, (bool, str)):
+        try:
+            guidance_scale = float(guidance_scale)
+        except (TypeError, ValueError, RuntimeError):
+            pass
+    if not isinstance(guidance_scale, float) or not math.isfinite(guidance_scale):
+        raise ValueError(f"guidance_scale must be a finite number, got {guidance_scale!r}")
+    return guidance_scale
+
+
+def check_latents(latents) -> None:
+    """Given starting latents are a finite floating-point tensor (the shape is checked later,
+    against the image size)."""
+    if latents is None:
+        return
+    if not isinstance(latents, torch.Tensor) or not latents.is_floating_point():
+        what = latents.dtype if isinstance(latents, torch.Tensor) else type(latents).__name__
+        raise ValueError(f"latents must be a floating-point tensor, got {what}")
+    if not bool(torch.isfinite(latents).all()):
+        raise ValueError("latents contain NaN or inf")
