@@ -185,6 +185,22 @@ class UNetConfig(ConfigBase):
                 f"unsupported config value norm_num_groups={self.norm_num_groups!r}; "
                 "supported values: a positive int"
             )
+        for key in ("in_channels", "out_channels"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(
+                    f"unsupported config value {key}={value!r}; supported values: a positive int"
+                )
+        for channels in self.block_out_channels:
+            if (
+                isinstance(channels, bool)
+                or not isinstance(channels, int)
+                or channels % self.norm_num_groups
+            ):
+                raise ValueError(
+                    f"config block_out_channels {list(self.block_out_channels)}: every entry must "
+                    f"be an int that norm_num_groups={self.norm_num_groups} divides"
+                )
         if self.reverse_transformer_layers_per_block is not None:
             raise ValueError(
                 "unsupported config value reverse_transformer_layers_per_block="

@@ -40,6 +40,11 @@ def test_dict_style_access():
         ({"conv_in_kernel": 2}, "conv_in_kernel=2"),
         ({"transformer_layers_per_block": [[1], [1]]}, "transformer_layers_per_block"),
         ({"only_cross_attention": True}, "only_cross_attention="),
+        # These failed later inside torch ("negative dimension", "must be divisible by
+        # num_groups") without naming the config key.
+        ({"in_channels": -4}, "in_channels=-4; supported values: a positive int"),
+        ({"out_channels": "4"}, "out_channels='4'; supported values: a positive int"),
+        ({"norm_num_groups": 5}, "must be an int that norm_num_groups=5 divides"),
     ],
 )
 def test_unet_config_rejects_unsupported_values(overrides, message):
@@ -49,6 +54,7 @@ def test_unet_config_rejects_unsupported_values(overrides, message):
         "supported values" in str(error.value)
         or "entries" in str(error.value)
         or ("length" in str(error.value) or "needs" in str(error.value))
+        or "divides" in str(error.value)
     )
 
 
