@@ -178,6 +178,12 @@ def test_output_types_seed_and_size(pipe):
             dict(prompt_embeds=torch.zeros(1, 16, 48), guidance_scale=1.0),
             "48 features but the U-Net's cross_attention_dim is 32",
         ),
+        # The empty negative prompt cannot be encoded to more tokens than the text encoder reads
+        # (16 here, 77 for CLIP): it failed inside transformers, with no hint of the fix.
+        (
+            dict(prompt_embeds=torch.zeros(1, 200, 32)),
+            r"reads at most 16 .*need negative_prompt_embeds as well",
+        ),
         # Only SDXL's U-Net reads a pooled embedding: here it used to be dropped silently.
         (
             dict(prompt="a cat", pooled_prompt_embeds=torch.zeros(1, 32)),

@@ -127,12 +127,24 @@ class PromptEncoder:
     def dtype(self) -> torch.dtype:
         return next(self.encoders[0][1].parameters()).dtype
 
+    @property
+    def max_length(self) -> int:
+        """The most tokens every text encoder reads (77 for CLIP)."""
+        return min(tokenizer.model_max_length for tokenizer, _ in self.encoders)
+
     @torch.no_grad()
     def encode(self, prompts: Sequence[str], max_length: int | None = None) -> PromptEmbeddings:
-        """Encode a batch of prompts, padded (or truncated) to the tokenizer's maximum length."""
+        """Encode a batch of prompts, padded (or truncated) to ``max_length`` tokens (default:
+        the tokenizer's maximum), which must not exceed what the encoders read."""
         prompts = list(prompts)
         if not all(isinstance(prompt, str) for prompt in prompts):
             raise ValueError("prompts must be strings")
+        if max_length is not None and max_length > self.max_length:
+            raise ValueError(
+                f"cannot encode prompts to {max_length} tokens: the text encoder reads at most "
+                f"{self.max_length} (given prompt_embeds that long need negative_prompt_embeds "
+                "as well)"
+            )
         per_encoder, pooled = [], None
         for index, (tokenizer, encoder) in enumerate(self.encoders):
             limit = max_length or tokenizer.model_max_length
