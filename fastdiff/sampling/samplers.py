@@ -31,6 +31,8 @@ def run_plan(
         raise ValueError("x_T must be a floating-point tensor")
     if x_T.dim() < 1 or x_T.shape[0] < 1:
         raise ValueError(f"x_T must have a batch dimension, got shape {tuple(x_T.shape)}")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise ValueError(f"generator must be a torch.Generator or None, got {generator!r}")
     if not bool(torch.isfinite(x_T).all()):
         # Otherwise reported as a bad model output, or not at all when the model ignores x.
         raise ValueError("x_T (the starting noise / latents) contains NaN or inf")

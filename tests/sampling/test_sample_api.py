@@ -117,6 +117,11 @@ def test_non_finite_model_output_names_the_step(bad):
         sample(model, torch.randn(2, 4), SCHEDULE, "dpmpp_2m", 5)
 
 
+def test_generator_is_checked():
+    with pytest.raises(ValueError, match="generator must be a torch.Generator or None, got 42"):
+        sample(toy_model, torch.randn(2, 4), SCHEDULE, "ddpm", 3, generator=42)
+
+
 def test_x_T_is_checked():
     with pytest.raises(ValueError, match="floating-point"):
         sample(toy_model, torch.ones(2, 3, dtype=torch.long), SCHEDULE, "ddim", 5)
