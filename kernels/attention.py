@@ -6,7 +6,8 @@ of BLOCK_N, keeping a running row maximum ``m``, row sum ``l`` and unnormalised 
 fp32. The softmax uses exp2 with log2(e) folded into the scale. Inputs are (B, H, N, D) tensors
 with any strides (views of a fused QKV projection need no copy). A head dim that is not a power of
 two runs as a power-of-two block plus a narrower masked tail (40 = 32 + 16, 80 = 64 + 16,
-160 = 128 + 32), which wastes fewer tensor-core columns than padding to the next power of two.
+160 = 128 + 32) when that wastes fewer tensor-core columns than padding to the next power of two;
+otherwise (e.g. 120) it is padded (``head_blocks``).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Fused classifier-free guidance + sampler step (see notes/PLAN_INTERFACE.md): one elementwise
+"""Fused classifier-free guidance + sampler step (see fastdiff/sampling/plan.py): one elementwise
 pass that reads x, the [uncond; cond] model output, x0_prev and noise, and writes x_next and x0.
 
 The plan row is read on the device (from the coefficient table at a step index held in a device

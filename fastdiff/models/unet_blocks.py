@@ -1,9 +1,9 @@
 """U-Net stages: down blocks, mid blocks and up blocks, with or without cross-attention.
 
-Names and layouts follow diffusers' ``DownBlock2D``, ``CrossAttnDownBlock2D``, ``UpBlock2D``,
-``CrossAttnUpBlock2D``, ``UNetMidBlock2DCrossAttn`` and ``UNetMidBlock2D`` so state-dict keys
-match. Down blocks return every intermediate feature map for the skip connections; up blocks
-consume them from the end.
+Names and layouts follow diffusers' ``DownBlock2D``, ``CrossAttnDownBlock2D``,
+``AttnDownBlock2D``, ``UpBlock2D``, ``CrossAttnUpBlock2D``, ``AttnUpBlock2D``,
+``UNetMidBlock2DCrossAttn`` and ``UNetMidBlock2D`` so state-dict keys match. Down blocks return
+every intermediate feature map for the skip connections; up blocks consume them from the end.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""Per-op, per-shape backend choice from measured timings (cuda vs triton).
+"""Per-op, per-shape backend choice from measured timings (cuda vs triton; triton vs eager SDPA
+for attention).
 
 The table is a small JSON file written by ``benchmarks/bench_cuda_backend.py`` on a GPU:
 

@@ -3,8 +3,9 @@
 ``available()`` loads the extension once: the ahead-of-time build ``fastdiff._C``
 (``FASTDIFF_BUILD_CUDA=1 pip install -e .``) when importable, else a JIT build of csrc/ with
 ``torch.utils.cpp_extension.load`` + ninja, cached in ``$FASTDIFF_CUDA_BUILD_DIR``, else
-``$TORCH_EXTENSIONS_DIR/fastdiff``, else ``~/.cache/fastdiff/torch_extensions`` (a rebuild happens
-only when the sources or flags change). Without a CUDA device, nvcc or ninja it returns False and
+``$TORCH_EXTENSIONS_DIR/fastdiff/torch_extensions/torch<version>_cu<cuda>``, else
+``~/.cache/fastdiff/torch_extensions/torch<version>_cu<cuda>`` (a rebuild happens only when the
+sources or flags change). Without a CUDA device, nvcc or ninja it returns False and
 ``unavailable_reason()`` says why; fastdiff then runs unchanged on the triton/eager backends.
 ``FASTDIFF_CUDA_EXTENSION=0`` disables it.
 
@@ -257,7 +258,7 @@ def sampler_step(
     guidance_value: float,
     noise: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One fused CFG + plan step (notes/PLAN_INTERFACE.md) with the CUDA kernel; returns
+    """One fused CFG + plan step (fastdiff/sampling/plan.py) with the CUDA kernel; returns
     (x_next, x0). Arguments as ``fastdiff.ops.sampler_step_triton``: ``step`` an int64 device
     scalar with a [S, 7] table (None with one [7] row), ``guidance`` a device scalar or None (then
     ``guidance_value`` is used)."""

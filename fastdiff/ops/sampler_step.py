@@ -1,4 +1,5 @@
-"""Fused classifier-free guidance + one sampling-plan step (notes/PLAN_INTERFACE.md).
+"""Fused classifier-free guidance + one sampling-plan step (the SamplingPlan contract of
+``fastdiff/sampling/plan.py``).
 
 Layers: ``kernels/sampler_step.py`` (Triton launcher) -> custom op ``fastdiff::sampler_step``
 (with a fake kernel) -> ``sampler_step`` (checks, backend choice, eager path).

@@ -1,7 +1,7 @@
 """The denoising loop on static buffers, captured as CUDA graphs.
 
 One body implements a sampler step for every sampler, because every sampler is a ``SamplingPlan``
-(see notes/PLAN_INTERFACE.md): the plan row and the timestep are read from device tensors at a
+(see ``fastdiff/sampling/plan.py``): the plan row and the timestep are read from device tensors at a
 step index that is itself a device tensor, incremented inside the body. The same body therefore
 
 * unrolled ``S`` times in one capture gives the whole-loop graph (few-step generation: one launch

@@ -7,7 +7,9 @@ What it does, and why each step pays on an H100/H200:
   NCHW it inserts layout conversions around every convolution (26 % of SD1.5's eager GPU time).
   Our GroupNorm kernel takes NHWC, so no conversion is left between blocks.
 * fused QKV projections: one GEMM instead of three for self-attention.
-* fastdiff's Triton kernels (the default ops backend on CUDA).
+* fastdiff's kernels through the ``auto`` ops backend: per op and shape the faster of the CUDA
+  extension and Triton (GroupNorm, sampler step) or of Triton and PyTorch's SDPA (attention),
+  by the measured table of ``fastdiff.ops.autoselect``.
 * CUDA graphs: the U-Net launches hundreds of small kernels; eager PyTorch spends more host time
   launching them (31 ms) than the GPU spends running them (12 ms). A graph replays them all with
   one launch. Few-step generations capture the whole loop, longer ones one step.

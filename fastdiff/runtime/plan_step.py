@@ -1,6 +1,6 @@
 """One sampler update (CFG combine + plan row) on static buffers, safe inside a CUDA graph.
 
-The update is the SamplingPlan contract of notes/PLAN_INTERFACE.md; the fused op
+The update is the SamplingPlan contract of ``fastdiff/sampling/plan.py``; the fused op
 ``fastdiff.ops.sampler_step`` computes it reading the plan row at a device step index, so a
 captured graph stays correct for every step. The op returns new tensors; they are copied back
 into the static buffers because a graph must keep reading and writing the same addresses.

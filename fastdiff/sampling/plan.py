@@ -1,4 +1,5 @@
-"""Samplers compiled ahead of time into a :class:`SamplingPlan` (see notes/PLAN_INTERFACE.md).
+"""Samplers compiled ahead of time into a :class:`SamplingPlan`: the contract shared by the
+samplers, the fused step kernel and the CUDA-graph runtime.
 
 Every sampler we ship is, step by step, linear in the state x, the model output m, the previous
 step's x0 estimate and Gaussian noise z. Row i of ``plan.coefficients`` holds

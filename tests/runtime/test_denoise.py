@@ -41,7 +41,8 @@ def random_plan(steps: int, noise: bool) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def reference_loop(unet, call: DenoiseCall) -> torch.Tensor:
-    """Straight from notes/PLAN_INTERFACE.md, with Python-float coefficients."""
+    """Straight from the SamplingPlan formulas (fastdiff/sampling/plan.py), with Python-float
+    coefficients."""
     x = call.x_T.double() * call.init_noise_scale
     x0_prev = torch.zeros_like(x)
     for i in range(call.steps):
