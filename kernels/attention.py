@@ -39,8 +39,9 @@ _GPU_SHAPES = [
     (128, 64, 4, 4),
 ]
 # fp32 inputs take the FMA path (ieee dots, no tensor cores) and keep twice the bytes per element
-# in registers: the shapes above spill there (1.4-25 KB per thread with sm_90's ptxas, measured by
-# benchmarks/triton_sm90.py); these two are spill-free for head dims up to 64 and 256.
+# in registers: the shapes above spill there (up to 85 KB of spill stores per thread at D = 160
+# with sm_90's ptxas; see benchmarks/NOTES.md); these two are spill-free for head dims up to 64
+# and 256 (benchmarks/triton_sm90.py).
 _FP32_SHAPES = [(64, 32, 8, 2), (32, 32, 8, 2)]
 
 
