@@ -21,6 +21,9 @@
 # converted to Python scalars"), so the environment pins numpy below 2.4; the GPU path does not
 # use the interpreter.
 set -uo pipefail
+OUTDIR="${1:-}"
+# A relative OUT_DIR names a folder under the caller's working directory, taken before the cd.
+[ -z "$OUTDIR" ] || [ "${OUTDIR#/}" != "$OUTDIR" ] || OUTDIR="$(pwd)/$OUTDIR"
 cd "$(dirname "$0")/.."
 REPO="$(pwd)"
 TORCH="${TORCH:-2.11.0}"
@@ -28,7 +31,7 @@ TRITON="${TRITON:-3.6.0}"
 PYTHON="${PYTHON:-python3}"  # the GPU machine runs Python 3.12
 PY_VERSION="$("$PYTHON" -c 'import sys; print("%d.%d" % sys.version_info[:2])')"
 VENV="${VENV:-$HOME/.cache/fastdiff/venv-py$PY_VERSION-torch$TORCH-triton$TRITON}"
-OUTDIR="${1:-runs/gpu_stack}"
+OUTDIR="${OUTDIR:-runs/gpu_stack}"
 mkdir -p "$OUTDIR"
 OUTDIR="$(cd "$OUTDIR" && pwd)"
 PY="$VENV/bin/python"
@@ -44,6 +47,7 @@ run() {  # run NAME COMMAND...: log to OUT_DIR/NAME.log, report ok/FAILED with t
         echo "== [$name] FAILED in $((SECONDS - begin)) s (log: $OUTDIR/$name.log)"
         tail -n 25 "$OUTDIR/$name.log"
         failed+=("$name")
+        return 1
     fi
 }
 

@@ -100,6 +100,11 @@ def test_sixteen_bit_and_float_init_images():
     assert images.image_to_tensor(gray16, height=4, width=4).shape == (1, 3, 4, 4)
     as_int32 = Image.fromarray(values.astype(np.int32))  # mode "I": older Pillow's 16-bit PNGs
     assert torch.allclose(images.image_to_tensor(as_int32), tensor, atol=1e-6)
+    # Mode "I" holding 8-bit values (L.convert("I")) keeps the 8-bit reading, not near-black.
+    eight = np.array([[0, 64], [128, 255]], dtype=np.uint8)
+    widened = Image.fromarray(eight).convert("I")
+    expected8 = torch.from_numpy(eight.astype(np.float32) / 255 * 2 - 1)
+    assert torch.allclose(images.image_to_tensor(widened), expected8.expand(1, 3, 2, 2), atol=1e-6)
     with pytest.raises(ValueError, match="outside the 16-bit range"):
         images.image_to_tensor(Image.fromarray(np.full((2, 2), 70000, dtype=np.int32)))
     with pytest.raises(ValueError, match="mode 'F'"):

@@ -154,3 +154,11 @@ def test_cpu_generator_drives_stochastic_samplers_on_cuda(sd_folder, init_image,
         assert outputs[0].device.type == "cuda"
         torch.testing.assert_close(outputs[0], outputs[1], atol=0, rtol=0)
         assert not torch.equal(outputs[0], outputs[2])
+
+
+@pytest.mark.parametrize(
+    "strength", [np.float32(0.6), torch.tensor(0.6), torch.tensor(0.6).double()]
+)
+def test_strength_accepts_numpy_scalars_and_0d_tensors(strength):
+    # 0-d tensors worked before strength was type-checked (guidance_scale still accepts them).
+    assert img2img_start_step(5, strength) == 2

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import operator
 
 import torch
 
@@ -38,6 +39,13 @@ def make_generator(
         )
     if seed is None:
         return generator
+    if not isinstance(seed, (bool, numbers.Integral)) and not (
+        isinstance(seed, torch.Tensor) and seed.dtype == torch.bool
+    ):
+        try:  # a 0-d integer tensor or array, as int(seed) accepted
+            seed = operator.index(seed)
+        except TypeError:
+            pass
     if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
         raise ValueError(f"seed must be an int, got {seed!r}")
     if not -(2**63) <= seed < 2**64:

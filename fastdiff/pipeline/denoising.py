@@ -29,6 +29,8 @@ def img2img_start_step(steps: int, strength: float) -> int:
     (strength 1 runs them all, from nearly pure noise)."""
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"num_inference_steps must be a positive int, got {steps!r}")
+    if isinstance(strength, torch.Tensor) and strength.dim() == 0 and strength.is_floating_point():
+        strength = strength.item()  # a 0-d tensor, as float(strength) accepted
     # A string would pass float() and then repeat itself in steps * strength.
     if isinstance(strength, (bool, str)) or not isinstance(strength, numbers.Real):
         raise ValueError(f"strength must be a number in (0, 1], got {strength!r}")

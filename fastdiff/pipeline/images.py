@@ -31,8 +31,8 @@ def tensor_to_pil(images: torch.Tensor) -> list[Image.Image]:
 
 
 # 16-bit grayscale (PNG, TIFF). Pillow's convert("RGB") clips these to 0..255 instead of scaling,
-# which turns almost every pixel white; "I" is how older Pillow versions open 16-bit PNGs.
-HIGH_BIT_DEPTH_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+# which turns almost every pixel white.
+HIGH_BIT_DEPTH_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
 
 
 def pil_to_unit_rgb(image: Image.Image, size: tuple[int, int]) -> np.ndarray:
@@ -42,7 +42,10 @@ def pil_to_unit_rgb(image: Image.Image, size: tuple[int, int]) -> np.ndarray:
             "float images (PIL mode 'F') have no fixed value range: convert the init image to "
             "8-bit RGB first"
         )
-    if image.mode in HIGH_BIT_DEPTH_MODES:
+    # Mode "I" (32-bit int) is both how older Pillow opens a 16-bit PNG and what L.convert("I")
+    # gives: values above 255 can only be 16-bit data; 0..255 keep the 8-bit reading.
+    wide = image.mode == "I" and image.getextrema()[1] > 255
+    if image.mode in HIGH_BIT_DEPTH_MODES or wide:
         values = np.asarray(image).astype(np.float32)
         if values.size and (values.min() < 0 or values.max() > 65535):
             raise ValueError(
