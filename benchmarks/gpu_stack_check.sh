@@ -14,7 +14,8 @@
 #             this Triton (the report is written to OUT_DIR/triton_sm90-triton$TRITON.txt);
 #   csrc      csrc/check_compile.sh against this torch's headers (needs nvcc; skipped without);
 #   cuda-jit  the CUDA extension built and linked the way fastdiff builds it on first use, loaded,
-#             and its host-side argument errors raised on CPU tensors (needs nvcc);
+#             its host-side argument errors raised on CPU tensors, and its GroupNorm launch plan
+#             compared with the Python rule (cuda_support) on random inputs (needs nvcc);
 #   cuda-aot  the same for the ahead-of-time build (FASTDIFF_BUILD_CUDA=1, setup.py build_ext) of a
 #             copy of the working tree: fastdiff._C imported, errors raised (needs nvcc).
 # The Triton 3.6 interpreter fails with numpy >= 2.4 ("only 0-dimensional arrays can be
@@ -104,9 +105,6 @@ cases = {
     "group_norm": lambda: torch.ops.fastdiff_cuda.group_norm(
         torch.randn(2, 1280, 32, 32, dtype=torch.float16), 32, None, None, 1e-5, True
     ),
-    "group_norm_plan": lambda: torch.ops.fastdiff_cuda.group_norm_plan(
-        torch.randn(2, 64, 8, 8), 32
-    ),
     "sampler_step": lambda: torch.ops.fastdiff_cuda.sampler_step(
         torch.randn(1, 4, 8, 8), torch.randn(2, 4, 8, 8), torch.zeros(1, 8), None, None, None,
         7.5, None
@@ -123,6 +121,34 @@ for name, call in cases.items():
         raise AssertionError(f"{name} accepted CPU tensors")
 x = torch.empty(2, 4, 8, 8, device="meta")
 print("fake group_norm:", tuple(torch.ops.fastdiff_cuda.group_norm(x, 2, None, None, 1e-5, True).shape))
+
+# The launcher's plan (pure arithmetic, so CPU tensors may ask) against the Python rule that
+# decides which inputs go to the extension: random shapes, dtypes, layouts and misalignments.
+import random
+
+from fastdiff.ops.cuda_support import group_norm_launch_plan
+
+random.seed(0)
+checked = 0
+for _ in range(3000):
+    dtype = random.choice([torch.float32, torch.float16, torch.bfloat16])
+    batch, groups = random.choice([0, 1, 2, 3]), random.choice([1, 2, 4, 5, 8, 16, 32])
+    channels = groups * random.choice([1, 2, 3, 4, 5, 8, 10, 16, 20, 40, 64, 80, 128, 160, 256])
+    height, width = random.choice([1, 2, 3, 5, 7, 8, 16, 32, 64]), random.choice([1, 3, 8, 64])
+    numel = batch * channels * height * width
+    if numel > 4_000_000:
+        continue
+    offset = random.choice([0, 0, 1, 2, 3, 4, 8])  # elements: misaligns the start address
+    storage = torch.empty(numel + offset, dtype=dtype)[offset:]
+    if random.random() < 0.5:
+        x = storage.view(batch, channels, height, width)
+    else:
+        x = storage.view(batch, height, width, channels).permute(0, 3, 1, 2)  # channels-last
+    native = list(torch.ops.fastdiff_cuda.group_norm_plan(x, groups))
+    mirrored = [int(value) for value in group_norm_launch_plan(x, groups)]
+    assert native == mirrored, f"{tuple(x.shape)} {x.dtype} {x.stride()}: {native} != {mirrored}"
+    checked += 1
+print(f"group_norm_plan: the launcher and the Python rule agree on {checked} random inputs")
 EOF
     )
     status=$?

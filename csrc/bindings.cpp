@@ -99,9 +99,12 @@ void check_launch(cudaError_t status, const char* op) {
 
 constexpr const char* kGroupNorm = "fastdiff_cuda::group_norm";
 
-fastdiff::GroupNormArgs group_norm_args(const at::Tensor& x, int64_t num_groups) {
-  FASTDIFF_CHECK(x.is_cuda(), kGroupNorm, ": x must be a CUDA tensor, got device ",
-                 x.device().str());
+// require_cuda is false only for the plan query, which is arithmetic on x's shape, strides, dtype
+// and address and launches nothing.
+fastdiff::GroupNormArgs group_norm_args(const at::Tensor& x, int64_t num_groups,
+                                        bool require_cuda = true) {
+  FASTDIFF_CHECK(!require_cuda || x.is_cuda(), kGroupNorm,
+                 ": x must be a CUDA tensor, got device ", x.device().str());
   check_storage_dtype(x, kGroupNorm, "x");
   FASTDIFF_CHECK_VALUE(x.dim() >= 2, kGroupNorm, ": x must be (N, C, *), got shape ",
                        dims(x.sizes()));
@@ -187,9 +190,11 @@ at::Tensor group_norm(const at::Tensor& x, int64_t num_groups,
 }
 
 // [supported, vec, threads, loads]: lets tests check the Python-side support rule against the
-// launcher's own decision, and benchmarks report the configuration they measured.
+// launcher's own decision, and benchmarks report the configuration they measured. Any device's
+// tensor may ask (benchmarks/gpu_stack_check.sh compares the two rules on CPU tensors).
 std::vector<int64_t> group_norm_plan(const at::Tensor& x, int64_t num_groups) {
-  const fastdiff::GroupNormLaunch launch = plan_for_input(group_norm_args(x, num_groups));
+  const fastdiff::GroupNormLaunch launch =
+      plan_for_input(group_norm_args(x, num_groups, /*require_cuda=*/false));
   return {launch.supported ? 1 : 0, launch.vec, launch.threads, launch.loads};
 }
 

@@ -1,9 +1,9 @@
 """Which inputs the CUDA C++ kernels (csrc/) take, decided in Python without calling them.
 
 ``group_norm_launch_plan`` mirrors ``fastdiff::group_norm_plan`` in csrc/group_norm.cu line for
-line (the GPU tests compare the two through ``torch.ops.fastdiff_cuda.group_norm_plan``), so the
-dispatcher can route a call to the triton kernel before the CUDA kernel would refuse it. Keep the
-two in step when either changes.
+line (the GPU tests, and ``benchmarks/gpu_stack_check.sh`` on CPU tensors, compare the two through
+``torch.ops.fastdiff_cuda.group_norm_plan``), so the dispatcher can route a call to the triton
+kernel before the CUDA kernel would refuse it. Keep the two in step when either changes.
 """
 
 from __future__ import annotations
