@@ -270,12 +270,14 @@ def all_config_cases() -> list[tuple[str, Callable[[], object]]]:
                 saved = attention.heuristic_shape
                 attention.heuristic_shape = lambda *args, **kwargs: shape
                 attention.attention_forward_kernel.cache.clear()  # the per-key config choice
+                attention._lone_configs.clear()
                 try:
                     q = torch.empty(2, 8, 4096, dim, dtype=dtype)
                     return attention.attention_forward(q, q, q)
                 finally:
                     attention.heuristic_shape = saved
                     attention.attention_forward_kernel.cache.clear()
+                    attention._lone_configs.clear()
 
             name = "fp32" if dtype == torch.float32 else "fp16"
             cases.append((f"attention D{dim} {name} config {shape}", launch))

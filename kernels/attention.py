@@ -295,6 +295,11 @@ def empty_attention_output(q: torch.Tensor, head_dim_v: int) -> torch.Tensor:
     return q.new_empty((batch, queries, heads, head_dim_v)).transpose(1, 2)
 
 
+# (configs, fp32, queries, keys, BLOCK_D, BLOCK_DT, FASTDIFF_AUTOTUNE) -> lone_config's answer:
+# pruning costs ~30 us of Python, too much for every un-graphed launch.
+_lone_configs: dict[tuple, tuple[object, dict]] = {}
+
+
 def lone_config(
     q: torch.Tensor, queries: int, keys: int, block_d: int, block_dt: int
 ) -> tuple[object, dict]:
@@ -302,13 +307,30 @@ def lone_config(
     for this shape, else the kernel under it with the one config the pruning keeps (fp32, or
     ``FASTDIFF_AUTOTUNE=0``). Triton 3.6's autotuner times even a lone config, about 0.1 s of
     benchmarking per new shape for nothing; launched directly, the config only compiles."""
-    args = {"q_ptr": q, "N_QUERIES": queries, "N_KEYS": keys}
-    kept = _prune(attention_forward_kernel.configs, args, BLOCK_D=block_d, BLOCK_DT=block_dt)
-    if len(kept) != 1:
-        return attention_forward_kernel, {}
-    config = kept[0]
-    options = {**config.kwargs, "num_warps": config.num_warps, "num_stages": config.num_stages}
-    return attention_forward_kernel.fn, options
+    configs = attention_forward_kernel.configs
+    key = (
+        id(configs),
+        q.dtype == torch.float32,
+        queries,
+        keys,
+        block_d,
+        block_dt,
+        os.environ.get("FASTDIFF_AUTOTUNE", "1"),
+    )
+    if key not in _lone_configs:
+        args = {"q_ptr": q, "N_QUERIES": queries, "N_KEYS": keys}
+        kept = _prune(configs, args, BLOCK_D=block_d, BLOCK_DT=block_dt)
+        if len(kept) != 1:
+            _lone_configs[key] = (attention_forward_kernel, {})
+        else:
+            config = kept[0]
+            options = {
+                **config.kwargs,
+                "num_warps": config.num_warps,
+                "num_stages": config.num_stages,
+            }
+            _lone_configs[key] = (attention_forward_kernel.fn, options)
+    return _lone_configs[key]
 
 
 def attention_forward(
