@@ -166,26 +166,16 @@ def read_init_image(path: Path):
         raise ValueError(f"cannot read init image {path}: {error}") from None
 
 
-def check_output_file(path: Path) -> None:
-    """Fail before the model is loaded, not after the images are made: a folder that does not
-    exist, a folder where the file should go, or a file name without an image format."""
-    from PIL import Image
-
-    if path.is_dir():
-        raise ValueError(f"--out {path} is a directory; give an image file name such as out.png")
-    if not path.parent.is_dir():
-        raise FileNotFoundError(f"output directory does not exist: {path.parent}")
-    if Image.registered_extensions().get(path.suffix.lower()) is None:
-        raise ValueError(f"cannot tell the image format from the file name {str(path)!r}")
-
-
 def check_args(args) -> None:
     if args.prompts is None:
         if args.out is None:
             raise ValueError("--out FILE.png is required")
         if args.out_dir is not None:
             raise ValueError("--out-dir is only used with --prompts")
-        check_output_file(args.out)
+        from fastdiff.pipeline.images import check_image_path
+
+        # Fail before the model is loaded, not after the images are made.
+        check_image_path(args.out)
     else:
         if args.out_dir is None:
             raise ValueError("--prompts needs --out-dir DIR")

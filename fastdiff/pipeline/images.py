@@ -116,10 +116,9 @@ def make_grid(images: Sequence[Image.Image], columns: int | None = None) -> Imag
     return grid
 
 
-def save_image_atomic(image: Image.Image, path: str | os.PathLike) -> Path:
-    """Write ``image`` to ``path`` so that a reader never sees a partial file: encode into a
-    temporary file in the same directory, then ``os.replace`` it over the target. On failure the
-    temporary file is removed and an existing file at ``path`` is left untouched."""
+def check_image_path(path: str | os.PathLike) -> str:
+    """The image format (Pillow's name) that a file at ``path`` would be written in; raises when
+    its folder does not exist, the path is a folder, or the suffix names no image format."""
     target = Path(path)
     if target.parent and not target.parent.exists():
         raise FileNotFoundError(f"output directory does not exist: {target.parent}")
@@ -128,6 +127,15 @@ def save_image_atomic(image: Image.Image, path: str | os.PathLike) -> Path:
     image_format = Image.registered_extensions().get(target.suffix.lower())
     if image_format is None:
         raise ValueError(f"cannot tell the image format from the file name {str(target)!r}")
+    return image_format
+
+
+def save_image_atomic(image: Image.Image, path: str | os.PathLike) -> Path:
+    """Write ``image`` to ``path`` so that a reader never sees a partial file: encode into a
+    temporary file in the same directory, then ``os.replace`` it over the target. On failure the
+    temporary file is removed and an existing file at ``path`` is left untouched."""
+    target = Path(path)
+    image_format = check_image_path(target)
     handle, temporary = tempfile.mkstemp(
         prefix=f".{target.name}.", suffix=".tmp", dir=target.parent or "."
     )
