@@ -47,6 +47,7 @@ def reference(sd_folder):
 def test_loads_components(pipe):
     assert pipe.prompt_encoder is not None and not pipe.is_class_conditional
     assert pipe.vae_scale_factor == 2 and pipe.default_size == 16
+    assert pipe.default_guidance_scale == 7.5  # StableDiffusionPipeline's default
     assert pipe.schedule.beta_schedule == "scaled_linear" and pipe.schedule.steps_offset == 1
 
 

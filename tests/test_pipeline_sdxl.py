@@ -57,6 +57,18 @@ def test_sdxl_prompts_equal_diffusers(pipe, reference, negative_prompt):
     torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=0)
 
 
+def test_sdxl_default_guidance_scale_is_the_diffusers_default(pipe, reference):
+    """Without guidance_scale an SDXL folder samples at StableDiffusionXLPipeline's default, 5.0
+    (SD 1.x/2.x pipelines: 7.5)."""
+    assert pipe.default_guidance_scale == 5.0
+    kwargs = dict(prompt="a red cat", latents=torch.randn(1, 4, 8, 8), height=16, width=16)
+    ours = pipe(**kwargs, num_inference_steps=3, output_type="tensor", progress=False)
+    theirs = reference(**kwargs, num_inference_steps=3, output_type="pt").images
+    torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=0)
+    at_7_5 = pipe(**kwargs, num_inference_steps=3, guidance_scale=7.5, output_type="tensor")
+    assert (at_7_5 - theirs).abs().max() > 1e-3
+
+
 def test_sdxl_without_force_zeros_key_uses_the_diffusers_default(sdxl_folder, tmp_path):
     """A model_index.json without force_zeros_for_empty_prompt gets the default of diffusers'
     StableDiffusionXLPipeline (true): all-zero unconditional embeddings."""

@@ -50,7 +50,12 @@ def add_parser(subparsers) -> None:
     )
     parser.add_argument("--negative-prompt", default=None, help="negative prompt (text models)")
     parser.add_argument("--steps", type=int, default=20, help="sampling steps (default 20)")
-    parser.add_argument("--guidance", type=float, default=7.5, help="CFG scale; <= 1 disables it")
+    parser.add_argument(
+        "--guidance",
+        type=float,
+        default=None,
+        help="CFG scale; <= 1 disables it (default: the pipeline's, 5.0 for SDXL folders, else 7.5)",
+    )
     parser.add_argument("--guidance-rescale", type=float, default=0.0)
     parser.add_argument("--sampler", default="ddim", help="ddim, ddpm, euler or dpmpp_2m")
     parser.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0 = deterministic)")

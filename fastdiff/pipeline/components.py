@@ -67,6 +67,7 @@ class PipelineComponents:
     null_class_label: int | None = None
     class_names: list[str] | None = None
     force_zeros_for_empty_prompt: bool = False
+    default_guidance_scale: float = 7.5
     source: Path | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -94,6 +95,12 @@ def force_zeros_for_empty_prompt(index: dict[str, Any]) -> bool:
     if "force_zeros_for_empty_prompt" in index:
         return bool(index["force_zeros_for_empty_prompt"])
     return str(index.get("_class_name", "")).startswith("StableDiffusionXL")
+
+
+def default_guidance_scale(index: dict[str, Any]) -> float:
+    """The ``guidance_scale`` a call without one uses: that of the diffusers pipeline class the
+    folder names (5.0 for the StableDiffusionXL* pipelines, 7.5 for the others)."""
+    return 5.0 if str(index.get("_class_name", "")).startswith("StableDiffusionXL") else 7.5
 
 
 def load_components(
@@ -165,5 +172,6 @@ def load_components(
         class_names=class_names,
         # SDXL: with no negative prompt the unconditional input is all zeros.
         force_zeros_for_empty_prompt=force_zeros_for_empty_prompt(index),
+        default_guidance_scale=default_guidance_scale(index),
         source=root,
     )

@@ -48,6 +48,7 @@ class Pipeline:
         null_class_label: int | None = None,
         class_names: list[str] | None = None,
         force_zeros_for_empty_prompt: bool = False,
+        default_guidance_scale: float = 7.5,
     ) -> None:
         self.unet = unet
         self.vae = vae
@@ -55,6 +56,7 @@ class Pipeline:
         self.prompt_encoder = prompt_encoder
         self.class_names = class_names
         self.force_zeros_for_empty_prompt = force_zeros_for_empty_prompt
+        self.default_guidance_scale = guidance_scale_value(default_guidance_scale)
         self.vae_scale_factor = 2 ** (len(vae.config["block_out_channels"]) - 1)
         vae_dtype = next(vae.parameters()).dtype
         if self.vae_dtype_for(vae_dtype) != vae_dtype:
@@ -86,6 +88,7 @@ class Pipeline:
             null_class_label=parts.null_class_label,
             class_names=parts.class_names,
             force_zeros_for_empty_prompt=parts.force_zeros_for_empty_prompt,
+            default_guidance_scale=parts.default_guidance_scale,
         )
 
     # -- properties -------------------------------------------------------------------------
@@ -294,7 +297,7 @@ class Pipeline:
         negative_prompt_embeds: torch.Tensor | None = None,
         class_labels: int | list[int] | torch.Tensor | None = None,
         num_inference_steps: int = 20,
-        guidance_scale: float = 7.5,
+        guidance_scale: float | None = None,
         guidance_rescale: float = 0.0,
         sampler: str = "ddim",
         eta: float = 0.0,
@@ -314,13 +317,16 @@ class Pipeline:
         """Generate images. Returns a list of PIL images (``output_type="pil"``), a float32 tensor
         (B, 3, H, W) in [0, 1] (``"tensor"``) or the final scaled latents (``"latent"``).
 
-        ``guidance_scale <= 1`` disables classifier-free guidance (a single forward per step).
+        ``guidance_scale <= 1`` disables classifier-free guidance (a single forward per step);
+        None takes ``default_guidance_scale`` (diffusers' default: 5.0 for SDXL folders, else 7.5).
         With ``image`` (img2img, SDEdit: Meng et al. 2022) the image is encoded, noised by the
         forward process to the step that ``strength`` selects, and only the remaining
         ``int(num_inference_steps * strength)`` steps are sampled.
         """
         check_choices(sampler, output_type, num_images)
         generator = make_generator(seed, generator, self.device)
+        if guidance_scale is None:
+            guidance_scale = self.default_guidance_scale
         guidance_scale = guidance_scale_value(guidance_scale)
         check_latents(latents)
         guided = guidance_scale > 1.0
