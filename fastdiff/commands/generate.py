@@ -54,7 +54,7 @@ def add_parser(subparsers) -> None:
         "--guidance",
         type=float,
         default=None,
-        help="CFG scale; <= 1 disables it (default: the pipeline's, 5.0 for SDXL folders, else 7.5)",
+        help="CFG scale; <= 1 disables it (default: 5.0 for SDXL folders, else 7.5)",
     )
     parser.add_argument("--guidance-rescale", type=float, default=0.0)
     parser.add_argument("--sampler", default="ddim", help="ddim, ddpm, euler or dpmpp_2m")
