@@ -21,6 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import COMPILE_OPTIONS
+
 LOG2_E = 1.4426950408889634
 MAX_HEAD_DIM = 256
 # Cleared (with a warning) if the split head-dim variant ever fails to compile on this machine.
@@ -369,6 +371,7 @@ def attention_forward(
             BLOCK_DT=block_dt,
             DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
             **config,
+            **COMPILE_OPTIONS,
         )
 
     global _split_head_dim_works

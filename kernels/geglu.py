@@ -7,6 +7,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import COMPILE_OPTIONS
+
 
 @triton.jit
 def geglu_kernel(
@@ -41,5 +43,7 @@ def geglu_forward(x: torch.Tensor) -> torch.Tensor:
     block_d = max(2, min(triton.next_power_of_2(width), 1024))
     block_r = max(1, min(4096 // block_d, triton.next_power_of_2(rows)))
     grid = (triton.cdiv(rows, block_r), triton.cdiv(width, block_d))
-    geglu_kernel[grid](x2d, y, rows, width, x2d.stride(0), BLOCK_R=block_r, BLOCK_D=block_d)
+    geglu_kernel[grid](
+        x2d, y, rows, width, x2d.stride(0), BLOCK_R=block_r, BLOCK_D=block_d, **COMPILE_OPTIONS
+    )
     return y

@@ -19,6 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import COMPILE_OPTIONS
 from .group_norm_split import split_reduction
 
 # Largest group (channels per group x spatial size) for the single-program-per-group kernel: a
@@ -186,6 +187,7 @@ def group_norm_forward(
                 SILU=bool(silu),
                 SINGLE_TILE=block_s >= spatial,
                 num_warps=8,
+                **COMPILE_OPTIONS,
             )
             _single_pass_state = "works"
             return y

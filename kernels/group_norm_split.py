@@ -20,6 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import COMPILE_OPTIONS
+
 
 @triton.jit
 def group_norm_partial_stats_kernel(
@@ -225,6 +227,7 @@ def split_reduction(
         # Two fp32 accumulators of a 4096-element tile: at 4 warps (64 values per thread) the NCHW
         # fp16 variant spilled 8 bytes with sm_90's ptxas (benchmarks/triton_sm90.py).
         num_warps=8,
+        **COMPILE_OPTIONS,
     )
     block_cg = max(2, triton.next_power_of_2(per_group))
     block_split = max(2, min(triton.next_power_of_2(splits), max(2, 4096 // block_cg)))
@@ -248,6 +251,7 @@ def split_reduction(
         BLOCK_SPLIT=block_split,
         HAS_WEIGHT=weight is not None,
         HAS_BIAS=bias is not None,
+        **COMPILE_OPTIONS,
     )
     group_norm_apply_kernel[(spatial_tiles, channel_blocks, num_samples)](
         x,
@@ -261,4 +265,5 @@ def split_reduction(
         BLOCK_C=block_c,
         BLOCK_S=block_s,
         SILU=bool(silu),
+        **COMPILE_OPTIONS,
     )

@@ -8,6 +8,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import COMPILE_OPTIONS
+
 MAX_ROW = 8192  # one row must fit a program's registers
 
 
@@ -71,5 +73,6 @@ def layer_norm_forward(
         HAS_WEIGHT=weight is not None,
         HAS_BIAS=bias is not None,
         num_warps=4 if block_d <= 1024 else 8,
+        **COMPILE_OPTIONS,
     )
     return y

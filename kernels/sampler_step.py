@@ -16,6 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import COMPILE_OPTIONS
+
 BLOCK = 1024  # 8 fp16 values (128 bits) per thread at 4 warps
 
 
@@ -110,5 +112,6 @@ def sampler_step_forward(
         HAS_PREV=x0_prev is not None,
         HAS_NOISE=noise is not None,
         num_warps=4,
+        **COMPILE_OPTIONS,
     )
     return x_next, x0
