@@ -2,7 +2,9 @@
 
 TFLOP/s counts 4·B·H·N·M·D (two matmuls, 2 FLOP per multiply-add), as torch's flop counter does.
 Providers: fastdiff, eager (SDPA's default choice), sdpa-flash / sdpa-cudnn / sdpa-efficient
-(each backend forced), torch.compile.
+(each backend forced), torch.compile, and fastdiff-padded: the triton kernel with head dims such
+as 40 padded to a power of two instead of split into a block and a tail (only at those head dims;
+its rows against fastdiff's decide kernels/attention.py's SPLIT_HEAD_DIM).
 Run: python benchmarks/bench_attention.py [--quick] [--out DIR]
 """
 
@@ -14,9 +16,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import fastdiff.kernels.attention as attention_kernels  # noqa: E402
 from common import Workload, on_gpu, parse_args, random, run_benchmark, standard_providers  # noqa: E402
 
-from fastdiff.ops import attention  # noqa: E402
+from fastdiff.ops import attention, use_backend  # noqa: E402
 from fastdiff.ops.attention import attention_eager  # noqa: E402
 
 # (batch, heads, queries, keys, head_dim)
@@ -70,6 +73,23 @@ def sdpa_backend_provider(backend_name: str):
     return build
 
 
+def padded_provider(inputs):
+    """The triton kernel with SPLIT_HEAD_DIM off; None (no row) where the head dim is not split."""
+    if attention_kernels.head_blocks(inputs[0].shape[-1])[1] == 0:
+        return None
+
+    def call():
+        saved = attention_kernels.SPLIT_HEAD_DIM
+        attention_kernels.SPLIT_HEAD_DIM = False
+        try:
+            with use_backend("triton"):
+                return attention(*inputs)
+        finally:
+            attention_kernels.SPLIT_HEAD_DIM = saved
+
+    return call
+
+
 def main() -> None:
     args = parse_args(__doc__)
     shapes = [(n, d) for n, d in SHAPES if not args.quick or n in QUICK]
@@ -85,6 +105,7 @@ def main() -> None:
             ("sdpa-efficient", "EFFICIENT_ATTENTION"),
         ):
             providers[label] = sdpa_backend_provider(backend)
+        providers["fastdiff-padded"] = padded_provider
     run_benchmark("attention", workloads, providers, args)
 
 

@@ -186,14 +186,19 @@ def _gpu_ms(
     return graph_ms
 
 
-def measure(benchmark: str, workload: Workload, provider: str, build: Builder, quick: bool) -> Row:
-    """Time one (workload, provider); failures are reported in the row, never raised."""
+def measure(
+    benchmark: str, workload: Workload, provider: str, build: Builder, quick: bool
+) -> Row | None:
+    """Time one (workload, provider); failures are reported in the row, never raised. None
+    when the builder returns None: the provider does not apply to these inputs."""
     row = Row(benchmark, workload.name, provider, dtype_name(workload.dtype))
     gc.collect()
     try:
         with torch.no_grad():
             inputs = workload.make(not on_gpu())
             fn = build(inputs)
+            if fn is None:  # the provider does not apply to this workload: no row
+                return None
             begin = time.perf_counter()
             fn()
             _synchronize()
@@ -368,8 +373,10 @@ def run_benchmark(
     rows = []
     for workload in workloads:
         for name, build in chosen.items():
-            rows.append(measure(benchmark, workload, name, build, args.quick))
-            print(format_rows(rows[-1:]).split("\n")[1], flush=True)
+            row = measure(benchmark, workload, name, build, args.quick)
+            if row is not None:
+                rows.append(row)
+                print(format_rows(rows[-1:]).split("\n")[1], flush=True)
     add_speedups(rows)
     print(format_rows(rows), flush=True)
     if not args.no_csv:

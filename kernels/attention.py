@@ -25,6 +25,11 @@ from . import COMPILE_OPTIONS
 
 LOG2_E = 1.4426950408889634
 MAX_HEAD_DIM = 256
+# Run head dims such as 40 as a power-of-two block plus a tail (head_blocks) rather than padded
+# to the next power of two. Set without a GPU measurement: the split does 48 columns of matmul
+# work at D = 40 instead of 64, but each tail is its own load and its own wgmma wait per key
+# block. bench_attention's fastdiff-padded provider (this set to False) measures the other side.
+SPLIT_HEAD_DIM = True
 # Cleared (with a warning) if the split head-dim variant ever fails to compile on this machine.
 _split_head_dim_works = True
 
@@ -375,7 +380,7 @@ def attention_forward(
         )
 
     global _split_head_dim_works
-    if _split_head_dim_works and head_blocks(head_dim)[1] > 0:
+    if SPLIT_HEAD_DIM and _split_head_dim_works and head_blocks(head_dim)[1] > 0:
         try:
             launch(split=True)
             return out

@@ -222,11 +222,22 @@ def test_head_blocks_split_only_when_it_saves_columns(head_dim, blocks):
     assert attention_kernels.head_blocks(head_dim, split=False)[1] == 0
 
 
+@pytest.mark.parametrize("switch", ["_split_head_dim_works", "SPLIT_HEAD_DIM"])
 @pytest.mark.parametrize("head_dim", [40, 80, 160])
-def test_padded_head_dim_fallback_matches_reference(triton_backend, monkeypatch, head_dim):
-    # The kernel used when the split variant is unavailable: one power-of-two padded block.
-    monkeypatch.setattr(attention_kernels, "_split_head_dim_works", False)
+def test_padded_head_dim_matches_reference(triton_backend, monkeypatch, head_dim, switch):
+    # One power-of-two padded block: the fallback when the split variant fails to compile, and
+    # what SPLIT_HEAD_DIM = False (bench_attention's fastdiff-padded provider) launches.
+    monkeypatch.setattr(attention_kernels, switch, False)
+    launched = []
+    lone_config = attention_kernels.lone_config
+
+    def spy(q, queries, keys, block_d, block_dt):
+        launched.append((block_d, block_dt))
+        return lone_config(q, queries, keys, block_d, block_dt)
+
+    monkeypatch.setattr(attention_kernels, "lone_config", spy)
     check(*make_qkv(1, 2, 19, 21, head_dim, torch.float32), what=f"padded d{head_dim}")
+    assert launched == [attention_kernels.head_blocks(head_dim, split=False)]
 
 
 GPU_CONFIGS = [

@@ -40,3 +40,41 @@ def test_unknown_workload_and_provider_raise():
     (case,) = bench_vae.cases(["no-such-provider"])
     result = model_bench.run_case(case, warmup=0, iters=1)
     assert result.note.startswith("FAILED ValueError") and "allowed values" in result.note
+
+
+def test_attention_padded_provider_runs_only_where_the_head_dim_is_split(monkeypatch):
+    """bench_attention's fastdiff-padded rows: the triton kernel with SPLIT_HEAD_DIM off, at the
+    head dims the kernel splits (40, 80, 160); no row elsewhere (64), where it equals fastdiff."""
+    import argparse
+
+    import bench_attention
+    import common
+    import fastdiff.kernels.attention as attention_kernels
+    import torch
+
+    from fastdiff.ops.attention import attention_reference
+    from tests.ops.helpers import INTERPRET
+
+    if not (INTERPRET or torch.cuda.is_available()):
+        pytest.skip("triton kernels need a GPU or TRITON_INTERPRET=1")
+    d40 = bench_attention.workload("d40", (1, 2, 24, 24, 40), torch.float32)
+    d64 = bench_attention.workload("d64", (1, 2, 24, 24, 64), torch.float32)
+    assert bench_attention.padded_provider(d64.make(True)) is None
+    inputs = d40.make(True)
+    launched = []
+    lone_config = attention_kernels.lone_config
+
+    def spy(q, queries, keys, block_d, block_dt):
+        launched.append(block_dt)
+        return lone_config(q, queries, keys, block_d, block_dt)
+
+    monkeypatch.setattr(attention_kernels, "lone_config", spy)
+    out = bench_attention.padded_provider(inputs)()
+    assert launched == [0] and attention_kernels.SPLIT_HEAD_DIM  # padded, and restored after
+    torch.testing.assert_close(out, attention_reference(*inputs[:3]), atol=1e-4, rtol=1e-4)
+
+    args = argparse.Namespace(providers=None, quick=True, no_csv=True, out=None)
+    # (on CPU run_benchmark keeps only these two provider names)
+    providers = {"eager": lambda inputs: lambda: None, "fastdiff": lambda inputs: None}
+    rows = common.run_benchmark("attention", [d40, d64], providers, args)
+    assert [(r.workload, r.provider) for r in rows] == [("d40", "eager"), ("d64", "eager")]
