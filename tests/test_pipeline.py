@@ -305,6 +305,40 @@ def test_outdated_scheduler_config_is_sampled_as_diffusers_does(sd_folder, tmp_p
     torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=0)
 
 
+def test_karras_dpm_solver_folder_equals_diffusers(sd_folder, tmp_path):
+    """A folder whose scheduler is DPMSolverMultistepScheduler with use_karras_sigmas (common in
+    community checkpoints) loads, and sampler dpmpp_2m then steps through the Karras levels as
+    the diffusers pipeline does; dpmpp_2m_karras gives the same on any folder."""
+    import json
+    import shutil
+
+    folder = tmp_path / "karras"
+    shutil.copytree(sd_folder, folder)
+    config_path = folder / "scheduler" / "scheduler_config.json"
+    config = json.loads(config_path.read_text())
+    config.update(
+        _class_name="DPMSolverMultistepScheduler", use_karras_sigmas=True, clip_sample=None
+    )
+    config = {key: value for key, value in config.items() if value is not None}
+    config_path.write_text(json.dumps(config))
+    index = json.loads((folder / "model_index.json").read_text())
+    index["scheduler"] = ["diffusers", "DPMSolverMultistepScheduler"]
+    (folder / "model_index.json").write_text(json.dumps(index))
+    reference = diffusers.StableDiffusionPipeline.from_pretrained(folder, safety_checker=None)
+    assert reference.scheduler.config.use_karras_sigmas
+    reference.set_progress_bar_config(disable=True)
+    pipe = Pipeline.from_pretrained(folder)
+    kwargs = dict(prompt="a red cat", latents=torch.randn(1, 4, 8, 8), num_inference_steps=STEPS)
+    theirs = reference(**kwargs, output_type="pt").images
+    ours = pipe(**kwargs, sampler="dpmpp_2m", output_type="tensor", progress=False)
+    torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=0)
+    plain = Pipeline.from_pretrained(sd_folder)
+    karras = plain(**kwargs, sampler="dpmpp_2m_karras", output_type="tensor", progress=False)
+    torch.testing.assert_close(karras, theirs, atol=1e-4, rtol=0)
+    not_karras = plain(**kwargs, sampler="dpmpp_2m", output_type="tensor", progress=False)
+    assert (not_karras - theirs).abs().max() > 1e-3
+
+
 @pytest.mark.gpu
 def test_cuda_fp16_pipeline_matches_cpu_fp32(sd_folder, pipe):
     """On a GPU: weights in fp16, a CUDA generator for a stochastic sampler, the same images as

@@ -1,6 +1,7 @@
 """img2img (SDEdit through the forward process) against diffusers' StableDiffusionImg2ImgPipeline,
 for a single-step sampler (DDIM), a sigma-scale one (Euler) and a multistep solver (DPM-Solver++
-2M, whose first step after a mid-schedule start must be first order)."""
+2M, whose first step after a mid-schedule start must be first order; with Karras noise levels the
+image is noised to the Karras level of that step, not to alphā at its rounded timestep)."""
 
 from __future__ import annotations
 
@@ -16,10 +17,12 @@ from tests.pipeline_folders import UNetCallCounter, make_sd_folder, single_threa
 diffusers = pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
 
+# sampler -> (diffusers scheduler class, config overrides)
 SCHEDULERS = {
-    "ddim": "DDIMScheduler",
-    "euler": "EulerDiscreteScheduler",
-    "dpmpp_2m": "DPMSolverMultistepScheduler",
+    "ddim": ("DDIMScheduler", {}),
+    "euler": ("EulerDiscreteScheduler", {}),
+    "dpmpp_2m": ("DPMSolverMultistepScheduler", {}),
+    "dpmpp_2m_karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
 }
 
 
@@ -51,8 +54,9 @@ def test_img2img_equals_diffusers(sd_folder, pipe, init_image, sampler):
     reference = diffusers.StableDiffusionImg2ImgPipeline.from_pretrained(
         sd_folder, safety_checker=None
     )
-    scheduler_class = getattr(diffusers, SCHEDULERS[sampler])
-    reference.scheduler = scheduler_class.from_config(reference.scheduler.config)
+    class_name, overrides = SCHEDULERS[sampler]
+    scheduler_class = getattr(diffusers, class_name)
+    reference.scheduler = scheduler_class.from_config(reference.scheduler.config, **overrides)
     reference.set_progress_bar_config(disable=True)
     kwargs = dict(
         prompt="a photo of a cat", num_inference_steps=5, strength=0.6, guidance_scale=4.0

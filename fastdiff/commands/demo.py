@@ -28,7 +28,9 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--per-class", type=int, default=4, help="samples per class and side")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
     parser.add_argument(
-        "--sampler", default="ddim", help="ddim, ddpm, euler or dpmpp_2m (default: ddim)"
+        "--sampler",
+        default="ddim",
+        help="ddim, ddpm, euler, dpmpp_2m or dpmpp_2m_karras (default: ddim)",
     )
     parser.add_argument("--model", help="pipeline folder (default: the shipped shapes model)")
     parser.add_argument("--device", default="cpu", help="torch device (default: cpu)")

@@ -57,7 +57,11 @@ def add_parser(subparsers) -> None:
         help="CFG scale; <= 1 disables it (default: 5.0 for SDXL folders, else 7.5)",
     )
     parser.add_argument("--guidance-rescale", type=float, default=0.0)
-    parser.add_argument("--sampler", default="ddim", help="ddim, ddpm, euler or dpmpp_2m")
+    parser.add_argument(
+        "--sampler",
+        default="ddim",
+        help="ddim, ddpm, euler, dpmpp_2m or dpmpp_2m_karras (DPM++ 2M Karras); default ddim",
+    )
     parser.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0 = deterministic)")
     parser.add_argument(
         "--seed", type=int, default=0, help="seed; prompt i of --prompts uses seed+i"

@@ -7,6 +7,8 @@ remaining steps. It needs no sampler of its own: the remaining rows of the full 
 plan, given two adjustments made here:
 - the first state must be in the sampler's own scale: x = x_vp / c0 (c0 = INPUT_SCALE of that
   row; 1 for the VP samplers, 1/sqrt(sigma^2 + 1) for Euler), which ``init_noise_scale`` applies;
+- the image is diffused to the noise level the plan gives that step (``plan.alphas_cumprod``:
+  the schedule's alphā at its timestep, except for Karras levels and the clamped zero-SNR end);
 - a multistep solver has no previous x0 estimate at its first step, so that step runs first
   order, as diffusers' multistep schedulers do after ``set_begin_index``: x0_prev := x0, i.e.
   the NEXT_FROM_PREV_X0 coefficient is folded into NEXT_FROM_X0.
@@ -55,12 +57,14 @@ def plan_from_step(plan: SamplingPlan, start_step: int) -> SamplingPlan:
     coefficients = plan.coefficients[start_step:].clone()
     coefficients[0, NEXT_FROM_X0] += coefficients[0, NEXT_FROM_PREV_X0]
     coefficients[0, NEXT_FROM_PREV_X0] = 0.0
+    levels = plan.alphas_cumprod
     return SamplingPlan(
         plan.sampler,
         plan.timesteps[start_step:].clone(),
         coefficients,
         1.0 / float(plan.coefficients[start_step, INPUT_SCALE]),
         plan.eta,
+        None if levels is None else levels[start_step:].clone(),
     )
 
 
@@ -82,8 +86,13 @@ def start_state(
             f"init latents shape {tuple(init_latents.shape)} != noise shape {tuple(noise.shape)}"
         )
     plan = plan_from_step(plan, start_step)
-    t_start = plan.timesteps[:1].expand(noise.shape[0]).to(noise.device)
-    return plan, schedule.add_noise(init_latents, noise, t_start)
+    if plan.alphas_cumprod is None:
+        t_start = plan.timesteps[:1].expand(noise.shape[0]).to(noise.device)
+        return plan, schedule.add_noise(init_latents, noise, t_start)
+    # The noise level the sampler itself assigns to that step: for Karras levels it is not the
+    # schedule's alphā at the (rounded) timestep; diffusers' add_noise uses the same level.
+    alpha_bar = float(plan.alphas_cumprod[0])
+    return plan, alpha_bar**0.5 * init_latents + (1.0 - alpha_bar) ** 0.5 * noise
 
 
 def run_sampler(

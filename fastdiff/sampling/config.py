@@ -4,7 +4,7 @@ Every key diffusers' DDPM-family schedulers write is classified here, in one pla
 
 * schedule keys we implement (passed through to ``NoiseSchedule``);
 * keys whose non-default values change the math in ways we do not implement (clipping,
-  thresholding, Karras/exponential/beta/flow sigmas, other solver variants ...): accepted only at
+  thresholding, exponential/beta/flow sigmas, other solver variants ...): accepted only at
   the value our samplers implement, otherwise ``ValueError`` naming the key and the allowed value;
 * keys that have no effect given the above (e.g. ``clip_sample_range`` while ``clip_sample`` is
   false, PNDM's ``skip_prk_steps``) and diffusers metadata (``_class_name``, ``_diffusers_version``
@@ -32,13 +32,13 @@ SCHEDULE_KEYS = (
     "steps_offset",
     "set_alpha_to_one",
     "rescale_betas_zero_snr",
+    "use_karras_sigmas",
 )
 
 # key -> the values our samplers implement (a config with any other value is refused).
 REQUIRED_VALUES: dict[str, tuple[Any, ...]] = {
     "clip_sample": (False,),
     "thresholding": (False,),
-    "use_karras_sigmas": (False, None),
     "use_exponential_sigmas": (False, None),
     "use_beta_sigmas": (False, None),
     "use_lu_lambdas": (False,),
@@ -63,7 +63,7 @@ IGNORED_KEYS = frozenset(
         "clip_sample_range",
         "dynamic_thresholding_ratio",
         "sample_max_value",
-        "sigma_min",
+        "sigma_min",  # Karras bounds of Euler-family configs; DPM-Solver++ uses the table's ends
         "sigma_max",
         "flow_shift",
         "time_shift_type",
@@ -127,7 +127,9 @@ def schedule_kwargs_from_config(config: dict[str, Any]) -> dict[str, Any]:
     for key, value in merged.items():
         if key.startswith("_") or key in IGNORED_KEYS:
             continue
-        if key in SCHEDULE_KEYS:
+        if key == "use_karras_sigmas" and value is None:
+            kwargs[key] = False  # diffusers writes null for "off" in some configs
+        elif key in SCHEDULE_KEYS:
             kwargs[key] = value
         elif key in REQUIRED_VALUES:
             allowed = REQUIRED_VALUES[key]

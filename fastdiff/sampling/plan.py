@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from fastdiff.sampling.schedule import NoiseSchedule
+from fastdiff.sampling.spacing import karras_sigmas
 
 INPUT_SCALE = 0
 X0_FROM_INPUT = 1
@@ -32,19 +33,22 @@ NEXT_FROM_PREV_X0 = 5
 NOISE_STD = 6
 NUM_COEFFICIENTS = 7
 
-SAMPLERS = ("ddpm", "ddim", "euler", "dpmpp_2m")
+SAMPLERS = ("ddpm", "ddim", "euler", "dpmpp_2m", "dpmpp_2m_karras")
 
 
 @dataclass(frozen=True, eq=False)
 class SamplingPlan:
-    """Timesteps (LongTensor [S], call order), float64 coefficients [S, 7] and the factor that
-    turns x_T ~ N(0, I) into the initial state."""
+    """Timesteps (LongTensor [S], call order), float64 coefficients [S, 7], the factor that
+    turns x_T ~ N(0, I) into the initial state, and ``alphas_cumprod`` (float64 [S]): the VP
+    noise level alphā of each step's input state, the level img2img diffuses an image to before
+    starting at that step (None: the schedule's alphā at the step's timestep)."""
 
     sampler: str
     timesteps: torch.Tensor
     coefficients: torch.Tensor
     init_noise_scale: float
     eta: float = 0.0
+    alphas_cumprod: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return int(self.timesteps.shape[0])
@@ -123,15 +127,29 @@ def _ddpm_rows(schedule: NoiseSchedule, timesteps: list[int]) -> list[list[float
     return rows
 
 
-def _sigmas_at(schedule: NoiseSchedule, timesteps: list[int]) -> list[float]:
-    """sigma_t = sqrt((1 - alphā_t) / alphā_t) at the visited timesteps, then 0. With zero
-    terminal SNR the last alphā is clamped to 2**-24 (sigma ~ 4096), as diffusers' Euler and
-    DPM-Solver schedulers do, so the first state and step stay finite."""
+def _clamped_alphas_cumprod(schedule: NoiseSchedule) -> torch.Tensor:
+    """alphā with, under zero terminal SNR, the last value clamped to 2**-24 (sigma ~ 4096), as
+    diffusers' Euler and DPM-Solver schedulers do, so the first state and step stay finite."""
     alphas_cumprod = schedule.alphas_cumprod.clone()
     if schedule.rescale_betas_zero_snr:
         alphas_cumprod[-1] = 2.0**-24
-    values = alphas_cumprod[torch.tensor(timesteps)]
+    return alphas_cumprod
+
+
+def _sigmas_at(schedule: NoiseSchedule, timesteps: list[int]) -> list[float]:
+    """sigma_t = sqrt((1 - alphā_t) / alphā_t) at the visited timesteps (alphā clamped, see
+    ``_clamped_alphas_cumprod``), then 0."""
+    values = _clamped_alphas_cumprod(schedule)[torch.tensor(timesteps)]
     return (((1 - values) / values).sqrt()).tolist() + [0.0]
+
+
+def karras_plan_inputs(schedule: NoiseSchedule, steps: int) -> tuple[torch.Tensor, list[float]]:
+    """(timesteps, sigmas) of DPM-Solver++ with Karras noise levels (``karras_sigmas``)."""
+    return karras_sigmas(
+        _clamped_alphas_cumprod(schedule),
+        steps,
+        round_timesteps=schedule.beta_schedule != "squaredcos_cap_v2",
+    )
 
 
 def _euler_rows(schedule: NoiseSchedule, timesteps: list[int]) -> tuple[list[list[float]], float]:
@@ -150,12 +168,14 @@ def _euler_rows(schedule: NoiseSchedule, timesteps: list[int]) -> tuple[list[lis
     return rows, math.sqrt(sigmas[0] ** 2 + 1.0)
 
 
-def _dpmpp_2m_rows(schedule: NoiseSchedule, timesteps: list[int]) -> list[list[float]]:
+def _dpmpp_2m_rows(
+    schedule: NoiseSchedule, timesteps: list[int], sigmas: list[float]
+) -> list[list[float]]:
     """DPM-Solver++(2M) (Lu et al. 2022, "DPM-Solver++", Algorithm 2, midpoint form as in
     diffusers' DPMSolverMultistepScheduler with solver_order=2): in lambda = log(alpha/sigma),
     x_next = (s_t/s_s) x + alpha_t (1 - e^-h) (D0 + D1 / (2 r)), D0 = x0, D1 = x0 - x0_prev,
-    r = h_prev / h. The first step and the last step (final sigma 0) are first order."""
-    sigmas = _sigmas_at(schedule, timesteps)
+    r = h_prev / h. The first step and the last step (final sigma 0) are first order. ``sigmas``
+    are the noise levels of the steps (then 0): the schedule's at the timesteps, or Karras'."""
     count = len(timesteps)
     rows = []
     for index, t in enumerate(timesteps):
@@ -182,7 +202,9 @@ def make_plan(
     """Compile ``sampler`` over ``steps`` timesteps of ``schedule`` into a :class:`SamplingPlan`.
 
     ``eta`` (Song et al. 2021, Eq. 16) is the DDIM noise level: 0 deterministic, 1 DDPM-like; the
-    other samplers have fixed noise and accept only ``eta=0``.
+    other samplers have fixed noise and accept only ``eta=0``. ``dpmpp_2m_karras`` is DPM-Solver++
+    (2M) through Karras et al.'s noise levels, which ``dpmpp_2m`` also takes when the schedule
+    says ``use_karras_sigmas`` (diffusers' DPMSolverMultistepScheduler with that key).
     """
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; allowed: {list(SAMPLERS)}")
@@ -192,7 +214,19 @@ def make_plan(
         raise ValueError(f"eta must lie in [0, 1], got {eta}")
     if eta != 0 and sampler != "ddim":
         raise ValueError(f"eta applies to the 'ddim' sampler only; {sampler!r} needs eta=0")
-    timesteps = schedule.timesteps(steps, sampler)
+    karras = sampler == "dpmpp_2m_karras" or (
+        schedule.use_karras_sigmas and sampler in ("dpmpp_2m", "euler")
+    )
+    if karras and sampler == "euler":
+        raise ValueError(
+            "this schedule has use_karras_sigmas=true, which fastdiff implements for DPM-Solver++ "
+            "only: use sampler 'dpmpp_2m' (or 'ddim'/'ddpm', which ignore it, as diffusers' DDIM "
+            "and DDPM schedulers do)"
+        )
+    if karras:
+        timesteps, sigmas = karras_plan_inputs(schedule, steps)
+    else:
+        timesteps = schedule.timesteps(steps, sampler)
     visited = timesteps.tolist()
     init_noise_scale = 1.0
     if sampler == "ddim":
@@ -201,12 +235,21 @@ def make_plan(
         rows = _ddpm_rows(schedule, visited)
     elif sampler == "euler":
         rows, init_noise_scale = _euler_rows(schedule, visited)
+        sigmas = _sigmas_at(schedule, visited)
     else:
-        rows = _dpmpp_2m_rows(schedule, visited)
+        if not karras:
+            sigmas = _sigmas_at(schedule, visited)
+        rows = _dpmpp_2m_rows(schedule, visited, sigmas)
     coefficients = torch.tensor(rows, dtype=torch.float64)
     if not bool(torch.isfinite(coefficients).all()):
         raise ValueError(f"{sampler} plan has non-finite coefficients for this schedule")
-    return SamplingPlan(sampler, timesteps, coefficients, float(init_noise_scale), eta)
+    if sampler in ("ddim", "ddpm"):
+        alphas_cumprod = schedule.alphas_cumprod[timesteps]
+    else:  # the sigma samplers' own levels (clamped under zero SNR, or Karras')
+        alphas_cumprod = 1.0 / (torch.tensor(sigmas[:-1], dtype=torch.float64) ** 2 + 1.0)
+    return SamplingPlan(
+        sampler, timesteps, coefficients, float(init_noise_scale), eta, alphas_cumprod
+    )
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:

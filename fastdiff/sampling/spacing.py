@@ -88,3 +88,39 @@ def spaced_timesteps(
             f"{sampler!r}; use fewer steps"
         )
     return torch.from_numpy(timesteps.copy())
+
+
+def karras_sigmas(
+    alphas_cumprod: torch.Tensor, steps: int, round_timesteps: bool = True
+) -> tuple[torch.Tensor, list[float]]:
+    """Karras et al. 2022 (Eq. 5, rho = 7) noise levels, as diffusers' DPMSolverMultistepScheduler
+    builds them with ``use_karras_sigmas``: ``steps`` sigmas from the largest sigma of the
+    training table down to its smallest, evenly spaced in sigma^(1/7), then 0. Each model
+    timestep is found by interpolating log sigma in the training table, rounded to the nearest
+    integer (truncated when ``round_timesteps`` is false, as diffusers does for the cosine
+    schedule). The timestep spacing plays no part.
+
+    Returns (LongTensor [steps] timesteps, descending, possibly repeated; steps + 1 sigmas).
+    """
+    if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:
+        raise ValueError(f"steps must be a positive integer, got {steps!r}")
+    # The training table in float32, computed as diffusers computes it (the timesteps are
+    # rounded afterwards, so the table's last bits can decide a timestep).
+    table32 = alphas_cumprod.to(torch.float32)
+    table = (((1 - table32) / table32) ** 0.5).numpy()
+    log_table = np.log(table)
+    low_end, high_end = float(table[0]), float(table[-1])
+    rho = 7.0
+    ramp = np.linspace(0, 1, steps)
+    sigmas = (high_end ** (1 / rho) + ramp * (low_end ** (1 / rho) - high_end ** (1 / rho))) ** rho
+
+    # Piecewise-linear interpolation of t in log sigma over the (increasing) table.
+    log_sigmas = np.log(np.maximum(sigmas, 1e-10))
+    below = (log_sigmas[None, :] - log_table[:, None]) >= 0
+    low = np.cumsum(below, axis=0).argmax(axis=0).clip(max=log_table.shape[0] - 2)
+    weight = np.clip((log_table[low] - log_sigmas) / (log_table[low] - log_table[low + 1]), 0, 1)
+    fractional = (1 - weight) * low + weight * (low + 1)
+    timesteps = np.round(fractional) if round_timesteps else np.trunc(fractional)
+    # diffusers keeps the sigmas in float32; so do we, so both step with the same numbers.
+    levels = sigmas.astype(np.float32).astype(np.float64).tolist() + [0.0]
+    return torch.from_numpy(timesteps.astype(np.int64)), levels

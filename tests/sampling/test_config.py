@@ -125,7 +125,7 @@ def test_missing_keys_take_the_class_defaults():
     [
         ("clip_sample", True),
         ("thresholding", True),
-        ("use_karras_sigmas", True),
+        ("use_exponential_sigmas", True),
         ("solver_order", 3),
         ("algorithm_type", "sde-dpmsolver++"),
         ("final_sigmas_type", "sigma_min"),
@@ -154,3 +154,27 @@ def test_round_trip_through_to_config():
     again = NoiseSchedule.from_config(schedule.to_config())
     assert torch.equal(again.alphas_cumprod, schedule.alphas_cumprod)
     assert again.to_config() == schedule.to_config()
+
+
+def test_karras_keys_are_read():
+    # sigma_min / sigma_max (Euler's Karras bounds) are not DPMSolverMultistepScheduler keys:
+    # its Karras levels always span the table, so they are ignored.
+    schedule = NoiseSchedule.from_config(
+        {**SD_DPM, "use_karras_sigmas": True, "sigma_min": 0.1, "sigma_max": 12.0}
+    )
+    assert schedule.use_karras_sigmas
+    assert not NoiseSchedule.from_config({**SD_DPM, "use_karras_sigmas": None}).use_karras_sigmas
+    again = NoiseSchedule.from_config(schedule.to_config())
+    assert again.to_config() == schedule.to_config()
+
+
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        ({"use_karras_sigmas": "yes"}, "use_karras_sigmas must be true or false"),
+        ({"use_karras_sigmas": 1}, "use_karras_sigmas must be true or false"),
+    ],
+)
+def test_bad_karras_keys_are_refused(extra, message):
+    with pytest.raises(ValueError, match=message):
+        NoiseSchedule.from_config({**SD_DPM, **extra})

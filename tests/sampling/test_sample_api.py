@@ -37,7 +37,8 @@ def test_plan_shapes_and_contract(sampler):
     assert plan.coefficients.dtype == torch.float64 and plan.coefficients.shape == (12, 7)
     assert bool((plan.timesteps.diff() < 0).all())
     assert plan.stochastic == (sampler == "ddpm")
-    assert (plan.coefficients[:, NEXT_FROM_PREV_X0] != 0).any() == (sampler == "dpmpp_2m")
+    multistep = sampler.startswith("dpmpp_2m")
+    assert (plan.coefficients[:, NEXT_FROM_PREV_X0] != 0).any() == multistep
     if sampler == "euler":
         assert plan.init_noise_scale > 5 and (plan.coefficients[:, INPUT_SCALE] < 1).all()
     else:
@@ -77,7 +78,9 @@ def test_stochastic_sampling_is_reproducible_with_a_generator():
 
 
 def test_unknown_names_list_the_allowed_values():
-    with pytest.raises(ValueError, match=r"allowed: \['ddpm', 'ddim', 'euler', 'dpmpp_2m'\]"):
+    with pytest.raises(
+        ValueError, match=r"allowed: \['ddpm', 'ddim', 'euler', 'dpmpp_2m', 'dpmpp_2m_karras'\]"
+    ):
         sample(toy_model, torch.randn(1, 2), SCHEDULE, "heun", 5)
     with pytest.raises(ValueError, match="allowed"):
         NoiseSchedule(timestep_spacing="even")

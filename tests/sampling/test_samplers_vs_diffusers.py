@@ -151,3 +151,76 @@ def test_float64_sampling_agrees_with_float32():
         result32 = sample(toy_model, x_T.float(), schedule, sampler, 8)
         assert result64.dtype == torch.float64
         assert torch.allclose(result64.float(), result32, atol=1e-5)
+
+
+def _karras_reference(config, steps):
+    reference = DPMSolverMultistepScheduler(
+        **config, algorithm_type="dpmsolver++", solver_order=2, use_karras_sigmas=True
+    )
+    reference.set_timesteps(steps)
+    # Rounded Karras timesteps can repeat; without a begin index diffusers looks a repeated
+    # first timestep up as the second occurrence and runs off the end.
+    reference.set_begin_index(0)
+    return reference
+
+
+@pytest.mark.parametrize(
+    "beta_schedule,prediction_type,zero_snr",
+    list(itertools.product(BETA_SCHEDULES, PREDICTION_TYPES, (False, True))),
+)
+def test_dpmpp_2m_karras_matches_diffusers(beta_schedule, prediction_type, zero_snr):
+    """DPM-Solver++(2M) through Karras noise levels against DPMSolverMultistepScheduler with
+    use_karras_sigmas: the same (rounded; truncated for cosine) timesteps, the same steps."""
+    config = _config(beta_schedule, "linspace", prediction_type, zero_snr)
+    reference = _karras_reference(config, 10)
+    plan = make_plan(NoiseSchedule(**config), "dpmpp_2m_karras", 10)
+    assert torch.equal(plan.timesteps, reference.timesteps)
+    assert plan.init_noise_scale == 1.0 == float(reference.init_noise_sigma)
+    x_T = torch.randn(2, 3, 4)
+    ours = []
+    sample(
+        toy_model,
+        x_T,
+        NoiseSchedule(**config),
+        "dpmpp_2m_karras",
+        10,
+        callback=lambda i, t, x: ours.append(x),
+    )
+    theirs, _, peaks = run_diffusers(reference, x_T)
+    _assert_trajectories_match(ours, theirs, peaks, f"dpmpp_2m_karras/{beta_schedule}")
+
+
+@pytest.mark.parametrize("steps", [1, 2, 3, 25, 50])
+def test_karras_schedule_flag_step_counts_and_sigma_range(steps):
+    """A schedule with use_karras_sigmas (a folder's DPM-Solver config) takes Karras levels
+    through the plain dpmpp_2m sampler. At 50 steps the rounded timesteps repeat near t = 0, as
+    diffusers' do."""
+    config = _config("scaled_linear", "leading", "epsilon", False)
+    schedule = NoiseSchedule(**config, use_karras_sigmas=True)
+    reference = _karras_reference(config, steps)
+    plan = make_plan(schedule, "dpmpp_2m", steps)
+    assert torch.equal(plan.timesteps, reference.timesteps)
+    assert torch.equal(schedule.timesteps(steps, "dpmpp_2m"), plan.timesteps)
+    assert torch.equal(
+        make_plan(schedule, "dpmpp_2m_karras", steps).coefficients, plan.coefficients
+    )
+    if steps == 50:
+        assert len(set(plan.timesteps.tolist())) < steps
+    x_T = torch.randn(2, 5)
+    ours = []
+    sample(toy_model, x_T, schedule, "dpmpp_2m", steps, callback=lambda i, t, x: ours.append(x))
+    theirs, _, peaks = run_diffusers(reference, x_T)
+    _assert_trajectories_match(ours, theirs, peaks, f"karras/{steps}")
+
+
+def test_karras_flag_is_refused_for_euler_and_ignored_by_ddim():
+    config = _config("scaled_linear", "leading", "epsilon", False)
+    schedule = NoiseSchedule(**config, use_karras_sigmas=True)
+    with pytest.raises(ValueError, match="use_karras_sigmas=true.*'dpmpp_2m'"):
+        make_plan(schedule, "euler", 10)
+    plain = NoiseSchedule(**config)
+    for sampler in ("ddim", "ddpm"):
+        assert torch.equal(
+            make_plan(schedule, sampler, 10).coefficients,
+            make_plan(plain, sampler, 10).coefficients,
+        )
