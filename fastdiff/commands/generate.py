@@ -60,7 +60,7 @@ def add_parser(subparsers) -> None:
     parser.add_argument(
         "--sampler",
         default="ddim",
-        help="ddim, ddpm, euler, dpmpp_2m or dpmpp_2m_karras (DPM++ 2M Karras); default ddim",
+        help="ddim, ddpm, euler, euler_ancestral, dpmpp_2m or dpmpp_2m_karras (default: ddim)",
     )
     parser.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0 = deterministic)")
     parser.add_argument(

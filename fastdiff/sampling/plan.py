@@ -33,7 +33,7 @@ NEXT_FROM_PREV_X0 = 5
 NOISE_STD = 6
 NUM_COEFFICIENTS = 7
 
-SAMPLERS = ("ddpm", "ddim", "euler", "dpmpp_2m", "dpmpp_2m_karras")
+SAMPLERS = ("ddpm", "ddim", "euler", "euler_ancestral", "dpmpp_2m", "dpmpp_2m_karras")
 
 
 @dataclass(frozen=True, eq=False)
@@ -55,7 +55,7 @@ class SamplingPlan:
 
     @property
     def stochastic(self) -> bool:
-        """True when some step draws noise (ddpm, ddim with eta > 0)."""
+        """True when some step draws noise (ddpm, euler_ancestral, ddim with eta > 0)."""
         return bool((self.coefficients[:, NOISE_STD] != 0).any())
 
 
@@ -152,19 +152,30 @@ def karras_plan_inputs(schedule: NoiseSchedule, steps: int) -> tuple[torch.Tenso
     )
 
 
-def _euler_rows(schedule: NoiseSchedule, timesteps: list[int]) -> tuple[list[list[float]], float]:
+def _euler_rows(
+    schedule: NoiseSchedule, timesteps: list[int], ancestral: bool = False
+) -> tuple[list[list[float]], float]:
     """Euler's method on the probability-flow ODE dx/dsigma = (x - D(x; sigma)) / sigma
     (Karras et al. 2022, Algorithm 1 with gamma = 0; diffusers' EulerDiscreteScheduler defaults).
     The state is x = x_vp * sqrt(sigma^2 + 1); the model sees x / sqrt(sigma^2 + 1). The start
     state is sqrt(sigma_max^2 + 1) * x_T (x_T ~ N(0, I) in VP scale); diffusers' init_noise_sigma
-    equals it for ``leading`` but is sigma_max for ``linspace``/``trailing`` (0.2% less for SD)."""
+    equals it for ``leading`` but is sigma_max for ``linspace``/``trailing`` (0.2% less for SD).
+
+    ``ancestral`` (diffusers' EulerAncestralDiscreteScheduler, k-diffusion's Euler ancestral with
+    eta = 1): each step to sigma' is an ODE step to sigma_down plus fresh noise of std sigma_up,
+    sigma_up^2 = sigma'^2 (sigma^2 - sigma'^2) / sigma^2, sigma_down^2 = sigma'^2 - sigma_up^2,
+    so the state again has noise level sigma' (Song et al. 2021's reverse SDE, discretised)."""
     sigmas = _sigmas_at(schedule, timesteps)
     rows = []
     for index, t in enumerate(timesteps):
         sigma, sigma_next = sigmas[index], sigmas[index + 1]
         c1, c2 = _x0_coefficients(1.0 / (sigma**2 + 1.0), schedule.prediction_type, t)
+        noise_std = 0.0
+        if ancestral:
+            noise_std = math.sqrt(sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2)
+            sigma_next = math.sqrt(sigma_next**2 - noise_std**2)  # sigma_down
         ratio = sigma_next / sigma
-        rows.append([1.0 / math.sqrt(sigma**2 + 1.0), c1, c2, ratio, 1.0 - ratio, 0.0, 0.0])
+        rows.append([1.0 / math.sqrt(sigma**2 + 1.0), c1, c2, ratio, 1.0 - ratio, 0.0, noise_std])
     return rows, math.sqrt(sigmas[0] ** 2 + 1.0)
 
 
@@ -233,8 +244,8 @@ def make_plan(
         rows = _ddim_rows(schedule, visited, eta)
     elif sampler == "ddpm":
         rows = _ddpm_rows(schedule, visited)
-    elif sampler == "euler":
-        rows, init_noise_scale = _euler_rows(schedule, visited)
+    elif sampler in ("euler", "euler_ancestral"):
+        rows, init_noise_scale = _euler_rows(schedule, visited, sampler == "euler_ancestral")
         sigmas = _sigmas_at(schedule, visited)
     else:
         if not karras:

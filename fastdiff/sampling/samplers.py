@@ -84,7 +84,8 @@ def sample(
     ``schedule.prediction_type`` with x_t's shape (wrap with
     :func:`fastdiff.sampling.classifier_free_guidance` for CFG). The result has x_T's dtype (fp64
     included) and is the clean sample in VP scale. ``callback(step_index, t, x)`` runs after each
-    step with the sampler state. Noise (ddpm, ddim with eta > 0) is drawn with ``generator``.
+    step with the sampler state. Noise (ddpm, euler_ancestral, ddim with eta > 0) is drawn with
+    ``generator``.
     A non-finite model output raises ``RuntimeError`` naming the step index and timestep.
     """
     if not isinstance(schedule, NoiseSchedule):

@@ -5,7 +5,8 @@ Table 2), computed the way each diffusers scheduler computes them so that result
 diffusers computes the spacings slightly differently per scheduler family:
 
 * ``ddim`` / ``ddpm`` (DDIMScheduler, DDPMScheduler): ``steps`` points.
-* ``euler`` (EulerDiscreteScheduler): the same points, but ``linspace`` keeps them as float32
+* ``euler`` (EulerDiscreteScheduler, and EulerAncestralDiscreteScheduler for
+  ``euler_ancestral``): the same points, but ``linspace`` keeps them as float32
   (fractional timesteps such as 946.42 for 20 steps). Our model functions take integer
   timesteps, so we round them to the nearest integer (half to even, as the DDIM family does) and
   take sigma at the rounded timestep, which keeps the noise level and the timestep the model sees
@@ -21,7 +22,13 @@ import numpy as np
 import torch
 
 SPACINGS = ("leading", "linspace", "trailing")
-SAMPLER_FAMILIES = {"ddim": "ddim", "ddpm": "ddim", "euler": "euler", "dpmpp_2m": "dpmpp_2m"}
+SAMPLER_FAMILIES = {
+    "ddim": "ddim",
+    "ddpm": "ddim",
+    "euler": "euler",
+    "euler_ancestral": "euler",
+    "dpmpp_2m": "dpmpp_2m",
+}
 
 
 def _round_half_even(values: np.ndarray) -> np.ndarray:

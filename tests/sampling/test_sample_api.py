@@ -36,10 +36,10 @@ def test_plan_shapes_and_contract(sampler):
     assert plan.timesteps.dtype == torch.long and plan.timesteps.shape == (12,)
     assert plan.coefficients.dtype == torch.float64 and plan.coefficients.shape == (12, 7)
     assert bool((plan.timesteps.diff() < 0).all())
-    assert plan.stochastic == (sampler == "ddpm")
+    assert plan.stochastic == (sampler in ("ddpm", "euler_ancestral"))
     multistep = sampler.startswith("dpmpp_2m")
     assert (plan.coefficients[:, NEXT_FROM_PREV_X0] != 0).any() == multistep
-    if sampler == "euler":
+    if sampler.startswith("euler"):
         assert plan.init_noise_scale > 5 and (plan.coefficients[:, INPUT_SCALE] < 1).all()
     else:
         assert plan.init_noise_scale == 1.0 and (plan.coefficients[:, INPUT_SCALE] == 1).all()
@@ -79,7 +79,9 @@ def test_stochastic_sampling_is_reproducible_with_a_generator():
 
 def test_unknown_names_list_the_allowed_values():
     with pytest.raises(
-        ValueError, match=r"allowed: \['ddpm', 'ddim', 'euler', 'dpmpp_2m', 'dpmpp_2m_karras'\]"
+        ValueError,
+        match=r"allowed: \['ddpm', 'ddim', 'euler', 'euler_ancestral', 'dpmpp_2m', "
+        r"'dpmpp_2m_karras'\]",
     ):
         sample(toy_model, torch.randn(1, 2), SCHEDULE, "heun", 5)
     with pytest.raises(ValueError, match="allowed"):

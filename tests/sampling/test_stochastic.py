@@ -1,5 +1,5 @@
-"""DDPM and DDIM with eta > 0: exact agreement with diffusers when fed the same random stream,
-and statistics against cases with a known answer.
+"""DDPM, Euler ancestral and DDIM with eta > 0: exact agreement with diffusers when fed the same
+random stream, and statistics against cases with a known answer.
 
 Known answers. For data that is a point mass at mu, the optimal noise predictor is exactly
 eps(x_t, t) = (x_t - sqrt(alphā_t) mu) / sqrt(1 - alphā_t), and then every DDIM(eta) and DDPM
@@ -15,7 +15,7 @@ import math
 
 import pytest
 import torch
-from diffusers import DDIMScheduler, DDPMScheduler
+from diffusers import DDIMScheduler, DDPMScheduler, EulerAncestralDiscreteScheduler
 
 from fastdiff.sampling import NoiseSchedule, make_plan, sample
 from tests.sampling.helpers import SD_BETAS, run_diffusers, toy_model
@@ -59,6 +59,50 @@ def test_ddpm_matches_diffusers_with_same_noise(spacing, prediction_type, zero_s
     for index, (mine, reference_state, peak) in enumerate(zip(ours, theirs, peaks, strict=True)):
         error = float((mine - reference_state).abs().max())
         assert error <= 1e-5 * max(1.0, peak), f"step {index}: {error}"
+
+
+@pytest.mark.parametrize("spacing", ["leading", "linspace", "trailing"])
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+@pytest.mark.parametrize("zero_snr", [False, True])
+def test_euler_ancestral_matches_diffusers_with_same_noise(spacing, prediction_type, zero_snr):
+    """EulerAncestralDiscreteScheduler (which has no sample-prediction mode) fed the same
+    random stream. Started from the same state: for linspace/trailing diffusers' own start is
+    sigma_max * x_T, fastdiff's sqrt(sigma_max^2 + 1) * x_T, as for plain Euler."""
+    config = dict(
+        SD_BETAS,
+        beta_schedule="scaled_linear",
+        timestep_spacing=spacing,
+        steps_offset=1 if spacing == "leading" else 0,
+        prediction_type=prediction_type,
+        rescale_betas_zero_snr=zero_snr,
+    )
+    reference = EulerAncestralDiscreteScheduler(**config)
+    reference.set_timesteps(10)  # linspace: 999 / 9 = 111, integral timesteps
+    schedule = NoiseSchedule(**config)
+    plan = make_plan(schedule, "euler_ancestral", 10)
+    assert torch.equal(plan.timesteps, reference.timesteps.long()) and plan.stochastic
+    x_T = torch.randn(2, 3, 4)
+    theirs, _, peaks = run_diffusers(
+        reference, x_T * plan.init_noise_scale, generator=torch.Generator().manual_seed(5)
+    )
+    ours = []
+    sample(
+        toy_model,
+        x_T,
+        schedule,
+        "euler_ancestral",
+        10,
+        generator=torch.Generator().manual_seed(5),
+        callback=lambda i, t, x: ours.append(x),
+    )
+    for index, (mine, reference_state, peak) in enumerate(zip(ours, theirs, peaks, strict=True)):
+        error = float((mine - reference_state).abs().max())
+        assert error <= 1e-5 * max(1.0, peak), f"step {index}: {error}"
+    # The noise matters: another seed gives another sample.
+    other = sample(
+        toy_model, x_T, schedule, "euler_ancestral", 10, generator=torch.Generator().manual_seed(6)
+    )
+    assert float((other - ours[-1]).abs().max()) > 1e-2
 
 
 @pytest.mark.parametrize("eta,set_alpha_to_one", [(0.5, True), (1.0, False)])
