@@ -24,6 +24,7 @@ PLANS = [
     pytest.param(("ddim", 1.0), id="ddim-eta1"),
     pytest.param(("ddpm", 0.0), id="ddpm"),
     pytest.param(("euler", 0.0), id="euler"),
+    pytest.param(("euler_ancestral", 0.0), id="euler_ancestral"),  # input scale and noise
     pytest.param(("dpmpp_2m", 0.0), id="dpmpp_2m"),
 ]
 

@@ -23,7 +23,8 @@ def conditioning(guided: bool) -> Conditioning:
 
 
 CASES = [("ddim", 4, 0.0, 6.0), ("dpmpp_2m", 4, 0.0, 6.0), ("euler", 10, 0.0, 6.0),
-         ("ddim", 3, 0.5, 6.0), ("ddpm", 10, 0.0, 1.0)]  # fmt: skip
+         ("ddim", 3, 0.5, 6.0), ("ddpm", 10, 0.0, 1.0), ("euler_ancestral", 5, 0.0, 6.0),
+         ("dpmpp_2m_karras", 10, 0.0, 6.0)]  # fmt: skip
 
 
 def test_replayed_graphs_equal_the_eager_loop_for_new_inputs(pipe):
@@ -42,7 +43,8 @@ def test_replayed_graphs_equal_the_eager_loop_for_new_inputs(pipe):
         for cond, x_T, kwargs, want in wanted:
             got = pipe.denoise(cond, x_T, generator=torch.Generator().manual_seed(5), **kwargs)
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-    assert rt.cache.stats.captures == 5 and rt.cache.stats.hits == 5
+    # Step graphs hold no sampler: dpmpp_2m_karras (10 steps, guided) replays euler's step graph.
+    assert rt.cache.stats.captures == 6 and rt.cache.stats.hits == 8
 
 
 @pytest.mark.parametrize("other", ["eager", "triton"])
@@ -57,7 +59,14 @@ def test_ops_backend_is_part_of_the_graph_key(other):
 
 @pytest.mark.parametrize(
     "sampler, steps, start_step, eta",
-    [("ddim", 6, 2, 0.0), ("dpmpp_2m", 6, 3, 0.0), ("euler", 14, 4, 0.0), ("ddpm", 10, 5, 0.0)],
+    [
+        ("ddim", 6, 2, 0.0),
+        ("dpmpp_2m", 6, 3, 0.0),
+        ("euler", 14, 4, 0.0),
+        ("ddpm", 10, 5, 0.0),
+        ("euler_ancestral", 12, 3, 0.0),
+        ("dpmpp_2m_karras", 6, 2, 0.0),
+    ],  # fmt: skip
 )
 def test_img2img_runs_the_remaining_rows_in_graphs(pipe, sampler, steps, start_step, eta):
     """img2img starts part-way down the plan: the runtime replays the remaining rows (loop graph

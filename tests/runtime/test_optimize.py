@@ -62,8 +62,18 @@ def test_fused_qkv_keeps_unet_output(pipe):
         ("dpmpp_2m", 9, 0.0),
         ("ddim", 4, 0.6),
         ("ddpm", 10, 0.0),
+        ("euler_ancestral", 4, 0.0),
+        ("dpmpp_2m_karras", 9, 0.0),
     ],
-    ids=["ddim4-loop", "euler3-loop", "dpmpp9-step", "ddim-eta-loop", "ddpm10-step"],
+    ids=[
+        "ddim4-loop",
+        "euler3-loop",
+        "dpmpp9-step",
+        "ddim-eta-loop",
+        "ddpm10-step",
+        "euler-ancestral4-loop",
+        "dpmpp-karras9-step",
+    ],
 )
 def test_static_buffer_loop_equals_eager_sampler(pipe, sampler, steps, eta):
     conditioning = text_conditioning()
