@@ -69,6 +69,8 @@ def check_group_norm_args(
             raise ValueError(
                 f"group_norm: {name} has shape {tuple(param.shape)}, expected ({channels},)"
             )
+        if param is not None and not param.is_floating_point():
+            raise ValueError(f"group_norm: {name} must be a floating tensor, got {param.dtype}")
 
 
 @torch.library.custom_op("fastdiff::group_norm", mutates_args=())
@@ -125,4 +127,8 @@ def group_norm(
         backend = "triton"
     if backend == "triton" and group_norm_triton_supports(x, num_groups, weight, bias):
         return group_norm_triton(x, num_groups, weight, bias, float(eps), bool(silu))
+    if any(p is not None and p.dtype != x.dtype for p in (weight, bias)):
+        # F.group_norm refuses most dtype mixes (fp16 x with fp32 weight, as under autocast);
+        # the kernels apply any float weight in fp32, and so does the reference.
+        return group_norm_reference(x, num_groups, weight, bias, eps, silu)
     return group_norm_eager(x, num_groups, weight, bias, eps, silu)

@@ -67,6 +67,8 @@ def layer_norm(
             raise ValueError(
                 f"layer_norm: {name} has shape {tuple(param.shape)}, expected ({x.shape[-1]},)"
             )
+        if param is not None and not param.is_floating_point():
+            raise ValueError(f"layer_norm: {name} must be a floating tensor, got {param.dtype}")
     backend = select_backend(x)
     if needs_autograd(x, weight, bias):
         backend = "eager"
@@ -77,4 +79,7 @@ def layer_norm(
         backend = "triton"
     if backend == "triton" and layer_norm_triton_supports(x, weight, bias):
         return layer_norm_triton(x, weight, bias, float(eps))
+    if any(p is not None and p.dtype != x.dtype for p in (weight, bias)):
+        # F.layer_norm refuses most dtype mixes; the kernel applies any float weight in fp32.
+        return layer_norm_reference(x, weight, bias, eps)
     return layer_norm_eager(x, weight, bias, eps)

@@ -10,7 +10,13 @@ from hypothesis import strategies as st
 
 from fastdiff.ops import group_norm, group_norm_reference, use_backend
 from fastdiff.ops.group_norm import group_norm_eager, group_norm_triton
-from tests.ops.helpers import DEVICE, CallCounter, assert_within_tolerance, kernel_dtypes
+from tests.ops.helpers import (
+    DEVICE,
+    INTERPRET,
+    CallCounter,
+    assert_within_tolerance,
+    kernel_dtypes,
+)
 
 EDGE_CASES = [
     pytest.param((2, 32, 8, 8), 8, id="sd-like"),
@@ -182,6 +188,36 @@ def test_bad_group_count_type_and_eps_raise(kwargs, message):
     x = torch.ones(1, 8, 2, 2)  # zero variance: a negative eps would give NaN
     with pytest.raises(ValueError, match=message):
         group_norm(x, **{"num_groups": 4, **kwargs})
+
+
+@pytest.mark.parametrize(
+    "x_dtype,param_dtype",
+    [
+        (torch.float32, torch.float64),
+        (torch.float16, torch.float32),
+        (torch.bfloat16, torch.float32),
+    ],
+)
+def test_weights_of_another_float_dtype_agree_on_every_backend(x_dtype, param_dtype):
+    """fp16 activations with fp32 GroupNorm weights (autocast-style) or fp64 weights: F.group_norm
+    refuses most such mixes; every backend applies the weights in fp32, as the reference does."""
+    x = torch.randn(2, 8, 5, 5, device=DEVICE).to(x_dtype)
+    weight = torch.randn(8, device=DEVICE, dtype=param_dtype)
+    bias = torch.randn(8, device=DEVICE, dtype=param_dtype)
+    want = group_norm_reference(x, 4, weight, bias, silu=True)
+    backends = ["eager"]
+    if DEVICE == "cuda" or (INTERPRET and x_dtype != torch.bfloat16):
+        backends.append("triton")
+    for backend in backends:
+        with use_backend(backend):
+            got = group_norm(x, 4, weight, bias, silu=True)
+        assert got.dtype == x_dtype, backend
+        torch.testing.assert_close(got.float(), want.float(), atol=1e-2, rtol=1e-2)
+
+
+def test_integer_weights_raise():
+    with pytest.raises(ValueError, match="weight must be a floating tensor, got torch.int64"):
+        group_norm(torch.randn(1, 8, 2, 2), 4, torch.ones(8, dtype=torch.long))
 
 
 def test_bad_backend_name_raises(monkeypatch):

@@ -10,7 +10,13 @@ from hypothesis import strategies as st
 
 from fastdiff.ops import layer_norm, layer_norm_reference, use_backend
 from fastdiff.ops.layer_norm import layer_norm_eager, layer_norm_triton
-from tests.ops.helpers import DEVICE, CallCounter, assert_within_tolerance, kernel_dtypes
+from tests.ops.helpers import (
+    DEVICE,
+    INTERPRET,
+    CallCounter,
+    assert_within_tolerance,
+    kernel_dtypes,
+)
 
 EDGE_CASES = [
     pytest.param((2, 16, 320), id="sd-width-320"),
@@ -69,6 +75,36 @@ def test_float64_falls_back_to_eager(triton_backend, monkeypatch):
     x = torch.randn(4, 8, device=DEVICE, dtype=torch.float64)
     torch.testing.assert_close(layer_norm(x), layer_norm_eager(x, None, None))
     assert counter.calls == 0
+
+
+@pytest.mark.parametrize(
+    "x_dtype,param_dtype",
+    [
+        (torch.float32, torch.float64),
+        (torch.float16, torch.float32),
+        (torch.bfloat16, torch.float32),
+    ],
+)
+def test_weights_of_another_float_dtype_agree_on_every_backend(x_dtype, param_dtype):
+    """F.layer_norm refuses most dtype mixes (fp64 weights on fp32 input, say); every backend
+    applies the weights in fp32, as the reference does."""
+    x = torch.randn(3, 7, 40, device=DEVICE).to(x_dtype)
+    weight = torch.randn(40, device=DEVICE, dtype=param_dtype)
+    bias = torch.randn(40, device=DEVICE, dtype=param_dtype)
+    want = layer_norm_reference(x, weight, bias)
+    backends = ["eager"]
+    if DEVICE == "cuda" or (INTERPRET and x_dtype != torch.bfloat16):
+        backends.append("triton")
+    for backend in backends:
+        with use_backend(backend):
+            got = layer_norm(x, weight, bias)
+        assert got.dtype == x_dtype, backend
+        torch.testing.assert_close(got.float(), want.float(), atol=1e-2, rtol=1e-2)
+
+
+def test_integer_weights_raise():
+    with pytest.raises(ValueError, match="bias must be a floating tensor, got torch.int64"):
+        layer_norm(torch.randn(2, 8), None, torch.ones(8, dtype=torch.long))
 
 
 def test_bad_weight_shape_raises():
