@@ -305,38 +305,45 @@ def test_outdated_scheduler_config_is_sampled_as_diffusers_does(sd_folder, tmp_p
     torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=0)
 
 
-def test_karras_dpm_solver_folder_equals_diffusers(sd_folder, tmp_path):
-    """A folder whose scheduler is DPMSolverMultistepScheduler with use_karras_sigmas (common in
-    community checkpoints) loads, and sampler dpmpp_2m then steps through the Karras levels as
-    the diffusers pipeline does; dpmpp_2m_karras gives the same on any folder."""
+@pytest.mark.parametrize(
+    "class_name,overrides,sampler",
+    [
+        ("EulerDiscreteScheduler", {}, "euler"),
+        ("EulerAncestralDiscreteScheduler", {}, "euler_ancestral"),
+        ("DPMSolverMultistepScheduler", {}, "dpmpp_2m"),
+        ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}, "dpmpp_2m_karras"),
+    ],
+)
+def test_a_call_without_sampler_runs_the_folders_scheduler(
+    sd_folder, tmp_path, class_name, overrides, sampler
+):
+    """The default sampler is the one equal to the folder's scheduler (as the diffusers pipeline
+    loaded from it samples); e.g. community checkpoints ship DPM-Solver++ with Karras sigmas."""
     import json
     import shutil
 
-    folder = tmp_path / "karras"
+    folder = tmp_path / "folder"
     shutil.copytree(sd_folder, folder)
     config_path = folder / "scheduler" / "scheduler_config.json"
-    config = json.loads(config_path.read_text())
-    config.update(
-        _class_name="DPMSolverMultistepScheduler", use_karras_sigmas=True, clip_sample=None
-    )
-    config = {key: value for key, value in config.items() if value is not None}
+    config = {**json.loads(config_path.read_text()), "_class_name": class_name, **overrides}
+    del config["clip_sample"], config["set_alpha_to_one"]  # DDIM's keys
     config_path.write_text(json.dumps(config))
     index = json.loads((folder / "model_index.json").read_text())
-    index["scheduler"] = ["diffusers", "DPMSolverMultistepScheduler"]
+    index["scheduler"] = ["diffusers", class_name]
     (folder / "model_index.json").write_text(json.dumps(index))
     reference = diffusers.StableDiffusionPipeline.from_pretrained(folder, safety_checker=None)
-    assert reference.scheduler.config.use_karras_sigmas
+    assert type(reference.scheduler).__name__ == class_name
     reference.set_progress_bar_config(disable=True)
     pipe = Pipeline.from_pretrained(folder)
+    assert pipe.default_sampler == sampler
     kwargs = dict(prompt="a red cat", latents=torch.randn(1, 4, 8, 8), num_inference_steps=STEPS)
-    theirs = reference(**kwargs, output_type="pt").images
-    ours = pipe(**kwargs, sampler="dpmpp_2m", output_type="tensor", progress=False)
-    torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=0)
-    plain = Pipeline.from_pretrained(sd_folder)
-    karras = plain(**kwargs, sampler="dpmpp_2m_karras", output_type="tensor", progress=False)
-    torch.testing.assert_close(karras, theirs, atol=1e-4, rtol=0)
-    not_karras = plain(**kwargs, sampler="dpmpp_2m", output_type="tensor", progress=False)
-    assert (not_karras - theirs).abs().max() > 1e-3
+    theirs = reference(**kwargs, output_type="pt", generator=torch.Generator().manual_seed(3))
+    ours = pipe(**kwargs, seed=3, output_type="tensor", progress=False)
+    torch.testing.assert_close(ours, theirs.images, atol=1e-4, rtol=0)
+    # (DDIM at eta 0 is Euler's method in other coordinates: compare with a sampler that differs.)
+    contrast = {"dpmpp_2m": "euler", "euler": "dpmpp_2m"}.get(sampler, sampler.rsplit("_", 1)[0])
+    other = pipe(**kwargs, seed=3, sampler=contrast, output_type="tensor", progress=False)
+    assert (other - theirs.images).abs().max() > 1e-3
 
 
 @pytest.mark.gpu

@@ -59,8 +59,9 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--guidance-rescale", type=float, default=0.0)
     parser.add_argument(
         "--sampler",
-        default="ddim",
-        help="ddim, ddpm, euler, euler_ancestral, dpmpp_2m or dpmpp_2m_karras (default: ddim)",
+        default=None,
+        help="ddim, ddpm, euler, euler_ancestral, dpmpp_2m or dpmpp_2m_karras (default: the "
+        "one equal to the folder's scheduler, else ddim)",
     )
     parser.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0 = deterministic)")
     parser.add_argument(

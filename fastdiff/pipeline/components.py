@@ -21,6 +21,7 @@ from fastdiff.pipeline.text_encoding import (
     PromptEncoder,
     load_text_component,
 )
+from fastdiff.sampling.config import default_sampler
 
 # (text encoder, tokenizer) subfolder pairs in the order their embeddings are concatenated.
 TEXT_COMPONENTS = (("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2"))
@@ -68,6 +69,7 @@ class PipelineComponents:
     class_names: list[str] | None = None
     force_zeros_for_empty_prompt: bool = False
     default_guidance_scale: float = 7.5
+    default_sampler: str = "ddim"
     source: Path | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -173,5 +175,6 @@ def load_components(
         # SDXL: with no negative prompt the unconditional input is all zeros.
         force_zeros_for_empty_prompt=force_zeros_for_empty_prompt(index),
         default_guidance_scale=default_guidance_scale(index),
+        default_sampler=default_sampler(scheduler_config),
         source=root,
     )

@@ -49,6 +49,7 @@ class Pipeline:
         class_names: list[str] | None = None,
         force_zeros_for_empty_prompt: bool = False,
         default_guidance_scale: float = 7.5,
+        default_sampler: str = "ddim",
     ) -> None:
         self.unet = unet
         self.vae = vae
@@ -57,6 +58,8 @@ class Pipeline:
         self.class_names = class_names
         self.force_zeros_for_empty_prompt = force_zeros_for_empty_prompt
         self.default_guidance_scale = guidance_scale_value(default_guidance_scale)
+        check_choices(default_sampler, "tensor", 1)
+        self.default_sampler = default_sampler
         self.vae_scale_factor = 2 ** (len(vae.config["block_out_channels"]) - 1)
         vae_dtype = next(vae.parameters()).dtype
         if self.vae_dtype_for(vae_dtype) != vae_dtype:
@@ -89,6 +92,7 @@ class Pipeline:
             class_names=parts.class_names,
             force_zeros_for_empty_prompt=parts.force_zeros_for_empty_prompt,
             default_guidance_scale=parts.default_guidance_scale,
+            default_sampler=parts.default_sampler,
         )
 
     # -- properties -------------------------------------------------------------------------
@@ -299,7 +303,7 @@ class Pipeline:
         num_inference_steps: int = 20,
         guidance_scale: float | None = None,
         guidance_rescale: float = 0.0,
-        sampler: str = "ddim",
+        sampler: str | None = None,
         eta: float = 0.0,
         height: int | None = None,
         width: int | None = None,
@@ -319,10 +323,13 @@ class Pipeline:
 
         ``guidance_scale <= 1`` disables classifier-free guidance (a single forward per step);
         None takes ``default_guidance_scale`` (diffusers' default: 5.0 for SDXL folders, else 7.5).
+        ``sampler`` None takes ``default_sampler``: the sampler equal to the folder's scheduler
+        (``fastdiff.sampling.config.default_sampler``), else ddim.
         With ``image`` (img2img, SDEdit: Meng et al. 2022) the image is encoded, noised by the
         forward process to the step that ``strength`` selects, and only the remaining
         ``int(num_inference_steps * strength)`` steps are sampled.
         """
+        sampler = self.default_sampler if sampler is None else sampler
         check_choices(sampler, output_type, num_images)
         generator = make_generator(seed, generator, self.device)
         if guidance_scale is None:

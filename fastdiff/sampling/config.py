@@ -32,7 +32,6 @@ SCHEDULE_KEYS = (
     "steps_offset",
     "set_alpha_to_one",
     "rescale_betas_zero_snr",
-    "use_karras_sigmas",
 )
 
 # key -> the values our samplers implement (a config with any other value is refused).
@@ -63,7 +62,9 @@ IGNORED_KEYS = frozenset(
         "clip_sample_range",
         "dynamic_thresholding_ratio",
         "sample_max_value",
-        "sigma_min",  # Karras bounds of Euler-family configs; DPM-Solver++ uses the table's ends
+        # Which sampler the folder's scheduler runs, not the schedule: read by default_sampler.
+        "use_karras_sigmas",
+        "sigma_min",  # Euler's Karras bounds (its Karras variant is not implemented)
         "sigma_max",
         "flow_shift",
         "time_shift_type",
@@ -127,9 +128,7 @@ def schedule_kwargs_from_config(config: dict[str, Any]) -> dict[str, Any]:
     for key, value in merged.items():
         if key.startswith("_") or key in IGNORED_KEYS:
             continue
-        if key == "use_karras_sigmas" and value is None:
-            kwargs[key] = False  # diffusers writes null for "off" in some configs
-        elif key in SCHEDULE_KEYS:
+        if key in SCHEDULE_KEYS:
             kwargs[key] = value
         elif key in REQUIRED_VALUES:
             allowed = REQUIRED_VALUES[key]
@@ -145,3 +144,24 @@ def schedule_kwargs_from_config(config: dict[str, Any]) -> dict[str, Any]:
                 f"{sorted(IGNORED_KEYS)}"
             )
     return kwargs
+
+
+def default_sampler(config: dict[str, Any]) -> str:
+    """The fastdiff sampler that equals the diffusers scheduler ``config`` describes (what a
+    diffusers pipeline loaded from the folder samples with), or ``"ddim"`` where fastdiff has
+    none: PNDM, LMS, Heun, and Euler with Karras sigmas."""
+    karras = config.get("use_karras_sigmas")
+    if karras is not None and not isinstance(karras, bool):
+        raise ValueError(
+            f"scheduler config use_karras_sigmas must be true or false, got {karras!r}"
+        )
+    class_name = config.get("_class_name")
+    if class_name == "DPMSolverMultistepScheduler":
+        return "dpmpp_2m_karras" if karras else "dpmpp_2m"
+    if class_name == "EulerDiscreteScheduler" and not karras:
+        return "euler"
+    return {
+        "DDIMScheduler": "ddim",
+        "DDPMScheduler": "ddpm",
+        "EulerAncestralDiscreteScheduler": "euler_ancestral",
+    }.get(class_name, "ddim")

@@ -214,8 +214,8 @@ def make_plan(
 
     ``eta`` (Song et al. 2021, Eq. 16) is the DDIM noise level: 0 deterministic, 1 DDPM-like; the
     other samplers have fixed noise and accept only ``eta=0``. ``dpmpp_2m_karras`` is DPM-Solver++
-    (2M) through Karras et al.'s noise levels, which ``dpmpp_2m`` also takes when the schedule
-    says ``use_karras_sigmas`` (diffusers' DPMSolverMultistepScheduler with that key).
+    (2M) through Karras et al.'s noise levels (diffusers' DPMSolverMultistepScheduler with
+    ``use_karras_sigmas``).
     """
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; allowed: {list(SAMPLERS)}")
@@ -225,15 +225,7 @@ def make_plan(
         raise ValueError(f"eta must lie in [0, 1], got {eta}")
     if eta != 0 and sampler != "ddim":
         raise ValueError(f"eta applies to the 'ddim' sampler only; {sampler!r} needs eta=0")
-    karras = sampler == "dpmpp_2m_karras" or (
-        schedule.use_karras_sigmas and sampler in ("dpmpp_2m", "euler")
-    )
-    if karras and sampler == "euler":
-        raise ValueError(
-            "this schedule has use_karras_sigmas=true, which fastdiff implements for DPM-Solver++ "
-            "only: use sampler 'dpmpp_2m' (or 'ddim'/'ddpm', which ignore it, as diffusers' DDIM "
-            "and DDPM schedulers do)"
-        )
+    karras = sampler == "dpmpp_2m_karras"
     if karras:
         timesteps, sigmas = karras_plan_inputs(schedule, steps)
     else:

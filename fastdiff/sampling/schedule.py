@@ -58,9 +58,6 @@ class NoiseSchedule:
     ``betas``, ``alphas`` and ``alphas_cumprod`` are float64 tensors of length
     ``num_train_timesteps``. ``timestep_spacing``, ``steps_offset`` and ``set_alpha_to_one``
     describe how samplers sub-sample it (see :func:`fastdiff.sampling.make_plan`).
-    ``use_karras_sigmas`` makes the DPM-Solver++ sampler step through Karras et al.'s noise
-    levels, as diffusers' DPMSolverMultistepScheduler does with that key; DDIM and DDPM ignore
-    it, as diffusers' DDIM and DDPM schedulers do.
     """
 
     num_train_timesteps: int = 1000
@@ -73,7 +70,6 @@ class NoiseSchedule:
     steps_offset: int = 0
     set_alpha_to_one: bool = True
     rescale_betas_zero_snr: bool = False
-    use_karras_sigmas: bool = False
     betas: torch.Tensor = field(init=False, repr=False)
     alphas: torch.Tensor = field(init=False, repr=False)
     alphas_cumprod: torch.Tensor = field(init=False, repr=False)
@@ -102,10 +98,6 @@ class NoiseSchedule:
         if int(self.steps_offset) != self.steps_offset or self.steps_offset < 0:
             raise ValueError(
                 f"steps_offset must be a non-negative integer, got {self.steps_offset}"
-            )
-        if not isinstance(self.use_karras_sigmas, bool):
-            raise ValueError(
-                f"use_karras_sigmas must be true or false, got {self.use_karras_sigmas!r}"
             )
         total = int(self.num_train_timesteps)
         object.__setattr__(self, "num_train_timesteps", total)
@@ -173,16 +165,15 @@ class NoiseSchedule:
             "steps_offset": self.steps_offset,
             "set_alpha_to_one": self.set_alpha_to_one,
             "rescale_betas_zero_snr": self.rescale_betas_zero_snr,
-            "use_karras_sigmas": self.use_karras_sigmas,
         }
 
     # ----------------------------------------------------------------------------- tables
     def timesteps(self, steps: int, sampler: str = "ddim") -> torch.Tensor:
         """Model timesteps (LongTensor [steps], descending) ``sampler`` visits with this
         schedule's ``timestep_spacing`` and ``steps_offset`` (see ``fastdiff.sampling.spacing``);
-        with Karras noise levels (sampler ``dpmpp_2m_karras``, or ``dpmpp_2m`` when
-        ``use_karras_sigmas``) the timesteps of those levels, which ignore the spacing."""
-        if sampler == "dpmpp_2m_karras" or (self.use_karras_sigmas and sampler == "dpmpp_2m"):
+        for ``dpmpp_2m_karras`` the timesteps of its Karras noise levels, which ignore the
+        spacing."""
+        if sampler == "dpmpp_2m_karras":
             from fastdiff.sampling.plan import karras_plan_inputs  # plan builds on this module
 
             return karras_plan_inputs(self, steps)[0]

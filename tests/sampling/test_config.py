@@ -15,6 +15,7 @@ from diffusers import (
 )
 
 from fastdiff.sampling import NoiseSchedule
+from fastdiff.sampling.config import default_sampler
 
 SD15_PNDM = {
     "_class_name": "PNDMScheduler",
@@ -156,25 +157,32 @@ def test_round_trip_through_to_config():
     assert again.to_config() == schedule.to_config()
 
 
-def test_karras_keys_are_read():
-    # sigma_min / sigma_max (Euler's Karras bounds) are not DPMSolverMultistepScheduler keys:
-    # its Karras levels always span the table, so they are ignored.
-    schedule = NoiseSchedule.from_config(
-        {**SD_DPM, "use_karras_sigmas": True, "sigma_min": 0.1, "sigma_max": 12.0}
-    )
-    assert schedule.use_karras_sigmas
-    assert not NoiseSchedule.from_config({**SD_DPM, "use_karras_sigmas": None}).use_karras_sigmas
-    again = NoiseSchedule.from_config(schedule.to_config())
-    assert again.to_config() == schedule.to_config()
-
-
 @pytest.mark.parametrize(
-    "extra,message",
+    "config,sampler",
     [
-        ({"use_karras_sigmas": "yes"}, "use_karras_sigmas must be true or false"),
-        ({"use_karras_sigmas": 1}, "use_karras_sigmas must be true or false"),
+        ({"_class_name": "DDIMScheduler"}, "ddim"),
+        ({"_class_name": "DDPMScheduler"}, "ddpm"),
+        ({"_class_name": "EulerDiscreteScheduler"}, "euler"),
+        ({"_class_name": "EulerDiscreteScheduler", "use_karras_sigmas": True}, "ddim"),
+        ({"_class_name": "EulerAncestralDiscreteScheduler"}, "euler_ancestral"),
+        ({"_class_name": "DPMSolverMultistepScheduler"}, "dpmpp_2m"),
+        ({"_class_name": "DPMSolverMultistepScheduler", "use_karras_sigmas": None}, "dpmpp_2m"),
+        (
+            {"_class_name": "DPMSolverMultistepScheduler", "use_karras_sigmas": True},
+            "dpmpp_2m_karras",
+        ),
+        ({"_class_name": "PNDMScheduler"}, "ddim"),
+        ({"_class_name": "LMSDiscreteScheduler"}, "ddim"),
+        ({}, "ddim"),
     ],
 )
-def test_bad_karras_keys_are_refused(extra, message):
-    with pytest.raises(ValueError, match=message):
-        NoiseSchedule.from_config({**SD_DPM, **extra})
+def test_default_sampler_is_the_folders_scheduler_where_implemented(config, sampler):
+    assert default_sampler(config) == sampler
+
+
+def test_karras_keys_configure_the_sampler_not_the_schedule():
+    config = {**SD_DPM, "use_karras_sigmas": True, "sigma_min": 0.1, "sigma_max": 12.0}
+    schedule = NoiseSchedule.from_config(config)
+    assert torch.equal(schedule.alphas_cumprod, NoiseSchedule.from_config(SD_DPM).alphas_cumprod)
+    with pytest.raises(ValueError, match="use_karras_sigmas must be true or false, got 'yes'"):
+        default_sampler({**SD_DPM, "use_karras_sigmas": "yes"})

@@ -191,36 +191,23 @@ def test_dpmpp_2m_karras_matches_diffusers(beta_schedule, prediction_type, zero_
 
 
 @pytest.mark.parametrize("steps", [1, 2, 3, 25, 50])
-def test_karras_schedule_flag_step_counts_and_sigma_range(steps):
-    """A schedule with use_karras_sigmas (a folder's DPM-Solver config) takes Karras levels
-    through the plain dpmpp_2m sampler. At 50 steps the rounded timesteps repeat near t = 0, as
-    diffusers' do."""
+def test_dpmpp_2m_karras_step_counts(steps):
+    """1 step: only the final first-order step; at 50 steps the rounded Karras timesteps repeat
+    near t = 0, as diffusers' do; the timestep spacing plays no part."""
     config = _config("scaled_linear", "leading", "epsilon", False)
-    schedule = NoiseSchedule(**config, use_karras_sigmas=True)
+    schedule = NoiseSchedule(**config)
     reference = _karras_reference(config, steps)
-    plan = make_plan(schedule, "dpmpp_2m", steps)
+    plan = make_plan(schedule, "dpmpp_2m_karras", steps)
     assert torch.equal(plan.timesteps, reference.timesteps)
-    assert torch.equal(schedule.timesteps(steps, "dpmpp_2m"), plan.timesteps)
-    assert torch.equal(
-        make_plan(schedule, "dpmpp_2m_karras", steps).coefficients, plan.coefficients
-    )
+    assert torch.equal(schedule.timesteps(steps, "dpmpp_2m_karras"), plan.timesteps)
+    trailing = NoiseSchedule(**_config("scaled_linear", "trailing", "epsilon", False))
+    assert torch.equal(make_plan(trailing, "dpmpp_2m_karras", steps).timesteps, plan.timesteps)
     if steps == 50:
         assert len(set(plan.timesteps.tolist())) < steps
     x_T = torch.randn(2, 5)
     ours = []
-    sample(toy_model, x_T, schedule, "dpmpp_2m", steps, callback=lambda i, t, x: ours.append(x))
+    sample(
+        toy_model, x_T, schedule, "dpmpp_2m_karras", steps, callback=lambda i, t, x: ours.append(x)
+    )
     theirs, _, peaks = run_diffusers(reference, x_T)
     _assert_trajectories_match(ours, theirs, peaks, f"karras/{steps}")
-
-
-def test_karras_flag_is_refused_for_euler_and_ignored_by_ddim():
-    config = _config("scaled_linear", "leading", "epsilon", False)
-    schedule = NoiseSchedule(**config, use_karras_sigmas=True)
-    with pytest.raises(ValueError, match="use_karras_sigmas=true.*'dpmpp_2m'"):
-        make_plan(schedule, "euler", 10)
-    plain = NoiseSchedule(**config)
-    for sampler in ("ddim", "ddpm"):
-        assert torch.equal(
-            make_plan(schedule, sampler, 10).coefficients,
-            make_plan(plain, sampler, 10).coefficients,
-        )
