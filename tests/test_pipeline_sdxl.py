@@ -3,6 +3,8 @@ U-Net's text_time embedding) against diffusers' StableDiffusionXLPipeline."""
 
 from __future__ import annotations
 
+import inspect
+
 import pytest
 import torch
 
@@ -153,3 +155,23 @@ def test_sdxl_optimize_keeps_the_vae_fp32(sdxl_folder, monkeypatch):
         assert casts == [("unet", unet_dtype), ("vae", vae_dtype or unet_dtype)]
     assert pipe.vae_dtype_for(torch.float16) == torch.float32
     assert pipe.vae_dtype_for(torch.bfloat16) == torch.bfloat16
+
+
+@pytest.mark.parametrize(
+    "class_name,scale",
+    [
+        ("StableDiffusionXLPipeline", 5.0),
+        ("StableDiffusionXLImg2ImgPipeline", 5.0),
+        ("StableDiffusionXLInpaintPipeline", 7.5),
+        ("StableDiffusionPipeline", 7.5),
+        (None, 7.5),
+    ],
+)
+def test_default_guidance_scale_per_pipeline_class(class_name, scale):
+    """Each as the diffusers class's __call__ default."""
+    from fastdiff.pipeline.components import default_guidance_scale
+
+    assert default_guidance_scale({"_class_name": class_name} if class_name else {}) == scale
+    if class_name is not None:
+        call = getattr(diffusers, class_name).__call__
+        assert inspect.signature(call).parameters["guidance_scale"].default == scale

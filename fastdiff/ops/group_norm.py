@@ -127,8 +127,11 @@ def group_norm(
         backend = "triton"
     if backend == "triton" and group_norm_triton_supports(x, num_groups, weight, bias):
         return group_norm_triton(x, num_groups, weight, bias, float(eps), bool(silu))
+    compute = torch.promote_types(x.dtype, torch.float32)
     if any(p is not None and p.dtype != x.dtype for p in (weight, bias)):
-        # F.group_norm refuses most dtype mixes (fp16 x with fp32 weight, as under autocast);
-        # the kernels apply any float weight in fp32, and so does the reference.
-        return group_norm_reference(x, num_groups, weight, bias, eps, silu)
+        # F.group_norm refuses most dtype mixes (fp16 x with fp32 weight, as under autocast):
+        # compute in fp32 (fp64 for fp64 x), as the kernels do, and return x's dtype.
+        weight, bias = (None if p is None else p.to(compute) for p in (weight, bias))
+        out = group_norm_eager(x.to(compute), num_groups, weight, bias, eps, silu)
+        return out.to(x.dtype)
     return group_norm_eager(x, num_groups, weight, bias, eps, silu)

@@ -80,6 +80,9 @@ def layer_norm(
     if backend == "triton" and layer_norm_triton_supports(x, weight, bias):
         return layer_norm_triton(x, weight, bias, float(eps))
     if any(p is not None and p.dtype != x.dtype for p in (weight, bias)):
-        # F.layer_norm refuses most dtype mixes; the kernel applies any float weight in fp32.
-        return layer_norm_reference(x, weight, bias, eps)
+        # F.layer_norm refuses most dtype mixes: compute in fp32 (fp64 for fp64 x), as the
+        # kernel does, and return x's dtype.
+        compute = torch.promote_types(x.dtype, torch.float32)
+        weight, bias = (None if p is None else p.to(compute) for p in (weight, bias))
+        return layer_norm_eager(x.to(compute), weight, bias, eps).to(x.dtype)
     return layer_norm_eager(x, weight, bias, eps)

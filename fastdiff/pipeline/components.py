@@ -101,8 +101,10 @@ def force_zeros_for_empty_prompt(index: dict[str, Any]) -> bool:
 
 def default_guidance_scale(index: dict[str, Any]) -> float:
     """The ``guidance_scale`` a call without one uses: that of the diffusers pipeline class the
-    folder names (5.0 for the StableDiffusionXL* pipelines, 7.5 for the others)."""
-    return 5.0 if str(index.get("_class_name", "")).startswith("StableDiffusionXL") else 7.5
+    folder names (5.0 for the StableDiffusionXL text-to-image and img2img pipelines; 7.5 for the
+    others, SDXL inpainting included)."""
+    name = str(index.get("_class_name", ""))
+    return 5.0 if name.startswith("StableDiffusionXL") and "Inpaint" not in name else 7.5
 
 
 def load_components(

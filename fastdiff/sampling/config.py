@@ -32,6 +32,8 @@ SCHEDULE_KEYS = (
     "steps_offset",
     "set_alpha_to_one",
     "rescale_betas_zero_snr",
+    "sigma_min",
+    "sigma_max",
 )
 
 # key -> the values our samplers implement (a config with any other value is refused).
@@ -64,8 +66,6 @@ IGNORED_KEYS = frozenset(
         "sample_max_value",
         # Which sampler the folder's scheduler runs, not the schedule: read by default_sampler.
         "use_karras_sigmas",
-        "sigma_min",  # Euler's Karras bounds (its Karras variant is not implemented)
-        "sigma_max",
         "flow_shift",
         "time_shift_type",
         "skip_prk_steps",

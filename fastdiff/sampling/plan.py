@@ -149,6 +149,8 @@ def karras_plan_inputs(schedule: NoiseSchedule, steps: int) -> tuple[torch.Tenso
         _clamped_alphas_cumprod(schedule),
         steps,
         round_timesteps=schedule.beta_schedule != "squaredcos_cap_v2",
+        sigma_min=schedule.sigma_min,
+        sigma_max=schedule.sigma_max,
     )
 
 

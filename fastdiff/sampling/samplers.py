@@ -2,8 +2,10 @@
 
 Samplers (see ``fastdiff.sampling.plan`` for the formulas and papers):
 ``ddpm`` ancestral DDPM (Ho et al. 2020), ``ddim`` (Song et al. 2021, any eta in [0, 1]),
-``euler`` (Karras et al. 2022, Algorithm 1, as diffusers' EulerDiscreteScheduler) and
-``dpmpp_2m`` (DPM-Solver++(2M), Lu et al. 2022).
+``euler`` (Karras et al. 2022, Algorithm 1, as diffusers' EulerDiscreteScheduler),
+``euler_ancestral`` (the same with fresh noise each step, EulerAncestralDiscreteScheduler),
+``dpmpp_2m`` (DPM-Solver++(2M), Lu et al. 2022) and ``dpmpp_2m_karras`` (the same through Karras
+et al.'s noise levels).
 """
 
 from __future__ import annotations

@@ -58,6 +58,8 @@ class NoiseSchedule:
     ``betas``, ``alphas`` and ``alphas_cumprod`` are float64 tensors of length
     ``num_train_timesteps``. ``timestep_spacing``, ``steps_offset`` and ``set_alpha_to_one``
     describe how samplers sub-sample it (see :func:`fastdiff.sampling.make_plan`).
+    ``sigma_min`` / ``sigma_max`` (None: the table's ends) bound the Karras noise levels of
+    ``dpmpp_2m_karras``, as they bound diffusers' when its config has them.
     """
 
     num_train_timesteps: int = 1000
@@ -70,6 +72,8 @@ class NoiseSchedule:
     steps_offset: int = 0
     set_alpha_to_one: bool = True
     rescale_betas_zero_snr: bool = False
+    sigma_min: float | None = None
+    sigma_max: float | None = None
     betas: torch.Tensor = field(init=False, repr=False)
     alphas: torch.Tensor = field(init=False, repr=False)
     alphas_cumprod: torch.Tensor = field(init=False, repr=False)
@@ -99,6 +103,14 @@ class NoiseSchedule:
             raise ValueError(
                 f"steps_offset must be a non-negative integer, got {self.steps_offset}"
             )
+        for key in ("sigma_min", "sigma_max"):
+            value = getattr(self, key)
+            if value is not None and (
+                isinstance(value, bool)
+                or not isinstance(value, numbers.Real)
+                or not 0.0 < value < math.inf
+            ):
+                raise ValueError(f"{key} must be a positive number or None, got {value!r}")
         total = int(self.num_train_timesteps)
         object.__setattr__(self, "num_train_timesteps", total)
         object.__setattr__(self, "steps_offset", int(self.steps_offset))
@@ -165,11 +177,13 @@ class NoiseSchedule:
             "steps_offset": self.steps_offset,
             "set_alpha_to_one": self.set_alpha_to_one,
             "rescale_betas_zero_snr": self.rescale_betas_zero_snr,
+            "sigma_min": self.sigma_min,
+            "sigma_max": self.sigma_max,
         }
 
     # ----------------------------------------------------------------------------- tables
     def timesteps(self, steps: int, sampler: str = "ddim") -> torch.Tensor:
-        """Model timesteps (LongTensor [steps], descending) ``sampler`` visits with this
+        """Model timesteps (LongTensor [steps], non-increasing) ``sampler`` visits with this
         schedule's ``timestep_spacing`` and ``steps_offset`` (see ``fastdiff.sampling.spacing``);
         for ``dpmpp_2m_karras`` the timesteps of its Karras noise levels, which ignore the
         spacing."""

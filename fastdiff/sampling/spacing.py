@@ -98,25 +98,37 @@ def spaced_timesteps(
 
 
 def karras_sigmas(
-    alphas_cumprod: torch.Tensor, steps: int, round_timesteps: bool = True
+    alphas_cumprod: torch.Tensor,
+    steps: int,
+    round_timesteps: bool = True,
+    sigma_min: float | None = None,
+    sigma_max: float | None = None,
 ) -> tuple[torch.Tensor, list[float]]:
     """Karras et al. 2022 (Eq. 5, rho = 7) noise levels, as diffusers' DPMSolverMultistepScheduler
-    builds them with ``use_karras_sigmas``: ``steps`` sigmas from the largest sigma of the
-    training table down to its smallest, evenly spaced in sigma^(1/7), then 0. Each model
+    builds them with ``use_karras_sigmas``: ``steps`` sigmas from ``sigma_max`` down to
+    ``sigma_min`` (None: the largest / smallest sigma of the training table), evenly spaced in
+    sigma^(1/7), then 0. Each model
     timestep is found by interpolating log sigma in the training table, rounded to the nearest
     integer (truncated when ``round_timesteps`` is false, as diffusers does for the cosine
     schedule). The timestep spacing plays no part.
 
-    Returns (LongTensor [steps] timesteps, descending, possibly repeated; steps + 1 sigmas).
+    Returns (LongTensor [steps] timesteps, non-increasing: rounding can repeat one at either end
+    of the table; steps + 1 sigmas).
     """
-    if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:
-        raise ValueError(f"steps must be a positive integer, got {steps!r}")
+    total = alphas_cumprod.shape[0]
+    if (
+        isinstance(steps, bool)
+        or not isinstance(steps, (int, np.integer))
+        or not 1 <= steps <= total
+    ):
+        raise ValueError(f"steps must be in [1, num_train_timesteps={total}], got {steps!r}")
     # The training table in float32, computed as diffusers computes it (the timesteps are
     # rounded afterwards, so the table's last bits can decide a timestep).
     table32 = alphas_cumprod.to(torch.float32)
     table = (((1 - table32) / table32) ** 0.5).numpy()
     log_table = np.log(table)
-    low_end, high_end = float(table[0]), float(table[-1])
+    low_end = float(table[0]) if sigma_min is None else float(sigma_min)
+    high_end = float(table[-1]) if sigma_max is None else float(sigma_max)
     rho = 7.0
     ramp = np.linspace(0, 1, steps)
     sigmas = (high_end ** (1 / rho) + ramp * (low_end ** (1 / rho) - high_end ** (1 / rho))) ** rho

@@ -5,6 +5,7 @@ from __future__ import annotations
 import fastdiff.kernels.layer_norm as layer_norm_kernels
 import pytest
 import torch
+import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -83,15 +84,18 @@ def test_float64_falls_back_to_eager(triton_backend, monkeypatch):
         (torch.float32, torch.float64),
         (torch.float16, torch.float32),
         (torch.bfloat16, torch.float32),
+        (torch.float64, torch.float32),
     ],
 )
 def test_weights_of_another_float_dtype_agree_on_every_backend(x_dtype, param_dtype):
-    """F.layer_norm refuses most dtype mixes (fp64 weights on fp32 input, say); every backend
-    applies the weights in fp32, as the reference does."""
-    x = torch.randn(3, 7, 40, device=DEVICE).to(x_dtype)
+    """fp16 activations with fp32 weights (autocast-style), fp64 weights, fp64 activations:
+    F.layer_norm refuses most such mixes; every backend computes in fp32 (fp64 for fp64 x) and
+    returns x's dtype."""
+    x = (torch.randn(3, 7, 40) + 100.0).to(DEVICE, x_dtype)  # a mean that fp32 feels
     weight = torch.randn(40, device=DEVICE, dtype=param_dtype)
     bias = torch.randn(40, device=DEVICE, dtype=param_dtype)
-    want = layer_norm_reference(x, weight, bias)
+    want = F.layer_norm(x.double(), (40,), weight.double(), bias.double()).to(x_dtype)
+    tolerance = 1e-9 if x_dtype == torch.float64 else 2e-2
     backends = ["eager"]
     if DEVICE == "cuda" or (INTERPRET and x_dtype != torch.bfloat16):
         backends.append("triton")
@@ -99,7 +103,7 @@ def test_weights_of_another_float_dtype_agree_on_every_backend(x_dtype, param_dt
         with use_backend(backend):
             got = layer_norm(x, weight, bias)
         assert got.dtype == x_dtype, backend
-        torch.testing.assert_close(got.float(), want.float(), atol=1e-2, rtol=1e-2)
+        torch.testing.assert_close(got.double(), want.double(), atol=tolerance, rtol=tolerance)
 
 
 def test_integer_weights_raise():

@@ -180,9 +180,14 @@ def test_default_sampler_is_the_folders_scheduler_where_implemented(config, samp
     assert default_sampler(config) == sampler
 
 
-def test_karras_keys_configure_the_sampler_not_the_schedule():
+def test_karras_keys_are_read():
     config = {**SD_DPM, "use_karras_sigmas": True, "sigma_min": 0.1, "sigma_max": 12.0}
     schedule = NoiseSchedule.from_config(config)
     assert torch.equal(schedule.alphas_cumprod, NoiseSchedule.from_config(SD_DPM).alphas_cumprod)
+    assert (schedule.sigma_min, schedule.sigma_max) == (0.1, 12.0)
+    assert NoiseSchedule.from_config(schedule.to_config()).to_config() == schedule.to_config()
+    for bad in (0.0, -1.0, float("inf"), True):
+        with pytest.raises(ValueError, match="sigma_max must be a positive number or None"):
+            NoiseSchedule.from_config({**SD_DPM, "sigma_max": bad})
     with pytest.raises(ValueError, match="use_karras_sigmas must be true or false, got 'yes'"):
         default_sampler({**SD_DPM, "use_karras_sigmas": "yes"})

@@ -211,3 +211,28 @@ def test_dpmpp_2m_karras_step_counts(steps):
     )
     theirs, _, peaks = run_diffusers(reference, x_T)
     _assert_trajectories_match(ours, theirs, peaks, f"karras/{steps}")
+
+
+def test_dpmpp_2m_karras_takes_the_configs_sigma_bounds():
+    """A config with sigma_min / sigma_max (Euler configs write them) bounds diffusers' Karras
+    levels; fastdiff reads them the same way. Too many steps are refused by name."""
+    config = {
+        **_config("scaled_linear", "leading", "epsilon", False),
+        "_class_name": "DPMSolverMultistepScheduler",
+        "use_karras_sigmas": True,
+        "sigma_min": 0.1,
+        "sigma_max": 12.0,
+    }
+    reference = DPMSolverMultistepScheduler.from_config(config)
+    reference.set_timesteps(10)
+    schedule = NoiseSchedule.from_config(config)
+    plan = make_plan(schedule, "dpmpp_2m_karras", 10)
+    assert torch.equal(plan.timesteps, reference.timesteps)
+    assert float(reference.sigmas[0]) == pytest.approx(12.0)
+    x_T = torch.randn(2, 5)
+    ours = []
+    sample(toy_model, x_T, schedule, "dpmpp_2m_karras", 10, callback=lambda i, t, x: ours.append(x))
+    theirs, _, peaks = run_diffusers(reference, x_T)
+    _assert_trajectories_match(ours, theirs, peaks, "karras bounds")
+    with pytest.raises(ValueError, match=r"steps must be in \[1, num_train_timesteps=1000\]"):
+        make_plan(schedule, "dpmpp_2m_karras", 1001)
