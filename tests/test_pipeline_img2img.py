@@ -24,6 +24,10 @@ SCHEDULERS = {
     "euler_ancestral": ("EulerAncestralDiscreteScheduler", {}),  # the step noise from the seed
     "dpmpp_2m": ("DPMSolverMultistepScheduler", {}),
     "dpmpp_2m_karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
+    "dpmpp_2m_sde_karras": (
+        "DPMSolverMultistepScheduler",
+        {"use_karras_sigmas": True, "algorithm_type": "sde-dpmsolver++"},
+    ),
 }
 
 

@@ -51,7 +51,7 @@ REQUIRED_VALUES: dict[str, tuple[Any, ...]] = {
     "euler_at_final": (False,),
     "lambda_min_clipped": (-math.inf, None),
     "variance_type": (None, "fixed_small"),
-    "algorithm_type": ("dpmsolver++",),
+    "algorithm_type": ("dpmsolver++", "sde-dpmsolver++"),
     "solver_order": (2,),
     "solver_type": ("midpoint",),
     "shift_terminal": (None,),
@@ -157,7 +157,8 @@ def default_sampler(config: dict[str, Any]) -> str:
         )
     class_name = config.get("_class_name")
     if class_name == "DPMSolverMultistepScheduler":
-        return "dpmpp_2m_karras" if karras else "dpmpp_2m"
+        sde = config.get("algorithm_type") == "sde-dpmsolver++"
+        return "dpmpp_2m" + ("_sde" if sde else "") + ("_karras" if karras else "")
     if class_name == "EulerDiscreteScheduler" and not karras:
         return "euler"
     return {

@@ -33,7 +33,16 @@ NEXT_FROM_PREV_X0 = 5
 NOISE_STD = 6
 NUM_COEFFICIENTS = 7
 
-SAMPLERS = ("ddpm", "ddim", "euler", "euler_ancestral", "dpmpp_2m", "dpmpp_2m_karras")
+SAMPLERS = (
+    "ddpm",
+    "ddim",
+    "euler",
+    "euler_ancestral",
+    "dpmpp_2m",
+    "dpmpp_2m_karras",
+    "dpmpp_2m_sde",
+    "dpmpp_2m_sde_karras",
+)
 
 
 @dataclass(frozen=True, eq=False)
@@ -182,21 +191,31 @@ def _euler_rows(
 
 
 def _dpmpp_2m_rows(
-    schedule: NoiseSchedule, timesteps: list[int], sigmas: list[float]
+    schedule: NoiseSchedule, timesteps: list[int], sigmas: list[float], sde: bool = False
 ) -> list[list[float]]:
     """DPM-Solver++(2M) (Lu et al. 2022, "DPM-Solver++", Algorithm 2, midpoint form as in
     diffusers' DPMSolverMultistepScheduler with solver_order=2): in lambda = log(alpha/sigma),
     x_next = (s_t/s_s) x + alpha_t (1 - e^-h) (D0 + D1 / (2 r)), D0 = x0, D1 = x0 - x0_prev,
     r = h_prev / h. The first step and the last step (final sigma 0) are first order. ``sigmas``
-    are the noise levels of the steps (then 0): the schedule's at the timesteps, or Karras'."""
+    are the noise levels of the steps (then 0): the schedule's at the timesteps, or Karras'.
+
+    ``sde`` (SDE-DPM-Solver++(2M), Lu et al. 2022 sec. 5; diffusers' algorithm_type
+    "sde-dpmsolver++"): x_next = (s_t/s_s) e^-h x + alpha_t (1 - e^-2h) (D0 + D1 / (2 r))
+    + s_t sqrt(1 - e^-2h) z."""
     count = len(timesteps)
     rows = []
     for index, t in enumerate(timesteps):
         sigma, sigma_next = sigmas[index], sigmas[index + 1]
         alpha_next = 1.0 / math.sqrt(sigma_next**2 + 1.0)
         noise_scale_ratio = (sigma_next * alpha_next) * math.sqrt(sigma**2 + 1.0) / sigma
-        # alpha_t (1 - e^{-h}) with e^{-h} = sigma_t / sigma_s, since lambda = -log(sigma).
-        gain = alpha_next * (1.0 - sigma_next / sigma)
+        # e^{-h} = sigma_t / sigma_s, since lambda = log(alpha / s) = -log(sigma).
+        decay = sigma_next / sigma
+        noise_std = 0.0
+        if sde:
+            noise_std = sigma_next * alpha_next * math.sqrt(1.0 - decay**2)
+            noise_scale_ratio *= decay
+            decay = decay**2
+        gain = alpha_next * (1.0 - decay)  # alpha_t (1 - e^{-h}), or (1 - e^{-2h}) for the SDE
         c1, c2 = _x0_coefficients(1.0 / (sigma**2 + 1.0), schedule.prediction_type, t)
         if index == 0 or index == count - 1:
             from_x0, from_prev = gain, 0.0
@@ -205,7 +224,7 @@ def _dpmpp_2m_rows(
             previous_step = math.log(sigmas[index - 1] / sigma)
             half_inverse_ratio = 0.5 * step / previous_step
             from_x0, from_prev = gain * (1.0 + half_inverse_ratio), -gain * half_inverse_ratio
-        rows.append([1.0, c1, c2, noise_scale_ratio, from_x0, from_prev, 0.0])
+        rows.append([1.0, c1, c2, noise_scale_ratio, from_x0, from_prev, noise_std])
     return rows
 
 
@@ -215,9 +234,9 @@ def make_plan(
     """Compile ``sampler`` over ``steps`` timesteps of ``schedule`` into a :class:`SamplingPlan`.
 
     ``eta`` (Song et al. 2021, Eq. 16) is the DDIM noise level: 0 deterministic, 1 DDPM-like; the
-    other samplers have fixed noise and accept only ``eta=0``. ``dpmpp_2m_karras`` is DPM-Solver++
-    (2M) through Karras et al.'s noise levels (diffusers' DPMSolverMultistepScheduler with
-    ``use_karras_sigmas``).
+    other samplers have fixed noise and accept only ``eta=0``. ``dpmpp_2m_sde`` is the SDE
+    variant of DPM-Solver++(2M); the ``*_karras`` samplers step through Karras et al.'s noise
+    levels (diffusers' DPMSolverMultistepScheduler with ``use_karras_sigmas``).
     """
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; allowed: {list(SAMPLERS)}")
@@ -227,7 +246,7 @@ def make_plan(
         raise ValueError(f"eta must lie in [0, 1], got {eta}")
     if eta != 0 and sampler != "ddim":
         raise ValueError(f"eta applies to the 'ddim' sampler only; {sampler!r} needs eta=0")
-    karras = sampler == "dpmpp_2m_karras"
+    karras = sampler.endswith("_karras")
     if karras:
         timesteps, sigmas = karras_plan_inputs(schedule, steps)
     else:
@@ -244,7 +263,7 @@ def make_plan(
     else:
         if not karras:
             sigmas = _sigmas_at(schedule, visited)
-        rows = _dpmpp_2m_rows(schedule, visited, sigmas)
+        rows = _dpmpp_2m_rows(schedule, visited, sigmas, sde="_sde" in sampler)
     coefficients = torch.tensor(rows, dtype=torch.float64)
     if not bool(torch.isfinite(coefficients).all()):
         raise ValueError(f"{sampler} plan has non-finite coefficients for this schedule")

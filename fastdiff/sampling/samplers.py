@@ -4,8 +4,8 @@ Samplers (see ``fastdiff.sampling.plan`` for the formulas and papers):
 ``ddpm`` ancestral DDPM (Ho et al. 2020), ``ddim`` (Song et al. 2021, any eta in [0, 1]),
 ``euler`` (Karras et al. 2022, Algorithm 1, as diffusers' EulerDiscreteScheduler),
 ``euler_ancestral`` (the same with fresh noise each step, EulerAncestralDiscreteScheduler),
-``dpmpp_2m`` (DPM-Solver++(2M), Lu et al. 2022) and ``dpmpp_2m_karras`` (the same through Karras
-et al.'s noise levels).
+``dpmpp_2m`` (DPM-Solver++(2M), Lu et al. 2022), ``dpmpp_2m_sde`` (its SDE variant), and
+``dpmpp_2m_karras`` / ``dpmpp_2m_sde_karras`` (the same through Karras et al.'s noise levels).
 """
 
 from __future__ import annotations
@@ -86,8 +86,8 @@ def sample(
     ``schedule.prediction_type`` with x_t's shape (wrap with
     :func:`fastdiff.sampling.classifier_free_guidance` for CFG). The result has x_T's dtype (fp64
     included) and is the clean sample in VP scale. ``callback(step_index, t, x)`` runs after each
-    step with the sampler state. Noise (ddpm, euler_ancestral, ddim with eta > 0) is drawn with
-    ``generator``.
+    step with the sampler state. Noise (ddpm, euler_ancestral, the sde samplers, ddim with
+    eta > 0) is drawn with ``generator``.
     A non-finite model output raises ``RuntimeError`` naming the step index and timestep.
     """
     if not isinstance(schedule, NoiseSchedule):

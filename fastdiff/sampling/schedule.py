@@ -185,9 +185,9 @@ class NoiseSchedule:
     def timesteps(self, steps: int, sampler: str = "ddim") -> torch.Tensor:
         """Model timesteps (LongTensor [steps], non-increasing) ``sampler`` visits with this
         schedule's ``timestep_spacing`` and ``steps_offset`` (see ``fastdiff.sampling.spacing``);
-        for ``dpmpp_2m_karras`` the timesteps of its Karras noise levels, which ignore the
-        spacing."""
-        if sampler == "dpmpp_2m_karras":
+        for the ``*_karras`` samplers the timesteps of their Karras noise levels, which ignore
+        the spacing."""
+        if sampler in ("dpmpp_2m_karras", "dpmpp_2m_sde_karras"):
             from fastdiff.sampling.plan import karras_plan_inputs  # plan builds on this module
 
             return karras_plan_inputs(self, steps)[0]

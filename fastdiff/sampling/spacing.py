@@ -28,6 +28,7 @@ SAMPLER_FAMILIES = {
     "euler": "euler",
     "euler_ancestral": "euler",
     "dpmpp_2m": "dpmpp_2m",
+    "dpmpp_2m_sde": "dpmpp_2m",
 }
 
 

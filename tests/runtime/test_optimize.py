@@ -64,6 +64,7 @@ def test_fused_qkv_keeps_unet_output(pipe):
         ("ddpm", 10, 0.0),
         ("euler_ancestral", 4, 0.0),
         ("dpmpp_2m_karras", 9, 0.0),
+        ("dpmpp_2m_sde_karras", 5, 0.0),
     ],
     ids=[
         "ddim4-loop",
@@ -73,6 +74,7 @@ def test_fused_qkv_keeps_unet_output(pipe):
         "ddpm10-step",
         "euler-ancestral4-loop",
         "dpmpp-karras9-step",
+        "dpmpp-sde-karras5-loop",
     ],
 )
 def test_static_buffer_loop_equals_eager_sampler(pipe, sampler, steps, eta):

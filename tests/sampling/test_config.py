@@ -128,7 +128,7 @@ def test_missing_keys_take_the_class_defaults():
         ("thresholding", True),
         ("use_exponential_sigmas", True),
         ("solver_order", 3),
-        ("algorithm_type", "sde-dpmsolver++"),
+        ("algorithm_type", "dpmsolver"),
         ("final_sigmas_type", "sigma_min"),
         ("interpolation_type", "log_linear"),
         ("timestep_type", "continuous"),
@@ -170,6 +170,18 @@ def test_round_trip_through_to_config():
         (
             {"_class_name": "DPMSolverMultistepScheduler", "use_karras_sigmas": True},
             "dpmpp_2m_karras",
+        ),
+        (
+            {"_class_name": "DPMSolverMultistepScheduler", "algorithm_type": "sde-dpmsolver++"},
+            "dpmpp_2m_sde",
+        ),
+        (
+            {
+                "_class_name": "DPMSolverMultistepScheduler",
+                "algorithm_type": "sde-dpmsolver++",
+                "use_karras_sigmas": True,
+            },
+            "dpmpp_2m_sde_karras",
         ),
         ({"_class_name": "PNDMScheduler"}, "ddim"),
         ({"_class_name": "LMSDiscreteScheduler"}, "ddim"),

@@ -15,7 +15,12 @@ import math
 
 import pytest
 import torch
-from diffusers import DDIMScheduler, DDPMScheduler, EulerAncestralDiscreteScheduler
+from diffusers import (
+    DDIMScheduler,
+    DDPMScheduler,
+    DPMSolverMultistepScheduler,
+    EulerAncestralDiscreteScheduler,
+)
 
 from fastdiff.sampling import NoiseSchedule, make_plan, sample
 from tests.sampling.helpers import SD_BETAS, run_diffusers, toy_model
@@ -103,6 +108,60 @@ def test_euler_ancestral_matches_diffusers_with_same_noise(spacing, prediction_t
         toy_model, x_T, schedule, "euler_ancestral", 10, generator=torch.Generator().manual_seed(6)
     )
     assert float((other - ours[-1]).abs().max()) > 1e-2
+
+
+@pytest.mark.parametrize("karras", [False, True])
+@pytest.mark.parametrize(
+    "spacing,prediction_type,zero_snr,steps",
+    [
+        ("leading", "epsilon", False, 10),
+        ("trailing", "v_prediction", True, 12),
+        ("linspace", "sample", False, 3),
+        ("linspace", "epsilon", False, 1),
+    ],
+)
+def test_dpmpp_2m_sde_matches_diffusers_with_same_noise(
+    spacing, prediction_type, zero_snr, steps, karras
+):
+    """SDE-DPM-Solver++(2M) against DPMSolverMultistepScheduler(algorithm_type=
+    "sde-dpmsolver++"), which draws its step noise in float32 from the generator."""
+    config = dict(
+        SD_BETAS,
+        beta_schedule="scaled_linear",
+        timestep_spacing=spacing,
+        steps_offset=1 if spacing == "leading" else 0,
+        prediction_type=prediction_type,
+        rescale_betas_zero_snr=zero_snr,
+    )
+    reference = DPMSolverMultistepScheduler(
+        **config, algorithm_type="sde-dpmsolver++", solver_order=2, use_karras_sigmas=karras
+    )
+    reference.set_timesteps(steps)
+    reference.set_begin_index(0)  # Karras timesteps can repeat (see test_samplers_vs_diffusers)
+    sampler = "dpmpp_2m_sde_karras" if karras else "dpmpp_2m_sde"
+    schedule = NoiseSchedule(**config)
+    plan = make_plan(schedule, sampler, steps)
+    assert torch.equal(plan.timesteps, reference.timesteps) and plan.stochastic == (steps > 1)
+    x_T = torch.randn(2, 3, 4)
+    theirs, _, peaks = run_diffusers(reference, x_T, generator=torch.Generator().manual_seed(9))
+    ours = []
+    sample(
+        toy_model,
+        x_T,
+        schedule,
+        sampler,
+        steps,
+        generator=torch.Generator().manual_seed(9),
+        callback=lambda i, t, x: ours.append(x),
+    )
+    for index, (mine, reference_state, peak) in enumerate(zip(ours, theirs, peaks, strict=True)):
+        error = float((mine - reference_state).abs().max())
+        assert error <= 1e-5 * max(1.0, peak), f"step {index}: {error}"
+    if steps > 1:  # the noise matters
+        other = sample(
+            toy_model, x_T, schedule, sampler, steps, generator=torch.Generator().manual_seed(1)
+        )
+        assert float((other - ours[-1]).abs().max()) > 1e-3
 
 
 @pytest.mark.parametrize("eta,set_alpha_to_one", [(0.5, True), (1.0, False)])
