@@ -12,8 +12,11 @@ Every key diffusers' DDPM-family schedulers write is classified here, in one pla
 
 Any other key raises, so a config from a scheduler we do not know cannot be silently misread.
 A key missing from the file takes the default of the scheduler class named by ``_class_name``
-(as diffusers does): e.g. DDIM's ``clip_sample`` defaults to true (and therefore raises), Euler's
-and DPM-Solver's ``timestep_spacing`` default to ``linspace``.
+(as diffusers does): e.g. DDIM's ``clip_sample`` defaults to true (and therefore raises). The
+exceptions are ``timestep_spacing`` and ``set_alpha_to_one``, whose defaults differ between the
+schedulers the samplers reproduce: left out, they stay None and each sampler takes its own
+scheduler's default (``PER_SAMPLER_KEYS``), as diffusers does when it samples a folder with
+another scheduler class than the one that wrote it.
 """
 
 from __future__ import annotations
@@ -75,6 +78,13 @@ IGNORED_KEYS = frozenset(
     }
 )
 
+# Keys whose default differs between the diffusers schedulers fastdiff's samplers reproduce
+# (timestep_spacing: leading for DDIM/DDPM, linspace for Euler and DPM-Solver; set_alpha_to_one:
+# DDIM's true). diffusers fills a key the file omits from the scheduler that samples, whichever
+# class wrote the file (from_config drops the keys that took defaults): so a missing one stays
+# None in the schedule and each sampler takes its own scheduler's default.
+PER_SAMPLER_KEYS = ("timestep_spacing", "set_alpha_to_one")
+
 # Defaults of the scheduler classes whose configs we read, for keys the file may omit.
 _COMMON_DEFAULTS: dict[str, Any] = {
     "num_train_timesteps": 1000,
@@ -85,13 +95,11 @@ _COMMON_DEFAULTS: dict[str, Any] = {
     "prediction_type": "epsilon",
     "steps_offset": 0,
     "rescale_betas_zero_snr": False,
-    "timestep_spacing": "linspace",
-    "set_alpha_to_one": True,
 }
 CLASS_DEFAULTS: dict[str, dict[str, Any]] = {
-    "DDIMScheduler": {"timestep_spacing": "leading", "clip_sample": True},
-    "DDPMScheduler": {"timestep_spacing": "leading", "clip_sample": True},
-    "PNDMScheduler": {"timestep_spacing": "leading", "set_alpha_to_one": False},
+    "DDIMScheduler": {"clip_sample": True},
+    "DDPMScheduler": {"clip_sample": True},
+    "PNDMScheduler": {},
     "EulerDiscreteScheduler": {},
     "EulerAncestralDiscreteScheduler": {},
     "DPMSolverMultistepScheduler": {},
@@ -143,6 +151,8 @@ def schedule_kwargs_from_config(config: dict[str, Any]) -> dict[str, Any]:
                 f"accepted at fixed values: {sorted(REQUIRED_VALUES)}, ignored: "
                 f"{sorted(IGNORED_KEYS)}"
             )
+    for key in PER_SAMPLER_KEYS:
+        kwargs.setdefault(key, None)
     return kwargs
 
 

@@ -102,7 +102,8 @@ def _ddim_rows(schedule: NoiseSchedule, timesteps: list[int], eta: float) -> lis
     timestep is t - num_train_timesteps // steps (not necessarily the next visited timestep), and
     past t = 0 alphā is 1 (``set_alpha_to_one``) or alphā_0."""
     alphas_cumprod = schedule.alphas_cumprod.tolist()
-    final = 1.0 if schedule.set_alpha_to_one else alphas_cumprod[0]
+    # None: the config left it out, and DDIMScheduler's default is true.
+    final = alphas_cumprod[0] if schedule.set_alpha_to_one is False else 1.0
     jump = schedule.num_train_timesteps // len(timesteps)
     rows = []
     for t in timesteps:

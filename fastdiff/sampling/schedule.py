@@ -57,7 +57,9 @@ class NoiseSchedule:
 
     ``betas``, ``alphas`` and ``alphas_cumprod`` are float64 tensors of length
     ``num_train_timesteps``. ``timestep_spacing``, ``steps_offset`` and ``set_alpha_to_one``
-    describe how samplers sub-sample it (see :func:`fastdiff.sampling.make_plan`).
+    describe how samplers sub-sample it (see :func:`fastdiff.sampling.make_plan`); None in
+    either (a config file that leaves them out) means the default of the diffusers scheduler each
+    sampler reproduces: ``leading`` for ddim/ddpm, ``linspace`` for euler and dpmpp; true.
     ``sigma_min`` / ``sigma_max`` (None: the table's ends) bound the Karras noise levels of
     ``dpmpp_2m_karras``, as they bound diffusers' when its config has them.
     """
@@ -68,9 +70,9 @@ class NoiseSchedule:
     beta_schedule: str = "linear"
     trained_betas: Any = None
     prediction_type: str = "epsilon"
-    timestep_spacing: str = "leading"
+    timestep_spacing: str | None = "leading"
     steps_offset: int = 0
-    set_alpha_to_one: bool = True
+    set_alpha_to_one: bool | None = True
     rescale_betas_zero_snr: bool = False
     sigma_min: float | None = None
     sigma_max: float | None = None
@@ -88,7 +90,7 @@ class NoiseSchedule:
                 f"unknown prediction_type {self.prediction_type!r}; "
                 f"allowed: {list(PREDICTION_TYPES)}"
             )
-        if self.timestep_spacing not in SPACINGS:
+        if self.timestep_spacing is not None and self.timestep_spacing not in SPACINGS:
             raise ValueError(
                 f"unknown timestep_spacing {self.timestep_spacing!r}; allowed: {list(SPACINGS)}"
             )

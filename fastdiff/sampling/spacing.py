@@ -37,21 +37,28 @@ def _round_half_even(values: np.ndarray) -> np.ndarray:
     return np.round(values).astype(np.int64)
 
 
+# The timestep_spacing default of the diffusers scheduler each sampler family reproduces.
+DEFAULT_SPACING = {"ddim": "leading", "euler": "linspace", "dpmpp_2m": "linspace"}
+
+
 def spaced_timesteps(
     num_train_timesteps: int,
     steps: int,
-    spacing: str,
+    spacing: str | None,
     steps_offset: int = 0,
     sampler: str = "ddim",
 ) -> torch.Tensor:
     """Return the model timesteps (LongTensor [steps], descending) a sampler visits.
 
-    ``sampler`` selects the diffusers scheduler whose arithmetic is reproduced (see module doc).
+    ``sampler`` selects the diffusers scheduler whose arithmetic is reproduced (see module doc);
+    ``spacing`` None takes that scheduler's default (``DEFAULT_SPACING``).
     Raises ``ValueError`` for unknown names, ``steps`` outside [1, num_train_timesteps], and for a
     combination that would visit a timestep twice or fall outside [0, num_train_timesteps).
     """
     if sampler not in SAMPLER_FAMILIES:
         raise ValueError(f"unknown sampler {sampler!r}; allowed: {sorted(SAMPLER_FAMILIES)}")
+    if spacing is None:
+        spacing = DEFAULT_SPACING[SAMPLER_FAMILIES[sampler]]
     if spacing not in SPACINGS:
         raise ValueError(f"unknown timestep_spacing {spacing!r}; allowed: {list(SPACINGS)}")
     if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)):

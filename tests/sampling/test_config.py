@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 
+import diffusers
 import pytest
 import torch
 from diffusers import (
@@ -14,7 +15,7 @@ from diffusers import (
     PNDMScheduler,
 )
 
-from fastdiff.sampling import NoiseSchedule
+from fastdiff.sampling import NoiseSchedule, make_plan
 from fastdiff.sampling.config import default_sampler
 
 SD15_PNDM = {
@@ -93,7 +94,7 @@ def test_checkpoint_configs_load(config):
     assert schedule.beta_schedule == "scaled_linear"
     assert schedule.steps_offset == 1
     assert schedule.prediction_type == config.get("prediction_type", "epsilon")
-    assert schedule.set_alpha_to_one is config.get("set_alpha_to_one", True)
+    assert schedule.set_alpha_to_one is config.get("set_alpha_to_one")  # None: left out
 
 
 @pytest.mark.parametrize(
@@ -114,11 +115,31 @@ def test_configs_saved_by_diffusers_load(cls, tmp_path):
 
 def test_missing_keys_take_the_class_defaults():
     euler = NoiseSchedule.from_config({"_class_name": "EulerDiscreteScheduler"})
-    assert euler.timestep_spacing == "linspace"
-    pndm = NoiseSchedule.from_config({"_class_name": "PNDMScheduler"})
-    assert pndm.timestep_spacing == "leading" and pndm.set_alpha_to_one is False
+    assert euler.beta_schedule == "linear" and euler.steps_offset == 0
     with pytest.raises(ValueError, match="clip_sample"):  # DDIM's default is clip_sample=True
         NoiseSchedule.from_config({"_class_name": "DDIMScheduler"})
+
+
+@pytest.mark.parametrize("config", [SD15_PNDM, SD21_DDIM, SD_DPM])
+@pytest.mark.parametrize(
+    "sampler,cls",
+    [
+        ("ddim", DDIMScheduler),
+        ("euler", EulerDiscreteScheduler),
+        ("dpmpp_2m", DPMSolverMultistepScheduler),
+    ],
+)
+def test_spacing_left_out_of_the_file_is_the_sampling_schedulers_default(config, sampler, cls):
+    """SD 1.5's and 2.1's scheduler configs have no timestep_spacing. A diffusers pipeline that
+    samples them with another scheduler (XScheduler.from_config(pipe.scheduler.config)) takes
+    that scheduler's default (leading for DDIM, linspace for Euler and DPM-Solver), not the
+    folder class's: so does each fastdiff sampler."""
+    config = {key: value for key, value in config.items() if key != "timestep_spacing"}
+    folder_class = getattr(diffusers, config["_class_name"])
+    reference = cls.from_config(folder_class.from_config(config).config)
+    reference.set_timesteps(7)
+    plan = make_plan(NoiseSchedule.from_config(config), sampler, 7)
+    assert torch.equal(plan.timesteps, reference.timesteps.round().long())
 
 
 @pytest.mark.parametrize(
