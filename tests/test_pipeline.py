@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 
 from fastdiff.pipeline import Pipeline
+from fastdiff.pipeline.call_arguments import CallDefaults
 from tests.pipeline_folders import UNetCallCounter, make_sd_folder, single_thread
 
 diffusers = pytest.importorskip("diffusers")
@@ -47,7 +48,7 @@ def reference(sd_folder):
 def test_loads_components(pipe):
     assert pipe.prompt_encoder is not None and not pipe.is_class_conditional
     assert pipe.vae_scale_factor == 2 and pipe.default_size == 16
-    assert pipe.default_guidance_scale == 7.5  # StableDiffusionPipeline's default
+    assert pipe.defaults == CallDefaults(guidance_scale=7.5, sampler="ddim", strength=0.8)
     assert pipe.schedule.beta_schedule == "scaled_linear" and pipe.schedule.steps_offset == 1
 
 
@@ -336,7 +337,7 @@ def test_a_call_without_sampler_runs_the_folders_scheduler(
     assert type(reference.scheduler).__name__ == class_name
     reference.set_progress_bar_config(disable=True)
     pipe = Pipeline.from_pretrained(folder)
-    assert pipe.default_sampler == sampler
+    assert pipe.defaults.sampler == sampler
     kwargs = dict(prompt="a red cat", latents=torch.randn(1, 4, 8, 8), num_inference_steps=STEPS)
     theirs = reference(**kwargs, output_type="pt", generator=torch.Generator().manual_seed(3))
     ours = pipe(**kwargs, seed=3, output_type="tensor", progress=False)

@@ -126,7 +126,7 @@ def test_lower_strength_stays_closer_to_the_init_image(pipe, init_image):
         (dict(strength=1.5), r"strength must lie in \(0, 1\]"),
         # A string passed float() and then repeated itself: "invalid literal ... '0.50.50.50.5'".
         (dict(strength="0.5"), r"strength must be a number in \(0, 1\], got '0.5'"),
-        (dict(strength=None), "strength must be a number"),
+        (dict(strength=[0.5]), "strength must be a number"),  # (None: the pipeline's default)
         (dict(strength=0.1, num_inference_steps=5), "leaves no step to run"),
         (dict(latents=torch.zeros(1, 4, 8, 8)), "image .img2img. or latents, not both"),
         (dict(image=Image.new("RGB", (15, 16))), "width=15 is not a multiple"),

@@ -62,7 +62,7 @@ def test_sdxl_prompts_equal_diffusers(pipe, reference, negative_prompt):
 def test_sdxl_default_guidance_scale_is_the_diffusers_default(pipe, reference):
     """Without guidance_scale an SDXL folder samples at StableDiffusionXLPipeline's default, 5.0
     (SD 1.x/2.x pipelines: 7.5)."""
-    assert pipe.default_guidance_scale == 5.0
+    assert pipe.defaults.guidance_scale == 5.0
     kwargs = dict(prompt="a red cat", latents=torch.randn(1, 4, 8, 8), height=16, width=16)
     ours = pipe(**kwargs, num_inference_steps=3, output_type="tensor", progress=False)
     theirs = reference(**kwargs, num_inference_steps=3, output_type="pt").images
@@ -158,20 +158,37 @@ def test_sdxl_optimize_keeps_the_vae_fp32(sdxl_folder, monkeypatch):
 
 
 @pytest.mark.parametrize(
-    "class_name,scale",
+    "class_name,scale,strength",
     [
-        ("StableDiffusionXLPipeline", 5.0),
-        ("StableDiffusionXLImg2ImgPipeline", 5.0),
-        ("StableDiffusionXLInpaintPipeline", 7.5),
-        ("StableDiffusionPipeline", 7.5),
-        (None, 7.5),
+        ("StableDiffusionXLPipeline", 5.0, None),
+        ("StableDiffusionXLImg2ImgPipeline", 5.0, 0.3),
+        ("StableDiffusionXLInpaintPipeline", 7.5, None),
+        ("StableDiffusionPipeline", 7.5, None),
+        ("StableDiffusionImg2ImgPipeline", 7.5, 0.8),
+        (None, 7.5, None),
     ],
 )
-def test_default_guidance_scale_per_pipeline_class(class_name, scale):
-    """Each as the diffusers class's __call__ default."""
-    from fastdiff.pipeline.components import default_guidance_scale
+def test_call_defaults_per_pipeline_class(class_name, scale, strength):
+    """guidance_scale (and img2img strength) as the diffusers class's __call__ defaults."""
+    from fastdiff.pipeline.call_arguments import CallDefaults
 
-    assert default_guidance_scale({"_class_name": class_name} if class_name else {}) == scale
+    index = {"_class_name": class_name} if class_name else {}
+    defaults = CallDefaults.for_folder(index, {"_class_name": "DDIMScheduler"})
+    assert defaults.guidance_scale == scale and defaults.sampler == "ddim"
     if class_name is not None:
-        call = getattr(diffusers, class_name).__call__
-        assert inspect.signature(call).parameters["guidance_scale"].default == scale
+        parameters = inspect.signature(getattr(diffusers, class_name).__call__).parameters
+        assert parameters["guidance_scale"].default == scale
+        if strength is not None:
+            assert parameters["strength"].default == strength == defaults.strength
+
+
+def test_sdxl_img2img_default_strength_is_the_diffusers_default(sdxl_folder, pipe):
+    """StableDiffusionXLImg2ImgPipeline's default strength is 0.3 (StableDiffusion's 0.8)."""
+    assert pipe.defaults.strength == 0.3
+    reference = diffusers.StableDiffusionXLImg2ImgPipeline.from_pretrained(sdxl_folder)
+    reference.set_progress_bar_config(disable=True)
+    image = torch.rand(1, 3, 16, 16)
+    kwargs = dict(prompt="a red cat", image=image, num_inference_steps=10, guidance_scale=6.0)
+    ours = pipe(**kwargs, seed=4, output_type="tensor", progress=False)
+    theirs = reference(**kwargs, generator=torch.Generator().manual_seed(4), output_type="pt")
+    torch.testing.assert_close(ours, theirs.images, atol=1e-4, rtol=0)

@@ -74,7 +74,7 @@ def add_parser(subparsers) -> None:
         "--strength",
         type=float,
         default=None,
-        help="img2img: share of the steps to run (0, 1] (default 0.8)",
+        help="img2img: share of the steps to run (0, 1] (default: 0.3 for SDXL folders, else 0.8)",
     )
     parser.add_argument("--out", type=Path, help="output image file (single prompt/label)")
     parser.add_argument("--out-dir", type=Path, help="output folder (with --prompts)")
@@ -147,7 +147,7 @@ def generate_one(pipe, args, text: str, seed: int):
         if not args.init_image.is_file():
             raise FileNotFoundError(f"init image not found: {args.init_image}")
         inputs["image"] = read_init_image(args.init_image)
-        inputs["strength"] = 0.8 if args.strength is None else args.strength
+        inputs["strength"] = args.strength  # None: the pipeline's default
     images = pipe(
         **inputs,
         num_inference_steps=args.steps,

@@ -6,12 +6,45 @@ from __future__ import annotations
 import math
 import numbers
 import operator
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from fastdiff.sampling import SAMPLERS
+from fastdiff.sampling.config import default_sampler
 
 OUTPUT_TYPES = ("pil", "tensor", "latent")
+
+
+@dataclass(frozen=True)
+class CallDefaults:
+    """What ``Pipeline.__call__`` uses for the arguments a call leaves out (None): the defaults
+    of the diffusers pipeline and scheduler a folder names (``for_folder``)."""
+
+    guidance_scale: float = 7.5
+    sampler: str = "ddim"
+    strength: float = 0.8  # img2img
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "guidance_scale", guidance_scale_value(self.guidance_scale))
+        check_choices(self.sampler, "tensor", 1)
+        if not 0.0 < self.strength <= 1.0:
+            raise ValueError(f"default strength must lie in (0, 1], got {self.strength!r}")
+
+    @classmethod
+    def for_folder(cls, index: dict[str, Any], scheduler_config: dict[str, Any]) -> CallDefaults:
+        """From model_index.json and the scheduler config. StableDiffusionXLPipeline and
+        StableDiffusionXLImg2ImgPipeline default to guidance 5.0 and img2img strength 0.3, the
+        others (SDXL inpainting included) to 7.5 and 0.8; the sampler is the one equal to the
+        folder's scheduler (``fastdiff.sampling.config.default_sampler``), else ddim."""
+        name = str(index.get("_class_name", ""))
+        sdxl = name.startswith("StableDiffusionXL") and "Inpaint" not in name
+        return cls(
+            guidance_scale=5.0 if sdxl else 7.5,
+            sampler=default_sampler(scheduler_config),
+            strength=0.3 if sdxl else 0.8,
+        )
 
 
 def check_choices(sampler: str, output_type: str, num_images: int) -> None:

@@ -15,13 +15,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fastdiff.pipeline.call_arguments import CallDefaults
 from fastdiff.pipeline.text_encoding import (
     SUPPORTED_TEXT_ENCODERS,
     SUPPORTED_TOKENIZERS,
     PromptEncoder,
     load_text_component,
 )
-from fastdiff.sampling.config import default_sampler
 
 # (text encoder, tokenizer) subfolder pairs in the order their embeddings are concatenated.
 TEXT_COMPONENTS = (("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2"))
@@ -68,8 +68,7 @@ class PipelineComponents:
     null_class_label: int | None = None
     class_names: list[str] | None = None
     force_zeros_for_empty_prompt: bool = False
-    default_guidance_scale: float = 7.5
-    default_sampler: str = "ddim"
+    defaults: CallDefaults = field(default_factory=CallDefaults)
     source: Path | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -97,14 +96,6 @@ def force_zeros_for_empty_prompt(index: dict[str, Any]) -> bool:
     if "force_zeros_for_empty_prompt" in index:
         return bool(index["force_zeros_for_empty_prompt"])
     return str(index.get("_class_name", "")).startswith("StableDiffusionXL")
-
-
-def default_guidance_scale(index: dict[str, Any]) -> float:
-    """The ``guidance_scale`` a call without one uses: that of the diffusers pipeline class the
-    folder names (5.0 for the StableDiffusionXL text-to-image and img2img pipelines; 7.5 for the
-    others, SDXL inpainting included)."""
-    name = str(index.get("_class_name", ""))
-    return 5.0 if name.startswith("StableDiffusionXL") and "Inpaint" not in name else 7.5
 
 
 def load_components(
@@ -176,7 +167,6 @@ def load_components(
         class_names=class_names,
         # SDXL: with no negative prompt the unconditional input is all zeros.
         force_zeros_for_empty_prompt=force_zeros_for_empty_prompt(index),
-        default_guidance_scale=default_guidance_scale(index),
-        default_sampler=default_sampler(scheduler_config),
+        defaults=CallDefaults.for_folder(index, scheduler_config),
         source=root,
     )

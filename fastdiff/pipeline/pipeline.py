@@ -17,6 +17,7 @@ import torch
 from fastdiff.models.vae import DiagonalGaussian
 from fastdiff.pipeline import images as image_utils
 from fastdiff.pipeline.call_arguments import (
+    CallDefaults,
     check_choices,
     check_latents,
     guidance_scale_value,
@@ -48,8 +49,7 @@ class Pipeline:
         null_class_label: int | None = None,
         class_names: list[str] | None = None,
         force_zeros_for_empty_prompt: bool = False,
-        default_guidance_scale: float = 7.5,
-        default_sampler: str = "ddim",
+        defaults: CallDefaults | None = None,
     ) -> None:
         self.unet = unet
         self.vae = vae
@@ -57,9 +57,7 @@ class Pipeline:
         self.prompt_encoder = prompt_encoder
         self.class_names = class_names
         self.force_zeros_for_empty_prompt = force_zeros_for_empty_prompt
-        self.default_guidance_scale = guidance_scale_value(default_guidance_scale)
-        check_choices(default_sampler, "tensor", 1)
-        self.default_sampler = default_sampler
+        self.defaults = CallDefaults() if defaults is None else defaults
         self.vae_scale_factor = 2 ** (len(vae.config["block_out_channels"]) - 1)
         vae_dtype = next(vae.parameters()).dtype
         if self.vae_dtype_for(vae_dtype) != vae_dtype:
@@ -91,8 +89,7 @@ class Pipeline:
             null_class_label=parts.null_class_label,
             class_names=parts.class_names,
             force_zeros_for_empty_prompt=parts.force_zeros_for_empty_prompt,
-            default_guidance_scale=parts.default_guidance_scale,
-            default_sampler=parts.default_sampler,
+            defaults=parts.defaults,
         )
 
     # -- properties -------------------------------------------------------------------------
@@ -314,7 +311,7 @@ class Pipeline:
         output_type: str = "pil",
         progress: bool = True,
         image=None,
-        strength: float = 0.8,
+        strength: float | None = None,
         pooled_prompt_embeds: torch.Tensor | None = None,
         negative_pooled_prompt_embeds: torch.Tensor | None = None,
     ):
@@ -322,18 +319,18 @@ class Pipeline:
         (B, 3, H, W) in [0, 1] (``"tensor"``) or the final scaled latents (``"latent"``).
 
         ``guidance_scale <= 1`` disables classifier-free guidance (a single forward per step);
-        None takes ``default_guidance_scale`` (diffusers' default: 5.0 for SDXL folders, else 7.5).
-        ``sampler`` None takes ``default_sampler``: the sampler equal to the folder's scheduler
-        (``fastdiff.sampling.config.default_sampler``), else ddim.
+        ``guidance_scale``, ``sampler`` and ``strength`` left at None take ``self.defaults``
+        (``CallDefaults.for_folder``: those of the diffusers pipeline and scheduler the folder
+        names, e.g. guidance 5.0, Euler and strength 0.3 for an SDXL base folder).
         With ``image`` (img2img, SDEdit: Meng et al. 2022) the image is encoded, noised by the
         forward process to the step that ``strength`` selects, and only the remaining
         ``int(num_inference_steps * strength)`` steps are sampled.
         """
-        sampler = self.default_sampler if sampler is None else sampler
+        sampler = self.defaults.sampler if sampler is None else sampler
         check_choices(sampler, output_type, num_images)
         generator = make_generator(seed, generator, self.device)
         if guidance_scale is None:
-            guidance_scale = self.default_guidance_scale
+            guidance_scale = self.defaults.guidance_scale
         guidance_scale = guidance_scale_value(guidance_scale)
         check_latents(latents)
         guided = guidance_scale > 1.0
@@ -354,6 +351,7 @@ class Pipeline:
         if image is not None:
             if latents is not None:
                 raise ValueError("pass image (img2img) or latents, not both")
+            strength = self.defaults.strength if strength is None else strength
             start_step = img2img_start_step(num_inference_steps, strength)
             pixels = image_utils.image_to_tensor(image, height, width)
             height, width = pixels.shape[2], pixels.shape[3]
