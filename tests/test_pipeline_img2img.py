@@ -131,12 +131,42 @@ def test_lower_strength_stays_closer_to_the_init_image(pipe, init_image):
         (dict(latents=torch.zeros(1, 4, 8, 8)), "image .img2img. or latents, not both"),
         (dict(image=Image.new("RGB", (15, 16))), "width=15 is not a multiple"),
         (dict(image=[Image.new("RGB", (16, 16))] * 3), "got 3 init images for 1 prompts"),
+        (dict(image=np.zeros((16, 16, 4), np.uint8)), r"shape \(H, W, 3\) or \(B, H, W, 3\)"),
+        (dict(image=np.zeros((16, 16, 3), np.int64)), "must be uint8 or float, got int64"),
+        (dict(image=np.full((16, 16, 3), 2.0)), r"values must lie in \[0, 1\]"),
+        (dict(image=[np.zeros((16, 16, 3)), np.zeros((8, 8, 3))]), "one shape and dtype"),
     ],
 )
 def test_img2img_bad_inputs(pipe, init_image, kwargs, message):
     kwargs = {"image": init_image, "num_inference_steps": 4, **kwargs}
     with pytest.raises(ValueError, match=message):
         pipe("a cat", progress=False, **kwargs)
+
+
+def test_numpy_init_images_equal_diffusers_and_pil(sd_folder, pipe, init_image):
+    """numpy init images as diffusers takes them (float HWC in [0, 1]); uint8 arrays (what
+    np.asarray(pil_image) gives) read as 0 to 255, i.e. as the PIL image itself."""
+    reference = diffusers.StableDiffusionImg2ImgPipeline.from_pretrained(
+        sd_folder, safety_checker=None
+    )
+    reference.set_progress_bar_config(disable=True)
+    array = np.asarray(init_image).astype(np.float32) / 255.0
+    kwargs = dict(prompt="a photo of a cat", num_inference_steps=4, strength=0.7)
+    theirs = reference(
+        **kwargs, image=array, output_type="pt", generator=torch.Generator().manual_seed(2)
+    ).images
+    ours = pipe(**kwargs, image=array, seed=2, output_type="tensor", progress=False)
+    torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=0)
+    as_uint8 = pipe(
+        **kwargs, image=np.asarray(init_image), seed=2, output_type="tensor", progress=False
+    )
+    as_pil = pipe(**kwargs, image=init_image, seed=2, output_type="tensor", progress=False)
+    torch.testing.assert_close(as_uint8, as_pil, atol=1e-5, rtol=0)  # (/255 rounding)
+    batched = pipe(
+        ["a cat", "a dog"], image=[array, array[::-1].copy()], num_inference_steps=2, seed=2,
+        output_type="tensor", progress=False,
+    )  # fmt: skip
+    assert batched.shape == (2, 3, 16, 16)
 
 
 @pytest.mark.gpu

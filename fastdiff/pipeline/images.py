@@ -69,9 +69,14 @@ def image_to_tensor(
 ) -> torch.Tensor:
     """An init image for img2img -> float32 (B, 3, H, W) tensor in [-1, 1] (the VAE's input range).
 
-    Accepts one PIL image, a list of PIL images (resized to ``width`` x ``height`` when given) or a
-    float tensor (3, H, W) / (B, 3, H, W) with values in [0, 1].
+    Accepts one PIL image, a list of PIL images (resized to ``width`` x ``height`` when given), a
+    float tensor (3, H, W) / (B, 3, H, W) with values in [0, 1], or numpy arrays as diffusers takes
+    them: (H, W, 3) / (B, H, W, 3) or a list of (H, W, 3), float in [0, 1] (uint8: 0 to 255).
     """
+    if isinstance(image, np.ndarray) or (
+        isinstance(image, (list, tuple)) and image and isinstance(image[0], np.ndarray)
+    ):
+        image = numpy_to_tensor(image)
     if isinstance(image, torch.Tensor):
         tensor = image.detach().float()
         if tensor.ndim == 3:
@@ -99,6 +104,28 @@ def image_to_tensor(
     arrays = [pil_to_unit_rgb(item, size) for item in images]
     tensor = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
     return tensor * 2 - 1
+
+
+def numpy_to_tensor(image: np.ndarray | Sequence[np.ndarray]) -> torch.Tensor:
+    """(H, W, 3) / (B, H, W, 3) arrays, or a list of (H, W, 3) ones -> a (B, 3, H, W) float
+    tensor in [0, 1]; uint8 is read as 0 to 255, a float dtype as [0, 1] (checked later)."""
+    arrays = [image] if isinstance(image, np.ndarray) else list(image)
+    if not all(isinstance(item, np.ndarray) for item in arrays):
+        raise ValueError("a list of init images must hold numpy arrays only, or PIL images only")
+    if len({(item.shape, item.dtype) for item in arrays}) != 1:
+        raise ValueError("numpy init images must all have one shape and dtype")
+    stacked = np.stack(arrays) if isinstance(image, (list, tuple)) else arrays[0]
+    if stacked.ndim == 3:
+        stacked = stacked[None]
+    if stacked.ndim != 4 or stacked.shape[-1] != 3:
+        raise ValueError(
+            f"numpy init image must have shape (H, W, 3) or (B, H, W, 3), got {stacked.shape}"
+        )
+    if stacked.dtype == np.uint8:
+        stacked = stacked.astype(np.float32) / 255.0
+    elif not np.issubdtype(stacked.dtype, np.floating):
+        raise ValueError(f"numpy init image must be uint8 or float, got {stacked.dtype}")
+    return torch.from_numpy(np.ascontiguousarray(stacked, dtype=np.float32)).permute(0, 3, 1, 2)
 
 
 def make_grid(images: Sequence[Image.Image], columns: int | None = None) -> Image.Image:
