@@ -109,3 +109,23 @@ def check_latents(latents) -> None:
         raise ValueError(f"latents must be a floating-point tensor, got {what}")
     if not bool(torch.isfinite(latents).all()):
         raise ValueError("latents contain NaN or inf")
+
+
+def starting_noise(
+    latents: torch.Tensor | None,
+    shape: tuple[int, int, int, int],
+    vae_scale_factor: int,
+    generator: torch.Generator | None,
+) -> torch.Tensor:
+    """The call's starting latents: ``latents`` when given (their shape checked), else N(0, I)
+    drawn in float32 on the generator's device (CPU without one), so that a seed gives the same
+    noise for every weights dtype and device."""
+    if latents is not None:
+        if tuple(latents.shape) != shape:
+            raise ValueError(
+                f"latents must have shape {shape} (batch x channels x height/{vae_scale_factor} "
+                f"x width/{vae_scale_factor}), got {tuple(latents.shape)}"
+            )
+        return latents
+    device = generator.device if generator is not None else "cpu"
+    return torch.randn(shape, generator=generator, device=device)

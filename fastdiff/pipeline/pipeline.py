@@ -22,6 +22,7 @@ from fastdiff.pipeline.call_arguments import (
     check_latents,
     guidance_scale_value,
     make_generator,
+    starting_noise,
 )
 from fastdiff.pipeline.components import PipelineComponents, load_components
 from fastdiff.pipeline.conditioning import (
@@ -371,20 +372,8 @@ class Pipeline:
             height // self.vae_scale_factor,
             width // self.vae_scale_factor,
         )
-        if latents is not None:
-            if tuple(latents.shape) != shape:
-                raise ValueError(
-                    f"latents must have shape {shape} (batch x channels x height/"
-                    f"{self.vae_scale_factor} x width/{self.vae_scale_factor}), "
-                    f"got {tuple(latents.shape)}"
-                )
-            noise = latents.to(device=self.device, dtype=self.dtype)
-        else:
-            # Drawn in float32 on the generator's device so a seed gives the same noise for
-            # every weights dtype.
-            gen_device = generator.device if generator is not None else "cpu"
-            noise = torch.randn(shape, generator=generator, device=gen_device)
-            noise = noise.to(device=self.device, dtype=self.dtype)
+        noise = starting_noise(latents, shape, self.vae_scale_factor, generator)
+        noise = noise.to(device=self.device, dtype=self.dtype)
 
         result = self.denoise(
             conditioning,
