@@ -22,6 +22,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import model_bench as mb  # noqa: E402
+import model_bench_cli as cli  # noqa: E402
 from bench_unet import CPU_WORKLOADS, GPU_WORKLOADS, unet_flops  # noqa: E402
 from bench_vae import vae_flops  # noqa: E402
 from model_configs import SD_SCHEDULER, model_config  # noqa: E402
@@ -207,7 +208,7 @@ def cases(
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = mb.argument_parser(__doc__, PROVIDERS)
+    parser = cli.argument_parser(__doc__, PROVIDERS)
     parser.add_argument(
         "--steps",
         type=lambda text: [int(s) for s in text.split(",")],
@@ -215,8 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     steps = args.steps or ([4] if args.quick else None)
-    reference = "diffusers" if mb.diffusers_available() else "fastdiff-eager"
-    return mb.run_and_report(cases(steps, args.providers, args.compile), args, reference)
+    return cli.run_and_report(cases(steps, args.providers, args.compile), args)
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import model_bench as mb  # noqa: E402
+import model_bench_cli as cli  # noqa: E402
 from model_configs import TEXT_EMBED_DIM, model_config  # noqa: E402
 
 PROVIDERS = (
@@ -218,17 +219,13 @@ def cases(
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = mb.argument_parser(__doc__, PROVIDERS)
+    parser = cli.argument_parser(__doc__, PROVIDERS)
     parser.add_argument("--workloads", help="comma-separated: sd15_b2,sd15_b1,sdxl_b2")
     args = parser.parse_args(argv)
     workloads = args.workloads.split(",") if args.workloads else None
     if args.quick and workloads is None:
         workloads = ["sd15_b2"]
-    return mb.run_and_report(
-        cases(workloads, args.providers, args.compile),
-        args,
-        reference="diffusers" if mb.diffusers_available() else "fastdiff-eager",
-    )
+    return cli.run_and_report(cases(workloads, args.providers, args.compile), args)
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import model_bench as mb  # noqa: E402
+import model_bench_cli as cli  # noqa: E402
 from model_configs import model_config  # noqa: E402
 
 PROVIDERS = (
@@ -139,9 +140,8 @@ def cases(providers: list[str] | None = None, compile_: bool = False) -> list[mb
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = mb.argument_parser(__doc__, PROVIDERS).parse_args(argv)
-    reference = "diffusers" if mb.diffusers_available() else "fastdiff-eager"
-    return mb.run_and_report(cases(args.providers, args.compile), args, reference)
+    args = cli.argument_parser(__doc__, PROVIDERS).parse_args(argv)
+    return cli.run_and_report(cases(args.providers, args.compile), args)
 
 
 if __name__ == "__main__":

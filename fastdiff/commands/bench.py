@@ -30,7 +30,7 @@ def load_benchmarks():
     if folder not in sys.path:
         sys.path.insert(0, folder)
     return (
-        importlib.import_module("model_bench"),
+        importlib.import_module("model_bench_cli"),
         importlib.import_module("bench_unet"),
         importlib.import_module("bench_vae"),
         importlib.import_module("bench_pipeline"),
@@ -69,7 +69,7 @@ def add_parser(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    model_bench, bench_unet, bench_vae, bench_pipeline = load_benchmarks()
+    cli, bench_unet, bench_vae, bench_pipeline = load_benchmarks()
     modules = {"unet": bench_unet, "vae": bench_vae, "pipeline": bench_pipeline}
     which = ("unet", "vae", "pipeline") if args.which == "all" else (args.which,)
     if args.providers:
@@ -91,5 +91,4 @@ def run(args: argparse.Namespace) -> int:
             cases += bench_vae.cases(providers, args.compile)
         else:
             cases += bench_pipeline.cases([4] if args.quick else None, providers, args.compile)
-    reference = "diffusers" if model_bench.diffusers_available() else "fastdiff-eager"
-    return model_bench.run_and_report(cases, args, reference)
+    return cli.run_and_report(cases, args)
