@@ -41,7 +41,7 @@ def test_writes_one_image_and_a_grid(class_folder, tmp_path, capsys):
     out = tmp_path / "one.png"
     assert generate("--model", class_folder, "--class-label", 1, "--out", out) == 0
     assert Image.open(out).size == (16, 16)
-    assert f"wrote {out}" in capsys.readouterr().out
+    assert f"wrote {out} (ddim, 2 steps, guidance 7.5, " in capsys.readouterr().out
     grid = tmp_path / "grid.png"
     code = generate(
         "--model",

@@ -215,8 +215,15 @@ def run(args) -> int:
     started = time.perf_counter()
     image = generate_one(pipe, args, text, args.seed)
     path = save_image_atomic(image, args.out)
-    print(f"wrote {path} ({time.perf_counter() - started:.1f} s)")
+    print(f"wrote {path} ({settings(pipe, args)}, {time.perf_counter() - started:.1f} s)")
     return 0
+
+
+def settings(pipe, args) -> str:
+    """The sampler, steps and guidance the run used, defaults (the folder's) resolved."""
+    sampler = args.sampler or pipe.defaults.sampler
+    guidance = pipe.defaults.guidance_scale if args.guidance is None else args.guidance
+    return f"{sampler}, {args.steps} steps, guidance {guidance:g}"
 
 
 def read_prompts(path: Path) -> list[str]:
