@@ -3,6 +3,7 @@ SD1-like folder (written by diffusers' save_pretrained), plus the pipeline's inp
 
 from __future__ import annotations
 
+import json
 import shutil
 import sys
 import warnings
@@ -222,6 +223,10 @@ def test_folder_errors_name_the_path(sd_folder, tmp_path, monkeypatch):
         (broken / name).symlink_to(sd_folder / name)
     (broken / "model_index.json").write_text("{not json")
     with pytest.raises(ValueError, match="model_index.json is not valid JSON"):
+        Pipeline.from_pretrained(broken)
+    index = json.loads((sd_folder / "model_index.json").read_text())
+    (broken / "model_index.json").write_text(json.dumps({**index, "requires_aesthetics_score": 1}))
+    with pytest.raises(ValueError, match="requires_aesthetics_score is true .an SDXL refiner."):
         Pipeline.from_pretrained(broken)
     (broken / "model_index.json").write_text((sd_folder / "model_index.json").read_text())
     with pytest.raises(FileNotFoundError, match=r"lists 'tokenizer' but .*broken/tokenizer"):

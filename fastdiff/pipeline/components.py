@@ -117,6 +117,12 @@ def load_components(
             raise FileNotFoundError(
                 f"model_index.json lists {required!r} but the folder {root / required} is missing"
             )
+    if index.get("requires_aesthetics_score"):
+        # Checked before the weights load: every call would fail (see add_time_ids).
+        raise ValueError(
+            f"{index_path}: requires_aesthetics_score is true (an SDXL refiner): its aesthetic-"
+            "score conditioning is not supported"
+        )
     scheduler_config = pipeline_scheduler_config(index, read_json(root / SCHEDULER_CONFIG))
     unet = load_unet(root / "unet", dtype=dtype, device=device, variant=variant)
     vae = load_vae(root / "vae", dtype=dtype, device=device, variant=variant)

@@ -12,11 +12,10 @@ Every key diffusers' DDPM-family schedulers write is classified here, in one pla
 
 Any other key raises, so a config from a scheduler we do not know cannot be silently misread.
 A key missing from the file takes the default of the scheduler class named by ``_class_name``
-(as diffusers does): e.g. DDIM's ``clip_sample`` defaults to true (and therefore raises). The
-exceptions are ``timestep_spacing`` and ``set_alpha_to_one``, whose defaults differ between the
-schedulers the samplers reproduce: left out, they stay None and each sampler takes its own
-scheduler's default (``PER_SAMPLER_KEYS``), as diffusers does when it samples a folder with
-another scheduler class than the one that wrote it.
+(as diffusers does). The exceptions are ``timestep_spacing``, ``set_alpha_to_one`` and
+``clip_sample``, whose defaults differ between the schedulers the samplers reproduce: left out,
+they stay None and each sampler takes its own scheduler's default (``PER_SAMPLER_KEYS``), as
+diffusers does when it samples a folder with another scheduler class than the one that wrote it.
 """
 
 from __future__ import annotations
@@ -35,13 +34,13 @@ SCHEDULE_KEYS = (
     "steps_offset",
     "set_alpha_to_one",
     "rescale_betas_zero_snr",
+    "clip_sample",
     "sigma_min",
     "sigma_max",
 )
 
 # key -> the values our samplers implement (a config with any other value is refused).
 REQUIRED_VALUES: dict[str, tuple[Any, ...]] = {
-    "clip_sample": (False,),
     "thresholding": (False,),
     "use_exponential_sigmas": (False, None),
     "use_beta_sigmas": (False, None),
@@ -80,10 +79,11 @@ IGNORED_KEYS = frozenset(
 
 # Keys whose default differs between the diffusers schedulers fastdiff's samplers reproduce
 # (timestep_spacing: leading for DDIM/DDPM, linspace for Euler and DPM-Solver; set_alpha_to_one:
-# DDIM's true). diffusers fills a key the file omits from the scheduler that samples, whichever
-# class wrote the file (from_config drops the keys that took defaults): so a missing one stays
-# None in the schedule and each sampler takes its own scheduler's default.
-PER_SAMPLER_KEYS = ("timestep_spacing", "set_alpha_to_one")
+# DDIM's true; clip_sample: DDIM's and DDPM's true, a clipping fastdiff does not implement).
+# diffusers fills a key the file omits from the scheduler that samples, whichever class wrote the
+# file (from_config drops the keys that took defaults): so a missing one stays None in the
+# schedule and each sampler takes its own scheduler's default.
+PER_SAMPLER_KEYS = ("timestep_spacing", "set_alpha_to_one", "clip_sample")
 
 # Defaults of the scheduler classes whose configs we read, for keys the file may omit.
 _COMMON_DEFAULTS: dict[str, Any] = {
@@ -97,8 +97,8 @@ _COMMON_DEFAULTS: dict[str, Any] = {
     "rescale_betas_zero_snr": False,
 }
 CLASS_DEFAULTS: dict[str, dict[str, Any]] = {
-    "DDIMScheduler": {"clip_sample": True},
-    "DDPMScheduler": {"clip_sample": True},
+    "DDIMScheduler": {},
+    "DDPMScheduler": {},
     "PNDMScheduler": {},
     "EulerDiscreteScheduler": {},
     "EulerAncestralDiscreteScheduler": {},
@@ -136,7 +136,9 @@ def schedule_kwargs_from_config(config: dict[str, Any]) -> dict[str, Any]:
     for key, value in merged.items():
         if key.startswith("_") or key in IGNORED_KEYS:
             continue
-        if key in SCHEDULE_KEYS:
+        if key == "clip_sample" and value is None:
+            kwargs[key] = False  # diffusers' DDIM / DDPM test it for truth: null does not clip
+        elif key in SCHEDULE_KEYS:
             kwargs[key] = value
         elif key in REQUIRED_VALUES:
             allowed = REQUIRED_VALUES[key]

@@ -247,6 +247,13 @@ def make_plan(
         raise ValueError(f"eta must lie in [0, 1], got {eta}")
     if eta != 0 and sampler != "ddim":
         raise ValueError(f"eta applies to the 'ddim' sampler only; {sampler!r} needs eta=0")
+    if sampler in ("ddim", "ddpm") and schedule.clip_sample is None:
+        raise ValueError(
+            f"the scheduler config leaves clip_sample out, and the diffusers scheduler {sampler!r} "
+            "reproduces (DDIMScheduler / DDPMScheduler) then clips x0 to [-1, 1] (its default), "
+            'which fastdiff does not implement: add "clip_sample": false to '
+            "scheduler_config.json, or use another sampler"
+        )
     karras = sampler.endswith("_karras")
     if karras:
         timesteps, sigmas = karras_plan_inputs(schedule, steps)

@@ -60,6 +60,9 @@ class NoiseSchedule:
     describe how samplers sub-sample it (see :func:`fastdiff.sampling.make_plan`); None in
     either (a config file that leaves them out) means the default of the diffusers scheduler each
     sampler reproduces: ``leading`` for ddim/ddpm, ``linspace`` for euler and dpmpp; true.
+    ``clip_sample`` (clipping DDIM/DDPM's x0 estimate to [-1, 1]) is not implemented: it must be
+    false, or None (left out of a config: ddim and ddpm then refuse, as DDIMScheduler and
+    DDPMScheduler would clip by default).
     ``sigma_min`` / ``sigma_max`` (None: the table's ends) bound the Karras noise levels of
     ``dpmpp_2m_karras``, as they bound diffusers' when its config has them.
     """
@@ -74,6 +77,7 @@ class NoiseSchedule:
     steps_offset: int = 0
     set_alpha_to_one: bool | None = True
     rescale_betas_zero_snr: bool = False
+    clip_sample: bool | None = False
     sigma_min: float | None = None
     sigma_max: float | None = None
     betas: torch.Tensor = field(init=False, repr=False)
@@ -104,6 +108,11 @@ class NoiseSchedule:
         if int(self.steps_offset) != self.steps_offset or self.steps_offset < 0:
             raise ValueError(
                 f"steps_offset must be a non-negative integer, got {self.steps_offset}"
+            )
+        if self.clip_sample not in (False, None):
+            raise ValueError(
+                f"clip_sample={self.clip_sample!r} (x0 clipping) is not implemented; fastdiff "
+                "samples with clip_sample false"
             )
         for key in ("sigma_min", "sigma_max"):
             value = getattr(self, key)
@@ -179,6 +188,7 @@ class NoiseSchedule:
             "steps_offset": self.steps_offset,
             "set_alpha_to_one": self.set_alpha_to_one,
             "rescale_betas_zero_snr": self.rescale_betas_zero_snr,
+            **({} if self.clip_sample is None else {"clip_sample": self.clip_sample}),
             "sigma_min": self.sigma_min,
             "sigma_max": self.sigma_max,
         }

@@ -116,8 +116,28 @@ def test_configs_saved_by_diffusers_load(cls, tmp_path):
 def test_missing_keys_take_the_class_defaults():
     euler = NoiseSchedule.from_config({"_class_name": "EulerDiscreteScheduler"})
     assert euler.beta_schedule == "linear" and euler.steps_offset == 0
-    with pytest.raises(ValueError, match="clip_sample"):  # DDIM's default is clip_sample=True
-        NoiseSchedule.from_config({"_class_name": "DDIMScheduler"})
+
+
+@pytest.mark.parametrize("class_name", ["DDIMScheduler", "DPMSolverMultistepScheduler"])
+def test_clip_sample_left_out_refuses_only_the_clipping_samplers(class_name):
+    """Without clip_sample in the file, DDIMScheduler and DDPMScheduler clip x0 (their default;
+    diffusers fills the key from the scheduler that samples): fastdiff does not implement
+    clipping, so ddim and ddpm refuse with the fix; euler and dpmpp_2m never clip."""
+    config = {**SD_DPM, "_class_name": class_name}
+    del config["timestep_spacing"]
+    schedule = NoiseSchedule.from_config(config)
+    assert schedule.clip_sample is None
+    for sampler in ("ddim", "ddpm"):
+        with pytest.raises(ValueError, match='leaves clip_sample out.*"clip_sample": false'):
+            make_plan(schedule, sampler, 5)
+        assert diffusers.DDIMScheduler.from_config(config).config.clip_sample is True
+    for sampler in ("euler", "dpmpp_2m"):
+        make_plan(schedule, sampler, 5)
+    explicit = NoiseSchedule.from_config({**config, "clip_sample": False})
+    make_plan(explicit, "ddim", 5)
+    assert NoiseSchedule.from_config({**config, "clip_sample": None}).clip_sample is False
+    with pytest.raises(ValueError, match="clip_sample=True .x0 clipping. is not implemented"):
+        NoiseSchedule.from_config({**config, "clip_sample": True})
 
 
 @pytest.mark.parametrize("config", [SD15_PNDM, SD21_DDIM, SD_DPM])
@@ -135,6 +155,7 @@ def test_spacing_left_out_of_the_file_is_the_sampling_schedulers_default(config,
     that scheduler's default (leading for DDIM, linspace for Euler and DPM-Solver), not the
     folder class's: so does each fastdiff sampler."""
     config = {key: value for key, value in config.items() if key != "timestep_spacing"}
+    config.setdefault("clip_sample", False)  # (left out, DDIM would clip: see the test above)
     folder_class = getattr(diffusers, config["_class_name"])
     reference = cls.from_config(folder_class.from_config(config).config)
     reference.set_timesteps(7)
