@@ -73,6 +73,7 @@ def test_writes_one_image_and_a_grid(class_folder, tmp_path, capsys):
         edited,
     )
     assert code == 0 and Image.open(edited).size == (16, 16)
+    assert "img2img strength 0.5: 1 steps run" in capsys.readouterr().out  # int(2 * 0.5)
     # no temporary files left behind
     assert sorted(os.listdir(tmp_path)) == ["edited.png", "grid.png", "one.png"]
 

@@ -167,6 +167,11 @@ def test_numpy_init_images_equal_diffusers_and_pil(sd_folder, pipe, init_image):
         output_type="tensor", progress=False,
     )  # fmt: skip
     assert batched.shape == (2, 3, 16, 16)
+    as_batches = pipe(  # a list of (1, H, W, 3) batches is concatenated, as diffusers does
+        ["a cat", "a dog"], image=[array[None], array[::-1].copy()[None]], num_inference_steps=2,
+        seed=2, output_type="tensor", progress=False,
+    )  # fmt: skip
+    torch.testing.assert_close(as_batches, batched, atol=0, rtol=0)
 
 
 @pytest.mark.gpu

@@ -220,10 +220,16 @@ def run(args) -> int:
 
 
 def settings(pipe, args) -> str:
-    """The sampler, steps and guidance the run used, defaults (the folder's) resolved."""
+    """The sampler, steps and guidance (and img2img strength) the run used, defaults (the
+    folder's) resolved."""
     sampler = args.sampler or pipe.defaults.sampler
     guidance = pipe.defaults.guidance_scale if args.guidance is None else args.guidance
-    return f"{sampler}, {args.steps} steps, guidance {guidance:g}"
+    text = f"{sampler}, {args.steps} steps, guidance {guidance:g}"
+    if args.init_image is not None:
+        strength = pipe.defaults.strength if args.strength is None else args.strength
+        run = min(int(args.steps * strength), args.steps)
+        text += f", img2img strength {strength:g}: {run} steps run"
+    return text
 
 
 def read_prompts(path: Path) -> list[str]:

@@ -6,6 +6,7 @@ starts sampling well below the noisiest step (Lin et al. 2023)."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import os
 import tempfile
@@ -56,9 +57,9 @@ def format_table(variants: list[tuple[str, NoiseSchedule]], steps: int) -> list[
     for label, schedule in variants:
         final = float(schedule.alphas_cumprod[-1])
         for spacing in SPACINGS:
-            timesteps = NoiseSchedule(
-                **{**schedule.to_config(), "timestep_spacing": spacing}
-            ).timesteps(steps, "ddim")
+            timesteps = dataclasses.replace(schedule, timestep_spacing=spacing).timesteps(
+                steps, "ddim"
+            )
             first, last = int(timesteps[0]), int(timesteps[-1])
             lines.append(
                 f"{label:<24}{spacing:<10}{first:>8}"

@@ -107,14 +107,19 @@ def image_to_tensor(
 
 
 def numpy_to_tensor(image: np.ndarray | Sequence[np.ndarray]) -> torch.Tensor:
-    """(H, W, 3) / (B, H, W, 3) arrays, or a list of (H, W, 3) ones -> a (B, 3, H, W) float
+    """(H, W, 3) / (B, H, W, 3) arrays, or a list of either -> a (B, 3, H, W) float
     tensor in [0, 1]; uint8 is read as 0 to 255, a float dtype as [0, 1] (checked later)."""
     arrays = [image] if isinstance(image, np.ndarray) else list(image)
     if not all(isinstance(item, np.ndarray) for item in arrays):
         raise ValueError("a list of init images must hold numpy arrays only, or PIL images only")
     if len({(item.shape, item.dtype) for item in arrays}) != 1:
         raise ValueError("numpy init images must all have one shape and dtype")
-    stacked = np.stack(arrays) if isinstance(image, (list, tuple)) else arrays[0]
+    if not isinstance(image, (list, tuple)):
+        stacked = arrays[0]
+    elif arrays[0].ndim == 4:  # a list of batches (1, H, W, 3), as diffusers concatenates them
+        stacked = np.concatenate(arrays)
+    else:
+        stacked = np.stack(arrays)
     if stacked.ndim == 3:
         stacked = stacked[None]
     if stacked.ndim != 4 or stacked.shape[-1] != 3:

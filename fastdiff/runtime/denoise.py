@@ -24,6 +24,7 @@ from fastdiff.ops.backend import requested_backend
 from fastdiff.runtime.graphs import EagerReplay, GraphCache, GraphEntry, GraphKey
 from fastdiff.runtime.plan_step import apply_plan_step
 from fastdiff.sampling.guidance import combine_guidance
+from fastdiff.sampling.plan import step_noise_dtype
 
 # Plan rows held by step-graph buffers: any plan up to this many steps reuses the same graph.
 STEP_GRAPH_CAPACITY = 1000
@@ -283,13 +284,13 @@ def build_call(plan, conditioning, noise: torch.Tensor, guidance_scale: float, g
     step_noise = None
     if plan.stochastic:
         device = generator.device if generator is not None else noise.device
+        dtype = step_noise_dtype(plan, noise.dtype)
         rows = []
         for std in plan.coefficients[:, 6].tolist():
-            draw = torch.zeros(noise.shape, dtype=noise.dtype, device=noise.device)
+            draw = torch.zeros(noise.shape, dtype=dtype, device=noise.device)
             if std != 0.0:
-                draw = torch.randn(
-                    noise.shape, generator=generator, device=device, dtype=noise.dtype
-                ).to(noise.device)
+                draw = torch.randn(noise.shape, generator=generator, device=device, dtype=dtype)
+                draw = draw.to(noise.device)
             rows.append(draw)
         step_noise = torch.stack(rows)
     return DenoiseCall(

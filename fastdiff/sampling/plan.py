@@ -64,8 +64,16 @@ class SamplingPlan:
 
     @property
     def stochastic(self) -> bool:
-        """True when some step draws noise (ddpm, euler_ancestral, ddim with eta > 0)."""
+        """True when some step draws noise (ddpm, euler_ancestral, the sde samplers, ddim with
+        eta > 0)."""
         return bool((self.coefficients[:, NOISE_STD] != 0).any())
+
+
+def step_noise_dtype(plan: SamplingPlan, dtype: torch.dtype) -> torch.dtype:
+    """The dtype a step's noise is drawn in: float32 for the SDE samplers (diffusers'
+    DPMSolverMultistepScheduler draws it so, whatever the latents' dtype), else the state's (as
+    DDPMScheduler and EulerAncestralDiscreteScheduler draw it), so a seed gives diffusers' noise."""
+    return torch.float32 if "_sde" in plan.sampler else dtype
 
 
 def _x0_coefficients(alpha_bar: float, prediction_type: str, timestep: int) -> tuple[float, float]:

@@ -14,7 +14,14 @@ from collections.abc import Callable
 
 import torch
 
-from fastdiff.sampling.plan import NOISE_STD, SamplingPlan, make_plan, model_input, plan_step
+from fastdiff.sampling.plan import (
+    NOISE_STD,
+    SamplingPlan,
+    make_plan,
+    model_input,
+    plan_step,
+    step_noise_dtype,
+)
 from fastdiff.sampling.schedule import NoiseSchedule
 
 ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -60,9 +67,9 @@ def run_plan(
             # Drawn where the generator lives (a CPU generator also drives CUDA sampling, so a
             # seed gives the same images on every device), then moved to the state's device.
             noise_device = x.device if generator is None else generator.device
-            noise = torch.randn(
-                x.shape, generator=generator, device=noise_device, dtype=x.dtype
-            ).to(x.device)
+            dtype = step_noise_dtype(plan, x.dtype)
+            noise = torch.randn(x.shape, generator=generator, device=noise_device, dtype=dtype)
+            noise = noise.to(x.device)
         x, x0_prev = plan_step(plan, index, x, output.to(x.dtype), x0_prev, noise)
         if callback is not None:
             callback(index, timestep, x)

@@ -63,8 +63,8 @@ class NoiseSchedule:
     ``clip_sample`` (clipping DDIM/DDPM's x0 estimate to [-1, 1]) is not implemented: it must be
     false, or None (left out of a config: ddim and ddpm then refuse, as DDIMScheduler and
     DDPMScheduler would clip by default).
-    ``sigma_min`` / ``sigma_max`` (None: the table's ends) bound the Karras noise levels of
-    ``dpmpp_2m_karras``, as they bound diffusers' when its config has them.
+    ``sigma_min`` / ``sigma_max`` (None: the table's ends) bound the Karras noise levels of the
+    ``*_karras`` samplers, as they bound diffusers' when its config has them.
     """
 
     num_train_timesteps: int = 1000
@@ -173,10 +173,19 @@ class NoiseSchedule:
         return cls(**schedule_kwargs_from_config(config))
 
     def to_config(self) -> dict[str, Any]:
-        """The keyword arguments that rebuild this schedule (diffusers key names)."""
+        """A scheduler config (diffusers key names) that ``from_config`` rebuilds this schedule
+        from. Keys that are None here (left out of the config this schedule was read from) are
+        left out again, so that diffusers schedulers, too, fill them with their own defaults."""
         trained = self.trained_betas
         if isinstance(trained, torch.Tensor):
             trained = trained.tolist()
+        optional = {
+            "timestep_spacing": self.timestep_spacing,
+            "set_alpha_to_one": self.set_alpha_to_one,
+            "clip_sample": self.clip_sample,
+            "sigma_min": self.sigma_min,
+            "sigma_max": self.sigma_max,
+        }
         return {
             "num_train_timesteps": self.num_train_timesteps,
             "beta_start": self.beta_start,
@@ -184,13 +193,9 @@ class NoiseSchedule:
             "beta_schedule": self.beta_schedule,
             "trained_betas": trained,
             "prediction_type": self.prediction_type,
-            "timestep_spacing": self.timestep_spacing,
             "steps_offset": self.steps_offset,
-            "set_alpha_to_one": self.set_alpha_to_one,
             "rescale_betas_zero_snr": self.rescale_betas_zero_snr,
-            **({} if self.clip_sample is None else {"clip_sample": self.clip_sample}),
-            "sigma_min": self.sigma_min,
-            "sigma_max": self.sigma_max,
+            **{key: value for key, value in optional.items() if value is not None},
         }
 
     # ----------------------------------------------------------------------------- tables

@@ -12,8 +12,11 @@ diffusers computes the spacings slightly differently per scheduler family:
   take sigma at the rounded timestep, which keeps the noise level and the timestep the model sees
   consistent. This equals diffusers exactly whenever its timesteps are integral (e.g.
   ``999 / (steps - 1)`` integral) and equals diffusers run with these integer timesteps otherwise.
-* ``dpmpp_2m`` (DPMSolverMultistepScheduler): ``linspace`` and ``leading`` build ``steps + 1``
-  points and drop the last one (t = 0).
+* ``dpmpp_2m`` and ``dpmpp_2m_sde`` (DPMSolverMultistepScheduler): ``linspace`` and ``leading``
+  build ``steps + 1`` points and drop the last one (t = 0).
+
+A config that leaves the spacing out gets the default of the scheduler the sampler reproduces
+(``DEFAULT_SPACING``); the ``*_karras`` samplers take no spacing (``karras_sigmas``).
 """
 
 from __future__ import annotations

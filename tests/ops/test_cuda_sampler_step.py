@@ -26,6 +26,7 @@ PLANS = [
     pytest.param(("euler", 0.0), id="euler"),
     pytest.param(("euler_ancestral", 0.0), id="euler_ancestral"),  # input scale and noise
     pytest.param(("dpmpp_2m", 0.0), id="dpmpp_2m"),
+    pytest.param(("dpmpp_2m_sde", 0.0), id="dpmpp_2m_sde"),  # previous x0 and noise in one row
 ]
 
 

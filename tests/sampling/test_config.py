@@ -116,6 +116,27 @@ def test_configs_saved_by_diffusers_load(cls, tmp_path):
 def test_missing_keys_take_the_class_defaults():
     euler = NoiseSchedule.from_config({"_class_name": "EulerDiscreteScheduler"})
     assert euler.beta_schedule == "linear" and euler.steps_offset == 0
+    assert (euler.beta_start, euler.beta_end) == (0.0001, 0.02)
+    heun = NoiseSchedule.from_config({"_class_name": "HeunDiscreteScheduler"})
+    assert (heun.beta_start, heun.beta_end) == (0.00085, 0.012)  # Heun's own defaults
+    assert heun.beta_start == diffusers.HeunDiscreteScheduler().config.beta_start
+
+
+def test_written_nulls_read_as_diffusers_reads_them():
+    """diffusers' DDIM tests set_alpha_to_one and clip_sample for truth: a written null is false
+    (not "left out"); to_config leaves out what the file left out, a valid diffusers config."""
+    config = {**SD21_DDIM, "set_alpha_to_one": None, "clip_sample": None}
+    schedule = NoiseSchedule.from_config(config)
+    assert schedule.set_alpha_to_one is False and schedule.clip_sample is False
+    reference = diffusers.DDIMScheduler.from_config(config)
+    assert float(reference.final_alpha_cumprod) == pytest.approx(float(schedule.alphas_cumprod[0]))
+    unset = NoiseSchedule.from_config(
+        {k: v for k, v in SD21_DDIM.items() if k != "timestep_spacing"}
+    )
+    written = unset.to_config()
+    assert "timestep_spacing" not in written
+    diffusers.DDIMScheduler.from_config(written).set_timesteps(5)  # a config diffusers takes
+    assert NoiseSchedule.from_config(written).timestep_spacing is None
 
 
 @pytest.mark.parametrize("class_name", ["DDIMScheduler", "DPMSolverMultistepScheduler"])
@@ -127,10 +148,10 @@ def test_clip_sample_left_out_refuses_only_the_clipping_samplers(class_name):
     del config["timestep_spacing"]
     schedule = NoiseSchedule.from_config(config)
     assert schedule.clip_sample is None
-    for sampler in ("ddim", "ddpm"):
+    for sampler, cls in (("ddim", diffusers.DDIMScheduler), ("ddpm", diffusers.DDPMScheduler)):
         with pytest.raises(ValueError, match='leaves clip_sample out.*"clip_sample": false'):
             make_plan(schedule, sampler, 5)
-        assert diffusers.DDIMScheduler.from_config(config).config.clip_sample is True
+        assert cls.from_config(config).config.clip_sample is True
     for sampler in ("euler", "dpmpp_2m"):
         make_plan(schedule, sampler, 5)
     explicit = NoiseSchedule.from_config({**config, "clip_sample": False})

@@ -110,6 +110,30 @@ def test_euler_ancestral_matches_diffusers_with_same_noise(spacing, prediction_t
     assert float((other - ours[-1]).abs().max()) > 1e-2
 
 
+def test_sde_step_noise_is_drawn_in_float32_as_diffusers_draws_it():
+    """DPMSolverMultistepScheduler draws its SDE noise in float32 whatever the latents' dtype:
+    float64 latents get the float32 stream (a float64 draw is another stream)."""
+    config = dict(SD_BETAS, beta_schedule="scaled_linear", timestep_spacing="leading")
+    reference = DPMSolverMultistepScheduler(**config, algorithm_type="sde-dpmsolver++")
+    reference.set_timesteps(6)
+    x_T = torch.randn(2, 4, 4, dtype=torch.float64)
+    theirs, _, peaks = run_diffusers(reference, x_T, generator=torch.Generator().manual_seed(4))
+    ours = []
+    result = sample(
+        toy_model,
+        x_T,
+        NoiseSchedule(**config),
+        "dpmpp_2m_sde",
+        6,
+        generator=torch.Generator().manual_seed(4),
+        callback=lambda i, t, x: ours.append(x),
+    )
+    assert result.dtype == torch.float64
+    for index, (mine, reference_state, peak) in enumerate(zip(ours, theirs, peaks, strict=True)):
+        error = float((mine - reference_state).abs().max())
+        assert error <= 1e-5 * max(1.0, peak), f"step {index}: {error}"
+
+
 @pytest.mark.parametrize("karras", [False, True])
 @pytest.mark.parametrize(
     "spacing,prediction_type,zero_snr,steps",
