@@ -3,8 +3,8 @@
 TFLOP/s counts 4·B·H·N·M·D (two matmuls, 2 FLOP per multiply-add), as torch's flop counter does.
 Providers: fastdiff, eager (SDPA's default choice), sdpa-flash / sdpa-cudnn / sdpa-efficient
 (each backend forced), torch.compile, and fastdiff-padded: the triton kernel with head dims such
-as 40 padded to a power of two instead of split into a block and a tail (only at those head dims;
-its rows against fastdiff's decide kernels/attention.py's SPLIT_HEAD_DIM).
+as 40 padded to a power of two instead of split into a block and a tail (self-attention at those
+head dims only; its rows against fastdiff's decide kernels/attention.py's SPLIT_HEAD_DIM).
 Run: python benchmarks/bench_attention.py [--quick] [--out DIR]
 """
 
@@ -74,8 +74,11 @@ def sdpa_backend_provider(backend_name: str):
 
 
 def padded_provider(inputs):
-    """The triton kernel with SPLIT_HEAD_DIM off; None (no row) where the head dim is not split."""
-    if attention_kernels.head_blocks(inputs[0].shape[-1])[1] == 0:
+    """The triton kernel with SPLIT_HEAD_DIM off, at self-attention shapes whose head dim is
+    split; None (no row) elsewhere. Each such shape autotunes once more (5-10 s on an H200), so
+    the cross-attention shapes, where attention costs little, are left out."""
+    q, k = inputs[0], inputs[1]
+    if attention_kernels.head_blocks(q.shape[-1])[1] == 0 or q.shape[2] != k.shape[2]:
         return None
 
     def call():

@@ -122,7 +122,9 @@ def _disk_cache() -> dict:
 
 @triton.autotune(
     configs=_configs(),
-    key=["N_QUERIES", "N_KEYS", "HEAD_DIM"],
+    # BLOCK_D / BLOCK_DT: the split and the padded head dim are different kernels (their best
+    # configs may differ; bench_attention's fastdiff-padded rows time both).
+    key=["N_QUERIES", "N_KEYS", "HEAD_DIM", "BLOCK_D", "BLOCK_DT"],
     prune_configs_by={"early_config_prune": _prune},
     **_disk_cache(),
 )

@@ -59,7 +59,9 @@ def test_attention_padded_provider_runs_only_where_the_head_dim_is_split(monkeyp
         pytest.skip("triton kernels need a GPU or TRITON_INTERPRET=1")
     d40 = bench_attention.workload("d40", (1, 2, 24, 24, 40), torch.float32)
     d64 = bench_attention.workload("d64", (1, 2, 24, 24, 64), torch.float32)
+    cross = bench_attention.workload("cross", (1, 2, 24, 7, 40), torch.float32)
     assert bench_attention.padded_provider(d64.make(True)) is None
+    assert bench_attention.padded_provider(cross.make(True)) is None
     inputs = d40.make(True)
     launched = []
     lone_config = attention_kernels.lone_config
