@@ -161,7 +161,7 @@ def schedule_kwargs_from_config(config: dict[str, Any]) -> dict[str, Any]:
 def default_sampler(config: dict[str, Any]) -> str:
     """The fastdiff sampler that equals the diffusers scheduler ``config`` describes (what a
     diffusers pipeline loaded from the folder samples with), or ``"ddim"`` where fastdiff has
-    none: PNDM, LMS, Heun, and Euler with Karras sigmas."""
+    none: PNDM, LMS and Heun."""
     karras = config.get("use_karras_sigmas")
     if karras is not None and not isinstance(karras, bool):
         raise ValueError(
@@ -171,8 +171,8 @@ def default_sampler(config: dict[str, Any]) -> str:
     if class_name == "DPMSolverMultistepScheduler":
         sde = config.get("algorithm_type") == "sde-dpmsolver++"
         return "dpmpp_2m" + ("_sde" if sde else "") + ("_karras" if karras else "")
-    if class_name == "EulerDiscreteScheduler" and not karras:
-        return "euler"
+    if class_name == "EulerDiscreteScheduler":
+        return "euler_karras" if karras else "euler"
     return {
         "DDIMScheduler": "ddim",
         "DDPMScheduler": "ddpm",

@@ -38,6 +38,7 @@ SAMPLERS = (
     "ddim",
     "euler",
     "euler_ancestral",
+    "euler_karras",
     "dpmpp_2m",
     "dpmpp_2m_karras",
     "dpmpp_2m_sde",
@@ -161,19 +162,26 @@ def _sigmas_at(schedule: NoiseSchedule, timesteps: list[int]) -> list[float]:
     return (((1 - values) / values).sqrt()).tolist() + [0.0]
 
 
-def karras_plan_inputs(schedule: NoiseSchedule, steps: int) -> tuple[torch.Tensor, list[float]]:
-    """(timesteps, sigmas) of DPM-Solver++ with Karras noise levels (``karras_sigmas``)."""
-    return karras_sigmas(
-        _clamped_alphas_cumprod(schedule),
-        steps,
-        round_timesteps=schedule.beta_schedule != "squaredcos_cap_v2",
-        sigma_min=schedule.sigma_min,
-        sigma_max=schedule.sigma_max,
-    )
+def karras_plan_inputs(
+    schedule: NoiseSchedule, steps: int, sampler: str = "dpmpp_2m_karras"
+) -> tuple[torch.Tensor, list[float]]:
+    """(timesteps, sigmas) of a ``*_karras`` sampler (``karras_sigmas``). DPM-Solver's levels span
+    the whole table and its timesteps are rounded (truncated for cosine), as diffusers does.
+    Euler's span the sigmas of its spaced timesteps; diffusers then calls the model at the
+    fractional timesteps of those levels, fastdiff at the nearest integer ones (the levels
+    themselves are diffusers', as for Euler's fractional linspace timesteps)."""
+    alphas_cumprod = _clamped_alphas_cumprod(schedule)
+    bounds = dict(sigma_min=schedule.sigma_min, sigma_max=schedule.sigma_max)
+    if sampler == "euler_karras":
+        spaced = schedule.timesteps(steps, "euler")
+        ends = (int(spaced[-1]), int(spaced[0]))
+        return karras_sigmas(alphas_cumprod, steps, True, ends_at=ends, **bounds)
+    cosine = schedule.beta_schedule == "squaredcos_cap_v2"
+    return karras_sigmas(alphas_cumprod, steps, round_timesteps=not cosine, **bounds)
 
 
 def _euler_rows(
-    schedule: NoiseSchedule, timesteps: list[int], ancestral: bool = False
+    schedule: NoiseSchedule, timesteps: list[int], sigmas: list[float], ancestral: bool = False
 ) -> tuple[list[list[float]], float]:
     """Euler's method on the probability-flow ODE dx/dsigma = (x - D(x; sigma)) / sigma
     (Karras et al. 2022, Algorithm 1 with gamma = 0; diffusers' EulerDiscreteScheduler defaults).
@@ -184,8 +192,8 @@ def _euler_rows(
     ``ancestral`` (diffusers' EulerAncestralDiscreteScheduler, k-diffusion's Euler ancestral with
     eta = 1): each step to sigma' is an ODE step to sigma_down plus fresh noise of std sigma_up,
     sigma_up^2 = sigma'^2 (sigma^2 - sigma'^2) / sigma^2, sigma_down^2 = sigma'^2 - sigma_up^2,
-    so the state again has noise level sigma' (Song et al. 2021's reverse SDE, discretised)."""
-    sigmas = _sigmas_at(schedule, timesteps)
+    so the state again has noise level sigma' (Song et al. 2021's reverse SDE, discretised).
+    ``sigmas``: the steps' noise levels, then 0 (the schedule's at the timesteps, or Karras')."""
     rows = []
     for index, t in enumerate(timesteps):
         sigma, sigma_next = sigmas[index], sigmas[index + 1]
@@ -264,7 +272,7 @@ def make_plan(
         )
     karras = sampler.endswith("_karras")
     if karras:
-        timesteps, sigmas = karras_plan_inputs(schedule, steps)
+        timesteps, sigmas = karras_plan_inputs(schedule, steps, sampler)
     else:
         timesteps = schedule.timesteps(steps, sampler)
     visited = timesteps.tolist()
@@ -273,9 +281,12 @@ def make_plan(
         rows = _ddim_rows(schedule, visited, eta)
     elif sampler == "ddpm":
         rows = _ddpm_rows(schedule, visited)
-    elif sampler in ("euler", "euler_ancestral"):
-        rows, init_noise_scale = _euler_rows(schedule, visited, sampler == "euler_ancestral")
-        sigmas = _sigmas_at(schedule, visited)
+    elif sampler.startswith("euler"):
+        if not karras:
+            sigmas = _sigmas_at(schedule, visited)
+        rows, init_noise_scale = _euler_rows(
+            schedule, visited, sigmas, sampler == "euler_ancestral"
+        )
     else:
         if not karras:
             sigmas = _sigmas_at(schedule, visited)

@@ -204,10 +204,10 @@ class NoiseSchedule:
         schedule's ``timestep_spacing`` and ``steps_offset`` (see ``fastdiff.sampling.spacing``);
         for the ``*_karras`` samplers the timesteps of their Karras noise levels, which ignore
         the spacing."""
-        if sampler in ("dpmpp_2m_karras", "dpmpp_2m_sde_karras"):
+        if sampler.endswith("_karras"):
             from fastdiff.sampling.plan import karras_plan_inputs  # plan builds on this module
 
-            return karras_plan_inputs(self, steps)[0]
+            return karras_plan_inputs(self, steps, sampler)[0]
         return spaced_timesteps(
             self.num_train_timesteps, steps, self.timestep_spacing, self.steps_offset, sampler
         )

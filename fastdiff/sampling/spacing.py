@@ -16,7 +16,8 @@ diffusers computes the spacings slightly differently per scheduler family:
   build ``steps + 1`` points and drop the last one (t = 0).
 
 A config that leaves the spacing out gets the default of the scheduler the sampler reproduces
-(``DEFAULT_SPACING``); the ``*_karras`` samplers take no spacing (``karras_sigmas``).
+(``DEFAULT_SPACING``). The Karras levels of ``dpmpp_2m_karras`` take no spacing; those of
+``euler_karras`` span the spaced timesteps' noise levels (``karras_sigmas``).
 """
 
 from __future__ import annotations
@@ -114,11 +115,13 @@ def karras_sigmas(
     round_timesteps: bool = True,
     sigma_min: float | None = None,
     sigma_max: float | None = None,
+    ends_at: tuple[int, int] | None = None,
 ) -> tuple[torch.Tensor, list[float]]:
     """Karras et al. 2022 (Eq. 5, rho = 7) noise levels, as diffusers' DPMSolverMultistepScheduler
-    builds them with ``use_karras_sigmas``: ``steps`` sigmas from ``sigma_max`` down to
-    ``sigma_min`` (None: the largest / smallest sigma of the training table), evenly spaced in
-    sigma^(1/7), then 0. Each model
+    (and EulerDiscreteScheduler) build them with ``use_karras_sigmas``: ``steps`` sigmas from
+    ``sigma_max`` down to ``sigma_min``, evenly spaced in sigma^(1/7), then 0. Unset, the ends
+    are the table's sigmas at the timesteps ``ends_at`` = (last, first) (Euler: the spaced
+    timesteps' ends), or the table's smallest and largest sigma (DPM-Solver). Each model
     timestep is found by interpolating log sigma in the training table, rounded to the nearest
     integer (truncated when ``round_timesteps`` is false, as diffusers does for the cosine
     schedule). The timestep spacing plays no part.
@@ -138,8 +141,9 @@ def karras_sigmas(
     table32 = alphas_cumprod.to(torch.float32)
     table = (((1 - table32) / table32) ** 0.5).numpy()
     log_table = np.log(table)
-    low_end = float(table[0]) if sigma_min is None else float(sigma_min)
-    high_end = float(table[-1]) if sigma_max is None else float(sigma_max)
+    low_index, high_index = (0, total - 1) if ends_at is None else ends_at
+    low_end = float(table[low_index]) if sigma_min is None else float(sigma_min)
+    high_end = float(table[high_index]) if sigma_max is None else float(sigma_max)
     rho = 7.0
     ramp = np.linspace(0, 1, steps)
     sigmas = (high_end ** (1 / rho) + ramp * (low_end ** (1 / rho) - high_end ** (1 / rho))) ** rho

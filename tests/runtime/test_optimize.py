@@ -65,6 +65,7 @@ def test_fused_qkv_keeps_unet_output(pipe):
         ("euler_ancestral", 4, 0.0),
         ("dpmpp_2m_karras", 9, 0.0),
         ("dpmpp_2m_sde_karras", 5, 0.0),
+        ("euler_karras", 3, 0.0),
     ],
     ids=[
         "ddim4-loop",
@@ -75,6 +76,7 @@ def test_fused_qkv_keeps_unet_output(pipe):
         "euler-ancestral4-loop",
         "dpmpp-karras9-step",
         "dpmpp-sde-karras5-loop",
+        "euler-karras3-loop",
     ],
 )
 def test_static_buffer_loop_equals_eager_sampler(pipe, sampler, steps, eta):

@@ -16,15 +16,17 @@ def toy_model(x: torch.Tensor, t: torch.Tensor | float) -> torch.Tensor:
     return torch.tanh(x * (0.5 + t / 1000.0) + 0.3 * torch.sin(t / 97.0)) * 0.9 + 0.1 * torch.cos(x)
 
 
-def run_diffusers(scheduler, x_start: torch.Tensor, generator=None, **step_kwargs):
-    """Run a configured diffusers scheduler with ``toy_model``; return per-step states, per-step
-    x0 estimates and the largest magnitude seen so far at each step (initial state included)."""
+def run_diffusers(scheduler, x_start: torch.Tensor, generator=None, model=None, **step_kwargs):
+    """Run a configured diffusers scheduler with ``model`` (default ``toy_model``); return
+    per-step states, per-step x0 estimates and the largest magnitude seen so far at each step
+    (initial state included)."""
+    model = toy_model if model is None else model
     states, estimates, peaks = [], [], []
     x = x_start
     peak = float(x_start.abs().max())
     for t in scheduler.timesteps:
         model_in = scheduler.scale_model_input(x, t)
-        output = toy_model(model_in, t)
+        output = model(model_in, t)
         if generator is not None:
             step_kwargs["generator"] = generator
         result = scheduler.step(output, t, x, **step_kwargs)

@@ -226,7 +226,7 @@ def test_round_trip_through_to_config():
         ({"_class_name": "DDIMScheduler"}, "ddim"),
         ({"_class_name": "DDPMScheduler"}, "ddpm"),
         ({"_class_name": "EulerDiscreteScheduler"}, "euler"),
-        ({"_class_name": "EulerDiscreteScheduler", "use_karras_sigmas": True}, "ddim"),
+        ({"_class_name": "EulerDiscreteScheduler", "use_karras_sigmas": True}, "euler_karras"),
         ({"_class_name": "EulerAncestralDiscreteScheduler"}, "euler_ancestral"),
         ({"_class_name": "DPMSolverMultistepScheduler"}, "dpmpp_2m"),
         ({"_class_name": "DPMSolverMultistepScheduler", "use_karras_sigmas": None}, "dpmpp_2m"),

@@ -80,8 +80,8 @@ def test_stochastic_sampling_is_reproducible_with_a_generator():
 def test_unknown_names_list_the_allowed_values():
     with pytest.raises(
         ValueError,
-        match=r"allowed: \['ddpm', 'ddim', 'euler', 'euler_ancestral', 'dpmpp_2m', "
-        r"'dpmpp_2m_karras', 'dpmpp_2m_sde', 'dpmpp_2m_sde_karras'\]",
+        match=r"allowed: \['ddpm', 'ddim', 'euler', 'euler_ancestral', 'euler_karras', "
+        r"'dpmpp_2m', 'dpmpp_2m_karras', 'dpmpp_2m_sde', 'dpmpp_2m_sde_karras'\]",
     ):
         sample(toy_model, torch.randn(1, 2), SCHEDULE, "heun", 5)
     with pytest.raises(ValueError, match="allowed"):

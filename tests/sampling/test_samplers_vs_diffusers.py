@@ -236,3 +236,33 @@ def test_dpmpp_2m_karras_takes_the_configs_sigma_bounds():
     _assert_trajectories_match(ours, theirs, peaks, "karras bounds")
     with pytest.raises(ValueError, match=r"steps must be in \[1, num_train_timesteps=1000\]"):
         make_plan(schedule, "dpmpp_2m_karras", 1001)
+
+
+@pytest.mark.parametrize("spacing", SPACINGS)
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+@pytest.mark.parametrize("zero_snr", [False, True])
+def test_euler_karras_is_diffusers_up_to_timestep_rounding(spacing, prediction_type, zero_snr):
+    """EulerDiscreteScheduler(use_karras_sigmas=True): the same noise levels (spanning the spaced
+    timesteps' sigmas); diffusers calls the model at their fractional timesteps, fastdiff at the
+    nearest integers. With a model that sees only the rounded timestep the runs agree."""
+    config = _config("scaled_linear", spacing, prediction_type, zero_snr)
+    reference = EulerDiscreteScheduler(**config, use_karras_sigmas=True)
+    reference.set_timesteps(10)
+    schedule = NoiseSchedule(**config)
+    plan = make_plan(schedule, "euler_karras", 10)
+    sigmas = reference.sigmas[:-1].double()
+    torch.testing.assert_close(
+        plan.coefficients[:, 0], 1 / (sigmas**2 + 1).sqrt(), rtol=1e-6, atol=0
+    )
+    assert not torch.equal(reference.timesteps, reference.timesteps.round())  # fractional
+    assert torch.equal(plan.timesteps, reference.timesteps.round().long())
+    assert torch.equal(schedule.timesteps(10, "euler_karras"), plan.timesteps)
+
+    def rounded(x, t):
+        return toy_model(x, torch.as_tensor(t).round())
+
+    x_T = torch.randn(2, 3, 4)
+    ours = []
+    sample(toy_model, x_T, schedule, "euler_karras", 10, callback=lambda i, t, x: ours.append(x))
+    theirs, _, peaks = run_diffusers(reference, x_T * plan.init_noise_scale, model=rounded)
+    _assert_trajectories_match(ours, theirs, peaks, f"euler_karras/{spacing}")
