@@ -354,6 +354,44 @@ def test_a_call_without_sampler_runs_the_folders_scheduler(
     assert (other - theirs.images).abs().max() > 1e-3
 
 
+def test_euler_karras_folder_equals_diffusers_with_rounded_timesteps(sd_folder, tmp_path):
+    """An EulerDiscreteScheduler folder with Karras sigmas defaults to euler_karras: diffusers'
+    noise levels, the U-Net at the nearest integer timestep (diffusers: the fractional one). With
+    diffusers' U-Net given the rounded timestep the images agree, text-to-image and img2img."""
+    import json
+    import shutil
+
+    folder = tmp_path / "euler_karras"
+    shutil.copytree(sd_folder, folder)
+    config_path = folder / "scheduler" / "scheduler_config.json"
+    config = {**json.loads(config_path.read_text()), "_class_name": "EulerDiscreteScheduler"}
+    del config["clip_sample"], config["set_alpha_to_one"]
+    config_path.write_text(json.dumps({**config, "use_karras_sigmas": True}))
+    index = json.loads((folder / "model_index.json").read_text())
+    index["scheduler"] = ["diffusers", "EulerDiscreteScheduler"]
+    (folder / "model_index.json").write_text(json.dumps(index))
+    pipe = Pipeline.from_pretrained(folder)
+    assert pipe.defaults.sampler == "euler_karras"
+    for cls, extra in (
+        (diffusers.StableDiffusionPipeline, dict(latents=torch.randn(1, 4, 8, 8))),
+        (diffusers.StableDiffusionImg2ImgPipeline, dict(image=torch.rand(1, 3, 16, 16))),
+    ):
+        reference = cls.from_pretrained(folder, safety_checker=None)
+        assert reference.scheduler.config.use_karras_sigmas
+        reference.set_progress_bar_config(disable=True)
+        forward = reference.unet.forward
+        reference.unet.forward = lambda x, t, *a, _f=forward, **k: _f(x, torch.round(t), *a, **k)
+        generator = torch.Generator().manual_seed(5)
+        kwargs = dict(prompt="a red cat", num_inference_steps=7)
+        theirs = reference(**kwargs, **extra, generator=generator, output_type="pt").images
+        if "latents" in extra:  # the same start state (README: Euler's start scale)
+            sigma_max = float(reference.scheduler.sigmas.max())
+            start = float(reference.scheduler.init_noise_sigma) / (sigma_max**2 + 1) ** 0.5
+            extra["latents"] = extra["latents"] * start
+        ours = pipe(**kwargs, **extra, seed=5, output_type="tensor", progress=False)
+        torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=0)
+
+
 @pytest.mark.gpu
 def test_cuda_fp16_pipeline_matches_cpu_fp32(sd_folder, pipe):
     """On a GPU: weights in fp16, a CUDA generator for a stochastic sampler, the same images as

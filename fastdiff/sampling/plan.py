@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from fastdiff.sampling.schedule import NoiseSchedule
-from fastdiff.sampling.spacing import karras_sigmas
+from fastdiff.sampling.spacing import euler_spacing_ends, karras_sigmas
 
 INPUT_SCALE = 0
 X0_FROM_INPUT = 1
@@ -173,9 +173,12 @@ def karras_plan_inputs(
     alphas_cumprod = _clamped_alphas_cumprod(schedule)
     bounds = dict(sigma_min=schedule.sigma_min, sigma_max=schedule.sigma_max)
     if sampler == "euler_karras":
-        spaced = schedule.timesteps(steps, "euler")
-        ends = (int(spaced[-1]), int(spaced[0]))
-        return karras_sigmas(alphas_cumprod, steps, True, ends_at=ends, **bounds)
+        ends = euler_spacing_ends(
+            schedule.num_train_timesteps, steps, schedule.timestep_spacing, schedule.steps_offset
+        )
+        return karras_sigmas(
+            alphas_cumprod, steps, True, ends_at=ends, float32_timesteps=True, **bounds
+        )
     cosine = schedule.beta_schedule == "squaredcos_cap_v2"
     return karras_sigmas(alphas_cumprod, steps, round_timesteps=not cosine, **bounds)
 
@@ -253,7 +256,8 @@ def make_plan(
     ``eta`` (Song et al. 2021, Eq. 16) is the DDIM noise level: 0 deterministic, 1 DDPM-like; the
     other samplers have fixed noise and accept only ``eta=0``. ``dpmpp_2m_sde`` is the SDE
     variant of DPM-Solver++(2M); the ``*_karras`` samplers step through Karras et al.'s noise
-    levels (diffusers' DPMSolverMultistepScheduler with ``use_karras_sigmas``).
+    levels (diffusers' DPMSolverMultistepScheduler / EulerDiscreteScheduler with
+    ``use_karras_sigmas``; see ``karras_plan_inputs``).
     """
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; allowed: {list(SAMPLERS)}")

@@ -4,6 +4,7 @@ Samplers (see ``fastdiff.sampling.plan`` for the formulas and papers):
 ``ddpm`` ancestral DDPM (Ho et al. 2020), ``ddim`` (Song et al. 2021, any eta in [0, 1]),
 ``euler`` (Karras et al. 2022, Algorithm 1, as diffusers' EulerDiscreteScheduler),
 ``euler_ancestral`` (the same with fresh noise each step, EulerAncestralDiscreteScheduler),
+``euler_karras`` (Euler through Karras et al.'s noise levels),
 ``dpmpp_2m`` (DPM-Solver++(2M), Lu et al. 2022), ``dpmpp_2m_sde`` (its SDE variant), and
 ``dpmpp_2m_karras`` / ``dpmpp_2m_sde_karras`` (the same through Karras et al.'s noise levels).
 """

@@ -116,6 +116,7 @@ def karras_sigmas(
     sigma_min: float | None = None,
     sigma_max: float | None = None,
     ends_at: tuple[int, int] | None = None,
+    float32_timesteps: bool = False,
 ) -> tuple[torch.Tensor, list[float]]:
     """Karras et al. 2022 (Eq. 5, rho = 7) noise levels, as diffusers' DPMSolverMultistepScheduler
     (and EulerDiscreteScheduler) build them with ``use_karras_sigmas``: ``steps`` sigmas from
@@ -124,7 +125,8 @@ def karras_sigmas(
     timesteps' ends), or the table's smallest and largest sigma (DPM-Solver). Each model
     timestep is found by interpolating log sigma in the training table, rounded to the nearest
     integer (truncated when ``round_timesteps`` is false, as diffusers does for the cosine
-    schedule). The timestep spacing plays no part.
+    schedule; rounded from float32 with ``float32_timesteps``, the dtype in which diffusers'
+    Euler passes these fractional timesteps to the model).
 
     Returns (LongTensor [steps] timesteps, non-increasing: rounding can repeat one at either end
     of the table; steps + 1 sigmas).
@@ -154,7 +156,31 @@ def karras_sigmas(
     low = np.cumsum(below, axis=0).argmax(axis=0).clip(max=log_table.shape[0] - 2)
     weight = np.clip((log_table[low] - log_sigmas) / (log_table[low] - log_table[low + 1]), 0, 1)
     fractional = (1 - weight) * low + weight * (low + 1)
+    if float32_timesteps:
+        fractional = fractional.astype(np.float32)
     timesteps = np.round(fractional) if round_timesteps else np.trunc(fractional)
     # diffusers keeps the sigmas in float32; so do we, so both step with the same numbers.
     levels = sigmas.astype(np.float32).astype(np.float64).tolist() + [0.0]
     return torch.from_numpy(timesteps.astype(np.int64)), levels
+
+
+def euler_spacing_ends(
+    num_train_timesteps: int, steps: int, spacing: str | None, steps_offset: int = 0
+) -> tuple[int, int]:
+    """(last, first) table index of the timesteps diffusers' EulerDiscreteScheduler spaces before
+    it converts their noise levels to Karras': the grids' end points, clamped to the table as its
+    ``np.interp`` clamps them (no step-count checks: every count runs there)."""
+    total = num_train_timesteps
+    spacing = DEFAULT_SPACING["euler"] if spacing is None else spacing
+    if spacing == "linspace":
+        first, last = total - 1, 0
+    elif spacing == "leading":
+        ratio = total // steps
+        first, last = (steps - 1) * ratio + steps_offset, steps_offset
+    elif spacing == "trailing":
+        grid = np.arange(total, 0, -total / steps).round() - 1
+        first, last = int(grid[0]), int(grid[-1])
+    else:
+        raise ValueError(f"unknown timestep_spacing {spacing!r}; allowed: {list(SPACINGS)}")
+    clamp = lambda index: min(max(int(index), 0), total - 1)  # noqa: E731
+    return clamp(last), clamp(first)

@@ -266,3 +266,24 @@ def test_euler_karras_is_diffusers_up_to_timestep_rounding(spacing, prediction_t
     sample(toy_model, x_T, schedule, "euler_karras", 10, callback=lambda i, t, x: ours.append(x))
     theirs, _, peaks = run_diffusers(reference, x_T * plan.init_noise_scale, model=rounded)
     _assert_trajectories_match(ours, theirs, peaks, f"euler_karras/{spacing}")
+
+
+@pytest.mark.parametrize(
+    "spacing,steps,offset,bounds",
+    [
+        ("trailing", 61, 0, {}),  # a count whose trailing grid plain euler refuses
+        ("leading", 1000, 1, {}),  # grid end past the table, clamped as np.interp clamps
+        ("linspace", 333, 0, {"sigma_min": 0.0292, "sigma_max": 14.6}),  # float32 ties
+        ("leading", 1, 1, {}),
+    ],
+)
+def test_euler_karras_levels_and_timesteps_at_awkward_counts(spacing, steps, offset, bounds):
+    config = dict(_config("scaled_linear", spacing, "epsilon", False), steps_offset=offset)
+    reference = EulerDiscreteScheduler(**config, use_karras_sigmas=True, **bounds)
+    reference.set_timesteps(steps)
+    plan = make_plan(NoiseSchedule(**config, **bounds), "euler_karras", steps)
+    sigmas = reference.sigmas[:-1].double()
+    torch.testing.assert_close(
+        plan.coefficients[:, 0], 1 / (sigmas**2 + 1).sqrt(), rtol=1e-6, atol=0
+    )
+    assert torch.equal(plan.timesteps, reference.timesteps.round().long())
