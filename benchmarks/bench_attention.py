@@ -17,9 +17,17 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import fastdiff.kernels.attention as attention_kernels  # noqa: E402
-from common import Workload, on_gpu, parse_args, random, run_benchmark, standard_providers  # noqa: E402
+from common import (  # noqa: E402
+    Workload,
+    on_gpu,
+    parse_args,
+    random,
+    run_benchmark,
+    standard_providers,
+    triton_with_setting,
+)
 
-from fastdiff.ops import attention, use_backend  # noqa: E402
+from fastdiff.ops import attention  # noqa: E402
 from fastdiff.ops.attention import attention_eager  # noqa: E402
 
 # (batch, heads, queries, keys, head_dim)
@@ -80,17 +88,7 @@ def padded_provider(inputs):
     q, k = inputs[0], inputs[1]
     if attention_kernels.head_blocks(q.shape[-1])[1] == 0 or q.shape[2] != k.shape[2]:
         return None
-
-    def call():
-        saved = attention_kernels.SPLIT_HEAD_DIM
-        attention_kernels.SPLIT_HEAD_DIM = False
-        try:
-            with use_backend("triton"):
-                return attention(*inputs)
-        finally:
-            attention_kernels.SPLIT_HEAD_DIM = saved
-
-    return call
+    return triton_with_setting(attention_kernels, "SPLIT_HEAD_DIM", False, attention)(inputs)
 
 
 def main() -> None:

@@ -20,9 +20,10 @@ from common import (  # noqa: E402
     random,
     run_benchmark,
     standard_providers,
+    triton_with_setting,
 )
 
-from fastdiff.ops import group_norm, use_backend  # noqa: E402
+from fastdiff.ops import group_norm  # noqa: E402
 from fastdiff.ops.group_norm import group_norm_eager  # noqa: E402
 
 # (batch, channels, height, width): SD1.5 U-Net at 64x64 latents (BASELINES.md), SDXL at 128x128,
@@ -65,19 +66,7 @@ def forced_kernel(max_group: int):
     single-pass kernel wherever a group's channels fit it. The default threshold
     (SINGLE_PASS_MAX_GROUP) was set without a GPU: these two rows show where it should be."""
 
-    def build(inputs):
-        def call():
-            saved = group_norm_kernels.SINGLE_PASS_MAX_GROUP
-            group_norm_kernels.SINGLE_PASS_MAX_GROUP = max_group
-            try:
-                with use_backend("triton"):
-                    return group_norm(*inputs)
-            finally:
-                group_norm_kernels.SINGLE_PASS_MAX_GROUP = saved
-
-        return call
-
-    return build
+    return triton_with_setting(group_norm_kernels, "SINGLE_PASS_MAX_GROUP", max_group, group_norm)
 
 
 def main() -> None:

@@ -300,6 +300,28 @@ def cuda_extension_has(op: str) -> bool:
         return False
 
 
+def triton_with_setting(module, name: str, value, op: Callable) -> Builder:
+    """A provider that runs ``op`` on the triton backend with the launcher setting
+    ``module.name`` set to ``value`` (restored after each call): the rows that time one kernel
+    variant against the default choice."""
+
+    def build(inputs):
+        def call():
+            from fastdiff.ops import use_backend
+
+            saved = getattr(module, name)
+            setattr(module, name, value)
+            try:
+                with use_backend("triton"):
+                    return op(*inputs)
+            finally:
+                setattr(module, name, saved)
+
+        return call
+
+    return build
+
+
 def standard_providers(
     eager: Callable[..., object], fastdiff_op: Callable[..., object], cuda_op: str | None
 ) -> dict[str, Builder]:

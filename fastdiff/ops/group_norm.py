@@ -127,10 +127,10 @@ def group_norm(
         backend = "triton"
     if backend == "triton" and group_norm_triton_supports(x, num_groups, weight, bias):
         return group_norm_triton(x, num_groups, weight, bias, float(eps), bool(silu))
-    compute = torch.promote_types(x.dtype, torch.float32)
     if any(p is not None and p.dtype != x.dtype for p in (weight, bias)):
         # F.group_norm refuses most dtype mixes (fp16 x with fp32 weight, as under autocast):
         # compute in fp32 (fp64 for fp64 x), as the kernels do, and return x's dtype.
+        compute = torch.promote_types(x.dtype, torch.float32)
         weight, bias = (None if p is None else p.to(compute) for p in (weight, bias))
         out = group_norm_eager(x.to(compute), num_groups, weight, bias, eps, silu)
         return out.to(x.dtype)

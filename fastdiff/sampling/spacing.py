@@ -45,6 +45,26 @@ def _round_half_even(values: np.ndarray) -> np.ndarray:
 DEFAULT_SPACING = {"ddim": "leading", "euler": "linspace", "dpmpp_2m": "linspace"}
 
 
+def _grid(total: int, steps: int, spacing: str, steps_offset: int, family: str) -> np.ndarray:
+    """The timesteps (descending) a diffusers scheduler family spaces, unchecked."""
+    # DPM-Solver places steps + 1 boundaries and never evaluates the model at the last one.
+    points = steps + 1 if family == "dpmpp_2m" else steps
+    if spacing == "linspace":
+        grid = np.linspace(0, total - 1, points)
+        if family == "euler":
+            grid = np.linspace(0, total - 1, points, dtype=np.float32).astype(np.float64)
+        timesteps = _round_half_even(grid)[::-1]
+    elif spacing == "leading":
+        ratio = total // points
+        timesteps = (np.arange(points, dtype=np.int64) * ratio)[::-1] + steps_offset
+    else:  # trailing
+        ratio = total / steps
+        timesteps = _round_half_even(np.arange(total, 0, -ratio)) - 1
+    if family == "dpmpp_2m" and spacing != "trailing":
+        timesteps = timesteps[:-1]
+    return np.ascontiguousarray(timesteps)
+
+
 def spaced_timesteps(
     num_train_timesteps: int,
     steps: int,
@@ -72,25 +92,7 @@ def spaced_timesteps(
             f"steps must be in [1, num_train_timesteps={num_train_timesteps}], got {steps}"
         )
     total = num_train_timesteps
-    family = SAMPLER_FAMILIES[sampler]
-    # DPM-Solver places steps + 1 boundaries and never evaluates the model at the last one.
-    points = steps + 1 if family == "dpmpp_2m" else steps
-
-    if spacing == "linspace":
-        grid = np.linspace(0, total - 1, points)
-        if family == "euler":
-            grid = np.linspace(0, total - 1, points, dtype=np.float32).astype(np.float64)
-        timesteps = _round_half_even(grid)[::-1]
-    elif spacing == "leading":
-        ratio = total // points
-        timesteps = (np.arange(points, dtype=np.int64) * ratio)[::-1] + steps_offset
-    else:  # trailing
-        ratio = total / steps
-        timesteps = _round_half_even(np.arange(total, 0, -ratio)) - 1
-
-    if family == "dpmpp_2m" and spacing != "trailing":
-        timesteps = timesteps[:-1]
-    timesteps = np.ascontiguousarray(timesteps)
+    timesteps = _grid(total, steps, spacing, steps_offset, SAMPLER_FAMILIES[sampler])
     if timesteps.shape[0] != steps:
         raise ValueError(
             f"{spacing} spacing produced {timesteps.shape[0]} timesteps for steps={steps}; "
@@ -168,19 +170,11 @@ def euler_spacing_ends(
     num_train_timesteps: int, steps: int, spacing: str | None, steps_offset: int = 0
 ) -> tuple[int, int]:
     """(last, first) table index of the timesteps diffusers' EulerDiscreteScheduler spaces before
-    it converts their noise levels to Karras': the grids' end points, clamped to the table as its
+    it converts their noise levels to Karras': the grid's end points, clamped to the table as its
     ``np.interp`` clamps them (no step-count checks: every count runs there)."""
-    total = num_train_timesteps
     spacing = DEFAULT_SPACING["euler"] if spacing is None else spacing
-    if spacing == "linspace":
-        first, last = total - 1, 0
-    elif spacing == "leading":
-        ratio = total // steps
-        first, last = (steps - 1) * ratio + steps_offset, steps_offset
-    elif spacing == "trailing":
-        grid = np.arange(total, 0, -total / steps).round() - 1
-        first, last = int(grid[0]), int(grid[-1])
-    else:
+    if spacing not in SPACINGS:
         raise ValueError(f"unknown timestep_spacing {spacing!r}; allowed: {list(SPACINGS)}")
-    clamp = lambda index: min(max(int(index), 0), total - 1)  # noqa: E731
-    return clamp(last), clamp(first)
+    grid = _grid(num_train_timesteps, steps, spacing, steps_offset, "euler")
+    last, first = (min(max(int(index), 0), num_train_timesteps - 1) for index in grid[[-1, 0]])
+    return last, first

@@ -39,3 +39,11 @@ def run_diffusers(scheduler, x_start: torch.Tensor, generator=None, model=None, 
         estimates.append(x0.clone())
         peaks.append(peak)
     return states, estimates, peaks
+
+
+def assert_trajectories_match(ours, theirs, peaks, label: str = "") -> None:
+    """Per step, max|ours - diffusers| <= 1e-5 * max(1, the largest magnitude so far)."""
+    assert len(ours) == len(theirs)
+    for index, (mine, reference, peak) in enumerate(zip(ours, theirs, peaks, strict=True)):
+        error = float((mine - reference).abs().max())
+        assert error <= 1e-5 * max(1.0, peak), f"{label}: step {index} error {error:.3g}"

@@ -18,7 +18,7 @@ import torch
 from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
 
 from fastdiff.sampling import BETA_SCHEDULES, PREDICTION_TYPES, NoiseSchedule, make_plan, sample
-from tests.sampling.helpers import SD_BETAS, run_diffusers, toy_model
+from tests.sampling.helpers import SD_BETAS, assert_trajectories_match, run_diffusers, toy_model
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # diffusers + numpy 2
 
@@ -44,13 +44,6 @@ def _config(beta_schedule, spacing, prediction_type, zero_snr):
         prediction_type=prediction_type,
         rescale_betas_zero_snr=zero_snr,
     )
-
-
-def _assert_trajectories_match(ours, theirs, peaks, label):
-    assert len(ours) == len(theirs)
-    for index, (mine, reference, peak) in enumerate(zip(ours, theirs, peaks, strict=True)):
-        error = float((mine - reference).abs().max())
-        assert error <= 1e-5 * max(1.0, peak), f"{label}: step {index} error {error:.3g}"
 
 
 @pytest.mark.parametrize("sampler,beta_schedule,spacing,prediction_type,zero_snr", CASES)
@@ -87,7 +80,7 @@ def test_sampler_matches_diffusers(sampler, beta_schedule, spacing, prediction_t
         toy_model, x_T, schedule, sampler, steps, callback=lambda i, t, x: ours.append(x)
     )
     theirs, _, peaks = run_diffusers(reference, x_T * plan.init_noise_scale)
-    _assert_trajectories_match(ours, theirs, peaks, f"{sampler}/{beta_schedule}/{spacing}")
+    assert_trajectories_match(ours, theirs, peaks, f"{sampler}/{beta_schedule}/{spacing}")
     assert torch.equal(result, ours[-1])
     assert result.dtype == torch.float32
 
@@ -104,7 +97,7 @@ def test_ddim_set_alpha_to_one_and_uneven_steps(spacing):
     ours = []
     sample(toy_model, x_T, schedule, "ddim", 7, callback=lambda i, t, x: ours.append(x))
     theirs, _, peaks = run_diffusers(reference, x_T)
-    _assert_trajectories_match(ours, theirs, peaks, f"ddim/{spacing}/7")
+    assert_trajectories_match(ours, theirs, peaks, f"ddim/{spacing}/7")
 
 
 @pytest.mark.parametrize("prediction_type", PREDICTION_TYPES)
@@ -126,7 +119,7 @@ def test_euler_fractional_linspace_is_rounded(prediction_type):
     ours = []
     sample(toy_model, x_T, schedule, "euler", 20, callback=lambda i, t, x: ours.append(x))
     theirs, _, peaks = run_diffusers(reference, x_T * plan.init_noise_scale)
-    _assert_trajectories_match(ours, theirs, peaks, "euler/linspace/20")
+    assert_trajectories_match(ours, theirs, peaks, "euler/linspace/20")
 
 
 @pytest.mark.parametrize("steps", [1, 2, 3, 25])
@@ -140,7 +133,7 @@ def test_dpmpp_2m_step_counts(steps):
     ours = []
     sample(toy_model, x_T, schedule, "dpmpp_2m", steps, callback=lambda i, t, x: ours.append(x))
     theirs, _, peaks = run_diffusers(reference, x_T)
-    _assert_trajectories_match(ours, theirs, peaks, f"dpmpp_2m/{steps}")
+    assert_trajectories_match(ours, theirs, peaks, f"dpmpp_2m/{steps}")
 
 
 def test_float64_sampling_agrees_with_float32():
@@ -187,7 +180,7 @@ def test_dpmpp_2m_karras_matches_diffusers(beta_schedule, prediction_type, zero_
         callback=lambda i, t, x: ours.append(x),
     )
     theirs, _, peaks = run_diffusers(reference, x_T)
-    _assert_trajectories_match(ours, theirs, peaks, f"dpmpp_2m_karras/{beta_schedule}")
+    assert_trajectories_match(ours, theirs, peaks, f"dpmpp_2m_karras/{beta_schedule}")
 
 
 @pytest.mark.parametrize("steps", [1, 2, 3, 25, 50])
@@ -210,7 +203,7 @@ def test_dpmpp_2m_karras_step_counts(steps):
         toy_model, x_T, schedule, "dpmpp_2m_karras", steps, callback=lambda i, t, x: ours.append(x)
     )
     theirs, _, peaks = run_diffusers(reference, x_T)
-    _assert_trajectories_match(ours, theirs, peaks, f"karras/{steps}")
+    assert_trajectories_match(ours, theirs, peaks, f"karras/{steps}")
 
 
 def test_dpmpp_2m_karras_takes_the_configs_sigma_bounds():
@@ -233,7 +226,7 @@ def test_dpmpp_2m_karras_takes_the_configs_sigma_bounds():
     ours = []
     sample(toy_model, x_T, schedule, "dpmpp_2m_karras", 10, callback=lambda i, t, x: ours.append(x))
     theirs, _, peaks = run_diffusers(reference, x_T)
-    _assert_trajectories_match(ours, theirs, peaks, "karras bounds")
+    assert_trajectories_match(ours, theirs, peaks, "karras bounds")
     with pytest.raises(ValueError, match=r"steps must be in \[1, num_train_timesteps=1000\]"):
         make_plan(schedule, "dpmpp_2m_karras", 1001)
 
@@ -265,7 +258,7 @@ def test_euler_karras_is_diffusers_up_to_timestep_rounding(spacing, prediction_t
     ours = []
     sample(toy_model, x_T, schedule, "euler_karras", 10, callback=lambda i, t, x: ours.append(x))
     theirs, _, peaks = run_diffusers(reference, x_T * plan.init_noise_scale, model=rounded)
-    _assert_trajectories_match(ours, theirs, peaks, f"euler_karras/{spacing}")
+    assert_trajectories_match(ours, theirs, peaks, f"euler_karras/{spacing}")
 
 
 @pytest.mark.parametrize(

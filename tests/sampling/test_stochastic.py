@@ -23,7 +23,7 @@ from diffusers import (
 )
 
 from fastdiff.sampling import NoiseSchedule, make_plan, sample
-from tests.sampling.helpers import SD_BETAS, run_diffusers, toy_model
+from tests.sampling.helpers import SD_BETAS, assert_trajectories_match, run_diffusers, toy_model
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # diffusers + numpy 2
 
@@ -61,9 +61,7 @@ def test_ddpm_matches_diffusers_with_same_noise(spacing, prediction_type, zero_s
         generator=torch.Generator().manual_seed(7),
         callback=lambda i, t, x: ours.append(x),
     )
-    for index, (mine, reference_state, peak) in enumerate(zip(ours, theirs, peaks, strict=True)):
-        error = float((mine - reference_state).abs().max())
-        assert error <= 1e-5 * max(1.0, peak), f"step {index}: {error}"
+    assert_trajectories_match(ours, theirs, peaks)
 
 
 @pytest.mark.parametrize("spacing", ["leading", "linspace", "trailing"])
@@ -100,9 +98,7 @@ def test_euler_ancestral_matches_diffusers_with_same_noise(spacing, prediction_t
         generator=torch.Generator().manual_seed(5),
         callback=lambda i, t, x: ours.append(x),
     )
-    for index, (mine, reference_state, peak) in enumerate(zip(ours, theirs, peaks, strict=True)):
-        error = float((mine - reference_state).abs().max())
-        assert error <= 1e-5 * max(1.0, peak), f"step {index}: {error}"
+    assert_trajectories_match(ours, theirs, peaks)
     # The noise matters: another seed gives another sample.
     other = sample(
         toy_model, x_T, schedule, "euler_ancestral", 10, generator=torch.Generator().manual_seed(6)
@@ -129,9 +125,7 @@ def test_sde_step_noise_is_drawn_in_float32_as_diffusers_draws_it():
         callback=lambda i, t, x: ours.append(x),
     )
     assert result.dtype == torch.float64
-    for index, (mine, reference_state, peak) in enumerate(zip(ours, theirs, peaks, strict=True)):
-        error = float((mine - reference_state).abs().max())
-        assert error <= 1e-5 * max(1.0, peak), f"step {index}: {error}"
+    assert_trajectories_match(ours, theirs, peaks)
 
 
 @pytest.mark.parametrize("karras", [False, True])
@@ -178,9 +172,7 @@ def test_dpmpp_2m_sde_matches_diffusers_with_same_noise(
         generator=torch.Generator().manual_seed(9),
         callback=lambda i, t, x: ours.append(x),
     )
-    for index, (mine, reference_state, peak) in enumerate(zip(ours, theirs, peaks, strict=True)):
-        error = float((mine - reference_state).abs().max())
-        assert error <= 1e-5 * max(1.0, peak), f"step {index}: {error}"
+    assert_trajectories_match(ours, theirs, peaks)
     if steps > 1:  # the noise matters
         other = sample(
             toy_model, x_T, schedule, sampler, steps, generator=torch.Generator().manual_seed(1)
@@ -209,9 +201,7 @@ def test_ddim_eta_matches_diffusers_with_same_noise(eta, set_alpha_to_one):
         generator=torch.Generator().manual_seed(3),
         callback=lambda i, t, x: ours.append(x),
     )
-    for index, (mine, reference_state, peak) in enumerate(zip(ours, theirs, peaks, strict=True)):
-        error = float((mine - reference_state).abs().max())
-        assert error <= 1e-5 * max(1.0, peak), f"step {index}: {error}"
+    assert_trajectories_match(ours, theirs, peaks)
 
 
 def test_ddpm_equals_ddim_eta_one_when_timesteps_chain():
