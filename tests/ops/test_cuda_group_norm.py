@@ -11,13 +11,14 @@ import os
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import fastdiff.ops.cuda_extension as cuda_extension
 from fastdiff.ops import group_norm, group_norm_reference, use_backend
 from fastdiff.ops.cuda_support import group_norm_launch_plan
 from fastdiff.ops.group_norm import group_norm_eager
 from tests.ops.cuda_errors import assert_errors, run_error_cases
-from tests.ops.helpers import assert_within_tolerance, kernel_dtypes
+from tests.ops.helpers import FLOOR, assert_within_tolerance, kernel_dtypes
 
 pytestmark = pytest.mark.gpu
 
@@ -86,12 +87,16 @@ def test_group_norm_other_ranks(shape):
 
 def test_group_norm_large_mean():
     # Statistics around a pivot, then the centred second moment: accurate where E[x^2] - E[x]^2
-    # in fp32 loses about 1e-3 of a unit variance under a mean of 300. Judged against an fp64
-    # reference, since in fp32 the eager result is the reference.
+    # in fp32 loses about 1e-3 of a unit variance under a mean of 300. Judged in float64 against
+    # a float64 GroupNorm: in fp32 the eager result is the reference (group_norm_reference computes
+    # in fp32), and both round the mean of 300 to fp32 (about 1.5e-5, times the weight).
     x, weight, bias = make_inputs((2, 64, 16, 16), torch.float32, True, scale=1.0, offset=300.0)
     out = cuda_extension.group_norm(x, 8, weight, bias)
-    exact = group_norm_reference(x.double(), 8, weight.double(), bias.double())
-    assert_within_tolerance(out, exact, group_norm_eager(x, 8, weight, bias), "offset 300")
+    exact = F.group_norm(x.double(), 8, weight.double(), bias.double())
+    error = (out.double() - exact).abs().max().item()
+    eager_error = (group_norm_eager(x, 8, weight, bias).double() - exact).abs().max().item()
+    floor = FLOOR[torch.float32] * exact.abs().max().item()
+    assert error <= 2 * eager_error + floor, (error, eager_error, floor)
 
 
 def test_group_norm_without_affine_and_fp32_params_on_fp16():
