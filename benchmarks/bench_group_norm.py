@@ -63,8 +63,9 @@ def activation_bytes(inputs) -> float:
 def forced_kernel(max_group: int):
     """A provider that runs the triton backend with the single-pass threshold set to
     ``max_group`` elements: 0 forces the three-launch split reduction, a huge value the one-launch
-    single-pass kernel wherever a group's channels fit it. The default threshold
-    (SINGLE_PASS_MAX_GROUP) was set without a GPU: these two rows show where it should be."""
+    single-pass kernel wherever a group's channels fit it. These two rows set the default
+    threshold (SINGLE_PASS_MAX_GROUP) and show whether it still sits where single-pass stops
+    winning."""
 
     return triton_with_setting(group_norm_kernels, "SINGLE_PASS_MAX_GROUP", max_group, group_norm)
 

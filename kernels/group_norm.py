@@ -24,7 +24,11 @@ from .group_norm_split import split_reduction
 
 # Largest group (channels per group x spatial size) for the single-program-per-group kernel: a
 # few of its 8192-element tiles at most, whose loads wait on each other (no software pipelining).
-SINGLE_PASS_MAX_GROUP = 16384
+# Measured on an H200 (fp16, 32 groups, results/nvidia-h200.csv, 2026-11-27 20:47): single-pass
+# wins at 20480-element groups (2x640x32x32: 0.0069 against 0.0078 ms NCHW, 0.0121 against
+# 0.0161 NHWC) and loses at 40960 (2x320x64x64: 0.0177 against 0.0106 NCHW, 0.0377 against
+# 0.0149 NHWC), so the threshold sits between the two.
+SINGLE_PASS_MAX_GROUP = 32768
 # "untried" -> "works" after its first launch, or "failed" (with a warning) if that launch raised.
 _single_pass_state = "untried"
 
