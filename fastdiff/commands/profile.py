@@ -3,7 +3,9 @@
 torch.profiler records a few U-Net calls for each path and the command prints the kernels by
 device time (CPU ops on a machine without CUDA), grouped into categories (convolution, layout
 conversion, attention, GroupNorm, GEMM, elementwise). The optimized path is profiled without its
-CUDA graph so each kernel stays visible; the graph's replay time is printed beside it.
+CUDA graph so each kernel stays visible; the graph's replay time is printed beside it. With
+``--by-op`` the rows are the ops that launched the kernels instead, with their input shapes, so
+that a kernel name such as ``elementwise_kernel`` can be traced to the add or copy that runs it.
 """
 
 from __future__ import annotations
@@ -63,35 +65,49 @@ def device_time(event) -> float:
     return 0.0
 
 
-def profile_calls(fn, calls: int, on_cuda: bool) -> list[tuple[str, int, float]]:
-    """(name, calls, microseconds per U-Net call) of kernels (GPU) or aten ops (CPU)."""
+def shapes_text(input_shapes) -> str:
+    """'(2x320x64x64, 2x320x1x1)' from a profiler event's input shapes (empty ones dropped)."""
+    shapes = ["x".join(map(str, shape)) for shape in input_shapes or [] if shape]
+    return f"({', '.join(shapes)})" if shapes else ""
+
+
+def profile_calls(
+    fn, calls: int, on_cuda: bool, by_op: bool = False
+) -> list[tuple[str, int, float]]:
+    """(name, calls, microseconds per U-Net call) of kernels (GPU) or aten ops (CPU).
+
+    ``by_op``: the ops (aten and fastdiff's custom ops) with their input shapes, each with the
+    device time of the kernels it launched itself (GPU) or its own CPU time (CPU)."""
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_cuda else [])
     fn()  # warm-up outside the trace (cuDNN/Triton autotuning)
     if on_cuda:
         torch.cuda.synchronize()
-    with profile(activities=activities) as trace:
+    with profile(activities=activities, record_shapes=by_op) as trace:
         for _ in range(calls):
             fn()
         if on_cuda:
             torch.cuda.synchronize()
     rows = []
-    for event in trace.key_averages():
-        if on_cuda:
-            is_kernel = str(getattr(event, "device_type", "")).endswith("CUDA")
-            micros = device_time(event)
-            if not is_kernel or micros <= 0:
-                continue
+    for event in trace.key_averages(group_by_input_shape=by_op):
+        is_kernel = str(getattr(event, "device_type", "")).endswith("CUDA")
+        if on_cuda and by_op:  # the CPU-side op, charged with the kernels it launched
+            micros = device_time(event) if not is_kernel else 0.0
+        elif on_cuda:
+            micros = device_time(event) if is_kernel else 0.0
         else:
-            micros = float(event.self_cpu_time_total)
-            if not event.key.startswith("aten::") or micros <= 0:
-                continue
-        rows.append((event.key, int(event.count) // calls, micros / calls))
+            micros = float(event.self_cpu_time_total) if event.key.startswith("aten::") else 0.0
+        if micros <= 0:
+            continue
+        name = f"{event.key} {shapes_text(event.input_shapes)}" if by_op else event.key
+        rows.append((name.strip(), int(event.count) // calls, micros / calls))
     return sorted(rows, key=lambda row: -row[2])
 
 
-def print_breakdown(title: str, rows: list[tuple[str, int, float]], top: int, unit: str) -> None:
+def print_breakdown(
+    title: str, rows: list[tuple[str, int, float]], top: int, unit: str, width: int = 70
+) -> None:
     total = sum(micros for _, _, micros in rows) or 1.0
     print(f"\n== {title}: {total / 1e3:.3f} ms of {unit} time per U-Net call")
     by_category: dict[str, float] = defaultdict(float)
@@ -99,10 +115,10 @@ def print_breakdown(title: str, rows: list[tuple[str, int, float]], top: int, un
         by_category[category(name)] += micros
     for label, micros in sorted(by_category.items(), key=lambda item: -item[1]):
         print(f"  {label:<18} {micros / 1e3:9.3f} ms  {100 * micros / total:5.1f} %")
-    print(f"  {'kernel / op':<70} {'calls':>5} {'ms':>8} {'%':>6}")
+    print(f"  {'kernel / op':<{width}} {'calls':>5} {'ms':>8} {'%':>6}")
     for name, count, micros in rows[:top]:
-        short = name if len(name) <= 70 else name[:67] + "..."
-        print(f"  {short:<70} {count:>5} {micros / 1e3:8.3f} {100 * micros / total:6.1f}")
+        short = name if len(name) <= width else name[: width - 3] + "..."
+        print(f"  {short:<{width}} {count:>5} {micros / 1e3:8.3f} {100 * micros / total:6.1f}")
 
 
 def add_parser(subparsers) -> None:
@@ -122,6 +138,11 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--batch", type=int, default=2, help="U-Net batch (2 = one CFG image)")
     parser.add_argument("--calls", type=int, default=3, help="profiled calls per path")
     parser.add_argument("--top", type=int, default=15, help="kernels listed per path")
+    parser.add_argument(
+        "--by-op",
+        action="store_true",
+        help="list the ops that launched the kernels, with their input shapes, not the kernels",
+    )
     parser.set_defaults(handler=run)
 
 
@@ -168,8 +189,13 @@ def run(args: argparse.Namespace) -> int:
 
     print(f"U-Net {model}, batch {args.batch}, {size}x{size} latents, {str(dtype)[6:]}, {device}")
     unit = "GPU kernel" if on_cuda else "CPU op"
+    name_width = 110 if args.by_op else 70  # room for the input shapes
     print_breakdown(
-        "eager (PyTorch ops, NCHW)", profile_calls(eager, args.calls, on_cuda), args.top, unit
+        "eager (PyTorch ops, NCHW)",
+        profile_calls(eager, args.calls, on_cuda, args.by_op),
+        args.top,
+        unit,
+        name_width,
     )
     prepare_module(unet, "unet", OptimizeReport(str(device)), None, on_cuda, True)
     fast_sample = sample.contiguous(memory_format=torch.channels_last) if on_cuda else sample
@@ -180,9 +206,10 @@ def run(args: argparse.Namespace) -> int:
 
     print_breakdown(
         "fastdiff optimized, graph off (kernels, channels-last, fused QKV)",
-        profile_calls(optimized, args.calls, on_cuda),
+        profile_calls(optimized, args.calls, on_cuda, args.by_op),
         args.top,
         unit,
+        name_width,
     )
     if on_cuda:
         graphed = GraphedCall(unet, GraphCache(CudaGraphBackend()), kind="unet")

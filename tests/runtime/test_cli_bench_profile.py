@@ -34,3 +34,10 @@ def test_profile_prints_breakdowns(capsys):
     assert "== fastdiff optimized" in out
     assert "convolution" in out  # the category table
     assert "aten::" in out  # the per-op rows
+
+
+def test_profile_by_op_names_the_ops_with_their_input_shapes(capsys):
+    assert main(["profile", "--calls", "1", "--top", "40", "--by-op"]) == 0
+    out = capsys.readouterr().out
+    # The toy U-Net's first convolution: latents (2, 4, 8, 8) into 32 channels, 3x3.
+    assert "aten::mkldnn_convolution (2x4x8x8, 32x4x3x3, 32)" in out
