@@ -18,9 +18,10 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_attention import FUSED_QKV_SUFFIX  # noqa: E402
 from bench_attention import SHAPES as ATTENTION_SHAPES  # noqa: E402
 
-from fastdiff.ops.autoselect import table_from_rows  # noqa: E402
+from fastdiff.ops.autoselect import STRIDED, table_from_rows  # noqa: E402
 
 PROVIDER_BACKENDS = {"fastdiff": "triton", "eager": "eager", "cuda": "cuda"}
 ATTENTION_DIMS = dict(ATTENTION_SHAPES)  # name -> (batch, heads, queries, keys, head_dim)
@@ -33,9 +34,13 @@ def row_key(row: dict[str, str]) -> tuple[str, str] | None:
         shape, _, layout = row["workload"].partition(" ")
         if layout in ("nchw", "nhwc"):
             return "group_norm", f"{shape}|{dtype}|{layout}"
-    if row["benchmark"] == "attention" and row["workload"] in ATTENTION_DIMS:
-        batch, heads, queries, keys, head_dim = ATTENTION_DIMS[row["workload"]]
-        return "attention", f"{batch}x{heads}x{queries}x{head_dim}|{dtype}|keys{keys}"
+    if row["benchmark"] == "attention":
+        # "(fused-qkv views)": q, k and v are views of one projection, as the runtime passes them
+        name, views, _ = row["workload"].partition(FUSED_QKV_SUFFIX)
+        if name in ATTENTION_DIMS:
+            batch, heads, queries, keys, head_dim = ATTENTION_DIMS[name]
+            key = f"{batch}x{heads}x{queries}x{head_dim}|{dtype}|keys{keys}"
+            return "attention", key + (STRIDED if views else "")
     return None
 
 

@@ -42,6 +42,7 @@ SHAPES = [
     ("sdxl self 64x64", (2, 10, 4096, 4096, 64)),
 ]
 QUICK = {"sd15 self 64x64", "sd15 cross 64x64", "sd2 self 64x64", "sdxl self 32x32"}
+FUSED_QKV_SUFFIX = " (fused-qkv views)"  # workload name suffix; backend_table.py reads it
 
 
 def workload(name, dims, dtype, fused_qkv: bool = False) -> Workload:
@@ -62,7 +63,7 @@ def workload(name, dims, dtype, fused_qkv: bool = False) -> Workload:
         q, k = inputs[0], inputs[1]
         return 4.0 * q.shape[0] * q.shape[1] * q.shape[2] * k.shape[2] * q.shape[3]
 
-    suffix = " (fused-qkv views)" if fused_qkv else ""
+    suffix = FUSED_QKV_SUFFIX if fused_qkv else ""
     return Workload(f"{name}{suffix}", dtype, make, flop=flop)
 
 

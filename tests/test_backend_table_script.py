@@ -13,6 +13,7 @@ import pytest
 from fastdiff.ops import autoselect
 
 ROOT = Path(__file__).resolve().parents[1]
+VIEWS = "sd15 self 64x64 (fused-qkv views)"
 COLUMNS = ["timestamp", "device", "benchmark", "workload", "provider", "ms", "dtype"]
 ROWS = [
     (
@@ -39,6 +40,9 @@ ROWS = [
     ("2026-01-01T00:00:00", "GPU X", "attention", "sd15 self 64x64", "eager", "0.16", "fp16"),
     ("2026-01-01T00:00:00", "GPU X", "attention", "sd15 self 64x64", "fastdiff", "0.41", "fp16"),
     ("2026-01-01T00:00:00", "GPU X", "attention", "sd15 self 64x64", "sdpa-flash", "0.27", "fp16"),
+    # q, k, v as views of one fused QKV projection (what the optimized runtime passes)
+    ("2026-01-01T00:00:00", "GPU X", "attention", VIEWS, "eager", "0.15", "fp16"),
+    ("2026-01-01T00:00:00", "GPU X", "attention", VIEWS, "fastdiff", "0.18", "fp16"),
     (
         "2026-01-01T00:00:00",
         "GPU X",
@@ -80,6 +84,7 @@ def test_table_from_csv_keys_backends_and_latest_rows(results_csv, tmp_path):
     assert entries == {
         ("group_norm", "2x640x32x32|fp16|nhwc"): {"eager": 0.03, "triton": 0.02, "cuda": 0.05},
         ("attention", "2x8x4096x40|fp16|keys4096"): {"eager": 0.16, "triton": 0.41},
+        ("attention", "2x8x4096x40|fp16|keys4096|strided"): {"eager": 0.15, "triton": 0.18},
     }
     timings = autoselect._validate(table, "test")
     assert autoselect.preferred_backend("group_norm", "2x640x32x32|fp16|nhwc", table=timings) == (

@@ -102,6 +102,35 @@ def test_unmeasured_attention_shapes_follow_the_measured_majority():
     )
 
 
+def test_attention_on_views_has_its_own_key_and_falls_back_to_the_contiguous_one():
+    q = torch.empty(2, 8, 64, 40, dtype=torch.float16)
+    fused = torch.empty(2, 64, 3, 8, 40, dtype=torch.float16)  # the fused QKV projection
+    views = fused[:, :, 0].transpose(1, 2)
+    assert autoselect.attention_key(q, q) == "2x8x64x40|fp16|keys64"
+    assert autoselect.attention_key(views, views) == "2x8x64x40|fp16|keys64|strided"
+    rows = [
+        ("attention", "2x8x4096x40|fp16|keys4096", "eager", 0.162),
+        ("attention", "2x8x4096x40|fp16|keys4096", "triton", 0.161),
+        ("attention", "2x8x4096x40|fp16|keys4096|strided", "eager", 0.156),
+        ("attention", "2x8x4096x40|fp16|keys4096|strided", "triton", 0.176),
+        ("attention", "2x8x4096x40|fp16|keys77", "eager", 0.015),
+        ("attention", "2x8x4096x40|fp16|keys77", "triton", 0.013),
+        ("attention", "2x20x1024x64|fp16|keys1024", "eager", 0.035),
+        ("attention", "2x20x1024x64|fp16|keys1024", "triton", 0.040),
+        ("attention", "2x10x4096x64|fp16|keys4096", "eager", 0.182),
+        ("attention", "2x10x4096x64|fp16|keys4096", "triton", 0.204),
+    ]
+    table = autoselect._validate(autoselect.table_from_rows("gpu", rows), "test")
+    choose = lambda key: autoselect.preferred_backend("attention", key, table=table)  # noqa: E731
+    assert choose("2x8x4096x40|fp16|keys4096") == "triton"
+    assert choose("2x8x4096x40|fp16|keys4096|strided") == "eager"
+    # D = 80 at 64x64 (unmeasured): the strided measurement within 4x of its size
+    assert choose("2x8x4096x80|fp16|keys4096|strided") == "eager"
+    # no strided measurement near: the contiguous key's answer, not the majority (eager, 3 of 5)
+    assert choose("2x8x4096x40|fp16|keys77|strided") == "triton"
+    assert choose("2x8x1024x80|fp16|keys1024|strided") == "eager"  # nearest contiguous key
+
+
 def test_table_file_from_environment(tmp_path, monkeypatch):
     path = tmp_path / "table.json"
     path.write_text(json.dumps(autoselect.table_from_rows("gpu", ROWS)))
