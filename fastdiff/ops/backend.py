@@ -6,8 +6,9 @@ Backends:
   cuda   - the optional CUDA C++ extension (csrc/), selectable explicitly
   auto   - per op and shape, the fastest of the op's candidates (cuda / triton, or triton / eager
            for attention) in the measured table read by ``fastdiff.ops.autoselect``; for an
-           unmeasured shape the nearest measured one, for attention else the backend that won
-           most measured attention shapes, else triton (also where the extension is not
+           unmeasured shape the nearest measured one (attention on head views: else the
+           contiguous shape's answer), for attention else the backend that won most measured
+           attention shapes, else triton (also where the extension is not
            available); what ``fastdiff.runtime.optimize`` uses
 
 ``FASTDIFF_BACKEND=eager|triton|cuda|auto`` overrides the default for the whole process;
