@@ -2,6 +2,8 @@
 
 Random weights at the real architectures (benchmarks/model_configs.py), fp16 on GPU. Providers:
   fastdiff           optimize(): fp16, channels-last, fused QKV, Triton kernels, CUDA graph
+  fastdiff-foldbias  fastdiff with optimize(fold_biases=True): convolution biases added inside
+                     other work (off by default until this row shows it faster)
   fastdiff-nograph   the same without the CUDA graph (what graphs buy)
   fastdiff-nchw      fastdiff with NCHW activations (what channels-last buys)
   fastdiff-nokernels fastdiff with PyTorch's ops instead of ours (what the kernels buy)
@@ -32,6 +34,7 @@ from model_configs import TEXT_EMBED_DIM, model_config  # noqa: E402
 
 PROVIDERS = (
     "fastdiff",
+    "fastdiff-foldbias",
     "fastdiff-nograph",
     "fastdiff-nchw",
     "fastdiff-nokernels",
@@ -122,6 +125,7 @@ def provider_setup(
             return run
         if provider in (
             "fastdiff",
+            "fastdiff-foldbias",
             "fastdiff-nograph",
             "fastdiff-nchw",
             "fastdiff-nokernels",
@@ -145,10 +149,17 @@ def provider_setup(
             # On CPU the cache replays eagerly: the same code path, without capture.
             graphed = GraphedCall(model, mb.graph_cache(), kind="unet")
             kernels = provider != "fastdiff-nokernels"
+            fold = provider == "fastdiff-foldbias"
 
             def run_graphed():
-                with ops_backend(kernels):  # chosen at capture, as optimize() does
-                    return graphed(**inputs)
+                # Both chosen at capture, as optimize() does; the folds only for this provider
+                # (the model is shared with the others).
+                model.fold_conv_biases(fold)
+                try:
+                    with ops_backend(kernels):
+                        return graphed(**inputs)
+                finally:
+                    model.fold_conv_biases(False)
 
             run_graphed.graphed = graphed  # read by model_bench.run_case
             return run_graphed
@@ -181,7 +192,12 @@ def default_providers(compile_: bool) -> list[str]:
     if mb.diffusers_available():
         providers += ["diffusers", "diffusers-graph"]
     if mb.on_gpu():  # without CUDA these equal fastdiff
-        providers += ["fastdiff-nokernels", "fastdiff-nchw", "fastdiff-nograph"]
+        providers += [
+            "fastdiff-foldbias",
+            "fastdiff-nokernels",
+            "fastdiff-nchw",
+            "fastdiff-nograph",
+        ]
     if compile_:
         providers += ["fastdiff-compile"] + (
             ["diffusers-compile"] if mb.diffusers_available() else []

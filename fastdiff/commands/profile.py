@@ -139,6 +139,11 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--calls", type=int, default=3, help="profiled calls per path")
     parser.add_argument("--top", type=int, default=15, help="kernels listed per path")
     parser.add_argument(
+        "--fold-biases",
+        action="store_true",
+        help="profile the optimized path with optimize(fold_biases=True)",
+    )
+    parser.add_argument(
         "--by-op",
         action="store_true",
         help="list the ops that launched the kernels, with their input shapes, not the kernels",
@@ -197,15 +202,16 @@ def run(args: argparse.Namespace) -> int:
         unit,
         name_width,
     )
-    prepare_module(unet, "unet", OptimizeReport(str(device)), None, on_cuda, True)
+    prepare_module(unet, "unet", OptimizeReport(str(device)), None, on_cuda, True, args.fold_biases)
     fast_sample = sample.contiguous(memory_format=torch.channels_last) if on_cuda else sample
 
     def optimized():
         with torch.no_grad(), ops_backend(kernels=True):  # the backend optimize() selects
             return unet(fast_sample, timestep, context, **kwargs)
 
+    folded = ", folded biases" if args.fold_biases else ""
     print_breakdown(
-        "fastdiff optimized, graph off (kernels, channels-last, fused QKV)",
+        f"fastdiff optimized, graph off (kernels, channels-last, fused QKV{folded})",
         profile_calls(optimized, args.calls, on_cuda, args.by_op),
         args.top,
         unit,

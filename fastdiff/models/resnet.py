@@ -15,6 +15,37 @@ from torch import nn
 from fastdiff import ops
 
 
+def is_channels_last(x: torch.Tensor) -> bool:
+    """A 4-d tensor whose (B, H, W, C) permutation is contiguous: its pixels are token rows."""
+    return x.dim() == 4 and x.permute(0, 2, 3, 1).is_contiguous()
+
+
+def plain_layer(layer: nn.Module | None) -> bool:
+    """An unwrapped ``nn.Conv2d`` or ``nn.Linear`` without forward hooks: its output is the plain
+    convolution or product of its own weight and bias, so a fold may compute it from those. A
+    subclass, a wrapper (a LoRA layer, say) or a hooked layer is called as it is."""
+    return type(layer) in (nn.Conv2d, nn.Linear) and not (
+        layer._forward_hooks or layer._forward_pre_hooks
+    )
+
+
+def conv_without_bias(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """``conv(x)`` less its bias (the caller adds the bias where it costs no kernel of its own)."""
+    return F.conv2d(x, conv.weight, None, conv.stride, conv.padding, conv.dilation, conv.groups)
+
+
+def pointwise_as_linear(
+    tokens: torch.Tensor, layer: nn.Module, extra_bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """A 1x1 convolution (or a linear layer) applied to (..., C) rows as one GEMM, its bias (plus
+    ``extra_bias``) added inside it: cuBLAS fuses the bias, where PyTorch adds a cuDNN
+    convolution's bias in a kernel of its own."""
+    bias = layer.bias
+    if extra_bias is not None:
+        bias = extra_bias if bias is None else bias + extra_bias
+    return F.linear(tokens, layer.weight.flatten(1), bias)
+
+
 class GroupNorm(nn.GroupNorm):
     """``nn.GroupNorm`` parameters, computed by ``fastdiff.ops.group_norm`` (optionally + SiLU)."""
 
@@ -23,7 +54,14 @@ class GroupNorm(nn.GroupNorm):
 
 
 class ResnetBlock2D(nn.Module):
-    """Residual block; ``temb_channels=None`` (the VAE) drops the timestep projection."""
+    """Residual block; ``temb_channels=None`` (the VAE) drops the timestep projection.
+
+    ``fold_biases`` (set by ``ModelBase.fold_conv_biases``) computes the same sum with fewer
+    full-size additions: conv1's bias joins the time embedding, which is added to the same tensor
+    anyway, and conv2's bias joins the 1x1 shortcut's, which runs as a GEMM with the bias fused
+    when the input is channels-last."""
+
+    fold_biases = False
 
     def __init__(
         self,
@@ -50,11 +88,30 @@ class ResnetBlock2D(nn.Module):
         self.output_scale_factor = output_scale_factor
 
     def forward(self, x: torch.Tensor, temb: torch.Tensor | None = None) -> torch.Tensor:
-        hidden = self.conv1(self.norm1(x, silu=True))
+        hidden = self.norm1(x, silu=True)
         if self.time_emb_proj is not None and temb is not None:
-            hidden = hidden + self.time_emb_proj(F.silu(temb))[:, :, None, None]
-        hidden = self.conv2(self.dropout(self.norm2(hidden, silu=True)))
-        shortcut = self.conv_shortcut(x) if self.conv_shortcut is not None else x
+            shift = self.time_emb_proj(F.silu(temb))
+            if self.fold_biases and self.conv1.bias is not None and plain_layer(self.conv1):
+                hidden = conv_without_bias(self.conv1, hidden)
+                shift = shift + self.conv1.bias
+            else:
+                hidden = self.conv1(hidden)
+            hidden = hidden + shift[:, :, None, None]
+        else:
+            hidden = self.conv1(hidden)
+        hidden = self.dropout(self.norm2(hidden, silu=True))
+        if (
+            self.fold_biases
+            and is_channels_last(x)
+            and plain_layer(self.conv_shortcut)
+            and plain_layer(self.conv2)
+        ):
+            hidden = conv_without_bias(self.conv2, hidden)
+            rows = pointwise_as_linear(x.permute(0, 2, 3, 1), self.conv_shortcut, self.conv2.bias)
+            shortcut = rows.permute(0, 3, 1, 2)  # channels-last again, no copy
+        else:
+            hidden = self.conv2(hidden)
+            shortcut = self.conv_shortcut(x) if self.conv_shortcut is not None else x
         out = shortcut + hidden
         if self.output_scale_factor != 1.0:
             out = out / self.output_scale_factor

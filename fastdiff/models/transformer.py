@@ -13,7 +13,7 @@ from torch import nn
 
 from fastdiff import ops
 from fastdiff.models.attention import Attention
-from fastdiff.models.resnet import GroupNorm
+from fastdiff.models.resnet import GroupNorm, is_channels_last, plain_layer, pointwise_as_linear
 
 
 class LayerNorm(nn.LayerNorm):
@@ -67,7 +67,13 @@ class BasicTransformerBlock(nn.Module):
 
 
 class Transformer2DModel(nn.Module):
-    """GroupNorm -> proj_in -> transformer blocks over H*W tokens -> proj_out, plus the input."""
+    """GroupNorm -> proj_in -> transformer blocks over H*W tokens -> proj_out, plus the input.
+
+    ``fold_biases`` (set by ``ModelBase.fold_conv_biases``): 1x1-convolution projections of a
+    channels-last input run as GEMMs on the token rows, the bias fused, instead of cuDNN
+    convolutions whose bias PyTorch adds in a kernel of its own."""
+
+    fold_biases = False
 
     def __init__(
         self,
@@ -94,21 +100,33 @@ class Transformer2DModel(nn.Module):
             for _ in range(num_layers)
         )
 
+    @staticmethod
+    def project(layer: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+        """proj_in / proj_out on (B, N, C) token rows: the linear layer itself, or a 1x1
+        convolution's weights as one GEMM."""
+        return pointwise_as_linear(tokens, layer) if isinstance(layer, nn.Conv2d) else layer(tokens)
+
     def forward(self, x: torch.Tensor, context: torch.Tensor | None) -> torch.Tensor:
         batch, _, height, width = x.shape
         hidden = self.norm(x)
-        if not self.use_linear_projection:
+        on_tokens = self.use_linear_projection or (
+            self.fold_biases
+            and is_channels_last(hidden)
+            and plain_layer(self.proj_in)
+            and plain_layer(self.proj_out)
+        )
+        if not on_tokens:
             hidden = self.proj_in(hidden)
         # (B, C, H, W) -> (B, H*W, C): a view when the input is channels-last.
         tokens = hidden.permute(0, 2, 3, 1).reshape(batch, height * width, hidden.shape[1])
-        if self.use_linear_projection:
-            tokens = self.proj_in(tokens)
+        if on_tokens:
+            tokens = self.project(self.proj_in, tokens)
         for block in self.transformer_blocks:
             tokens = block(tokens, context)
-        if self.use_linear_projection:
-            tokens = self.proj_out(tokens)
+        if on_tokens:
+            tokens = self.project(self.proj_out, tokens)
         hidden = tokens.reshape(batch, height, width, tokens.shape[-1]).permute(0, 3, 1, 2)
-        if not self.use_linear_projection:
+        if not on_tokens:
             hidden = self.proj_out(hidden)
         # Keep the caller's memory format so the following convolutions see one layout.
         layout = (

@@ -80,8 +80,10 @@ def prepare_module(
     dtype: torch.dtype | None,
     channels_last: bool,
     fuse_qkv: bool,
+    fold_biases: bool = False,
 ) -> None:
-    """dtype, memory format and QKV fusion of one model, in place."""
+    """dtype, memory format, QKV fusion and (``fold_biases``) convolution-bias folding of one
+    model, in place."""
     module.eval().requires_grad_(False)
     if dtype is not None:
         module.to(dtype=dtype)
@@ -96,6 +98,13 @@ def prepare_module(
     if channels_last:
         module.to(memory_format=torch.channels_last)
         report.applied.append(f"{name}: channels-last convolutions")
+    fold = getattr(module, "fold_conv_biases", None)
+    if fold is not None:  # also switches folding back off on a re-optimize without it
+        count = fold(fold_biases)
+        if fold_biases:
+            report.applied.append(f"{name}: convolution biases folded ({count} blocks)")
+    elif fold_biases:
+        report.skipped[f"{name}: bias folding"] = "model has no fold_conv_biases()"
 
 
 def ops_backend(kernels: bool = True):
@@ -270,6 +279,7 @@ def optimize(
     compile_mode: str | None = None,
     compile_backend: str = "inductor",
     vae_channels_last: bool | None = None,
+    fold_biases: bool = False,
 ) -> OptimizedRuntime:
     """Prepare ``pipe`` (a ``fastdiff.Pipeline``) for speed, in place; returns its runtime
     (``runtime.report`` says what was applied; ``runtime.attached`` whether the pipeline now
@@ -286,6 +296,9 @@ def optimize(
 
     ``vae_channels_last`` overrides ``channels_last`` for the VAE (None: the same; the
     benchmarks' fastdiff-nchw provider shows which layout is faster for a GPU).
+    ``fold_biases`` adds convolution biases inside other work where the sum allows it (fewer
+    full-size additions: see ``ResnetBlock2D`` and ``Transformer2DModel``); off by default until
+    a GPU run of bench_unet's fastdiff-foldbias provider shows it faster.
     ``compile_mode`` (e.g. "default" or "max-autotune-no-cudagraphs"; None = off) also
     torch.compiles the U-Net's blocks: an option, since compiling takes a minute where the
     default path warms up in seconds.
@@ -327,9 +340,9 @@ def optimize(
         vae_dtype = vae_dtype_for(dtype)
         if vae_dtype != dtype:
             report.applied.append(f"vae: {str(vae_dtype).replace('torch.', '')} (force_upcast)")
-    prepare_module(pipe.unet, "unet", report, dtype, channels_last, fuse_qkv)
+    prepare_module(pipe.unet, "unet", report, dtype, channels_last, fuse_qkv, fold_biases)
     vae_nhwc = channels_last if vae_channels_last is None else (vae_channels_last and on_cuda)
-    prepare_module(pipe.vae, "vae", report, vae_dtype or dtype, vae_nhwc, fuse_qkv)
+    prepare_module(pipe.vae, "vae", report, vae_dtype or dtype, vae_nhwc, fuse_qkv, fold_biases)
     if compile_mode is not None:
         count = compile_blocks(pipe.unet, compile_mode, compile_backend)
         report.applied.append(

@@ -43,7 +43,8 @@ def max_error(value: torch.Tensor, reference: torch.Tensor) -> float:
     return (value.float() - reference.float()).abs().max().item()
 
 
-def test_optimized_unet_within_tolerance_of_eager_fp16():
+@pytest.mark.parametrize("fold_biases", [False, True], ids=["biases", "folded-biases"])
+def test_optimized_unet_within_tolerance_of_eager_fp16(fold_biases):
     pipe = tiny_pipeline(device="cuda")
     x = torch.randn(2, 4, 16, 16, device="cuda")
     t = torch.tensor([999, 10], device="cuda")
@@ -58,6 +59,7 @@ def test_optimized_unet_within_tolerance_of_eager_fp16():
         torch.float16,
         channels_last=True,
         fuse_qkv=True,
+        fold_biases=fold_biases,
     )
     cache = runtime.GraphCache(runtime.CudaGraphBackend())
     graphed = runtime.GraphedCall(pipe.unet, cache, kind="unet")
