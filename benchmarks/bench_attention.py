@@ -46,6 +46,9 @@ FUSED_QKV_SUFFIX = " (fused-qkv views)"  # workload name suffix; backend_table.p
 
 
 def workload(name, dims, dtype, fused_qkv: bool = False) -> Workload:
+    if fused_qkv and dims[2] != dims[3]:  # backend_table.py keys these rows as strided views
+        raise ValueError(f"{name}: fused-QKV views need self-attention (as many keys as queries)")
+
     def make(reduced: bool):
         batch, heads, queries, keys, head_dim = dims
         if reduced:

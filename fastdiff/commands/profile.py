@@ -19,10 +19,11 @@ from collections import defaultdict
 import torch
 
 MODELS = ("sd15", "sdxl", "tiny")
-CATEGORIES = (  # first match wins: cuDNN conv kernels often contain "gemm" in their names
-    ("layout conversion", r"nchwToNhwc|nhwcToNchw|convert.*layout|permute|transpose"),
-    ("convolution", r"conv|fprop|dgrad|implicit|cudnn|winograd|xmma"),
+CATEGORIES = (  # first match wins: cuDNN conv kernels often contain "gemm" in their names, and
+    # cuDNN's attention kernels and ops "cudnn" and "fprop", so attention is matched first
+    ("layout conversion", r"nchwtonhwc|nhwctonchw|convert.*layout|permute|transpose"),
     ("attention", r"attn|attention|flash|fmha|sdpa|softmax"),
+    ("convolution", r"conv|fprop|dgrad|implicit|cudnn|winograd|xmma"),
     ("group norm", r"group_?norm"),
     ("layer norm", r"layer_?norm"),
     ("sampler step", r"sampler_step"),
@@ -49,7 +50,7 @@ def unet_config(model: str) -> tuple[dict, int, int, int, int]:
 
 
 def category(name: str) -> str:
-    lowered = name.lower()
+    lowered = name.lower()  # the patterns are lower case
     for label, pattern in CATEGORIES:
         if re.search(pattern, lowered):
             return label

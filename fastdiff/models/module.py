@@ -39,11 +39,12 @@ class ModelBase(nn.Module):
     def fold_conv_biases(self, enabled: bool = True) -> int:
         """Switch the blocks that can add convolution biases inside other work (ResNet blocks,
         transformer projections; see their ``fold_biases``) to doing so, or back. The weights are
-        untouched, so the state dict stays the checkpoint's. Returns how many blocks switched."""
+        untouched, so the state dict stays the checkpoint's. Returns how many blocks have
+        something to fold (whether a fold applies to a call also depends on its input's layout)."""
         blocks = [module for module in self.modules() if hasattr(type(module), "fold_biases")]
         for module in blocks:
             module.fold_biases = enabled
-        return len(blocks)
+        return sum(module.has_bias_folds for module in blocks)
 
     def attention_modules(self) -> list[Attention]:
         return [module for module in self.modules() if isinstance(module, Attention)]

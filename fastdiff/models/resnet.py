@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+import torch.nn.modules.module as module_hooks
 from torch import nn
 
 from fastdiff import ops
@@ -21,11 +22,20 @@ def is_channels_last(x: torch.Tensor) -> bool:
 
 
 def plain_layer(layer: nn.Module | None) -> bool:
-    """An unwrapped ``nn.Conv2d`` or ``nn.Linear`` without forward hooks: its output is the plain
-    convolution or product of its own weight and bias, so a fold may compute it from those. A
-    subclass, a wrapper (a LoRA layer, say) or a hooked layer is called as it is."""
-    return type(layer) in (nn.Conv2d, nn.Linear) and not (
-        layer._forward_hooks or layer._forward_pre_hooks
+    """An ``nn.Conv2d`` (zero padding) or ``nn.Linear`` whose output is the plain convolution or
+    product of its own weight and bias, so a fold may compute it from those. Anything that could
+    change that output is called as it is: a subclass or wrapper, a replaced ``forward`` (on the
+    instance or the class, as LoRA patches do), another padding mode, forward hooks (the layer's
+    or global ones)."""
+    forward = getattr(type(layer), "forward", None)
+    return (
+        type(layer) in (nn.Conv2d, nn.Linear)
+        and getattr(forward, "__module__", "").startswith("torch.nn.modules.")
+        and getattr(forward, "__qualname__", "") == f"{type(layer).__name__}.forward"
+        and "forward" not in vars(layer)
+        and getattr(layer, "padding_mode", "zeros") == "zeros"
+        and not (layer._forward_hooks or layer._forward_pre_hooks)
+        and not (module_hooks._global_forward_hooks or module_hooks._global_forward_pre_hooks)
     )
 
 
@@ -62,6 +72,11 @@ class ResnetBlock2D(nn.Module):
     when the input is channels-last."""
 
     fold_biases = False
+
+    @property
+    def has_bias_folds(self) -> bool:
+        """Whether ``fold_biases`` can change anything here (a time embedding or a 1x1 shortcut)."""
+        return self.time_emb_proj is not None or self.conv_shortcut is not None
 
     def __init__(
         self,

@@ -75,6 +75,11 @@ class Transformer2DModel(nn.Module):
 
     fold_biases = False
 
+    @property
+    def has_bias_folds(self) -> bool:
+        """Whether ``fold_biases`` can change anything here (1x1-convolution projections)."""
+        return not self.use_linear_projection
+
     def __init__(
         self,
         heads: int,

@@ -102,7 +102,9 @@ def prepare_module(
     if fold is not None:  # also switches folding back off on a re-optimize without it
         count = fold(fold_biases)
         if fold_biases:
-            report.applied.append(f"{name}: convolution biases folded ({count} blocks)")
+            report.applied.append(
+                f"{name}: convolution-bias folding on ({count} blocks with something to fold)"
+            )
     elif fold_biases:
         report.skipped[f"{name}: bias folding"] = "model has no fold_conv_biases()"
 
@@ -291,14 +293,16 @@ def optimize(
     ``max_loop_steps`` steps are captured whole.
     ``backend`` overrides how graphs are captured (``EagerGraphBackend()`` runs the same
     static-buffer loop without capture, which is how it is tested on CPU). Without CUDA and
-    without ``backend`` nothing but QKV fusion is applied (float32 kept) and the pipeline's
-    eager path stays in use.
+    without ``backend`` nothing but QKV fusion (and bias folding, if asked) is applied (float32
+    kept) and the pipeline's eager path stays in use.
 
     ``vae_channels_last`` overrides ``channels_last`` for the VAE (None: the same; the
     benchmarks' fastdiff-nchw provider shows which layout is faster for a GPU).
-    ``fold_biases`` adds convolution biases inside other work where the sum allows it (fewer
-    full-size additions: see ``ResnetBlock2D`` and ``Transformer2DModel``); off by default until
-    a GPU run of bench_unet's fastdiff-foldbias provider shows it faster.
+    ``fold_biases`` makes the U-Net add convolution biases inside other work where the sum
+    allows it (fewer full-size additions: see ``ResnetBlock2D`` and ``Transformer2DModel``); off
+    by default until a GPU run of bench_unet's fastdiff-foldbias provider shows it faster. The
+    VAE is left as it is: it has no time embedding, and its shortcut GEMMs would run in float32
+    for the SDXL VAE, where cuBLAS takes no TF32 by default and cuDNN's convolutions do.
     ``compile_mode`` (e.g. "default" or "max-autotune-no-cudagraphs"; None = off) also
     torch.compiles the U-Net's blocks: an option, since compiling takes a minute where the
     default path warms up in seconds.
@@ -342,7 +346,7 @@ def optimize(
             report.applied.append(f"vae: {str(vae_dtype).replace('torch.', '')} (force_upcast)")
     prepare_module(pipe.unet, "unet", report, dtype, channels_last, fuse_qkv, fold_biases)
     vae_nhwc = channels_last if vae_channels_last is None else (vae_channels_last and on_cuda)
-    prepare_module(pipe.vae, "vae", report, vae_dtype or dtype, vae_nhwc, fuse_qkv, fold_biases)
+    prepare_module(pipe.vae, "vae", report, vae_dtype or dtype, vae_nhwc, fuse_qkv)
     if compile_mode is not None:
         count = compile_blocks(pipe.unet, compile_mode, compile_backend)
         report.applied.append(

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from fastdiff.models.resnet import ResnetBlock2D
 from fastdiff.models.transformer import Transformer2DModel
@@ -25,18 +26,19 @@ def randomize_biases(module: torch.nn.Module) -> None:
 
 
 @pytest.fixture
-def forward_calls(monkeypatch):
-    """{id(layer): calls} of every nn.Conv2d / nn.Linear forward (patched on the classes: a
-    forward hook would itself keep a layer from being folded)."""
-    counts: dict[int, int] = {}
-    for cls in (torch.nn.Conv2d, torch.nn.Linear):
+def conv_calls(monkeypatch):
+    """conv_calls(layer, with_bias) -> how many F.conv2d calls used ``layer``'s weight, with a
+    bias or without. Counted on torch.nn.functional, which nn.Conv2d calls too: patching the
+    layer or its class would itself keep it from being folded."""
+    seen: list[tuple[int, bool]] = []
+    conv2d = F.conv2d
 
-        def counting(self, *args, _forward=cls.forward, **kwargs):
-            counts[id(self)] = counts.get(id(self), 0) + 1
-            return _forward(self, *args, **kwargs)
+    def counting(input, weight, bias=None, *args, **kwargs):
+        seen.append((id(weight), bias is not None))
+        return conv2d(input, weight, bias, *args, **kwargs)
 
-        monkeypatch.setattr(cls, "forward", counting)
-    return lambda layer: counts.get(id(layer), 0)
+    monkeypatch.setattr(F, "conv2d", counting)
+    return lambda layer, with_bias: seen.count((id(layer.weight), with_bias))
 
 
 def layout(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
@@ -46,32 +48,47 @@ def layout(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
 @pytest.mark.parametrize("in_channels", [16, 8], ids=["identity-shortcut", "conv-shortcut"])
 @pytest.mark.parametrize("with_temb", [True, False], ids=["temb", "no-temb"])
-def test_resnet_block(forward_calls, channels_last, in_channels, with_temb):
+def test_resnet_block(conv_calls, channels_last, in_channels, with_temb):
     block = ResnetBlock2D(in_channels, 16, 12, groups=4, eps=1e-5).eval()
     randomize_biases(block)
     x = layout(torch.randn(2, in_channels, 6, 6), channels_last)
     temb = torch.randn(2, 12) if with_temb else None
     with torch.no_grad():
         expected = block(x, temb)
-        before = forward_calls(block.conv1), forward_calls(block.conv_shortcut)
         block.fold_biases = True
         folded = block(x, temb)
     torch.testing.assert_close(folded, expected, rtol=1e-5, atol=1e-5)
     assert folded.is_contiguous(memory_format=torch.channels_last) == channels_last
-    # conv1's bias joins the time embedding; conv2's the shortcut's GEMM (channels-last only)
-    assert forward_calls(block.conv1) - before[0] == (0 if with_temb else 1)
-    if block.conv_shortcut is not None:
-        assert forward_calls(block.conv_shortcut) - before[1] == (0 if channels_last else 1)
+    # conv1's bias joins the time embedding: once with its bias (unfolded), once without
+    assert conv_calls(block.conv1, with_bias=False) == (1 if with_temb else 0)
+    if block.conv_shortcut is not None:  # conv2's bias joins the shortcut's GEMM (channels-last)
+        assert conv_calls(block.conv_shortcut, with_bias=True) == (1 if channels_last else 2)
+        assert conv_calls(block.conv2, with_bias=False) == (1 if channels_last else 0)
 
 
-def test_wrapped_or_hooked_layers_are_called_as_they_are():
+def hook(layer):
+    layer.register_forward_hook(lambda module, inputs, out: out * 2)
+
+
+def replace_forward(layer):  # as LoRA patches attach themselves
+    original = layer.forward
+    layer.forward = lambda x: original(x) + 0.5
+
+
+def circular_padding(layer):
+    layer.padding_mode = "circular"
+    layer._reversed_padding_repeated_twice = [1, 1, 1, 1]
+
+
+@pytest.mark.parametrize("patch", [hook, replace_forward, circular_padding])
+def test_patched_layers_are_called_as_they_are(patch):
     block = ResnetBlock2D(8, 16, 12, groups=4, eps=1e-5).eval()
     randomize_biases(block)
     x = layout(torch.randn(2, 8, 6, 6), True)
     temb = torch.randn(2, 12)
-    # a hook that changes the output, as a LoRA-style patch would: folding must not skip it
-    block.conv1.register_forward_hook(lambda module, inputs, out: out * 2)
-    block.conv_shortcut.register_forward_hook(lambda module, inputs, out: out + 1)
+    patch(block.conv1)
+    if patch is not circular_padding:  # a 1x1 shortcut has no padding
+        patch(block.conv_shortcut)
     with torch.no_grad():
         expected = block(x, temb)
         block.fold_biases = True
@@ -79,24 +96,43 @@ def test_wrapped_or_hooked_layers_are_called_as_they_are():
     torch.testing.assert_close(folded, expected, rtol=1e-5, atol=1e-5)
 
 
+def test_a_global_forward_hook_keeps_every_layer_unfolded():
+    block = ResnetBlock2D(8, 16, 12, groups=4, eps=1e-5).eval()
+    randomize_biases(block)
+    x = layout(torch.randn(2, 8, 6, 6), True)
+    temb = torch.randn(2, 12)
+    doubled = (torch.nn.Conv2d, torch.nn.Linear)
+    handle = torch.nn.modules.module.register_module_forward_hook(
+        lambda module, inputs, out: out * 2 if isinstance(module, doubled) else out
+    )
+    try:
+        with torch.no_grad():
+            expected = block(x, temb)
+            block.fold_biases = True
+            folded = block(x, temb)
+    finally:
+        handle.remove()
+    torch.testing.assert_close(folded, expected, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
 @pytest.mark.parametrize("linear_projection", [False, True], ids=["conv-proj", "linear-proj"])
-def test_transformer_projections(forward_calls, channels_last, linear_projection):
+def test_transformer_projections(conv_calls, channels_last, linear_projection):
     model = Transformer2DModel(2, 8, 16, 1, 12, 4, use_linear_projection=linear_projection).eval()
     randomize_biases(model)
     x = layout(torch.randn(2, 16, 4, 4), channels_last)
     context = torch.randn(2, 5, 12)
     with torch.no_grad():
         expected = model(x, context)
-        before = forward_calls(model.proj_in), forward_calls(model.proj_out)
         model.fold_biases = True
         folded = model(x, context)
     torch.testing.assert_close(folded, expected, rtol=1e-5, atol=1e-5)
     assert folded.is_contiguous(memory_format=torch.channels_last) == channels_last
     # a 1x1 conv runs as a GEMM on the token rows only where they are a view (channels-last)
-    called = 0 if channels_last and not linear_projection else 1
-    assert forward_calls(model.proj_in) - before[0] == called
-    assert forward_calls(model.proj_out) - before[1] == called
+    if not linear_projection:
+        convolutions = 1 if channels_last else 2  # the unfolded call, and the folded one
+        assert conv_calls(model.proj_in, with_bias=True) == convolutions
+        assert conv_calls(model.proj_out, with_bias=True) == convolutions
 
 
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
@@ -108,16 +144,32 @@ def test_unet_output_and_state_dict_unchanged(channels_last):
     t = torch.tensor([999, 10])
     context = torch.randn(2, 7, 32)
     blocks = [m for m in unet.modules() if isinstance(m, ResnetBlock2D | Transformer2DModel)]
+    foldable = [block for block in blocks if block.has_bias_folds]
     with torch.no_grad():
         expected = unet(x, t, context)
         report = OptimizeReport("cpu")
         prepare_module(unet, "unet", report, None, channels_last, True, fold_biases=True)
         folded = unet(x, t, context)
     torch.testing.assert_close(folded, expected, rtol=1e-5, atol=1e-5)
-    assert f"unet: convolution biases folded ({len(blocks)} blocks)" in report.applied
+    # every U-Net ResNet block has a time embedding; the tiny U-Net's projections are 1x1 convs
+    assert len(foldable) == len(blocks)
+    assert f"unet: convolution-bias folding on ({len(blocks)} blocks with something to fold)" in (
+        report.applied
+    )
     assert all(block.fold_biases for block in blocks)
     assert unet.state_dict().keys() == state.keys()
     assert all(torch.equal(unet.state_dict()[name], value) for name, value in state.items())
     # preparing again without the option switches the blocks back
     prepare_module(unet, "unet", OptimizeReport("cpu"), None, channels_last, True)
     assert not any(block.fold_biases for block in blocks)
+
+
+def test_optimize_folds_the_unet_only():
+    from fastdiff.runtime import optimize
+
+    pipe = tiny_pipeline()
+    optimize(pipe, fold_biases=True, verbose=False)
+    assert all(b.fold_biases for b in pipe.unet.modules() if hasattr(b, "has_bias_folds"))
+    assert not any(getattr(b, "fold_biases", False) for b in pipe.vae.modules())
+    optimize(pipe, verbose=False)  # again without it: off
+    assert not any(getattr(b, "fold_biases", False) for b in pipe.unet.modules())

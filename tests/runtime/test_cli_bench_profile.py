@@ -41,3 +41,15 @@ def test_profile_by_op_names_the_ops_with_their_input_shapes(capsys):
     out = capsys.readouterr().out
     # The toy U-Net's first convolution: latents (2, 4, 8, 8) into 32 channels, 3x3.
     assert "aten::mkldnn_convolution (2x4x8x8, 32x4x3x3, 32)" in out
+
+
+def test_profile_categories():
+    from fastdiff.commands.profile import category
+
+    assert category("aten::_cudnn_attention_forward") == "attention"
+    assert category("cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16") == "attention"
+    assert category("aten::cudnn_convolution") == "convolution"
+    assert category("sm90_xmma_fprop_implicit_gemm_f16f16_f16f32_f32_nhwckrsc_nhwc") == (
+        "convolution"
+    )
+    assert category("void cudnn::engines_precompiled::nchwToNhwcKernel") == "layout conversion"
