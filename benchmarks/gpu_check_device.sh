@@ -4,12 +4,12 @@
 #   gpu_check_all.tgz (every file), gpu_check.log, models_summary.txt, <gpu>.csv, models.csv and
 #   backend_table.json;
 # stdout gets each part's status, the failing tests and the model tables (the call's output tail).
-#   run: TEST_JOBS=10 TOTAL=440 bash benchmarks/gpu_check_device.sh   (carry .whl; timeout_s 480)
-# TEST_JOBS (default here 10: a device machine has 16 cores) and TOTAL (default here 440, which
+#   run: bash benchmarks/gpu_check_device.sh   (carry .whl; timeout_s 520)
+# TEST_JOBS (default here 10: a device machine has 16 cores) and TOTAL (default here 480, which
 # leaves a 15-minute device budget room for a short rerun) pass through to gpu_check.sh.
 set -u
 OUT="${OUT:?set OUT to the folder to bring back (the device tool sets it)}"
-export TEST_JOBS="${TEST_JOBS:-10}" TOTAL="${TOTAL:-440}"
+export TEST_JOBS="${TEST_JOBS:-10}" TOTAL="${TOTAL:-480}"
 SCRATCH="$(mktemp -d)"
 bash "$(dirname "$0")/gpu_check.sh" "$SCRATCH" >"$SCRATCH/stdout.log" 2>&1
 status=$?
