@@ -41,6 +41,14 @@ def conv_calls(monkeypatch):
     return lambda layer, with_bias: seen.count((id(layer.weight), with_bias))
 
 
+def unfolded_and_folded(module: torch.nn.Module, *args) -> tuple[torch.Tensor, torch.Tensor]:
+    """``module(*args)`` as it is, then with ``fold_biases`` switched on."""
+    with torch.no_grad():
+        expected = module(*args)
+        module.fold_biases = True
+        return expected, module(*args)
+
+
 def layout(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
@@ -53,10 +61,7 @@ def test_resnet_block(conv_calls, channels_last, in_channels, with_temb):
     randomize_biases(block)
     x = layout(torch.randn(2, in_channels, 6, 6), channels_last)
     temb = torch.randn(2, 12) if with_temb else None
-    with torch.no_grad():
-        expected = block(x, temb)
-        block.fold_biases = True
-        folded = block(x, temb)
+    expected, folded = unfolded_and_folded(block, x, temb)
     torch.testing.assert_close(folded, expected, rtol=1e-5, atol=1e-5)
     assert folded.is_contiguous(memory_format=torch.channels_last) == channels_last
     # conv1's bias joins the time embedding: once with its bias (unfolded), once without
@@ -89,10 +94,7 @@ def test_patched_layers_are_called_as_they_are(patch):
     patch(block.conv1)
     if patch is not circular_padding:  # a 1x1 shortcut has no padding
         patch(block.conv_shortcut)
-    with torch.no_grad():
-        expected = block(x, temb)
-        block.fold_biases = True
-        folded = block(x, temb)
+    expected, folded = unfolded_and_folded(block, x, temb)
     torch.testing.assert_close(folded, expected, rtol=1e-5, atol=1e-5)
 
 
@@ -106,10 +108,7 @@ def test_a_global_forward_hook_keeps_every_layer_unfolded():
         lambda module, inputs, out: out * 2 if isinstance(module, doubled) else out
     )
     try:
-        with torch.no_grad():
-            expected = block(x, temb)
-            block.fold_biases = True
-            folded = block(x, temb)
+        expected, folded = unfolded_and_folded(block, x, temb)
     finally:
         handle.remove()
     torch.testing.assert_close(folded, expected, rtol=1e-5, atol=1e-5)
@@ -122,10 +121,7 @@ def test_transformer_projections(conv_calls, channels_last, linear_projection):
     randomize_biases(model)
     x = layout(torch.randn(2, 16, 4, 4), channels_last)
     context = torch.randn(2, 5, 12)
-    with torch.no_grad():
-        expected = model(x, context)
-        model.fold_biases = True
-        folded = model(x, context)
+    expected, folded = unfolded_and_folded(model, x, context)
     torch.testing.assert_close(folded, expected, rtol=1e-5, atol=1e-5)
     assert folded.is_contiguous(memory_format=torch.channels_last) == channels_last
     # a 1x1 conv runs as a GEMM on the token rows only where they are a view (channels-last)
