@@ -1,6 +1,11 @@
 """GroupNorm(32) + SiLU at the SD1.5 / SDXL U-Net and VAE shapes: fastdiff vs eager vs compile.
 
 GB/s counts one read and one write of the activation (as BASELINES.md does).
+
+``group_norm_silu_offset``: the ResNet blocks' norm2 under ``fold_biases``, x plus a (B, C) time
+embedding offset, channels-last fp16 at the SD1.5 shapes. ``eager`` adds, then normalizes, in
+PyTorch; ``fastdiff-add-then-norm`` is the unfolded fastdiff path (PyTorch's addition, then the
+kernel); ``fastdiff`` adds the offset inside the kernel.
 Run: python benchmarks/bench_group_norm.py [--quick] [--out DIR]
 """
 
@@ -56,6 +61,29 @@ def workload(shape, dtype, channels_last: bool) -> Workload:
     return Workload(name, dtype, make, bytes_moved=activation_bytes)
 
 
+def offset_workload(shape, dtype) -> Workload:
+    plain = workload(shape, dtype, channels_last=True)
+
+    def make(reduced: bool):
+        inputs = plain.make(reduced)
+        return (*inputs, random(tuple(inputs[0].shape[:2]), dtype))
+
+    return Workload(f"{plain.name} offset", dtype, make, bytes_moved=activation_bytes)
+
+
+def add_then_norm(inputs):
+    """The unfolded path: PyTorch adds the offset (a full read and write), then the kernel."""
+    x, groups, weight, bias, eps, silu, offset = inputs
+
+    def call():
+        from fastdiff.ops import use_backend
+
+        with use_backend("triton"):
+            return group_norm(x + offset[:, :, None, None], groups, weight, bias, eps, silu)
+
+    return call
+
+
 def activation_bytes(inputs) -> float:
     return 2 * inputs[0].numel() * inputs[0].element_size()
 
@@ -81,6 +109,11 @@ def main() -> None:
         providers["fastdiff-split"] = forced_kernel(0)
         providers["fastdiff-single"] = forced_kernel(1 << 40)
     run_benchmark("group_norm_silu", workloads, providers, args)
+
+    offset_workloads = [offset_workload(s, torch.float16) for s in QUICK_SHAPES]
+    offset_providers = standard_providers(group_norm_eager, group_norm, None)
+    offset_providers["fastdiff-add-then-norm"] = add_then_norm
+    run_benchmark("group_norm_silu_offset", offset_workloads, offset_providers, args)
 
 
 if __name__ == "__main__":

@@ -175,6 +175,17 @@ def group_norm_cases(quick: bool) -> list[tuple[str, Callable[[], object]]]:
 
                 layout = "nhwc" if nhwc else "nchw"
                 cases.append((f"group_norm {'x'.join(map(str, shape))} {layout} {name}", launch))
+
+        def launch_with_offset(shape=shape):  # a ResNet block's norm2 under fold_biases
+            x = torch.empty(shape, dtype=torch.float16).contiguous(
+                memory_format=torch.channels_last
+            )
+            weight = torch.empty(shape[1], dtype=torch.float16)
+            offset = torch.empty(shape[:2], dtype=torch.float16)
+            return group_norm_forward(x, 32, weight, weight, 1e-5, True, offset)
+
+        shape_name = "x".join(map(str, shape))
+        cases.append((f"group_norm {shape_name} nhwc fp16 offset", launch_with_offset))
     return cases
 
 

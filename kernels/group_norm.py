@@ -9,6 +9,10 @@ Small groups (the U-Net's low resolutions) take ``group_norm_single_pass_kernel`
 per (sample, group) that accumulates shifted sums (around the group's first element, so fp32 stays
 accurate when |mean| >> std), then normalizes the tile it still holds in registers (or, for a few
 tiles, re-reads them from L2), in a single launch.
+
+Both paths take an optional per-(sample, channel) ``offset`` that is added to the input before it
+is normalized, without the sum ever being written: the ResNet block's time embedding (and its
+convolution's bias) enters the GroupNorm that follows it this way (``fold_biases``).
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ def group_norm_single_pass_kernel(
     y_ptr,  # output (N, C, S) through its own strides
     weight_ptr,  # [C] affine weight (read only when HAS_WEIGHT)
     bias_ptr,  # [C] affine bias (read only when HAS_BIAS)
+    offset_ptr,  # (N, C) through strides, added to x before normalizing (read when HAS_OFFSET)
     spatial,
     num_groups,
     stride_n,
@@ -47,12 +52,15 @@ def group_norm_single_pass_kernel(
     out_stride_n,
     out_stride_c,
     out_stride_s,
+    offset_stride_n,
+    offset_stride_c,
     eps,
     CHANNELS_PER_GROUP: tl.constexpr,
     BLOCK_CG: tl.constexpr,
     BLOCK_S: tl.constexpr,
     HAS_WEIGHT: tl.constexpr,
     HAS_BIAS: tl.constexpr,
+    HAS_OFFSET: tl.constexpr,
     SILU: tl.constexpr,
     SINGLE_TILE: tl.constexpr,
 ):
@@ -66,11 +74,19 @@ def group_norm_single_pass_kernel(
     # Shifted sums around the group's first element keep the one-pass variance accurate.
     shift = tl.load(x_ptr + sample.to(tl.int64) * stride_n + group * CHANNELS_PER_GROUP * stride_c)
     shift = shift.to(tl.float32)
+    if HAS_OFFSET:  # the statistics are those of x + offset: shift by x0 + offset0 instead
+        offset_row = offset_ptr + sample * offset_stride_n
+        add = tl.load(offset_row + chan * offset_stride_c, mask=mask_c, other=0.0).to(tl.float32)
+        shift += tl.load(offset_row + group * CHANNELS_PER_GROUP * offset_stride_c).to(tl.float32)
+    else:
+        add = tl.zeros([BLOCK_CG], dtype=tl.float32)
+    # x + offset - shift as x - pivot: one subtraction per element, offset or not.
+    pivot = (shift - add)[:, None]
     if SINGLE_TILE:  # the whole group fits one tile: read it once, keep it in registers
         offs_s = tl.arange(0, BLOCK_S)
         mask = mask_c[:, None] & (offs_s < spatial)[None, :]
         values = tl.load(base + offs_s[None, :] * stride_s, mask=mask, other=0.0).to(tl.float32)
-        acc_sum = tl.where(mask, values - shift, 0.0)
+        acc_sum = tl.where(mask, values - pivot, 0.0)
         acc_sq = acc_sum * acc_sum
     else:
         acc_sum = tl.zeros([BLOCK_CG, BLOCK_S], dtype=tl.float32)
@@ -79,14 +95,15 @@ def group_norm_single_pass_kernel(
             offs = s0 + tl.arange(0, BLOCK_S)
             tile_mask = mask_c[:, None] & (offs < spatial)[None, :]
             tile = tl.load(base + offs[None, :] * stride_s, mask=tile_mask, other=0.0)
-            centred = tl.where(tile_mask, tile.to(tl.float32) - shift, 0.0)
+            centred = tl.where(tile_mask, tile.to(tl.float32) - pivot, 0.0)
             acc_sum += centred
             acc_sq += centred * centred
     count = spatial * CHANNELS_PER_GROUP * 1.0
     mean_shifted = tl.sum(tl.sum(acc_sum, axis=1), axis=0) / count
     mean_square = tl.sum(tl.sum(acc_sq, axis=1), axis=0) / count
     var = tl.maximum(mean_square - mean_shifted * mean_shifted, 0.0)
-    mean = shift + mean_shifted
+    # Normalizing x + offset around the group mean is normalizing x around mean - offset.
+    mean = (shift + mean_shifted - add)[:, None]
     rstd = 1.0 / tl.sqrt(var + eps)
     if HAS_WEIGHT:
         scale = tl.load(weight_ptr + chan, mask=mask_c, other=0.0).to(tl.float32) * rstd
@@ -139,6 +156,16 @@ def flat_strides(x: torch.Tensor) -> tuple[int, int, int] | None:
     return x.stride(0), x.stride(1), x.stride(dims[-1])
 
 
+def offset_strides_of(offset: torch.Tensor | None) -> tuple[int, int]:
+    """(sample, channel) strides of an (N, C) or (C,) offset; a (C,) one repeats for every
+    sample (sample stride 0)."""
+    if offset is None:
+        return 0, 0
+    if offset.dim() == 1:
+        return 0, offset.stride(0)
+    return (offset.stride(0) if offset.shape[0] > 1 else 0), offset.stride(1)
+
+
 def group_norm_forward(
     x: torch.Tensor,
     num_groups: int,
@@ -146,8 +173,12 @@ def group_norm_forward(
     bias: torch.Tensor | None,
     eps: float,
     silu: bool,
+    offset: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Launch the kernels; the output keeps the input's memory format (NCHW or NHWC).
+
+    ``offset`` ((N, C) or (C,), any strides) is added to ``x`` per sample and channel before the
+    normalization, inside the kernels.
 
     Groups of at most SINGLE_PASS_MAX_GROUP elements take the one-launch single-pass kernel (a
     few 8192-element tiles at most, so its unpipelined loop stays short),
@@ -165,6 +196,7 @@ def group_norm_forward(
     if x.numel() == 0:
         return y
     per_group = channels // num_groups
+    offset_strides = offset_strides_of(offset)
     global _single_pass_state
     small = per_group * spatial <= SINGLE_PASS_MAX_GROUP and per_group <= 512
     if small and _single_pass_state != "failed":
@@ -178,16 +210,19 @@ def group_norm_forward(
                 y,
                 weight if weight is not None else y,
                 bias if bias is not None else y,
+                offset if offset is not None else y,
                 spatial,
                 num_groups,
                 *strides,
                 *out_strides,
+                *offset_strides,
                 float(eps),
                 CHANNELS_PER_GROUP=per_group,
                 BLOCK_CG=block_cg,
                 BLOCK_S=block_s,
                 HAS_WEIGHT=weight is not None,
                 HAS_BIAS=bias is not None,
+                HAS_OFFSET=offset is not None,
                 SILU=bool(silu),
                 SINGLE_TILE=block_s >= spatial,
                 num_warps=8,
@@ -205,5 +240,7 @@ def group_norm_forward(
                 RuntimeWarning,
                 stacklevel=2,
             )
-    split_reduction(x, y, strides, out_strides, num_groups, weight, bias, eps, silu)
+    split_reduction(
+        x, y, strides, out_strides, num_groups, weight, bias, eps, silu, offset, offset_strides
+    )
     return y

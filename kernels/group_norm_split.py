@@ -7,7 +7,9 @@ The input is seen as (N, C, S) through strides (see ``kernels.group_norm``).
    shift being the channel's first element: shifted sums keep fp32 accurate when |mean| >> std.
 2. ``group_norm_finalize_kernel``: one program per (sample, group) adds the partial sums, merges
    the per-channel moments into the group's mean and variance (Chan et al. 1979) and writes the
-   mean, rstd * weight and bias per (sample, channel).
+   mean, rstd * weight and bias per (sample, channel). With an offset (added to x before the
+   normalization) the channel means move by it, the shifted partial sums do not; the mean written
+   is the group's less the channel's offset, so step 3 reads x alone.
 3. ``group_norm_apply_kernel``: y = (x - mean) * scale + bias, then SiLU if asked; one read and
    one write.
 """
@@ -69,6 +71,7 @@ def group_norm_finalize_kernel(
     partial_ptr,  # fp32 [2, N, splits, C] from group_norm_partial_stats_kernel
     weight_ptr,  # [C] affine weight (read only when HAS_WEIGHT)
     bias_ptr,  # [C] affine bias (read only when HAS_BIAS)
+    offset_ptr,  # (N, C) through strides, added to x before normalizing (read when HAS_OFFSET)
     folded_ptr,  # fp32 [3, N, C] out: group mean, rstd * weight, bias (per sample and channel)
     num_samples,
     channels,
@@ -76,6 +79,8 @@ def group_norm_finalize_kernel(
     num_groups,
     stride_n,
     stride_c,
+    offset_stride_n,
+    offset_stride_c,
     splits,
     eps,
     CHANNELS_PER_GROUP: tl.constexpr,
@@ -83,6 +88,7 @@ def group_norm_finalize_kernel(
     BLOCK_SPLIT: tl.constexpr,
     HAS_WEIGHT: tl.constexpr,
     HAS_BIAS: tl.constexpr,
+    HAS_OFFSET: tl.constexpr,
 ):
     pid = tl.program_id(0)
     sample = pid // num_groups
@@ -102,8 +108,13 @@ def group_norm_finalize_kernel(
         sum2 += tl.sum(tl.load(partial_ptr + second + idx, mask=mask, other=0.0), axis=0)
     base = x_ptr + sample.to(tl.int64) * stride_n
     first = tl.load(base + chan * stride_c, mask=mask_cg, other=0.0).to(tl.float32)
+    if HAS_OFFSET:
+        offset_row = offset_ptr + sample * offset_stride_n
+        add = tl.load(offset_row + chan * offset_stride_c, mask=mask_cg, other=0.0).to(tl.float32)
+    else:
+        add = tl.zeros([BLOCK_CG], dtype=tl.float32)
     count = spatial * 1.0  # int arg (a constexpr when it equals 1)
-    chan_mean = first + sum1 / count
+    chan_mean = first + add + sum1 / count
     chan_m2 = sum2 - sum1 * sum1 / count
     # Merge the channels' (mean, M2) into the group's: M2 = sum M2_c + S * sum (mean_c - mean)^2.
     mean = tl.sum(tl.where(mask_cg, chan_mean, 0.0), axis=0) / CHANNELS_PER_GROUP
@@ -121,7 +132,8 @@ def group_norm_finalize_kernel(
         bias = tl.zeros([BLOCK_CG], dtype=tl.float32)
     out = sample * channels + chan
     plane = num_samples * channels
-    tl.store(folded_ptr + out, tl.zeros([BLOCK_CG], dtype=tl.float32) + mean, mask=mask_cg)
+    # Normalizing x + offset around the group mean is normalizing x around mean - offset.
+    tl.store(folded_ptr + out, mean - add, mask=mask_cg)
     tl.store(folded_ptr + plane + out, rstd * weight, mask=mask_cg)
     tl.store(folded_ptr + 2 * plane + out, bias, mask=mask_cg)
 
@@ -198,8 +210,11 @@ def split_reduction(
     bias: torch.Tensor | None,
     eps: float,
     silu: bool,
+    offset: torch.Tensor | None = None,
+    offset_strides: tuple[int, int] = (0, 0),
 ) -> None:
-    """Normalize ``x`` (N, C, S through ``strides``) into ``y`` with the three kernels."""
+    """Normalize ``x`` (N, C, S through ``strides``) plus ``offset`` (per sample and channel,
+    through ``offset_strides``) into ``y`` with the three kernels."""
     num_samples, channels = x.shape[0], x.shape[1]
     spatial = x.numel() // max(1, num_samples * channels)
     per_group = channels // num_groups
@@ -237,6 +252,7 @@ def split_reduction(
         partial,
         weight if weight is not None else folded,
         bias if bias is not None else folded,
+        offset if offset is not None else folded,
         folded,
         num_samples,
         channels,
@@ -244,6 +260,7 @@ def split_reduction(
         num_groups,
         strides[0],
         strides[1],
+        *offset_strides,
         splits,
         float(eps),
         CHANNELS_PER_GROUP=per_group,
@@ -251,6 +268,7 @@ def split_reduction(
         BLOCK_SPLIT=block_split,
         HAS_WEIGHT=weight is not None,
         HAS_BIAS=bias is not None,
+        HAS_OFFSET=offset is not None,
         **COMPILE_OPTIONS,
     )
     group_norm_apply_kernel[(spatial_tiles, channel_blocks, num_samples)](

@@ -22,15 +22,16 @@ def is_channels_last(x: torch.Tensor) -> bool:
 
 
 def plain_layer(layer: nn.Module | None) -> bool:
-    """An ``nn.Conv2d`` (zero padding) or ``nn.Linear`` whose output is the plain convolution or
-    product of its own weight and bias, so a fold may compute it from those. Anything that could
-    change that output is called as it is: a subclass or wrapper, a replaced ``forward`` (on the
-    instance or the class, as LoRA patches do), another padding mode, forward hooks (the layer's
-    or global ones)."""
+    """An ``nn.Conv2d`` (zero padding), ``nn.Linear`` or fastdiff ``GroupNorm`` whose output is
+    the plain convolution, product or normalization by its own parameters, so a fold may compute
+    it from those. Anything that could change that output is called as it is: a subclass or
+    wrapper, a replaced ``forward`` (on the instance or the class, as LoRA patches do), another
+    padding mode, forward hooks (the layer's or global ones)."""
     forward = getattr(type(layer), "forward", None)
+    home = "fastdiff.models.resnet" if type(layer) is GroupNorm else "torch.nn.modules."
     return (
-        type(layer) in (nn.Conv2d, nn.Linear)
-        and getattr(forward, "__module__", "").startswith("torch.nn.modules.")
+        type(layer) in (nn.Conv2d, nn.Linear, GroupNorm)
+        and getattr(forward, "__module__", "").startswith(home)
         and getattr(forward, "__qualname__", "") == f"{type(layer).__name__}.forward"
         and "forward" not in vars(layer)
         and getattr(layer, "padding_mode", "zeros") == "zeros"
@@ -57,26 +58,37 @@ def pointwise_as_linear(
 
 
 class GroupNorm(nn.GroupNorm):
-    """``nn.GroupNorm`` parameters, computed by ``fastdiff.ops.group_norm`` (optionally + SiLU)."""
+    """``nn.GroupNorm`` parameters, computed by ``fastdiff.ops.group_norm`` (optionally + SiLU,
+    optionally of ``x`` plus a per-sample, per-channel ``offset``)."""
 
-    def forward(self, x: torch.Tensor, silu: bool = False) -> torch.Tensor:
-        return ops.group_norm(x, self.num_groups, self.weight, self.bias, self.eps, silu=silu)
+    def forward(
+        self, x: torch.Tensor, silu: bool = False, offset: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        return ops.group_norm(
+            x, self.num_groups, self.weight, self.bias, self.eps, silu=silu, offset=offset
+        )
 
 
 class ResnetBlock2D(nn.Module):
     """Residual block; ``temb_channels=None`` (the VAE) drops the timestep projection.
 
     ``fold_biases`` (set by ``ModelBase.fold_conv_biases``) computes the same sum with fewer
-    full-size additions: conv1's bias joins the time embedding, which is added to the same tensor
-    anyway, and conv2's bias joins the 1x1 shortcut's, which runs as a GEMM with the bias fused
-    when the input is channels-last."""
+    full-size additions: conv1's bias joins the time embedding, and the two enter norm2 as its
+    ``offset``, added inside the GroupNorm kernel as it reads conv1's output (no addition of its
+    own); conv2's bias joins the 1x1 shortcut's, which runs as a GEMM with the bias fused when
+    the input is channels-last."""
 
     fold_biases = False
 
     @property
     def has_bias_folds(self) -> bool:
-        """Whether ``fold_biases`` can change anything here (a time embedding or a 1x1 shortcut)."""
-        return self.time_emb_proj is not None or self.conv_shortcut is not None
+        """Whether ``fold_biases`` can change anything here (conv1's bias or a time embedding,
+        a 1x1 shortcut)."""
+        return (
+            self.conv1.bias is not None
+            or self.time_emb_proj is not None
+            or self.conv_shortcut is not None
+        )
 
     def __init__(
         self,
@@ -104,17 +116,21 @@ class ResnetBlock2D(nn.Module):
 
     def forward(self, x: torch.Tensor, temb: torch.Tensor | None = None) -> torch.Tensor:
         hidden = self.norm1(x, silu=True)
+        shift = None
         if self.time_emb_proj is not None and temb is not None:
             shift = self.time_emb_proj(F.silu(temb))
-            if self.fold_biases and self.conv1.bias is not None and plain_layer(self.conv1):
-                hidden = conv_without_bias(self.conv1, hidden)
-                shift = shift + self.conv1.bias
-            else:
-                hidden = self.conv1(hidden)
-            hidden = hidden + shift[:, :, None, None]
+        if self.fold_biases and plain_layer(self.conv1) and plain_layer(self.norm2):
+            hidden = conv_without_bias(self.conv1, hidden)
+            offset = self.conv1.bias
+            if shift is not None:
+                offset = shift if offset is None else shift + offset
+            hidden = self.norm2(hidden, silu=True, offset=offset)
         else:
             hidden = self.conv1(hidden)
-        hidden = self.dropout(self.norm2(hidden, silu=True))
+            if shift is not None:
+                hidden = hidden + shift[:, :, None, None]
+            hidden = self.norm2(hidden, silu=True)
+        hidden = self.dropout(hidden)
         if (
             self.fold_biases
             and is_channels_last(x)

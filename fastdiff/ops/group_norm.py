@@ -28,10 +28,15 @@ def group_norm_reference(
     bias: torch.Tensor | None,
     eps: float = 1e-5,
     silu: bool = False,
+    offset: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """fp32 reference: statistics and affine in float32, result cast back to ``x.dtype``."""
+    """fp32 reference: statistics and affine in float32, result cast back to ``x.dtype``.
+    ``offset`` ((N, C) or (C,)) is added to ``x`` in float32 first."""
+    values = x.float()
+    if offset is not None:
+        values = values + broadcast_offset(offset.float(), x)
     out = F.group_norm(
-        x.float(),
+        values,
         num_groups,
         None if weight is None else weight.float(),
         None if bias is None else bias.float(),
@@ -42,14 +47,25 @@ def group_norm_reference(
     return out.to(x.dtype)
 
 
-def group_norm_eager(x, num_groups, weight, bias, eps=1e-5, silu=False):
-    """Plain PyTorch in the input dtype: what an unfused model runs."""
+def broadcast_offset(offset: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """An (N, C) or (C,) offset viewed so that it broadcasts over ``x``'s (N, C, *) shape."""
+    spatial = (1,) * (x.dim() - 2)
+    if offset.dim() == 1:
+        return offset.view(1, -1, *spatial)
+    return offset.view(*offset.shape, *spatial)
+
+
+def group_norm_eager(x, num_groups, weight, bias, eps=1e-5, silu=False, offset=None):
+    """Plain PyTorch in the input dtype: what an unfused model runs (the offset is a separate
+    addition whose sum is rounded to ``x.dtype``)."""
+    if offset is not None:
+        x = x + broadcast_offset(offset.to(x.dtype), x)
     out = F.group_norm(x, num_groups, weight, bias, eps)
     return F.silu(out) if silu else out
 
 
 def check_group_norm_args(
-    x: torch.Tensor, num_groups: int, weight, bias, eps: float = 1e-5
+    x: torch.Tensor, num_groups: int, weight, bias, eps: float = 1e-5, offset=None
 ) -> None:
     if not isinstance(x, torch.Tensor) or x.dim() < 2:
         shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
@@ -71,6 +87,18 @@ def check_group_norm_args(
             )
         if param is not None and not param.is_floating_point():
             raise ValueError(f"group_norm: {name} must be a floating tensor, got {param.dtype}")
+    if offset is not None:
+        allowed = [(x.shape[0], channels), (channels,)]
+        if not isinstance(offset, torch.Tensor) or tuple(offset.shape) not in allowed:
+            shape = tuple(offset.shape) if isinstance(offset, torch.Tensor) else offset
+            raise ValueError(
+                f"group_norm: offset has shape {shape}, expected {allowed[0]} (per sample and "
+                f"channel) or {allowed[1]} (per channel)"
+            )
+        if not offset.is_floating_point():
+            raise ValueError(f"group_norm: offset must be a floating tensor, got {offset.dtype}")
+        if offset.device != x.device:
+            raise ValueError(f"group_norm: offset is on {offset.device}, x on {x.device}")
 
 
 @torch.library.custom_op("fastdiff::group_norm", mutates_args=())
@@ -81,24 +109,27 @@ def group_norm_triton(
     bias: torch.Tensor | None,
     eps: float,
     silu: bool,
+    offset: torch.Tensor | None = None,
 ) -> torch.Tensor:
     from fastdiff.kernels.group_norm import group_norm_forward
 
-    return group_norm_forward(x, num_groups, weight, bias, eps, silu)
+    return group_norm_forward(x, num_groups, weight, bias, eps, silu, offset)
 
 
 @group_norm_triton.register_fake
-def _group_norm_fake(x, num_groups, weight, bias, eps, silu):
+def _group_norm_fake(x, num_groups, weight, bias, eps, silu, offset=None):
     return torch.empty_like(x)
 
 
-def group_norm_triton_supports(x: torch.Tensor, num_groups: int, weight, bias) -> bool:
+def group_norm_triton_supports(x: torch.Tensor, num_groups: int, weight, bias, offset=None) -> bool:
     """Inputs the Triton kernels handle; everything else runs eagerly (never wrong numbers)."""
     from fastdiff.kernels.group_norm import flat_strides
 
     if not kernel_dtype_supported(x):
         return False
     if x.shape[1] // num_groups > MAX_CHANNELS_PER_GROUP or flat_strides(x) is None:
+        return False
+    if offset is not None and offset.dtype not in (x.dtype, torch.float32):
         return False
     return all(p is None or (p.device == x.device and p.stride(0) == 1) for p in (weight, bias))
 
@@ -110,23 +141,33 @@ def group_norm(
     bias: torch.Tensor | None = None,
     eps: float = 1e-5,
     silu: bool = False,
+    offset: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """GroupNorm over (N, C, *) input, NCHW or channels-last, optionally followed by SiLU.
 
     Statistics are computed in fp32 whatever the input dtype; the output has the input's dtype and
-    memory format.
+    memory format. ``offset`` ((N, C) per sample and channel, or (C,)) is added to ``x`` first:
+    ``group_norm(x, g, offset=t)`` is ``group_norm(x + t[:, :, None, None], g)``, but the Triton
+    kernels add it as they read ``x`` (in fp32), so the sum is never written.
     """
-    check_group_norm_args(x, num_groups, weight, bias, eps)
+    check_group_norm_args(x, num_groups, weight, bias, eps, offset)
     backend = select_backend(x, "group_norm", lambda: group_norm_key(x))
-    if needs_autograd(x, weight, bias):
+    if needs_autograd(x, weight, bias, offset):
         backend = "eager"
     if backend == "cuda":
-        native = cuda_extension_op("group_norm", x, num_groups, weight, bias, eps, silu)
+        # The extension has no offset: the Triton kernels take it.
+        native = (
+            cuda_extension_op("group_norm", x, num_groups, weight, bias, eps, silu)
+            if offset is None
+            else None
+        )
         if native is not None:
             return native(x, num_groups, weight, bias, eps, silu)
         backend = "triton"
-    if backend == "triton" and group_norm_triton_supports(x, num_groups, weight, bias):
-        return group_norm_triton(x, num_groups, weight, bias, float(eps), bool(silu))
+    if backend == "triton" and group_norm_triton_supports(x, num_groups, weight, bias, offset):
+        return group_norm_triton(x, num_groups, weight, bias, float(eps), bool(silu), offset)
+    if offset is not None:
+        x = x + broadcast_offset(offset.to(x.dtype), x)
     if any(p is not None and p.dtype != x.dtype for p in (weight, bias)):
         # F.group_norm refuses most dtype mixes (fp16 x with fp32 weight, as under autocast):
         # compute in fp32 (fp64 for fp64 x), as the kernels do, and return x's dtype.

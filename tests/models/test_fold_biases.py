@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from fastdiff import ops
 from fastdiff.models.resnet import ResnetBlock2D
 from fastdiff.models.transformer import Transformer2DModel
 from fastdiff.runtime import OptimizeReport, prepare_module
@@ -41,6 +42,20 @@ def conv_calls(monkeypatch):
     return lambda layer, with_bias: seen.count((id(layer.weight), with_bias))
 
 
+@pytest.fixture
+def offsets_seen(monkeypatch):
+    """The ``offset`` of every ``fastdiff.ops.group_norm`` call (None where there was none)."""
+    seen: list[torch.Tensor | None] = []
+    group_norm = ops.group_norm
+
+    def recording(*args, offset=None, **kwargs):
+        seen.append(offset)
+        return group_norm(*args, offset=offset, **kwargs)
+
+    monkeypatch.setattr(ops, "group_norm", recording)
+    return seen
+
+
 def unfolded_and_folded(module: torch.nn.Module, *args) -> tuple[torch.Tensor, torch.Tensor]:
     """``module(*args)`` as it is, then with ``fold_biases`` switched on."""
     with torch.no_grad():
@@ -56,7 +71,7 @@ def layout(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
 @pytest.mark.parametrize("in_channels", [16, 8], ids=["identity-shortcut", "conv-shortcut"])
 @pytest.mark.parametrize("with_temb", [True, False], ids=["temb", "no-temb"])
-def test_resnet_block(conv_calls, channels_last, in_channels, with_temb):
+def test_resnet_block(conv_calls, offsets_seen, channels_last, in_channels, with_temb):
     block = ResnetBlock2D(in_channels, 16, 12, groups=4, eps=1e-5).eval()
     randomize_biases(block)
     x = layout(torch.randn(2, in_channels, 6, 6), channels_last)
@@ -64,8 +79,11 @@ def test_resnet_block(conv_calls, channels_last, in_channels, with_temb):
     expected, folded = unfolded_and_folded(block, x, temb)
     torch.testing.assert_close(folded, expected, rtol=1e-5, atol=1e-5)
     assert folded.is_contiguous(memory_format=torch.channels_last) == channels_last
-    # conv1's bias joins the time embedding: once with its bias (unfolded), once without
-    assert conv_calls(block.conv1, with_bias=False) == (1 if with_temb else 0)
+    # conv1's bias (and the time embedding) enter norm2 as its offset: conv1 once with its bias
+    # (unfolded), once without; norm1, norm2 unfolded, then norm1 and norm2 with the offset
+    assert conv_calls(block.conv1, with_bias=False) == 1
+    assert [offset is None for offset in offsets_seen] == [True, True, True, False]
+    assert offsets_seen[-1].shape == ((2, 16) if with_temb else (16,))
     if block.conv_shortcut is not None:  # conv2's bias joins the shortcut's GEMM (channels-last)
         assert conv_calls(block.conv_shortcut, with_bias=True) == (1 if channels_last else 2)
         assert conv_calls(block.conv2, with_bias=False) == (1 if channels_last else 0)
@@ -77,12 +95,22 @@ def hook(layer):
 
 def replace_forward(layer):  # as LoRA patches attach themselves
     original = layer.forward
-    layer.forward = lambda x: original(x) + 0.5
+    layer.forward = lambda *args, **kwargs: original(*args, **kwargs) + 0.5
 
 
 def circular_padding(layer):
     layer.padding_mode = "circular"
     layer._reversed_padding_repeated_twice = [1, 1, 1, 1]
+
+
+@pytest.mark.parametrize("patch", [hook, replace_forward])
+def test_a_patched_norm2_keeps_conv1_bias_out_of_it(patch):
+    block = ResnetBlock2D(8, 16, 12, groups=4, eps=1e-5).eval()
+    randomize_biases(block)
+    x = layout(torch.randn(2, 8, 6, 6), True)
+    patch(block.norm2)  # it must see conv1's output with the bias and time embedding added
+    expected, folded = unfolded_and_folded(block, x, torch.randn(2, 12))
+    torch.testing.assert_close(folded, expected, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("patch", [hook, replace_forward, circular_padding])
@@ -92,7 +120,7 @@ def test_patched_layers_are_called_as_they_are(patch):
     x = layout(torch.randn(2, 8, 6, 6), True)
     temb = torch.randn(2, 12)
     patch(block.conv1)
-    if patch is not circular_padding:  # a 1x1 shortcut has no padding
+    if patch is not circular_padding:  # a 1x1 shortcut, a GroupNorm have no padding
         patch(block.conv_shortcut)
     expected, folded = unfolded_and_folded(block, x, temb)
     torch.testing.assert_close(folded, expected, rtol=1e-5, atol=1e-5)

@@ -55,10 +55,10 @@ def make_inputs(shape, dtype, channels_last=False, affine=True, offset=0.0):
     return x, weight, bias
 
 
-def check(x, groups, weight, bias, silu, eps=1e-5, what=""):
-    out = group_norm(x, groups, weight, bias, eps, silu)
-    reference = group_norm_reference(x, groups, weight, bias, eps, silu)
-    eager = group_norm_eager(x, groups, weight, bias, eps, silu)
+def check(x, groups, weight, bias, silu, eps=1e-5, what="", offset=None):
+    out = group_norm(x, groups, weight, bias, eps, silu, offset=offset)
+    reference = group_norm_reference(x, groups, weight, bias, eps, silu, offset=offset)
+    eager = group_norm_eager(x, groups, weight, bias, eps, silu, offset=offset)
     assert_within_tolerance(out, reference, eager, what)
     assert out.stride() == x.stride(), "output must keep the input's memory format"
     return out
@@ -90,6 +90,79 @@ def test_channels_last(triton_backend, kernel_path, monkeypatch, shape, groups, 
     out = check(x, groups, weight, bias, silu=True, what=f"NHWC {shape}")
     assert out.is_contiguous(memory_format=torch.channels_last)
     assert counter.calls == 1
+
+
+def make_offset(x, per_sample=True, dtype=None, spread=3.0, centre=0.0):
+    """An (N, C) or (C,) offset of channel-varying size (a time embedding plus a conv bias)."""
+    shape = (x.shape[0], x.shape[1]) if per_sample else (x.shape[1],)
+    offset = torch.randn(shape, device=x.device) * spread + centre
+    return offset.to(dtype or x.dtype)
+
+
+@pytest.mark.parametrize("per_sample", [True, False], ids=["offset-NC", "offset-C"])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("dtype", kernel_dtypes())
+@pytest.mark.parametrize(
+    ("shape", "groups"),
+    [
+        pytest.param((2, 32, 8, 8), 8, id="sd-like"),
+        pytest.param((1, 15, 5, 7), 5, id="odd-channels"),
+        pytest.param((2, 6, 4, 4), 1, id="groups-1"),
+        pytest.param((2, 6, 4, 4), 6, id="groups-C"),
+        pytest.param((1, 4, 40, 40), 2, id="several-spatial-tiles"),
+    ],
+)
+def test_offset_is_added_before_normalizing(
+    triton_backend, kernel_path, monkeypatch, shape, groups, dtype, channels_last, per_sample
+):
+    """group_norm(x, offset=t) against the references of x + t, on both launch paths."""
+    counter = CallCounter(monkeypatch, group_norm_kernels, "group_norm_forward")
+    x, weight, bias = make_inputs(shape, dtype, channels_last=channels_last)
+    offset = make_offset(x, per_sample)
+    what = f"{shape} g={groups} offset {tuple(offset.shape)}"
+    out = check(x, groups, weight, bias, silu=True, what=what, offset=offset)
+    assert counter.calls == 1
+    assert out.is_contiguous(memory_format=torch.channels_last) == channels_last
+
+
+def test_offset_of_another_dtype_and_strides(triton_backend, kernel_path, monkeypatch):
+    """An fp32 offset with fp16 x, and an offset that is a strided view (a column slice)."""
+    counter = CallCounter(monkeypatch, group_norm_kernels, "group_norm_forward")
+    x, weight, bias = make_inputs((2, 12, 5, 6), torch.float16, channels_last=True)
+    wide = torch.randn(2, 30, device=DEVICE) * 3
+    for offset in (make_offset(x, dtype=torch.float32), wide[:, 3:27:2], wide[1, 0:24:2]):
+        check(x, 4, weight, bias, silu=True, what=f"offset {offset.stride()}", offset=offset)
+    assert counter.calls == 3
+
+
+def test_large_offsets_keep_fp32_statistics_accurate(triton_backend, kernel_path):
+    # Offsets of about 3000 (and differing by channel) make |mean| >> std, as in the large-mean
+    # test: the shift must move with the offset. Measured against a float64 computation.
+    x, weight, bias = make_inputs((2, 8, 16, 16), torch.float32)
+    offset = make_offset(x, spread=1.0, centre=3000.0)
+    out = group_norm(x, 2, weight, bias, offset=offset)
+    shifted = x.double() + offset.double()[:, :, None, None]
+    truth = torch.nn.functional.group_norm(shifted, 2, weight.double(), bias.double())
+    eager = group_norm_eager(x, 2, weight, bias, offset=offset)
+    error = (out.double() - truth).abs().max().item()
+    eager_error = (eager.double() - truth).abs().max().item()
+    assert error <= 2 * eager_error + 1e-5 * truth.abs().max().item()
+
+
+@pytest.mark.parametrize(
+    "offset,message",
+    [
+        (torch.zeros(2, 4), r"offset has shape \(2, 4\), expected \(2, 8\) .* or \(8,\)"),
+        (torch.zeros(1, 8), r"offset has shape \(1, 8\)"),
+        (torch.zeros(2, 8, 1, 1), r"offset has shape \(2, 8, 1, 1\)"),
+        (torch.zeros(8, dtype=torch.long), "offset must be a floating tensor, got torch.int64"),
+        (torch.zeros(8, device="meta"), "offset is on meta, x on cpu"),
+        (3.0, "offset has shape 3.0"),
+    ],
+)
+def test_bad_offset_raises(offset, message):
+    with pytest.raises(ValueError, match=message):
+        group_norm(torch.randn(2, 8, 2, 2), 4, offset=offset)
 
 
 @pytest.mark.parametrize("silu", [False, True], ids=["plain", "silu"])
@@ -125,15 +198,18 @@ def test_large_mean_keeps_fp32_statistics_accurate(triton_backend, kernel_path):
     width=st.integers(1, 9),
     channels_last=st.booleans(),
     silu=st.booleans(),
+    offset=st.sampled_from([None, "per-sample", "per-channel"]),
 )
 def test_random_shapes_property(
-    batch, groups, channels_per_group, height, width, channels_last, silu
+    batch, groups, channels_per_group, height, width, channels_last, silu, offset
 ):
     assume(channels_per_group * height * width > 1)  # PyTorch rejects one value per group
     shape = (batch, groups * channels_per_group, height, width)
     x, weight, bias = make_inputs(shape, torch.float32, channels_last=channels_last)
+    if offset is not None:
+        offset = make_offset(x, per_sample=offset == "per-sample")
     with use_backend("triton"):
-        check(x, groups, weight, bias, silu=silu, what=f"{shape} g={groups}")
+        check(x, groups, weight, bias, silu=silu, what=f"{shape} g={groups}", offset=offset)
 
 
 test_random_shapes_property = pytest.mark.usefixtures("triton_backend")(test_random_shapes_property)
@@ -235,11 +311,12 @@ def test_bad_backend_name_raises(monkeypatch):
 
 def test_fake_kernel_matches_real_output(triton_backend):
     x, weight, bias = make_inputs((2, 8, 3, 5), torch.float16, channels_last=True)
-    torch.library.opcheck(
-        group_norm_triton,
-        (x, 4, weight, bias, 1e-5, True),
-        test_utils=("test_schema", "test_faketensor"),
-    )
+    for offset in (None, make_offset(x)):
+        torch.library.opcheck(
+            group_norm_triton,
+            (x, 4, weight, bias, 1e-5, True, offset),
+            test_utils=("test_schema", "test_faketensor"),
+        )
 
 
 @pytest.mark.gpu
@@ -258,6 +335,23 @@ def test_sd_shapes_on_gpu(kernel_path, monkeypatch, shape, channels_last, dtype)
     assert counter.calls == 1  # the kernel ran, not a silent eager fallback
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize(
+    "shape",
+    [(2, 320, 64, 64), (2, 640, 32, 32), (2, 1280, 16, 16), (2, 1280, 8, 8)],
+    ids=lambda shape: "x".join(map(str, shape)),
+)
+def test_sd_shapes_with_offset_on_gpu(kernel_path, monkeypatch, shape, dtype):
+    """The ResNet blocks' norm2 under fold_biases: channels-last, a (B, C) time-embedding offset."""
+    counter = CallCounter(monkeypatch, group_norm_kernels, "group_norm_forward")
+    x, weight, bias = make_inputs(shape, dtype, channels_last=True)
+    offset = make_offset(x)
+    with use_backend("triton"):
+        check(x, 32, weight, bias, silu=True, eps=1e-5, what=f"{shape}", offset=offset)
+    assert counter.calls == 1
+
+
 def test_inputs_needing_gradients_take_the_differentiable_eager_path(triton_backend, monkeypatch):
     counter = CallCounter(monkeypatch, group_norm_kernels, "group_norm_forward")
     x, weight, bias = make_inputs((2, 8, 4, 4), torch.float32)
@@ -267,6 +361,9 @@ def test_inputs_needing_gradients_take_the_differentiable_eager_path(triton_back
     with torch.no_grad():  # inference with trainable parameters still runs the kernel
         group_norm(x, 4, weight, bias, silu=True)
     assert counter.calls == 1
+    offset = make_offset(x).requires_grad_(True)  # a trainable time embedding
+    group_norm(x, 4, weight, bias, silu=True, offset=offset).sum().backward()
+    assert counter.calls == 1 and offset.grad is not None
 
 
 def test_single_pass_failure_on_first_use_falls_back_to_split(triton_backend, monkeypatch):

@@ -28,7 +28,11 @@ def cast(inputs: dict, device: str, dtype: torch.dtype) -> dict:
     return {key: move(value) for key, value in inputs.items()}
 
 
-def compare_backends(name: str, device: str, dtype: torch.dtype, monkeypatch) -> None:
+def compare_backends(
+    name: str, device: str, dtype: torch.dtype, monkeypatch, fold_biases: bool = False
+) -> None:
+    """Eager (fp32 reference, then ``dtype``) against triton; with ``fold_biases`` the triton run
+    folds the convolution biases (norm2's time-embedding offset inside the GroupNorm kernel)."""
     counters = [
         CallCounter(monkeypatch, module, launcher)
         for module, launcher in (
@@ -53,6 +57,7 @@ def compare_backends(name: str, device: str, dtype: torch.dtype, monkeypatch) ->
         with use_backend("eager"):
             eager = model(**cast(inputs, device, dtype))
         assert all(counter.calls == 0 for counter in counters)
+        model.fold_conv_biases(fold_biases)
         with use_backend("triton"):
             fused = model(**cast(inputs, device, dtype))
     # Every kernel of a transformer U-Net ran (not a silent eager fallback).
@@ -60,12 +65,14 @@ def compare_backends(name: str, device: str, dtype: torch.dtype, monkeypatch) ->
     assert_within_tolerance(fused, reference.to(dtype), eager, f"{name} U-Net {dtype}")
 
 
-def test_tiny_sd1_unet_triton_equals_eager_on_cpu(triton_backend, monkeypatch):
-    compare_backends("sd1", "cpu", torch.float32, monkeypatch)
+@pytest.mark.parametrize("fold_biases", [False, True], ids=["biases", "folded-biases"])
+def test_tiny_sd1_unet_triton_equals_eager_on_cpu(triton_backend, monkeypatch, fold_biases):
+    compare_backends("sd1", "cpu", torch.float32, monkeypatch, fold_biases)
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("name", ["sd1", "sd2", "sdxl"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
-def test_tiny_unets_triton_equals_eager_on_gpu(monkeypatch, name, dtype):
-    compare_backends(name, "cuda", dtype, monkeypatch)
+@pytest.mark.parametrize("fold_biases", [False, True], ids=["biases", "folded-biases"])
+def test_tiny_unets_triton_equals_eager_on_gpu(monkeypatch, name, dtype, fold_biases):
+    compare_backends(name, "cuda", dtype, monkeypatch, fold_biases)
