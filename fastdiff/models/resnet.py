@@ -57,6 +57,20 @@ def pointwise_as_linear(
     return F.linear(tokens, layer.weight.flatten(1), bias)
 
 
+class TimeShifts:
+    """A U-Net's timestep embedding with the shifts of its ResNet blocks computed ahead, all in one
+    GEMM (``UNet2DConditionModel.time_shifts``): what the blocks pass down as ``temb`` under
+    ``fold_biases``. ``shifts`` maps a block's id to its ``time_emb_proj(silu(emb)) + conv1.bias``;
+    a block not in it computes its own from ``embedding``."""
+
+    def __init__(self, embedding: torch.Tensor, shifts: dict[int, torch.Tensor]) -> None:
+        self.embedding = embedding
+        self.shifts = shifts
+
+    def shift_for(self, block: nn.Module) -> torch.Tensor | None:
+        return self.shifts.get(id(block))
+
+
 class GroupNorm(nn.GroupNorm):
     """``nn.GroupNorm`` parameters, computed by ``fastdiff.ops.group_norm`` (optionally + SiLU,
     optionally of ``x`` plus a per-sample, per-channel ``offset``)."""
@@ -76,7 +90,8 @@ class ResnetBlock2D(nn.Module):
     full-size additions: conv1's bias joins the time embedding, and the two enter norm2 as its
     ``offset``, added inside the GroupNorm kernel as it reads conv1's output (no addition of its
     own); conv2's bias joins the 1x1 shortcut's, which runs as a GEMM with the bias fused when
-    the input is channels-last."""
+    the input is channels-last. In a U-Net, ``temb`` is then a ``TimeShifts``: the U-Net has
+    computed every block's time shift plus conv1 bias in one GEMM."""
 
     fold_biases = False
 
@@ -114,8 +129,28 @@ class ResnetBlock2D(nn.Module):
         )
         self.output_scale_factor = output_scale_factor
 
-    def forward(self, x: torch.Tensor, temb: torch.Tensor | None = None) -> torch.Tensor:
+    def batchable(self) -> bool:
+        """Whether the U-Net may compute this block's time shift (with conv1's bias) in its batched
+        GEMM: folding on, and the layers involved plain (see ``plain_layer``)."""
+        return (
+            self.fold_biases
+            and self.conv1.bias is not None
+            and self.time_emb_proj is not None
+            and self.time_emb_proj.bias is not None
+            and all(plain_layer(layer) for layer in (self.conv1, self.norm2, self.time_emb_proj))
+        )
+
+    def forward(
+        self, x: torch.Tensor, temb: torch.Tensor | TimeShifts | None = None
+    ) -> torch.Tensor:
+        batched = None
+        if isinstance(temb, TimeShifts):
+            batched, temb = temb.shift_for(self), temb.embedding
         hidden = self.norm1(x, silu=True)
+        if batched is not None:  # time_emb_proj(silu(temb)) + conv1.bias, computed by the U-Net
+            hidden = conv_without_bias(self.conv1, hidden)
+            hidden = self.norm2(hidden, silu=True, offset=batched)
+            return self.finish(x, hidden)
         shift = None
         if self.time_emb_proj is not None and temb is not None:
             shift = self.time_emb_proj(F.silu(temb))
@@ -130,6 +165,10 @@ class ResnetBlock2D(nn.Module):
             if shift is not None:
                 hidden = hidden + shift[:, :, None, None]
             hidden = self.norm2(hidden, silu=True)
+        return self.finish(x, hidden)
+
+    def finish(self, x: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+        """Dropout, conv2 and the shortcut: the block after norm2."""
         hidden = self.dropout(hidden)
         if (
             self.fold_biases

@@ -20,7 +20,7 @@ from torch import nn
 from fastdiff.models.config import UNetConfig
 from fastdiff.models.embeddings import TimestepEmbedding, timestep_embedding
 from fastdiff.models.module import ModelBase
-from fastdiff.models.resnet import GroupNorm
+from fastdiff.models.resnet import GroupNorm, ResnetBlock2D, TimeShifts
 from fastdiff.models.unet_blocks import (
     BlockSpec,
     CrossAttentionSpec,
@@ -30,6 +30,7 @@ from fastdiff.models.unet_blocks import (
     SelfAttentionSpec,
     UpBlock,
 )
+from fastdiff.ops.backend import needs_autograd
 
 
 def cross_attention_spec(config: UNetConfig, heads: Any, depth: int, context_dim: Any):
@@ -39,6 +40,29 @@ def cross_attention_spec(config: UNetConfig, heads: Any, depth: int, context_dim
             f"attention_head_dim={heads!r} cross_attention_dim={context_dim!r}"
         )
     return CrossAttentionSpec(heads, depth, context_dim, config.use_linear_projection)
+
+
+def packed_rows(tensors: list[torch.Tensor]) -> torch.Tensor | None:
+    """The tensors concatenated along dim 0, as a view, when they lie one after another in one
+    storage (as ``UNet2DConditionModel.pack_time_projections`` leaves them); else None."""
+    first = tensors[0]
+    storage = first.untyped_storage().data_ptr()
+    offset = first.storage_offset()
+    for tensor in tensors:
+        if (
+            tensor.untyped_storage().data_ptr() != storage
+            or tensor.storage_offset() != offset
+            or not tensor.is_contiguous()
+            or tensor.dtype != first.dtype
+            or tensor.shape[1:] != first.shape[1:]
+        ):
+            return None
+        offset += tensor.numel()
+    shape = (sum(tensor.shape[0] for tensor in tensors), *first.shape[1:])
+    strides = [1] * len(shape)  # row-major, whatever strides the first tensor's size-1 dims had
+    for dim in range(len(shape) - 2, -1, -1):
+        strides[dim] = strides[dim + 1] * shape[dim + 1]
+    return first.detach().as_strided(shape, strides, first.storage_offset())
 
 
 class UNet2DConditionModel(ModelBase):
@@ -160,6 +184,78 @@ class UNet2DConditionModel(ModelBase):
             if block is not None
         )
 
+    def time_blocks(self) -> list[ResnetBlock2D]:
+        """The ResNet blocks that take the timestep embedding, in module order."""
+        return [
+            module
+            for module in self.modules()
+            if isinstance(module, ResnetBlock2D) and module.time_emb_proj is not None
+        ]
+
+    def fold_conv_biases(self, enabled: bool = True) -> int:
+        """``ModelBase.fold_conv_biases``; switching it on also packs the ResNet blocks' time
+        projections (see ``pack_time_projections``) so ``time_shifts`` computes them together."""
+        count = super().fold_conv_biases(enabled)
+        if enabled:
+            self.pack_time_projections()
+        return count
+
+    def pack_time_projections(self) -> bool:
+        """Move the ResNet blocks' ``time_emb_proj`` weights, their biases and the ``conv1``
+        biases into one tensor per kind, each block's parameters becoming views of it (names,
+        values and the state dict unchanged; in-place updates such as ``load_state_dict`` land
+        in the packed tensors). Returns whether they are packed (blocks without a bias, or with
+        parameters of differing dtypes or devices, are left as they are)."""
+        blocks = [
+            block
+            for block in self.time_blocks()
+            if block.conv1.bias is not None and block.time_emb_proj.bias is not None
+        ]
+        kinds = [
+            [block.time_emb_proj.weight for block in blocks],
+            [block.time_emb_proj.bias for block in blocks],
+            [block.conv1.bias for block in blocks],
+        ]
+        if not blocks or len({(p.dtype, p.device, p.shape[1:]) for p in kinds[0]}) != 1:
+            return False
+        if any(len({(p.dtype, p.device) for p in params}) != 1 for params in kinds):
+            return False
+        with torch.no_grad():
+            for params in kinds:
+                if packed_rows(params) is not None:
+                    continue  # already packed
+                packed = torch.cat([param.detach() for param in params])
+                start = 0
+                for param in params:
+                    param.data = packed[start : start + param.shape[0]]
+                    start += param.shape[0]
+        return True
+
+    def time_shifts(self, emb: torch.Tensor) -> torch.Tensor | TimeShifts:
+        """Under ``fold_biases``, every ResNet block's ``time_emb_proj(silu(emb)) + conv1.bias``
+        as one GEMM (and one addition) over the packed projections, instead of a SiLU, a GEMM and
+        an addition per block: ``TimeShifts`` for the blocks to pass down. ``emb`` itself where
+        that does not apply (folding off, a block's layers patched or hooked, the parameters no
+        longer packed after a ``.to()``, gradients wanted): each block then computes its own."""
+        blocks = self.time_blocks()
+        if not blocks or not all(block.batchable() for block in blocks):
+            return emb
+        weight = packed_rows([block.time_emb_proj.weight for block in blocks])
+        bias = packed_rows([block.time_emb_proj.bias for block in blocks])
+        conv_bias = packed_rows([block.conv1.bias for block in blocks])
+        if weight is None or bias is None or conv_bias is None:
+            return emb
+        if needs_autograd(emb, weight, bias, conv_bias) or weight.dtype != emb.dtype:
+            return emb
+        shifts = torch.nn.functional.linear(torch.nn.functional.silu(emb), weight, bias)
+        shifts = shifts + conv_bias
+        views, start = {}, 0
+        for block in blocks:
+            width = block.time_emb_proj.out_features
+            views[id(block)] = shifts[:, start : start + width]
+            start += width
+        return TimeShifts(emb, views)
+
     def timesteps_for(self, sample: torch.Tensor, timestep: Any) -> torch.Tensor:
         """Timesteps as a float/long tensor of shape (B,) on the sample's device."""
         batch = sample.shape[0]
@@ -245,6 +341,7 @@ class UNet2DConditionModel(ModelBase):
         if self.config.center_input_sample:
             sample = 2 * sample - 1.0
         emb = self.embed(sample, timestep, added_cond_kwargs, class_labels)
+        emb = self.time_shifts(emb)
         context = encoder_hidden_states
 
         x = self.conv_in(sample)

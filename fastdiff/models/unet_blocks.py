@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from fastdiff.models.attention import Attention
-from fastdiff.models.resnet import Downsample2D, ResnetBlock2D, Upsample2D
+from fastdiff.models.resnet import Downsample2D, ResnetBlock2D, TimeShifts, Upsample2D
 from fastdiff.models.transformer import Transformer2DModel
 
 
@@ -122,7 +122,10 @@ class DownBlock(nn.Module):
         )
 
     def forward(
-        self, x: torch.Tensor, temb: torch.Tensor | None, context: torch.Tensor | None = None
+        self,
+        x: torch.Tensor,
+        temb: torch.Tensor | TimeShifts | None,
+        context: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         skips = []
         for i, resnet in enumerate(self.resnets):
@@ -172,7 +175,7 @@ class UpBlock(nn.Module):
         self,
         x: torch.Tensor,
         skips: list[torch.Tensor],
-        temb: torch.Tensor | None,
+        temb: torch.Tensor | TimeShifts | None,
         context: torch.Tensor | None = None,
         upsample_size: tuple[int, int] | None = None,
     ) -> torch.Tensor:
@@ -198,7 +201,10 @@ class MidBlockCrossAttention(nn.Module):
         self.attentions = nn.ModuleList([attention.build(channels, spec)])
 
     def forward(
-        self, x: torch.Tensor, temb: torch.Tensor | None, context: torch.Tensor | None = None
+        self,
+        x: torch.Tensor,
+        temb: torch.Tensor | TimeShifts | None,
+        context: torch.Tensor | None = None,
     ) -> torch.Tensor:
         x = self.resnets[0](x, temb)
         x = self.attentions[0](x, context)
@@ -230,7 +236,10 @@ class MidBlock(nn.Module):
             )
 
     def forward(
-        self, x: torch.Tensor, temb: torch.Tensor | None = None, context: torch.Tensor | None = None
+        self,
+        x: torch.Tensor,
+        temb: torch.Tensor | TimeShifts | None = None,
+        context: torch.Tensor | None = None,
     ) -> torch.Tensor:
         x = self.resnets[0](x, temb)
         for i, resnet in enumerate(self.resnets[1:]):

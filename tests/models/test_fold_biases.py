@@ -197,3 +197,125 @@ def test_optimize_folds_the_unet_only():
     assert not any(getattr(b, "fold_biases", False) for b in pipe.vae.modules())
     optimize(pipe, verbose=False)  # again without it: off
     assert not any(getattr(b, "fold_biases", False) for b in pipe.unet.modules())
+
+
+# --- the time projections: one GEMM for every ResNet block of the U-Net -----------------------
+
+
+def unet_inputs(channels_last: bool = False):
+    x = layout(torch.randn(2, 4, 8, 8), channels_last)
+    return x, torch.tensor([999, 10]), torch.randn(2, 7, 32)
+
+
+@pytest.fixture
+def linear_weights(monkeypatch):
+    """The weight of every F.linear call, in order (nn.Linear calls F.linear too)."""
+    seen: list[torch.Tensor] = []
+    linear = F.linear
+
+    def recording(input, weight, bias=None):
+        seen.append(weight)
+        return linear(input, weight, bias)
+
+    monkeypatch.setattr(F, "linear", recording)
+    return seen
+
+
+def time_projection_calls(unet, weights: list[torch.Tensor]) -> tuple[int, int]:
+    """(batched GEMMs over all blocks' projections, GEMMs with one block's projection)."""
+    blocks = unet.time_blocks()
+    rows = sum(block.time_emb_proj.out_features for block in blocks)
+    own = {id(block.time_emb_proj.weight) for block in blocks}
+    batched = sum(w.shape == (rows, blocks[0].time_emb_proj.in_features) for w in weights)
+    return batched, sum(id(w) in own for w in weights)
+
+
+@pytest.mark.parametrize("config", ["tiny_sd15_unet", "tiny_sdxl_unet"])
+def test_time_projections_run_as_one_gemm(linear_weights, offsets_seen, config):
+    unet = tiny_pipeline(config).unet
+    randomize_biases(unet)
+    x, t, context = unet_inputs()
+    kwargs = {}
+    if config == "tiny_sdxl_unet":
+        dim = unet.config.projection_class_embeddings_input_dim
+        extra = dim - 6 * unet.config.addition_time_embed_dim
+        kwargs = {
+            "added_cond_kwargs": {
+                "text_embeds": torch.randn(2, extra),
+                "time_ids": torch.randn(2, 6),
+            }
+        }
+    with torch.no_grad():
+        expected = unet(x, t, context, **kwargs)
+        assert time_projection_calls(unet, linear_weights) == (0, len(unet.time_blocks()))
+        linear_weights.clear()
+        offsets_seen.clear()
+        unet.fold_conv_biases()
+        folded = unet(x, t, context, **kwargs)
+    torch.testing.assert_close(folded, expected, rtol=1e-5, atol=1e-5)
+    assert time_projection_calls(unet, linear_weights) == (1, 0)
+    # each block's norm2 got its slice of the batched shifts: a (B, C) view of one tensor
+    offsets = [offset for offset in offsets_seen if offset is not None]
+    assert len(offsets) == len(unet.time_blocks())
+    assert len({offset.untyped_storage().data_ptr() for offset in offsets}) == 1
+
+
+def test_packing_keeps_the_state_dict_and_sees_loaded_weights(linear_weights):
+    unet = tiny_pipeline().unet
+    other = tiny_pipeline().unet
+    randomize_biases(unet)
+    with torch.no_grad():
+        for param in other.parameters():
+            param.add_(torch.randn_like(param) * 0.1)
+    state = {name: value.clone() for name, value in unet.state_dict().items()}
+    unet.fold_conv_biases()
+    assert unet.state_dict().keys() == state.keys()
+    assert all(torch.equal(unet.state_dict()[name], value) for name, value in state.items())
+    unet.load_state_dict(other.state_dict())  # copies into the packed storage in place
+    x, t, context = unet_inputs()
+    with torch.no_grad():
+        torch.testing.assert_close(unet(x, t, context), other(x, t, context), rtol=1e-5, atol=1e-5)
+    assert time_projection_calls(unet, linear_weights)[0] == 1
+
+
+def test_a_cast_after_folding_unpacks_and_each_block_computes_its_own(linear_weights):
+    unet = tiny_pipeline().unet
+    randomize_biases(unet)
+    x, t, context = unet_inputs()
+    with torch.no_grad():
+        expected = unet.double()(x.double(), t, context.double())
+        unet.float().fold_conv_biases()
+        unet.double()  # .to() gives every parameter storage of its own
+        linear_weights.clear()
+        folded = unet(x.double(), t, context.double())
+        torch.testing.assert_close(folded, expected)
+        assert time_projection_calls(unet, linear_weights) == (0, len(unet.time_blocks()))
+        unet.fold_conv_biases()  # folding again packs them again
+        linear_weights.clear()
+        torch.testing.assert_close(unet(x.double(), t, context.double()), expected)
+    assert time_projection_calls(unet, linear_weights) == (1, 0)
+
+
+def test_a_hooked_time_projection_keeps_every_block_on_its_own(linear_weights):
+    unet = tiny_pipeline().unet
+    randomize_biases(unet)
+    hook(unet.time_blocks()[1].time_emb_proj)
+    x, t, context = unet_inputs()
+    with torch.no_grad():
+        expected = unet(x, t, context)
+        unet.fold_conv_biases()
+        linear_weights.clear()
+        folded = unet(x, t, context)
+    torch.testing.assert_close(folded, expected, rtol=1e-5, atol=1e-5)
+    assert time_projection_calls(unet, linear_weights) == (0, len(unet.time_blocks()))
+
+
+def test_gradients_reach_every_time_projection_when_folded():
+    unet = tiny_pipeline().unet
+    unet.fold_conv_biases()
+    x, t, context = unet_inputs()
+    unet(x, t, context).square().mean().backward()
+    for block in unet.time_blocks():
+        assert block.time_emb_proj.weight.grad is not None
+        assert block.time_emb_proj.weight.grad.abs().sum() > 0
+        assert block.conv1.bias.grad is not None
