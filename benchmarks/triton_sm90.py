@@ -230,7 +230,13 @@ def row_cases(quick: bool) -> list[tuple[str, Callable[[], object]]]:
             def gate(width=width, dtype=dtype):
                 return geglu_forward(torch.empty(2, 1024, 2 * 4 * width, dtype=dtype))
 
+            def add_norm(width=width, dtype=dtype):  # a transformer block's residual + norm
+                x = torch.empty(2, 1024, width, dtype=dtype)
+                weight = torch.empty(width, dtype=dtype)
+                return layer_norm_forward(x, weight, weight, 1e-5, torch.empty_like(x))
+
             cases += [(f"layer_norm 2x1024x{width} {name}", norm)]
+            cases += [(f"add_layer_norm 2x1024x{width} {name}", add_norm)]
             cases += [(f"geglu 2x1024x{2 * 4 * width} {name}", gate)]
     return cases
 

@@ -1,6 +1,9 @@
 """LayerNorm over the last dimension: one tile of BLOCK_R rows x BLOCK_D columns per program, the
 whole row in registers, so mean and variance are two exact passes over registers (no E[x^2]
-cancellation) and x is read once."""
+cancellation) and x is read once.
+
+With a residual, the kernel first adds it (in fp32) and writes the sum as a second output: the
+transformer block's ``x = attention(...) + x`` followed by the next LayerNorm, in one pass."""
 
 from __future__ import annotations
 
@@ -19,14 +22,18 @@ def layer_norm_kernel(
     y_ptr,  # output rows, contiguous (R, D)
     weight_ptr,  # [D] affine weight (read only when HAS_WEIGHT)
     bias_ptr,  # [D] affine bias (read only when HAS_BIAS)
+    residual_ptr,  # rows added to x first: (r, d) at r * stride_residual_row + d (HAS_RESIDUAL)
+    sum_ptr,  # out: x + residual, contiguous (R, D) (written when HAS_RESIDUAL)
     rows,
     width,
     stride_row,
+    stride_residual_row,
     eps,
     BLOCK_R: tl.constexpr,
     BLOCK_D: tl.constexpr,
     HAS_WEIGHT: tl.constexpr,
     HAS_BIAS: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr,
 ):
     offs_r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     offs_d = tl.arange(0, BLOCK_D)
@@ -35,6 +42,11 @@ def layer_norm_kernel(
     row_offsets = offs_r.to(tl.int64)[:, None]
     x = tl.load(x_ptr + row_offsets * stride_row + offs_d[None, :], mask=mask, other=0.0)
     x = x.to(tl.float32)
+    if HAS_RESIDUAL:
+        residual_ptrs = residual_ptr + row_offsets * stride_residual_row + offs_d[None, :]
+        x += tl.load(residual_ptrs, mask=mask, other=0.0).to(tl.float32)
+        sum_ptrs = sum_ptr + row_offsets * width + offs_d[None, :]
+        tl.store(sum_ptrs, x.to(sum_ptr.dtype.element_ty), mask=mask)
     mean = tl.sum(x, axis=1) / width
     centred = tl.where(mask, x - mean[:, None], 0.0)
     var = tl.sum(centred * centred, axis=1) / width
@@ -48,15 +60,26 @@ def layer_norm_kernel(
 
 
 def layer_norm_forward(
-    x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float
-) -> torch.Tensor:
-    """x (..., D) whose rows can be viewed as (R, D) with unit column stride; contiguous output."""
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    eps: float,
+    residual: torch.Tensor | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """x (..., D) whose rows can be viewed as (R, D) with unit column stride; contiguous output.
+
+    With ``residual`` (x's shape, rows viewable the same way): returns (x + residual, the
+    LayerNorm of that sum), both contiguous; the sum is normalized before it is rounded."""
     width = x.shape[-1]
     rows = x.numel() // max(width, 1)
     x2d = x.reshape(rows, width)  # a view for the inputs the op sends here
     y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    total = None
+    if residual is not None:
+        residual = residual.reshape(rows, width)
+        total = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     if x.numel() == 0:
-        return y
+        return y if residual is None else (total, y)
     block_d = max(2, triton.next_power_of_2(width))
     block_r = max(1, min(4096 // block_d, triton.next_power_of_2(rows)))
     layer_norm_kernel[(triton.cdiv(rows, block_r),)](
@@ -64,15 +87,19 @@ def layer_norm_forward(
         y,
         weight if weight is not None else y,
         bias if bias is not None else y,
+        residual if residual is not None else y,
+        total if total is not None else y,
         rows,
         width,
         x2d.stride(0),
+        residual.stride(0) if residual is not None else 0,
         float(eps),
         BLOCK_R=block_r,
         BLOCK_D=block_d,
         HAS_WEIGHT=weight is not None,
         HAS_BIAS=bias is not None,
+        HAS_RESIDUAL=residual is not None,
         num_warps=4 if block_d <= 1024 else 8,
         **COMPILE_OPTIONS,
     )
-    return y
+    return y if residual is None else (total, y)

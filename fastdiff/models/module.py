@@ -37,10 +37,11 @@ class ModelBase(nn.Module):
         return count
 
     def fold_conv_biases(self, enabled: bool = True) -> int:
-        """Switch the blocks that can add convolution biases inside other work (ResNet blocks,
-        transformer projections; see their ``fold_biases``) to doing so, or back. The weights are
-        untouched, so the state dict stays the checkpoint's. Returns how many blocks have
-        something to fold (whether a fold applies to a call also depends on its input's layout)."""
+        """Switch the blocks that can do additions inside other work (ResNet blocks: convolution
+        biases and time embeddings; transformer blocks: residuals; transformer projections; see
+        their ``fold_biases``) to doing so, or back. The weights' values are untouched, so the
+        state dict stays the checkpoint's. Returns how many blocks have something to fold
+        (whether a fold applies to a call also depends on its input's layout)."""
         blocks = [module for module in self.modules() if hasattr(type(module), "fold_biases")]
         for module in blocks:
             module.fold_biases = enabled

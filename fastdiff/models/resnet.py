@@ -21,16 +21,24 @@ def is_channels_last(x: torch.Tensor) -> bool:
     return x.dim() == 4 and x.permute(0, 2, 3, 1).is_contiguous()
 
 
+# Layer types a fold may compute from their parameters, and the module their own ``forward`` is
+# defined in (fastdiff's norms register themselves where they are defined).
+PLAIN_LAYER_HOMES: dict[type, str] = {
+    nn.Conv2d: "torch.nn.modules.",
+    nn.Linear: "torch.nn.modules.",
+}
+
+
 def plain_layer(layer: nn.Module | None) -> bool:
-    """An ``nn.Conv2d`` (zero padding), ``nn.Linear`` or fastdiff ``GroupNorm`` whose output is
-    the plain convolution, product or normalization by its own parameters, so a fold may compute
-    it from those. Anything that could change that output is called as it is: a subclass or
-    wrapper, a replaced ``forward`` (on the instance or the class, as LoRA patches do), another
-    padding mode, forward hooks (the layer's or global ones)."""
+    """An ``nn.Conv2d`` (zero padding), ``nn.Linear`` or fastdiff norm (``PLAIN_LAYER_HOMES``)
+    whose output is the plain convolution, product or normalization by its own parameters, so a
+    fold may compute it from those. Anything that could change that output is called as it is:
+    a subclass or wrapper, a replaced ``forward`` (on the instance or the class, as LoRA patches
+    do), another padding mode, forward hooks (the layer's or global ones)."""
+    home = PLAIN_LAYER_HOMES.get(type(layer))
     forward = getattr(type(layer), "forward", None)
-    home = "fastdiff.models.resnet" if type(layer) is GroupNorm else "torch.nn.modules."
     return (
-        type(layer) in (nn.Conv2d, nn.Linear, GroupNorm)
+        home is not None
         and getattr(forward, "__module__", "").startswith(home)
         and getattr(forward, "__qualname__", "") == f"{type(layer).__name__}.forward"
         and "forward" not in vars(layer)
@@ -81,6 +89,9 @@ class GroupNorm(nn.GroupNorm):
         return ops.group_norm(
             x, self.num_groups, self.weight, self.bias, self.eps, silu=silu, offset=offset
         )
+
+
+PLAIN_LAYER_HOMES[GroupNorm] = GroupNorm.__module__
 
 
 class ResnetBlock2D(nn.Module):

@@ -13,7 +13,13 @@ from torch import nn
 
 from fastdiff import ops
 from fastdiff.models.attention import Attention
-from fastdiff.models.resnet import GroupNorm, is_channels_last, plain_layer, pointwise_as_linear
+from fastdiff.models.resnet import (
+    PLAIN_LAYER_HOMES,
+    GroupNorm,
+    is_channels_last,
+    plain_layer,
+    pointwise_as_linear,
+)
 
 
 class LayerNorm(nn.LayerNorm):
@@ -21,6 +27,15 @@ class LayerNorm(nn.LayerNorm):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return ops.layer_norm(x, self.weight, self.bias, self.eps)
+
+    def after_residual(
+        self, x: torch.Tensor, residual: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(x + residual, self(x + residual))`` in one kernel (``ops.add_layer_norm``)."""
+        return ops.add_layer_norm(x, residual, self.weight, self.bias, self.eps)
+
+
+PLAIN_LAYER_HOMES[LayerNorm] = LayerNorm.__module__
 
 
 class GEGLU(nn.Module):
@@ -49,7 +64,14 @@ class FeedForward(nn.Module):
 
 
 class BasicTransformerBlock(nn.Module):
-    """Pre-norm self-attention, cross-attention and feed-forward, each with a residual."""
+    """Pre-norm self-attention, cross-attention and feed-forward, each with a residual.
+
+    ``fold_biases`` (set by ``ModelBase.fold_conv_biases``): the residual additions after the
+    two attentions are done by the LayerNorms that follow them (``LayerNorm.after_residual``),
+    which read the two addends and write the sum with its normalization."""
+
+    fold_biases = False
+    has_bias_folds = True
 
     def __init__(self, dim: int, heads: int, dim_head: int, cross_attention_dim: int) -> None:
         super().__init__()
@@ -61,6 +83,10 @@ class BasicTransformerBlock(nn.Module):
         self.ff = FeedForward(dim)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None) -> torch.Tensor:
+        if self.fold_biases and plain_layer(self.norm2) and plain_layer(self.norm3):
+            x, hidden = self.norm2.after_residual(self.attn1(self.norm1(x)), x)
+            x, hidden = self.norm3.after_residual(self.attn2(hidden, context), x)
+            return self.ff(hidden) + x
         x = self.attn1(self.norm1(x)) + x
         x = self.attn2(self.norm2(x), context) + x
         return self.ff(self.norm3(x)) + x

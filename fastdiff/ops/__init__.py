@@ -9,11 +9,18 @@ from fastdiff.ops.attention import attention, attention_reference
 from fastdiff.ops.backend import BACKENDS, select_backend, use_backend
 from fastdiff.ops.geglu import geglu, geglu_reference
 from fastdiff.ops.group_norm import group_norm, group_norm_reference
-from fastdiff.ops.layer_norm import layer_norm, layer_norm_reference
+from fastdiff.ops.layer_norm import (
+    add_layer_norm,
+    add_layer_norm_reference,
+    layer_norm,
+    layer_norm_reference,
+)
 from fastdiff.ops.sampler_step import sampler_step, sampler_step_eager
 
 __all__ = [
     "BACKENDS",
+    "add_layer_norm",
+    "add_layer_norm_reference",
     "attention",
     "attention_reference",
     "geglu",

@@ -1,7 +1,9 @@
-"""LayerNorm over the last dimension (transformer blocks).
+"""LayerNorm over the last dimension (transformer blocks), and ``add_layer_norm``: a residual
+addition followed by LayerNorm, one kernel for both.
 
-Layers: ``kernels/layer_norm.py`` -> custom op ``fastdiff::layer_norm`` (with a fake kernel) ->
-``layer_norm`` (checks, backend choice, eager path for unsupported inputs).
+Layers: ``kernels/layer_norm.py`` -> custom ops ``fastdiff::layer_norm`` and
+``fastdiff::add_layer_norm`` (with fake kernels) -> ``layer_norm`` / ``add_layer_norm`` (checks,
+backend choice, eager path for unsupported inputs).
 """
 
 import torch
@@ -55,13 +57,7 @@ def layer_norm_triton_supports(x: torch.Tensor, weight, bias) -> bool:
     return all(p is None or (p.device == x.device and p.stride(0) == 1) for p in (weight, bias))
 
 
-def layer_norm(
-    x: torch.Tensor,
-    weight: torch.Tensor | None = None,
-    bias: torch.Tensor | None = None,
-    eps: float = 1e-5,
-) -> torch.Tensor:
-    """LayerNorm over the last dimension of ``x`` with optional affine parameters (fp32 math)."""
+def check_layer_norm_params(x: torch.Tensor, weight, bias) -> None:
     for name, param in (("weight", weight), ("bias", bias)):
         if param is not None and tuple(param.shape) != (x.shape[-1],):
             raise ValueError(
@@ -69,6 +65,16 @@ def layer_norm(
             )
         if param is not None and not param.is_floating_point():
             raise ValueError(f"layer_norm: {name} must be a floating tensor, got {param.dtype}")
+
+
+def layer_norm(
+    x: torch.Tensor,
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    eps: float = 1e-5,
+) -> torch.Tensor:
+    """LayerNorm over the last dimension of ``x`` with optional affine parameters (fp32 math)."""
+    check_layer_norm_params(x, weight, bias)
     backend = select_backend(x)
     if needs_autograd(x, weight, bias):
         backend = "eager"
@@ -86,3 +92,68 @@ def layer_norm(
         weight, bias = (None if p is None else p.to(compute) for p in (weight, bias))
         return layer_norm_eager(x.to(compute), weight, bias, eps).to(x.dtype)
     return layer_norm_eager(x, weight, bias, eps)
+
+
+def add_layer_norm_reference(x, residual, weight, bias, eps: float = 1e-5):
+    """fp32 reference of ``add_layer_norm``: the sum and its LayerNorm in float32, both cast back
+    to ``x.dtype``."""
+    total = x.float() + residual.float()
+    return total.to(x.dtype), layer_norm_reference(total, weight, bias, eps).to(x.dtype)
+
+
+def add_layer_norm_eager(x, residual, weight, bias, eps: float = 1e-5):
+    """Plain PyTorch: the addition (rounded to ``x.dtype``), then LayerNorm of the rounded sum."""
+    total = x + residual
+    return total, layer_norm_eager(total, weight, bias, eps)
+
+
+@torch.library.custom_op("fastdiff::add_layer_norm", mutates_args=())
+def add_layer_norm_triton(
+    x: torch.Tensor,
+    residual: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    eps: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    from fastdiff.kernels.layer_norm import layer_norm_forward
+
+    return layer_norm_forward(x, weight, bias, eps, residual)
+
+
+@add_layer_norm_triton.register_fake
+def _add_layer_norm_fake(x, residual, weight, bias, eps):
+    return x.new_empty(x.shape), x.new_empty(x.shape)
+
+
+def add_layer_norm(
+    x: torch.Tensor,
+    residual: torch.Tensor,
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    eps: float = 1e-5,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(x + residual, layer_norm(x + residual))``: a transformer block's residual addition and
+    the LayerNorm after it. The Triton kernel reads both inputs once and writes both outputs,
+    normalizing the fp32 sum; the eager path runs the two ops."""
+    if not isinstance(residual, torch.Tensor) or residual.shape != x.shape:
+        shape = tuple(residual.shape) if isinstance(residual, torch.Tensor) else residual
+        raise ValueError(
+            f"add_layer_norm: residual has shape {shape}, expected x's {tuple(x.shape)}"
+        )
+    if residual.dtype != x.dtype or residual.device != x.device:
+        raise ValueError(
+            f"add_layer_norm: residual is {residual.dtype} on {residual.device}, x is {x.dtype} "
+            f"on {x.device}; they must match"
+        )
+    check_layer_norm_params(x, weight, bias)
+    backend = select_backend(x)
+    if needs_autograd(x, residual, weight, bias):
+        backend = "eager"
+    if (
+        backend in ("triton", "cuda")
+        and layer_norm_triton_supports(x, weight, bias)
+        and rows_are_viewable(residual)
+    ):
+        return add_layer_norm_triton(x, residual, weight, bias, float(eps))
+    total = x + residual
+    return total, layer_norm(total, weight, bias, eps)

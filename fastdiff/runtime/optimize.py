@@ -82,7 +82,7 @@ def prepare_module(
     fuse_qkv: bool,
     fold_biases: bool = False,
 ) -> None:
-    """dtype, memory format, QKV fusion and (``fold_biases``) convolution-bias folding of one
+    """dtype, memory format, QKV fusion and (``fold_biases``) bias and residual folding of one
     model, in place."""
     module.eval().requires_grad_(False)
     if dtype is not None:
@@ -103,7 +103,7 @@ def prepare_module(
         count = fold(fold_biases)
         if fold_biases:
             report.applied.append(
-                f"{name}: convolution-bias folding on ({count} blocks with something to fold)"
+                f"{name}: bias and residual folding on ({count} blocks with something to fold)"
             )
     elif fold_biases:
         report.skipped[f"{name}: bias folding"] = "model has no fold_conv_biases()"
@@ -298,9 +298,12 @@ def optimize(
 
     ``vae_channels_last`` overrides ``channels_last`` for the VAE (None: the same; the
     benchmarks' fastdiff-nchw provider shows which layout is faster for a GPU).
-    ``fold_biases`` makes the U-Net add convolution biases inside other work where the sum
-    allows it (fewer full-size additions: see ``ResnetBlock2D`` and ``Transformer2DModel``); off
-    by default until a GPU run of bench_unet's fastdiff-foldbias provider shows it faster. The
+    ``fold_biases`` makes the U-Net do its additions inside other kernels where the sum allows
+    it: convolution biases and time embeddings (one GEMM for every block's time shift, added by
+    the GroupNorm kernel), residuals (added by the next LayerNorm); fewer kernels and full-size
+    passes, see ``ResnetBlock2D``, ``BasicTransformerBlock``, ``Transformer2DModel`` and
+    ``UNet2DConditionModel.time_shifts``. Off by default until a GPU run of bench_unet's
+    fastdiff-foldbias provider shows it faster. The
     VAE is left as it is: it has no time embedding, and its shortcut GEMMs would run in float32
     for the SDXL VAE, where cuBLAS takes no TF32 by default and cuDNN's convolutions do.
     ``compile_mode`` (e.g. "default" or "max-autotune-no-cudagraphs"; None = off) also

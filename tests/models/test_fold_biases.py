@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from fastdiff import ops
 from fastdiff.models.resnet import ResnetBlock2D
-from fastdiff.models.transformer import Transformer2DModel
+from fastdiff.models.transformer import BasicTransformerBlock, Transformer2DModel
 from fastdiff.runtime import OptimizeReport, prepare_module
 from tests.runtime.conftest import tiny_pipeline
 
@@ -167,7 +167,8 @@ def test_unet_output_and_state_dict_unchanged(channels_last):
     x = layout(torch.randn(2, 4, 8, 8), channels_last)
     t = torch.tensor([999, 10])
     context = torch.randn(2, 7, 32)
-    blocks = [m for m in unet.modules() if isinstance(m, ResnetBlock2D | Transformer2DModel)]
+    kinds = ResnetBlock2D | Transformer2DModel | BasicTransformerBlock
+    blocks = [m for m in unet.modules() if isinstance(m, kinds)]
     foldable = [block for block in blocks if block.has_bias_folds]
     with torch.no_grad():
         expected = unet(x, t, context)
@@ -175,9 +176,10 @@ def test_unet_output_and_state_dict_unchanged(channels_last):
         prepare_module(unet, "unet", report, None, channels_last, True, fold_biases=True)
         folded = unet(x, t, context)
     torch.testing.assert_close(folded, expected, rtol=1e-5, atol=1e-5)
-    # every U-Net ResNet block has a time embedding; the tiny U-Net's projections are 1x1 convs
+    # every U-Net ResNet block has a time embedding; the tiny U-Net's projections are 1x1 convs;
+    # every transformer block has residual additions
     assert len(foldable) == len(blocks)
-    assert f"unet: convolution-bias folding on ({len(blocks)} blocks with something to fold)" in (
+    assert f"unet: bias and residual folding on ({len(blocks)} blocks with something to fold)" in (
         report.applied
     )
     assert all(block.fold_biases for block in blocks)
@@ -319,3 +321,32 @@ def test_gradients_reach_every_time_projection_when_folded():
         assert block.time_emb_proj.weight.grad is not None
         assert block.time_emb_proj.weight.grad.abs().sum() > 0
         assert block.conv1.bias.grad is not None
+
+
+# --- the transformer blocks: residual additions done by the LayerNorms after them -------------
+
+
+@pytest.fixture
+def residual_norms(monkeypatch):
+    """How many ``fastdiff.ops.add_layer_norm`` calls ran."""
+    calls = []
+    add_layer_norm = ops.add_layer_norm
+
+    def counting(*args, **kwargs):
+        calls.append(args[0].shape)
+        return add_layer_norm(*args, **kwargs)
+
+    monkeypatch.setattr(ops, "add_layer_norm", counting)
+    return calls
+
+
+@pytest.mark.parametrize("patch", [None, hook, replace_forward])
+def test_transformer_block_residuals(residual_norms, patch):
+    block = BasicTransformerBlock(16, 2, 8, 12).eval()
+    randomize_biases(block)
+    x, context = torch.randn(2, 10, 16), torch.randn(2, 5, 12)
+    if patch is not None:
+        patch(block.norm3)  # it must be called as it is, on the sum
+    expected, folded = unfolded_and_folded(block, x, context)
+    torch.testing.assert_close(folded, expected, rtol=1e-5, atol=1e-5)
+    assert len(residual_norms) == (2 if patch is None else 0)
