@@ -120,7 +120,8 @@ for name in sampler_step group_norm attention; do bench "$name"; done
 # with STEPS=unet_sd15_b1); tests/runtime ran above. Outer limit: the 240 s budget + plot + kill
 # (2026-11-27 on an H200: 195 s of the then 210, before the fastdiff-foldbias rows were added).
 MODEL_BUDGET=$(( $(left) - 60 < 240 ? $(left) - 60 : 240 ))
-run models 300 env STEPS="cuda_ext cuda_ext_libs unet_sd15_b2 vae pipeline unet_sdxl_b2 profile" \
+run models 300 env \
+    STEPS="cuda_ext cuda_ext_libs unet_sd15_b2 vae pipeline unet_sdxl_b2 profile profile_folded" \
     BUDGET="$MODEL_BUDGET" bash benchmarks/gpu_check_models.sh "$OUTDIR"
 # ---- end of model benchmarks ------------------------------------------------------------------
 

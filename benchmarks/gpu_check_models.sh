@@ -121,6 +121,8 @@ run unet_sdxl_b2 75 python3 benchmarks/bench_unet.py --workloads sdxl_b2 --csv "
 run unet_sd15_b1 45 python3 benchmarks/bench_unet.py --workloads sd15_b1 --csv "$CSV" \
     --providers fastdiff-eager,fastdiff,diffusers,diffusers-graph
 run profile 45 python3 -m fastdiff profile --top 12  # sd15 on a GPU, tiny on CPU
+# The same step with optimize(fold_biases=True), op by op: what the folds removed.
+run profile_folded 45 python3 -m fastdiff profile --top 30 --by-op --fold-biases
 
 if [[ -s "$CSV" ]]; then
     timeout 60 python3 benchmarks/plot_models.py "$CSV" --out "$OUTDIR" >>"$SUMMARY" 2>&1 \

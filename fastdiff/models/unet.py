@@ -15,6 +15,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from fastdiff.models.config import UNetConfig
@@ -67,6 +68,8 @@ def packed_rows(tensors: list[torch.Tensor]) -> torch.Tensor | None:
 
 class UNet2DConditionModel(ModelBase):
     """``unet(sample, timestep, encoder_hidden_states, added_cond_kwargs, class_labels)``."""
+
+    batch_time_shifts = False  # fold_conv_biases() packed the time projections: see time_shifts
 
     def __init__(self, config: UNetConfig | dict[str, Any]) -> None:
         super().__init__()
@@ -196,8 +199,7 @@ class UNet2DConditionModel(ModelBase):
         """``ModelBase.fold_conv_biases``; switching it on also packs the ResNet blocks' time
         projections (see ``pack_time_projections``) so ``time_shifts`` computes them together."""
         count = super().fold_conv_biases(enabled)
-        if enabled:
-            self.pack_time_projections()
+        self.batch_time_shifts = enabled and self.pack_time_projections()
         return count
 
     def pack_time_projections(self) -> bool:
@@ -218,6 +220,8 @@ class UNet2DConditionModel(ModelBase):
         ]
         if not blocks or len({(p.dtype, p.device, p.shape[1:]) for p in kinds[0]}) != 1:
             return False
+        if len(blocks) != len(self.time_blocks()):  # a block without biases: nothing to batch
+            return False
         if any(len({(p.dtype, p.device) for p in params}) != 1 for params in kinds):
             return False
         with torch.no_grad():
@@ -229,6 +233,7 @@ class UNet2DConditionModel(ModelBase):
                 for param in params:
                     param.data = packed[start : start + param.shape[0]]
                     start += param.shape[0]
+        self.packed_time_blocks = blocks  # (a plain list: not registered as submodules again)
         return True
 
     def time_shifts(self, emb: torch.Tensor) -> torch.Tensor | TimeShifts:
@@ -237,17 +242,21 @@ class UNet2DConditionModel(ModelBase):
         an addition per block: ``TimeShifts`` for the blocks to pass down. ``emb`` itself where
         that does not apply (folding off, a block's layers patched or hooked, the parameters no
         longer packed after a ``.to()``, gradients wanted): each block then computes its own."""
-        blocks = self.time_blocks()
-        if not blocks or not all(block.batchable() for block in blocks):
+        if not self.batch_time_shifts:  # set by fold_conv_biases
+            return emb
+        blocks = self.packed_time_blocks
+        if not all(block.batchable() for block in blocks):
             return emb
         weight = packed_rows([block.time_emb_proj.weight for block in blocks])
         bias = packed_rows([block.time_emb_proj.bias for block in blocks])
         conv_bias = packed_rows([block.conv1.bias for block in blocks])
         if weight is None or bias is None or conv_bias is None:
             return emb
-        if needs_autograd(emb, weight, bias, conv_bias) or weight.dtype != emb.dtype:
+        if needs_autograd(emb, weight, bias, conv_bias):
             return emb
-        shifts = torch.nn.functional.linear(torch.nn.functional.silu(emb), weight, bias)
+        if any(tensor.dtype != emb.dtype for tensor in (weight, bias, conv_bias)):
+            return emb
+        shifts = F.linear(F.silu(emb), weight, bias)
         shifts = shifts + conv_bias
         views, start = {}, 0
         for block in blocks:

@@ -350,3 +350,15 @@ def test_transformer_block_residuals(residual_norms, patch):
     expected, folded = unfolded_and_folded(block, x, context)
     torch.testing.assert_close(folded, expected, rtol=1e-5, atol=1e-5)
     assert len(residual_norms) == (2 if patch is None else 0)
+
+
+def test_folding_off_again_computes_each_block_on_its_own(linear_weights):
+    unet = tiny_pipeline().unet
+    x, t, context = unet_inputs()
+    with torch.no_grad():
+        expected = unet(x, t, context)
+        unet.fold_conv_biases()
+        unet.fold_conv_biases(False)  # the projections stay packed; the U-Net does not batch
+        linear_weights.clear()
+        torch.testing.assert_close(unet(x, t, context), expected, rtol=1e-5, atol=1e-5)
+    assert time_projection_calls(unet, linear_weights) == (0, len(unet.time_blocks()))
