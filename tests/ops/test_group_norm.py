@@ -32,6 +32,14 @@ EDGE_CASES = [
     pytest.param((1, 4, 3, 3, 3), 2, id="5d-input"),
 ]
 
+CHANNELS_LAST_CASES = [
+    pytest.param((2, 32, 8, 8), 8, id="sd-like"),
+    pytest.param((1, 15, 5, 7), 5, id="odd-channels"),
+    pytest.param((2, 6, 3, 5), 1, id="groups-1"),
+    pytest.param((2, 6, 4, 4), 6, id="groups-C"),
+    pytest.param((1, 160, 4, 4), 32, id="wide-channels"),
+]
+
 # A kernel that fell back after failing on first use would hide the failure: fail instead.
 pytestmark = pytest.mark.filterwarnings("error:.*failed on first use:RuntimeWarning")
 
@@ -74,16 +82,7 @@ def test_edge_shapes_nchw(triton_backend, kernel_path, monkeypatch, shape, group
 
 
 @pytest.mark.parametrize("dtype", kernel_dtypes())
-@pytest.mark.parametrize(
-    ("shape", "groups"),
-    [
-        pytest.param((2, 32, 8, 8), 8, id="sd-like"),
-        pytest.param((1, 15, 5, 7), 5, id="odd-channels"),
-        pytest.param((2, 6, 3, 5), 1, id="groups-1"),
-        pytest.param((2, 6, 4, 4), 6, id="groups-C"),
-        pytest.param((1, 160, 4, 4), 32, id="wide-channels"),
-    ],
-)
+@pytest.mark.parametrize(("shape", "groups"), CHANNELS_LAST_CASES)
 def test_channels_last(triton_backend, kernel_path, monkeypatch, shape, groups, dtype):
     counter = CallCounter(monkeypatch, group_norm_kernels, "group_norm_forward")
     x, weight, bias = make_inputs(shape, dtype, channels_last=True)
@@ -104,13 +103,7 @@ def make_offset(x, per_sample=True, dtype=None, spread=3.0, centre=0.0):
 @pytest.mark.parametrize("dtype", kernel_dtypes())
 @pytest.mark.parametrize(
     ("shape", "groups"),
-    [
-        pytest.param((2, 32, 8, 8), 8, id="sd-like"),
-        pytest.param((1, 15, 5, 7), 5, id="odd-channels"),
-        pytest.param((2, 6, 4, 4), 1, id="groups-1"),
-        pytest.param((2, 6, 4, 4), 6, id="groups-C"),
-        pytest.param((1, 4, 40, 40), 2, id="several-spatial-tiles"),
-    ],
+    [*CHANNELS_LAST_CASES, pytest.param((1, 4, 40, 40), 2, id="several-spatial-tiles")],
 )
 def test_offset_is_added_before_normalizing(
     triton_backend, kernel_path, monkeypatch, shape, groups, dtype, channels_last, per_sample

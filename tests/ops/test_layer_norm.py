@@ -1,4 +1,5 @@
-"""LayerNorm Triton kernel against the fp32 reference (tolerance rule in helpers.py)."""
+"""LayerNorm Triton kernel against the fp32 reference (tolerance rule in helpers.py), alone and
+after a residual addition (``add_layer_norm``: both outputs, the sum and its LayerNorm)."""
 
 from __future__ import annotations
 
@@ -9,8 +10,19 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fastdiff.ops import layer_norm, layer_norm_reference, use_backend
-from fastdiff.ops.layer_norm import layer_norm_eager, layer_norm_triton
+from fastdiff.ops import (
+    add_layer_norm,
+    add_layer_norm_reference,
+    layer_norm,
+    layer_norm_reference,
+    use_backend,
+)
+from fastdiff.ops.layer_norm import (
+    add_layer_norm_eager,
+    add_layer_norm_triton,
+    layer_norm_eager,
+    layer_norm_triton,
+)
 from tests.ops.helpers import (
     DEVICE,
     INTERPRET,
@@ -28,11 +40,20 @@ EDGE_CASES = [
 ]
 
 
-def check(x, weight, bias, eps=1e-5, what=""):
-    out = layer_norm(x, weight, bias, eps)
-    reference = layer_norm_reference(x, weight, bias, eps)
-    assert_within_tolerance(out, reference, layer_norm_eager(x, weight, bias, eps), what)
-    return out
+def check(x, weight, bias, eps=1e-5, what="", residual=None):
+    """layer_norm, or with ``residual`` add_layer_norm (both outputs), against the references."""
+    if residual is None:
+        out = layer_norm(x, weight, bias, eps)
+        reference = layer_norm_reference(x, weight, bias, eps)
+        assert_within_tolerance(out, reference, layer_norm_eager(x, weight, bias, eps), what)
+        return out
+    total, normed = add_layer_norm(x, residual, weight, bias, eps)
+    want_total, want_normed = add_layer_norm_reference(x, residual, weight, bias, eps)
+    eager_total, eager_normed = add_layer_norm_eager(x, residual, weight, bias, eps)
+    assert_within_tolerance(total, want_total, eager_total, f"{what} sum")
+    assert_within_tolerance(normed, want_normed, eager_normed, f"{what} layer norm")
+    assert total.is_contiguous() and normed.is_contiguous()
+    return total, normed
 
 
 def make(shape, dtype, affine=True, offset=0.0):
@@ -43,25 +64,73 @@ def make(shape, dtype, affine=True, offset=0.0):
     return x, weight, bias
 
 
+def residual_for(x, wanted: bool, offset=0.0):
+    """A residual for ``x`` (of a larger scale, around -offset) when wanted, else None."""
+    if not wanted:
+        return None
+    return (torch.randn(x.shape, device=x.device) * 3 - offset).to(x.dtype)
+
+
+with_residual = pytest.mark.parametrize("residual", [False, True], ids=["alone", "residual"])
+
+
 @pytest.mark.parametrize("dtype", kernel_dtypes())
 @pytest.mark.parametrize("shape", EDGE_CASES)
-def test_edge_shapes(triton_backend, monkeypatch, shape, dtype):
+@with_residual
+def test_edge_shapes(triton_backend, monkeypatch, shape, dtype, residual):
     counter = CallCounter(monkeypatch, layer_norm_kernels, "layer_norm_forward")
-    check(*make(shape, dtype), what=str(shape))
+    x, weight, bias = make(shape, dtype)
+    check(x, weight, bias, what=str(shape), residual=residual_for(x, residual))
     assert counter.calls == 1
 
 
 @pytest.mark.parametrize("affine", [False, True], ids=["no-affine", "affine"])
-def test_without_affine_and_large_mean(triton_backend, affine):
-    check(*make((4, 64), torch.float32, affine=affine, offset=100.0), eps=1e-6)
+@with_residual
+def test_without_affine_and_large_mean(triton_backend, affine, residual):
+    x, weight, bias = make((4, 64), torch.float32, affine=affine, offset=100.0)
+    check(x, weight, bias, eps=1e-6, residual=residual_for(x, residual, offset=50.0))
 
 
-def test_strided_rows_are_read_in_place(triton_backend, monkeypatch):
+@with_residual
+def test_strided_rows_are_read_in_place(triton_backend, monkeypatch, residual):
     counter = CallCounter(monkeypatch, layer_norm_kernels, "layer_norm_forward")
     base = torch.randn(6, 2, 48, device=DEVICE)
     x = base[:, 1]  # rows with stride 96: a view, no copy
-    check(x, None, None)
+    rows = torch.randn(6, 80, device=DEVICE)[:, 16:64] if residual else None  # stride 80
+    check(x, None, None, residual=rows)
     assert counter.calls == 1
+
+
+def test_add_layer_norm_normalizes_the_sum(triton_backend):
+    """Not x alone: x and the residual cancel to a constant row in one place."""
+    x, weight, bias = make((3, 32), torch.float32)
+    residual = residual_for(x, True)
+    residual[1] = 5.0 - x[1]  # row 1 sums to 5 everywhere: its LayerNorm is the bias
+    total, normed = check(x, weight, bias, residual=residual)
+    torch.testing.assert_close(total[1], torch.full_like(total[1], 5.0))
+    torch.testing.assert_close(normed[1], bias)
+
+
+def test_add_layer_norm_gradients_take_the_eager_path(triton_backend, monkeypatch):
+    counter = CallCounter(monkeypatch, layer_norm_kernels, "layer_norm_forward")
+    x, weight, bias = make((4, 16), torch.float32)
+    x.requires_grad_(True)
+    total, normed = add_layer_norm(x, residual_for(x, True), weight, bias)
+    (total.sum() + normed.square().sum()).backward()
+    assert counter.calls == 0 and x.grad is not None
+
+
+@pytest.mark.parametrize(
+    "residual,message",
+    [
+        (torch.zeros(4, 8), r"residual has shape \(4, 8\), expected x's \(4, 16\)"),
+        (torch.zeros(4, 16, dtype=torch.float64), "residual is torch.float64 on cpu, x is"),
+        (1.0, "residual has shape 1.0"),
+    ],
+)
+def test_add_layer_norm_bad_residual_raises(residual, message):
+    with pytest.raises(ValueError, match=message):
+        add_layer_norm(torch.randn(4, 16), residual)
 
 
 def test_transposed_input_falls_back_to_eager(triton_backend, monkeypatch):
@@ -117,10 +186,13 @@ def test_bad_weight_shape_raises():
 
 
 @settings(max_examples=6, deadline=None)
-@given(rows=st.integers(1, 20), width=st.integers(2, 200), affine=st.booleans())
-def test_random_shapes_property(rows, width, affine):
+@given(
+    rows=st.integers(1, 20), width=st.integers(2, 200), affine=st.booleans(), residual=st.booleans()
+)
+def test_random_shapes_property(rows, width, affine, residual):
+    x, weight, bias = make((rows, width), torch.float32, affine=affine)
     with use_backend("triton"):
-        check(*make((rows, width), torch.float32, affine=affine))
+        check(x, weight, bias, residual=residual_for(x, residual))
 
 
 test_random_shapes_property = pytest.mark.usefixtures("triton_backend")(test_random_shapes_property)
@@ -128,8 +200,11 @@ test_random_shapes_property = pytest.mark.usefixtures("triton_backend")(test_ran
 
 def test_fake_kernel_matches_real_output(triton_backend):
     x, weight, bias = make((3, 5, 24), torch.float32)
+    checks = ("test_schema", "test_faketensor")
+    torch.library.opcheck(layer_norm_triton, (x, weight, bias, 1e-5), test_utils=checks)
+    residual = residual_for(x, True)
     torch.library.opcheck(
-        layer_norm_triton, (x, weight, bias, 1e-5), test_utils=("test_schema", "test_faketensor")
+        add_layer_norm_triton, (x, residual, weight, bias, 1e-5), test_utils=checks
     )
 
 
@@ -140,8 +215,10 @@ def test_fake_kernel_matches_real_output(triton_backend):
     [(2, 4096, 320), (2, 1024, 640), (2, 4096, 640), (2, 1024, 1280), (2, 77, 2048)],
     ids=lambda shape: "x".join(map(str, shape)),
 )
-def test_sd_shapes_on_gpu(monkeypatch, shape, dtype):
+@with_residual
+def test_sd_shapes_on_gpu(monkeypatch, shape, dtype, residual):
     counter = CallCounter(monkeypatch, layer_norm_kernels, "layer_norm_forward")
+    x, weight, bias = make(shape, dtype)
     with use_backend("triton"):
-        check(*make(shape, dtype), what=str(shape))
+        check(x, weight, bias, what=str(shape), residual=residual_for(x, residual))
     assert counter.calls == 1  # the kernel ran, not a silent eager fallback
