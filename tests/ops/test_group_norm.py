@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
+
 import fastdiff.kernels.group_norm as group_norm_kernels
 import pytest
 import torch
@@ -126,6 +128,26 @@ def test_offset_of_another_dtype_and_strides(triton_backend, kernel_path, monkey
     for offset in (make_offset(x, dtype=torch.float32), wide[:, 3:27:2], wide[1, 0:24:2]):
         check(x, 4, weight, bias, silu=True, what=f"offset {offset.stride()}", offset=offset)
     assert counter.calls == 3
+
+
+def test_offset_calls_skip_the_cuda_extension(triton_backend, monkeypatch):
+    """The extension has no offset: where the backend picks it, calls with an offset take the
+    Triton kernels (calls without one still go to the extension)."""
+    group_norm_op = importlib.import_module("fastdiff.ops.group_norm")  # the module, not the op
+    counter = CallCounter(monkeypatch, group_norm_kernels, "group_norm_forward")
+    native_calls = []
+
+    def native(*args):
+        native_calls.append(args)
+        return group_norm_eager(*args)
+
+    monkeypatch.setattr(group_norm_op, "select_backend", lambda *args: "cuda")
+    monkeypatch.setattr(group_norm_op, "cuda_extension_op", lambda op, *args: native)
+    x, weight, bias = make_inputs((2, 8, 4, 4), torch.float32)
+    check(x, 4, weight, bias, silu=True, offset=make_offset(x))
+    assert (counter.calls, len(native_calls)) == (1, 0)
+    group_norm(x, 4, weight, bias, silu=True)
+    assert (counter.calls, len(native_calls)) == (1, 1)
 
 
 def test_large_offsets_keep_fp32_statistics_accurate(triton_backend, kernel_path):
