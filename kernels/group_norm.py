@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 
 from . import COMPILE_OPTIONS
-from .group_norm_split import split_reduction
+from .group_norm_split import channel_offsets, split_reduction
 
 # Largest group (channels per group x spatial size) for the single-program-per-group kernel: a
 # few of its 8192-element tiles at most, whose loads wait on each other (no software pipelining).
@@ -74,12 +74,11 @@ def group_norm_single_pass_kernel(
     # Shifted sums around the group's first element keep the one-pass variance accurate.
     shift = tl.load(x_ptr + sample.to(tl.int64) * stride_n + group * CHANNELS_PER_GROUP * stride_c)
     shift = shift.to(tl.float32)
+    add = channel_offsets(
+        offset_ptr, sample, chan, mask_c, offset_stride_n, offset_stride_c, BLOCK_CG, HAS_OFFSET
+    )
     if HAS_OFFSET:  # the statistics are those of x + offset: shift by x0 + offset0 instead
-        offset_row = offset_ptr + sample * offset_stride_n
-        add = tl.load(offset_row + chan * offset_stride_c, mask=mask_c, other=0.0).to(tl.float32)
-        shift += tl.load(offset_row + group * CHANNELS_PER_GROUP * offset_stride_c).to(tl.float32)
-    else:
-        add = tl.zeros([BLOCK_CG], dtype=tl.float32)
+        shift += tl.sum(tl.where(offs_cg == 0, add, 0.0), axis=0)
     # x + offset - shift as x - pivot: one subtraction per element, offset or not.
     pivot = (shift - add)[:, None]
     if SINGLE_TILE:  # the whole group fits one tile: read it once, keep it in registers

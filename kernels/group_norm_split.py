@@ -26,6 +26,27 @@ from . import COMPILE_OPTIONS
 
 
 @triton.jit
+def channel_offsets(
+    offset_ptr,
+    sample,
+    chan,
+    mask,
+    stride_n,
+    stride_c,
+    BLOCK: tl.constexpr,
+    HAS_OFFSET: tl.constexpr,
+):
+    """The fp32 offsets of channels ``chan`` of ``sample`` (added to x before normalizing), or
+    zeros without an offset."""
+    if HAS_OFFSET:
+        ptrs = offset_ptr + sample * stride_n + chan * stride_c
+        add = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+    else:
+        add = tl.zeros([BLOCK], dtype=tl.float32)
+    return add
+
+
+@triton.jit
 def group_norm_partial_stats_kernel(
     x_ptr,  # input, element (n, c, s) at n * stride_n + c * stride_c + s * stride_s
     partial_ptr,  # fp32 [2, N, splits, C]: shifted sums, then shifted sums of squares
@@ -108,11 +129,9 @@ def group_norm_finalize_kernel(
         sum2 += tl.sum(tl.load(partial_ptr + second + idx, mask=mask, other=0.0), axis=0)
     base = x_ptr + sample.to(tl.int64) * stride_n
     first = tl.load(base + chan * stride_c, mask=mask_cg, other=0.0).to(tl.float32)
-    if HAS_OFFSET:
-        offset_row = offset_ptr + sample * offset_stride_n
-        add = tl.load(offset_row + chan * offset_stride_c, mask=mask_cg, other=0.0).to(tl.float32)
-    else:
-        add = tl.zeros([BLOCK_CG], dtype=tl.float32)
+    add = channel_offsets(
+        offset_ptr, sample, chan, mask_cg, offset_stride_n, offset_stride_c, BLOCK_CG, HAS_OFFSET
+    )
     count = spatial * 1.0  # int arg (a constexpr when it equals 1)
     chan_mean = first + add + sum1 / count
     chan_m2 = sum2 - sum1 * sum1 / count
