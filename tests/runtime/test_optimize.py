@@ -171,7 +171,8 @@ def test_bad_arguments_raise(pipe):
         runtime.optimize(pipe, backend=runtime.EagerGraphBackend(), max_graphs=0)
 
 
-def test_pipeline_optimize_keeps_full_generation(pipe):
+@pytest.mark.parametrize("fold_biases", [False, True], ids=["biases", "folded-biases"])
+def test_pipeline_optimize_keeps_full_generation(pipe, fold_biases):
     kwargs = dict(
         prompt_embeds=torch.randn(1, 7, 32),
         negative_prompt_embeds=torch.randn(1, 7, 32),
@@ -180,16 +181,18 @@ def test_pipeline_optimize_keeps_full_generation(pipe):
         progress=False,
     )
     want = pipe(seed=5, **kwargs)
-    rt = pipe.optimize(backend=runtime.EagerGraphBackend(), verbose=False)
+    rt = pipe.optimize(backend=runtime.EagerGraphBackend(), verbose=False, fold_biases=fold_biases)
     got = pipe(seed=5, **kwargs)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     kinds = sorted(key.kind for key in rt.cache.entries)
     assert kinds == ["loop", "vae"]  # whole 3-step loop + the decoder
 
 
-def test_compiled_blocks_keep_outputs(pipe):
+@pytest.mark.parametrize("fold_biases", [False, True], ids=["biases", "folded-biases"])
+def test_compiled_blocks_keep_outputs(pipe, fold_biases):
     """torch.compile of the U-Net blocks (dynamo tracing through fastdiff's ops; the 'eager'
-    compile backend keeps this fast on CPU) leaves the generation unchanged."""
+    compile backend keeps this fast on CPU) leaves the generation unchanged, also when the
+    blocks are handed the folded time shifts."""
     conditioning = text_conditioning()
     x_T = torch.randn(1, 4, 8, 8)
     want = eager_latents(pipe, conditioning, x_T, "ddim", 2)
@@ -200,6 +203,7 @@ def test_compiled_blocks_keep_outputs(pipe):
         verbose=False,
         compile_mode="default",
         compile_backend="eager",
+        fold_biases=fold_biases,
     )
     got = pipe.denoise(conditioning, x_T, guidance_scale=7.5, sampler="ddim", steps=2)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
