@@ -35,7 +35,9 @@ SPLIT_HEAD_DIM = True
 _split_head_dim_works = True
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages): the Hopper-friendly shapes of Triton's fused-attention
-# tutorial; the pruning below keeps the ones that fit a head dim and key length.
+# tutorial; the pruning below keeps the ones that fit a head dim and key length. The last one
+# (long key blocks, four stages: more loads in flight per exp2) is for D = 40, where the
+# scale-and-subtract is already one FMA per score; it has not been timed yet (benchmarks/NOTES.md).
 _GPU_SHAPES = [
     (128, 128, 8, 3),
     (128, 64, 8, 3),
@@ -45,6 +47,7 @@ _GPU_SHAPES = [
     (64, 32, 4, 2),
     (128, 128, 8, 2),
     (128, 64, 4, 4),
+    (128, 128, 8, 4),
 ]
 # fp32 inputs take the FMA path (ieee dots, no tensor cores) and keep twice the bytes per element
 # in registers: the shapes above spill there (up to 85 KB of spill stores per thread at D = 160
