@@ -93,3 +93,33 @@ def check_sampler_step(
         assert_within_tolerance(got, want, base, f"{what} {name}")
         if same_layout:
             assert got.stride() == x.stride(), f"{what} {name}: layout changed"
+
+
+# Activations and weights of differing float dtypes: autocast-style fp16/bf16 x with fp32
+# weights, fp64 weights, fp64 activations.
+mixed_float_dtypes = pytest.mark.parametrize(
+    "x_dtype,param_dtype",
+    [
+        (torch.float32, torch.float64),
+        (torch.float16, torch.float32),
+        (torch.bfloat16, torch.float32),
+        (torch.float64, torch.float32),
+    ],
+)
+
+
+def check_mixed_float_dtypes(op, x: torch.Tensor, want: torch.Tensor) -> None:
+    """``op(x)`` on every backend that can run here returns x's dtype and ``want`` (a float64
+    computation cast to x's dtype) to fp16-level tolerance (fp64 for fp64 x): the norms refuse
+    most such mixes in PyTorch, and compute in fp32 (fp64 for fp64 x) instead."""
+    from fastdiff.ops import use_backend
+
+    tolerance = 1e-9 if x.dtype == torch.float64 else 2e-2
+    backends = ["eager"]
+    if DEVICE == "cuda" or (INTERPRET and x.dtype != torch.bfloat16):
+        backends.append("triton")
+    for backend in backends:
+        with use_backend(backend):
+            got = op(x)
+        assert got.dtype == x.dtype, backend
+        torch.testing.assert_close(got.double(), want.double(), atol=tolerance, rtol=tolerance)

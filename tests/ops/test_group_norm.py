@@ -15,10 +15,11 @@ from fastdiff.ops import group_norm, group_norm_reference, use_backend
 from fastdiff.ops.group_norm import group_norm_eager, group_norm_triton
 from tests.ops.helpers import (
     DEVICE,
-    INTERPRET,
     CallCounter,
     assert_within_tolerance,
+    check_mixed_float_dtypes,
     kernel_dtypes,
+    mixed_float_dtypes,
 )
 
 EDGE_CASES = [
@@ -282,32 +283,13 @@ def test_bad_group_count_type_and_eps_raise(kwargs, message):
         group_norm(x, **{"num_groups": 4, **kwargs})
 
 
-@pytest.mark.parametrize(
-    "x_dtype,param_dtype",
-    [
-        (torch.float32, torch.float64),
-        (torch.float16, torch.float32),
-        (torch.bfloat16, torch.float32),
-        (torch.float64, torch.float32),
-    ],
-)
+@mixed_float_dtypes
 def test_weights_of_another_float_dtype_agree_on_every_backend(x_dtype, param_dtype):
-    """fp16 activations with fp32 weights (autocast-style), fp64 weights, fp64 activations:
-    F.group_norm refuses most such mixes; every backend computes in fp32 (fp64 for fp64 x) and
-    returns x's dtype."""
     x = (torch.randn(2, 8, 5, 5) + 100.0).to(DEVICE, x_dtype)  # a mean that fp32 feels
     weight = torch.randn(8, device=DEVICE, dtype=param_dtype)
     bias = torch.randn(8, device=DEVICE, dtype=param_dtype)
     want = F.silu(F.group_norm(x.double(), 4, weight.double(), bias.double())).to(x_dtype)
-    tolerance = 1e-9 if x_dtype == torch.float64 else 2e-2
-    backends = ["eager"]
-    if DEVICE == "cuda" or (INTERPRET and x_dtype != torch.bfloat16):
-        backends.append("triton")
-    for backend in backends:
-        with use_backend(backend):
-            got = group_norm(x, 4, weight, bias, silu=True)
-        assert got.dtype == x_dtype, backend
-        torch.testing.assert_close(got.double(), want.double(), atol=tolerance, rtol=tolerance)
+    check_mixed_float_dtypes(lambda x: group_norm(x, 4, weight, bias, silu=True), x, want)
 
 
 def test_integer_weights_raise():
