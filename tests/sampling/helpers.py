@@ -7,6 +7,42 @@ import torch
 SD_BETAS = {"beta_start": 0.00085, "beta_end": 0.012}
 
 
+def scheduler_config(
+    spacing: str,
+    prediction_type: str = "epsilon",
+    zero_snr: bool = False,
+    beta_schedule: str = "scaled_linear",
+) -> dict:
+    """A Stable Diffusion scheduler config (diffusers' keys) for one spacing and target; leading
+    spacing takes SD's steps_offset of 1."""
+    return dict(
+        SD_BETAS,
+        beta_schedule=beta_schedule,
+        timestep_spacing=spacing,
+        steps_offset=1 if spacing == "leading" else 0,
+        prediction_type=prediction_type,
+        rescale_betas_zero_snr=zero_snr,
+    )
+
+
+def our_trajectory(x_T, schedule, sampler: str, steps: int, seed: int, **kwargs) -> list:
+    """The states fastdiff's ``sample`` visits (``toy_model``, a generator seeded with ``seed``)."""
+    from fastdiff.sampling import sample
+
+    states: list[torch.Tensor] = []
+    sample(
+        toy_model,
+        x_T,
+        schedule,
+        sampler,
+        steps,
+        generator=torch.Generator().manual_seed(seed),
+        callback=lambda i, t, x: states.append(x),
+        **kwargs,
+    )
+    return states
+
+
 def toy_model(x: torch.Tensor, t: torch.Tensor | float) -> torch.Tensor:
     """A fixed nonlinear function of x and t (any t dtype), standing in for a denoiser."""
     t = torch.as_tensor(t, dtype=torch.float64, device=x.device)

@@ -18,7 +18,13 @@ import torch
 from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
 
 from fastdiff.sampling import BETA_SCHEDULES, PREDICTION_TYPES, NoiseSchedule, make_plan, sample
-from tests.sampling.helpers import SD_BETAS, assert_trajectories_match, run_diffusers, toy_model
+from tests.sampling.helpers import (
+    SD_BETAS,
+    assert_trajectories_match,
+    run_diffusers,
+    scheduler_config,
+    toy_model,
+)
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # diffusers + numpy 2
 
@@ -35,20 +41,9 @@ CASES = list(
 )
 
 
-def _config(beta_schedule, spacing, prediction_type, zero_snr):
-    return dict(
-        SD_BETAS,
-        beta_schedule=beta_schedule,
-        timestep_spacing=spacing,
-        steps_offset=1 if spacing == "leading" else 0,
-        prediction_type=prediction_type,
-        rescale_betas_zero_snr=zero_snr,
-    )
-
-
 @pytest.mark.parametrize("sampler,beta_schedule,spacing,prediction_type,zero_snr", CASES)
 def test_sampler_matches_diffusers(sampler, beta_schedule, spacing, prediction_type, zero_snr):
-    config = _config(beta_schedule, spacing, prediction_type, zero_snr)
+    config = scheduler_config(spacing, prediction_type, zero_snr, beta_schedule)
     schedule = NoiseSchedule(**config, set_alpha_to_one=False)
     extra = {"set_alpha_to_one": False} if sampler == "ddim" else {}
     reference = REFERENCE[sampler](**config, **extra)
@@ -89,7 +84,7 @@ def test_sampler_matches_diffusers(sampler, beta_schedule, spacing, prediction_t
 def test_ddim_set_alpha_to_one_and_uneven_steps(spacing):
     # 7 steps: 1000 / 7 is not integral, so DDIM's "previous timestep" t - 1000 // 7 differs from
     # the next visited timestep for trailing spacing; we follow diffusers there.
-    config = _config("scaled_linear", spacing, "epsilon", False)
+    config = scheduler_config(spacing)
     schedule = NoiseSchedule(**config, set_alpha_to_one=True)
     reference = DDIMScheduler(**config, set_alpha_to_one=True, clip_sample=False)
     reference.set_timesteps(7)
@@ -105,7 +100,7 @@ def test_euler_fractional_linspace_is_rounded(prediction_type):
     # With 20 steps diffusers' Euler linspace timesteps are fractional (999 * k / 19). Our model
     # takes integer t, so we round and use sigma at the rounded t: identical to diffusers run on
     # those integer timesteps, and within rounding distance of its own fractional timesteps.
-    config = _config("scaled_linear", "linspace", prediction_type, False)
+    config = scheduler_config("linspace", prediction_type)
     schedule = NoiseSchedule(**config)
     plan = make_plan(schedule, "euler", 20)
     fractional = EulerDiscreteScheduler(**config)
@@ -125,7 +120,7 @@ def test_euler_fractional_linspace_is_rounded(prediction_type):
 @pytest.mark.parametrize("steps", [1, 2, 3, 25])
 def test_dpmpp_2m_step_counts(steps):
     # 1 step: only the final first-order step; 2: first-order start and end; 25 >= 15 steps.
-    config = _config("scaled_linear", "trailing", "v_prediction", True)
+    config = scheduler_config("trailing", "v_prediction", True)
     schedule = NoiseSchedule(**config)
     reference = DPMSolverMultistepScheduler(**config, algorithm_type="dpmsolver++", solver_order=2)
     reference.set_timesteps(steps)
@@ -164,7 +159,7 @@ def _karras_reference(config, steps):
 def test_dpmpp_2m_karras_matches_diffusers(beta_schedule, prediction_type, zero_snr):
     """DPM-Solver++(2M) through Karras noise levels against DPMSolverMultistepScheduler with
     use_karras_sigmas: the same (rounded; truncated for cosine) timesteps, the same steps."""
-    config = _config(beta_schedule, "linspace", prediction_type, zero_snr)
+    config = scheduler_config("linspace", prediction_type, zero_snr, beta_schedule)
     reference = _karras_reference(config, 10)
     plan = make_plan(NoiseSchedule(**config), "dpmpp_2m_karras", 10)
     assert torch.equal(plan.timesteps, reference.timesteps)
@@ -187,13 +182,13 @@ def test_dpmpp_2m_karras_matches_diffusers(beta_schedule, prediction_type, zero_
 def test_dpmpp_2m_karras_step_counts(steps):
     """1 step: only the final first-order step; at 50 steps the rounded Karras timesteps repeat
     near t = 0, as diffusers' do; the timestep spacing plays no part."""
-    config = _config("scaled_linear", "leading", "epsilon", False)
+    config = scheduler_config("leading")
     schedule = NoiseSchedule(**config)
     reference = _karras_reference(config, steps)
     plan = make_plan(schedule, "dpmpp_2m_karras", steps)
     assert torch.equal(plan.timesteps, reference.timesteps)
     assert torch.equal(schedule.timesteps(steps, "dpmpp_2m_karras"), plan.timesteps)
-    trailing = NoiseSchedule(**_config("scaled_linear", "trailing", "epsilon", False))
+    trailing = NoiseSchedule(**scheduler_config("trailing"))
     assert torch.equal(make_plan(trailing, "dpmpp_2m_karras", steps).timesteps, plan.timesteps)
     if steps == 50:
         assert len(set(plan.timesteps.tolist())) < steps
@@ -210,7 +205,7 @@ def test_dpmpp_2m_karras_takes_the_configs_sigma_bounds():
     """A config with sigma_min / sigma_max (Euler configs write them) bounds diffusers' Karras
     levels; fastdiff reads them the same way. Too many steps are refused by name."""
     config = {
-        **_config("scaled_linear", "leading", "epsilon", False),
+        **scheduler_config("leading"),
         "_class_name": "DPMSolverMultistepScheduler",
         "use_karras_sigmas": True,
         "sigma_min": 0.1,
@@ -238,7 +233,7 @@ def test_euler_karras_is_diffusers_up_to_timestep_rounding(spacing, prediction_t
     """EulerDiscreteScheduler(use_karras_sigmas=True): the same noise levels (spanning the spaced
     timesteps' sigmas); diffusers calls the model at their fractional timesteps, fastdiff at the
     nearest integers. With a model that sees only the rounded timestep the runs agree."""
-    config = _config("scaled_linear", spacing, prediction_type, zero_snr)
+    config = scheduler_config(spacing, prediction_type, zero_snr)
     reference = EulerDiscreteScheduler(**config, use_karras_sigmas=True)
     reference.set_timesteps(10)
     schedule = NoiseSchedule(**config)
@@ -271,7 +266,7 @@ def test_euler_karras_is_diffusers_up_to_timestep_rounding(spacing, prediction_t
     ],
 )
 def test_euler_karras_levels_and_timesteps_at_awkward_counts(spacing, steps, offset, bounds):
-    config = dict(_config("scaled_linear", spacing, "epsilon", False), steps_offset=offset)
+    config = dict(scheduler_config(spacing), steps_offset=offset)
     reference = EulerDiscreteScheduler(**config, use_karras_sigmas=True, **bounds)
     reference.set_timesteps(steps)
     plan = make_plan(NoiseSchedule(**config, **bounds), "euler_karras", steps)

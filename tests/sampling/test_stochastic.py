@@ -23,7 +23,14 @@ from diffusers import (
 )
 
 from fastdiff.sampling import NoiseSchedule, make_plan, sample
-from tests.sampling.helpers import SD_BETAS, assert_trajectories_match, run_diffusers, toy_model
+from tests.sampling.helpers import (
+    SD_BETAS,
+    assert_trajectories_match,
+    our_trajectory,
+    run_diffusers,
+    scheduler_config,
+    toy_model,
+)
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # diffusers + numpy 2
 
@@ -39,28 +46,12 @@ SAMPLES = 40_000
     ],
 )
 def test_ddpm_matches_diffusers_with_same_noise(spacing, prediction_type, zero_snr):
-    config = dict(
-        SD_BETAS,
-        beta_schedule="scaled_linear",
-        timestep_spacing=spacing,
-        steps_offset=1 if spacing == "leading" else 0,
-        prediction_type=prediction_type,
-        rescale_betas_zero_snr=zero_snr,
-    )
+    config = scheduler_config(spacing, prediction_type, zero_snr)
     reference = DDPMScheduler(**config, clip_sample=False, variance_type="fixed_small")
     reference.set_timesteps(10)
     x_T = torch.randn(2, 3, 4)
     theirs, _, peaks = run_diffusers(reference, x_T, generator=torch.Generator().manual_seed(7))
-    ours = []
-    sample(
-        toy_model,
-        x_T,
-        NoiseSchedule(**config),
-        "ddpm",
-        10,
-        generator=torch.Generator().manual_seed(7),
-        callback=lambda i, t, x: ours.append(x),
-    )
+    ours = our_trajectory(x_T, NoiseSchedule(**config), "ddpm", 10, seed=7)
     assert_trajectories_match(ours, theirs, peaks)
 
 
@@ -71,14 +62,7 @@ def test_euler_ancestral_matches_diffusers_with_same_noise(spacing, prediction_t
     """EulerAncestralDiscreteScheduler (which has no sample-prediction mode) fed the same
     random stream. Started from the same state: for linspace/trailing diffusers' own start is
     sigma_max * x_T, fastdiff's sqrt(sigma_max^2 + 1) * x_T, as for plain Euler."""
-    config = dict(
-        SD_BETAS,
-        beta_schedule="scaled_linear",
-        timestep_spacing=spacing,
-        steps_offset=1 if spacing == "leading" else 0,
-        prediction_type=prediction_type,
-        rescale_betas_zero_snr=zero_snr,
-    )
+    config = scheduler_config(spacing, prediction_type, zero_snr)
     reference = EulerAncestralDiscreteScheduler(**config)
     reference.set_timesteps(10)  # linspace: 999 / 9 = 111, integral timesteps
     schedule = NoiseSchedule(**config)
@@ -88,16 +72,7 @@ def test_euler_ancestral_matches_diffusers_with_same_noise(spacing, prediction_t
     theirs, _, peaks = run_diffusers(
         reference, x_T * plan.init_noise_scale, generator=torch.Generator().manual_seed(5)
     )
-    ours = []
-    sample(
-        toy_model,
-        x_T,
-        schedule,
-        "euler_ancestral",
-        10,
-        generator=torch.Generator().manual_seed(5),
-        callback=lambda i, t, x: ours.append(x),
-    )
+    ours = our_trajectory(x_T, schedule, "euler_ancestral", 10, seed=5)
     assert_trajectories_match(ours, theirs, peaks)
     # The noise matters: another seed gives another sample.
     other = sample(
@@ -143,14 +118,7 @@ def test_dpmpp_2m_sde_matches_diffusers_with_same_noise(
 ):
     """SDE-DPM-Solver++(2M) against DPMSolverMultistepScheduler(algorithm_type=
     "sde-dpmsolver++"), which draws its step noise in float32 from the generator."""
-    config = dict(
-        SD_BETAS,
-        beta_schedule="scaled_linear",
-        timestep_spacing=spacing,
-        steps_offset=1 if spacing == "leading" else 0,
-        prediction_type=prediction_type,
-        rescale_betas_zero_snr=zero_snr,
-    )
+    config = scheduler_config(spacing, prediction_type, zero_snr)
     reference = DPMSolverMultistepScheduler(
         **config, algorithm_type="sde-dpmsolver++", solver_order=2, use_karras_sigmas=karras
     )
@@ -162,16 +130,7 @@ def test_dpmpp_2m_sde_matches_diffusers_with_same_noise(
     assert torch.equal(plan.timesteps, reference.timesteps) and plan.stochastic == (steps > 1)
     x_T = torch.randn(2, 3, 4)
     theirs, _, peaks = run_diffusers(reference, x_T, generator=torch.Generator().manual_seed(9))
-    ours = []
-    sample(
-        toy_model,
-        x_T,
-        schedule,
-        sampler,
-        steps,
-        generator=torch.Generator().manual_seed(9),
-        callback=lambda i, t, x: ours.append(x),
-    )
+    ours = our_trajectory(x_T, schedule, sampler, steps, seed=9)
     assert_trajectories_match(ours, theirs, peaks)
     if steps > 1:  # the noise matters
         other = sample(
@@ -189,18 +148,8 @@ def test_ddim_eta_matches_diffusers_with_same_noise(eta, set_alpha_to_one):
     theirs, _, peaks = run_diffusers(
         reference, x_T, generator=torch.Generator().manual_seed(3), eta=eta
     )
-    ours = []
     schedule = NoiseSchedule(**config, set_alpha_to_one=set_alpha_to_one)
-    sample(
-        toy_model,
-        x_T,
-        schedule,
-        "ddim",
-        10,
-        eta=eta,
-        generator=torch.Generator().manual_seed(3),
-        callback=lambda i, t, x: ours.append(x),
-    )
+    ours = our_trajectory(x_T, schedule, "ddim", 10, seed=3, eta=eta)
     assert_trajectories_match(ours, theirs, peaks)
 
 
