@@ -3,7 +3,9 @@ whole row in registers, so mean and variance are two exact passes over registers
 cancellation) and x is read once.
 
 With a residual, the kernel first adds it (in fp32) and writes the sum as a second output: the
-transformer block's ``x = attention(...) + x`` followed by the next LayerNorm, in one pass."""
+transformer block's ``x = attention(...) + x`` followed by the next LayerNorm, in one pass. A
+``sum_bias`` is added to the written sum only (not to what is normalized): the bias of a linear
+layer whose product is then accumulated into the sum in place."""
 
 from __future__ import annotations
 
@@ -23,7 +25,8 @@ def layer_norm_kernel(
     weight_ptr,  # [D] affine weight (read only when HAS_WEIGHT)
     bias_ptr,  # [D] affine bias (read only when HAS_BIAS)
     residual_ptr,  # rows added to x first: (r, d) at r * stride_residual_row + d (HAS_RESIDUAL)
-    sum_ptr,  # out: x + residual, contiguous (R, D) (written when HAS_RESIDUAL)
+    sum_ptr,  # out: x + residual (+ sum_bias), contiguous (R, D) (written when HAS_RESIDUAL)
+    sum_bias_ptr,  # [D] added to the written sum only (read when HAS_SUM_BIAS)
     rows,
     width,
     stride_row,
@@ -34,6 +37,7 @@ def layer_norm_kernel(
     HAS_WEIGHT: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr,
+    HAS_SUM_BIAS: tl.constexpr,
 ):
     offs_r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     offs_d = tl.arange(0, BLOCK_D)
@@ -46,7 +50,11 @@ def layer_norm_kernel(
         residual_ptrs = residual_ptr + row_offsets * stride_residual_row + offs_d[None, :]
         x += tl.load(residual_ptrs, mask=mask, other=0.0).to(tl.float32)
         sum_ptrs = sum_ptr + row_offsets * width + offs_d[None, :]
-        tl.store(sum_ptrs, x.to(sum_ptr.dtype.element_ty), mask=mask)
+        if HAS_SUM_BIAS:
+            sum_bias = tl.load(sum_bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+            tl.store(sum_ptrs, (x + sum_bias[None, :]).to(sum_ptr.dtype.element_ty), mask=mask)
+        else:
+            tl.store(sum_ptrs, x.to(sum_ptr.dtype.element_ty), mask=mask)
     mean = tl.sum(x, axis=1) / width
     centred = tl.where(mask, x - mean[:, None], 0.0)
     var = tl.sum(centred * centred, axis=1) / width
@@ -65,11 +73,13 @@ def layer_norm_forward(
     bias: torch.Tensor | None,
     eps: float,
     residual: torch.Tensor | None = None,
+    sum_bias: torch.Tensor | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """x (..., D) whose rows can be viewed as (R, D) with unit column stride; contiguous output.
 
     With ``residual`` (x's shape, rows viewable the same way): returns (x + residual, the
-    LayerNorm of that sum), both contiguous; the sum is normalized before it is rounded."""
+    LayerNorm of that sum), both contiguous; the sum is normalized before it is rounded.
+    ``sum_bias`` ((D,), with a residual) is added to the returned sum, not to the normalized one."""
     width = x.shape[-1]
     rows = x.numel() // max(width, 1)
     x2d = x.reshape(rows, width)  # a view for the inputs the op sends here
@@ -89,6 +99,7 @@ def layer_norm_forward(
         bias if bias is not None else y,
         residual if residual is not None else y,
         total if total is not None else y,
+        sum_bias if sum_bias is not None else y,
         rows,
         width,
         x2d.stride(0),
@@ -99,6 +110,7 @@ def layer_norm_forward(
         HAS_WEIGHT=weight is not None,
         HAS_BIAS=bias is not None,
         HAS_RESIDUAL=residual is not None,
+        HAS_SUM_BIAS=residual is not None and sum_bias is not None,
         num_warps=4 if block_d <= 1024 else 8,
         **COMPILE_OPTIONS,
     )

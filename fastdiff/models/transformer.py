@@ -20,6 +20,7 @@ from fastdiff.models.resnet import (
     plain_layer,
     pointwise_as_linear,
 )
+from fastdiff.ops.backend import needs_autograd
 
 
 class LayerNorm(nn.LayerNorm):
@@ -29,10 +30,11 @@ class LayerNorm(nn.LayerNorm):
         return ops.layer_norm(x, self.weight, self.bias, self.eps)
 
     def after_residual(
-        self, x: torch.Tensor, residual: torch.Tensor
+        self, x: torch.Tensor, residual: torch.Tensor, sum_bias: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(x + residual, self(x + residual))`` in one kernel (``ops.add_layer_norm``)."""
-        return ops.add_layer_norm(x, residual, self.weight, self.bias, self.eps)
+        """``(x + residual (+ sum_bias), self(x + residual))`` in one kernel
+        (``ops.add_layer_norm``)."""
+        return ops.add_layer_norm(x, residual, self.weight, self.bias, self.eps, sum_bias)
 
 
 PLAIN_LAYER_HOMES[LayerNorm] = LayerNorm.__module__
@@ -62,13 +64,31 @@ class FeedForward(nn.Module):
             x = layer(x)
         return x
 
+    def accumulate_into(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """``out += self(x) - net[2].bias``, in place: the last projection accumulates into
+        ``out`` (cuBLAS's beta = 1), so the residual addition after the feed-forward is no
+        separate kernel. The caller has put the bias into ``out``."""
+        hidden = self.net[1](self.net[0](x))
+        projection = self.net[2]
+        out = out if out.is_contiguous() else out.contiguous()
+        out.view(-1, out.shape[-1]).addmm_(
+            hidden.reshape(-1, hidden.shape[-1]), projection.weight.t()
+        )
+        return out
+
+
+PLAIN_LAYER_HOMES[FeedForward] = FeedForward.__module__
+
 
 class BasicTransformerBlock(nn.Module):
     """Pre-norm self-attention, cross-attention and feed-forward, each with a residual.
 
     ``fold_biases`` (set by ``ModelBase.fold_conv_biases``): the residual additions after the
     two attentions are done by the LayerNorms that follow them (``LayerNorm.after_residual``),
-    which read the two addends and write the sum with its normalization."""
+    which read the two addends and write the sum with its normalization; the second one also
+    adds the feed-forward's output bias to the sum it writes, and the feed-forward's last GEMM
+    accumulates into that sum in place (``FeedForward.accumulate_into``), so no residual
+    addition is a kernel of its own."""
 
     fold_biases = False
     has_bias_folds = True
@@ -82,9 +102,26 @@ class BasicTransformerBlock(nn.Module):
         self.norm3 = LayerNorm(dim)
         self.ff = FeedForward(dim)
 
+    def accumulates_feed_forward(self, x: torch.Tensor) -> bool:
+        """Whether the feed-forward may accumulate into the residual sum in place: a plain
+        ``FeedForward`` whose last layer is a plain linear layer with a bias, no gradients
+        wanted (autograd keeps the sum for the LayerNorm's backward)."""
+        projection = self.ff.net[2]
+        return (
+            plain_layer(self.ff)
+            and plain_layer(projection)
+            and projection.bias is not None
+            and projection.bias.dtype == x.dtype
+            and not needs_autograd(x, projection.weight, projection.bias)
+        )
+
     def forward(self, x: torch.Tensor, context: torch.Tensor | None) -> torch.Tensor:
         if self.fold_biases and plain_layer(self.norm2) and plain_layer(self.norm3):
             x, hidden = self.norm2.after_residual(self.attn1(self.norm1(x)), x)
+            if self.accumulates_feed_forward(x):
+                ff_bias = self.ff.net[2].bias
+                x, hidden = self.norm3.after_residual(self.attn2(hidden, context), x, ff_bias)
+                return self.ff.accumulate_into(x, hidden)
             x, hidden = self.norm3.after_residual(self.attn2(hidden, context), x)
             return self.ff(hidden) + x
         x = self.attn1(self.norm1(x)) + x

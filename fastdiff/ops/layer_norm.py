@@ -94,17 +94,22 @@ def layer_norm(
     return layer_norm_eager(x, weight, bias, eps)
 
 
-def add_layer_norm_reference(x, residual, weight, bias, eps: float = 1e-5):
+def add_layer_norm_reference(x, residual, weight, bias, eps: float = 1e-5, sum_bias=None):
     """fp32 reference of ``add_layer_norm``: the sum and its LayerNorm in float32, both cast back
     to ``x.dtype``."""
     total = x.float() + residual.float()
-    return total.to(x.dtype), layer_norm_reference(total, weight, bias, eps).to(x.dtype)
+    normed = layer_norm_reference(total, weight, bias, eps).to(x.dtype)
+    if sum_bias is not None:
+        total = total + sum_bias.float()
+    return total.to(x.dtype), normed
 
 
-def add_layer_norm_eager(x, residual, weight, bias, eps: float = 1e-5):
-    """Plain PyTorch: the addition (rounded to ``x.dtype``), then LayerNorm of the rounded sum."""
+def add_layer_norm_eager(x, residual, weight, bias, eps: float = 1e-5, sum_bias=None):
+    """Plain PyTorch: the addition (rounded to ``x.dtype``), then LayerNorm of the rounded sum
+    (and the sum plus ``sum_bias``, a third operation)."""
     total = x + residual
-    return total, layer_norm_eager(total, weight, bias, eps)
+    normed = layer_norm_eager(total, weight, bias, eps)
+    return (total if sum_bias is None else total + sum_bias), normed
 
 
 @torch.library.custom_op("fastdiff::add_layer_norm", mutates_args=())
@@ -114,14 +119,15 @@ def add_layer_norm_triton(
     weight: torch.Tensor | None,
     bias: torch.Tensor | None,
     eps: float,
+    sum_bias: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     from fastdiff.kernels.layer_norm import layer_norm_forward
 
-    return layer_norm_forward(x, weight, bias, eps, residual)
+    return layer_norm_forward(x, weight, bias, eps, residual, sum_bias)
 
 
 @add_layer_norm_triton.register_fake
-def _add_layer_norm_fake(x, residual, weight, bias, eps):
+def _add_layer_norm_fake(x, residual, weight, bias, eps, sum_bias=None):
     return x.new_empty(x.shape), x.new_empty(x.shape)
 
 
@@ -131,10 +137,15 @@ def add_layer_norm(
     weight: torch.Tensor | None = None,
     bias: torch.Tensor | None = None,
     eps: float = 1e-5,
+    sum_bias: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(x + residual, layer_norm(x + residual))``: a transformer block's residual addition and
     the LayerNorm after it. The Triton kernel reads both inputs once and writes both outputs,
-    normalizing the fp32 sum; the eager path runs the two ops."""
+    normalizing the fp32 sum; the eager path runs the two ops.
+
+    ``sum_bias`` ((D,)) is added to the returned sum only: ``(x + residual + sum_bias,
+    layer_norm(x + residual))``. A block whose next linear layer accumulates into the sum in
+    place (``BasicTransformerBlock``'s feed-forward) gets that layer's bias this way."""
     if not isinstance(residual, torch.Tensor) or residual.shape != x.shape:
         shape = tuple(residual.shape) if isinstance(residual, torch.Tensor) else residual
         raise ValueError(
@@ -146,14 +157,23 @@ def add_layer_norm(
             f"on {x.device}; they must match"
         )
     check_layer_norm_params(x, weight, bias)
+    if sum_bias is not None and (
+        tuple(sum_bias.shape) != (x.shape[-1],) or not sum_bias.is_floating_point()
+    ):
+        raise ValueError(
+            f"add_layer_norm: sum_bias must be a floating ({x.shape[-1]},) tensor, got "
+            f"{sum_bias.dtype} of shape {tuple(sum_bias.shape)}"
+        )
     backend = select_backend(x)
-    if needs_autograd(x, residual, weight, bias):
+    if needs_autograd(x, residual, weight, bias, sum_bias):
         backend = "eager"
     if (
         backend in ("triton", "cuda")
         and layer_norm_triton_supports(x, weight, bias)
+        and layer_norm_triton_supports(x, None, sum_bias)
         and rows_are_viewable(residual)
     ):
-        return add_layer_norm_triton(x, residual, weight, bias, float(eps))
+        return add_layer_norm_triton(x, residual, weight, bias, float(eps), sum_bias)
     total = x + residual
-    return total, layer_norm(total, weight, bias, eps)
+    normed = layer_norm(total, weight, bias, eps)
+    return (total if sum_bias is None else total + sum_bias.to(total.dtype)), normed

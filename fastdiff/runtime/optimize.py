@@ -300,8 +300,9 @@ def optimize(
     benchmarks' fastdiff-nchw provider shows which layout is faster for a GPU).
     ``fold_biases`` makes the U-Net do its additions inside other kernels where the sum allows
     it: convolution biases and time embeddings (one GEMM for every block's time shift, added by
-    the GroupNorm kernel), residuals (added by the next LayerNorm); fewer kernels and full-size
-    passes, see ``ResnetBlock2D``, ``BasicTransformerBlock``, ``Transformer2DModel`` and
+    the GroupNorm kernel), transformer residuals (added by the next LayerNorm, or accumulated
+    into by the feed-forward's last GEMM); fewer kernels and full-size passes, see
+    ``ResnetBlock2D``, ``BasicTransformerBlock``, ``Transformer2DModel`` and
     ``UNet2DConditionModel.time_shifts``. Off by default until a GPU run of bench_unet's
     fastdiff-foldbias provider shows it faster. The
     VAE is left as it is: it has no time embedding, and its shortcut GEMMs would run in float32

@@ -340,25 +340,27 @@ def residual_norms(monkeypatch):
     return calls
 
 
-@pytest.mark.parametrize("patch", [None, hook, replace_forward])
-def test_transformer_block_residuals(residual_norms, patch):
+@pytest.mark.parametrize("patched", [None, "norm3", "ff", "ff.net.2"])
+def test_transformer_block_residuals(residual_norms, linear_weights, patched):
     block = BasicTransformerBlock(16, 2, 8, 12).eval()
     randomize_biases(block)
     x, context = torch.randn(2, 10, 16), torch.randn(2, 5, 12)
-    if patch is not None:
-        patch(block.norm3)  # it must be called as it is, on the sum
+    if patched is not None:  # it must be called as it is
+        hook(block.get_submodule(patched))
     expected, folded = unfolded_and_folded(block, x, context)
     torch.testing.assert_close(folded, expected, rtol=1e-5, atol=1e-5)
-    assert len(residual_norms) == (2 if patch is None else 0)
+    # the residuals go through add_layer_norm unless norm3 is patched
+    assert len(residual_norms) == (0 if patched == "norm3" else 2)
+    # the feed-forward's last GEMM accumulates into the sum (no F.linear of its own) when the
+    # feed-forward and its projection are plain: once for the unfolded call, else twice
+    projections = sum(w is block.ff.net[2].weight for w in linear_weights)
+    assert projections == (1 if patched is None else 2)
 
 
-def test_folding_off_again_computes_each_block_on_its_own(linear_weights):
-    unet = tiny_pipeline().unet
-    x, t, context = unet_inputs()
-    with torch.no_grad():
-        expected = unet(x, t, context)
-        unet.fold_conv_biases()
-        unet.fold_conv_biases(False)  # the projections stay packed; the U-Net does not batch
-        linear_weights.clear()
-        torch.testing.assert_close(unet(x, t, context), expected, rtol=1e-5, atol=1e-5)
-    assert time_projection_calls(unet, linear_weights) == (0, len(unet.time_blocks()))
+def test_transformer_block_with_gradients_keeps_the_sum_for_backward(linear_weights):
+    block = BasicTransformerBlock(16, 2, 8, 12)
+    block.fold_biases = True
+    x, context = torch.randn(2, 10, 16, requires_grad=True), torch.randn(2, 5, 12)
+    block(x, context).square().sum().backward()  # an in-place accumulate would break this
+    assert x.grad is not None and block.ff.net[2].weight.grad is not None
+    assert sum(w is block.ff.net[2].weight for w in linear_weights) == 1

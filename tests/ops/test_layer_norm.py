@@ -42,19 +42,24 @@ EDGE_CASES = [
 
 
 def check(x, weight, bias, eps=1e-5, what="", residual=None):
-    """layer_norm, or with ``residual`` add_layer_norm (both outputs), against the references."""
+    """layer_norm, or with ``residual`` add_layer_norm (both outputs; without a sum_bias, then
+    with one: two calls), against the references."""
     if residual is None:
         out = layer_norm(x, weight, bias, eps)
         reference = layer_norm_reference(x, weight, bias, eps)
         assert_within_tolerance(out, reference, layer_norm_eager(x, weight, bias, eps), what)
         return out
-    total, normed = add_layer_norm(x, residual, weight, bias, eps)
-    want_total, want_normed = add_layer_norm_reference(x, residual, weight, bias, eps)
-    eager_total, eager_normed = add_layer_norm_eager(x, residual, weight, bias, eps)
-    assert_within_tolerance(total, want_total, eager_total, f"{what} sum")
-    assert_within_tolerance(normed, want_normed, eager_normed, f"{what} layer norm")
-    assert total.is_contiguous() and normed.is_contiguous()
-    return total, normed
+    sum_bias = torch.randn(x.shape[-1], device=x.device).to(x.dtype)
+    for extra in (None, sum_bias):
+        args = (x, residual, weight, bias, eps, extra)
+        total, normed = add_layer_norm(*args)
+        want_total, want_normed = add_layer_norm_reference(*args)
+        eager_total, eager_normed = add_layer_norm_eager(*args)
+        label = f"{what} {'with' if extra is not None else 'without'} sum_bias"
+        assert_within_tolerance(total, want_total, eager_total, f"{label}: sum")
+        assert_within_tolerance(normed, want_normed, eager_normed, f"{label}: layer norm")
+        assert total.is_contiguous() and normed.is_contiguous()
+    return total - sum_bias, normed
 
 
 def make(shape, dtype, affine=True, offset=0.0):
@@ -82,7 +87,7 @@ def test_edge_shapes(triton_backend, monkeypatch, shape, dtype, residual):
     counter = CallCounter(monkeypatch, layer_norm_kernels, "layer_norm_forward")
     x, weight, bias = make(shape, dtype)
     check(x, weight, bias, what=str(shape), residual=residual_for(x, residual))
-    assert counter.calls == 1
+    assert counter.calls == (2 if residual else 1)
 
 
 @pytest.mark.parametrize("affine", [False, True], ids=["no-affine", "affine"])
@@ -99,7 +104,7 @@ def test_strided_rows_are_read_in_place(triton_backend, monkeypatch, residual):
     x = base[:, 1]  # rows with stride 96: a view, no copy
     rows = torch.randn(6, 80, device=DEVICE)[:, 16:64] if residual else None  # stride 80
     check(x, None, None, residual=rows)
-    assert counter.calls == 1
+    assert counter.calls == (2 if residual else 1)
 
 
 def test_add_layer_norm_normalizes_the_sum(triton_backend):
@@ -132,6 +137,13 @@ def test_add_layer_norm_gradients_take_the_eager_path(triton_backend, monkeypatc
 def test_add_layer_norm_bad_residual_raises(residual, message):
     with pytest.raises(ValueError, match=message):
         add_layer_norm(torch.randn(4, 16), residual)
+
+
+@pytest.mark.parametrize("sum_bias", [torch.zeros(8), torch.zeros(16, dtype=torch.long)])
+def test_add_layer_norm_bad_sum_bias_raises(sum_bias):
+    x = torch.randn(4, 16)
+    with pytest.raises(ValueError, match=r"sum_bias must be a floating \(16,\) tensor, got"):
+        add_layer_norm(x, x, sum_bias=sum_bias)
 
 
 def test_transposed_input_falls_back_to_eager(triton_backend, monkeypatch):
@@ -185,9 +197,9 @@ def test_fake_kernel_matches_real_output(triton_backend):
     checks = ("test_schema", "test_faketensor")
     torch.library.opcheck(layer_norm_triton, (x, weight, bias, 1e-5), test_utils=checks)
     residual = residual_for(x, True)
-    torch.library.opcheck(
-        add_layer_norm_triton, (x, residual, weight, bias, 1e-5), test_utils=checks
-    )
+    for sum_bias in (None, bias):
+        args = (x, residual, weight, bias, 1e-5, sum_bias)
+        torch.library.opcheck(add_layer_norm_triton, args, test_utils=checks)
 
 
 @pytest.mark.gpu
@@ -203,4 +215,4 @@ def test_sd_shapes_on_gpu(monkeypatch, shape, dtype, residual):
     x, weight, bias = make(shape, dtype)
     with use_backend("triton"):
         check(x, weight, bias, what=str(shape), residual=residual_for(x, residual))
-    assert counter.calls == 1  # the kernel ran, not a silent eager fallback
+    assert counter.calls == (2 if residual else 1)  # the kernel ran, not an eager fallback
