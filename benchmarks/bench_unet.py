@@ -2,8 +2,9 @@
 
 Random weights at the real architectures (benchmarks/model_configs.py), fp16 on GPU. Providers:
   fastdiff           optimize(): fp16, channels-last, fused QKV, Triton kernels, CUDA graph
-  fastdiff-foldbias  fastdiff with optimize(fold_biases=True): convolution biases added inside
-                     other work (off by default until this row shows it faster)
+  fastdiff-foldbias  fastdiff with optimize(fold_biases=True): biases, time embeddings and
+                     residuals added inside other kernels (off by default until this row shows
+                     it faster)
   fastdiff-nograph   the same without the CUDA graph (what graphs buy)
   fastdiff-nchw      fastdiff with NCHW activations (what channels-last buys)
   fastdiff-nokernels fastdiff with PyTorch's ops instead of ours (what the kernels buy)

@@ -210,7 +210,7 @@ def run(args: argparse.Namespace) -> int:
         with torch.no_grad(), ops_backend(kernels=True):  # the backend optimize() selects
             return unet(fast_sample, timestep, context, **kwargs)
 
-    folded = ", folded biases" if args.fold_biases else ""
+    folded = ", folded biases and residuals" if args.fold_biases else ""
     print_breakdown(
         f"fastdiff optimized, graph off (kernels, channels-last, fused QKV{folded})",
         profile_calls(optimized, args.calls, on_cuda, args.by_op),
