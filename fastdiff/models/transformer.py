@@ -102,23 +102,23 @@ class BasicTransformerBlock(nn.Module):
         self.norm3 = LayerNorm(dim)
         self.ff = FeedForward(dim)
 
-    def accumulates_feed_forward(self, x: torch.Tensor) -> bool:
+    def accumulates_feed_forward(self, x: torch.Tensor, context: torch.Tensor | None) -> bool:
         """Whether the feed-forward may accumulate into the residual sum in place: a plain
-        ``FeedForward`` whose last layer is a plain linear layer with a bias, no gradients
-        wanted (autograd keeps the sum for the LayerNorm's backward)."""
+        ``FeedForward`` whose last layer is a plain linear layer with a bias, and no gradient
+        through this block (autograd keeps the sum for norm3's backward)."""
         projection = self.ff.net[2]
         return (
             plain_layer(self.ff)
             and plain_layer(projection)
             and projection.bias is not None
             and projection.bias.dtype == x.dtype
-            and not needs_autograd(x, projection.weight, projection.bias)
+            and not needs_autograd(x, context, *self.parameters())
         )
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None) -> torch.Tensor:
         if self.fold_biases and plain_layer(self.norm2) and plain_layer(self.norm3):
             x, hidden = self.norm2.after_residual(self.attn1(self.norm1(x)), x)
-            if self.accumulates_feed_forward(x):
+            if self.accumulates_feed_forward(x, context):
                 ff_bias = self.ff.net[2].bias
                 x, hidden = self.norm3.after_residual(self.attn2(hidden, context), x, ff_bias)
                 return self.ff.accumulate_into(x, hidden)

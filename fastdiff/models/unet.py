@@ -252,7 +252,12 @@ class UNet2DConditionModel(ModelBase):
         conv_bias = packed_rows([block.conv1.bias for block in blocks])
         if weight is None or bias is None or conv_bias is None:
             return emb
-        if needs_autograd(emb, weight, bias, conv_bias):
+        # The packed views are detached: gradients (to emb or to any block's projection or conv1
+        # bias) need the blocks' own layers.
+        if needs_autograd(emb) or any(
+            needs_autograd(block.time_emb_proj.weight, block.time_emb_proj.bias, block.conv1.bias)
+            for block in blocks
+        ):
             return emb
         if any(tensor.dtype != emb.dtype for tensor in (weight, bias, conv_bias)):
             return emb

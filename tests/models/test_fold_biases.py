@@ -312,8 +312,14 @@ def test_a_hooked_time_projection_keeps_every_block_on_its_own(linear_weights):
     assert time_projection_calls(unet, linear_weights) == (0, len(unet.time_blocks()))
 
 
-def test_gradients_reach_every_time_projection_when_folded():
+@pytest.mark.parametrize("trained", ["all", "time-projections-only"])
+def test_gradients_reach_every_time_projection_when_folded(trained):
     unet = tiny_pipeline().unet
+    if trained != "all":  # emb needs no gradient, the projections do
+        unet.requires_grad_(False)
+        for block in unet.time_blocks():
+            block.time_emb_proj.requires_grad_(True)
+            block.conv1.bias.requires_grad_(True)
     unet.fold_conv_biases()
     x, t, context = unet_inputs()
     unet(x, t, context).square().mean().backward()
@@ -357,10 +363,14 @@ def test_transformer_block_residuals(residual_norms, linear_weights, patched):
     assert projections == (1 if patched is None else 2)
 
 
-def test_transformer_block_with_gradients_keeps_the_sum_for_backward(linear_weights):
+@pytest.mark.parametrize("trained", ["all", "norm3-only"])
+def test_transformer_block_with_gradients_keeps_the_sum_for_backward(linear_weights, trained):
     block = BasicTransformerBlock(16, 2, 8, 12)
     block.fold_biases = True
-    x, context = torch.randn(2, 10, 16, requires_grad=True), torch.randn(2, 5, 12)
+    if trained == "norm3-only":  # the feed-forward frozen, norm3 (which saves the sum) trained
+        block.requires_grad_(False)
+        block.norm3.requires_grad_(True)
+    x, context = torch.randn(2, 10, 16), torch.randn(2, 5, 12)
     block(x, context).square().sum().backward()  # an in-place accumulate would break this
-    assert x.grad is not None and block.ff.net[2].weight.grad is not None
+    assert block.norm3.weight.grad is not None
     assert sum(w is block.ff.net[2].weight for w in linear_weights) == 1
