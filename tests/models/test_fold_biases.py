@@ -14,6 +14,7 @@ from fastdiff import ops
 from fastdiff.models.resnet import ResnetBlock2D
 from fastdiff.models.transformer import BasicTransformerBlock, Transformer2DModel
 from fastdiff.runtime import OptimizeReport, prepare_module
+from tests.ops.helpers import CallCounter
 from tests.runtime.conftest import tiny_pipeline
 
 
@@ -31,29 +32,19 @@ def conv_calls(monkeypatch):
     """conv_calls(layer, with_bias) -> how many F.conv2d calls used ``layer``'s weight, with a
     bias or without. Counted on torch.nn.functional, which nn.Conv2d calls too: patching the
     layer or its class would itself keep it from being folded."""
-    seen: list[tuple[int, bool]] = []
-    conv2d = F.conv2d
+    conv2d = CallCounter(monkeypatch, F, "conv2d")
 
-    def counting(input, weight, bias=None, *args, **kwargs):
-        seen.append((id(weight), bias is not None))
-        return conv2d(input, weight, bias, *args, **kwargs)
+    def count(layer, with_bias):
+        calls = zip(conv2d.argument(1, "weight"), conv2d.argument(2, "bias"), strict=True)
+        return sum(w is layer.weight and (b is not None) == with_bias for w, b in calls)
 
-    monkeypatch.setattr(F, "conv2d", counting)
-    return lambda layer, with_bias: seen.count((id(layer.weight), with_bias))
+    return count
 
 
 @pytest.fixture
-def offsets_seen(monkeypatch):
-    """The ``offset`` of every ``fastdiff.ops.group_norm`` call (None where there was none)."""
-    seen: list[torch.Tensor | None] = []
-    group_norm = ops.group_norm
-
-    def recording(*args, offset=None, **kwargs):
-        seen.append(offset)
-        return group_norm(*args, offset=offset, **kwargs)
-
-    monkeypatch.setattr(ops, "group_norm", recording)
-    return seen
+def group_norms(monkeypatch):
+    """The ``fastdiff.ops.group_norm`` calls (``.argument(6, "offset")``: their offsets)."""
+    return CallCounter(monkeypatch, ops, "group_norm")
 
 
 def unfolded_and_folded(module: torch.nn.Module, *args) -> tuple[torch.Tensor, torch.Tensor]:
@@ -71,7 +62,7 @@ def layout(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
 @pytest.mark.parametrize("in_channels", [16, 8], ids=["identity-shortcut", "conv-shortcut"])
 @pytest.mark.parametrize("with_temb", [True, False], ids=["temb", "no-temb"])
-def test_resnet_block(conv_calls, offsets_seen, channels_last, in_channels, with_temb):
+def test_resnet_block(conv_calls, group_norms, channels_last, in_channels, with_temb):
     block = ResnetBlock2D(in_channels, 16, 12, groups=4, eps=1e-5).eval()
     randomize_biases(block)
     x = layout(torch.randn(2, in_channels, 6, 6), channels_last)
@@ -82,8 +73,9 @@ def test_resnet_block(conv_calls, offsets_seen, channels_last, in_channels, with
     # conv1's bias (and the time embedding) enter norm2 as its offset: conv1 once with its bias
     # (unfolded), once without; norm1, norm2 unfolded, then norm1 and norm2 with the offset
     assert conv_calls(block.conv1, with_bias=False) == 1
-    assert [offset is None for offset in offsets_seen] == [True, True, True, False]
-    assert offsets_seen[-1].shape == ((2, 16) if with_temb else (16,))
+    offsets = group_norms.argument(6, "offset")
+    assert [offset is None for offset in offsets] == [True, True, True, False]
+    assert offsets[-1].shape == ((2, 16) if with_temb else (16,))
     if block.conv_shortcut is not None:  # conv2's bias joins the shortcut's GEMM (channels-last)
         assert conv_calls(block.conv_shortcut, with_bias=True) == (1 if channels_last else 2)
         assert conv_calls(block.conv2, with_bias=False) == (1 if channels_last else 0)
@@ -210,21 +202,14 @@ def unet_inputs(channels_last: bool = False):
 
 
 @pytest.fixture
-def linear_weights(monkeypatch):
-    """The weight of every F.linear call, in order (nn.Linear calls F.linear too)."""
-    seen: list[torch.Tensor] = []
-    linear = F.linear
-
-    def recording(input, weight, bias=None):
-        seen.append(weight)
-        return linear(input, weight, bias)
-
-    monkeypatch.setattr(F, "linear", recording)
-    return seen
+def linear_calls(monkeypatch):
+    """The F.linear calls (nn.Linear calls F.linear too); ``.argument(1, "weight")``."""
+    return CallCounter(monkeypatch, F, "linear")
 
 
-def time_projection_calls(unet, weights: list[torch.Tensor]) -> tuple[int, int]:
+def time_projection_calls(unet, linear_calls: CallCounter) -> tuple[int, int]:
     """(batched GEMMs over all blocks' projections, GEMMs with one block's projection)."""
+    weights = linear_calls.argument(1, "weight")
     blocks = unet.time_blocks()
     rows = sum(block.time_emb_proj.out_features for block in blocks)
     own = {id(block.time_emb_proj.weight) for block in blocks}
@@ -233,7 +218,7 @@ def time_projection_calls(unet, weights: list[torch.Tensor]) -> tuple[int, int]:
 
 
 @pytest.mark.parametrize("config", ["tiny_sd15_unet", "tiny_sdxl_unet"])
-def test_time_projections_run_as_one_gemm(linear_weights, offsets_seen, config):
+def test_time_projections_run_as_one_gemm(linear_calls, group_norms, config):
     unet = tiny_pipeline(config).unet
     randomize_biases(unet)
     x, t, context = unet_inputs()
@@ -249,20 +234,20 @@ def test_time_projections_run_as_one_gemm(linear_weights, offsets_seen, config):
         }
     with torch.no_grad():
         expected = unet(x, t, context, **kwargs)
-        assert time_projection_calls(unet, linear_weights) == (0, len(unet.time_blocks()))
-        linear_weights.clear()
-        offsets_seen.clear()
+        assert time_projection_calls(unet, linear_calls) == (0, len(unet.time_blocks()))
+        linear_calls.arguments.clear()
+        group_norms.arguments.clear()
         unet.fold_conv_biases()
         folded = unet(x, t, context, **kwargs)
     torch.testing.assert_close(folded, expected, rtol=1e-5, atol=1e-5)
-    assert time_projection_calls(unet, linear_weights) == (1, 0)
+    assert time_projection_calls(unet, linear_calls) == (1, 0)
     # each block's norm2 got its slice of the batched shifts: a (B, C) view of one tensor
-    offsets = [offset for offset in offsets_seen if offset is not None]
+    offsets = [offset for offset in group_norms.argument(6, "offset") if offset is not None]
     assert len(offsets) == len(unet.time_blocks())
     assert len({offset.untyped_storage().data_ptr() for offset in offsets}) == 1
 
 
-def test_packing_keeps_the_state_dict_and_sees_loaded_weights(linear_weights):
+def test_packing_keeps_the_state_dict_and_sees_loaded_weights(linear_calls):
     unet = tiny_pipeline().unet
     other = tiny_pipeline().unet
     randomize_biases(unet)
@@ -277,10 +262,10 @@ def test_packing_keeps_the_state_dict_and_sees_loaded_weights(linear_weights):
     x, t, context = unet_inputs()
     with torch.no_grad():
         torch.testing.assert_close(unet(x, t, context), other(x, t, context), rtol=1e-5, atol=1e-5)
-    assert time_projection_calls(unet, linear_weights)[0] == 1
+    assert time_projection_calls(unet, linear_calls)[0] == 1
 
 
-def test_a_cast_after_folding_unpacks_and_each_block_computes_its_own(linear_weights):
+def test_a_cast_after_folding_unpacks_and_each_block_computes_its_own(linear_calls):
     unet = tiny_pipeline().unet
     randomize_biases(unet)
     x, t, context = unet_inputs()
@@ -288,17 +273,17 @@ def test_a_cast_after_folding_unpacks_and_each_block_computes_its_own(linear_wei
         expected = unet.double()(x.double(), t, context.double())
         unet.float().fold_conv_biases()
         unet.double()  # .to() gives every parameter storage of its own
-        linear_weights.clear()
+        linear_calls.arguments.clear()
         folded = unet(x.double(), t, context.double())
         torch.testing.assert_close(folded, expected)
-        assert time_projection_calls(unet, linear_weights) == (0, len(unet.time_blocks()))
+        assert time_projection_calls(unet, linear_calls) == (0, len(unet.time_blocks()))
         unet.fold_conv_biases()  # folding again packs them again
-        linear_weights.clear()
+        linear_calls.arguments.clear()
         torch.testing.assert_close(unet(x.double(), t, context.double()), expected)
-    assert time_projection_calls(unet, linear_weights) == (1, 0)
+    assert time_projection_calls(unet, linear_calls) == (1, 0)
 
 
-def test_a_hooked_time_projection_keeps_every_block_on_its_own(linear_weights):
+def test_a_hooked_time_projection_keeps_every_block_on_its_own(linear_calls):
     unet = tiny_pipeline().unet
     randomize_biases(unet)
     hook(unet.time_blocks()[1].time_emb_proj)
@@ -306,10 +291,10 @@ def test_a_hooked_time_projection_keeps_every_block_on_its_own(linear_weights):
     with torch.no_grad():
         expected = unet(x, t, context)
         unet.fold_conv_biases()
-        linear_weights.clear()
+        linear_calls.arguments.clear()
         folded = unet(x, t, context)
     torch.testing.assert_close(folded, expected, rtol=1e-5, atol=1e-5)
-    assert time_projection_calls(unet, linear_weights) == (0, len(unet.time_blocks()))
+    assert time_projection_calls(unet, linear_calls) == (0, len(unet.time_blocks()))
 
 
 @pytest.mark.parametrize("trained", ["all", "time-projections-only"])
@@ -334,20 +319,12 @@ def test_gradients_reach_every_time_projection_when_folded(trained):
 
 @pytest.fixture
 def residual_norms(monkeypatch):
-    """How many ``fastdiff.ops.add_layer_norm`` calls ran."""
-    calls = []
-    add_layer_norm = ops.add_layer_norm
-
-    def counting(*args, **kwargs):
-        calls.append(args[0].shape)
-        return add_layer_norm(*args, **kwargs)
-
-    monkeypatch.setattr(ops, "add_layer_norm", counting)
-    return calls
+    """The ``fastdiff.ops.add_layer_norm`` calls."""
+    return CallCounter(monkeypatch, ops, "add_layer_norm")
 
 
 @pytest.mark.parametrize("patched", [None, "norm3", "ff", "ff.net.2"])
-def test_transformer_block_residuals(residual_norms, linear_weights, patched):
+def test_transformer_block_residuals(residual_norms, linear_calls, patched):
     block = BasicTransformerBlock(16, 2, 8, 12).eval()
     randomize_biases(block)
     x, context = torch.randn(2, 10, 16), torch.randn(2, 5, 12)
@@ -356,15 +333,15 @@ def test_transformer_block_residuals(residual_norms, linear_weights, patched):
     expected, folded = unfolded_and_folded(block, x, context)
     torch.testing.assert_close(folded, expected, rtol=1e-5, atol=1e-5)
     # the residuals go through add_layer_norm unless norm3 is patched
-    assert len(residual_norms) == (0 if patched == "norm3" else 2)
+    assert residual_norms.calls == (0 if patched == "norm3" else 2)
     # the feed-forward's last GEMM accumulates into the sum (no F.linear of its own) when the
     # feed-forward and its projection are plain: once for the unfolded call, else twice
-    projections = sum(w is block.ff.net[2].weight for w in linear_weights)
+    projections = sum(w is block.ff.net[2].weight for w in linear_calls.argument(1, "weight"))
     assert projections == (1 if patched is None else 2)
 
 
 @pytest.mark.parametrize("trained", ["all", "norm3-only"])
-def test_transformer_block_with_gradients_keeps_the_sum_for_backward(linear_weights, trained):
+def test_transformer_block_with_gradients_keeps_the_sum_for_backward(linear_calls, trained):
     block = BasicTransformerBlock(16, 2, 8, 12)
     block.fold_biases = True
     if trained == "norm3-only":  # the feed-forward frozen, norm3 (which saves the sum) trained
@@ -373,4 +350,4 @@ def test_transformer_block_with_gradients_keeps_the_sum_for_backward(linear_weig
     x, context = torch.randn(2, 10, 16), torch.randn(2, 5, 12)
     block(x, context).square().sum().backward()  # an in-place accumulate would break this
     assert block.norm3.weight.grad is not None
-    assert sum(w is block.ff.net[2].weight for w in linear_weights) == 1
+    assert sum(w is block.ff.net[2].weight for w in linear_calls.argument(1, "weight")) == 1

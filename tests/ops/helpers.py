@@ -54,17 +54,28 @@ def assert_within_tolerance(
 
 
 class CallCounter:
-    """Wraps a launcher so a test can assert the kernel path ran (not a silent fallback)."""
+    """Wraps a launcher so a test can assert the kernel path ran (not a silent fallback), and
+    keeps each call's arguments (``arguments``: (args, kwargs) per call) for tests that check
+    what was passed."""
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch, module: object, name: str) -> None:
         self.calls = 0
+        self.arguments: list[tuple[tuple, dict]] = []
         original = getattr(module, name)
 
         def wrapper(*args, **kwargs):
             self.calls += 1
+            self.arguments.append((args, kwargs))
             return original(*args, **kwargs)
 
         monkeypatch.setattr(module, name, wrapper)
+
+    def argument(self, position: int, name: str) -> list:
+        """One argument of every call so far, passed by position or by name (None if not)."""
+        return [
+            args[position] if len(args) > position else kwargs.get(name)
+            for args, kwargs in self.arguments
+        ]
 
 
 def sampler_step_reference(row, x, model_output, guidance, x0_prev, noise, dtype=torch.float32):
