@@ -69,7 +69,7 @@ def packed_rows(tensors: list[torch.Tensor]) -> torch.Tensor | None:
 class UNet2DConditionModel(ModelBase):
     """``unet(sample, timestep, encoder_hidden_states, added_cond_kwargs, class_labels)``."""
 
-    batch_time_shifts = False  # fold_conv_biases() packed the time projections: see time_shifts
+    packed_time_blocks: tuple = ()  # set by pack_time_projections: see time_shifts
 
     def __init__(self, config: UNetConfig | dict[str, Any]) -> None:
         super().__init__()
@@ -199,7 +199,8 @@ class UNet2DConditionModel(ModelBase):
         """``ModelBase.fold_conv_biases``; switching it on also packs the ResNet blocks' time
         projections (see ``pack_time_projections``) so ``time_shifts`` computes them together."""
         count = super().fold_conv_biases(enabled)
-        self.batch_time_shifts = enabled and self.pack_time_projections()
+        if enabled:
+            self.pack_time_projections()
         return count
 
     def pack_time_projections(self) -> bool:
@@ -208,19 +209,17 @@ class UNet2DConditionModel(ModelBase):
         values and the state dict unchanged; in-place updates such as ``load_state_dict`` land
         in the packed tensors). Returns whether they are packed (blocks without a bias, or with
         parameters of differing dtypes or devices, are left as they are)."""
-        blocks = [
-            block
-            for block in self.time_blocks()
-            if block.conv1.bias is not None and block.time_emb_proj.bias is not None
-        ]
+        blocks = self.time_blocks()
+        if not blocks or any(
+            block.conv1.bias is None or block.time_emb_proj.bias is None for block in blocks
+        ):
+            return False
         kinds = [
             [block.time_emb_proj.weight for block in blocks],
             [block.time_emb_proj.bias for block in blocks],
             [block.conv1.bias for block in blocks],
         ]
-        if not blocks or len({(p.dtype, p.device, p.shape[1:]) for p in kinds[0]}) != 1:
-            return False
-        if len(blocks) != len(self.time_blocks()):  # a block without biases: nothing to batch
+        if len({(p.dtype, p.device, p.shape[1:]) for p in kinds[0]}) != 1:
             return False
         if any(len({(p.dtype, p.device) for p in params}) != 1 for params in kinds):
             return False
@@ -242,10 +241,9 @@ class UNet2DConditionModel(ModelBase):
         an addition per block: ``TimeShifts`` for the blocks to pass down. ``emb`` itself where
         that does not apply (folding off, a block's layers patched or hooked, the parameters no
         longer packed after a ``.to()``, gradients wanted): each block then computes its own."""
-        if not self.batch_time_shifts:  # set by fold_conv_biases
-            return emb
         blocks = self.packed_time_blocks
-        if not all(block.batchable() for block in blocks):
+        # batchable() is False at the first block when folding is off: one attribute read.
+        if not blocks or not all(block.batchable() for block in blocks):
             return emb
         weight = packed_rows([block.time_emb_proj.weight for block in blocks])
         bias = packed_rows([block.time_emb_proj.bias for block in blocks])
