@@ -37,13 +37,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         result = args.handler(args)
-    except (ValueError, FileNotFoundError, RuntimeError) as error:
-        print(f"fastdiff {args.command}: error: {error}", file=sys.stderr)
-        return 2
-    except BrokenPipeError:
+    except BrokenPipeError:  # before OSError, its base class
         # Output piped into a reader that stopped early (`| head`): not an error of ours.
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - silences the flush at exit
         return 0
+    except (ValueError, OSError, RuntimeError) as error:  # OSError: a file we cannot write
+        print(f"fastdiff {args.command}: error: {error}", file=sys.stderr)
+        return 2
     return int(result or 0)
 
 

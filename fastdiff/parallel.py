@@ -100,6 +100,12 @@ def gather_to_main(context: DistributedContext, value: T) -> list[T] | None:
     return gathered
 
 
+def barrier(context: DistributedContext) -> None:
+    """Wait until every rank has reached this point (on the gloo group: no GPU work involved)."""
+    if context.is_distributed:
+        dist.barrier(group=context.object_group)
+
+
 def shutdown(context: DistributedContext) -> None:
     if context.is_distributed and dist.is_initialized():
         dist.destroy_process_group()

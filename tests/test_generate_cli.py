@@ -144,13 +144,14 @@ def test_errors_are_clean_and_never_clobber(class_folder, tmp_path, capsys, monk
         ),
     ]
     for args, message in cases:
-        assert generate(*args) == 2, message
+        # --overwrite: past the check that refuses an existing --out, a failure still keeps it.
+        assert generate(*args, "--overwrite") == 2, message
         error = capsys.readouterr().err
         assert error.startswith("fastdiff generate: error:") and message in error
         assert "Traceback" not in error
     assert out.read_bytes() == before
     monkeypatch.setenv("WORLD_SIZE", "2")  # one image per rank would race for one file
-    assert generate("--model", class_folder, "--class-label", 0, "--out", out) == 2
+    assert generate("--model", class_folder, "--class-label", 0, "--out", out, "--overwrite") == 2
     assert "under torchrun use --prompts FILE" in capsys.readouterr().err
     monkeypatch.delenv("WORLD_SIZE")
     with pytest.raises(SystemExit):
@@ -231,6 +232,82 @@ def test_bad_arguments_fail_cleanly_and_before_loading(class_folder, tmp_path, c
         assert error.startswith("fastdiff generate: error:") and message in error, error
         assert "Traceback" not in error
     assert not out.exists() and a_file.read_text() == "keep me"
+
+
+def test_existing_images_are_never_replaced_unasked(class_folder, tmp_path, capsys):
+    """A second run refuses, before the model loads (the model path here does not exist), to
+    replace an image; --overwrite replaces it, --skip-existing keeps it and makes the rest."""
+    nowhere = tmp_path / "no-model"
+    out = tmp_path / "one.png"
+    out.write_bytes(b"earlier work")
+    assert generate("--model", nowhere, "--class-label", 0, "--out", out) == 2
+    assert "one.png already exists; pass --overwrite" in capsys.readouterr().err
+    assert (
+        generate("--model", class_folder, "--class-label", 0, "--out", out, "--skip-existing") == 2
+    )
+    assert "--skip-existing is only used with --prompts" in capsys.readouterr().err
+    assert out.read_bytes() == b"earlier work"
+    assert generate("--model", class_folder, "--class-label", 0, "--out", out, "--overwrite") == 0
+    assert Image.open(out).size == (16, 16)
+
+    prompts = tmp_path / "labels.txt"
+    prompts.write_text("0\n1\n2\n")
+    out_dir = tmp_path / "images"
+    out_dir.mkdir()
+    (out_dir / "prompt-00001.png").write_bytes(b"earlier work")
+    assert generate("--model", nowhere, "--prompts", prompts, "--out-dir", out_dir) == 2
+    error = capsys.readouterr().err
+    assert "already holds 1 of the 3 images (prompt-00001.png ...)" in error, error
+    assert "--skip-existing" in error and "--overwrite" in error
+    code = generate(
+        "--model", class_folder, "--prompts", prompts, "--out-dir", out_dir, "--skip-existing"
+    )
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "generated 2/2 prompts on 1 rank(s)" in printed, printed
+    assert "(1 of 3 were there already: skipped)" in printed, printed
+    assert (out_dir / "prompt-00001.png").read_bytes() == b"earlier work"
+    assert len(os.listdir(out_dir)) == 3
+    code = generate(
+        "--model", class_folder, "--prompts", prompts, "--out-dir", out_dir, "--overwrite"
+    )
+    assert code == 0
+    assert "generated 3/3 prompts" in capsys.readouterr().out
+    assert Image.open(out_dir / "prompt-00001.png").size == (16, 16)
+    with pytest.raises(SystemExit):  # argparse: not allowed with each other
+        generate(
+            "--model",
+            class_folder,
+            "--prompts",
+            prompts,
+            "--out-dir",
+            out_dir,
+            "--overwrite",
+            "--skip-existing",
+        )
+
+
+def test_unwritable_outputs_fail_before_loading(class_folder, tmp_path, capsys, monkeypatch):
+    """A folder we may not write to is named before any work (as root, whom permissions do not
+    stop, the check's answer is faked); an OSError at write time is a clean error too."""
+    monkeypatch.setattr(os, "access", lambda path, mode: False)
+    nowhere = tmp_path / "no-model"
+    assert generate("--model", nowhere, "--class-label", 0, "--out", tmp_path / "o.png") == 2
+    assert f"cannot write to directory {tmp_path}" in capsys.readouterr().err
+    prompts = tmp_path / "labels.txt"
+    prompts.write_text("0\n")
+    assert generate("--model", nowhere, "--prompts", prompts, "--out-dir", tmp_path) == 2
+    assert f"--out-dir: cannot write to directory {tmp_path}" in capsys.readouterr().err
+    monkeypatch.undo()
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("fastdiff.pipeline.images.save_image_atomic", disk_full)
+    assert generate("--model", class_folder, "--class-label", 0, "--out", tmp_path / "o.png") == 2
+    error = capsys.readouterr().err
+    assert "fastdiff generate: error: [Errno 28] No space left on device" in error, error
+    assert "Traceback" not in error and not (tmp_path / "o.png").exists()
 
 
 def test_prompts_file_with_byte_order_mark(class_folder, tmp_path):
@@ -315,6 +392,19 @@ def test_prompts_file_sharded_over_two_gloo_ranks(class_folder, tmp_path):
     )
     written = np.asarray(Image.open(out_dir / "prompt-00003.png"), dtype=np.int16)
     assert np.abs(written - np.asarray(expected, dtype=np.int16)).max() <= 1
+
+    # The bad line mended, --skip-existing makes only the missing image, whichever rank gets it.
+    kept = {name: (out_dir / name).read_bytes() for name in os.listdir(out_dir)}
+    prompts.write_text("# one class label per line\n0\n1\n\n1\n2\n")
+    rerun = subprocess.run(
+        [*command, "--skip-existing"], env=env, capture_output=True, text=True, timeout=240
+    )
+    output = rerun.stdout + rerun.stderr
+    assert rerun.returncode == 0, output
+    assert "generated 1/1 prompts on 2 rank(s)" in rerun.stdout, output
+    assert "(3 of 4 were there already: skipped)" in rerun.stdout, output
+    assert all((out_dir / name).read_bytes() == data for name, data in kept.items())
+    assert len(os.listdir(out_dir)) == 4
 
 
 class _FakeCudaPipeline:

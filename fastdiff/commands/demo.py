@@ -21,6 +21,7 @@ def add_parser(subparsers) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--out", default="demo_grid.png", help="output PNG (default: %(default)s)")
+    parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     parser.add_argument("--steps", type=int, default=20, help="DDIM steps (default: %(default)s)")
     parser.add_argument(
         "--guidance", type=float, default=3.0, help="guidance scale of the right half (default: 3)"
@@ -40,6 +41,7 @@ def add_parser(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
+    from fastdiff.files import check_output_path
     from fastdiff.ops import select_backend
     from fastdiff.pipeline import Pipeline
     from fastdiff.training.classifier import predict
@@ -51,10 +53,14 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--steps must be >= 1, got {args.steps}")
     if args.per_class < 1:
         raise ValueError(f"--per-class must be >= 1, got {args.per_class}")
-    if not str(args.out).lower().endswith(".png"):
+    if not args.guidance > 1.0:  # the pipeline samples w <= 1 unguided: both halves would match
+        raise ValueError(
+            f"--guidance must be greater than 1 (the right half is the guided one; w <= 1 "
+            f"turns guidance off), got {args.guidance:g}"
+        )
+    check_output_path(args.out, overwrite=args.overwrite)
+    if Path(args.out).suffix.lower() != ".png":
         raise ValueError(f"--out must name a .png file, got {args.out!r}")
-    if Path(args.out).is_dir():
-        raise ValueError(f"--out {args.out} is a directory; give a .png file name")
     try:
         device = torch.device(args.device)
     except RuntimeError as error:
@@ -83,6 +89,7 @@ def run(args: argparse.Namespace) -> int:
         args.per_class,
         left_title="no guidance (w=1)",
         right_title=f"guidance w={args.guidance:g}",
+        overwrite=args.overwrite,
     )
     finished = time.perf_counter()
     probe = next(pipe.unet.parameters())

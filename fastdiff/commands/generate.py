@@ -78,6 +78,15 @@ def add_parser(subparsers) -> None:
     )
     parser.add_argument("--out", type=Path, help="output image file (single prompt/label)")
     parser.add_argument("--out-dir", type=Path, help="output folder (with --prompts)")
+    existing = parser.add_mutually_exclusive_group()
+    existing.add_argument(
+        "--overwrite", action="store_true", help="replace output images that exist already"
+    )
+    existing.add_argument(
+        "--skip-existing",
+        action="store_true",
+        help="with --prompts: make only the images missing from --out-dir (resume a run)",
+    )
     parser.add_argument(
         "--device", choices=("cpu", "cuda"), default=None, help="default: cuda if available"
     )
@@ -184,8 +193,10 @@ def check_args(args) -> None:
             raise ValueError("--out-dir is only used with --prompts")
         from fastdiff.pipeline.images import check_image_path
 
+        if args.skip_existing:
+            raise ValueError("--skip-existing is only used with --prompts")
         # Fail before the model is loaded, not after the images are made.
-        check_image_path(args.out)
+        check_image_path(args.out, overwrite=args.overwrite)
     else:
         if args.out_dir is None:
             raise ValueError("--prompts needs --out-dir DIR")
@@ -193,6 +204,10 @@ def check_args(args) -> None:
             raise ValueError("--out is not used with --prompts; images go to --out-dir")
         if args.out_dir.exists() and not args.out_dir.is_dir():
             raise ValueError(f"--out-dir {args.out_dir} exists and is not a directory")
+        if args.out_dir.is_dir() and not os.access(args.out_dir, os.W_OK | os.X_OK):
+            raise PermissionError(
+                f"--out-dir: cannot write to directory {args.out_dir} (permission denied)"
+            )
     if args.strength is not None and args.init_image is None:
         raise ValueError("--strength is only used with --init-image (img2img)")
     if args.num_images < 1:
@@ -214,7 +229,7 @@ def run(args) -> int:
     text = args.prompt if args.prompt is not None else str(args.class_label)
     started = time.perf_counter()
     image = generate_one(pipe, args, text, args.seed)
-    path = save_image_atomic(image, args.out)
+    path = save_image_atomic(image, args.out, overwrite=args.overwrite)
     print(f"wrote {path} ({settings(pipe, args)}, {time.perf_counter() - started:.1f} s)")
     return 0
 
@@ -258,12 +273,31 @@ def generate_shard(args, mine: list[tuple[int, str]], context) -> tuple[list, li
     for index, text in mine:
         try:
             image = generate_one(pipe, args, text, args.seed + index)
-            path = save_image_atomic(image, args.out_dir / f"prompt-{index:05d}.png")
+            target = prompt_image_path(args, index)
+            path = save_image_atomic(image, target, overwrite=args.overwrite)
             written.append((index, str(path)))
         except Exception as error:
             failures.append((index, context.rank, f"{type(error).__name__}: {error}"))
             print(f"rank {context.rank}: prompt {index} failed: {error}", file=sys.stderr)
     return written, failures
+
+
+def prompt_image_path(args, index: int) -> Path:
+    return args.out_dir / f"prompt-{index:05d}.png"
+
+
+def pending_prompts(args, prompts: list[str]) -> list[tuple[int, str]]:
+    """(index, prompt) of the images to make: all of them, or with --skip-existing those not in
+    --out-dir yet. Images there already are never replaced without --overwrite."""
+    existing = [index for index in range(len(prompts)) if prompt_image_path(args, index).exists()]
+    if existing and not (args.overwrite or args.skip_existing):
+        raise FileExistsError(
+            f"--out-dir {args.out_dir} already holds {len(existing)} of the {len(prompts)} "
+            f"images ({prompt_image_path(args, existing[0]).name} ...): pass --skip-existing to "
+            f"make only the missing ones, or --overwrite to make them all again"
+        )
+    skipped = set(existing) if args.skip_existing else set()
+    return [(index, text) for index, text in enumerate(prompts) if index not in skipped]
 
 
 def run_prompts_file(args) -> int:
@@ -272,8 +306,10 @@ def run_prompts_file(args) -> int:
     prints a summary; the exit code is 1 when any prompt failed on any rank."""
     prompts = read_prompts(args.prompts)
     args.out_dir.mkdir(parents=True, exist_ok=True)
+    pending = pending_prompts(args, prompts)
     context = parallel.init_distributed(args.device)
-    mine = parallel.shard(prompts, context.rank, context.world_size)
+    parallel.barrier(context)  # every rank has listed the images before any rank writes one
+    mine = [item for _, item in parallel.shard(pending, context.rank, context.world_size)]
     started = time.perf_counter()
     written, failures = generate_shard(args, mine, context)
     gathered = parallel.gather_to_main(context, (written, failures))
@@ -285,9 +321,11 @@ def run_prompts_file(args) -> int:
     all_written = sorted(item for rank_written, _ in gathered for item in rank_written)
     all_failures = sorted(item for _, rank_failures in gathered for item in rank_failures)
     elapsed = time.perf_counter() - started
+    skipped = len(prompts) - len(pending)
     print(
-        f"generated {len(all_written)}/{len(prompts)} prompts on {context.world_size} "
+        f"generated {len(all_written)}/{len(pending)} prompts on {context.world_size} "
         f"rank(s) in {elapsed:.1f} s into {args.out_dir}"
+        + (f" ({skipped} of {len(prompts)} were there already: skipped)" if skipped else "")
     )
     for index, rank, message in all_failures:
         print(f"FAILED prompt {index} ({prompts[index]!r}) on rank {rank}: {message}")

@@ -8,12 +8,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
-import os
-import tempfile
 from pathlib import Path
 
 import torch
 
+from fastdiff.files import atomic_write, check_output_path
 from fastdiff.sampling import SPACINGS, NoiseSchedule
 
 # (label, NoiseSchedule kwargs): DDPM's linear betas, latent diffusion's scaled linear, cosine.
@@ -43,6 +42,9 @@ def add_parser(subparsers) -> None:
     )
     parser.add_argument("--plot", type=Path, help="write the log-SNR plot to this PNG file")
     parser.add_argument(
+        "--overwrite", action="store_true", help="replace the --plot file if it exists"
+    )
+    parser.add_argument(
         "--steps", type=int, default=50, help="sampling steps for the printed table (default 50)"
     )
     parser.set_defaults(handler=run)
@@ -69,7 +71,9 @@ def format_table(variants: list[tuple[str, NoiseSchedule]], steps: int) -> list[
     return lines
 
 
-def write_plot(variants: list[tuple[str, NoiseSchedule]], path: Path) -> None:
+def write_plot(
+    variants: list[tuple[str, NoiseSchedule]], path: Path, overwrite: bool = False
+) -> None:
     """log-SNR against t, solid for the schedules, dashed for their zero-SNR versions."""
     try:
         from matplotlib.figure import Figure
@@ -100,31 +104,29 @@ def write_plot(variants: list[tuple[str, NoiseSchedule]], path: Path) -> None:
     axes.grid(alpha=0.3)
     axes.legend(fontsize=8)
     figure.tight_layout()
-    path = Path(path)
-    directory = path.parent if str(path.parent) else Path(".")
-    if not directory.is_dir():
-        raise FileNotFoundError(f"directory for --plot does not exist: {directory}")
-    if path.is_dir():
-        raise ValueError(f"--plot {path} is a directory; give a .png file name")
-    # Write next to the target, then rename: a reader never sees a half-written PNG.
-    handle, temporary = tempfile.mkstemp(dir=directory, prefix=f".{path.name}.", suffix=".png")
-    os.close(handle)
-    try:
-        figure.savefig(temporary, format="png", dpi=120)
-        os.replace(temporary, path)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
-        raise
+    atomic_write(
+        path,
+        lambda temporary: figure.savefig(temporary, format="png", dpi=120),
+        overwrite=overwrite,
+    )
+
+
+def check_plot_path(path: Path, overwrite: bool) -> None:
+    """Before any work: a .png name in a writable folder, not replacing a file unless asked."""
+    check_output_path(path, overwrite=overwrite, option="--plot")
+    if path.suffix.lower() != ".png":
+        raise ValueError(f"--plot must name a .png file, got {str(path)!r}")
 
 
 def run(args: argparse.Namespace) -> int:
     if args.steps < 1 or args.steps > 1000:
         raise ValueError(f"--steps must be in [1, 1000], got {args.steps}")
+    if args.plot is not None:
+        check_plot_path(args.plot, args.overwrite)
     variants = schedule_variants()
     for line in format_table(variants, args.steps):
         print(line)
     if args.plot is not None:
-        write_plot(variants, args.plot)
+        write_plot(variants, args.plot, args.overwrite)
         print(f"wrote {args.plot}")
     return 0

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
+
+from fastdiff.files import atomic_write, check_output_path
 
 
 def vae_output_to_unit_range(decoded: torch.Tensor) -> torch.Tensor:
@@ -148,41 +149,29 @@ def make_grid(images: Sequence[Image.Image], columns: int | None = None) -> Imag
     return grid
 
 
-def check_image_path(path: str | os.PathLike) -> str:
+def check_image_path(
+    path: str | os.PathLike, *, overwrite: bool = True, option: str = "--out"
+) -> str:
     """The image format (Pillow's name) that a file at ``path`` would be written in; raises when
-    its folder does not exist, the path is a folder, or the suffix names no image format."""
-    target = Path(path)
-    if target.parent and not target.parent.exists():
-        raise FileNotFoundError(f"output directory does not exist: {target.parent}")
-    if target.is_dir():
-        raise ValueError(f"output path {target} is a directory, not an image file name")
+    its folder does not exist or is not writable, the path is a folder, the suffix names no image
+    format, or (``overwrite=False``) a file is there already."""
+    target = check_output_path(path, overwrite=overwrite, option=option)
     image_format = Image.registered_extensions().get(target.suffix.lower())
     if image_format is None:
         raise ValueError(f"cannot tell the image format from the file name {str(target)!r}")
     return image_format
 
 
-def save_image_atomic(image: Image.Image, path: str | os.PathLike) -> Path:
-    """Write ``image`` to ``path`` so that a reader never sees a partial file: encode into a
-    temporary file in the same directory, then ``os.replace`` it over the target. On failure the
-    temporary file is removed and an existing file at ``path`` is left untouched."""
-    target = Path(path)
-    image_format = check_image_path(target)
-    handle, temporary = tempfile.mkstemp(
-        prefix=f".{target.name}.", suffix=".tmp", dir=target.parent or "."
+def save_image_atomic(
+    image: Image.Image, path: str | os.PathLike, *, overwrite: bool = True
+) -> Path:
+    """Write ``image`` to ``path`` so that a reader never sees a partial file (``atomic_write``).
+    On failure an existing file at ``path`` is left untouched; with ``overwrite=False`` it is
+    never replaced (``FileExistsError``)."""
+    image_format = check_image_path(path, overwrite=overwrite)
+    return atomic_write(
+        path, lambda temporary: image.save(temporary, format=image_format), overwrite=overwrite
     )
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            image.save(stream, format=image_format)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.chmod(temporary, 0o644)  # mkstemp makes 0600 files; an image is meant to be shared
-        os.replace(temporary, target)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
-        raise
-    return target
 
 
 def check_size(height: int, width: int, factor: int) -> None:

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from fastdiff.training.checkpoint import atomic_write
+from fastdiff.files import atomic_write
 from fastdiff.training.shapes import CLASS_NAMES, IMAGE_SIZE
 
 CONFIG_NAME = "config.json"

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from fastdiff.training.checkpoint import atomic_write
+from fastdiff.files import atomic_write
 from fastdiff.training.shapes import to_uint8
 
 SCALE = 2  # 32-pixel samples are shown at 64 pixels
@@ -66,9 +66,11 @@ def save_grid(
     per_row: int,
     left_title: str,
     right_title: str,
+    overwrite: bool = True,
 ) -> None:
-    """Render the grid and write it to ``path`` as PNG atomically."""
+    """Render the grid and write it to ``path`` as PNG atomically (never replacing a file there
+    when ``overwrite`` is False)."""
     image = grid_image(left, right, row_names, per_row, left_title, right_title)
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
-    atomic_write(path, lambda tmp: Path(tmp).write_bytes(buffer.getvalue()))
+    atomic_write(path, lambda tmp: Path(tmp).write_bytes(buffer.getvalue()), overwrite=overwrite)

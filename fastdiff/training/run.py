@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from fastdiff.training.checkpoint import atomic_write
+from fastdiff.files import atomic_write
 from fastdiff.training.classifier import save_classifier
 from fastdiff.training.config import TrainConfig, config_to_dict
 from fastdiff.training.data import ShapesData

@@ -39,6 +39,36 @@ def test_bad_arguments(tmp_path, capsys):
     assert main(["schedule", "--steps", "2", "--plot", str(tmp_path / "folder.png")]) == 2
     assert "is a directory" in capsys.readouterr().err
     assert sorted(path.name for path in tmp_path.iterdir()) == ["folder.png"]  # no temp left
+    for name in ("snr.jpg", "snr"):  # the plot is PNG data: another name would mislabel it
+        assert main(["schedule", "--steps", "2", "--plot", str(tmp_path / name)]) == 2
+        assert "--plot must name a .png file" in capsys.readouterr().err
+    kept = tmp_path / "kept.png"
+    kept.write_bytes(b"earlier work")
+    assert main(["schedule", "--steps", "2", "--plot", str(kept)]) == 2
+    assert "already exists; pass --overwrite" in capsys.readouterr().err
+    assert kept.read_bytes() == b"earlier work"
+    assert main(["schedule", "--steps", "2", "--plot", str(kept), "--overwrite"]) == 0
+    assert kept.read_bytes().startswith(b"\x89PNG")
     with pytest.raises(SystemExit) as exit_info:
         main(["schedule", "--help"])
     assert exit_info.value.code == 0
+
+
+def test_a_closed_pipe_is_not_an_error_but_other_os_errors_are(monkeypatch, capsys):
+    """`fastdiff schedule | head` ends quietly with 0; an OSError (BrokenPipeError's base class)
+    from anywhere else is a clean error with exit code 2."""
+    monkeypatch.setattr(sys, "stdout", sys.stdout)  # main swaps in os.devnull; restored after
+
+    def closed_pipe(*args):
+        raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr("fastdiff.commands.schedule.format_table", closed_pipe)
+    assert main(["schedule"]) == 0
+    monkeypatch.undo()
+
+    def no_space(*args):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("fastdiff.commands.schedule.format_table", no_space)
+    assert main(["schedule"]) == 2
+    assert "fastdiff schedule: error: [Errno 28] No space left on device" in capsys.readouterr().err

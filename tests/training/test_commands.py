@@ -20,6 +20,9 @@ def test_demo_writes_a_labelled_png(tmp_path, capsys):
     # 12 rows of 2x-scaled 32-pixel samples under a header; 2 samples on each side.
     assert image.size == (104 + 2 * 2 * 66 + 12, 22 + 12 * 66)
     assert [p.name for p in tmp_path.iterdir()] == ["grid.png"]  # no temporary file left
+    args = ["demo", "--out", str(out), "--per-class", "1", "--steps", "1", "--overwrite"]
+    assert main(args) == 0
+    assert Image.open(out).size == (104 + 2 * 66 + 12, 22 + 12 * 66)  # replaced, as asked
 
 
 def test_demo_rejects_bad_arguments(tmp_path, capsys):
@@ -39,6 +42,16 @@ def test_demo_rejects_bad_arguments(tmp_path, capsys):
     assert "is a directory" in capsys.readouterr().err
     assert main(["demo", "--out", str(tmp_path / "g.png"), "--device", "gpu"]) == 2
     assert "--device 'gpu' is not a torch device" in capsys.readouterr().err
+    # w <= 1 samples unguided: the right half would repeat the left under a "guidance" title.
+    for weight in ("1", "0.5", "-5"):
+        assert main(["demo", "--out", str(tmp_path / "g.png"), "--guidance", weight]) == 2
+        assert "--guidance must be greater than 1" in capsys.readouterr().err
+    # An existing file is refused before any sampling (the model folder here does not exist).
+    kept = tmp_path / "kept.png"
+    kept.write_bytes(b"earlier work")
+    assert main(["demo", "--out", str(kept), "--model", str(tmp_path / "nowhere")]) == 2
+    assert "kept.png already exists; pass --overwrite" in capsys.readouterr().err
+    assert kept.read_bytes() == b"earlier work"
 
 
 def test_grid_checks_its_inputs():

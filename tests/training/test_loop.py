@@ -8,7 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fastdiff.training.checkpoint import atomic_write, load_checkpoint, save_checkpoint
+from fastdiff.files import atomic_write
+from fastdiff.training.checkpoint import load_checkpoint, save_checkpoint
 from fastdiff.training.config import OptimConfig, config_from_dict
 from fastdiff.training.distributed import DistContext
 from fastdiff.training.loop import global_batch_indices, learning_rate_at
