@@ -179,8 +179,15 @@ def test_output_types_seed_and_size(pipe):
         (dict(prompt="a cat", latents=torch.full((1, 4, 8, 8), float("nan"))), "NaN or inf"),
         (
             dict(prompt_embeds=torch.zeros(1, 16, 48), guidance_scale=1.0),
-            "48 features but the U-Net's cross_attention_dim is 32",
+            r"prompt_embeds has 48 features but this U-Net takes 32 \(cross_attention_dim\)",
         ),
+        # Guided, the negative made from "" used to be blamed (negative_prompt_embeds has shape).
+        (
+            dict(prompt_embeds=torch.zeros(1, 16, 48)),
+            r"^prompt_embeds has 48 features but this U-Net takes 32 \(cross_attention_dim\)",
+        ),
+        # Text-to-image has no strength: strength=7 used to be ignored without a word.
+        (dict(prompt="a cat", strength=7), "strength=7 is only used with image="),
         # The empty negative prompt cannot be encoded to more tokens than the text encoder reads
         # (16 here, 77 for CLIP): it failed inside transformers, with no hint of the fix.
         (
@@ -227,6 +234,11 @@ def test_folder_errors_name_the_path(sd_folder, tmp_path, monkeypatch):
     index = json.loads((sd_folder / "model_index.json").read_text())
     (broken / "model_index.json").write_text(json.dumps({**index, "requires_aesthetics_score": 1}))
     with pytest.raises(ValueError, match="requires_aesthetics_score is true .an SDXL refiner."):
+        Pipeline.from_pretrained(broken)
+    (broken / "model_index.json").write_text(
+        json.dumps({**index, "force_zeros_for_empty_prompt": "false"})  # would read as true
+    )
+    with pytest.raises(ValueError, match="force_zeros_for_empty_prompt must be true or false"):
         Pipeline.from_pretrained(broken)
     (broken / "model_index.json").write_text((sd_folder / "model_index.json").read_text())
     with pytest.raises(FileNotFoundError, match=r"lists 'tokenizer' but .*broken/tokenizer"):

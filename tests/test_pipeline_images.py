@@ -120,3 +120,18 @@ def test_save_image_atomic_refuses_a_directory_and_writes_readable_files(tmp_pat
     assert list((tmp_path / "folder.png").iterdir()) == []
     written = images.save_image_atomic(Image.new("RGB", (2, 2)), tmp_path / "out.png")
     assert written.stat().st_mode & 0o777 == 0o644  # not mkstemp's 0600
+
+
+def test_numpy_init_image_errors_describe_the_array_given():
+    """The shape in the error is the one passed (a batch axis was added first), and a float
+    array out of [0, 1] is called an array, with the uint8 reading as the hint."""
+    with pytest.raises(ValueError, match=r"channels last, got \(3, 16, 16\)$"):
+        images.image_to_tensor(np.zeros((3, 16, 16), np.float32))
+    with pytest.raises(ValueError, match=r"got 2 x \(3, 8, 8\)$"):
+        images.image_to_tensor([np.zeros((3, 8, 8), np.float32)] * 2)
+    with pytest.raises(ValueError, match=r"numpy float init image values must lie in \[0, 1\]"):
+        images.image_to_tensor(np.full((16, 16, 3), 200.0, np.float32))
+    with pytest.raises(ValueError, match="numpy init image contains NaN or inf"):
+        images.image_to_tensor(np.full((16, 16, 3), np.nan, np.float32))
+    ok = images.image_to_tensor(np.full((2, 16, 16, 3), 0.5, np.float64))
+    assert ok.shape == (2, 3, 16, 16) and bool((ok == 0).all())

@@ -104,6 +104,18 @@ def test_sdxl_given_embeddings_need_pooled(pipe, reference):
     latents = torch.randn(1, 4, 8, 8)
     with pytest.raises(ValueError, match="needs pooled_prompt_embeds"):
         pipe(prompt_embeds=embeds, latents=latents, num_inference_steps=1, progress=False)
+    # A pooled embedding of the wrong width is named as such (it used to be blamed on
+    # refiner-style aesthetic-score conditioning).
+    width = pooled.shape[-1]
+    with pytest.raises(ValueError, match=f"pooled_prompt_embeds has {width + 4} features but "):
+        pipe(
+            prompt_embeds=embeds,
+            pooled_prompt_embeds=torch.zeros(1, width + 4),
+            latents=latents,
+            guidance_scale=1.0,
+            num_inference_steps=1,
+            progress=False,
+        )
     ours = pipe(
         prompt_embeds=embeds,
         pooled_prompt_embeds=pooled,

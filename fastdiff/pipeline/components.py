@@ -94,7 +94,13 @@ def force_zeros_for_empty_prompt(index: dict[str, Any]) -> bool:
     """``force_zeros_for_empty_prompt`` from model_index.json; when absent, the default of the
     diffusers class it names: true for the StableDiffusionXL* pipelines, else false."""
     if "force_zeros_for_empty_prompt" in index:
-        return bool(index["force_zeros_for_empty_prompt"])
+        value = index["force_zeros_for_empty_prompt"]
+        if not isinstance(value, bool):  # a string "false" would read as true
+            raise ValueError(
+                f"model_index.json: force_zeros_for_empty_prompt must be true or false, got "
+                f"{value!r}"
+            )
+        return value
     return str(index.get("_class_name", "")).startswith("StableDiffusionXL")
 
 
@@ -123,6 +129,7 @@ def load_components(
             f"{index_path}: requires_aesthetics_score is true (an SDXL refiner): its aesthetic-"
             "score conditioning is not supported"
         )
+    zeros_for_empty_prompt = force_zeros_for_empty_prompt(index)  # checked before the weights
     scheduler_config = pipeline_scheduler_config(index, read_json(root / SCHEDULER_CONFIG))
     unet = load_unet(root / "unet", dtype=dtype, device=device, variant=variant)
     vae = load_vae(root / "vae", dtype=dtype, device=device, variant=variant)
@@ -172,7 +179,7 @@ def load_components(
         null_class_label=null_label,
         class_names=class_names,
         # SDXL: with no negative prompt the unconditional input is all zeros.
-        force_zeros_for_empty_prompt=force_zeros_for_empty_prompt(index),
+        force_zeros_for_empty_prompt=zeros_for_empty_prompt,
         defaults=CallDefaults.for_folder(index, scheduler_config),
         source=root,
     )

@@ -80,6 +80,15 @@ def check_embeddings(name: str, tensor: torch.Tensor, ndim: int, like: torch.Ten
         )
 
 
+def check_width(name: str, tensor: torch.Tensor, expected: int | None, source: str) -> None:
+    """A text embedding's feature size against the U-Net's (else the first matmul fails)."""
+    if expected is not None and tensor.shape[-1] != expected:
+        raise ValueError(
+            f"{name} has {tensor.shape[-1]} features but this U-Net takes {expected} ({source}): "
+            "the embeddings or the text encoder(s) do not belong to this U-Net"
+        )
+
+
 def text_conditioning(
     encoder: PromptEncoder | None,
     prompt,
@@ -94,8 +103,11 @@ def text_conditioning(
     guided: bool,
     device,
     dtype,
+    widths: tuple[int | None, int | None] = (None, None),
 ) -> Conditioning:
-    """Prompt (or given embeddings) -> encoder_hidden_states (and SDXL's text_embeds)."""
+    """Prompt (or given embeddings) -> encoder_hidden_states (and SDXL's text_embeds).
+    ``widths``: the token and pooled feature sizes the U-Net takes (None: unchecked), checked on
+    the prompt's embeddings before any negative is made or compared with them."""
     if (prompt is None) == (prompt_embeds is None):
         raise ValueError("pass exactly one of prompt and prompt_embeds")
     pooled = pooled_prompt_embeds
@@ -106,6 +118,7 @@ def text_conditioning(
         encoded = encoder.encode(prompts)
         prompt_embeds, pooled = encoded.tokens, encoded.pooled
     check_embeddings("prompt_embeds", prompt_embeds, 3, None)
+    check_width("prompt_embeds", prompt_embeds, widths[0], "cross_attention_dim")
     batch, length = prompt_embeds.shape[:2]
     if not needs_pooled:
         given = [
@@ -125,6 +138,12 @@ def text_conditioning(
         if pooled is None:
             raise ValueError("this U-Net (SDXL text_time) needs pooled_prompt_embeds")
         check_embeddings("pooled_prompt_embeds", pooled, 2, None)
+        check_width(
+            "pooled_prompt_embeds",
+            pooled,
+            widths[1],
+            "projection_class_embeddings_input_dim - 6 * addition_time_embed_dim",
+        )
         if pooled.shape[0] != batch:
             raise ValueError(
                 f"pooled_prompt_embeds has batch {pooled.shape[0]}, prompt_embeds {batch}"

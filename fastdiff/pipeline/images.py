@@ -121,16 +121,25 @@ def numpy_to_tensor(image: np.ndarray | Sequence[np.ndarray]) -> torch.Tensor:
         stacked = np.concatenate(arrays)
     else:
         stacked = np.stack(arrays)
+    if stacked.ndim not in (3, 4) or stacked.shape[-1] != 3:
+        given = arrays[0].shape if len(arrays) == 1 else f"{len(arrays)} x {arrays[0].shape}"
+        raise ValueError(
+            f"numpy init image must have shape (H, W, 3) or (B, H, W, 3), channels last, "
+            f"got {given}"
+        )
     if stacked.ndim == 3:
         stacked = stacked[None]
-    if stacked.ndim != 4 or stacked.shape[-1] != 3:
-        raise ValueError(
-            f"numpy init image must have shape (H, W, 3) or (B, H, W, 3), got {stacked.shape}"
-        )
     if stacked.dtype == np.uint8:
         stacked = stacked.astype(np.float32) / 255.0
     elif not np.issubdtype(stacked.dtype, np.floating):
         raise ValueError(f"numpy init image must be uint8 or float, got {stacked.dtype}")
+    elif not np.isfinite(stacked).all():
+        raise ValueError("numpy init image contains NaN or inf")
+    elif stacked.size and (stacked.min() < 0 or stacked.max() > 1):
+        raise ValueError(
+            f"numpy float init image values must lie in [0, 1], got [{stacked.min():g}, "
+            f"{stacked.max():g}] (a uint8 array is read as 0 to 255)"
+        )
     return torch.from_numpy(np.ascontiguousarray(stacked, dtype=np.float32)).permute(0, 3, 1, 2)
 
 

@@ -145,13 +145,13 @@ class Pipeline:
                 inputs.get("pooled_prompt_embeds"),
                 inputs.get("negative_pooled_prompt_embeds"),
                 needs_pooled=self.unet.config.get("addition_embed_type") == "text_time",
+                widths=self.text_widths(),
                 zeros_for_empty_negative=self.force_zeros_for_empty_prompt,
                 num_images=num_images,
                 guided=guided,
                 device=self.device,
                 dtype=self.dtype,
             )
-            self.check_text_width(conditioning.cond["encoder_hidden_states"].shape[-1])
         elif any(inputs.get(name) is not None for name in text_inputs + ("negative_prompt",)):
             raise ValueError(
                 "this model is class-conditional and has no text encoder: pass class_labels "
@@ -185,17 +185,21 @@ class Pipeline:
             conditioning.uncond.update(classes.uncond)
         return conditioning
 
-    def check_text_width(self, width: int) -> None:
-        """The text embeddings' feature size must be the U-Net's ``cross_attention_dim``; else
-        the first cross-attention fails deep inside a matmul."""
-        expected = self.unet.config.get("cross_attention_dim")
-        if isinstance(expected, (list, tuple)):
-            expected = expected[0] if len(set(expected)) == 1 else None
-        if isinstance(expected, int) and width != expected:
-            raise ValueError(
-                f"the text embeddings have {width} features but the U-Net's cross_attention_dim "
-                f"is {expected}: prompt_embeds or the text encoder(s) do not belong to this U-Net"
-            )
+    def text_widths(self) -> tuple[int | None, int | None]:
+        """The feature sizes the U-Net takes: the text tokens' (``cross_attention_dim``) and, for
+        SDXL's ``text_time``, the pooled embedding's (the added-condition features less the six
+        size ids'); None where the config does not fix one."""
+        config = self.unet.config
+        tokens = config.get("cross_attention_dim")
+        if isinstance(tokens, (list, tuple)):
+            tokens = tokens[0] if len(set(tokens)) == 1 else None
+        pooled = None
+        if config.get("addition_embed_type") == "text_time":
+            added = config.get("projection_class_embeddings_input_dim")
+            time_ids = config.get("addition_time_embed_dim")
+            if isinstance(added, int) and isinstance(time_ids, int):
+                pooled = added - 6 * time_ids
+        return (tokens if isinstance(tokens, int) else None), pooled
 
     def unet_forward(self, x: torch.Tensor, t: torch.Tensor, cond: Condition) -> torch.Tensor:
         """One U-Net call on a condition dict (see ``fastdiff.pipeline.conditioning``)."""
@@ -356,6 +360,8 @@ class Pipeline:
             start_step = img2img_start_step(num_inference_steps, strength)
             pixels = image_utils.image_to_tensor(image, height, width)
             height, width = pixels.shape[2], pixels.shape[3]
+        elif strength is not None:  # text-to-image has no strength: never ignore one silently
+            raise ValueError(f"strength={strength!r} is only used with image= (img2img)")
         height = self.default_size if height is None else height
         width = self.default_size if width is None else width
         image_utils.check_size(height, width, self.vae_scale_factor)

@@ -107,8 +107,12 @@ class NoiseSchedule:
             )
         if int(self.steps_offset) != self.steps_offset or self.steps_offset < 0:
             raise ValueError(
-                f"steps_offset must be a non-negative integer, got {self.steps_offset}"
+                f"steps_offset must be a non-negative integer, got {self.steps_offset!r}"
             )
+        for key, may_be_none in (("set_alpha_to_one", True), ("rescale_betas_zero_snr", False)):
+            value = getattr(self, key)  # a string "false" would be true below
+            if not isinstance(value, bool) and not (may_be_none and value is None):
+                raise ValueError(f"{key} must be true or false, got {value!r}")
         if self.clip_sample not in (False, None):
             raise ValueError(
                 f"clip_sample={self.clip_sample!r} (x0 clipping) is not implemented; fastdiff "

@@ -154,6 +154,11 @@ def test_timestep_validation():
         ({"timestep_spacing": "uniform"}, "trailing"),
         ({"trained_betas": [0.1, 0.2]}, "num_train_timesteps"),
         ({"beta_end": 1.5}, r"\(0, 1\)"),
+        # Strings from a hand-edited config: "false" used to read as true, and "1" printed as 1.
+        ({"set_alpha_to_one": "false"}, "set_alpha_to_one must be true or false, got 'false'"),
+        ({"rescale_betas_zero_snr": "false"}, "rescale_betas_zero_snr must be true or false"),
+        ({"rescale_betas_zero_snr": None}, "rescale_betas_zero_snr must be true or false"),
+        ({"steps_offset": "1"}, "steps_offset must be a non-negative integer, got '1'"),
     ],
 )
 def test_bad_schedule_arguments(kwargs, match):
