@@ -42,6 +42,9 @@ def test_writes_one_image_and_a_grid(class_folder, tmp_path, capsys):
     assert generate("--model", class_folder, "--class-label", 1, "--out", out) == 0
     assert Image.open(out).size == (16, 16)
     assert f"wrote {out} (ddim, 2 steps, guidance 7.5, " in capsys.readouterr().out
+    args = ("--model", class_folder, "--class-label", 1, "--guidance", -2, "--overwrite")
+    assert generate(*args, "--out", out) == 0
+    assert f"wrote {out} (ddim, 2 steps, no guidance (w=-2 <= 1), " in capsys.readouterr().out
     grid = tmp_path / "grid.png"
     code = generate(
         "--model",

@@ -239,7 +239,9 @@ def settings(pipe, args) -> str:
     folder's) resolved."""
     sampler = args.sampler or pipe.defaults.sampler
     guidance = pipe.defaults.guidance_scale if args.guidance is None else args.guidance
-    text = f"{sampler}, {args.steps} steps, guidance {guidance:g}"
+    # The pipeline samples w <= 1 unguided (one forward per step): say so, not "guidance -2".
+    guided = f"guidance {guidance:g}" if guidance > 1 else f"no guidance (w={guidance:g} <= 1)"
+    text = f"{sampler}, {args.steps} steps, {guided}"
     if args.init_image is not None:
         strength = pipe.defaults.strength if args.strength is None else args.strength
         run = min(int(args.steps * strength), args.steps)
