@@ -25,6 +25,40 @@ def require_choice(key: str, value: Any, supported: Sequence[Any]) -> None:
         raise ValueError(f"unsupported config value {key}={value!r}; supported values: {allowed}")
 
 
+def require_positive_int(key: str, value: Any, allow_none: bool = False) -> None:
+    """Raise ``ValueError`` naming ``key`` unless ``value`` is an int >= 1 (or None if allowed):
+    a string "4", a float or a bool from a hand-edited config.json fails here, not in torch."""
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        wanted = "a positive int" + (" or null" if allow_none else "")
+        raise ValueError(f"unsupported config value {key}={value!r}; supported values: {wanted}")
+
+
+def require_bool(key: str, value: Any) -> None:
+    """A flag must be true or false: a string "false" from a hand-edited file would be true."""
+    if not isinstance(value, bool):
+        raise ValueError(f"unsupported config value {key}={value!r}; supported values: true, false")
+
+
+def require_list(key: str, value: Any) -> None:
+    """A per-block key must be a JSON list (a string would be read one character per block)."""
+    if not isinstance(value, (list, tuple)):
+        raise ValueError(f"config {key} must be a list, got {value!r}")
+
+
+def require_positive_number(key: str, value: Any) -> None:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not math.isfinite(value)
+        or value <= 0
+    ):
+        raise ValueError(
+            f"unsupported config value {key}={value!r}; supported values: a positive number"
+        )
+
+
 def per_block(key: str, value: Any, count: int) -> list:
     """Broadcast an int/None config value to one entry per block, or check a list's length."""
     if isinstance(value, (list, tuple)):
@@ -152,6 +186,8 @@ class UNetConfig(ConfigBase):
     extra: dict = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        for key in ("down_block_types", "up_block_types", "block_out_channels"):
+            require_list(key, getattr(self, key))
         blocks = len(self.down_block_types)
         for block in self.down_block_types:
             require_choice(
@@ -186,20 +222,41 @@ class UNetConfig(ConfigBase):
                 "supported values: a positive int"
             )
         for key in ("in_channels", "out_channels"):
-            value = getattr(self, key)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            require_positive_int(key, getattr(self, key))
+        require_positive_number("norm_eps", self.norm_eps)
+        for key in (
+            "center_input_sample",
+            "flip_sin_to_cos",
+            "upcast_attention",
+            "use_linear_projection",
+        ):
+            require_bool(key, getattr(self, key))
+        if isinstance(self.freq_shift, bool) or not isinstance(self.freq_shift, (int, float)):
+            raise ValueError(
+                f"unsupported config value freq_shift={self.freq_shift!r}; supported values: a "
+                "number"
+            )
+        time_widths = [("block_out_channels[0]", self.block_out_channels[0])]
+        if self.addition_embed_type == "text_time":
+            time_widths.append(("addition_time_embed_dim", self.addition_time_embed_dim))
+        for key, width in time_widths:  # the sinusoids' frequency exponent divides by this
+            if isinstance(width, int) and width // 2 and width // 2 == self.freq_shift:
                 raise ValueError(
-                    f"unsupported config value {key}={value!r}; supported values: a positive int"
+                    f"config freq_shift={self.freq_shift!r} equals half of {key}={width}: the "
+                    "timestep embedding's frequencies would divide by zero"
                 )
+        require_positive_int("num_class_embeds", self.num_class_embeds, allow_none=True)
+        require_positive_int("time_embedding_dim", self.time_embedding_dim, allow_none=True)
         for channels in self.block_out_channels:
             if (
                 isinstance(channels, bool)
                 or not isinstance(channels, int)
+                or channels < 1
                 or channels % self.norm_num_groups
             ):
                 raise ValueError(
                     f"config block_out_channels {list(self.block_out_channels)}: every entry must "
-                    f"be an int that norm_num_groups={self.norm_num_groups} divides"
+                    f"be a positive int that norm_num_groups={self.norm_num_groups} divides"
                 )
         if self.reverse_transformer_layers_per_block is not None:
             raise ValueError(
@@ -226,14 +283,14 @@ class UNetConfig(ConfigBase):
         require_choice("dual_cross_attention", self.dual_cross_attention, (False,))
         require_choice("class_embed_type", self.class_embed_type, (None,))
         require_choice("addition_embed_type", self.addition_embed_type, (None, "text_time"))
-        if self.addition_embed_type == "text_time" and (
-            self.addition_time_embed_dim is None
-            or self.projection_class_embeddings_input_dim is None
-        ):
-            raise ValueError(
-                "config addition_embed_type='text_time' needs addition_time_embed_dim and "
-                "projection_class_embeddings_input_dim to be ints"
-            )
+        if self.addition_embed_type == "text_time":
+            for key in ("addition_time_embed_dim", "projection_class_embeddings_input_dim"):
+                if getattr(self, key) is None:
+                    raise ValueError(
+                        "config addition_embed_type='text_time' needs addition_time_embed_dim "
+                        "and projection_class_embeddings_input_dim to be ints"
+                    )
+                require_positive_int(key, getattr(self, key))
         require_choice("resnet_time_scale_shift", self.resnet_time_scale_shift, ("default",))
         require_choice("resnet_skip_time_act", self.resnet_skip_time_act, (False,))
         require_choice("time_embedding_type", self.time_embedding_type, ("positional",))
@@ -249,10 +306,13 @@ class UNetConfig(ConfigBase):
                 raise ValueError(
                     f"unsupported config value {key}={value!r}; supported values: an odd int"
                 )
-        # Validate the per-block lists' lengths now so errors name the key, not a block.
-        self.blocks_layers_per_block()
-        self.blocks_heads()
-        self.blocks_cross_attention_dim()
+        # Validate the per-block values now so errors name the key, not a block or a matmul.
+        for layers in self.blocks_layers_per_block():
+            require_positive_int("layers_per_block", layers)
+        for heads in self.blocks_heads():
+            require_positive_int("attention_head_dim", heads)
+        for width in self.blocks_cross_attention_dim():
+            require_positive_int("cross_attention_dim", width, allow_none=True)
 
     def blocks_layers_per_block(self) -> list[int]:
         return per_block("layers_per_block", self.layers_per_block, len(self.down_block_types))
@@ -306,6 +366,28 @@ class VAEConfig(ConfigBase):
     extra: dict = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        for key in ("down_block_types", "up_block_types", "block_out_channels"):
+            require_list(key, getattr(self, key))
+        for key in ("in_channels", "out_channels", "latent_channels", "norm_num_groups"):
+            require_positive_int(key, getattr(self, key))
+        for key in (
+            "force_upcast",
+            "use_quant_conv",
+            "use_post_quant_conv",
+            "mid_block_add_attention",
+        ):
+            require_bool(key, getattr(self, key))
+        for channels in self.block_out_channels:
+            if (
+                isinstance(channels, bool)
+                or not isinstance(channels, int)
+                or channels < 1
+                or channels % self.norm_num_groups
+            ):
+                raise ValueError(
+                    f"config block_out_channels {list(self.block_out_channels)}: every entry must "
+                    f"be a positive int that norm_num_groups={self.norm_num_groups} divides"
+                )
         for block in self.down_block_types:
             require_choice("down_block_types", block, ("DownEncoderBlock2D",))
         for block in self.up_block_types:
@@ -334,11 +416,7 @@ class VAEConfig(ConfigBase):
                 raise ValueError(
                     f"unsupported config value {key}={value!r}; supported values: {wanted}"
                 )
-        if not isinstance(self.layers_per_block, int) or self.layers_per_block < 1:
-            raise ValueError(
-                f"unsupported config value layers_per_block={self.layers_per_block!r}; "
-                "supported values: a positive int"
-            )
+        require_positive_int("layers_per_block", self.layers_per_block)
 
     @property
     def downscale_factor(self) -> int:

@@ -34,7 +34,10 @@ def timestep_embedding(
         )
     half = dim // 2
     exponent = torch.arange(half, dtype=torch.float32, device=timesteps.device)
-    exponent = exponent * (-math.log(max_period) / (half - freq_shift))
+    # diffusers' order of operations (the same fp32 roundings: at t = 999 one ulp of the
+    # exponent moves a feature by 3e-5); a tensor division, so dim 1 (no frequency, only the
+    # zero padding column) divides nothing by zero.
+    exponent = (-math.log(max_period) * exponent) / (half - freq_shift)
     angles = timesteps.float()[:, None] * torch.exp(exponent)[None, :]
     if flip_sin_to_cos:
         features = torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1)

@@ -44,17 +44,43 @@ def test_dict_style_access():
         # num_groups") without naming the config key.
         ({"in_channels": -4}, "in_channels=-4; supported values: a positive int"),
         ({"out_channels": "4"}, "out_channels='4'; supported values: a positive int"),
-        ({"norm_num_groups": 5}, "must be an int that norm_num_groups=5 divides"),
+        ({"norm_num_groups": 5}, "must be a positive int that norm_num_groups=5 divides"),
+        # A hand-edited config.json: these ended in a TypeError, a ZeroDivisionError or "98
+        # unexpected keys" from torch or the loader, naming neither the key nor the value.
+        ({"layers_per_block": "1"}, "layers_per_block='1'; supported values: a positive int"),
+        ({"layers_per_block": 1.5}, "layers_per_block=1.5; supported"),
+        ({"layers_per_block": 0}, "layers_per_block=0; supported"),
+        ({"layers_per_block": [2, -1]}, "layers_per_block=-1; supported"),
+        ({"attention_head_dim": "8"}, "attention_head_dim='8'; supported"),
+        ({"attention_head_dim": 0}, "attention_head_dim=0; supported"),
+        ({"cross_attention_dim": "32"}, "cross_attention_dim='32'; supported"),
+        ({"num_class_embeds": "4"}, "num_class_embeds='4'; supported values: a positive int or"),
+        ({"norm_eps": "1e-5"}, "norm_eps='1e-5'; supported values: a positive number"),
+        ({"block_out_channels": "16,32"}, "config block_out_channels must be a list, got '16,32'"),
+        ({"down_block_types": "DownBlock2D"}, "config down_block_types must be a list"),
+        ({"block_out_channels": [0, 0]}, "must be a positive int"),
+        (
+            {
+                "addition_embed_type": "text_time",
+                "addition_time_embed_dim": "8",
+                "projection_class_embeddings_input_dim": 80,
+            },
+            "addition_time_embed_dim='8'; supported",
+        ),
+        # Flags written as strings: "false" would read as true.
+        ({"use_linear_projection": "false"}, "use_linear_projection='false'; supported values"),
+        ({"flip_sin_to_cos": "false"}, "flip_sin_to_cos='false'; supported values: true, false"),
+        ({"upcast_attention": 1}, "upcast_attention=1; supported values: true, false"),
+        ({"freq_shift": "1"}, "freq_shift='1'; supported values: a number"),
+        ({"block_out_channels": [2, 4], "norm_num_groups": 1, "freq_shift": 1}, "divide by zero"),
     ],
 )
 def test_unet_config_rejects_unsupported_values(overrides, message):
     with pytest.raises(ValueError, match=message) as error:
         UNetConfig.from_dict({**UNET_CONFIGS["sd1"], **overrides})
-    assert (
-        "supported values" in str(error.value)
-        or "entries" in str(error.value)
-        or ("length" in str(error.value) or "needs" in str(error.value))
-        or "divides" in str(error.value)
+    assert any(
+        word in str(error.value)
+        for word in ("supported values", "entries", "length", "needs", "divide", "a list")
     )
 
 
@@ -68,6 +94,14 @@ def test_unet_config_rejects_unsupported_values(overrides, message):
         ({"scaling_factor": 0}, "scaling_factor=0; supported values: a positive number"),
         ({"scaling_factor": "0.18"}, "scaling_factor='0.18'; supported values: a positive"),
         ({"shift_factor": float("nan")}, "shift_factor=nan"),
+        ({"latent_channels": "4"}, "latent_channels='4'; supported values: a positive int"),
+        ({"in_channels": "3"}, "in_channels='3'; supported values: a positive int"),
+        ({"norm_num_groups": 0}, "norm_num_groups=0; supported values: a positive int"),
+        # torch's "num_channels must be divisible by num_groups" named neither key nor file.
+        ({"norm_num_groups": 3}, "every entry must be a positive int that norm_num_groups=3"),
+        ({"block_out_channels": "32"}, "config block_out_channels must be a list"),
+        ({"use_quant_conv": "no"}, "use_quant_conv='no'; supported values: true, false"),
+        ({"mid_block_add_attention": "maybe"}, "mid_block_add_attention='maybe'; supported"),
     ],
 )
 def test_vae_config_rejects_unsupported_values(overrides, message):
