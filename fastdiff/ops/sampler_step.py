@@ -161,17 +161,30 @@ def sampler_step(
     with ``step`` an int64 scalar tensor (or int), or a single [7] row with ``step=None``.
     x0_prev: the previous step's x0 (None counts as zeros). noise: z for stochastic plans (None
     counts as zeros: pass it whenever the row's NOISE_STD is non-zero). guidance_scale: float or a
-    scalar tensor. For a CUDA graph replayed across steps, pass ``step`` and ``guidance_scale`` as
-    device tensors (updated in place between replays), never as Python numbers.
+    one-element tensor. For a CUDA graph replayed across steps, pass ``step`` and
+    ``guidance_scale`` as device tensors (updated in place between replays), never as Python
+    numbers. A device ``step`` must lie in [0, S): it is not checked (that would sync).
     Guidance rescale is not fused: use ``fastdiff.sampling.combine_guidance`` then this op.
     """
     if isinstance(step, int):
+        # A Python step is checked here for free; a device step cannot be without a host sync
+        # (the kernels read whatever row it names: keep it in [0, S)).
+        if coefficients.dim() == 2 and not 0 <= step < coefficients.shape[0]:
+            raise IndexError(
+                f"sampler_step: step {step} is outside the plan's {coefficients.shape[0]} rows"
+            )
         step = torch.tensor(step, dtype=torch.int64, device=coefficients.device)
     check_sampler_step_args(x, model_output, coefficients, step, x0_prev, noise)
     guidance = guidance_scale if isinstance(guidance_scale, torch.Tensor) else None
+    if guidance is not None and guidance.numel() != 1:
+        # The kernels read one scale; a per-sample one would be applied as its first value.
+        raise ValueError(
+            "sampler_step: guidance_scale must be a float or a one-element tensor, got shape "
+            f"{tuple(guidance.shape)}"
+        )
     guidance_value = 1.0 if guidance is not None else float(guidance_scale)
     backend = select_backend(x, "sampler_step", lambda: sampler_step_key(x, model_output))
-    if needs_autograd(x, model_output, x0_prev, noise):
+    if needs_autograd(x, model_output, x0_prev, noise, coefficients, guidance):
         backend = "eager"
     args = (x, model_output, coefficients, step, x0_prev, guidance, guidance_value, noise)
     if backend == "cuda":

@@ -160,6 +160,31 @@ def test_bad_arguments_raise():
         sampler_step(x, torch.randn(2, 4, 3, 3), table[:, :5], 0)
     with pytest.raises(ValueError, match="noise shape"):
         sampler_step(x, torch.randn(2, 4, 3, 3), table, 0, noise=torch.randn(2, 4))
+    # The kernels read one scale and the table row a step names, unchecked on the device:
+    # a per-sample scale was applied as its first value, a step past the table read garbage.
+    per_sample = torch.tensor([1.0, 7.5]).view(2, 1, 1, 1)
+    with pytest.raises(ValueError, match=r"one-element tensor, got shape \(2, 1, 1, 1\)"):
+        sampler_step(x, torch.randn(4, 4, 3, 3), table, 0, guidance_scale=per_sample)
+    for step in (-1, 4, 100):
+        with pytest.raises(IndexError, match=f"step {step} is outside the plan's 4 rows"):
+            sampler_step(x, torch.randn(2, 4, 3, 3), table, step)
+
+
+def test_gradients_for_the_table_or_scale_take_the_eager_path(triton_backend, monkeypatch):
+    """The kernels have no backward: a table or guidance scale that wants a gradient goes to
+    the eager path (it used to reach the kernel and fail in backward)."""
+    counter = CallCounter(monkeypatch, sampler_step_kernels, "sampler_step_forward")
+    plan, table = device_plan("ddim", 0.0)
+    x = torch.randn(1, 4, 3, 3, device=DEVICE)
+    model_output = torch.randn(2, 4, 3, 3, device=DEVICE)
+    for wants_grad in ("table", "guidance"):
+        coefficients = table.clone().requires_grad_(wants_grad == "table")
+        guidance = torch.tensor(3.0, device=DEVICE, requires_grad=wants_grad == "guidance")
+        x_next, _ = sampler_step(x, model_output, coefficients, 1, None, guidance)
+        x_next.sum().backward()
+        grad = coefficients.grad if wants_grad == "table" else guidance.grad
+        assert grad is not None and bool(grad.abs().sum() > 0)
+    assert counter.calls == 0
 
 
 def test_fake_kernel_matches_real_output(triton_backend):
