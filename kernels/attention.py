@@ -242,8 +242,11 @@ def attention_forward_kernel(
             qk = tl.where(mask_n[None, :], qk, float("-inf"))
         # qk_scale > 0 (checked by the op), so max(qk) * scale is the max of the scaled scores.
         new_max = tl.maximum(row_max, tl.max(qk, 1) * qk_scale)
-        p = tl.math.exp2(qk * qk_scale - new_max[:, None])
-        correction = tl.math.exp2(row_max - new_max)
+        # A row whose scores so far are all -inf (infinite inputs, or q.k overflowing) keeps
+        # new_max = -inf: subtract 0 there, as exp2(-inf - -inf) is NaN and exp2(-inf) is 0.
+        shift = tl.where(new_max == float("-inf"), 0.0, new_max)
+        p = tl.math.exp2(qk * qk_scale - shift[:, None])
+        correction = tl.math.exp2(row_max - shift)
         row_sum = row_sum * correction + tl.sum(p, 1)
         v = tl.load(
             v_rows + start_n * stride_vn + offs_d[None, :] * stride_vd, mask=kv_mask, other=0.0

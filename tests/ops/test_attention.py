@@ -67,6 +67,20 @@ def test_large_scores_stay_finite(triton_backend):
     check(q * 5, k * 5, v, what="scores of std ~25: peaked softmax, running max matters")
 
 
+def test_keys_scoring_minus_infinity_in_a_whole_key_block(triton_backend, monkeypatch):
+    """Every score of the first key blocks is -inf (keys holding -inf): the running max stays
+    -inf there, and exp2(-inf - -inf) made every output NaN; the softmax over the other keys is
+    finite."""
+    q, k, v = make_qkv(1, 2, 5, 150, 16, torch.float32)
+    q = q.abs() + 0.5
+    k[:, :, :130, 0] = float("-inf")  # beyond the first block of every config (<= 128 keys)
+    counter = CallCounter(monkeypatch, attention_kernels, "attention_forward")
+    out = attention(q, k, v)
+    want = attention_reference(q, k, v)
+    assert bool(torch.isfinite(want).all()) and counter.calls == 1
+    torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("dtype", kernel_dtypes())
 def test_strided_views_of_fused_qkv(triton_backend, monkeypatch, dtype):
     counter = CallCounter(monkeypatch, attention_kernels, "attention_forward")
