@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 import os
 import threading
 from collections.abc import Callable, Iterator
@@ -182,6 +183,13 @@ def rows_are_viewable(x: torch.Tensor) -> bool:
     except RuntimeError:
         return False
     return True
+
+
+def check_eps(op: str, eps: float) -> None:
+    """A norm's eps: a finite number >= 0. A negative or NaN eps gives NaN wherever a group's or
+    row's variance is small, silently."""
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 <= eps < math.inf:
+        raise ValueError(f"{op}: eps must be a finite number >= 0, got {eps!r}")
 
 
 def needs_autograd(*tensors: torch.Tensor | None) -> bool:

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from fastdiff.ops.backend import (
+    check_eps,
     cuda_extension_op,
     kernel_dtype_supported,
     needs_autograd,
@@ -57,7 +58,11 @@ def layer_norm_triton_supports(x: torch.Tensor, weight, bias) -> bool:
     return all(p is None or (p.device == x.device and p.stride(0) == 1) for p in (weight, bias))
 
 
-def check_layer_norm_params(x: torch.Tensor, weight, bias) -> None:
+def check_layer_norm_args(x: torch.Tensor, weight, bias, eps: float) -> None:
+    if not isinstance(x, torch.Tensor) or x.dim() < 1:
+        shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ValueError(f"layer_norm expects a tensor of at least one dimension, got {shape}")
+    check_eps("layer_norm", eps)
     for name, param in (("weight", weight), ("bias", bias)):
         if param is not None and tuple(param.shape) != (x.shape[-1],):
             raise ValueError(
@@ -74,7 +79,7 @@ def layer_norm(
     eps: float = 1e-5,
 ) -> torch.Tensor:
     """LayerNorm over the last dimension of ``x`` with optional affine parameters (fp32 math)."""
-    check_layer_norm_params(x, weight, bias)
+    check_layer_norm_args(x, weight, bias, eps)
     backend = select_backend(x)
     if needs_autograd(x, weight, bias):
         backend = "eager"
@@ -156,7 +161,7 @@ def add_layer_norm(
             f"add_layer_norm: residual is {residual.dtype} on {residual.device}, x is {x.dtype} "
             f"on {x.device}; they must match"
         )
-    check_layer_norm_params(x, weight, bias)
+    check_layer_norm_args(x, weight, bias, eps)
     if sum_bias is not None and (
         tuple(sum_bias.shape) != (x.shape[-1],) or not sum_bias.is_floating_point()
     ):

@@ -174,9 +174,18 @@ def test_integer_weights_raise():
         layer_norm(torch.randn(2, 8), None, torch.ones(8, dtype=torch.long))
 
 
-def test_bad_weight_shape_raises():
+def test_bad_arguments_raise():
     with pytest.raises(ValueError, match="weight has shape"):
         layer_norm(torch.randn(2, 8), torch.randn(4))
+    # These were an IndexError from inside the check, and NaN rows with no error (as group_norm
+    # already refused a negative eps).
+    with pytest.raises(ValueError, match=r"at least one dimension, got \(\)"):
+        layer_norm(torch.tensor(1.0))
+    for eps in (-1e-3, float("nan"), "1e-5"):
+        with pytest.raises(ValueError, match="layer_norm: eps must be a finite number >= 0"):
+            layer_norm(torch.randn(2, 8), eps=eps)
+        with pytest.raises(ValueError, match="layer_norm: eps must be a finite number >= 0"):
+            add_layer_norm(torch.randn(2, 8), torch.randn(2, 8), eps=eps)
 
 
 @settings(max_examples=6, deadline=None)
