@@ -203,11 +203,25 @@ def _euler_rows(
         c1, c2 = _x0_coefficients(1.0 / (sigma**2 + 1.0), schedule.prediction_type, t)
         noise_std = 0.0
         if ancestral:
+            require_falling_noise(sigma, sigma_next, t, "euler_ancestral")
             noise_std = math.sqrt(sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2)
             sigma_next = math.sqrt(sigma_next**2 - noise_std**2)  # sigma_down
         ratio = sigma_next / sigma
         rows.append([1.0 / math.sqrt(sigma**2 + 1.0), c1, c2, ratio, 1.0 - ratio, 0.0, noise_std])
     return rows, math.sqrt(sigmas[0] ** 2 + 1.0)
+
+
+def require_falling_noise(sigma: float, sigma_next: float, t: int, sampler: str) -> None:
+    """A stochastic step's fresh noise has variance ~ sigma^2 - sigma_next^2: a noise level that
+    rises gives no real std (it raised "math domain error"; diffusers gives NaN)."""
+    if sigma_next > sigma:
+        raise ValueError(
+            f"{sampler}: the noise level rises from sigma {sigma:.4g} to {sigma_next:.4g} after "
+            f"t = {t}, so the step's noise would need a negative variance. Under "
+            "rescale_betas_zero_snr this happens when alphā falls below 2**-24, the value the "
+            "last step is clamped to, before the last step: use a smaller beta_end or a "
+            "deterministic sampler"
+        )
 
 
 def _dpmpp_2m_rows(
@@ -232,6 +246,7 @@ def _dpmpp_2m_rows(
         decay = sigma_next / sigma
         noise_std = 0.0
         if sde:
+            require_falling_noise(sigma, sigma_next, t, "dpmpp_2m_sde")
             noise_std = sigma_next * alpha_next * math.sqrt(1.0 - decay**2)
             noise_scale_ratio *= decay
             decay = decay**2

@@ -160,6 +160,14 @@ class NoiseSchedule:
             raise ValueError("betas must lie in (0, 1); check beta_start/beta_end/trained_betas")
         if self.rescale_betas_zero_snr:
             betas = _rescale_zero_terminal_snr(betas)
+            if not bool(torch.isfinite(betas).all()):
+                # alphā underflowed to 0 before the last step: the rescale divides 0 by 0.
+                first = int((~torch.isfinite(betas)).nonzero()[0])
+                raise ValueError(
+                    "rescale_betas_zero_snr: alphā of this beta schedule reaches 0 in float32 "
+                    f"at t = {first - 1}, before the last step, so the rescaled betas are NaN "
+                    "from there on; use a smaller beta_end"
+                )
         alphas = 1.0 - betas
         object.__setattr__(self, "betas", betas.double())
         object.__setattr__(self, "alphas", alphas.double())

@@ -15,7 +15,7 @@ from diffusers import (
 )
 from diffusers.schedulers.scheduling_ddim import rescale_zero_terminal_snr
 
-from fastdiff.sampling import BETA_SCHEDULES, NoiseSchedule
+from fastdiff.sampling import BETA_SCHEDULES, NoiseSchedule, make_plan
 from tests.sampling.helpers import SD_BETAS
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
@@ -164,6 +164,23 @@ def test_timestep_validation():
 def test_bad_schedule_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         NoiseSchedule(**kwargs)
+
+
+def test_degenerate_zero_snr_schedules_are_named():
+    """Extreme linear schedules under the zero-SNR rescale: alphā underflowing to 0 early made
+    NaN betas (then a ZeroDivisionError in the plans), and a noise level that rises at the
+    clamped last step made the stochastic samplers fail with "math domain error"."""
+    with pytest.raises(ValueError, match="reaches 0 in float32 at t = 979, before the last"):
+        NoiseSchedule(beta_start=0.002, beta_end=0.2, rescale_betas_zero_snr=True)
+    schedule = NoiseSchedule(
+        beta_start=0.001, beta_end=0.05, rescale_betas_zero_snr=True, timestep_spacing="linspace"
+    )
+    for sampler in ("euler_ancestral", "dpmpp_2m_sde"):
+        with pytest.raises(ValueError, match=f"{sampler}: the noise level rises from sigma 4096"):
+            make_plan(schedule, sampler, steps=7)
+    # The deterministic samplers take the same levels as diffusers does, finite.
+    for sampler in ("euler", "dpmpp_2m"):
+        assert bool(torch.isfinite(make_plan(schedule, sampler, steps=7).coefficients).all())
 
 
 def test_trained_betas():
