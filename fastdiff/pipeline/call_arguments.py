@@ -86,6 +86,16 @@ def make_generator(
     return torch.Generator(device=device).manual_seed(int(seed))
 
 
+def guidance_rescale_value(guidance_rescale) -> float:
+    """``guidance_rescale`` in [0, 1], checked whether or not guidance is on (the eager loop
+    used to ignore a bad value when it was off, the optimized runtime refused it)."""
+    if isinstance(guidance_rescale, bool) or not isinstance(guidance_rescale, (int, float)):
+        raise ValueError(f"guidance_rescale must be a number in [0, 1], got {guidance_rescale!r}")
+    if not 0.0 <= guidance_rescale <= 1.0:
+        raise ValueError(f"guidance_rescale must lie in [0, 1], got {guidance_rescale!r}")
+    return float(guidance_rescale)
+
+
 def guidance_scale_value(guidance_scale) -> float:
     """``guidance_scale`` as a finite float (a 0-d tensor or numpy scalar is accepted)."""
     # NaN compares false with everything: unchecked, it would silently disable guidance.

@@ -20,6 +20,7 @@ from fastdiff.pipeline.call_arguments import (
     CallDefaults,
     check_choices,
     check_latents,
+    guidance_rescale_value,
     guidance_scale_value,
     make_generator,
     starting_noise,
@@ -337,6 +338,7 @@ class Pipeline:
         if guidance_scale is None:
             guidance_scale = self.defaults.guidance_scale
         guidance_scale = guidance_scale_value(guidance_scale)
+        guidance_rescale = guidance_rescale_value(guidance_rescale)
         check_latents(latents)
         guided = guidance_scale > 1.0
         conditioning = self.encode_conditioning(

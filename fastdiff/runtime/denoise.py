@@ -30,6 +30,12 @@ from fastdiff.sampling.plan import step_noise_dtype
 STEP_GRAPH_CAPACITY = 1000
 
 
+def step_graph_rows(steps: int) -> int:
+    """Plan rows a shared step graph holds: ``STEP_GRAPH_CAPACITY`` (any plan of a 1000-step
+    schedule), or exactly ``steps`` for a longer plan (a longer schedule), in a graph of its own."""
+    return max(STEP_GRAPH_CAPACITY, steps)
+
+
 @dataclass
 class DenoiseBuffers:
     """Static device tensors read and written by a captured denoising body."""
@@ -169,18 +175,23 @@ class GraphedDenoiser:
         self,
         unet_forward: UNetForward,
         cache: GraphCache,
-        model_dtype: torch.dtype,
+        model_dtype: torch.dtype | Callable[[], torch.dtype],
         channels_last: bool = False,
         max_loop_steps: int = 8,
         key_extra: tuple = (),
     ):
         self.unet_forward = unet_forward
         self.cache = cache
+        # A dtype, or a callable giving the U-Net's current one: a model cast after optimize()
+        # then gets graphs of its own dtype (the key has it) instead of mismatched buffers.
         self.model_dtype = model_dtype
         self.channels_last = channels_last
         self.max_loop_steps = max_loop_steps
         self.key_extra = key_extra
         self.eager_fallbacks: dict[GraphKey, str] = {}
+
+    def current_dtype(self) -> torch.dtype:
+        return self.model_dtype() if callable(self.model_dtype) else self.model_dtype
 
     def key_for(self, call: DenoiseCall, sampler: str = "") -> GraphKey:
         batch, channels, height, width = call.x_T.shape
@@ -191,7 +202,7 @@ class GraphedDenoiser:
             batch=int(batch),
             height=int(height),
             width=int(width),
-            dtype=self.model_dtype,
+            dtype=self.current_dtype(),
             guidance=call.guidance_scale is not None,
             steps=call.steps if whole_loop else 1,
             sampler=sampler if whole_loop else "",
@@ -201,15 +212,14 @@ class GraphedDenoiser:
                 call.noise is not None,
                 call.guidance_rescale if call.guidance_scale is not None else 0.0,
                 requested_backend(),  # a graph replays the kernels chosen when it was captured
+                0 if whole_loop else step_graph_rows(call.steps),  # a step graph's plan rows
                 *self.key_extra,
             ),
         )
 
     def build(self, call: DenoiseCall, key: GraphKey, device):
         whole_loop = key.kind == "loop"
-        rows = call.steps if whole_loop else STEP_GRAPH_CAPACITY
-        if call.steps > rows:
-            raise ValueError(f"steps={call.steps} exceeds the step graph's {rows} plan rows")
+        rows = call.steps if whole_loop else step_graph_rows(call.steps)
         buffers = allocate_buffers(
             call, rows, call.steps if whole_loop else 1, device, self.channels_last
         )
@@ -220,7 +230,7 @@ class GraphedDenoiser:
                 denoise_body(
                     self.unet_forward,
                     buffers,
-                    self.model_dtype,
+                    key.dtype,  # the dtype captured, whatever the model is cast to later
                     self.channels_last,
                     key.guidance,
                     noise_per_step=whole_loop,

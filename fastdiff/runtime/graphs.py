@@ -43,7 +43,7 @@ class GraphKey:
     def describe(self) -> str:
         parts = [self.kind, f"b{self.batch}", f"{self.height}x{self.width}", str(self.dtype)]
         parts[-1] = parts[-1].replace("torch.", "")
-        if self.kind != "vae":
+        if not self.kind.startswith("vae"):  # the decoder and encoder have no guidance or steps
             parts.append("cfg" if self.guidance else "nocfg")
             parts.append(f"{self.steps}step")
         if self.sampler:

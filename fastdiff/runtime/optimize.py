@@ -148,7 +148,7 @@ class OptimizedRuntime:
         self.denoiser = GraphedDenoiser(
             pipe.unet_forward,
             self.cache,
-            model_dtype=pipe.dtype,
+            model_dtype=lambda: pipe.dtype,  # read per call: the U-Net may be cast later
             channels_last=channels_last,
             max_loop_steps=max_loop_steps,
         )

@@ -148,3 +148,38 @@ def test_noise_rows_must_match_steps():
     call.noise = call.noise[:3]
     with pytest.raises(ValueError, match="one row per step"):
         denoiser(call)
+
+
+def test_plans_longer_than_the_step_graph_get_a_graph_of_their_own():
+    """A 1001-step plan (a 2000-step schedule) outgrew the 1000-row step graph: its capture
+    failed, the eager fallback raised the same error, and the shared step graph of its shape
+    stayed marked as failed for every later call."""
+    unet = ToyUNet()
+    cache = GraphCache(EagerGraphBackend())
+    denoiser = GraphedDenoiser(unet, cache, torch.float32, max_loop_steps=8)
+    with torch.no_grad():
+        for steps in (1001, 20, 1001):
+            call = make_call(steps, guidance=2.0)
+            call.coefficients = call.coefficients * 0.3  # bounded over a thousand steps
+            got = denoiser(call)
+            assert bool(torch.isfinite(got).all())
+            torch.testing.assert_close(got, reference_loop(unet, call), rtol=1e-4, atol=1e-4)
+    assert not denoiser.eager_fallbacks
+    assert cache.stats.captures == 2 and cache.stats.hits == 1
+
+
+def test_a_model_cast_later_gets_graphs_of_its_own_dtype():
+    """The runtime reads the U-Net's dtype per call: cast after optimize(), the next call used
+    buffers of the old dtype (a matmul dtype error); now it captures for the new one."""
+    unet = ToyUNet()
+    cache = GraphCache(EagerGraphBackend())
+    denoiser = GraphedDenoiser(unet, cache, lambda: next(unet.parameters()).dtype)
+    with torch.no_grad():
+        denoiser(make_call(4))
+        unet.to(torch.float64)
+        call = make_call(4)
+        call.cond = {key: value.double() for key, value in call.cond.items()}  # as the pipeline's
+        got = denoiser(call)
+        fresh = GraphedDenoiser(unet, GraphCache(EagerGraphBackend()), torch.float64)
+        torch.testing.assert_close(got, fresh(call), rtol=0, atol=0)
+    assert {key.dtype for key in cache.entries} == {torch.float32, torch.float64}

@@ -113,6 +113,10 @@ def test_report_and_describe():
     (row,) = cache.report()
     assert row["graph"] == "loop/b2/8x8/float16/cfg/4step/ddim"
     assert row["memory_mib"] == 1.0
+    # The VAE's graphs, decoder and encoder, have no guidance or steps to show.
+    for kind in ("vae", "vae-encode"):
+        vae_key = GraphKey(kind=kind, batch=1, height=8, width=8, dtype=torch.float16)
+        assert vae_key.describe() == f"{kind}/b1/8x8/float16"
 
 
 def test_tensor_bytes_walks_containers():
