@@ -235,13 +235,30 @@ def add_speedups(rows: list[Row]) -> None:
             row.speedup = eager[row.workload] / row.ms
 
 
+def csv_header(path: Path) -> list[str]:
+    """The columns to append rows under: the file's own header (results CSVs written before a
+    column was added keep theirs), or CSV_FIELDS for a new file. Raises, before any benchmark
+    runs, for a folder or a CSV that is not a results file: its rows would be written with
+    empty fields under another file's columns."""
+    if path.is_dir():
+        raise ValueError(f"results CSV {path} is a directory; name a .csv file")
+    if not path.exists() or path.stat().st_size == 0:
+        return list(CSV_FIELDS)
+    with path.open(newline="") as handle:
+        header = next(csv.reader(handle), [])
+    missing = [name for name in ("benchmark", "workload", "provider", "ms") if name not in header]
+    if missing:
+        raise ValueError(
+            f"{path} is not a benchmark results CSV (its header {header[:6]} lacks {missing}); "
+            "name a new file or an existing results CSV"
+        )
+    return header
+
+
 def append_csv(rows: list[Row], path: Path) -> Path:
     """Append rows under the file's existing header (or CSV_FIELDS for a new file)."""
+    header = csv_header(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    header = list(CSV_FIELDS)
-    if path.exists() and path.stat().st_size > 0:
-        with path.open(newline="") as handle:
-            header = next(csv.reader(handle), header)
     stamp = time.strftime("%Y-%m-%dT%H:%M:%S")
     new = not path.exists() or path.stat().st_size == 0
     with path.open("a", newline="") as handle:
@@ -386,6 +403,8 @@ def run_benchmark(
 ) -> list[Row]:
     """Measure every (workload, provider), print a table, append the CSV; returns the rows."""
     print(f"== {benchmark} on {device_name()} (torch {torch.__version__})", flush=True)
+    if not args.no_csv:  # a CSV that cannot take the rows fails now, not after the timings
+        csv_header(results_path(args.out))
     if not on_gpu():
         print("   no GPU: eager path only, at reduced shapes (numbers are not kernel timings)")
     chosen = {k: v for k, v in providers.items() if args.providers is None or k in args.providers}

@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from common import CSV_FIELDS, RESULTS_DIR  # one CSV schema for kernel and model benchmarks
+from common import RESULTS_DIR, csv_header  # one CSV schema for kernel and model benchmarks
 
 
 @dataclass
@@ -263,12 +263,9 @@ def format_table(results: list[Result], header: bool = True) -> str:
 def append_csv(results: list[Result], path: Path | None = None) -> Path:
     """Append rows to benchmarks/results/<gpu>.csv (header written when the file is new)."""
     path = path or results_path()
-    path.parent.mkdir(parents=True, exist_ok=True)
     new = not path.exists() or path.stat().st_size == 0
-    header = list(CSV_FIELDS)
-    if not new:  # keep the existing file's columns (the kernel benchmarks share this file)
-        with path.open(newline="") as handle:
-            header = next(csv.reader(handle), header)
+    header = csv_header(path)  # the existing file's columns (the kernel benchmarks share it)
+    path.parent.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y-%m-%dT%H:%M:%S")
     with path.open("a", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=header, extrasaction="ignore")

@@ -10,6 +10,7 @@ import signal
 from pathlib import Path
 
 import torch
+from common import csv_header
 from model_bench import (
     Case,
     Result,
@@ -18,6 +19,7 @@ from model_bench import (
     diffusers_available,
     format_table,
     on_gpu,
+    results_path,
     run_cases,
 )
 
@@ -81,6 +83,8 @@ def run_and_report(cases: list[Case], args: argparse.Namespace) -> int:
     against diffusers eager, or fastdiff eager where diffusers cannot be imported."""
     reference = "diffusers" if diffusers_available() else "fastdiff-eager"
     warmup, iters = iterations(args)
+    if not args.no_csv:  # a CSV that cannot take the rows fails now, not after every case ran
+        csv_header(args.csv or results_path())
     if on_gpu():
         # As optimize() and `fastdiff profile` do, for every provider alike: the fastdiff
         # providers here call prepare_module(), not optimize(), and bench_pipeline's optimize()

@@ -86,16 +86,21 @@ class TrainConfig:
     unet: UNetConfig = field(default_factory=UNetConfig)
 
     def __post_init__(self) -> None:
+        # Every value is checked here, before any stage trains: not when the U-Net stage starts
+        # after the classifier and VAE have trained (hours on a CPU).
+        if not isinstance(self.stages, list) or not self.stages:
+            raise ValueError(f"stages must be a non-empty list of {STAGES}, got {self.stages!r}")
         for stage in self.stages:
             if stage not in STAGES:
                 raise ValueError(f"stages: unknown stage {stage!r}; allowed values: {STAGES}")
+        check_number_types(self, "")
         for name in ("classifier", "vae", "unet"):
             section = getattr(self, name)
             check_number_types(section, name)
-            if section.steps < 1 or section.batch_size < 1 or section.checkpoint_every < 1:
-                raise ValueError(f"{name}: steps, batch_size and checkpoint_every must be >= 1")
-            if section.learning_rate <= 0:
-                raise ValueError(f"{name}.learning_rate must be > 0, got {section.learning_rate}")
+            check_ranges(section, name, OPTIM_RANGES)
+        check_ranges(self.classifier, "classifier", CLASSIFIER_RANGES)
+        check_ranges(self.vae, "vae", VAE_RANGES)
+        check_ranges(self.unet, "unet", UNET_RANGES)
         check_number_types(self.data, "data")
         # Checked here, not when the U-Net stage starts after the classifier and VAE have trained.
         if self.unet.prediction_type not in PREDICTION_TYPES:
@@ -114,11 +119,22 @@ class TrainConfig:
             )
         for name in ("vae", "unet"):
             section = getattr(self, name)
-            for channels in section.block_out_channels:
-                if not isinstance(channels, int) or channels % section.norm_num_groups:
+            channels_list = section.block_out_channels
+            if not isinstance(channels_list, list) or not channels_list:
+                raise ValueError(
+                    f"{name}.block_out_channels must be a non-empty list of ints, got "
+                    f"{channels_list!r}"
+                )
+            for channels in channels_list:
+                if (
+                    isinstance(channels, bool)
+                    or not isinstance(channels, int)
+                    or channels < 1
+                    or channels % section.norm_num_groups
+                ):
                     raise ValueError(
                         f"{name}.norm_num_groups={section.norm_num_groups} must divide every "
-                        f"entry of {name}.block_out_channels {section.block_out_channels}"
+                        f"entry of {name}.block_out_channels {channels_list} (positive ints)"
                     )
         if self.export_dtype not in ("float16", "float32"):
             raise ValueError(
@@ -129,12 +145,54 @@ class TrainConfig:
             raise ValueError("data: num_images and held_out_images must be >= 1")
 
 
+# Allowed ranges, (low, high, low_inclusive): every stage's optimisation, then each stage's own.
+OPTIM_RANGES = {
+    "steps": (1, None, True),
+    "batch_size": (1, None, True),
+    "checkpoint_every": (1, None, True),
+    "log_every": (1, None, True),
+    "warmup_steps": (0, None, True),
+    "learning_rate": (0, None, False),
+    "weight_decay": (0, None, True),
+    "grad_clip": (0, None, True),  # 0: no clipping
+}
+CLASSIFIER_RANGES = {"width": (1, None, True), "noise_std": (0, None, True)}
+VAE_RANGES = {
+    "layers_per_block": (1, None, True),
+    "latent_channels": (1, None, True),
+    "norm_num_groups": (1, None, True),
+    "kl_weight": (0, None, True),
+}
+UNET_RANGES = {
+    "layers_per_block": (1, None, True),
+    "norm_num_groups": (1, None, True),
+    "attention_head_dim": (1, None, True),
+    "num_train_timesteps": (2, None, True),
+    "min_snr_gamma": (0, None, False),
+    "ema_decay": (0, 1, True),
+}
+
+
+def check_ranges(section: Any, where: str, ranges: dict[str, tuple]) -> None:
+    """Each listed field within its range (``high`` exclusive); None passes (optional fields)."""
+    for key, (low, high, low_inclusive) in ranges.items():
+        value = getattr(section, key)
+        if value is None:
+            continue
+        below = value < low if low_inclusive else value <= low
+        if below or (high is not None and value >= high):
+            bounds = ("[" if low_inclusive else "(") + f"{low}, " + (f"{high})" if high else "inf)")
+            raise ValueError(f"{where}.{key} must lie in {bounds}, got {value!r}")
+
+
 def check_number_types(section: Any, where: str) -> None:
     """Each int/float field of a config section holds a number of that kind (JSON "1e-3" or
     true would otherwise fail, or train wrongly, deep inside a stage)."""
     for item in dataclasses.fields(section):
         value = getattr(section, item.name)
-        if item.type in ("int", int):
+        if item.type in ("bool", bool):  # a string "false" would be true
+            ok = isinstance(value, bool)
+        elif item.type in ("int", int):
             ok = isinstance(value, int) and not isinstance(value, bool)
         elif item.type in ("float", float, "float | None"):
             ok = (value is None and "None" in str(item.type)) or (
@@ -145,7 +203,8 @@ def check_number_types(section: Any, where: str) -> None:
         else:
             continue
         if not ok:
-            raise ValueError(f"{where}.{item.name} must be {item.type}, got {value!r}")
+            name = f"{where}.{item.name}" if where else item.name
+            raise ValueError(f"{name} must be {item.type}, got {value!r}")
 
 
 def _build(cls: type, values: dict[str, Any], where: str):

@@ -9,23 +9,28 @@ Resuming is exact because nothing in the loop carries hidden state between steps
 - the learning rate is a function of the step.
 So a checkpoint needs only the step, model, EMA and optimizer (plus the global RNG states, saved
 for any library code that draws from them), and a resumed run repeats the uninterrupted one bit for
-bit on the same machine.
+bit on the same machine. That holds only for the same settings: the checkpoint keeps them, and a
+run whose settings differ is refused rather than resumed into a model neither config describes.
 """
 
 from __future__ import annotations
 
 import csv
+import dataclasses
+import io
 import math
 import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from fastdiff.files import atomic_write
 from fastdiff.training.checkpoint import (
     capture_rng_state,
     load_checkpoint,
@@ -91,15 +96,51 @@ def learning_rate_at(step: int, config: OptimConfig) -> float:
     return config.learning_rate * (0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress)))
 
 
+LOG_HEADER = ["step", "loss", "learning_rate", "seconds"]
+# Settings that change what is written when, not what is trained: they may differ on resume.
+BOOKKEEPING_KEYS = ("checkpoint_every", "log_every")
+
+
+def stage_settings(section: OptimConfig, **inputs: Any) -> dict[str, Any]:
+    """What decides a stage's result: its config section (less ``BOOKKEEPING_KEYS``) and
+    ``inputs`` (seed, data, the VAE a U-Net trains on). Kept in the checkpoint."""
+    values = dataclasses.asdict(section)
+    return {
+        **{key: value for key, value in values.items() if key not in BOOKKEEPING_KEYS},
+        **inputs,
+    }
+
+
+def check_same_settings(path: Path, saved: dict[str, Any] | None, now: dict[str, Any]) -> None:
+    """Refuse to resume (or re-export) from a checkpoint written with other settings: the result
+    would be a model that no uninterrupted run of either config gives."""
+    if saved is None or saved == now:  # None: a checkpoint from before settings were kept
+        return
+    changed = [
+        f"{key}: {saved.get(key, '(absent)')!r} -> {now.get(key, '(absent)')!r}"
+        for key in sorted(set(saved) | set(now))
+        if saved.get(key) != now.get(key)
+    ]
+    raise ValueError(
+        f"{path} was written with other settings ({'; '.join(changed)}); resuming would train a "
+        f"model neither config describes. Use a new output_dir, or delete {path.name} and "
+        "its log to train this stage again"
+    )
+
+
 def _truncate_log(path: Path, last_step: int) -> None:
-    """Drop log rows past the checkpoint: those steps are about to be run again."""
+    """Drop log rows past the checkpoint: those steps are about to be run again. Rewritten
+    atomically: an interruption leaves the old log, never an empty one."""
     if not path.exists():
         return
     with open(path, newline="", encoding="utf-8") as handle:
         rows = [row for row in csv.reader(handle)]
-    kept = [rows[0]] + [row for row in rows[1:] if row and int(row[0]) <= last_step]
-    with open(path, "w", newline="", encoding="utf-8") as handle:
-        csv.writer(handle).writerows(kept)
+    kept = [LOG_HEADER] + [
+        row for row in rows[1:] if row and row[0].isdigit() and int(row[0]) <= last_step
+    ]
+    text = io.StringIO()
+    csv.writer(text).writerows(kept)
+    atomic_write(path, lambda temporary: Path(temporary).write_text(text.getvalue(), "utf-8"))
 
 
 def train_stage(
@@ -114,8 +155,11 @@ def train_stage(
     ema_decay: float | None = None,
     progress: bool = True,
     stop_after_step: int | None = None,
+    inputs: dict[str, Any] | None = None,
 ) -> StageResult:
-    """Train ``model`` for ``config.steps`` optimizer steps, resuming from ``<name>_checkpoint.pt``.
+    """Train ``model`` for ``config.steps`` optimizer steps, resuming from ``<name>_checkpoint.pt``
+    when that was written with the same settings (``stage_settings`` of ``config``, ``seed`` and
+    ``inputs``: what the stage trains on, e.g. the data config).
 
     ``stop_after_step`` ends the call early (after that many total steps, with a checkpoint), which
     is how tests simulate an interruption.
@@ -135,12 +179,14 @@ def train_stage(
     )
 
     start = 0
+    settings = stage_settings(config, seed=seed, **(inputs or {}))
     state = load_checkpoint(checkpoint_path)
     if state is not None:
         if state["name"] != name:
             raise RuntimeError(
                 f"{checkpoint_path} belongs to stage {state['name']!r}, not {name!r}"
             )
+        check_same_settings(checkpoint_path, state.get("settings"), settings)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         if ema is not None:
@@ -200,6 +246,7 @@ def train_stage(
                     checkpoint_path,
                     {
                         "name": name,
+                        "settings": settings,
                         "step": step + 1,
                         "model": model.state_dict(),
                         "optimizer": optimizer.state_dict(),
@@ -222,7 +269,7 @@ def _append_log(path: Path, rows: list[tuple[int, float, float, float]], every: 
     with open(path, "a", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
         if new:
-            writer.writerow(["step", "loss", "learning_rate", "seconds"])
+            writer.writerow(LOG_HEADER)
         for step, loss, lr, seconds in rows:
             if step % every == 0:
                 writer.writerow([step, f"{loss:.6f}", f"{lr:.6g}", f"{seconds:.2f}"])

@@ -37,16 +37,16 @@ def latent_size(section: VAEConfig) -> int:
     return IMAGE_SIZE // 2 ** (len(section.block_out_channels) - 1)
 
 
-def unet_config_dict(section: UNetConfig, vae_section: VAEConfig) -> dict[str, Any]:
+def unet_config_dict(section: UNetConfig, latent_channels: int, latent_size: int) -> dict[str, Any]:
     """Class-conditional ``UNet2DConditionModel`` config: ResNet down/up blocks, a self-attention
     mid block, no cross-attention. ``num_class_embeds`` is K + 1: index K is the null class that
     condition dropout trains for classifier-free guidance."""
     blocks = len(section.block_out_channels)
     return {
         "_class_name": "UNet2DConditionModel",
-        "sample_size": latent_size(vae_section),
-        "in_channels": vae_section.latent_channels,
-        "out_channels": vae_section.latent_channels,
+        "sample_size": latent_size,
+        "in_channels": latent_channels,
+        "out_channels": latent_channels,
         "down_block_types": ["DownBlock2D"] * blocks,
         "up_block_types": ["UpBlock2D"] * blocks,
         "mid_block_type": "UNetMidBlock2D",
@@ -64,8 +64,8 @@ def build_vae(section: VAEConfig) -> nn.Module:
     return AutoencoderKL(vae_config_dict(section))
 
 
-def build_unet(section: UNetConfig, vae_section: VAEConfig) -> nn.Module:
-    return UNet2DConditionModel(unet_config_dict(section, vae_section))
+def build_unet(section: UNetConfig, latent_channels: int, latent_size: int) -> nn.Module:
+    return UNet2DConditionModel(unet_config_dict(section, latent_channels, latent_size))
 
 
 def export_dtype(name: str) -> torch.dtype:

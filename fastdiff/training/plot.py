@@ -1,29 +1,50 @@
 """Draw the training loss curves of a run folder (``<stage>_log.csv``) into one PNG.
 
-    python -m fastdiff.training.plot RUN_DIR OUT.png
+    python -m fastdiff.training.plot RUN_DIR OUT.png [--overwrite]
 
 Needs matplotlib (the ``bench`` extra); nothing else in fastdiff imports it.
 """
 
 from __future__ import annotations
 
+import argparse
 import csv
+import json
 import sys
 from pathlib import Path
+
+from fastdiff.files import atomic_write, check_output_path
 
 TITLES = {
     "classifier": "classifier (cross-entropy)",
     "vae": "VAE (L1 + MSE + KL)",
-    "unet": "U-Net (Min-SNR-weighted v-prediction MSE)",
+    "unet": "U-Net (diffusion loss)",
 }
+TARGETS = {"epsilon": "ε-prediction", "v_prediction": "v-prediction", "sample": "x0-prediction"}
+
+
+def unet_title(run_dir: Path) -> str:
+    """The U-Net's objective as the run trained it (metrics.json's config), else generic."""
+    try:
+        unet = json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))["config"]["unet"]
+        target = TARGETS[unet["prediction_type"]]
+    except (OSError, ValueError, KeyError, TypeError):
+        return TITLES["unet"]
+    weighting = "Min-SNR-weighted " if unet.get("min_snr_gamma") else ""
+    return f"U-Net ({weighting}{target} MSE)"
 
 
 def read_log(path: Path) -> tuple[list[int], list[float]]:
     steps, losses = [], []
     with open(path, newline="", encoding="utf-8") as handle:
-        for row in csv.DictReader(handle):
-            steps.append(int(row["step"]))
-            losses.append(float(row["loss"]))
+        try:
+            for row in csv.DictReader(handle):
+                steps.append(int(row["step"]))
+                losses.append(float(row["loss"]))
+        except (KeyError, ValueError, TypeError) as error:
+            raise ValueError(
+                f"{path} is not a training loss log ({type(error).__name__}: {error})"
+            ) from None
     return steps, losses
 
 
@@ -38,8 +59,9 @@ def smooth(values: list[float], window: int) -> list[float]:
     return out
 
 
-def plot_losses(run_dir: str | Path, out: str | Path) -> list[str]:
-    """Plot every stage log found in ``run_dir``; returns the stages drawn."""
+def plot_losses(run_dir: str | Path, out: str | Path, overwrite: bool = True) -> list[str]:
+    """Plot every stage log found in ``run_dir`` into the PNG ``out`` (written atomically; an
+    existing file is kept unless ``overwrite``); returns the stages drawn."""
     try:
         import matplotlib
 
@@ -48,6 +70,11 @@ def plot_losses(run_dir: str | Path, out: str | Path) -> list[str]:
     except ImportError as error:
         raise RuntimeError("plotting needs matplotlib: pip install 'fastdiff[bench]'") from error
     run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"run folder not found: {run_dir}")
+    check_output_path(out, overwrite=overwrite, option="OUT.png")
+    if Path(out).suffix.lower() != ".png":
+        raise ValueError(f"OUT.png must name a .png file, got {str(out)!r}")
     stages = [name for name in TITLES if (run_dir / f"{name}_log.csv").exists()]
     if not stages:
         raise FileNotFoundError(f"no <stage>_log.csv files in {run_dir}")
@@ -58,19 +85,39 @@ def plot_losses(run_dir: str | Path, out: str | Path) -> list[str]:
         window = max(1, len(losses) // 50)
         axis.plot(steps, smooth(losses, window), color="C0", label=f"mean of {window} steps")
         axis.set_yscale("log")
-        axis.set_title(TITLES[stage], fontsize=10)
+        axis.set_title(unet_title(run_dir) if stage == "unet" else TITLES[stage], fontsize=10)
         axis.set_xlabel("optimizer step")
         axis.grid(True, which="both", alpha=0.3)
         axis.legend(fontsize=8)
     axes[0][0].set_ylabel("training loss")
     figure.tight_layout()
-    figure.savefig(out, dpi=110)
-    plt.close(figure)
+    try:
+        atomic_write(
+            out,
+            lambda temporary: figure.savefig(temporary, format="png", dpi=110),
+            overwrite=overwrite,
+        )
+    finally:
+        plt.close(figure)
     return stages
 
 
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m fastdiff.training.plot", description="Plot a run's training losses."
+    )
+    parser.add_argument("run_dir", type=Path, help="the run's output_dir (<stage>_log.csv)")
+    parser.add_argument("out", type=Path, help="the PNG to write")
+    parser.add_argument("--overwrite", action="store_true", help="replace OUT.png if it exists")
+    args = parser.parse_args(argv)
+    try:
+        stages = plot_losses(args.run_dir, args.out, overwrite=args.overwrite)
+    except (ValueError, OSError, RuntimeError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(f"plotted {', '.join(stages)} into {args.out}")
+    return 0
+
+
 if __name__ == "__main__":
-    if len(sys.argv) != 3:
-        print("usage: python -m fastdiff.training.plot RUN_DIR OUT.png", file=sys.stderr)
-        sys.exit(2)
-    print("plotted:", ", ".join(plot_losses(sys.argv[1], sys.argv[2])))
+    sys.exit(main())

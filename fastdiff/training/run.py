@@ -85,7 +85,15 @@ def _run_stages(
     metrics_path = output / "metrics.json"
     metrics: dict[str, Any] = {}
     if metrics_path.exists():
-        metrics = json.loads(metrics_path.read_text(encoding="utf-8"))
+        try:
+            metrics = json.loads(metrics_path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise ValueError(f"{metrics_path} is not a JSON file ({error})") from None
+        if not isinstance(metrics, dict):
+            raise ValueError(
+                f"{metrics_path} holds a JSON {type(metrics).__name__}, not the object of "
+                "metrics a training run writes: is output_dir another program's folder?"
+            )
     metrics["config"] = config_to_dict(config)
     data = ShapesData.from_config(config.data).to(context.device)
 
@@ -141,7 +149,10 @@ def _run_stages(
             )
         vae = load_trained_vae(pipeline / "vae", context.device)
         latents = encode_means(vae, data.images) * vae.config.scaling_factor
-        outcome = train_unet(config, latents, data.labels, context, stop_after_step)
+        vae_config = vae.config.to_dict()
+        outcome = train_unet(
+            config, latents, data.labels, context, stop_after_step, vae_config=vae_config
+        )
         if context.is_main and outcome.result.finished:
             save_unet(outcome.ema_model, pipeline / "unet", config.export_dtype)
             write_json(

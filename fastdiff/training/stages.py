@@ -3,6 +3,7 @@ runs the common loop, and reports a held-out metric."""
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,6 +51,7 @@ def train_classifier(
         seed=config.seed,
         progress=config.progress,
         stop_after_step=stop_after_step,
+        inputs={"data": dataclasses.asdict(config.data)},
     )
     score = accuracy(result.model, data.held_out_images, data.held_out_labels)
     return ClassifierOutcome(result.model, score, result)
@@ -121,6 +123,7 @@ def train_vae(
         seed=config.seed + 1,
         progress=config.progress,
         stop_after_step=stop_after_step,
+        inputs={"data": dataclasses.asdict(config.data)},
     )
     vae = result.model
     psnr = reconstruction_psnr(vae, data.held_out_images)

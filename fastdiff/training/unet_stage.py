@@ -3,6 +3,7 @@ condition dropout to the null class (classifier-free guidance, Ho & Salimans 202
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -61,15 +62,19 @@ def train_unet(
     labels: torch.Tensor,
     context: DistContext,
     stop_after_step: int | None = None,
+    vae_config: dict | None = None,
 ) -> UNetOutcome:
-    """Train on ``latents`` (already multiplied by the VAE's scaling factor) and ``labels``."""
+    """Train on ``latents`` (already multiplied by the VAE's scaling factor) and ``labels``. The
+    U-Net's latent channels and sample size are the latents' (those of the VAE on disk, whatever
+    the config's vae section says now); ``vae_config`` (that VAE's config.json) is part of the
+    settings a resumed run must share."""
     from fastdiff.sampling import diffusion_loss
 
     section = config.unet
     if latents.shape[0] != labels.shape[0]:
         raise ValueError(f"{latents.shape[0]} latents but {labels.shape[0]} labels")
     torch.manual_seed(config.seed + 2)  # initialisation independent of the stages run before
-    unet = build_unet(section, config.vae)
+    unet = build_unet(section, latent_channels=latents.shape[1], latent_size=latents.shape[-1])
     schedule = noise_schedule(section)
     latents = latents.to(context.device)
     labels = labels.to(context.device)
@@ -98,5 +103,6 @@ def train_unet(
         ema_decay=section.ema_decay,
         progress=config.progress,
         stop_after_step=stop_after_step,
+        inputs={"data": dataclasses.asdict(config.data), "vae": vae_config},
     )
     return UNetOutcome(result.model, result.ema_model, result)

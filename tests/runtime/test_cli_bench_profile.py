@@ -27,6 +27,25 @@ def test_bench_rejects_bad_iteration_counts(capsys):
     assert "--warmup must be >= 0, got -1" in capsys.readouterr().err
 
 
+def test_bench_csv_is_checked_before_any_case_runs(tmp_path, capsys):
+    """A folder, or a CSV that is not a results file, used to fail (or take rows of empty
+    fields) only after every case had run; now before, and the file is left as it was."""
+    other = tmp_path / "other.csv"
+    other.write_text("name,score\na,1\n")
+    args = ["bench", "--which", "vae", "--warmup", "0", "--iters", "1", "--csv"]
+    assert main([*args, str(tmp_path)]) == 2
+    assert "is a directory" in capsys.readouterr().err
+    assert main([*args, str(other)]) == 2
+    captured = capsys.readouterr()
+    assert "is not a benchmark results CSV" in captured.err
+    assert "tiny_vae_decode" not in captured.out  # nothing ran
+    assert other.read_text() == "name,score\na,1\n"
+    fresh = tmp_path / "results.csv"
+    assert main([*args, str(fresh)]) == 0
+    header = fresh.read_text().splitlines()[0].split(",")
+    assert header[:5] == ["timestamp", "device", "benchmark", "workload", "provider"]
+
+
 def test_profile_prints_breakdowns(capsys):
     assert main(["profile", "--calls", "1", "--top", "3"]) == 0
     out = capsys.readouterr().out

@@ -1,4 +1,6 @@
-"""EMA and classifier persistence."""
+"""EMA, classifier persistence and the loss plot."""
+
+import json
 
 import pytest
 import torch
@@ -56,3 +58,38 @@ def test_loss_plot_from_run_logs(tmp_path):
     (tmp_path / "unet_log.csv").write_text("step,loss,learning_rate,seconds\n" + rows + "\n")
     assert plot_losses(tmp_path, tmp_path / "loss.png") == ["unet"]
     assert (tmp_path / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_loss_plot_command_errors_and_titles(tmp_path, capsys):
+    """The script's errors were tracebacks, it replaced an existing PNG without asking, and it
+    titled an epsilon-trained U-Net "v-prediction"."""
+    pytest.importorskip("matplotlib")
+    from fastdiff.training.plot import main, unet_title
+
+    rows = "\n".join(f"{step},{1.0 / step:.6f},0.001,0.0" for step in range(1, 11))
+    (tmp_path / "unet_log.csv").write_text("step,loss,learning_rate,seconds\n" + rows + "\n")
+    out = tmp_path / "loss.png"
+    out.write_bytes(b"earlier work")
+    for args, message in (
+        ([str(tmp_path / "nowhere"), str(out)], "run folder not found"),
+        ([str(tmp_path), str(tmp_path / "missing" / "x.png")], "output directory does not exist"),
+        ([str(tmp_path), str(out)], "loss.png already exists; pass --overwrite"),
+        ([str(tmp_path), str(tmp_path / "loss.jpg")], "must name a .png file"),
+    ):
+        assert main(args) == 2
+        error = capsys.readouterr().err
+        assert error.startswith("error: ") and message in error, error
+    assert out.read_bytes() == b"earlier work"
+    assert main([str(tmp_path), str(out), "--overwrite"]) == 0
+    assert out.read_bytes()[:4] == b"\x89PNG"
+    (tmp_path / "vae_log.csv").write_text("not,a,log\n1,2,3\n")
+    assert main([str(tmp_path), str(out), "--overwrite"]) == 2
+    assert "vae_log.csv is not a training loss log" in capsys.readouterr().err
+    assert unet_title(tmp_path) == "U-Net (diffusion loss)"  # no metrics.json
+    for prediction, gamma, title in (
+        ("epsilon", 5.0, "U-Net (Min-SNR-weighted ε-prediction MSE)"),
+        ("v_prediction", None, "U-Net (v-prediction MSE)"),
+    ):
+        config = {"unet": {"prediction_type": prediction, "min_snr_gamma": gamma}}
+        (tmp_path / "metrics.json").write_text(json.dumps({"config": config}))
+        assert unet_title(tmp_path) == title

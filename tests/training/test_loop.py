@@ -1,6 +1,7 @@
 """The training loop: exact resume, falling loss, atomic checkpoints, data order, LR schedule."""
 
 import csv
+import json
 import os
 from pathlib import Path
 
@@ -138,3 +139,75 @@ def test_batch_must_split_evenly_over_ranks(tiny_config_dict):
     two_ranks = DistContext(rank=0, world_size=3, device=torch.device("cpu"))
     with pytest.raises(ValueError, match="divisible by the 3 data-parallel ranks"):
         train_unet(config, torch.zeros(8, 4, 8, 8), torch.zeros(8, dtype=torch.long), two_ranks)
+
+
+def test_a_run_with_other_settings_is_refused_not_resumed(tmp_path, tiny_config_dict):
+    """A checkpoint keeps the settings it was trained with: a changed batch size, learning rate,
+    step count or architecture used to be resumed (or, past its end, trained on) without a word,
+    into a model no uninterrupted run gives; the bookkeeping keys may change."""
+    values = {**tiny_config_dict, "stages": ["classifier"]}
+    run_training(config_from_dict(values), stop_after_step=3, context=CPU)
+    checkpoint = tmp_path / "run" / "classifier_checkpoint.pt"
+    before = checkpoint.read_bytes()
+    for change, message in (
+        ({"batch_size": 4}, "batch_size: 8 -> 4"),
+        ({"steps": 9}, "steps: 6 -> 9"),
+        ({"width": 16}, "width: 8 -> 16"),  # was torch's 20-line size-mismatch error
+    ):
+        changed = {**values, "classifier": {**values["classifier"], **change}}
+        with pytest.raises(ValueError, match=f"written with other settings .*{message}"):
+            run_training(config_from_dict(changed), context=CPU)
+        assert checkpoint.read_bytes() == before
+    other_data = {**values, "data": {**values["data"], "seed": 6}}
+    with pytest.raises(ValueError, match="data: "):
+        run_training(config_from_dict(other_data), context=CPU)
+    # Checkpoint and log cadence change what is written when, not what is trained.
+    bookkeeping = {**values, "classifier": {**values["classifier"], "checkpoint_every": 2}}
+    run_training(config_from_dict(bookkeeping), context=CPU)
+    assert load_checkpoint(checkpoint)["step"] == 6
+
+
+def test_an_interrupted_log_rewrite_keeps_the_log(tmp_path, tiny_config_dict, monkeypatch):
+    """On resume the loss log is cut back to the checkpoint's step; that rewrite was made in
+    place, so an interruption left an empty log and the next resume an IndexError."""
+    values = {**tiny_config_dict, "stages": ["classifier"]}
+    run_training(config_from_dict(values), stop_after_step=3, context=CPU)
+    log = tmp_path / "run" / "classifier_log.csv"
+    before = log.read_text()
+
+    def interrupted(path, write, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("fastdiff.training.loop.atomic_write", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run_training(config_from_dict(values), context=CPU)
+    assert log.read_text() == before
+    monkeypatch.undo()
+    run_training(config_from_dict(values), context=CPU)
+    assert [step for step, _ in read_losses(log)] == list(range(1, 7))
+
+
+def test_the_unet_is_built_for_the_vae_on_disk(tmp_path, tiny_config_dict):
+    """Run as a stage of its own, the U-Net took its latent channels and size from the config's
+    vae section, not from the VAE it trains on: a changed section exported a U-Net for the
+    wrong image size, or failed with a bare shape error."""
+    run_training(config_from_dict({**tiny_config_dict, "stages": ["vae"]}), context=CPU)
+    edited = {**tiny_config_dict, "stages": ["unet"]}
+    edited["vae"] = {**edited["vae"], "block_out_channels": [8, 16, 16], "latent_channels": 3}
+    edited["unet"] = {**edited["unet"], "steps": 2}
+    run_training(config_from_dict(edited), context=CPU)
+    unet = json.loads((tmp_path / "run" / "pipeline" / "unet" / "config.json").read_text())
+    vae = json.loads((tmp_path / "run" / "pipeline" / "vae" / "config.json").read_text())
+    assert unet["in_channels"] == unet["out_channels"] == vae["latent_channels"] == 4
+    assert unet["sample_size"] == vae["sample_size"] // 2  # the VAE's one downsampling
+
+
+def test_a_foreign_metrics_file_is_named(tmp_path, tiny_config_dict):
+    (tmp_path / "run").mkdir()
+    metrics = tmp_path / "run" / "metrics.json"
+    values = {**tiny_config_dict, "stages": ["classifier"]}
+    for content, message in (("not json", "is not a JSON file"), ("[1, 2]", "holds a JSON list")):
+        metrics.write_text(content)
+        with pytest.raises(ValueError, match=f"metrics.json {message}"):
+            run_training(config_from_dict(values), context=CPU)
+        assert metrics.read_text() == content
