@@ -58,7 +58,7 @@ def add_parser(subparsers) -> None:
     )
     parser.add_argument(
         "--providers",
-        type=lambda text: text.split(","),
+        type=lambda text: list(dict.fromkeys(text.split(","))),  # each provider once
         help="comma-separated providers, e.g. fastdiff,diffusers",
     )
     parser.add_argument("--warmup", type=int, default=None, help="untimed calls per case")

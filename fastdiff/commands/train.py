@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from importlib import resources
 
 DEFAULT_CONFIG = "shapes.json"
@@ -67,6 +68,6 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(config_to_dict(config), indent=2))
         return 0
     metrics = run_training(config)
-    if metrics.get("unet") is not None:
+    if metrics.get("unet") is not None and os.environ.get("RANK", "0") == "0":  # once per run
         print(f"pipeline folder: {config.output_dir}/pipeline")
     return 0

@@ -29,6 +29,8 @@ def test_unknown_keys_are_named():
 def test_bad_values_raise():
     with pytest.raises(ValueError, match="unknown stage 'gan'"):
         config_from_dict({"stages": ["vae", "gan"]})
+    with pytest.raises(ValueError, match="stages must be a non-empty list"):  # --stages ","
+        config_from_dict({"stages": []})
     with pytest.raises(ValueError, match=r"vae.steps must lie in \[1, inf\), got 0"):
         config_from_dict({"vae": {"steps": 0}})
     with pytest.raises(ValueError, match="export_dtype"):
