@@ -14,60 +14,18 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
+from fastdiff.models.config_checks import (
+    per_block,
+    require_bool,
+    require_choice,
+    require_group_channels,
+    require_list,
+    require_positive_int,
+    require_positive_number,
+)
+
 # Keys diffusers writes for bookkeeping; never model structure.
 META_KEYS = ("_class_name", "_diffusers_version", "_name_or_path", "_use_default_values")
-
-
-def require_choice(key: str, value: Any, supported: Sequence[Any]) -> None:
-    """Raise ``ValueError`` naming ``key`` and the supported values when ``value`` is not one."""
-    if value not in supported:
-        allowed = ", ".join(repr(option) for option in supported)
-        raise ValueError(f"unsupported config value {key}={value!r}; supported values: {allowed}")
-
-
-def require_positive_int(key: str, value: Any, allow_none: bool = False) -> None:
-    """Raise ``ValueError`` naming ``key`` unless ``value`` is an int >= 1 (or None if allowed):
-    a string "4", a float or a bool from a hand-edited config.json fails here, not in torch."""
-    if value is None and allow_none:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        wanted = "a positive int" + (" or null" if allow_none else "")
-        raise ValueError(f"unsupported config value {key}={value!r}; supported values: {wanted}")
-
-
-def require_bool(key: str, value: Any) -> None:
-    """A flag must be true or false: a string "false" from a hand-edited file would be true."""
-    if not isinstance(value, bool):
-        raise ValueError(f"unsupported config value {key}={value!r}; supported values: true, false")
-
-
-def require_list(key: str, value: Any) -> None:
-    """A per-block key must be a JSON list (a string would be read one character per block)."""
-    if not isinstance(value, (list, tuple)):
-        raise ValueError(f"config {key} must be a list, got {value!r}")
-
-
-def require_positive_number(key: str, value: Any) -> None:
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, (int, float))
-        or not math.isfinite(value)
-        or value <= 0
-    ):
-        raise ValueError(
-            f"unsupported config value {key}={value!r}; supported values: a positive number"
-        )
-
-
-def per_block(key: str, value: Any, count: int) -> list:
-    """Broadcast an int/None config value to one entry per block, or check a list's length."""
-    if isinstance(value, (list, tuple)):
-        if len(value) != count:
-            raise ValueError(
-                f"config {key} has {len(value)} entries but there are {count} blocks: {list(value)}"
-            )
-        return list(value)
-    return [value] * count
 
 
 class ConfigBase:
@@ -247,17 +205,7 @@ class UNetConfig(ConfigBase):
                 )
         require_positive_int("num_class_embeds", self.num_class_embeds, allow_none=True)
         require_positive_int("time_embedding_dim", self.time_embedding_dim, allow_none=True)
-        for channels in self.block_out_channels:
-            if (
-                isinstance(channels, bool)
-                or not isinstance(channels, int)
-                or channels < 1
-                or channels % self.norm_num_groups
-            ):
-                raise ValueError(
-                    f"config block_out_channels {list(self.block_out_channels)}: every entry must "
-                    f"be a positive int that norm_num_groups={self.norm_num_groups} divides"
-                )
+        require_group_channels(self.block_out_channels, self.norm_num_groups)
         if self.reverse_transformer_layers_per_block is not None:
             raise ValueError(
                 "unsupported config value reverse_transformer_layers_per_block="
@@ -377,17 +325,7 @@ class VAEConfig(ConfigBase):
             "mid_block_add_attention",
         ):
             require_bool(key, getattr(self, key))
-        for channels in self.block_out_channels:
-            if (
-                isinstance(channels, bool)
-                or not isinstance(channels, int)
-                or channels < 1
-                or channels % self.norm_num_groups
-            ):
-                raise ValueError(
-                    f"config block_out_channels {list(self.block_out_channels)}: every entry must "
-                    f"be a positive int that norm_num_groups={self.norm_num_groups} divides"
-                )
+        require_group_channels(self.block_out_channels, self.norm_num_groups)
         for block in self.down_block_types:
             require_choice("down_block_types", block, ("DownEncoderBlock2D",))
         for block in self.up_block_types:
