@@ -26,6 +26,7 @@ from common import (  # noqa: E402
     Workload,
     add_speedups,
     append_csv,
+    csv_header,
     device_name,
     format_rows,
     measure,
@@ -171,6 +172,8 @@ def main() -> None:
     parser.add_argument("--table", type=Path, default=None, help="autoselect JSON to write")
     parser.add_argument("--no-csv", action="store_true", help="print only")
     args = parser.parse_args()
+    if not args.no_csv:  # a CSV that cannot take the rows fails now, not after the timings
+        csv_header(results_path(args.out))
 
     print(f"== cuda backend on {device_name()} (torch {torch.__version__})", flush=True)
     if on_gpu():

@@ -9,6 +9,7 @@ folder that is missing or not writable, and on a file that exists unless told to
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 from collections.abc import Callable
@@ -27,7 +28,7 @@ def check_output_path(path: str | os.PathLike, *, overwrite: bool, option: str =
         raise ValueError(f"{option}: {target} is a directory, not a file name")
     if not os.access(folder, os.W_OK | os.X_OK):
         raise PermissionError(f"{option}: cannot write to directory {folder} (permission denied)")
-    if target.exists() and not overwrite:
+    if (target.exists() or target.is_symlink()) and not overwrite:  # a dangling link counts
         raise FileExistsError(f"{option}: {target} already exists; pass --overwrite to replace it")
     return target
 
@@ -76,4 +77,5 @@ def move_without_replacing(source: str, target: Path) -> None:
             ) from None
         os.replace(source, target)
         return
-    os.unlink(source)
+    with contextlib.suppress(OSError):  # the file is in place: a leftover link is no failure
+        os.unlink(source)

@@ -9,7 +9,7 @@ backend, so the same code serves nccl runs on GPUs and gloo runs on CPUs).
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, TypeVar
@@ -100,10 +100,21 @@ def gather_to_main(context: DistributedContext, value: T) -> list[T] | None:
     return gathered
 
 
-def barrier(context: DistributedContext) -> None:
-    """Wait until every rank has reached this point (on the gloo group: no GPU work involved)."""
+def broadcast_from_main(context: DistributedContext, value: Callable[[], T]) -> T:
+    """``value()`` computed on rank 0 only, and every rank gets that result (a picklable
+    object); an exception raised there is raised again on every rank."""
+    outcome: list[Any] = [None]
+    if context.is_main:
+        try:
+            outcome[0] = ("value", value())
+        except Exception as error:  # every rank must learn it, or the others would wait
+            outcome[0] = ("error", error)
     if context.is_distributed:
-        dist.barrier(group=context.object_group)
+        dist.broadcast_object_list(outcome, src=0, group=context.object_group)
+    kind, result = outcome[0]
+    if kind == "error":
+        raise result
+    return result
 
 
 def shutdown(context: DistributedContext) -> None:

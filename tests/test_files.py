@@ -22,6 +22,10 @@ def test_check_output_path_names_each_problem(tmp_path, monkeypatch):
     with pytest.raises(FileExistsError, match="already exists; pass --overwrite"):
         files.check_output_path(target, overwrite=False)
     assert files.check_output_path(target, overwrite=True) == target
+    dangling = tmp_path / "link.png"
+    dangling.symlink_to(tmp_path / "nowhere.png")  # exists() is False, yet the name is taken
+    with pytest.raises(FileExistsError, match="link.png already exists"):
+        files.check_output_path(dangling, overwrite=False)
     # Root may write anywhere, so the check's answer is faked rather than a folder made read-only.
     monkeypatch.setattr(os, "access", lambda path, mode: Path(path) != tmp_path)
     with pytest.raises(PermissionError, match=f"cannot write to directory {tmp_path}"):

@@ -189,6 +189,7 @@ def test_output_types_seed_and_size(pipe):
         # Checked with guidance off too (the optimized runtime refused it, the eager loop not).
         (dict(prompt="a cat", guidance_scale=1.0, guidance_rescale=1.5), r"must lie in \[0, 1\]"),
         (dict(prompt="a cat", guidance_rescale="0.5"), "guidance_rescale must be a number"),
+        (dict(prompt="a cat", guidance_rescale=float("nan")), r"must lie in \[0, 1\]"),
         # Text-to-image has no strength: strength=7 used to be ignored without a word.
         (dict(prompt="a cat", strength=7), "strength=7 is only used with image="),
         # The empty negative prompt cannot be encoded to more tokens than the text encoder reads

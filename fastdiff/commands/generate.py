@@ -267,6 +267,8 @@ def generate_shard(args, mine: list[tuple[int, str]], context) -> tuple[list, li
     """This rank's prompts -> ([(index, path)], [(index, rank, error)]); never raises."""
     from fastdiff.pipeline.images import save_image_atomic
 
+    if not mine:  # nothing left for this rank (--skip-existing): no model to load
+        return [], []
     try:
         pipe = load_pipeline(args, context.device, verbose=context.is_main)
     except Exception as error:  # this rank cannot work at all: report all of its prompts
@@ -276,7 +278,7 @@ def generate_shard(args, mine: list[tuple[int, str]], context) -> tuple[list, li
         try:
             image = generate_one(pipe, args, text, args.seed + index)
             target = prompt_image_path(args, index)
-            path = save_image_atomic(image, target, overwrite=args.overwrite)
+            path = save_image_atomic(image, target, overwrite=args.overwrite, option="--out-dir")
             written.append((index, str(path)))
         except Exception as error:
             failures.append((index, context.rank, f"{type(error).__name__}: {error}"))
@@ -308,14 +310,18 @@ def run_prompts_file(args) -> int:
     prints a summary; the exit code is 1 when any prompt failed on any rank."""
     prompts = read_prompts(args.prompts)
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    pending = pending_prompts(args, prompts)
     context = parallel.init_distributed(args.device)
-    parallel.barrier(context)  # every rank has listed the images before any rank writes one
-    mine = [item for _, item in parallel.shard(pending, context.rank, context.world_size)]
-    started = time.perf_counter()
-    written, failures = generate_shard(args, mine, context)
-    gathered = parallel.gather_to_main(context, (written, failures))
-    parallel.shutdown(context)
+    try:
+        # Rank 0 lists the images there already and every rank shards its answer: ranks that
+        # listed the folder themselves could see different files (node-local folders, another
+        # writer) and make some prompts twice and others never.
+        pending = parallel.broadcast_from_main(context, lambda: pending_prompts(args, prompts))
+        mine = [item for _, item in parallel.shard(pending, context.rank, context.world_size)]
+        started = time.perf_counter()
+        written, failures = generate_shard(args, mine, context)
+        gathered = parallel.gather_to_main(context, (written, failures))
+    finally:
+        parallel.shutdown(context)
     if not context.is_main:
         # Rank 0 reports every rank's failures and sets the exit code; a non-zero exit here
         # could make torchrun stop rank 0 before its summary is printed.

@@ -27,9 +27,12 @@ def require_positive_int(key: str, value: Any, allow_none: bool = False) -> None
 
 
 def require_bool(key: str, value: Any) -> None:
-    """A flag must be true or false: a string "false" from a hand-edited file would be true."""
-    if not isinstance(value, bool):
-        raise ValueError(f"unsupported config value {key}={value!r}; supported values: true, false")
+    """A flag must be true, false or null (read as false, as diffusers reads it: SDXL's published
+    U-Net config has ``"upcast_attention": null``); a string "false" would be true."""
+    if value is not None and not isinstance(value, bool):
+        raise ValueError(
+            f"unsupported config value {key}={value!r}; supported values: true, false, null"
+        )
 
 
 def require_group_channels(block_out_channels: Sequence[Any], groups: int) -> None:
@@ -44,9 +47,10 @@ def require_group_channels(block_out_channels: Sequence[Any], groups: int) -> No
 
 
 def require_list(key: str, value: Any) -> None:
-    """A per-block key must be a JSON list (a string would be read one character per block)."""
-    if not isinstance(value, (list, tuple)):
-        raise ValueError(f"config {key} must be a list, got {value!r}")
+    """A per-block key must be a non-empty JSON list (a string would be read one character per
+    block; an empty list has no blocks to build)."""
+    if not isinstance(value, (list, tuple)) or not value:
+        raise ValueError(f"config {key} must be a non-empty list, got {value!r}")
 
 
 def require_positive_number(key: str, value: Any) -> None:

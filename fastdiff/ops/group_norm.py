@@ -53,8 +53,9 @@ def group_norm_in_dense_layout(x, num_groups, weight, bias, eps):
     if x.is_contiguous():
         return F.group_norm(x, num_groups, weight, bias, eps)
     out = F.group_norm(x.contiguous(), num_groups, weight, bias, eps)
-    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
-        out = out.contiguous(memory_format=torch.channels_last)
+    for layout, dims in ((torch.channels_last, 4), (torch.channels_last_3d, 5)):
+        if x.dim() == dims and x.is_contiguous(memory_format=layout):
+            return out.contiguous(memory_format=layout)
     return out
 
 

@@ -86,27 +86,35 @@ def make_generator(
     return torch.Generator(device=device).manual_seed(int(seed))
 
 
+def as_float(value):
+    """``value`` as a float when it is a number (a 0-d tensor or numpy scalar included; never a
+    bool or a string), else unchanged for the caller's error."""
+    if not isinstance(value, (bool, str)):
+        try:
+            return float(value)
+        except (TypeError, ValueError, RuntimeError):
+            pass
+    return value
+
+
 def guidance_rescale_value(guidance_rescale) -> float:
     """``guidance_rescale`` in [0, 1], checked whether or not guidance is on (the eager loop
     used to ignore a bad value when it was off, the optimized runtime refused it)."""
-    if isinstance(guidance_rescale, bool) or not isinstance(guidance_rescale, (int, float)):
+    value = as_float(guidance_rescale)
+    if not isinstance(value, float):
         raise ValueError(f"guidance_rescale must be a number in [0, 1], got {guidance_rescale!r}")
-    if not 0.0 <= guidance_rescale <= 1.0:
+    if not 0.0 <= value <= 1.0:  # NaN fails too
         raise ValueError(f"guidance_rescale must lie in [0, 1], got {guidance_rescale!r}")
-    return float(guidance_rescale)
+    return value
 
 
 def guidance_scale_value(guidance_scale) -> float:
     """``guidance_scale`` as a finite float (a 0-d tensor or numpy scalar is accepted)."""
     # NaN compares false with everything: unchecked, it would silently disable guidance.
-    if not isinstance(guidance_scale, (bool, str)):
-        try:
-            guidance_scale = float(guidance_scale)
-        except (TypeError, ValueError, RuntimeError):
-            pass
-    if not isinstance(guidance_scale, float) or not math.isfinite(guidance_scale):
+    value = as_float(guidance_scale)
+    if not isinstance(value, float) or not math.isfinite(value):
         raise ValueError(f"guidance_scale must be a finite number, got {guidance_scale!r}")
-    return guidance_scale
+    return value
 
 
 def check_latents(latents) -> None:

@@ -172,12 +172,12 @@ def check_image_path(
 
 
 def save_image_atomic(
-    image: Image.Image, path: str | os.PathLike, *, overwrite: bool = True
+    image: Image.Image, path: str | os.PathLike, *, overwrite: bool = True, option: str = "--out"
 ) -> Path:
     """Write ``image`` to ``path`` so that a reader never sees a partial file (``atomic_write``).
     On failure an existing file at ``path`` is left untouched; with ``overwrite=False`` it is
-    never replaced (``FileExistsError``)."""
-    image_format = check_image_path(path, overwrite=overwrite)
+    never replaced (``FileExistsError``). ``option`` names the command-line option in errors."""
+    image_format = check_image_path(path, overwrite=overwrite, option=option)
     return atomic_write(
         path, lambda temporary: image.save(temporary, format=image_format), overwrite=overwrite
     )

@@ -32,8 +32,11 @@ STEP_GRAPH_CAPACITY = 1000
 
 def step_graph_rows(steps: int) -> int:
     """Plan rows a shared step graph holds: ``STEP_GRAPH_CAPACITY`` (any plan of a 1000-step
-    schedule), or exactly ``steps`` for a longer plan (a longer schedule), in a graph of its own."""
-    return max(STEP_GRAPH_CAPACITY, steps)
+    schedule), or for a longer plan (a longer schedule) the next power of two, in a graph that
+    the plans of similar lengths share."""
+    if steps <= STEP_GRAPH_CAPACITY:
+        return STEP_GRAPH_CAPACITY
+    return 1 << (steps - 1).bit_length()
 
 
 @dataclass

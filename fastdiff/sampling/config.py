@@ -136,8 +136,8 @@ def schedule_kwargs_from_config(config: dict[str, Any]) -> dict[str, Any]:
     for key, value in merged.items():
         if key.startswith("_") or key in IGNORED_KEYS:
             continue
-        if key in ("clip_sample", "set_alpha_to_one") and value is None:
-            kwargs[key] = False  # written null: diffusers' DDIM / DDPM test these for truth
+        if key in ("clip_sample", "set_alpha_to_one", "rescale_betas_zero_snr") and value is None:
+            kwargs[key] = False  # written null: diffusers' schedulers test these for truth
         elif key in SCHEDULE_KEYS:
             kwargs[key] = value
         elif key in REQUIRED_VALUES:

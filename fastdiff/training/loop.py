@@ -111,16 +111,23 @@ def stage_settings(section: OptimConfig, **inputs: Any) -> dict[str, Any]:
     }
 
 
-def check_same_settings(path: Path, saved: dict[str, Any] | None, now: dict[str, Any]) -> None:
+def check_same_settings(
+    path: Path, saved: dict[str, Any] | None, now: dict[str, Any], defaults: dict[str, Any]
+) -> None:
     """Refuse to resume (or re-export) from a checkpoint written with other settings: the result
-    would be a model that no uninterrupted run of either config gives."""
-    if saved is None or saved == now:  # None: a checkpoint from before settings were kept
+    would be a model that no uninterrupted run of either config gives. A key the checkpoint
+    lacks (a setting added to fastdiff since) counts as its default, as that run trained with."""
+    if saved is None:  # a checkpoint from before settings were kept
         return
+    absent = object()
+    saved = {**{key: value for key, value in defaults.items() if key not in saved}, **saved}
     changed = [
         f"{key}: {saved.get(key, '(absent)')!r} -> {now.get(key, '(absent)')!r}"
         for key in sorted(set(saved) | set(now))
-        if saved.get(key) != now.get(key)
+        if saved.get(key, absent) != now.get(key, absent)
     ]
+    if not changed:
+        return
     raise ValueError(
         f"{path} was written with other settings ({'; '.join(changed)}); resuming would train a "
         f"model neither config describes. Use a new output_dir, or delete {path.name} and "
@@ -186,7 +193,8 @@ def train_stage(
             raise RuntimeError(
                 f"{checkpoint_path} belongs to stage {state['name']!r}, not {name!r}"
             )
-        check_same_settings(checkpoint_path, state.get("settings"), settings)
+        defaults = stage_settings(type(config)())
+        check_same_settings(checkpoint_path, state.get("settings"), settings, defaults)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         if ema is not None:

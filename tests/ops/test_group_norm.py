@@ -221,6 +221,12 @@ def test_reference_and_eager_are_accurate_in_channels_last_on_cpu(silu):
     ):
         assert out.is_contiguous(memory_format=torch.channels_last)
         assert (out.double() - truth).abs().max().item() < 1e-3
+    volume = x[:, :, None].expand(2, 6, 2, 32, 32).contiguous(memory_format=torch.channels_last_3d)
+    for out in (
+        group_norm_reference(volume, 3, weight, bias, silu=silu),
+        group_norm_eager(volume, 3, weight, bias, silu=silu),
+    ):
+        assert out.is_contiguous(memory_format=torch.channels_last_3d)  # as F.group_norm's
 
 
 @settings(max_examples=8, deadline=None)

@@ -125,9 +125,15 @@ def test_missing_keys_take_the_class_defaults():
 def test_written_nulls_read_as_diffusers_reads_them():
     """diffusers' DDIM tests set_alpha_to_one and clip_sample for truth: a written null is false
     (not "left out"); to_config leaves out what the file left out, a valid diffusers config."""
-    config = {**SD21_DDIM, "set_alpha_to_one": None, "clip_sample": None}
+    config = {
+        **SD21_DDIM,
+        "set_alpha_to_one": None,
+        "clip_sample": None,
+        "rescale_betas_zero_snr": None,
+    }
     schedule = NoiseSchedule.from_config(config)
     assert schedule.set_alpha_to_one is False and schedule.clip_sample is False
+    assert schedule.rescale_betas_zero_snr is False
     reference = diffusers.DDIMScheduler.from_config(config)
     assert float(reference.final_alpha_cumprod) == pytest.approx(float(schedule.alphas_cumprod[0]))
     unset = NoiseSchedule.from_config(

@@ -161,6 +161,13 @@ def test_a_run_with_other_settings_is_refused_not_resumed(tmp_path, tiny_config_
     other_data = {**values, "data": {**values["data"], "seed": 6}}
     with pytest.raises(ValueError, match="data: "):
         run_training(config_from_dict(other_data), context=CPU)
+    # A setting the checkpoint lacks (added to fastdiff after it was written) is its default.
+    state = load_checkpoint(checkpoint)
+    del state["settings"]["noise_std"]
+    save_checkpoint(checkpoint, state)
+    noisier = {**values, "classifier": {**values["classifier"], "noise_std": 0.5}}
+    with pytest.raises(ValueError, match="noise_std: 0.08 -> 0.5"):
+        run_training(config_from_dict(noisier), context=CPU)
     # Checkpoint and log cadence change what is written when, not what is trained.
     bookkeeping = {**values, "classifier": {**values["classifier"], "checkpoint_every": 2}}
     run_training(config_from_dict(bookkeeping), context=CPU)
