@@ -16,16 +16,21 @@ from collections.abc import Callable
 from pathlib import Path
 
 
-def check_output_path(path: str | os.PathLike, *, overwrite: bool, option: str = "--out") -> Path:
+def check_output_path(
+    path: str | os.PathLike, *, overwrite: bool, option: str = "--out", suffix: str | None = None
+) -> Path:
     """``path`` as a Path, once it is known that a file can be written there: its folder exists
-    and is writable, it is not a folder, and it does not exist yet unless ``overwrite``.
-    ``option`` names the command-line option in the errors."""
+    and is writable, it is not a folder, it ends in ``suffix`` (e.g. ".png") when one is given,
+    and it does not exist yet unless ``overwrite``. ``option`` names the command-line option in
+    the errors."""
     target = Path(path)
     folder = target.parent
     if not folder.is_dir():
         raise FileNotFoundError(f"{option}: output directory does not exist: {folder}")
     if target.is_dir():
         raise ValueError(f"{option}: {target} is a directory, not a file name")
+    if suffix is not None and target.suffix.lower() != suffix:
+        raise ValueError(f"{option} must name a {suffix} file, got {str(target)!r}")
     if not os.access(folder, os.W_OK | os.X_OK):
         raise PermissionError(f"{option}: cannot write to directory {folder} (permission denied)")
     if (target.exists() or target.is_symlink()) and not overwrite:  # a dangling link counts

@@ -58,9 +58,7 @@ def run(args: argparse.Namespace) -> int:
             f"--guidance must be greater than 1 (the right half is the guided one; w <= 1 "
             f"turns guidance off), got {args.guidance:g}"
         )
-    check_output_path(args.out, overwrite=args.overwrite)
-    if Path(args.out).suffix.lower() != ".png":
-        raise ValueError(f"--out must name a .png file, got {args.out!r}")
+    check_output_path(args.out, overwrite=args.overwrite, suffix=".png")
     try:
         device = torch.device(args.device)
     except RuntimeError as error:

@@ -111,18 +111,12 @@ def write_plot(
     )
 
 
-def check_plot_path(path: Path, overwrite: bool) -> None:
-    """Before any work: a .png name in a writable folder, not replacing a file unless asked."""
-    check_output_path(path, overwrite=overwrite, option="--plot")
-    if path.suffix.lower() != ".png":
-        raise ValueError(f"--plot must name a .png file, got {str(path)!r}")
-
-
 def run(args: argparse.Namespace) -> int:
     if args.steps < 1 or args.steps > 1000:
         raise ValueError(f"--steps must be in [1, 1000], got {args.steps}")
     if args.plot is not None:
-        check_plot_path(args.plot, args.overwrite)
+        # Before any work: a .png name in a writable folder, replacing a file only if asked.
+        check_output_path(args.plot, overwrite=args.overwrite, option="--plot", suffix=".png")
     variants = schedule_variants()
     for line in format_table(variants, args.steps):
         print(line)

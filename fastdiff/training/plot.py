@@ -72,9 +72,7 @@ def plot_losses(run_dir: str | Path, out: str | Path, overwrite: bool = True) ->
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise FileNotFoundError(f"run folder not found: {run_dir}")
-    check_output_path(out, overwrite=overwrite, option="OUT.png")
-    if Path(out).suffix.lower() != ".png":
-        raise ValueError(f"OUT.png must name a .png file, got {str(out)!r}")
+    check_output_path(out, overwrite=overwrite, option="OUT.png", suffix=".png")
     stages = [name for name in TITLES if (run_dir / f"{name}_log.csv").exists()]
     if not stages:
         raise FileNotFoundError(f"no <stage>_log.csv files in {run_dir}")
