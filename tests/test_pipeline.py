@@ -48,7 +48,7 @@ def reference(sd_folder):
 
 def test_loads_components(pipe):
     assert pipe.prompt_encoder is not None and not pipe.is_class_conditional
-    assert pipe.vae_scale_factor == 2 and pipe.default_size == 16
+    assert pipe.vae_scale_factor == 2 and pipe.default_size == (16, 16)
     assert pipe.defaults == CallDefaults(guidance_scale=7.5, sampler="ddim", strength=0.8)
     assert pipe.schedule.beta_schedule == "scaled_linear" and pipe.schedule.steps_offset == 1
 

@@ -1,9 +1,11 @@
 """Reading and writing diffusers component folders: config.json + safetensors weights.
 
-Layouts read: ``diffusion_pytorch_model.safetensors``, the ``.fp16`` variant
-(``diffusion_pytorch_model.fp16.safetensors``), and the sharded form
-(``diffusion_pytorch_model[.fp16].safetensors.index[.fp16].json`` naming the shard files).
-Every failure names the file it concerns.
+Layouts read, in diffusers' order of preference: the sharded form
+(``diffusion_pytorch_model.safetensors.index[.fp16].json`` naming the shard files; an index
+present means the folder is sharded, as in diffusers), ``diffusion_pytorch_model.safetensors``,
+then the pickled ``.bin`` forms older folders ship (read with ``torch.load(weights_only=True)``,
+which refuses anything but tensors and containers). A variant such as ``fp16`` tags each name
+(``diffusion_pytorch_model.fp16.safetensors``). Every failure names the file it concerns.
 """
 
 from __future__ import annotations
@@ -42,11 +44,14 @@ def weight_candidates(folder: Path, variant: str | None) -> list[Path]:
 
     def names(tag: str | None) -> list[str]:
         suffix = f".{tag}" if tag else ""
-        return [
-            f"{WEIGHTS_NAME}{suffix}.safetensors",
-            f"{WEIGHTS_NAME}.safetensors.index{suffix}.json",
-            f"{WEIGHTS_NAME}{suffix}.safetensors.index.json",
-        ]
+        found = []
+        for extension in ("safetensors", "bin"):
+            found += [
+                f"{WEIGHTS_NAME}.{extension}.index{suffix}.json",
+                f"{WEIGHTS_NAME}{suffix}.{extension}.index.json",  # diffusers' older variant name
+                f"{WEIGHTS_NAME}{suffix}.{extension}",
+            ]
+        return list(dict.fromkeys(found))  # without a tag the two index names are one
 
     if variant is not None:
         return [folder / name for name in names(variant)]
@@ -62,46 +67,71 @@ def find_weights(folder: Path, variant: str | None = None) -> Path:
     raise FileNotFoundError(f"{folder}: no weights file found (looked for {looked})")
 
 
-def read_safetensors(path: Path, keys: list[str] | None = None) -> dict[str, torch.Tensor]:
-    """All tensors (or ``keys``) of one safetensors file on the CPU; a bad file raises naming it."""
+def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """All tensors of one safetensors file on the CPU; a bad file raises naming it."""
     from safetensors import safe_open
 
     if not path.is_file():
         raise FileNotFoundError(f"{path}: file not found")
     try:
         with safe_open(str(path), framework="pt", device="cpu") as handle:
-            available = set(handle.keys())
-            wanted = list(available) if keys is None else keys
-            absent = [key for key in wanted if key not in available]
-            if absent:
-                raise CheckpointError(
-                    f"{path}: the index lists {len(absent)} tensors this file lacks: "
-                    f"{format_keys(absent)}"
-                )
-            return {key: handle.get_tensor(key) for key in wanted}
-    except CheckpointError:
-        raise
+            return {key: handle.get_tensor(key) for key in handle.keys()}
     except Exception as error:  # safetensors raises its own error types for corrupt files
         raise CheckpointError(
             f"{path}: cannot read safetensors file, truncated or corrupt? ({error})"
         ) from None
 
 
+def read_pickled(path: Path) -> dict[str, torch.Tensor]:
+    """A ``.bin`` state dict, loaded with ``weights_only=True``: tensors and plain containers
+    only, never arbitrary pickled objects."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: file not found")
+    try:
+        state_dict = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # unpickling raises many types; name the file
+        raise CheckpointError(
+            f"{path}: cannot read a PyTorch state dict from this file, truncated, corrupt or "
+            f"not weights-only? ({type(error).__name__}: {error})"
+        ) from None
+    if not isinstance(state_dict, dict) or not all(
+        isinstance(key, str) and isinstance(value, torch.Tensor)
+        for key, value in state_dict.items()
+    ):
+        raise CheckpointError(f"{path}: expected a dict of name -> tensor (a state dict)")
+    return state_dict
+
+
+def read_file(path: Path) -> dict[str, torch.Tensor]:
+    return read_pickled(path) if path.suffix == ".bin" else read_safetensors(path)
+
+
 def read_weights(path: Path) -> dict[str, torch.Tensor]:
-    """The full state dict from a single safetensors file or a sharded index."""
-    if path.name.endswith(".json"):
-        index = read_json(path)
-        weight_map = index.get("weight_map")
-        if not isinstance(weight_map, dict) or not weight_map:
-            raise CheckpointError(f"{path}: index has no 'weight_map' object")
-        by_shard: dict[str, list[str]] = {}
-        for key, shard in weight_map.items():
-            by_shard.setdefault(shard, []).append(key)
-        tensors: dict[str, torch.Tensor] = {}
-        for shard, keys in sorted(by_shard.items()):
-            tensors.update(read_safetensors(path.parent / shard, keys))
-        return tensors
-    return read_safetensors(path)
+    """The full state dict from one weights file or a sharded index. As in diffusers, every
+    tensor of each shard the index names is read, and each key the index lists must be there."""
+    if not path.name.endswith(".json"):
+        return read_file(path)
+    index = read_json(path)
+    weight_map = index.get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise CheckpointError(f"{path}: index has no 'weight_map' object")
+    by_shard: dict[str, list[str]] = {}
+    for key, shard in weight_map.items():
+        if not isinstance(shard, str):
+            raise CheckpointError(f"{path}: weight_map[{key!r}] is {shard!r}, not a file name")
+        by_shard.setdefault(shard, []).append(key)
+    tensors: dict[str, torch.Tensor] = {}
+    for shard, keys in sorted(by_shard.items()):
+        shard_path = path.parent / shard
+        shard_tensors = read_file(shard_path)
+        absent = [key for key in keys if key not in shard_tensors]
+        if absent:
+            raise CheckpointError(
+                f"{shard_path}: the index lists {len(absent)} tensors this file lacks: "
+                f"{format_keys(absent)}"
+            )
+        tensors.update(shard_tensors)
+    return tensors
 
 
 def format_keys(keys: list[str], limit: int = 8) -> str:

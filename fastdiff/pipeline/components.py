@@ -10,6 +10,7 @@ fastdiff extensions to ``model_index.json`` (diffusers ignores unknown keys):
 
 from __future__ import annotations
 
+import itertools
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +23,7 @@ from fastdiff.pipeline.text_encoding import (
     PromptEncoder,
     load_text_component,
 )
+from fastdiff.sampling.config import CLASS_DEFAULTS as SCHEDULER_CLASSES
 
 # (text encoder, tokenizer) subfolder pairs in the order their embeddings are concatenated.
 TEXT_COMPONENTS = (("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2"))
@@ -91,17 +93,96 @@ def pipeline_scheduler_config(index: dict[str, Any], config: dict[str, Any]) -> 
 
 
 def force_zeros_for_empty_prompt(index: dict[str, Any]) -> bool:
-    """``force_zeros_for_empty_prompt`` from model_index.json; when absent, the default of the
-    diffusers class it names: true for the StableDiffusionXL* pipelines, else false."""
-    if "force_zeros_for_empty_prompt" in index:
-        value = index["force_zeros_for_empty_prompt"]
-        if not isinstance(value, bool):  # a string "false" would read as true
+    """``force_zeros_for_empty_prompt`` from model_index.json, as diffusers reads it: only the
+    StableDiffusionXL* pipelines have the option (true when absent; null reads as false); the
+    other classes ignore the key and encode "" as the negative prompt."""
+    is_sdxl = str(index.get("_class_name", "")).startswith("StableDiffusionXL")
+    if "force_zeros_for_empty_prompt" not in index:
+        return is_sdxl
+    value = index["force_zeros_for_empty_prompt"]
+    if value is not None and not isinstance(value, bool):  # a string "false" would read as true
+        raise ValueError(
+            f"model_index.json: force_zeros_for_empty_prompt must be true or false, got {value!r}"
+        )
+    return is_sdxl and bool(value)
+
+
+# Weight file names of a component folder that carry no variant tag (diffusers' and
+# transformers' single-file and sharded names).
+DEFAULT_WEIGHT_FILES = {
+    f"{stem}.{extension}{index}"
+    for stem in ("diffusion_pytorch_model", "model", "pytorch_model")
+    for extension in ("safetensors", "bin")
+    for index in ("", ".index.json")
+}
+
+
+def component_variant(folder: Path, variant: str | None) -> str | None:
+    """The weights variant to read ``folder`` (a pipeline subfolder) with.
+
+    As diffusers' pipeline loading does, a requested variant applies only to subfolders holding a
+    file tagged with it (``diffusion_pytorch_model.fp16.safetensors``, ``model.fp16-00001-of-
+    00002.safetensors``); the others read their default weights. With no variant asked for, a
+    folder whose only weights are ``fp16`` ones reads those (as ``load_unet`` does).
+    """
+    try:
+        names = [path.name for path in folder.iterdir()]
+    except OSError:
+        return variant  # the loader names the missing folder
+    split_names = [name.split(".") for name in names]
+    if variant is not None:
+        tagged = any(len(parts) > 1 and parts[1].startswith(variant) for parts in split_names)
+        return variant if tagged else None
+    if any(name in DEFAULT_WEIGHT_FILES for name in names):
+        return None
+    has_fp16 = any(len(parts) > 2 and parts[1].startswith("fp16") for parts in split_names)
+    return "fp16" if has_fp16 else None
+
+
+def scheduler_config_for(index: dict[str, Any], root: Path) -> dict[str, Any]:
+    """The scheduler config with the class diffusers would build: the one ``model_index.json``
+    names (it decides, whatever ``_class_name`` the config file gives), and the fixes the SD
+    1.x/2.x pipelines apply."""
+    config = read_json(root / SCHEDULER_CONFIG)
+    listed = listed_class(index, "scheduler")
+    if listed is not None:
+        if listed not in SCHEDULER_CLASSES:
             raise ValueError(
-                f"model_index.json: force_zeros_for_empty_prompt must be true or false, got "
-                f"{value!r}"
+                f"{root / 'model_index.json'}: scheduler class {listed!r} is not a DDPM-family "
+                f"scheduler fastdiff can read; known: {sorted(SCHEDULER_CLASSES)}"
             )
-        return value
-    return str(index.get("_class_name", "")).startswith("StableDiffusionXL")
+        config = {**config, "_class_name": listed}
+    return pipeline_scheduler_config(index, config)
+
+
+def fix_outdated_sample_size(index: dict[str, Any], unet_folder: Path, unet_config: Any) -> None:
+    """diffusers' SD 1.x/2.x pipelines read ``sample_size`` below 64 in a U-Net config written
+    before diffusers 0.9 (early CompVis v1-x configs, and fine-tunes copied from them, say 32)
+    as 64: 512-pixel images by default, not 256."""
+    if index.get("_class_name") not in SD_PIPELINES:
+        return
+    sample_size = unet_config.get("sample_size")
+    if isinstance(sample_size, bool) or not isinstance(sample_size, int) or sample_size >= 64:
+        return
+    version = read_json(unet_folder / "config.json").get("_diffusers_version")
+    if isinstance(version, str) and version_before(version, (0, 9, 0)):
+        unet_config.sample_size = 64
+
+
+def version_before(version: str, release: tuple[int, ...]) -> bool:
+    """Whether ``version`` ("0.8.0", "0.9.0.dev0", "0.10.2") comes before the release given;
+    pre-releases of it count as before it, as in diffusers' check."""
+    numbers = []
+    for part in version.split("."):
+        digits = "".join(itertools.takewhile(str.isdigit, part))
+        if not digits:
+            break
+        numbers.append(int(digits))
+        if digits != part:
+            break
+    if len(numbers) < len(release):
+        numbers += [0] * (len(release) - len(numbers))
+    return tuple(numbers[: len(release)]) < release
 
 
 def load_components(
@@ -130,9 +211,22 @@ def load_components(
             "score conditioning is not supported"
         )
     zeros_for_empty_prompt = force_zeros_for_empty_prompt(index)  # checked before the weights
-    scheduler_config = pipeline_scheduler_config(index, read_json(root / SCHEDULER_CONFIG))
-    unet = load_unet(root / "unet", dtype=dtype, device=device, variant=variant)
-    vae = load_vae(root / "vae", dtype=dtype, device=device, variant=variant)
+    variants = {
+        name: component_variant(root / name, variant)
+        for name in ("unet", "vae", *(pair[0] for pair in TEXT_COMPONENTS))
+        if listed_class(index, name) is not None
+    }
+    if variant is not None and not any(variants.values()):
+        raise FileNotFoundError(
+            f"{root}: variant={variant!r} was asked for but no component folder "
+            f"({', '.join(variants)}) has weights of that variant (e.g. "
+            f"diffusion_pytorch_model.{variant}.safetensors)"
+        )
+    scheduler_config = scheduler_config_for(index, root)
+    unet_folder, vae_folder = root / "unet", root / "vae"
+    unet = load_unet(unet_folder, dtype=dtype, device=device, variant=variants["unet"])
+    fix_outdated_sample_size(index, unet_folder, unet.config)
+    vae = load_vae(vae_folder, dtype=dtype, device=device, variant=variants["vae"])
 
     pairs = []
     for encoder_name, tokenizer_name in TEXT_COMPONENTS:
@@ -148,7 +242,12 @@ def load_components(
             root / tokenizer_name, tokenizer_class, SUPPORTED_TOKENIZERS, device, dtype
         )
         encoder = load_text_component(
-            root / encoder_name, encoder_class, SUPPORTED_TEXT_ENCODERS, device, dtype, variant
+            root / encoder_name,
+            encoder_class,
+            SUPPORTED_TEXT_ENCODERS,
+            device,
+            dtype,
+            variants[encoder_name],
         )
         pairs.append((tokenizer, encoder))
 

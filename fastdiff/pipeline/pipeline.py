@@ -118,15 +118,19 @@ class Pipeline:
         return self.unet.config["num_class_embeds"] - 1 if self.is_class_conditional else 0
 
     @property
-    def default_size(self) -> int:
-        """Image side used when height/width are not given: the U-Net's ``sample_size``."""
+    def default_size(self) -> tuple[int, int]:
+        """(height, width) used when they are not given: the U-Net's ``sample_size`` (an int, or
+        [height, width] as diffusers also reads it) times the VAE's scale factor."""
         sample_size = self.unet.config.get("sample_size")
-        if isinstance(sample_size, bool) or not isinstance(sample_size, int) or sample_size < 1:
+        sides = list(sample_size) if isinstance(sample_size, (list, tuple)) else [sample_size] * 2
+        if len(sides) != 2 or any(
+            isinstance(side, bool) or not isinstance(side, int) or side < 1 for side in sides
+        ):
             raise ValueError(
-                f"the U-Net config's sample_size is {sample_size!r}, not a positive int, so "
-                "there is no default image size: pass height and width"
+                f"the U-Net config's sample_size is {sample_size!r}, not a positive int or "
+                "[height, width], so there is no default image size: pass height and width"
             )
-        return sample_size * self.vae_scale_factor
+        return sides[0] * self.vae_scale_factor, sides[1] * self.vae_scale_factor
 
     # -- stages -----------------------------------------------------------------------------
 
@@ -364,8 +368,10 @@ class Pipeline:
             height, width = pixels.shape[2], pixels.shape[3]
         elif strength is not None:  # text-to-image has no strength: never ignore one silently
             raise ValueError(f"strength={strength!r} is only used with image= (img2img)")
-        height = self.default_size if height is None else height
-        width = self.default_size if width is None else width
+        if height is None or width is None:
+            default_height, default_width = self.default_size
+            height = default_height if height is None else height
+            width = default_width if width is None else width
         image_utils.check_size(height, width, self.vae_scale_factor)
         if self.unet.config.get("addition_embed_type") == "text_time":
             add_time_ids(conditioning, height, width, self.unet.config)
