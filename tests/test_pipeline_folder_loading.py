@@ -202,3 +202,14 @@ def test_force_zeros_for_empty_prompt_null_reads_as_false_in_sdxl(tmp_path):
     edit_json(folder / "model_index.json", force_zeros_for_empty_prompt="false")
     with pytest.raises(ValueError, match="force_zeros_for_empty_prompt must be true or false"):
         Pipeline.from_pretrained(folder)
+
+
+def test_an_inpainting_unet_is_refused_at_load(sd_folder, reference, tmp_path):
+    """An inpainting U-Net takes 9 channels (latents, mask, masked-image latents); it used to load
+    and fail mid-sampling on a shape mismatch."""
+    folder = copy(sd_folder, tmp_path / "pipe")
+    config = {**reference.unet.config, "in_channels": 9}
+    diffusers.UNet2DConditionModel.from_config(config).save_pretrained(folder / "unet")
+    message = r"takes 9 and predicts 4 channels .* latent_channels is 4"
+    with pytest.raises(ValueError, match=message):
+        Pipeline.from_pretrained(folder)

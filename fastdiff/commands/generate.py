@@ -100,7 +100,8 @@ def add_parser(subparsers) -> None:
         "--variant",
         default=None,
         help="weights variant, as diffusers names it: e.g. fp16 reads "
-        "diffusion_pytorch_model.fp16.safetensors (default: the plain files, else fp16 ones)",
+        "diffusion_pytorch_model.fp16.safetensors; a component folder without files of the "
+        "variant reads its plain ones (default: the plain files, else fp16 ones)",
     )
     parser.add_argument(
         "--no-optimize",

@@ -259,9 +259,9 @@ def sampler_step(
     noise: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One fused CFG + plan step (fastdiff/sampling/plan.py) with the CUDA kernel; returns
-    (x_next, x0). Arguments as ``fastdiff.ops.sampler_step_triton``: ``step`` an int64 device
-    scalar with a [S, 7] table (None with one [7] row), ``guidance`` a device scalar or None (then
-    ``guidance_value`` is used)."""
+    (x_next, x0). Arguments as ``sampler_step_triton`` in ``fastdiff/ops/sampler_step.py``:
+    ``step`` an int64 device scalar with a [S, 7] table (None with one [7] row), ``guidance`` a
+    device scalar or None (then ``guidance_value`` is used)."""
     _require()
     return torch.ops.fastdiff_cuda.sampler_step(
         x, model_output, coefficients, step, x0_prev, guidance, float(guidance_value), noise

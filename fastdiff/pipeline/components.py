@@ -59,6 +59,33 @@ def listed_class(index: dict[str, Any], name: str) -> str | None:
     return None
 
 
+def check_latent_channels(unet_config: Any, vae_config: Any) -> None:
+    """The U-Net must take and predict the VAE's latents. An inpainting U-Net takes 9 channels
+    (latents, mask, masked-image latents): refused here rather than failing mid-sampling."""
+    latent = vae_config["latent_channels"]
+    taken, predicted = unet_config["in_channels"], unet_config["out_channels"]
+    if taken != latent or predicted != latent:
+        kind = " (an inpainting U-Net, which fastdiff does not support)" if taken == 9 else ""
+        raise ValueError(
+            f"the U-Net takes {taken} and predicts {predicted} channels but the VAE's "
+            f"latent_channels is {latent}: they must be equal{kind}"
+        )
+
+
+def default_image_size(unet_config: Any, vae_scale_factor: int) -> tuple[int, int]:
+    """(height, width) from the U-Net's ``sample_size``, an int or [height, width]."""
+    sample_size = unet_config.get("sample_size")
+    sides = list(sample_size) if isinstance(sample_size, (list, tuple)) else [sample_size] * 2
+    if len(sides) != 2 or any(
+        isinstance(side, bool) or not isinstance(side, int) or side < 1 for side in sides
+    ):
+        raise ValueError(
+            f"the U-Net config's sample_size is {sample_size!r}, not a positive int or "
+            "[height, width], so there is no default image size: pass height and width"
+        )
+    return sides[0] * vae_scale_factor, sides[1] * vae_scale_factor
+
+
 @dataclass
 class PipelineComponents:
     """Everything ``Pipeline`` needs, loaded from a folder."""

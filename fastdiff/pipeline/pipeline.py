@@ -25,7 +25,12 @@ from fastdiff.pipeline.call_arguments import (
     make_generator,
     starting_noise,
 )
-from fastdiff.pipeline.components import PipelineComponents, load_components
+from fastdiff.pipeline.components import (
+    PipelineComponents,
+    check_latent_channels,
+    default_image_size,
+    load_components,
+)
 from fastdiff.pipeline.conditioning import (
     Condition,
     Conditioning,
@@ -53,6 +58,7 @@ class Pipeline:
         force_zeros_for_empty_prompt: bool = False,
         defaults: CallDefaults | None = None,
     ) -> None:
+        check_latent_channels(unet.config, vae.config)
         self.unet = unet
         self.vae = vae
         self.schedule = schedule
@@ -121,16 +127,7 @@ class Pipeline:
     def default_size(self) -> tuple[int, int]:
         """(height, width) used when they are not given: the U-Net's ``sample_size`` (an int, or
         [height, width] as diffusers also reads it) times the VAE's scale factor."""
-        sample_size = self.unet.config.get("sample_size")
-        sides = list(sample_size) if isinstance(sample_size, (list, tuple)) else [sample_size] * 2
-        if len(sides) != 2 or any(
-            isinstance(side, bool) or not isinstance(side, int) or side < 1 for side in sides
-        ):
-            raise ValueError(
-                f"the U-Net config's sample_size is {sample_size!r}, not a positive int or "
-                "[height, width], so there is no default image size: pass height and width"
-            )
-        return sides[0] * self.vae_scale_factor, sides[1] * self.vae_scale_factor
+        return default_image_size(self.unet.config, self.vae_scale_factor)
 
     # -- stages -----------------------------------------------------------------------------
 

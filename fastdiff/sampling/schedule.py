@@ -56,10 +56,11 @@ class NoiseSchedule:
     """A diffusers-compatible DDPM noise schedule (keyword names as in scheduler_config.json).
 
     ``betas``, ``alphas`` and ``alphas_cumprod`` are float64 tensors of length
-    ``num_train_timesteps``. ``timestep_spacing``, ``steps_offset`` and ``set_alpha_to_one``
-    describe how samplers sub-sample it (see :func:`fastdiff.sampling.make_plan`); None in
-    either (a config file that leaves them out) means the default of the diffusers scheduler each
-    sampler reproduces: ``leading`` for ddim/ddpm, ``linspace`` for euler and dpmpp; true.
+    ``num_train_timesteps``. ``timestep_spacing``, ``steps_offset`` (an int; 0 when a config
+    leaves it out) and ``set_alpha_to_one`` describe how samplers sub-sample it (see
+    :func:`fastdiff.sampling.make_plan`); None in ``timestep_spacing`` or ``set_alpha_to_one`` (a
+    config file that leaves them out) means the default of the diffusers scheduler each sampler
+    reproduces: ``leading`` for ddim/ddpm, ``linspace`` for euler and dpmpp; true.
     ``clip_sample`` (clipping DDIM/DDPM's x0 estimate to [-1, 1]) is not implemented: it must be
     false, or None (left out of a config: ddim and ddpm then refuse, as DDIMScheduler and
     DDPMScheduler would clip by default).

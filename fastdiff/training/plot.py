@@ -2,7 +2,7 @@
 
     python -m fastdiff.training.plot RUN_DIR OUT.png [--overwrite]
 
-Needs matplotlib (the ``bench`` extra); nothing else in fastdiff imports it.
+Needs matplotlib (the ``bench`` extra); only this script and ``fastdiff schedule --plot`` import it.
 """
 
 from __future__ import annotations
