@@ -103,6 +103,14 @@ def test_text_model_prompt(tmp_path):
         out,
     )
     assert code == 0 and Image.open(out).size == (8, 8)
+    # --clip-skip reaches the pipeline: another image, and an out-of-range value is named.
+    skipped = tmp_path / "skipped.png"
+    common = ("--model", folder, "--prompt", "a cat", "--seed", 5, "--size", 8, "--steps", 2)
+    plain = tmp_path / "plain.png"
+    assert generate(*common, "--out", plain) == 0
+    assert generate(*common, "--clip-skip", 1, "--out", skipped) == 0
+    assert not np.array_equal(np.asarray(Image.open(plain)), np.asarray(Image.open(skipped)))
+    assert generate(*common, "--clip-skip", 9, "--out", tmp_path / "bad.png") == 2
 
 
 def test_errors_are_clean_and_never_clobber(class_folder, tmp_path, capsys, monkeypatch):
@@ -208,6 +216,10 @@ def test_bad_arguments_fail_cleanly_and_before_loading(class_folder, tmp_path, c
         (
             ("--model", class_folder, "--class-label", 0, "--negative-prompt", "x", "--out", out),
             "--negative-prompt is not used",
+        ),
+        (
+            ("--model", class_folder, "--class-label", 0, "--clip-skip", 1, "--out", out),
+            "--clip-skip is not used",
         ),
         (
             (

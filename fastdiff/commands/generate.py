@@ -49,6 +49,13 @@ def add_parser(subparsers) -> None:
         "models); blank lines and lines starting with '#' are skipped",
     )
     parser.add_argument("--negative-prompt", default=None, help="negative prompt (text models)")
+    parser.add_argument(
+        "--clip-skip",
+        type=int,
+        default=None,
+        help="use the text encoder's hidden state this many layers before the default one, as "
+        "diffusers' clip_skip (text models)",
+    )
     parser.add_argument("--steps", type=int, default=20, help="sampling steps (default 20)")
     parser.add_argument(
         "--guidance",
@@ -144,9 +151,12 @@ def generate_one(pipe, args, text: str, seed: int):
             raise ValueError("this model takes text prompts, not --class-label")
         inputs["prompt"] = text
         inputs["negative_prompt"] = args.negative_prompt
+        inputs["clip_skip"] = args.clip_skip
     else:
-        if args.negative_prompt is not None:
-            raise ValueError("this model is class-conditional: --negative-prompt is not used")
+        for option in ("negative_prompt", "clip_skip"):
+            if getattr(args, option) is not None:
+                flag = "--" + option.replace("_", "-")
+                raise ValueError(f"this model is class-conditional: {flag} is not used")
         try:
             inputs["class_labels"] = int(text)
         except ValueError:

@@ -89,6 +89,48 @@ def check_width(name: str, tensor: torch.Tensor, expected: int | None, source: s
         )
 
 
+def broadcast(value, name: str, batch: int) -> list:
+    """One entry, or one per prompt, as a list of ``batch`` entries."""
+    values = as_list(value, name)
+    if len(values) == 1 and batch > 1:
+        values = values * batch
+    if len(values) != batch:
+        raise ValueError(f"{name} has {len(values)} entries but there are {batch} prompts")
+    return values
+
+
+def check_text_only_options(encoder, prompt, prompt_2, negative_prompt_2, clip_skip) -> None:
+    """Options that act on the text encoders: refused where they would be ignored."""
+    if clip_skip is not None and prompt is None:
+        raise ValueError("clip_skip acts on the text encoder: pass prompt, not prompt_embeds")
+    for name, value in (("prompt_2", prompt_2), ("negative_prompt_2", negative_prompt_2)):
+        if value is None:
+            continue
+        if encoder is None or len(encoder.encoders) < 2:
+            raise ValueError(
+                f"{name} is what a second text encoder (SDXL's text_encoder_2) reads; this "
+                "pipeline has none"
+            )
+        if name == "prompt_2" and prompt is None:
+            raise ValueError("pass prompt_2 with prompt, not with prompt_embeds")
+
+
+def text_widths(config) -> tuple[int | None, int | None]:
+    """The feature sizes a U-Net takes: the text tokens' (``cross_attention_dim``) and, for
+    SDXL's ``text_time``, the pooled embedding's (the added-condition features less the six
+    size ids'); None where the config does not fix one."""
+    tokens = config.get("cross_attention_dim")
+    if isinstance(tokens, (list, tuple)):
+        tokens = tokens[0] if len(set(tokens)) == 1 else None
+    pooled = None
+    if config.get("addition_embed_type") == "text_time":
+        added = config.get("projection_class_embeddings_input_dim")
+        time_ids = config.get("addition_time_embed_dim")
+        if isinstance(added, int) and isinstance(time_ids, int):
+            pooled = added - 6 * time_ids
+    return (tokens if isinstance(tokens, int) else None), pooled
+
+
 def text_conditioning(
     encoder: PromptEncoder | None,
     prompt,
@@ -104,18 +146,27 @@ def text_conditioning(
     device,
     dtype,
     widths: tuple[int | None, int | None] = (None, None),
+    prompt_2=None,
+    negative_prompt_2=None,
+    clip_skip: int | None = None,
 ) -> Conditioning:
     """Prompt (or given embeddings) -> encoder_hidden_states (and SDXL's text_embeds).
     ``widths``: the token and pooled feature sizes the U-Net takes (None: unchecked), checked on
-    the prompt's embeddings before any negative is made or compared with them."""
+    the prompt's embeddings before any negative is made or compared with them.
+    ``prompt_2`` / ``negative_prompt_2``: what SDXL's second text encoder reads (default: the
+    prompt / negative prompt). ``clip_skip`` applies to the prompt only, as in diffusers."""
     if (prompt is None) == (prompt_embeds is None):
         raise ValueError("pass exactly one of prompt and prompt_embeds")
+    check_text_only_options(encoder, prompt, prompt_2, negative_prompt_2, clip_skip)
+    if negative_prompt_2 is not None and negative_prompt_embeds is not None:
+        raise ValueError("pass negative_prompt_2 or negative_prompt_embeds, not both")
     pooled = pooled_prompt_embeds
     if prompt is not None:
         if encoder is None:
             raise ValueError("this pipeline has no text encoder: pass prompt_embeds instead")
         prompts = as_list(prompt, "prompt")
-        encoded = encoder.encode(prompts)
+        seconds = None if prompt_2 is None else broadcast(prompt_2, "prompt_2", len(prompts))
+        encoded = encoder.encode(prompts, prompts_2=seconds, clip_skip=clip_skip)
         prompt_embeds, pooled = encoded.tokens, encoded.pooled
     check_embeddings("prompt_embeds", prompt_embeds, 3, None)
     check_width("prompt_embeds", prompt_embeds, widths[0], "cross_attention_dim")
@@ -159,18 +210,13 @@ def text_conditioning(
                 raise ValueError(
                     "guidance needs negative_prompt_embeds when the pipeline has no text encoder"
                 )
-            negatives = (
-                [""] * batch
-                if negative_prompt is None
-                else as_list(negative_prompt, "negative_prompt")
+            negatives = broadcast(
+                "" if negative_prompt is None else negative_prompt, "negative_prompt", batch
             )
-            if len(negatives) == 1 and batch > 1:
-                negatives = negatives * batch
-            if len(negatives) != batch:
-                raise ValueError(
-                    f"negative_prompt has {len(negatives)} entries but there are {batch} prompts"
-                )
-            encoded = encoder.encode(negatives, max_length=length)
+            seconds = None
+            if negative_prompt_2 is not None:
+                seconds = broadcast(negative_prompt_2, "negative_prompt_2", batch)
+            encoded = encoder.encode(negatives, max_length=length, prompts_2=seconds)
             negative_prompt_embeds, negative_pooled = encoded.tokens, encoded.pooled
     if guided:
         check_embeddings("negative_prompt_embeds", negative_prompt_embeds, 3, prompt_embeds)
@@ -192,9 +238,51 @@ def text_conditioning(
     return Conditioning(cond, uncond)
 
 
-def add_time_ids(conditioning: Conditioning, height: int, width: int, unet_config) -> None:
-    """SDXL micro-conditioning: (original size, crop top-left, target size) per sample; fastdiff
-    always generates uncropped at the requested size, so this is (H, W, 0, 0, H, W)."""
+SIZE_KEYS = (
+    "original_size",
+    "crops_coords_top_left",
+    "target_size",
+    "negative_original_size",
+    "negative_crops_coords_top_left",
+    "negative_target_size",
+)
+
+
+def check_size_options(sizes: dict, text_time: bool) -> None:
+    """The size keyword arguments of a pipeline call: known names, and only for SDXL U-Nets."""
+    unknown = sorted(set(sizes) - set(SIZE_KEYS))
+    if unknown:
+        raise TypeError(f"unexpected keyword arguments {unknown}")
+    given = sorted(key for key, value in sizes.items() if value is not None)
+    if given and not text_time:
+        raise ValueError(
+            f"{', '.join(given)}: size micro-conditioning is for SDXL U-Nets "
+            "(addition_embed_type 'text_time'); this U-Net has none"
+        )
+
+
+def size_pair(value, name: str, least: int) -> tuple[int, int] | None:
+    if value is None:
+        return None
+    if (
+        not isinstance(value, (tuple, list))
+        or len(value) != 2
+        or any(isinstance(v, bool) or not isinstance(v, numbers.Integral) for v in value)
+        or any(v < least for v in value)
+    ):
+        raise ValueError(f"{name} must be a (height, width) pair of ints >= {least}, got {value!r}")
+    return int(value[0]), int(value[1])
+
+
+def add_time_ids(
+    conditioning: Conditioning, height: int, width: int, unet_config, sizes: dict | None = None
+) -> None:
+    """SDXL micro-conditioning: (original size, crop top-left, target size) per sample, from
+    ``sizes`` (the keys of ``SIZE_KEYS``; each a (height, width) or (top, left) pair), as
+    diffusers' SDXL pipeline reads them: original and target size default to the image size,
+    the crop to (0, 0); the unconditional batch takes the ``negative_*`` ones when both
+    negative sizes are given, else the same ids."""
+    sizes = dict.fromkeys(SIZE_KEYS) | dict(sizes or {})
     pooled_dim = conditioning.cond["text_embeds"].shape[-1]
     expected = unet_config.get("projection_class_embeddings_input_dim")
     provided = pooled_dim + 6 * unet_config.get("addition_time_embed_dim")
@@ -204,9 +292,24 @@ def add_time_ids(conditioning: Conditioning, height: int, width: int, unet_confi
             f"embeddings ({pooled_dim}) and 6 size ids give {provided}; refiner-style "
             "aesthetic-score conditioning is not supported"
         )
+    pairs = {key: size_pair(value, key, 0 if "crops" in key else 1) for key, value in sizes.items()}
+    negative = [pairs[key] for key in SIZE_KEYS[3:]]
+    if any(v is not None for v in negative) and (negative[0] is None or negative[2] is None):
+        # diffusers uses the negative ids only when both sizes are given, else ignores them.
+        raise ValueError(
+            "negative micro-conditioning needs both negative_original_size and "
+            "negative_target_size (negative_crops_coords_top_left defaults to (0, 0))"
+        )
+
     reference = conditioning.cond["encoder_hidden_states"]
-    time_ids = torch.tensor([[height, width, 0, 0, height, width]], dtype=reference.dtype)
-    time_ids = time_ids.to(reference.device).expand(conditioning.batch_size, 6).contiguous()
+
+    def ids(original, crop, target) -> torch.Tensor:
+        values = [*(original or (height, width)), *(crop or (0, 0)), *(target or (height, width))]
+        row = torch.tensor([values], dtype=reference.dtype, device=reference.device)
+        return row.expand(conditioning.batch_size, 6).contiguous()
+
+    time_ids = ids(*(pairs[key] for key in SIZE_KEYS[:3]))
     conditioning.cond["time_ids"] = time_ids
     if conditioning.uncond is not None:
-        conditioning.uncond["time_ids"] = time_ids.clone()
+        uncond_ids = ids(*negative) if negative[0] is not None else time_ids.clone()
+        conditioning.uncond["time_ids"] = uncond_ids

@@ -35,13 +35,18 @@ from fastdiff.pipeline.conditioning import (
     Condition,
     Conditioning,
     add_time_ids,
+    check_size_options,
     class_conditioning,
     text_conditioning,
+    text_widths,
 )
 from fastdiff.pipeline.denoising import img2img_start_step, run_sampler
 from fastdiff.pipeline.text_encoding import PromptEncoder
 from fastdiff.pipeline.vae_scaling import from_vae_latents, to_vae_latents, vae_run_dtype
 from fastdiff.sampling import NoiseSchedule, classifier_free_guidance
+
+# Inputs that act on text; a class-conditional model without a text encoder refuses them.
+TEXT_OPTIONS = ("negative_prompt", "prompt_2", "negative_prompt_2", "clip_skip")
 
 
 class Pipeline:
@@ -147,14 +152,17 @@ class Pipeline:
                 inputs.get("pooled_prompt_embeds"),
                 inputs.get("negative_pooled_prompt_embeds"),
                 needs_pooled=self.unet.config.get("addition_embed_type") == "text_time",
-                widths=self.text_widths(),
+                widths=text_widths(self.unet.config),
+                prompt_2=inputs.get("prompt_2"),
+                negative_prompt_2=inputs.get("negative_prompt_2"),
+                clip_skip=inputs.get("clip_skip"),
                 zeros_for_empty_negative=self.force_zeros_for_empty_prompt,
                 num_images=num_images,
                 guided=guided,
                 device=self.device,
                 dtype=self.dtype,
             )
-        elif any(inputs.get(name) is not None for name in text_inputs + ("negative_prompt",)):
+        elif any(inputs.get(name) is not None for name in text_inputs + TEXT_OPTIONS):
             raise ValueError(
                 "this model is class-conditional and has no text encoder: pass class_labels "
                 "instead of a prompt"
@@ -186,22 +194,6 @@ class Pipeline:
         if guided:
             conditioning.uncond.update(classes.uncond)
         return conditioning
-
-    def text_widths(self) -> tuple[int | None, int | None]:
-        """The feature sizes the U-Net takes: the text tokens' (``cross_attention_dim``) and, for
-        SDXL's ``text_time``, the pooled embedding's (the added-condition features less the six
-        size ids'); None where the config does not fix one."""
-        config = self.unet.config
-        tokens = config.get("cross_attention_dim")
-        if isinstance(tokens, (list, tuple)):
-            tokens = tokens[0] if len(set(tokens)) == 1 else None
-        pooled = None
-        if config.get("addition_embed_type") == "text_time":
-            added = config.get("projection_class_embeddings_input_dim")
-            time_ids = config.get("addition_time_embed_dim")
-            if isinstance(added, int) and isinstance(time_ids, int):
-                pooled = added - 6 * time_ids
-        return (tokens if isinstance(tokens, int) else None), pooled
 
     def unet_forward(self, x: torch.Tensor, t: torch.Tensor, cond: Condition) -> torch.Tensor:
         """One U-Net call on a condition dict (see ``fastdiff.pipeline.conditioning``)."""
@@ -321,6 +313,10 @@ class Pipeline:
         strength: float | None = None,
         pooled_prompt_embeds: torch.Tensor | None = None,
         negative_pooled_prompt_embeds: torch.Tensor | None = None,
+        prompt_2: str | list[str] | None = None,
+        negative_prompt_2: str | list[str] | None = None,
+        clip_skip: int | None = None,
+        **sizes: tuple[int, int] | None,
     ):
         """Generate images. Returns a list of PIL images (``output_type="pil"``), a float32 tensor
         (B, 3, H, W) in [0, 1] (``"tensor"``) or the final scaled latents (``"latent"``).
@@ -332,7 +328,13 @@ class Pipeline:
         With ``image`` (img2img, SDEdit: Meng et al. 2022) the image is encoded, noised by the
         forward process to the step that ``strength`` selects, and only the remaining
         ``int(num_inference_steps * strength)`` steps are sampled.
+        As in diffusers: ``prompt_2`` / ``negative_prompt_2`` go to SDXL's second text encoder,
+        ``clip_skip`` takes an earlier layer's hidden state for the prompt, and SDXL's
+        micro-conditioning takes ``original_size``, ``crops_coords_top_left``, ``target_size``
+        and their ``negative_*`` forms (``fastdiff.pipeline.conditioning.add_time_ids``).
         """
+        text_time = self.unet.config.get("addition_embed_type") == "text_time"
+        check_size_options(sizes, text_time)
         sampler = self.defaults.sampler if sampler is None else sampler
         check_choices(sampler, output_type, num_images)
         generator = make_generator(seed, generator, self.device)
@@ -352,6 +354,9 @@ class Pipeline:
             pooled_prompt_embeds=pooled_prompt_embeds,
             negative_pooled_prompt_embeds=negative_pooled_prompt_embeds,
             class_labels=class_labels,
+            prompt_2=prompt_2,
+            negative_prompt_2=negative_prompt_2,
+            clip_skip=clip_skip,
         )
         batch = conditioning.batch_size
 
@@ -370,8 +375,8 @@ class Pipeline:
             height = default_height if height is None else height
             width = default_width if width is None else width
         image_utils.check_size(height, width, self.vae_scale_factor)
-        if self.unet.config.get("addition_embed_type") == "text_time":
-            add_time_ids(conditioning, height, width, self.unet.config)
+        if text_time:
+            add_time_ids(conditioning, height, width, self.unet.config, sizes)
         if image is not None:
             # Encode each given image once (as diffusers does), then pair latents with prompts.
             init_latents = self.encode_image(pixels, generator).to(self.dtype)

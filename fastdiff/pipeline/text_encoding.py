@@ -106,6 +106,17 @@ def warn_if_truncated(tokenizer: Any, prompts: Sequence[str], limit: int) -> Non
             )
 
 
+def check_clip_skip(clip_skip: int | None, most: int) -> int:
+    """``clip_skip`` as an int in [0, most] (None reads as 0, the default layer)."""
+    if clip_skip is None:
+        return 0
+    if isinstance(clip_skip, bool) or not isinstance(clip_skip, int) or not 0 <= clip_skip <= most:
+        raise ValueError(
+            f"clip_skip must be an int in [0, {most}] for this text encoder, got {clip_skip!r}"
+        )
+    return clip_skip
+
+
 class PromptEncoder:
     """Tokenize and encode prompts with one (SD 1/2) or two (SDXL) CLIP text encoders.
 
@@ -133,12 +144,26 @@ class PromptEncoder:
         return min(tokenizer.model_max_length for tokenizer, _ in self.encoders)
 
     @torch.no_grad()
-    def encode(self, prompts: Sequence[str], max_length: int | None = None) -> PromptEmbeddings:
+    def encode(
+        self,
+        prompts: Sequence[str],
+        max_length: int | None = None,
+        prompts_2: Sequence[str] | None = None,
+        clip_skip: int | None = None,
+    ) -> PromptEmbeddings:
         """Encode a batch of prompts, padded (or truncated) to ``max_length`` tokens (default:
-        the tokenizer's maximum), which must not exceed what the encoders read."""
+        the tokenizer's maximum), which must not exceed what the encoders read.
+
+        ``prompts_2``: what the second encoder (SDXL's ``text_encoder_2``) reads instead of
+        ``prompts``. ``clip_skip``: take the hidden state that many layers before the one used
+        by default, as diffusers does (SD 1/2: the last layer's, through the final LayerNorm;
+        SDXL: the penultimate)."""
         prompts = list(prompts)
-        if not all(isinstance(prompt, str) for prompt in prompts):
+        texts = [prompts, prompts if prompts_2 is None else list(prompts_2)]
+        if not all(isinstance(prompt, str) for batch in texts for prompt in batch):
             raise ValueError("prompts must be strings")
+        if len(texts[1]) != len(prompts):
+            raise ValueError(f"{len(texts[1])} prompts_2 for {len(prompts)} prompts")
         if max_length is not None and max_length > self.max_length:
             raise ValueError(
                 f"cannot encode prompts to {max_length} tokens: the text encoder reads at most "
@@ -148,25 +173,32 @@ class PromptEncoder:
         per_encoder, pooled = [], None
         for index, (tokenizer, encoder) in enumerate(self.encoders):
             limit = max_length or tokenizer.model_max_length
+            batch = texts[index]
             tokens = tokenizer(
-                prompts,
-                padding="max_length",
-                max_length=limit,
-                truncation=True,
-                return_tensors="pt",
+                batch, padding="max_length", max_length=limit, truncation=True, return_tensors="pt"
             )
-            if index == 0:
-                warn_if_truncated(tokenizer, prompts, limit)
+            if index == 0 or prompts_2 is not None:
+                warn_if_truncated(tokenizer, batch, limit)
             input_ids = tokens.input_ids.to(self.device)
+            layers = encoder.config.num_hidden_layers
             if self.penultimate:
+                skip = check_clip_skip(clip_skip, layers - 1)
                 output = encoder(input_ids, output_hidden_states=True)
                 # The projected pooled embedding is the 2-D first output of the encoder
                 # *WithProjection; the plain encoder's first output is its 3-D last hidden state.
                 if pooled is None and output[0].ndim == 2:
                     pooled = output[0]
-                per_encoder.append(output.hidden_states[-2])
-            else:
-                use_mask = getattr(encoder.config, "use_attention_mask", False)
-                mask = tokens.attention_mask.to(self.device) if use_mask else None
+                per_encoder.append(output.hidden_states[-(skip + 2)])
+                continue
+            use_mask = getattr(encoder.config, "use_attention_mask", False)
+            mask = tokens.attention_mask.to(self.device) if use_mask else None
+            if clip_skip is None:
                 per_encoder.append(encoder(input_ids, attention_mask=mask)[0])
+            else:
+                skip = check_clip_skip(clip_skip, layers)
+                output = encoder(input_ids, attention_mask=mask, output_hidden_states=True)
+                hidden = output.hidden_states[-(skip + 1)]
+                # transformers 5 flattened CLIPTextModel; 4.x keeps the layers under .text_model
+                text_model = getattr(encoder, "text_model", encoder)
+                per_encoder.append(text_model.final_layer_norm(hidden))
         return PromptEmbeddings(torch.cat(per_encoder, dim=-1), pooled)
