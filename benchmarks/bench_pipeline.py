@@ -4,7 +4,7 @@ Random weights at the real architectures, fp16 on GPU, prompt embeddings given (
 encoder is not part of the timing). Providers:
   fastdiff           Pipeline.optimize(): 4 steps = one whole-loop graph + one VAE graph;
                      20 steps = a step graph replayed 20 times + the VAE graph
-  fastdiff-foldbias  the same with optimize(fold_biases=True) (off by default until it wins)
+  fastdiff-nofold    the same with optimize(fold_biases=False) (what the folds buy)
   fastdiff-eager     the same Pipeline without optimize(): plain PyTorch ops, no graphs
   diffusers          StableDiffusionPipeline + DDIMScheduler, fp16, eager
   diffusers-compile  the same with torch.compile(unet) (only with --compile)
@@ -28,7 +28,7 @@ from bench_unet import CPU_WORKLOADS, GPU_WORKLOADS, unet_flops  # noqa: E402
 from bench_vae import vae_flops  # noqa: E402
 from model_configs import SD_SCHEDULER, model_config  # noqa: E402
 
-PROVIDERS = ("fastdiff", "fastdiff-foldbias", "fastdiff-eager", "diffusers", "diffusers-compile")
+PROVIDERS = ("fastdiff", "fastdiff-nofold", "fastdiff-eager", "diffusers", "diffusers-compile")
 GUIDANCE = 7.5
 
 
@@ -43,7 +43,7 @@ class PipelineHolder:
     def __init__(self, device, dtype):
         self.device, self.dtype = device, dtype
         self.fastdiff = self.optimized = self.diffusers = None
-        self.fold_biases = False  # what the last optimize() was given
+        self.fold_biases = True  # what the last optimize() was given
 
     def release(self) -> None:
         self.print_graph_report()
@@ -56,7 +56,7 @@ class PipelineHolder:
             print(runtime.graph_report(), flush=True)
             runtime.reported = True
 
-    def fastdiff_pipeline(self, optimized: bool, fold_biases: bool = False):
+    def fastdiff_pipeline(self, optimized: bool, fold_biases: bool = True):
         from fastdiff.models import AutoencoderKL, UNet2DConditionModel
         from fastdiff.pipeline import Pipeline
         from fastdiff.runtime import EagerGraphBackend, optimize
@@ -126,9 +126,9 @@ def provider_setup(provider: str, holder: PipelineHolder, steps: int):
         embeds, negative = randn(1, 77, width), randn(1, 77, width)
         latents = randn(1, 4, size, size)
         pixels = size * (8 if mb.on_gpu() else 2)
-        if provider in ("fastdiff", "fastdiff-foldbias", "fastdiff-eager"):
+        if provider in ("fastdiff", "fastdiff-nofold", "fastdiff-eager"):
             pipe = holder.fastdiff_pipeline(
-                optimized=provider != "fastdiff-eager", fold_biases=provider == "fastdiff-foldbias"
+                optimized=provider != "fastdiff-eager", fold_biases=provider != "fastdiff-nofold"
             )
 
             def run():
@@ -177,7 +177,7 @@ def default_providers(compile_: bool) -> list[str]:
         if compile_:
             providers.append("diffusers-compile")
     if mb.on_gpu():  # last: a time limit cuts from the end, and diffusers is the reference
-        providers.append("fastdiff-foldbias")
+        providers.append("fastdiff-nofold")
     return providers
 
 
@@ -207,7 +207,7 @@ def cases(
                 flop=flop,
                 note=note,
             )
-            if provider in ("fastdiff", "fastdiff-foldbias"):
+            if provider in ("fastdiff", "fastdiff-nofold"):
                 case.teardown = holder.print_graph_report
             if index == len(providers) - 1:
                 case.teardown = holder.release

@@ -118,10 +118,10 @@ for name in sampler_step group_norm attention; do bench "$name"; done
 # ---- model benchmarks (runtime): append below this line --------------------------------------
 # U-Net (SD1.5 b2, SDXL b2), VAE decode, full generation, profile (SD1.5 b1: run gpu_check_models
 # with STEPS=unet_sd15_b1); tests/runtime ran above. Outer limit: the 240 s budget + plot + kill
-# (2026-11-27 on an H200: 195 s of the then 210, before the fastdiff-foldbias rows were added).
+# (2026-11-28 on an H200: 219 s).
 MODEL_BUDGET=$(( $(left) - 60 < 240 ? $(left) - 60 : 240 ))
 run models 300 env \
-    STEPS="cuda_ext cuda_ext_libs unet_sd15_b2 vae pipeline unet_sdxl_b2 profile profile_folded" \
+    STEPS="cuda_ext cuda_ext_libs unet_sd15_b2 vae pipeline unet_sdxl_b2 profile profile_by_op" \
     BUDGET="$MODEL_BUDGET" bash benchmarks/gpu_check_models.sh "$OUTDIR"
 # ---- end of model benchmarks ------------------------------------------------------------------
 

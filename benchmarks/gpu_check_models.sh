@@ -121,8 +121,10 @@ run unet_sdxl_b2 75 python3 benchmarks/bench_unet.py --workloads sdxl_b2 --csv "
 run unet_sd15_b1 45 python3 benchmarks/bench_unet.py --workloads sd15_b1 --csv "$CSV" \
     --providers fastdiff-eager,fastdiff,diffusers,diffusers-graph
 run profile 45 python3 -m fastdiff profile --top 12  # sd15 on a GPU, tiny on CPU
-# The same step with optimize(fold_biases=True), op by op: what the folds removed.
-run profile_folded 45 python3 -m fastdiff profile --top 30 --by-op --fold-biases
+# The same step op by op, and (not in gpu_check.sh's steps) op by op without the folds,
+# optimize(fold_biases=False): what they remove.
+run profile_by_op 45 python3 -m fastdiff profile --top 30 --by-op
+run profile_unfolded 45 python3 -m fastdiff profile --top 30 --by-op --no-fold-biases
 
 if [[ -s "$CSV" ]]; then
     timeout 60 python3 benchmarks/plot_models.py "$CSV" --out "$OUTDIR" >>"$SUMMARY" 2>&1 \

@@ -140,9 +140,11 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--calls", type=int, default=3, help="profiled calls per path")
     parser.add_argument("--top", type=int, default=15, help="kernels listed per path")
     parser.add_argument(
-        "--fold-biases",
-        action="store_true",
-        help="profile the optimized path with optimize(fold_biases=True)",
+        "--no-fold-biases",
+        dest="fold_biases",
+        action="store_false",
+        help="profile the optimized path with optimize(fold_biases=False) (default: folded, as "
+        "optimize() prepares it)",
     )
     parser.add_argument(
         "--by-op",
@@ -210,7 +212,7 @@ def run(args: argparse.Namespace) -> int:
         with torch.no_grad(), ops_backend(kernels=True):  # the backend optimize() selects
             return unet(fast_sample, timestep, context, **kwargs)
 
-    folded = ", folded biases and residuals" if args.fold_biases else ""
+    folded = ", folded biases and residuals" if args.fold_biases else ", biases not folded"
     print_breakdown(
         f"fastdiff optimized, graph off (kernels, channels-last, fused QKV{folded})",
         profile_calls(optimized, args.calls, on_cuda, args.by_op),

@@ -281,7 +281,7 @@ def optimize(
     compile_mode: str | None = None,
     compile_backend: str = "inductor",
     vae_channels_last: bool | None = None,
-    fold_biases: bool = False,
+    fold_biases: bool = True,
 ) -> OptimizedRuntime:
     """Prepare ``pipe`` (a ``fastdiff.Pipeline``) for speed, in place; returns its runtime
     (``runtime.report`` says what was applied; ``runtime.attached`` whether the pipeline now
@@ -293,7 +293,7 @@ def optimize(
     ``max_loop_steps`` steps are captured whole.
     ``backend`` overrides how graphs are captured (``EagerGraphBackend()`` runs the same
     static-buffer loop without capture, which is how it is tested on CPU). Without CUDA and
-    without ``backend`` nothing but QKV fusion (and bias folding, if asked) is applied (float32
+    without ``backend`` nothing but QKV fusion and bias folding is applied (float32
     kept) and the pipeline's eager path stays in use.
 
     ``vae_channels_last`` overrides ``channels_last`` for the VAE (None: the same; the
@@ -303,8 +303,9 @@ def optimize(
     the GroupNorm kernel), transformer residuals (added by the next LayerNorm, or accumulated
     into by the feed-forward's last GEMM); fewer kernels and full-size passes, see
     ``ResnetBlock2D``, ``BasicTransformerBlock``, ``Transformer2DModel`` and
-    ``UNet2DConditionModel.time_shifts``. Off by default until a GPU run of bench_unet's
-    fastdiff-foldbias provider shows it faster. The
+    ``UNet2DConditionModel.time_shifts``. On by default: on an H200 (2026-11-28) it took the
+    SD1.5 step from 6.66 to 5.94 ms and the SDXL step from 31.3 to 29.9 ms (bench_unet's
+    fastdiff-nofold rows measure it against the default). The
     VAE is left as it is: it has no time embedding, and its shortcut GEMMs would run in float32
     for the SDXL VAE, where cuBLAS takes no TF32 by default and cuDNN's convolutions do.
     ``compile_mode`` (e.g. "default" or "max-autotune-no-cudagraphs"; None = off) also

@@ -186,10 +186,10 @@ def test_optimize_folds_the_unet_only():
     from fastdiff.runtime import optimize
 
     pipe = tiny_pipeline()
-    optimize(pipe, fold_biases=True, verbose=False)
+    optimize(pipe, verbose=False)  # on by default
     assert all(b.fold_biases for b in pipe.unet.modules() if hasattr(b, "has_bias_folds"))
     assert not any(getattr(b, "fold_biases", False) for b in pipe.vae.modules())
-    optimize(pipe, verbose=False)  # again without it: off
+    optimize(pipe, fold_biases=False, verbose=False)  # again without it: off
     assert not any(getattr(b, "fold_biases", False) for b in pipe.unet.modules())
 
 
