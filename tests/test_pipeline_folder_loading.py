@@ -213,3 +213,44 @@ def test_an_inpainting_unet_is_refused_at_load(sd_folder, reference, tmp_path):
     message = r"takes 9 and predicts 4 channels .* latent_channels is 4"
     with pytest.raises(ValueError, match=message):
         Pipeline.from_pretrained(folder)
+
+
+STATS = dict(latents_mean=[0.1, -0.2, 0.3, 0.0], latents_std=[0.5, 1.5, 2.0, 1.0])
+
+
+@pytest.mark.parametrize(
+    "kind, vae_config",
+    [
+        ("sd", {"shift_factor": 0.3}),
+        ("sd", STATS),
+        ("sdxl", {"shift_factor": 0.3}),
+        ("sdxl", STATS),
+    ],
+    ids=["sd-shift", "sd-stats", "sdxl-shift", "sdxl-stats"],
+)
+def test_vae_latent_scaling_keys_are_those_the_pipeline_class_reads(
+    sd_folder, tmp_path, kind, vae_config
+):
+    """diffusers' SD pipelines divide by scaling_factor only; SDXL's also normalise by
+    latents_mean/latents_std; neither reads shift_factor. fastdiff applied every key the VAE
+    config gave, whatever the folder's class (images differed by up to 0.37)."""
+    from PIL import Image
+
+    source = sd_folder if kind == "sd" else make_sdxl_folder(tmp_path / "sdxl")
+    folder = copy(source, tmp_path / "pipe")
+    edit_json(folder / "vae" / "config.json", **vae_config)
+    text = diffusers.AutoPipelineForText2Image.from_pretrained(folder)
+    image = diffusers.AutoPipelineForImage2Image.from_pretrained(folder)
+    for reference in (text, image):
+        reference.set_progress_bar_config(disable=True)
+    pipe = Pipeline.from_pretrained(folder)
+    common = dict(prompt="a cat", num_inference_steps=3, guidance_scale=4.0)
+    init = Image.fromarray((torch.rand(16, 16, 3) * 255).byte().numpy())
+    ours = pipe(**common, seed=1, output_type="tensor", progress=False)
+    theirs = text(**common, generator=torch.Generator().manual_seed(1), output_type="pt").images
+    torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=0)
+    img2img = dict(common, image=init, strength=0.6)
+    ours = pipe(**img2img, seed=1, output_type="latent", progress=False)
+    generator = torch.Generator().manual_seed(1)
+    theirs = image(**img2img, generator=generator, output_type="latent").images
+    torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=0)

@@ -16,7 +16,7 @@ from torch import nn
 from fastdiff.models.config import VAEConfig
 from fastdiff.models.module import ModelBase
 from fastdiff.models.resnet import GroupNorm, Upsample2D
-from fastdiff.models.tiling import tiled_decode
+from fastdiff.models.tiling import tiled_decode, tiled_encode
 from fastdiff.models.unet_blocks import BlockSpec, DownBlock, MidBlock
 
 
@@ -152,6 +152,7 @@ class AutoencoderKL(ModelBase):
         self.quant_conv = nn.Conv2d(2 * latent, 2 * latent, 1) if config.use_quant_conv else None
         self.post_quant_conv = nn.Conv2d(latent, latent, 1) if config.use_post_quant_conv else None
         self.tiling_enabled = False
+        self.slicing_enabled = False
         self.tile_size: int | None = None
         self.tile_overlap: int | None = None
 
@@ -175,32 +176,68 @@ class AutoencoderKL(ModelBase):
         return self.config.downscale_factor
 
     def encode(self, x: torch.Tensor) -> DiagonalGaussian:
+        """Images -> the posterior Gaussian. With ``enable_tiling()``, images larger than the
+        tile (``tile_size`` latent pixels times the downscale factor) are encoded in blended
+        tiles; with ``enable_slicing()``, one sample at a time."""
         if x.dim() != 4 or x.shape[1] != self.config.in_channels:
             raise ValueError(
                 f"vae.encode expects (B, {self.config.in_channels}, H, W) images, got "
                 f"{tuple(x.shape)}"
             )
-        moments = self.encoder(x)
+        moments = self.sliced(self.run_encoder, x)
         if self.quant_conv is not None:
-            moments = self.quant_conv(moments)
+            moments = self.quant_conv(moments)  # 1x1: pointwise, so it can run after tiling
         return DiagonalGaussian(moments)
 
+    def run_encoder(self, x: torch.Tensor) -> torch.Tensor:
+        """The encoder's output for ``x`` (before ``quant_conv``), tiled when enabled."""
+        tile, overlap = self.default_tile()
+        factor = self.downscale_factor
+        if self.tiling_enabled and max(x.shape[-2:]) > tile * factor:
+            return tiled_encode(self.encoder, x, tile * factor, overlap * factor, factor)
+        return self.encoder(x)
+
+    def sliced(self, function, batch: torch.Tensor) -> torch.Tensor:
+        """``function(batch)``, one sample at a time when slicing is on (less memory)."""
+        if not self.slicing_enabled or batch.shape[0] < 2:
+            return function(batch)
+        return torch.cat([function(sample) for sample in batch.split(1)])
+
     def enable_tiling(self, tile_size: int | None = None, overlap: int | None = None) -> None:
-        """Decode latents larger than ``tile_size`` (latent pixels) in blended tiles."""
+        """Decode latents, and encode images, larger than the tile in blended tiles: the tile is
+        ``tile_size`` latent pixels (default: the training resolution, ``sample_size`` over the
+        downscale factor), ``tile_size * downscale_factor`` image pixels for encoding; tiles
+        overlap by ``overlap`` latent pixels (default a quarter of the tile)."""
+        for name, value, least in (("tile_size", tile_size, 1), ("overlap", overlap, 0)):
+            if value is not None and (
+                isinstance(value, bool) or not isinstance(value, int) or value < least
+            ):
+                raise ValueError(f"{name} must be an int >= {least} or None, got {value!r}")
+        if tile_size is not None and overlap is not None and overlap >= tile_size:
+            raise ValueError(f"overlap {overlap} must be smaller than tile_size {tile_size}")
         self.tiling_enabled = True
         self.tile_size, self.tile_overlap = tile_size, overlap
 
     def disable_tiling(self) -> None:
         self.tiling_enabled = False
 
+    def enable_slicing(self) -> None:
+        """Encode and decode one sample of a batch at a time (as diffusers' enable_slicing)."""
+        self.slicing_enabled = True
+
+    def disable_slicing(self) -> None:
+        self.slicing_enabled = False
+
     def default_tile(self) -> tuple[int, int]:
         """Tile = the training resolution in latent pixels; overlap a quarter of it."""
         sample_size = self.config.sample_size
         if isinstance(sample_size, (list, tuple)):
             sample_size = min(sample_size)
-        tile = self.tile_size or max(1, int(sample_size) // self.downscale_factor)
+        tile = self.tile_size
+        if tile is None:
+            tile = max(1, int(sample_size) // self.downscale_factor)
         overlap = self.tile_overlap if self.tile_overlap is not None else tile // 4
-        return tile, overlap
+        return tile, min(overlap, tile - 1)
 
     def decode_tile(self, z: torch.Tensor) -> torch.Tensor:
         return self.decoder(z)
@@ -214,7 +251,8 @@ class AutoencoderKL(ModelBase):
     ) -> torch.Tensor:
         """Decode latents (unscaled: divide by ``scaling_factor`` first) to images.
 
-        ``tiled=None`` follows ``enable_tiling()``, tiling only latents larger than the tile.
+        ``tiled=None`` follows ``enable_tiling()``, tiling only latents larger than the tile;
+        ``tile_size`` given here without ``overlap`` overlaps by a quarter of it.
         """
         if z.dim() != 4 or z.shape[1] != self.config.latent_channels:
             raise ValueError(
@@ -224,14 +262,23 @@ class AutoencoderKL(ModelBase):
         if self.post_quant_conv is not None:
             z = self.post_quant_conv(z)  # 1x1: pointwise, so it can run before tiling
         default_tile, default_overlap = self.default_tile()
-        tile = tile_size or default_tile
+        tile = default_tile if tile_size is None else tile_size
         if overlap is None:
             overlap = default_overlap if tile_size is None else tile // 4
         if tiled is None:
             tiled = self.tiling_enabled and max(z.shape[-2:]) > tile
         if not tiled:
-            return self.decode_tile(z)
-        return tiled_decode(self.decode_tile, z, tile, overlap, self.downscale_factor)
+            return self.sliced(self.decode_tile, z)
+
+        def decode_tiles(latents: torch.Tensor) -> torch.Tensor:
+            return tiled_decode(self.decode_tile, latents, tile, overlap, self.downscale_factor)
+
+        return self.sliced(decode_tiles, z)
+
+    def graph_state(self) -> tuple:
+        """What a captured graph of encode/decode bakes in besides its inputs: the tiling and
+        slicing settings decide which kernels run (fastdiff.runtime keys its graphs by this)."""
+        return (self.tiling_enabled, self.tile_size, self.tile_overlap, self.slicing_enabled)
 
     def forward(
         self,

@@ -23,6 +23,7 @@ from fastdiff.pipeline.text_encoding import (
     PromptEncoder,
     load_text_component,
 )
+from fastdiff.pipeline.vae_scaling import ALL_LATENT_KEYS, latent_keys_for
 from fastdiff.sampling.config import CLASS_DEFAULTS as SCHEDULER_CLASSES
 
 # (text encoder, tokenizer) subfolder pairs in the order their embeddings are concatenated.
@@ -100,6 +101,7 @@ class PipelineComponents:
     defaults: CallDefaults = field(default_factory=CallDefaults)
     source: Path | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    vae_latent_keys: tuple[str, ...] = ALL_LATENT_KEYS
 
 
 def null_class_label_for(unet_config: dict[str, Any], index: dict[str, Any], where: Path) -> int:
@@ -307,5 +309,6 @@ def load_components(
         # SDXL: with no negative prompt the unconditional input is all zeros.
         force_zeros_for_empty_prompt=zeros_for_empty_prompt,
         defaults=CallDefaults.for_folder(index, scheduler_config),
+        vae_latent_keys=latent_keys_for(index.get("_class_name")),
         source=root,
     )

@@ -238,6 +238,70 @@ def text_conditioning(
     return Conditioning(cond, uncond)
 
 
+# Inputs that act on text; a class-conditional model without a text encoder refuses them.
+TEXT_OPTIONS = ("negative_prompt", "prompt_2", "negative_prompt_2", "clip_skip")
+
+
+def encode_inputs(pipe, guided: bool, num_images: int, **inputs) -> Conditioning:
+    """Text and/or class inputs -> U-Net keyword inputs for the conditional (and, when guided,
+    the unconditional) batch, each input repeated ``num_images`` times."""
+    text_inputs = ("prompt", "prompt_embeds")
+    if pipe.is_text_conditional:
+        if all(inputs.get(name) is None for name in text_inputs):
+            raise ValueError("this is a text-to-image model: pass prompt or prompt_embeds")
+        conditioning = text_conditioning(
+            pipe.prompt_encoder,
+            inputs.get("prompt"),
+            inputs.get("negative_prompt"),
+            inputs.get("prompt_embeds"),
+            inputs.get("negative_prompt_embeds"),
+            inputs.get("pooled_prompt_embeds"),
+            inputs.get("negative_pooled_prompt_embeds"),
+            needs_pooled=pipe.unet.config.get("addition_embed_type") == "text_time",
+            widths=text_widths(pipe.unet.config),
+            prompt_2=inputs.get("prompt_2"),
+            negative_prompt_2=inputs.get("negative_prompt_2"),
+            clip_skip=inputs.get("clip_skip"),
+            zeros_for_empty_negative=pipe.force_zeros_for_empty_prompt,
+            num_images=num_images,
+            guided=guided,
+            device=pipe.device,
+            dtype=pipe.dtype,
+        )
+    elif any(inputs.get(name) is not None for name in text_inputs + TEXT_OPTIONS):
+        raise ValueError(
+            "this model is class-conditional and has no text encoder: pass class_labels "
+            "instead of a prompt"
+        )
+    if not pipe.is_class_conditional:
+        if inputs.get("class_labels") is not None:
+            raise ValueError("this model is not class-conditional: class_labels is not used")
+        return conditioning
+    if inputs.get("class_labels") is None:
+        raise ValueError(
+            f"this model is class-conditional: pass class_labels (0..{pipe.num_classes - 1})"
+        )
+    classes = class_conditioning(
+        inputs["class_labels"],
+        pipe.unet.config["num_class_embeds"],
+        pipe.null_class_label,
+        num_images,
+        guided,
+        pipe.device,
+    )
+    if not pipe.is_text_conditional:
+        return classes
+    if classes.batch_size != conditioning.batch_size:
+        raise ValueError(
+            f"{classes.batch_size // num_images} class labels for "
+            f"{conditioning.batch_size // num_images} prompts"
+        )
+    conditioning.cond.update(classes.cond)
+    if guided:
+        conditioning.uncond.update(classes.uncond)
+    return conditioning
+
+
 SIZE_KEYS = (
     "original_size",
     "crops_coords_top_left",

@@ -36,17 +36,18 @@ from fastdiff.pipeline.conditioning import (
     Conditioning,
     add_time_ids,
     check_size_options,
-    class_conditioning,
-    text_conditioning,
-    text_widths,
+    encode_inputs,
 )
 from fastdiff.pipeline.denoising import img2img_start_step, run_sampler
 from fastdiff.pipeline.text_encoding import PromptEncoder
-from fastdiff.pipeline.vae_scaling import from_vae_latents, to_vae_latents, vae_run_dtype
+from fastdiff.pipeline.vae_scaling import (
+    ALL_LATENT_KEYS,
+    from_vae_latents,
+    latent_scaling,
+    to_vae_latents,
+    vae_run_dtype,
+)
 from fastdiff.sampling import NoiseSchedule, classifier_free_guidance
-
-# Inputs that act on text; a class-conditional model without a text encoder refuses them.
-TEXT_OPTIONS = ("negative_prompt", "prompt_2", "negative_prompt_2", "clip_skip")
 
 
 class Pipeline:
@@ -62,6 +63,7 @@ class Pipeline:
         class_names: list[str] | None = None,
         force_zeros_for_empty_prompt: bool = False,
         defaults: CallDefaults | None = None,
+        vae_latent_keys: tuple[str, ...] = ALL_LATENT_KEYS,
     ) -> None:
         check_latent_channels(unet.config, vae.config)
         self.unet = unet
@@ -71,6 +73,9 @@ class Pipeline:
         self.class_names = class_names
         self.force_zeros_for_empty_prompt = force_zeros_for_empty_prompt
         self.defaults = CallDefaults() if defaults is None else defaults
+        # Which of the VAE config's scaling keys apply (vae_scaling.LATENT_KEYS): those the
+        # diffusers pipeline the folder names reads.
+        self.vae_latent_keys = tuple(vae_latent_keys)
         self.vae_scale_factor = 2 ** (len(vae.config["block_out_channels"]) - 1)
         vae_dtype = next(vae.parameters()).dtype
         if self.vae_dtype_for(vae_dtype) != vae_dtype:
@@ -103,6 +108,7 @@ class Pipeline:
             class_names=parts.class_names,
             force_zeros_for_empty_prompt=parts.force_zeros_for_empty_prompt,
             defaults=parts.defaults,
+            vae_latent_keys=parts.vae_latent_keys,
         )
 
     # -- properties -------------------------------------------------------------------------
@@ -139,61 +145,7 @@ class Pipeline:
     def encode_conditioning(self, guided: bool, num_images: int, **inputs: Any) -> Conditioning:
         """Text and/or class inputs -> U-Net keyword inputs for the conditional (and, when guided,
         the unconditional) batch, each input repeated ``num_images`` times."""
-        text_inputs = ("prompt", "prompt_embeds")
-        if self.is_text_conditional:
-            if all(inputs.get(name) is None for name in text_inputs):
-                raise ValueError("this is a text-to-image model: pass prompt or prompt_embeds")
-            conditioning = text_conditioning(
-                self.prompt_encoder,
-                inputs.get("prompt"),
-                inputs.get("negative_prompt"),
-                inputs.get("prompt_embeds"),
-                inputs.get("negative_prompt_embeds"),
-                inputs.get("pooled_prompt_embeds"),
-                inputs.get("negative_pooled_prompt_embeds"),
-                needs_pooled=self.unet.config.get("addition_embed_type") == "text_time",
-                widths=text_widths(self.unet.config),
-                prompt_2=inputs.get("prompt_2"),
-                negative_prompt_2=inputs.get("negative_prompt_2"),
-                clip_skip=inputs.get("clip_skip"),
-                zeros_for_empty_negative=self.force_zeros_for_empty_prompt,
-                num_images=num_images,
-                guided=guided,
-                device=self.device,
-                dtype=self.dtype,
-            )
-        elif any(inputs.get(name) is not None for name in text_inputs + TEXT_OPTIONS):
-            raise ValueError(
-                "this model is class-conditional and has no text encoder: pass class_labels "
-                "instead of a prompt"
-            )
-        if not self.is_class_conditional:
-            if inputs.get("class_labels") is not None:
-                raise ValueError("this model is not class-conditional: class_labels is not used")
-            return conditioning
-        if inputs.get("class_labels") is None:
-            raise ValueError(
-                f"this model is class-conditional: pass class_labels (0..{self.num_classes - 1})"
-            )
-        classes = class_conditioning(
-            inputs["class_labels"],
-            self.unet.config["num_class_embeds"],
-            self.null_class_label,
-            num_images,
-            guided,
-            self.device,
-        )
-        if not self.is_text_conditional:
-            return classes
-        if classes.batch_size != conditioning.batch_size:
-            raise ValueError(
-                f"{classes.batch_size // num_images} class labels for "
-                f"{conditioning.batch_size // num_images} prompts"
-            )
-        conditioning.cond.update(classes.cond)
-        if guided:
-            conditioning.uncond.update(classes.uncond)
-        return conditioning
+        return encode_inputs(self, guided, num_images, **inputs)
 
     def unet_forward(self, x: torch.Tensor, t: torch.Tensor, cond: Condition) -> torch.Tensor:
         """One U-Net call on a condition dict (see ``fastdiff.pipeline.conditioning``)."""
@@ -258,7 +210,8 @@ class Pipeline:
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
         """Diffusion latents -> float32 images (B, 3, H, W) in [0, 1]."""
         vae_dtype = next(self.vae.parameters()).dtype
-        decoded = self.vae.decode(to_vae_latents(latents.to(vae_dtype), self.vae.config))
+        scaling = latent_scaling(self.vae.config, self.vae_latent_keys)
+        decoded = self.vae.decode(to_vae_latents(latents.to(vae_dtype), scaling))
         return image_utils.vae_output_to_unit_range(decoded)
 
     @torch.no_grad()
@@ -272,7 +225,18 @@ class Pipeline:
     def encode_image(self, pixels: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
         """Images in [-1, 1] -> diffusion latents, sampled from the encoder's Gaussian."""
         posterior = DiagonalGaussian(self.encode_moments(pixels))
-        return from_vae_latents(posterior.sample(generator), self.vae.config)
+        scaling = latent_scaling(self.vae.config, self.vae_latent_keys)
+        return from_vae_latents(posterior.sample(generator), scaling)
+
+    def vae_graph_state(self) -> tuple:
+        """What decoding and encoding decide on the host (the VAE's tiling and slicing, the
+        latent scaling numbers): fastdiff.runtime captures a new VAE graph when it changes."""
+        scaling = latent_scaling(self.vae.config, self.vae_latent_keys)
+        numbers = tuple(
+            (key, tuple(value) if isinstance(value, (list, tuple)) else value)
+            for key, value in scaling.items()
+        )
+        return (*self.vae.graph_state(), numbers)
 
     def vae_dtype_for(self, dtype: torch.dtype | None) -> torch.dtype | None:
         """The dtype the VAE runs in when the models are cast to ``dtype`` (float32 for the

@@ -2,7 +2,9 @@
 
 Stable Diffusion scales latents by one number (``scaling_factor``, Rombach et al. 2022, sec. 4.3.2
 and appendix G); SD3/Flux-style VAEs also shift them (``shift_factor``); some SDXL derivatives
-normalise per channel (``latents_mean`` / ``latents_std``). All three are read from the VAE config.
+normalise per channel (``latents_mean`` / ``latents_std``). All three are read from the VAE config,
+but each diffusers pipeline applies only some of them (``LATENT_KEYS``): a folder is decoded as the
+pipeline it names would decode it.
 """
 
 from __future__ import annotations
@@ -11,6 +13,31 @@ import functools
 from typing import Any
 
 import torch
+
+ALL_LATENT_KEYS = ("scaling_factor", "shift_factor", "latents_mean", "latents_std")
+# The keys the diffusers pipeline classes read: StableDiffusionPipeline (and its img2img and
+# inpainting siblings) divides by scaling_factor only; the StableDiffusionXL* pipelines also
+# normalise per channel when both latents_mean and latents_std are given; neither reads
+# shift_factor. Any other folder (fastdiff's own) uses every key its VAE config gives.
+LATENT_KEYS = {
+    "StableDiffusionXL": ("scaling_factor", "latents_mean", "latents_std"),
+    "StableDiffusion": ("scaling_factor",),
+}
+
+
+def latent_keys_for(pipeline_class: str | None) -> tuple[str, ...]:
+    """The VAE config keys that map latents for a folder whose model_index.json names
+    ``pipeline_class`` (longest matching prefix of ``LATENT_KEYS``, else all of them)."""
+    name = str(pipeline_class or "")
+    for prefix in sorted(LATENT_KEYS, key=len, reverse=True):
+        if name.startswith(prefix):
+            return LATENT_KEYS[prefix]
+    return ALL_LATENT_KEYS
+
+
+def latent_scaling(config, keys: tuple[str, ...] = ALL_LATENT_KEYS) -> dict[str, Any]:
+    """The VAE config's latent-scaling values, those not in ``keys`` read as absent."""
+    return {key: config.get(key) if key in keys else None for key in ALL_LATENT_KEYS}
 
 
 def vae_run_dtype(unet_config, vae_config, dtype: torch.dtype | None) -> torch.dtype | None:

@@ -51,10 +51,20 @@ class GraphedCall:
     Falls back to calling ``fn`` directly when a capture fails (and remembers that shape).
     """
 
-    def __init__(self, fn: Callable[..., torch.Tensor], cache: GraphCache, kind: str):
+    def __init__(
+        self,
+        fn: Callable[..., torch.Tensor],
+        cache: GraphCache,
+        kind: str,
+        state: Callable[[], tuple] | None = None,
+    ):
+        """``state()``: what ``fn`` decides on the host besides its inputs' shapes (settings
+        that change which kernels run or constants in its arithmetic), part of the graph key
+        so a changed setting captures a new graph instead of replaying the old one."""
         self.fn = fn
         self.cache = cache
         self.kind = kind
+        self.state = state
         self.eager_fallbacks: dict[GraphKey, str] = {}
 
     def key_for(self, args: tuple, kwargs: dict) -> GraphKey:
@@ -72,6 +82,7 @@ class GraphedCall:
                 tuple(_signature(a) for a in args),
                 tuple(sorted((k, _signature(v)) for k, v in kwargs.items())),
                 requested_backend(),  # a graph replays the kernels chosen when it was captured
+                self.state() if self.state is not None else (),
             ),
         )
 

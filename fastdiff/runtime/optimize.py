@@ -152,9 +152,12 @@ class OptimizedRuntime:
             channels_last=channels_last,
             max_loop_steps=max_loop_steps,
         )
-        self.decoder = GraphedCall(self.eager_decode_latents, self.cache, kind="vae")
+        # The VAE's tiling and slicing settings and its latent scaling are decided on the host:
+        # part of the VAE graphs' keys (a pipeline without vae_graph_state has none to change).
+        vae_state = getattr(pipe, "vae_graph_state", None)
+        self.decoder = GraphedCall(self.eager_decode_latents, self.cache, "vae", vae_state)
         self.eager_encode_moments = pipe.encode_moments
-        self.encoder = GraphedCall(self.eager_encode_moments, self.cache, kind="vae-encode")
+        self.encoder = GraphedCall(self.eager_encode_moments, self.cache, "vae-encode", vae_state)
         self.plans: dict[tuple, tuple] = {}
         self.last_call_seconds: float | None = None
 

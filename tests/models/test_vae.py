@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from fastdiff.models import AutoencoderKL, DiagonalGaussian, load_vae
-from fastdiff.models.tiling import tiled_decode
+from fastdiff.models.tiling import tiled_decode, tiled_encode
 from tests.models.reference import VAE_CONFIG
 
 TOLERANCE = 1e-4
@@ -128,6 +128,61 @@ def test_tiled_vae_decode(checkpoints):
     # Tiles see their own GroupNorm statistics and borders, so a random-weight model is only
     # roughly reproduced; seams are blended, not exact.
     assert (tiled - untiled).abs().mean() < untiled.std()
+
+
+def local_encoder(image: torch.Tensor) -> torch.Tensor:
+    """An encoder whose output pixel depends only on its own 4x4 block of image pixels."""
+    return torch.tanh(F.avg_pool2d(image, 4).repeat(1, 2, 1, 1)[:, :8] * 2 + 1)
+
+
+@pytest.mark.parametrize("size, tile, overlap", [((52, 84), 24, 8), ((36, 20), 16, 4)])
+def test_tiled_encode_blends_to_the_untiled_result_for_a_local_encoder(size, tile, overlap):
+    image = torch.randn(2, 3, *size)
+    tiled = tiled_encode(local_encoder, image, tile, overlap, scale=4)
+    torch.testing.assert_close(tiled, local_encoder(image), atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="multiples of 4"):
+        tiled_encode(local_encoder, image, tile + 2, overlap, scale=4)
+
+
+def test_tiled_vae_encode_and_slicing(checkpoints):
+    """enable_tiling() tiles encode too, as diffusers' does (images larger than the tile times
+    the downscale factor); enable_slicing() runs one sample at a time with equal results."""
+    _, folder = checkpoints.vae()
+    model = load_vae(folder)
+    small, big = torch.rand(2, 3, 16, 16) * 2 - 1, torch.rand(2, 3, 80, 56) * 2 - 1
+    with torch.no_grad():
+        untiled_small, untiled_big = model.encode(small).mean, model.encode(big).mean
+        model.enable_tiling(tile_size=8, overlap=2)  # 16 image pixels, 4 of overlap
+        torch.testing.assert_close(model.encode(small).mean, untiled_small, atol=0, rtol=0)
+        tiled = model.encode(big)
+        assert tiled.mean.shape == (2, 4, 40, 28)
+        assert not torch.allclose(tiled.mean, untiled_big, atol=1e-3)
+        # The same as blending the encoder's tiles directly (quant_conv is pointwise).
+        moments = tiled_encode(model.encoder, big, 16, 4, scale=2)
+        direct = model.quant_conv(moments) if model.quant_conv is not None else moments
+        torch.testing.assert_close(tiled.parameters, direct, atol=1e-6, rtol=0)
+        model.enable_slicing()
+        torch.testing.assert_close(model.encode(big).parameters, tiled.parameters)
+        z = torch.randn(3, 4, 40, 28)
+        sliced = model.decode(z)
+        model.disable_slicing()
+        torch.testing.assert_close(sliced, model.decode(z), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"tile_size": 0}, "tile_size must be an int >= 1"),
+        ({"tile_size": 4.0}, "tile_size must be an int"),
+        ({"overlap": -1}, "overlap must be an int >= 0"),
+        ({"tile_size": 4, "overlap": 4}, "overlap 4 must be smaller than tile_size 4"),
+    ],
+)
+def test_enable_tiling_checks_its_arguments(kwargs, message):
+    model = AutoencoderKL(VAE_CONFIG)
+    with pytest.raises(ValueError, match=message):
+        model.enable_tiling(**kwargs)
+    assert not model.tiling_enabled
 
 
 def test_vae_config_and_conveniences(checkpoints):

@@ -220,3 +220,27 @@ def test_optimizing_twice_wraps_the_pipeline_stages_once(pipe):
     assert pipe.runtime is second and len(first.cache) == 0
     assert second.eager_denoise.__func__ is type(pipe).denoise
     assert second.eager_decode_latents.__func__ is type(pipe).decode_latents
+
+
+def test_vae_settings_are_part_of_the_vae_graph_keys(pipe):
+    """Tiling, slicing and the latent scaling are decided on the host when a VAE graph is
+    captured: changing one captures a new graph (it used to replay the old one, untiled)."""
+    latents = torch.randn(1, 4, 8, 8)
+    pixels = torch.rand(1, 3, 16, 16) * 2 - 1
+    want_decode, want_moments = pipe.decode_latents(latents), pipe.encode_moments(pixels)
+    pipe.vae.enable_tiling(tile_size=4, overlap=1)
+    want_tiled = pipe.decode_latents(latents)
+    want_tiled_moments = pipe.encode_moments(pixels)
+    pipe.vae.disable_tiling()
+    assert not torch.allclose(want_tiled, want_decode, atol=1e-3)
+    rt = runtime.optimize(pipe, backend=RecordingGraphBackend(), verbose=False)
+    torch.testing.assert_close(pipe.decode_latents(latents), want_decode, atol=1e-5, rtol=0)
+    torch.testing.assert_close(pipe.encode_moments(pixels), want_moments, atol=1e-5, rtol=0)
+    pipe.vae.enable_tiling(tile_size=4, overlap=1)
+    torch.testing.assert_close(pipe.decode_latents(latents), want_tiled, atol=1e-5, rtol=0)
+    torch.testing.assert_close(pipe.encode_moments(pixels), want_tiled_moments, atol=1e-5, rtol=0)
+    pipe.vae.disable_tiling()
+    pipe.vae.config.scaling_factor *= 2
+    eager = rt.eager_decode_latents(latents)
+    torch.testing.assert_close(pipe.decode_latents(latents), eager, atol=1e-5, rtol=0)
+    assert rt.cache.stats.captures == 5
