@@ -351,3 +351,20 @@ def test_transformer_block_with_gradients_keeps_the_sum_for_backward(linear_call
     block(x, context).square().sum().backward()  # an in-place accumulate would break this
     assert block.norm3.weight.grad is not None
     assert sum(w is block.ff.net[2].weight for w in linear_calls.argument(1, "weight")) == 1
+
+
+def test_packed_rows_views_only_tensors_laid_out_one_after_another():
+    """packed_rows is the batched time projections' view of the blocks' parameters: it must
+    refuse tensors that share one storage but not in order (a view over them would read the
+    wrong block's rows), gaps, other dtypes and other row shapes."""
+    from fastdiff.models.unet import packed_rows
+
+    storage = torch.arange(24.0)
+    a, b, c = storage[0:8].view(2, 4), storage[8:16].view(2, 4), storage[16:24].view(2, 4)
+    packed = packed_rows([a, b, c])
+    assert packed is not None and torch.equal(packed, storage.view(6, 4))
+    assert packed_rows([b, a, c]) is None  # same storage, out of order
+    assert packed_rows([a, c]) is None  # a gap
+    assert packed_rows([a, torch.zeros(2, 4)]) is None  # another storage
+    assert packed_rows([a, storage[8:14].view(2, 3)]) is None  # another row shape
+    assert packed_rows([storage[0:8].view(4, 2).t()]) is None  # not contiguous

@@ -7,8 +7,9 @@ import pytest
 import torch
 from torch import nn
 
-from fastdiff.runtime.denoise import DenoiseCall, GraphedDenoiser
+from fastdiff.runtime.denoise import DenoiseCall, GraphedDenoiser, step_graph_rows
 from fastdiff.runtime.graphs import EagerGraphBackend, GraphCache
+from tests.runtime.fake_graph import RecordingGraphBackend
 
 
 class ToyUNet(nn.Module):
@@ -183,3 +184,57 @@ def test_a_model_cast_later_gets_graphs_of_its_own_dtype():
         fresh = GraphedDenoiser(unet, GraphCache(EagerGraphBackend()), torch.float64)
         torch.testing.assert_close(got, fresh(call), rtol=0, atol=0)
     assert {key.dtype for key in cache.entries} == {torch.float32, torch.float64}
+
+
+def test_whole_loop_graphs_are_keyed_by_their_step_count():
+    """A captured loop runs a fixed number of steps: a 3-step plan must capture its own graph,
+    not replay the 6-step one of the same shape (checked with graph-faithful replays)."""
+    unet = ToyUNet()
+    cache = GraphCache(RecordingGraphBackend())
+    denoiser = GraphedDenoiser(unet, cache, torch.float32, max_loop_steps=8)
+    with torch.no_grad():
+        for steps in (6, 3, 6):
+            call = make_call(steps)
+            want = reference_loop(unet, call)
+            torch.testing.assert_close(denoiser(call), want, rtol=1e-4, atol=1e-4)
+    assert cache.stats.captures == 2 and cache.stats.hits == 1
+
+
+def test_condition_dtypes_are_part_of_the_graph_key():
+    """A graph's static condition buffers have the dtype they were captured with: a call whose
+    condition has another dtype captures its own graph rather than being converted silently."""
+    cache = GraphCache(EagerGraphBackend())
+    denoiser = GraphedDenoiser(ToyUNet(), cache, torch.float32, max_loop_steps=8)
+    call = make_call(4)
+    other = make_call(4)
+    other.cond = {key: value.double() for key, value in other.cond.items()}
+    assert denoiser.key_for(call) != denoiser.key_for(other)
+
+
+@pytest.mark.parametrize(
+    "steps, rows", [(1, 1000), (1000, 1000), (1001, 1024), (1024, 1024), (1025, 2048)]
+)
+def test_step_graph_rows(steps, rows):
+    assert step_graph_rows(steps) == rows
+
+
+@pytest.mark.parametrize("sampler, drawn_dtype", [("dpmpp_2m_sde", torch.float32),
+                                                  ("euler_ancestral", torch.float16)])  # fmt: skip
+def test_step_noise_is_drawn_as_the_eager_loop_draws_it(sampler, drawn_dtype):
+    """fp16 latents: the SDE sampler's step noise is drawn in float32 (as diffusers' DPM-Solver
+    draws it), Euler ancestral's in the latents' dtype; in step order from the generator, so a
+    seed gives the eager loop's (and diffusers') noise on the graphed path too."""
+    from fastdiff.pipeline.conditioning import Conditioning
+    from fastdiff.runtime.denoise import build_call
+    from fastdiff.sampling import NoiseSchedule, make_plan
+
+    plan = make_plan(NoiseSchedule(), sampler, 4)
+    noise = torch.randn(1, 4, 8, 8).half()
+    conditioning = Conditioning({"encoder_hidden_states": torch.randn(1, 5, 8)}, None)
+    call = build_call(plan, conditioning, noise, 1.0, torch.Generator().manual_seed(7))
+    assert call.noise.dtype == drawn_dtype
+    generator = torch.Generator().manual_seed(7)
+    for row, std in zip(call.noise, plan.coefficients[:, 6].tolist(), strict=True):
+        if std != 0.0:
+            want = torch.randn(noise.shape, generator=generator, dtype=drawn_dtype)
+            assert torch.equal(row, want)

@@ -90,3 +90,33 @@ def test_wrapper_with_no_condition_and_bad_batch():
         classifier_free_guidance(model, torch.randn(2, 5), torch.randn(2, 5), 4.0)(
             x, torch.tensor([1, 1, 1])
         )
+
+
+@pytest.mark.parametrize("rescale", [0.1, 0.5, 1.0])
+def test_rescale_values_against_diffusers(rescale):
+    """Every rescale strength, not only 0.7, is Lin et al.'s blend (diffusers'
+    rescale_noise_cfg)."""
+    uncond, cond = torch.randn(2, 4, 6, 6), torch.randn(2, 4, 6, 6) * 3
+    guided = combine_guidance(uncond, cond, 5.0)
+    torch.testing.assert_close(
+        combine_guidance(uncond, cond, 5.0, guidance_rescale=rescale),
+        rescale_noise_cfg(guided, cond, guidance_rescale=rescale),
+        atol=1e-5,
+        rtol=0,
+    )
+
+
+def test_wrapper_passes_each_rows_timestep_to_both_halves():
+    """Per-sample timesteps (as in training or img2img batches) go to the unconditional and the
+    conditional half in the same order as the rows of x_t."""
+    seen = []
+
+    def model(x, t, c):
+        seen.append(t.clone())
+        return x * t.view(-1, 1).float()
+
+    guided = classifier_free_guidance(model, torch.ones(3, 1), torch.zeros(3, 1), 2.0)
+    t = torch.tensor([5, 7, 9])
+    out = guided(torch.ones(3, 2), t)
+    assert torch.equal(seen[0], torch.tensor([5, 7, 9, 5, 7, 9]))
+    torch.testing.assert_close(out, t.view(-1, 1).float().expand(3, 2))

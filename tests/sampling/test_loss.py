@@ -129,3 +129,29 @@ def test_min_snr_weighting_is_applied_per_sample():
     assert float(unweighted) == pytest.approx(float(per_sample.mean()), rel=1e-6)
     assert float(weighted) == pytest.approx(float((per_sample * weights).mean()), rel=1e-6)
     assert float(weights[0]) < 1 and float(weights[1]) == 1.0
+
+
+def test_drawn_timesteps_cover_the_whole_schedule():
+    """Training timesteps are drawn from [0, T): both ends occur (t = 0 is a real step)."""
+    schedule = NoiseSchedule(num_train_timesteps=2, beta_schedule="linear")
+    x0 = torch.randn(64, 3, 2)
+    oracle = Oracle(schedule, x0, None)
+    for _ in range(4):
+        diffusion_loss(oracle, x0, None, schedule)
+    drawn = torch.cat([t for _, t, _ in oracle.seen])
+    assert set(drawn.tolist()) == {0, 1}
+
+
+def test_loss_is_computed_in_float32_for_half_predictions():
+    """A float16 prediction is compared with the target in float32: squared errors of 300 would
+    overflow float16's 65504 and the mean would lose the batch's precision."""
+    schedule = NoiseSchedule()
+    x0 = torch.randn(4, 3, 8)
+    oracle = Oracle(schedule, x0, None, offset=300.0)
+
+    def half_model(x_t, t, cond):
+        return oracle(x_t, t, cond).half()
+
+    loss = diffusion_loss(half_model, x0, None, schedule)
+    assert loss.dtype == torch.float32 and torch.isfinite(loss)
+    assert float(loss) == pytest.approx(9e4, rel=1e-2)

@@ -275,3 +275,22 @@ def test_euler_karras_levels_and_timesteps_at_awkward_counts(spacing, steps, off
         plan.coefficients[:, 0], 1 / (sigmas**2 + 1).sqrt(), rtol=1e-6, atol=0
     )
     assert torch.equal(plan.timesteps, reference.timesteps.round().long())
+
+
+def test_ddim_set_alpha_to_one_left_out_is_diffusers_default():
+    """A config without set_alpha_to_one (None) takes DDIMScheduler's default, true: the last
+    step lands on alphā = 1, not alphā_0."""
+    config = scheduler_config("leading")
+    left_out = make_plan(NoiseSchedule(**config, set_alpha_to_one=None), "ddim", 10)
+    written = make_plan(NoiseSchedule(**config, set_alpha_to_one=True), "ddim", 10)
+    final_zero = make_plan(NoiseSchedule(**config, set_alpha_to_one=False), "ddim", 10)
+    assert torch.equal(left_out.coefficients, written.coefficients)
+    assert not torch.equal(left_out.coefficients[-1], final_zero.coefficients[-1])
+    reference = DDIMScheduler(**config, clip_sample=False)  # its default set_alpha_to_one
+    reference.set_timesteps(10)
+    x_T = torch.randn(3, 5)
+    ours = []
+    schedule = NoiseSchedule(**config, set_alpha_to_one=None)
+    sample(toy_model, x_T, schedule, "ddim", 10, callback=lambda i, t, x: ours.append(x))
+    theirs, _, peaks = run_diffusers(reference, x_T)
+    assert_trajectories_match(ours, theirs, peaks, "ddim/left-out")

@@ -26,8 +26,9 @@ def test_tables_match_diffusers(beta_schedule, zero_snr):
     config = dict(SD_BETAS, beta_schedule=beta_schedule, rescale_betas_zero_snr=zero_snr)
     ours, theirs = NoiseSchedule(**config), DDIMScheduler(**config)
     assert ours.betas.dtype == ours.alphas_cumprod.dtype == torch.float64
-    assert torch.allclose(ours.betas, theirs.betas.double(), atol=1e-6, rtol=0)
-    assert torch.allclose(ours.alphas_cumprod, theirs.alphas_cumprod.double(), atol=1e-6, rtol=0)
+    # Bit for bit: the same float32 arithmetic, widened to float64 afterwards.
+    assert torch.equal(ours.betas, theirs.betas.double())
+    assert torch.equal(ours.alphas_cumprod, theirs.alphas_cumprod.double())
     if zero_snr:
         assert float(ours.alphas_cumprod[-1]) == 0.0
         assert float(ours.snr(999)) == 0.0 and float(ours.log_snr(999)) == -math.inf
@@ -133,6 +134,25 @@ def test_beta_range_is_checked_by_name(kwargs):
         NoiseSchedule(**kwargs)
     # The cosine schedule does not read them.
     NoiseSchedule(beta_schedule="squaredcos_cap_v2", **{key: kwargs[key]})
+
+
+def test_lookup_validation():
+    """Timesteps are integers (not bools) in range, and a t of several entries must match the
+    batch: a batch of 1 with 3 timesteps used to be refused, and must stay so (it would
+    broadcast to a batch of 3)."""
+    schedule = NoiseSchedule()
+    x0, noise = torch.randn(1, 4), torch.randn(1, 4)
+    with pytest.raises(ValueError, match="t has 3 entries but the batch has 1"):
+        schedule.add_noise(x0, noise, torch.tensor([1, 2, 3]))
+    with pytest.raises(ValueError, match="timesteps must be integers, got dtype torch.bool"):
+        schedule.snr(torch.tensor([True, False]))
+    with pytest.raises(ValueError, match=r"timesteps must lie in \[0, 999\]"):
+        schedule.snr(torch.tensor([1000]))
+    with pytest.raises(ValueError, match="num_train_timesteps must be an integer >= 2, got 1"):
+        NoiseSchedule(num_train_timesteps=1)
+    for trained in ([0.0, 0.5], [0.5, 1.0]):  # alphā would be 1 or reach 0
+        with pytest.raises(ValueError, match=r"betas must lie in \(0, 1\)"):
+            NoiseSchedule(num_train_timesteps=2, trained_betas=trained)
 
 
 def test_timestep_validation():

@@ -243,3 +243,20 @@ def test_ddpm_gaussian_data_reaches_data_distribution():
     result = sample(model, x_T, schedule, "ddpm", 1000, generator=generator).flatten().double()
     assert abs(float(result.mean()) - mu) < 4 * s / math.sqrt(result.numel())
     assert abs(float(result.std()) / s - 1) < 0.01 + 4 / math.sqrt(2 * result.numel())
+
+
+def test_half_precision_states_are_updated_in_float32():
+    """An fp16 state is stepped in fp32 and rounded once at the end (fp16 arithmetic would round
+    each product and sum, and drift over a sampling run)."""
+    from fastdiff.sampling import apply_plan_row
+
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(4096, generator=generator).half() * 14
+    output = torch.randn(4096, generator=generator).half()
+    row = [0.0704, 14.2, -13.9, 0.91, 0.0831, 0.0, 0.0]  # an Euler-like step at high sigma
+    x_next, x0 = apply_plan_row(row, x, output)
+    c0, c1, c2, c3, c4 = row[:5]
+    x0_32 = c1 * (c0 * x.float()) + c2 * output.float()
+    want = (c3 * x.float() + c4 * x0_32).half()
+    assert x_next.dtype == torch.float16
+    assert torch.equal(x_next, want) and torch.equal(x0, x0_32.half())
