@@ -112,6 +112,17 @@ def main() -> None:
             providers[label] = sdpa_backend_provider(backend)
         providers["fastdiff-padded"] = padded_provider
     run_benchmark("attention", workloads, providers, args)
+    print_autotuned_configs()
+
+
+def print_autotuned_configs() -> None:
+    """The configuration the autotuner chose per key (N_QUERIES, N_KEYS, HEAD_DIM, BLOCK_D,
+    BLOCK_DT, then dtypes): each new key costs about 6 s of autotuning on an H200 (the fastdiff
+    rows' warm-up), the part of a model's warm-up a shipped table of winners would remove."""
+    cache = getattr(attention_kernels.attention_forward_kernel, "cache", None) or {}
+    for key, config in sorted(cache.items(), key=lambda item: str(item[0])):
+        shape = (*config.kwargs.values(), config.num_warps, config.num_stages)
+        print(f"autotuned attention {key}: BLOCK_M, BLOCK_N, warps, stages = {shape}")
 
 
 if __name__ == "__main__":
