@@ -190,3 +190,25 @@ def test_text_options_need_a_prompt(sdxl):
         pipe(**common, clip_skip=1)
     with pytest.raises(ValueError, match="pass prompt_2 with prompt"):
         pipe(**common, prompt_2="x")
+
+
+def test_options_through_the_optimized_runtime(tmp_path):
+    """The size ids and the clip_skip embeddings are inputs of the captured graphs (copied into
+    their static buffers per call): under graph-faithful replays each call equals the eager
+    pipeline, also when only the options change between calls."""
+    import fastdiff.runtime as runtime
+    from tests.runtime.fake_graph import RecordingGraphBackend
+
+    folder = make_sdxl_folder(tmp_path / "sdxl")
+    eager, optimized = Pipeline.from_pretrained(folder), Pipeline.from_pretrained(folder)
+    runtime.optimize(optimized, backend=RecordingGraphBackend(), verbose=False)
+    eager.unet.fold_conv_biases(True)  # optimize()'s folds: the same fp32 arithmetic
+    common = dict(prompt="a red cat", num_inference_steps=3, seed=0, output_type="latent")
+    for options in (
+        {},
+        {"original_size": (64, 48), "crops_coords_top_left": (4, 8)},
+        {"clip_skip": 1, "negative_original_size": (8, 8), "negative_target_size": (16, 16)},
+    ):
+        want = eager(**common, **options, progress=False)
+        got = optimized(**common, **options, progress=False)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
