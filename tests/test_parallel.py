@@ -1,5 +1,5 @@
 """Prompt sharding over torch.distributed ranks (the torchrun end-to-end run is in
-tests/test_generate_cli.py)."""
+tests/commands/test_generate.py)."""
 
 from __future__ import annotations
 

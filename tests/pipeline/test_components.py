@@ -12,23 +12,12 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from fastdiff.pipeline import Pipeline
-from tests.pipeline_folders import make_sd_folder, make_sdxl_folder, single_thread
+from tests.pipeline.folders import make_sdxl_folder
 
 diffusers = pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
 
 CALL = dict(prompt="a red cat", num_inference_steps=3, output_type="tensor", progress=False)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    with single_thread():
-        yield
-
-
-@pytest.fixture(scope="module")
-def sd_folder(tmp_path_factory):
-    return make_sd_folder(tmp_path_factory.mktemp("sd") / "pipe")
 
 
 @pytest.fixture(scope="module")

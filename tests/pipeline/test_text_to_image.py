@@ -15,23 +15,12 @@ from PIL import Image
 
 from fastdiff.pipeline import Pipeline
 from fastdiff.pipeline.call_arguments import CallDefaults
-from tests.pipeline_folders import UNetCallCounter, make_sd_folder, single_thread
+from tests.pipeline.folders import UNetCallCounter, make_sd_folder
 
 diffusers = pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
 
 STEPS = 4
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    with single_thread():
-        yield
-
-
-@pytest.fixture(scope="module")
-def sd_folder(tmp_path_factory):
-    return make_sd_folder(tmp_path_factory.mktemp("sd") / "pipe")
 
 
 @pytest.fixture(scope="module")

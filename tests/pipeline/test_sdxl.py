@@ -9,21 +9,9 @@ import pytest
 import torch
 
 from fastdiff.pipeline import Pipeline
-from tests.pipeline_folders import make_sdxl_folder, single_thread
 
 diffusers = pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    with single_thread():
-        yield
-
-
-@pytest.fixture(scope="module")
-def sdxl_folder(tmp_path_factory):
-    return make_sdxl_folder(tmp_path_factory.mktemp("sdxl") / "pipe")
 
 
 @pytest.fixture(scope="module")

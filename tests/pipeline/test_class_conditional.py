@@ -10,17 +10,11 @@ import pytest
 import torch
 
 from fastdiff.pipeline import Pipeline
-from tests.pipeline_folders import UNetCallCounter, make_class_folder, single_thread
+from tests.pipeline.folders import UNetCallCounter, make_class_folder
 
 diffusers = pytest.importorskip("diffusers")
 
 NUM_CLASSES = 3
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    with single_thread():
-        yield
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ from PIL import Image
 
 from fastdiff.cli import main
 from fastdiff.pipeline import Pipeline
-from tests.pipeline_folders import make_class_folder, make_sd_folder, single_thread
+from tests.pipeline.folders import make_class_folder, make_sd_folder, single_thread
 
 pytest.importorskip("diffusers")
 

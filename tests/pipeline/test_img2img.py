@@ -12,7 +12,7 @@ from PIL import Image
 
 from fastdiff.pipeline import Pipeline
 from fastdiff.pipeline.denoising import img2img_start_step
-from tests.pipeline_folders import UNetCallCounter, make_sd_folder, single_thread
+from tests.pipeline.folders import UNetCallCounter
 
 diffusers = pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
@@ -29,17 +29,6 @@ SCHEDULERS = {
         {"use_karras_sigmas": True, "algorithm_type": "sde-dpmsolver++"},
     ),
 }
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    with single_thread():
-        yield
-
-
-@pytest.fixture(scope="module")
-def sd_folder(tmp_path_factory):
-    return make_sd_folder(tmp_path_factory.mktemp("sd") / "pipe")
 
 
 @pytest.fixture(scope="module")

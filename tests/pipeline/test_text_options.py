@@ -8,16 +8,10 @@ import pytest
 import torch
 
 from fastdiff.pipeline import Pipeline
-from tests.pipeline_folders import make_sd_folder, make_sdxl_folder, single_thread
+from tests.pipeline.folders import make_sd_folder, make_sdxl_folder
 
 diffusers = pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    with single_thread():
-        yield
 
 
 def pair(folder, reference_class):
