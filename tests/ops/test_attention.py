@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import fastdiff.kernels.attention as attention_kernels
 import pytest
 import torch
@@ -283,3 +285,66 @@ def test_a_lone_pruned_config_is_launched_without_the_autotuner(
     wanted = attention_kernels.heuristic_shape(64, 4096, fp32=dtype == torch.float32)
     got = (options["BLOCK_M"], options["BLOCK_N"], options["num_warps"], options["num_stages"])
     assert got == wanted
+
+
+@pytest.mark.parametrize("dtype", kernel_dtypes())
+def test_running_max_keeps_an_earlier_block_maximum(triton_backend, monkeypatch, dtype):
+    """Scores of about +100 in the first key block and -100 in every later one (a gap of 200,
+    beyond fp32's exp range of 88): the running max must keep the first block's maximum, or the
+    rescaling factor exp(200) overflows and the output turns NaN. Several key blocks of every
+    config (the interpreter's are 16 keys; the GPU's at most 128)."""
+    counter = CallCounter(monkeypatch, attention_kernels, "attention_forward")
+    keys, first = 3 * 128, 128
+    q = torch.ones(1, 1, 4, 16, device=DEVICE)
+    k = torch.full((1, 1, keys, 16), -25.0, device=DEVICE)  # q.k * 16^-1/2 = -100
+    k[:, :, :first] = 25.0  # +100
+    k = k + torch.randn(k.shape, device=DEVICE) * 0.05  # scores spread by about 0.1
+    v = torch.randn(1, 1, keys, 16, device=DEVICE)
+    q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+    out = check(q, k, v, what="score gap of 200 across key blocks")
+    assert counter.calls == 1
+    # Only the first block's values count: the later keys weigh exp(-200) = 0.
+    head = attention_reference(q.float(), k[..., :first, :].float(), v[..., :first, :].float())
+    torch.testing.assert_close(out.float(), head.float(), atol=2e-3, rtol=2e-3)
+
+
+def test_partial_key_block_when_keys_are_a_multiple_of_16_only(triton_backend, monkeypatch):
+    """EVEN_KEYS (no key mask) must hold only when the key count is a multiple of BLOCK_N: 48
+    keys in blocks of 32 leave a partial block even though 48 is a multiple of 16. The keys and
+    values are views of 64-key tensors whose hidden keys would dominate the softmax if read.
+    The autotuner's configs are replaced by that one (the interpreter's is 16 x 16)."""
+    config = triton.Config({"BLOCK_M": 16, "BLOCK_N": 32}, num_warps=4, num_stages=1)
+    monkeypatch.setattr(attention_kernels.attention_forward_kernel, "configs", [config])
+    monkeypatch.setattr(attention_kernels, "_lone_configs", {})
+    launched = []
+    lone_config = attention_kernels.lone_config
+
+    def spy(*args):
+        kernel, options = lone_config(*args)
+        launched.append(options)
+        return kernel, options
+
+    monkeypatch.setattr(attention_kernels, "lone_config", spy)
+    q, k, v = make_qkv(1, 2, 20, 64, 16, torch.float32)
+    q = q.abs() + 0.5
+    k[:, :, 48:] = 10.0  # q.k of about 40 or more for the 16 keys beyond the view
+    v[:, :, 48:] = 1000.0
+    check(q, k[:, :, :48], v[:, :, :48], what="48 keys in blocks of 32")
+    assert [options["BLOCK_N"] for options in launched] == [32]
+
+
+@pytest.mark.parametrize("scale", [None, 0.3])
+@pytest.mark.parametrize("dims", [(1, 2, 5, 7, 16), (2, 1, 9, 3, 40)], ids=["d16", "d40"])
+def test_reference_matches_the_definition(dims, scale):
+    """attention_reference, every kernel test's oracle, against softmax(q k^T * scale) v written
+    out in float64: a wrong reference would make the tolerance rule's eager error large and every
+    kernel test pass."""
+    q, k, v = make_qkv(*dims, torch.float32)
+    out = attention_reference(q, k, v, scale)
+    factor = 1.0 / math.sqrt(dims[-1]) if scale is None else scale
+    scores = torch.einsum("bhnd,bhmd->bhnm", q.double(), k.double()) * factor
+    weights = torch.exp(scores - scores.amax(dim=-1, keepdim=True))
+    weights = weights / weights.sum(dim=-1, keepdim=True)
+    truth = torch.einsum("bhnm,bhmd->bhnd", weights, v.double())
+    assert out.dtype == q.dtype
+    torch.testing.assert_close(out.double(), truth, atol=1e-5, rtol=1e-5)

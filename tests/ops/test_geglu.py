@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import fastdiff.kernels.geglu as geglu_kernels
 import pytest
 import torch
@@ -83,3 +85,29 @@ def test_sd_shapes_on_gpu(monkeypatch, shape, dtype):
     with use_backend("triton"):
         check((torch.randn(shape, device=DEVICE) * 3).to(dtype), what=str(shape))
     assert counter.calls == 1  # the kernel ran, not a silent eager fallback
+
+
+def test_reference_matches_the_definition():
+    """geglu_reference, every kernel test's oracle, against diffusers' GEGLU split written out
+    in float64: ``hidden, gate = proj(x).chunk(2, dim=-1)``, ``hidden * gelu(gate)`` with the
+    exact (erf) GELU. A swapped or tanh-approximated reference would make the tolerance rule's
+    eager error large and every kernel test pass."""
+    x = torch.randn(3, 5, 2 * 24, device=DEVICE) * 3
+    hidden, gate = x.double()[..., :24], x.double()[..., 24:]
+    truth = hidden * 0.5 * gate * (1.0 + torch.erf(gate / math.sqrt(2.0)))
+    out = geglu_reference(x)
+    assert out.dtype == x.dtype and out.shape == (3, 5, 24)
+    torch.testing.assert_close(out.double(), truth, atol=1e-5, rtol=1e-5)
+
+
+def test_reference_matches_diffusers_geglu():
+    """The same against diffusers' own GEGLU module, its projection set to the identity: the
+    value | gate order must be diffusers' so that its weights load unchanged."""
+    activations = pytest.importorskip("diffusers.models.activations")
+    module = activations.GEGLU(16, 8).to(DEVICE)
+    with torch.no_grad():
+        module.proj.weight.copy_(torch.eye(16))
+        module.proj.bias.zero_()
+        x = torch.randn(4, 16, device=DEVICE) * 3
+        want = module(x)
+    torch.testing.assert_close(geglu_reference(x), want, atol=1e-5, rtol=1e-5)

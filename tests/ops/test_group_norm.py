@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 
 import fastdiff.kernels.group_norm as group_norm_kernels
+import fastdiff.kernels.group_norm_split as group_norm_split_kernels
 import pytest
 import torch
 import torch.nn.functional as F
@@ -12,7 +13,12 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from fastdiff.ops import group_norm, group_norm_reference, use_backend
-from fastdiff.ops.group_norm import group_norm_eager, group_norm_triton
+from fastdiff.ops.group_norm import (
+    MAX_CHANNELS_PER_GROUP,
+    group_norm_eager,
+    group_norm_triton,
+    group_norm_triton_supports,
+)
 from tests.ops.helpers import (
     DEVICE,
     CallCounter,
@@ -263,12 +269,24 @@ def test_unsupported_dtype_falls_back_to_eager(triton_backend, monkeypatch):
     assert counter.calls == 0
 
 
-def test_unflattenable_layout_falls_back_to_eager(triton_backend, monkeypatch):
+@pytest.mark.parametrize(
+    "make_view",
+    [
+        # spatial strides (1, W): permuted
+        pytest.param(lambda: torch.randn(2, 8, 5, 6, device=DEVICE).transpose(2, 3), id="permuted"),
+        # strides (48, 8, 1) for a (6, 5) plane: rows do not follow each other
+        pytest.param(lambda: torch.randn(2, 8, 6, 8, device=DEVICE)[..., :5], id="cropped"),
+    ],
+)
+def test_unflattenable_layout_falls_back_to_eager(triton_backend, monkeypatch, make_view):
+    """Spatial dims that no single stride walks (permuted, or a cropped view whose rows have gaps)
+    must not reach the kernel (flat_strides is None), and must give the reference's numbers."""
     counter = CallCounter(monkeypatch, group_norm_kernels, "group_norm_forward")
-    x = torch.randn(2, 8, 5, 6, device=DEVICE).transpose(2, 3)  # spatial strides (1, W)
+    x = make_view()
     out = group_norm(x, 4, silu=True)
+    torch.testing.assert_close(out, group_norm_reference(x, 4, None, None, silu=True))
     torch.testing.assert_close(out, group_norm_eager(x, 4, None, None, silu=True))
-    assert counter.calls == 0
+    assert counter.calls == 0 and group_norm_kernels.flat_strides(x) is None
 
 
 def test_default_backend_on_cpu_is_eager(monkeypatch):
@@ -416,3 +434,112 @@ def test_single_pass_errors_after_a_successful_launch_propagate(triton_backend, 
     monkeypatch.setattr(group_norm_kernels, "_single_pass_state", "works")
     with pytest.raises(RuntimeError, match="out of memory"):
         group_norm(torch.randn(2, 8, 4, 4, device=DEVICE), 4)
+
+
+class LaunchSpy:
+    """Stands in for a Triton kernel: keeps each launch's (args, kwargs), then launches it."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, module: object, name: str) -> None:
+        self.kernel = getattr(module, name)
+        self.launches: list[tuple[tuple, dict]] = []
+        monkeypatch.setattr(module, name, self)
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.launches.append((args, kwargs))
+            return self.kernel[grid](*args, **kwargs)
+
+        return launch
+
+
+@pytest.mark.parametrize("dtype", kernel_dtypes())
+def test_single_pass_tiles_with_a_partial_tail(triton_backend, monkeypatch, dtype):
+    """The single-pass kernel's tile loop when the group spans several tiles and the last one is
+    partial (2500 = 2048 + 452 values per channel): the statistics must skip the tail's masked
+    lanes, and the second pass must neither read nor write past each channel's end."""
+    spy = LaunchSpy(monkeypatch, group_norm_kernels, "group_norm_single_pass_kernel")
+    x, weight, bias = make_inputs((1, 4, 50, 50), dtype, offset=1.0)
+    check(x, 1, weight, bias, silu=True, what="partial tail")
+    check(x, 1, weight, bias, silu=False, what="partial tail, no silu")
+    (args, kwargs), _ = spy.launches
+    spatial, block_s = args[5], kwargs["BLOCK_S"]
+    assert not kwargs["SINGLE_TILE"] and spatial > block_s and spatial % block_s != 0
+
+
+@pytest.mark.parametrize("dtype", kernel_dtypes())
+def test_split_path_with_several_samples_and_multi_tile_splits(triton_backend, monkeypatch, dtype):
+    """The split reduction where each split covers several spatial tiles and there are several
+    samples: each split must start at its own tiles, and the partial sums of (sample, split)
+    must land where the finalize kernel reads them."""
+    monkeypatch.setattr(group_norm_kernels, "SINGLE_PASS_MAX_GROUP", 0)
+    # The CPU's count of 4 on every device: a GPU's 100+ would give one tile per split here.
+    monkeypatch.setattr(group_norm_split_kernels, "_multiprocessors", lambda device: 4)
+    spy = LaunchSpy(monkeypatch, group_norm_split_kernels, "group_norm_partial_stats_kernel")
+    x, weight, bias = make_inputs((2, 16, 48, 48), dtype, offset=1.0)
+    check(x, 2, weight, bias, silu=True, what="split, 2 samples")
+    ((args, _),) = spy.launches
+    num_samples, splits, tiles_per_split = args[2], args[8], args[9]
+    assert num_samples > 1 and splits > 1 and tiles_per_split > 1
+
+
+def test_strided_weight_and_bias_match_the_reference(triton_backend, kernel_path):
+    """Weight and bias that are strided views (every other element): the kernels index them
+    with unit stride, so such parameters must not reach them as they are."""
+    x = torch.randn(2, 8, 5, 6, device=DEVICE) * 2
+    weight = torch.randn(16, device=DEVICE)[::2]
+    bias = torch.randn(16, device=DEVICE)[::2]
+    check(x, 4, weight, None, silu=False, what="strided weight")
+    check(x, 4, None, bias, silu=False, what="strided bias")
+    check(x, 4, weight, bias, silu=True, what="strided weight and bias")
+
+
+@pytest.mark.parametrize("offset", [False, True], ids=["plain", "offset"])
+def test_eps_is_used(triton_backend, kernel_path, offset):
+    """A variance (1e-4) well below eps (1e-2): an eps the kernels ignored or replaced by the
+    default 1e-5 would scale the output about 10x."""
+    x = torch.randn(2, 8, 5, 6, device=DEVICE) * 1e-2
+    weight, bias = torch.randn(8, device=DEVICE), torch.randn(8, device=DEVICE)
+    add = make_offset(x, spread=1e-2) if offset else None
+    check(x, 4, weight, bias, silu=False, eps=1e-2, what="eps 1e-2", offset=add)
+
+
+def test_supports_refuses_groups_of_too_many_channels():
+    """The finalize kernel holds one group's channels in registers: more than
+    MAX_CHANNELS_PER_GROUP per group must go to the eager path."""
+    limit = MAX_CHANNELS_PER_GROUP
+
+    def supports(channels, groups):
+        x = torch.empty(1, channels, 1, device="meta")
+        return group_norm_triton_supports(x, groups, None, None)
+
+    assert supports(limit, 1) and supports(2 * limit, 2)
+    assert not supports(limit + 2, 1) and not supports(2 * limit, 1)
+
+
+def group_norm_float64(x, groups, weight, bias, eps, silu, offset):
+    """GroupNorm written out in float64 from its definition: the oracle of the reference."""
+    values = x.double()
+    per_channel = (-1, x.shape[1], *(1,) * (x.dim() - 2))
+    if offset is not None:
+        values = values + offset.double().reshape(per_channel)
+    grouped = values.reshape(x.shape[0], groups, -1)
+    mean = grouped.mean(dim=-1, keepdim=True)
+    var = ((grouped - mean) ** 2).mean(dim=-1, keepdim=True)
+    out = ((grouped - mean) / torch.sqrt(var + eps)).reshape(x.shape)
+    out = out * weight.double().reshape(per_channel) + bias.double().reshape(per_channel)
+    return out * torch.sigmoid(out) if silu else out
+
+
+@pytest.mark.parametrize("offset", [None, "per-sample", "per-channel"])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("silu", [False, True], ids=["plain", "silu"])
+def test_reference_matches_the_definition(silu, channels_last, offset):
+    """group_norm_reference, every kernel test's oracle, against GroupNorm written out in
+    float64 (eps 0.1 so that a reference that dropped eps would show): a wrong reference would
+    make the tolerance rule's eager error large and every kernel test pass."""
+    x, weight, bias = make_inputs((2, 6, 4, 5), torch.float32, channels_last=channels_last)
+    add = None if offset is None else make_offset(x, per_sample=offset == "per-sample")
+    out = group_norm_reference(x, 3, weight, bias, 0.1, silu, offset=add)
+    truth = group_norm_float64(x, 3, weight, bias, 0.1, silu, add)
+    assert out.dtype == x.dtype and out.stride() == x.stride()
+    torch.testing.assert_close(out.double(), truth, atol=1e-5, rtol=1e-5)

@@ -22,6 +22,7 @@ from fastdiff.ops.layer_norm import (
     add_layer_norm_triton,
     layer_norm_eager,
     layer_norm_triton,
+    layer_norm_triton_supports,
 )
 from tests.ops.helpers import (
     DEVICE,
@@ -225,3 +226,74 @@ def test_sd_shapes_on_gpu(monkeypatch, shape, dtype, residual):
     with use_backend("triton"):
         check(x, weight, bias, what=str(shape), residual=residual_for(x, residual))
     assert counter.calls == (2 if residual else 1)  # the kernel ran, not an eager fallback
+
+
+def test_strided_weight_bias_and_sum_bias_match_the_reference(triton_backend):
+    """Weight, bias and add_layer_norm's sum_bias as strided views (every other element): the
+    kernel indexes them with unit stride, so such parameters must not reach it as they are."""
+    x, _, _ = make((3, 5, 24), torch.float32)
+    residual = residual_for(x, True)
+    weight, bias, sum_bias = (torch.randn(48, device=DEVICE)[::2] for _ in range(3))
+    for w, b in ((weight, None), (None, bias), (weight, bias)):
+        check(x, w, b, what=f"strided weight {w is not None}, bias {b is not None}")
+    args = (x, residual, weight, bias, 1e-5, sum_bias)
+    for got, want, eager, name in zip(
+        add_layer_norm(*args),
+        add_layer_norm_reference(*args),
+        add_layer_norm_eager(*args),
+        ("sum", "layer norm"),
+        strict=True,
+    ):
+        assert_within_tolerance(got, want, eager, f"strided parameters and sum_bias: {name}")
+    contiguous = (x, residual, None, None, 1e-5, sum_bias)
+    total, _ = add_layer_norm(*contiguous)
+    want_total, _ = add_layer_norm_reference(*contiguous)
+    assert_within_tolerance(total, want_total, add_layer_norm_eager(*contiguous)[0], "sum_bias")
+
+
+@with_residual
+def test_eps_is_used(triton_backend, residual):
+    """A variance (1e-4) well below eps (1e-2): an eps the kernel ignored or replaced by the
+    default 1e-5 would scale the output about 10x."""
+    x, weight, bias = make((4, 40), torch.float32)
+    x = x * 1e-2
+    rows = x.flip(0) * 0.5 if residual else None
+    check(x, weight, bias, eps=1e-2, what="eps 1e-2", residual=rows)
+
+
+def test_supports_refuses_rows_longer_than_max_row():
+    """One row must fit a program's registers: rows longer than MAX_ROW go to the eager path."""
+    limit = layer_norm_kernels.MAX_ROW
+    assert layer_norm_triton_supports(torch.empty(2, limit, device="meta"), None, None)
+    assert not layer_norm_triton_supports(torch.empty(2, limit + 1, device="meta"), None, None)
+
+
+def layer_norm_float64(x, weight, bias, eps):
+    """LayerNorm over the last dimension written out in float64: the oracle of the reference."""
+    values = x.double()
+    mean = values.mean(dim=-1, keepdim=True)
+    var = ((values - mean) ** 2).mean(dim=-1, keepdim=True)
+    out = (values - mean) / torch.sqrt(var + eps)
+    if weight is not None:
+        out = out * weight.double()
+    return out if bias is None else out + bias.double()
+
+
+@pytest.mark.parametrize("affine", [False, True], ids=["no-affine", "affine"])
+def test_references_match_the_definition(affine):
+    """layer_norm_reference and add_layer_norm_reference, the kernel tests' oracles, against
+    LayerNorm written out in float64 (eps 0.1 so that a reference that dropped eps would show):
+    a wrong reference would make the tolerance rule's eager error large and every test pass."""
+    x, weight, bias = make((3, 4, 24), torch.float32, affine=affine)
+    close = dict(atol=1e-5, rtol=1e-5)  # fp32 rounding, far below any formula slip
+    out = layer_norm_reference(x, weight, bias, 0.1)
+    assert out.dtype == x.dtype
+    torch.testing.assert_close(out.double(), layer_norm_float64(x, weight, bias, 0.1), **close)
+    residual = residual_for(x, True)
+    sum_bias = torch.randn(24, device=DEVICE)
+    total, normed = add_layer_norm_reference(x, residual, weight, bias, 0.1, sum_bias)
+    exact = x.double() + residual.double()
+    torch.testing.assert_close(total.double(), exact + sum_bias.double(), **close)
+    torch.testing.assert_close(
+        normed.double(), layer_norm_float64(exact, weight, bias, 0.1), **close
+    )
