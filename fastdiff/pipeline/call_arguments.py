@@ -14,7 +14,7 @@ import torch
 from fastdiff.sampling import SAMPLERS
 from fastdiff.sampling.config import default_sampler
 
-OUTPUT_TYPES = ("pil", "tensor", "latent")
+OUTPUT_TYPES = ("pil", "tensor", "np", "latent")
 
 
 @dataclass(frozen=True)

@@ -283,7 +283,8 @@ class Pipeline:
         **sizes: tuple[int, int] | None,
     ):
         """Generate images. Returns a list of PIL images (``output_type="pil"``), a float32 tensor
-        (B, 3, H, W) in [0, 1] (``"tensor"``) or the final scaled latents (``"latent"``).
+        (B, 3, H, W) in [0, 1] (``"tensor"``), a float32 numpy array (B, H, W, 3) in [0, 1]
+        (``"np"``, as diffusers' output_type="np") or the final scaled latents (``"latent"``).
 
         ``guidance_scale <= 1`` disables classifier-free guidance (a single forward per step);
         ``guidance_scale``, ``sampler`` and ``strength`` left at None take ``self.defaults``
@@ -373,4 +374,6 @@ class Pipeline:
         pixels = self.decode_latents(result)
         if output_type == "tensor":
             return pixels
+        if output_type == "np":
+            return pixels.permute(0, 2, 3, 1).cpu().numpy()
         return image_utils.tensor_to_pil(pixels)

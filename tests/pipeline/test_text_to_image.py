@@ -131,6 +131,18 @@ def test_output_types_seed_and_size(pipe):
     (pil,) = pipe(**common, seed=3)
     pixels = torch.from_numpy(np.array(pil)).permute(2, 0, 1).float() / 255
     assert (pixels - tensor[0]).abs().max() <= 0.5 / 255 + 1e-6
+    # "np" is diffusers' layout: float32 (B, H, W, 3).
+    array = pipe(**common, seed=3, output_type="np")
+    assert isinstance(array, np.ndarray) and array.dtype == np.float32
+    np.testing.assert_array_equal(array, tensor.permute(0, 2, 3, 1).numpy())
+
+
+def test_np_output_equals_diffusers(pipe, reference):
+    common = dict(prompt="a cat", num_inference_steps=3, latents=torch.randn(1, 4, 8, 8))
+    ours = pipe(**common, output_type="np", progress=False)
+    theirs = reference(**common, output_type="np").images
+    assert ours.shape == theirs.shape == (1, 16, 16, 3)
+    np.testing.assert_allclose(ours, theirs, atol=1e-4, rtol=0)
 
 
 @pytest.mark.parametrize(
@@ -139,7 +151,7 @@ def test_output_types_seed_and_size(pipe):
         (dict(prompt="a cat", height=15), "height=15 is not a multiple of the VAE"),
         (dict(prompt="a cat", width=0), "width must be a positive int"),
         (dict(prompt="a cat", sampler="heun"), "unknown sampler 'heun'; allowed values: ddpm"),
-        (dict(prompt="a cat", output_type="np"), "unknown output_type 'np'"),
+        (dict(prompt="a cat", output_type="numpy"), "unknown output_type 'numpy'"),
         (dict(), "pass prompt or prompt_embeds"),
         (dict(prompt="a", prompt_embeds=torch.zeros(1, 16, 32)), "exactly one of prompt"),
         (dict(prompt="a cat", class_labels=1), "not class-conditional"),
