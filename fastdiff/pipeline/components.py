@@ -199,8 +199,9 @@ def fix_outdated_sample_size(index: dict[str, Any], unet_folder: Path, unet_conf
 
 
 def version_before(version: str, release: tuple[int, ...]) -> bool:
-    """Whether ``version`` ("0.8.0", "0.9.0.dev0", "0.10.2") comes before the release given;
-    pre-releases of it count as before it, as in diffusers' check."""
+    """Whether ``version``'s release numbers ("0.8.0", "0.10.2"; "0.9.0.dev0" reads as 0.9.0)
+    come before ``release``: diffusers compares the base version, so a pre-release of 0.9.0
+    does not count as older than 0.9."""
     numbers = []
     for part in version.split("."):
         digits = "".join(itertools.takewhile(str.isdigit, part))
