@@ -73,6 +73,25 @@ def test_sharded_errors_name_the_file(checkpoints, tmp_path):
         load_unet(tmp_path)
 
 
+def test_shards_are_read_whole_and_checked_against_the_index(checkpoints, tmp_path):
+    """As diffusers does, every tensor of each shard the index names is read: a tensor the index
+    leaves out is still an (unexpected) key of the checkpoint, named; a tensor the index lists
+    that its shard lacks is named with the shard."""
+    reference, _ = checkpoints.unet("sd1")
+    reference.save_pretrained(tmp_path, max_shard_size="60KB")
+    index_path = tmp_path / f"{WEIGHTS}.index.json"
+    index = json.loads(index_path.read_text())
+    shard = sorted(set(index["weight_map"].values()))[0]
+    tensors = load_file(tmp_path / shard)
+    save_file({**tensors, "stray.weight": torch.zeros(2)}, tmp_path / shard)
+    with pytest.raises(CheckpointError, match="1 unexpected keys: stray.weight"):
+        load_unet(tmp_path)
+    dropped = sorted(tensors)[0]
+    save_file({k: v for k, v in tensors.items() if k != dropped}, tmp_path / shard)
+    with pytest.raises(CheckpointError, match=rf"{shard}: the index lists 1 tensors this file"):
+        load_unet(tmp_path)
+
+
 @pytest.mark.parametrize(
     "edit, message",
     [

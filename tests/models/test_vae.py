@@ -164,9 +164,53 @@ def test_tiled_vae_encode_and_slicing(checkpoints):
         model.enable_slicing()
         torch.testing.assert_close(model.encode(big).parameters, tiled.parameters)
         z = torch.randn(3, 4, 40, 28)
+        batches = []
+        hook = model.decoder.register_forward_pre_hook(lambda _, args: batches.append(len(args[0])))
         sliced = model.decode(z)
+        assert batches and set(batches) == {1}  # one image at a time, tiled too
         model.disable_slicing()
+        batches.clear()
         torch.testing.assert_close(sliced, model.decode(z), atol=1e-5, rtol=0)
+        assert set(batches) == {3}
+        hook.remove()
+        # decode(tile_size=) without overlap overlaps by a quarter of that tile, not by the
+        # overlap enable_tiling() set for its own tile.
+        model.enable_tiling(tile_size=8, overlap=6)
+        at_quarter = model.decode(z[:1], tile_size=12)
+        torch.testing.assert_close(at_quarter, model.decode(z[:1], tile_size=12, overlap=3))
+
+
+def test_blend_ramp_weights():
+    """The seam weights: 1 inside, rising linearly over the overlap from the half-sample
+    positions, falling symmetrically at the far edge; no ramp at the image's own borders."""
+    from fastdiff.models.tiling import blend_ramp
+
+    rising = [0.125, 0.375, 0.625, 0.875]
+    both = blend_ramp(10, 4, at_start=False, at_end=False, device="cpu")
+    assert both.tolist() == rising + [1.0, 1.0] + rising[::-1]
+    assert blend_ramp(10, 4, at_start=True, at_end=False, device="cpu").tolist()[:4] == [1.0] * 4
+    assert blend_ramp(10, 4, at_start=False, at_end=True, device="cpu").tolist()[-4:] == [1.0] * 4
+    short = blend_ramp(6, 4, False, False, "cpu")  # the ramp is cut to half the length
+    assert torch.allclose(short, torch.tensor([1 / 6, 0.5, 5 / 6, 5 / 6, 0.5, 1 / 6]))
+
+
+def test_tiles_are_blended_over_the_overlap_in_output_pixels():
+    """Each tile decoded to a constant (its index): inside one tile the output is that tile's
+    constant; across a seam it moves linearly from one to the next over overlap * scale output
+    pixels, and the image's last rows and columns belong to the last tile alone."""
+    count = []
+
+    def constant_tile(tile: torch.Tensor) -> torch.Tensor:
+        count.append(len(count))
+        shape = (tile.shape[0], 1, tile.shape[2] * 2, tile.shape[3] * 2)
+        return torch.full(shape, float(count[-1]))
+
+    out = tiled_decode(constant_tile, torch.zeros(1, 4, 4, 14), 4, 2, scale=2)[0, 0, 0]
+    # Columns: tiles start at 0, 2, 4, ..., 10 (the last one pulled back to end at 14).
+    assert out[:4].tolist() == [0.0] * 4  # only tile 0 covers the first 2 latent columns
+    assert out[-4:].tolist() == [5.0] * 4  # only the last tile covers the end
+    seam = out[4:8]  # tiles 0 and 1 overlap over 2 latent = 4 output pixels
+    assert torch.allclose(seam, torch.tensor([0.125, 0.375, 0.625, 0.875]))
 
 
 @pytest.mark.parametrize(

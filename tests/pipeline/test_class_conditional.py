@@ -104,6 +104,14 @@ def test_null_class_label_comes_from_model_index(class_folder, tmp_path):
     (folder / "model_index.json").write_text(json.dumps({**index, "class_names": ["a", "b"]}))
     with pytest.raises(ValueError, match="class_names has 2 names but the U-Net has 3 classes"):
         Pipeline.from_pretrained(folder)
+    # Left out: the last label (num_class_embeds - 1), from the folder and in a Pipeline built
+    # from its parts.
+    without = {key: value for key, value in index.items() if key != "null_class_label"}
+    (folder / "model_index.json").write_text(json.dumps(without))
+    loaded = Pipeline.from_pretrained(folder)
+    assert loaded.null_class_label == NUM_CLASSES
+    built = Pipeline(loaded.unet, loaded.vae, loaded.schedule)
+    assert built.null_class_label == NUM_CLASSES
 
 
 def test_missing_sample_size_asks_for_height_and_width(class_folder, tmp_path):

@@ -202,9 +202,50 @@ def test_an_inpainting_unet_is_refused_at_load(sd_folder, reference, tmp_path):
     message = r"takes 9 and predicts 4 channels .* latent_channels is 4"
     with pytest.raises(ValueError, match=message):
         Pipeline.from_pretrained(folder)
+    # A U-Net predicting more channels (learned variance) is refused as well.
+    config = {**reference.unet.config, "out_channels": 8}
+    diffusers.UNet2DConditionModel.from_config(config).save_pretrained(folder / "unet")
+    with pytest.raises(ValueError, match=r"takes 4 and predicts 8 channels"):
+        Pipeline.from_pretrained(folder)
+
+
+def test_null_entries_in_model_index_are_absent_components(sd_folder, tmp_path):
+    """diffusers writes [null, null] for a component a pipeline does not have (the safety
+    checker, SDXL's second encoder in an SD folder): no folder is read for it."""
+    folder = copy(sd_folder, tmp_path / "pipe")
+    edit_json(folder / "model_index.json", text_encoder_2=[None, None], tokenizer_2=[None, None])
+    pipe = Pipeline.from_pretrained(folder)
+    assert len(pipe.prompt_encoder.encoders) == 1
+    edit_json(folder / "model_index.json", vae=[None, None])
+    with pytest.raises(ValueError, match="does not list a 'vae' component"):
+        Pipeline.from_pretrained(folder)
+
+
+@pytest.mark.parametrize(
+    "class_name", ["StableDiffusionImg2ImgPipeline", "StableDiffusionPipeline"]
+)
+def test_outdated_scheduler_fixes_apply_to_every_sd_pipeline_class(sd_folder, tmp_path, class_name):
+    """diffusers' SD 1.x/2.x text-to-image, img2img and inpainting pipelines all sample an
+    outdated scheduler config (steps_offset 0) with steps_offset=1; SDXL ones keep it."""
+    folder = copy(sd_folder, tmp_path / "pipe")
+    edit_json(folder / "scheduler" / "scheduler_config.json", steps_offset=0)
+    edit_json(folder / "model_index.json", _class_name=class_name)
+    assert Pipeline.from_pretrained(folder).schedule.steps_offset == 1
+    edit_json(folder / "model_index.json", _class_name="StableDiffusionXLPipeline")
+    assert Pipeline.from_pretrained(folder).schedule.steps_offset == 0
 
 
 STATS = dict(latents_mean=[0.1, -0.2, 0.3, 0.0], latents_std=[0.5, 1.5, 2.0, 1.0])
+
+
+def test_latents_mean_without_std_is_ignored(tmp_path):
+    """diffusers' SDXL pipeline normalises per channel only when both latents_mean and
+    latents_std are given; one alone changes nothing."""
+    folder = make_sdxl_folder(tmp_path / "sdxl")
+    latents = torch.randn(1, 4, 8, 8)
+    plain = Pipeline.from_pretrained(folder).decode_latents(latents)
+    edit_json(folder / "vae" / "config.json", latents_mean=STATS["latents_mean"])
+    torch.testing.assert_close(Pipeline.from_pretrained(folder).decode_latents(latents), plain)
 
 
 @pytest.mark.parametrize(

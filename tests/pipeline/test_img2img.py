@@ -195,3 +195,36 @@ def test_cpu_generator_drives_stochastic_samplers_on_cuda(sd_folder, init_image,
 def test_strength_accepts_numpy_scalars_and_0d_tensors(strength):
     # 0-d tensors worked before strength was type-checked (guidance_scale still accepts them).
     assert img2img_start_step(5, strength) == 2
+
+
+def test_a_resized_init_image_equals_diffusers(sd_folder, pipe, init_image):
+    """Init images of several sizes are resized to the first one's with Lanczos, as diffusers'
+    VaeImageProcessor does."""
+    reference = diffusers.StableDiffusionImg2ImgPipeline.from_pretrained(
+        sd_folder, safety_checker=None
+    )
+    reference.set_progress_bar_config(disable=True)
+    larger = init_image.resize((40, 24), resample=Image.Resampling.NEAREST)
+    larger = larger.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    kwargs = dict(prompt=["a cat", "a dog"], num_inference_steps=3, strength=1.0)
+    images = [init_image, larger]
+    ours = pipe(**kwargs, image=images, seed=2, output_type="tensor", progress=False)
+    theirs = reference(
+        **kwargs, image=images, output_type="pt", generator=torch.Generator().manual_seed(2)
+    ).images
+    assert ours.shape == (2, 3, 16, 16)
+    torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=0)
+
+
+def test_each_prompts_image_and_copies_stay_together():
+    """Init latents for two prompts with num_images=2 are ordered [image 0, image 0, image 1,
+    image 1], as the prompts' copies are (diffusers' num_images_per_prompt order)."""
+    from fastdiff.pipeline.images import match_batch
+
+    latents = torch.stack([torch.full((4, 2, 2), 0.0), torch.full((4, 2, 2), 1.0)])
+    paired = match_batch(latents, prompts=2, num_images=2)
+    assert paired[:, 0, 0, 0].tolist() == [0.0, 0.0, 1.0, 1.0]
+    shared = match_batch(latents[:1], prompts=3, num_images=2)
+    assert shared.shape[0] == 6 and shared.is_contiguous()
+    with pytest.raises(ValueError, match="got 2 init images for 3 prompts"):
+        match_batch(latents, prompts=3, num_images=1)

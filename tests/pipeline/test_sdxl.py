@@ -192,3 +192,17 @@ def test_sdxl_img2img_default_strength_is_the_diffusers_default(sdxl_folder, pip
     ours = pipe(**kwargs, seed=4, output_type="tensor", progress=False)
     theirs = reference(**kwargs, generator=torch.Generator().manual_seed(4), output_type="pt")
     torch.testing.assert_close(ours, theirs.images, atol=1e-4, rtol=0)
+
+
+def test_half_precision_pipelines_on_cpu(sdxl_folder, sd_folder):
+    """dtype=float16: SDXL's VAE (force_upcast) stays float32 and SD's takes float16, as the
+    diffusers pipelines run them; latents and images cross between the dtypes both ways
+    (text-to-image decode, img2img encode) and the result is the U-Net's dtype."""
+    common = dict(num_inference_steps=2, seed=0, progress=False)
+    for folder, vae_dtype in ((sdxl_folder, torch.float32), (sd_folder, torch.float16)):
+        pipe = Pipeline.from_pretrained(folder, dtype=torch.float16)
+        assert pipe.dtype == torch.float16 and next(pipe.vae.parameters()).dtype == vae_dtype
+        image = pipe("a cat", **common, output_type="tensor")
+        assert image.dtype == torch.float32 and bool(torch.isfinite(image).all())
+        latents = pipe("a cat", image=image[0], strength=0.5, **common, output_type="latent")
+        assert latents.dtype == torch.float16 and bool(torch.isfinite(latents).all())

@@ -184,6 +184,20 @@ def test_text_options_need_a_prompt(sdxl):
         pipe(**common, clip_skip=1)
     with pytest.raises(ValueError, match="pass prompt_2 with prompt"):
         pipe(**common, prompt_2="x")
+    guided = dict(common, guidance_scale=5.0, negative_prompt_embeds=embeds)
+    guided["negative_pooled_prompt_embeds"] = pooled
+    with pytest.raises(ValueError, match="negative_prompt_2 or negative_prompt_embeds, not both"):
+        pipe(**guided, negative_prompt_2="x")
+
+
+def test_a_long_prompt_2_warns_with_its_dropped_words(sdxl):
+    """prompt_2 is truncated by the second tokenizer like the prompt by the first: the dropped
+    words are named for each."""
+    pipe = sdxl[0]
+    limit = pipe.prompt_encoder.encoders[1][0].model_max_length
+    long = " ".join(["cat"] * limit + ["zebra"])
+    with pytest.warns(UserWarning, match=r"dropped: '.*zebra'"):
+        pipe("a cat", prompt_2=long, num_inference_steps=1, output_type="latent", progress=False)
 
 
 def test_options_through_the_optimized_runtime(tmp_path):

@@ -219,6 +219,22 @@ def test_a_prompt_longer_than_the_encoder_reads_warns_with_the_dropped_words(pip
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         pipe("a cat", num_inference_steps=1, guidance_scale=1.0, progress=False)
+        # Exactly as many tokens as the encoder reads (with the start and end tokens): nothing
+        # is dropped, so no warning.
+        pipe(" ".join(["cat"] * (limit - 2)), num_inference_steps=1, progress=False)
+    # The first dropped token is named: the one right after the limit, with nothing before it.
+    with pytest.warns(UserWarning, match=r"dropped: 'zebra'"):
+        pipe(" ".join(["cat"] * (limit - 2) + ["zebra"]), num_inference_steps=1, progress=False)
+
+
+def test_prompt_embeds_of_another_dtype_are_converted(pipe):
+    """Embeddings given in float64 run as the U-Net's float32, the same image as float32 ones."""
+    embeds, negative = torch.randn(1, 16, 32), torch.randn(1, 16, 32)
+    common = dict(num_inference_steps=2, seed=0, output_type="latent", progress=False)
+    want = pipe(prompt_embeds=embeds, negative_prompt_embeds=negative, **common)
+    got = pipe(prompt_embeds=embeds.double(), negative_prompt_embeds=negative.double(), **common)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
 
 
 def test_folder_errors_name_the_path(sd_folder, tmp_path, monkeypatch):
