@@ -47,6 +47,27 @@ def test_atomic_write_replaces_only_when_asked(tmp_path):
     )
     assert (tmp_path / "sub" / "b.txt").read_text() == "b"
     assert sorted(os.listdir(tmp_path)) == ["a.txt", "sub"]  # no temporary file left
+    # The temporary file sits beside the target: a rename across file systems is not atomic.
+    folders = []
+    files.atomic_write(target, lambda t: folders.append(Path(t).parent) or Path(t).write_text("x"))
+    assert folders == [tmp_path]
+
+
+def test_saving_an_image_keeps_a_file_that_appears_meanwhile(tmp_path):
+    """save_image_atomic(overwrite=False), as generate calls it without --overwrite: an image file
+    that another process writes while ours is encoded stays."""
+    from fastdiff.pipeline.images import save_image_atomic
+
+    target = tmp_path / "out.png"
+
+    class SlowImage:
+        def save(self, temporary, format):
+            target.write_text("theirs")
+            Path(temporary).write_text("ours")
+
+    with pytest.raises(FileExistsError, match="already exists"):
+        save_image_atomic(SlowImage(), target, overwrite=False)
+    assert target.read_text() == "theirs"
 
 
 @pytest.mark.parametrize("hard_links", [True, False], ids=["link", "no-links"])

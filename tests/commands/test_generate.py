@@ -111,6 +111,10 @@ def test_text_model_prompt(tmp_path):
     assert generate(*common, "--clip-skip", 1, "--out", skipped) == 0
     assert not np.array_equal(np.asarray(Image.open(plain)), np.asarray(Image.open(skipped)))
     assert generate(*common, "--clip-skip", 9, "--out", tmp_path / "bad.png") == 2
+    # --negative-prompt reaches the pipeline too.
+    negative = tmp_path / "negative.png"
+    assert generate(*common, "--negative-prompt", "a zebra", "--out", negative) == 0
+    assert not np.array_equal(np.asarray(Image.open(plain)), np.asarray(Image.open(negative)))
 
 
 def test_errors_are_clean_and_never_clobber(class_folder, tmp_path, capsys, monkeypatch):

@@ -284,3 +284,21 @@ def test_vae_latent_scaling_keys_are_those_the_pipeline_class_reads(
     generator = torch.Generator().manual_seed(1)
     theirs = image(**img2img, generator=generator, output_type="latent").images
     torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=0)
+
+
+def test_a_text_and_class_conditioned_unet(sd_folder, reference, tmp_path):
+    """A U-Net with cross-attention and class embeddings takes a prompt and class labels, one
+    label per prompt: guided, the unconditional half gets the null label with the negative
+    prompt (the class changes the image), and a label count that is not the prompt count is
+    refused."""
+    folder = copy(sd_folder, tmp_path / "pipe")
+    config = {**reference.unet.config, "num_class_embeds": 3}
+    diffusers.UNet2DConditionModel.from_config(config).save_pretrained(folder / "unet")
+    pipe = Pipeline.from_pretrained(folder)
+    common = dict(num_inference_steps=2, seed=0, output_type="latent", progress=False)
+    one = pipe(["a cat", "a dog"], class_labels=[0, 1], guidance_scale=5.0, **common)
+    other = pipe(["a cat", "a dog"], class_labels=[1, 1], guidance_scale=5.0, **common)
+    assert one.shape[0] == 2
+    assert (one[0] - other[0]).abs().max() > 1e-4 and torch.equal(one[1], other[1])
+    with pytest.raises(ValueError, match="3 class labels for 2 prompts"):
+        pipe(["a cat", "a dog"], class_labels=[0, 1, 0], **common)

@@ -228,3 +228,12 @@ def test_each_prompts_image_and_copies_stay_together():
     assert shared.shape[0] == 6 and shared.is_contiguous()
     with pytest.raises(ValueError, match="got 2 init images for 3 prompts"):
         match_batch(latents, prompts=3, num_images=1)
+
+
+def test_an_image_per_prompt_with_several_images_each(pipe, init_image):
+    """Two prompts, an image each, two images per prompt: four outputs, from the right images
+    (match_batch's order is tested above; here the pipeline hands it the prompt count)."""
+    other = Image.new("RGB", init_image.size, (0, 0, 0))
+    out = pipe(["a cat", "a dog"], image=[init_image, other], num_images=2, num_inference_steps=2,
+               strength=0.5, seed=0, output_type="latent", progress=False)  # fmt: skip
+    assert out.shape[0] == 4
