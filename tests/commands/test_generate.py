@@ -455,3 +455,33 @@ def test_cuda_pipelines_are_optimized_unless_asked_not_to(monkeypatch, flag, wan
     fake.optimized.clear()
     generate_command.load_pipeline(args, torch.device("cpu"))  # no CUDA: nothing to optimize
     assert fake.optimized == []
+
+
+def test_every_sampling_option_reaches_the_pipeline(class_folder, tmp_path, monkeypatch):
+    """What the command passes to the pipeline call: each option as given (an option dropped on
+    the way would silently sample with the pipeline's default), and a float32 pipeline on CPU."""
+    from PIL import Image as PILImage
+
+    from fastdiff.pipeline import Pipeline
+
+    seen = []
+    real_call = Pipeline.__call__
+
+    def spy(pipe, *args, **kwargs):
+        seen.append((pipe.dtype, kwargs))
+        return real_call(pipe, *args, **kwargs)
+
+    monkeypatch.setattr(Pipeline, "__call__", spy)
+    init = tmp_path / "init.png"
+    PILImage.new("RGB", (32, 32), (200, 30, 30)).save(init)
+    options = ("--guidance", 2.5, "--guidance-rescale", 0.3, "--sampler", "ddim", "--eta", 0.5)
+    image = ("--init-image", init, "--strength", 0.75)
+    code = generate("--model", class_folder, "--class-label", 2, *options, "--seed", 4, *image,
+                    "--out", tmp_path / "o.png")  # fmt: skip
+    assert code == 0
+    ((dtype, kwargs),) = seen
+    assert str(dtype) == "torch.float32"
+    wanted = dict(guidance_scale=2.5, guidance_rescale=0.3, sampler="ddim", eta=0.5, seed=4)
+    assert {key: kwargs[key] for key in wanted} == wanted
+    assert kwargs["strength"] == 0.75 and kwargs["class_labels"] == 2
+    assert kwargs["num_inference_steps"] == 2 and kwargs["progress"] is False

@@ -111,3 +111,35 @@ def test_train_cli_builds_a_loadable_pipeline(tmp_path, tiny_config_dict):
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert set(metrics) >= {"classifier", "vae", "unet", "config"}
     assert metrics["vae"]["scaling_factor"] == pytest.approx(pipe.vae.config["scaling_factor"])
+
+
+def test_demo_samples_both_halves_from_the_same_noise(tmp_path, monkeypatch):
+    """The left half is sampled at w = 1 and the right at --guidance, with the same seed and the
+    --sampler given, and they are drawn in that order (left plain, right guided)."""
+    import fastdiff.training.evaluate as evaluate
+    import fastdiff.training.grid as grid
+
+    calls, grids = [], []
+    real_generate = evaluate.generate
+
+    def spy_generate(pipe, labels, guidance, steps, seed, sampler):
+        calls.append((guidance, steps, seed, sampler))
+        return real_generate(pipe, labels, guidance, steps, seed, sampler)
+
+    def spy_grid(path, left, right, names, per_class, **kwargs):
+        grids.append((left, right, kwargs["overwrite"]))
+
+    monkeypatch.setattr(evaluate, "generate", spy_generate)
+    monkeypatch.setattr(grid, "save_grid", spy_grid)
+    out = tmp_path / "grid.png"
+    args = ["--out", str(out), "--per-class", "1", "--steps", "2", "--guidance", "4"]
+    assert main(["demo", *args, "--seed", "7", "--sampler", "euler"]) == 0
+    assert calls == [(1.0, 2, 7, "euler"), (4.0, 2, 7, "euler")]
+    ((left, right, overwrite),) = grids
+    assert not overwrite and (left - right).abs().max() > 0
+    from fastdiff.pipeline import Pipeline
+    from fastdiff.training.evaluate import default_model_path
+    from fastdiff.training.shapes import balanced_labels
+
+    pipe = Pipeline.from_pretrained(default_model_path(), dtype=torch.float32)
+    torch.testing.assert_close(left, real_generate(pipe, balanced_labels(1), 1.0, 2, 7, "euler"))
