@@ -485,3 +485,29 @@ def test_every_sampling_option_reaches_the_pipeline(class_folder, tmp_path, monk
     assert {key: kwargs[key] for key in wanted} == wanted
     assert kwargs["strength"] == 0.75 and kwargs["class_labels"] == 2
     assert kwargs["num_inference_steps"] == 2 and kwargs["progress"] is False
+
+
+def test_a_file_written_while_sampling_is_kept(class_folder, tmp_path, monkeypatch, capsys):
+    """Without --overwrite the output is checked before the model loads and again at the final
+    rename: an image another process writes meanwhile stays (--out and --prompts alike)."""
+    from fastdiff.pipeline import Pipeline
+
+    out_dir = tmp_path / "many"
+    out_dir.mkdir()
+    targets = [tmp_path / "one.png", out_dir / "prompt-00000.png"]
+    real_call = Pipeline.__call__
+
+    def racing(pipe, *args, **kwargs):
+        for target in targets:
+            if not target.exists():
+                target.write_text("theirs")
+                break
+        return real_call(pipe, *args, **kwargs)
+
+    monkeypatch.setattr(Pipeline, "__call__", racing)
+    assert generate("--model", class_folder, "--class-label", 1, "--out", targets[0]) != 0
+    labels = tmp_path / "labels.txt"
+    labels.write_text("1\n")
+    assert generate("--model", class_folder, "--prompts", labels, "--out-dir", out_dir) != 0
+    assert [target.read_text() for target in targets] == ["theirs", "theirs"]
+    assert "already exists" in capsys.readouterr().err
