@@ -206,12 +206,17 @@ class Pipeline:
             progress=progress,
         )
 
+    @property
+    def vae_scaling(self) -> dict:
+        """The VAE config's latent-scaling values this folder's pipeline class applies (read per
+        call: a later edit of the config takes effect)."""
+        return latent_scaling(self.vae.config, self.vae_latent_keys)
+
     @torch.no_grad()
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
         """Diffusion latents -> float32 images (B, 3, H, W) in [0, 1]."""
         vae_dtype = next(self.vae.parameters()).dtype
-        scaling = latent_scaling(self.vae.config, self.vae_latent_keys)
-        decoded = self.vae.decode(to_vae_latents(latents.to(vae_dtype), scaling))
+        decoded = self.vae.decode(to_vae_latents(latents.to(vae_dtype), self.vae_scaling))
         return image_utils.vae_output_to_unit_range(decoded)
 
     @torch.no_grad()
@@ -225,16 +230,14 @@ class Pipeline:
     def encode_image(self, pixels: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
         """Images in [-1, 1] -> diffusion latents, sampled from the encoder's Gaussian."""
         posterior = DiagonalGaussian(self.encode_moments(pixels))
-        scaling = latent_scaling(self.vae.config, self.vae_latent_keys)
-        return from_vae_latents(posterior.sample(generator), scaling)
+        return from_vae_latents(posterior.sample(generator), self.vae_scaling)
 
     def vae_graph_state(self) -> tuple:
         """What decoding and encoding decide on the host (the VAE's tiling and slicing, the
         latent scaling numbers): fastdiff.runtime captures a new VAE graph when it changes."""
-        scaling = latent_scaling(self.vae.config, self.vae_latent_keys)
         numbers = tuple(
             (key, tuple(value) if isinstance(value, (list, tuple)) else value)
-            for key, value in scaling.items()
+            for key, value in self.vae_scaling.items()
         )
         return (*self.vae.graph_state(), numbers)
 
