@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import COMPILE_OPTIONS
+from . import COMPILE_OPTIONS, attention_configs
 
 LOG2_E = 1.4426950408889634
 MAX_HEAD_DIM = 256
@@ -80,17 +80,20 @@ def heuristic_shape(width: int, keys: int, fp32: bool = False) -> tuple[int, int
     return (128, 64, 8, 3) if width > 64 else (128, 128, 8, 3)
 
 
-def _prune(configs, named_args, **kwargs):
-    if len(configs) == 1:
-        return configs
-    args = {**named_args, **kwargs}  # constexprs arrive as kwargs in some Triton versions
+def _shape(config) -> tuple[int, int, int, int]:
+    return (config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.num_warps, config.num_stages)
+
+
+def _fitting(configs, args: dict) -> list:
+    """The configs worth trying for these arguments (q_ptr, N_QUERIES, N_KEYS, BLOCK_D and
+    BLOCK_DT)."""
     width = args["BLOCK_D"] + args["BLOCK_DT"]
     keys, queries = args["N_KEYS"], args["N_QUERIES"]
     fp32 = args["q_ptr"].dtype == torch.float32
     kept = []
     for config in configs:
         m, n = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"]
-        shape = (m, n, config.num_warps, config.num_stages)
+        shape = _shape(config)
         if fp32:  # only the spill-free fp32 shape for this width (see _FP32_SHAPES)
             if shape == heuristic_shape(width, keys, fp32=True):
                 kept.append(config)
@@ -104,13 +107,19 @@ def _prune(configs, named_args, **kwargs):
         if m > max(64, triton.next_power_of_2(queries)):
             continue
         kept.append(config)
+    return kept
+
+
+def _prune(configs, named_args, **kwargs):
+    if len(configs) == 1:
+        return configs
+    args = {**named_args, **kwargs}  # constexprs arrive as kwargs in some Triton versions
+    kept = _fitting(configs, args)
     if os.environ.get("FASTDIFF_AUTOTUNE", "1") == "0" or not kept:
-        wanted = heuristic_shape(width, keys, fp32)
-        chosen = [
-            c
-            for c in configs
-            if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) == wanted
-        ]
+        width = args["BLOCK_D"] + args["BLOCK_DT"]
+        fp32 = args["q_ptr"].dtype == torch.float32
+        wanted = heuristic_shape(width, args["N_KEYS"], fp32)
+        chosen = [c for c in configs if _shape(c) == wanted]
         return chosen or configs[:1]
     return kept
 
@@ -311,41 +320,67 @@ def empty_attention_output(q: torch.Tensor, head_dim_v: int) -> torch.Tensor:
     return q.new_empty((batch, queries, heads, head_dim_v)).transpose(1, 2)
 
 
-# (configs, fp32, queries, keys, BLOCK_D, BLOCK_DT, FASTDIFF_AUTOTUNE) -> lone_config's answer:
-# pruning costs ~30 us of Python, too much for every un-graphed launch.
+# (configs, dtype, device, queries, keys, head dim, BLOCK_D, BLOCK_DT, FASTDIFF_AUTOTUNE,
+# FASTDIFF_ATTENTION_CONFIGS) -> lone_config's answer: pruning costs ~30 us of Python, too much
+# for every un-graphed launch.
 _lone_configs: dict[tuple, tuple[object, dict]] = {}
+
+
+def _direct(config) -> tuple[object, dict]:
+    options = {**config.kwargs, "num_warps": config.num_warps, "num_stages": config.num_stages}
+    return attention_forward_kernel.fn, options
+
+
+def tuned_config(q: torch.Tensor, configs, args: dict):
+    """The config the shipped table (attention_configs) names for this launch, when it is one
+    of the candidates that fit the shape; else None."""
+    table = attention_configs.table_for(q)
+    if not table:
+        return None
+    key = attention_configs.entry_key(
+        q.dtype, args["N_QUERIES"], args["N_KEYS"], q.shape[-1], args["BLOCK_D"], args["BLOCK_DT"]
+    )
+    wanted = table.get(key)
+    if wanted is None:
+        return None
+    return next((c for c in _fitting(configs, args) if _shape(c) == wanted), None)
 
 
 def lone_config(
     q: torch.Tensor, queries: int, keys: int, block_d: int, block_dt: int
 ) -> tuple[object, dict]:
-    """(kernel, launch options): the autotuner with none when it has configs to choose between
-    for this shape, else the kernel under it with the one config the pruning keeps (fp32, or
-    ``FASTDIFF_AUTOTUNE=0``). Triton 3.6's autotuner times even a lone config, about 0.1 s of
-    benchmarking per new shape for nothing; launched directly, the config only compiles."""
+    """(kernel, launch options): the kernel under the autotuner with one config (the one the
+    shipped table names for this shape, or the only one the pruning keeps: fp32, or
+    ``FASTDIFF_AUTOTUNE=0``), else the autotuner with none. Triton 3.6's autotuner times even a
+    lone config, about 0.1 s of benchmarking per new shape for nothing; launched directly, the
+    config only compiles."""
     configs = attention_forward_kernel.configs
     key = (
         id(configs),
-        q.dtype == torch.float32,
+        q.dtype,
+        q.device,
         queries,
         keys,
+        q.shape[-1],
         block_d,
         block_dt,
         os.environ.get("FASTDIFF_AUTOTUNE", "1"),
+        os.environ.get(attention_configs.ENV, ""),
     )
     if key not in _lone_configs:
-        args = {"q_ptr": q, "N_QUERIES": queries, "N_KEYS": keys}
-        kept = _prune(configs, args, BLOCK_D=block_d, BLOCK_DT=block_dt)
+        args = {
+            "q_ptr": q,
+            "N_QUERIES": queries,
+            "N_KEYS": keys,
+            "BLOCK_D": block_d,
+            "BLOCK_DT": block_dt,
+        }
+        tuned = tuned_config(q, configs, args) if len(configs) > 1 else None
+        kept = [tuned] if tuned is not None else _prune(configs, args)
         if len(kept) != 1:
             _lone_configs[key] = (attention_forward_kernel, {})
         else:
-            config = kept[0]
-            options = {
-                **config.kwargs,
-                "num_warps": config.num_warps,
-                "num_stages": config.num_stages,
-            }
-            _lone_configs[key] = (attention_forward_kernel.fn, options)
+            _lone_configs[key] = _direct(kept[0])
     return _lone_configs[key]
 
 

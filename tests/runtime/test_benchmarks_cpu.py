@@ -80,3 +80,23 @@ def test_attention_padded_provider_runs_only_where_the_head_dim_is_split(monkeyp
     providers = {"eager": lambda inputs: lambda: None, "fastdiff": lambda inputs: None}
     rows = common.run_benchmark("attention", [d40, d64], providers, args)
     assert [(r.workload, r.provider) for r in rows] == [("d40", "eager"), ("d64", "eager")]
+
+
+def test_tune_attention_reads_models_and_needs_a_gpu(tmp_path, monkeypatch, capsys):
+    import tune_attention
+
+    works = tune_attention.parse_models("sd15@64,sdxl@128,sd15@96")
+    assert [(w.config, w.size, w.context_dim, w.batch) for w in works] == [
+        ("sd15_unet", 64, 768, 2),
+        ("sdxl_unet", 128, 2048, 2),
+        ("sd15_unet", 96, 768, 2),
+    ]
+    for bad in ("sd3@64", "sd15", "sd15@60", "sd15@x", "sd15@0"):
+        with pytest.raises(ValueError, match=f"--models: '{bad}' is not NAME@LATENT_SIZE"):
+            tune_attention.parse_models(bad)
+    monkeypatch.setattr(tune_attention.torch.cuda, "is_available", lambda: False)
+    # main() sets the variable "off" for the process: undone with this test's monkeypatch.
+    monkeypatch.setenv("FASTDIFF_ATTENTION_CONFIGS", "")
+    assert tune_attention.main(["--out", str(tmp_path)]) == 1
+    assert "no CUDA device; nothing to tune" in capsys.readouterr().out
+    assert not list(tmp_path.iterdir())

@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# The warm-up check as one device call (benchmarks/NOTES.md, "What the next GPU run settles", 2):
+#   1. tune the attention kernel at the SD1.5 and SDXL U-Nets' shapes (tune_attention.py) and put
+#      the winners where the launcher reads them (fastdiff/assets/attention_configs/);
+#   2. time the U-Nets' first call (bench_unet's warm-up column: Triton compilation, autotuning,
+#      graph capture) in fresh processes with empty Triton caches, as on a fresh machine: with the
+#      table, then with it off (FASTDIFF_ATTENTION_CONFIGS=off), side by side;
+#   3. the attention GPU tests with the new table in place.
+#   run: bash benchmarks/gpu_warmup_device.sh     (timeout_s 420; nothing needs carrying)
+# $OUT gets sm_XX.json (the table to commit), warmup.log (everything) and warmup.csv (the rows,
+# in the order sd15 table, sd15 off, sdxl table, sdxl off). Without a GPU, step 1 says so and the
+# rest runs the CPU paths, so the script can be tried anywhere (OUT=/tmp/x bash ...).
+set -u -o pipefail
+export PYTHONUNBUFFERED=1
+OUT="${OUT:?set OUT to the folder to bring back (the device tool sets it)}"
+mkdir -p "$OUT"
+OUT="$(cd "$OUT" && pwd)"
+cd "$(dirname "$0")/.."
+LOG="$OUT/warmup.log"
+: >"$LOG"
+FAILED=""
+SCRATCH="$(mktemp -d)"
+
+# part NAME LIMIT CMD...: one part, tee'd into the log, bounded in time, failure recorded.
+part() {
+    local name="$1" limit="$2" begin=$SECONDS
+    shift 2
+    echo "=== [$name] $*" | tee -a "$LOG"
+    if timeout --kill-after=10 "$limit" "$@" 2>&1 | tee -a "$LOG"; then
+        echo "=== [$name] ok in $((SECONDS - begin)) s" | tee -a "$LOG"
+    else
+        echo "=== [$name] FAILED (exit ${PIPESTATUS[0]}) after $((SECONDS - begin)) s" | tee -a "$LOG"
+        FAILED="$FAILED $name"
+    fi
+}
+
+part install 120 python3 -m pip install --no-deps --no-build-isolation -q -e .
+part versions 30 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', \
+triton.__version__, 'gpu', torch.cuda.get_device_name() if torch.cuda.is_available() else None)"
+# Built (or loaded) before the timed warm-ups, as in gpu_check: group_norm prefers it.
+part cuda_ext 150 python3 -c "from fastdiff.ops import cuda_extension as e; \
+print('CUDA extension available:', e.available(), e.unavailable_reason())"
+
+part tune 240 env TRITON_CACHE_DIR="$SCRATCH/tune-cache" \
+    python3 benchmarks/tune_attention.py --out "$OUT" --models sd15@64,sdxl@128
+for table in "$OUT"/sm_*.json; do
+    [ -e "$table" ] && cp "$table" fastdiff/assets/attention_configs/
+done
+
+for workload in sd15_b2 sdxl_b2; do
+    for setting in table off; do
+        value=""
+        [ "$setting" = off ] && value=off
+        part "warmup_${workload}_$setting" 150 env TRITON_CACHE_DIR="$SCRATCH/cache-$workload-$setting" \
+            FASTDIFF_ATTENTION_CONFIGS="$value" python3 benchmarks/bench_unet.py \
+            --workloads "$workload" --providers fastdiff --csv "$OUT/warmup.csv"
+    done
+done
+
+part tests 150 python3 -m pytest -q -p no:cacheprovider tests/ops/test_attention_configs.py
+part gpu_tests 150 env FASTDIFF_AUTOTUNE=0 python3 -m pytest -q -p no:cacheprovider -m gpu \
+    tests/ops/test_attention.py
+
+grep -E "^=== .*(ok in|FAILED)|first call|wrote|^(sd15|sdxl|tiny)_" "$LOG"
+echo "warmup check: ${FAILED:-all parts passed}"
+[ -z "$FAILED" ]

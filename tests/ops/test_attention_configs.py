@@ -1,0 +1,296 @@
+"""The shipped table of autotuned attention configurations (kernels/attention_configs.py): its
+format and errors, which launches it applies to, and that every shipped file still names
+configurations the kernel can launch."""
+
+from __future__ import annotations
+
+import json
+
+import fastdiff.kernels.attention as attention_kernels
+import fastdiff.kernels.attention_configs as attention_configs
+import pytest
+import torch
+import triton
+
+from fastdiff.ops import attention_reference
+from tests.ops.helpers import assert_within_tolerance
+
+GPU_CONFIGS = [
+    triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
+    for m, n, w, s in attention_kernels._GPU_SHAPES + attention_kernels._FP32_SHAPES
+]
+
+
+def entry(**changes) -> dict:
+    base = {
+        "dtype": "fp16",
+        "queries": 4096,
+        "keys": 4096,
+        "head_dim": 40,
+        "block_d": 32,
+        "block_dt": 16,
+        "block_m": 64,
+        "block_n": 32,
+        "num_warps": 4,
+        "num_stages": 2,
+    }
+    return {**base, **changes}
+
+
+def table_file(tmp_path, entries, capability="sm_90", name="table.json"):
+    path = tmp_path / name
+    path.write_text(json.dumps({"capability": capability, "entries": entries}))
+    return path
+
+
+@pytest.fixture(autouse=True)
+def fresh_caches(monkeypatch):
+    attention_configs.load.cache_clear()
+    monkeypatch.setattr(attention_kernels, "_lone_configs", {})
+    yield
+    attention_configs.load.cache_clear()
+
+
+def test_a_table_file_parses_to_shape_keys():
+    capability, table = attention_configs.parse(
+        {"capability": "sm_90", "entries": [entry(), entry(dtype="bf16", keys=77, block_n=64)]},
+        "t",
+    )
+    assert capability == "sm_90"
+    assert table == {
+        ("fp16", 4096, 4096, 40, 32, 16): (64, 32, 4, 2),
+        ("bf16", 4096, 77, 40, 32, 16): (64, 64, 4, 2),
+    }
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        pytest.param([], "an 'entries' list", id="not-an-object"),
+        pytest.param({"capability": "sm_90"}, "an 'entries' list", id="no-entries"),
+        pytest.param({"entries": []}, "'capability' must be", id="no-capability"),
+        pytest.param({"capability": "90", "entries": []}, "such as 'sm_90'", id="bad-capability"),
+        pytest.param({"capability": "sm_90", "entries": [3]}, "entry 0 is not", id="not-dict"),
+        pytest.param(
+            {"capability": "sm_90", "entries": [entry(), {"dtype": "fp16"}]},
+            "entry 1 lacks queries, keys",
+            id="missing-fields",
+        ),
+        pytest.param(
+            {"capability": "sm_90", "entries": [entry(dtype="fp8")]},
+            "dtype 'fp8' is not one of fp16, bf16, fp32",
+            id="dtype",
+        ),
+        pytest.param(
+            {"capability": "sm_90", "entries": [entry(num_warps=0)]},
+            "num_warps must be an integer >= 1, got 0",
+            id="zero",
+        ),
+        pytest.param(
+            {"capability": "sm_90", "entries": [entry(block_m=True)]},
+            "block_m must be an integer",
+            id="bool",
+        ),
+        pytest.param(
+            {"capability": "sm_90", "entries": [entry(keys=77.0)]},
+            "keys must be an integer",
+            id="float",
+        ),
+        pytest.param(
+            {"capability": "sm_90", "entries": [entry(), entry(block_m=128)]},
+            "entry 1: a second, different configuration",
+            id="conflict",
+        ),
+    ],
+)
+def test_a_bad_table_is_refused_naming_the_entry_and_field(data, message):
+    with pytest.raises(ValueError, match="attention configs src") as error:
+        attention_configs.parse(data, "src")
+    assert message in str(error.value)
+
+
+def test_a_repeated_identical_entry_is_accepted():
+    _, table = attention_configs.parse({"capability": "sm_90", "entries": [entry(), entry()]}, "t")
+    assert len(table) == 1
+
+
+def test_a_file_that_is_not_json_is_refused_naming_it(tmp_path):
+    path = tmp_path / "broken.json"
+    path.write_text("{")
+    with pytest.raises(ValueError, match="broken.json: not valid JSON"):
+        attention_configs.read(path)
+
+
+def test_the_environment_picks_a_file_off_or_the_packaged_table(tmp_path, monkeypatch):
+    path = table_file(tmp_path, [entry()])
+    packaged = attention_configs.load("sm_90", "")
+    assert attention_configs.load("sm_90", "off") == {} == attention_configs.load("sm_90", "OFF")
+    assert attention_configs.load("sm_90", str(path)) == {
+        ("fp16", 4096, 4096, 40, 32, 16): (64, 32, 4, 2)
+    }
+    # A file measured on another architecture does not apply.
+    assert attention_configs.load("sm_80", str(path)) == {}
+    with pytest.raises(FileNotFoundError, match="FASTDIFF_ATTENTION_CONFIGS: no such file"):
+        attention_configs.load("sm_90", str(tmp_path / "missing.json"))
+    # The packaged table is the file named after the capability, if one ships.
+    shipped = attention_configs.packaged_path("sm_90")
+    assert packaged == (attention_configs.read(shipped)[1] if shipped.is_file() else {})
+    assert attention_configs.load("sm_12345", "") == {}
+
+
+def test_no_table_applies_off_a_cuda_device(tmp_path, monkeypatch):
+    monkeypatch.setenv(attention_configs.ENV, str(table_file(tmp_path, [entry()])))
+    assert attention_configs.table_for(torch.empty(1, 1, 1, 40)) == {}
+
+
+def shipped_tables():
+    folder = attention_configs.packaged_path("sm_90").parent
+    return sorted(folder.glob("*.json")) if folder.is_dir() else []
+
+
+@pytest.mark.parametrize("path", shipped_tables(), ids=lambda path: path.name)
+def test_every_shipped_table_names_configurations_the_kernel_can_launch(path):
+    """A shipped entry whose configuration the kernel no longer offers for its shape would be
+    ignored at run time (autotuning again): catch it here, when the candidates change."""
+    capability, table = attention_configs.read(path)
+    assert path.stem == capability
+    assert table, f"{path} has no entries"
+    for (dtype, queries, keys, head_dim, block_d, block_dt), shape in table.items():
+        assert attention_kernels.head_blocks(head_dim) == (block_d, block_dt) or (
+            attention_kernels.head_blocks(head_dim, split=False) == (block_d, block_dt)
+        ), f"{path}: blocks {(block_d, block_dt)} are not the kernel's for head dim {head_dim}"
+        q = torch.empty(0, dtype=attention_configs.DTYPES[dtype])
+        args = {
+            "q_ptr": q,
+            "N_QUERIES": queries,
+            "N_KEYS": keys,
+            "BLOCK_D": block_d,
+            "BLOCK_DT": block_dt,
+        }
+        fitting = [
+            attention_kernels._shape(c) for c in attention_kernels._fitting(GPU_CONFIGS, args)
+        ]
+        assert shape in fitting, f"{path}: {shape} is not a candidate for {queries}x{keys}"
+
+
+def use_table(monkeypatch, table: dict) -> None:
+    """Make lone_config see ``table`` for CPU tensors (table_for answers {} off a GPU)."""
+    monkeypatch.setattr(attention_kernels.attention_forward_kernel, "configs", GPU_CONFIGS)
+    monkeypatch.setattr(attention_configs, "table_for", lambda q: table)
+
+
+@pytest.mark.parametrize("autotune", ["1", "0"])
+def test_a_table_entry_is_launched_directly(monkeypatch, autotune):
+    monkeypatch.setenv("FASTDIFF_AUTOTUNE", autotune)
+    use_table(monkeypatch, {("fp16", 4096, 4096, 40, 32, 16): (64, 32, 4, 2)})
+    q = torch.empty(2, 8, 4096, 40, dtype=torch.float16)
+    kernel, options = attention_kernels.lone_config(q, 4096, 4096, 32, 16)
+    assert kernel is attention_kernels.attention_forward_kernel.fn
+    assert options == {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2}
+    assert (64, 32, 4, 2) != attention_kernels.heuristic_shape(48, 4096)
+
+
+@pytest.mark.parametrize(
+    ("key", "why"),
+    [
+        pytest.param(("bf16", 4096, 4096, 40, 32, 16), "another dtype", id="dtype"),
+        pytest.param(("fp16", 4096, 77, 40, 32, 16), "other keys", id="keys"),
+        pytest.param(("fp16", 4096, 4096, 36, 32, 16), "another head dim", id="head-dim"),
+        pytest.param(("fp16", 4096, 4096, 40, 64, 0), "the padded blocks", id="blocks"),
+    ],
+)
+def test_a_table_entry_for_another_shape_leaves_the_autotuner(monkeypatch, key, why):
+    use_table(monkeypatch, {key: (64, 32, 4, 2)})
+    q = torch.empty(2, 8, 4096, 40, dtype=torch.float16)
+    kernel, options = attention_kernels.lone_config(q, 4096, 4096, 32, 16)
+    assert (kernel, options) == (attention_kernels.attention_forward_kernel, {}), why
+
+
+def test_a_stale_table_entry_is_ignored(monkeypatch):
+    # 128-key blocks are not a candidate at head dim 160 (registers): the entry predates that.
+    use_table(monkeypatch, {("fp16", 256, 256, 160, 128, 32): (128, 128, 8, 3)})
+    q = torch.empty(2, 8, 256, 160, dtype=torch.float16)
+    kernel, options = attention_kernels.lone_config(q, 256, 256, 128, 32)
+    assert (kernel, options) == (attention_kernels.attention_forward_kernel, {})
+    monkeypatch.setenv("FASTDIFF_AUTOTUNE", "0")  # then the heuristic config, as without a table
+    kernel, options = attention_kernels.lone_config(q, 256, 256, 128, 32)
+    assert kernel is attention_kernels.attention_forward_kernel.fn
+    got = (options["BLOCK_M"], options["BLOCK_N"], options["num_warps"], options["num_stages"])
+    assert got == attention_kernels.heuristic_shape(160, 256)
+
+
+def test_the_table_setting_is_part_of_the_launch_cache(monkeypatch, tmp_path):
+    """Switching FASTDIFF_ATTENTION_CONFIGS in a process takes effect at the next launch."""
+    monkeypatch.setattr(attention_kernels.attention_forward_kernel, "configs", GPU_CONFIGS)
+    tables = {"": {("fp16", 4096, 4096, 40, 32, 16): (64, 32, 4, 2)}, "off": {}}
+    monkeypatch.setattr(
+        attention_configs,
+        "table_for",
+        lambda q: tables[attention_configs.os.environ.get(attention_configs.ENV, "")],
+    )
+    q = torch.empty(2, 8, 4096, 40, dtype=torch.float16)
+    monkeypatch.setenv(attention_configs.ENV, "")
+    assert attention_kernels.lone_config(q, 4096, 4096, 32, 16)[1]["BLOCK_M"] == 64
+    monkeypatch.setenv(attention_configs.ENV, "off")
+    assert attention_kernels.lone_config(q, 4096, 4096, 32, 16)[1] == {}
+
+
+def test_entries_from_the_autotuner_cache_round_trip(tmp_path):
+    def config(m, n, w, s):
+        return triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
+
+    half, bf16 = str(torch.float16), str(torch.bfloat16)
+    cache = {
+        (4096, 77, 40, 32, 16, half, half, half, half): config(128, 64, 4, 3),
+        (4096, 4096, 40, 32, 16, bf16, bf16, bf16, bf16): config(128, 64, 8, 3),
+        (256, 256, 160, 128, 32, "torch.int8"): config(64, 32, 4, 2),  # not a kernel dtype
+    }
+    entries = attention_configs.entries_from_cache(cache)
+    assert [e["dtype"] for e in entries] == ["bf16", "fp16"]
+    path = table_file(tmp_path, entries)
+    assert attention_configs.read(path)[1] == {
+        ("fp16", 4096, 77, 40, 32, 16): (128, 64, 4, 3),
+        ("bf16", 4096, 4096, 40, 32, 16): (128, 64, 8, 3),
+    }
+
+
+def test_merging_keeps_old_entries_and_takes_new_configurations():
+    old = [entry(), entry(keys=77)]
+    new = [entry(block_m=128, block_n=64, num_warps=8, num_stages=3), entry(queries=1024)]
+    result = attention_configs.merged(old, new)
+    assert len(result) == 3
+    by_shape = {(e["queries"], e["keys"]): e["block_m"] for e in result}
+    assert by_shape == {(4096, 4096): 128, (4096, 77): 64, (1024, 4096): 64}
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_a_table_configuration_runs_correctly_on_the_gpu(tmp_path, monkeypatch):
+    """A shipped configuration other than the heuristic one, launched by the op on the GPU."""
+    from fastdiff.ops import attention, use_backend
+    from fastdiff.ops.attention import attention_eager
+
+    capability = attention_configs.capability_name(torch.device("cuda"))
+    path = table_file(
+        tmp_path,
+        [entry(queries=300, keys=77, head_dim=40, block_m=64, block_n=32, num_warps=4)],
+        capability=capability,
+    )
+    monkeypatch.setenv(attention_configs.ENV, str(path))
+    q = torch.randn(2, 3, 300, 40, device="cuda", dtype=torch.float16)
+    k, v = (torch.randn(2, 3, 77, 40, device="cuda", dtype=torch.float16) for _ in range(2))
+    launched = []
+    lone_config = attention_kernels.lone_config
+
+    def spy(*args):
+        kernel, options = lone_config(*args)
+        launched.append(options)
+        return kernel, options
+
+    monkeypatch.setattr(attention_kernels, "lone_config", spy)
+    with use_backend("triton"):
+        out = attention(q, k, v)
+    assert launched == [{"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2}]
+    assert_within_tolerance(
+        out, attention_reference(q, k, v), attention_eager(q, k, v), "table config 64x32"
+    )
