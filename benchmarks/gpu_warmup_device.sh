@@ -1,15 +1,17 @@
 #!/usr/bin/env bash
-# The warm-up check as one device call (benchmarks/NOTES.md, "What the next GPU run settles", 2):
+# The warm-up check as one device call (benchmarks/NOTES.md, "What the next GPU run settles", 1):
 #   1. tune the attention kernel at the SD1.5 and SDXL U-Nets' shapes (tune_attention.py) and put
 #      the winners where the launcher reads them (fastdiff/assets/attention_configs/);
 #   2. time the U-Nets' first call (bench_unet's warm-up column: Triton compilation, autotuning,
 #      graph capture) in fresh processes with empty Triton caches, as on a fresh machine: with the
-#      table, then with it off (FASTDIFF_ATTENTION_CONFIGS=off), side by side;
+#      table, then with it off (FASTDIFF_ATTENTION_CONFIGS=off), side by side; then SD1.5 with
+#      the table off and the autotuner's candidates compiled one by one (FASTDIFF_COMPILE_THREADS=1);
 #   3. the attention GPU tests with the new table in place.
-#   run: bash benchmarks/gpu_warmup_device.sh     (timeout_s 420; nothing needs carrying)
+#   run: bash benchmarks/gpu_warmup_device.sh     (timeout_s 450; nothing needs carrying)
 # $OUT gets sm_XX.json (the table to commit), warmup.log (everything) and warmup.csv (the rows,
-# in the order sd15 table, sd15 off, sdxl table, sdxl off). Without a GPU, step 1 says so and the
-# rest runs the CPU paths, so the script can be tried anywhere (OUT=/tmp/x bash ...).
+# in the order sd15 table, sd15 off, sdxl table, sdxl off, sd15 off with one compile thread).
+# Without a GPU, step 1 says so and the rest runs the CPU paths, so the script can be tried
+# anywhere (OUT=/tmp/x bash benchmarks/gpu_warmup_device.sh).
 set -u -o pipefail
 export PYTHONUNBUFFERED=1
 OUT="${OUT:?set OUT to the folder to bring back (the device tool sets it)}"
@@ -56,6 +58,12 @@ for workload in sd15_b2 sdxl_b2; do
             --workloads "$workload" --providers fastdiff --csv "$OUT/warmup.csv"
     done
 done
+
+# What the compile threads buy where no table applies: the table-off SD1.5 warm-up compiling
+# the autotuner's candidates one by one.
+part warmup_sd15_b2_off_1thread 150 env TRITON_CACHE_DIR="$SCRATCH/cache-sd15-1thread" \
+    FASTDIFF_ATTENTION_CONFIGS=off FASTDIFF_COMPILE_THREADS=1 python3 benchmarks/bench_unet.py \
+    --workloads sd15_b2 --providers fastdiff --csv "$OUT/warmup.csv"
 
 part tests 150 python3 -m pytest -q -p no:cacheprovider tests/ops/test_attention_configs.py
 part gpu_tests 150 env FASTDIFF_AUTOTUNE=0 python3 -m pytest -q -p no:cacheprovider -m gpu \

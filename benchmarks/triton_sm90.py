@@ -30,6 +30,7 @@ import re
 import subprocess
 import sys
 import tempfile
+import time
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -302,11 +303,46 @@ def all_config_cases() -> list[tuple[str, Callable[[], object]]]:
     return cases
 
 
+def autotune_compile(threads: int) -> int:
+    """Autotune the attention kernel at SD1.5's 64x64 self-attention shape (fp16) with the
+    shipped table off, compiling the candidates in ``threads`` threads (ParallelCompile), and
+    print how many candidates there were, how many kernels were compiled and how long it took.
+    As many kernels as candidates means the timing loop reused every kernel the threads built."""
+    from fastdiff.kernels import attention
+
+    os.environ.update(
+        FASTDIFF_AUTOTUNE="1",
+        FASTDIFF_ATTENTION_CONFIGS="off",
+        FASTDIFF_COMPILE_THREADS=str(threads),
+    )
+    q = torch.empty(2, 8, 4096, 40, dtype=torch.float16)
+    block_d, block_dt = attention.head_blocks(40)
+    args = {"q_ptr": q, "N_QUERIES": 4096, "N_KEYS": 4096, "BLOCK_D": block_d, "BLOCK_DT": block_dt}
+    candidates = len(attention._prune(attention.attention_forward_kernel.configs, args))
+    with compile_only() as produced:
+        begin = time.perf_counter()
+        attention.attention_forward(q, q, q)
+        seconds = time.perf_counter() - begin
+    print(
+        f"autotune compile: {candidates} candidates, {len(produced)} kernels compiled, "
+        f"{threads} threads, {seconds:.2f} s"
+    )
+    return 0 if len(produced) == candidates else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="one shape per kernel family")
     parser.add_argument("--all-configs", action="store_true", help="every attention config")
+    parser.add_argument(
+        "--autotune-compile",
+        type=int,
+        metavar="THREADS",
+        help="only: time the attention autotuner's compilation with THREADS threads",
+    )
     args = parser.parse_args(argv)
+    if args.autotune_compile is not None:
+        return autotune_compile(args.autotune_compile)
     cases = group_norm_cases(args.quick) + attention_cases(args.quick)
     cases += row_cases(args.quick) + sampler_step_cases(args.quick)
     if args.all_configs:

@@ -4,6 +4,7 @@ interpreter cannot run bf16), and the attention configs are chosen per dtype."""
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -70,3 +71,104 @@ def test_every_kernel_compiles_for_sm90():
     for kernel in ("group_norm_single_pass", "group_norm_apply", "attention_forward", "geglu"):
         assert kernel in result.stdout
     assert "layer_norm_kernel" in result.stdout and "sampler_step_kernel" in result.stdout
+
+
+@pytest.mark.skipif(not (NVIDIA_TOOLS / "cuobjdump").exists(), reason="no Triton CUDA backend")
+@pytest.mark.parametrize("threads", [1, 2])
+def test_the_autotuner_times_the_kernels_the_compile_threads_built(tmp_path, threads):
+    """ParallelCompile builds every candidate before the autotuner times them; the timing loop
+    must find each in the kernel cache (a launch option that differed would compile it again:
+    twice as many kernels)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path)  # compile, do not read a cached winner
+    result = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "triton_sm90.py"), "--autotune-compile"]
+        + [str(threads)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=env,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    found = re.search(r"(\d+) candidates, (\d+) kernels compiled", result.stdout)
+    assert found and int(found[1]) > 1 and found[1] == found[2], result.stdout
+
+
+def test_compile_threads_setting(monkeypatch):
+    monkeypatch.delenv("FASTDIFF_COMPILE_THREADS", raising=False)
+    assert attention_kernels.compile_threads() == min(16, os.cpu_count() or 1)
+    monkeypatch.setenv("FASTDIFF_COMPILE_THREADS", "3")
+    assert attention_kernels.compile_threads() == 3
+    for bad in ("0", "-2", "two", "1.5"):
+        monkeypatch.setenv("FASTDIFF_COMPILE_THREADS", bad)
+        with pytest.raises(ValueError, match=f"FASTDIFF_COMPILE_THREADS must be .* got '{bad}'"):
+            attention_kernels.compile_threads()
+
+
+class FakeAutotuner:
+    """The two methods ParallelCompile wraps, and a kernel whose launches are recorded."""
+
+    def __init__(self, configs):
+        self.configs, self.calls = configs, []
+        outer = self
+
+        class Kernel:
+            def run(self, *args, **options):
+                outer.calls.append(("compile", options["BLOCK_M"], options["warmup"]))
+
+        self.fn = Kernel()
+
+    def prune_configs(self, kwargs):
+        return self.configs
+
+    def _bench(self, *args, config, **meta):
+        self.calls.append(("time", config.kwargs["BLOCK_M"]))
+        return 1.0
+
+
+def test_candidates_compile_once_before_the_first_timing_and_not_on_a_disk_hit(monkeypatch):
+    monkeypatch.setenv("FASTDIFF_COMPILE_THREADS", "2")
+    tuner = FakeAutotuner(all_configs()[:3])
+    attention_kernels.ParallelCompile(tuner)
+    meta = {"grid": None, "warmup": False, "HEAD_DIM": 40}
+
+    def tune_round():
+        for config in tuner.prune_configs(meta):
+            tuner._bench(torch.empty(1), config=config, **meta)
+
+    tune_round()
+    blocks = [c.kwargs["BLOCK_M"] for c in tuner.configs]
+    compiled = sorted(call[1] for call in tuner.calls[:3])
+    assert tuner.calls[:3] == [("compile", m, True) for m in compiled]
+    assert compiled == sorted(blocks)
+    assert tuner.calls[3:] == [("time", m) for m in blocks]
+    tuner.calls.clear()
+    tuner.prune_configs(meta)  # Triton's disk cache answered: nothing is timed
+    assert tuner.calls == []
+    tune_round()  # the next new shape compiles its candidates once more
+    assert [call[0] for call in tuner.calls] == ["compile"] * 3 + ["time"] * 3
+    tuner.calls.clear()
+    monkeypatch.setenv("FASTDIFF_COMPILE_THREADS", "1")  # off: the timing loop compiles
+    tune_round()
+    assert [call[0] for call in tuner.calls] == ["time"] * 3
+    tuner.configs = tuner.configs[:1]  # one candidate: nothing to time, nothing compiled ahead
+    tuner.prune_configs(meta)
+    tuner.calls.clear()
+    monkeypatch.setenv("FASTDIFF_COMPILE_THREADS", "2")
+    tuner._bench(torch.empty(1), config=tuner.configs[0], **meta)
+    assert tuner.calls == [("time", tuner.configs[0].kwargs["BLOCK_M"])]
+
+
+def test_a_candidate_that_fails_to_compile_is_left_to_the_timing_loop(monkeypatch):
+    monkeypatch.setenv("FASTDIFF_COMPILE_THREADS", "2")
+    tuner = FakeAutotuner(all_configs()[:2])
+
+    def failing_run(*args, **options):
+        raise RuntimeError("out of shared memory")
+
+    tuner.fn.run = failing_run
+    attention_kernels.ParallelCompile(tuner)
+    meta = {"grid": None, "warmup": False}
+    configs = tuner.prune_configs(meta)
+    assert tuner._bench(torch.empty(1), config=configs[0], **meta) == 1.0
