@@ -3,13 +3,14 @@
 #   1. tune the attention kernel at the SD1.5 and SDXL U-Nets' shapes (tune_attention.py) and put
 #      the winners where the launcher reads them (fastdiff/assets/attention_configs/);
 #   2. time the U-Nets' first call (bench_unet's warm-up column: Triton compilation, autotuning,
-#      graph capture) in fresh processes with empty Triton caches, as on a fresh machine: with the
-#      table, then with it off (FASTDIFF_ATTENTION_CONFIGS=off), side by side; then SD1.5 with
-#      the table off and the autotuner's candidates compiled one by one (FASTDIFF_COMPILE_THREADS=1);
-#   3. the attention GPU tests with the new table in place.
+#      graph capture) in fresh processes with empty Triton caches, as on a fresh machine, with
+#      the table and with it off (FASTDIFF_ATTENTION_CONFIGS=off), and with the kernels compiled
+#      in 16 threads (compile_ahead, ParallelCompile) or one by one at first launch
+#      (FASTDIFF_COMPILE_THREADS=1; with the table off, that is the warm-up before all three);
+#   3. the attention GPU tests with the new table in place, and the CUDA-graph runtime tests.
 #   run: bash benchmarks/gpu_warmup_device.sh     (timeout_s 450; nothing needs carrying)
 # $OUT gets sm_XX.json (the table to commit), warmup.log (everything) and warmup.csv (the rows,
-# in the order sd15 table, sd15 off, sdxl table, sdxl off, sd15 off with one compile thread).
+# in the order of the ROWS list below).
 # Without a GPU, step 1 says so and the rest runs the CPU paths, so the script can be tried
 # anywhere (OUT=/tmp/x bash benchmarks/gpu_warmup_device.sh).
 set -u -o pipefail
@@ -49,25 +50,30 @@ for table in "$OUT"/sm_*.json; do
     [ -e "$table" ] && cp "$table" fastdiff/assets/attention_configs/
 done
 
-for workload in sd15_b2 sdxl_b2; do
-    for setting in table off; do
-        value=""
-        [ "$setting" = off ] && value=off
-        part "warmup_${workload}_$setting" 150 env TRITON_CACHE_DIR="$SCRATCH/cache-$workload-$setting" \
-            FASTDIFF_ATTENTION_CONFIGS="$value" python3 benchmarks/bench_unet.py \
-            --workloads "$workload" --providers fastdiff --csv "$OUT/warmup.csv"
-    done
-done
-
-# What the compile threads buy where no table applies: the table-off SD1.5 warm-up compiling
-# the autotuner's candidates one by one.
-part warmup_sd15_b2_off_1thread 150 env TRITON_CACHE_DIR="$SCRATCH/cache-sd15-1thread" \
-    FASTDIFF_ATTENTION_CONFIGS=off FASTDIFF_COMPILE_THREADS=1 python3 benchmarks/bench_unet.py \
-    --workloads sd15_b2 --providers fastdiff --csv "$OUT/warmup.csv"
+# NAME WORKLOAD TABLE THREADS: the table ("packaged": the one just written; or off) and the
+# compile threads (compile_ahead's and the autotuner's; 1 = each kernel compiled at its first
+# launch, as before both existed). Headline rows first.
+while read -r name workload table threads; do
+    [ "$table" = packaged ] && table=""
+    part "warmup_$name" 150 env TRITON_CACHE_DIR="$SCRATCH/cache-$name" \
+        FASTDIFF_ATTENTION_CONFIGS="$table" FASTDIFF_COMPILE_THREADS="$threads" \
+        python3 benchmarks/bench_unet.py --workloads "$workload" --providers fastdiff \
+        --csv "$OUT/warmup.csv"
+done <<'ROWS'
+sd15_table sd15_b2 packaged 16
+sd15_table_1thread sd15_b2 packaged 1
+sd15_off_1thread sd15_b2 off 1
+sd15_off sd15_b2 off 16
+sdxl_table sdxl_b2 packaged 16
+sdxl_off_1thread sdxl_b2 off 1
+ROWS
 
 part tests 150 python3 -m pytest -q -p no:cacheprovider tests/ops/test_attention_configs.py
 part gpu_tests 150 env FASTDIFF_AUTOTUNE=0 python3 -m pytest -q -p no:cacheprovider -m gpu \
-    tests/ops/test_attention.py
+    tests/ops/test_attention.py tests/ops/test_compile_ahead.py
+# CUDA graphs captured after the compile-ahead pass (the default since it was added).
+part gpu_runtime_tests 150 python3 -m pytest -q -p no:cacheprovider -m gpu \
+    tests/runtime/test_gpu_runtime.py -k "compile_ahead or optimized_unet or graphs_equal_eager"
 
 grep -E "^=== .*(ok in|FAILED)|first call|wrote|^(sd15|sdxl|tiny)_" "$LOG"
 echo "warmup check: ${FAILED:-all parts passed}"

@@ -330,6 +330,67 @@ def autotune_compile(threads: int) -> int:
     return 0 if len(produced) == candidates else 1
 
 
+def compiled_kernels() -> int:
+    """Kernels compiled so far in this process, over fastdiff's Triton kernels."""
+    from fastdiff.kernels import (
+        attention,
+        geglu,
+        group_norm,
+        group_norm_split,
+        layer_norm,
+        sampler_step,
+    )
+
+    total = 0
+    for module in (attention, geglu, group_norm, group_norm_split, layer_norm, sampler_step):
+        for value in vars(module).values():
+            while hasattr(value, "fn") and not isinstance(value, JITFunction):
+                value = value.fn  # autotuner / heuristics wrappers
+            if isinstance(value, JITFunction):
+                total += sum(len(caches[0]) for caches in value.device_caches.values())
+    return total
+
+
+def compile_ahead_check(threads: int, config: str, size: int) -> int:
+    """A U-Net forward (``config`` of benchmarks/model_configs.py, prepared as optimize() does,
+    fp16, latent ``size``) run twice with every op on the triton backend, kernels compiled for
+    sm_90 and never run: first inside ``compile_ahead(threads)``, then plainly. Prints the
+    kernels each pass compiled and its seconds; the plain pass must compile none."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import bench_unet
+    import model_bench
+    from fastdiff.kernels import compile_ahead
+
+    import fastdiff.ops.backend as ops_backend
+    from fastdiff.ops import use_backend
+
+    os.environ.update(FASTDIFF_AUTOTUNE="1", FASTDIFF_ATTENTION_CONFIGS="off")
+    ops_backend.triton_can_run = lambda tensor: True  # CPU tensors too: nothing runs
+    from model_configs import model_config
+
+    context_dim = model_config(config)["cross_attention_dim"]
+    work = bench_unet.UNetWorkload("check", config, 2, size, 77, context_dim)
+    holder = model_bench.ModelHolder("unet", config, torch.device("cpu"), torch.float16)
+    model = holder.fastdiff_model(prepared=True)
+    model.fold_conv_biases(True)
+    model.to(memory_format=torch.channels_last)
+    inputs = bench_unet.unet_inputs(work, "cpu", torch.float16)
+    inputs["sample"] = inputs["sample"].contiguous(memory_format=torch.channels_last)
+    counts, seconds = [], []
+    with torch.no_grad(), use_backend("triton"), compile_only():
+        for ahead in (True, False):
+            before, begin = compiled_kernels(), time.perf_counter()
+            with compile_ahead(threads) if ahead else contextlib.nullcontext():
+                model(**inputs)
+            seconds.append(time.perf_counter() - begin)
+            counts.append(compiled_kernels() - before)
+    print(
+        f"compile ahead ({config}, latent {size}, {threads} threads): {counts[0]} kernels in "
+        f"{seconds[0]:.2f} s; then the forward compiled {counts[1]} more in {seconds[1]:.2f} s"
+    )
+    return 0 if counts[0] > 0 and counts[1] == 0 else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="one shape per kernel family")
@@ -340,7 +401,18 @@ def main(argv: list[str] | None = None) -> int:
         metavar="THREADS",
         help="only: time the attention autotuner's compilation with THREADS threads",
     )
+    parser.add_argument(
+        "--compile-ahead",
+        type=int,
+        metavar="THREADS",
+        help="only: compile a U-Net forward's kernels with compile_ahead(THREADS), then check "
+        "that the forward itself compiles none",
+    )
+    parser.add_argument("--model", default="tiny_sd15_unet", help="with --compile-ahead")
+    parser.add_argument("--latent", type=int, default=8, help="with --compile-ahead")
     args = parser.parse_args(argv)
+    if args.compile_ahead is not None:
+        return compile_ahead_check(args.compile_ahead, args.model, args.latent)
     if args.autotune_compile is not None:
         return autotune_compile(args.autotune_compile)
     cases = group_norm_cases(args.quick) + attention_cases(args.quick)

@@ -1,6 +1,89 @@
-"""fastdiff's Triton kernels and their launchers, installed as ``fastdiff.kernels``."""
+"""fastdiff's Triton kernels and their launchers, installed as ``fastdiff.kernels``.
+
+Every launcher starts its kernels through ``launch``, so that ``compile_ahead()`` can turn a whole
+model's forward pass into a compile-only pass: each kernel it meets is compiled in a background
+thread instead of run, all at once, before the real warm-up (see ``compile_ahead``).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from contextvars import ContextVar
+
+import torch
 
 # Passed to every launch. FP fusion (a * b + c as one FMA) is what the kernels' instruction counts
 # and every measurement assume; Triton 3.9 warns that its default turns it off in 3.10, so it is
 # asked for explicitly rather than left to the installed version's default.
 COMPILE_OPTIONS = {"enable_fp_fusion": True}
+
+_compiling_ahead: ContextVar[bool] = ContextVar("fastdiff_compiling_ahead", default=False)
+
+
+def compile_threads() -> int:
+    """Threads that compile kernels at once (``FASTDIFF_COMPILE_THREADS``; default: the CPU
+    count, at most 16; 1 compiles them one by one, each at its first launch)."""
+    setting = os.environ.get("FASTDIFF_COMPILE_THREADS", "")
+    if not setting:
+        return min(16, os.cpu_count() or 1)
+    if not setting.isdigit() or int(setting) < 1:
+        raise ValueError(f"FASTDIFF_COMPILE_THREADS must be a whole number >= 1, got {setting!r}")
+    return int(setting)
+
+
+def compiling_ahead() -> bool:
+    """True inside ``compile_ahead()``: launches compile their kernel and do not run it."""
+    return _compiling_ahead.get()
+
+
+def launch(kernel, grid, *args, outputs: tuple[torch.Tensor, ...] = (), **kwargs) -> None:
+    """``kernel[grid](*args, **kwargs)``. Inside ``compile_ahead()`` the kernel is compiled for
+    these arguments (in the background) and not run, and ``outputs``, the tensors it would
+    write, are zeroed: what reads them next sees finite values, not uninitialised memory."""
+    if not _compiling_ahead.get():
+        kernel[grid](*args, **kwargs)
+        return
+    for tensor in outputs:
+        tensor.zero_()
+    kernel.run(*args, grid=grid, warmup=True, **kwargs)
+
+
+def _async_compile_mode():
+    """Triton's AsyncCompileMode (3.6 and 3.9 have it), or None where this Triton lacks it."""
+    try:
+        from triton.runtime._async_compile import AsyncCompileMode
+    except ImportError:
+        return None
+    return AsyncCompileMode
+
+
+@contextmanager
+def compile_ahead(threads: int | None = None) -> Iterator[None]:
+    """Run a model's forward inside this to compile every Triton kernel it will launch, in
+    ``threads`` threads at once (default ``compile_threads()``), before running it for real.
+
+    Inside, fastdiff's launches compile and skip the kernel (zeroing its outputs, so the PyTorch
+    ops in between compute on zeros); the attention autotuner's candidates for a new shape are
+    all compiled and none is timed (the real run times them, compiled). Leaving waits for the
+    compilations; a kernel that failed to compile is compiled again, and fails as before, when
+    it is first run. The forward's results inside are meaningless: the CUDA-graph backend runs
+    one such pass ahead of its warm-up runs, which it discards anyway. Serial (still correct)
+    with one thread, without Triton's AsyncCompileMode, and a no-op under ``TRITON_INTERPRET=1``
+    or when already inside."""
+    if _compiling_ahead.get() or os.environ.get("TRITON_INTERPRET", "0") == "1":
+        yield
+        return
+    threads = compile_threads() if threads is None else threads
+    mode = _async_compile_mode() if threads > 1 else None
+    token = _compiling_ahead.set(True)
+    try:
+        if mode is None:
+            yield
+        else:
+            with ThreadPoolExecutor(threads) as pool, mode(pool, ignore_errors=True):
+                yield
+    finally:
+        _compiling_ahead.reset(token)

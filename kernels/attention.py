@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import COMPILE_OPTIONS, attention_configs
+from . import COMPILE_OPTIONS, attention_configs, compile_threads, compiling_ahead, launch
 
 LOG2_E = 1.4426950408889634
 MAX_HEAD_DIM = 256
@@ -287,17 +287,6 @@ def attention_forward_kernel(
         )
 
 
-def compile_threads() -> int:
-    """Threads that compile the autotuner's candidates at once (``FASTDIFF_COMPILE_THREADS``;
-    default: the CPU count, at most 16; 1 compiles them one by one, inside the timing loop)."""
-    setting = os.environ.get("FASTDIFF_COMPILE_THREADS", "")
-    if not setting:
-        return min(16, os.cpu_count() or 1)
-    if not setting.isdigit() or int(setting) < 1:
-        raise ValueError(f"FASTDIFF_COMPILE_THREADS must be a whole number >= 1, got {setting!r}")
-    return int(setting)
-
-
 class ParallelCompile:
     """Compile the autotuner's candidates for a new shape all at once, in threads, before it
     times them: its timing loop otherwise compiles each in turn (0.3-0.8 s per configuration on
@@ -469,32 +458,49 @@ def attention_forward(
     def grid(meta):
         return (triton.cdiv(queries, meta["BLOCK_M"]), batch * heads)
 
-    def launch(split: bool) -> None:
+    def run(split: bool) -> None:
         block_d, block_dt = head_blocks(head_dim, split)
         kernel, config = lone_config(q, queries, keys, block_d, block_dt)
-        kernel[grid](
-            q,
-            k,
-            v,
-            out,
-            scale * LOG2_E,
-            heads,
-            *(value for t in (q, k, v, out) for value in scaled_strides(t, unit)),
-            queries,
-            keys,
-            STRIDE_UNIT=unit,
-            HEAD_DIM=head_dim,
-            BLOCK_D=block_d,
-            BLOCK_DT=block_dt,
-            DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-            **config,
-            **COMPILE_OPTIONS,
-        )
+        if compiling_ahead() and kernel is attention_forward_kernel:
+            # The autotuner would time its candidates (on outputs that compile_ahead skips):
+            # compile every candidate instead, and leave the timing to the real run.
+            args = {"q_ptr": q, "N_QUERIES": queries, "N_KEYS": keys}
+            candidates = _prune(kernel.configs, args, BLOCK_D=block_d, BLOCK_DT=block_dt)
+            # all_kwargs(): the launch options exactly as the autotuner passes them, so its
+            # timing launches find these kernels in the cache.
+            launches = [(kernel.fn, c.all_kwargs()) for c in candidates]
+        else:
+            launches = [(kernel, config)]
+        for kernel, config in launches:
+            launch(
+                kernel,
+                grid,
+                q,
+                k,
+                v,
+                out,
+                scale * LOG2_E,
+                heads,
+                *(value for t in (q, k, v, out) for value in scaled_strides(t, unit)),
+                queries,
+                keys,
+                STRIDE_UNIT=unit,
+                HEAD_DIM=head_dim,
+                BLOCK_D=block_d,
+                BLOCK_DT=block_dt,
+                DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+                outputs=(out,),
+                # Options in the autotuner's order (its own, then the config's): Triton's kernel
+                # cache key is the options dict as written, so the same options in another
+                # order would compile the kernel again.
+                **COMPILE_OPTIONS,
+                **config,
+            )
 
     global _split_head_dim_works
     if SPLIT_HEAD_DIM and _split_head_dim_works and head_blocks(head_dim)[1] > 0:
         try:
-            launch(split=True)
+            run(split=True)
             return out
         except Exception as error:  # a compiler that rejects the split: keep the padded kernel
             _split_head_dim_works = False
@@ -504,5 +510,5 @@ def attention_forward(
                 RuntimeWarning,
                 stacklevel=2,
             )
-    launch(split=False)
+    run(split=False)
     return out

@@ -7,7 +7,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import COMPILE_OPTIONS
+from . import COMPILE_OPTIONS, launch
 
 
 @triton.jit
@@ -43,7 +43,17 @@ def geglu_forward(x: torch.Tensor) -> torch.Tensor:
     block_d = max(2, min(triton.next_power_of_2(width), 1024))
     block_r = max(1, min(4096 // block_d, triton.next_power_of_2(rows)))
     grid = (triton.cdiv(rows, block_r), triton.cdiv(width, block_d))
-    geglu_kernel[grid](
-        x2d, y, rows, width, x2d.stride(0), BLOCK_R=block_r, BLOCK_D=block_d, **COMPILE_OPTIONS
+    launch(
+        geglu_kernel,
+        grid,
+        x2d,
+        y,
+        rows,
+        width,
+        x2d.stride(0),
+        BLOCK_R=block_r,
+        BLOCK_D=block_d,
+        outputs=(y,),
+        **COMPILE_OPTIONS,
     )
     return y

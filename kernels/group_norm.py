@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import COMPILE_OPTIONS
+from . import COMPILE_OPTIONS, compiling_ahead, launch
 from .group_norm_split import channel_offsets, split_reduction
 
 # Largest group (channels per group x spatial size) for the single-program-per-group kernel: a
@@ -204,7 +204,9 @@ def group_norm_forward(
         block_cg = max(2, triton.next_power_of_2(per_group))
         block_s = max(2, min(triton.next_power_of_2(spatial), max(16, 8192 // block_cg)))
         try:
-            group_norm_single_pass_kernel[(num_samples * num_groups,)](
+            launch(
+                group_norm_single_pass_kernel,
+                (num_samples * num_groups,),
                 x,
                 y,
                 weight if weight is not None else y,
@@ -225,9 +227,11 @@ def group_norm_forward(
                 SILU=bool(silu),
                 SINGLE_TILE=block_s >= spatial,
                 num_warps=8,
+                outputs=(y,),
                 **COMPILE_OPTIONS,
             )
-            _single_pass_state = "works"
+            if not compiling_ahead():  # compiled ahead, it has not been run yet
+                _single_pass_state = "works"
             return y
         except Exception as error:
             if _single_pass_state == "works":

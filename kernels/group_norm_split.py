@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import COMPILE_OPTIONS
+from . import COMPILE_OPTIONS, launch
 
 
 @triton.jit
@@ -247,7 +247,9 @@ def split_reduction(
     splits = triton.cdiv(spatial_tiles, tiles_per_split)
 
     partial = torch.empty(2 * num_samples * splits * channels, dtype=torch.float32, device=x.device)
-    group_norm_partial_stats_kernel[(splits, channel_blocks, num_samples)](
+    launch(
+        group_norm_partial_stats_kernel,
+        (splits, channel_blocks, num_samples),
         x,
         partial,
         num_samples,
@@ -261,12 +263,15 @@ def split_reduction(
         # Two fp32 accumulators of a 4096-element tile: at 4 warps (64 values per thread) the NCHW
         # fp16 variant spilled 8 bytes with sm_90's ptxas (benchmarks/triton_sm90.py).
         num_warps=8,
+        outputs=(partial,),
         **COMPILE_OPTIONS,
     )
     block_cg = max(2, triton.next_power_of_2(per_group))
     block_split = max(2, min(triton.next_power_of_2(splits), max(2, 4096 // block_cg)))
     folded = torch.empty(3 * num_samples * channels, dtype=torch.float32, device=x.device)
-    group_norm_finalize_kernel[(num_samples * num_groups,)](
+    launch(
+        group_norm_finalize_kernel,
+        (num_samples * num_groups,),
         x,
         partial,
         weight if weight is not None else folded,
@@ -288,9 +293,12 @@ def split_reduction(
         HAS_WEIGHT=weight is not None,
         HAS_BIAS=bias is not None,
         HAS_OFFSET=offset is not None,
+        outputs=(folded,),
         **COMPILE_OPTIONS,
     )
-    group_norm_apply_kernel[(spatial_tiles, channel_blocks, num_samples)](
+    launch(
+        group_norm_apply_kernel,
+        (spatial_tiles, channel_blocks, num_samples),
         x,
         y,
         folded,
@@ -302,5 +310,6 @@ def split_reduction(
         BLOCK_C=block_c,
         BLOCK_S=block_s,
         SILU=bool(silu),
+        outputs=(y,),
         **COMPILE_OPTIONS,
     )

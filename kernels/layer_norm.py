@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import COMPILE_OPTIONS
+from . import COMPILE_OPTIONS, launch
 
 MAX_ROW = 8192  # one row must fit a program's registers
 
@@ -92,7 +92,9 @@ def layer_norm_forward(
         return y if residual is None else (total, y)
     block_d = max(2, triton.next_power_of_2(width))
     block_r = max(1, min(4096 // block_d, triton.next_power_of_2(rows)))
-    layer_norm_kernel[(triton.cdiv(rows, block_r),)](
+    launch(
+        layer_norm_kernel,
+        (triton.cdiv(rows, block_r),),
         x2d,
         y,
         weight if weight is not None else y,
@@ -112,6 +114,7 @@ def layer_norm_forward(
         HAS_RESIDUAL=residual is not None,
         HAS_SUM_BIAS=residual is not None and sum_bias is not None,
         num_warps=4 if block_d <= 1024 else 8,
+        outputs=(y,) if total is None else (y, total),
         **COMPILE_OPTIONS,
     )
     return y if residual is None else (total, y)

@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import COMPILE_OPTIONS
+from . import COMPILE_OPTIONS, launch
 
 BLOCK = 1024  # 8 fp16 values (128 bits) per thread at 4 warps
 
@@ -92,7 +92,9 @@ def sampler_step_forward(
     numel = x.numel()
     if numel == 0:
         return x_next, x0
-    sampler_step_kernel[(triton.cdiv(numel, BLOCK),)](
+    launch(
+        sampler_step_kernel,
+        (triton.cdiv(numel, BLOCK),),
         x,
         model_output,
         coefficients,
@@ -112,6 +114,7 @@ def sampler_step_forward(
         HAS_PREV=x0_prev is not None,
         HAS_NOISE=noise is not None,
         num_warps=4,
+        outputs=(x_next, x0),
         **COMPILE_OPTIONS,
     )
     return x_next, x0

@@ -6,7 +6,7 @@ reference is the sampling layer's ``apply_plan_row`` (ops sit below sampling).
 """
 
 from fastdiff.ops.attention import attention, attention_reference
-from fastdiff.ops.backend import BACKENDS, select_backend, use_backend
+from fastdiff.ops.backend import BACKENDS, compile_ahead, select_backend, use_backend
 from fastdiff.ops.geglu import geglu, geglu_reference
 from fastdiff.ops.group_norm import group_norm, group_norm_reference
 from fastdiff.ops.layer_norm import (
@@ -23,6 +23,7 @@ __all__ = [
     "add_layer_norm_reference",
     "attention",
     "attention_reference",
+    "compile_ahead",
     "geglu",
     "geglu_reference",
     "group_norm",

@@ -83,6 +83,16 @@ def triton_available() -> bool:
     return True
 
 
+def compile_ahead() -> contextlib.AbstractContextManager:
+    """``fastdiff.kernels.compile_ahead()`` (a pass in which every Triton kernel launched compiles
+    in background threads instead of running) where Triton is installed, else a no-op."""
+    if not triton_available():
+        return contextlib.nullcontext()
+    from fastdiff.kernels import compile_ahead as kernels_compile_ahead
+
+    return kernels_compile_ahead()
+
+
 def triton_can_run(tensor: torch.Tensor) -> bool:
     """True when a Triton kernel can run on this tensor's device."""
     if not triton_available():

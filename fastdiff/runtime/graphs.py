@@ -19,6 +19,8 @@ from typing import Any, Protocol
 
 import torch
 
+from fastdiff.ops import compile_ahead as ops_compile_ahead
+
 
 @dataclass(frozen=True)
 class GraphKey:
@@ -91,12 +93,21 @@ class CudaGraphBackend:
     (``benchmark=True``) and Triton's autotuner pick their algorithms and allocates cuBLAS/cuDNN
     workspaces outside the capture, as PyTorch's CUDA-graph notes require. ``prepare`` resets the
     static inputs before each warm-up run (the body mutates them, e.g. the step index, and an index
-    past the end of the plan would read out of bounds).
+    past the end of the plan would read out of bounds). With ``compile_ahead`` (the default) one
+    more pass runs first, inside ``fastdiff.ops.compile_ahead()``: each Triton kernel the body
+    launches is compiled there, all of them at once in threads, rather than one after another
+    at first launch (a U-Net launches some 40 distinct kernels).
     """
 
-    def __init__(self, warmup_runs: int = 2, device: torch.device | str | None = None):
+    def __init__(
+        self,
+        warmup_runs: int = 2,
+        device: torch.device | str | None = None,
+        compile_ahead: bool = True,
+    ):
         self.warmup_runs = warmup_runs
         self.device = torch.device(device if device is not None else "cuda")
+        self.compile_ahead = compile_ahead
 
     def capture(
         self, body: Callable[[], None], prepare: Callable[[], None]
@@ -109,6 +120,13 @@ class CudaGraphBackend:
             side = torch.cuda.Stream(device=self.device)
             side.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(side), torch.no_grad():
+                if self.compile_ahead:
+                    # A pass in which every Triton kernel the body launches compiles, in threads,
+                    # all at once, instead of one by one at its first launch below (its results
+                    # are discarded like the warm-up runs': prepare() resets the inputs).
+                    with ops_compile_ahead():
+                        prepare()
+                        body()
                 for _ in range(self.warmup_runs):
                     prepare()
                     body()

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import fastdiff.kernels as kernels
 import fastdiff.kernels.attention as attention_kernels
 import pytest
 import torch
@@ -95,15 +96,35 @@ def test_the_autotuner_times_the_kernels_the_compile_threads_built(tmp_path, thr
     assert found and int(found[1]) > 1 and found[1] == found[2], result.stdout
 
 
+@pytest.mark.skipif(not (NVIDIA_TOOLS / "cuobjdump").exists(), reason="no Triton CUDA backend")
+def test_a_forward_compiled_ahead_compiles_nothing_more(tmp_path):
+    """compile_ahead on a toy SD1.5 U-Net (every op on the triton backend, attention autotuned):
+    the launches inside it compile each kernel with the options the real launches (and the
+    autotuner's timing launches) use, so the forward after it compiles none."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path)
+    result = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "triton_sm90.py"), "--compile-ahead", "2"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=env,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    found = re.search(r"(\d+) kernels in .* compiled (\d+) more", result.stdout)
+    assert found and int(found[1]) > 10 and found[2] == "0", result.stdout
+
+
 def test_compile_threads_setting(monkeypatch):
     monkeypatch.delenv("FASTDIFF_COMPILE_THREADS", raising=False)
-    assert attention_kernels.compile_threads() == min(16, os.cpu_count() or 1)
+    assert kernels.compile_threads() == min(16, os.cpu_count() or 1)
     monkeypatch.setenv("FASTDIFF_COMPILE_THREADS", "3")
-    assert attention_kernels.compile_threads() == 3
+    assert kernels.compile_threads() == 3
     for bad in ("0", "-2", "two", "1.5"):
         monkeypatch.setenv("FASTDIFF_COMPILE_THREADS", bad)
         with pytest.raises(ValueError, match=f"FASTDIFF_COMPILE_THREADS must be .* got '{bad}'"):
-            attention_kernels.compile_threads()
+            kernels.compile_threads()
 
 
 class FakeAutotuner:

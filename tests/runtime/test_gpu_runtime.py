@@ -299,3 +299,43 @@ def test_failed_capture_message_names_the_op_that_broke_it():
     (message,) = cache.stats.failed_keys.values()
     # the body's own error first, not only "operation failed due to a previous error"
     assert "previous error" not in message.split("(then")[0], message
+
+
+@pytest.mark.parametrize("ahead", [True, False], ids=["compile-ahead", "compile-at-launch"])
+def test_capture_after_a_compile_ahead_pass_replays_correctly(monkeypatch, ahead):
+    """CudaGraphBackend's compile-ahead pass (kernels compiled, not run; outputs zeroed) must
+    leave nothing behind: the warm-up, capture and replays compute as without it. Shapes no
+    other test uses, so the kernels are new to this process."""
+    import fastdiff.runtime.graphs as graphs
+    from fastdiff.ops import attention, attention_reference, group_norm, group_norm_reference
+
+    entered = []
+    real_compile_ahead = graphs.ops_compile_ahead
+
+    def spy():
+        entered.append(True)
+        return real_compile_ahead()
+
+    monkeypatch.setattr(graphs, "ops_compile_ahead", spy)
+    x = torch.randn(2, 96, 7, 9, device="cuda", dtype=torch.float16)
+    q = torch.randn(2, 3, 63, 56, device="cuda", dtype=torch.float16)
+    out = {}
+
+    def body():
+        out["norm"] = group_norm(x, 12, None, None, silu=True)
+        out["attention"] = attention(q, q * 0.5, q)
+
+    cache = runtime.GraphCache(runtime.CudaGraphBackend(compile_ahead=ahead))
+    with use_backend("triton"):
+        key = runtime.GraphKey("ahead", 2, 7, 9, torch.float16)
+        entry = cache.get(key, lambda: (out, body, lambda: None))
+    x.copy_(torch.randn_like(x))
+    entry.replay()
+    torch.cuda.synchronize()
+    assert entered == ([True] if ahead else [])
+    norm_reference = group_norm_reference(x, 12, None, None, silu=True)
+    eager = torch.nn.functional.silu(torch.nn.functional.group_norm(x, 12))
+    assert max_error(out["norm"], norm_reference) <= 2e-3 + 2 * max_error(eager, norm_reference)
+    reference = attention_reference(q, q * 0.5, q)
+    eager = torch.nn.functional.scaled_dot_product_attention(q, q * 0.5, q)
+    assert max_error(out["attention"], reference) <= 2e-3 + 2 * max_error(eager, reference)

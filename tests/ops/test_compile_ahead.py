@@ -1,0 +1,119 @@
+"""compile_ahead (fastdiff/kernels/__init__.py): a pass in which the launchers compile their
+kernels instead of running them, all at once in threads. The compile itself is checked for sm_90
+in test_triton_sm90.py (a U-Net's second forward must compile nothing); here the launch logic."""
+
+from __future__ import annotations
+
+import fastdiff.kernels as kernels
+import fastdiff.kernels.group_norm as group_norm_kernels
+import pytest
+import torch
+
+from fastdiff.ops import compile_ahead, group_norm, group_norm_reference, use_backend
+from tests.ops.helpers import INTERPRET
+
+
+class FakeKernel:
+    def __init__(self):
+        self.calls = []
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.calls.append(("launch", grid, args, kwargs))
+
+    def run(self, *args, grid, warmup, **kwargs):
+        self.calls.append(("compile", grid, args, {**kwargs, "warmup": warmup}))
+
+
+@pytest.fixture
+def compiled_ahead(monkeypatch):
+    """compile_ahead as on a GPU machine (it is a no-op under the interpreter)."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    used = []
+
+    class Mode:
+        def __init__(self, pool, ignore_errors):
+            used.append(("mode", ignore_errors))
+
+        def __enter__(self):
+            used.append("enter")
+
+        def __exit__(self, *exc):
+            used.append("exit")
+
+    monkeypatch.setattr(kernels, "_async_compile_mode", lambda: Mode)
+    return used
+
+
+def test_a_launch_runs_the_kernel_outside_compile_ahead():
+    kernel, out = FakeKernel(), torch.ones(3)
+    kernels.launch(kernel, (4,), out, 7, BLOCK=16, outputs=(out,))
+    assert kernel.calls == [("launch", (4,), (out, 7), {"BLOCK": 16})]
+    assert out.tolist() == [1.0, 1.0, 1.0]
+
+
+def test_inside_compile_ahead_a_launch_compiles_and_zeroes_its_outputs(compiled_ahead):
+    kernel, out, source = FakeKernel(), torch.ones(3), torch.ones(3)
+    with kernels.compile_ahead(threads=2):
+        assert kernels.compiling_ahead()
+        kernels.launch(kernel, (4,), source, out, BLOCK=16, outputs=(out,))
+    assert not kernels.compiling_ahead()
+    assert kernel.calls == [("compile", (4,), (source, out), {"BLOCK": 16, "warmup": True})]
+    assert out.tolist() == [0.0, 0.0, 0.0] and source.tolist() == [1.0, 1.0, 1.0]
+    assert compiled_ahead == [("mode", True), "enter", "exit"]
+
+
+def test_one_thread_compiles_in_place_and_the_flag_resets_after_an_error(compiled_ahead):
+    with pytest.raises(RuntimeError, match="boom"), kernels.compile_ahead(threads=1):
+        assert kernels.compiling_ahead()
+        raise RuntimeError("boom")
+    assert not kernels.compiling_ahead()
+    assert compiled_ahead == []  # no background threads for one
+
+
+def test_a_nested_compile_ahead_is_part_of_the_outer_one(compiled_ahead):
+    with kernels.compile_ahead(threads=2):
+        with kernels.compile_ahead(threads=2):
+            assert kernels.compiling_ahead()
+        assert kernels.compiling_ahead()  # the inner exit did not end the pass
+    assert compiled_ahead == [("mode", True), "enter", "exit"]
+
+
+def test_without_async_compile_the_pass_compiles_serially(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setattr(kernels, "_async_compile_mode", lambda: None)
+    kernel = FakeKernel()
+    with kernels.compile_ahead(threads=4):
+        kernels.launch(kernel, (1,), BLOCK=2)
+    assert [call[0] for call in kernel.calls] == ["compile"]
+
+
+def test_the_triton_in_use_has_async_compile_mode():
+    """Both Triton versions fastdiff runs on (3.6 on the GPU machine, 3.9 here) have it: a
+    Triton without it would silently compile one kernel after another."""
+    pytest.importorskip("triton")
+    assert kernels._async_compile_mode() is not None
+
+
+@pytest.mark.skipif(not INTERPRET, reason="checks the interpreter's behaviour")
+def test_under_the_interpreter_compile_ahead_runs_the_kernels():
+    """Nothing to compile there: the pass is a plain run, with real results."""
+    x = torch.randn(2, 8, 4, 4)
+    with use_backend("triton"), compile_ahead():
+        assert not kernels.compiling_ahead()
+        out = group_norm(x, 4, None, None, silu=True)
+    torch.testing.assert_close(out, group_norm_reference(x, 4, None, None, silu=True))
+
+
+def test_a_compiled_ahead_single_pass_kernel_is_not_yet_known_to_work(monkeypatch):
+    """The single-pass GroupNorm kernel falls back to the split reduction when it fails at its
+    first use, but raises once it has worked: a launch that only compiled must not count as
+    having worked."""
+    monkeypatch.setattr(group_norm_kernels, "_single_pass_state", "untried")
+    monkeypatch.setattr(group_norm_kernels, "launch", lambda *args, **kwargs: None)
+    monkeypatch.setattr(group_norm_kernels, "compiling_ahead", lambda: True)
+    x = torch.randn(2, 8, 4, 4)
+    group_norm_kernels.group_norm_forward(x, 4, None, None, 1e-5, False)
+    assert group_norm_kernels._single_pass_state == "untried"
+    monkeypatch.setattr(group_norm_kernels, "compiling_ahead", lambda: False)
+    group_norm_kernels.group_norm_forward(x, 4, None, None, 1e-5, False)
+    assert group_norm_kernels._single_pass_state == "works"
