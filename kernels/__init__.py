@@ -24,8 +24,9 @@ _compiling_ahead: ContextVar[bool] = ContextVar("fastdiff_compiling_ahead", defa
 
 
 def compile_threads() -> int:
-    """Threads that compile kernels at once (``FASTDIFF_COMPILE_THREADS``; default: the CPU
-    count, at most 16; 1 compiles them one by one, each at its first launch)."""
+    """Threads that compile kernels at once, in ``compile_ahead`` and for the attention
+    autotuner's candidates (``FASTDIFF_COMPILE_THREADS``; default: the CPU count, at most 16;
+    1 compiles one kernel at a time)."""
     setting = os.environ.get("FASTDIFF_COMPILE_THREADS", "")
     if not setting:
         return min(16, os.cpu_count() or 1)

@@ -139,7 +139,8 @@ def select_backend(
             return "eager"
         if choice == "cuda":
             module = cuda_extension_module()
-            if module is not None and module.available():
+            # Only an extension that loads without compiling (see cuda_extension.available).
+            if module is not None and module.available(build=False):
                 return "cuda"
         return "triton"
     # Default: kernels on CUDA; the interpreter is opt-in through use_backend/FASTDIFF_BACKEND.

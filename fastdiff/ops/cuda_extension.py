@@ -16,6 +16,7 @@ trace them). ``fastdiff.ops`` calls ``<op>(*args)`` here when backend ``cuda`` i
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import threading
 import time
@@ -148,8 +149,40 @@ def _load() -> str | None:
     return None
 
 
-def available() -> bool:
-    """True when the CUDA extension is loaded (building it on the first call if needed)."""
+def library_path() -> Path:
+    """The shared library a JIT build leaves in ``build_directory()``."""
+    return build_directory() / f"{EXTENSION_NAME}.so"
+
+
+def _unbuilt_reason() -> str | None:
+    """None when loading needs no compiler (prebuilt ``fastdiff._C``, a JIT build already in the
+    cache, or the ops already registered); else why it would have to build, or cannot load."""
+    reason = _missing_prerequisite()
+    if reason is not None:
+        return reason
+    if _ops_registered() or importlib.util.find_spec("fastdiff._C") is not None:
+        return None
+    if library_path().is_file():
+        return None
+    return (
+        f"not built (no {library_path()}, no prebuilt fastdiff._C); the auto backend does not "
+        "build it: FASTDIFF_BACKEND=cuda builds it on first use, and then auto uses it too"
+    )
+
+
+def available(build: bool = True) -> bool:
+    """True when the CUDA extension is loaded (building it on the first call if needed).
+
+    ``build=False`` (the ``auto`` backend's question): True only when it loads without compiling.
+    A JIT build takes about 15 s (on the H200 machine) and needs nvcc and ninja, while the
+    extension's kernels beat the Triton ones by a few microseconds per step at most (GroupNorm
+    at two SD shapes, benchmarks/NOTES.md): too much first-use cost for a choice made behind the
+    user's back. A JIT build whose sources changed since is rebuilt when loaded, as before."""
+    if not build and "reason" not in _state:
+        if "unbuilt" not in _state:
+            _state["unbuilt"] = _unbuilt_reason()
+        if _state["unbuilt"] is not None:
+            return False
     if "reason" not in _state:
         with _lock:
             if "reason" not in _state:
@@ -167,9 +200,10 @@ def available() -> bool:
     return _state["reason"] is None
 
 
-def unavailable_reason() -> str:
-    """Why ``available()`` is False ("" when it is True)."""
-    available()
+def unavailable_reason(build: bool = True) -> str:
+    """Why ``available(build)`` is False ("" when it is True)."""
+    if not available(build) and "reason" not in _state:
+        return str(_state["unbuilt"])
     reason = _state["reason"]
     return "" if reason is None else str(reason)
 

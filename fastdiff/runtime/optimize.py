@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from fastdiff.ops import use_backend
-from fastdiff.ops.backend import requested_backend
+from fastdiff.ops.backend import cuda_extension_module, requested_backend
 from fastdiff.runtime.denoise import GraphedDenoiser, build_call
 from fastdiff.runtime.graphed_call import GraphedCall
 from fastdiff.runtime.graphs import CudaGraphBackend, EagerGraphBackend, GraphBackend, GraphCache
@@ -368,6 +368,9 @@ def optimize(
             else "fastdiff kernels (ops backend: auto: per op and shape the faster of the CUDA "
             "extension and Triton by the measured table, Triton where none was measured)"
         )
+        extension = cuda_extension_module()
+        if not forced and extension is not None and not extension.available(build=False):
+            report.skipped["CUDA extension"] = extension.unavailable_reason(build=False)
     elif on_cuda:
         report.skipped["Triton kernels"] = "kernels=False: ops run the eager PyTorch backend"
 

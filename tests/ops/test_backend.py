@@ -54,7 +54,7 @@ def gpu_world(monkeypatch):
     monkeypatch.setattr(autoselect, "load_table", lambda: table)
     autoselect.cached_preference.cache_clear()  # answers memoised against another table
     monkeypatch.setattr(backend, "triton_available", lambda: True)
-    extension = SimpleNamespace(available=lambda: True)
+    extension = SimpleNamespace(available=lambda build=True: True)
     monkeypatch.setattr(backend, "cuda_extension_module", lambda: extension)
     yield extension
     autoselect.cached_preference.cache_clear()
@@ -78,7 +78,7 @@ def test_auto_follows_the_measured_winner_per_shape(gpu_world):
 
 
 def test_auto_uses_triton_when_the_extension_is_not_available(gpu_world):
-    gpu_world.available = lambda: False
+    gpu_world.available = lambda build=True: False
     with use_backend("auto"):
         assert select_backend(GPU_TENSOR, "group_norm", lambda: "2x640x32x32|fp16|nhwc") == "triton"
 

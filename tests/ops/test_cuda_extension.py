@@ -205,3 +205,71 @@ def test_stale_build_lock_is_removed_and_a_fresh_one_kept(tmp_path):
     os.utime(lock, (old, old))
     cuda_extension._remove_stale_lock(tmp_path)
     assert not lock.exists()
+
+
+def test_the_auto_backend_never_builds_the_extension(fresh_loader, monkeypatch, tmp_path):
+    """available(build=False): only an extension that loads without compiling counts."""
+    monkeypatch.setenv("FASTDIFF_CUDA_BUILD_DIR", str(tmp_path))
+    monkeypatch.setattr(fresh_loader, "_jit_prerequisite", lambda: None)
+    builds = []
+
+    def build():
+        builds.append(True)
+        fresh_loader._ops_registered = lambda: True  # what loading the library does
+
+    monkeypatch.setattr(fresh_loader, "_jit_build", build)
+    assert fresh_loader.available(build=False) is False
+    reason = fresh_loader.unavailable_reason(build=False)
+    assert reason.startswith("not built") and "FASTDIFF_BACKEND=cuda builds it" in reason
+    assert str(tmp_path) in reason and builds == []
+    # An explicit request builds it; then the auto backend's answer is True as well.
+    assert fresh_loader.available() is True and builds == [True]
+    assert fresh_loader.available(build=False) is True
+    assert fresh_loader.unavailable_reason(build=False) == ""
+
+
+def test_a_cached_jit_build_is_loaded_by_the_auto_backend(fresh_loader, monkeypatch, tmp_path):
+    monkeypatch.setenv("FASTDIFF_CUDA_BUILD_DIR", str(tmp_path))
+    fresh_loader.library_path().touch()
+    monkeypatch.setattr(fresh_loader, "_jit_prerequisite", lambda: None)
+    loads = []
+
+    def load():  # torch's load() of an up-to-date build only opens the library
+        loads.append(True)
+        fresh_loader._ops_registered = lambda: True
+
+    monkeypatch.setattr(fresh_loader, "_jit_build", load)
+    assert fresh_loader.available(build=False) is True and loads == [True]
+
+
+def test_without_a_gpu_the_auto_backend_question_names_the_missing_prerequisite(monkeypatch):
+    monkeypatch.setattr(cuda_extension, "_state", {})
+    monkeypatch.setenv("FASTDIFF_CUDA_EXTENSION", "0")
+    assert cuda_extension.available(build=False) is False
+    assert cuda_extension.unavailable_reason(build=False) == "disabled by FASTDIFF_CUDA_EXTENSION=0"
+
+
+class CudaTensor:
+    """Just what select_backend reads of a tensor."""
+
+    is_cuda = True
+
+
+def test_auto_takes_triton_where_the_table_prefers_an_unbuilt_extension(monkeypatch):
+    from fastdiff.ops import autoselect
+    from fastdiff.ops import backend as ops_backend
+
+    monkeypatch.setattr(ops_backend, "triton_available", lambda: True)
+    monkeypatch.setattr(autoselect, "cached_preference", lambda op, key: "cuda")
+    asked = []
+
+    def available(build=True):
+        asked.append(build)
+        return not build  # a stand-in whose answer differs: the build=False answer must count
+
+    monkeypatch.setattr(cuda_extension, "available", available)
+    with use_backend("auto"):
+        assert select_backend(CudaTensor(), "group_norm", lambda: "key") == "cuda"
+        assert asked == [False]
+        monkeypatch.setattr(cuda_extension, "available", lambda build=True: False)
+        assert select_backend(CudaTensor(), "group_norm", lambda: "key") == "triton"
