@@ -6,7 +6,8 @@
 #      graph capture) in fresh processes with empty Triton caches, as on a fresh machine, with
 #      the table and with it off (FASTDIFF_ATTENTION_CONFIGS=off), and with the kernels compiled
 #      in 16 threads (compile_ahead, ParallelCompile) or one by one at first launch
-#      (FASTDIFF_COMPILE_THREADS=1; with the table off, that is the warm-up before all three);
+#      (FASTDIFF_COMPILE_THREADS=1; with the table off, that is the warm-up before all three),
+#      and once without the CUDA extension built (a fresh install);
 #   3. the attention GPU tests with the new table in place, and the CUDA-graph runtime tests.
 #   run: bash benchmarks/gpu_warmup_device.sh     (timeout_s 450; nothing needs carrying)
 # $OUT gets sm_XX.json (the table to commit), warmup.log (everything) and warmup.csv (the rows,
@@ -24,10 +25,21 @@ LOG="$OUT/warmup.log"
 FAILED=""
 SCRATCH="$(mktemp -d)"
 
+# Everything within TOTAL seconds (default 400: a device call's limit leaves room for the
+# machine's start and a short rerun): each part's limit is cut to what is left, and parts are
+# skipped once less than 30 s is left, so the script ends on its own with its files written.
+TOTAL="${TOTAL:-400}"
+
 # part NAME LIMIT CMD...: one part, tee'd into the log, bounded in time, failure recorded.
 part() {
     local name="$1" limit="$2" begin=$SECONDS
     shift 2
+    if (( TOTAL - SECONDS < 30 )); then
+        echo "=== [$name] SKIPPED: the ${TOTAL} s budget is spent" | tee -a "$LOG"
+        FAILED="$FAILED $name(skipped)"
+        return 0
+    fi
+    (( limit > TOTAL - SECONDS - 10 )) && limit=$(( TOTAL - SECONDS - 10 ))
     echo "=== [$name] $*" | tee -a "$LOG"
     if timeout --kill-after=10 "$limit" "$@" 2>&1 | tee -a "$LOG"; then
         echo "=== [$name] ok in $((SECONDS - begin)) s" | tee -a "$LOG"
@@ -50,22 +62,28 @@ for table in "$OUT"/sm_*.json; do
     [ -e "$table" ] && cp "$table" fastdiff/assets/attention_configs/
 done
 
-# NAME WORKLOAD TABLE THREADS: the table ("packaged": the one just written; or off) and the
-# compile threads (compile_ahead's and the autotuner's; 1 = each kernel compiled at its first
-# launch, as before both existed). Headline rows first.
-while read -r name workload table threads; do
+# NAME WORKLOAD TABLE THREADS EXTENSION: the table ("packaged": the one just written; or off),
+# the compile threads (compile_ahead's and the autotuner's; 1 = one kernel at a time, as before
+# both existed), and the CUDA extension: "built" (above, as in every earlier warm-up figure) or
+# "none" (an empty build folder: a fresh install, where the auto backend takes Triton rather than
+# build it). Most important rows first: the budget cuts from the end.
+while read -r name workload table threads extension; do
     [ "$table" = packaged ] && table=""
+    build_dir=""
+    [ "$extension" = none ] && build_dir="$SCRATCH/no-extension"
     part "warmup_$name" 150 env TRITON_CACHE_DIR="$SCRATCH/cache-$name" \
         FASTDIFF_ATTENTION_CONFIGS="$table" FASTDIFF_COMPILE_THREADS="$threads" \
+        ${build_dir:+FASTDIFF_CUDA_BUILD_DIR="$build_dir"} \
         python3 benchmarks/bench_unet.py --workloads "$workload" --providers fastdiff \
         --csv "$OUT/warmup.csv"
 done <<'ROWS'
-sd15_table sd15_b2 packaged 16
-sd15_table_1thread sd15_b2 packaged 1
-sd15_off_1thread sd15_b2 off 1
-sd15_off sd15_b2 off 16
-sdxl_table sdxl_b2 packaged 16
-sdxl_off_1thread sdxl_b2 off 1
+sd15_table sd15_b2 packaged 16 built
+sd15_off_1thread sd15_b2 off 1 built
+sd15_fresh_install sd15_b2 packaged 16 none
+sd15_table_1thread sd15_b2 packaged 1 built
+sd15_off sd15_b2 off 16 built
+sdxl_table sdxl_b2 packaged 16 built
+sdxl_off_1thread sdxl_b2 off 1 built
 ROWS
 
 part tests 150 python3 -m pytest -q -p no:cacheprovider tests/ops/test_attention_configs.py
