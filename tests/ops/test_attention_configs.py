@@ -5,6 +5,7 @@ configurations the kernel can launch."""
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import fastdiff.kernels.attention as attention_kernels
 import fastdiff.kernels.attention_configs as attention_configs
@@ -114,6 +115,26 @@ def test_a_repeated_identical_entry_is_accepted():
     assert len(table) == 1
 
 
+def test_an_unsplit_head_dim_entry_has_no_tail_block():
+    """Head dims that are a power of two (64, 128) launch with BLOCK_DT = 0: a table entry for
+    them must be accepted, while a negative block is still refused."""
+    _, table = attention_configs.parse(
+        {"capability": "sm_90", "entries": [entry(head_dim=64, block_d=64, block_dt=0)]}, "t"
+    )
+    assert table == {("fp16", 4096, 4096, 64, 64, 0): (64, 32, 4, 2)}
+    with pytest.raises(ValueError, match="block_dt must be an integer >= 0, got -1"):
+        attention_configs.parse({"capability": "sm_90", "entries": [entry(block_dt=-1)]}, "t")
+
+
+@pytest.mark.parametrize("field", attention_configs.CONFIG_FIELDS)
+def test_an_entry_without_a_configuration_field_is_refused(field):
+    """Every configuration field is required (a missing one would be a KeyError, not a message
+    naming the entry)."""
+    incomplete = {name: value for name, value in entry().items() if name != field}
+    with pytest.raises(ValueError, match=f"entry 0 lacks {field}$"):
+        attention_configs.parse({"capability": "sm_90", "entries": [incomplete]}, "t")
+
+
 def test_a_file_that_is_not_json_is_refused_naming_it(tmp_path):
     path = tmp_path / "broken.json"
     path.write_text("{")
@@ -141,6 +162,17 @@ def test_the_environment_picks_a_file_off_or_the_packaged_table(tmp_path, monkey
 def test_no_table_applies_off_a_cuda_device(tmp_path, monkeypatch):
     monkeypatch.setenv(attention_configs.ENV, str(table_file(tmp_path, [entry()])))
     assert attention_configs.table_for(torch.empty(1, 1, 1, 40)) == {}
+
+
+def test_on_a_gpu_the_table_follows_the_environment(tmp_path, monkeypatch):
+    """table_for on a CUDA tensor reads FASTDIFF_ATTENTION_CONFIGS: a file replaces the packaged
+    table, and ``off`` (what tune_attention.py sets) disables it."""
+    monkeypatch.setattr(attention_configs, "capability_name", lambda device: "sm_90")
+    q = SimpleNamespace(device=SimpleNamespace(type="cuda"))
+    monkeypatch.setenv(attention_configs.ENV, str(table_file(tmp_path, [entry(keys=77)])))
+    assert attention_configs.table_for(q) == {("fp16", 4096, 77, 40, 32, 16): (64, 32, 4, 2)}
+    monkeypatch.setenv(attention_configs.ENV, "off")
+    assert attention_configs.table_for(q) == {}
 
 
 def shipped_tables():
@@ -206,6 +238,48 @@ def test_a_table_entry_for_another_shape_leaves_the_autotuner(monkeypatch, key, 
     assert (kernel, options) == (attention_kernels.attention_forward_kernel, {}), why
 
 
+def test_a_table_entry_is_keyed_by_queries_then_keys(monkeypatch):
+    """Cross-attention: 4096 queries over 77 text keys. The entry applies to that launch, not to
+    one with the counts the other way round."""
+    use_table(monkeypatch, {("fp16", 4096, 77, 40, 32, 16): (64, 32, 4, 2)})
+    q = torch.empty(2, 8, 4096, 40, dtype=torch.float16)
+    kernel, options = attention_kernels.lone_config(q, 4096, 77, 32, 16)
+    assert kernel is attention_kernels.attention_forward_kernel.fn and options["BLOCK_M"] == 64
+    q = torch.empty(2, 8, 77, 40, dtype=torch.float16)
+    assert attention_kernels.lone_config(q, 77, 4096, 32, 16) == (
+        attention_kernels.attention_forward_kernel,
+        {},
+    )
+
+
+@pytest.mark.parametrize(
+    ("other", "why"),
+    [
+        pytest.param(torch.empty(2, 8, 4096, 40, dtype=torch.bfloat16), "dtype", id="dtype"),
+        # head dims 36 and 40 launch the same blocks (32 + 16)
+        pytest.param(torch.empty(2, 8, 4096, 36, dtype=torch.float16), "head dim", id="head-dim"),
+        # a second GPU of another architecture, without a table (here: another device type)
+        pytest.param(
+            torch.empty(2, 8, 4096, 40, dtype=torch.float16, device="meta"), "device", id="device"
+        ),
+    ],
+)
+def test_the_launch_cache_tells_apart_launches_the_table_tells_apart(monkeypatch, other, why):
+    """lone_config memoises its answer per launch shape: a table entry answered for one launch
+    must not be reused for one that differs only in what the table's key (or the device's table)
+    depends on."""
+    assert attention_kernels.head_blocks(36) == attention_kernels.head_blocks(40) == (32, 16)
+    monkeypatch.setattr(attention_kernels.attention_forward_kernel, "configs", GPU_CONFIGS)
+    table = {("fp16", 4096, 4096, 40, 32, 16): (64, 32, 4, 2)}
+    monkeypatch.setattr(
+        attention_configs, "table_for", lambda q: table if q.device.type == "cpu" else {}
+    )
+    q = torch.empty(2, 8, 4096, 40, dtype=torch.float16)
+    assert attention_kernels.lone_config(q, 4096, 4096, 32, 16)[1]["BLOCK_M"] == 64
+    kernel, options = attention_kernels.lone_config(other, 4096, 4096, 32, 16)
+    assert (kernel, options) == (attention_kernels.attention_forward_kernel, {}), why
+
+
 def test_a_stale_table_entry_is_ignored(monkeypatch):
     # 128-key blocks are not a candidate at head dim 160 (registers): the entry predates that.
     use_table(monkeypatch, {("fp16", 256, 256, 160, 128, 32): (128, 128, 8, 3)})
@@ -261,6 +335,21 @@ def test_merging_keeps_old_entries_and_takes_new_configurations():
     assert len(result) == 3
     by_shape = {(e["queries"], e["keys"]): e["block_m"] for e in result}
     assert by_shape == {(4096, 4096): 128, (4096, 77): 64, (1024, 4096): 64}
+
+
+def test_merging_keeps_each_dtype_and_sorts_by_key():
+    """fp16 and bf16 entries of one shape are two entries; the merged list is in key order, so a
+    re-tuned table diffs against the committed one line by line."""
+    old = [entry(queries=1024), entry(dtype="bf16", block_m=128)]
+    new = [entry(keys=77), entry()]
+    result = attention_configs.merged(old, new)
+    keys = [(e["dtype"], e["queries"], e["keys"], e["block_m"]) for e in result]
+    assert keys == [
+        ("bf16", 4096, 4096, 128),
+        ("fp16", 1024, 4096, 64),
+        ("fp16", 4096, 77, 64),
+        ("fp16", 4096, 4096, 64),
+    ]
 
 
 @pytest.mark.gpu

@@ -5,10 +5,13 @@ in test_triton_sm90.py (a U-Net's second forward must compile nothing); here the
 from __future__ import annotations
 
 import fastdiff.kernels as kernels
+import fastdiff.kernels.attention as attention_kernels
 import fastdiff.kernels.group_norm as group_norm_kernels
 import pytest
 import torch
+import triton
 
+from fastdiff.ops import backend as ops_backend
 from fastdiff.ops import compile_ahead, group_norm, group_norm_reference, use_backend
 from tests.ops.helpers import INTERPRET
 
@@ -117,3 +120,85 @@ def test_a_compiled_ahead_single_pass_kernel_is_not_yet_known_to_work(monkeypatc
     monkeypatch.setattr(group_norm_kernels, "compiling_ahead", lambda: False)
     group_norm_kernels.group_norm_forward(x, 4, None, None, 1e-5, False)
     assert group_norm_kernels._single_pass_state == "works"
+
+
+def test_the_ops_compile_ahead_enters_the_kernels_pass(compiled_ahead, monkeypatch):
+    """fastdiff.ops.compile_ahead (what CudaGraphBackend enters before its warm-up) is the
+    kernels' pass where Triton is installed, and a no-op where it is not."""
+    with compile_ahead():
+        assert kernels.compiling_ahead()
+    assert compiled_ahead == [("mode", True), "enter", "exit"]
+    monkeypatch.setattr(ops_backend, "triton_available", lambda: False)
+    with compile_ahead():
+        assert not kernels.compiling_ahead()
+
+
+def record_launches(monkeypatch) -> list:
+    calls = []
+
+    def fake_launch(kernel, grid, *args, outputs=(), **kwargs):
+        calls.append((kernel, outputs, kwargs))
+
+    monkeypatch.setattr(attention_kernels, "launch", fake_launch)
+    monkeypatch.setattr(attention_kernels, "compiling_ahead", lambda: True)
+    monkeypatch.setattr(attention_kernels, "_lone_configs", {})
+    return calls
+
+
+GPU_CONFIGS = [
+    triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
+    for m, n, w, s in attention_kernels._GPU_SHAPES + attention_kernels._FP32_SHAPES
+]
+
+
+def test_compiled_ahead_an_autotuned_attention_compiles_each_pruned_candidate(monkeypatch):
+    """Inside compile_ahead the autotuner is not launched (it would time candidates on skipped
+    launches): each candidate the pruning keeps for the shape is compiled, none of the others,
+    with the options in the order the autotuner's timing launches pass them (Triton's cache key),
+    zeroing the output."""
+    monkeypatch.setenv("FASTDIFF_AUTOTUNE", "1")
+    monkeypatch.setattr(attention_kernels.attention_forward_kernel, "configs", GPU_CONFIGS)
+    calls = record_launches(monkeypatch)
+    q, k, v = (torch.randn(1, 2, 256, 64, dtype=torch.float16) for _ in range(3))
+    out = attention_kernels.attention_forward(q, k, v)
+    named = {"q_ptr": q, "N_QUERIES": 256, "N_KEYS": 256}
+    candidates = attention_kernels._prune(GPU_CONFIGS, named, BLOCK_D=64, BLOCK_DT=0)
+    assert 1 < len(candidates) < len(GPU_CONFIGS)
+    assert len(calls) == len(candidates)
+    for (kernel, outputs, options), config in zip(calls, candidates, strict=True):
+        assert kernel is attention_kernels.attention_forward_kernel.fn
+        assert outputs == (out,)
+        wanted = config.all_kwargs()
+        assert list(options.items())[-len(wanted) :] == list(wanted.items())
+
+
+def test_compiled_ahead_a_lone_attention_config_compiles_that_one(monkeypatch):
+    """fp32 (one spill-free config): the launch compiles the kernel it would run, directly."""
+    monkeypatch.setattr(attention_kernels.attention_forward_kernel, "configs", GPU_CONFIGS)
+    calls = record_launches(monkeypatch)
+    q, k, v = (torch.randn(1, 2, 24, 64) for _ in range(3))
+    out = attention_kernels.attention_forward(q, k, v)
+    kernel, options = attention_kernels.lone_config(q, 24, 24, 64, 0)
+    assert kernel is attention_kernels.attention_forward_kernel.fn
+    assert [(c[0], c[1]) for c in calls] == [(kernel, (out,))]
+    assert {name: calls[0][2][name] for name in options} == options
+
+
+@pytest.mark.parametrize("channels", [8, 1024], ids=["single-pass", "split-reduction"])
+def test_compiled_ahead_group_norm_zeroes_the_tensor_it_returns(monkeypatch, channels):
+    """Launches that only compile leave their outputs unwritten: GroupNorm's returned tensor is
+    among the outputs some launch zeroes, on both of its paths."""
+    import fastdiff.kernels.group_norm_split as group_norm_split
+
+    monkeypatch.setattr(group_norm_kernels, "_single_pass_state", "untried")
+    zeroed = []
+
+    def fake_launch(kernel, grid, *args, outputs=(), **kwargs):
+        zeroed.extend(tensor.data_ptr() for tensor in outputs)
+
+    monkeypatch.setattr(group_norm_kernels, "launch", fake_launch)
+    monkeypatch.setattr(group_norm_split, "launch", fake_launch)
+    monkeypatch.setattr(group_norm_kernels, "compiling_ahead", lambda: True)
+    x = torch.randn(1, channels, 32, 32)
+    y = group_norm_kernels.group_norm_forward(x, 4, None, None, 1e-5, False)
+    assert y.data_ptr() in zeroed

@@ -5,10 +5,12 @@ The kernels themselves are tested on GPU in test_cuda_kernels.py.
 
 from __future__ import annotations
 
+import importlib.machinery
 import os
 import shutil
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -240,6 +242,37 @@ def test_a_cached_jit_build_is_loaded_by_the_auto_backend(fresh_loader, monkeypa
 
     monkeypatch.setattr(fresh_loader, "_jit_build", load)
     assert fresh_loader.available(build=False) is True and loads == [True]
+
+
+def test_the_cached_build_looked_for_is_the_library_torch_loads(monkeypatch, tmp_path):
+    """torch's load() of an extension that is not a Python module opens
+    ``<build_directory>/<name><LIB_EXT>``: the file whose presence tells the auto backend that a
+    JIT build is cached."""
+    monkeypatch.setenv("FASTDIFF_CUDA_BUILD_DIR", str(tmp_path))
+    expected = tmp_path / f"{cuda_extension.EXTENSION_NAME}{torch_cpp_extension.LIB_EXT}"
+    assert cuda_extension.library_path() == expected
+
+
+def test_a_prebuilt_extension_is_used_by_the_auto_backend(fresh_loader, monkeypatch, tmp_path):
+    """``FASTDIFF_BUILD_CUDA=1 pip install`` (fastdiff._C importable, no JIT build cached):
+    loading needs no compiler, so the auto backend uses it."""
+    monkeypatch.setenv("FASTDIFF_CUDA_BUILD_DIR", str(tmp_path))
+    prebuilt = types.ModuleType("fastdiff._C")
+    prebuilt.__spec__ = importlib.machinery.ModuleSpec("fastdiff._C", None)
+    monkeypatch.setitem(sys.modules, "fastdiff._C", prebuilt)
+    monkeypatch.setattr(fresh_loader, "_jit_build", lambda: pytest.fail("built"))
+    assert fresh_loader.available(build=False) is True
+    assert fresh_loader._state["origin"] == "prebuilt fastdiff._C"
+
+
+def test_ops_registered_elsewhere_are_used_by_the_auto_backend(fresh_loader, monkeypatch, tmp_path):
+    """The ops already registered in the process (loaded by an earlier call or another module)
+    with neither a cached build nor fastdiff._C: nothing to compile, so auto uses them."""
+    monkeypatch.setenv("FASTDIFF_CUDA_BUILD_DIR", str(tmp_path))
+    monkeypatch.setattr(fresh_loader, "_ops_registered", lambda: True)
+    monkeypatch.setattr(fresh_loader, "_jit_build", lambda: pytest.fail("built"))
+    assert fresh_loader.available(build=False) is True
+    assert fresh_loader._state["origin"] == "already registered"
 
 
 def test_without_a_gpu_the_auto_backend_question_names_the_missing_prerequisite(monkeypatch):

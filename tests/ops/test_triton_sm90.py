@@ -52,6 +52,30 @@ def test_half_attention_never_gets_the_fp32_shapes(monkeypatch, dtype, head_dim)
     assert pruned(dtype, head_dim) == [attention_kernels.heuristic_shape(width, 4096)]
 
 
+@pytest.mark.parametrize("autotune", ["1", "0"])
+def test_pruning_never_leaves_the_autotuner_without_a_config(monkeypatch, autotune):
+    """Candidates none of which fits the shape (key and query blocks all longer than 16 tokens
+    need) and none of which is the heuristic one: the pruning still keeps one, since Triton's
+    autotuner cannot launch with an empty list."""
+    monkeypatch.setenv("FASTDIFF_AUTOTUNE", autotune)
+    configs = [
+        triton.Config({"BLOCK_M": 128, "BLOCK_N": 128}, num_warps=4, num_stages=4),
+        triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=4, num_stages=4),
+    ]
+    named = {"q_ptr": torch.empty(1, dtype=torch.float16), "N_QUERIES": 16, "N_KEYS": 16}
+    assert attention_kernels._fitting(configs, {**named, "BLOCK_D": 64, "BLOCK_DT": 0}) == []
+    assert attention_kernels._prune(configs, named, BLOCK_D=64, BLOCK_DT=0) == configs[:1]
+
+
+def test_compile_threads_default_is_the_cpu_count_up_to_16(monkeypatch):
+    """One thread per core on the GPU machines (16 cores), never more than 16, and one where
+    the CPU count is unknown."""
+    monkeypatch.delenv("FASTDIFF_COMPILE_THREADS", raising=False)
+    for cpus, threads in ((16, 16), (64, 16), (12, 12), (None, 1)):
+        monkeypatch.setattr(kernels.os, "cpu_count", lambda cpus=cpus: cpus)
+        assert kernels.compile_threads() == threads, cpus
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not (NVIDIA_TOOLS / "cuobjdump").exists(), reason="no Triton CUDA backend")
 def test_every_kernel_compiles_for_sm90():

@@ -100,3 +100,52 @@ def test_tune_attention_reads_models_and_needs_a_gpu(tmp_path, monkeypatch, caps
     assert tune_attention.main(["--out", str(tmp_path)]) == 1
     assert "no CUDA device; nothing to tune" in capsys.readouterr().out
     assert not list(tmp_path.iterdir())
+
+
+def test_tune_attention_tunes_with_the_table_off_and_merges_the_winners(tmp_path, monkeypatch):
+    """main() on a (faked) GPU: every model is tuned with FASTDIFF_ATTENTION_CONFIGS=off (a
+    shape the current table covers would launch directly and never be timed), the autotuner's
+    winners replace the --merge table's entries of the same shape and its other entries stay,
+    and a --merge table of another architecture is refused."""
+    import json
+
+    import fastdiff.kernels.attention as attention_kernels
+    import torch
+    import triton
+    import tune_attention
+    from fastdiff.kernels import attention_configs
+
+    half = str(torch.float16)
+    cache = {}
+    settings = []
+
+    def fake_tune(work):
+        settings.append(attention_configs.os.environ.get(attention_configs.ENV))
+        winner = triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=3)
+        cache[(4096, 4096, 40, 32, 16, half, half, half, half)] = winner
+        return 1.0
+
+    monkeypatch.setattr(tune_attention.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(tune_attention.torch.cuda, "get_device_name", lambda device: "fake GPU")
+    monkeypatch.setattr(attention_configs, "capability_name", lambda device: "sm_90")
+    monkeypatch.setattr(attention_kernels.attention_forward_kernel, "cache", cache)
+    monkeypatch.setattr(tune_attention, "tune", fake_tune)
+    monkeypatch.setenv(attention_configs.ENV, "")
+    shape = {"queries": 4096, "keys": 4096, "head_dim": 40, "block_d": 32, "block_dt": 16}
+    config = {"block_m": 64, "block_n": 32, "num_warps": 4, "num_stages": 2}
+    old = [{"dtype": "fp16", **shape, **config}, {"dtype": "fp16", **shape, "keys": 77, **config}]
+    merge = tmp_path / "old.json"
+    merge.write_text(json.dumps({"capability": "sm_90", "entries": old}))
+    out = tmp_path / "out"
+    args = ["--out", str(out), "--models", "sd15@64,sdxl@128", "--merge", str(merge)]
+    assert tune_attention.main(args) == 0
+    assert settings == ["off", "off"]  # one tuning call per model
+    capability, table = attention_configs.read(out / "sm_90.json")
+    assert capability == "sm_90"
+    assert table == {
+        ("fp16", 4096, 4096, 40, 32, 16): (128, 64, 8, 3),
+        ("fp16", 4096, 77, 40, 32, 16): (64, 32, 4, 2),
+    }
+    merge.write_text(json.dumps({"capability": "sm_80", "entries": old}))
+    with pytest.raises(ValueError, match="is for sm_80, this GPU is sm_90"):
+        tune_attention.main(["--out", str(out), "--models", "sd15@64", "--merge", str(merge)])

@@ -160,3 +160,26 @@ def test_failed_capture_names_the_first_error_and_restores_the_stream(monkeypatc
         cache.get(key, build)
     assert "not permitted when stream is capturing" in cache.failed(key)
     assert cuda.current == cuda.defaults and cuda.device == 0  # eager work goes on as before
+
+
+@pytest.mark.parametrize("ahead", [None, True, False], ids=["default", "on", "off"])
+def test_the_compile_ahead_pass_runs_first_and_only_when_asked(monkeypatch, ahead):
+    """By default (what optimize() builds) one pass inside fastdiff.ops.compile_ahead() runs
+    before the warm-up runs, its inputs reset first like theirs; compile_ahead=False leaves the
+    warm-up runs and the capture alone."""
+    cuda = FakeCuda()
+    install(monkeypatch, cuda)
+    events = []
+
+    @contextlib.contextmanager
+    def spy():
+        events.append("enter")
+        yield
+        events.append("exit")
+
+    monkeypatch.setattr(graphs, "ops_compile_ahead", spy)
+    options = {} if ahead is None else {"compile_ahead": ahead}
+    backend = graphs.CudaGraphBackend(warmup_runs=2, device="cuda:0", **options)
+    backend.capture(lambda: events.append("body"), lambda: events.append("prepare"))
+    runs = ["prepare", "body"] * 3  # two warm-up runs, then the capture
+    assert events == (["enter", "prepare", "body", "exit"] if ahead is not False else []) + runs
