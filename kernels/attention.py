@@ -126,6 +126,24 @@ def _prune(configs, named_args, **kwargs):
     return kept
 
 
+# Milliseconds of warm-up and of repetitions the autotuner spends timing each candidate for a
+# new shape. Triton's default, (25, 100), is over a second of timing per shape for our 7-9
+# candidates; a candidate at the SD shapes takes 0.005-0.5 ms, so 25 ms is still 50 to
+# thousands of repetitions. benchmarks/tune_attention.py, which writes the shipped table, times
+# with Triton's default.
+AUTOTUNE_TIMING_MS = (5, 25)
+
+
+def _time_candidate(kernel_call, quantiles):
+    """The autotuner's timing of one candidate: this machine's benchmarker (Triton's do_bench on a
+    GPU), for AUTOTUNE_TIMING_MS."""
+    from triton.runtime import driver
+
+    warmup, rep = AUTOTUNE_TIMING_MS
+    benchmarker = driver.active.get_benchmarker()
+    return benchmarker(kernel_call, warmup=warmup, rep=rep, quantiles=quantiles)
+
+
 def _disk_cache() -> dict:
     """Keep autotuning results on disk where this Triton can (``cache_results``): the first
     process on a machine pays the ~5-10 s per new shape measured on an H200, later ones read the
@@ -141,6 +159,7 @@ def _disk_cache() -> dict:
     # configs may differ; bench_attention's fastdiff-padded rows time both).
     key=["N_QUERIES", "N_KEYS", "HEAD_DIM", "BLOCK_D", "BLOCK_DT"],
     prune_configs_by={"early_config_prune": _prune},
+    do_bench=_time_candidate,
     **_disk_cache(),
 )
 @triton.heuristics({"EVEN_KEYS": lambda args: args["N_KEYS"] % args["BLOCK_N"] == 0})

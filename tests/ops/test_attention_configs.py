@@ -383,3 +383,30 @@ def test_a_table_configuration_runs_correctly_on_the_gpu(tmp_path, monkeypatch):
     assert_within_tolerance(
         out, attention_reference(q, k, v), attention_eager(q, k, v), "table config 64x32"
     )
+
+
+def test_the_autotuner_times_each_candidate_for_the_launchers_length(monkeypatch):
+    """A new shape's candidates are timed for AUTOTUNE_TIMING_MS (warm-up, repetitions in ms)
+    by this machine's benchmarker, not for Triton's default (25, 100): over a second per shape."""
+    from triton.runtime import driver
+
+    asked = []
+
+    class Driver:
+        def get_benchmarker(self):
+            def bench(kernel_call, warmup, rep, quantiles):
+                kernel_call()
+                asked.append((warmup, rep, quantiles))
+                return [1.0, 0.9, 1.1]
+
+            return bench
+
+    monkeypatch.setattr(driver, "_active", Driver())
+    calls = []
+    assert attention_kernels._time_candidate(lambda: calls.append(1), (0.5, 0.2, 0.8)) == [
+        1.0,
+        0.9,
+        1.1,
+    ]
+    assert asked == [(5, 25, (0.5, 0.2, 0.8))] and calls == [1]
+    assert attention_kernels.attention_forward_kernel.do_bench is attention_kernels._time_candidate

@@ -117,10 +117,11 @@ def test_tune_attention_tunes_with_the_table_off_and_merges_the_winners(tmp_path
 
     half = str(torch.float16)
     cache = {}
-    settings = []
+    settings, timings = [], []
 
     def fake_tune(work):
         settings.append(attention_configs.os.environ.get(attention_configs.ENV))
+        timings.append(attention_kernels.AUTOTUNE_TIMING_MS)
         winner = triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=3)
         cache[(4096, 4096, 40, 32, 16, half, half, half, half)] = winner
         return 1.0
@@ -140,6 +141,9 @@ def test_tune_attention_tunes_with_the_table_off_and_merges_the_winners(tmp_path
     args = ["--out", str(out), "--models", "sd15@64,sdxl@128", "--merge", str(merge)]
     assert tune_attention.main(args) == 0
     assert settings == ["off", "off"]  # one tuning call per model
+    # Timed at Triton's default length (the table's winners), and the launcher's restored after.
+    assert timings == [(25, 100), (25, 100)]
+    assert attention_kernels.AUTOTUNE_TIMING_MS == (5, 25)
     capability, table = attention_configs.read(out / "sm_90.json")
     assert capability == "sm_90"
     assert table == {
