@@ -183,3 +183,31 @@ def test_the_compile_ahead_pass_runs_first_and_only_when_asked(monkeypatch, ahea
     backend.capture(lambda: events.append("body"), lambda: events.append("prepare"))
     runs = ["prepare", "body"] * 3  # two warm-up runs, then the capture
     assert events == (["enter", "prepare", "body", "exit"] if ahead is not False else []) + runs
+
+
+def test_a_body_that_fails_in_the_compile_ahead_pass_is_still_captured(monkeypatch):
+    """The pass only gives the compiler a head start: a body that fails on its zeroed tensors
+    (here: raises whenever the pass is on) still warms up and is captured, and the pass's
+    context is left before the warm-up runs."""
+    cuda = FakeCuda()
+    install(monkeypatch, cuda)
+    events, inside = [], []
+
+    @contextlib.contextmanager
+    def ahead():
+        inside.append(True)
+        try:
+            yield
+        finally:
+            inside.pop()
+
+    def body():
+        if inside:
+            raise ValueError("index out of range on zeros")
+        events.append("body")
+
+    monkeypatch.setattr(graphs, "ops_compile_ahead", ahead)
+    backend = graphs.CudaGraphBackend(warmup_runs=2, device="cuda:0")
+    graph, _ = backend.capture(body, lambda: events.append("prepare"))
+    runs = ["prepare", "body"] * 3  # two warm-up runs and the capture, after the failed pass
+    assert graph is not None and events == ["prepare", *runs] and inside == []
