@@ -28,29 +28,9 @@ FAILED=""
 # so it ends on its own with every file written rather than being killed part-way: each part's
 # limit is cut to what is left, and parts are skipped once less than 20 s is left.
 TOTAL="${TOTAL:-480}"
-left() { echo $((TOTAL - SECONDS)); }
+source benchmarks/parts.sh  # part NAME LIMIT CMD... and left, within TOTAL
 
-# run NAME TIMEOUT_S CMD...: one part, tee'd into the log, bounded in time, failure recorded.
-run() {
-    local name="$1" limit="$2"
-    shift 2
-    local begin=$SECONDS
-    if (( $(left) < 20 )); then
-        echo "=== [$name] SKIPPED: the ${TOTAL} s budget is spent" | tee -a "$LOG"
-        FAILED="$FAILED $name(skipped)"
-        return 0
-    fi
-    (( limit > $(left) - 10 )) && limit=$(( $(left) - 10 ))
-    echo "=== [$name] $*" | tee -a "$LOG"
-    if timeout --kill-after=10 "$limit" "$@" 2>&1 | tee -a "$LOG"; then
-        echo "=== [$name] ok in $((SECONDS - begin)) s" | tee -a "$LOG"
-    else
-        echo "=== [$name] FAILED (exit ${PIPESTATUS[0]}) after $((SECONDS - begin)) s" | tee -a "$LOG"
-        FAILED="$FAILED $name"
-    fi
-}
-
-run install 180 "$PY" -m pip install --no-deps --no-build-isolation -q -e .
+part install 180 "$PY" -m pip install --no-deps --no-build-isolation -q -e .
 if ! "$PY" -c "import fastdiff.kernels" 2>/dev/null; then
     # Fallback without an install: make kernels/ importable as fastdiff.kernels in place.
     echo "=== fastdiff.kernels not importable after install: using PYTHONPATH" | tee -a "$LOG"
@@ -63,7 +43,7 @@ fi
 source benchmarks/carried_wheels.sh
 install_carried_wheels "$PY" >>"$LOG" 2>&1 || FAILED="$FAILED wheels"
 
-run versions 60 bash -c "nvidia-smi || true; $PY -c 'import sys, torch, triton; \
+part versions 60 bash -c "nvidia-smi || true; $PY -c 'import sys, torch, triton; \
 print(\"python\", sys.version.split()[0], \"torch\", torch.__version__, \"triton\", \
 triton.__version__, \"cuda\", torch.version.cuda); \
 print(\"gpu\", torch.cuda.get_device_name() if torch.cuda.is_available() else None)'"
@@ -109,7 +89,7 @@ echo "=== [gpu-tests] all files in $((SECONDS - tests_begin)) s" | tee -a "$LOG"
 SKIP="--skip torch.compile"
 [ "${FULL:-0}" = "1" ] || [ "${COMPILE:-0}" = "1" ] && SKIP=""
 bench() {
-    run "bench_$1" 240 "$PY" "benchmarks/bench_$1.py" $QUICK $SKIP --out "$OUTDIR" ${BENCH_ARGS:-}
+    part "bench_$1" 240 "$PY" "benchmarks/bench_$1.py" $QUICK $SKIP --out "$OUTDIR" ${BENCH_ARGS:-}
 }
 # Most important first, as the budget cuts from the end: the fused sampler step was never
 # measured, GroupNorm and attention decide the auto backend, then the whole models.
@@ -120,7 +100,7 @@ for name in sampler_step group_norm attention; do bench "$name"; done
 # with STEPS=unet_sd15_b1); tests/runtime ran above. Outer limit: the 240 s budget + plot + kill
 # (2026-11-28 on an H200: 219 s).
 MODEL_BUDGET=$(( $(left) - 60 < 240 ? $(left) - 60 : 240 ))
-run models 300 env \
+part models 300 env \
     STEPS="cuda_ext cuda_ext_libs unet_sd15_b2 vae pipeline unet_sdxl_b2 profile profile_by_op" \
     BUDGET="$MODEL_BUDGET" bash benchmarks/gpu_check_models.sh "$OUTDIR"
 # ---- end of model benchmarks ------------------------------------------------------------------
@@ -130,14 +110,14 @@ for name in layer_norm geglu; do bench "$name"; done
 
 for csv_file in "$OUTDIR"/*.csv; do  # the kernel CSV (models.csv has its own plot, made above)
     case "$csv_file" in */models.csv) continue ;; esac
-    [ -e "$csv_file" ] && run plot 60 "$PY" benchmarks/plot.py "$csv_file" --out "$OUTDIR"
+    [ -e "$csv_file" ] && part plot 60 "$PY" benchmarks/plot.py "$csv_file" --out "$OUTDIR"
 done
 
 # The auto backend's table (per op and shape, the fastest backend) from this run's kernel rows;
 # copy it to fastdiff/assets/backend_table.json to ship it.
 for csv_file in "$OUTDIR"/*.csv; do
     case "$csv_file" in */models.csv) continue ;; esac
-    [ -e "$csv_file" ] && run backend_table 60 "$PY" benchmarks/backend_table.py "$csv_file" \
+    [ -e "$csv_file" ] && part backend_table 60 "$PY" benchmarks/backend_table.py "$csv_file" \
         --out "$OUTDIR/backend_table.json"
 done
 

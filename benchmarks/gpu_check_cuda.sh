@@ -19,19 +19,7 @@ FAILED=""
 export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}"
 export MAX_JOBS="${MAX_JOBS:-16}"
 
-# part NAME TIMEOUT_S CMD...: run one bounded part, tee'd into the log, failure recorded.
-part() {
-    local name="$1" limit="$2"
-    shift 2
-    local begin=$SECONDS
-    echo "=== [$name] $*" | tee -a "$LOG"
-    if timeout --kill-after=10 "$limit" "$@" 2>&1 | tee -a "$LOG"; then
-        echo "=== [$name] ok in $((SECONDS - begin)) s" | tee -a "$LOG"
-    else
-        echo "=== [$name] FAILED (exit ${PIPESTATUS[0]}) after $((SECONDS - begin)) s" | tee -a "$LOG"
-        FAILED="$FAILED $name"
-    fi
-}
+source benchmarks/parts.sh  # part NAME LIMIT CMD... (no TOTAL: no overall budget)
 
 if ! "$PY" -c "import fastdiff.kernels" 2>/dev/null; then
     part install 120 "$PY" -m pip install --no-deps --no-build-isolation -q -e .

@@ -26,28 +26,9 @@ FAILED=""
 SCRATCH="$(mktemp -d)"
 
 # Everything within TOTAL seconds (default 400: a device call's limit leaves room for the
-# machine's start and a short rerun): each part's limit is cut to what is left, and parts are
-# skipped once less than 30 s is left, so the script ends on its own with its files written.
+# machine's start and a short rerun); see parts.sh.
 TOTAL="${TOTAL:-400}"
-
-# part NAME LIMIT CMD...: one part, tee'd into the log, bounded in time, failure recorded.
-part() {
-    local name="$1" limit="$2" begin=$SECONDS
-    shift 2
-    if (( TOTAL - SECONDS < 30 )); then
-        echo "=== [$name] SKIPPED: the ${TOTAL} s budget is spent" | tee -a "$LOG"
-        FAILED="$FAILED $name(skipped)"
-        return 0
-    fi
-    (( limit > TOTAL - SECONDS - 10 )) && limit=$(( TOTAL - SECONDS - 10 ))
-    echo "=== [$name] $*" | tee -a "$LOG"
-    if timeout --kill-after=10 "$limit" "$@" 2>&1 | tee -a "$LOG"; then
-        echo "=== [$name] ok in $((SECONDS - begin)) s" | tee -a "$LOG"
-    else
-        echo "=== [$name] FAILED (exit ${PIPESTATUS[0]}) after $((SECONDS - begin)) s" | tee -a "$LOG"
-        FAILED="$FAILED $name"
-    fi
-}
+source benchmarks/parts.sh  # part NAME LIMIT CMD...
 
 part install 120 python3 -m pip install --no-deps --no-build-isolation -q -e .
 part versions 30 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', \

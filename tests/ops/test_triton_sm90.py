@@ -76,14 +76,12 @@ def test_compile_threads_default_is_the_cpu_count_up_to_16(monkeypatch):
         assert kernels.compile_threads() == threads, cpus
 
 
-@pytest.mark.slow
-@pytest.mark.skipif(not (NVIDIA_TOOLS / "cuobjdump").exists(), reason="no Triton CUDA backend")
-def test_every_kernel_compiles_for_sm90():
+def run_sm90_script(*args: str, env_changes: dict | None = None) -> subprocess.CompletedProcess:
+    """benchmarks/triton_sm90.py with ``args``, outside the interpreter (it compiles for sm_90)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    # Fusion off by default, as from Triton 3.10: a launch without COMPILE_OPTIONS shows up.
-    env["TRITON_DEFAULT_FP_FUSION"] = "0"
+    env.update(env_changes or {})
     result = subprocess.run(
-        [sys.executable, str(REPO / "benchmarks" / "triton_sm90.py"), "--quick"],
+        [sys.executable, str(REPO / "benchmarks" / "triton_sm90.py"), *args],
         capture_output=True,
         text=True,
         cwd=REPO,
@@ -91,6 +89,14 @@ def test_every_kernel_compiles_for_sm90():
         timeout=600,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (NVIDIA_TOOLS / "cuobjdump").exists(), reason="no Triton CUDA backend")
+def test_every_kernel_compiles_for_sm90():
+    # Fusion off by default, as from Triton 3.10: a launch without COMPILE_OPTIONS shows up.
+    result = run_sm90_script("--quick", env_changes={"TRITON_DEFAULT_FP_FUSION": "0"})
     assert " 0 cases failed" in result.stdout
     # the table names each kernel family: nothing was silently skipped
     for kernel in ("group_norm_single_pass", "group_norm_apply", "attention_forward", "geglu"):
@@ -104,18 +110,9 @@ def test_the_autotuner_times_the_kernels_the_compile_threads_built(tmp_path, thr
     """ParallelCompile builds every candidate before the autotuner times them; the timing loop
     must find each in the kernel cache (a launch option that differed would compile it again:
     twice as many kernels)."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_CACHE_DIR"] = str(tmp_path)  # compile, do not read a cached winner
-    result = subprocess.run(
-        [sys.executable, str(REPO / "benchmarks" / "triton_sm90.py"), "--autotune-compile"]
-        + [str(threads)],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        env=env,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    # A cache of its own: compile, do not read a cached winner.
+    cache = {"TRITON_CACHE_DIR": str(tmp_path)}
+    result = run_sm90_script("--autotune-compile", str(threads), env_changes=cache)
     found = re.search(r"(\d+) candidates, (\d+) kernels compiled", result.stdout)
     assert found and int(found[1]) > 1 and found[1] == found[2], result.stdout
 
@@ -125,17 +122,8 @@ def test_a_forward_compiled_ahead_compiles_nothing_more(tmp_path):
     """compile_ahead on a toy SD1.5 U-Net (every op on the triton backend, attention autotuned):
     the launches inside it compile each kernel with the options the real launches (and the
     autotuner's timing launches) use, so the forward after it compiles none."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_CACHE_DIR"] = str(tmp_path)
-    result = subprocess.run(
-        [sys.executable, str(REPO / "benchmarks" / "triton_sm90.py"), "--compile-ahead", "2"],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        env=env,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    cache = {"TRITON_CACHE_DIR": str(tmp_path)}
+    result = run_sm90_script("--compile-ahead", "2", env_changes=cache)
     found = re.search(r"(\d+) kernels in .* compiled (\d+) more", result.stdout)
     assert found and int(found[1]) > 10 and found[2] == "0", result.stdout
 
