@@ -171,6 +171,22 @@ class ModelHolder:
         return self.diffusers
 
 
+def warmup_phases(fn) -> str:
+    """Where a graphed provider's first call went: "warm-up: compile-ahead 1.2 s, warm-up runs
+    3.4 s, capture 0.1 s" from the graph it captured (CudaGraphBackend times its phases), else
+    "" (an eager provider, or the CPU's EagerGraphBackend)."""
+    from fastdiff.runtime.optimize import describe_phases
+
+    cache = getattr(getattr(fn, "graphed", None), "cache", None)
+    rows = cache.report() if cache is not None else []
+    phases = describe_phases(rows[-1]) if rows else ""
+    return f"warm-up: {phases.strip(' ()')}" if phases else ""
+
+
+def join_notes(*notes: str) -> str:
+    return "; ".join(note for note in notes if note)
+
+
 def run_case(case: Case, warmup: int, iters: int) -> Result:
     result = Result(case.benchmark, case.workload, case.provider, note=case.note)
     free_memory()
@@ -182,6 +198,7 @@ def run_case(case: Case, warmup: int, iters: int) -> Result:
             fn()
             synchronize()
             result.warmup_s = time.perf_counter() - begin
+            result.note = join_notes(result.note, warmup_phases(fn))
             if torch.cuda.is_available():
                 # Steady state only: not the model's float32 construction nor the warm-up's
                 # autotuning and capture transients. Reserved, not allocated, bytes: a CUDA

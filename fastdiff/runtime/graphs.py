@@ -108,6 +108,10 @@ class CudaGraphBackend:
         self.warmup_runs = warmup_runs
         self.device = torch.device(device if device is not None else "cuda")
         self.compile_ahead = compile_ahead
+        # Seconds of the last capture's phases: the compile-ahead pass (Triton compilation),
+        # the warm-up runs (autotuning, cuDNN's algorithm search, first-use allocations) and
+        # the capture itself. GraphCache keeps them with the entry (report()).
+        self.last_phases: dict[str, float] = {}
 
     def capture(
         self, body: Callable[[], None], prepare: Callable[[], None]
@@ -119,6 +123,7 @@ class CudaGraphBackend:
         with torch.cuda.device(self.device):
             side = torch.cuda.Stream(device=self.device)
             side.wait_stream(torch.cuda.current_stream(self.device))
+            phases, begin = {}, time.perf_counter()
             with torch.cuda.stream(side), torch.no_grad():
                 if self.compile_ahead:
                     # A pass in which every Triton kernel the body launches compiles, in threads,
@@ -132,11 +137,16 @@ class CudaGraphBackend:
                         # Only a head start: a body that fails on the pass's zeroed tensors
                         # compiles in the warm-up runs instead, which raise any real error.
                         pass
+                    torch.cuda.synchronize(self.device)
+                    phases["compile_ahead_s"] = time.perf_counter() - begin
+                    begin = time.perf_counter()
                 for _ in range(self.warmup_runs):
                     prepare()
                     body()
             torch.cuda.current_stream(self.device).wait_stream(side)
             torch.cuda.synchronize(self.device)
+            phases["warmup_runs_s"] = time.perf_counter() - begin
+            begin = time.perf_counter()
             # Return the warm-up's cached blocks first so the reserved-memory difference below is
             # the graph's own private pool, not allocator cache that any later call could reuse.
             torch.cuda.empty_cache()
@@ -152,6 +162,8 @@ class CudaGraphBackend:
                 recover_from_failed_capture(self.device)
                 raise GraphCaptureError(first_error(error)) from error
             torch.cuda.synchronize(self.device)
+            phases["graph_capture_s"] = time.perf_counter() - begin
+            self.last_phases = phases
             return graph, max(0, int(torch.cuda.memory_reserved(self.device)) - int(before))
 
 
@@ -222,6 +234,8 @@ class GraphEntry:
     capture_seconds: float
     memory_bytes: int
     replays: int = 0
+    # Where the capture's seconds went, when the backend says (CudaGraphBackend.last_phases).
+    phases: dict = field(default_factory=dict)
 
     def replay(self) -> None:
         self.graph.replay()
@@ -277,6 +291,7 @@ class GraphCache:
         try:
             buffers, body, prepare = build()
             graph, pool_bytes = self.backend.capture(body, prepare)
+            phases = dict(getattr(self.backend, "last_phases", None) or {})
         except Exception as error:
             self.stats.failures += 1
             self.stats.failed_keys[key] = f"{type(error).__name__}: {error}"
@@ -288,6 +303,7 @@ class GraphCache:
             buffers=buffers,
             capture_seconds=seconds,
             memory_bytes=pool_bytes + tensor_bytes(buffers),
+            phases=phases,
         )
         self.entries[key] = entry
         self.stats.captures += 1
@@ -314,6 +330,7 @@ class GraphCache:
             {
                 "graph": entry.key.describe(),
                 "capture_s": round(entry.capture_seconds, 3),
+                **{name: round(seconds, 3) for name, seconds in entry.phases.items()},
                 "memory_mib": round(entry.memory_bytes / 2**20, 1),
                 "replays": entry.replays,
             }

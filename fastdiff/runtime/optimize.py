@@ -118,6 +118,20 @@ def ops_backend(kernels: bool = True):
     return contextlib.nullcontext() if requested_backend() else use_backend("auto")
 
 
+PHASE_NAMES = {
+    "compile_ahead_s": "compile-ahead",
+    "warmup_runs_s": "warm-up runs",
+    "graph_capture_s": "capture",
+}
+
+
+def describe_phases(row: dict) -> str:
+    """ " (compile-ahead 1.2 s, warm-up runs 3.4 s, capture 0.1 s)" from a graph report row whose
+    backend timed its phases (CudaGraphBackend), else ""."""
+    parts = [f"{label} {row[name]} s" for name, label in PHASE_NAMES.items() if name in row]
+    return f" ({', '.join(parts)})" if parts else ""
+
+
 class OptimizedRuntime:
     """The fast stages attached to a pipeline: ``denoise``, ``decode_latents`` and
     ``encode_moments`` (img2img's encoder) replacements.
@@ -254,8 +268,8 @@ class OptimizedRuntime:
             f"{stats.capture_seconds:.2f} s, memory {format_mib(self.cache.memory_bytes())}"
         ]
         lines += [
-            f"  {row['graph']}: {row['capture_s']} s, {row['memory_mib']} MiB, "
-            f"{row['replays']} replays"
+            f"  {row['graph']}: {row['capture_s']} s{describe_phases(row)}, "
+            f"{row['memory_mib']} MiB, {row['replays']} replays"
             for row in rows
         ]
         failures = {

@@ -153,3 +153,21 @@ def test_tune_attention_tunes_with_the_table_off_and_merges_the_winners(tmp_path
     merge.write_text(json.dumps({"capability": "sm_80", "entries": old}))
     with pytest.raises(ValueError, match="is for sm_80, this GPU is sm_90"):
         tune_attention.main(["--out", str(out), "--models", "sd15@64", "--merge", str(merge)])
+
+
+def test_a_graphed_rows_note_says_where_its_warm_up_went():
+    """model_bench notes the first call's phases from the graph it captured, and nothing for a
+    provider without a graph or a backend that does not time them."""
+    from types import SimpleNamespace
+
+    def fn():
+        return None
+
+    assert model_bench.warmup_phases(fn) == ""
+    row = {"capture_s": 5.0, "compile_ahead_s": 1.2, "warmup_runs_s": 3.7, "graph_capture_s": 0.1}
+    fn.graphed = SimpleNamespace(cache=SimpleNamespace(report=lambda: [{"capture_s": 1}, row]))
+    note = model_bench.warmup_phases(fn)
+    assert note == "warm-up: compile-ahead 1.2 s, warm-up runs 3.7 s, capture 0.1 s"
+    fn.graphed = SimpleNamespace(cache=SimpleNamespace(report=lambda: [{"capture_s": 1.0}]))
+    assert model_bench.warmup_phases(fn) == ""
+    assert model_bench.join_notes("", "a", "", "b") == "a; b"

@@ -211,3 +211,18 @@ def test_a_body_that_fails_in_the_compile_ahead_pass_is_still_captured(monkeypat
     graph, _ = backend.capture(body, lambda: events.append("prepare"))
     runs = ["prepare", "body"] * 3  # two warm-up runs and the capture, after the failed pass
     assert graph is not None and events == ["prepare", *runs] and inside == []
+
+
+@pytest.mark.parametrize("ahead", [True, False], ids=["compile-ahead", "no-pass"])
+def test_a_capture_times_its_phases(monkeypatch, ahead):
+    """last_phases: the compile-ahead pass (when on), the warm-up runs and the capture, each
+    timed apart (GraphCache keeps them with the entry; the benchmarks print them)."""
+    cuda = FakeCuda()
+    install(monkeypatch, cuda)
+    monkeypatch.setattr(graphs, "ops_compile_ahead", contextlib.nullcontext)
+    clock = iter(range(0, 1000, 10))
+    monkeypatch.setattr(graphs.time, "perf_counter", lambda: next(clock))
+    backend = graphs.CudaGraphBackend(warmup_runs=2, device="cuda:0", compile_ahead=ahead)
+    backend.capture(lambda: None, lambda: None)
+    phases = {"warmup_runs_s": 10, "graph_capture_s": 10}
+    assert backend.last_phases == ({"compile_ahead_s": 10, **phases} if ahead else phases)

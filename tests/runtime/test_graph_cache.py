@@ -121,3 +121,33 @@ def test_report_and_describe():
 
 def test_tensor_bytes_walks_containers():
     assert tensor_bytes({"a": torch.zeros(3), "b": [torch.zeros(2, dtype=torch.float16)]}) == 16
+
+
+class PhasedBackend(CountingBackend):
+    """A backend that times its captures' phases, as CudaGraphBackend does."""
+
+    def capture(self, body, prepare):
+        self.last_phases = {
+            "compile_ahead_s": 1.23456,
+            "warmup_runs_s": 3.0 + self.captured,
+            "graph_capture_s": 0.1,
+        }
+        return super().capture(body, prepare)
+
+
+def test_each_entry_keeps_its_own_capture_phases_for_the_report():
+    from fastdiff.runtime.optimize import describe_phases
+
+    cache = GraphCache(PhasedBackend(), max_graphs=2)
+    cache.get(key(batch=1), build_counter([]))
+    cache.get(key(batch=2), build_counter([]))
+    first, second = cache.report()
+    assert first["compile_ahead_s"] == 1.235 and first["warmup_runs_s"] == 3.0
+    assert second["warmup_runs_s"] == 4.0  # not the later capture's phases
+    assert first["capture_s"] >= 0  # the whole capture's time stays under its own name
+    assert describe_phases(first) == " (compile-ahead 1.235 s, warm-up runs 3.0 s, capture 0.1 s)"
+    # A backend that does not time its phases (EagerGraphBackend, CountingBackend): no phases.
+    plain = GraphCache(CountingBackend())
+    plain.get(key(), build_counter([]))
+    (row,) = plain.report()
+    assert describe_phases(row) == "" and "warmup_runs_s" not in row
