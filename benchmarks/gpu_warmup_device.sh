@@ -5,13 +5,14 @@
 #   2. time the U-Nets' first call (bench_unet's warm-up column: Triton compilation, autotuning,
 #      graph capture) in fresh processes with empty Triton caches, as on a fresh machine, with
 #      the table and with it off (FASTDIFF_ATTENTION_CONFIGS=off), and with the kernels compiled
-#      in 16 threads (compile_ahead, ParallelCompile) or one by one at first launch
-#      (FASTDIFF_COMPILE_THREADS=1; with the table off, that is the warm-up before all three),
+#      in 16 threads (compile_ahead, ParallelCompile) or one by one (FASTDIFF_COMPILE_THREADS=1:
+#      the compile-ahead pass still runs, serially; with the table off, that is the warm-up
+#      before all three but for the shorter timing of each candidate, AUTOTUNE_TIMING_MS),
 #      and once without the CUDA extension built (a fresh install);
 #   3. the attention GPU tests with the new table in place, and the CUDA-graph runtime tests.
 #   run: bash benchmarks/gpu_warmup_device.sh     (timeout_s 450; nothing needs carrying)
-# $OUT gets sm_XX.json (the table to commit), warmup.log (everything) and warmup.csv (the rows,
-# in the order of the ROWS list below).
+# $OUT gets sm_XX.json (the table to commit), warmup.log (everything) and warmup.csv (a row per
+# ROWS line below that finished, its name first in the note).
 # Without a GPU, step 1 says so and the rest runs the CPU paths, so the script can be tried
 # anywhere (OUT=/tmp/x bash benchmarks/gpu_warmup_device.sh).
 set -u -o pipefail
@@ -56,7 +57,7 @@ while read -r name workload table threads extension; do
         FASTDIFF_ATTENTION_CONFIGS="$table" FASTDIFF_COMPILE_THREADS="$threads" \
         ${build_dir:+FASTDIFF_CUDA_BUILD_DIR="$build_dir"} \
         python3 benchmarks/bench_unet.py --workloads "$workload" --providers fastdiff \
-        --csv "$OUT/warmup.csv"
+        --note "$name" --csv "$OUT/warmup.csv"
 done <<'ROWS'
 sd15_table sd15_b2 packaged 16 built
 sd15_off_1thread sd15_b2 off 1 built

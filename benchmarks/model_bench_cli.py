@@ -60,6 +60,9 @@ def add_common_arguments(parser: argparse.ArgumentParser, providers: tuple[str, 
         help="CSV to append to (default benchmarks/results/<gpu>.csv)",
     )
     parser.add_argument("--no-csv", action="store_true", help="print only")
+    parser.add_argument(
+        "--note", default="", help="added to every row's note (names a run's rows in the CSV)"
+    )
 
 
 def iterations(args: argparse.Namespace) -> tuple[int, int]:
@@ -103,6 +106,8 @@ def run_and_report(cases: list[Case], args: argparse.Namespace) -> int:
         add_speedups(results, reference)
     finally:
         signal.signal(signal.SIGTERM, previous)
+    for result in results:
+        result.note = "; ".join(note for note in (args.note, result.note) if note)
     print()
     print(format_table(results))
     if not args.no_csv and results:

@@ -2,8 +2,9 @@
 #   part NAME LIMIT_S CMD...   one part of a check: tee'd into $LOG, bounded in time by `timeout`,
 #                              a failure added to $FAILED (the script goes on with the next part).
 # With TOTAL set (seconds for the whole script, against bash's SECONDS), each part's limit is cut
-# to what is left and parts are skipped once less than 20 s is left, so that a script ends on its
-# own, with its files written, rather than being killed part-way by the device call's limit.
+# to 10 s less than what is left (timeout's --kill-after) and parts are skipped once less than
+# 20 s is left, so that a script ends on its own, with its files written, rather than being
+# killed part-way by the device call's limit.
 
 left() { echo $(( ${TOTAL:?} - SECONDS )); }
 

@@ -351,7 +351,7 @@ def compiled_kernels() -> int:
     return total
 
 
-def compile_ahead_check(threads: int, config: str, size: int) -> int:
+def compile_ahead_check(threads: int, config: str, size: int, autotune: bool = True) -> int:
     """A U-Net forward (``config`` of benchmarks/model_configs.py, prepared as optimize() does,
     fp16, latent ``size``) run twice with every op on the triton backend, kernels compiled for
     sm_90 and never run: first inside ``compile_ahead(threads)``, then plainly. Prints the
@@ -364,7 +364,7 @@ def compile_ahead_check(threads: int, config: str, size: int) -> int:
     import fastdiff.ops.backend as ops_backend
     from fastdiff.ops import use_backend
 
-    os.environ.update(FASTDIFF_AUTOTUNE="1", FASTDIFF_ATTENTION_CONFIGS="off")
+    os.environ.update(FASTDIFF_AUTOTUNE="1" if autotune else "0", FASTDIFF_ATTENTION_CONFIGS="off")
     ops_backend.triton_can_run = lambda tensor: True  # CPU tensors too: nothing runs
     from model_configs import model_config
 
@@ -410,9 +410,16 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--model", default="tiny_sd15_unet", help="with --compile-ahead")
     parser.add_argument("--latent", type=int, default=8, help="with --compile-ahead")
+    parser.add_argument(
+        "--no-autotune",
+        action="store_true",
+        help="with --compile-ahead: one heuristic attention config per shape, not every candidate",
+    )
     args = parser.parse_args(argv)
     if args.compile_ahead is not None:
-        return compile_ahead_check(args.compile_ahead, args.model, args.latent)
+        return compile_ahead_check(
+            args.compile_ahead, args.model, args.latent, autotune=not args.no_autotune
+        )
     if args.autotune_compile is not None:
         return autotune_compile(args.autotune_compile)
     cases = group_norm_cases(args.quick) + attention_cases(args.quick)

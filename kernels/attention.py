@@ -127,10 +127,10 @@ def _prune(configs, named_args, **kwargs):
 
 
 # Milliseconds of warm-up and of repetitions the autotuner spends timing each candidate for a
-# new shape. Triton's default, (25, 100), is over a second of timing per shape for our 7-9
-# candidates; a candidate at the SD shapes takes 0.005-0.5 ms, so 25 ms is still 50 to
-# thousands of repetitions. benchmarks/tune_attention.py, which writes the shipped table, times
-# with Triton's default.
+# new shape. Triton's default, (25, 100), is about 1.1 s of timing per shape with 9 candidates
+# (head dims up to 128; 2-3 remain at 160); a candidate at the SD shapes takes 0.005-0.5 ms, so
+# 25 ms is still 50 to thousands of repetitions. benchmarks/tune_attention.py, which writes the
+# shipped table, times with Triton's default.
 AUTOTUNE_TIMING_MS = (5, 25)
 
 

@@ -1,6 +1,7 @@
 """Shipped autotuning results for the attention kernel: the configuration Triton's autotuner chose
 per shape on a GPU, so that a fresh machine launches it directly instead of compiling and timing
-every candidate (5.8-9.2 s per new shape on an H200, most of a U-Net's first-process warm-up).
+every candidate (5.8-9.2 s per new shape on an H200, probably most of a U-Net's first-process
+warm-up; not measured apart).
 
 One JSON file per GPU architecture, ``fastdiff/assets/attention_configs/<capability>.json``
 (``sm_90.json`` for H100 and H200), written by ``benchmarks/tune_attention.py``::

@@ -175,9 +175,10 @@ def available(build: bool = True) -> bool:
 
     ``build=False`` (the ``auto`` backend's question): True only when it loads without compiling.
     A JIT build takes about 15 s (on the H200 machine) and needs nvcc and ninja, while the
-    extension's kernels beat the Triton ones by a few microseconds per step at most (GroupNorm
-    at two SD shapes, benchmarks/NOTES.md): too much first-use cost for a choice made behind the
-    user's back. A JIT build whose sources changed since is rebuilt when loaded, as before."""
+    extension's kernels beat the Triton ones by a few microseconds per call at most (GroupNorm at
+    some SD shapes, benchmarks/NOTES.md; tens of microseconds per SD1.5 step, an estimate): too
+    much first-use cost for a choice made behind the user's back. A JIT build whose sources
+    changed since is rebuilt when loaded, as before."""
     if not build and "reason" not in _state:
         if "unbuilt" not in _state:
             _state["unbuilt"] = _unbuilt_reason()

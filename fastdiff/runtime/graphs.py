@@ -96,7 +96,8 @@ class CudaGraphBackend:
     past the end of the plan would read out of bounds). With ``compile_ahead`` (the default) one
     more pass runs first, inside ``fastdiff.ops.compile_ahead()``: each Triton kernel the body
     launches is compiled there, all of them at once in threads, rather than one after another
-    at first launch (a U-Net launches some 40 distinct kernels).
+    at first launch (an SD1.5 U-Net: 44 distinct kernels, or 80 counting the attention
+    autotuner's candidates, compiled for sm_90 on CPU).
     """
 
     def __init__(

@@ -171,3 +171,16 @@ def test_a_graphed_rows_note_says_where_its_warm_up_went():
     fn.graphed = SimpleNamespace(cache=SimpleNamespace(report=lambda: [{"capture_s": 1.0}]))
     assert model_bench.warmup_phases(fn) == ""
     assert model_bench.join_notes("", "a", "", "b") == "a; b"
+
+
+def test_a_runs_note_names_its_rows_in_the_csv(tmp_path):
+    """--note (gpu_warmup_device.sh names each warm-up row with it) leads every row's note."""
+    import csv
+
+    csv_path = tmp_path / "rows.csv"
+    args = ["--workloads", "sd15_b2", "--providers", "fastdiff", "--iters", "1", "--warmup", "0"]
+    assert bench_unet.main([*args, "--note", "sd15_table", "--csv", str(csv_path)]) == 0
+    with csv_path.open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert [row["provider"] for row in rows] == ["fastdiff"]
+    assert rows[0]["note"].startswith("sd15_table; CPU: toy config")
