@@ -107,7 +107,8 @@ def run_and_report(cases: list[Case], args: argparse.Namespace) -> int:
     finally:
         signal.signal(signal.SIGTERM, previous)
     for result in results:
-        result.note = "; ".join(note for note in (args.note, result.note) if note)
+        # `fastdiff bench` passes its own arguments, without --note.
+        result.note = "; ".join(note for note in (getattr(args, "note", ""), result.note) if note)
     print()
     print(format_table(results))
     if not args.no_csv and results:
