@@ -8,8 +8,10 @@
 #      in 16 threads (compile_ahead, ParallelCompile) or one by one (FASTDIFF_COMPILE_THREADS=1:
 #      the compile-ahead pass still runs, serially; with the table off, that is the warm-up
 #      before all three but for the shorter timing of each candidate, AUTOTUNE_TIMING_MS),
-#      and once without the CUDA extension built (a fresh install);
-#   3. the attention GPU tests with the new table in place, and the CUDA-graph runtime tests.
+#      once without the CUDA extension built (a fresh install) and once without the compile-ahead
+#      pass (FASTDIFF_COMPILE_AHEAD=0);
+#   3. (run before 2, so that a budget cut takes timed rows, not tests) the attention GPU tests
+#      with the new table in place, and the CUDA-graph runtime tests.
 #   run: bash benchmarks/gpu_warmup_device.sh     (timeout_s 450; nothing needs carrying)
 # $OUT gets sm_XX.json (the table to commit), warmup.log (everything) and warmup.csv (a row per
 # ROWS line below that finished, its name first in the note).
@@ -44,36 +46,40 @@ for table in "$OUT"/sm_*.json; do
     [ -e "$table" ] && cp "$table" fastdiff/assets/attention_configs/
 done
 
-# NAME WORKLOAD TABLE THREADS EXTENSION: the table ("packaged": the one just written; or off),
-# the compile threads (compile_ahead's and the autotuner's; 1 = one kernel at a time, as before
-# both existed), and the CUDA extension: "built" (above, as in every earlier warm-up figure) or
-# "none" (an empty build folder: a fresh install, where the auto backend takes Triton rather than
-# build it). Most important rows first: the budget cuts from the end.
-while read -r name workload table threads extension; do
-    [ "$table" = packaged ] && table=""
-    build_dir=""
-    [ "$extension" = none ] && build_dir="$SCRATCH/no-extension"
-    part "warmup_$name" 150 env TRITON_CACHE_DIR="$SCRATCH/cache-$name" \
-        FASTDIFF_ATTENTION_CONFIGS="$table" FASTDIFF_COMPILE_THREADS="$threads" \
-        ${build_dir:+FASTDIFF_CUDA_BUILD_DIR="$build_dir"} \
-        python3 benchmarks/bench_unet.py --workloads "$workload" --providers fastdiff \
-        --note "$name" --csv "$OUT/warmup.csv"
-done <<'ROWS'
-sd15_table sd15_b2 packaged 16 built
-sd15_off_1thread sd15_b2 off 1 built
-sd15_fresh_install sd15_b2 packaged 16 none
-sd15_table_1thread sd15_b2 packaged 1 built
-sd15_off sd15_b2 off 16 built
-sdxl_table sdxl_b2 packaged 16 built
-sdxl_off_1thread sdxl_b2 off 1 built
-ROWS
-
+# The GPU tests before the timed rows (a budget cut takes rows, not tests): the attention tests
+# with the new table in place, and the CUDA-graph runtime's (compile-ahead pass included).
 part tests 150 python3 -m pytest -q -p no:cacheprovider tests/ops/test_attention_configs.py
 part gpu_tests 150 env FASTDIFF_AUTOTUNE=0 python3 -m pytest -q -p no:cacheprovider -m gpu \
     tests/ops/test_attention.py tests/ops/test_compile_ahead.py
 # CUDA graphs captured after the compile-ahead pass (the default since it was added).
 part gpu_runtime_tests 150 python3 -m pytest -q -p no:cacheprovider -m gpu \
     tests/runtime/test_gpu_runtime.py -k "compile_ahead or optimized_unet or graphs_equal_eager"
+
+# NAME WORKLOAD TABLE THREADS EXTENSION AHEAD: the table ("packaged": the one just written; or
+# off), the compile threads (compile_ahead's and the autotuner's; 1 = one kernel at a time), the
+# CUDA extension: "built" (above, as in every earlier warm-up figure) or "none" (an empty build
+# folder: a fresh install, where the auto backend takes Triton rather than build it), and the
+# compile-ahead pass (FASTDIFF_COMPILE_AHEAD). Most important rows first: the budget cuts from
+# the end.
+while read -r name workload table threads extension ahead; do
+    [ "$table" = packaged ] && table=""
+    build_dir=""
+    [ "$extension" = none ] && build_dir="$SCRATCH/no-extension"
+    part "warmup_$name" 150 env TRITON_CACHE_DIR="$SCRATCH/cache-$name" \
+        FASTDIFF_ATTENTION_CONFIGS="$table" FASTDIFF_COMPILE_THREADS="$threads" \
+        FASTDIFF_COMPILE_AHEAD="$ahead" ${build_dir:+FASTDIFF_CUDA_BUILD_DIR="$build_dir"} \
+        python3 benchmarks/bench_unet.py --workloads "$workload" --providers fastdiff \
+        --note "$name" --csv "$OUT/warmup.csv"
+done <<'ROWS'
+sd15_table sd15_b2 packaged 16 built 1
+sd15_off_1thread sd15_b2 off 1 built 1
+sd15_fresh_install sd15_b2 packaged 16 none 1
+sd15_table_no_ahead sd15_b2 packaged 16 built 0
+sdxl_table sdxl_b2 packaged 16 built 1
+sd15_table_1thread sd15_b2 packaged 1 built 1
+sd15_off sd15_b2 off 16 built 1
+sdxl_off_1thread sdxl_b2 off 1 built 1
+ROWS
 
 grep -E "^=== .*(ok in|FAILED)|first call|wrote|^(sd15|sdxl|tiny)_" "$LOG"
 echo "warmup check: ${FAILED:-all parts passed}"

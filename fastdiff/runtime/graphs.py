@@ -11,6 +11,7 @@ accounting) and the static-buffer bodies are tested on CPU with ``EagerGraphBack
 
 from __future__ import annotations
 
+import os
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -93,7 +94,8 @@ class CudaGraphBackend:
     (``benchmark=True``) and Triton's autotuner pick their algorithms and allocates cuBLAS/cuDNN
     workspaces outside the capture, as PyTorch's CUDA-graph notes require. ``prepare`` resets the
     static inputs before each warm-up run (the body mutates them, e.g. the step index, and an index
-    past the end of the plan would read out of bounds). With ``compile_ahead`` (the default) one
+    past the end of the plan would read out of bounds). With ``compile_ahead`` (the default;
+    ``FASTDIFF_COMPILE_AHEAD=0`` turns it off where the argument is not given) one
     more pass runs first, inside ``fastdiff.ops.compile_ahead()``: each Triton kernel the body
     launches is compiled there, all of them at once in threads, rather than one after another
     at first launch (an SD1.5 U-Net: 44 distinct kernels, or 80 counting the attention
@@ -104,10 +106,12 @@ class CudaGraphBackend:
         self,
         warmup_runs: int = 2,
         device: torch.device | str | None = None,
-        compile_ahead: bool = True,
+        compile_ahead: bool | None = None,
     ):
         self.warmup_runs = warmup_runs
         self.device = torch.device(device if device is not None else "cuda")
+        if compile_ahead is None:  # on unless FASTDIFF_COMPILE_AHEAD=0
+            compile_ahead = os.environ.get("FASTDIFF_COMPILE_AHEAD", "1") != "0"
         self.compile_ahead = compile_ahead
         # Seconds of the last capture's phases: the compile-ahead pass (Triton compilation),
         # the warm-up runs (autotuning, cuDNN's algorithm search, first-use allocations) and

@@ -226,3 +226,15 @@ def test_a_capture_times_its_phases(monkeypatch, ahead):
     backend.capture(lambda: None, lambda: None)
     phases = {"warmup_runs_s": 10, "graph_capture_s": 10}
     assert backend.last_phases == ({"compile_ahead_s": 10, **phases} if ahead else phases)
+
+
+def test_the_compile_ahead_default_follows_the_environment(monkeypatch):
+    """FASTDIFF_COMPILE_AHEAD=0 turns the pass off where the backend is built without the
+    argument (optimize(), the benchmarks); an explicit argument wins."""
+    monkeypatch.delenv("FASTDIFF_COMPILE_AHEAD", raising=False)
+    assert graphs.CudaGraphBackend().compile_ahead is True
+    monkeypatch.setenv("FASTDIFF_COMPILE_AHEAD", "0")
+    assert graphs.CudaGraphBackend().compile_ahead is False
+    assert graphs.CudaGraphBackend(compile_ahead=True).compile_ahead is True
+    monkeypatch.setenv("FASTDIFF_COMPILE_AHEAD", "1")
+    assert graphs.CudaGraphBackend().compile_ahead is True
