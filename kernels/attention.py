@@ -490,9 +490,9 @@ def attention_forward(
             launches = [(kernel.fn, c.all_kwargs()) for c in candidates]
         else:
             launches = [(kernel, config)]
-        for kernel, config in launches:
+        for target, options in launches:
             launch(
-                kernel,
+                target,
                 grid,
                 q,
                 k,
@@ -513,7 +513,7 @@ def attention_forward(
                 # cache key is the options dict as written, so the same options in another
                 # order would compile the kernel again.
                 **COMPILE_OPTIONS,
-                **config,
+                **options,
             )
 
     global _split_head_dim_works
