@@ -351,8 +351,26 @@ class ParallelCompile:
             except Exception:  # the timing loop compiles it again and reports or skips it
                 pass
 
+        with torch.cuda.device(device) if device and device.type == "cuda" else nullcontext():
+            _create_device_caches(self.autotuner.fn)
         with ThreadPoolExecutor(min(compile_threads(), len(configs))) as pool:
             list(pool.map(compile_one, configs))
+
+
+def _create_device_caches(kernel) -> None:
+    """Set up the JIT function's kernel cache for the current device here, before threads
+    compile into it: created by two threads at once, one thread's kernels would land in a cache
+    that is then replaced (a lost compile, not a wrong result). Triton internals: skipped where
+    they differ."""
+    try:
+        from triton.runtime import driver
+        from triton.runtime.jit import JITFunction
+
+        while not isinstance(kernel, JITFunction):
+            kernel = kernel.fn
+        kernel.device_caches[driver.active.get_current_device()]
+    except Exception:
+        pass
 
 
 if hasattr(attention_forward_kernel, "_bench") and hasattr(

@@ -205,3 +205,22 @@ def test_a_candidate_that_fails_to_compile_is_left_to_the_timing_loop(monkeypatc
     meta = {"grid": None, "warmup": False}
     configs = tuner.prune_configs(meta)
     assert tuner._bench(torch.empty(1), config=configs[0], **meta) == 1.0
+
+
+@pytest.mark.skipif(not (NVIDIA_TOOLS / "cuobjdump").exists(), reason="no Triton CUDA backend")
+def test_the_compile_threads_find_the_kernel_cache_already_made():
+    """ParallelCompile creates the JIT function's cache for the device before its threads
+    compile into it (two threads creating it at once would lose one's kernel)."""
+    script = (
+        "import sys; sys.path.insert(0, 'benchmarks'); import triton_sm90 as t; "
+        "import fastdiff.kernels.attention as A; jit = A.attention_forward_kernel.fn.fn; "
+        "before = len(jit.device_caches); "
+        "exec('with t.compile_only():\\n A._create_device_caches(A.attention_forward_kernel.fn)'); "
+        "print(before, list(jit.device_caches))"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO, env=env
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split() == ["0", "[0]"], result.stdout
