@@ -53,6 +53,23 @@ def assert_within_tolerance(
     )
 
 
+def record_attention_launches(monkeypatch) -> list[tuple[tuple[int, int], dict]]:
+    """Spy on the attention launcher's choice of kernel configuration: each launch appends
+    ((BLOCK_D, BLOCK_DT), launch options) to the returned list (options {} for the autotuner)."""
+    import fastdiff.kernels.attention as attention_kernels
+
+    launched = []
+    lone_config = attention_kernels.lone_config
+
+    def spy(q, queries, keys, block_d, block_dt):
+        kernel, options = lone_config(q, queries, keys, block_d, block_dt)
+        launched.append(((block_d, block_dt), options))
+        return kernel, options
+
+    monkeypatch.setattr(attention_kernels, "lone_config", spy)
+    return launched
+
+
 class CallCounter:
     """Wraps a launcher so a test can assert the kernel path ran (not a silent fallback), and
     keeps each call's arguments (``arguments``: (args, kwargs) per call) for tests that check

@@ -13,7 +13,13 @@ from hypothesis import strategies as st
 
 from fastdiff.ops import attention, attention_reference, use_backend
 from fastdiff.ops.attention import attention_eager, attention_triton
-from tests.ops.helpers import DEVICE, CallCounter, assert_within_tolerance, kernel_dtypes
+from tests.ops.helpers import (
+    DEVICE,
+    CallCounter,
+    assert_within_tolerance,
+    kernel_dtypes,
+    record_attention_launches,
+)
 
 # A split head dim that silently fell back to padding would hide a compile failure: fail instead.
 pytestmark = pytest.mark.filterwarnings("error:.*split head dim failed:RuntimeWarning")
@@ -244,16 +250,9 @@ def test_padded_head_dim_matches_reference(triton_backend, monkeypatch, head_dim
     # One power-of-two padded block: the fallback when the split variant fails to compile, and
     # what SPLIT_HEAD_DIM = False (bench_attention's fastdiff-padded provider) launches.
     monkeypatch.setattr(attention_kernels, switch, False)
-    launched = []
-    lone_config = attention_kernels.lone_config
-
-    def spy(q, queries, keys, block_d, block_dt):
-        launched.append((block_d, block_dt))
-        return lone_config(q, queries, keys, block_d, block_dt)
-
-    monkeypatch.setattr(attention_kernels, "lone_config", spy)
+    launched = record_attention_launches(monkeypatch)
     check(*make_qkv(1, 2, 19, 21, head_dim, torch.float32), what=f"padded d{head_dim}")
-    assert launched == [attention_kernels.head_blocks(head_dim, split=False)]
+    assert [blocks for blocks, _ in launched] == [attention_kernels.head_blocks(head_dim, False)]
 
 
 GPU_CONFIGS = [
@@ -318,21 +317,13 @@ def test_partial_key_block_when_keys_are_a_multiple_of_16_only(triton_backend, m
     config = triton.Config({"BLOCK_M": 16, "BLOCK_N": 32}, num_warps=4, num_stages=1)
     monkeypatch.setattr(attention_kernels.attention_forward_kernel, "configs", [config])
     monkeypatch.setattr(attention_kernels, "_lone_configs", {})
-    launched = []
-    lone_config = attention_kernels.lone_config
-
-    def spy(*args):
-        kernel, options = lone_config(*args)
-        launched.append(options)
-        return kernel, options
-
-    monkeypatch.setattr(attention_kernels, "lone_config", spy)
+    launched = record_attention_launches(monkeypatch)
     q, k, v = make_qkv(1, 2, 20, 64, 16, torch.float32)
     q = q.abs() + 0.5
     k[:, :, 48:] = 10.0  # q.k of about 40 or more for the 16 keys beyond the view
     v[:, :, 48:] = 1000.0
     check(q, k[:, :, :48], v[:, :, :48], what="48 keys in blocks of 32")
-    assert [options["BLOCK_N"] for options in launched] == [32]
+    assert [options["BLOCK_N"] for _, options in launched] == [32]
 
 
 @pytest.mark.parametrize("scale", [None, 0.3])

@@ -14,7 +14,7 @@ import torch
 import triton
 
 from fastdiff.ops import attention_reference
-from tests.ops.helpers import assert_within_tolerance
+from tests.ops.helpers import assert_within_tolerance, record_attention_launches
 
 GPU_CONFIGS = [
     triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
@@ -368,18 +368,12 @@ def test_a_table_configuration_runs_correctly_on_the_gpu(tmp_path, monkeypatch):
     monkeypatch.setenv(attention_configs.ENV, str(path))
     q = torch.randn(2, 3, 300, 40, device="cuda", dtype=torch.float16)
     k, v = (torch.randn(2, 3, 77, 40, device="cuda", dtype=torch.float16) for _ in range(2))
-    launched = []
-    lone_config = attention_kernels.lone_config
-
-    def spy(*args):
-        kernel, options = lone_config(*args)
-        launched.append(options)
-        return kernel, options
-
-    monkeypatch.setattr(attention_kernels, "lone_config", spy)
+    launched = record_attention_launches(monkeypatch)
     with use_backend("triton"):
         out = attention(q, k, v)
-    assert launched == [{"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2}]
+    assert [options for _, options in launched] == [
+        {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2}
+    ]
     assert_within_tolerance(
         out, attention_reference(q, k, v), attention_eager(q, k, v), "table config 64x32"
     )

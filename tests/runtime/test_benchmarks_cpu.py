@@ -53,7 +53,7 @@ def test_attention_padded_provider_runs_only_where_the_head_dim_is_split(monkeyp
     import torch
 
     from fastdiff.ops.attention import attention_reference
-    from tests.ops.helpers import INTERPRET
+    from tests.ops.helpers import INTERPRET, record_attention_launches
 
     if not (INTERPRET or torch.cuda.is_available()):
         pytest.skip("triton kernels need a GPU or TRITON_INTERPRET=1")
@@ -63,16 +63,11 @@ def test_attention_padded_provider_runs_only_where_the_head_dim_is_split(monkeyp
     assert bench_attention.padded_provider(d64.make(True)) is None
     assert bench_attention.padded_provider(cross.make(True)) is None
     inputs = d40.make(True)
-    launched = []
-    lone_config = attention_kernels.lone_config
-
-    def spy(q, queries, keys, block_d, block_dt):
-        launched.append(block_dt)
-        return lone_config(q, queries, keys, block_d, block_dt)
-
-    monkeypatch.setattr(attention_kernels, "lone_config", spy)
+    launched = record_attention_launches(monkeypatch)
     out = bench_attention.padded_provider(inputs)()
-    assert launched == [0] and attention_kernels.SPLIT_HEAD_DIM  # padded, and restored after
+    assert [block_dt for (_, block_dt), _ in launched] == [
+        0
+    ] and attention_kernels.SPLIT_HEAD_DIM  # padded, and restored after
     torch.testing.assert_close(out, attention_reference(*inputs[:3]), atol=1e-4, rtol=1e-4)
 
     args = argparse.Namespace(providers=None, quick=True, no_csv=True, out=None)
