@@ -317,7 +317,7 @@ def autotune_compile(threads: int) -> int:
     )
     q = torch.empty(2, 8, 4096, 40, dtype=torch.float16)
     block_d, block_dt = attention.head_blocks(40)
-    args = {"q_ptr": q, "N_QUERIES": 4096, "N_KEYS": 4096, "BLOCK_D": block_d, "BLOCK_DT": block_dt}
+    args = attention.prune_args(q, 4096, 4096, block_d, block_dt)
     candidates = len(attention._prune(attention.attention_forward_kernel.configs, args))
     with compile_only() as produced:
         begin = time.perf_counter()

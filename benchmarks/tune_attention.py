@@ -33,8 +33,9 @@ import bench_unet  # noqa: E402
 import fastdiff.kernels.attention as attention_kernels  # noqa: E402
 import model_bench as mb  # noqa: E402
 from fastdiff.kernels import attention_configs  # noqa: E402
+from model_configs import model_config  # noqa: E402
 
-MODELS = {"sd15": ("sd15_unet", 768), "sdxl": ("sdxl_unet", 2048)}
+MODELS = {"sd15": "sd15_unet", "sdxl": "sdxl_unet"}  # names of benchmarks/model_configs.py
 
 
 def parse_models(text: str) -> list[bench_unet.UNetWorkload]:
@@ -46,7 +47,8 @@ def parse_models(text: str) -> list[bench_unet.UNetWorkload]:
                 f"--models: {item!r} is not NAME@LATENT_SIZE with NAME one of "
                 f"{', '.join(MODELS)} and a latent size that is a multiple of 8 (e.g. sd15@64)"
             )
-        config, context_dim = MODELS[name]
+        config = MODELS[name]
+        context_dim = model_config(config)["cross_attention_dim"]
         workloads.append(
             bench_unet.UNetWorkload(f"{name}@{size}", config, 2, int(size), 77, context_dim)
         )

@@ -112,6 +112,17 @@ def _fitting(configs, args: dict) -> list:
     return kept
 
 
+def prune_args(q: torch.Tensor, queries: int, keys: int, block_d: int, block_dt: int) -> dict:
+    """What _fitting and _prune read of a launch, named as the autotuner passes it."""
+    return {
+        "q_ptr": q,
+        "N_QUERIES": queries,
+        "N_KEYS": keys,
+        "BLOCK_D": block_d,
+        "BLOCK_DT": block_dt,
+    }
+
+
 def _prune(configs, named_args, **kwargs):
     if len(configs) == 1:
         return configs
@@ -462,13 +473,7 @@ def lone_config(
         os.environ.get(attention_configs.ENV, ""),
     )
     if key not in _lone_configs:
-        args = {
-            "q_ptr": q,
-            "N_QUERIES": queries,
-            "N_KEYS": keys,
-            "BLOCK_D": block_d,
-            "BLOCK_DT": block_dt,
-        }
+        args = prune_args(q, queries, keys, block_d, block_dt)
         tuned = tuned_config(q, configs, args) if len(configs) > 1 else None
         kept = [tuned] if tuned is not None else _prune(configs, args)
         if len(kept) != 1:
@@ -501,8 +506,8 @@ def attention_forward(
         if compiling_ahead() and kernel is attention_forward_kernel:
             # The autotuner would time its candidates (on outputs that compile_ahead skips):
             # compile every candidate instead, and leave the timing to the real run.
-            args = {"q_ptr": q, "N_QUERIES": queries, "N_KEYS": keys}
-            candidates = _prune(kernel.configs, args, BLOCK_D=block_d, BLOCK_DT=block_dt)
+            args = prune_args(q, queries, keys, block_d, block_dt)
+            candidates = _prune(kernel.configs, args)
             # all_kwargs(): the launch options exactly as the autotuner passes them, so its
             # timing launches find these kernels in the cache.
             launches = [(kernel.fn, c.all_kwargs()) for c in candidates]

@@ -192,13 +192,7 @@ def test_every_shipped_table_names_configurations_the_kernel_can_launch(path):
             attention_kernels.head_blocks(head_dim, split=False) == (block_d, block_dt)
         ), f"{path}: blocks {(block_d, block_dt)} are not the kernel's for head dim {head_dim}"
         q = torch.empty(0, dtype=attention_configs.DTYPES[dtype])
-        args = {
-            "q_ptr": q,
-            "N_QUERIES": queries,
-            "N_KEYS": keys,
-            "BLOCK_D": block_d,
-            "BLOCK_DT": block_dt,
-        }
+        args = attention_kernels.prune_args(q, queries, keys, block_d, block_dt)
         fitting = [
             attention_kernels._shape(c) for c in attention_kernels._fitting(GPU_CONFIGS, args)
         ]
