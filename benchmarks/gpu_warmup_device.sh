@@ -13,6 +13,8 @@
 #   3. (run before 2, so that a budget cut takes timed rows, not tests) the attention GPU tests
 #      with the new table in place, and the CUDA-graph runtime tests.
 #   run: bash benchmarks/gpu_warmup_device.sh     (timeout_s 450; nothing needs carrying)
+#   TUNE=0 skips step 1 (the committed table is used); ROW names as arguments run only those
+#   rows (bash benchmarks/gpu_warmup_device.sh sd15_table sdxl_table).
 # $OUT gets sm_XX.json (the table to commit), warmup.log (everything) and warmup.csv (a row per
 # ROWS line below that finished, its name first in the note).
 # Without a GPU, step 1 says so and the rest runs the CPU paths, so the script can be tried
@@ -33,43 +35,19 @@ SCRATCH="$(mktemp -d)"
 TOTAL="${TOTAL:-400}"
 source benchmarks/parts.sh  # part NAME LIMIT CMD...
 
-part install 120 python3 -m pip install --no-deps --no-build-isolation -q -e .
-part versions 30 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', \
-triton.__version__, 'gpu', torch.cuda.get_device_name() if torch.cuda.is_available() else None)"
-# Built (or loaded) before the timed warm-ups, as in gpu_check: group_norm prefers it.
-part cuda_ext 150 python3 -c "from fastdiff.ops import cuda_extension as e; \
-print('CUDA extension available:', e.available(), e.unavailable_reason())"
-
-part tune 240 env TRITON_CACHE_DIR="$SCRATCH/tune-cache" \
-    python3 benchmarks/tune_attention.py --out "$OUT" --models sd15@64,sdxl@128
-for table in "$OUT"/sm_*.json; do
-    [ -e "$table" ] && cp "$table" fastdiff/assets/attention_configs/
-done
-
-# The GPU tests before the timed rows (a budget cut takes rows, not tests): the attention tests
-# with the new table in place, and the CUDA-graph runtime's (compile-ahead pass included).
-part tests 150 python3 -m pytest -q -p no:cacheprovider tests/ops/test_attention_configs.py
-part gpu_tests 150 env FASTDIFF_AUTOTUNE=0 python3 -m pytest -q -p no:cacheprovider -m gpu \
-    tests/ops/test_attention.py tests/ops/test_compile_ahead.py
-# CUDA graphs captured after the compile-ahead pass (the default since it was added).
-part gpu_runtime_tests 150 python3 -m pytest -q -p no:cacheprovider -m gpu \
-    tests/runtime/test_gpu_runtime.py -k "compile_ahead or optimized_unet or graphs_equal_eager"
-
-# NAME WORKLOAD TABLE THREADS EXTENSION AHEAD: the table ("packaged": the one just written; or
+# NAME WORKLOAD TABLE THREADS EXTENSION AHEAD: the workload (bench_unet's, or pipeline20 /
+# pipeline4: bench_pipeline's SD1.5 512x512 generation, whose first call also captures the VAE
+# decode and, at 4 steps, the whole loop), the table ("packaged": the one just written; or
 # off), the compile threads (compile_ahead's and the autotuner's; 1 = one kernel at a time), the
 # CUDA extension: "built" (above, as in every earlier warm-up figure) or "none" (an empty build
 # folder: a fresh install, where the auto backend takes Triton rather than build it), and the
 # compile-ahead pass (FASTDIFF_COMPILE_AHEAD). Most important rows first: the budget cuts from
 # the end.
-while read -r name workload table threads extension ahead; do
-    [ "$table" = packaged ] && table=""
-    build_dir=""
-    [ "$extension" = none ] && build_dir="$SCRATCH/no-extension"
-    part "warmup_$name" 150 env TRITON_CACHE_DIR="$SCRATCH/cache-$name" \
-        FASTDIFF_ATTENTION_CONFIGS="$table" FASTDIFF_COMPILE_THREADS="$threads" \
-        FASTDIFF_COMPILE_AHEAD="$ahead" ${build_dir:+FASTDIFF_CUDA_BUILD_DIR="$build_dir"} \
-        python3 benchmarks/bench_unet.py --workloads "$workload" --providers fastdiff \
-        --note "$name" --csv "$OUT/warmup.csv"
+declare -A ROW
+ORDER=()
+while read -r name settings; do
+    ROW[$name]="$settings"
+    ORDER+=("$name")
 done <<'ROWS'
 sd15_table sd15_b2 packaged 16 built 1
 sd15_off_1thread sd15_b2 off 1 built 1
@@ -79,7 +57,51 @@ sdxl_table sdxl_b2 packaged 16 built 1
 sd15_table_1thread sd15_b2 packaged 1 built 1
 sd15_off sd15_b2 off 16 built 1
 sdxl_off_1thread sdxl_b2 off 1 built 1
+sd15_pipeline20 pipeline20 packaged 16 built 1
 ROWS
+(( $# )) && ORDER=("$@")
+for name in "${ORDER[@]}"; do  # before any device time is spent
+    [ -n "${ROW[$name]:-}" ] || { echo "no row named $name (rows: ${!ROW[*]})"; exit 2; }
+done
+
+part install 120 python3 -m pip install --no-deps --no-build-isolation -q -e .
+part versions 30 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', \
+triton.__version__, 'gpu', torch.cuda.get_device_name() if torch.cuda.is_available() else None)"
+# Built (or loaded) before the timed warm-ups, as in gpu_check: group_norm prefers it.
+part cuda_ext 150 python3 -c "from fastdiff.ops import cuda_extension as e; \
+print('CUDA extension available:', e.available(), e.unavailable_reason())"
+
+if [ "${TUNE:-1}" != 0 ]; then
+    part tune 240 env TRITON_CACHE_DIR="$SCRATCH/tune-cache" \
+        python3 benchmarks/tune_attention.py --out "$OUT" --models sd15@64,sdxl@128
+    for table in "$OUT"/sm_*.json; do
+        [ -e "$table" ] && cp "$table" fastdiff/assets/attention_configs/
+    done
+fi
+
+# The GPU tests before the timed rows (a budget cut takes rows, not tests): the attention tests
+# with the new table in place, and the CUDA-graph runtime's (compile-ahead pass included).
+if [ "${TUNE:-1}" != 0 ]; then
+    part tests 150 python3 -m pytest -q -p no:cacheprovider tests/ops/test_attention_configs.py
+    part gpu_tests 150 env FASTDIFF_AUTOTUNE=0 python3 -m pytest -q -p no:cacheprovider -m gpu \
+        tests/ops/test_attention.py tests/ops/test_compile_ahead.py
+fi
+# CUDA graphs captured after the compile-ahead pass (the default since it was added).
+part gpu_runtime_tests 150 python3 -m pytest -q -p no:cacheprovider -m gpu \
+    tests/runtime/test_gpu_runtime.py -k "compile_ahead or optimized_unet or graphs_equal_eager"
+
+for name in "${ORDER[@]}"; do
+    read -r workload table threads extension ahead <<<"${ROW[$name]}"
+    [ "$table" = packaged ] && table=""
+    bench=(benchmarks/bench_unet.py --workloads "$workload")
+    [[ "$workload" = pipeline* ]] && bench=(benchmarks/bench_pipeline.py --steps "${workload#pipeline}")
+    build_dir=""
+    [ "$extension" = none ] && build_dir="$SCRATCH/no-extension"
+    part "warmup_$name" 150 env TRITON_CACHE_DIR="$SCRATCH/cache-$name" \
+        FASTDIFF_ATTENTION_CONFIGS="$table" FASTDIFF_COMPILE_THREADS="$threads" \
+        FASTDIFF_COMPILE_AHEAD="$ahead" ${build_dir:+FASTDIFF_CUDA_BUILD_DIR="$build_dir"} \
+        python3 "${bench[@]}" --providers fastdiff --note "$name" --csv "$OUT/warmup.csv"
+done
 
 grep -E "^=== .*(ok in|FAILED)|first call|wrote|^(sd15|sdxl|tiny)_" "$LOG"
 echo "warmup check: ${FAILED:-all parts passed}"

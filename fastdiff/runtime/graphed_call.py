@@ -89,8 +89,10 @@ class GraphedCall:
     def build(self, args: tuple, kwargs: dict):
         static_args = [_static_copy(a) for a in args]
         static_kwargs = {k: _static_copy(v) for k, v in kwargs.items()}
+        # Only the output's shape, dtype and layout are used: the backend may run the probe
+        # inside its compile-ahead pass, where Triton kernels compile instead of running.
         with torch.no_grad():
-            probe = self.fn(*static_args, **static_kwargs)
+            probe = self.cache.first_run(lambda: self.fn(*static_args, **static_kwargs))
         buffers = CallBuffers(static_args, static_kwargs, torch.empty_like(probe))
 
         def body() -> None:

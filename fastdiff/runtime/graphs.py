@@ -67,6 +67,10 @@ class GraphBackend(Protocol):
         """Capture ``body``; return the replayable and the bytes its capture added (graph pool)."""
         ...
 
+    # Optional: ``first_run(fn) -> fn()'s result``, the call a body's builder makes before the
+    # capture to learn the shapes of its outputs (GraphedCall's probe); GraphCache.first_run calls
+    # ``fn`` directly when the backend has none.
+
 
 class EagerReplay:
     """A "graph" that runs its body again on every replay: the CPU stand-in for a CUDA graph."""
@@ -117,6 +121,25 @@ class CudaGraphBackend:
         # the warm-up runs (autotuning, cuDNN's algorithm search, first-use allocations) and
         # the capture itself. GraphCache keeps them with the entry (report()).
         self.last_phases: dict[str, float] = {}
+
+    def first_run(self, fn: Callable[[], Any]) -> Any:
+        """``fn()`` for its outputs' shapes, before the capture (GraphedCall's probe). With
+        ``compile_ahead`` it runs inside the compile-ahead pass, like capture()'s own: Triton
+        kernels compile in threads and do not run, so the outputs' values are zeros where a
+        kernel wrote them. Without this the probe compiled every kernel one by one, and
+        capture()'s pass found nothing left to compile (SD1.5 U-Net on the H200, 2026-11-28:
+        18.8 s of first call, 0.06 s of it in the pass). If ``fn`` fails inside the pass it runs
+        again outside, which raises any real error."""
+        if self.compile_ahead:
+            with torch.cuda.device(self.device):
+                try:
+                    with ops_compile_ahead():
+                        result = fn()
+                    torch.cuda.synchronize(self.device)
+                    return result
+                except Exception:
+                    pass
+        return fn()
 
     def capture(
         self, body: Callable[[], None], prepare: Callable[[], None]
@@ -295,8 +318,11 @@ class GraphCache:
         start = time.perf_counter()
         try:
             buffers, body, prepare = build()
+            built = time.perf_counter() - start
             graph, pool_bytes = self.backend.capture(body, prepare)
             phases = dict(getattr(self.backend, "last_phases", None) or {})
+            if phases:  # a backend that times its phases: the build (buffers, a probe run) first
+                phases = {"build_s": built, **phases}
         except Exception as error:
             self.stats.failures += 1
             self.stats.failed_keys[key] = f"{type(error).__name__}: {error}"
@@ -314,6 +340,12 @@ class GraphCache:
         self.stats.captures += 1
         self.stats.capture_seconds += seconds
         return entry
+
+    def first_run(self, fn: Callable[[], Any]) -> Any:
+        """``fn()`` run as the backend runs a builder's probe (``CudaGraphBackend.first_run``:
+        inside its compile-ahead pass), or plainly."""
+        first_run = getattr(self.backend, "first_run", None)
+        return first_run(fn) if first_run is not None else fn()
 
     def evict_oldest(self) -> GraphKey:
         key, entry = self.entries.popitem(last=False)

@@ -119,6 +119,7 @@ def ops_backend(kernels: bool = True):
 
 
 PHASE_NAMES = {
+    "build_s": "build",
     "compile_ahead_s": "compile-ahead",
     "warmup_runs_s": "warm-up runs",
     "graph_capture_s": "capture",

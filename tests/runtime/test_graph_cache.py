@@ -145,7 +145,9 @@ def test_each_entry_keeps_its_own_capture_phases_for_the_report():
     assert first["compile_ahead_s"] == 1.235 and first["warmup_runs_s"] == 3.0
     assert second["warmup_runs_s"] == 4.0  # not the later capture's phases
     assert first["capture_s"] >= 0  # the whole capture's time stays under its own name
-    assert describe_phases(first) == " (compile-ahead 1.235 s, warm-up runs 3.0 s, capture 0.1 s)"
+    assert describe_phases(first) == (
+        f" (build {first['build_s']} s, compile-ahead 1.235 s, warm-up runs 3.0 s, capture 0.1 s)"
+    )
     # A backend that does not time its phases (EagerGraphBackend, CountingBackend): no phases.
     plain = GraphCache(CountingBackend())
     plain.get(key(), build_counter([]))
