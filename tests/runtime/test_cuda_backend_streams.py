@@ -132,6 +132,23 @@ def install(monkeypatch, cuda: FakeCuda) -> None:
     monkeypatch.setattr(graphs, "recover_from_failed_capture", lambda device: None)
 
 
+def watch_the_pass(monkeypatch) -> list:
+    """Replace the compile-ahead pass with a context that does nothing but mark itself: the
+    returned list is non-empty exactly while code runs inside the pass."""
+    inside: list = []
+
+    @contextlib.contextmanager
+    def ahead():
+        inside.append(True)
+        try:
+            yield
+        finally:
+            inside.pop()
+
+    monkeypatch.setattr(graphs, "ops_compile_ahead", ahead)
+    return inside
+
+
 def test_capture_on_a_pipeline_device_that_is_not_the_current_one(monkeypatch):
     """A pipeline on cuda:1 while cuda:0 is current (or after an earlier capture created
     torch.cuda.graph's default capture stream on cuda:0): every kernel must enter the graph."""
@@ -191,22 +208,13 @@ def test_a_body_that_fails_in_the_compile_ahead_pass_is_still_captured(monkeypat
     context is left before the warm-up runs."""
     cuda = FakeCuda()
     install(monkeypatch, cuda)
-    events, inside = [], []
-
-    @contextlib.contextmanager
-    def ahead():
-        inside.append(True)
-        try:
-            yield
-        finally:
-            inside.pop()
+    events, inside = [], watch_the_pass(monkeypatch)
 
     def body():
         if inside:
             raise ValueError("index out of range on zeros")
         events.append("body")
 
-    monkeypatch.setattr(graphs, "ops_compile_ahead", ahead)
     backend = graphs.CudaGraphBackend(warmup_runs=2, device="cuda:0")
     graph, _ = backend.capture(body, lambda: events.append("prepare"))
     runs = ["prepare", "body"] * 3  # two warm-up runs and the capture, after the failed pass
@@ -248,20 +256,11 @@ def test_graphed_calls_probe_runs_inside_the_compile_ahead_pass(monkeypatch, ahe
     first call, and capture()'s pass found nothing left to compile). The probe's output only
     shapes the static buffer: the graph's output is the captured call's."""
     from fastdiff.runtime.graphed_call import GraphedCall
+    from fastdiff.runtime.optimize import describe_phases
 
     cuda = FakeCuda()
     install(monkeypatch, cuda)
-    inside, calls = [], []
-
-    @contextlib.contextmanager
-    def spy():
-        inside.append(True)
-        try:
-            yield
-        finally:
-            inside.pop()
-
-    monkeypatch.setattr(graphs, "ops_compile_ahead", spy)
+    inside, calls = watch_the_pass(monkeypatch), []
 
     def fn(x):
         calls.append("ahead" if inside else "run")
@@ -274,8 +273,6 @@ def test_graphed_calls_probe_runs_inside_the_compile_ahead_pass(monkeypatch, ahe
     # probe, capture()'s own pass, one warm-up run, the capture
     expected = ["ahead", "ahead", "run", "run"] if ahead else ["run", "run", "run"]
     assert calls == expected and inside == []
-    from fastdiff.runtime.optimize import describe_phases
-
     row = graphed.cache.report()[0]
     assert describe_phases(row).startswith(" (build ")  # the probe's time, reported first
     assert ("compile_ahead_s" in row) == ahead
@@ -286,17 +283,7 @@ def test_a_probe_that_fails_inside_the_pass_runs_again_outside(monkeypatch):
     whenever the pass is on) runs plainly instead, which raises any real error."""
     cuda = FakeCuda()
     install(monkeypatch, cuda)
-    inside = []
-
-    @contextlib.contextmanager
-    def ahead():
-        inside.append(True)
-        try:
-            yield
-        finally:
-            inside.pop()
-
-    monkeypatch.setattr(graphs, "ops_compile_ahead", ahead)
+    inside = watch_the_pass(monkeypatch)
     backend = graphs.CudaGraphBackend(device="cuda:0")
 
     def fn():
