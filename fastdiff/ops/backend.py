@@ -93,6 +93,16 @@ def compile_ahead() -> contextlib.AbstractContextManager:
     return kernels_compile_ahead()
 
 
+def attention_configs_summary(device: torch.device) -> str | None:
+    """``fastdiff.kernels.attention_configs.describe(device)`` where Triton is installed and
+    ``device`` is a CUDA device, else None."""
+    if device.type != "cuda" or not triton_available():
+        return None
+    from fastdiff.kernels import attention_configs
+
+    return attention_configs.describe(device)
+
+
 def triton_can_run(tensor: torch.Tensor) -> bool:
     """True when a Triton kernel can run on this tensor's device."""
     if not triton_available():

@@ -27,7 +27,11 @@ from typing import Any
 import torch
 
 from fastdiff.ops import use_backend
-from fastdiff.ops.backend import cuda_extension_module, requested_backend
+from fastdiff.ops.backend import (
+    attention_configs_summary,
+    cuda_extension_module,
+    requested_backend,
+)
 from fastdiff.runtime.denoise import GraphedDenoiser, build_call
 from fastdiff.runtime.graphed_call import GraphedCall
 from fastdiff.runtime.graphs import CudaGraphBackend, EagerGraphBackend, GraphBackend, GraphCache
@@ -386,6 +390,9 @@ def optimize(
         extension = cuda_extension_module()
         if not forced and extension is not None and not extension.available(build=False):
             report.skipped["CUDA extension"] = extension.unavailable_reason(build=False)
+        attention = attention_configs_summary(torch.device(pipe.device))
+        if attention is not None and forced != "eager":
+            report.applied.append(attention)
     elif on_cuda:
         report.skipped["Triton kernels"] = "kernels=False: ops run the eager PyTorch backend"
 

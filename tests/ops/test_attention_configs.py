@@ -175,6 +175,41 @@ def test_on_a_gpu_the_table_follows_the_environment(tmp_path, monkeypatch):
     assert attention_configs.table_for(q) == {}
 
 
+def test_the_optimize_report_says_which_table_the_launcher_takes(tmp_path, monkeypatch):
+    """describe() (a line of optimize()'s report): the shipped table and its size, another file,
+    off, or none for this architecture; a bad file fails here, before any launch."""
+    from fastdiff.ops.backend import attention_configs_summary
+
+    monkeypatch.setattr(attention_configs, "capability_name", lambda device: "sm_90")
+    gpu = torch.device("cuda", 0)
+    monkeypatch.delenv(attention_configs.ENV, raising=False)
+    shipped = attention_configs.load("sm_90", "")
+    if shipped:
+        assert attention_configs.describe(gpu) == (
+            f"attention configurations: {len(shipped)} shapes from shipped sm_90.json; other "
+            "shapes autotune at their first use"
+        )
+    monkeypatch.setenv(attention_configs.ENV, str(table_file(tmp_path, [entry(), entry(keys=77)])))
+    assert "2 shapes from " + str(tmp_path) in attention_configs.describe(gpu)
+    monkeypatch.setenv(attention_configs.ENV, "off")
+    assert "=off, every attention shape autotunes" in attention_configs.describe(gpu)
+    monkeypatch.setattr(attention_configs, "capability_name", lambda device: "sm_75")
+    monkeypatch.delenv(attention_configs.ENV)
+    assert "none shipped for sm_75, every attention shape autotunes" in (
+        attention_configs.describe(gpu)
+    )
+    monkeypatch.setenv(attention_configs.ENV, str(table_file(tmp_path, [entry()])))
+    assert f"{tmp_path}" in attention_configs.describe(gpu)
+    assert "lists none for sm_75" in attention_configs.describe(gpu)
+    broken = tmp_path / "broken.json"
+    broken.write_text("[]")
+    monkeypatch.setenv(attention_configs.ENV, str(broken))
+    with pytest.raises(ValueError, match="broken.json: expected an object"):
+        attention_configs.describe(gpu)
+    # Off a CUDA device the launcher reads no table: nothing to report.
+    assert attention_configs_summary(torch.device("cpu")) is None
+
+
 def shipped_tables():
     folder = attention_configs.packaged_path("sm_90").parent
     return sorted(folder.glob("*.json")) if folder.is_dir() else []

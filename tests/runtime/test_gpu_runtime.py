@@ -107,6 +107,8 @@ def test_full_optimize_fp16_generation_within_tolerance():
         eager_fp16 = pipe.denoise(half_cond, x_T.half(), progress=False, **kwargs)
     pipe.unet.float()
     runtime.optimize(pipe, dtype=torch.float16, verbose=False)
+    applied = pipe.optimize_report.applied
+    assert any(item.startswith("attention configurations: ") for item in applied), applied
     got = pipe.denoise(half_cond, x_T.half(), **kwargs)
     assert torch.isfinite(got).all()
     assert max_error(got, reference) <= 2 * max_error(eager_fp16, reference) + 1e-2
