@@ -346,6 +346,10 @@ def optimize(
         raise ValueError(f"max_graphs must be at least 1, got {max_graphs}")
     if max_loop_steps < 0:
         raise ValueError(f"max_loop_steps must be >= 0, got {max_loop_steps}")
+    # The attention table the launcher will read, parsed before anything changes (a bad
+    # FASTDIFF_ATTENTION_CONFIGS file fails here, naming the file, with the pipeline untouched).
+    triton_may_run = kernels and requested_backend() != "eager"
+    attention = attention_configs_summary(torch.device(pipe.device)) if triton_may_run else None
     start = time.perf_counter()
     previous = getattr(pipe, "runtime", None)
     if previous is not None:  # optimizing again: start from the pipeline's own stages
@@ -390,8 +394,7 @@ def optimize(
         extension = cuda_extension_module()
         if not forced and extension is not None and not extension.available(build=False):
             report.skipped["CUDA extension"] = extension.unavailable_reason(build=False)
-        attention = attention_configs_summary(torch.device(pipe.device))
-        if attention is not None and forced != "eager":
+        if attention is not None:
             report.applied.append(attention)
     elif on_cuda:
         report.skipped["Triton kernels"] = "kernels=False: ops run the eager PyTorch backend"
