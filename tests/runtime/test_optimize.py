@@ -3,6 +3,8 @@ capture (run here without capture) gives the eager pipeline's results."""
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 
@@ -244,3 +246,24 @@ def test_vae_settings_are_part_of_the_vae_graph_keys(pipe):
     eager = rt.eager_decode_latents(latents)
     torch.testing.assert_close(pipe.decode_latents(latents), eager, atol=1e-5, rtol=0)
     assert rt.cache.stats.captures == 5
+
+
+def test_a_bad_attention_table_fails_before_optimize_changes_the_pipeline(pipe, monkeypatch):
+    """The table is read first (on GPU: FASTDIFF_ATTENTION_CONFIGS's file or the shipped one):
+    its error reaches the caller with the pipeline as it was, not half converted; with the eager
+    backend forced the table is never read."""
+    optimize_module = sys.modules["fastdiff.runtime.optimize"]  # the package exports optimize()
+
+    def bad_table(device):
+        raise ValueError("attention configs broken.json: expected an object with an 'entries' list")
+
+    monkeypatch.setattr(optimize_module, "attention_configs_summary", bad_table)
+    eager_denoise, dtypes = pipe.denoise, {p.dtype for p in pipe.unet.parameters()}
+    with pytest.raises(ValueError, match="broken.json"):
+        runtime.optimize(pipe, verbose=False)
+    assert pipe.denoise == eager_denoise and getattr(pipe, "runtime", None) is None
+    assert not any(module.fused for module in pipe.unet.attention_modules())
+    assert {p.dtype for p in pipe.unet.parameters()} == dtypes
+    monkeypatch.setenv("FASTDIFF_BACKEND", "eager")
+    runtime.optimize(pipe, verbose=False)  # the table is not read
+    assert runtime.optimize(pipe, kernels=False, verbose=False) is pipe.runtime
