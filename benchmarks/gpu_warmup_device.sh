@@ -41,8 +41,9 @@ source benchmarks/parts.sh  # part NAME LIMIT CMD...
 # off), the compile threads (compile_ahead's and the autotuner's; 1 = one kernel at a time), the
 # CUDA extension: "built" (above, as in every earlier warm-up figure) or "none" (an empty build
 # folder: a fresh install, where the auto backend takes Triton rather than build it), and the
-# compile-ahead pass (FASTDIFF_COMPILE_AHEAD). Most important rows first: the budget cuts from
-# the end.
+# compile-ahead pass (FASTDIFF_COMPILE_AHEAD), then, optionally, the pass's worker processes
+# (FASTDIFF_COMPILE_PROCESSES; 0 or absent: threads). Most important rows first: the budget
+# cuts from the end.
 declare -A ROW
 ORDER=()
 while read -r name settings; do
@@ -59,6 +60,9 @@ sd15_off sd15_b2 off 16 built 1
 sdxl_off_1thread sdxl_b2 off 1 built 1
 sd15_pipeline20 pipeline20 packaged 16 built 1
 sd15_pipeline4 pipeline4 packaged 16 built 1
+sd15_processes sd15_b2 packaged 16 built 1 16
+sd15_pipeline20_processes pipeline20 packaged 16 built 1 16
+sdxl_processes sdxl_b2 packaged 16 built 1 16
 ROWS
 (( $# )) && ORDER=("$@")
 for name in "${ORDER[@]}"; do  # before any device time is spent
@@ -93,7 +97,7 @@ part gpu_runtime_tests 150 python3 -m pytest -q -p no:cacheprovider -m gpu \
     tests/runtime/test_gpu_runtime.py
 
 for name in "${ORDER[@]}"; do
-    read -r workload table threads extension ahead <<<"${ROW[$name]}"
+    read -r workload table threads extension ahead processes <<<"${ROW[$name]}"
     [ "$table" = packaged ] && table=""
     bench=(benchmarks/bench_unet.py --workloads "$workload")
     [[ "$workload" = pipeline* ]] && bench=(benchmarks/bench_pipeline.py --steps "${workload#pipeline}")
@@ -101,7 +105,8 @@ for name in "${ORDER[@]}"; do
     [ "$extension" = none ] && build_dir="$SCRATCH/no-extension"
     part "warmup_$name" 150 env TRITON_CACHE_DIR="$SCRATCH/cache-$name" \
         FASTDIFF_ATTENTION_CONFIGS="$table" FASTDIFF_COMPILE_THREADS="$threads" \
-        FASTDIFF_COMPILE_AHEAD="$ahead" ${build_dir:+FASTDIFF_CUDA_BUILD_DIR="$build_dir"} \
+        FASTDIFF_COMPILE_AHEAD="$ahead" FASTDIFF_COMPILE_PROCESSES="${processes:-0}" \
+        ${build_dir:+FASTDIFF_CUDA_BUILD_DIR="$build_dir"} \
         python3 "${bench[@]}" --providers fastdiff --note "$name" --csv "$OUT/warmup.csv"
 done
 

@@ -351,11 +351,15 @@ def compiled_kernels() -> int:
     return total
 
 
-def compile_ahead_check(threads: int, config: str, size: int, autotune: bool = True) -> int:
+def compile_ahead_check(
+    threads: int, config: str, size: int, autotune: bool = True, processes: int = 0
+) -> int:
     """A U-Net forward (``config`` of benchmarks/model_configs.py, prepared as optimize() does,
     fp16, latent ``size``) run twice with every op on the triton backend, kernels compiled for
-    sm_90 and never run: first inside ``compile_ahead(threads)``, then plainly. Prints the
-    kernels each pass compiled and its seconds; the plain pass must compile none."""
+    sm_90 and never run: first inside ``compile_ahead(threads, processes)``, then plainly.
+    Prints the kernels each pass compiled and its seconds; the plain pass must compile none.
+    With ``processes`` the workers are started (and their imports waited for) before the clock
+    starts, as the CUDA-graph backend starts them when it is built."""
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     import bench_unet
     import model_bench
@@ -377,15 +381,27 @@ def compile_ahead_check(threads: int, config: str, size: int, autotune: bool = T
     inputs = bench_unet.unet_inputs(work, "cpu", torch.float16)
     inputs["sample"] = inputs["sample"].contiguous(memory_format=torch.channels_last)
     counts, seconds = [], []
+    if processes:
+        from fastdiff.kernels import compile_processes
+
+        compile_processes.start(processes).wait_ready()
     with torch.no_grad(), use_backend("triton"), compile_only():
         for ahead in (True, False):
             before, begin = compiled_kernels(), time.perf_counter()
-            with compile_ahead(threads) if ahead else contextlib.nullcontext():
+            with compile_ahead(threads, processes) if ahead else contextlib.nullcontext():
                 model(**inputs)
             seconds.append(time.perf_counter() - begin)
             counts.append(compiled_kernels() - before)
+    workers = f"{threads} threads"
+    if processes:
+        from fastdiff.kernels.compile_processes import last_pass
+
+        failed = len(last_pass["failed"])
+        workers = f"{processes} processes, which compiled {last_pass['kernels'] - failed}"
+        if failed:
+            workers += f" and failed {failed}: {last_pass['failed'][0][:200]}"
     print(
-        f"compile ahead ({config}, latent {size}, {threads} threads): {counts[0]} kernels in "
+        f"compile ahead ({config}, latent {size}, {workers}): {counts[0]} kernels in "
         f"{seconds[0]:.2f} s; then the forward compiled {counts[1]} more in {seconds[1]:.2f} s"
     )
     return 0 if counts[0] > 0 and counts[1] == 0 else 1
@@ -408,6 +424,13 @@ def main(argv: list[str] | None = None) -> int:
         help="only: compile a U-Net forward's kernels with compile_ahead(THREADS), then check "
         "that the forward itself compiles none",
     )
+    parser.add_argument(
+        "--processes",
+        type=int,
+        default=0,
+        metavar="N",
+        help="with --compile-ahead: compile in N worker processes instead of the threads",
+    )
     parser.add_argument("--model", default="tiny_sd15_unet", help="with --compile-ahead")
     parser.add_argument("--latent", type=int, default=8, help="with --compile-ahead")
     parser.add_argument(
@@ -418,7 +441,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.compile_ahead is not None:
         return compile_ahead_check(
-            args.compile_ahead, args.model, args.latent, autotune=not args.no_autotune
+            args.compile_ahead,
+            args.model,
+            args.latent,
+            autotune=not args.no_autotune,
+            processes=args.processes,
         )
     if args.autotune_compile is not None:
         return autotune_compile(args.autotune_compile)

@@ -52,6 +52,15 @@ def launch(kernel, grid, *args, outputs: tuple[torch.Tensor, ...] = (), **kwargs
     kernel.run(*args, grid=grid, warmup=True, **kwargs)
 
 
+def _foreign_jit_cache_hook() -> bool:
+    """Someone else's Triton JIT cache hook is installed (the process pass would replace it)."""
+    try:
+        from triton import knobs
+    except ImportError:
+        return True
+    return getattr(knobs.runtime, "jit_cache_hook", None) is not None
+
+
 def _async_compile_mode():
     """Triton's AsyncCompileMode (3.6 and 3.9 have it), or None where this Triton lacks it."""
     try:
@@ -62,9 +71,11 @@ def _async_compile_mode():
 
 
 @contextmanager
-def compile_ahead(threads: int | None = None) -> Iterator[None]:
+def compile_ahead(threads: int | None = None, processes: int | None = None) -> Iterator[None]:
     """Run a model's forward inside this to compile every Triton kernel it will launch, in
-    ``threads`` threads at once (default ``compile_threads()``), before running it for real.
+    ``threads`` threads at once (default ``compile_threads()``), before running it for real; or
+    in ``processes`` worker processes (default ``FASTDIFF_COMPILE_PROCESSES``, 0: threads; see
+    ``compile_processes``).
 
     Inside, fastdiff's launches compile and skip the kernel (zeroing its outputs, so the PyTorch
     ops in between compute on zeros); the attention autotuner's candidates for a new shape are
@@ -76,6 +87,17 @@ def compile_ahead(threads: int | None = None) -> Iterator[None]:
     or when already inside."""
     if _compiling_ahead.get() or os.environ.get("TRITON_INTERPRET", "0") == "1":
         yield
+        return
+    from . import compile_processes as process_pass
+
+    workers = process_pass.compile_processes() if processes is None else processes
+    if workers > 0 and process_pass.supported() and not _foreign_jit_cache_hook():
+        token = _compiling_ahead.set(True)
+        try:
+            with process_pass.compiling(workers, _compiling_ahead.get):
+                yield
+        finally:
+            _compiling_ahead.reset(token)
         return
     threads = compile_threads() if threads is None else threads
     mode = _async_compile_mode() if threads > 1 else None

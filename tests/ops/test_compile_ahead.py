@@ -202,3 +202,95 @@ def test_compiled_ahead_group_norm_zeroes_the_tensor_it_returns(monkeypatch, cha
     x = torch.randn(1, channels, 32, 32)
     y = group_norm_kernels.group_norm_forward(x, 4, None, None, 1e-5, False)
     assert y.data_ptr() in zeroed
+
+
+# ---- worker processes (kernels/compile_processes.py) ------------------------------------------
+# The compile in the workers is checked for sm_90 in test_triton_sm90.py; here the recording.
+
+
+def call_hook(data: str, jit_function="jit"):
+    """What Triton's JIT passes its jit_cache_hook for one compilation."""
+    from triton import knobs
+
+    info = type("Info", (), {"module": "fastdiff.kernels.m", "name": "k", "jit_function": None})()
+    info.jit_function = jit_function
+    return knobs.runtime.jit_cache_hook(
+        key="key", repr="k[...]", fn=info, compile={"specialization_data": data}
+    )
+
+
+def test_recording_takes_each_kernel_once_and_only_in_the_pass():
+    """Inside the pass a compilation is recorded, handed to the workers the first time, and
+    skipped (the hook returns True); where active() is false (another thread, or after the
+    pass) it goes on as usual; the hook is removed after."""
+    from fastdiff.kernels import compile_processes
+    from triton import knobs
+
+    active, submitted = [True], []
+    with compile_processes.recording(lambda: active[0], submitted.append) as requests:
+        assert call_hook("spec-a") is True and call_hook("spec-a") is True
+        assert call_hook("spec-b") is True
+        active[0] = False
+        assert call_hook("spec-c") is None  # compiled and run as usual
+    assert (
+        [r.data for r in submitted] == ["spec-a", "spec-b"] == [r.data for r in requests.values()]
+    )
+    assert submitted[0].module == "fastdiff.kernels.m" and submitted[0].qualname == "k"
+    message = submitted[0].message({"backend": "cuda", "arch": 90, "warp_size": 32})
+    assert '"target": {"backend": "cuda", "arch": 90' in message
+    assert knobs.runtime.jit_cache_hook is None
+
+
+def test_recording_refuses_to_replace_another_hook_and_compile_ahead_then_uses_threads(
+    compiled_ahead, monkeypatch
+):
+    from fastdiff.kernels import compile_processes
+    from triton import knobs
+
+    def theirs(**_):
+        return None
+
+    monkeypatch.setattr(knobs.runtime, "jit_cache_hook", theirs)
+    with pytest.raises(RuntimeError, match="another Triton jit_cache_hook"):
+        with compile_processes.recording(lambda: True, lambda request: None):
+            pass
+    assert knobs.runtime.jit_cache_hook is theirs
+    # compile_ahead with processes asked for leaves their hook alone and takes the threads.
+    monkeypatch.setattr(compile_processes, "compiling", None)  # would fail if used
+    with kernels.compile_ahead(threads=2, processes=4):
+        assert kernels.compiling_ahead()
+    assert compiled_ahead == [("mode", True), "enter", "exit"]
+    assert knobs.runtime.jit_cache_hook is theirs
+
+
+def test_compile_processes_setting(monkeypatch):
+    from fastdiff.kernels import compile_processes
+
+    monkeypatch.delenv("FASTDIFF_COMPILE_PROCESSES", raising=False)
+    assert compile_processes.compile_processes() == 0  # threads, until measured on a GPU
+    monkeypatch.setenv("FASTDIFF_COMPILE_PROCESSES", "8")
+    assert compile_processes.compile_processes() == 8
+    for bad in ("-1", "eight", "2.5"):
+        monkeypatch.setenv("FASTDIFF_COMPILE_PROCESSES", bad)
+        with pytest.raises(ValueError, match=f"FASTDIFF_COMPILE_PROCESSES must be .* got '{bad}'"):
+            compile_processes.compile_processes()
+
+
+def test_the_triton_in_use_supports_the_process_pass():
+    from fastdiff.kernels import compile_processes
+
+    assert compile_processes.supported()
+
+
+def test_a_dead_worker_is_reported_not_waited_for(monkeypatch):
+    """A worker that exits (here: a Python that fails at once) answers each request with an
+    error, which leaves the kernel to the parent, instead of hanging the pass."""
+    from fastdiff.kernels import compile_processes
+
+    monkeypatch.setattr(compile_processes.sys, "executable", "/bin/false")
+    pool = compile_processes.Pool(1)
+    try:
+        error = pool.submit('{"module": "m"}').result(timeout=30)
+    finally:
+        pool.close()
+    assert error.startswith("worker exited before it was ready")
