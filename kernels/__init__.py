@@ -2,7 +2,8 @@
 
 Every launcher starts its kernels through ``launch``, so that ``compile_ahead()`` can turn a whole
 model's forward pass into a compile-only pass: each kernel it meets is compiled in a background
-thread instead of run, all at once, before the real warm-up (see ``compile_ahead``).
+thread (or worker process, ``compile_processes``) instead of run, all at once, before the real
+warm-up (see ``compile_ahead``).
 """
 
 from __future__ import annotations
