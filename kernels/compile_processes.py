@@ -27,6 +27,7 @@ import importlib
 import json
 import os
 import queue
+import select
 import subprocess
 import sys
 import threading
@@ -35,6 +36,11 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 
 ENV = "FASTDIFF_COMPILE_PROCESSES"
+# Seconds a worker may take to import torch and Triton, and to compile one kernel (the slowest
+# SD kernel takes under a second for sm_90 on the development machine), before it is killed and
+# its kernels are left to the parent.
+READY_TIMEOUT_S = 120.0
+COMPILE_TIMEOUT_S = 300.0
 
 
 def compile_processes() -> int:
@@ -123,25 +129,38 @@ class Worker:
         os.close(write_end)
         self.replies = os.fdopen(read_end, "r")
         self.ready = False
+        self.dead: str | None = None  # why it no longer answers
+
+    def _reply(self, timeout: float) -> str | None:
+        """The worker's next line, or None when it exited or stayed silent for ``timeout``
+        seconds (then it is killed: a stuck compiler must not hang the pass)."""
+        if self.dead is None and select.select([self.replies], [], [], timeout)[0]:
+            line = self.replies.readline()
+            if line:
+                return line
+            self.dead = f"worker exited (status {self.process.poll()})"
+        elif self.dead is None:
+            self.process.kill()
+            self.dead = f"worker killed after {timeout:g} s without an answer"
+        return None
 
     def wait_ready(self) -> bool:
-        """Wait for the worker's imports (its first line); False if it died first."""
-        if not self.ready:
-            self.ready = self.replies.readline() != ""
+        """Wait for the worker's imports (its first line); False if it died or hung first."""
+        if not self.ready and self.dead is None:
+            self.ready = self._reply(READY_TIMEOUT_S) is not None
         return self.ready
 
     def compile(self, message: str) -> str:
         if not self.wait_ready():
-            return f"worker exited before it was ready (status {self.process.poll()})"
+            return f"worker not ready: {self.dead}"
         try:
             self.process.stdin.write(message + "\n")
             self.process.stdin.flush()
-            reply = self.replies.readline()
         except (BrokenPipeError, OSError) as error:
-            return f"worker unavailable: {error}"
-        if not reply:
-            return f"worker exited (status {self.process.poll()})"
-        return json.loads(reply)
+            self.dead = self.dead or f"worker unavailable: {error}"
+            return self.dead
+        reply = self._reply(COMPILE_TIMEOUT_S)
+        return self.dead if reply is None else json.loads(reply)
 
     def close(self) -> None:
         try:

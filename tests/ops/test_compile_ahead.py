@@ -293,4 +293,23 @@ def test_a_dead_worker_is_reported_not_waited_for(monkeypatch):
         error = pool.submit('{"module": "m"}').result(timeout=30)
     finally:
         pool.close()
-    assert error.startswith("worker exited before it was ready")
+    assert error.startswith("worker not ready: worker exited (status 1)")
+
+
+def test_a_silent_worker_is_killed_after_the_timeout(monkeypatch, tmp_path):
+    """A worker stuck in its imports (or in a compiler) is killed when the timeout passes; each
+    of its requests then fails at once with the reason, leaving those kernels to the parent."""
+    from fastdiff.kernels import compile_processes
+
+    stuck = tmp_path / "stuck.sh"
+    stuck.write_text("#!/bin/sh\nexec sleep 60\n")
+    stuck.chmod(0o755)
+    monkeypatch.setattr(compile_processes.sys, "executable", str(stuck))
+    monkeypatch.setattr(compile_processes, "READY_TIMEOUT_S", 0.5)
+    pool = compile_processes.Pool(1)
+    try:
+        first = pool.submit('{"module": "m"}').result(timeout=30)
+        second = pool.submit('{"module": "m"}').result(timeout=5)
+    finally:
+        pool.close()
+    assert first == second == "worker not ready: worker killed after 0.5 s without an answer"
