@@ -117,19 +117,24 @@ class Worker:
     back on a pipe of its own: "" for success, else the error."""
 
     def __init__(self):
-        read_end, write_end = os.pipe()
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", __name__, str(write_end)],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            pass_fds=(write_end,),
-            text=True,
-        )
-        os.close(write_end)
-        self.replies = os.fdopen(read_end, "r")
         self.ready = False
         self.dead: str | None = None  # why it no longer answers
+        read_end, write_end = os.pipe()
+        self.replies = os.fdopen(read_end, "r")
+        try:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", __name__, str(write_end)],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                pass_fds=(write_end,),
+                text=True,
+            )
+        except OSError as error:  # its kernels go to the parent, as for a worker that died
+            self.process = None
+            self.dead = f"worker could not start: {error}"
+        finally:
+            os.close(write_end)
 
     def _reply(self, timeout: float) -> str | None:
         """The worker's next line, or None when it exited or stayed silent for ``timeout``
@@ -138,11 +143,17 @@ class Worker:
             line = self.replies.readline()
             if line:
                 return line
-            self.dead = f"worker exited (status {self.process.poll()})"
+            self.dead = f"worker exited (status {self._exit_status()})"
         elif self.dead is None:
             self.process.kill()
             self.dead = f"worker killed after {timeout:g} s without an answer"
         return None
+
+    def _exit_status(self) -> int | None:
+        try:  # its end of the pipe closed a moment before it is reaped
+            return self.process.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            return None
 
     def wait_ready(self) -> bool:
         """Wait for the worker's imports (its first line); False if it died or hung first."""
@@ -163,14 +174,15 @@ class Worker:
         return self.dead if reply is None else json.loads(reply)
 
     def close(self) -> None:
-        try:
-            self.process.stdin.close()
-        except OSError:
-            pass
-        try:
-            self.process.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
+        if self.process is not None:
+            try:
+                self.process.stdin.close()
+            except OSError:
+                pass
+            try:
+                self.process.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
         self.replies.close()
 
 

@@ -296,6 +296,20 @@ def test_a_dead_worker_is_reported_not_waited_for(monkeypatch):
     assert error.startswith("worker not ready: worker exited (status 1)")
 
 
+def test_a_worker_that_cannot_start_is_reported_not_raised(monkeypatch, tmp_path):
+    """The backend starts the workers when it is built: a Python that cannot be run must not
+    fail optimize(); its kernels go to the parent."""
+    from fastdiff.kernels import compile_processes
+
+    monkeypatch.setattr(compile_processes.sys, "executable", str(tmp_path / "no-python"))
+    pool = compile_processes.Pool(2)
+    try:
+        errors = [pool.submit("{}").result(timeout=30) for _ in range(3)]
+    finally:
+        pool.close()
+    assert all(e.startswith("worker not ready: worker could not start: ") for e in errors)
+
+
 def test_a_silent_worker_is_killed_after_the_timeout(monkeypatch, tmp_path):
     """A worker stuck in its imports (or in a compiler) is killed when the timeout passes; each
     of its requests then fails at once with the reason, leaving those kernels to the parent."""
