@@ -95,7 +95,7 @@ def compile_ahead(threads: int | None = None, processes: int | None = None) -> I
     if workers > 0 and process_pass.supported() and not _foreign_jit_cache_hook():
         token = _compiling_ahead.set(True)
         try:
-            with process_pass.compiling(workers, _compiling_ahead.get):
+            with process_pass.compiling(workers):
                 yield
         finally:
             _compiling_ahead.reset(token)

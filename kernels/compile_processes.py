@@ -16,9 +16,13 @@ in three steps:
    only loads it, so that after the pass every kernel is in memory, as after the threaded one.
 
 A kernel a worker failed to compile is compiled by the parent in step 3 (and fails there as it
-would have). Workers are started once, on first use (``start()`` starts them ahead), and
+would have). While the hook is installed Triton serializes every compilation's specialization
+before calling it, in any thread; Triton 3.6 cannot serialize a kernel argument that is itself a
+JIT function, so such a kernel (fastdiff has none) cannot compile anywhere in the process while a
+process pass runs. Workers are started once, on first use (``start()`` starts them ahead), and
 answer on a pipe of their own, so nothing they print can be mistaken for a reply. The hook only
-acts in a thread inside ``compile_ahead()``: another thread's launches compile and run as usual.
+takes the pass's own compile-only launches: another thread's launches, and a direct
+``kernel[grid](...)`` inside the pass, compile and run as usual.
 """
 
 from __future__ import annotations
@@ -26,7 +30,6 @@ from __future__ import annotations
 import importlib
 import json
 import os
-import queue
 import select
 import subprocess
 import sys
@@ -34,6 +37,7 @@ import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
+from contextvars import ContextVar
 
 ENV = "FASTDIFF_COMPILE_PROCESSES"
 # Seconds a worker may take to import torch and Triton, and to compile one kernel (the slowest
@@ -82,9 +86,11 @@ class Request:
 def recording(
     active: Callable[[], bool], submit: Callable[[Request], None]
 ) -> Iterator[dict[tuple, Request]]:
-    """Inside: every Triton kernel compilation in a context where ``active()`` is true is
-    recorded (keyed by kernel and specialization), handed to ``submit`` the first time, and
-    skipped, the launch with it. Refuses to replace a JIT cache hook someone else installed."""
+    """Inside: every compile-only launch (``fastdiff.kernels.launch`` inside the pass, a warm-up
+    launch to Triton) in a context where ``active()`` is true is recorded (keyed by kernel and
+    specialization), handed to ``submit`` the first time, and skipped. Any other compilation,
+    a real launch's or another context's, goes on as usual. Refuses to replace a JIT cache hook
+    someone else installed."""
     from triton import knobs
 
     if knobs.runtime.jit_cache_hook is not None:
@@ -92,8 +98,8 @@ def recording(
     requests: dict[tuple, Request] = {}
     lock = threading.Lock()
 
-    def hook(*, fn, compile, **_) -> bool | None:
-        if not active():
+    def hook(*, fn, compile, is_manual_warmup: bool = True, **_) -> bool | None:
+        if not is_manual_warmup or not active():
             return None  # compile (and run) as usual
         data = compile["specialization_data"]
         with lock:
@@ -171,7 +177,12 @@ class Worker:
             self.dead = self.dead or f"worker unavailable: {error}"
             return self.dead
         reply = self._reply(COMPILE_TIMEOUT_S)
-        return self.dead if reply is None else json.loads(reply)
+        if reply is None:
+            return self.dead
+        try:
+            return str(json.loads(reply))
+        except ValueError:
+            return f"unreadable answer from the worker: {reply[:200]!r}"
 
     def close(self) -> None:
         if self.process is not None:
@@ -187,36 +198,71 @@ class Worker:
 
 
 class Pool:
-    """``size`` workers; each submitted message goes to the next idle one."""
+    """Workers; each submitted message goes to the next idle live one. A worker that died is
+    not handed another message (it would answer every one at once with its error, and so take
+    nearly all of them); once none lives, messages are answered with the last one's error."""
+
+    MAX_DISPATCH = 64  # threads waiting for a worker on behalf of submitted messages
 
     def __init__(self, size: int):
-        self.workers = [Worker() for _ in range(size)]
-        self.idle: queue.Queue[Worker] = queue.Queue()
-        for worker in self.workers:
-            self.idle.put(worker)
-        self.dispatch = ThreadPoolExecutor(size, thread_name_prefix="fastdiff-compile")
+        self.workers: list[Worker] = []
+        self.idle: list[Worker] = []
+        self.changed = threading.Condition()
+        self.last_death = "no compile worker was started"
+        self.dispatch = ThreadPoolExecutor(self.MAX_DISPATCH, thread_name_prefix="fastdiff-compile")
+        self.grow(size)
+
+    def live(self) -> int:
+        with self.changed:
+            return sum(worker.dead is None for worker in self.workers)
+
+    def grow(self, size: int) -> None:
+        """Start workers until ``size`` live (a pass in progress keeps submitting meanwhile)."""
+        with self.changed:
+            missing = size - sum(worker.dead is None for worker in self.workers)
+            new = [Worker() for _ in range(max(0, missing))]
+            self.workers += new
+            self.idle += new
+            self.changed.notify_all()
 
     def wait_ready(self) -> Pool:
-        for worker in self.workers:
+        for worker in list(self.workers):
             worker.wait_ready()
         return self
 
+    def _take(self) -> Worker | None:
+        with self.changed:
+            while not self.idle and any(w.dead is None for w in self.workers):
+                self.changed.wait()
+            return self.idle.pop() if self.idle else None
+
+    def _give_back(self, worker: Worker) -> None:
+        with self.changed:
+            if worker.dead is None:
+                self.idle.append(worker)
+            else:
+                self.last_death = worker.dead
+            self.changed.notify_all()
+
     def _one(self, message: str) -> str:
-        worker = self.idle.get()
+        worker = self._take()
+        if worker is None:
+            return f"no compile worker left ({self.last_death})"
         try:
             return worker.compile(message)
         finally:
-            self.idle.put(worker)
+            self._give_back(worker)
 
     def submit(self, message: str) -> Future:
         """A future of the error ("" when the kernel compiled)."""
         return self.dispatch.submit(self._one, message)
 
     def close(self) -> None:
+        """Stop the workers (not while a pass uses them)."""
         self.dispatch.shutdown(wait=True)
         for worker in self.workers:
             worker.close()
-        self.workers = []
+        self.workers, self.idle = [], []
 
 
 _pool: Pool | None = None
@@ -224,18 +270,20 @@ _pool_lock = threading.Lock()
 
 
 def start(size: int) -> Pool:
-    """The workers (started now if fewer than ``size`` run: they import torch and Triton, a
-    few seconds, while the caller goes on)."""
+    """The workers, ``size`` of them live: started now where fewer run (they import torch and
+    Triton, a few seconds, while the caller goes on); dead ones are replaced. The pool is
+    grown in place, never replaced, so a pass in progress goes on with it."""
     global _pool
     with _pool_lock:
-        if _pool is None or len(_pool.workers) < size:
-            if _pool is not None:
-                _pool.close()
+        if _pool is None:
             _pool = Pool(size)
+        elif _pool.live() < size:
+            _pool.grow(size)
         return _pool
 
 
 def stop() -> None:
+    """Stop the workers (their memory is freed); the next pass starts new ones."""
     global _pool
     with _pool_lock:
         if _pool is not None:
@@ -243,14 +291,17 @@ def stop() -> None:
             _pool = None
 
 
+_current_pass: ContextVar[object | None] = ContextVar("fastdiff_process_pass", default=None)
+
 # The last process pass: kernels handed to the workers, and the errors of those that failed
 # there (each compiled by the parent instead).
 last_pass: dict = {"kernels": 0, "failed": []}
 
 
 @contextmanager
-def compiling(size: int, active: Callable[[], bool]) -> Iterator[None]:
-    """The process pass (module docstring) around a forward run inside it. Each kernel goes to
+def compiling(size: int) -> Iterator[None]:
+    """The process pass (module docstring) around a forward run inside it, in this context
+    only (another thread's pass, even a threaded one, is not this one's). Each kernel goes to
     a worker as soon as it is recorded, so the workers compile while the forward goes on;
     leaving waits for them, then preloads every kernel in this process."""
     from triton.runtime import driver
@@ -258,14 +309,19 @@ def compiling(size: int, active: Callable[[], bool]) -> Iterator[None]:
     pool = start(size)
     futures: list[Future] = []
     target: dict = {}
+    marker = object()
+    token = _current_pass.set(marker)
 
     def submit(request: Request) -> None:
         if not target:  # the driver's target where the pass runs (the GPU's)
             target.update(vars(driver.active.get_current_target()))
         futures.append(pool.submit(request.message(target)))
 
-    with recording(active, submit) as requests:
-        yield
+    try:
+        with recording(lambda: _current_pass.get() is marker, submit) as requests:
+            yield
+    finally:
+        _current_pass.reset(token)
     errors = [future.result() for future in futures]
     last_pass.update(kernels=len(errors), failed=[error for error in errors if error])
     for request in requests.values():

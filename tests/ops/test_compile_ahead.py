@@ -4,6 +4,12 @@ in test_triton_sm90.py (a U-Net's second forward must compile nothing); here the
 
 from __future__ import annotations
 
+import importlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import fastdiff.kernels as kernels
 import fastdiff.kernels.attention as attention_kernels
 import fastdiff.kernels.group_norm as group_norm_kernels
@@ -208,14 +214,20 @@ def test_compiled_ahead_group_norm_zeroes_the_tensor_it_returns(monkeypatch, cha
 # The compile in the workers is checked for sm_90 in test_triton_sm90.py; here the recording.
 
 
-def call_hook(data: str, jit_function="jit"):
-    """What Triton's JIT passes its jit_cache_hook for one compilation."""
+def call_hook(data: str, jit_function="jit", warmup: bool = True):
+    """What Triton's JIT passes its jit_cache_hook for one compilation (``warmup``: a
+    compile-only launch, as fastdiff.kernels.launch makes inside the pass)."""
     from triton import knobs
 
     info = type("Info", (), {"module": "fastdiff.kernels.m", "name": "k", "jit_function": None})()
     info.jit_function = jit_function
     return knobs.runtime.jit_cache_hook(
-        key="key", repr="k[...]", fn=info, compile={"specialization_data": data}
+        key="key",
+        repr="k[...]",
+        fn=info,
+        compile={"specialization_data": data},
+        is_manual_warmup=warmup,
+        already_compiled=False,
     )
 
 
@@ -307,7 +319,9 @@ def test_a_worker_that_cannot_start_is_reported_not_raised(monkeypatch, tmp_path
         errors = [pool.submit("{}").result(timeout=30) for _ in range(3)]
     finally:
         pool.close()
-    assert all(e.startswith("worker not ready: worker could not start: ") for e in errors)
+    # each worker's first message gets its reason; then none is left to take one
+    assert all(e.startswith("worker not ready: worker could not start: ") for e in errors[:2])
+    assert errors[2].startswith("no compile worker left (worker could not start: ")
 
 
 def test_a_silent_worker_is_killed_after_the_timeout(monkeypatch, tmp_path):
@@ -326,4 +340,312 @@ def test_a_silent_worker_is_killed_after_the_timeout(monkeypatch, tmp_path):
         second = pool.submit('{"module": "m"}').result(timeout=5)
     finally:
         pool.close()
-    assert first == second == "worker not ready: worker killed after 0.5 s without an answer"
+    assert first == "worker not ready: worker killed after 0.5 s without an answer"
+    # the dead one takes no more
+    assert second == "no compile worker left (worker killed after 0.5 s without an answer)"
+
+
+REAL_START = importlib.import_module("fastdiff.kernels.compile_processes").start
+
+
+class FakePool:
+    """The workers as the pass sees them: each submitted message is kept, and its future is
+    answered only when the test says (``answer``)."""
+
+    def __init__(self):
+        self.messages: list[str] = []
+        self.futures: list = []
+
+    def submit(self, message: str):
+        from concurrent.futures import Future
+
+        self.messages.append(message)
+        self.futures.append(Future())
+        return self.futures[-1]
+
+    def answer(self, errors: list[str]) -> None:
+        for future, error in zip(self.futures, errors, strict=True):
+            future.set_result(error)
+
+
+class FakeJit:
+    """A JIT function's preload, recorded with whether every worker had answered by then."""
+
+    def __init__(self, pool: FakePool, error: Exception | None = None):
+        self.pool, self.error, self.loaded = pool, error, []
+
+    def preload(self, data: str):
+        self.loaded.append((data, all(future.done() for future in self.pool.futures)))
+        if self.error is not None:
+            raise self.error
+
+
+@pytest.fixture
+def process_pass(monkeypatch):
+    """compile_ahead(processes=...) as on a GPU machine (sm_90), its workers a FakePool."""
+    from fastdiff.kernels import compile_processes
+    from triton import knobs
+    from triton.backends.compiler import GPUTarget
+    from triton.runtime import driver
+
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setattr(knobs.runtime, "jit_cache_hook", None)
+    target = GPUTarget("cuda", 90, 32)
+    gpu = type("Driver", (), {"get_current_target": lambda self: target})()
+    monkeypatch.setattr(driver, "_active", gpu)
+    pool = FakePool()
+    monkeypatch.setattr(compile_processes, "start", lambda size: pool)
+    monkeypatch.setattr(compile_processes, "last_pass", {"kernels": 0, "failed": []})
+    return pool
+
+
+def test_the_process_pass_records_only_its_own_thread_and_cleans_up_after_an_error(
+    process_pass,
+):
+    """With processes the pass installs the hook for the thread inside it only (a launch in
+    another thread, whose context is not in the pass, compiles and runs as usual: skipping it
+    would leave its outputs unwritten), sends each kernel with the GPU's target, and an error
+    inside leaves neither the hook nor the flag behind."""
+    import json
+    import threading
+
+    from triton import knobs
+
+    with pytest.raises(RuntimeError, match="boom"):
+        with kernels.compile_ahead(threads=2, processes=2):
+            assert kernels.compiling_ahead() and knobs.runtime.jit_cache_hook is not None
+            assert call_hook("spec-a") is True
+            elsewhere = []
+            thread = threading.Thread(target=lambda: elsewhere.append(call_hook("spec-b")))
+            thread.start()
+            thread.join()
+
+            def own_threaded_pass():  # another thread inside a compile_ahead of its own
+                token = kernels._compiling_ahead.set(True)
+                elsewhere.append(call_hook("spec-c"))
+                kernels._compiling_ahead.reset(token)
+
+            thread = threading.Thread(target=own_threaded_pass)
+            thread.start()
+            thread.join()
+            # A direct kernel[grid](...) inside the pass (not a compile-only launch) runs.
+            elsewhere.append(call_hook("spec-d", warmup=False))
+            assert elsewhere == [None, None, None]
+            raise RuntimeError("boom")
+    assert not kernels.compiling_ahead() and knobs.runtime.jit_cache_hook is None
+    sent = [json.loads(message) for message in process_pass.messages]
+    assert [m["data"] for m in sent] == ["spec-a"]
+    assert sent[0]["target"] == {"backend": "cuda", "arch": 90, "warp_size": 32}
+
+
+def test_the_process_pass_waits_for_the_workers_then_preloads_each_kernel(process_pass):
+    """Leaving the pass waits for every worker's answer, then preloads each recorded kernel once
+    (a preload before its worker is done would compile it in the parent); a kernel whose
+    preload fails does not fail the pass (it raises again at its first launch), and the
+    workers' errors are kept in last_pass."""
+    import threading
+
+    from fastdiff.kernels import compile_processes
+
+    good, bad = FakeJit(process_pass), FakeJit(process_pass, RuntimeError("no such kernel"))
+    with kernels.compile_ahead(threads=2, processes=2):
+        assert call_hook("spec-a", good) is True and call_hook("spec-a", good) is True
+        assert call_hook("spec-b", bad) is True
+        threading.Timer(0.3, process_pass.answer, args=(["", "CompileError: x"],)).start()
+    assert good.loaded == [("spec-a", True)] and bad.loaded == [("spec-b", True)]
+    assert compile_processes.last_pass == {"kernels": 2, "failed": ["CompileError: x"]}
+    assert not kernels.compiling_ahead()
+
+
+def fake_worker_script(tmp_path, body: str) -> str:
+    """An executable standing in for ``python -m fastdiff.kernels.compile_processes FD``: its
+    third argument is the reply pipe's descriptor."""
+    script = tmp_path / "worker.sh"
+    script.write_text("#!/bin/bash\n" + body)
+    script.chmod(0o755)
+    return str(script)
+
+
+@pytest.mark.parametrize(
+    "body, reason",
+    [
+        ("echo '\"ready\"' >&$3\nread line\nexit 3\n", "worker exited (status 3)"),
+        ("exec 0<&-\necho '\"ready\"' >&$3\nsleep 1\n", "worker unavailable: "),
+    ],
+    ids=["exits-while-compiling", "stops-reading"],
+)
+def test_a_worker_that_dies_after_its_imports_is_reported_not_raised(
+    monkeypatch, tmp_path, body, reason
+):
+    """A worker that got ready and then died (a compiler crash: it exits while compiling; or it
+    no longer reads its requests) answers this and every later request with an error, which
+    leaves those kernels to the parent; nothing raises into the pass."""
+    from fastdiff.kernels import compile_processes
+
+    monkeypatch.setattr(compile_processes.sys, "executable", fake_worker_script(tmp_path, body))
+    pool = compile_processes.Pool(1)
+    try:
+        first = pool.submit('{"module": "m"}').result(timeout=30)
+        second = pool.submit('{"module": "m"}').result(timeout=30)
+    finally:
+        pool.close()
+    assert first.startswith(reason), first
+    assert second == f"no compile worker left ({first})", second  # it takes no more
+
+
+def test_a_worker_silent_past_the_timeout_does_not_go_on_running(monkeypatch, tmp_path):
+    """The timeout kills the stuck worker at once (it would hold a core and its memory until the
+    pool closes otherwise)."""
+    import signal
+
+    from fastdiff.kernels import compile_processes
+
+    monkeypatch.setattr(
+        compile_processes.sys, "executable", fake_worker_script(tmp_path, "exec sleep 60\n")
+    )
+    monkeypatch.setattr(compile_processes, "READY_TIMEOUT_S", 0.5)
+    pool = compile_processes.Pool(1)
+    try:
+        assert "killed" in pool.submit('{"module": "m"}').result(timeout=30)
+        assert pool.workers[0].process.wait(timeout=5) == -signal.SIGKILL
+    finally:
+        pool.close()
+
+
+class FakeWorker:
+    """A worker that compiles everything at once, without a process; ``fail`` makes it die
+    at its next message, as a crashed compiler's worker does."""
+
+    def __init__(self):
+        self.closed, self.dead, self.fail, self.answered = False, None, False, 0
+
+    def wait_ready(self) -> bool:
+        return True
+
+    def compile(self, message: str) -> str:
+        self.answered += 1
+        if self.fail:
+            self.dead = "worker exited (status -11)"
+        return self.dead or ""
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def test_start_keeps_enough_workers_and_grows_the_same_pool(monkeypatch):
+    """The backend starts the workers when it is built and each pass asks for them again: the
+    same pool comes back (their imports are not paid twice), grown in place, not replaced,
+    where more workers are asked for (a pass in progress keeps submitting to it)."""
+    from fastdiff.kernels import compile_processes
+
+    monkeypatch.setattr(compile_processes, "Worker", FakeWorker)
+    monkeypatch.setattr(compile_processes, "_pool", None)
+    try:
+        pool = compile_processes.start(2)
+        assert compile_processes.start(2) is pool and compile_processes.start(1) is pool
+        assert compile_processes.start(3) is pool and len(pool.workers) == 3
+        assert not any(worker.closed for worker in pool.workers)
+    finally:
+        compile_processes.stop()
+
+
+def test_a_dead_worker_gets_no_more_work_and_is_replaced(monkeypatch):
+    """A dead worker answers at once, so handed back to the queue it would take nearly every
+    message (each then left to the parent). It is not handed back: the live worker compiles the
+    rest, start() replaces the dead one, and with none alive messages fail at once."""
+    from fastdiff.kernels import compile_processes
+
+    monkeypatch.setattr(compile_processes, "Worker", FakeWorker)
+    monkeypatch.setattr(compile_processes, "_pool", None)
+    try:
+        pool = compile_processes.start(2)
+        doomed, healthy = pool.workers
+        doomed.fail = True
+        pool.idle = [healthy, doomed]  # the doomed one is taken first
+        errors = [pool.submit("m").result(timeout=10) for _ in range(6)]
+        assert errors == ["worker exited (status -11)"] + [""] * 5
+        assert doomed.answered == 1 and healthy.answered == 5 and pool.live() == 1
+        assert compile_processes.start(2) is pool and pool.live() == 2  # one new worker
+        for worker in pool.workers:
+            worker.fail = True
+        assert [pool.submit("m").result(timeout=10) for _ in range(3)][-1] == (
+            "no compile worker left (worker exited (status -11))"
+        )
+    finally:
+        compile_processes.stop()
+
+
+def test_more_workers_asked_for_during_a_pass_do_not_break_it(process_pass, monkeypatch):
+    """A pass in progress (here recording its kernels) while another thread asks for more
+    workers (a backend built with a larger FASTDIFF_COMPILE_PROCESSES, or compile_ahead with
+    ``processes``): the pass's later kernels still compile and every kernel is preloaded."""
+    import threading
+
+    from fastdiff.kernels import compile_processes
+
+    monkeypatch.setattr(compile_processes, "Worker", FakeWorker)
+    monkeypatch.setattr(compile_processes, "_pool", None)
+    monkeypatch.setattr(compile_processes, "start", REAL_START)  # the fixture's is fake
+    first, second = FakeJit(process_pass), FakeJit(process_pass)
+    try:
+        with compile_processes.compiling(1):
+            call_hook("spec-a", first)
+            grow = threading.Thread(target=compile_processes.start, args=(2,))
+            grow.start()
+            grow.join()
+            call_hook("spec-b", second)
+    finally:
+        compile_processes.stop()
+    assert [data for data, _ in first.loaded + second.loaded] == ["spec-a", "spec-b"]
+
+
+PARENT_LOADS_SCRIPT = """
+import json, sys
+sys.path.insert(0, "benchmarks")
+import triton_sm90  # compile_only(): launches compile for sm_90, nothing runs
+import torch
+from triton import knobs
+from fastdiff.kernels import compile_ahead, compile_processes
+from fastdiff.kernels.geglu import geglu_forward
+
+compiles = []  # one per compilation in this process: True where the disk cache had it
+knobs.compilation.listener = lambda *, cache_hit, **_: compiles.append(cache_hit)
+with triton_sm90.compile_only():
+    with compile_ahead(threads=1, processes=1):
+        for width in (16, 32, 64):
+            geglu_forward(torch.randn(4, 2 * width))
+    before = len(compiles)
+    for width in (16, 32, 64):
+        geglu_forward(torch.randn(4, 2 * width))
+print(json.dumps({"compiles": compiles, "after": len(compiles) - before,
+                  "last_pass": compile_processes.last_pass}))
+"""
+
+
+@pytest.mark.skipif(
+    not (Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump").exists(),
+    reason="no Triton CUDA backend",
+)
+def test_the_parent_loads_each_kernel_the_workers_compiled_from_the_disk_cache(tmp_path):
+    """The point of the workers: the parent compiles nothing itself. Each kernel the pass meets
+    is compiled by a worker for sm_90 into the disk cache the parent reads (same cache
+    directory, same cache key), and the parent's preload finds it there (a cache hit); the
+    launches after find it in memory. A worker compiling into another cache, or a preload that
+    does not wait for its worker, would pass every other check while the parent compiled each
+    kernel again, one after another."""
+    import json
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path)
+    result = subprocess.run(
+        [sys.executable, "-c", PARENT_LOADS_SCRIPT],
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).resolve().parents[2],
+        env=env,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["last_pass"] == {"kernels": 3, "failed": []}, report
+    assert report["compiles"] == [True, True, True] and report["after"] == 0, report
