@@ -294,57 +294,6 @@ def test_the_triton_in_use_supports_the_process_pass():
     assert compile_processes.supported()
 
 
-def test_a_dead_worker_is_reported_not_waited_for(monkeypatch):
-    """A worker that exits (here: a Python that fails at once) answers each request with an
-    error, which leaves the kernel to the parent, instead of hanging the pass."""
-    from fastdiff.kernels import compile_processes
-
-    monkeypatch.setattr(compile_processes.sys, "executable", "/bin/false")
-    pool = compile_processes.Pool(1)
-    try:
-        error = pool.submit('{"module": "m"}').result(timeout=30)
-    finally:
-        pool.close()
-    assert error.startswith("worker not ready: worker exited (status 1)")
-
-
-def test_a_worker_that_cannot_start_is_reported_not_raised(monkeypatch, tmp_path):
-    """The backend starts the workers when it is built: a Python that cannot be run must not
-    fail optimize(); its kernels go to the parent."""
-    from fastdiff.kernels import compile_processes
-
-    monkeypatch.setattr(compile_processes.sys, "executable", str(tmp_path / "no-python"))
-    pool = compile_processes.Pool(2)
-    try:
-        errors = [pool.submit("{}").result(timeout=30) for _ in range(3)]
-    finally:
-        pool.close()
-    # each worker's first message gets its reason; then none is left to take one
-    assert all(e.startswith("worker not ready: worker could not start: ") for e in errors[:2])
-    assert errors[2].startswith("no compile worker left (worker could not start: ")
-
-
-def test_a_silent_worker_is_killed_after_the_timeout(monkeypatch, tmp_path):
-    """A worker stuck in its imports (or in a compiler) is killed when the timeout passes; each
-    of its requests then fails at once with the reason, leaving those kernels to the parent."""
-    from fastdiff.kernels import compile_processes
-
-    stuck = tmp_path / "stuck.sh"
-    stuck.write_text("#!/bin/sh\nexec sleep 60\n")
-    stuck.chmod(0o755)
-    monkeypatch.setattr(compile_processes.sys, "executable", str(stuck))
-    monkeypatch.setattr(compile_processes, "READY_TIMEOUT_S", 0.5)
-    pool = compile_processes.Pool(1)
-    try:
-        first = pool.submit('{"module": "m"}').result(timeout=30)
-        second = pool.submit('{"module": "m"}').result(timeout=5)
-    finally:
-        pool.close()
-    assert first == "worker not ready: worker killed after 0.5 s without an answer"
-    # the dead one takes no more
-    assert second == "no compile worker left (worker killed after 0.5 s without an answer)"
-
-
 REAL_START = importlib.import_module("fastdiff.kernels.compile_processes").start
 
 
@@ -467,49 +416,41 @@ def fake_worker_script(tmp_path, body: str) -> str:
 
 
 @pytest.mark.parametrize(
-    "body, reason",
+    "script, reason",
     [
+        (None, "worker not ready: worker could not start: "),
+        ("exit 1\n", "worker not ready: worker exited (status 1)"),
+        ("exec sleep 60\n", "worker not ready: worker killed after 0.5 s without an answer"),
         ("echo '\"ready\"' >&$3\nread line\nexit 3\n", "worker exited (status 3)"),
         ("exec 0<&-\necho '\"ready\"' >&$3\nsleep 1\n", "worker unavailable: "),
     ],
-    ids=["exits-while-compiling", "stops-reading"],
+    ids=["cannot-start", "exits-at-once", "silent", "exits-while-compiling", "stops-reading"],
 )
-def test_a_worker_that_dies_after_its_imports_is_reported_not_raised(
-    monkeypatch, tmp_path, body, reason
-):
-    """A worker that got ready and then died (a compiler crash: it exits while compiling; or it
-    no longer reads its requests) answers this and every later request with an error, which
-    leaves those kernels to the parent; nothing raises into the pass."""
+def test_a_failing_worker_is_reported_not_waited_for(monkeypatch, tmp_path, script, reason):
+    """A worker that cannot start, exits, stays silent past the timeout (killed then: it would
+    hold a core and its memory), exits while compiling or stops reading: its request gets the
+    reason, which leaves the kernel to the parent, and it takes no more requests. Nothing raises
+    into the pass (the backend starts the workers when it is built: optimize() must not fail)
+    and nothing hangs it."""
+    import signal
+
     from fastdiff.kernels import compile_processes
 
-    monkeypatch.setattr(compile_processes.sys, "executable", fake_worker_script(tmp_path, body))
+    executable = str(tmp_path / "no-python") if script is None else None
+    executable = executable or fake_worker_script(tmp_path, script)
+    monkeypatch.setattr(compile_processes.sys, "executable", executable)
+    monkeypatch.setattr(compile_processes, "READY_TIMEOUT_S", 0.5)
     pool = compile_processes.Pool(1)
+    (worker,) = pool.workers
     try:
         first = pool.submit('{"module": "m"}').result(timeout=30)
         second = pool.submit('{"module": "m"}').result(timeout=30)
     finally:
         pool.close()
     assert first.startswith(reason), first
-    assert second == f"no compile worker left ({first})", second  # it takes no more
-
-
-def test_a_worker_silent_past_the_timeout_does_not_go_on_running(monkeypatch, tmp_path):
-    """The timeout kills the stuck worker at once (it would hold a core and its memory until the
-    pool closes otherwise)."""
-    import signal
-
-    from fastdiff.kernels import compile_processes
-
-    monkeypatch.setattr(
-        compile_processes.sys, "executable", fake_worker_script(tmp_path, "exec sleep 60\n")
-    )
-    monkeypatch.setattr(compile_processes, "READY_TIMEOUT_S", 0.5)
-    pool = compile_processes.Pool(1)
-    try:
-        assert "killed" in pool.submit('{"module": "m"}').result(timeout=30)
-        assert pool.workers[0].process.wait(timeout=5) == -signal.SIGKILL
-    finally:
-        pool.close()
+    assert second == f"no compile worker left ({worker.dead})", second
+    if script == "exec sleep 60\n":
+        assert worker.process.wait(timeout=5) == -signal.SIGKILL
 
 
 class FakeWorker:
