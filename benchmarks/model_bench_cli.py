@@ -18,6 +18,7 @@ from model_bench import (
     append_csv,
     diffusers_available,
     format_table,
+    join_notes,
     on_gpu,
     results_path,
     run_cases,
@@ -108,7 +109,7 @@ def run_and_report(cases: list[Case], args: argparse.Namespace) -> int:
         signal.signal(signal.SIGTERM, previous)
     for result in results:
         # `fastdiff bench` passes its own arguments, without --note.
-        result.note = "; ".join(note for note in (getattr(args, "note", ""), result.note) if note)
+        result.note = join_notes(getattr(args, "note", ""), result.note)
     print()
     print(format_table(results))
     if not args.no_csv and results:

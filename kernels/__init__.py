@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from contextvars import ContextVar
 
 import torch
@@ -53,15 +53,6 @@ def launch(kernel, grid, *args, outputs: tuple[torch.Tensor, ...] = (), **kwargs
     kernel.run(*args, grid=grid, warmup=True, **kwargs)
 
 
-def _foreign_jit_cache_hook() -> bool:
-    """Someone else's Triton JIT cache hook is installed (the process pass would replace it)."""
-    try:
-        from triton import knobs
-    except ImportError:
-        return True
-    return getattr(knobs.runtime, "jit_cache_hook", None) is not None
-
-
 def _async_compile_mode():
     """Triton's AsyncCompileMode (3.6 and 3.9 have it), or None where this Triton lacks it."""
     try:
@@ -92,22 +83,17 @@ def compile_ahead(threads: int | None = None, processes: int | None = None) -> I
     from . import compile_processes as process_pass
 
     workers = process_pass.compile_processes() if processes is None else processes
-    if workers > 0 and process_pass.supported() and not _foreign_jit_cache_hook():
-        token = _compiling_ahead.set(True)
-        try:
-            with process_pass.compiling(workers):
-                yield
-        finally:
-            _compiling_ahead.reset(token)
-        return
-    threads = compile_threads() if threads is None else threads
-    mode = _async_compile_mode() if threads > 1 else None
     token = _compiling_ahead.set(True)
     try:
-        if mode is None:
+        with ExitStack() as stack:
+            if workers > 0 and process_pass.supported():
+                stack.enter_context(process_pass.compiling(workers))
+            else:
+                threads = compile_threads() if threads is None else threads
+                mode = _async_compile_mode() if threads > 1 else None
+                if mode is not None:
+                    pool = stack.enter_context(ThreadPoolExecutor(threads))
+                    stack.enter_context(mode(pool, ignore_errors=True))
             yield
-        else:
-            with ThreadPoolExecutor(threads) as pool, mode(pool, ignore_errors=True):
-                yield
     finally:
         _compiling_ahead.reset(token)

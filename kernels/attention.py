@@ -352,17 +352,18 @@ class ParallelCompile:
     def compile_all(self, configs, args, meta) -> None:
         device = next((a.device for a in args if isinstance(a, torch.Tensor)), None)
 
+        def on_device():  # Triton compiles for (and caches under) the current device
+            return torch.cuda.device(device) if device and device.type == "cuda" else nullcontext()
+
         def compile_one(config) -> None:
             options = {**meta, **config.all_kwargs(), "warmup": True}
             try:
-                with (
-                    torch.cuda.device(device) if device and device.type == "cuda" else nullcontext()
-                ):
+                with on_device():
                     self.autotuner.fn.run(*args, **options)
             except Exception:  # the timing loop compiles it again and reports or skips it
                 pass
 
-        with torch.cuda.device(device) if device and device.type == "cuda" else nullcontext():
+        with on_device():
             _create_device_caches(self.autotuner.fn)
         with ThreadPoolExecutor(min(compile_threads(), len(configs))) as pool:
             list(pool.map(compile_one, configs))

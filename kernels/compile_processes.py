@@ -59,14 +59,16 @@ def compile_processes() -> int:
 
 
 def supported() -> bool:
-    """Whether this Triton has what the process pass uses: the JIT cache hook (knobs) and
-    ``JITFunction.preload`` (Triton 3.6 and 3.9 have both)."""
+    """Whether the process pass can run: this Triton has the JIT cache hook (knobs) and
+    ``JITFunction.preload`` (3.6 and 3.9 have both), and no one else's hook is installed (the
+    pass would have to replace it; compile_ahead then compiles in threads)."""
     try:
         from triton import knobs
         from triton.runtime.jit import JITFunction
     except ImportError:
         return False
-    return hasattr(knobs.runtime, "jit_cache_hook") and hasattr(JITFunction, "preload")
+    hooks = hasattr(knobs.runtime, "jit_cache_hook") and hasattr(JITFunction, "preload")
+    return hooks and knobs.runtime.jit_cache_hook is None
 
 
 class Request:

@@ -135,14 +135,24 @@ class CudaGraphBackend:
         again outside, which raises any real error."""
         if self.compile_ahead:
             with torch.cuda.device(self.device):
-                try:
-                    with ops_compile_ahead():
-                        result = fn()
-                    torch.cuda.synchronize(self.device)
-                    return result
-                except Exception:
-                    pass
+                ran, result = self._compile_ahead_pass(fn)
+            if ran:
+                return result
         return fn()
+
+    def _compile_ahead_pass(self, fn: Callable[[], Any]) -> tuple[bool, Any]:
+        """(True, ``fn()``) run inside ``fastdiff.ops.compile_ahead()`` and waited for; (False,
+        None) when it raised: the pass is only a head start for the compiler, and ``fn`` fails
+        on its zeroed tensors where it reads what the skipped kernels would have written (a
+        real error is raised again by the plain runs that follow)."""
+        try:
+            with ops_compile_ahead():
+                result = fn()
+        except Exception:
+            return False, None
+        finally:
+            torch.cuda.synchronize(self.device)
+        return True, result
 
     def capture(
         self, body: Callable[[], None], prepare: Callable[[], None]
@@ -160,15 +170,7 @@ class CudaGraphBackend:
                     # A pass in which every Triton kernel the body launches compiles, in threads,
                     # all at once, instead of one by one at its first launch below (its results
                     # are discarded like the warm-up runs': prepare() resets the inputs).
-                    try:
-                        with ops_compile_ahead():
-                            prepare()
-                            body()
-                    except Exception:
-                        # Only a head start: a body that fails on the pass's zeroed tensors
-                        # compiles in the warm-up runs instead, which raise any real error.
-                        pass
-                    torch.cuda.synchronize(self.device)
+                    self._compile_ahead_pass(lambda: (prepare(), body()))
                     phases["compile_ahead_s"] = time.perf_counter() - begin
                     begin = time.perf_counter()
                 for _ in range(self.warmup_runs):
