@@ -351,15 +351,60 @@ def compiled_kernels() -> int:
     return total
 
 
+# The driver functions a Triton 3.6 launcher links against: a machine without a GPU builds and
+# loads launchers against this stand-in (``--launchers``), which nothing ever calls.
+STUB_LIBCUDA = """
+int cuCtxGetCurrent(void *c) { return 999; }
+int cuCtxSetCurrent(void *c) { return 999; }
+int cuDeviceGet(void *d, int o) { return 999; }
+int cuDevicePrimaryCtxRetain(void *c, int d) { return 999; }
+int cuFuncSetAttribute(void *f, int a, int v) { return 999; }
+int cuGetErrorString(int e, const char **s) { return 999; }
+int cuPointerGetAttribute(void *d, int a, unsigned long long p) { return 999; }
+"""
+
+
+def with_libcuda() -> None:
+    """Make sure launchers can link and load against a libcuda.so.1: where the machine has none
+    (and TRITON_LIBCUDA_PATH names none), build STUB_LIBCUDA and start this script again with it
+    on the loader's path (read only when a process starts)."""
+    if os.environ.get("TRITON_LIBCUDA_PATH"):
+        return
+    found = subprocess.run(["/sbin/ldconfig", "-p"], capture_output=True, text=True).stdout
+    if "libcuda.so.1" in found:
+        return
+    stub = Path(tempfile.mkdtemp(prefix="fastdiff-libcuda-"))
+    (stub / "stub.c").write_text(STUB_LIBCUDA)
+    subprocess.run(
+        ["cc", "-shared", "-fPIC", "-o", str(stub / "libcuda.so.1"), str(stub / "stub.c")],
+        check=True,
+    )
+    (stub / "libcuda.so").symlink_to("libcuda.so.1")
+    path = ":".join(p for p in (str(stub), os.environ.get("LD_LIBRARY_PATH", "")) if p)
+    env = {**os.environ, "TRITON_LIBCUDA_PATH": str(stub), "LD_LIBRARY_PATH": path}
+    os.execve(sys.executable, [sys.executable, *sys.argv], env)
+
+
 def compile_ahead_check(
-    threads: int, config: str, size: int, autotune: bool = True, processes: int = 0
+    threads: int,
+    config: str,
+    size: int,
+    autotune: bool = True,
+    processes: int = 0,
+    launchers: str | None = None,
 ) -> int:
     """A U-Net forward (``config`` of benchmarks/model_configs.py, prepared as optimize() does,
     fp16, latent ``size``) run twice with every op on the triton backend, kernels compiled for
     sm_90 and never run: first inside ``compile_ahead(threads, processes)``, then plainly.
     Prints the kernels each pass compiled and its seconds; the plain pass must compile none.
     With ``processes`` the workers are started (and their imports waited for) before the clock
-    starts, as the CUDA-graph backend starts them when it is built."""
+    starts, as the CUDA-graph backend starts them when it is built.
+
+    ``launchers`` (Triton 3.6, whose launchers are C compiled per kernel signature): the
+    compile-only driver gets the real CUDA launcher class, during the pass ("ahead", as on a
+    GPU) or only after it ("after", as if the pass did not build them); then each kernel's
+    launcher is made as its first launch would make it, and those seconds are printed: what the
+    first launches after the pass spend building launchers, one after another."""
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     import bench_unet
     import model_bench
@@ -385,7 +430,17 @@ def compile_ahead_check(
         from fastdiff.kernels import compile_processes
 
         compile_processes.start(processes).wait_ready()
-    with torch.no_grad(), use_backend("triton"), compile_only():
+    cuda_launcher = None
+    if launchers:
+        from triton.backends.nvidia import driver as nvidia_driver
+
+        if not hasattr(nvidia_driver, "make_launcher"):
+            print(f"triton {triton.__version__}: one generic launcher, none to build per kernel")
+            return 0
+        cuda_launcher = nvidia_driver.CudaLauncher
+    with torch.no_grad(), use_backend("triton"), compile_only() as produced:
+        if launchers == "ahead":
+            driver.active.launcher_cls = cuda_launcher
         for ahead in (True, False):
             before, begin = compiled_kernels(), time.perf_counter()
             with compile_ahead(threads, processes) if ahead else contextlib.nullcontext():
@@ -404,6 +459,22 @@ def compile_ahead_check(
         f"compile ahead ({config}, latent {size}, {workers}): {counts[0]} kernels in "
         f"{seconds[0]:.2f} s; then the forward compiled {counts[1]} more in {seconds[1]:.2f} s"
     )
+    if cuda_launcher is not None:
+        # Each kernel once: the threaded pass gave futures (FutureKernel), the process pass
+        # nothing (its kernels are compiled elsewhere), the plain forward the compiled kernels.
+        kernels = {}
+        for _, kernel in produced:
+            kernel = kernel.result() if hasattr(kernel, "result") else kernel
+            if kernel is not None:
+                kernels[id(kernel)] = kernel
+        begin = time.perf_counter()
+        for kernel in kernels.values():
+            cuda_launcher(kernel.src, kernel.metadata)
+        print(
+            f"launchers built {'in' if launchers == 'ahead' else 'after'} the pass: the first "
+            f"launches of its {len(kernels)} kernels then spent "
+            f"{time.perf_counter() - begin:.2f} s making their launchers"
+        )
     return 0 if counts[0] > 0 and counts[1] == 0 else 1
 
 
@@ -438,14 +509,23 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="with --compile-ahead: one heuristic attention config per shape, not every candidate",
     )
+    parser.add_argument(
+        "--launchers",
+        choices=("ahead", "after"),
+        help="with --compile-ahead, Triton 3.6: build each kernel's C launcher in the pass "
+        "(ahead) or not (after), then time what the first launches spend on launchers",
+    )
     args = parser.parse_args(argv)
     if args.compile_ahead is not None:
+        if args.launchers:
+            with_libcuda()
         return compile_ahead_check(
             args.compile_ahead,
             args.model,
             args.latent,
             autotune=not args.no_autotune,
             processes=args.processes,
+            launchers=args.launchers,
         )
     if args.autotune_compile is not None:
         return autotune_compile(args.autotune_compile)

@@ -23,7 +23,14 @@ import torch
 import triton
 import triton.language as tl
 
-from . import COMPILE_OPTIONS, attention_configs, compile_threads, compiling_ahead, launch
+from . import (
+    COMPILE_OPTIONS,
+    attention_configs,
+    compile_threads,
+    compiling_ahead,
+    launch,
+    prepare_launcher,
+)
 
 LOG2_E = 1.4426950408889634
 MAX_HEAD_DIM = 256
@@ -359,7 +366,7 @@ class ParallelCompile:
             options = {**meta, **config.all_kwargs(), "warmup": True}
             try:
                 with on_device():
-                    self.autotuner.fn.run(*args, **options)
+                    prepare_launcher(self.autotuner.fn.run(*args, **options))
             except Exception:  # the timing loop compiles it again and reports or skips it
                 pass
 

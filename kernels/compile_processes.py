@@ -13,7 +13,8 @@ in three steps:
    compile-only Triton driver naming the parent's GPU target, so none touches the GPU) compile
    them, N at a time, into Triton's on-disk cache;
 3. the parent preloads each kernel (``JITFunction.preload``), which finds it in that cache and
-   only loads it, so that after the pass every kernel is in memory, as after the threaded one.
+   only loads it, so that after the pass every kernel is in memory, as after the threaded one;
+   threads then build the kernels' launchers (``fastdiff.kernels.prepare_launcher``).
 
 A kernel a worker failed to compile is compiled by the parent in step 3 (and fails there as it
 would have). While the hook is installed Triton serializes every compilation's specialization
@@ -305,7 +306,8 @@ def compiling(size: int) -> Iterator[None]:
     """The process pass (module docstring) around a forward run inside it, in this context
     only (another thread's pass, even a threaded one, is not this one's). Each kernel goes to
     a worker as soon as it is recorded, so the workers compile while the forward goes on;
-    leaving waits for them, then preloads every kernel in this process."""
+    leaving waits for them, then preloads every kernel in this process and builds its launcher
+    (``prepare_launcher``)."""
     from triton.runtime import driver
 
     pool = start(size)
@@ -326,11 +328,18 @@ def compiling(size: int) -> Iterator[None]:
         _current_pass.reset(token)
     errors = [future.result() for future in futures]
     last_pass.update(kernels=len(errors), failed=[error for error in errors if error])
+    kernels = []
     for request in requests.values():
         try:
-            request.jit_function.preload(request.data)
+            kernels.append(request.jit_function.preload(request.data))
         except Exception:  # raised again where the kernel is first launched
             pass
+    from . import compile_threads, prepare_launcher
+
+    # Their launchers, which Triton 3.6 compiles with the C compiler, in threads (a subprocess
+    # each) rather than one by one at first launch.
+    with ThreadPoolExecutor(max(1, min(compile_threads(), len(kernels)))) as threads:
+        list(threads.map(prepare_launcher, kernels))
 
 
 # ---- the worker process ----------------------------------------------------------------------

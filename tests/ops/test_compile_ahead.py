@@ -96,6 +96,64 @@ def test_without_async_compile_the_pass_compiles_serially(monkeypatch):
     assert [call[0] for call in kernel.calls] == ["compile"]
 
 
+def test_prepare_launcher_builds_the_kernels_launcher_and_leaves_failures_to_its_launch(
+    monkeypatch,
+):
+    """prepare_launcher hands the driver's launcher class the kernel's source and metadata; a
+    driver without one (compile-only) is skipped, and a launcher that fails to build does not
+    fail the pass: the kernel's first launch builds it again and raises there."""
+    from triton.runtime import driver
+
+    built = []
+
+    class Driver:
+        def launcher_cls(self, src, metadata):
+            built.append((src, metadata))
+            if src == "broken":
+                raise RuntimeError("cc: not found")
+
+    kernel = type("Kernel", (), {"src": "source", "metadata": "meta"})()
+    monkeypatch.setattr(driver, "_active", Driver())
+    kernels.prepare_launcher(kernel)
+    kernels.prepare_launcher(type("Kernel", (), {"src": "broken", "metadata": "meta"})())
+    kernels.prepare_launcher(None)  # AsyncCompileMode's result for a failed compile
+    assert built == [("source", "meta"), ("broken", "meta")]
+    monkeypatch.setattr(driver, "_active", object())  # a compile-only driver: no launcher
+    kernels.prepare_launcher(kernel)
+    assert len(built) == 2
+
+
+def test_the_threaded_pass_builds_each_launcher_in_the_thread_that_compiled_its_kernel(
+    monkeypatch,
+):
+    """The executor compile_ahead hands Triton's AsyncCompileMode runs each compilation and
+    then prepare_launcher on its result, in the same pool thread, before the future is done."""
+    import threading
+
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    executors, built = [], []
+
+    class Mode:
+        def __init__(self, executor, ignore_errors):
+            executors.append(executor)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            pass
+
+    monkeypatch.setattr(kernels, "_async_compile_mode", lambda: Mode)
+    monkeypatch.setattr(
+        kernels, "prepare_launcher", lambda kernel: built.append((kernel, threading.get_ident()))
+    )
+    with kernels.compile_ahead(threads=2):
+        future = executors[0].submit(lambda: ("kernel", threading.get_ident()))
+        kernel = future.result()
+    assert kernel[0] == "kernel" and built == [(kernel, kernel[1])]
+    assert kernel[1] != threading.get_ident()
+
+
 def test_the_triton_in_use_has_async_compile_mode():
     """Both Triton versions fastdiff runs on (3.6 on the GPU machine, 3.9 here) have it: a
     Triton without it would silently compile one kernel after another."""
@@ -538,6 +596,54 @@ def test_more_workers_asked_for_during_a_pass_do_not_break_it(process_pass, monk
     finally:
         compile_processes.stop()
     assert [data for data, _ in first.loaded + second.loaded] == ["spec-a", "spec-b"]
+
+
+LAUNCHERS_SCRIPT = """
+import json, sys, threading
+sys.path.insert(0, "benchmarks")
+import triton_sm90  # compile_only(): launches compile for sm_90, nothing runs
+import torch
+from triton.runtime import driver
+from fastdiff.kernels import compile_ahead
+from fastdiff.kernels.geglu import geglu_forward
+
+built = []
+with triton_sm90.compile_only():
+    driver.active.launcher_cls = lambda src, metadata: built.append(
+        (src.fn.__name__, threading.current_thread() is threading.main_thread())
+    )
+    with compile_ahead(threads=2, processes=int(sys.argv[1])):
+        for width in (16, 32, 64):
+            geglu_forward(torch.randn(4, 2 * width))
+    print(json.dumps(built))
+"""
+
+
+@pytest.mark.skipif(
+    not (Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump").exists(),
+    reason="no Triton CUDA backend",
+)
+@pytest.mark.parametrize("processes", [0, 1], ids=["threads", "processes"])
+def test_leaving_either_pass_every_kernel_has_its_launcher_built_in_a_thread(tmp_path, processes):
+    """Triton 3.6 compiles a C launcher at each kernel signature's first launch, one after
+    another in the warm-up run after the pass. Both passes build it before they end, off the
+    main thread: the threaded one in the thread that compiled the kernel (through Triton's
+    AsyncCompileMode), the process pass in threads after the parent loads the workers' kernels."""
+    import json
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path)
+    result = subprocess.run(
+        [sys.executable, "-c", LAUNCHERS_SCRIPT, str(processes)],
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).resolve().parents[2],
+        env=env,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    built = json.loads(result.stdout.strip().splitlines()[-1])
+    assert built == [["geglu_kernel", False]] * 3, built
 
 
 PARENT_LOADS_SCRIPT = """

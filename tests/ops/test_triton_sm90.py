@@ -157,6 +157,7 @@ class FakeAutotuner:
         class Kernel:
             def run(self, *args, **options):
                 outer.calls.append(("compile", options["BLOCK_M"], options["warmup"]))
+                return f"kernel {options['BLOCK_M']}"
 
         self.fn = Kernel()
 
@@ -170,6 +171,8 @@ class FakeAutotuner:
 
 def test_candidates_compile_once_before_the_first_timing_and_not_on_a_disk_hit(monkeypatch):
     monkeypatch.setenv("FASTDIFF_COMPILE_THREADS", "2")
+    prepared = []  # each candidate's launcher is built in its compile thread too
+    monkeypatch.setattr(attention_kernels, "prepare_launcher", prepared.append)
     tuner = FakeAutotuner(all_configs()[:3])
     attention_kernels.ParallelCompile(tuner)
     meta = {"grid": None, "warmup": False, "HEAD_DIM": 40}
@@ -183,6 +186,7 @@ def test_candidates_compile_once_before_the_first_timing_and_not_on_a_disk_hit(m
     compiled = sorted(call[1] for call in tuner.calls[:3])
     assert tuner.calls[:3] == [("compile", m, True) for m in compiled]
     assert compiled == sorted(blocks)
+    assert sorted(prepared) == sorted(f"kernel {m}" for m in blocks)
     assert tuner.calls[3:] == [("time", m) for m in blocks]
     tuner.calls.clear()
     tuner.prune_configs(meta)  # Triton's disk cache answered: nothing is timed
