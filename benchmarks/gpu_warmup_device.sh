@@ -41,7 +41,9 @@ source benchmarks/parts.sh  # part NAME LIMIT CMD...
 # off), the compile threads (compile_ahead's and the autotuner's; 1 = one kernel at a time), the
 # CUDA extension: "built" (above, as in every earlier warm-up figure) or "none" (an empty build
 # folder: a fresh install, where the auto backend takes Triton rather than build it), and the
-# compile-ahead pass (FASTDIFF_COMPILE_AHEAD), then, optionally, the pass's worker processes
+# compile-ahead pass (FASTDIFF_COMPILE_AHEAD: 1, 0, or "apart": on, with the VAE decoder's
+# kernels left to its own graph's pass instead of the first denoising graph's,
+# FASTDIFF_DECODE_AHEAD=0), then, optionally, the pass's worker processes
 # (FASTDIFF_COMPILE_PROCESSES; 0 or absent: threads). Most important rows first: the budget
 # cuts from the end.
 declare -A ROW
@@ -59,7 +61,9 @@ sd15_table_1thread sd15_b2 packaged 1 built 1
 sd15_off sd15_b2 off 16 built 1
 sdxl_off_1thread sdxl_b2 off 1 built 1
 sd15_pipeline20 pipeline20 packaged 16 built 1
+sd15_pipeline20_decoder_apart pipeline20 packaged 16 built apart
 sd15_pipeline4 pipeline4 packaged 16 built 1
+sd15_pipeline4_decoder_apart pipeline4 packaged 16 built apart
 sd15_processes sd15_b2 packaged 16 built 1 16
 sd15_pipeline20_processes pipeline20 packaged 16 built 1 16
 sdxl_processes sdxl_b2 packaged 16 built 1 16
@@ -103,9 +107,12 @@ for name in "${ORDER[@]}"; do
     [[ "$workload" = pipeline* ]] && bench=(benchmarks/bench_pipeline.py --steps "${workload#pipeline}")
     build_dir=""
     [ "$extension" = none ] && build_dir="$SCRATCH/no-extension"
+    decode_ahead=1
+    [ "$ahead" = apart ] && ahead=1 && decode_ahead=0
     part "warmup_$name" 150 env TRITON_CACHE_DIR="$SCRATCH/cache-$name" \
         FASTDIFF_ATTENTION_CONFIGS="$table" FASTDIFF_COMPILE_THREADS="$threads" \
-        FASTDIFF_COMPILE_AHEAD="$ahead" FASTDIFF_COMPILE_PROCESSES="${processes:-0}" \
+        FASTDIFF_COMPILE_AHEAD="$ahead" FASTDIFF_DECODE_AHEAD="$decode_ahead" \
+        FASTDIFF_COMPILE_PROCESSES="${processes:-0}" \
         ${build_dir:+FASTDIFF_CUDA_BUILD_DIR="$build_dir"} \
         python3 "${bench[@]}" --providers fastdiff --note "$name" --csv "$OUT/warmup.csv"
 done

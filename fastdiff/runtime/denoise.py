@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -182,7 +183,11 @@ class GraphedDenoiser:
         channels_last: bool = False,
         max_loop_steps: int = 8,
         key_extra: tuple = (),
+        then: Callable[[torch.Tensor], Any] | None = None,
     ):
+        """``then(latents)``: what the caller does next with the result (the VAE decode), run
+        in a new graph's compile-ahead pass on a tensor like the result (dtype, shape, layout)
+        so that its kernels compile with the U-Net's (``GraphCache.get``'s ``also``)."""
         self.unet_forward = unet_forward
         self.cache = cache
         # A dtype, or a callable giving the U-Net's current one: a model cast after optimize()
@@ -191,6 +196,7 @@ class GraphedDenoiser:
         self.channels_last = channels_last
         self.max_loop_steps = max_loop_steps
         self.key_extra = key_extra
+        self.then = then
         self.eager_fallbacks: dict[GraphKey, str] = {}
 
     def current_dtype(self) -> torch.dtype:
@@ -249,8 +255,12 @@ class GraphedDenoiser:
         key = self.key_for(call, sampler)
         if key in self.eager_fallbacks:
             return self.eager_entry(call, key)
+        also = None
+        if self.then is not None:
+            # The result as __call__ returns it: the state's layout, the caller's dtype.
+            also = lambda buffers: self.then(buffers.x.to(call.x_T.dtype))  # noqa: E731
         try:
-            return self.cache.get(key, lambda: self.build(call, key, call.x_T.device))
+            return self.cache.get(key, lambda: self.build(call, key, call.x_T.device), also)
         except Exception as error:  # capture failed: keep generating, eagerly, and say why
             reason = f"{type(error).__name__}: {error}"
             self.eager_fallbacks[key] = reason

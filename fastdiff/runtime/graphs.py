@@ -63,9 +63,15 @@ class GraphBackend(Protocol):
     """Turns a body (a no-argument callable writing into static buffers) into a Replayable."""
 
     def capture(
-        self, body: Callable[[], None], prepare: Callable[[], None]
+        self,
+        body: Callable[[], None],
+        prepare: Callable[[], None],
+        also: Callable[[], Any] | None = None,
     ) -> tuple[Replayable, int]:
-        """Capture ``body``; return the replayable and the bytes its capture added (graph pool)."""
+        """Capture ``body``; return the replayable and the bytes its capture added (graph pool).
+        ``also`` (given only to a backend whose ``compile_ahead`` is true): work that follows
+        the graph, run after the body in the compile-ahead pass so its kernels compile with the
+        body's; it is neither warmed up nor captured."""
         ...
 
     # Optional: ``first_run(fn) -> fn()'s result``, the call a body's builder makes before the
@@ -85,6 +91,8 @@ class EagerReplay:
 
 class EagerGraphBackend:
     """Runs bodies eagerly; used without CUDA and in tests of the cache and the buffer logic."""
+
+    compile_ahead = False  # nothing to compile: GraphCache passes no ``also``
 
     def capture(
         self, body: Callable[[], None], prepare: Callable[[], None]
@@ -155,7 +163,10 @@ class CudaGraphBackend:
         return True, result
 
     def capture(
-        self, body: Callable[[], None], prepare: Callable[[], None]
+        self,
+        body: Callable[[], None],
+        prepare: Callable[[], None],
+        also: Callable[[], Any] | None = None,
     ) -> tuple[torch.cuda.CUDAGraph, int]:
         # Everything on self.device and one side stream of it: warm-up and capture. An op runs on
         # the current stream of its tensors' device, so capturing on torch.cuda.graph's default
@@ -169,8 +180,9 @@ class CudaGraphBackend:
                 if self.compile_ahead:
                     # A pass in which every Triton kernel the body launches compiles, in threads,
                     # all at once, instead of one by one at its first launch below (its results
-                    # are discarded like the warm-up runs': prepare() resets the inputs).
-                    self._compile_ahead_pass(lambda: (prepare(), body()))
+                    # are discarded like the warm-up runs': prepare() resets the inputs). Then
+                    # ``also``'s kernels: the threads compile them while the body's finish.
+                    self._compile_ahead_pass(lambda: (prepare(), body(), also and also()))
                     phases["compile_ahead_s"] = time.perf_counter() - begin
                     begin = time.perf_counter()
                 for _ in range(self.warmup_runs):
@@ -312,7 +324,14 @@ class GraphCache:
         """The error message of a failed capture of ``key``, or None."""
         return self.stats.failed_keys.get(key)
 
-    def get(self, key: GraphKey, build: Callable[[], tuple[Any, Callable, Callable]]) -> GraphEntry:
+    def get(
+        self,
+        key: GraphKey,
+        build: Callable[[], tuple[Any, Callable, Callable]],
+        also: Callable[[Any], Any] | None = None,
+    ) -> GraphEntry:
+        """``also(buffers)``, on a miss: what follows the graph, given its buffers, run in the
+        capture's compile-ahead pass (backends with ``compile_ahead`` true; others ignore it)."""
         entry = self.entries.get(key)
         if entry is not None:
             self.entries.move_to_end(key)
@@ -324,7 +343,10 @@ class GraphCache:
         try:
             buffers, body, prepare = build()
             built = time.perf_counter() - start
-            graph, pool_bytes = self.backend.capture(body, prepare)
+            if also is not None and getattr(self.backend, "compile_ahead", False):
+                graph, pool_bytes = self.backend.capture(body, prepare, also=lambda: also(buffers))
+            else:
+                graph, pool_bytes = self.backend.capture(body, prepare)
             phases = dict(getattr(self.backend, "last_phases", None) or {})
             if phases:  # a backend that times its phases: the build (buffers, a probe run) first
                 phases = {"build_s": built, **phases}

@@ -221,6 +221,29 @@ def test_a_body_that_fails_in_the_compile_ahead_pass_is_still_captured(monkeypat
     assert graph is not None and events == ["prepare", *runs] and inside == []
 
 
+@pytest.mark.parametrize("fails", [False, True], ids=["also", "also-fails"])
+def test_also_runs_once_in_the_compile_ahead_pass_after_the_body(monkeypatch, fails):
+    """``also`` (what follows the graph: the VAE decode after the denoising loop) runs inside
+    the pass, after the body, so its kernels compile with the body's; it is not warmed up or
+    captured, and when it fails there the body is still warmed up and captured."""
+    cuda = FakeCuda()
+    install(monkeypatch, cuda)
+    events, inside = [], watch_the_pass(monkeypatch)
+
+    def also():
+        events.append(("also", bool(inside)))
+        if fails:
+            raise torch.cuda.OutOfMemoryError("the decoder, on zeros")
+
+    backend = graphs.CudaGraphBackend(warmup_runs=2, device="cuda:0")
+    graph, _ = backend.capture(lambda: events.append("body"), lambda: None, also=also)
+    assert graph is not None and events == ["body", ("also", True), "body", "body", "body"]
+    off = graphs.CudaGraphBackend(warmup_runs=1, device="cuda:0", compile_ahead=False)
+    events.clear()
+    off.capture(lambda: events.append("body"), lambda: None, also=also)
+    assert events == ["body", "body"]  # no pass, no also
+
+
 @pytest.mark.parametrize("ahead", [True, False], ids=["compile-ahead", "no-pass"])
 def test_a_capture_times_its_phases(monkeypatch, ahead):
     """last_phases: the compile-ahead pass (when on), the warm-up runs and the capture, each

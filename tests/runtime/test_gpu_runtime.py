@@ -292,6 +292,44 @@ def test_default_optimize_vae_decode_graph_within_tolerance():
     assert rt.cache.stats.captures == 1 and rt.cache.stats.hits == 1
 
 
+def decoder_compiles_after_first_generation(size: int, decode_ahead: bool) -> list[bool]:
+    """A fresh optimized tiny pipeline's first generation at ``size`` px (latents only), then
+    the decode of its result: the Triton compilations that decode made which missed Triton's
+    disk cache (a load from the disk cache is not a compilation)."""
+    from triton import knobs
+
+    pipe = tiny_pipeline(device="cuda")
+    rt = runtime.optimize(pipe, dtype=torch.float16, verbose=False)
+    if not decode_ahead:
+        rt.denoiser.then = None
+    embeds = [torch.randn(1, 77, 32, device="cuda", dtype=torch.float16) for _ in range(2)]
+    latents = pipe(
+        prompt_embeds=embeds[0],
+        negative_prompt_embeds=embeds[1],
+        num_inference_steps=3,
+        height=size,
+        width=size,
+        output_type="latent",
+        progress=False,
+    )
+    misses, previous = [], knobs.compilation.listener
+    knobs.compilation.listener = lambda *, cache_hit, **_: misses.append(cache_hit)
+    try:
+        pipe.decode_latents(latents)
+    finally:
+        knobs.compilation.listener = previous
+    assert [key.kind for key in rt.cache.entries] == ["loop", "vae"]
+    return [hit for hit in misses if not hit]
+
+
+def test_the_first_generation_compiles_the_decoders_kernels_with_the_unets():
+    """optimize()'s runtime runs the VAE decoder in the first denoising graph's compile-ahead
+    pass, so the first decode compiles no Triton kernel; without that (the control, at another
+    size so its kernels are new too) it compiles some. Sizes no other test uses."""
+    assert decoder_compiles_after_first_generation(72, decode_ahead=True) == []
+    assert decoder_compiles_after_first_generation(88, decode_ahead=False) != []
+
+
 def test_failed_capture_message_names_the_op_that_broke_it():
     def reads_host(x):
         return x * float(x.sum())

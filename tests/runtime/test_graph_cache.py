@@ -35,6 +35,29 @@ def build_counter(log: list):
     return lambda: (buffer, body, lambda: buffer.zero_())
 
 
+def test_also_reaches_only_a_backend_that_compiles_ahead_with_the_new_entrys_buffers():
+    """GraphCache.get's ``also(buffers)`` goes to the capture of a miss, bound to the buffers
+    built for it, and only where the backend has a compile-ahead pass: other backends keep
+    their two-argument capture."""
+    seen = []
+
+    class AheadBackend(CountingBackend):
+        compile_ahead = True
+
+        def capture(self, body, prepare, also=None):
+            also()
+            return super().capture(body, prepare)
+
+    cache = GraphCache(AheadBackend())
+    entry = cache.get(key(), build_counter([]), also=seen.append)
+    assert seen == [entry.buffers]
+    cache.get(key(), build_counter([]), also=seen.append)  # a hit: nothing captured
+    assert seen == [entry.buffers]
+    plain = GraphCache(CountingBackend())  # capture(body, prepare) only: no also
+    plain.get(key(), build_counter([]), also=seen.append)
+    assert len(seen) == 1 and plain.backend.captured == 1
+
+
 def test_same_key_captures_once_and_replays():
     backend = CountingBackend()
     cache = GraphCache(backend, max_graphs=4)

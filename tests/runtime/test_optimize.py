@@ -190,6 +190,64 @@ def test_pipeline_optimize_keeps_full_generation(pipe, fold_biases):
     assert kinds == ["loop", "vae"]  # whole 3-step loop + the decoder
 
 
+class CompileAheadBackend(RecordingGraphBackend):
+    """RecordingGraphBackend with CudaGraphBackend's pass: ``also`` runs before the capture,
+    as it runs after the body in the compile-ahead pass (nothing compiles on CPU)."""
+
+    compile_ahead = True
+
+    def __init__(self):
+        super().__init__()
+        self.passes: list[bool] = []  # per capture: whether it was handed an ``also``
+
+    def capture(self, body, prepare, also=None):
+        self.passes.append(also is not None)
+        if also is not None:
+            also()
+        return super().capture(body, prepare)
+
+
+def test_a_new_denoising_graph_runs_the_decoder_in_its_compile_ahead_pass(pipe, monkeypatch):
+    """So that the VAE decoder's kernels compile with the U-Net's: a new loop graph's pass runs
+    the decoder on latents like the loop's result (the same VAE graph key: shape, dtype,
+    layout), once per new shape and not where that decoder graph exists; the images stay
+    the eager pipeline's. A backend without the pass gets no ``also`` at all, and
+    FASTDIFF_DECODE_AHEAD=0 turns it off (a bad value fails in optimize())."""
+    kwargs = dict(
+        prompt_embeds=torch.randn(1, 7, 32),
+        negative_prompt_embeds=torch.randn(1, 7, 32),
+        num_inference_steps=3,
+        output_type="tensor",
+        progress=False,
+    )
+    want = pipe(seed=5, **kwargs)
+    backend = CompileAheadBackend()
+    rt = pipe.optimize(backend=backend, verbose=False)
+    ahead = []
+    decode = rt.eager_decode_latents  # the decoder graph's function, left as it was
+    monkeypatch.setattr(rt, "eager_decode_latents", lambda x: ahead.append(x) or decode(x))
+    torch.testing.assert_close(pipe(seed=5, **kwargs), want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(pipe(seed=5, **kwargs), want, rtol=1e-5, atol=1e-5)
+    assert [key.kind for key in rt.cache.entries] == ["loop", "vae"]
+    assert backend.passes == [True, False]  # the loop's capture, then the decoder's
+    (vae_key,) = [key for key in rt.cache.entries if key.kind == "vae"]
+    with rt.ops_backend():  # the ops backend the decoder's key names, as inside denoise()
+        assert len(ahead) == 1 and rt.decoder.key_for((ahead[0],), {}) == vae_key
+    pipe(seed=5, **{**kwargs, "num_inference_steps": 4})  # a new loop graph, same decoder
+    assert backend.passes == [True, False, True] and len(ahead) == 1
+    pipe(seed=5, **{**kwargs, "height": 96})  # a new shape: the decoder's kernels too
+    assert len(ahead) == 2 and ahead[1].shape[-2:] == (96 // pipe.vae_scale_factor, 8)
+    # A backend without the pass gets no ``also``: its captures take two arguments.
+    plain = runtime.optimize(pipe, backend=RecordingGraphBackend(), verbose=False)
+    pipe(seed=5, **kwargs)
+    assert plain.cache.stats.captures == 2 and not plain.denoiser.eager_fallbacks
+    monkeypatch.setenv("FASTDIFF_DECODE_AHEAD", "0")  # measured apart: the decoder at its decode
+    assert pipe.optimize(backend=CompileAheadBackend(), verbose=False).denoiser.then is None
+    monkeypatch.setenv("FASTDIFF_DECODE_AHEAD", "yes")
+    with pytest.raises(ValueError, match="FASTDIFF_DECODE_AHEAD must be 0 or 1, got 'yes'"):
+        pipe.optimize(backend=CompileAheadBackend(), verbose=False)
+
+
 @pytest.mark.parametrize("fold_biases", [False, True], ids=["biases", "folded-biases"])
 def test_compiled_blocks_keep_outputs(pipe, fold_biases):
     """torch.compile of the U-Net blocks (dynamo tracing through fastdiff's ops; the 'eager'
