@@ -128,12 +128,21 @@ def ptxas() -> str:
         return str(TOOLS / "ptxas")
 
 
+def sass_of(kernel) -> str:
+    """The kernel's SASS (cuobjdump -sass of its cubin)."""
+    with tempfile.TemporaryDirectory() as folder:
+        cubin = Path(folder) / "k.cubin"
+        cubin.write_bytes(kernel.asm["cubin"])
+        return subprocess.run(
+            [str(TOOLS / "cuobjdump"), "-sass", str(cubin)], capture_output=True, text=True
+        ).stdout
+
+
 def resources(kernel) -> tuple[int | None, int | None, int | None]:
     """(registers, spill-store bytes, HGMMA count) from ptxas -v and cuobjdump -sass."""
     with tempfile.TemporaryDirectory() as folder:
-        ptx, cubin = Path(folder) / "k.ptx", Path(folder) / "k.cubin"
+        ptx = Path(folder) / "k.ptx"
         ptx.write_text(kernel.asm["ptx"])
-        cubin.write_bytes(kernel.asm["cubin"])
         arch = re.search(r"^\.target\s+(\S+)", kernel.asm["ptx"], re.M)
         info = subprocess.run(
             [ptxas(), f"-arch={arch.group(1) if arch else 'sm_90a'}", "-v"]
@@ -141,9 +150,7 @@ def resources(kernel) -> tuple[int | None, int | None, int | None]:
             capture_output=True,
             text=True,
         ).stderr
-        sass = subprocess.run(
-            [str(TOOLS / "cuobjdump"), "-sass", str(cubin)], capture_output=True, text=True
-        ).stdout
+    sass = sass_of(kernel)
     registers = re.search(r"Used (\d+) registers", info)
     spilled = re.search(r"(\d+) bytes spill stores", info)
     return (
@@ -328,6 +335,37 @@ def autotune_compile(threads: int) -> int:
         f"{threads} threads, {seconds:.2f} s"
     )
     return 0 if len(produced) == candidates else 1
+
+
+# SASS opcodes fma_exp2_check counts: the SFU's exp2, the FMA units' work, and the traffic a
+# layout conversion would add (shared memory stores and loads, warp shuffles).
+FMA_EXP2_OPCODES = ("MUFU.EX2", "FFMA", "FADD", "STS", "LDS", "SHFL")
+
+
+def fma_exp2_check() -> int:
+    """The attention kernel at D = 40 and 64 self-attention (SD1.5 and SD2/SDXL at 64×64
+    latents, fp16, the heuristic config) compiled with kernels/attention.py's FMA_EXP2 off and
+    on: registers, spills and the FMA_EXP2_OPCODES counts of each. On, a quarter of the loop's
+    exp2 leave the SFU for the FMA units, with no added shared-memory or shuffle traffic."""
+    from fastdiff.kernels import attention as attention_kernels
+
+    for head_dim in (40, 64):
+        q = torch.zeros(2, 8, 4096, head_dim, dtype=torch.float16)
+        for fma in (False, True):
+            attention_kernels.FMA_EXP2 = fma
+            with compile_only() as produced:
+                attention_kernels.attention_forward(q, q, q, None)
+            (_, kernel), *_ = produced
+            sass = sass_of(kernel)
+            found = {op: re.findall(r"\b" + re.escape(op) + r"\b", sass) for op in FMA_EXP2_OPCODES}
+            counts = " ".join(f"{op} {len(hits)}" for op, hits in found.items())
+            registers, spilled, _ = resources(kernel)
+            print(
+                f"attention D={head_dim} fp16 FMA_EXP2={int(fma)}: registers {registers}, "
+                f"spill stores {spilled} B, {counts}"
+            )
+    attention_kernels.FMA_EXP2 = False
+    return 0
 
 
 def compiled_kernels() -> int:
@@ -515,7 +553,14 @@ def main(argv: list[str] | None = None) -> int:
         help="with --compile-ahead, Triton 3.6: build each kernel's C launcher in the pass "
         "(ahead) or not (after), then time what the first launches spend on launchers",
     )
+    parser.add_argument(
+        "--fma-exp2",
+        action="store_true",
+        help="only: the attention kernel's SFU and FMA instruction counts, FMA_EXP2 off and on",
+    )
     args = parser.parse_args(argv)
+    if args.fma_exp2:
+        return fma_exp2_check()
     if args.compile_ahead is not None:
         if args.launchers:
             with_libcuda()

@@ -60,6 +60,44 @@ def test_edge_shapes(triton_backend, monkeypatch, dims, dtype):
     assert counter.calls == 1
 
 
+@pytest.mark.parametrize("dtype", kernel_dtypes())
+@pytest.mark.parametrize("dims", EDGE_CASES[:4])
+def test_fma_exp2_variant_keeps_the_tolerance(triton_backend, monkeypatch, dims, dtype):
+    """FMA_EXP2 (one exp2 in four from _exp2_fma's polynomial; bench_attention's
+    fastdiff-fmaexp2 rows) within the same rule as the default kernel, at split and padded
+    head dims, partial key blocks and 77 keys; fp32 inputs keep the exact exp2."""
+    monkeypatch.setattr(attention_kernels, "FMA_EXP2", True)
+    launched, launch = [], attention_kernels.launch
+
+    def spy(kernel, grid, *args, **kwargs):
+        launched.append(kwargs["FMA_EXP2"])
+        return launch(kernel, grid, *args, **kwargs)
+
+    monkeypatch.setattr(attention_kernels, "launch", spy)
+    check(*make_qkv(*dims, dtype), what=f"fma exp2 {dims}")
+    assert launched == [dtype != torch.float32]
+
+
+def test_fma_exp2_matches_exp2_over_the_softmax_range(triton_backend):
+    """_exp2_fma against exp2 at every x a shifted score can take (<= 0), -inf included: the
+    cubic's relative error bound 7.5e-5, and exactly 0 below -126 (fp16/bf16 p is 0 there)."""
+    import triton.language as tl
+
+    @triton.jit
+    def fma_exp2_kernel(x_ptr, y_ptr, BLOCK: tl.constexpr):
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        tl.store(y_ptr + offs, attention_kernels._exp2_fma(tl.load(x_ptr + offs)))
+
+    x = torch.cat([-torch.linspace(0, 130, 4096), torch.tensor([-float("inf")] * 16)])
+    x = x.to(DEVICE)
+    y = torch.empty_like(x)
+    fma_exp2_kernel[(x.numel() // 16,)](x, y, BLOCK=16)
+    normal = x >= -125.5
+    relative = (y[normal].double() / torch.exp2(x[normal].double()) - 1).abs().max().item()
+    assert relative <= 7.6e-5, relative
+    assert float(y[~normal].abs().max()) < 2e-38  # a float32 that fp16 and bf16 round to 0
+
+
 def test_output_is_heads_last_view(triton_backend):
     out = check(*make_qkv(1, 2, 18, 18, 40, torch.float32))
     # (B, H, N, D) view of (B, N, H, D) memory: merging heads afterwards needs no copy.
