@@ -598,6 +598,31 @@ def test_more_workers_asked_for_during_a_pass_do_not_break_it(process_pass, monk
     assert [data for data, _ in first.loaded + second.loaded] == ["spec-a", "spec-b"]
 
 
+NEEDS_CUDA_BACKEND = pytest.mark.skipif(
+    not (Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump").exists(),
+    reason="no Triton CUDA backend",
+)
+
+
+def run_script(script: str, cache_dir, *args: str):
+    """``script`` (it compiles for sm_90 through benchmarks/triton_sm90.py) in a fresh process
+    without the interpreter and with a Triton cache of its own; its last line, parsed as JSON."""
+    import json
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(cache_dir)
+    result = subprocess.run(
+        [sys.executable, "-c", script, *args],
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).resolve().parents[2],
+        env=env,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
 LAUNCHERS_SCRIPT = """
 import json, sys, threading
 sys.path.insert(0, "benchmarks")
@@ -619,30 +644,14 @@ with triton_sm90.compile_only():
 """
 
 
-@pytest.mark.skipif(
-    not (Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump").exists(),
-    reason="no Triton CUDA backend",
-)
+@NEEDS_CUDA_BACKEND
 @pytest.mark.parametrize("processes", [0, 1], ids=["threads", "processes"])
 def test_leaving_either_pass_every_kernel_has_its_launcher_built_in_a_thread(tmp_path, processes):
     """Triton 3.6 compiles a C launcher at each kernel signature's first launch, one after
     another in the warm-up run after the pass. Both passes build it before they end, off the
     main thread: the threaded one in the thread that compiled the kernel (through Triton's
     AsyncCompileMode), the process pass in threads after the parent loads the workers' kernels."""
-    import json
-
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_CACHE_DIR"] = str(tmp_path)
-    result = subprocess.run(
-        [sys.executable, "-c", LAUNCHERS_SCRIPT, str(processes)],
-        capture_output=True,
-        text=True,
-        cwd=Path(__file__).resolve().parents[2],
-        env=env,
-        timeout=600,
-    )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    built = json.loads(result.stdout.strip().splitlines()[-1])
+    built = run_script(LAUNCHERS_SCRIPT, tmp_path, str(processes))
     assert built == [["geglu_kernel", False]] * 3, built
 
 
@@ -669,10 +678,7 @@ print(json.dumps({"compiles": compiles, "after": len(compiles) - before,
 """
 
 
-@pytest.mark.skipif(
-    not (Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump").exists(),
-    reason="no Triton CUDA backend",
-)
+@NEEDS_CUDA_BACKEND
 def test_the_parent_loads_each_kernel_the_workers_compiled_from_the_disk_cache(tmp_path):
     """The point of the workers: the parent compiles nothing itself. Each kernel the pass meets
     is compiled by a worker for sm_90 into the disk cache the parent reads (same cache
@@ -680,19 +686,6 @@ def test_the_parent_loads_each_kernel_the_workers_compiled_from_the_disk_cache(t
     launches after find it in memory. A worker compiling into another cache, or a preload that
     does not wait for its worker, would pass every other check while the parent compiled each
     kernel again, one after another."""
-    import json
-
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_CACHE_DIR"] = str(tmp_path)
-    result = subprocess.run(
-        [sys.executable, "-c", PARENT_LOADS_SCRIPT],
-        capture_output=True,
-        text=True,
-        cwd=Path(__file__).resolve().parents[2],
-        env=env,
-        timeout=600,
-    )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    report = json.loads(result.stdout.strip().splitlines()[-1])
+    report = run_script(PARENT_LOADS_SCRIPT, tmp_path)
     assert report["last_pass"] == {"kernels": 3, "failed": []}, report
     assert report["compiles"] == [True, True, True] and report["after"] == 0, report

@@ -173,15 +173,20 @@ def test_bad_arguments_raise(pipe):
         runtime.optimize(pipe, backend=runtime.EagerGraphBackend(), max_graphs=0)
 
 
-@pytest.mark.parametrize("fold_biases", [False, True], ids=["biases", "folded-biases"])
-def test_pipeline_optimize_keeps_full_generation(pipe, fold_biases):
-    kwargs = dict(
+def three_step_call() -> dict:
+    """A guided 3-step text-to-image call's arguments (random prompt embeddings)."""
+    return dict(
         prompt_embeds=torch.randn(1, 7, 32),
         negative_prompt_embeds=torch.randn(1, 7, 32),
         num_inference_steps=3,
         output_type="tensor",
         progress=False,
     )
+
+
+@pytest.mark.parametrize("fold_biases", [False, True], ids=["biases", "folded-biases"])
+def test_pipeline_optimize_keeps_full_generation(pipe, fold_biases):
+    kwargs = three_step_call()
     want = pipe(seed=5, **kwargs)
     rt = pipe.optimize(backend=runtime.EagerGraphBackend(), verbose=False, fold_biases=fold_biases)
     got = pipe(seed=5, **kwargs)
@@ -213,13 +218,7 @@ def test_a_new_denoising_graph_runs_the_decoder_in_its_compile_ahead_pass(pipe, 
     layout), once per new shape and not where that decoder graph exists; the images stay
     the eager pipeline's. A backend without the pass gets no ``also`` at all, and
     FASTDIFF_DECODE_AHEAD=0 turns it off (a bad value fails in optimize())."""
-    kwargs = dict(
-        prompt_embeds=torch.randn(1, 7, 32),
-        negative_prompt_embeds=torch.randn(1, 7, 32),
-        num_inference_steps=3,
-        output_type="tensor",
-        progress=False,
-    )
+    kwargs = three_step_call()
     want = pipe(seed=5, **kwargs)
     backend = CompileAheadBackend()
     rt = pipe.optimize(backend=backend, verbose=False)
