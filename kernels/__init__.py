@@ -59,8 +59,8 @@ def prepare_launcher(kernel) -> None:
 
     Triton 3.6, the GPU machine's, writes a C launcher for each kernel signature and compiles it
     with the system's C compiler at the kernel's first launch (``CompiledKernel._init_handles``):
-    0.13-0.16 s each on the development machine, 9 distinct ones for an SD1.5 U-Net's 41 kernels
-    at 8×8 latents, built one after another in the warm-up run after a compile-ahead pass. Built
+    0.13-0.17 s each on the development machine, 11 distinct ones for an SD1.5 U-Net's 44 kernels
+    at 64×64 latents, built one after another in the warm-up run after a compile-ahead pass. Built
     here, in the pass's threads, each lands in Triton's disk cache, where that first launch finds
     it. Triton 3.9's launcher compiles nothing, so building it costs little. Where the driver has
     no launcher (a compile-only driver) this does nothing; a failure is left to the first launch,

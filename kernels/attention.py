@@ -186,7 +186,7 @@ def _exp2_fma(x):
     f in [-0.5, 0.5]; 2**f from a cubic (relative error 7.5e-5, below an fp16 p's rounding),
     times 2**j by adding j to its exponent bits. x is clamped at -126, where 2**x is still a
     normal float32 and rounds to 0 in fp16 and bf16."""
-    x = tl.maximum(x, -126.0)
+    x = tl.maximum(x, -126.0, propagate_nan=tl.PropagateNan.ALL)  # NaN stays NaN, as in exp2
     rounded = x + 12582912.0
     frac = x - (rounded - 12582912.0)
     poly = ((0.055171666814685445 * frac + 0.24261113509452503) * frac + 0.693260987011199) * frac

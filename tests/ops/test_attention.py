@@ -80,7 +80,8 @@ def test_fma_exp2_variant_keeps_the_tolerance(triton_backend, monkeypatch, dims,
 
 def test_fma_exp2_matches_exp2_over_the_softmax_range(triton_backend):
     """_exp2_fma against exp2 at every x a shifted score can take (<= 0), -inf included: the
-    cubic's relative error bound 7.5e-5, and exactly 0 below -126 (fp16/bf16 p is 0 there)."""
+    cubic's relative error bound 7.5e-5, below -126 a float32 that fp16/bf16 round to 0, and
+    NaN for NaN."""
     import triton.language as tl
 
     @triton.jit
@@ -88,14 +89,15 @@ def test_fma_exp2_matches_exp2_over_the_softmax_range(triton_backend):
         offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         tl.store(y_ptr + offs, attention_kernels._exp2_fma(tl.load(x_ptr + offs)))
 
-    x = torch.cat([-torch.linspace(0, 130, 4096), torch.tensor([-float("inf")] * 16)])
+    x = torch.cat([-torch.linspace(0, 130, 4096), torch.tensor([-float("inf"), float("nan")] * 8)])
     x = x.to(DEVICE)
     y = torch.empty_like(x)
     fma_exp2_kernel[(x.numel() // 16,)](x, y, BLOCK=16)
-    normal = x >= -125.5
+    normal, nan = x >= -125.5, x.isnan()
     relative = (y[normal].double() / torch.exp2(x[normal].double()) - 1).abs().max().item()
     assert relative <= 7.6e-5, relative
-    assert float(y[~normal].abs().max()) < 2e-38  # a float32 that fp16 and bf16 round to 0
+    assert float(y[~normal & ~nan].abs().max()) < 2e-38  # a float32 fp16 and bf16 round to 0
+    assert bool(y[nan].isnan().all())  # as exp2: a NaN score is not dropped from the softmax
 
 
 def test_output_is_heads_last_view(triton_backend):
