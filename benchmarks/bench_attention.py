@@ -99,7 +99,9 @@ def padded_provider(inputs):
 
 def fma_exp2_provider(inputs):
     """The triton kernel with FMA_EXP2 on, at fp16/bf16 self-attention shapes with head dims up
-    to 64; None (no row) elsewhere. Its rows against fastdiff's decide FMA_EXP2's default."""
+    to 64; None (no row) elsewhere. Its rows against fastdiff's decide FMA_EXP2's default. A
+    shape the shipped table lists runs the table's configuration, tuned for the default kernel;
+    other shapes autotune the variant apart."""
     q, k = inputs[0], inputs[1]
     if q.dtype == torch.float32 or q.shape[-1] > 64 or q.shape[2] != k.shape[2]:
         return None

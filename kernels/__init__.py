@@ -9,6 +9,7 @@ warm-up (see ``compile_ahead``).
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
@@ -62,17 +63,32 @@ def prepare_launcher(kernel) -> None:
     0.13-0.17 s each on the development machine, 11 distinct ones for an SD1.5 U-Net's 44 kernels
     at 64×64 latents, built one after another in the warm-up run after a compile-ahead pass. Built
     here, in the pass's threads, each lands in Triton's disk cache, where that first launch finds
-    it. Triton 3.9's launcher compiles nothing, so building it costs little. Where the driver has
-    no launcher (a compile-only driver) this does nothing; a failure is left to the first launch,
-    which meets it again and raises it."""
+    it. Triton 3.9's launcher compiles nothing, so building it costs little. One build per
+    argument-type signature and process (that is what the launcher's source depends on). Where
+    the driver has no launcher (a compile-only driver) this does nothing; a failure is left to
+    the first launch, which meets it again and raises it."""
     try:
         from triton.runtime import driver
 
         launcher = getattr(driver.active, "launcher_cls", None)
-        if launcher is not None and kernel is not None:
-            launcher(kernel.src, kernel.metadata)
+        if launcher is None or kernel is None:
+            return
+        # A launcher's C source depends only on the argument types (and tensor descriptors):
+        # kernels that share them (an autotuner's candidates, one kernel at several sizes)
+        # share one launcher, built once per process rather than by every thread at once.
+        meta = getattr(kernel.metadata, "tensordesc_meta", None)
+        key = (tuple(str(kind) for kind in kernel.src.signature.values()), repr(meta))
+        with _launchers_lock:
+            if key in _launchers_started:
+                return
+            _launchers_started.add(key)
+        launcher(kernel.src, kernel.metadata)
     except Exception:  # noqa: BLE001 - raised again, where it matters, by the first launch
         pass
+
+
+_launchers_started: set = set()  # prepare_launcher's argument-type keys, this process
+_launchers_lock = threading.Lock()
 
 
 class _LauncherBuildingExecutor:

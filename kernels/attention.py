@@ -181,18 +181,20 @@ def _disk_cache() -> dict:
 
 @triton.jit
 def _exp2_fma(x):
-    """2**x for x <= 0 (-inf included, giving 0) on the FMA and integer units: x = j + f with j
-    an integer (rounded by adding 1.5 * 2**23, whose sum's low mantissa bits then hold j) and
-    f in [-0.5, 0.5]; 2**f from a cubic (relative error 7.5e-5, below an fp16 p's rounding),
-    times 2**j by adding j to its exponent bits. x is clamped at -126, where 2**x is still a
-    normal float32 and rounds to 0 in fp16 and bf16."""
-    x = tl.maximum(x, -126.0, propagate_nan=tl.PropagateNan.ALL)  # NaN stays NaN, as in exp2
+    """2**x for x <= 0 on the FMA and integer units: x = j + f with j an integer (rounded by
+    adding 1.5 * 2**23, whose sum's low mantissa bits then hold j) and f in [-0.5, 0.5]; 2**f
+    from a cubic (relative error 7.5e-5, below an fp16 p's rounding), times 2**j built from its
+    exponent bits. x is clamped at -127, where that 2**j is exactly 0: -inf gives 0, as exp2
+    does, and so does anything below -126.5 (2**x < 1.2e-38, 0 in fp16 and bf16). NaN stays NaN:
+    the clamp keeps it, and any bits a NaN leaves in 2**j give a finite factor."""
+    x = tl.maximum(x, -127.0, propagate_nan=tl.PropagateNan.ALL)
     rounded = x + 12582912.0
     frac = x - (rounded - 12582912.0)
     poly = ((0.055171666814685445 * frac + 0.24261113509452503) * frac + 0.693260987011199) * frac
     poly = poly + 0.9999280727914264
-    bits = poly.to(tl.int32, bitcast=True) + (rounded.to(tl.int32, bitcast=True) << 23)
-    return bits.to(tl.float32, bitcast=True)
+    # Exponent field 127 + j, in [0, 127]: 0 (j = -127) is the float 0.0.
+    scale = (rounded.to(tl.int32, bitcast=True) << 23) + 0x3F800000
+    return poly * scale.to(tl.float32, bitcast=True)
 
 
 @triton.jit

@@ -68,6 +68,7 @@ class DenoiseCall:
     guidance_scale: float | None
     noise: torch.Tensor | None  # [S, B, C, H, W], rows for steps without noise may be zero
     guidance_rescale: float = 0.0  # phi of Lin et al. 2023 (guided calls only); part of the key
+    result_dtype: torch.dtype | None = None  # what the caller casts the result to (None: x_T's)
 
     @property
     def steps(self) -> int:
@@ -257,8 +258,10 @@ class GraphedDenoiser:
             return self.eager_entry(call, key)
         also = None
         if self.then is not None:
-            # The result as __call__ returns it: the state's layout, the caller's dtype.
-            also = lambda buffers: self.then(buffers.x.to(call.x_T.dtype))  # noqa: E731
+            # The result as the caller gets it: the state's layout (__call__ returns a clone of
+            # it), the dtype the caller casts it to.
+            dtype = call.result_dtype or call.x_T.dtype
+            also = lambda buffers: self.then(buffers.x.to(dtype))  # noqa: E731
         try:
             return self.cache.get(key, lambda: self.build(call, key, call.x_T.device), also)
         except Exception as error:  # capture failed: keep generating, eagerly, and say why

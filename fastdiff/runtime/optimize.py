@@ -235,6 +235,7 @@ class OptimizedRuntime:
             coefficients = plan.coefficients.to(device=noise.device, dtype=torch.float32)
         call = build_call(plan, conditioning, x_start, guidance_scale, generator)
         call.guidance_rescale = float(guidance_rescale)
+        call.result_dtype = noise.dtype  # returned below: what decode_ahead decodes
         call.timesteps, call.coefficients = timesteps, coefficients
         start = time.perf_counter()
         with self.on_device(noise.device), self.ops_backend(), torch.no_grad():

@@ -96,10 +96,11 @@ def test_without_async_compile_the_pass_compiles_serially(monkeypatch):
     assert [call[0] for call in kernel.calls] == ["compile"]
 
 
-def test_prepare_launcher_builds_the_kernels_launcher_and_leaves_failures_to_its_launch(
+def test_prepare_launcher_builds_each_signatures_launcher_once_and_leaves_failures(
     monkeypatch,
 ):
-    """prepare_launcher hands the driver's launcher class the kernel's source and metadata; a
+    """prepare_launcher hands the driver's launcher class the kernel's source and metadata,
+    once per argument-type signature (the launcher's C source depends on nothing else); a
     driver without one (compile-only) is skipped, and a launcher that fails to build does not
     fail the pass: the kernel's first launch builds it again and raises there."""
     from triton.runtime import driver
@@ -108,18 +109,23 @@ def test_prepare_launcher_builds_the_kernels_launcher_and_leaves_failures_to_its
 
     class Driver:
         def launcher_cls(self, src, metadata):
-            built.append((src, metadata))
-            if src == "broken":
+            built.append((src.name, metadata))
+            if src.name == "broken":
                 raise RuntimeError("cc: not found")
 
-    kernel = type("Kernel", (), {"src": "source", "metadata": "meta"})()
+    def kernel(name, *types):
+        source = type("Source", (), {"name": name, "signature": dict(enumerate(types))})()
+        return type("Kernel", (), {"src": source, "metadata": "meta"})()
+
+    monkeypatch.setattr(kernels, "_launchers_started", set())
     monkeypatch.setattr(driver, "_active", Driver())
-    kernels.prepare_launcher(kernel)
-    kernels.prepare_launcher(type("Kernel", (), {"src": "broken", "metadata": "meta"})())
+    kernels.prepare_launcher(kernel("a", "*fp16", "i32", "constexpr"))
+    kernels.prepare_launcher(kernel("a-other-size", "*fp16", "i32", "constexpr"))  # same types
+    kernels.prepare_launcher(kernel("broken", "*fp16", "i64"))
     kernels.prepare_launcher(None)  # AsyncCompileMode's result for a failed compile
-    assert built == [("source", "meta"), ("broken", "meta")]
+    assert built == [("a", "meta"), ("broken", "meta")]
     monkeypatch.setattr(driver, "_active", object())  # a compile-only driver: no launcher
-    kernels.prepare_launcher(kernel)
+    kernels.prepare_launcher(kernel("b", "*fp32"))
     assert len(built) == 2
 
 
@@ -632,15 +638,22 @@ from triton.runtime import driver
 from fastdiff.kernels import compile_ahead
 from fastdiff.kernels.geglu import geglu_forward
 
+def types(src):
+    return " ".join(map(str, src.signature.values()))
+
 built = []
-with triton_sm90.compile_only():
+with triton_sm90.compile_only() as produced:
     driver.active.launcher_cls = lambda src, metadata: built.append(
-        (src.fn.__name__, threading.current_thread() is threading.main_thread())
+        [types(src), threading.current_thread() is threading.main_thread()]
     )
     with compile_ahead(threads=2, processes=int(sys.argv[1])):
-        for width in (16, 32, 64):
-            geglu_forward(torch.randn(4, 2 * width))
-    print(json.dumps(built))
+        for rows, width in ((4, 16), (4, 32), (1, 64)):  # one row: another signature
+            geglu_forward(torch.randn(rows, 2 * width))
+    built_in_pass = list(built)
+    for rows, width in ((4, 16), (4, 32), (1, 64)):  # the kernels, compiled (in memory)
+        geglu_forward(torch.randn(rows, 2 * width))
+needed = {types(k.src) for _, k in produced if k is not None and not hasattr(k, "result")}
+print(json.dumps({"built": built_in_pass, "needed": sorted(needed)}))
 """
 
 
@@ -649,10 +662,13 @@ with triton_sm90.compile_only():
 def test_leaving_either_pass_every_kernel_has_its_launcher_built_in_a_thread(tmp_path, processes):
     """Triton 3.6 compiles a C launcher at each kernel signature's first launch, one after
     another in the warm-up run after the pass. Both passes build it before they end, off the
-    main thread: the threaded one in the thread that compiled the kernel (through Triton's
-    AsyncCompileMode), the process pass in threads after the parent loads the workers' kernels."""
-    built = run_script(LAUNCHERS_SCRIPT, tmp_path, str(processes))
-    assert built == [["geglu_kernel", False]] * 3, built
+    main thread, once per argument-type signature: the threaded one in the thread that
+    compiled the kernel (through Triton's AsyncCompileMode), the process pass in threads after
+    the parent loads the workers' kernels."""
+    report = run_script(LAUNCHERS_SCRIPT, tmp_path, str(processes))
+    built = sorted(types for types, _ in report["built"])
+    assert built == report["needed"] and len(built) == 2, report
+    assert not any(on_main for _, on_main in report["built"]), report
 
 
 PARENT_LOADS_SCRIPT = """

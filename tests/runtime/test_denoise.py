@@ -186,6 +186,34 @@ def test_a_model_cast_later_gets_graphs_of_its_own_dtype():
     assert {key.dtype for key in cache.entries} == {torch.float32, torch.float64}
 
 
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("result_dtype", [None, torch.float16], ids=["x_T-dtype", "fp16"])
+def test_then_gets_a_tensor_like_the_result_the_caller_gets(channels_last, result_dtype):
+    """``then`` (the VAE decode ahead) runs in a new graph's compile-ahead pass on a tensor with
+    the layout of the result and the dtype the caller casts it to (``result_dtype``, else
+    x_T's), so the decoder compiles the kernels, and keys the graph, of the real decode."""
+    seen = []
+
+    class AheadBackend(EagerGraphBackend):
+        compile_ahead = True
+
+        def capture(self, body, prepare, also=None):
+            also()
+            return super().capture(body, prepare)
+
+    denoiser = GraphedDenoiser(
+        ToyUNet(), GraphCache(AheadBackend()), torch.float32, channels_last, then=seen.append
+    )
+    call = make_call(4)
+    call.result_dtype = result_dtype
+    with torch.no_grad():
+        result = denoiser(call).to(result_dtype or call.x_T.dtype)
+    (ahead,) = seen
+    assert ahead.dtype == result.dtype and ahead.shape == result.shape
+    assert ahead.stride() == result.stride()
+    assert result.is_contiguous(memory_format=torch.channels_last) == channels_last
+
+
 def test_whole_loop_graphs_are_keyed_by_their_step_count():
     """A captured loop runs a fixed number of steps: a 3-step plan must capture its own graph,
     not replay the 6-step one of the same shape (checked with graph-faithful replays)."""
