@@ -479,9 +479,10 @@ def compile_ahead_check(
     with torch.no_grad(), use_backend("triton"), compile_only() as produced:
         if launchers == "ahead":
             driver.active.launcher_cls = cuda_launcher
+        timing: dict = {}
         for ahead in (True, False):
             before, begin = compiled_kernels(), time.perf_counter()
-            with compile_ahead(threads, processes) if ahead else contextlib.nullcontext():
+            with compile_ahead(threads, processes, timing) if ahead else contextlib.nullcontext():
                 model(**inputs)
             seconds.append(time.perf_counter() - begin)
             counts.append(compiled_kernels() - before)
@@ -495,7 +496,9 @@ def compile_ahead_check(
             workers += f" and failed {failed}: {last_pass['failed'][0][:200]}"
     print(
         f"compile ahead ({config}, latent {size}, {workers}): {counts[0]} kernels in "
-        f"{seconds[0]:.2f} s; then the forward compiled {counts[1]} more in {seconds[1]:.2f} s"
+        f"{seconds[0]:.2f} s (the forward {timing['forward_s']:.2f} s, then waiting "
+        f"{timing['wait_s']:.2f} s); then the forward compiled {counts[1]} more in "
+        f"{seconds[1]:.2f} s"
     )
     if cuda_launcher is not None:
         # Each kernel once: the threaded pass gave futures (FutureKernel), the process pass

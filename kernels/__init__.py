@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
@@ -117,7 +118,9 @@ def _async_compile_mode():
 
 
 @contextmanager
-def compile_ahead(threads: int | None = None, processes: int | None = None) -> Iterator[None]:
+def compile_ahead(
+    threads: int | None = None, processes: int | None = None, timing: dict | None = None
+) -> Iterator[None]:
     """Run a model's forward inside this to compile every Triton kernel it will launch, in
     ``threads`` threads at once (default ``compile_threads()``), before running it for real; or
     in ``processes`` worker processes (default ``FASTDIFF_COMPILE_PROCESSES``, 0: threads; see
@@ -130,7 +133,12 @@ def compile_ahead(threads: int | None = None, processes: int | None = None) -> I
     compile is compiled again, and fails as before, when it is first run. The forward's results
     inside are meaningless: the CUDA-graph backend runs one such pass ahead of its warm-up runs,
     which it discards anyway. Serial (still correct) with one thread, without Triton's
-    AsyncCompileMode, and a no-op under ``TRITON_INTERPRET=1`` or when already inside."""
+    AsyncCompileMode, and a no-op under ``TRITON_INTERPRET=1`` or when already inside.
+
+    ``timing``, a dict, gets the pass's seconds added to its ``forward_s`` (the code inside, on
+    this thread: PyTorch's ops, cuDNN's algorithm search, Triton's launch front end) and
+    ``wait_s`` (leaving: the compilations still running when the forward ended, the process
+    pass's loads, the launchers): which of the two bounds the pass."""
     if _compiling_ahead.get() or os.environ.get("TRITON_INTERPRET", "0") == "1":
         yield
         return
@@ -138,6 +146,7 @@ def compile_ahead(threads: int | None = None, processes: int | None = None) -> I
 
     workers = process_pass.compile_processes() if processes is None else processes
     token = _compiling_ahead.set(True)
+    begin = forward_end = time.perf_counter()
     try:
         with ExitStack() as stack:
             if workers > 0 and process_pass.supported():
@@ -149,6 +158,13 @@ def compile_ahead(threads: int | None = None, processes: int | None = None) -> I
                     pool = stack.enter_context(ThreadPoolExecutor(threads))
                     executor = _LauncherBuildingExecutor(pool)
                     stack.enter_context(mode(executor, ignore_errors=True))
-            yield
+            begin = time.perf_counter()
+            try:
+                yield
+            finally:
+                forward_end = time.perf_counter()
     finally:
         _compiling_ahead.reset(token)
+        if timing is not None:
+            timing["forward_s"] = timing.get("forward_s", 0.0) + forward_end - begin
+            timing["wait_s"] = timing.get("wait_s", 0.0) + time.perf_counter() - forward_end

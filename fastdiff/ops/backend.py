@@ -83,14 +83,15 @@ def triton_available() -> bool:
     return True
 
 
-def compile_ahead() -> contextlib.AbstractContextManager:
-    """``fastdiff.kernels.compile_ahead()`` (a pass in which every Triton kernel launched compiles
-    in background threads instead of running) where Triton is installed, else a no-op."""
+def compile_ahead(timing: dict | None = None) -> contextlib.AbstractContextManager:
+    """``fastdiff.kernels.compile_ahead(timing=timing)`` (a pass in which every Triton kernel
+    launched compiles in background threads instead of running; ``timing`` gets its forward and
+    wait seconds) where Triton is installed, else a no-op."""
     if not triton_available():
         return contextlib.nullcontext()
     from fastdiff.kernels import compile_ahead as kernels_compile_ahead
 
-    return kernels_compile_ahead()
+    return kernels_compile_ahead(timing=timing)
 
 
 def start_compile_workers() -> None:

@@ -132,6 +132,9 @@ class CudaGraphBackend:
         # the warm-up runs (autotuning, cuDNN's algorithm search, first-use allocations) and
         # the capture itself. GraphCache keeps them with the entry (report()).
         self.last_phases: dict[str, float] = {}
+        # The compile-ahead passes since the last capture (a probe's and the capture's own):
+        # their forward and wait seconds (fastdiff.kernels.compile_ahead's ``timing``).
+        self._pass_timing: dict[str, float] = {}
 
     def first_run(self, fn: Callable[[], Any]) -> Any:
         """``fn()`` for its outputs' shapes, before the capture (GraphedCall's probe). With
@@ -154,7 +157,7 @@ class CudaGraphBackend:
         on its zeroed tensors where it reads what the skipped kernels would have written (a
         real error is raised again by the plain runs that follow)."""
         try:
-            with ops_compile_ahead():
+            with ops_compile_ahead(timing=self._pass_timing):
                 result = fn()
         except Exception:
             return False, None
@@ -184,6 +187,10 @@ class CudaGraphBackend:
                     # ``also``'s kernels: the threads compile them while the body's finish.
                     self._compile_ahead_pass(lambda: (prepare(), body(), also and also()))
                     phases["compile_ahead_s"] = time.perf_counter() - begin
+                    # Of the probe's pass (in the build phase) and this one: the seconds spent
+                    # waiting for compilers after the forward; the rest ran the forward itself.
+                    phases["compile_wait_s"] = self._pass_timing.get("wait_s", 0.0)
+                    self._pass_timing = {}
                     begin = time.perf_counter()
                 for _ in range(self.warmup_runs):
                     prepare()

@@ -71,6 +71,26 @@ def test_inside_compile_ahead_a_launch_compiles_and_zeroes_its_outputs(compiled_
     assert compiled_ahead == [("mode", True), "enter", "exit"]
 
 
+def test_the_pass_adds_its_forward_and_wait_seconds_to_timing(compiled_ahead, monkeypatch):
+    """``timing`` splits a pass into the code inside (forward_s) and the wait when leaving for
+    the compilations still running (wait_s), added up over passes; entering the pass's pools
+    counts in neither. Under the interpreter (no pass) it is left alone."""
+    clock = iter([0.0, 1.0, 5.0, 7.0, 10.0, 10.5, 11.0, 11.25])
+    monkeypatch.setattr(kernels.time, "perf_counter", lambda: next(clock))
+    timing: dict = {}
+    with kernels.compile_ahead(threads=2, timing=timing):
+        pass
+    assert timing == {"forward_s": 4.0, "wait_s": 2.0}
+    with pytest.raises(RuntimeError, match="boom"):  # an error inside still counts
+        with kernels.compile_ahead(threads=2, timing=timing):
+            raise RuntimeError("boom")
+    assert timing == {"forward_s": 4.5, "wait_s": 2.25}
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    with kernels.compile_ahead(threads=2, timing=timing):
+        pass
+    assert timing == {"forward_s": 4.5, "wait_s": 2.25}
+
+
 def test_one_thread_compiles_in_place_and_the_flag_resets_after_an_error(compiled_ahead):
     with pytest.raises(RuntimeError, match="boom"), kernels.compile_ahead(threads=1):
         assert kernels.compiling_ahead()

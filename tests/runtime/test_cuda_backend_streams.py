@@ -138,7 +138,7 @@ def watch_the_pass(monkeypatch) -> list:
     inside: list = []
 
     @contextlib.contextmanager
-    def ahead():
+    def ahead(timing=None):
         inside.append(True)
         try:
             yield
@@ -189,7 +189,7 @@ def test_the_compile_ahead_pass_runs_first_and_only_when_asked(monkeypatch, ahea
     events = []
 
     @contextlib.contextmanager
-    def spy():
+    def spy(timing=None):
         events.append("enter")
         yield
         events.append("exit")
@@ -247,16 +247,27 @@ def test_also_runs_once_in_the_compile_ahead_pass_after_the_body(monkeypatch, fa
 @pytest.mark.parametrize("ahead", [True, False], ids=["compile-ahead", "no-pass"])
 def test_a_capture_times_its_phases(monkeypatch, ahead):
     """last_phases: the compile-ahead pass (when on), the warm-up runs and the capture, each
-    timed apart (GraphCache keeps them with the entry; the benchmarks print them)."""
+    timed apart (GraphCache keeps them with the entry; the benchmarks print them), and the
+    seconds the passes since the last capture (a probe's, this one's) waited for compilers."""
     cuda = FakeCuda()
     install(monkeypatch, cuda)
-    monkeypatch.setattr(graphs, "ops_compile_ahead", contextlib.nullcontext)
+
+    @contextlib.contextmanager
+    def timed_pass(timing=None):  # each pass waits 3 s for its compilers
+        yield
+        timing["wait_s"] = timing.get("wait_s", 0.0) + 3.0
+
+    monkeypatch.setattr(graphs, "ops_compile_ahead", timed_pass)
     clock = iter(range(0, 1000, 10))
     monkeypatch.setattr(graphs.time, "perf_counter", lambda: next(clock))
     backend = graphs.CudaGraphBackend(warmup_runs=2, device="cuda:0", compile_ahead=ahead)
+    backend.first_run(lambda: None)  # a probe's pass, as GraphedCall's build makes
     backend.capture(lambda: None, lambda: None)
     phases = {"warmup_runs_s": 10, "graph_capture_s": 10}
-    assert backend.last_phases == ({"compile_ahead_s": 10, **phases} if ahead else phases)
+    ahead_phases = {"compile_ahead_s": 10, "compile_wait_s": 6.0}
+    assert backend.last_phases == ({**ahead_phases, **phases} if ahead else phases)
+    backend.capture(lambda: None, lambda: None)  # the next capture counts its own pass only
+    assert backend.last_phases.get("compile_wait_s") == (3.0 if ahead else None)
 
 
 def test_the_compile_ahead_default_follows_the_environment(monkeypatch):

@@ -352,9 +352,9 @@ def test_capture_after_a_compile_ahead_pass_replays_correctly(monkeypatch, ahead
     entered = []
     real_compile_ahead = graphs.ops_compile_ahead
 
-    def spy():
+    def spy(timing=None):
         entered.append(True)
-        return real_compile_ahead()
+        return real_compile_ahead(timing=timing)
 
     monkeypatch.setattr(graphs, "ops_compile_ahead", spy)
     x = torch.randn(2, 96, 7, 9, device="cuda", dtype=torch.float16)
