@@ -108,6 +108,34 @@ def test_fma_exp2_matches_exp2_over_the_softmax_range(triton_backend):
     assert bool(y[nan].isnan().all())
 
 
+@pytest.mark.gpu
+def test_fma_exp2_matches_exp2_on_the_gpu(triton_backend):
+    """The same on the GPU, whose arithmetic (not numpy's) decides what a NaN's bits become:
+    NVIDIA's canonical NaN is 0x7FFFFFFF, whose low bits the 2**j factor reads."""
+    test_fma_exp2_matches_exp2_over_the_softmax_range(triton_backend)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize(
+    "dims",
+    [(2, 8, 4096, 4096, 40), (2, 8, 4096, 77, 40), (2, 10, 4096, 4096, 64), (1, 4, 300, 333, 96)],
+    ids=lambda dims: "-".join(map(str, dims)),
+)
+def test_fma_exp2_variant_on_gpu(monkeypatch, dims, dtype):
+    """FMA_EXP2 at the SD1.5/SDXL self- and cross-attention shapes it is meant for (and an
+    uneven one) within the tolerance rule, on copies and on fused-QKV views."""
+    monkeypatch.setattr(attention_kernels, "FMA_EXP2", True)
+    counter = CallCounter(monkeypatch, attention_kernels, "attention_forward")
+    with use_backend("triton"):
+        check(*make_qkv(*dims, dtype), what=f"fma exp2 {dims}")
+        batch, heads, queries, keys, head_dim = dims
+        if queries == keys:
+            qkv = torch.randn(batch, queries, 3, heads, head_dim, device=DEVICE).to(dtype)
+            check(*(qkv[:, :, i].transpose(1, 2) for i in range(3)), what="fused-QKV views")
+    assert counter.calls == (2 if dims[2] == dims[3] else 1)
+
+
 def test_output_is_heads_last_view(triton_backend):
     out = check(*make_qkv(1, 2, 18, 18, 40, torch.float32))
     # (B, H, N, D) view of (B, N, H, D) memory: merging heads afterwards needs no copy.
