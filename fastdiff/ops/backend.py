@@ -94,6 +94,15 @@ def compile_ahead(timing: dict | None = None) -> contextlib.AbstractContextManag
     return kernels_compile_ahead(timing=timing)
 
 
+def compiling_ahead() -> bool:
+    """True inside ``compile_ahead()``'s pass (its Triton launches compile and do not run)."""
+    if not triton_available():
+        return False
+    from fastdiff.kernels import compiling_ahead as kernels_compiling_ahead
+
+    return kernels_compiling_ahead()
+
+
 def start_compile_workers() -> None:
     """Start the compile-ahead pass's worker processes now, where ``FASTDIFF_COMPILE_PROCESSES``
     asks for them (``fastdiff.kernels.compile_processes``): their imports take seconds, which

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from fastdiff.ops.backend import requested_backend
+from fastdiff.ops.backend import compiling_ahead, requested_backend
 from fastdiff.runtime.graphs import EagerReplay, GraphCache, GraphEntry, GraphKey
 from fastdiff.runtime.plan_step import apply_plan_step
 from fastdiff.sampling.guidance import combine_guidance
@@ -236,7 +236,9 @@ class GraphedDenoiser:
         repeats = call.steps if whole_loop else 1
 
         def body() -> None:
-            for _ in range(repeats):
+            # In the compile-ahead pass one step launches every kernel the others will (the
+            # steps differ only in what the device buffers hold): the pass runs one, not all.
+            for _ in range(1 if compiling_ahead() else repeats):
                 denoise_body(
                     self.unet_forward,
                     buffers,

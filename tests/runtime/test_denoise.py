@@ -143,6 +143,37 @@ def test_whole_loop_calls_model_once_per_step():
     assert unet.calls == 4
 
 
+@pytest.mark.parametrize("steps", [4, 11], ids=["loop", "step-graph"])
+def test_the_compile_ahead_pass_runs_one_step_of_a_whole_loop(monkeypatch, steps):
+    """Every step launches the same kernels, so a whole-loop body runs one step inside the
+    compile-ahead pass (each step's forward there is main-thread time that competes with the
+    compiler threads for the GIL) and all of them outside it; results are unchanged."""
+    import fastdiff.runtime.denoise as denoise
+
+    inside = []
+    monkeypatch.setattr(denoise, "compiling_ahead", lambda: bool(inside))
+
+    class AheadBackend(EagerGraphBackend):
+        def capture(self, body, prepare):
+            inside.append(True)  # the pass, as CudaGraphBackend runs it
+            prepare()
+            body()
+            passes.append(unet.calls)
+            inside.pop()
+            return super().capture(body, prepare)
+
+    unet, passes = ToyUNet(), []
+    call = make_call(steps)
+    with torch.no_grad():
+        got = GraphedDenoiser(unet, GraphCache(AheadBackend()), torch.float32)(call)
+        want = GraphedDenoiser(ToyUNet(), GraphCache(EagerGraphBackend()), torch.float32)
+        want.unet_forward.load_state_dict(unet.state_dict())
+        expected = want(call)
+    assert passes == [1]  # one U-Net call in the pass, for 4 unrolled steps or a step graph
+    assert unet.calls == 1 + steps
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
 def test_noise_rows_must_match_steps():
     denoiser = GraphedDenoiser(ToyUNet(), GraphCache(EagerGraphBackend()), torch.float32)
     call = make_call(4, noise=True)
