@@ -67,3 +67,17 @@ class RecordingGraphBackend:
             body()
         self.captures += 1
         return RecordedGraph(recorder.calls), 0
+
+
+class RunsAlso:
+    """Mixin for a fake backend with CudaGraphBackend's compile-ahead pass as GraphCache sees it
+    (``compile_ahead`` true): the ``also`` it is handed runs before the capture (nothing
+    compiles on CPU), and ``passes`` records, per capture, whether one was handed."""
+
+    compile_ahead = True
+
+    def capture(self, body, prepare, also=None):
+        self.__dict__.setdefault("passes", []).append(also is not None)
+        if also is not None:
+            also()
+        return super().capture(body, prepare)

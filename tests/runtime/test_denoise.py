@@ -9,7 +9,7 @@ from torch import nn
 
 from fastdiff.runtime.denoise import DenoiseCall, GraphedDenoiser, step_graph_rows
 from fastdiff.runtime.graphs import EagerGraphBackend, GraphCache
-from tests.runtime.fake_graph import RecordingGraphBackend
+from tests.runtime.fake_graph import RecordingGraphBackend, RunsAlso
 
 
 class ToyUNet(nn.Module):
@@ -225,12 +225,8 @@ def test_then_gets_a_tensor_like_the_result_the_caller_gets(channels_last, resul
     x_T's), so the decoder compiles the kernels, and keys the graph, of the real decode."""
     seen = []
 
-    class AheadBackend(EagerGraphBackend):
-        compile_ahead = True
-
-        def capture(self, body, prepare, also=None):
-            also()
-            return super().capture(body, prepare)
+    class AheadBackend(RunsAlso, EagerGraphBackend):
+        pass
 
     denoiser = GraphedDenoiser(
         ToyUNet(), GraphCache(AheadBackend()), torch.float32, channels_last, then=seen.append

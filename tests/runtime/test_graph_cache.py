@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from fastdiff.runtime.graphs import EagerReplay, GraphCache, GraphKey, tensor_bytes
+from tests.runtime.fake_graph import RunsAlso
 
 
 class CountingBackend:
@@ -41,12 +42,8 @@ def test_also_reaches_only_a_backend_that_compiles_ahead_with_the_new_entrys_buf
     their two-argument capture."""
     seen = []
 
-    class AheadBackend(CountingBackend):
-        compile_ahead = True
-
-        def capture(self, body, prepare, also=None):
-            also()
-            return super().capture(body, prepare)
+    class AheadBackend(RunsAlso, CountingBackend):
+        pass
 
     cache = GraphCache(AheadBackend())
     entry = cache.get(key(), build_counter([]), also=seen.append)

@@ -11,7 +11,7 @@ import torch
 import fastdiff.runtime as runtime
 from fastdiff.pipeline.conditioning import Conditioning
 from fastdiff.sampling import make_plan, run_plan
-from tests.runtime.fake_graph import RecordingGraphBackend
+from tests.runtime.fake_graph import RecordingGraphBackend, RunsAlso
 
 
 def text_conditioning(batch=1, tokens=7, width=32, guided=True, text_time=False):
@@ -195,21 +195,8 @@ def test_pipeline_optimize_keeps_full_generation(pipe, fold_biases):
     assert kinds == ["loop", "vae"]  # whole 3-step loop + the decoder
 
 
-class CompileAheadBackend(RecordingGraphBackend):
-    """RecordingGraphBackend with CudaGraphBackend's pass: ``also`` runs before the capture,
-    as it runs after the body in the compile-ahead pass (nothing compiles on CPU)."""
-
-    compile_ahead = True
-
-    def __init__(self):
-        super().__init__()
-        self.passes: list[bool] = []  # per capture: whether it was handed an ``also``
-
-    def capture(self, body, prepare, also=None):
-        self.passes.append(also is not None)
-        if also is not None:
-            also()
-        return super().capture(body, prepare)
+class CompileAheadBackend(RunsAlso, RecordingGraphBackend):
+    """RecordingGraphBackend with CudaGraphBackend's pass as GraphCache sees it."""
 
 
 def test_a_new_denoising_graph_runs_the_decoder_in_its_compile_ahead_pass(pipe, monkeypatch):
