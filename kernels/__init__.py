@@ -55,6 +55,10 @@ def launch(kernel, grid, *args, outputs: tuple[torch.Tensor, ...] = (), **kwargs
     kernel.run(*args, grid=grid, warmup=True, **kwargs)
 
 
+_launchers_started: set = set()  # prepare_launcher's argument-type keys, this process
+_launchers_lock = threading.Lock()
+
+
 def prepare_launcher(kernel) -> None:
     """Build the host-side launcher of ``kernel`` (a compiled kernel) now, so that its first
     launch does not have to.
@@ -86,10 +90,6 @@ def prepare_launcher(kernel) -> None:
         launcher(kernel.src, kernel.metadata)
     except Exception:  # noqa: BLE001 - raised again, where it matters, by the first launch
         pass
-
-
-_launchers_started: set = set()  # prepare_launcher's argument-type keys, this process
-_launchers_lock = threading.Lock()
 
 
 class _LauncherBuildingExecutor:
