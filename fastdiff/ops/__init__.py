@@ -15,6 +15,7 @@ from fastdiff.ops.layer_norm import (
     layer_norm,
     layer_norm_reference,
 )
+from fastdiff.ops.linear_geglu import linear_geglu, linear_geglu_reference
 from fastdiff.ops.sampler_step import sampler_step, sampler_step_eager
 
 __all__ = [
@@ -30,6 +31,8 @@ __all__ = [
     "group_norm_reference",
     "layer_norm",
     "layer_norm_reference",
+    "linear_geglu",
+    "linear_geglu_reference",
     "sampler_step",
     "sampler_step_eager",
     "select_backend",

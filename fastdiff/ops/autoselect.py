@@ -1,5 +1,5 @@
 """Per-op, per-shape backend choice from measured timings (cuda vs triton; triton vs eager SDPA
-for attention).
+for attention; the fused triton kernel vs cuBLAS and the GEGLU kernel for linear_geglu).
 
 The table is a small JSON file written by ``benchmarks/bench_cuda_backend.py`` on a GPU:
 
@@ -17,7 +17,8 @@ from a results CSV). ``preferred_backend(op, key)`` answers, among the op's ``CA
      views), the answer for the same key without it;
   4. else, for the ops in ``MAJORITY_OPS``, the backend fastest at most of the op's measured
      keys in that dtype;
-  5. else ``DEFAULT_BACKEND`` (triton: the default kernel backend, tested everywhere).
+  5. else the op's ``UNMEASURED_BACKEND`` (linear_geglu: eager, the two-step path), else
+     ``DEFAULT_BACKEND`` (triton: the default kernel backend, tested everywhere).
 A measured winner is only a preference: the op still checks that the chosen backend supports the
 input (``supports_<op>``) and falls back explicitly when it does not.
 """
@@ -76,6 +77,14 @@ def attention_key(q: torch.Tensor, k: torch.Tensor) -> str:
     return key if q.is_contiguous() else key + STRIDED
 
 
+def linear_geglu_key(x: torch.Tensor, weight: torch.Tensor) -> str:
+    """Key of a linear_geglu input: rows x input features x projected features (2 * inner),
+    and dtype."""
+    depth = x.shape[-1]
+    rows = x.numel() // depth if depth else 0
+    return f"{rows}x{depth}x{weight.shape[0]}|{DTYPE_NAMES.get(x.dtype, str(x.dtype))}"
+
+
 # Ops whose shapes with no measurement near them go to the backend that won most of the op's
 # measured shapes (same dtype) rather than to DEFAULT_BACKEND. Attention: both candidates are fast
 # kernels (ours and PyTorch's SDPA), and ours autotunes for seconds at each new shape.
@@ -87,7 +96,12 @@ CANDIDATES = {
     "group_norm": ("cuda", "triton"),
     "sampler_step": ("cuda", "triton"),
     "attention": ("triton", "eager"),
+    "linear_geglu": ("triton", "eager"),
 }
+
+# The backend of an op's shapes with no measurement near them, where it is not DEFAULT_BACKEND:
+# linear_geglu's fused kernel replaces a cuBLAS GEMM, so it runs only where it was timed faster.
+UNMEASURED_BACKEND = {"linear_geglu": "eager"}
 
 
 def _validate(table: object, source: str) -> dict[str, dict[str, float]]:
@@ -173,7 +187,8 @@ def preferred_backend(
         winner = _majority(timings, op, key.split("|")[1], candidates)
         if winner is not None:
             return winner
-    return DEFAULT_BACKEND if DEFAULT_BACKEND in candidates else candidates[0]
+    fallback = UNMEASURED_BACKEND.get(op, DEFAULT_BACKEND)
+    return fallback if fallback in candidates else candidates[0]
 
 
 def _majority(timings, op: str, dtype: str, candidates: Sequence[str]) -> str | None:

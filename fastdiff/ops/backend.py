@@ -5,11 +5,12 @@ Backends:
   triton - our Triton kernels (kernels/), the default on CUDA tensors
   cuda   - the optional CUDA C++ extension (csrc/), selectable explicitly
   auto   - per op and shape, the fastest of the op's candidates (cuda / triton, or triton / eager
-           for attention) in the measured table read by ``fastdiff.ops.autoselect``; for an
-           unmeasured shape the nearest measured one (attention on head views: else the
-           contiguous shape's answer), for attention else the backend that won most measured
-           attention shapes, else triton (also where the extension is not
-           available); what ``fastdiff.runtime.optimize`` uses
+           for attention and linear_geglu) in the measured table read by
+           ``fastdiff.ops.autoselect``; for an unmeasured shape the nearest measured one
+           (attention on head views: else the contiguous shape's answer), for attention else
+           the backend that won most measured attention shapes, for linear_geglu else eager
+           (its two steps), else triton (also where the extension is not available); what
+           ``fastdiff.runtime.optimize`` uses
 
 ``FASTDIFF_BACKEND=eager|triton|cuda|auto`` overrides the default for the whole process;
 ``use_backend(name)`` overrides it inside a ``with`` block (tests and benchmarks use it).
