@@ -41,13 +41,18 @@ PLAIN_LAYER_HOMES[LayerNorm] = LayerNorm.__module__
 
 
 class GEGLU(nn.Module):
-    """Linear to ``2 * inner`` features (key ``proj``), then ``fastdiff.ops.geglu``."""
+    """Linear to ``2 * inner`` features (key ``proj``), then the GEGLU activation: one op,
+    ``fastdiff.ops.linear_geglu``, for a plain linear layer (the backend decides whether the
+    projection's output reaches memory); ``proj`` and ``fastdiff.ops.geglu`` one after the other
+    for anything else (a LoRA-patched or hooked ``proj``)."""
 
     def __init__(self, dim: int, inner: int) -> None:
         super().__init__()
         self.proj = nn.Linear(dim, inner * 2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if plain_layer(self.proj):
+            return ops.linear_geglu(x, self.proj.weight, self.proj.bias)
         return ops.geglu(self.proj(x))
 
 

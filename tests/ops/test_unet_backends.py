@@ -4,9 +4,9 @@ rule: fp16 triton error against an fp32 eager reference <= 2 x the fp16 eager er
 from __future__ import annotations
 
 import fastdiff.kernels.attention as attention_kernels
-import fastdiff.kernels.geglu as geglu_kernels
 import fastdiff.kernels.group_norm as group_norm_kernels
 import fastdiff.kernels.layer_norm as layer_norm_kernels
+import fastdiff.kernels.linear_geglu as linear_geglu_kernels
 import pytest
 import torch
 
@@ -39,7 +39,7 @@ def compare_backends(
             (group_norm_kernels, "group_norm_forward"),
             (attention_kernels, "attention_forward"),
             (layer_norm_kernels, "layer_norm_forward"),
-            (geglu_kernels, "geglu_forward"),
+            (linear_geglu_kernels, "linear_geglu_forward"),
         )
     ]
     model = UNet2DConditionModel(UNET_CONFIGS[name]).eval().to(device)
