@@ -1,9 +1,10 @@
 """Build the ``auto`` backend's table (fastdiff/ops/autoselect.py) from a benchmark results CSV.
 
-Reads the GroupNorm+SiLU and attention rows that bench_group_norm.py and bench_attention.py
-append to ``benchmarks/results/<gpu>.csv`` and writes, per op and input key, the measured ms of
-each backend (provider fastdiff = triton, eager = PyTorch, cuda = the CUDA extension). The latest
-row wins when a case was measured more than once; failed rows (no ms) are left out.
+Reads the GroupNorm+SiLU, attention and linear_geglu rows that bench_group_norm.py,
+bench_attention.py and bench_linear_geglu.py append to ``benchmarks/results/<gpu>.csv`` and
+writes, per op and input key, the measured ms of each backend (provider fastdiff = triton, eager =
+PyTorch, cuda = the CUDA extension; for linear_geglu, fastdiff-two-steps = its eager backend). The
+latest row wins when a case was measured more than once; failed rows (no ms) are left out.
 
   python benchmarks/backend_table.py benchmarks/results/nvidia-h200.csv \\
       --out fastdiff/assets/backend_table.json
@@ -20,10 +21,14 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_attention import FUSED_QKV_SUFFIX  # noqa: E402
 from bench_attention import SHAPES as ATTENTION_SHAPES  # noqa: E402
+from bench_linear_geglu import TWO_STEPS  # noqa: E402
 
 from fastdiff.ops.autoselect import STRIDED, table_from_rows  # noqa: E402
 
 PROVIDER_BACKENDS = {"fastdiff": "triton", "eager": "eager", "cuda": "cuda"}
+# linear_geglu's eager backend is its two steps (cuBLAS, then the GEGLU kernel), timed as
+# bench_linear_geglu's fastdiff-two-steps rows; its plain-PyTorch eager rows are not a backend.
+OP_PROVIDER_BACKENDS = {"linear_geglu": {"fastdiff": "triton", TWO_STEPS: "eager"}}
 ATTENTION_DIMS = dict(ATTENTION_SHAPES)  # name -> (batch, heads, queries, keys, head_dim)
 
 
@@ -41,6 +46,8 @@ def row_key(row: dict[str, str]) -> tuple[str, str] | None:
             batch, heads, queries, keys, head_dim = ATTENTION_DIMS[name]
             key = f"{batch}x{heads}x{queries}x{head_dim}|{dtype}|keys{keys}"
             return "attention", key + (STRIDED if views else "")
+    if row["benchmark"] == "linear_geglu":  # workload "<name> <rows>x<K>x<2I>"
+        return "linear_geglu", f"{row['workload'].split()[-1]}|{dtype}"
     return None
 
 
@@ -49,9 +56,11 @@ def build_table(csv_path: Path) -> dict:
     device = "unknown"
     with csv_path.open(newline="") as handle:
         for row in csv.DictReader(handle):
-            backend = PROVIDER_BACKENDS.get(row.get("provider", ""))
             key = row_key(row)
-            if backend is None or key is None or not row.get("ms"):
+            if key is None or not row.get("ms"):
+                continue
+            backend = OP_PROVIDER_BACKENDS.get(key[0], PROVIDER_BACKENDS).get(row["provider"])
+            if backend is None:
                 continue
             device = row.get("device") or device
             stamp = row.get("timestamp", "")
@@ -71,7 +80,9 @@ def main() -> None:
     args = parser.parse_args()
     table = build_table(args.csv)
     if not table["entries"]:
-        raise SystemExit(f"{args.csv}: no group_norm_silu or attention rows with timings")
+        raise SystemExit(
+            f"{args.csv}: no group_norm_silu, attention or linear_geglu rows with timings"
+        )
     text = json.dumps(table, indent=1) + "\n"
     if args.out is None:
         print(text, end="")

@@ -4,6 +4,8 @@ Random weights at the real architectures (benchmarks/model_configs.py), fp16 on 
   fastdiff           optimize(): fp16, channels-last, fused QKV, Triton kernels, biases and
                      residuals folded into other kernels, CUDA graph
   fastdiff-nofold    fastdiff with optimize(fold_biases=False) (what the folds buy)
+  fastdiff-fusedgeglu fastdiff with the feed-forward's fused GEGLU projection (linear_geglu's
+                     triton kernel) wherever the auto table has not measured it (what it buys)
   fastdiff-nograph   the same without the CUDA graph (what graphs buy)
   fastdiff-nchw      fastdiff with NCHW activations (what channels-last buys)
   fastdiff-nokernels fastdiff with PyTorch's ops instead of ours (what the kernels buy)
@@ -19,8 +21,9 @@ On CPU the toy configs run in float32 on the eager path, in seconds, and the tab
 
 from __future__ import annotations
 
+import contextlib
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,6 +38,7 @@ from model_configs import TEXT_EMBED_DIM, model_config  # noqa: E402
 PROVIDERS = (
     "fastdiff",
     "fastdiff-nofold",
+    "fastdiff-fusedgeglu",
     "fastdiff-nograph",
     "fastdiff-nchw",
     "fastdiff-nokernels",
@@ -104,6 +108,23 @@ def unet_flops(work: UNetWorkload) -> float | None:
         return None
 
 
+@contextlib.contextmanager
+def fused_geglu_where_unmeasured() -> Iterator[None]:
+    """The auto backend sending linear_geglu to its fused kernel at every shape the table has not
+    measured (where it otherwise keeps the two steps): fastdiff-fusedgeglu's calls, so that one
+    run puts the fused feed-forward's step time beside the default's."""
+    from fastdiff.ops import autoselect
+
+    saved = autoselect.UNMEASURED_BACKEND
+    autoselect.UNMEASURED_BACKEND = {}
+    autoselect.cached_preference.cache_clear()
+    try:
+        yield
+    finally:
+        autoselect.UNMEASURED_BACKEND = saved
+        autoselect.cached_preference.cache_clear()
+
+
 def provider_setup(
     provider: str, work: UNetWorkload, holder: mb.ModelHolder
 ) -> Callable[[], Callable[[], object]]:
@@ -126,6 +147,7 @@ def provider_setup(
         if provider in (
             "fastdiff",
             "fastdiff-nofold",
+            "fastdiff-fusedgeglu",
             "fastdiff-nograph",
             "fastdiff-nchw",
             "fastdiff-nokernels",
@@ -154,12 +176,17 @@ def provider_setup(
             # On CPU the cache replays eagerly: the same code path, without capture.
             graphed = GraphedCall(model, mb.graph_cache(), kind="unet")
             kernels = provider != "fastdiff-nokernels"
+            fused = provider == "fastdiff-fusedgeglu"
 
             def run_graphed():
                 # The backend is part of the graph's key, so it is set on every call, as
-                # optimize()'s runtime does.
+                # optimize()'s runtime does. (This provider's cache is its own: its graph is
+                # never fastdiff's.)
                 with ops_backend(kernels):
-                    return graphed(**inputs)
+                    if not fused:
+                        return graphed(**inputs)
+                    with fused_geglu_where_unmeasured():
+                        return graphed(**inputs)
 
             run_graphed.graphed = graphed  # read by model_bench.run_case
             return run_graphed
@@ -194,6 +221,7 @@ def default_providers(compile_: bool) -> list[str]:
     if mb.on_gpu():  # without CUDA these equal fastdiff
         providers += [
             "fastdiff-nofold",
+            "fastdiff-fusedgeglu",
             "fastdiff-nokernels",
             "fastdiff-nchw",
             "fastdiff-nograph",

@@ -12,7 +12,14 @@ import csv
 from collections import defaultdict
 from pathlib import Path
 
-KERNEL_BENCHMARKS = ("group_norm_silu", "attention", "sampler_step", "layer_norm", "geglu")
+KERNEL_BENCHMARKS = (
+    "group_norm_silu",
+    "attention",
+    "sampler_step",
+    "layer_norm",
+    "geglu",
+    "linear_geglu",
+)
 
 
 def load(path: Path, benchmarks: tuple[str, ...]) -> dict[str, dict[tuple[str, str], float]]:

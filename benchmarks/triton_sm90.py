@@ -250,6 +250,48 @@ def row_cases(quick: bool) -> list[tuple[str, Callable[[], object]]]:
     return cases
 
 
+# (rows, input features, inner) of the feed-forward's GEGLU projection at SD1.5's three levels
+LINEAR_GEGLU_SHAPES = [(8192, 320, 1280), (2048, 640, 2560), (512, 1280, 5120)]
+
+
+def linear_geglu_case(rows: int, depth: int, inner: int, dtype, config: str | None = None):
+    """A launch of the fused GEGLU projection at one shape, with ``config`` (a name in
+    kernels/linear_geglu.py's CONFIGS) in place of the default."""
+    import fastdiff.kernels.linear_geglu as linear_geglu
+
+    def launch():
+        saved = linear_geglu.config_override
+        linear_geglu.config_override = config
+        try:
+            x = torch.empty(rows, depth, dtype=dtype)
+            weight = torch.empty(2 * inner, depth, dtype=dtype)
+            return linear_geglu.linear_geglu_forward(x, weight, weight[:, 0].contiguous())
+        finally:
+            linear_geglu.config_override = saved
+
+    name = next(label for label, value in DTYPES.items() if value == dtype)
+    label = f"linear_geglu {rows}x{depth}->{inner} {name}"
+    return (label if config is None else f"{label} config {config}"), launch
+
+
+def linear_geglu_cases(quick: bool) -> list[tuple[str, Callable[[], object]]]:
+    shapes = LINEAR_GEGLU_SHAPES[:1] if quick else LINEAR_GEGLU_SHAPES
+    dtypes = [torch.float16] if quick else list(DTYPES.values())
+    return [linear_geglu_case(*shape, dtype) for shape in shapes for dtype in dtypes]
+
+
+def linear_geglu_config_cases() -> list[tuple[str, Callable[[], object]]]:
+    """Every fp16 tile config of the fused GEGLU projection (bench_linear_geglu times them all
+    on the GPU, so each must compile) at each SD1.5 shape."""
+    from fastdiff.kernels.linear_geglu import CONFIGS
+
+    return [
+        linear_geglu_case(*shape, torch.float16, config)
+        for shape in LINEAR_GEGLU_SHAPES
+        for config in CONFIGS
+    ]
+
+
 def sampler_step_cases(quick: bool) -> list[tuple[str, Callable[[], object]]]:
     from fastdiff.kernels.sampler_step import sampler_step_forward
 
@@ -376,11 +418,13 @@ def compiled_kernels() -> int:
         group_norm,
         group_norm_split,
         layer_norm,
+        linear_geglu,
         sampler_step,
     )
 
     total = 0
-    for module in (attention, geglu, group_norm, group_norm_split, layer_norm, sampler_step):
+    modules = (attention, geglu, group_norm, group_norm_split, layer_norm, linear_geglu)
+    for module in (*modules, sampler_step):
         for value in vars(module).values():
             while hasattr(value, "fn") and not isinstance(value, JITFunction):
                 value = value.fn  # autotuner / heuristics wrappers
@@ -578,9 +622,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.autotune_compile is not None:
         return autotune_compile(args.autotune_compile)
     cases = group_norm_cases(args.quick) + attention_cases(args.quick)
-    cases += row_cases(args.quick) + sampler_step_cases(args.quick)
+    cases += row_cases(args.quick) + linear_geglu_cases(args.quick)
+    cases += sampler_step_cases(args.quick)
     if args.all_configs:
-        cases += all_config_cases()
+        cases += all_config_cases() + linear_geglu_config_cases()
     rows: list[Compiled] = []
     failures: list[str] = []
     print(f"triton {triton.__version__}, target sm_{TARGET.arch}")
@@ -601,7 +646,7 @@ def main(argv: list[str] | None = None) -> int:
                 failures.append(f"{label}: {name} compiled without FP fusion")
             row = Compiled(label, name, meta.num_warps, meta.num_stages, meta.shared)
             row.registers, row.spilled, hgmma = resources(kernel)
-            row.hgmma = hgmma if "attention" in name else None
+            row.hgmma = hgmma if "attention" in name or "linear_geglu" in name else None
             rows.append(row)
     header = f"{'case':58} {'kernel':34} {'warps':>5} {'stages':>6} {'regs':>5} {'spill B':>7}"
     print(header + f" {'smem B':>7} {'HGMMA':>5}")

@@ -14,6 +14,7 @@ from fastdiff.ops import autoselect
 
 ROOT = Path(__file__).resolve().parents[1]
 VIEWS = "sd15 self 64x64 (fused-qkv views)"
+LINEAR = "sd15 64x64 8192x320x2560"
 COLUMNS = ["timestamp", "device", "benchmark", "workload", "provider", "ms", "dtype"]
 ROWS = [
     (
@@ -43,6 +44,12 @@ ROWS = [
     # q, k, v as views of one fused QKV projection (what the optimized runtime passes)
     ("2026-01-01T00:00:00", "GPU X", "attention", VIEWS, "eager", "0.15", "fp16"),
     ("2026-01-01T00:00:00", "GPU X", "attention", VIEWS, "fastdiff", "0.18", "fp16"),
+    # linear_geglu: fastdiff is the fused kernel, fastdiff-two-steps the op's eager backend;
+    # the plain-PyTorch eager row is no backend of the op and stays out of the table
+    ("2026-01-01T00:00:00", "GPU X", "linear_geglu", LINEAR, "fastdiff", "0.025", "fp16"),
+    ("2026-01-01T00:00:00", "GPU X", "linear_geglu", LINEAR, "fastdiff-two-steps", "0.05", "fp16"),
+    ("2026-01-01T00:00:00", "GPU X", "linear_geglu", LINEAR, "eager", "0.01", "fp16"),
+    ("2026-01-01T00:00:00", "GPU X", "linear_geglu", LINEAR, "fastdiff-64x64", "0.02", "fp16"),
     (
         "2026-01-01T00:00:00",
         "GPU X",
@@ -85,6 +92,7 @@ def test_table_from_csv_keys_backends_and_latest_rows(results_csv, tmp_path):
         ("group_norm", "2x640x32x32|fp16|nhwc"): {"eager": 0.03, "triton": 0.02, "cuda": 0.05},
         ("attention", "2x8x4096x40|fp16|keys4096"): {"eager": 0.16, "triton": 0.41},
         ("attention", "2x8x4096x40|fp16|keys4096|strided"): {"eager": 0.15, "triton": 0.18},
+        ("linear_geglu", "8192x320x2560|fp16"): {"triton": 0.025, "eager": 0.05},
     }
     timings = autoselect._validate(table, "test")
     assert autoselect.preferred_backend("group_norm", "2x640x32x32|fp16|nhwc", table=timings) == (
@@ -93,3 +101,7 @@ def test_table_from_csv_keys_backends_and_latest_rows(results_csv, tmp_path):
     assert autoselect.preferred_backend(
         "attention", "2x8x4096x40|fp16|keys4096", table=timings
     ) == ("eager")
+    assert (
+        autoselect.preferred_backend("linear_geglu", "8192x320x2560|fp16", table=timings)
+        == "triton"
+    )

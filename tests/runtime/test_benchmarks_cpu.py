@@ -214,3 +214,53 @@ def test_a_runs_note_names_its_rows_in_the_csv(tmp_path):
         rows = list(csv.DictReader(handle))
     assert [row["provider"] for row in rows] == ["fastdiff"]
     assert rows[0]["note"].startswith("sd15_table; CPU: toy config")
+
+
+def test_linear_geglu_providers_run_their_variants(monkeypatch):
+    """bench_linear_geglu's rows: fastdiff and each fastdiff-<tile> run the fused kernel (that
+    tile, the module setting restored after), fastdiff-two-steps the projection then the GEGLU
+    kernel; all within the tolerance rule of the reference."""
+    import bench_linear_geglu
+    import fastdiff.kernels.geglu as geglu_kernels
+    import fastdiff.kernels.linear_geglu as linear_geglu_kernels
+    import torch
+
+    from fastdiff.ops.linear_geglu import linear_geglu_eager, linear_geglu_reference
+    from tests.ops.helpers import INTERPRET, CallCounter, assert_within_tolerance
+
+    if not (INTERPRET or torch.cuda.is_available()):
+        pytest.skip("triton kernels need a GPU or TRITON_INTERPRET=1")
+    inputs = bench_linear_geglu.workload("small", (40, 48, 36), torch.float16).make(True)
+    providers = bench_linear_geglu.providers()
+    tiles = {f"fastdiff-{name}" for name in linear_geglu_kernels.CONFIGS} - {
+        f"fastdiff-{linear_geglu_kernels.DEFAULT_CONFIG}"
+    }
+    assert tiles and tiles | {"fastdiff", "eager", "fastdiff-two-steps"} <= set(providers)
+    launched = []
+    choose = linear_geglu_kernels.choose_config
+    monkeypatch.setattr(
+        linear_geglu_kernels,
+        "choose_config",
+        lambda dtype: launched.append(linear_geglu_kernels.config_override) or choose(dtype),
+    )
+    geglu_calls = CallCounter(monkeypatch, geglu_kernels, "geglu_forward")
+    for name in ("fastdiff", "fastdiff-two-steps", *sorted(tiles)):
+        out = providers[name](inputs)()
+        want = linear_geglu_reference(*inputs)
+        assert_within_tolerance(out, want, linear_geglu_eager(*inputs), name)
+    assert launched == [None, *sorted(name.removeprefix("fastdiff-") for name in tiles)]
+    assert geglu_calls.calls == 1 and linear_geglu_kernels.config_override is None
+
+
+def test_fusedgeglu_provider_sends_linear_geglu_to_the_fused_kernel():
+    """bench_unet's fastdiff-fusedgeglu rows: inside, the auto backend's answer for an
+    unmeasured linear_geglu shape is the fused kernel; outside (and after), the two steps."""
+    from fastdiff.ops import autoselect
+
+    key = "8192x320x2560|fp16"
+    empty = {}
+    assert autoselect.preferred_backend("linear_geglu", key, table=empty) == "eager"
+    with bench_unet.fused_geglu_where_unmeasured():
+        assert autoselect.preferred_backend("linear_geglu", key, table=empty) == "triton"
+    assert autoselect.preferred_backend("linear_geglu", key, table=empty) == "eager"
+    assert autoselect.UNMEASURED_BACKEND == {"linear_geglu": "eager"}
