@@ -42,6 +42,26 @@ def concat_linears(layers: list[nn.Linear]) -> nn.Linear:
     return fused
 
 
+class ContextProjections:
+    """The text context with its keys and values already projected for the cross-attention
+    modules that read it (``fastdiff.models.packing.context_projections``: one GEMM for all of
+    them): what a U-Net's blocks pass down in place of the context under ``fold_biases``.
+    ``views`` maps a module's id to its (B, T, 2 * inner) ``to_kv`` output, a view; a module not
+    in it projects ``states`` itself."""
+
+    def __init__(self, states: torch.Tensor, views: dict[int, torch.Tensor]) -> None:
+        self.states = states
+        self.views = views
+
+    def keys_values_for(self, module: nn.Module) -> torch.Tensor | None:
+        return self.views.get(id(module))
+
+
+def context_states(context: torch.Tensor | ContextProjections | None) -> torch.Tensor | None:
+    """The context tensor itself, whether or not its projections were computed ahead."""
+    return context.states if isinstance(context, ContextProjections) else context
+
+
 class Attention(nn.Module):
     """Self- or cross-attention over (B, N, C) tokens; 4-D input when ``norm_groups`` is set.
 
@@ -101,14 +121,21 @@ class Attention(nn.Module):
         x = x.view(batch, tokens, parts, self.heads, self.dim_head).permute(2, 0, 3, 1, 4)
         return list(x.unbind(0))
 
-    def attend(self, x: torch.Tensor, context: torch.Tensor | None) -> torch.Tensor:
+    def attend(
+        self, x: torch.Tensor, context: torch.Tensor | ContextProjections | None
+    ) -> torch.Tensor:
+        projected = None
+        if isinstance(context, ContextProjections):
+            projected = context.keys_values_for(self) if self.fused else None
+            context = context.states
         if self.fused and not self.is_cross_attention:
             q, k, v = self.split_heads(self.to_qkv(x), 3)
         else:
             source = x if context is None else context
             (q,) = self.split_heads(self.to_q(x), 1)
             if self.fused:
-                k, v = self.split_heads(self.to_kv(source), 2)
+                kv = self.to_kv(source) if projected is None else projected
+                k, v = self.split_heads(kv, 2)
             else:
                 (k,) = self.split_heads(self.to_k(source), 1)
                 (v,) = self.split_heads(self.to_v(source), 1)
@@ -117,7 +144,9 @@ class Attention(nn.Module):
         out = out.transpose(1, 2).reshape(batch, tokens, self.heads * self.dim_head)
         return self.to_out[1](self.to_out[0](out))
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, context: torch.Tensor | ContextProjections | None = None
+    ) -> torch.Tensor:
         if self.group_norm is None:
             return self.attend(x, context)
         batch, channels, height, width = x.shape

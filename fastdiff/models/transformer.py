@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from fastdiff import ops
-from fastdiff.models.attention import Attention
+from fastdiff.models.attention import Attention, ContextProjections, context_states
 from fastdiff.models.resnet import (
     PLAIN_LAYER_HOMES,
     GroupNorm,
@@ -107,7 +107,9 @@ class BasicTransformerBlock(nn.Module):
         self.norm3 = LayerNorm(dim)
         self.ff = FeedForward(dim)
 
-    def accumulates_feed_forward(self, x: torch.Tensor, context: torch.Tensor | None) -> bool:
+    def accumulates_feed_forward(
+        self, x: torch.Tensor, context: torch.Tensor | ContextProjections | None
+    ) -> bool:
         """Whether the feed-forward may accumulate into the residual sum in place: a plain
         ``FeedForward`` whose last layer is a plain linear layer with a bias, and no gradient
         through this block (autograd keeps the sum for norm3's backward)."""
@@ -117,10 +119,12 @@ class BasicTransformerBlock(nn.Module):
             and plain_layer(projection)
             and projection.bias is not None
             and projection.bias.dtype == x.dtype
-            and not needs_autograd(x, context, *self.parameters())
+            and not needs_autograd(x, context_states(context), *self.parameters())
         )
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor | None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, context: torch.Tensor | ContextProjections | None
+    ) -> torch.Tensor:
         if self.fold_biases and plain_layer(self.norm2) and plain_layer(self.norm3):
             x, hidden = self.norm2.after_residual(self.attn1(self.norm1(x)), x)
             if self.accumulates_feed_forward(x, context):

@@ -18,9 +18,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fastdiff.models.attention import ContextProjections
 from fastdiff.models.config import UNetConfig
 from fastdiff.models.embeddings import TimestepEmbedding, timestep_embedding
 from fastdiff.models.module import ModelBase
+from fastdiff.models.packing import (
+    context_attentions,
+    context_projections,
+    pack_context_projections,
+    pack_rows,
+    packed_rows,
+)
 from fastdiff.models.resnet import GroupNorm, ResnetBlock2D, TimeShifts
 from fastdiff.models.unet_blocks import (
     BlockSpec,
@@ -43,33 +51,11 @@ def cross_attention_spec(config: UNetConfig, heads: Any, depth: int, context_dim
     return CrossAttentionSpec(heads, depth, context_dim, config.use_linear_projection)
 
 
-def packed_rows(tensors: list[torch.Tensor]) -> torch.Tensor | None:
-    """The tensors concatenated along dim 0, as a view, when they lie one after another in one
-    storage (as ``UNet2DConditionModel.pack_time_projections`` leaves them); else None."""
-    first = tensors[0]
-    storage = first.untyped_storage().data_ptr()
-    offset = first.storage_offset()
-    for tensor in tensors:
-        if (
-            tensor.untyped_storage().data_ptr() != storage
-            or tensor.storage_offset() != offset
-            or not tensor.is_contiguous()
-            or tensor.dtype != first.dtype
-            or tensor.shape[1:] != first.shape[1:]
-        ):
-            return None
-        offset += tensor.numel()
-    shape = (sum(tensor.shape[0] for tensor in tensors), *first.shape[1:])
-    strides = [1] * len(shape)  # row-major, whatever strides the first tensor's size-1 dims had
-    for dim in range(len(shape) - 2, -1, -1):
-        strides[dim] = strides[dim + 1] * shape[dim + 1]
-    return first.detach().as_strided(shape, strides, first.storage_offset())
-
-
 class UNet2DConditionModel(ModelBase):
     """``unet(sample, timestep, encoder_hidden_states, added_cond_kwargs, class_labels)``."""
 
     packed_time_blocks: tuple = ()  # set by pack_time_projections: see time_shifts
+    packed_context_modules: tuple = ()  # set by fold_conv_biases: see context_projections
 
     def __init__(self, config: UNetConfig | dict[str, Any]) -> None:
         super().__init__()
@@ -197,11 +183,26 @@ class UNet2DConditionModel(ModelBase):
 
     def fold_conv_biases(self, enabled: bool = True) -> int:
         """``ModelBase.fold_conv_biases``; switching it on also packs the ResNet blocks' time
-        projections (see ``pack_time_projections``) so ``time_shifts`` computes them together."""
+        projections (see ``pack_time_projections``) so ``time_shifts`` computes them together,
+        and the fused cross-attentions' key and value projections of the text context, so that
+        ``context_projections`` computes those in one GEMM (``fastdiff.models.packing``)."""
         count = super().fold_conv_biases(enabled)
+        self.packed_context_modules = ()
         if enabled:
             self.pack_time_projections()
+            modules = context_attentions(self)
+            if pack_context_projections(modules):
+                self.packed_context_modules = tuple(modules)
         return count
+
+    def context_projections(
+        self, context: torch.Tensor | None
+    ) -> torch.Tensor | ContextProjections | None:
+        """Under ``fold_biases``, every packed cross-attention's keys and values of ``context`` in
+        one GEMM (``fastdiff.models.packing.context_projections``); else ``context``."""
+        if context is None or not self.packed_context_modules:
+            return context
+        return context_projections(list(self.packed_context_modules), context)
 
     def pack_time_projections(self) -> bool:
         """Move the ResNet blocks' ``time_emb_proj`` weights, their biases and the ``conv1``
@@ -219,19 +220,8 @@ class UNet2DConditionModel(ModelBase):
             [block.time_emb_proj.bias for block in blocks],
             [block.conv1.bias for block in blocks],
         ]
-        if len({(p.dtype, p.device, p.shape[1:]) for p in kinds[0]}) != 1:
+        if not pack_rows(kinds):
             return False
-        if any(len({(p.dtype, p.device) for p in params}) != 1 for params in kinds):
-            return False
-        with torch.no_grad():
-            for params in kinds:
-                if packed_rows(params) is not None:
-                    continue  # already packed
-                packed = torch.cat([param.detach() for param in params])
-                start = 0
-                for param in params:
-                    param.data = packed[start : start + param.shape[0]]
-                    start += param.shape[0]
         self.packed_time_blocks = blocks  # (a plain list: not registered as submodules again)
         return True
 
@@ -354,7 +344,7 @@ class UNet2DConditionModel(ModelBase):
             sample = 2 * sample - 1.0
         emb = self.embed(sample, timestep, added_cond_kwargs, class_labels)
         emb = self.time_shifts(emb)
-        context = encoder_hidden_states
+        context = self.context_projections(encoder_hidden_states)
 
         x = self.conv_in(sample)
         skips = [x]

@@ -357,7 +357,7 @@ def test_packed_rows_views_only_tensors_laid_out_one_after_another():
     """packed_rows is the batched time projections' view of the blocks' parameters: it must
     refuse tensors that share one storage but not in order (a view over them would read the
     wrong block's rows), gaps, other dtypes and other row shapes."""
-    from fastdiff.models.unet import packed_rows
+    from fastdiff.models.packing import packed_rows
 
     storage = torch.arange(24.0)
     a, b, c = storage[0:8].view(2, 4), storage[8:16].view(2, 4), storage[16:24].view(2, 4)

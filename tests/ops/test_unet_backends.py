@@ -32,7 +32,8 @@ def compare_backends(
     name: str, device: str, dtype: torch.dtype, monkeypatch, fold_biases: bool = False
 ) -> None:
     """Eager (fp32 reference, then ``dtype``) against triton; with ``fold_biases`` the triton run
-    folds the convolution biases (norm2's time-embedding offset inside the GroupNorm kernel)."""
+    fuses the projections and folds the convolution biases (norm2's time-embedding offset inside
+    the GroupNorm kernel) and packs the cross-attentions' key and value projections."""
     counters = [
         CallCounter(monkeypatch, module, launcher)
         for module, launcher in (
@@ -57,6 +58,8 @@ def compare_backends(
         with use_backend("eager"):
             eager = model(**cast(inputs, device, dtype))
         assert all(counter.calls == 0 for counter in counters)
+        if fold_biases:  # as optimize() prepares it: the cross-attentions' to_kv packed too
+            model.fuse_qkv_projections()
         model.fold_conv_biases(fold_biases)
         with use_backend("triton"):
             fused = model(**cast(inputs, device, dtype))
