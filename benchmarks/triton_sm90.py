@@ -244,8 +244,15 @@ def row_cases(quick: bool) -> list[tuple[str, Callable[[], object]]]:
                 residual = torch.empty_like(x)  # and the feed-forward bias: the fold's call
                 return layer_norm_forward(x, weight, weight, 1e-5, residual, weight)
 
+            def add_norm_biased(width=width, dtype=dtype):  # norm3's call: both biases
+                x = torch.empty(2, 1024, width, dtype=dtype)
+                weight = torch.empty(width, dtype=dtype)
+                residual = torch.empty_like(x)  # and the attention's output bias, left to it
+                return layer_norm_forward(x, weight, weight, 1e-5, residual, weight, weight)
+
             cases += [(f"layer_norm 2x1024x{width} {name}", norm)]
             cases += [(f"add_layer_norm 2x1024x{width} {name}", add_norm)]
+            cases += [(f"add_layer_norm 2x1024x{width} {name} x_bias", add_norm_biased)]
             cases += [(f"geglu 2x1024x{2 * 4 * width} {name}", gate)]
     return cases
 

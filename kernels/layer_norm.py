@@ -5,7 +5,8 @@ cancellation) and x is read once.
 With a residual, the kernel first adds it (in fp32) and writes the sum as a second output: the
 transformer block's ``x = attention(...) + x`` followed by the next LayerNorm, in one pass. A
 ``sum_bias`` is added to the written sum only (not to what is normalized): the bias of a linear
-layer whose product is then accumulated into the sum in place."""
+layer whose product is then accumulated into the sum in place. An ``x_bias`` is added to x
+before anything else: the bias of the linear layer that produced x, left out of its GEMM."""
 
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ def layer_norm_kernel(
     residual_ptr,  # rows added to x first: (r, d) at r * stride_residual_row + d (HAS_RESIDUAL)
     sum_ptr,  # out: x + residual (+ sum_bias), contiguous (R, D) (written when HAS_RESIDUAL)
     sum_bias_ptr,  # [D] added to the written sum only (read when HAS_SUM_BIAS)
+    x_bias_ptr,  # [D] added to x before anything else (read when HAS_X_BIAS)
     rows,
     width,
     stride_row,
@@ -38,6 +40,7 @@ def layer_norm_kernel(
     HAS_BIAS: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr,
     HAS_SUM_BIAS: tl.constexpr,
+    HAS_X_BIAS: tl.constexpr,
 ):
     offs_r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     offs_d = tl.arange(0, BLOCK_D)
@@ -46,6 +49,8 @@ def layer_norm_kernel(
     row_offsets = offs_r.to(tl.int64)[:, None]
     x = tl.load(x_ptr + row_offsets * stride_row + offs_d[None, :], mask=mask, other=0.0)
     x = x.to(tl.float32)
+    if HAS_X_BIAS:
+        x += tl.load(x_bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)[None, :]
     if HAS_RESIDUAL:
         residual_ptrs = residual_ptr + row_offsets * stride_residual_row + offs_d[None, :]
         x += tl.load(residual_ptrs, mask=mask, other=0.0).to(tl.float32)
@@ -74,12 +79,14 @@ def layer_norm_forward(
     eps: float,
     residual: torch.Tensor | None = None,
     sum_bias: torch.Tensor | None = None,
+    x_bias: torch.Tensor | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """x (..., D) whose rows can be viewed as (R, D) with unit column stride; contiguous output.
 
     With ``residual`` (x's shape, rows viewable the same way): returns (x + residual, the
     LayerNorm of that sum), both contiguous; the sum is normalized before it is rounded.
-    ``sum_bias`` ((D,), with a residual) is added to the returned sum, not to the normalized one."""
+    ``sum_bias`` ((D,), with a residual) is added to the returned sum, not to the normalized one.
+    ``x_bias`` ((D,), with a residual) is added to x first: to both."""
     width = x.shape[-1]
     rows = x.numel() // max(width, 1)
     x2d = x.reshape(rows, width)  # a view for the inputs the op sends here
@@ -102,6 +109,7 @@ def layer_norm_forward(
         residual if residual is not None else y,
         total if total is not None else y,
         sum_bias if sum_bias is not None else y,
+        x_bias if x_bias is not None else y,
         rows,
         width,
         x2d.stride(0),
@@ -113,6 +121,7 @@ def layer_norm_forward(
         HAS_BIAS=bias is not None,
         HAS_RESIDUAL=residual is not None,
         HAS_SUM_BIAS=residual is not None and sum_bias is not None,
+        HAS_X_BIAS=residual is not None and x_bias is not None,
         num_warps=4 if block_d <= 1024 else 8,
         outputs=(y,) if total is None else (y, total),
         **COMPILE_OPTIONS,

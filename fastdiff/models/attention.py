@@ -10,10 +10,11 @@ them in ``load_state_dict()``, so a fused model still saves and loads diffusers 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from fastdiff import ops
-from fastdiff.models.resnet import GroupNorm
+from fastdiff.models.resnet import PLAIN_LAYER_HOMES, GroupNorm, plain_layer
 
 # Old diffusers (< 0.14) VAE attention names, renamed on load; value is the current name.
 LEGACY_ATTENTION_NAMES = {
@@ -122,7 +123,10 @@ class Attention(nn.Module):
         return list(x.unbind(0))
 
     def attend(
-        self, x: torch.Tensor, context: torch.Tensor | ContextProjections | None
+        self,
+        x: torch.Tensor,
+        context: torch.Tensor | ContextProjections | None,
+        output_bias: bool = True,
     ) -> torch.Tensor:
         projected = None
         if isinstance(context, ContextProjections):
@@ -142,7 +146,34 @@ class Attention(nn.Module):
         out = ops.attention(q, k, v)
         batch, _, tokens, _ = out.shape
         out = out.transpose(1, 2).reshape(batch, tokens, self.heads * self.dim_head)
+        if not output_bias:  # the caller adds to_out[0]'s bias (without_output_bias)
+            return F.linear(out, self.to_out[0].weight)
         return self.to_out[1](self.to_out[0](out))
+
+    def without_output_bias(
+        self, x: torch.Tensor, context: torch.Tensor | ContextProjections | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(self(x, context) - b, b)`` with ``b`` the output projection's bias: its GEMM runs
+        without the bias (cuBLAS's bias epilogue made the GEMM slower at SD1.5's 8192×320×320:
+        about 10 µs per call against 6.7 without, H200 profile in benchmarks/NOTES.md), for a
+        caller that adds it in a kernel it runs anyway (``BasicTransformerBlock``'s
+        ``add_layer_norm``). ``(self(x, context), None)`` where that does not apply: this module,
+        its output projection or its dropout patched or hooked, no bias, a dropout that drops,
+        the VAE form (``group_norm``)."""
+        projection, dropout = self.to_out
+        splits = (
+            self.group_norm is None
+            and plain_layer(self)
+            and plain_layer(projection)
+            and projection.bias is not None
+            and type(dropout) is nn.Dropout
+            and (dropout.p == 0 or not dropout.training)
+            and "forward" not in vars(dropout)
+            and not (dropout._forward_hooks or dropout._forward_pre_hooks)
+        )
+        if not splits:
+            return self(x, context), None
+        return self.attend(x, context, output_bias=False), projection.bias
 
     def forward(
         self, x: torch.Tensor, context: torch.Tensor | ContextProjections | None = None
@@ -153,6 +184,9 @@ class Attention(nn.Module):
         tokens = self.group_norm(x).flatten(2).transpose(1, 2)
         out = self.attend(tokens, None)
         return out.transpose(1, 2).reshape(batch, channels, height, width) + x
+
+
+PLAIN_LAYER_HOMES[Attention] = Attention.__module__
 
 
 def _unfuse_state_dict(module: Attention, state_dict: dict, prefix: str, local_metadata) -> None:

@@ -30,11 +30,15 @@ class LayerNorm(nn.LayerNorm):
         return ops.layer_norm(x, self.weight, self.bias, self.eps)
 
     def after_residual(
-        self, x: torch.Tensor, residual: torch.Tensor, sum_bias: torch.Tensor | None = None
+        self,
+        x: torch.Tensor,
+        residual: torch.Tensor,
+        sum_bias: torch.Tensor | None = None,
+        x_bias: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(x + residual (+ sum_bias), self(x + residual))`` in one kernel
-        (``ops.add_layer_norm``)."""
-        return ops.add_layer_norm(x, residual, self.weight, self.bias, self.eps, sum_bias)
+        """``(x (+ x_bias) + residual (+ sum_bias), self(x (+ x_bias) + residual))`` in one
+        kernel (``ops.add_layer_norm``)."""
+        return ops.add_layer_norm(x, residual, self.weight, self.bias, self.eps, sum_bias, x_bias)
 
 
 PLAIN_LAYER_HOMES[LayerNorm] = LayerNorm.__module__
@@ -90,10 +94,11 @@ class BasicTransformerBlock(nn.Module):
 
     ``fold_biases`` (set by ``ModelBase.fold_conv_biases``): the residual additions after the
     two attentions are done by the LayerNorms that follow them (``LayerNorm.after_residual``),
-    which read the two addends and write the sum with its normalization; the second one also
+    which read the two addends and write the sum with its normalization, adding the attention's
+    output-projection bias as they read (``Attention.without_output_bias``); the second one also
     adds the feed-forward's output bias to the sum it writes, and the feed-forward's last GEMM
     accumulates into that sum in place (``FeedForward.accumulate_into``), so no residual
-    addition is a kernel of its own."""
+    addition or bias is a kernel or GEMM epilogue of its own."""
 
     fold_biases = False
     has_bias_folds = True
@@ -126,12 +131,14 @@ class BasicTransformerBlock(nn.Module):
         self, x: torch.Tensor, context: torch.Tensor | ContextProjections | None
     ) -> torch.Tensor:
         if self.fold_biases and plain_layer(self.norm2) and plain_layer(self.norm3):
-            x, hidden = self.norm2.after_residual(self.attn1(self.norm1(x)), x)
+            attended, out_bias = self.attn1.without_output_bias(self.norm1(x))
+            x, hidden = self.norm2.after_residual(attended, x, x_bias=out_bias)
+            attended, out_bias = self.attn2.without_output_bias(hidden, context)
             if self.accumulates_feed_forward(x, context):
                 ff_bias = self.ff.net[2].bias
-                x, hidden = self.norm3.after_residual(self.attn2(hidden, context), x, ff_bias)
+                x, hidden = self.norm3.after_residual(attended, x, ff_bias, out_bias)
                 return self.ff.accumulate_into(x, hidden)
-            x, hidden = self.norm3.after_residual(self.attn2(hidden, context), x)
+            x, hidden = self.norm3.after_residual(attended, x, x_bias=out_bias)
             return self.ff(hidden) + x
         x = self.attn1(self.norm1(x)) + x
         x = self.attn2(self.norm2(x), context) + x

@@ -99,20 +99,25 @@ def layer_norm(
     return layer_norm_eager(x, weight, bias, eps)
 
 
-def add_layer_norm_reference(x, residual, weight, bias, eps: float = 1e-5, sum_bias=None):
+def add_layer_norm_reference(
+    x, residual, weight, bias, eps: float = 1e-5, sum_bias=None, x_bias=None
+):
     """fp32 reference of ``add_layer_norm``: the sum and its LayerNorm in float32, both cast back
     to ``x.dtype``."""
     total = x.float() + residual.float()
+    if x_bias is not None:
+        total = total + x_bias.float()
     normed = layer_norm_reference(total, weight, bias, eps).to(x.dtype)
     if sum_bias is not None:
         total = total + sum_bias.float()
     return total.to(x.dtype), normed
 
 
-def add_layer_norm_eager(x, residual, weight, bias, eps: float = 1e-5, sum_bias=None):
-    """Plain PyTorch: the addition (rounded to ``x.dtype``), then LayerNorm of the rounded sum
-    (and the sum plus ``sum_bias``, a third operation)."""
-    total = x + residual
+def add_layer_norm_eager(x, residual, weight, bias, eps: float = 1e-5, sum_bias=None, x_bias=None):
+    """Plain PyTorch: the addition (rounded to ``x.dtype``; ``x + x_bias`` first, rounded, as the
+    linear layer that made x would have added its bias), then LayerNorm of the rounded sum (and
+    the sum plus ``sum_bias``, a third operation)."""
+    total = (x if x_bias is None else x + x_bias) + residual
     normed = layer_norm_eager(total, weight, bias, eps)
     return (total if sum_bias is None else total + sum_bias), normed
 
@@ -125,14 +130,15 @@ def add_layer_norm_triton(
     bias: torch.Tensor | None,
     eps: float,
     sum_bias: torch.Tensor | None = None,
+    x_bias: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     from fastdiff.kernels.layer_norm import layer_norm_forward
 
-    return layer_norm_forward(x, weight, bias, eps, residual, sum_bias)
+    return layer_norm_forward(x, weight, bias, eps, residual, sum_bias, x_bias)
 
 
 @add_layer_norm_triton.register_fake
-def _add_layer_norm_fake(x, residual, weight, bias, eps, sum_bias=None):
+def _add_layer_norm_fake(x, residual, weight, bias, eps, sum_bias=None, x_bias=None):
     return x.new_empty(x.shape), x.new_empty(x.shape)
 
 
@@ -143,6 +149,7 @@ def add_layer_norm(
     bias: torch.Tensor | None = None,
     eps: float = 1e-5,
     sum_bias: torch.Tensor | None = None,
+    x_bias: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(x + residual, layer_norm(x + residual))``: a transformer block's residual addition and
     the LayerNorm after it. The Triton kernel reads both inputs once and writes both outputs,
@@ -150,7 +157,10 @@ def add_layer_norm(
 
     ``sum_bias`` ((D,)) is added to the returned sum only: ``(x + residual + sum_bias,
     layer_norm(x + residual))``. A block whose next linear layer accumulates into the sum in
-    place (``BasicTransformerBlock``'s feed-forward) gets that layer's bias this way."""
+    place (``BasicTransformerBlock``'s feed-forward) gets that layer's bias this way.
+
+    ``x_bias`` ((D,)) is added to x first, so to both outputs: the bias of the linear layer that
+    produced x (an attention's output projection), whose GEMM then runs without one."""
     if not isinstance(residual, torch.Tensor) or residual.shape != x.shape:
         shape = tuple(residual.shape) if isinstance(residual, torch.Tensor) else residual
         raise ValueError(
@@ -162,23 +172,26 @@ def add_layer_norm(
             f"on {x.device}; they must match"
         )
     check_layer_norm_args(x, weight, bias, eps)
-    if sum_bias is not None and (
-        tuple(sum_bias.shape) != (x.shape[-1],) or not sum_bias.is_floating_point()
-    ):
-        raise ValueError(
-            f"add_layer_norm: sum_bias must be a floating ({x.shape[-1]},) tensor, got "
-            f"{sum_bias.dtype} of shape {tuple(sum_bias.shape)}"
-        )
+    for name, extra in (("sum_bias", sum_bias), ("x_bias", x_bias)):
+        if extra is not None and (
+            tuple(extra.shape) != (x.shape[-1],) or not extra.is_floating_point()
+        ):
+            raise ValueError(
+                f"add_layer_norm: {name} must be a floating ({x.shape[-1]},) tensor, got "
+                f"{extra.dtype} of shape {tuple(extra.shape)}"
+            )
     backend = select_backend(x)
-    if needs_autograd(x, residual, weight, bias, sum_bias):
+    if needs_autograd(x, residual, weight, bias, sum_bias, x_bias):
         backend = "eager"
     if (
         backend in ("triton", "cuda")
         and layer_norm_triton_supports(x, weight, bias)
-        and layer_norm_triton_supports(x, None, sum_bias)
+        and layer_norm_triton_supports(x, sum_bias, x_bias)
         and rows_are_viewable(residual)
     ):
-        return add_layer_norm_triton(x, residual, weight, bias, float(eps), sum_bias)
+        return add_layer_norm_triton(x, residual, weight, bias, float(eps), sum_bias, x_bias)
+    if x_bias is not None:
+        x = x + x_bias.to(x.dtype)
     total = x + residual
     normed = layer_norm(total, weight, bias, eps)
     return (total if sum_bias is None else total + sum_bias.to(total.dtype)), normed

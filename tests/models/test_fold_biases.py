@@ -340,6 +340,36 @@ def test_transformer_block_residuals(residual_norms, linear_calls, patched):
     assert projections == (1 if patched is None else 2)
 
 
+def output_projection_biases(block, linear_calls: CallCounter) -> list[bool]:
+    """For each F.linear call with attn1's or attn2's output projection: whether it had a bias."""
+    calls = zip(linear_calls.argument(1, "weight"), linear_calls.argument(2, "bias"), strict=True)
+    outputs = (block.attn1.to_out[0].weight, block.attn2.to_out[0].weight)
+    return [b is not None for w, b in calls if any(w is o for o in outputs)]
+
+
+@pytest.mark.parametrize("patched", [None, "attn1", "attn2.to_out.0", "attn1.to_out.1"], ids=str)
+def test_attention_output_biases_join_the_norms_after_them(residual_norms, linear_calls, patched):
+    """Folded, the attentions' output projections run without their bias and add_layer_norm adds
+    it (x_bias) as it reads; a patched attention, projection or dropout keeps its own."""
+    block = BasicTransformerBlock(16, 2, 8, 12).eval()
+    randomize_biases(block)
+    x, context = torch.randn(2, 10, 16), torch.randn(2, 5, 12)
+    if patched is not None:
+        hook(block.get_submodule(patched))
+    with torch.no_grad():
+        expected = block(x, context)
+        linear_calls.arguments.clear()
+        block.fold_biases = True
+        folded = block(x, context)
+    torch.testing.assert_close(folded, expected, rtol=1e-5, atol=1e-5)
+    own_bias = {None: [], "attn1": [True], "attn2.to_out.0": [True], "attn1.to_out.1": [True]}
+    assert sorted(output_projection_biases(block, linear_calls)) == sorted(
+        own_bias[patched] + [False] * (2 - len(own_bias[patched]))
+    )
+    x_biases = [b is not None for b in residual_norms.argument(6, "x_bias")]
+    assert x_biases.count(True) == 2 - len(own_bias[patched])
+
+
 @pytest.mark.parametrize("trained", ["all", "norm3-only"])
 def test_transformer_block_with_gradients_keeps_the_sum_for_backward(linear_calls, trained):
     block = BasicTransformerBlock(16, 2, 8, 12)
@@ -350,6 +380,9 @@ def test_transformer_block_with_gradients_keeps_the_sum_for_backward(linear_call
     x, context = torch.randn(2, 10, 16), torch.randn(2, 5, 12)
     block(x, context).square().sum().backward()  # an in-place accumulate would break this
     assert block.norm3.weight.grad is not None
+    if trained == "all":  # the output biases, added by add_layer_norm's eager path, get theirs
+        for attention in (block.attn1, block.attn2):
+            assert attention.to_out[0].bias.grad.abs().sum() > 0
     assert sum(w is block.ff.net[2].weight for w in linear_calls.argument(1, "weight")) == 1
 
 

@@ -43,20 +43,22 @@ EDGE_CASES = [
 
 
 def check(x, weight, bias, eps=1e-5, what="", residual=None):
-    """layer_norm, or with ``residual`` add_layer_norm (both outputs; without a sum_bias, then
-    with one: two calls), against the references."""
+    """layer_norm, or with ``residual`` add_layer_norm (both outputs; without a sum_bias or
+    x_bias, with each and with both: four calls), against the references."""
     if residual is None:
         out = layer_norm(x, weight, bias, eps)
         reference = layer_norm_reference(x, weight, bias, eps)
         assert_within_tolerance(out, reference, layer_norm_eager(x, weight, bias, eps), what)
         return out
     sum_bias = torch.randn(x.shape[-1], device=x.device).to(x.dtype)
-    for extra in (None, sum_bias):
-        args = (x, residual, weight, bias, eps, extra)
+    x_bias = torch.randn(x.shape[-1], device=x.device).to(x.dtype)
+    for extra, first in ((None, None), (None, x_bias), (sum_bias, x_bias), (sum_bias, None)):
+        args = (x, residual, weight, bias, eps, extra, first)
         total, normed = add_layer_norm(*args)
         want_total, want_normed = add_layer_norm_reference(*args)
         eager_total, eager_normed = add_layer_norm_eager(*args)
-        label = f"{what} {'with' if extra is not None else 'without'} sum_bias"
+        label = f"{what} {'with' if extra is not None else 'without'} sum_bias, "
+        label += f"{'with' if first is not None else 'without'} x_bias"
         assert_within_tolerance(total, want_total, eager_total, f"{label}: sum")
         assert_within_tolerance(normed, want_normed, eager_normed, f"{label}: layer norm")
         assert total.is_contiguous() and normed.is_contiguous()
@@ -88,7 +90,7 @@ def test_edge_shapes(triton_backend, monkeypatch, shape, dtype, residual):
     counter = CallCounter(monkeypatch, layer_norm_kernels, "layer_norm_forward")
     x, weight, bias = make(shape, dtype)
     check(x, weight, bias, what=str(shape), residual=residual_for(x, residual))
-    assert counter.calls == (2 if residual else 1)
+    assert counter.calls == (4 if residual else 1)
 
 
 @pytest.mark.parametrize("affine", [False, True], ids=["no-affine", "affine"])
@@ -105,7 +107,7 @@ def test_strided_rows_are_read_in_place(triton_backend, monkeypatch, residual):
     x = base[:, 1]  # rows with stride 96: a view, no copy
     rows = torch.randn(6, 80, device=DEVICE)[:, 16:64] if residual else None  # stride 80
     check(x, None, None, residual=rows)
-    assert counter.calls == (2 if residual else 1)
+    assert counter.calls == (4 if residual else 1)
 
 
 def test_add_layer_norm_normalizes_the_sum(triton_backend):
@@ -140,11 +142,26 @@ def test_add_layer_norm_bad_residual_raises(residual, message):
         add_layer_norm(torch.randn(4, 16), residual)
 
 
-@pytest.mark.parametrize("sum_bias", [torch.zeros(8), torch.zeros(16, dtype=torch.long)])
-def test_add_layer_norm_bad_sum_bias_raises(sum_bias):
+@pytest.mark.parametrize("name", ["sum_bias", "x_bias"])
+@pytest.mark.parametrize("extra", [torch.zeros(8), torch.zeros(16, dtype=torch.long)])
+def test_add_layer_norm_bad_sum_or_x_bias_raises(name, extra):
     x = torch.randn(4, 16)
-    with pytest.raises(ValueError, match=r"sum_bias must be a floating \(16,\) tensor, got"):
-        add_layer_norm(x, x, sum_bias=sum_bias)
+    with pytest.raises(ValueError, match=rf"{name} must be a floating \(16,\) tensor, got"):
+        add_layer_norm(x, x, **{name: extra})
+
+
+def test_add_layer_norm_x_bias_is_added_before_the_norm(triton_backend):
+    """x_bias joins x before anything else: LayerNorm of x + x_bias + residual, and the sum with
+    it; a kernel that added it after normalizing, or to the sum only, misses."""
+    x, weight, bias = make((6, 40), torch.float32)
+    residual = residual_for(x, True)
+    x_bias = torch.randn(40, device=DEVICE) * 5
+    total, normed = add_layer_norm(x, residual, weight, bias, 1e-5, None, x_bias)
+    want = x + x_bias + residual
+    torch.testing.assert_close(total, want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        normed, F.layer_norm(want, (40,), weight, bias), atol=1e-4, rtol=1e-4
+    )
 
 
 def test_transposed_input_falls_back_to_eager(triton_backend, monkeypatch):
@@ -207,8 +224,8 @@ def test_fake_kernel_matches_real_output(triton_backend):
     checks = ("test_schema", "test_faketensor")
     torch.library.opcheck(layer_norm_triton, (x, weight, bias, 1e-5), test_utils=checks)
     residual = residual_for(x, True)
-    for sum_bias in (None, bias):
-        args = (x, residual, weight, bias, 1e-5, sum_bias)
+    for sum_bias, x_bias in ((None, None), (bias, None), (None, weight), (bias, weight)):
+        args = (x, residual, weight, bias, 1e-5, sum_bias, x_bias)
         torch.library.opcheck(add_layer_norm_triton, args, test_utils=checks)
 
 
@@ -225,7 +242,7 @@ def test_sd_shapes_on_gpu(monkeypatch, shape, dtype, residual):
     x, weight, bias = make(shape, dtype)
     with use_backend("triton"):
         check(x, weight, bias, what=str(shape), residual=residual_for(x, residual))
-    assert counter.calls == (2 if residual else 1)  # the kernel ran, not an eager fallback
+    assert counter.calls == (4 if residual else 1)  # the kernel ran, not an eager fallback
 
 
 def test_strided_weight_bias_and_sum_bias_match_the_reference(triton_backend):
@@ -233,10 +250,10 @@ def test_strided_weight_bias_and_sum_bias_match_the_reference(triton_backend):
     kernel indexes them with unit stride, so such parameters must not reach it as they are."""
     x, _, _ = make((3, 5, 24), torch.float32)
     residual = residual_for(x, True)
-    weight, bias, sum_bias = (torch.randn(48, device=DEVICE)[::2] for _ in range(3))
+    weight, bias, sum_bias, x_bias = (torch.randn(48, device=DEVICE)[::2] for _ in range(4))
     for w, b in ((weight, None), (None, bias), (weight, bias)):
         check(x, w, b, what=f"strided weight {w is not None}, bias {b is not None}")
-    args = (x, residual, weight, bias, 1e-5, sum_bias)
+    args = (x, residual, weight, bias, 1e-5, sum_bias, x_bias)
     for got, want, eager, name in zip(
         add_layer_norm(*args),
         add_layer_norm_reference(*args),
