@@ -72,3 +72,7 @@ def test_profile_categories():
         "convolution"
     )
     assert category("void cudnn::engines_precompiled::nchwToNhwcKernel") == "layout conversion"
+    # the fused GEGLU projection is a GEMM (its name also says geglu, an elementwise word)
+    assert category("fastdiff::linear_geglu") == "gemm"
+    assert category("linear_geglu_kernel") == "gemm"
+    assert category("geglu_kernel") == "elementwise"
