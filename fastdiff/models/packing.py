@@ -62,11 +62,15 @@ def pack_rows(kinds: list[list[torch.Tensor]]) -> bool:
 
 
 def context_attentions(model: torch.nn.Module) -> list[Attention]:
-    """The fused cross-attention modules (``to_kv``) of ``model``, in module order."""
+    """The fused cross-attention modules of ``model`` whose ``to_kv`` is an ``nn.Linear`` (not a
+    wrapper such as a LoRA adapter module), in module order."""
     return [
         module
         for module in model.modules()
-        if isinstance(module, Attention) and module.is_cross_attention and module.fused
+        if isinstance(module, Attention)
+        and module.is_cross_attention
+        and module.fused
+        and isinstance(module.to_kv, torch.nn.Linear)
     ]
 
 
@@ -91,10 +95,11 @@ def context_projections(
     """Every packed module's keys and values of ``context`` from one GEMM: ``ContextProjections``
     for the blocks to pass down in place of the context. ``context`` itself where that does not
     apply (nothing packed, the weights no longer packed, a dtype that differs, gradients
-    wanted); a patched or hooked ``to_kv`` gets no view and projects the context itself."""
-    if not modules:
-        return context
-    layers = [module.to_kv for module in modules]
+    wanted, a ``to_kv`` replaced by another module); a patched or hooked ``to_kv`` gets no view
+    and projects the context itself."""
+    layers = [getattr(module, "to_kv", None) for module in modules]
+    if not layers or not all(isinstance(layer, torch.nn.Linear) for layer in layers):
+        return context  # a to_kv replaced since packing (a wrapper): each module projects
     weight = packed_rows([layer.weight for layer in layers])
     has_bias = layers[0].bias is not None
     bias = packed_rows([layer.bias for layer in layers]) if has_bias else None

@@ -127,13 +127,33 @@ class BasicTransformerBlock(nn.Module):
             and not needs_autograd(x, context_states(context), *self.parameters())
         )
 
+    def context_for_attn2(
+        self, context: torch.Tensor | ContextProjections | None
+    ) -> torch.Tensor | ContextProjections | None:
+        """The context as attn2 takes it: keys and values projected ahead only for a plain
+        ``Attention`` (a replaced, patched or hooked attn2, its hooks, see the tensor)."""
+        if isinstance(self.attn2, Attention) and plain_layer(self.attn2):
+            return context
+        return context_states(context)
+
+    @staticmethod
+    def attend_without_output_bias(
+        attention: nn.Module, x: torch.Tensor, *context
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``Attention.without_output_bias`` for fastdiff's ``Attention``; any other module
+        (a replacement) is called as it is, its output whole."""
+        if isinstance(attention, Attention):
+            return attention.without_output_bias(x, *context)
+        return attention(x, *context), None
+
     def forward(
         self, x: torch.Tensor, context: torch.Tensor | ContextProjections | None
     ) -> torch.Tensor:
+        context = self.context_for_attn2(context)
         if self.fold_biases and plain_layer(self.norm2) and plain_layer(self.norm3):
-            attended, out_bias = self.attn1.without_output_bias(self.norm1(x))
+            attended, out_bias = self.attend_without_output_bias(self.attn1, self.norm1(x))
             x, hidden = self.norm2.after_residual(attended, x, x_bias=out_bias)
-            attended, out_bias = self.attn2.without_output_bias(hidden, context)
+            attended, out_bias = self.attend_without_output_bias(self.attn2, hidden, context)
             if self.accumulates_feed_forward(x, context):
                 ff_bias = self.ff.net[2].bias
                 x, hidden = self.norm3.after_residual(attended, x, ff_bias, out_bias)

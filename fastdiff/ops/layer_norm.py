@@ -117,7 +117,7 @@ def add_layer_norm_eager(x, residual, weight, bias, eps: float = 1e-5, sum_bias=
     """Plain PyTorch: the addition (rounded to ``x.dtype``; ``x + x_bias`` first, rounded, as the
     linear layer that made x would have added its bias), then LayerNorm of the rounded sum (and
     the sum plus ``sum_bias``, a third operation)."""
-    total = (x if x_bias is None else x + x_bias) + residual
+    total = (x if x_bias is None else x + x_bias.to(x.dtype)) + residual
     normed = layer_norm_eager(total, weight, bias, eps)
     return (total if sum_bias is None else total + sum_bias), normed
 

@@ -27,7 +27,9 @@ from fastdiff.ops.backend import (
 from fastdiff.ops.geglu import geglu, geglu_eager, geglu_reference
 
 
-def check_linear_geglu_args(x: torch.Tensor, weight: torch.Tensor, bias) -> None:
+def check_linear_geglu_args(
+    x: torch.Tensor, weight: torch.Tensor, bias, same_dtype: bool = True
+) -> None:
     if not isinstance(x, torch.Tensor) or not isinstance(weight, torch.Tensor):
         raise ValueError(
             f"linear_geglu expects tensors x and weight, got {type(x).__name__} and "
@@ -49,7 +51,9 @@ def check_linear_geglu_args(x: torch.Tensor, weight: torch.Tensor, bias) -> None
         shape = tuple(bias.shape) if isinstance(bias, torch.Tensor) else type(bias).__name__
         raise ValueError(f"linear_geglu: bias has shape {shape}, expected ({weight.shape[0]},)")
     for name, param in (("weight", weight), ("bias", bias)):
-        if param is not None and (param.dtype != x.dtype or param.device != x.device):
+        if param is None:
+            continue
+        if param.device != x.device or (same_dtype and param.dtype != x.dtype):
             raise ValueError(
                 f"linear_geglu: {name} is {param.dtype} on {param.device}, x is {x.dtype} on "
                 f"{x.device}; they must match"
@@ -97,15 +101,28 @@ def linear_geglu_triton_supports(x: torch.Tensor, weight: torch.Tensor, bias) ->
     )
 
 
+def autocast_enabled(device_type: str) -> bool:
+    """``torch.is_autocast_enabled(device_type)``, False for a device type autocast does not know
+    (meta tensors, which the FLOP counter runs the models on)."""
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except RuntimeError:
+        return False
+
+
 def linear_geglu(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
 ) -> torch.Tensor:
     """``value * gelu(gate)`` for ``[value | gate] = x @ weight.T + bias`` (exact-erf GELU):
     x (..., K), weight (2 * inner, K) and bias (2 * inner,) as ``nn.Linear`` stores them, value
-    rows first (diffusers' ``GEGLU``); returns (..., inner)."""
-    check_linear_geglu_args(x, weight, bias)
+    rows first (diffusers' ``GEGLU``); returns (..., inner).
+
+    Under ``torch.autocast`` it runs the two steps, so the projection is autocast as
+    ``nn.Linear``'s would be (fp32 weights with half-precision activations, for example)."""
+    autocast = autocast_enabled(x.device.type)
+    check_linear_geglu_args(x, weight, bias, same_dtype=not autocast)
     backend = select_backend(x, "linear_geglu", lambda: linear_geglu_key(x, weight))
-    if needs_autograd(x, weight, bias):
+    if needs_autograd(x, weight, bias) or autocast:
         backend = "eager"
     if backend == "triton" and linear_geglu_triton_supports(x, weight, bias):
         return linear_geglu_triton(x, weight, bias)

@@ -370,6 +370,27 @@ def test_attention_output_biases_join_the_norms_after_them(residual_norms, linea
     assert x_biases.count(True) == 2 - len(own_bias[patched])
 
 
+class Replaced(torch.nn.Module):
+    """Another module in an attention's place (wrapping it, as some adapters do)."""
+
+    def __init__(self, inner: torch.nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x, context=None):
+        return self.inner(x, context) * 1.5
+
+
+@pytest.mark.parametrize("name", ["attn1", "attn2"])
+def test_a_replaced_attention_is_called_as_it_is(name):
+    block = BasicTransformerBlock(16, 2, 8, 12).eval()
+    randomize_biases(block)
+    setattr(block, name, Replaced(getattr(block, name)))
+    x, context = torch.randn(2, 10, 16), torch.randn(2, 5, 12)
+    expected, folded = unfolded_and_folded(block, x, context)
+    torch.testing.assert_close(folded, expected, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("trained", ["all", "norm3-only"])
 def test_transformer_block_with_gradients_keeps_the_sum_for_backward(linear_calls, trained):
     block = BasicTransformerBlock(16, 2, 8, 12)

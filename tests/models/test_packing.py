@@ -160,3 +160,58 @@ def test_gradients_take_each_modules_own_projection(trained):
         for module in context_attentions(unet):
             assert module.to_kv.weight.grad is not None
             assert module.to_kv.weight.grad.abs().sum() > 0
+
+
+class LoRAWrapper(torch.nn.Module):
+    """A linear layer wrapped with a low-rank update, as adapter libraries replace layers."""
+
+    def __init__(self, base: torch.nn.Linear) -> None:
+        super().__init__()
+        self.base = base
+        self.down = torch.nn.Linear(base.in_features, 2, bias=False)
+        self.up = torch.nn.Linear(2, base.out_features, bias=False)
+
+    def forward(self, x):
+        return self.base(x) + self.up(self.down(x))
+
+
+@pytest.mark.parametrize("when", ["before-folding", "after-folding"])
+def test_a_to_kv_replaced_by_a_wrapper_projects_the_context_itself(when):
+    unet = fused_unet()
+    x, t, context = unet_inputs()
+    module = context_attentions(unet)[1]
+    with torch.no_grad():
+        if when == "before-folding":
+            module.to_kv = LoRAWrapper(module.to_kv)
+            expected = unet(x, t, context)
+            unet.fold_conv_biases()
+            assert module not in unet.packed_context_modules
+        else:
+            unet.fold_conv_biases()
+            module.to_kv = LoRAWrapper(module.to_kv)
+            unet.fold_conv_biases(False)
+            expected = unet(x, t, context)
+            unet.fold_conv_biases()
+        folded = unet(x, t, context)
+    torch.testing.assert_close(folded, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_hooks_on_attn2_see_the_context_tensor():
+    """A pre-hook on a cross-attention (as image-prompt adapters change the context) gets the
+    context tensor, not the projections computed ahead, and its change takes effect."""
+    unet = fused_unet()
+    x, t, context = unet_inputs()
+    module = context_attentions(unet)[0]
+    seen = []
+
+    def hook(layer, args):
+        seen.append(type(args[1]))
+        return (args[0], args[1] * 2.0)
+
+    module.register_forward_pre_hook(hook)
+    with torch.no_grad():
+        expected = unet(x, t, context)
+        unet.fold_conv_biases()
+        folded = unet(x, t, context)
+    torch.testing.assert_close(folded, expected, rtol=1e-5, atol=1e-5)
+    assert seen == [torch.Tensor, torch.Tensor]

@@ -150,6 +150,18 @@ def test_add_layer_norm_bad_sum_or_x_bias_raises(name, extra):
         add_layer_norm(x, x, **{name: extra})
 
 
+def test_add_layer_norm_eager_takes_an_x_bias_of_another_float_dtype():
+    """The eager helper adds an fp32 x_bias to fp16 x as the linear layer would have: in x's
+    dtype (the sum must not become fp32, which F.layer_norm's fp16 weights then refuse)."""
+    x, weight, bias = make((4, 24), torch.float16)
+    residual = residual_for(x, True)
+    x_bias = torch.randn(24, device=DEVICE)
+    total, normed = add_layer_norm_eager(x, residual, weight, bias, 1e-5, None, x_bias)
+    assert total.dtype == normed.dtype == torch.float16
+    want = add_layer_norm_eager(x, residual, weight, bias, 1e-5, None, x_bias.half())
+    torch.testing.assert_close((total, normed), want)
+
+
 def test_add_layer_norm_x_bias_is_added_before_the_norm(triton_backend):
     """x_bias joins x before anything else: LayerNorm of x + x_bias + residual, and the sum with
     it; a kernel that added it after normalizing, or to the sum only, misses."""

@@ -223,3 +223,20 @@ def test_the_feed_forward_fuses_only_a_plain_projection(triton_backend, monkeypa
         want = geglu_reference(module.proj(x))  # the (patched) projection, then the activation
     torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
     assert (fused.calls, separate.calls) == ((1, 0) if patch is None else (0, 1))
+
+
+def test_autocast_runs_the_two_steps(triton_backend, monkeypatch):
+    """Under torch.autocast the projection is autocast as nn.Linear's is (fp32 weights with
+    bfloat16 activations here): the op runs the two steps rather than refusing the dtype mix, and
+    the GEGLU module gives what diffusers' layout gives under autocast."""
+    from fastdiff.models.transformer import GEGLU
+
+    fused = CallCounter(monkeypatch, linear_geglu_kernels, "linear_geglu_forward")
+    module = GEGLU(16, 8).to(DEVICE)
+    x = torch.randn(3, 16, device=DEVICE)
+    with torch.no_grad(), torch.autocast(DEVICE, dtype=torch.bfloat16):
+        out = module(x)
+        want = geglu_reference(module.proj(x))
+    assert out.dtype == want.dtype == torch.bfloat16
+    torch.testing.assert_close(out, want)
+    assert fused.calls == 0
