@@ -48,9 +48,33 @@ def plain_layer(layer: nn.Module | None) -> bool:
     )
 
 
+def is_conv3x3(conv: nn.Conv2d) -> bool:
+    """A 3x3 convolution with stride 1, zero padding 1, no dilation or groups: what
+    ``fastdiff.ops.conv3x3`` computes."""
+    return (
+        tuple(conv.kernel_size) == (3, 3)
+        and tuple(conv.stride) == (1, 1)
+        and tuple(conv.padding) == (1, 1)
+        and tuple(conv.dilation) == (1, 1)
+        and conv.groups == 1
+        and conv.padding_mode == "zeros"
+    )
+
+
 def conv_without_bias(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
-    """``conv(x)`` less its bias (the caller adds the bias where it costs no kernel of its own)."""
+    """``conv(x)`` less its bias (the caller adds the bias where it costs no kernel of its own);
+    a 3x3 one through ``ops.conv3x3``."""
+    if is_conv3x3(conv):
+        return ops.conv3x3(x, conv.weight, None)
     return F.conv2d(x, conv.weight, None, conv.stride, conv.padding, conv.dilation, conv.groups)
+
+
+def run_conv(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """``conv(x)``; a plain 3x3 one (see ``plain_layer``) through ``ops.conv3x3``, whose backend
+    may run the split-reduction kernel on small channels-last maps."""
+    if plain_layer(conv) and is_conv3x3(conv):
+        return ops.conv3x3(x, conv.weight, conv.bias)
+    return conv(x)
 
 
 def pointwise_as_linear(
@@ -172,7 +196,7 @@ class ResnetBlock2D(nn.Module):
                 offset = shift if offset is None else shift + offset
             hidden = self.norm2(hidden, silu=True, offset=offset)
         else:
-            hidden = self.conv1(hidden)
+            hidden = run_conv(self.conv1, hidden)
             if shift is not None:
                 hidden = hidden + shift[:, :, None, None]
             hidden = self.norm2(hidden, silu=True)
@@ -191,7 +215,7 @@ class ResnetBlock2D(nn.Module):
             rows = pointwise_as_linear(x.permute(0, 2, 3, 1), self.conv_shortcut, self.conv2.bias)
             shortcut = rows.permute(0, 3, 1, 2)  # channels-last again, no copy
         else:
-            hidden = self.conv2(hidden)
+            hidden = run_conv(self.conv2, hidden)
             shortcut = self.conv_shortcut(x) if self.conv_shortcut is not None else x
         out = shortcut + hidden
         if self.output_scale_factor != 1.0:

@@ -1,5 +1,6 @@
 """Per-op, per-shape backend choice from measured timings (cuda vs triton; triton vs eager SDPA
-for attention; the fused triton kernel vs cuBLAS and the GEGLU kernel for linear_geglu).
+for attention; the fused triton kernel vs cuBLAS and the GEGLU kernel for linear_geglu; the
+split-reduction kernel vs cuDNN for conv3x3).
 
 The table is a small JSON file written by ``benchmarks/bench_cuda_backend.py`` on a GPU:
 
@@ -17,7 +18,8 @@ from a results CSV). ``preferred_backend(op, key)`` answers, among the op's ``CA
      views), the answer for the same key without it;
   4. else, for the ops in ``MAJORITY_OPS``, the backend fastest at most of the op's measured
      keys in that dtype;
-  5. else the op's ``UNMEASURED_BACKEND`` (linear_geglu: eager, the two-step path), else
+  5. else the op's ``UNMEASURED_BACKEND`` (linear_geglu: eager, the two-step path; conv3x3:
+     eager, cuDNN), else
      ``DEFAULT_BACKEND`` (triton: the default kernel backend, tested everywhere).
 A measured winner is only a preference: the op still checks that the chosen backend supports the
 input (``supports_<op>``) and falls back explicitly when it does not.
@@ -85,6 +87,11 @@ def linear_geglu_key(x: torch.Tensor, weight: torch.Tensor) -> str:
     return f"{rows}x{depth}x{weight.shape[0]}|{DTYPE_NAMES.get(x.dtype, str(x.dtype))}"
 
 
+def conv3x3_key(x: torch.Tensor, weight: torch.Tensor) -> str:
+    """Key of a conv3x3 input: its shape B x C x H x W, dtype, layout and output channels."""
+    return f"{group_norm_key(x)}|out{weight.shape[0]}"
+
+
 # Ops whose shapes with no measurement near them go to the backend that won most of the op's
 # measured shapes (same dtype) rather than to DEFAULT_BACKEND. Attention: both candidates are fast
 # kernels (ours and PyTorch's SDPA), and ours autotunes for seconds at each new shape.
@@ -97,11 +104,13 @@ CANDIDATES = {
     "sampler_step": ("cuda", "triton"),
     "attention": ("triton", "eager"),
     "linear_geglu": ("triton", "eager"),
+    "conv3x3": ("triton", "eager"),
 }
 
 # The backend of an op's shapes with no measurement near them, where it is not DEFAULT_BACKEND:
-# linear_geglu's fused kernel replaces a cuBLAS GEMM, so it runs only where it was timed faster.
-UNMEASURED_BACKEND = {"linear_geglu": "eager"}
+# linear_geglu's fused kernel replaces a cuBLAS GEMM and conv3x3's a cuDNN convolution, so they
+# run only where they were timed faster.
+UNMEASURED_BACKEND = {"linear_geglu": "eager", "conv3x3": "eager"}
 
 
 def _validate(table: object, source: str) -> dict[str, dict[str, float]]:

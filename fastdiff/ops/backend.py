@@ -237,6 +237,16 @@ def check_eps(op: str, eps: float) -> None:
         raise ValueError(f"{op}: eps must be a finite number >= 0, got {eps!r}")
 
 
+def autocast_enabled(device_type: str) -> bool:
+    """``torch.is_autocast_enabled(device_type)``, False for a device type autocast does not know
+    (meta tensors, which the FLOP counter runs the models on). Ops that replace a PyTorch
+    GEMM or convolution run PyTorch's under autocast, which casts its inputs as it does."""
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except RuntimeError:
+        return False
+
+
 def needs_autograd(*tensors: torch.Tensor | None) -> bool:
     """True when a gradient must flow through these inputs. The kernels are forward-only, so the
     ops send such calls (training) to the eager path, which autograd differentiates."""

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from fastdiff.ops.autoselect import linear_geglu_key
 from fastdiff.ops.backend import (
+    autocast_enabled,
     kernel_dtype_supported,
     needs_autograd,
     rows_are_viewable,
@@ -99,15 +100,6 @@ def linear_geglu_triton_supports(x: torch.Tensor, weight: torch.Tensor, bias) ->
     return bias is None or (
         bias.dtype == x.dtype and bias.device == x.device and bias.is_contiguous()
     )
-
-
-def autocast_enabled(device_type: str) -> bool:
-    """``torch.is_autocast_enabled(device_type)``, False for a device type autocast does not know
-    (meta tensors, which the FLOP counter runs the models on)."""
-    try:
-        return torch.is_autocast_enabled(device_type)
-    except RuntimeError:
-        return False
 
 
 def linear_geglu(

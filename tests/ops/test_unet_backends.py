@@ -4,6 +4,7 @@ rule: fp16 triton error against an fp32 eager reference <= 2 x the fp16 eager er
 from __future__ import annotations
 
 import fastdiff.kernels.attention as attention_kernels
+import fastdiff.kernels.conv3x3 as conv3x3_kernels
 import fastdiff.kernels.group_norm as group_norm_kernels
 import fastdiff.kernels.layer_norm as layer_norm_kernels
 import fastdiff.kernels.linear_geglu as linear_geglu_kernels
@@ -32,8 +33,9 @@ def compare_backends(
     name: str, device: str, dtype: torch.dtype, monkeypatch, fold_biases: bool = False
 ) -> None:
     """Eager (fp32 reference, then ``dtype``) against triton; with ``fold_biases`` the triton run
-    fuses the projections and folds the convolution biases (norm2's time-embedding offset inside
-    the GroupNorm kernel) and packs the cross-attentions' key and value projections."""
+    fuses the projections, goes channels-last and folds the convolution biases (norm2's
+    time-embedding offset inside the GroupNorm kernel), packing the cross-attentions' key and
+    value projections."""
     counters = [
         CallCounter(monkeypatch, module, launcher)
         for module, launcher in (
@@ -58,11 +60,18 @@ def compare_backends(
         with use_backend("eager"):
             eager = model(**cast(inputs, device, dtype))
         assert all(counter.calls == 0 for counter in counters)
-        if fold_biases:  # as optimize() prepares it: the cross-attentions' to_kv packed too
+        fast_inputs = cast(inputs, device, dtype)
+        if fold_biases:  # as optimize() prepares it: fused projections (the cross-attentions'
+            # to_kv then packed) and channels-last, where the 3x3 convolutions of these small
+            # maps take the conv3x3 kernel
             model.fuse_qkv_projections()
+            model.to(memory_format=torch.channels_last)
+            sample = fast_inputs["sample"]
+            fast_inputs["sample"] = sample.contiguous(memory_format=torch.channels_last)
+            counters.append(CallCounter(monkeypatch, conv3x3_kernels, "conv3x3_forward"))
         model.fold_conv_biases(fold_biases)
         with use_backend("triton"):
-            fused = model(**cast(inputs, device, dtype))
+            fused = model(**fast_inputs)
     # Every kernel of a transformer U-Net ran (not a silent eager fallback).
     assert all(counter.calls > 0 for counter in counters), [c.calls for c in counters]
     assert_within_tolerance(fused, reference.to(dtype), eager, f"{name} U-Net {dtype}")
