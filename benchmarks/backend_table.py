@@ -1,7 +1,8 @@
 """Build the ``auto`` backend's table (fastdiff/ops/autoselect.py) from a benchmark results CSV.
 
-Reads the GroupNorm+SiLU, attention and linear_geglu rows that bench_group_norm.py,
-bench_attention.py and bench_linear_geglu.py append to ``benchmarks/results/<gpu>.csv`` and
+Reads the GroupNorm+SiLU, attention, linear_geglu and conv3x3 rows that bench_group_norm.py,
+bench_attention.py, bench_linear_geglu.py and bench_conv3x3.py append to
+``benchmarks/results/<gpu>.csv`` and
 writes, per op and input key, the measured ms of each backend (provider fastdiff = triton, eager =
 PyTorch, cuda = the CUDA extension; for linear_geglu, fastdiff-two-steps = its eager backend). The
 latest row wins when a case was measured more than once; failed rows (no ms) are left out.
@@ -48,6 +49,9 @@ def row_key(row: dict[str, str]) -> tuple[str, str] | None:
             return "attention", key + (STRIDED if views else "")
     if row["benchmark"] == "linear_geglu":  # workload "<name> <rows>x<K>x<2I>"
         return "linear_geglu", f"{row['workload'].split()[-1]}|{dtype}"
+    if row["benchmark"] == "conv3x3":  # workload "<name> <B>x<C>x<H>x<W> out<N>", channels-last
+        shape, out = row["workload"].split()[-2:]
+        return "conv3x3", f"{shape}|{dtype}|nhwc|{out}"
     return None
 
 
@@ -81,7 +85,7 @@ def main() -> None:
     table = build_table(args.csv)
     if not table["entries"]:
         raise SystemExit(
-            f"{args.csv}: no group_norm_silu, attention or linear_geglu rows with timings"
+            f"{args.csv}: no group_norm_silu, attention, linear_geglu or conv3x3 rows with timings"
         )
     text = json.dumps(table, indent=1) + "\n"
     if args.out is None:

@@ -6,6 +6,8 @@ Random weights at the real architectures (benchmarks/model_configs.py), fp16 on 
   fastdiff-nofold    fastdiff with optimize(fold_biases=False) (what the folds buy)
   fastdiff-fusedgeglu fastdiff with the feed-forward's fused GEGLU projection (linear_geglu's
                      triton kernel) wherever the auto table has not measured it (what it buys)
+  fastdiff-conv3x3   fastdiff with the split-reduction 3x3 convolution kernel (conv3x3) on the
+                     small feature maps wherever the table has not measured it (what it buys)
   fastdiff-nograph   the same without the CUDA graph (what graphs buy)
   fastdiff-nchw      fastdiff with NCHW activations (what channels-last buys)
   fastdiff-nokernels fastdiff with PyTorch's ops instead of ours (what the kernels buy)
@@ -39,6 +41,7 @@ PROVIDERS = (
     "fastdiff",
     "fastdiff-nofold",
     "fastdiff-fusedgeglu",
+    "fastdiff-conv3x3",
     "fastdiff-nograph",
     "fastdiff-nchw",
     "fastdiff-nokernels",
@@ -108,15 +111,20 @@ def unet_flops(work: UNetWorkload) -> float | None:
         return None
 
 
+# Providers that run one untimed kernel wherever the auto table has not measured it, to put
+# the optimized step with it beside the default's in one run.
+UNTIMED_KERNEL_PROVIDERS = {"fastdiff-fusedgeglu": "linear_geglu", "fastdiff-conv3x3": "conv3x3"}
+
+
 @contextlib.contextmanager
-def fused_geglu_where_unmeasured() -> Iterator[None]:
-    """The auto backend sending linear_geglu to its fused kernel at every shape the table has not
-    measured (where it otherwise keeps the two steps): fastdiff-fusedgeglu's calls, so that one
-    run puts the fused feed-forward's step time beside the default's."""
+def kernel_where_unmeasured(op: str) -> Iterator[None]:
+    """The auto backend sending ``op`` (one of autoselect's UNMEASURED_BACKEND) to its triton
+    kernel at every shape the table has not measured, where it otherwise keeps PyTorch's path;
+    the other ops as they are."""
     from fastdiff.ops import autoselect
 
     saved = autoselect.UNMEASURED_BACKEND
-    autoselect.UNMEASURED_BACKEND = {}
+    autoselect.UNMEASURED_BACKEND = {name: backend for name, backend in saved.items() if name != op}
     autoselect.cached_preference.cache_clear()
     try:
         yield
@@ -148,6 +156,7 @@ def provider_setup(
             "fastdiff",
             "fastdiff-nofold",
             "fastdiff-fusedgeglu",
+            "fastdiff-conv3x3",
             "fastdiff-nograph",
             "fastdiff-nchw",
             "fastdiff-nokernels",
@@ -176,16 +185,16 @@ def provider_setup(
             # On CPU the cache replays eagerly: the same code path, without capture.
             graphed = GraphedCall(model, mb.graph_cache(), kind="unet")
             kernels = provider != "fastdiff-nokernels"
-            fused = provider == "fastdiff-fusedgeglu"
+            untimed = UNTIMED_KERNEL_PROVIDERS.get(provider)
 
             def run_graphed():
                 # The backend is part of the graph's key, so it is set on every call, as
-                # optimize()'s runtime does. (This provider's cache is its own: its graph is
-                # never fastdiff's.)
+                # optimize()'s runtime does. (Each provider's cache is its own: an untimed
+                # kernel's graph is never fastdiff's.)
                 with ops_backend(kernels):
-                    if not fused:
+                    if untimed is None:
                         return graphed(**inputs)
-                    with fused_geglu_where_unmeasured():
+                    with kernel_where_unmeasured(untimed):
                         return graphed(**inputs)
 
             run_graphed.graphed = graphed  # read by model_bench.run_case
@@ -222,6 +231,7 @@ def default_providers(compile_: bool) -> list[str]:
         providers += [
             "fastdiff-nofold",
             "fastdiff-fusedgeglu",
+            "fastdiff-conv3x3",
             "fastdiff-nokernels",
             "fastdiff-nchw",
             "fastdiff-nograph",

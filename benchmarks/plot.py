@@ -19,6 +19,7 @@ KERNEL_BENCHMARKS = (
     "layer_norm",
     "geglu",
     "linear_geglu",
+    "conv3x3",
 )
 
 

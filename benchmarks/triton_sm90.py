@@ -299,6 +299,37 @@ def linear_geglu_config_cases() -> list[tuple[str, Callable[[], object]]]:
     ]
 
 
+# (batch, in channels, height, width, out channels) of SD1.5's ResNet convolutions at the
+# feature maps the split-reduction conv3x3 kernel is for
+CONV3X3_SHAPES = [(2, 1280, 8, 8, 1280), (2, 2560, 8, 8, 1280), (2, 1280, 16, 16, 1280)]
+
+
+def conv3x3_cases(quick: bool) -> list[tuple[str, Callable[[], object]]]:
+    """The conv3x3 kernel (and, with a split reduction, its summing kernel) on the H200's 132
+    SMs, as the launcher sizes the split there."""
+    import fastdiff.kernels.conv3x3 as conv3x3
+
+    shapes = CONV3X3_SHAPES[:1] if quick else CONV3X3_SHAPES
+    dtypes = {"fp16": torch.float16} if quick else DTYPES
+    cases = []
+    for batch, channels, height, width, out_channels in shapes:
+        for name, dtype in dtypes.items():
+
+            def launch(b=batch, c=channels, h=height, w=width, n=out_channels, dtype=dtype):
+                saved = conv3x3.programs_available
+                conv3x3.programs_available = lambda device: 132
+                try:
+                    x = torch.empty(b, c, h, w, dtype=dtype, memory_format=torch.channels_last)
+                    weight = torch.empty(n, c, 3, 3, dtype=dtype)
+                    return conv3x3.conv3x3_forward(x, weight, weight[:, 0, 0, 0].contiguous())
+                finally:
+                    conv3x3.programs_available = saved
+
+            label = f"conv3x3 {batch}x{channels}x{height}x{width}->{out_channels} {name}"
+            cases.append((label, launch))
+    return cases
+
+
 def sampler_step_cases(quick: bool) -> list[tuple[str, Callable[[], object]]]:
     from fastdiff.kernels.sampler_step import sampler_step_forward
 
@@ -421,6 +452,7 @@ def compiled_kernels() -> int:
     """Kernels compiled so far in this process, over fastdiff's Triton kernels."""
     from fastdiff.kernels import (
         attention,
+        conv3x3,
         geglu,
         group_norm,
         group_norm_split,
@@ -430,7 +462,7 @@ def compiled_kernels() -> int:
     )
 
     total = 0
-    modules = (attention, geglu, group_norm, group_norm_split, layer_norm, linear_geglu)
+    modules = (attention, conv3x3, geglu, group_norm, group_norm_split, layer_norm, linear_geglu)
     for module in (*modules, sampler_step):
         for value in vars(module).values():
             while hasattr(value, "fn") and not isinstance(value, JITFunction):
@@ -630,7 +662,7 @@ def main(argv: list[str] | None = None) -> int:
         return autotune_compile(args.autotune_compile)
     cases = group_norm_cases(args.quick) + attention_cases(args.quick)
     cases += row_cases(args.quick) + linear_geglu_cases(args.quick)
-    cases += sampler_step_cases(args.quick)
+    cases += conv3x3_cases(args.quick) + sampler_step_cases(args.quick)
     if args.all_configs:
         cases += all_config_cases() + linear_geglu_config_cases()
     rows: list[Compiled] = []
@@ -653,7 +685,8 @@ def main(argv: list[str] | None = None) -> int:
                 failures.append(f"{label}: {name} compiled without FP fusion")
             row = Compiled(label, name, meta.num_warps, meta.num_stages, meta.shared)
             row.registers, row.spilled, hgmma = resources(kernel)
-            row.hgmma = hgmma if "attention" in name or "linear_geglu" in name else None
+            dots = ("attention", "linear_geglu", "conv3x3_kernel")
+            row.hgmma = hgmma if any(kind in name for kind in dots) else None
             rows.append(row)
     header = f"{'case':58} {'kernel':34} {'warps':>5} {'stages':>6} {'regs':>5} {'spill B':>7}"
     print(header + f" {'smem B':>7} {'HGMMA':>5}")

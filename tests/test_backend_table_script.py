@@ -9,12 +9,14 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from fastdiff.ops import autoselect
 
 ROOT = Path(__file__).resolve().parents[1]
 VIEWS = "sd15 self 64x64 (fused-qkv views)"
 LINEAR = "sd15 64x64 8192x320x2560"
+CONV = "sd15 8x8 2x1280x8x8 out1280"
 COLUMNS = ["timestamp", "device", "benchmark", "workload", "provider", "ms", "dtype"]
 ROWS = [
     (
@@ -50,6 +52,8 @@ ROWS = [
     ("2026-01-01T00:00:00", "GPU X", "linear_geglu", LINEAR, "fastdiff-two-steps", "0.05", "fp16"),
     ("2026-01-01T00:00:00", "GPU X", "linear_geglu", LINEAR, "eager", "0.01", "fp16"),
     ("2026-01-01T00:00:00", "GPU X", "linear_geglu", LINEAR, "fastdiff-64x64", "0.02", "fp16"),
+    ("2026-01-01T00:00:00", "GPU X", "conv3x3", CONV, "fastdiff", "0.012", "fp16"),
+    ("2026-01-01T00:00:00", "GPU X", "conv3x3", CONV, "eager", "0.023", "fp16"),
     (
         "2026-01-01T00:00:00",
         "GPU X",
@@ -93,6 +97,7 @@ def test_table_from_csv_keys_backends_and_latest_rows(results_csv, tmp_path):
         ("attention", "2x8x4096x40|fp16|keys4096"): {"eager": 0.16, "triton": 0.41},
         ("attention", "2x8x4096x40|fp16|keys4096|strided"): {"eager": 0.15, "triton": 0.18},
         ("linear_geglu", "8192x320x2560|fp16"): {"triton": 0.025, "eager": 0.05},
+        ("conv3x3", "2x1280x8x8|fp16|nhwc|out1280"): {"triton": 0.012, "eager": 0.023},
     }
     timings = autoselect._validate(table, "test")
     assert autoselect.preferred_backend("group_norm", "2x640x32x32|fp16|nhwc", table=timings) == (
@@ -105,3 +110,9 @@ def test_table_from_csv_keys_backends_and_latest_rows(results_csv, tmp_path):
         autoselect.preferred_backend("linear_geglu", "8192x320x2560|fp16", table=timings)
         == "triton"
     )
+    # the key the table writes is the one the op looks up for the same input
+    x = torch.empty(2, 1280, 8, 8, dtype=torch.float16).contiguous(
+        memory_format=torch.channels_last
+    )
+    key = autoselect.conv3x3_key(x, torch.empty(1280, 1280, 3, 3))
+    assert autoselect.preferred_backend("conv3x3", key, table=timings) == "triton"

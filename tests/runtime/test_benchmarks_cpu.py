@@ -252,15 +252,21 @@ def test_linear_geglu_providers_run_their_variants(monkeypatch):
     assert geglu_calls.calls == 1 and linear_geglu_kernels.config_override is None
 
 
-def test_fusedgeglu_provider_sends_linear_geglu_to_the_fused_kernel():
-    """bench_unet's fastdiff-fusedgeglu rows: inside, the auto backend's answer for an
-    unmeasured linear_geglu shape is the fused kernel; outside (and after), the two steps."""
+@pytest.mark.parametrize("provider", sorted(bench_unet.UNTIMED_KERNEL_PROVIDERS))
+def test_untimed_kernel_providers_switch_on_their_kernel_only(provider):
+    """bench_unet's fastdiff-fusedgeglu and fastdiff-conv3x3 rows: inside, the auto backend's
+    answer for an unmeasured shape of that op is its triton kernel, the other op's stays
+    PyTorch's; outside (and after), both are PyTorch's."""
     from fastdiff.ops import autoselect
 
-    key = "8192x320x2560|fp16"
-    empty = {}
-    assert autoselect.preferred_backend("linear_geglu", key, table=empty) == "eager"
-    with bench_unet.fused_geglu_where_unmeasured():
-        assert autoselect.preferred_backend("linear_geglu", key, table=empty) == "triton"
-    assert autoselect.preferred_backend("linear_geglu", key, table=empty) == "eager"
-    assert autoselect.UNMEASURED_BACKEND == {"linear_geglu": "eager"}
+    keys = {"linear_geglu": "8192x320x2560|fp16", "conv3x3": "2x1280x8x8|fp16|nhwc|out1280"}
+    assert set(keys) == set(bench_unet.UNTIMED_KERNEL_PROVIDERS.values())
+    op = bench_unet.UNTIMED_KERNEL_PROVIDERS[provider]
+    saved = dict(autoselect.UNMEASURED_BACKEND)
+    for name, key in keys.items():
+        assert autoselect.preferred_backend(name, key, table={}) == "eager"
+    with bench_unet.kernel_where_unmeasured(op):
+        for name, key in keys.items():
+            want = "triton" if name == op else "eager"
+            assert autoselect.preferred_backend(name, key, table={}) == want
+    assert autoselect.UNMEASURED_BACKEND == saved
