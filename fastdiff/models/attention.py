@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastdiff import ops
-from fastdiff.models.resnet import PLAIN_LAYER_HOMES, GroupNorm, plain_layer
+from fastdiff.models.resnet import GroupNorm, plain_layer, register_plain_layer
 
 # Old diffusers (< 0.14) VAE attention names, renamed on load; value is the current name.
 LEGACY_ATTENTION_NAMES = {
@@ -186,7 +186,7 @@ class Attention(nn.Module):
         return out.transpose(1, 2).reshape(batch, channels, height, width) + x
 
 
-PLAIN_LAYER_HOMES[Attention] = Attention.__module__
+register_plain_layer(Attention, Attention.__module__)
 
 
 def _unfuse_state_dict(module: Attention, state_dict: dict, prefix: str, local_metadata) -> None:

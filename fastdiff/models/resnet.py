@@ -21,26 +21,40 @@ def is_channels_last(x: torch.Tensor) -> bool:
     return x.dim() == 4 and x.permute(0, 2, 3, 1).is_contiguous()
 
 
-# Layer types a fold may compute from their parameters, and the module their own ``forward`` is
-# defined in (fastdiff's norms register themselves where they are defined).
-PLAIN_LAYER_HOMES: dict[type, str] = {
-    nn.Conv2d: "torch.nn.modules.",
-    nn.Linear: "torch.nn.modules.",
-}
+# Layer types a fold may compute from their parameters, each with its own ``forward`` as defined
+# in its home module (``register_plain_layer``; fastdiff's layers register themselves where they
+# are defined).
+PLAIN_LAYER_FORWARDS: dict[type, object] = {}
+
+
+def register_plain_layer(cls: type, home: str) -> None:
+    """Let ``plain_layer`` accept ``cls``: its ``forward`` now, if that is the one defined in
+    ``cls`` in the module ``home`` (a prefix); one already replaced on the class is never
+    plain. Kept by identity: ``plain_layer`` then compares functions, which torch.compile
+    traces as Python does (a comparison of ``__qualname__`` strings did not: inside compiled
+    blocks every layer looked patched, and no fold applied)."""
+    forward = getattr(cls, "forward", None)
+    own = (
+        getattr(forward, "__module__", "").startswith(home)
+        and getattr(forward, "__qualname__", "") == f"{cls.__name__}.forward"
+    )
+    PLAIN_LAYER_FORWARDS[cls] = forward if own else None
+
+
+register_plain_layer(nn.Conv2d, "torch.nn.modules.")
+register_plain_layer(nn.Linear, "torch.nn.modules.")
 
 
 def plain_layer(layer: nn.Module | None) -> bool:
-    """An ``nn.Conv2d`` (zero padding), ``nn.Linear`` or fastdiff norm (``PLAIN_LAYER_HOMES``)
+    """An ``nn.Conv2d`` (zero padding), ``nn.Linear`` or fastdiff layer (``register_plain_layer``)
     whose output is the plain convolution, product or normalization by its own parameters, so a
     fold may compute it from those. Anything that could change that output is called as it is:
     a subclass or wrapper, a replaced ``forward`` (on the instance or the class, as LoRA patches
     do), another padding mode, forward hooks (the layer's or global ones)."""
-    home = PLAIN_LAYER_HOMES.get(type(layer))
-    forward = getattr(type(layer), "forward", None)
+    expected = PLAIN_LAYER_FORWARDS.get(type(layer))
     return (
-        home is not None
-        and getattr(forward, "__module__", "").startswith(home)
-        and getattr(forward, "__qualname__", "") == f"{type(layer).__name__}.forward"
+        expected is not None
+        and getattr(type(layer), "forward", None) is expected
         and "forward" not in vars(layer)
         and getattr(layer, "padding_mode", "zeros") == "zeros"
         and not (layer._forward_hooks or layer._forward_pre_hooks)
@@ -115,7 +129,7 @@ class GroupNorm(nn.GroupNorm):
         )
 
 
-PLAIN_LAYER_HOMES[GroupNorm] = GroupNorm.__module__
+register_plain_layer(GroupNorm, GroupNorm.__module__)
 
 
 class ResnetBlock2D(nn.Module):

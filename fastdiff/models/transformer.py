@@ -14,11 +14,11 @@ from torch import nn
 from fastdiff import ops
 from fastdiff.models.attention import Attention, ContextProjections, context_states
 from fastdiff.models.resnet import (
-    PLAIN_LAYER_HOMES,
     GroupNorm,
     is_channels_last,
     plain_layer,
     pointwise_as_linear,
+    register_plain_layer,
 )
 from fastdiff.ops.backend import needs_autograd
 
@@ -41,7 +41,7 @@ class LayerNorm(nn.LayerNorm):
         return ops.add_layer_norm(x, residual, self.weight, self.bias, self.eps, sum_bias, x_bias)
 
 
-PLAIN_LAYER_HOMES[LayerNorm] = LayerNorm.__module__
+register_plain_layer(LayerNorm, LayerNorm.__module__)
 
 
 class GEGLU(nn.Module):
@@ -86,7 +86,7 @@ class FeedForward(nn.Module):
         return out
 
 
-PLAIN_LAYER_HOMES[FeedForward] = FeedForward.__module__
+register_plain_layer(FeedForward, FeedForward.__module__)
 
 
 class BasicTransformerBlock(nn.Module):

@@ -2,8 +2,10 @@
 
 Backends: triton runs ``kernels/conv3x3.py`` (an implicit GEMM with its reduction split over
 programs) on channels-last inputs of at most ``MAX_ROWS`` output pixels, the small feature maps
-where cuDNN leaves most of a large GPU idle; everything else, and the eager and cuda backends,
-run PyTorch's convolution (cuDNN on a GPU). ``auto`` runs the kernel only at shapes the measured
+where cuDNN leaves most of a large GPU idle; everything else, and the eager backend, run
+PyTorch's convolution (cuDNN on a GPU). The CUDA extension has no convolution: cuda runs
+PyTorch's where the extension is built, and means triton where it is not (as for every op,
+``fastdiff.ops.backend.select_backend``). ``auto`` runs the kernel only at shapes the measured
 table has it faster (``conv3x3`` rows of bench_conv3x3.py), and cuDNN elsewhere.
 
 Layers: ``kernels/conv3x3.py`` -> custom op ``fastdiff::conv3x3`` (with a fake kernel) ->
@@ -78,6 +80,8 @@ def conv3x3_triton_supports(x: torch.Tensor, weight: torch.Tensor, bias) -> bool
 
     batch, channels, height, width = x.shape
     if not kernel_dtype_supported(x) or channels == 0 or batch * height * width > MAX_ROWS:
+        return False
+    if weight.shape[0] == 0:  # PyTorch refuses a weight without output channels: so do we
         return False
     if not x.is_contiguous(memory_format=torch.channels_last):
         return False

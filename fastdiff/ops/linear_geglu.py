@@ -4,8 +4,10 @@ The feed-forward of an SD transformer block starts with a linear layer to ``2 * 
 (diffusers' ``GEGLU.proj``) whose output only the GEGLU activation reads. Fused, that (M, 2I)
 intermediate never reaches memory.
 
-Backends: triton runs the fused kernel; eager and cuda run the two steps (cuBLAS, then
-``fastdiff.ops.geglu`` on its own backend, the path before this op existed). ``auto`` takes the
+Backends: triton runs the fused kernel; eager runs the two steps (cuBLAS, then
+``fastdiff.ops.geglu`` on its own backend, the path before this op existed), and so does cuda
+where the extension is built (cuda means triton where it is not, as for every op,
+``fastdiff.ops.backend.select_backend``). ``auto`` takes the
 faster of the two for the shape from the measured table (``linear_geglu`` rows of
 bench_linear_geglu.py) and the two steps where nothing is measured near it: the fused kernel is
 only chosen where it was timed faster.

@@ -422,3 +422,23 @@ def test_packed_rows_views_only_tensors_laid_out_one_after_another():
     assert packed_rows([a, torch.zeros(2, 4)]) is None  # another storage
     assert packed_rows([a, storage[8:14].view(2, 3)]) is None  # another row shape
     assert packed_rows([storage[0:8].view(4, 2).t()]) is None  # not contiguous
+
+
+def test_plain_layer_reads_the_same_under_torch_compile():
+    """torch.compile traces plain_layer as Python runs it: a plain layer stays plain and a hooked
+    one patched (a check on ``__qualname__`` strings read every layer as patched when traced,
+    so no fold applied inside compiled blocks)."""
+    from fastdiff.models.resnet import plain_layer
+
+    conv, hooked, linear = torch.nn.Conv2d(4, 4, 3), torch.nn.Conv2d(4, 4, 3), torch.nn.Linear(2, 2)
+    hook(hooked)
+
+    def flags(x):
+        return torch.stack([x * float(plain_layer(layer)) for layer in (conv, hooked, linear)]).sum(
+            -1
+        )
+
+    x = torch.ones(3)
+    compiled = torch.compile(flags, backend="eager", fullgraph=True)
+    assert flags(x).tolist() == [3.0, 0.0, 3.0]
+    assert compiled(x).tolist() == [3.0, 0.0, 3.0]

@@ -88,6 +88,12 @@ def test_weights_of_any_layout_are_read_in_place(triton_backend, monkeypatch):
     assert counter.calls == 2
 
 
+def test_a_weight_without_output_channels_raises_as_pytorch_does(triton_backend):
+    x, _, _ = make((1, 4, 3, 3, 1, False))
+    with pytest.raises(RuntimeError, match="expected weight to be at least 1"):
+        conv3x3(x, torch.randn(0, 4, 3, 3, device=DEVICE))
+
+
 @pytest.mark.parametrize("case", ["nchw-input", "too-many-pixels", "strided-bias", "fp64"])
 def test_inputs_the_kernel_does_not_take_run_pytorchs(triton_backend, monkeypatch, case):
     counter = CallCounter(monkeypatch, conv3x3_kernels, "conv3x3_forward")
