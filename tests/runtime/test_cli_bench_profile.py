@@ -76,3 +76,6 @@ def test_profile_categories():
     assert category("fastdiff::linear_geglu") == "gemm"
     assert category("linear_geglu_kernel") == "gemm"
     assert category("geglu_kernel") == "elementwise"
+    # the split-reduction 3x3 convolution and its summing kernel are convolution time
+    assert category("fastdiff::conv3x3") == "convolution"
+    assert category("conv3x3_sum_kernel") == "convolution"
