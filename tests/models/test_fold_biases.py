@@ -247,42 +247,6 @@ def test_time_projections_run_as_one_gemm(linear_calls, group_norms, config):
     assert len({offset.untyped_storage().data_ptr() for offset in offsets}) == 1
 
 
-def test_packing_keeps_the_state_dict_and_sees_loaded_weights(linear_calls):
-    unet = tiny_pipeline().unet
-    other = tiny_pipeline().unet
-    randomize_biases(unet)
-    with torch.no_grad():
-        for param in other.parameters():
-            param.add_(torch.randn_like(param) * 0.1)
-    state = {name: value.clone() for name, value in unet.state_dict().items()}
-    unet.fold_conv_biases()
-    assert unet.state_dict().keys() == state.keys()
-    assert all(torch.equal(unet.state_dict()[name], value) for name, value in state.items())
-    unet.load_state_dict(other.state_dict())  # copies into the packed storage in place
-    x, t, context = unet_inputs()
-    with torch.no_grad():
-        torch.testing.assert_close(unet(x, t, context), other(x, t, context), rtol=1e-5, atol=1e-5)
-    assert time_projection_calls(unet, linear_calls)[0] == 1
-
-
-def test_a_cast_after_folding_unpacks_and_each_block_computes_its_own(linear_calls):
-    unet = tiny_pipeline().unet
-    randomize_biases(unet)
-    x, t, context = unet_inputs()
-    with torch.no_grad():
-        expected = unet.double()(x.double(), t, context.double())
-        unet.float().fold_conv_biases()
-        unet.double()  # .to() gives every parameter storage of its own
-        linear_calls.arguments.clear()
-        folded = unet(x.double(), t, context.double())
-        torch.testing.assert_close(folded, expected)
-        assert time_projection_calls(unet, linear_calls) == (0, len(unet.time_blocks()))
-        unet.fold_conv_biases()  # folding again packs them again
-        linear_calls.arguments.clear()
-        torch.testing.assert_close(unet(x.double(), t, context.double()), expected)
-    assert time_projection_calls(unet, linear_calls) == (1, 0)
-
-
 def test_a_hooked_time_projection_keeps_every_block_on_its_own(linear_calls):
     unet = tiny_pipeline().unet
     randomize_biases(unet)

@@ -11,7 +11,13 @@ import torch.nn.functional as F
 
 from fastdiff import ops
 from fastdiff.models.packing import context_attentions
-from tests.models.test_fold_biases import hook, randomize_biases, replace_forward, unet_inputs
+from tests.models.test_fold_biases import (
+    hook,
+    randomize_biases,
+    replace_forward,
+    time_projection_calls,
+    unet_inputs,
+)
 from tests.ops.helpers import CallCounter
 from tests.runtime.conftest import tiny_pipeline
 
@@ -92,7 +98,11 @@ def test_folding_off_again_projects_in_each_module(linear_calls):
     assert context_projection_calls(unet, linear_calls) == (0, len(context_attentions(unet)))
 
 
-def test_packing_keeps_the_state_dict_and_sees_loaded_weights(linear_calls):
+@pytest.mark.parametrize("kind", ["time", "context"])
+def test_packing_keeps_the_state_dict_and_sees_loaded_weights(linear_calls, kind):
+    """Both packings (the ResNet blocks' time projections, the cross-attentions' to_kv):
+    parameters become views, so the state dict is unchanged and a load lands in the packed
+    tensors, which the next forward's one GEMM reads."""
     unet, other = fused_unet(), fused_unet()
     with torch.no_grad():
         for param in other.parameters():
@@ -105,24 +115,29 @@ def test_packing_keeps_the_state_dict_and_sees_loaded_weights(linear_calls):
     x, t, context = unet_inputs()
     with torch.no_grad():
         torch.testing.assert_close(unet(x, t, context), other(x, t, context), rtol=1e-5, atol=1e-5)
-    assert context_projection_calls(unet, linear_calls)[0] == 1
+    batched = time_projection_calls if kind == "time" else context_projection_calls
+    assert batched(unet, linear_calls)[0] == 1
 
 
-def test_a_cast_after_folding_unpacks_and_each_module_projects_its_own(linear_calls):
+@pytest.mark.parametrize("kind", ["time", "context"])
+def test_a_cast_after_folding_unpacks_and_each_layer_computes_its_own(linear_calls, kind):
+    """.to() gives every parameter storage of its own: the packed views are gone, each layer
+    computes its own output (the same numbers); folding again packs them again."""
     unet = fused_unet()
     x, t, context = unet_inputs()
-    modules = context_attentions(unet)
+    calls = time_projection_calls if kind == "time" else context_projection_calls
+    layers = len(unet.time_blocks() if kind == "time" else context_attentions(unet))
     with torch.no_grad():
         expected = unet.double()(x.double(), t, context.double())
         unet.float().fold_conv_biases()
-        unet.double()  # .to() gives every parameter storage of its own
+        unet.double()
         linear_calls.arguments.clear()
         torch.testing.assert_close(unet(x.double(), t, context.double()), expected)
-        assert context_projection_calls(unet, linear_calls) == (0, len(modules))
-        unet.fold_conv_biases()  # folding again packs them again
+        assert calls(unet, linear_calls) == (0, layers)
+        unet.fold_conv_biases()
         linear_calls.arguments.clear()
         torch.testing.assert_close(unet(x.double(), t, context.double()), expected)
-    assert context_projection_calls(unet, linear_calls) == (1, 0)
+    assert calls(unet, linear_calls) == (1, 0)
 
 
 @pytest.mark.parametrize("patch", [hook, replace_forward], ids=["hook", "lora"])
