@@ -15,6 +15,7 @@ contiguous in a channels-last input.
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import torch
@@ -148,8 +149,15 @@ def choose_config(dtype: torch.dtype, rows: int) -> Config:
 
 def programs_available(device: torch.device) -> int:
     if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        return _multiprocessors(index)
     return INTERPRETER_PROGRAMS
+
+
+@functools.cache
+def _multiprocessors(index: int) -> int:
+    """The SM count of CUDA device ``index``, asked once per process (not at every launch)."""
+    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def split_count(tiles: int, blocks: int, programs: int) -> int:

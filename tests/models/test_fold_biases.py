@@ -55,6 +55,16 @@ def unfolded_and_folded(module: torch.nn.Module, *args) -> tuple[torch.Tensor, t
         return expected, module(*args)
 
 
+def unet_unfolded_and_folded(unet, calls: CallCounter, *args) -> tuple[torch.Tensor, torch.Tensor]:
+    """``unet(*args)`` as it is, then after ``fold_conv_biases()``; ``calls`` keeps only the
+    folded forward's calls."""
+    with torch.no_grad():
+        expected = unet(*args)
+        unet.fold_conv_biases()
+        calls.arguments.clear()
+        return expected, unet(*args)
+
+
 def layout(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
@@ -251,12 +261,7 @@ def test_a_hooked_time_projection_keeps_every_block_on_its_own(linear_calls):
     unet = tiny_pipeline().unet
     randomize_biases(unet)
     hook(unet.time_blocks()[1].time_emb_proj)
-    x, t, context = unet_inputs()
-    with torch.no_grad():
-        expected = unet(x, t, context)
-        unet.fold_conv_biases()
-        linear_calls.arguments.clear()
-        folded = unet(x, t, context)
+    expected, folded = unet_unfolded_and_folded(unet, linear_calls, *unet_inputs())
     torch.testing.assert_close(folded, expected, rtol=1e-5, atol=1e-5)
     assert time_projection_calls(unet, linear_calls) == (0, len(unet.time_blocks()))
 

@@ -17,6 +17,7 @@ from tests.models.test_fold_biases import (
     replace_forward,
     time_projection_calls,
     unet_inputs,
+    unet_unfolded_and_folded,
 )
 from tests.ops.helpers import CallCounter
 from tests.runtime.conftest import tiny_pipeline
@@ -145,12 +146,7 @@ def test_a_patched_projection_is_called_as_it_is(linear_calls, patch):
     unet = fused_unet()
     modules = context_attentions(unet)
     patch(modules[1].to_kv)
-    x, t, context = unet_inputs()
-    with torch.no_grad():
-        expected = unet(x, t, context)
-        unet.fold_conv_biases()
-        linear_calls.arguments.clear()
-        folded = unet(x, t, context)
+    expected, folded = unet_unfolded_and_folded(unet, linear_calls, *unet_inputs())
     torch.testing.assert_close(folded, expected, rtol=1e-5, atol=1e-5)
     # the batch for the others; the patched module's own GEMM (its forward, as patched)
     assert context_projection_calls(unet, linear_calls) == (1, 1)
