@@ -25,7 +25,7 @@ from common import (  # noqa: E402
     random,
     run_benchmark,
     standard_providers,
-    triton_with_setting,
+    triton_with_settings,
 )
 
 from fastdiff.ops import group_norm  # noqa: E402
@@ -88,14 +88,14 @@ def activation_bytes(inputs) -> float:
     return 2 * inputs[0].numel() * inputs[0].element_size()
 
 
-def forced_kernel(max_group: int):
+def forced_kernel(max_group: int, launches: int = 3):
     """A provider that runs the triton backend with the single-pass threshold set to
-    ``max_group`` elements: 0 forces the three-launch split reduction, a huge value the one-launch
-    single-pass kernel wherever a group's channels fit it. These two rows set the default
-    threshold (SINGLE_PASS_MAX_GROUP) and show whether it still sits where single-pass stops
-    winning."""
-
-    return triton_with_setting(group_norm_kernels, "SINGLE_PASS_MAX_GROUP", max_group, group_norm)
+    ``max_group`` elements: 0 forces the split reduction (in ``launches`` launches, 3 or 2), a
+    huge value the one-launch single-pass kernel wherever a group's channels fit it. These rows
+    set the default threshold (SINGLE_PASS_MAX_GROUP) and show whether it still sits where
+    single-pass stops winning; fastdiff-split2 against fastdiff-split sets SPLIT_LAUNCHES."""
+    settings = {"SINGLE_PASS_MAX_GROUP": max_group, "SPLIT_LAUNCHES": launches}
+    return triton_with_settings(group_norm_kernels, settings, group_norm)
 
 
 def main() -> None:
@@ -107,12 +107,16 @@ def main() -> None:
     providers = standard_providers(group_norm_eager, group_norm, "group_norm")
     if on_gpu():
         providers["fastdiff-split"] = forced_kernel(0)
+        providers["fastdiff-split2"] = forced_kernel(0, launches=2)
         providers["fastdiff-single"] = forced_kernel(1 << 40)
     run_benchmark("group_norm_silu", workloads, providers, args)
 
     offset_workloads = [offset_workload(s, torch.float16) for s in QUICK_SHAPES]
     offset_providers = standard_providers(group_norm_eager, group_norm, None)
     offset_providers["fastdiff-add-then-norm"] = add_then_norm
+    if on_gpu():  # the model's norm2 calls at 64x64 take the split reduction
+        offset_providers["fastdiff-split"] = forced_kernel(0)
+        offset_providers["fastdiff-split2"] = forced_kernel(0, launches=2)
     run_benchmark("group_norm_silu_offset", offset_workloads, offset_providers, args)
 
 

@@ -321,18 +321,25 @@ def triton_with_setting(module, name: str, value, op: Callable) -> Builder:
     """A provider that runs ``op`` on the triton backend with the launcher setting
     ``module.name`` set to ``value`` (restored after each call): the rows that time one kernel
     variant against the default choice."""
+    return triton_with_settings(module, {name: value}, op)
+
+
+def triton_with_settings(module, settings: dict[str, object], op: Callable) -> Builder:
+    """``triton_with_setting`` for several settings of one module at once."""
 
     def build(inputs):
         def call():
             from fastdiff.ops import use_backend
 
-            saved = getattr(module, name)
-            setattr(module, name, value)
+            saved = {name: getattr(module, name) for name in settings}
+            for name, value in settings.items():
+                setattr(module, name, value)
             try:
                 with use_backend("triton"):
                     return op(*inputs)
             finally:
-                setattr(module, name, saved)
+                for name, value in saved.items():
+                    setattr(module, name, value)
 
         return call
 

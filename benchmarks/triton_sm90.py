@@ -194,6 +194,41 @@ def group_norm_cases(quick: bool) -> list[tuple[str, Callable[[], object]]]:
 
         shape_name = "x".join(map(str, shape))
         cases.append((f"group_norm {shape_name} nhwc fp16 offset", launch_with_offset))
+    return cases + group_norm_two_launch_cases(quick)
+
+
+def group_norm_two_launch_cases(quick: bool) -> list[tuple[str, Callable[[], object]]]:
+    """The split reduction in two launches (SPLIT_LAUNCHES = 2, off by default) at the shapes
+    that take the split reduction, with and without the folded time-embedding offset."""
+    import fastdiff.kernels.group_norm as group_norm_kernels
+
+    shapes = [(2, 320, 64, 64)] if quick else [(2, 320, 64, 64), (1, 512, 128, 128)]
+    cases = []
+    for shape in shapes:
+        for name, dtype in DTYPES.items():
+            for nhwc, with_offset in ((False, False), (True, False), (True, True)):
+                if quick and (dtype != torch.float16 or not nhwc):
+                    continue
+
+                def launch(shape=shape, dtype=dtype, nhwc=nhwc, with_offset=with_offset):
+                    x = torch.empty(shape, dtype=dtype)
+                    if nhwc:
+                        x = x.contiguous(memory_format=torch.channels_last)
+                    weight = torch.empty(shape[1], dtype=dtype)
+                    offset = torch.empty(shape[:2], dtype=dtype) if with_offset else None
+                    settings = {"SPLIT_LAUNCHES": 2, "SINGLE_PASS_MAX_GROUP": 0}
+                    saved = {key: getattr(group_norm_kernels, key) for key in settings}
+                    vars(group_norm_kernels).update(settings)
+                    try:
+                        return group_norm_kernels.group_norm_forward(
+                            x, 32, weight, weight, 1e-6, True, offset
+                        )
+                    finally:
+                        vars(group_norm_kernels).update(saved)
+
+                layout = ("nhwc" if nhwc else "nchw") + (" offset" if with_offset else "")
+                label = f"group_norm {'x'.join(map(str, shape))} {layout} {name} two launches"
+                cases.append((label, launch))
     return cases
 
 
@@ -456,14 +491,15 @@ def compiled_kernels() -> int:
         geglu,
         group_norm,
         group_norm_split,
+        group_norm_two_launch,
         layer_norm,
         linear_geglu,
         sampler_step,
     )
 
     total = 0
-    modules = (attention, conv3x3, geglu, group_norm, group_norm_split, layer_norm, linear_geglu)
-    for module in (*modules, sampler_step):
+    modules = (attention, conv3x3, geglu, group_norm, group_norm_split, group_norm_two_launch)
+    for module in (*modules, layer_norm, linear_geglu, sampler_step):
         for value in vars(module).values():
             while hasattr(value, "fn") and not isinstance(value, JITFunction):
                 value = value.fn  # autotuner / heuristics wrappers

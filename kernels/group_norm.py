@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import COMPILE_OPTIONS, compiling_ahead, launch
+from . import COMPILE_OPTIONS, compiling_ahead, group_norm_two_launch, launch
 from .group_norm_split import channel_offsets, split_reduction
 
 # Largest group (channels per group x spatial size) for the single-program-per-group kernel: a
@@ -33,6 +33,11 @@ from .group_norm_split import channel_offsets, split_reduction
 # 0.0161 NHWC) and loses at 40960 (2x320x64x64: 0.0177 against 0.0106 NCHW, 0.0377 against
 # 0.0149 NHWC), so the threshold sits between the two.
 SINGLE_PASS_MAX_GROUP = 32768
+# Launches for the large groups: 3 (``group_norm_split``: partial sums, finalize, normalize) or 2
+# (``group_norm_two_launch``: the normalizing programs finalize). Two save a launch, about 2 µs
+# inside a CUDA graph on an H200, but are not yet timed: bench_group_norm's fastdiff-split2
+# rows against fastdiff-split decide the default (benchmarks/NOTES.md).
+SPLIT_LAUNCHES = 3
 # "untried" -> "works" after its first launch, or "failed" (with a warning) if that launch raised.
 _single_pass_state = "untried"
 
@@ -181,7 +186,8 @@ def group_norm_forward(
 
     Groups of at most SINGLE_PASS_MAX_GROUP elements take the one-launch single-pass kernel (a
     few 8192-element tiles at most, so its unpipelined loop stays short),
-    larger ones the three-kernel split reduction (many programs per group)."""
+    larger ones the split reduction (many programs per group) in three launches, or in two
+    with ``SPLIT_LAUNCHES = 2`` where ``group_norm_two_launch.supports`` the group size."""
     strides = flat_strides(x)
     if strides is None:
         raise ValueError(f"group_norm kernel: spatial dims of stride {x.stride()} do not flatten")
@@ -243,7 +249,10 @@ def group_norm_forward(
                 RuntimeWarning,
                 stacklevel=2,
             )
-    split_reduction(
+    reduction = split_reduction
+    if SPLIT_LAUNCHES == 2 and group_norm_two_launch.supports(channels, num_groups):
+        reduction = group_norm_two_launch.two_launch_reduction
+    reduction(
         x, y, strides, out_strides, num_groups, weight, bias, eps, silu, offset, offset_strides
     )
     return y

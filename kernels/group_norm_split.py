@@ -199,13 +199,13 @@ def group_norm_apply_kernel(
 
 
 @functools.lru_cache(maxsize=8)
-def _multiprocessors(device: torch.device) -> int:
+def multiprocessors(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
     return 4
 
 
-def _tile(channels: int, spatial: int, channel_contiguous: bool) -> tuple[int, int]:
+def tile_shape(channels: int, spatial: int, channel_contiguous: bool) -> tuple[int, int]:
     """(BLOCK_C, BLOCK_S) of about 4096 elements, long along the contiguous axis."""
     if channel_contiguous:
         block_c = min(triton.next_power_of_2(channels), 128)
@@ -238,11 +238,11 @@ def split_reduction(
     spatial = x.numel() // max(1, num_samples * channels)
     per_group = channels // num_groups
     channel_contiguous = strides[1] == 1 and strides[2] != 1
-    block_c, block_s = _tile(channels, spatial, channel_contiguous)
+    block_c, block_s = tile_shape(channels, spatial, channel_contiguous)
     channel_blocks = triton.cdiv(channels, block_c)
     spatial_tiles = triton.cdiv(spatial, block_s)
     # Enough programs to fill every multiprocessor a few times over, whatever N * C is.
-    wanted_splits = triton.cdiv(4 * _multiprocessors(x.device), num_samples * channel_blocks)
+    wanted_splits = triton.cdiv(4 * multiprocessors(x.device), num_samples * channel_blocks)
     tiles_per_split = max(1, triton.cdiv(spatial_tiles, wanted_splits))
     splits = triton.cdiv(spatial_tiles, tiles_per_split)
 

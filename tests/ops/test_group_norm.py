@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import importlib
+from unittest import mock
 
 import fastdiff.kernels.group_norm as group_norm_kernels
 import fastdiff.kernels.group_norm_split as group_norm_split_kernels
+import fastdiff.kernels.group_norm_two_launch as group_norm_two_launch
 import pytest
 import torch
 import torch.nn.functional as F
@@ -53,12 +55,15 @@ CHANNELS_LAST_CASES = [
 pytestmark = pytest.mark.filterwarnings("error:.*failed on first use:RuntimeWarning")
 
 
-@pytest.fixture(params=["default", "split"])
+@pytest.fixture(params=["default", "split", "split2"])
 def kernel_path(request, monkeypatch):
-    """Run a test through both launch paths: the default choice (the single-pass kernel for the
-    small groups of the CPU tests) and the three-kernel split reduction (forced)."""
-    if request.param == "split":
+    """Run a test through every launch path: the default choice (the single-pass kernel for the
+    small groups of the CPU tests) and the split reduction (forced) in three launches and, where
+    it takes the shape, in two."""
+    if request.param in ("split", "split2"):
         monkeypatch.setattr(group_norm_kernels, "SINGLE_PASS_MAX_GROUP", 0)
+    if request.param == "split2":
+        monkeypatch.setattr(group_norm_kernels, "SPLIT_LAUNCHES", 2)
     return request.param
 
 
@@ -235,7 +240,7 @@ def test_reference_and_eager_are_accurate_in_channels_last_on_cpu(silu):
         assert out.is_contiguous(memory_format=torch.channels_last_3d)  # as F.group_norm's
 
 
-@settings(max_examples=8, deadline=None)
+@settings(max_examples=20, deadline=None)
 @given(
     batch=st.integers(1, 3),
     groups=st.integers(1, 4),
@@ -245,16 +250,22 @@ def test_reference_and_eager_are_accurate_in_channels_last_on_cpu(silu):
     channels_last=st.booleans(),
     silu=st.booleans(),
     offset=st.sampled_from([None, "per-sample", "per-channel"]),
+    launches=st.sampled_from([1, 3, 2]),  # single-pass, split in three launches, in two
 )
 def test_random_shapes_property(
-    batch, groups, channels_per_group, height, width, channels_last, silu, offset
+    batch, groups, channels_per_group, height, width, channels_last, silu, offset, launches
 ):
     assume(channels_per_group * height * width > 1)  # PyTorch rejects one value per group
     shape = (batch, groups * channels_per_group, height, width)
     x, weight, bias = make_inputs(shape, torch.float32, channels_last=channels_last)
     if offset is not None:
         offset = make_offset(x, per_sample=offset == "per-sample")
-    with use_backend("triton"):
+    max_group = group_norm_kernels.SINGLE_PASS_MAX_GROUP if launches == 1 else 0
+    with (
+        use_backend("triton"),
+        mock.patch.object(group_norm_kernels, "SINGLE_PASS_MAX_GROUP", max_group),
+        mock.patch.object(group_norm_kernels, "SPLIT_LAUNCHES", max(launches, 2)),
+    ):
         check(x, groups, weight, bias, silu=silu, what=f"{shape} g={groups}", offset=offset)
 
 
@@ -473,13 +484,52 @@ def test_split_path_with_several_samples_and_multi_tile_splits(triton_backend, m
     must land where the finalize kernel reads them."""
     monkeypatch.setattr(group_norm_kernels, "SINGLE_PASS_MAX_GROUP", 0)
     # The CPU's count of 4 on every device: a GPU's 100+ would give one tile per split here.
-    monkeypatch.setattr(group_norm_split_kernels, "_multiprocessors", lambda device: 4)
+    monkeypatch.setattr(group_norm_split_kernels, "multiprocessors", lambda device: 4)
     spy = LaunchSpy(monkeypatch, group_norm_split_kernels, "group_norm_partial_stats_kernel")
     x, weight, bias = make_inputs((2, 16, 48, 48), dtype, offset=1.0)
     check(x, 2, weight, bias, silu=True, what="split, 2 samples")
     ((args, _),) = spy.launches
     num_samples, splits, tiles_per_split = args[2], args[8], args[9]
     assert num_samples > 1 and splits > 1 and tiles_per_split > 1
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("dtype", kernel_dtypes())
+def test_two_launch_split_where_blocks_straddle_groups(
+    triton_backend, monkeypatch, channels_last, dtype
+):
+    """The two-launch split reduction where its blocks and the groups do not line up: 10-channel
+    groups, so a statistics block holds three whole groups (the last block one) and a normalizing
+    block's channels belong to two groups; several samples, and splits of several tiles. Each
+    group's sums must land once in its row, and each channel must read its own group's row."""
+    monkeypatch.setattr(group_norm_kernels, "SINGLE_PASS_MAX_GROUP", 0)
+    monkeypatch.setattr(group_norm_kernels, "SPLIT_LAUNCHES", 2)
+    monkeypatch.setattr(group_norm_split_kernels, "multiprocessors", lambda device: 2)
+    stats = LaunchSpy(monkeypatch, group_norm_two_launch, "group_norm_group_stats_kernel")
+    apply = LaunchSpy(monkeypatch, group_norm_two_launch, "group_norm_apply_group_stats_kernel")
+    x, weight, bias = make_inputs((2, 40, 24, 24), dtype, channels_last, offset=1.0)
+    offset = make_offset(x)
+    check(x, 4, weight, bias, silu=True, what="two launches", offset=offset)
+    check(x, 4, None, None, silu=False, what="two launches, no affine")
+    (args, kwargs), _ = stats.launches
+    splits, tiles_per_split = args[12], args[13]
+    assert splits > 1 and tiles_per_split > 1
+    assert kwargs["GROUPS_PER_BLOCK"] == 3  # 4 groups: blocks of 3 and 1
+    (_, apply_kwargs), _ = apply.launches
+    assert apply_kwargs["BLOCK_C"] % 10 != 0 and apply_kwargs["BLOCK_GT"] >= 2
+
+
+def test_two_launch_split_leaves_wide_groups_to_three_launches(triton_backend, monkeypatch):
+    """Groups wider than one statistics block (256 channels) take the three launches."""
+    monkeypatch.setattr(group_norm_kernels, "SINGLE_PASS_MAX_GROUP", 0)
+    monkeypatch.setattr(group_norm_kernels, "SPLIT_LAUNCHES", 2)
+    three = LaunchSpy(monkeypatch, group_norm_split_kernels, "group_norm_finalize_kernel")
+    two = LaunchSpy(monkeypatch, group_norm_two_launch, "group_norm_group_stats_kernel")
+    x, weight, bias = make_inputs((1, 256, 4, 4), torch.float32)
+    check(x, 1, weight, bias, silu=True, what="one 256-channel group")
+    assert len(three.launches) == 1 and not two.launches
+    check(x, 32, weight, bias, silu=True, what="8-channel groups")  # the group table is capped
+    assert len(three.launches) == 1 and len(two.launches) == 1
 
 
 def test_strided_weight_and_bias_match_the_reference(triton_backend, kernel_path):
