@@ -46,16 +46,37 @@ def concat_linears(layers: list[nn.Linear]) -> nn.Linear:
 class ContextProjections:
     """The text context with its keys and values already projected for the cross-attention
     modules that read it (``fastdiff.models.packing.context_projections``: one GEMM for all of
-    them): what a U-Net's blocks pass down in place of the context under ``fold_biases``.
-    ``views`` maps a module's id to its (B, T, 2 * inner) ``to_kv`` output, a view; a module not
-    in it projects ``states`` itself."""
+    them): what a U-Net's blocks pass down in place of the context under ``fold_biases``, and
+    what a caller may pass as ``encoder_hidden_states`` to project a context once for many
+    steps. ``projected`` is that GEMM's output; ``views`` maps a module's id to its (B, T,
+    2 * inner) ``to_kv`` output, a view of it; a module not in it projects ``states`` itself."""
 
-    def __init__(self, states: torch.Tensor, views: dict[int, torch.Tensor]) -> None:
+    def __init__(
+        self, states: torch.Tensor, projected: torch.Tensor, views: dict[int, torch.Tensor]
+    ) -> None:
         self.states = states
+        self.projected = projected
         self.views = views
 
     def keys_values_for(self, module: nn.Module) -> torch.Tensor | None:
         return self.views.get(id(module))
+
+    def signature(self) -> tuple:
+        """What two projections must share for ``load_``: the modules, the shape and dtype."""
+        return (tuple(sorted(self.views)), tuple(self.projected.shape), str(self.projected.dtype))
+
+    def load_(self, other: ContextProjections) -> None:
+        """Copy ``other``'s context and projections into this one's tensors, in place (the
+        static buffers a captured CUDA graph reads). Both must come from the same packing."""
+        if other.signature() != self.signature():
+            raise ValueError(
+                "context projections of another packing: the U-Net's packed cross-attentions "
+                f"changed ({len(other.views)} modules, {tuple(other.projected.shape)}, against "
+                f"{len(self.views)}, {tuple(self.projected.shape)})"
+            )
+        if other.states is not self.states:
+            self.states.copy_(other.states)
+        self.projected.copy_(other.projected)
 
 
 def context_states(context: torch.Tensor | ContextProjections | None) -> torch.Tensor | None:

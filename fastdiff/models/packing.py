@@ -114,4 +114,4 @@ def context_projections(
         if plain_layer(layer):
             views[id(module)] = projected[..., start : start + layer.out_features]
         start += layer.out_features
-    return ContextProjections(context, views)
+    return ContextProjections(context, projected, views)

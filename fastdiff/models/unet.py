@@ -196,11 +196,15 @@ class UNet2DConditionModel(ModelBase):
         return count
 
     def context_projections(
-        self, context: torch.Tensor | None
+        self, context: torch.Tensor | ContextProjections | None
     ) -> torch.Tensor | ContextProjections | None:
         """Under ``fold_biases``, every packed cross-attention's keys and values of ``context`` in
-        one GEMM (``fastdiff.models.packing.context_projections``); else ``context``."""
+        one GEMM (``fastdiff.models.packing.context_projections``); else ``context``. A context
+        projected already (this method's result, computed once for many steps) is returned as
+        it is."""
         if context is None or not self.packed_context_modules:
+            return context
+        if isinstance(context, ContextProjections):
             return context
         return context_projections(list(self.packed_context_modules), context)
 
@@ -329,11 +333,12 @@ class UNet2DConditionModel(ModelBase):
         self,
         sample: torch.Tensor,
         timestep: torch.Tensor | float | int,
-        encoder_hidden_states: torch.Tensor | None = None,
+        encoder_hidden_states: torch.Tensor | ContextProjections | None = None,
         added_cond_kwargs: dict[str, torch.Tensor] | None = None,
         class_labels: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Predict the model output (noise, v or x0, per the training target) for ``sample``."""
+        """Predict the model output (noise, v or x0, per the training target) for ``sample``.
+        ``encoder_hidden_states`` may be a context projected ahead (``context_projections``)."""
         if sample.dim() != 4 or sample.shape[1] != self.config.in_channels:
             raise ValueError(
                 f"sample must be (B, {self.config.in_channels}, H, W), got {tuple(sample.shape)}"

@@ -158,16 +158,42 @@ class Pipeline:
             class_labels=cond.get("class_labels"),
         )
 
+    def prepare_condition(self, cond: Condition) -> dict[str, Any]:
+        """The condition with the work that does not change from step to step done: a folded
+        U-Net's cross-attention keys and values of the text context, projected by one GEMM
+        (``UNet.context_projections``). Steps that pass the result to ``unet_forward`` skip
+        that GEMM. ``cond`` itself when there is nothing to do ahead."""
+        context = cond.get("encoder_hidden_states")
+        project = getattr(self.unet, "context_projections", None)
+        if context is None or project is None:
+            return cond
+        projected = project(context)
+        return cond if projected is context else {**cond, "encoder_hidden_states": projected}
+
+    def prepared_forward(self) -> Callable[[torch.Tensor, torch.Tensor, Condition], torch.Tensor]:
+        """``unet_forward`` for the steps of one generation, which pass one condition dict: its
+        ``prepare_condition`` runs at the first step and is reused while the dict is the same."""
+        prepared: list[tuple[Condition, dict[str, Any]]] = []
+
+        def forward(x: torch.Tensor, t: torch.Tensor, cond: Condition) -> torch.Tensor:
+            if not prepared or prepared[0][0] is not cond:
+                prepared[:] = [(cond, self.prepare_condition(cond))]
+            return self.unet_forward(x, t, prepared[0][1])
+
+        return forward
+
     def build_model_fn(
         self, conditioning: Conditioning, guidance_scale: float, guidance_rescale: float = 0.0
     ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
         """The function a sampler calls: ``model_fn(x_t, t)`` -> U-Net output, guided when the
-        conditioning carries an unconditional half (one batched forward over [uncond; cond])."""
+        conditioning carries an unconditional half (one batched forward over [uncond; cond]).
+        The condition's per-generation work is done once (``prepared_forward``)."""
+        forward = self.prepared_forward()
         if conditioning.uncond is None:
             cond = conditioning.cond
-            return lambda x, t: self.unet_forward(x, t, cond)
+            return lambda x, t: forward(x, t, cond)
         return classifier_free_guidance(
-            self.unet_forward,
+            forward,
             conditioning.cond,
             conditioning.uncond,
             guidance_scale,

@@ -54,6 +54,10 @@ class DenoiseBuffers:
     # [uncond; cond] when guided: the pipeline's condition dict.
     cond: dict[str, torch.Tensor] = field(default_factory=dict)
     noise: torch.Tensor | None = None  # [rows or 1, B, C, H, W] float32 for stochastic samplers
+    # What the U-Net reads in place of ``cond`` when part of its work is done once per
+    # generation, outside the graph (``GraphedDenoiser``'s ``prepare_cond``): static like the
+    # rest, reloaded by ``load_buffers``. None: the U-Net reads ``cond``.
+    prepared: dict[str, Any] | None = None
 
 
 @dataclass
@@ -101,7 +105,8 @@ def denoise_body(
     if channels_last:
         model_in = model_in.contiguous(memory_format=torch.channels_last)
     timestep = buffers.timesteps.index_select(0, step).expand(model_in.shape[0])
-    model_out = unet_forward(model_in, timestep, buffers.cond)
+    cond = buffers.cond if buffers.prepared is None else buffers.prepared
+    model_out = unet_forward(model_in, timestep, cond)
     noise = None
     if buffers.noise is not None:
         row = step if noise_per_step else torch.zeros_like(step)
@@ -154,8 +159,26 @@ def allocate_buffers(
     )
 
 
-def load_buffers(buffers: DenoiseBuffers, call: DenoiseCall, whole_loop: bool) -> None:
-    """Copy one generation's inputs into the static buffers (ordinary kernels, before replay)."""
+def prepared_signature(prepared: dict[str, Any] | None) -> tuple:
+    """What a graph's static prepared condition must match: for each value that is not a plain
+    tensor (the packed context projections), its ``signature()``."""
+    if prepared is None:
+        return ()
+    return tuple(
+        (name, value.signature())
+        for name, value in sorted(prepared.items())
+        if value is not None and not isinstance(value, torch.Tensor)
+    )
+
+
+def load_buffers(
+    buffers: DenoiseBuffers,
+    call: DenoiseCall,
+    whole_loop: bool,
+    prepared: dict[str, Any] | None = None,
+) -> None:
+    """Copy one generation's inputs into the static buffers (ordinary kernels, before replay);
+    ``prepared``: ``call.cond`` prepared (``GraphedDenoiser.prepare``), for ``buffers.prepared``."""
     steps = call.steps
     buffers.x.copy_(call.x_T.float() * call.init_noise_scale)
     buffers.x0_prev.zero_()
@@ -165,6 +188,17 @@ def load_buffers(buffers: DenoiseBuffers, call: DenoiseCall, whole_loop: bool) -
     buffers.guidance_scale.fill_(1.0 if call.guidance_scale is None else call.guidance_scale)
     for name, value in call.cond.items():
         buffers.cond[name].copy_(value)
+    if buffers.prepared is not None:
+        if prepared is None:  # the key has the prepared structure: a caller's bug
+            raise RuntimeError("these buffers read a prepared condition: pass it to load_buffers")
+        for name, value in prepared.items():
+            if value is call.cond.get(name):
+                continue  # loaded with the condition, above
+            target = buffers.prepared[name]
+            if isinstance(value, torch.Tensor):
+                target.copy_(value)
+            else:  # the projections computed once for this generation (ContextProjections)
+                target.load_(value)
     if buffers.noise is not None and whole_loop:
         buffers.noise.copy_(call.noise)
 
@@ -185,10 +219,16 @@ class GraphedDenoiser:
         max_loop_steps: int = 8,
         key_extra: tuple = (),
         then: Callable[[torch.Tensor], Any] | None = None,
+        prepare_cond: Callable[[dict], dict] | None = None,
     ):
         """``then(latents)``: what the caller does next with the result (the VAE decode), run
         in a new graph's compile-ahead pass on a tensor like the result (dtype, shape, layout)
-        so that its kernels compile with the U-Net's (``GraphCache.get``'s ``also``)."""
+        so that its kernels compile with the U-Net's (``GraphCache.get``'s ``also``).
+
+        ``prepare_cond(cond)``: the condition with the work that stays the same at every step
+        done (``Pipeline.prepare_condition``: the packed context projections). It runs once per
+        generation, before the graph's replays, which then read its result from static
+        buffers instead of repeating that work at every step."""
         self.unet_forward = unet_forward
         self.cache = cache
         # A dtype, or a callable giving the U-Net's current one: a model cast after optimize()
@@ -198,12 +238,26 @@ class GraphedDenoiser:
         self.max_loop_steps = max_loop_steps
         self.key_extra = key_extra
         self.then = then
+        self.prepare_cond = prepare_cond
         self.eager_fallbacks: dict[GraphKey, str] = {}
 
     def current_dtype(self) -> torch.dtype:
         return self.model_dtype() if callable(self.model_dtype) else self.model_dtype
 
-    def key_for(self, call: DenoiseCall, sampler: str = "") -> GraphKey:
+    def prepare(self, cond: dict[str, torch.Tensor]) -> dict[str, Any] | None:
+        """``prepare_cond(cond)``, or None when it has nothing to do ahead for ``cond``."""
+        if self.prepare_cond is None:
+            return None
+        prepared = self.prepare_cond(cond)
+        if all(value is cond.get(name) for name, value in prepared.items()):
+            return None
+        return prepared
+
+    def key_for(
+        self, call: DenoiseCall, sampler: str = "", prepared: dict[str, Any] | None = None
+    ) -> GraphKey:
+        """The graph key of ``call``; ``prepared``: its condition prepared (``prepare``), whose
+        structure the graph's static buffers take."""
         batch, channels, height, width = call.x_T.shape
         whole_loop = call.steps <= self.max_loop_steps
         cond = tuple(sorted((k, tuple(v.shape), str(v.dtype)) for k, v in call.cond.items()))
@@ -223,16 +277,19 @@ class GraphedDenoiser:
                 call.guidance_rescale if call.guidance_scale is not None else 0.0,
                 requested_backend(),  # a graph replays the kernels chosen when it was captured
                 0 if whole_loop else step_graph_rows(call.steps),  # a step graph's plan rows
+                prepared_signature(prepared),
                 *self.key_extra,
             ),
         )
 
-    def build(self, call: DenoiseCall, key: GraphKey, device):
+    def build(self, call: DenoiseCall, key: GraphKey, device, prepared=None):
         whole_loop = key.kind == "loop"
         rows = call.steps if whole_loop else step_graph_rows(call.steps)
         buffers = allocate_buffers(
             call, rows, call.steps if whole_loop else 1, device, self.channels_last
         )
+        if prepared is not None:  # static counterparts, prepared from the static condition
+            buffers.prepared = self.prepare(buffers.cond)
         repeats = call.steps if whole_loop else 1
 
         def body() -> None:
@@ -250,14 +307,16 @@ class GraphedDenoiser:
                 )
 
         def prepare() -> None:
-            load_buffers(buffers, call, whole_loop)
+            load_buffers(buffers, call, whole_loop, prepared)
 
         return buffers, body, prepare
 
-    def entry_for(self, call: DenoiseCall, sampler: str = "") -> GraphEntry:
-        key = self.key_for(call, sampler)
+    def entry_for(
+        self, call: DenoiseCall, sampler: str = "", prepared: dict[str, Any] | None = None
+    ) -> GraphEntry:
+        key = self.key_for(call, sampler, prepared)
         if key in self.eager_fallbacks:
-            return self.eager_entry(call, key)
+            return self.eager_entry(call, key, prepared)
         also = None
         if self.then is not None:
             # The result as the caller gets it: the state's layout (__call__ returns a clone of
@@ -265,7 +324,8 @@ class GraphedDenoiser:
             dtype = call.result_dtype or call.x_T.dtype
             also = lambda buffers: self.then(buffers.x.to(dtype))  # noqa: E731
         try:
-            return self.cache.get(key, lambda: self.build(call, key, call.x_T.device), also)
+            build = lambda: self.build(call, key, call.x_T.device, prepared)  # noqa: E731
+            return self.cache.get(key, build, also)
         except Exception as error:  # capture failed: keep generating, eagerly, and say why
             reason = f"{type(error).__name__}: {error}"
             self.eager_fallbacks[key] = reason
@@ -273,10 +333,10 @@ class GraphedDenoiser:
                 f"fastdiff.runtime: graph capture failed for {key.describe()} ({reason}); "
                 "running this shape eagerly"
             )
-            return self.eager_entry(call, key)
+            return self.eager_entry(call, key, prepared)
 
-    def eager_entry(self, call: DenoiseCall, key: GraphKey) -> GraphEntry:
-        buffers, body, _ = self.build(call, key, call.x_T.device)
+    def eager_entry(self, call: DenoiseCall, key: GraphKey, prepared=None) -> GraphEntry:
+        buffers, body, _ = self.build(call, key, call.x_T.device, prepared)
         return GraphEntry(key, EagerReplay(body), buffers, 0.0, 0)
 
     def __call__(self, call: DenoiseCall, sampler: str = "") -> torch.Tensor:
@@ -286,9 +346,10 @@ class GraphedDenoiser:
                 f"noise must have one row per step: got {call.noise.shape[0]} rows for "
                 f"{call.steps} steps"
             )
-        entry = self.entry_for(call, sampler)
+        prepared = self.prepare(call.cond)  # once per generation, outside the graph
+        entry = self.entry_for(call, sampler, prepared)
         whole_loop = entry.key.kind == "loop"
-        load_buffers(entry.buffers, call, whole_loop)
+        load_buffers(entry.buffers, call, whole_loop, prepared)
         if whole_loop:
             entry.replay()
         else:

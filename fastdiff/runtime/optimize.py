@@ -188,6 +188,8 @@ class OptimizedRuntime:
             max_loop_steps=max_loop_steps,
             # Only a backend with a compile-ahead pass runs ``then`` (GraphCache.get's also).
             then=self.decode_ahead if decode_ahead else None,
+            # The packed context projections, once per generation rather than at every step.
+            prepare_cond=getattr(pipe, "prepare_condition", None),
         )
         # The VAE's tiling and slicing settings and its latent scaling are decided on the host:
         # part of the VAE graphs' keys (a pipeline without vae_graph_state has none to change).

@@ -226,3 +226,49 @@ def test_hooks_on_attn2_see_the_context_tensor():
         folded = unet(x, t, context)
     torch.testing.assert_close(folded, expected, rtol=1e-5, atol=1e-5)
     assert seen == [torch.Tensor, torch.Tensor]
+
+
+def test_a_context_projected_ahead_is_used_as_it_is(linear_calls):
+    """``context_projections`` once, then forwards that receive its result (as a runtime does
+    for every step of a generation): no context GEMM in them, the same output."""
+    unet = fused_unet()
+    x, t, context = unet_inputs()
+    with torch.no_grad():
+        unet.fold_conv_biases()
+        expected = unet(x, t, context)
+        linear_calls.arguments.clear()
+        projected = unet.context_projections(context)
+        assert context_projection_calls(unet, linear_calls) == (1, 0)
+        linear_calls.arguments.clear()
+        for _ in range(2):
+            torch.testing.assert_close(unet(x, t, projected), expected, rtol=0, atol=0)
+    assert context_projection_calls(unet, linear_calls) == (0, 0)
+
+
+def test_projections_of_another_unet_leave_each_module_to_project(linear_calls):
+    """A U-Net handed projections made for another one's modules finds none of its own among
+    them: each of its cross-attentions projects the context itself."""
+    unet, other = fused_unet(), fused_unet()
+    other.fold_conv_biases()
+    x, t, context = unet_inputs()
+    with torch.no_grad():
+        projected = other.context_projections(context)
+        expected = unet(x, t, context)
+        linear_calls.arguments.clear()
+        torch.testing.assert_close(unet(x, t, projected), expected, rtol=1e-6, atol=1e-6)
+    assert context_projection_calls(unet, linear_calls) == (0, len(context_attentions(unet)))
+
+
+def test_loading_projections_of_another_packing_raises():
+    unet = fused_unet()
+    unet.fold_conv_biases()
+    context = torch.randn(2, 7, 32)
+    with torch.no_grad():
+        static = unet.context_projections(torch.zeros_like(context))
+        fresh = unet.context_projections(context)
+        static.load_(fresh)  # the same packing: the static tensors take the new values
+        torch.testing.assert_close(static.projected, fresh.projected)
+        torch.testing.assert_close(static.states, context)
+        shorter = unet.context_projections(torch.randn(2, 5, 32))
+    with pytest.raises(ValueError, match="another packing"):
+        static.load_(shorter)
