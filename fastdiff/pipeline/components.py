@@ -98,6 +98,7 @@ class PipelineComponents:
     null_class_label: int | None = None
     class_names: list[str] | None = None
     force_zeros_for_empty_prompt: bool = False
+    requires_aesthetics_score: bool = False
     defaults: CallDefaults = field(default_factory=CallDefaults)
     source: Path | None = None
     extra: dict[str, Any] = field(default_factory=dict)
@@ -121,6 +122,46 @@ def pipeline_scheduler_config(index: dict[str, Any], config: dict[str, Any]) -> 
     return config
 
 
+def model_index_flag(index: dict[str, Any], key: str) -> bool:
+    """A true/false option of model_index.json (absent or null: false), refusing other values
+    (a string "false" would read as true)."""
+    value = index.get(key)
+    if value is not None and not isinstance(value, bool):
+        raise ValueError(f"model_index.json: {key} must be true or false, got {value!r}")
+    return bool(value)
+
+
+def requires_aesthetics_score(index: dict[str, Any]) -> bool:
+    """``requires_aesthetics_score`` from model_index.json: true in SDXL refiner folders, whose
+    U-Net is conditioned on an aesthetic score in place of the target size
+    (``fastdiff.pipeline.micro_conditioning.add_time_ids``)."""
+    return model_index_flag(index, "requires_aesthetics_score")
+
+
+def check_micro_conditioning(
+    unet_config: Any, encoders: list[Any], aesthetics: bool, where: Path
+) -> None:
+    """An SDXL U-Net's added-condition width is the pooled text embedding's plus
+    ``addition_time_embed_dim`` per micro-conditioning id: 6 size ids, or 5 (original size,
+    crop, aesthetic score) in a refiner. Where the text encoders fix the pooled width and only
+    the other count adds up, requires_aesthetics_score is set the wrong way: say so at load."""
+    added = unet_config.get("projection_class_embeddings_input_dim")
+    per_id = unet_config.get("addition_time_embed_dim")
+    pooled = [
+        encoder.config.projection_dim for encoder in encoders if hasattr(encoder, "text_projection")
+    ]
+    if not pooled or not isinstance(added, int) or not isinstance(per_id, int):
+        return
+    ids, other = (5, 6) if aesthetics else (6, 5)
+    if pooled[0] + ids * per_id != added and pooled[0] + other * per_id == added:
+        takes = "original size, crop, aesthetic score" if other == 5 else "the sizes"
+        raise ValueError(
+            f"{where}: the U-Net's {added} added-condition features are the pooled text "
+            f"embedding's {pooled[0]} and {other} ids ({takes}), but requires_aesthetics_score "
+            f"is {str(aesthetics).lower()}: set it to {str(not aesthetics).lower()}"
+        )
+
+
 def force_zeros_for_empty_prompt(index: dict[str, Any]) -> bool:
     """``force_zeros_for_empty_prompt`` from model_index.json, as diffusers reads it: only the
     StableDiffusionXL* pipelines have the option (true when absent; null reads as false); the
@@ -128,12 +169,8 @@ def force_zeros_for_empty_prompt(index: dict[str, Any]) -> bool:
     is_sdxl = str(index.get("_class_name", "")).startswith("StableDiffusionXL")
     if "force_zeros_for_empty_prompt" not in index:
         return is_sdxl
-    value = index["force_zeros_for_empty_prompt"]
-    if value is not None and not isinstance(value, bool):  # a string "false" would read as true
-        raise ValueError(
-            f"model_index.json: force_zeros_for_empty_prompt must be true or false, got {value!r}"
-        )
-    return is_sdxl and bool(value)
+    value = model_index_flag(index, "force_zeros_for_empty_prompt")  # checked in any class
+    return is_sdxl and value
 
 
 # Weight file names of a component folder that carry no variant tag (diffusers' and
@@ -234,13 +271,8 @@ def load_components(
             raise FileNotFoundError(
                 f"model_index.json lists {required!r} but the folder {root / required} is missing"
             )
-    if index.get("requires_aesthetics_score"):
-        # Checked before the weights load: every call would fail (see add_time_ids).
-        raise ValueError(
-            f"{index_path}: requires_aesthetics_score is true (an SDXL refiner): its aesthetic-"
-            "score conditioning is not supported"
-        )
     zeros_for_empty_prompt = force_zeros_for_empty_prompt(index)  # checked before the weights
+    aesthetics = requires_aesthetics_score(index)
     variants = {
         name: component_variant(root / name, variant)
         for name in ("unet", "vae", *(pair[0] for pair in TEXT_COMPONENTS))
@@ -283,6 +315,13 @@ def load_components(
 
     unet_config = unet.config
     text_time = unet_config.get("addition_embed_type") == "text_time"
+    if aesthetics and not text_time:
+        raise ValueError(
+            f"{index_path}: requires_aesthetics_score is true, but the U-Net has no "
+            "addition_embed_type 'text_time' to take the score (only SDXL refiners do)"
+        )
+    if text_time:
+        check_micro_conditioning(unet_config, [pair[1] for pair in pairs], aesthetics, index_path)
     prompt_encoder = PromptEncoder(pairs, penultimate=text_time) if pairs else None
     null_label = None
     if unet_config.get("num_class_embeds") is not None:
@@ -309,6 +348,7 @@ def load_components(
         class_names=class_names,
         # SDXL: with no negative prompt the unconditional input is all zeros.
         force_zeros_for_empty_prompt=zeros_for_empty_prompt,
+        requires_aesthetics_score=aesthetics,
         defaults=CallDefaults.for_folder(index, scheduler_config),
         vae_latent_keys=latent_keys_for(index.get("_class_name")),
         source=root,

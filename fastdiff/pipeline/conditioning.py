@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from fastdiff.pipeline.micro_conditioning import time_id_count
 from fastdiff.pipeline.text_encoding import PromptEncoder
 
 Condition = dict[str, torch.Tensor]
@@ -115,10 +116,10 @@ def check_text_only_options(encoder, prompt, prompt_2, negative_prompt_2, clip_s
             raise ValueError("pass prompt_2 with prompt, not with prompt_embeds")
 
 
-def text_widths(config) -> tuple[int | None, int | None]:
+def text_widths(config, aesthetic: bool = False) -> tuple[int | None, int | None]:
     """The feature sizes a U-Net takes: the text tokens' (``cross_attention_dim``) and, for
-    SDXL's ``text_time``, the pooled embedding's (the added-condition features less the six
-    size ids'); None where the config does not fix one."""
+    SDXL's ``text_time``, the pooled embedding's (the added-condition features less the
+    micro-conditioning ids', ``time_id_count``); None where the config does not fix one."""
     tokens = config.get("cross_attention_dim")
     if isinstance(tokens, (list, tuple)):
         tokens = tokens[0] if len(set(tokens)) == 1 else None
@@ -127,7 +128,7 @@ def text_widths(config) -> tuple[int | None, int | None]:
         added = config.get("projection_class_embeddings_input_dim")
         time_ids = config.get("addition_time_embed_dim")
         if isinstance(added, int) and isinstance(time_ids, int):
-            pooled = added - 6 * time_ids
+            pooled = added - time_id_count(aesthetic) * time_ids
     return (tokens if isinstance(tokens, int) else None), pooled
 
 
@@ -193,7 +194,8 @@ def text_conditioning(
             "pooled_prompt_embeds",
             pooled,
             widths[1],
-            "projection_class_embeddings_input_dim - 6 * addition_time_embed_dim",
+            "projection_class_embeddings_input_dim less addition_time_embed_dim per "
+            "micro-conditioning id: 6, or 5 with requires_aesthetics_score, an SDXL refiner's",
         )
         if pooled.shape[0] != batch:
             raise ValueError(
@@ -258,7 +260,7 @@ def encode_inputs(pipe, guided: bool, num_images: int, **inputs) -> Conditioning
             inputs.get("pooled_prompt_embeds"),
             inputs.get("negative_pooled_prompt_embeds"),
             needs_pooled=pipe.unet.config.get("addition_embed_type") == "text_time",
-            widths=text_widths(pipe.unet.config),
+            widths=text_widths(pipe.unet.config, pipe.requires_aesthetics_score),
             prompt_2=inputs.get("prompt_2"),
             negative_prompt_2=inputs.get("negative_prompt_2"),
             clip_skip=inputs.get("clip_skip"),
@@ -300,80 +302,3 @@ def encode_inputs(pipe, guided: bool, num_images: int, **inputs) -> Conditioning
     if guided:
         conditioning.uncond.update(classes.uncond)
     return conditioning
-
-
-SIZE_KEYS = (
-    "original_size",
-    "crops_coords_top_left",
-    "target_size",
-    "negative_original_size",
-    "negative_crops_coords_top_left",
-    "negative_target_size",
-)
-
-
-def check_size_options(sizes: dict, text_time: bool) -> None:
-    """The size keyword arguments of a pipeline call: known names, and only for SDXL U-Nets."""
-    unknown = sorted(set(sizes) - set(SIZE_KEYS))
-    if unknown:
-        raise TypeError(f"unexpected keyword arguments {unknown}")
-    given = sorted(key for key, value in sizes.items() if value is not None)
-    if given and not text_time:
-        raise ValueError(
-            f"{', '.join(given)}: size micro-conditioning is for SDXL U-Nets "
-            "(addition_embed_type 'text_time'); this U-Net has none"
-        )
-
-
-def size_pair(value, name: str, least: int) -> tuple[int, int] | None:
-    if value is None:
-        return None
-    if (
-        not isinstance(value, (tuple, list))
-        or len(value) != 2
-        or any(isinstance(v, bool) or not isinstance(v, numbers.Integral) for v in value)
-        or any(v < least for v in value)
-    ):
-        raise ValueError(f"{name} must be a (height, width) pair of ints >= {least}, got {value!r}")
-    return int(value[0]), int(value[1])
-
-
-def add_time_ids(
-    conditioning: Conditioning, height: int, width: int, unet_config, sizes: dict | None = None
-) -> None:
-    """SDXL micro-conditioning: (original size, crop top-left, target size) per sample, from
-    ``sizes`` (the keys of ``SIZE_KEYS``; each a (height, width) or (top, left) pair), as
-    diffusers' SDXL pipeline reads them: original and target size default to the image size,
-    the crop to (0, 0); the unconditional batch takes the ``negative_*`` ones when both
-    negative sizes are given, else the same ids."""
-    sizes = dict.fromkeys(SIZE_KEYS) | dict(sizes or {})
-    pooled_dim = conditioning.cond["text_embeds"].shape[-1]
-    expected = unet_config.get("projection_class_embeddings_input_dim")
-    provided = pooled_dim + 6 * unet_config.get("addition_time_embed_dim")
-    if expected != provided:
-        raise ValueError(
-            f"this U-Net expects {expected} added-condition features, but the pooled text "
-            f"embeddings ({pooled_dim}) and 6 size ids give {provided}; refiner-style "
-            "aesthetic-score conditioning is not supported"
-        )
-    pairs = {key: size_pair(value, key, 0 if "crops" in key else 1) for key, value in sizes.items()}
-    negative = [pairs[key] for key in SIZE_KEYS[3:]]
-    if any(v is not None for v in negative) and (negative[0] is None or negative[2] is None):
-        # diffusers uses the negative ids only when both sizes are given, else ignores them.
-        raise ValueError(
-            "negative micro-conditioning needs both negative_original_size and "
-            "negative_target_size (negative_crops_coords_top_left defaults to (0, 0))"
-        )
-
-    reference = conditioning.cond["encoder_hidden_states"]
-
-    def ids(original, crop, target) -> torch.Tensor:
-        values = [*(original or (height, width)), *(crop or (0, 0)), *(target or (height, width))]
-        row = torch.tensor([values], dtype=reference.dtype, device=reference.device)
-        return row.expand(conditioning.batch_size, 6).contiguous()
-
-    time_ids = ids(*(pairs[key] for key in SIZE_KEYS[:3]))
-    conditioning.cond["time_ids"] = time_ids
-    if conditioning.uncond is not None:
-        uncond_ids = ids(*negative) if negative[0] is not None else time_ids.clone()
-        conditioning.uncond["time_ids"] = uncond_ids

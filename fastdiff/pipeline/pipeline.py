@@ -31,14 +31,13 @@ from fastdiff.pipeline.components import (
     default_image_size,
     load_components,
 )
-from fastdiff.pipeline.conditioning import (
-    Condition,
-    Conditioning,
-    add_time_ids,
-    check_size_options,
-    encode_inputs,
-)
+from fastdiff.pipeline.conditioning import Condition, Conditioning, encode_inputs
 from fastdiff.pipeline.denoising import img2img_start_step, run_sampler
+from fastdiff.pipeline.micro_conditioning import (
+    add_time_ids,
+    aesthetic_scores,
+    check_size_options,
+)
 from fastdiff.pipeline.text_encoding import PromptEncoder
 from fastdiff.pipeline.vae_scaling import (
     ALL_LATENT_KEYS,
@@ -64,14 +63,23 @@ class Pipeline:
         force_zeros_for_empty_prompt: bool = False,
         defaults: CallDefaults | None = None,
         vae_latent_keys: tuple[str, ...] = ALL_LATENT_KEYS,
+        requires_aesthetics_score: bool = False,
     ) -> None:
+        """``requires_aesthetics_score``: an SDXL refiner's U-Net, conditioned on (original
+        size, crop, aesthetic score) rather than (original size, crop, target size)."""
         check_latent_channels(unet.config, vae.config)
+        if requires_aesthetics_score and unet.config.get("addition_embed_type") != "text_time":
+            raise ValueError(
+                "requires_aesthetics_score: the U-Net has no addition_embed_type 'text_time' to "
+                "take an aesthetic score (only SDXL refiners do)"
+            )
         self.unet = unet
         self.vae = vae
         self.schedule = schedule
         self.prompt_encoder = prompt_encoder
         self.class_names = class_names
         self.force_zeros_for_empty_prompt = force_zeros_for_empty_prompt
+        self.requires_aesthetics_score = requires_aesthetics_score
         self.defaults = CallDefaults() if defaults is None else defaults
         # Which of the VAE config's scaling keys apply (vae_scaling.LATENT_KEYS): those the
         # diffusers pipeline the folder names reads.
@@ -109,6 +117,7 @@ class Pipeline:
             force_zeros_for_empty_prompt=parts.force_zeros_for_empty_prompt,
             defaults=parts.defaults,
             vae_latent_keys=parts.vae_latent_keys,
+            requires_aesthetics_score=parts.requires_aesthetics_score,
         )
 
     # -- properties -------------------------------------------------------------------------
@@ -309,6 +318,8 @@ class Pipeline:
         prompt_2: str | list[str] | None = None,
         negative_prompt_2: str | list[str] | None = None,
         clip_skip: int | None = None,
+        aesthetic_score: float | None = None,
+        negative_aesthetic_score: float | None = None,
         **sizes: tuple[int, int] | None,
     ):
         """Generate images. Returns a list of PIL images (``output_type="pil"``), a float32 tensor
@@ -325,10 +336,15 @@ class Pipeline:
         As in diffusers: ``prompt_2`` / ``negative_prompt_2`` go to SDXL's second text encoder,
         ``clip_skip`` takes an earlier layer's hidden state for the prompt, and SDXL's
         micro-conditioning takes ``original_size``, ``crops_coords_top_left``, ``target_size``
-        and their ``negative_*`` forms (``fastdiff.pipeline.conditioning.add_time_ids``).
+        and their ``negative_*`` forms (``fastdiff.pipeline.micro_conditioning.add_time_ids``); an
+        SDXL refiner (``requires_aesthetics_score``) takes ``aesthetic_score`` and
+        ``negative_aesthetic_score`` (default 6.0 and 2.5) in place of the target sizes.
         """
         text_time = self.unet.config.get("addition_embed_type") == "text_time"
         check_size_options(sizes, text_time)
+        scores = aesthetic_scores(
+            self.requires_aesthetics_score, aesthetic_score, negative_aesthetic_score
+        )
         sampler = self.defaults.sampler if sampler is None else sampler
         check_choices(sampler, output_type, num_images)
         generator = make_generator(seed, generator, self.device)
@@ -370,7 +386,7 @@ class Pipeline:
             width = default_width if width is None else width
         image_utils.check_size(height, width, self.vae_scale_factor)
         if text_time:
-            add_time_ids(conditioning, height, width, self.unet.config, sizes)
+            add_time_ids(conditioning, height, width, self.unet.config, sizes, scores)
         if image is not None:
             # Encode each given image once (as diffusers does), then pair latents with prompts.
             init_latents = self.encode_image(pixels, generator).to(self.dtype)

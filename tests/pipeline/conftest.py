@@ -5,7 +5,12 @@ from __future__ import annotations
 
 import pytest
 
-from tests.pipeline.folders import make_sd_folder, make_sdxl_folder, single_thread
+from tests.pipeline.folders import (
+    make_sd_folder,
+    make_sdxl_folder,
+    make_sdxl_refiner_folder,
+    single_thread,
+)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -22,3 +27,8 @@ def sd_folder(tmp_path_factory):
 @pytest.fixture(scope="module")
 def sdxl_folder(tmp_path_factory):
     return make_sdxl_folder(tmp_path_factory.mktemp("sdxl") / "pipe")
+
+
+@pytest.fixture(scope="module")
+def sdxl_refiner_folder(tmp_path_factory):
+    return make_sdxl_refiner_folder(tmp_path_factory.mktemp("refiner") / "pipe")

@@ -152,6 +152,41 @@ def make_sdxl_folder(path: Path) -> Path:
     return path
 
 
+def make_sdxl_refiner_folder(path: Path) -> Path:
+    """An SDXL-refiner-like folder: only the second text encoder (with projection), a text_time
+    U-Net conditioned on (original size, crop, aesthetic score), requires_aesthetics_score."""
+    from diffusers import DDIMScheduler, StableDiffusionXLImg2ImgPipeline, UNet2DConditionModel
+
+    time_embed_dim = 8
+    unet = UNet2DConditionModel(
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=32,  # text_encoder_2's hidden states alone
+        attention_head_dim=(4, 8),
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=time_embed_dim,
+        projection_class_embeddings_input_dim=32 + 5 * time_embed_dim,
+        **UNET_BLOCKS,
+    ).eval()
+    tokenizer = tiny_tokenizer()
+    pipe = StableDiffusionXLImg2ImgPipeline(
+        unet=unet,
+        vae=tiny_vae(),
+        text_encoder=None,
+        text_encoder_2=tiny_text_encoder(len(tokenizer), with_projection=True),
+        tokenizer=None,
+        tokenizer_2=tokenizer,
+        scheduler=DDIMScheduler(**SCHEDULER),
+        requires_aesthetics_score=True,
+        force_zeros_for_empty_prompt=False,
+    )
+    pipe.save_pretrained(path)
+    return path
+
+
 def make_class_folder(path: Path, num_classes: int = 3) -> Path:
     """A class-conditional latent model as fastdiff's trainer ships it: no text encoder,
     num_class_embeds = classes + 1 with the last label as the null (unconditional) class."""

@@ -254,7 +254,7 @@ def test_folder_errors_name_the_path(sd_folder, tmp_path, monkeypatch):
         Pipeline.from_pretrained(broken)
     index = json.loads((sd_folder / "model_index.json").read_text())
     (broken / "model_index.json").write_text(json.dumps({**index, "requires_aesthetics_score": 1}))
-    with pytest.raises(ValueError, match="requires_aesthetics_score is true .an SDXL refiner."):
+    with pytest.raises(ValueError, match="requires_aesthetics_score must be true or false"):
         Pipeline.from_pretrained(broken)
     (broken / "model_index.json").write_text(
         json.dumps({**index, "force_zeros_for_empty_prompt": "false"})  # would read as true
