@@ -16,6 +16,7 @@ plan, given two adjustments made here:
 
 from __future__ import annotations
 
+import dataclasses
 import numbers
 from collections.abc import Callable
 
@@ -47,6 +48,61 @@ def img2img_start_step(steps: int, strength: float) -> int:
     return steps - remaining
 
 
+def denoising_range(
+    timesteps: torch.Tensor,
+    num_train_timesteps: int,
+    denoising_start: float | None,
+    denoising_end: float | None,
+) -> tuple[int, int | None]:
+    """(start_step, end_step) of the plan rows a ``denoising_start`` / ``denoising_end`` split
+    runs (SDXL's base-then-refiner hand-over, "ensemble of expert denoisers"), as diffusers'
+    SDXL pipelines cut their timesteps: each fraction d becomes the timestep cutoff
+    round(T - d * T); the first pipeline runs the steps at or above its end cutoff, the second
+    the steps below its start cutoff. end_step None: to the end."""
+    for name, value in (("denoising_start", denoising_start), ("denoising_end", denoising_end)):
+        if value is not None and (
+            isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 < value < 1
+        ):
+            raise ValueError(f"{name} must be a number strictly between 0 and 1, got {value!r}")
+    if denoising_start is not None and denoising_end is not None:
+        if denoising_start >= denoising_end:
+            raise ValueError(
+                f"denoising_start {denoising_start} must be below denoising_end {denoising_end}"
+            )
+
+    def cutoff(fraction: float) -> int:
+        return int(round(num_train_timesteps - fraction * num_train_timesteps))
+
+    steps = int(timesteps.shape[0])
+    start_step, end_step = 0, None
+    if denoising_start is not None:
+        start_step = steps - int((timesteps < cutoff(denoising_start)).sum())
+    if denoising_end is not None:
+        end_step = int((timesteps >= cutoff(denoising_end)).sum())
+    if start_step >= (steps if end_step is None else end_step):
+        raise ValueError(
+            f"denoising_start={denoising_start}, denoising_end={denoising_end} leave none of the "
+            f"{steps} steps to run; use more steps or a wider range"
+        )
+    return start_step, end_step
+
+
+def plan_until(plan: SamplingPlan, end_step: int) -> SamplingPlan:
+    """The rows ``:end_step`` of ``plan``: the run stops at the state of step ``end_step``,
+    still noisy, in the sampler's own scale (what diffusers returns as latents then)."""
+    if not 0 < end_step <= len(plan):
+        raise ValueError(f"end_step {end_step} out of range for a {len(plan)}-step plan")
+    levels = plan.alphas_cumprod
+    return SamplingPlan(
+        plan.sampler,
+        plan.timesteps[:end_step].clone(),
+        plan.coefficients[:end_step].clone(),
+        plan.init_noise_scale,
+        plan.eta,
+        None if levels is None else levels[:end_step].clone(),
+    )
+
+
 def plan_from_step(plan: SamplingPlan, start_step: int) -> SamplingPlan:
     """The rows ``start_step:`` of ``plan`` as a plan of their own whose initial state is
     ``init_noise_scale * x_vp`` for a VP-scale x at that step (see the module docstring)."""
@@ -74,9 +130,17 @@ def start_state(
     noise: torch.Tensor,
     init_latents: torch.Tensor | None,
     start_step: int,
+    end_step: int | None = None,
+    add_noise: bool = True,
 ) -> tuple[SamplingPlan, torch.Tensor]:
     """(plan, initial state): the whole plan from ``noise``, or for img2img the rows from
-    ``start_step`` on, starting from ``init_latents`` forward-diffused to that step."""
+    ``start_step`` on, starting from ``init_latents`` forward-diffused to that step; with
+    ``add_noise=False`` from ``init_latents`` as they are, the state of a run stopped at that
+    step (``end_step``: the rows before it only, see ``plan_until``)."""
+    if end_step is not None:
+        if start_step >= end_step:
+            raise ValueError(f"start_step {start_step} must be below end_step {end_step}")
+        plan = plan_until(plan, end_step)
     if init_latents is None:
         if start_step != 0:
             raise ValueError("start_step needs init_latents (img2img)")
@@ -86,6 +150,8 @@ def start_state(
             f"init latents shape {tuple(init_latents.shape)} != noise shape {tuple(noise.shape)}"
         )
     plan = plan_from_step(plan, start_step)
+    if not add_noise:  # already the sampler's state at start_step, in its own scale
+        return dataclasses.replace(plan, init_noise_scale=1.0), init_latents
     if plan.alphas_cumprod is None:
         t_start = plan.timesteps[:1].expand(noise.shape[0]).to(noise.device)
         return plan, schedule.add_noise(init_latents, noise, t_start)
@@ -106,12 +172,18 @@ def run_sampler(
     generator: torch.Generator | None = None,
     init_latents: torch.Tensor | None = None,
     start_step: int = 0,
+    end_step: int | None = None,
+    add_noise: bool = True,
     progress: bool = True,
 ) -> torch.Tensor:
     """Sample from unit-variance ``noise``; with ``init_latents`` (img2img) start at plan step
-    ``start_step`` from the forward-diffused init latents instead. Returns the final latents."""
+    ``start_step`` from the forward-diffused init latents instead (or from the init latents as
+    they are, ``add_noise=False``); stop before step ``end_step`` when given. Returns the final
+    latents."""
     plan = make_plan(schedule, sampler=sampler, steps=steps, eta=eta)
-    plan, x_start = start_state(plan, schedule, noise, init_latents, start_step)
+    plan, x_start = start_state(
+        plan, schedule, noise, init_latents, start_step, end_step, add_noise
+    )
     # A generator on another device is fine: run_plan draws the step noise where the generator
     # lives and moves it (a CPU generator gives the same images on every device).
     with tqdm(total=len(plan), desc="sampling", disable=not progress, leave=False) as bar:

@@ -183,6 +183,36 @@ def save_image_atomic(
     )
 
 
+def latents_of(image, latent_channels: int) -> torch.Tensor | None:
+    """``image`` as (B, C, h, w) latents when it is latents rather than pixels, told apart as
+    diffusers' img2img pipelines tell them: a tensor (C, h, w) or (B, C, h, w) with the VAE's
+    latent channel count (4 in SD) in place of 3. None for anything else (an image)."""
+    if not isinstance(image, torch.Tensor) or image.ndim not in (3, 4) or latent_channels == 3:
+        return None
+    if image.shape[-3] != latent_channels:
+        return None
+    latents = image.detach() if image.ndim == 4 else image.detach().unsqueeze(0)
+    if not latents.is_floating_point():
+        raise ValueError(f"image latents must be a float tensor, got {latents.dtype}")
+    if not bool(torch.isfinite(latents).all()):
+        raise ValueError("image latents contain NaN or inf")
+    return latents
+
+
+def latent_image_size(
+    latents: torch.Tensor, height: int | None, width: int | None, factor: int
+) -> tuple[int, int]:
+    """The (height, width) of the image ``latents`` stand for; a requested one must match."""
+    size = (latents.shape[2] * factor, latents.shape[3] * factor)
+    for name, asked, got in (("height", height, size[0]), ("width", width, size[1])):
+        if asked is not None and asked != got:
+            raise ValueError(
+                f"image latents of {latents.shape[2]}x{latents.shape[3]} are a {size[0]}x"
+                f"{size[1]} image, but {name}={asked} was requested"
+            )
+    return size
+
+
 def check_size(height: int, width: int, factor: int) -> None:
     """Image height and width: positive ints, multiples of the VAE's downsampling ``factor``."""
     for name, value in (("height", height), ("width", width)):

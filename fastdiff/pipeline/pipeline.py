@@ -32,7 +32,7 @@ from fastdiff.pipeline.components import (
     load_components,
 )
 from fastdiff.pipeline.conditioning import Condition, Conditioning, encode_inputs
-from fastdiff.pipeline.denoising import img2img_start_step, run_sampler
+from fastdiff.pipeline.denoising import denoising_range, img2img_start_step, run_sampler
 from fastdiff.pipeline.micro_conditioning import (
     add_time_ids,
     aesthetic_scores,
@@ -46,7 +46,7 @@ from fastdiff.pipeline.vae_scaling import (
     to_vae_latents,
     vae_run_dtype,
 )
-from fastdiff.sampling import NoiseSchedule, classifier_free_guidance
+from fastdiff.sampling import NoiseSchedule, classifier_free_guidance, make_plan
 
 
 class Pipeline:
@@ -222,11 +222,15 @@ class Pipeline:
         generator: torch.Generator | None = None,
         init_latents: torch.Tensor | None = None,
         start_step: int = 0,
+        end_step: int | None = None,
+        add_noise: bool = True,
         progress: bool = True,
     ) -> torch.Tensor:
         """The denoising loop: unit-variance ``noise`` (or, for img2img, ``init_latents`` noised
-        to ``start_step``) -> final latents. A faster runtime replaces this method as a whole; it
-        receives the conditioning as U-Net keyword dicts, [uncond; cond] batched when guided."""
+        to ``start_step``, or taken as they are with ``add_noise=False``) -> final latents (the
+        state before plan step ``end_step`` when given). A faster runtime replaces this method
+        as a whole; it receives the conditioning as U-Net keyword dicts, [uncond; cond] batched
+        when guided."""
         model_fn = self.build_model_fn(conditioning, guidance_scale, guidance_rescale)
         return run_sampler(
             model_fn,
@@ -238,6 +242,8 @@ class Pipeline:
             generator=generator,
             init_latents=init_latents,
             start_step=start_step,
+            end_step=end_step,
+            add_noise=add_noise,
             progress=progress,
         )
 
@@ -320,6 +326,8 @@ class Pipeline:
         clip_skip: int | None = None,
         aesthetic_score: float | None = None,
         negative_aesthetic_score: float | None = None,
+        denoising_start: float | None = None,
+        denoising_end: float | None = None,
         **sizes: tuple[int, int] | None,
     ):
         """Generate images. Returns a list of PIL images (``output_type="pil"``), a float32 tensor
@@ -339,6 +347,12 @@ class Pipeline:
         and their ``negative_*`` forms (``fastdiff.pipeline.micro_conditioning.add_time_ids``); an
         SDXL refiner (``requires_aesthetics_score``) takes ``aesthetic_score`` and
         ``negative_aesthetic_score`` (default 6.0 and 2.5) in place of the target sizes.
+        ``denoising_end`` (a fraction of the schedule) stops early and returns the still noisy
+        state (``output_type="latent"``), which a second call takes as ``image=`` with the same
+        fraction as ``denoising_start`` to run the rest: SDXL's base-then-refiner hand-over,
+        with the steps cut as diffusers' SDXL pipelines cut them. ``image`` may be latents
+        (B, latent channels, h, w), as in diffusers: not encoded, and with ``denoising_start``
+        not noised.
         """
         text_time = self.unet.config.get("addition_embed_type") == "text_time"
         check_size_options(sizes, text_time)
@@ -370,16 +384,41 @@ class Pipeline:
         )
         batch = conditioning.batch_size
 
-        init_latents, start_step = None, 0
+        init_latents, start_step, given_latents = None, 0, None
         if image is not None:
             if latents is not None:
                 raise ValueError("pass image (img2img) or latents, not both")
-            strength = self.defaults.strength if strength is None else strength
-            start_step = img2img_start_step(num_inference_steps, strength)
-            pixels = image_utils.image_to_tensor(image, height, width)
-            height, width = pixels.shape[2], pixels.shape[3]
+            if denoising_start is None:
+                strength = self.defaults.strength if strength is None else strength
+                start_step = img2img_start_step(num_inference_steps, strength)
+            elif strength is not None:  # diffusers ignores strength then: refuse, not ignore
+                raise ValueError("pass strength or denoising_start, not both")
+            given_latents = image_utils.latents_of(image, self.vae.config["latent_channels"])
+            if given_latents is None:
+                pixels = image_utils.image_to_tensor(image, height, width)
+                height, width = pixels.shape[2], pixels.shape[3]
+            else:
+                height, width = image_utils.latent_image_size(
+                    given_latents, height, width, self.vae_scale_factor
+                )
         elif strength is not None:  # text-to-image has no strength: never ignore one silently
             raise ValueError(f"strength={strength!r} is only used with image= (img2img)")
+        elif denoising_start is not None:
+            raise ValueError(
+                "denoising_start needs image=: the latents of a run stopped at denoising_end"
+            )
+        end_step = None
+        if denoising_start is not None or denoising_end is not None:
+            timesteps = make_plan(self.schedule, sampler, num_inference_steps, eta).timesteps
+            first, end_step = denoising_range(
+                timesteps, self.schedule.num_train_timesteps, denoising_start, denoising_end
+            )
+            start_step = first if denoising_start is not None else start_step
+            if end_step is not None and start_step >= end_step:
+                raise ValueError(
+                    f"strength={strength} starts at step {start_step} of {num_inference_steps}, "
+                    f"at or after denoising_end={denoising_end}'s end at step {end_step}"
+                )
         if height is None or width is None:
             default_height, default_width = self.default_size
             height = default_height if height is None else height
@@ -388,9 +427,14 @@ class Pipeline:
         if text_time:
             add_time_ids(conditioning, height, width, self.unet.config, sizes, scores)
         if image is not None:
-            # Encode each given image once (as diffusers does), then pair latents with prompts.
-            init_latents = self.encode_image(pixels, generator).to(self.dtype)
-            init_latents = image_utils.match_batch(init_latents, batch // num_images, num_images)
+            if given_latents is None:  # encode each image once (as diffusers does)
+                init_latents = self.encode_image(pixels, generator).to(self.dtype)
+            else:
+                init_latents = given_latents.to(device=self.device, dtype=self.dtype)
+            if init_latents.shape[0] != batch:  # latents for every image pass as they are
+                init_latents = image_utils.match_batch(
+                    init_latents, batch // num_images, num_images
+                )
 
         shape = (
             batch,
@@ -398,7 +442,11 @@ class Pipeline:
             height // self.vae_scale_factor,
             width // self.vae_scale_factor,
         )
-        noise = starting_noise(latents, shape, self.vae_scale_factor, generator)
+        add_noise = denoising_start is None
+        if add_noise:
+            noise = starting_noise(latents, shape, self.vae_scale_factor, generator)
+        else:  # a hand-over's latents are the start: no noise drawn, as in diffusers
+            noise = torch.zeros(shape)
         noise = noise.to(device=self.device, dtype=self.dtype)
 
         result = self.denoise(
@@ -412,6 +460,8 @@ class Pipeline:
             generator=generator,
             init_latents=init_latents,
             start_step=start_step,
+            end_step=end_step,
+            add_noise=add_noise,
             progress=progress,
         )
         if output_type == "latent":

@@ -224,6 +224,8 @@ class OptimizedRuntime:
         generator: torch.Generator | None = None,
         init_latents: torch.Tensor | None = None,
         start_step: int = 0,
+        end_step: int | None = None,
+        add_noise: bool = True,
         progress: bool = True,
     ) -> torch.Tensor:
         """Same contract as ``Pipeline.denoise``; runs the plan through captured graphs."""
@@ -231,12 +233,15 @@ class OptimizedRuntime:
             raise ValueError(f"guidance_rescale must lie in [0, 1], got {guidance_rescale}")
         plan, timesteps, coefficients = self.device_plan(sampler, steps, eta, noise.device)
         x_start = noise
-        if init_latents is not None or start_step != 0:
+        if init_latents is not None or start_step != 0 or end_step is not None:
             from fastdiff.pipeline.denoising import start_state  # the eager loop's own rule
 
-            # img2img: the plan's rows from start_step on, from the noised init latents. The
-            # coefficients live in device buffers, so the same graphs replay them.
-            plan, x_start = start_state(plan, self.pipe.schedule, noise, init_latents, start_step)
+            # img2img: the plan's rows from start_step on, from the noised init latents (and
+            # before end_step). The coefficients live in device buffers, so the same graphs
+            # replay them.
+            plan, x_start = start_state(
+                plan, self.pipe.schedule, noise, init_latents, start_step, end_step, add_noise
+            )
             timesteps = plan.timesteps.to(noise.device)
             coefficients = plan.coefficients.to(device=noise.device, dtype=torch.float32)
         call = build_call(plan, conditioning, x_start, guidance_scale, generator)

@@ -4,6 +4,7 @@ diffusers' StableDiffusionXLImg2ImgPipeline."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 
@@ -126,3 +127,113 @@ def test_bad_flags_are_refused_at_load(sd_folder, tmp_path):
         Pipeline.from_pretrained(
             with_index(sd_folder, tmp_path / "b", requires_aesthetics_score=True)
         )
+
+
+@pytest.fixture(scope="module")
+def base(sdxl_folder):
+    return Pipeline.from_pretrained(sdxl_folder)
+
+
+@pytest.fixture(scope="module")
+def base_reference(sdxl_folder):
+    reference = diffusers.StableDiffusionXLPipeline.from_pretrained(sdxl_folder)
+    reference.set_progress_bar_config(disable=True)
+    return reference
+
+
+SPLITS = [(10, 0.8), (7, 0.65)]
+SCHEDULERS = {
+    "ddim": "DDIMScheduler",
+    "euler": "EulerDiscreteScheduler",
+    "dpmpp_2m": "DPMSolverMultistepScheduler",  # no previous x0 at the hand-over: first order
+    "euler_ancestral": "EulerAncestralDiscreteScheduler",  # step noise from the generator
+}
+
+
+@pytest.mark.parametrize(
+    "sampler, steps, split",
+    [
+        *((sampler, steps, split) for sampler in SCHEDULERS for steps, split in SPLITS),
+        # the cutoff round(1000 - 199) = 801 is DDIM's second timestep: which side takes it
+        ("ddim", 10, 0.199),
+    ],
+)
+def test_base_then_refiner_hand_over_equals_diffusers(
+    base, base_reference, pipe, reference, sampler, steps, split
+):
+    """denoising_end on the base returns the still noisy latents of the steps at or above the
+    cutoff; denoising_start on the refiner runs the rest from them, unnoised: both as diffusers'
+    StableDiffusionXLPipeline and StableDiffusionXLImg2ImgPipeline cut the steps."""
+    scheduler_class = getattr(diffusers, SCHEDULERS[sampler])
+    with scheduler(base_reference, scheduler_class), scheduler(reference, scheduler_class):
+        hand_over(base, base_reference, pipe, reference, sampler, steps, split)
+
+
+@contextlib.contextmanager
+def scheduler(reference, scheduler_class):
+    """The reference pipeline with another scheduler class for one test (module-scoped)."""
+    original = reference.scheduler
+    reference.scheduler = scheduler_class.from_config(original.config)
+    try:
+        yield
+    finally:
+        reference.scheduler = original
+
+
+def hand_over(base, base_reference, pipe, reference, sampler, steps, split):
+    latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    common = dict(prompt="a red cat", num_inference_steps=steps, guidance_scale=6.0)
+    first = dict(common, latents=latents, denoising_end=split, height=16, width=16)
+    ours = base(**first, sampler=sampler, seed=3, output_type="latent", progress=False)
+    generator = torch.Generator().manual_seed(3)
+    theirs = base_reference(**first, generator=generator, output_type="latent").images
+    torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=0)
+    second = dict(common, denoising_start=split)
+    refined = pipe(**second, image=ours, sampler=sampler, seed=2, output_type="tensor")
+    generator = torch.Generator().manual_seed(2)
+    expected = reference(**second, image=theirs, generator=generator, output_type="pt").images
+    torch.testing.assert_close(refined, expected, atol=1e-4, rtol=0)
+
+
+def test_latents_as_the_img2img_image_equal_diffusers(pipe, reference):
+    """Latents given as the image skip the VAE; without denoising_start they are noised to the
+    strength's step like an encoded image."""
+    latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(5))
+    kwargs = dict(prompt="a red cat", image=latents, strength=0.6, num_inference_steps=10)
+    ours = pipe(**kwargs, num_images=2, seed=4, output_type="tensor", progress=False)
+    theirs = reference(
+        **kwargs,
+        num_images_per_prompt=2,
+        generator=torch.Generator().manual_seed(4),
+        output_type="pt",
+    ).images
+    torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(denoising_start=0.5), "denoising_start needs image="),
+        (dict(image="latents", denoising_start=0.5, strength=0.3), "strength or denoising_start"),
+        (dict(denoising_end=1.0), "denoising_end must be a number strictly between 0 and 1"),
+        (dict(denoising_end=0), "denoising_end must be a number strictly between 0 and 1"),
+        (dict(denoising_end=True), "denoising_end must be a number strictly between 0 and 1"),
+        (dict(image="latents", denoising_start="0.5"), "denoising_start must be a number"),
+        (
+            dict(image="latents", denoising_start=0.6, denoising_end=0.5),
+            "denoising_start 0.6 must be below denoising_end 0.5",
+        ),
+        (dict(denoising_end=0.01), "leave none of the 4 steps to run"),
+        (dict(image="latents", strength=0.5, denoising_end=0.5), "at or after denoising_end"),
+        (dict(image="latents", height=24), "are a 16x16 image, but height=24"),
+        (dict(image="nan-latents"), "image latents contain NaN or inf"),
+    ],
+)
+def test_bad_denoising_ranges_and_latents_are_refused(pipe, kwargs, message):
+    latents = torch.randn(1, 4, 8, 8)
+    if kwargs.get("image") == "latents":
+        kwargs = dict(kwargs, image=latents)
+    elif kwargs.get("image") == "nan-latents":
+        kwargs = dict(kwargs, image=latents.clone().fill_(float("nan")))
+    with pytest.raises(ValueError, match=message):
+        pipe("a cat", num_inference_steps=4, progress=False, **kwargs)

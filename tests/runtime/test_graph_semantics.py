@@ -86,3 +86,30 @@ def test_img2img_runs_the_remaining_rows_in_graphs(pipe, sampler, steps, start_s
     assert not rt.denoiser.eager_fallbacks and rt.cache.stats.captures == 1
     (entry,) = rt.cache.entries.values()
     assert entry.key.kind == ("loop" if steps - start_step <= 8 else "step")
+
+
+@pytest.mark.parametrize(
+    "sampler, steps, start_step, end_step",
+    [
+        ("ddim", 10, 0, 7),  # stopped early (denoising_end): a loop graph of 7 rows
+        ("euler", 20, 0, 16),  # a step graph, stopped early
+        ("dpmpp_2m", 10, 6, None),  # resumed from given latents (denoising_start), unnoised
+        ("euler_ancestral", 20, 3, 17),  # both, with step noise
+    ],
+)
+def test_stopped_and_resumed_runs_equal_the_eager_loop(pipe, sampler, steps, start_step, end_step):
+    """The base-then-refiner hand-over through graphs: the rows before ``end_step`` only, and
+    a start from latents taken as they are (``add_noise=False``), equal the eager loop."""
+    cond, x_T = conditioning(True), torch.randn(1, 4, 8, 8)
+    init = torch.randn(1, 4, 8, 8) if start_step else None
+    kwargs = dict(guidance_scale=5.0, sampler=sampler, steps=steps, init_latents=init)
+    kwargs.update(start_step=start_step, end_step=end_step, add_noise=False)
+    with torch.no_grad():
+        want = pipe.denoise(
+            cond, x_T, generator=torch.Generator().manual_seed(3), progress=False, **kwargs
+        )
+    rt = runtime.optimize(pipe, backend=RecordingGraphBackend(), verbose=False)
+    for _ in range(2):  # capture, then a pure replay
+        got = pipe.denoise(cond, x_T, generator=torch.Generator().manual_seed(3), **kwargs)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert not rt.denoiser.eager_fallbacks and rt.cache.stats.captures == 1
