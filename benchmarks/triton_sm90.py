@@ -201,6 +201,7 @@ def group_norm_two_launch_cases(quick: bool) -> list[tuple[str, Callable[[], obj
     """The split reduction in two launches (SPLIT_LAUNCHES = 2, off by default) at the shapes
     that take the split reduction, with and without the folded time-embedding offset."""
     import fastdiff.kernels.group_norm as group_norm_kernels
+    import fastdiff.kernels.group_norm_split as group_norm_split
 
     shapes = [(2, 320, 64, 64)] if quick else [(2, 320, 64, 64), (1, 512, 128, 128)]
     cases = []
@@ -219,12 +220,16 @@ def group_norm_two_launch_cases(quick: bool) -> list[tuple[str, Callable[[], obj
                     settings = {"SPLIT_LAUNCHES": 2, "SINGLE_PASS_MAX_GROUP": 0}
                     saved = {key: getattr(group_norm_kernels, key) for key in settings}
                     vars(group_norm_kernels).update(settings)
+                    count = group_norm_split.multiprocessors
+                    # The H200's 132 SMs size the splits (and BLOCK_SPLIT), as on the GPU.
+                    group_norm_split.multiprocessors = lambda device: 132
                     try:
                         return group_norm_kernels.group_norm_forward(
                             x, 32, weight, weight, 1e-6, True, offset
                         )
                     finally:
                         vars(group_norm_kernels).update(saved)
+                        group_norm_split.multiprocessors = count
 
                 layout = ("nhwc" if nhwc else "nchw") + (" offset" if with_offset else "")
                 label = f"group_norm {'x'.join(map(str, shape))} {layout} {name} two launches"

@@ -155,7 +155,7 @@ def group_norm_apply_group_stats_kernel(
         idx = (sample * splits + split)[:, None] * num_groups + groups[None, :]
         sum1 += tl.sum(tl.load(partial_ptr + idx, mask=mask, other=0.0), axis=0)
         sum2 += tl.sum(tl.load(partial_ptr + second + idx, mask=mask, other=0.0), axis=0)
-    count = spatial * CHANNELS_PER_GROUP * 1.0
+    count = spatial * 1.0 * CHANNELS_PER_GROUP  # float first: a group may pass 2**31 values
     mean_shifted = sum1 / count
     var = tl.maximum(sum2 / count - mean_shifted * mean_shifted, 0.0)
     group_rstd = 1.0 / tl.sqrt(var + eps)

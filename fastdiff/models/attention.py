@@ -61,6 +61,10 @@ class ContextProjections:
     def keys_values_for(self, module: nn.Module) -> torch.Tensor | None:
         return self.views.get(id(module))
 
+    def tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The tensors it holds (its views are of ``projected``): for memory reports."""
+        return self.states, self.projected
+
     def signature(self) -> tuple:
         """What two projections must share for ``load_``: the modules, the shape and dtype."""
         return (tuple(sorted(self.views)), tuple(self.projected.shape), str(self.projected.dtype))

@@ -134,6 +134,11 @@ def _group_norm_fake(x, num_groups, weight, bias, eps, silu, offset=None):
     return torch.empty_like(x)
 
 
+# Elements of one sample the kernels index in int32 (channel and spatial offsets within it): a
+# larger sample (a VAE decode at 4096x4104 with 128 channels) runs eagerly.
+MAX_SAMPLE_ELEMENTS = 2**31
+
+
 def group_norm_triton_supports(x: torch.Tensor, num_groups: int, weight, bias, offset=None) -> bool:
     """Inputs the Triton kernels handle; everything else runs eagerly (never wrong numbers)."""
     from fastdiff.kernels.group_norm import flat_strides
@@ -142,6 +147,8 @@ def group_norm_triton_supports(x: torch.Tensor, num_groups: int, weight, bias, o
         return False
     if x.shape[1] // num_groups > MAX_CHANNELS_PER_GROUP or flat_strides(x) is None:
         return False
+    if x.numel() and x[0].numel() >= MAX_SAMPLE_ELEMENTS:
+        return False  # the kernels index within a sample in int32
     if offset is not None and offset.dtype not in (x.dtype, torch.float32):
         return False
     return all(p is None or (p.device == x.device and p.stride(0) == 1) for p in (weight, bias))

@@ -264,16 +264,29 @@ def recover_from_failed_capture(device: torch.device) -> None:
 
 
 def tensor_bytes(obj: Any) -> int:
-    """Bytes held by the tensors in ``obj`` (a tensor, or a dataclass/dict/list/tuple of them)."""
-    if isinstance(obj, torch.Tensor):
-        return obj.numel() * obj.element_size()
-    if isinstance(obj, dict):
-        return sum(tensor_bytes(value) for value in obj.values())
-    if isinstance(obj, list | tuple):
-        return sum(tensor_bytes(value) for value in obj)
-    if hasattr(obj, "__dataclass_fields__"):
-        return sum(tensor_bytes(getattr(obj, name)) for name in obj.__dataclass_fields__)
-    return 0
+    """Bytes held by the tensors in ``obj`` (a tensor, a dataclass/dict/list/tuple of them, or an
+    object whose ``tensors()`` gives them), each storage counted once however many tensors
+    view it."""
+    storages: dict[int, int] = {}
+
+    def visit(item: Any) -> None:
+        if isinstance(item, torch.Tensor):
+            storage = item.untyped_storage()
+            storages[storage.data_ptr()] = storage.nbytes()
+        elif isinstance(item, dict):
+            for value in item.values():
+                visit(value)
+        elif isinstance(item, list | tuple):
+            for value in item:
+                visit(value)
+        elif hasattr(item, "__dataclass_fields__"):
+            for name in item.__dataclass_fields__:
+                visit(getattr(item, name))
+        elif callable(getattr(item, "tensors", None)):
+            visit(item.tensors())
+
+    visit(obj)
+    return sum(storages.values())
 
 
 @dataclass

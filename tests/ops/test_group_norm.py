@@ -519,6 +519,42 @@ def test_two_launch_split_where_blocks_straddle_groups(
     assert apply_kwargs["BLOCK_C"] % 10 != 0 and apply_kwargs["BLOCK_GT"] >= 2
 
 
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize(
+    ("shape", "groups"),
+    [
+        pytest.param((1, 1024, 2, 1), 1024, id="one-channel-groups"),  # the lookup is capped
+        pytest.param((2, 56, 6, 5), 8, id="7-channel-groups"),
+        pytest.param((1, 200, 3, 3), 2, id="100-channel-groups"),
+        pytest.param((1, 256, 3, 2), 2, id="128-channel-groups"),  # the widest it takes
+    ],
+)
+def test_two_launch_split_with_gpu_split_counts(
+    triton_backend, monkeypatch, shape, groups, channels_last
+):
+    """The two launches sized for an H200's 132 SMs (many splits: the MAX_SPLITS cap, more than
+    one BLOCK_SPLIT), at group widths whose blocks line up with nothing."""
+    monkeypatch.setattr(group_norm_kernels, "SINGLE_PASS_MAX_GROUP", 0)
+    monkeypatch.setattr(group_norm_kernels, "SPLIT_LAUNCHES", 2)
+    monkeypatch.setattr(group_norm_split_kernels, "multiprocessors", lambda device: 132)
+    spy = LaunchSpy(monkeypatch, group_norm_two_launch, "group_norm_apply_group_stats_kernel")
+    x, weight, bias = make_inputs(shape, torch.float32, channels_last, offset=1.0)
+    check(x, groups, weight, bias, silu=True, what=f"{shape} g={groups}", offset=make_offset(x))
+    ((_, kwargs),) = spy.launches
+    assert kwargs["BLOCK_C"] * kwargs["BLOCK_GT"] <= group_norm_two_launch.MAX_LOOKUP
+
+
+def test_samples_past_int32_indexing_run_eagerly():
+    """A sample of 2**31 elements or more would overflow the kernels' int32 offsets (shapes on
+    the meta device: nothing is allocated)."""
+    largest = torch.empty((2, 128, 4096, 4095), device="meta")  # 2**31 - 2**19 per sample
+    assert group_norm_triton_supports(largest, 32, None, None)
+    too_big = torch.empty((1, 128, 4096, 4096), device="meta")  # 2**31 per sample
+    assert not group_norm_triton_supports(too_big, 32, None, None)
+    channels_last = too_big.to(memory_format=torch.channels_last)
+    assert not group_norm_triton_supports(channels_last, 32, None, None)
+
+
 def test_two_launch_split_leaves_wide_groups_to_three_launches(triton_backend, monkeypatch):
     """Groups wider than one statistics block (256 channels) take the three launches."""
     monkeypatch.setattr(group_norm_kernels, "SINGLE_PASS_MAX_GROUP", 0)

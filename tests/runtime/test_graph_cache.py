@@ -143,6 +143,23 @@ def test_tensor_bytes_walks_containers():
     assert tensor_bytes({"a": torch.zeros(3), "b": [torch.zeros(2, dtype=torch.float16)]}) == 16
 
 
+def test_tensor_bytes_counts_each_storage_once_and_asks_objects_for_their_tensors():
+    """Views and aliases (a prepared condition holds the condition's own buffers) count once;
+    an object with ``tensors()`` (the context projections) is counted by them."""
+
+    class Holder:
+        def __init__(self, *tensors):
+            self.held = tensors
+
+        def tensors(self):
+            return self.held
+
+    storage = torch.zeros(4, 8)
+    projected = torch.zeros(10)
+    buffers = {"cond": storage, "view": storage[1:].t(), "prepared": Holder(storage, projected)}
+    assert tensor_bytes(buffers) == 4 * 8 * 4 + 10 * 4
+
+
 class PhasedBackend(CountingBackend):
     """A backend that times its captures' phases, as CudaGraphBackend does."""
 
