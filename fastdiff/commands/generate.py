@@ -83,6 +83,11 @@ def add_parser(subparsers) -> None:
         default=None,
         help="img2img: share of the steps to run (0, 1] (default: 0.3 for SDXL folders, else 0.8)",
     )
+    parser.add_argument(
+        "--mask-image",
+        type=Path,
+        help="inpainting (an inpainting checkpoint, with --init-image): repaint where it is white",
+    )
     parser.add_argument("--out", type=Path, help="output image file (single prompt/label)")
     parser.add_argument("--out-dir", type=Path, help="output folder (with --prompts)")
     existing = parser.add_mutually_exclusive_group()
@@ -168,6 +173,10 @@ def generate_one(pipe, args, text: str, seed: int):
             raise FileNotFoundError(f"init image not found: {args.init_image}")
         inputs["image"] = read_init_image(args.init_image)
         inputs["strength"] = args.strength  # None: the pipeline's default
+    if args.mask_image is not None:
+        if not args.mask_image.is_file():
+            raise FileNotFoundError(f"mask image not found: {args.mask_image}")
+        inputs["mask_image"] = read_init_image(args.mask_image)
     images = pipe(
         **inputs,
         num_inference_steps=args.steps,
@@ -221,6 +230,8 @@ def check_args(args) -> None:
             )
     if args.strength is not None and args.init_image is None:
         raise ValueError("--strength is only used with --init-image (img2img)")
+    if args.mask_image is not None and args.init_image is None:
+        raise ValueError("--mask-image needs --init-image: the image to inpaint")
     if args.num_images < 1:
         raise ValueError(f"--num-images must be at least 1, got {args.num_images}")
     if args.steps < 1:
@@ -254,9 +265,12 @@ def settings(pipe, args) -> str:
     guided = f"guidance {guidance:g}" if guidance > 1 else f"no guidance (w={guidance:g} <= 1)"
     text = f"{sampler}, {args.steps} steps, {guided}"
     if args.init_image is not None:
-        strength = pipe.defaults.strength if args.strength is None else args.strength
+        inpainting = args.mask_image is not None
+        default = pipe.defaults.inpaint_strength if inpainting else pipe.defaults.strength
+        strength = default if args.strength is None else args.strength
         run = min(int(args.steps * strength), args.steps)
-        text += f", img2img strength {strength:g}: {run} steps run"
+        kind = "inpainting" if inpainting else "img2img"
+        text += f", {kind} strength {strength:g}: {run} steps run"
     return text
 
 

@@ -25,25 +25,29 @@ class CallDefaults:
     guidance_scale: float = 7.5
     sampler: str = "ddim"
     strength: float = 0.8  # img2img
+    inpaint_strength: float = 1.0  # inpainting U-Nets: from pure noise
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "guidance_scale", guidance_scale_value(self.guidance_scale))
         check_choices(self.sampler, "tensor", 1)
-        if not 0.0 < self.strength <= 1.0:
-            raise ValueError(f"default strength must lie in (0, 1], got {self.strength!r}")
+        for name in ("strength", "inpaint_strength"):
+            if not 0.0 < getattr(self, name) <= 1.0:
+                raise ValueError(f"default {name} must lie in (0, 1], got {getattr(self, name)!r}")
 
     @classmethod
     def for_folder(cls, index: dict[str, Any], scheduler_config: dict[str, Any]) -> CallDefaults:
         """From model_index.json and the scheduler config. StableDiffusionXLPipeline and
         StableDiffusionXLImg2ImgPipeline default to guidance 5.0 and img2img strength 0.3, the
-        others (SDXL inpainting included) to 7.5 and 0.8; the sampler is the one equal to the
-        folder's scheduler (``fastdiff.sampling.config.default_sampler``), else ddim."""
+        others (SDXL inpainting included) to 7.5 and 0.8; inpainting (a mask) to strength 1.0,
+        StableDiffusionXLInpaintPipeline's 0.9999; the sampler is the one equal to the folder's
+        scheduler (``fastdiff.sampling.config.default_sampler``), else ddim."""
         name = str(index.get("_class_name", ""))
         sdxl = name.startswith("StableDiffusionXL") and "Inpaint" not in name
         return cls(
             guidance_scale=5.0 if sdxl else 7.5,
             sampler=default_sampler(scheduler_config),
             strength=0.3 if sdxl else 0.8,
+            inpaint_strength=0.9999 if name == "StableDiffusionXLInpaintPipeline" else 1.0,
         )
 
 

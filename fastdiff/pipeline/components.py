@@ -60,16 +60,22 @@ def listed_class(index: dict[str, Any], name: str) -> str | None:
     return None
 
 
+def is_inpainting_unet(unet_config: Any, vae_config: Any) -> bool:
+    """An inpainting U-Net takes the latents, the mask and the masked image's latents stacked:
+    2 * latent_channels + 1 input channels (9 in SD)."""
+    return unet_config["in_channels"] == 2 * vae_config["latent_channels"] + 1
+
+
 def check_latent_channels(unet_config: Any, vae_config: Any) -> None:
-    """The U-Net must take and predict the VAE's latents. An inpainting U-Net takes 9 channels
-    (latents, mask, masked-image latents): refused here rather than failing mid-sampling."""
+    """The U-Net must predict the VAE's latents and take them (or, an inpainting U-Net, them
+    with a mask and the masked image's latents): refused here rather than failing mid-sampling."""
     latent = vae_config["latent_channels"]
     taken, predicted = unet_config["in_channels"], unet_config["out_channels"]
-    if taken != latent or predicted != latent:
-        kind = " (an inpainting U-Net, which fastdiff does not support)" if taken == 9 else ""
+    if predicted != latent or (taken != latent and not is_inpainting_unet(unet_config, vae_config)):
         raise ValueError(
             f"the U-Net takes {taken} and predicts {predicted} channels but the VAE's "
-            f"latent_channels is {latent}: they must be equal{kind}"
+            f"latent_channels is {latent}: it must predict {latent} and take {latent} (or "
+            f"{2 * latent + 1}, an inpainting U-Net's latents, mask and masked-image latents)"
         )
 
 

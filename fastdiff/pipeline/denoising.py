@@ -19,10 +19,13 @@ from __future__ import annotations
 import dataclasses
 import numbers
 from collections.abc import Callable
+from typing import Any
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from fastdiff.pipeline import images as image_utils
 from fastdiff.sampling import NoiseSchedule, make_plan, run_plan
 from fastdiff.sampling.plan import INPUT_SCALE, NEXT_FROM_PREV_X0, NEXT_FROM_X0, SamplingPlan
 
@@ -190,3 +193,76 @@ def run_sampler(
         return run_plan(
             model_fn, x_start, plan, generator=generator, callback=lambda *_: bar.update(1)
         )
+
+
+@dataclasses.dataclass
+class RunStart:
+    """Where a ``Pipeline`` call's run starts and stops, and the image size it makes."""
+
+    height: int | None
+    width: int | None
+    start_step: int = 0
+    end_step: int | None = None
+    strength: float | None = None  # img2img / inpainting (None with denoising_start)
+    pixels: torch.Tensor | None = None  # the init image, (B, 3, H, W) in [-1, 1]
+    given_latents: torch.Tensor | None = None  # latents given as the image, not encoded
+
+
+def run_start(
+    pipe: Any,
+    image,
+    latents: torch.Tensor | None,
+    strength: float | None,
+    denoising: tuple[float | None, float | None],
+    inpaint: bool,
+    size: tuple[int | None, int | None],
+    plan: tuple[str, int, float],
+) -> RunStart:
+    """The start of a call: ``image`` read (pixels, or latents given in its place), the plan
+    step that ``strength`` or ``denoising`` = (denoising_start, denoising_end) selects, and the
+    image size, from the image unless ``size`` gives it (inpainting a PIL image: the folder's
+    default size, as diffusers' inpainting pipelines resize to it). ``plan``: (sampler, steps,
+    eta), whose timesteps the denoising fractions cut."""
+    denoising_start, denoising_end = denoising
+    height, width = size
+    steps = plan[1]
+    if inpaint and not isinstance(image, (torch.Tensor, np.ndarray)):
+        default_height, default_width = pipe.default_size
+        height, width = height or default_height, width or default_width
+    start = RunStart(height, width)
+    if image is not None:
+        if latents is not None:
+            raise ValueError("pass image (img2img) or latents, not both")
+        if denoising_start is None:
+            default = pipe.defaults.inpaint_strength if inpaint else pipe.defaults.strength
+            start.strength = default if strength is None else strength
+            start.start_step = img2img_start_step(steps, start.strength)
+        elif strength is not None:  # diffusers ignores strength then: refuse, not ignore
+            raise ValueError("pass strength or denoising_start, not both")
+        start.given_latents = image_utils.latents_of(image, pipe.vae.config["latent_channels"])
+        if start.given_latents is None:
+            start.pixels = image_utils.image_to_tensor(image, height, width)
+            start.height, start.width = start.pixels.shape[2], start.pixels.shape[3]
+        else:
+            start.height, start.width = image_utils.latent_image_size(
+                start.given_latents, height, width, pipe.vae_scale_factor
+            )
+    elif strength is not None:  # text-to-image has no strength: never ignore one silently
+        raise ValueError(f"strength={strength!r} is only used with image= (img2img)")
+    elif denoising_start is not None:
+        raise ValueError(
+            "denoising_start needs image=: the latents of a run stopped at denoising_end"
+        )
+    if denoising_start is not None or denoising_end is not None:
+        timesteps = make_plan(pipe.schedule, sampler=plan[0], steps=steps, eta=plan[2]).timesteps
+        first, start.end_step = denoising_range(
+            timesteps, pipe.schedule.num_train_timesteps, denoising_start, denoising_end
+        )
+        if denoising_start is not None:
+            start.start_step = first
+        if start.end_step is not None and start.start_step >= start.end_step:
+            raise ValueError(
+                f"strength={strength} starts at step {start.start_step} of {steps}, at or after "
+                f"denoising_end={denoising_end}'s end at step {start.end_step}"
+            )
+    return start

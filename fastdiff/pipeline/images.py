@@ -224,6 +224,14 @@ def check_size(height: int, width: int, factor: int) -> None:
             )
 
 
+def fit_batch(latents: torch.Tensor, batch: int, num_images: int) -> torch.Tensor:
+    """Per-image inputs for a batch of ``batch`` samples (prompts x ``num_images``): as they
+    are when there is one per sample, else ``match_batch``'s pairing with the prompts."""
+    if latents.shape[0] == batch:
+        return latents
+    return match_batch(latents, batch // num_images, num_images)
+
+
 def match_batch(latents: torch.Tensor, prompts: int, num_images: int) -> torch.Tensor:
     """One init image for every prompt, or one per prompt; then ``num_images`` copies each."""
     if latents.shape[0] == 1:

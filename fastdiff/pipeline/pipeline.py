@@ -16,6 +16,7 @@ import torch
 
 from fastdiff.models.vae import DiagonalGaussian
 from fastdiff.pipeline import images as image_utils
+from fastdiff.pipeline import inpainting
 from fastdiff.pipeline.call_arguments import (
     CallDefaults,
     check_choices,
@@ -29,10 +30,12 @@ from fastdiff.pipeline.components import (
     PipelineComponents,
     check_latent_channels,
     default_image_size,
+    is_inpainting_unet,
     load_components,
 )
 from fastdiff.pipeline.conditioning import Condition, Conditioning, encode_inputs
-from fastdiff.pipeline.denoising import denoising_range, img2img_start_step, run_sampler
+from fastdiff.pipeline.denoising import run_sampler, run_start
+from fastdiff.pipeline.inpainting import INPAINT_KEY
 from fastdiff.pipeline.micro_conditioning import (
     add_time_ids,
     aesthetic_scores,
@@ -46,7 +49,7 @@ from fastdiff.pipeline.vae_scaling import (
     to_vae_latents,
     vae_run_dtype,
 )
-from fastdiff.sampling import NoiseSchedule, classifier_free_guidance, make_plan
+from fastdiff.sampling import NoiseSchedule, classifier_free_guidance
 
 
 class Pipeline:
@@ -135,6 +138,11 @@ class Pipeline:
         return self.unet.config.get("num_class_embeds") is not None
 
     @property
+    def is_inpainting(self) -> bool:
+        """An inpainting U-Net: it takes a mask and the masked image's latents as well."""
+        return is_inpainting_unet(self.unet.config, self.vae.config)
+
+    @property
     def is_text_conditional(self) -> bool:
         return self.prompt_encoder is not None or not self.is_class_conditional
 
@@ -157,8 +165,13 @@ class Pipeline:
         return encode_inputs(self, guided, num_images, **inputs)
 
     def unet_forward(self, x: torch.Tensor, t: torch.Tensor, cond: Condition) -> torch.Tensor:
-        """One U-Net call on a condition dict (see ``fastdiff.pipeline.conditioning``)."""
+        """One U-Net call on a condition dict (see ``fastdiff.pipeline.conditioning``); an
+        inpainting U-Net's mask and masked-image latents are stacked onto ``x`` here."""
         added = {key: cond[key] for key in ("text_embeds", "time_ids") if key in cond}
+        if INPAINT_KEY in cond:
+            nhwc = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)
+            x = torch.cat([x, cond[INPAINT_KEY].to(x.dtype)], dim=1)
+            x = x.contiguous(memory_format=torch.channels_last if nhwc else torch.contiguous_format)
         return self.unet(
             x,
             t,
@@ -328,6 +341,7 @@ class Pipeline:
         negative_aesthetic_score: float | None = None,
         denoising_start: float | None = None,
         denoising_end: float | None = None,
+        mask_image=None,
         **sizes: tuple[int, int] | None,
     ):
         """Generate images. Returns a list of PIL images (``output_type="pil"``), a float32 tensor
@@ -353,6 +367,10 @@ class Pipeline:
         with the steps cut as diffusers' SDXL pipelines cut them. ``image`` may be latents
         (B, latent channels, h, w), as in diffusers: not encoded, and with ``denoising_start``
         not noised.
+        An inpainting U-Net (9 input channels) takes ``image`` and ``mask_image`` (white:
+        repaint; ``fastdiff.pipeline.inpainting``), with ``strength`` default 1.0 (from pure
+        noise; StableDiffusionXLInpaintPipeline folders 0.9999) and, for PIL images, the
+        folder's default size unless ``height``/``width`` are given, as diffusers does.
         """
         text_time = self.unet.config.get("addition_embed_type") == "text_time"
         check_size_options(sizes, text_time)
@@ -384,41 +402,18 @@ class Pipeline:
         )
         batch = conditioning.batch_size
 
-        init_latents, start_step, given_latents = None, 0, None
-        if image is not None:
-            if latents is not None:
-                raise ValueError("pass image (img2img) or latents, not both")
-            if denoising_start is None:
-                strength = self.defaults.strength if strength is None else strength
-                start_step = img2img_start_step(num_inference_steps, strength)
-            elif strength is not None:  # diffusers ignores strength then: refuse, not ignore
-                raise ValueError("pass strength or denoising_start, not both")
-            given_latents = image_utils.latents_of(image, self.vae.config["latent_channels"])
-            if given_latents is None:
-                pixels = image_utils.image_to_tensor(image, height, width)
-                height, width = pixels.shape[2], pixels.shape[3]
-            else:
-                height, width = image_utils.latent_image_size(
-                    given_latents, height, width, self.vae_scale_factor
-                )
-        elif strength is not None:  # text-to-image has no strength: never ignore one silently
-            raise ValueError(f"strength={strength!r} is only used with image= (img2img)")
-        elif denoising_start is not None:
-            raise ValueError(
-                "denoising_start needs image=: the latents of a run stopped at denoising_end"
-            )
-        end_step = None
-        if denoising_start is not None or denoising_end is not None:
-            timesteps = make_plan(self.schedule, sampler, num_inference_steps, eta).timesteps
-            first, end_step = denoising_range(
-                timesteps, self.schedule.num_train_timesteps, denoising_start, denoising_end
-            )
-            start_step = first if denoising_start is not None else start_step
-            if end_step is not None and start_step >= end_step:
-                raise ValueError(
-                    f"strength={strength} starts at step {start_step} of {num_inference_steps}, "
-                    f"at or after denoising_end={denoising_end}'s end at step {end_step}"
-                )
+        inpaint = inpainting.check_inputs(self, image, mask_image, latents, denoising_start)
+        start = run_start(
+            self,
+            image,
+            latents,
+            strength,
+            (denoising_start, denoising_end),
+            inpaint,
+            (height, width),
+            (sampler, num_inference_steps, eta),
+        )
+        height, width, init_latents = start.height, start.width, None
         if height is None or width is None:
             default_height, default_width = self.default_size
             height = default_height if height is None else height
@@ -426,19 +421,16 @@ class Pipeline:
         image_utils.check_size(height, width, self.vae_scale_factor)
         if text_time:
             add_time_ids(conditioning, height, width, self.unet.config, sizes, scores)
-        if image is not None:
-            if given_latents is None:  # encode each image once (as diffusers does)
-                init_latents = self.encode_image(pixels, generator).to(self.dtype)
+        if image is not None and not (inpaint and start.strength == 1.0):  # 1.0: pure noise
+            if start.given_latents is None:  # encode each image once (as diffusers does)
+                init_latents = self.encode_image(start.pixels, generator).to(self.dtype)
             else:
-                init_latents = given_latents.to(device=self.device, dtype=self.dtype)
-            if init_latents.shape[0] != batch:  # latents for every image pass as they are
-                init_latents = image_utils.match_batch(
-                    init_latents, batch // num_images, num_images
-                )
+                init_latents = start.given_latents.to(device=self.device, dtype=self.dtype)
+            init_latents = image_utils.fit_batch(init_latents, batch, num_images)
 
         shape = (
             batch,
-            self.unet.config["in_channels"],
+            self.vae.config["latent_channels"],
             height // self.vae_scale_factor,
             width // self.vae_scale_factor,
         )
@@ -448,6 +440,13 @@ class Pipeline:
         else:  # a hand-over's latents are the start: no noise drawn, as in diffusers
             noise = torch.zeros(shape)
         noise = noise.to(device=self.device, dtype=self.dtype)
+        if inpaint:  # after the noise, as diffusers draws them
+            stacked = inpainting.stacked_latents(
+                self, start.pixels, mask_image, shape, generator, num_images
+            )
+            conditioning.cond[INPAINT_KEY] = stacked
+            if conditioning.uncond is not None:
+                conditioning.uncond[INPAINT_KEY] = stacked
 
         result = self.denoise(
             conditioning,
@@ -459,8 +458,8 @@ class Pipeline:
             eta=eta,
             generator=generator,
             init_latents=init_latents,
-            start_step=start_step,
-            end_step=end_step,
+            start_step=start.start_step,
+            end_step=start.end_step,
             add_noise=add_noise,
             progress=progress,
         )

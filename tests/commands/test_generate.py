@@ -511,3 +511,25 @@ def test_a_file_written_while_sampling_is_kept(class_folder, tmp_path, monkeypat
     assert generate("--model", class_folder, "--prompts", labels, "--out-dir", out_dir) != 0
     assert [target.read_text() for target in targets] == ["theirs", "theirs"]
     assert "already exists" in capsys.readouterr().err
+
+
+def test_inpainting_with_a_mask_image(tmp_path, capsys):
+    """--mask-image reaches an inpainting checkpoint (with --init-image), and is refused
+    without --init-image or by a plain checkpoint."""
+    from tests.pipeline.folders import make_sd_inpaint_folder
+
+    folder = make_sd_inpaint_folder(tmp_path / "inpaint")
+    init, mask = tmp_path / "init.png", tmp_path / "mask.png"
+    Image.fromarray((np.random.RandomState(0).rand(16, 16, 3) * 255).astype(np.uint8)).save(init)
+    Image.fromarray((np.eye(16) * 255).astype(np.uint8)).save(mask)
+    common = ("--model", folder, "--prompt", "a cat", "--seed", 1, "--steps", 2)
+    out = tmp_path / "out.png"
+    assert generate(*common, "--init-image", init, "--mask-image", mask, "--out", out) == 0
+    assert Image.open(out).size == (16, 16)
+    assert "inpainting strength 1: 2 steps run" in capsys.readouterr().out
+    assert generate(*common, "--mask-image", mask, "--out", tmp_path / "no.png") == 2
+    assert "--mask-image needs --init-image" in capsys.readouterr().err
+    plain = make_sd_folder(tmp_path / "sd")
+    arguments = ("--model", plain, "--prompt", "a cat", "--steps", 1, "--init-image", init)
+    assert generate(*arguments, "--mask-image", mask, "--out", tmp_path / "no.png") == 2
+    assert "mask_image needs an inpainting U-Net" in capsys.readouterr().err

@@ -7,6 +7,7 @@ import pytest
 
 from tests.pipeline.folders import (
     make_sd_folder,
+    make_sd_inpaint_folder,
     make_sdxl_folder,
     make_sdxl_refiner_folder,
     single_thread,
@@ -32,3 +33,8 @@ def sdxl_folder(tmp_path_factory):
 @pytest.fixture(scope="module")
 def sdxl_refiner_folder(tmp_path_factory):
     return make_sdxl_refiner_folder(tmp_path_factory.mktemp("refiner") / "pipe")
+
+
+@pytest.fixture(scope="module")
+def sd_inpaint_folder(tmp_path_factory):
+    return make_sd_inpaint_folder(tmp_path_factory.mktemp("inpaint") / "pipe")

@@ -119,14 +119,49 @@ def make_sd_folder(path: Path, sd2: bool = False) -> Path:
     return path
 
 
-def make_sdxl_folder(path: Path) -> Path:
-    """An SDXL-like folder: two text encoders (the second with projection), text_time U-Net."""
-    from diffusers import DDIMScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+def make_sd_inpaint_folder(path: Path) -> Path:
+    """An SD-inpainting-like folder: the U-Net takes 9 channels (latents, mask, masked-image
+    latents), StableDiffusionInpaintPipeline."""
+    from diffusers import DDIMScheduler, StableDiffusionInpaintPipeline, UNet2DConditionModel
+
+    tokenizer = tiny_tokenizer()
+    unet = UNet2DConditionModel(
+        in_channels=9,
+        out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=8,
+        **UNET_BLOCKS,
+    ).eval()
+    pipe = StableDiffusionInpaintPipeline(
+        unet=unet,
+        vae=tiny_vae(),
+        text_encoder=tiny_text_encoder(len(tokenizer)),
+        tokenizer=tokenizer,
+        scheduler=DDIMScheduler(**SCHEDULER),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.save_pretrained(path)
+    return path
+
+
+def make_sdxl_folder(path: Path, inpainting: bool = False) -> Path:
+    """An SDXL-like folder: two text encoders (the second with projection), text_time U-Net;
+    with ``inpainting`` a 9-channel U-Net in a StableDiffusionXLInpaintPipeline folder."""
+    from diffusers import (
+        DDIMScheduler,
+        StableDiffusionXLInpaintPipeline,
+        StableDiffusionXLPipeline,
+        UNet2DConditionModel,
+    )
 
     tokenizer = tiny_tokenizer()
     time_embed_dim = 8
     unet = UNet2DConditionModel(
-        in_channels=4,
+        in_channels=9 if inpainting else 4,
         out_channels=4,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
@@ -139,7 +174,8 @@ def make_sdxl_folder(path: Path) -> Path:
         projection_class_embeddings_input_dim=32 + 6 * time_embed_dim,
         **UNET_BLOCKS,
     ).eval()
-    pipe = StableDiffusionXLPipeline(
+    pipeline_class = StableDiffusionXLInpaintPipeline if inpainting else StableDiffusionXLPipeline
+    pipe = pipeline_class(
         unet=unet,
         vae=tiny_vae(),
         text_encoder=tiny_text_encoder(len(tokenizer)),

@@ -193,14 +193,17 @@ def test_force_zeros_for_empty_prompt_null_reads_as_false_in_sdxl(tmp_path):
         Pipeline.from_pretrained(folder)
 
 
-def test_an_inpainting_unet_is_refused_at_load(sd_folder, reference, tmp_path):
-    """An inpainting U-Net takes 9 channels (latents, mask, masked-image latents); it used to load
-    and fail mid-sampling on a shape mismatch."""
+def test_unets_that_do_not_fit_the_vae_are_refused_at_load(sd_folder, reference, tmp_path):
+    """A U-Net must predict the VAE's latents and take them, or take 2 * 4 + 1 = 9 channels (an
+    inpainting U-Net: latents, mask, masked-image latents); anything else used to load and
+    fail mid-sampling on a shape mismatch."""
     folder = copy(sd_folder, tmp_path / "pipe")
     config = {**reference.unet.config, "in_channels": 9}
     diffusers.UNet2DConditionModel.from_config(config).save_pretrained(folder / "unet")
-    message = r"takes 9 and predicts 4 channels .* latent_channels is 4"
-    with pytest.raises(ValueError, match=message):
+    assert Pipeline.from_pretrained(folder).is_inpainting
+    config = {**reference.unet.config, "in_channels": 5}
+    diffusers.UNet2DConditionModel.from_config(config).save_pretrained(folder / "unet")
+    with pytest.raises(ValueError, match=r"takes 5 and predicts 4 channels .* take 4 \(or 9"):
         Pipeline.from_pretrained(folder)
     # A U-Net predicting more channels (learned variance) is refused as well.
     config = {**reference.unet.config, "out_channels": 8}

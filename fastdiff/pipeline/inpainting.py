@@ -1,0 +1,140 @@
+"""Inpainting with an inpainting U-Net (SD 1.x/2.x and SDXL inpainting checkpoints), as diffusers'
+StableDiffusionInpaintPipeline / StableDiffusionXLInpaintPipeline run it: the U-Net takes, besides
+the latents, the mask at latent resolution and the latents of the image with the masked region
+blanked out, stacked along the channels (4 + 1 + 4 = 9 in SD). Those two do not change from step to
+step: they travel in the condition dict as ``inpaint_latents`` and the U-Net call stacks them onto
+each step's latents (``Pipeline.unet_forward``), so the eager loop, classifier-free guidance (the
+same for both halves) and the runtime's graphs carry them like the text embeddings.
+
+The mask is white (>= 0.5) where the image is repainted, black where it is kept, binarized as
+diffusers' mask processor does; diffusers downsizes it to latent resolution with nearest-neighbour
+interpolation, and so does this module.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from fastdiff.pipeline import images as image_utils
+
+INPAINT_KEY = "inpaint_latents"
+
+
+def mask_to_tensor(
+    mask: Image.Image | Sequence[Image.Image] | torch.Tensor | np.ndarray,
+    height: int,
+    width: int,
+) -> torch.Tensor:
+    """A mask -> float32 (B, 1, height, width) of zeros and ones (1: repaint).
+
+    Accepts a PIL image or a list of them (any mode; resized with Lanczos, then made grayscale,
+    as diffusers' mask processor does), or a tensor / numpy array (H, W), (B, H, W) or
+    (B, 1, H, W) with values in [0, 1] (numpy uint8: 0 to 255) at the image's size."""
+    if isinstance(mask, Image.Image) or (
+        isinstance(mask, (list, tuple)) and mask and isinstance(mask[0], Image.Image)
+    ):
+        masks = [mask] if isinstance(mask, Image.Image) else list(mask)
+        if not all(isinstance(item, Image.Image) for item in masks):
+            raise ValueError("a list of masks must hold PIL images only")
+        arrays = []
+        for item in masks:
+            if item.size != (width, height):
+                item = item.resize((width, height), resample=Image.Resampling.LANCZOS)
+            arrays.append(np.asarray(item.convert("L"), dtype=np.float32) / 255.0)
+        tensor = torch.from_numpy(np.stack(arrays))[:, None]
+    elif isinstance(mask, (torch.Tensor, np.ndarray)):
+        tensor = mask_array(mask)
+        if tuple(tensor.shape[2:]) != (height, width):
+            raise ValueError(
+                f"mask is {tensor.shape[2]}x{tensor.shape[3]} but the image is {height}x{width}: "
+                "pass a mask of the image's size"
+            )
+    else:
+        raise ValueError(
+            "mask_image must be a PIL image, a list of PIL images, or a tensor or numpy array "
+            f"(H, W), (B, H, W) or (B, 1, H, W); got {type(mask).__name__}"
+        )
+    return (tensor >= 0.5).float()
+
+
+def mask_array(mask: torch.Tensor | np.ndarray) -> torch.Tensor:
+    """A tensor or array mask as float32 (B, 1, H, W), values checked to lie in [0, 1]."""
+    if isinstance(mask, np.ndarray):
+        if mask.dtype == np.uint8:
+            mask = mask.astype(np.float32) / 255.0
+        elif mask.dtype == np.bool_:
+            mask = mask.astype(np.float32)
+        elif not np.issubdtype(mask.dtype, np.floating):
+            raise ValueError(f"a numpy mask must be uint8, bool or float, got {mask.dtype}")
+        mask = torch.from_numpy(np.ascontiguousarray(mask, dtype=np.float32))
+    tensor = mask.detach().float().cpu()
+    shape = tuple(mask.shape)
+    if tensor.ndim == 2:
+        tensor = tensor[None, None]
+    elif tensor.ndim == 3:
+        tensor = tensor[:, None]
+    if tensor.ndim != 4 or tensor.shape[1] != 1:
+        raise ValueError(f"mask must have shape (H, W), (B, H, W) or (B, 1, H, W), got {shape}")
+    if not bool(torch.isfinite(tensor).all()):
+        raise ValueError("mask contains NaN or inf")
+    if tensor.numel() and (tensor.min() < 0 or tensor.max() > 1):
+        raise ValueError("mask values must lie in [0, 1] (1: repaint)")
+    return tensor
+
+
+def masked_pixels(pixels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The image ([-1, 1], (B, 3, H, W)) with the repainted region set to 0 (mid-gray), as
+    diffusers blanks it before encoding; one mask for all images or one per image."""
+    if mask.shape[0] not in (1, pixels.shape[0]) and pixels.shape[0] != 1:
+        raise ValueError(
+            f"got {mask.shape[0]} masks for {pixels.shape[0]} images: pass one or one per image"
+        )
+    return pixels * (mask.to(pixels.device) < 0.5)
+
+
+def latent_mask(mask: torch.Tensor, latent_size: tuple[int, int]) -> torch.Tensor:
+    """The mask at latent resolution (nearest-neighbour, as diffusers' F.interpolate default)."""
+    return F.interpolate(mask, size=latent_size)
+
+
+def check_inputs(pipe: Any, image, mask_image, latents, denoising_start) -> bool:
+    """Whether a ``Pipeline`` call inpaints: an inpainting U-Net needs ``image`` (pixels) and
+    ``mask_image``; other U-Nets refuse a mask."""
+    latent_channels = pipe.vae.config["latent_channels"]
+    if not pipe.is_inpainting:
+        if mask_image is not None:
+            raise ValueError(
+                f"mask_image needs an inpainting U-Net (in_channels {2 * latent_channels + 1}: "
+                "latents, mask, masked-image latents); this one takes "
+                f"{pipe.unet.config['in_channels']}"
+            )
+        return False
+    if image is None or mask_image is None:
+        raise ValueError("this is an inpainting U-Net: pass image= and mask_image=")
+    if latents is not None or denoising_start is not None:
+        raise ValueError(
+            "an inpainting U-Net starts from the image: latents= and denoising_start are not "
+            "supported with it"
+        )
+    if image_utils.latents_of(image, latent_channels) is not None:
+        raise ValueError("inpainting needs the image's pixels (to blank the masked region)")
+    return True
+
+
+def stacked_latents(
+    pipe: Any, pixels: torch.Tensor, mask_image, shape: tuple, generator, num_images: int
+) -> torch.Tensor:
+    """The mask at latent size and the masked image's latents (encoded with ``generator``, as
+    diffusers encodes them after drawing the noise), stacked along the channels, one per sample
+    of the (prompts x ``num_images``) batch of latent ``shape``."""
+    mask = mask_to_tensor(mask_image, pixels.shape[2], pixels.shape[3])
+    masked_latents = pipe.encode_image(masked_pixels(pixels, mask), generator).to(pipe.dtype)
+    small = latent_mask(mask, tuple(shape[2:])).to(pipe.device, pipe.dtype)
+    parts = (small, masked_latents)
+    return torch.cat([image_utils.fit_batch(p, shape[0], num_images) for p in parts], dim=1)
