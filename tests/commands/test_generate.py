@@ -516,9 +516,7 @@ def test_a_file_written_while_sampling_is_kept(class_folder, tmp_path, monkeypat
 def test_inpainting_with_a_mask_image(tmp_path, capsys):
     """--mask-image reaches an inpainting checkpoint (with --init-image), and is refused
     without --init-image or by a plain checkpoint."""
-    from tests.pipeline.folders import make_sd_inpaint_folder
-
-    folder = make_sd_inpaint_folder(tmp_path / "inpaint")
+    folder = make_sd_folder(tmp_path / "inpaint", inpainting=True)
     init, mask = tmp_path / "init.png", tmp_path / "mask.png"
     Image.fromarray((np.random.RandomState(0).rand(16, 16, 3) * 255).astype(np.uint8)).save(init)
     Image.fromarray((np.eye(16) * 255).astype(np.uint8)).save(mask)

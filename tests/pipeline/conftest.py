@@ -7,7 +7,6 @@ import pytest
 
 from tests.pipeline.folders import (
     make_sd_folder,
-    make_sd_inpaint_folder,
     make_sdxl_folder,
     make_sdxl_refiner_folder,
     single_thread,
@@ -37,4 +36,4 @@ def sdxl_refiner_folder(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def sd_inpaint_folder(tmp_path_factory):
-    return make_sd_inpaint_folder(tmp_path_factory.mktemp("inpaint") / "pipe")
+    return make_sd_folder(tmp_path_factory.mktemp("inpaint") / "pipe", inpainting=True)

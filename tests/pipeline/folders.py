@@ -88,14 +88,21 @@ def tiny_vae():
     return AutoencoderKL(**VAE).eval()
 
 
-def make_sd_folder(path: Path, sd2: bool = False) -> Path:
+def make_sd_folder(path: Path, sd2: bool = False, inpainting: bool = False) -> Path:
     """An SD1-like text-to-image folder: CLIP text encoder, cross-attention U-Net, DDIM. With
-    ``sd2``: SD 2.x-like, linear transformer projections and v-prediction."""
-    from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    ``sd2``: SD 2.x-like, linear transformer projections and v-prediction. With ``inpainting``:
+    a StableDiffusionInpaintPipeline folder whose U-Net takes 9 channels (latents, mask,
+    masked-image latents)."""
+    from diffusers import (
+        DDIMScheduler,
+        StableDiffusionInpaintPipeline,
+        StableDiffusionPipeline,
+        UNet2DConditionModel,
+    )
 
     tokenizer = tiny_tokenizer()
     unet = UNet2DConditionModel(
-        in_channels=4,
+        in_channels=9 if inpainting else 4,
         out_channels=4,
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
@@ -105,7 +112,8 @@ def make_sd_folder(path: Path, sd2: bool = False) -> Path:
         **UNET_BLOCKS,
     ).eval()
     prediction_type = "v_prediction" if sd2 else "epsilon"
-    pipe = StableDiffusionPipeline(
+    pipeline_class = StableDiffusionInpaintPipeline if inpainting else StableDiffusionPipeline
+    pipe = pipeline_class(
         unet=unet,
         vae=tiny_vae(),
         text_encoder=tiny_text_encoder(len(tokenizer)),
@@ -119,61 +127,35 @@ def make_sd_folder(path: Path, sd2: bool = False) -> Path:
     return path
 
 
-def make_sd_inpaint_folder(path: Path) -> Path:
-    """An SD-inpainting-like folder: the U-Net takes 9 channels (latents, mask, masked-image
-    latents), StableDiffusionInpaintPipeline."""
-    from diffusers import DDIMScheduler, StableDiffusionInpaintPipeline, UNet2DConditionModel
+def tiny_sdxl_unet(in_channels: int, text_width: int, time_ids: int, **extra):
+    """A text_time U-Net taking ``text_width``-wide token embeddings and a 32-wide pooled one
+    with ``time_ids`` micro-conditioning ids of 8 features each."""
+    from diffusers import UNet2DConditionModel
 
-    tokenizer = tiny_tokenizer()
-    unet = UNet2DConditionModel(
-        in_channels=9,
+    return UNet2DConditionModel(
+        in_channels=in_channels,
         out_channels=4,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=32,
-        attention_head_dim=8,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=text_width,
+        attention_head_dim=(4, 8),
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        projection_class_embeddings_input_dim=32 + time_ids * 8,
         **UNET_BLOCKS,
+        **extra,
     ).eval()
-    pipe = StableDiffusionInpaintPipeline(
-        unet=unet,
-        vae=tiny_vae(),
-        text_encoder=tiny_text_encoder(len(tokenizer)),
-        tokenizer=tokenizer,
-        scheduler=DDIMScheduler(**SCHEDULER),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipe.save_pretrained(path)
-    return path
 
 
 def make_sdxl_folder(path: Path, inpainting: bool = False) -> Path:
     """An SDXL-like folder: two text encoders (the second with projection), text_time U-Net;
     with ``inpainting`` a 9-channel U-Net in a StableDiffusionXLInpaintPipeline folder."""
-    from diffusers import (
-        DDIMScheduler,
-        StableDiffusionXLInpaintPipeline,
-        StableDiffusionXLPipeline,
-        UNet2DConditionModel,
-    )
+    from diffusers import DDIMScheduler, StableDiffusionXLInpaintPipeline, StableDiffusionXLPipeline
 
     tokenizer = tiny_tokenizer()
-    time_embed_dim = 8
-    unet = UNet2DConditionModel(
-        in_channels=9 if inpainting else 4,
-        out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=64,  # 32 + 32: both encoders' hidden states concatenated
-        attention_head_dim=(4, 8),
-        transformer_layers_per_block=(1, 2),
-        use_linear_projection=True,
-        addition_embed_type="text_time",
-        addition_time_embed_dim=time_embed_dim,
-        projection_class_embeddings_input_dim=32 + 6 * time_embed_dim,
-        **UNET_BLOCKS,
-    ).eval()
+    # both encoders' hidden states concatenated (32 + 32), two transformer layers in the second
+    unet = tiny_sdxl_unet(9 if inpainting else 4, 64, 6, transformer_layers_per_block=(1, 2))
     pipeline_class = StableDiffusionXLInpaintPipeline if inpainting else StableDiffusionXLPipeline
     pipe = pipeline_class(
         unet=unet,
@@ -191,22 +173,9 @@ def make_sdxl_folder(path: Path, inpainting: bool = False) -> Path:
 def make_sdxl_refiner_folder(path: Path) -> Path:
     """An SDXL-refiner-like folder: only the second text encoder (with projection), a text_time
     U-Net conditioned on (original size, crop, aesthetic score), requires_aesthetics_score."""
-    from diffusers import DDIMScheduler, StableDiffusionXLImg2ImgPipeline, UNet2DConditionModel
+    from diffusers import DDIMScheduler, StableDiffusionXLImg2ImgPipeline
 
-    time_embed_dim = 8
-    unet = UNet2DConditionModel(
-        in_channels=4,
-        out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=32,  # text_encoder_2's hidden states alone
-        attention_head_dim=(4, 8),
-        use_linear_projection=True,
-        addition_embed_type="text_time",
-        addition_time_embed_dim=time_embed_dim,
-        projection_class_embeddings_input_dim=32 + 5 * time_embed_dim,
-        **UNET_BLOCKS,
-    ).eval()
+    unet = tiny_sdxl_unet(4, 32, 5)  # text_encoder_2's hidden states alone; 5 ids with the score
     tokenizer = tiny_tokenizer()
     pipe = StableDiffusionXLImg2ImgPipeline(
         unet=unet,

@@ -71,19 +71,9 @@ def test_ops_backend_is_part_of_the_graph_key(other):
 def test_img2img_runs_the_remaining_rows_in_graphs(pipe, sampler, steps, start_step, eta):
     """img2img starts part-way down the plan: the runtime replays the remaining rows (loop graph
     for short remainders, step graph for long ones) and equals the eager loop."""
-    cond, x_T = conditioning(True), torch.randn(1, 4, 8, 8)
-    init = torch.randn(1, 4, 8, 8)
     kwargs = dict(guidance_scale=5.0, sampler=sampler, steps=steps, eta=eta)
-    kwargs.update(init_latents=init, start_step=start_step)
-    with torch.no_grad():
-        want = pipe.denoise(
-            cond, x_T, generator=torch.Generator().manual_seed(3), progress=False, **kwargs
-        )
-    rt = runtime.optimize(pipe, backend=RecordingGraphBackend(), verbose=False)
-    for _ in range(2):  # capture, then a pure replay
-        got = pipe.denoise(cond, x_T, generator=torch.Generator().manual_seed(3), **kwargs)
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-    assert not rt.denoiser.eager_fallbacks and rt.cache.stats.captures == 1
+    kwargs.update(init_latents=torch.randn(1, 4, 8, 8), start_step=start_step)
+    rt = graphs_equal_the_eager_loop(pipe, kwargs)
     (entry,) = rt.cache.entries.values()
     assert entry.key.kind == ("loop" if steps - start_step <= 8 else "step")
 
@@ -100,16 +90,23 @@ def test_img2img_runs_the_remaining_rows_in_graphs(pipe, sampler, steps, start_s
 def test_stopped_and_resumed_runs_equal_the_eager_loop(pipe, sampler, steps, start_step, end_step):
     """The base-then-refiner hand-over through graphs: the rows before ``end_step`` only, and
     a start from latents taken as they are (``add_noise=False``), equal the eager loop."""
-    cond, x_T = conditioning(True), torch.randn(1, 4, 8, 8)
     init = torch.randn(1, 4, 8, 8) if start_step else None
     kwargs = dict(guidance_scale=5.0, sampler=sampler, steps=steps, init_latents=init)
     kwargs.update(start_step=start_step, end_step=end_step, add_noise=False)
+    graphs_equal_the_eager_loop(pipe, kwargs)
+
+
+def graphs_equal_the_eager_loop(pipe, kwargs: dict):
+    """``pipe.denoise(**kwargs)`` on a guided condition, eagerly, then through one captured
+    graph twice (capture, then a pure replay): equal. Returns the runtime."""
+    cond, x_T = conditioning(True), torch.randn(1, 4, 8, 8)
     with torch.no_grad():
         want = pipe.denoise(
             cond, x_T, generator=torch.Generator().manual_seed(3), progress=False, **kwargs
         )
     rt = runtime.optimize(pipe, backend=RecordingGraphBackend(), verbose=False)
-    for _ in range(2):  # capture, then a pure replay
+    for _ in range(2):
         got = pipe.denoise(cond, x_T, generator=torch.Generator().manual_seed(3), **kwargs)
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     assert not rt.denoiser.eager_fallbacks and rt.cache.stats.captures == 1
+    return rt
