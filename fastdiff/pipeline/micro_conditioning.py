@@ -94,12 +94,16 @@ def add_time_ids(
     unet_config,
     sizes: dict | None = None,
     aesthetic: tuple[float, float] | None = None,
+    from_image: bool = False,
 ) -> None:
     """SDXL micro-conditioning: (original size, crop top-left, target size) per sample, from
     ``sizes`` (the keys of ``SIZE_KEYS``; each a (height, width) or (top, left) pair), as
     diffusers' SDXL pipeline reads them: original and target size default to the image size,
     the crop to (0, 0); the unconditional batch takes the ``negative_*`` ones when both
-    negative sizes are given, else the same ids.
+    negative sizes are given, else the same ids. ``from_image`` (img2img, inpainting) follows
+    diffusers' SDXL img2img and inpainting pipelines instead: each negative size defaults to
+    its positive one and the unconditional batch takes the positive crop, so
+    negative_crops_coords_top_left, which they ignore, is refused.
 
     With ``aesthetic`` ((score, negative score): an SDXL refiner) the ids are (original size,
     crop top-left, aesthetic score), as diffusers' StableDiffusionXLImg2ImgPipeline makes them
@@ -127,8 +131,14 @@ def add_time_ids(
             )
     pairs = {key: size_pair(value, key, 0 if "crops" in key else 1) for key, value in sizes.items()}
     negative = [pairs[key] for key in SIZE_KEYS[3:]]
+    if aesthetic is None and from_image and negative[1] is not None:
+        raise ValueError(
+            "negative_crops_coords_top_left: diffusers' SDXL img2img and inpainting pipelines "
+            "give the unconditional batch crops_coords_top_left too; pass that instead"
+        )
     if (
         aesthetic is None
+        and not from_image
         and any(v is not None for v in negative)
         and (negative[0] is None or negative[2] is None)
     ):
@@ -154,6 +164,10 @@ def add_time_ids(
         return
     time_ids = ids(original, crop, target or (height, width))
     conditioning.cond["time_ids"] = time_ids
-    if conditioning.uncond is not None:
+    if conditioning.uncond is None:
+        return
+    if from_image:
+        uncond_ids = ids(negative[0] or original, crop, negative[2] or target or (height, width))
+    else:
         uncond_ids = ids(*negative) if negative[0] is not None else time_ids.clone()
-        conditioning.uncond["time_ids"] = uncond_ids
+    conditioning.uncond["time_ids"] = uncond_ids

@@ -420,7 +420,9 @@ class Pipeline:
             width = default_width if width is None else width
         image_utils.check_size(height, width, self.vae_scale_factor)
         if text_time:
-            add_time_ids(conditioning, height, width, self.unet.config, sizes, scores)
+            add_time_ids(
+                conditioning, height, width, self.unet.config, sizes, scores, image is not None
+            )
         if image is not None and not (inpaint and start.strength == 1.0):  # 1.0: pure noise
             if start.given_latents is None:  # encode each image once (as diffusers does)
                 init_latents = self.encode_image(start.pixels, generator).to(self.dtype)

@@ -206,3 +206,29 @@ def test_half_precision_pipelines_on_cpu(sdxl_folder, sd_folder):
         assert image.dtype == torch.float32 and bool(torch.isfinite(image).all())
         latents = pipe("a cat", image=image[0], strength=0.5, **common, output_type="latent")
         assert latents.dtype == torch.float16 and bool(torch.isfinite(latents).all())
+
+
+@pytest.mark.parametrize(
+    "sizes",
+    [
+        dict(crops_coords_top_left=(4, 2)),
+        dict(negative_original_size=(8, 8)),  # the negative target size defaults to the target
+        dict(negative_target_size=(32, 8), original_size=(24, 24), crops_coords_top_left=(1, 3)),
+        dict(negative_original_size=(8, 8), negative_target_size=(8, 16)),
+    ],
+)
+def test_sdxl_img2img_micro_conditioning_equals_diffusers(sdxl_folder, pipe, sizes):
+    """With an image, the unconditional batch's ids are made as diffusers' SDXL img2img pipeline
+    makes them: each negative size defaults to its positive one, and the crop is the positive
+    crop (a negative crop, which it ignores, is refused)."""
+    reference = diffusers.StableDiffusionXLImg2ImgPipeline.from_pretrained(sdxl_folder)
+    reference.set_progress_bar_config(disable=True)
+    image = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    kwargs = dict(prompt="a red cat", image=image, num_inference_steps=10, guidance_scale=6.0)
+    kwargs |= dict(strength=0.6, **sizes)
+    ours = pipe(**kwargs, seed=4, output_type="tensor", progress=False)
+    generator = torch.Generator().manual_seed(4)
+    theirs = reference(**kwargs, generator=generator, output_type="pt").images
+    torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=0)
+    with pytest.raises(ValueError, match="negative_crops_coords_top_left: diffusers' SDXL img2img"):
+        pipe(**kwargs, negative_crops_coords_top_left=(1, 1), progress=False)
