@@ -216,18 +216,30 @@ def run_start(
     denoising: tuple[float | None, float | None],
     inpaint: bool,
     size: tuple[int | None, int | None],
-    plan: tuple[str, int, float],
+    plan: tuple[str, int],
 ) -> RunStart:
     """The start of a call: ``image`` read (pixels, or latents given in its place), the plan
     step that ``strength`` or ``denoising`` = (denoising_start, denoising_end) selects, and the
-    image size, from the image unless ``size`` gives it (inpainting a PIL image: the folder's
-    default size, as diffusers' inpainting pipelines resize to it). ``plan``: (sampler, steps,
-    eta), whose timesteps the denoising fractions cut."""
+    image size, from the image unless ``size`` gives it (inpainting: the folder's default size,
+    as diffusers' inpainting pipelines resize to it; PIL images are resized, tensors and arrays
+    of another size refused). ``plan``: (sampler, steps), whose timesteps the denoising
+    fractions cut."""
     denoising_start, denoising_end = denoising
     height, width = size
     steps = plan[1]
-    if inpaint and not isinstance(image, (torch.Tensor, np.ndarray)):
+    if inpaint and (height is None or width is None):
         default_height, default_width = pipe.default_size
+        if isinstance(image, (torch.Tensor, np.ndarray)):
+            given = tuple(
+                image.shape[-2:] if isinstance(image, torch.Tensor) else image.shape[-3:-1]
+            )
+            wanted = (height or default_height, width or default_width)
+            if given != wanted:
+                raise ValueError(
+                    f"inpainting: the image is {given[0]}x{given[1]} but the folder's default "
+                    f"size is {wanted[0]}x{wanted[1]}, to which diffusers resizes it: pass "
+                    f"height={given[0]}, width={given[1]} to keep its size, or resize it"
+                )
         height, width = height or default_height, width or default_width
     start = RunStart(height, width)
     if image is not None:
@@ -254,7 +266,8 @@ def run_start(
             "denoising_start needs image=: the latents of a run stopped at denoising_end"
         )
     if denoising_start is not None or denoising_end is not None:
-        timesteps = make_plan(pipe.schedule, sampler=plan[0], steps=steps, eta=plan[2]).timesteps
+        # diffusers cuts on its own timesteps: the Euler family's are fractions
+        timesteps = pipe.schedule.timesteps(steps, plan[0], keep_fraction=True)
         first, start.end_step = denoising_range(
             timesteps, pipe.schedule.num_train_timesteps, denoising_start, denoising_end
         )
@@ -262,7 +275,7 @@ def run_start(
             start.start_step = first
         if start.end_step is not None and start.start_step >= start.end_step:
             raise ValueError(
-                f"strength={strength} starts at step {start.start_step} of {steps}, at or after "
-                f"denoising_end={denoising_end}'s end at step {start.end_step}"
+                f"strength={start.strength} starts at step {start.start_step} of {steps}, at or "
+                f"after denoising_end={denoising_end}'s end at step {start.end_step}"
             )
     return start

@@ -35,7 +35,9 @@ def mask_to_tensor(
 
     Accepts a PIL image or a list of them (any mode; resized with Lanczos, then made grayscale,
     as diffusers' mask processor does), or a tensor / numpy array (H, W), (B, H, W) or
-    (B, 1, H, W) with values in [0, 1] (numpy uint8: 0 to 255) at the image's size."""
+    (B, 1, H, W) (numpy also (H, W, 1), (B, H, W, 1)) at the image's size: float values in
+    [0, 1], and integer or bool masks repaint where non-zero (diffusers binarizes their raw
+    values at 0.5)."""
     if isinstance(mask, Image.Image) or (
         isinstance(mask, (list, tuple)) and mask and isinstance(mask[0], Image.Image)
     ):
@@ -64,17 +66,18 @@ def mask_to_tensor(
 
 
 def mask_array(mask: torch.Tensor | np.ndarray) -> torch.Tensor:
-    """A tensor or array mask as float32 (B, 1, H, W), values checked to lie in [0, 1]."""
-    if isinstance(mask, np.ndarray):
-        if mask.dtype == np.uint8:
-            mask = mask.astype(np.float32) / 255.0
-        elif mask.dtype == np.bool_:
-            mask = mask.astype(np.float32)
-        elif not np.issubdtype(mask.dtype, np.floating):
-            raise ValueError(f"a numpy mask must be uint8, bool or float, got {mask.dtype}")
-        mask = torch.from_numpy(np.ascontiguousarray(mask, dtype=np.float32))
-    tensor = mask.detach().float().cpu()
+    """A tensor or array mask as float32 (B, 1, H, W): float values checked to lie in [0, 1],
+    integer and bool ones 1 where non-zero."""
     shape = tuple(mask.shape)
+    if isinstance(mask, np.ndarray):
+        if mask.ndim in (3, 4) and mask.shape[-1] == 1:  # channels last, as diffusers takes it
+            mask = mask[..., 0]
+        if not (np.issubdtype(mask.dtype, np.number) or mask.dtype == np.bool_):
+            raise ValueError(f"a numpy mask must be a number or bool array, got {mask.dtype}")
+        mask = torch.from_numpy(np.ascontiguousarray(mask))
+    if not mask.is_floating_point():
+        mask = (mask != 0).float()  # diffusers binarizes the raw values: any non-zero repaints
+    tensor = mask.detach().float().cpu()
     if tensor.ndim == 2:
         tensor = tensor[None, None]
     elif tensor.ndim == 3:

@@ -369,8 +369,9 @@ class Pipeline:
         not noised.
         An inpainting U-Net (9 input channels) takes ``image`` and ``mask_image`` (white:
         repaint; ``fastdiff.pipeline.inpainting``), with ``strength`` default 1.0 (from pure
-        noise; StableDiffusionXLInpaintPipeline folders 0.9999) and, for PIL images, the
-        folder's default size unless ``height``/``width`` are given, as diffusers does.
+        noise; StableDiffusionXLInpaintPipeline folders 0.9999) and the folder's default size
+        unless ``height``/``width`` are given, as diffusers does (PIL inputs are resized to it;
+        a tensor or array of another size is refused rather than resized).
         """
         text_time = self.unet.config.get("addition_embed_type") == "text_time"
         check_size_options(sizes, text_time)
@@ -411,7 +412,7 @@ class Pipeline:
             (denoising_start, denoising_end),
             inpaint,
             (height, width),
-            (sampler, num_inference_steps, eta),
+            (sampler, num_inference_steps),
         )
         height, width, init_latents = start.height, start.width, None
         if height is None or width is None:

@@ -163,13 +163,14 @@ def _sigmas_at(schedule: NoiseSchedule, timesteps: list[int]) -> list[float]:
 
 
 def karras_plan_inputs(
-    schedule: NoiseSchedule, steps: int, sampler: str = "dpmpp_2m_karras"
+    schedule: NoiseSchedule, steps: int, sampler: str = "dpmpp_2m_karras", keep_fraction=False
 ) -> tuple[torch.Tensor, list[float]]:
     """(timesteps, sigmas) of a ``*_karras`` sampler (``karras_sigmas``). DPM-Solver's levels span
     the whole table and its timesteps are rounded (truncated for cosine), as diffusers does.
     Euler's span the sigmas of its spaced timesteps; diffusers then calls the model at the
     fractional timesteps of those levels, fastdiff at the nearest integer ones (the levels
-    themselves are diffusers', as for Euler's fractional linspace timesteps)."""
+    themselves are diffusers', as for Euler's fractional linspace timesteps). ``keep_fraction``:
+    Euler's fractional timesteps themselves (float64)."""
     alphas_cumprod = _clamped_alphas_cumprod(schedule)
     bounds = dict(sigma_min=schedule.sigma_min, sigma_max=schedule.sigma_max)
     if sampler == "euler_karras":
@@ -177,7 +178,13 @@ def karras_plan_inputs(
             schedule.num_train_timesteps, steps, schedule.timestep_spacing, schedule.steps_offset
         )
         return karras_sigmas(
-            alphas_cumprod, steps, True, ends_at=ends, float32_timesteps=True, **bounds
+            alphas_cumprod,
+            steps,
+            True,
+            ends_at=ends,
+            float32_timesteps=True,
+            keep_fraction=keep_fraction,
+            **bounds,
         )
     cosine = schedule.beta_schedule == "squaredcos_cap_v2"
     return karras_sigmas(alphas_cumprod, steps, round_timesteps=not cosine, **bounds)

@@ -212,17 +212,25 @@ class NoiseSchedule:
         }
 
     # ----------------------------------------------------------------------------- tables
-    def timesteps(self, steps: int, sampler: str = "ddim") -> torch.Tensor:
+    def timesteps(self, steps: int, sampler: str = "ddim", keep_fraction=False) -> torch.Tensor:
         """Model timesteps (LongTensor [steps], non-increasing) ``sampler`` visits with this
         schedule's ``timestep_spacing`` and ``steps_offset`` (see ``fastdiff.sampling.spacing``);
         for the ``*_karras`` samplers the timesteps of their Karras noise levels, which ignore
-        the spacing."""
+        the spacing. ``keep_fraction``: as floats, the Euler family's unrounded (diffusers'
+        own, which it compares with denoising_start / denoising_end cut-offs)."""
         if sampler.endswith("_karras"):
             from fastdiff.sampling.plan import karras_plan_inputs  # plan builds on this module
 
-            return karras_plan_inputs(self, steps, sampler)[0]
+            fraction = keep_fraction and sampler == "euler_karras"
+            timesteps = karras_plan_inputs(self, steps, sampler, keep_fraction=fraction)[0]
+            return timesteps.double() if keep_fraction else timesteps
         return spaced_timesteps(
-            self.num_train_timesteps, steps, self.timestep_spacing, self.steps_offset, sampler
+            self.num_train_timesteps,
+            steps,
+            self.timestep_spacing,
+            self.steps_offset,
+            sampler,
+            keep_fraction,
         )
 
     def snr(self, t: int | torch.Tensor) -> torch.Tensor:

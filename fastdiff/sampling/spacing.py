@@ -71,8 +71,12 @@ def spaced_timesteps(
     spacing: str | None,
     steps_offset: int = 0,
     sampler: str = "ddim",
+    keep_fraction: bool = False,
 ) -> torch.Tensor:
     """Return the model timesteps (LongTensor [steps], descending) a sampler visits.
+    ``keep_fraction``: the Euler family's ``linspace`` points as diffusers keeps them, float32
+    fractions (a float64 tensor; other samplers' integer timesteps as floats), for comparisons
+    that diffusers makes on them (``denoising_start`` / ``denoising_end`` cut-offs).
 
     ``sampler`` selects the diffusers scheduler whose arithmetic is reproduced (see module doc);
     ``spacing`` None takes that scheduler's default (``DEFAULT_SPACING``).
@@ -108,6 +112,11 @@ def spaced_timesteps(
             f"{spacing} spacing with steps={steps} visits a timestep twice for sampler "
             f"{sampler!r}; use fewer steps"
         )
+    if keep_fraction:
+        if spacing == "linspace" and SAMPLER_FAMILIES[sampler] == "euler":
+            grid = np.linspace(0, total - 1, steps, dtype=np.float32)[::-1]
+            return torch.from_numpy(grid.astype(np.float64))
+        return torch.from_numpy(timesteps.astype(np.float64))
     return torch.from_numpy(timesteps.copy())
 
 
@@ -119,6 +128,7 @@ def karras_sigmas(
     sigma_max: float | None = None,
     ends_at: tuple[int, int] | None = None,
     float32_timesteps: bool = False,
+    keep_fraction: bool = False,
 ) -> tuple[torch.Tensor, list[float]]:
     """Karras et al. 2022 (Eq. 5, rho = 7) noise levels, as diffusers' DPMSolverMultistepScheduler
     (and EulerDiscreteScheduler) build them with ``use_karras_sigmas``: ``steps`` sigmas from
@@ -163,6 +173,8 @@ def karras_sigmas(
     timesteps = np.round(fractional) if round_timesteps else np.trunc(fractional)
     # diffusers keeps the sigmas in float32; so do we, so both step with the same numbers.
     levels = sigmas.astype(np.float32).astype(np.float64).tolist() + [0.0]
+    if keep_fraction:  # the unrounded timesteps (float64), as diffusers' Euler keeps them
+        return torch.from_numpy(fractional.astype(np.float64)), levels
     return torch.from_numpy(timesteps.astype(np.int64)), levels
 
 

@@ -151,6 +151,8 @@ def test_a_mask_needs_an_inpainting_unet(sd_folder):
     "mask",
     [
         pytest.param(np.eye(16, dtype=np.uint8) * 255, id="numpy-uint8"),
+        pytest.param(np.eye(16, dtype=np.uint8), id="numpy-uint8-ones"),
+        pytest.param(torch.eye(16, dtype=torch.uint8)[None, None] * 255, id="tensor-uint8"),
         pytest.param(np.eye(16, dtype=bool), id="numpy-bool"),
         pytest.param(torch.eye(16)[None] * 0.7, id="tensor-BHW"),
         pytest.param([Image.fromarray(np.eye(16, dtype=np.uint8) * 255)] * 2, id="pil-list"),
@@ -191,3 +193,29 @@ def test_inpainting_strength_default_is_the_diffusers_default(class_name):
     defaults = CallDefaults.for_folder({"_class_name": class_name}, {})
     parameters = inspect.signature(getattr(diffusers, class_name).__call__).parameters
     assert parameters["strength"].default == defaults.inpaint_strength
+
+
+def test_integer_masks_repaint_where_non_zero_as_diffusers_binarizes_them(pipe, reference):
+    """diffusers binarizes a numpy or tensor mask's raw values at 0.5: a 0/1 uint8 mask (what
+    ``(segmentation > 0).astype(np.uint8)`` gives) repaints where it is 1."""
+    image, mask = image_and_mask()
+    ones = mask[0, 0].numpy().astype(np.uint8)  # 0/1
+    kwargs = dict(prompt="a red cat", image=image, num_inference_steps=4, height=16, width=16)
+    ours = pipe(**kwargs, mask_image=ones, seed=4, output_type="tensor", progress=False)
+    generator = torch.Generator().manual_seed(4)
+    theirs = reference(**kwargs, mask_image=ones, generator=generator, output_type="pt").images
+    torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=0)
+    as_float = pipe(**kwargs, mask_image=mask, seed=4, output_type="tensor", progress=False)
+    torch.testing.assert_close(ours, as_float)
+    channels_last = mask_to_tensor(ones[:, :, None], 16, 16)  # (H, W, 1), as diffusers takes it
+    torch.testing.assert_close(channels_last[0, 0], mask[0, 0])
+
+
+def test_a_tensor_image_of_another_size_is_refused_not_resized(pipe):
+    """diffusers resizes a tensor image to the default size when none is given: fastdiff asks."""
+    image = torch.rand(1, 3, 32, 32)
+    mask = torch.zeros(1, 1, 32, 32)
+    with pytest.raises(ValueError, match="image is 32x32 but the folder's default size is 16x16"):
+        pipe("a cat", image=image, mask_image=mask, num_inference_steps=1, progress=False)
+    out = pipe("a cat", image=image, mask_image=mask, height=32, width=32, num_inference_steps=1)
+    assert out[0].size == (32, 32)

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from fastdiff.pipeline import Pipeline
+from tests.pipeline.folders import UNetCallCounter
 
 diffusers = pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
@@ -237,3 +238,28 @@ def test_bad_denoising_ranges_and_latents_are_refused(pipe, kwargs, message):
         kwargs = dict(kwargs, image=latents.clone().fill_(float("nan")))
     with pytest.raises(ValueError, match=message):
         pipe("a cat", num_inference_steps=4, progress=False, **kwargs)
+
+
+@pytest.mark.parametrize("sampler", ["euler", "euler_karras"])
+def test_the_cut_is_made_on_eulers_fractional_timesteps(sdxl_folder, tmp_path, sampler):
+    """Euler with linspace spacing (and Karras levels) steps through fractional timesteps:
+    diffusers compares those with the cutoff (499.5 < 500 at 7 steps), not rounded ones, so
+    the split runs as many steps on each side as diffusers' does. (The images themselves differ
+    by the model's time embedding: fastdiff calls it at the rounded timesteps.)"""
+    folder = tmp_path / "linspace"
+    shutil.copytree(sdxl_folder, folder)
+    config_path = folder / "scheduler" / "scheduler_config.json"
+    config = json.loads(config_path.read_text()) | {"timestep_spacing": "linspace"}
+    config["use_karras_sigmas"] = sampler == "euler_karras"
+    config_path.write_text(json.dumps(config))
+    scheduler = diffusers.EulerDiscreteScheduler.from_config(config)
+    scheduler.set_timesteps(7)
+    cutoff = 1000 - 0.5 * 1000
+    theirs = [int((scheduler.timesteps >= cutoff).sum()), int((scheduler.timesteps < cutoff).sum())]
+    base = Pipeline.from_pretrained(folder)
+    counter = UNetCallCounter(base)
+    kwargs = dict(num_inference_steps=7, guidance_scale=1.0, height=16, width=16, progress=False)
+    latents = base("a cat", **kwargs, sampler=sampler, denoising_end=0.5, output_type="latent")
+    first = len(counter.batches)
+    base("a cat", **kwargs, sampler=sampler, denoising_start=0.5, image=latents)
+    assert [first, len(counter.batches) - first] == theirs
