@@ -13,7 +13,13 @@ if str(BENCHMARKS) not in sys.path:
     sys.path.insert(0, str(BENCHMARKS))
 
 
-def tiny_pipeline(unet_config: str = "tiny_sd15_unet", device: str = "cpu", dtype=torch.float32):
+def tiny_pipeline(
+    unet_config: str = "tiny_sd15_unet",
+    device: str = "cpu",
+    dtype=torch.float32,
+    inpainting: bool = False,
+):
+    """``inpainting``: the U-Net takes 9 channels (latents, mask, masked-image latents)."""
     from model_configs import SD_SCHEDULER, model_config
 
     from fastdiff.models import AutoencoderKL, UNet2DConditionModel
@@ -21,7 +27,10 @@ def tiny_pipeline(unet_config: str = "tiny_sd15_unet", device: str = "cpu", dtyp
     from fastdiff.sampling import NoiseSchedule
 
     torch.manual_seed(1234)
-    unet = UNet2DConditionModel(model_config(unet_config)).to(device=device, dtype=dtype).eval()
+    config = model_config(unet_config)
+    if inpainting:
+        config["in_channels"] = 9
+    unet = UNet2DConditionModel(config).to(device=device, dtype=dtype).eval()
     vae = AutoencoderKL(model_config("tiny_vae")).to(device=device, dtype=dtype).eval()
     return Pipeline(unet, vae, NoiseSchedule.from_config(SD_SCHEDULER))
 

@@ -257,6 +257,46 @@ def test_default_optimize_guidance_rescale_within_tolerance(steps):
     assert max_error(got, reference) <= 2 * max_error(eager_fp16, reference) + 1e-2
 
 
+def fp16_within_tolerance(pipe, cond, x_T, **kwargs) -> torch.Tensor:
+    """``pipe.denoise`` after ``optimize()`` (fp16) within the rule of the fp32 eager loop;
+    returns the optimized run's latents."""
+    halves = {k: v.half() if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
+    with torch.no_grad(), use_backend("eager"):
+        reference = pipe.denoise(cond, x_T, progress=False, **kwargs)
+        pipe.unet.half()
+        eager_fp16 = pipe.denoise(half_conditioning(cond), x_T.half(), progress=False, **halves)
+    pipe.unet.float()
+    rt = runtime.optimize(pipe, dtype=torch.float16, verbose=False)
+    got = pipe.denoise(half_conditioning(cond), x_T.half(), **halves)
+    assert torch.isfinite(got).all() and not rt.denoiser.eager_fallbacks
+    assert max_error(got, reference) <= 2 * max_error(eager_fp16, reference) + 1e-2
+    return got
+
+
+@pytest.mark.parametrize("steps", [4, 12])
+def test_default_optimize_inpainting_within_tolerance(steps):
+    """An inpainting U-Net: the mask and masked-image latents ride in the condition and are
+    stacked onto each step's (channels-last) latents inside the graphs."""
+    from fastdiff.pipeline.inpainting import INPAINT_KEY
+
+    pipe = tiny_pipeline(device="cuda", inpainting=True)
+    cond, x_T = conditioning(), torch.randn(1, 4, 16, 16, device="cuda")
+    stacked = torch.randn(1, 5, 16, 16, device="cuda")
+    cond.cond[INPAINT_KEY] = cond.uncond[INPAINT_KEY] = stacked
+    fp16_within_tolerance(pipe, cond, x_T, guidance_scale=6.0, steps=steps)
+
+
+@pytest.mark.parametrize("sampler", ["euler", "dpmpp_2m"])
+def test_default_optimize_hand_over_within_tolerance(sampler):
+    """denoising_end then denoising_start through the graphs: the rows before end_step, then the
+    rest from the latents the first run returned, unnoised."""
+    cond, x_T = conditioning(), torch.randn(1, 4, 16, 16, device="cuda")
+    common = dict(guidance_scale=6.0, sampler=sampler, steps=10)
+    stopped = fp16_within_tolerance(tiny_pipeline(device="cuda"), cond, x_T, end_step=7, **common)
+    resume = dict(init_latents=stopped.float(), start_step=7, add_noise=False)
+    fp16_within_tolerance(tiny_pipeline(device="cuda"), cond, x_T, **resume, **common)
+
+
 def test_default_optimize_vae_encoder_graph_within_tolerance():
     """img2img's encoder (posterior moments) through its graph, fp16 channels-last."""
     pipe = tiny_pipeline(device="cuda")
