@@ -88,6 +88,15 @@ def add_parser(subparsers) -> None:
         type=Path,
         help="inpainting (an inpainting checkpoint, with --init-image): repaint where it is white",
     )
+    parser.add_argument(
+        "--lora",
+        type=Path,
+        action="append",
+        help="LoRA weights (a .safetensors file or a folder) fused into the model; repeatable",
+    )
+    parser.add_argument(
+        "--lora-scale", type=float, default=1.0, help="scale of every --lora (default 1.0)"
+    )
     parser.add_argument("--out", type=Path, help="output image file (single prompt/label)")
     parser.add_argument("--out-dir", type=Path, help="output folder (with --prompts)")
     existing = parser.add_mutually_exclusive_group()
@@ -139,6 +148,8 @@ def load_pipeline(args, device: torch.device, verbose: bool = True):
     pipe = Pipeline.from_pretrained(
         args.model, device=device, dtype=dtype, variant=getattr(args, "variant", None)
     )
+    for lora in getattr(args, "lora", None) or []:  # before optimize(), which fuses QKV
+        pipe.load_lora_weights(lora, scale=args.lora_scale)
     if device.type == "cuda" and getattr(args, "optimize", True):
         pipe.optimize(dtype=dtype, verbose=verbose)
     return pipe

@@ -296,7 +296,7 @@ def load_components(
     fix_outdated_sample_size(index, unet_folder, unet.config)
     vae = load_vae(vae_folder, dtype=dtype, device=device, variant=variants["vae"])
 
-    pairs = []
+    pairs, names = [], []
     for encoder_name, tokenizer_name in TEXT_COMPONENTS:
         encoder_class = listed_class(index, encoder_name)
         tokenizer_class = listed_class(index, tokenizer_name)
@@ -318,6 +318,7 @@ def load_components(
             variants[encoder_name],
         )
         pairs.append((tokenizer, encoder))
+        names.append(encoder_name)
 
     unet_config = unet.config
     text_time = unet_config.get("addition_embed_type") == "text_time"
@@ -328,7 +329,7 @@ def load_components(
         )
     if text_time:
         check_micro_conditioning(unet_config, [pair[1] for pair in pairs], aesthetics, index_path)
-    prompt_encoder = PromptEncoder(pairs, penultimate=text_time) if pairs else None
+    prompt_encoder = PromptEncoder(pairs, penultimate=text_time, names=names) if pairs else None
     null_label = None
     if unet_config.get("num_class_embeds") is not None:
         null_label = null_class_label_for(unet_config, index, index_path)

@@ -300,6 +300,28 @@ class Pipeline:
         SDXL VAE instead of float16: see ``vae_run_dtype``)."""
         return vae_run_dtype(self.unet.config, self.vae.config, dtype)
 
+    def load_lora_weights(
+        self, source: str | Path | dict[str, torch.Tensor], scale: float = 1.0
+    ) -> int:
+        """Fuse LoRA weights into the U-Net and text encoders, as diffusers'
+        ``load_lora_weights`` then ``fuse_lora(lora_scale=scale)`` do; ``source``: a
+        .safetensors (or .bin) file, a folder holding ``pytorch_lora_weights.safetensors``, or
+        a state dict. Several LoRAs add up; ``unload_lora_weights`` restores the weights. The
+        QKV projections ``optimize()`` fuses take LoRA weights only before it. Returns the
+        number of layers patched (``fastdiff.pipeline.lora``)."""
+        from fastdiff.pipeline.lora import fuse_lora
+
+        if not hasattr(self, "lora_fusion"):
+            from fastdiff.models.lora import LoraFusion
+
+            self.lora_fusion = LoraFusion()
+        return fuse_lora(self, self.lora_fusion, source, scale)
+
+    def unload_lora_weights(self) -> int:
+        """Restore the weights LoRAs were fused into; returns how many."""
+        fusion = getattr(self, "lora_fusion", None)
+        return 0 if fusion is None else fusion.restore()
+
     def optimize(self, **options: Any):
         """Prepare this pipeline for speed in place (fp16, channels-last, fused QKV, Triton
         kernels, CUDA graphs); returns the runtime. See ``fastdiff.runtime.optimize``."""

@@ -124,11 +124,22 @@ class PromptEncoder:
     selects SDXL's penultimate-hidden-state convention.
     """
 
-    def __init__(self, encoders: Sequence[tuple[Any, torch.nn.Module]], penultimate: bool) -> None:
+    def __init__(
+        self,
+        encoders: Sequence[tuple[Any, torch.nn.Module]],
+        penultimate: bool,
+        names: Sequence[str] | None = None,
+    ) -> None:
+        """``names``: the encoders' folder names (default text_encoder, text_encoder_2), by
+        which LoRA files address them (an SDXL refiner has text_encoder_2 only)."""
         if not encoders:
             raise ValueError("PromptEncoder needs at least one (tokenizer, text encoder) pair")
         self.encoders = list(encoders)
         self.penultimate = penultimate
+        default = ["text_encoder", "text_encoder_2"][: len(self.encoders)]
+        self.names = list(default if names is None else names)
+        if len(self.names) != len(self.encoders):
+            raise ValueError(f"{len(self.names)} names for {len(self.encoders)} text encoders")
 
     @property
     def device(self) -> torch.device:

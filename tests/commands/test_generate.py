@@ -11,6 +11,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from fastdiff.cli import main
@@ -531,3 +532,31 @@ def test_inpainting_with_a_mask_image(tmp_path, capsys):
     arguments = ("--model", plain, "--prompt", "a cat", "--steps", 1, "--init-image", init)
     assert generate(*arguments, "--mask-image", mask, "--out", tmp_path / "no.png") == 2
     assert "mask_image needs an inpainting U-Net" in capsys.readouterr().err
+
+
+def test_lora_weights_from_the_command_line(tmp_path):
+    """--lora fuses a file's LoRA weights (another image; the same as the API's), --lora-scale
+    scales them, and a missing file is named."""
+    pytest.importorskip("safetensors")
+    from safetensors.torch import save_file
+
+    folder = make_sd_folder(tmp_path / "sd")
+    pipe = Pipeline.from_pretrained(folder)
+    layer = pipe.unet.get_submodule("down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_v")
+    generator = torch.Generator().manual_seed(0)
+    name = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_v"
+    state = {
+        f"{name}.lora_A.weight": torch.randn(2, layer.in_features, generator=generator),
+        f"{name}.lora_B.weight": torch.randn(layer.out_features, 2, generator=generator),
+    }
+    lora = tmp_path / "style.safetensors"
+    save_file(state, str(lora))
+    common = ("--model", folder, "--prompt", "a cat", "--seed", 3, "--steps", 2, "--size", 16)
+    plain, patched = tmp_path / "plain.png", tmp_path / "patched.png"
+    assert generate(*common, "--out", plain) == 0
+    assert generate(*common, "--lora", lora, "--lora-scale", 0.5, "--out", patched) == 0
+    pipe.load_lora_weights(lora, scale=0.5)
+    api = pipe("a cat", seed=3, num_inference_steps=2, height=16, width=16, progress=False)[0]
+    assert np.array_equal(np.asarray(Image.open(patched)), np.asarray(api))
+    assert not np.array_equal(np.asarray(Image.open(plain)), np.asarray(Image.open(patched)))
+    assert generate(*common, "--lora", tmp_path / "none.safetensors", "--out", plain) == 2

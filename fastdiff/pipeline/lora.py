@@ -1,0 +1,54 @@
+"""A pipeline's LoRA files: which model each key addresses, read and fused by
+``fastdiff.models.lora`` (``Pipeline.load_lora_weights``)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fastdiff.models.lora import LoraFusion, split_components
+
+LORA_FILE = "pytorch_lora_weights.safetensors"  # the name diffusers saves LoRA weights under
+
+# The key prefixes that address each model: diffusers' and PEFT's, then kohya's.
+COMPONENT_PREFIXES = {
+    "unet": ("unet.", "lora_unet_"),
+    "text_encoder": ("text_encoder.", "lora_te_", "lora_te1_"),
+    "text_encoder_2": ("text_encoder_2.", "lora_te2_"),
+}
+
+
+def read_lora_file(path: Path) -> dict[str, torch.Tensor]:
+    """A LoRA state dict from a file, or from a folder's ``pytorch_lora_weights.safetensors``."""
+    from fastdiff.models.checkpoint import read_file
+
+    if path.is_dir():
+        path = path / LORA_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"LoRA weights not found: {path}")
+    return read_file(path)
+
+
+def fuse_lora(
+    pipe: Any, fusion: LoraFusion, source: str | Path | dict[str, torch.Tensor], scale: float
+) -> int:
+    """Fuse ``source``'s LoRA layers into ``pipe``'s U-Net and text encoders (by the names their
+    folders have: an SDXL refiner's one encoder is text_encoder_2); returns how many."""
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        raise ValueError(f"LoRA scale must be a finite number, got {scale!r}")
+    state_dict = source if isinstance(source, dict) else read_lora_file(Path(source))
+    models = {"unet": pipe.unet}
+    if pipe.prompt_encoder is not None:
+        encoder = pipe.prompt_encoder
+        pairs = zip(encoder.names, encoder.encoders, strict=True)
+        models.update({name: pair[1] for name, pair in pairs})
+    targets = []
+    for (component, kohya), layers in split_components(state_dict, COMPONENT_PREFIXES).items():
+        if component not in models:
+            raise ValueError(f"the LoRA weights patch {component}, which this pipeline lacks")
+        targets.append((models[component], layers, kohya))
+    fusion.fuse(targets, float(scale))
+    return sum(len(layers) for _, layers, _ in targets)

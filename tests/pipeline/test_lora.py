@@ -1,0 +1,175 @@
+"""LoRA weights fused into the U-Net and text encoder (fastdiff.models.lora) against diffusers'
+load_lora_weights + fuse_lora, in the layouts LoRA files come in."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from fastdiff.pipeline import Pipeline
+
+diffusers = pytest.importorskip("diffusers")
+pytest.importorskip("transformers")
+pytest.importorskip("peft")  # diffusers loads LoRA weights through it
+
+RANK = 4
+CALL = dict(prompt="a red cat", num_inference_steps=4, guidance_scale=6.0, height=16, width=16)
+
+
+def factors(model: torch.nn.Module, suffixes: tuple[str, ...]) -> dict[str, tuple]:
+    """Random (down, up) factors for the Linear and Conv2d modules whose names end so."""
+    generator = torch.Generator().manual_seed(0)
+    found = {}
+    for name, module in model.named_modules():
+        if not name.endswith(suffixes):
+            continue
+        if isinstance(module, torch.nn.Conv2d):
+            down_shape = (RANK, module.in_channels, *module.kernel_size)
+            up_shape = (module.out_channels, RANK, 1, 1)
+        elif isinstance(module, torch.nn.Linear):
+            down_shape, up_shape = (RANK, module.in_features), (module.out_features, RANK)
+        else:
+            continue
+        down = torch.randn(down_shape, generator=generator) * 0.1
+        found[name] = (down, torch.randn(up_shape, generator=generator) * 0.1)
+    return found
+
+
+UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "ff.net.2")
+TEXT_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1")
+
+
+@pytest.fixture(scope="module")
+def lora(sd_folder):
+    reference = diffusers.StableDiffusionPipeline.from_pretrained(sd_folder, safety_checker=None)
+    return factors(reference.unet, UNET_TARGETS), factors(reference.text_encoder, TEXT_TARGETS)
+
+
+def peft_layout(lora) -> dict[str, torch.Tensor]:
+    unet, text = lora
+    state = {}
+    for prefix, layers in (("unet", unet), ("text_encoder", text)):
+        for name, (down, up) in layers.items():
+            state[f"{prefix}.{name}.lora_A.weight"] = down
+            state[f"{prefix}.{name}.lora_B.weight"] = up
+    return state
+
+
+def kohya_layout(lora, alpha: float) -> dict[str, torch.Tensor]:
+    """kohya's names: module paths with underscores; the text encoder's under text_model, as
+    files written with transformers 4 name it."""
+    unet, text = lora
+    state = {}
+    for prefix, layers in (("lora_unet_", unet), ("lora_te_text_model_", text)):
+        for name, (down, up) in layers.items():
+            key = prefix + name.replace(".", "_")
+            state[f"{key}.lora_down.weight"] = down
+            state[f"{key}.lora_up.weight"] = up
+            state[f"{key}.alpha"] = torch.tensor(alpha)
+    return state
+
+
+@pytest.mark.parametrize("layout", ["peft", "kohya"])
+def test_fused_lora_equals_diffusers_and_unloads_exactly(sd_folder, lora, layout):
+    state = peft_layout(lora) if layout == "peft" else kohya_layout(lora, alpha=2.0)
+    pipe = Pipeline.from_pretrained(sd_folder)
+    before = pipe(**CALL, seed=1, output_type="tensor", progress=False)
+    assert pipe.load_lora_weights(dict(state), scale=0.7) == sum(len(part) for part in lora)
+    ours = pipe(**CALL, seed=1, output_type="tensor", progress=False)
+    reference = diffusers.StableDiffusionPipeline.from_pretrained(sd_folder, safety_checker=None)
+    reference.set_progress_bar_config(disable=True)
+    reference.load_lora_weights(dict(state))
+    reference.fuse_lora(lora_scale=0.7)
+    generator = torch.Generator().manual_seed(1)
+    theirs = reference(**CALL, generator=generator, output_type="pt").images
+    torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=0)
+    assert (ours - before).abs().max() > 1e-3
+    assert pipe.unload_lora_weights() == sum(len(part) for part in lora)
+    torch.testing.assert_close(pipe(**CALL, seed=1, output_type="tensor", progress=False), before)
+
+
+def test_older_diffusers_layout_and_files(sd_folder, lora, tmp_path):
+    """diffusers' attention-processor layout (to_q_lora.down / .up, to_out_lora for to_out.0)
+    patches what the PEFT layout does; a folder's pytorch_lora_weights.safetensors loads."""
+    unet, _ = lora
+    attention = {name: pair for name, pair in unet.items() if ".attn" in name}
+    older = {}
+    for name, (down, up) in attention.items():
+        module, projection = (
+            name.rsplit(".", 1)
+            if not name.endswith("to_out.0")
+            else (
+                name[: -len(".to_out.0")],
+                "to_out",
+            )
+        )
+        older[f"unet.{module}.processor.{projection}_lora.down.weight"] = down
+        older[f"unet.{module}.processor.{projection}_lora.up.weight"] = up
+    save_file(peft_layout((attention, {})), str(tmp_path / "pytorch_lora_weights.safetensors"))
+    from_folder, from_older = (
+        Pipeline.from_pretrained(sd_folder),
+        Pipeline.from_pretrained(sd_folder),
+    )
+    assert from_folder.load_lora_weights(tmp_path) == len(attention)
+    assert from_older.load_lora_weights(older) == len(attention)
+    for ours, theirs in zip(
+        from_folder.unet.parameters(), from_older.unet.parameters(), strict=True
+    ):
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
+
+
+def test_bad_lora_weights_are_refused_and_change_nothing(sd_folder, lora, tmp_path):
+    pipe = Pipeline.from_pretrained(sd_folder)
+    weights = {name: value.clone() for name, value in pipe.unet.state_dict().items()}
+    state = peft_layout(lora)
+    cases = [
+        ({**state, "vae.decoder.conv_in.lora_A.weight": torch.zeros(1)}, "addresses none"),
+        ({**state, "unet.conv_in.scale": torch.zeros(1)}, "not a LoRA factor or alpha"),
+        ({"unet.mid_block.nothing.lora_A.weight": torch.zeros(4, 8)}, "no such module"),
+        (
+            {
+                **state,
+                "text_encoder.encoder.layers.0.self_attn.q_proj.lora_A.weight": torch.zeros(4, 7),
+            },
+            "update for a weight of shape",
+        ),
+        (
+            {k: v for k, v in state.items() if not k.endswith("lora_B.weight")},
+            "both up and down factors are needed",
+        ),
+    ]
+    for bad, message in cases:
+        with pytest.raises(ValueError, match=message):
+            pipe.load_lora_weights(bad)
+    with pytest.raises(FileNotFoundError, match="LoRA weights not found"):
+        pipe.load_lora_weights(tmp_path / "missing.safetensors")
+    with pytest.raises(ValueError, match="LoRA scale must be a finite number"):
+        pipe.load_lora_weights(state, scale=float("nan"))
+    for name, value in pipe.unet.state_dict().items():  # every error left the U-Net as it was
+        torch.testing.assert_close(value, weights[name], rtol=0, atol=0)
+    pipe.unet.fuse_qkv_projections()  # as optimize() leaves it
+    with pytest.raises(ValueError, match="take LoRA weights only before it"):
+        pipe.load_lora_weights(state)
+
+
+def test_sdxl_lora_with_both_text_encoders_equals_diffusers(sdxl_folder):
+    reference = diffusers.StableDiffusionXLPipeline.from_pretrained(sdxl_folder)
+    reference.set_progress_bar_config(disable=True)
+    state = {}
+    for prefix, model, targets in (
+        ("unet", reference.unet, UNET_TARGETS),
+        ("text_encoder", reference.text_encoder, TEXT_TARGETS),
+        ("text_encoder_2", reference.text_encoder_2, TEXT_TARGETS),
+    ):
+        for name, (down, up) in factors(model, targets).items():
+            state[f"{prefix}.{name}.lora_A.weight"] = down
+            state[f"{prefix}.{name}.lora_B.weight"] = up
+    pipe = Pipeline.from_pretrained(sdxl_folder)
+    pipe.load_lora_weights(dict(state), scale=0.5)
+    ours = pipe(**CALL, seed=1, output_type="tensor", progress=False)
+    reference.load_lora_weights(dict(state))
+    reference.fuse_lora(lora_scale=0.5)
+    generator = torch.Generator().manual_seed(1)
+    theirs = reference(**CALL, generator=generator, output_type="pt").images
+    torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=0)
