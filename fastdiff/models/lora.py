@@ -14,8 +14,9 @@ CLIP text encoders (keys grouped by the module they patch, one prefix per compon
   .weight`` / ``.up.weight`` (``to_out_lora`` patches ``to_out.0``), and ``<module>.lora.down``;
 * kohya (sd-scripts): ``lora_unet_<module path, dots as underscores>.lora_down.weight``,
   ``.lora_up.weight`` and ``.alpha``, with ``lora_te_`` (``lora_te1_`` / ``lora_te2_`` for
-  SDXL's two encoders) for the text encoders. Names in the original SD (LDM) layout, as
-  SDXL kohya files use for the U-Net, are not mapped: they are refused with the key named.
+  SDXL's two encoders) for the text encoders. SDXL files name the U-Net's modules as the
+  original (SGM / LDM) U-Net does (``input_blocks_4_1_transformer_blocks_0_attn1_to_q``):
+  ``sgm_unet_path`` maps those to diffusers' module paths.
 
 Without an alpha, alpha = r (scale 1), as diffusers assumes.
 """
@@ -115,6 +116,57 @@ def parse_key(rest: str, kohya: bool, key: str) -> tuple[str, str]:
     )
 
 
+SGM_RESNET = {"in_layers_2": "conv1", "out_layers_3": "conv2", "emb_layers_1": "time_emb_proj"}
+SGM_RESNET["skip_connection"] = "conv_shortcut"
+SGM_OUTSIDE = {
+    "input_blocks_0_0": "conv_in",
+    "out_2": "conv_out",
+    "time_embed_0": "time_embedding_linear_1",
+    "time_embed_2": "time_embedding_linear_2",
+    "label_emb_0_0": "add_embedding_linear_1",
+    "label_emb_0_2": "add_embedding_linear_2",
+}
+SGM_BLOCK = re.compile(r"^(input_blocks|middle_block|output_blocks)_(\d+)_(?:(\d+)_)?(.*)$")
+
+
+def sgm_unet_path(path: str, layers_per_block: int) -> str | None:
+    """A kohya U-Net module path in the original SGM / LDM layout, as diffusers' (underscored):
+    input block i > 0 is down block (i - 1) // (L + 1), layer (i - 1) % (L + 1), the last of
+    which is the downsampler (``op``); output block i is up block i // (L + 1), layer
+    i % (L + 1); their part 0 is the ResNet, 1 the transformer, 2 the upsampler; the middle
+    block is ResNet, transformer, ResNet. None when ``path`` is not in that layout."""
+    for name, mapped in SGM_OUTSIDE.items():
+        if path == name:
+            return mapped
+    match = SGM_BLOCK.match(path)
+    if match is None:
+        return None
+    kind, index, part, rest = match.group(1), int(match.group(2)), match.group(3), match.group(4)
+    span = layers_per_block + 1
+    if kind == "middle_block":
+        inner = ("resnets_0", "attentions_0", "resnets_1")[index] if index < 3 else None
+        rest = f"{part}_{rest}" if part is not None else rest  # the middle block has no part
+        prefix = None if inner is None else f"mid_block_{inner}"
+    elif part is None:
+        return None
+    elif kind == "input_blocks":
+        block, layer = divmod(index - 1, span)
+        if layer == layers_per_block:  # the downsampler: op is its convolution
+            prefix, rest = f"down_blocks_{block}_downsamplers_0", rest.replace("op", "conv", 1)
+        else:
+            prefix = f"down_blocks_{block}_{('resnets', 'attentions')[int(part)]}_{layer}"
+    else:
+        block, layer = divmod(index, span)
+        inner = ("resnets", "attentions", "upsamplers")[int(part)] if int(part) < 3 else None
+        layer = 0 if inner == "upsamplers" else layer
+        prefix = None if inner is None else f"up_blocks_{block}_{inner}_{layer}"
+    if prefix is None:
+        return None
+    if "resnets" in prefix:
+        rest = SGM_RESNET.get(rest, rest)
+    return f"{prefix}_{rest}"
+
+
 def module_finder(model: nn.Module, kohya: bool):
     """A function from a LoRA layer's module path to the module it patches (None if absent): the
     dotted path, or for kohya names the path with its dots written as underscores; a text
@@ -125,9 +177,15 @@ def module_finder(model: nn.Module, kohya: bool):
     if kohya:
         modules = {name.replace(".", "_"): module for name, module in modules.items()}
     wrapper = f"text_model{separator}"
+    config = getattr(model, "config", None)  # a U-Net's (a text encoder's has no such key)
+    get = getattr(config, "get", None)
+    layers_per_block = get("layers_per_block") if callable(get) else None
 
     def find(path: str) -> nn.Module | None:
         module = modules.get(path)
+        if module is None and kohya and isinstance(layers_per_block, int):
+            mapped = sgm_unet_path(path, layers_per_block)
+            module = None if mapped is None else modules.get(mapped)
         if module is None and path.startswith(wrapper):  # a transformers 4 name, a 5 model
             module = modules.get(path[len(wrapper) :])
         if module is None and not path.startswith(wrapper):  # the other way round

@@ -173,3 +173,67 @@ def test_sdxl_lora_with_both_text_encoders_equals_diffusers(sdxl_folder):
     generator = torch.Generator().manual_seed(1)
     theirs = reference(**CALL, generator=generator, output_type="pt").images
     torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=0)
+
+
+def sgm_name(name: str, layers_per_block: int, upsampler_part: dict[int, int]) -> str | None:
+    """A diffusers U-Net module path in the original SGM / LDM layout, as kohya's SDXL files
+    name modules (underscored): the inverse of what the loader maps, written out here so that
+    diffusers' own reading of those names is the check."""
+    resnet = {"conv1": "in_layers_2", "conv2": "out_layers_3", "time_emb_proj": "emb_layers_1"}
+    resnet["conv_shortcut"] = "skip_connection"
+    parts = name.split(".")
+    span = layers_per_block + 1
+
+    def inner(kind: str, rest: list[str]) -> str:
+        tail = "_".join(rest)
+        return resnet.get(tail, tail) if kind == "resnets" else tail
+
+    if parts[0] == "down_blocks":
+        block, kind = int(parts[1]), parts[2]
+        if kind == "downsamplers":
+            return f"input_blocks_{1 + block * span + layers_per_block}_0_op"
+        index = 1 + block * span + int(parts[3])
+        part = 0 if kind == "resnets" else 1
+        return f"input_blocks_{index}_{part}_{inner(kind, parts[4:])}"
+    if parts[0] == "mid_block":
+        index = {"resnets.0": 0, "attentions.0": 1, "resnets.1": 2}[".".join(parts[1:3])]
+        return f"middle_block_{index}_{inner(parts[1], parts[3:])}"
+    if parts[0] == "up_blocks":
+        block, kind = int(parts[1]), parts[2]
+        if kind == "upsamplers":
+            return f"output_blocks_{block * span + layers_per_block}_{upsampler_part[block]}_conv"
+        index = block * span + int(parts[3])
+        part = 0 if kind == "resnets" else 1
+        return f"output_blocks_{index}_{part}_{inner(kind, parts[4:])}"
+    return None
+
+
+def test_kohya_sdxl_lora_in_the_sgm_layout_equals_diffusers(sdxl_folder):
+    """kohya's SDXL LoRAs name the U-Net's modules as the original SGM U-Net does (input,
+    middle and output blocks): attention, feed-forward, ResNet convolutions (LoCon, 3x3 down
+    factors) and time projections, and a downsampler, against diffusers' reading of them."""
+    reference = diffusers.StableDiffusionXLPipeline.from_pretrained(sdxl_folder)
+    reference.set_progress_bar_config(disable=True)
+    config = reference.unet.config
+    upsampler_part = {
+        block: 2 if kind.startswith("CrossAttn") else 1
+        for block, kind in enumerate(config.up_block_types)
+    }
+    targets = (*UNET_TARGETS, "proj_out", "conv1", "conv2", "time_emb_proj", "downsamplers.0.conv")
+    state = {}
+    for name, (down, up) in factors(reference.unet, targets).items():
+        key = "lora_unet_" + sgm_name(name, config.layers_per_block, upsampler_part)
+        state[f"{key}.lora_down.weight"] = down
+        state[f"{key}.lora_up.weight"] = up
+        state[f"{key}.alpha"] = torch.tensor(2.0)
+    assert any("input_blocks" in key for key in state) and any(
+        "middle_block" in key for key in state
+    )
+    pipe = Pipeline.from_pretrained(sdxl_folder)
+    assert pipe.load_lora_weights(dict(state), scale=0.6) == len(state) // 3
+    ours = pipe(**CALL, seed=1, output_type="tensor", progress=False)
+    reference.load_lora_weights(dict(state))
+    reference.fuse_lora(lora_scale=0.6)
+    generator = torch.Generator().manual_seed(1)
+    theirs = reference(**CALL, generator=generator, output_type="pt").images
+    torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=0)
