@@ -35,29 +35,58 @@ PROCESSOR = re.compile(r"^(.*)\.processor\.(to_q|to_k|to_v|to_out)_lora\.(down|u
 @dataclass
 class LoraLayer:
     """One patched module's factors: ``down`` (A, r x in[, kh, kw]), ``up`` (B, out x r[, 1, 1])
-    and ``alpha`` (None: r)."""
+    and ``alpha`` (None: r); ``rslora``: the update is scaled by alpha / sqrt(r) (PEFT's
+    use_rslora) instead of alpha / r."""
 
     down: torch.Tensor | None = None
     up: torch.Tensor | None = None
     alpha: float | None = None
+    rslora: bool = False
 
     def delta(self, weight: torch.Tensor, scale: float, key: str) -> torch.Tensor:
-        """scale * alpha / r * B @ A, shaped like ``weight``, in float32."""
+        """scale * alpha / r * B @ A, shaped like ``weight``, in float32. The factors' shapes
+        must fit the weight's: B's rows its outputs, A's columns its inputs (times the kernel,
+        whose size a convolution's A must have)."""
         if self.down is None or self.up is None:
             raise ValueError(f"LoRA weights for {key!r}: both up and down factors are needed")
         rank = self.down.shape[0]
-        if self.up.shape[1] != rank:
+        down, up = self.down.flatten(1), self.up.flatten(1)
+        kernel_ok = not (self.down.dim() == 4 and weight.dim() == 4) or (
+            self.down.shape[2:] == weight.shape[2:]
+        )
+        if (
+            up.shape != (weight.shape[0], rank)
+            or down.shape[1] != weight[0].numel()
+            or not (kernel_ok)
+        ):
             raise ValueError(
-                f"LoRA weights for {key!r}: down has rank {rank} but up has {self.up.shape[1]}"
-            )
-        product = self.up.flatten(1).float() @ self.down.flatten(1).float()
-        if product.numel() != weight.numel():
-            raise ValueError(
-                f"LoRA weights for {key!r} make a {tuple(product.shape)} update for a weight of "
-                f"shape {tuple(weight.shape)}"
+                f"LoRA weights for {key!r}: up {tuple(self.up.shape)} and down "
+                f"{tuple(self.down.shape)} do not fit a weight of shape {tuple(weight.shape)} "
+                f"(up: ({weight.shape[0]}, r), down: (r, {', '.join(map(str, weight.shape[1:]))}))"
             )
         alpha = rank if self.alpha is None else self.alpha
-        return product.reshape(weight.shape) * (scale * alpha / rank)
+        divisor = rank**0.5 if self.rslora else rank
+        return (up.float() @ down.float()).reshape(weight.shape) * (scale * alpha / divisor)
+
+
+def apply_adapter_config(layers: dict[str, LoraLayer], config: dict[str, object], where: str):
+    """A PEFT adapter config (diffusers writes it into the file's safetensors metadata, key
+    ``lora_adapter_metadata``): ``lora_alpha``, ``alpha_pattern`` (by module name or suffix)
+    and ``use_rslora`` set the alphas of the layers the file gives none; DoRA is refused."""
+    if config.get("use_dora"):
+        raise ValueError(f"{where}: DoRA adapters (use_dora) are not supported")
+    lora_alpha = config.get("lora_alpha")
+    patterns = config.get("alpha_pattern") or {}
+    for path, layer in layers.items():
+        if layer.alpha is None:
+            matched = [
+                alpha
+                for pattern, alpha in patterns.items()
+                if path == pattern or path.endswith("." + pattern)
+            ]
+            layer.alpha = float(matched[0]) if matched else lora_alpha
+            layer.alpha = None if layer.alpha is None else float(layer.alpha)
+        layer.rslora = bool(config.get("use_rslora"))
 
 
 def split_components(
@@ -197,9 +226,11 @@ def module_finder(model: nn.Module, kohya: bool):
 
 @dataclass
 class LoraFusion:
-    """The weights LoRA layers were fused into, with their originals (to ``restore`` them)."""
+    """The weights LoRA layers were fused into, with their originals, kept in host memory (to
+    ``restore`` them), and the models they belong to."""
 
     originals: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    models: list[nn.Module] = field(default_factory=list)
 
     @torch.no_grad()
     def fuse(self, targets: list[tuple[nn.Module, dict[str, LoraLayer], bool]], scale: float):
@@ -220,15 +251,30 @@ class LoraFusion:
                         "weights only before it)"
                     )
                 updates.append((weight, layer.delta(weight, scale, path)))
+        for model, _, _ in targets:
+            if not any(model is known for known in self.models):
+                self.models.append(model)
         for weight, delta in updates:
-            self.originals.setdefault(id(weight), (weight, weight.detach().clone()))
+            if id(weight) not in self.originals:
+                self.originals[id(weight)] = (weight, weight.detach().to("cpu", copy=True))
             weight.add_(delta.to(device=weight.device, dtype=weight.dtype))
 
     @torch.no_grad()
     def restore(self) -> int:
-        """Put back every fused weight's original values; returns how many."""
+        """Put back every fused weight's original values; returns how many. Refused when some
+        of those weights are no longer the models' (QKV projections fused since, by
+        ``fuse_projections`` / ``pipe.optimize()``, hold copies that the originals cannot
+        reach): nothing is restored then."""
+        live = {id(p) for model in self.models for p in model.parameters()}
+        if any(key not in live for key in self.originals):
+            raise ValueError(
+                "the LoRA weights were fused into layers replaced since (pipe.optimize() fuses "
+                "the QKV projections into new ones): unload LoRA weights before optimize(), or "
+                "load the pipeline again"
+            )
         for weight, original in self.originals.values():
             weight.copy_(original)
         count = len(self.originals)
         self.originals.clear()
+        self.models.clear()
         return count

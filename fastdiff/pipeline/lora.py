@@ -3,15 +3,17 @@
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from fastdiff.models.lora import LoraFusion, split_components
+from fastdiff.models.lora import LoraFusion, apply_adapter_config, split_components
 
 LORA_FILE = "pytorch_lora_weights.safetensors"  # the name diffusers saves LoRA weights under
+METADATA_KEY = "lora_adapter_metadata"  # where diffusers writes the PEFT adapter configs
 
 # The key prefixes that address each model: diffusers' and PEFT's, then kohya's.
 COMPONENT_PREFIXES = {
@@ -21,15 +23,28 @@ COMPONENT_PREFIXES = {
 }
 
 
-def read_lora_file(path: Path) -> dict[str, torch.Tensor]:
-    """A LoRA state dict from a file, or from a folder's ``pytorch_lora_weights.safetensors``."""
+def read_lora_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """A LoRA state dict from a file, or from a folder's ``pytorch_lora_weights.safetensors``,
+    and the adapter configs its safetensors metadata holds (``lora_adapter_metadata``: keys
+    ``<component>.<option>``, as diffusers' ``save_lora_weights`` writes them; {} if none)."""
     from fastdiff.models.checkpoint import read_file
 
     if path.is_dir():
         path = path / LORA_FILE
     if not path.is_file():
         raise FileNotFoundError(f"LoRA weights not found: {path}")
-    return read_file(path)
+    metadata: dict[str, Any] = {}
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as handle:
+            raw = (handle.metadata() or {}).get(METADATA_KEY)
+        if raw:
+            try:
+                metadata = json.loads(raw)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{path}: {METADATA_KEY} is not valid JSON ({error})") from None
+    return read_file(path), metadata
 
 
 def fuse_lora(
@@ -39,7 +54,9 @@ def fuse_lora(
     folders have: an SDXL refiner's one encoder is text_encoder_2); returns how many."""
     if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
         raise ValueError(f"LoRA scale must be a finite number, got {scale!r}")
-    state_dict = source if isinstance(source, dict) else read_lora_file(Path(source))
+    state_dict, metadata = (
+        (source, {}) if isinstance(source, dict) else read_lora_file(Path(source))
+    )
     models = {"unet": pipe.unet}
     if pipe.prompt_encoder is not None:
         encoder = pipe.prompt_encoder
@@ -49,6 +66,13 @@ def fuse_lora(
     for (component, kohya), layers in split_components(state_dict, COMPONENT_PREFIXES).items():
         if component not in models:
             raise ValueError(f"the LoRA weights patch {component}, which this pipeline lacks")
+        config = {
+            key[len(component) + 1 :]: value
+            for key, value in metadata.items()
+            if key.startswith(component + ".")
+        }
+        if config and not kohya:
+            apply_adapter_config(layers, config, f"LoRA weights for {component}")
         targets.append((models[component], layers, kohya))
     fusion.fuse(targets, float(scale))
     return sum(len(layers) for _, layers, _ in targets)

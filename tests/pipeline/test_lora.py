@@ -132,7 +132,7 @@ def test_bad_lora_weights_are_refused_and_change_nothing(sd_folder, lora, tmp_pa
                 **state,
                 "text_encoder.encoder.layers.0.self_attn.q_proj.lora_A.weight": torch.zeros(4, 7),
             },
-            "update for a weight of shape",
+            r"do not fit a weight of shape \(32, 32\)",
         ),
         (
             {k: v for k, v in state.items() if not k.endswith("lora_B.weight")},
@@ -237,3 +237,86 @@ def test_kohya_sdxl_lora_in_the_sgm_layout_equals_diffusers(sdxl_folder):
     generator = torch.Generator().manual_seed(1)
     theirs = reference(**CALL, generator=generator, output_type="pt").images
     torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=0)
+
+
+def test_factors_of_the_transposed_shape_are_refused(sd_folder):
+    """A (128 -> 32) layer's factors given as for (32 -> 128) have the right number of values:
+    they are refused, not reshaped into the weight (diffusers refuses them too)."""
+    pipe = Pipeline.from_pretrained(sd_folder)
+    name = "down_blocks.0.attentions.0.transformer_blocks.0.ff.net.2"
+    layer = pipe.unet.get_submodule(name)
+    down = torch.randn(RANK, layer.out_features)
+    up = torch.randn(layer.in_features, RANK)
+    with pytest.raises(ValueError, match="do not fit a weight of shape"):
+        pipe.load_lora_weights(
+            {f"unet.{name}.lora_A.weight": down, f"unet.{name}.lora_B.weight": up}
+        )
+
+
+def test_alphas_from_the_adapter_config_diffusers_saves(sd_folder, tmp_path):
+    """diffusers' save_lora_weights writes the PEFT config (lora_alpha, alpha_pattern) into the
+    file's metadata: its alphas scale the update as diffusers' loading does."""
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    trained = diffusers.StableDiffusionPipeline.from_pretrained(sd_folder, safety_checker=None)
+    config = LoraConfig(
+        r=RANK,
+        lora_alpha=16,
+        alpha_pattern={"to_v": 2},
+        target_modules=["to_q", "to_k", "to_v", "to_out.0"],
+        init_lora_weights="gaussian",
+    )
+    trained.unet.add_adapter(config)
+    with torch.no_grad():
+        for name, parameter in trained.unet.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(0, 0.1, generator=torch.Generator().manual_seed(1))
+    diffusers.StableDiffusionPipeline.save_lora_weights(
+        tmp_path,
+        unet_lora_layers=get_peft_model_state_dict(trained.unet),
+        unet_lora_adapter_metadata=trained.unet.peft_config["default"].to_dict(),
+    )
+    pipe = Pipeline.from_pretrained(sd_folder)
+    pipe.load_lora_weights(tmp_path, scale=0.5)
+    ours = pipe(**CALL, seed=1, output_type="tensor", progress=False)
+    reference = diffusers.StableDiffusionPipeline.from_pretrained(sd_folder, safety_checker=None)
+    reference.set_progress_bar_config(disable=True)
+    reference.load_lora_weights(tmp_path)
+    reference.fuse_lora(lora_scale=0.5)
+    generator = torch.Generator().manual_seed(1)
+    theirs = reference(**CALL, generator=generator, output_type="pt").images
+    torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=0)
+
+
+def test_kohya_alphas_scale_each_layer_by_its_own_rank(sd_folder):
+    """kohya's alpha is per layer: each update is alpha / r of that layer's own rank."""
+    pipe = Pipeline.from_pretrained(sd_folder)
+    names = [
+        "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k",
+        "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_v",
+    ]
+    state, expected = {}, {}
+    for rank, alpha, name in ((8, 8.0, names[0]), (2, 1.0, names[1])):
+        layer = pipe.unet.get_submodule(name)
+        down, up = torch.randn(rank, layer.in_features), torch.randn(layer.out_features, rank)
+        key = "lora_unet_" + name.replace(".", "_")
+        state |= {f"{key}.lora_down.weight": down, f"{key}.lora_up.weight": up}
+        state[f"{key}.alpha"] = torch.tensor(alpha)
+        expected[name] = layer.weight.detach().clone() + 0.5 * alpha / rank * (up @ down)
+    pipe.load_lora_weights(state, scale=0.5)
+    for name in names:
+        torch.testing.assert_close(pipe.unet.get_submodule(name).weight, expected[name])
+
+
+def test_unloading_after_optimize_fused_the_projections_is_refused(sd_folder):
+    """Fused QKV projections are new layers made from the patched ones: the originals can no
+    longer reach them, so unloading says so and changes nothing (load, unload, then optimize)."""
+    pipe = Pipeline.from_pretrained(sd_folder)
+    name = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
+    layer = pipe.unet.get_submodule(name)
+    down, up = torch.randn(RANK, layer.in_features), torch.randn(layer.out_features, RANK)
+    pipe.load_lora_weights({f"unet.{name}.lora_A.weight": down, f"unet.{name}.lora_B.weight": up})
+    pipe.unet.fuse_qkv_projections()
+    with pytest.raises(ValueError, match="unload LoRA weights before optimize"):
+        pipe.unload_lora_weights()
