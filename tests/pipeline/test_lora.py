@@ -76,15 +76,11 @@ def test_fused_lora_equals_diffusers_and_unloads_exactly(sd_folder, lora, layout
     pipe = Pipeline.from_pretrained(sd_folder)
     before = pipe(**CALL, seed=1, output_type="tensor", progress=False)
     assert pipe.load_lora_weights(dict(state), scale=0.7) == sum(len(part) for part in lora)
-    ours = pipe(**CALL, seed=1, output_type="tensor", progress=False)
     reference = diffusers.StableDiffusionPipeline.from_pretrained(sd_folder, safety_checker=None)
     reference.set_progress_bar_config(disable=True)
-    reference.load_lora_weights(dict(state))
-    reference.fuse_lora(lora_scale=0.7)
-    generator = torch.Generator().manual_seed(1)
-    theirs = reference(**CALL, generator=generator, output_type="pt").images
-    torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=0)
-    assert (ours - before).abs().max() > 1e-3
+    equals_fused_in_diffusers(pipe, reference, dict(state), 0.7)
+    patched = pipe(**CALL, seed=1, output_type="tensor", progress=False)
+    assert (patched - before).abs().max() > 1e-3
     assert pipe.unload_lora_weights() == sum(len(part) for part in lora)
     torch.testing.assert_close(pipe(**CALL, seed=1, output_type="tensor", progress=False), before)
 
@@ -167,9 +163,15 @@ def test_sdxl_lora_with_both_text_encoders_equals_diffusers(sdxl_folder):
             state[f"{prefix}.{name}.lora_B.weight"] = up
     pipe = Pipeline.from_pretrained(sdxl_folder)
     pipe.load_lora_weights(dict(state), scale=0.5)
+    equals_fused_in_diffusers(pipe, reference, dict(state), 0.5)
+
+
+def equals_fused_in_diffusers(pipe, reference, source, scale: float) -> None:
+    """``pipe`` (its LoRA loaded) generates what ``reference`` does after diffusers'
+    load_lora_weights(source) and fuse_lora(lora_scale=scale)."""
     ours = pipe(**CALL, seed=1, output_type="tensor", progress=False)
-    reference.load_lora_weights(dict(state))
-    reference.fuse_lora(lora_scale=0.5)
+    reference.load_lora_weights(source)
+    reference.fuse_lora(lora_scale=scale)
     generator = torch.Generator().manual_seed(1)
     theirs = reference(**CALL, generator=generator, output_type="pt").images
     torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=0)
@@ -231,12 +233,7 @@ def test_kohya_sdxl_lora_in_the_sgm_layout_equals_diffusers(sdxl_folder):
     )
     pipe = Pipeline.from_pretrained(sdxl_folder)
     assert pipe.load_lora_weights(dict(state), scale=0.6) == len(state) // 3
-    ours = pipe(**CALL, seed=1, output_type="tensor", progress=False)
-    reference.load_lora_weights(dict(state))
-    reference.fuse_lora(lora_scale=0.6)
-    generator = torch.Generator().manual_seed(1)
-    theirs = reference(**CALL, generator=generator, output_type="pt").images
-    torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=0)
+    equals_fused_in_diffusers(pipe, reference, dict(state), 0.6)
 
 
 def test_factors_of_the_transposed_shape_are_refused(sd_folder):
@@ -279,14 +276,9 @@ def test_alphas_from_the_adapter_config_diffusers_saves(sd_folder, tmp_path):
     )
     pipe = Pipeline.from_pretrained(sd_folder)
     pipe.load_lora_weights(tmp_path, scale=0.5)
-    ours = pipe(**CALL, seed=1, output_type="tensor", progress=False)
     reference = diffusers.StableDiffusionPipeline.from_pretrained(sd_folder, safety_checker=None)
     reference.set_progress_bar_config(disable=True)
-    reference.load_lora_weights(tmp_path)
-    reference.fuse_lora(lora_scale=0.5)
-    generator = torch.Generator().manual_seed(1)
-    theirs = reference(**CALL, generator=generator, output_type="pt").images
-    torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=0)
+    equals_fused_in_diffusers(pipe, reference, tmp_path, 0.5)
 
 
 def test_kohya_alphas_scale_each_layer_by_its_own_rank(sd_folder):

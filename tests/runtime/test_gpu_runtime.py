@@ -240,23 +240,6 @@ def test_default_optimize_img2img_within_tolerance(sampler, steps, start_step):
     assert max_error(got, reference) <= 2 * max_error(eager_fp16, reference) + 1e-2
 
 
-@pytest.mark.parametrize("steps", [4, 12])
-def test_default_optimize_guidance_rescale_within_tolerance(steps):
-    """Guidance rescale in the graphs (CFG and per-sample stds on the device, then the step)."""
-    pipe = tiny_pipeline(device="cuda")
-    cond, x_T = conditioning(), torch.randn(1, 4, 16, 16, device="cuda")
-    kwargs = dict(guidance_scale=7.0, guidance_rescale=0.7, steps=steps)
-    with torch.no_grad(), use_backend("eager"):
-        reference = pipe.denoise(cond, x_T, progress=False, **kwargs)
-        pipe.unet.half()
-        eager_fp16 = pipe.denoise(half_conditioning(cond), x_T.half(), progress=False, **kwargs)
-    pipe.unet.float()
-    rt = runtime.optimize(pipe, dtype=torch.float16, verbose=False)
-    got = pipe.denoise(half_conditioning(cond), x_T.half(), **kwargs)
-    assert torch.isfinite(got).all() and not rt.denoiser.eager_fallbacks
-    assert max_error(got, reference) <= 2 * max_error(eager_fp16, reference) + 1e-2
-
-
 def fp16_within_tolerance(pipe, cond, x_T, **kwargs) -> torch.Tensor:
     """``pipe.denoise`` after ``optimize()`` (fp16) within the rule of the fp32 eager loop;
     returns the optimized run's latents."""
@@ -271,6 +254,14 @@ def fp16_within_tolerance(pipe, cond, x_T, **kwargs) -> torch.Tensor:
     assert torch.isfinite(got).all() and not rt.denoiser.eager_fallbacks
     assert max_error(got, reference) <= 2 * max_error(eager_fp16, reference) + 1e-2
     return got
+
+
+@pytest.mark.parametrize("steps", [4, 12])
+def test_default_optimize_guidance_rescale_within_tolerance(steps):
+    """Guidance rescale in the graphs (CFG and per-sample stds on the device, then the step)."""
+    pipe = tiny_pipeline(device="cuda")
+    cond, x_T = conditioning(), torch.randn(1, 4, 16, 16, device="cuda")
+    fp16_within_tolerance(pipe, cond, x_T, guidance_scale=7.0, guidance_rescale=0.7, steps=steps)
 
 
 @pytest.mark.parametrize("steps", [4, 12])
