@@ -2,6 +2,8 @@
 
 Fused, a LoRA costs nothing at inference: the model keeps its layers, kernels and folds, and
 captured CUDA graphs, which read the weights in place, see the new values without a recapture.
+A projection that an attention module has fused with others (``to_q`` in ``to_qkv``, as
+``pipe.optimize()`` fuses them) is patched in its rows of the fused weight (``fused_part``).
 ``LoraFusion`` keeps each changed weight's original, so ``restore`` gives back the model's
 weights exactly.
 
@@ -214,14 +216,38 @@ def module_finder(model: nn.Module, kohya: bool):
         module = modules.get(path)
         if module is None and kohya and isinstance(layers_per_block, int):
             mapped = sgm_unet_path(path, layers_per_block)
-            module = None if mapped is None else modules.get(mapped)
+            path = path if mapped is None else mapped
+            module = modules.get(path)
         if module is None and path.startswith(wrapper):  # a transformers 4 name, a 5 model
             module = modules.get(path[len(wrapper) :])
         if module is None and not path.startswith(wrapper):  # the other way round
             module = modules.get(wrapper + path)
+        if module is None:
+            return fused_part(modules, path, separator)
         return module
 
     return find
+
+
+FUSED_PARTS = ("to_q", "to_k", "to_v")  # the projections attention modules fuse
+
+
+def fused_part(modules: dict[str, nn.Module], path: str, separator: str):
+    """For a projection that an attention module has fused (``to_q`` of a ``to_qkv``, as
+    ``pipe.optimize()`` fuses them): (the fused Linear, the row range of its weight that is
+    that projection's). None when ``path`` names no such projection."""
+    part = next((name for name in FUSED_PARTS if path.endswith(separator + name)), None)
+    parent = None if part is None else modules.get(path[: -len(separator + part)])
+    if parent is None or not getattr(parent, "fused", False):
+        return None
+    layout = getattr(parent, "fused_layout", None)
+    name, parts = layout() if callable(layout) else (None, ())
+    layer = getattr(parent, name, None) if part in parts else None
+    if not isinstance(layer, nn.Linear):
+        return None  # a wrapped fused layer (its own LoRA, say): not patched through here
+    rows = layer.out_features // len(parts)
+    start = parts.index(part) * rows
+    return layer, slice(start, start + rows)
 
 
 @dataclass
@@ -241,23 +267,24 @@ class LoraFusion:
         for model, layers, kohya in targets:
             find = module_finder(model, kohya)
             for path, layer in layers.items():
-                module = find(path)
+                module, rows = find(path), slice(None)
+                if isinstance(module, tuple):  # a projection fused with others: its rows
+                    module, rows = module
                 weight = getattr(module, "weight", None)
                 if not isinstance(module, (nn.Linear, nn.Conv2d)) or weight is None:
                     what = "no such module" if module is None else type(module).__name__
                     raise ValueError(
                         f"LoRA layer {path!r}: {what} in the {type(model).__name__} to patch (a "
-                        "Linear or Conv2d; QKV projections fused by pipe.optimize() take LoRA "
-                        "weights only before it)"
+                        "Linear or Conv2d)"
                     )
-                updates.append((weight, layer.delta(weight, scale, path)))
+                updates.append((weight, rows, layer.delta(weight[rows], scale, path)))
         for model, _, _ in targets:
             if not any(model is known for known in self.models):
                 self.models.append(model)
-        for weight, delta in updates:
+        for weight, rows, delta in updates:
             if id(weight) not in self.originals:
                 self.originals[id(weight)] = (weight, weight.detach().to("cpu", copy=True))
-            weight.add_(delta.to(device=weight.device, dtype=weight.dtype))
+            weight[rows].add_(delta.to(device=weight.device, dtype=weight.dtype))
 
     @torch.no_grad()
     def restore(self) -> int:
@@ -269,8 +296,8 @@ class LoraFusion:
         if any(key not in live for key in self.originals):
             raise ValueError(
                 "the LoRA weights were fused into layers replaced since (pipe.optimize() fuses "
-                "the QKV projections into new ones): unload LoRA weights before optimize(), or "
-                "load the pipeline again"
+                "the QKV projections into new ones): unload LoRA weights loaded before "
+                "optimize() before it too, or load the pipeline again"
             )
         for weight, original in self.originals.values():
             weight.copy_(original)

@@ -144,9 +144,6 @@ def test_bad_lora_weights_are_refused_and_change_nothing(sd_folder, lora, tmp_pa
         pipe.load_lora_weights(state, scale=float("nan"))
     for name, value in pipe.unet.state_dict().items():  # every error left the U-Net as it was
         torch.testing.assert_close(value, weights[name], rtol=0, atol=0)
-    pipe.unet.fuse_qkv_projections()  # as optimize() leaves it
-    with pytest.raises(ValueError, match="take LoRA weights only before it"):
-        pipe.load_lora_weights(state)
 
 
 def test_sdxl_lora_with_both_text_encoders_equals_diffusers(sdxl_folder):
@@ -310,5 +307,32 @@ def test_unloading_after_optimize_fused_the_projections_is_refused(sd_folder):
     down, up = torch.randn(RANK, layer.in_features), torch.randn(layer.out_features, RANK)
     pipe.load_lora_weights({f"unet.{name}.lora_A.weight": down, f"unet.{name}.lora_B.weight": up})
     pipe.unet.fuse_qkv_projections()
-    with pytest.raises(ValueError, match="unload LoRA weights before optimize"):
+    with pytest.raises(ValueError, match="unload LoRA weights loaded before optimize"):
         pipe.unload_lora_weights()
+
+
+@pytest.mark.parametrize("layout", ["peft", "kohya"])
+def test_lora_switched_after_optimize_reaches_the_captured_graphs(sd_folder, lora, layout):
+    """After optimize() (fused QKV, packed context projections, folds) a LoRA lands in the
+    fused weights' rows in place: the graphs captured before it replay with it, equal to the
+    pipeline that fused it from the start, and unloading gives the first images back. A LoRA
+    switch without a new capture, as stable-fast users expect."""
+    import fastdiff.runtime as runtime
+    from tests.runtime.fake_graph import RecordingGraphBackend
+
+    state = peft_layout(lora) if layout == "peft" else kohya_layout(lora, alpha=2.0)
+    call = dict(CALL, seed=1, output_type="tensor", progress=False)
+    reference = Pipeline.from_pretrained(sd_folder)
+    reference.unet.fold_conv_biases(True)  # optimize()'s arithmetic, for an exact comparison
+    plain = reference(**call)
+    reference.load_lora_weights(dict(state), scale=0.7)
+    patched = reference(**call)
+    pipe = Pipeline.from_pretrained(sd_folder)
+    rt = runtime.optimize(pipe, backend=RecordingGraphBackend(), verbose=False)
+    torch.testing.assert_close(pipe(**call), plain, atol=1e-5, rtol=0)
+    captures = rt.cache.stats.captures
+    pipe.load_lora_weights(dict(state), scale=0.7)
+    torch.testing.assert_close(pipe(**call), patched, atol=1e-5, rtol=0)
+    pipe.unload_lora_weights()
+    torch.testing.assert_close(pipe(**call), plain, atol=1e-5, rtol=0)
+    assert rt.cache.stats.captures == captures  # the same graphs, replayed
