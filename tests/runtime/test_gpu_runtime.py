@@ -410,3 +410,33 @@ def test_capture_after_a_compile_ahead_pass_replays_correctly(monkeypatch, ahead
     reference = attention_reference(q, q * 0.5, q)
     eager = torch.nn.functional.scaled_dot_product_attention(q, q * 0.5, q)
     assert max_error(out["attention"], reference) <= 2e-3 + 2 * max_error(eager, reference)
+
+
+def test_lora_switched_after_optimize_reaches_the_cuda_graphs():
+    """A LoRA loaded after optimize() lands in the fused and packed weights in place: the
+    captured graphs replay with it (no new capture), as the pipeline that fused it before
+    optimize() generates, and unloading gives the first latents back."""
+    generator = torch.Generator().manual_seed(0)
+    state = {}
+    for name, module in tiny_pipeline().unet.named_modules():  # the unfused layers' names
+        if isinstance(module, torch.nn.Linear) and name.endswith(("to_q", "to_k", "to_v")):
+            down = torch.randn(4, module.in_features, generator=generator) * 0.1
+            state[f"unet.{name}.lora_A.weight"] = down
+            up = torch.randn(module.out_features, 4, generator=generator) * 0.1
+            state[f"unet.{name}.lora_B.weight"] = up
+    cond, x_T = half_conditioning(conditioning()), torch.randn(1, 4, 16, 16, device="cuda").half()
+    kwargs = dict(guidance_scale=6.0, steps=4)
+    fused_first = tiny_pipeline(device="cuda")
+    fused_first.load_lora_weights(state)
+    runtime.optimize(fused_first, dtype=torch.float16, verbose=False)
+    want = fused_first.denoise(cond, x_T, **kwargs)
+    pipe = tiny_pipeline(device="cuda")
+    rt = runtime.optimize(pipe, dtype=torch.float16, verbose=False)
+    plain = pipe.denoise(cond, x_T, **kwargs)
+    captures = rt.cache.stats.captures
+    pipe.load_lora_weights(state)
+    got = pipe.denoise(cond, x_T, **kwargs)
+    assert max_error(got, want) <= 1e-2 and max_error(got, plain) > 1e-2
+    pipe.unload_lora_weights()
+    assert max_error(pipe.denoise(cond, x_T, **kwargs), plain) <= 1e-3
+    assert rt.cache.stats.captures == captures and not rt.denoiser.eager_fallbacks
