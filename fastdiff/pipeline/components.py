@@ -322,11 +322,6 @@ def load_components(
 
     unet_config = unet.config
     text_time = unet_config.get("addition_embed_type") == "text_time"
-    if aesthetics and not text_time:
-        raise ValueError(
-            f"{index_path}: requires_aesthetics_score is true, but the U-Net has no "
-            "addition_embed_type 'text_time' to take the score (only SDXL refiners do)"
-        )
     if text_time:
         check_micro_conditioning(unet_config, [pair[1] for pair in pairs], aesthetics, index_path)
     prompt_encoder = PromptEncoder(pairs, penultimate=text_time, names=names) if pairs else None
