@@ -47,7 +47,7 @@ class DenoiseBuffers:
     x: torch.Tensor  # [B, C, H, W] float32 sampler state; holds the clean sample at the end
     x0_prev: torch.Tensor  # [B, C, H, W] float32, previous step's x0 estimate (dpmpp_2m)
     coefficients: torch.Tensor  # [rows, 7] float32 plan coefficients
-    timesteps: torch.Tensor  # [rows] int64 model timesteps
+    timesteps: torch.Tensor  # [rows] float32 model timesteps (whole or fractional)
     step: torch.Tensor  # [1] int64, index of the next step; the body increments it
     guidance_scale: torch.Tensor  # [1] float32
     # U-Net inputs by name (encoder_hidden_states, text_embeds, time_ids, class_labels), batched
@@ -151,7 +151,9 @@ def allocate_buffers(
         x=latent_buffer(),
         x0_prev=latent_buffer(),
         coefficients=torch.zeros((rows, 7), dtype=torch.float32, device=device),
-        timesteps=torch.zeros((rows,), dtype=torch.long, device=device),
+        # float32: exact for whole timesteps, and the Euler family's fractional ones are
+        # diffusers' float32 values.
+        timesteps=torch.zeros((rows,), dtype=torch.float32, device=device),
         step=torch.zeros((1,), dtype=torch.long, device=device),
         guidance_scale=torch.ones((1,), dtype=torch.float32, device=device),
         cond={k: torch.zeros_like(v, device=device) for k, v in call.cond.items()},

@@ -48,7 +48,9 @@ SAMPLERS = (
 
 @dataclass(frozen=True, eq=False)
 class SamplingPlan:
-    """Timesteps (LongTensor [S], call order), float64 coefficients [S, 7], the factor that
+    """Timesteps (LongTensor [S], call order; float64 where some are fractional: the Euler
+    family's with ``linspace`` spacing or Karras levels, which diffusers' Euler schedulers pass
+    to the model as they are), float64 coefficients [S, 7], the factor that
     turns x_T ~ N(0, I) into the initial state, and ``alphas_cumprod`` (float64 [S]): the VP
     noise level alphā of each step's input state, the level img2img diffuses an image to before
     starting at that step (None: the schedule's alphā at the step's timestep)."""
@@ -155,11 +157,26 @@ def _clamped_alphas_cumprod(schedule: NoiseSchedule) -> torch.Tensor:
     return alphas_cumprod
 
 
-def _sigmas_at(schedule: NoiseSchedule, timesteps: list[int]) -> list[float]:
+def _sigmas_at(schedule: NoiseSchedule, timesteps: list[float]) -> list[float]:
     """sigma_t = sqrt((1 - alphā_t) / alphā_t) at the visited timesteps (alphā clamped, see
-    ``_clamped_alphas_cumprod``), then 0."""
-    values = _clamped_alphas_cumprod(schedule)[torch.tensor(timesteps)]
-    return (((1 - values) / values).sqrt()).tolist() + [0.0]
+    ``_clamped_alphas_cumprod``), then 0. A fractional timestep (Euler's ``linspace`` points)
+    takes sigma interpolated linearly between its two neighbours, as diffusers'
+    EulerDiscreteScheduler does (``interpolation_type`` "linear"); an integer one the table's."""
+    values = _clamped_alphas_cumprod(schedule)
+    table = ((1 - values) / values).sqrt()
+    points = torch.tensor(timesteps, dtype=torch.float64)
+    low = points.floor().long().clamp(max=table.shape[0] - 1)
+    high = (low + 1).clamp(max=table.shape[0] - 1)
+    weight = points - low.double()
+    sigmas = table[low] + weight * (table[high] - table[low])
+    return sigmas.tolist() + [0.0]
+
+
+def _integral_as_long(timesteps: torch.Tensor) -> torch.Tensor:
+    """Timesteps that are all whole numbers as a LongTensor; fractional ones as they are."""
+    if timesteps.dtype.is_floating_point and bool((timesteps == timesteps.round()).all()):
+        return timesteps.round().long()
+    return timesteps
 
 
 def karras_plan_inputs(
@@ -167,10 +184,9 @@ def karras_plan_inputs(
 ) -> tuple[torch.Tensor, list[float]]:
     """(timesteps, sigmas) of a ``*_karras`` sampler (``karras_sigmas``). DPM-Solver's levels span
     the whole table and its timesteps are rounded (truncated for cosine), as diffusers does.
-    Euler's span the sigmas of its spaced timesteps; diffusers then calls the model at the
-    fractional timesteps of those levels, fastdiff at the nearest integer ones (the levels
-    themselves are diffusers', as for Euler's fractional linspace timesteps). ``keep_fraction``:
-    Euler's fractional timesteps themselves (float64)."""
+    Euler's span the sigmas of its spaced timesteps, and diffusers calls the model at the
+    fractional timesteps of those levels. ``keep_fraction``: Euler's fractional timesteps
+    themselves (float64; what ``make_plan`` uses), else rounded to the nearest integers."""
     alphas_cumprod = _clamped_alphas_cumprod(schedule)
     bounds = dict(sigma_min=schedule.sigma_min, sigma_max=schedule.sigma_max)
     if sampler == "euler_karras":
@@ -297,10 +313,13 @@ def make_plan(
             "scheduler_config.json, or use another sampler"
         )
     karras = sampler.endswith("_karras")
+    # The Euler family calls the model at diffusers' own, possibly fractional, timesteps.
+    fractions = sampler.startswith("euler")
     if karras:
-        timesteps, sigmas = karras_plan_inputs(schedule, steps, sampler)
+        timesteps, sigmas = karras_plan_inputs(schedule, steps, sampler, keep_fraction=fractions)
     else:
-        timesteps = schedule.timesteps(steps, sampler)
+        timesteps = schedule.timesteps(steps, sampler, keep_fraction=fractions)
+    timesteps = _integral_as_long(timesteps)
     visited = timesteps.tolist()
     init_noise_scale = 1.0
     if sampler == "ddim":

@@ -47,10 +47,13 @@ def run_plan(
         # Otherwise reported as a bad model output, or not at all when the model ignores x.
         raise ValueError("x_T (the starting noise / latents) contains NaN or inf")
     batch = x_T.shape[0]
+    # Fractional timesteps (the Euler family's) reach the model in float32, as diffusers passes
+    # them; whole ones as a LongTensor.
+    t_dtype = torch.float32 if plan.timesteps.dtype.is_floating_point else torch.long
     x = x_T * plan.init_noise_scale if plan.init_noise_scale != 1.0 else x_T
     x0_prev = None
     for index, timestep in enumerate(plan.timesteps.tolist()):
-        t = torch.full((batch,), timestep, dtype=torch.long, device=x.device)
+        t = torch.full((batch,), timestep, dtype=t_dtype, device=x.device)
         output = model_fn(model_input(plan, index, x), t)
         if not isinstance(output, torch.Tensor) or output.shape != x.shape:
             shape = tuple(output.shape) if isinstance(output, torch.Tensor) else type(output)
@@ -90,7 +93,9 @@ def sample(
     """Draw samples by running ``sampler`` for ``steps`` steps from ``x_T`` ~ N(0, I).
 
     ``model_fn(x_t, t)`` gets ``x_t`` in the variance-preserving scale the model was trained on and
-    ``t``, a LongTensor [batch] on x_T's device, and returns the model output in
+    ``t``, a LongTensor [batch] on x_T's device (float32 where the plan's timesteps are
+    fractional: the Euler family's at ``linspace`` spacing or Karras levels, as diffusers'
+    Euler schedulers call the model), and returns the model output in
     ``schedule.prediction_type`` with x_t's shape (wrap with
     :func:`fastdiff.sampling.classifier_free_guidance` for CFG). The result has x_T's dtype (fp64
     included) and is the clean sample in VP scale. ``callback(step_index, t, x)`` runs after each

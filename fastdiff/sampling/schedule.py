@@ -217,7 +217,8 @@ class NoiseSchedule:
         schedule's ``timestep_spacing`` and ``steps_offset`` (see ``fastdiff.sampling.spacing``);
         for the ``*_karras`` samplers the timesteps of their Karras noise levels, which ignore
         the spacing. ``keep_fraction``: as floats, the Euler family's unrounded (diffusers'
-        own, which it compares with denoising_start / denoising_end cut-offs)."""
+        own, at which ``make_plan`` calls the model and which diffusers compares with
+        denoising_start / denoising_end cut-offs)."""
         if sampler.endswith("_karras"):
             from fastdiff.sampling.plan import karras_plan_inputs  # plan builds on this module
 

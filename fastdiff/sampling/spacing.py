@@ -7,11 +7,11 @@ diffusers computes the spacings slightly differently per scheduler family:
 * ``ddim`` / ``ddpm`` (DDIMScheduler, DDPMScheduler): ``steps`` points.
 * ``euler`` (EulerDiscreteScheduler, and EulerAncestralDiscreteScheduler for
   ``euler_ancestral``): the same points, but ``linspace`` keeps them as float32
-  (fractional timesteps such as 946.42 for 20 steps). Our model functions take integer
-  timesteps, so we round them to the nearest integer (half to even, as the DDIM family does) and
-  take sigma at the rounded timestep, which keeps the noise level and the timestep the model sees
-  consistent. This equals diffusers exactly whenever its timesteps are integral (e.g.
-  ``999 / (steps - 1)`` integral) and equals diffusers run with these integer timesteps otherwise.
+  (fractional timesteps such as 946.42 for 20 steps). ``spaced_timesteps`` rounds them to the
+  nearest integer (half to even, as the DDIM family does) for the step-count checks and for
+  callers that index tables; ``keep_fraction`` returns them as diffusers keeps them, and
+  ``make_plan`` calls the model at those, with sigma interpolated between the neighbouring
+  table entries as diffusers does.
 * ``dpmpp_2m`` and ``dpmpp_2m_sde`` (DPMSolverMultistepScheduler): ``linspace`` and ``leading``
   build ``steps + 1`` points and drop the last one (t = 0).
 

@@ -244,8 +244,8 @@ def test_bad_denoising_ranges_and_latents_are_refused(pipe, kwargs, message):
 def test_the_cut_is_made_on_eulers_fractional_timesteps(sdxl_folder, tmp_path, sampler):
     """Euler with linspace spacing (and Karras levels) steps through fractional timesteps:
     diffusers compares those with the cutoff (499.5 < 500 at 7 steps), not rounded ones, so
-    the split runs as many steps on each side as diffusers' does. (The images themselves differ
-    by the model's time embedding: fastdiff calls it at the rounded timesteps.)"""
+    the split runs as many steps on each side as diffusers' does, and both halves equal
+    diffusers' (the U-Net called at the same fractional timesteps)."""
     folder = tmp_path / "linspace"
     shutil.copytree(sdxl_folder, folder)
     config_path = folder / "scheduler" / "scheduler_config.json"
@@ -258,8 +258,27 @@ def test_the_cut_is_made_on_eulers_fractional_timesteps(sdxl_folder, tmp_path, s
     theirs = [int((scheduler.timesteps >= cutoff).sum()), int((scheduler.timesteps < cutoff).sum())]
     base = Pipeline.from_pretrained(folder)
     counter = UNetCallCounter(base)
-    kwargs = dict(num_inference_steps=7, guidance_scale=1.0, height=16, width=16, progress=False)
-    latents = base("a cat", **kwargs, sampler=sampler, denoising_end=0.5, output_type="latent")
+    kwargs = dict(num_inference_steps=7, guidance_scale=4.0, height=16, width=16)
+    latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(4))
+    first_half = dict(kwargs, latents=latents, denoising_end=0.5, output_type="latent")
+    ours = base("a cat", **first_half, sampler=sampler, progress=False)
     first = len(counter.batches)
-    base("a cat", **kwargs, sampler=sampler, denoising_start=0.5, image=latents)
+    refined = base(
+        "a cat", **kwargs, sampler=sampler, denoising_start=0.5, image=ours, output_type="tensor"
+    )
     assert [first, len(counter.batches) - first] == theirs
+
+    reference = diffusers.StableDiffusionXLPipeline.from_pretrained(folder, scheduler=scheduler)
+    reference.set_progress_bar_config(disable=True)
+    # diffusers starts linspace Euler at sigma_max * latents, fastdiff at sqrt(sigma_max^2 + 1)
+    # times them (README: Euler's start scale): the same start state.
+    sigma_max = float(scheduler.sigmas.max())
+    first_half["latents"] = latents * (sigma_max**2 + 1) ** 0.5 / sigma_max
+    expected = reference("a cat", **first_half).images
+    torch.testing.assert_close(ours, expected, atol=1e-4, rtol=0)
+    img2img = diffusers.StableDiffusionXLImg2ImgPipeline(**reference.components)
+    img2img.set_progress_bar_config(disable=True)
+    expected = img2img(
+        "a cat", **kwargs, denoising_start=0.5, image=expected, output_type="pt"
+    ).images
+    torch.testing.assert_close(refined, expected, atol=1e-4, rtol=0)

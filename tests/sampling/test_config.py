@@ -187,7 +187,8 @@ def test_spacing_left_out_of_the_file_is_the_sampling_schedulers_default(config,
     reference = cls.from_config(folder_class.from_config(config).config)
     reference.set_timesteps(7)
     plan = make_plan(NoiseSchedule.from_config(config), sampler, 7)
-    assert torch.equal(plan.timesteps, reference.timesteps.round().long())
+    # Euler's linspace points are fractional here (832.5, ...), and so are fastdiff's.
+    assert torch.equal(plan.timesteps.float(), reference.timesteps.float())
 
 
 @pytest.mark.parametrize(

@@ -96,23 +96,37 @@ def test_ddim_set_alpha_to_one_and_uneven_steps(spacing):
 
 
 @pytest.mark.parametrize("prediction_type", PREDICTION_TYPES)
-def test_euler_fractional_linspace_is_rounded(prediction_type):
-    # With 20 steps diffusers' Euler linspace timesteps are fractional (999 * k / 19). Our model
-    # takes integer t, so we round and use sigma at the rounded t: identical to diffusers run on
-    # those integer timesteps, and within rounding distance of its own fractional timesteps.
-    config = scheduler_config("linspace", prediction_type)
+@pytest.mark.parametrize("zero_snr", [False, True])
+def test_euler_calls_the_model_at_diffusers_fractional_linspace_timesteps(
+    prediction_type, zero_snr
+):
+    """With 20 steps diffusers' Euler linspace timesteps are fractional (999 k / 19 in float32)
+    and their sigmas are interpolated between neighbouring table entries. fastdiff's plan holds
+    the same timesteps and levels, and the model sees the same float32 timesteps."""
+    config = scheduler_config("linspace", prediction_type, zero_snr)
     schedule = NoiseSchedule(**config)
     plan = make_plan(schedule, "euler", 20)
-    fractional = EulerDiscreteScheduler(**config)
-    fractional.set_timesteps(20)
-    assert not torch.equal(fractional.timesteps, fractional.timesteps.round())
-    assert float((plan.timesteps - fractional.timesteps).abs().max()) <= 0.5
-
     reference = EulerDiscreteScheduler(**config)
-    reference.set_timesteps(timesteps=plan.timesteps.tolist())
+    reference.set_timesteps(20)
+    assert not torch.equal(reference.timesteps, reference.timesteps.round())
+    assert plan.timesteps.dtype == torch.float64
+    assert torch.equal(plan.timesteps.float(), reference.timesteps)
+    sigmas = reference.sigmas[:-1].double()
+    torch.testing.assert_close(
+        plan.coefficients[:, 0], 1 / (sigmas**2 + 1).sqrt(), rtol=1e-6, atol=0
+    )
+
+    seen = []
+
+    def model(x, t):
+        seen.append(t)
+        return toy_model(x, t)
+
     x_T = torch.randn(2, 4, 3)
     ours = []
-    sample(toy_model, x_T, schedule, "euler", 20, callback=lambda i, t, x: ours.append(x))
+    sample(model, x_T, schedule, "euler", 20, callback=lambda i, t, x: ours.append(x))
+    assert {t.dtype for t in seen} == {torch.float32}
+    assert torch.equal(torch.stack([t[0] for t in seen]), reference.timesteps)
     theirs, _, peaks = run_diffusers(reference, x_T * plan.init_noise_scale)
     assert_trajectories_match(ours, theirs, peaks, "euler/linspace/20")
 
@@ -229,10 +243,9 @@ def test_dpmpp_2m_karras_takes_the_configs_sigma_bounds():
 @pytest.mark.parametrize("spacing", SPACINGS)
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
 @pytest.mark.parametrize("zero_snr", [False, True])
-def test_euler_karras_is_diffusers_up_to_timestep_rounding(spacing, prediction_type, zero_snr):
+def test_euler_karras_matches_diffusers(spacing, prediction_type, zero_snr):
     """EulerDiscreteScheduler(use_karras_sigmas=True): the same noise levels (spanning the spaced
-    timesteps' sigmas); diffusers calls the model at their fractional timesteps, fastdiff at the
-    nearest integers. With a model that sees only the rounded timestep the runs agree."""
+    timesteps' sigmas), and the model called at the same fractional timesteps."""
     config = scheduler_config(spacing, prediction_type, zero_snr)
     reference = EulerDiscreteScheduler(**config, use_karras_sigmas=True)
     reference.set_timesteps(10)
@@ -243,16 +256,15 @@ def test_euler_karras_is_diffusers_up_to_timestep_rounding(spacing, prediction_t
         plan.coefficients[:, 0], 1 / (sigmas**2 + 1).sqrt(), rtol=1e-6, atol=0
     )
     assert not torch.equal(reference.timesteps, reference.timesteps.round())  # fractional
-    assert torch.equal(plan.timesteps, reference.timesteps.round().long())
-    assert torch.equal(schedule.timesteps(10, "euler_karras"), plan.timesteps)
-
-    def rounded(x, t):
-        return toy_model(x, torch.as_tensor(t).round())
+    assert torch.equal(plan.timesteps.float(), reference.timesteps)
+    assert torch.equal(schedule.timesteps(10, "euler_karras", keep_fraction=True), plan.timesteps)
+    rounded = schedule.timesteps(10, "euler_karras")
+    assert torch.equal(rounded, reference.timesteps.round().long())
 
     x_T = torch.randn(2, 3, 4)
     ours = []
     sample(toy_model, x_T, schedule, "euler_karras", 10, callback=lambda i, t, x: ours.append(x))
-    theirs, _, peaks = run_diffusers(reference, x_T * plan.init_noise_scale, model=rounded)
+    theirs, _, peaks = run_diffusers(reference, x_T * plan.init_noise_scale)
     assert_trajectories_match(ours, theirs, peaks, f"euler_karras/{spacing}")
 
 
@@ -274,7 +286,7 @@ def test_euler_karras_levels_and_timesteps_at_awkward_counts(spacing, steps, off
     torch.testing.assert_close(
         plan.coefficients[:, 0], 1 / (sigmas**2 + 1).sqrt(), rtol=1e-6, atol=0
     )
-    assert torch.equal(plan.timesteps, reference.timesteps.round().long())
+    assert torch.equal(plan.timesteps.float(), reference.timesteps)
 
 
 def test_ddim_set_alpha_to_one_left_out_is_diffusers_default():

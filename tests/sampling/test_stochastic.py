@@ -58,26 +58,29 @@ def test_ddpm_matches_diffusers_with_same_noise(spacing, prediction_type, zero_s
 @pytest.mark.parametrize("spacing", ["leading", "linspace", "trailing"])
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
 @pytest.mark.parametrize("zero_snr", [False, True])
-def test_euler_ancestral_matches_diffusers_with_same_noise(spacing, prediction_type, zero_snr):
+@pytest.mark.parametrize("steps", [10, 20])
+def test_euler_ancestral_matches_diffusers_with_same_noise(
+    spacing, prediction_type, zero_snr, steps
+):
     """EulerAncestralDiscreteScheduler (which has no sample-prediction mode) fed the same
     random stream. Started from the same state: for linspace/trailing diffusers' own start is
-    sigma_max * x_T, fastdiff's sqrt(sigma_max^2 + 1) * x_T, as for plain Euler."""
+    sigma_max * x_T, fastdiff's sqrt(sigma_max^2 + 1) * x_T, as for plain Euler. linspace:
+    integral timesteps at 10 steps (999 / 9 = 111), fractional ones at 20."""
     config = scheduler_config(spacing, prediction_type, zero_snr)
     reference = EulerAncestralDiscreteScheduler(**config)
-    reference.set_timesteps(10)  # linspace: 999 / 9 = 111, integral timesteps
+    reference.set_timesteps(steps)
     schedule = NoiseSchedule(**config)
-    plan = make_plan(schedule, "euler_ancestral", 10)
-    assert torch.equal(plan.timesteps, reference.timesteps.long()) and plan.stochastic
+    plan = make_plan(schedule, "euler_ancestral", steps)
+    assert torch.equal(plan.timesteps.float(), reference.timesteps) and plan.stochastic
     x_T = torch.randn(2, 3, 4)
     theirs, _, peaks = run_diffusers(
         reference, x_T * plan.init_noise_scale, generator=torch.Generator().manual_seed(5)
     )
-    ours = our_trajectory(x_T, schedule, "euler_ancestral", 10, seed=5)
+    ours = our_trajectory(x_T, schedule, "euler_ancestral", steps, seed=5)
     assert_trajectories_match(ours, theirs, peaks)
     # The noise matters: another seed gives another sample.
-    other = sample(
-        toy_model, x_T, schedule, "euler_ancestral", 10, generator=torch.Generator().manual_seed(6)
-    )
+    generator = torch.Generator().manual_seed(6)
+    other = sample(toy_model, x_T, schedule, "euler_ancestral", steps, generator=generator)
     assert float((other - ours[-1]).abs().max()) > 1e-2
 
 
