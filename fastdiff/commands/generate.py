@@ -86,7 +86,8 @@ def add_parser(subparsers) -> None:
     parser.add_argument(
         "--mask-image",
         type=Path,
-        help="inpainting (an inpainting checkpoint, with --init-image): repaint where it is white",
+        help="inpainting (with --init-image): repaint where the mask is white; an inpainting "
+        "checkpoint reads the mask, another has the kept region blended back at each step",
     )
     parser.add_argument(
         "--lora",

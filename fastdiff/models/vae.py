@@ -20,6 +20,19 @@ from fastdiff.models.tiling import tiled_decode, tiled_encode
 from fastdiff.models.unet_blocks import BlockSpec, DownBlock, MidBlock
 
 
+def posterior_noise(
+    shape: tuple[int, ...],
+    dtype: torch.dtype,
+    device: torch.device | str,
+    generator: torch.Generator | None,
+) -> torch.Tensor:
+    """The eps ~ N(0, I) that sampling a posterior of this mean shape and dtype draws from
+    ``generator`` (on the generator's device, moved to ``device``)."""
+    draw_device = generator.device if generator is not None else device
+    noise = torch.randn(shape, generator=generator, device=draw_device, dtype=dtype)
+    return noise.to(device)
+
+
 class DiagonalGaussian:
     """N(mean, diag(std^2)) from ``moments = [mean | logvar]`` on the channel axis."""
 
@@ -41,11 +54,8 @@ class DiagonalGaussian:
         A generator on another device (a CPU generator for CUDA latents, so that a seed gives the
         same latents everywhere) draws there and the noise is moved to the mean's device.
         """
-        device = generator.device if generator is not None else self.mean.device
-        noise = torch.randn(
-            self.mean.shape, generator=generator, device=device, dtype=self.mean.dtype
-        )
-        return self.mean + self.std * noise.to(self.mean.device)
+        noise = posterior_noise(self.mean.shape, self.mean.dtype, self.mean.device, generator)
+        return self.mean + self.std * noise
 
     def mode(self) -> torch.Tensor:
         return self.mean

@@ -39,7 +39,8 @@ class CallDefaults:
         """From model_index.json and the scheduler config. StableDiffusionXLPipeline and
         StableDiffusionXLImg2ImgPipeline default to guidance 5.0 and img2img strength 0.3, the
         others (SDXL inpainting included) to 7.5 and 0.8; inpainting (a mask) to strength 1.0,
-        StableDiffusionXLInpaintPipeline's 0.9999; the sampler is the one equal to the folder's
+        and SDXL folders to StableDiffusionXLInpaintPipeline's 0.9999 (the pipeline diffusers
+        inpaints with from any of them); the sampler is the one equal to the folder's
         scheduler (``fastdiff.sampling.config.default_sampler``), else ddim."""
         name = str(index.get("_class_name", ""))
         sdxl = name.startswith("StableDiffusionXL") and "Inpaint" not in name
@@ -47,7 +48,7 @@ class CallDefaults:
             guidance_scale=5.0 if sdxl else 7.5,
             sampler=default_sampler(scheduler_config),
             strength=0.3 if sdxl else 0.8,
-            inpaint_strength=0.9999 if name == "StableDiffusionXLInpaintPipeline" else 1.0,
+            inpaint_strength=0.9999 if name.startswith("StableDiffusionXL") else 1.0,
         )
 
 

@@ -26,7 +26,7 @@ import torch
 from tqdm.auto import tqdm
 
 from fastdiff.pipeline import images as image_utils
-from fastdiff.sampling import NoiseSchedule, make_plan, run_plan
+from fastdiff.sampling import KnownRegion, NoiseSchedule, make_plan, run_plan
 from fastdiff.sampling.plan import INPUT_SCALE, NEXT_FROM_PREV_X0, NEXT_FROM_X0, SamplingPlan
 
 
@@ -178,11 +178,13 @@ def run_sampler(
     end_step: int | None = None,
     add_noise: bool = True,
     progress: bool = True,
+    known: KnownRegion | None = None,
 ) -> torch.Tensor:
     """Sample from unit-variance ``noise``; with ``init_latents`` (img2img) start at plan step
     ``start_step`` from the forward-diffused init latents instead (or from the init latents as
-    they are, ``add_noise=False``); stop before step ``end_step`` when given. Returns the final
-    latents."""
+    they are, ``add_noise=False``); stop before step ``end_step`` when given. ``known``: keep
+    its region at the image after each step (``fastdiff.sampling.known_region``). Returns the
+    final latents."""
     plan = make_plan(schedule, sampler=sampler, steps=steps, eta=eta)
     plan, x_start = start_state(
         plan, schedule, noise, init_latents, start_step, end_step, add_noise
@@ -191,7 +193,12 @@ def run_sampler(
     # lives and moves it (a CPU generator gives the same images on every device).
     with tqdm(total=len(plan), desc="sampling", disable=not progress, leave=False) as bar:
         return run_plan(
-            model_fn, x_start, plan, generator=generator, callback=lambda *_: bar.update(1)
+            model_fn,
+            x_start,
+            plan,
+            generator=generator,
+            callback=lambda *_: bar.update(1),
+            known=known,
         )
 
 

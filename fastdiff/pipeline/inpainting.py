@@ -6,6 +6,10 @@ step: they travel in the condition dict as ``inpaint_latents`` and the U-Net cal
 each step's latents (``Pipeline.unet_forward``), so the eager loop, classifier-free guidance (the
 same for both halves) and the runtime's graphs carry them like the text embeddings.
 
+A plain U-Net (4 latent channels) given a mask inpaints as diffusers' inpainting pipelines run
+one: it never sees the mask; after every step the region the mask keeps is set back to the image's
+latents noised to the next step's level (``fastdiff.sampling.known_region``).
+
 The mask is white (>= 0.5) where the image is repainted, black where it is kept, binarized as
 diffusers' mask processor does; diffusers downsizes it to latent resolution with nearest-neighbour
 interpolation, and so does this module.
@@ -21,7 +25,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from fastdiff.models.vae import posterior_noise
 from fastdiff.pipeline import images as image_utils
+from fastdiff.sampling import KnownRegion
 
 INPAINT_KEY = "inpaint_latents"
 
@@ -106,28 +112,46 @@ def latent_mask(mask: torch.Tensor, latent_size: tuple[int, int]) -> torch.Tenso
     return F.interpolate(mask, size=latent_size)
 
 
-def check_inputs(pipe: Any, image, mask_image, latents, denoising_start) -> bool:
-    """Whether a ``Pipeline`` call inpaints: an inpainting U-Net needs ``image`` (pixels) and
-    ``mask_image``; other U-Nets refuse a mask."""
+UNET = "unet"  # an inpainting U-Net reads the mask and the masked image's latents
+BLEND = "blend"  # a plain U-Net; the kept region is blended back after each step
+
+
+def check_inputs(
+    pipe: Any, image, mask_image, latents, denoising: tuple[float | None, float | None]
+) -> str | None:
+    """How a ``Pipeline`` call inpaints: ``UNET`` with an inpainting U-Net (which needs
+    ``image`` and ``mask_image``), ``BLEND`` with another U-Net given a mask (the kept region
+    blended back after each step, ``fastdiff.sampling.known_region``), None without a mask."""
     latent_channels = pipe.vae.config["latent_channels"]
-    if not pipe.is_inpainting:
-        if mask_image is not None:
-            raise ValueError(
-                f"mask_image needs an inpainting U-Net (in_channels {2 * latent_channels + 1}: "
-                "latents, mask, masked-image latents); this one takes "
-                f"{pipe.unet.config['in_channels']}"
-            )
-        return False
+    denoising_start, denoising_end = denoising
+    if not pipe.is_inpainting and mask_image is None:
+        return None
     if image is None or mask_image is None:
-        raise ValueError("this is an inpainting U-Net: pass image= and mask_image=")
+        if pipe.is_inpainting:
+            raise ValueError("this is an inpainting U-Net: pass image= and mask_image=")
+        raise ValueError("mask_image needs image=, the image to inpaint")
     if latents is not None or denoising_start is not None:
         raise ValueError(
-            "an inpainting U-Net starts from the image: latents= and denoising_start are not "
-            "supported with it"
+            "inpainting starts from the image: latents= and denoising_start are not supported "
+            "with it"
         )
     if image_utils.latents_of(image, latent_channels) is not None:
         raise ValueError("inpainting needs the image's pixels (to blank the masked region)")
-    return True
+    if pipe.is_inpainting:
+        return UNET
+    if pipe.unet.config["in_channels"] != latent_channels:
+        raise ValueError(
+            f"mask_image needs a U-Net of {latent_channels} input channels (blended, as "
+            f"diffusers inpaints with them) or {2 * latent_channels + 1} (an inpainting U-Net); "
+            f"this one takes {pipe.unet.config['in_channels']}"
+        )
+    if denoising_end is not None:
+        # diffusers blends the clean image in at the last step it runs, also when that step
+        # leaves the rest still noisy: refused rather than returning such latents.
+        raise ValueError(
+            "denoising_end is not supported when inpainting with a plain (non-inpainting) U-Net"
+        )
+    return BLEND
 
 
 def stacked_latents(
@@ -141,3 +165,29 @@ def stacked_latents(
     small = latent_mask(mask, tuple(shape[2:])).to(pipe.device, pipe.dtype)
     parts = (small, masked_latents)
     return torch.cat([image_utils.fit_batch(p, shape[0], num_images) for p in parts], dim=1)
+
+
+def known_region(
+    pipe: Any,
+    pixels: torch.Tensor,
+    mask_image,
+    image_latents: torch.Tensor,
+    noise: torch.Tensor,
+    generator: torch.Generator | None,
+    num_images: int,
+) -> KnownRegion:
+    """What a plain U-Net inpaints around: the image's latents (already encoded, fitted to the
+    batch), the mask at latent size and the run's unit ``noise``. diffusers also encodes the
+    masked image here, which such a U-Net never reads: its only effect is the normals the
+    encoder's sampling takes from the generator, so the same draw is made, without the pass."""
+    mask = mask_to_tensor(mask_image, pixels.shape[2], pixels.shape[3])
+    shape = tuple(noise.shape)
+    encoded = (max(pixels.shape[0], mask.shape[0]), shape[1], *shape[2:])
+    vae_dtype = next(pipe.vae.parameters()).dtype
+    posterior_noise(encoded, vae_dtype, pipe.device, generator)
+    small = latent_mask(mask, tuple(shape[2:])).to(pipe.device, pipe.dtype)
+    return KnownRegion(
+        latents=image_latents,
+        mask=image_utils.fit_batch(small, shape[0], num_images),
+        noise=noise,
+    )

@@ -49,7 +49,7 @@ from fastdiff.pipeline.vae_scaling import (
     to_vae_latents,
     vae_run_dtype,
 )
-from fastdiff.sampling import NoiseSchedule, classifier_free_guidance
+from fastdiff.sampling import KnownRegion, NoiseSchedule, classifier_free_guidance
 
 
 class Pipeline:
@@ -238,12 +238,14 @@ class Pipeline:
         end_step: int | None = None,
         add_noise: bool = True,
         progress: bool = True,
+        known: KnownRegion | None = None,
     ) -> torch.Tensor:
         """The denoising loop: unit-variance ``noise`` (or, for img2img, ``init_latents`` noised
         to ``start_step``, or taken as they are with ``add_noise=False``) -> final latents (the
-        state before plan step ``end_step`` when given). A faster runtime replaces this method
-        as a whole; it receives the conditioning as U-Net keyword dicts, [uncond; cond] batched
-        when guided."""
+        state before plan step ``end_step`` when given); ``known``: the region kept at the image
+        after each step (inpainting with a 4-channel U-Net). A faster runtime replaces this
+        method as a whole; it receives the conditioning as U-Net keyword dicts, [uncond; cond]
+        batched when guided."""
         model_fn = self.build_model_fn(conditioning, guidance_scale, guidance_rescale)
         return run_sampler(
             model_fn,
@@ -258,6 +260,7 @@ class Pipeline:
             end_step=end_step,
             add_noise=add_noise,
             progress=progress,
+            known=known,
         )
 
     @property
@@ -390,11 +393,13 @@ class Pipeline:
         with the steps cut as diffusers' SDXL pipelines cut them. ``image`` may be latents
         (B, latent channels, h, w), as in diffusers: not encoded, and with ``denoising_start``
         not noised.
-        An inpainting U-Net (9 input channels) takes ``image`` and ``mask_image`` (white:
-        repaint; ``fastdiff.pipeline.inpainting``), with ``strength`` default 1.0 (from pure
-        noise; StableDiffusionXLInpaintPipeline folders 0.9999) and the folder's default size
-        unless ``height``/``width`` are given, as diffusers does (PIL inputs are resized to it;
-        a tensor or array of another size is refused rather than resized).
+        ``image`` with ``mask_image`` (white: repaint; ``fastdiff.pipeline.inpainting``)
+        inpaints: an inpainting U-Net (9 input channels) reads the mask, another U-Net has the
+        kept region blended back after each step, as diffusers' inpainting pipelines do for
+        each. ``strength`` defaults to 1.0 (from pure noise; 0.9999 for SDXL folders, as
+        StableDiffusionXLInpaintPipeline), and the size to the folder's default unless
+        ``height``/``width`` are given, as diffusers does (PIL inputs are resized to it; a
+        tensor or array of another size is refused rather than resized).
         """
         text_time = self.unet.config.get("addition_embed_type") == "text_time"
         check_size_options(sizes, text_time)
@@ -426,7 +431,10 @@ class Pipeline:
         )
         batch = conditioning.batch_size
 
-        inpaint = inpainting.check_inputs(self, image, mask_image, latents, denoising_start)
+        inpaint_mode = inpainting.check_inputs(
+            self, image, mask_image, latents, (denoising_start, denoising_end)
+        )
+        inpaint = inpaint_mode is not None
         start = run_start(
             self,
             image,
@@ -447,12 +455,15 @@ class Pipeline:
             add_time_ids(
                 conditioning, height, width, self.unet.config, sizes, scores, image is not None
             )
-        if image is not None and not (inpaint and start.strength == 1.0):  # 1.0: pure noise
+        from_noise = inpaint and start.strength == 1.0  # pure noise: no init latents
+        image_latents = None  # the image's, also when the run starts from pure noise (blend)
+        if image is not None and (not from_noise or inpaint_mode == inpainting.BLEND):
             if start.given_latents is None:  # encode each image once (as diffusers does)
-                init_latents = self.encode_image(start.pixels, generator).to(self.dtype)
+                image_latents = self.encode_image(start.pixels, generator).to(self.dtype)
             else:
-                init_latents = start.given_latents.to(device=self.device, dtype=self.dtype)
-            init_latents = image_utils.fit_batch(init_latents, batch, num_images)
+                image_latents = start.given_latents.to(device=self.device, dtype=self.dtype)
+            image_latents = image_utils.fit_batch(image_latents, batch, num_images)
+            init_latents = None if from_noise else image_latents
 
         shape = (
             batch,
@@ -466,13 +477,18 @@ class Pipeline:
         else:  # a hand-over's latents are the start: no noise drawn, as in diffusers
             noise = torch.zeros(shape)
         noise = noise.to(device=self.device, dtype=self.dtype)
-        if inpaint:  # after the noise, as diffusers draws them
+        known = None
+        if inpaint_mode == inpainting.UNET:  # after the noise, as diffusers draws them
             stacked = inpainting.stacked_latents(
                 self, start.pixels, mask_image, shape, generator, num_images
             )
             conditioning.cond[INPAINT_KEY] = stacked
             if conditioning.uncond is not None:
                 conditioning.uncond[INPAINT_KEY] = stacked
+        elif inpaint_mode == inpainting.BLEND:
+            known = inpainting.known_region(
+                self, start.pixels, mask_image, image_latents, noise, generator, num_images
+            )
 
         result = self.denoise(
             conditioning,
@@ -488,6 +504,7 @@ class Pipeline:
             end_step=start.end_step,
             add_noise=add_noise,
             progress=progress,
+            known=known,
         )
         if output_type == "latent":
             return result

@@ -25,6 +25,7 @@ from fastdiff.ops.backend import compiling_ahead, requested_backend
 from fastdiff.runtime.graphs import EagerReplay, GraphCache, GraphEntry, GraphKey
 from fastdiff.runtime.plan_step import apply_plan_step
 from fastdiff.sampling.guidance import combine_guidance
+from fastdiff.sampling.known_region import KnownRegion, keep_known, known_region_rows
 from fastdiff.sampling.plan import step_noise_dtype
 
 # Plan rows held by step-graph buffers: any plan up to this many steps reuses the same graph.
@@ -58,6 +59,10 @@ class DenoiseBuffers:
     # generation, outside the graph (``GraphedDenoiser``'s ``prepare_cond``): static like the
     # rest, reloaded by ``load_buffers``. None: the U-Net reads ``cond``.
     prepared: dict[str, Any] | None = None
+    # Inpainting with a plain U-Net: the kept region's latents, mask and noise (float32) and its
+    # per-step rows [rows, 2] (``fastdiff.sampling.known_region``), blended after each step.
+    known: KnownRegion | None = None
+    known_rows: torch.Tensor | None = None
 
 
 @dataclass
@@ -73,6 +78,8 @@ class DenoiseCall:
     noise: torch.Tensor | None  # [S, B, C, H, W], rows for steps without noise may be zero
     guidance_rescale: float = 0.0  # phi of Lin et al. 2023 (guided calls only); part of the key
     result_dtype: torch.dtype | None = None  # what the caller casts the result to (None: x_T's)
+    known: KnownRegion | None = None  # the region kept at the image (plain-U-Net inpainting)
+    known_rows: torch.Tensor | None = None  # [S, 2], ``known_region_rows`` of the plan
 
     @property
     def steps(self) -> int:
@@ -127,6 +134,9 @@ def denoise_body(
         guidance_scale,
         noise,
     )
+    if buffers.known is not None:
+        row = buffers.known_rows.index_select(0, step)[0]
+        buffers.x.copy_(keep_known(buffers.x, buffers.known, row[0], row[1]))
     step.add_(1)
 
 
@@ -147,7 +157,14 @@ def allocate_buffers(
         )
         return storage.movedim(-1, -3)
 
+    known = known_rows = None
+    if call.known is not None:
+        mask = torch.zeros(call.known.mask.shape, dtype=torch.float32, device=device)
+        known = KnownRegion(latents=latent_buffer(), mask=mask, noise=latent_buffer())
+        known_rows = torch.zeros((rows, 2), dtype=torch.float32, device=device)
     return DenoiseBuffers(
+        known=known,
+        known_rows=known_rows,
         x=latent_buffer(),
         x0_prev=latent_buffer(),
         coefficients=torch.zeros((rows, 7), dtype=torch.float32, device=device),
@@ -186,6 +203,10 @@ def load_buffers(
     buffers.x0_prev.zero_()
     buffers.coefficients[:steps].copy_(call.coefficients.to(torch.float32))
     buffers.timesteps[:steps].copy_(call.timesteps)
+    if buffers.known is not None:
+        for name in ("latents", "mask", "noise"):
+            getattr(buffers.known, name).copy_(getattr(call.known, name))
+        buffers.known_rows[:steps].copy_(call.known_rows)
     buffers.step.zero_()
     buffers.guidance_scale.fill_(1.0 if call.guidance_scale is None else call.guidance_scale)
     for name, value in call.cond.items():
@@ -280,6 +301,7 @@ class GraphedDenoiser:
                 requested_backend(),  # a graph replays the kernels chosen when it was captured
                 0 if whole_loop else step_graph_rows(call.steps),  # a step graph's plan rows
                 prepared_signature(prepared),
+                None if call.known is None else tuple(call.known.mask.shape),
                 *self.key_extra,
             ),
         )
@@ -362,12 +384,22 @@ class GraphedDenoiser:
         return entry.buffers.x.clone()
 
 
-def build_call(plan, conditioning, noise: torch.Tensor, guidance_scale: float, generator):
-    """The pipeline's conditioning and noise as a ``DenoiseCall`` ([uncond; cond] batched).
+def build_call(
+    plan,
+    conditioning,
+    noise: torch.Tensor,
+    guidance_scale: float,
+    generator,
+    known: KnownRegion | None = None,
+):
+    """The pipeline's conditioning and noise as a ``DenoiseCall`` ([uncond; cond] batched);
+    ``known``: the region kept at the image after each step, with the plan's rows for it.
 
     Noise for stochastic plans is drawn up front in the order, dtype and device the eager loop
     (``fastdiff.sampling.run_plan``) uses, so a seed gives the same image on both paths.
     """
+    if known is not None:
+        known.check(noise)
     guided = conditioning.uncond is not None
     cond = dict(conditioning.cond)
     if guided:
@@ -392,4 +424,6 @@ def build_call(plan, conditioning, noise: torch.Tensor, guidance_scale: float, g
         cond=cond,
         guidance_scale=guidance_scale if guided else None,
         noise=step_noise,
+        known=known,
+        known_rows=None if known is None else known_region_rows(plan),
     )

@@ -227,6 +227,7 @@ class OptimizedRuntime:
         end_step: int | None = None,
         add_noise: bool = True,
         progress: bool = True,
+        known=None,
     ) -> torch.Tensor:
         """Same contract as ``Pipeline.denoise``; runs the plan through captured graphs."""
         if not 0.0 <= guidance_rescale <= 1.0:
@@ -244,7 +245,7 @@ class OptimizedRuntime:
             )
             timesteps = plan.timesteps.to(noise.device)
             coefficients = plan.coefficients.to(device=noise.device, dtype=torch.float32)
-        call = build_call(plan, conditioning, x_start, guidance_scale, generator)
+        call = build_call(plan, conditioning, x_start, guidance_scale, generator, known)
         call.guidance_rescale = float(guidance_rescale)
         call.result_dtype = noise.dtype  # returned below: what decode_ahead decodes
         call.timesteps, call.coefficients = timesteps, coefficients

@@ -2,6 +2,7 @@
 the training loss. Never imports models (the layer above) or diffusers."""
 
 from fastdiff.sampling.guidance import classifier_free_guidance, combine_guidance
+from fastdiff.sampling.known_region import KnownRegion, keep_known, known_region_rows
 from fastdiff.sampling.loss import diffusion_loss, min_snr_weights
 from fastdiff.sampling.plan import (
     INPUT_SCALE,
@@ -26,6 +27,7 @@ from fastdiff.sampling.spacing import SPACINGS
 __all__ = [
     "BETA_SCHEDULES",
     "INPUT_SCALE",
+    "KnownRegion",
     "NEXT_FROM_PREV_X0",
     "NEXT_FROM_X",
     "NEXT_FROM_X0",
@@ -42,6 +44,8 @@ __all__ = [
     "classifier_free_guidance",
     "combine_guidance",
     "diffusion_loss",
+    "keep_known",
+    "known_region_rows",
     "make_plan",
     "min_snr_weights",
     "model_input",

@@ -15,6 +15,7 @@ from collections.abc import Callable
 
 import torch
 
+from fastdiff.sampling.known_region import KnownRegion, keep_known, known_region_rows
 from fastdiff.sampling.plan import (
     NOISE_STD,
     SamplingPlan,
@@ -35,8 +36,12 @@ def run_plan(
     plan: SamplingPlan,
     generator: torch.Generator | None = None,
     callback: Callback | None = None,
+    known: KnownRegion | None = None,
 ) -> torch.Tensor:
-    """Run a compiled plan from ``x_T`` ~ N(0, I) (see :func:`sample` for the arguments)."""
+    """Run a compiled plan from ``x_T`` ~ N(0, I) (see :func:`sample` for the arguments).
+    ``known``: after each step, keep the region its mask leaves out at the image's latents noised
+    to the next step's level (inpainting with a model that does not take the mask;
+    ``fastdiff.sampling.known_region``)."""
     if not isinstance(x_T, torch.Tensor) or not x_T.is_floating_point():
         raise ValueError("x_T must be a floating-point tensor")
     if x_T.dim() < 1 or x_T.shape[0] < 1:
@@ -52,6 +57,9 @@ def run_plan(
     t_dtype = torch.float32 if plan.timesteps.dtype.is_floating_point else torch.long
     x = x_T * plan.init_noise_scale if plan.init_noise_scale != 1.0 else x_T
     x0_prev = None
+    if known is not None:
+        known.check(x)
+        known_rows = known_region_rows(plan).tolist()
     for index, timestep in enumerate(plan.timesteps.tolist()):
         t = torch.full((batch,), timestep, dtype=t_dtype, device=x.device)
         output = model_fn(model_input(plan, index, x), t)
@@ -75,6 +83,8 @@ def run_plan(
             noise = torch.randn(x.shape, generator=generator, device=noise_device, dtype=dtype)
             noise = noise.to(x.device)
         x, x0_prev = plan_step(plan, index, x, output.to(x.dtype), x0_prev, noise)
+        if known is not None:
+            x = keep_known(x, known, *known_rows[index])
         if callback is not None:
             callback(index, timestep, x)
     return x

@@ -515,8 +515,8 @@ def test_a_file_written_while_sampling_is_kept(class_folder, tmp_path, monkeypat
 
 
 def test_inpainting_with_a_mask_image(tmp_path, capsys):
-    """--mask-image reaches an inpainting checkpoint (with --init-image), and is refused
-    without --init-image or by a plain checkpoint."""
+    """--mask-image reaches an inpainting checkpoint (with --init-image) and a plain one (the
+    kept region blended back), and is refused without --init-image."""
     folder = make_sd_folder(tmp_path / "inpaint", inpainting=True)
     init, mask = tmp_path / "init.png", tmp_path / "mask.png"
     Image.fromarray((np.random.RandomState(0).rand(16, 16, 3) * 255).astype(np.uint8)).save(init)
@@ -529,9 +529,13 @@ def test_inpainting_with_a_mask_image(tmp_path, capsys):
     assert generate(*common, "--mask-image", mask, "--out", tmp_path / "no.png") == 2
     assert "--mask-image needs --init-image" in capsys.readouterr().err
     plain = make_sd_folder(tmp_path / "sd")
-    arguments = ("--model", plain, "--prompt", "a cat", "--steps", 1, "--init-image", init)
-    assert generate(*arguments, "--mask-image", mask, "--out", tmp_path / "no.png") == 2
-    assert "mask_image needs an inpainting U-Net" in capsys.readouterr().err
+    arguments = ("--model", plain, "--prompt", "a cat", "--steps", 2, "--init-image", init)
+    arguments += ("--seed", 1)
+    blended, img2img = tmp_path / "blended.png", tmp_path / "img2img.png"
+    assert generate(*arguments, "--mask-image", mask, "--out", blended) == 0
+    assert "inpainting strength 1: 2 steps run" in capsys.readouterr().out
+    assert generate(*arguments, "--strength", 1.0, "--out", img2img) == 0
+    assert np.asarray(Image.open(blended)).tolist() != np.asarray(Image.open(img2img)).tolist()
 
 
 def test_lora_weights_from_the_command_line(tmp_path):

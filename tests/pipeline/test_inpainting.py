@@ -3,6 +3,8 @@ StableDiffusionInpaintPipeline, and the inputs inpainting refuses."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -140,10 +142,14 @@ def test_bad_inpainting_inputs_are_refused(pipe, kwargs, message):
         pipe("a cat", num_inference_steps=2, progress=False, **arguments)
 
 
-def test_a_mask_needs_an_inpainting_unet(sd_folder):
+def test_a_mask_needs_a_unet_that_inpaints(sd_folder, monkeypatch):
+    """A mask needs an inpainting U-Net (9 channels in) or a plain one (4, blended: see
+    test_inpainting_blend.py); another width is named."""
     plain = Pipeline.from_pretrained(sd_folder)
     image, mask = image_and_mask()
-    with pytest.raises(ValueError, match="mask_image needs an inpainting U-Net .in_channels 9"):
+    wider = dataclasses.replace(plain.unet.config, in_channels=8)
+    monkeypatch.setattr(plain.unet, "config", wider)
+    with pytest.raises(ValueError, match=r"U-Net of 4 input channels .* or 9 .*takes 8"):
         plain("a cat", image=image, mask_image=mask, num_inference_steps=1, progress=False)
 
 

@@ -277,6 +277,20 @@ def test_default_optimize_inpainting_within_tolerance(steps):
     fp16_within_tolerance(pipe, cond, x_T, guidance_scale=6.0, steps=steps)
 
 
+@pytest.mark.parametrize("steps", [4, 12])
+def test_default_optimize_plain_unet_inpainting_within_tolerance(steps):
+    """A plain U-Net inpainting: the kept region is blended back after each step inside the
+    graphs (static latents, mask, noise and rows; NHWC state)."""
+    from fastdiff.sampling import KnownRegion
+
+    pipe = tiny_pipeline(device="cuda")
+    cond, x_T = conditioning(), torch.randn(1, 4, 16, 16, device="cuda")
+    mask = torch.zeros(1, 1, 16, 16, device="cuda")
+    mask[..., 4:12, 2:10] = 1.0
+    known = KnownRegion(torch.randn_like(x_T), mask, x_T)
+    fp16_within_tolerance(pipe, cond, x_T, guidance_scale=6.0, steps=steps, known=known)
+
+
 @pytest.mark.parametrize("sampler", ["euler", "dpmpp_2m"])
 def test_default_optimize_hand_over_within_tolerance(sampler):
     """denoising_end then denoising_start through the graphs: the rows before end_step, then the

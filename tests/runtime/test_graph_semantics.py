@@ -11,6 +11,7 @@ from fastdiff.ops import use_backend
 from fastdiff.pipeline.conditioning import Conditioning
 from fastdiff.runtime.denoise import GraphedDenoiser
 from fastdiff.runtime.graphs import GraphCache
+from fastdiff.sampling import KnownRegion
 from tests.runtime.fake_graph import RecordingGraphBackend
 from tests.runtime.test_denoise import ToyUNet, make_call
 
@@ -96,6 +97,30 @@ def test_stopped_and_resumed_runs_equal_the_eager_loop(pipe, sampler, steps, sta
     kwargs = dict(guidance_scale=5.0, sampler=sampler, steps=steps, init_latents=init)
     kwargs.update(start_step=start_step, end_step=end_step, add_noise=False)
     graphs_equal_the_eager_loop(pipe, kwargs)
+
+
+@pytest.mark.parametrize(
+    "sampler, steps, start_step",
+    [("ddim", 6, 0), ("euler", 14, 4), ("euler_ancestral", 5, 1), ("dpmpp_2m", 12, 0)],
+)
+def test_a_known_region_is_blended_inside_the_graphs(pipe, sampler, steps, start_step):
+    """Inpainting with a plain U-Net: the kept region's latents, mask, noise and per-step rows
+    live in static buffers, and the blend after each step replays as the eager loop runs it
+    (loop graphs and step graphs, from the start and part-way down the plan)."""
+    mask = torch.zeros(1, 1, 8, 8)
+    mask[..., 2:6, 1:5] = 1.0
+    known = KnownRegion(torch.randn(1, 4, 8, 8), mask, torch.randn(1, 4, 8, 8))
+    kwargs = dict(guidance_scale=5.0, sampler=sampler, steps=steps, known=known)
+    if start_step:
+        kwargs.update(init_latents=torch.randn(1, 4, 8, 8), start_step=start_step)
+    rt = graphs_equal_the_eager_loop(pipe, kwargs)
+    (entry,) = rt.cache.entries.values()
+    assert entry.buffers.known is not None
+    # Without the region the same shape takes another graph (and is not blended).
+    unblended = {key: value for key, value in kwargs.items() if key != "known"}
+    cond, x_T = conditioning(True), torch.randn(1, 4, 8, 8)
+    pipe.denoise(cond, x_T, generator=torch.Generator().manual_seed(3), **unblended)
+    assert rt.cache.stats.captures == 2
 
 
 def graphs_equal_the_eager_loop(pipe, kwargs: dict):
