@@ -37,6 +37,8 @@ SCHEDULE_KEYS = (
     "clip_sample",
     "sigma_min",
     "sigma_max",
+    "original_inference_steps",
+    "timestep_scaling",
 )
 
 # key -> the values our samplers implement (a config with any other value is refused).
@@ -105,6 +107,7 @@ CLASS_DEFAULTS: dict[str, dict[str, Any]] = {
     "DPMSolverMultistepScheduler": {},
     "LMSDiscreteScheduler": {},
     "HeunDiscreteScheduler": {"beta_start": 0.00085, "beta_end": 0.012},
+    "LCMScheduler": {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear"},
 }
 
 
@@ -177,4 +180,5 @@ def default_sampler(config: dict[str, Any]) -> str:
         "DDIMScheduler": "ddim",
         "DDPMScheduler": "ddpm",
         "EulerAncestralDiscreteScheduler": "euler_ancestral",
+        "LCMScheduler": "lcm",
     }.get(class_name, "ddim")

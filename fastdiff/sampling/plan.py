@@ -43,6 +43,7 @@ SAMPLERS = (
     "dpmpp_2m_karras",
     "dpmpp_2m_sde",
     "dpmpp_2m_sde_karras",
+    "lcm",
 )
 
 
@@ -145,6 +146,31 @@ def _ddpm_rows(schedule: NoiseSchedule, timesteps: list[int]) -> list[list[float
         from_x = math.sqrt(1.0 - beta) * (1.0 - alpha_bar_next) / (1.0 - alpha_bar)
         variance = (1.0 - alpha_bar_next) / (1.0 - alpha_bar) * beta
         rows.append([1.0, c1, c2, from_x, from_x0, 0.0, math.sqrt(max(variance, 0.0))])
+    return rows
+
+
+def _lcm_rows(schedule: NoiseSchedule, timesteps: list[int]) -> list[list[float]]:
+    """Multistep consistency sampling (Luo et al. 2023, "Latent Consistency Models", Algorithm 3;
+    diffusers' LCMScheduler): at each step the consistency function
+    f(x, t) = c_skip(t) x + c_out(t) x0(x, m), with the boundary-condition weights
+    c_skip = s^2 / ((t k)^2 + s^2), c_out = t k / sqrt((t k)^2 + s^2) (s = 0.5, k the
+    ``timestep_scaling``), is the row's x0; the next state is that estimate forward-diffused to
+    the next visited timestep with fresh noise, and the last step returns it as it is."""
+    alphas_cumprod = schedule.alphas_cumprod.tolist()
+    scaling = 10.0 if schedule.timestep_scaling is None else float(schedule.timestep_scaling)
+    sigma_data = 0.5
+    rows = []
+    for index, t in enumerate(timesteps):
+        scaled = t * scaling
+        c_skip = sigma_data**2 / (scaled**2 + sigma_data**2)
+        c_out = scaled / math.sqrt(scaled**2 + sigma_data**2)
+        c1, c2 = _x0_coefficients(alphas_cumprod[t], schedule.prediction_type, t)
+        if index + 1 == len(timesteps):
+            signal, noise_std = 1.0, 0.0
+        else:
+            alpha_bar_next = alphas_cumprod[timesteps[index + 1]]
+            signal, noise_std = math.sqrt(alpha_bar_next), math.sqrt(1.0 - alpha_bar_next)
+        rows.append([1.0, c_out * c1 + c_skip, c_out * c2, 0.0, signal, 0.0, noise_std])
     return rows
 
 
@@ -295,7 +321,8 @@ def make_plan(
     other samplers have fixed noise and accept only ``eta=0``. ``dpmpp_2m_sde`` is the SDE
     variant of DPM-Solver++(2M); the ``*_karras`` samplers step through Karras et al.'s noise
     levels (diffusers' DPMSolverMultistepScheduler / EulerDiscreteScheduler with
-    ``use_karras_sigmas``; see ``karras_plan_inputs``).
+    ``use_karras_sigmas``; see ``karras_plan_inputs``); ``lcm`` is the multistep sampling of
+    latent consistency models (LCMScheduler: LCM checkpoints and LCM-LoRAs, a few steps).
     """
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; allowed: {list(SAMPLERS)}")
@@ -324,6 +351,8 @@ def make_plan(
     init_noise_scale = 1.0
     if sampler == "ddim":
         rows = _ddim_rows(schedule, visited, eta)
+    elif sampler == "lcm":
+        rows = _lcm_rows(schedule, visited)
     elif sampler == "ddpm":
         rows = _ddpm_rows(schedule, visited)
     elif sampler.startswith("euler"):
@@ -339,7 +368,7 @@ def make_plan(
     coefficients = torch.tensor(rows, dtype=torch.float64)
     if not bool(torch.isfinite(coefficients).all()):
         raise ValueError(f"{sampler} plan has non-finite coefficients for this schedule")
-    if sampler in ("ddim", "ddpm"):
+    if sampler in ("ddim", "ddpm", "lcm"):
         alphas_cumprod = schedule.alphas_cumprod[timesteps]
     else:  # the sigma samplers' own levels (clamped under zero SNR, or Karras')
         alphas_cumprod = 1.0 / (torch.tensor(sigmas[:-1], dtype=torch.float64) ** 2 + 1.0)

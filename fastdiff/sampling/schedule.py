@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from fastdiff.sampling.spacing import SPACINGS, spaced_timesteps
+from fastdiff.sampling.spacing import SPACINGS, lcm_timesteps, spaced_timesteps
 
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
@@ -66,6 +66,9 @@ class NoiseSchedule:
     DDPMScheduler would clip by default).
     ``sigma_min`` / ``sigma_max`` (None: the table's ends) bound the Karras noise levels of the
     ``*_karras`` samplers, as they bound diffusers' when its config has them.
+    ``original_inference_steps`` and ``timestep_scaling`` (None: LCMScheduler's 50 and 10.0)
+    are the ``lcm`` sampler's: the distillation schedule its timesteps are taken from, and the
+    scale of the timestep in its boundary-condition weights.
     """
 
     num_train_timesteps: int = 1000
@@ -81,6 +84,8 @@ class NoiseSchedule:
     clip_sample: bool | None = False
     sigma_min: float | None = None
     sigma_max: float | None = None
+    original_inference_steps: int | None = None
+    timestep_scaling: float | None = None
     betas: torch.Tensor = field(init=False, repr=False)
     alphas: torch.Tensor = field(init=False, repr=False)
     alphas_cumprod: torch.Tensor = field(init=False, repr=False)
@@ -127,6 +132,24 @@ class NoiseSchedule:
                 or not 0.0 < value < math.inf
             ):
                 raise ValueError(f"{key} must be a positive number or None, got {value!r}")
+        steps = self.original_inference_steps
+        if steps is not None and (
+            isinstance(steps, bool)
+            or not isinstance(steps, numbers.Real)
+            or int(steps) != steps
+            or not 1 <= steps <= self.num_train_timesteps
+        ):
+            raise ValueError(
+                "original_inference_steps must be an integer in [1, num_train_timesteps="
+                f"{self.num_train_timesteps}], got {steps!r}"
+            )
+        scaling = self.timestep_scaling
+        if scaling is not None and (
+            isinstance(scaling, bool)
+            or not isinstance(scaling, numbers.Real)
+            or not 0.0 < scaling < math.inf
+        ):
+            raise ValueError(f"timestep_scaling must be a positive number, got {scaling!r}")
         total = int(self.num_train_timesteps)
         object.__setattr__(self, "num_train_timesteps", total)
         object.__setattr__(self, "steps_offset", int(self.steps_offset))
@@ -198,6 +221,8 @@ class NoiseSchedule:
             "clip_sample": self.clip_sample,
             "sigma_min": self.sigma_min,
             "sigma_max": self.sigma_max,
+            "original_inference_steps": self.original_inference_steps,
+            "timestep_scaling": self.timestep_scaling,
         }
         return {
             "num_train_timesteps": self.num_train_timesteps,
@@ -219,6 +244,10 @@ class NoiseSchedule:
         the spacing. ``keep_fraction``: as floats, the Euler family's unrounded (diffusers'
         own, at which ``make_plan`` calls the model and which diffusers compares with
         denoising_start / denoising_end cut-offs)."""
+        if sampler == "lcm":
+            original = self.original_inference_steps
+            timesteps = lcm_timesteps(self.num_train_timesteps, steps, original)
+            return timesteps.double() if keep_fraction else timesteps
         if sampler.endswith("_karras"):
             from fastdiff.sampling.plan import karras_plan_inputs  # plan builds on this module
 

@@ -190,3 +190,28 @@ def euler_spacing_ends(
     grid = _grid(num_train_timesteps, steps, spacing, steps_offset, "euler")
     last, first = (min(max(int(index), 0), num_train_timesteps - 1) for index in grid[[-1, 0]])
     return last, first
+
+
+# LCMScheduler's default number of steps of the schedule the consistency model was distilled on.
+LCM_ORIGINAL_STEPS = 50
+
+
+def lcm_timesteps(
+    num_train_timesteps: int, steps: int, original_steps: int | None = None
+) -> torch.Tensor:
+    """The timesteps of diffusers' LCMScheduler (Luo et al. 2023, "Latent Consistency Models"):
+    the distillation schedule's ``original_steps`` timesteps k - 1, 2k - 1, ..., T - 1
+    (k = T // original_steps), of which ``steps`` are taken evenly by index, from the top.
+    They ignore ``timestep_spacing`` and ``steps_offset``. LongTensor [steps], descending."""
+    original = LCM_ORIGINAL_STEPS if original_steps is None else int(original_steps)
+    if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:
+        raise ValueError(f"steps must be a positive integer, got {steps!r}")
+    if steps > original:
+        raise ValueError(
+            f"the lcm sampler takes at most original_inference_steps={original} steps (its "
+            f"timesteps are a subset of that distillation schedule), got {steps}"
+        )
+    ratio = num_train_timesteps // original
+    schedule = (np.arange(1, original + 1) * ratio - 1)[::-1]
+    indices = np.floor(np.linspace(0, original, num=steps, endpoint=False)).astype(np.int64)
+    return torch.from_numpy(np.ascontiguousarray(schedule[indices]))

@@ -28,6 +28,7 @@ SCHEDULERS = {
         "DPMSolverMultistepScheduler",
         {"use_karras_sigmas": True, "algorithm_type": "sde-dpmsolver++"},
     ),
+    "lcm": ("LCMScheduler", {}),  # fresh noise after each step, the last one excepted
 }
 
 

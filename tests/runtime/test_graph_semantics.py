@@ -26,7 +26,7 @@ def conditioning(guided: bool) -> Conditioning:
 CASES = [("ddim", 4, 0.0, 6.0), ("dpmpp_2m", 4, 0.0, 6.0), ("euler", 10, 0.0, 6.0),
          ("ddim", 3, 0.5, 6.0), ("ddpm", 10, 0.0, 1.0), ("euler_ancestral", 5, 0.0, 6.0),
          ("dpmpp_2m_karras", 10, 0.0, 6.0),
-         ("euler_karras", 3, 0.0, 6.0)]  # fmt: skip
+         ("euler_karras", 3, 0.0, 6.0), ("lcm", 4, 0.0, 1.0)]  # fmt: skip
 # (euler_karras calls the U-Net at fractional timesteps: the graphs' timestep buffer holds them.)
 
 
@@ -47,7 +47,7 @@ def test_replayed_graphs_equal_the_eager_loop_for_new_inputs(pipe):
             got = pipe.denoise(cond, x_T, generator=torch.Generator().manual_seed(5), **kwargs)
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     # Step graphs hold no sampler: dpmpp_2m_karras (10 steps, guided) replays euler's step graph.
-    assert rt.cache.stats.captures == 7 and rt.cache.stats.hits == 9
+    assert rt.cache.stats.captures == 8 and rt.cache.stats.hits == 10
 
 
 @pytest.mark.parametrize("other", ["eager", "triton"])

@@ -214,8 +214,8 @@ def test_math_changing_values_are_refused(key, value):
 def test_unknown_keys_and_classes_are_refused():
     with pytest.raises(ValueError, match="unknown scheduler config key 'shift'"):
         NoiseSchedule.from_config({**SDXL_EULER, "shift": 3.0})
-    with pytest.raises(ValueError, match="LCMScheduler"):
-        NoiseSchedule.from_config({"_class_name": "LCMScheduler"})
+    with pytest.raises(ValueError, match="UniPCMultistepScheduler"):
+        NoiseSchedule.from_config({"_class_name": "UniPCMultistepScheduler"})
     with pytest.raises(ValueError, match="trailing"):
         NoiseSchedule.from_config({**SDXL_EULER, "timestep_spacing": "karras"})
 

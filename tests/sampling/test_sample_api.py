@@ -39,7 +39,7 @@ def test_plan_shapes_and_contract(sampler):
     assert plan.timesteps.shape == (12,)
     assert plan.coefficients.dtype == torch.float64 and plan.coefficients.shape == (12, 7)
     assert bool((plan.timesteps.diff() < 0).all())
-    assert plan.stochastic == (sampler in ("ddpm", "euler_ancestral") or "_sde" in sampler)
+    assert plan.stochastic == (sampler in ("ddpm", "euler_ancestral", "lcm") or "_sde" in sampler)
     multistep = sampler.startswith("dpmpp_2m")
     assert (plan.coefficients[:, NEXT_FROM_PREV_X0] != 0).any() == multistep
     if sampler.startswith("euler"):
@@ -86,7 +86,7 @@ def test_unknown_names_list_the_allowed_values():
     with pytest.raises(
         ValueError,
         match=r"allowed: \['ddpm', 'ddim', 'euler', 'euler_ancestral', 'euler_karras', "
-        r"'dpmpp_2m', 'dpmpp_2m_karras', 'dpmpp_2m_sde', 'dpmpp_2m_sde_karras'\]",
+        r"'dpmpp_2m', 'dpmpp_2m_karras', 'dpmpp_2m_sde', 'dpmpp_2m_sde_karras', 'lcm'\]",
     ):
         sample(toy_model, torch.randn(1, 2), SCHEDULE, "heun", 5)
     with pytest.raises(ValueError, match="allowed"):
