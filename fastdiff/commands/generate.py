@@ -67,8 +67,8 @@ def add_parser(subparsers) -> None:
     parser.add_argument(
         "--sampler",
         default=None,
-        help="ddim, ddpm, euler[_ancestral|_karras], dpmpp_2m[_sde][_karras] (default: the "
-        "one equal to the folder's scheduler, else ddim)",
+        help="ddim, ddpm, euler[_ancestral|_karras], dpmpp_2m[_sde][_karras], lcm (default: "
+        "the one equal to the folder's scheduler, else ddim)",
     )
     parser.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0 = deterministic)")
     parser.add_argument(
