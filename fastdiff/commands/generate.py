@@ -56,7 +56,12 @@ def add_parser(subparsers) -> None:
         help="use the text encoder's hidden state this many layers before the default one, as "
         "diffusers' clip_skip (text models)",
     )
-    parser.add_argument("--steps", type=int, default=20, help="sampling steps (default 20)")
+    parser.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help="sampling steps (default 20; 4 for latent consistency model folders)",
+    )
     parser.add_argument(
         "--guidance",
         type=float,
@@ -246,7 +251,7 @@ def check_args(args) -> None:
         raise ValueError("--mask-image needs --init-image: the image to inpaint")
     if args.num_images < 1:
         raise ValueError(f"--num-images must be at least 1, got {args.num_images}")
-    if args.steps < 1:
+    if args.steps is not None and args.steps < 1:
         raise ValueError(f"--steps must be at least 1, got {args.steps}")
 
 
@@ -275,12 +280,17 @@ def settings(pipe, args) -> str:
     guidance = pipe.defaults.guidance_scale if args.guidance is None else args.guidance
     # The pipeline samples w <= 1 unguided (one forward per step): say so, not "guidance -2".
     guided = f"guidance {guidance:g}" if guidance > 1 else f"no guidance (w={guidance:g} <= 1)"
-    text = f"{sampler}, {args.steps} steps, {guided}"
+    if pipe.unet.config.time_cond_proj_dim is not None:  # one forward per step, w embedded
+        guided = f"guidance {guidance:g} (embedded)"
+    steps = pipe.defaults.num_inference_steps if args.steps is None else args.steps
+    text = f"{sampler}, {steps} steps, {guided}"
     if args.init_image is not None:
         inpainting = args.mask_image is not None
         default = pipe.defaults.inpaint_strength if inpainting else pipe.defaults.strength
         strength = default if args.strength is None else args.strength
-        run = min(int(args.steps * strength), args.steps)
+        run = min(int(steps * strength), steps)
+        if pipe.defaults.lcm_img2img and sampler == "lcm" and not inpainting:
+            run = steps  # all of them, within the strength's share of the schedule
         kind = "inpainting" if inpainting else "img2img"
         text += f", {kind} strength {strength:g}: {run} steps run"
     return text

@@ -205,6 +205,8 @@ class UNetConfig(ConfigBase):
                 )
         require_positive_int("num_class_embeds", self.num_class_embeds, allow_none=True)
         require_positive_int("time_embedding_dim", self.time_embedding_dim, allow_none=True)
+        # Guidance-embedded U-Nets (latent consistency models): w enters the time embedding.
+        require_positive_int("time_cond_proj_dim", self.time_cond_proj_dim, allow_none=True)
         require_group_channels(self.block_out_channels, self.norm_num_groups)
         if self.reverse_transformer_layers_per_block is not None:
             raise ValueError(
@@ -244,7 +246,6 @@ class UNetConfig(ConfigBase):
         require_choice("time_embedding_type", self.time_embedding_type, ("positional",))
         require_choice("time_embedding_act_fn", self.time_embedding_act_fn, (None,))
         require_choice("timestep_post_act", self.timestep_post_act, (None,))
-        require_choice("time_cond_proj_dim", self.time_cond_proj_dim, (None,))
         require_choice("attention_type", self.attention_type, ("default",))
         require_choice("class_embeddings_concat", self.class_embeddings_concat, (False,))
         require_choice("cross_attention_norm", self.cross_attention_norm, (None,))

@@ -84,7 +84,7 @@ class UNet2DConditionModel(ModelBase):
             config.conv_in_kernel,
             padding=config.conv_in_kernel // 2,
         )
-        self.time_embedding = TimestepEmbedding(channels[0], time_dim)
+        self.time_embedding = TimestepEmbedding(channels[0], time_dim, config.time_cond_proj_dim)
         self.class_embedding = (
             nn.Embedding(config.num_class_embeds, time_dim)
             if config.num_class_embeds is not None
@@ -283,6 +283,7 @@ class UNet2DConditionModel(ModelBase):
         timestep: Any,
         added_cond_kwargs: dict[str, torch.Tensor] | None,
         class_labels: torch.Tensor | None,
+        timestep_cond: torch.Tensor | None = None,
     ) -> torch.Tensor:
         config = self.config
         features = timestep_embedding(
@@ -291,7 +292,7 @@ class UNet2DConditionModel(ModelBase):
             config.flip_sin_to_cos,
             config.freq_shift,
         )
-        emb = self.time_embedding(features.to(sample.dtype))
+        emb = self.time_embedding(features.to(sample.dtype), timestep_cond)
         if self.class_embedding is not None:
             if class_labels is None:
                 raise ValueError(
@@ -336,9 +337,12 @@ class UNet2DConditionModel(ModelBase):
         encoder_hidden_states: torch.Tensor | ContextProjections | None = None,
         added_cond_kwargs: dict[str, torch.Tensor] | None = None,
         class_labels: torch.Tensor | None = None,
+        timestep_cond: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Predict the model output (noise, v or x0, per the training target) for ``sample``.
-        ``encoder_hidden_states`` may be a context projected ahead (``context_projections``)."""
+        ``encoder_hidden_states`` may be a context projected ahead (``context_projections``);
+        ``timestep_cond``: the guidance-scale embedding of a U-Net with ``time_cond_proj_dim``
+        (``guidance_scale_embedding``)."""
         if sample.dim() != 4 or sample.shape[1] != self.config.in_channels:
             raise ValueError(
                 f"sample must be (B, {self.config.in_channels}, H, W), got {tuple(sample.shape)}"
@@ -347,7 +351,7 @@ class UNet2DConditionModel(ModelBase):
             raise ValueError("this U-Net has cross-attention blocks: pass encoder_hidden_states")
         if self.config.center_input_sample:
             sample = 2 * sample - 1.0
-        emb = self.embed(sample, timestep, added_cond_kwargs, class_labels)
+        emb = self.embed(sample, timestep, added_cond_kwargs, class_labels, timestep_cond)
         emb = self.time_shifts(emb)
         context = self.context_projections(encoder_hidden_states)
 

@@ -26,6 +26,10 @@ class CallDefaults:
     sampler: str = "ddim"
     strength: float = 0.8  # img2img
     inpaint_strength: float = 1.0  # inpainting U-Nets: from pure noise
+    num_inference_steps: int = 20  # diffusers' 50, except for latent consistency models' 4
+    # img2img with the lcm sampler as LatentConsistencyModelImg2ImgPipeline runs it (all steps,
+    # within the strength's share of the distillation schedule), not by cutting the plan
+    lcm_img2img: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "guidance_scale", guidance_scale_value(self.guidance_scale))
@@ -33,6 +37,9 @@ class CallDefaults:
         for name in ("strength", "inpaint_strength"):
             if not 0.0 < getattr(self, name) <= 1.0:
                 raise ValueError(f"default {name} must lie in (0, 1], got {getattr(self, name)!r}")
+        steps = self.num_inference_steps
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+            raise ValueError(f"default num_inference_steps must be a positive int, got {steps!r}")
 
     @classmethod
     def for_folder(cls, index: dict[str, Any], scheduler_config: dict[str, Any]) -> CallDefaults:
@@ -41,11 +48,16 @@ class CallDefaults:
         others (SDXL inpainting included) to 7.5 and 0.8; inpainting (a mask) to strength 1.0,
         and SDXL folders to StableDiffusionXLInpaintPipeline's 0.9999 (the pipeline diffusers
         inpaints with from any of them); the sampler is the one equal to the folder's
-        scheduler (``fastdiff.sampling.config.default_sampler``), else ddim."""
+        scheduler (``fastdiff.sampling.config.default_sampler``), else ddim. Steps: 20, and
+        LatentConsistencyModelPipeline's 4 steps at guidance 8.5, whose img2img (with the lcm
+        sampler) is LatentConsistencyModelImg2ImgPipeline's."""
         name = str(index.get("_class_name", ""))
         sdxl = name.startswith("StableDiffusionXL") and "Inpaint" not in name
+        lcm = name == "LatentConsistencyModelPipeline"
         return cls(
-            guidance_scale=5.0 if sdxl else 7.5,
+            guidance_scale=8.5 if lcm else 5.0 if sdxl else 7.5,
+            num_inference_steps=4 if lcm else 20,
+            lcm_img2img=lcm,
             sampler=default_sampler(scheduler_config),
             strength=0.3 if sdxl else 0.8,
             inpaint_strength=0.9999 if name.startswith("StableDiffusionXL") else 1.0,

@@ -179,13 +179,14 @@ def run_sampler(
     add_noise: bool = True,
     progress: bool = True,
     known: KnownRegion | None = None,
+    lcm_strength: float = 1.0,
 ) -> torch.Tensor:
     """Sample from unit-variance ``noise``; with ``init_latents`` (img2img) start at plan step
     ``start_step`` from the forward-diffused init latents instead (or from the init latents as
     they are, ``add_noise=False``); stop before step ``end_step`` when given. ``known``: keep
-    its region at the image after each step (``fastdiff.sampling.known_region``). Returns the
-    final latents."""
-    plan = make_plan(schedule, sampler=sampler, steps=steps, eta=eta)
+    its region at the image after each step (``fastdiff.sampling.known_region``);
+    ``lcm_strength``: ``make_plan``'s. Returns the final latents."""
+    plan = make_plan(schedule, sampler=sampler, steps=steps, eta=eta, lcm_strength=lcm_strength)
     plan, x_start = start_state(
         plan, schedule, noise, init_latents, start_step, end_step, add_noise
     )
@@ -213,6 +214,9 @@ class RunStart:
     strength: float | None = None  # img2img / inpainting (None with denoising_start)
     pixels: torch.Tensor | None = None  # the init image, (B, 3, H, W) in [-1, 1]
     given_latents: torch.Tensor | None = None  # latents given as the image, not encoded
+    # LatentConsistencyModelImg2ImgPipeline's img2img: all steps, within this share of the lcm
+    # sampler's distillation schedule (start_step stays 0)
+    lcm_strength: float = 1.0
 
 
 def run_start(
@@ -256,6 +260,8 @@ def run_start(
             default = pipe.defaults.inpaint_strength if inpaint else pipe.defaults.strength
             start.strength = default if strength is None else strength
             start.start_step = img2img_start_step(steps, start.strength)
+            if pipe.defaults.lcm_img2img and plan[0] == "lcm" and not inpaint:
+                start.start_step, start.lcm_strength = 0, float(start.strength)
         elif strength is not None:  # diffusers ignores strength then: refuse, not ignore
             raise ValueError("pass strength or denoising_start, not both")
         start.given_latents = image_utils.latents_of(image, pipe.vae.config["latent_channels"])

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from fastdiff.models.embeddings import guidance_scale_embedding
 from fastdiff.models.vae import DiagonalGaussian
 from fastdiff.pipeline import images as image_utils
 from fastdiff.pipeline import inpainting
@@ -178,6 +179,7 @@ class Pipeline:
             encoder_hidden_states=cond.get("encoder_hidden_states"),
             added_cond_kwargs=added or None,
             class_labels=cond.get("class_labels"),
+            timestep_cond=cond.get("timestep_cond"),
         )
 
     def prepare_condition(self, cond: Condition) -> dict[str, Any]:
@@ -239,11 +241,13 @@ class Pipeline:
         add_noise: bool = True,
         progress: bool = True,
         known: KnownRegion | None = None,
+        lcm_strength: float = 1.0,
     ) -> torch.Tensor:
         """The denoising loop: unit-variance ``noise`` (or, for img2img, ``init_latents`` noised
         to ``start_step``, or taken as they are with ``add_noise=False``) -> final latents (the
         state before plan step ``end_step`` when given); ``known``: the region kept at the image
-        after each step (inpainting with a 4-channel U-Net). A faster runtime replaces this
+        after each step (inpainting with a 4-channel U-Net); ``lcm_strength``: the lcm
+        sampler's share of its schedule (``make_plan``). A faster runtime replaces this
         method as a whole; it receives the conditioning as U-Net keyword dicts, [uncond; cond]
         batched when guided."""
         model_fn = self.build_model_fn(conditioning, guidance_scale, guidance_rescale)
@@ -261,6 +265,7 @@ class Pipeline:
             add_noise=add_noise,
             progress=progress,
             known=known,
+            lcm_strength=lcm_strength,
         )
 
     @property
@@ -343,7 +348,7 @@ class Pipeline:
         prompt_embeds: torch.Tensor | None = None,
         negative_prompt_embeds: torch.Tensor | None = None,
         class_labels: int | list[int] | torch.Tensor | None = None,
-        num_inference_steps: int = 20,
+        num_inference_steps: int | None = None,
         guidance_scale: float | None = None,
         guidance_rescale: float = 0.0,
         sampler: str | None = None,
@@ -375,6 +380,10 @@ class Pipeline:
         (``"np"``, as diffusers' output_type="np") or the final scaled latents (``"latent"``).
 
         ``guidance_scale <= 1`` disables classifier-free guidance (a single forward per step);
+        a guidance-distilled U-Net (``time_cond_proj_dim``: latent consistency models) takes the
+        scale in its time embedding instead, one forward per step, as diffusers runs it;
+        ``num_inference_steps`` left at None takes ``self.defaults`` (20; 4 for
+        LatentConsistencyModelPipeline folders);
         ``guidance_scale``, ``sampler`` and ``strength`` left at None take ``self.defaults``
         (``CallDefaults.for_folder``: those of the diffusers pipeline and scheduler the folder
         names, e.g. guidance 5.0, Euler and strength 0.3 for an SDXL base folder).
@@ -411,10 +420,18 @@ class Pipeline:
         generator = make_generator(seed, generator, self.device)
         if guidance_scale is None:
             guidance_scale = self.defaults.guidance_scale
+        if num_inference_steps is None:
+            num_inference_steps = self.defaults.num_inference_steps
         guidance_scale = guidance_scale_value(guidance_scale)
         guidance_rescale = guidance_rescale_value(guidance_rescale)
         check_latents(latents)
-        guided = guidance_scale > 1.0
+        embedded_guidance = self.unet.config.time_cond_proj_dim is not None
+        if embedded_guidance and guidance_rescale > 0.0:
+            raise ValueError(
+                "guidance_rescale rescales classifier-free guidance, which this U-Net does not "
+                "run: it takes the guidance scale in its time embedding (time_cond_proj_dim)"
+            )
+        guided = guidance_scale > 1.0 and not embedded_guidance
         conditioning = self.encode_conditioning(
             guided,
             num_images,
@@ -430,6 +447,10 @@ class Pipeline:
             clip_skip=clip_skip,
         )
         batch = conditioning.batch_size
+        if embedded_guidance:  # one forward per step, w - 1 embedded, as diffusers passes it
+            scales = torch.full((batch,), guidance_scale - 1.0, dtype=torch.float32)
+            embedding = guidance_scale_embedding(scales, self.unet.config.time_cond_proj_dim)
+            conditioning.cond["timestep_cond"] = embedding.to(self.device, self.dtype)
 
         inpaint_mode = inpainting.check_inputs(
             self, image, mask_image, latents, (denoising_start, denoising_end)
@@ -505,6 +526,7 @@ class Pipeline:
             add_noise=add_noise,
             progress=progress,
             known=known,
+            lcm_strength=start.lcm_strength,
         )
         if output_type == "latent":
             return result

@@ -228,11 +228,14 @@ class OptimizedRuntime:
         add_noise: bool = True,
         progress: bool = True,
         known=None,
+        lcm_strength: float = 1.0,
     ) -> torch.Tensor:
         """Same contract as ``Pipeline.denoise``; runs the plan through captured graphs."""
         if not 0.0 <= guidance_rescale <= 1.0:
             raise ValueError(f"guidance_rescale must lie in [0, 1], got {guidance_rescale}")
-        plan, timesteps, coefficients = self.device_plan(sampler, steps, eta, noise.device)
+        plan, timesteps, coefficients = self.device_plan(
+            sampler, steps, eta, noise.device, lcm_strength
+        )
         x_start = noise
         if init_latents is not None or start_step != 0 or end_step is not None:
             from fastdiff.pipeline.denoising import start_state  # the eager loop's own rule
@@ -255,18 +258,18 @@ class OptimizedRuntime:
         self.last_call_seconds = time.perf_counter() - start
         return latents.to(noise.dtype)
 
-    def device_plan(self, sampler: str, steps: int, eta: float, device):
+    def device_plan(self, sampler: str, steps: int, eta: float, device, lcm_strength=1.0):
         """The plan and its timesteps/coefficients already on ``device`` (float32), cached so a
         repeated generation copies them device-to-device instead of from the host."""
         from fastdiff.sampling import make_plan
 
         schedule = self.pipe.schedule
-        key = (id(schedule), sampler, int(steps), float(eta), str(device))
+        key = (id(schedule), sampler, int(steps), float(eta), str(device), float(lcm_strength))
         cached = self.plans.pop(key, None)
         # The entry keeps its schedule alive: an id is only unique among live objects, and a
         # later schedule at a freed one's address would otherwise get that schedule's plan.
         if cached is None or cached[0] is not schedule:
-            plan = make_plan(schedule, sampler=sampler, steps=steps, eta=eta)
+            plan = make_plan(schedule, sampler, steps, eta, lcm_strength=lcm_strength)
             cached = (
                 schedule,
                 plan,

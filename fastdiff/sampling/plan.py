@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from fastdiff.sampling.schedule import NoiseSchedule
-from fastdiff.sampling.spacing import euler_spacing_ends, karras_sigmas
+from fastdiff.sampling.spacing import euler_spacing_ends, karras_sigmas, lcm_timesteps
 
 INPUT_SCALE = 0
 X0_FROM_INPUT = 1
@@ -313,7 +313,11 @@ def _dpmpp_2m_rows(
 
 
 def make_plan(
-    schedule: NoiseSchedule, sampler: str = "ddim", steps: int = 50, eta: float = 0.0
+    schedule: NoiseSchedule,
+    sampler: str = "ddim",
+    steps: int = 50,
+    eta: float = 0.0,
+    lcm_strength: float = 1.0,
 ) -> SamplingPlan:
     """Compile ``sampler`` over ``steps`` timesteps of ``schedule`` into a :class:`SamplingPlan`.
 
@@ -322,7 +326,9 @@ def make_plan(
     variant of DPM-Solver++(2M); the ``*_karras`` samplers step through Karras et al.'s noise
     levels (diffusers' DPMSolverMultistepScheduler / EulerDiscreteScheduler with
     ``use_karras_sigmas``; see ``karras_plan_inputs``); ``lcm`` is the multistep sampling of
-    latent consistency models (LCMScheduler: LCM checkpoints and LCM-LoRAs, a few steps).
+    latent consistency models (LCMScheduler: LCM checkpoints and LCM-LoRAs, a few steps);
+    ``lcm_strength`` < 1 takes its steps within that share of its distillation schedule
+    (LCMScheduler's ``strength``, LatentConsistencyModelImg2ImgPipeline's img2img).
     """
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; allowed: {list(SAMPLERS)}")
@@ -339,11 +345,16 @@ def make_plan(
             'which fastdiff does not implement: add "clip_sample": false to '
             "scheduler_config.json, or use another sampler"
         )
+    if lcm_strength != 1.0 and sampler != "lcm":
+        raise ValueError(f"lcm_strength applies to the 'lcm' sampler only, not {sampler!r}")
     karras = sampler.endswith("_karras")
     # The Euler family calls the model at diffusers' own, possibly fractional, timesteps.
     fractions = sampler.startswith("euler")
     if karras:
         timesteps, sigmas = karras_plan_inputs(schedule, steps, sampler, keep_fraction=fractions)
+    elif sampler == "lcm":
+        original = schedule.original_inference_steps
+        timesteps = lcm_timesteps(schedule.num_train_timesteps, steps, original, lcm_strength)
     else:
         timesteps = schedule.timesteps(steps, sampler, keep_fraction=fractions)
     timesteps = _integral_as_long(timesteps)

@@ -197,12 +197,17 @@ LCM_ORIGINAL_STEPS = 50
 
 
 def lcm_timesteps(
-    num_train_timesteps: int, steps: int, original_steps: int | None = None
+    num_train_timesteps: int,
+    steps: int,
+    original_steps: int | None = None,
+    strength: float = 1.0,
 ) -> torch.Tensor:
     """The timesteps of diffusers' LCMScheduler (Luo et al. 2023, "Latent Consistency Models"):
     the distillation schedule's ``original_steps`` timesteps k - 1, 2k - 1, ..., T - 1
     (k = T // original_steps), of which ``steps`` are taken evenly by index, from the top.
-    They ignore ``timestep_spacing`` and ``steps_offset``. LongTensor [steps], descending."""
+    ``strength`` < 1 keeps the first ``int(original_steps * strength)`` of that schedule only
+    (LatentConsistencyModelImg2ImgPipeline's img2img: every step runs, lower down). They ignore
+    ``timestep_spacing`` and ``steps_offset``. LongTensor [steps], descending."""
     original = LCM_ORIGINAL_STEPS if original_steps is None else int(original_steps)
     if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:
         raise ValueError(f"steps must be a positive integer, got {steps!r}")
@@ -211,7 +216,16 @@ def lcm_timesteps(
             f"the lcm sampler takes at most original_inference_steps={original} steps (its "
             f"timesteps are a subset of that distillation schedule), got {steps}"
         )
+    if not 0.0 < strength <= 1.0:
+        raise ValueError(f"strength must lie in (0, 1], got {strength!r}")
+    kept = int(original * strength)
+    if kept < steps:
+        raise ValueError(
+            f"strength {strength} keeps {kept} of the lcm sampler's original_inference_steps="
+            f"{original} timesteps, fewer than the {steps} steps asked for: use fewer steps or "
+            "a higher strength"
+        )
     ratio = num_train_timesteps // original
-    schedule = (np.arange(1, original + 1) * ratio - 1)[::-1]
-    indices = np.floor(np.linspace(0, original, num=steps, endpoint=False)).astype(np.int64)
+    schedule = (np.arange(1, kept + 1) * ratio - 1)[::-1]
+    indices = np.floor(np.linspace(0, kept, num=steps, endpoint=False)).astype(np.int64)
     return torch.from_numpy(np.ascontiguousarray(schedule[indices]))

@@ -46,6 +46,15 @@ UNET_CONFIGS = {
         addition_time_embed_dim=8,
         projection_class_embeddings_input_dim=16 + 6 * 8,
     ),
+    # A latent consistency model's U-Net: the guidance-scale embedding enters the time embedding.
+    "lcm": dict(
+        BASE,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=4,
+        time_cond_proj_dim=12,
+    ),
     # Small class-conditional model without any cross-attention.
     "class_conditional": dict(
         BASE,
@@ -98,6 +107,10 @@ def unet_inputs(name: str, batch: int = 2, size: int = 8) -> dict:
     else:
         context_dim = config["cross_attention_dim"]
         inputs["encoder_hidden_states"] = torch.randn(batch, 7, context_dim, generator=generator)
+    if config.get("time_cond_proj_dim"):
+        inputs["timestep_cond"] = torch.randn(
+            batch, config["time_cond_proj_dim"], generator=generator
+        )
     if config.get("addition_embed_type") == "text_time":
         inputs["added_cond_kwargs"] = {
             "text_embeds": torch.randn(batch, 16, generator=generator),

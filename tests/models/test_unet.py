@@ -220,3 +220,32 @@ def test_timestep_embedding_matches_diffusers(dim, flip, shift):
     assert ours.shape == (3, dim)
     # Bitwise: the same operations in the same order (a reordering differed by 3e-5 at t = 999).
     torch.testing.assert_close(ours, theirs, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("dim", [4, 5, 12, 256])
+def test_guidance_scale_embedding_matches_diffusers(dim):
+    pipelines = pytest.importorskip("diffusers")
+    from fastdiff.models.embeddings import guidance_scale_embedding
+
+    scales = torch.tensor([0.0, 1.5, 7.5])
+    ours = guidance_scale_embedding(scales, dim)
+    embed = pipelines.LatentConsistencyModelPipeline.get_guidance_scale_embedding
+    theirs = embed(None, scales, embedding_dim=dim)
+    assert ours.shape == theirs.shape == (3, dim)
+    torch.testing.assert_close(ours, theirs, atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="at least 4 features, got 3"):
+        guidance_scale_embedding(scales, 3)  # diffusers divides by zero there
+
+
+def test_timestep_cond_needs_a_unet_that_takes_it(checkpoints):
+    _, folder = checkpoints.unet("sd1")
+    inputs = {**unet_inputs("sd1"), "timestep_cond": torch.randn(2, 12)}
+    with torch.no_grad(), pytest.raises(ValueError, match="time_cond_proj_dim is not set"):
+        load_unet(folder)(**inputs)
+    _, folder = checkpoints.unet("lcm")
+    model = load_unet(folder)
+    inputs = unet_inputs("lcm")
+    with torch.no_grad():
+        conditioned = model(**inputs)
+        other = model(**{**inputs, "timestep_cond": inputs["timestep_cond"] + 1})
+    assert (conditioned - other).abs().max() > 1e-3

@@ -88,13 +88,18 @@ def tiny_vae():
     return AutoencoderKL(**VAE).eval()
 
 
-def make_sd_folder(path: Path, sd2: bool = False, inpainting: bool = False) -> Path:
+def make_sd_folder(
+    path: Path, sd2: bool = False, inpainting: bool = False, lcm: bool = False
+) -> Path:
     """An SD1-like text-to-image folder: CLIP text encoder, cross-attention U-Net, DDIM. With
     ``sd2``: SD 2.x-like, linear transformer projections and v-prediction. With ``inpainting``:
     a StableDiffusionInpaintPipeline folder whose U-Net takes 9 channels (latents, mask,
-    masked-image latents)."""
+    masked-image latents). With ``lcm``: a LatentConsistencyModelPipeline folder, its U-Net
+    taking the guidance-scale embedding (time_cond_proj_dim), and LCMScheduler."""
     from diffusers import (
         DDIMScheduler,
+        LatentConsistencyModelPipeline,
+        LCMScheduler,
         StableDiffusionInpaintPipeline,
         StableDiffusionPipeline,
         UNet2DConditionModel,
@@ -109,16 +114,21 @@ def make_sd_folder(path: Path, sd2: bool = False, inpainting: bool = False) -> P
         cross_attention_dim=32,
         attention_head_dim=8,
         use_linear_projection=sd2,
+        time_cond_proj_dim=16 if lcm else None,
         **UNET_BLOCKS,
     ).eval()
     prediction_type = "v_prediction" if sd2 else "epsilon"
     pipeline_class = StableDiffusionInpaintPipeline if inpainting else StableDiffusionPipeline
+    scheduler = DDIMScheduler(prediction_type=prediction_type, **SCHEDULER)
+    if lcm:
+        pipeline_class = LatentConsistencyModelPipeline
+        scheduler = LCMScheduler(prediction_type=prediction_type, **SCHEDULER)
     pipe = pipeline_class(
         unet=unet,
         vae=tiny_vae(),
         text_encoder=tiny_text_encoder(len(tokenizer)),
         tokenizer=tokenizer,
-        scheduler=DDIMScheduler(prediction_type=prediction_type, **SCHEDULER),
+        scheduler=scheduler,
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,

@@ -7,13 +7,14 @@ import pytest
 import torch
 from diffusers import LCMScheduler
 
-from fastdiff.sampling import NoiseSchedule, make_plan, sample
+from fastdiff.sampling import NoiseSchedule, make_plan, run_plan, sample
 from fastdiff.sampling.config import default_sampler
 from tests.sampling.helpers import (
     SD_BETAS,
     assert_trajectories_match,
     our_trajectory,
     run_diffusers,
+    toy_model,
 )
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # diffusers + numpy 2
@@ -90,3 +91,28 @@ def test_lcm_refuses_more_steps_than_its_distillation_schedule_and_eta():
         make_plan(schedule, "lcm", 9)
     with pytest.raises(ValueError, match="eta applies to the 'ddim' sampler only"):
         sample(lambda x, t: x, torch.randn(1, 2), schedule, "lcm", 4, eta=0.5)
+
+
+@pytest.mark.parametrize("steps, strength", [(4, 0.5), (4, 0.08), (3, 0.99), (1, 0.3)])
+def test_lcm_strength_matches_diffusers(steps, strength):
+    """LCMScheduler.set_timesteps(strength=s): the steps within the first int(50 s) timesteps
+    of the distillation schedule (LatentConsistencyModelImg2ImgPipeline)."""
+    reference = LCMScheduler(**SD_BETAS, beta_schedule="scaled_linear")
+    reference.set_timesteps(steps, strength=strength)
+    schedule = NoiseSchedule.from_config({"_class_name": "LCMScheduler"})
+    plan = make_plan(schedule, "lcm", steps, lcm_strength=strength)
+    assert torch.equal(plan.timesteps, reference.timesteps)
+    x_T = torch.randn(2, 5)
+    theirs, _, peaks = run_diffusers(reference, x_T, generator=torch.Generator().manual_seed(2))
+    ours = []
+    generator = torch.Generator().manual_seed(2)
+    run_plan(toy_model, x_T, plan, generator, callback=lambda i, t, x: ours.append(x))
+    assert_trajectories_match(ours, theirs, peaks, f"lcm strength {strength}")
+
+
+def test_lcm_strength_is_refused_where_it_cannot_apply():
+    schedule = NoiseSchedule(**SD_BETAS, beta_schedule="scaled_linear")
+    with pytest.raises(ValueError, match="keeps 2 of .* fewer than the 4 steps"):
+        make_plan(schedule, "lcm", 4, lcm_strength=0.05)
+    with pytest.raises(ValueError, match="lcm_strength applies to the 'lcm' sampler only"):
+        make_plan(schedule, "ddim", 4, lcm_strength=0.5)
