@@ -103,6 +103,13 @@ def add_parser(subparsers) -> None:
     parser.add_argument(
         "--lora-scale", type=float, default=1.0, help="scale of every --lora (default 1.0)"
     )
+    parser.add_argument(
+        "--textual-inversion",
+        type=Path,
+        action="append",
+        help="a textual inversion embedding (file or folder) whose token prompts may use (the "
+        "token the file names, or the file's name for Automatic1111 .safetensors); repeatable",
+    )
     parser.add_argument("--out", type=Path, help="output image file (single prompt/label)")
     parser.add_argument("--out-dir", type=Path, help="output folder (with --prompts)")
     existing = parser.add_mutually_exclusive_group()
@@ -156,6 +163,9 @@ def load_pipeline(args, device: torch.device, verbose: bool = True):
     )
     for lora in getattr(args, "lora", None) or []:  # before optimize(), which fuses QKV
         pipe.load_lora_weights(lora, scale=args.lora_scale)
+    for embedding in getattr(args, "textual_inversion", None) or []:
+        token = pipe.load_textual_inversion(embedding)
+        print(f"textual inversion {embedding}: prompts may use {token!r}")
     if device.type == "cuda" and getattr(args, "optimize", True):
         pipe.optimize(dtype=dtype, verbose=verbose)
     return pipe

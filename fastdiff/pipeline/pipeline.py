@@ -326,6 +326,22 @@ class Pipeline:
             self.lora_fusion = LoraFusion()
         return fuse_lora(self, self.lora_fusion, source, scale)
 
+    def load_textual_inversion(self, source, token: str | None = None) -> str:
+        """Add a textual inversion embedding (a .safetensors / .bin file, a folder holding
+        ``learned_embeds.*``, a state dict or a tensor) to the tokenizers and text encoders,
+        as diffusers' ``load_textual_inversion`` does; ``token``: the word prompts use for it
+        (default: the one the file names). SDXL files (``clip_l`` and ``clip_g``) load into
+        both encoders. Returns the token (``fastdiff.pipeline.textual_inversion``)."""
+        from fastdiff.pipeline import textual_inversion
+
+        return textual_inversion.load(self, source, token)
+
+    def unload_textual_inversion(self, tokens: str | list[str] | None = None) -> list[str]:
+        """Remove textual inversions (None: all of them); returns the tokens removed."""
+        from fastdiff.pipeline import textual_inversion
+
+        return textual_inversion.unload(self, tokens)
+
     def unload_lora_weights(self) -> int:
         """Restore the weights LoRAs were fused into; returns how many."""
         fusion = getattr(self, "lora_fusion", None)

@@ -21,6 +21,8 @@ from typing import Any
 
 import torch
 
+from fastdiff.pipeline.textual_inversion import expand_prompt
+
 SUPPORTED_TEXT_ENCODERS = ("CLIPTextModel", "CLIPTextModelWithProjection")
 SUPPORTED_TOKENIZERS = ("CLIPTokenizer", "CLIPTokenizerFast")
 
@@ -184,7 +186,8 @@ class PromptEncoder:
         per_encoder, pooled = [], None
         for index, (tokenizer, encoder) in enumerate(self.encoders):
             limit = max_length or tokenizer.model_max_length
-            batch = texts[index]
+            # Multi-vector textual inversion tokens stand for all their vectors' tokens.
+            batch = [expand_prompt(tokenizer, prompt) for prompt in texts[index]]
             tokens = tokenizer(
                 batch, padding="max_length", max_length=limit, truncation=True, return_tensors="pt"
             )

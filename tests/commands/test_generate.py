@@ -564,3 +564,26 @@ def test_lora_weights_from_the_command_line(tmp_path):
     assert np.array_equal(np.asarray(Image.open(patched)), np.asarray(api))
     assert not np.array_equal(np.asarray(Image.open(plain)), np.asarray(Image.open(patched)))
     assert generate(*common, "--lora", tmp_path / "none.safetensors", "--out", plain) == 2
+
+
+def test_textual_inversion_from_the_command_line(tmp_path, capsys):
+    """--textual-inversion loads an embedding whose token the prompt uses (an Automatic1111
+    .safetensors file: the token is the file's name), the same as the API's."""
+    pytest.importorskip("safetensors")
+    from safetensors.torch import save_file
+
+    folder = make_sd_folder(tmp_path / "sd")
+    embedding = tmp_path / "EasyToy.safetensors"
+    vectors = torch.randn(2, 32, generator=torch.Generator().manual_seed(0))
+    save_file({"emb_params": vectors}, str(embedding))
+    common = ("--model", folder, "--prompt", "a EasyToy cat", "--seed", 3, "--steps", 2)
+    common += ("--size", 16)
+    plain, loaded = tmp_path / "plain.png", tmp_path / "loaded.png"
+    assert generate(*common, "--out", plain) == 0
+    assert generate(*common, "--textual-inversion", embedding, "--out", loaded) == 0
+    assert "prompts may use 'EasyToy'" in capsys.readouterr().out
+    pipe = Pipeline.from_pretrained(folder)
+    assert pipe.load_textual_inversion(embedding) == "EasyToy"
+    api = pipe("a EasyToy cat", seed=3, num_inference_steps=2, height=16, width=16, progress=False)
+    assert np.array_equal(np.asarray(Image.open(loaded)), np.asarray(api[0]))
+    assert not np.array_equal(np.asarray(Image.open(plain)), np.asarray(Image.open(loaded)))
