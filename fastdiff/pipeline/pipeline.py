@@ -17,7 +17,7 @@ import torch
 from fastdiff.models.embeddings import guidance_scale_embedding
 from fastdiff.models.vae import DiagonalGaussian
 from fastdiff.pipeline import images as image_utils
-from fastdiff.pipeline import inpainting
+from fastdiff.pipeline import inpainting, mask_crop
 from fastdiff.pipeline.call_arguments import (
     CallDefaults,
     check_choices,
@@ -389,6 +389,7 @@ class Pipeline:
         denoising_start: float | None = None,
         denoising_end: float | None = None,
         mask_image=None,
+        padding_mask_crop: int | None = None,
         **sizes: tuple[int, int] | None,
     ):
         """Generate images. Returns a list of PIL images (``output_type="pil"``), a float32 tensor
@@ -425,6 +426,9 @@ class Pipeline:
         StableDiffusionXLInpaintPipeline), and the size to the folder's default unless
         ``height``/``width`` are given, as diffusers does (PIL inputs are resized to it; a
         tensor or array of another size is refused rather than resized).
+        ``padding_mask_crop`` (pixels) inpaints only the box around the mask, widened by that
+        padding, at the model's size, and pastes the result back into the (PIL) image, as
+        diffusers does (``fastdiff.pipeline.mask_crop``).
         """
         text_time = self.unet.config.get("addition_embed_type") == "text_time"
         check_size_options(sizes, text_time)
@@ -472,6 +476,16 @@ class Pipeline:
             self, image, mask_image, latents, (denoising_start, denoising_end)
         )
         inpaint = inpaint_mode is not None
+        cropped = None  # (box, image, mask) of a padding_mask_crop call, to paste back
+        if padding_mask_crop is not None:
+            if not inpaint:
+                raise ValueError("padding_mask_crop needs mask_image (inpainting)")
+            pad = mask_crop.check_inputs(padding_mask_crop, image, mask_image, output_type)
+            default_height, default_width = self.default_size
+            height, width = height or default_height, width or default_width
+            box = mask_crop.crop_region(mask_image, width, height, pad)
+            cropped = (box, image, mask_image)
+            image, mask_image = mask_crop.cut(image, mask_image, box, width, height)
         start = run_start(
             self,
             image,
@@ -551,4 +565,9 @@ class Pipeline:
             return pixels
         if output_type == "np":
             return pixels.permute(0, 2, 3, 1).cpu().numpy()
-        return image_utils.tensor_to_pil(pixels)
+        images = image_utils.tensor_to_pil(pixels)
+        if cropped is not None:
+            images = [
+                mask_crop.paste_back(generated, *cropped[1:], cropped[0]) for generated in images
+            ]
+        return images
