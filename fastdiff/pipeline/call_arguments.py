@@ -49,11 +49,11 @@ class CallDefaults:
         and SDXL folders to StableDiffusionXLInpaintPipeline's 0.9999 (the pipeline diffusers
         inpaints with from any of them); the sampler is the one equal to the folder's
         scheduler (``fastdiff.sampling.config.default_sampler``), else ddim. Steps: 20, and
-        LatentConsistencyModelPipeline's 4 steps at guidance 8.5, whose img2img (with the lcm
-        sampler) is LatentConsistencyModelImg2ImgPipeline's."""
+        LatentConsistencyModelPipeline's (and its img2img pipeline's) 4 steps at guidance 8.5,
+        whose img2img (with the lcm sampler) is LatentConsistencyModelImg2ImgPipeline's."""
         name = str(index.get("_class_name", ""))
         sdxl = name.startswith("StableDiffusionXL") and "Inpaint" not in name
-        lcm = name == "LatentConsistencyModelPipeline"
+        lcm = name in ("LatentConsistencyModelPipeline", "LatentConsistencyModelImg2ImgPipeline")
         return cls(
             guidance_scale=8.5 if lcm else 5.0 if sdxl else 7.5,
             num_inference_steps=4 if lcm else 20,

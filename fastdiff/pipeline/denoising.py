@@ -30,11 +30,8 @@ from fastdiff.sampling import KnownRegion, NoiseSchedule, make_plan, run_plan
 from fastdiff.sampling.plan import INPUT_SCALE, NEXT_FROM_PREV_X0, NEXT_FROM_X0, SamplingPlan
 
 
-def img2img_start_step(steps: int, strength: float) -> int:
-    """First plan step of an img2img run: ``int(steps * strength)`` steps are left to run
-    (strength 1 runs them all, from nearly pure noise)."""
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"num_inference_steps must be a positive int, got {steps!r}")
+def strength_value(strength) -> float:
+    """An img2img ``strength`` as a float in (0, 1] (numbers and 0-d float tensors)."""
     if isinstance(strength, torch.Tensor) and strength.dim() == 0 and strength.is_floating_point():
         strength = strength.item()  # a 0-d tensor, as float(strength) accepted
     # A string would pass float() and then repeat itself in steps * strength.
@@ -42,6 +39,15 @@ def img2img_start_step(steps: int, strength: float) -> int:
         raise ValueError(f"strength must be a number in (0, 1], got {strength!r}")
     if not 0.0 < float(strength) <= 1.0:
         raise ValueError(f"strength must lie in (0, 1], got {strength!r}")
+    return float(strength)
+
+
+def img2img_start_step(steps: int, strength: float) -> int:
+    """First plan step of an img2img run: ``int(steps * strength)`` steps are left to run
+    (strength 1 runs them all, from nearly pure noise)."""
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"num_inference_steps must be a positive int, got {steps!r}")
+    strength = strength_value(strength)
     remaining = min(int(steps * strength), steps)
     if remaining < 1:
         raise ValueError(
@@ -259,9 +265,12 @@ def run_start(
         if denoising_start is None:
             default = pipe.defaults.inpaint_strength if inpaint else pipe.defaults.strength
             start.strength = default if strength is None else strength
-            start.start_step = img2img_start_step(steps, start.strength)
             if pipe.defaults.lcm_img2img and plan[0] == "lcm" and not inpaint:
-                start.start_step, start.lcm_strength = 0, float(start.strength)
+                # every step runs, within the strength's share of the schedule (the plan
+                # refuses a share with fewer timesteps than steps)
+                start.lcm_strength = strength_value(start.strength)
+            else:
+                start.start_step = img2img_start_step(steps, start.strength)
         elif strength is not None:  # diffusers ignores strength then: refuse, not ignore
             raise ValueError("pass strength or denoising_start, not both")
         start.given_latents = image_utils.latents_of(image, pipe.vae.config["latent_channels"])
@@ -279,8 +288,13 @@ def run_start(
             "denoising_start needs image=: the latents of a run stopped at denoising_end"
         )
     if denoising_start is not None or denoising_end is not None:
-        # diffusers cuts on its own timesteps: the Euler family's are fractions
+        # diffusers cuts on its own timesteps: the Euler family's are fractions, an LCM
+        # img2img run's lie within its strength's share of the schedule
         timesteps = pipe.schedule.timesteps(steps, plan[0], keep_fraction=True)
+        if start.lcm_strength != 1.0:
+            timesteps = make_plan(
+                pipe.schedule, "lcm", steps, lcm_strength=start.lcm_strength
+            ).timesteps
         first, start.end_step = denoising_range(
             timesteps, pipe.schedule.num_train_timesteps, denoising_start, denoising_end
         )

@@ -91,7 +91,8 @@ def _x0_coefficients(alpha_bar: float, prediction_type: str, timestep: int) -> t
         raise ValueError(
             f"an epsilon-prediction model cannot be sampled from timestep {timestep}: alphā is 0 "
             "there (zero terminal SNR), so x0 = (x - eps) / 0 is undefined; use v_prediction, "
-            "'leading' timestep_spacing, or the euler / dpmpp_2m samplers (which clamp alphā)"
+            "'leading' timestep_spacing, or the euler / dpmpp_2m samplers (which clamp alphā); "
+            "the lcm sampler always starts at the last timestep: v_prediction only"
         )
     return 1.0 / signal, -sigma / signal
 

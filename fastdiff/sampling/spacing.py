@@ -209,6 +209,11 @@ def lcm_timesteps(
     (LatentConsistencyModelImg2ImgPipeline's img2img: every step runs, lower down). They ignore
     ``timestep_spacing`` and ``steps_offset``. LongTensor [steps], descending."""
     original = LCM_ORIGINAL_STEPS if original_steps is None else int(original_steps)
+    if not 1 <= original <= num_train_timesteps:
+        raise ValueError(
+            f"original_inference_steps must lie in [1, num_train_timesteps="
+            f"{num_train_timesteps}], got {original}"
+        )
     if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:
         raise ValueError(f"steps must be a positive integer, got {steps!r}")
     if steps > original:

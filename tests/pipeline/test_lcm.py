@@ -106,7 +106,9 @@ def test_the_lcm_folder_through_the_runtime_equals_eager(lcm_folder):
     assert len(loops) == 1 and loops[0].steps == 4 and not loops[0].guidance
 
 
-@pytest.mark.parametrize("strength", [None, 0.5, 1.0], ids=["default-0.8", "0.5", "1.0"])
+@pytest.mark.parametrize(
+    "strength", [None, 0.5, 1.0, 0.2], ids=["default-0.8", "0.5", "1.0", "below-1/steps"]
+)
 def test_lcm_img2img_equals_diffusers(lcm_folder, pipe, strength):
     """LatentConsistencyModelImg2ImgPipeline runs every step, within the strength's share of the
     distillation schedule (not the last int(steps * strength) steps of the full one)."""
@@ -140,3 +142,23 @@ def test_lcm_img2img_through_the_runtime_equals_eager(lcm_folder):
     for strength, want in zip(strengths, wanted, strict=True):
         torch.testing.assert_close(pipe(**kwargs, strength=strength), want, atol=1e-5, rtol=0)
     assert len([key for key in rt.cache.entries if key.kind == "loop"]) == 1
+
+
+def test_lcm_img2img_folders_and_cuts(tmp_path):
+    """A folder saved from LatentConsistencyModelImg2ImgPipeline takes the same defaults, and
+    denoising_end cuts on the timesteps the strength selects (499, 379, 259, 139 at 0.5)."""
+    from fastdiff.pipeline.call_arguments import CallDefaults
+
+    defaults = CallDefaults.for_folder(
+        {"_class_name": "LatentConsistencyModelImg2ImgPipeline"}, {"_class_name": "LCMScheduler"}
+    )
+    assert defaults.lcm_img2img and defaults.num_inference_steps == 4
+    assert (defaults.sampler, defaults.guidance_scale) == ("lcm", 8.5)
+    pipe = Pipeline.from_pretrained(make_sd_folder(tmp_path / "lcm", lcm=True))
+    counter = UNetCallCounter(pipe)
+    image = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    kwargs = dict(image=image, strength=0.5, output_type="latent", progress=False)
+    pipe("a cat", **kwargs, denoising_end=0.6)  # the cut-off t = 400: 499 only
+    assert len(counter.batches) == 1
+    with pytest.raises(ValueError, match="keeps 2 of the lcm sampler's .* fewer than the 4"):
+        pipe("a cat", image=image, strength=0.05, progress=False)

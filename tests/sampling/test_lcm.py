@@ -116,3 +116,10 @@ def test_lcm_strength_is_refused_where_it_cannot_apply():
         make_plan(schedule, "lcm", 4, lcm_strength=0.05)
     with pytest.raises(ValueError, match="lcm_strength applies to the 'lcm' sampler only"):
         make_plan(schedule, "ddim", 4, lcm_strength=0.5)
+
+
+def test_lcm_timesteps_refuse_a_distillation_schedule_longer_than_the_table():
+    from fastdiff.sampling.spacing import lcm_timesteps
+
+    with pytest.raises(ValueError, match=r"must lie in \[1, num_train_timesteps=999\], got 1000"):
+        lcm_timesteps(999, 2, 1000)
