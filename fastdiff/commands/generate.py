@@ -287,7 +287,10 @@ def settings(pipe, args) -> str:
     """The sampler, steps and guidance (and img2img strength) the run used, defaults (the
     folder's) resolved."""
     sampler = args.sampler or pipe.defaults.sampler
-    guidance = pipe.defaults.guidance_scale if args.guidance is None else args.guidance
+    default = pipe.defaults.guidance_scale
+    if getattr(args, "mask_image", None) is not None:
+        default = pipe.defaults.inpaint_guidance_scale
+    guidance = default if args.guidance is None else args.guidance
     # The pipeline samples w <= 1 unguided (one forward per step): say so, not "guidance -2".
     guided = f"guidance {guidance:g}" if guidance > 1 else f"no guidance (w={guidance:g} <= 1)"
     if pipe.unet.config.time_cond_proj_dim is not None:  # one forward per step, w embedded

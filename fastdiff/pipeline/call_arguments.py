@@ -23,6 +23,7 @@ class CallDefaults:
     of the diffusers pipeline and scheduler a folder names (``for_folder``)."""
 
     guidance_scale: float = 7.5
+    inpaint_guidance_scale: float = 7.5  # with a mask: the inpainting pipelines' default
     sampler: str = "ddim"
     strength: float = 0.8  # img2img
     inpaint_strength: float = 1.0  # inpainting U-Nets: from pure noise
@@ -32,7 +33,8 @@ class CallDefaults:
     lcm_img2img: bool = False
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "guidance_scale", guidance_scale_value(self.guidance_scale))
+        for name in ("guidance_scale", "inpaint_guidance_scale"):
+            object.__setattr__(self, name, guidance_scale_value(getattr(self, name)))
         check_choices(self.sampler, "tensor", 1)
         for name in ("strength", "inpaint_strength"):
             if not 0.0 < getattr(self, name) <= 1.0:
@@ -45,7 +47,8 @@ class CallDefaults:
     def for_folder(cls, index: dict[str, Any], scheduler_config: dict[str, Any]) -> CallDefaults:
         """From model_index.json and the scheduler config. StableDiffusionXLPipeline and
         StableDiffusionXLImg2ImgPipeline default to guidance 5.0 and img2img strength 0.3, the
-        others (SDXL inpainting included) to 7.5 and 0.8; inpainting (a mask) to strength 1.0,
+        others (SDXL inpainting included) to 7.5 and 0.8; inpainting (a mask) to guidance 7.5
+        (StableDiffusionXLInpaintPipeline's as well as the SD pipeline's) and strength 1.0,
         and SDXL folders to StableDiffusionXLInpaintPipeline's 0.9999 (the pipeline diffusers
         inpaints with from any of them); the sampler is the one equal to the folder's
         scheduler (``fastdiff.sampling.config.default_sampler``), else ddim. Steps: 20, and

@@ -182,7 +182,10 @@ def known_region(
     encoder's sampling takes from the generator, so the same draw is made, without the pass."""
     mask = mask_to_tensor(mask_image, pixels.shape[2], pixels.shape[3])
     shape = tuple(noise.shape)
-    encoded = (max(pixels.shape[0], mask.shape[0]), shape[1], *shape[2:])
+    # The masked images diffusers encodes (also refusing counts of masks and images that
+    # do not pair), of which only the batch matters here.
+    masked = masked_pixels(pixels, mask)
+    encoded = (masked.shape[0], shape[1], *shape[2:])
     vae_dtype = next(pipe.vae.parameters()).dtype
     posterior_noise(encoded, vae_dtype, pipe.device, generator)
     small = latent_mask(mask, tuple(shape[2:])).to(pipe.device, pipe.dtype)

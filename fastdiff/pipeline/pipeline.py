@@ -439,7 +439,12 @@ class Pipeline:
         check_choices(sampler, output_type, num_images)
         generator = make_generator(seed, generator, self.device)
         if guidance_scale is None:
-            guidance_scale = self.defaults.guidance_scale
+            inpainting_call = mask_image is not None
+            guidance_scale = (
+                self.defaults.inpaint_guidance_scale
+                if inpainting_call
+                else self.defaults.guidance_scale
+            )
         if num_inference_steps is None:
             num_inference_steps = self.defaults.num_inference_steps
         guidance_scale = guidance_scale_value(guidance_scale)

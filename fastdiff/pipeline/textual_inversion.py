@@ -11,7 +11,8 @@ File layouts read (a .safetensors file, a .bin / .pt file, a folder holding
   .safetensors form holds one key, ``emb_params``, and names no token: the file's name is the
   token unless ``token=`` says otherwise (diffusers would call it "emb_params");
 * SDXL files: ``clip_l`` (D = 768, the first text encoder) and ``clip_g`` (1280, the second),
-  each loaded into its encoder under the same token (diffusers needs two calls for them);
+  each loaded into its encoder under the same token (diffusers needs two calls for them); an
+  SDXL refiner, which has the second encoder only, takes ``clip_g``;
 * a bare tensor, with ``token=``.
 
 An embedding of N > 1 vectors becomes the tokens ``tok``, ``tok_1`` ... ``tok_{N-1}``, and a
@@ -191,7 +192,8 @@ def expand_prompt(tokenizer, prompt: str) -> str:
 
 
 def load(pipe: Any, source: Any, token: str | None = None) -> str:
-    """Add one textual inversion to ``pipe``'s text encoders; returns its token."""
+    """Add one textual inversion to ``pipe``'s text encoders; returns its token. On an error
+    the pipeline is left as it was."""
     encoder = getattr(pipe, "prompt_encoder", None)
     if encoder is None:
         raise ValueError("textual inversion needs a pipeline with a text encoder")
@@ -201,15 +203,44 @@ def load(pipe: Any, source: Any, token: str | None = None) -> str:
     if token is None and isinstance(state, dict) and set(state) == {A1111_KEY}:
         if isinstance(source, (str, Path)):
             token = Path(source).stem  # EasyNegative.safetensors -> "EasyNegative"
+    if (
+        isinstance(state, dict)
+        and set(state) == set(SDXL_KEYS)
+        and encoder.names == ["text_encoder_2"]
+    ):
+        state = state["clip_g"]  # an SDXL refiner: only the second encoder, clip_g's width
+        if token is None:
+            raise ValueError(
+                "an SDXL textual inversion file (clip_l, clip_g) names no token: pass token="
+            )
     name, embeddings = split_state(state, token, len(encoder.encoders))
     inversions = getattr(pipe, "textual_inversions", None)
     if inversions is None:
         inversions = TextualInversions.of(encoder.encoders)
     check_new(name, embeddings[0].shape[0], encoder.encoders, inversions.loaded)
-    add_tokens(encoder.encoders, name, embeddings)
+    try:
+        add_tokens(encoder.encoders, name, embeddings)
+    except Exception:
+        rebuild(pipe, inversions, inversions.loaded)  # as before this call
+        raise
     inversions.loaded[name] = embeddings
     pipe.textual_inversions = inversions
     return name
+
+
+def rebuild(pipe: Any, inversions: TextualInversions, kept: dict) -> None:
+    """The tokenizers and embedding tables as before the first load, then ``kept`` added."""
+    restored = []
+    for (_, encoder), original in zip(
+        pipe.prompt_encoder.encoders, inversions.originals, strict=True
+    ):
+        encoder.resize_token_embeddings(original.rows)
+        restored.append((copy.deepcopy(original.tokenizer), encoder))
+    pipe.prompt_encoder.encoders = restored
+    for name, embeddings in kept.items():
+        add_tokens(restored, name, embeddings)
+    inversions.loaded = dict(kept)
+    pipe.textual_inversions = inversions if kept else None
 
 
 def unload(pipe: Any, tokens: str | list[str] | None = None) -> list[str]:
@@ -217,32 +248,19 @@ def unload(pipe: Any, tokens: str | list[str] | None = None) -> list[str]:
     and embedding tables are restored to what they were before the first load, and the ones
     kept are added again."""
     state = getattr(pipe, "textual_inversions", None)
-    if state is None:
-        if tokens:
-            raise ValueError(f"no textual inversion is loaded (asked to unload {tokens!r})")
+    if tokens is None:
+        names = [] if state is None else list(state.loaded)
+    else:
+        names = [tokens] if isinstance(tokens, str) else list(tokens)
+    if not names:
         return []
-    names = (
-        list(state.loaded)
-        if tokens is None
-        else [tokens]
-        if isinstance(tokens, str)
-        else list(tokens)
-    )
+    if state is None:
+        raise ValueError(f"no textual inversion is loaded (asked to unload {names!r})")
     unknown = [name for name in names if name not in state.loaded]
     if unknown:
         raise ValueError(
             f"textual inversion token(s) {unknown} are not loaded; loaded: {sorted(state.loaded)}"
         )
     kept = {name: value for name, value in state.loaded.items() if name not in names}
-    encoders = pipe.prompt_encoder.encoders
-    restored = []
-    for (_, encoder), original in zip(encoders, state.originals, strict=True):
-        encoder.resize_token_embeddings(original.rows)
-        restored.append((copy.deepcopy(original.tokenizer), encoder))
-    pipe.prompt_encoder.encoders = restored
-    for name, embeddings in kept.items():
-        add_tokens(restored, name, embeddings)
-    state.loaded = kept
-    if not kept:
-        pipe.textual_inversions = None
+    rebuild(pipe, state, kept)
     return names

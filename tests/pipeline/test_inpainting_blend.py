@@ -126,9 +126,9 @@ def test_sdxl_plain_unet_inpainting_equals_diffusers(sdxl_folder, strength):
     reference.set_progress_bar_config(disable=True)
     image, mask = image_and_mask()
     kwargs = dict(prompt="a red cat", image=image, mask_image=mask, num_inference_steps=10)
-    kwargs |= dict(guidance_scale=6.0, height=16, width=16)
-    if strength is not None:
-        kwargs["strength"] = strength
+    kwargs |= dict(height=16, width=16)
+    if strength is not None:  # (else the defaults: strength 0.9999, guidance 7.5, not 5.0)
+        kwargs |= dict(strength=strength, guidance_scale=6.0)
     theirs = diffusers_images(reference, kwargs, seed=3)
     ours = pipe(**kwargs, seed=3, output_type="tensor", progress=False)
     torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=0)
@@ -160,6 +160,15 @@ def test_plain_unet_inpainting_refuses(pipe, kwargs, message):
     }
     with pytest.raises(ValueError, match=message):
         pipe("a cat", **kwargs, num_inference_steps=2, progress=False)
+
+
+def test_masks_that_do_not_pair_with_the_images_are_refused(pipe):
+    """2 prompts x 2 images each, 2 init images and 4 masks: diffusers fails on the shapes."""
+    image, _ = image_and_mask(2)
+    _, masks = image_and_mask(4)
+    with pytest.raises(ValueError, match="got 4 masks for 2 images"):
+        pipe(["a cat", "a dog"], image=image, mask_image=masks, num_images=2, progress=False,
+             num_inference_steps=1, height=16, width=16)  # fmt: skip
 
 
 def test_known_region_rows_are_each_schedulers_add_noise():

@@ -181,3 +181,28 @@ def test_a_token_loads_once_and_unknown_tokens_are_named(pipe, tmp_path):
         pipe.load_textual_inversion(tmp_path / "missing.safetensors")
     with pytest.raises(FileNotFoundError, match="holds no textual inversion file"):
         pipe.load_textual_inversion(tmp_path)
+
+
+def test_an_sdxl_refiner_takes_clip_g(sdxl_refiner_folder):
+    """A refiner has the second text encoder only: an SDXL file loads its clip_g part there,
+    as diffusers loads it into text_encoder_2 by hand."""
+    pipe = Pipeline.from_pretrained(sdxl_refiner_folder)
+    ((_, encoder),) = pipe.prompt_encoder.encoders
+    width = encoder.get_input_embeddings().weight.shape[1]
+    state = {"clip_l": embedding(2, 7), "clip_g": embedding(2, width, seed=1)}
+    assert pipe.load_textual_inversion(state, token="<toy>") == "<toy>"
+    reference = diffusers.StableDiffusionXLImg2ImgPipeline.from_pretrained(sdxl_refiner_folder)
+    reference.set_progress_bar_config(disable=True)
+    reference.load_textual_inversion(
+        state["clip_g"],
+        token="<toy>",
+        text_encoder=reference.text_encoder_2,
+        tokenizer=reference.tokenizer_2,
+    )
+    image = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    kwargs = dict(prompt="a <toy> cat", image=image, num_inference_steps=4, strength=0.6)
+    theirs = reference(**kwargs, generator=torch.Generator().manual_seed(1), output_type="pt")
+    ours = pipe(**kwargs, seed=1, output_type="tensor", progress=False)
+    torch.testing.assert_close(ours, theirs.images, atol=1e-4, rtol=0)
+    assert pipe.unload_textual_inversion([]) == []
+    assert pipe.textual_inversions is not None
