@@ -104,6 +104,12 @@ def add_parser(subparsers) -> None:
         "--lora-scale", type=float, default=1.0, help="scale of every --lora (default 1.0)"
     )
     parser.add_argument(
+        "--vae",
+        type=Path,
+        help="an autoencoder folder used instead of the model's (e.g. TAESD, AutoencoderTiny, "
+        "for fast decoding)",
+    )
+    parser.add_argument(
         "--textual-inversion",
         type=Path,
         action="append",
@@ -159,7 +165,11 @@ def load_pipeline(args, device: torch.device, verbose: bool = True):
         else (torch.float16 if device.type == "cuda" else torch.float32)
     )
     pipe = Pipeline.from_pretrained(
-        args.model, device=device, dtype=dtype, variant=getattr(args, "variant", None)
+        args.model,
+        device=device,
+        dtype=dtype,
+        variant=getattr(args, "variant", None),
+        vae=getattr(args, "vae", None),
     )
     for lora in getattr(args, "lora", None) or []:  # before optimize(), which fuses QKV
         pipe.load_lora_weights(lora, scale=args.lora_scale)

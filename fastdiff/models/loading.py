@@ -25,6 +25,7 @@ from fastdiff.models.checkpoint import (
 )
 from fastdiff.models.config import UNetConfig, VAEConfig
 from fastdiff.models.module import ModelBase
+from fastdiff.models.tiny_vae import AutoencoderTiny, TinyVAEConfig
 from fastdiff.models.unet import UNet2DConditionModel
 from fastdiff.models.vae import AutoencoderKL
 
@@ -140,7 +141,11 @@ def load_vae(
     device: str | torch.device | None = None,
     variant: str | None = None,
 ) -> AutoencoderKL:
-    """Load a diffusers ``AutoencoderKL`` folder (float32 on the CPU unless asked)."""
+    """Load a diffusers ``AutoencoderKL`` or ``AutoencoderTiny`` (TAESD) folder (float32 on the
+    CPU unless asked), by the ``_class_name`` of its config.json."""
+    config_path = Path(path) / CONFIG_NAME
+    if config_path.is_file() and read_json(config_path).get("_class_name") == "AutoencoderTiny":
+        return build_from_folder(AutoencoderTiny, TinyVAEConfig, path, dtype, device, variant)
     return build_from_folder(AutoencoderKL, VAEConfig, path, dtype, device, variant)
 
 
@@ -155,9 +160,10 @@ def save_pretrained(
     Fused projections are written as diffusers' separate to_q/to_k/to_v keys. ``dtype`` casts the
     floating-point weights (e.g. ``torch.float16`` with ``variant="fp16"``).
     """
-    if not isinstance(model, (UNet2DConditionModel, AutoencoderKL)):
+    if not isinstance(model, (UNet2DConditionModel, AutoencoderKL, AutoencoderTiny)):
         raise ValueError(
-            f"save_pretrained expects a fastdiff UNet2DConditionModel or AutoencoderKL, got "
+            "save_pretrained expects a fastdiff UNet2DConditionModel, AutoencoderKL or "
+            f"AutoencoderTiny, got "
             f"{type(model).__name__}"
         )
     state_dict = model.state_dict()

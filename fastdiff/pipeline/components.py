@@ -79,6 +79,23 @@ def check_latent_channels(unet_config: Any, vae_config: Any) -> None:
         )
 
 
+def replacement_vae(vae: Any, unet: Any, device=None, dtype=None) -> Any:
+    """The autoencoder a caller passes in place of the folder's: a component folder (read by
+    ``load_vae``: AutoencoderKL or AutoencoderTiny) or a fastdiff model, checked against the
+    U-Net's latent channels."""
+    from fastdiff.models import AutoencoderKL, AutoencoderTiny, load_vae
+
+    if isinstance(vae, (str, Path)):
+        vae = load_vae(vae, dtype=dtype, device=device)
+    elif not isinstance(vae, (AutoencoderKL, AutoencoderTiny)):
+        raise ValueError(
+            "vae must be a component folder or a fastdiff AutoencoderKL / AutoencoderTiny, got "
+            f"{type(vae).__name__}"
+        )
+    check_latent_channels(unet.config, vae.config)
+    return vae
+
+
 def default_image_size(unet_config: Any, vae_scale_factor: int) -> tuple[int, int]:
     """(height, width) from the U-Net's ``sample_size``, an int or [height, width]."""
     sample_size = unet_config.get("sample_size")

@@ -185,9 +185,10 @@ def known_region(
     # The masked images diffusers encodes (also refusing counts of masks and images that
     # do not pair), of which only the batch matters here.
     masked = masked_pixels(pixels, mask)
-    encoded = (masked.shape[0], shape[1], *shape[2:])
-    vae_dtype = next(pipe.vae.parameters()).dtype
-    posterior_noise(encoded, vae_dtype, pipe.device, generator)
+    if not getattr(pipe.vae, "deterministic", False):  # (TAESD's encoder draws nothing)
+        encoded = (masked.shape[0], shape[1], *shape[2:])
+        vae_dtype = next(pipe.vae.parameters()).dtype
+        posterior_noise(encoded, vae_dtype, pipe.device, generator)
     small = latent_mask(mask, tuple(shape[2:])).to(pipe.device, pipe.dtype)
     return KnownRegion(
         latents=image_latents,

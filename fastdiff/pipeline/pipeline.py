@@ -33,6 +33,7 @@ from fastdiff.pipeline.components import (
     default_image_size,
     is_inpainting_unet,
     load_components,
+    replacement_vae,
 )
 from fastdiff.pipeline.conditioning import Condition, Conditioning, encode_inputs
 from fastdiff.pipeline.denoising import run_sampler, run_start
@@ -104,16 +105,21 @@ class Pipeline:
         device=None,
         dtype: torch.dtype | None = None,
         variant: str | None = None,
+        vae=None,
     ) -> Pipeline:
         """Load a diffusers-format pipeline folder (model_index.json, unet/, vae/, scheduler/, and
-        text_encoder/ + tokenizer/ [+ text_encoder_2/ + tokenizer_2/] when present)."""
+        text_encoder/ + tokenizer/ [+ text_encoder_2/ + tokenizer_2/] when present). ``vae``:
+        another autoencoder to use instead of the folder's, a component folder (e.g. TAESD's
+        ``AutoencoderTiny``, for fast decoding) or a loaded model, as diffusers' ``vae=``."""
         parts: PipelineComponents = load_components(
             folder, device=device, dtype=dtype, variant=variant
         )
         schedule = NoiseSchedule.from_config(parts.scheduler_config)
+        if vae is not None:
+            vae = replacement_vae(vae, parts.unet, device, dtype)
         return cls(
             parts.unet,
-            parts.vae,
+            parts.vae if vae is None else vae,
             schedule,
             prompt_encoder=parts.prompt_encoder,
             null_class_label=parts.null_class_label,
@@ -283,14 +289,18 @@ class Pipeline:
 
     @torch.no_grad()
     def encode_moments(self, pixels: torch.Tensor) -> torch.Tensor:
-        """Images in [-1, 1] -> the encoder's posterior [mean | logvar] (deterministic: the
-        part a faster runtime replaces)."""
+        """Images in [-1, 1] -> the encoder's posterior [mean | logvar], or a deterministic
+        autoencoder's latents (AutoencoderTiny): the part a faster runtime replaces."""
         vae_dtype = next(self.vae.parameters()).dtype
-        return self.vae.encode(pixels.to(device=self.device, dtype=vae_dtype)).parameters
+        encoded = self.vae.encode(pixels.to(device=self.device, dtype=vae_dtype))
+        return encoded if isinstance(encoded, torch.Tensor) else encoded.parameters
 
     @torch.no_grad()
     def encode_image(self, pixels: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-        """Images in [-1, 1] -> diffusion latents, sampled from the encoder's Gaussian."""
+        """Images in [-1, 1] -> diffusion latents, sampled from the encoder's Gaussian (a
+        deterministic autoencoder's latents as they are: no random draw, as in diffusers)."""
+        if getattr(self.vae, "deterministic", False):
+            return from_vae_latents(self.encode_moments(pixels), self.vae_scaling)
         posterior = DiagonalGaussian(self.encode_moments(pixels))
         return from_vae_latents(posterior.sample(generator), self.vae_scaling)
 

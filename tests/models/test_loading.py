@@ -245,5 +245,5 @@ def test_saved_vae_loads_in_diffusers_and_fp16_variant(checkpoints, tmp_path):
 
 
 def test_save_rejects_other_modules(tmp_path):
-    with pytest.raises(ValueError, match="UNet2DConditionModel or AutoencoderKL"):
+    with pytest.raises(ValueError, match="UNet2DConditionModel, AutoencoderKL or AutoencoderTiny"):
         save_pretrained(torch.nn.Linear(2, 2), tmp_path)
