@@ -1,4 +1,5 @@
-"""VAE decode benchmark: SD AutoencoderKL, latents 1x4x64x64 -> a 512x512 image.
+"""VAE decode benchmark: SD AutoencoderKL, latents 1x4x64x64 -> a 512x512 image; and the same
+decode by TAESD (AutoencoderTiny, diffusers' default config), the fast autoencoder users swap in.
 
 Random weights at the real architecture, fp16 on GPU. Providers as in bench_unet.py:
 fastdiff (fp16, channels-last, fused QKV, Triton kernels, CUDA graph), fastdiff-nograph,
@@ -35,17 +36,22 @@ PROVIDERS = (
 )
 
 
-def workload() -> tuple[str, str, int]:
-    """(name, config, latent size)."""
-    return ("vae_decode_512", "sd_vae", 64) if mb.on_gpu() else ("tiny_vae_decode", "tiny_vae", 8)
+def workloads() -> list[tuple[str, str, str, int]]:
+    """(kind, name, config, latent size) of each decode: the KL VAE's, then TAESD's."""
+    if mb.on_gpu():
+        return [("vae", "vae_decode_512", "sd_vae", 64), ("taesd", "taesd_decode_512", "taesd", 64)]
+    return [
+        ("vae", "tiny_vae_decode", "tiny_vae", 8),
+        ("taesd", "tiny_taesd_decode", "tiny_taesd", 8),
+    ]
 
 
-def vae_flops(config: str, size: int) -> float | None:
-    from fastdiff.models import AutoencoderKL
+def vae_flops(config: str, size: int, kind: str = "vae") -> float | None:
+    import fastdiff.models
 
     try:
         with torch.device("meta"):
-            model = AutoencoderKL(model_config(config))
+            model = getattr(fastdiff.models, mb.ModelHolder.CLASSES[kind])(model_config(config))
             latents = torch.empty(1, 4, size, size)
         return mb.count_flops(lambda: model.decode(latents))
     except Exception as error:
@@ -128,15 +134,17 @@ def default_providers(compile_: bool) -> list[str]:
 
 
 def cases(providers: list[str] | None = None, compile_: bool = False) -> list[mb.Case]:
-    name, config, size = workload()
     device = torch.device("cuda" if mb.on_gpu() else "cpu")
     dtype = torch.float16 if mb.on_gpu() else torch.float32
     note = "" if mb.on_gpu() else "CPU: toy config, float32, eager reference path"
-    holder = mb.ModelHolder("vae", config, device, dtype)
-    flop = vae_flops(config, size)
     providers = mb.available_providers(providers or default_providers(compile_))
-    setup_for = functools.partial(provider_setup, holder=holder, size=size)
-    return mb.model_cases("vae", name, providers, setup_for, holder, flop, note)
+    all_cases = []
+    for kind, name, config, size in workloads():
+        holder = mb.ModelHolder(kind, config, device, dtype)
+        flop = vae_flops(config, size, kind)
+        setup_for = functools.partial(provider_setup, holder=holder, size=size)
+        all_cases += mb.model_cases("vae", name, providers, setup_for, holder, flop, note)
+    return all_cases
 
 
 def main(argv: list[str] | None = None) -> int:

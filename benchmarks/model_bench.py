@@ -125,7 +125,7 @@ class ModelHolder:
     name ``prepare_module`` reports under; ``config`` names an entry of model_configs.
     """
 
-    CLASSES = {"unet": "UNet2DConditionModel", "vae": "AutoencoderKL"}
+    CLASSES = {"unet": "UNet2DConditionModel", "vae": "AutoencoderKL", "taesd": "AutoencoderTiny"}
 
     def __init__(self, kind: str, config: str, device: torch.device, dtype: torch.dtype):
         self.kind, self.config, self.device, self.dtype = kind, config, device, dtype

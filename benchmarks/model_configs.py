@@ -120,7 +120,19 @@ TINY_VAE: dict = {
     "layers_per_block": 1,
 }
 
+# TAESD (diffusers' AutoencoderTiny defaults: 64-wide, 1/3/3/3 encoder and 3/3/3/1 decoder
+# blocks), and a small one for the CPU.
+TAESD: dict = {}
+TINY_TAESD: dict = {
+    "encoder_block_out_channels": [16, 16, 16, 16],
+    "decoder_block_out_channels": [16, 16, 16, 16],
+    "num_encoder_blocks": [1, 1, 1, 1],
+    "num_decoder_blocks": [1, 1, 1, 1],
+}
+
 MODELS: dict[str, dict] = {
+    "taesd": TAESD,
+    "tiny_taesd": TINY_TAESD,
     "sd15_unet": SD15_UNET,
     "sdxl_unet": SDXL_UNET,
     "sd_vae": SD_VAE,

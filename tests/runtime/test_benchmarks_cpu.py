@@ -37,9 +37,11 @@ def test_benchmark_cases_run(make_cases, tmp_path):
 def test_unknown_workload_and_provider_raise():
     with pytest.raises(ValueError, match="allowed values"):
         bench_unet.cases(["sd3_b2"])
-    (case,) = bench_vae.cases(["no-such-provider"])
-    result = model_bench.run_case(case, warmup=0, iters=1)
-    assert result.note.startswith("FAILED ValueError") and "allowed values" in result.note
+    cases = bench_vae.cases(["no-such-provider"])  # the KL VAE's decode, then TAESD's
+    assert [case.workload for case in cases] == ["tiny_vae_decode", "tiny_taesd_decode"]
+    for case in cases:
+        result = model_bench.run_case(case, warmup=0, iters=1)
+        assert result.note.startswith("FAILED ValueError") and "allowed values" in result.note
 
 
 def test_attention_padded_provider_runs_only_where_the_head_dim_is_split(monkeypatch):
