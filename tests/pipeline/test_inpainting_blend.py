@@ -9,6 +9,7 @@ import torch
 
 from fastdiff.pipeline import Pipeline
 from fastdiff.sampling import KnownRegion, NoiseSchedule, known_region_rows, make_plan
+from tests.pipeline.test_inpainting import image_and_mask
 
 diffusers = pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
@@ -32,13 +33,6 @@ def reference(sd_folder):
     )
     reference.set_progress_bar_config(disable=True)
     return reference
-
-
-def image_and_mask(batch: int = 1):
-    image = torch.rand(batch, 3, 16, 16, generator=torch.Generator().manual_seed(0))
-    mask = torch.zeros(batch, 1, 16, 16)
-    mask[..., 4:12, 2:10] = 1.0
-    return image, mask
 
 
 def diffusers_images(reference, kwargs: dict, seed: int) -> torch.Tensor:
