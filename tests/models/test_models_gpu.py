@@ -128,3 +128,29 @@ def test_posterior_sample_with_cpu_generator_on_cuda_latents():
     on_cuda = DiagonalGaussian(moments.cuda()).sample(torch.Generator().manual_seed(3))
     assert on_cuda.device.type == "cuda"
     torch.testing.assert_close(on_cuda.cpu(), on_cpu)
+
+
+def test_taesd_fp16_channels_last_graph_close_to_fp32():
+    """TAESD (AutoencoderTiny, diffusers' default config, 512x512 decode): fp16 channels-last
+    inside a CUDA graph stays within the tolerance rule of the fp32 decode."""
+    from fastdiff.models import AutoencoderTiny
+    from fastdiff.runtime import CudaGraphBackend, GraphCache, GraphedCall
+
+    torch.manual_seed(0)
+    model = AutoencoderTiny({}).cuda().eval()
+    latents = torch.randn(1, 4, 64, 64, device="cuda") * 2
+    with torch.no_grad():
+        reference = model.decode(latents)
+        half = AutoencoderTiny({}).cuda().eval()
+        half.load_state_dict(model.state_dict())
+        half.half().to(memory_format=torch.channels_last)
+        eager_fp16 = half.decode(latents.half())
+        cache = GraphCache(CudaGraphBackend())
+        graphed = GraphedCall(half.decode, cache, kind="vae")
+        nhwc = latents.half().contiguous(memory_format=torch.channels_last)
+        got = graphed(nhwc)
+        got = graphed(nhwc)  # a pure replay
+    assert reference.shape == got.shape == (1, 3, 512, 512)
+    assert cache.stats.captures == 1 and cache.stats.hits == 1 and not cache.stats.failures
+    error = (got.float() - reference).abs().max()
+    assert error <= 2 * (eager_fp16.float() - reference).abs().max() + 1e-2
