@@ -41,7 +41,7 @@ class TinyVAEConfig(ConfigBase):
     num_decoder_blocks: Sequence[int] = (3, 3, 3, 1)
     latent_magnitude: float = 3
     latent_shift: float = 0.5
-    force_upcast: bool = False
+    force_upcast: bool = False  # always false, as diffusers registers it whatever the file says
     scaling_factor: float = 1.0
     shift_factor: float = 0.0
     # diffusers registers the decoder's widths under this key; pipelines read the VAE's scale
@@ -56,6 +56,7 @@ class TinyVAEConfig(ConfigBase):
         require_choice("upsample_fn", self.upsample_fn, ("nearest",))
         require_choice("upsampling_scaling_factor", self.upsampling_scaling_factor, (2,))
         require_bool("force_upcast", self.force_upcast)
+        self.force_upcast = False  # diffusers' AutoencoderTiny never upcasts (fp16 is fine)
         for widths, counts in (
             ("encoder_block_out_channels", "num_encoder_blocks"),
             ("decoder_block_out_channels", "num_decoder_blocks"),
@@ -66,8 +67,11 @@ class TinyVAEConfig(ConfigBase):
                     raise ValueError(f"config {key} must be a non-empty list, got {value!r}")
             if len(getattr(self, widths)) != len(getattr(self, counts)):
                 raise ValueError(f"config {widths} and {counts} must have the same length")
-            for value in (*getattr(self, widths), *getattr(self, counts)):
+            for value in getattr(self, widths):
                 require_positive_int(widths, value)
+            for value in getattr(self, counts):  # a stage may have no blocks
+                if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                    raise ValueError(f"config {counts} must hold ints >= 0, got {value!r}")
         for key in ("encoder_block_out_channels", "decoder_block_out_channels"):
             # diffusers' strided convolutions and blocks keep the width they are given
             if len(set(getattr(self, key))) != 1:
@@ -213,6 +217,17 @@ class AutoencoderTiny(ModelBase):
         """What a captured encode/decode graph bakes in besides its inputs."""
         return (self.slicing_enabled,)
 
+    def scale_latents(self, z: torch.Tensor) -> torch.Tensor:
+        """Latents -> [0, 1] (``latent_magnitude``, ``latent_shift``), as TAESD stores them."""
+        magnitude, shift = self.config.latent_magnitude, self.config.latent_shift
+        return z.div(2 * magnitude).add(shift).clamp(0, 1)
+
+    def unscale_latents(self, z: torch.Tensor) -> torch.Tensor:
+        magnitude, shift = self.config.latent_magnitude, self.config.latent_shift
+        return z.sub(shift).mul(2 * magnitude)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Reconstruction: decode(encode(x))."""
-        return self.decode(self.encode(x))
+        """Reconstruction through 8-bit latents, as diffusers' forward: decode(unscale(
+        round(255 scale(encode(x))) / 255))."""
+        stored = self.scale_latents(self.encode(x)).mul(255).round().byte()
+        return self.decode(self.unscale_latents(stored / 255.0))

@@ -87,7 +87,9 @@ def replacement_vae(vae: Any, unet: Any, device=None, dtype=None) -> Any:
 
     if isinstance(vae, (str, Path)):
         vae = load_vae(vae, dtype=dtype, device=device)
-    elif not isinstance(vae, (AutoencoderKL, AutoencoderTiny)):
+    elif isinstance(vae, (AutoencoderKL, AutoencoderTiny)):
+        vae = vae.to(device=device, dtype=dtype)  # as the folder's components are loaded
+    else:
         raise ValueError(
             "vae must be a component folder or a fastdiff AutoencoderKL / AutoencoderTiny, got "
             f"{type(vae).__name__}"
@@ -276,10 +278,12 @@ def version_before(version: str, release: tuple[int, ...]) -> bool:
 
 
 def load_components(
-    folder, device=None, dtype=None, variant: str | None = None
+    folder, device=None, dtype=None, variant: str | None = None, vae: Any = None
 ) -> PipelineComponents:
     """Load the U-Net, VAE, scheduler config and (when listed) the CLIP text encoders of a
-    diffusers pipeline folder; every missing piece raises an error that names its path."""
+    diffusers pipeline folder; every missing piece raises an error that names its path.
+    ``vae``: an autoencoder to use instead of the folder's (``replacement_vae``), whose
+    ``vae/`` is then neither needed nor read."""
     from fastdiff.models import load_unet, load_vae  # models sit below the pipeline
 
     root = Path(folder)
@@ -287,7 +291,7 @@ def load_components(
         raise FileNotFoundError(f"pipeline folder not found: {root}")
     index_path = root / "model_index.json"
     index = read_json(index_path)
-    for required in ("unet", "vae", "scheduler"):
+    for required in ("unet", "scheduler") if vae is not None else ("unet", "vae", "scheduler"):
         if listed_class(index, required) is None:
             raise ValueError(f"{index_path} does not list a {required!r} component")
         if not (root / required).is_dir():
@@ -299,7 +303,7 @@ def load_components(
     variants = {
         name: component_variant(root / name, variant)
         for name in ("unet", "vae", *(pair[0] for pair in TEXT_COMPONENTS))
-        if listed_class(index, name) is not None
+        if listed_class(index, name) is not None and (name != "vae" or vae is None)
     }
     if variant is not None and not any(variants.values()):
         raise FileNotFoundError(
@@ -311,7 +315,10 @@ def load_components(
     unet_folder, vae_folder = root / "unet", root / "vae"
     unet = load_unet(unet_folder, dtype=dtype, device=device, variant=variants["unet"])
     fix_outdated_sample_size(index, unet_folder, unet.config)
-    vae = load_vae(vae_folder, dtype=dtype, device=device, variant=variants["vae"])
+    if vae is None:
+        vae = load_vae(vae_folder, dtype=dtype, device=device, variant=variants["vae"])
+    else:
+        vae = replacement_vae(vae, unet, device, dtype)
 
     pairs, names = [], []
     for encoder_name, tokenizer_name in TEXT_COMPONENTS:

@@ -18,9 +18,14 @@ LANCZOS = Image.Resampling.LANCZOS
 
 
 def check_inputs(padding, image, mask_image, output_type: str) -> int:
-    """``padding_mask_crop`` as an int >= 0, for single PIL images and PIL output only."""
-    if isinstance(padding, bool) or not isinstance(padding, (int, np.integer)) or padding < 0:
-        raise ValueError(f"padding_mask_crop must be a non-negative int, got {padding!r}")
+    """``padding_mask_crop`` as a number >= 0 (pixels; diffusers also takes fractions), for
+    single PIL images and PIL output only."""
+    if (
+        isinstance(padding, bool)
+        or not isinstance(padding, (int, float, np.integer, np.floating))
+        or not 0 <= padding < float("inf")
+    ):
+        raise ValueError(f"padding_mask_crop must be a number >= 0, got {padding!r}")
     if not isinstance(image, Image.Image) or not isinstance(mask_image, Image.Image):
         raise ValueError(
             "padding_mask_crop needs image and mask_image as single PIL images (the result is "
@@ -37,7 +42,7 @@ def check_inputs(padding, image, mask_image, output_type: str) -> int:
             f"padding_mask_crop: the mask is {mask_image.size[0]}x{mask_image.size[1]} but the "
             f"image is {image.size[0]}x{image.size[1]}"
         )
-    return int(padding)
+    return padding
 
 
 def _widen(low: int, high: int, wanted: float, limit: int) -> tuple[int, int]:
@@ -55,7 +60,7 @@ def _widen(low: int, high: int, wanted: float, limit: int) -> tuple[int, int]:
     return low, min(high, limit)
 
 
-def crop_region(mask: Image.Image, width: int, height: int, pad: int) -> tuple[int, ...]:
+def crop_region(mask: Image.Image, width: int, height: int, pad: float) -> tuple[int, ...]:
     """(x1, y1, x2, y2): the box around the mask's non-zero pixels, widened by ``pad`` (inside
     the image), then to the aspect ratio ``width / height``."""
     values = np.array(mask.convert("L"))
@@ -66,8 +71,8 @@ def crop_region(mask: Image.Image, width: int, height: int, pad: int) -> tuple[i
         raise ValueError("padding_mask_crop: the mask has no pixel to repaint (all black)")
     x1, x2 = int(used_columns[0]), int(used_columns[-1]) + 1
     y1, y2 = int(used_rows[0]), int(used_rows[-1]) + 1
-    x1, y1 = max(x1 - pad, 0), max(y1 - pad, 0)
-    x2, y2 = min(x2 + pad, columns), min(y2 + pad, rows)
+    x1, y1 = int(max(x1 - pad, 0)), int(max(y1 - pad, 0))
+    x2, y2 = int(min(x2 + pad, columns)), int(min(y2 + pad, rows))
     if (x2 - x1) / (y2 - y1) > width / height:
         y1, y2 = _widen(y1, y2, (x2 - x1) / (width / height), mask.height)
     else:

@@ -33,7 +33,6 @@ from fastdiff.pipeline.components import (
     default_image_size,
     is_inpainting_unet,
     load_components,
-    replacement_vae,
 )
 from fastdiff.pipeline.conditioning import Condition, Conditioning, encode_inputs
 from fastdiff.pipeline.denoising import run_sampler, run_start
@@ -112,14 +111,12 @@ class Pipeline:
         another autoencoder to use instead of the folder's, a component folder (e.g. TAESD's
         ``AutoencoderTiny``, for fast decoding) or a loaded model, as diffusers' ``vae=``."""
         parts: PipelineComponents = load_components(
-            folder, device=device, dtype=dtype, variant=variant
+            folder, device=device, dtype=dtype, variant=variant, vae=vae
         )
         schedule = NoiseSchedule.from_config(parts.scheduler_config)
-        if vae is not None:
-            vae = replacement_vae(vae, parts.unet, device, dtype)
         return cls(
             parts.unet,
-            parts.vae if vae is None else vae,
+            parts.vae,
             schedule,
             prompt_encoder=parts.prompt_encoder,
             null_class_label=parts.null_class_label,

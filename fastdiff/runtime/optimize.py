@@ -99,7 +99,11 @@ def prepare_module(
             report.skipped[f"{name}: fused QKV"] = "model has no fuse_qkv_projections()"
         else:
             count = fuse()
-            report.applied.append(f"{name}: fused QKV projections ({count} attention modules)")
+            has_attention = getattr(module, "attention_modules", lambda: True)()
+            if count or has_attention:
+                report.applied.append(f"{name}: fused QKV projections ({count} attention modules)")
+            else:  # e.g. TAESD, which has no attention
+                report.skipped[f"{name}: fused QKV"] = "no attention modules"
     if channels_last:
         module.to(memory_format=torch.channels_last)
         report.applied.append(f"{name}: channels-last convolutions")

@@ -75,3 +75,27 @@ def test_configs_it_cannot_build_are_refused(change, message):
         AutoencoderTiny({**CONFIG, **change})
     with pytest.raises(ValueError, match="tiling is implemented for AutoencoderKL only"):
         AutoencoderTiny(CONFIG).enable_tiling()
+
+
+def test_forward_rounds_the_latents_as_diffusers_and_never_upcasts(taesd, tmp_path):
+    """forward() stores the latents in 8 bits first (diffusers' reconstruction); force_upcast
+    is always false, whatever the file says (diffusers registers it so); a stage may have no
+    blocks."""
+    import json
+
+    reference, folder = taesd
+    model = load_vae(folder)
+    images = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(3)) * 2 - 1
+    with torch.no_grad():
+        torch.testing.assert_close(model(images), reference(images).sample, atol=1e-5, rtol=0)
+    config = json.loads((folder / "config.json").read_text())
+    assert AutoencoderTiny({**config, "force_upcast": True}).config.force_upcast is False
+    no_blocks = {**CONFIG, "num_decoder_blocks": (1, 0, 1)}
+    theirs = perturbed(diffusers.AutoencoderTiny(**no_blocks))
+    ours = AutoencoderTiny(no_blocks)
+    ours.load_state_dict(theirs.state_dict())
+    latents = torch.randn(1, 4, 4, 4)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            ours.decode(latents), theirs.decode(latents).sample, atol=1e-5, rtol=0
+        )

@@ -39,7 +39,7 @@ TARGETS = [(16, 16), (32, 16), (16, 24)]
 
 @pytest.mark.parametrize("box", BOXES)
 @pytest.mark.parametrize("target", TARGETS)
-@pytest.mark.parametrize("pad", [0, 3, 40])
+@pytest.mark.parametrize("pad", [0, 3, 40, 2.5])
 def test_crop_region_equals_diffusers(processor, box, target, pad):
     width, height = target
     drawn = mask(box=box)
@@ -90,7 +90,7 @@ def test_padding_mask_crop_equals_diffusers(sd_folder, sd_inpaint_folder, inpain
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        (dict(padding_mask_crop=-1), "non-negative int"),
+        (dict(padding_mask_crop=-1), "must be a number >= 0"),
         (dict(padding_mask_crop=2, output_type="tensor"), "output_type='pil'"),
         (dict(padding_mask_crop=2, image=torch.rand(1, 3, 32, 48)), "single PIL images"),
         (dict(padding_mask_crop=2, mask_image=mask(16, 16)), "the mask is 16x16 but the image"),

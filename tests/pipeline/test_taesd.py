@@ -92,3 +92,18 @@ def test_vae_on_the_command_line(sd_folder, tiny_sd, tmp_path):
     pipe = Pipeline.from_pretrained(sd_folder, vae=tiny_sd[1])
     api = pipe("a cat", seed=2, num_inference_steps=2, height=16, width=16, progress=False)[0]
     assert np.array_equal(np.asarray(Image.open(out)), np.asarray(api))
+
+
+def test_a_folder_without_its_own_vae_takes_the_one_given(sd_folder, tiny_sd, tmp_path):
+    """With vae= the folder's vae/ is neither needed nor read (diffusers skips a component
+    passed in); a model passed in moves to the pipeline's device and dtype."""
+    import shutil
+
+    folder = tmp_path / "no-vae"
+    shutil.copytree(sd_folder, folder)
+    shutil.rmtree(folder / "vae")
+    pipe = Pipeline.from_pretrained(folder, vae=tiny_sd[1])
+    assert isinstance(pipe.vae, AutoencoderTiny)
+    model = AutoencoderTiny.from_pretrained(tiny_sd[1])
+    pipe = Pipeline.from_pretrained(folder, vae=model, dtype=torch.float64)
+    assert pipe.vae is model and next(model.parameters()).dtype == torch.float64
