@@ -72,10 +72,12 @@ def add_parser(subparsers) -> None:
     parser.add_argument(
         "--sampler",
         default=None,
-        help="ddim, ddpm, euler[_ancestral|_karras], dpmpp_2m[_sde][_karras], lcm (default: "
-        "the one equal to the folder's scheduler, else ddim)",
+        help="ddim, ddpm, euler[_ancestral|_karras], dpmpp_2m[_sde][_karras], lcm, tcd "
+        "(default: the one equal to the folder's scheduler, else ddim)",
     )
-    parser.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0 = deterministic)")
+    parser.add_argument(
+        "--eta", type=float, default=0.0, help="DDIM eta, or TCD gamma (0 = deterministic)"
+    )
     parser.add_argument(
         "--seed", type=int, default=0, help="seed; prompt i of --prompts uses seed+i"
     )

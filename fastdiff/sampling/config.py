@@ -108,6 +108,7 @@ CLASS_DEFAULTS: dict[str, dict[str, Any]] = {
     "LMSDiscreteScheduler": {},
     "HeunDiscreteScheduler": {"beta_start": 0.00085, "beta_end": 0.012},
     "LCMScheduler": {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear"},
+    "TCDScheduler": {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear"},
 }
 
 
@@ -181,4 +182,5 @@ def default_sampler(config: dict[str, Any]) -> str:
         "DDPMScheduler": "ddpm",
         "EulerAncestralDiscreteScheduler": "euler_ancestral",
         "LCMScheduler": "lcm",
+        "TCDScheduler": "tcd",
     }.get(class_name, "ddim")

@@ -44,6 +44,7 @@ SAMPLERS = (
     "dpmpp_2m_sde",
     "dpmpp_2m_sde_karras",
     "lcm",
+    "tcd",
 )
 
 
@@ -172,6 +173,32 @@ def _lcm_rows(schedule: NoiseSchedule, timesteps: list[int]) -> list[list[float]
             alpha_bar_next = alphas_cumprod[timesteps[index + 1]]
             signal, noise_std = math.sqrt(alpha_bar_next), math.sqrt(1.0 - alpha_bar_next)
         rows.append([1.0, c_out * c1 + c_skip, c_out * c2, 0.0, signal, 0.0, noise_std])
+    return rows
+
+
+def _tcd_rows(schedule: NoiseSchedule, timesteps: list[int], gamma: float) -> list[list[float]]:
+    """Trajectory consistency distillation's strategic stochastic sampling (Zheng et al. 2024,
+    "Trajectory Consistency Distillation"; diffusers' TCDScheduler): from t the model's x0 and
+    noise estimates jump to the earlier timestep s = floor((1 - gamma) t'), t' the next visited
+    timestep (0 after the last), x_s = sqrt(ā_s) x0 + sqrt(1 - ā_s) eps; with gamma > 0 fresh
+    noise then brings x_s back up to t' (not after the last step). eps is taken from x and x0,
+    eps = (x - sqrt(ā_t) x0) / sqrt(1 - ā_t), which is the model's own for every prediction
+    type."""
+    alphas_cumprod = schedule.alphas_cumprod.tolist()
+    rows = []
+    for index, t in enumerate(timesteps):
+        last = index + 1 == len(timesteps)
+        t_next = 0 if last else timesteps[index + 1]
+        s = math.floor((1.0 - gamma) * t_next)
+        alpha_t, alpha_s, alpha_next = alphas_cumprod[t], alphas_cumprod[s], alphas_cumprod[t_next]
+        c1, c2 = _x0_coefficients(alpha_t, schedule.prediction_type, t)
+        from_x = math.sqrt(1.0 - alpha_s) / math.sqrt(1.0 - alpha_t)
+        from_x0 = math.sqrt(alpha_s) - from_x * math.sqrt(alpha_t)
+        scale, noise_std = 1.0, 0.0
+        if gamma > 0 and not last:
+            scale = math.sqrt(alpha_next / alpha_s)
+            noise_std = math.sqrt(max(1.0 - alpha_next / alpha_s, 0.0))
+        rows.append([1.0, c1, c2, scale * from_x, scale * from_x0, 0.0, noise_std])
     return rows
 
 
@@ -329,7 +356,8 @@ def make_plan(
     ``use_karras_sigmas``; see ``karras_plan_inputs``); ``lcm`` is the multistep sampling of
     latent consistency models (LCMScheduler: LCM checkpoints and LCM-LoRAs, a few steps);
     ``lcm_strength`` < 1 takes its steps within that share of its distillation schedule
-    (LCMScheduler's ``strength``, LatentConsistencyModelImg2ImgPipeline's img2img).
+    (LCMScheduler's ``strength``, LatentConsistencyModelImg2ImgPipeline's img2img); ``tcd``
+    (TCDScheduler, for TCD-LoRAs) takes the same timesteps, with ``eta`` as its gamma.
     """
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; allowed: {list(SAMPLERS)}")
@@ -337,8 +365,11 @@ def make_plan(
     if not 0.0 <= eta <= 1.0:
         # Above 1 the DDIM direction term sqrt(1 - ā' - s^2) can become imaginary.
         raise ValueError(f"eta must lie in [0, 1], got {eta}")
-    if eta != 0 and sampler != "ddim":
-        raise ValueError(f"eta applies to the 'ddim' sampler only; {sampler!r} needs eta=0")
+    if eta != 0 and sampler not in ("ddim", "tcd"):
+        raise ValueError(
+            f"eta applies to the 'ddim' and 'tcd' (its gamma) samplers only; {sampler!r} needs "
+            "eta=0"
+        )
     if sampler in ("ddim", "ddpm") and schedule.clip_sample is None:
         raise ValueError(
             f"the scheduler config leaves clip_sample out, and the diffusers scheduler {sampler!r} "
@@ -346,14 +377,16 @@ def make_plan(
             'which fastdiff does not implement: add "clip_sample": false to '
             "scheduler_config.json, or use another sampler"
         )
-    if lcm_strength != 1.0 and sampler != "lcm":
-        raise ValueError(f"lcm_strength applies to the 'lcm' sampler only, not {sampler!r}")
+    if lcm_strength != 1.0 and sampler not in ("lcm", "tcd"):
+        raise ValueError(
+            f"lcm_strength applies to the 'lcm' and 'tcd' samplers only, not {sampler!r}"
+        )
     karras = sampler.endswith("_karras")
     # The Euler family calls the model at diffusers' own, possibly fractional, timesteps.
     fractions = sampler.startswith("euler")
     if karras:
         timesteps, sigmas = karras_plan_inputs(schedule, steps, sampler, keep_fraction=fractions)
-    elif sampler == "lcm":
+    elif sampler in ("lcm", "tcd"):  # TCDScheduler takes LCMScheduler's timesteps
         original = schedule.original_inference_steps
         timesteps = lcm_timesteps(schedule.num_train_timesteps, steps, original, lcm_strength)
     else:
@@ -365,6 +398,8 @@ def make_plan(
         rows = _ddim_rows(schedule, visited, eta)
     elif sampler == "lcm":
         rows = _lcm_rows(schedule, visited)
+    elif sampler == "tcd":
+        rows = _tcd_rows(schedule, visited, eta)
     elif sampler == "ddpm":
         rows = _ddpm_rows(schedule, visited)
     elif sampler.startswith("euler"):
@@ -380,7 +415,7 @@ def make_plan(
     coefficients = torch.tensor(rows, dtype=torch.float64)
     if not bool(torch.isfinite(coefficients).all()):
         raise ValueError(f"{sampler} plan has non-finite coefficients for this schedule")
-    if sampler in ("ddim", "ddpm", "lcm"):
+    if sampler in ("ddim", "ddpm", "lcm", "tcd"):
         alphas_cumprod = schedule.alphas_cumprod[timesteps]
     else:  # the sigma samplers' own levels (clamped under zero SNR, or Karras')
         alphas_cumprod = 1.0 / (torch.tensor(sigmas[:-1], dtype=torch.float64) ** 2 + 1.0)

@@ -7,7 +7,8 @@ Samplers (see ``fastdiff.sampling.plan`` for the formulas and papers):
 ``euler_karras`` (Euler through Karras et al.'s noise levels),
 ``dpmpp_2m`` (DPM-Solver++(2M), Lu et al. 2022), ``dpmpp_2m_sde`` (its SDE variant), and
 ``dpmpp_2m_karras`` / ``dpmpp_2m_sde_karras`` (the same through Karras et al.'s noise levels),
-and ``lcm`` (latent consistency models' multistep sampling, Luo et al. 2023, as LCMScheduler).
+``lcm`` (latent consistency models' multistep sampling, Luo et al. 2023, as LCMScheduler) and
+``tcd`` (trajectory consistency distillation's sampling, Zheng et al. 2024, as TCDScheduler).
 """
 
 from __future__ import annotations

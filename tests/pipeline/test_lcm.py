@@ -162,3 +162,28 @@ def test_lcm_img2img_folders_and_cuts(tmp_path):
     assert len(counter.batches) == 1
     with pytest.raises(ValueError, match="keeps 2 of the lcm sampler's .* fewer than the 4"):
         pipe("a cat", image=image, strength=0.05, progress=False)
+
+
+def test_tcd_with_gamma_equals_diffusers(sd_folder, tmp_path):
+    """A TCDScheduler folder samples with tcd; eta= is its gamma, as diffusers' pipelines pass
+    eta to TCDScheduler.step (stochastic for gamma > 0)."""
+    import json
+    import shutil
+
+    folder = tmp_path / "tcd"
+    shutil.copytree(sd_folder, folder)
+    config_path = folder / "scheduler" / "scheduler_config.json"
+    config = {**json.loads(config_path.read_text()), "_class_name": "TCDScheduler"}
+    config_path.write_text(json.dumps(config))
+    index = json.loads((folder / "model_index.json").read_text())
+    index["scheduler"] = ["diffusers", "TCDScheduler"]
+    (folder / "model_index.json").write_text(json.dumps(index))
+    pipe = Pipeline.from_pretrained(folder)
+    assert pipe.defaults.sampler == "tcd"
+    reference = diffusers.StableDiffusionPipeline.from_pretrained(folder, safety_checker=None)
+    reference.set_progress_bar_config(disable=True)
+    kwargs = dict(prompt="a red cat", height=16, width=16, num_inference_steps=4, eta=0.3)
+    kwargs |= dict(guidance_scale=2.0, latents=torch.randn(1, 4, 8, 8))
+    theirs = reference(**kwargs, generator=torch.Generator().manual_seed(6), output_type="pt")
+    ours = pipe(**kwargs, seed=6, output_type="tensor", progress=False)
+    torch.testing.assert_close(ours, theirs.images, atol=1e-4, rtol=0)

@@ -170,7 +170,7 @@ def test_np_output_equals_diffusers(pipe, reference):
             r"negative_prompt_embeds has shape \(2, 16, 32\)",
         ),
         (dict(prompt=["a", "b"], negative_prompt=["a", "b", "c"]), "3 entries but there are 2"),
-        (dict(prompt="a cat", eta=0.5, sampler="euler"), "eta applies to the 'ddim' sampler"),
+        (dict(prompt="a cat", eta=0.5, sampler="euler"), "eta applies to the 'ddim' and 'tcd'"),
         # NaN compares false with 1: it used to switch guidance off and return an image.
         (dict(prompt="a cat", guidance_scale=float("nan")), "guidance_scale must be a finite"),
         (dict(prompt="a cat", guidance_scale="7.5"), "guidance_scale must be a finite"),
@@ -353,6 +353,7 @@ def test_outdated_scheduler_config_is_sampled_as_diffusers_does(sd_folder, tmp_p
         ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}, "dpmpp_2m_karras"),
         ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"}, "dpmpp_2m_sde"),
         ("LCMScheduler", {}, "lcm"),
+        ("TCDScheduler", {}, "tcd"),
     ],
 )
 def test_a_call_without_sampler_runs_the_folders_scheduler(
@@ -382,7 +383,7 @@ def test_a_call_without_sampler_runs_the_folders_scheduler(
     ours = pipe(**kwargs, seed=3, output_type="tensor", progress=False)
     torch.testing.assert_close(ours, theirs.images, atol=1e-4, rtol=0)
     # (DDIM at eta 0 is Euler's method in other coordinates: compare with a sampler that differs.)
-    contrast = {"dpmpp_2m": "euler", "euler": "dpmpp_2m", "lcm": "ddpm"}.get(
+    contrast = {"dpmpp_2m": "euler", "euler": "dpmpp_2m", "lcm": "ddpm", "tcd": "lcm"}.get(
         sampler, sampler.rsplit("_", 1)[0]
     )
     # (dpmpp_2m_sde's contrast, dpmpp_2m, differs by the SDE's noise and decay.)

@@ -69,6 +69,7 @@ def test_ops_backend_is_part_of_the_graph_key(other):
         ("ddpm", 10, 5, 0.0),
         ("euler_ancestral", 12, 3, 0.0),
         ("dpmpp_2m_karras", 6, 2, 0.0),
+        ("tcd", 6, 2, 0.3),  # gamma: step noise
     ],  # fmt: skip
 )
 def test_img2img_runs_the_remaining_rows_in_graphs(pipe, sampler, steps, start_step, eta):

@@ -70,6 +70,8 @@ def run_diffusers(scheduler, x_start: torch.Tensor, generator=None, model=None, 
         x0 = getattr(result, "pred_original_sample", None)
         if x0 is None:  # LCM returns its consistency estimate (the plan row's x0)
             x0 = getattr(result, "denoised", None)
+        if x0 is None:  # TCD its estimate noised to the intermediate timestep
+            x0 = getattr(result, "pred_noised_sample", None)
         if x0 is None:  # DPM-Solver keeps its converted (x0) outputs instead
             x0 = scheduler.model_outputs[-1]
         peak = max(peak, float(x.abs().max()), float(x0.abs().max()))

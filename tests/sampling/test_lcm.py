@@ -89,7 +89,7 @@ def test_lcm_refuses_more_steps_than_its_distillation_schedule_and_eta():
     schedule = NoiseSchedule(**SD_BETAS, beta_schedule="scaled_linear", original_inference_steps=8)
     with pytest.raises(ValueError, match="at most original_inference_steps=8 steps"):
         make_plan(schedule, "lcm", 9)
-    with pytest.raises(ValueError, match="eta applies to the 'ddim' sampler only"):
+    with pytest.raises(ValueError, match="eta applies to the 'ddim' and 'tcd'"):
         sample(lambda x, t: x, torch.randn(1, 2), schedule, "lcm", 4, eta=0.5)
 
 
@@ -114,7 +114,9 @@ def test_lcm_strength_is_refused_where_it_cannot_apply():
     schedule = NoiseSchedule(**SD_BETAS, beta_schedule="scaled_linear")
     with pytest.raises(ValueError, match="keeps 2 of .* fewer than the 4 steps"):
         make_plan(schedule, "lcm", 4, lcm_strength=0.05)
-    with pytest.raises(ValueError, match="lcm_strength applies to the 'lcm' sampler only"):
+    with pytest.raises(
+        ValueError, match="lcm_strength applies to the 'lcm' and 'tcd' samplers only"
+    ):
         make_plan(schedule, "ddim", 4, lcm_strength=0.5)
 
 
@@ -123,3 +125,33 @@ def test_lcm_timesteps_refuse_a_distillation_schedule_longer_than_the_table():
 
     with pytest.raises(ValueError, match=r"must lie in \[1, num_train_timesteps=999\], got 1000"):
         lcm_timesteps(999, 2, 1000)
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
+@pytest.mark.parametrize("steps", [1, 2, 4, 8])
+@pytest.mark.parametrize("gamma", [0.0, 0.3, 1.0])
+def test_tcd_matches_diffusers(prediction_type, steps, gamma):
+    """TCDScheduler (eta = gamma): LCM's timesteps, the jump to floor((1 - gamma) t') and, with
+    gamma > 0, fresh noise back up to t'; the last step ends at alphā_0's level."""
+    from diffusers import TCDScheduler
+
+    reference = TCDScheduler(
+        **SD_BETAS, beta_schedule="scaled_linear", prediction_type=prediction_type
+    )
+    reference.set_timesteps(steps)
+    schedule = NoiseSchedule.from_config({"_class_name": "TCDScheduler", **reference.config})
+    plan = make_plan(schedule, "tcd", steps, gamma)
+    assert torch.equal(plan.timesteps, reference.timesteps)
+    assert plan.stochastic == (gamma > 0 and steps > 1)
+    x_T = torch.randn(2, 3, 4)
+    generator = torch.Generator().manual_seed(5)
+    theirs, _, peaks = run_diffusers(reference, x_T, generator=generator, eta=gamma)
+    ours = []
+    run_plan(toy_model, x_T, plan, torch.Generator().manual_seed(5), lambda i, t, x: ours.append(x))
+    assert_trajectories_match(ours, theirs, peaks, f"tcd/{prediction_type}/{steps}/{gamma}")
+
+
+def test_a_tcd_folder_defaults_to_tcd():
+    assert default_sampler({"_class_name": "TCDScheduler"}) == "tcd"
+    with pytest.raises(ValueError, match="eta must lie in"):
+        make_plan(NoiseSchedule.from_config({"_class_name": "TCDScheduler"}), "tcd", 4, 1.5)

@@ -86,7 +86,7 @@ def test_unknown_names_list_the_allowed_values():
     with pytest.raises(
         ValueError,
         match=r"allowed: \['ddpm', 'ddim', 'euler', 'euler_ancestral', 'euler_karras', "
-        r"'dpmpp_2m', 'dpmpp_2m_karras', 'dpmpp_2m_sde', 'dpmpp_2m_sde_karras', 'lcm'\]",
+        r"'dpmpp_2m', 'dpmpp_2m_karras', 'dpmpp_2m_sde', 'dpmpp_2m_sde_karras', 'lcm', 'tcd'\]",
     ):
         sample(toy_model, torch.randn(1, 2), SCHEDULE, "heun", 5)
     with pytest.raises(ValueError, match="allowed"):
