@@ -30,6 +30,8 @@ from fastdiff.sampling.plan import step_noise_dtype
 
 # Plan rows held by step-graph buffers: any plan up to this many steps reuses the same graph.
 STEP_GRAPH_CAPACITY = 1000
+# Eagerly run shapes (their capture failed) whose buffers are kept between calls.
+EAGER_ENTRIES = 8
 
 
 def step_graph_rows(steps: int) -> int:
@@ -263,6 +265,7 @@ class GraphedDenoiser:
         self.then = then
         self.prepare_cond = prepare_cond
         self.eager_fallbacks: dict[GraphKey, str] = {}
+        self.eager_entries: dict[GraphKey, GraphEntry] = {}  # see eager_entry
 
     def current_dtype(self) -> torch.dtype:
         return self.model_dtype() if callable(self.model_dtype) else self.model_dtype
@@ -360,8 +363,17 @@ class GraphedDenoiser:
             return self.eager_entry(call, key, prepared)
 
     def eager_entry(self, call: DenoiseCall, key: GraphKey, prepared=None) -> GraphEntry:
-        buffers, body, _ = self.build(call, key, call.x_T.device, prepared)
-        return GraphEntry(key, EagerReplay(body), buffers, 0.0, 0)
+        """The eager stand-in for a graph whose capture failed: its buffers and body are built
+        once per key (as a graph's are) and kept, the most recent ``EAGER_ENTRIES``, so later
+        calls of that shape do not allocate them again."""
+        entry = self.eager_entries.pop(key, None)
+        if entry is None:
+            buffers, body, _ = self.build(call, key, call.x_T.device, prepared)
+            entry = GraphEntry(key, EagerReplay(body), buffers, 0.0, 0)
+        self.eager_entries[key] = entry  # most recent last
+        while len(self.eager_entries) > EAGER_ENTRIES:
+            self.eager_entries.pop(next(iter(self.eager_entries)))
+        return entry
 
     def __call__(self, call: DenoiseCall, sampler: str = "") -> torch.Tensor:
         """Final latents (float32, [B, C, H, W]) of the plan in ``call``."""

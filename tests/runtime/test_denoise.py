@@ -293,3 +293,35 @@ def test_step_noise_is_drawn_as_the_eager_loop_draws_it(sampler, drawn_dtype):
         if std != 0.0:
             want = torch.randn(noise.shape, generator=generator, dtype=drawn_dtype)
             assert torch.equal(row, want)
+
+
+class FailingBackend:
+    """A graph backend whose captures always fail (as an op that cannot be captured would)."""
+
+    def capture(self, body, prepare):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+
+def test_a_shape_whose_capture_failed_runs_eagerly_on_buffers_built_once(monkeypatch):
+    """The eager fallback equals the reference for new inputs, and keeps each shape's buffers
+    (built once, as a graph's) instead of allocating them at every call."""
+    import fastdiff.runtime.denoise as denoise
+
+    unet = ToyUNet()
+    denoiser = GraphedDenoiser(unet, GraphCache(FailingBackend()), torch.float32)
+    builds = []
+    build = denoiser.build
+    monkeypatch.setattr(denoiser, "build", lambda *a, **k: builds.append(a[1]) or build(*a, **k))
+    monkeypatch.setattr(denoise, "EAGER_ENTRIES", 2)
+    with torch.no_grad():
+        for steps in (4, 12, 4, 20, 12):  # a loop shape and a step shape, each again
+            call = make_call(steps, guidance=float(steps))
+            torch.testing.assert_close(
+                denoiser(call), reference_loop(unet, call), rtol=1e-4, atol=1e-4
+            )
+    assert len(denoiser.eager_fallbacks) == 2
+    # One failed capture and one eager build per shape (the step shape serves 12 and 20).
+    assert len(builds) == 2 * 2 and len(set(builds)) == 2
+    with torch.no_grad():
+        denoiser(make_call(4, size=16))  # a third shape: the least recent one is dropped
+    assert len(denoiser.eager_entries) == 2
