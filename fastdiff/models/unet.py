@@ -323,6 +323,27 @@ class UNet2DConditionModel(ModelBase):
             emb = emb + self.add_embedding(extra)
         return emb
 
+    def enable_freeu(self, s1: float, s2: float, b1: float, b2: float) -> None:
+        """FreeU (Si et al. 2024, "FreeU: Free Lunch in Diffusion U-Net"), as diffusers'
+        ``enable_freeu``: in the first two up stages the backbone features' first half of
+        channels is scaled by ``b1`` / ``b2`` and the skip features' lowest frequencies by
+        ``s1`` / ``s2``. No weights change; a captured graph is keyed by it (``graph_state``)."""
+        values = {"s1": s1, "s2": s2, "b1": b1, "b2": b2}
+        for name, value in values.items():
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ValueError(f"FreeU {name} must be a number, got {value!r}")
+        stages = [(float(b1), float(s1)), (float(b2), float(s2))]
+        for index, block in enumerate(self.up_blocks):
+            block.freeu = stages[index] if index < len(stages) else None
+
+    def disable_freeu(self) -> None:
+        for block in self.up_blocks:
+            block.freeu = None
+
+    def graph_state(self) -> tuple:
+        """What a captured U-Net graph bakes in besides its inputs and weights: FreeU's factors."""
+        return tuple(block.freeu for block in self.up_blocks)
+
     @classmethod
     def from_pretrained(cls, path, dtype=None, device=None, variant=None):
         """Same as ``fastdiff.models.load_unet``."""

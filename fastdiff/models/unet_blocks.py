@@ -139,12 +139,36 @@ class DownBlock(nn.Module):
         return x, skips
 
 
+def fourier_filter(x: torch.Tensor, scale: float) -> torch.Tensor:
+    """Scale the lowest spatial frequencies of ``x`` (the centred 2x2 block of its shifted 2-D
+    spectrum) by ``scale``, in float32 (FreeU's skip filter, as diffusers computes it)."""
+    spectrum = torch.fft.fftshift(torch.fft.fftn(x.float(), dim=(-2, -1)), dim=(-2, -1))
+    height, width = spectrum.shape[-2:]
+    mask = torch.ones(spectrum.shape[-2:], device=x.device)
+    mask[height // 2 - 1 : height // 2 + 1, width // 2 - 1 : width // 2 + 1] = scale
+    spectrum = torch.fft.ifftshift(spectrum * mask, dim=(-2, -1))
+    return torch.fft.ifftn(spectrum, dim=(-2, -1)).real.to(x.dtype)
+
+
+def freeu(
+    x: torch.Tensor, skip: torch.Tensor, backbone: float, skip_scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """FreeU (Si et al. 2024): the first half of the backbone's channels scaled by ``backbone``,
+    the skip features' lowest frequencies by ``skip_scale``."""
+    half = x.shape[1] // 2
+    x = torch.cat([x[:, :half] * backbone, x[:, half:]], dim=1)
+    return x, fourier_filter(skip, skip_scale)
+
+
 class UpBlock(nn.Module):
     """``UpBlock2D`` (``attention=None``), ``CrossAttnUpBlock2D`` or ``AttnUpBlock2D``.
 
     ResNet ``i`` sees the running features concatenated with one skip: the block's own width
     for all but the last, whose skip comes from the previous (narrower) down stage.
     """
+
+    # FreeU's (backbone scale b, skip scale s) for this block, or None (UNet.enable_freeu).
+    freeu: tuple[float, float] | None = None
 
     def __init__(
         self,
@@ -180,7 +204,10 @@ class UpBlock(nn.Module):
         upsample_size: tuple[int, int] | None = None,
     ) -> torch.Tensor:
         for i, resnet in enumerate(self.resnets):
-            x = resnet(torch.cat([x, skips[-1 - i]], dim=1), temb)
+            skip = skips[-1 - i]
+            if self.freeu is not None:
+                x, skip = freeu(x, skip, *self.freeu)
+            x = resnet(torch.cat([x, skip], dim=1), temb)
             if self.attentions is not None:
                 x = self.attentions[i](x, context)
         if self.upsamplers is not None:

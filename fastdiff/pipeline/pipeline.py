@@ -333,6 +333,15 @@ class Pipeline:
             self.lora_fusion = LoraFusion()
         return fuse_lora(self, self.lora_fusion, source, scale)
 
+    def enable_freeu(self, s1: float, s2: float, b1: float, b2: float) -> None:
+        """FreeU on the U-Net (``UNet2DConditionModel.enable_freeu``), as diffusers'
+        ``pipe.enable_freeu``; after ``optimize()`` the graphs of the new setting are captured
+        anew (their key has it)."""
+        self.unet.enable_freeu(s1, s2, b1, b2)
+
+    def disable_freeu(self) -> None:
+        self.unet.disable_freeu()
+
     def load_textual_inversion(self, source, token: str | None = None) -> str:
         """Add a textual inversion embedding (a .safetensors / .bin file, a folder holding
         ``learned_embeds.*``, a state dict or a tensor) to the tokenizers and text encoders,

@@ -245,6 +245,7 @@ class GraphedDenoiser:
         key_extra: tuple = (),
         then: Callable[[torch.Tensor], Any] | None = None,
         prepare_cond: Callable[[dict], dict] | None = None,
+        model_state: Callable[[], tuple] | None = None,
     ):
         """``then(latents)``: what the caller does next with the result (the VAE decode), run
         in a new graph's compile-ahead pass on a tensor like the result (dtype, shape, layout)
@@ -253,7 +254,10 @@ class GraphedDenoiser:
         ``prepare_cond(cond)``: the condition with the work that stays the same at every step
         done (``Pipeline.prepare_condition``: the packed context projections). It runs once per
         generation, before the graph's replays, which then read its result from static
-        buffers instead of repeating that work at every step."""
+        buffers instead of repeating that work at every step.
+
+        ``model_state()``: what the U-Net decides on the host besides its weights (FreeU's
+        factors, ``UNet2DConditionModel.graph_state``), read per call into the key."""
         self.unet_forward = unet_forward
         self.cache = cache
         # A dtype, or a callable giving the U-Net's current one: a model cast after optimize()
@@ -264,6 +268,7 @@ class GraphedDenoiser:
         self.key_extra = key_extra
         self.then = then
         self.prepare_cond = prepare_cond
+        self.model_state = model_state
         self.eager_fallbacks: dict[GraphKey, str] = {}
         self.eager_entries: dict[GraphKey, GraphEntry] = {}  # see eager_entry
 
@@ -305,6 +310,7 @@ class GraphedDenoiser:
                 0 if whole_loop else step_graph_rows(call.steps),  # a step graph's plan rows
                 prepared_signature(prepared),
                 None if call.known is None else tuple(call.known.mask.shape),
+                () if self.model_state is None else self.model_state(),
                 *self.key_extra,
             ),
         )

@@ -194,6 +194,8 @@ class OptimizedRuntime:
             then=self.decode_ahead if decode_ahead else None,
             # The packed context projections, once per generation rather than at every step.
             prepare_cond=getattr(pipe, "prepare_condition", None),
+            # Host-side U-Net settings (FreeU), read per call: changing them captures anew.
+            model_state=lambda: getattr(pipe.unet, "graph_state", tuple)(),
         )
         # The VAE's tiling and slicing settings and its latent scaling are decided on the host:
         # part of the VAE graphs' keys (a pipeline without vae_graph_state has none to change).

@@ -249,3 +249,39 @@ def test_timestep_cond_needs_a_unet_that_takes_it(checkpoints):
         conditioned = model(**inputs)
         other = model(**{**inputs, "timestep_cond": inputs["timestep_cond"] + 1})
     assert (conditioned - other).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("name", ["sd1", "sdxl"])
+def test_freeu_matches_diffusers(checkpoints, name):
+    """enable_freeu: the first two up stages' backbone and skip features rescaled, as diffusers
+    does; disable_freeu restores the plain output."""
+    reference, folder = checkpoints.unet(name)
+    inputs = unet_inputs(name)
+    model = load_unet(folder)
+    with torch.no_grad():
+        plain = model(**inputs)
+        reference.enable_freeu(s1=0.9, s2=0.2, b1=1.3, b2=1.4)
+        model.enable_freeu(s1=0.9, s2=0.2, b1=1.3, b2=1.4)
+        try:
+            expected = reference_output(reference, inputs)
+        finally:
+            reference.disable_freeu()
+        actual = model(**inputs)
+        assert model.graph_state() != ((None,) * len(model.up_blocks))
+        model.disable_freeu()
+        again = model(**inputs)
+    torch.testing.assert_close(actual, expected, atol=TOLERANCE, rtol=0)
+    assert (actual - plain).abs().max() > 1e-3
+    assert torch.equal(again, plain)
+    with pytest.raises(ValueError, match="FreeU s1 must be a number"):
+        model.enable_freeu("0.9", 0.2, 1.3, 1.4)
+
+
+@pytest.mark.parametrize("shape", [(1, 2, 8, 8), (2, 3, 5, 7), (1, 1, 6, 4)])
+def test_freeu_fourier_filter_matches_diffusers(shape):
+    torch_utils = pytest.importorskip("diffusers.utils.torch_utils")
+    from fastdiff.models.unet_blocks import fourier_filter
+
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
+    expected = torch_utils.fourier_filter(x, threshold=1, scale=0.3)
+    torch.testing.assert_close(fourier_filter(x, 0.3), expected, atol=1e-6, rtol=0)

@@ -291,6 +291,14 @@ def test_default_optimize_plain_unet_inpainting_within_tolerance(steps):
     fp16_within_tolerance(pipe, cond, x_T, guidance_scale=6.0, steps=steps, known=known)
 
 
+def test_default_optimize_freeu_within_tolerance():
+    """FreeU's FFT skip filter (cuFFT) inside the captured graphs, fp16 U-Net."""
+    pipe = tiny_pipeline(device="cuda")
+    pipe.unet.enable_freeu(s1=0.9, s2=0.2, b1=1.2, b2=1.4)
+    cond, x_T = conditioning(), torch.randn(1, 4, 16, 16, device="cuda")
+    fp16_within_tolerance(pipe, cond, x_T, guidance_scale=6.0, steps=4)
+
+
 @pytest.mark.parametrize("sampler", ["euler", "dpmpp_2m"])
 def test_default_optimize_hand_over_within_tolerance(sampler):
     """denoising_end then denoising_start through the graphs: the rows before end_step, then the
