@@ -327,14 +327,18 @@ class UNet2DConditionModel(ModelBase):
         """FreeU (Si et al. 2024, "FreeU: Free Lunch in Diffusion U-Net"), as diffusers'
         ``enable_freeu``: in the first two up stages the backbone features' first half of
         channels is scaled by ``b1`` / ``b2`` and the skip features' lowest frequencies by
-        ``s1`` / ``s2``. No weights change; a captured graph is keyed by it (``graph_state``)."""
+        ``s1`` / ``s2`` (UpBlock2D and CrossAttnUpBlock2D stages; a zero factor turns it off, as
+        in diffusers). No weights change; a captured graph is keyed by it (``graph_state``)."""
         values = {"s1": s1, "s2": s2, "b1": b1, "b2": b2}
         for name, value in values.items():
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise ValueError(f"FreeU {name} must be a number, got {value!r}")
         stages = [(float(b1), float(s1)), (float(b2), float(s2))]
+        # diffusers applies it only when every factor is non-zero, and never in AttnUpBlock2D
+        enabled = all(values.values())
         for index, block in enumerate(self.up_blocks):
-            block.freeu = stages[index] if index < len(stages) else None
+            applies = enabled and index < len(stages) and not block.self_attention
+            block.freeu = stages[index] if applies else None
 
     def disable_freeu(self) -> None:
         for block in self.up_blocks:

@@ -147,7 +147,12 @@ def fourier_filter(x: torch.Tensor, scale: float) -> torch.Tensor:
     mask = torch.ones(spectrum.shape[-2:], device=x.device)
     mask[height // 2 - 1 : height // 2 + 1, width // 2 - 1 : width // 2 + 1] = scale
     spectrum = torch.fft.ifftshift(spectrum * mask, dim=(-2, -1))
-    return torch.fft.ifftn(spectrum, dim=(-2, -1)).real.to(x.dtype)
+    filtered = torch.fft.ifftn(spectrum, dim=(-2, -1)).real.to(x.dtype)
+    nhwc = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)
+    # (.real is a strided view: give the skip the layout it came in, for the concatenation)
+    return filtered.contiguous(
+        memory_format=torch.channels_last if nhwc else torch.contiguous_format
+    )
 
 
 def freeu(
@@ -181,6 +186,8 @@ class UpBlock(nn.Module):
         attention: CrossAttentionSpec | SelfAttentionSpec | None = None,
     ) -> None:
         super().__init__()
+        # AttnUpBlock2D (self-attention): a block diffusers' FreeU leaves alone
+        self.self_attention = isinstance(attention, SelfAttentionSpec)
         resnets = []
         for i in range(num_layers):
             skip_channels = in_channels if i == num_layers - 1 else out_channels

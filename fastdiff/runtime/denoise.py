@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from fastdiff.ops.backend import compiling_ahead, requested_backend
-from fastdiff.runtime.graphs import EagerReplay, GraphCache, GraphEntry, GraphKey
+from fastdiff.runtime.graphs import EagerReplay, GraphCache, GraphEntry, GraphKey, tensor_bytes
 from fastdiff.runtime.plan_step import apply_plan_step
 from fastdiff.sampling.guidance import combine_guidance
 from fastdiff.sampling.known_region import KnownRegion, keep_known, known_region_rows
@@ -270,7 +270,6 @@ class GraphedDenoiser:
         self.prepare_cond = prepare_cond
         self.model_state = model_state
         self.eager_fallbacks: dict[GraphKey, str] = {}
-        self.eager_entries: dict[GraphKey, GraphEntry] = {}  # see eager_entry
 
     def current_dtype(self) -> torch.dtype:
         return self.model_dtype() if callable(self.model_dtype) else self.model_dtype
@@ -324,6 +323,8 @@ class GraphedDenoiser:
         if prepared is not None:  # static counterparts, prepared from the static condition
             buffers.prepared = self.prepare(buffers.cond)
         repeats = call.steps if whole_loop else 1
+        # read here, so that the body (kept by an eager stand-in) does not keep the call alive
+        guidance_rescale = call.guidance_rescale if key.guidance else 0.0
 
         def body() -> None:
             # In the compile-ahead pass one step launches every kernel the others will (the
@@ -336,7 +337,7 @@ class GraphedDenoiser:
                     self.channels_last,
                     key.guidance,
                     noise_per_step=whole_loop,
-                    guidance_rescale=call.guidance_rescale if key.guidance else 0.0,
+                    guidance_rescale=guidance_rescale,
                 )
 
         def prepare() -> None:
@@ -372,13 +373,14 @@ class GraphedDenoiser:
         """The eager stand-in for a graph whose capture failed: its buffers and body are built
         once per key (as a graph's are) and kept, the most recent ``EAGER_ENTRIES``, so later
         calls of that shape do not allocate them again."""
-        entry = self.eager_entries.pop(key, None)
-        if entry is None:
+        kept = self.cache.eager  # cleared with the cache (after moving or re-casting a model)
+        entry = kept.pop(key, None)
+        if entry is None or entry.buffers.x.device != call.x_T.device:
             buffers, body, _ = self.build(call, key, call.x_T.device, prepared)
-            entry = GraphEntry(key, EagerReplay(body), buffers, 0.0, 0)
-        self.eager_entries[key] = entry  # most recent last
-        while len(self.eager_entries) > EAGER_ENTRIES:
-            self.eager_entries.pop(next(iter(self.eager_entries)))
+            entry = GraphEntry(key, EagerReplay(body), buffers, 0.0, tensor_bytes(buffers))
+        kept[key] = entry  # most recent last
+        while len(kept) > EAGER_ENTRIES:
+            kept.pop(next(iter(kept)))
         return entry
 
     def __call__(self, call: DenoiseCall, sampler: str = "") -> torch.Tensor:

@@ -332,6 +332,9 @@ class GraphCache:
         self.backend = backend
         self.max_graphs = max_graphs
         self.entries: OrderedDict[GraphKey, GraphEntry] = OrderedDict()
+        # Eager stand-ins of graphs whose capture failed, kept by their users (see
+        # GraphedDenoiser.eager_entry); cleared and counted with the graphs.
+        self.eager: OrderedDict[GraphKey, GraphEntry] = OrderedDict()
         self.stats = CacheStats()
 
     def __len__(self) -> int:
@@ -403,10 +406,13 @@ class GraphCache:
     def clear(self) -> None:
         while self.entries:
             self.evict_oldest()
+        self.eager.clear()
 
     def memory_bytes(self) -> int:
-        """Static buffers plus graph pools of the live graphs: what the cache holds on device."""
-        return sum(entry.memory_bytes for entry in self.entries.values())
+        """Static buffers plus graph pools of the live graphs (and the buffers of the eager
+        stand-ins kept for failed captures): what the cache holds on device."""
+        entries = [*self.entries.values(), *self.eager.values()]
+        return sum(entry.memory_bytes for entry in entries)
 
     def report(self) -> list[dict]:
         """One row per live graph: key, capture time, memory, replay count (most recent last)."""

@@ -189,7 +189,8 @@ def _tcd_rows(schedule: NoiseSchedule, timesteps: list[int], gamma: float) -> li
     for index, t in enumerate(timesteps):
         last = index + 1 == len(timesteps)
         t_next = 0 if last else timesteps[index + 1]
-        s = math.floor((1.0 - gamma) * t_next)
+        # in float32, as diffusers' torch.floor((1 - eta) * prev_timestep) rounds it
+        s = int(torch.floor((1.0 - gamma) * torch.tensor(t_next)))
         alpha_t, alpha_s, alpha_next = alphas_cumprod[t], alphas_cumprod[s], alphas_cumprod[t_next]
         c1, c2 = _x0_coefficients(alpha_t, schedule.prediction_type, t)
         from_x = math.sqrt(1.0 - alpha_s) / math.sqrt(1.0 - alpha_t)

@@ -244,7 +244,7 @@ class NoiseSchedule:
         the spacing. ``keep_fraction``: as floats, the Euler family's unrounded (diffusers'
         own, at which ``make_plan`` calls the model and which diffusers compares with
         denoising_start / denoising_end cut-offs)."""
-        if sampler == "lcm":
+        if sampler in ("lcm", "tcd"):  # TCDScheduler takes LCMScheduler's timesteps
             original = self.original_inference_steps
             timesteps = lcm_timesteps(self.num_train_timesteps, steps, original)
             return timesteps.double() if keep_fraction else timesteps

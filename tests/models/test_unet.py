@@ -251,7 +251,7 @@ def test_timestep_cond_needs_a_unet_that_takes_it(checkpoints):
     assert (conditioned - other).abs().max() > 1e-3
 
 
-@pytest.mark.parametrize("name", ["sd1", "sdxl"])
+@pytest.mark.parametrize("name", ["sd1", "sdxl", "class_conditional_attention"])
 def test_freeu_matches_diffusers(checkpoints, name):
     """enable_freeu: the first two up stages' backbone and skip features rescaled, as diffusers
     does; disable_freeu restores the plain output."""
@@ -275,6 +275,8 @@ def test_freeu_matches_diffusers(checkpoints, name):
     assert torch.equal(again, plain)
     with pytest.raises(ValueError, match="FreeU s1 must be a number"):
         model.enable_freeu("0.9", 0.2, 1.3, 1.4)
+    model.enable_freeu(s1=0.9, s2=0.0, b1=1.3, b2=1.4)  # a zero factor: off, as in diffusers
+    assert model.graph_state() == (None,) * len(model.up_blocks)
 
 
 @pytest.mark.parametrize("shape", [(1, 2, 8, 8), (2, 3, 5, 7), (1, 1, 6, 4)])

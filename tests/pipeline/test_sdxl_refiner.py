@@ -148,6 +148,7 @@ SCHEDULERS = {
     "euler": "EulerDiscreteScheduler",
     "dpmpp_2m": "DPMSolverMultistepScheduler",  # no previous x0 at the hand-over: first order
     "euler_ancestral": "EulerAncestralDiscreteScheduler",  # step noise from the generator
+    "tcd": "TCDScheduler",  # LCM's timesteps, cut as the others
 }
 
 

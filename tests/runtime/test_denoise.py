@@ -324,4 +324,6 @@ def test_a_shape_whose_capture_failed_runs_eagerly_on_buffers_built_once(monkeyp
     assert len(builds) == 2 * 2 and len(set(builds)) == 2
     with torch.no_grad():
         denoiser(make_call(4, size=16))  # a third shape: the least recent one is dropped
-    assert len(denoiser.eager_entries) == 2
+    assert len(denoiser.cache.eager) == 2 and denoiser.cache.memory_bytes() > 0
+    denoiser.cache.clear()  # as after moving or re-casting a model: built again
+    assert not denoiser.cache.eager and denoiser.cache.memory_bytes() == 0

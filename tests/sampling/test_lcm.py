@@ -151,6 +151,25 @@ def test_tcd_matches_diffusers(prediction_type, steps, gamma):
     assert_trajectories_match(ours, theirs, peaks, f"tcd/{prediction_type}/{steps}/{gamma}")
 
 
+@pytest.mark.parametrize("original, steps", [(333, 20), (1000, 11)])
+def test_tcd_rounds_the_jump_timestep_as_diffusers(original, steps):
+    """floor((1 - gamma) t') in float32, as TCDScheduler computes it: with an odd k the float64
+    product can land on the other side of an integer."""
+    from diffusers import TCDScheduler
+
+    config = dict(SD_BETAS, beta_schedule="scaled_linear", original_inference_steps=original)
+    reference = TCDScheduler(**config)
+    reference.set_timesteps(steps)
+    schedule = NoiseSchedule.from_config({"_class_name": "TCDScheduler", **reference.config})
+    plan = make_plan(schedule, "tcd", steps, 0.3)
+    x_T = torch.randn(2, 5)
+    generator = torch.Generator().manual_seed(1)
+    theirs, _, peaks = run_diffusers(reference, x_T, generator=generator, eta=0.3)
+    ours = []
+    run_plan(toy_model, x_T, plan, torch.Generator().manual_seed(1), lambda i, t, x: ours.append(x))
+    assert_trajectories_match(ours, theirs, peaks, f"tcd k={1000 // original}")
+
+
 def test_a_tcd_folder_defaults_to_tcd():
     assert default_sampler({"_class_name": "TCDScheduler"}) == "tcd"
     with pytest.raises(ValueError, match="eta must lie in"):
