@@ -5,6 +5,8 @@ encoder is not part of the timing). Providers:
   fastdiff           Pipeline.optimize(): 4 steps = one whole-loop graph + one VAE graph;
                      20 steps = a step graph replayed 20 times + the VAE graph
   fastdiff-nofold    the same with optimize(fold_biases=False) (what the folds buy)
+  fastdiff-taesd     fastdiff with TAESD (AutoencoderTiny) as the VAE: the fast decode users swap
+                     in (another image: its FLOPs are its own)
   fastdiff-eager     the same Pipeline without optimize(): plain PyTorch ops, no graphs
   diffusers          StableDiffusionPipeline + DDIMScheduler, fp16, eager
   diffusers-compile  the same with torch.compile(unet) (only with --compile)
@@ -28,7 +30,14 @@ from bench_unet import CPU_WORKLOADS, GPU_WORKLOADS, unet_flops  # noqa: E402
 from bench_vae import vae_flops  # noqa: E402
 from model_configs import SD_SCHEDULER, model_config  # noqa: E402
 
-PROVIDERS = ("fastdiff", "fastdiff-nofold", "fastdiff-eager", "diffusers", "diffusers-compile")
+PROVIDERS = (
+    "fastdiff",
+    "fastdiff-nofold",
+    "fastdiff-taesd",
+    "fastdiff-eager",
+    "diffusers",
+    "diffusers-compile",
+)
 GUIDANCE = 7.5
 
 
@@ -39,11 +48,18 @@ def setting():
     return "tiny_sd15_unet", "tiny_vae", 8, 32
 
 
+def taesd_config() -> str:
+    """The TAESD config of the fastdiff-taesd rows (on CPU a small one with the toy VAE's
+    downscale factor)."""
+    return "taesd" if mb.on_gpu() else "tiny_taesd"
+
+
 class PipelineHolder:
     def __init__(self, device, dtype):
         self.device, self.dtype = device, dtype
         self.fastdiff = self.optimized = self.diffusers = None
         self.fold_biases = True  # what the last optimize() was given
+        self.taesd = False  # whether the pipeline's VAE is TAESD
 
     def release(self) -> None:
         self.print_graph_report()
@@ -56,19 +72,24 @@ class PipelineHolder:
             print(runtime.graph_report(), flush=True)
             runtime.reported = True
 
-    def fastdiff_pipeline(self, optimized: bool, fold_biases: bool = True):
-        from fastdiff.models import AutoencoderKL, UNet2DConditionModel
+    def fastdiff_pipeline(self, optimized: bool, fold_biases: bool = True, taesd: bool = False):
+        from fastdiff.models import AutoencoderKL, AutoencoderTiny, UNet2DConditionModel
         from fastdiff.pipeline import Pipeline
         from fastdiff.runtime import EagerGraphBackend, optimize
         from fastdiff.sampling import NoiseSchedule
 
-        if self.fastdiff is None or (self.optimized and not optimized):
+        if self.fastdiff is None or (self.optimized and not optimized) or self.taesd != taesd:
             self.diffusers = None
+            self.fastdiff = None
             mb.free_memory()
             unet_config, vae_config, _, _ = setting()
             with torch.device(self.device):
                 unet = UNet2DConditionModel(model_config(unet_config))
-                vae = AutoencoderKL(model_config(vae_config))
+                if taesd:
+                    vae = AutoencoderTiny(model_config(taesd_config()))
+                else:
+                    vae = AutoencoderKL(model_config(vae_config))
+            self.taesd = taesd
             unet.to(self.dtype).eval().requires_grad_(False)
             vae.to(self.dtype).eval().requires_grad_(False)
             self.fastdiff = Pipeline(unet, vae, NoiseSchedule.from_config(SD_SCHEDULER))
@@ -126,9 +147,11 @@ def provider_setup(provider: str, holder: PipelineHolder, steps: int):
         embeds, negative = randn(1, 77, width), randn(1, 77, width)
         latents = randn(1, 4, size, size)
         pixels = size * (8 if mb.on_gpu() else 2)
-        if provider in ("fastdiff", "fastdiff-nofold", "fastdiff-eager"):
+        if provider in ("fastdiff", "fastdiff-nofold", "fastdiff-taesd", "fastdiff-eager"):
             pipe = holder.fastdiff_pipeline(
-                optimized=provider != "fastdiff-eager", fold_biases=provider != "fastdiff-nofold"
+                optimized=provider != "fastdiff-eager",
+                fold_biases=provider != "fastdiff-nofold",
+                taesd=provider == "fastdiff-taesd",
             )
 
             def run():
@@ -178,6 +201,7 @@ def default_providers(compile_: bool) -> list[str]:
             providers.append("diffusers-compile")
     if mb.on_gpu():  # last: a time limit cuts from the end, and diffusers is the reference
         providers.append("fastdiff-nofold")
+    providers.append("fastdiff-taesd")
     return providers
 
 
@@ -191,12 +215,14 @@ def cases(
     unet_work = (GPU_WORKLOADS if mb.on_gpu() else CPU_WORKLOADS)["sd15_b2"]
     unet_config, vae_config, size, _ = setting()
     per_step, decode = unet_flops(unet_work), vae_flops(vae_config, size)
+    taesd_decode = vae_flops(taesd_config(), size, "taesd")
     providers = mb.available_providers(providers or default_providers(compile_))
     result = []
     for steps in steps_list:
         holder = PipelineHolder(device, dtype)
         flop = per_step * steps + decode if per_step and decode else None
         name = f"{'sd15' if mb.on_gpu() else 'tiny'}_{steps}step_cfg"
+        taesd_flop = per_step * steps + taesd_decode if per_step and taesd_decode else None
         for index, provider in enumerate(providers):
             case = mb.Case(
                 "pipeline",
@@ -204,7 +230,7 @@ def cases(
                 provider,
                 provider_setup(provider, holder, steps),
                 images=1,
-                flop=flop,
+                flop=taesd_flop if provider == "fastdiff-taesd" else flop,  # its own decode's
                 note=note,
             )
             if provider in ("fastdiff", "fastdiff-nofold"):

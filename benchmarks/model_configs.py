@@ -123,11 +123,11 @@ TINY_VAE: dict = {
 # TAESD (diffusers' AutoencoderTiny defaults: 64-wide, 1/3/3/3 encoder and 3/3/3/1 decoder
 # blocks), and a small one for the CPU.
 TAESD: dict = {}
-TINY_TAESD: dict = {
-    "encoder_block_out_channels": [16, 16, 16, 16],
-    "decoder_block_out_channels": [16, 16, 16, 16],
-    "num_encoder_blocks": [1, 1, 1, 1],
-    "num_decoder_blocks": [1, 1, 1, 1],
+TINY_TAESD: dict = {  # two stages: the toy VAE's downscale factor 2
+    "encoder_block_out_channels": [16, 16],
+    "decoder_block_out_channels": [16, 16],
+    "num_encoder_blocks": [1, 1],
+    "num_decoder_blocks": [1, 1],
 }
 
 MODELS: dict[str, dict] = {
