@@ -106,6 +106,20 @@ def add_parser(subparsers) -> None:
         "--lora-scale", type=float, default=1.0, help="scale of every --lora (default 1.0)"
     )
     parser.add_argument(
+        "--padding-mask-crop",
+        type=int,
+        default=None,
+        help="with --mask-image: inpaint only the box around the mask, widened by this many "
+        "pixels, at the model's size, and paste it back into the image",
+    )
+    parser.add_argument(
+        "--freeu",
+        type=str,
+        default=None,
+        metavar="S1,S2,B1,B2",
+        help="FreeU factors (e.g. 0.9,0.2,1.2,1.4 for SD 1.5)",
+    )
+    parser.add_argument(
         "--vae",
         type=Path,
         help="an autoencoder folder used instead of the model's (e.g. TAESD, AutoencoderTiny, "
@@ -175,6 +189,8 @@ def load_pipeline(args, device: torch.device, verbose: bool = True):
     )
     for lora in getattr(args, "lora", None) or []:  # before optimize(), which fuses QKV
         pipe.load_lora_weights(lora, scale=args.lora_scale)
+    if getattr(args, "freeu", None) is not None:
+        pipe.enable_freeu(*freeu_factors(args.freeu))
     for embedding in getattr(args, "textual_inversion", None) or []:
         token = pipe.load_textual_inversion(embedding)
         print(f"textual inversion {embedding}: prompts may use {token!r}")
@@ -216,6 +232,8 @@ def generate_one(pipe, args, text: str, seed: int):
         if not args.mask_image.is_file():
             raise FileNotFoundError(f"mask image not found: {args.mask_image}")
         inputs["mask_image"] = read_init_image(args.mask_image)
+    if getattr(args, "padding_mask_crop", None) is not None:
+        inputs["padding_mask_crop"] = args.padding_mask_crop
     images = pipe(
         **inputs,
         num_inference_steps=args.steps,
@@ -230,6 +248,20 @@ def generate_one(pipe, args, text: str, seed: int):
         progress=not args.no_progress,
     )
     return images[0] if len(images) == 1 else make_grid(images)
+
+
+def freeu_factors(text: str) -> tuple[float, float, float, float]:
+    """--freeu "S1,S2,B1,B2" as four numbers."""
+    parts = text.split(",")
+    try:
+        values = tuple(float(part) for part in parts)
+    except ValueError:
+        values = ()
+    if len(values) != 4:
+        raise ValueError(
+            f"--freeu takes four numbers S1,S2,B1,B2 (e.g. 0.9,0.2,1.2,1.4), got {text!r}"
+        )
+    return values
 
 
 def read_init_image(path: Path):
@@ -271,6 +303,10 @@ def check_args(args) -> None:
         raise ValueError("--strength is only used with --init-image (img2img)")
     if args.mask_image is not None and args.init_image is None:
         raise ValueError("--mask-image needs --init-image: the image to inpaint")
+    if getattr(args, "padding_mask_crop", None) is not None and args.mask_image is None:
+        raise ValueError("--padding-mask-crop needs --mask-image (inpainting)")
+    if getattr(args, "freeu", None) is not None:
+        freeu_factors(args.freeu)  # refused before the model loads
     if args.num_images < 1:
         raise ValueError(f"--num-images must be at least 1, got {args.num_images}")
     if args.steps is not None and args.steps < 1:

@@ -587,3 +587,37 @@ def test_textual_inversion_from_the_command_line(tmp_path, capsys):
     api = pipe("a EasyToy cat", seed=3, num_inference_steps=2, height=16, width=16, progress=False)
     assert np.array_equal(np.asarray(Image.open(loaded)), np.asarray(api[0]))
     assert not np.array_equal(np.asarray(Image.open(plain)), np.asarray(Image.open(loaded)))
+
+
+def test_freeu_and_padding_mask_crop_from_the_command_line(tmp_path, capsys):
+    """--freeu and --padding-mask-crop give the API's images; bad values are refused before
+    the model loads."""
+    folder = make_sd_folder(tmp_path / "sd")
+    init, mask = tmp_path / "init.png", tmp_path / "mask.png"
+    Image.fromarray((np.random.RandomState(0).rand(24, 40, 3) * 255).astype(np.uint8)).save(init)
+    drawn = np.zeros((24, 40), dtype=np.uint8)
+    drawn[5:10, 28:34] = 255
+    Image.fromarray(drawn).save(mask)
+    common = ("--model", folder, "--prompt", "a cat", "--seed", 3, "--steps", 2, "--size", 16)
+    out = tmp_path / "out.png"
+    arguments = ("--init-image", init, "--mask-image", mask, "--padding-mask-crop", 2)
+    assert generate(*common, *arguments, "--freeu", "0.9,0.2,1.2,1.4", "--out", out) == 0
+    pipe = Pipeline.from_pretrained(folder)
+    pipe.enable_freeu(0.9, 0.2, 1.2, 1.4)
+    api = pipe(
+        "a cat",
+        image=Image.open(init),
+        mask_image=Image.open(mask),
+        padding_mask_crop=2,
+        seed=3,
+        num_inference_steps=2,
+        height=16,
+        width=16,
+        progress=False,
+    )[0]
+    assert Image.open(out).size == (40, 24)
+    assert np.array_equal(np.asarray(Image.open(out)), np.asarray(api))
+    assert generate(*common, "--freeu", "0.9,0.2", "--out", tmp_path / "no.png") == 2
+    assert "--freeu takes four numbers" in capsys.readouterr().err
+    assert generate(*common, "--padding-mask-crop", 2, "--out", tmp_path / "no.png") == 2
+    assert "--padding-mask-crop needs --mask-image" in capsys.readouterr().err
