@@ -69,16 +69,18 @@ class ContextProjections:
         """What two projections must share for ``load_``: the modules, the shape and dtype."""
         return (tuple(sorted(self.views)), tuple(self.projected.shape), str(self.projected.dtype))
 
-    def load_(self, other: ContextProjections) -> None:
+    def load_(self, other: ContextProjections, states_loaded: bool = False) -> None:
         """Copy ``other``'s context and projections into this one's tensors, in place (the
-        static buffers a captured CUDA graph reads). Both must come from the same packing."""
+        static buffers a captured CUDA graph reads). Both must come from the same packing.
+        ``states_loaded``: this one's context already holds ``other``'s (the caller copied it
+        with the rest of the condition), so only the projections are copied."""
         if other.signature() != self.signature():
             raise ValueError(
                 "context projections of another packing: the U-Net's packed cross-attentions "
                 f"changed ({len(other.views)} modules, {tuple(other.projected.shape)}, against "
                 f"{len(self.views)}, {tuple(self.projected.shape)})"
             )
-        if other.states is not self.states:
+        if other.states is not self.states and not states_loaded:
             self.states.copy_(other.states)
         self.projected.copy_(other.projected)
 

@@ -223,7 +223,11 @@ def load_buffers(
             if isinstance(value, torch.Tensor):
                 target.copy_(value)
             else:  # the projections computed once for this generation (ContextProjections)
-                target.load_(value)
+                # its context is the condition's, loaded above: not copied a second time
+                loaded = target.states is buffers.cond.get(name) and value.states is call.cond.get(
+                    name
+                )
+                target.load_(value, states_loaded=loaded)
     if buffers.noise is not None and whole_loop:
         buffers.noise.copy_(call.noise)
 

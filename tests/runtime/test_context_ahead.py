@@ -68,11 +68,23 @@ def test_graphs_read_projections_made_once_per_generation(monkeypatch, steps):
     rt = runtime.optimize(pipe, backend=RecordingGraphBackend(), verbose=False)
     assert pipe.unet.packed_context_modules  # optimize() fused and packed
     torch.testing.assert_close(denoise(pipe, 1, steps), wanted[0], rtol=1e-5, atol=1e-5)
+    (entry,) = rt.cache.entries.values()
+    static = entry.buffers.cond["encoder_hidden_states"]
+    assert entry.buffers.prepared["encoder_hidden_states"].states is static
+    copies = []  # of a generation's context into the static one: once, with the condition
+    copy = torch.Tensor.copy_
+
+    def counting_copy(self, *args, **kwargs):
+        copies.append(self.data_ptr() == static.data_ptr())
+        return copy(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "copy_", counting_copy)
     linear_calls = CallCounter(monkeypatch, F, "linear")
     torch.testing.assert_close(denoise(pipe, 2, steps), wanted[1], rtol=1e-5, atol=1e-5)
+    monkeypatch.setattr(torch.Tensor, "copy_", copy)
+    assert sum(copies) == 1
     assert rt.cache.stats.captures == 1 and rt.cache.stats.hits == 1
     assert context_projection_calls(pipe.unet, linear_calls) == (1, 0)
-    (entry,) = rt.cache.entries.values()
     assert entry.buffers.prepared is not None
     assert packed_gemms_in(entry.graph, pipe.unet) == 0
 
