@@ -21,6 +21,7 @@ from torch import nn
 from fastdiff.models.config import ConfigBase
 from fastdiff.models.config_checks import require_bool, require_choice, require_positive_int
 from fastdiff.models.module import ModelBase
+from fastdiff.models.vae import run_sliced
 
 
 @dataclasses.dataclass
@@ -184,9 +185,7 @@ class AutoencoderTiny(ModelBase):
             raise ValueError(f"vae.{what} expects (B, {channels}, H, W), got {tuple(tensor.shape)}")
 
     def sliced(self, function, batch: torch.Tensor) -> torch.Tensor:
-        if not self.slicing_enabled or batch.shape[0] < 2:
-            return function(batch)
-        return torch.cat([function(sample) for sample in batch.split(1)])
+        return run_sliced(function, batch, self.slicing_enabled)
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """Images in [-1, 1] -> latents (unscaled, as the diffusion model's before scaling)."""

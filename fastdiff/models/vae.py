@@ -33,6 +33,14 @@ def posterior_noise(
     return noise.to(device)
 
 
+def run_sliced(function, batch: torch.Tensor, enabled: bool) -> torch.Tensor:
+    """``function(batch)``, one sample at a time when ``enabled`` (an autoencoder's slicing:
+    less memory)."""
+    if not enabled or batch.shape[0] < 2:
+        return function(batch)
+    return torch.cat([function(sample) for sample in batch.split(1)])
+
+
 class DiagonalGaussian:
     """N(mean, diag(std^2)) from ``moments = [mean | logvar]`` on the channel axis."""
 
@@ -208,10 +216,7 @@ class AutoencoderKL(ModelBase):
         return self.encoder(x)
 
     def sliced(self, function, batch: torch.Tensor) -> torch.Tensor:
-        """``function(batch)``, one sample at a time when slicing is on (less memory)."""
-        if not self.slicing_enabled or batch.shape[0] < 2:
-            return function(batch)
-        return torch.cat([function(sample) for sample in batch.split(1)])
+        return run_sliced(function, batch, self.slicing_enabled)
 
     def enable_tiling(self, tile_size: int | None = None, overlap: int | None = None) -> None:
         """Decode latents, and encode images, larger than the tile in blended tiles: the tile is

@@ -79,10 +79,10 @@ def check_latent_channels(unet_config: Any, vae_config: Any) -> None:
         )
 
 
-def replacement_vae(vae: Any, unet: Any, device=None, dtype=None) -> Any:
+def replacement_vae(vae: Any, device=None, dtype=None) -> Any:
     """The autoencoder a caller passes in place of the folder's: a component folder (read by
-    ``load_vae``: AutoencoderKL or AutoencoderTiny) or a fastdiff model, checked against the
-    U-Net's latent channels."""
+    ``load_vae``: AutoencoderKL or AutoencoderTiny) or a fastdiff model (its latent channels
+    are checked against the U-Net's by ``Pipeline``, as the folder's own VAE's are)."""
     from fastdiff.models import AutoencoderKL, AutoencoderTiny, load_vae
 
     if isinstance(vae, (str, Path)):
@@ -94,7 +94,6 @@ def replacement_vae(vae: Any, unet: Any, device=None, dtype=None) -> Any:
             "vae must be a component folder or a fastdiff AutoencoderKL / AutoencoderTiny, got "
             f"{type(vae).__name__}"
         )
-    check_latent_channels(unet.config, vae.config)
     return vae
 
 
@@ -318,7 +317,7 @@ def load_components(
     if vae is None:
         vae = load_vae(vae_folder, dtype=dtype, device=device, variant=variants["vae"])
     else:
-        vae = replacement_vae(vae, unet, device, dtype)
+        vae = replacement_vae(vae, device, dtype)
 
     pairs, names = [], []
     for encoder_name, tokenizer_name in TEXT_COMPONENTS:

@@ -181,6 +181,8 @@ def expand_prompt(tokenizer, prompt: str) -> str:
     """A prompt with each multi-vector token ``tok`` replaced by ``tok tok_1 ... tok_{N-1}``,
     as diffusers' ``maybe_convert_prompt`` does (the same string replacement)."""
     added = tokenizer.added_tokens_encoder
+    if not any(f"{token}_1" in added for token in added):
+        return prompt  # no multi-vector token loaded: no need to tokenize the prompt here
     for token in set(tokenizer.tokenize(prompt)):
         if token in added and f"{token}_1" in added:
             replacement, index = token, 1
