@@ -44,15 +44,16 @@ def workload(name, shape, dtype, sampler: str) -> Workload:
         device = "cuda" if torch.cuda.is_available() else "cpu"
         x = random(size, dtype)
         model_output = random((2 * size[0], *size[1:]), dtype)
-        x0_prev = random(x.shape, dtype) if sampler == "dpmpp_2m" else None
+        x0_prev = random(x.shape, dtype) if sampler in ("dpmpp_2m", "unipc") else None
+        x0_prev2 = random(x.shape, dtype) if plan.reads_prev2 else None  # UniPC's corrector
         table = plan.coefficients.to(device)
         step = torch.tensor(STEPS // 2, device=device)
         guidance = torch.tensor(7.5, device=device)
-        return (x, model_output, table, step, x0_prev, guidance, None)
+        return (x, model_output, table, step, x0_prev, guidance, None, x0_prev2)
 
     def bytes_moved(inputs) -> float:
         x = inputs[0]
-        reads = 3 + (1 if inputs[4] is not None else 0)
+        reads = 3 + sum(1 for t in (inputs[4], inputs[7]) if t is not None)
         return (reads + 2) * x.numel() * x.element_size()
 
     return Workload(f"{name} {sampler} cfg", dtype, make, bytes_moved=bytes_moved)
@@ -63,12 +64,12 @@ def plan_step_provider(sampler: str):
 
     @host_synchronising
     def build(inputs):
-        x, model_output, _, step, x0_prev, guidance, noise = inputs
+        x, model_output, _, step, x0_prev, guidance, noise, x0_prev2 = inputs
         index, scale = int(step), float(guidance)
 
         def call():
             guided = combine_guidance(*model_output.chunk(2), scale)
-            return plan_step(plan, index, x, guided, x0_prev, noise)
+            return plan_step(plan, index, x, guided, x0_prev, noise, x0_prev2=x0_prev2)
 
         return call
 
@@ -78,7 +79,7 @@ def plan_step_provider(sampler: str):
 def main() -> None:
     args = parse_args(__doc__)
     shapes = SHAPES[:1] if args.quick else SHAPES
-    samplers = ("ddim",) if args.quick else ("ddim", "dpmpp_2m")
+    samplers = ("ddim",) if args.quick else ("ddim", "dpmpp_2m", "unipc")
     for sampler in samplers:
         workloads = [workload(n, s, torch.float16, sampler) for n, s in shapes]
         providers = standard_providers(sampler_step_eager, sampler_step, "sampler_step")

@@ -229,7 +229,7 @@ std::tuple<at::Tensor, at::Tensor> sampler_step(
     const at::Tensor& x, const at::Tensor& model_output, const at::Tensor& coefficients,
     const std::optional<at::Tensor>& step, const std::optional<at::Tensor>& x0_prev,
     const std::optional<at::Tensor>& guidance, double guidance_value,
-    const std::optional<at::Tensor>& noise) {
+    const std::optional<at::Tensor>& noise, const std::optional<at::Tensor>& x0_prev2) {
   FASTDIFF_CHECK(x.is_cuda(), kSamplerStep, ": x must be a CUDA tensor, got device ",
                  x.device().str());
   check_storage_dtype(x, kSamplerStep, "x");
@@ -248,6 +248,7 @@ std::tuple<at::Tensor, at::Tensor> sampler_step(
                  "(both contiguous or both channels_last)");
   check_sample_tensor(x0_prev, x, "x0_prev");
   check_sample_tensor(noise, x, "noise");
+  check_sample_tensor(x0_prev2, x, "x0_prev2");
 
   check_cuda(coefficients, x, kSamplerStep, "coefficients");
   const auto coefficient_type = coefficients.scalar_type();
@@ -255,14 +256,14 @@ std::tuple<at::Tensor, at::Tensor> sampler_step(
                  ": coefficients has dtype ", c10::toString(coefficient_type),
                  "; allowed: float32, float64");
   FASTDIFF_CHECK_VALUE((coefficients.dim() == 1 || coefficients.dim() == 2) &&
-                           coefficients.size(-1) == 7 && coefficients.numel() > 0,
-                       kSamplerStep, ": coefficients must be a [S, 7] table or one [7] row, got ",
+                           coefficients.size(-1) == 8 && coefficients.numel() > 0,
+                       kSamplerStep, ": coefficients must be a [S, 8] table or one [8] row, got ",
                        dims(coefficients.sizes()));
   FASTDIFF_CHECK(coefficients.stride(-1) == 1, kSamplerStep,
                  ": coefficients must have unit-stride columns, got strides ",
                  dims(coefficients.strides()));
   FASTDIFF_CHECK_VALUE((coefficients.dim() == 2) == step.has_value(), kSamplerStep,
-                       ": pass step with a [S, 7] coefficient table and no step with one [7] row");
+                       ": pass step with a [S, 8] coefficient table and no step with one [8] row");
   if (step.has_value()) {
     check_cuda(*step, x, kSamplerStep, "step");
     FASTDIFF_CHECK(step->scalar_type() == at::kLong && step->numel() == 1, kSamplerStep,
@@ -288,6 +289,7 @@ std::tuple<at::Tensor, at::Tensor> sampler_step(
   args.model_out = model_output.data_ptr();
   args.x0_prev = x0_prev.has_value() ? x0_prev->data_ptr() : nullptr;
   args.noise = noise.has_value() ? noise->data_ptr() : nullptr;
+  args.x0_prev2 = x0_prev2.has_value() ? x0_prev2->data_ptr() : nullptr;
   args.x_next = x_next.data_ptr();
   args.x0 = x0.data_ptr();
   args.coefficients = coefficients.data_ptr();
@@ -316,7 +318,8 @@ TORCH_LIBRARY(fastdiff_cuda, m) {
         "bool silu) -> Tensor");
   m.def("group_norm_plan(Tensor x, int num_groups) -> int[]");
   m.def("sampler_step(Tensor x, Tensor model_output, Tensor coefficients, Tensor? step, "
-        "Tensor? x0_prev, Tensor? guidance, float guidance_value, Tensor? noise) "
+        "Tensor? x0_prev, Tensor? guidance, float guidance_value, Tensor? noise, "
+        "Tensor? x0_prev2) "
         "-> (Tensor, Tensor)");
 }
 

@@ -64,21 +64,22 @@ GroupNormLaunch group_norm_plan(const GroupNormArgs& args);
 cudaError_t group_norm_launch(const GroupNormArgs& args, cudaStream_t stream);
 
 // ---------------------------------------------------------------------------------------------
-// One fused classifier-free-guidance + sampler step (see notes/PLAN_INTERFACE.md):
+// One fused classifier-free-guidance + sampler step (the SamplingPlan contract of fastdiff/sampling/plan.py):
 //   m      = u + w (c - u)          (or m = model_out without guidance)
 //   x_in   = c0 x
 //   x0     = c1 x_in + c2 m
-//   x_next = c3 x + c4 x0 + c5 x0_prev + c6 z
-// The coefficient row is read on the device (coefficients + 7 * step[0]), and w may be read from
+//   x_next = c3 x + c4 x0 + c5 x0_prev + c6 z + c7 x0_prev2
+// The coefficient row is read on the device (coefficients + stride * step[0]), and w may be read from
 // device memory too, so one captured CUDA graph serves every step of a sampling plan.
 struct SamplerStepArgs {
   const void* x;          // current state [numel], dtype `state_dtype`
   const void* model_out;  // [2 * numel] = [uncond; cond] when `guided`, else [numel]; `model_dtype`
   const void* x0_prev;    // previous step's x0 [numel], `state_dtype`, or nullptr (zeros)
   const void* noise;      // z [numel], `state_dtype`, or nullptr (zeros)
+  const void* x0_prev2;   // x0 of two steps back [numel], `state_dtype`, or nullptr (zeros)
   void* x_next;           // output [numel], `state_dtype`
   void* x0;               // output [numel], `state_dtype`
-  const void* coefficients;    // plan table [num_steps, 7] or one [7] row; `coefficient_dtype`
+  const void* coefficients;    // plan table [num_steps, 8] or one [8] row; `coefficient_dtype`
   int64_t coefficient_stride;  // elements between table rows (columns are unit-stride)
   const int64_t* step;         // device scalar: row index into the table; nullptr -> row 0
   int64_t num_steps;           // rows in the table; the kernel clamps the step into [0, rows)

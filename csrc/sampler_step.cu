@@ -1,6 +1,8 @@
 // Fused classifier-free guidance (Ho & Salimans 2022) + one step of a sampling plan
-// (notes/PLAN_INTERFACE.md): every sampler we ship is linear in (x, m, x0_prev, z) per step,
-//   m = u + w (c - u);  x0 = c1 (c0 x) + c2 m;  x_next = c3 x + c4 x0 + c5 x0_prev + c6 z,
+// (fastdiff/sampling/plan.py): every sampler we ship is linear in (x, m, x0_prev, z, x0_prev2)
+// per step,
+//   m = u + w (c - u);  x0 = c1 (c0 x) + c2 m;
+//   x_next = c3 x + c4 x0 + c5 x0_prev + c6 z + c7 x0_prev2,
 // so one elementwise pass replaces the ~10 PyTorch ops of the eager step. Memory-bound: each
 // thread moves 8 elements per tensor with 128-bit loads/stores when every pointer is 16-byte
 // aligned. The plan row (and optionally w) is read on the device, never baked into a launch, so a
@@ -45,7 +47,7 @@ __device__ __forceinline__ void store_chunk(T* data, const float (&values)[kChun
 }
 
 struct StepCoefficients {
-  float c[7];
+  float c[8];
   float guidance;
 };
 
@@ -58,7 +60,7 @@ __device__ __forceinline__ StepCoefficients read_coefficients(const SamplerStepA
   }
   StepCoefficients k;
 #pragma unroll
-  for (int j = 0; j < 7; ++j) {
+  for (int j = 0; j < 8; ++j) {
     k.c[j] = load_as_float(a.coefficients, row * a.coefficient_stride + j, a.coefficient_dtype);
   }
   k.guidance = a.guidance_scale != nullptr ? load_as_float(a.guidance_scale, 0, a.guidance_dtype)
@@ -68,10 +70,10 @@ __device__ __forceinline__ StepCoefficients read_coefficients(const SamplerStepA
 
 // The step for one element, in fp32; same association as the eager op: x0 = c1 (c0 x) + c2 m.
 __device__ __forceinline__ void step_element(const StepCoefficients& k, float x, float model,
-                                             float x0_prev, float noise, float& x_next,
-                                             float& x0) {
+                                             float x0_prev, float noise, float x0_prev2,
+                                             float& x_next, float& x0) {
   x0 = k.c[1] * (k.c[0] * x) + k.c[2] * model;
-  x_next = k.c[3] * x + k.c[4] * x0 + k.c[5] * x0_prev + k.c[6] * noise;
+  x_next = k.c[3] * x + k.c[4] * x0 + k.c[5] * x0_prev + k.c[6] * noise + k.c[7] * x0_prev2;
 }
 
 template <typename TS, typename TM, bool VECTORIZED>
@@ -82,6 +84,7 @@ __global__ void __launch_bounds__(kThreads) sampler_step_kernel(const SamplerSte
   const TM* cond = a.guided ? uncond + a.numel : nullptr;
   const TS* x0_prev = static_cast<const TS*>(a.x0_prev);
   const TS* noise = static_cast<const TS*>(a.noise);
+  const TS* x0_prev2 = static_cast<const TS*>(a.x0_prev2);
   TS* x_next = static_cast<TS*>(a.x_next);
   TS* x0 = static_cast<TS*>(a.x0);
   const int64_t thread = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
@@ -92,7 +95,8 @@ __global__ void __launch_bounds__(kThreads) sampler_step_kernel(const SamplerSte
     const int64_t chunks = a.numel / kChunk;
     for (int64_t chunk = thread; chunk < chunks; chunk += threads) {
       const int64_t offset = chunk * kChunk;
-      float xs[kChunk], model[kChunk], cond_values[kChunk], previous[kChunk], z[kChunk];
+      float xs[kChunk], model[kChunk], cond_values[kChunk], previous[kChunk], z[kChunk],
+          older[kChunk];
       load_chunk(x + offset, xs);
       load_chunk(uncond + offset, model);
       if (cond != nullptr) {
@@ -106,6 +110,7 @@ __global__ void __launch_bounds__(kThreads) sampler_step_kernel(const SamplerSte
       for (int j = 0; j < kChunk; ++j) {
         previous[j] = 0.0f;
         z[j] = 0.0f;
+        older[j] = 0.0f;
       }
       if (x0_prev != nullptr) {
         load_chunk(x0_prev + offset, previous);
@@ -113,10 +118,14 @@ __global__ void __launch_bounds__(kThreads) sampler_step_kernel(const SamplerSte
       if (noise != nullptr) {
         load_chunk(noise + offset, z);
       }
+      if (x0_prev2 != nullptr) {
+        load_chunk(x0_prev2 + offset, older);
+      }
       float next_values[kChunk], x0_values[kChunk];
 #pragma unroll
       for (int j = 0; j < kChunk; ++j) {
-        step_element(k, xs[j], model[j], previous[j], z[j], next_values[j], x0_values[j]);
+        step_element(k, xs[j], model[j], previous[j], z[j], older[j], next_values[j],
+                     x0_values[j]);
       }
       store_chunk(x_next + offset, next_values);
       store_chunk(x0 + offset, x0_values);
@@ -130,8 +139,9 @@ __global__ void __launch_bounds__(kThreads) sampler_step_kernel(const SamplerSte
     }
     const float previous = x0_prev != nullptr ? to_float(x0_prev[i]) : 0.0f;
     const float z = noise != nullptr ? to_float(noise[i]) : 0.0f;
+    const float older = x0_prev2 != nullptr ? to_float(x0_prev2[i]) : 0.0f;
     float next_value, x0_value;
-    step_element(k, to_float(x[i]), model, previous, z, next_value, x0_value);
+    step_element(k, to_float(x[i]), model, previous, z, older, next_value, x0_value);
     x_next[i] = from_float<TS>(next_value);
     x0[i] = from_float<TS>(x0_value);
   }
@@ -145,7 +155,8 @@ template <typename TS, typename TM>
 cudaError_t launch_types(const SamplerStepArgs& a, cudaStream_t stream) {
   const void* cond = a.guided ? static_cast<const TM*>(a.model_out) + a.numel : nullptr;
   const bool vectorized = aligned16(a.x) && aligned16(a.model_out) && aligned16(cond) &&
-                          aligned16(a.x0_prev) && aligned16(a.noise) && aligned16(a.x_next) &&
+                          aligned16(a.x0_prev) && aligned16(a.noise) &&
+                          aligned16(a.x0_prev2) && aligned16(a.x_next) &&
                           aligned16(a.x0);
   const int64_t units = vectorized ? (a.numel + kChunk - 1) / kChunk : a.numel;
   int64_t blocks = (units + kThreads - 1) / kThreads;

@@ -31,7 +31,8 @@ def add_parser(subparsers) -> None:
     parser.add_argument(
         "--sampler",
         default="ddim",
-        help="ddim, ddpm, euler[_ancestral|_karras], dpmpp_2m[_sde][_karras] (default: ddim)",
+        help="ddim, ddpm, euler[_ancestral|_karras], dpmpp_2m[_sde][_karras], unipc[_karras] "
+        "(default: ddim)",
     )
     parser.add_argument("--model", help="pipeline folder (default: the shipped shapes model)")
     parser.add_argument("--device", default="cpu", help="torch device (default: cpu)")

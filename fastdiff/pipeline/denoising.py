@@ -11,7 +11,8 @@ plan, given two adjustments made here:
   the schedule's alphā at its timestep, except for Karras levels and the clamped zero-SNR end);
 - a multistep solver has no previous x0 estimate at its first step, so that step runs first
   order, as diffusers' multistep schedulers do after ``set_begin_index``: x0_prev := x0, i.e.
-  the NEXT_FROM_PREV_X0 coefficient is folded into NEXT_FROM_X0.
+  the NEXT_FROM_PREV_X0 coefficient is folded into NEXT_FROM_X0; UniPC's first two rows are
+  built again (``fastdiff.sampling.plan.restarted_coefficients``).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from tqdm.auto import tqdm
 
 from fastdiff.pipeline import images as image_utils
 from fastdiff.sampling import KnownRegion, NoiseSchedule, make_plan, run_plan
-from fastdiff.sampling.plan import INPUT_SCALE, NEXT_FROM_PREV_X0, NEXT_FROM_X0, SamplingPlan
+from fastdiff.sampling.plan import INPUT_SCALE, SamplingPlan, restarted_coefficients
 
 
 def strength_value(strength) -> float:
@@ -112,16 +113,17 @@ def plan_until(plan: SamplingPlan, end_step: int) -> SamplingPlan:
     )
 
 
-def plan_from_step(plan: SamplingPlan, start_step: int) -> SamplingPlan:
+def plan_from_step(
+    plan: SamplingPlan, start_step: int, schedule: NoiseSchedule | None = None
+) -> SamplingPlan:
     """The rows ``start_step:`` of ``plan`` as a plan of their own whose initial state is
-    ``init_noise_scale * x_vp`` for a VP-scale x at that step (see the module docstring)."""
+    ``init_noise_scale * x_vp`` for a VP-scale x at that step (see the module docstring);
+    ``schedule``: the plan's (a unipc plan needs it to start part-way)."""
     if not 0 <= start_step < len(plan):
         raise ValueError(f"start_step {start_step} out of range for a {len(plan)}-step plan")
     if start_step == 0:
         return plan
-    coefficients = plan.coefficients[start_step:].clone()
-    coefficients[0, NEXT_FROM_X0] += coefficients[0, NEXT_FROM_PREV_X0]
-    coefficients[0, NEXT_FROM_PREV_X0] = 0.0
+    coefficients = restarted_coefficients(plan, start_step, schedule)
     levels = plan.alphas_cumprod
     return SamplingPlan(
         plan.sampler,
@@ -149,16 +151,21 @@ def start_state(
     if end_step is not None:
         if start_step >= end_step:
             raise ValueError(f"start_step {start_step} must be below end_step {end_step}")
-        plan = plan_until(plan, end_step)
+        if not 0 < end_step <= len(plan):
+            raise ValueError(f"end_step {end_step} out of range for a {len(plan)}-step plan")
     if init_latents is None:
         if start_step != 0:
             raise ValueError("start_step needs init_latents (img2img)")
-        return plan, noise
+        return (plan if end_step is None else plan_until(plan, end_step)), noise
     if init_latents.shape != noise.shape:
         raise ValueError(
             f"init latents shape {tuple(init_latents.shape)} != noise shape {tuple(noise.shape)}"
         )
-    plan = plan_from_step(plan, start_step)
+    # Restarted before it is cut: a restarted row depends on the steps after it (UniPC's last
+    # step is first order only where the whole plan ends).
+    plan = plan_from_step(plan, start_step, schedule)
+    if end_step is not None:
+        plan = plan_until(plan, end_step - start_step)
     if not add_noise:  # already the sampler's state at start_step, in its own scale
         return dataclasses.replace(plan, init_noise_scale=1.0), init_latents
     if plan.alphas_cumprod is None:

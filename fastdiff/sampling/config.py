@@ -39,6 +39,7 @@ SCHEDULE_KEYS = (
     "sigma_max",
     "original_inference_steps",
     "timestep_scaling",
+    "solver_type",
 )
 
 # key -> the values our samplers implement (a config with any other value is refused).
@@ -57,7 +58,10 @@ REQUIRED_VALUES: dict[str, tuple[Any, ...]] = {
     "variance_type": (None, "fixed_small"),
     "algorithm_type": ("dpmsolver++", "sde-dpmsolver++"),
     "solver_order": (2,),
-    "solver_type": ("midpoint",),
+    # UniPC's: x0 prediction, the corrector at every step, no other solver as its predictor
+    "predict_x0": (True,),
+    "disable_corrector": ([],),
+    "solver_p": (None,),
     "shift_terminal": (None,),
 }
 
@@ -75,6 +79,8 @@ IGNORED_KEYS = frozenset(
         "skip_prk_steps",
         # With final_sigmas_type == "zero" the last DPM-Solver step is always first order and
         # the second-to-last flag only matters for third order, so this cannot change results.
+        # UniPC's last step at sigma 0 is first order too: diffusers' second-order one divides
+        # by a zero ratio of log-SNR steps (NaN latents), fastdiff's stays first order.
         "lower_order_final",
     }
 )
@@ -109,6 +115,7 @@ CLASS_DEFAULTS: dict[str, dict[str, Any]] = {
     "HeunDiscreteScheduler": {"beta_start": 0.00085, "beta_end": 0.012},
     "LCMScheduler": {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear"},
     "TCDScheduler": {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear"},
+    "UniPCMultistepScheduler": {},
 }
 
 
@@ -177,6 +184,8 @@ def default_sampler(config: dict[str, Any]) -> str:
         return "dpmpp_2m" + ("_sde" if sde else "") + ("_karras" if karras else "")
     if class_name == "EulerDiscreteScheduler":
         return "euler_karras" if karras else "euler"
+    if class_name == "UniPCMultistepScheduler":
+        return "unipc_karras" if karras else "unipc"
     return {
         "DDIMScheduler": "ddim",
         "DDPMScheduler": "ddpm",

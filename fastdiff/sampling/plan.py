@@ -1,12 +1,16 @@
 """Samplers compiled ahead of time into a :class:`SamplingPlan`: the contract shared by the
 samplers, the fused step kernel and the CUDA-graph runtime.
 
-Every sampler we ship is, step by step, linear in the state x, the model output m, the previous
-step's x0 estimate and Gaussian noise z. Row i of ``plan.coefficients`` holds
+Every sampler we ship is, step by step, linear in the state x, the model output m, the two
+previous steps' x0 estimates and Gaussian noise z. Row i of ``plan.coefficients`` holds
 
-    x_in   = c0 * x                                         (model input, VP scale)
-    x0     = c1 * x_in + c2 * m                             (m in the schedule's prediction type)
-    x_next = c3 * x + c4 * x0 + c5 * x0_prev + c6 * z       (z ~ N(0, I) only where c6 != 0)
+    x_in   = c0 * x                                           (model input, VP scale)
+    x0     = c1 * x_in + c2 * m                               (m in the schedule's prediction type)
+    x_next = c3 * x + c4 * x0 + c5 * x0_prev + c6 * z + c7 * x0_prev2
+                                                              (z ~ N(0, I) only where c6 != 0)
+
+(x0_prev2, the x0 estimate of two steps back, is read only by UniPC, whose corrector reaches one
+step further back than its predictor; every other sampler's c7 is 0.)
 
 so the eager loop (:func:`fastdiff.sampling.sample`), the fused step kernel and the CUDA-graph
 runtime all apply the same numbers. :func:`plan_step` is the one reference implementation of a
@@ -31,7 +35,8 @@ NEXT_FROM_X = 3
 NEXT_FROM_X0 = 4
 NEXT_FROM_PREV_X0 = 5
 NOISE_STD = 6
-NUM_COEFFICIENTS = 7
+NEXT_FROM_PREV2_X0 = 7
+NUM_COEFFICIENTS = 8
 
 SAMPLERS = (
     "ddpm",
@@ -45,6 +50,8 @@ SAMPLERS = (
     "dpmpp_2m_sde_karras",
     "lcm",
     "tcd",
+    "unipc",
+    "unipc_karras",
 )
 
 
@@ -52,7 +59,7 @@ SAMPLERS = (
 class SamplingPlan:
     """Timesteps (LongTensor [S], call order; float64 where some are fractional: the Euler
     family's with ``linspace`` spacing or Karras levels, which diffusers' Euler schedulers pass
-    to the model as they are), float64 coefficients [S, 7], the factor that
+    to the model as they are), float64 coefficients [S, 8], the factor that
     turns x_T ~ N(0, I) into the initial state, and ``alphas_cumprod`` (float64 [S]): the VP
     noise level alphā of each step's input state, the level img2img diffuses an image to before
     starting at that step (None: the schedule's alphā at the step's timestep)."""
@@ -72,6 +79,12 @@ class SamplingPlan:
         """True when some step draws noise (ddpm, euler_ancestral, the sde samplers, ddim with
         eta > 0)."""
         return bool((self.coefficients[:, NOISE_STD] != 0).any())
+
+    @property
+    def reads_prev2(self) -> bool:
+        """True when some step reads the x0 estimate of two steps back (UniPC's corrector), so
+        a loop must keep it (``NEXT_FROM_PREV2_X0`` != 0)."""
+        return bool((self.coefficients[:, NEXT_FROM_PREV2_X0] != 0).any())
 
 
 def step_noise_dtype(plan: SamplingPlan, dtype: torch.dtype) -> torch.dtype:
@@ -257,7 +270,8 @@ def karras_plan_inputs(
             keep_fraction=keep_fraction,
             **bounds,
         )
-    cosine = schedule.beta_schedule == "squaredcos_cap_v2"
+    # DPMSolverMultistepScheduler truncates the cosine schedule's, UniPCMultistepScheduler rounds
+    cosine = schedule.beta_schedule == "squaredcos_cap_v2" and not sampler.startswith("unipc")
     return karras_sigmas(alphas_cumprod, steps, round_timesteps=not cosine, **bounds)
 
 
@@ -341,6 +355,113 @@ def _dpmpp_2m_rows(
     return rows
 
 
+def _unipc_rows(
+    schedule: NoiseSchedule, timesteps: list[int], sigmas: list[float], begin: int = 0
+) -> list[list[float]]:
+    """UniPC (Zhao et al. 2023, "UniPC: A Unified Predictor-Corrector Framework", B(h) variants;
+    diffusers' UniPCMultistepScheduler with its defaults: x0 prediction, solver_order 2, the
+    corrector at every step, lower-order final step). Rows ``begin:`` are those of a run that
+    starts at step ``begin`` (its multistep history starts there, as after diffusers'
+    ``set_begin_index``); rows before ``begin`` are left out of the list.
+
+    Step i is the corrector UniC on the state the previous step predicted (with the model's x0
+    at it, which needs no second model call) followed by the predictor UniP. In lambda = -log
+    sigma, with h the step's lambda increment, alpha_t the VP signal level and
+    B(h) = e^h - 1 (bh2) or h (bh1) taken at -h:
+
+        UniP:  x_{i+1} = (s_{i+1}/s_i) xc_i - a_{i+1} (e^-h - 1) x0_i - a_{i+1} B rho_p D1
+        UniC:  xc_i    = (s_i/s_{i-1}) xc_{i-1} - a_i (e^-h - 1) x0_{i-1}
+                         - a_i B (rho_c[0] D1' + rho_c[1] (x0_i - x0_{i-1}))
+
+    with D1 = (x0_{i-1} - x0_i) / r the scaled difference to the previous estimate (r the ratio of
+    the previous lambda step to this one), rho_p = 1/2 at second order, and rho_c solving UniC's
+    order conditions (rho_c = [1/2] at first order). diffusers keeps xc_{i-1}, the corrected
+    state before the predictor; the predictor that produced x_i moved from it with the same
+    factor s_i/s_{i-1}, so xc_i = x_i + (a combination of x0 differences), and the row is
+    linear in x_i, x0_i, x0_{i-1} and x0_{i-2} (``NEXT_FROM_PREV2_X0``). The predictor is first
+    order at the run's first step and at the last (final sigma 0), the corrector absent at the
+    first and first order at the second."""
+    bh1 = schedule.solver_type == "bh1"
+
+    def log_snr(sigma: float) -> float:
+        return math.inf if sigma == 0.0 else -math.log(sigma)
+
+    def signal(sigma: float) -> float:  # alpha_t
+        return 1.0 / math.sqrt(sigma**2 + 1.0)
+
+    def noise_level(sigma: float) -> float:  # sigma_t = sigma * alpha_t (VP)
+        return sigma * signal(sigma)
+
+    def update(i: int, order: int) -> tuple[float, float, float, float]:
+        """The move from step i to i + 1 at ``order``: (from_x, from_x0, from_prev, B-term) with
+        x_{i+1} = from_x x + from_x0 x0_i + from_prev x0_{i-1} (predictor form), and the
+        quantities UniC needs (returned as a_next * B, and r)."""
+        sigma, sigma_next = sigmas[i], sigmas[i + 1]
+        alpha_next = signal(sigma_next)
+        if sigma_next == 0.0:  # the last step: x_{i+1} = x0_i
+            return 0.0, 1.0, 0.0, math.nan
+        h = log_snr(sigma_next) - log_snr(sigma)
+        phi = math.expm1(-h)
+        scaled_b = alpha_next * (-h if bh1 else phi)
+        from_x = noise_level(sigma_next) / noise_level(sigma)
+        from_x0, from_prev = -alpha_next * phi, 0.0
+        if order == 2:
+            ratio = (log_snr(sigmas[i - 1]) - log_snr(sigma)) / h
+            from_x0 += scaled_b * 0.5 / ratio
+            from_prev = -scaled_b * 0.5 / ratio
+        return from_x, from_x0, from_prev, scaled_b
+
+    def corrector_weights(i: int, order: int) -> tuple[float, float]:
+        """UniC's (rho_c[0], rho_c[1]) from step i - 1 to i (rho_c[0] = 0 at first order)."""
+        if order == 1:
+            return 0.0, 0.5
+        h = log_snr(sigmas[i]) - log_snr(sigmas[i - 1])
+        hh = -h
+        b_h = hh if bh1 else math.expm1(hh)
+        phi_k = math.expm1(hh) / hh - 1.0
+        b1 = phi_k / b_h
+        phi_k = phi_k / hh - 0.5
+        b2 = phi_k * 2.0 / b_h
+        ratio = (log_snr(sigmas[i - 2]) - log_snr(sigmas[i - 1])) / h
+        # [[1, 1], [r, 1]] rho = [b1, b2]
+        rho0 = (b1 - b2) / (1.0 - ratio)
+        return rho0, b1 - rho0
+
+    count = len(timesteps)
+    orders = {}  # the predictor's order at each step (UniC at i + 1 takes the same order)
+    rows = []
+    for i in range(begin, count):
+        t = timesteps[i]
+        sigma = sigmas[i]
+        c1, c2 = _x0_coefficients(1.0 / (sigma**2 + 1.0), schedule.prediction_type, t)
+        order = 1 if i == begin or i == count - 1 else 2
+        orders[i] = order
+        from_x, from_x0, from_prev, _ = update(i, order)
+        from_prev2 = 0.0
+        if i > begin:
+            # xc_i = x_i + k_cur x0_i + k_prev x0_{i-1} + k_prev2 x0_{i-2}: UniC minus the
+            # predictor that gave x_i (both from xc_{i-1} by the same factor).
+            corrector_order = orders[i - 1]
+            _, _, _, scaled_b = update(i - 1, corrector_order)
+            rho0, rho1 = corrector_weights(i, corrector_order)
+            k_cur = -scaled_b * rho1
+            k_prev = scaled_b * rho1
+            k_prev2 = 0.0
+            if corrector_order == 2:
+                ratio = (log_snr(sigmas[i - 2]) - log_snr(sigmas[i - 1])) / (
+                    log_snr(sigma) - log_snr(sigmas[i - 1])
+                )
+                # UniC's D1' term minus the predictor's (both in x0_{i-2} - x0_{i-1})
+                weight = -scaled_b * (rho0 - 0.5) / ratio
+                k_prev2 += weight
+                k_prev -= weight
+            from_x0 += from_x * k_cur
+            from_prev += from_x * k_prev
+            from_prev2 = from_x * k_prev2
+        rows.append([1.0, c1, c2, from_x, from_x0, from_prev, 0.0, from_prev2])
+    return rows
+
+
 def make_plan(
     schedule: NoiseSchedule,
     sampler: str = "ddim",
@@ -409,10 +530,21 @@ def make_plan(
         rows, init_noise_scale = _euler_rows(
             schedule, visited, sigmas, sampler == "euler_ancestral"
         )
+    elif sampler.startswith("unipc"):
+        if not karras:
+            sigmas = _sigmas_at(schedule, visited)
+        rows = _unipc_rows(schedule, visited, sigmas)
     else:
+        if schedule.solver_type == "heun":
+            raise ValueError(
+                "solver_type 'heun' (DPM-Solver++'s Heun-type second order update) is not "
+                f"implemented; {sampler!r} takes the midpoint update (solver_type 'midpoint')"
+            )
         if not karras:
             sigmas = _sigmas_at(schedule, visited)
         rows = _dpmpp_2m_rows(schedule, visited, sigmas, sde="_sde" in sampler)
+    # the samplers without a second history write 7 columns; c7 (x0_prev2) is 0 for them
+    rows = [row + [0.0] * (NUM_COEFFICIENTS - len(row)) for row in rows]
     coefficients = torch.tensor(rows, dtype=torch.float64)
     if not bool(torch.isfinite(coefficients).all()):
         raise ValueError(f"{sampler} plan has non-finite coefficients for this schedule")
@@ -423,6 +555,36 @@ def make_plan(
     return SamplingPlan(
         sampler, timesteps, coefficients, float(init_noise_scale), eta, alphas_cumprod
     )
+
+
+def restarted_coefficients(
+    plan: SamplingPlan, start_step: int, schedule: NoiseSchedule | None = None
+) -> torch.Tensor:
+    """The coefficient rows ``start_step:`` of ``plan`` for a run that starts there (img2img,
+    a refiner's ``denoising_start``), whose multistep history starts empty, as diffusers'
+    schedulers start after ``set_begin_index``. DPM-Solver's first row takes x0_prev := x0 (its
+    second-order term vanishes: first order). UniPC's first two rows change more (no corrector
+    at the first step, a first-order one at the second): they are built again from the plan's
+    noise levels, which needs the ``schedule`` (its prediction type and solver type)."""
+    if not 0 <= start_step < len(plan):
+        raise ValueError(f"start_step {start_step} out of range for a {len(plan)}-step plan")
+    if plan.sampler.startswith("unipc") and start_step > 0:
+        if schedule is None:
+            raise ValueError("restarting a unipc plan part-way needs its schedule")
+        alphas_cumprod = plan.alphas_cumprod.tolist()
+        sigmas = [math.sqrt((1.0 - a) / a) for a in alphas_cumprod] + [0.0]
+        rows = _unipc_rows(schedule, plan.timesteps.tolist(), sigmas, begin=start_step)
+        return torch.tensor(rows, dtype=torch.float64)
+    coefficients = plan.coefficients[start_step:].clone()
+    if start_step > 0:
+        first = coefficients[0]
+        first[NEXT_FROM_X0] += first[NEXT_FROM_PREV_X0] + first[NEXT_FROM_PREV2_X0]
+        first[NEXT_FROM_PREV_X0] = first[NEXT_FROM_PREV2_X0] = 0.0
+        if coefficients.shape[0] > 1:
+            second = coefficients[1]
+            second[NEXT_FROM_PREV_X0] += second[NEXT_FROM_PREV2_X0]
+            second[NEXT_FROM_PREV2_X0] = 0.0
+    return coefficients
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -437,13 +599,15 @@ def apply_plan_row(
     x0_prev: torch.Tensor | None = None,
     noise: torch.Tensor | None = None,
     guidance_scale: float | None = None,
+    x0_prev2: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One step from a coefficient row (7 floats, or a [7] tensor): returns (x_next, x0).
+    """One step from a coefficient row (8 floats, or an [8] tensor): returns (x_next, x0).
 
     ``model_output`` is the model output at input ``row[0] * x``: shaped like x, or, with
     ``guidance_scale`` w given, the [2B, ...] batch [uncond; cond] combined here as
     uncond + w (cond - uncond) (the fused kernel's inputs). ``x0_prev`` is the previous step's x0
-    (None or zeros at step 0); ``noise`` is required iff ``row[6] != 0``. Arithmetic is in fp32
+    (None or zeros at step 0), ``x0_prev2`` the one before it (read where ``row[7] != 0``: UniPC;
+    None counts as zeros); ``noise`` is required iff ``row[6] != 0``. Arithmetic is in fp32
     (fp64 for fp64 inputs); results are returned in x's dtype.
     """
     dtype = _compute_dtype(x.dtype)
@@ -463,12 +627,14 @@ def apply_plan_row(
         row = row.detach().to("cpu", torch.float64).tolist()
     if len(row) != NUM_COEFFICIENTS:
         raise ValueError(f"a plan row has {NUM_COEFFICIENTS} coefficients, got {len(row)}")
-    c0, c1, c2, c3, c4, c5, c6 = (float(value) for value in row)
+    c0, c1, c2, c3, c4, c5, c6, c7 = (float(value) for value in row)
     state = x.to(dtype)
     x0 = c1 * (c0 * state) + c2 * model_output.to(dtype)
     x_next = c3 * state + c4 * x0
     if c5 != 0 and x0_prev is not None:
         x_next = x_next + c5 * x0_prev.to(dtype)
+    if c7 != 0 and x0_prev2 is not None:
+        x_next = x_next + c7 * x0_prev2.to(dtype)
     if c6 != 0:
         if noise is None:
             raise ValueError("this plan step adds noise (NOISE_STD != 0) but noise is None")
@@ -486,6 +652,7 @@ def plan_step(
     x0_prev: torch.Tensor | None = None,
     noise: torch.Tensor | None = None,
     guidance_scale: float | None = None,
+    x0_prev2: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Apply row ``index`` of ``plan`` eagerly: returns (x_next, x0). The reference for the fused
     sampler-step kernel; see :func:`apply_plan_row` for the arguments (``guidance_scale`` takes
@@ -493,7 +660,7 @@ def plan_step(
     if not 0 <= index < len(plan):
         raise ValueError(f"step index {index} out of range for a {len(plan)}-step plan")
     row = plan.coefficients[index].tolist()
-    return apply_plan_row(row, x, model_output, x0_prev, noise, guidance_scale)
+    return apply_plan_row(row, x, model_output, x0_prev, noise, guidance_scale, x0_prev2)
 
 
 def model_input(plan: SamplingPlan, index: int, x: torch.Tensor) -> torch.Tensor:

@@ -8,7 +8,9 @@ Samplers (see ``fastdiff.sampling.plan`` for the formulas and papers):
 ``dpmpp_2m`` (DPM-Solver++(2M), Lu et al. 2022), ``dpmpp_2m_sde`` (its SDE variant), and
 ``dpmpp_2m_karras`` / ``dpmpp_2m_sde_karras`` (the same through Karras et al.'s noise levels),
 ``lcm`` (latent consistency models' multistep sampling, Luo et al. 2023, as LCMScheduler) and
-``tcd`` (trajectory consistency distillation's sampling, Zheng et al. 2024, as TCDScheduler).
+``tcd`` (trajectory consistency distillation's sampling, Zheng et al. 2024, as TCDScheduler),
+``unipc`` / ``unipc_karras`` (UniPC's predictor-corrector, Zhao et al. 2023, as
+UniPCMultistepScheduler).
 """
 
 from __future__ import annotations
@@ -58,7 +60,8 @@ def run_plan(
     # them; whole ones as a LongTensor.
     t_dtype = torch.float32 if plan.timesteps.dtype.is_floating_point else torch.long
     x = x_T * plan.init_noise_scale if plan.init_noise_scale != 1.0 else x_T
-    x0_prev = None
+    x0_prev = x0_prev2 = None
+    keep_prev2 = plan.reads_prev2
     if known is not None:
         known.check(x)
         known_rows = known_region_rows(plan).tolist()
@@ -84,7 +87,12 @@ def run_plan(
             dtype = step_noise_dtype(plan, x.dtype)
             noise = torch.randn(x.shape, generator=generator, device=noise_device, dtype=dtype)
             noise = noise.to(x.device)
-        x, x0_prev = plan_step(plan, index, x, output.to(x.dtype), x0_prev, noise)
+        older = x0_prev
+        x, x0_prev = plan_step(
+            plan, index, x, output.to(x.dtype), x0_prev, noise, x0_prev2=x0_prev2
+        )
+        if keep_prev2:
+            x0_prev2 = older
         if known is not None:
             x = keep_known(x, known, *known_rows[index])
         if callback is not None:

@@ -23,6 +23,8 @@ from fastdiff.sampling.spacing import SPACINGS, lcm_timesteps, spaced_timesteps
 
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+# The multistep solvers' variants a scheduler config may name (``NoiseSchedule.solver_type``).
+SOLVER_TYPES = ("midpoint", "heun", "logrho", "bh1", "bh2")
 
 
 def _cosine_betas(num_train_timesteps: int, max_beta: float = 0.999) -> torch.Tensor:
@@ -69,6 +71,11 @@ class NoiseSchedule:
     ``original_inference_steps`` and ``timestep_scaling`` (None: LCMScheduler's 50 and 10.0)
     are the ``lcm`` sampler's: the distillation schedule its timesteps are taken from, and the
     scale of the timestep in its boundary-condition weights.
+    ``solver_type`` (None: each solver's default) is the multistep solvers' variant, as
+    diffusers reads it: ``unipc`` takes "bh1" as UniPC's B(h) = h and anything else as its
+    default "bh2" (B(h) = e^h - 1); the ``dpmpp_2m`` samplers take "midpoint" (and "bh1", "bh2",
+    "logrho", which DPMSolverMultistepScheduler reads as midpoint) and refuse "heun", a second
+    order variant fastdiff does not implement.
     """
 
     num_train_timesteps: int = 1000
@@ -86,6 +93,7 @@ class NoiseSchedule:
     sigma_max: float | None = None
     original_inference_steps: int | None = None
     timestep_scaling: float | None = None
+    solver_type: str | None = None
     betas: torch.Tensor = field(init=False, repr=False)
     alphas: torch.Tensor = field(init=False, repr=False)
     alphas_cumprod: torch.Tensor = field(init=False, repr=False)
@@ -150,6 +158,10 @@ class NoiseSchedule:
             or not 0.0 < scaling < math.inf
         ):
             raise ValueError(f"timestep_scaling must be a positive number, got {scaling!r}")
+        if self.solver_type is not None and self.solver_type not in SOLVER_TYPES:
+            raise ValueError(
+                f"unknown solver_type {self.solver_type!r}; allowed: {list(SOLVER_TYPES)}"
+            )
         total = int(self.num_train_timesteps)
         object.__setattr__(self, "num_train_timesteps", total)
         object.__setattr__(self, "steps_offset", int(self.steps_offset))
@@ -223,6 +235,7 @@ class NoiseSchedule:
             "sigma_max": self.sigma_max,
             "original_inference_steps": self.original_inference_steps,
             "timestep_scaling": self.timestep_scaling,
+            "solver_type": self.solver_type,
         }
         return {
             "num_train_timesteps": self.num_train_timesteps,

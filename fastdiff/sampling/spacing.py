@@ -12,11 +12,13 @@ diffusers computes the spacings slightly differently per scheduler family:
   callers that index tables; ``keep_fraction`` returns them as diffusers keeps them, and
   ``make_plan`` calls the model at those, with sigma interpolated between the neighbouring
   table entries as diffusers does.
-* ``dpmpp_2m`` and ``dpmpp_2m_sde`` (DPMSolverMultistepScheduler): ``linspace`` and ``leading``
+* ``dpmpp_2m`` and ``dpmpp_2m_sde`` (DPMSolverMultistepScheduler), and ``unipc``
+  (UniPCMultistepScheduler, which spaces them the same way): ``linspace`` and ``leading``
   build ``steps + 1`` points and drop the last one (t = 0).
 
 A config that leaves the spacing out gets the default of the scheduler the sampler reproduces
-(``DEFAULT_SPACING``). The Karras levels of ``dpmpp_2m_karras`` take no spacing; those of
+(``DEFAULT_SPACING``). The Karras levels of ``dpmpp_2m_karras`` (and ``unipc_karras``) take no
+spacing; those of
 ``euler_karras`` span the spaced timesteps' noise levels (``karras_sigmas``).
 """
 
@@ -33,6 +35,7 @@ SAMPLER_FAMILIES = {
     "euler_ancestral": "euler",
     "dpmpp_2m": "dpmpp_2m",
     "dpmpp_2m_sde": "dpmpp_2m",
+    "unipc": "dpmpp_2m",
 }
 
 

@@ -95,7 +95,9 @@ class CallCounter:
         ]
 
 
-def sampler_step_reference(row, x, model_output, guidance, x0_prev, noise, dtype=torch.float32):
+def sampler_step_reference(
+    row, x, model_output, guidance, x0_prev, noise, dtype=torch.float32, x0_prev2=None
+):
     """The sampling layer's own step, apply_plan_row(combine_guidance(...)), with the inputs in
     ``dtype``, returned in x's dtype: the reference of every fused sampler-step kernel."""
     from fastdiff.sampling import apply_plan_row, combine_guidance
@@ -106,17 +108,20 @@ def sampler_step_reference(row, x, model_output, guidance, x0_prev, noise, dtype
     model = cast(model_output)
     if model.shape[0] == 2 * x.shape[0]:
         model = combine_guidance(*model.chunk(2), float(guidance))
-    x_next, x0 = apply_plan_row(row, cast(x), model, cast(x0_prev), cast(noise))
+    x_next, x0 = apply_plan_row(
+        row, cast(x), model, cast(x0_prev), cast(noise), x0_prev2=cast(x0_prev2)
+    )
     return x_next.to(x.dtype), x0.to(x.dtype)
 
 
 def check_sampler_step(
-    out, row, x, model_output, guidance, x0_prev, noise, what="", same_layout=False
+    out, row, x, model_output, guidance, x0_prev, noise, what="", same_layout=False, x0_prev2=None
 ):
     """Both outputs of a fused step within the tolerance rule of the fp32 reference (the eager
     error being the reference computed in x's dtype); ``same_layout``: also x's strides."""
-    reference = sampler_step_reference(row, x, model_output, guidance, x0_prev, noise)
-    eager = sampler_step_reference(row, x, model_output, guidance, x0_prev, noise, x.dtype)
+    inputs = (row, x, model_output, guidance, x0_prev, noise)
+    reference = sampler_step_reference(*inputs, x0_prev2=x0_prev2)
+    eager = sampler_step_reference(*inputs, x.dtype, x0_prev2=x0_prev2)
     for name, got, want, base in zip(("x_next", "x0"), out, reference, eager, strict=True):
         assert_within_tolerance(got, want, base, f"{what} {name}")
         if same_layout:

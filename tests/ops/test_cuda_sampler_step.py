@@ -27,6 +27,7 @@ PLANS = [
     pytest.param(("euler_ancestral", 0.0), id="euler_ancestral"),  # input scale and noise
     pytest.param(("dpmpp_2m", 0.0), id="dpmpp_2m"),
     pytest.param(("dpmpp_2m_sde", 0.0), id="dpmpp_2m_sde"),  # previous x0 and noise in one row
+    pytest.param(("unipc", 0.0), id="unipc"),  # the x0 of two steps back as well
 ]
 
 
@@ -49,10 +50,10 @@ def plan_table(sampler, eta, steps=4, dtype=torch.float64):
 check_step = functools.partial(check_sampler_step, same_layout=True)
 
 
-def run_op(x, model_output, table, step, x0_prev, guidance, noise):
+def run_op(x, model_output, table, step, x0_prev, guidance, noise, x0_prev2=None):
     guidance_tensor = guidance if isinstance(guidance, torch.Tensor) else None
     value = 1.0 if guidance_tensor is not None else float(guidance)
-    args = (x, model_output, table, step, x0_prev, guidance_tensor, value, noise)
+    args = (x, model_output, table, step, x0_prev, guidance_tensor, value, noise, x0_prev2)
     assert cuda_extension.supports_sampler_step(*args)
     return cuda_extension.sampler_step(*args)
 
@@ -66,14 +67,18 @@ def test_whole_plan_matches_reference_steps(plan_args, dtype, shape):
     plan, table = plan_table(*plan_args)
     x = (torch.randn(shape, device="cuda") * plan.init_noise_scale).to(dtype)
     x0_prev = torch.zeros_like(x)
+    x0_prev2 = torch.zeros_like(x) if plan.reads_prev2 else None
     guidance = torch.tensor(7.5, device="cuda")
     for index in range(len(plan)):
         model_output = torch.randn((2 * shape[0], *shape[1:]), device="cuda").to(dtype)
         noise = torch.randn(shape, device="cuda").to(dtype)
         step = torch.tensor(index, device="cuda")
-        out = run_op(x, model_output, table, step, x0_prev, guidance, noise)
+        out = run_op(x, model_output, table, step, x0_prev, guidance, noise, x0_prev2)
         row = plan.coefficients[index].tolist()
-        check_step(out, row, x, model_output, 7.5, x0_prev, noise, f"{plan.sampler} {index}")
+        what = f"{plan.sampler} {index}"
+        check_step(out, row, x, model_output, 7.5, x0_prev, noise, what, x0_prev2=x0_prev2)
+        if x0_prev2 is not None:
+            x0_prev2 = x0_prev
         x, x0_prev = out
 
 
@@ -177,8 +182,12 @@ model_output = torch.randn(4, 4, 4, 4, device="cuda")
 step = torch.tensor(0, device="cuda")
 
 
-def op(x=x, model_output=model_output, table=table, step=step, x0_prev=None, noise=None):
-    return cuda_extension.sampler_step(x, model_output, table, step, x0_prev, None, 2.0, noise)
+def op(
+    x=x, model_output=model_output, table=table, step=step, x0_prev=None, noise=None, prev2=None
+):
+    return cuda_extension.sampler_step(
+        x, model_output, table, step, x0_prev, None, 2.0, noise, prev2
+    )
 
 
 check("cpu", lambda: op(x=x.cpu()))
@@ -187,7 +196,8 @@ check("model shape", lambda: op(model_output=model_output[:3]))
 check("model layout", lambda: op(model_output=model_output.to(memory_format=torch.channels_last)))
 check("x0_prev dtype", lambda: op(x0_prev=x.half()))
 check("noise shape", lambda: op(noise=x[:1]))
-check("table shape", lambda: op(table=table[:, :6]))
+check("x0_prev2 shape", lambda: op(prev2=x[:1]))
+check("table shape", lambda: op(table=table[:, :7]))
 check("no step", lambda: op(step=None))
 check("int32 step", lambda: op(step=step.int()))
 check("cpu table", lambda: op(table=table.cpu()))
@@ -204,8 +214,9 @@ def test_argument_errors_name_the_argument():
             "model layout": ("RuntimeError", "model_output must share x's dense layout"),
             "x0_prev dtype": ("RuntimeError", "x0_prev has dtype Half but x has dtype Float"),
             "noise shape": ("ValueError", "noise has shape [1, 4, 4, 4]"),
-            "table shape": ("ValueError", "coefficients must be a [S, 7] table or one [7] row"),
-            "no step": ("ValueError", "pass step with a [S, 7] coefficient table"),
+            "x0_prev2 shape": ("ValueError", "x0_prev2 has shape [1, 4, 4, 4]"),
+            "table shape": ("ValueError", "coefficients must be a [S, 8] table or one [8] row"),
+            "no step": ("ValueError", "pass step with a [S, 8] coefficient table"),
             "int32 step": ("RuntimeError", "step must be one int64 element, got Int"),
             "cpu table": ("RuntimeError", "coefficients must be a CUDA tensor"),
         },

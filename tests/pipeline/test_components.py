@@ -99,7 +99,11 @@ def test_the_scheduler_class_is_the_one_model_index_names(sd_folder, tmp_path):
     assert Pipeline.from_pretrained(folder).defaults.sampler == "dpmpp_2m"
     assert_same_images(folder, reference)
     edit_json(folder / "model_index.json", scheduler=["diffusers", "UniPCMultistepScheduler"])
-    with pytest.raises(ValueError, match=r"model_index.json: scheduler class 'UniPC"):
+    reference = load_reference(folder)
+    assert Pipeline.from_pretrained(folder).defaults.sampler == "unipc"
+    assert_same_images(folder, reference)
+    edit_json(folder / "model_index.json", scheduler=["diffusers", "DEISMultistepScheduler"])
+    with pytest.raises(ValueError, match=r"model_index.json: scheduler class 'DEIS"):
         Pipeline.from_pretrained(folder)
 
 

@@ -29,6 +29,7 @@ SCHEDULERS = {
         {"use_karras_sigmas": True, "algorithm_type": "sde-dpmsolver++"},
     ),
     "lcm": ("LCMScheduler", {}),  # fresh noise after each step, the last one excepted
+    "unipc": ("UniPCMultistepScheduler", {}),  # no corrector at the first step run
 }
 
 

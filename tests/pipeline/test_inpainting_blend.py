@@ -18,6 +18,9 @@ SCHEDULERS = {
     "euler": "EulerDiscreteScheduler",
     "euler_ancestral": "EulerAncestralDiscreteScheduler",
     "dpmpp_2m": "DPMSolverMultistepScheduler",
+    # diffusers' corrector starts from its own copy of the state, not the blended one: the same
+    # image, since the blend and every sampler update act elementwise
+    "unipc": "UniPCMultistepScheduler",
 }
 
 

@@ -149,6 +149,8 @@ SCHEDULERS = {
     "dpmpp_2m": "DPMSolverMultistepScheduler",  # no previous x0 at the hand-over: first order
     "euler_ancestral": "EulerAncestralDiscreteScheduler",  # step noise from the generator
     "tcd": "TCDScheduler",  # LCM's timesteps, cut as the others
+    "unipc": "UniPCMultistepScheduler",  # the base's last step keeps its order; the refiner
+    # starts its history afresh
 }
 
 

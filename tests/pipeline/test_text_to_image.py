@@ -354,6 +354,8 @@ def test_outdated_scheduler_config_is_sampled_as_diffusers_does(sd_folder, tmp_p
         ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"}, "dpmpp_2m_sde"),
         ("LCMScheduler", {}, "lcm"),
         ("TCDScheduler", {}, "tcd"),
+        ("UniPCMultistepScheduler", {}, "unipc"),
+        ("UniPCMultistepScheduler", {"use_karras_sigmas": True}, "unipc_karras"),
     ],
 )
 def test_a_call_without_sampler_runs_the_folders_scheduler(
@@ -383,9 +385,13 @@ def test_a_call_without_sampler_runs_the_folders_scheduler(
     ours = pipe(**kwargs, seed=3, output_type="tensor", progress=False)
     torch.testing.assert_close(ours, theirs.images, atol=1e-4, rtol=0)
     # (DDIM at eta 0 is Euler's method in other coordinates: compare with a sampler that differs.)
-    contrast = {"dpmpp_2m": "euler", "euler": "dpmpp_2m", "lcm": "ddpm", "tcd": "lcm"}.get(
-        sampler, sampler.rsplit("_", 1)[0]
-    )
+    contrast = {
+        "dpmpp_2m": "euler",
+        "euler": "dpmpp_2m",
+        "lcm": "ddpm",
+        "tcd": "lcm",
+        "unipc": "dpmpp_2m",
+    }.get(sampler, sampler.rsplit("_", 1)[0])
     # (dpmpp_2m_sde's contrast, dpmpp_2m, differs by the SDE's noise and decay.)
     other = pipe(**kwargs, seed=3, sampler=contrast, output_type="tensor", progress=False)
     assert (other - theirs.images).abs().max() > 1e-3

@@ -33,10 +33,12 @@ class ToyUNet(nn.Module):
         return out.to(sample.dtype)
 
 
-def random_plan(steps: int, noise: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    coefficients = torch.rand(steps, 7, dtype=torch.float64) * 0.5 + 0.5
+def random_plan(steps: int, noise: bool, prev2: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    coefficients = torch.rand(steps, 8, dtype=torch.float64) * 0.5 + 0.5
     if not noise:
         coefficients[:, 6] = 0
+    if not prev2:  # the x0 of two steps back: UniPC's plans read it
+        coefficients[:, 7] = 0
     timesteps = torch.randint(0, 1000, (steps,))
     return coefficients, timesteps
 
@@ -45,7 +47,7 @@ def reference_loop(unet, call: DenoiseCall) -> torch.Tensor:
     """Straight from the SamplingPlan formulas (fastdiff/sampling/plan.py), with Python-float
     coefficients."""
     x = call.x_T.double() * call.init_noise_scale
-    x0_prev = torch.zeros_like(x)
+    x0_prev = x0_prev2 = torch.zeros_like(x)
     for i in range(call.steps):
         c = call.coefficients[i].tolist()
         x_in = c[0] * x
@@ -58,15 +60,15 @@ def reference_loop(unet, call: DenoiseCall) -> torch.Tensor:
         if call.guidance_scale is not None:
             out = out[:batch] + call.guidance_scale * (out[batch:] - out[:batch])
         x0 = c[1] * x_in + c[2] * out
-        x_next = c[3] * x + c[4] * x0 + c[5] * x0_prev
+        x_next = c[3] * x + c[4] * x0 + c[5] * x0_prev + c[7] * x0_prev2
         if call.noise is not None:
             x_next = x_next + c[6] * call.noise[i].double()
-        x, x0_prev = x_next, x0
+        x, x0_prev, x0_prev2 = x_next, x0, x0_prev
     return x.float()
 
 
-def make_call(steps, guidance=7.5, noise=False, batch=1, size=8, text_time=False):
-    coefficients, timesteps = random_plan(steps, noise)
+def make_call(steps, guidance=7.5, noise=False, batch=1, size=8, text_time=False, prev2=False):
+    coefficients, timesteps = random_plan(steps, noise, prev2)
     rows = 2 * batch if guidance is not None else batch
     return DenoiseCall(
         x_T=torch.randn(batch, 4, size, size),
@@ -81,18 +83,28 @@ def make_call(steps, guidance=7.5, noise=False, batch=1, size=8, text_time=False
 
 
 @pytest.mark.parametrize(
-    "steps, guidance, noise, text_time",
+    "steps, guidance, noise, text_time, prev2",
     [
-        (4, 7.5, False, False),  # whole-loop graph, CFG
-        (4, None, False, False),  # whole-loop graph, no guidance
-        (3, 5.0, True, True),  # whole loop, stochastic sampler, SDXL-style added cond
-        (11, 7.5, False, False),  # step graph replayed per step
-        (10, 3.0, True, False),  # step graph with per-step noise
+        (4, 7.5, False, False, False),  # whole-loop graph, CFG
+        (4, None, False, False, False),  # whole-loop graph, no guidance
+        (3, 5.0, True, True, False),  # whole loop, stochastic sampler, SDXL-style added cond
+        (11, 7.5, False, False, False),  # step graph replayed per step
+        (10, 3.0, True, False, False),  # step graph with per-step noise
+        (5, 7.5, False, False, True),  # whole loop reading the x0 of two steps back (UniPC)
+        (12, 7.5, False, False, True),  # the same in the step graph
     ],
-    ids=["loop-cfg", "loop-nocfg", "loop-noise-texttime", "step-cfg", "step-noise"],
+    ids=[
+        "loop-cfg",
+        "loop-nocfg",
+        "loop-noise-texttime",
+        "step-cfg",
+        "step-noise",
+        "loop-prev2",
+        "step-prev2",
+    ],
 )
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
-def test_graphed_loop_equals_reference(steps, guidance, noise, text_time, channels_last):
+def test_graphed_loop_equals_reference(steps, guidance, noise, text_time, prev2, channels_last):
     unet = ToyUNet(text_time=text_time)
     denoiser = GraphedDenoiser(
         unet,
@@ -101,7 +113,7 @@ def test_graphed_loop_equals_reference(steps, guidance, noise, text_time, channe
         channels_last=channels_last,
         max_loop_steps=8,
     )
-    call = make_call(steps, guidance, noise, batch=2, text_time=text_time)
+    call = make_call(steps, guidance, noise, batch=2, text_time=text_time, prev2=prev2)
     with torch.no_grad():
         got = denoiser(call)
         want = reference_loop(unet, call)

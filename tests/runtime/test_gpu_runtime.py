@@ -191,7 +191,8 @@ def half_conditioning(cond: Conditioning) -> Conditioning:
 @pytest.mark.parametrize(
     "sampler, steps, eta",
     [("ddim", 12, 0.0), ("dpmpp_2m", 6, 0.0), ("euler", 10, 0.0), ("ddpm", 10, 0.0),
-     ("ddim", 10, 0.8), ("lcm", 4, 0.0), ("euler_karras", 12, 0.0), ("tcd", 4, 0.3)],
+     ("ddim", 10, 0.8), ("lcm", 4, 0.0), ("euler_karras", 12, 0.0), ("tcd", 4, 0.3),
+     ("unipc", 6, 0.0), ("unipc", 12, 0.0)],
 )  # fmt: skip
 def test_default_optimize_loop_and_step_graphs_within_tolerance(sampler, steps, eta):
     """optimize() as users call it (fp16, channels-last, fused QKV, auto kernels): whole-loop
@@ -220,7 +221,9 @@ def test_default_optimize_loop_and_step_graphs_within_tolerance(sampler, steps, 
     assert entry.key.kind == ("loop" if steps <= 8 else "step")
 
 
-@pytest.mark.parametrize("sampler, steps, start_step", [("ddim", 10, 4), ("euler", 14, 3)])
+@pytest.mark.parametrize(
+    "sampler, steps, start_step", [("ddim", 10, 4), ("euler", 14, 3), ("unipc", 10, 3)]
+)
 def test_default_optimize_img2img_within_tolerance(sampler, steps, start_step):
     """img2img through the graphs: the plan's remaining rows from the noised init latents."""
     pipe = tiny_pipeline(device="cuda")

@@ -68,6 +68,8 @@ def test_fused_qkv_keeps_unet_output(pipe):
         ("dpmpp_2m_karras", 9, 0.0),
         ("dpmpp_2m_sde_karras", 5, 0.0),
         ("euler_karras", 3, 0.0),
+        ("unipc", 5, 0.0),
+        ("unipc_karras", 12, 0.0),
     ],
     ids=[
         "ddim4-loop",
@@ -79,6 +81,8 @@ def test_fused_qkv_keeps_unet_output(pipe):
         "dpmpp-karras9-step",
         "dpmpp-sde-karras5-loop",
         "euler-karras3-loop",
+        "unipc5-loop",
+        "unipc-karras12-step",
     ],
 )
 def test_static_buffer_loop_equals_eager_sampler(pipe, sampler, steps, eta):
@@ -157,6 +161,8 @@ def test_img2img_generation_through_encoder_loop_and_decoder_graphs(pipe):
         progress=False,
     )
     want = [pipe(seed=seed, **kwargs) for seed in (1, 2)]
+    unipc = {**kwargs, "sampler": "unipc", "num_inference_steps": 8}  # restarted rows
+    want_unipc = pipe(seed=1, **unipc)
     rt = runtime.optimize(pipe, backend=RecordingGraphBackend(), verbose=False)
     for _ in range(2):  # capture, then pure replays
         for seed, expected in zip((1, 2), want, strict=True):
@@ -164,6 +170,7 @@ def test_img2img_generation_through_encoder_loop_and_decoder_graphs(pipe):
     kinds = sorted(entry.key.kind for entry in rt.cache.entries.values())
     assert kinds == ["loop", "vae", "vae-encode"] and rt.cache.stats.captures == 3
     assert not torch.allclose(want[0], want[1])
+    torch.testing.assert_close(pipe(seed=1, **unipc), want_unipc, rtol=1e-5, atol=1e-5)
 
 
 def test_bad_arguments_raise(pipe):
@@ -252,7 +259,9 @@ def test_compiled_blocks_keep_outputs(pipe, fold_biases):
         fold_biases=fold_biases,
     )
     got = pipe.denoise(conditioning, x_T, guidance_scale=7.5, sampler="ddim", steps=2)
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    # fp32 rounding only: dynamo's graph may order a reduction differently, and guidance 7.5
+    # amplifies the difference (1.6e-5 seen on one CPU); the graphed-loop tests' tolerance
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
     assert any("torch.compile" in item for item in report_runtime.report.applied)
     assert pipe.unet.down_blocks[0]._compiled_call_impl is not None
     torch._dynamo.reset()

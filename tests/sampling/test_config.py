@@ -204,6 +204,9 @@ def test_spacing_left_out_of_the_file_is_the_sampling_schedulers_default(config,
         ("timestep_type", "continuous"),
         ("variance_type", "learned_range"),
         ("lambda_min_clipped", -5.1),
+        ("predict_x0", False),
+        ("disable_corrector", [0]),
+        ("solver_type", "lobatto"),
     ],
 )
 def test_math_changing_values_are_refused(key, value):
@@ -214,8 +217,8 @@ def test_math_changing_values_are_refused(key, value):
 def test_unknown_keys_and_classes_are_refused():
     with pytest.raises(ValueError, match="unknown scheduler config key 'shift'"):
         NoiseSchedule.from_config({**SDXL_EULER, "shift": 3.0})
-    with pytest.raises(ValueError, match="UniPCMultistepScheduler"):
-        NoiseSchedule.from_config({"_class_name": "UniPCMultistepScheduler"})
+    with pytest.raises(ValueError, match="DEISMultistepScheduler"):
+        NoiseSchedule.from_config({"_class_name": "DEISMultistepScheduler"})
     with pytest.raises(ValueError, match="trailing"):
         NoiseSchedule.from_config({**SDXL_EULER, "timestep_spacing": "karras"})
 
@@ -273,3 +276,24 @@ def test_karras_keys_are_read():
             NoiseSchedule.from_config({**SD_DPM, "sigma_max": bad})
     with pytest.raises(ValueError, match="use_karras_sigmas must be true or false, got 'yes'"):
         default_sampler({**SD_DPM, "use_karras_sigmas": "yes"})
+
+
+def test_solver_types_are_read_as_each_diffusers_solver_reads_them():
+    """DPMSolverMultistepScheduler reads UniPC's names ("bh1", "bh2", "logrho") as its midpoint
+    update and UniPCMultistepScheduler DPM's ("midpoint", "heun") as bh2; DPM-Solver's "heun"
+    update is not implemented and is refused when a dpmpp sampler would take it."""
+    midpoint = make_plan(NoiseSchedule.from_config(SD_DPM), "dpmpp_2m", 6).coefficients
+    for name in ("bh1", "bh2", "logrho"):
+        schedule = NoiseSchedule.from_config({**SD_DPM, "solver_type": name})
+        assert torch.equal(make_plan(schedule, "dpmpp_2m", 6).coefficients, midpoint)
+    heun = NoiseSchedule.from_config({**SD_DPM, "solver_type": "heun"})
+    with pytest.raises(ValueError, match="solver_type 'heun'"):
+        make_plan(heun, "dpmpp_2m", 6)
+    unipc = {**SD_DPM, "_class_name": "UniPCMultistepScheduler"}
+    bh2 = make_plan(NoiseSchedule.from_config({**unipc, "solver_type": "bh2"}), "unipc", 6)
+    for name in ("midpoint", "heun", None):
+        schedule = NoiseSchedule.from_config({**unipc, "solver_type": name})
+        assert torch.equal(make_plan(schedule, "unipc", 6).coefficients, bh2.coefficients)
+    # lower_order_final: false would make diffusers' last UniPC step NaN; it stays first order
+    late = NoiseSchedule.from_config({**unipc, "lower_order_final": False})
+    assert torch.equal(make_plan(late, "unipc", 6).coefficients, bh2.coefficients)

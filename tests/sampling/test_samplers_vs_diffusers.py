@@ -15,7 +15,12 @@ import math
 
 import pytest
 import torch
-from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
+from diffusers import (
+    DDIMScheduler,
+    DPMSolverMultistepScheduler,
+    EulerDiscreteScheduler,
+    UniPCMultistepScheduler,
+)
 
 from fastdiff.sampling import BETA_SCHEDULES, PREDICTION_TYPES, NoiseSchedule, make_plan, sample
 from tests.sampling.helpers import (
@@ -34,6 +39,7 @@ REFERENCE = {
     "dpmpp_2m": lambda **kw: DPMSolverMultistepScheduler(
         **kw, algorithm_type="dpmsolver++", solver_order=2
     ),
+    "unipc": lambda **kw: UniPCMultistepScheduler(**kw),
 }
 SPACINGS = ("leading", "linspace", "trailing")
 CASES = list(
@@ -306,3 +312,76 @@ def test_ddim_set_alpha_to_one_left_out_is_diffusers_default():
     sample(toy_model, x_T, schedule, "ddim", 10, callback=lambda i, t, x: ours.append(x))
     theirs, _, peaks = run_diffusers(reference, x_T)
     assert_trajectories_match(ours, theirs, peaks, "ddim/left-out")
+
+
+@pytest.mark.parametrize("steps", [1, 2, 3, 25])
+@pytest.mark.parametrize("karras", [False, True], ids=["spaced", "karras"])
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_unipc_step_counts_and_karras_levels(steps, karras, prediction_type):
+    """UniPC's first step has no corrector and a first-order predictor, its second a first-order
+    corrector, its last a first-order predictor: short runs exercise each combination."""
+    config = scheduler_config("linspace", prediction_type)
+    reference = UniPCMultistepScheduler(**config, use_karras_sigmas=karras)
+    reference.set_timesteps(steps)
+    plan = make_plan(NoiseSchedule(**config), "unipc_karras" if karras else "unipc", steps)
+    assert torch.equal(plan.timesteps, reference.timesteps)
+    x_T = torch.randn(2, 3, 4, 4)
+    ours = []
+    sample(
+        toy_model,
+        x_T,
+        NoiseSchedule(**config),
+        plan.sampler,
+        steps,
+        callback=lambda i, t, x: ours.append(x),
+    )
+    theirs, _, peaks = run_diffusers(reference, x_T)
+    assert_trajectories_match(ours, theirs, peaks, f"unipc {steps} karras={karras}")
+
+
+def test_unipc_bh1_matches_diffusers_and_ends_at_the_last_estimate():
+    """solver_type "bh1" (B(h) = h). diffusers' last step multiplies B(h) = -inf (sigma 0) by a
+    zero correction and returns NaN latents; fastdiff's last step is the limit of the same
+    update, the last x0 estimate, as the bh2 step is."""
+    config = {**scheduler_config("linspace"), "solver_type": "bh1"}
+    reference = UniPCMultistepScheduler(**config)
+    reference.set_timesteps(8)
+    schedule = NoiseSchedule(**config)
+    x_T = torch.randn(2, 3, 4, 4)
+    ours = []
+    sample(toy_model, x_T, schedule, "unipc", 8, callback=lambda i, t, x: ours.append(x))
+    theirs, estimates, peaks = run_diffusers(reference, x_T)
+    assert_trajectories_match(ours[:-1], theirs[:-1], peaks[:-1], "unipc bh1")
+    assert not bool(torch.isfinite(theirs[-1]).all())
+    error = float((ours[-1] - estimates[-1]).abs().max())
+    assert error <= 1e-5 * max(1.0, peaks[-1])
+    bh2 = make_plan(NoiseSchedule(**scheduler_config("linspace")), "unipc", 8)
+    assert not torch.equal(make_plan(schedule, "unipc", 8).coefficients, bh2.coefficients)
+
+
+@pytest.mark.parametrize(
+    "steps,start,end", [(5, 1, None), (10, 3, None), (10, 8, None), (10, 9, None), (20, 6, 15)]
+)
+@pytest.mark.parametrize("karras", [False, True], ids=["spaced", "karras"])
+def test_unipc_started_part_way_matches_set_begin_index(steps, start, end, karras):
+    """img2img and a refiner's denoising_start: diffusers starts the scheduler's history at
+    ``set_begin_index`` (no corrector at the first step, a first-order one at the second), and
+    a denoising_end cut leaves the remaining steps' orders as in the whole run."""
+    from fastdiff.pipeline.denoising import start_state
+    from fastdiff.sampling import run_plan
+
+    config = scheduler_config("linspace")
+    schedule = NoiseSchedule(**config)
+    reference = UniPCMultistepScheduler(**config, use_karras_sigmas=karras)
+    reference.set_timesteps(steps)
+    reference.set_begin_index(start)
+    x = torch.randn(2, 3, 4, 4)
+    theirs = x.clone()
+    for t in reference.timesteps[start:end]:
+        theirs = reference.step(toy_model(theirs, t), t, theirs).prev_sample
+    plan = make_plan(schedule, "unipc_karras" if karras else "unipc", steps)
+    part, state = start_state(plan, schedule, x, x, start, end, add_noise=False)
+    assert len(part) == (end or steps) - start
+    ours = run_plan(toy_model, state, part)
+    error = float((ours - theirs).abs().max())
+    assert error <= 1e-5 * max(1.0, float(theirs.abs().max())), error
