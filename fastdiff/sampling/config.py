@@ -40,6 +40,7 @@ SCHEDULE_KEYS = (
     "original_inference_steps",
     "timestep_scaling",
     "solver_type",
+    "lower_order_final",
 )
 
 # key -> the values our samplers implement (a config with any other value is refused).
@@ -57,7 +58,9 @@ REQUIRED_VALUES: dict[str, tuple[Any, ...]] = {
     "lambda_min_clipped": (-math.inf, None),
     "variance_type": (None, "fixed_small"),
     "algorithm_type": ("dpmsolver++", "sde-dpmsolver++"),
-    "solver_order": (2,),
+    # 2 or 3: the folder's DPM-Solver++ order (``default_sampler``: dpmpp_2m or dpmpp_3m); UniPC
+    # at 2 only (its third order reads three steps back)
+    "solver_order": (2, 3),
     # UniPC's: x0 prediction, the corrector at every step, no other solver as its predictor
     "predict_x0": (True,),
     "disable_corrector": ([],),
@@ -77,11 +80,6 @@ IGNORED_KEYS = frozenset(
         "flow_shift",
         "time_shift_type",
         "skip_prk_steps",
-        # With final_sigmas_type == "zero" the last DPM-Solver step is always first order and
-        # the second-to-last flag only matters for third order, so this cannot change results.
-        # UniPC's last step at sigma 0 is first order too: diffusers' second-order one divides
-        # by a zero ratio of log-SNR steps (NaN latents), fastdiff's stays first order.
-        "lower_order_final",
     }
 )
 
@@ -179,9 +177,17 @@ def default_sampler(config: dict[str, Any]) -> str:
             f"scheduler config use_karras_sigmas must be true or false, got {karras!r}"
         )
     class_name = config.get("_class_name")
+    order = config.get("solver_order", 2)
     if class_name == "DPMSolverMultistepScheduler":
         sde = config.get("algorithm_type") == "sde-dpmsolver++"
-        return "dpmpp_2m" + ("_sde" if sde else "") + ("_karras" if karras else "")
+        name = "dpmpp_3m" if order == 3 else "dpmpp_2m"
+        return name + ("_sde" if sde else "") + ("_karras" if karras else "")
+    if class_name == "UniPCMultistepScheduler" and order != 2:
+        raise ValueError(
+            f"scheduler config solver_order {order!r} for UniPCMultistepScheduler: fastdiff's "
+            "unipc sampler is UniPC at solver_order 2 (its third order reads the x0 of three "
+            "steps back); use solver_order 2"
+        )
     if class_name == "EulerDiscreteScheduler":
         return "euler_karras" if karras else "euler"
     if class_name == "UniPCMultistepScheduler":

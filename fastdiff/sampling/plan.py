@@ -9,8 +9,9 @@ previous steps' x0 estimates and Gaussian noise z. Row i of ``plan.coefficients`
     x_next = c3 * x + c4 * x0 + c5 * x0_prev + c6 * z + c7 * x0_prev2
                                                               (z ~ N(0, I) only where c6 != 0)
 
-(x0_prev2, the x0 estimate of two steps back, is read only by UniPC, whose corrector reaches one
-step further back than its predictor; every other sampler's c7 is 0.)
+(x0_prev2, the x0 estimate of two steps back, is read only by DPM-Solver++(3M) and by UniPC,
+whose corrector reaches one step further back than its predictor; every other sampler's c7 is
+0.)
 
 so the eager loop (:func:`fastdiff.sampling.sample`), the fused step kernel and the CUDA-graph
 runtime all apply the same numbers. :func:`plan_step` is the one reference implementation of a
@@ -48,6 +49,10 @@ SAMPLERS = (
     "dpmpp_2m_karras",
     "dpmpp_2m_sde",
     "dpmpp_2m_sde_karras",
+    "dpmpp_3m",
+    "dpmpp_3m_karras",
+    "dpmpp_3m_sde",
+    "dpmpp_3m_sde_karras",
     "lcm",
     "tcd",
     "unipc",
@@ -316,21 +321,40 @@ def require_falling_noise(sigma: float, sigma_next: float, t: int, sampler: str)
         )
 
 
-def _dpmpp_2m_rows(
-    schedule: NoiseSchedule, timesteps: list[int], sigmas: list[float], sde: bool = False
+def _dpmpp_rows(
+    schedule: NoiseSchedule,
+    timesteps: list[int],
+    sigmas: list[float],
+    sde: bool = False,
+    order: int = 2,
+    begin: int = 0,
 ) -> list[list[float]]:
-    """DPM-Solver++(2M) (Lu et al. 2022, "DPM-Solver++", Algorithm 2, midpoint form as in
-    diffusers' DPMSolverMultistepScheduler with solver_order=2): in lambda = log(alpha/sigma),
-    x_next = (s_t/s_s) x + alpha_t (1 - e^-h) (D0 + D1 / (2 r)), D0 = x0, D1 = x0 - x0_prev,
-    r = h_prev / h. The first step and the last step (final sigma 0) are first order. ``sigmas``
-    are the noise levels of the steps (then 0): the schedule's at the timesteps, or Karras'.
+    """DPM-Solver++(2M) and (3M) (Lu et al. 2022, "DPM-Solver++", Algorithm 2 and its third-order
+    multistep form, as diffusers' DPMSolverMultistepScheduler with solver_order 2 or 3 and the
+    midpoint update): in lambda = log(alpha/sigma), with h this step's lambda increment and
+    r0, r1 the two previous increments over h,
 
-    ``sde`` (SDE-DPM-Solver++(2M), Lu et al. 2022 sec. 5; diffusers' algorithm_type
-    "sde-dpmsolver++"): x_next = (s_t/s_s) e^-h x + alpha_t (1 - e^-2h) (D0 + D1 / (2 r))
-    + s_t sqrt(1 - e^-2h) z."""
+        x_next = (s_t/s_s) x + alpha_t (1 - e^-h) D0 + A D1 + B D2
+
+    D0 = x0, D1_0 = (x0 - x0_prev) / r0, D1_1 = (x0_prev - x0_prev2) / r1. Second order:
+    D1 = D1_0, A = alpha_t (1 - e^-h) / 2, no D2. Third order:
+    D1 = D1_0 + r0 (D1_0 - D1_1) / (r0 + r1), D2 = (D1_0 - D1_1) / (r0 + r1),
+    A = alpha_t ((e^-h - 1)/h + 1), B = -alpha_t ((e^-h - 1 + h)/h^2 - 1/2). The run's first step
+    and the last (final sigma 0) are first order; with ``order`` 3 the second is second order,
+    and so is the second-to-last when the run has fewer than 15 steps and the config's
+    ``lower_order_final`` holds (diffusers' defaults). ``sigmas`` are the noise levels of the
+    steps (then 0): the schedule's at the timesteps, or Karras'. Rows ``begin:`` are those of a
+    run that starts at step ``begin`` (img2img), whose history starts there.
+
+    ``sde`` (SDE-DPM-Solver++, Lu et al. 2022 sec. 5; diffusers' algorithm_type
+    "sde-dpmsolver++"): x_next = (s_t/s_s) e^-h x + alpha_t (1 - e^-2h) D0 + A D1 + B D2
+    + s_t sqrt(1 - e^-2h) z, with A = alpha_t (1 - e^-2h) / 2 at second order and
+    A = alpha_t ((1 - e^-2h)/(-2h) + 1), B = alpha_t ((1 - e^-2h - 2h)/(2h)^2 - 1/2) at third."""
     count = len(timesteps)
+    late_second = order == 3 and count < 15 and schedule.lower_order_final is not False
     rows = []
-    for index, t in enumerate(timesteps):
+    for index in range(begin, count):
+        t = timesteps[index]
         sigma, sigma_next = sigmas[index], sigmas[index + 1]
         alpha_next = 1.0 / math.sqrt(sigma_next**2 + 1.0)
         noise_scale_ratio = (sigma_next * alpha_next) * math.sqrt(sigma**2 + 1.0) / sigma
@@ -338,20 +362,44 @@ def _dpmpp_2m_rows(
         decay = sigma_next / sigma
         noise_std = 0.0
         if sde:
-            require_falling_noise(sigma, sigma_next, t, "dpmpp_2m_sde")
+            require_falling_noise(sigma, sigma_next, t, f"dpmpp_{order}m_sde")
             noise_std = sigma_next * alpha_next * math.sqrt(1.0 - decay**2)
             noise_scale_ratio *= decay
             decay = decay**2
         gain = alpha_next * (1.0 - decay)  # alpha_t (1 - e^{-h}), or (1 - e^{-2h}) for the SDE
         c1, c2 = _x0_coefficients(1.0 / (sigma**2 + 1.0), schedule.prediction_type, t)
-        if index == 0 or index == count - 1:
-            from_x0, from_prev = gain, 0.0
-        else:
+        step_order = order
+        if index == begin or index == count - 1:
+            step_order = 1
+        elif index == begin + 1 or (late_second and index == count - 2):
+            step_order = min(order, 2)
+        from_x0, from_prev, from_prev2 = gain, 0.0, 0.0
+        if step_order >= 2:
             step = math.log(sigma / sigma_next)
-            previous_step = math.log(sigmas[index - 1] / sigma)
-            half_inverse_ratio = 0.5 * step / previous_step
-            from_x0, from_prev = gain * (1.0 + half_inverse_ratio), -gain * half_inverse_ratio
-        rows.append([1.0, c1, c2, noise_scale_ratio, from_x0, from_prev, noise_std])
+            r0 = math.log(sigmas[index - 1] / sigma) / step
+            # D1_0 = (x0 - x0_prev) / r0 and D1_1 = (x0_prev - x0_prev2) / r1 over
+            # (x0, x0_prev, x0_prev2)
+            d1_0 = (1.0 / r0, -1.0 / r0, 0.0)
+            if step_order == 2:
+                weight = 0.5 * gain  # the midpoint update's D1 coefficient
+                d1, d2, weight2 = d1_0, (0.0, 0.0, 0.0), 0.0
+            else:
+                r1 = math.log(sigmas[index - 2] / sigmas[index - 1]) / step
+                d1_1 = (0.0, 1.0 / r1, -1.0 / r1)
+                spread = [a - b for a, b in zip(d1_0, d1_1, strict=True)]
+                d1 = [a + r0 / (r0 + r1) * b for a, b in zip(d1_0, spread, strict=True)]
+                d2 = [b / (r0 + r1) for b in spread]
+                if sde:
+                    two_h = 2.0 * step
+                    weight = alpha_next * (-math.expm1(-two_h) / -two_h + 1.0)
+                    weight2 = alpha_next * ((-math.expm1(-two_h) - two_h) / two_h**2 - 0.5)
+                else:
+                    weight = alpha_next * (math.expm1(-step) / step + 1.0)
+                    weight2 = -alpha_next * ((math.expm1(-step) + step) / step**2 - 0.5)
+            from_x0 += weight * d1[0] + weight2 * d2[0]
+            from_prev += weight * d1[1] + weight2 * d2[1]
+            from_prev2 += weight * d1[2] + weight2 * d2[2]
+        rows.append([1.0, c1, c2, noise_scale_ratio, from_x0, from_prev, noise_std, from_prev2])
     return rows
 
 
@@ -380,7 +428,9 @@ def _unipc_rows(
     factor s_i/s_{i-1}, so xc_i = x_i + (a combination of x0 differences), and the row is
     linear in x_i, x0_i, x0_{i-1} and x0_{i-2} (``NEXT_FROM_PREV2_X0``). The predictor is first
     order at the run's first step and at the last (final sigma 0), the corrector absent at the
-    first and first order at the second."""
+    first and first order at the second. The last step is first order whatever the config's
+    ``lower_order_final`` says: diffusers' second-order last step divides by a zero ratio of
+    lambda steps there (lambda is infinite at sigma 0) and returns NaN latents."""
     bh1 = schedule.solver_type == "bh1"
 
     def log_snr(sigma: float) -> float:
@@ -542,7 +592,8 @@ def make_plan(
             )
         if not karras:
             sigmas = _sigmas_at(schedule, visited)
-        rows = _dpmpp_2m_rows(schedule, visited, sigmas, sde="_sde" in sampler)
+        order = 3 if sampler.startswith("dpmpp_3m") else 2
+        rows = _dpmpp_rows(schedule, visited, sigmas, sde="_sde" in sampler, order=order)
     # the samplers without a second history write 7 columns; c7 (x0_prev2) is 0 for them
     rows = [row + [0.0] * (NUM_COEFFICIENTS - len(row)) for row in rows]
     coefficients = torch.tensor(rows, dtype=torch.float64)
@@ -562,18 +613,25 @@ def restarted_coefficients(
 ) -> torch.Tensor:
     """The coefficient rows ``start_step:`` of ``plan`` for a run that starts there (img2img,
     a refiner's ``denoising_start``), whose multistep history starts empty, as diffusers'
-    schedulers start after ``set_begin_index``. DPM-Solver's first row takes x0_prev := x0 (its
-    second-order term vanishes: first order). UniPC's first two rows change more (no corrector
-    at the first step, a first-order one at the second): they are built again from the plan's
-    noise levels, which needs the ``schedule`` (its prediction type and solver type)."""
+    schedulers start after ``set_begin_index``. DPM-Solver++(2M)'s first row takes
+    x0_prev := x0 (its second-order term vanishes: first order). UniPC's and DPM-Solver++(3M)'s
+    first two rows change more (UniPC: no corrector at the first step, a first-order one at the
+    second; 3M: a second-order second step): they are built again from the plan's noise levels,
+    which needs the ``schedule`` (its prediction and solver types, ``lower_order_final``)."""
     if not 0 <= start_step < len(plan):
         raise ValueError(f"start_step {start_step} out of range for a {len(plan)}-step plan")
-    if plan.sampler.startswith("unipc") and start_step > 0:
+    rebuilt = plan.sampler.startswith(("unipc", "dpmpp_3m"))
+    if rebuilt and start_step > 0:
         if schedule is None:
-            raise ValueError("restarting a unipc plan part-way needs its schedule")
+            raise ValueError(f"restarting a {plan.sampler} plan part-way needs its schedule")
         alphas_cumprod = plan.alphas_cumprod.tolist()
         sigmas = [math.sqrt((1.0 - a) / a) for a in alphas_cumprod] + [0.0]
-        rows = _unipc_rows(schedule, plan.timesteps.tolist(), sigmas, begin=start_step)
+        timesteps = plan.timesteps.tolist()
+        if plan.sampler.startswith("unipc"):
+            rows = _unipc_rows(schedule, timesteps, sigmas, begin=start_step)
+        else:
+            sde = "_sde" in plan.sampler
+            rows = _dpmpp_rows(schedule, timesteps, sigmas, sde, order=3, begin=start_step)
         return torch.tensor(rows, dtype=torch.float64)
     coefficients = plan.coefficients[start_step:].clone()
     if start_step > 0:

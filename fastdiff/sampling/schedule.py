@@ -76,6 +76,9 @@ class NoiseSchedule:
     default "bh2" (B(h) = e^h - 1); the ``dpmpp_2m`` samplers take "midpoint" (and "bh1", "bh2",
     "logrho", which DPMSolverMultistepScheduler reads as midpoint) and refuse "heun", a second
     order variant fastdiff does not implement.
+    ``lower_order_final`` (None: true, diffusers' default) lets DPM-Solver++(3M) take its
+    second-to-last step at second order when a run has fewer than 15 steps, as
+    DPMSolverMultistepScheduler does.
     """
 
     num_train_timesteps: int = 1000
@@ -94,6 +97,7 @@ class NoiseSchedule:
     original_inference_steps: int | None = None
     timestep_scaling: float | None = None
     solver_type: str | None = None
+    lower_order_final: bool | None = None
     betas: torch.Tensor = field(init=False, repr=False)
     alphas: torch.Tensor = field(init=False, repr=False)
     alphas_cumprod: torch.Tensor = field(init=False, repr=False)
@@ -123,7 +127,11 @@ class NoiseSchedule:
             raise ValueError(
                 f"steps_offset must be a non-negative integer, got {self.steps_offset!r}"
             )
-        for key, may_be_none in (("set_alpha_to_one", True), ("rescale_betas_zero_snr", False)):
+        for key, may_be_none in (
+            ("set_alpha_to_one", True),
+            ("rescale_betas_zero_snr", False),
+            ("lower_order_final", True),
+        ):
             value = getattr(self, key)  # a string "false" would be true below
             if not isinstance(value, bool) and not (may_be_none and value is None):
                 raise ValueError(f"{key} must be true or false, got {value!r}")
@@ -236,6 +244,7 @@ class NoiseSchedule:
             "original_inference_steps": self.original_inference_steps,
             "timestep_scaling": self.timestep_scaling,
             "solver_type": self.solver_type,
+            "lower_order_final": self.lower_order_final,
         }
         return {
             "num_train_timesteps": self.num_train_timesteps,

@@ -35,6 +35,8 @@ SAMPLER_FAMILIES = {
     "euler_ancestral": "euler",
     "dpmpp_2m": "dpmpp_2m",
     "dpmpp_2m_sde": "dpmpp_2m",
+    "dpmpp_3m": "dpmpp_2m",
+    "dpmpp_3m_sde": "dpmpp_2m",
     "unipc": "dpmpp_2m",
 }
 

@@ -28,6 +28,7 @@ PLANS = [
     pytest.param(("dpmpp_2m", 0.0), id="dpmpp_2m"),
     pytest.param(("dpmpp_2m_sde", 0.0), id="dpmpp_2m_sde"),  # previous x0 and noise in one row
     pytest.param(("unipc", 0.0), id="unipc"),  # the x0 of two steps back as well
+    pytest.param(("dpmpp_3m_sde", 0.0), id="dpmpp_3m_sde"),  # two x0 histories and noise
 ]
 
 # A kernel that fell back after failing on first use would hide the failure: fail instead.

@@ -30,6 +30,7 @@ SCHEDULERS = {
     ),
     "lcm": ("LCMScheduler", {}),  # fresh noise after each step, the last one excepted
     "unipc": ("UniPCMultistepScheduler", {}),  # no corrector at the first step run
+    "dpmpp_3m": ("DPMSolverMultistepScheduler", {"solver_order": 3}),  # second order second
 }
 
 

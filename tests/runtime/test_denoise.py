@@ -339,3 +339,23 @@ def test_a_shape_whose_capture_failed_runs_eagerly_on_buffers_built_once(monkeyp
     assert len(denoiser.cache.eager) == 2 and denoiser.cache.memory_bytes() > 0
     denoiser.cache.clear()  # as after moving or re-casting a model: built again
     assert not denoiser.cache.eager and denoiser.cache.memory_bytes() == 0
+
+
+def test_a_plan_reading_two_steps_back_gets_a_graph_of_its_own():
+    """A graph keeps the x0 of two steps back only when its plan reads it (UniPC): the same
+    shape and step count with and without that column are two graphs, each correct."""
+    unet = ToyUNet()
+    cache = GraphCache(EagerGraphBackend())
+    denoiser = GraphedDenoiser(unet, cache, torch.float32, max_loop_steps=8)
+    with torch.no_grad():
+        for steps in (5, 12):  # a whole-loop graph and a step graph
+            for prev2 in (True, False, True):
+                call = make_call(steps, prev2=prev2)
+                torch.testing.assert_close(
+                    denoiser(call), reference_loop(unet, call), rtol=1e-4, atol=1e-4
+                )
+    assert cache.stats.captures == 4 and cache.stats.hits == 2
+    kept = sorted(
+        (key.kind, entry.buffers.x0_prev2 is not None) for key, entry in cache.entries.items()
+    )
+    assert kept == [("loop", False), ("loop", True), ("step", False), ("step", True)]

@@ -70,6 +70,7 @@ def test_fused_qkv_keeps_unet_output(pipe):
         ("euler_karras", 3, 0.0),
         ("unipc", 5, 0.0),
         ("unipc_karras", 12, 0.0),
+        ("dpmpp_3m_sde", 6, 0.0),
     ],
     ids=[
         "ddim4-loop",
@@ -83,6 +84,7 @@ def test_fused_qkv_keeps_unet_output(pipe):
         "euler-karras3-loop",
         "unipc5-loop",
         "unipc-karras12-step",
+        "dpmpp-3m-sde6-loop",
     ],
 )
 def test_static_buffer_loop_equals_eager_sampler(pipe, sampler, steps, eta):

@@ -197,7 +197,7 @@ def test_spacing_left_out_of_the_file_is_the_sampling_schedulers_default(config,
         ("clip_sample", True),
         ("thresholding", True),
         ("use_exponential_sigmas", True),
-        ("solver_order", 3),
+        ("solver_order", 4),
         ("algorithm_type", "dpmsolver"),
         ("final_sigmas_type", "sigma_min"),
         ("interpolation_type", "log_linear"),
@@ -256,6 +256,18 @@ def test_round_trip_through_to_config():
             },
             "dpmpp_2m_sde_karras",
         ),
+        ({"_class_name": "DPMSolverMultistepScheduler", "solver_order": 3}, "dpmpp_3m"),
+        (
+            {
+                "_class_name": "DPMSolverMultistepScheduler",
+                "solver_order": 3,
+                "algorithm_type": "sde-dpmsolver++",
+                "use_karras_sigmas": True,
+            },
+            "dpmpp_3m_sde_karras",
+        ),
+        ({"_class_name": "UniPCMultistepScheduler"}, "unipc"),
+        ({"_class_name": "UniPCMultistepScheduler", "use_karras_sigmas": True}, "unipc_karras"),
         ({"_class_name": "PNDMScheduler"}, "ddim"),
         ({"_class_name": "LMSDiscreteScheduler"}, "ddim"),
         ({}, "ddim"),
@@ -263,6 +275,15 @@ def test_round_trip_through_to_config():
 )
 def test_default_sampler_is_the_folders_scheduler_where_implemented(config, sampler):
     assert default_sampler(config) == sampler
+
+
+def test_a_third_order_unipc_folder_is_refused():
+    """fastdiff's UniPC is second order; a folder asking for its third order gets an error
+    rather than a sampler that differs from the one diffusers runs."""
+    config = {"_class_name": "UniPCMultistepScheduler", "solver_order": 3}
+    NoiseSchedule.from_config(config)  # the schedule itself is readable
+    with pytest.raises(ValueError, match="solver_order 3 for UniPCMultistepScheduler"):
+        default_sampler(config)
 
 
 def test_karras_keys_are_read():
@@ -296,4 +317,7 @@ def test_solver_types_are_read_as_each_diffusers_solver_reads_them():
         assert torch.equal(make_plan(schedule, "unipc", 6).coefficients, bh2.coefficients)
     # lower_order_final: false would make diffusers' last UniPC step NaN; it stays first order
     late = NoiseSchedule.from_config({**unipc, "lower_order_final": False})
+    assert late.lower_order_final is False
     assert torch.equal(make_plan(late, "unipc", 6).coefficients, bh2.coefficients)
+    with pytest.raises(ValueError, match="lower_order_final must be true or false"):
+        NoiseSchedule.from_config({**unipc, "lower_order_final": "no"})

@@ -40,10 +40,10 @@ def test_plan_shapes_and_contract(sampler):
     assert plan.coefficients.dtype == torch.float64 and plan.coefficients.shape == (12, 8)
     assert bool((plan.timesteps.diff() < 0).all())
     assert plan.stochastic == (sampler in ("ddpm", "euler_ancestral", "lcm") or "_sde" in sampler)
-    multistep = sampler.startswith(("dpmpp_2m", "unipc"))
+    multistep = sampler.startswith(("dpmpp", "unipc"))
     assert (plan.coefficients[:, NEXT_FROM_PREV_X0] != 0).any() == multistep
-    # only UniPC's corrector reaches two steps back
-    assert plan.reads_prev2 == sampler.startswith("unipc")
+    # only DPM-Solver++(3M) and UniPC's corrector reach two steps back
+    assert plan.reads_prev2 == sampler.startswith(("dpmpp_3m", "unipc"))
     if sampler.startswith("euler"):
         assert plan.init_noise_scale > 5 and (plan.coefficients[:, INPUT_SCALE] < 1).all()
     else:
@@ -88,8 +88,9 @@ def test_unknown_names_list_the_allowed_values():
     with pytest.raises(
         ValueError,
         match=r"allowed: \['ddpm', 'ddim', 'euler', 'euler_ancestral', 'euler_karras', "
-        r"'dpmpp_2m', 'dpmpp_2m_karras', 'dpmpp_2m_sde', 'dpmpp_2m_sde_karras', 'lcm', 'tcd', "
-        r"'unipc', 'unipc_karras'\]",
+        r"'dpmpp_2m', 'dpmpp_2m_karras', 'dpmpp_2m_sde', 'dpmpp_2m_sde_karras', 'dpmpp_3m', "
+        r"'dpmpp_3m_karras', 'dpmpp_3m_sde', 'dpmpp_3m_sde_karras', 'lcm', 'tcd', 'unipc', "
+        r"'unipc_karras'\]",
     ):
         sample(toy_model, torch.randn(1, 2), SCHEDULE, "heun", 5)
     with pytest.raises(ValueError, match="allowed"):

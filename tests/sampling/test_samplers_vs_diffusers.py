@@ -39,6 +39,9 @@ REFERENCE = {
     "dpmpp_2m": lambda **kw: DPMSolverMultistepScheduler(
         **kw, algorithm_type="dpmsolver++", solver_order=2
     ),
+    "dpmpp_3m": lambda **kw: DPMSolverMultistepScheduler(
+        **kw, algorithm_type="dpmsolver++", solver_order=3
+    ),
     "unipc": lambda **kw: UniPCMultistepScheduler(**kw),
 }
 SPACINGS = ("leading", "linspace", "trailing")
@@ -383,5 +386,61 @@ def test_unipc_started_part_way_matches_set_begin_index(steps, start, end, karra
     part, state = start_state(plan, schedule, x, x, start, end, add_noise=False)
     assert len(part) == (end or steps) - start
     ours = run_plan(toy_model, state, part)
+    error = float((ours - theirs).abs().max())
+    assert error <= 1e-5 * max(1.0, float(theirs.abs().max())), error
+
+
+@pytest.mark.parametrize("steps", [1, 2, 3, 4, 14, 15, 25])
+@pytest.mark.parametrize("lower_order_final", [True, False])
+@pytest.mark.parametrize("karras", [False, True], ids=["spaced", "karras"])
+def test_dpmpp_3m_orders_match_diffusers(steps, lower_order_final, karras):
+    """DPM-Solver++(3M): first order at the first and last steps, second at the second and, for
+    runs under 15 steps with lower_order_final, at the last but one; third elsewhere."""
+    config = {**scheduler_config("linspace"), "lower_order_final": lower_order_final}
+    reference = DPMSolverMultistepScheduler(**config, solver_order=3, use_karras_sigmas=karras)
+    reference.set_timesteps(steps)
+    reference.set_begin_index(0)  # Karras timesteps can repeat (see above)
+    sampler = "dpmpp_3m_karras" if karras else "dpmpp_3m"
+    schedule = NoiseSchedule(**config)
+    x_T = torch.randn(2, 3, 4, 4)
+    ours = []
+    sample(toy_model, x_T, schedule, sampler, steps, callback=lambda i, t, x: ours.append(x))
+    theirs, _, peaks = run_diffusers(reference, x_T)
+    assert_trajectories_match(ours, theirs, peaks, f"{sampler} {steps}")
+    if steps == 4:  # the flag decides the order of the last step but one
+        other = NoiseSchedule(**{**config, "lower_order_final": not lower_order_final})
+        assert not torch.equal(
+            make_plan(other, sampler, steps).coefficients,
+            make_plan(schedule, sampler, steps).coefficients,
+        )
+
+
+@pytest.mark.parametrize("sampler", ["dpmpp_3m", "dpmpp_3m_sde_karras"])
+@pytest.mark.parametrize("steps,start,end", [(10, 3, None), (10, 8, None), (20, 6, 15)])
+def test_dpmpp_3m_started_part_way_matches_set_begin_index(sampler, steps, start, end):
+    """A 3M run started part-way takes a second-order second step, as diffusers' history does
+    after ``set_begin_index``."""
+    from fastdiff.pipeline.denoising import start_state
+    from fastdiff.sampling import run_plan
+
+    config = scheduler_config("linspace")
+    schedule = NoiseSchedule(**config)
+    sde = "_sde" in sampler
+    reference = DPMSolverMultistepScheduler(
+        **config,
+        solver_order=3,
+        algorithm_type="sde-dpmsolver++" if sde else "dpmsolver++",
+        use_karras_sigmas=sampler.endswith("_karras"),
+    )
+    reference.set_timesteps(steps)
+    reference.set_begin_index(start)
+    x = torch.randn(2, 3, 4, 4)
+    theirs = x.clone()
+    generator = torch.Generator().manual_seed(2)
+    for t in reference.timesteps[start:end]:
+        theirs = reference.step(toy_model(theirs, t), t, theirs, generator=generator).prev_sample
+    plan = make_plan(schedule, sampler, steps)
+    part, state = start_state(plan, schedule, x, x, start, end, add_noise=False)
+    ours = run_plan(toy_model, state, part, generator=torch.Generator().manual_seed(2))
     error = float((ours - theirs).abs().max())
     assert error <= 1e-5 * max(1.0, float(theirs.abs().max())), error

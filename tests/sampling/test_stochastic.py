@@ -106,6 +106,7 @@ def test_sde_step_noise_is_drawn_in_float32_as_diffusers_draws_it():
     assert_trajectories_match(ours, theirs, peaks)
 
 
+@pytest.mark.parametrize("order", [2, 3])
 @pytest.mark.parametrize("karras", [False, True])
 @pytest.mark.parametrize(
     "spacing,prediction_type,zero_snr,steps",
@@ -114,20 +115,22 @@ def test_sde_step_noise_is_drawn_in_float32_as_diffusers_draws_it():
         ("trailing", "v_prediction", True, 12),
         ("linspace", "sample", False, 3),
         ("linspace", "epsilon", False, 1),
+        ("linspace", "epsilon", False, 20),  # third order from the third step to the last but one
     ],
 )
-def test_dpmpp_2m_sde_matches_diffusers_with_same_noise(
-    spacing, prediction_type, zero_snr, steps, karras
+def test_dpmpp_sde_matches_diffusers_with_same_noise(
+    spacing, prediction_type, zero_snr, steps, karras, order
 ):
-    """SDE-DPM-Solver++(2M) against DPMSolverMultistepScheduler(algorithm_type=
-    "sde-dpmsolver++"), which draws its step noise in float32 from the generator."""
+    """SDE-DPM-Solver++(2M) and (3M) against DPMSolverMultistepScheduler(algorithm_type=
+    "sde-dpmsolver++", solver_order=2 or 3), which draws its step noise in float32 from the
+    generator."""
     config = scheduler_config(spacing, prediction_type, zero_snr)
     reference = DPMSolverMultistepScheduler(
-        **config, algorithm_type="sde-dpmsolver++", solver_order=2, use_karras_sigmas=karras
+        **config, algorithm_type="sde-dpmsolver++", solver_order=order, use_karras_sigmas=karras
     )
     reference.set_timesteps(steps)
     reference.set_begin_index(0)  # Karras timesteps can repeat (see test_samplers_vs_diffusers)
-    sampler = "dpmpp_2m_sde_karras" if karras else "dpmpp_2m_sde"
+    sampler = f"dpmpp_{order}m_sde" + ("_karras" if karras else "")
     schedule = NoiseSchedule(**config)
     plan = make_plan(schedule, sampler, steps)
     assert torch.equal(plan.timesteps, reference.timesteps) and plan.stochastic == (steps > 1)
