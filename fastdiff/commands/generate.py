@@ -72,7 +72,8 @@ def add_parser(subparsers) -> None:
     parser.add_argument(
         "--sampler",
         default=None,
-        help="ddim, ddpm, euler[_ancestral|_karras], dpmpp_{2m,3m}[_sde][_karras], lcm, tcd, "
+        help="ddim, ddpm, euler[_ancestral|_karras], dpmpp_{2m,3m}[_sde][_karras], heun[_karras], "
+        "lcm, tcd, "
         "unipc[_karras] "
         "(default: the one equal to the folder's scheduler, else ddim)",
     )

@@ -28,7 +28,12 @@ from tqdm.auto import tqdm
 
 from fastdiff.pipeline import images as image_utils
 from fastdiff.sampling import KnownRegion, NoiseSchedule, make_plan, run_plan
-from fastdiff.sampling.plan import INPUT_SCALE, SamplingPlan, restarted_coefficients
+from fastdiff.sampling.plan import (
+    INPUT_SCALE,
+    SamplingPlan,
+    restarted_coefficients,
+    rows_per_step,
+)
 
 
 def strength_value(strength) -> float:
@@ -63,12 +68,16 @@ def denoising_range(
     num_train_timesteps: int,
     denoising_start: float | None,
     denoising_end: float | None,
+    order: int = 1,
 ) -> tuple[int, int | None]:
     """(start_step, end_step) of the plan rows a ``denoising_start`` / ``denoising_end`` split
     runs (SDXL's base-then-refiner hand-over, "ensemble of expert denoisers"), as diffusers'
     SDXL pipelines cut their timesteps: each fraction d becomes the timestep cutoff
     round(T - d * T); the first pipeline runs the steps at or above its end cutoff, the second
-    the steps below its start cutoff. end_step None: to the end."""
+    the steps below its start cutoff. end_step None: to the end. ``timesteps`` are the plan's
+    rows (one per model call); with ``order`` 2 (Heun: two rows a step) a start that would
+    split a step moves one row earlier, onto the step's first row, as diffusers' img2img
+    pipelines move it for second-order schedulers."""
     for name, value in (("denoising_start", denoising_start), ("denoising_end", denoising_end)):
         if value is not None and (
             isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 < value < 1
@@ -86,7 +95,10 @@ def denoising_range(
     steps = int(timesteps.shape[0])
     start_step, end_step = 0, None
     if denoising_start is not None:
-        start_step = steps - int((timesteps < cutoff(denoising_start)).sum())
+        remaining = int((timesteps < cutoff(denoising_start)).sum())
+        if order == 2 and remaining % 2 == 0:
+            remaining += 1  # (the rows from there on: a correction, then whole steps)
+        start_step = steps - min(remaining, steps)
     if denoising_end is not None:
         end_step = int((timesteps >= cutoff(denoising_end)).sum())
     if start_step >= (steps if end_step is None else end_step):
@@ -277,7 +289,10 @@ def run_start(
                 # refuses a share with fewer timesteps than steps)
                 start.lcm_strength = strength_value(start.strength)
             else:
-                start.start_step = img2img_start_step(steps, start.strength)
+                # (in plan rows: Heun's steps take two)
+                start.start_step = img2img_start_step(steps, start.strength) * rows_per_step(
+                    plan[0]
+                )
         elif strength is not None:  # diffusers ignores strength then: refuse, not ignore
             raise ValueError("pass strength or denoising_start, not both")
         start.given_latents = image_utils.latents_of(image, pipe.vae.config["latent_channels"])
@@ -303,7 +318,11 @@ def run_start(
                 pipe.schedule, "lcm", steps, lcm_strength=start.lcm_strength
             ).timesteps
         first, start.end_step = denoising_range(
-            timesteps, pipe.schedule.num_train_timesteps, denoising_start, denoising_end
+            timesteps,
+            pipe.schedule.num_train_timesteps,
+            denoising_start,
+            denoising_end,
+            rows_per_step(plan[0]),
         )
         if denoising_start is not None:
             start.start_step = first

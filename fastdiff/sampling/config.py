@@ -170,7 +170,7 @@ def schedule_kwargs_from_config(config: dict[str, Any]) -> dict[str, Any]:
 def default_sampler(config: dict[str, Any]) -> str:
     """The fastdiff sampler that equals the diffusers scheduler ``config`` describes (what a
     diffusers pipeline loaded from the folder samples with), or ``"ddim"`` where fastdiff has
-    none: PNDM, LMS and Heun."""
+    none: PNDM and LMS."""
     karras = config.get("use_karras_sigmas")
     if karras is not None and not isinstance(karras, bool):
         raise ValueError(
@@ -190,6 +190,8 @@ def default_sampler(config: dict[str, Any]) -> str:
         )
     if class_name == "EulerDiscreteScheduler":
         return "euler_karras" if karras else "euler"
+    if class_name == "HeunDiscreteScheduler":
+        return "heun_karras" if karras else "heun"
     if class_name == "UniPCMultistepScheduler":
         return "unipc_karras" if karras else "unipc"
     return {

@@ -1,8 +1,9 @@
 """Samplers compiled ahead of time into a :class:`SamplingPlan`: the contract shared by the
 samplers, the fused step kernel and the CUDA-graph runtime.
 
-Every sampler we ship is, step by step, linear in the state x, the model output m, the two
-previous steps' x0 estimates and Gaussian noise z. Row i of ``plan.coefficients`` holds
+Every sampler we ship is, model call by model call, linear in the state x, the model output m,
+the two previous calls' x0 estimates and Gaussian noise z (one row per call: a step of Heun's
+method, which calls the model twice, takes two rows). Row i of ``plan.coefficients`` holds
 
     x_in   = c0 * x                                           (model input, VP scale)
     x0     = c1 * x_in + c2 * m                               (m in the schedule's prediction type)
@@ -53,11 +54,20 @@ SAMPLERS = (
     "dpmpp_3m_karras",
     "dpmpp_3m_sde",
     "dpmpp_3m_sde_karras",
+    "heun",
+    "heun_karras",
     "lcm",
     "tcd",
     "unipc",
     "unipc_karras",
 )
+
+
+def rows_per_step(sampler: str) -> int:
+    """Plan rows (model calls) per sampling step: 2 for Heun's method (its correction calls the
+    model again at the next noise level), else 1. diffusers calls this the scheduler's
+    ``order``; img2img starts at row ``rows_per_step * start step``."""
+    return 2 if sampler.startswith("heun") else 1
 
 
 @dataclass(frozen=True, eq=False)
@@ -321,6 +331,51 @@ def require_falling_noise(sigma: float, sigma_next: float, t: int, sampler: str)
         )
 
 
+def _heun_rows(
+    schedule: NoiseSchedule, timesteps: list[float], sigmas: list[float]
+) -> tuple[list[list[float]], float, list[int]]:
+    """Heun's method on the probability-flow ODE (Karras et al. 2022, Algorithm 1 with gamma = 0;
+    diffusers' HeunDiscreteScheduler): each step from sigma to sigma' is an Euler step to
+    x' = x + (sigma' - sigma) d, d = (x - x0) / sigma, then, after a second model call at x'
+    (sigma'), x_next = x + (sigma' - sigma) (d + d') / 2 with d' = (x' - x0') / sigma'. The last
+    step (sigma' = 0) is the Euler step alone. Two plan rows per step, one per model call:
+    the Euler row, then the correction, written in the state it sees (x') with
+    x = (x' - (1 - rho) x0) / rho, rho = sigma' / sigma:
+
+        x_next = (1/rho + D / (2 sigma rho) + D / (2 sigma')) x' - D / (2 sigma') x0'
+                 - ((1/rho + D / (2 sigma rho)) (1 - rho) + D / (2 sigma)) x0,   D = sigma' - sigma
+
+    (x0, the first call's estimate, is the row's previous x0). Returns the rows, the initial
+    state's scale, and the step each row's model call belongs to (its timestep and sigma: the
+    correction's are the next step's)."""
+    euler, init_noise_scale = _euler_rows(schedule, timesteps, sigmas)
+    rows, at_step = [], []
+    for index, first in enumerate(euler):
+        rows.append(first)
+        at_step.append(index)
+        sigma, sigma_next = sigmas[index], sigmas[index + 1]
+        if sigma_next == 0.0:
+            continue
+        rho, delta = sigma_next / sigma, sigma_next - sigma
+        c1, c2 = _x0_coefficients(
+            1.0 / (sigma_next**2 + 1.0), schedule.prediction_type, timesteps[index + 1]
+        )
+        from_x = 1.0 / rho + delta / (2.0 * sigma * rho)
+        rows.append(
+            [
+                1.0 / math.sqrt(sigma_next**2 + 1.0),
+                c1,
+                c2,
+                from_x + delta / (2.0 * sigma_next),
+                -delta / (2.0 * sigma_next),
+                -from_x * (1.0 - rho) - delta / (2.0 * sigma),
+                0.0,
+            ]
+        )
+        at_step.append(index + 1)
+    return rows, init_noise_scale, at_step
+
+
 def _dpmpp_rows(
     schedule: NoiseSchedule,
     timesteps: list[int],
@@ -554,15 +609,25 @@ def make_plan(
             f"lcm_strength applies to the 'lcm' and 'tcd' samplers only, not {sampler!r}"
         )
     karras = sampler.endswith("_karras")
-    # The Euler family calls the model at diffusers' own, possibly fractional, timesteps.
-    fractions = sampler.startswith("euler")
+    # The Euler family calls the model at diffusers' own, possibly fractional, timesteps; Heun
+    # takes Euler's timesteps and noise levels (HeunDiscreteScheduler spaces them the same way).
+    fractions = sampler.startswith(("euler", "heun"))
+    heun = sampler.startswith("heun")
+    if heun and schedule.rescale_betas_zero_snr:
+        raise ValueError(
+            "heun: HeunDiscreteScheduler has no rescale_betas_zero_snr (diffusers samples the "
+            "unrescaled schedule); fastdiff refuses rather than differ: use euler, or a schedule "
+            "without the rescale"
+        )
     if karras:
-        timesteps, sigmas = karras_plan_inputs(schedule, steps, sampler, keep_fraction=fractions)
+        base = "euler_karras" if heun else sampler
+        timesteps, sigmas = karras_plan_inputs(schedule, steps, base, keep_fraction=fractions)
     elif sampler in ("lcm", "tcd"):  # TCDScheduler takes LCMScheduler's timesteps
         original = schedule.original_inference_steps
         timesteps = lcm_timesteps(schedule.num_train_timesteps, steps, original, lcm_strength)
     else:
-        timesteps = schedule.timesteps(steps, sampler, keep_fraction=fractions)
+        base = "euler" if heun else sampler
+        timesteps = schedule.timesteps(steps, base, keep_fraction=fractions)
     timesteps = _integral_as_long(timesteps)
     visited = timesteps.tolist()
     init_noise_scale = 1.0
@@ -580,6 +645,13 @@ def make_plan(
         rows, init_noise_scale = _euler_rows(
             schedule, visited, sigmas, sampler == "euler_ancestral"
         )
+    elif heun:
+        if not karras:
+            sigmas = _sigmas_at(schedule, visited)
+        rows, init_noise_scale, at_step = _heun_rows(schedule, visited, sigmas)
+        # each row's model call: its step's timestep and noise level (then 0 after the last)
+        timesteps = timesteps[at_step]
+        sigmas = [sigmas[i] for i in at_step] + [0.0]
     elif sampler.startswith("unipc"):
         if not karras:
             sigmas = _sigmas_at(schedule, visited)

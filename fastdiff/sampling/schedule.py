@@ -260,12 +260,18 @@ class NoiseSchedule:
 
     # ----------------------------------------------------------------------------- tables
     def timesteps(self, steps: int, sampler: str = "ddim", keep_fraction=False) -> torch.Tensor:
-        """Model timesteps (LongTensor [steps], non-increasing) ``sampler`` visits with this
+        """Model timesteps (LongTensor [steps], non-increasing; Heun's [2 steps - 1], one per
+        model call) ``sampler`` visits with this
         schedule's ``timestep_spacing`` and ``steps_offset`` (see ``fastdiff.sampling.spacing``);
         for the ``*_karras`` samplers the timesteps of their Karras noise levels, which ignore
         the spacing. ``keep_fraction``: as floats, the Euler family's unrounded (diffusers'
         own, at which ``make_plan`` calls the model and which diffusers compares with
         denoising_start / denoising_end cut-offs)."""
+        if sampler.startswith("heun"):
+            # Euler's timesteps, each after the first called twice (the correction of the step
+            # before, then its own Euler step): the plan's rows, as HeunDiscreteScheduler lists
+            base = self.timesteps(steps, "euler" + sampler[len("heun") :], keep_fraction)
+            return torch.cat([base[:1], base[1:].repeat_interleave(2)])
         if sampler in ("lcm", "tcd"):  # TCDScheduler takes LCMScheduler's timesteps
             original = self.original_inference_steps
             timesteps = lcm_timesteps(self.num_train_timesteps, steps, original)

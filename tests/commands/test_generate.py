@@ -137,8 +137,8 @@ def test_errors_are_clean_and_never_clobber(class_folder, tmp_path, capsys, monk
             "height=15 is not a multiple",
         ),
         (
-            ("--model", class_folder, "--class-label", 0, "--sampler", "heun", "--out", out),
-            "unknown sampler 'heun'",
+            ("--model", class_folder, "--class-label", 0, "--sampler", "dpm2", "--out", out),
+            "unknown sampler 'dpm2'",
         ),
         (("--model", class_folder, "--class-label", 0), "--out FILE.png is required"),
         (

@@ -31,6 +31,7 @@ SCHEDULERS = {
     "lcm": ("LCMScheduler", {}),  # fresh noise after each step, the last one excepted
     "unipc": ("UniPCMultistepScheduler", {}),  # no corrector at the first step run
     "dpmpp_3m": ("DPMSolverMultistepScheduler", {"solver_order": 3}),  # second order second
+    "heun": ("HeunDiscreteScheduler", {}),  # two rows a step: starts at row 2 x start step
 }
 
 

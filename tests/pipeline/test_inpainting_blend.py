@@ -21,6 +21,8 @@ SCHEDULERS = {
     # diffusers' corrector starts from its own copy of the state, not the blended one: the same
     # image, since the blend and every sampler update act elementwise
     "unipc": "UniPCMultistepScheduler",
+    "heun": "HeunDiscreteScheduler",  # its correction, too, starts from its own copy
+    "dpmpp_3m": "DPMSolverMultistepScheduler",  # (with solver_order 3, below)
 }
 
 
@@ -48,7 +50,8 @@ def diffusers_images(reference, kwargs: dict, seed: int) -> torch.Tensor:
     sampler = kwargs.pop("sampler", None)
     if sampler is not None:
         cls = getattr(diffusers, SCHEDULERS[sampler])
-        reference.scheduler = cls.from_config(scheduler.config)
+        order = {"solver_order": 3} if sampler == "dpmpp_3m" else {}
+        reference.scheduler = cls.from_config(scheduler.config, **order)
     try:
         generator = torch.Generator().manual_seed(seed)
         return reference(**kwargs, generator=generator, output_type="pt").images
@@ -64,6 +67,9 @@ CASES = {
     "euler": dict(sampler="euler"),  # the kept part noised in Euler's scale (x0 + sigma z)
     "euler-ancestral": dict(sampler="euler_ancestral", strength=0.7),  # step noise too
     "dpmpp-2m": dict(sampler="dpmpp_2m"),
+    "dpmpp-3m": dict(sampler="dpmpp_3m"),
+    "unipc": dict(sampler="unipc"),
+    "heun": dict(sampler="heun", strength=0.7),  # the blend after each of the two calls
 }
 
 

@@ -149,6 +149,7 @@ SCHEDULERS = {
     "dpmpp_2m": "DPMSolverMultistepScheduler",  # no previous x0 at the hand-over: first order
     "euler_ancestral": "EulerAncestralDiscreteScheduler",  # step noise from the generator
     "tcd": "TCDScheduler",  # LCM's timesteps, cut as the others
+    "heun": "HeunDiscreteScheduler",  # two rows a step: the cut-offs count rows, as diffusers
     "unipc": "UniPCMultistepScheduler",  # the base's last step keeps its order; the refiner
     # starts its history afresh
 }

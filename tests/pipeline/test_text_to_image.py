@@ -150,7 +150,7 @@ def test_np_output_equals_diffusers(pipe, reference):
     [
         (dict(prompt="a cat", height=15), "height=15 is not a multiple of the VAE"),
         (dict(prompt="a cat", width=0), "width must be a positive int"),
-        (dict(prompt="a cat", sampler="heun"), "unknown sampler 'heun'; allowed values: ddpm"),
+        (dict(prompt="a cat", sampler="dpm2"), "unknown sampler 'dpm2'; allowed values: ddpm"),
         (dict(prompt="a cat", output_type="numpy"), "unknown output_type 'numpy'"),
         (dict(), "pass prompt or prompt_embeds"),
         (dict(prompt="a", prompt_embeds=torch.zeros(1, 16, 32)), "exactly one of prompt"),
@@ -355,6 +355,7 @@ def test_outdated_scheduler_config_is_sampled_as_diffusers_does(sd_folder, tmp_p
         ("LCMScheduler", {}, "lcm"),
         ("TCDScheduler", {}, "tcd"),
         ("DPMSolverMultistepScheduler", {"solver_order": 3}, "dpmpp_3m"),
+        ("HeunDiscreteScheduler", {}, "heun"),
         ("UniPCMultistepScheduler", {}, "unipc"),
         ("UniPCMultistepScheduler", {"use_karras_sigmas": True}, "unipc_karras"),
     ],
@@ -395,6 +396,7 @@ def test_a_call_without_sampler_runs_the_folders_scheduler(
         "tcd": "lcm",
         "unipc": "dpmpp_2m",
         "dpmpp_3m": "dpmpp_2m",
+        "heun": "euler",
     }.get(sampler, sampler.rsplit("_", 1)[0])
     # (dpmpp_2m_sde's contrast, dpmpp_2m, differs by the SDE's noise and decay.)
     other = pipe(**kwargs, seed=3, sampler=contrast, output_type="tensor", progress=False)

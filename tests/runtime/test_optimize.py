@@ -71,6 +71,8 @@ def test_fused_qkv_keeps_unet_output(pipe):
         ("unipc", 5, 0.0),
         ("unipc_karras", 12, 0.0),
         ("dpmpp_3m_sde", 6, 0.0),
+        ("heun", 3, 0.0),  # 5 model calls: a whole-loop graph
+        ("heun_karras", 6, 0.0),  # 11: the step graph
     ],
     ids=[
         "ddim4-loop",
@@ -85,6 +87,8 @@ def test_fused_qkv_keeps_unet_output(pipe):
         "unipc5-loop",
         "unipc-karras12-step",
         "dpmpp-3m-sde6-loop",
+        "heun3-loop",
+        "heun-karras6-step",
     ],
 )
 def test_static_buffer_loop_equals_eager_sampler(pipe, sampler, steps, eta):
@@ -103,7 +107,9 @@ def test_static_buffer_loop_equals_eager_sampler(pipe, sampler, steps, eta):
     )
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     (entry,) = rt.cache.entries.values()
-    assert entry.key.kind == ("loop" if steps <= 8 else "step")
+    assert entry.key.kind == (
+        "loop" if len(make_plan(pipe.schedule, sampler, steps)) <= 8 else "step"
+    )
     assert entry.key.guidance
 
 

@@ -266,6 +266,8 @@ def test_round_trip_through_to_config():
             },
             "dpmpp_3m_sde_karras",
         ),
+        ({"_class_name": "HeunDiscreteScheduler"}, "heun"),
+        ({"_class_name": "HeunDiscreteScheduler", "use_karras_sigmas": True}, "heun_karras"),
         ({"_class_name": "UniPCMultistepScheduler"}, "unipc"),
         ({"_class_name": "UniPCMultistepScheduler", "use_karras_sigmas": True}, "unipc_karras"),
         ({"_class_name": "PNDMScheduler"}, "ddim"),

@@ -18,6 +18,7 @@ from fastdiff.sampling import (
     plan_step,
     sample,
 )
+from fastdiff.sampling.plan import rows_per_step
 from tests.sampling.helpers import SD_BETAS, toy_model
 
 SCHEDULE = NoiseSchedule(**SD_BETAS, beta_schedule="scaled_linear", steps_offset=1)
@@ -34,17 +35,23 @@ def test_top_level_exports():
 def test_plan_shapes_and_contract(sampler):
     plan = make_plan(SCHEDULE, sampler, 12)
     # Euler through Karras levels calls the model at fractional timesteps, as diffusers does.
-    fractional = sampler == "euler_karras"
+    fractional = sampler in ("euler_karras", "heun_karras")
     assert plan.timesteps.dtype == (torch.float64 if fractional else torch.long)
-    assert plan.timesteps.shape == (12,)
-    assert plan.coefficients.dtype == torch.float64 and plan.coefficients.shape == (12, 8)
-    assert bool((plan.timesteps.diff() < 0).all())
+    rows = 23 if sampler.startswith("heun") else 12  # Heun: two model calls a step, one last
+    assert rows == 12 * rows_per_step(sampler) - (rows_per_step(sampler) - 1)
+    assert plan.timesteps.shape == (rows,)
+    assert plan.coefficients.dtype == torch.float64 and plan.coefficients.shape == (rows, 8)
+    if sampler.startswith("heun"):  # each step's correction calls the model at the next timestep
+        assert torch.equal(plan.timesteps[1::2], plan.timesteps[2::2])
+        assert bool((plan.timesteps[::2].diff() < 0).all())
+    else:
+        assert bool((plan.timesteps.diff() < 0).all())
     assert plan.stochastic == (sampler in ("ddpm", "euler_ancestral", "lcm") or "_sde" in sampler)
-    multistep = sampler.startswith(("dpmpp", "unipc"))
+    multistep = sampler.startswith(("dpmpp", "unipc", "heun"))  # (Heun: the first call's x0)
     assert (plan.coefficients[:, NEXT_FROM_PREV_X0] != 0).any() == multistep
     # only DPM-Solver++(3M) and UniPC's corrector reach two steps back
     assert plan.reads_prev2 == sampler.startswith(("dpmpp_3m", "unipc"))
-    if sampler.startswith("euler"):
+    if sampler.startswith(("euler", "heun")):
         assert plan.init_noise_scale > 5 and (plan.coefficients[:, INPUT_SCALE] < 1).all()
     else:
         assert plan.init_noise_scale == 1.0 and (plan.coefficients[:, INPUT_SCALE] == 1).all()
@@ -55,7 +62,7 @@ def test_plan_shapes_and_contract(sampler):
 def test_dtype_callback_and_timestep_type(sampler, dtype):
     seen = []
 
-    t_dtype = torch.float32 if sampler == "euler_karras" else torch.long
+    t_dtype = torch.float32 if sampler in ("euler_karras", "heun_karras") else torch.long
 
     def model(x, t):
         assert x.dtype == dtype and t.dtype == t_dtype and t.shape == (3,)
@@ -89,10 +96,10 @@ def test_unknown_names_list_the_allowed_values():
         ValueError,
         match=r"allowed: \['ddpm', 'ddim', 'euler', 'euler_ancestral', 'euler_karras', "
         r"'dpmpp_2m', 'dpmpp_2m_karras', 'dpmpp_2m_sde', 'dpmpp_2m_sde_karras', 'dpmpp_3m', "
-        r"'dpmpp_3m_karras', 'dpmpp_3m_sde', 'dpmpp_3m_sde_karras', 'lcm', 'tcd', 'unipc', "
-        r"'unipc_karras'\]",
+        r"'dpmpp_3m_karras', 'dpmpp_3m_sde', 'dpmpp_3m_sde_karras', 'heun', 'heun_karras', "
+        r"'lcm', 'tcd', 'unipc', 'unipc_karras'\]",
     ):
-        sample(toy_model, torch.randn(1, 2), SCHEDULE, "heun", 5)
+        sample(toy_model, torch.randn(1, 2), SCHEDULE, "dpm2", 5)
     with pytest.raises(ValueError, match="allowed"):
         NoiseSchedule(timestep_spacing="even")
     with pytest.raises(ValueError, match="allowed"):

@@ -19,6 +19,7 @@ from diffusers import (
     DDIMScheduler,
     DPMSolverMultistepScheduler,
     EulerDiscreteScheduler,
+    HeunDiscreteScheduler,
     UniPCMultistepScheduler,
 )
 
@@ -444,3 +445,43 @@ def test_dpmpp_3m_started_part_way_matches_set_begin_index(sampler, steps, start
     ours = run_plan(toy_model, state, part, generator=torch.Generator().manual_seed(2))
     error = float((ours - theirs).abs().max())
     assert error <= 1e-5 * max(1.0, float(theirs.abs().max())), error
+
+
+@pytest.mark.parametrize("steps", [1, 2, 3, 10])
+@pytest.mark.parametrize("karras", [False, True], ids=["spaced", "karras"])
+@pytest.mark.parametrize("spacing", SPACINGS)
+@pytest.mark.parametrize("prediction_type", PREDICTION_TYPES)
+def test_heun_matches_diffusers_call_by_call(steps, karras, spacing, prediction_type):
+    """Heun's method, one plan row per model call as HeunDiscreteScheduler steps: the Euler
+    state after each first call, the corrected state after each second (the last step is
+    Euler's alone). Started, like Euler, from sqrt(sigma_max^2 + 1) x_T."""
+    config = scheduler_config(spacing, prediction_type)
+    del config["rescale_betas_zero_snr"]  # not a HeunDiscreteScheduler argument
+    reference = HeunDiscreteScheduler(**config, use_karras_sigmas=karras)
+    reference.set_timesteps(steps)
+    sampler = "heun_karras" if karras else "heun"
+    schedule = NoiseSchedule(**config)
+    plan = make_plan(schedule, sampler, steps)
+    assert len(plan) == 2 * steps - 1
+    torch.testing.assert_close(plan.timesteps.double(), reference.timesteps.double())
+    assert torch.equal(
+        schedule.timesteps(steps, sampler, keep_fraction=True), plan.timesteps.double()
+    )
+    # The correction is x' + k (x0' - x0) with k = (sigma - sigma') / (2 sigma'): 250 for two
+    # steps to t = 0 (sigma 14.6 -> 0.029), which multiplies the float32 rounding of x0 (an
+    # estimate that cancels terms of size sigma): 2e-5 of the peak there, under 1e-6 from 5
+    # steps up (diffusers' derivative form rounds less). Two steps are compared in float64.
+    dtype = torch.float64 if steps == 2 else torch.float32
+    x_T = torch.randn(2, 3, 4, 4, dtype=dtype)
+    ours = []
+    sample(toy_model, x_T, schedule, sampler, steps, callback=lambda i, t, x: ours.append(x))
+    theirs, _, peaks = run_diffusers(reference, x_T * plan.init_noise_scale)
+    assert_trajectories_match(ours, theirs, peaks, f"{sampler} {spacing} {steps}")
+
+
+def test_heun_refuses_a_zero_snr_schedule():
+    """HeunDiscreteScheduler has no rescale_betas_zero_snr: diffusers would sample the plain
+    schedule, fastdiff refuses rather than sample another."""
+    schedule = NoiseSchedule(**scheduler_config("trailing", "v_prediction", zero_snr=True))
+    with pytest.raises(ValueError, match="HeunDiscreteScheduler has no rescale_betas_zero_snr"):
+        make_plan(schedule, "heun", 5)

@@ -167,7 +167,7 @@ def test_timestep_validation():
     with pytest.raises(ValueError, match="outside"):  # 999 * 1 + offset 1 = 1000
         schedule.timesteps(1000)
     with pytest.raises(ValueError, match="allowed"):
-        schedule.timesteps(10, "heun")
+        schedule.timesteps(10, "dpm2")
 
 
 @pytest.mark.parametrize(
