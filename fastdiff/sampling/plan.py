@@ -97,8 +97,8 @@ class SamplingPlan:
 
     @property
     def reads_prev2(self) -> bool:
-        """True when some step reads the x0 estimate of two steps back (UniPC's corrector), so
-        a loop must keep it (``NEXT_FROM_PREV2_X0`` != 0)."""
+        """True when some step reads the x0 estimate of two steps back (DPM-Solver++(3M), UniPC's
+        corrector), so a loop must keep it (``NEXT_FROM_PREV2_X0`` != 0)."""
         return bool((self.coefficients[:, NEXT_FROM_PREV2_X0] != 0).any())
 
 
@@ -338,12 +338,12 @@ def _heun_rows(
     diffusers' HeunDiscreteScheduler): each step from sigma to sigma' is an Euler step to
     x' = x + (sigma' - sigma) d, d = (x - x0) / sigma, then, after a second model call at x'
     (sigma'), x_next = x + (sigma' - sigma) (d + d') / 2 with d' = (x' - x0') / sigma'. The last
-    step (sigma' = 0) is the Euler step alone. Two plan rows per step, one per model call:
-    the Euler row, then the correction, written in the state it sees (x') with
-    x = (x' - (1 - rho) x0) / rho, rho = sigma' / sigma:
+    step (sigma' = 0) is the Euler step alone. Two plan rows per step, one per model call: the
+    Euler row, then the correction, written in the state it sees. Since x' - x0 = sigma' d,
+    d = (x' - x0) / sigma' and d' - d = (x0 - x0') / sigma', so
 
-        x_next = (1/rho + D / (2 sigma rho) + D / (2 sigma')) x' - D / (2 sigma') x0'
-                 - ((1/rho + D / (2 sigma rho)) (1 - rho) + D / (2 sigma)) x0,   D = sigma' - sigma
+        x_next = x' + (sigma' - sigma) (d' - d) / 2 = x' + k (x0' - x0),
+        k = (sigma - sigma') / (2 sigma')
 
     (x0, the first call's estimate, is the row's previous x0). Returns the rows, the initial
     state's scale, and the step each row's model call belongs to (its timestep and sigma: the
@@ -356,22 +356,11 @@ def _heun_rows(
         sigma, sigma_next = sigmas[index], sigmas[index + 1]
         if sigma_next == 0.0:
             continue
-        rho, delta = sigma_next / sigma, sigma_next - sigma
         c1, c2 = _x0_coefficients(
             1.0 / (sigma_next**2 + 1.0), schedule.prediction_type, timesteps[index + 1]
         )
-        from_x = 1.0 / rho + delta / (2.0 * sigma * rho)
-        rows.append(
-            [
-                1.0 / math.sqrt(sigma_next**2 + 1.0),
-                c1,
-                c2,
-                from_x + delta / (2.0 * sigma_next),
-                -delta / (2.0 * sigma_next),
-                -from_x * (1.0 - rho) - delta / (2.0 * sigma),
-                0.0,
-            ]
-        )
+        k = (sigma - sigma_next) / (2.0 * sigma_next)
+        rows.append([1.0 / math.sqrt(sigma_next**2 + 1.0), c1, c2, 1.0, k, -k, 0.0])
         at_step.append(index + 1)
     return rows, init_noise_scale, at_step
 
@@ -498,9 +487,9 @@ def _unipc_rows(
         return sigma * signal(sigma)
 
     def update(i: int, order: int) -> tuple[float, float, float, float]:
-        """The move from step i to i + 1 at ``order``: (from_x, from_x0, from_prev, B-term) with
-        x_{i+1} = from_x x + from_x0 x0_i + from_prev x0_{i-1} (predictor form), and the
-        quantities UniC needs (returned as a_next * B, and r)."""
+        """The predictor from step i to i + 1 at ``order``: (from_x, from_x0, from_prev,
+        scaled_b) with x_{i+1} = from_x xc_i + from_x0 x0_i + from_prev x0_{i-1}, and
+        scaled_b = a_{i+1} B(h), the factor of UniC's terms over the same step."""
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
         alpha_next = signal(sigma_next)
         if sigma_next == 0.0:  # the last step: x_{i+1} = x0_i
