@@ -45,15 +45,16 @@ def workload(name, shape, dtype, sampler: str) -> Workload:
         x = random(size, dtype)
         model_output = random((2 * size[0], *size[1:]), dtype)
         x0_prev = random(x.shape, dtype) if sampler in ("dpmpp_2m", "unipc") else None
-        x0_prev2 = random(x.shape, dtype) if plan.reads_prev2 else None  # UniPC's corrector
+        depth = plan.history_depth - 1  # older x0 estimates (UniPC's corrector: 1)
+        x0_older = random((depth, *x.shape), dtype) if depth > 0 else None
         table = plan.coefficients.to(device)
         step = torch.tensor(STEPS // 2, device=device)
         guidance = torch.tensor(7.5, device=device)
-        return (x, model_output, table, step, x0_prev, guidance, None, x0_prev2)
+        return (x, model_output, table, step, x0_prev, guidance, None, x0_older)
 
     def bytes_moved(inputs) -> float:
         x = inputs[0]
-        reads = 3 + sum(1 for t in (inputs[4], inputs[7]) if t is not None)
+        reads = 3 + (inputs[4] is not None) + (0 if inputs[7] is None else inputs[7].shape[0])
         return (reads + 2) * x.numel() * x.element_size()
 
     return Workload(f"{name} {sampler} cfg", dtype, make, bytes_moved=bytes_moved)
@@ -64,12 +65,12 @@ def plan_step_provider(sampler: str):
 
     @host_synchronising
     def build(inputs):
-        x, model_output, _, step, x0_prev, guidance, noise, x0_prev2 = inputs
+        x, model_output, _, step, x0_prev, guidance, noise, x0_older = inputs
         index, scale = int(step), float(guidance)
 
         def call():
             guided = combine_guidance(*model_output.chunk(2), scale)
-            return plan_step(plan, index, x, guided, x0_prev, noise, x0_prev2=x0_prev2)
+            return plan_step(plan, index, x, guided, x0_prev, noise, x0_older=x0_older)
 
         return call
 

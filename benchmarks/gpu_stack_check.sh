@@ -106,8 +106,8 @@ cases = {
         torch.randn(2, 1280, 32, 32, dtype=torch.float16), 32, None, None, 1e-5, True
     ),
     "sampler_step": lambda: torch.ops.fastdiff_cuda.sampler_step(
-        torch.randn(1, 4, 8, 8), torch.randn(2, 4, 8, 8), torch.zeros(1, 8), None, None, None,
-        7.5, None
+        torch.randn(1, 4, 8, 8), torch.randn(2, 4, 8, 8), torch.zeros(1, 10), None, None, None,
+        7.5, None, None
     ),
 }
 for name, call in cases.items():

@@ -382,7 +382,7 @@ def sampler_step_cases(quick: bool) -> list[tuple[str, Callable[[], object]]]:
             def launch(dtype=dtype, cfg=cfg, on_device=on_device, noise=noise):
                 x = torch.empty(2, 4, 64, 64, dtype=dtype)
                 model = torch.empty(4 if cfg else 2, 4, 64, 64, dtype=dtype)
-                table = torch.empty(20, 8, dtype=torch.float32)
+                table = torch.empty(20, 10, dtype=torch.float32)
                 step = torch.zeros((), dtype=torch.int64) if on_device else None
                 guidance = torch.empty((), dtype=torch.float32) if on_device else None
                 return sampler_step_forward(
@@ -399,15 +399,23 @@ def sampler_step_cases(quick: bool) -> list[tuple[str, Callable[[], object]]]:
             label = f"sampler_step {name} cfg={int(cfg)} device_row={int(on_device)}"
             cases.append((f"{label} noise={int(noise)}", launch))
 
-        def launch_prev2(dtype=dtype):  # UniPC's plans: the x0 of two steps back as well
+        def launch_prev2(dtype=dtype):  # UniPC's plans: the x0 of two rows back as well
             x = torch.empty(2, 4, 64, 64, dtype=dtype)
             model = torch.empty(4, 4, 64, 64, dtype=dtype)
-            table = torch.empty(20, 8, dtype=torch.float32)
+            table = torch.empty(20, 10, dtype=torch.float32)
             step = torch.zeros((), dtype=torch.int64)
             guidance = torch.empty((), dtype=torch.float32)
             previous = torch.empty_like(x)
             return sampler_step_forward(
-                x, model, table, step, previous, guidance, 7.5, None, torch.empty_like(x)
+                x,
+                model,
+                table,
+                step,
+                previous,
+                guidance,
+                7.5,
+                None,
+                torch.empty(1, *x.shape, dtype=dtype),
             )
 
         cases.append((f"sampler_step {name} cfg=1 device_row=1 noise=0 prev2=1", launch_prev2))

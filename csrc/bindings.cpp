@@ -229,7 +229,7 @@ std::tuple<at::Tensor, at::Tensor> sampler_step(
     const at::Tensor& x, const at::Tensor& model_output, const at::Tensor& coefficients,
     const std::optional<at::Tensor>& step, const std::optional<at::Tensor>& x0_prev,
     const std::optional<at::Tensor>& guidance, double guidance_value,
-    const std::optional<at::Tensor>& noise, const std::optional<at::Tensor>& x0_prev2) {
+    const std::optional<at::Tensor>& noise, const std::optional<at::Tensor>& x0_older) {
   FASTDIFF_CHECK(x.is_cuda(), kSamplerStep, ": x must be a CUDA tensor, got device ",
                  x.device().str());
   check_storage_dtype(x, kSamplerStep, "x");
@@ -248,7 +248,21 @@ std::tuple<at::Tensor, at::Tensor> sampler_step(
                  "(both contiguous or both channels_last)");
   check_sample_tensor(x0_prev, x, "x0_prev");
   check_sample_tensor(noise, x, "noise");
-  check_sample_tensor(x0_prev2, x, "x0_prev2");
+  if (x0_older.has_value()) {
+    check_cuda(*x0_older, x, kSamplerStep, "x0_older");
+    FASTDIFF_CHECK_VALUE(x0_older->dim() == x.dim() + 1 && x0_older->size(0) >= 1 &&
+                             x0_older->size(0) <= 3 && x0_older->sizes().slice(1) == x.sizes(),
+                         kSamplerStep, ": x0_older has shape ", dims(x0_older->sizes()),
+                         "; expected [K, *x.shape] with K in [1, 3], x has shape ",
+                         dims(x.sizes()));
+    FASTDIFF_CHECK(x0_older->scalar_type() == x.scalar_type(), kSamplerStep,
+                   ": x0_older has dtype ", c10::toString(x0_older->scalar_type()),
+                   " but x has dtype ", c10::toString(x.scalar_type()));
+    FASTDIFF_CHECK(x0_older->stride(0) == x.numel() && same_dense_layout(x, (*x0_older)[0]),
+                   kSamplerStep,
+                   ": x0_older's slices must share x's dense layout, numel apart, got strides ",
+                   dims(x0_older->strides()));
+  }
 
   check_cuda(coefficients, x, kSamplerStep, "coefficients");
   const auto coefficient_type = coefficients.scalar_type();
@@ -256,14 +270,14 @@ std::tuple<at::Tensor, at::Tensor> sampler_step(
                  ": coefficients has dtype ", c10::toString(coefficient_type),
                  "; allowed: float32, float64");
   FASTDIFF_CHECK_VALUE((coefficients.dim() == 1 || coefficients.dim() == 2) &&
-                           coefficients.size(-1) == 8 && coefficients.numel() > 0,
-                       kSamplerStep, ": coefficients must be a [S, 8] table or one [8] row, got ",
+                           coefficients.size(-1) == 10 && coefficients.numel() > 0,
+                       kSamplerStep, ": coefficients must be a [S, 10] table or one [10] row, got ",
                        dims(coefficients.sizes()));
   FASTDIFF_CHECK(coefficients.stride(-1) == 1, kSamplerStep,
                  ": coefficients must have unit-stride columns, got strides ",
                  dims(coefficients.strides()));
   FASTDIFF_CHECK_VALUE((coefficients.dim() == 2) == step.has_value(), kSamplerStep,
-                       ": pass step with a [S, 8] coefficient table and no step with one [8] row");
+                       ": pass step with a [S, 10] coefficient table and no step with one [10] row");
   if (step.has_value()) {
     check_cuda(*step, x, kSamplerStep, "step");
     FASTDIFF_CHECK(step->scalar_type() == at::kLong && step->numel() == 1, kSamplerStep,
@@ -289,7 +303,8 @@ std::tuple<at::Tensor, at::Tensor> sampler_step(
   args.model_out = model_output.data_ptr();
   args.x0_prev = x0_prev.has_value() ? x0_prev->data_ptr() : nullptr;
   args.noise = noise.has_value() ? noise->data_ptr() : nullptr;
-  args.x0_prev2 = x0_prev2.has_value() ? x0_prev2->data_ptr() : nullptr;
+  args.x0_older = x0_older.has_value() ? x0_older->data_ptr() : nullptr;
+  args.num_older = x0_older.has_value() ? static_cast<int>(x0_older->size(0)) : 0;
   args.x_next = x_next.data_ptr();
   args.x0 = x0.data_ptr();
   args.coefficients = coefficients.data_ptr();
@@ -319,7 +334,7 @@ TORCH_LIBRARY(fastdiff_cuda, m) {
   m.def("group_norm_plan(Tensor x, int num_groups) -> int[]");
   m.def("sampler_step(Tensor x, Tensor model_output, Tensor coefficients, Tensor? step, "
         "Tensor? x0_prev, Tensor? guidance, float guidance_value, Tensor? noise, "
-        "Tensor? x0_prev2) "
+        "Tensor? x0_older) "
         "-> (Tensor, Tensor)");
 }
 

@@ -68,7 +68,7 @@ cudaError_t group_norm_launch(const GroupNormArgs& args, cudaStream_t stream);
 //   m      = u + w (c - u)          (or m = model_out without guidance)
 //   x_in   = c0 x
 //   x0     = c1 x_in + c2 m
-//   x_next = c3 x + c4 x0 + c5 x0_prev + c6 z + c7 x0_prev2
+//   x_next = c3 x + c4 x0 + c5 x0_prev + c6 z + sum_k c(7+k) x0_older[k]   (k < num_older)
 // The coefficient row is read on the device (coefficients + stride * step[0]), and w may be read from
 // device memory too, so one captured CUDA graph serves every step of a sampling plan.
 struct SamplerStepArgs {
@@ -76,10 +76,11 @@ struct SamplerStepArgs {
   const void* model_out;  // [2 * numel] = [uncond; cond] when `guided`, else [numel]; `model_dtype`
   const void* x0_prev;    // previous step's x0 [numel], `state_dtype`, or nullptr (zeros)
   const void* noise;      // z [numel], `state_dtype`, or nullptr (zeros)
-  const void* x0_prev2;   // x0 of two steps back [numel], `state_dtype`, or nullptr (zeros)
+  const void* x0_older;   // [num_older, numel]: x0 two, three... rows back, `state_dtype`
+  int num_older;          // 0..3 (x0_older may be nullptr when 0)
   void* x_next;           // output [numel], `state_dtype`
   void* x0;               // output [numel], `state_dtype`
-  const void* coefficients;    // plan table [num_steps, 8] or one [8] row; `coefficient_dtype`
+  const void* coefficients;    // plan table [num_steps, 10] or one [10] row; `coefficient_dtype`
   int64_t coefficient_stride;  // elements between table rows (columns are unit-stride)
   const int64_t* step;         // device scalar: row index into the table; nullptr -> row 0
   int64_t num_steps;           // rows in the table; the kernel clamps the step into [0, rows)

@@ -1,8 +1,8 @@
 // Fused classifier-free guidance (Ho & Salimans 2022) + one step of a sampling plan
-// (fastdiff/sampling/plan.py): every sampler we ship is linear in (x, m, x0_prev, z, x0_prev2)
-// per step,
+// (fastdiff/sampling/plan.py): every sampler we ship is linear in (x, m, x0_prev, z and up to
+// three older x0 estimates) per model call,
 //   m = u + w (c - u);  x0 = c1 (c0 x) + c2 m;
-//   x_next = c3 x + c4 x0 + c5 x0_prev + c6 z + c7 x0_prev2,
+//   x_next = c3 x + c4 x0 + c5 x0_prev + c6 z + sum_k c(7+k) x0_older[k],
 // so one elementwise pass replaces the ~10 PyTorch ops of the eager step. Memory-bound: each
 // thread moves 8 elements per tensor with 128-bit loads/stores when every pointer is 16-byte
 // aligned. The plan row (and optionally w) is read on the device, never baked into a launch, so a
@@ -47,7 +47,7 @@ __device__ __forceinline__ void store_chunk(T* data, const float (&values)[kChun
 }
 
 struct StepCoefficients {
-  float c[8];
+  float c[10];
   float guidance;
 };
 
@@ -60,7 +60,7 @@ __device__ __forceinline__ StepCoefficients read_coefficients(const SamplerStepA
   }
   StepCoefficients k;
 #pragma unroll
-  for (int j = 0; j < 8; ++j) {
+  for (int j = 0; j < 10; ++j) {
     k.c[j] = load_as_float(a.coefficients, row * a.coefficient_stride + j, a.coefficient_dtype);
   }
   k.guidance = a.guidance_scale != nullptr ? load_as_float(a.guidance_scale, 0, a.guidance_dtype)
@@ -70,10 +70,10 @@ __device__ __forceinline__ StepCoefficients read_coefficients(const SamplerStepA
 
 // The step for one element, in fp32; same association as the eager op: x0 = c1 (c0 x) + c2 m.
 __device__ __forceinline__ void step_element(const StepCoefficients& k, float x, float model,
-                                             float x0_prev, float noise, float x0_prev2,
+                                             float x0_prev, float noise, float older_sum,
                                              float& x_next, float& x0) {
   x0 = k.c[1] * (k.c[0] * x) + k.c[2] * model;
-  x_next = k.c[3] * x + k.c[4] * x0 + k.c[5] * x0_prev + k.c[6] * noise + k.c[7] * x0_prev2;
+  x_next = k.c[3] * x + k.c[4] * x0 + k.c[5] * x0_prev + k.c[6] * noise + older_sum;
 }
 
 template <typename TS, typename TM, bool VECTORIZED>
@@ -84,7 +84,8 @@ __global__ void __launch_bounds__(kThreads) sampler_step_kernel(const SamplerSte
   const TM* cond = a.guided ? uncond + a.numel : nullptr;
   const TS* x0_prev = static_cast<const TS*>(a.x0_prev);
   const TS* noise = static_cast<const TS*>(a.noise);
-  const TS* x0_prev2 = static_cast<const TS*>(a.x0_prev2);
+  const TS* x0_older = static_cast<const TS*>(a.x0_older);
+  const int num_older = x0_older != nullptr ? a.num_older : 0;
   TS* x_next = static_cast<TS*>(a.x_next);
   TS* x0 = static_cast<TS*>(a.x0);
   const int64_t thread = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
@@ -118,8 +119,13 @@ __global__ void __launch_bounds__(kThreads) sampler_step_kernel(const SamplerSte
       if (noise != nullptr) {
         load_chunk(noise + offset, z);
       }
-      if (x0_prev2 != nullptr) {
-        load_chunk(x0_prev2 + offset, older);
+      for (int slot = 0; slot < num_older; ++slot) {  // sum_k c(7+k) x0_older[k]
+        float values[kChunk];
+        load_chunk(x0_older + slot * a.numel + offset, values);
+#pragma unroll
+        for (int j = 0; j < kChunk; ++j) {
+          older[j] = fmaf(k.c[7 + slot], values[j], older[j]);
+        }
       }
       float next_values[kChunk], x0_values[kChunk];
 #pragma unroll
@@ -139,7 +145,10 @@ __global__ void __launch_bounds__(kThreads) sampler_step_kernel(const SamplerSte
     }
     const float previous = x0_prev != nullptr ? to_float(x0_prev[i]) : 0.0f;
     const float z = noise != nullptr ? to_float(noise[i]) : 0.0f;
-    const float older = x0_prev2 != nullptr ? to_float(x0_prev2[i]) : 0.0f;
+    float older = 0.0f;
+    for (int slot = 0; slot < num_older; ++slot) {
+      older = fmaf(k.c[7 + slot], to_float(x0_older[slot * a.numel + i]), older);
+    }
     float next_value, x0_value;
     step_element(k, to_float(x[i]), model, previous, z, older, next_value, x0_value);
     x_next[i] = from_float<TS>(next_value);
@@ -156,7 +165,8 @@ cudaError_t launch_types(const SamplerStepArgs& a, cudaStream_t stream) {
   const void* cond = a.guided ? static_cast<const TM*>(a.model_out) + a.numel : nullptr;
   const bool vectorized = aligned16(a.x) && aligned16(a.model_out) && aligned16(cond) &&
                           aligned16(a.x0_prev) && aligned16(a.noise) &&
-                          aligned16(a.x0_prev2) && aligned16(a.x_next) &&
+                          aligned16(a.x0_older) && (a.num_older == 0 || a.numel % kChunk == 0) &&
+                          aligned16(a.x_next) &&
                           aligned16(a.x0);
   const int64_t units = vectorized ? (a.numel + kChunk - 1) / kChunk : a.numel;
   int64_t blocks = (units + kThreads - 1) / kThreads;

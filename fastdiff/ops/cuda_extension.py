@@ -226,7 +226,7 @@ def _register_fakes() -> None:
         return torch.empty_like(x)
 
     def sampler_step_fake(
-        x, model_output, coefficients, step, x0_prev, guidance, value, noise, x0_prev2
+        x, model_output, coefficients, step, x0_prev, guidance, value, noise, x0_older
     ):
         return torch.empty_like(x), torch.empty_like(x)
 
@@ -294,11 +294,11 @@ def sampler_step(
     guidance: torch.Tensor | None,
     guidance_value: float,
     noise: torch.Tensor | None,
-    x0_prev2: torch.Tensor | None = None,
+    x0_older: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One fused CFG + plan step (fastdiff/sampling/plan.py) with the CUDA kernel; returns
     (x_next, x0). Arguments as ``sampler_step_triton`` in ``fastdiff/ops/sampler_step.py``:
-    ``step`` an int64 device scalar with a [S, 8] table (None with one [8] row), ``guidance`` a
+    ``step`` an int64 device scalar with a [S, 10] table (None with one [10] row), ``guidance`` a
     device scalar or None (then ``guidance_value`` is used)."""
     _require()
     return torch.ops.fastdiff_cuda.sampler_step(
@@ -310,7 +310,7 @@ def sampler_step(
         guidance,
         float(guidance_value),
         noise,
-        x0_prev2,
+        x0_older,
     )
 
 
@@ -323,9 +323,9 @@ def supports_sampler_step(
     guidance: torch.Tensor | None,
     guidance_value: float,
     noise: torch.Tensor | None,
-    x0_prev2: torch.Tensor | None = None,
+    x0_older: torch.Tensor | None = None,
 ) -> bool:
     """True when the CUDA kernel takes these inputs (see ``sampler_step_supported``)."""
     return sampler_step_supported(
-        x, model_output, coefficients, step, x0_prev, guidance, noise, x0_prev2
+        x, model_output, coefficients, step, x0_prev, guidance, noise, x0_older
     )

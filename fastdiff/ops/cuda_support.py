@@ -106,21 +106,28 @@ def sampler_step_supported(
     x0_prev: torch.Tensor | None,
     guidance: torch.Tensor | None,
     noise: torch.Tensor | None,
-    x0_prev2: torch.Tensor | None = None,
+    x0_older: torch.Tensor | None = None,
 ) -> bool:
     """The CUDA sampler-step kernel's input rules (the binding enforces the same with errors):
     CUDA tensors on one device; x and model_output fp32/fp16/bf16 (they may differ);
-    x0_prev, noise and x0_prev2 in x's dtype; one dense layout for all sample tensors; coefficients
+    x0_prev, noise and x0_older (stacked [K, *x.shape], slices numel apart) in x's dtype;
+    one dense layout for all sample tensors; coefficients
     fp32/fp64 with unit-stride columns; step an int64 scalar; guidance an fp32/fp64/fp16/bf16
     scalar (the dtypes the kernel reads; no float8)."""
     if not x.is_cuda or x.dim() == 0:
         return False
     if x.dtype not in KERNEL_DTYPES or model_output.dtype not in KERNEL_DTYPES:
         return False
-    samples = [model_output] + [t for t in (x0_prev, noise, x0_prev2) if t is not None]
+    samples = [model_output] + [t for t in (x0_prev, noise) if t is not None]
+    if x0_older is not None:  # [K, *x.shape], K <= 3, its slices numel apart
+        if x0_older.dim() != x.dim() + 1 or not 1 <= x0_older.shape[0] <= 3:
+            return False
+        if x0_older.stride(0) != x.numel() or x0_older.device != x.device:
+            return False
+        samples.append(x0_older[0])
     if not all(t.device == x.device and _same_dense_layout(x, t) for t in samples):
         return False
-    if any(t is not None and t.dtype != x.dtype for t in (x0_prev, noise, x0_prev2)):
+    if any(t is not None and t.dtype != x.dtype for t in (x0_prev, noise, x0_older)):
         return False
     if coefficients.device != x.device or coefficients.dtype not in (torch.float32, torch.float64):
         return False

@@ -22,7 +22,8 @@ from fastdiff.ops.backend import (
     select_backend,
 )
 
-NUM_COEFFICIENTS = 8  # c0..c7, the columns of SamplingPlan.coefficients
+NUM_COEFFICIENTS = 10  # c0..c9, the columns of SamplingPlan.coefficients
+MAX_OLDER = 3  # x0 estimates two to four rows back (columns 7..9)
 # "untried" -> "works" after the kernel's first launch, or "failed" (warned) if that launch raised.
 _kernel_state = "untried"
 
@@ -35,7 +36,7 @@ def sampler_step_eager(
     x0_prev: torch.Tensor | None = None,
     guidance_scale: float | torch.Tensor = 1.0,
     noise: torch.Tensor | None = None,
-    x0_prev2: torch.Tensor | None = None,
+    x0_older: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The same step as a sequence of PyTorch ops in fp32 (fp64 for fp64 states); no host sync,
     so it can be captured in a CUDA graph too."""
@@ -45,7 +46,7 @@ def sampler_step_eager(
     # index_select, not coefficients[step]: indexing with a tensor syncs with the host, which
     # CUDA-graph capture forbids.
     row = coefficients if step is None else coefficients.index_select(0, step.reshape(1))[0]
-    c0, c1, c2, c3, c4, c5, c6, c7 = row.to(dtype).unbind(-1)
+    c0, c1, c2, c3, c4, c5, c6, *older_weights = row.to(dtype).unbind(-1)
     state = x.to(dtype)
     batch = x.shape[0]
     if model_output.shape[0] == 2 * batch:
@@ -62,8 +63,9 @@ def sampler_step_eager(
         x_next = x_next + c5 * x0_prev.to(dtype)
     if noise is not None:
         x_next = x_next + c6 * noise.to(dtype)
-    if x0_prev2 is not None:
-        x_next = x_next + c7 * x0_prev2.to(dtype)
+    if x0_older is not None:
+        for weight, estimate in zip(older_weights, x0_older.unbind(0), strict=False):
+            x_next = x_next + weight * estimate.to(dtype)
     return x_next.to(x.dtype), x0.to(x.dtype)
 
 
@@ -77,12 +79,12 @@ def sampler_step_triton(
     guidance: torch.Tensor | None,
     guidance_value: float,
     noise: torch.Tensor | None,
-    x0_prev2: torch.Tensor | None,
+    x0_older: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     from fastdiff.kernels.sampler_step import sampler_step_forward
 
     return sampler_step_forward(
-        x, model_output, coefficients, step, x0_prev, guidance, guidance_value, noise, x0_prev2
+        x, model_output, coefficients, step, x0_prev, guidance, guidance_value, noise, x0_older
     )
 
 
@@ -91,7 +93,7 @@ def _sampler_step_fake(x, model_output, coefficients, step, x0_prev, guidance, v
     return torch.empty_like(x), torch.empty_like(x)
 
 
-def check_sampler_step_args(x, model_output, coefficients, step, x0_prev, noise, x0_prev2) -> None:
+def check_sampler_step_args(x, model_output, coefficients, step, x0_prev, noise, x0_older) -> None:
     batch = x.shape[0] if x.dim() > 0 else 0
     if (
         x.dim() == 0
@@ -106,11 +108,20 @@ def check_sampler_step_args(x, model_output, coefficients, step, x0_prev, noise,
             f"sampler_step: model_output shape {tuple(model_output.shape)} must be x's "
             f"{tuple(x.shape)} or [uncond; cond] with twice its batch"
         )
-    for name, tensor in (("x0_prev", x0_prev), ("noise", noise), ("x0_prev2", x0_prev2)):
+    for name, tensor in (("x0_prev", x0_prev), ("noise", noise)):
         if tensor is not None and tensor.shape != x.shape:
             raise ValueError(
                 f"sampler_step: {name} shape {tuple(tensor.shape)} != x shape {tuple(x.shape)}"
             )
+    if x0_older is not None and (
+        x0_older.dim() != x.dim() + 1
+        or x0_older.shape[1:] != x.shape
+        or not 1 <= x0_older.shape[0] <= MAX_OLDER
+    ):
+        raise ValueError(
+            f"sampler_step: x0_older shape {tuple(x0_older.shape)} must be [K, *x.shape] with "
+            f"K in [1, {MAX_OLDER}] (x shape {tuple(x.shape)})"
+        )
     if coefficients.shape[-1] != NUM_COEFFICIENTS or coefficients.dim() not in (1, 2):
         raise ValueError(
             f"sampler_step: coefficients must be a [S, {NUM_COEFFICIENTS}] plan table or one "
@@ -136,9 +147,13 @@ def _same_dense_layout(x: torch.Tensor, *others: torch.Tensor) -> bool:
 
 
 def sampler_step_triton_supports(
-    x, model_output, coefficients, step, x0_prev, guidance, noise, x0_prev2=None
+    x, model_output, coefficients, step, x0_prev, guidance, noise, x0_older=None
 ):
-    samples = [t for t in (model_output, x0_prev, noise, x0_prev2) if t is not None]
+    samples = [t for t in (model_output, x0_prev, noise) if t is not None]
+    if x0_older is not None:
+        if x0_older.stride(0) != x.numel():  # the kernels step through the K slots by numel
+            return False
+        samples += list(x0_older.unbind(0))
     if not kernel_dtype_supported(x) or not all(kernel_dtype_supported(t) for t in samples):
         return False
     if not _same_dense_layout(x, *samples) or coefficients.stride(-1) != 1:
@@ -159,15 +174,17 @@ def sampler_step(
     x0_prev: torch.Tensor | None = None,
     guidance_scale: float | torch.Tensor = 1.0,
     noise: torch.Tensor | None = None,
-    x0_prev2: torch.Tensor | None = None,
+    x0_older: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One fused step of a sampling plan with classifier-free guidance; returns (x_next, x0).
 
     x: state [B, ...]. model_output: [2B, ...] = [uncond; cond] (guided with ``guidance_scale``,
-    Ho & Salimans 2022) or [B, ...] (used as is). coefficients: the plan table [S, 8] on x's device
-    with ``step`` an int64 scalar tensor (or int), or a single [8] row with ``step=None``.
-    x0_prev: the previous step's x0 (None counts as zeros); x0_prev2: the x0 of two steps back
-    (UniPC's plans read it; None counts as zeros). noise: z for stochastic plans (None
+    Ho & Salimans 2022) or [B, ...] (used as is). coefficients: the plan table [S, 10] on x's
+    device with ``step`` an int64 scalar tensor (or int), or a single [10] row with
+    ``step=None``. x0_prev: the previous step's x0 (None counts as zeros); x0_older: a stacked
+    [K, *x.shape] tensor (K <= 3) of the x0 estimates two, three and four rows back, for plans
+    that read them (``SamplingPlan.history_depth`` > 1; missing ones count as zeros).
+    noise: z for stochastic plans (None
     counts as zeros: pass it whenever the row's NOISE_STD is non-zero). guidance_scale: float or a
     one-element tensor. For a CUDA graph replayed across steps, pass ``step`` and
     ``guidance_scale`` as device tensors (updated in place between replays), never as Python
@@ -182,7 +199,7 @@ def sampler_step(
                 f"sampler_step: step {step} is outside the plan's {coefficients.shape[0]} rows"
             )
         step = torch.tensor(step, dtype=torch.int64, device=coefficients.device)
-    check_sampler_step_args(x, model_output, coefficients, step, x0_prev, noise, x0_prev2)
+    check_sampler_step_args(x, model_output, coefficients, step, x0_prev, noise, x0_older)
     guidance = guidance_scale if isinstance(guidance_scale, torch.Tensor) else None
     if guidance is not None and guidance.numel() != 1:
         # The kernels read one scale; a per-sample one would be applied as its first value.
@@ -192,9 +209,9 @@ def sampler_step(
         )
     guidance_value = 1.0 if guidance is not None else float(guidance_scale)
     backend = select_backend(x, "sampler_step", lambda: sampler_step_key(x, model_output))
-    if needs_autograd(x, model_output, x0_prev, noise, coefficients, guidance, x0_prev2):
+    if needs_autograd(x, model_output, x0_prev, noise, coefficients, guidance, x0_older):
         backend = "eager"
-    args = (x, model_output, coefficients, step, x0_prev, guidance, guidance_value, noise, x0_prev2)
+    args = (x, model_output, coefficients, step, x0_prev, guidance, guidance_value, noise, x0_older)
     if backend == "cuda":
         native = cuda_extension_op("sampler_step", *args)
         if native is not None:
@@ -205,7 +222,7 @@ def sampler_step(
         backend == "triton"
         and _kernel_state != "failed"
         and sampler_step_triton_supports(
-            x, model_output, coefficients, step, x0_prev, guidance, noise, x0_prev2
+            x, model_output, coefficients, step, x0_prev, guidance, noise, x0_older
         )
     ):
         try:
@@ -224,5 +241,5 @@ def sampler_step(
             _kernel_state = "works"
             return result
     return sampler_step_eager(
-        x, model_output, coefficients, step, x0_prev, guidance_scale, noise, x0_prev2
+        x, model_output, coefficients, step, x0_prev, guidance_scale, noise, x0_older
     )

@@ -26,7 +26,7 @@ from fastdiff.runtime.graphs import EagerReplay, GraphCache, GraphEntry, GraphKe
 from fastdiff.runtime.plan_step import apply_plan_step
 from fastdiff.sampling.guidance import combine_guidance
 from fastdiff.sampling.known_region import KnownRegion, keep_known, known_region_rows
-from fastdiff.sampling.plan import NEXT_FROM_PREV2_X0, NUM_COEFFICIENTS, step_noise_dtype
+from fastdiff.sampling.plan import NUM_COEFFICIENTS, history_depth, step_noise_dtype
 
 # Plan rows held by step-graph buffers: any plan up to this many steps reuses the same graph.
 STEP_GRAPH_CAPACITY = 1000
@@ -49,7 +49,7 @@ class DenoiseBuffers:
 
     x: torch.Tensor  # [B, C, H, W] float32 sampler state; holds the clean sample at the end
     x0_prev: torch.Tensor  # [B, C, H, W] float32, previous step's x0 estimate (dpmpp_2m)
-    coefficients: torch.Tensor  # [rows, 8] float32 plan coefficients
+    coefficients: torch.Tensor  # [rows, 10] float32 plan coefficients
     timesteps: torch.Tensor  # [rows] float32 model timesteps (whole or fractional)
     step: torch.Tensor  # [1] int64, index of the next step; the body increments it
     guidance_scale: torch.Tensor  # [1] float32
@@ -65,8 +65,9 @@ class DenoiseBuffers:
     # per-step rows [rows, 2] (``fastdiff.sampling.known_region``), blended after each step.
     known: KnownRegion | None = None
     known_rows: torch.Tensor | None = None
-    # The x0 estimate of two steps back, for plans that read it (UniPC), else None.
-    x0_prev2: torch.Tensor | None = None
+    # [K, B, C, H, W] float32: the x0 estimates two to K + 1 rows back, for plans that read them
+    # (DPM-Solver++(3M), UniPC: K = 1; PNDM: 3), else None.
+    x0_older: torch.Tensor | None = None
 
 
 @dataclass
@@ -90,9 +91,10 @@ class DenoiseCall:
         return int(self.timesteps.shape[0])
 
     @property
-    def reads_prev2(self) -> bool:
-        """True when the plan reads the x0 of two steps back (UniPC): part of the key."""
-        return bool((self.coefficients[:, NEXT_FROM_PREV2_X0] != 0).any())
+    def older_depth(self) -> int:
+        """How many x0 estimates older than the previous row's the plan reads (0 to 3): part of
+        the key, since the graph keeps that many."""
+        return max(history_depth(self.coefficients) - 1, 0)
 
 
 UNetForward = Callable[[torch.Tensor, torch.Tensor, dict], torch.Tensor]
@@ -142,7 +144,7 @@ def denoise_body(
         step,
         guidance_scale,
         noise,
-        buffers.x0_prev2,
+        buffers.x0_older,
     )
     if buffers.known is not None:
         row = buffers.known_rows.index_select(0, step)[0]
@@ -177,7 +179,7 @@ def allocate_buffers(
         known_rows=known_rows,
         x=latent_buffer(),
         x0_prev=latent_buffer(),
-        x0_prev2=latent_buffer() if call.reads_prev2 else None,
+        x0_older=latent_buffer(call.older_depth) if call.older_depth else None,
         coefficients=torch.zeros((rows, NUM_COEFFICIENTS), dtype=torch.float32, device=device),
         # float32: exact for whole timesteps, and the Euler family's fractional ones are
         # diffusers' float32 values.
@@ -212,8 +214,8 @@ def load_buffers(
     steps = call.steps
     buffers.x.copy_(call.x_T.float() * call.init_noise_scale)
     buffers.x0_prev.zero_()
-    if buffers.x0_prev2 is not None:
-        buffers.x0_prev2.zero_()
+    if buffers.x0_older is not None:
+        buffers.x0_older.zero_()
     buffers.coefficients[:steps].copy_(call.coefficients.to(torch.float32))
     buffers.timesteps[:steps].copy_(call.timesteps)
     if buffers.known is not None:
@@ -319,7 +321,7 @@ class GraphedDenoiser:
                 int(channels),
                 cond,
                 call.noise is not None,
-                call.reads_prev2,  # the body keeps a second x0 history only for such plans
+                call.older_depth,  # the body keeps as many older x0 estimates as the plan reads
                 call.guidance_rescale if call.guidance_scale is not None else 0.0,
                 requested_backend(),  # a graph replays the kernels chosen when it was captured
                 0 if whole_loop else step_graph_rows(call.steps),  # a step graph's plan rows

@@ -21,10 +21,12 @@ def apply_plan_step(
     step: torch.Tensor,
     guidance_scale: torch.Tensor | None,
     noise: torch.Tensor | None,
-    x0_prev2: torch.Tensor | None = None,
+    x0_older: torch.Tensor | None = None,
 ) -> None:
     """In place: ``x <- x_next`` and ``x0_prev <- x0`` for plan row ``coefficients[step]``; with
-    ``x0_prev2`` (plans that read the x0 of two steps back: UniPC) also ``x0_prev2 <- x0_prev``.
+    ``x0_older`` ([K, ...]: the x0 estimates two to K + 1 rows back, for plans that read them)
+    the history moves back one row too: ``x0_older[k] <- x0_older[k - 1]``,
+    ``x0_older[0] <- x0_prev``.
 
     ``model_out`` is [uncond; cond] (2B rows) when ``guidance_scale`` is given, else B rows.
     """
@@ -40,9 +42,11 @@ def apply_plan_step(
         x0_prev,
         guidance_scale if guidance_scale is not None else 1.0,
         noise,
-        x0_prev2,
+        x0_older,
     )
-    if x0_prev2 is not None:
-        x0_prev2.copy_(x0_prev)
+    if x0_older is not None:
+        for k in range(x0_older.shape[0] - 1, 0, -1):
+            x0_older[k].copy_(x0_older[k - 1])
+        x0_older[0].copy_(x0_prev)
     x0_prev.copy_(x0)
     x.copy_(x_next)

@@ -6,6 +6,7 @@ from fastdiff.sampling.known_region import KnownRegion, keep_known, known_region
 from fastdiff.sampling.loss import diffusion_loss, min_snr_weights
 from fastdiff.sampling.plan import (
     INPUT_SCALE,
+    NEXT_FROM_OLDER_X0,
     NEXT_FROM_PREV2_X0,
     NEXT_FROM_PREV_X0,
     NEXT_FROM_X,
@@ -29,6 +30,7 @@ __all__ = [
     "BETA_SCHEDULES",
     "INPUT_SCALE",
     "KnownRegion",
+    "NEXT_FROM_OLDER_X0",
     "NEXT_FROM_PREV2_X0",
     "NEXT_FROM_PREV_X0",
     "NEXT_FROM_X",

@@ -7,12 +7,14 @@ method, which calls the model twice, takes two rows). Row i of ``plan.coefficien
 
     x_in   = c0 * x                                           (model input, VP scale)
     x0     = c1 * x_in + c2 * m                               (m in the schedule's prediction type)
-    x_next = c3 * x + c4 * x0 + c5 * x0_prev + c6 * z + c7 * x0_prev2
+    x_next = c3 * x + c4 * x0 + c5 * x0_prev + c6 * z
+             + c7 * x0_older[0] + c8 * x0_older[1] + c9 * x0_older[2]
                                                               (z ~ N(0, I) only where c6 != 0)
 
-(x0_prev2, the x0 estimate of two steps back, is read only by DPM-Solver++(3M) and by UniPC,
-whose corrector reaches one step further back than its predictor; every other sampler's c7 is
-0.)
+x0_prev is the previous row's x0, x0_older the ones before it (two, three and four rows back).
+DPM-Solver++(3M) and UniPC (whose corrector reaches one step further back than its predictor)
+read two rows back, PNDM's linear multistep four; the other samplers' c7..c9 are 0, and a loop
+keeps only the history a plan reads (``SamplingPlan.history_depth``).
 
 so the eager loop (:func:`fastdiff.sampling.sample`), the fused step kernel and the CUDA-graph
 runtime all apply the same numbers. :func:`plan_step` is the one reference implementation of a
@@ -37,8 +39,11 @@ NEXT_FROM_X = 3
 NEXT_FROM_X0 = 4
 NEXT_FROM_PREV_X0 = 5
 NOISE_STD = 6
-NEXT_FROM_PREV2_X0 = 7
-NUM_COEFFICIENTS = 8
+NEXT_FROM_OLDER_X0 = (7, 8, 9)  # the x0 of two, three and four rows back
+NEXT_FROM_PREV2_X0 = NEXT_FROM_OLDER_X0[0]
+NUM_COEFFICIENTS = 10
+# Column of history slot k (1: the previous row's x0, 2..4: x0_older[k - 2]).
+HISTORY_COLUMNS = (NEXT_FROM_PREV_X0, *NEXT_FROM_OLDER_X0)
 
 SAMPLERS = (
     "ddpm",
@@ -96,10 +101,16 @@ class SamplingPlan:
         return bool((self.coefficients[:, NOISE_STD] != 0).any())
 
     @property
+    def history_depth(self) -> int:
+        """How many rows back the plan reads x0 estimates: 0 (none), 1 (the previous row's:
+        DPM-Solver++(2M), Heun's correction), 2 (DPM-Solver++(3M), UniPC) or 4 (PNDM). A loop
+        keeps that many (``x0_prev`` and ``history_depth - 1`` older ones)."""
+        return history_depth(self.coefficients)
+
+    @property
     def reads_prev2(self) -> bool:
-        """True when some step reads the x0 estimate of two steps back (DPM-Solver++(3M), UniPC's
-        corrector), so a loop must keep it (``NEXT_FROM_PREV2_X0`` != 0)."""
-        return bool((self.coefficients[:, NEXT_FROM_PREV2_X0] != 0).any())
+        """True when some row reads x0 estimates from two or more rows back."""
+        return self.history_depth >= 2
 
 
 def step_noise_dtype(plan: SamplingPlan, dtype: torch.dtype) -> torch.dtype:
@@ -655,7 +666,7 @@ def make_plan(
             sigmas = _sigmas_at(schedule, visited)
         order = 3 if sampler.startswith("dpmpp_3m") else 2
         rows = _dpmpp_rows(schedule, visited, sigmas, sde="_sde" in sampler, order=order)
-    # the samplers without a second history write 7 columns; c7 (x0_prev2) is 0 for them
+    # the samplers that read at most one row back write 7 columns; c7..c9 are 0 for them
     rows = [row + [0.0] * (NUM_COEFFICIENTS - len(row)) for row in rows]
     coefficients = torch.tensor(rows, dtype=torch.float64)
     if not bool(torch.isfinite(coefficients).all()):
@@ -693,17 +704,29 @@ def restarted_coefficients(
         else:
             sde = "_sde" in plan.sampler
             rows = _dpmpp_rows(schedule, timesteps, sigmas, sde, order=3, begin=start_step)
+        rows = [row + [0.0] * (NUM_COEFFICIENTS - len(row)) for row in rows]
         return torch.tensor(rows, dtype=torch.float64)
     coefficients = plan.coefficients[start_step:].clone()
     if start_step > 0:
-        first = coefficients[0]
-        first[NEXT_FROM_X0] += first[NEXT_FROM_PREV_X0] + first[NEXT_FROM_PREV2_X0]
-        first[NEXT_FROM_PREV_X0] = first[NEXT_FROM_PREV2_X0] = 0.0
-        if coefficients.shape[0] > 1:
-            second = coefficients[1]
-            second[NEXT_FROM_PREV_X0] += second[NEXT_FROM_PREV2_X0]
-            second[NEXT_FROM_PREV2_X0] = 0.0
+        # Row r of the run has r estimates behind it: the older slots it would read stand for
+        # the run's first estimate, which is in slot r (slot 0: the row's own x0).
+        columns = (NEXT_FROM_X0, *HISTORY_COLUMNS)
+        for r in range(min(len(HISTORY_COLUMNS), coefficients.shape[0])):
+            row = coefficients[r]
+            for column in columns[r + 1 :]:
+                row[columns[r]] += row[column]
+                row[column] = 0.0
     return coefficients
+
+
+def history_depth(coefficients: torch.Tensor) -> int:
+    """The deepest history slot a coefficient table [S, 10] reads (0: none; see
+    ``SamplingPlan.history_depth``)."""
+    depth = 0
+    for slot, column in enumerate(HISTORY_COLUMNS, start=1):
+        if bool((coefficients[:, column] != 0).any()):
+            depth = slot
+    return depth
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -718,15 +741,16 @@ def apply_plan_row(
     x0_prev: torch.Tensor | None = None,
     noise: torch.Tensor | None = None,
     guidance_scale: float | None = None,
-    x0_prev2: torch.Tensor | None = None,
+    x0_older: Sequence[torch.Tensor] | torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One step from a coefficient row (8 floats, or an [8] tensor): returns (x_next, x0).
+    """One step from a coefficient row (10 floats, or a [10] tensor): returns (x_next, x0).
 
     ``model_output`` is the model output at input ``row[0] * x``: shaped like x, or, with
     ``guidance_scale`` w given, the [2B, ...] batch [uncond; cond] combined here as
     uncond + w (cond - uncond) (the fused kernel's inputs). ``x0_prev`` is the previous step's x0
-    (None or zeros at step 0), ``x0_prev2`` the one before it (read where ``row[7] != 0``: UniPC;
-    None counts as zeros); ``noise`` is required iff ``row[6] != 0``. Arithmetic is in fp32
+    (None or zeros at step 0), ``x0_older`` the ones before it, two, three and four rows back
+    (a sequence, or a stacked [K, ...] tensor, K <= 3; missing ones count as zeros);
+    ``noise`` is required iff ``row[6] != 0``. Arithmetic is in fp32
     (fp64 for fp64 inputs); results are returned in x's dtype.
     """
     dtype = _compute_dtype(x.dtype)
@@ -746,14 +770,18 @@ def apply_plan_row(
         row = row.detach().to("cpu", torch.float64).tolist()
     if len(row) != NUM_COEFFICIENTS:
         raise ValueError(f"a plan row has {NUM_COEFFICIENTS} coefficients, got {len(row)}")
-    c0, c1, c2, c3, c4, c5, c6, c7 = (float(value) for value in row)
+    c0, c1, c2, c3, c4, c5, c6, *older_weights = (float(value) for value in row)
     state = x.to(dtype)
     x0 = c1 * (c0 * state) + c2 * model_output.to(dtype)
     x_next = c3 * state + c4 * x0
     if c5 != 0 and x0_prev is not None:
         x_next = x_next + c5 * x0_prev.to(dtype)
-    if c7 != 0 and x0_prev2 is not None:
-        x_next = x_next + c7 * x0_prev2.to(dtype)
+    older = [] if x0_older is None else list(x0_older)
+    if len(older) > len(older_weights):
+        raise ValueError(f"x0_older holds {len(older)} estimates; a row reads at most 3")
+    for weight, estimate in zip(older_weights, older, strict=False):
+        if weight != 0:
+            x_next = x_next + weight * estimate.to(dtype)
     if c6 != 0:
         if noise is None:
             raise ValueError("this plan step adds noise (NOISE_STD != 0) but noise is None")
@@ -771,7 +799,7 @@ def plan_step(
     x0_prev: torch.Tensor | None = None,
     noise: torch.Tensor | None = None,
     guidance_scale: float | None = None,
-    x0_prev2: torch.Tensor | None = None,
+    x0_older: Sequence[torch.Tensor] | torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Apply row ``index`` of ``plan`` eagerly: returns (x_next, x0). The reference for the fused
     sampler-step kernel; see :func:`apply_plan_row` for the arguments (``guidance_scale`` takes
@@ -779,7 +807,7 @@ def plan_step(
     if not 0 <= index < len(plan):
         raise ValueError(f"step index {index} out of range for a {len(plan)}-step plan")
     row = plan.coefficients[index].tolist()
-    return apply_plan_row(row, x, model_output, x0_prev, noise, guidance_scale, x0_prev2)
+    return apply_plan_row(row, x, model_output, x0_prev, noise, guidance_scale, x0_older)
 
 
 def model_input(plan: SamplingPlan, index: int, x: torch.Tensor) -> torch.Tensor:

@@ -63,8 +63,9 @@ def run_plan(
     # them; whole ones as a LongTensor.
     t_dtype = torch.float32 if plan.timesteps.dtype.is_floating_point else torch.long
     x = x_T * plan.init_noise_scale if plan.init_noise_scale != 1.0 else x_T
-    x0_prev = x0_prev2 = None
-    keep_prev2 = plan.reads_prev2
+    x0_prev = None
+    older: list[torch.Tensor] = []  # x0 of two, three ... rows back, as deep as the plan reads
+    keep_older = max(plan.history_depth - 1, 0)
     if known is not None:
         known.check(x)
         known_rows = known_region_rows(plan).tolist()
@@ -90,12 +91,10 @@ def run_plan(
             dtype = step_noise_dtype(plan, x.dtype)
             noise = torch.randn(x.shape, generator=generator, device=noise_device, dtype=dtype)
             noise = noise.to(x.device)
-        older = x0_prev
-        x, x0_prev = plan_step(
-            plan, index, x, output.to(x.dtype), x0_prev, noise, x0_prev2=x0_prev2
-        )
-        if keep_prev2:
-            x0_prev2 = older
+        previous = x0_prev
+        x, x0_prev = plan_step(plan, index, x, output.to(x.dtype), x0_prev, noise, x0_older=older)
+        if keep_older and previous is not None:
+            older = [previous, *older][:keep_older]
         if known is not None:
             x = keep_known(x, known, *known_rows[index])
         if callback is not None:

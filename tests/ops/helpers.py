@@ -96,7 +96,7 @@ class CallCounter:
 
 
 def sampler_step_reference(
-    row, x, model_output, guidance, x0_prev, noise, dtype=torch.float32, x0_prev2=None
+    row, x, model_output, guidance, x0_prev, noise, dtype=torch.float32, x0_older=None
 ):
     """The sampling layer's own step, apply_plan_row(combine_guidance(...)), with the inputs in
     ``dtype``, returned in x's dtype: the reference of every fused sampler-step kernel."""
@@ -109,19 +109,19 @@ def sampler_step_reference(
     if model.shape[0] == 2 * x.shape[0]:
         model = combine_guidance(*model.chunk(2), float(guidance))
     x_next, x0 = apply_plan_row(
-        row, cast(x), model, cast(x0_prev), cast(noise), x0_prev2=cast(x0_prev2)
+        row, cast(x), model, cast(x0_prev), cast(noise), x0_older=cast(x0_older)
     )
     return x_next.to(x.dtype), x0.to(x.dtype)
 
 
 def check_sampler_step(
-    out, row, x, model_output, guidance, x0_prev, noise, what="", same_layout=False, x0_prev2=None
+    out, row, x, model_output, guidance, x0_prev, noise, what="", same_layout=False, x0_older=None
 ):
     """Both outputs of a fused step within the tolerance rule of the fp32 reference (the eager
     error being the reference computed in x's dtype); ``same_layout``: also x's strides."""
     inputs = (row, x, model_output, guidance, x0_prev, noise)
-    reference = sampler_step_reference(*inputs, x0_prev2=x0_prev2)
-    eager = sampler_step_reference(*inputs, x.dtype, x0_prev2=x0_prev2)
+    reference = sampler_step_reference(*inputs, x0_older=x0_older)
+    eager = sampler_step_reference(*inputs, x.dtype, x0_older=x0_older)
     for name, got, want, base in zip(("x_next", "x0"), out, reference, eager, strict=True):
         assert_within_tolerance(got, want, base, f"{what} {name}")
         if same_layout:

@@ -96,7 +96,7 @@ def test_wrappers_raise_clearly_when_unavailable(monkeypatch):
     with pytest.raises(RuntimeError, match="CUDA extension unavailable: no CUDA device: test"):
         cuda_extension.group_norm(x, 2)
     with pytest.raises(RuntimeError, match="CUDA extension unavailable"):
-        cuda_extension.sampler_step(x, x, torch.zeros(8), None, None, None, 1.0, None)
+        cuda_extension.sampler_step(x, x, torch.zeros(10), None, None, None, 1.0, None)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the fallback without a GPU")
@@ -106,7 +106,7 @@ def test_backend_cuda_falls_back_without_the_extension():
     with use_backend("cuda"):
         assert select_backend(x) != "cuda"
         out = group_norm(x, 4, weight, bias, 1e-5, True)
-        table = torch.rand(3, 8, dtype=torch.float64)
+        table = torch.rand(3, 10, dtype=torch.float64)
         model_output = torch.randn(4, 8, 5, 5)
         step = torch.tensor(1)
         x_next, x0 = sampler_step(x, model_output, table, step, None, 5.0, None)
@@ -120,7 +120,7 @@ def test_backend_cuda_falls_back_without_the_extension():
 def test_supports_is_false_for_cpu_tensors():
     x = torch.randn(2, 8, 4, 4)
     assert not cuda_extension.supports_group_norm(x, 4)
-    table, step = torch.zeros(3, 8), torch.tensor(0)
+    table, step = torch.zeros(3, 10), torch.tensor(0)
     assert not cuda_extension.supports_sampler_step(x, x, table, step, None, None, 1.0, None)
     assert not sampler_step_supported(x, x, table, step, None, None, None)
 

@@ -50,10 +50,10 @@ def plan_table(sampler, eta, steps=4, dtype=torch.float64):
 check_step = functools.partial(check_sampler_step, same_layout=True)
 
 
-def run_op(x, model_output, table, step, x0_prev, guidance, noise, x0_prev2=None):
+def run_op(x, model_output, table, step, x0_prev, guidance, noise, x0_older=None):
     guidance_tensor = guidance if isinstance(guidance, torch.Tensor) else None
     value = 1.0 if guidance_tensor is not None else float(guidance)
-    args = (x, model_output, table, step, x0_prev, guidance_tensor, value, noise, x0_prev2)
+    args = (x, model_output, table, step, x0_prev, guidance_tensor, value, noise, x0_older)
     assert cuda_extension.supports_sampler_step(*args)
     return cuda_extension.sampler_step(*args)
 
@@ -67,18 +67,19 @@ def test_whole_plan_matches_reference_steps(plan_args, dtype, shape):
     plan, table = plan_table(*plan_args)
     x = (torch.randn(shape, device="cuda") * plan.init_noise_scale).to(dtype)
     x0_prev = torch.zeros_like(x)
-    x0_prev2 = torch.zeros_like(x) if plan.reads_prev2 else None
+    depth = plan.history_depth - 1  # older x0 estimates the plan reads
+    x0_older = torch.zeros((depth, *shape), device="cuda").to(dtype) if depth > 0 else None
     guidance = torch.tensor(7.5, device="cuda")
     for index in range(len(plan)):
         model_output = torch.randn((2 * shape[0], *shape[1:]), device="cuda").to(dtype)
         noise = torch.randn(shape, device="cuda").to(dtype)
         step = torch.tensor(index, device="cuda")
-        out = run_op(x, model_output, table, step, x0_prev, guidance, noise, x0_prev2)
+        out = run_op(x, model_output, table, step, x0_prev, guidance, noise, x0_older)
         row = plan.coefficients[index].tolist()
         what = f"{plan.sampler} {index}"
-        check_step(out, row, x, model_output, 7.5, x0_prev, noise, what, x0_prev2=x0_prev2)
-        if x0_prev2 is not None:
-            x0_prev2 = x0_prev
+        check_step(out, row, x, model_output, 7.5, x0_prev, noise, what, x0_older=x0_older)
+        if x0_older is not None:
+            x0_older = torch.cat([x0_prev[None], x0_older[:-1]])
         x, x0_prev = out
 
 
@@ -183,10 +184,10 @@ step = torch.tensor(0, device="cuda")
 
 
 def op(
-    x=x, model_output=model_output, table=table, step=step, x0_prev=None, noise=None, prev2=None
+    x=x, model_output=model_output, table=table, step=step, x0_prev=None, noise=None, older=None
 ):
     return cuda_extension.sampler_step(
-        x, model_output, table, step, x0_prev, None, 2.0, noise, prev2
+        x, model_output, table, step, x0_prev, None, 2.0, noise, older
     )
 
 
@@ -196,8 +197,9 @@ check("model shape", lambda: op(model_output=model_output[:3]))
 check("model layout", lambda: op(model_output=model_output.to(memory_format=torch.channels_last)))
 check("x0_prev dtype", lambda: op(x0_prev=x.half()))
 check("noise shape", lambda: op(noise=x[:1]))
-check("x0_prev2 shape", lambda: op(prev2=x[:1]))
-check("table shape", lambda: op(table=table[:, :7]))
+check("x0_older shape", lambda: op(older=x[None, :1]))
+check("x0_older depth", lambda: op(older=torch.zeros(4, *x.shape, device="cuda")))
+check("table shape", lambda: op(table=table[:, :9]))
 check("no step", lambda: op(step=None))
 check("int32 step", lambda: op(step=step.int()))
 check("cpu table", lambda: op(table=table.cpu()))
@@ -214,9 +216,10 @@ def test_argument_errors_name_the_argument():
             "model layout": ("RuntimeError", "model_output must share x's dense layout"),
             "x0_prev dtype": ("RuntimeError", "x0_prev has dtype Half but x has dtype Float"),
             "noise shape": ("ValueError", "noise has shape [1, 4, 4, 4]"),
-            "x0_prev2 shape": ("ValueError", "x0_prev2 has shape [1, 4, 4, 4]"),
-            "table shape": ("ValueError", "coefficients must be a [S, 8] table or one [8] row"),
-            "no step": ("ValueError", "pass step with a [S, 8] coefficient table"),
+            "x0_older shape": ("ValueError", "x0_older has shape [1, 1, 4, 4, 4]"),
+            "x0_older depth": ("ValueError", "expected [K, *x.shape] with K in [1, 3]"),
+            "table shape": ("ValueError", "coefficients must be a [S, 10] table or one [10] row"),
+            "no step": ("ValueError", "pass step with a [S, 10] coefficient table"),
             "int32 step": ("RuntimeError", "step must be one int64 element, got Int"),
             "cpu table": ("RuntimeError", "coefficients must be a CUDA tensor"),
         },

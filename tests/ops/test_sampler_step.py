@@ -52,18 +52,19 @@ def test_whole_plan_matches_reference_steps(triton_backend, monkeypatch, plan_ar
     shape = (2, 4, 6, 5)
     x = (torch.randn(shape, device=DEVICE) * plan.init_noise_scale).to(dtype)
     x0_prev = torch.zeros_like(x)
-    x0_prev2 = torch.zeros_like(x) if plan.reads_prev2 else None
+    depth = plan.history_depth - 1  # older x0 estimates the plan reads (UniPC, 3M: 1)
+    x0_older = torch.zeros((depth, *shape), device=DEVICE).to(dtype) if depth > 0 else None
     guidance = torch.tensor(7.5, device=DEVICE)
     for index in range(len(plan)):
         model_output = torch.randn((4, *shape[1:]), device=DEVICE).to(dtype)
         noise = torch.randn(shape, device=DEVICE).to(dtype)
         step = torch.tensor(index, device=DEVICE)
-        out = sampler_step(x, model_output, table, step, x0_prev, guidance, noise, x0_prev2)
+        out = sampler_step(x, model_output, table, step, x0_prev, guidance, noise, x0_older)
         row = plan.coefficients[index].tolist()
         what = f"{plan.sampler} step {index}"
-        check_step(out, row, x, model_output, 7.5, x0_prev, noise, what, x0_prev2=x0_prev2)
-        if x0_prev2 is not None:
-            x0_prev2 = x0_prev
+        check_step(out, row, x, model_output, 7.5, x0_prev, noise, what, x0_older=x0_older)
+        if x0_older is not None:
+            x0_older = torch.cat([x0_prev[None], x0_older[:-1]])
         x, x0_prev = out
     assert counter.calls == len(plan)
 
@@ -299,17 +300,17 @@ def test_eager_path_is_capturable_in_a_cuda_graph():
         check_step((x_next, x0), row, x, model_output, 6.0, None, None, f"eager replay {index}")
 
 
-@pytest.mark.parametrize("layout", ["row-stride-9", "column-stride-2"])
+@pytest.mark.parametrize("layout", ["row-stride-11", "column-stride-2"])
 def test_coefficient_table_views_with_other_strides(triton_backend, monkeypatch, layout):
-    """A plan table that is a view: rows 9 apart (a [S, 9] buffer's first 8 columns), or columns
-    2 apart. The kernel must step through rows by the table's own row stride, and a table whose
-    columns are not contiguous must not reach it; the buffer's other entries are garbage that
-    would show if read."""
+    """A plan table that is a view: rows 11 apart (a [S, 11] buffer's first 10 columns), or
+    columns 2 apart. The kernel must step through rows by the table's own row stride, and a
+    table whose columns are not contiguous must not reach it; the buffer's other entries are
+    garbage that would show if read."""
     counter = CallCounter(monkeypatch, sampler_step_kernels, "sampler_step_forward")
     plan, table = device_plan("dpmpp_2m_sde", 0.0)
-    width = 9 if layout == "row-stride-9" else 16
+    width = 11 if layout == "row-stride-11" else 20
     buffer = torch.full((len(plan), width), 1e3, dtype=table.dtype, device=DEVICE)
-    coefficients = buffer[:, :8] if layout == "row-stride-9" else buffer[:, ::2]
+    coefficients = buffer[:, :10] if layout == "row-stride-11" else buffer[:, ::2]
     coefficients.copy_(table)
     x, x0_prev, noise = (torch.randn(2, 4, 5, 6, device=DEVICE) for _ in range(3))
     for index in range(len(plan)):
@@ -318,7 +319,7 @@ def test_coefficient_table_views_with_other_strides(triton_backend, monkeypatch,
         out = sampler_step(x, model_output, coefficients, step, x0_prev, 7.5, noise)
         row = plan.coefficients[index].tolist()
         check_step(out, row, x, model_output, 7.5, x0_prev, noise, f"{layout} step {index}")
-    if layout == "row-stride-9":  # read in place by the kernel, not copied or sent to eager
+    if layout == "row-stride-11":  # read in place by the kernel, not copied or sent to eager
         assert counter.calls == len(plan)
 
 
@@ -326,21 +327,23 @@ def test_coefficient_table_views_with_other_strides(triton_backend, monkeypatch,
 def test_reference_matches_the_definition(guided):
     """sampler_step_reference, every fused kernel's oracle, against the step written out in
     float64 from the kernel's contract (m = u + w (c - u); x0 = c1 (c0 x) + c2 m; x_next =
-    c3 x + c4 x0 + c5 x0_prev + c6 z + c7 x0_prev2), with eight distinct non-zero
-    coefficients."""
-    row = [0.7, 1.3, -0.4, 0.9, 0.2, -0.6, 0.5, 0.3]
-    x, x0_prev, noise, x0_prev2 = (torch.randn(2, 3, 4, device=DEVICE) for _ in range(4))
+    c3 x + c4 x0 + c5 x0_prev + c6 z + c7 x0_older[0] + c8 x0_older[1] + c9 x0_older[2]), with
+    ten distinct non-zero coefficients."""
+    row = [0.7, 1.3, -0.4, 0.9, 0.2, -0.6, 0.5, 0.3, -0.8, 0.45]
+    x, x0_prev, noise = (torch.randn(2, 3, 4, device=DEVICE) for _ in range(3))
+    x0_older = torch.randn(3, 2, 3, 4, device=DEVICE)
     model_output = torch.randn(4 if guided else 2, 3, 4, device=DEVICE)
     x_next, x0 = sampler_step_reference(
-        row, x, model_output, 3.0, x0_prev, noise, x0_prev2=x0_prev2
+        row, x, model_output, 3.0, x0_prev, noise, x0_older=x0_older
     )
-    c0, c1, c2, c3, c4, c5, c6, c7 = row
+    c0, c1, c2, c3, c4, c5, c6, c7, c8, c9 = row
     model = model_output.double()
     if guided:
         uncond, cond = model.chunk(2)
         model = uncond + 3.0 * (cond - uncond)
     want_x0 = c1 * (c0 * x.double()) + c2 * model
     want_next = c3 * x.double() + c4 * want_x0 + c5 * x0_prev.double() + c6 * noise.double()
-    want_next = want_next + c7 * x0_prev2.double()
+    older = x0_older.double()
+    want_next = want_next + c7 * older[0] + c8 * older[1] + c9 * older[2]
     torch.testing.assert_close(x0.double(), want_x0, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(x_next.double(), want_next, atol=1e-5, rtol=1e-5)

@@ -33,12 +33,13 @@ class ToyUNet(nn.Module):
         return out.to(sample.dtype)
 
 
-def random_plan(steps: int, noise: bool, prev2: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    coefficients = torch.rand(steps, 8, dtype=torch.float64) * 0.5 + 0.5
+def random_plan(steps: int, noise: bool, depth: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random coefficients reading ``depth`` rows of x0 history (1: the previous row's only;
+    2: UniPC's and 3M's; 4: PNDM's)."""
+    coefficients = torch.rand(steps, 10, dtype=torch.float64) * 0.5 + 0.5
     if not noise:
         coefficients[:, 6] = 0
-    if not prev2:  # the x0 of two steps back: UniPC's plans read it
-        coefficients[:, 7] = 0
+    coefficients[:, 6 + depth :] = 0  # columns 7..9: two, three and four rows back
     timesteps = torch.randint(0, 1000, (steps,))
     return coefficients, timesteps
 
@@ -47,7 +48,7 @@ def reference_loop(unet, call: DenoiseCall) -> torch.Tensor:
     """Straight from the SamplingPlan formulas (fastdiff/sampling/plan.py), with Python-float
     coefficients."""
     x = call.x_T.double() * call.init_noise_scale
-    x0_prev = x0_prev2 = torch.zeros_like(x)
+    history = [torch.zeros_like(x) for _ in range(4)]  # x0 one to four rows back
     for i in range(call.steps):
         c = call.coefficients[i].tolist()
         x_in = c[0] * x
@@ -60,15 +61,16 @@ def reference_loop(unet, call: DenoiseCall) -> torch.Tensor:
         if call.guidance_scale is not None:
             out = out[:batch] + call.guidance_scale * (out[batch:] - out[:batch])
         x0 = c[1] * x_in + c[2] * out
-        x_next = c[3] * x + c[4] * x0 + c[5] * x0_prev + c[7] * x0_prev2
+        x_next = c[3] * x + c[4] * x0 + c[5] * history[0]
+        x_next = x_next + c[7] * history[1] + c[8] * history[2] + c[9] * history[3]
         if call.noise is not None:
             x_next = x_next + c[6] * call.noise[i].double()
-        x, x0_prev, x0_prev2 = x_next, x0, x0_prev
+        x, history = x_next, [x0, *history[:3]]
     return x.float()
 
 
-def make_call(steps, guidance=7.5, noise=False, batch=1, size=8, text_time=False, prev2=False):
-    coefficients, timesteps = random_plan(steps, noise, prev2)
+def make_call(steps, guidance=7.5, noise=False, batch=1, size=8, text_time=False, depth=1):
+    coefficients, timesteps = random_plan(steps, noise, depth)
     rows = 2 * batch if guidance is not None else batch
     return DenoiseCall(
         x_T=torch.randn(batch, 4, size, size),
@@ -83,15 +85,15 @@ def make_call(steps, guidance=7.5, noise=False, batch=1, size=8, text_time=False
 
 
 @pytest.mark.parametrize(
-    "steps, guidance, noise, text_time, prev2",
+    "steps, guidance, noise, text_time, depth",
     [
-        (4, 7.5, False, False, False),  # whole-loop graph, CFG
-        (4, None, False, False, False),  # whole-loop graph, no guidance
-        (3, 5.0, True, True, False),  # whole loop, stochastic sampler, SDXL-style added cond
-        (11, 7.5, False, False, False),  # step graph replayed per step
-        (10, 3.0, True, False, False),  # step graph with per-step noise
-        (5, 7.5, False, False, True),  # whole loop reading the x0 of two steps back (UniPC)
-        (12, 7.5, False, False, True),  # the same in the step graph
+        (4, 7.5, False, False, 1),  # whole-loop graph, CFG
+        (4, None, False, False, 1),  # whole-loop graph, no guidance
+        (3, 5.0, True, True, 1),  # whole loop, stochastic sampler, SDXL-style added cond
+        (11, 7.5, False, False, 1),  # step graph replayed per step
+        (10, 3.0, True, False, 1),  # step graph with per-step noise
+        (5, 7.5, False, False, 2),  # whole loop reading the x0 of two steps back (UniPC)
+        (12, 7.5, False, False, 4),  # the step graph reading four rows back (PNDM)
     ],
     ids=[
         "loop-cfg",
@@ -99,12 +101,12 @@ def make_call(steps, guidance=7.5, noise=False, batch=1, size=8, text_time=False
         "loop-noise-texttime",
         "step-cfg",
         "step-noise",
-        "loop-prev2",
-        "step-prev2",
+        "loop-depth2",
+        "step-depth4",
     ],
 )
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
-def test_graphed_loop_equals_reference(steps, guidance, noise, text_time, prev2, channels_last):
+def test_graphed_loop_equals_reference(steps, guidance, noise, text_time, depth, channels_last):
     unet = ToyUNet(text_time=text_time)
     denoiser = GraphedDenoiser(
         unet,
@@ -113,7 +115,7 @@ def test_graphed_loop_equals_reference(steps, guidance, noise, text_time, prev2,
         channels_last=channels_last,
         max_loop_steps=8,
     )
-    call = make_call(steps, guidance, noise, batch=2, text_time=text_time, prev2=prev2)
+    call = make_call(steps, guidance, noise, batch=2, text_time=text_time, depth=depth)
     with torch.no_grad():
         got = denoiser(call)
         want = reference_loop(unet, call)
@@ -349,13 +351,13 @@ def test_a_plan_reading_two_steps_back_gets_a_graph_of_its_own():
     denoiser = GraphedDenoiser(unet, cache, torch.float32, max_loop_steps=8)
     with torch.no_grad():
         for steps in (5, 12):  # a whole-loop graph and a step graph
-            for prev2 in (True, False, True):
-                call = make_call(steps, prev2=prev2)
+            for depth in (2, 1, 2):
+                call = make_call(steps, depth=depth)
                 torch.testing.assert_close(
                     denoiser(call), reference_loop(unet, call), rtol=1e-4, atol=1e-4
                 )
     assert cache.stats.captures == 4 and cache.stats.hits == 2
     kept = sorted(
-        (key.kind, entry.buffers.x0_prev2 is not None) for key, entry in cache.entries.items()
+        (key.kind, entry.buffers.x0_older is not None) for key, entry in cache.entries.items()
     )
     assert kept == [("loop", False), ("loop", True), ("step", False), ("step", True)]

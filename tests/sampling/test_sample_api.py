@@ -40,7 +40,7 @@ def test_plan_shapes_and_contract(sampler):
     rows = 23 if sampler.startswith("heun") else 12  # Heun: two model calls a step, one last
     assert rows == 12 * rows_per_step(sampler) - (rows_per_step(sampler) - 1)
     assert plan.timesteps.shape == (rows,)
-    assert plan.coefficients.dtype == torch.float64 and plan.coefficients.shape == (rows, 8)
+    assert plan.coefficients.dtype == torch.float64 and plan.coefficients.shape == (rows, 10)
     if sampler.startswith("heun"):  # each step's correction calls the model at the next timestep
         assert torch.equal(plan.timesteps[1::2], plan.timesteps[2::2])
         assert bool((plan.timesteps[::2].diff() < 0).all())
@@ -51,6 +51,7 @@ def test_plan_shapes_and_contract(sampler):
     assert (plan.coefficients[:, NEXT_FROM_PREV_X0] != 0).any() == multistep
     # only DPM-Solver++(3M) and UniPC's corrector reach two steps back
     assert plan.reads_prev2 == sampler.startswith(("dpmpp_3m", "unipc"))
+    assert plan.history_depth == (2 if plan.reads_prev2 else int(multistep))
     if sampler.startswith(("euler", "heun")):
         assert plan.init_noise_scale > 5 and (plan.coefficients[:, INPUT_SCALE] < 1).all()
     else:

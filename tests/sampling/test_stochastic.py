@@ -259,7 +259,18 @@ def test_half_precision_states_are_updated_in_float32():
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(4096, generator=generator).half() * 14
     output = torch.randn(4096, generator=generator).half()
-    row = [0.0704, 14.2, -13.9, 0.91, 0.0831, 0.0, 0.0, 0.0]  # an Euler-like step at high sigma
+    row = [
+        0.0704,
+        14.2,
+        -13.9,
+        0.91,
+        0.0831,
+        0.0,
+        0.0,
+        0.0,
+        0.0,
+        0.0,
+    ]  # an Euler-like step at high sigma
     x_next, x0 = apply_plan_row(row, x, output)
     c0, c1, c2, c3, c4 = row[:5]
     x0_32 = c1 * (c0 * x.float()) + c2 * output.float()
