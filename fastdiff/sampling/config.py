@@ -7,7 +7,7 @@ Every key diffusers' DDPM-family schedulers write is classified here, in one pla
   thresholding, exponential/beta/flow sigmas, other solver variants ...): accepted only at
   the value our samplers implement, otherwise ``ValueError`` naming the key and the allowed value;
 * keys that have no effect given the above (e.g. ``clip_sample_range`` while ``clip_sample`` is
-  false, PNDM's ``skip_prk_steps``) and diffusers metadata (``_class_name``, ``_diffusers_version``
+  false) and diffusers metadata (``_class_name``, ``_diffusers_version``
   and every other ``_``-prefixed key): ignored.
 
 Any other key raises, so a config from a scheduler we do not know cannot be silently misread.
@@ -41,6 +41,7 @@ SCHEDULE_KEYS = (
     "timestep_scaling",
     "solver_type",
     "lower_order_final",
+    "skip_prk_steps",
 )
 
 # key -> the values our samplers implement (a config with any other value is refused).
@@ -69,7 +70,7 @@ REQUIRED_VALUES: dict[str, tuple[Any, ...]] = {
 }
 
 # Keys with no effect once the REQUIRED_VALUES hold (they only parameterise disabled features),
-# or that configure a sampler loop we do not use the timesteps of (PNDM's PRK warm-up).
+# and the Karras flag, which default_sampler reads.
 IGNORED_KEYS = frozenset(
     {
         "clip_sample_range",
@@ -79,7 +80,6 @@ IGNORED_KEYS = frozenset(
         "use_karras_sigmas",
         "flow_shift",
         "time_shift_type",
-        "skip_prk_steps",
     }
 )
 
@@ -170,7 +170,7 @@ def schedule_kwargs_from_config(config: dict[str, Any]) -> dict[str, Any]:
 def default_sampler(config: dict[str, Any]) -> str:
     """The fastdiff sampler that equals the diffusers scheduler ``config`` describes (what a
     diffusers pipeline loaded from the folder samples with), or ``"ddim"`` where fastdiff has
-    none: PNDM and LMS."""
+    none: LMS, and PNDM with its Runge-Kutta warm-up (``skip_prk_steps`` false)."""
     karras = config.get("use_karras_sigmas")
     if karras is not None and not isinstance(karras, bool):
         raise ValueError(
@@ -190,6 +190,9 @@ def default_sampler(config: dict[str, Any]) -> str:
         )
     if class_name == "EulerDiscreteScheduler":
         return "euler_karras" if karras else "euler"
+    if class_name == "PNDMScheduler":
+        # PNDM's Runge-Kutta warm-up (skip_prk_steps false, its default) is not implemented
+        return "pndm" if config.get("skip_prk_steps") is True else "ddim"
     if class_name == "HeunDiscreteScheduler":
         return "heun_karras" if karras else "heun"
     if class_name == "UniPCMultistepScheduler":

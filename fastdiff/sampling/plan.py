@@ -61,6 +61,7 @@ SAMPLERS = (
     "dpmpp_3m_sde_karras",
     "heun",
     "heun_karras",
+    "pndm",
     "lcm",
     "tcd",
     "unipc",
@@ -342,6 +343,91 @@ def require_falling_noise(sigma: float, sigma_next: float, t: int, sampler: str)
         )
 
 
+def pndm_calls(timesteps: torch.Tensor) -> torch.Tensor:
+    """PNDMScheduler's model calls (``skip_prk_steps``) for its descending spaced ``timesteps``:
+    each once, the second twice (the repeated call that gives its first step second order)."""
+    if timesteps.shape[0] < 2:
+        return timesteps.clone()
+    return torch.cat([timesteps[:2], timesteps[1:]])
+
+
+def _pndm_rows(
+    schedule: NoiseSchedule, calls: list[int], steps: int, begin: int = 0
+) -> list[list[float]]:
+    """Pseudo linear multistep (Liu et al. 2022, "Pseudo Numerical Methods for Diffusion Models
+    on Manifolds", PLMS with its second-order start; diffusers' PNDMScheduler with
+    skip_prk_steps): every call's update is the DDIM-type transfer (the paper's Eq. 9) from t to
+    t' = t - T // steps,
+
+        phi(x, e) = sqrt(a'/a) x - (a' - a) e / (a sqrt(1 - a') + sqrt(a (1 - a) a')),
+
+    of a combination e of the model outputs e_k (eps, or for v-prediction
+    sqrt(a) v + sqrt(1 - a) x): e_0 at the first call, (e_1 + e_0) / 2 at the repeated second
+    call (which redoes the first step from its start: x_0 = (x_1' - B e_0) / A), then Adams-
+    Bashforth weights over the outputs kept so far (e_1 is not kept): (3, -1) / 2,
+    (23, -16, 5) / 12, (55, -59, 37, -9) / 24. The rows keep the raw model outputs as their
+    history (c1 = 0, c2 = 1), so the combination reads up to four rows back. Rows ``begin:``
+    are a run started at call ``begin`` (img2img), whose first two calls start the method
+    again, as PNDMScheduler's call counter does."""
+    alphas_cumprod = schedule.alphas_cumprod.tolist()
+    final = 1.0 if schedule.set_alpha_to_one is True else alphas_cumprod[0]
+    jump = schedule.num_train_timesteps // steps
+    v_prediction = schedule.prediction_type == "v_prediction"
+
+    def transfer(t: int, t_prev: int) -> tuple[float, float]:
+        """(A, B) with phi(x, e_raw) = A x + B e_raw for a raw model output at timestep t."""
+        a = alphas_cumprod[t]
+        a_prev = alphas_cumprod[t_prev] if t_prev >= 0 else final
+        gain = (a_prev - a) / (a * math.sqrt(1.0 - a_prev) + math.sqrt(a * (1.0 - a) * a_prev))
+        from_x, from_e = math.sqrt(a_prev / a), -gain
+        if v_prediction:  # e = sqrt(a) v + sqrt(1 - a) x
+            from_x, from_e = from_x - gain * math.sqrt(1.0 - a), -gain * math.sqrt(a)
+        return from_x, from_e
+
+    rows = []
+    for index in range(begin, len(calls)):
+        t, k = calls[index], index - begin
+        # weights of (e_k, h1, h2, h3, h4): the model output now and one to four calls back
+        if k == 1:  # the repeated call: from the first call's start, t + jump -> t
+            from_x, from_e = transfer(t + jump, t)
+            start_x, start_e = transfer(calls[index - 1], calls[index - 1] - jump)
+            scale = from_x / start_x  # x_0 = (x - start_e h1) / start_x
+            rows.append([1.0, 0.0, 1.0, scale, from_e / 2, from_e / 2 - scale * start_e, 0.0])
+            continue
+        from_x, from_e = transfer(t, t - jump)
+        if k == 0:
+            weights = (1.0, 0.0, 0.0, 0.0, 0.0)
+        elif k == 2:  # kept: e_0 (two calls back), e_2
+            weights = (1.5, 0.0, -0.5, 0.0, 0.0)
+        elif k == 3:  # e_0 (three back), e_2, e_3
+            weights = (23 / 12, -16 / 12, 0.0, 5 / 12, 0.0)
+        elif k == 4:  # e_0 (four back), e_2, e_3, e_4
+            weights = (55 / 24, -59 / 24, 37 / 24, 0.0, -9 / 24)
+        else:
+            weights = (55 / 24, -59 / 24, 37 / 24, -9 / 24, 0.0)
+        now, h1, h2, h3, h4 = (from_e * w for w in weights)
+        rows.append([1.0, 0.0, 1.0, from_x, now, h1, 0.0, h2, h3, h4])
+    return rows
+
+
+def _check_pndm(schedule: NoiseSchedule) -> None:
+    """What PNDMScheduler would do differently from the ``pndm`` plan, refused."""
+    if schedule.skip_prk_steps is not True:
+        raise ValueError(
+            "pndm: the scheduler config's skip_prk_steps is not true, so PNDMScheduler would "
+            "start with Runge-Kutta warm-up steps, which fastdiff does not implement; fastdiff's "
+            'pndm is its PLMS steps (add "skip_prk_steps": true, as Stable Diffusion 1.x '
+            "folders have it), or use another sampler"
+        )
+    if schedule.prediction_type == "sample":
+        raise ValueError("pndm: PNDMScheduler takes epsilon or v_prediction models, not sample")
+    if schedule.rescale_betas_zero_snr:
+        raise ValueError(
+            "pndm: PNDMScheduler has no rescale_betas_zero_snr (diffusers samples the "
+            "unrescaled schedule); fastdiff refuses rather than differ"
+        )
+
+
 def _heun_rows(
     schedule: NoiseSchedule, timesteps: list[float], sigmas: list[float]
 ) -> tuple[list[list[float]], float, list[int]]:
@@ -613,6 +699,8 @@ def make_plan(
     # takes Euler's timesteps and noise levels (HeunDiscreteScheduler spaces them the same way).
     fractions = sampler.startswith(("euler", "heun"))
     heun = sampler.startswith("heun")
+    if sampler == "pndm":
+        _check_pndm(schedule)
     if heun and schedule.rescale_betas_zero_snr:
         raise ValueError(
             "heun: HeunDiscreteScheduler has no rescale_betas_zero_snr (diffusers samples the "
@@ -639,6 +727,8 @@ def make_plan(
         rows = _tcd_rows(schedule, visited, eta)
     elif sampler == "ddpm":
         rows = _ddpm_rows(schedule, visited)
+    elif sampler == "pndm":
+        rows = _pndm_rows(schedule, visited, steps)
     elif sampler.startswith("euler"):
         if not karras:
             sigmas = _sigmas_at(schedule, visited)
@@ -671,7 +761,7 @@ def make_plan(
     coefficients = torch.tensor(rows, dtype=torch.float64)
     if not bool(torch.isfinite(coefficients).all()):
         raise ValueError(f"{sampler} plan has non-finite coefficients for this schedule")
-    if sampler in ("ddim", "ddpm", "lcm", "tcd"):
+    if sampler in ("ddim", "ddpm", "lcm", "tcd", "pndm"):
         alphas_cumprod = schedule.alphas_cumprod[timesteps]
     else:  # the sigma samplers' own levels (clamped under zero SNR, or Karras')
         alphas_cumprod = 1.0 / (torch.tensor(sigmas[:-1], dtype=torch.float64) ** 2 + 1.0)
@@ -692,14 +782,17 @@ def restarted_coefficients(
     which needs the ``schedule`` (its prediction and solver types, ``lower_order_final``)."""
     if not 0 <= start_step < len(plan):
         raise ValueError(f"start_step {start_step} out of range for a {len(plan)}-step plan")
-    rebuilt = plan.sampler.startswith(("unipc", "dpmpp_3m"))
+    rebuilt = plan.sampler.startswith(("unipc", "dpmpp_3m", "pndm"))
     if rebuilt and start_step > 0:
         if schedule is None:
             raise ValueError(f"restarting a {plan.sampler} plan part-way needs its schedule")
         alphas_cumprod = plan.alphas_cumprod.tolist()
         sigmas = [math.sqrt((1.0 - a) / a) for a in alphas_cumprod] + [0.0]
         timesteps = plan.timesteps.tolist()
-        if plan.sampler.startswith("unipc"):
+        if plan.sampler == "pndm":
+            steps = len(timesteps) - (len(timesteps) > 1)  # one repeated call
+            rows = _pndm_rows(schedule, timesteps, steps, begin=start_step)
+        elif plan.sampler.startswith("unipc"):
             rows = _unipc_rows(schedule, timesteps, sigmas, begin=start_step)
         else:
             sde = "_sde" in plan.sampler

@@ -79,6 +79,9 @@ class NoiseSchedule:
     ``lower_order_final`` (None: true, diffusers' default) lets DPM-Solver++(3M) take its
     second-to-last step at second order when a run has fewer than 15 steps, as
     DPMSolverMultistepScheduler does.
+    ``skip_prk_steps`` (None: false, PNDMScheduler's default) must be true for the ``pndm``
+    sampler: PNDM's Runge-Kutta warm-up steps are not implemented, its linear multistep
+    (PLMS) steps with one repeated call at the start are.
     """
 
     num_train_timesteps: int = 1000
@@ -98,6 +101,7 @@ class NoiseSchedule:
     timestep_scaling: float | None = None
     solver_type: str | None = None
     lower_order_final: bool | None = None
+    skip_prk_steps: bool | None = None
     betas: torch.Tensor = field(init=False, repr=False)
     alphas: torch.Tensor = field(init=False, repr=False)
     alphas_cumprod: torch.Tensor = field(init=False, repr=False)
@@ -131,6 +135,7 @@ class NoiseSchedule:
             ("set_alpha_to_one", True),
             ("rescale_betas_zero_snr", False),
             ("lower_order_final", True),
+            ("skip_prk_steps", True),
         ):
             value = getattr(self, key)  # a string "false" would be true below
             if not isinstance(value, bool) and not (may_be_none and value is None):
@@ -245,6 +250,7 @@ class NoiseSchedule:
             "timestep_scaling": self.timestep_scaling,
             "solver_type": self.solver_type,
             "lower_order_final": self.lower_order_final,
+            "skip_prk_steps": self.skip_prk_steps,
         }
         return {
             "num_train_timesteps": self.num_train_timesteps,
@@ -267,6 +273,11 @@ class NoiseSchedule:
         the spacing. ``keep_fraction``: as floats, the Euler family's unrounded (diffusers'
         own, at which ``make_plan`` calls the model and which diffusers compares with
         denoising_start / denoising_end cut-offs)."""
+        if sampler == "pndm":
+            from fastdiff.sampling.plan import pndm_calls  # plan builds on this module
+
+            base = self.timesteps(steps, "ddim", keep_fraction)
+            return pndm_calls(base)
         if sampler.startswith("heun"):
             # Euler's timesteps, each after the first called twice (the correction of the step
             # before, then its own Euler step): the plan's rows, as HeunDiscreteScheduler lists

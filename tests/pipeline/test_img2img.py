@@ -5,6 +5,8 @@ image is noised to the Karras level of that step, not to alphā at its rounded t
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -32,6 +34,7 @@ SCHEDULERS = {
     "unipc": ("UniPCMultistepScheduler", {}),  # no corrector at the first step run
     "dpmpp_3m": ("DPMSolverMultistepScheduler", {"solver_order": 3}),  # second order second
     "heun": ("HeunDiscreteScheduler", {}),  # two rows a step: starts at row 2 x start step
+    "pndm": ("PNDMScheduler", {"skip_prk_steps": True}),  # its calls from the start step on
 }
 
 
@@ -59,9 +62,20 @@ def test_img2img_equals_diffusers(sd_folder, pipe, init_image, sampler):
     kwargs = dict(
         prompt="a photo of a cat", num_inference_steps=5, strength=0.6, guidance_scale=4.0
     )
-    ours = pipe(
-        **kwargs, image=init_image, sampler=sampler, seed=7, output_type="tensor", progress=False
-    )
+    saved = pipe.schedule
+    if sampler == "pndm":  # the folder's DDIM config, read with PLMS steps only (as overridden)
+        pipe.schedule = dataclasses.replace(saved, skip_prk_steps=True)
+    try:
+        ours = pipe(
+            **kwargs,
+            image=init_image,
+            sampler=sampler,
+            seed=7,
+            output_type="tensor",
+            progress=False,
+        )
+    finally:
+        pipe.schedule = saved
     theirs = reference(
         **kwargs, image=init_image, output_type="pt", generator=torch.Generator().manual_seed(7)
     ).images

@@ -4,6 +4,8 @@ plain folders, and the inputs it refuses."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -23,6 +25,7 @@ SCHEDULERS = {
     "unipc": "UniPCMultistepScheduler",
     "heun": "HeunDiscreteScheduler",  # its correction, too, starts from its own copy
     "dpmpp_3m": "DPMSolverMultistepScheduler",  # (with solver_order 3, below)
+    "pndm": "PNDMScheduler",  # (with skip_prk_steps, below)
 }
 
 
@@ -50,7 +53,7 @@ def diffusers_images(reference, kwargs: dict, seed: int) -> torch.Tensor:
     sampler = kwargs.pop("sampler", None)
     if sampler is not None:
         cls = getattr(diffusers, SCHEDULERS[sampler])
-        order = {"solver_order": 3} if sampler == "dpmpp_3m" else {}
+        order = {"dpmpp_3m": {"solver_order": 3}, "pndm": {"skip_prk_steps": True}}.get(sampler, {})
         reference.scheduler = cls.from_config(scheduler.config, **order)
     try:
         generator = torch.Generator().manual_seed(seed)
@@ -70,6 +73,7 @@ CASES = {
     "dpmpp-3m": dict(sampler="dpmpp_3m"),
     "unipc": dict(sampler="unipc"),
     "heun": dict(sampler="heun", strength=0.7),  # the blend after each of the two calls
+    "pndm": dict(sampler="pndm"),
 }
 
 
@@ -80,7 +84,13 @@ def test_plain_unet_inpainting_equals_diffusers(pipe, reference, extra):
     kwargs = dict(prompt="a red cat", image=image, mask_image=mask, num_inference_steps=10)
     kwargs |= dict(guidance_scale=6.0, height=16, width=16) | extra
     theirs = diffusers_images(reference, kwargs, seed=4)
-    ours = pipe(**kwargs, seed=4, output_type="tensor", progress=False)
+    saved = pipe.schedule
+    if extra.get("sampler") == "pndm":  # the folder's DDIM config, read with PLMS steps only
+        pipe.schedule = dataclasses.replace(saved, skip_prk_steps=True)
+    try:
+        ours = pipe(**kwargs, seed=4, output_type="tensor", progress=False)
+    finally:
+        pipe.schedule = saved
     torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=0)
 
 

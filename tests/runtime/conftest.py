@@ -32,7 +32,10 @@ def tiny_pipeline(
         config["in_channels"] = 9
     unet = UNet2DConditionModel(config).to(device=device, dtype=dtype).eval()
     vae = AutoencoderKL(model_config("tiny_vae")).to(device=device, dtype=dtype).eval()
-    return Pipeline(unet, vae, NoiseSchedule.from_config(SD_SCHEDULER))
+    # SD 1.5's scheduler config has skip_prk_steps (its PNDM: PLMS steps only), which the pndm
+    # sampler needs and the others ignore
+    schedule = NoiseSchedule.from_config({**SD_SCHEDULER, "skip_prk_steps": True})
+    return Pipeline(unet, vae, schedule)
 
 
 def with_folds(pipe):

@@ -73,6 +73,7 @@ def test_fused_qkv_keeps_unet_output(pipe):
         ("dpmpp_3m_sde", 6, 0.0),
         ("heun", 3, 0.0),  # 5 model calls: a whole-loop graph
         ("heun_karras", 6, 0.0),  # 11: the step graph
+        ("pndm", 10, 0.0),  # 11 calls, four outputs of history: the step graph
     ],
     ids=[
         "ddim4-loop",
@@ -89,6 +90,7 @@ def test_fused_qkv_keeps_unet_output(pipe):
         "dpmpp-3m-sde6-loop",
         "heun3-loop",
         "heun-karras6-step",
+        "pndm10-step",
     ],
 )
 def test_static_buffer_loop_equals_eager_sampler(pipe, sampler, steps, eta):

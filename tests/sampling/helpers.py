@@ -73,7 +73,8 @@ def run_diffusers(scheduler, x_start: torch.Tensor, generator=None, model=None, 
         if x0 is None:  # TCD its estimate noised to the intermediate timestep
             x0 = getattr(result, "pred_noised_sample", None)
         if x0 is None:  # DPM-Solver keeps its converted (x0) outputs instead
-            x0 = scheduler.model_outputs[-1]
+            outputs = getattr(scheduler, "model_outputs", None)
+            x0 = outputs[-1] if outputs else x  # (PNDM keeps none: the state's magnitude)
         peak = max(peak, float(x.abs().max()), float(x0.abs().max()))
         states.append(x.clone())
         estimates.append(x0.clone())

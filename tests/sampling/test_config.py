@@ -270,7 +270,8 @@ def test_round_trip_through_to_config():
         ({"_class_name": "HeunDiscreteScheduler", "use_karras_sigmas": True}, "heun_karras"),
         ({"_class_name": "UniPCMultistepScheduler"}, "unipc"),
         ({"_class_name": "UniPCMultistepScheduler", "use_karras_sigmas": True}, "unipc_karras"),
-        ({"_class_name": "PNDMScheduler"}, "ddim"),
+        ({"_class_name": "PNDMScheduler"}, "ddim"),  # Runge-Kutta warm-up: not implemented
+        ({"_class_name": "PNDMScheduler", "skip_prk_steps": True}, "pndm"),
         ({"_class_name": "LMSDiscreteScheduler"}, "ddim"),
         ({}, "ddim"),
     ],

@@ -21,7 +21,10 @@ from fastdiff.sampling import (
 from fastdiff.sampling.plan import rows_per_step
 from tests.sampling.helpers import SD_BETAS, toy_model
 
-SCHEDULE = NoiseSchedule(**SD_BETAS, beta_schedule="scaled_linear", steps_offset=1)
+# (skip_prk_steps: PNDM's PLMS steps only, as SD 1.x configs ask; the other samplers ignore it)
+SCHEDULE = NoiseSchedule(
+    **SD_BETAS, beta_schedule="scaled_linear", steps_offset=1, skip_prk_steps=True
+)
 
 
 def test_top_level_exports():
@@ -39,19 +42,24 @@ def test_plan_shapes_and_contract(sampler):
     assert plan.timesteps.dtype == (torch.float64 if fractional else torch.long)
     rows = 23 if sampler.startswith("heun") else 12  # Heun: two model calls a step, one last
     assert rows == 12 * rows_per_step(sampler) - (rows_per_step(sampler) - 1)
+    rows += sampler == "pndm"  # PNDM: the second timestep called twice
     assert plan.timesteps.shape == (rows,)
     assert plan.coefficients.dtype == torch.float64 and plan.coefficients.shape == (rows, 10)
     if sampler.startswith("heun"):  # each step's correction calls the model at the next timestep
         assert torch.equal(plan.timesteps[1::2], plan.timesteps[2::2])
         assert bool((plan.timesteps[::2].diff() < 0).all())
+    elif sampler == "pndm":
+        assert plan.timesteps[1] == plan.timesteps[2]
+        assert bool((plan.timesteps[2:].diff() < 0).all()) and plan.timesteps[0] > plan.timesteps[1]
     else:
         assert bool((plan.timesteps.diff() < 0).all())
     assert plan.stochastic == (sampler in ("ddpm", "euler_ancestral", "lcm") or "_sde" in sampler)
-    multistep = sampler.startswith(("dpmpp", "unipc", "heun"))  # (Heun: the first call's x0)
+    multistep = sampler.startswith(("dpmpp", "unipc", "heun", "pndm"))  # (Heun: its first call's)
     assert (plan.coefficients[:, NEXT_FROM_PREV_X0] != 0).any() == multistep
-    # only DPM-Solver++(3M) and UniPC's corrector reach two steps back
-    assert plan.reads_prev2 == sampler.startswith(("dpmpp_3m", "unipc"))
-    assert plan.history_depth == (2 if plan.reads_prev2 else int(multistep))
+    # DPM-Solver++(3M) and UniPC's corrector reach two rows back, PNDM's PLMS four
+    assert plan.reads_prev2 == sampler.startswith(("dpmpp_3m", "unipc", "pndm"))
+    depth = 4 if sampler == "pndm" else 2 if plan.reads_prev2 else int(multistep)
+    assert plan.history_depth == depth
     if sampler.startswith(("euler", "heun")):
         assert plan.init_noise_scale > 5 and (plan.coefficients[:, INPUT_SCALE] < 1).all()
     else:
@@ -98,7 +106,7 @@ def test_unknown_names_list_the_allowed_values():
         match=r"allowed: \['ddpm', 'ddim', 'euler', 'euler_ancestral', 'euler_karras', "
         r"'dpmpp_2m', 'dpmpp_2m_karras', 'dpmpp_2m_sde', 'dpmpp_2m_sde_karras', 'dpmpp_3m', "
         r"'dpmpp_3m_karras', 'dpmpp_3m_sde', 'dpmpp_3m_sde_karras', 'heun', 'heun_karras', "
-        r"'lcm', 'tcd', 'unipc', 'unipc_karras'\]",
+        r"'pndm', 'lcm', 'tcd', 'unipc', 'unipc_karras'\]",
     ):
         sample(toy_model, torch.randn(1, 2), SCHEDULE, "dpm2", 5)
     with pytest.raises(ValueError, match="allowed"):

@@ -20,6 +20,7 @@ from diffusers import (
     DPMSolverMultistepScheduler,
     EulerDiscreteScheduler,
     HeunDiscreteScheduler,
+    PNDMScheduler,
     UniPCMultistepScheduler,
 )
 
@@ -485,3 +486,63 @@ def test_heun_refuses_a_zero_snr_schedule():
     schedule = NoiseSchedule(**scheduler_config("trailing", "v_prediction", zero_snr=True))
     with pytest.raises(ValueError, match="HeunDiscreteScheduler has no rescale_betas_zero_snr"):
         make_plan(schedule, "heun", 5)
+
+
+@pytest.mark.parametrize("steps", [1, 2, 3, 4, 5, 6, 25])
+@pytest.mark.parametrize("spacing", SPACINGS)
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+@pytest.mark.parametrize("set_alpha_to_one", [False, True])
+def test_pndm_matches_diffusers_call_by_call(steps, spacing, prediction_type, set_alpha_to_one):
+    """PNDM's PLMS steps (skip_prk_steps, as SD 1.x folders configure it): the repeated second
+    call, then Adams-Bashforth combinations of up to four model outputs, call by call. The run
+    lengths reach each combination (3 steps: the first three-output one; 5: the first with
+    four)."""
+    config = scheduler_config(spacing, prediction_type)
+    del config["rescale_betas_zero_snr"]  # not a PNDMScheduler argument
+    config.update(skip_prk_steps=True, set_alpha_to_one=set_alpha_to_one)
+    reference = PNDMScheduler(**config)
+    reference.set_timesteps(steps)
+    schedule = NoiseSchedule(**config)
+    plan = make_plan(schedule, "pndm", steps)
+    assert torch.equal(plan.timesteps, reference.timesteps)
+    assert torch.equal(schedule.timesteps(steps, "pndm"), plan.timesteps)
+    x_T = torch.randn(2, 3, 4, 4)
+    ours = []
+    sample(toy_model, x_T, schedule, "pndm", steps, callback=lambda i, t, x: ours.append(x))
+    theirs, _, peaks = run_diffusers(reference, x_T)
+    assert_trajectories_match(ours, theirs, peaks, f"pndm {spacing} {steps}")
+
+
+@pytest.mark.parametrize("steps,start", [(10, 1), (10, 2), (10, 4), (10, 10), (30, 12)])
+def test_pndm_started_part_way_matches_diffusers(steps, start):
+    """img2img takes PNDMScheduler's calls from ``start`` (its order is 1), and its call counter
+    starts the method again there: a first-order call, the repeated-call average, ..."""
+    from fastdiff.pipeline.denoising import start_state
+    from fastdiff.sampling import run_plan
+
+    config = {**scheduler_config("leading"), "skip_prk_steps": True, "set_alpha_to_one": False}
+    del config["rescale_betas_zero_snr"]
+    schedule = NoiseSchedule(**config)
+    reference = PNDMScheduler(**config)
+    reference.set_timesteps(steps)
+    x = torch.randn(2, 3, 4, 4)
+    theirs = x.clone()
+    for t in reference.timesteps[start:]:
+        theirs = reference.step(toy_model(theirs, t), t, theirs).prev_sample
+    plan = make_plan(schedule, "pndm", steps)
+    part, state = start_state(plan, schedule, x, x, start, None, add_noise=False)
+    ours = run_plan(toy_model, state, part)
+    error = float((ours - theirs).abs().max())
+    assert error <= 1e-5 * max(1.0, float(theirs.abs().max())), error
+
+
+def test_pndm_refuses_what_it_does_not_implement():
+    config = {**scheduler_config("leading"), "skip_prk_steps": True}
+    with pytest.raises(ValueError, match="skip_prk_steps is not true"):
+        make_plan(NoiseSchedule(**{**config, "skip_prk_steps": False}), "pndm", 10)
+    with pytest.raises(ValueError, match="skip_prk_steps is not true"):
+        make_plan(NoiseSchedule(**{**config, "skip_prk_steps": None}), "pndm", 10)
+    with pytest.raises(ValueError, match="epsilon or v_prediction"):
+        make_plan(NoiseSchedule(**{**config, "prediction_type": "sample"}), "pndm", 10)
+    with pytest.raises(ValueError, match="PNDMScheduler has no rescale_betas_zero_snr"):
+        make_plan(NoiseSchedule(**{**config, "rescale_betas_zero_snr": True}), "pndm", 10)
