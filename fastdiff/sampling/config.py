@@ -170,7 +170,7 @@ def schedule_kwargs_from_config(config: dict[str, Any]) -> dict[str, Any]:
 def default_sampler(config: dict[str, Any]) -> str:
     """The fastdiff sampler that equals the diffusers scheduler ``config`` describes (what a
     diffusers pipeline loaded from the folder samples with), or ``"ddim"`` where fastdiff has
-    none: LMS, and PNDM with its Runge-Kutta warm-up (``skip_prk_steps`` false)."""
+    none: PNDM with its Runge-Kutta warm-up (``skip_prk_steps`` false)."""
     karras = config.get("use_karras_sigmas")
     if karras is not None and not isinstance(karras, bool):
         raise ValueError(
@@ -193,6 +193,8 @@ def default_sampler(config: dict[str, Any]) -> str:
     if class_name == "PNDMScheduler":
         # PNDM's Runge-Kutta warm-up (skip_prk_steps false, its default) is not implemented
         return "pndm" if config.get("skip_prk_steps") is True else "ddim"
+    if class_name == "LMSDiscreteScheduler":
+        return "lms_karras" if karras else "lms"
     if class_name == "HeunDiscreteScheduler":
         return "heun_karras" if karras else "heun"
     if class_name == "UniPCMultistepScheduler":

@@ -2,7 +2,7 @@
 samplers, the fused step kernel and the CUDA-graph runtime.
 
 Every sampler we ship is, model call by model call, linear in the state x, the model output m,
-the two previous calls' x0 estimates and Gaussian noise z (one row per call: a step of Heun's
+up to four earlier calls' x0 estimates and Gaussian noise z (one row per call: a step of Heun's
 method, which calls the model twice, takes two rows). Row i of ``plan.coefficients`` holds
 
     x_in   = c0 * x                                           (model input, VP scale)
@@ -13,20 +13,23 @@ method, which calls the model twice, takes two rows). Row i of ``plan.coefficien
 
 x0_prev is the previous row's x0, x0_older the ones before it (two, three and four rows back).
 DPM-Solver++(3M) and UniPC (whose corrector reaches one step further back than its predictor)
-read two rows back, PNDM's linear multistep four; the other samplers' c7..c9 are 0, and a loop
-keeps only the history a plan reads (``SamplingPlan.history_depth``).
-
-so the eager loop (:func:`fastdiff.sampling.sample`), the fused step kernel and the CUDA-graph
-runtime all apply the same numbers. :func:`plan_step` is the one reference implementation of a
-row. After the last row the state x is the clean sample in VP scale.
+read two rows back, LMS three, PNDM's linear multistep four (those two keep, in the x0 slot,
+what their multistep combines: LMS the derivative, PNDM the raw model output); the other
+samplers' c7..c9 are 0, and a loop keeps only the history a plan reads
+(``SamplingPlan.history_depth``). So the eager loop (:func:`fastdiff.sampling.sample`), the
+fused step kernel and the CUDA-graph runtime all apply the same numbers. :func:`plan_step` is
+the one reference implementation of a row. After the last row the state x is the clean sample
+in VP scale.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from fastdiff.sampling.schedule import NoiseSchedule
@@ -62,6 +65,8 @@ SAMPLERS = (
     "heun",
     "heun_karras",
     "pndm",
+    "lms",
+    "lms_karras",
     "lcm",
     "tcd",
     "unipc",
@@ -428,6 +433,48 @@ def _check_pndm(schedule: NoiseSchedule) -> None:
         )
 
 
+def _lms_weights(sigmas: list[float], index: int, order: int) -> list[float]:
+    """Linear multistep weights of the derivatives at steps index, index - 1, ...: the integral
+    from sigma_index to sigma_(index+1) of each Lagrange basis polynomial through the last
+    ``order`` noise levels (exact, as a polynomial integral; diffusers integrates numerically)."""
+    nodes = [sigmas[index - k] for k in range(order)]
+    weights = []
+    for j, node in enumerate(nodes):
+        others = [other for k, other in enumerate(nodes) if k != j]
+        basis = np.polynomial.polynomial.polyfromroots(others) if others else np.array([1.0])
+        scale = float(np.prod([node - other for other in others])) if others else 1.0
+        antiderivative = np.polynomial.polynomial.polyint(basis / scale)
+        upper, lower = (
+            np.polynomial.polynomial.polyval(sigmas[index + 1], antiderivative),
+            np.polynomial.polynomial.polyval(sigmas[index], antiderivative),
+        )
+        weights.append(float(upper - lower))
+    return weights
+
+
+def _lms_rows(
+    schedule: NoiseSchedule, timesteps: list[float], sigmas: list[float], begin: int = 0
+) -> tuple[list[list[float]], float]:
+    """Linear multistep in sigma on the probability-flow ODE (k-diffusion's LMS; diffusers'
+    LMSDiscreteScheduler, order 4): x_next = x + sum_k w_k d_(i-k), d = (x - x0) / sigma, with
+    the Lagrange weights of ``_lms_weights`` over min(i + 1, 4) levels. The rows write d, not x0,
+    into the history (x0' = c1' x_in + c2' m with c1' = (1 - c1 c0) / (sigma c0), c2' = -c2 /
+    sigma), which reaches three rows back. Started part-way (``begin``), diffusers keeps the
+    order of the whole run's step index but has only the derivatives since the start: the
+    weights of the missing ones are dropped, as its ``zip`` drops them."""
+    euler, init_noise_scale = _euler_rows(schedule, timesteps, sigmas)
+    rows = []
+    for index in range(begin, len(timesteps)):
+        sigma = sigmas[index]
+        c0, c1, c2 = euler[index][:3]
+        order = min(index + 1, 4)
+        weights = _lms_weights(sigmas, index, order)[: index - begin + 1]
+        weights += [0.0] * (4 - len(weights))
+        derivative = [c0, (1.0 - c1 * c0) / (sigma * c0), -c2 / sigma]
+        rows.append([*derivative, 1.0, weights[0], weights[1], 0.0, weights[2], weights[3], 0.0])
+    return rows, init_noise_scale
+
+
 def _heun_rows(
     schedule: NoiseSchedule, timesteps: list[float], sigmas: list[float]
 ) -> tuple[list[list[float]], float, list[int]]:
@@ -697,8 +744,9 @@ def make_plan(
     karras = sampler.endswith("_karras")
     # The Euler family calls the model at diffusers' own, possibly fractional, timesteps; Heun
     # takes Euler's timesteps and noise levels (HeunDiscreteScheduler spaces them the same way).
-    fractions = sampler.startswith(("euler", "heun"))
+    fractions = sampler.startswith(("euler", "heun", "lms"))
     heun = sampler.startswith("heun")
+    lms = sampler.startswith("lms")
     if sampler == "pndm":
         _check_pndm(schedule)
     if heun and schedule.rescale_betas_zero_snr:
@@ -708,13 +756,15 @@ def make_plan(
             "without the rescale"
         )
     if karras:
-        base = "euler_karras" if heun else sampler
-        timesteps, sigmas = karras_plan_inputs(schedule, steps, base, keep_fraction=fractions)
+        base = "euler_karras" if heun or lms else sampler
+        # (LMSDiscreteScheduler's Karras levels ignore a config's sigma_min / sigma_max)
+        levels = dataclasses.replace(schedule, sigma_min=None, sigma_max=None) if lms else schedule
+        timesteps, sigmas = karras_plan_inputs(levels, steps, base, keep_fraction=fractions)
     elif sampler in ("lcm", "tcd"):  # TCDScheduler takes LCMScheduler's timesteps
         original = schedule.original_inference_steps
         timesteps = lcm_timesteps(schedule.num_train_timesteps, steps, original, lcm_strength)
     else:
-        base = "euler" if heun else sampler
+        base = "euler" if heun or lms else sampler
         timesteps = schedule.timesteps(steps, base, keep_fraction=fractions)
     timesteps = _integral_as_long(timesteps)
     visited = timesteps.tolist()
@@ -735,6 +785,15 @@ def make_plan(
         rows, init_noise_scale = _euler_rows(
             schedule, visited, sigmas, sampler == "euler_ancestral"
         )
+    elif lms:
+        if schedule.rescale_betas_zero_snr:
+            raise ValueError(
+                "lms: LMSDiscreteScheduler has no rescale_betas_zero_snr (diffusers samples the "
+                "unrescaled schedule); fastdiff refuses rather than differ"
+            )
+        if not karras:
+            sigmas = _sigmas_at(schedule, visited)
+        rows, init_noise_scale = _lms_rows(schedule, visited, sigmas)
     elif heun:
         if not karras:
             sigmas = _sigmas_at(schedule, visited)
@@ -782,14 +841,16 @@ def restarted_coefficients(
     which needs the ``schedule`` (its prediction and solver types, ``lower_order_final``)."""
     if not 0 <= start_step < len(plan):
         raise ValueError(f"start_step {start_step} out of range for a {len(plan)}-step plan")
-    rebuilt = plan.sampler.startswith(("unipc", "dpmpp_3m", "pndm"))
+    rebuilt = plan.sampler.startswith(("unipc", "dpmpp_3m", "pndm", "lms"))
     if rebuilt and start_step > 0:
         if schedule is None:
             raise ValueError(f"restarting a {plan.sampler} plan part-way needs its schedule")
         alphas_cumprod = plan.alphas_cumprod.tolist()
         sigmas = [math.sqrt((1.0 - a) / a) for a in alphas_cumprod] + [0.0]
         timesteps = plan.timesteps.tolist()
-        if plan.sampler == "pndm":
+        if plan.sampler.startswith("lms"):
+            rows = _lms_rows(schedule, timesteps, sigmas, begin=start_step)[0]
+        elif plan.sampler == "pndm":
             steps = len(timesteps) - (len(timesteps) > 1)  # one repeated call
             rows = _pndm_rows(schedule, timesteps, steps, begin=start_step)
         elif plan.sampler.startswith("unipc"):

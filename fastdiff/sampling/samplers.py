@@ -10,7 +10,8 @@ Samplers (see ``fastdiff.sampling.plan`` for the formulas and papers):
 ``dpmpp_3m[_sde][_karras]`` (their third-order multistep form, solver_order 3),
 ``heun`` / ``heun_karras`` (Heun's method, Karras et al. 2022, as HeunDiscreteScheduler: two
 model calls, two plan rows, a step), ``pndm`` (PNDM's pseudo linear multistep, Liu et al. 2022,
-as PNDMScheduler with skip_prk_steps: SD 1.x folders' own),
+as PNDMScheduler with skip_prk_steps: SD 1.x folders' own), ``lms`` / ``lms_karras`` (linear
+multistep in sigma, as LMSDiscreteScheduler),
 ``lcm`` (latent consistency models' multistep sampling, Luo et al. 2023, as LCMScheduler) and
 ``tcd`` (trajectory consistency distillation's sampling, Zheng et al. 2024, as TCDScheduler),
 ``unipc`` / ``unipc_karras`` (UniPC's predictor-corrector, Zhao et al. 2023, as

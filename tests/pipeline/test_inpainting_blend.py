@@ -26,6 +26,7 @@ SCHEDULERS = {
     "heun": "HeunDiscreteScheduler",  # its correction, too, starts from its own copy
     "dpmpp_3m": "DPMSolverMultistepScheduler",  # (with solver_order 3, below)
     "pndm": "PNDMScheduler",  # (with skip_prk_steps, below)
+    "lms": "LMSDiscreteScheduler",
 }
 
 
@@ -74,6 +75,7 @@ CASES = {
     "unipc": dict(sampler="unipc"),
     "heun": dict(sampler="heun", strength=0.7),  # the blend after each of the two calls
     "pndm": dict(sampler="pndm"),
+    "lms": dict(sampler="lms", strength=0.8),
 }
 
 

@@ -357,6 +357,7 @@ def test_outdated_scheduler_config_is_sampled_as_diffusers_does(sd_folder, tmp_p
         ("DPMSolverMultistepScheduler", {"solver_order": 3}, "dpmpp_3m"),
         ("HeunDiscreteScheduler", {}, "heun"),
         ("PNDMScheduler", {"skip_prk_steps": True}, "pndm"),  # SD 1.x folders' own
+        ("LMSDiscreteScheduler", {}, "lms"),
         ("UniPCMultistepScheduler", {}, "unipc"),
         ("UniPCMultistepScheduler", {"use_karras_sigmas": True}, "unipc_karras"),
     ],
@@ -399,6 +400,7 @@ def test_a_call_without_sampler_runs_the_folders_scheduler(
         "dpmpp_3m": "dpmpp_2m",
         "heun": "euler",
         "pndm": "ddim",
+        "lms": "euler",
     }.get(sampler, sampler.rsplit("_", 1)[0])
     # (dpmpp_2m_sde's contrast, dpmpp_2m, differs by the SDE's noise and decay.)
     other = pipe(**kwargs, seed=3, sampler=contrast, output_type="tensor", progress=False)

@@ -74,6 +74,7 @@ def test_fused_qkv_keeps_unet_output(pipe):
         ("heun", 3, 0.0),  # 5 model calls: a whole-loop graph
         ("heun_karras", 6, 0.0),  # 11: the step graph
         ("pndm", 10, 0.0),  # 11 calls, four outputs of history: the step graph
+        ("lms", 6, 0.0),  # three derivatives of history: a whole-loop graph
     ],
     ids=[
         "ddim4-loop",
@@ -91,6 +92,7 @@ def test_fused_qkv_keeps_unet_output(pipe):
         "heun3-loop",
         "heun-karras6-step",
         "pndm10-step",
+        "lms6-loop",
     ],
 )
 def test_static_buffer_loop_equals_eager_sampler(pipe, sampler, steps, eta):

@@ -272,7 +272,8 @@ def test_round_trip_through_to_config():
         ({"_class_name": "UniPCMultistepScheduler", "use_karras_sigmas": True}, "unipc_karras"),
         ({"_class_name": "PNDMScheduler"}, "ddim"),  # Runge-Kutta warm-up: not implemented
         ({"_class_name": "PNDMScheduler", "skip_prk_steps": True}, "pndm"),
-        ({"_class_name": "LMSDiscreteScheduler"}, "ddim"),
+        ({"_class_name": "LMSDiscreteScheduler"}, "lms"),
+        ({"_class_name": "LMSDiscreteScheduler", "use_karras_sigmas": True}, "lms_karras"),
         ({}, "ddim"),
     ],
 )

@@ -20,6 +20,7 @@ from diffusers import (
     DPMSolverMultistepScheduler,
     EulerDiscreteScheduler,
     HeunDiscreteScheduler,
+    LMSDiscreteScheduler,
     PNDMScheduler,
     UniPCMultistepScheduler,
 )
@@ -546,3 +547,57 @@ def test_pndm_refuses_what_it_does_not_implement():
         make_plan(NoiseSchedule(**{**config, "prediction_type": "sample"}), "pndm", 10)
     with pytest.raises(ValueError, match="PNDMScheduler has no rescale_betas_zero_snr"):
         make_plan(NoiseSchedule(**{**config, "rescale_betas_zero_snr": True}), "pndm", 10)
+
+
+@pytest.mark.parametrize("steps", [1, 2, 3, 4, 5, 12])
+@pytest.mark.parametrize("karras", [False, True], ids=["spaced", "karras"])
+@pytest.mark.parametrize("spacing", SPACINGS)
+@pytest.mark.parametrize("prediction_type", PREDICTION_TYPES)
+def test_lms_matches_diffusers(steps, karras, spacing, prediction_type):
+    """Linear multistep (order 4) in sigma as LMSDiscreteScheduler: its orders 1 to 4 in the
+    first four steps, the Lagrange weights integrated exactly. Started, like Euler, from
+    sqrt(sigma_max^2 + 1) x_T."""
+    config = scheduler_config(spacing, prediction_type)
+    del config["rescale_betas_zero_snr"]  # not an LMSDiscreteScheduler argument
+    reference = LMSDiscreteScheduler(**config, use_karras_sigmas=karras)
+    reference.set_timesteps(steps)
+    sampler = "lms_karras" if karras else "lms"
+    schedule = NoiseSchedule(**config)
+    plan = make_plan(schedule, sampler, steps)
+    torch.testing.assert_close(plan.timesteps.double(), reference.timesteps.double())
+    x_T = torch.randn(2, 3, 4, 4)
+    ours = []
+    sample(toy_model, x_T, schedule, sampler, steps, callback=lambda i, t, x: ours.append(x))
+    theirs, _, peaks = run_diffusers(reference, x_T * plan.init_noise_scale)
+    assert_trajectories_match(ours, theirs, peaks, f"{sampler} {spacing} {steps}")
+
+
+@pytest.mark.parametrize("steps,start", [(10, 3), (10, 9), (20, 1)])
+def test_lms_started_part_way_matches_set_begin_index(steps, start):
+    """diffusers keeps the whole run's order at the start step but has only the derivatives
+    since: the weights of the missing ones drop out."""
+    from fastdiff.pipeline.denoising import start_state
+    from fastdiff.sampling import run_plan
+
+    config = scheduler_config("linspace")
+    del config["rescale_betas_zero_snr"]
+    schedule = NoiseSchedule(**config)
+    reference = LMSDiscreteScheduler(**config)
+    reference.set_timesteps(steps)
+    reference.set_begin_index(start)
+    x = torch.randn(2, 3, 4, 4)
+    theirs = x.clone()
+    for t in reference.timesteps[start:]:
+        model_in = reference.scale_model_input(theirs, t)
+        theirs = reference.step(toy_model(model_in, t), t, theirs).prev_sample
+    plan = make_plan(schedule, "lms", steps)
+    part, state = start_state(plan, schedule, x, x, start, None, add_noise=False)
+    ours = run_plan(toy_model, state, part)
+    error = float((ours - theirs).abs().max())
+    assert error <= 1e-5 * max(1.0, float(theirs.abs().max())), error
+
+
+def test_lms_refuses_a_zero_snr_schedule():
+    schedule = NoiseSchedule(**scheduler_config("trailing", "v_prediction", zero_snr=True))
+    with pytest.raises(ValueError, match="LMSDiscreteScheduler has no rescale_betas_zero_snr"):
+        make_plan(schedule, "lms", 5)
