@@ -53,6 +53,29 @@ CASES = list(
 )
 
 
+def assert_started_part_way_matches(reference, schedule, sampler, steps, start, end=None):
+    """``reference``, a diffusers scheduler set to ``steps`` (and its begin index), run over its
+    timesteps ``start:end`` from a random state, against fastdiff's plan restarted at row
+    ``start`` (``start_state``: img2img, a refiner's denoising_start, a denoising_end cut).
+    Step noise, where a sampler draws it, comes from one seed on both sides."""
+    from fastdiff.pipeline.denoising import start_state
+    from fastdiff.sampling import run_plan
+
+    x = torch.randn(2, 3, 4, 4)
+    theirs = x.clone()
+    plan = make_plan(schedule, sampler, steps)
+    # (only the schedulers that draw step noise take a generator)
+    noise = {"generator": torch.Generator().manual_seed(2)} if plan.stochastic else {}
+    for t in reference.timesteps[start:end]:
+        output = toy_model(reference.scale_model_input(theirs, t), t)
+        theirs = reference.step(output, t, theirs, **noise).prev_sample
+    part, state = start_state(plan, schedule, x, x, start, end, add_noise=False)
+    assert len(part) == (end or len(plan)) - start
+    ours = run_plan(toy_model, state, part, generator=torch.Generator().manual_seed(2))
+    error = float((ours - theirs).abs().max())
+    assert error <= 1e-5 * max(1.0, float(theirs.abs().max())), error
+
+
 @pytest.mark.parametrize("sampler,beta_schedule,spacing,prediction_type,zero_snr", CASES)
 def test_sampler_matches_diffusers(sampler, beta_schedule, spacing, prediction_type, zero_snr):
     config = scheduler_config(spacing, prediction_type, zero_snr, beta_schedule)
@@ -373,24 +396,12 @@ def test_unipc_started_part_way_matches_set_begin_index(steps, start, end, karra
     """img2img and a refiner's denoising_start: diffusers starts the scheduler's history at
     ``set_begin_index`` (no corrector at the first step, a first-order one at the second), and
     a denoising_end cut leaves the remaining steps' orders as in the whole run."""
-    from fastdiff.pipeline.denoising import start_state
-    from fastdiff.sampling import run_plan
-
     config = scheduler_config("linspace")
-    schedule = NoiseSchedule(**config)
     reference = UniPCMultistepScheduler(**config, use_karras_sigmas=karras)
     reference.set_timesteps(steps)
     reference.set_begin_index(start)
-    x = torch.randn(2, 3, 4, 4)
-    theirs = x.clone()
-    for t in reference.timesteps[start:end]:
-        theirs = reference.step(toy_model(theirs, t), t, theirs).prev_sample
-    plan = make_plan(schedule, "unipc_karras" if karras else "unipc", steps)
-    part, state = start_state(plan, schedule, x, x, start, end, add_noise=False)
-    assert len(part) == (end or steps) - start
-    ours = run_plan(toy_model, state, part)
-    error = float((ours - theirs).abs().max())
-    assert error <= 1e-5 * max(1.0, float(theirs.abs().max())), error
+    sampler = "unipc_karras" if karras else "unipc"
+    assert_started_part_way_matches(reference, NoiseSchedule(**config), sampler, steps, start, end)
 
 
 @pytest.mark.parametrize("steps", [1, 2, 3, 4, 14, 15, 25])
@@ -423,11 +434,7 @@ def test_dpmpp_3m_orders_match_diffusers(steps, lower_order_final, karras):
 def test_dpmpp_3m_started_part_way_matches_set_begin_index(sampler, steps, start, end):
     """A 3M run started part-way takes a second-order second step, as diffusers' history does
     after ``set_begin_index``."""
-    from fastdiff.pipeline.denoising import start_state
-    from fastdiff.sampling import run_plan
-
     config = scheduler_config("linspace")
-    schedule = NoiseSchedule(**config)
     sde = "_sde" in sampler
     reference = DPMSolverMultistepScheduler(
         **config,
@@ -437,16 +444,7 @@ def test_dpmpp_3m_started_part_way_matches_set_begin_index(sampler, steps, start
     )
     reference.set_timesteps(steps)
     reference.set_begin_index(start)
-    x = torch.randn(2, 3, 4, 4)
-    theirs = x.clone()
-    generator = torch.Generator().manual_seed(2)
-    for t in reference.timesteps[start:end]:
-        theirs = reference.step(toy_model(theirs, t), t, theirs, generator=generator).prev_sample
-    plan = make_plan(schedule, sampler, steps)
-    part, state = start_state(plan, schedule, x, x, start, end, add_noise=False)
-    ours = run_plan(toy_model, state, part, generator=torch.Generator().manual_seed(2))
-    error = float((ours - theirs).abs().max())
-    assert error <= 1e-5 * max(1.0, float(theirs.abs().max())), error
+    assert_started_part_way_matches(reference, NoiseSchedule(**config), sampler, steps, start, end)
 
 
 @pytest.mark.parametrize("steps", [1, 2, 3, 10])
@@ -518,23 +516,11 @@ def test_pndm_matches_diffusers_call_by_call(steps, spacing, prediction_type, se
 def test_pndm_started_part_way_matches_diffusers(steps, start):
     """img2img takes PNDMScheduler's calls from ``start`` (its order is 1), and its call counter
     starts the method again there: a first-order call, the repeated-call average, ..."""
-    from fastdiff.pipeline.denoising import start_state
-    from fastdiff.sampling import run_plan
-
     config = {**scheduler_config("leading"), "skip_prk_steps": True, "set_alpha_to_one": False}
     del config["rescale_betas_zero_snr"]
-    schedule = NoiseSchedule(**config)
-    reference = PNDMScheduler(**config)
+    reference = PNDMScheduler(**config)  # (no set_begin_index: its call counter starts at 0)
     reference.set_timesteps(steps)
-    x = torch.randn(2, 3, 4, 4)
-    theirs = x.clone()
-    for t in reference.timesteps[start:]:
-        theirs = reference.step(toy_model(theirs, t), t, theirs).prev_sample
-    plan = make_plan(schedule, "pndm", steps)
-    part, state = start_state(plan, schedule, x, x, start, None, add_noise=False)
-    ours = run_plan(toy_model, state, part)
-    error = float((ours - theirs).abs().max())
-    assert error <= 1e-5 * max(1.0, float(theirs.abs().max())), error
+    assert_started_part_way_matches(reference, NoiseSchedule(**config), "pndm", steps, start)
 
 
 def test_pndm_refuses_what_it_does_not_implement():
@@ -576,25 +562,12 @@ def test_lms_matches_diffusers(steps, karras, spacing, prediction_type):
 def test_lms_started_part_way_matches_set_begin_index(steps, start):
     """diffusers keeps the whole run's order at the start step but has only the derivatives
     since: the weights of the missing ones drop out."""
-    from fastdiff.pipeline.denoising import start_state
-    from fastdiff.sampling import run_plan
-
     config = scheduler_config("linspace")
     del config["rescale_betas_zero_snr"]
-    schedule = NoiseSchedule(**config)
     reference = LMSDiscreteScheduler(**config)
     reference.set_timesteps(steps)
     reference.set_begin_index(start)
-    x = torch.randn(2, 3, 4, 4)
-    theirs = x.clone()
-    for t in reference.timesteps[start:]:
-        model_in = reference.scale_model_input(theirs, t)
-        theirs = reference.step(toy_model(model_in, t), t, theirs).prev_sample
-    plan = make_plan(schedule, "lms", steps)
-    part, state = start_state(plan, schedule, x, x, start, None, add_noise=False)
-    ours = run_plan(toy_model, state, part)
-    error = float((ours - theirs).abs().max())
-    assert error <= 1e-5 * max(1.0, float(theirs.abs().max())), error
+    assert_started_part_way_matches(reference, NoiseSchedule(**config), "lms", steps, start)
 
 
 def test_lms_refuses_a_zero_snr_schedule():
