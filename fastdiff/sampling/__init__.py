@@ -7,7 +7,6 @@ from fastdiff.sampling.loss import diffusion_loss, min_snr_weights
 from fastdiff.sampling.plan import (
     INPUT_SCALE,
     NEXT_FROM_OLDER_X0,
-    NEXT_FROM_PREV2_X0,
     NEXT_FROM_PREV_X0,
     NEXT_FROM_X,
     NEXT_FROM_X0,
@@ -31,7 +30,6 @@ __all__ = [
     "INPUT_SCALE",
     "KnownRegion",
     "NEXT_FROM_OLDER_X0",
-    "NEXT_FROM_PREV2_X0",
     "NEXT_FROM_PREV_X0",
     "NEXT_FROM_X",
     "NEXT_FROM_X0",

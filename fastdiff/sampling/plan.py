@@ -43,7 +43,6 @@ NEXT_FROM_X0 = 4
 NEXT_FROM_PREV_X0 = 5
 NOISE_STD = 6
 NEXT_FROM_OLDER_X0 = (7, 8, 9)  # the x0 of two, three and four rows back
-NEXT_FROM_PREV2_X0 = NEXT_FROM_OLDER_X0[0]
 NUM_COEFFICIENTS = 10
 # Column of history slot k (1: the previous row's x0, 2..4: x0_older[k - 2]).
 HISTORY_COLUMNS = (NEXT_FROM_PREV_X0, *NEXT_FROM_OLDER_X0)
@@ -614,7 +613,7 @@ def _unipc_rows(
     order conditions (rho_c = [1/2] at first order). diffusers keeps xc_{i-1}, the corrected
     state before the predictor; the predictor that produced x_i moved from it with the same
     factor s_i/s_{i-1}, so xc_i = x_i + (a combination of x0 differences), and the row is
-    linear in x_i, x0_i, x0_{i-1} and x0_{i-2} (``NEXT_FROM_PREV2_X0``). The predictor is first
+    linear in x_i, x0_i, x0_{i-1} and x0_{i-2} (``NEXT_FROM_OLDER_X0[0]``). The predictor is first
     order at the run's first step and at the last (final sigma 0), the corrector absent at the
     first and first order at the second. The last step is first order whatever the config's
     ``lower_order_final`` says: diffusers' second-order last step divides by a zero ratio of
@@ -815,9 +814,7 @@ def make_plan(
             sigmas = _sigmas_at(schedule, visited)
         order = 3 if sampler.startswith("dpmpp_3m") else 2
         rows = _dpmpp_rows(schedule, visited, sigmas, sde="_sde" in sampler, order=order)
-    # the samplers that read at most one row back write 7 columns; c7..c9 are 0 for them
-    rows = [row + [0.0] * (NUM_COEFFICIENTS - len(row)) for row in rows]
-    coefficients = torch.tensor(rows, dtype=torch.float64)
+    coefficients = _coefficient_table(rows)
     if not bool(torch.isfinite(coefficients).all()):
         raise ValueError(f"{sampler} plan has non-finite coefficients for this schedule")
     if sampler in ("ddim", "ddpm", "lcm", "tcd", "pndm"):
@@ -829,16 +826,26 @@ def make_plan(
     )
 
 
+def _coefficient_table(rows: list[list[float]]) -> torch.Tensor:
+    """The float64 [S, NUM_COEFFICIENTS] table of row lists; the samplers that read at most one
+    row back write 7 columns, and c7..c9 are 0 for them."""
+    return torch.tensor(
+        [row + [0.0] * (NUM_COEFFICIENTS - len(row)) for row in rows], dtype=torch.float64
+    )
+
+
 def restarted_coefficients(
     plan: SamplingPlan, start_step: int, schedule: NoiseSchedule | None = None
 ) -> torch.Tensor:
     """The coefficient rows ``start_step:`` of ``plan`` for a run that starts there (img2img,
     a refiner's ``denoising_start``), whose multistep history starts empty, as diffusers'
-    schedulers start after ``set_begin_index``. DPM-Solver++(2M)'s first row takes
-    x0_prev := x0 (its second-order term vanishes: first order). UniPC's and DPM-Solver++(3M)'s
-    first two rows change more (UniPC: no corrector at the first step, a first-order one at the
-    second; 3M: a second-order second step): they are built again from the plan's noise levels,
-    which needs the ``schedule`` (its prediction and solver types, ``lower_order_final``)."""
+    schedulers start after ``set_begin_index``. Where a row's weights do not depend on the
+    start (DPM-Solver++(2M): x0_prev := x0, first order), the older slots a row cannot have yet
+    are folded into the earliest estimate it has. UniPC, DPM-Solver++(3M), PNDM and LMS change
+    their first rows' weights (UniPC: no corrector at the first step, a first-order one at the
+    second; 3M: a second-order second step; PNDM: its method begun again; LMS: the whole run's
+    order over fewer derivatives): those rows are built again from the plan's timesteps and
+    noise levels, which needs the ``schedule``."""
     if not 0 <= start_step < len(plan):
         raise ValueError(f"start_step {start_step} out of range for a {len(plan)}-step plan")
     rebuilt = plan.sampler.startswith(("unipc", "dpmpp_3m", "pndm", "lms"))
@@ -858,8 +865,7 @@ def restarted_coefficients(
         else:
             sde = "_sde" in plan.sampler
             rows = _dpmpp_rows(schedule, timesteps, sigmas, sde, order=3, begin=start_step)
-        rows = [row + [0.0] * (NUM_COEFFICIENTS - len(row)) for row in rows]
-        return torch.tensor(rows, dtype=torch.float64)
+        return _coefficient_table(rows)
     coefficients = plan.coefficients[start_step:].clone()
     if start_step > 0:
         # Row r of the run has r estimates behind it: the older slots it would read stand for
