@@ -66,7 +66,7 @@ class DenoiseBuffers:
     known: KnownRegion | None = None
     known_rows: torch.Tensor | None = None
     # [K, B, C, H, W] float32: the x0 estimates two to K + 1 rows back, for plans that read them
-    # (DPM-Solver++(3M), UniPC: K = 1; PNDM: 3), else None.
+    # (DPM-Solver++(3M), UniPC: K = 1; LMS: 2; PNDM: 3), else None.
     x0_older: torch.Tensor | None = None
 
 
