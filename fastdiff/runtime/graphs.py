@@ -11,10 +11,12 @@ accounting) and the static-buffer bodies are tested on CPU with ``EagerGraphBack
 
 from __future__ import annotations
 
+import gc
 import os
 import time
 from collections import OrderedDict
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -208,7 +210,12 @@ class CudaGraphBackend:
             try:
                 # The outer stream context restores the caller's stream even when
                 # torch.cuda.graph.__exit__ raises (it ends the capture before restoring).
-                with torch.cuda.stream(side), torch.no_grad(), torch.cuda.graph(graph, stream=side):
+                with (
+                    no_garbage_collection(),
+                    torch.cuda.stream(side),
+                    torch.no_grad(),
+                    torch.cuda.graph(graph, stream=side),
+                ):
                     body()
             except Exception as error:
                 recover_from_failed_capture(self.device)
@@ -217,6 +224,25 @@ class CudaGraphBackend:
             phases["graph_capture_s"] = time.perf_counter() - begin
             self.last_phases = phases
             return graph, max(0, int(torch.cuda.memory_reserved(self.device)) - int(before))
+
+
+@contextmanager
+def no_garbage_collection():
+    """Python's cyclic garbage collector held off for a capture. A pipeline and the runtime
+    that optimized it refer to each other, so a dropped one (its graphs with it) is freed by
+    the collector, whenever it next runs. Were that during a capture, destroying those graphs
+    (cudaGraphExecDestroy) is an operation the capturing stream forbids, and the capture fails:
+    "operation failed due to a previous error during capture" at the next kernel launch, and
+    "operation not permitted when stream is capturing (function reset)" from CUDAGraph (seen on
+    the H200, 2026-11-28, when a test's step graph was captured after the earlier tests'
+    pipelines were dropped). The objects are collected after the capture instead."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 class GraphCaptureError(RuntimeError):
@@ -256,8 +282,9 @@ def recover_from_failed_capture(device: torch.device) -> None:
         with torch.cuda.device(device):
             scratch = torch.zeros(1, device=device)
             reset = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(reset, stream=torch.cuda.Stream(device=device)):
-                scratch.add_(1)
+            with no_garbage_collection():
+                with torch.cuda.graph(reset, stream=torch.cuda.Stream(device=device)):
+                    scratch.add_(1)
         torch.cuda.synchronize(device)
     except Exception as error:
         print(f"fastdiff.runtime: could not reset CUDA state after a failed capture ({error})")

@@ -11,6 +11,7 @@ capture stream stays current.
 from __future__ import annotations
 
 import contextlib
+import gc
 
 import pytest
 import torch
@@ -27,6 +28,7 @@ class FakeCuda:
         self.invalidated = False
         self.captured: list[int] = []
         self.missed: list[int] = []  # launches during a capture that did not enter the graph
+        self.destroyed: list[bool] = []  # per graph destroyed: whether during a capture
 
     def index(self, device) -> int:
         if device is None:
@@ -44,6 +46,13 @@ class FakeCuda:
         if self.capturing is not None:
             self.invalidated = True
             raise RuntimeError("CUDA error: operation not permitted when stream is capturing")
+
+    def destroy_graph(self) -> None:
+        # CUDAGraph's reset: cudaGraphExecDestroy, which a capturing stream does not permit;
+        # PyTorch only warns, and the capture fails at its end
+        self.destroyed.append(self.capturing is not None)
+        if self.capturing is not None:
+            self.invalidated = True
 
     def set_stream(self, stream) -> None:
         self.current[stream.device] = stream
@@ -360,3 +369,61 @@ def test_the_backend_starts_the_compile_workers_only_with_compile_ahead(monkeypa
     assert started == [True]
     graphs.CudaGraphBackend(device="cuda:0", compile_ahead=False)
     assert started == [True]
+
+
+class DroppedGraph:
+    """A captured graph in a reference cycle, as a dropped pipeline's are (the pipeline and
+    its runtime refer to each other): only the garbage collector frees it."""
+
+    def __init__(self, cuda: FakeCuda):
+        self.cuda, self.cycle = cuda, self
+
+    def __del__(self):
+        self.cuda.destroy_graph()
+
+
+def test_the_garbage_collector_cannot_free_a_graph_during_a_capture(monkeypatch):
+    """On the H200 (2026-11-28) a step graph's capture failed ("operation failed due to a
+    previous error during capture", and CUDAGraph's "operation not permitted when stream is
+    capturing (function reset)") after earlier tests had dropped their pipelines: the
+    collector ran during the capture and destroyed their graphs. Here the collector would run at
+    the body's first allocations; the capture holds it off, and the graph is freed after."""
+    cuda = FakeCuda()
+    install(monkeypatch, cuda)
+
+    def body():
+        if cuda.capturing is not None:
+            DroppedGraph(cuda)  # garbage now; the collector's next run frees it
+            [[] for _ in range(100)]  # allocations that start a run when the collector is on
+
+    backend = graphs.CudaGraphBackend(warmup_runs=1, device="cuda:0", compile_ahead=False)
+    thresholds = gc.get_threshold()
+    gc.set_threshold(1)
+    try:
+        graph, _ = backend.capture(body, lambda: None)
+        assert graph is not None and gc.isenabled()
+    finally:
+        gc.set_threshold(*thresholds)
+    gc.collect()
+    assert cuda.destroyed == [False]  # freed, but not during the capture
+
+
+def test_the_garbage_collector_is_on_again_after_a_failed_capture_and_off_if_it_was(monkeypatch):
+    cuda = FakeCuda()
+    install(monkeypatch, cuda)
+    backend = graphs.CudaGraphBackend(warmup_runs=0, device="cuda:0", compile_ahead=False)
+    seen = []
+
+    def fails():
+        seen.append(gc.isenabled())
+        cuda.host_read()
+
+    with pytest.raises(graphs.GraphCaptureError):
+        backend.capture(fails, lambda: None)
+    assert seen == [False] and gc.isenabled()
+    gc.disable()  # a caller's own choice is left as it was
+    try:
+        backend.capture(lambda: seen.append(gc.isenabled()), lambda: None)
+        assert seen == [False, False] and not gc.isenabled()
+    finally:
+        gc.enable()
