@@ -284,7 +284,10 @@ class LoraFusion:
         for weight, rows, delta in updates:
             if id(weight) not in self.originals:
                 self.originals[id(weight)] = (weight, weight.detach().to("cpu", copy=True))
-            weight[rows].add_(delta.to(device=weight.device, dtype=weight.dtype))
+            # Summed in float32, rounded once to the weight's dtype (an fp16 weight after
+            # optimize(): adding an fp16-rounded update would round twice).
+            part = weight[rows]
+            part.copy_(part.float() + delta.to(device=weight.device, dtype=torch.float32))
 
     @torch.no_grad()
     def restore(self) -> int:

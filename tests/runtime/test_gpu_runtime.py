@@ -351,17 +351,19 @@ def test_default_optimize_vae_decode_graph_within_tolerance():
     assert rt.cache.stats.captures == 1 and rt.cache.stats.hits == 1
 
 
-def decoder_compiles_after_first_generation(size: int, decode_ahead: bool) -> list[bool]:
-    """A fresh optimized tiny pipeline's first generation at ``size`` px (latents only), then
-    the decode of its result: the Triton compilations that decode made which missed Triton's
-    disk cache (a load from the disk cache is not a compilation)."""
+def decoder_compiles_after_first_generation(
+    size: int, decode_ahead: bool, dtype: torch.dtype = torch.float16
+) -> list[bool]:
+    """A fresh optimized tiny pipeline's first generation at ``size`` px in ``dtype`` (latents
+    only), then the decode of its result: the Triton compilations that decode made which
+    missed Triton's disk cache (a load from the disk cache is not a compilation)."""
     from triton import knobs
 
     pipe = tiny_pipeline(device="cuda")
-    rt = runtime.optimize(pipe, dtype=torch.float16, verbose=False)
+    rt = runtime.optimize(pipe, dtype=dtype, verbose=False)
     if not decode_ahead:
         rt.denoiser.then = None
-    embeds = [torch.randn(1, 77, 32, device="cuda", dtype=torch.float16) for _ in range(2)]
+    embeds = [torch.randn(1, 77, 32, device="cuda", dtype=dtype) for _ in range(2)]
     latents = pipe(
         prompt_embeds=embeds[0],
         negative_prompt_embeds=embeds[1],
@@ -381,12 +383,18 @@ def decoder_compiles_after_first_generation(size: int, decode_ahead: bool) -> li
     return [hit for hit in misses if not hit]
 
 
-def test_the_first_generation_compiles_the_decoders_kernels_with_the_unets():
+def test_the_first_generation_compiles_the_decoders_kernels_with_the_unets(monkeypatch, tmp_path):
     """optimize()'s runtime runs the VAE decoder in the first denoising graph's compile-ahead
-    pass, so the first decode compiles no Triton kernel; without that (the control, at another
-    size so its kernels are new too) it compiles some. Sizes no other test uses."""
+    pass, so the first decode compiles no Triton kernel; without that (the control) it compiles
+    some. The control runs in bfloat16, which no other test of this file decodes in, so its
+    decoder kernels are new to the process: a control in fp16 at 88 px found every one already
+    compiled by the 72 px run (the same specialisations: the sizes' divisibility by 16 and the
+    attention's even-keys flag agree; H200, 2026-11-28). A cache folder of the test's own keeps
+    other processes' compilations (gpu_check runs test files side by side) out of it."""
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "triton-cache"))
     assert decoder_compiles_after_first_generation(72, decode_ahead=True) == []
-    assert decoder_compiles_after_first_generation(88, decode_ahead=False) != []
+    control = decoder_compiles_after_first_generation(88, False, dtype=torch.bfloat16)
+    assert control != []
 
 
 def test_failed_capture_message_names_the_op_that_broke_it():
@@ -452,10 +460,13 @@ def test_lora_switched_after_optimize_reaches_the_cuda_graphs():
             state[f"unet.{name}.lora_A.weight"] = down
             up = torch.randn(module.out_features, 4, generator=generator) * 0.1
             state[f"unet.{name}.lora_B.weight"] = up
-    cond, x_T = half_conditioning(conditioning()), torch.randn(1, 4, 16, 16, device="cuda").half()
+    cond32, x_T32 = conditioning(), torch.randn(1, 4, 16, 16, device="cuda")
+    cond, x_T = half_conditioning(cond32), x_T32.half()
     kwargs = dict(guidance_scale=6.0, steps=4)
     fused_first = tiny_pipeline(device="cuda")
     fused_first.load_lora_weights(state)
+    with torch.no_grad(), use_backend("eager"):  # the fp32 reference
+        reference = fused_first.denoise(cond32, x_T32, progress=False, **kwargs)
     runtime.optimize(fused_first, dtype=torch.float16, verbose=False)
     want = fused_first.denoise(cond, x_T, **kwargs)
     pipe = tiny_pipeline(device="cuda")
@@ -464,7 +475,11 @@ def test_lora_switched_after_optimize_reaches_the_cuda_graphs():
     captures = rt.cache.stats.captures
     pipe.load_lora_weights(state)
     got = pipe.denoise(cond, x_T, **kwargs)
-    assert max_error(got, want) <= 1e-2 and max_error(got, plain) > 1e-2
+    # The fused-first pipeline rounded W + update to fp16 once; this one rounded W, then W +
+    # update (0.047 apart at guidance 6 on the H200, 2026-11-28): both against the fp32
+    # reference, by the tests' rule.
+    assert max_error(got, reference) <= 2 * max_error(want, reference) + 1e-2
+    assert max_error(got, plain) > 2 * max_error(want, reference) + 1e-2  # the LoRA shows
     pipe.unload_lora_weights()
     assert max_error(pipe.denoise(cond, x_T, **kwargs), plain) <= 1e-3
     assert rt.cache.stats.captures == captures and not rt.denoiser.eager_fallbacks
