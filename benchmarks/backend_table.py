@@ -5,7 +5,9 @@ bench_attention.py, bench_linear_geglu.py and bench_conv3x3.py append to
 ``benchmarks/results/<gpu>.csv`` and
 writes, per op and input key, the measured ms of each backend (provider fastdiff = triton, eager =
 PyTorch, cuda = the CUDA extension; for linear_geglu, fastdiff-two-steps = its eager backend). The
-latest row wins when a case was measured more than once; failed rows (no ms) are left out.
+latest row wins when a case was measured more than once; failed rows (no ms) are left out, and
+so are conv3x3 rows without bench_conv3x3's ``cudnn.benchmark`` note (cuDNN timed against its
+heuristic algorithms, not the timed ones optimize() runs).
 
   python benchmarks/backend_table.py benchmarks/results/nvidia-h200.csv \\
       --out fastdiff/assets/backend_table.json
@@ -22,6 +24,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_attention import FUSED_QKV_SUFFIX  # noqa: E402
 from bench_attention import SHAPES as ATTENTION_SHAPES  # noqa: E402
+from bench_conv3x3 import CUDNN_BENCHMARK_NOTE  # noqa: E402
 from bench_linear_geglu import TWO_STEPS  # noqa: E402
 
 from fastdiff.ops.autoselect import STRIDED, table_from_rows  # noqa: E402
@@ -49,7 +52,10 @@ def row_key(row: dict[str, str]) -> tuple[str, str] | None:
             return "attention", key + (STRIDED if views else "")
     if row["benchmark"] == "linear_geglu":  # workload "<name> <rows>x<K>x<2I>"
         return "linear_geglu", f"{row['workload'].split()[-1]}|{dtype}"
-    if row["benchmark"] == "conv3x3":  # workload "<name> <B>x<C>x<H>x<W> out<N>", channels-last
+    notes = (row.get("note") or "").split("; ")
+    if row["benchmark"] == "conv3x3" and CUDNN_BENCHMARK_NOTE in notes:
+        # workload "<name> <B>x<C>x<H>x<W> out<N>", channels-last; rows timed against cuDNN's
+        # heuristic algorithms (before the note) are left out: optimize() runs its timed ones
         shape, out = row["workload"].split()[-2:]
         return "conv3x3", f"{shape}|{dtype}|nhwc|{out}"
     return None

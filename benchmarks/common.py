@@ -64,6 +64,7 @@ class Workload:
     make: Callable[[bool], Inputs]
     bytes_moved: Callable[[Inputs], float] | None = None  # minimum bytes read + written
     flop: Callable[[Inputs], float] | None = None
+    note: str = ""  # first in each of its rows' notes (how it was measured)
 
 
 @dataclass
@@ -192,6 +193,8 @@ def measure(
     """Time one (workload, provider); failures are reported in the row, never raised. None
     when the builder returns None: the provider does not apply to these inputs."""
     row = Row(benchmark, workload.name, provider, dtype_name(workload.dtype))
+    if workload.note:
+        row.notes.append(workload.note)
     gc.collect()
     try:
         with torch.no_grad():
