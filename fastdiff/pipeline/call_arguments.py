@@ -6,13 +6,14 @@ from __future__ import annotations
 import math
 import numbers
 import operator
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from fastdiff.sampling import SAMPLERS
-from fastdiff.sampling.config import default_sampler
+from fastdiff.sampling.config import default_sampler, default_sampler_note
 
 OUTPUT_TYPES = ("pil", "tensor", "np", "latent")
 
@@ -51,9 +52,13 @@ class CallDefaults:
         (StableDiffusionXLInpaintPipeline's as well as the SD pipeline's) and strength 1.0,
         and SDXL folders to StableDiffusionXLInpaintPipeline's 0.9999 (the pipeline diffusers
         inpaints with from any of them); the sampler is the one equal to the folder's
-        scheduler (``fastdiff.sampling.config.default_sampler``), else ddim. Steps: 20, and
+        scheduler (``fastdiff.sampling.config.default_sampler``), else ddim, with a warning
+        that says why (``default_sampler_note``). Steps: 20, and
         LatentConsistencyModelPipeline's (and its img2img pipeline's) 4 steps at guidance 8.5,
         whose img2img (with the lcm sampler) is LatentConsistencyModelImg2ImgPipeline's."""
+        note = default_sampler_note(scheduler_config)
+        if note is not None:
+            warnings.warn(note, UserWarning, stacklevel=2)
         name = str(index.get("_class_name", ""))
         sdxl = name.startswith("StableDiffusionXL") and "Inpaint" not in name
         lcm = name in ("LatentConsistencyModelPipeline", "LatentConsistencyModelImg2ImgPipeline")

@@ -199,10 +199,45 @@ def default_sampler(config: dict[str, Any]) -> str:
         return "heun_karras" if karras else "heun"
     if class_name == "UniPCMultistepScheduler":
         return "unipc_karras" if karras else "unipc"
-    return {
-        "DDIMScheduler": "ddim",
-        "DDPMScheduler": "ddpm",
-        "EulerAncestralDiscreteScheduler": "euler_ancestral",
-        "LCMScheduler": "lcm",
-        "TCDScheduler": "tcd",
-    }.get(class_name, "ddim")
+    return SAMPLER_OF_CLASS.get(class_name, "ddim")
+
+
+# The schedulers whose sampler is the class alone (default_sampler reads the others' keys)
+SAMPLER_OF_CLASS = {
+    "DDIMScheduler": "ddim",
+    "DDPMScheduler": "ddpm",
+    "EulerAncestralDiscreteScheduler": "euler_ancestral",
+    "LCMScheduler": "lcm",
+    "TCDScheduler": "tcd",
+}
+# Every scheduler class default_sampler has an equal sampler for
+MATCHED_CLASSES = (
+    *SAMPLER_OF_CLASS,
+    "DPMSolverMultistepScheduler",
+    "UniPCMultistepScheduler",
+    "EulerDiscreteScheduler",
+    "PNDMScheduler",
+    "LMSDiscreteScheduler",
+    "HeunDiscreteScheduler",
+)
+
+
+def default_sampler_note(config: dict[str, Any]) -> str | None:
+    """Why ``default_sampler(config)`` is not the scheduler the config names, or None when it
+    is (or the config names none): a folder whose scheduler fastdiff does not implement
+    samples with ddim by default, and the loader says so rather than switch silently."""
+    class_name = config.get("_class_name")
+    if class_name is None:
+        return None
+    if class_name == "PNDMScheduler" and config.get("skip_prk_steps") is not True:
+        return (
+            "the folder's PNDMScheduler starts with Runge-Kutta steps (skip_prk_steps false), "
+            "which fastdiff does not implement: its generations default to the ddim sampler "
+            "(pass sampler=, or set skip_prk_steps true for the pndm sampler)"
+        )
+    if class_name not in MATCHED_CLASSES:
+        return (
+            f"the folder's scheduler {class_name!r} has no equal fastdiff sampler: its "
+            "generations default to the ddim sampler (pass sampler= to choose another)"
+        )
+    return None

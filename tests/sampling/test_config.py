@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 
 import diffusers
 import pytest
@@ -325,3 +326,44 @@ def test_solver_types_are_read_as_each_diffusers_solver_reads_them():
     assert torch.equal(make_plan(late, "unipc", 6).coefficients, bh2.coefficients)
     with pytest.raises(ValueError, match="lower_order_final must be true or false"):
         NoiseSchedule.from_config({**unipc, "lower_order_final": "no"})
+
+
+@pytest.mark.parametrize(
+    "config, named",
+    [
+        ({"_class_name": "KDPM2DiscreteScheduler"}, "'KDPM2DiscreteScheduler' has no equal"),
+        ({"_class_name": "DEISMultistepScheduler"}, "'DEISMultistepScheduler' has no equal"),
+        ({"_class_name": "PNDMScheduler"}, "Runge-Kutta steps"),
+        ({"_class_name": "PNDMScheduler", "skip_prk_steps": False}, "Runge-Kutta steps"),
+    ],
+)
+def test_a_folder_whose_scheduler_has_no_sampler_warns_at_load(config, named):
+    """Such a folder generates with ddim by default; loading it says so, naming the scheduler,
+    rather than switch samplers silently."""
+    from fastdiff.pipeline.call_arguments import CallDefaults
+
+    assert default_sampler(config) == "ddim"
+    with pytest.warns(UserWarning, match=named):
+        defaults = CallDefaults.for_folder({"_class_name": "StableDiffusionPipeline"}, config)
+    assert defaults.sampler == "ddim"
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        {},
+        {"_class_name": "DDIMScheduler"},
+        {"_class_name": "PNDMScheduler", "skip_prk_steps": True},
+        {"_class_name": "EulerDiscreteScheduler", "use_karras_sigmas": True},
+        {"_class_name": "DPMSolverMultistepScheduler", "solver_order": 3},
+        {"_class_name": "LCMScheduler"},
+    ],
+)
+def test_a_folder_whose_scheduler_has_its_sampler_loads_without_a_warning(config):
+    from fastdiff.pipeline.call_arguments import CallDefaults
+    from fastdiff.sampling.config import default_sampler_note
+
+    assert default_sampler_note(config) is None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        CallDefaults.for_folder({"_class_name": "StableDiffusionPipeline"}, config)
