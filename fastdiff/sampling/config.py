@@ -111,6 +111,7 @@ CLASS_DEFAULTS: dict[str, dict[str, Any]] = {
     "DPMSolverMultistepScheduler": {},
     "LMSDiscreteScheduler": {},
     "HeunDiscreteScheduler": {"beta_start": 0.00085, "beta_end": 0.012},
+    "KDPM2DiscreteScheduler": {"beta_start": 0.00085, "beta_end": 0.012},
     "LCMScheduler": {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear"},
     "TCDScheduler": {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear"},
     "UniPCMultistepScheduler": {},
@@ -197,6 +198,8 @@ def default_sampler(config: dict[str, Any]) -> str:
         return "lms_karras" if karras else "lms"
     if class_name == "HeunDiscreteScheduler":
         return "heun_karras" if karras else "heun"
+    if class_name == "KDPM2DiscreteScheduler":
+        return "kdpm2_karras" if karras else "kdpm2"
     if class_name == "UniPCMultistepScheduler":
         return "unipc_karras" if karras else "unipc"
     return SAMPLER_OF_CLASS.get(class_name, "ddim")
@@ -219,6 +222,7 @@ MATCHED_CLASSES = (
     "PNDMScheduler",
     "LMSDiscreteScheduler",
     "HeunDiscreteScheduler",
+    "KDPM2DiscreteScheduler",
 )
 
 

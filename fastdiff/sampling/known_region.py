@@ -13,7 +13,9 @@ own scale, are
 
 (x0 + sigma z for the Euler family, the VP mix for the others: each scheduler's ``add_noise`` at
 the next timestep), and after the last row, whose result is the clean sample, known = x0. The
-state becomes ``(1 - mask) * known_i + mask * x``.
+state becomes ``(1 - mask) * known_i + mask * x``. One exception, as diffusers: before a KDPM2
+midpoint call the known part is x0 + sigma' z at the step's next level sigma', not the
+midpoint's.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from fastdiff.sampling.plan import INPUT_SCALE, SamplingPlan
+from fastdiff.sampling.plan import INPUT_SCALE, NEXT_FROM_PREV_X0, NEXT_FROM_X, SamplingPlan
 
 
 @dataclass(frozen=True)
@@ -65,8 +67,17 @@ def known_region_rows(plan: SamplingPlan) -> torch.Tensor:
         if index + 1 == len(plan):
             rows.append((1.0, 0.0))
             continue
+        following = plan.coefficients[index + 1]
+        if plan.sampler.startswith("kdpm2") and float(following[NEXT_FROM_PREV_X0]) != 0.0:
+            # A KDPM2 midpoint call (its rows alone read the previous x0): diffusers noises
+            # the kept part to the step's next level sigma', not the midpoint's s (its add_noise
+            # finds sigma' where its table lists the midpoint's timestep), and so does fastdiff,
+            # to give its images. The row's c3 is sigma' / s, its input scale 1 / sqrt(s^2 + 1).
+            midpoint = math.sqrt(1.0 / float(following[INPUT_SCALE]) ** 2 - 1.0)
+            rows.append((1.0, float(following[NEXT_FROM_X]) * midpoint))
+            continue
         alpha_bar = float(plan.alphas_cumprod[index + 1])
-        scale = float(plan.coefficients[index + 1, INPUT_SCALE])
+        scale = float(following[INPUT_SCALE])
         rows.append((math.sqrt(alpha_bar) / scale, math.sqrt(1.0 - alpha_bar) / scale))
     return torch.tensor(rows, dtype=torch.float64).reshape(len(plan), 2)
 

@@ -3,7 +3,7 @@ samplers, the fused step kernel and the CUDA-graph runtime.
 
 Every sampler we ship is, model call by model call, linear in the state x, the model output m,
 up to four earlier calls' x0 estimates and Gaussian noise z (one row per call: a step of Heun's
-method, which calls the model twice, takes two rows). Row i of ``plan.coefficients`` holds
+method or KDPM2, which call the model twice, takes two rows). Row i of ``plan.coefficients`` holds
 
     x_in   = c0 * x                                           (model input, VP scale)
     x0     = c1 * x_in + c2 * m                               (m in the schedule's prediction type)
@@ -33,7 +33,12 @@ import numpy as np
 import torch
 
 from fastdiff.sampling.schedule import NoiseSchedule
-from fastdiff.sampling.spacing import euler_spacing_ends, karras_sigmas, lcm_timesteps
+from fastdiff.sampling.spacing import (
+    euler_spacing_ends,
+    karras_sigmas,
+    lcm_timesteps,
+    timesteps_of_sigmas,
+)
 
 INPUT_SCALE = 0
 X0_FROM_INPUT = 1
@@ -63,6 +68,8 @@ SAMPLERS = (
     "dpmpp_3m_sde_karras",
     "heun",
     "heun_karras",
+    "kdpm2",
+    "kdpm2_karras",
     "pndm",
     "lms",
     "lms_karras",
@@ -75,9 +82,10 @@ SAMPLERS = (
 
 def rows_per_step(sampler: str) -> int:
     """Plan rows (model calls) per sampling step: 2 for Heun's method (its correction calls the
-    model again at the next noise level), else 1. diffusers calls this the scheduler's
-    ``order``; img2img starts at row ``rows_per_step * start step``."""
-    return 2 if sampler.startswith("heun") else 1
+    model again at the next noise level) and KDPM2 (DPM-Solver-2: again at the midpoint), else
+    1. diffusers calls this the scheduler's ``order``; img2img starts at row
+    ``rows_per_step * start step``."""
+    return 2 if sampler.startswith(("heun", "kdpm2")) else 1
 
 
 @dataclass(frozen=True, eq=False)
@@ -508,6 +516,77 @@ def _heun_rows(
     return rows, init_noise_scale, at_step
 
 
+def kdpm2_midpoints(sigmas: list[float]) -> list[float]:
+    """KDPM2's midpoint noise levels: sqrt(sigma_i sigma_{i+1}), halfway between a step's two
+    levels in log sigma, for every step but the last (whose next level is 0); diffusers'
+    KDPM2DiscreteScheduler ``sigmas_interpol``. ``sigmas``: the steps' levels, then 0."""
+    return [math.sqrt(a * b) for a, b in zip(sigmas[:-2], sigmas[1:-1], strict=True)]
+
+
+def _kdpm2_rows(
+    schedule: NoiseSchedule, timesteps: list[float], sigmas: list[float]
+) -> tuple[list[list[float]], float]:
+    """KDPM2 (k-diffusion's ``sample_dpm_2``, DPM-Solver-2: Lu et al. 2022's second-order
+    single-step solver in the sigma parametrisation; diffusers' KDPM2DiscreteScheduler): each
+    step from sigma to sigma' takes an Euler step to the midpoint s = sqrt(sigma sigma'),
+    x_s = x + (s - sigma) d with d = (x - x0) / sigma, calls the model there, and steps from x
+    with the midpoint's slope d_s = (x_s - x0_s) / s: x_next = x + (sigma' - sigma) d_s. The
+    last step (sigma' = 0) is the Euler step alone. Two plan rows per step, one per model call,
+    the second written in the state it sees: x = (sigma / s) x_s + (1 - sigma / s) x0, so
+
+        x_next = (sigma' / s) x_s + ((sigma - sigma') / s) x0_s + (1 - sigma / s) x0
+
+    (x0, the first call's estimate, is the row's previous x0). Returns the rows and the initial
+    state's scale (Euler's)."""
+    if schedule.prediction_type == "sample":
+        raise ValueError(
+            "kdpm2: KDPM2DiscreteScheduler does not implement prediction_type 'sample'; "
+            "fastdiff refuses rather than differ: use epsilon or v_prediction"
+        )
+    euler, init_noise_scale = _euler_rows(schedule, timesteps, sigmas)
+    rows = []
+    for index, (first, mid) in enumerate(zip(euler, [*kdpm2_midpoints(sigmas), 0.0], strict=True)):
+        sigma, sigma_next = sigmas[index], sigmas[index + 1]
+        if sigma_next == 0.0:
+            rows.append(first)  # the last step: Euler's, to the clean estimate
+            continue
+        ratio = mid / sigma
+        rows.append([*first[:3], ratio, 1.0 - ratio, 0.0, 0.0])
+        c1, c2 = _x0_coefficients(1.0 / (mid**2 + 1.0), schedule.prediction_type, timesteps[index])
+        rows.append(
+            [
+                1.0 / math.sqrt(mid**2 + 1.0),
+                c1,
+                c2,
+                sigma_next / mid,
+                (sigma - sigma_next) / mid,
+                1.0 - sigma / mid,
+                0.0,
+            ]
+        )
+    return rows, init_noise_scale
+
+
+def kdpm2_call_levels(
+    schedule: NoiseSchedule, timesteps: torch.Tensor, sigmas: list[float]
+) -> tuple[torch.Tensor, list[float]]:
+    """(timesteps, noise levels) of KDPM2's model calls, in call order: each step's own, then,
+    for every step but the last, its midpoint's, at the fractional timestep of the midpoint's
+    level (t interpolated in log sigma over the training table, as diffusers does; float64)."""
+    mids = kdpm2_midpoints(sigmas)
+    table = _clamped_alphas_cumprod(schedule)
+    log_table = (((1 - table) / table).sqrt()).log().numpy()
+    mid_timesteps = timesteps_of_sigmas(log_table, np.array(mids, dtype=np.float64))
+    calls, levels = [], []
+    for index, t in enumerate(timesteps.double().tolist()):
+        calls.append(t)
+        levels.append(sigmas[index])
+        if index < len(mids):
+            calls.append(float(mid_timesteps[index]))
+            levels.append(mids[index])
+    return torch.tensor(calls, dtype=torch.float64), levels + [0.0]
+
+
 def _dpmpp_rows(
     schedule: NoiseSchedule,
     timesteps: list[int],
@@ -743,9 +822,10 @@ def make_plan(
     karras = sampler.endswith("_karras")
     # The Euler family calls the model at diffusers' own, possibly fractional, timesteps; Heun
     # takes Euler's timesteps and noise levels (HeunDiscreteScheduler spaces them the same way).
-    fractions = sampler.startswith(("euler", "heun", "lms"))
+    fractions = sampler.startswith(("euler", "heun", "lms", "kdpm2"))
     heun = sampler.startswith("heun")
     lms = sampler.startswith("lms")
+    kdpm2 = sampler.startswith("kdpm2")
     if sampler == "pndm":
         _check_pndm(schedule)
     if heun and schedule.rescale_betas_zero_snr:
@@ -754,7 +834,22 @@ def make_plan(
             "unrescaled schedule); fastdiff refuses rather than differ: use euler, or a schedule "
             "without the rescale"
         )
-    if karras:
+    if kdpm2 and schedule.rescale_betas_zero_snr:
+        raise ValueError(
+            "kdpm2: KDPM2DiscreteScheduler has no rescale_betas_zero_snr (diffusers samples the "
+            "unrescaled schedule); fastdiff refuses rather than differ: use euler, or a schedule "
+            "without the rescale"
+        )
+    if karras and kdpm2:
+        # KDPM2DiscreteScheduler's Karras levels span its spaced levels, as Euler's do (it has
+        # no sigma_min / sigma_max keys), and it rounds their timesteps
+        ends = euler_spacing_ends(
+            schedule.num_train_timesteps, steps, schedule.timestep_spacing, schedule.steps_offset
+        )
+        timesteps, sigmas = karras_sigmas(
+            _clamped_alphas_cumprod(schedule), steps, True, ends_at=ends
+        )
+    elif karras:
         base = "euler_karras" if heun or lms else sampler
         # (LMSDiscreteScheduler's Karras levels ignore a config's sigma_min / sigma_max)
         levels = dataclasses.replace(schedule, sigma_min=None, sigma_max=None) if lms else schedule
@@ -763,7 +858,7 @@ def make_plan(
         original = schedule.original_inference_steps
         timesteps = lcm_timesteps(schedule.num_train_timesteps, steps, original, lcm_strength)
     else:
-        base = "euler" if heun or lms else sampler
+        base = "euler" if heun or lms or kdpm2 else sampler
         timesteps = schedule.timesteps(steps, base, keep_fraction=fractions)
     timesteps = _integral_as_long(timesteps)
     visited = timesteps.tolist()
@@ -793,6 +888,13 @@ def make_plan(
         if not karras:
             sigmas = _sigmas_at(schedule, visited)
         rows, init_noise_scale = _lms_rows(schedule, visited, sigmas)
+    elif kdpm2:
+        if not karras:
+            sigmas = _sigmas_at(schedule, visited)
+        rows, init_noise_scale = _kdpm2_rows(schedule, visited, sigmas)
+        # each row's model call: the step's timestep and level, then its midpoint's
+        timesteps, sigmas = kdpm2_call_levels(schedule, timesteps, sigmas)
+        timesteps = _integral_as_long(timesteps)
     elif heun:
         if not karras:
             sigmas = _sigmas_at(schedule, visited)

@@ -9,7 +9,9 @@ Samplers (see ``fastdiff.sampling.plan`` for the formulas and papers):
 ``dpmpp_2m_karras`` / ``dpmpp_2m_sde_karras`` (the same through Karras et al.'s noise levels),
 ``dpmpp_3m[_sde][_karras]`` (their third-order multistep form, solver_order 3),
 ``heun`` / ``heun_karras`` (Heun's method, Karras et al. 2022, as HeunDiscreteScheduler: two
-model calls, two plan rows, a step), ``pndm`` (PNDM's pseudo linear multistep, Liu et al. 2022,
+model calls, two plan rows, a step), ``kdpm2`` / ``kdpm2_karras`` (KDPM2, k-diffusion's
+DPM-Solver-2, as KDPM2DiscreteScheduler: a second call at the midpoint, two rows a step),
+``pndm`` (PNDM's pseudo linear multistep, Liu et al. 2022,
 as PNDMScheduler with skip_prk_steps: SD 1.x folders' own), ``lms`` / ``lms_karras`` (linear
 multistep in sigma, as LMSDiscreteScheduler),
 ``lcm`` (latent consistency models' multistep sampling, Luo et al. 2023, as LCMScheduler) and

@@ -278,6 +278,11 @@ class NoiseSchedule:
 
             base = self.timesteps(steps, "ddim", keep_fraction)
             return pndm_calls(base)
+        if sampler.startswith("kdpm2"):
+            from fastdiff.sampling.plan import make_plan  # plan builds on this module
+
+            timesteps = make_plan(self, sampler, steps).timesteps
+            return timesteps.double() if keep_fraction else timesteps.round().long()
         if sampler.startswith("heun"):
             # Euler's timesteps, each after the first called twice (the correction of the step
             # before, then its own Euler step): the plan's rows, as HeunDiscreteScheduler lists

@@ -167,12 +167,7 @@ def karras_sigmas(
     ramp = np.linspace(0, 1, steps)
     sigmas = (high_end ** (1 / rho) + ramp * (low_end ** (1 / rho) - high_end ** (1 / rho))) ** rho
 
-    # Piecewise-linear interpolation of t in log sigma over the (increasing) table.
-    log_sigmas = np.log(np.maximum(sigmas, 1e-10))
-    below = (log_sigmas[None, :] - log_table[:, None]) >= 0
-    low = np.cumsum(below, axis=0).argmax(axis=0).clip(max=log_table.shape[0] - 2)
-    weight = np.clip((log_table[low] - log_sigmas) / (log_table[low] - log_table[low + 1]), 0, 1)
-    fractional = (1 - weight) * low + weight * (low + 1)
+    fractional = timesteps_of_sigmas(log_table, sigmas)
     if float32_timesteps:
         fractional = fractional.astype(np.float32)
     timesteps = np.round(fractional) if round_timesteps else np.trunc(fractional)
@@ -181,6 +176,17 @@ def karras_sigmas(
     if keep_fraction:  # the unrounded timesteps (float64), as diffusers' Euler keeps them
         return torch.from_numpy(fractional.astype(np.float64)), levels
     return torch.from_numpy(timesteps.astype(np.int64)), levels
+
+
+def timesteps_of_sigmas(log_table: np.ndarray, sigmas: np.ndarray) -> np.ndarray:
+    """The fractional timesteps of noise levels ``sigmas``: t interpolated piecewise-linearly in
+    log sigma over the training table's log sigmas ``log_table`` (increasing with t), as
+    diffusers' ``_sigma_to_t`` does (clamped to the table's ends; sigma 0 maps to t = 0)."""
+    log_sigmas = np.log(np.maximum(np.asarray(sigmas, dtype=np.float64), 1e-10))
+    below = (log_sigmas[None, :] - log_table[:, None]) >= 0
+    low = np.cumsum(below, axis=0).argmax(axis=0).clip(max=log_table.shape[0] - 2)
+    weight = np.clip((log_table[low] - log_sigmas) / (log_table[low] - log_table[low + 1]), 0, 1)
+    return (1 - weight) * low + weight * (low + 1)
 
 
 def euler_spacing_ends(

@@ -24,6 +24,7 @@ SCHEDULERS = {
     # image, since the blend and every sampler update act elementwise
     "unipc": "UniPCMultistepScheduler",
     "heun": "HeunDiscreteScheduler",  # its correction, too, starts from its own copy
+    "kdpm2": "KDPM2DiscreteScheduler",  # and KDPM2's second call from the step's first state
     "dpmpp_3m": "DPMSolverMultistepScheduler",  # (with solver_order 3, below)
     "pndm": "PNDMScheduler",  # (with skip_prk_steps, below)
     "lms": "LMSDiscreteScheduler",
@@ -74,6 +75,7 @@ CASES = {
     "dpmpp-3m": dict(sampler="dpmpp_3m"),
     "unipc": dict(sampler="unipc"),
     "heun": dict(sampler="heun", strength=0.7),  # the blend after each of the two calls
+    "kdpm2": dict(sampler="kdpm2", strength=0.7),  # likewise, at the midpoint's level
     "pndm": dict(sampler="pndm"),
     "lms": dict(sampler="lms", strength=0.8),
 }

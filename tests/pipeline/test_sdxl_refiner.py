@@ -150,6 +150,7 @@ SCHEDULERS = {
     "euler_ancestral": "EulerAncestralDiscreteScheduler",  # step noise from the generator
     "tcd": "TCDScheduler",  # LCM's timesteps, cut as the others
     "heun": "HeunDiscreteScheduler",  # two rows a step: the cut-offs count rows, as diffusers
+    "kdpm2": "KDPM2DiscreteScheduler",  # likewise, the midpoints' fractional timesteps too
     "unipc": "UniPCMultistepScheduler",  # the base's last step keeps its order; the refiner
     # starts its history afresh
 }

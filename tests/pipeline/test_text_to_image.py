@@ -356,6 +356,8 @@ def test_outdated_scheduler_config_is_sampled_as_diffusers_does(sd_folder, tmp_p
         ("TCDScheduler", {}, "tcd"),
         ("DPMSolverMultistepScheduler", {"solver_order": 3}, "dpmpp_3m"),
         ("HeunDiscreteScheduler", {}, "heun"),
+        ("KDPM2DiscreteScheduler", {}, "kdpm2"),
+        ("KDPM2DiscreteScheduler", {"use_karras_sigmas": True}, "kdpm2_karras"),
         ("PNDMScheduler", {"skip_prk_steps": True}, "pndm"),  # SD 1.x folders' own
         ("LMSDiscreteScheduler", {}, "lms"),
         ("UniPCMultistepScheduler", {}, "unipc"),
@@ -399,6 +401,8 @@ def test_a_call_without_sampler_runs_the_folders_scheduler(
         "unipc": "dpmpp_2m",
         "dpmpp_3m": "dpmpp_2m",
         "heun": "euler",
+        "kdpm2": "heun",
+        "kdpm2_karras": "heun_karras",
         "pndm": "ddim",
         "lms": "euler",
     }.get(sampler, sampler.rsplit("_", 1)[0])

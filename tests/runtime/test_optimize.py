@@ -73,6 +73,8 @@ def test_fused_qkv_keeps_unet_output(pipe):
         ("dpmpp_3m_sde", 6, 0.0),
         ("heun", 3, 0.0),  # 5 model calls: a whole-loop graph
         ("heun_karras", 6, 0.0),  # 11: the step graph
+        ("kdpm2", 3, 0.0),  # 5 calls, two at fractional midpoint timesteps: a whole-loop graph
+        ("kdpm2_karras", 6, 0.0),  # 11: the step graph
         ("pndm", 10, 0.0),  # 11 calls, four outputs of history: the step graph
         ("lms", 6, 0.0),  # three derivatives of history: a whole-loop graph
     ],
@@ -91,6 +93,8 @@ def test_fused_qkv_keeps_unet_output(pipe):
         "dpmpp-3m-sde6-loop",
         "heun3-loop",
         "heun-karras6-step",
+        "kdpm2-3-loop",
+        "kdpm2-karras6-step",
         "pndm10-step",
         "lms6-loop",
     ],

@@ -37,10 +37,12 @@ def test_top_level_exports():
 @pytest.mark.parametrize("sampler", SAMPLERS)
 def test_plan_shapes_and_contract(sampler):
     plan = make_plan(SCHEDULE, sampler, 12)
-    # Euler through Karras levels calls the model at fractional timesteps, as diffusers does.
-    fractional = sampler in ("euler_karras", "heun_karras", "lms_karras")
+    # Euler through Karras levels calls the model at fractional timesteps, as diffusers does,
+    # and KDPM2 at its midpoints' levels.
+    fractional = sampler in ("euler_karras", "heun_karras", "lms_karras", "kdpm2", "kdpm2_karras")
     assert plan.timesteps.dtype == (torch.float64 if fractional else torch.long)
-    rows = 23 if sampler.startswith("heun") else 12  # Heun: two model calls a step, one last
+    # Heun and KDPM2: two model calls a step, one the last
+    rows = 23 if sampler.startswith(("heun", "kdpm2")) else 12
     assert rows == 12 * rows_per_step(sampler) - (rows_per_step(sampler) - 1)
     rows += sampler == "pndm"  # PNDM: the second timestep called twice
     assert plan.timesteps.shape == (rows,)
@@ -54,14 +56,15 @@ def test_plan_shapes_and_contract(sampler):
     else:
         assert bool((plan.timesteps.diff() < 0).all())
     assert plan.stochastic == (sampler in ("ddpm", "euler_ancestral", "lcm") or "_sde" in sampler)
-    multistep = sampler.startswith(("dpmpp", "unipc", "heun", "pndm", "lms"))  # (Heun: 1st call's)
+    # (Heun and KDPM2: the step's first call's x0)
+    multistep = sampler.startswith(("dpmpp", "unipc", "heun", "pndm", "lms", "kdpm2"))
     assert (plan.coefficients[:, NEXT_FROM_PREV_X0] != 0).any() == multistep
     # DPM-Solver++(3M) and UniPC's corrector reach two rows back, LMS three, PNDM's PLMS four
     assert plan.reads_prev2 == sampler.startswith(("dpmpp_3m", "unipc", "pndm", "lms"))
     depth = {"pndm": 4, "lms": 3, "lms_karras": 3}.get(sampler)
     depth = depth or (2 if plan.reads_prev2 else int(multistep))
     assert plan.history_depth == depth
-    if sampler.startswith(("euler", "heun", "lms")):
+    if sampler.startswith(("euler", "heun", "lms", "kdpm2")):
         assert plan.init_noise_scale > 5 and (plan.coefficients[:, INPUT_SCALE] < 1).all()
     else:
         assert plan.init_noise_scale == 1.0 and (plan.coefficients[:, INPUT_SCALE] == 1).all()
@@ -72,9 +75,8 @@ def test_plan_shapes_and_contract(sampler):
 def test_dtype_callback_and_timestep_type(sampler, dtype):
     seen = []
 
-    t_dtype = (
-        torch.float32 if sampler in ("euler_karras", "heun_karras", "lms_karras") else torch.long
-    )
+    fractional = ("euler_karras", "heun_karras", "lms_karras", "kdpm2", "kdpm2_karras")
+    t_dtype = torch.float32 if sampler in fractional else torch.long
 
     def model(x, t):
         assert x.dtype == dtype and t.dtype == t_dtype and t.shape == (3,)
@@ -109,7 +111,8 @@ def test_unknown_names_list_the_allowed_values():
         match=r"allowed: \['ddpm', 'ddim', 'euler', 'euler_ancestral', 'euler_karras', "
         r"'dpmpp_2m', 'dpmpp_2m_karras', 'dpmpp_2m_sde', 'dpmpp_2m_sde_karras', 'dpmpp_3m', "
         r"'dpmpp_3m_karras', 'dpmpp_3m_sde', 'dpmpp_3m_sde_karras', 'heun', 'heun_karras', "
-        r"'pndm', 'lms', 'lms_karras', 'lcm', 'tcd', 'unipc', 'unipc_karras'\]",
+        r"'kdpm2', 'kdpm2_karras', 'pndm', 'lms', 'lms_karras', 'lcm', 'tcd', 'unipc', "
+        r"'unipc_karras'\]",
     ):
         sample(toy_model, torch.randn(1, 2), SCHEDULE, "dpm2", 5)
     with pytest.raises(ValueError, match="allowed"):

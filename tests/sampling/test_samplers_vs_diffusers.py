@@ -20,6 +20,7 @@ from diffusers import (
     DPMSolverMultistepScheduler,
     EulerDiscreteScheduler,
     HeunDiscreteScheduler,
+    KDPM2DiscreteScheduler,
     LMSDiscreteScheduler,
     PNDMScheduler,
     UniPCMultistepScheduler,
@@ -477,6 +478,69 @@ def test_heun_matches_diffusers_call_by_call(steps, karras, spacing, prediction_
     sample(toy_model, x_T, schedule, sampler, steps, callback=lambda i, t, x: ours.append(x))
     theirs, _, peaks = run_diffusers(reference, x_T * plan.init_noise_scale)
     assert_trajectories_match(ours, theirs, peaks, f"{sampler} {spacing} {steps}")
+
+
+@pytest.mark.parametrize("steps", [1, 2, 3, 10])
+@pytest.mark.parametrize("karras", [False, True], ids=["spaced", "karras"])
+@pytest.mark.parametrize("spacing", SPACINGS)
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_kdpm2_matches_diffusers_call_by_call(steps, karras, spacing, prediction_type):
+    """KDPM2 (DPM-Solver-2), one plan row per model call as KDPM2DiscreteScheduler steps: the
+    Euler state at the midpoint after each first call, the second-order state after each
+    second (the last step is Euler's alone); the midpoints' fractional timesteps as diffusers
+    passes them to the model."""
+    config = scheduler_config(spacing, prediction_type)
+    del config["rescale_betas_zero_snr"]  # not a KDPM2DiscreteScheduler argument
+    reference = KDPM2DiscreteScheduler(**config, use_karras_sigmas=karras)
+    reference.set_timesteps(steps)
+    sampler = "kdpm2_karras" if karras else "kdpm2"
+    schedule = NoiseSchedule(**config)
+    plan = make_plan(schedule, sampler, steps)
+    assert len(plan) == 2 * steps - 1
+    # diffusers finds the midpoints' timesteps in float32, fastdiff in float64: 1e-7 apart
+    # relative (6e-5 at t ~ 600)
+    torch.testing.assert_close(
+        plan.timesteps.double(), reference.timesteps.double(), rtol=1e-6, atol=0.0
+    )
+    assert torch.equal(
+        schedule.timesteps(steps, sampler, keep_fraction=True), plan.timesteps.double()
+    )
+    x_T = torch.randn(2, 3, 4, 4)
+    ours = []
+    sample(toy_model, x_T, schedule, sampler, steps, callback=lambda i, t, x: ours.append(x))
+    theirs, _, peaks = run_diffusers(reference, x_T * plan.init_noise_scale)
+    assert_trajectories_match(ours, theirs, peaks, f"{sampler} {spacing} {steps}")
+
+
+@pytest.mark.parametrize(
+    "steps,start,end", [(5, 1, None), (10, 3, None), (10, 9, None), (20, 6, 15)]
+)
+@pytest.mark.parametrize("karras", [False, True], ids=["spaced", "karras"])
+def test_kdpm2_started_part_way_matches_set_begin_index(steps, start, end, karras):
+    """img2img and denoising_start / denoising_end: a KDPM2 run started at step ``start`` (row
+    2 start, a first call) as diffusers' after ``set_begin_index(2 start)``."""
+    config = scheduler_config("linspace")
+    del config["rescale_betas_zero_snr"]
+    reference = KDPM2DiscreteScheduler(**config, use_karras_sigmas=karras)
+    reference.set_timesteps(steps)
+    reference.set_begin_index(2 * start)
+    sampler = "kdpm2_karras" if karras else "kdpm2"
+    rows = None if end is None else 2 * end
+    assert_started_part_way_matches(
+        reference, NoiseSchedule(**config), sampler, steps, 2 * start, rows
+    )
+
+
+@pytest.mark.parametrize("sampler", ["kdpm2", "kdpm2_karras"])
+def test_kdpm2_refuses_what_its_scheduler_lacks(sampler):
+    """KDPM2DiscreteScheduler has no rescale_betas_zero_snr and raises for sample prediction:
+    fastdiff refuses both rather than sample something else."""
+    zero_snr = NoiseSchedule(**scheduler_config("trailing", "v_prediction", zero_snr=True))
+    with pytest.raises(ValueError, match="KDPM2DiscreteScheduler has no rescale_betas_zero_snr"):
+        make_plan(zero_snr, sampler, 5)
+    config = scheduler_config("linspace", "sample")
+    with pytest.raises(ValueError, match="does not implement prediction_type 'sample'"):
+        make_plan(NoiseSchedule(**config), sampler, 5)
 
 
 def test_heun_refuses_a_zero_snr_schedule():
