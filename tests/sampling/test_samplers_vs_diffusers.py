@@ -448,31 +448,24 @@ def test_dpmpp_3m_started_part_way_matches_set_begin_index(sampler, steps, start
     assert_started_part_way_matches(reference, NoiseSchedule(**config), sampler, steps, start, end)
 
 
-@pytest.mark.parametrize("steps", [1, 2, 3, 10])
-@pytest.mark.parametrize("karras", [False, True], ids=["spaced", "karras"])
-@pytest.mark.parametrize("spacing", SPACINGS)
-@pytest.mark.parametrize("prediction_type", PREDICTION_TYPES)
-def test_heun_matches_diffusers_call_by_call(steps, karras, spacing, prediction_type):
-    """Heun's method, one plan row per model call as HeunDiscreteScheduler steps: the Euler
-    state after each first call, the corrected state after each second (the last step is
-    Euler's alone). Started, like Euler, from sqrt(sigma_max^2 + 1) x_T."""
+def assert_two_calls_a_step_match(
+    scheduler_class, sampler, steps, spacing, prediction_type, dtype=torch.float32, **close
+):
+    """A sampler that calls the model twice a step (``sampler``, with ``_karras`` for Karras
+    levels) against its diffusers scheduler, call by call: its 2 steps - 1 rows' timesteps
+    (``close``: their tolerance), then the state after every call, from sqrt(sigma_max^2 + 1)
+    x_T as Euler starts."""
     config = scheduler_config(spacing, prediction_type)
-    del config["rescale_betas_zero_snr"]  # not a HeunDiscreteScheduler argument
-    reference = HeunDiscreteScheduler(**config, use_karras_sigmas=karras)
+    del config["rescale_betas_zero_snr"]  # not an argument of these schedulers
+    reference = scheduler_class(**config, use_karras_sigmas=sampler.endswith("_karras"))
     reference.set_timesteps(steps)
-    sampler = "heun_karras" if karras else "heun"
     schedule = NoiseSchedule(**config)
     plan = make_plan(schedule, sampler, steps)
     assert len(plan) == 2 * steps - 1
-    torch.testing.assert_close(plan.timesteps.double(), reference.timesteps.double())
+    torch.testing.assert_close(plan.timesteps.double(), reference.timesteps.double(), **close)
     assert torch.equal(
         schedule.timesteps(steps, sampler, keep_fraction=True), plan.timesteps.double()
     )
-    # The correction is x' + k (x0' - x0) with k = (sigma - sigma') / (2 sigma'): 250 for two
-    # steps to t = 0 (sigma 14.6 -> 0.029), which multiplies the float32 rounding of x0 (an
-    # estimate that cancels terms of size sigma): 2e-5 of the peak there, under 1e-6 from 5
-    # steps up (diffusers' derivative form rounds less). Two steps are compared in float64.
-    dtype = torch.float64 if steps == 2 else torch.float32
     x_T = torch.randn(2, 3, 4, 4, dtype=dtype)
     ours = []
     sample(toy_model, x_T, schedule, sampler, steps, callback=lambda i, t, x: ours.append(x))
@@ -483,33 +476,37 @@ def test_heun_matches_diffusers_call_by_call(steps, karras, spacing, prediction_
 @pytest.mark.parametrize("steps", [1, 2, 3, 10])
 @pytest.mark.parametrize("karras", [False, True], ids=["spaced", "karras"])
 @pytest.mark.parametrize("spacing", SPACINGS)
+@pytest.mark.parametrize("prediction_type", PREDICTION_TYPES)
+def test_heun_matches_diffusers_call_by_call(steps, karras, spacing, prediction_type):
+    """Heun's method, one plan row per model call as HeunDiscreteScheduler steps: the Euler
+    state after each first call, the corrected state after each second (the last step is
+    Euler's alone).
+
+    The correction is x' + k (x0' - x0) with k = (sigma - sigma') / (2 sigma'): 250 for two
+    steps to t = 0 (sigma 14.6 -> 0.029), which multiplies the float32 rounding of x0 (an
+    estimate that cancels terms of size sigma): 2e-5 of the peak there, under 1e-6 from 5
+    steps up (diffusers' derivative form rounds less). Two steps are compared in float64."""
+    sampler = "heun_karras" if karras else "heun"
+    dtype = torch.float64 if steps == 2 else torch.float32
+    assert_two_calls_a_step_match(
+        HeunDiscreteScheduler, sampler, steps, spacing, prediction_type, dtype
+    )
+
+
+@pytest.mark.parametrize("steps", [1, 2, 3, 10])
+@pytest.mark.parametrize("karras", [False, True], ids=["spaced", "karras"])
+@pytest.mark.parametrize("spacing", SPACINGS)
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
 def test_kdpm2_matches_diffusers_call_by_call(steps, karras, spacing, prediction_type):
     """KDPM2 (DPM-Solver-2), one plan row per model call as KDPM2DiscreteScheduler steps: the
     Euler state at the midpoint after each first call, the second-order state after each
     second (the last step is Euler's alone); the midpoints' fractional timesteps as diffusers
-    passes them to the model."""
-    config = scheduler_config(spacing, prediction_type)
-    del config["rescale_betas_zero_snr"]  # not a KDPM2DiscreteScheduler argument
-    reference = KDPM2DiscreteScheduler(**config, use_karras_sigmas=karras)
-    reference.set_timesteps(steps)
+    passes them to the model. diffusers finds those in float32, fastdiff in float64: 1e-7
+    apart relative (6e-5 at t ~ 600)."""
     sampler = "kdpm2_karras" if karras else "kdpm2"
-    schedule = NoiseSchedule(**config)
-    plan = make_plan(schedule, sampler, steps)
-    assert len(plan) == 2 * steps - 1
-    # diffusers finds the midpoints' timesteps in float32, fastdiff in float64: 1e-7 apart
-    # relative (6e-5 at t ~ 600)
-    torch.testing.assert_close(
-        plan.timesteps.double(), reference.timesteps.double(), rtol=1e-6, atol=0.0
+    assert_two_calls_a_step_match(
+        KDPM2DiscreteScheduler, sampler, steps, spacing, prediction_type, rtol=1e-6, atol=0.0
     )
-    assert torch.equal(
-        schedule.timesteps(steps, sampler, keep_fraction=True), plan.timesteps.double()
-    )
-    x_T = torch.randn(2, 3, 4, 4)
-    ours = []
-    sample(toy_model, x_T, schedule, sampler, steps, callback=lambda i, t, x: ours.append(x))
-    theirs, _, peaks = run_diffusers(reference, x_T * plan.init_noise_scale)
-    assert_trajectories_match(ours, theirs, peaks, f"{sampler} {spacing} {steps}")
 
 
 @pytest.mark.parametrize(
