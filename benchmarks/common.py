@@ -30,6 +30,8 @@ from pathlib import Path
 
 import torch
 
+from fastdiff.runtime.graphs import no_garbage_collection
+
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 CSV_FIELDS = (
     "timestamp",
@@ -142,7 +144,8 @@ def _graph_ms(calls: Sequence[Callable[[], object]], repeats: int, iters: int) -
     torch.cuda.current_stream().wait_stream(stream)
     _synchronize()
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    # (the collector held off: freeing an earlier provider's graph would break this capture)
+    with no_garbage_collection(), torch.cuda.graph(graph):
         for _ in range(repeats):
             for call in calls:
                 call()
