@@ -32,7 +32,7 @@ def add_parser(subparsers) -> None:
         "--sampler",
         default="ddim",
         help="ddim, ddpm, euler[_ancestral|_karras], dpmpp_{2m,3m}[_sde][_karras], heun[_karras], "
-        "kdpm2[_karras], pndm, lms[_karras], unipc[_karras] "
+        "kdpm2[_ancestral][_karras], pndm, lms[_karras], unipc[_karras] "
         "(default: ddim)",
     )
     parser.add_argument("--model", help="pipeline folder (default: the shipped shapes model)")

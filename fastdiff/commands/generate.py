@@ -73,7 +73,7 @@ def add_parser(subparsers) -> None:
         "--sampler",
         default=None,
         help="ddim, ddpm, euler[_ancestral|_karras], dpmpp_{2m,3m}[_sde][_karras], heun[_karras], "
-        "kdpm2[_karras], pndm, lms[_karras], lcm, tcd, "
+        "kdpm2[_ancestral][_karras], pndm, lms[_karras], lcm, tcd, "
         "unipc[_karras] "
         "(default: the one equal to the folder's scheduler, else ddim)",
     )

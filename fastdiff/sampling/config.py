@@ -112,6 +112,7 @@ CLASS_DEFAULTS: dict[str, dict[str, Any]] = {
     "LMSDiscreteScheduler": {},
     "HeunDiscreteScheduler": {"beta_start": 0.00085, "beta_end": 0.012},
     "KDPM2DiscreteScheduler": {"beta_start": 0.00085, "beta_end": 0.012},
+    "KDPM2AncestralDiscreteScheduler": {"beta_start": 0.00085, "beta_end": 0.012},
     "LCMScheduler": {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear"},
     "TCDScheduler": {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear"},
     "UniPCMultistepScheduler": {},
@@ -200,6 +201,8 @@ def default_sampler(config: dict[str, Any]) -> str:
         return "heun_karras" if karras else "heun"
     if class_name == "KDPM2DiscreteScheduler":
         return "kdpm2_karras" if karras else "kdpm2"
+    if class_name == "KDPM2AncestralDiscreteScheduler":
+        return "kdpm2_ancestral_karras" if karras else "kdpm2_ancestral"
     if class_name == "UniPCMultistepScheduler":
         return "unipc_karras" if karras else "unipc"
     return SAMPLER_OF_CLASS.get(class_name, "ddim")
@@ -223,6 +226,7 @@ MATCHED_CLASSES = (
     "LMSDiscreteScheduler",
     "HeunDiscreteScheduler",
     "KDPM2DiscreteScheduler",
+    "KDPM2AncestralDiscreteScheduler",
 )
 
 

@@ -25,7 +25,13 @@ from dataclasses import dataclass
 
 import torch
 
-from fastdiff.sampling.plan import INPUT_SCALE, NEXT_FROM_PREV_X0, NEXT_FROM_X, SamplingPlan
+from fastdiff.sampling.plan import (
+    INPUT_SCALE,
+    NEXT_FROM_PREV_X0,
+    NEXT_FROM_X,
+    NOISE_STD,
+    SamplingPlan,
+)
 
 
 @dataclass(frozen=True)
@@ -72,9 +78,12 @@ def known_region_rows(plan: SamplingPlan) -> torch.Tensor:
             # A KDPM2 midpoint call (its rows alone read the previous x0): diffusers noises
             # the kept part to the step's next level sigma', not the midpoint's s (its add_noise
             # finds sigma' where its table lists the midpoint's timestep), and so does fastdiff,
-            # to give its images. The row's c3 is sigma' / s, its input scale 1 / sqrt(s^2 + 1).
+            # to give its images. The row's c3 is sigma_t / s (sigma_t: the update's target,
+            # sigma' or, ancestral, sigma_down, to which fresh noise of std c6 adds up to
+            # sigma'), its input scale 1 / sqrt(s^2 + 1).
             midpoint = math.sqrt(1.0 / float(following[INPUT_SCALE]) ** 2 - 1.0)
-            rows.append((1.0, float(following[NEXT_FROM_X]) * midpoint))
+            target = float(following[NEXT_FROM_X]) * midpoint
+            rows.append((1.0, math.hypot(target, float(following[NOISE_STD]))))
             continue
         alpha_bar = float(plan.alphas_cumprod[index + 1])
         scale = float(following[INPUT_SCALE])

@@ -70,6 +70,8 @@ SAMPLERS = (
     "heun_karras",
     "kdpm2",
     "kdpm2_karras",
+    "kdpm2_ancestral",
+    "kdpm2_ancestral_karras",
     "pndm",
     "lms",
     "lms_karras",
@@ -277,6 +279,16 @@ def _sigmas_at(schedule: NoiseSchedule, timesteps: list[float]) -> list[float]:
     weight = points - low.double()
     sigmas = table[low] + weight * (table[high] - table[low])
     return sigmas.tolist() + [0.0]
+
+
+def _float32_sigmas_at(schedule: NoiseSchedule, timesteps: list[float]) -> list[float]:
+    """``_sigmas_at`` as KDPM2's schedulers compute it: the table in float32 arithmetic,
+    interpolated, and the levels rounded to float32 (KDPM2AncestralDiscreteScheduler's
+    sigma_down cancels near-equal squares, so its value depends on those last bits)."""
+    table32 = schedule.alphas_cumprod.to(torch.float32)
+    table = (((1 - table32) / table32) ** 0.5).numpy()
+    levels = np.interp(np.array(timesteps, dtype=np.float64), np.arange(table.shape[0]), table)
+    return levels.astype(np.float32).astype(np.float64).tolist() + [0.0]
 
 
 def _integral_as_long(timesteps: torch.Tensor) -> torch.Tensor:
@@ -516,40 +528,70 @@ def _heun_rows(
     return rows, init_noise_scale, at_step
 
 
-def kdpm2_midpoints(sigmas: list[float]) -> list[float]:
-    """KDPM2's midpoint noise levels: sqrt(sigma_i sigma_{i+1}), halfway between a step's two
-    levels in log sigma, for every step but the last (whose next level is 0); diffusers'
-    KDPM2DiscreteScheduler ``sigmas_interpol``. ``sigmas``: the steps' levels, then 0."""
-    return [math.sqrt(a * b) for a, b in zip(sigmas[:-2], sigmas[1:-1], strict=True)]
+def kdpm2_targets(sigmas: list[float], ancestral: bool = False) -> list[tuple[float, float, float]]:
+    """(target, noise std, midpoint) of each KDPM2 step but the last (whose next level is 0):
+    the level sigma_t the step's ODE update reaches, the std of the fresh noise added after it,
+    and the midpoint s = sqrt(sigma sigma_t), halfway in log sigma, where its second call is
+    (diffusers' ``sigmas_interpol``). Plain KDPM2: the next level sigma', no noise. Ancestral
+    (KDPM2AncestralDiscreteScheduler, as Euler ancestral splits a step): sigma_down =
+    sqrt(sigma'^2 - sigma_up^2) with sigma_up^2 = sigma'^2 (sigma^2 - sigma'^2) / sigma^2, so
+    that the state again has noise level sigma' (and s = sigma' in exact arithmetic). Those
+    are computed in float32 as diffusers computes them: sigma_down cancels two near-equal
+    squares, so at large steps (sigma' << sigma) its float32 value, which diffusers samples
+    with, is off the exact one by 1e-4 relative. ``sigmas``: the steps' levels, then 0."""
+    if not ancestral:
+        return [
+            (sigma_next, 0.0, math.sqrt(sigma * sigma_next))
+            for sigma, sigma_next in zip(sigmas[:-2], sigmas[1:-1], strict=True)
+        ]
+    for sigma, sigma_next in zip(sigmas[:-2], sigmas[1:-1], strict=True):
+        require_falling_noise(sigma, sigma_next, -1, "kdpm2_ancestral")
+    levels = torch.tensor(sigmas[:-1], dtype=torch.float32)
+    following = torch.tensor(sigmas[1:], dtype=torch.float32)
+    up = (following**2 * (levels**2 - following**2) / levels**2) ** 0.5
+    down = (following**2 - up**2) ** 0.5
+    mid = levels.log().lerp(down.log(), 0.5).exp()
+    rows = zip(down.tolist(), up.tolist(), mid.tolist(), strict=True)
+    return list(rows)[: len(sigmas) - 2]
+
+
+def kdpm2_midpoints(sigmas: list[float], ancestral: bool = False) -> list[float]:
+    """KDPM2's midpoint noise levels (``kdpm2_targets``), for every step but the last."""
+    return [mid for _, _, mid in kdpm2_targets(sigmas, ancestral)]
 
 
 def _kdpm2_rows(
-    schedule: NoiseSchedule, timesteps: list[float], sigmas: list[float]
+    schedule: NoiseSchedule, timesteps: list[float], sigmas: list[float], ancestral: bool = False
 ) -> tuple[list[list[float]], float]:
     """KDPM2 (k-diffusion's ``sample_dpm_2``, DPM-Solver-2: Lu et al. 2022's second-order
     single-step solver in the sigma parametrisation; diffusers' KDPM2DiscreteScheduler): each
-    step from sigma to sigma' takes an Euler step to the midpoint s = sqrt(sigma sigma'),
-    x_s = x + (s - sigma) d with d = (x - x0) / sigma, calls the model there, and steps from x
-    with the midpoint's slope d_s = (x_s - x0_s) / s: x_next = x + (sigma' - sigma) d_s. The
-    last step (sigma' = 0) is the Euler step alone. Two plan rows per step, one per model call,
-    the second written in the state it sees: x = (sigma / s) x_s + (1 - sigma / s) x0, so
+    step from sigma to its target sigma_t (``kdpm2_targets``: the next level sigma', or, with
+    ``ancestral``, sigma_down before fresh noise of std sigma_up) takes an Euler step to the
+    midpoint s = sqrt(sigma sigma_t), x_s = x + (s - sigma) d with d = (x - x0) / sigma, calls
+    the model there, and steps from x with the midpoint's slope d_s = (x_s - x0_s) / s:
+    x_next = x + (sigma_t - sigma) d_s (+ sigma_up z). The last step (sigma' = 0) is the Euler
+    step alone. Two plan rows per step, one per model call, the second written in the state it
+    sees: x = (sigma / s) x_s + (1 - sigma / s) x0, so
 
-        x_next = (sigma' / s) x_s + ((sigma - sigma') / s) x0_s + (1 - sigma / s) x0
+        x_next = (sigma_t / s) x_s + ((sigma - sigma_t) / s) x0_s + (1 - sigma / s) x0
 
     (x0, the first call's estimate, is the row's previous x0). Returns the rows and the initial
     state's scale (Euler's)."""
+    name = "kdpm2_ancestral" if ancestral else "kdpm2"
     if schedule.prediction_type == "sample":
+        scheduler = "KDPM2AncestralDiscreteScheduler" if ancestral else "KDPM2DiscreteScheduler"
         raise ValueError(
-            "kdpm2: KDPM2DiscreteScheduler does not implement prediction_type 'sample'; "
-            "fastdiff refuses rather than differ: use epsilon or v_prediction"
+            f"{name}: {scheduler} does not implement prediction_type 'sample'; fastdiff refuses "
+            "rather than differ: use epsilon or v_prediction"
         )
     euler, init_noise_scale = _euler_rows(schedule, timesteps, sigmas)
+    targets = kdpm2_targets(sigmas, ancestral)
     rows = []
-    for index, (first, mid) in enumerate(zip(euler, [*kdpm2_midpoints(sigmas), 0.0], strict=True)):
-        sigma, sigma_next = sigmas[index], sigmas[index + 1]
-        if sigma_next == 0.0:
+    for index, first in enumerate(euler):
+        if index == len(targets):
             rows.append(first)  # the last step: Euler's, to the clean estimate
             continue
+        sigma, (target, noise_std, mid) = sigmas[index], targets[index]
         ratio = mid / sigma
         rows.append([*first[:3], ratio, 1.0 - ratio, 0.0, 0.0])
         c1, c2 = _x0_coefficients(1.0 / (mid**2 + 1.0), schedule.prediction_type, timesteps[index])
@@ -558,22 +600,22 @@ def _kdpm2_rows(
                 1.0 / math.sqrt(mid**2 + 1.0),
                 c1,
                 c2,
-                sigma_next / mid,
-                (sigma - sigma_next) / mid,
+                target / mid,
+                (sigma - target) / mid,
                 1.0 - sigma / mid,
-                0.0,
+                noise_std,
             ]
         )
     return rows, init_noise_scale
 
 
 def kdpm2_call_levels(
-    schedule: NoiseSchedule, timesteps: torch.Tensor, sigmas: list[float]
+    schedule: NoiseSchedule, timesteps: torch.Tensor, sigmas: list[float], ancestral: bool = False
 ) -> tuple[torch.Tensor, list[float]]:
     """(timesteps, noise levels) of KDPM2's model calls, in call order: each step's own, then,
     for every step but the last, its midpoint's, at the fractional timestep of the midpoint's
     level (t interpolated in log sigma over the training table, as diffusers does; float64)."""
-    mids = kdpm2_midpoints(sigmas)
+    mids = kdpm2_midpoints(sigmas, ancestral)
     table = _clamped_alphas_cumprod(schedule)
     log_table = (((1 - table) / table).sqrt()).log().numpy()
     mid_timesteps = timesteps_of_sigmas(log_table, np.array(mids, dtype=np.float64))
@@ -835,8 +877,13 @@ def make_plan(
             "without the rescale"
         )
     if kdpm2 and schedule.rescale_betas_zero_snr:
+        scheduler = (
+            "KDPM2AncestralDiscreteScheduler"
+            if "_ancestral" in sampler
+            else "KDPM2DiscreteScheduler"
+        )
         raise ValueError(
-            "kdpm2: KDPM2DiscreteScheduler has no rescale_betas_zero_snr (diffusers samples the "
+            f"{sampler}: {scheduler} has no rescale_betas_zero_snr (diffusers samples the "
             "unrescaled schedule); fastdiff refuses rather than differ: use euler, or a schedule "
             "without the rescale"
         )
@@ -890,10 +937,11 @@ def make_plan(
         rows, init_noise_scale = _lms_rows(schedule, visited, sigmas)
     elif kdpm2:
         if not karras:
-            sigmas = _sigmas_at(schedule, visited)
-        rows, init_noise_scale = _kdpm2_rows(schedule, visited, sigmas)
+            sigmas = _float32_sigmas_at(schedule, visited)
+        ancestral = "_ancestral" in sampler
+        rows, init_noise_scale = _kdpm2_rows(schedule, visited, sigmas, ancestral)
         # each row's model call: the step's timestep and level, then its midpoint's
-        timesteps, sigmas = kdpm2_call_levels(schedule, timesteps, sigmas)
+        timesteps, sigmas = kdpm2_call_levels(schedule, timesteps, sigmas, ancestral)
         timesteps = _integral_as_long(timesteps)
     elif heun:
         if not karras:

@@ -11,6 +11,8 @@ Samplers (see ``fastdiff.sampling.plan`` for the formulas and papers):
 ``heun`` / ``heun_karras`` (Heun's method, Karras et al. 2022, as HeunDiscreteScheduler: two
 model calls, two plan rows, a step), ``kdpm2`` / ``kdpm2_karras`` (KDPM2, k-diffusion's
 DPM-Solver-2, as KDPM2DiscreteScheduler: a second call at the midpoint, two rows a step),
+``kdpm2_ancestral`` / ``kdpm2_ancestral_karras`` (the same with fresh noise each step, as
+KDPM2AncestralDiscreteScheduler),
 ``pndm`` (PNDM's pseudo linear multistep, Liu et al. 2022,
 as PNDMScheduler with skip_prk_steps: SD 1.x folders' own), ``lms`` / ``lms_karras`` (linear
 multistep in sigma, as LMSDiscreteScheduler),

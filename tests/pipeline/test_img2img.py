@@ -35,6 +35,7 @@ SCHEDULERS = {
     "dpmpp_3m": ("DPMSolverMultistepScheduler", {"solver_order": 3}),  # second order second
     "heun": ("HeunDiscreteScheduler", {}),  # two rows a step: starts at row 2 x start step
     "kdpm2": ("KDPM2DiscreteScheduler", {}),  # the same, its second row at the midpoint
+    "kdpm2_ancestral": ("KDPM2AncestralDiscreteScheduler", {}),  # step noise from the seed
     "pndm": ("PNDMScheduler", {"skip_prk_steps": True}),  # its calls from the start step on
     "lms": ("LMSDiscreteScheduler", {}),  # the whole run's order, the derivatives since
 }

@@ -25,6 +25,7 @@ SCHEDULERS = {
     "unipc": "UniPCMultistepScheduler",
     "heun": "HeunDiscreteScheduler",  # its correction, too, starts from its own copy
     "kdpm2": "KDPM2DiscreteScheduler",  # and KDPM2's second call from the step's first state
+    "kdpm2_ancestral": "KDPM2AncestralDiscreteScheduler",
     "dpmpp_3m": "DPMSolverMultistepScheduler",  # (with solver_order 3, below)
     "pndm": "PNDMScheduler",  # (with skip_prk_steps, below)
     "lms": "LMSDiscreteScheduler",
@@ -76,6 +77,7 @@ CASES = {
     "unipc": dict(sampler="unipc"),
     "heun": dict(sampler="heun", strength=0.7),  # the blend after each of the two calls
     "kdpm2": dict(sampler="kdpm2", strength=0.7),  # likewise, at the midpoint's level
+    "kdpm2-ancestral": dict(sampler="kdpm2_ancestral", strength=0.7),  # and step noise
     "pndm": dict(sampler="pndm"),
     "lms": dict(sampler="lms", strength=0.8),
 }

@@ -151,6 +151,7 @@ SCHEDULERS = {
     "tcd": "TCDScheduler",  # LCM's timesteps, cut as the others
     "heun": "HeunDiscreteScheduler",  # two rows a step: the cut-offs count rows, as diffusers
     "kdpm2": "KDPM2DiscreteScheduler",  # likewise, the midpoints' fractional timesteps too
+    "kdpm2_ancestral": "KDPM2AncestralDiscreteScheduler",  # midpoint timesteps = the steps'
     "unipc": "UniPCMultistepScheduler",  # the base's last step keeps its order; the refiner
     # starts its history afresh
 }

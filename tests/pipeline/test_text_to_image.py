@@ -358,6 +358,7 @@ def test_outdated_scheduler_config_is_sampled_as_diffusers_does(sd_folder, tmp_p
         ("HeunDiscreteScheduler", {}, "heun"),
         ("KDPM2DiscreteScheduler", {}, "kdpm2"),
         ("KDPM2DiscreteScheduler", {"use_karras_sigmas": True}, "kdpm2_karras"),
+        ("KDPM2AncestralDiscreteScheduler", {}, "kdpm2_ancestral"),
         ("PNDMScheduler", {"skip_prk_steps": True}, "pndm"),  # SD 1.x folders' own
         ("LMSDiscreteScheduler", {}, "lms"),
         ("UniPCMultistepScheduler", {}, "unipc"),
@@ -403,6 +404,7 @@ def test_a_call_without_sampler_runs_the_folders_scheduler(
         "heun": "euler",
         "kdpm2": "heun",
         "kdpm2_karras": "heun_karras",
+        "kdpm2_ancestral": "kdpm2",
         "pndm": "ddim",
         "lms": "euler",
     }.get(sampler, sampler.rsplit("_", 1)[0])

@@ -195,7 +195,7 @@ def half_conditioning(cond: Conditioning) -> Conditioning:
      ("ddim", 10, 0.8), ("lcm", 4, 0.0), ("euler_karras", 12, 0.0), ("tcd", 4, 0.3),
      ("unipc", 6, 0.0), ("unipc", 12, 0.0), ("dpmpp_3m_sde", 10, 0.0), ("heun", 4, 0.0),
      ("heun_karras", 8, 0.0), ("pndm", 12, 0.0), ("lms", 10, 0.0), ("kdpm2", 4, 0.0),
-     ("kdpm2_karras", 8, 0.0)],
+     ("kdpm2_karras", 8, 0.0), ("kdpm2_ancestral_karras", 6, 0.0)],
 )  # fmt: skip
 def test_default_optimize_loop_and_step_graphs_within_tolerance(sampler, steps, eta):
     """optimize() as users call it (fp16, channels-last, fused QKV, auto kernels): whole-loop

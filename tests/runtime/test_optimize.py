@@ -75,6 +75,7 @@ def test_fused_qkv_keeps_unet_output(pipe):
         ("heun_karras", 6, 0.0),  # 11: the step graph
         ("kdpm2", 3, 0.0),  # 5 calls, two at fractional midpoint timesteps: a whole-loop graph
         ("kdpm2_karras", 6, 0.0),  # 11: the step graph
+        ("kdpm2_ancestral", 4, 0.0),  # 7 calls, noise at every second one: a whole-loop graph
         ("pndm", 10, 0.0),  # 11 calls, four outputs of history: the step graph
         ("lms", 6, 0.0),  # three derivatives of history: a whole-loop graph
     ],
@@ -95,6 +96,7 @@ def test_fused_qkv_keeps_unet_output(pipe):
         "heun-karras6-step",
         "kdpm2-3-loop",
         "kdpm2-karras6-step",
+        "kdpm2-ancestral4-loop",
         "pndm10-step",
         "lms6-loop",
     ],

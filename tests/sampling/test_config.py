@@ -271,6 +271,11 @@ def test_round_trip_through_to_config():
         ({"_class_name": "HeunDiscreteScheduler", "use_karras_sigmas": True}, "heun_karras"),
         ({"_class_name": "KDPM2DiscreteScheduler"}, "kdpm2"),
         ({"_class_name": "KDPM2DiscreteScheduler", "use_karras_sigmas": True}, "kdpm2_karras"),
+        ({"_class_name": "KDPM2AncestralDiscreteScheduler"}, "kdpm2_ancestral"),
+        (
+            {"_class_name": "KDPM2AncestralDiscreteScheduler", "use_karras_sigmas": True},
+            "kdpm2_ancestral_karras",
+        ),
         ({"_class_name": "UniPCMultistepScheduler"}, "unipc"),
         ({"_class_name": "UniPCMultistepScheduler", "use_karras_sigmas": True}, "unipc_karras"),
         ({"_class_name": "PNDMScheduler"}, "ddim"),  # Runge-Kutta warm-up: not implemented
@@ -334,8 +339,8 @@ def test_solver_types_are_read_as_each_diffusers_solver_reads_them():
     "config, named",
     [
         (
-            {"_class_name": "KDPM2AncestralDiscreteScheduler"},
-            "'KDPM2AncestralDiscreteScheduler' has no equal",
+            {"_class_name": "DPMSolverSinglestepScheduler"},
+            "'DPMSolverSinglestepScheduler' has no equal",
         ),
         ({"_class_name": "DEISMultistepScheduler"}, "'DEISMultistepScheduler' has no equal"),
         ({"_class_name": "PNDMScheduler"}, "Runge-Kutta steps"),

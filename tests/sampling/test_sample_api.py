@@ -39,7 +39,11 @@ def test_plan_shapes_and_contract(sampler):
     plan = make_plan(SCHEDULE, sampler, 12)
     # Euler through Karras levels calls the model at fractional timesteps, as diffusers does,
     # and KDPM2 at its midpoints' levels.
-    fractional = sampler in ("euler_karras", "heun_karras", "lms_karras", "kdpm2", "kdpm2_karras")
+    fractional = sampler.startswith("kdpm2") or sampler in (
+        "euler_karras",
+        "heun_karras",
+        "lms_karras",
+    )
     assert plan.timesteps.dtype == (torch.float64 if fractional else torch.long)
     # Heun and KDPM2: two model calls a step, one the last
     rows = 23 if sampler.startswith(("heun", "kdpm2")) else 12
@@ -53,9 +57,14 @@ def test_plan_shapes_and_contract(sampler):
     elif sampler == "pndm":
         assert plan.timesteps[1] == plan.timesteps[2]
         assert bool((plan.timesteps[2:].diff() < 0).all()) and plan.timesteps[0] > plan.timesteps[1]
+    elif sampler.startswith("kdpm2_ancestral"):  # each midpoint is the next level (in float32;
+        # with Karras levels the steps' timesteps are rounded, the midpoints' not)
+        torch.testing.assert_close(plan.timesteps[1::2], plan.timesteps[2::2], rtol=0, atol=0.501)
+        assert bool((plan.timesteps[::2].diff() < 0).all())
     else:
         assert bool((plan.timesteps.diff() < 0).all())
-    assert plan.stochastic == (sampler in ("ddpm", "euler_ancestral", "lcm") or "_sde" in sampler)
+    stochastic = ("ddpm", "euler_ancestral", "lcm", "kdpm2_ancestral", "kdpm2_ancestral_karras")
+    assert plan.stochastic == (sampler in stochastic or "_sde" in sampler)
     # (Heun and KDPM2: the step's first call's x0)
     multistep = sampler.startswith(("dpmpp", "unipc", "heun", "pndm", "lms", "kdpm2"))
     assert (plan.coefficients[:, NEXT_FROM_PREV_X0] != 0).any() == multistep
@@ -75,8 +84,9 @@ def test_plan_shapes_and_contract(sampler):
 def test_dtype_callback_and_timestep_type(sampler, dtype):
     seen = []
 
-    fractional = ("euler_karras", "heun_karras", "lms_karras", "kdpm2", "kdpm2_karras")
-    t_dtype = torch.float32 if sampler in fractional else torch.long
+    fractional = ("euler_karras", "heun_karras", "lms_karras")
+    fractional = sampler in fractional or sampler.startswith("kdpm2")
+    t_dtype = torch.float32 if fractional else torch.long
 
     def model(x, t):
         assert x.dtype == dtype and t.dtype == t_dtype and t.shape == (3,)
@@ -111,8 +121,8 @@ def test_unknown_names_list_the_allowed_values():
         match=r"allowed: \['ddpm', 'ddim', 'euler', 'euler_ancestral', 'euler_karras', "
         r"'dpmpp_2m', 'dpmpp_2m_karras', 'dpmpp_2m_sde', 'dpmpp_2m_sde_karras', 'dpmpp_3m', "
         r"'dpmpp_3m_karras', 'dpmpp_3m_sde', 'dpmpp_3m_sde_karras', 'heun', 'heun_karras', "
-        r"'kdpm2', 'kdpm2_karras', 'pndm', 'lms', 'lms_karras', 'lcm', 'tcd', 'unipc', "
-        r"'unipc_karras'\]",
+        r"'kdpm2', 'kdpm2_karras', 'kdpm2_ancestral', 'kdpm2_ancestral_karras', 'pndm', 'lms', "
+        r"'lms_karras', 'lcm', 'tcd', 'unipc', 'unipc_karras'\]",
     ):
         sample(toy_model, torch.randn(1, 2), SCHEDULE, "dpm2", 5)
     with pytest.raises(ValueError, match="allowed"):

@@ -20,6 +20,7 @@ from diffusers import (
     DDPMScheduler,
     DPMSolverMultistepScheduler,
     EulerAncestralDiscreteScheduler,
+    KDPM2AncestralDiscreteScheduler,
 )
 
 from fastdiff.sampling import NoiseSchedule, make_plan, sample
@@ -82,6 +83,41 @@ def test_euler_ancestral_matches_diffusers_with_same_noise(
     generator = torch.Generator().manual_seed(6)
     other = sample(toy_model, x_T, schedule, "euler_ancestral", steps, generator=generator)
     assert float((other - ours[-1]).abs().max()) > 1e-2
+
+
+@pytest.mark.parametrize("spacing", ["leading", "linspace", "trailing"])
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+@pytest.mark.parametrize("karras", [False, True], ids=["spaced", "karras"])
+@pytest.mark.parametrize("steps", [1, 2, 10])
+def test_kdpm2_ancestral_matches_diffusers_with_same_noise(spacing, prediction_type, karras, steps):
+    """KDPM2AncestralDiscreteScheduler fed the same random stream, call by call: noise is drawn
+    at each step's second call only (its first is the Euler step to the midpoint, which for
+    this split of a step is the next level itself: its timesteps repeat the steps')."""
+    config = scheduler_config(spacing, prediction_type)
+    del config["rescale_betas_zero_snr"]  # not a KDPM2AncestralDiscreteScheduler argument
+    reference = KDPM2AncestralDiscreteScheduler(**config, use_karras_sigmas=karras)
+    reference.set_timesteps(steps)
+    schedule = NoiseSchedule(**config)
+    sampler = "kdpm2_ancestral_karras" if karras else "kdpm2_ancestral"
+    plan = make_plan(schedule, sampler, steps)
+    assert len(plan) == 2 * steps - 1 and plan.stochastic == (steps > 1)
+    # (the midpoints' timesteps: float32 in diffusers, float64 here; 1e-6 of a timestep near 0)
+    torch.testing.assert_close(
+        plan.timesteps.double(), reference.timesteps.double(), rtol=1e-6, atol=1e-6
+    )
+    # As for Heun: the second call's row is written in the midpoint state, and at 2 steps to
+    # t = 0 its weights (sigma - sigma_down) / s reach 500, which multiply the float32 rounding
+    # of the x0 estimates (diffusers steps from its stored state): compared in float64 there.
+    x_T = torch.randn(2, 3, 4, dtype=torch.float64 if steps == 2 else torch.float32)
+    theirs, _, peaks = run_diffusers(
+        reference, x_T * plan.init_noise_scale, generator=torch.Generator().manual_seed(5)
+    )
+    ours = our_trajectory(x_T, schedule, sampler, steps, seed=5)
+    assert_trajectories_match(ours, theirs, peaks, f"{sampler} {spacing} {steps}")
+    if steps > 1:  # the noise matters: another seed gives another sample
+        generator = torch.Generator().manual_seed(6)
+        other = sample(toy_model, x_T, schedule, sampler, steps, generator=generator)
+        assert float((other - ours[-1]).abs().max()) > 1e-2
 
 
 def test_sde_step_noise_is_drawn_in_float32_as_diffusers_draws_it():
