@@ -544,8 +544,6 @@ def kdpm2_targets(sigmas: list[float], ancestral: bool = False) -> list[tuple[fl
             (sigma_next, 0.0, math.sqrt(sigma * sigma_next))
             for sigma, sigma_next in zip(sigmas[:-2], sigmas[1:-1], strict=True)
         ]
-    for sigma, sigma_next in zip(sigmas[:-2], sigmas[1:-1], strict=True):
-        require_falling_noise(sigma, sigma_next, -1, "kdpm2_ancestral")
     levels = torch.tensor(sigmas[:-1], dtype=torch.float32)
     following = torch.tensor(sigmas[1:], dtype=torch.float32)
     up = (following**2 * (levels**2 - following**2) / levels**2) ** 0.5
@@ -584,6 +582,9 @@ def _kdpm2_rows(
             f"{name}: {scheduler} does not implement prediction_type 'sample'; fastdiff refuses "
             "rather than differ: use epsilon or v_prediction"
         )
+    if ancestral:
+        for index in range(len(timesteps) - 1):
+            require_falling_noise(sigmas[index], sigmas[index + 1], timesteps[index], name)
     euler, init_noise_scale = _euler_rows(schedule, timesteps, sigmas)
     targets = kdpm2_targets(sigmas, ancestral)
     rows = []
