@@ -75,7 +75,7 @@ def denoising_range(
     SDXL pipelines cut their timesteps: each fraction d becomes the timestep cutoff
     round(T - d * T); the first pipeline runs the steps at or above its end cutoff, the second
     the steps below its start cutoff. end_step None: to the end. ``timesteps`` are the plan's
-    rows (one per model call); with ``order`` 2 (Heun: two rows a step) a start that would
+    rows (one per model call); with ``order`` 2 (Heun, KDPM2: two rows a step) a start that would
     split a step moves one row earlier, onto the step's first row, as diffusers' img2img
     pipelines move it for second-order schedulers."""
     for name, value in (("denoising_start", denoising_start), ("denoising_end", denoising_end)):

@@ -190,21 +190,11 @@ def default_sampler(config: dict[str, Any]) -> str:
             "unipc sampler is UniPC at solver_order 2 (its third order reads the x0 of three "
             "steps back); use solver_order 2"
         )
-    if class_name == "EulerDiscreteScheduler":
-        return "euler_karras" if karras else "euler"
     if class_name == "PNDMScheduler":
         # PNDM's Runge-Kutta warm-up (skip_prk_steps false, its default) is not implemented
         return "pndm" if config.get("skip_prk_steps") is True else "ddim"
-    if class_name == "LMSDiscreteScheduler":
-        return "lms_karras" if karras else "lms"
-    if class_name == "HeunDiscreteScheduler":
-        return "heun_karras" if karras else "heun"
-    if class_name == "KDPM2DiscreteScheduler":
-        return "kdpm2_karras" if karras else "kdpm2"
-    if class_name == "KDPM2AncestralDiscreteScheduler":
-        return "kdpm2_ancestral_karras" if karras else "kdpm2_ancestral"
-    if class_name == "UniPCMultistepScheduler":
-        return "unipc_karras" if karras else "unipc"
+    if class_name in KARRAS_SAMPLER_OF_CLASS:
+        return KARRAS_SAMPLER_OF_CLASS[class_name] + ("_karras" if karras else "")
     return SAMPLER_OF_CLASS.get(class_name, "ddim")
 
 
@@ -216,17 +206,21 @@ SAMPLER_OF_CLASS = {
     "LCMScheduler": "lcm",
     "TCDScheduler": "tcd",
 }
+# The schedulers whose sampler is the class's, with "_karras" for use_karras_sigmas
+KARRAS_SAMPLER_OF_CLASS = {
+    "EulerDiscreteScheduler": "euler",
+    "LMSDiscreteScheduler": "lms",
+    "HeunDiscreteScheduler": "heun",
+    "KDPM2DiscreteScheduler": "kdpm2",
+    "KDPM2AncestralDiscreteScheduler": "kdpm2_ancestral",
+    "UniPCMultistepScheduler": "unipc",
+}
 # Every scheduler class default_sampler has an equal sampler for
 MATCHED_CLASSES = (
     *SAMPLER_OF_CLASS,
+    *KARRAS_SAMPLER_OF_CLASS,
     "DPMSolverMultistepScheduler",
-    "UniPCMultistepScheduler",
-    "EulerDiscreteScheduler",
     "PNDMScheduler",
-    "LMSDiscreteScheduler",
-    "HeunDiscreteScheduler",
-    "KDPM2DiscreteScheduler",
-    "KDPM2AncestralDiscreteScheduler",
 )
 
 
