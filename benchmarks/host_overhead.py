@@ -1,0 +1,214 @@
+"""Host time of one call of each fastdiff op on the Triton path, measured on a machine without a
+GPU: what a launch costs the CPU outside a CUDA graph, where an eager U-Net (``optimize(...,
+graphs=False)``, or a user calling ``fastdiff.ops`` directly) waits on it.
+
+Each op is called on CPU tensors of an SD1.5 shape (fp16) with the triton backend and Triton's
+driver replaced by ``triton_sm90.py``'s compile-only sm_90 driver: the op's checks, PyTorch's
+dispatch, the output's allocation and Triton's launch front end (argument binding,
+specialisation, the kernel cache lookup) all run as on a GPU, and only the final call into the
+C launcher is skipped (a few µs on a GPU machine). Columns, µs per call (the fastest of 7 rounds):
+
+  triton     the whole call, as above
+  python     the same with Triton's ``JITFunction.run`` returning at once: fastdiff's Python
+             and PyTorch's dispatch only (the rest of ``triton`` is Triton's front end)
+  eager      the PyTorch ops the op replaces, on tiny CPU tensors of the same ranks (one
+             element per spatial position or row): their dispatch and a trivial CPU kernel, about
+             what each costs the host before its CUDA launch (meta tensors would time PyTorch's
+             Python meta functions instead)
+
+A GPU's own figure is ``bench_<op>.py``'s ``launch_ms`` note (the per-call event time, host
+included). The absolute figures depend on the CPU; compare columns and commits on one machine.
+
+    python benchmarks/host_overhead.py [--calls 2000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+import triton_sm90  # noqa: E402  (starts the process again without TRITON_INTERPRET)
+from triton.runtime.jit import JITFunction  # noqa: E402
+
+HALF = torch.float16
+
+
+def empty(*shape: int, dtype=HALF) -> torch.Tensor:
+    """A CPU tensor of a real shape for the Triton path (nothing reads or writes its values)."""
+    return torch.empty(*shape, dtype=dtype)
+
+
+def tiny(*shape: int) -> torch.Tensor:
+    """A small fp32 CPU tensor for the eager column: dispatch and a trivial CPU kernel."""
+    return torch.zeros(*shape)
+
+
+def cases() -> list[tuple[str, Callable[[], object], Callable[[], object]]]:
+    """(label, the fastdiff call, the eager PyTorch ops it replaces), at SD1.5 shapes."""
+    from fastdiff import ops
+    from fastdiff.ops.sampler_step import sampler_step_eager
+
+    out = []
+    x = empty(2, 640, 32, 32).to(memory_format=torch.channels_last)
+    weight, offset = empty(640), empty(2, 640)
+    x1, weight1, offset1 = tiny(2, 32, 1, 1), tiny(32), tiny(2, 32)
+    out.append(
+        (
+            "group_norm 2x640x32x32 NHWC silu offset (one launch)",
+            lambda: ops.group_norm(x, 32, weight, weight, 1e-5, True, offset),
+            lambda: F.silu(F.group_norm(x1 + offset1[:, :, None, None], 32, weight1, weight1)),
+        )
+    )
+    big = empty(2, 320, 64, 64).to(memory_format=torch.channels_last)
+    weight320 = empty(320)
+    out.append(
+        (
+            "group_norm 2x320x64x64 NHWC silu (three launches)",
+            lambda: ops.group_norm(big, 32, weight320, weight320, 1e-5, True),
+            lambda: F.silu(F.group_norm(x1, 32, weight1, weight1)),
+        )
+    )
+    rows, width, other = empty(2, 4096, 320), empty(320), empty(2, 4096, 320)
+    rows1, width1 = tiny(2, 1, 8), tiny(8)
+    out.append(
+        (
+            "layer_norm 2x4096x320",
+            lambda: ops.layer_norm(rows, width, width),
+            lambda: F.layer_norm(rows1, (8,), width1, width1),
+        )
+    )
+
+    def eager_add_norm():
+        total = rows1 + width1 + rows1
+        return total, F.layer_norm(total, (8,), width1, width1)
+
+    out.append(
+        (
+            "add_layer_norm 2x4096x320 x_bias",
+            lambda: ops.add_layer_norm(rows, other, width, width, 1e-5, None, width),
+            eager_add_norm,
+        )
+    )
+    qkv = empty(2, 4096, 3, 8, 40).permute(2, 0, 3, 1, 4)  # the fused projection's head views
+    q, k, v = qkv.unbind(0)
+    q1 = tiny(2, 1, 3, 8, 8).permute(2, 0, 3, 1, 4)[0]
+    out.append(
+        (
+            "attention self 2x8x4096x40 (fused-QKV views)",
+            lambda: ops.attention(q, k, v),
+            lambda: F.scaled_dot_product_attention(q1, q1, q1),
+        )
+    )
+    context = empty(2, 77, 2, 8, 40).permute(2, 0, 3, 1, 4)
+    out.append(
+        (
+            "attention cross 2x8x4096x40, 77 keys",
+            lambda: ops.attention(q, context[0], context[1]),
+            lambda: F.scaled_dot_product_attention(q1, q1, q1),
+        )
+    )
+    gate_in, gate1 = empty(2, 4096, 2560), tiny(2, 1, 16)
+
+    def eager_geglu():
+        value, gate = gate1.chunk(2, dim=-1)
+        return value * F.gelu(gate)
+
+    out.append(("geglu 2x4096x2560", lambda: ops.geglu(gate_in), eager_geglu))
+    projection, projection_bias = empty(2560, 320), empty(2560)
+    projection1, projection_bias1 = tiny(16, 8), tiny(16)
+
+    def eager_linear_geglu():
+        value, gate = F.linear(rows1, projection1, projection_bias1).chunk(2, dim=-1)
+        return value * F.gelu(gate)
+
+    out.append(
+        (
+            "linear_geglu 8192x320 -> 1280",
+            lambda: ops.linear_geglu(rows, projection, projection_bias),
+            eager_linear_geglu,
+        )
+    )
+    latents, model, previous = empty(1, 4, 64, 64), empty(2, 4, 64, 64), empty(1, 4, 64, 64)
+    table = empty(20, 10, dtype=torch.float32)
+    step = torch.zeros((), dtype=torch.int64)
+    guidance = torch.ones((), dtype=torch.float32)
+    latents1, model1, table1 = tiny(1, 1, 1, 1), tiny(2, 1, 1, 1), tiny(20, 10)
+    out.append(
+        (
+            "sampler_step 1x4x64x64 CFG, device step",
+            lambda: ops.sampler_step(latents, model, table, step, previous, guidance),
+            lambda: sampler_step_eager(latents1, model1, table1, step, latents1, guidance),
+        )
+    )
+    return out
+
+
+def per_call_us(fn: Callable[[], object], calls: int, rounds: int = 7) -> float:
+    for _ in range(min(200, calls)):
+        fn()
+    samples = []
+    for _ in range(rounds):
+        begin = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        samples.append((time.perf_counter() - begin) / calls * 1e6)
+    return min(samples)  # noise (other processes, frequency changes) only adds time
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--calls", type=int, default=2000, help="calls per timed round")
+    args = parser.parse_args(argv)
+
+    import fastdiff.ops.backend as backend
+    from fastdiff.ops import use_backend
+
+    backend.triton_can_run = lambda tensor: True  # CPU tensors stand in for CUDA ones
+    table = []
+    with torch.inference_mode(), use_backend("triton"), triton_sm90.compile_only() as produced:
+        compile_only_run = JITFunction.run
+        for label, call, eager in cases():
+            call()  # compiles
+            triton_us = per_call_us(call, args.calls)
+            JITFunction.run = lambda self, *a, grid, warmup, **kw: None
+            try:
+                python_us = per_call_us(call, args.calls)
+            finally:
+                JITFunction.run = compile_only_run
+            eager_us = per_call_us(eager, args.calls)
+            table.append((label, triton_us, python_us, eager_us))
+    if not produced:
+        print("no Triton kernel was compiled: the ops did not take the triton path")
+        return 1
+    print(f"host µs per call; torch {torch.__version__}, triton {triton_version()}, {cpu_name()}")
+    print(f"{'op (fp16)':52s} {'triton':>8s} {'python':>8s} {'eager':>8s}")
+    for label, triton_us, python_us, eager_us in table:
+        print(f"{label:52s} {triton_us:8.1f} {python_us:8.1f} {eager_us:8.1f}")
+    return 0
+
+
+def triton_version() -> str:
+    import triton
+
+    return triton.__version__
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip() + f", {os.cpu_count()} CPUs"
+    except OSError:
+        pass
+    return f"{os.cpu_count()} CPUs"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
