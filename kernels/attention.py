@@ -26,9 +26,11 @@ import triton.language as tl
 from . import (
     COMPILE_OPTIONS,
     attention_configs,
+    cdiv,
     compile_threads,
     compiling_ahead,
     launch,
+    next_power_of_2,
     prepare_launcher,
 )
 
@@ -119,9 +121,9 @@ def _fitting(configs, args: dict) -> list:
             continue
         if width > 128 and (n > 64 or (m == 128 and config.num_warps == 4)):
             continue  # registers: a 128 x (>128) fp32 accumulator needs 8 warps, short K blocks
-        if n > max(32, triton.next_power_of_2(keys)):
+        if n > max(32, next_power_of_2(keys)):
             continue  # key blocks much longer than the keys only compute padding
-        if m > max(64, triton.next_power_of_2(queries)):
+        if m > max(64, next_power_of_2(queries)):
             continue
         kept.append(config)
     return kept
@@ -445,27 +447,33 @@ if hasattr(attention_forward_kernel, "_bench") and hasattr(
 def head_blocks(head_dim: int, split: bool = True) -> tuple[int, int]:
     """(BLOCK_D, BLOCK_DT): a power-of-two block plus a power-of-two tail (>= 16, as tl.dot
     needs) when that pads less than one block of next_power_of_2(head_dim); else (pow2, 0)."""
-    padded = max(16, triton.next_power_of_2(head_dim))
+    padded = max(16, next_power_of_2(head_dim))
     main = 1 << (head_dim.bit_length() - 1)  # largest power of two <= head_dim
     if not split or main < 16 or main == head_dim:
         return padded, 0
-    tail = max(16, triton.next_power_of_2(head_dim - main))
+    tail = max(16, next_power_of_2(head_dim - main))
     return (main, tail) if main + tail < padded else (padded, 0)
 
 
 def scaled_strides(t: torch.Tensor, unit: int) -> tuple[int, int, int, int]:
     """(B, H, N) strides in units of ``unit`` (0 for size-1 dims, never indexed) and D's stride."""
-    outer = tuple(t.stride(d) // unit if t.shape[d] > 1 else 0 for d in range(3))
-    return (*outer, t.stride(3))
+    shape, stride = t.shape, t.stride()
+    return (
+        stride[0] // unit if shape[0] > 1 else 0,
+        stride[1] // unit if shape[1] > 1 else 0,
+        stride[2] // unit if shape[2] > 1 else 0,
+        stride[3],
+    )
 
 
 def stride_unit(*tensors: torch.Tensor) -> int:
     """Largest power of two (<= 16) dividing every batch / head / row stride that is indexed."""
     divisor = 0
     for t in tensors:
+        shape, stride = t.shape, t.stride()
         for d in range(3):
-            if t.shape[d] > 1:
-                divisor = math.gcd(divisor, t.stride(d))
+            if shape[d] > 1:
+                divisor = math.gcd(divisor, stride[d])
     if divisor == 0:
         return 16
     return min(divisor & -divisor, 16)
@@ -550,7 +558,7 @@ def attention_forward(
     unit = stride_unit(q, k, v, out)
 
     def grid(meta):
-        return (triton.cdiv(queries, meta["BLOCK_M"]), batch * heads)
+        return (cdiv(queries, meta["BLOCK_M"]), batch * heads)
 
     def run(split: bool) -> None:
         block_d, block_dt = head_blocks(head_dim, split)

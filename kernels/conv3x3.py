@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import COMPILE_OPTIONS, launch
+from . import COMPILE_OPTIONS, cdiv, launch
 
 MAX_ROWS = 2048  # B*H*W up to which this kernel is offered (the small maps it is for)
 
@@ -164,8 +164,8 @@ def split_count(tiles: int, blocks: int, programs: int) -> int:
     """Parts of the reduction so that tiles x parts fills the programs once, each part at least
     one column block; then no part is empty (parts = ceil(blocks / ceil(blocks / parts)))."""
     wanted = max(1, min(blocks, programs // max(tiles, 1)))
-    per_split = triton.cdiv(blocks, wanted)
-    return triton.cdiv(blocks, per_split)
+    per_split = cdiv(blocks, wanted)
+    return cdiv(blocks, per_split)
 
 
 def conv3x3_forward(
@@ -185,11 +185,11 @@ def conv3x3_forward(
     if out.numel() == 0:
         return out
     config = choose_config(x.dtype, rows)
-    tiles_m = triton.cdiv(rows, config.block_m)
-    tiles_n = triton.cdiv(out_channels, config.block_n)
-    blocks = 9 * triton.cdiv(channels, config.block_k)
+    tiles_m = cdiv(rows, config.block_m)
+    tiles_n = cdiv(out_channels, config.block_n)
+    blocks = 9 * cdiv(channels, config.block_k)
     splits = split_count(tiles_m * tiles_n, blocks, programs_available(x.device))
-    per_split = triton.cdiv(blocks, splits)
+    per_split = cdiv(blocks, splits)
     final = splits == 1
     target = out if final else torch.empty((splits, rows, out_channels), device=x.device)
     launch(
@@ -223,7 +223,7 @@ def conv3x3_forward(
         block = 1024
         launch(
             conv3x3_sum_kernel,
-            (triton.cdiv(count, block),),
+            (cdiv(count, block),),
             target,
             bias if bias is not None else target,
             out,

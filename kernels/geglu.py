@@ -7,7 +7,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import COMPILE_OPTIONS, launch
+from . import COMPILE_OPTIONS, cdiv, launch, next_power_of_2
 
 
 @triton.jit
@@ -40,9 +40,9 @@ def geglu_forward(x: torch.Tensor) -> torch.Tensor:
     y = torch.empty((*x.shape[:-1], width), dtype=x.dtype, device=x.device)
     if y.numel() == 0:
         return y
-    block_d = max(2, min(triton.next_power_of_2(width), 1024))
-    block_r = max(1, min(4096 // block_d, triton.next_power_of_2(rows)))
-    grid = (triton.cdiv(rows, block_r), triton.cdiv(width, block_d))
+    block_d = max(2, min(next_power_of_2(width), 1024))
+    block_r = max(1, min(4096 // block_d, next_power_of_2(rows)))
+    grid = (cdiv(rows, block_r), cdiv(width, block_d))
     launch(
         geglu_kernel,
         grid,

@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import COMPILE_OPTIONS, compiling_ahead, group_norm_two_launch, launch
+from . import COMPILE_OPTIONS, compiling_ahead, group_norm_two_launch, launch, next_power_of_2
 from .group_norm_split import channel_offsets, split_reduction
 
 # Largest group (channels per group x spatial size) for the single-program-per-group kernel: a
@@ -149,15 +149,18 @@ def _normalize_store(values, mean, scale, bias, out_ptrs, mask, SILU: tl.constex
 def flat_strides(x: torch.Tensor) -> tuple[int, int, int] | None:
     """(stride_n, stride_c, stride_s) of ``x`` seen as (N, C, S), or None when the spatial dims
     cannot be flattened into one stride (a permuted or sliced spatial layout)."""
-    if x.dim() == 2:
-        return x.stride(0), x.stride(1), 1
-    dims = [d for d in range(2, x.dim()) if x.shape[d] != 1]
-    if not dims:
-        return x.stride(0), x.stride(1), 1
-    for outer, inner in zip(dims[:-1], dims[1:], strict=True):
-        if x.stride(outer) != x.stride(inner) * x.shape[inner]:
+    shape, stride = x.shape, x.stride()
+    inner_stride = None  # of the innermost spatial dim of size > 1
+    expected = 0  # the stride the next outer such dim needs to flatten with it
+    for d in range(len(shape) - 1, 1, -1):
+        if shape[d] == 1:
+            continue
+        if inner_stride is None:
+            inner_stride = stride[d]
+        elif stride[d] != expected:
             return None
-    return x.stride(0), x.stride(1), x.stride(dims[-1])
+        expected = stride[d] * shape[d]
+    return stride[0], stride[1], 1 if inner_stride is None else inner_stride
 
 
 def offset_strides_of(offset: torch.Tensor | None) -> tuple[int, int]:
@@ -194,7 +197,7 @@ def group_norm_forward(
     num_samples, channels = x.shape[0], x.shape[1]
     spatial = x.numel() // max(1, num_samples * channels)
     y = torch.empty_like(x)
-    out_strides = flat_strides(y)
+    out_strides = strides if y.stride() == x.stride() else flat_strides(y)
     if out_strides is None:  # empty_like of a non-dense input: fall back to a contiguous output
         y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
         out_strides = flat_strides(y)
@@ -207,8 +210,8 @@ def group_norm_forward(
     if small and _single_pass_state != "failed":
         # Small groups: one program per group, one launch (the three-kernel path is launch-bound
         # there).
-        block_cg = max(2, triton.next_power_of_2(per_group))
-        block_s = max(2, min(triton.next_power_of_2(spatial), max(16, 8192 // block_cg)))
+        block_cg = max(2, next_power_of_2(per_group))
+        block_s = max(2, min(next_power_of_2(spatial), max(16, 8192 // block_cg)))
         try:
             launch(
                 group_norm_single_pass_kernel,

@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import COMPILE_OPTIONS, launch
+from . import COMPILE_OPTIONS, cdiv, launch, next_power_of_2
 
 
 @triton.jit
@@ -208,14 +208,14 @@ def multiprocessors(device: torch.device) -> int:
 def tile_shape(channels: int, spatial: int, channel_contiguous: bool) -> tuple[int, int]:
     """(BLOCK_C, BLOCK_S) of about 4096 elements, long along the contiguous axis."""
     if channel_contiguous:
-        block_c = min(triton.next_power_of_2(channels), 128)
+        block_c = min(next_power_of_2(channels), 128)
         divides = channels & -channels  # largest power of two dividing the channel count
         if channels % block_c and divides >= 32:
             block_c = divides  # e.g. 320 channels: 5 blocks of 64 rather than 3 of 128
-        block_s = max(2, min(4096 // block_c, triton.next_power_of_2(spatial)))
+        block_s = max(2, min(4096 // block_c, next_power_of_2(spatial)))
     else:
-        block_s = max(2, min(triton.next_power_of_2(spatial), 1024))
-        block_c = max(2, min(4096 // block_s, triton.next_power_of_2(channels)))
+        block_s = max(2, min(next_power_of_2(spatial), 1024))
+        block_c = max(2, min(4096 // block_s, next_power_of_2(channels)))
     return block_c, block_s
 
 
@@ -239,12 +239,12 @@ def split_reduction(
     per_group = channels // num_groups
     channel_contiguous = strides[1] == 1 and strides[2] != 1
     block_c, block_s = tile_shape(channels, spatial, channel_contiguous)
-    channel_blocks = triton.cdiv(channels, block_c)
-    spatial_tiles = triton.cdiv(spatial, block_s)
+    channel_blocks = cdiv(channels, block_c)
+    spatial_tiles = cdiv(spatial, block_s)
     # Enough programs to fill every multiprocessor a few times over, whatever N * C is.
-    wanted_splits = triton.cdiv(4 * multiprocessors(x.device), num_samples * channel_blocks)
-    tiles_per_split = max(1, triton.cdiv(spatial_tiles, wanted_splits))
-    splits = triton.cdiv(spatial_tiles, tiles_per_split)
+    wanted_splits = cdiv(4 * multiprocessors(x.device), num_samples * channel_blocks)
+    tiles_per_split = max(1, cdiv(spatial_tiles, wanted_splits))
+    splits = cdiv(spatial_tiles, tiles_per_split)
 
     partial = torch.empty(2 * num_samples * splits * channels, dtype=torch.float32, device=x.device)
     launch(
@@ -266,8 +266,8 @@ def split_reduction(
         outputs=(partial,),
         **COMPILE_OPTIONS,
     )
-    block_cg = max(2, triton.next_power_of_2(per_group))
-    block_split = max(2, min(triton.next_power_of_2(splits), max(2, 4096 // block_cg)))
+    block_cg = max(2, next_power_of_2(per_group))
+    block_split = max(2, min(next_power_of_2(splits), max(2, 4096 // block_cg)))
     folded = torch.empty(3 * num_samples * channels, dtype=torch.float32, device=x.device)
     launch(
         group_norm_finalize_kernel,

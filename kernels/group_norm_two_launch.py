@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import COMPILE_OPTIONS, launch
+from . import COMPILE_OPTIONS, cdiv, launch, next_power_of_2
 from . import group_norm_split as split_kernels
 from .group_norm_split import channel_offsets
 
@@ -200,7 +200,7 @@ def group_block(per_group: int, num_groups: int, channel_contiguous: bool) -> tu
     than 1 in 16). Ties go to the longer block when channels are the contiguous axis (longer
     rows per pixel), else to the shorter (a longer spatial extent)."""
     best: tuple[float, int, int] | None = None
-    block = triton.next_power_of_2(per_group)
+    block = next_power_of_2(per_group)
     while True:
         groups = min(block // per_group, num_groups)
         used = groups * per_group / block
@@ -215,7 +215,7 @@ def group_block(per_group: int, num_groups: int, channel_contiguous: bool) -> tu
 def lookup_width(block_c: int, per_group: int, num_groups: int) -> int:
     """BLOCK_GT: room for the most groups that ``block_c`` consecutive channels can touch."""
     touched = min((block_c + per_group - 2) // per_group + 1, num_groups)
-    return max(2, triton.next_power_of_2(touched))
+    return max(2, next_power_of_2(touched))
 
 
 def supports(channels: int, num_groups: int) -> bool:
@@ -257,14 +257,14 @@ def two_launch_reduction(
     channel_contiguous = strides[1] == 1 and strides[2] != 1
 
     stats_block_c, groups_per_block = group_block(per_group, num_groups, channel_contiguous)
-    stats_block_s = max(2, min(4096 // stats_block_c, triton.next_power_of_2(spatial)))
-    group_blocks = triton.cdiv(num_groups, groups_per_block)
-    spatial_tiles = triton.cdiv(spatial, stats_block_s)
+    stats_block_s = max(2, min(4096 // stats_block_c, next_power_of_2(spatial)))
+    group_blocks = cdiv(num_groups, groups_per_block)
+    spatial_tiles = cdiv(spatial, stats_block_s)
     # Enough programs to fill every multiprocessor a few times over, as the three launches do.
     programs = 4 * split_kernels.multiprocessors(x.device)
-    wanted_splits = triton.cdiv(programs, num_samples * group_blocks)
-    tiles_per_split = max(1, triton.cdiv(spatial_tiles, min(wanted_splits, MAX_SPLITS)))
-    splits = triton.cdiv(spatial_tiles, tiles_per_split)
+    wanted_splits = cdiv(programs, num_samples * group_blocks)
+    tiles_per_split = max(1, cdiv(spatial_tiles, min(wanted_splits, MAX_SPLITS)))
+    splits = cdiv(spatial_tiles, tiles_per_split)
     partial = torch.empty(
         2 * num_samples * splits * num_groups, dtype=torch.float32, device=x.device
     )
@@ -286,7 +286,7 @@ def two_launch_reduction(
         CHANNELS_PER_GROUP=per_group,
         GROUPS_PER_BLOCK=groups_per_block,
         BLOCK_C=stats_block_c,
-        BLOCK_G=max(2, triton.next_power_of_2(groups_per_block)),
+        BLOCK_G=max(2, next_power_of_2(groups_per_block)),
         BLOCK_S=stats_block_s,
         HAS_OFFSET=offset is not None,
         num_warps=8,  # two fp32 accumulators of a 4096-element tile, as the partial-stats kernel
@@ -298,7 +298,7 @@ def two_launch_reduction(
     )
     launch(
         group_norm_apply_group_stats_kernel,
-        (triton.cdiv(spatial, block_s), triton.cdiv(channels, block_c), num_samples),
+        (cdiv(spatial, block_s), cdiv(channels, block_c), num_samples),
         x,
         y,
         partial,
@@ -318,7 +318,7 @@ def two_launch_reduction(
         BLOCK_C=block_c,
         BLOCK_S=block_s,
         BLOCK_GT=block_gt,
-        BLOCK_SPLIT=max(2, min(triton.next_power_of_2(splits), 64)),
+        BLOCK_SPLIT=max(2, min(next_power_of_2(splits), 64)),
         HAS_WEIGHT=weight is not None,
         HAS_BIAS=bias is not None,
         HAS_OFFSET=offset is not None,

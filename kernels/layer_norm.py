@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import COMPILE_OPTIONS, launch
+from . import COMPILE_OPTIONS, cdiv, launch, next_power_of_2
 
 MAX_ROW = 8192  # one row must fit a program's registers
 
@@ -90,18 +90,18 @@ def layer_norm_forward(
     width = x.shape[-1]
     rows = x.numel() // max(width, 1)
     x2d = x.reshape(rows, width)  # a view for the inputs the op sends here
-    y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    y = torch.empty_like(x, memory_format=torch.contiguous_format)
     total = None
     if residual is not None:
         residual = residual.reshape(rows, width)
-        total = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+        total = torch.empty_like(x, memory_format=torch.contiguous_format)
     if x.numel() == 0:
         return y if residual is None else (total, y)
-    block_d = max(2, triton.next_power_of_2(width))
-    block_r = max(1, min(4096 // block_d, triton.next_power_of_2(rows)))
+    block_d = max(2, next_power_of_2(width))
+    block_r = max(1, min(4096 // block_d, next_power_of_2(rows)))
     launch(
         layer_norm_kernel,
-        (triton.cdiv(rows, block_r),),
+        (cdiv(rows, block_r),),
         x2d,
         y,
         weight if weight is not None else y,

@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import COMPILE_OPTIONS, launch
+from . import COMPILE_OPTIONS, cdiv, launch
 
 
 class Config(NamedTuple):
@@ -128,7 +128,7 @@ def linear_geglu_forward(
         return y
     x2d = x.reshape(rows, depth)  # a view for the inputs the op sends here
     config = choose_config(x.dtype)
-    grid = (triton.cdiv(rows, config.block_m) * triton.cdiv(inner, config.block_n),)
+    grid = (cdiv(rows, config.block_m) * cdiv(inner, config.block_n),)
     launch(
         linear_geglu_kernel,
         grid,

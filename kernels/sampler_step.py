@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import COMPILE_OPTIONS, launch
+from . import COMPILE_OPTIONS, cdiv, launch
 
 BLOCK = 1024  # 8 fp16 values (128 bits) per thread at 4 warps
 
@@ -104,7 +104,7 @@ def sampler_step_forward(
         return x_next, x0
     launch(
         sampler_step_kernel,
-        (triton.cdiv(numel, BLOCK),),
+        (cdiv(numel, BLOCK),),
         x,
         model_output,
         coefficients,

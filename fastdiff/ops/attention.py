@@ -13,6 +13,7 @@ from fastdiff.ops.autoselect import attention_key
 from fastdiff.ops.backend import (
     cuda_extension_op,
     kernel_dtype_supported,
+    launch_kernel_op,
     needs_autograd,
     select_backend,
 )
@@ -57,13 +58,17 @@ def attention_eager(q, k, v, scale: float | None = None) -> torch.Tensor:
     return F.scaled_dot_product_attention(q, k, v, scale=scale)
 
 
-@torch.library.custom_op("fastdiff::attention", mutates_args=())
-def attention_triton(
+def attention_launch(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
 ) -> torch.Tensor:
+    """The Triton launcher: the custom op's implementation, also called directly
+    (``launch_kernel_op``)."""
     from fastdiff.kernels.attention import attention_forward
 
     return attention_forward(q, k, v, scale)
+
+
+attention_triton = torch.library.custom_op("fastdiff::attention", attention_launch, mutates_args=())
 
 
 @attention_triton.register_fake
@@ -102,5 +107,5 @@ def attention(
         backend = "triton"
     if backend == "triton" and attention_triton_supports(q, k, v, scale):
         scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-        return attention_triton(q, k, v, scale)
+        return launch_kernel_op(attention_triton, attention_launch, q, k, v, scale)
     return attention_eager(q, k, v, scale)

@@ -16,6 +16,10 @@ Backends:
 ``use_backend(name)`` overrides it inside a ``with`` block (tests and benchmarks use it).
 Under ``TRITON_INTERPRET=1`` the triton backend also runs on CPU tensors (slowly), which is how
 CI exercises the kernels without a GPU.
+
+Each kernel is a ``torch.library.custom_op``; ``launch_kernel_op`` runs it as one wherever
+something traces, records or transforms ops (``may_launch_directly``), and otherwise calls its
+launcher directly, which saves PyTorch's dispatch on every un-graphed call.
 """
 
 from __future__ import annotations
@@ -183,6 +187,55 @@ def select_backend(
     return "eager"
 
 
+def _watch_probes() -> tuple[Callable[[], Any], ...] | None:
+    """PyTorch's cheap checks for what may be recording or transforming ops (private functions of
+    torch._C, present in the 2.x releases fastdiff supports); None where one is missing, and
+    then every kernel goes through its custom op."""
+    try:
+        return (
+            torch._C._len_torch_dispatch_stack,  # dispatch modes: FakeTensorMode, FLOP counter
+            torch._C._are_functorch_transforms_active,  # vmap, grad, functionalize
+            torch._C._get_tracing_state,  # torch.jit.trace
+            torch._C._autograd._profiler_enabled,  # torch.profiler: ops named in its tables
+        )
+    except AttributeError:
+        return None
+
+
+_WATCH_PROBES = _watch_probes()
+_PLAIN_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)
+
+
+def may_launch_directly(tensors: tuple[Any, ...]) -> bool:
+    """True when a kernel may be launched by a plain Python call rather than through its custom
+    op: nothing traces, records or transforms ops (torch.compile and torch.export, torch.jit.trace,
+    a dispatch mode such as FakeTensorMode or the FLOP counter, a functorch transform, the
+    profiler, whose tables name the custom ops), and every tensor argument is a plain tensor or
+    parameter, not a subclass. Where any of these watches, the custom op is what it must see."""
+    if _WATCH_PROBES is None or torch.compiler.is_compiling():
+        return False
+    dispatch_modes, transforms, tracing, profiling = _WATCH_PROBES
+    if dispatch_modes() or transforms() or tracing() is not None or profiling():
+        return False
+    for item in tensors:
+        if type(item) not in _PLAIN_TENSOR_TYPES and isinstance(item, torch.Tensor):
+            return False
+    return True
+
+
+def launch_kernel_op(custom_op: Callable[..., Any], launcher: Callable[..., Any], *args: Any):
+    """Run a Triton kernel: ``launcher(*args)`` directly where ``may_launch_directly`` allows,
+    else ``custom_op(*args)`` (the ``torch.library.custom_op`` wrapping the same launcher).
+
+    Both run the same launcher on the same arguments. The direct call skips PyTorch's dispatch
+    of a Python custom op (its autograd wrapper, redispatch and alias check): about 20 µs of host
+    time per call on the development machine (``benchmarks/host_overhead.py``), which an eager
+    forward without CUDA graphs pays on every op."""
+    if may_launch_directly(args):
+        return launcher(*args)
+    return custom_op(*args)
+
+
 def cuda_extension_module() -> ModuleType | None:
     """``fastdiff.ops.cuda_extension`` (the CUDA C++ layer), or None where it is not shipped."""
     try:
@@ -223,6 +276,8 @@ def rows_are_viewable(x: torch.Tensor) -> bool:
     layout the row-wise kernels (layer_norm, geglu) read without a copy."""
     if x.dim() == 0 or (x.stride(-1) != 1 and x.shape[-1] > 1):
         return False
+    if x.shape[-1] > 0 and x.is_contiguous():
+        return True  # the common case, without making a view
     try:
         x.view(-1, x.shape[-1])
     except RuntimeError:

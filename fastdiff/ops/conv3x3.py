@@ -19,6 +19,7 @@ from fastdiff.ops.autoselect import conv3x3_key
 from fastdiff.ops.backend import (
     autocast_enabled,
     kernel_dtype_supported,
+    launch_kernel_op,
     needs_autograd,
     select_backend,
 )
@@ -57,13 +58,17 @@ def conv3x3_eager(x, weight, bias=None) -> torch.Tensor:
     return F.conv2d(x, weight, bias, padding=1)
 
 
-@torch.library.custom_op("fastdiff::conv3x3", mutates_args=())
-def conv3x3_triton(
+def conv3x3_launch(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
 ) -> torch.Tensor:
+    """The Triton launcher: the custom op's implementation, also called directly
+    (``launch_kernel_op``)."""
     from fastdiff.kernels.conv3x3 import conv3x3_forward
 
     return conv3x3_forward(x, weight, bias)
+
+
+conv3x3_triton = torch.library.custom_op("fastdiff::conv3x3", conv3x3_launch, mutates_args=())
 
 
 @conv3x3_triton.register_fake
@@ -102,5 +107,5 @@ def conv3x3(
     if needs_autograd(x, weight, bias) or autocast_enabled(x.device.type):
         backend = "eager"
     if backend == "triton" and conv3x3_triton_supports(x, weight, bias):
-        return conv3x3_triton(x, weight, bias)
+        return launch_kernel_op(conv3x3_triton, conv3x3_launch, x, weight, bias)
     return conv3x3_eager(x, weight, bias)

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from fastdiff.ops.backend import (
     cuda_extension_op,
     kernel_dtype_supported,
+    launch_kernel_op,
     needs_autograd,
     rows_are_viewable,
     select_backend,
@@ -36,11 +37,15 @@ def geglu_eager(x: torch.Tensor) -> torch.Tensor:
     return value * F.gelu(gate)
 
 
-@torch.library.custom_op("fastdiff::geglu", mutates_args=())
-def geglu_triton(x: torch.Tensor) -> torch.Tensor:
+def geglu_launch(x: torch.Tensor) -> torch.Tensor:
+    """The Triton launcher: the custom op's implementation, also called directly
+    (``launch_kernel_op``)."""
     from fastdiff.kernels.geglu import geglu_forward
 
     return geglu_forward(x)
+
+
+geglu_triton = torch.library.custom_op("fastdiff::geglu", geglu_launch, mutates_args=())
 
 
 @geglu_triton.register_fake
@@ -60,5 +65,5 @@ def geglu(x: torch.Tensor) -> torch.Tensor:
             return native(x)
         backend = "triton"
     if backend == "triton" and kernel_dtype_supported(x) and rows_are_viewable(x):
-        return geglu_triton(x)
+        return launch_kernel_op(geglu_triton, geglu_launch, x)
     return geglu_eager(x)

@@ -13,6 +13,7 @@ from fastdiff.ops.backend import (
     check_eps,
     cuda_extension_op,
     kernel_dtype_supported,
+    launch_kernel_op,
     needs_autograd,
     select_backend,
 )
@@ -114,8 +115,7 @@ def check_group_norm_args(
             raise ValueError(f"group_norm: offset is on {offset.device}, x on {x.device}")
 
 
-@torch.library.custom_op("fastdiff::group_norm", mutates_args=())
-def group_norm_triton(
+def group_norm_launch(
     x: torch.Tensor,
     num_groups: int,
     weight: torch.Tensor | None,
@@ -124,9 +124,16 @@ def group_norm_triton(
     silu: bool,
     offset: torch.Tensor | None = None,
 ) -> torch.Tensor:
+    """The Triton launcher: the custom op's implementation, also called directly
+    (``launch_kernel_op``)."""
     from fastdiff.kernels.group_norm import group_norm_forward
 
     return group_norm_forward(x, num_groups, weight, bias, eps, silu, offset)
+
+
+group_norm_triton = torch.library.custom_op(
+    "fastdiff::group_norm", group_norm_launch, mutates_args=()
+)
 
 
 @group_norm_triton.register_fake
@@ -147,7 +154,7 @@ def group_norm_triton_supports(x: torch.Tensor, num_groups: int, weight, bias, o
         return False
     if x.shape[1] // num_groups > MAX_CHANNELS_PER_GROUP or flat_strides(x) is None:
         return False
-    if x.numel() and x[0].numel() >= MAX_SAMPLE_ELEMENTS:
+    if x.numel() and x.numel() // x.shape[0] >= MAX_SAMPLE_ELEMENTS:
         return False  # the kernels index within a sample in int32
     if offset is not None and offset.dtype not in (x.dtype, torch.float32):
         return False
@@ -185,7 +192,8 @@ def group_norm(
             return native(x, num_groups, weight, bias, eps, silu)
         backend = "triton"
     if backend == "triton" and group_norm_triton_supports(x, num_groups, weight, bias, offset):
-        return group_norm_triton(x, num_groups, weight, bias, float(eps), bool(silu), offset)
+        args = (x, num_groups, weight, bias, float(eps), bool(silu), offset)
+        return launch_kernel_op(group_norm_triton, group_norm_launch, *args)
     if offset is not None:
         x = x + broadcast_offset(offset.to(x.dtype), x)
     if any(p is not None and p.dtype != x.dtype for p in (weight, bias)):

@@ -13,6 +13,7 @@ from fastdiff.ops.backend import (
     check_eps,
     cuda_extension_op,
     kernel_dtype_supported,
+    launch_kernel_op,
     needs_autograd,
     rows_are_viewable,
     select_backend,
@@ -36,13 +37,19 @@ def layer_norm_eager(x, weight, bias, eps: float = 1e-5) -> torch.Tensor:
     return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
 
 
-@torch.library.custom_op("fastdiff::layer_norm", mutates_args=())
-def layer_norm_triton(
+def layer_norm_launch(
     x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float
 ) -> torch.Tensor:
+    """The Triton launcher: the custom op's implementation, also called directly
+    (``launch_kernel_op``)."""
     from fastdiff.kernels.layer_norm import layer_norm_forward
 
     return layer_norm_forward(x, weight, bias, eps)
+
+
+layer_norm_triton = torch.library.custom_op(
+    "fastdiff::layer_norm", layer_norm_launch, mutates_args=()
+)
 
 
 @layer_norm_triton.register_fake
@@ -89,7 +96,7 @@ def layer_norm(
             return native(x, weight, bias, eps)
         backend = "triton"
     if backend == "triton" and layer_norm_triton_supports(x, weight, bias):
-        return layer_norm_triton(x, weight, bias, float(eps))
+        return launch_kernel_op(layer_norm_triton, layer_norm_launch, x, weight, bias, float(eps))
     if any(p is not None and p.dtype != x.dtype for p in (weight, bias)):
         # F.layer_norm refuses most dtype mixes: compute in fp32 (fp64 for fp64 x), as the
         # kernel does, and return x's dtype.
@@ -122,8 +129,7 @@ def add_layer_norm_eager(x, residual, weight, bias, eps: float = 1e-5, sum_bias=
     return (total if sum_bias is None else total + sum_bias), normed
 
 
-@torch.library.custom_op("fastdiff::add_layer_norm", mutates_args=())
-def add_layer_norm_triton(
+def add_layer_norm_launch(
     x: torch.Tensor,
     residual: torch.Tensor,
     weight: torch.Tensor | None,
@@ -132,9 +138,16 @@ def add_layer_norm_triton(
     sum_bias: torch.Tensor | None = None,
     x_bias: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The Triton launcher: the custom op's implementation, also called directly
+    (``launch_kernel_op``)."""
     from fastdiff.kernels.layer_norm import layer_norm_forward
 
     return layer_norm_forward(x, weight, bias, eps, residual, sum_bias, x_bias)
+
+
+add_layer_norm_triton = torch.library.custom_op(
+    "fastdiff::add_layer_norm", add_layer_norm_launch, mutates_args=()
+)
 
 
 @add_layer_norm_triton.register_fake
@@ -189,7 +202,8 @@ def add_layer_norm(
         and layer_norm_triton_supports(x, sum_bias, x_bias)
         and rows_are_viewable(residual)
     ):
-        return add_layer_norm_triton(x, residual, weight, bias, float(eps), sum_bias, x_bias)
+        args = (x, residual, weight, bias, float(eps), sum_bias, x_bias)
+        return launch_kernel_op(add_layer_norm_triton, add_layer_norm_launch, *args)
     if x_bias is not None:
         x = x + x_bias.to(x.dtype)
     total = x + residual

@@ -23,6 +23,7 @@ from fastdiff.ops.autoselect import linear_geglu_key
 from fastdiff.ops.backend import (
     autocast_enabled,
     kernel_dtype_supported,
+    launch_kernel_op,
     needs_autograd,
     rows_are_viewable,
     select_backend,
@@ -79,13 +80,19 @@ def linear_geglu_two_steps(x, weight, bias=None) -> torch.Tensor:
     return geglu(F.linear(x, weight, bias))
 
 
-@torch.library.custom_op("fastdiff::linear_geglu", mutates_args=())
-def linear_geglu_triton(
+def linear_geglu_launch(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
 ) -> torch.Tensor:
+    """The Triton launcher: the custom op's implementation, also called directly
+    (``launch_kernel_op``)."""
     from fastdiff.kernels.linear_geglu import linear_geglu_forward
 
     return linear_geglu_forward(x, weight, bias)
+
+
+linear_geglu_triton = torch.library.custom_op(
+    "fastdiff::linear_geglu", linear_geglu_launch, mutates_args=()
+)
 
 
 @linear_geglu_triton.register_fake
@@ -119,5 +126,5 @@ def linear_geglu(
     if needs_autograd(x, weight, bias) or autocast:
         backend = "eager"
     if backend == "triton" and linear_geglu_triton_supports(x, weight, bias):
-        return linear_geglu_triton(x, weight, bias)
+        return launch_kernel_op(linear_geglu_triton, linear_geglu_launch, x, weight, bias)
     return linear_geglu_two_steps(x, weight, bias)

@@ -18,6 +18,7 @@ from fastdiff.ops.autoselect import sampler_step_key
 from fastdiff.ops.backend import (
     cuda_extension_op,
     kernel_dtype_supported,
+    launch_kernel_op,
     needs_autograd,
     select_backend,
 )
@@ -69,8 +70,7 @@ def sampler_step_eager(
     return x_next.to(x.dtype), x0.to(x.dtype)
 
 
-@torch.library.custom_op("fastdiff::sampler_step", mutates_args=())
-def sampler_step_triton(
+def sampler_step_launch(
     x: torch.Tensor,
     model_output: torch.Tensor,
     coefficients: torch.Tensor,
@@ -81,11 +81,18 @@ def sampler_step_triton(
     noise: torch.Tensor | None,
     x0_older: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The Triton launcher: the custom op's implementation, also called directly
+    (``launch_kernel_op``)."""
     from fastdiff.kernels.sampler_step import sampler_step_forward
 
     return sampler_step_forward(
         x, model_output, coefficients, step, x0_prev, guidance, guidance_value, noise, x0_older
     )
+
+
+sampler_step_triton = torch.library.custom_op(
+    "fastdiff::sampler_step", sampler_step_launch, mutates_args=()
+)
 
 
 @sampler_step_triton.register_fake
@@ -226,7 +233,7 @@ def sampler_step(
         )
     ):
         try:
-            result = sampler_step_triton(*args)
+            result = launch_kernel_op(sampler_step_triton, sampler_step_launch, *args)
         except Exception as error:
             if _kernel_state == "works":
                 raise  # it compiled and ran before: a real error, not a compiler refusal
