@@ -19,12 +19,21 @@ C launcher is skipped (a few µs on a GPU machine). Columns, µs per call (the f
 A GPU's own figure is ``bench_<op>.py``'s ``launch_ms`` note (the per-call event time, host
 included). The absolute figures depend on the CPU; compare columns and commits on one machine.
 
-    python benchmarks/host_overhead.py [--calls 2000]
+``--unet`` times whole U-Net forwards instead: SD1.5's every layer at narrow widths
+(``narrow_sd15_unet``: the same op calls in the same order), batch 2 at 8×8 latents, prepared
+as ``optimize()`` prepares it (fused QKV, folded biases, channels-last; fp32, whose CPU
+matrix products are quick, unlike fp16's), each op routed
+as ``optimize()``'s auto backend routes it (by the shipped table: cuDNN for the 3x3
+convolutions, for example), its kernels as above; and on the eager backend, whose PyTorch ops
+run on the CPU (at these widths, in little time). With the Triton launches per forward.
+
+    python benchmarks/host_overhead.py [--calls 2000] [--unet]
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import sys
 import time
@@ -36,6 +45,8 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 import triton_sm90  # noqa: E402  (starts the process again without TRITON_INTERPRET)
 from triton.runtime.jit import JITFunction  # noqa: E402
+
+from fastdiff.ops import use_backend  # noqa: E402
 
 HALF = torch.float16
 
@@ -150,6 +161,81 @@ def cases() -> list[tuple[str, Callable[[], object], Callable[[], object]]]:
     return out
 
 
+def narrow_unet() -> tuple[Callable[[], object], Callable[[], object]]:
+    """(forward, its eager-backend twin): the narrow SD1.5 U-Net prepared as optimize() does,
+    as triton_sm90.py's compile-ahead check prepares it."""
+    import bench_unet
+    import model_bench
+
+    work = bench_unet.UNetWorkload("host", "narrow_sd15_unet", 2, 8, 77, 64)
+    # fp32: the CPU's fp16 matrix products (about 0.1 ms each here) would hide the host time.
+    holder = model_bench.ModelHolder("unet", work.config, torch.device("cpu"), torch.float32)
+    model = holder.fastdiff_model(prepared=True)
+    model.fold_conv_biases(True)
+    model.to(memory_format=torch.channels_last)
+    inputs = bench_unet.unet_inputs(work, "cpu", torch.float32)
+    inputs["sample"] = inputs["sample"].contiguous(memory_format=torch.channels_last)
+
+    def eager():
+        with use_backend("eager"):
+            return model(**inputs)
+
+    return (lambda: model(**inputs)), eager
+
+
+def choose_as_auto() -> None:
+    """Route each op as ``optimize()``'s auto backend would on a GPU: by the shipped table per op
+    and shape (triton where it names the CUDA extension, which is not built here), eager for
+    the eager backend. ``select_backend`` itself sends CPU tensors' auto requests to eager."""
+    from fastdiff.ops import autoselect, backend
+
+    def choose(tensor, op=None, key=None):
+        if backend.requested_backend() == "eager":
+            return "eager"
+        if op is None or key is None:
+            return "triton"
+        return "eager" if autoselect.cached_preference(op, key()) == "eager" else "triton"
+
+    for name in ("attention", "conv3x3", "group_norm", "linear_geglu", "sampler_step"):
+        importlib.import_module(f"fastdiff.ops.{name}").select_backend = choose
+
+
+def unet_main(calls: int) -> int:
+    launches = []
+    choose_as_auto()
+    with torch.inference_mode(), use_backend("triton"), triton_sm90.compile_only() as produced:
+        forward, eager = narrow_unet()
+        forward()  # compiles
+        compile_only_run = JITFunction.run
+
+        def counting_run(self, *args, **kwargs):
+            launches.append(1)
+            return compile_only_run(self, *args, **kwargs)
+
+        JITFunction.run = counting_run
+        forward()
+        JITFunction.run = compile_only_run
+        triton_ms = per_call_us(forward, calls) / 1e3
+        JITFunction.run = lambda self, *a, grid, warmup, **kw: None
+        try:
+            python_ms = per_call_us(forward, calls) / 1e3
+        finally:
+            JITFunction.run = compile_only_run
+        eager_ms = per_call_us(eager, calls) / 1e3
+    if not produced:
+        print("no Triton kernel was compiled: the U-Net did not take the triton path")
+        return 1
+    print(
+        f"host ms per U-Net forward; torch {torch.__version__}, triton {triton_version()}, "
+        f"{cpu_name()}"
+    )
+    print("narrow_sd15_unet (SD1.5's layers), batch 2, 8x8 latents, fp32, prepared as optimize()")
+    print(f"  triton backend    {triton_ms:8.2f} ms  ({len(launches)} Triton launches a forward)")
+    print(f"  of it, python     {python_ms:8.2f} ms  (Triton's JITFunction.run returning at once)")
+    print(f"  eager backend     {eager_ms:8.2f} ms  (PyTorch ops on the CPU, these widths)")
+    return 0
+
+
 def per_call_us(fn: Callable[[], object], calls: int, rounds: int = 7) -> float:
     for _ in range(min(200, calls)):
         fn()
@@ -164,13 +250,16 @@ def per_call_us(fn: Callable[[], object], calls: int, rounds: int = 7) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--calls", type=int, default=2000, help="calls per timed round")
+    parser.add_argument("--calls", type=int, default=None, help="calls per timed round")
+    parser.add_argument("--unet", action="store_true", help="whole U-Net forwards instead")
     args = parser.parse_args(argv)
 
     import fastdiff.ops.backend as backend
-    from fastdiff.ops import use_backend
 
     backend.triton_can_run = lambda tensor: True  # CPU tensors stand in for CUDA ones
+    if args.unet:
+        return unet_main(args.calls or 20)
+    args.calls = args.calls or 2000
     table = []
     with torch.inference_mode(), use_backend("triton"), triton_sm90.compile_only() as produced:
         compile_only_run = JITFunction.run

@@ -96,6 +96,16 @@ TINY_SD15_UNET: dict = {
     "attention_head_dim": 2,
 }
 
+# SD1.5's U-Net with every layer (16 transformer blocks, 22 ResNet blocks) at a tenth of its
+# widths or less: the same op calls, in the same order, at a fraction of the arithmetic. For
+# host-time measurements (benchmarks/host_overhead.py --unet), not speed.
+NARROW_SD15_UNET: dict = {
+    **SD15_UNET,
+    "sample_size": 8,
+    "block_out_channels": [32, 64, 128, 128],  # widths change where SD1.5's do
+    "cross_attention_dim": 64,
+}
+
 TINY_SDXL_UNET: dict = {
     **SDXL_UNET,
     "sample_size": 8,
@@ -137,6 +147,7 @@ MODELS: dict[str, dict] = {
     "sdxl_unet": SDXL_UNET,
     "sd_vae": SD_VAE,
     "tiny_sd15_unet": TINY_SD15_UNET,
+    "narrow_sd15_unet": NARROW_SD15_UNET,
     "tiny_sdxl_unet": TINY_SDXL_UNET,
     "tiny_vae": TINY_VAE,
 }

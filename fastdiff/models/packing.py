@@ -106,7 +106,9 @@ def context_projections(
     if weight is None or (has_bias and bias is None) or weight.dtype != context.dtype:
         return context
     # The packed views are detached: gradients need the modules' own layers.
-    if needs_autograd(context) or any(needs_autograd(*layer.parameters()) for layer in layers):
+    if torch.is_grad_enabled() and (
+        needs_autograd(context) or any(needs_autograd(*layer.parameters()) for layer in layers)
+    ):
         return context
     projected = F.linear(context, weight, bias)
     views, start = {}, 0

@@ -124,7 +124,11 @@ class BasicTransformerBlock(nn.Module):
             and plain_layer(projection)
             and projection.bias is not None
             and projection.bias.dtype == x.dtype
-            and not needs_autograd(x, context_states(context), *self.parameters())
+            # (grad mode first: listing the parameters walks every submodule, on every call)
+            and not (
+                torch.is_grad_enabled()
+                and needs_autograd(x, context_states(context), *self.parameters())
+            )
         )
 
     def context_for_attn2(

@@ -39,3 +39,13 @@ def test_model_config_returns_copies_and_rejects_unknown_names():
     assert MODELS["sd15_unet"]["block_out_channels"] == [320, 640, 1280, 1280]
     with pytest.raises(ValueError, match="allowed values"):
         model_config("sd3")
+
+
+def test_narrow_sd15_unet_has_every_sd15_layer():
+    """host_overhead.py --unet times the narrow U-Net as SD1.5's op calls: the same modules,
+    class by class, in the same order."""
+
+    def layer_classes(name: str) -> list[str]:
+        return [type(module).__name__ for module in build_on_meta(name).modules()]
+
+    assert layer_classes("narrow_sd15_unet") == layer_classes("sd15_unet")
