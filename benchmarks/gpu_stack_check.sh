@@ -57,7 +57,7 @@ make_venv() {
     "$PY" -m pip install -q "torch==$TORCH" "triton==$TRITON" "numpy<2.4" ninja wheel \
         "setuptools>=64" || return 1
     "$PY" -m pip install -q safetensors pillow tqdm "pytest>=8" pytest-xdist hypothesis \
-        "diffusers==0.42.1" "transformers>=4.40" pytest-benchmark matplotlib || return 1
+        "diffusers==0.42.1" "transformers>=4.40" peft scipy pytest-benchmark matplotlib || return 1
     # The repository itself, editable, into this environment only.
     "$PY" -m pip install -q --no-deps --no-build-isolation -e "$REPO" || return 1
     "$PY" -c "import torch, triton, fastdiff.kernels; print('torch', torch.__version__, \
