@@ -12,6 +12,7 @@ otherwise (e.g. 120) it is padded (``head_blocks``).
 
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 import os
@@ -444,6 +445,7 @@ if hasattr(attention_forward_kernel, "_bench") and hasattr(
     ParallelCompile(attention_forward_kernel)
 
 
+@functools.lru_cache(maxsize=64)
 def head_blocks(head_dim: int, split: bool = True) -> tuple[int, int]:
     """(BLOCK_D, BLOCK_DT): a power-of-two block plus a power-of-two tail (>= 16, as tl.dot
     needs) when that pads less than one block of next_power_of_2(head_dim); else (pow2, 0)."""
@@ -556,6 +558,12 @@ def attention_forward(
     if out.numel() == 0:
         return out
     unit = stride_unit(q, k, v, out)
+    strides = (
+        *scaled_strides(q, unit),
+        *scaled_strides(k, unit),
+        *scaled_strides(v, unit),
+        *scaled_strides(out, unit),
+    )
 
     def grid(meta):
         return (cdiv(queries, meta["BLOCK_M"]), batch * heads)
@@ -583,7 +591,7 @@ def attention_forward(
                 out,
                 scale * LOG2_E,
                 heads,
-                *(value for t in (q, k, v, out) for value in scaled_strides(t, unit)),
+                *strides,
                 queries,
                 keys,
                 STRIDE_UNIT=unit,
