@@ -76,12 +76,15 @@ def test_compile_threads_default_is_the_cpu_count_up_to_16(monkeypatch):
         assert kernels.compile_threads() == threads, cpus
 
 
-def run_sm90_script(*args: str, env_changes: dict | None = None) -> subprocess.CompletedProcess:
-    """benchmarks/triton_sm90.py with ``args``, outside the interpreter (it compiles for sm_90)."""
+def run_sm90_script(
+    *args: str, env_changes: dict | None = None, script: str = "triton_sm90.py"
+) -> subprocess.CompletedProcess:
+    """benchmarks/triton_sm90.py (or another script on its compile-only driver) with ``args``,
+    outside the interpreter (it compiles for sm_90)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.update(env_changes or {})
     result = subprocess.run(
-        [sys.executable, str(REPO / "benchmarks" / "triton_sm90.py"), *args],
+        [sys.executable, str(REPO / "benchmarks" / script), *args],
         capture_output=True,
         text=True,
         cwd=REPO,
@@ -102,6 +105,17 @@ def test_every_kernel_compiles_for_sm90():
     for kernel in ("group_norm_single_pass", "group_norm_apply", "attention_forward", "geglu"):
         assert kernel in result.stdout
     assert "layer_norm_kernel" in result.stdout and "sampler_step_kernel" in result.stdout
+
+
+@pytest.mark.skipif(not (NVIDIA_TOOLS / "cuobjdump").exists(), reason="no Triton CUDA backend")
+def test_host_overhead_script_times_every_op_on_the_triton_path():
+    """benchmarks/host_overhead.py runs each op through its Triton launcher (it exits 1 when no
+    kernel was compiled) and prints a row of three figures per op. Nothing is asserted about the
+    figures: speed is the benchmark's business."""
+    lines = run_sm90_script("--calls", "3", script="host_overhead.py").stdout.splitlines()
+    rows = [line for line in lines if re.search(r"( +\d+\.\d){3}$", line)]
+    ops = ("group_norm", "layer_norm", "add_layer_norm", "attention", "geglu", "linear_geglu")
+    assert len(rows) == 9 and all(any(row.startswith(op) for row in rows) for op in ops), lines
 
 
 FMA_EXP2_ROW = re.compile(r"attention D=(\d+) fp16 FMA_EXP2=(\d): .*spill stores (\d+) B, (.*)")
