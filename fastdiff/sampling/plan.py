@@ -445,11 +445,31 @@ def _check_pndm(schedule: NoiseSchedule) -> None:
         )
     if schedule.prediction_type == "sample":
         raise ValueError("pndm: PNDMScheduler takes epsilon or v_prediction models, not sample")
-    if schedule.rescale_betas_zero_snr:
-        raise ValueError(
-            "pndm: PNDMScheduler has no rescale_betas_zero_snr (diffusers samples the "
-            "unrescaled schedule); fastdiff refuses rather than differ"
-        )
+
+
+# The samplers whose diffusers schedulers have no rescale_betas_zero_snr, by name prefix (the
+# ancestral KDPM2 first): diffusers samples the unrescaled schedule with them.
+WITHOUT_ZERO_SNR_RESCALE = (
+    ("kdpm2_ancestral", "KDPM2AncestralDiscreteScheduler"),
+    ("kdpm2", "KDPM2DiscreteScheduler"),
+    ("heun", "HeunDiscreteScheduler"),
+    ("lms", "LMSDiscreteScheduler"),
+    ("pndm", "PNDMScheduler"),
+)
+
+
+def refuse_zero_snr_rescale(schedule: NoiseSchedule, sampler: str) -> None:
+    """Raise for a zero-SNR rescaled schedule when ``sampler``'s diffusers scheduler lacks the
+    rescale (``WITHOUT_ZERO_SNR_RESCALE``): fastdiff refuses rather than differ from it."""
+    if not schedule.rescale_betas_zero_snr:
+        return
+    for prefix, scheduler in WITHOUT_ZERO_SNR_RESCALE:
+        if sampler.startswith(prefix):
+            raise ValueError(
+                f"{sampler}: {scheduler} has no rescale_betas_zero_snr (diffusers samples the "
+                "unrescaled schedule); fastdiff refuses rather than differ: use euler, or a "
+                "schedule without the rescale"
+            )
 
 
 def _lms_weights(sigmas: list[float], index: int, order: int) -> list[float]:
@@ -871,23 +891,7 @@ def make_plan(
     kdpm2 = sampler.startswith("kdpm2")
     if sampler == "pndm":
         _check_pndm(schedule)
-    if heun and schedule.rescale_betas_zero_snr:
-        raise ValueError(
-            "heun: HeunDiscreteScheduler has no rescale_betas_zero_snr (diffusers samples the "
-            "unrescaled schedule); fastdiff refuses rather than differ: use euler, or a schedule "
-            "without the rescale"
-        )
-    if kdpm2 and schedule.rescale_betas_zero_snr:
-        scheduler = (
-            "KDPM2AncestralDiscreteScheduler"
-            if "_ancestral" in sampler
-            else "KDPM2DiscreteScheduler"
-        )
-        raise ValueError(
-            f"{sampler}: {scheduler} has no rescale_betas_zero_snr (diffusers samples the "
-            "unrescaled schedule); fastdiff refuses rather than differ: use euler, or a schedule "
-            "without the rescale"
-        )
+    refuse_zero_snr_rescale(schedule, sampler)
     if karras and kdpm2:
         # KDPM2DiscreteScheduler's Karras levels span its spaced levels, as Euler's do (it has
         # no sigma_min / sigma_max keys), and it rounds their timesteps
@@ -928,11 +932,6 @@ def make_plan(
             schedule, visited, sigmas, sampler == "euler_ancestral"
         )
     elif lms:
-        if schedule.rescale_betas_zero_snr:
-            raise ValueError(
-                "lms: LMSDiscreteScheduler has no rescale_betas_zero_snr (diffusers samples the "
-                "unrescaled schedule); fastdiff refuses rather than differ"
-            )
         if not karras:
             sigmas = _sigmas_at(schedule, visited)
         rows, init_noise_scale = _lms_rows(schedule, visited, sigmas)
