@@ -33,11 +33,12 @@ run on the CPU (at these widths, in little time). With the Triton launches per f
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -162,25 +163,28 @@ def cases() -> list[tuple[str, Callable[[], object], Callable[[], object]]]:
 
 
 def narrow_unet() -> tuple[Callable[[], object], Callable[[], object]]:
-    """(forward, its eager-backend twin): the narrow SD1.5 U-Net prepared as optimize() does,
-    as triton_sm90.py's compile-ahead check prepares it."""
-    import bench_unet
-    import model_bench
-
-    work = bench_unet.UNetWorkload("host", "narrow_sd15_unet", 2, 8, 77, 64)
-    # fp32: the CPU's fp16 matrix products (about 0.1 ms each here) would hide the host time.
-    holder = model_bench.ModelHolder("unet", work.config, torch.device("cpu"), torch.float32)
-    model = holder.fastdiff_model(prepared=True)
-    model.fold_conv_biases(True)
-    model.to(memory_format=torch.channels_last)
-    inputs = bench_unet.unet_inputs(work, "cpu", torch.float32)
-    inputs["sample"] = inputs["sample"].contiguous(memory_format=torch.channels_last)
+    """(forward, its eager-backend twin): the narrow SD1.5 U-Net prepared as optimize() does
+    (``triton_sm90.prepared_unet``), in fp32: the CPU's fp16 matrix products (about 0.1 ms each
+    here) would hide the host time."""
+    model, inputs = triton_sm90.prepared_unet("narrow_sd15_unet", 8, torch.float32)
 
     def eager():
         with use_backend("eager"):
             return model(**inputs)
 
     return (lambda: model(**inputs)), eager
+
+
+@contextlib.contextmanager
+def triton_run_skipped() -> Iterator[None]:
+    """Inside, Triton's ``JITFunction.run`` returns at once: what is left of a call is
+    fastdiff's Python and PyTorch's dispatch."""
+    previous = JITFunction.run
+    JITFunction.run = lambda self, *args, grid, warmup, **kwargs: None
+    try:
+        yield
+    finally:
+        JITFunction.run = previous
 
 
 def choose_as_auto() -> None:
@@ -213,14 +217,13 @@ def unet_main(calls: int) -> int:
             return compile_only_run(self, *args, **kwargs)
 
         JITFunction.run = counting_run
-        forward()
-        JITFunction.run = compile_only_run
-        triton_ms = per_call_us(forward, calls) / 1e3
-        JITFunction.run = lambda self, *a, grid, warmup, **kw: None
         try:
-            python_ms = per_call_us(forward, calls) / 1e3
+            forward()
         finally:
             JITFunction.run = compile_only_run
+        triton_ms = per_call_us(forward, calls) / 1e3
+        with triton_run_skipped():
+            python_ms = per_call_us(forward, calls) / 1e3
         eager_ms = per_call_us(eager, calls) / 1e3
     if not produced:
         print("no Triton kernel was compiled: the U-Net did not take the triton path")
@@ -262,15 +265,11 @@ def main(argv: list[str] | None = None) -> int:
     args.calls = args.calls or 2000
     table = []
     with torch.inference_mode(), use_backend("triton"), triton_sm90.compile_only() as produced:
-        compile_only_run = JITFunction.run
         for label, call, eager in cases():
             call()  # compiles
             triton_us = per_call_us(call, args.calls)
-            JITFunction.run = lambda self, *a, grid, warmup, **kw: None
-            try:
+            with triton_run_skipped():
                 python_us = per_call_us(call, args.calls)
-            finally:
-                JITFunction.run = compile_only_run
             eager_us = per_call_us(eager, args.calls)
             table.append((label, triton_us, python_us, eager_us))
     if not produced:

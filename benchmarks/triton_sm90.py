@@ -568,6 +568,26 @@ def with_libcuda() -> None:
     os.execve(sys.executable, [sys.executable, *sys.argv], env)
 
 
+def prepared_unet(config: str, size: int, dtype: torch.dtype) -> tuple[torch.nn.Module, dict]:
+    """A U-Net (``config`` of benchmarks/model_configs.py) on the CPU in ``dtype``, prepared as
+    ``optimize()`` prepares it (fused QKV, folded biases, channels-last), and its batch-2
+    inputs at ``size`` x ``size`` latents."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import bench_unet
+    import model_bench
+    from model_configs import model_config
+
+    context_dim = model_config(config)["cross_attention_dim"]
+    work = bench_unet.UNetWorkload("check", config, 2, size, 77, context_dim)
+    holder = model_bench.ModelHolder("unet", config, torch.device("cpu"), dtype)
+    model = holder.fastdiff_model(prepared=True)
+    model.fold_conv_biases(True)
+    model.to(memory_format=torch.channels_last)
+    inputs = bench_unet.unet_inputs(work, "cpu", dtype)
+    inputs["sample"] = inputs["sample"].contiguous(memory_format=torch.channels_last)
+    return model, inputs
+
+
 def compile_ahead_check(
     threads: int,
     config: str,
@@ -588,9 +608,6 @@ def compile_ahead_check(
     GPU) or only after it ("after", as if the pass did not build them); then each kernel's
     launcher is made as its first launch would make it, and those seconds are printed: what the
     first launches after the pass spend building launchers, one after another."""
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    import bench_unet
-    import model_bench
     from fastdiff.kernels import compile_ahead
 
     import fastdiff.ops.backend as ops_backend
@@ -598,16 +615,7 @@ def compile_ahead_check(
 
     os.environ.update(FASTDIFF_AUTOTUNE="1" if autotune else "0", FASTDIFF_ATTENTION_CONFIGS="off")
     ops_backend.triton_can_run = lambda tensor: True  # CPU tensors too: nothing runs
-    from model_configs import model_config
-
-    context_dim = model_config(config)["cross_attention_dim"]
-    work = bench_unet.UNetWorkload("check", config, 2, size, 77, context_dim)
-    holder = model_bench.ModelHolder("unet", config, torch.device("cpu"), torch.float16)
-    model = holder.fastdiff_model(prepared=True)
-    model.fold_conv_biases(True)
-    model.to(memory_format=torch.channels_last)
-    inputs = bench_unet.unet_inputs(work, "cpu", torch.float16)
-    inputs["sample"] = inputs["sample"].contiguous(memory_format=torch.channels_last)
+    model, inputs = prepared_unet(config, size, torch.float16)
     counts, seconds = [], []
     if processes:
         from fastdiff.kernels import compile_processes
