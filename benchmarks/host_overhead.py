@@ -3,14 +3,19 @@ GPU: what a launch costs the CPU outside a CUDA graph, where an eager U-Net (``o
 graphs=False)``, or a user calling ``fastdiff.ops`` directly) waits on it.
 
 Each op is called on CPU tensors of an SD1.5 shape (fp16) with the triton backend and Triton's
-driver replaced by ``triton_sm90.py``'s compile-only sm_90 driver: the op's checks, PyTorch's
-dispatch, the output's allocation and Triton's launch front end (argument binding,
-specialisation, the kernel cache lookup) all run as on a GPU, and only the final call into the
-C launcher is skipped (a few µs on a GPU machine). Columns, µs per call (the fastest of 7 rounds):
+driver replaced by ``triton_sm90.py``'s stub (``launches_stubbed``): kernels compile for sm_90,
+and the op's checks, PyTorch's dispatch, the output's allocation, Triton's launch front end
+(argument binding, specialisation, the kernel cache lookup, the grid) and the call of the
+kernel's launcher all run as on a GPU; only the launcher's own work (a few µs of C on a GPU
+machine) is replaced by a Python function that does nothing. Columns, µs per call (the fastest
+of 7 rounds):
 
-  triton     the whole call, as above
-  python     the same with Triton's ``JITFunction.run`` returning at once: fastdiff's Python
-             and PyTorch's dispatch only (the rest of ``triton`` is Triton's front end)
+  cached     the whole call as fastdiff makes it: a repeated launch goes from
+             ``kernels/launch_cache.py`` straight to the kernel's launcher
+  triton     the same with the launch cache off (``FASTDIFF_LAUNCH_CACHE=0``): every launch
+             through Triton's launch front end
+  python     fastdiff's Python and PyTorch's dispatch only (``launch_cache.launch`` returning at
+             once: the rest of ``cached`` is the cache's lookup and the launcher's call)
   eager      the PyTorch ops the op replaces, on tiny CPU tensors of the same ranks (one
              element per spatial position or row): their dispatch and a trivial CPU kernel, about
              what each costs the host before its CUDA launch (meta tensors would time PyTorch's
@@ -24,8 +29,9 @@ included). The absolute figures depend on the CPU; compare columns and commits o
 as ``optimize()`` prepares it (fused QKV, folded biases, channels-last; fp32, whose CPU
 matrix products are quick, unlike fp16's), each op routed
 as ``optimize()``'s auto backend routes it (by the shipped table: cuDNN for the 3x3
-convolutions, for example), its kernels as above; and on the eager backend, whose PyTorch ops
-run on the CPU (at these widths, in little time). With the Triton launches per forward.
+convolutions, for example), its kernels as above, in the same three ways; and on the eager
+backend, whose PyTorch ops run on the CPU (at these widths, in little time). With the Triton
+launches per forward.
 
     python benchmarks/host_overhead.py [--calls 2000] [--unet]
 """
@@ -45,7 +51,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 import triton_sm90  # noqa: E402  (starts the process again without TRITON_INTERPRET)
-from triton.runtime.jit import JITFunction  # noqa: E402
+from fastdiff.kernels import launch_cache  # noqa: E402
 
 from fastdiff.ops import use_backend  # noqa: E402
 
@@ -176,15 +182,35 @@ def narrow_unet() -> tuple[Callable[[], object], Callable[[], object]]:
 
 
 @contextlib.contextmanager
-def triton_run_skipped() -> Iterator[None]:
-    """Inside, Triton's ``JITFunction.run`` returns at once: what is left of a call is
-    fastdiff's Python and PyTorch's dispatch."""
-    previous = JITFunction.run
-    JITFunction.run = lambda self, *args, grid, warmup, **kwargs: None
+def launch_cache_off() -> Iterator[None]:
+    """Inside, every launch goes through Triton's launch front end."""
+    launch_cache.ENABLED = False
     try:
         yield
     finally:
-        JITFunction.run = previous
+        launch_cache.ENABLED = True
+
+
+@contextlib.contextmanager
+def launches_skipped() -> Iterator[None]:
+    """Inside, fastdiff's launches return at once: what is left of a call is fastdiff's
+    Python and PyTorch's dispatch."""
+    previous = launch_cache.launch
+    launch_cache.launch = lambda kernel, grid, args, kwargs: None
+    try:
+        yield
+    finally:
+        launch_cache.launch = previous
+
+
+def variants(call: Callable[[], object], eager: Callable[[], object]) -> dict[str, tuple]:
+    """The four columns by name: (function, what makes the context it runs in)."""
+    return {
+        "cached": (call, contextlib.nullcontext),
+        "triton": (call, launch_cache_off),
+        "python": (call, launches_skipped),
+        "eager": (eager, contextlib.nullcontext),
+    }
 
 
 def choose_as_auto() -> None:
@@ -205,50 +231,53 @@ def choose_as_auto() -> None:
 
 
 def unet_main(calls: int) -> int:
-    launches = []
     choose_as_auto()
-    with torch.inference_mode(), use_backend("triton"), triton_sm90.compile_only() as produced:
+    with torch.inference_mode(), use_backend("triton"), triton_sm90.launches_stubbed() as records:
         forward, eager = narrow_unet()
         forward()  # compiles
-        compile_only_run = JITFunction.run
-
-        def counting_run(self, *args, **kwargs):
-            launches.append(1)
-            return compile_only_run(self, *args, **kwargs)
-
-        JITFunction.run = counting_run
-        try:
-            forward()
-        finally:
-            JITFunction.run = compile_only_run
-        triton_ms = per_call_us(forward, calls) / 1e3
-        with triton_run_skipped():
-            python_ms = per_call_us(forward, calls) / 1e3
-        eager_ms = per_call_us(eager, calls) / 1e3
-    if not produced:
-        print("no Triton kernel was compiled: the U-Net did not take the triton path")
+        records.clear()
+        forward()
+        launches = len(records)
+        triton_sm90.RecordingLauncher.calls = None  # the timed calls record nothing
+        ms = {name: us / 1e3 for name, us in per_call_us(variants(forward, eager), calls).items()}
+    if not launches:
+        print("no Triton kernel was launched: the U-Net did not take the triton path")
         return 1
     print(
         f"host ms per U-Net forward; torch {torch.__version__}, triton {triton_version()}, "
         f"{cpu_name()}"
     )
     print("narrow_sd15_unet (SD1.5's layers), batch 2, 8x8 latents, fp32, prepared as optimize()")
-    print(f"  triton backend    {triton_ms:8.2f} ms  ({len(launches)} Triton launches a forward)")
-    print(f"  of it, python     {python_ms:8.2f} ms  (Triton's JITFunction.run returning at once)")
-    print(f"  eager backend     {eager_ms:8.2f} ms  (PyTorch ops on the CPU, these widths)")
+    print(f"  cached launches   {ms['cached']:8.2f} ms  ({launches} Triton launches a forward)")
+    print(f"  triton launches   {ms['triton']:8.2f} ms  (the launch cache off)")
+    print(f"  of it, python     {ms['python']:8.2f} ms  (fastdiff's launches returning at once)")
+    print(f"  eager backend     {ms['eager']:8.2f} ms  (PyTorch ops on the CPU, these widths)")
     return 0
 
 
-def per_call_us(fn: Callable[[], object], calls: int, rounds: int = 7) -> float:
-    for _ in range(min(200, calls)):
-        fn()
-    samples = []
-    for _ in range(rounds):
-        begin = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        samples.append((time.perf_counter() - begin) / calls * 1e6)
-    return min(samples)  # noise (other processes, frequency changes) only adds time
+def per_call_us(
+    variants: dict[
+        str, tuple[Callable[[], object], Callable[[], contextlib.AbstractContextManager]]
+    ],
+    calls: int,
+    rounds: int = 7,
+) -> dict[str, float]:
+    """µs per call of each variant (a function and what makes its context), the fastest of
+    ``rounds`` rounds of ``calls`` calls. The variants take turns within each round, so that a
+    slow spell of this shared machine slows all of them, not one column."""
+    samples: dict[str, list[float]] = {name: [] for name in variants}
+    for round_ in range(rounds + 1):
+        for name, (fn, context) in variants.items():
+            with context():
+                if round_ == 0:  # warm-up
+                    for _ in range(min(200, calls)):
+                        fn()
+                    continue
+                begin = time.perf_counter()
+                for _ in range(calls):
+                    fn()
+                samples[name].append((time.perf_counter() - begin) / calls * 1e6)
+    return {name: min(times) for name, times in samples.items()}  # noise only adds time
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -264,21 +293,23 @@ def main(argv: list[str] | None = None) -> int:
         return unet_main(args.calls or 20)
     args.calls = args.calls or 2000
     table = []
-    with torch.inference_mode(), use_backend("triton"), triton_sm90.compile_only() as produced:
+    with torch.inference_mode(), use_backend("triton"), triton_sm90.launches_stubbed() as records:
         for label, call, eager in cases():
             call()  # compiles
-            triton_us = per_call_us(call, args.calls)
-            with triton_run_skipped():
-                python_us = per_call_us(call, args.calls)
-            eager_us = per_call_us(eager, args.calls)
-            table.append((label, triton_us, python_us, eager_us))
-    if not produced:
-        print("no Triton kernel was compiled: the ops did not take the triton path")
-        return 1
+            if not records:
+                print(
+                    f"{label}: no Triton kernel was launched: the op did not take the triton path"
+                )
+                return 1
+            triton_sm90.RecordingLauncher.calls = None  # the timed calls record nothing
+            table.append((label, *per_call_us(variants(call, eager), args.calls).values()))
+            records.clear()
+            triton_sm90.RecordingLauncher.calls = records
     print(f"host µs per call; torch {torch.__version__}, triton {triton_version()}, {cpu_name()}")
-    print(f"{'op (fp16)':52s} {'triton':>8s} {'python':>8s} {'eager':>8s}")
-    for label, triton_us, python_us, eager_us in table:
-        print(f"{label:52s} {triton_us:8.1f} {python_us:8.1f} {eager_us:8.1f}")
+    columns = tuple(variants(print, print))
+    print(f"{'op (fp16)':52s}" + "".join(f" {name:>8s}" for name in columns))
+    for label, *figures in table:
+        print(f"{label:52s}" + "".join(f" {figure:8.1f}" for figure in figures))
     return 0
 
 

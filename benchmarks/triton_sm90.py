@@ -118,6 +118,97 @@ def compile_only() -> Iterator[list]:
         driver._active = previous
 
 
+class _StubModule:
+    """The module handle the stub driver's ``load_binary`` gives every kernel it loads."""
+
+
+STUB_MODULE = _StubModule()
+
+
+class _StubUtils:
+    """What ``CompiledKernel._init_handles`` asks the driver for, without a GPU: H100/H200
+    limits, a fake function handle per loaded kernel."""
+
+    def __init__(self) -> None:
+        self.loaded = 0
+
+    def get_device_properties(self, device: int) -> dict:
+        return {"max_shared_mem": 232448, "multiprocessor_count": 132, "max_num_regs": 65536}
+
+    def load_binary(self, name, binary, shared, device) -> tuple:
+        """(module, function handle, registers, spills, most threads a block may have)."""
+        self.loaded += 1
+        return STUB_MODULE, 0x1000 + self.loaded, 0, 0, 1024
+
+    def unload_module(self, module) -> None:
+        pass
+
+
+class RecordingLauncher:
+    """Stands in for a compiled kernel's C launcher (one per kernel, made by
+    ``_init_handles``): appends ``(self, arguments)`` to ``calls`` when that is a list, else
+    does nothing."""
+
+    calls: list | None = None
+
+    def __init__(self, src, metadata) -> None:
+        self.name = getattr(src, "name", "?")
+
+    def __call__(self, *args) -> None:
+        if RecordingLauncher.calls is not None:
+            RecordingLauncher.calls.append((self, args))
+
+
+class StubLaunchDriver(Sm90Driver):
+    """The compile-only driver with a launcher that launches nothing: Triton's whole launch path
+    runs (binding, specialisation, the cache lookup, the grid, the launcher's call), and the
+    kernel does not."""
+
+    launcher_cls = RecordingLauncher
+
+    def __init__(self) -> None:
+        self.utils = _StubUtils()
+
+
+@contextlib.contextmanager
+def launches_stubbed() -> Iterator[list]:
+    """Inside: Triton launches compile for sm_90 and call ``RecordingLauncher`` in place of the
+    C launcher; yields the list of (launcher, arguments) it records. On the way out the kernels
+    the stub loaded are unloaded again, so that no later driver meets the stub's handles."""
+    from fastdiff.kernels import launch_cache
+
+    calls: list = []
+    previous = driver._active
+    driver.set_active(StubLaunchDriver())
+    RecordingLauncher.calls = calls
+    launch_cache.clear()
+    try:
+        yield calls
+    finally:
+        RecordingLauncher.calls = None
+        launch_cache.clear()
+        for kernel in stub_loaded_kernels():
+            kernel.module = kernel.function = kernel._run = None
+        driver._active = previous
+
+
+def stub_loaded_kernels() -> list:
+    """The compiled kernels of fastdiff's Triton functions that the stub driver loaded."""
+    from fastdiff.kernels import launch_cache
+
+    found = []
+    for name, module in list(sys.modules.items()):
+        if not name.startswith("fastdiff.kernels"):
+            continue
+        for value in list(vars(module).values()):
+            jit = launch_cache.innermost_jit(value) if hasattr(value, "run") else None
+            for caches in getattr(jit, "device_caches", {}).values():
+                for kernel in list(caches[0].values()):
+                    if getattr(kernel, "module", None) is STUB_MODULE:
+                        found.append(kernel)
+    return found
+
+
 def ptxas() -> str:
     """The ptxas Triton itself uses for sm_90 (its bundled one may be too old for its PTX)."""
     try:

@@ -18,6 +18,8 @@ from contextvars import ContextVar
 
 import torch
 
+from . import launch_cache
+
 # Passed to every launch. FP fusion (a * b + c as one FMA) is what the kernels' instruction counts
 # and every measurement assume; Triton 3.9 warns that its default turns it off in 3.10, so it is
 # asked for explicitly rather than left to the installed version's default.
@@ -55,11 +57,12 @@ def compiling_ahead() -> bool:
 
 
 def launch(kernel, grid, *args, outputs: tuple[torch.Tensor, ...] = (), **kwargs) -> None:
-    """``kernel[grid](*args, **kwargs)``. Inside ``compile_ahead()`` the kernel is compiled for
-    these arguments (in the background) and not run, and ``outputs``, the tensors it would
-    write, are zeroed: what reads them next sees finite values, not uninitialised memory."""
+    """``kernel[grid](*args, **kwargs)``, a repeated launch without Triton's launch front end
+    (``launch_cache``). Inside ``compile_ahead()`` the kernel is compiled for these arguments
+    (in the background) and not run, and ``outputs``, the tensors it would write, are zeroed:
+    what reads them next sees finite values, not uninitialised memory."""
     if not _compiling_ahead.get():
-        kernel[grid](*args, **kwargs)
+        launch_cache.launch(kernel, grid, args, kwargs)
         return
     for tensor in outputs:
         tensor.zero_()

@@ -1,0 +1,155 @@
+"""kernels/launch_cache.py: a repeated launch skips Triton's launch front end and launches
+exactly what Triton would have (checked on sm_90 kernels with a recording launcher, no GPU)."""
+
+from __future__ import annotations
+
+import inspect
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+import triton
+from fastdiff.kernels import launch_cache
+
+REPO = Path(__file__).resolve().parents[2]
+NEEDS_CUDA_BACKEND = pytest.mark.skipif(
+    not (Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump").exists(),
+    reason="no Triton CUDA backend",
+)
+SUMMARY = re.compile(r"(\d+) launches compared, (\d+) from the cache, (\d+) differences")
+
+
+@pytest.fixture(scope="module")
+def triton_cache(tmp_path_factory) -> Path:
+    """One Triton cache for this module's checks: the second compiles nothing."""
+    return tmp_path_factory.mktemp("triton-cache")
+
+
+def run_check(code: str, cache: Path) -> tuple[int, str]:
+    """``code`` in a fresh process outside the interpreter, with the Triton cache ``cache``."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(cache)
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=env,
+        timeout=600,
+    )
+    return result.returncode, result.stdout + result.stderr
+
+
+CHECK = """
+import sys
+sys.path.insert(0, "benchmarks")
+import launch_cache_check
+{sabotage}
+sys.exit(launch_cache_check.main())
+"""
+
+
+@NEEDS_CUDA_BACKEND
+def test_every_cached_launch_is_the_launch_triton_makes(triton_cache):
+    """Every op at SD1.5 shapes and two whole narrow U-Net forwards (fp32, fp16): each launch
+    from the cache called the same compiled kernel's launcher with the same grid and arguments
+    as Triton's own launch path, and did not enter Triton's JITFunction.run."""
+    status, output = run_check(CHECK.format(sabotage=""), triton_cache)
+    assert status == 0, output[-3000:]
+    compared, cached, differences = map(int, SUMMARY.search(output).groups())
+    assert compared == cached >= 300 and differences == 0, output[-3000:]
+
+
+@NEEDS_CUDA_BACKEND
+def test_the_check_catches_a_signature_blind_to_alignment(triton_cache):
+    """The comparison can fail: with every tensor reported 16-byte aligned, the misaligned
+    GroupNorm input reuses the aligned input's kernel, and the check says so."""
+    sabotage = """
+import torch
+from fastdiff.kernels import launch_cache
+real = launch_cache.signature
+def blind(kernel, args, kwargs, device):
+    key = real(kernel, args, kwargs, device)
+    values = tuple((v[0], True) if isinstance(v, tuple) and isinstance(v[0], torch.dtype) else v
+                   for v in key[3])
+    return (*key[:3], values, *key[4:])
+launch_cache.signature = blind
+"""
+    status, output = run_check(CHECK.format(sabotage=sabotage), triton_cache)
+    assert status == 1, output[-3000:]
+    assert "aligned then not: launch 1" in output and "differs in compiled kernel" in output
+
+
+def test_signature_separates_what_triton_specialises_on():
+    aligned = torch.empty(64, dtype=torch.float16)
+    other_aligned = torch.empty(64, dtype=torch.float16)
+    misaligned = aligned[1:]
+
+    def key(*args, **kwargs):
+        return launch_cache.signature(
+            test_signature_separates_what_triton_specialises_on, args, kwargs, 0
+        )
+
+    assert key(aligned, 8) == key(other_aligned, 8)  # tensors by dtype and alignment only
+    assert key(aligned, 8) != key(misaligned, 8)
+    assert key(aligned, 8) != key(aligned.float(), 8)
+    assert key(aligned, 8) != key(aligned, 16)  # other scalars by value
+    assert len({key(aligned, 1), key(aligned, True), key(aligned, 1.0)}) == 3  # and by type
+    assert key(aligned, BLOCK=1) != key(aligned, BLOCK=True)
+    assert key(aligned, A=1, B=2) != key(aligned, A=2, B=1)
+    assert key(aligned, 8) != launch_cache.signature(len, (aligned, 8), {}, 0)  # the kernel
+    assert key(aligned, 8) != launch_cache.signature(
+        test_signature_separates_what_triton_specialises_on, (aligned, 8), {}, 1
+    )  # and the device
+
+
+def fake_kernel(signature: str):
+    """A stand-in JITFunction with the parameters of ``def kernel{signature}: ...``."""
+    namespace: dict = {}
+    exec(f"def kernel{signature}: pass", namespace)
+    parameters = inspect.signature(namespace["kernel"])
+    return SimpleNamespace(
+        params=[SimpleNamespace(name=name) for name in parameters.parameters],
+        signature=parameters,
+    )
+
+
+def test_the_launch_values_after_the_arguments_come_in_parameter_order():
+    jit = fake_kernel("(x, n, BLOCK, SILU=False, EPS=1e-5)")
+    compiled = SimpleNamespace(packed_metadata=(), src=SimpleNamespace(fn=jit))
+    x = torch.empty(4)
+    recorded = [((x, 4), {"SILU": True, "BLOCK": 32, "num_warps": 4})]
+    assert launch_cache._plan(jit, compiled, (x, 4), recorded) == (
+        compiled,
+        (32, True, 1e-5),  # keywords in the kernel's order, the default last; no options
+        ("x", "n", "BLOCK", "SILU", "EPS"),
+    )
+
+
+def test_a_launch_that_cannot_be_repeated_as_recorded_is_not_remembered():
+    jit = fake_kernel("(x, n, BLOCK)")
+    compiled = SimpleNamespace(packed_metadata=(), src=SimpleNamespace(fn=jit))
+    x = torch.empty(4)
+    plan = launch_cache._plan
+    assert plan(jit, compiled, (x, 4), []) is None  # nothing recorded
+    assert plan(jit, compiled, (x, 4), [((x.clone(), 4), {"BLOCK": 8})]) is None  # a wrapper's
+    assert plan(jit, compiled, (x, 4), [((x, 4), {})]) is None  # BLOCK has no value
+    other = SimpleNamespace(packed_metadata=(), src=SimpleNamespace(fn=fake_kernel("(x)")))
+    assert plan(jit, other, (x, 4), [((x, 4), {"BLOCK": 8})]) is None  # another kernel's
+    assert plan(jit, None, (x, 4), [((x, 4), {"BLOCK": 8})]) is None  # no compiled kernel
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="the interpreter's path")
+def test_under_the_interpreter_every_launch_goes_through_triton():
+    from fastdiff.kernels.geglu import geglu_forward, geglu_kernel
+
+    assert launch_cache.innermost_jit(geglu_kernel) is None  # an InterpretedFunction
+    before = launch_cache.remembered()
+    geglu_forward(torch.randn(4, 32))
+    geglu_forward(torch.randn(4, 32))
+    assert launch_cache.remembered() == before
