@@ -240,6 +240,7 @@ def unet_main(calls: int) -> int:
         launches = len(records)
         triton_sm90.RecordingLauncher.calls = None  # the timed calls record nothing
         ms = {name: us / 1e3 for name, us in per_call_us(variants(forward, eager), calls).items()}
+        inside = launch_layer_ms(forward, calls)
     if not launches:
         print("no Triton kernel was launched: the U-Net did not take the triton path")
         return 1
@@ -252,7 +253,37 @@ def unet_main(calls: int) -> int:
     print(f"  triton launches   {ms['triton']:8.2f} ms  (the launch cache off)")
     print(f"  of it, python     {ms['python']:8.2f} ms  (fastdiff's launches returning at once)")
     print(f"  eager backend     {ms['eager']:8.2f} ms  (PyTorch ops on the CPU, these widths)")
+    print("time inside fastdiff's launches (kernels.launch_cache.launch), ms per forward:")
+    print(f"  cached            {inside['cached']:8.2f} ms")
+    print(f"  triton            {inside['triton']:8.2f} ms  (the launch cache off)")
     return 0
+
+
+def launch_layer_ms(forward: Callable[[], object], calls: int, rounds: int = 15) -> dict:
+    """ms per forward spent inside ``launch_cache.launch``, with the cache and without (the
+    fastest of ``rounds`` rounds, the two taking turns): the launch layer's cost apart from
+    the forward's CPU arithmetic, whose noise on a shared machine hides a few ms."""
+    real = launch_cache.launch
+    spent = [0.0]
+
+    def timed(kernel, grid, args, kwargs):
+        begin = time.perf_counter()
+        real(kernel, grid, args, kwargs)
+        spent[0] += time.perf_counter() - begin
+
+    samples: dict[str, list[float]] = {"cached": [], "triton": []}
+    launch_cache.launch = timed
+    try:
+        for _ in range(rounds):
+            for name, context in (("cached", contextlib.nullcontext), ("triton", launch_cache_off)):
+                with context():
+                    spent[0] = 0.0
+                    for _ in range(calls):
+                        forward()
+                    samples[name].append(spent[0] / calls * 1e3)
+    finally:
+        launch_cache.launch = real
+    return {name: min(times) for name, times in samples.items()}
 
 
 def per_call_us(
