@@ -64,7 +64,8 @@ def _record_call(*args, **kwargs) -> None:
 
 
 def innermost_jit(kernel):
-    """The ``JITFunction`` under ``kernel``'s autotuner and heuristics wrappers, else None
+    """The ``JITFunction`` under ``kernel``'s autotuner and heuristics wrappers, else None:
+    also for an autotuner whose configs have a pre-hook, which it runs before every launch
     (and the first time, Triton's knobs and driver for ``launch``)."""
     global _triton
     from triton import knobs
@@ -73,6 +74,8 @@ def innermost_jit(kernel):
 
     _triton = (knobs, driver)
     while not isinstance(kernel, JITFunction):
+        if any(getattr(config, "pre_hook", None) for config in getattr(kernel, "configs", ())):
+            return None
         kernel = getattr(kernel, "fn", None)
         if kernel is None or not hasattr(kernel, "run"):
             return None

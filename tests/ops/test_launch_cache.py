@@ -14,7 +14,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 import triton
+import triton.language as tl
 from fastdiff.kernels import launch_cache
+from triton.runtime.jit import JITFunction
 
 REPO = Path(__file__).resolve().parents[2]
 NEEDS_CUDA_BACKEND = pytest.mark.skipif(
@@ -153,3 +155,23 @@ def test_under_the_interpreter_every_launch_goes_through_triton():
     geglu_forward(torch.randn(4, 32))
     geglu_forward(torch.randn(4, 32))
     assert launch_cache.remembered() == before
+
+
+def copy_block(x_ptr, BLOCK: tl.constexpr):
+    tl.store(x_ptr + tl.arange(0, BLOCK), tl.load(x_ptr + tl.arange(0, BLOCK)))
+
+
+def test_kernels_under_wrappers_are_found_unless_a_config_hooks_every_launch():
+    copy_kernel = JITFunction(copy_block)  # compiled, as on a GPU, even under the interpreter
+    plain = triton.autotune([triton.Config({"BLOCK": 16})], key=[])(copy_kernel)
+    heuristics = triton.heuristics({"BLOCK": lambda args: 16})(copy_kernel)
+    hooked = triton.autotune([triton.Config({"BLOCK": 16}, pre_hook=lambda args: None)], key=[])(
+        copy_kernel
+    )
+    assert launch_cache.innermost_jit(copy_kernel) is copy_kernel
+    assert launch_cache.innermost_jit(plain) is copy_kernel
+    assert launch_cache.innermost_jit(triton.autotune([triton.Config({})], key=[])(heuristics)) is (
+        copy_kernel
+    )
+    assert launch_cache.innermost_jit(hooked) is None
+    assert launch_cache.innermost_jit(copy_block) is None  # a plain function
