@@ -9,6 +9,8 @@ Random weights at the real architectures (benchmarks/model_configs.py), fp16 on 
   fastdiff-conv3x3   fastdiff with the split-reduction 3x3 convolution kernel (conv3x3) on the
                      small feature maps wherever the table has not measured it (what it buys)
   fastdiff-nograph   the same without the CUDA graph (what graphs buy)
+  fastdiff-nograph-nocache  fastdiff-nograph with kernels/launch_cache.py off: every launch
+                     through Triton's launch front end (what the launch cache buys)
   fastdiff-nchw      fastdiff with NCHW activations (what channels-last buys)
   fastdiff-nokernels fastdiff with PyTorch's ops instead of ours (what the kernels buy)
   fastdiff-eager     fastdiff's model in fp16, NCHW, plain PyTorch ops (FASTDIFF_BACKEND=eager)
@@ -43,6 +45,7 @@ PROVIDERS = (
     "fastdiff-fusedgeglu",
     "fastdiff-conv3x3",
     "fastdiff-nograph",
+    "fastdiff-nograph-nocache",
     "fastdiff-nchw",
     "fastdiff-nokernels",
     "fastdiff-eager",
@@ -158,6 +161,7 @@ def provider_setup(
             "fastdiff-fusedgeglu",
             "fastdiff-conv3x3",
             "fastdiff-nograph",
+            "fastdiff-nograph-nocache",
             "fastdiff-nchw",
             "fastdiff-nokernels",
             "fastdiff-compile",
@@ -175,10 +179,14 @@ def provider_setup(
                 compile_blocks(model, "default")
             if device.type == "cuda" and nhwc:
                 inputs["sample"] = inputs["sample"].contiguous(memory_format=torch.channels_last)
-            if provider == "fastdiff-nograph":
+            if provider in ("fastdiff-nograph", "fastdiff-nograph-nocache"):
+                from fastdiff.kernels import launch_cache
+
+                cache = provider == "fastdiff-nograph"
 
                 def run_nograph():
-                    with ops_backend(kernels=True):  # what optimize() selects
+                    # what optimize() selects
+                    with ops_backend(kernels=True), launch_cache.enabled(cache):
                         return model(**inputs)
 
                 return run_nograph
@@ -235,6 +243,7 @@ def default_providers(compile_: bool) -> list[str]:
             "fastdiff-nokernels",
             "fastdiff-nchw",
             "fastdiff-nograph",
+            "fastdiff-nograph-nocache",
         ]
     if compile_:
         providers += ["fastdiff-compile"] + (

@@ -182,16 +182,6 @@ def narrow_unet() -> tuple[Callable[[], object], Callable[[], object]]:
 
 
 @contextlib.contextmanager
-def launch_cache_off() -> Iterator[None]:
-    """Inside, every launch goes through Triton's launch front end."""
-    launch_cache.ENABLED = False
-    try:
-        yield
-    finally:
-        launch_cache.ENABLED = True
-
-
-@contextlib.contextmanager
 def launches_skipped() -> Iterator[None]:
     """Inside, fastdiff's launches return at once: what is left of a call is fastdiff's
     Python and PyTorch's dispatch."""
@@ -207,7 +197,7 @@ def variants(call: Callable[[], object], eager: Callable[[], object]) -> dict[st
     """The four columns by name: (function, what makes the context it runs in)."""
     return {
         "cached": (call, contextlib.nullcontext),
-        "triton": (call, launch_cache_off),
+        "triton": (call, lambda: launch_cache.enabled(False)),
         "python": (call, launches_skipped),
         "eager": (eager, contextlib.nullcontext),
     }
@@ -275,8 +265,8 @@ def launch_layer_ms(forward: Callable[[], object], calls: int, rounds: int = 15)
     launch_cache.launch = timed
     try:
         for _ in range(rounds):
-            for name, context in (("cached", contextlib.nullcontext), ("triton", launch_cache_off)):
-                with context():
+            for name, on in (("cached", True), ("triton", False)):
+                with launch_cache.enabled(on):
                     spent[0] = 0.0
                     for _ in range(calls):
                         forward()

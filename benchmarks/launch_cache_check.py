@@ -122,10 +122,9 @@ def differences(label: str, reference: list, other: list, which: str) -> list[st
 
 def compare(label: str, call: Callable[[], object], records: list, entered: list) -> tuple:
     """(launches, launches made from the cache, problems) of one case."""
-    launch_cache.ENABLED = False
-    call()  # compiles (and autotunes) outside the comparison
-    reference = launches(call, records)
-    launch_cache.ENABLED = True
+    with launch_cache.enabled(False):
+        call()  # compiles (and autotunes) outside the comparison
+        reference = launches(call, records)
     first = launches(call, records)
     entered.clear()
     second = launches(call, records)
@@ -165,7 +164,6 @@ def main() -> int:
                 results.append(compare(label, call, records, entered))
         finally:
             jit_module.compute_cache_key = real_key
-            launch_cache.ENABLED = True
     total = sum(launched for launched, _, _ in results)
     cached = sum(from_cache for _, from_cache, _ in results)
     problems = [problem for _, _, found in results for problem in found]

@@ -35,6 +35,8 @@ from __future__ import annotations
 import operator
 import os
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 
@@ -214,6 +216,17 @@ def _plan(jit, compiled, args: tuple, calls: list) -> tuple | None:
                 return None
         tail.append(value)
     return compiled, tuple(tail), names
+
+
+@contextmanager
+def enabled(on: bool) -> Iterator[None]:
+    """Inside, the cache is on or off (``ENABLED``) for this process; as before on the way out."""
+    global ENABLED
+    previous, ENABLED = ENABLED, on
+    try:
+        yield
+    finally:
+        ENABLED = previous
 
 
 def clear() -> None:

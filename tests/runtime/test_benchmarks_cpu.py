@@ -272,3 +272,26 @@ def test_untimed_kernel_providers_switch_on_their_kernel_only(provider):
             want = "triton" if name == op else "eager"
             assert autoselect.preferred_backend(name, key, table={}) == want
     assert autoselect.UNMEASURED_BACKEND == saved
+
+
+@pytest.mark.parametrize("provider", ["fastdiff-nograph", "fastdiff-nograph-nocache"])
+def test_nograph_providers_set_the_launch_cache_for_their_calls_only(provider, monkeypatch):
+    """bench_unet's un-graphed rows: fastdiff-nograph launches through the launch cache (as
+    optimize(graphs=False) does), fastdiff-nograph-nocache through Triton's front end; the
+    cache is on again after each call."""
+    import torch
+    from fastdiff.kernels import launch_cache
+
+    work = bench_unet.CPU_WORKLOADS["sd15_b2"]
+    holder = model_bench.ModelHolder("unet", work.config, torch.device("cpu"), torch.float32)
+    run = bench_unet.provider_setup(provider, work, holder)()
+    model = holder.fastdiff
+    seen = []
+    real_forward = type(model).forward
+    monkeypatch.setattr(
+        type(model),
+        "forward",
+        lambda self, *a, **k: seen.append(launch_cache.ENABLED) or real_forward(self, *a, **k),
+    )
+    assert run() is not None
+    assert seen == [provider == "fastdiff-nograph"] and launch_cache.ENABLED
