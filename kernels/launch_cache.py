@@ -214,6 +214,8 @@ def _plan(jit, compiled, args: tuple, calls: list) -> tuple | None:
             value = defaults[name].default
             if value is defaults[name].empty:
                 return None
+        if isinstance(value, torch.Tensor):  # by keyword: the signature would hold it by id,
+            return None  # and the plan would keep it alive
         tail.append(value)
     return compiled, tuple(tail), names
 

@@ -141,6 +141,7 @@ def test_a_launch_that_cannot_be_repeated_as_recorded_is_not_remembered():
     assert plan(jit, compiled, (x, 4), []) is None  # nothing recorded
     assert plan(jit, compiled, (x, 4), [((x.clone(), 4), {"BLOCK": 8})]) is None  # a wrapper's
     assert plan(jit, compiled, (x, 4), [((x, 4), {})]) is None  # BLOCK has no value
+    assert plan(jit, compiled, (x, 4), [((x, 4), {"BLOCK": x})]) is None  # a tensor by keyword
     other = SimpleNamespace(packed_metadata=(), src=SimpleNamespace(fn=fake_kernel("(x)")))
     assert plan(jit, other, (x, 4), [((x, 4), {"BLOCK": 8})]) is None  # another kernel's
     assert plan(jit, None, (x, 4), [((x, 4), {"BLOCK": 8})]) is None  # no compiled kernel
