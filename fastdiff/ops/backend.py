@@ -225,12 +225,25 @@ def may_launch_directly(tensors: tuple[Any, ...]) -> bool:
 
 def launch_kernel_op(custom_op: Callable[..., Any], launcher: Callable[..., Any], *args: Any):
     """Run a Triton kernel: ``launcher(*args)`` directly where ``may_launch_directly`` allows,
-    else ``custom_op(*args)`` (the ``torch.library.custom_op`` wrapping the same launcher).
+    else ``custom_op(*args)`` (the ``torch.library.custom_op`` wrapping the same launcher), on
+    the device of ``args[0]`` (the op's input tensor).
 
     Both run the same launcher on the same arguments. The direct call skips PyTorch's dispatch
     of a Python custom op (its autograd wrapper, redispatch and alias check): about 20 µs of host
     time per call on the development machine (``benchmarks/host_overhead.py``), which an eager
-    forward without CUDA graphs pays on every op."""
+    forward without CUDA graphs pays on every op.
+
+    Triton compiles for and launches on the current CUDA device, not the tensors' (PyTorch's own
+    ops switch to their tensors' device, and a Python custom op does not): a model moved to
+    ``cuda:1`` while ``cuda:0`` is current would otherwise run its kernels on the wrong GPU."""
+    first = args[0]
+    if first.is_cuda and first.get_device() != torch.cuda.current_device():
+        with torch.cuda.device(first.device):
+            return _run_kernel_op(custom_op, launcher, args)
+    return _run_kernel_op(custom_op, launcher, args)
+
+
+def _run_kernel_op(custom_op: Callable[..., Any], launcher: Callable[..., Any], args: tuple):
     if may_launch_directly(args):
         return launcher(*args)
     return custom_op(*args)

@@ -132,3 +132,39 @@ def test_subclasses_and_watchers_keep_the_custom_op(inputs):
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]):
         assert not may_launch_directly((x,))
     assert not torch.func.vmap(lambda row: torch.tensor(may_launch_directly((row,))))(x).any()
+
+
+class OnSecondGpu:
+    """Stands in for a tensor on cuda:1 (this machine may have no GPU at all)."""
+
+    is_cuda = True
+    device = torch.device("cuda", 1)
+
+    def get_device(self) -> int:
+        return 1
+
+
+@pytest.mark.parametrize("current", [0, 1])
+def test_kernels_run_with_their_tensors_device_current(monkeypatch, current):
+    """Triton launches on the current device: a tensor on cuda:1 while cuda:0 is current gets
+    cuda:1 made current around its launch (a wrong GPU otherwise), and no switch when it
+    already is."""
+    from contextlib import contextmanager
+
+    from fastdiff.ops.backend import launch_kernel_op
+
+    made_current = []
+
+    @contextmanager
+    def switch_to(device):
+        made_current.append(device)
+        yield
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: current)
+    monkeypatch.setattr(torch.cuda, "device", switch_to)
+    seen = []
+    result = launch_kernel_op(
+        None, lambda *args: seen.append(list(made_current)) or args, OnSecondGpu()
+    )
+    assert isinstance(result[0], OnSecondGpu)
+    assert seen == [[torch.device("cuda", 1)] if current == 0 else []]
