@@ -176,3 +176,79 @@ def test_kernels_under_wrappers_are_found_unless_a_config_hooks_every_launch():
     )
     assert launch_cache.innermost_jit(hooked) is None
     assert launch_cache.innermost_jit(copy_block) is None  # a plain function
+
+
+def gpu_op_calls() -> list[tuple[str, object]]:
+    """(label, call) of every op on the GPU, with the variants the signature must tell apart."""
+    from fastdiff import ops
+
+    half, cuda = torch.float16, "cuda"
+    x = torch.randn(2, 320, 64, 64, device=cuda, dtype=half)
+    nhwc = x.contiguous(memory_format=torch.channels_last)
+    small = torch.randn(2 * 1280 * 8 * 8 + 8, device=cuda, dtype=half)
+    aligned, misaligned = small[:-8].view(2, 1280, 8, 8), small[1:-7].view(2, 1280, 8, 8)
+    weight = torch.randn(320, device=cuda, dtype=half)
+    wide = torch.randn(1280, device=cuda, dtype=half)
+    offset = torch.randn(2, 320, device=cuda, dtype=half)
+    rows = torch.randn(2, 4096, 320, device=cuda, dtype=half)
+    other = torch.randn_like(rows)
+    qkv = torch.randn(3, 4096, 3, 8, 40, device=cuda, dtype=half).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv.unbind(0)  # batch 3, fused-QKV views
+    context = torch.randn(3, 77, 2, 8, 40, device=cuda, dtype=half).permute(2, 0, 3, 1, 4)
+    gates = torch.randn(2, 1024, 2560, device=cuda, dtype=half)
+    projection = torch.randn(2560, 320, device=cuda, dtype=half) / 18
+    bias = torch.randn(2560, device=cuda, dtype=half)
+    latents = torch.randn(1, 4, 64, 64, device=cuda)
+    model_output = torch.randn(2, 4, 64, 64, device=cuda)
+    table = torch.randn(20, 10, device=cuda)
+    step = torch.tensor(3, device=cuda)
+    return [
+        ("group_norm NCHW, split", lambda: ops.group_norm(x, 32, weight, weight, 1e-5, True)),
+        (
+            "group_norm NHWC + offset",
+            lambda: ops.group_norm(nhwc, 32, weight, weight, 1e-5, True, offset),
+        ),
+        (
+            "group_norm aligned, misaligned",
+            lambda: torch.cat(
+                [
+                    ops.group_norm(aligned, 32, wide, wide).flatten(),
+                    ops.group_norm(misaligned, 32, wide, wide).flatten(),
+                ]
+            ),
+        ),
+        ("layer_norm", lambda: ops.layer_norm(rows, weight, weight)),
+        ("add_layer_norm", lambda: torch.cat(ops.add_layer_norm(rows, other, weight, weight))),
+        (
+            "attention views, batch 3 then 2",
+            lambda: torch.cat(
+                [
+                    ops.attention(q, k, v).flatten(),
+                    ops.attention(q[:2], k[:2], v[:2]).flatten(),
+                ]
+            ),
+        ),
+        ("attention cross", lambda: ops.attention(q, context[0], context[1])),
+        ("geglu", lambda: ops.geglu(gates)),
+        ("linear_geglu", lambda: ops.linear_geglu(rows, projection, bias)),
+        ("sampler_step", lambda: torch.cat(ops.sampler_step(latents, model_output, table, step))),
+    ]
+
+
+@pytest.mark.gpu
+def test_cached_launches_compute_what_triton_launches_compute_on_the_gpu():
+    """On a GPU: every op's output from the launch cache (the second call with a signature) is
+    bitwise the output of Triton's own launch path (the cache off)."""
+    from fastdiff.ops import use_backend
+
+    launch_cache.clear()
+    with use_backend("triton"):
+        for label, call in gpu_op_calls():
+            with launch_cache.enabled(False):
+                want = call()
+            before = launch_cache.remembered()
+            call()  # through Triton, remembered
+            assert launch_cache.remembered() > before, label
+            got = call()  # from the cache
+            torch.cuda.synchronize()
+            assert torch.equal(got, want), label
