@@ -1,5 +1,7 @@
 """GEGLU (value * gelu(gate)) at the SD1.5 / SDXL feed-forward shapes: fastdiff vs eager vs compile.
 
+fastdiff-polyerf: the kernel with kernels/gelu.py's POLYNOMIAL_ERF on (a cheaper erf for
+half-precision outputs); its rows against fastdiff's decide that setting's default.
 GB/s counts reading the (..., 2D) input and writing the (..., D) output once.
 Run: python benchmarks/bench_geglu.py [--quick] [--out DIR]
 """
@@ -12,7 +14,15 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import Workload, parse_args, random, run_benchmark, standard_providers  # noqa: E402
+import fastdiff.kernels.gelu as gelu_kernels  # noqa: E402
+from common import (  # noqa: E402
+    Workload,
+    parse_args,
+    random,
+    run_benchmark,
+    standard_providers,
+    triton_with_setting,
+)
 
 from fastdiff.ops import geglu  # noqa: E402
 from fastdiff.ops.geglu import geglu_eager  # noqa: E402
@@ -38,12 +48,17 @@ def workload(name, shape, dtype) -> Workload:
     return Workload(f"{name} {'x'.join(map(str, shape))}", dtype, make, bytes_moved=bytes_moved)
 
 
+def providers() -> dict:
+    result = standard_providers(geglu_eager, geglu, "geglu")
+    result["fastdiff-polyerf"] = triton_with_setting(gelu_kernels, "POLYNOMIAL_ERF", True, geglu)
+    return result
+
+
 def main() -> None:
     args = parse_args(__doc__)
     shapes = SHAPES[:2] if args.quick else SHAPES
     workloads = [workload(n, s, torch.float16) for n, s in shapes]
-    providers = standard_providers(geglu_eager, geglu, "geglu")
-    run_benchmark("geglu", workloads, providers, args)
+    run_benchmark("geglu", workloads, providers(), args)
 
 
 if __name__ == "__main__":

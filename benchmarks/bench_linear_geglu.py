@@ -2,9 +2,11 @@
 kernel against the two steps it replaces.
 
 Providers: fastdiff (the fused kernel, kernels/linear_geglu.py's default tile), fastdiff-<tile>
-(its other tile configs), fastdiff-two-steps (cuBLAS, then fastdiff's GEGLU kernel: what the
-optimized runtime runs where the fused kernel was not timed faster), eager (PyTorch: F.linear,
-chunk, gelu, mul) and torch.compile of eager. backend_table.py turns the fastdiff and
+(its other tile configs), fastdiff-polyerf (the default tile with kernels/gelu.py's
+POLYNOMIAL_ERF on: its rows against fastdiff's decide that setting's default),
+fastdiff-two-steps (cuBLAS, then fastdiff's GEGLU kernel: what the optimized runtime runs where
+the fused kernel was not timed faster), eager (PyTorch: F.linear, chunk, gelu, mul) and
+torch.compile of eager. backend_table.py turns the fastdiff and
 fastdiff-two-steps rows into the auto backend's choice per shape.
 TFLOP/s counts the projection's 2·M·K·2I; GB/s counts reading x and the weight and writing the
 (M, I) output once.
@@ -19,6 +21,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import fastdiff.kernels.gelu as gelu_kernels  # noqa: E402
 import fastdiff.kernels.linear_geglu as linear_geglu_kernels  # noqa: E402
 from common import (  # noqa: E402
     Workload,
@@ -80,6 +83,9 @@ def two_steps(inputs):
 def providers() -> dict:
     result = standard_providers(linear_geglu_eager, linear_geglu, None)
     result[TWO_STEPS] = two_steps
+    result["fastdiff-polyerf"] = triton_with_setting(
+        gelu_kernels, "POLYNOMIAL_ERF", True, linear_geglu
+    )
     for config in linear_geglu_kernels.CONFIGS:
         if config != linear_geglu_kernels.DEFAULT_CONFIG:
             result[f"fastdiff-{config}"] = triton_with_setting(

@@ -388,6 +388,39 @@ def row_cases(quick: bool) -> list[tuple[str, Callable[[], object]]]:
     return cases
 
 
+def polynomial_erf_cases(quick: bool) -> list[tuple[str, Callable[[], object]]]:
+    """The GEGLU kernel and the fused projection with kernels/gelu.py's POLYNOMIAL_ERF on
+    (bench_geglu's and bench_linear_geglu's fastdiff-polyerf rows), half precision only."""
+    import fastdiff.kernels.gelu as gelu
+    from fastdiff.kernels.geglu import geglu_forward
+    from fastdiff.kernels.linear_geglu import linear_geglu_forward
+
+    def polynomial(launch: Callable[[], object]) -> Callable[[], object]:
+        def launch_polynomial():
+            gelu.POLYNOMIAL_ERF = True
+            try:
+                return launch()
+            finally:
+                gelu.POLYNOMIAL_ERF = False
+
+        return launch_polynomial
+
+    cases = []
+    for name in ("fp16",) if quick else ("fp16", "bf16"):
+        dtype = DTYPES[name]
+
+        def gate(dtype=dtype):
+            return geglu_forward(torch.empty(2, 4096, 2 * 1280, dtype=dtype))
+
+        def projection(dtype=dtype):
+            x, weight = torch.empty(8192, 320, dtype=dtype), torch.empty(2560, 320, dtype=dtype)
+            return linear_geglu_forward(x, weight, weight[:, 0].contiguous())
+
+        cases.append((f"geglu 2x4096x2560 {name} polynomial erf", polynomial(gate)))
+        cases.append((f"linear_geglu 8192x320->1280 {name} polynomial erf", polynomial(projection)))
+    return cases
+
+
 # (rows, input features, inner) of the feed-forward's GEGLU projection at SD1.5's three levels
 LINEAR_GEGLU_SHAPES = [(8192, 320, 1280), (2048, 640, 2560), (512, 1280, 5120)]
 
@@ -823,6 +856,7 @@ def main(argv: list[str] | None = None) -> int:
         return autotune_compile(args.autotune_compile)
     cases = group_norm_cases(args.quick) + attention_cases(args.quick)
     cases += row_cases(args.quick) + linear_geglu_cases(args.quick)
+    cases += polynomial_erf_cases(args.quick)
     cases += conv3x3_cases(args.quick) + sampler_step_cases(args.quick)
     if args.all_configs:
         cases += all_config_cases() + linear_geglu_config_cases()

@@ -7,7 +7,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import COMPILE_OPTIONS, cdiv, launch, next_power_of_2
+from . import COMPILE_OPTIONS, cdiv, gelu, launch, next_power_of_2
 
 
 @triton.jit
@@ -19,6 +19,7 @@ def geglu_kernel(
     stride_row,
     BLOCK_R: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    POLYNOMIAL_ERF: tl.constexpr,  # the erf of kernels/gelu.py: half-precision outputs only
 ):
     offs_r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -27,9 +28,9 @@ def geglu_kernel(
     value_ptrs = x_ptr + row_offsets * stride_row + offs_d[None, :]
     value = tl.load(value_ptrs, mask=mask, other=0.0).to(tl.float32)
     gate = tl.load(value_ptrs + width, mask=mask, other=0.0).to(tl.float32)
-    gelu = 0.5 * gate * (1.0 + tl.math.erf(gate * 0.7071067811865476))
+    activated = value * gelu.gelu_erf(gate, POLYNOMIAL_ERF)
     out = y_ptr + row_offsets * width + offs_d[None, :]
-    tl.store(out, (value * gelu).to(y_ptr.dtype.element_ty), mask=mask)
+    tl.store(out, activated.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 def geglu_forward(x: torch.Tensor) -> torch.Tensor:
@@ -53,6 +54,7 @@ def geglu_forward(x: torch.Tensor) -> torch.Tensor:
         x2d.stride(0),
         BLOCK_R=block_r,
         BLOCK_D=block_d,
+        POLYNOMIAL_ERF=gelu.POLYNOMIAL_ERF and x.dtype != torch.float32,
         outputs=(y,),
         **COMPILE_OPTIONS,
     )

@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import COMPILE_OPTIONS, cdiv, launch
+from . import COMPILE_OPTIONS, cdiv, gelu, launch
 
 
 class Config(NamedTuple):
@@ -65,6 +65,7 @@ def linear_geglu_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
+    POLYNOMIAL_ERF: tl.constexpr,  # the erf of kernels/gelu.py: half-precision outputs only
 ):
     pid = tl.program_id(0)
     blocks_m = tl.cdiv(rows, BLOCK_M)
@@ -103,9 +104,9 @@ def linear_geglu_kernel(
     if HAS_BIAS:
         value += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
         gate += tl.load(b_ptr + inner + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-    gelu = 0.5 * gate * (1.0 + tl.math.erf(gate * 0.7071067811865476))
+    activated = value * gelu.gelu_erf(gate, POLYNOMIAL_ERF)
     out = y_ptr + offs_m.to(tl.int64)[:, None] * inner + offs_n[None, :]
-    tl.store(out, (value * gelu).to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+    tl.store(out, activated.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
 
 def choose_config(dtype: torch.dtype) -> Config:
@@ -148,6 +149,7 @@ def linear_geglu_forward(
         BLOCK_N=config.block_n,
         BLOCK_K=config.block_k,
         GROUP_M=8,
+        POLYNOMIAL_ERF=gelu.POLYNOMIAL_ERF and x.dtype != torch.float32,
         num_warps=config.num_warps,
         num_stages=config.num_stages,
         outputs=(y,),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import fastdiff.kernels.geglu as geglu_kernels
+import fastdiff.kernels.gelu as gelu_kernels
 import pytest
 import torch
 from hypothesis import given, settings
@@ -37,6 +38,15 @@ def test_edge_shapes(triton_backend, monkeypatch, shape, dtype):
     out = check(x, what=str(shape))
     assert out.shape == (*shape[:-1], shape[-1] // 2)
     assert counter.calls == 1
+
+
+@pytest.mark.parametrize("dtype", [d for d in kernel_dtypes() if d.id != "fp32"])
+@pytest.mark.parametrize("shape", EDGE_CASES)
+def test_edge_shapes_with_the_polynomial_erf(triton_backend, monkeypatch, shape, dtype):
+    """kernels/gelu.py's POLYNOMIAL_ERF (bench_geglu's fastdiff-polyerf rows), within the same
+    tolerance rule."""
+    monkeypatch.setattr(gelu_kernels, "POLYNOMIAL_ERF", True)
+    test_edge_shapes(triton_backend, monkeypatch, shape, dtype)
 
 
 def test_strided_rows_are_read_in_place(triton_backend, monkeypatch):

@@ -3,6 +3,7 @@ helpers.py), its fallbacks, and its backend choice."""
 
 from __future__ import annotations
 
+import fastdiff.kernels.gelu as gelu_kernels
 import fastdiff.kernels.linear_geglu as linear_geglu_kernels
 import pytest
 import torch
@@ -48,6 +49,17 @@ def test_edge_shapes(triton_backend, monkeypatch, shape, inner, bias, dtype):
     out = check(*make(shape, inner, bias, dtype), what=str(shape))
     assert out.shape == (*shape[:-1], inner)
     assert counter.calls == 1
+
+
+@pytest.mark.parametrize("dtype", [d for d in kernel_dtypes() if d.id != "fp32"])
+@pytest.mark.parametrize("shape, inner, bias", EDGE_CASES)
+def test_edge_shapes_with_the_polynomial_erf(
+    triton_backend, monkeypatch, shape, inner, bias, dtype
+):
+    """kernels/gelu.py's POLYNOMIAL_ERF (bench_linear_geglu's fastdiff-polyerf rows), within
+    the same tolerance rule."""
+    monkeypatch.setattr(gelu_kernels, "POLYNOMIAL_ERF", True)
+    test_edge_shapes(triton_backend, monkeypatch, shape, inner, bias, dtype)
 
 
 @pytest.mark.parametrize("config", sorted(linear_geglu_kernels.CONFIGS))

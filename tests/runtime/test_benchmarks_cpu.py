@@ -295,3 +295,36 @@ def test_nograph_providers_set_the_launch_cache_for_their_calls_only(provider, m
     )
     assert run() is not None
     assert seen == [provider == "fastdiff-nograph"] and launch_cache.ENABLED
+
+
+@pytest.mark.parametrize("bench", ["bench_geglu", "bench_linear_geglu"])
+def test_polyerf_providers_launch_the_polynomial_erf_and_restore_it(bench, monkeypatch):
+    """bench_geglu's and bench_linear_geglu's fastdiff-polyerf rows: the kernel launched with
+    kernels/gelu.py's POLYNOMIAL_ERF on (off again after), its output within fp16 rounding of
+    the reference."""
+    import importlib
+
+    import fastdiff.kernels.gelu as gelu_kernels
+    import torch
+
+    from fastdiff import ops
+    from tests.ops.helpers import INTERPRET
+
+    if not (INTERPRET or torch.cuda.is_available()):
+        pytest.skip("triton kernels need a GPU or TRITON_INTERPRET=1")
+    op = bench.removeprefix("bench_")
+    kernels = importlib.import_module(f"fastdiff.kernels.{op}")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    shapes = [(2, 8, 64)] if op == "geglu" else [(2, 8, 32), (64, 32), (64,)]
+    inputs = tuple((torch.randn(*shape, device=device) / 4).half() for shape in shapes)
+    launched, launch = [], kernels.launch
+
+    def spy(kernel, grid, *args, **kwargs):
+        launched.append(kwargs["POLYNOMIAL_ERF"])
+        return launch(kernel, grid, *args, **kwargs)
+
+    monkeypatch.setattr(kernels, "launch", spy)
+    out = importlib.import_module(bench).providers()["fastdiff-polyerf"](inputs)()
+    assert launched == [True] and not gelu_kernels.POLYNOMIAL_ERF
+    want = getattr(ops, f"{op}_reference")(*inputs)
+    torch.testing.assert_close(out.float(), want.float(), atol=2e-3, rtol=2e-3)
