@@ -4,9 +4,10 @@ On every ``kernel[grid](*args)`` Triton binds the arguments to the kernel's para
 specialises each one (a tensor's dtype and whether its address is a multiple of 16; an integer's
 width, whether it equals 1, whether it is a multiple of 16), turns that and the options into a
 kernel-cache key, finds the compiled kernel, and only then calls its launcher. Outside a CUDA
-graph that front end is host time on every launch: 7-30 µs of the 20-65 µs a fastdiff op call
-costs on the development machine (``benchmarks/host_overhead.py``), with a wrapper's own on top
-(the attention kernel's ``triton.heuristics``).
+graph that front end is host time on every launch: 17-43 µs per launch of the 35-115 µs a
+fastdiff op call costs with it on the development machine (Triton 3.9, the triton and python
+columns of ``benchmarks/host_overhead.py``), a wrapper's own included (the attention kernel's
+``triton.heuristics``).
 
 ``launch`` remembers, per call signature, the compiled kernel Triton launched and the parameter
 values its launcher took beyond the call's positional arguments (constexprs, the heuristics' and
