@@ -323,14 +323,13 @@ def main(argv: list[str] | None = None) -> int:
                 )
                 return 1
             triton_sm90.RecordingLauncher.calls = None  # the timed calls record nothing
-            table.append((label, *per_call_us(variants(call, eager), args.calls).values()))
+            table.append((label, per_call_us(variants(call, eager), args.calls)))
             records.clear()
             triton_sm90.RecordingLauncher.calls = records
     print(f"host µs per call; torch {torch.__version__}, triton {triton_version()}, {cpu_name()}")
-    columns = tuple(variants(print, print))
-    print(f"{'op (fp16)':52s}" + "".join(f" {name:>8s}" for name in columns))
-    for label, *figures in table:
-        print(f"{label:52s}" + "".join(f" {figure:8.1f}" for figure in figures))
+    print(f"{'op (fp16)':52s}" + "".join(f" {name:>8s}" for name in table[0][1]))
+    for label, figures in table:
+        print(f"{label:52s}" + "".join(f" {figure:8.1f}" for figure in figures.values()))
     return 0
 
 

@@ -91,7 +91,7 @@ def described(value) -> object:
 def hooks(metadata, enter, exit_) -> str:
     """The launcher calls the launch hooks, when there are any, with the metadata: with none
     (None in Triton 3.6, an empty HookChain in 3.9) the three are unused."""
-    if all(hook is None or not getattr(hook, "calls", True) for hook in (enter, exit_)):
+    if launch_cache.no_launch_hooks(enter, exit_):
         return "no launch hooks"
     return f"hooks {enter!r} {exit_!r}"
 

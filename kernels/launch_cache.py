@@ -49,7 +49,7 @@ _plans: dict[tuple, tuple] = {}  # signature -> (compiled kernel, values after a
 _jit_of: dict[int, tuple] = {}  # id(kernel object) -> (the object, its JITFunction or None)
 _tensor_positions: dict[tuple, tuple[int, ...]] = {}  # argument types -> the tensors' places
 _genuine_run: list = [None]  # Triton's own JITFunction.run, once seen
-_triton: tuple = ()  # (triton.knobs, triton.runtime.driver), imported by innermost_jit
+_triton: tuple = ()  # (triton.knobs, triton.runtime.driver), imported at the first launch
 
 
 class _Recording(threading.local):
@@ -68,14 +68,9 @@ def _record_call(*args, **kwargs) -> None:
 
 def innermost_jit(kernel):
     """The ``JITFunction`` under ``kernel``'s autotuner and heuristics wrappers, else None:
-    also for an autotuner whose configs have a pre-hook, which it runs before every launch
-    (and the first time, Triton's knobs and driver for ``launch``)."""
-    global _triton
-    from triton import knobs
-    from triton.runtime import driver
+    also for an autotuner whose configs have a pre-hook, which it runs before every launch."""
     from triton.runtime.jit import JITFunction
 
-    _triton = (knobs, driver)
     while not isinstance(kernel, JITFunction):
         if any(getattr(config, "pre_hook", None) for config in getattr(kernel, "configs", ())):
             return None
@@ -111,20 +106,22 @@ def signature(kernel, args: tuple, kwargs: dict, device: int) -> tuple:
 def launch(kernel, grid, args: tuple, kwargs: dict) -> None:
     """``kernel[grid](*args, **kwargs)``, through the launcher directly when this call's
     signature was launched before."""
+    global _triton
     known = _jit_of.get(id(kernel))
     if known is None:
         known = _jit_of[id(kernel)] = (kernel, innermost_jit(kernel))
+        if not _triton:
+            from triton import knobs
+            from triton.runtime import driver
+
+            _triton = (knobs, driver)
     jit = known[1]
     if jit is None or not ENABLED or not _triton_launches_itself(jit):
         kernel[grid](*args, **kwargs)
         return
     knobs, driver = _triton
     runtime = knobs.runtime
-    enter, exit_ = runtime.launch_enter_hook, runtime.launch_exit_hook
-    # A launch hook (Triton's profiler): None in Triton 3.6, a HookChain with calls in 3.9
-    if (enter is not None and getattr(enter, "calls", True)) or (
-        exit_ is not None and getattr(exit_, "calls", True)
-    ):
+    if not no_launch_hooks(runtime.launch_enter_hook, runtime.launch_exit_hook):
         kernel[grid](*args, **kwargs)
         return
     active = driver.active
@@ -154,6 +151,14 @@ def launch(kernel, grid, args: tuple, kwargs: dict) -> None:
         None,
         *args,
         *tail,
+    )
+
+
+def no_launch_hooks(enter, exit_) -> bool:
+    """Triton's launch hooks (its profiler's) are unset: None in Triton 3.6, a ``HookChain``
+    with no calls in 3.9, which the launcher would call for nothing."""
+    return (enter is None or not getattr(enter, "calls", True)) and (
+        exit_ is None or not getattr(exit_, "calls", True)
     )
 
 
