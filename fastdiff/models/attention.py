@@ -26,7 +26,9 @@ LEGACY_ATTENTION_NAMES = {
 
 
 def concat_linears(layers: list[nn.Linear]) -> nn.Linear:
-    """One Linear whose output is the outputs of ``layers`` concatenated, same device/dtype."""
+    """One Linear whose output is the outputs of ``layers`` concatenated, same device/dtype;
+    its parameters want gradients where the layers' did (a model frozen by
+    ``requires_grad_(False)`` before the fusion stays frozen after it)."""
     first = layers[0]
     has_bias = first.bias is not None
     fused = nn.Linear(
@@ -40,6 +42,9 @@ def concat_linears(layers: list[nn.Linear]) -> nn.Linear:
         fused.weight.copy_(torch.cat([layer.weight for layer in layers], dim=0))
         if has_bias:
             fused.bias.copy_(torch.cat([layer.bias for layer in layers], dim=0))
+    fused.weight.requires_grad_(any(layer.weight.requires_grad for layer in layers))
+    if has_bias:
+        fused.bias.requires_grad_(any(layer.bias.requires_grad for layer in layers))
     return fused
 
 

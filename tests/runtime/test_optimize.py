@@ -191,6 +191,22 @@ def test_img2img_generation_through_encoder_loop_and_decoder_graphs(pipe):
     torch.testing.assert_close(pipe(seed=1, **unipc), want_unipc, rtol=1e-5, atol=1e-5)
 
 
+def test_fused_projections_keep_the_frozen_state_of_the_layers(pipe):
+    """prepare_module freezes a model before fusing its QKV projections: the fused layers stay
+    frozen (a trainable model's stay trainable)."""
+    from fastdiff.models.attention import concat_linears
+
+    layers = [torch.nn.Linear(4, 3), torch.nn.Linear(4, 5)]
+    assert concat_linears(layers).weight.requires_grad
+    for layer in layers:
+        layer.requires_grad_(False)
+    fused = concat_linears(layers)
+    assert not fused.weight.requires_grad and not fused.bias.requires_grad
+    runtime.prepare_module(pipe.unet, "unet", runtime.OptimizeReport("cpu"), None, False, True)
+    assert not any(param.requires_grad for param in pipe.unet.parameters())
+    assert pipe.unet.attention_modules()[0].fused
+
+
 def test_bad_arguments_raise(pipe):
     with pytest.raises(ValueError, match="dtype"):
         runtime.optimize(pipe, dtype=torch.int8)
