@@ -8,6 +8,9 @@ Random weights at the real architectures (benchmarks/model_configs.py), fp16 on 
                      triton kernel) wherever the auto table has not measured it (what it buys)
   fastdiff-conv3x3   fastdiff with the split-reduction 3x3 convolution kernel (conv3x3) on the
                      small feature maps wherever the table has not measured it (what it buys)
+  fastdiff-upfold    fastdiff with optimize(upsample_fold="transposed"): each upsampler as one
+                     transposed convolution over the small map (what the fold buys)
+  fastdiff-upfold-phases  the same with upsample_fold="phases" (a 2x2 convolution per phase)
   fastdiff-nograph   the same without the CUDA graph (what graphs buy)
   fastdiff-nograph-nocache  fastdiff-nograph with kernels/launch_cache.py off: every launch
                      through Triton's launch front end (what the launch cache buys)
@@ -44,6 +47,8 @@ PROVIDERS = (
     "fastdiff-nofold",
     "fastdiff-fusedgeglu",
     "fastdiff-conv3x3",
+    "fastdiff-upfold",
+    "fastdiff-upfold-phases",
     "fastdiff-nograph",
     "fastdiff-nograph-nocache",
     "fastdiff-nchw",
@@ -117,6 +122,8 @@ def unet_flops(work: UNetWorkload) -> float | None:
 # Providers that run one untimed kernel wherever the auto table has not measured it, to put
 # the optimized step with it beside the default's in one run.
 UNTIMED_KERNEL_PROVIDERS = {"fastdiff-fusedgeglu": "linear_geglu", "fastdiff-conv3x3": "conv3x3"}
+# Providers that fold the upsamplers (optimize(upsample_fold=...)); the others run them unfolded.
+UPSAMPLE_FOLDS = {"fastdiff-upfold": "transposed", "fastdiff-upfold-phases": "phases"}
 
 
 @contextlib.contextmanager
@@ -160,6 +167,7 @@ def provider_setup(
             "fastdiff-nofold",
             "fastdiff-fusedgeglu",
             "fastdiff-conv3x3",
+            *UPSAMPLE_FOLDS,
             "fastdiff-nograph",
             "fastdiff-nograph-nocache",
             "fastdiff-nchw",
@@ -173,6 +181,7 @@ def provider_setup(
             # modules and packs or unpacks the time projections; inside run_graphed it added
             # about a millisecond per call to every graphed row of the 2026-11-28 run).
             model.fold_conv_biases(provider != "fastdiff-nofold")
+            model.fold_upsampling(UPSAMPLE_FOLDS.get(provider))
             if provider == "fastdiff-compile":
                 from fastdiff.runtime.optimize import compile_blocks
 
@@ -240,6 +249,7 @@ def default_providers(compile_: bool) -> list[str]:
             "fastdiff-nofold",
             "fastdiff-fusedgeglu",
             "fastdiff-conv3x3",
+            *UPSAMPLE_FOLDS,
             "fastdiff-nokernels",
             "fastdiff-nchw",
             "fastdiff-nograph",

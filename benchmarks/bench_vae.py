@@ -3,9 +3,11 @@ decode by TAESD (AutoencoderTiny, diffusers' default config), the fast autoencod
 
 Random weights at the real architecture, fp16 on GPU. Providers as in bench_unet.py:
 fastdiff (fp16, channels-last, fused QKV, Triton kernels, CUDA graph), fastdiff-nograph,
-fastdiff-nchw (NCHW activations), fastdiff-nokernels (PyTorch ops), fastdiff-eager (plain
-PyTorch ops, NCHW), diffusers, diffusers-graph, diffusers-compile (--compile). On CPU a toy VAE
-runs in float32 on the eager path.
+fastdiff-nchw (NCHW activations), fastdiff-nokernels (PyTorch ops), fastdiff-upfold and
+fastdiff-upfold-phases (the KL decoder's upsamplers folded: optimize(upsample_fold="transposed"
+/ "phases"); TAESD has no such upsampler), fastdiff-eager (plain PyTorch ops, NCHW), diffusers,
+diffusers-graph, diffusers-compile (--compile). On CPU a toy VAE runs in float32 on the eager
+path.
 
     python benchmarks/bench_vae.py [--quick] [--compile]
 """
@@ -29,11 +31,17 @@ PROVIDERS = (
     "fastdiff-nograph",
     "fastdiff-nchw",
     "fastdiff-nokernels",
+    "fastdiff-upfold",
+    "fastdiff-upfold-phases",
     "fastdiff-eager",
     "diffusers",
     "diffusers-graph",
     "diffusers-compile",
 )
+
+
+# Providers that fold the KL decoder's upsamplers (optimize(upsample_fold=...)).
+UPSAMPLE_FOLDS = {"fastdiff-upfold": "transposed", "fastdiff-upfold-phases": "phases"}
 
 
 def workloads() -> list[tuple[str, str, str, int]]:
@@ -77,9 +85,17 @@ def provider_setup(provider: str, holder: mb.ModelHolder, size: int):
                     return model.decode(latents)
 
             return run
-        if provider in ("fastdiff", "fastdiff-nograph", "fastdiff-nchw", "fastdiff-nokernels"):
+        if provider in (
+            "fastdiff",
+            "fastdiff-nograph",
+            "fastdiff-nchw",
+            "fastdiff-nokernels",
+            *UPSAMPLE_FOLDS,
+        ):
             nhwc = provider != "fastdiff-nchw"
             model = holder.fastdiff_model(prepared=True, channels_last=nhwc)
+            # Shared by the providers: each sets the fold it measures, outside the timed calls.
+            model.fold_upsampling(UPSAMPLE_FOLDS.get(provider))
             if on_cuda and nhwc:
                 latents = latents.contiguous(memory_format=torch.channels_last)
             if provider == "fastdiff-nograph":
@@ -127,7 +143,7 @@ def default_providers(compile_: bool) -> list[str]:
     if mb.diffusers_available():
         providers += ["diffusers", "diffusers-graph"]
     if mb.on_gpu():  # without CUDA these equal fastdiff
-        providers += ["fastdiff-nokernels", "fastdiff-nchw", "fastdiff-nograph"]
+        providers += ["fastdiff-nokernels", "fastdiff-nchw", "fastdiff-nograph", *UPSAMPLE_FOLDS]
     if compile_ and mb.diffusers_available():
         providers.append("diffusers-compile")
     return providers
@@ -143,7 +159,10 @@ def cases(providers: list[str] | None = None, compile_: bool = False) -> list[mb
         holder = mb.ModelHolder(kind, config, device, dtype)
         flop = vae_flops(config, size, kind)
         setup_for = functools.partial(provider_setup, holder=holder, size=size)
-        all_cases += mb.model_cases("vae", name, providers, setup_for, holder, flop, note)
+        # TAESD upsamples by nn.Upsample modules, which the fold leaves alone: those rows would
+        # repeat fastdiff's.
+        chosen = [p for p in providers if kind == "vae" or p not in UPSAMPLE_FOLDS]
+        all_cases += mb.model_cases("vae", name, chosen, setup_for, holder, flop, note)
     return all_cases
 
 

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from fastdiff.models.attention import Attention
+from fastdiff.models.upsample_fold import check_mode
 
 
 class ModelBase(nn.Module):
@@ -46,6 +47,46 @@ class ModelBase(nn.Module):
         for module in blocks:
             module.fold_biases = enabled
         return sum(module.has_bias_folds for module in blocks)
+
+    def fold_upsampling(self, mode: str | None = "transposed") -> int:
+        """Run every ``Upsample2D``'s doubling and 3x3 convolution as one convolution over the
+        small map (``mode`` "transposed" or "phases"; None switches back; see
+        ``fastdiff.models.upsample_fold``). The weights' values are untouched: the summed ones
+        are derived beside them. Returns how many upsamplers there are."""
+        from fastdiff.models.resnet import Upsample2D
+
+        check_mode(mode)
+        upsamplers = [module for module in self.modules() if isinstance(module, Upsample2D)]
+        for module in upsamplers:
+            module.set_fold(mode)
+            if mode is not None:  # derived now, in the weights' final dtype and layout
+                module.folded.get(module.conv.weight)
+        # Kept for refresh_folded_weights, which runs before every graph replay.
+        self.folded_upsamplers = upsamplers if mode is not None else []
+        return len(upsamplers)
+
+    def refresh_folded_weights(self) -> int:
+        """Derive the upsamplers' folded weights again, in place, where their source weights
+        changed since (a LoRA fused into them, say): a captured graph reads the folded ones and
+        runs no Python to notice. Returns how many were derived again."""
+        count = 0
+        for module in getattr(self, "folded_upsamplers", ()):
+            folded = module.folded
+            if folded is None or folded.tensor is None:
+                continue  # derived at its next call, before any capture reads it
+            weight = module.conv.weight
+            if folded.source_key(weight) != folded.key:
+                folded.get(weight)
+                count += 1
+        return count
+
+    def folded_weight_bytes(self) -> int:
+        """Memory held by the upsamplers' folded weights (beside the checkpoint's)."""
+        return sum(
+            module.folded.nbytes()
+            for module in getattr(self, "folded_upsamplers", ())
+            if module.folded is not None
+        )
 
     def attention_modules(self) -> list[Attention]:
         return [module for module in self.modules() if isinstance(module, Attention)]

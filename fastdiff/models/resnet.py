@@ -14,6 +14,7 @@ import torch.nn.modules.module as module_hooks
 from torch import nn
 
 from fastdiff import ops
+from fastdiff.models.upsample_fold import FoldedWeight, check_mode, upsample_conv
 
 
 def is_channels_last(x: torch.Tensor) -> bool:
@@ -252,14 +253,49 @@ class Downsample2D(nn.Module):
 
 
 class Upsample2D(nn.Module):
-    """Nearest-neighbour 2x (or to ``size``) followed by a 3x3 conv (key ``conv``)."""
+    """Nearest-neighbour 2x (or to ``size``) followed by a 3x3 conv (key ``conv``).
+
+    ``fold`` (set by ``ModelBase.fold_upsampling``: None, "transposed" or "phases") runs a
+    doubling as one convolution over the small map with summed weights (4 taps per output
+    pixel instead of 9, no upsampled map; ``fastdiff.models.upsample_fold``). It applies where
+    the conv is plain (``plain_layer``), no gradient of its weight is wanted, the weight's
+    changes can be tracked and torch.compile is not tracing; otherwise the two steps run."""
+
+    fold: str | None = None
 
     def __init__(self, channels: int) -> None:
         super().__init__()
         self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+        self.folded: FoldedWeight | None = None
+
+    def set_fold(self, mode: str | None) -> None:
+        check_mode(mode)
+        self.fold = mode
+        if self.folded is not None and self.folded.mode != mode:
+            self.folded = None  # its memory freed; derived again at the next folded call
+        if mode is not None and self.folded is None:
+            self.folded = FoldedWeight(mode)
+
+    def folded_weight(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The folded weight for this call, or None where the fold does not apply."""
+        conv = self.conv
+        if self.folded is None or not plain_layer(conv) or tuple(conv.kernel_size) != (3, 3):
+            return None
+        if conv.stride != (1, 1) or conv.padding != (1, 1) or conv.dilation != (1, 1):
+            return None
+        if conv.groups != 1 or x.dtype != conv.weight.dtype or x.device != conv.weight.device:
+            return None
+        if torch.is_grad_enabled() and conv.weight.requires_grad:
+            return None
+        if torch.compiler.is_compiling():
+            return None
+        return self.folded.get(conv.weight)
 
     def forward(self, x: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
         if size is None or tuple(size) == (2 * x.shape[-2], 2 * x.shape[-1]):
+            folded = self.folded_weight(x) if self.fold is not None else None
+            if folded is not None:
+                return upsample_conv(x, folded, self.conv.bias, self.fold)
             x = F.interpolate(x, scale_factor=2.0, mode="nearest")
         else:
             x = F.interpolate(x, size=tuple(size), mode="nearest")

@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from fastdiff.models.upsample_fold import check_mode as check_upsample_fold
 from fastdiff.ops import use_backend
 from fastdiff.ops.backend import (
     attention_configs_summary,
@@ -86,9 +87,10 @@ def prepare_module(
     channels_last: bool,
     fuse_qkv: bool,
     fold_biases: bool = False,
+    upsample_fold: str | None = None,
 ) -> None:
-    """dtype, memory format, QKV fusion and (``fold_biases``) bias and residual folding of one
-    model, in place."""
+    """dtype, memory format, QKV fusion, (``fold_biases``) bias and residual folding and
+    (``upsample_fold``) the upsamplers' folded convolutions of one model, in place."""
     module.eval().requires_grad_(False)
     if dtype is not None:
         module.to(dtype=dtype)
@@ -116,6 +118,18 @@ def prepare_module(
             )
     elif fold_biases:
         report.skipped[f"{name}: bias folding"] = "model has no fold_conv_biases()"
+    fold_up = getattr(module, "fold_upsampling", None)
+    if fold_up is not None:  # also switches it back off on a re-optimize without it
+        count = fold_up(upsample_fold)
+        if upsample_fold is not None and count:
+            report.applied.append(
+                f"{name}: {count} upsamplers as one {upsample_fold} convolution each (folded "
+                f"weights {format_mib(module.folded_weight_bytes())})"
+            )
+        elif upsample_fold is not None:
+            report.skipped[f"{name}: upsample fold"] = "no Upsample2D"
+    elif upsample_fold is not None:
+        report.skipped[f"{name}: upsample fold"] = "model has no fold_upsampling()"
 
 
 def ops_backend(kernels: bool = True):
@@ -209,6 +223,15 @@ class OptimizedRuntime:
     def ops_backend(self):
         return ops_backend(self.kernels)
 
+    def refresh_folded_weights(self) -> None:
+        """Derive the upsamplers' folded weights again where their sources changed in place
+        since (``ModelBase.refresh_folded_weights``): a graph replay reads them without running
+        the Python that would notice. Nothing to do (a few comparisons) when nothing changed."""
+        for model in (self.pipe.unet, getattr(self.pipe, "vae", None)):
+            refresh = getattr(model, "refresh_folded_weights", None)
+            if refresh is not None:
+                refresh()
+
     @staticmethod
     def on_device(device: torch.device):
         """Make ``device`` current: Triton launches its kernels on the current device (not the
@@ -260,6 +283,7 @@ class OptimizedRuntime:
         call.timesteps, call.coefficients = timesteps, coefficients
         start = time.perf_counter()
         with self.on_device(noise.device), self.ops_backend(), torch.no_grad():
+            self.refresh_folded_weights()
             latents = self.denoiser(call, sampler=sampler)
         self.last_call_seconds = time.perf_counter() - start
         return latents.to(noise.dtype)
@@ -300,6 +324,7 @@ class OptimizedRuntime:
 
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
         with self.on_device(latents.device), self.ops_backend(), torch.no_grad():
+            self.refresh_folded_weights()
             return self.decoder(latents)
 
     def encode_moments(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -309,6 +334,7 @@ class OptimizedRuntime:
         # Moved outside the graph: a host-to-device copy cannot be captured.
         pixels = pixels.to(device=self.pipe.device, dtype=vae_dtype)
         with self.on_device(pixels.device), self.ops_backend(), torch.no_grad():
+            self.refresh_folded_weights()
             return self.encoder(pixels)
 
     def graph_report(self) -> str:
@@ -351,6 +377,7 @@ def optimize(
     compile_backend: str = "inductor",
     vae_channels_last: bool | None = None,
     fold_biases: bool = True,
+    upsample_fold: str | None = None,
 ) -> OptimizedRuntime:
     """Prepare ``pipe`` (a ``fastdiff.Pipeline``) for speed, in place; returns its runtime
     (``runtime.report`` says what was applied; ``runtime.attached`` whether the pipeline now
@@ -377,6 +404,12 @@ def optimize(
     fastdiff-nofold rows measure it against the default). The
     VAE is left as it is: it has no time embedding, and its shortcut GEMMs would run in float32
     for the SDXL VAE, where cuBLAS takes no TF32 by default and cuDNN's convolutions do.
+    ``upsample_fold`` ("transposed" or "phases"; None = off) runs each upsampler of the U-Net
+    and the VAE (nearest-neighbour 2x, then a 3x3 convolution) as one convolution over the
+    small map with summed weights: 4 instead of 9 multiply-adds per output value and no
+    upsampled map (``fastdiff.models.upsample_fold``; the summed weights take memory beside
+    the checkpoint's). Off by default until a GPU has timed it (bench_upsample.py and the
+    ``fastdiff-upfold-*`` rows of the model benchmarks).
     ``compile_mode`` (e.g. "default" or "max-autotune-no-cudagraphs"; None = off) also
     torch.compiles the U-Net's blocks: an option, since compiling takes a minute where the
     default path warms up in seconds.
@@ -384,6 +417,7 @@ def optimize(
     Graphs hold the addresses of the weights: call ``optimize`` after loading, and after moving or
     re-casting a model call ``pipe.runtime.cache.clear()`` so the next call captures again.
     """
+    check_upsample_fold(upsample_fold)
     for name, value in (("dtype", dtype), ("vae_dtype", vae_dtype)):
         if value is not None and value not in DTYPES:
             raise ValueError(
@@ -423,9 +457,13 @@ def optimize(
         vae_dtype = vae_dtype_for(dtype)
         if vae_dtype != dtype:
             report.applied.append(f"vae: {str(vae_dtype).replace('torch.', '')} (force_upcast)")
-    prepare_module(pipe.unet, "unet", report, dtype, channels_last, fuse_qkv, fold_biases)
+    prepare_module(
+        pipe.unet, "unet", report, dtype, channels_last, fuse_qkv, fold_biases, upsample_fold
+    )
     vae_nhwc = channels_last if vae_channels_last is None else (vae_channels_last and on_cuda)
-    prepare_module(pipe.vae, "vae", report, vae_dtype or dtype, vae_nhwc, fuse_qkv)
+    prepare_module(
+        pipe.vae, "vae", report, vae_dtype or dtype, vae_nhwc, fuse_qkv, False, upsample_fold
+    )
     if compile_mode is not None:
         count = compile_blocks(pipe.unet, compile_mode, compile_backend)
         report.applied.append(

@@ -328,3 +328,47 @@ def test_polyerf_providers_launch_the_polynomial_erf_and_restore_it(bench, monke
     assert launched == [True] and not gelu_kernels.POLYNOMIAL_ERF
     want = getattr(ops, f"{op}_reference")(*inputs)
     torch.testing.assert_close(out.float(), want.float(), atol=2e-3, rtol=2e-3)
+
+
+@pytest.mark.parametrize("bench", [bench_unet, bench_vae], ids=["unet", "vae"])
+def test_upfold_providers_fold_the_upsamplers_for_their_rows_only(bench):
+    """bench_unet's and bench_vae's fastdiff-upfold rows run the shared model with its
+    upsamplers folded (transposed; -phases: phases), and the next fastdiff row unfolds them."""
+    import torch
+
+    device = torch.device("cpu")
+    if bench is bench_unet:
+        work = bench.CPU_WORKLOADS["sd15_b2"]
+        holder = model_bench.ModelHolder("unet", work.config, device, torch.float32)
+
+        def setup(provider):
+            return bench.provider_setup(provider, work, holder)
+    else:
+        holder = model_bench.ModelHolder("vae", "tiny_vae", device, torch.float32)
+
+        def setup(provider):
+            return bench.provider_setup(provider, holder, 8)
+
+    outputs = {}
+    for provider in ("fastdiff", "fastdiff-upfold", "fastdiff-upfold-phases", "fastdiff"):
+        run = setup(provider)()
+        folds = {module.fold for module in holder.fastdiff.folded_upsamplers}
+        assert folds == ({bench.UPSAMPLE_FOLDS[provider]} if provider != "fastdiff" else set())
+        outputs.setdefault(provider, run())
+    for provider in bench.UPSAMPLE_FOLDS:
+        torch.testing.assert_close(outputs[provider], outputs["fastdiff"], rtol=1e-4, atol=1e-4)
+
+
+def test_upsample_benchmark_providers_compute_the_two_steps():
+    import bench_upsample
+    import torch
+
+    workload = bench_upsample.workload("vae decode 64x64", (1, 512, 64, 64), torch.float32)
+    inputs = workload.make(True)
+    assert inputs[0].shape == (1, 32, 16, 16)
+    want = bench_upsample.upsample_eager(*inputs)
+    providers = bench_upsample.providers()
+    assert {"eager", "fastdiff", "fastdiff-phases"} <= set(providers)
+    for name in ("fastdiff", "fastdiff-phases"):
+        torch.testing.assert_close(providers[name](inputs)(), want, rtol=1e-4, atol=1e-4)
+    assert workload.flop(inputs) == 2.0 * 1 * 4 * 16 * 16 * 32 * 9 * 32
