@@ -147,6 +147,13 @@ def add_parser(subparsers) -> None:
         "optimize() prepares it)",
     )
     parser.add_argument(
+        "--upsample-fold",
+        choices=("transposed", "phases"),
+        default=None,
+        help="profile the optimized path with optimize(upsample_fold=...): each upsampler as "
+        "one convolution over the small map (default: off, as optimize() prepares it)",
+    )
+    parser.add_argument(
         "--by-op",
         action="store_true",
         help="list the ops that launched the kernels, with their input shapes, not the kernels",
@@ -205,7 +212,8 @@ def run(args: argparse.Namespace) -> int:
         unit,
         name_width,
     )
-    prepare_module(unet, "unet", OptimizeReport(str(device)), None, on_cuda, True, args.fold_biases)
+    report = OptimizeReport(str(device))
+    prepare_module(unet, "unet", report, None, on_cuda, True, args.fold_biases, args.upsample_fold)
     fast_sample = sample.contiguous(memory_format=torch.channels_last) if on_cuda else sample
 
     def optimized():
@@ -213,6 +221,8 @@ def run(args: argparse.Namespace) -> int:
             return unet(fast_sample, timestep, context, **kwargs)
 
     folded = ", folded biases and residuals" if args.fold_biases else ", biases not folded"
+    if args.upsample_fold:
+        folded += f", upsamplers as {args.upsample_fold} convolutions"
     print_breakdown(
         f"fastdiff optimized, graph off (kernels, channels-last, fused QKV{folded})",
         profile_calls(optimized, args.calls, on_cuda, args.by_op),

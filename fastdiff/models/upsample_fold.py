@@ -25,8 +25,9 @@ default.
 The summed weights are derived from the convolution's own weight and kept beside it
 (``FoldedWeight``). They are derived again, into the same memory, whenever that weight is
 replaced or changed in place (its version counter: fusing a LoRA does that), so captured
-graphs, which read the derived weights' memory, see the change once the runtime refreshes them
-(``refresh``) before a replay.
+graphs, which read the derived weights' memory, see the change once the runtime has derived
+them again (``ModelBase.refresh_folded_weights``, called by ``OptimizedRuntime`` before every
+denoise, decode and encode) ahead of a replay.
 """
 
 from __future__ import annotations

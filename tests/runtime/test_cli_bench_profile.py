@@ -62,6 +62,21 @@ def test_profile_by_op_names_the_ops_with_their_input_shapes(capsys):
     assert "aten::mkldnn_convolution (2x4x8x8, 32x4x3x3, 32)" in out
 
 
+def test_profile_with_the_upsample_fold_runs_transposed_convolutions(capsys):
+    import re
+
+    args = ["profile", "--calls", "1", "--top", "400", "--by-op", "--upsample-fold", "transposed"]
+    assert main(args) == 0
+    eager_part, fastdiff_part = capsys.readouterr().out.split("== fastdiff optimized")
+    assert "upsamplers as transposed convolutions" in fastdiff_part
+    # The toy U-Net's upsampler: nearest 2x then a 3x3 conv eagerly; one convolution with the
+    # folded 4x4 kernel (stride 2) optimized.
+    assert "aten::upsample_nearest2d" in eager_part
+    assert "aten::upsample_nearest2d" not in fastdiff_part
+    assert re.search(r"convolution \(2x\d+x\d+x\d+, \d+x\d+x4x4", fastdiff_part)
+    assert not re.search(r"convolution \(2x\d+x\d+x\d+, \d+x\d+x4x4", eager_part)
+
+
 def test_profile_categories():
     from fastdiff.commands.profile import category
 
