@@ -103,7 +103,8 @@ for name in sampler_step group_norm attention linear_geglu conv3x3 upsample; do 
 # (2026-11-28 on an H200: 219 s).
 MODEL_BUDGET=$(( $(left) - 60 < 240 ? $(left) - 60 : 240 ))
 part models 300 env \
-    STEPS="cuda_ext cuda_ext_libs unet_sd15_b2 vae pipeline unet_sdxl_b2 profile profile_by_op" \
+    STEPS="cuda_ext cuda_ext_libs unet_sd15_b2 vae pipeline unet_sdxl_b2 profile profile_by_op \
+profile_vae" \
     BUDGET="$MODEL_BUDGET" bash benchmarks/gpu_check_models.sh "$OUTDIR"
 # ---- end of model benchmarks ------------------------------------------------------------------
 

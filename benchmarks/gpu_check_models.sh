@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Model benchmarks on a GPU machine: runtime GPU tests, SD1.5 U-Net (batch 2 and 1), SDXL U-Net
-# (batch 2), VAE decode 512x512, full 512x512 generation (20 and 4 DDIM steps), and the profile of
-# one U-Net step. At most BUDGET (270) seconds plus installs on an H100/H200. Each step has its
-# own time limit and a failure is logged and skipped, so one broken benchmark never hides the rest.
+# (batch 2), VAE decode 512x512, full 512x512 generation (20 and 4 DDIM steps), and the profiles of
+# one U-Net step and one VAE decode. At most BUDGET (270) seconds plus installs on an H100/H200.
+# Each step has its own time limit and a failure is logged and skipped, so one broken benchmark
+# never hides the rest.
 #
 #   bash benchmarks/gpu_check_models.sh [OUTDIR]        (default: $OUT, else ./gpu_check_out)
 #   COMPILE=1 bash benchmarks/gpu_check_models.sh ...   also diffusers + torch.compile (slow)
@@ -124,6 +125,9 @@ run profile 45 python3 -m fastdiff profile --top 12  # sd15 on a GPU, tiny on CP
 # The same step op by op, and (not in gpu_check.sh's steps) op by op without the folds,
 # optimize(fold_biases=False): what they remove.
 run profile_by_op 45 python3 -m fastdiff profile --top 30 --by-op
+# Where the VAE decode's time goes (the SD KL decoder at 512x512; its toy config on CPU).
+VAE_MODEL=$(python3 -c "import torch; print('vae' if torch.cuda.is_available() else 'tiny_vae')")
+run profile_vae 45 python3 -m fastdiff profile --model "$VAE_MODEL" --top 30 --by-op
 run profile_unfolded 45 python3 -m fastdiff profile --top 30 --by-op --no-fold-biases
 
 if [[ -s "$CSV" ]]; then

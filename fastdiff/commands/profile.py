@@ -1,6 +1,7 @@
-"""``fastdiff profile``: where one U-Net step spends its time, eager against fastdiff optimized.
+"""``fastdiff profile``: where one U-Net step (or VAE decode) spends its time, eager against
+fastdiff optimized.
 
-torch.profiler records a few U-Net calls for each path and the command prints the kernels by
+torch.profiler records a few calls for each path and the command prints the kernels by
 device time (CPU ops on a machine without CUDA), grouped into categories (convolution, layout
 conversion, attention, GroupNorm, GEMM, elementwise). The optimized path is profiled without its
 CUDA graph so each kernel stays visible; the graph's replay time is printed beside it. With
@@ -18,7 +19,8 @@ from collections import defaultdict
 
 import torch
 
-MODELS = ("sd15", "sdxl", "tiny")
+VAE_MODELS = ("vae", "tiny_vae")  # the SD KL decoder (512x512 image), its toy config
+MODELS = ("sd15", "sdxl", "tiny", *VAE_MODELS)
 CATEGORIES = (  # first match wins: cuDNN conv kernels often contain "gemm" in their names, and
     # cuDNN's attention kernels and ops "cudnn" and "fprop", so attention is matched first
     ("layout conversion", r"nchwtonhwc|nhwctonchw|convert.*layout|permute|transpose"),
@@ -35,14 +37,7 @@ CATEGORIES = (  # first match wins: cuDNN conv kernels often contain "gemm" in t
 def unet_config(model: str) -> tuple[dict, int, int, int, int]:
     """(config, latent size, tokens, context width, pooled text width) from the checkout's
     benchmarks/model_configs.py, the one place the real architectures are written down."""
-    import importlib
-
-    from fastdiff.commands.bench import benchmarks_dir
-
-    folder = str(benchmarks_dir())
-    if folder not in sys.path:
-        sys.path.insert(0, folder)
-    configs = importlib.import_module("model_configs")
+    configs = load_configs()
     name = {"sd15": "sd15_unet", "sdxl": "sdxl_unet", "tiny": "tiny_sd15_unet"}[model]
     config = configs.model_config(name)
     size = {"sd15": 64, "sdxl": 128, "tiny": 8}[model]
@@ -75,7 +70,7 @@ def shapes_text(input_shapes) -> str:
 def profile_calls(
     fn, calls: int, on_cuda: bool, by_op: bool = False
 ) -> list[tuple[str, int, float]]:
-    """(name, calls, microseconds per U-Net call) of kernels (GPU) or aten ops (CPU).
+    """(name, calls, microseconds per profiled call) of kernels (GPU) or aten ops (CPU).
 
     ``by_op``: the ops (aten and fastdiff's custom ops) with their input shapes, each with the
     device time of the kernels it launched itself (GPU) or its own CPU time (CPU)."""
@@ -110,7 +105,7 @@ def print_breakdown(
     title: str, rows: list[tuple[str, int, float]], top: int, unit: str, width: int = 70
 ) -> None:
     total = sum(micros for _, _, micros in rows) or 1.0
-    print(f"\n== {title}: {total / 1e3:.3f} ms of {unit} time per U-Net call")
+    print(f"\n== {title}: {total / 1e3:.3f} ms of {unit} time per call")
     by_category: dict[str, float] = defaultdict(float)
     for name, _, micros in rows:
         by_category[category(name)] += micros
@@ -125,8 +120,10 @@ def print_breakdown(
 def add_parser(subparsers) -> None:
     parser = subparsers.add_parser(
         "profile",
-        help="per-kernel time breakdown of one U-Net step, eager vs fastdiff optimized",
-        description="Profile one U-Net forward (random weights at the chosen architecture) with "
+        help="per-kernel time breakdown of one U-Net step or VAE decode, eager vs fastdiff "
+        "optimized",
+        description="Profile one U-Net forward or VAE decode (random weights at the chosen "
+        "architecture) with "
         "torch.profiler, eager PyTorch ops against fastdiff's optimized path (fp16, "
         "channels-last, fused QKV, Triton kernels), and print the kernels by time.",
     )
@@ -134,9 +131,15 @@ def add_parser(subparsers) -> None:
         "--model",
         choices=MODELS,
         default=None,
-        help="architecture (default: sd15 on GPU, tiny on CPU)",
+        help="architecture: a U-Net (sd15, sdxl, tiny) or the SD VAE's decoder (vae, tiny_vae) "
+        "(default: sd15 on GPU, tiny on CPU)",
     )
-    parser.add_argument("--batch", type=int, default=2, help="U-Net batch (2 = one CFG image)")
+    parser.add_argument(
+        "--batch",
+        type=int,
+        default=None,
+        help="batch (default: 2 for a U-Net, one CFG image; 1 for the VAE decoder)",
+    )
     parser.add_argument("--calls", type=int, default=3, help="profiled calls per path")
     parser.add_argument("--top", type=int, default=15, help="kernels listed per path")
     parser.add_argument(
@@ -161,8 +164,57 @@ def add_parser(subparsers) -> None:
     parser.set_defaults(handler=run)
 
 
-def run(args: argparse.Namespace) -> int:
+def load_configs():
+    """The checkout's benchmarks/model_configs.py module."""
+    import importlib
+
+    from fastdiff.commands.bench import benchmarks_dir
+
+    folder = str(benchmarks_dir())
+    if folder not in sys.path:
+        sys.path.insert(0, folder)
+    return importlib.import_module("model_configs")
+
+
+def unet_subject(model: str, batch: int, device, dtype):
+    """(description, model, forward, its input) of one U-Net step."""
     from fastdiff.models import UNet2DConditionModel
+
+    config, size, tokens, width, pooled = unet_config(model)
+    with torch.device(device):
+        unet = UNet2DConditionModel(config).to(dtype).eval().requires_grad_(False)
+        sample = torch.randn(batch, 4, size, size, dtype=dtype)
+        timestep = torch.full((batch,), 500, dtype=torch.long)
+        context = torch.randn(batch, tokens, width, dtype=dtype)
+        kwargs = {}
+        if config.get("addition_embed_type") == "text_time":
+            kwargs["added_cond_kwargs"] = {
+                "text_embeds": torch.randn(batch, pooled, dtype=dtype),
+                "time_ids": torch.tensor([[1024.0, 1024, 0, 0, 1024, 1024]] * batch, dtype=dtype),
+            }
+
+    def forward(x):
+        return unet(x, timestep, context, **kwargs)
+
+    what = f"U-Net {model}, batch {batch}, {size}x{size} latents"
+    return what, unet, forward, sample
+
+
+def vae_subject(model: str, batch: int, device, dtype):
+    """(description, model, forward, its input) of one VAE decode: the SD KL decoder, 64x64
+    latents to a 512x512 image ("vae"), or the toy one at 8x8 ("tiny_vae")."""
+    from fastdiff.models import AutoencoderKL
+
+    name, size = {"vae": ("sd_vae", 64), "tiny_vae": ("tiny_vae", 8)}[model]
+    config = load_configs().model_config(name)
+    with torch.device(device):
+        vae = AutoencoderKL(config).to(dtype).eval().requires_grad_(False)
+        latents = torch.randn(batch, config.get("latent_channels", 4), size, size, dtype=dtype)
+    what = f"VAE decode ({name}), batch {batch}, {size}x{size} latents"
+    return what, vae, vae.decode, latents
+
+
+def run(args: argparse.Namespace) -> int:
     from fastdiff.ops import use_backend
     from fastdiff.runtime import (
         CudaGraphBackend,
@@ -173,36 +225,26 @@ def run(args: argparse.Namespace) -> int:
     )
     from fastdiff.runtime.optimize import ops_backend
 
-    if args.batch < 1 or args.calls < 1 or args.top < 1:
+    if args.calls < 1 or args.top < 1 or (args.batch is not None and args.batch < 1):
         raise ValueError("--batch, --calls and --top must be positive")
     on_cuda = torch.cuda.is_available()
     model = args.model or ("sd15" if on_cuda else "tiny")
     device = torch.device("cuda" if on_cuda else "cpu")
     dtype = torch.float16 if on_cuda else torch.float32
-    config, size, tokens, width, pooled = unet_config(model)
     if not on_cuda:
         print("no CUDA: profiling CPU ops of the eager reference path (toy shapes unless --model)")
     else:
         torch.backends.cudnn.benchmark = True  # both paths get cuDNN's fastest algorithms
-    with torch.device(device):
-        unet = UNet2DConditionModel(config).to(dtype).eval().requires_grad_(False)
-        sample = torch.randn(args.batch, 4, size, size, dtype=dtype)
-        timestep = torch.full((args.batch,), 500, dtype=torch.long)
-        context = torch.randn(args.batch, tokens, width, dtype=dtype)
-        kwargs = {}
-        if config.get("addition_embed_type") == "text_time":
-            kwargs["added_cond_kwargs"] = {
-                "text_embeds": torch.randn(args.batch, pooled, dtype=dtype),
-                "time_ids": torch.tensor(
-                    [[1024.0, 1024, 0, 0, 1024, 1024]] * args.batch, dtype=dtype
-                ),
-            }
+    is_vae = model in VAE_MODELS
+    batch = args.batch if args.batch is not None else (1 if is_vae else 2)
+    subject = vae_subject if is_vae else unet_subject
+    what, module, forward, x = subject(model, batch, device, dtype)
 
     def eager():
         with use_backend("eager"), torch.no_grad():
-            return unet(sample, timestep, context, **kwargs)
+            return forward(x)
 
-    print(f"U-Net {model}, batch {args.batch}, {size}x{size} latents, {str(dtype)[6:]}, {device}")
+    print(f"{what}, {str(dtype)[6:]}, {device}")
     unit = "GPU kernel" if on_cuda else "CPU op"
     name_width = 110 if args.by_op else 70  # room for the input shapes
     print_breakdown(
@@ -212,15 +254,20 @@ def run(args: argparse.Namespace) -> int:
         unit,
         name_width,
     )
+    # As optimize() prepares each model: the bias folds are the U-Net's only.
+    fold_biases = args.fold_biases and not is_vae
     report = OptimizeReport(str(device))
-    prepare_module(unet, "unet", report, None, on_cuda, True, args.fold_biases, args.upsample_fold)
-    fast_sample = sample.contiguous(memory_format=torch.channels_last) if on_cuda else sample
+    kind = "vae" if is_vae else "unet"
+    prepare_module(module, kind, report, None, on_cuda, True, fold_biases, args.upsample_fold)
+    fast_x = x.contiguous(memory_format=torch.channels_last) if on_cuda else x
 
     def optimized():
         with torch.no_grad(), ops_backend(kernels=True):  # the backend optimize() selects
-            return unet(fast_sample, timestep, context, **kwargs)
+            return forward(fast_x)
 
-    folded = ", folded biases and residuals" if args.fold_biases else ", biases not folded"
+    folded = ""
+    if not is_vae:
+        folded = ", folded biases and residuals" if fold_biases else ", biases not folded"
     if args.upsample_fold:
         folded += f", upsamplers as {args.upsample_fold} convolutions"
     print_breakdown(
@@ -231,13 +278,13 @@ def run(args: argparse.Namespace) -> int:
         name_width,
     )
     if on_cuda:
-        graphed = GraphedCall(unet, GraphCache(CudaGraphBackend()), kind="unet")
+        graphed = GraphedCall(forward, GraphCache(CudaGraphBackend()), kind=kind)
         with torch.no_grad(), ops_backend(kernels=True):
-            graphed(fast_sample, timestep, context, **kwargs)
+            graphed(fast_x)
             torch.cuda.synchronize()
             start = time.perf_counter()
             for _ in range(10):
-                graphed(fast_sample, timestep, context, **kwargs)
+                graphed(fast_x)
             torch.cuda.synchronize()
         print(
             f"\nfastdiff optimized with its CUDA graph: "

@@ -77,6 +77,22 @@ def test_profile_with_the_upsample_fold_runs_transposed_convolutions(capsys):
     assert not re.search(r"convolution \(2x\d+x\d+x\d+, \d+x\d+x4x4", eager_part)
 
 
+def test_profile_vae_decoder_with_its_upsamplers_folded(capsys):
+    """``--model tiny_vae``: the KL decoder's toy config, batch 1; its upsamplers fold too, and
+    the U-Net's bias folds are not claimed for it."""
+    args = ["profile", "--model", "tiny_vae", "--calls", "1", "--top", "400", "--by-op"]
+    assert main([*args, "--upsample-fold", "phases"]) == 0
+    out = capsys.readouterr().out
+    assert "VAE decode (tiny_vae), batch 1, 8x8 latents" in out
+    eager_part, fastdiff_part = out.split("== fastdiff optimized")
+    assert "upsamplers as phases convolutions" in fastdiff_part
+    assert "folded biases" not in fastdiff_part
+    assert "aten::upsample_nearest2d" in eager_part
+    assert "aten::upsample_nearest2d" not in fastdiff_part
+    assert main([*args, "--batch", "0"]) == 2
+    assert "--batch, --calls and --top must be positive" in capsys.readouterr().err
+
+
 def test_profile_categories():
     from fastdiff.commands.profile import category
 
