@@ -5,7 +5,10 @@ Random weights at the real architecture, fp16 on GPU. Providers as in bench_unet
 fastdiff (fp16, channels-last, fused QKV, Triton kernels, CUDA graph), fastdiff-nograph,
 fastdiff-nchw (NCHW activations), fastdiff-nokernels (PyTorch ops), fastdiff-upfold and
 fastdiff-upfold-phases (the KL decoder's upsamplers folded: optimize(upsample_fold="transposed"
-/ "phases"); TAESD has no such upsampler), fastdiff-eager (plain PyTorch ops, NCHW), diffusers,
+/ "phases"); TAESD has no such upsampler), fastdiff-biasfold (the KL decoder's ResNet blocks
+with the U-Net's bias folds, ``fold_conv_biases()``: conv1's bias added by norm2's GroupNorm
+kernel, conv2's joining a 1x1 shortcut's GEMM; optimize() leaves the VAE unfolded),
+fastdiff-eager (plain PyTorch ops, NCHW), diffusers,
 diffusers-graph, diffusers-compile (--compile). On CPU a toy VAE runs in float32 on the eager
 path.
 
@@ -33,6 +36,7 @@ PROVIDERS = (
     "fastdiff-nokernels",
     "fastdiff-upfold",
     "fastdiff-upfold-phases",
+    "fastdiff-biasfold",
     "fastdiff-eager",
     "diffusers",
     "diffusers-graph",
@@ -42,6 +46,8 @@ PROVIDERS = (
 
 # Providers that fold the KL decoder's upsamplers (optimize(upsample_fold=...)).
 UPSAMPLE_FOLDS = {"fastdiff-upfold": "transposed", "fastdiff-upfold-phases": "phases"}
+BIAS_FOLD = "fastdiff-biasfold"  # the decoder's ResNet blocks with fold_conv_biases()
+KL_ONLY = (*UPSAMPLE_FOLDS, BIAS_FOLD)  # rows that would repeat fastdiff's for TAESD
 
 
 def workloads() -> list[tuple[str, str, str, int]]:
@@ -90,12 +96,13 @@ def provider_setup(provider: str, holder: mb.ModelHolder, size: int):
             "fastdiff-nograph",
             "fastdiff-nchw",
             "fastdiff-nokernels",
-            *UPSAMPLE_FOLDS,
+            *KL_ONLY,
         ):
             nhwc = provider != "fastdiff-nchw"
             model = holder.fastdiff_model(prepared=True, channels_last=nhwc)
-            # Shared by the providers: each sets the fold it measures, outside the timed calls.
+            # Shared by the providers: each sets the folds it measures, outside the timed calls.
             model.fold_upsampling(UPSAMPLE_FOLDS.get(provider))
+            model.fold_conv_biases(provider == BIAS_FOLD)
             if on_cuda and nhwc:
                 latents = latents.contiguous(memory_format=torch.channels_last)
             if provider == "fastdiff-nograph":
@@ -143,7 +150,7 @@ def default_providers(compile_: bool) -> list[str]:
     if mb.diffusers_available():
         providers += ["diffusers", "diffusers-graph"]
     if mb.on_gpu():  # without CUDA these equal fastdiff
-        providers += ["fastdiff-nokernels", "fastdiff-nchw", "fastdiff-nograph", *UPSAMPLE_FOLDS]
+        providers += ["fastdiff-nokernels", "fastdiff-nchw", "fastdiff-nograph", *KL_ONLY]
     if compile_ and mb.diffusers_available():
         providers.append("diffusers-compile")
     return providers
@@ -159,9 +166,9 @@ def cases(providers: list[str] | None = None, compile_: bool = False) -> list[mb
         holder = mb.ModelHolder(kind, config, device, dtype)
         flop = vae_flops(config, size, kind)
         setup_for = functools.partial(provider_setup, holder=holder, size=size)
-        # TAESD upsamples by nn.Upsample modules, which the fold leaves alone: those rows would
-        # repeat fastdiff's.
-        chosen = [p for p in providers if kind == "vae" or p not in UPSAMPLE_FOLDS]
+        # TAESD upsamples by nn.Upsample modules and has no ResNetBlock2D, which the folds
+        # leave alone: those rows would repeat fastdiff's.
+        chosen = [p for p in providers if kind == "vae" or p not in KL_ONLY]
         all_cases += mb.model_cases("vae", name, chosen, setup_for, holder, flop, note)
     return all_cases
 

@@ -333,7 +333,8 @@ def test_polyerf_providers_launch_the_polynomial_erf_and_restore_it(bench, monke
 @pytest.mark.parametrize("bench", [bench_unet, bench_vae], ids=["unet", "vae"])
 def test_upfold_providers_fold_the_upsamplers_for_their_rows_only(bench):
     """bench_unet's and bench_vae's fastdiff-upfold rows run the shared model with its
-    upsamplers folded (transposed; -phases: phases), and the next fastdiff row unfolds them."""
+    upsamplers folded (transposed; -phases: phases), bench_vae's fastdiff-biasfold with its
+    ResNet blocks' bias folds on, and the next fastdiff row undoes each."""
     import torch
 
     device = torch.device("cpu")
@@ -350,12 +351,20 @@ def test_upfold_providers_fold_the_upsamplers_for_their_rows_only(bench):
             return bench.provider_setup(provider, holder, 8)
 
     outputs = {}
-    for provider in ("fastdiff", "fastdiff-upfold", "fastdiff-upfold-phases", "fastdiff"):
+    providers = ["fastdiff", *bench.UPSAMPLE_FOLDS]
+    if bench is bench_vae:
+        providers.append(bench.BIAS_FOLD)
+    for provider in [*providers, "fastdiff"]:
         run = setup(provider)()
-        folds = {module.fold for module in holder.fastdiff.folded_upsamplers}
-        assert folds == ({bench.UPSAMPLE_FOLDS[provider]} if provider != "fastdiff" else set())
+        model = holder.fastdiff
+        folds = {module.fold for module in model.folded_upsamplers}
+        want = {bench.UPSAMPLE_FOLDS[provider]} if provider in bench.UPSAMPLE_FOLDS else set()
+        assert folds == want
+        if bench is bench_vae:  # the decoder's bias folds: its own row only
+            blocks = [m for m in model.modules() if hasattr(type(m), "fold_biases")]
+            assert {m.fold_biases for m in blocks} == {provider == bench.BIAS_FOLD}
         outputs.setdefault(provider, run())
-    for provider in bench.UPSAMPLE_FOLDS:
+    for provider in providers[1:]:
         torch.testing.assert_close(outputs[provider], outputs["fastdiff"], rtol=1e-4, atol=1e-4)
 
 
