@@ -8,6 +8,8 @@ Random weights at the real architectures (benchmarks/model_configs.py), fp16 on 
                      triton kernel) wherever the auto table has not measured it (what it buys)
   fastdiff-conv3x3   fastdiff with the split-reduction 3x3 convolution kernel (conv3x3) on the
                      small feature maps wherever the table has not measured it (what it buys)
+  fastdiff-catkernel fastdiff with the channels-last concatenation kernel (cat_channels) for
+                     the skip connections wherever the table has not measured it (what it buys)
   fastdiff-upfold    fastdiff with optimize(upsample_fold="transposed"): each upsampler as one
                      transposed convolution over the small map (what the fold buys)
   fastdiff-upfold-phases  the same with upsample_fold="phases" (a 2x2 convolution per phase)
@@ -47,6 +49,7 @@ PROVIDERS = (
     "fastdiff-nofold",
     "fastdiff-fusedgeglu",
     "fastdiff-conv3x3",
+    "fastdiff-catkernel",
     "fastdiff-upfold",
     "fastdiff-upfold-phases",
     "fastdiff-nograph",
@@ -121,7 +124,11 @@ def unet_flops(work: UNetWorkload) -> float | None:
 
 # Providers that run one untimed kernel wherever the auto table has not measured it, to put
 # the optimized step with it beside the default's in one run.
-UNTIMED_KERNEL_PROVIDERS = {"fastdiff-fusedgeglu": "linear_geglu", "fastdiff-conv3x3": "conv3x3"}
+UNTIMED_KERNEL_PROVIDERS = {
+    "fastdiff-fusedgeglu": "linear_geglu",
+    "fastdiff-conv3x3": "conv3x3",
+    "fastdiff-catkernel": "cat_channels",
+}
 # Providers that fold the upsamplers (optimize(upsample_fold=...)); the others run them unfolded.
 UPSAMPLE_FOLDS = {"fastdiff-upfold": "transposed", "fastdiff-upfold-phases": "phases"}
 
@@ -167,6 +174,7 @@ def provider_setup(
             "fastdiff-nofold",
             "fastdiff-fusedgeglu",
             "fastdiff-conv3x3",
+            "fastdiff-catkernel",
             *UPSAMPLE_FOLDS,
             "fastdiff-nograph",
             "fastdiff-nograph-nocache",
@@ -249,6 +257,7 @@ def default_providers(compile_: bool) -> list[str]:
             "fastdiff-nofold",
             "fastdiff-fusedgeglu",
             "fastdiff-conv3x3",
+            "fastdiff-catkernel",
             *UPSAMPLE_FOLDS,
             "fastdiff-nokernels",
             "fastdiff-nchw",

@@ -95,7 +95,9 @@ bench() {
 # measured, GroupNorm, attention, the fused GEGLU projection (linear_geglu) and the
 # split-reduction 3x3 convolution (conv3x3; neither timed yet) decide the auto backend, then
 # the whole models.
-for name in sampler_step group_norm attention linear_geglu conv3x3 upsample; do bench "$name"; done
+for name in sampler_step group_norm attention linear_geglu conv3x3 upsample cat_channels; do
+    bench "$name"
+done
 
 # ---- model benchmarks (runtime): append below this line --------------------------------------
 # U-Net (SD1.5 b2, SDXL b2), VAE decode, full generation, profile (SD1.5 b1: run gpu_check_models

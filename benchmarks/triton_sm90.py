@@ -494,6 +494,30 @@ def conv3x3_cases(quick: bool) -> list[tuple[str, Callable[[], object]]]:
     return cases
 
 
+# (batch, channels of the upsampled map, of the skip, height, width): SD1.5's up blocks
+CAT_CHANNELS_SHAPES = [(2, 640, 320, 64, 64), (2, 1280, 640, 32, 32), (2, 1280, 1280, 8, 8)]
+
+
+def cat_channels_cases(quick: bool) -> list[tuple[str, Callable[[], object]]]:
+    """The skip concatenation's row-copy kernel at SD1.5's up-block shapes, channels-last."""
+    from fastdiff.kernels.cat_channels import cat_channels_forward
+
+    shapes = CAT_CHANNELS_SHAPES[:1] if quick else CAT_CHANNELS_SHAPES
+    dtypes = {"fp16": torch.float16} if quick else DTYPES
+    cases = []
+    for batch, channels_a, channels_b, height, width in shapes:
+        for name, dtype in dtypes.items():
+
+            def launch(b=batch, ca=channels_a, cb=channels_b, h=height, w=width, dtype=dtype):
+                a = torch.empty(b, ca, h, w, dtype=dtype, memory_format=torch.channels_last)
+                skip = torch.empty(b, cb, h, w, dtype=dtype, memory_format=torch.channels_last)
+                return cat_channels_forward(a, skip)
+
+            label = f"cat_channels {batch}x{channels_a}+{channels_b}x{height}x{width} {name}"
+            cases.append((label, launch))
+    return cases
+
+
 def sampler_step_cases(quick: bool) -> list[tuple[str, Callable[[], object]]]:
     from fastdiff.kernels.sampler_step import sampler_step_forward
 
@@ -858,6 +882,7 @@ def main(argv: list[str] | None = None) -> int:
     cases += row_cases(args.quick) + linear_geglu_cases(args.quick)
     cases += polynomial_erf_cases(args.quick)
     cases += conv3x3_cases(args.quick) + sampler_step_cases(args.quick)
+    cases += cat_channels_cases(args.quick)
     if args.all_configs:
         cases += all_config_cases() + linear_geglu_config_cases()
     rows: list[Compiled] = []

@@ -18,6 +18,7 @@ VIEWS = "sd15 self 64x64 (fused-qkv views)"
 LINEAR = "sd15 64x64 8192x320x2560"
 CONV = "sd15 8x8 2x1280x8x8 out1280"
 CONV_UP = "sd15 8x8 up 2x2560x8x8 out1280"
+CAT = "sd15 64x64 2x960x64x64 a640"
 COLUMNS = ["timestamp", "device", "benchmark", "workload", "provider", "ms", "dtype", "note"]
 ROWS = [
     (
@@ -76,6 +77,9 @@ ROWS = [
     ),
     ("2026-01-01T00:00:00", "GPU X", "conv3x3", CONV_UP, "fastdiff", "0.030", "fp16", "launch"),
     ("2026-01-01T00:00:00", "GPU X", "conv3x3", CONV_UP, "eager", "0.034", "fp16", ""),
+    # cat_channels: keyed by the output's shape (bench_cat_channels' workload names)
+    ("2026-01-01T00:00:00", "GPU X", "cat_channels", CAT, "fastdiff", "0.004", "fp16"),
+    ("2026-01-01T00:00:00", "GPU X", "cat_channels", CAT, "eager", "0.009", "fp16"),
     (
         "2026-01-01T00:00:00",
         "GPU X",
@@ -120,6 +124,7 @@ def test_table_from_csv_keys_backends_and_latest_rows(results_csv, tmp_path):
         ("attention", "2x8x4096x40|fp16|keys4096|strided"): {"eager": 0.15, "triton": 0.18},
         ("linear_geglu", "8192x320x2560|fp16"): {"triton": 0.025, "eager": 0.05},
         ("conv3x3", "2x1280x8x8|fp16|nhwc|out1280"): {"triton": 0.012, "eager": 0.023},
+        ("cat_channels", "2x960x64x64|fp16|nhwc"): {"triton": 0.004, "eager": 0.009},
     }
     timings = autoselect._validate(table, "test")
     assert autoselect.preferred_backend("group_norm", "2x640x32x32|fp16|nhwc", table=timings) == (
@@ -138,3 +143,11 @@ def test_table_from_csv_keys_backends_and_latest_rows(results_csv, tmp_path):
     )
     key = autoselect.conv3x3_key(x, torch.empty(1280, 1280, 3, 3))
     assert autoselect.preferred_backend("conv3x3", key, table=timings) == "triton"
+    a, b = (
+        torch.empty(2, channels, 64, 64, dtype=torch.float16).contiguous(
+            memory_format=torch.channels_last
+        )
+        for channels in (640, 320)
+    )
+    key = autoselect.cat_channels_key(a, b)
+    assert autoselect.preferred_backend("cat_channels", key, table=timings) == "triton"

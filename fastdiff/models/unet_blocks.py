@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from fastdiff import ops
 from fastdiff.models.attention import Attention
 from fastdiff.models.resnet import Downsample2D, ResnetBlock2D, TimeShifts, Upsample2D
 from fastdiff.models.transformer import Transformer2DModel
@@ -214,7 +215,7 @@ class UpBlock(nn.Module):
             skip = skips[-1 - i]
             if self.freeu is not None:
                 x, skip = freeu(x, skip, *self.freeu)
-            x = resnet(torch.cat([x, skip], dim=1), temb)
+            x = resnet(ops.cat_channels(x, skip), temb)  # torch.cat([x, skip], dim=1)
             if self.attentions is not None:
                 x = self.attentions[i](x, context)
         if self.upsamplers is not None:

@@ -1,6 +1,6 @@
 """Per-op, per-shape backend choice from measured timings (cuda vs triton; triton vs eager SDPA
 for attention; the fused triton kernel vs cuBLAS and the GEGLU kernel for linear_geglu; the
-split-reduction kernel vs cuDNN for conv3x3).
+split-reduction kernel vs cuDNN for conv3x3; the row-copy kernel vs torch.cat for cat_channels).
 
 The table is a small JSON file written by ``benchmarks/bench_cuda_backend.py`` on a GPU:
 
@@ -19,7 +19,7 @@ from a results CSV). ``preferred_backend(op, key)`` answers, among the op's ``CA
   4. else, for the ops in ``MAJORITY_OPS``, the backend fastest at most of the op's measured
      keys in that dtype;
   5. else the op's ``UNMEASURED_BACKEND`` (linear_geglu: eager, the two-step path; conv3x3:
-     eager, cuDNN), else
+     eager, cuDNN; cat_channels: eager, torch.cat), else
      ``DEFAULT_BACKEND`` (triton: the default kernel backend, tested everywhere).
 A measured winner is only a preference: the op still checks that the chosen backend supports the
 input (``supports_<op>``) and falls back explicitly when it does not.
@@ -92,6 +92,13 @@ def conv3x3_key(x: torch.Tensor, weight: torch.Tensor) -> str:
     return f"{group_norm_key(x)}|out{weight.shape[0]}"
 
 
+def cat_channels_key(a: torch.Tensor, b: torch.Tensor) -> str:
+    """Key of a cat_channels input: the output's shape B x C x H x W, dtype and layout (a's)."""
+    batch, channels, height, width = a.shape
+    shape = f"{batch}x{channels + b.shape[1]}x{height}x{width}"
+    return f"{shape}|{DTYPE_NAMES.get(a.dtype, str(a.dtype))}|{_layout(a)}"
+
+
 # Ops whose shapes with no measurement near them go to the backend that won most of the op's
 # measured shapes (same dtype) rather than to DEFAULT_BACKEND. Attention: both candidates are fast
 # kernels (ours and PyTorch's SDPA), and ours autotunes for seconds at each new shape.
@@ -105,12 +112,13 @@ CANDIDATES = {
     "attention": ("triton", "eager"),
     "linear_geglu": ("triton", "eager"),
     "conv3x3": ("triton", "eager"),
+    "cat_channels": ("triton", "eager"),
 }
 
 # The backend of an op's shapes with no measurement near them, where it is not DEFAULT_BACKEND:
-# linear_geglu's fused kernel replaces a cuBLAS GEMM and conv3x3's a cuDNN convolution, so they
-# run only where they were timed faster.
-UNMEASURED_BACKEND = {"linear_geglu": "eager", "conv3x3": "eager"}
+# linear_geglu's fused kernel replaces a cuBLAS GEMM, conv3x3's a cuDNN convolution and
+# cat_channels' PyTorch's concatenation, so they run only where they were timed faster.
+UNMEASURED_BACKEND = {"linear_geglu": "eager", "conv3x3": "eager", "cat_channels": "eager"}
 
 
 def _validate(table: object, source: str) -> dict[str, dict[str, float]]:

@@ -4,6 +4,7 @@ rule: fp16 triton error against an fp32 eager reference <= 2 x the fp16 eager er
 from __future__ import annotations
 
 import fastdiff.kernels.attention as attention_kernels
+import fastdiff.kernels.cat_channels as cat_kernels
 import fastdiff.kernels.conv3x3 as conv3x3_kernels
 import fastdiff.kernels.group_norm as group_norm_kernels
 import fastdiff.kernels.layer_norm as layer_norm_kernels
@@ -63,12 +64,14 @@ def compare_backends(
         fast_inputs = cast(inputs, device, dtype)
         if fold_biases:  # as optimize() prepares it: fused projections (the cross-attentions'
             # to_kv then packed) and channels-last, where the 3x3 convolutions of these small
-            # maps take the conv3x3 kernel
+            # maps take the conv3x3 kernel (and the skip concatenations the cat_channels one)
             model.fuse_qkv_projections()
             model.to(memory_format=torch.channels_last)
             sample = fast_inputs["sample"]
             fast_inputs["sample"] = sample.contiguous(memory_format=torch.channels_last)
             counters.append(CallCounter(monkeypatch, conv3x3_kernels, "conv3x3_forward"))
+            # and the up blocks' skip concatenations the channels-last copy kernel
+            counters.append(CallCounter(monkeypatch, cat_kernels, "cat_channels_forward"))
         model.fold_conv_biases(fold_biases)
         with use_backend("triton"):
             fused = model(**fast_inputs)

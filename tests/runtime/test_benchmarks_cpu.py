@@ -256,12 +256,16 @@ def test_linear_geglu_providers_run_their_variants(monkeypatch):
 
 @pytest.mark.parametrize("provider", sorted(bench_unet.UNTIMED_KERNEL_PROVIDERS))
 def test_untimed_kernel_providers_switch_on_their_kernel_only(provider):
-    """bench_unet's fastdiff-fusedgeglu and fastdiff-conv3x3 rows: inside, the auto backend's
-    answer for an unmeasured shape of that op is its triton kernel, the other op's stays
-    PyTorch's; outside (and after), both are PyTorch's."""
+    """bench_unet's fastdiff-fusedgeglu, fastdiff-conv3x3 and fastdiff-catkernel rows: inside,
+    the auto backend's answer for an unmeasured shape of that op is its triton kernel, the
+    other ops' stay PyTorch's; outside (and after), all are PyTorch's."""
     from fastdiff.ops import autoselect
 
-    keys = {"linear_geglu": "8192x320x2560|fp16", "conv3x3": "2x1280x8x8|fp16|nhwc|out1280"}
+    keys = {
+        "linear_geglu": "8192x320x2560|fp16",
+        "conv3x3": "2x1280x8x8|fp16|nhwc|out1280",
+        "cat_channels": "2x960x64x64|fp16|nhwc",
+    }
     assert set(keys) == set(bench_unet.UNTIMED_KERNEL_PROVIDERS.values())
     op = bench_unet.UNTIMED_KERNEL_PROVIDERS[provider]
     saved = dict(autoselect.UNMEASURED_BACKEND)
