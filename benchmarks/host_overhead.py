@@ -216,7 +216,14 @@ def choose_as_auto() -> None:
             return "triton"
         return "eager" if autoselect.cached_preference(op, key()) == "eager" else "triton"
 
-    for name in ("attention", "conv3x3", "group_norm", "linear_geglu", "sampler_step"):
+    for name in (
+        "attention",
+        "cat_channels",
+        "conv3x3",
+        "group_norm",
+        "linear_geglu",
+        "sampler_step",
+    ):
         importlib.import_module(f"fastdiff.ops.{name}").select_backend = choose
 
 

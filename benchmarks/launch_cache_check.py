@@ -13,8 +13,8 @@ key function).
 Cases: every op of ``host_overhead.py`` at an SD1.5 shape (fp16); GroupNorm on an input, then on
 the same shape 2 bytes further on (not 16-byte aligned: Triton compiles another kernel); attention
 in fp32 (another config); attention at batch 3, then on its first two samples (the same strides:
-only the grid differs); and whole forwards of ``narrow_sd15_unet`` (fp32 and fp16, ops routed as the
-auto backend routes them).
+only the grid differs); an up block's skip concatenation (cat_channels); and whole forwards of
+``narrow_sd15_unet`` (fp32 and fp16, ops routed as the auto backend routes them).
 
     python benchmarks/launch_cache_check.py     # exit status 1 on any difference
 """
@@ -46,7 +46,12 @@ def extra_cases() -> list[tuple[str, Callable[[], object]]]:
     q32, k32 = torch.empty(2, 8, 256, 40), torch.empty(2, 8, 77, 40)
     three = torch.empty(3, 8, 1024, 40, dtype=half)
     two = three[:2]  # the same strides: only the grid (batch × heads programs) differs
+    up, skip = (
+        torch.empty(2, channels, 32, 32, dtype=half, memory_format=torch.channels_last)
+        for channels in (640, 320)
+    )
     return [
+        ("cat_channels 2x640+320x32x32 (an up block's skip)", lambda: ops.cat_channels(up, skip)),
         (
             "group_norm 2x320x16x16, aligned then not",
             lambda: (
