@@ -658,26 +658,23 @@ def fma_exp2_check() -> int:
 
 
 def compiled_kernels() -> int:
-    """Kernels compiled so far in this process, over fastdiff's Triton kernels."""
-    from fastdiff.kernels import (
-        attention,
-        conv3x3,
-        geglu,
-        group_norm,
-        group_norm_split,
-        group_norm_two_launch,
-        layer_norm,
-        linear_geglu,
-        sampler_step,
-    )
+    """Kernels compiled so far in this process, over fastdiff's Triton kernels: every
+    ``fastdiff.kernels`` module loaded (a new kernel module counts without being listed here),
+    each kernel once however many modules import it."""
+    import fastdiff.kernels  # noqa: F401  (the package whose modules are walked)
 
-    total = 0
-    modules = (attention, conv3x3, geglu, group_norm, group_norm_split, group_norm_two_launch)
-    for module in (*modules, layer_norm, linear_geglu, sampler_step):
+    total, seen = 0, set()
+    modules = [
+        module
+        for name, module in list(sys.modules.items())
+        if name.startswith("fastdiff.kernels.") and module is not None
+    ]
+    for module in modules:
         for value in vars(module).values():
             while hasattr(value, "fn") and not isinstance(value, JITFunction):
                 value = value.fn  # autotuner / heuristics wrappers
-            if isinstance(value, JITFunction):
+            if isinstance(value, JITFunction) and id(value) not in seen:
+                seen.add(id(value))
                 total += sum(len(caches[0]) for caches in value.device_caches.values())
     return total
 
