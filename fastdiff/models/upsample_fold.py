@@ -165,7 +165,9 @@ class FoldedWeight:
         if key is None:
             return None
         if key != self.key:
-            with torch.no_grad():
+            # A normal tensor even when called under torch.inference_mode: an inference tensor
+            # could not be written in place outside it, when the weight changes again.
+            with torch.inference_mode(False), torch.no_grad():
                 folded = derive(weight.detach(), self.mode)
                 same_memory = (
                     self.tensor is not None

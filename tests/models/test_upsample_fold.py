@@ -237,6 +237,21 @@ def test_an_in_place_change_of_the_weight_is_folded_again_into_the_same_memory(m
     assert module.folded.tensor.dtype == torch.float16
 
 
+def test_a_fold_derived_under_inference_mode_can_be_derived_again_outside_it():
+    """A call under torch.inference_mode derives the summed weights as a normal tensor: a later
+    change of the weight, outside inference mode, derives them again in place."""
+    module = upsampler(4)
+    module.set_fold("phases")
+    x = torch.randn(1, 4, 3, 3)
+    with torch.inference_mode():
+        module(x)
+    assert not module.folded.tensor.is_inference()
+    with torch.no_grad():
+        module.conv.weight.mul_(3.0)
+        out = module(x)
+    torch.testing.assert_close(out, two_steps(x, module.conv.weight, module.conv.bias))
+
+
 def test_folded_weight_tracks_identity_and_version():
     weight = torch.randn(4, 4, 3, 3)
     folded = FoldedWeight("transposed")
