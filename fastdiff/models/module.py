@@ -75,7 +75,8 @@ class ModelBase(nn.Module):
             if folded is None or folded.tensor is None:
                 continue  # derived at its next call, before any capture reads it
             weight = module.conv.weight
-            if folded.source_key(weight) != folded.key:
+            key = folded.source_key(weight)
+            if key is not None and key != folded.key:  # untracked: the call runs two steps
                 folded.get(weight)
                 count += 1
         return count
