@@ -5,6 +5,10 @@ encoder is not part of the timing). Providers:
   fastdiff           Pipeline.optimize(): 4 steps = one whole-loop graph + one VAE graph;
                      20 steps = a step graph replayed 20 times + the VAE graph
   fastdiff-nofold    the same with optimize(fold_biases=False) (what the folds buy)
+  fastdiff-untimed   fastdiff with every change built since the fourth H200 run and off until
+                     timed, together: optimize(upsample_fold="transposed"), the cat_channels
+                     kernel wherever the table has not measured it, and the VAE decoder's
+                     ResNet blocks with the bias folds (bench_unet / bench_vae time each alone)
   fastdiff-taesd     fastdiff with TAESD (AutoencoderTiny) as the VAE: the fast decode users swap
                      in (another image: its FLOPs are its own)
   fastdiff-eager     the same Pipeline without optimize(): plain PyTorch ops, no graphs
@@ -17,6 +21,7 @@ On CPU toy models run in float32 on the eager path.
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from pathlib import Path
 
@@ -26,19 +31,32 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import model_bench as mb  # noqa: E402
 import model_bench_cli as cli  # noqa: E402
-from bench_unet import CPU_WORKLOADS, GPU_WORKLOADS, unet_flops  # noqa: E402
+from bench_unet import (  # noqa: E402
+    CPU_WORKLOADS,
+    GPU_WORKLOADS,
+    kernel_where_unmeasured,
+    unet_flops,
+)
 from bench_vae import vae_flops  # noqa: E402
 from model_configs import SD_SCHEDULER, model_config  # noqa: E402
 
 PROVIDERS = (
     "fastdiff",
     "fastdiff-nofold",
+    "fastdiff-untimed",
     "fastdiff-taesd",
     "fastdiff-eager",
     "diffusers",
     "diffusers-compile",
 )
 GUIDANCE = 7.5
+FASTDIFF_PROVIDERS = (
+    "fastdiff",
+    "fastdiff-nofold",
+    "fastdiff-untimed",
+    "fastdiff-taesd",
+    "fastdiff-eager",
+)
 
 
 def setting():
@@ -60,6 +78,7 @@ class PipelineHolder:
         self.fastdiff = self.optimized = self.diffusers = None
         self.fold_biases = True  # what the last optimize() was given
         self.taesd = False  # whether the pipeline's VAE is TAESD
+        self.untimed = False  # whether the last optimize() switched on the untimed changes
 
     def release(self) -> None:
         self.print_graph_report()
@@ -72,7 +91,9 @@ class PipelineHolder:
             print(runtime.graph_report(), flush=True)
             runtime.reported = True
 
-    def fastdiff_pipeline(self, optimized: bool, fold_biases: bool = True, taesd: bool = False):
+    def fastdiff_pipeline(
+        self, optimized: bool, fold_biases: bool = True, taesd: bool = False, untimed: bool = False
+    ):
         from fastdiff.models import AutoencoderKL, AutoencoderTiny, UNet2DConditionModel
         from fastdiff.pipeline import Pipeline
         from fastdiff.runtime import EagerGraphBackend, optimize
@@ -94,7 +115,8 @@ class PipelineHolder:
             vae.to(self.dtype).eval().requires_grad_(False)
             self.fastdiff = Pipeline(unet, vae, NoiseSchedule.from_config(SD_SCHEDULER))
             self.optimized = False
-        if optimized and (not self.optimized or self.fold_biases != fold_biases):
+        settings = (fold_biases, untimed)
+        if optimized and (not self.optimized or (self.fold_biases, self.untimed) != settings):
             on_cuda = self.device.type == "cuda"
             self.print_graph_report()  # optimizing again drops the graphs captured so far
             # On CPU the static-buffer loop runs without capture: the same code path as on GPU.
@@ -103,8 +125,11 @@ class PipelineHolder:
                 dtype=self.dtype if on_cuda else None,
                 backend=None if on_cuda else EagerGraphBackend(),
                 fold_biases=fold_biases,
+                upsample_fold="transposed" if untimed else None,
             )
-            self.optimized, self.fold_biases = True, fold_biases
+            if untimed:  # optimize() leaves the VAE unfolded (and unfolds it again without)
+                self.fastdiff.vae.fold_conv_biases(True)
+            self.optimized, self.fold_biases, self.untimed = True, fold_biases, untimed
         return self.fastdiff
 
     def diffusers_pipeline(self):
@@ -147,15 +172,24 @@ def provider_setup(provider: str, holder: PipelineHolder, steps: int):
         embeds, negative = randn(1, 77, width), randn(1, 77, width)
         latents = randn(1, 4, size, size)
         pixels = size * (8 if mb.on_gpu() else 2)
-        if provider in ("fastdiff", "fastdiff-nofold", "fastdiff-taesd", "fastdiff-eager"):
+        if provider in FASTDIFF_PROVIDERS:
             pipe = holder.fastdiff_pipeline(
                 optimized=provider != "fastdiff-eager",
                 fold_biases=provider != "fastdiff-nofold",
                 taesd=provider == "fastdiff-taesd",
+                untimed=provider == "fastdiff-untimed",
+            )
+            # The cat_channels kernel where the table has not measured it: captured into this
+            # provider's graphs (its optimize() started a new graph cache).
+            untimed_kernels = (
+                kernel_where_unmeasured("cat_channels")
+                if provider == "fastdiff-untimed"
+                else contextlib.nullcontext()
             )
 
             def run():
-                with use_backend("eager" if provider == "fastdiff-eager" else None):
+                backend = "eager" if provider == "fastdiff-eager" else None
+                with use_backend(backend), untimed_kernels:
                     return pipe(
                         prompt_embeds=embeds,
                         negative_prompt_embeds=negative,
@@ -200,7 +234,7 @@ def default_providers(compile_: bool) -> list[str]:
         if compile_:
             providers.append("diffusers-compile")
     if mb.on_gpu():  # last: a time limit cuts from the end, and diffusers is the reference
-        providers.append("fastdiff-nofold")
+        providers += ["fastdiff-nofold", "fastdiff-untimed"]
     providers.append("fastdiff-taesd")
     return providers
 
@@ -233,7 +267,7 @@ def cases(
                 flop=taesd_flop if provider == "fastdiff-taesd" else flop,  # its own decode's
                 note=note,
             )
-            if provider in ("fastdiff", "fastdiff-nofold"):
+            if provider in ("fastdiff", "fastdiff-nofold", "fastdiff-untimed"):
                 case.teardown = holder.print_graph_report
             if index == len(providers) - 1:
                 case.teardown = holder.release

@@ -385,3 +385,37 @@ def test_upsample_benchmark_providers_compute_the_two_steps():
     for name in ("fastdiff", "fastdiff-phases"):
         torch.testing.assert_close(providers[name](inputs)(), want, rtol=1e-4, atol=1e-4)
     assert workload.flop(inputs) == 2.0 * 1 * 4 * 16 * 16 * 32 * 9 * 32
+
+
+def test_pipeline_untimed_provider_switches_on_each_untimed_change_for_its_rows_only(monkeypatch):
+    """bench_pipeline's fastdiff-untimed rows: the pipeline optimized with the upsample fold,
+    the VAE's bias folds on and the cat_channels kernel where the table has not measured it
+    (the auto backend's answer inside its calls); the next fastdiff row has none of them, and
+    the images agree."""
+    import torch
+
+    from fastdiff.ops import autoselect
+
+    holder = bench_pipeline.PipelineHolder(torch.device("cpu"), torch.float32)
+    seen = []
+    images = {}
+    for provider in ("fastdiff-untimed", "fastdiff"):
+        run = bench_pipeline.provider_setup(provider, holder, 2)()
+        pipe = holder.fastdiff
+        real_denoise = pipe.denoise
+
+        def denoise(*args, real=real_denoise, pipe=pipe, **kwargs):
+            blocks = [m for m in pipe.vae.modules() if hasattr(type(m), "fold_biases")]
+            seen.append(
+                (
+                    {m.fold for m in pipe.unet.folded_upsamplers + pipe.vae.folded_upsamplers},
+                    {m.fold_biases for m in blocks},
+                    autoselect.preferred_backend("cat_channels", "2x960x64x64|fp16|nhwc", table={}),
+                )
+            )
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(pipe, "denoise", denoise)
+        images[provider] = run()
+    assert seen == [({"transposed"}, {True}, "triton"), (set(), {False}, "eager")]
+    torch.testing.assert_close(images["fastdiff-untimed"], images["fastdiff"], rtol=1e-4, atol=1e-4)
