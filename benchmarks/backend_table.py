@@ -1,8 +1,8 @@
 """Build the ``auto`` backend's table (fastdiff/ops/autoselect.py) from a benchmark results CSV.
 
-Reads the GroupNorm+SiLU, attention, linear_geglu, conv3x3 and cat_channels rows that
-bench_group_norm.py, bench_attention.py, bench_linear_geglu.py, bench_conv3x3.py and
-bench_cat_channels.py append to ``benchmarks/results/<gpu>.csv`` and
+Reads the GroupNorm+SiLU, attention, linear_geglu, conv3x3, cat_channels and bias_residual rows
+that bench_group_norm.py, bench_attention.py, bench_linear_geglu.py, bench_conv3x3.py,
+bench_cat_channels.py and bench_bias_residual.py append to ``benchmarks/results/<gpu>.csv`` and
 writes, per op and input key, the measured ms of each backend (provider fastdiff = triton, eager =
 PyTorch, cuda = the CUDA extension; for linear_geglu, fastdiff-two-steps = its eager backend). The
 latest row wins when a case was measured more than once; failed rows (no ms) are left out, and
@@ -54,6 +54,8 @@ def row_key(row: dict[str, str]) -> tuple[str, str] | None:
         return "linear_geglu", f"{row['workload'].split()[-1]}|{dtype}"
     if row["benchmark"] == "cat_channels":  # workload "<name> <B>x<C>x<H>x<W> a<CA>"
         return "cat_channels", f"{row['workload'].split()[-2]}|{dtype}|nhwc"
+    if row["benchmark"] == "bias_residual":  # workload "<name> <B>x<C>x<H>x<W>", channels-last
+        return "bias_residual", f"{row['workload'].split()[-1]}|{dtype}|nhwc"
     notes = (row.get("note") or "").split("; ")
     if row["benchmark"] == "conv3x3" and CUDNN_BENCHMARK_NOTE in notes:
         # workload "<name> <B>x<C>x<H>x<W> out<N>", channels-last; rows timed against cuDNN's

@@ -7,8 +7,9 @@ encoder is not part of the timing). Providers:
   fastdiff-nofold    the same with optimize(fold_biases=False) (what the folds buy)
   fastdiff-untimed   fastdiff with every change built since the fourth H200 run and off until
                      timed, together: optimize(upsample_fold="transposed"), the cat_channels
-                     kernel wherever the table has not measured it, and the VAE decoder's
-                     ResNet blocks with the bias folds (bench_unet / bench_vae time each alone)
+                     and bias_residual kernels wherever the table has not measured them, and
+                     the VAE decoder's ResNet blocks with the bias folds (bench_unet / bench_vae
+                     time each alone)
   fastdiff-taesd     fastdiff with TAESD (AutoencoderTiny) as the VAE: the fast decode users swap
                      in (another image: its FLOPs are its own)
   fastdiff-eager     the same Pipeline without optimize(): plain PyTorch ops, no graphs
@@ -50,6 +51,9 @@ PROVIDERS = (
     "diffusers-compile",
 )
 GUIDANCE = 7.5
+# Ops whose kernels the auto backend runs only where measured: fastdiff-untimed runs them at
+# every unmeasured shape.
+UNTIMED_KERNELS = ("cat_channels", "bias_residual")
 FASTDIFF_PROVIDERS = (
     "fastdiff",
     "fastdiff-nofold",
@@ -179,17 +183,18 @@ def provider_setup(provider: str, holder: PipelineHolder, steps: int):
                 taesd=provider == "fastdiff-taesd",
                 untimed=provider == "fastdiff-untimed",
             )
-            # The cat_channels kernel where the table has not measured it: captured into this
+            # The untimed kernels where the table has not measured them: captured into this
             # provider's graphs (its optimize() started a new graph cache).
-            untimed_kernels = (
-                kernel_where_unmeasured("cat_channels")
-                if provider == "fastdiff-untimed"
-                else contextlib.nullcontext()
-            )
+            untimed = provider == "fastdiff-untimed"
 
             def run():
                 backend = "eager" if provider == "fastdiff-eager" else None
-                with use_backend(backend), untimed_kernels:
+                kernels = (
+                    kernel_where_unmeasured(*UNTIMED_KERNELS)
+                    if untimed
+                    else contextlib.nullcontext()
+                )
+                with use_backend(backend), kernels:
                     return pipe(
                         prompt_embeds=embeds,
                         negative_prompt_embeds=negative,

@@ -10,6 +10,8 @@ Random weights at the real architectures (benchmarks/model_configs.py), fp16 on 
                      small feature maps wherever the table has not measured it (what it buys)
   fastdiff-catkernel fastdiff with the channels-last concatenation kernel (cat_channels) for
                      the skip connections wherever the table has not measured it (what it buys)
+  fastdiff-residkernel fastdiff with the one-pass bias + residual kernel (bias_residual) at the
+                     identity-shortcut ResNet blocks' ends wherever unmeasured (what it buys)
   fastdiff-upfold    fastdiff with optimize(upsample_fold="transposed"): each upsampler as one
                      transposed convolution over the small map (what the fold buys)
   fastdiff-upfold-phases  the same with upsample_fold="phases" (a 2x2 convolution per phase)
@@ -50,6 +52,7 @@ PROVIDERS = (
     "fastdiff-fusedgeglu",
     "fastdiff-conv3x3",
     "fastdiff-catkernel",
+    "fastdiff-residkernel",
     "fastdiff-upfold",
     "fastdiff-upfold-phases",
     "fastdiff-nograph",
@@ -128,20 +131,23 @@ UNTIMED_KERNEL_PROVIDERS = {
     "fastdiff-fusedgeglu": "linear_geglu",
     "fastdiff-conv3x3": "conv3x3",
     "fastdiff-catkernel": "cat_channels",
+    "fastdiff-residkernel": "bias_residual",
 }
 # Providers that fold the upsamplers (optimize(upsample_fold=...)); the others run them unfolded.
 UPSAMPLE_FOLDS = {"fastdiff-upfold": "transposed", "fastdiff-upfold-phases": "phases"}
 
 
 @contextlib.contextmanager
-def kernel_where_unmeasured(op: str) -> Iterator[None]:
-    """The auto backend sending ``op`` (one of autoselect's UNMEASURED_BACKEND) to its triton
-    kernel at every shape the table has not measured, where it otherwise keeps PyTorch's path;
-    the other ops as they are."""
+def kernel_where_unmeasured(*ops: str) -> Iterator[None]:
+    """The auto backend sending each of ``ops`` (among autoselect's UNMEASURED_BACKEND) to its
+    triton kernel at every shape the table has not measured, where it otherwise keeps PyTorch's
+    path; the other ops as they are."""
     from fastdiff.ops import autoselect
 
     saved = autoselect.UNMEASURED_BACKEND
-    autoselect.UNMEASURED_BACKEND = {name: backend for name, backend in saved.items() if name != op}
+    autoselect.UNMEASURED_BACKEND = {
+        name: backend for name, backend in saved.items() if name not in ops
+    }
     autoselect.cached_preference.cache_clear()
     try:
         yield
@@ -175,6 +181,7 @@ def provider_setup(
             "fastdiff-fusedgeglu",
             "fastdiff-conv3x3",
             "fastdiff-catkernel",
+            "fastdiff-residkernel",
             *UPSAMPLE_FOLDS,
             "fastdiff-nograph",
             "fastdiff-nograph-nocache",
@@ -258,6 +265,7 @@ def default_providers(compile_: bool) -> list[str]:
             "fastdiff-fusedgeglu",
             "fastdiff-conv3x3",
             "fastdiff-catkernel",
+            "fastdiff-residkernel",
             *UPSAMPLE_FOLDS,
             "fastdiff-nokernels",
             "fastdiff-nchw",

@@ -92,10 +92,12 @@ bench() {
     part "bench_$1" 240 "$PY" "benchmarks/bench_$1.py" $QUICK $SKIP --out "$OUTDIR" ${BENCH_ARGS:-}
 }
 # Most important first, as the budget cuts from the end: the fused sampler step was never
-# measured, GroupNorm, attention, the fused GEGLU projection (linear_geglu) and the
-# split-reduction 3x3 convolution (conv3x3; neither timed yet) decide the auto backend, then
-# the whole models.
-for name in sampler_step group_norm attention linear_geglu conv3x3 upsample cat_channels; do
+# measured, GroupNorm, attention, the fused GEGLU projection (linear_geglu), the
+# split-reduction 3x3 convolution (conv3x3), the skip concatenation (cat_channels) and the
+# ResNet blocks' end (bias_residual) decide the auto backend; the upsample fold's rows say
+# whether to switch it on; then the whole models.
+for name in sampler_step group_norm attention linear_geglu conv3x3 upsample cat_channels \
+    bias_residual; do
     bench "$name"
 done
 

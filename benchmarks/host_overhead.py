@@ -218,6 +218,7 @@ def choose_as_auto() -> None:
 
     for name in (
         "attention",
+        "bias_residual",
         "cat_channels",
         "conv3x3",
         "group_norm",

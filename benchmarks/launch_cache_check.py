@@ -13,7 +13,8 @@ key function).
 Cases: every op of ``host_overhead.py`` at an SD1.5 shape (fp16); GroupNorm on an input, then on
 the same shape 2 bytes further on (not 16-byte aligned: Triton compiles another kernel); attention
 in fp32 (another config); attention at batch 3, then on its first two samples (the same strides:
-only the grid differs); an up block's skip concatenation (cat_channels); and whole forwards of
+only the grid differs); an up block's skip concatenation (cat_channels) and a ResNet block's end
+(bias_residual); and whole forwards of
 ``narrow_sd15_unet`` (fp32 and fp16, ops routed as the auto backend routes them).
 
     python benchmarks/launch_cache_check.py     # exit status 1 on any difference
@@ -52,6 +53,10 @@ def extra_cases() -> list[tuple[str, Callable[[], object]]]:
     )
     return [
         ("cat_channels 2x640+320x32x32 (an up block's skip)", lambda: ops.cat_channels(up, skip)),
+        (
+            "bias_residual 2x320x32x32 (a ResNet block's end)",
+            lambda: ops.bias_residual(skip, skip, weight),
+        ),
         (
             "group_norm 2x320x16x16, aligned then not",
             lambda: (

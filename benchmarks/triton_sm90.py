@@ -518,6 +518,27 @@ def cat_channels_cases(quick: bool) -> list[tuple[str, Callable[[], object]]]:
     return cases
 
 
+def bias_residual_cases(quick: bool) -> list[tuple[str, Callable[[], object]]]:
+    """A ResNet block's end (x + h + bias) at SD1.5's 64x64 map and the VAE's 512x512 one."""
+    from fastdiff.kernels.bias_residual import bias_residual_forward
+
+    shapes = (
+        [(2, 320, 64, 64)] if quick else [(2, 320, 64, 64), (2, 1280, 8, 8), (1, 128, 512, 512)]
+    )
+    dtypes = {"fp16": torch.float16} if quick else DTYPES
+    cases = []
+    for shape in shapes:
+        for name, dtype in dtypes.items():
+
+            def launch(shape=shape, dtype=dtype):
+                x = torch.empty(shape, dtype=dtype, memory_format=torch.channels_last)
+                bias = torch.empty(shape[1], dtype=dtype)
+                return bias_residual_forward(x, torch.empty_like(x), bias)
+
+            cases.append((f"bias_residual {'x'.join(map(str, shape))} {name}", launch))
+    return cases
+
+
 def sampler_step_cases(quick: bool) -> list[tuple[str, Callable[[], object]]]:
     from fastdiff.kernels.sampler_step import sampler_step_forward
 
@@ -879,7 +900,7 @@ def main(argv: list[str] | None = None) -> int:
     cases += row_cases(args.quick) + linear_geglu_cases(args.quick)
     cases += polynomial_erf_cases(args.quick)
     cases += conv3x3_cases(args.quick) + sampler_step_cases(args.quick)
-    cases += cat_channels_cases(args.quick)
+    cases += cat_channels_cases(args.quick) + bias_residual_cases(args.quick)
     if args.all_configs:
         cases += all_config_cases() + linear_geglu_config_cases()
     rows: list[Compiled] = []

@@ -19,6 +19,7 @@ LINEAR = "sd15 64x64 8192x320x2560"
 CONV = "sd15 8x8 2x1280x8x8 out1280"
 CONV_UP = "sd15 8x8 up 2x2560x8x8 out1280"
 CAT = "sd15 64x64 2x960x64x64 a640"
+RESID = "sd15 64x64 2x320x64x64"
 COLUMNS = ["timestamp", "device", "benchmark", "workload", "provider", "ms", "dtype", "note"]
 ROWS = [
     (
@@ -80,6 +81,9 @@ ROWS = [
     # cat_channels: keyed by the output's shape (bench_cat_channels' workload names)
     ("2026-01-01T00:00:00", "GPU X", "cat_channels", CAT, "fastdiff", "0.004", "fp16"),
     ("2026-01-01T00:00:00", "GPU X", "cat_channels", CAT, "eager", "0.009", "fp16"),
+    # bias_residual: keyed by the map's shape, channels-last
+    ("2026-01-01T00:00:00", "GPU X", "bias_residual", RESID, "fastdiff", "0.003", "fp16"),
+    ("2026-01-01T00:00:00", "GPU X", "bias_residual", RESID, "eager", "0.008", "fp16"),
     (
         "2026-01-01T00:00:00",
         "GPU X",
@@ -125,6 +129,7 @@ def test_table_from_csv_keys_backends_and_latest_rows(results_csv, tmp_path):
         ("linear_geglu", "8192x320x2560|fp16"): {"triton": 0.025, "eager": 0.05},
         ("conv3x3", "2x1280x8x8|fp16|nhwc|out1280"): {"triton": 0.012, "eager": 0.023},
         ("cat_channels", "2x960x64x64|fp16|nhwc"): {"triton": 0.004, "eager": 0.009},
+        ("bias_residual", "2x320x64x64|fp16|nhwc"): {"triton": 0.003, "eager": 0.008},
     }
     timings = autoselect._validate(table, "test")
     assert autoselect.preferred_backend("group_norm", "2x640x32x32|fp16|nhwc", table=timings) == (
@@ -151,3 +156,5 @@ def test_table_from_csv_keys_backends_and_latest_rows(results_csv, tmp_path):
     )
     key = autoselect.cat_channels_key(a, b)
     assert autoselect.preferred_backend("cat_channels", key, table=timings) == "triton"
+    key = autoselect.group_norm_key(b[:, :320].contiguous(memory_format=torch.channels_last))
+    assert autoselect.preferred_backend("bias_residual", key, table=timings) == "triton"

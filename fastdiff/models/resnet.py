@@ -140,19 +140,22 @@ class ResnetBlock2D(nn.Module):
     full-size additions: conv1's bias joins the time embedding, and the two enter norm2 as its
     ``offset``, added inside the GroupNorm kernel as it reads conv1's output (no addition of its
     own); conv2's bias joins the 1x1 shortcut's, which runs as a GEMM with the bias fused when
-    the input is channels-last. In a U-Net, ``temb`` is then a ``TimeShifts``: the U-Net has
-    computed every block's time shift plus conv1 bias in one GEMM."""
+    the input is channels-last, and with an identity shortcut it joins the residual addition
+    (``ops.bias_residual``: one pass where the kernel runs, instead of two). In a U-Net,
+    ``temb`` is then a ``TimeShifts``: the U-Net has computed every block's time shift plus
+    conv1 bias in one GEMM."""
 
     fold_biases = False
 
     @property
     def has_bias_folds(self) -> bool:
         """Whether ``fold_biases`` can change anything here (conv1's bias or a time embedding,
-        a 1x1 shortcut)."""
+        a 1x1 shortcut, conv2's bias beside an identity shortcut)."""
         return (
             self.conv1.bias is not None
             or self.time_emb_proj is not None
             or self.conv_shortcut is not None
+            or self.conv2.bias is not None
         )
 
     def __init__(
@@ -229,6 +232,16 @@ class ResnetBlock2D(nn.Module):
             hidden = conv_without_bias(self.conv2, hidden)
             rows = pointwise_as_linear(x.permute(0, 2, 3, 1), self.conv_shortcut, self.conv2.bias)
             shortcut = rows.permute(0, 3, 1, 2)  # channels-last again, no copy
+        elif (
+            self.fold_biases
+            and self.conv_shortcut is None
+            and self.output_scale_factor == 1.0
+            and plain_layer(self.conv2)
+            and self.conv2.bias is not None
+            and is_channels_last(x)
+        ):
+            # An identity shortcut: conv2's bias and the residual in one addition.
+            return ops.bias_residual(x, conv_without_bias(self.conv2, hidden), self.conv2.bias)
         else:
             hidden = run_conv(self.conv2, hidden)
             shortcut = self.conv_shortcut(x) if self.conv_shortcut is not None else x

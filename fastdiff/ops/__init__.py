@@ -7,6 +7,7 @@ reference is the sampling layer's ``apply_plan_row`` (ops sit below sampling).
 
 from fastdiff.ops.attention import attention, attention_reference
 from fastdiff.ops.backend import BACKENDS, compile_ahead, select_backend, use_backend
+from fastdiff.ops.bias_residual import bias_residual, bias_residual_reference
 from fastdiff.ops.cat_channels import cat_channels, cat_channels_reference
 from fastdiff.ops.conv3x3 import conv3x3, conv3x3_reference
 from fastdiff.ops.geglu import geglu, geglu_reference
@@ -26,6 +27,8 @@ __all__ = [
     "add_layer_norm_reference",
     "attention",
     "attention_reference",
+    "bias_residual",
+    "bias_residual_reference",
     "cat_channels",
     "cat_channels_reference",
     "compile_ahead",

@@ -1,6 +1,7 @@
 """Per-op, per-shape backend choice from measured timings (cuda vs triton; triton vs eager SDPA
 for attention; the fused triton kernel vs cuBLAS and the GEGLU kernel for linear_geglu; the
-split-reduction kernel vs cuDNN for conv3x3; the row-copy kernel vs torch.cat for cat_channels).
+split-reduction kernel vs cuDNN for conv3x3; the row-copy kernel vs torch.cat for cat_channels;
+the one-pass kernel vs two PyTorch additions for bias_residual).
 
 The table is a small JSON file written by ``benchmarks/bench_cuda_backend.py`` on a GPU:
 
@@ -19,7 +20,7 @@ from a results CSV). ``preferred_backend(op, key)`` answers, among the op's ``CA
   4. else, for the ops in ``MAJORITY_OPS``, the backend fastest at most of the op's measured
      keys in that dtype;
   5. else the op's ``UNMEASURED_BACKEND`` (linear_geglu: eager, the two-step path; conv3x3:
-     eager, cuDNN; cat_channels: eager, torch.cat), else
+     eager, cuDNN; cat_channels: eager, torch.cat; bias_residual: eager, two additions), else
      ``DEFAULT_BACKEND`` (triton: the default kernel backend, tested everywhere).
 A measured winner is only a preference: the op still checks that the chosen backend supports the
 input (``supports_<op>``) and falls back explicitly when it does not.
@@ -113,12 +114,19 @@ CANDIDATES = {
     "linear_geglu": ("triton", "eager"),
     "conv3x3": ("triton", "eager"),
     "cat_channels": ("triton", "eager"),
+    "bias_residual": ("triton", "eager"),
 }
 
 # The backend of an op's shapes with no measurement near them, where it is not DEFAULT_BACKEND:
-# linear_geglu's fused kernel replaces a cuBLAS GEMM, conv3x3's a cuDNN convolution and
-# cat_channels' PyTorch's concatenation, so they run only where they were timed faster.
-UNMEASURED_BACKEND = {"linear_geglu": "eager", "conv3x3": "eager", "cat_channels": "eager"}
+# linear_geglu's fused kernel replaces a cuBLAS GEMM, conv3x3's a cuDNN convolution,
+# cat_channels' PyTorch's concatenation and bias_residual's two PyTorch additions: each runs only
+# where it was timed faster.
+UNMEASURED_BACKEND = {
+    "linear_geglu": "eager",
+    "conv3x3": "eager",
+    "cat_channels": "eager",
+    "bias_residual": "eager",
+}
 
 
 def _validate(table: object, source: str) -> dict[str, dict[str, float]]:

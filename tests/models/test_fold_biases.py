@@ -89,6 +89,9 @@ def test_resnet_block(conv_calls, group_norms, channels_last, in_channels, with_
     if block.conv_shortcut is not None:  # conv2's bias joins the shortcut's GEMM (channels-last)
         assert conv_calls(block.conv_shortcut, with_bias=True) == (1 if channels_last else 2)
         assert conv_calls(block.conv2, with_bias=False) == (1 if channels_last else 0)
+    else:  # conv2's bias joins the residual addition (channels-last): ops.bias_residual
+        assert conv_calls(block.conv2, with_bias=False) == (1 if channels_last else 0)
+        assert conv_calls(block.conv2, with_bias=True) == (1 if channels_last else 2)
 
 
 def hook(layer):

@@ -4,6 +4,7 @@ rule: fp16 triton error against an fp32 eager reference <= 2 x the fp16 eager er
 from __future__ import annotations
 
 import fastdiff.kernels.attention as attention_kernels
+import fastdiff.kernels.bias_residual as bias_residual_kernels
 import fastdiff.kernels.cat_channels as cat_kernels
 import fastdiff.kernels.conv3x3 as conv3x3_kernels
 import fastdiff.kernels.group_norm as group_norm_kernels
@@ -70,8 +71,12 @@ def compare_backends(
             sample = fast_inputs["sample"]
             fast_inputs["sample"] = sample.contiguous(memory_format=torch.channels_last)
             counters.append(CallCounter(monkeypatch, conv3x3_kernels, "conv3x3_forward"))
-            # and the up blocks' skip concatenations the channels-last copy kernel
+            # and the up blocks' skip concatenations the channels-last copy kernel, the
+            # identity-shortcut ResNet blocks' ends the bias_residual one
             counters.append(CallCounter(monkeypatch, cat_kernels, "cat_channels_forward"))
+            counters.append(
+                CallCounter(monkeypatch, bias_residual_kernels, "bias_residual_forward")
+            )
         model.fold_conv_biases(fold_biases)
         with use_backend("triton"):
             fused = model(**fast_inputs)

@@ -256,7 +256,7 @@ def test_linear_geglu_providers_run_their_variants(monkeypatch):
 
 @pytest.mark.parametrize("provider", sorted(bench_unet.UNTIMED_KERNEL_PROVIDERS))
 def test_untimed_kernel_providers_switch_on_their_kernel_only(provider):
-    """bench_unet's fastdiff-fusedgeglu, fastdiff-conv3x3 and fastdiff-catkernel rows: inside,
+    """bench_unet's fastdiff-fusedgeglu, -conv3x3, -catkernel and -residkernel rows: inside,
     the auto backend's answer for an unmeasured shape of that op is its triton kernel, the
     other ops' stay PyTorch's; outside (and after), all are PyTorch's."""
     from fastdiff.ops import autoselect
@@ -265,6 +265,7 @@ def test_untimed_kernel_providers_switch_on_their_kernel_only(provider):
         "linear_geglu": "8192x320x2560|fp16",
         "conv3x3": "2x1280x8x8|fp16|nhwc|out1280",
         "cat_channels": "2x960x64x64|fp16|nhwc",
+        "bias_residual": "2x320x64x64|fp16|nhwc",
     }
     assert set(keys) == set(bench_unet.UNTIMED_KERNEL_PROVIDERS.values())
     op = bench_unet.UNTIMED_KERNEL_PROVIDERS[provider]
@@ -410,12 +411,18 @@ def test_pipeline_untimed_provider_switches_on_each_untimed_change_for_its_rows_
                 (
                     {m.fold for m in pipe.unet.folded_upsamplers + pipe.vae.folded_upsamplers},
                     {m.fold_biases for m in blocks},
-                    autoselect.preferred_backend("cat_channels", "2x960x64x64|fp16|nhwc", table={}),
+                    tuple(
+                        autoselect.preferred_backend(op, "2x960x64x64|fp16|nhwc", table={})
+                        for op in ("cat_channels", "bias_residual")
+                    ),
                 )
             )
             return real(*args, **kwargs)
 
         monkeypatch.setattr(pipe, "denoise", denoise)
         images[provider] = run()
-    assert seen == [({"transposed"}, {True}, "triton"), (set(), {False}, "eager")]
+    assert seen == [
+        ({"transposed"}, {True}, ("triton", "triton")),
+        (set(), {False}, ("eager", "eager")),
+    ]
     torch.testing.assert_close(images["fastdiff-untimed"], images["fastdiff"], rtol=1e-4, atol=1e-4)
