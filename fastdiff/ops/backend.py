@@ -284,6 +284,14 @@ def kernel_dtype_supported(tensor: torch.Tensor) -> bool:
     return tensor.is_cuda or tensor.dtype != torch.bfloat16
 
 
+def strictly_nhwc(x: torch.Tensor) -> bool:
+    """Dense channels-last (each pixel's channels one row of the (B·H·W, C) matrix) and not
+    also NCHW-contiguous, as a 1x1 map or a one-channel one is: the inputs for which PyTorch's
+    elementwise ops and concatenation return channels-last results, so a kernel writing
+    channels-last returns the layout PyTorch would."""
+    return x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+
+
 def rows_are_viewable(x: torch.Tensor) -> bool:
     """True when ``x`` (..., D) can be viewed as (R, D) rows with a unit column stride, the
     layout the row-wise kernels (layer_norm, geglu) read without a copy."""

@@ -21,6 +21,7 @@ from fastdiff.ops.backend import (
     launch_kernel_op,
     needs_autograd,
     select_backend,
+    strictly_nhwc,
 )
 
 
@@ -69,11 +70,6 @@ bias_residual_triton = torch.library.custom_op(
 @bias_residual_triton.register_fake
 def _bias_residual_fake(x, h, bias):
     return torch.empty_like(x, memory_format=torch.channels_last)
-
-
-def strictly_nhwc(x: torch.Tensor) -> bool:
-    """Dense channels-last and not also NCHW-contiguous (as a 1x1 or one-channel map is)."""
-    return x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
 
 
 def bias_residual_triton_supports(x: torch.Tensor, h: torch.Tensor, bias: torch.Tensor) -> bool:

@@ -20,6 +20,7 @@ from fastdiff.ops.backend import (
     launch_kernel_op,
     needs_autograd,
     select_backend,
+    strictly_nhwc,
 )
 
 
@@ -67,12 +68,6 @@ def _cat_channels_fake(a, b):
     return a.new_empty((batch, channels + b.shape[1], height, width)).contiguous(
         memory_format=torch.channels_last
     )
-
-
-def strictly_nhwc(x: torch.Tensor) -> bool:
-    """Dense channels-last (each pixel's channels one row of the (B·H·W, C) matrix) and not
-    also NCHW-contiguous, as a 1x1 map or a one-channel one is."""
-    return x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
 
 
 def cat_channels_triton_supports(a: torch.Tensor, b: torch.Tensor) -> bool:
