@@ -129,6 +129,10 @@ run pipeline 90 python3 benchmarks/bench_pipeline.py --steps 20,4 --warmup 1 --i
 # The headline providers only: each ablation rebuilds or re-captures a 2.6 B-parameter U-Net.
 run unet_sdxl_b2 75 python3 benchmarks/bench_unet.py --workloads sdxl_b2 --csv "$CSV" \
     --providers fastdiff-eager,fastdiff,diffusers,diffusers-graph $COMPILE_FLAG
+# Where the VAE decode's time goes (the SD KL decoder at 512x512; its toy config on CPU): never
+# profiled on a GPU, so before the U-Net's profiles, which earlier runs have.
+VAE_MODEL=$(python3 -c "import torch; print('vae' if torch.cuda.is_available() else 'tiny_vae')")
+run profile_vae 45 python3 -m fastdiff profile --model "$VAE_MODEL" --top 30 --by-op
 # fastdiff-eager before fastdiff: the unprepared model is built once, then prepared in place.
 run unet_sd15_b1 45 python3 benchmarks/bench_unet.py --workloads sd15_b1 --csv "$CSV" \
     --providers fastdiff-eager,fastdiff,diffusers,diffusers-graph
@@ -136,9 +140,6 @@ run profile 45 python3 -m fastdiff profile --top 12  # sd15 on a GPU, tiny on CP
 # The same step op by op, and (not in gpu_check.sh's steps) op by op without the folds,
 # optimize(fold_biases=False): what they remove.
 run profile_by_op 45 python3 -m fastdiff profile --top 30 --by-op
-# Where the VAE decode's time goes (the SD KL decoder at 512x512; its toy config on CPU).
-VAE_MODEL=$(python3 -c "import torch; print('vae' if torch.cuda.is_available() else 'tiny_vae')")
-run profile_vae 45 python3 -m fastdiff profile --model "$VAE_MODEL" --top 30 --by-op
 run profile_unfolded 45 python3 -m fastdiff profile --top 30 --by-op --no-fold-biases
 
 if [[ -s "$CSV" ]]; then
