@@ -35,6 +35,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from fastdiff.ops.backend import strictly_nhwc
+
 MODES = ("transposed", "phases")
 
 # Which 3x3 rows (or columns) each tap of the folded kernels adds up: the 4x4 transposed
@@ -81,14 +83,8 @@ def phase_weight(weight: torch.Tensor) -> torch.Tensor:
 def derive(weight: torch.Tensor, mode: str) -> torch.Tensor:
     """The folded weight of ``mode`` in ``weight``'s dtype, device and memory format."""
     folded = transposed_weight(weight) if mode == "transposed" else phase_weight(weight)
-    channels_last = (
-        weight.dim() == 4
-        and not weight.is_contiguous()
-        and weight.is_contiguous(memory_format=torch.channels_last)
-    )
-    return folded.contiguous(
-        memory_format=torch.channels_last if channels_last else torch.contiguous_format
-    )
+    layout = torch.channels_last if strictly_nhwc(weight) else torch.contiguous_format
+    return folded.contiguous(memory_format=layout)
 
 
 def interleave_phases(z: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -103,8 +99,7 @@ def interleave_phases(z: torch.Tensor, bias: torch.Tensor | None) -> torch.Tenso
         (batch, channels, height, 2, width, 2),
         (s0, s1, s2, 2 * channels * s1 + s2, s3, channels * s1 + s3),
     )
-    channels_last = z.is_contiguous(memory_format=torch.channels_last) and not z.is_contiguous()
-    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    memory_format = torch.channels_last if strictly_nhwc(z) else torch.contiguous_format
     shape = (batch, channels, 2 * height, 2 * width)
     if torch.is_grad_enabled() and (z.requires_grad or (bias is not None and bias.requires_grad)):
         # Differentiable ops (out= is not): a fresh (N, C, H, 2, W, 2) tensor is NCHW's order.
