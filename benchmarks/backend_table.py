@@ -1,10 +1,12 @@
 """Build the ``auto`` backend's table (fastdiff/ops/autoselect.py) from a benchmark results CSV.
 
-Reads the GroupNorm+SiLU, attention, linear_geglu, conv3x3, cat_channels and bias_residual rows
-that bench_group_norm.py, bench_attention.py, bench_linear_geglu.py, bench_conv3x3.py,
-bench_cat_channels.py and bench_bias_residual.py append to ``benchmarks/results/<gpu>.csv`` and
-writes, per op and input key, the measured ms of each backend (provider fastdiff = triton, eager =
-PyTorch, cuda = the CUDA extension; for linear_geglu, fastdiff-two-steps = its eager backend). The
+Reads the GroupNorm+SiLU, attention, linear_geglu, conv3x3, cat_channels, bias_residual and
+upsample rows that bench_group_norm.py, bench_attention.py, bench_linear_geglu.py,
+bench_conv3x3.py, bench_cat_channels.py, bench_bias_residual.py and bench_upsample.py append to
+``benchmarks/results/<gpu>.csv`` and writes, per op and input key, the measured ms of each
+backend (provider fastdiff = triton, eager = PyTorch, cuda = the CUDA extension; for
+linear_geglu, fastdiff-two-steps = its eager backend; for the upsamplers, eager = the two steps,
+fastdiff = the transposed fold and fastdiff-phases = the phases fold). The
 latest row wins when a case was measured more than once; failed rows (no ms) are left out, and
 so are conv3x3 rows without bench_conv3x3's ``cudnn.benchmark`` note (cuDNN timed against its
 heuristic algorithms, not the timed ones optimize() runs).
@@ -32,7 +34,11 @@ from fastdiff.ops.autoselect import STRIDED, table_from_rows  # noqa: E402
 PROVIDER_BACKENDS = {"fastdiff": "triton", "eager": "eager", "cuda": "cuda"}
 # linear_geglu's eager backend is its two steps (cuBLAS, then the GEGLU kernel), timed as
 # bench_linear_geglu's fastdiff-two-steps rows; its plain-PyTorch eager rows are not a backend.
-OP_PROVIDER_BACKENDS = {"linear_geglu": {"fastdiff": "triton", TWO_STEPS: "eager"}}
+# The upsamplers' "backends" are the ways Upsample2D runs (fastdiff.models.upsample_fold).
+OP_PROVIDER_BACKENDS = {
+    "linear_geglu": {"fastdiff": "triton", TWO_STEPS: "eager"},
+    "upsample": {"eager": "eager", "fastdiff": "transposed", "fastdiff-phases": "phases"},
+}
 ATTENTION_DIMS = dict(ATTENTION_SHAPES)  # name -> (batch, heads, queries, keys, head_dim)
 
 
@@ -56,6 +62,8 @@ def row_key(row: dict[str, str]) -> tuple[str, str] | None:
         return "cat_channels", f"{row['workload'].split()[-2]}|{dtype}|nhwc"
     if row["benchmark"] == "bias_residual":  # workload "<name> <B>x<C>x<H>x<W>", channels-last
         return "bias_residual", f"{row['workload'].split()[-1]}|{dtype}|nhwc"
+    if row["benchmark"] == "upsample":  # workload "<name> <B>x<C>x<H>x<W>" (the small map), NHWC
+        return "upsample", f"{row['workload'].split()[-1]}|{dtype}|nhwc"
     notes = (row.get("note") or "").split("; ")
     if row["benchmark"] == "conv3x3" and CUDNN_BENCHMARK_NOTE in notes:
         # workload "<name> <B>x<C>x<H>x<W> out<N>", channels-last; rows timed against cuDNN's

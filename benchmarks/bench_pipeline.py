@@ -6,7 +6,8 @@ encoder is not part of the timing). Providers:
                      20 steps = a step graph replayed 20 times + the VAE graph
   fastdiff-nofold    the same with optimize(fold_biases=False) (what the folds buy)
   fastdiff-untimed   fastdiff with every change built since the fourth H200 run and off until
-                     timed, together: optimize(upsample_fold="transposed"), the cat_channels
+                     timed, together: optimize(upsample_fold="transposed") at every shape
+                     (fastdiff: "auto", the table's choice per shape), the cat_channels
                      and bias_residual kernels wherever the table has not measured them, and
                      the VAE decoder's ResNet blocks with the bias folds (bench_unet / bench_vae
                      time each alone)
@@ -129,7 +130,7 @@ class PipelineHolder:
                 dtype=self.dtype if on_cuda else None,
                 backend=None if on_cuda else EagerGraphBackend(),
                 fold_biases=fold_biases,
-                upsample_fold="transposed" if untimed else None,
+                upsample_fold="transposed" if untimed else "auto",
             )
             if untimed:  # optimize() leaves the VAE unfolded (and unfolds it again without)
                 self.fastdiff.vae.fold_conv_biases(True)

@@ -2,7 +2,8 @@
 
 Random weights at the real architectures (benchmarks/model_configs.py), fp16 on GPU. Providers:
   fastdiff           optimize(): fp16, channels-last, fused QKV, Triton kernels, biases and
-                     residuals folded into other kernels, CUDA graph
+                     residuals folded into other kernels, each upsampler as the backend table
+                     measured fastest at its shape (upsample_fold="auto"), CUDA graph
   fastdiff-nofold    fastdiff with optimize(fold_biases=False) (what the folds buy)
   fastdiff-fusedgeglu fastdiff with the feed-forward's fused GEGLU projection (linear_geglu's
                      triton kernel) wherever the auto table has not measured it (what it buys)
@@ -13,7 +14,8 @@ Random weights at the real architectures (benchmarks/model_configs.py), fp16 on 
   fastdiff-residkernel fastdiff with the one-pass bias + residual kernel (bias_residual) at the
                      identity-shortcut ResNet blocks' ends wherever unmeasured (what it buys)
   fastdiff-upfold    fastdiff with optimize(upsample_fold="transposed"): each upsampler as one
-                     transposed convolution over the small map (what the fold buys)
+                     transposed convolution over the small map, whatever the table says (what
+                     the fold buys where fastdiff's auto does not already run it)
   fastdiff-upfold-phases  the same with upsample_fold="phases" (a 2x2 convolution per phase)
   fastdiff-nograph   the same without the CUDA graph (what graphs buy)
   fastdiff-nograph-nocache  fastdiff-nograph with kernels/launch_cache.py off: every launch
@@ -196,7 +198,7 @@ def provider_setup(
             # modules and packs or unpacks the time projections; inside run_graphed it added
             # about a millisecond per call to every graphed row of the 2026-11-28 run).
             model.fold_conv_biases(provider != "fastdiff-nofold")
-            model.fold_upsampling(UPSAMPLE_FOLDS.get(provider))
+            model.fold_upsampling(UPSAMPLE_FOLDS.get(provider, "auto"))  # auto: as optimize()
             if provider == "fastdiff-compile":
                 from fastdiff.runtime.optimize import compile_blocks
 

@@ -2,7 +2,8 @@
 decode by TAESD (AutoencoderTiny, diffusers' default config), the fast autoencoder users swap in.
 
 Random weights at the real architecture, fp16 on GPU. Providers as in bench_unet.py:
-fastdiff (fp16, channels-last, fused QKV, Triton kernels, CUDA graph), fastdiff-nograph,
+fastdiff (fp16, channels-last, fused QKV, Triton kernels, each upsampler as the backend table
+measured fastest at its shape, CUDA graph), fastdiff-nograph,
 fastdiff-nchw (NCHW activations), fastdiff-nokernels (PyTorch ops), fastdiff-upfold and
 fastdiff-upfold-phases (the KL decoder's upsamplers folded: optimize(upsample_fold="transposed"
 / "phases"); TAESD has no such upsampler), fastdiff-biasfold (the KL decoder's ResNet blocks
@@ -101,7 +102,7 @@ def provider_setup(provider: str, holder: mb.ModelHolder, size: int):
             nhwc = provider != "fastdiff-nchw"
             model = holder.fastdiff_model(prepared=True, channels_last=nhwc)
             # Shared by the providers: each sets the folds it measures, outside the timed calls.
-            model.fold_upsampling(UPSAMPLE_FOLDS.get(provider))
+            model.fold_upsampling(UPSAMPLE_FOLDS.get(provider, "auto"))  # auto: as optimize()
             model.fold_conv_biases(provider == BIAS_FOLD)
             if on_cuda and nhwc:
                 latents = latents.contiguous(memory_format=torch.channels_last)

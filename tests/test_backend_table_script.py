@@ -20,6 +20,7 @@ CONV = "sd15 8x8 2x1280x8x8 out1280"
 CONV_UP = "sd15 8x8 up 2x2560x8x8 out1280"
 CAT = "sd15 64x64 2x960x64x64 a640"
 RESID = "sd15 64x64 2x320x64x64"
+UP = "vae decode 128x128 1x512x128x128"
 COLUMNS = ["timestamp", "device", "benchmark", "workload", "provider", "ms", "dtype", "note"]
 ROWS = [
     (
@@ -84,6 +85,13 @@ ROWS = [
     # bias_residual: keyed by the map's shape, channels-last
     ("2026-01-01T00:00:00", "GPU X", "bias_residual", RESID, "fastdiff", "0.003", "fp16"),
     ("2026-01-01T00:00:00", "GPU X", "bias_residual", RESID, "eager", "0.008", "fp16"),
+    # upsample: keyed by the small map's shape, channels-last; eager = the two steps,
+    # fastdiff = the transposed fold, fastdiff-phases = the phases fold (torch.compile: no way
+    # Upsample2D runs)
+    ("2026-01-01T00:00:00", "GPU X", "upsample", UP, "eager", "0.30", "fp16", "cudnn.benchmark"),
+    ("2026-01-01T00:00:00", "GPU X", "upsample", UP, "fastdiff", "0.20", "fp16", "cudnn.benchmark"),
+    ("2026-01-01T00:00:00", "GPU X", "upsample", UP, "fastdiff-phases", "0.10", "fp16", ""),
+    ("2026-01-01T00:00:00", "GPU X", "upsample", UP, "torch.compile", "0.05", "fp16", ""),
     (
         "2026-01-01T00:00:00",
         "GPU X",
@@ -130,6 +138,7 @@ def test_table_from_csv_keys_backends_and_latest_rows(results_csv, tmp_path):
         ("conv3x3", "2x1280x8x8|fp16|nhwc|out1280"): {"triton": 0.012, "eager": 0.023},
         ("cat_channels", "2x960x64x64|fp16|nhwc"): {"triton": 0.004, "eager": 0.009},
         ("bias_residual", "2x320x64x64|fp16|nhwc"): {"triton": 0.003, "eager": 0.008},
+        ("upsample", "1x512x128x128|fp16|nhwc"): {"eager": 0.3, "transposed": 0.2, "phases": 0.1},
     }
     timings = autoselect._validate(table, "test")
     assert autoselect.preferred_backend("group_norm", "2x640x32x32|fp16|nhwc", table=timings) == (
@@ -158,3 +167,9 @@ def test_table_from_csv_keys_backends_and_latest_rows(results_csv, tmp_path):
     assert autoselect.preferred_backend("cat_channels", key, table=timings) == "triton"
     key = autoselect.group_norm_key(b[:, :320].contiguous(memory_format=torch.channels_last))
     assert autoselect.preferred_backend("bias_residual", key, table=timings) == "triton"
+    x = torch.empty(1, 512, 128, 128, dtype=torch.float16)
+    key = autoselect.upsample_key(x.contiguous(memory_format=torch.channels_last))
+    assert autoselect.preferred_backend("upsample", key, table=timings) == "phases"
+    assert autoselect.preferred_backend("upsample", autoselect.upsample_key(x), table={}) == (
+        "eager"
+    )

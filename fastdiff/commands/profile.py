@@ -151,10 +151,12 @@ def add_parser(subparsers) -> None:
     )
     parser.add_argument(
         "--upsample-fold",
-        choices=("transposed", "phases"),
-        default=None,
-        help="profile the optimized path with optimize(upsample_fold=...): each upsampler as "
-        "one convolution over the small map (default: off, as optimize() prepares it)",
+        choices=("auto", "transposed", "phases", "off"),
+        default="auto",
+        help="the optimized path's optimize(upsample_fold=...): each upsampler as one "
+        "convolution over the small map, transposed or as phases, or off; auto (the default, "
+        "as optimize() prepares it): each upsampler as the backend table measured fastest at "
+        "its shape",
     )
     parser.add_argument(
         "--by-op",
@@ -258,7 +260,8 @@ def run(args: argparse.Namespace) -> int:
     fold_biases = args.fold_biases and not is_vae
     report = OptimizeReport(str(device))
     kind = "vae" if is_vae else "unet"
-    prepare_module(module, kind, report, None, on_cuda, True, fold_biases, args.upsample_fold)
+    upsample_fold = None if args.upsample_fold == "off" else args.upsample_fold
+    prepare_module(module, kind, report, None, on_cuda, True, fold_biases, upsample_fold)
     fast_x = x.contiguous(memory_format=torch.channels_last) if on_cuda else x
 
     def optimized():
@@ -268,8 +271,10 @@ def run(args: argparse.Namespace) -> int:
     folded = ""
     if not is_vae:
         folded = ", folded biases and residuals" if fold_biases else ", biases not folded"
-    if args.upsample_fold:
-        folded += f", upsamplers as {args.upsample_fold} convolutions"
+    if upsample_fold in ("transposed", "phases"):
+        folded += f", upsamplers as {upsample_fold} convolutions"
+    elif upsample_fold is None:
+        folded += ", upsamplers not folded"
     print_breakdown(
         f"fastdiff optimized, graph off (kernels, channels-last, fused QKV{folded})",
         profile_calls(optimized, args.calls, on_cuda, args.by_op),

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from fastdiff.models.attention import Attention
-from fastdiff.models.upsample_fold import check_mode
+from fastdiff.models.upsample_fold import AUTO, check_mode
 
 
 class ModelBase(nn.Module):
@@ -50,17 +50,20 @@ class ModelBase(nn.Module):
 
     def fold_upsampling(self, mode: str | None = "transposed") -> int:
         """Run every ``Upsample2D``'s doubling and 3x3 convolution as one convolution over the
-        small map (``mode`` "transposed" or "phases"; None switches back; see
-        ``fastdiff.models.upsample_fold``). The weights' values are untouched: the summed ones
-        are derived beside them. Returns how many upsamplers there are."""
+        small map (``mode`` "transposed" or "phases"; "auto": per call, whichever the backend
+        table measured fastest at its shape, the two steps where nothing was; None switches
+        back; see ``fastdiff.models.upsample_fold``). The weights' values are untouched: the
+        summed ones are derived beside them (a fixed mode's now, in the weights' final dtype
+        and layout; under "auto" at the first call that picks a mode, which in a captured
+        runtime is a warm-up run ahead of the capture). Returns how many upsamplers there are."""
         from fastdiff.models.resnet import Upsample2D
 
         check_mode(mode)
         upsamplers = [module for module in self.modules() if isinstance(module, Upsample2D)]
         for module in upsamplers:
             module.set_fold(mode)
-            if mode is not None:  # derived now, in the weights' final dtype and layout
-                module.folded.get(module.conv.weight)
+            if mode is not None and mode != AUTO:
+                module.folded_for(mode).get(module.conv.weight)
         # Kept for refresh_folded_weights, which runs before every graph replay.
         self.folded_upsamplers = upsamplers if mode is not None else []
         return len(upsamplers)
@@ -71,22 +74,22 @@ class ModelBase(nn.Module):
         runs no Python to notice. Returns how many were derived again."""
         count = 0
         for module in getattr(self, "folded_upsamplers", ()):
-            folded = module.folded
-            if folded is None or folded.tensor is None:
-                continue  # derived at its next call, before any capture reads it
             weight = module.conv.weight
-            key = folded.source_key(weight)
-            if key is not None and key != folded.key:  # untracked: the call runs two steps
-                folded.get(weight)
-                count += 1
+            for folded in module.folds.values():
+                if folded.tensor is None:
+                    continue  # derived at its next call, before any capture reads it
+                key = folded.source_key(weight)
+                if key is not None and key != folded.key:  # untracked: the call runs two steps
+                    folded.get(weight)
+                    count += 1
         return count
 
     def folded_weight_bytes(self) -> int:
         """Memory held by the upsamplers' folded weights (beside the checkpoint's)."""
         return sum(
-            module.folded.nbytes()
+            folded.nbytes()
             for module in getattr(self, "folded_upsamplers", ())
-            if module.folded is not None
+            for folded in module.folds.values()
         )
 
     def attention_modules(self) -> list[Attention]:

@@ -14,7 +14,14 @@ import torch.nn.modules.module as module_hooks
 from torch import nn
 
 from fastdiff import ops
-from fastdiff.models.upsample_fold import FoldedWeight, check_mode, upsample_conv
+from fastdiff.models.upsample_fold import (
+    AUTO,
+    MODES,
+    FoldedWeight,
+    check_mode,
+    measured_mode,
+    upsample_conv,
+)
 
 
 def is_channels_last(x: torch.Tensor) -> bool:
@@ -268,31 +275,39 @@ class Downsample2D(nn.Module):
 class Upsample2D(nn.Module):
     """Nearest-neighbour 2x (or to ``size``) followed by a 3x3 conv (key ``conv``).
 
-    ``fold`` (set by ``ModelBase.fold_upsampling``: None, "transposed" or "phases") runs a
-    doubling as one convolution over the small map with summed weights (4 taps per output
-    pixel instead of 9, no upsampled map; ``fastdiff.models.upsample_fold``). It applies where
-    the conv is plain (``plain_layer``), no gradient of its weight is wanted, the weight's
-    changes can be tracked and torch.compile is not tracing; otherwise the two steps run."""
+    ``fold`` (set by ``ModelBase.fold_upsampling``: None, "auto", "transposed" or "phases") runs
+    a doubling as one convolution over the small map with summed weights (4 taps per output
+    pixel instead of 9, no upsampled map; ``fastdiff.models.upsample_fold``); "auto" picks, per
+    call, what the backend table measured fastest at the input's shape (the two steps where
+    nothing was). A fold applies where the conv is plain (``plain_layer``), no gradient of its
+    weight is wanted, the weight's changes can be tracked and torch.compile is not tracing;
+    otherwise the two steps run. ``folds`` keeps each mode's summed weights once derived."""
 
     fold: str | None = None
 
     def __init__(self, channels: int) -> None:
         super().__init__()
         self.conv = nn.Conv2d(channels, channels, 3, padding=1)
-        self.folded: FoldedWeight | None = None
+        self.folds: dict[str, FoldedWeight] = {}
 
     def set_fold(self, mode: str | None) -> None:
         check_mode(mode)
         self.fold = mode
-        if self.folded is not None and self.folded.mode != mode:
-            self.folded = None  # its memory freed; derived again at the next folded call
-        if mode is not None and self.folded is None:
-            self.folded = FoldedWeight(mode)
+        # The summed weights of modes no longer in use are let go (derived again if needed).
+        usable = () if mode is None else MODES if mode == AUTO else (mode,)
+        self.folds = {name: folded for name, folded in self.folds.items() if name in usable}
 
-    def folded_weight(self, x: torch.Tensor) -> torch.Tensor | None:
-        """The folded weight for this call, or None where the fold does not apply."""
+    def fold_mode(self, x: torch.Tensor) -> str | None:
+        """The fold this call would run (None: the two steps), before ``folded_weight``'s
+        checks; the two steps while torch.compile traces (it compiles the module as written)."""
+        if self.fold is None or torch.compiler.is_compiling():
+            return None
+        return measured_mode(x) if self.fold == AUTO else self.fold
+
+    def folded_weight(self, x: torch.Tensor, mode: str) -> torch.Tensor | None:
+        """The folded weight of ``mode`` for this call, or None where a fold does not apply."""
         conv = self.conv
-        if self.folded is None or not plain_layer(conv) or tuple(conv.kernel_size) != (3, 3):
+        if not plain_layer(conv) or tuple(conv.kernel_size) != (3, 3):
             return None
         if conv.stride != (1, 1) or conv.padding != (1, 1) or conv.dilation != (1, 1):
             return None
@@ -300,15 +315,20 @@ class Upsample2D(nn.Module):
             return None
         if torch.is_grad_enabled() and conv.weight.requires_grad:
             return None
-        if torch.compiler.is_compiling():
-            return None
-        return self.folded.get(conv.weight)
+        return self.folded_for(mode).get(conv.weight)
+
+    def folded_for(self, mode: str) -> FoldedWeight:
+        """The holder of ``mode``'s summed weights (created empty the first time)."""
+        if mode not in self.folds:
+            self.folds[mode] = FoldedWeight(mode)
+        return self.folds[mode]
 
     def forward(self, x: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
         if size is None or tuple(size) == (2 * x.shape[-2], 2 * x.shape[-1]):
-            folded = self.folded_weight(x) if self.fold is not None else None
+            mode = self.fold_mode(x)
+            folded = self.folded_weight(x, mode) if mode is not None else None
             if folded is not None:
-                return upsample_conv(x, folded, self.conv.bias, self.fold)
+                return upsample_conv(x, folded, self.conv.bias, mode)
             x = F.interpolate(x, scale_factor=2.0, mode="nearest")
         else:
             x = F.interpolate(x, size=tuple(size), mode="nearest")

@@ -19,8 +19,9 @@ map is never written. Two ways to run it:
 
 Both compute the same sums as the checkpoint's two steps, with the summed weights rounded once
 to the weight's dtype. Which is faster on a GPU (and whether either beats the two steps) is
-for ``benchmarks/bench_upsample.py`` to say; ``optimize(upsample_fold=...)`` leaves it off by
-default.
+for ``benchmarks/bench_upsample.py`` to say, per shape: under ``"auto"`` (``optimize()``'s
+default) each call runs the way the measured backend table (``fastdiff.ops.autoselect``, op
+``upsample``) found fastest at its input's shape, and the two steps where nothing was measured.
 
 The summed weights are derived from the convolution's own weight and kept beside it
 (``FoldedWeight``). They are derived again, into the same memory, whenever that weight is
@@ -35,9 +36,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from fastdiff.ops import autoselect
 from fastdiff.ops.backend import strictly_nhwc
 
 MODES = ("transposed", "phases")
+AUTO = "auto"  # per call, the mode measured fastest at the input's shape (measured_mode)
+TWO_STEPS = "eager"  # the auto table's name for the unfolded path (F.interpolate, then conv)
 
 # Which 3x3 rows (or columns) each tap of the folded kernels adds up: the 4x4 transposed
 # kernel's taps from top to bottom, then each phase's 2x2 taps (phase 0 = even output rows).
@@ -46,8 +50,16 @@ PHASE_TAPS = (((0,), (1, 2)), ((0, 1), (2,)))
 
 
 def check_mode(mode: str | None) -> None:
-    if mode is not None and mode not in MODES:
-        raise ValueError(f"upsample_fold must be one of {[None, *MODES]}, got {mode!r}")
+    if mode is not None and mode != AUTO and mode not in MODES:
+        raise ValueError(f"upsample_fold must be one of {[None, AUTO, *MODES]}, got {mode!r}")
+
+
+def measured_mode(x: torch.Tensor) -> str | None:
+    """The fold the backend table measured fastest for an upsampler whose input is shaped like
+    ``x`` (its shape, dtype and layout: ``autoselect.upsample_key``), or None for the two
+    steps, which is also the answer where nothing was measured near it."""
+    choice = autoselect.cached_preference("upsample", autoselect.upsample_key(x))
+    return None if choice == TWO_STEPS else choice
 
 
 def tap_sum(weight: torch.Tensor, sources, dim: int) -> torch.Tensor:

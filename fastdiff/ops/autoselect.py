@@ -1,7 +1,8 @@
 """Per-op, per-shape backend choice from measured timings (cuda vs triton; triton vs eager SDPA
 for attention; the fused triton kernel vs cuBLAS and the GEGLU kernel for linear_geglu; the
 split-reduction kernel vs cuDNN for conv3x3; the row-copy kernel vs torch.cat for cat_channels;
-the one-pass kernel vs two PyTorch additions for bias_residual).
+the one-pass kernel vs two PyTorch additions for bias_residual; for the models' upsamplers, the
+two steps vs a folded convolution, ``fastdiff.models.upsample_fold``).
 
 The table is a small JSON file written by ``benchmarks/bench_cuda_backend.py`` on a GPU:
 
@@ -20,7 +21,8 @@ from a results CSV). ``preferred_backend(op, key)`` answers, among the op's ``CA
   4. else, for the ops in ``MAJORITY_OPS``, the backend fastest at most of the op's measured
      keys in that dtype;
   5. else the op's ``UNMEASURED_BACKEND`` (linear_geglu: eager, the two-step path; conv3x3:
-     eager, cuDNN; cat_channels: eager, torch.cat; bias_residual: eager, two additions), else
+     eager, cuDNN; cat_channels: eager, torch.cat; bias_residual: eager, two additions;
+     upsample: eager, the two steps), else
      ``DEFAULT_BACKEND`` (triton: the default kernel backend, tested everywhere).
 A measured winner is only a preference: the op still checks that the chosen backend supports the
 input (``supports_<op>``) and falls back explicitly when it does not.
@@ -100,6 +102,11 @@ def cat_channels_key(a: torch.Tensor, b: torch.Tensor) -> str:
     return f"{shape}|{DTYPE_NAMES.get(a.dtype, str(a.dtype))}|{_layout(a)}"
 
 
+def upsample_key(x: torch.Tensor) -> str:
+    """Key of an upsampler's input (the map before the doubling): shape, dtype and layout."""
+    return group_norm_key(x)
+
+
 # Ops whose shapes with no measurement near them go to the backend that won most of the op's
 # measured shapes (same dtype) rather than to DEFAULT_BACKEND. Attention: both candidates are fast
 # kernels (ours and PyTorch's SDPA), and ours autotunes for seconds at each new shape.
@@ -115,17 +122,21 @@ CANDIDATES = {
     "conv3x3": ("triton", "eager"),
     "cat_channels": ("triton", "eager"),
     "bias_residual": ("triton", "eager"),
+    # Not a kernel: how Upsample2D runs under optimize(upsample_fold="auto"), the two steps
+    # (eager) or one of the folded convolutions (fastdiff.models.upsample_fold.MODES).
+    "upsample": ("eager", "transposed", "phases"),
 }
 
 # The backend of an op's shapes with no measurement near them, where it is not DEFAULT_BACKEND:
 # linear_geglu's fused kernel replaces a cuBLAS GEMM, conv3x3's a cuDNN convolution,
-# cat_channels' PyTorch's concatenation and bias_residual's two PyTorch additions: each runs only
-# where it was timed faster.
+# cat_channels' PyTorch's concatenation and bias_residual's two PyTorch additions, and the
+# upsample fold replaces the checkpoint's two steps: each runs only where it was timed faster.
 UNMEASURED_BACKEND = {
     "linear_geglu": "eager",
     "conv3x3": "eager",
     "cat_channels": "eager",
     "bias_residual": "eager",
+    "upsample": "eager",
 }
 
 

@@ -27,8 +27,9 @@ from typing import Any
 
 import torch
 
+from fastdiff.models.upsample_fold import AUTO as AUTO_UPSAMPLE_FOLD
 from fastdiff.models.upsample_fold import check_mode as check_upsample_fold
-from fastdiff.ops import use_backend
+from fastdiff.ops import autoselect, use_backend
 from fastdiff.ops.backend import (
     attention_configs_summary,
     cuda_extension_module,
@@ -87,7 +88,7 @@ def prepare_module(
     channels_last: bool,
     fuse_qkv: bool,
     fold_biases: bool = False,
-    upsample_fold: str | None = None,
+    upsample_fold: str | None = AUTO_UPSAMPLE_FOLD,
 ) -> None:
     """dtype, memory format, QKV fusion, (``fold_biases``) bias and residual folding and
     (``upsample_fold``) the upsamplers' folded convolutions of one model, in place."""
@@ -121,7 +122,14 @@ def prepare_module(
     fold_up = getattr(module, "fold_upsampling", None)
     if fold_up is not None:  # also switches it back off on a re-optimize without it
         count = fold_up(upsample_fold)
-        if upsample_fold is not None and count:
+        if upsample_fold == AUTO_UPSAMPLE_FOLD and count:
+            measured = sum(key.startswith("upsample|") for key in autoselect.load_table())
+            report.applied.append(
+                f"{name}: {count} upsamplers, each call the two steps or a folded convolution "
+                f"as the backend table measured fastest at its shape (upsample_fold='auto'; "
+                f"{measured} upsampler shapes in the table, the two steps elsewhere)"
+            )
+        elif upsample_fold is not None and count:
             report.applied.append(
                 f"{name}: {count} upsamplers as one {upsample_fold} convolution each (folded "
                 f"weights {format_mib(module.folded_weight_bytes())})"
@@ -377,7 +385,7 @@ def optimize(
     compile_backend: str = "inductor",
     vae_channels_last: bool | None = None,
     fold_biases: bool = True,
-    upsample_fold: str | None = None,
+    upsample_fold: str | None = AUTO_UPSAMPLE_FOLD,
 ) -> OptimizedRuntime:
     """Prepare ``pipe`` (a ``fastdiff.Pipeline``) for speed, in place; returns its runtime
     (``runtime.report`` says what was applied; ``runtime.attached`` whether the pipeline now
@@ -408,8 +416,9 @@ def optimize(
     and the VAE (nearest-neighbour 2x, then a 3x3 convolution) as one convolution over the
     small map with summed weights: 4 instead of 9 multiply-adds per output value and no
     upsampled map (``fastdiff.models.upsample_fold``; the summed weights take memory beside
-    the checkpoint's). Off by default until a GPU has timed it (bench_upsample.py and the
-    ``fastdiff-upfold-*`` rows of the model benchmarks).
+    the checkpoint's). The default, "auto", runs each call the way the backend table measured
+    fastest at its input's shape (bench_upsample.py's rows) and the two steps where nothing was
+    measured, as the ``auto`` ops backend does for the kernels that replace a PyTorch path.
     ``compile_mode`` (e.g. "default" or "max-autotune-no-cudagraphs"; None = off) also
     torch.compiles the U-Net's blocks: an option, since compiling takes a minute where the
     default path warms up in seconds.

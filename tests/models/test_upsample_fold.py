@@ -5,12 +5,15 @@ step with the convolution's own."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 from fastdiff.models.resnet import Upsample2D
 from fastdiff.models.upsample_fold import (
+    AUTO,
     MODES,
     FoldedWeight,
     derive,
@@ -19,6 +22,7 @@ from fastdiff.models.upsample_fold import (
     transposed_weight,
     upsample_conv,
 )
+from fastdiff.ops import autoselect
 from fastdiff.runtime import OptimizeReport, prepare_module
 from tests.ops.helpers import CallCounter, assert_within_tolerance
 from tests.runtime.conftest import tiny_pipeline
@@ -134,9 +138,9 @@ def test_upsample2d_folded_runs_one_convolution(mode, layout, monkeypatch):
     out = module_output(module, x)
     assert interpolate.calls == 0
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
-    assert module.folded.tensor is not None and module.folded.mode == mode
+    assert list(module.folds) == [mode] and module.folds[mode].tensor is not None
     module.set_fold(None)
-    assert module.folded is None  # the summed weights' memory is let go
+    assert module.folds == {}  # the summed weights' memory is let go
     torch.testing.assert_close(module_output(module, x), expected, rtol=0, atol=0)
     assert interpolate.calls == 1
 
@@ -159,11 +163,12 @@ def test_output_size_other_than_double_keeps_the_two_steps(monkeypatch):
 
 @pytest.mark.parametrize(
     "change",
-    ["instance-forward", "forward-hook", "grad-wanted", "stride", "inference-weight"],
+    ["instance-forward", "forward-hook", "grad-wanted", "stride", "inference-weight", "compiling"],
 )
 def test_fold_stands_aside_where_it_could_change_the_result(change, monkeypatch):
     """A patched conv (LoRA wrappers patch forward), a hook, a weight whose gradient is wanted,
-    another geometry, or a weight whose changes cannot be tracked: the two steps run."""
+    another geometry, a weight whose changes cannot be tracked, or torch.compile tracing the
+    module (which compiles it as written): the two steps run."""
     module = upsampler(4)
     module.set_fold("transposed")
     x = torch.randn(1, 4, 3, 3)
@@ -178,6 +183,8 @@ def test_fold_stands_aside_where_it_could_change_the_result(change, monkeypatch)
         grad = True
     elif change == "stride":
         module.conv.padding = (2, 2)
+    elif change == "compiling":
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
     else:  # a model built under inference_mode: its weights track no changes
         with torch.inference_mode():
             module = upsampler(4)
@@ -225,16 +232,16 @@ def test_an_in_place_change_of_the_weight_is_folded_again_into_the_same_memory(m
     module.set_fold(mode)
     x = torch.randn(1, 4, 3, 3)
     module_output(module, x)
-    memory = module.folded.tensor.data_ptr()
+    memory = module.folds[mode].tensor.data_ptr()
     with torch.no_grad():
         module.conv.weight.mul_(-0.5)
     out = module_output(module, x)
-    assert module.folded.tensor.data_ptr() == memory
+    assert module.folds[mode].tensor.data_ptr() == memory
     torch.testing.assert_close(out, two_steps(x, module.conv.weight, module.conv.bias))
     # A new weight tensor of another dtype: derived anew, in that dtype.
     module.half()
     assert module_output(module, x.half()).dtype == torch.float16
-    assert module.folded.tensor.dtype == torch.float16
+    assert module.folds[mode].tensor.dtype == torch.float16
 
 
 def test_a_fold_derived_under_inference_mode_can_be_derived_again_outside_it():
@@ -245,7 +252,7 @@ def test_a_fold_derived_under_inference_mode_can_be_derived_again_outside_it():
     x = torch.randn(1, 4, 3, 3)
     with torch.inference_mode():
         module(x)
-    assert not module.folded.tensor.is_inference()
+    assert not module.folds["phases"].tensor.is_inference()
     with torch.no_grad():
         module.conv.weight.mul_(3.0)
         out = module(x)
@@ -265,7 +272,9 @@ def test_folded_weight_tracks_identity_and_version():
     weight.add_(1)
     assert folded.source_key(weight) != key
     torch.testing.assert_close(folded.get(weight), transposed_weight(weight), rtol=0, atol=0)
-    with pytest.raises(ValueError, match=r"upsample_fold must be one of \[None, 'transposed'"):
+    with pytest.raises(
+        ValueError, match=r"upsample_fold must be one of \[None, 'auto', 'transposed'"
+    ):
         FoldedWeight("bilinear")
 
 
@@ -275,15 +284,15 @@ def test_refresh_derives_changed_weights_again_in_place():
     count = pipe.unet.fold_upsampling("phases")
     assert count == len(pipe.unet.folded_upsamplers) > 0
     first = pipe.unet.folded_upsamplers[0]
-    memory = first.folded.tensor.data_ptr()  # derived when the fold was switched on
+    memory = first.folds["phases"].tensor.data_ptr()  # derived when the fold was switched on
     assert pipe.unet.refresh_folded_weights() == 0
     with torch.no_grad():
         first.conv.weight.add_(0.25)
     assert pipe.unet.refresh_folded_weights() == 1
-    assert first.folded.tensor.data_ptr() == memory
-    torch.testing.assert_close(first.folded.tensor, phase_weight(first.conv.weight))
+    assert first.folds["phases"].tensor.data_ptr() == memory
+    torch.testing.assert_close(first.folds["phases"].tensor, phase_weight(first.conv.weight))
     assert pipe.unet.folded_weight_bytes() == sum(
-        m.folded.tensor.numel() * 4 for m in pipe.unet.folded_upsamplers
+        m.folds["phases"].tensor.numel() * 4 for m in pipe.unet.folded_upsamplers
     )
     assert pipe.unet.fold_upsampling(None) == count
     assert pipe.unet.folded_upsamplers == [] and pipe.unet.refresh_folded_weights() == 0
@@ -317,23 +326,33 @@ def test_prepare_module_reports_the_fold_and_switches_it_back_off():
     applied = [line for line in report.applied if "upsamplers" in line]
     assert len(applied) == 1 and "vae: " in applied[0] and "transposed convolution" in applied[0]
     assert all(m.fold == "transposed" for m in pipe.vae.folded_upsamplers)
-    prepare_module(pipe.vae, "vae", OptimizeReport("cpu"), None, False, False)
+    prepare_module(pipe.vae, "vae", OptimizeReport("cpu"), None, False, False, False, None)
     assert pipe.vae.folded_upsamplers == []
+    # The default is "auto", reported with how many upsampler shapes the table has measured.
+    report = OptimizeReport("cpu")
+    prepare_module(pipe.vae, "vae", report, None, False, False)
+    assert {m.fold for m in pipe.vae.folded_upsamplers} == {"auto"}
+    (applied,) = [line for line in report.applied if "upsamplers" in line]
+    assert "upsample_fold='auto'" in applied and "upsampler shapes in the table" in applied
 
 
 def test_optimize_refuses_an_unknown_fold_before_changing_anything():
     pipe = tiny_pipeline()
-    with pytest.raises(ValueError, match=r"upsample_fold must be one of \[None, 'transposed'"):
+    with pytest.raises(
+        ValueError, match=r"upsample_fold must be one of \[None, 'auto', 'transposed'"
+    ):
         pipe.optimize(upsample_fold="bilinear", verbose=False)
     assert getattr(pipe, "runtime", None) is None
 
 
-@pytest.mark.parametrize("mode", MODES)
-def test_replayed_graphs_see_a_weight_changed_after_capture(mode):
+@pytest.mark.parametrize("mode", [*MODES, AUTO])
+def test_replayed_graphs_see_a_weight_changed_after_capture(mode, upsample_table):
     """Under the graph-faithful recording backend (replays run no Python): a generation, then
     an in-place change of every upsampler's weight (as fusing a LoRA makes), then the same
     generation again. The replays must use the new weights, which takes the runtime's refresh
-    of the folded ones before each stage; the results equal the eager pipeline's."""
+    of the folded ones before each stage; the results equal the eager pipeline's. Under "auto"
+    the table has each upsampler's shape measured fastest folded, the two ways in turn, so the
+    summed weights are derived in the warm-up runs ahead of the captures."""
     from tests.runtime.fake_graph import RecordingGraphBackend
 
     pipe = tiny_pipeline()
@@ -344,12 +363,39 @@ def test_replayed_graphs_see_a_weight_changed_after_capture(mode):
         output_type="tensor",
         progress=False,
     )
+    keys = set()
+    hooks = [
+        module.register_forward_pre_hook(
+            lambda mod, args: keys.add(autoselect.upsample_key(args[0]))
+        )
+        for model in (pipe.unet, pipe.vae)
+        for module in model.modules()
+        if isinstance(module, Upsample2D)
+    ]
     want = pipe(seed=5, **kwargs)
+    for hook in hooks:
+        hook.remove()
+    ways = [MODES[index % 2] for index in range(len(keys))]
+    upsample_table(
+        {key: {"eager": 2.0, way: 1.0} for key, way in zip(sorted(keys), ways, strict=True)}
+    )
     runtime = pipe.optimize(backend=RecordingGraphBackend(), upsample_fold=mode, verbose=False)
-    assert any(f"upsamplers as one {mode}" in line for line in runtime.report.applied)
+    if mode == AUTO:
+        assert any(
+            f"{len(keys)} upsampler shapes in the table" in line for line in runtime.report.applied
+        )
+    else:
+        assert any(f"upsamplers as one {mode}" in line for line in runtime.report.applied)
     torch.testing.assert_close(pipe(seed=5, **kwargs), want, rtol=1e-4, atol=1e-4)
     upsamplers = pipe.unet.folded_upsamplers + pipe.vae.folded_upsamplers
     assert len(upsamplers) >= 2
+    derived = {
+        way
+        for module in upsamplers
+        for way, folded in module.folds.items()
+        if folded.tensor is not None
+    }
+    assert derived == ({mode} if mode != AUTO else set(ways))
     with torch.no_grad():
         for module in upsamplers:
             module.conv.weight.mul_(-2.0)
@@ -364,6 +410,83 @@ def test_replayed_graphs_see_a_weight_changed_after_capture(mode):
     want_changed = pipe(seed=5, **kwargs)
     assert not torch.allclose(want_changed, want, rtol=1e-3, atol=1e-3)
     torch.testing.assert_close(got, want_changed, rtol=1e-4, atol=1e-4)
+
+
+@pytest.fixture
+def upsample_table(tmp_path, monkeypatch):
+    """Point the auto backend at a table of upsampler rows, {key: {way: ms}} (ways: eager =
+    the two steps, transposed, phases); the packaged table again afterwards."""
+
+    def write(timings: dict[str, dict[str, float]]) -> None:
+        entries = [{"op": "upsample", "key": key, "ms": ms} for key, ms in timings.items()]
+        path = tmp_path / "table.json"
+        path.write_text(json.dumps({"device": "test", "entries": entries}))
+        monkeypatch.setenv("FASTDIFF_BACKEND_TABLE", str(path))
+        autoselect.reload()
+
+    yield write
+    monkeypatch.delenv("FASTDIFF_BACKEND_TABLE", raising=False)
+    autoselect.reload()
+
+
+def test_auto_runs_the_way_measured_fastest_at_each_shape(upsample_table, monkeypatch):
+    """Under "auto" each call runs what the table measured fastest at its input's shape, dtype
+    and layout; the two steps where the table says so and where nothing was measured near it
+    (more than 4x the elements away, or another layout). Every way gives the two steps'
+    result, and only the ways used hold summed weights."""
+    upsample_table(
+        {
+            "1x8x4x4|fp32|nchw": {"eager": 3.0, "transposed": 1.0, "phases": 2.0},
+            "1x8x16x16|fp32|nchw": {"eager": 3.0, "transposed": 2.0, "phases": 1.0},
+            "1x8x64x64|fp32|nchw": {"eager": 1.0, "transposed": 2.0, "phases": 3.0},
+        }
+    )
+    module = upsampler(8)
+    module.set_fold(AUTO)
+    transposed = CallCounter(monkeypatch, F, "conv_transpose2d")
+    interpolate = CallCounter(monkeypatch, F, "interpolate")
+    cases = [
+        ((1, 8, 4, 4), torch.contiguous_format, "transposed"),
+        ((1, 8, 4, 5), torch.contiguous_format, "transposed"),  # nearest measured shape
+        ((1, 8, 16, 16), torch.contiguous_format, "phases"),
+        ((1, 8, 64, 64), torch.contiguous_format, None),  # the two steps measured fastest
+        ((1, 8, 256, 256), torch.contiguous_format, None),  # nothing measured near it
+        ((1, 8, 4, 4), torch.channels_last, None),  # measured in another layout only
+    ]
+    for shape, layout, want in cases:
+        x = torch.randn(shape).contiguous(memory_format=layout)
+        assert module.fold_mode(x) == want, shape
+        counts = (transposed.calls, interpolate.calls)
+        out = module_output(module, x)
+        ran = {
+            (1, 0): "transposed",
+            (0, 0): "phases",  # the 2x2 convolution: neither call
+            (0, 1): None,
+        }[(transposed.calls - counts[0], interpolate.calls - counts[1])]
+        assert ran == want, shape
+        want_out = two_steps(x, module.conv.weight, module.conv.bias)
+        torch.testing.assert_close(out, want_out, rtol=1e-5, atol=1e-5)
+    assert sorted(module.folds) == ["phases", "transposed"]
+    module.set_fold("phases")  # a fixed mode keeps its own summed weights only
+    assert list(module.folds) == ["phases"]
+
+
+def test_auto_with_the_packaged_table_runs_the_two_steps_everywhere(monkeypatch):
+    """Until the table holds upsampler rows (bench_upsample's), "auto" (optimize()'s default)
+    computes exactly what the checkpoint's two steps do and derives nothing."""
+    monkeypatch.delenv("FASTDIFF_BACKEND_TABLE", raising=False)
+    autoselect.reload()
+    assert not any(key.startswith("upsample|") for key in autoselect.load_table())
+    pipe = tiny_pipeline()
+    torch.manual_seed(0)
+    sample = torch.randn(2, pipe.unet.config.in_channels, 16, 16)
+    context = torch.randn(2, 77, pipe.unet.config.cross_attention_dim)
+    with torch.no_grad():
+        want = pipe.unet(sample, 10, context)
+        assert pipe.unet.fold_upsampling(AUTO) > 0
+        got = pipe.unet(sample, 10, context)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert pipe.unet.folded_weight_bytes() == 0
 
 
 @pytest.mark.gpu
@@ -404,7 +527,7 @@ def test_cuda_graph_replays_the_refreshed_weights(mode):
         static_out = module(x)
     with torch.no_grad():
         module.conv.weight.mul_(-1.5)
-        module.folded.get(module.conv.weight)  # what refresh_folded_weights does per module
+        module.folds[mode].get(module.conv.weight)  # what refresh_folded_weights does per module
     graph.replay()
     with torch.no_grad():
         want = two_steps(x.float(), module.conv.weight.float(), module.conv.bias.float())

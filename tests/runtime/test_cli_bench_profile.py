@@ -77,6 +77,16 @@ def test_profile_with_the_upsample_fold_runs_transposed_convolutions(capsys):
     assert not re.search(r"convolution \(2x\d+x\d+x\d+, \d+x\d+x4x4", eager_part)
 
 
+def test_profile_upsample_fold_off_and_auto_keep_the_two_steps(capsys):
+    """``--upsample-fold off`` profiles the optimized path unfolded, and the default ("auto",
+    as optimize()) does too where the table has no upsampler rows: the shipped table."""
+    for extra, label in (([], None), (["--upsample-fold", "off"], "upsamplers not folded")):
+        assert main(["profile", "--calls", "1", "--top", "400", "--by-op", *extra]) == 0
+        fastdiff_part = capsys.readouterr().out.split("== fastdiff optimized")[1]
+        assert "aten::upsample_nearest2d" in fastdiff_part
+        assert label is None or label in fastdiff_part
+
+
 def test_profile_vae_decoder_with_its_upsamplers_folded(capsys):
     """``--model tiny_vae``: the KL decoder's toy config, batch 1; its upsamplers fold too, and
     the U-Net's bias folds are not claimed for it."""
