@@ -13,6 +13,9 @@ heuristic algorithms, not the timed ones optimize() runs).
 
   python benchmarks/backend_table.py benchmarks/results/nvidia-h200.csv \\
       --out fastdiff/assets/backend_table.json
+
+Given several CSVs (the committed one and a new run's, as gpu_check.sh does before its model
+step), their rows count as one: the latest row of each case wins, whichever file holds it.
 """
 
 from __future__ import annotations
@@ -73,38 +76,44 @@ def row_key(row: dict[str, str]) -> tuple[str, str] | None:
     return None
 
 
-def build_table(csv_path: Path) -> dict:
+def build_table(*csv_paths: Path) -> dict:
     latest: dict[tuple[str, str, str], tuple[str, float]] = {}
     device = "unknown"
-    with csv_path.open(newline="") as handle:
-        for row in csv.DictReader(handle):
-            key = row_key(row)
-            if key is None or not row.get("ms"):
-                continue
-            backend = OP_PROVIDER_BACKENDS.get(key[0], PROVIDER_BACKENDS).get(row["provider"])
-            if backend is None:
-                continue
-            device = row.get("device") or device
-            stamp = row.get("timestamp", "")
-            slot = (*key, backend)
-            if slot not in latest or stamp >= latest[slot][0]:
-                latest[slot] = (stamp, float(row["ms"]))
+    for csv_path in csv_paths:
+        with csv_path.open(newline="") as handle:
+            for row in csv.DictReader(handle):
+                key = row_key(row)
+                if key is None or not row.get("ms"):
+                    continue
+                backend = OP_PROVIDER_BACKENDS.get(key[0], PROVIDER_BACKENDS).get(row["provider"])
+                if backend is None:
+                    continue
+                device = row.get("device") or device
+                stamp = row.get("timestamp", "")
+                slot = (*key, backend)
+                if slot not in latest or stamp >= latest[slot][0]:
+                    latest[slot] = (stamp, float(row["ms"]))
     rows = [(op, key, backend, ms) for (op, key, backend), (_, ms) in sorted(latest.items())]
     table = table_from_rows(device, rows)
-    table["source"] = f"benchmarks/backend_table.py from {csv_path.name}"
+    names = " + ".join(f"{path.resolve().parent.name}/{path.name}" for path in csv_paths)
+    table["source"] = f"benchmarks/backend_table.py from {names}"
     return table
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.strip().split("\n")[0])
-    parser.add_argument("csv", type=Path, help="a results CSV (benchmarks/results/<gpu>.csv)")
+    parser.add_argument(
+        "csv",
+        type=Path,
+        nargs="+",
+        help="results CSVs (benchmarks/results/<gpu>.csv); the latest row of a case wins",
+    )
     parser.add_argument("--out", type=Path, help="JSON to write (default: print)")
     args = parser.parse_args()
-    table = build_table(args.csv)
+    table = build_table(*args.csv)
     if not table["entries"]:
-        raise SystemExit(
-            f"{args.csv}: no group_norm_silu, attention, linear_geglu or conv3x3 rows with timings"
-        )
+        names = ", ".join(str(path) for path in args.csv)
+        raise SystemExit(f"{names}: no rows with timings of an op the auto backend chooses for")
     text = json.dumps(table, indent=1) + "\n"
     if args.out is None:
         print(text, end="")

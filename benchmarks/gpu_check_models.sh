@@ -52,6 +52,10 @@ try:
     print("diffusers", diffusers.__version__)
 except Exception as error:
     print("diffusers not importable:", error)
+import os
+from fastdiff.ops import autoselect
+table = os.environ.get("FASTDIFF_BACKEND_TABLE") or autoselect.PACKAGED_TABLE
+print("backend table", table, f"({len(autoselect.load_table())} entries)")
 EOF
 
 # run NAME SECONDS COMMAND...: time-limited, logged, never fatal.

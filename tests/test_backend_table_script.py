@@ -173,3 +173,33 @@ def test_table_from_csv_keys_backends_and_latest_rows(results_csv, tmp_path):
     assert autoselect.preferred_backend("upsample", autoselect.upsample_key(x), table={}) == (
         "eager"
     )
+
+
+def test_rows_of_several_csvs_count_as_one_the_latest_winning(results_csv, tmp_path):
+    """gpu_check.sh's table for its model step: the committed CSV and the new run's. A case
+    measured again in the run takes the run's timings; the others keep the committed ones."""
+    run_csv = tmp_path / "run" / "gpu-x.csv"
+    run_csv.parent.mkdir()
+    with run_csv.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(COLUMNS)
+        for provider, ms in (("fastdiff", "0.004"), ("eager", "0.002")):
+            row = ("2026-02-01T00:00:00", "GPU X", "bias_residual", RESID, provider, ms, "fp16")
+            writer.writerow(row + ("",) * (len(COLUMNS) - len(row)))
+    out = tmp_path / "table.json"
+    script = str(ROOT / "benchmarks" / "backend_table.py")
+    # The run's CSV first: the timestamps decide, not the order of the files.
+    subprocess.run(
+        [sys.executable, script, str(run_csv), str(results_csv), "--out", str(out)],
+        check=True,
+        capture_output=True,
+    )
+    table = json.loads(out.read_text())
+    entries = {(e["op"], e["key"]): e["ms"] for e in table["entries"]}
+    assert entries[("bias_residual", "2x320x64x64|fp16|nhwc")] == {"triton": 0.004, "eager": 0.002}
+    assert entries[("cat_channels", "2x960x64x64|fp16|nhwc")] == {"triton": 0.004, "eager": 0.009}
+    assert table["source"].endswith(f"from run/gpu-x.csv + {tmp_path.name}/gpu-x.csv")
+    timings = autoselect._validate(table, "test")
+    assert autoselect.preferred_backend(
+        "bias_residual", "2x320x64x64|fp16|nhwc", table=timings
+    ) == ("eager")
