@@ -17,6 +17,11 @@ Random weights at the real architectures (benchmarks/model_configs.py), fp16 on 
                      transposed convolution over the small map, whatever the table says (what
                      the fold buys where fastdiff's auto does not already run it)
   fastdiff-upfold-phases  the same with upsample_fold="phases" (a 2x2 convolution per phase)
+  fastdiff-cfgshare  fastdiff given a guided batch's latents once (the first half of the sample
+                     and timesteps, all the contexts), as the optimized pipeline's guided steps
+                     give them: the blocks before the first cross-attention run on half the
+                     rows (SD1.5; SDXL's pooled text differs between the halves, and its U-Net
+                     repeats the latents up front), what optimize(share_guided_input) buys
   fastdiff-nograph   the same without the CUDA graph (what graphs buy)
   fastdiff-nograph-nocache  fastdiff-nograph with kernels/launch_cache.py off: every launch
                      through Triton's launch front end (what the launch cache buys)
@@ -57,6 +62,7 @@ PROVIDERS = (
     "fastdiff-residkernel",
     "fastdiff-upfold",
     "fastdiff-upfold-phases",
+    "fastdiff-cfgshare",
     "fastdiff-nograph",
     "fastdiff-nograph-nocache",
     "fastdiff-nchw",
@@ -135,6 +141,19 @@ UNTIMED_KERNEL_PROVIDERS = {
     "fastdiff-catkernel": "cat_channels",
     "fastdiff-residkernel": "bias_residual",
 }
+CFG_SHARE = "fastdiff-cfgshare"
+
+
+def shared_guided_inputs(inputs: dict) -> dict:
+    """A guided batch's inputs as the optimized pipeline passes them: the latents and
+    timesteps of the first half (the two halves' are the same), every row's context and added
+    conditions (fastdiff.models.context_groups)."""
+    half = inputs["sample"].shape[0] // 2
+    if half == 0:
+        return inputs
+    return {**inputs, "sample": inputs["sample"][:half], "timestep": inputs["timestep"][:half]}
+
+
 # Providers that fold the upsamplers (optimize(upsample_fold=...)); the others run them unfolded.
 UPSAMPLE_FOLDS = {"fastdiff-upfold": "transposed", "fastdiff-upfold-phases": "phases"}
 
@@ -185,6 +204,7 @@ def provider_setup(
             "fastdiff-catkernel",
             "fastdiff-residkernel",
             *UPSAMPLE_FOLDS,
+            CFG_SHARE,
             "fastdiff-nograph",
             "fastdiff-nograph-nocache",
             "fastdiff-nchw",
@@ -203,6 +223,8 @@ def provider_setup(
                 from fastdiff.runtime.optimize import compile_blocks
 
                 compile_blocks(model, "default")
+            if provider == CFG_SHARE:
+                inputs = shared_guided_inputs(inputs)
             if device.type == "cuda" and nhwc:
                 inputs["sample"] = inputs["sample"].contiguous(memory_format=torch.channels_last)
             if provider in ("fastdiff-nograph", "fastdiff-nograph-nocache"):
@@ -269,6 +291,7 @@ def default_providers(compile_: bool) -> list[str]:
             "fastdiff-catkernel",
             "fastdiff-residkernel",
             *UPSAMPLE_FOLDS,
+            CFG_SHARE,
             "fastdiff-nokernels",
             "fastdiff-nchw",
             "fastdiff-nograph",

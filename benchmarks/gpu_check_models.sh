@@ -118,7 +118,7 @@ gcc --version | head -1; g++ --version | head -1; echo "CC=${CC:-} CXX=${CXX:-}"
 # out here to keep the step's time for the untimed ones; bench_unet/bench_vae still have them.
 UNET_PROVIDERS=fastdiff-eager,fastdiff,diffusers,diffusers-graph,fastdiff-nofold
 UNET_PROVIDERS+=,fastdiff-fusedgeglu,fastdiff-conv3x3,fastdiff-catkernel,fastdiff-residkernel
-UNET_PROVIDERS+=,fastdiff-upfold
+UNET_PROVIDERS+=,fastdiff-upfold,fastdiff-cfgshare
 UNET_PROVIDERS+=,fastdiff-upfold-phases,fastdiff-nograph,fastdiff-nograph-nocache
 [[ -n "$COMPILE_FLAG" ]] && UNET_PROVIDERS+=,fastdiff-compile,diffusers-compile
 run unet_sd15_b2 120 python3 benchmarks/bench_unet.py --workloads sd15_b2 --csv "$CSV" \

@@ -14,6 +14,7 @@ import torch.nn.modules.module as module_hooks
 from torch import nn
 
 from fastdiff import ops
+from fastdiff.models.context_groups import GroupedEmbedding, repeat_batch
 from fastdiff.models.upsample_fold import (
     AUTO,
     MODES,
@@ -114,15 +115,28 @@ def pointwise_as_linear(
 class TimeShifts:
     """A U-Net's timestep embedding with the shifts of its ResNet blocks computed ahead, all in one
     GEMM (``UNet2DConditionModel.time_shifts``): what the blocks pass down as ``temb`` under
-    ``fold_biases``. ``shifts`` maps a block's id to its ``time_emb_proj(silu(emb)) + conv1.bias``;
-    a block not in it computes its own from ``embedding``."""
+    ``fold_biases``. ``packed`` is that GEMM's output and ``spans`` maps a block's id to the
+    (start, width) of its ``time_emb_proj(silu(emb)) + conv1.bias`` columns in it; a block not in
+    it computes its own from ``embedding``."""
 
-    def __init__(self, embedding: torch.Tensor, shifts: dict[int, torch.Tensor]) -> None:
+    def __init__(
+        self, embedding: torch.Tensor, packed: torch.Tensor, spans: dict[int, tuple[int, int]]
+    ) -> None:
         self.embedding = embedding
-        self.shifts = shifts
+        self.packed = packed
+        self.spans = spans
+        self.shifts = {
+            key: packed[:, start : start + width] for key, (start, width) in spans.items()
+        }
 
     def shift_for(self, block: nn.Module) -> torch.Tensor | None:
         return self.shifts.get(id(block))
+
+    def repeated(self, groups: int) -> TimeShifts:
+        """The same for every sample repeated ``groups`` times (``context_groups``): one copy
+        of the packed shifts."""
+        embedding = repeat_batch(self.embedding, groups)
+        return TimeShifts(embedding, repeat_batch(self.packed, groups), self.spans)
 
 
 class GroupNorm(nn.GroupNorm):
@@ -204,6 +218,8 @@ class ResnetBlock2D(nn.Module):
         self, x: torch.Tensor, temb: torch.Tensor | TimeShifts | None = None
     ) -> torch.Tensor:
         batched = None
+        if isinstance(temb, GroupedEmbedding):  # several contexts per sample: the rows' own
+            temb = temb.for_batch(x.shape[0])
         if isinstance(temb, TimeShifts):
             batched, temb = temb.shift_for(self), temb.embedding
         hidden = self.norm1(x, silu=True)

@@ -13,6 +13,7 @@ from torch import nn
 
 from fastdiff import ops
 from fastdiff.models.attention import Attention, ContextProjections, context_states
+from fastdiff.models.context_groups import groups_of, repeat_batch
 from fastdiff.models.resnet import (
     GroupNorm,
     is_channels_last,
@@ -154,9 +155,13 @@ class BasicTransformerBlock(nn.Module):
         self, x: torch.Tensor, context: torch.Tensor | ContextProjections | None
     ) -> torch.Tensor:
         context = self.context_for_attn2(context)
+        # k contexts per row (fastdiff.models.context_groups): everything up to the
+        # cross-attention runs once per row, and the rows are repeated where the contexts part.
+        groups = groups_of(x.shape[0], context)
         if self.fold_biases and plain_layer(self.norm2) and plain_layer(self.norm3):
             attended, out_bias = self.attend_without_output_bias(self.attn1, self.norm1(x))
             x, hidden = self.norm2.after_residual(attended, x, x_bias=out_bias)
+            x, hidden = repeat_batch(x, groups), repeat_batch(hidden, groups)
             attended, out_bias = self.attend_without_output_bias(self.attn2, hidden, context)
             if self.accumulates_feed_forward(x, context):
                 ff_bias = self.ff.net[2].bias
@@ -164,7 +169,7 @@ class BasicTransformerBlock(nn.Module):
                 return self.ff.accumulate_into(x, hidden)
             x, hidden = self.norm3.after_residual(attended, x, x_bias=out_bias)
             return self.ff(hidden) + x
-        x = self.attn1(self.norm1(x)) + x
+        x = repeat_batch(self.attn1(self.norm1(x)) + x, groups)
         x = self.attn2(self.norm2(x), context) + x
         return self.ff(self.norm3(x)) + x
 
@@ -233,7 +238,8 @@ class Transformer2DModel(nn.Module):
             tokens = block(tokens, context)
         if on_tokens:
             tokens = self.project(self.proj_out, tokens)
-        hidden = tokens.reshape(batch, height, width, tokens.shape[-1]).permute(0, 3, 1, 2)
+        # (its blocks may have met several contexts per row: tokens' batch, not x's)
+        hidden = tokens.reshape(-1, height, width, tokens.shape[-1]).permute(0, 3, 1, 2)
         if not on_tokens:
             hidden = self.proj_out(hidden)
         # Keep the caller's memory format so the following convolutions see one layout.
@@ -242,4 +248,6 @@ class Transformer2DModel(nn.Module):
             if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
             else torch.contiguous_format
         )
+        if hidden.shape[0] != x.shape[0]:  # its blocks met several contexts per row
+            x = repeat_batch(x, hidden.shape[0] // x.shape[0])
         return hidden.contiguous(memory_format=layout) + x

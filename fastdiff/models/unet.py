@@ -20,6 +20,7 @@ from torch import nn
 
 from fastdiff.models.attention import ContextProjections
 from fastdiff.models.config import UNetConfig
+from fastdiff.models.context_groups import GroupedEmbedding, groups_of, repeat_batch
 from fastdiff.models.embeddings import TimestepEmbedding, timestep_embedding
 from fastdiff.models.module import ModelBase
 from fastdiff.models.packing import (
@@ -54,6 +55,9 @@ def cross_attention_spec(config: UNetConfig, heads: Any, depth: int, context_dim
 class UNet2DConditionModel(ModelBase):
     """``unet(sample, timestep, encoder_hidden_states, added_cond_kwargs, class_labels)``."""
 
+    # forward() takes k contexts per sample (fastdiff.models.context_groups): what the
+    # optimized runtime checks before passing a guided step's sample once
+    takes_context_groups = True
     packed_time_blocks: tuple = ()  # set by pack_time_projections: see time_shifts
     packed_context_modules: tuple = ()  # set by fold_conv_biases: see context_projections
 
@@ -255,12 +259,59 @@ class UNet2DConditionModel(ModelBase):
             return emb
         shifts = F.linear(F.silu(emb), weight, bias)
         shifts = shifts + conv_bias
-        views, start = {}, 0
+        spans, start = {}, 0
         for block in blocks:
             width = block.time_emb_proj.out_features
-            views[id(block)] = shifts[:, start : start + width]
+            spans[id(block)] = (start, width)
             start += width
-        return TimeShifts(emb, views)
+        return TimeShifts(emb, shifts, spans)
+
+    @staticmethod
+    def per_row_inputs(
+        sample: torch.Tensor,
+        timestep: Any,
+        added_cond_kwargs: dict[str, torch.Tensor] | None,
+        class_labels: torch.Tensor | None,
+        timestep_cond: torch.Tensor | None,
+    ) -> tuple:
+        """The inputs with the sample repeated up front where a time-embedding input has one
+        row per context rather than per sample (classifier-free guidance's [uncond; cond]
+        class labels, SDXL's pooled text): batch k·B against the sample's B. The inputs given
+        per sample are repeated with it; those given once for all are kept. Unchanged where
+        every one is per sample or one for all: the samples then share their timestep
+        embedding across their contexts (``fastdiff.models.context_groups``)."""
+        batch = sample.shape[0]
+        inputs = {"timestep": timestep, "class_labels": class_labels}
+        inputs |= {"timestep_cond": timestep_cond, **(added_cond_kwargs or {})}
+        rows = next(
+            (
+                value.shape[0]
+                for value in inputs.values()
+                if torch.is_tensor(value) and value.dim() > 0 and value.shape[0] not in (1, batch)
+            ),
+            None,
+        )
+        if rows is None:
+            return sample, timestep, added_cond_kwargs, class_labels, timestep_cond
+        if rows % batch:
+            raise ValueError(
+                f"the timestep or an embedding input has batch {rows}: it must be 1, the "
+                f"sample's batch {batch} or a multiple of it"
+            )
+        groups = rows // batch
+
+        def repeat(value):
+            per_sample = torch.is_tensor(value) and value.dim() > 0 and value.shape[0] == batch
+            return repeat_batch(value, groups) if per_sample else value
+
+        added = {key: repeat(value) for key, value in (added_cond_kwargs or {}).items()}
+        return (
+            repeat_batch(sample, groups),
+            repeat(timestep),
+            added if added_cond_kwargs is not None else None,
+            repeat(class_labels),
+            repeat(timestep_cond),
+        )
 
     def timesteps_for(self, sample: torch.Tensor, timestep: Any) -> torch.Tensor:
         """Timesteps as a float/long tensor of shape (B,) on the sample's device."""
@@ -365,19 +416,31 @@ class UNet2DConditionModel(ModelBase):
         timestep_cond: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Predict the model output (noise, v or x0, per the training target) for ``sample``.
-        ``encoder_hidden_states`` may be a context projected ahead (``context_projections``);
-        ``timestep_cond``: the guidance-scale embedding of a U-Net with ``time_cond_proj_dim``
-        (``guidance_scale_embedding``)."""
+        ``encoder_hidden_states`` may be a context projected ahead (``context_projections``),
+        and may hold k contexts per sample (batch k·B, one group of B after another, as
+        classifier-free guidance's [uncond; cond]): the output then has batch k·B, group g the
+        U-Net on ``sample`` with context group g. Where the timestep and the other
+        time-embedding inputs are given per sample (batch B, or one for all), the blocks before
+        the first cross-attention run once per sample, not k times
+        (``fastdiff.models.context_groups``); inputs given per row (batch k·B) repeat the
+        sample up front. ``timestep_cond``: the guidance-scale embedding of a U-Net with
+        ``time_cond_proj_dim`` (``guidance_scale_embedding``)."""
         if sample.dim() != 4 or sample.shape[1] != self.config.in_channels:
             raise ValueError(
                 f"sample must be (B, {self.config.in_channels}, H, W), got {tuple(sample.shape)}"
             )
         if self.needs_context and encoder_hidden_states is None:
             raise ValueError("this U-Net has cross-attention blocks: pass encoder_hidden_states")
+        sample, timestep, added_cond_kwargs, class_labels, timestep_cond = self.per_row_inputs(
+            sample, timestep, added_cond_kwargs, class_labels, timestep_cond
+        )
+        groups = groups_of(sample.shape[0], encoder_hidden_states)
         if self.config.center_input_sample:
             sample = 2 * sample - 1.0
         emb = self.embed(sample, timestep, added_cond_kwargs, class_labels, timestep_cond)
         emb = self.time_shifts(emb)
+        if groups > 1:
+            emb = GroupedEmbedding(emb, sample.shape[0], groups)
         context = self.context_projections(encoder_hidden_states)
 
         x = self.conv_in(sample)
@@ -387,6 +450,12 @@ class UNet2DConditionModel(ModelBase):
             skips.extend(block_skips)
         if self.mid_block is not None:
             x = self.mid_block(x, emb, context)
+        if groups > 1:  # what still has one row per sample, repeated for the up blocks
+            rows = groups * sample.shape[0]
+            skips = [
+                skip if skip.shape[0] == rows else repeat_batch(skip, groups) for skip in skips
+            ]
+            x = x if x.shape[0] == rows else repeat_batch(x, groups)
         for block in self.up_blocks:
             count = len(block.resnets)
             block_skips, skips = skips[-count:], skips[:-count]

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from fastdiff.models.context_groups import repeat_batch
 from fastdiff.models.embeddings import guidance_scale_embedding
 from fastdiff.models.vae import DiagonalGaussian
 from fastdiff.pipeline import images as image_utils
@@ -170,11 +171,20 @@ class Pipeline:
 
     def unet_forward(self, x: torch.Tensor, t: torch.Tensor, cond: Condition) -> torch.Tensor:
         """One U-Net call on a condition dict (see ``fastdiff.pipeline.conditioning``); an
-        inpainting U-Net's mask and masked-image latents are stacked onto ``x`` here."""
+        inpainting U-Net's mask and masked-image latents are stacked onto ``x`` here. ``x`` may
+        have a fraction of the condition's batch (the optimized runtime's guided steps pass it
+        once for [uncond; cond]: ``fastdiff.models.context_groups``)."""
         added = {key: cond[key] for key in ("text_embeds", "time_ids") if key in cond}
         if INPAINT_KEY in cond:
             nhwc = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)
-            x = torch.cat([x, cond[INPAINT_KEY].to(x.dtype)], dim=1)
+            extra = cond[INPAINT_KEY]
+            if extra.shape[0] != x.shape[0] and extra.shape[0] % x.shape[0] == 0:
+                # channels given per row: the sample (and its timesteps) once per row
+                groups = extra.shape[0] // x.shape[0]
+                x = repeat_batch(x, groups)
+                if torch.is_tensor(t) and t.dim() == 1 and t.shape[0] > 1:
+                    t = repeat_batch(t, groups)
+            x = torch.cat([x, extra.to(x.dtype)], dim=1)
             x = x.contiguous(memory_format=torch.channels_last if nhwc else torch.contiguous_format)
         return self.unet(
             x,
@@ -213,8 +223,9 @@ class Pipeline:
         self, conditioning: Conditioning, guidance_scale: float, guidance_rescale: float = 0.0
     ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
         """The function a sampler calls: ``model_fn(x_t, t)`` -> U-Net output, guided when the
-        conditioning carries an unconditional half (one batched forward over [uncond; cond]).
-        The condition's per-generation work is done once (``prepared_forward``)."""
+        conditioning carries an unconditional half (one batched forward over [uncond; cond],
+        the latents passed once where the U-Net takes two contexts per sample). The
+        condition's per-generation work is done once (``prepared_forward``)."""
         forward = self.prepared_forward()
         if conditioning.uncond is None:
             cond = conditioning.cond
@@ -225,6 +236,8 @@ class Pipeline:
             conditioning.uncond,
             guidance_scale,
             guidance_rescale=guidance_rescale,
+            # the latents once for both halves, as the optimized runtime's guided steps
+            shared_input=getattr(self.unet, "takes_context_groups", False),
         )
 
     def denoise(

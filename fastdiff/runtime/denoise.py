@@ -108,17 +108,21 @@ def denoise_body(
     guidance: bool,
     noise_per_step: bool,
     guidance_rescale: float = 0.0,
+    shared_input: bool = False,
 ) -> None:
     """One sampler step on ``buffers``: U-Net (batched [uncond; cond]), CFG, plan update.
 
     No host synchronisation: plan row, timestep and noise row are selected on the device. With
     ``guidance_rescale`` the CFG combine and rescale (per-sample std, on the device) run before
     the fused step, which then takes the guided output as an unguided model output.
+    ``shared_input``: a guided step passes the U-Net its sample and timestep once, with the
+    batched [uncond; cond] condition (two contexts per sample,
+    ``fastdiff.models.context_groups``), instead of the sample twice.
     """
     step = buffers.step
     x_in = buffers.x * buffers.coefficients.index_select(0, step)[0, 0]
     model_in = x_in.to(model_dtype)
-    if guidance:
+    if guidance and not shared_input:
         model_in = torch.cat([model_in, model_in])
     if channels_last:
         model_in = model_in.contiguous(memory_format=torch.channels_last)
@@ -263,6 +267,7 @@ class GraphedDenoiser:
         then: Callable[[torch.Tensor], Any] | None = None,
         prepare_cond: Callable[[dict], dict] | None = None,
         model_state: Callable[[], tuple] | None = None,
+        shared_input: bool = False,
     ):
         """``then(latents)``: what the caller does next with the result (the VAE decode), run
         in a new graph's compile-ahead pass on a tensor like the result (dtype, shape, layout)
@@ -274,7 +279,11 @@ class GraphedDenoiser:
         buffers instead of repeating that work at every step.
 
         ``model_state()``: what the U-Net decides on the host besides its weights (FreeU's
-        factors, ``UNet2DConditionModel.graph_state``), read per call into the key."""
+        factors, ``UNet2DConditionModel.graph_state``), read per call into the key.
+
+        ``shared_input``: ``unet_forward`` takes a guided step's sample once with the batched
+        [uncond; cond] condition (``denoise_body``); the U-Net runs what comes before its
+        first cross-attention once for both halves."""
         self.unet_forward = unet_forward
         self.cache = cache
         # A dtype, or a callable giving the U-Net's current one: a model cast after optimize()
@@ -286,6 +295,7 @@ class GraphedDenoiser:
         self.then = then
         self.prepare_cond = prepare_cond
         self.model_state = model_state
+        self.shared_input = shared_input
         self.eager_fallbacks: dict[GraphKey, str] = {}
 
     def current_dtype(self) -> torch.dtype:
@@ -356,6 +366,7 @@ class GraphedDenoiser:
                     key.guidance,
                     noise_per_step=whole_loop,
                     guidance_rescale=guidance_rescale,
+                    shared_input=self.shared_input,
                 )
 
         def prepare() -> None:

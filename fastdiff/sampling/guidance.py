@@ -73,13 +73,17 @@ def classifier_free_guidance(
     uncond: Condition,
     guidance_scale: float,
     guidance_rescale: float = 0.0,
+    shared_input: bool = False,
 ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """Wrap ``model_fn(x, t, condition)`` into a guided ``model_fn(x_t, t)`` for
     :func:`fastdiff.sample`: each call runs ONE batched forward
     ``model_fn(cat[x, x], cat[t, t], cat[uncond, cond])`` and combines the halves with
     :func:`combine_guidance`. ``cond``/``uncond`` are tensors, dicts of tensors (e.g. SDXL's
     ``added_cond_kwargs``; concatenated per key) or both None, each with the batch first. The
-    conditions are concatenated once, here, not at every step."""
+    conditions are concatenated once, here, not at every step. ``shared_input``: the forward
+    is ``model_fn(x, t, cat[uncond, cond])`` instead, for a model that takes two conditions
+    per sample (fastdiff's U-Net: ``fastdiff.models.context_groups``) and returns both
+    halves."""
     conditions = _batch_conditions(uncond, cond)
     cond_batch = _batch_size(cond)
     if not 0.0 <= guidance_rescale <= 1.0:
@@ -91,7 +95,10 @@ def classifier_free_guidance(
             raise ValueError(
                 f"the condition has batch size {cond_batch} but x_t has batch size {batch}"
             )
-        output = model_fn(torch.cat([x_t, x_t]), torch.cat([t, t]), conditions)
+        if shared_input:
+            output = model_fn(x_t, t, conditions)
+        else:
+            output = model_fn(torch.cat([x_t, x_t]), torch.cat([t, t]), conditions)
         if output.shape[0] != 2 * batch:
             raise ValueError(
                 f"guided model output has batch {output.shape[0]}, expected {2 * batch}"

@@ -245,14 +245,16 @@ def single_thread():
 
 
 class UNetCallCounter:
-    """Wraps a pipeline's U-Net to record the batch size of every forward."""
+    """Wraps a pipeline's U-Net to record the batch size of every forward's output (a guided
+    call's [uncond; cond] rows, whether the latents were passed once or twice)."""
 
     def __init__(self, pipe) -> None:
         self.batches: list[int] = []
         self.original = pipe.unet.forward
 
         def counting_forward(sample, *args, **kwargs):
-            self.batches.append(sample.shape[0])
-            return self.original(sample, *args, **kwargs)
+            out = self.original(sample, *args, **kwargs)
+            self.batches.append(out.shape[0])
+            return out
 
         pipe.unet.forward = counting_forward

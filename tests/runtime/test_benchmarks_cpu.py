@@ -426,3 +426,27 @@ def test_pipeline_untimed_provider_switches_on_each_untimed_change_for_its_rows_
         ({"auto"}, {False}, ("eager", "eager")),
     ]
     torch.testing.assert_close(images["fastdiff-untimed"], images["fastdiff"], rtol=1e-4, atol=1e-4)
+
+
+def test_cfgshare_provider_gives_the_latents_once_and_equals_fastdiff():
+    """bench_unet's fastdiff-cfgshare rows: the sample and timesteps of the first half, every
+    context; the output is fastdiff's (the two halves of the benchmark's random sample differ,
+    so the rows compare with fastdiff on the first half repeated)."""
+    import torch
+
+    work = bench_unet.CPU_WORKLOADS["sd15_b2"]
+    holder = model_bench.ModelHolder("unet", work.config, torch.device("cpu"), torch.float32)
+    inputs = bench_unet.unet_inputs(work, "cpu", torch.float32)
+    shared = bench_unet.shared_guided_inputs(inputs)
+    assert shared["sample"].shape[0] == inputs["sample"].shape[0] // 2 == 1
+    assert shared["encoder_hidden_states"] is inputs["encoder_hidden_states"]
+    got = bench_unet.provider_setup(bench_unet.CFG_SHARE, work, holder)()()
+    model = holder.fastdiff
+    sample, timestep = shared["sample"], shared["timestep"]
+    with torch.no_grad():
+        want = model(
+            torch.cat([sample, sample]),
+            torch.cat([timestep, timestep]),
+            inputs["encoder_hidden_states"],
+        )
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

@@ -354,3 +354,30 @@ def test_a_bad_attention_table_fails_before_optimize_changes_the_pipeline(pipe, 
     monkeypatch.setenv("FASTDIFF_BACKEND", "eager")
     runtime.optimize(pipe, verbose=False)  # the table is not read
     assert runtime.optimize(pipe, kernels=False, verbose=False) is pipe.runtime
+
+
+@pytest.mark.parametrize("share", [True, False], ids=["shared", "repeated"])
+def test_guided_steps_pass_the_latents_once_unless_told_not_to(pipe, share):
+    """optimize(share_guided_input=True), the default: the static loop's guided steps give the
+    U-Net the latents once with the [uncond; cond] contexts, so conv_in runs on one row per
+    image, as the eager pipeline does; False repeats them, as before. Both equal the eager
+    sampler; the repeated rows within float32 rounding (the CPU's convolutions round
+    differently at another batch)."""
+    conditioning = text_conditioning()
+    x_T = torch.randn(1, 4, 8, 8)
+    want = eager_latents(pipe, conditioning, x_T, "ddim", 3)
+    rt = runtime.optimize(
+        pipe, backend=runtime.EagerGraphBackend(), share_guided_input=share, verbose=False
+    )
+    assert any("once for the [uncond; cond] halves" in line for line in rt.report.applied) == share
+    rows = []
+    hook = pipe.unet.conv_in.register_forward_pre_hook(
+        lambda m, args: rows.append(args[0].shape[0])
+    )
+    try:
+        got = pipe.denoise(conditioning, x_T, guidance_scale=7.5, sampler="ddim", steps=3)
+    finally:
+        hook.remove()
+    assert set(rows) == {1 if share else 2}
+    tolerance = 1e-5 if share else 1e-4
+    torch.testing.assert_close(got, want, rtol=tolerance, atol=tolerance)
