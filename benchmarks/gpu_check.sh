@@ -130,7 +130,7 @@ fi
 # steps left out since; the rows added since take about as long again, my estimate).
 MODEL_BUDGET=$(( $(left) - 60 < 240 ? $(left) - 60 : 240 ))
 part models 300 env \
-    STEPS="cuda_ext unet_sd15_b2 vae pipeline unet_sdxl_b2 profile_by_op profile_vae" \
+    STEPS="cuda_ext unet_sd15_b2 vae pipeline profile_vae unet_sdxl_b2 profile_by_op" \
     BUDGET="$MODEL_BUDGET" bash benchmarks/gpu_check_models.sh "$OUTDIR"
 # ---- end of model benchmarks ------------------------------------------------------------------
 

@@ -9,7 +9,8 @@ blocks on the B samples until a transformer block's cross-attention first reads 
 that block repeats its hidden states k times there, and the rest runs on the k·B rows as
 usual. In SD1.5 that shares ``conv_in``, the first ResNet block and the first transformer
 block's self-attention at 64x64 (the costliest attention of the step) between the two halves
-of a guided batch. The result is the k·B-row call's: the same arithmetic, per sample.
+of a guided batch. The result is the k·B-row call's: the same operations per sample, equal
+up to the rounding of kernels that pick another algorithm at another batch.
 
 Repeats, not broadcasts: the tensors that cross the point where the groups part (the block's
 hidden states, its transformer's residual input, the skips saved before it and the timestep

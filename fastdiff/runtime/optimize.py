@@ -427,8 +427,9 @@ def optimize(
     first cross-attention run once for both halves; the U-Net repeats the latents up front
     where the halves' time embeddings differ (SDXL's pooled text, class labels). In SD1.5 that
     is ``conv_in``, the first ResNet block and the first self-attention at 64x64, about 40 of
-    the step's 1607 GFLOP (my count), for three to four copies of a 64x64 feature map; off
-    runs the sample twice, as the eager pipeline does.
+    the step's 1607 GFLOP (the meta device's count), for three to four copies of a 64x64
+    feature map. The eager pipeline passes the latents once too; False passes them twice in
+    the runtime (bench_unet's fastdiff-cfgshare rows time the difference).
     ``compile_mode`` (e.g. "default" or "max-autotune-no-cudagraphs"; None = off) also
     torch.compiles the U-Net's blocks: an option, since compiling takes a minute where the
     default path warms up in seconds.
