@@ -283,20 +283,18 @@ class UNet2DConditionModel(ModelBase):
         batch = sample.shape[0]
         inputs = {"timestep": timestep, "class_labels": class_labels}
         inputs |= {"timestep_cond": timestep_cond, **(added_cond_kwargs or {})}
-        rows = next(
-            (
-                value.shape[0]
-                for value in inputs.values()
-                if torch.is_tensor(value) and value.dim() > 0 and value.shape[0] not in (1, batch)
-            ),
-            None,
-        )
-        if rows is None:
+        per_row = [
+            (name, value.shape[0])
+            for name, value in inputs.items()
+            if torch.is_tensor(value) and value.dim() > 0 and value.shape[0] not in (1, batch)
+        ]
+        if not per_row:
             return sample, timestep, added_cond_kwargs, class_labels, timestep_cond
+        name, rows = per_row[0]
         if rows % batch:
             raise ValueError(
-                f"the timestep or an embedding input has batch {rows}: it must be 1, the "
-                f"sample's batch {batch} or a multiple of it"
+                f"{name} has batch {rows}: it must be 1, the sample's batch {batch} or a "
+                f"multiple of it"
             )
         groups = rows // batch
 

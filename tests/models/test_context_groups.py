@@ -146,7 +146,7 @@ def test_sdxl_added_conditions_per_row_or_per_sample():
     "sample_batch,context_batch,timestep,message",
     [
         (2, 3, 10, "encoder_hidden_states has batch 3: it must be the sample's batch 2"),
-        (2, 4, torch.tensor([1, 2, 3]), "the timestep or an embedding input has batch 3"),
+        (2, 4, torch.tensor([1, 2, 3]), "timestep has batch 3: it must be 1, the sample's batch 2"),
     ],
 )
 def test_batches_that_do_not_divide_are_refused(sample_batch, context_batch, timestep, message):
