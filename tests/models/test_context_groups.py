@@ -174,3 +174,47 @@ def test_guided_pipeline_passes_the_latents_once():
         assert out.shape == (2, 4, 8, 8)
         assert recorder.first("conv_in") == (4 if inpainting else 2)
         assert recorder.first("conv_out") == 4
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fold", [False, True], ids=["plain", "folded"])
+def test_cuda_fp16_groups_within_the_tolerance_rule(fold):
+    """The SD1.5 architecture's first blocks at 64x64 on the GPU (fp16, channels-last, fused
+    QKV, the auto backend, as optimize() runs them) with the latents once: against the float32
+    call with them repeated, within the tolerance rule of the fp16 repeated call (cuDNN and the
+    kernels may pick other algorithms at batch 1)."""
+    from fastdiff.ops import use_backend
+
+    config = dict(
+        block_out_channels=(320, 640, 1280, 1280),
+        layers_per_block=2,
+        cross_attention_dim=768,
+        attention_head_dim=8,
+        sample_size=64,
+    )
+    with torch.device("cuda"):
+        torch.manual_seed(0)
+        model = UNet2DConditionModel(config).eval()
+    sample = torch.randn(1, 4, 64, 64, device="cuda")
+    context = torch.randn(2, 77, 768, device="cuda")
+    timestep = torch.tensor([981], device="cuda")
+    with torch.no_grad():
+        reference = model(repeated(sample, 2), repeated(timestep, 2), context)
+        model = model.half().to(memory_format=torch.channels_last)
+        model.fuse_qkv_projections()
+        model.fold_conv_biases(fold)
+        half = sample.half().contiguous(memory_format=torch.channels_last)
+        with use_backend("auto"):
+            recorder = BatchRecorder(model)
+            grouped = model(half, timestep, context.half())
+            repeated_rows = model(repeated(half, 2), repeated(timestep, 2), context.half())
+    assert recorder.first("attn1") == 1 and recorder.first("attn2") == 2
+    assert torch.isfinite(grouped).all()
+
+    def relative(value):
+        return ((value.float() - reference).norm() / reference.norm()).item()
+
+    assert relative(grouped) <= 2 * relative(repeated_rows) + 1e-3, (
+        relative(grouped),
+        relative(repeated_rows),
+    )
