@@ -172,8 +172,8 @@ class Pipeline:
     def unet_forward(self, x: torch.Tensor, t: torch.Tensor, cond: Condition) -> torch.Tensor:
         """One U-Net call on a condition dict (see ``fastdiff.pipeline.conditioning``); an
         inpainting U-Net's mask and masked-image latents are stacked onto ``x`` here. ``x`` may
-        have a fraction of the condition's batch (the optimized runtime's guided steps pass it
-        once for [uncond; cond]: ``fastdiff.models.context_groups``)."""
+        have a fraction of the condition's batch (guided steps pass it once for
+        [uncond; cond], eager and optimized: ``fastdiff.models.context_groups``)."""
         added = {key: cond[key] for key in ("text_embeds", "time_ids") if key in cond}
         if INPAINT_KEY in cond:
             nhwc = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)

@@ -120,3 +120,21 @@ def test_wrapper_passes_each_rows_timestep_to_both_halves():
     out = guided(torch.ones(3, 2), t)
     assert torch.equal(seen[0], torch.tensor([5, 7, 9, 5, 7, 9]))
     torch.testing.assert_close(out, t.view(-1, 1).float().expand(3, 2))
+
+
+def test_shared_input_passes_the_sample_once_with_both_conditions():
+    """``shared_input=True``: one call with x_t and t as given and [uncond; cond] conditions,
+    for a model that returns both halves (fastdiff's U-Net); the combination is the same."""
+    seen = []
+
+    def model_fn(x, t, c):
+        seen.append((x.shape[0], t.shape[0], c.shape[0]))
+        rows = c.shape[0] // x.shape[0]
+        return torch.cat([x] * rows) * c[:, :1, None, None] + t.float().mean()
+
+    x_t, t = torch.randn(2, 3, 4, 4), torch.tensor([5, 5])
+    cond, uncond = torch.randn(2, 6), torch.randn(2, 6)
+    shared = classifier_free_guidance(model_fn, cond, uncond, 4.0, shared_input=True)(x_t, t)
+    repeated = classifier_free_guidance(model_fn, cond, uncond, 4.0)(x_t, t)
+    assert seen == [(2, 2, 4), (4, 4, 4)]
+    torch.testing.assert_close(shared, repeated)
