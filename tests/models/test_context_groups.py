@@ -184,17 +184,11 @@ def test_cuda_fp16_groups_within_the_tolerance_rule(fold):
     call with them repeated, within the tolerance rule of the fp16 repeated call (cuDNN and the
     kernels may pick other algorithms at batch 1)."""
     from fastdiff.ops import use_backend
+    from tests.models.test_models_gpu import SD15_CONFIG
 
-    config = dict(
-        block_out_channels=(320, 640, 1280, 1280),
-        layers_per_block=2,
-        cross_attention_dim=768,
-        attention_head_dim=8,
-        sample_size=64,
-    )
     with torch.device("cuda"):
         torch.manual_seed(0)
-        model = UNet2DConditionModel(config).eval()
+        model = UNet2DConditionModel(SD15_CONFIG).eval()
     sample = torch.randn(1, 4, 64, 64, device="cuda")
     context = torch.randn(2, 77, 768, device="cuda")
     timestep = torch.tensor([981], device="cuda")
