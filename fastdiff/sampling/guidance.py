@@ -36,10 +36,11 @@ def combine_guidance(
 
 def _batch_size(condition: Condition) -> int | None:
     if isinstance(condition, dict):
-        sizes = {_batch_size(value) for value in condition.values()} - {None}
-        if len(sizes) > 1:
-            raise ValueError(f"condition dict entries disagree on the batch size: {sorted(sizes)}")
-        return sizes.pop() if sizes else None
+        sizes = {key: _batch_size(value) for key, value in condition.items()}
+        sizes = {key: size for key, size in sizes.items() if size is not None}
+        if len(set(sizes.values())) > 1:
+            raise ValueError(f"condition dict entries disagree on the batch size: {sizes}")
+        return next(iter(sizes.values()), None)
     if isinstance(condition, torch.Tensor):
         if condition.dim() == 0:
             raise ValueError("a condition tensor needs a batch dimension")
@@ -53,7 +54,10 @@ def _batch_conditions(uncond: Condition, cond: Condition) -> Condition:
         return None
     if isinstance(cond, dict) or isinstance(uncond, dict):
         if not (isinstance(cond, dict) and isinstance(uncond, dict)):
-            raise ValueError("cond and uncond must both be dicts when one is")
+            raise ValueError(
+                "cond and uncond must both be dicts when one is; got "
+                f"{type(cond).__name__} and {type(uncond).__name__}"
+            )
         if set(cond) != set(uncond):
             raise ValueError(f"cond keys {sorted(cond)} differ from uncond keys {sorted(uncond)}")
         return {key: _batch_conditions(uncond[key], cond[key]) for key in cond}
@@ -84,8 +88,9 @@ def classifier_free_guidance(
     is ``model_fn(x, t, cat[uncond, cond])`` instead, for a model that takes two conditions
     per sample (fastdiff's U-Net: ``fastdiff.models.context_groups``) and returns both
     halves."""
-    conditions = _batch_conditions(uncond, cond)
+    # The batch size first: it refuses a 0-dim condition, which torch.cat would reject unclearly.
     cond_batch = _batch_size(cond)
+    conditions = _batch_conditions(uncond, cond)
     if not 0.0 <= guidance_rescale <= 1.0:
         raise ValueError(f"guidance_rescale must lie in [0, 1], got {guidance_rescale}")
 

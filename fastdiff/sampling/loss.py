@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from fastdiff.sampling.schedule import NoiseSchedule
+from fastdiff.sampling.schedule import PREDICTION_TYPES, NoiseSchedule
 
 Condition = torch.Tensor | dict[str, Any] | None
 
@@ -29,7 +29,9 @@ def min_snr_weights(snr: torch.Tensor, gamma: float, prediction_type: str) -> to
         return clipped / (snr + 1.0)
     if prediction_type == "sample":
         return clipped
-    raise ValueError(f"unknown prediction_type {prediction_type!r}")
+    raise ValueError(
+        f"unknown prediction_type {prediction_type!r}; allowed: {list(PREDICTION_TYPES)}"
+    )
 
 
 def _drop_condition(cond: Condition, null_cond: Any, drop: torch.Tensor) -> Condition:
@@ -37,8 +39,10 @@ def _drop_condition(cond: Condition, null_cond: Any, drop: torch.Tensor) -> Cond
     class labels, a (broadcastable) embedding for float tensors, per key for dicts."""
     if isinstance(cond, dict):
         if not isinstance(null_cond, dict) or set(null_cond) != set(cond):
+            got = sorted(null_cond) if isinstance(null_cond, dict) else type(null_cond).__name__
             raise ValueError(
-                f"a dict condition needs a null_cond dict with the same keys {sorted(cond)}"
+                f"a dict condition needs a null_cond dict with the same keys {sorted(cond)}, "
+                f"got {got}"
             )
         return {key: _drop_condition(cond[key], null_cond[key], drop) for key in cond}
     if not isinstance(cond, torch.Tensor):
@@ -51,15 +55,21 @@ def _drop_condition(cond: Condition, null_cond: Any, drop: torch.Tensor) -> Cond
     if cond.is_floating_point():
         null = null.to(cond.dtype)
     elif null.is_floating_point():
-        raise ValueError("integer class-label conditions need an integer null_cond label")
-    mask = drop.to(cond.device).reshape(-1, *([1] * (cond.dim() - 1)))
-    try:
-        return torch.where(mask, null.to(cond.dtype), cond)
-    except RuntimeError as error:
         raise ValueError(
-            f"null_cond shape {tuple(null.shape)} does not broadcast to condition rows "
-            f"{tuple(cond.shape[1:])}"
-        ) from error
+            f"integer class-label conditions need an integer null_cond label, got {null_cond!r}"
+        )
+    mask = drop.to(cond.device).reshape(-1, *([1] * (cond.dim() - 1)))
+    message = (
+        f"null_cond shape {tuple(null.shape)} does not broadcast to condition rows "
+        f"{tuple(cond.shape[1:])}"
+    )
+    try:
+        dropped = torch.where(mask, null.to(cond.dtype), cond)
+    except RuntimeError as error:
+        raise ValueError(message) from error
+    if dropped.shape != cond.shape:  # a null_cond with extra dims would reshape the condition
+        raise ValueError(message)
+    return dropped
 
 
 def diffusion_loss(
@@ -84,8 +94,13 @@ def diffusion_loss(
     """
     if not 0.0 <= cond_drop_prob <= 1.0:
         raise ValueError(f"cond_drop_prob must lie in [0, 1], got {cond_drop_prob}")
-    if x0.dim() < 1 or not x0.is_floating_point():
-        raise ValueError(f"x0 must be a floating-point tensor with a batch dim, got {x0.shape}")
+    if not isinstance(x0, torch.Tensor):
+        raise ValueError(f"x0 must be a floating-point tensor, got {type(x0).__name__}")
+    if x0.dim() < 1 or x0.shape[0] < 1 or not x0.is_floating_point():
+        raise ValueError(
+            "x0 must be a floating-point tensor with a non-empty batch dim, got shape "
+            f"{tuple(x0.shape)} dtype {x0.dtype}"
+        )
     batch = x0.shape[0]
     draw_device = generator.device if generator is not None else x0.device
     if timesteps is None:
@@ -95,7 +110,8 @@ def diffusion_loss(
     timesteps = torch.as_tensor(timesteps).to(x0.device)
     if timesteps.shape != (batch,) or timesteps.is_floating_point():
         raise ValueError(
-            f"timesteps must be an integer tensor of shape ({batch},), got {tuple(timesteps.shape)}"
+            f"timesteps must be an integer tensor of shape ({batch},), got shape "
+            f"{tuple(timesteps.shape)} dtype {timesteps.dtype}"
         )
     noise = torch.randn(x0.shape, generator=generator, device=draw_device, dtype=x0.dtype)
     noise = noise.to(x0.device)

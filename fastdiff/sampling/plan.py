@@ -915,58 +915,61 @@ def make_plan(
     timesteps = _integral_as_long(timesteps)
     visited = timesteps.tolist()
     init_noise_scale = 1.0
-    if sampler == "ddim":
-        rows = _ddim_rows(schedule, visited, eta)
-    elif sampler == "lcm":
-        rows = _lcm_rows(schedule, visited)
-    elif sampler == "tcd":
-        rows = _tcd_rows(schedule, visited, eta)
-    elif sampler == "ddpm":
-        rows = _ddpm_rows(schedule, visited)
-    elif sampler == "pndm":
-        rows = _pndm_rows(schedule, visited, steps)
-    elif sampler.startswith("euler"):
-        if not karras:
-            sigmas = _sigmas_at(schedule, visited)
-        rows, init_noise_scale = _euler_rows(
-            schedule, visited, sigmas, sampler == "euler_ancestral"
-        )
-    elif lms:
-        if not karras:
-            sigmas = _sigmas_at(schedule, visited)
-        rows, init_noise_scale = _lms_rows(schedule, visited, sigmas)
-    elif kdpm2:
-        if not karras:
-            sigmas = _float32_sigmas_at(schedule, visited)
-        ancestral = "_ancestral" in sampler
-        rows, init_noise_scale = _kdpm2_rows(schedule, visited, sigmas, ancestral)
-        # each row's model call: the step's timestep and level, then its midpoint's
-        timesteps, sigmas = kdpm2_call_levels(schedule, timesteps, sigmas, ancestral)
-        timesteps = _integral_as_long(timesteps)
-    elif heun:
-        if not karras:
-            sigmas = _sigmas_at(schedule, visited)
-        rows, init_noise_scale, at_step = _heun_rows(schedule, visited, sigmas)
-        # each row's model call: its step's timestep and noise level (then 0 after the last)
-        timesteps = timesteps[at_step]
-        sigmas = [sigmas[i] for i in at_step] + [0.0]
-    elif sampler.startswith("unipc"):
-        if not karras:
-            sigmas = _sigmas_at(schedule, visited)
-        rows = _unipc_rows(schedule, visited, sigmas)
-    else:
-        if schedule.solver_type == "heun":
-            raise ValueError(
-                "solver_type 'heun' (DPM-Solver++'s Heun-type second order update) is not "
-                f"implemented; {sampler!r} takes the midpoint update (solver_type 'midpoint')"
+    try:
+        if sampler == "ddim":
+            rows = _ddim_rows(schedule, visited, eta)
+        elif sampler == "lcm":
+            rows = _lcm_rows(schedule, visited)
+        elif sampler == "tcd":
+            rows = _tcd_rows(schedule, visited, eta)
+        elif sampler == "ddpm":
+            rows = _ddpm_rows(schedule, visited)
+        elif sampler == "pndm":
+            rows = _pndm_rows(schedule, visited, steps)
+        elif sampler.startswith("euler"):
+            if not karras:
+                sigmas = _sigmas_at(schedule, visited)
+            rows, init_noise_scale = _euler_rows(
+                schedule, visited, sigmas, sampler == "euler_ancestral"
             )
-        if not karras:
-            sigmas = _sigmas_at(schedule, visited)
-        order = 3 if sampler.startswith("dpmpp_3m") else 2
-        rows = _dpmpp_rows(schedule, visited, sigmas, sde="_sde" in sampler, order=order)
+        elif lms:
+            if not karras:
+                sigmas = _sigmas_at(schedule, visited)
+            rows, init_noise_scale = _lms_rows(schedule, visited, sigmas)
+        elif kdpm2:
+            if not karras:
+                sigmas = _float32_sigmas_at(schedule, visited)
+            ancestral = "_ancestral" in sampler
+            rows, init_noise_scale = _kdpm2_rows(schedule, visited, sigmas, ancestral)
+            # each row's model call: the step's timestep and level, then its midpoint's
+            timesteps, sigmas = kdpm2_call_levels(schedule, timesteps, sigmas, ancestral)
+            timesteps = _integral_as_long(timesteps)
+        elif heun:
+            if not karras:
+                sigmas = _sigmas_at(schedule, visited)
+            rows, init_noise_scale, at_step = _heun_rows(schedule, visited, sigmas)
+            # each row's model call: its step's timestep and noise level (then 0 after the last)
+            timesteps = timesteps[at_step]
+            sigmas = [sigmas[i] for i in at_step] + [0.0]
+        elif sampler.startswith("unipc"):
+            if not karras:
+                sigmas = _sigmas_at(schedule, visited)
+            rows = _unipc_rows(schedule, visited, sigmas)
+        else:
+            if schedule.solver_type == "heun":
+                raise ValueError(
+                    "solver_type 'heun' (DPM-Solver++'s Heun-type second order update) is not "
+                    f"implemented; {sampler!r} takes the midpoint update (solver_type 'midpoint')"
+                )
+            if not karras:
+                sigmas = _sigmas_at(schedule, visited)
+            order = 3 if sampler.startswith("dpmpp_3m") else 2
+            rows = _dpmpp_rows(schedule, visited, sigmas, sde="_sde" in sampler, order=order)
+    except ZeroDivisionError as error:  # 0 / 0 where alphā is 0 at two timesteps a row reads
+        raise _degenerate_schedule_error(schedule, sampler) from error
     coefficients = _coefficient_table(rows)
     if not bool(torch.isfinite(coefficients).all()):
-        raise ValueError(f"{sampler} plan has non-finite coefficients for this schedule")
+        raise _degenerate_schedule_error(schedule, sampler)
     if sampler in ("ddim", "ddpm", "lcm", "tcd", "pndm"):
         alphas_cumprod = schedule.alphas_cumprod[timesteps]
     else:  # the sigma samplers' own levels (clamped under zero SNR, or Karras')
@@ -974,6 +977,20 @@ def make_plan(
     return SamplingPlan(
         sampler, timesteps, coefficients, float(init_noise_scale), eta, alphas_cumprod
     )
+
+
+def _degenerate_schedule_error(schedule: NoiseSchedule, sampler: str) -> ValueError:
+    """The error for a plan that cannot be computed: names where the schedule's alphā is 0."""
+    message = f"{sampler} plan has non-finite coefficients for this schedule"
+    zeros = (schedule.alphas_cumprod == 0).nonzero().flatten().tolist()
+    if zeros:
+        message += (
+            f": its alphā is 0 (an infinite noise level) from timestep {zeros[0]} of "
+            f"0..{schedule.num_train_timesteps - 1} on"
+        )
+        if not schedule.rescale_betas_zero_snr or len(zeros) > 1:
+            message += ", where it underflows; use smaller betas (beta_end, trained_betas)"
+    return ValueError(message)
 
 
 def _coefficient_table(rows: list[list[float]]) -> torch.Tensor:
