@@ -38,7 +38,8 @@ class CallDefaults:
             object.__setattr__(self, name, guidance_scale_value(getattr(self, name)))
         check_choices(self.sampler, "tensor", 1)
         for name in ("strength", "inpaint_strength"):
-            if not 0.0 < getattr(self, name) <= 1.0:
+            value = as_float(getattr(self, name))  # None or a string: this error, not TypeError
+            if not isinstance(value, float) or not 0.0 < value <= 1.0:
                 raise ValueError(f"default {name} must lie in (0, 1], got {getattr(self, name)!r}")
         steps = self.num_inference_steps
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:

@@ -355,7 +355,9 @@ def load_components(
     if class_names is not None and (
         not isinstance(class_names, list) or not all(isinstance(n, str) for n in class_names)
     ):
-        raise ValueError(f"{index_path}: class_names must be a list of strings")
+        raise ValueError(
+            f"{index_path}: class_names must be a list of strings, got {class_names!r}"
+        )
     num_class_embeds = unet_config.get("num_class_embeds")
     if class_names is not None and num_class_embeds is not None:
         if len(class_names) != num_class_embeds - 1:

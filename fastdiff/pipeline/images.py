@@ -23,7 +23,9 @@ def vae_output_to_unit_range(decoded: torch.Tensor) -> torch.Tensor:
 def tensor_to_pil(images: torch.Tensor) -> list[Image.Image]:
     """(B, 3, H, W) float images in [0, 1] -> list of RGB PIL images (rounded to 8 bits)."""
     if images.ndim != 4 or images.shape[1] not in (1, 3):
-        raise ValueError(f"expected images of shape (B, 3, H, W), got {tuple(images.shape)}")
+        raise ValueError(
+            f"expected images of shape (B, 3, H, W) or (B, 1, H, W), got {tuple(images.shape)}"
+        )
     array = (images.detach().float().cpu().permute(0, 2, 3, 1).numpy() * 255).round()
     array = array.clip(0, 255).astype(np.uint8)
     if array.shape[-1] == 1:

@@ -173,8 +173,9 @@ class PromptEncoder:
         SDXL: the penultimate)."""
         prompts = list(prompts)
         texts = [prompts, prompts if prompts_2 is None else list(prompts_2)]
-        if not all(isinstance(prompt, str) for batch in texts for prompt in batch):
-            raise ValueError("prompts must be strings")
+        not_strings = [prompt for batch in texts for prompt in batch if not isinstance(prompt, str)]
+        if not_strings:
+            raise ValueError(f"prompts must be strings, got {not_strings[0]!r}")
         if len(texts[1]) != len(prompts):
             raise ValueError(f"{len(texts[1])} prompts_2 for {len(prompts)} prompts")
         if max_length is not None and max_length > self.max_length:
