@@ -148,11 +148,22 @@ def _validate(table: object, source: str) -> dict[str, dict[str, float]]:
     for index, entry in enumerate(table["entries"]):
         if not isinstance(entry, dict) or not {"op", "key", "ms"} <= entry.keys():
             raise ValueError(f"backend table {source}: entry {index} needs 'op', 'key' and 'ms'")
-        measured = {
-            backend: float(ms)
-            for backend, ms in entry["ms"].items()
-            if ms is not None and math.isfinite(float(ms)) and float(ms) > 0
-        }
+        if not isinstance(entry["ms"], dict):
+            raise ValueError(
+                f"backend table {source}: entry {index} 'ms' must map backends to times, got "
+                f"{entry['ms']!r}"
+            )
+        measured = {}
+        for backend, ms in entry["ms"].items():
+            if ms is None:
+                continue
+            if isinstance(ms, bool) or not isinstance(ms, (int, float)):
+                raise ValueError(
+                    f"backend table {source}: entry {index} 'ms'[{backend!r}] must be a number "
+                    f"of milliseconds or null, got {ms!r}"
+                )
+            if math.isfinite(ms) and ms > 0:
+                measured[backend] = float(ms)
         timings[f"{entry['op']}|{entry['key']}"] = measured
     return timings
 
@@ -166,7 +177,11 @@ def load_table() -> dict[str, dict[str, float]]:
         if explicit:
             raise FileNotFoundError(f"FASTDIFF_BACKEND_TABLE: no such file {path}")
         return {}
-    return _validate(json.loads(path.read_text()), str(path))
+    try:
+        table = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"backend table {path}: not valid JSON ({error})") from None
+    return _validate(table, str(path))
 
 
 def reload() -> None:

@@ -95,11 +95,18 @@ def check_group_norm_args(
             f"group_norm: num_groups={num_groups} must divide the {channels} channels of x"
         )
     for name, param in (("weight", weight), ("bias", bias)):
-        if param is not None and tuple(param.shape) != (channels,):
+        if param is None:
+            continue
+        if not isinstance(param, torch.Tensor):
+            raise ValueError(
+                f"group_norm: {name} must be a ({channels},) tensor or None, got "
+                f"{type(param).__name__}"
+            )
+        if tuple(param.shape) != (channels,):
             raise ValueError(
                 f"group_norm: {name} has shape {tuple(param.shape)}, expected ({channels},)"
             )
-        if param is not None and not param.is_floating_point():
+        if not param.is_floating_point():
             raise ValueError(f"group_norm: {name} must be a floating tensor, got {param.dtype}")
     if offset is not None:
         allowed = [(x.shape[0], channels), (channels,)]

@@ -31,9 +31,10 @@ from fastdiff.ops.backend import (
 from fastdiff.ops.geglu import geglu, geglu_eager, geglu_reference
 
 
-def check_linear_geglu_args(
-    x: torch.Tensor, weight: torch.Tensor, bias, same_dtype: bool = True
-) -> None:
+def check_linear_geglu_args(x: torch.Tensor, weight: torch.Tensor, bias) -> bool:
+    """Raise ValueError naming what is wrong with the arguments. Returns whether autocast is on
+    for x's device (read once x is known to be a tensor), where weight and bias may have another
+    dtype than x: the projection then casts them as ``nn.Linear``'s would."""
     if not isinstance(x, torch.Tensor) or not isinstance(weight, torch.Tensor):
         raise ValueError(
             f"linear_geglu expects tensors x and weight, got {type(x).__name__} and "
@@ -54,14 +55,16 @@ def check_linear_geglu_args(
     ):
         shape = tuple(bias.shape) if isinstance(bias, torch.Tensor) else type(bias).__name__
         raise ValueError(f"linear_geglu: bias has shape {shape}, expected ({weight.shape[0]},)")
+    autocast = autocast_enabled(x.device.type)
     for name, param in (("weight", weight), ("bias", bias)):
         if param is None:
             continue
-        if param.device != x.device or (same_dtype and param.dtype != x.dtype):
+        if param.device != x.device or (not autocast and param.dtype != x.dtype):
             raise ValueError(
                 f"linear_geglu: {name} is {param.dtype} on {param.device}, x is {x.dtype} on "
                 f"{x.device}; they must match"
             )
+    return autocast
 
 
 def linear_geglu_reference(x, weight, bias=None) -> torch.Tensor:
@@ -120,8 +123,7 @@ def linear_geglu(
 
     Under ``torch.autocast`` it runs the two steps, so the projection is autocast as
     ``nn.Linear``'s would be (fp32 weights with half-precision activations, for example)."""
-    autocast = autocast_enabled(x.device.type)
-    check_linear_geglu_args(x, weight, bias, same_dtype=not autocast)
+    autocast = check_linear_geglu_args(x, weight, bias)
     backend = select_backend(x, "linear_geglu", lambda: linear_geglu_key(x, weight))
     if needs_autograd(x, weight, bias) or autocast:
         backend = "eager"

@@ -139,8 +139,18 @@ def check_sampler_step_args(x, model_output, coefficients, step, x0_prev, noise,
             f"sampler_step: pass step (an integer tensor) with a [S, {NUM_COEFFICIENTS}] "
             f"coefficient table, and no step with a single [{NUM_COEFFICIENTS}] row"
         )
-    if step is not None and (step.numel() != 1 or step.dtype.is_floating_point):
-        raise ValueError(f"sampler_step: step must be one integer, got {step.dtype} {step.shape}")
+    if step is not None and (
+        not isinstance(step, torch.Tensor) or step.numel() != 1 or step.dtype.is_floating_point
+    ):
+        # A float or NumPy step has no numel(): name it rather than fail with an AttributeError.
+        got = (
+            f"a {step.dtype} tensor of shape {tuple(step.shape)}"
+            if isinstance(step, torch.Tensor)
+            else f"{step!r} ({type(step).__name__})"
+        )
+        raise ValueError(
+            f"sampler_step: step must be an int or a one-element integer tensor, got {got}"
+        )
 
 
 def _same_dense_layout(x: torch.Tensor, *others: torch.Tensor) -> bool:
