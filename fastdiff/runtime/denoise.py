@@ -196,11 +196,12 @@ def allocate_buffers(
 
 
 def prepared_signature(prepared: dict[str, Any] | None) -> tuple:
-    """What a graph's static prepared condition must match: for each value that is not a plain
+    """What a graph's static prepared condition must match: whether there is one (a graph whose
+    buffers hold one reads them, not the condition's), and for each value that is not a plain
     tensor (the packed context projections), its ``signature()``."""
     if prepared is None:
         return ()
-    return tuple(
+    return ("prepared",) + tuple(
         (name, value.signature())
         for name, value in sorted(prepared.items())
         if value is not None and not isinstance(value, torch.Tensor)

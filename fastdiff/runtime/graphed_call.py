@@ -70,7 +70,11 @@ class GraphedCall:
     def key_for(self, args: tuple, kwargs: dict) -> GraphKey:
         tensors = [v for v in (*args, *kwargs.values()) if isinstance(v, torch.Tensor)]
         if not tensors:
-            raise ValueError("GraphedCall needs at least one tensor argument")
+            given = [type(v).__name__ for v in (*args, *kwargs.values())]
+            raise ValueError(
+                "GraphedCall needs at least one tensor argument (besides any dicts of tensors), "
+                f"got {given or 'no arguments'}"
+            )
         first = tensors[0]
         return GraphKey(
             kind=self.kind,

@@ -122,7 +122,10 @@ def load_classifier(
         raise FileNotFoundError(f"no classifier config at {config_path}")
     config = json.loads(config_path.read_text(encoding="utf-8"))
     if config.get("architecture") != "ShapeClassifier":
-        raise ValueError(f"{config_path}: architecture must be 'ShapeClassifier'")
+        raise ValueError(
+            f"{config_path}: architecture must be 'ShapeClassifier', "
+            f"got {config.get('architecture')!r}"
+        )
     model = ShapeClassifier(num_classes=int(config["num_classes"]), width=int(config["width"]))
     state = load_file(str(folder / WEIGHTS_NAME))
     missing = sorted(set(model.state_dict()) - set(state))

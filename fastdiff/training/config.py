@@ -141,8 +141,9 @@ class TrainConfig:
                 f"export_dtype: unknown value {self.export_dtype!r}; "
                 "allowed values: float16, float32"
             )
-        if self.data.num_images < 1 or self.data.held_out_images < 1:
-            raise ValueError("data: num_images and held_out_images must be >= 1")
+        for key in ("num_images", "held_out_images"):
+            if getattr(self.data, key) < 1:
+                raise ValueError(f"data.{key} must be >= 1, got {getattr(self.data, key)!r}")
 
 
 # Allowed ranges, (low, high, low_inclusive): every stage's optimisation, then each stage's own.
