@@ -274,7 +274,7 @@ class NoiseSchedule:
         own, at which ``make_plan`` calls the model and which diffusers compares with
         denoising_start / denoising_end cut-offs)."""
         if sampler == "pndm":
-            from fastdiff.sampling.plan import pndm_calls  # plan builds on this module
+            from fastdiff.sampling.vp_rows import pndm_calls  # builds on this module
 
             base = self.timesteps(steps, "ddim", keep_fraction)
             return pndm_calls(base)
@@ -293,7 +293,7 @@ class NoiseSchedule:
             timesteps = lcm_timesteps(self.num_train_timesteps, steps, original)
             return timesteps.double() if keep_fraction else timesteps
         if sampler.endswith("_karras"):
-            from fastdiff.sampling.plan import karras_plan_inputs  # plan builds on this module
+            from fastdiff.sampling.sigma_rows import karras_plan_inputs  # builds on this module
 
             fraction = keep_fraction and sampler == "euler_karras"
             timesteps = karras_plan_inputs(self, steps, sampler, keep_fraction=fraction)[0]
