@@ -4,9 +4,7 @@ TFLOP/s counts 4·B·H·N·M·D (two matmuls, 2 FLOP per multiply-add), as torch
 Providers: fastdiff, eager (SDPA's default choice), sdpa-flash / sdpa-cudnn / sdpa-efficient
 (each backend forced), torch.compile, and fastdiff-padded: the triton kernel with head dims such
 as 40 padded to a power of two instead of split into a block and a tail (self-attention at those
-head dims only; its rows against fastdiff's decide kernels/attention.py's SPLIT_HEAD_DIM), and
-fastdiff-fmaexp2: the triton kernel with FMA_EXP2 on (one exp2 in four from a polynomial on the
-FMA units; self-attention at head dims up to 64, where the SFU's exp2 bounds the kernel).
+head dims only; its rows against fastdiff's decide kernels/attention.py's SPLIT_HEAD_DIM).
 Run: python benchmarks/bench_attention.py [--quick] [--out DIR]
 """
 
@@ -97,17 +95,6 @@ def padded_provider(inputs):
     return triton_with_setting(attention_kernels, "SPLIT_HEAD_DIM", False, attention)(inputs)
 
 
-def fma_exp2_provider(inputs):
-    """The triton kernel with FMA_EXP2 on, at fp16/bf16 self-attention shapes with head dims up
-    to 64; None (no row) elsewhere. Its rows against fastdiff's decide FMA_EXP2's default. A
-    shape the shipped table lists runs the table's configuration, tuned for the default kernel;
-    other shapes autotune the variant apart."""
-    q, k = inputs[0], inputs[1]
-    if q.dtype == torch.float32 or q.shape[-1] > 64 or q.shape[2] != k.shape[2]:
-        return None
-    return triton_with_setting(attention_kernels, "FMA_EXP2", True, attention)(inputs)
-
-
 def main() -> None:
     args = parse_args(__doc__)
     shapes = [(n, d) for n, d in SHAPES if not args.quick or n in QUICK]
@@ -124,7 +111,6 @@ def main() -> None:
         ):
             providers[label] = sdpa_backend_provider(backend)
         providers["fastdiff-padded"] = padded_provider
-        providers["fastdiff-fmaexp2"] = fma_exp2_provider
     run_benchmark("attention", workloads, providers, args)
     print_autotuned_configs()
 

@@ -647,37 +647,6 @@ def autotune_compile(threads: int) -> int:
     return 0 if len(produced) == candidates else 1
 
 
-# SASS opcodes fma_exp2_check counts: the SFU's exp2, the FMA units' work, and the traffic a
-# layout conversion would add (shared memory stores and loads, warp shuffles).
-FMA_EXP2_OPCODES = ("MUFU.EX2", "FFMA", "FADD", "STS", "LDS", "SHFL")
-
-
-def fma_exp2_check() -> int:
-    """The attention kernel at D = 40 and 64 self-attention (SD1.5 and SD2/SDXL at 64×64
-    latents, fp16, the heuristic config) compiled with kernels/attention.py's FMA_EXP2 off and
-    on: registers, spills and the FMA_EXP2_OPCODES counts of each. On, a quarter of the loop's
-    exp2 leave the SFU for the FMA units, with no added shared-memory or shuffle traffic."""
-    from fastdiff.kernels import attention as attention_kernels
-
-    for head_dim in (40, 64):
-        q = torch.zeros(2, 8, 4096, head_dim, dtype=torch.float16)
-        for fma in (False, True):
-            attention_kernels.FMA_EXP2 = fma
-            with compile_only() as produced:
-                attention_kernels.attention_forward(q, q, q, None)
-            (_, kernel), *_ = produced
-            sass = sass_of(kernel)
-            found = {op: re.findall(r"\b" + re.escape(op) + r"\b", sass) for op in FMA_EXP2_OPCODES}
-            counts = " ".join(f"{op} {len(hits)}" for op, hits in found.items())
-            registers, spilled, _ = resources(kernel)
-            print(
-                f"attention D={head_dim} fp16 FMA_EXP2={int(fma)}: registers {registers}, "
-                f"spill stores {spilled} B, {counts}"
-            )
-    attention_kernels.FMA_EXP2 = False
-    return 0
-
-
 def compiled_kernels() -> int:
     """Kernels compiled so far in this process, over fastdiff's Triton kernels: every
     ``fastdiff.kernels`` module loaded (a new kernel module counts without being listed here),
@@ -875,14 +844,7 @@ def main(argv: list[str] | None = None) -> int:
         help="with --compile-ahead, Triton 3.6: build each kernel's C launcher in the pass "
         "(ahead) or not (after), then time what the first launches spend on launchers",
     )
-    parser.add_argument(
-        "--fma-exp2",
-        action="store_true",
-        help="only: the attention kernel's SFU and FMA instruction counts, FMA_EXP2 off and on",
-    )
     args = parser.parse_args(argv)
-    if args.fma_exp2:
-        return fma_exp2_check()
     if args.compile_ahead is not None:
         if args.launchers:
             with_libcuda()

@@ -45,14 +45,6 @@ MAX_HEAD_DIM = 256
 SPLIT_HEAD_DIM = True
 # Cleared (with a warning) if the split head-dim variant ever fails to compile on this machine.
 _split_head_dim_works = True
-# Take one score's exp2 in four from a cubic polynomial on the FMA and integer units
-# (_exp2_fma) instead of the special function unit, fp16/bf16 only. At small head dims the
-# kernel is bound by the SFU's exp2 (16 per clock per SM against 0.04 clocks of matmul per score
-# at D = 40; benchmarks/NOTES.md), and the FMA units have room for a quarter of them; compiled
-# for sm_90 it has a quarter fewer MUFU.EX2 and no extra shared-memory or shuffle traffic
-# (tests/ops/test_triton_sm90.py). Off until a GPU measures it: bench_attention's
-# fastdiff-fmaexp2 rows against fastdiff's decide.
-FMA_EXP2 = False
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages): the Hopper-friendly shapes of Triton's fused-attention
 # tutorial; the pruning below keeps the ones that fit a head dim and key length. The last one
@@ -182,43 +174,11 @@ def _disk_cache() -> dict:
     return {}
 
 
-@triton.jit
-def _exp2_fma(x):
-    """2**x for x <= 0 on the FMA and integer units: x = j + f with j an integer (rounded by
-    adding 1.5 * 2**23, whose sum's low mantissa bits then hold j) and f in [-0.5, 0.5]; 2**f
-    from a cubic (relative error 7.5e-5, below an fp16 p's rounding), times 2**j built from its
-    exponent bits. x is clamped at -127, where that 2**j is exactly 0: -inf gives 0, as exp2
-    does, and so does anything below -126.5 (2**x < 1.2e-38, 0 in fp16 and bf16). NaN stays NaN:
-    the clamp keeps it, and any bits a NaN leaves in 2**j give a finite factor."""
-    x = tl.maximum(x, -127.0, propagate_nan=tl.PropagateNan.ALL)
-    rounded = x + 12582912.0
-    frac = x - (rounded - 12582912.0)
-    poly = ((0.055171666814685445 * frac + 0.24261113509452503) * frac + 0.693260987011199) * frac
-    poly = poly + 0.9999280727914264
-    # Exponent field 127 + j, in [0, 127]: 0 (j = -127) is the float 0.0.
-    scale = (rounded.to(tl.int32, bitcast=True) << 23) + 0x3F800000
-    return poly * scale.to(tl.float32, bitcast=True)
-
-
-@triton.jit
-def _exp2_quarter_fma(x, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """exp2 of a (BLOCK_M, BLOCK_N) score tile, columns 16a + 8 + 2l + 1 (one in four) by
-    _exp2_fma, the others by the SFU. In the wgmma accumulator layout a thread holds adjacent
-    column pairs of every 8-column group, so the pair's second column and the group's parity
-    are both the thread's own registers: the split and the joins move no data."""
-    tile = tl.permute(tl.reshape(x, [BLOCK_M, BLOCK_N // 16, 2, 4, 2]), (0, 1, 3, 4, 2))
-    even_groups, odd_groups = tl.split(tile)  # (BLOCK_M, BLOCK_N // 16, 4, 2) each
-    first, second = tl.split(odd_groups)  # the column pairs' first and second columns
-    odd_groups = tl.join(tl.math.exp2(first), _exp2_fma(second))
-    tile = tl.join(tl.math.exp2(even_groups), odd_groups)
-    return tl.reshape(tl.permute(tile, (0, 1, 4, 2, 3)), [BLOCK_M, BLOCK_N])
-
-
 @triton.autotune(
     configs=_configs(),
     # BLOCK_D / BLOCK_DT: the split and the padded head dim are different kernels (their best
     # configs may differ; bench_attention's fastdiff-padded rows time both).
-    key=["N_QUERIES", "N_KEYS", "HEAD_DIM", "BLOCK_D", "BLOCK_DT", "FMA_EXP2"],
+    key=["N_QUERIES", "N_KEYS", "HEAD_DIM", "BLOCK_D", "BLOCK_DT"],
     prune_configs_by={"early_config_prune": _prune},
     do_bench=_time_candidate,
     **_disk_cache(),
@@ -256,7 +216,6 @@ def attention_forward_kernel(
     BLOCK_D: tl.constexpr,  # head-dim columns [0, BLOCK_D)
     BLOCK_DT: tl.constexpr,  # tail columns [BLOCK_D, BLOCK_D + BLOCK_DT), 0 for none
     DOT_PRECISION: tl.constexpr,
-    FMA_EXP2: tl.constexpr,  # one exp2 in four on the FMA units (_exp2_quarter_fma)
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     EVEN_KEYS: tl.constexpr,
@@ -337,10 +296,7 @@ def attention_forward_kernel(
         # A row whose scores so far are all -inf (infinite inputs, or q.k overflowing) keeps
         # new_max = -inf: subtract 0 there, as exp2(-inf - -inf) is NaN and exp2(-inf) is 0.
         shift = tl.where(new_max == float("-inf"), 0.0, new_max)
-        if FMA_EXP2:
-            p = _exp2_quarter_fma(qk * qk_scale - shift[:, None], BLOCK_M, BLOCK_N)
-        else:
-            p = tl.math.exp2(qk * qk_scale - shift[:, None])
+        p = tl.math.exp2(qk * qk_scale - shift[:, None])
         correction = tl.math.exp2(row_max - shift)
         row_sum = row_sum * correction + tl.sum(p, 1)
         v = tl.load(
@@ -600,7 +556,6 @@ def attention_forward(
                 BLOCK_D=block_d,
                 BLOCK_DT=block_dt,
                 DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-                FMA_EXP2=FMA_EXP2 and q.dtype != torch.float32,
                 outputs=(out,),
                 # Options in the autotuner's order (its own, then the config's): Triton's kernel
                 # cache key is the options dict as written, so the same options in another

@@ -146,14 +146,13 @@ def describe(device: torch.device) -> str:
 
 def entries_from_cache(cache: dict) -> list[dict]:
     """Table entries from the autotuner's cache of ``attention_forward_kernel``: keys
-    (N_QUERIES, N_KEYS, HEAD_DIM, BLOCK_D, BLOCK_DT, FMA_EXP2, then the tensors' dtypes as
-    strings), values triton.Config. Keys whose dtype is not fp16/bf16/fp32 are skipped, and so
-    are the FMA_EXP2 variant's (the table is the default kernel's)."""
+    (N_QUERIES, N_KEYS, HEAD_DIM, BLOCK_D, BLOCK_DT, then the tensors' dtypes as strings),
+    values triton.Config. Keys whose dtype is not fp16/bf16/fp32 are skipped."""
     names = {str(dtype): name for dtype, name in DTYPE_NAMES.items()}
     entries = []
     for key, config in cache.items():
         dtype = next((names[item] for item in key[5:] if item in names), None)
-        if dtype is None or key[5] is True:
+        if dtype is None:
             continue
         entry = {"dtype": dtype, **dict(zip(KEY_FIELDS, (int(v) for v in key[:5]), strict=True))}
         entry.update(

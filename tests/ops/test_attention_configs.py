@@ -344,10 +344,9 @@ def test_entries_from_the_autotuner_cache_round_trip(tmp_path):
 
     half, bf16 = str(torch.float16), str(torch.bfloat16)
     cache = {  # keys as the autotuner writes them: its key arguments, then the dtypes
-        (4096, 77, 40, 32, 16, False, half, half, half, half): config(128, 64, 4, 3),
-        (4096, 4096, 40, 32, 16, False, bf16, bf16, bf16, bf16): config(128, 64, 8, 3),
-        (256, 256, 160, 128, 32, False, "torch.int8"): config(64, 32, 4, 2),  # not a kernel dtype
-        (4096, 4096, 40, 32, 16, True, half, half, half, half): config(64, 64, 4, 3),  # FMA_EXP2
+        (4096, 77, 40, 32, 16, half, half, half, half): config(128, 64, 4, 3),
+        (4096, 4096, 40, 32, 16, bf16, bf16, bf16, bf16): config(128, 64, 8, 3),
+        (256, 256, 160, 128, 32, "torch.int8"): config(64, 32, 4, 2),  # not a kernel dtype
     }
     entries = attention_configs.entries_from_cache(cache)
     assert [e["dtype"] for e in entries] == ["bf16", "fp16"]

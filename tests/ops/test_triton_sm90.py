@@ -118,32 +118,6 @@ def test_host_overhead_script_times_every_op_on_the_triton_path():
     assert len(rows) == 9 and all(any(row.startswith(op) for row in rows) for op in ops), lines
 
 
-FMA_EXP2_ROW = re.compile(r"attention D=(\d+) fp16 FMA_EXP2=(\d): .*spill stores (\d+) B, (.*)")
-
-
-@pytest.mark.skipif(not (NVIDIA_TOOLS / "cuobjdump").exists(), reason="no Triton CUDA backend")
-def test_fma_exp2_moves_a_quarter_of_the_exp2_off_the_sfu_without_data_movement():
-    """FMA_EXP2's split and joins of the score tile must be free in the wgmma accumulator
-    layout: compiled for sm_90, a quarter of the loop's MUFU.EX2 (all but the per-row
-    corrections) become FMA work, and no shared-memory store, load or shuffle is added (a
-    layout conversion would add them), with no spills."""
-    result = run_sm90_script("--fma-exp2")
-    rows = {}
-    for found in map(FMA_EXP2_ROW.match, result.stdout.splitlines()):
-        if found:
-            words = found[4].split()
-            counts = {op: int(count) for op, count in zip(words[::2], words[1::2], strict=True)}
-            rows[(found[1], found[2])] = {"spills": int(found[3]), **counts}
-    assert len(rows) == 4, result.stdout
-    for dim in ("40", "64"):
-        off, on = rows[(dim, "0")], rows[(dim, "1")]
-        assert on["spills"] == 0 and on["FFMA"] > off["FFMA"], (off, on)
-        assert 0.7 <= on["MUFU.EX2"] / off["MUFU.EX2"] <= 0.8, (off, on)
-        assert [on[op] for op in ("STS", "LDS", "SHFL")] == [
-            off[op] for op in ("STS", "LDS", "SHFL")
-        ]
-
-
 @pytest.mark.skipif(not (NVIDIA_TOOLS / "cuobjdump").exists(), reason="no Triton CUDA backend")
 @pytest.mark.parametrize("threads", [1, 2])
 def test_the_autotuner_times_the_kernels_the_compile_threads_built(tmp_path, threads):

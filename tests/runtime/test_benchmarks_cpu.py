@@ -79,41 +79,6 @@ def test_attention_padded_provider_runs_only_where_the_head_dim_is_split(monkeyp
     assert [(r.workload, r.provider) for r in rows] == [("d40", "eager"), ("d64", "eager")]
 
 
-def test_attention_fma_exp2_provider_runs_only_at_half_self_attention_up_to_d64(monkeypatch):
-    """bench_attention's fastdiff-fmaexp2 rows: the triton kernel with FMA_EXP2 on (restored
-    after), at fp16/bf16 self-attention with head dims up to 64; no row for fp32, cross-attention
-    or larger head dims."""
-    import bench_attention
-    import fastdiff.kernels.attention as attention_kernels
-    import torch
-
-    from fastdiff.ops.attention import attention_reference
-    from tests.ops.helpers import INTERPRET
-
-    if not (INTERPRET or torch.cuda.is_available()):
-        pytest.skip("triton kernels need a GPU or TRITON_INTERPRET=1")
-    half = bench_attention.workload("d40", (1, 2, 24, 24, 40), torch.float16)
-    for dims, dtype in (
-        ((1, 2, 24, 24, 40), torch.float32),
-        ((1, 2, 24, 7, 40), torch.float16),
-        ((1, 2, 24, 24, 80), torch.float16),
-    ):
-        no_row = bench_attention.workload("other", dims, dtype).make(True)
-        assert bench_attention.fma_exp2_provider(no_row) is None
-    inputs = half.make(True)
-    launched, launch = [], attention_kernels.launch
-
-    def spy(kernel, grid, *args, **kwargs):
-        launched.append(kwargs["FMA_EXP2"])
-        return launch(kernel, grid, *args, **kwargs)
-
-    monkeypatch.setattr(attention_kernels, "launch", spy)
-    out = bench_attention.fma_exp2_provider(inputs)()
-    assert launched == [True] and not attention_kernels.FMA_EXP2
-    reference = attention_reference(*inputs[:3])
-    torch.testing.assert_close(out.float(), reference.float(), atol=2e-3, rtol=2e-3)
-
-
 def test_tune_attention_reads_models_and_needs_a_gpu(tmp_path, monkeypatch, capsys):
     import tune_attention
 
