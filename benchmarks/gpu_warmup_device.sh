@@ -43,9 +43,7 @@ source benchmarks/parts.sh  # part NAME LIMIT CMD...
 # folder: a fresh install, where the auto backend takes Triton rather than build it), and the
 # compile-ahead pass (FASTDIFF_COMPILE_AHEAD: 1, 0, or "apart": on, with the VAE decoder's
 # kernels left to its own graph's pass instead of the first denoising graph's,
-# FASTDIFF_DECODE_AHEAD=0), then, optionally, the pass's worker processes
-# (FASTDIFF_COMPILE_PROCESSES; 0 or absent: threads). Most important rows first: the budget
-# cuts from the end.
+# FASTDIFF_DECODE_AHEAD=0). Most important rows first: the budget cuts from the end.
 declare -A ROW
 ORDER=()
 while read -r name settings; do
@@ -64,9 +62,6 @@ sd15_pipeline20 pipeline20 packaged 16 built 1
 sd15_pipeline20_decoder_apart pipeline20 packaged 16 built apart
 sd15_pipeline4 pipeline4 packaged 16 built 1
 sd15_pipeline4_decoder_apart pipeline4 packaged 16 built apart
-sd15_processes sd15_b2 packaged 16 built 1 16
-sd15_pipeline20_processes pipeline20 packaged 16 built 1 16
-sdxl_processes sdxl_b2 packaged 16 built 1 16
 ROWS
 (( $# )) && ORDER=("$@")
 for name in "${ORDER[@]}"; do  # before any device time is spent
@@ -101,7 +96,7 @@ part gpu_runtime_tests 150 python3 -m pytest -q -p no:cacheprovider -m gpu \
     tests/runtime/test_gpu_runtime.py
 
 for name in "${ORDER[@]}"; do
-    read -r workload table threads extension ahead processes <<<"${ROW[$name]}"
+    read -r workload table threads extension ahead <<<"${ROW[$name]}"
     [ "$table" = packaged ] && table=""
     bench=(benchmarks/bench_unet.py --workloads "$workload")
     [[ "$workload" = pipeline* ]] && bench=(benchmarks/bench_pipeline.py --steps "${workload#pipeline}")
@@ -112,7 +107,6 @@ for name in "${ORDER[@]}"; do
     part "warmup_$name" 150 env TRITON_CACHE_DIR="$SCRATCH/cache-$name" \
         FASTDIFF_ATTENTION_CONFIGS="$table" FASTDIFF_COMPILE_THREADS="$threads" \
         FASTDIFF_COMPILE_AHEAD="$ahead" FASTDIFF_DECODE_AHEAD="$decode_ahead" \
-        FASTDIFF_COMPILE_PROCESSES="${processes:-0}" \
         ${build_dir:+FASTDIFF_CUDA_BUILD_DIR="$build_dir"} \
         python3 "${bench[@]}" --providers fastdiff --note "$name" --csv "$OUT/warmup.csv"
 done

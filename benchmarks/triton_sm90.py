@@ -728,15 +728,12 @@ def compile_ahead_check(
     config: str,
     size: int,
     autotune: bool = True,
-    processes: int = 0,
     launchers: str | None = None,
 ) -> int:
     """A U-Net forward (``config`` of benchmarks/model_configs.py, prepared as optimize() does,
     fp16, latent ``size``) run twice with every op on the triton backend, kernels compiled for
-    sm_90 and never run: first inside ``compile_ahead(threads, processes)``, then plainly.
-    Prints the kernels each pass compiled and its seconds; the plain pass must compile none.
-    With ``processes`` the workers are started (and their imports waited for) before the clock
-    starts, as the CUDA-graph backend starts them when it is built.
+    sm_90 and never run: first inside ``compile_ahead(threads)``, then plainly. Prints the
+    kernels each pass compiled and its seconds; the plain pass must compile none.
 
     ``launchers`` (Triton 3.6, whose launchers are C compiled per kernel signature): the
     compile-only driver gets the real CUDA launcher class, during the pass ("ahead", as on a
@@ -752,10 +749,6 @@ def compile_ahead_check(
     ops_backend.triton_can_run = lambda tensor: True  # CPU tensors too: nothing runs
     model, inputs = prepared_unet(config, size, torch.float16)
     counts, seconds = [], []
-    if processes:
-        from fastdiff.kernels import compile_processes
-
-        compile_processes.start(processes).wait_ready()
     cuda_launcher = None
     if launchers:
         from triton.backends.nvidia import driver as nvidia_driver
@@ -770,27 +763,19 @@ def compile_ahead_check(
         timing: dict = {}
         for ahead in (True, False):
             before, begin = compiled_kernels(), time.perf_counter()
-            with compile_ahead(threads, processes, timing) if ahead else contextlib.nullcontext():
+            with compile_ahead(threads, timing=timing) if ahead else contextlib.nullcontext():
                 model(**inputs)
             seconds.append(time.perf_counter() - begin)
             counts.append(compiled_kernels() - before)
-    workers = f"{threads} threads"
-    if processes:
-        from fastdiff.kernels.compile_processes import last_pass
-
-        failed = len(last_pass["failed"])
-        workers = f"{processes} processes, which compiled {last_pass['kernels'] - failed}"
-        if failed:
-            workers += f" and failed {failed}: {last_pass['failed'][0][:200]}"
     print(
-        f"compile ahead ({config}, latent {size}, {workers}): {counts[0]} kernels in "
+        f"compile ahead ({config}, latent {size}, {threads} threads): {counts[0]} kernels in "
         f"{seconds[0]:.2f} s (the forward {timing['forward_s']:.2f} s, then waiting "
         f"{timing['wait_s']:.2f} s); then the forward compiled {counts[1]} more in "
         f"{seconds[1]:.2f} s"
     )
     if cuda_launcher is not None:
-        # Each kernel once: the threaded pass gave futures (FutureKernel), the process pass
-        # nothing (its kernels are compiled elsewhere), the plain forward the compiled kernels.
+        # Each kernel once: the threaded pass gave futures (FutureKernel), the plain forward the
+        # compiled kernels.
         kernels = {}
         for _, kernel in produced:
             kernel = kernel.result() if hasattr(kernel, "result") else kernel
@@ -824,13 +809,6 @@ def main(argv: list[str] | None = None) -> int:
         help="only: compile a U-Net forward's kernels with compile_ahead(THREADS), then check "
         "that the forward itself compiles none",
     )
-    parser.add_argument(
-        "--processes",
-        type=int,
-        default=0,
-        metavar="N",
-        help="with --compile-ahead: compile in N worker processes instead of the threads",
-    )
     parser.add_argument("--model", default="tiny_sd15_unet", help="with --compile-ahead")
     parser.add_argument("--latent", type=int, default=8, help="with --compile-ahead")
     parser.add_argument(
@@ -853,7 +831,6 @@ def main(argv: list[str] | None = None) -> int:
             args.model,
             args.latent,
             autotune=not args.no_autotune,
-            processes=args.processes,
             launchers=args.launchers,
         )
     if args.autotune_compile is not None:

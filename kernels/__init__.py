@@ -2,7 +2,7 @@
 
 Every launcher starts its kernels through ``launch``, so that ``compile_ahead()`` can turn a whole
 model's forward pass into a compile-only pass: each kernel it meets is compiled in a background
-thread (or worker process, ``compile_processes``) instead of run, all at once, before the real
+thread instead of run, all at once, before the real
 warm-up (see ``compile_ahead``).
 """
 
@@ -132,13 +132,9 @@ def _async_compile_mode():
 
 
 @contextmanager
-def compile_ahead(
-    threads: int | None = None, processes: int | None = None, timing: dict | None = None
-) -> Iterator[None]:
+def compile_ahead(threads: int | None = None, timing: dict | None = None) -> Iterator[None]:
     """Run a model's forward inside this to compile every Triton kernel it will launch, in
-    ``threads`` threads at once (default ``compile_threads()``), before running it for real; or
-    in ``processes`` worker processes (default ``FASTDIFF_COMPILE_PROCESSES``, 0: threads; see
-    ``compile_processes``).
+    ``threads`` threads at once (default ``compile_threads()``), before running it for real.
 
     Inside, fastdiff's launches compile and skip the kernel (zeroing its outputs, so the PyTorch
     ops in between compute on zeros); the attention autotuner's candidates for a new shape are
@@ -151,27 +147,21 @@ def compile_ahead(
 
     ``timing``, a dict, gets the pass's seconds added to its ``forward_s`` (the code inside, on
     this thread: PyTorch's ops, cuDNN's algorithm search, Triton's launch front end) and
-    ``wait_s`` (leaving: the compilations still running when the forward ended, the process
-    pass's loads, the launchers): which of the two bounds the pass."""
+    ``wait_s`` (leaving: the compilations still running when the forward ended, the
+    launchers): which of the two bounds the pass."""
     if _compiling_ahead.get() or os.environ.get("TRITON_INTERPRET", "0") == "1":
         yield
         return
-    from . import compile_processes as process_pass
-
-    workers = process_pass.compile_processes() if processes is None else processes
     token = _compiling_ahead.set(True)
     begin = forward_end = time.perf_counter()
     try:
         with ExitStack() as stack:
-            if workers > 0 and process_pass.supported():
-                stack.enter_context(process_pass.compiling(workers))
-            else:
-                threads = compile_threads() if threads is None else threads
-                mode = _async_compile_mode() if threads > 1 else None
-                if mode is not None:
-                    pool = stack.enter_context(ThreadPoolExecutor(threads))
-                    executor = _LauncherBuildingExecutor(pool)
-                    stack.enter_context(mode(executor, ignore_errors=True))
+            threads = compile_threads() if threads is None else threads
+            mode = _async_compile_mode() if threads > 1 else None
+            if mode is not None:
+                pool = stack.enter_context(ThreadPoolExecutor(threads))
+                executor = _LauncherBuildingExecutor(pool)
+                stack.enter_context(mode(executor, ignore_errors=True))
             begin = time.perf_counter()
             try:
                 yield

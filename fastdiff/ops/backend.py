@@ -108,19 +108,6 @@ def compiling_ahead() -> bool:
     return kernels_compiling_ahead()
 
 
-def start_compile_workers() -> None:
-    """Start the compile-ahead pass's worker processes now, where ``FASTDIFF_COMPILE_PROCESSES``
-    asks for them (``fastdiff.kernels.compile_processes``): their imports take seconds, which
-    then pass while the caller builds its graphs' buffers instead of inside the first pass."""
-    if not triton_available() or triton_interpreter():
-        return
-    from fastdiff.kernels import compile_processes
-
-    workers = compile_processes.compile_processes()
-    if workers > 0 and compile_processes.supported():
-        compile_processes.start(workers)
-
-
 def attention_configs_summary(device: torch.device) -> str | None:
     """``fastdiff.kernels.attention_configs.describe(device)`` where Triton is installed and
     ``device`` is a CUDA device, else None."""

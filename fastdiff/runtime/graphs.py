@@ -23,7 +23,6 @@ from typing import Any, Protocol
 import torch
 
 from fastdiff.ops import compile_ahead as ops_compile_ahead
-from fastdiff.ops.backend import start_compile_workers
 
 
 @dataclass(frozen=True)
@@ -128,8 +127,6 @@ class CudaGraphBackend:
         if compile_ahead is None:  # on unless FASTDIFF_COMPILE_AHEAD=0
             compile_ahead = os.environ.get("FASTDIFF_COMPILE_AHEAD", "1") != "0"
         self.compile_ahead = compile_ahead
-        if compile_ahead:
-            start_compile_workers()  # FASTDIFF_COMPILE_PROCESSES: start their imports now
         # Seconds of the last capture's phases: the compile-ahead pass (Triton compilation),
         # the warm-up runs (autotuning, cuDNN's algorithm search, first-use allocations) and
         # the capture itself. GraphCache keeps them with the entry (report()).

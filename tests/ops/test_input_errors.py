@@ -185,13 +185,3 @@ def test_group_norm_launcher_names_spatial_dims_that_do_not_flatten():
     x = torch.zeros(1, 4, 3, 5).transpose(2, 3)
     with pytest.raises(ValueError, match=re.escape(f"spatial dims of stride {x.stride()}")):
         group_norm_forward(x, 2, None, None, 1e-5, False)
-
-
-def test_compile_worker_names_a_kernel_name_that_is_no_jit_function():
-    # The compile worker resolves the names Triton's JIT hook records; a plain function is refused.
-    from fastdiff.kernels.compile_processes import resolve
-
-    with pytest.raises(
-        TypeError, match=r"fastdiff.kernels.group_norm.flat_strides is not a Triton JIT function"
-    ):
-        resolve("fastdiff.kernels.group_norm", "flat_strides")

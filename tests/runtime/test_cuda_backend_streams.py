@@ -348,7 +348,7 @@ def test_a_probe_that_fails_inside_the_pass_runs_again_outside(monkeypatch):
 
 def test_the_probe_runs_on_the_backends_device(monkeypatch):
     """The probe's pass runs with the backend's device current, as capture()'s does: Triton
-    compiles (and the process pass preloads) each kernel for the current device, so a probe
+    compiles each kernel for the current device, so a probe
     on cuda:0 for a pipeline on cuda:1 would leave cuda:1's kernels to compile again later."""
     cuda = FakeCuda()
     install(monkeypatch, cuda)
@@ -356,19 +356,6 @@ def test_the_probe_runs_on_the_backends_device(monkeypatch):
     backend = graphs.CudaGraphBackend(device="cuda:1")
     backend.first_run(lambda: seen.append((bool(inside), cuda.device)))
     assert seen == [(True, 1)] and cuda.device == 0
-
-
-def test_the_backend_starts_the_compile_workers_only_with_compile_ahead(monkeypatch):
-    """Built with the pass on (what optimize() does), the backend starts the worker processes
-    right away (FASTDIFF_COMPILE_PROCESSES decides whether there are any), so their imports
-    overlap the buffers' setup instead of delaying the first pass; without the pass it leaves
-    them alone."""
-    started = []
-    monkeypatch.setattr(graphs, "start_compile_workers", lambda: started.append(True))
-    graphs.CudaGraphBackend(device="cuda:0", compile_ahead=True)
-    assert started == [True]
-    graphs.CudaGraphBackend(device="cuda:0", compile_ahead=False)
-    assert started == [True]
 
 
 class DroppedGraph:
