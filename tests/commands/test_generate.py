@@ -16,22 +16,11 @@ from PIL import Image
 
 from fastdiff.cli import main
 from fastdiff.pipeline import Pipeline
-from tests.pipeline.folders import make_class_folder, make_sd_folder, single_thread
+from tests.pipeline.folders import make_sd_folder
 
 pytest.importorskip("diffusers")
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    with single_thread():
-        yield
-
-
-@pytest.fixture(scope="module")
-def class_folder(tmp_path_factory):
-    return make_class_folder(tmp_path_factory.mktemp("cls") / "pipe", num_classes=3)
 
 
 def generate(*args) -> int:
