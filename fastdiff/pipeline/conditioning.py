@@ -154,13 +154,22 @@ def text_conditioning(
     """Prompt (or given embeddings) -> encoder_hidden_states (and SDXL's text_embeds).
     ``widths``: the token and pooled feature sizes the U-Net takes (None: unchecked), checked on
     the prompt's embeddings before any negative is made or compared with them.
-    ``prompt_2`` / ``negative_prompt_2``: what SDXL's second text encoder reads (default: the
-    prompt / negative prompt). ``clip_skip`` applies to the prompt only, as in diffusers."""
+    ``prompt_2`` / ``negative_prompt_2``: what SDXL's second text encoder reads (default, and
+    for an empty string: the prompt / negative prompt). Pooled embeddings given with a prompt
+    are kept, the prompt's tokens encoded. ``clip_skip`` applies to the prompt only, as in
+    diffusers."""
     if (prompt is None) == (prompt_embeds is None):
         raise ValueError("pass exactly one of prompt and prompt_embeds")
     check_text_only_options(encoder, prompt, prompt_2, negative_prompt_2, clip_skip)
     if negative_prompt_2 is not None and negative_prompt_embeds is not None:
         raise ValueError("pass negative_prompt_2 or negative_prompt_embeds, not both")
+    if negative_prompt is not None and negative_prompt_embeds is not None:
+        raise ValueError("pass negative_prompt or negative_prompt_embeds, not both")
+    # diffusers reads an empty second prompt as none given (prompt_2 or prompt), once
+    # the checks above (which diffusers also makes with `is not None`) have passed
+    prompt_2 = None if isinstance(prompt_2, str) and not prompt_2 else prompt_2
+    if isinstance(negative_prompt_2, str) and not negative_prompt_2:
+        negative_prompt_2 = None
     pooled = pooled_prompt_embeds
     if prompt is not None:
         if encoder is None:
@@ -168,7 +177,9 @@ def text_conditioning(
         prompts = as_list(prompt, "prompt")
         seconds = None if prompt_2 is None else broadcast(prompt_2, "prompt_2", len(prompts))
         encoded = encoder.encode(prompts, prompts_2=seconds, clip_skip=clip_skip)
-        prompt_embeds, pooled = encoded.tokens, encoded.pooled
+        prompt_embeds = encoded.tokens
+        # a pooled embedding given with the prompt is kept, as diffusers keeps it
+        pooled = encoded.pooled if pooled is None else pooled
     check_embeddings("prompt_embeds", prompt_embeds, 3, None)
     check_width("prompt_embeds", prompt_embeds, widths[0], "cross_attention_dim")
     batch, length = prompt_embeds.shape[:2]
@@ -219,7 +230,9 @@ def text_conditioning(
             if negative_prompt_2 is not None:
                 seconds = broadcast(negative_prompt_2, "negative_prompt_2", batch)
             encoded = encoder.encode(negatives, max_length=length, prompts_2=seconds)
-            negative_prompt_embeds, negative_pooled = encoded.tokens, encoded.pooled
+            negative_prompt_embeds = encoded.tokens
+            if negative_pooled is None:  # (a given one is kept, as for the prompt)
+                negative_pooled = encoded.pooled
     if guided:
         check_embeddings("negative_prompt_embeds", negative_prompt_embeds, 3, prompt_embeds)
         if needs_pooled:
