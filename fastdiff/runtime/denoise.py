@@ -22,7 +22,15 @@ from typing import Any
 import torch
 
 from fastdiff.ops.backend import compiling_ahead, requested_backend
-from fastdiff.runtime.graphs import EagerReplay, GraphCache, GraphEntry, GraphKey, tensor_bytes
+from fastdiff.runtime.graphs import (
+    EagerReplay,
+    GraphCache,
+    GraphEntry,
+    GraphKey,
+    autocast_state,
+    normal_tensors,
+    tensor_bytes,
+)
 from fastdiff.runtime.plan_step import apply_plan_step
 from fastdiff.sampling.guidance import combine_guidance
 from fastdiff.sampling.known_region import KnownRegion, keep_known, known_region_rows
@@ -335,6 +343,7 @@ class GraphedDenoiser:
                 call.older_depth,  # the body keeps as many older x0 estimates as the plan reads
                 call.guidance_rescale if call.guidance_scale is not None else 0.0,
                 requested_backend(),  # a graph replays the kernels chosen when it was captured
+                autocast_state(call.x_T.device.type),  # and the casts of torch.autocast
                 0 if whole_loop else step_graph_rows(call.steps),  # a step graph's plan rows
                 prepared_signature(prepared),
                 None if call.known is None else tuple(call.known.mask.shape),
@@ -406,7 +415,8 @@ class GraphedDenoiser:
         kept = self.cache.eager  # cleared with the cache (after moving or re-casting a model)
         entry = kept.pop(key, None)
         if entry is None or entry.buffers.x.device != call.x_T.device:
-            buffers, body, _ = self.build(call, key, call.x_T.device, prepared)
+            with normal_tensors():  # kept for later calls, as a graph's buffers
+                buffers, body, _ = self.build(call, key, call.x_T.device, prepared)
             entry = GraphEntry(key, EagerReplay(body), buffers, 0.0, tensor_bytes(buffers))
         kept[key] = entry  # most recent last
         while len(kept) > EAGER_ENTRIES:
@@ -434,6 +444,19 @@ class GraphedDenoiser:
         return entry.buffers.x.clone()
 
 
+def check_guided_batch(conditioning, batch: int) -> None:
+    """A guided condition has the latents' batch in both halves, as the eager loop's
+    ``classifier_free_guidance`` requires. Unchecked, a guided step that passes the latents once
+    (``shared_input``) read a condition of half their batch as one [uncond; cond] pair per
+    latent, and the step took that output as unguided, without an error."""
+    for part in (conditioning.cond, conditioning.uncond):
+        for value in part.values():
+            if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] != batch:
+                raise ValueError(
+                    f"the condition has batch size {value.shape[0]} but x_t has batch size {batch}"
+                )
+
+
 def build_call(
     plan,
     conditioning,
@@ -451,6 +474,8 @@ def build_call(
     if known is not None:
         known.check(noise)
     guided = conditioning.uncond is not None
+    if guided:
+        check_guided_batch(conditioning, int(noise.shape[0]))
     cond = dict(conditioning.cond)
     if guided:
         cond = {key: torch.cat([conditioning.uncond[key], value]) for key, value in cond.items()}

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from fastdiff.ops.backend import requested_backend
-from fastdiff.runtime.graphs import GraphCache, GraphKey
+from fastdiff.runtime.graphs import GraphCache, GraphKey, autocast_state
 
 
 @dataclass
@@ -86,6 +86,7 @@ class GraphedCall:
                 tuple(_signature(a) for a in args),
                 tuple(sorted((k, _signature(v)) for k, v in kwargs.items())),
                 requested_backend(),  # a graph replays the kernels chosen when it was captured
+                autocast_state(first.device.type),  # and the casts of torch.autocast
                 self.state() if self.state is not None else (),
             ),
         )

@@ -223,6 +223,26 @@ class CudaGraphBackend:
             return graph, max(0, int(torch.cuda.memory_reserved(self.device)) - int(before))
 
 
+def autocast_state(device_type: str) -> tuple:
+    """What ``torch.autocast`` decides on the host for ops on ``device_type``: a graph replays
+    the casts (and the lower-precision kernels) of the mode it was captured in, so its key has
+    the mode: () when off, else ("autocast", dtype)."""
+    if not torch.is_autocast_enabled(device_type):
+        return ()
+    return ("autocast", torch.get_autocast_dtype(device_type))
+
+
+@contextmanager
+def normal_tensors():
+    """Tensors made inside are normal ones, also under ``torch.inference_mode()`` (the caller's
+    grad mode kept): a graph's static buffers outlive the call that builds them, and the next
+    call, which may run outside inference mode, copies its inputs into them in place, which an
+    inference tensor refuses there."""
+    grad = torch.is_grad_enabled()
+    with torch.inference_mode(False), torch.set_grad_enabled(grad):
+        yield
+
+
 @contextmanager
 def no_garbage_collection():
     """Python's cyclic garbage collector held off for a capture. A pipeline and the runtime
@@ -388,12 +408,15 @@ class GraphCache:
             self.evict_oldest()
         start = time.perf_counter()
         try:
-            buffers, body, prepare = build()
-            built = time.perf_counter() - start
-            if also is not None and getattr(self.backend, "compile_ahead", False):
-                graph, pool_bytes = self.backend.capture(body, prepare, also=lambda: also(buffers))
-            else:
-                graph, pool_bytes = self.backend.capture(body, prepare)
+            with normal_tensors():
+                buffers, body, prepare = build()
+                built = time.perf_counter() - start
+                if also is not None and getattr(self.backend, "compile_ahead", False):
+                    graph, pool_bytes = self.backend.capture(
+                        body, prepare, also=lambda: also(buffers)
+                    )
+                else:
+                    graph, pool_bytes = self.backend.capture(body, prepare)
             phases = dict(getattr(self.backend, "last_phases", None) or {})
             if phases:  # a backend that times its phases: the build (buffers, a probe run) first
                 phases = {"build_s": built, **phases}

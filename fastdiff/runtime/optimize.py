@@ -287,6 +287,12 @@ class OptimizedRuntime:
             )
             timesteps = plan.timesteps.to(noise.device)
             coefficients = plan.coefficients.to(device=noise.device, dtype=torch.float32)
+        # The eager loop's checks of its first state (fastdiff.sampling.run_plan): the graphs
+        # would cast integer latents to float32 and back, and carry NaN through to the image.
+        if not x_start.is_floating_point():
+            raise ValueError("x_T must be a floating-point tensor")
+        if not bool(torch.isfinite(x_start).all()):
+            raise ValueError("x_T (the starting noise / latents) contains NaN or inf")
         call = build_call(plan, conditioning, x_start, guidance_scale, generator, known)
         call.guidance_rescale = float(guidance_rescale)
         call.result_dtype = noise.dtype  # returned below: what decode_ahead decodes
@@ -447,6 +453,10 @@ def optimize(
         raise ValueError(f"max_graphs must be at least 1, got {max_graphs}")
     if max_loop_steps < 0:
         raise ValueError(f"max_loop_steps must be >= 0, got {max_loop_steps}")
+    if compile_mode is not None:
+        # torch.compile checks the mode and backend when it wraps a function (compiling waits
+        # for the first call): a bad one fails here, not after the models were converted.
+        torch.compile(lambda: None, mode=compile_mode, backend=compile_backend, dynamic=False)
     # The attention table the launcher will read, parsed before anything changes (a bad
     # FASTDIFF_ATTENTION_CONFIGS file fails here, naming the file, with the pipeline untouched).
     triton_may_run = kernels and requested_backend() != "eager"
