@@ -130,10 +130,15 @@ class Attention(nn.Module):
         self._register_state_dict_hook(_unfuse_state_dict)
         self._register_load_state_dict_pre_hook(_rename_and_fuse_incoming, with_module=True)
 
-    def fuse_projections(self) -> None:
-        """Concatenate q/k/v (self-attention) or k/v (cross-attention) into one Linear."""
+    def fuse_projections(self) -> bool:
+        """Concatenate q/k/v (self-attention) or k/v (cross-attention) into one Linear; returns
+        whether this call fused them. Projections that are hooked, patched or wrapped (see
+        ``plain_layer``) are left as they are: the fused layer would run without the patch."""
         if self.fused:
-            return
+            return False
+        _, names = self.fused_layout()
+        if not all(plain_layer(getattr(self, name)) for name in names):
+            return False
         if self.is_cross_attention:
             self.to_kv = concat_linears([self.to_k, self.to_v])
             del self.to_k, self.to_v
@@ -141,6 +146,7 @@ class Attention(nn.Module):
             self.to_qkv = concat_linears([self.to_q, self.to_k, self.to_v])
             del self.to_q, self.to_k, self.to_v
         self.fused = True
+        return True
 
     def fused_layout(self) -> tuple[str, tuple[str, ...]]:
         """Name of the fused layer and the diffusers layers it replaces."""

@@ -29,11 +29,11 @@ class ModelBase(nn.Module):
         return torch.device("cpu")
 
     def fuse_qkv_projections(self) -> int:
-        """Fuse the projections of every attention module; returns how many modules were fused."""
+        """Fuse the projections of every attention module (those with a hooked, patched or
+        wrapped projection stay unfused); returns how many modules were fused."""
         count = 0
         for module in self.modules():
-            if isinstance(module, Attention) and not module.fused:
-                module.fuse_projections()
+            if isinstance(module, Attention) and not module.fused and module.fuse_projections():
                 count += 1
         return count
 
@@ -62,8 +62,9 @@ class ModelBase(nn.Module):
         upsamplers = [module for module in self.modules() if isinstance(module, Upsample2D)]
         for module in upsamplers:
             module.set_fold(mode)
-            if mode is not None and mode != AUTO:
-                module.folded_for(mode).get(module.conv.weight)
+            weight = getattr(module.conv, "weight", None)  # none: a wrapped conv, two steps
+            if mode is not None and mode != AUTO and isinstance(weight, torch.Tensor):
+                module.folded_for(mode).get(weight)
         # Kept for refresh_folded_weights, which runs before every graph replay.
         self.folded_upsamplers = upsamplers if mode is not None else []
         return len(upsamplers)
@@ -74,7 +75,9 @@ class ModelBase(nn.Module):
         runs no Python to notice. Returns how many were derived again."""
         count = 0
         for module in getattr(self, "folded_upsamplers", ()):
-            weight = module.conv.weight
+            weight = getattr(module.conv, "weight", None)
+            if not isinstance(weight, torch.Tensor):
+                continue  # a wrapped convolution: its calls run the two steps
             for folded in module.folds.values():
                 if folded.tensor is None:
                     continue  # derived at its next call, before any capture reads it

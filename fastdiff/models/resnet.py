@@ -172,11 +172,11 @@ class ResnetBlock2D(nn.Module):
     def has_bias_folds(self) -> bool:
         """Whether ``fold_biases`` can change anything here (conv1's bias or a time embedding,
         a 1x1 shortcut, conv2's bias beside an identity shortcut)."""
-        return (
-            self.conv1.bias is not None
+        return (  # (a wrapped layer has no bias of its own)
+            getattr(self.conv1, "bias", None) is not None
             or self.time_emb_proj is not None
             or self.conv_shortcut is not None
-            or self.conv2.bias is not None
+            or getattr(self.conv2, "bias", None) is not None
         )
 
     def __init__(
@@ -206,12 +206,11 @@ class ResnetBlock2D(nn.Module):
     def batchable(self) -> bool:
         """Whether the U-Net may compute this block's time shift (with conv1's bias) in its batched
         GEMM: folding on, and the layers involved plain (see ``plain_layer``)."""
-        return (
+        return (  # plain first: a wrapped layer has no bias to read
             self.fold_biases
-            and self.conv1.bias is not None
-            and self.time_emb_proj is not None
-            and self.time_emb_proj.bias is not None
             and all(plain_layer(layer) for layer in (self.conv1, self.norm2, self.time_emb_proj))
+            and self.conv1.bias is not None
+            and self.time_emb_proj.bias is not None
         )
 
     def forward(

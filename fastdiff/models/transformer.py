@@ -119,10 +119,11 @@ class BasicTransformerBlock(nn.Module):
         """Whether the feed-forward may accumulate into the residual sum in place: a plain
         ``FeedForward`` whose last layer is a plain linear layer with a bias, and no gradient
         through this block (autograd keeps the sum for norm3's backward)."""
+        if not plain_layer(self.ff):  # (a replaced feed-forward may have no net)
+            return False
         projection = self.ff.net[2]
         return (
-            plain_layer(self.ff)
-            and plain_layer(projection)
+            plain_layer(projection)
             and projection.bias is not None
             and projection.bias.dtype == x.dtype
             # (grad mode first: listing the parameters walks every submodule, on every call)

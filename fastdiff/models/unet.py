@@ -219,15 +219,14 @@ class UNet2DConditionModel(ModelBase):
         in the packed tensors). Returns whether they are packed (blocks without a bias, or with
         parameters of differing dtypes or devices, are left as they are)."""
         blocks = self.time_blocks()
-        if not blocks or any(
-            block.conv1.bias is None or block.time_emb_proj.bias is None for block in blocks
-        ):
-            return False
+        # (getattr: a wrapped layer has no parameters of its own, and is not packed)
         kinds = [
-            [block.time_emb_proj.weight for block in blocks],
-            [block.time_emb_proj.bias for block in blocks],
-            [block.conv1.bias for block in blocks],
+            [getattr(block.time_emb_proj, "weight", None) for block in blocks],
+            [getattr(block.time_emb_proj, "bias", None) for block in blocks],
+            [getattr(block.conv1, "bias", None) for block in blocks],
         ]
+        if not blocks or any(param is None for params in kinds for param in params):
+            return False
         if not pack_rows(kinds):
             return False
         self.packed_time_blocks = blocks  # (a plain list: not registered as submodules again)
@@ -281,6 +280,8 @@ class UNet2DConditionModel(ModelBase):
         every one is per sample or one for all: the samples then share their timestep
         embedding across their contexts (``fastdiff.models.context_groups``)."""
         batch = sample.shape[0]
+        if class_labels is not None and not torch.is_tensor(class_labels):  # a list: per row?
+            class_labels = torch.as_tensor(class_labels, device=sample.device)
         inputs = {"timestep": timestep, "class_labels": class_labels}
         inputs |= {"timestep_cond": timestep_cond, **(added_cond_kwargs or {})}
         per_row = [
