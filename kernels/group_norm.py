@@ -105,7 +105,9 @@ def group_norm_single_pass_kernel(
     count = spatial * CHANNELS_PER_GROUP * 1.0
     mean_shifted = tl.sum(tl.sum(acc_sum, axis=1), axis=0) / count
     mean_square = tl.sum(tl.sum(acc_sq, axis=1), axis=0) / count
-    var = tl.maximum(mean_square - mean_shifted * mean_shifted, 0.0)
+    # NaN-propagating max: a group holding an inf has a NaN variance and normalizes to NaN, as
+    # the reference does (the default max drops the NaN and leaves a variance of 0 and infs).
+    var = tl.maximum(mean_square - mean_shifted * mean_shifted, 0.0, tl.PropagateNan.ALL)
     # Normalizing x + offset around the group mean is normalizing x around mean - offset.
     mean = (shift + mean_shifted - add)[:, None]
     rstd = 1.0 / tl.sqrt(var + eps)

@@ -139,7 +139,8 @@ def group_norm_finalize_kernel(
     mean = tl.sum(tl.where(mask_cg, chan_mean, 0.0), axis=0) / CHANNELS_PER_GROUP
     dev = tl.where(mask_cg, chan_mean - mean, 0.0)
     m2 = tl.sum(tl.where(mask_cg, chan_m2, 0.0), axis=0) + count * tl.sum(dev * dev, axis=0)
-    var = tl.maximum(m2 / (count * CHANNELS_PER_GROUP), 0.0)
+    # NaN-propagating: a group holding an inf normalizes to NaN, as the reference does.
+    var = tl.maximum(m2 / (count * CHANNELS_PER_GROUP), 0.0, tl.PropagateNan.ALL)
     rstd = 1.0 / tl.sqrt(var + eps)
     if HAS_WEIGHT:
         weight = tl.load(weight_ptr + chan, mask=mask_cg, other=1.0).to(tl.float32)

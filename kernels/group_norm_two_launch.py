@@ -157,7 +157,8 @@ def group_norm_apply_group_stats_kernel(
         sum2 += tl.sum(tl.load(partial_ptr + second + idx, mask=mask, other=0.0), axis=0)
     count = spatial * 1.0 * CHANNELS_PER_GROUP  # float first: a group may pass 2**31 values
     mean_shifted = sum1 / count
-    var = tl.maximum(sum2 / count - mean_shifted * mean_shifted, 0.0)
+    # NaN-propagating: a group holding an inf normalizes to NaN, as the reference does.
+    var = tl.maximum(sum2 / count - mean_shifted * mean_shifted, 0.0, tl.PropagateNan.ALL)
     group_rstd = 1.0 / tl.sqrt(var + eps)
     lead = groups * CHANNELS_PER_GROUP
     x_base = x_ptr + sample.to(tl.int64) * stride_n

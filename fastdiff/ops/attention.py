@@ -19,6 +19,7 @@ from fastdiff.ops.backend import (
 )
 
 MAX_KERNEL_HEAD_DIM = 256
+MAX_INT32_OFFSET = 2**31
 
 
 def check_attention_args(
@@ -85,7 +86,28 @@ def attention_triton_supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         return False
     if not (q.device == k.device == v.device):
         return False
+    if not offsets_fit_int32(q, k, v):
+        return False
     return scale is None or scale > 0  # the kernel's running max assumes a positive scale
+
+
+def offsets_fit_int32(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """The kernel's int32 arithmetic holds for these operands: it scales the batch and head
+    strides back in int32 (a batch's and head's int64 offsets are products of those) and indexes
+    the rows and head-dim columns of one batch and head in int32. A view spread wider than its
+    elements (a slice of a much larger projection) can pass 2**31 where a dense tensor does not."""
+    for t in (q, k, v):
+        batch, heads, rows, dim = t.shape
+        stride_b, stride_h, stride_n, stride_d = t.stride()
+        if (
+            (rows - 1) * stride_n >= MAX_INT32_OFFSET
+            or (dim - 1) * stride_d >= MAX_INT32_OFFSET
+            or (batch > 1 and stride_b >= MAX_INT32_OFFSET)
+            or (heads > 1 and stride_h >= MAX_INT32_OFFSET)
+        ):
+            return False
+    # The output, (B, N, H, D) memory: its batch stride and row offsets are below N * H * D.
+    return q.shape[1] * q.shape[2] * q.shape[3] < MAX_INT32_OFFSET
 
 
 def attention(

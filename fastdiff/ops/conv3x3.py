@@ -90,6 +90,10 @@ def conv3x3_triton_supports(x: torch.Tensor, weight: torch.Tensor, bias) -> bool
         return False
     if not x.is_contiguous(memory_format=torch.channels_last):
         return False
+    if height * width > 1 and x.is_contiguous():
+        # One channel: NCHW too, and PyTorch's convolution may return NCHW, which the kernel's
+        # channels-last output is not (a 1x1 map's output is both layouts at once).
+        return False
     if weight.dtype != x.dtype or weight.device != x.device:
         return False
     return bias is None or (

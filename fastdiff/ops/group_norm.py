@@ -159,10 +159,17 @@ def group_norm_triton_supports(x: torch.Tensor, num_groups: int, weight, bias, o
 
     if not kernel_dtype_supported(x):
         return False
-    if x.shape[1] // num_groups > MAX_CHANNELS_PER_GROUP or flat_strides(x) is None:
+    strides = flat_strides(x)
+    if x.shape[1] // num_groups > MAX_CHANNELS_PER_GROUP or strides is None:
         return False
-    if x.numel() and x.numel() // x.shape[0] >= MAX_SAMPLE_ELEMENTS:
-        return False  # the kernels index within a sample in int32
+    if x.numel():
+        if x.numel() // x.shape[0] >= MAX_SAMPLE_ELEMENTS:
+            return False  # the kernels index within a sample in int32
+        # ... through x's strides, which a view spreads wider than its elements (a channel
+        # slice of a channels-last map): its largest offset within a sample must fit too.
+        spatial = x.numel() // (x.shape[0] * x.shape[1])
+        if (x.shape[1] - 1) * strides[1] + (spatial - 1) * strides[2] >= MAX_SAMPLE_ELEMENTS:
+            return False
     if offset is not None and offset.dtype not in (x.dtype, torch.float32):
         return False
     return all(p is None or (p.device == x.device and p.stride(0) == 1) for p in (weight, bias))

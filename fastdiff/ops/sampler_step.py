@@ -55,6 +55,10 @@ def sampler_step_eager(
         guidance = guidance_scale
         if isinstance(guidance, torch.Tensor):
             guidance = guidance.to(dtype)
+            if guidance.numel() == 1:
+                # One value of any shape, as the kernels read it: 0-d, so that it cannot
+                # broadcast the state to more dimensions than x has.
+                guidance = guidance.reshape(())
         model = uncond + guidance * (cond - uncond)
     else:
         model = model_output.to(dtype)
