@@ -14,6 +14,8 @@ CLIP text encoders (keys grouped by the module they patch, one prefix per compon
   (B, out x r), with an optional ``<prefix>.<module>.alpha``;
 * diffusers' older attention-processor layout: ``<prefix>.<attention>.processor.to_q_lora.down
   .weight`` / ``.up.weight`` (``to_out_lora`` patches ``to_out.0``), and ``<module>.lora.down``;
+  for text encoders ``<attention>.to_q_lora.down.weight`` (patching ``q_proj`` ... ``out_proj``)
+  and ``<module>.lora_linear_layer.down.weight``;
 * kohya (sd-scripts): ``lora_unet_<module path, dots as underscores>.lora_down.weight``,
   ``.lora_up.weight`` and ``.alpha``, with ``lora_te_`` (``lora_te1_`` / ``lora_te2_`` for
   SDXL's two encoders) for the text encoders. SDXL files name the U-Net's modules as the
@@ -31,7 +33,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-PROCESSOR = re.compile(r"^(.*)\.processor\.(to_q|to_k|to_v|to_out)_lora\.(down|up)\.weight$")
+PROCESSOR = re.compile(r"^(.*?)(\.processor)?\.(to_q|to_k|to_v|to_out)_lora\.(down|up)\.weight$")
+# diffusers' older text-encoder layout names CLIP's projections as the processors named them
+CLIP_PROJECTIONS = {"to_q": "q_proj", "to_k": "k_proj", "to_v": "v_proj", "to_out": "out_proj"}
 
 
 @dataclass
@@ -73,8 +77,10 @@ class LoraLayer:
 
 def apply_adapter_config(layers: dict[str, LoraLayer], config: dict[str, object], where: str):
     """A PEFT adapter config (diffusers writes it into the file's safetensors metadata, key
-    ``lora_adapter_metadata``): ``lora_alpha``, ``alpha_pattern`` (by module name or suffix)
-    and ``use_rslora`` set the alphas of the layers the file gives none; DoRA is refused."""
+    ``lora_adapter_metadata``): ``lora_alpha``, ``alpha_pattern`` (regular expressions that a
+    module's name, or its part after some dot, must match to its end; the first that matches
+    applies, as in PEFT's get_pattern_key) and ``use_rslora`` set the alphas of the layers
+    the file gives none; DoRA is refused."""
     if config.get("use_dora"):
         raise ValueError(f"{where}: DoRA adapters (use_dora) are not supported")
     lora_alpha = config.get("lora_alpha")
@@ -84,7 +90,7 @@ def apply_adapter_config(layers: dict[str, LoraLayer], config: dict[str, object]
             matched = [
                 alpha
                 for pattern, alpha in patterns.items()
-                if path == pattern or path.endswith("." + pattern)
+                if re.match(rf"(.*\.)?({pattern})$", path)
             ]
             layer.alpha = float(matched[0]) if matched else lora_alpha
             layer.alpha = None if layer.alpha is None else float(layer.alpha)
@@ -104,7 +110,8 @@ def split_components(
             start = next((prefix for prefix in starts if key.startswith(prefix)), None)
             if start is not None:
                 kohya = start.endswith("_")
-                module, part = parse_key(key[len(start) :], kohya, key)
+                text_encoder = component.startswith("text_encoder")
+                module, part = parse_key(key[len(start) :], kohya, key, text_encoder)
                 layer = layers.setdefault((component, kohya), {}).setdefault(module, LoraLayer())
                 if part == "alpha":
                     layer.alpha = float(value)
@@ -117,9 +124,11 @@ def split_components(
     return layers
 
 
-def parse_key(rest: str, kohya: bool, key: str) -> tuple[str, str]:
+def parse_key(rest: str, kohya: bool, key: str, text_encoder: bool = False) -> tuple[str, str]:
     """(module path, "down" | "up" | "alpha") of a key without its component prefix; kohya
-    module paths keep their underscores (``resolve`` matches them)."""
+    module paths keep their underscores (``resolve`` matches them). ``text_encoder``: the key
+    addresses a CLIP text encoder, whose attention-processor layout (diffusers 0.15-0.16:
+    ``self_attn.to_q_lora.down.weight``) names ``q_proj`` ... ``out_proj`` by the U-Net's names."""
     if kohya:
         for suffix, part in ((".lora_down.weight", "down"), (".lora_up.weight", "up")):
             if rest.endswith(suffix):
@@ -129,14 +138,19 @@ def parse_key(rest: str, kohya: bool, key: str) -> tuple[str, str]:
     else:
         processor = PROCESSOR.match(rest)
         if processor:
-            attention, projection, part = processor.groups()
-            projection = "to_out.0" if projection == "to_out" else projection
+            attention, _, projection, part = processor.groups()
+            if text_encoder:
+                projection = CLIP_PROJECTIONS[projection]
+            elif projection == "to_out":
+                projection = "to_out.0"
             return f"{attention}.{projection}", part
         for suffix, part in (
             (".lora_A.weight", "down"),
             (".lora_B.weight", "up"),
             (".lora.down.weight", "down"),
             (".lora.up.weight", "up"),
+            (".lora_linear_layer.down.weight", "down"),  # diffusers 0.17-0.20 text encoders
+            (".lora_linear_layer.up.weight", "up"),
             (".alpha", "alpha"),
         ):
             if rest.endswith(suffix):

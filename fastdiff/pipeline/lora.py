@@ -12,7 +12,9 @@ import torch
 
 from fastdiff.models.lora import LoraFusion, apply_adapter_config, split_components
 
-LORA_FILE = "pytorch_lora_weights.safetensors"  # the name diffusers saves LoRA weights under
+# The names diffusers saves LoRA weights under, in its order of preference (the pickled one
+# is what its scripts wrote before safetensors became their default)
+LORA_FILES = ("pytorch_lora_weights.safetensors", "pytorch_lora_weights.bin")
 METADATA_KEY = "lora_adapter_metadata"  # where diffusers writes the PEFT adapter configs
 
 # The key prefixes that address each model: diffusers' and PEFT's, then kohya's.
@@ -24,21 +26,29 @@ COMPONENT_PREFIXES = {
 
 
 def read_lora_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """A LoRA state dict from a file, or from a folder's ``pytorch_lora_weights.safetensors``,
-    and the adapter configs its safetensors metadata holds (``lora_adapter_metadata``: keys
-    ``<component>.<option>``, as diffusers' ``save_lora_weights`` writes them; {} if none)."""
+    """A LoRA state dict from a file, or from a folder's ``pytorch_lora_weights.safetensors``
+    (else ``.bin``), and the adapter configs its safetensors metadata holds
+    (``lora_adapter_metadata``: keys ``<component>.<option>``, as diffusers'
+    ``save_lora_weights`` writes them; {} if none)."""
     from fastdiff.models.checkpoint import read_file
 
     if path.is_dir():
-        path = path / LORA_FILE
+        path = next(
+            (path / name for name in LORA_FILES if (path / name).is_file()), path / LORA_FILES[0]
+        )
     if not path.is_file():
         raise FileNotFoundError(f"LoRA weights not found: {path}")
     metadata: dict[str, Any] = {}
     if path.suffix == ".safetensors":
         from safetensors import safe_open
 
-        with safe_open(str(path), framework="pt") as handle:
-            raw = (handle.metadata() or {}).get(METADATA_KEY)
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                raw = (handle.metadata() or {}).get(METADATA_KEY)
+        except Exception as error:  # safetensors' own errors name no file
+            raise ValueError(
+                f"{path}: cannot read safetensors file, truncated or corrupt? ({error})"
+            ) from None
         if raw:
             try:
                 metadata = json.loads(raw)

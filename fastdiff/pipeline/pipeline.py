@@ -333,11 +333,11 @@ class Pipeline:
     ) -> int:
         """Fuse LoRA weights into the U-Net and text encoders, as diffusers'
         ``load_lora_weights`` then ``fuse_lora(lora_scale=scale)`` do; ``source``: a
-        .safetensors (or .bin) file, a folder holding ``pytorch_lora_weights.safetensors``, or
-        a state dict. Several LoRAs add up; ``unload_lora_weights`` restores the weights. After
-        ``optimize()`` the updates land in the fused projections' rows in place, so captured
-        graphs replay with them (no new capture). Returns the number of layers patched
-        (``fastdiff.pipeline.lora``)."""
+        .safetensors (or .bin) file, a folder holding ``pytorch_lora_weights.safetensors`` (or
+        ``.bin``), or a state dict. Several LoRAs add up; ``unload_lora_weights`` restores the
+        weights. After ``optimize()`` the updates land in the fused projections' rows in place,
+        so captured graphs replay with them (no new capture). Returns the number of layers
+        patched (``fastdiff.pipeline.lora``)."""
         from fastdiff.pipeline.lora import fuse_lora
 
         if not hasattr(self, "lora_fusion"):

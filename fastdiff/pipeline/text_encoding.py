@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from fastdiff.models.checkpoint import format_keys
 from fastdiff.pipeline.textual_inversion import expand_prompt
 
 SUPPORTED_TEXT_ENCODERS = ("CLIPTextModel", "CLIPTextModelWithProjection")
@@ -58,15 +59,34 @@ def load_text_component(
     component_class = getattr(transformers, class_name, None)
     if component_class is None:  # transformers 5 folded the *Fast tokenizers into one class
         component_class = transformers.CLIPTokenizer
-    options = {"variant": variant} if variant and "Tokenizer" not in class_name else {}
+    is_tokenizer = "Tokenizer" in class_name
+    options: dict[str, Any] = {}
+    if not is_tokenizer:
+        # transformers 5 loads in the config's dtype by default, and some published configs
+        # say float16 beside float32 weights: ask for the dtype wanted (float32 unless
+        # told), so the stored values are read, not rounded through float16. (torch_dtype: the
+        # name transformers 4 knows; 5 still reads it.) The loading report says which weights
+        # the file lacked, which transformers would otherwise fill with random values.
+        options = {"torch_dtype": dtype or torch.float32, "output_loading_info": True}
+        if variant:
+            options["variant"] = variant
     try:
         component = component_class.from_pretrained(str(folder), **options)
+        if not is_tokenizer:
+            component, loading_info = component
     except OSError as error:
         raise FileNotFoundError(f"cannot load {class_name} from {folder}: {error}") from error
     except Exception as error:  # e.g. a truncated safetensors file: name the folder
         raise ValueError(
             f"cannot load {class_name} from {folder}: {type(error).__name__}: {error}"
         ) from error
+    if not is_tokenizer:
+        missing = sorted(loading_info.get("missing_keys") or ())
+        if missing:
+            raise ValueError(
+                f"{folder}: the weights do not match {class_name}: {len(missing)} missing "
+                f"(transformers would fill them with random values): {format_keys(missing)}"
+            )
     # transformers builds a tokenizer even from an empty folder: two special tokens and no
     # maximum length, which fails only at the first prompt (OverflowError in padding).
     if "Tokenizer" in class_name and (
@@ -77,8 +97,8 @@ def load_text_component(
             "(tokenizer.json, or vocab.json + merges.txt, and tokenizer_config.json) missing?"
         )
     if isinstance(component, torch.nn.Module):
-        # transformers 5 loads in the file's dtype ("auto"); with no dtype asked for, float32
-        # like the U-Net and VAE, not fp16 because the folder happens to store fp16 weights.
+        # (loaded in this dtype already: with none asked for, float32 like the U-Net and VAE,
+        # not fp16 because the folder happens to store or name fp16 weights)
         dtype = dtype or torch.float32
         component = component.to(device=device, dtype=dtype).eval().requires_grad_(False)
     return component

@@ -50,9 +50,9 @@ def read_state(source: Any) -> Any:
     if not path.is_file():
         raise FileNotFoundError(f"textual inversion file not found: {path}")
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+        from fastdiff.models.checkpoint import read_safetensors
 
-        return load_file(str(path), device="cpu")
+        return read_safetensors(path)  # a truncated or corrupt file raises naming it
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:

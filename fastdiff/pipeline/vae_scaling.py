@@ -16,12 +16,14 @@ import torch
 
 ALL_LATENT_KEYS = ("scaling_factor", "shift_factor", "latents_mean", "latents_std")
 # The keys the diffusers pipeline classes read: StableDiffusionPipeline (and its img2img and
-# inpainting siblings) divides by scaling_factor only; the StableDiffusionXL* pipelines also
-# normalise per channel when both latents_mean and latents_std are given; neither reads
-# shift_factor. Any other folder (fastdiff's own) uses every key its VAE config gives.
+# inpainting siblings) and LatentConsistencyModelPipeline (and its img2img) divide by
+# scaling_factor only; the StableDiffusionXL* pipelines also normalise per channel when both
+# latents_mean and latents_std are given; none reads shift_factor. Any other folder
+# (fastdiff's own) uses every key its VAE config gives.
 LATENT_KEYS = {
     "StableDiffusionXL": ("scaling_factor", "latents_mean", "latents_std"),
     "StableDiffusion": ("scaling_factor",),
+    "LatentConsistencyModel": ("scaling_factor",),
 }
 
 
