@@ -91,6 +91,10 @@ IGNORED_KEYS = frozenset(
 # schedule and each sampler takes its own scheduler's default.
 PER_SAMPLER_KEYS = ("timestep_spacing", "set_alpha_to_one", "clip_sample")
 
+# Flags diffusers' schedulers test for truth, so that a null written in the file reads as false
+# (lower_order_final: DPMSolverMultistepScheduler's "and len(self.timesteps) < 15").
+NULL_IS_FALSE = ("clip_sample", "set_alpha_to_one", "rescale_betas_zero_snr", "lower_order_final")
+
 # Defaults of the scheduler classes whose configs we read, for keys the file may omit.
 _COMMON_DEFAULTS: dict[str, Any] = {
     "num_train_timesteps": 1000,
@@ -147,7 +151,7 @@ def schedule_kwargs_from_config(config: dict[str, Any]) -> dict[str, Any]:
     for key, value in merged.items():
         if key.startswith("_") or key in IGNORED_KEYS:
             continue
-        if key in ("clip_sample", "set_alpha_to_one", "rescale_betas_zero_snr") and value is None:
+        if key in NULL_IS_FALSE and value is None:
             kwargs[key] = False  # written null: diffusers' schedulers test these for truth
         elif key in SCHEDULE_KEYS:
             kwargs[key] = value

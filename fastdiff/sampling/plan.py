@@ -237,13 +237,19 @@ def make_plan(
         check_pndm(schedule)
     refuse_zero_snr_rescale(schedule, sampler)
     if karras and kdpm2:
-        # KDPM2DiscreteScheduler's Karras levels span its spaced levels, as Euler's do (it has
-        # no sigma_min / sigma_max keys), and it rounds their timesteps
+        # KDPM2DiscreteScheduler's Karras levels span its spaced levels, as Euler's do, or a
+        # config's sigma_min / sigma_max (not its own keys, but read from its config, where
+        # from_config keeps them), and it rounds their timesteps
         ends = euler_spacing_ends(
             schedule.num_train_timesteps, steps, schedule.timestep_spacing, schedule.steps_offset
         )
         timesteps, sigmas = karras_sigmas(
-            clamped_alphas_cumprod(schedule), steps, True, ends_at=ends
+            clamped_alphas_cumprod(schedule),
+            steps,
+            True,
+            sigma_min=schedule.sigma_min,
+            sigma_max=schedule.sigma_max,
+            ends_at=ends,
         )
     elif karras:
         base = "euler_karras" if heun or lms else sampler

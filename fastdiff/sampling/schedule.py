@@ -278,7 +278,9 @@ class NoiseSchedule:
 
             base = self.timesteps(steps, "ddim", keep_fraction)
             return pndm_calls(base)
-        if sampler.startswith("kdpm2"):
+        if sampler.startswith(("kdpm2", "lms")):
+            # (LMS: Euler's timesteps, or Karras levels spanning them without the config's
+            # sigma bounds; KDPM2: its midpoints' too)
             from fastdiff.sampling.plan import make_plan  # plan builds on this module
 
             timesteps = make_plan(self, sampler, steps).timesteps
