@@ -258,12 +258,15 @@ class Pipeline:
         progress: bool = True,
         known: KnownRegion | None = None,
         lcm_strength: float = 1.0,
+        start_checked: bool = False,
     ) -> torch.Tensor:
         """The denoising loop: unit-variance ``noise`` (or, for img2img, ``init_latents`` noised
         to ``start_step``, or taken as they are with ``add_noise=False``) -> final latents (the
         state before plan step ``end_step`` when given); ``known``: the region kept at the image
         after each step (inpainting with a 4-channel U-Net); ``lcm_strength``: the lcm
-        sampler's share of its schedule (``make_plan``). A faster runtime replaces this
+        sampler's share of its schedule (``make_plan``); ``start_checked``: the start is known
+        to be finite (``__call__``'s own draw or checked latents), so the optimized runtime
+        skips its check, a host sync (the eager loop checks anyway). A faster runtime replaces this
         method as a whole; it receives the conditioning as U-Net keyword dicts, [uncond; cond]
         batched when guided."""
         model_fn = self.build_model_fn(conditioning, guidance_scale, guidance_rescale)
@@ -591,6 +594,7 @@ class Pipeline:
             progress=progress,
             known=known,
             lcm_strength=start.lcm_strength,
+            start_checked=True,  # drawn here, or from inputs checked above
         )
         if output_type == "latent":
             return result

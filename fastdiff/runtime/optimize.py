@@ -268,6 +268,7 @@ class OptimizedRuntime:
         progress: bool = True,
         known=None,
         lcm_strength: float = 1.0,
+        start_checked: bool = False,
     ) -> torch.Tensor:
         """Same contract as ``Pipeline.denoise``; runs the plan through captured graphs."""
         if not 0.0 <= guidance_rescale <= 1.0:
@@ -289,9 +290,11 @@ class OptimizedRuntime:
             coefficients = plan.coefficients.to(device=noise.device, dtype=torch.float32)
         # The eager loop's checks of its first state (fastdiff.sampling.run_plan): the graphs
         # would cast integer latents to float32 and back, and carry NaN through to the image.
+        # The finiteness check syncs with the host: skipped for a start the pipeline's call
+        # drew itself or checked already (``start_checked``).
         if not x_start.is_floating_point():
             raise ValueError("x_T must be a floating-point tensor")
-        if not bool(torch.isfinite(x_start).all()):
+        if not start_checked and not bool(torch.isfinite(x_start).all()):
             raise ValueError("x_T (the starting noise / latents) contains NaN or inf")
         call = build_call(plan, conditioning, x_start, guidance_scale, generator, known)
         call.guidance_rescale = float(guidance_rescale)

@@ -140,3 +140,25 @@ def test_a_starting_state_the_eager_loop_refuses_is_refused(pipe):
     for x_T, extra, message in cases:
         with pytest.raises(ValueError, match=message):
             pipe.denoise(conditioning, x_T, **kwargs, **extra)
+
+
+def test_a_pipeline_call_skips_the_host_synchronising_start_check(pipe, monkeypatch):
+    """The runtime's finiteness check of the start syncs with the host; ``pipe(...)`` draws its
+    start itself or checks the given latents, so it tells the runtime so, and a NaN check runs
+    only on what the call was given."""
+    runtime.optimize(pipe, backend=runtime.EagerGraphBackend(), verbose=False)
+    checked = []
+    isfinite = torch.isfinite
+
+    def counting_isfinite(tensor):
+        if tensor.shape == (1, 4, 8, 8):  # the latents' (the plan's host-side table aside)
+            checked.append(tuple(tensor.shape))
+        return isfinite(tensor)
+
+    monkeypatch.setattr(torch, "isfinite", counting_isfinite)
+    embeds = dict(prompt_embeds=torch.randn(1, 7, 32), negative_prompt_embeds=torch.randn(1, 7, 32))
+    pipe(**embeds, num_inference_steps=2, output_type="tensor", progress=False)
+    assert checked == []  # text-to-image from its own noise: nothing to check
+    with pytest.raises(ValueError, match="latents contain NaN or inf"):
+        pipe(**embeds, latents=torch.full((1, 4, 8, 8), torch.nan), progress=False)
+    assert len(checked) == 1  # the given latents, once
