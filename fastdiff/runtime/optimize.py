@@ -37,7 +37,13 @@ from fastdiff.ops.backend import (
 )
 from fastdiff.runtime.denoise import GraphedDenoiser, build_call
 from fastdiff.runtime.graphed_call import GraphedCall
-from fastdiff.runtime.graphs import CudaGraphBackend, EagerGraphBackend, GraphBackend, GraphCache
+from fastdiff.runtime.graphs import (
+    CudaGraphBackend,
+    EagerGraphBackend,
+    GraphBackend,
+    GraphCache,
+    WeightAddresses,
+)
 from fastdiff.runtime.memory import format_mib, memory_snapshot
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -207,6 +213,7 @@ class OptimizedRuntime:
         self.cache = GraphCache(backend, max_graphs=max_graphs)
         self.eager_denoise = pipe.denoise
         self.eager_decode_latents = pipe.decode_latents
+        unet_weights = WeightAddresses(lambda: pipe.unet)
         self.denoiser = GraphedDenoiser(
             pipe.unet_forward,
             self.cache,
@@ -217,13 +224,18 @@ class OptimizedRuntime:
             then=self.decode_ahead if decode_ahead else None,
             # The packed context projections, once per generation rather than at every step.
             prepare_cond=getattr(pipe, "prepare_condition", None),
-            # Host-side U-Net settings (FreeU), read per call: changing them captures anew.
-            model_state=lambda: getattr(pipe.unet, "graph_state", tuple)(),
+            # Host-side U-Net settings (FreeU) and where its weights live, read per call:
+            # changing them (or swapping or casting the U-Net) captures anew.
+            model_state=lambda: (*getattr(pipe.unet, "graph_state", tuple)(), unet_weights()),
             shared_input=shared_input,
         )
         # The VAE's tiling and slicing settings and its latent scaling are decided on the host:
         # part of the VAE graphs' keys (a pipeline without vae_graph_state has none to change).
-        vae_state = getattr(pipe, "vae_graph_state", None)
+        # Where the VAE's weights live too: a VAE swapped or cast after optimize() gets graphs
+        # of its own rather than replays that read the old one's memory.
+        vae_weights = WeightAddresses(lambda: getattr(pipe, "vae", None))
+        host_state = getattr(pipe, "vae_graph_state", tuple)
+        vae_state = lambda: (*host_state(), vae_weights())  # noqa: E731
         self.decoder = GraphedCall(self.eager_decode_latents, self.cache, "vae", vae_state)
         self.eager_encode_moments = pipe.encode_moments
         self.encoder = GraphedCall(self.eager_encode_moments, self.cache, "vae-encode", vae_state)
@@ -443,8 +455,12 @@ def optimize(
     torch.compiles the U-Net's blocks: an option, since compiling takes a minute where the
     default path warms up in seconds.
 
-    Graphs hold the addresses of the weights: call ``optimize`` after loading, and after moving or
-    re-casting a model call ``pipe.runtime.cache.clear()`` so the next call captures again.
+    Graphs hold the addresses of the weights. Their keys have them (``WeightAddresses``): a
+    U-Net or VAE swapped, cast or moved after ``optimize`` captures new graphs at its next call,
+    and in-place updates (``load_state_dict``, ``load_lora_weights``) replay in the old ones.
+    Call ``optimize`` after loading, so the fusions and folds apply; after replacing a module
+    inside a model (or its buffers alone), call ``optimize`` again or
+    ``pipe.runtime.cache.clear()``.
     """
     check_upsample_fold(upsample_fold)
     for name, value in (("dtype", dtype), ("vae_dtype", vae_dtype)):

@@ -1,0 +1,99 @@
+"""A model swapped or cast on an optimized pipeline: the graphs captured before read the old
+model's weights (a real CUDA graph their freed memory), so the next call must capture anew,
+never replay them."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fastdiff.runtime as runtime
+from tests.runtime.conftest import tiny_pipeline, with_folds
+from tests.runtime.fake_graph import RecordingGraphBackend
+
+
+def text_to_image(seed: int = 5) -> dict:
+    generator = torch.Generator().manual_seed(seed)
+    return dict(
+        prompt_embeds=torch.randn(1, 7, 32, generator=generator),
+        negative_prompt_embeds=torch.randn(1, 7, 32, generator=generator),
+        sampler="ddim",
+        num_inference_steps=3,
+        height=16,
+        width=16,
+        output_type="tensor",
+        progress=False,
+        seed=seed,
+    )
+
+
+def other_vae():
+    from model_configs import model_config
+
+    from fastdiff.models import AutoencoderKL
+
+    torch.manual_seed(99)
+    return AutoencoderKL(model_config("tiny_vae")).eval()
+
+
+def test_a_replaced_vae_decodes_with_its_own_weights():
+    pipe = with_folds(tiny_pipeline())
+    rt = runtime.optimize(pipe, backend=RecordingGraphBackend(), verbose=False)
+    first = pipe(**text_to_image())
+    new = other_vae()
+    reference = with_folds(tiny_pipeline())
+    reference.vae = other_vae()
+    want = reference(**text_to_image())
+    assert (want - first).abs().max() > 1e-2  # the two VAEs decode differently
+    pipe.vae = new
+    got = pipe(**text_to_image())
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert sorted(key.kind for key in rt.cache.entries).count("vae") == 2
+
+
+def test_a_vae_cast_after_optimize_decodes_in_its_new_dtype():
+    pipe = with_folds(tiny_pipeline())
+    runtime.optimize(pipe, backend=RecordingGraphBackend(), verbose=False)
+    pipe(**text_to_image())
+    pipe.vae.to(torch.float64)
+    reference = with_folds(tiny_pipeline())
+    reference.vae.to(torch.float64)
+    want = reference(**text_to_image())
+    got = pipe(**text_to_image())
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("fold", [True, False], ids=["folded", "unfolded"])
+def test_a_replaced_unet_denoises_with_its_own_weights(fold):
+    """Folded, the condition prepared ahead names the packed projections it came from, which
+    told the two U-Nets apart by chance; unfolded nothing did."""
+    pipe = tiny_pipeline()
+    options = dict(backend=RecordingGraphBackend(), fold_biases=fold, verbose=False)
+    runtime.optimize(pipe, **options)
+    pipe(**text_to_image())
+    new = tiny_pipeline()
+    with torch.no_grad():
+        for p in new.unet.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    # prepared as optimize() prepares a U-Net (fused projections, packed context weights), so
+    # nothing but its weights tells it from the one the graphs were captured with
+    runtime.optimize(new, **{**options, "backend": RecordingGraphBackend()})
+    want = new(**text_to_image())
+    pipe.unet = new.unet
+    got = pipe(**text_to_image())
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_weights_loaded_in_place_replay_the_graphs_captured():
+    """The addresses in the keys do not cost a capture where the memory stays: a state dict
+    loaded into the VAE is read by the graph already captured (tests/pipeline/test_lora.py has
+    the U-Net's case)."""
+    pipe = with_folds(tiny_pipeline())
+    rt = runtime.optimize(pipe, backend=RecordingGraphBackend(), verbose=False)
+    pipe(**text_to_image())
+    reference = with_folds(tiny_pipeline())
+    reference.vae = other_vae()
+    pipe.vae.load_state_dict(reference.vae.state_dict())
+    got = pipe(**text_to_image())
+    torch.testing.assert_close(got, reference(**text_to_image()), rtol=1e-5, atol=1e-5)
+    assert rt.cache.stats.captures == 2 and rt.cache.stats.hits == 2
