@@ -62,6 +62,8 @@ class ModelBase(nn.Module):
         upsamplers = [module for module in self.modules() if isinstance(module, Upsample2D)]
         for module in upsamplers:
             module.set_fold(mode)
+            for folded in module.folds.values():  # switched on again: derived anew (``.data``)
+                folded.forget()
             weight = getattr(module.conv, "weight", None)  # none: a wrapped conv, two steps
             if mode is not None and mode != AUTO and isinstance(weight, torch.Tensor):
                 module.folded_for(mode).get(weight)
@@ -69,10 +71,12 @@ class ModelBase(nn.Module):
         self.folded_upsamplers = upsamplers if mode is not None else []
         return len(upsamplers)
 
-    def refresh_folded_weights(self) -> int:
+    def refresh_folded_weights(self, force: bool = False) -> int:
         """Derive the upsamplers' folded weights again, in place, where their source weights
         changed since (a LoRA fused into them, say): a captured graph reads the folded ones and
-        runs no Python to notice. Returns how many were derived again."""
+        runs no Python to notice. ``force``: all of them, changed or not; needed after writing
+        through ``weight.data``, which no version counter sees. Returns how many were derived
+        again."""
         count = 0
         for module in getattr(self, "folded_upsamplers", ()):
             weight = getattr(module.conv, "weight", None)
@@ -81,6 +85,8 @@ class ModelBase(nn.Module):
             for folded in module.folds.values():
                 if folded.tensor is None:
                     continue  # derived at its next call, before any capture reads it
+                if force:
+                    folded.forget()
                 key = folded.source_key(weight)
                 if key is not None and key != folded.key:  # untracked: the call runs two steps
                     folded.get(weight)

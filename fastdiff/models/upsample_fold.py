@@ -143,7 +143,10 @@ class FoldedWeight:
 
     The derived tensor is kept while the source keeps its identity, storage, dtype, device and
     version counter; after an in-place change (a LoRA fused into it, ``load_state_dict``) it is
-    derived again into the same memory, so a captured graph reading it stays valid. Not a
+    derived again into the same memory, so a captured graph reading it stays valid. An edit
+    through ``weight.data`` does not move the version counter: ``forget`` (which
+    ``ModelBase.fold_upsampling`` and ``refresh_folded_weights(force=True)`` call) is how the
+    caller says so. Not a
     parameter or buffer: the state dict stays the checkpoint's, and ``module.to(...)`` leaves it
     to be derived again at the next call."""
 
@@ -189,6 +192,12 @@ class FoldedWeight:
                     self.tensor = folded
             self.key = key
         return self.tensor
+
+    def forget(self) -> None:
+        """Derive the folded weight again at the next ``get`` (into the same memory), whatever
+        the source's key says: an edit through ``weight.data`` leaves the version counter as
+        it was, so only the caller can know."""
+        self.key = None
 
     def nbytes(self) -> int:
         return 0 if self.tensor is None else self.tensor.numel() * self.tensor.element_size()

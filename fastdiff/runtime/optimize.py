@@ -459,8 +459,9 @@ def optimize(
     U-Net or VAE swapped, cast or moved after ``optimize`` captures new graphs at its next call,
     and in-place updates (``load_state_dict``, ``load_lora_weights``) replay in the old ones.
     Call ``optimize`` after loading, so the fusions and folds apply; after replacing a module
-    inside a model (or its buffers alone), call ``optimize`` again or
-    ``pipe.runtime.cache.clear()``.
+    inside a model (or its buffers alone), or writing weights through ``.data`` (which no
+    version counter sees, so the upsamplers' summed weights stay as they were), call
+    ``optimize`` again.
     """
     check_upsample_fold(upsample_fold)
     for name, value in (("dtype", dtype), ("vae_dtype", vae_dtype)):

@@ -301,6 +301,32 @@ def test_refresh_derives_changed_weights_again_in_place():
 
 
 @pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("how", ["refresh", "fold-again"])
+def test_an_edit_through_data_is_folded_again_when_asked(mode, how):
+    """``weight.data.copy_(...)`` writes without the version counter (``.data`` has its own),
+    so nothing can see it: the model kept running the old summed weights, even after
+    fold_upsampling (which optimize() runs) was called again. ``refresh_folded_weights(force=
+    True)`` and switching the fold on again derive them anew, into the same memory."""
+    pipe = tiny_pipeline()
+    pipe.unet.fold_upsampling(mode)
+    first = pipe.unet.folded_upsamplers[0]
+    memory = first.folds[mode].tensor.data_ptr()
+    first.conv.weight.data.copy_(torch.randn_like(first.conv.weight))
+    assert pipe.unet.refresh_folded_weights() == 0  # unseen, as documented
+    if how == "refresh":
+        assert pipe.unet.refresh_folded_weights(force=True) == len(pipe.unet.folded_upsamplers)
+    else:
+        pipe.unet.fold_upsampling(mode)
+    assert first.folds[mode].tensor.data_ptr() == memory
+    torch.testing.assert_close(first.folds[mode].tensor, derive(first.conv.weight, mode))
+    x = torch.randn(1, first.conv.in_channels, 3, 3)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            first(x), two_steps(x, first.conv.weight, first.conv.bias), rtol=1e-4, atol=1e-4
+        )
+
+
+@pytest.mark.parametrize("mode", MODES)
 def test_unet_and_vae_outputs_and_state_dicts_unchanged(mode):
     pipe = tiny_pipeline()
     unet, vae = pipe.unet, pipe.vae
