@@ -79,16 +79,26 @@ def check_latent_channels(unet_config: Any, vae_config: Any) -> None:
         )
 
 
+def check_aesthetics_score(unet_config: Any, requires_aesthetics_score: bool) -> None:
+    """Only an SDXL refiner's U-Net ('text_time' added embeddings) takes an aesthetic score."""
+    if requires_aesthetics_score and unet_config.get("addition_embed_type") != "text_time":
+        raise ValueError(
+            "requires_aesthetics_score: the U-Net has no addition_embed_type 'text_time' to "
+            "take an aesthetic score (only SDXL refiners do)"
+        )
+
+
 def replacement_vae(vae: Any, device=None, dtype=None) -> Any:
     """The autoencoder a caller passes in place of the folder's: a component folder (read by
-    ``load_vae``: AutoencoderKL or AutoencoderTiny) or a fastdiff model (its latent channels
-    are checked against the U-Net's by ``Pipeline``, as the folder's own VAE's are)."""
+    ``load_vae``: AutoencoderKL or AutoencoderTiny) or a fastdiff model, returned as it is (its
+    latent channels are checked against the U-Net's by ``load_components`` and ``Pipeline``, as
+    the folder's own VAE's are, before ``load_components`` moves and casts it)."""
     from fastdiff.models import AutoencoderKL, AutoencoderTiny, load_vae
 
     if isinstance(vae, (str, Path)):
         vae = load_vae(vae, dtype=dtype, device=device)
     elif isinstance(vae, (AutoencoderKL, AutoencoderTiny)):
-        vae = vae.to(device=device, dtype=dtype)  # as the folder's components are loaded
+        pass  # moved and cast by load_components once nothing else can fail (it is the caller's)
     else:
         raise ValueError(
             "vae must be a component folder or a fastdiff AutoencoderKL / AutoencoderTiny, got "
@@ -314,6 +324,7 @@ def load_components(
     unet_folder, vae_folder = root / "unet", root / "vae"
     unet = load_unet(unet_folder, dtype=dtype, device=device, variant=variants["unet"])
     fix_outdated_sample_size(index, unet_folder, unet.config)
+    passed_model = vae is not None and not isinstance(vae, (str, Path))
     if vae is None:
         vae = load_vae(vae_folder, dtype=dtype, device=device, variant=variants["vae"])
     else:
@@ -366,6 +377,12 @@ def load_components(
                 f"{num_class_embeds - 1} classes (num_class_embeds {num_class_embeds}, one of "
                 "them the null class)"
             )
+    if passed_model:
+        # Checked first: the caller's model is cast in place, so a failing load would have
+        # handed it back changed.
+        check_latent_channels(unet_config, vae.config)
+        check_aesthetics_score(unet_config, aesthetics)
+        vae.to(device=device, dtype=dtype)  # as the folder's components are loaded
     return PipelineComponents(
         unet=unet,
         vae=vae,

@@ -30,6 +30,7 @@ from fastdiff.pipeline.call_arguments import (
 )
 from fastdiff.pipeline.components import (
     PipelineComponents,
+    check_aesthetics_score,
     check_latent_channels,
     default_image_size,
     is_inpainting_unet,
@@ -73,11 +74,7 @@ class Pipeline:
         """``requires_aesthetics_score``: an SDXL refiner's U-Net, conditioned on (original
         size, crop, aesthetic score) rather than (original size, crop, target size)."""
         check_latent_channels(unet.config, vae.config)
-        if requires_aesthetics_score and unet.config.get("addition_embed_type") != "text_time":
-            raise ValueError(
-                "requires_aesthetics_score: the U-Net has no addition_embed_type 'text_time' to "
-                "take an aesthetic score (only SDXL refiners do)"
-            )
+        check_aesthetics_score(unet.config, requires_aesthetics_score)
         self.unet = unet
         self.vae = vae
         self.schedule = schedule

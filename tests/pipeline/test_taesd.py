@@ -3,6 +3,8 @@ same autoencoder, and through the runtime's graphs."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -107,3 +109,35 @@ def test_a_folder_without_its_own_vae_takes_the_one_given(sd_folder, tiny_sd, tm
     model = AutoencoderTiny.from_pretrained(tiny_sd[1])
     pipe = Pipeline.from_pretrained(folder, vae=model, dtype=torch.float64)
     assert pipe.vae is model and next(model.parameters()).dtype == torch.float64
+
+
+@pytest.mark.parametrize("problem", ["latent-channels", "text-encoder", "aesthetics"])
+def test_a_vae_passed_in_is_left_as_it_was_when_loading_fails(sd_folder, tmp_path, problem):
+    """The model passed as vae= was cast to the pipeline's dtype first, then the loading failed
+    (its latent channels, or a broken text encoder later in the folder): the caller's model
+    came back in another dtype with the error. Every check now runs before the cast."""
+    import shutil
+
+    folder = tmp_path / "broken"
+    shutil.copytree(sd_folder, folder)
+    config = dict(CONFIG, encoder_block_out_channels=(8, 8), decoder_block_out_channels=(8, 8))
+    config |= dict(num_encoder_blocks=(1, 1), num_decoder_blocks=(1, 1))
+    if problem == "latent-channels":
+        config["latent_channels"] = 3
+        message = "latent_channels is 3"
+    elif problem == "text-encoder":
+        (folder / "text_encoder" / "config.json").write_text("{not json")
+        message = "cannot load CLIPTextModel"
+    else:  # a refiner's flag on an SD folder: Pipeline refused it after the cast
+        index = json.loads((folder / "model_index.json").read_text())
+        (folder / "model_index.json").write_text(
+            json.dumps({**index, "requires_aesthetics_score": True})
+        )
+        message = "requires_aesthetics_score"
+    model = AutoencoderTiny(config)
+    before = {name: p.clone() for name, p in model.state_dict().items()}
+    with pytest.raises((ValueError, OSError), match=message):
+        Pipeline.from_pretrained(folder, vae=model, dtype=torch.float16)
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    for name, p in model.state_dict().items():
+        assert torch.equal(p, before[name]), name
