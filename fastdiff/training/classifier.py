@@ -21,6 +21,7 @@ from fastdiff.training.shapes import CLASS_NAMES, IMAGE_SIZE
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
+NORM_GROUPS = 8  # GroupNorm groups of every conv stage: the width must be a multiple of it
 
 
 class ShapeClassifier(nn.Module):
@@ -38,7 +39,7 @@ class ShapeClassifier(nn.Module):
         for index in range(3):
             layers += [
                 nn.Conv2d(channels[index], channels[index + 1], 3, padding=1),
-                nn.GroupNorm(8, channels[index + 1]),
+                nn.GroupNorm(NORM_GROUPS, channels[index + 1]),
                 nn.SiLU(),
                 nn.Conv2d(channels[index + 1], channels[index + 1], 3, padding=1),
                 nn.SiLU(),

@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fastdiff.sampling.schedule import BETA_SCHEDULES, PREDICTION_TYPES
+from fastdiff.training.classifier import NORM_GROUPS
+from fastdiff.training.shapes import IMAGE_SIZE
 
 STAGES = ("classifier", "vae", "unet")
 
@@ -94,6 +96,10 @@ class TrainConfig:
             if stage not in STAGES:
                 raise ValueError(f"stages: unknown stage {stage!r}; allowed values: {STAGES}")
         check_number_types(self, "")
+        if not isinstance(self.output_dir, str) or not self.output_dir:
+            raise ValueError(
+                f"output_dir must be a non-empty folder path (a string), got {self.output_dir!r}"
+            )
         for name in ("classifier", "vae", "unet"):
             section = getattr(self, name)
             check_number_types(section, name)
@@ -101,6 +107,11 @@ class TrainConfig:
         check_ranges(self.classifier, "classifier", CLASSIFIER_RANGES)
         check_ranges(self.vae, "vae", VAE_RANGES)
         check_ranges(self.unet, "unet", UNET_RANGES)
+        if self.classifier.width % NORM_GROUPS:
+            raise ValueError(
+                f"classifier.width must be a multiple of {NORM_GROUPS} (the GroupNorm groups of "
+                f"the classifier), got {self.classifier.width}"
+            )
         check_number_types(self.data, "data")
         # Checked here, not when the U-Net stage starts after the classifier and VAE have trained.
         if self.unet.prediction_type not in PREDICTION_TYPES:
@@ -136,6 +147,15 @@ class TrainConfig:
                         f"{name}.norm_num_groups={section.norm_num_groups} must divide every "
                         f"entry of {name}.block_out_channels {channels_list} (positive ints)"
                     )
+        # Every VAE block after the first halves the image: past log2(IMAGE_SIZE) + 1 blocks
+        # the latent would be smaller than one pixel (a torch error once the VAE stage starts).
+        max_vae_blocks = IMAGE_SIZE.bit_length()
+        if len(self.vae.block_out_channels) > max_vae_blocks:
+            raise ValueError(
+                f"vae.block_out_channels has {len(self.vae.block_out_channels)} entries; at most "
+                f"{max_vae_blocks} (each block after the first halves the {IMAGE_SIZE}-pixel "
+                "images)"
+            )
         if self.export_dtype not in ("float16", "float32"):
             raise ValueError(
                 f"export_dtype: unknown value {self.export_dtype!r}; "

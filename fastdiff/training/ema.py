@@ -16,12 +16,13 @@ class EMA:
     """An fp32 shadow copy of ``model`` updated as ``shadow = d * shadow + (1 - d) * weights``.
 
     The decay warms up as ``min(decay, (1 + n) / (10 + n))`` after ``n`` updates so that a short
-    run is not dominated by the random initialisation.
+    run is not dominated by the random initialisation. ``decay`` lies in [0, 1), the range the
+    training config allows: 0 keeps no average (the shadow is the last weights).
     """
 
     def __init__(self, model: nn.Module, decay: float) -> None:
-        if not 0.0 < decay < 1.0:
-            raise ValueError(f"ema_decay must lie in (0, 1), got {decay}")
+        if not 0.0 <= decay < 1.0:
+            raise ValueError(f"ema_decay must lie in [0, 1), got {decay}")
         self.decay = decay
         self.num_updates = 0
         self.model = copy.deepcopy(model).float().eval().requires_grad_(False)

@@ -86,7 +86,11 @@ def train_unet(
             labels[indices.to(labels.device)],
             schedule,
             cond_drop_prob=section.cond_drop_prob,
-            null_cond=torch.full_like(labels[: indices.shape[0]], NUM_CLASSES),
+            # One null label per item of the batch (not a slice of the labels: a batch may be
+            # larger than the data set when it spans several epochs).
+            null_cond=torch.full(
+                (indices.shape[0],), NUM_CLASSES, dtype=labels.dtype, device=labels.device
+            ),
             min_snr_gamma=section.min_snr_gamma,
             generator=generator,
         )
