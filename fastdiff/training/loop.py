@@ -230,8 +230,13 @@ def train_stage(
         indices = indices[context.rank :: context.world_size]
         generator = torch.Generator(context.device).manual_seed(step_seed(seed, step, context.rank))
         loss = wrapped(indices, generator)
-        if not torch.isfinite(loss):
-            raise RuntimeError(f"{name}: loss became {loss.item()} at step {step + 1}")
+        # The mean over the ranks before backward: a non-finite loss on any rank stops every
+        # rank here, each naming it (one rank raising alone left the others failing in the
+        # gradient all-reduce on a closed connection, or waiting there).
+        mean_loss = all_reduce_mean(loss.detach(), context).item()
+        if not math.isfinite(mean_loss):
+            where = "" if not math.isfinite(loss.item()) else " on another rank"
+            raise RuntimeError(f"{name}: loss became {mean_loss}{where} at step {step + 1}")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if config.grad_clip > 0:
@@ -239,7 +244,6 @@ def train_stage(
         optimizer.step()
         if ema is not None:
             ema.update(model)
-        mean_loss = all_reduce_mean(loss.detach(), context).item()
         result.losses.append(mean_loss)
         result.step = step + 1
         log_rows.append((step + 1, mean_loss, lr, time.perf_counter() - started))
