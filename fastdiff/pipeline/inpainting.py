@@ -81,7 +81,16 @@ def mask_array(mask: torch.Tensor | np.ndarray) -> torch.Tensor:
         if not (np.issubdtype(mask.dtype, np.number) or mask.dtype == np.bool_):
             raise ValueError(f"a numpy mask must be a number or bool array, got {mask.dtype}")
         mask = torch.from_numpy(np.ascontiguousarray(mask))
+    if mask.is_complex():
+        raise ValueError(f"a mask must hold real values, got {mask.dtype}")
     if not mask.is_floating_point():
+        if mask.dtype.is_signed and mask.numel() and mask.min() < 0:
+            # refused as negative float masks are: read as "non-zero repaints", a mask of
+            # -1 (keep) and 1 (repaint) would repaint everything
+            raise ValueError(
+                f"an integer mask must hold values >= 0 (non-zero: repaint), got {mask.dtype} "
+                "values below 0"
+            )
         mask = (mask != 0).float()  # diffusers binarizes the raw values: any non-zero repaints
     tensor = mask.detach().float().cpu()
     if tensor.ndim == 2:
@@ -105,6 +114,16 @@ def masked_pixels(pixels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
             f"got {mask.shape[0]} masks for {pixels.shape[0]} images: pass one or one per image"
         )
     return pixels * (mask.to(pixels.device) < 0.5)
+
+
+def check_mask_count(mask: torch.Tensor, batch: int, num_images: int) -> None:
+    """Refuse a number of masks that does not pair with the batch (prompts x ``num_images``):
+    one mask, one per prompt or one per sample, as ``images.fit_batch`` pairs them."""
+    if mask.shape[0] not in (1, batch // num_images, batch):
+        raise ValueError(
+            f"got {mask.shape[0]} masks (mask_image) for {batch // num_images} prompt(s) x "
+            f"{num_images} image(s): pass one mask, one per prompt or one per image"
+        )
 
 
 def latent_mask(mask: torch.Tensor, latent_size: tuple[int, int]) -> torch.Tensor:
@@ -161,7 +180,9 @@ def stacked_latents(
     diffusers encodes them after drawing the noise), stacked along the channels, one per sample
     of the (prompts x ``num_images``) batch of latent ``shape``."""
     mask = mask_to_tensor(mask_image, pixels.shape[2], pixels.shape[3])
-    masked_latents = pipe.encode_image(masked_pixels(pixels, mask), generator).to(pipe.dtype)
+    masked = masked_pixels(pixels, mask)  # (refuses counts of masks and images that do not pair)
+    check_mask_count(mask, shape[0], num_images)
+    masked_latents = pipe.encode_image(masked, generator).to(pipe.dtype)
     small = latent_mask(mask, tuple(shape[2:])).to(pipe.device, pipe.dtype)
     parts = (small, masked_latents)
     return torch.cat([image_utils.fit_batch(p, shape[0], num_images) for p in parts], dim=1)
@@ -185,6 +206,7 @@ def known_region(
     # The masked images diffusers encodes (also refusing counts of masks and images that
     # do not pair), of which only the batch matters here.
     masked = masked_pixels(pixels, mask)
+    check_mask_count(mask, shape[0], num_images)
     if not getattr(pipe.vae, "deterministic", False):  # (TAESD's encoder draws nothing)
         encoded = (masked.shape[0], shape[1], *shape[2:])
         vae_dtype = next(pipe.vae.parameters()).dtype

@@ -143,17 +143,28 @@ class TextualInversions:
         return cls(originals)
 
 
-def check_new(token: str, count: int, encoders, loaded: dict) -> None:
-    """Refuse a token (or one of its vector tokens) that the tokenizers already have."""
+def check_new(token: str, counts: list[int], encoders, loaded: dict) -> None:
+    """Refuse a token that the tokenizers already have, one of whose vector tokens (``counts``:
+    the vectors of its embedding for each encoder) they have, or one that reads as a vector
+    token of a token they have (``tok_1`` beside ``tok``: a prompt's ``tok`` would be expanded
+    to ``tok tok_1`` and take this embedding too)."""
     if token in loaded:
         raise ValueError(f"textual inversion token {token!r} is loaded already: unload it first")
-    for tokenizer, _ in encoders:
+    base, _, index = token.rpartition("_")
+    as_vector = bool(base) and index.isascii() and index.isdigit() and index[0] != "0"
+    for (tokenizer, _), count in zip(encoders, counts, strict=True):
         vocabulary = tokenizer.get_vocab()
         taken = [name for name in vector_tokens(token, max(count, 2)) if name in vocabulary]
         if taken:
             raise ValueError(
                 f"textual inversion token {token!r}: {taken[0]!r} is in the tokenizer's "
                 "vocabulary already; choose another token= name"
+            )
+        if as_vector and base in tokenizer.added_tokens_encoder:
+            raise ValueError(
+                f"textual inversion token {token!r} reads as vector {index} of the token "
+                f"{base!r}, which is loaded: prompts with {base!r} would take it too; choose "
+                "another token= name"
             )
 
 
@@ -219,7 +230,8 @@ def load(pipe: Any, source: Any, token: str | None = None) -> str:
     inversions = getattr(pipe, "textual_inversions", None)
     if inversions is None:
         inversions = TextualInversions.of(encoder.encoders)
-    check_new(name, embeddings[0].shape[0], encoder.encoders, inversions.loaded)
+    counts = [embedding.shape[0] for embedding in embeddings]
+    check_new(name, counts, encoder.encoders, inversions.loaded)
     try:
         add_tokens(encoder.encoders, name, embeddings)
     except Exception:
