@@ -63,8 +63,9 @@ def add_parser(subparsers) -> None:
     )
     parser.add_argument("--warmup", type=int, default=None, help="untimed calls per case")
     parser.add_argument("--iters", type=int, default=None, help="timed calls per case")
-    parser.add_argument("--csv", type=Path, default=None, help="CSV file to append rows to")
-    parser.add_argument("--no-csv", action="store_true", help="print the table only")
+    output = parser.add_mutually_exclusive_group()  # a --csv that --no-csv drops is a mistake
+    output.add_argument("--csv", type=Path, default=None, help="CSV file to append rows to")
+    output.add_argument("--no-csv", action="store_true", help="print the table only")
     parser.set_defaults(handler=run)
 
 

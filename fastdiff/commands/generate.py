@@ -4,6 +4,7 @@ folder of images (one per prompt, sharded over ranks when started by torchrun)."
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import re
 import sys
@@ -105,7 +106,7 @@ def add_parser(subparsers) -> None:
         help="LoRA weights (a .safetensors file or a folder) fused into the model; repeatable",
     )
     parser.add_argument(
-        "--lora-scale", type=float, default=1.0, help="scale of every --lora (default 1.0)"
+        "--lora-scale", type=float, default=None, help="scale of every --lora (default 1.0)"
     )
     parser.add_argument(
         "--padding-mask-crop",
@@ -190,7 +191,8 @@ def load_pipeline(args, device: torch.device, verbose: bool = True):
         vae=getattr(args, "vae", None),
     )
     for lora in getattr(args, "lora", None) or []:  # before optimize(), which fuses QKV
-        pipe.load_lora_weights(lora, scale=args.lora_scale)
+        scale = 1.0 if getattr(args, "lora_scale", None) is None else args.lora_scale
+        pipe.load_lora_weights(lora, scale=scale)
     if getattr(args, "freeu", None) is not None:
         pipe.enable_freeu(*freeu_factors(args.freeu))
     for embedding in getattr(args, "textual_inversion", None) or []:
@@ -233,7 +235,7 @@ def generate_one(pipe, args, text: str, seed: int):
     if args.mask_image is not None:
         if not args.mask_image.is_file():
             raise FileNotFoundError(f"mask image not found: {args.mask_image}")
-        inputs["mask_image"] = read_init_image(args.mask_image)
+        inputs["mask_image"] = read_mask_image(args.mask_image)
     if getattr(args, "padding_mask_crop", None) is not None:
         inputs["padding_mask_crop"] = args.padding_mask_crop
     images = pipe(
@@ -259,23 +261,40 @@ def freeu_factors(text: str) -> tuple[float, float, float, float]:
         values = tuple(float(part) for part in parts)
     except ValueError:
         values = ()
-    if len(values) != 4:
+    if len(values) != 4 or not all(math.isfinite(value) for value in values):
+        # float() reads "nan" and "inf" too: refused here, not as NaN latents after the sampling
         raise ValueError(
-            f"--freeu takes four numbers S1,S2,B1,B2 (e.g. 0.9,0.2,1.2,1.4), got {text!r}"
+            f"--freeu takes four numbers S1,S2,B1,B2, finite (e.g. 0.9,0.2,1.2,1.4), got {text!r}"
         )
     return values
 
 
-def read_init_image(path: Path):
-    """The init image, fully decoded (first frame); a file PIL cannot read raises ValueError."""
-    from PIL import Image, UnidentifiedImageError
+def read_init_image(path: Path, what: str = "init image"):
+    """The image, fully decoded (first frame) and turned upright as its EXIF orientation says
+    (as viewers show it, and as diffusers' load_image reads it); a file PIL cannot read raises
+    ValueError naming ``what`` it is."""
+    from PIL import Image, ImageOps, UnidentifiedImageError
 
     try:
         with Image.open(path) as image:
             image.load()
-            return image.copy()  # the pipeline converts the mode (16-bit grayscale included)
+            # A copy either way (the file closes); the pipeline converts the mode, 16-bit
+            # grayscale included. Transposed from the open file: a TIFF keeps its orientation
+            # in tags that a copy would drop.
+            try:
+                return ImageOps.exif_transpose(image)
+            except Exception:  # unreadable EXIF data: viewers show the pixels as stored
+                return image.copy()
     except (UnidentifiedImageError, OSError, SyntaxError) as error:
-        raise ValueError(f"cannot read init image {path}: {error}") from None
+        raise ValueError(f"cannot read {what} {path}: {error}") from None
+
+
+def read_mask_image(path: Path):
+    """The mask image as ``read_init_image`` reads it, a 16-bit grayscale one scaled to 8 bits:
+    the pipeline reads masks through Pillow's convert("L"), which clips 16-bit values to 255."""
+    from fastdiff.pipeline.images import eight_bit_gray
+
+    return eight_bit_gray(read_init_image(path, "mask image"))
 
 
 def check_args(args) -> None:
@@ -307,6 +326,8 @@ def check_args(args) -> None:
         raise ValueError("--mask-image needs --init-image: the image to inpaint")
     if getattr(args, "padding_mask_crop", None) is not None and args.mask_image is None:
         raise ValueError("--padding-mask-crop needs --mask-image (inpainting)")
+    if getattr(args, "lora_scale", None) is not None and not getattr(args, "lora", None):
+        raise ValueError("--lora-scale is only used with --lora FILE (the weights it scales)")
     if getattr(args, "freeu", None) is not None:
         freeu_factors(args.freeu)  # refused before the model loads
     if args.num_images < 1:

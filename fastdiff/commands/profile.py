@@ -275,8 +275,9 @@ def run(args: argparse.Namespace) -> int:
         folded += f", upsamplers as {upsample_fold} convolutions"
     elif upsample_fold is None:
         folded += ", upsamplers not folded"
+    layout = ", channels-last" if on_cuda else ""  # prepare_module's, on CUDA only
     print_breakdown(
-        f"fastdiff optimized, graph off (kernels, channels-last, fused QKV{folded})",
+        f"fastdiff optimized, graph off (kernels{layout}, fused QKV{folded})",
         profile_calls(optimized, args.calls, on_cuda, args.by_op),
         args.top,
         unit,

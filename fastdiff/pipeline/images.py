@@ -3,6 +3,7 @@ tensor inputs to the VAE's [-1, 1] range, image grids, and atomic PNG writes."""
 
 from __future__ import annotations
 
+import io
 import math
 import os
 from collections.abc import Sequence
@@ -38,6 +39,32 @@ def tensor_to_pil(images: torch.Tensor) -> list[Image.Image]:
 HIGH_BIT_DEPTH_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
 
 
+def sixteen_bit_unit_values(image: Image.Image) -> np.ndarray | None:
+    """A 16-bit grayscale image's pixels as float32 (H, W) in [0, 1]; None for other modes."""
+    # Mode "I" (32-bit int) is both how older Pillow opens a 16-bit PNG and what L.convert("I")
+    # gives: values above 255 can only be 16-bit data; 0..255 keep the 8-bit reading.
+    wide = image.mode == "I" and image.getextrema()[1] > 255
+    if image.mode not in HIGH_BIT_DEPTH_MODES and not wide:
+        return None
+    values = np.asarray(image).astype(np.float32)
+    if values.size and (values.min() < 0 or values.max() > 65535):
+        raise ValueError(
+            f"image of mode {image.mode!r} has values outside the 16-bit range "
+            f"0..65535 (min {values.min():g}, max {values.max():g})"
+        )
+    return values / 65535.0
+
+
+def eight_bit_gray(image: Image.Image) -> Image.Image:
+    """A 16-bit grayscale image as mode "L", scaled (Pillow's convert("L") clips it to 255);
+    any other image as it is. For masks, which the pipeline reads through convert("L"): a
+    16-bit value v lands on the same side of the 0.5 threshold as v / 65535 does."""
+    unit = sixteen_bit_unit_values(image)
+    if unit is None:
+        return image
+    return Image.fromarray((unit * 255.0).round().astype(np.uint8))  # 2-D uint8: mode "L"
+
+
 def pil_to_unit_rgb(image: Image.Image, size: tuple[int, int]) -> np.ndarray:
     """A PIL image of any common mode -> float32 (H, W, 3) in [0, 1] at ``size`` (width, height)."""
     if image.mode == "F":
@@ -45,17 +72,9 @@ def pil_to_unit_rgb(image: Image.Image, size: tuple[int, int]) -> np.ndarray:
             "float images (PIL mode 'F') have no fixed value range: convert the init image to "
             "8-bit RGB first"
         )
-    # Mode "I" (32-bit int) is both how older Pillow opens a 16-bit PNG and what L.convert("I")
-    # gives: values above 255 can only be 16-bit data; 0..255 keep the 8-bit reading.
-    wide = image.mode == "I" and image.getextrema()[1] > 255
-    if image.mode in HIGH_BIT_DEPTH_MODES or wide:
-        values = np.asarray(image).astype(np.float32)
-        if values.size and (values.min() < 0 or values.max() > 65535):
-            raise ValueError(
-                f"init image of mode {image.mode!r} has values outside the 16-bit range "
-                f"0..65535 (min {values.min():g}, max {values.max():g})"
-            )
-        gray = Image.fromarray((values / 65535.0).astype(np.float32))  # mode "F"
+    unit = sixteen_bit_unit_values(image)
+    if unit is not None:
+        gray = Image.fromarray(unit)  # mode "F"
         if gray.size != size:
             gray = gray.resize(size, resample=Image.Resampling.LANCZOS)
         return np.repeat(np.asarray(gray, dtype=np.float32).clip(0, 1)[..., None], 3, axis=-1)
@@ -160,17 +179,39 @@ def make_grid(images: Sequence[Image.Image], columns: int | None = None) -> Imag
     return grid
 
 
+def image_format(path: str | os.PathLike, option: str = "--out") -> str:
+    """The image format (Pillow's name) that ``path``'s suffix names, if Pillow can write it."""
+    name = str(path)
+    found = Image.registered_extensions().get(Path(path).suffix.lower())
+    if found is None:
+        raise ValueError(f"cannot tell the image format from the file name {name!r}")
+    if found not in Image.SAVE:  # formats Pillow only reads: PSD, XPM, FITS, ...
+        raise ValueError(
+            f"{option}: Pillow reads but cannot write {found} images ({name!r}); name a file in a "
+            "format it writes, e.g. .png, .jpg or .webp"
+        )
+    return found
+
+
 def check_image_path(
     path: str | os.PathLike, *, overwrite: bool = True, option: str = "--out"
 ) -> str:
     """The image format (Pillow's name) that a file at ``path`` would be written in; raises when
     its folder does not exist or is not writable, the path is a folder, the suffix names no image
-    format, or (``overwrite=False``) a file is there already."""
+    format that an RGB image can be written in, or (``overwrite=False``) a file is there
+    already."""
     target = check_output_path(path, overwrite=overwrite, option=option)
-    image_format = Image.registered_extensions().get(target.suffix.lower())
-    if image_format is None:
-        raise ValueError(f"cannot tell the image format from the file name {str(target)!r}")
-    return image_format
+    found = image_format(target, option)
+    # Some writable formats take no RGB image (XBM, MSP: 1-bit) or have no writer installed
+    # (BUFR, GRIB, HDF5, WMF): try a tiny one now rather than fail after the images are made.
+    try:
+        Image.new("RGB", (8, 8)).save(io.BytesIO(), format=found)
+    except Exception as error:
+        raise ValueError(
+            f"{option}: cannot write an RGB image as {found} ({str(target)!r}: {error}); name a "
+            "file in another format, e.g. .png, .jpg or .webp"
+        ) from None
+    return found
 
 
 def save_image_atomic(
@@ -178,10 +219,12 @@ def save_image_atomic(
 ) -> Path:
     """Write ``image`` to ``path`` so that a reader never sees a partial file (``atomic_write``).
     On failure an existing file at ``path`` is left untouched; with ``overwrite=False`` it is
-    never replaced (``FileExistsError``). ``option`` names the command-line option in errors."""
-    image_format = check_image_path(path, overwrite=overwrite, option=option)
+    never replaced (``FileExistsError``). ``option`` names the command-line option in errors.
+    Commands run ``check_image_path`` on the path before any work."""
+    target = check_output_path(path, overwrite=overwrite, option=option)
+    found = image_format(target, option)
     return atomic_write(
-        path, lambda temporary: image.save(temporary, format=image_format), overwrite=overwrite
+        target, lambda temporary: image.save(temporary, format=found), overwrite=overwrite
     )
 
 
