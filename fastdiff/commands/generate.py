@@ -235,7 +235,7 @@ def generate_one(pipe, args, text: str, seed: int):
     if args.mask_image is not None:
         if not args.mask_image.is_file():
             raise FileNotFoundError(f"mask image not found: {args.mask_image}")
-        inputs["mask_image"] = read_mask_image(args.mask_image)
+        inputs["mask_image"] = read_init_image(args.mask_image, "mask image")
     if getattr(args, "padding_mask_crop", None) is not None:
         inputs["padding_mask_crop"] = args.padding_mask_crop
     images = pipe(
@@ -287,14 +287,6 @@ def read_init_image(path: Path, what: str = "init image"):
                 return image.copy()
     except (UnidentifiedImageError, OSError, SyntaxError) as error:
         raise ValueError(f"cannot read {what} {path}: {error}") from None
-
-
-def read_mask_image(path: Path):
-    """The mask image as ``read_init_image`` reads it, a 16-bit grayscale one scaled to 8 bits:
-    the pipeline reads masks through Pillow's convert("L"), which clips 16-bit values to 255."""
-    from fastdiff.pipeline.images import eight_bit_gray
-
-    return eight_bit_gray(read_init_image(path, "mask image"))
 
 
 def check_args(args) -> None:

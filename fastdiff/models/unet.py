@@ -12,6 +12,7 @@ branches or shapes) so it can be captured in a CUDA graph.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -383,6 +384,8 @@ class UNet2DConditionModel(ModelBase):
         for name, value in values.items():
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise ValueError(f"FreeU {name} must be a number, got {value!r}")
+            if not math.isfinite(value):
+                raise ValueError(f"FreeU {name} must be a finite number, got {value!r}")
         stages = [(float(b1), float(s1)), (float(b2), float(s2))]
         # diffusers applies it only when every factor is non-zero, and never in AttnUpBlock2D
         enabled = all(values.values())

@@ -56,9 +56,11 @@ def sixteen_bit_unit_values(image: Image.Image) -> np.ndarray | None:
 
 
 def eight_bit_gray(image: Image.Image) -> Image.Image:
-    """A 16-bit grayscale image as mode "L", scaled (Pillow's convert("L") clips it to 255);
-    any other image as it is. For masks, which the pipeline reads through convert("L"): a
-    16-bit value v lands on the same side of the 0.5 threshold as v / 65535 does."""
+    """A 16-bit grayscale image as mode "L", scaled; any other image as it is. For masks, which
+    are read through convert("L"): Pillow clips every 16-bit value above 255 to white there (a
+    dark-gray "keep" region would become "repaint"). Scaled, a 16-bit value v lands on the same
+    side of the 0.5 threshold as v / 65535 does, as 16-bit init images are read
+    (``pil_to_unit_rgb``)."""
     unit = sixteen_bit_unit_values(image)
     if unit is None:
         return image

@@ -52,6 +52,7 @@ def mask_to_tensor(
             raise ValueError("a list of masks must hold PIL images only")
         arrays = []
         for item in masks:
+            item = image_utils.eight_bit_gray(item)  # a 16-bit mask scaled, not clipped
             if item.size != (width, height):
                 item = item.resize((width, height), resample=Image.Resampling.LANCZOS)
             arrays.append(np.asarray(item.convert("L"), dtype=np.float32) / 255.0)

@@ -515,6 +515,9 @@ class Pipeline:
             if not inpaint:
                 raise ValueError("padding_mask_crop needs mask_image (inpainting)")
             pad = mask_crop.check_inputs(padding_mask_crop, image, mask_image, output_type)
+            # A 16-bit mask in 8 bits before its box, cut and overlay read it through
+            # convert("L"), which would clip it (as mask_to_tensor does for other calls).
+            mask_image = image_utils.eight_bit_gray(mask_image)
             default_height, default_width = self.default_size
             height, width = height or default_height, width or default_width
             box = mask_crop.crop_region(mask_image, width, height, pad)

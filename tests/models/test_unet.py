@@ -275,6 +275,11 @@ def test_freeu_matches_diffusers(checkpoints, name):
     assert torch.equal(again, plain)
     with pytest.raises(ValueError, match="FreeU s1 must be a number"):
         model.enable_freeu("0.9", 0.2, 1.3, 1.4)
+    # NaN or inf was taken, and the sampling failed later on "model output contains NaN"
+    for bad in (float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="FreeU b2 must be a finite number"):
+            model.enable_freeu(0.9, 0.2, 1.3, bad)
+        assert model.graph_state() == (None,) * len(model.up_blocks)  # left off
     model.enable_freeu(s1=0.9, s2=0.0, b1=1.3, b2=1.4)  # a zero factor: off, as in diffusers
     assert model.graph_state() == (None,) * len(model.up_blocks)
 

@@ -98,3 +98,27 @@ def test_negative_integer_and_complex_masks_are_refused(mask):
         mask_to_tensor(mask, 16, 16)
     unsigned = mask_to_tensor(np.eye(16, dtype=np.uint16) * 65535, 16, 16)  # still taken
     torch.testing.assert_close(unsigned[0, 0], torch.eye(16))
+
+
+@pytest.mark.parametrize("crop", [None, 4], ids=["whole", "padding-mask-crop"])
+def test_a_sixteen_bit_pil_mask_inpaints_as_its_eight_bit_twin(sd_pipe, crop):
+    """The pipeline read PIL masks through convert("L"), which clips 16-bit values above 255 to
+    white: a dark-gray (keep) region of a 16-bit mask was repainted, and padding_mask_crop's box
+    and overlay took it in. 16-bit masks are scaled to 8 bits, as 16-bit init images are."""
+    from PIL import Image
+
+    mask8 = np.zeros((16, 16), dtype=np.uint8)
+    mask8[:, 8:] = 100  # 0.39: kept
+    mask8[4:12, 10:14] = 230  # 0.9: repainted
+    mask16 = Image.fromarray(mask8.astype(np.uint16) * 257)
+    assert mask16.mode.startswith("I")
+    pixels = np.random.RandomState(0).rand(16, 16, 3) * 255
+    image = Image.fromarray(pixels.astype(np.uint8))  # PIL: padding_mask_crop pastes into it
+    kwargs = dict(image=image, num_inference_steps=2, progress=False)
+    if crop is not None:
+        kwargs["padding_mask_crop"] = crop
+    outputs = [
+        np.asarray(sd_pipe("a cat", mask_image=mask, seed=3, **kwargs)[0])
+        for mask in (Image.fromarray(mask8), mask16)
+    ]
+    np.testing.assert_array_equal(outputs[1], outputs[0])
