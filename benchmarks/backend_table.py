@@ -7,15 +7,17 @@ bench_conv3x3.py, bench_cat_channels.py, bench_bias_residual.py and bench_upsamp
 backend (provider fastdiff = triton, eager = PyTorch, cuda = the CUDA extension; for
 linear_geglu, fastdiff-two-steps = its eager backend; for the upsamplers, eager = the two steps,
 fastdiff = the transposed fold and fastdiff-phases = the phases fold). The
-latest row wins when a case was measured more than once; failed rows (no ms) are left out, and
-so are conv3x3 rows without bench_conv3x3's ``cudnn.benchmark`` note (cuDNN timed against its
-heuristic algorithms, not the timed ones optimize() runs).
+latest row wins when a case was measured more than once; failed rows (no ms) are left out (a
+later failure drops an earlier timing of that backend), and so are conv3x3 rows without
+bench_conv3x3's ``cudnn.benchmark`` note (cuDNN timed against its heuristic algorithms, not the
+timed ones optimize() runs).
 
   python benchmarks/backend_table.py benchmarks/results/nvidia-h200.csv \\
       --out fastdiff/assets/backend_table.json
 
 Given several CSVs (the committed one and a new run's, as gpu_check.sh does before its model
 step), their rows count as one: the latest row of each case wins, whichever file holds it.
+Rows of more than one device (another GPU's CSV, a CPU run's) are refused.
 """
 
 from __future__ import annotations
@@ -77,24 +79,32 @@ def row_key(row: dict[str, str]) -> tuple[str, str] | None:
 
 
 def build_table(*csv_paths: Path) -> dict:
-    latest: dict[tuple[str, str, str], tuple[str, float]] = {}
-    device = "unknown"
+    # A failed row (no ms) is the latest word on its slot too: an earlier timing of a backend
+    # that now fails at that shape must not route the op to it.
+    latest: dict[tuple[str, str, str], tuple[str, float | None]] = {}
+    devices: dict[str, Path] = {}  # device -> the first file with a row of it
     for csv_path in csv_paths:
         with csv_path.open(newline="") as handle:
             for row in csv.DictReader(handle):
                 key = row_key(row)
-                if key is None or not row.get("ms"):
+                if key is None:
                     continue
                 backend = OP_PROVIDER_BACKENDS.get(key[0], PROVIDER_BACKENDS).get(row["provider"])
                 if backend is None:
                     continue
-                device = row.get("device") or device
+                if row.get("device"):
+                    devices.setdefault(row["device"], csv_path)
                 stamp = row.get("timestamp", "")
                 slot = (*key, backend)
                 if slot not in latest or stamp >= latest[slot][0]:
-                    latest[slot] = (stamp, float(row["ms"]))
+                    latest[slot] = (stamp, float(row["ms"]) if row.get("ms") else None)
+    if len(devices) > 1:
+        # The latest row of a case would win whichever machine timed it: another GPU's, or a CPU
+        # run's wall clock at reduced shapes under the same workload names.
+        found = ", ".join(f"{name!r} ({path})" for name, path in devices.items())
+        raise ValueError(f"rows of more than one device: {found}; build a table per device")
     rows = [(op, key, backend, ms) for (op, key, backend), (_, ms) in sorted(latest.items())]
-    table = table_from_rows(device, rows)
+    table = table_from_rows(next(iter(devices), "unknown"), rows)
     names = " + ".join(f"{path.resolve().parent.name}/{path.name}" for path in csv_paths)
     table["source"] = f"benchmarks/backend_table.py from {names}"
     return table
@@ -110,7 +120,10 @@ def main() -> None:
     )
     parser.add_argument("--out", type=Path, help="JSON to write (default: print)")
     args = parser.parse_args()
-    table = build_table(*args.csv)
+    try:
+        table = build_table(*args.csv)
+    except ValueError as error:
+        raise SystemExit(f"backend_table.py: {error}") from None
     if not table["entries"]:
         names = ", ".join(str(path) for path in args.csv)
         raise SystemExit(f"{names}: no rows with timings of an op the auto backend chooses for")

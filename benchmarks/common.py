@@ -234,11 +234,13 @@ def measure(
 
 
 def add_speedups(rows: list[Row]) -> None:
-    """speedup = eager ms / row ms, per workload."""
-    eager = {r.workload: r.ms for r in rows if r.provider == "eager" and r.ms}
+    """speedup = eager ms / row ms, per workload and dtype (bench_group_norm's and
+    bench_attention's full runs time one workload name in fp16 and in bf16)."""
+    eager = {(r.workload, r.dtype): r.ms for r in rows if r.provider == "eager" and r.ms}
     for row in rows:
-        if row.ms and eager.get(row.workload):
-            row.speedup = eager[row.workload] / row.ms
+        base = eager.get((row.workload, row.dtype))
+        if row.ms and base:
+            row.speedup = base / row.ms
 
 
 def csv_header(path: Path) -> list[str]:

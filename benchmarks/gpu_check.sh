@@ -18,6 +18,7 @@ mkdir -p "$OUTDIR"
 OUTDIR="$(cd "$OUTDIR" && pwd)"
 LOG="$OUTDIR/gpu_check.log"
 : >"$LOG"
+RUN_BEGIN="$(mktemp)"  # the table is built from the CSVs this run appended to (newer than this)
 PY="${PYTHON:-python3}"
 QUICK="--quick"
 [ "${FULL:-0}" = "1" ] && QUICK=""
@@ -105,11 +106,13 @@ done
 # would ship: the committed rows of this GPU (benchmarks/results/<gpu>.csv, when there are any)
 # updated by this run's kernel rows above (the latest row of each case wins; the ops and the
 # upsample fold take per-shape choices from it). Copy it to fastdiff/assets/backend_table.json to
-# ship it. LayerNorm and GEGLU, timed after the models, have no rows in it.
+# ship it. LayerNorm and GEGLU, timed after the models, have no rows in it. Only the CSVs this run
+# wrote to: an OUTDIR that already holds others (benchmarks/results, the default, has the warm-up
+# runs' model rows) would otherwise fail this part on each or build the table from another's.
 rm -f "$OUTDIR/backend_table.json"
 for csv_file in "$OUTDIR"/*.csv; do
     case "$csv_file" in */models.csv) continue ;; esac
-    [ -e "$csv_file" ] || continue
+    [ "$csv_file" -nt "$RUN_BEGIN" ] || continue
     table_sources=("$csv_file")
     committed="$PWD/benchmarks/results/${csv_file##*/}"
     [ -e "$committed" ] && [ "$committed" != "$csv_file" ] && table_sources=("$committed" "$csv_file")
@@ -139,7 +142,8 @@ for name in layer_norm geglu; do bench "$name"; done
 
 for csv_file in "$OUTDIR"/*.csv; do  # the kernel CSV (models.csv has its own plot, made above)
     case "$csv_file" in */models.csv) continue ;; esac
-    [ -e "$csv_file" ] && part plot 60 "$PY" benchmarks/plot.py "$csv_file" --out "$OUTDIR"
+    [ "$csv_file" -nt "$RUN_BEGIN" ] || continue  # as for the table: this run's CSV only
+    part plot 60 "$PY" benchmarks/plot.py "$csv_file" --out "$OUTDIR"
 done
 
 if [ -n "$FAILED" ]; then
