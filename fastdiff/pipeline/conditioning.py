@@ -74,6 +74,8 @@ def check_embeddings(name: str, tensor: torch.Tensor, ndim: int, like: torch.Ten
     if not isinstance(tensor, torch.Tensor) or tensor.ndim != ndim:
         shape = tuple(tensor.shape) if isinstance(tensor, torch.Tensor) else type(tensor).__name__
         raise ValueError(f"{name} must be a {ndim}-D tensor, got {shape}")
+    if tensor.numel() == 0:  # no prompt or no token: it failed later, naming something else
+        raise ValueError(f"{name} is empty: shape {tuple(tensor.shape)}")
     if like is not None and tensor.shape != like.shape:
         raise ValueError(
             f"{name} has shape {tuple(tensor.shape)} but the prompt embeddings have "
@@ -216,6 +218,22 @@ def text_conditioning(
     negative_pooled = negative_pooled_prompt_embeds
     if guided and negative_prompt_embeds is None:
         if negative_prompt is None and zeros_for_empty_negative:
+            # all zeros, as diffusers makes them: a negative input given would be ignored
+            ignored = [
+                name
+                for name, value in (
+                    ("negative_prompt_2", negative_prompt_2),
+                    ("negative_pooled_prompt_embeds", negative_pooled_prompt_embeds),
+                )
+                if value is not None
+            ]
+            if ignored:
+                raise ValueError(
+                    f"{' and '.join(ignored)} given without negative_prompt: this folder's "
+                    "force_zeros_for_empty_prompt makes the unconditional input all zeros, "
+                    'which ignores it; pass negative_prompt ("" for an empty one) to have the '
+                    "negative encoded, or negative_prompt_embeds"
+                )
             negative_prompt_embeds = torch.zeros_like(prompt_embeds)
             negative_pooled = torch.zeros_like(pooled) if needs_pooled else None
         else:
@@ -254,13 +272,36 @@ def text_conditioning(
 
 
 # Inputs that act on text; a class-conditional model without a text encoder refuses them.
-TEXT_OPTIONS = ("negative_prompt", "prompt_2", "negative_prompt_2", "clip_skip")
+TEXT_OPTIONS = (
+    "negative_prompt",
+    "prompt_2",
+    "negative_prompt_2",
+    "clip_skip",
+    "negative_prompt_embeds",
+    "pooled_prompt_embeds",
+    "negative_pooled_prompt_embeds",
+)
+# The unconditional (negative) text inputs of classifier-free guidance.
+NEGATIVE_INPUTS = (
+    "negative_prompt",
+    "negative_prompt_2",
+    "negative_prompt_embeds",
+    "negative_pooled_prompt_embeds",
+)
 
 
 def encode_inputs(pipe, guided: bool, num_images: int, **inputs) -> Conditioning:
     """Text and/or class inputs -> U-Net keyword inputs for the conditional (and, when guided,
     the unconditional) batch, each input repeated ``num_images`` times."""
     text_inputs = ("prompt", "prompt_embeds")
+    if pipe.unet.config.get("time_cond_proj_dim") is not None:
+        negatives = [name for name in NEGATIVE_INPUTS if inputs.get(name) is not None]
+        if negatives:
+            raise ValueError(
+                f"{', '.join(negatives)} given, but this U-Net takes the guidance scale in its "
+                "time embedding (time_cond_proj_dim) and runs no classifier-free guidance: it "
+                "has no unconditional input"
+            )
     if pipe.is_text_conditional:
         if all(inputs.get(name) is None for name in text_inputs):
             raise ValueError("this is a text-to-image model: pass prompt or prompt_embeds")
@@ -283,11 +324,13 @@ def encode_inputs(pipe, guided: bool, num_images: int, **inputs) -> Conditioning
             device=pipe.device,
             dtype=pipe.dtype,
         )
-    elif any(inputs.get(name) is not None for name in text_inputs + TEXT_OPTIONS):
-        raise ValueError(
-            "this model is class-conditional and has no text encoder: pass class_labels "
-            "instead of a prompt"
-        )
+    else:
+        given = [name for name in text_inputs + TEXT_OPTIONS if inputs.get(name) is not None]
+        if given:
+            raise ValueError(
+                "this model is class-conditional and has no text encoder: pass class_labels "
+                f"instead of a prompt (given: {', '.join(given)})"
+            )
     if not pipe.is_class_conditional:
         if inputs.get("class_labels") is not None:
             raise ValueError("this model is not class-conditional: class_labels is not used")
