@@ -1,7 +1,8 @@
 """Reading and writing diffusers component folders: config.json + safetensors weights.
 
 Layouts read, in diffusers' order of preference: the sharded form
-(``diffusion_pytorch_model.safetensors.index[.fp16].json`` naming the shard files; an index
+(``diffusion_pytorch_model.safetensors.index[.fp16].json``, or diffusers' older
+``diffusion_pytorch_model.safetensors.fp16.index.json``, naming the shard files; an index
 present means the folder is sharded, as in diffusers), ``diffusion_pytorch_model.safetensors``,
 then the pickled ``.bin`` forms older folders ship (read with ``torch.load(weights_only=True)``,
 which refuses anything but tensors and containers). A variant such as ``fp16`` tags each name
@@ -39,6 +40,18 @@ def read_json(path: Path) -> dict[str, Any]:
     return data
 
 
+def index_names(extension: str, variant: str | None) -> list[str]:
+    """The names a sharded checkpoint's index can have, preferred first: diffusers' current
+    ``diffusion_pytorch_model.safetensors.index.fp16.json`` and, for a variant, the older
+    ``diffusion_pytorch_model.safetensors.fp16.index.json`` it still reads."""
+    if not variant:
+        return [f"{WEIGHTS_NAME}.{extension}.index.json"]
+    return [
+        f"{WEIGHTS_NAME}.{extension}.index.{variant}.json",
+        f"{WEIGHTS_NAME}.{extension}.{variant}.index.json",
+    ]
+
+
 def weight_candidates(folder: Path, variant: str | None) -> list[Path]:
     """Files that can hold the weights, in order of preference."""
 
@@ -46,12 +59,8 @@ def weight_candidates(folder: Path, variant: str | None) -> list[Path]:
         suffix = f".{tag}" if tag else ""
         found = []
         for extension in ("safetensors", "bin"):
-            found += [
-                f"{WEIGHTS_NAME}.{extension}.index{suffix}.json",
-                f"{WEIGHTS_NAME}{suffix}.{extension}.index.json",  # diffusers' older variant name
-                f"{WEIGHTS_NAME}{suffix}.{extension}",
-            ]
-        return list(dict.fromkeys(found))  # without a tag the two index names are one
+            found += [*index_names(extension, tag), f"{WEIGHTS_NAME}{suffix}.{extension}"]
+        return found
 
     if variant is not None:
         return [folder / name for name in names(variant)]
@@ -148,11 +157,21 @@ def write_component(
     """Write ``config.json`` and ``diffusion_pytorch_model[.variant].safetensors`` atomically.
 
     The weights are written first and the config last, each through a temp file and a rename, so
-    a reader never sees a partially written file.
+    a reader never sees a partially written file. A sharded checkpoint of the same variant left
+    by an earlier save is removed once the new weights are in place: its index would otherwise
+    be read before them (by fastdiff and diffusers alike).
     """
     from safetensors.torch import save_file
 
     folder = Path(folder)
+    # Serialised before anything is written: a value JSON cannot hold (a tensor, a set) must not
+    # fail after the new weights have replaced the old ones beside the old config.
+    try:
+        config_text = json.dumps(config, indent=2, sort_keys=True) + "\n"
+    except (TypeError, ValueError) as error:
+        raise ValueError(
+            f"{folder / CONFIG_NAME}: the config cannot be written as JSON ({error})"
+        ) from None
     folder.mkdir(parents=True, exist_ok=True)
     # Own, contiguous CPU copies: safetensors refuses tensors that share storage (fused splits).
     tensors = {
@@ -161,11 +180,35 @@ def write_component(
     suffix = f".{variant}" if variant else ""
     weights = folder / f"{WEIGHTS_NAME}{suffix}.safetensors"
     atomic_write(weights, lambda temp: save_file(tensors, temp, metadata={"format": "pt"}))
+    remove_stale_index(folder, variant, keep=weights.name)
 
     def write_config(temp: str) -> None:
         with open(temp, "w", encoding="utf-8") as out:
-            json.dump(config, out, indent=2, sort_keys=True)
-            out.write("\n")
+            out.write(config_text)
 
     atomic_write(folder / CONFIG_NAME, write_config)
     return folder
+
+
+def remove_stale_index(folder: Path, variant: str | None, keep: str) -> None:
+    """Delete the safetensors index (and the shard files it names) of ``variant`` in ``folder``,
+    left by an earlier sharded save that the single file ``keep``, just written, replaces."""
+    for name in index_names("safetensors", variant):
+        index_path = folder / name
+        if not index_path.is_file():
+            continue
+        try:
+            weight_map = json.loads(index_path.read_text(encoding="utf-8")).get("weight_map")
+        except (OSError, ValueError, AttributeError):
+            weight_map = None  # unreadable: the index goes, its shards cannot be named
+        shards = set()
+        if isinstance(weight_map, dict):
+            shards = {shard for shard in weight_map.values() if isinstance(shard, str)}
+        index_path.unlink()
+        for shard in shards:
+            if Path(shard).name != shard:  # only shards in this folder, never a path elsewhere
+                continue
+            if shard.startswith(WEIGHTS_NAME) and shard != keep:
+                shard_path = folder / shard
+                if shard_path.is_file() and shard_path.suffix == ".safetensors":
+                    shard_path.unlink()

@@ -41,8 +41,9 @@ def rename_legacy_keys(
         if key not in expected and name in LEGACY_ATTENTION_NAMES:
             new_key = f"{module_path}.{LEGACY_ATTENTION_NAMES[name]}.{param}"
             if new_key in expected:
-                if tensor.dim() == 4 and len(expected[new_key]) == 2:
-                    tensor = tensor[:, :, 0, 0]  # 1x1-conv form of a linear weight
+                if tensor.dim() == 4 and tensor.shape[2:] == (1, 1) and len(expected[new_key]) == 2:
+                    # 1x1-conv form of a linear weight; any other kernel is left mis-shaped
+                    tensor = tensor[:, :, 0, 0]
                 key = new_key
         renamed[key] = tensor
     return renamed
@@ -166,6 +167,8 @@ def save_pretrained(
             f"AutoencoderTiny, got "
             f"{type(model).__name__}"
         )
+    if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
+        raise ValueError(f"dtype must be a floating-point torch.dtype or None, got {dtype!r}")
     state_dict = model.state_dict()
     if dtype is not None:
         state_dict = {
