@@ -247,8 +247,8 @@ def _rename_and_fuse_incoming(module: Attention, state_dict: dict, prefix: str, 
         name, _, param = key[len(prefix) :].partition(".")
         if name in LEGACY_ATTENTION_NAMES and param in ("weight", "bias"):
             tensor = state_dict.pop(key)
-            if tensor.dim() == 4:  # 1x1-conv form of a linear weight
-                tensor = tensor[:, :, 0, 0]
+            if tensor.dim() == 4 and tensor.shape[2:] == (1, 1):  # a linear weight's 1x1-conv
+                tensor = tensor[:, :, 0, 0]  # form; any other kernel is left to mismatch
             state_dict[f"{prefix}{LEGACY_ATTENTION_NAMES[name]}.{param}"] = tensor
     if not module.fused:
         return

@@ -92,7 +92,7 @@ def test_legacy_attention_weight_that_is_not_1x1_is_refused(tmp_path):
     path = tmp_path / f"{WEIGHTS}.safetensors"
     state = load_file(path)
     prefix = "encoder.mid_block.attentions.0"
-    weight = state.pop(f"{prefix}.to_q.weight")
+    weight = state.pop(f"{prefix}.to_q.weight").clone()  # not the parameter's own memory
     state[f"{prefix}.query.weight"] = weight[:, :, None, None].repeat(1, 1, 3, 3).contiguous()
     save_file(state, path)
     with pytest.raises(CheckpointError, match=r"mis-shaped keys: encoder.mid_block.attentions"):
@@ -102,6 +102,23 @@ def test_legacy_attention_weight_that_is_not_1x1_is_refused(tmp_path):
     torch.testing.assert_close(
         load_vae(tmp_path).encoder.mid_block.attentions[0].to_q.weight, weight
     )
+
+
+def test_load_state_dict_refuses_a_legacy_attention_kernel_that_is_not_1x1(tmp_path):
+    """The same squeeze in the attention modules' load_state_dict hook (a state dict loaded into
+    a built model, not through load_vae): a (C, C, 3, 3) ``query`` kernel loaded as its top-left
+    taps. It is now left as it is, and torch reports the size mismatch."""
+    diffusers_vae().save_pretrained(tmp_path)
+    model = load_vae(tmp_path)
+    state = model.state_dict()
+    prefix = "encoder.mid_block.attentions.0"
+    weight = state.pop(f"{prefix}.to_q.weight").clone()  # not the parameter's own memory
+    state[f"{prefix}.query.weight"] = weight[:, :, None, None].repeat(1, 1, 3, 3)
+    with pytest.raises(RuntimeError, match=rf"size mismatch for {prefix}.to_q.weight"):
+        model.load_state_dict(state)
+    state[f"{prefix}.query.weight"] = 2 * weight[:, :, None, None]  # the 1x1 form still loads
+    model.load_state_dict(state)
+    torch.testing.assert_close(model.encoder.mid_block.attentions[0].to_q.weight, 2 * weight)
 
 
 def test_index_json_written_by_diffusers_still_reads(tmp_path):
