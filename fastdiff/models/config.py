@@ -18,6 +18,8 @@ from fastdiff.models.config_checks import (
     per_block,
     require_bool,
     require_choice,
+    require_finite_number,
+    require_fraction,
     require_group_channels,
     require_list,
     require_positive_int,
@@ -174,7 +176,9 @@ class UNetConfig(ConfigBase):
             "mid_block_only_cross_attention", self.mid_block_only_cross_attention, (None, False)
         )
         require_choice("act_fn", self.act_fn, ("silu", "swish"))
-        if not isinstance(self.norm_num_groups, int) or self.norm_num_groups < 1:
+        # (a JSON true is an int to Python: it reached the GroupNorm op, which refused it there)
+        norm_groups = self.norm_num_groups
+        if isinstance(norm_groups, bool) or not isinstance(norm_groups, int) or norm_groups < 1:
             raise ValueError(
                 f"unsupported config value norm_num_groups={self.norm_num_groups!r}; "
                 "supported values: a positive int"
@@ -189,10 +193,17 @@ class UNetConfig(ConfigBase):
             "use_linear_projection",
         ):
             require_bool(key, getattr(self, key))
-        if isinstance(self.freq_shift, bool) or not isinstance(self.freq_shift, (int, float)):
+        require_finite_number("freq_shift", self.freq_shift)  # NaN: every output NaN
+        # 0 or NaN made the mid block's output NaN; a string or null failed in the first forward.
+        require_positive_number("mid_block_scale_factor", self.mid_block_scale_factor)
+        require_fraction("dropout", self.dropout)
+        # diffusers' Downsample2D pads 1 all round, or 0 with a right/bottom pad; any other
+        # padding changes the down path's sizes so that no 2x upsampling meets its skip.
+        padding = self.downsample_padding
+        if isinstance(padding, bool) or not isinstance(padding, int) or padding not in (0, 1):
             raise ValueError(
-                f"unsupported config value freq_shift={self.freq_shift!r}; supported values: a "
-                "number"
+                f"unsupported config value downsample_padding={self.downsample_padding!r}; "
+                "supported values: 0, 1"
             )
         time_widths = [("block_out_channels[0]", self.block_out_channels[0])]
         if self.addition_embed_type == "text_time":
@@ -230,7 +241,8 @@ class UNetConfig(ConfigBase):
                 "supported values: None (attention_head_dim gives the number of heads, as in "
                 "diffusers)"
             )
-        require_choice("dual_cross_attention", self.dual_cross_attention, (False,))
+        # null reads as false for these flags, as diffusers reads it (see require_bool)
+        require_choice("dual_cross_attention", self.dual_cross_attention, (False, None))
         require_choice("class_embed_type", self.class_embed_type, (None,))
         require_choice("addition_embed_type", self.addition_embed_type, (None, "text_time"))
         if self.addition_embed_type == "text_time":
@@ -242,18 +254,20 @@ class UNetConfig(ConfigBase):
                     )
                 require_positive_int(key, getattr(self, key))
         require_choice("resnet_time_scale_shift", self.resnet_time_scale_shift, ("default",))
-        require_choice("resnet_skip_time_act", self.resnet_skip_time_act, (False,))
+        require_choice("resnet_skip_time_act", self.resnet_skip_time_act, (False, None))
         require_choice("time_embedding_type", self.time_embedding_type, ("positional",))
         require_choice("time_embedding_act_fn", self.time_embedding_act_fn, (None,))
         require_choice("timestep_post_act", self.timestep_post_act, (None,))
         require_choice("attention_type", self.attention_type, ("default",))
-        require_choice("class_embeddings_concat", self.class_embeddings_concat, (False,))
+        require_choice("class_embeddings_concat", self.class_embeddings_concat, (False, None))
         require_choice("cross_attention_norm", self.cross_attention_norm, (None,))
         for key in ("conv_in_kernel", "conv_out_kernel"):
             value = getattr(self, key)
-            if not isinstance(value, int) or value % 2 != 1:
+            # (-1 % 2 == 1 in Python: a negative kernel reached torch's "negative dimension")
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1 or value % 2 != 1:
                 raise ValueError(
-                    f"unsupported config value {key}={value!r}; supported values: an odd int"
+                    f"unsupported config value {key}={value!r}; supported values: a positive odd "
+                    "int"
                 )
         # Validate the per-block values now so errors name the key, not a block or a matmul.
         for layers in self.blocks_layers_per_block():
@@ -262,6 +276,15 @@ class UNetConfig(ConfigBase):
             require_positive_int("attention_head_dim", heads)
         for width in self.blocks_cross_attention_dim():
             require_positive_int("cross_attention_dim", width, allow_none=True)
+        # Every cross-attention block attends to the one encoder_hidden_states: blocks of
+        # different context widths cannot all run (a matmul error in the first forward).
+        widths = sorted(set(self.context_widths()) - {None})
+        if len(widths) > 1:
+            raise ValueError(
+                f"unsupported config value cross_attention_dim={self.cross_attention_dim!r}: its "
+                f"cross-attention blocks would take contexts of different widths {widths}; "
+                "supported values: one width for every cross-attention block"
+            )
 
     def blocks_layers_per_block(self) -> list[int]:
         return per_block("layers_per_block", self.layers_per_block, len(self.down_block_types))
@@ -282,6 +305,24 @@ class UNetConfig(ConfigBase):
         return per_block(
             "cross_attention_dim", self.cross_attention_dim, len(self.down_block_types)
         )
+
+    def context_widths(self) -> list[int | None]:
+        """``cross_attention_dim`` of each cross-attention block (down, mid, up), indexed as
+        diffusers indexes it: by the matching down stage for the up blocks, the last for the mid
+        block."""
+        dims = self.blocks_cross_attention_dim()
+        blocks = len(dims)
+        widths = [
+            dims[i] for i, kind in enumerate(self.down_block_types) if kind.startswith("Cross")
+        ]
+        if self.mid_block_type == "UNetMidBlock2DCrossAttn":
+            widths.append(dims[-1])
+        widths += [
+            dims[blocks - 1 - i]
+            for i, kind in enumerate(self.up_block_types)
+            if kind.startswith("Cross")
+        ]
+        return widths
 
     @property
     def time_embed_dim(self) -> int:

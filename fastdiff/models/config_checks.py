@@ -65,6 +65,22 @@ def require_positive_number(key: str, value: Any) -> None:
         )
 
 
+def require_finite_number(key: str, value: Any) -> None:
+    """Any real number but NaN and the infinities (a bool or a string is no number here)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(
+            f"unsupported config value {key}={value!r}; supported values: a number, finite"
+        )
+
+
+def require_fraction(key: str, value: Any) -> None:
+    """A probability: a number from 0 to 1 (a dropout rate)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
+        raise ValueError(
+            f"unsupported config value {key}={value!r}; supported values: a number from 0 to 1"
+        )
+
+
 def per_block(key: str, value: Any, count: int) -> list:
     """Broadcast an int/None config value to one entry per block, or check a list's length."""
     if isinstance(value, (list, tuple)):
