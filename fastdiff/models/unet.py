@@ -172,6 +172,8 @@ class UNet2DConditionModel(ModelBase):
             config.conv_out_kernel,
             padding=config.conv_out_kernel // 2,
         )
+        # The width every cross-attention block's context has (the config checks they agree).
+        self.context_width = next((w for w in config.context_widths() if w is not None), None)
         self.needs_context = any(
             block.has_cross_attention
             for block in [*self.down_blocks, *self.up_blocks, self.mid_block]
@@ -364,6 +366,16 @@ class UNet2DConditionModel(ModelBase):
                 )
             text_embeds = added_cond_kwargs["text_embeds"]
             time_ids = added_cond_kwargs["time_ids"]
+            rows = text_embeds.shape[0] if text_embeds.dim() == 2 else 0
+            ids = time_ids.numel() // rows if rows and time_ids.numel() % rows == 0 else -1
+            width = config.projection_class_embeddings_input_dim
+            if ids < 0 or text_embeds.shape[-1] + ids * config.addition_time_embed_dim != width:
+                raise ValueError(
+                    f"text_embeds {tuple(text_embeds.shape)} and time_ids "
+                    f"{tuple(time_ids.shape)} must give (B, features) and B rows of ids whose "
+                    f"features + ids x addition_time_embed_dim ({config.addition_time_embed_dim})"
+                    f" make projection_class_embeddings_input_dim ({width})"
+                )
             time_features = timestep_embedding(
                 time_ids.flatten(),
                 config.addition_time_embed_dim,
@@ -433,6 +445,13 @@ class UNet2DConditionModel(ModelBase):
             )
         if self.needs_context and encoder_hidden_states is None:
             raise ValueError("this U-Net has cross-attention blocks: pass encoder_hidden_states")
+        context = encoder_hidden_states
+        if self.needs_context and isinstance(context, torch.Tensor) and self.context_width:
+            if context.dim() != 3 or context.shape[-1] != self.context_width:
+                raise ValueError(
+                    f"encoder_hidden_states must be (B, tokens, {self.context_width}) (the "
+                    f"config's cross_attention_dim), got {tuple(context.shape)}"
+                )
         sample, timestep, added_cond_kwargs, class_labels, timestep_cond = self.per_row_inputs(
             sample, timestep, added_cond_kwargs, class_labels, timestep_cond
         )

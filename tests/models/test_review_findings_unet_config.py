@@ -105,3 +105,36 @@ def test_cross_attention_blocks_of_different_context_widths_are_refused():
     inputs = unet_inputs("sdxl")
     with torch.no_grad():
         torch.testing.assert_close(model(**inputs), reference(**inputs).sample, atol=1e-4, rtol=0)
+
+
+def built(name: str) -> UNet2DConditionModel:
+    torch.manual_seed(0)
+    return UNet2DConditionModel(UNET_CONFIGS[name]).eval()
+
+
+@pytest.mark.parametrize(
+    "shape", [(2, 7, 24), (2, 32), (2, 7, 32, 1)], ids=["other-width", "2-d", "4-d"]
+)
+def test_a_context_of_another_width_is_named(shape):
+    """A context whose width is not the config's cross_attention_dim failed in the first
+    cross-attention with "mat1 and mat2 shapes cannot be multiplied" (as in diffusers), naming
+    neither the input nor the width it needs."""
+    model, inputs = built("sd1"), unet_inputs("sd1")
+    width = UNET_CONFIGS["sd1"]["cross_attention_dim"]
+    inputs["encoder_hidden_states"] = torch.randn(shape)
+    with pytest.raises(ValueError, match=rf"encoder_hidden_states must be \(B, tokens, {width}\)"):
+        with torch.no_grad():
+            model(**inputs)
+
+
+@pytest.mark.parametrize("part", ["text_embeds", "time_ids"])
+def test_added_conditions_that_do_not_add_up_are_named(part):
+    """SDXL's pooled text embedding and micro-conditioning ids are projected together: features
+    that do not add up to projection_class_embeddings_input_dim failed in that GEMM with a
+    shape error naming neither input."""
+    model, inputs = built("sdxl"), unet_inputs("sdxl")
+    added = inputs["added_cond_kwargs"]
+    added[part] = added[part][:, :-1]  # one feature / one id short
+    with pytest.raises(ValueError, match="projection_class_embeddings_input_dim"):
+        with torch.no_grad():
+            model(**inputs)
