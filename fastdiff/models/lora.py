@@ -103,8 +103,10 @@ def split_components(
     """The file's layers per (component, kohya naming): ``prefixes`` maps a component name to
     the key prefixes that address it (``"unet"``: ``("unet.", "lora_unet_")``; those ending in
     "_" are kohya's). A key no prefix claims, or of a kind LoRA files do not hold, raises
-    ValueError naming it."""
+    ValueError naming it, and so does a factor or alpha that two keys give for one module (in
+    two layouts: one of them would be dropped) or an alpha that is not one number."""
     layers: dict[tuple[str, bool], dict[str, LoraLayer]] = {}
+    given: dict[tuple[str, bool, str, str], str] = {}  # (component, kohya, module, part) -> key
     for key, value in state_dict.items():
         for component, starts in prefixes.items():
             start = next((prefix for prefix in starts if key.startswith(prefix)), None)
@@ -112,9 +114,14 @@ def split_components(
                 kohya = start.endswith("_")
                 text_encoder = component.startswith("text_encoder")
                 module, part = parse_key(key[len(start) :], kohya, key, text_encoder)
+                earlier = given.setdefault((component, kohya, module, part), key)
+                if earlier != key:
+                    raise ValueError(
+                        f"LoRA keys {earlier!r} and {key!r} both give the {part} of {module!r}"
+                    )
                 layer = layers.setdefault((component, kohya), {}).setdefault(module, LoraLayer())
                 if part == "alpha":
-                    layer.alpha = float(value)
+                    layer.alpha = read_alpha(value, key)
                 else:
                     setattr(layer, part, value)
                 break
@@ -122,6 +129,16 @@ def split_components(
             known = ", ".join(prefix for starts in prefixes.values() for prefix in starts)
             raise ValueError(f"LoRA key {key!r} addresses none of this pipeline's models ({known})")
     return layers
+
+
+def read_alpha(value: object, key: str) -> float:
+    """A LoRA alpha: one number (a scalar or one-element tensor)."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        return float(value)
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+    raise ValueError(f"LoRA alpha {key!r} is not one number ({shape})")
 
 
 def parse_key(rest: str, kohya: bool, key: str, text_encoder: bool = False) -> tuple[str, str]:
@@ -195,6 +212,8 @@ def sgm_unet_path(path: str, layers_per_block: int) -> str | None:
     elif part is None:
         return None
     elif kind == "input_blocks":
+        if index == 0 or int(part) > 1:  # only conv_in (SGM_OUTSIDE), ResNet 0, transformer 1
+            return None
         block, layer = divmod(index - 1, span)
         if layer == layers_per_block:  # the downsampler: op is its convolution
             prefix, rest = f"down_blocks_{block}_downsamplers_0", rest.replace("op", "conv", 1)
