@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +55,11 @@ def read_lora_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]
                 metadata = json.loads(raw)
             except json.JSONDecodeError as error:
                 raise ValueError(f"{path}: {METADATA_KEY} is not valid JSON ({error})") from None
+            if not isinstance(metadata, dict):
+                raise ValueError(
+                    f"{path}: {METADATA_KEY} must be a JSON object (keys <component>.<option>), "
+                    f"got {type(metadata).__name__}"
+                )
     return read_file(path), metadata
 
 
@@ -62,8 +68,11 @@ def fuse_lora(
 ) -> int:
     """Fuse ``source``'s LoRA layers into ``pipe``'s U-Net and text encoders (by the names their
     folders have: an SDXL refiner's one encoder is text_encoder_2); returns how many."""
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+    if isinstance(scale, torch.Tensor) and scale.dim() == 0 and not scale.is_complex():
+        scale = scale.item()  # a 0-d tensor, as diffusers' fuse_lora takes
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale):
         raise ValueError(f"LoRA scale must be a finite number, got {scale!r}")
+    scale = float(scale)  # numpy's floats too
     state_dict, metadata = (
         (source, {}) if isinstance(source, dict) else read_lora_file(Path(source))
     )

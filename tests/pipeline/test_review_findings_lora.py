@@ -78,3 +78,47 @@ def test_an_alpha_that_is_not_one_number_is_refused_naming_the_key(sd_folder):
     }
     with pytest.raises(ValueError, match=rf"{key}\.alpha.*not one number"):
         pipe.load_lora_weights(state)
+
+
+def test_a_scale_given_as_a_numpy_or_0_d_tensor_number_is_taken(sd_folder):
+    """numpy.float32(0.5) and torch.tensor(0.5), which diffusers' fuse_lora takes, were refused
+    as "not a finite number"; they fuse as 0.5 does."""
+    import numpy as np
+
+    pipe = Pipeline.from_pretrained(sd_folder)
+    layer = pipe.unet.get_submodule(f"{ATTENTION}.to_q")
+    down, up = factors(layer, 0)
+    state = {
+        f"unet.{ATTENTION}.to_q.lora_A.weight": down,
+        f"unet.{ATTENTION}.to_q.lora_B.weight": up,
+    }
+    before = layer.weight.detach().clone()
+    pipe.load_lora_weights(state, scale=0.5)
+    wanted = layer.weight.detach().clone()
+    for scale in (np.float32(0.5), torch.tensor(0.5)):
+        pipe.unload_lora_weights()
+        torch.testing.assert_close(layer.weight, before, rtol=0, atol=0)
+        pipe.load_lora_weights(state, scale=scale)
+        torch.testing.assert_close(layer.weight, wanted, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="LoRA scale must be a finite number"):
+        pipe.load_lora_weights(state, scale=torch.tensor([0.5, 0.5]))
+
+
+def test_adapter_metadata_that_is_not_an_object_is_named(sd_folder, tmp_path):
+    """A lora_adapter_metadata entry holding valid JSON that is not an object (a list, a
+    number) failed with AttributeError: 'list' object has no attribute 'items'."""
+    from safetensors.torch import save_file
+
+    pipe = Pipeline.from_pretrained(sd_folder)
+    layer = pipe.unet.get_submodule(f"{ATTENTION}.to_q")
+    down, up = factors(layer, 0)
+    path = tmp_path / "lora.safetensors"
+    state = {
+        f"unet.{ATTENTION}.to_q.lora_A.weight": down.contiguous(),
+        f"unet.{ATTENTION}.to_q.lora_B.weight": up.contiguous(),
+    }
+    save_file(state, path, metadata={"lora_adapter_metadata": "[1, 2]"})
+    weights = unet_weights(pipe)
+    with pytest.raises(ValueError, match="lora_adapter_metadata must be a JSON object"):
+        pipe.load_lora_weights(path)
+    assert_unchanged(pipe, weights)
