@@ -16,6 +16,7 @@ import torch
 from fastdiff import parallel
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+BYTE_ORDER_MARK = "\ufeff"
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -375,11 +376,18 @@ def settings(pipe, args) -> str:
 def read_prompts(path: Path) -> list[str]:
     if not path.is_file():
         raise FileNotFoundError(f"prompts file not found: {path}")
+    data = path.read_bytes()
     try:  # UTF-8 whatever the locale; utf-8-sig drops the byte-order mark some editors write
-        text = path.read_text(encoding="utf-8-sig")
+        text = data.decode("utf-8-sig")
     except UnicodeDecodeError as error:
-        raise ValueError(f"prompts file {path} is not UTF-8 text: {error}") from None
-    lines = [line.strip() for line in text.splitlines()]
+        line = error.object[: error.start].count(b"\n") + 1  # without the mark, if any
+        raise ValueError(f"prompts file {path} is not UTF-8 text (line {line}): {error}") from None
+    # Lines end at \n, \r\n or \r only, as when a text file is read line by line: str.splitlines
+    # also splits at characters a prompt may hold (U+2028, U+0085, form feed, ...), which made
+    # two prompts of one and shifted the index, seed and file name of every later prompt.
+    lines = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
+    # A byte-order mark starts every file that was joined from several saved by such editors.
+    lines = [line.strip().lstrip(BYTE_ORDER_MARK).strip() for line in lines]
     prompts = [line for line in lines if line and not line.startswith("#")]
     if not prompts:
         raise ValueError(f"{path} has no prompts")
@@ -416,7 +424,12 @@ def prompt_image_path(args, index: int) -> Path:
 def pending_prompts(args, prompts: list[str]) -> list[tuple[int, str]]:
     """(index, prompt) of the images to make: all of them, or with --skip-existing those not in
     --out-dir yet. Images there already are never replaced without --overwrite."""
-    existing = [index for index in range(len(prompts)) if prompt_image_path(args, index).exists()]
+    # A dangling link counts as there, as check_output_path counts it: the write would refuse it.
+    existing = [
+        index
+        for index in range(len(prompts))
+        if prompt_image_path(args, index).exists() or prompt_image_path(args, index).is_symlink()
+    ]
     if existing and not (args.overwrite or args.skip_existing):
         raise FileExistsError(
             f"--out-dir {args.out_dir} already holds {len(existing)} of the {len(prompts)} "
@@ -453,11 +466,19 @@ def run_prompts_file(args) -> int:
     all_failures = sorted(item for _, rank_failures in gathered for item in rank_failures)
     elapsed = time.perf_counter() - started
     skipped = len(prompts) - len(pending)
-    print(
+    print_escaped(
         f"generated {len(all_written)}/{len(pending)} prompts on {context.world_size} "
         f"rank(s) in {elapsed:.1f} s into {args.out_dir}"
         + (f" ({skipped} of {len(prompts)} were there already: skipped)" if skipped else "")
     )
     for index, rank, message in all_failures:
-        print(f"FAILED prompt {index} ({prompts[index]!r}) on rank {rank}: {message}")
+        print_escaped(f"FAILED prompt {index} ({prompts[index]!r}) on rank {rank}: {message}")
     return 1 if all_failures else 0
+
+
+def print_escaped(text: str) -> None:
+    """Print ``text`` with the characters stdout cannot encode as backslash escapes: a prompt in
+    a script that an ASCII or Latin-1 stdout lacks raised UnicodeEncodeError in the summary,
+    which hid every failure report after it and turned exit code 1 into 2."""
+    encoding = getattr(sys.stdout, "encoding", None) or "utf-8"
+    print(text.encode(encoding, "backslashreplace").decode(encoding))
