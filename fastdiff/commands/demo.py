@@ -22,7 +22,9 @@ def add_parser(subparsers) -> None:
     )
     parser.add_argument("--out", default="demo_grid.png", help="output PNG (default: %(default)s)")
     parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
-    parser.add_argument("--steps", type=int, default=20, help="DDIM steps (default: %(default)s)")
+    parser.add_argument(
+        "--steps", type=int, default=20, help="sampling steps (default: %(default)s)"
+    )
     parser.add_argument(
         "--guidance", type=float, default=3.0, help="guidance scale of the right half (default: 3)"
     )
@@ -32,7 +34,7 @@ def add_parser(subparsers) -> None:
         "--sampler",
         default="ddim",
         help="ddim, ddpm, euler[_ancestral|_karras], dpmpp_{2m,3m}[_sde][_karras], heun[_karras], "
-        "kdpm2[_ancestral][_karras], pndm, lms[_karras], unipc[_karras] "
+        "kdpm2[_ancestral][_karras], pndm, lms[_karras], lcm, tcd, unipc[_karras] "
         "(default: ddim)",
     )
     parser.add_argument("--model", help="pipeline folder (default: the shipped shapes model)")

@@ -68,7 +68,8 @@ def add_parser(subparsers) -> None:
         "--guidance",
         type=float,
         default=None,
-        help="CFG scale; <= 1 disables it (default: 5.0 for SDXL folders, else 7.5)",
+        help="CFG scale; <= 1 disables it (default: 5.0 for SDXL folders, 8.5 for latent "
+        "consistency model folders, else 7.5; 7.5 with --mask-image)",
     )
     parser.add_argument("--guidance-rescale", type=float, default=0.0)
     parser.add_argument(
@@ -92,7 +93,8 @@ def add_parser(subparsers) -> None:
         "--strength",
         type=float,
         default=None,
-        help="img2img: share of the steps to run (0, 1] (default: 0.3 for SDXL folders, else 0.8)",
+        help="img2img: share of the steps to run (0, 1] (default: 0.3 for SDXL folders, else 0.8; "
+        "with --mask-image 1.0, 0.9999 for SDXL folders)",
     )
     parser.add_argument(
         "--mask-image",
