@@ -1,5 +1,6 @@
 """Build script: packages fastdiff, installs the top-level kernels/ folder as fastdiff.kernels, and
-optionally builds the CUDA C++ extension in csrc/ ahead of time (FASTDIFF_BUILD_CUDA=1)."""
+optionally builds the CUDA C++ extension in csrc/ ahead of time (FASTDIFF_BUILD_CUDA=1, with pip's
+--no-build-isolation: the build imports torch, which pip's isolated build environment lacks)."""
 
 import os
 

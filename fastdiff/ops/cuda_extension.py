@@ -1,8 +1,9 @@
 """The optional CUDA C++ layer (csrc/): built on first use, and the Python face of its ops.
 
 ``available()`` loads the extension once: the ahead-of-time build ``fastdiff._C``
-(``FASTDIFF_BUILD_CUDA=1 pip install -e .``) when importable, else a JIT build of csrc/ with
-``torch.utils.cpp_extension.load`` + ninja, cached in ``$FASTDIFF_CUDA_BUILD_DIR``, else
+(``FASTDIFF_BUILD_CUDA=1 pip install --no-build-isolation -e .``) when importable, else a JIT
+build of csrc/ with ``torch.utils.cpp_extension.load`` + ninja, cached in
+``$FASTDIFF_CUDA_BUILD_DIR``, else
 ``$TORCH_EXTENSIONS_DIR/fastdiff/torch_extensions/torch<version>_cu<cuda>``, else
 ``~/.cache/fastdiff/torch_extensions/torch<version>_cu<cuda>`` (a rebuild happens only when the
 sources or flags change). Without a CUDA device, nvcc or ninja it returns False and

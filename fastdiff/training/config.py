@@ -229,16 +229,13 @@ def check_number_types(section: Any, where: str) -> None:
 
 
 def _build(cls: type, values: dict[str, Any], where: str):
+    section = where.rstrip(".") or "config"  # ``where`` is the prefix of its keys ("vae.")
     if not isinstance(values, dict):
-        raise ValueError(
-            f"{where or 'config'}: expected a JSON object, got {type(values).__name__}"
-        )
+        raise ValueError(f"{section}: expected a JSON object, got {type(values).__name__}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - set(fields))
     if unknown:
-        raise ValueError(
-            f"{where or 'config'}: unknown key(s) {unknown}; allowed keys: {sorted(fields)}"
-        )
+        raise ValueError(f"{section}: unknown key(s) {unknown}; allowed keys: {sorted(fields)}")
     kwargs = {}
     for name, value in values.items():
         default = fields[name].default_factory() if callable(fields[name].default_factory) else None

@@ -20,7 +20,7 @@ def test_round_trip_and_defaults(tiny_config_dict):
 
 
 def test_unknown_keys_are_named():
-    with pytest.raises(ValueError, match=r"unet\.: unknown key\(s\) \['lerning_rate'\]"):
+    with pytest.raises(ValueError, match=r"unet: unknown key\(s\) \['lerning_rate'\]"):
         config_from_dict({"unet": {"lerning_rate": 1e-3}})
     with pytest.raises(ValueError, match=r"unknown key\(s\) \['epochs'\]; allowed keys"):
         config_from_dict({"epochs": 3})
