@@ -8,6 +8,7 @@ sampling loop), ``decode_latents`` / ``encode_moments`` (the VAE).
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ from fastdiff.pipeline import images as image_utils
 from fastdiff.pipeline import inpainting, mask_crop
 from fastdiff.pipeline.call_arguments import (
     CallDefaults,
+    as_float,
     check_choices,
     check_latents,
     guidance_rescale_value,
@@ -459,6 +461,13 @@ class Pipeline:
         padding, at the model's size, and pastes the result back into the (PIL) image, as
         diffusers does (``fastdiff.pipeline.mask_crop``).
         """
+        # numpy integers as ints (check_size refuses anything else, bools included)
+        height, width = (
+            int(value)
+            if isinstance(value, numbers.Integral) and not isinstance(value, bool)
+            else value
+            for value in (height, width)
+        )
         text_time = self.unet.config.get("addition_embed_type") == "text_time"
         check_size_options(sizes, text_time)
         scores = aesthetic_scores(
@@ -479,6 +488,10 @@ class Pipeline:
         guidance_scale = guidance_scale_value(guidance_scale)
         guidance_rescale = guidance_rescale_value(guidance_rescale)
         check_latents(latents)
+        # (the plan's float() would take "0.5" and True; its range is checked there)
+        if not isinstance(as_float(eta), float):
+            raise ValueError(f"eta must be a number in [0, 1], got {eta!r}")
+        eta = as_float(eta)
         embedded_guidance = self.unet.config.time_cond_proj_dim is not None
         if embedded_guidance and guidance_rescale > 0.0:
             raise ValueError(
