@@ -299,6 +299,14 @@ def run_start(
         if start.given_latents is None:
             start.pixels = image_utils.image_to_tensor(image, height, width)
             start.height, start.width = start.pixels.shape[2], start.pixels.shape[3]
+            factor = pipe.vae_scale_factor
+            if height is None and width is None and (start.height % factor or start.width % factor):
+                # (check_size's own message would name height= and width= the call never gave)
+                raise ValueError(
+                    f"the init image is {start.width}x{start.height} (width x height): each side "
+                    f"must be a multiple of the VAE downsampling factor {factor}; resize it, or "
+                    "(PIL images) pass height and width to have it resized"
+                )
         else:
             start.height, start.width = image_utils.latent_image_size(
                 start.given_latents, height, width, pipe.vae_scale_factor

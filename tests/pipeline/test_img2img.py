@@ -139,7 +139,8 @@ def test_lower_strength_stays_closer_to_the_init_image(pipe, init_image):
         (dict(strength=[0.5]), "strength must be a number"),  # (None: the pipeline's default)
         (dict(strength=0.1, num_inference_steps=5), "leaves no step to run"),
         (dict(latents=torch.zeros(1, 4, 8, 8)), "image .img2img. or latents, not both"),
-        (dict(image=Image.new("RGB", (15, 16))), "width=15 is not a multiple"),
+        # the size read from the image: named as the image's, not as height=/width= arguments
+        (dict(image=Image.new("RGB", (15, 16))), r"the init image is 15x16 \(width x height\)"),
         (dict(image=[Image.new("RGB", (16, 16))] * 3), "got 3 init images for 1 prompts"),
         (dict(image=np.zeros((16, 16, 4), np.uint8)), r"shape \(H, W, 3\) or \(B, H, W, 3\)"),
         (dict(image=np.zeros((16, 16, 3), np.int64)), "must be uint8 or float, got int64"),
