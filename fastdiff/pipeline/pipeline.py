@@ -295,8 +295,9 @@ class Pipeline:
     @torch.no_grad()
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
         """Diffusion latents -> float32 images (B, 3, H, W) in [0, 1]."""
-        vae_dtype = next(self.vae.parameters()).dtype
-        decoded = self.vae.decode(to_vae_latents(latents.to(vae_dtype), self.vae_scaling))
+        weight = next(self.vae.parameters())  # latents returned earlier may lie elsewhere
+        latents = latents.to(device=weight.device, dtype=weight.dtype)
+        decoded = self.vae.decode(to_vae_latents(latents, self.vae_scaling))
         return image_utils.vae_output_to_unit_range(decoded)
 
     @torch.no_grad()
@@ -461,12 +462,12 @@ class Pipeline:
         padding, at the model's size, and pastes the result back into the (PIL) image, as
         diffusers does (``fastdiff.pipeline.mask_crop``).
         """
-        # numpy integers as ints (check_size refuses anything else, bools included)
-        height, width = (
+        # numpy integers as ints (check_size and check_choices refuse anything else, bools too)
+        height, width, num_images = (
             int(value)
             if isinstance(value, numbers.Integral) and not isinstance(value, bool)
             else value
-            for value in (height, width)
+            for value in (height, width, num_images)
         )
         text_time = self.unet.config.get("addition_embed_type") == "text_time"
         check_size_options(sizes, text_time)

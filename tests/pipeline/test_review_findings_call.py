@@ -34,3 +34,12 @@ def test_numpy_integer_sizes_are_accepted(pipe):
     common = dict(prompt="a cat", num_inference_steps=2, seed=0, output_type="latent")
     ours = pipe(**common, height=np.int64(16), width=np.int64(24), progress=False)
     torch.testing.assert_close(ours, pipe(**common, height=16, width=24, progress=False))
+
+
+def test_a_numpy_integer_num_images_is_accepted(sd_folder):
+    """num_images=np.int64(2) was refused ("num_images must be a positive int") where height,
+    width, num_inference_steps and seed take numpy integers."""
+    pipe = Pipeline.from_pretrained(sd_folder)
+    kwargs = dict(height=16, width=16, num_inference_steps=1, progress=False, seed=1)
+    got = pipe("a cat", num_images=np.int64(2), output_type="latent", **kwargs)
+    torch.testing.assert_close(got, pipe("a cat", num_images=2, output_type="latent", **kwargs))
