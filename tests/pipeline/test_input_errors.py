@@ -31,21 +31,6 @@ WIDTH = 32  # the tiny text encoders' token embedding width (tests/pipeline/fold
 
 
 @pytest.fixture(scope="module")
-def sd(sd_folder):
-    return Pipeline.from_pretrained(sd_folder)
-
-
-@pytest.fixture(scope="module")
-def sdxl(sdxl_folder):
-    return Pipeline.from_pretrained(sdxl_folder)
-
-
-@pytest.fixture(scope="module")
-def refiner(sdxl_refiner_folder):
-    return Pipeline.from_pretrained(sdxl_refiner_folder)
-
-
-@pytest.fixture(scope="module")
 def no_text_encoder(sd):
     """The SD pipeline's U-Net and VAE without a text encoder: it takes prompt embeddings."""
     return Pipeline(sd.unet, sd.vae, sd.schedule)

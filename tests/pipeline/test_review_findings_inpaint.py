@@ -19,17 +19,12 @@ def embedding(rows: int, width: int, seed: int = 0) -> torch.Tensor:
     return torch.randn(rows, width, generator=torch.Generator().manual_seed(seed))
 
 
-@pytest.fixture(scope="module")
-def sd_pipe(sd_folder):
-    return Pipeline.from_pretrained(sd_folder)
-
-
 @pytest.mark.parametrize("vectors", [1, 3])
-def test_a_token_named_as_a_vector_of_a_loaded_token_is_refused(sd_pipe, vectors):
+def test_a_token_named_as_a_vector_of_a_loaded_token_is_refused(sd, vectors):
     """Loading ``<toy>_1`` (or ``<toy>_3`` beside a 3-vector ``<toy>``) was accepted, after which
     every prompt with ``<toy>`` was expanded to ``<toy> <toy>_1`` and silently took the second
     embedding too. Such a name is now refused, and the prompt keeps its meaning."""
-    pipe = sd_pipe
+    pipe = sd
     width = pipe.prompt_encoder.encoders[0][1].get_input_embeddings().weight.shape[1]
     pipe.load_textual_inversion({"<toy>": embedding(vectors, width)})
     try:
@@ -101,7 +96,7 @@ def test_negative_integer_and_complex_masks_are_refused(mask):
 
 
 @pytest.mark.parametrize("crop", [None, 4], ids=["whole", "padding-mask-crop"])
-def test_a_sixteen_bit_pil_mask_inpaints_as_its_eight_bit_twin(sd_pipe, crop):
+def test_a_sixteen_bit_pil_mask_inpaints_as_its_eight_bit_twin(sd, crop):
     """The pipeline read PIL masks through convert("L"), which clips 16-bit values above 255 to
     white: a dark-gray (keep) region of a 16-bit mask was repainted, and padding_mask_crop's box
     and overlay took it in. 16-bit masks are scaled to 8 bits, as 16-bit init images are."""
@@ -118,7 +113,7 @@ def test_a_sixteen_bit_pil_mask_inpaints_as_its_eight_bit_twin(sd_pipe, crop):
     if crop is not None:
         kwargs["padding_mask_crop"] = crop
     outputs = [
-        np.asarray(sd_pipe("a cat", mask_image=mask, seed=3, **kwargs)[0])
+        np.asarray(sd("a cat", mask_image=mask, seed=3, **kwargs)[0])
         for mask in (Image.fromarray(mask8), mask16)
     ]
     np.testing.assert_array_equal(outputs[1], outputs[0])

@@ -22,16 +22,6 @@ def class_pipe(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def sdxl(sdxl_folder):
-    return Pipeline.from_pretrained(sdxl_folder)
-
-
-@pytest.fixture(scope="module")
-def sd(sd_folder):
-    return Pipeline.from_pretrained(sd_folder)
-
-
-@pytest.fixture(scope="module")
 def lcm(tmp_path_factory):
     folder = make_sd_folder(tmp_path_factory.mktemp("lcm") / "pipe", lcm=True)
     return Pipeline.from_pretrained(folder)
