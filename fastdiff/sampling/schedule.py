@@ -53,6 +53,11 @@ def _rescale_zero_terminal_snr(betas: torch.Tensor) -> torch.Tensor:
     return 1.0 - alphas
 
 
+def _is_whole_number(value: Any) -> bool:
+    """True for an int or an integral finite float (1000.0, as JSON may write it)."""
+    return isinstance(value, numbers.Real) and math.isfinite(value) and int(value) == value
+
+
 @dataclass(frozen=True, eq=False)
 class NoiseSchedule:
     """A diffusers-compatible DDPM noise schedule (keyword names as in scheduler_config.json).
@@ -120,14 +125,13 @@ class NoiseSchedule:
             raise ValueError(
                 f"unknown timestep_spacing {self.timestep_spacing!r}; allowed: {list(SPACINGS)}"
             )
-        if (
-            int(self.num_train_timesteps) != self.num_train_timesteps
-            or self.num_train_timesteps < 2
-        ):
+        # Whole numbers only, checked before int(): int() of a null written in the config
+        # (None), a string or inf raised TypeError / OverflowError that named no key.
+        if not _is_whole_number(self.num_train_timesteps) or self.num_train_timesteps < 2:
             raise ValueError(
                 f"num_train_timesteps must be an integer >= 2, got {self.num_train_timesteps!r}"
             )
-        if int(self.steps_offset) != self.steps_offset or self.steps_offset < 0:
+        if not _is_whole_number(self.steps_offset) or self.steps_offset < 0:
             raise ValueError(
                 f"steps_offset must be a non-negative integer, got {self.steps_offset!r}"
             )
