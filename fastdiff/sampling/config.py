@@ -46,7 +46,7 @@ SCHEDULE_KEYS = (
 
 # key -> the values our samplers implement (a config with any other value is refused).
 REQUIRED_VALUES: dict[str, tuple[Any, ...]] = {
-    "thresholding": (False,),
+    "thresholding": (False, None),  # null reads as false, as in diffusers
     "use_exponential_sigmas": (False, None),
     "use_beta_sigmas": (False, None),
     "use_lu_lambdas": (False,),

@@ -112,7 +112,8 @@ class NoiseSchedule:
     alphas_cumprod: torch.Tensor = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
-        if self.beta_schedule not in BETA_SCHEDULES:
+        # (diffusers reads no beta_schedule when trained_betas are given)
+        if self.trained_betas is None and self.beta_schedule not in BETA_SCHEDULES:
             raise ValueError(
                 f"unknown beta_schedule {self.beta_schedule!r}; allowed: {list(BETA_SCHEDULES)}"
             )
