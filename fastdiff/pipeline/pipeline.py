@@ -615,8 +615,17 @@ class Pipeline:
         pixels = self.decode_latents(result)
         if output_type == "tensor":
             return pixels
+        # Copied to the host for np and PIL anyway: checked there, at no extra sync. The eager
+        # loop stops at a step whose model output is not finite; the optimized runtime checks no
+        # step (a host sync each), and a NaN image became black pixels without a word.
+        pixels = pixels.cpu()
+        if not bool(torch.isfinite(pixels).all()):
+            raise RuntimeError(
+                "the generated images contain NaN or inf: the model output or the VAE diverged "
+                "(the eager pipeline names the step; an optimized one checks the images only)"
+            )
         if output_type == "np":
-            return pixels.permute(0, 2, 3, 1).cpu().numpy()
+            return pixels.permute(0, 2, 3, 1).numpy()
         images = image_utils.tensor_to_pil(pixels)
         if cropped is not None:
             images = [

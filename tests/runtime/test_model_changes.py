@@ -4,6 +4,7 @@ never replay them."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -118,3 +119,18 @@ def test_weights_written_through_data_are_used_after_optimizing_again():
         p.data.copy_(weights[name])
     runtime.optimize(pipe, backend=RecordingGraphBackend(), **options)
     torch.testing.assert_close(pipe(**text_to_image()), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("output_type", ["pil", "np"])
+def test_a_diverged_optimized_generation_is_refused_not_returned_as_black(output_type):
+    """The eager loop stops at a step whose model output is NaN; the optimized runtime checks
+    no step (each check a host sync), so NaN latents decoded to NaN pixels and PIL output became
+    a black image without an error. The images copied to the host are checked there."""
+    pipe = with_folds(tiny_pipeline())
+    runtime.optimize(pipe, backend=RecordingGraphBackend(), verbose=False)
+    kwargs = {**text_to_image(), "output_type": output_type}
+    kwargs["prompt_embeds"] = torch.full_like(kwargs["prompt_embeds"], float("nan"))
+    with pytest.raises(RuntimeError, match="the generated images contain NaN or inf"):
+        pipe(**kwargs)
+    good = pipe(**{**text_to_image(), "output_type": output_type})  # the runtime goes on
+    assert len(good) == 1 and np.isfinite(np.asarray(good[0], dtype=np.float32)).all()
