@@ -34,6 +34,7 @@ from types import ModuleType
 from typing import Any
 
 import torch
+from torch.autograd import forward_ad
 
 BACKENDS = ("eager", "triton", "cuda", "auto")
 
@@ -181,6 +182,9 @@ def _watch_probes() -> tuple[Callable[[], Any], ...] | None:
     try:
         return (
             torch._C._len_torch_dispatch_stack,  # dispatch modes: FakeTensorMode, FLOP counter
+            # torch function modes (TorchFunctionMode, ``with torch.device(...)``): a custom op
+            # call reaches them, a launcher's Python call does not
+            torch._C._is_torch_function_mode_enabled,
             torch._C._are_functorch_transforms_active,  # vmap, grad, functionalize
             torch._C._get_tracing_state,  # torch.jit.trace
             torch._C._autograd._profiler_enabled,  # torch.profiler: ops named in its tables
@@ -196,13 +200,14 @@ _PLAIN_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)
 def may_launch_directly(tensors: tuple[Any, ...]) -> bool:
     """True when a kernel may be launched by a plain Python call rather than through its custom
     op: nothing traces, records or transforms ops (torch.compile and torch.export, torch.jit.trace,
-    a dispatch mode such as FakeTensorMode or the FLOP counter, a functorch transform, the
-    profiler, whose tables name the custom ops), and every tensor argument is a plain tensor or
-    parameter, not a subclass. Where any of these watches, the custom op is what it must see."""
+    a dispatch mode such as FakeTensorMode or the FLOP counter, a torch function mode, a functorch
+    transform, the profiler, whose tables name the custom ops), and every tensor argument is a
+    plain tensor or parameter, not a subclass. Where any of these watches, the custom op is what
+    it must see."""
     if _WATCH_PROBES is None or torch.compiler.is_compiling():
         return False
-    dispatch_modes, transforms, tracing, profiling = _WATCH_PROBES
-    if dispatch_modes() or transforms() or tracing() is not None or profiling():
+    dispatch_modes, function_modes, transforms, tracing, profiling = _WATCH_PROBES
+    if dispatch_modes() or function_modes() or transforms() or tracing() is not None or profiling():
         return False
     for item in tensors:
         if type(item) not in _PLAIN_TENSOR_TYPES and isinstance(item, torch.Tensor):
@@ -312,7 +317,15 @@ def autocast_enabled(device_type: str) -> bool:
 
 def needs_autograd(*tensors: torch.Tensor | None) -> bool:
     """True when a gradient must flow through these inputs. The kernels are forward-only, so the
-    ops send such calls (training) to the eager path, which autograd differentiates."""
+    ops send such calls (training) to the eager path, which autograd differentiates.
+
+    Forward-mode AD counts too (``torch.autograd.forward_ad`` dual tensors, ``torch.func.jvp``):
+    a dual tensor does not require grad, and a custom op without a jvp formula returns no
+    tangent, silently (PyTorch raises nothing), where the eager path propagates it."""
+    if forward_ad._current_level >= 0 and any(
+        t is not None and forward_ad.unpack_dual(t).tangent is not None for t in tensors
+    ):
+        return True
     if not torch.is_grad_enabled():
         return False
     return any(t is not None and t.requires_grad for t in tensors)

@@ -64,9 +64,13 @@ cat_channels_triton = torch.library.custom_op(
 
 @cat_channels_triton.register_fake
 def _cat_channels_fake(a, b):
+    # Allocated channels-last as the launcher does (see conv3x3's fake: a 1x1 map).
     batch, channels, height, width = a.shape
-    return a.new_empty((batch, channels + b.shape[1], height, width)).contiguous(
-        memory_format=torch.channels_last
+    return torch.empty(
+        (batch, channels + b.shape[1], height, width),
+        dtype=a.dtype,
+        device=a.device,
+        memory_format=torch.channels_last,
     )
 
 

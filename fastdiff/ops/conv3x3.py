@@ -73,9 +73,14 @@ conv3x3_triton = torch.library.custom_op("fastdiff::conv3x3", conv3x3_launch, mu
 
 @conv3x3_triton.register_fake
 def _conv3x3_fake(x, weight, bias):
+    # Allocated channels-last as the launcher does: ``.contiguous(memory_format=...)`` of a
+    # new NCHW tensor keeps NCHW strides where the map is 1x1 (both layouts at once).
     batch, _, height, width = x.shape
-    return x.new_empty((batch, weight.shape[0], height, width)).contiguous(
-        memory_format=torch.channels_last
+    return torch.empty(
+        (batch, weight.shape[0], height, width),
+        dtype=x.dtype,
+        device=x.device,
+        memory_format=torch.channels_last,
     )
 
 
