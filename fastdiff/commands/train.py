@@ -46,20 +46,33 @@ def add_parser(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from fastdiff.training.config import config_from_dict, config_to_dict, load_config
+    from fastdiff.training.config import STAGES, config_from_dict, config_to_dict, load_config
     from fastdiff.training.run import run_training
 
-    if args.config:
+    # ``is not None`` throughout: an empty value (``--config "$UNSET"``) is refused, not taken as
+    # "use the default", which would train another config, or into another folder, than named.
+    if args.config is not None:
+        if not args.config.strip():
+            raise ValueError("--config must name a JSON file, got an empty string")
         config = load_config(args.config)
     else:
         with packaged_config_path().open(encoding="utf-8") as handle:
             config = config_from_dict(json.load(handle))
     overrides = config_to_dict(config)
-    if args.output_dir:
+    if args.output_dir is not None:
+        if not args.output_dir.strip():
+            raise ValueError("--output-dir must name a folder, got an empty string")
         overrides["output_dir"] = args.output_dir
-    if args.stages:
-        overrides["stages"] = [name.strip() for name in args.stages.split(",") if name.strip()]
-    if args.device:
+    if args.stages is not None:
+        stages = [name.strip() for name in args.stages.split(",") if name.strip()]
+        unknown = [name for name in stages if name not in STAGES]
+        if not stages or unknown:
+            raise ValueError(
+                f"--stages must be a comma-separated subset of {','.join(STAGES)}, "
+                f"got {args.stages!r}"
+            )
+        overrides["stages"] = stages
+    if args.device is not None:
         overrides["device"] = args.device
     if args.no_progress:
         overrides["progress"] = False

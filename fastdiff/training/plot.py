@@ -48,6 +48,15 @@ def read_log(path: Path) -> tuple[list[int], list[float]]:
     return steps, losses
 
 
+def log_interval(steps: list[int]) -> int:
+    """The step interval of a log's rows (its ``log_every``): the most common gap, 1 if unknown."""
+    gaps = [later - earlier for earlier, later in zip(steps, steps[1:], strict=False)]
+    gaps = [gap for gap in gaps if gap > 0]
+    if not gaps:
+        return 1
+    return max(set(gaps), key=gaps.count)
+
+
 def smooth(values: list[float], window: int) -> list[float]:
     """Trailing moving average (the raw per-step loss of a diffusion model is very noisy)."""
     out, total = [], 0.0
@@ -79,9 +88,18 @@ def plot_losses(run_dir: str | Path, out: str | Path, overwrite: bool = True) ->
     figure, axes = plt.subplots(1, len(stages), figsize=(4.2 * len(stages), 3.2), squeeze=False)
     for axis, stage in zip(axes[0], stages, strict=True):
         steps, losses = read_log(run_dir / f"{stage}_log.csv")
-        axis.plot(steps, losses, color="0.8", linewidth=0.6, label="per step")
+        # A log written with log_every = k holds every k-th step's loss: the labels count steps
+        # (not rows), so they do not claim a per-step curve or a k-times narrower average.
+        every = log_interval(steps)
         window = max(1, len(losses) // 50)
-        axis.plot(steps, smooth(losses, window), color="C0", label=f"mean of {window} steps")
+        raw_label = "per step" if every == 1 else f"every {every} steps"
+        axis.plot(steps, losses, color="0.8", linewidth=0.6, label=raw_label)
+        mean_label = (
+            f"mean of {window} steps"
+            if every == 1
+            else f"mean of {window} logged losses ({window * every} steps)"
+        )
+        axis.plot(steps, smooth(losses, window), color="C0", label=mean_label)
         axis.set_yscale("log")
         axis.set_title(unet_title(run_dir) if stage == "unet" else TITLES[stage], fontsize=10)
         axis.set_xlabel("optimizer step")
