@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from fastdiff.pipeline import Pipeline
-from tests.pipeline.folders import make_sd_folder, single_thread
+from tests.pipeline.folders import make_sd_folder, save_peft_lora, single_thread
 
 pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
@@ -190,9 +190,7 @@ def test_lora_alpha_patterns_are_regular_expressions_as_in_peft(sd_folder, tmp_p
     pytest.importorskip("peft")
     import diffusers
     from peft import LoraConfig
-    from peft.utils import get_peft_model_state_dict
 
-    trained = diffusers.StableDiffusionPipeline.from_pretrained(sd_folder, safety_checker=None)
     config = LoraConfig(
         r=4,
         lora_alpha=16,
@@ -200,16 +198,7 @@ def test_lora_alpha_patterns_are_regular_expressions_as_in_peft(sd_folder, tmp_p
         target_modules=["to_q", "to_v"],
         init_lora_weights="gaussian",
     )
-    trained.unet.add_adapter(config)
-    with torch.no_grad():
-        for name, parameter in trained.unet.named_parameters():
-            if "lora_B" in name:
-                parameter.normal_(0, 0.1, generator=torch.Generator().manual_seed(1))
-    diffusers.StableDiffusionPipeline.save_lora_weights(
-        tmp_path,
-        unet_lora_layers=get_peft_model_state_dict(trained.unet),
-        unet_lora_adapter_metadata=trained.unet.peft_config["default"].to_dict(),
-    )
+    save_peft_lora(sd_folder, tmp_path, config)
     reference = diffusers.StableDiffusionPipeline.from_pretrained(sd_folder, safety_checker=None)
     reference.load_lora_weights(tmp_path)
     reference.fuse_lora(lora_scale=0.5)

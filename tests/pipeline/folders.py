@@ -232,6 +232,26 @@ def make_class_folder(path: Path, num_classes: int = 3) -> Path:
     return path
 
 
+def save_peft_lora(sd_folder: Path, out: Path, config) -> None:
+    """A LoRA as diffusers writes one: ``config`` (a peft ``LoraConfig``) added to the folder's
+    U-Net, its up factors drawn (seed 1; a fresh adapter's are zero), saved by
+    ``save_lora_weights`` with the adapter config in the file's metadata."""
+    import diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    trained = diffusers.StableDiffusionPipeline.from_pretrained(sd_folder, safety_checker=None)
+    trained.unet.add_adapter(config)
+    with torch.no_grad():
+        for name, parameter in trained.unet.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(0, 0.1, generator=torch.Generator().manual_seed(1))
+    diffusers.StableDiffusionPipeline.save_lora_weights(
+        out,
+        unet_lora_layers=get_peft_model_state_dict(trained.unet),
+        unet_lora_adapter_metadata=trained.unet.peft_config["default"].to_dict(),
+    )
+
+
 @contextlib.contextmanager
 def single_thread():
     """Run torch on one thread: the tiny models here are dominated by thread overhead, and CI

@@ -8,6 +8,7 @@ import torch
 from safetensors.torch import save_file
 
 from fastdiff.pipeline import Pipeline
+from tests.pipeline.folders import save_peft_lora
 
 diffusers = pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
@@ -251,9 +252,7 @@ def test_alphas_from_the_adapter_config_diffusers_saves(sd_folder, tmp_path):
     """diffusers' save_lora_weights writes the PEFT config (lora_alpha, alpha_pattern) into the
     file's metadata: its alphas scale the update as diffusers' loading does."""
     from peft import LoraConfig
-    from peft.utils import get_peft_model_state_dict
 
-    trained = diffusers.StableDiffusionPipeline.from_pretrained(sd_folder, safety_checker=None)
     config = LoraConfig(
         r=RANK,
         lora_alpha=16,
@@ -261,16 +260,7 @@ def test_alphas_from_the_adapter_config_diffusers_saves(sd_folder, tmp_path):
         target_modules=["to_q", "to_k", "to_v", "to_out.0"],
         init_lora_weights="gaussian",
     )
-    trained.unet.add_adapter(config)
-    with torch.no_grad():
-        for name, parameter in trained.unet.named_parameters():
-            if "lora_B" in name:
-                parameter.normal_(0, 0.1, generator=torch.Generator().manual_seed(1))
-    diffusers.StableDiffusionPipeline.save_lora_weights(
-        tmp_path,
-        unet_lora_layers=get_peft_model_state_dict(trained.unet),
-        unet_lora_adapter_metadata=trained.unet.peft_config["default"].to_dict(),
-    )
+    save_peft_lora(sd_folder, tmp_path, config)
     pipe = Pipeline.from_pretrained(sd_folder)
     pipe.load_lora_weights(tmp_path, scale=0.5)
     reference = diffusers.StableDiffusionPipeline.from_pretrained(sd_folder, safety_checker=None)
